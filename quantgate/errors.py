@@ -1,0 +1,78 @@
+"""Every error quantgate raises on purpose, in one place.
+
+Each message says what was expected, what was found, and what to do. The CLI maps these
+types to exit codes (see ``exit_code``); library code never prints or exits.
+"""
+
+from __future__ import annotations
+
+
+class QuantgateError(Exception):
+    """Base class: an error a user can act on (bad input, failed check, refused bundle)."""
+
+    exit_code = 2  # bad usage or bad input
+
+
+class ConfigError(QuantgateError):
+    """An invalid configuration value (for example d_model not divisible by n_heads)."""
+
+
+class CheckpointError(QuantgateError):
+    """A checkpoint that is missing, unreadable, or inconsistent with its config."""
+
+
+class ModelLoadError(QuantgateError):
+    """A model spec (checkpoint, ``pkg.mod:factory`` or Hugging Face directory) that cannot be loaded."""
+
+
+class ExportError(QuantgateError):
+    """PyTorch -> ONNX export failed."""
+
+
+class ValidationError(ExportError):
+    """The exported ONNX model does not match PyTorch; ``failures`` lists every mismatch."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, failures: list[str] | None = None):
+        self.failures = list(failures or [])
+        if self.failures:
+            message = message + "\n" + "\n".join(f"  - {f}" for f in self.failures)
+        super().__init__(message)
+
+
+class DataError(QuantgateError):
+    """Calibration or evaluation data that cannot be read or does not fit the model."""
+
+
+class QuantizeError(QuantgateError):
+    """Quantization itself failed (not a gate: the model could not be produced)."""
+
+
+class GateFailed(QuantgateError):
+    """At least one gate failed. The bundle and its report were still written."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, bundle_path: str | None = None):
+        self.bundle_path = bundle_path
+        super().__init__(message)
+
+
+class BundleError(QuantgateError):
+    """A bundle that is missing, corrupt, tampered with, or refused (failed gates)."""
+
+
+class ServeError(QuantgateError):
+    """The server cannot start with the given configuration."""
+
+
+class BadRequest(QuantgateError):
+    """An inference request that does not fit the model (name, dtype, shape, size)."""
+
+
+def exit_code(err: BaseException) -> int:
+    """The process exit code for an error: 3 for failed gates/validation, 2 for bad input, 1 otherwise."""
+    if isinstance(err, QuantgateError):
+        return err.exit_code
+    return 1
