@@ -129,12 +129,161 @@ def train(
     out.print(f"test accuracy: {result.test_accuracy:.2%} on 360 held-out digits")
 
 
+@app.command()
+def serve(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A bundle, or a repository folder of them (NAME/ or NAME/VERSION/ bundles)."
+        ),
+    ],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[
+        int, typer.Option(help="gRPC port (Triton's is 8001); 0 picks a free one.")
+    ] = 8001,
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA when onnxruntime has it, else CPU), cuda or cpu.")
+    ] = "auto",
+    max_batch_size: Annotated[
+        int, typer.Option(min=1, help="Largest batch per request and per formed batch.")
+    ] = 32,
+    max_queue_delay_us: Annotated[
+        int, typer.Option(min=0, help="How long a request may wait for others to batch with.")
+    ] = 0,
+    max_queue_size: Annotated[
+        int, typer.Option(min=1, help="Waiting requests per model; beyond it UNAVAILABLE.")
+    ] = 256,
+    dynamic_batching: Annotated[
+        bool, typer.Option(help="Batch concurrent requests into one session.run.")
+    ] = True,
+    instances: Annotated[int, typer.Option(min=1, help="Batches run at once per model.")] = 1,
+    threads: Annotated[
+        int, typer.Option(min=0, help="ONNX Runtime intra-op threads (0: its default).")
+    ] = 0,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve this variant (fp32, int8, fp16) instead of the fastest that passed."
+        ),
+    ] = None,
+    allow_failed_gates: Annotated[
+        bool,
+        typer.Option(
+            help="Serve a bundle whose gates failed (never a failed variant unless --precision names it)."
+        ),
+    ] = False,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on this HTTP port.")
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM server certificate (enables TLS).")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert.")] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(help="PEM CA that client certificates must chain to (mutual TLS)."),
+    ] = None,
+    auth_token: Annotated[
+        str | None,
+        typer.Option(envvar="QUANTGATE_AUTH_TOKEN", help="Require 'authorization: Bearer TOKEN'."),
+    ] = None,
+) -> None:
+    """Serve bundles over gRPC (KServe v2 / Triton protocol) until SIGTERM or Ctrl-C.
+
+    Verifies every bundle's hashes, refuses bundles whose gates failed, and serves per
+    execution provider the fastest variant that passed. Health checks, reflection,
+    Prometheus metrics; SIGTERM finishes every admitted request, then exits 0.
+    """
+    from quantgate.errors import ConfigError
+    from quantgate.serve.config import ServeConfig, TLSConfig
+    from quantgate.serve.server import run
+
+    if (tls_cert is None) != (tls_key is None) or (tls_client_ca and not tls_cert):
+        raise ConfigError("TLS needs both --tls-cert and --tls-key (and them for --tls-client-ca)")
+    tls = TLSConfig(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None
+    cfg = ServeConfig(
+        path=path,
+        host=host,
+        port=port,
+        device=device,
+        max_batch_size=max_batch_size,
+        max_queue_delay_us=max_queue_delay_us,
+        max_queue_size=max_queue_size,
+        dynamic_batching=dynamic_batching,
+        instances=instances,
+        intra_op_threads=threads,
+        precision=precision,
+        allow_failed_gates=allow_failed_gates,
+        metrics_port=metrics_port,
+        tls=tls,
+        auth_token=auth_token,
+    )
+
+    def ready(bound: int, engine) -> None:
+        for m in engine.repository:
+            out.print(f"serving {m.describe()}", highlight=False, soft_wrap=True)
+        out.print(f"listening on {host}:{bound}", highlight=False, soft_wrap=True)
+
+    run(cfg, on_ready=ready)
+
+
+@app.command()
+def infer(
+    model: Annotated[str, typer.Argument(help="Model name, as ModelMetadata reports it.")],
+    inputs: Annotated[
+        list[str],
+        typer.Option(
+            "--input",
+            "-i",
+            help="NAME=JSON, e.g. -i 'input_ids=[[5, 7, 9]]'. A missing attention_mask is all ones.",
+        ),
+    ],
+    url: Annotated[str, typer.Option(help="Server address.")] = "localhost:8001",
+    version: Annotated[str, typer.Option(help="Model version (default: the newest).")] = "",
+    token: Annotated[
+        str | None, typer.Option(envvar="QUANTGATE_AUTH_TOKEN", help="Bearer token.")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds before giving up.")] = 30.0,
+) -> None:
+    """Send one request to a running server and print the outputs."""
+    import json
+
+    import numpy as np
+
+    from quantgate.errors import BadRequest
+    from quantgate.serve.client import Client
+    from quantgate.serve.codec import DATATYPES
+
+    with Client(url, token=token, timeout=timeout) as client:
+        spec = {t.name: DATATYPES[t.datatype][0] for t in client.metadata(model, version).inputs}
+        feeds = {}
+        for item in inputs:
+            name, sep, value = item.partition("=")
+            if not sep or name not in spec:
+                raise BadRequest(
+                    f"--input {item!r}: expected NAME=JSON with NAME one of {sorted(spec)}"
+                )
+            try:
+                feeds[name] = np.asarray(json.loads(value), dtype=spec[name])
+            except (ValueError, TypeError) as e:
+                raise BadRequest(f"--input {name}: {e}") from e
+        if "attention_mask" in spec and "attention_mask" not in feeds and "input_ids" in feeds:
+            feeds["attention_mask"] = np.ones_like(feeds["input_ids"], dtype=spec["attention_mask"])
+        for name, array in client.infer(model, feeds, version=version).items():
+            out.print(f"{name} {list(array.shape)} {array.dtype}", highlight=False, soft_wrap=True)
+            out.print(
+                np.array2string(array, precision=4, threshold=64), highlight=False, soft_wrap=True
+            )
+
+
 def main() -> None:
     """Console entry point: run the app, turning quantgate's errors into exit codes."""
     try:
         app(standalone_mode=False)
     except QuantgateError as e:
-        console.print(Text.assemble(("error: ", "bold red"), str(e)), highlight=False)
+        console.print(
+            Text.assemble(("error: ", "bold red"), str(e)), highlight=False, soft_wrap=True
+        )
         sys.exit(exit_code(e))
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -1,0 +1,96 @@
+"""A small client: numpy in, numpy out, over quantgate's own gRPC stubs.
+
+    with Client("localhost:8001") as c:
+        logits = c.infer("digits", {"input_ids": ids, "attention_mask": mask})["logits"]
+
+It needs neither onnxruntime nor tritonclient (whose protobuf symbols would collide with
+ours in one process). Server errors come back as quantgate's typed errors (BadRequest,
+ModelNotFound, Unavailable, ...) carrying the server's message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from quantgate.protos import grpc_service_pb2 as pb
+from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
+from quantgate.serve import codec
+from quantgate.serve.errors import from_status
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    ca: Path | None = None  # PEM roots that signed the server; None: the system's
+    cert: Path | None = None  # client certificate and key, for mutual TLS
+    key: Path | None = None
+
+
+class Client:
+    def __init__(
+        self,
+        url: str = "localhost:8001",
+        *,
+        token: str | None = None,
+        tls: ClientTLS | None = None,
+        timeout: float | None = None,
+    ):
+        if tls is None:
+            self._channel = grpc.insecure_channel(url)
+        else:
+            read = lambda p: p.read_bytes() if p else None  # noqa: E731
+            creds = grpc.ssl_channel_credentials(read(tls.ca), read(tls.key), read(tls.cert))
+            self._channel = grpc.secure_channel(url, creds)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._timeout = timeout
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method, request, timeout: float | None = None):
+        try:
+            return method(request, timeout=timeout or self._timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise from_status(e.code(), e.details()) from None
+
+    def ready(self) -> bool:
+        return self._call(self._stub.ServerReady, pb.ServerReadyRequest()).ready
+
+    def metadata(self, model: str, version: str = "") -> pb.ModelMetadataResponse:
+        return self._call(
+            self._stub.ModelMetadata, pb.ModelMetadataRequest(name=model, version=version)
+        )
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        version: str = "",
+        outputs: tuple[str, ...] = (),
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run ``model`` on ``inputs``; every output unless ``outputs`` names some."""
+        request = pb.ModelInferRequest(model_name=model, model_version=version)
+        for name, value in inputs.items():
+            array = np.asarray(value)
+            request.inputs.add(name=name, datatype=codec.datatype(array.dtype), shape=array.shape)
+            request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+        for name in outputs:
+            request.outputs.add(name=name)
+        response = self._call(self._stub.ModelInfer, request, timeout)
+        return {
+            t.name: np.frombuffer(raw, dtype=codec.DATATYPES[t.datatype][0]).reshape(tuple(t.shape))
+            for t, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+        }

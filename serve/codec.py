@@ -1,0 +1,105 @@
+"""Tensors between the wire and numpy: KServe v2 datatypes, raw contents, typed contents.
+
+Inputs are accepted as ``raw_input_contents`` (what tritonclient and perf_analyzer send)
+or as typed ``contents``; outputs always go back raw (little-endian, row-major), the only
+form tritonclient decodes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from quantgate.errors import BadRequest
+from quantgate.protos import grpc_service_pb2 as pb
+from quantgate.protos import model_config_pb2 as mc
+
+# KServe v2 datatype -> numpy dtype (little-endian), Triton's model-config enum, and the
+# InferTensorContents field that carries it in typed form.
+DATATYPES: dict[str, tuple[np.dtype, int, str]] = {
+    "BOOL": (np.dtype("bool"), mc.TYPE_BOOL, "bool_contents"),
+    "UINT8": (np.dtype("<u1"), mc.TYPE_UINT8, "uint_contents"),
+    "UINT16": (np.dtype("<u2"), mc.TYPE_UINT16, "uint_contents"),
+    "UINT32": (np.dtype("<u4"), mc.TYPE_UINT32, "uint_contents"),
+    "UINT64": (np.dtype("<u8"), mc.TYPE_UINT64, "uint64_contents"),
+    "INT8": (np.dtype("<i1"), mc.TYPE_INT8, "int_contents"),
+    "INT16": (np.dtype("<i2"), mc.TYPE_INT16, "int_contents"),
+    "INT32": (np.dtype("<i4"), mc.TYPE_INT32, "int_contents"),
+    "INT64": (np.dtype("<i8"), mc.TYPE_INT64, "int64_contents"),
+    "FP16": (np.dtype("<f2"), mc.TYPE_FP16, ""),  # raw only, as in Triton
+    "FP32": (np.dtype("<f4"), mc.TYPE_FP32, "fp32_contents"),
+    "FP64": (np.dtype("<f8"), mc.TYPE_FP64, "fp64_contents"),
+}
+_BY_DTYPE = {dtype: name for name, (dtype, _, _) in DATATYPES.items()}
+assert np.little_endian, "raw contents are little-endian; a big-endian host would need byte swaps"
+
+
+def datatype(dtype: np.dtype) -> str:
+    """The KServe v2 datatype name of a numpy dtype ("INT64" for int64)."""
+    return _BY_DTYPE[np.dtype(dtype)]
+
+
+def config_type(dtype: np.dtype) -> int:
+    """Triton's model-config DataType enum value for a numpy dtype."""
+    return DATATYPES[datatype(dtype)][1]
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    """The request's input tensors as numpy arrays (zero-copy views of raw contents).
+
+    Checks what can be checked without the model: known datatype, non-negative shape,
+    byte size matching shape, one raw buffer per input, no input named twice. Raises
+    BadRequest naming the input and what was expected.
+    """
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise BadRequest(
+            f"request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents; "
+            "send one raw buffer per input, in the order of `inputs`"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if name in arrays:
+            raise BadRequest(f"input {name!r} appears twice in the request; send it once")
+        if tensor.datatype not in DATATYPES:
+            raise BadRequest(
+                f"input {name!r}: unsupported datatype {tensor.datatype!r}; "
+                f"expected one of {', '.join(DATATYPES)}"
+            )
+        dtype, _, field = DATATYPES[tensor.datatype]
+        shape = tuple(tensor.shape)
+        if any(d < 0 for d in shape):
+            raise BadRequest(f"input {name!r}: shape {list(shape)} has a negative dimension")
+        count = int(np.prod(shape, dtype=np.int64))
+        if raw:
+            if tensor.HasField("contents"):
+                raise BadRequest(
+                    f"input {name!r} has both raw_input_contents and contents; send one of them"
+                )
+            data = raw[i]
+            if len(data) != count * dtype.itemsize:
+                raise BadRequest(
+                    f"input {name!r}: {len(data)} bytes of raw contents, expected "
+                    f"{count * dtype.itemsize} for {tensor.datatype} of shape {list(shape)}"
+                )
+            array = np.frombuffer(data, dtype=dtype)
+        else:
+            values = getattr(tensor.contents, field) if field else ()
+            if len(values) != count:
+                raise BadRequest(
+                    f"input {name!r}: {len(values)} values in contents.{field or 'raw'}, "
+                    f"expected {count} for {tensor.datatype} of shape {list(shape)}"
+                )
+            array = np.asarray(values, dtype=dtype)
+        arrays[name] = array.reshape(shape)
+    return arrays
+
+
+def encode_outputs(response: pb.ModelInferResponse, outputs: dict[str, np.ndarray]) -> None:
+    """Append ``outputs`` to ``response`` as raw contents."""
+    for name, array in outputs.items():
+        tensor = response.outputs.add()
+        tensor.name = name
+        tensor.datatype = datatype(array.dtype)
+        tensor.shape.extend(array.shape)
+        response.raw_output_contents.append(array.tobytes())  # row-major, native (LE) order

@@ -1,0 +1,141 @@
+"""The engine: the served models, one batcher each, warm-up, readiness and the counters.
+
+Everything the servicer needs beyond converting messages: it validates a decoded
+request against its model, queues it, and accounts for how it ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from quantgate.serve.batcher import Batcher, Timing, bucket
+from quantgate.serve.config import ServeConfig
+from quantgate.serve.errors import Unavailable
+from quantgate.serve.metrics import Metrics, ModelStats
+from quantgate.serve.runtime import Model, Repository
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, repository: Repository, cfg: ServeConfig, metrics: Metrics | None = None):
+        self.repository = repository
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        models = list(repository)
+        # One worker thread per concurrently running batch of every model.
+        self._executor = ThreadPoolExecutor(
+            max_workers=cfg.instances * len(models), thread_name_prefix="ort"
+        )
+        self.stats = {(m.name, m.version): ModelStats(m.name, m.version) for m in models}
+        self._batchers: dict[tuple[str, str], Batcher] = {}
+        self.ready = False
+        for m in models:
+            self.metrics.model.labels(
+                m.name, m.version, m.variant.precision, m.provider, m.variant.file
+            ).set(1)
+
+    def start(self) -> None:
+        """Start one batcher per model (inside the running event loop)."""
+        for m in self.repository:
+            key = (m.name, m.version)
+            self._batchers[key] = b = Batcher(
+                m,
+                self._executor,
+                max_batch_size=self.cfg.max_batch_size,
+                max_queue_delay_us=self.cfg.max_queue_delay_us,
+                max_queue_size=self.cfg.max_queue_size,
+                dynamic=self.cfg.dynamic_batching,
+                instances=self.cfg.instances,
+                on_batch=self._on_batch(m),
+            )
+            b.start()
+
+    async def warm_up(self) -> None:
+        """Run every model at each bucket it will see before reporting ready.
+
+        ONNX Runtime allocates and plans on the first run of each shape; a client should
+        not pay for that.
+        """
+        loop = asyncio.get_running_loop()
+        for m in self.repository:
+            shapes = [(1, 16)]
+            if m.sequence_axis is not None:
+                shapes += [(1, bucket(128)), (m.max_batch_size, 16)]
+            for rows, length in shapes:
+                t0 = time.perf_counter()
+                await loop.run_in_executor(self._executor, m.run, m.example(rows, length))
+                log.info(
+                    "warm-up %s: batch %d, sequence %d in %.0f ms",
+                    m.name,
+                    rows,
+                    length,
+                    (time.perf_counter() - t0) * 1e3,
+                )
+        self.ready = True
+
+    async def close(self) -> None:
+        """Stop admitting; wait until every admitted request is answered."""
+        self.ready = False
+        await asyncio.gather(*(b.close() for b in self._batchers.values()))
+        self._executor.shutdown(wait=True)
+
+    def model(self, name: str, version: str = "") -> Model:
+        return self.repository.get(name, version)
+
+    async def infer(
+        self,
+        model: Model,
+        feeds: dict[str, np.ndarray],
+        outputs: tuple[str, ...] = (),
+        *,
+        timeout: float | None = None,
+    ) -> tuple[dict[str, np.ndarray], Timing]:
+        """Validate, queue and run one request. Raises the serve errors (see servicer.STATUS)."""
+        if not self.ready:
+            raise Unavailable(
+                "the server is not ready (warming up or shutting down); retry shortly"
+            )
+        rows = model.check(feeds, outputs)
+        batcher = self._batchers[(model.name, model.version)]
+        return await batcher.infer(feeds, rows, outputs=outputs, timeout=timeout)
+
+    def finished(
+        self,
+        model: Model | None,
+        code: str,
+        seconds: float,
+        timing: Timing | None = None,
+        rows: int = 0,
+    ) -> None:
+        """Account for one answered request (success or not)."""
+        name, version = (model.name, model.version) if model else ("", "")
+        self.metrics.requests.labels(name, version, code).inc()
+        if model is None:
+            return
+        ok = code == "OK"
+        self.stats[(name, version)].request_done(ok, int(seconds * 1e9), rows, timing)
+        if ok:
+            self.metrics.latency.labels(name, version).observe(seconds)
+            if timing is not None:
+                self.metrics.queue.labels(name, version).observe(timing.queue_ns / 1e9)
+        self.metrics.queue_depth.labels(name, version).set(
+            self._batchers[(name, version)].depth if self._batchers else 0
+        )
+
+    def _on_batch(self, m: Model):
+        stats = self.stats[(m.name, m.version)]
+        compute = self.metrics.compute.labels(m.name, m.version)
+        sizes = self.metrics.batch_size.labels(m.name, m.version)
+
+        def on_batch(rows: int, timing: Timing) -> None:
+            stats.batch_done(rows, timing)
+            compute.observe((timing.input_ns + timing.infer_ns + timing.output_ns) / 1e9)
+            sizes.observe(rows)
+
+        return on_batch

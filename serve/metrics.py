@@ -1,0 +1,162 @@
+"""What the server counts: Prometheus metrics for operators, Triton statistics for clients.
+
+Both are fed from the same two events: a request finished (with its status code), and
+a batch ran. Batches run on worker threads, so the statistics take a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import prometheus_client as prom
+
+from quantgate.protos import grpc_service_pb2 as pb
+from quantgate.serve.batcher import Timing
+
+# Latency buckets in seconds: sub-millisecond overheads up to multi-second batches.
+_LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    """Prometheus metrics in their own registry (several servers may share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = prom.CollectorRegistry()
+        labels = ("model", "version")
+        r = self.registry
+        self.requests = prom.Counter(
+            "quantgate_requests",
+            "Inference requests answered, by gRPC status code",
+            (*labels, "code"),
+            registry=r,
+        )
+        self.latency = prom.Histogram(
+            "quantgate_request_seconds",
+            "Request latency inside the server (successes)",
+            labels,
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.queue = prom.Histogram(
+            "quantgate_queue_seconds",
+            "Time from admission to the start of its batch",
+            labels,
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.compute = prom.Histogram(
+            "quantgate_compute_seconds",
+            "Assemble + session.run + split, per batch",
+            labels,
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.batch_size = prom.Histogram(
+            "quantgate_batch_size",
+            "Rows per executed batch",
+            labels,
+            buckets=_BATCH,
+            registry=r,
+        )
+        self.queue_depth = prom.Gauge(
+            "quantgate_queue_depth",
+            "Requests admitted and waiting",
+            labels,
+            registry=r,
+        )
+        self.model = prom.Gauge(
+            "quantgate_model_info",
+            "1 for each served model: the variant and provider chosen",
+            (*labels, "precision", "provider", "file"),
+            registry=r,
+        )
+
+    def serve_http(self, port: int, host: str = "0.0.0.0") -> None:
+        """Expose /metrics over HTTP (a daemon thread)."""
+        prom.start_http_server(port, addr=host, registry=self.registry)
+
+
+@dataclass
+class _Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, n: int = 1) -> None:
+        self.count += n
+        self.ns += ns
+
+    def proto(self) -> pb.StatisticDuration:
+        return pb.StatisticDuration(count=self.count, ns=self.ns)
+
+
+@dataclass
+class ModelStats:
+    """Triton's per-model statistics (the ModelStatistics RPC, read by perf_analyzer)."""
+
+    name: str
+    version: str
+    success: _Duration = field(default_factory=_Duration)
+    fail: _Duration = field(default_factory=_Duration)
+    queue: _Duration = field(default_factory=_Duration)
+    compute_input: _Duration = field(default_factory=_Duration)
+    compute_infer: _Duration = field(default_factory=_Duration)
+    compute_output: _Duration = field(default_factory=_Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    batches: dict[int, list[_Duration]] = field(
+        default_factory=lambda: defaultdict(lambda: [_Duration(), _Duration(), _Duration()])
+    )
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def request_done(self, ok: bool, total_ns: int, rows: int, timing: Timing | None) -> None:
+        with self._lock:
+            (self.success if ok else self.fail).add(total_ns)
+            if ok and timing is not None:
+                self.inference_count += rows
+                self.last_inference_ms = int(time.time() * 1000)
+                self.queue.add(timing.queue_ns)
+                self.compute_input.add(timing.input_ns)
+                self.compute_infer.add(timing.infer_ns)
+                self.compute_output.add(timing.output_ns)
+
+    def batch_done(self, rows: int, timing: Timing) -> None:
+        with self._lock:
+            self.execution_count += 1
+            for d, ns in zip(
+                self.batches[rows],
+                (timing.input_ns, timing.infer_ns, timing.output_ns),
+                strict=True,
+            ):
+                d.add(ns)
+
+    def proto(self) -> pb.ModelStatistics:
+        with self._lock:
+            return pb.ModelStatistics(
+                name=self.name,
+                version=self.version,
+                last_inference=self.last_inference_ms,
+                inference_count=self.inference_count,
+                execution_count=self.execution_count,
+                inference_stats=pb.InferStatistics(
+                    success=self.success.proto(),
+                    fail=self.fail.proto(),
+                    queue=self.queue.proto(),
+                    compute_input=self.compute_input.proto(),
+                    compute_infer=self.compute_infer.proto(),
+                    compute_output=self.compute_output.proto(),
+                ),
+                batch_stats=[
+                    pb.InferBatchStatistics(
+                        batch_size=size,
+                        compute_input=d[0].proto(),
+                        compute_infer=d[1].proto(),
+                        compute_output=d[2].proto(),
+                    )
+                    for size, d in sorted(self.batches.items())
+                ],
+            )

@@ -1,0 +1,391 @@
+"""Models behind the server: bundles, the variant and execution provider each is served
+with, and the ONNX Runtime sessions that run them.
+
+This module never imports torch or quantgate.quantize: a serving host has neither.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from quantgate import bundle as qb
+from quantgate.errors import BadRequest, BundleError, ServeError
+from quantgate.serve.config import ServeConfig
+from quantgate.serve.errors import InferenceFailed, ModelNotFound
+
+log = logging.getLogger(__name__)
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+MASK = "attention_mask"  # the input that tells padding from tokens
+
+_ORT_TYPES = {
+    "tensor(bool)": np.dtype("bool"),
+    "tensor(uint8)": np.dtype("uint8"),
+    "tensor(int8)": np.dtype("int8"),
+    "tensor(int32)": np.dtype("int32"),
+    "tensor(int64)": np.dtype("int64"),
+    "tensor(float16)": np.dtype("float16"),
+    "tensor(float)": np.dtype("float32"),
+    "tensor(double)": np.dtype("float64"),
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A model input or output as the server sees it."""
+
+    name: str
+    dtype: np.dtype
+    axes: tuple[int | str, ...]  # ints for fixed dimensions, names for symbolic ones
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """KServe v2 shape: -1 for every variable dimension."""
+        return tuple(a if isinstance(a, int) else -1 for a in self.axes)
+
+    @classmethod
+    def from_ort(cls, arg: ort.NodeArg) -> TensorInfo:
+        if arg.type not in _ORT_TYPES:
+            raise ServeError(
+                f"tensor {arg.name!r} has type {arg.type}, which the server cannot carry"
+            )
+        axes = tuple(
+            d if isinstance(d, int) and d > 0 else (d or f"dim{i}") for i, d in enumerate(arg.shape)
+        )
+        return cls(arg.name, _ORT_TYPES[arg.type], axes)
+
+
+def choose_provider(device: str) -> str:
+    """The execution provider for ``device`` ("auto", "cuda" or "cpu"), logged."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return CPU
+    if CUDA in available:
+        log.info("using the CUDA execution provider (onnxruntime %s)", ort.__version__)
+        return CUDA
+    if device == "cuda":
+        raise ServeError(
+            f"--device cuda, but this onnxruntime ({ort.__version__}) has no CUDA execution "
+            f"provider (it has: {', '.join(available)}). Install onnxruntime-gpu "
+            "(the `gpu` extra) on a machine with CUDA, or use --device cpu."
+        )
+    log.warning(
+        "no CUDA execution provider in onnxruntime %s (it has: %s); serving on the CPU",
+        ort.__version__,
+        ", ".join(available),
+    )
+    return CPU
+
+
+def speedup(variant: qb.Variant, provider: str) -> float:
+    """The variant's measured speedup over FP32 on ``provider``; 0 without evidence."""
+    if variant.precision == "fp32":
+        return 1.0
+    values = [
+        g.value
+        for g in variant.gates
+        if g.name.startswith("speedup")
+        and g.passed
+        and (g.provider == provider or (g.provider is None and provider in variant.providers))
+    ]
+    return min(values) if values else 0.0  # the slowest measured shape is the promise
+
+
+def usable(variant: qb.Variant, provider: str) -> bool:
+    """Whether ``variant`` may run on ``provider``. FP32 runs anywhere it is not excluded."""
+    if provider in variant.not_for:
+        return False
+    return variant.precision == "fp32" or provider in variant.providers
+
+
+def choose_variant(
+    manifest: qb.Manifest,
+    provider: str,
+    *,
+    precision: str | None = None,
+    allow_failed: bool = False,
+) -> qb.Variant:
+    """The fastest variant that passed its gates on ``provider`` (FP32 when none beats it).
+
+    ``precision`` forces one variant; it must suit the provider, and must have passed its
+    gates unless ``allow_failed``.
+    """
+    if precision is not None:
+        v = manifest.variant(precision)
+        if not usable(v, provider):
+            raise BundleError(
+                f"bundle {manifest.name!r}: the {precision} variant is not meant for {provider} "
+                f"(providers {list(v.providers)}, not_for {list(v.not_for)}); choose another --precision"
+            )
+        if not v.passed and not allow_failed:
+            raise BundleError(
+                f"bundle {manifest.name!r}: the {precision} variant failed its gates; "
+                "pass --allow-failed-gates to serve it anyway"
+            )
+        return v
+    candidates = [v for v in manifest.variants if v.passed and usable(v, provider)]
+    if not candidates:
+        raise BundleError(
+            f"bundle {manifest.name!r} has no variant that passed its gates for {provider}"
+        )
+    # max() keeps the first of equals: list FP32 first so evidence is needed to beat it.
+    candidates.sort(key=lambda v: v.precision != "fp32")
+    return max(candidates, key=lambda v: speedup(v, provider))
+
+
+class Model:
+    """One served model version: the bundle, its chosen variant, and the session."""
+
+    def __init__(
+        self,
+        name: str,
+        bundle: qb.Bundle,
+        variant: qb.Variant,
+        provider: str,
+        session: ort.InferenceSession,
+        max_batch_size: int,
+    ):
+        self.name = name
+        self.version = str(bundle.manifest.version)
+        self.bundle = bundle
+        self.variant = variant
+        self.provider = provider
+        self.session = session
+        self.inputs = tuple(TensorInfo.from_ort(a) for a in session.get_inputs())
+        self.outputs = tuple(TensorInfo.from_ort(a) for a in session.get_outputs())
+        # Batching needs a variable leading dimension on every tensor; without one each
+        # request is the whole input (Triton's max_batch_size 0).
+        self.batched = all(
+            isinstance(t.axes[0], str) for t in (*self.inputs, *self.outputs) if t.axes
+        )
+        self.max_batch_size = max_batch_size if self.batched else 0
+        self.sequence_axis = self._sequence_axis()
+        self._input = {t.name: t for t in self.inputs}
+        self._output_names = tuple(t.name for t in self.outputs)
+
+    def _sequence_axis(self) -> str | None:
+        """The symbolic name of axis 1 when requests can be padded along it.
+
+        That needs an attention mask (so padding changes nothing), every input shaped
+        (batch, sequence), and every output either without that axis or with it at 1
+        (so results can be cut back to each request's length); every other output axis fixed.
+        """
+        if not self.batched or MASK not in {t.name for t in self.inputs}:
+            return None
+        names = {t.axes[1] if len(t.axes) == 2 else None for t in self.inputs}
+        if len(names) != 1 or not isinstance(seq := names.pop(), str):
+            return None
+        for t in self.outputs:
+            for i, axis in enumerate(t.axes[1:], start=1):
+                if isinstance(axis, str) and not (i == 1 and axis == seq):
+                    return None  # a variable axis we cannot cut back: batch same lengths only
+        return seq
+
+    def pads_output(self, name: str) -> bool:
+        """Whether output ``name`` has the sequence axis (at 1) and must be cut after padding."""
+        return self.sequence_axis is not None and self.sequence_axis in next(
+            t.axes[1:2] for t in self.outputs if t.name == name
+        )
+
+    def check(self, feeds: Mapping[str, np.ndarray], outputs: tuple[str, ...] = ()) -> int:
+        """Validate a request against the model; return its batch size.
+
+        Collects every problem (missing, unexpected, dtype, rank, dimension, batch, unknown
+        output) and raises one BadRequest that names each input and what was expected.
+        """
+        problems = []
+        for name in feeds.keys() - self._input.keys():
+            problems.append(
+                f"unexpected input {name!r}; the model takes {self._names(self.inputs)}"
+            )
+        for t in self.inputs:
+            if t.name not in feeds:
+                problems.append(f"missing input {t.name!r} ({self._describe(t)})")
+        for name in outputs:
+            if name not in self._output_names:
+                problems.append(
+                    f"unknown output {name!r}; the model has {self._names(self.outputs)}"
+                )
+        sizes: dict[str, tuple[int, str]] = {}  # symbolic axis -> (size, first input with it)
+        for name, array in feeds.items():
+            t = self._input.get(name)
+            if t is None:
+                continue
+            if array.dtype != t.dtype:
+                problems.append(
+                    f"input {name!r}: datatype {_dt(array.dtype)}, expected {_dt(t.dtype)}"
+                )
+            if array.ndim != len(t.axes):
+                problems.append(
+                    f"input {name!r}: shape {list(array.shape)}, expected {len(t.axes)} dimensions "
+                    f"({self._describe(t)})"
+                )
+                continue
+            for axis, (want, got) in enumerate(zip(t.axes, array.shape, strict=True)):
+                if isinstance(want, int) and got != want:
+                    problems.append(
+                        f"input {name!r}: dimension {axis} is {got}, expected {want} ({self._describe(t)})"
+                    )
+                elif isinstance(want, str):
+                    if got == 0:
+                        problems.append(
+                            f"input {name!r}: dimension {axis} ({want}) is 0; send at least 1"
+                        )
+                    seen = sizes.setdefault(want, (got, name))
+                    if seen[0] != got:
+                        problems.append(
+                            f"input {name!r}: {want} is {got} but input {seen[1]!r} has {seen[0]}; they must match"
+                        )
+        batch = sizes.get(self.inputs[0].axes[0], (1, ""))[0] if self.batched else 1
+        if self.batched and batch > self.max_batch_size:
+            problems.append(
+                f"batch size {batch} (input {self.inputs[0].name!r} dimension 0) exceeds the "
+                f"max batch size {self.max_batch_size}; split the request"
+            )
+        if problems:
+            raise BadRequest(f"bad request for model {self.name!r}: " + "; ".join(problems))
+        return batch
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray], outputs: tuple[str, ...] = ()
+    ) -> dict[str, np.ndarray]:
+        """session.run on validated feeds; every output unless ``outputs`` names some."""
+        names = outputs or self._output_names
+        try:
+            results = self.session.run(names, dict(feeds))
+        except ort.capi.onnxruntime_pybind11_state.InvalidArgument as e:
+            raise BadRequest(f"model {self.name!r} rejected the input: {e}") from e
+        except Exception as e:  # ORT raises its own RuntimeError subclasses
+            raise InferenceFailed(f"model {self.name!r} failed: {type(e).__name__}: {e}") from e
+        return dict(zip(names, results, strict=True))
+
+    def example(self, batch: int = 1, sequence: int = 16) -> dict[str, np.ndarray]:
+        """A valid all-padding-but-one-token request, for warm-up."""
+        feeds = {}
+        for t in self.inputs:
+            shape = [
+                a if isinstance(a, int) else (batch if i == 0 and self.batched else sequence)
+                for i, a in enumerate(t.axes)
+            ]
+            feeds[t.name] = (np.ones if t.name == MASK else np.zeros)(shape, dtype=t.dtype)
+        return feeds
+
+    @staticmethod
+    def _names(tensors: tuple[TensorInfo, ...]) -> str:
+        return ", ".join(repr(t.name) for t in tensors)
+
+    @staticmethod
+    def _describe(t: TensorInfo) -> str:
+        return f"{_dt(t.dtype)} {list(t.axes)}"
+
+    def describe(self) -> str:
+        return (
+            f"{self.name} v{self.version}: {self.variant.precision} ({self.variant.file}) on "
+            f"{self.provider}, speedup {speedup(self.variant, self.provider):.2f}x vs fp32"
+        )
+
+
+def _dt(dtype: np.dtype) -> str:
+    from quantgate.serve.codec import datatype
+
+    return datatype(dtype)
+
+
+def open_model(path: Path, cfg: ServeConfig, provider: str, *, name: str | None = None) -> Model:
+    """Load and verify one bundle, choose its variant, and open an ONNX Runtime session."""
+    bundle = qb.load(path, verify=True)  # every variant's sha256, not only the one served
+    manifest = bundle.manifest
+    if manifest.verdict != qb.PASS:
+        failed = [v.precision for v in manifest.variants if not v.passed]
+        if not cfg.allow_failed_gates:
+            raise BundleError(
+                f"bundle {path} failed its gates (variants {failed}); see {bundle.report}. "
+                "Pass --allow-failed-gates to serve its passing variants anyway."
+            )
+        log.warning("bundle %s failed its gates (variants %s); serving it as asked", path, failed)
+    variant = choose_variant(
+        manifest, provider, precision=cfg.precision, allow_failed=cfg.allow_failed_gates
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cfg.intra_op_threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = [provider] if provider == CPU else [provider, CPU]
+    session = ort.InferenceSession(str(bundle.path / variant.file), options, providers=providers)
+    model = Model(name or manifest.name, bundle, variant, provider, session, cfg.max_batch_size)
+    log.info("loaded %s", model.describe())
+    return model
+
+
+class Repository:
+    """Every served model, by name and version."""
+
+    def __init__(self, models: list[Model]):
+        self._models: dict[str, dict[str, Model]] = {}
+        for m in models:
+            if m.version in self._models.setdefault(m.name, {}):
+                raise ServeError(f"two bundles serve model {m.name!r} version {m.version}")
+            self._models[m.name][m.version] = m
+
+    def get(self, name: str, version: str = "") -> Model:
+        """The model ``name`` at ``version`` (empty: the newest). Raises ModelNotFound."""
+        versions = self._models.get(name)
+        if versions is None:
+            raise ModelNotFound(
+                f"unknown model {name!r}; this server serves {sorted(self._models)}"
+            )
+        if not version:
+            return versions[max(versions, key=int)]
+        if version not in versions:
+            raise ModelNotFound(
+                f"model {name!r} has no version {version!r}; it has {sorted(versions, key=int)}"
+            )
+        return versions[version]
+
+    def versions(self, name: str) -> list[str]:
+        return sorted(self._models[name], key=int)
+
+    def __iter__(self) -> Iterator[Model]:
+        for versions in self._models.values():
+            yield from versions.values()
+
+
+def load_repository(cfg: ServeConfig) -> Repository:
+    """Open what ``cfg.path`` holds: one bundle, or a repository folder.
+
+    A repository holds one folder per model, named as clients will call it, that is
+    either a bundle (its manifest's version) or holds one bundle per version folder::
+
+        repo/digits/manifest.json ...        model "digits", the manifest's version
+        repo/minilm/1/manifest.json ...      model "minilm", version 1
+    """
+    root = Path(cfg.path)
+    provider = choose_provider(cfg.device)
+    if qb.is_bundle(root):
+        return Repository([open_model(root, cfg, provider)])
+    if not root.is_dir():
+        raise ServeError(f"{root} is neither a bundle nor a folder of bundles")
+    models = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if qb.is_bundle(folder):
+            models.append(open_model(folder, cfg, provider, name=folder.name))
+            continue
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()):
+            if qb.is_bundle(sub):
+                m = open_model(sub, cfg, provider, name=folder.name)
+                if m.version != sub.name:
+                    raise ServeError(
+                        f"{sub}: folder says version {sub.name}, manifest says {m.version}"
+                    )
+                models.append(m)
+    if not models:
+        raise ServeError(
+            f"{root} holds no bundle: expected {root}/manifest.json, {root}/NAME/manifest.json "
+            f"or {root}/NAME/VERSION/manifest.json. Create one with `quantgate export`."
+        )
+    return Repository(models)
