@@ -281,9 +281,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except QuantgateError as e:
-        console.print(
-            Text.assemble(("error: ", "bold red"), str(e)), highlight=False, soft_wrap=True
-        )
+        console.print(Text.assemble(("error: ", "bold red"), str(e)), highlight=False)
         sys.exit(exit_code(e))
     except typer.Exit as e:
         sys.exit(e.exit_code)
