@@ -12,30 +12,28 @@ import numpy as np
 from quantgate.errors import BadRequest
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import model_config_pb2 as mc
+from quantgate.serve.dtypes import NUMPY, datatype
 
-# KServe v2 datatype -> numpy dtype (little-endian), Triton's model-config enum, and the
-# InferTensorContents field that carries it in typed form.
-DATATYPES: dict[str, tuple[np.dtype, int, str]] = {
-    "BOOL": (np.dtype("bool"), mc.TYPE_BOOL, "bool_contents"),
-    "UINT8": (np.dtype("<u1"), mc.TYPE_UINT8, "uint_contents"),
-    "UINT16": (np.dtype("<u2"), mc.TYPE_UINT16, "uint_contents"),
-    "UINT32": (np.dtype("<u4"), mc.TYPE_UINT32, "uint_contents"),
-    "UINT64": (np.dtype("<u8"), mc.TYPE_UINT64, "uint64_contents"),
-    "INT8": (np.dtype("<i1"), mc.TYPE_INT8, "int_contents"),
-    "INT16": (np.dtype("<i2"), mc.TYPE_INT16, "int_contents"),
-    "INT32": (np.dtype("<i4"), mc.TYPE_INT32, "int_contents"),
-    "INT64": (np.dtype("<i8"), mc.TYPE_INT64, "int64_contents"),
-    "FP16": (np.dtype("<f2"), mc.TYPE_FP16, ""),  # raw only, as in Triton
-    "FP32": (np.dtype("<f4"), mc.TYPE_FP32, "fp32_contents"),
-    "FP64": (np.dtype("<f8"), mc.TYPE_FP64, "fp64_contents"),
+# The InferTensorContents field that carries each datatype in typed form (not raw).
+# FP16 has none: it travels raw only, as in Triton.
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
 }
-_BY_DTYPE = {dtype: name for name, (dtype, _, _) in DATATYPES.items()}
-assert np.little_endian, "raw contents are little-endian; a big-endian host would need byte swaps"
-
-
-def datatype(dtype: np.dtype) -> str:
-    """The KServe v2 datatype name of a numpy dtype ("INT64" for int64)."""
-    return _BY_DTYPE[np.dtype(dtype)]
+# KServe v2 datatype -> (numpy dtype, Triton's model-config enum, typed contents field).
+DATATYPES: dict[str, tuple[np.dtype, int, str]] = {
+    name: (dtype, mc.DataType.Value(f"TYPE_{name}"), _CONTENTS.get(name, ""))
+    for name, dtype in NUMPY.items()
+}
 
 
 def config_type(dtype: np.dtype) -> int:

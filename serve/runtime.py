@@ -17,6 +17,7 @@ import onnxruntime as ort
 from quantgate import bundle as qb
 from quantgate.errors import BadRequest, BundleError, ServeError
 from quantgate.serve.config import ServeConfig
+from quantgate.serve.dtypes import datatype
 from quantgate.serve.errors import InferenceFailed, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -292,8 +293,6 @@ class Model:
 
 
 def _dt(dtype: np.dtype) -> str:
-    from quantgate.serve.codec import datatype
-
     return datatype(dtype)
 
 

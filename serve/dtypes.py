@@ -1,0 +1,28 @@
+"""KServe v2 datatype names <-> numpy dtypes (little-endian). No protobuf here: the
+runtime and the batcher use it without loading the wire format."""
+
+from __future__ import annotations
+
+import numpy as np
+
+NUMPY: dict[str, np.dtype] = {
+    "BOOL": np.dtype("bool"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+_NAMES = {dtype: name for name, dtype in NUMPY.items()}
+assert np.little_endian, "raw contents are little-endian; a big-endian host would need byte swaps"
+
+
+def datatype(dtype: np.dtype) -> str:
+    """The KServe v2 datatype name of a numpy dtype ("INT64" for int64)."""
+    return _NAMES[np.dtype(dtype)]

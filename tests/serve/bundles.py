@@ -1,0 +1,105 @@
+"""Tiny real bundles for the server tests, exported here with torch (the server never is).
+
+Until quantgate.export lands these follow the bundle contract by hand: torch.onnx.export
+with dynamic (batch, sequence) axes, then quantgate.bundle.staging + write_manifest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from quantgate import bundle as qb
+from quantgate.model.transformer import EncoderClassifier, ModelConfig, Trunk
+
+VOCAB, MAX_LEN = 32, 160
+CONFIG = ModelConfig(
+    vocab_size=VOCAB,
+    max_seq_len=MAX_LEN,
+    d_model=32,
+    n_heads=4,
+    n_layers=2,
+    d_ff=64,
+    dropout=0.0,
+    n_classes=5,
+)
+
+
+class Encoder(nn.Module):
+    """The trunk's hidden states: an output with a sequence axis, cut back after padding."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.trunk = Trunk(cfg)
+
+    def forward(self, input_ids, attention_mask):
+        h, _ = self.trunk(input_ids, attention_mask.bool()[:, None, None, :])  # (B, T, C)
+        return h
+
+
+def _export(model: nn.Module, path: Path, output: str, output_axes: dict[int, str]) -> None:
+    model.eval()
+    ids = torch.randint(1, VOCAB, (2, 12))
+    torch.onnx.export(
+        model,
+        (ids, torch.ones_like(ids)),
+        str(path),
+        input_names=["input_ids", "attention_mask"],
+        output_names=[output],
+        dynamic_axes={
+            "input_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "sequence"},
+            output: output_axes,
+        },
+        opset_version=17,
+        dynamo=False,
+    )
+
+
+def build(out: Path, kind: str = "classifier", *, verdict: str = qb.PASS, seed: int = 0) -> Path:
+    """Write a bundle at ``out``: kind "classifier" (logits) or "encoder" (hidden states)."""
+    torch.manual_seed(seed)
+    if kind == "classifier":
+        model, output, axes, dims = EncoderClassifier(CONFIG), "logits", {0: "batch"}, ("batch", 5)
+    else:
+        model, output, axes, dims = (
+            Encoder(CONFIG),
+            "last_hidden_state",
+            {0: "batch", 1: "sequence"},
+            ("batch", "sequence", 32),
+        )
+    with qb.staging(out, force=True) as tmp:
+        _export(model, tmp / "model.fp32.onnx", output, axes)
+        variants = [qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx"))]
+        if verdict == qb.FAIL:
+            # A second copy standing in for an INT8 that failed its accuracy gate.
+            (tmp / "model.int8.onnx").write_bytes((tmp / "model.fp32.onnx").read_bytes())
+            gate = qb.GateResult("accuracy_drop", 5.0, 1.0, "<=", False)
+            variants.append(
+                qb.Variant(
+                    "model.int8.onnx",
+                    "int8",
+                    qb.sha256_file(tmp / "model.int8.onnx"),
+                    gates=(gate,),
+                    verdict=qb.FAIL,
+                )
+            )
+        spec = lambda name, dt, d: qb.TensorSpec(name, dt, d)  # noqa: E731
+        qb.write_manifest(
+            tmp,
+            qb.Manifest(
+                name=f"tiny-{kind}",
+                task="classification" if kind == "classifier" else "feature-extraction",
+                inputs=(
+                    spec("input_ids", "int64", ("batch", "sequence")),
+                    spec("attention_mask", "int64", ("batch", "sequence")),
+                ),
+                outputs=(spec(output, "float32", dims),),
+                variants=tuple(variants),
+                opset=17,
+                source={"kind": "test", "seed": seed},
+            ),
+        )
+    return out

@@ -1,0 +1,251 @@
+"""The server as users meet it: a real subprocess driven by tritonclient."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import Reference, batch, inputs
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+# Batching pads and regroups: results may differ from a lone session.run by float noise.
+ATOL = 1e-4
+
+MODELS = {"classifier": ("classifier", "logits"), "encoder": ("encoder/1", "last_hidden_state")}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with tc.InferenceServerClient(server.url) as c:
+        yield c
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_unary_equals_in_process(client, repo, model):
+    folder, output = MODELS[model]
+    reference = Reference(repo / folder)
+    rng = np.random.default_rng(0)
+    for rows, length in [(1, 5), (3, 17), (2, 128), (1, 1)]:
+        feeds = batch(rng, rows, length)
+        got = client.infer(model, inputs(feeds)).as_numpy(output)
+        np.testing.assert_allclose(got, reference(feeds), atol=ATOL)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_streaming_equals_in_process(server, repo, model):
+    folder, output = MODELS[model]
+    reference = Reference(repo / folder)
+    rng = np.random.default_rng(1)
+    sent = {str(i): batch(rng, 1 + i % 3, 3 + 7 * i) for i in range(12)}
+    answers: queue.Queue = queue.Queue()
+    with tc.InferenceServerClient(server.url) as c:
+        c.start_stream(callback=lambda result, error: answers.put((result, error)))
+        for rid, feeds in sent.items():
+            c.async_stream_infer(model, inputs(feeds), request_id=rid)
+        got = [answers.get(timeout=30) for _ in sent]
+        c.stop_stream()
+    for result, error in got:
+        assert error is None, error
+        rid = result.get_response().id
+        np.testing.assert_allclose(result.as_numpy(output), reference(sent[rid]), atol=ATOL)
+
+
+def test_health_serving_and_metadata(server, client):
+    with grpc.insecure_channel(server.url) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.GRPCInferenceService"):
+            status = stub.Check(health_pb2.HealthCheckRequest(service=service)).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("classifier") and not client.is_model_ready("nope")
+    assert "statistics" in client.get_server_metadata().extensions
+    meta = client.get_model_metadata("encoder")
+    assert meta.versions == ["1"]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("input_ids", "INT64", [-1, -1]),
+        ("attention_mask", "INT64", [-1, -1]),
+    ]
+    config = client.get_model_config("classifier").config
+    assert config.max_batch_size == 32
+    assert config.HasField("dynamic_batching")
+    assert config.parameters["precision"].string_value == "fp32"
+    assert config.parameters["execution_provider"].string_value == "CPUExecutionProvider"
+    stats = client.get_inference_statistics("classifier").model_stats[0]
+    assert stats.inference_count >= 1 and stats.inference_stats.success.count >= 1
+
+
+def _raw_infer(stub, model: str, tensors, version: str = ""):
+    """ModelInfer with hand-made tensors (name, datatype, shape, raw bytes)."""
+    request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
+    for name, datatype, shape, raw in tensors:
+        request.inputs.add(name=name, datatype=datatype, shape=shape)
+        request.raw_input_contents.append(raw)
+    return stub.ModelInfer(request, timeout=30)
+
+
+def _bad(rng) -> list[tuple[str, str, str, list, grpc.StatusCode, tuple[str, ...]]]:
+    """(case, model, version, tensors, code, words its message must contain)."""
+    ids = batch(rng, 1, 8)["input_ids"]
+
+    def t(name, array, datatype="INT64", shape=None):
+        return (name, datatype, list(array.shape if shape is None else shape), array.tobytes())
+
+    good = [t("input_ids", ids), t("attention_mask", np.ones_like(ids))]
+    big = batch(rng, 33, 4)
+    invalid, not_found = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    return [
+        ("missing input", "classifier", "", good[:1], invalid, ("'attention_mask'", "missing")),
+        (
+            "extra input",
+            "classifier",
+            "",
+            [*good, t("token_type_ids", ids)],
+            invalid,
+            ("'token_type_ids'", "unexpected"),
+        ),
+        (
+            "wrong dtype",
+            "classifier",
+            "",
+            [t("input_ids", ids.astype(np.float32), "FP32"), good[1]],
+            invalid,
+            ("'input_ids'", "FP32", "expected INT64"),
+        ),
+        (
+            "wrong rank",
+            "classifier",
+            "",
+            [t("input_ids", ids.reshape(-1)), good[1]],
+            invalid,
+            ("'input_ids'", "expected 2 dimensions"),
+        ),
+        (
+            "mismatched lengths",
+            "classifier",
+            "",
+            [good[0], t("attention_mask", ids[:, :4])],
+            invalid,
+            ("'attention_mask'", "must match"),
+        ),
+        (
+            "byte size",
+            "classifier",
+            "",
+            [t("input_ids", ids[:, :4], shape=[1, 8]), good[1]],
+            invalid,
+            ("'input_ids'", "32 bytes", "expected 64"),
+        ),
+        (
+            "empty sequence",
+            "classifier",
+            "",
+            [t("input_ids", ids[:, :0]), t("attention_mask", ids[:, :0])],
+            invalid,
+            ("'input_ids'", "is 0"),
+        ),
+        (
+            "batch too large",
+            "classifier",
+            "",
+            [t(n, a) for n, a in big.items()],
+            invalid,
+            ("batch size 33", "max batch size 32"),
+        ),
+        (
+            "unknown datatype",
+            "classifier",
+            "",
+            [t("input_ids", ids, "INT128"), good[1]],
+            invalid,
+            ("'input_ids'", "INT128"),
+        ),
+        (
+            "token id out of range",
+            "classifier",
+            "",
+            [t("input_ids", ids * 1000), good[1]],
+            invalid,
+            ("classifier",),
+        ),
+        ("unknown model", "nope", "", good, not_found, ("'nope'", "classifier")),
+        ("unknown version", "encoder", "7", good, not_found, ("version '7'", "['1']")),
+    ]
+
+
+def test_bad_input_matrix_while_good_clients_run(server, repo):
+    """Every bad request gets its code and a message naming the input; good ones stay right."""
+    reference = Reference(repo / "classifier")
+    stop, failures, served = threading.Event(), [], [0]
+
+    def good_client(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with tc.InferenceServerClient(server.url) as c:
+            while not stop.is_set():
+                feeds = batch(rng, 1 + seed % 2, int(rng.integers(1, 40)))
+                try:
+                    got = c.infer("classifier", inputs(feeds)).as_numpy("logits")
+                    np.testing.assert_allclose(got, reference(feeds), atol=ATOL)
+                    served[0] += 1
+                except Exception as e:  # noqa: BLE001 - collected and reported below
+                    failures.append(repr(e))
+
+    threads = [threading.Thread(target=good_client, args=(s,)) for s in range(3)]
+    for th in threads:
+        th.start()
+    try:
+        with grpc.insecure_channel(server.url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            for case, model, version, tensors, code, words in _bad(np.random.default_rng(2)) * 3:
+                with pytest.raises(grpc.RpcError) as err:
+                    _raw_infer(stub, model, tensors, version)
+                assert err.value.code() == code, (case, err.value.details())
+                for w in words:
+                    assert w in err.value.details(), (case, err.value.details())
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+    assert not failures, failures[:3]
+    assert served[0] > 0
+
+
+def test_oversized_message_is_refused(server, client):
+    # 64 MiB default limit: a 9M-token request (72 MB) is refused by gRPC itself.
+    ids = np.zeros((1, 9_000_000), dtype=np.int64)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("classifier", inputs({"input_ids": ids, "attention_mask": ids}))
+    assert "RESOURCE_EXHAUSTED" in err.value.status()
+    assert client.is_server_live()
+
+
+def test_metrics_endpoint(tmp_path, repo):
+    # A port for metrics: bind 0, read it back, release (tiny race, acceptable in tests).
+    import socket
+
+    from conftest import ServerProcess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = ServerProcess(repo / "classifier", "--metrics-port", str(port))
+    try:
+        with tc.InferenceServerClient(srv.url) as c:
+            c.infer("tiny-classifier", inputs(batch(np.random.default_rng(3), 2, 9)))
+            with pytest.raises(InferenceServerException):
+                c.infer("tiny-classifier", inputs(batch(np.random.default_rng(3), 40, 9)))
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        )
+        assert 'quantgate_requests_total{code="OK",model="tiny-classifier",version="1"} 1.0' in text
+        assert 'code="INVALID_ARGUMENT"' in text
+        assert "quantgate_batch_size_bucket" in text and "quantgate_request_seconds_bucket" in text
+        assert 'precision="fp32",provider="CPUExecutionProvider"' in text
+    finally:
+        assert srv.terminate() == 0
