@@ -95,6 +95,10 @@ def train(
     ``on_step(step, total_steps, loss)`` is called after every optimizer step (progress bars).
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(
+            f"--out {out} is a file; a checkpoint is a directory. Choose another path."
+        )
     model_cfg = model_cfg or digits_model_config()
     splits = load_digits_splits()
     data_hash = splits_hash(splits)

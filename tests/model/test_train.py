@@ -1,0 +1,129 @@
+"""Training on the built-in digits task, checkpoints, and their errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from quantgate.errors import CheckpointError
+from quantgate.model.data import N_CALIBRATION, N_TEST, load_digits_splits
+from quantgate.model.train import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    TrainConfig,
+    digits_model_config,
+    load_checkpoint,
+    train,
+)
+
+# A tiny model and one epoch: these tests check the mechanics, not the accuracy.
+TINY = dict(d_model=16, n_heads=2, n_layers=1, d_ff=32)
+QUICK = TrainConfig(epochs=1, warmup_steps=5)
+
+
+def tiny_cfg():
+    import dataclasses
+
+    return dataclasses.replace(digits_model_config(), **TINY)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "digits"
+    return train(out, model_cfg=tiny_cfg(), cfg=QUICK)
+
+
+def test_splits_are_fixed_disjoint_and_cover_the_dataset():
+    a, b = load_digits_splits(), load_digits_splits()
+    assert (len(a["test"]), len(a["calibration"]), len(a["train"])) == (
+        N_TEST,
+        N_CALIBRATION,
+        1797 - N_TEST - N_CALIBRATION,
+    )
+    for name in a:
+        assert (a[name].input_ids == b[name].input_ids).all()
+    assert (
+        a["train"].input_ids.min() >= 1 and a["train"].input_ids.max() <= 17
+    )  # intensity 0..16 -> tokens 1..17
+
+
+def test_train_writes_a_checkpoint_that_loads(checkpoint):
+    assert not checkpoint.reused
+    model, info = load_checkpoint(checkpoint.checkpoint)
+    assert info["metrics"]["test_accuracy"] == checkpoint.test_accuracy
+    assert info["model"]["d_model"] == 16
+    assert 0.0 <= checkpoint.test_accuracy <= 1.0
+
+
+def test_rerun_reuses_a_matching_checkpoint(checkpoint):
+    again = train(checkpoint.checkpoint, model_cfg=tiny_cfg(), cfg=QUICK)
+    assert again.reused and again.test_accuracy == checkpoint.test_accuracy
+
+
+def test_training_is_deterministic(checkpoint, tmp_path):
+    again = train(tmp_path / "again", model_cfg=tiny_cfg(), cfg=QUICK)
+    first = json.loads((checkpoint.checkpoint / CONFIG_FILE).read_text())["weights_sha256"]
+    second = json.loads((again.checkpoint / CONFIG_FILE).read_text())["weights_sha256"]
+    assert first == second
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at .*does not exist"):
+        load_checkpoint(tmp_path / "nope")
+
+
+def test_corrupt_config_is_a_clear_error(checkpoint, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint.checkpoint, bad)
+    (bad / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        load_checkpoint(bad)
+
+
+def test_corrupt_weights_are_a_clear_error(checkpoint, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint.checkpoint, bad)
+    data = (bad / WEIGHTS_FILE).read_bytes()
+    (bad / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="does not match its config"):
+        load_checkpoint(bad)
+
+
+def test_incomplete_checkpoint_names_the_missing_file(checkpoint, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint.checkpoint, bad)
+    (bad / WEIGHTS_FILE).unlink()
+    with pytest.raises(CheckpointError, match=f"missing {WEIGHTS_FILE}"):
+        load_checkpoint(bad)
+
+
+def test_corrupt_retrain_is_not_reused(checkpoint, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint.checkpoint, bad)
+    (bad / WEIGHTS_FILE).write_bytes(b"garbage")
+    result = train(bad, model_cfg=tiny_cfg(), cfg=QUICK)
+    assert not result.reused
+    load_checkpoint(bad)  # valid again
+
+
+def test_cli_refuses_a_file_as_checkpoint_dir_without_a_traceback(tmp_path):
+    target = tmp_path / "x"
+    target.write_text("not a checkpoint")
+    proc = subprocess.run(
+        [sys.executable, "-m", "quantgate", "train", "--out", str(target)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "is a file" in proc.stderr
+    assert target.read_text() == "not a checkpoint"
