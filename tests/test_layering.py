@@ -1,0 +1,53 @@
+"""The stages' import rules (DESIGN.md): data flows one way, and a serving host needs no torch."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# stage folder -> modules it must never import
+FORBIDDEN = {
+    "serve": (
+        "torch",
+        "quantgate.model",
+        "quantgate.export",
+        "quantgate.quantize",
+        "transformers",
+        "tritonclient",
+    ),
+    "quantize": ("quantgate.serve",),
+    "export": ("quantgate.serve",),
+    "model": ("quantgate.export", "quantgate.quantize", "quantgate.serve"),
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("stage", sorted(FORBIDDEN))
+def test_stage_imports_respect_the_data_flow(stage):
+    files = sorted((ROOT / stage).rglob("*.py"))
+    assert files, f"no Python files under {stage}/"
+    offenders = [
+        f"{f.relative_to(ROOT)} imports {name}"
+        for f in files
+        for name in imported_modules(f)
+        if any(name == bad or name.startswith(bad + ".") for bad in FORBIDDEN[stage])
+    ]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_checker_sees_imports(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import torch.nn\nfrom quantgate.model import train\n")
+    assert imported_modules(f) == {"torch.nn", "quantgate.model"}
