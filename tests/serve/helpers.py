@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as tc
-
 from bundles import VOCAB
 
 MODEL_FILE = "model.fp32.onnx"

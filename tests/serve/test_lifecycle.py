@@ -1,0 +1,210 @@
+"""Overload, graceful shutdown, auth and TLS: each on its own server subprocess."""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import subprocess
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from conftest import ServerProcess
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import Reference, batch, inputs
+from tritonclient.utils import InferenceServerException
+
+ATOL = 1e-4
+
+
+def _fire(url: str, model: str, requests: list[dict], output: str) -> list:
+    """Send every request at once (async); return (result array or None, error) in order."""
+    answers: list[queue.Queue] = [queue.Queue() for _ in requests]
+    with tc.InferenceServerClient(url) as c:
+        for q, feeds in zip(answers, requests, strict=True):
+            c.async_infer(
+                model, inputs(feeds), callback=lambda result, error, q=q: q.put((result, error))
+            )
+        results = [q.get(timeout=60) for q in answers]
+    return [(None if e else r.as_numpy(output), e) for r, e in results]
+
+
+def test_overload_answers_unavailable_at_once(repo):
+    srv = ServerProcess(
+        repo / "encoder" / "1", "--max-queue-size", "4", "--max-queue-delay-us", "100000"
+    )
+    try:
+        reference = Reference(repo / "encoder" / "1")
+        rng = np.random.default_rng(0)
+        requests = [batch(rng, 8, 64) for _ in range(40)]  # 100 ms delay: the queue fills
+        start = time.perf_counter()
+        results = _fire(srv.url, "tiny-encoder", requests, "last_hidden_state")
+        elapsed = time.perf_counter() - start
+        refused = [e for _, e in results if e is not None]
+        assert refused, "40 requests into a queue of 4 should overflow"
+        for e in refused:
+            assert e.status() == "StatusCode.UNAVAILABLE" and "queue full" in e.message(), e
+        for (got, e), feeds in zip(results, requests, strict=True):
+            if e is None:
+                np.testing.assert_allclose(got, reference(feeds), atol=ATOL)
+        assert elapsed < 30
+        with tc.InferenceServerClient(srv.url) as c:  # and it still serves
+            assert (
+                c.infer("tiny-encoder", inputs(requests[0])).as_numpy("last_hidden_state")
+                is not None
+            )
+    finally:
+        assert srv.terminate() == 0, srv.log
+
+
+def test_sigterm_finishes_admitted_requests_and_exits_0(repo):
+    """Requests queued when SIGTERM arrives all complete; later ones are refused; exit 0."""
+    srv = ServerProcess(repo / "classifier", "--max-queue-delay-us", "300000")
+    reference = Reference(repo / "classifier")
+    rng = np.random.default_rng(1)
+    admitted = [batch(rng, 1, 10 + i) for i in range(8)]
+    answers: list[queue.Queue] = [queue.Queue() for _ in admitted]
+    stop, late_errors, late_ok = threading.Event(), [], [0]
+
+    def keep_sending() -> None:  # load that continues through the shutdown
+        with tc.InferenceServerClient(srv.url) as c:
+            while not stop.is_set():
+                feeds = batch(rng, 1, 12)
+                try:
+                    got = c.infer("tiny-classifier", inputs(feeds)).as_numpy("logits")
+                    np.testing.assert_allclose(got, reference(feeds), atol=ATOL)
+                    late_ok[0] += 1
+                except InferenceServerException as e:
+                    late_errors.append(e)
+                    time.sleep(0.01)
+
+    with tc.InferenceServerClient(srv.url) as c:
+        for q, feeds in zip(answers, admitted, strict=True):
+            c.async_infer(
+                "tiny-classifier",
+                inputs(feeds),
+                callback=lambda result, error, q=q: q.put((result, error)),
+            )
+        load = threading.Thread(target=keep_sending)
+        load.start()
+        time.sleep(0.1)  # admitted, and waiting out the 300 ms batching delay
+        code = srv.terminate()
+        stop.set()
+        load.join()
+        results = [q.get(timeout=30) for q in answers]
+    assert code == 0, srv.log
+    for (result, error), feeds in zip(results, admitted, strict=True):
+        assert error is None, error
+        np.testing.assert_allclose(result.as_numpy("logits"), reference(feeds), atol=ATOL)
+    # Whatever came after the signal was refused as UNAVAILABLE, never failed half-way.
+    assert all("UNAVAILABLE" in e.status() for e in late_errors), late_errors[:3]
+    assert late_ok[0] > 0
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="needs the openssl command to make certificates"
+)
+def test_mutual_tls_and_bearer_token(repo, tmp_path):
+    d = tmp_path
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        str(d / "ca.key"),
+        "-out",
+        str(d / "ca.pem"),
+    )
+    for who in ("server", "client"):
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            str(d / f"{who}.key"),
+            "-out",
+            str(d / f"{who}.csr"),
+        )
+        (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(d / f"{who}.csr"),
+            "-CA",
+            str(d / "ca.pem"),
+            "-CAkey",
+            str(d / "ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            str(d / "ext.cnf"),
+            "-out",
+            str(d / f"{who}.pem"),
+        )
+    srv = ServerProcess(
+        repo / "classifier",
+        "--tls-cert",
+        str(d / "server.pem"),
+        "--tls-key",
+        str(d / "server.key"),
+        "--tls-client-ca",
+        str(d / "ca.pem"),
+        "--auth-token",
+        "s3cret",
+    )
+    try:
+        tls = dict(
+            ssl=True,
+            root_certificates=str(d / "ca.pem"),
+            private_key=str(d / "client.key"),
+            certificate_chain=str(d / "client.pem"),
+        )
+        url = srv.url.replace("127.0.0.1", "localhost")
+        feeds = batch(np.random.default_rng(2), 1, 6)
+        with tc.InferenceServerClient(url, **tls) as c:
+            with pytest.raises(InferenceServerException) as err:
+                c.infer("tiny-classifier", inputs(feeds))
+            assert err.value.status() == "StatusCode.UNAUTHENTICATED"
+            with pytest.raises(InferenceServerException):
+                c.infer("tiny-classifier", inputs(feeds), headers={"authorization": "Bearer wrong"})
+            got = c.infer(
+                "tiny-classifier", inputs(feeds), headers={"authorization": "Bearer s3cret"}
+            )
+            np.testing.assert_allclose(
+                got.as_numpy("logits"), Reference(repo / "classifier")(feeds), atol=ATOL
+            )
+        creds = grpc.ssl_channel_credentials(
+            (d / "ca.pem").read_bytes(),
+            (d / "client.key").read_bytes(),
+            (d / "client.pem").read_bytes(),
+        )
+        with grpc.secure_channel(url, creds) as channel:  # health needs no token
+            status = (
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
+            )
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        no_cert = grpc.secure_channel(
+            url, grpc.ssl_channel_credentials((d / "ca.pem").read_bytes())
+        )
+        with no_cert, pytest.raises(grpc.RpcError):  # mutual TLS: no client cert, no call
+            health_pb2_grpc.HealthStub(no_cert).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    finally:
+        assert srv.terminate() == 0, srv.log
