@@ -1,0 +1,108 @@
+"""Generated code is reproducible, and the server's imports stay light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PINNED = "1.85.1"
+
+
+def _grpc_tools() -> str | None:
+    try:
+        return metadata.version("grpcio-tools")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@pytest.mark.skipif(
+    _grpc_tools() != PINNED,
+    reason=f"regenerating needs grpcio-tools=={PINNED} (have {_grpc_tools()})",
+)
+def test_generated_code_matches_protos(tmp_path):
+    subprocess.run(
+        [sys.executable, str(ROOT / "protos" / "generate.py"), "--out", str(tmp_path)], check=True
+    )
+    fresh = sorted(p.name for p in tmp_path.iterdir())
+    checked_in = sorted(p.name for p in (ROOT / "protos").glob("*_pb2*.py*"))
+    assert fresh == checked_in
+    for name in fresh:
+        assert (tmp_path / name).read_text() == (ROOT / "protos" / name).read_text(), (
+            f"protos/{name} is stale: run `python protos/generate.py`"
+        )
+        assert "DO NOT EDIT" in (ROOT / "protos" / name).read_text().splitlines()[0]
+
+
+def test_server_imports_neither_torch_nor_model_nor_quantize_nor_tritonclient():
+    code = (
+        "import sys, quantgate.serve.server, quantgate.serve.client, quantgate.cli; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'tritonclient') "
+        "or m.startswith(('quantgate.model', 'quantgate.quantize'))]; print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_quantgate_client_and_infer_command(server, repo):
+    """Our own client and `quantgate infer`, in a subprocess (their stubs and tritonclient's
+    cannot share a process)."""
+    code = f"""
+import numpy as np, onnxruntime as ort
+from quantgate.serve.client import Client
+from quantgate.serve.errors import BadRequest, ModelNotFound
+ids = np.array([[3, 4, 5, 6]], dtype=np.int64); mask = np.ones_like(ids)
+ref = ort.InferenceSession({str(repo / "classifier" / "model.fp32.onnx")!r}).run(None, {{"input_ids": ids, "attention_mask": mask}})[0]
+with Client({server.url!r}) as c:
+    assert c.ready()
+    got = c.infer("classifier", {{"input_ids": ids, "attention_mask": mask}})["logits"]
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    for bad, err in ((dict(input_ids=ids), BadRequest), (None, ModelNotFound)):
+        try:
+            c.infer("classifier" if bad else "nope", bad or {{"input_ids": ids}})
+        except err as e:
+            print(type(e).__name__, e)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "BadRequest" in out.stdout and "'attention_mask'" in out.stdout
+    assert "ModelNotFound" in out.stdout and out.stdout.strip().endswith("ok")
+
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quantgate",
+            "infer",
+            "classifier",
+            "--url",
+            server.url,
+            "-i",
+            "input_ids=[[3, 4, 5, 6]]",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.startswith("logits [1, 5] float32")
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quantgate",
+            "infer",
+            "nope",
+            "--url",
+            server.url,
+            "-i",
+            "input_ids=[[1]]",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr
