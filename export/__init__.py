@@ -1,0 +1,57 @@
+"""PyTorch -> ONNX FP32: export, numeric validation, graph optimization, the bundle.
+
+    from quantgate.export import ExportConfig, export
+    bundle = export("artifacts/digits-small", "bundles/digits", cfg=ExportConfig())
+
+Later stages run between the two halves::
+
+    result = export_fp32(spec, workdir, cfg=cfg)   # validated FP32 + samples + report
+    bundle = write_bundle(result, out, variants=[ExtraVariant(...)], report_sections=[...])
+
+Names load lazily, so ``ExportConfig`` (and the CLI's --help) need no torch import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_WHERE = {
+    "ExportConfig": "config",
+    "Exporter": "config",
+    "ExportResult": "pipeline",
+    "export": "pipeline",
+    "export_fp32": "pipeline",
+    "Case": "validate",
+    "ValidationReport": "validate",
+    "validate": "validate",
+    "ExtraVariant": "writer",
+    "render_report": "writer",
+    "write_bundle": "writer",
+}
+__all__ = [
+    "Case",
+    "ExportConfig",
+    "ExportResult",
+    "Exporter",
+    "ExtraVariant",
+    "ValidationReport",
+    "export",
+    "export_fp32",
+    "render_report",
+    "validate",
+    "write_bundle",
+]
+assert sorted(__all__) == sorted(_WHERE)
+
+if TYPE_CHECKING:
+    from quantgate.export.config import ExportConfig, Exporter
+    from quantgate.export.pipeline import ExportResult, export, export_fp32
+    from quantgate.export.validate import Case, ValidationReport, validate
+    from quantgate.export.writer import ExtraVariant, render_report, write_bundle
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

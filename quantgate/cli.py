@@ -27,6 +27,7 @@ from rich.text import Text
 
 from quantgate import __version__
 from quantgate.errors import QuantgateError, exit_code
+from quantgate.export.config import ExportConfig, Exporter
 
 app = typer.Typer(
     name="quantgate",
@@ -127,6 +128,150 @@ def train(
     how = "reused" if result.reused else f"trained in {result.seconds:.0f}s"
     out.print(f"checkpoint {result.checkpoint} ({how})")
     out.print(f"test accuracy: {result.test_accuracy:.2%} on 360 held-out digits")
+
+
+_DEFAULT_EXPORT = ExportConfig()
+
+
+@app.command("export")
+def export_command(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A checkpoint directory (`quantgate train`), a Hugging Face model directory, "
+            "or package.module:factory.",
+            show_default=False,
+        ),
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Bundle directory to write (atomically).")
+    ],
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="sequence-classification or feature-extraction; default: from the model."
+        ),
+    ] = None,
+    exporter: Annotated[
+        Exporter, typer.Option(help="auto tries legacy, then dynamo.")
+    ] = _DEFAULT_EXPORT.exporter,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = _DEFAULT_EXPORT.opset,
+    max_seq_len: Annotated[
+        int | None,
+        typer.Option(help="Longest sequence to export and validate; default: the model's."),
+    ] = None,
+    optimize: Annotated[
+        bool, typer.Option(help="Apply ONNX Runtime's transformer fusions (then validate again).")
+    ] = _DEFAULT_EXPORT.optimize,
+    atol: Annotated[
+        float, typer.Option(help="Absolute tolerance vs PyTorch.")
+    ] = _DEFAULT_EXPORT.atol,
+    rtol: Annotated[
+        float, typer.Option(help="Relative tolerance vs PyTorch.")
+    ] = _DEFAULT_EXPORT.rtol,
+    name: Annotated[
+        str | None, typer.Option(help="Bundle name; default: the --out directory's name.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Replace --out even if it is a directory that is not a bundle.")
+    ] = False,
+) -> None:
+    """Export MODEL to ONNX FP32, validate it against PyTorch, fuse it, and write a bundle.
+
+    Validation compares real samples at several shapes (batch 1, a middle batch, the longest
+    and shortest sequence, padded rows). A mismatch exits 3 and leaves --out as it was.
+    """
+    from quantgate.export import export
+
+    cfg = ExportConfig(
+        task=task,
+        exporter=exporter,
+        opset=opset,
+        max_seq_len=max_seq_len,
+        optimize=optimize,
+        atol=atol,
+        rtol=rtol,
+        name=name,
+    )
+    with progress() as bar:
+        stage = bar.add_task("export", total=None, status="")
+
+        def on_stage(what: str, done: int, total: int) -> None:
+            bar.update(stage, completed=done, total=total, status=what)
+
+        bundle = export(model, out_dir, cfg=cfg, force=force, on_stage=on_stage)
+    e = bundle.manifest.export
+    val = e["validation"]
+    out.print(f"bundle {bundle.path} ({e['exporter']} exporter, opset {bundle.manifest.opset})")
+    for output, diff in val["max_abs_diff"].items():
+        out.print(f"  {output}: max abs diff {diff:.2e} over {len(val['cases'])} shapes")
+    fused = ", ".join(f"{k} {v}" for k, v in e["fusions"].items()) or "none"
+    out.print(f"  fusions: {fused}")
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A bundle directory.", show_default=False)],
+    verify: Annotated[bool, typer.Option(help="Check every variant's file and sha256.")] = True,
+) -> None:
+    """Print a readable summary of a bundle's manifest."""
+    from rich.table import Table
+
+    from quantgate.bundle import load
+
+    b = load(path, verify=verify)
+    m = b.manifest
+    verdict = "[green]pass[/]" if m.verdict == "pass" else "[bold red]fail[/]"
+    out.print(f"[bold]{m.name}[/]  {m.task}  verdict {verdict}  created {m.created}")
+    out.print(
+        f"source: {m.source.get('kind')} {m.source.get('spec')} ({str(m.source.get('sha256'))[:12]})"
+    )
+    out.print("tools: " + ", ".join(f"{k} {v}" for k, v in m.tools.items()))
+    tensors = Table("", "name", "dtype", "dims", box=None, title_justify="left")
+    for kind, specs in (("in", m.inputs), ("out", m.outputs)):
+        for t in specs:
+            tensors.add_row(kind, t.name, t.dtype, "(" + ", ".join(map(str, t.dims)) + ")")
+    out.print(tensors)
+    variants = Table("file", "precision", "MB", "verdict", "gates", "providers", box=None)
+    for v in m.variants:
+        size = (b.path / v.file).stat().st_size / 1e6 if (b.path / v.file).exists() else 0.0
+        passed = sum(g.passed for g in v.gates)
+        variants.add_row(
+            v.file,
+            v.precision,
+            f"{size:.1f}",
+            v.verdict,
+            f"{passed}/{len(v.gates)} passed",
+            ", ".join(v.providers),
+        )
+    out.print(variants)
+    e = m.export
+    if e:
+        out.print(
+            f"export: {e.get('exporter')} exporter, opset {m.opset}, "
+            f"max sequence {e.get('max_seq_len')}"
+        )
+        fused = ", ".join(f"{k} {v}" for k, v in e.get("fusions", {}).items()) or "none"
+        out.print(f"fusions: {fused}")
+        if val := e.get("validation"):
+            shapes = ", ".join(
+                f"{c['batch']}x{c['sequence']}" + ("p" if c["padded_rows"] else "")
+                for c in val["cases"]
+            )
+            diffs = ", ".join(f"{k} {d:.1e}" for k, d in val["max_abs_diff"].items())
+            out.print(f"validation: max abs diff {diffs} at shapes {shapes} (p: padded rows)")
+    gates = [(v.precision, g) for v in m.variants for g in v.gates]
+    if gates:
+        table = Table("variant", "gate", "value", "threshold", "", box=None)
+        for precision, g in gates:
+            table.add_row(
+                precision,
+                g.name,
+                f"{g.value:.4g}",
+                f"{g.op} {g.threshold:g}",
+                "[green]pass[/]" if g.passed else "[bold red]FAIL[/]",
+            )
+        out.print(table)
 
 
 @app.command()

@@ -1,0 +1,48 @@
+"""The export stage's one config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from quantgate.errors import ConfigError
+
+
+class Exporter(str, Enum):
+    AUTO = "auto"  # legacy first, dynamo when legacy fails to export or to validate
+    LEGACY = "legacy"  # torch.onnx.export(dynamo=False): TorchScript tracing
+    DYNAMO = "dynamo"  # torch.onnx.export(dynamo=True): torch.export + onnxscript
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    task: str | None = None  # None: from the model (HF architectures; the built-in classifies)
+    # AUTO tries LEGACY first: on all-MiniLM-L6-v2 its graph fused fully (6 Attention,
+    # EmbedLayerNormalization) while the dynamo graph fused no attention, and it exported
+    # 6x faster.
+    exporter: Exporter = Exporter.AUTO
+    # 17 is the first opset with LayerNormalization, which ORT's fusions build on; the dynamo
+    # exporter needs at least 18 and converts up when given less.
+    opset: int = 17
+    max_seq_len: int | None = None  # None: the model's own limit (positions, tokenizer)
+    optimize: bool = True  # ONNX Runtime's transformer fusions, validated again afterwards
+    atol: float = 1e-4  # validation passes where |ort - torch| <= atol + rtol * |torch|
+    rtol: float = 1e-4
+    mid_batch: int = 8  # the "middle batch" validation shape
+    name: str | None = None  # bundle name; None: the --out directory's name
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "exporter", Exporter(self.exporter))
+        except ValueError:
+            raise ConfigError(
+                f"unknown exporter {self.exporter!r}; choose one of {[e.value for e in Exporter]}"
+            ) from None
+        if not 14 <= self.opset <= 23:
+            raise ConfigError(f"opset {self.opset} is outside 14..23, what the exporters support")
+        if self.atol < 0 or self.rtol < 0:
+            raise ConfigError(f"tolerances must be >= 0, got atol={self.atol} rtol={self.rtol}")
+        if self.mid_batch < 2:
+            raise ConfigError(f"mid_batch must be at least 2, got {self.mid_batch}")
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise ConfigError(f"max_seq_len must be positive, got {self.max_seq_len}")

@@ -1,0 +1,64 @@
+"""Graph optimization: ONNX Runtime's transformer fusions.
+
+``onnxruntime.transformers.optimizer`` rewrites subgraphs into ORT's fused contrib ops
+(Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization, ...). Only the
+Python fusions run here (``opt_level=0``): the file stays portable across execution
+providers, and ORT applies its own provider-specific optimizations when it loads the model.
+The fused model is validated again by the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+import onnx
+
+from quantgate.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+# The families the issue names, and the fused op types that count for each. Other fused ops
+# (a plain LayerNormalization, say) still appear in the per-op counts.
+FUSION_FAMILIES: dict[str, tuple[str, ...]] = {
+    "Attention": ("Attention", "MultiHeadAttention"),
+    "SkipLayerNormalization": ("SkipLayerNormalization",),
+    "Gelu": ("Gelu", "BiasGelu", "FastGelu"),
+    "EmbedLayerNormalization": ("EmbedLayerNormalization",),
+}
+
+
+def fuse(src: Path, dst: Path, *, num_heads: int = 0, hidden_size: int = 0) -> dict[str, int]:
+    """Write the fused graph of ``src`` to ``dst``; return fused op type -> count (non-zero)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    chatter = io.StringIO()
+    try:
+        # A ModelProto, not a path: the optimizer then writes no files of its own.
+        with contextlib.redirect_stdout(chatter):  # the optimizer print()s some diagnostics
+            optimized = optimize_model(
+                onnx.load(str(src)),
+                model_type="bert",
+                num_heads=num_heads,
+                hidden_size=hidden_size,
+                opt_level=0,
+            )
+        stats = optimized.get_fused_operator_statistics()
+        optimized.save_model_to_file(str(dst))
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(
+            f"ONNX Runtime's transformer optimizer failed on {src.name}: {type(e).__name__}: {e}. "
+            "Export without it with --no-optimize."
+        ) from e
+    if chatter.getvalue().strip():
+        log.info("optimizer said: %s", " ".join(chatter.getvalue().split()))
+    fused = {op: int(n) for op, n in sorted(stats.items()) if n}
+    log.info("fusions in %s: %s", dst.name, fused or "none")
+    return fused
+
+
+def fusion_summary(fused: dict[str, int]) -> dict[str, int]:
+    """Per family (Attention, SkipLayerNormalization, Gelu, ...), how many nodes were fused."""
+    return {family: sum(fused.get(op, 0) for op in ops) for family, ops in FUSION_FAMILIES.items()}

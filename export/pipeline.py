@@ -1,0 +1,245 @@
+"""The export stage: MODEL spec -> a validated, fused FP32 ONNX model -> a bundle.
+
+Two steps, kept apart so that quantization can run between them::
+
+    result = export_fp32(spec, workdir, cfg=cfg)      # files in workdir, nothing at --out
+    ... quantize / gate using result.onnx, result.cases, result.references ...
+    bundle = write_bundle(result, out, variants=[...]) # the only step that touches --out
+
+``export(spec, out, cfg=cfg)`` runs both for an FP32-only bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from quantgate import __version__
+from quantgate.bundle import Bundle, TensorSpec, check_writable_target, sha256_file
+from quantgate.errors import BundleError, ExportError, ValidationError
+from quantgate.export.config import ExportConfig, Exporter
+from quantgate.export.exporters import opset_of, to_onnx
+from quantgate.export.optimize import fuse, fusion_summary
+from quantgate.export.validate import (
+    Case,
+    Outputs,
+    ValidationReport,
+    build_cases,
+    input_specs,
+    output_specs,
+    reference_outputs,
+    validate,
+)
+from quantgate.model.loaders import LoadedModel, Samples, load_model
+
+log = logging.getLogger(__name__)
+
+# The exporters AUTO tries, best first (see ExportConfig.exporter).
+AUTO_ORDER = (Exporter.LEGACY, Exporter.DYNAMO)
+DEFAULT_CONFIG = ExportConfig()
+TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "transformers", "numpy")
+
+# on_stage(description, done, total): progress for a person waiting on the CLI.
+StageCallback = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """A validated FP32 ONNX model in ``workdir`` and everything measured on the way."""
+
+    name: str
+    task: str
+    onnx: Path  # the model to ship: fused when cfg.optimize, validated either way
+    unfused_onnx: Path  # the exporter's own graph, validated too
+    sha256: str  # of ``onnx`` as validated; the bundle's copy must match it
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    opset: int
+    exporter: Exporter  # the one that produced ``onnx``
+    max_seq_len: int
+    source: dict[str, Any]  # kind, spec, sha256 of what was loaded
+    samples: Samples  # the real rows the cases were cut from
+    cases: tuple[Case, ...]  # validation shapes, as ONNX Runtime feeds
+    references: tuple[Outputs, ...]  # PyTorch's outputs for each case
+    validation: ValidationReport  # of ``onnx``
+    unfused_validation: ValidationReport  # of ``unfused_onnx``
+    fusions: dict[str, int]  # fused op type -> count; empty when not optimized
+    attempts: tuple[str, ...] = ()  # why earlier exporters were passed over (AUTO)
+    tools: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def export_record(self) -> dict[str, Any]:
+        """The manifest's ``export`` field: how the model was made and what validated it."""
+        return {
+            "exporter": self.exporter.value,
+            "opset": self.opset,
+            "max_seq_len": self.max_seq_len,
+            "optimized": self.onnx != self.unfused_onnx,
+            "fusions": self.fusions,
+            "fusion_summary": fusion_summary(self.fusions),
+            "samples": self.samples.source,
+            "validation": self.validation.to_dict(),
+            "unfused_validation": self.unfused_validation.to_dict(),
+            "attempts": list(self.attempts),
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def export(
+    model_spec: str | Path,
+    out: str | Path,
+    *,
+    cfg: ExportConfig = DEFAULT_CONFIG,
+    force: bool = False,
+    on_stage: StageCallback | None = None,
+) -> Bundle:
+    """Export ``model_spec`` to a validated FP32 bundle at ``out`` (atomically).
+
+    ``out`` may be missing, empty or a bundle; any other directory is refused unless
+    ``force``. On any failure ``out`` is left as it was and no temporary files remain.
+    """
+    from quantgate.export.writer import write_bundle
+
+    out = Path(out).absolute()
+    # Refuse a bad --out before minutes of work, not after.
+    check_writable_target(out, force=force)
+    _check_parent(out)
+    with tempfile.TemporaryDirectory(prefix="quantgate-export-") as work:
+        result = export_fp32(model_spec, Path(work), cfg=cfg, on_stage=on_stage)
+        _stage(on_stage, "writing the bundle", 6)
+        bundle = write_bundle(result, out, name=cfg.name, force=force)
+    _stage(on_stage, "done", 7)
+    return bundle
+
+
+def _check_parent(out: Path) -> None:
+    """The nearest existing ancestor of ``out`` must be a directory we may write into."""
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        what = "is not a directory" if not parent.is_dir() else "is not writable"
+        raise BundleError(
+            f"cannot write the bundle at {out}: {parent} {what}. Choose another --out."
+        )
+
+
+def export_fp32(
+    model_spec: str | Path,
+    workdir: Path,
+    *,
+    cfg: ExportConfig = DEFAULT_CONFIG,
+    on_stage: StageCallback | None = None,
+) -> ExportResult:
+    """Load, export, validate, fuse and validate again; the files stay in ``workdir``."""
+    t0 = time.perf_counter()
+    _stage(on_stage, "loading the model", 0)
+    model = load_model(model_spec, task=cfg.task, max_seq_len=cfg.max_seq_len)
+    _stage(on_stage, "running PyTorch on the samples", 1)
+    cases = tuple(build_cases(model, mid_batch=cfg.mid_batch))
+    refs = tuple(reference_outputs(model, cases))
+    outputs = output_specs(model.outputs, cases, refs)
+
+    order = AUTO_ORDER if cfg.exporter is Exporter.AUTO else (cfg.exporter,)
+    attempts: list[str] = []
+    errors: list[ExportError] = []
+    for exporter in order:
+        try:
+            made = _export_one(model, workdir, exporter, cases, refs, outputs, cfg, on_stage)
+        except ExportError as e:  # ValidationError included: the next exporter may do better
+            log.info("%s exporter: %s", exporter.value, e)
+            attempts.append(f"{exporter.value}: {str(e).splitlines()[0]}")
+            errors.append(e)
+            continue
+        onnx_path, unfused, report, unfused_report, fusions = made
+        return ExportResult(
+            name=Path(str(model_spec)).name.replace(":", "-"),
+            task=model.task,
+            onnx=onnx_path,
+            unfused_onnx=unfused,
+            sha256=sha256_file(onnx_path),
+            inputs=input_specs(model),
+            outputs=outputs,
+            opset=opset_of(onnx_path),
+            exporter=exporter,
+            max_seq_len=model.max_seq_len,
+            source=model.source,
+            samples=model.samples,
+            cases=cases,
+            references=refs,
+            validation=report,
+            unfused_validation=unfused_report,
+            fusions=fusions,
+            attempts=tuple(attempts),
+            tools=tool_versions(),
+            extra=model.extra,
+            seconds=time.perf_counter() - t0,
+        )
+    raise _combine(errors, order)
+
+
+def _export_one(
+    model: LoadedModel,
+    workdir: Path,
+    exporter: Exporter,
+    cases: tuple[Case, ...],
+    refs: tuple[Outputs, ...],
+    outputs: tuple[TensorSpec, ...],
+    cfg: ExportConfig,
+    on_stage: StageCallback | None,
+) -> tuple[Path, Path, ValidationReport, ValidationReport, dict[str, int]]:
+    check = dict(inputs=model.input_names, outputs=model.outputs, atol=cfg.atol, rtol=cfg.rtol)
+    raw = workdir / f"{exporter.value}-export.onnx"
+    _stage(on_stage, f"exporting ({exporter.value})", 2)
+    example = cases[1]  # the middle batch: neither dim is 1, which tracers would specialise
+    to_onnx(model, raw, exporter=exporter, example=example, outputs=outputs, opset=cfg.opset)
+    _stage(on_stage, f"validating at {len(cases)} shapes", 3)
+    raw_report = validate(raw, cases, refs, **check)
+    if not cfg.optimize:
+        return raw, raw, raw_report, raw_report, {}
+    fused_path = workdir / f"{exporter.value}-fused.onnx"
+    _stage(on_stage, "fusing (ONNX Runtime transformer optimizer)", 4)
+    fusions = fuse(raw, fused_path, num_heads=model.num_heads, hidden_size=model.hidden_size)
+    _stage(on_stage, "validating the fused graph", 5)
+    return fused_path, raw, validate(fused_path, cases, refs, **check), raw_report, fusions
+
+
+def _combine(errors: list[ExportError], order: tuple[Exporter, ...]) -> ExportError:
+    """One error for every exporter tried; a validation failure outranks an export failure."""
+    if len(errors) == 1:
+        return errors[0]
+    failures = [
+        f"{exporter.value}: {line}"
+        for exporter, e in zip(order, errors, strict=True)
+        for line in (getattr(e, "failures", None) or [str(e)])
+    ]
+    tried = ", ".join(e.value for e in order)
+    if any(isinstance(e, ValidationError) for e in errors):
+        return ValidationError(
+            f"no exporter produced a model that validates (tried {tried})", failures
+        )
+    return ExportError(f"every exporter failed (tried {tried}):\n" + "\n".join(failures))
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"quantgate": __version__, "python": platform.python_version()}
+    for pkg in TOOLS:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[pkg] = metadata.version(pkg)
+    return versions
+
+
+def _stage(on_stage: StageCallback | None, what: str, done: int) -> None:
+    log.info("%s", what)
+    if on_stage is not None:
+        on_stage(what, done, 7)

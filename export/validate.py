@@ -1,0 +1,262 @@
+"""Numeric validation: PyTorch against ONNX Runtime on real samples at several shapes.
+
+The checks run in optimum's order — input and output names, then shapes, then values
+against ``atol + rtol * |torch|`` — and every failure is collected before one
+``ValidationError`` lists them all. A failure is never downgraded to a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantgate.bundle import TensorSpec
+from quantgate.errors import ExportError, ValidationError
+from quantgate.model.loaders import InputSpec, LoadedModel, Samples
+
+log = logging.getLogger(__name__)
+
+BATCH, SEQUENCE = "batch", "sequence"
+Feeds = dict[str, np.ndarray]
+Outputs = tuple[np.ndarray, ...]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One validation shape: a named batch of real rows, as ONNX Runtime feeds."""
+
+    name: str  # "batch 1", "batch 8", "longest", "shortest", "padded"
+    feeds: Feeds
+    padded_rows: int = 0  # rows whose attention stops before the sequence does
+
+    @property
+    def batch(self) -> int:
+        return next(iter(self.feeds.values())).shape[0]
+
+    @property
+    def sequence(self) -> int:
+        return next(iter(self.feeds.values())).shape[1]
+
+    def describe(self) -> str:
+        pad = f", {self.padded_rows} rows padded" if self.padded_rows else ""
+        return f"{self.name} (batch {self.batch}, sequence {self.sequence}{pad})"
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case: str
+    batch: int
+    sequence: int
+    padded_rows: int
+    max_abs_diff: dict[str, float]  # per output
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """What validating one ONNX file measured; it exists only when every check passed."""
+
+    model: str  # the validated file's name
+    atol: float
+    rtol: float
+    cases: tuple[CaseResult, ...]
+
+    @property
+    def max_abs_diff(self) -> dict[str, float]:
+        """Per output, the largest difference over every case."""
+        worst: dict[str, float] = {}
+        for c in self.cases:
+            for name, d in c.max_abs_diff.items():
+                worst[name] = max(worst.get(name, 0.0), d)
+        return worst
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "max_abs_diff": self.max_abs_diff,
+            "cases": [asdict(c) for c in self.cases],
+        }
+
+
+def build_cases(model: LoadedModel, *, mid_batch: int = 8) -> list[Case]:
+    """Batch 1, a middle batch, the longest and the shortest sequence, and padded rows."""
+    s = model.samples
+    longest = min(model.max_seq_len, s.width)
+    typical = int(np.clip(np.median(s.lengths), 1, longest))
+    return [
+        _case("batch 1", s, model.inputs, batch=1, seq=typical),
+        _case(f"batch {mid_batch}", s, model.inputs, batch=mid_batch, seq=typical),
+        _case("longest", s, model.inputs, batch=2, seq=longest),
+        _case("shortest", s, model.inputs, batch=2, seq=1),
+        _padded_case("padded", s, model.inputs, batch=4, seq=longest),
+    ]
+
+
+def _rows(samples: Samples, batch: int, seq: int) -> list[int]:
+    """Rows with at least ``seq`` real tokens (repeated if too few), else the longest rows."""
+    fit = [i for i, n in enumerate(samples.lengths) if n >= seq]
+    if not fit:
+        fit = list(np.argsort(-samples.lengths, kind="stable"))
+    return [int(fit[k % len(fit)]) for k in range(batch)]
+
+
+def _case(name: str, s: Samples, inputs: Sequence[InputSpec], *, batch: int, seq: int) -> Case:
+    idx = _rows(s, batch, seq)
+    return Case(name, {i.name: np.ascontiguousarray(s.arrays[i.name][idx, :seq]) for i in inputs})
+
+
+def _padded_case(
+    name: str, s: Samples, inputs: Sequence[InputSpec], *, batch: int, seq: int
+) -> Case:
+    """Rows of decreasing real length padded to ``seq``, as a tokenizer pads a batch."""
+    case = _case(name, s, inputs, batch=batch, seq=seq)
+    lengths = np.linspace(seq, max(1, seq // 4), batch).round().astype(int)
+    for i in inputs:
+        a = case.feeds[i.name]
+        for row, n in enumerate(lengths):
+            a[row, n:] = i.pad_value
+    return Case(name, case.feeds, padded_rows=int((lengths < seq).sum()))
+
+
+def reference_outputs(model: LoadedModel, cases: Sequence[Case]) -> list[Outputs]:
+    """PyTorch's outputs for every case: the ground truth the ONNX files must match."""
+    import torch
+
+    refs = []
+    with torch.no_grad():
+        for case in cases:
+            args = [torch.from_numpy(case.feeds[n]) for n in model.input_names]
+            try:
+                out = model.module(*args)
+            except Exception as e:  # noqa: BLE001 - the user's forward may raise anything
+                raise ExportError(
+                    f"the model's forward failed in PyTorch on validation case {case.describe()}: "
+                    f"{type(e).__name__}: {e}. Exported models must accept every batch size and "
+                    f"sequence length up to {model.max_seq_len}."
+                ) from e
+            if len(out) != len(model.outputs):
+                raise ExportError(
+                    f"the model returned {len(out)} outputs; expected {len(model.outputs)} "
+                    f"({', '.join(model.outputs)})"
+                )
+            refs.append(tuple(t.detach().numpy() for t in out))
+    return refs
+
+
+def input_specs(model: LoadedModel) -> tuple[TensorSpec, ...]:
+    return tuple(
+        TensorSpec(i.name, i.dtype, (BATCH, SEQUENCE, *i.fixed_dims)) for i in model.inputs
+    )
+
+
+def output_specs(
+    names: Sequence[str], cases: Sequence[Case], refs: Sequence[Outputs]
+) -> tuple[TensorSpec, ...]:
+    """Name each output dim by how it moved across the cases: batch, sequence, or fixed."""
+    specs = []
+    for k, name in enumerate(names):
+        shapes = [r[k].shape for r in refs]
+        if len({len(s) for s in shapes}) != 1:
+            raise ExportError(f"output {name} changes rank with the input shape: {shapes}")
+        dims: list[int | str] = []
+        for d in range(len(shapes[0])):
+            values = [s[d] for s in shapes]
+            if all(v == c.batch for v, c in zip(values, cases, strict=True)):
+                dims.append(BATCH)
+            elif all(v == c.sequence for v, c in zip(values, cases, strict=True)):
+                dims.append(SEQUENCE)
+            elif len(set(values)) == 1:
+                dims.append(int(values[0]))
+            else:
+                dims.append(f"{name}_dim{d}")
+        specs.append(TensorSpec(name, str(refs[0][k].dtype), tuple(dims)))
+    return tuple(specs)
+
+
+def validate(
+    onnx_path: Path,
+    cases: Sequence[Case],
+    refs: Sequence[Outputs],
+    *,
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    atol: float,
+    rtol: float,
+) -> ValidationReport:
+    """Run ``onnx_path`` in ONNX Runtime on every case and compare with ``refs``.
+
+    Raises ``ValidationError`` listing every mismatch: names, then shapes, then values.
+    """
+    import onnxruntime as ort
+
+    what = f"{onnx_path.name} against PyTorch"
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # ORT's shape-mismatch chatter would duplicate our checks
+        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        raise ValidationError(
+            f"ONNX Runtime cannot load {onnx_path.name}", [f"{type(e).__name__}: {e}"]
+        ) from e
+
+    got_in = [i.name for i in sess.get_inputs()]
+    got_out = [o.name for o in sess.get_outputs()]
+    failures = []
+    if got_in != list(inputs):
+        failures.append(f"inputs are {got_in}, expected {list(inputs)}")
+    if got_out != list(outputs):
+        failures.append(f"outputs are {got_out}, expected {list(outputs)}")
+    if failures:
+        raise ValidationError(f"{what}: names differ", failures)
+
+    results = []
+    for case, ref in zip(cases, refs, strict=True):
+        try:
+            got = sess.run(list(outputs), case.feeds)
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"{case.describe()}: ONNX Runtime failed: {type(e).__name__}: {e}")
+            continue
+        diffs = {}
+        for name, g, r in zip(outputs, got, ref, strict=True):
+            if g.shape != r.shape:
+                failures.append(
+                    f"{case.describe()}: {name} has shape {list(g.shape)}, PyTorch {list(r.shape)}"
+                )
+                continue
+            failures.extend(_compare(case, name, g, r, atol, rtol, diffs))
+        results.append(CaseResult(case.name, case.batch, case.sequence, case.padded_rows, diffs))
+    if failures:
+        raise ValidationError(
+            f"{what}: {len(failures)} check(s) failed at atol={atol:g}, rtol={rtol:g}. If the "
+            "differences are float noise, loosen --atol/--rtol; otherwise the export is wrong.",
+            failures,
+        )
+    report = ValidationReport(onnx_path.name, atol, rtol, tuple(results))
+    log.info("validated %s: max abs diff %s", onnx_path.name, report.max_abs_diff)
+    return report
+
+
+def _compare(
+    case: Case, name: str, got: np.ndarray, ref: np.ndarray, atol, rtol, diffs: dict
+) -> list[str]:
+    g, r = got.astype(np.float64), ref.astype(np.float64)
+    nan_g, nan_r = np.isnan(g), np.isnan(r)
+    if (nan_g != nan_r).any():
+        return [f"{case.describe()}: {name} has NaN where PyTorch has none (or the reverse)"]
+    err = np.where(nan_r, 0.0, np.abs(g - r))
+    diffs[name] = float(err.max()) if err.size else 0.0
+    bad = err > atol + rtol * np.abs(np.where(nan_r, 0.0, r))
+    if not bad.any():
+        return []
+    where = np.unravel_index(int(np.argmax(np.where(bad, err, -1))), err.shape)
+    return [
+        f"{case.describe()}: {name} differs at {int(bad.sum())} of {bad.size} values; "
+        f"max abs diff {diffs[name]:.3g} (at {list(map(int, where))}: ONNX Runtime "
+        f"{g[where]:.6g}, PyTorch {r[where]:.6g})"
+    ]

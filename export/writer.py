@@ -1,0 +1,226 @@
+"""Write a bundle from an export result, plus any further variants (INT8, FP16) and gates.
+
+This is the only step that touches ``--out``. Everything is staged in a temporary sibling
+directory by ``quantgate.bundle.staging`` and renamed into place at the end, so a failure
+or a kill at any point leaves the previous bundle (or nothing) at ``out``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quantgate.bundle import (
+    FAIL,
+    MANIFEST,
+    PASS,
+    PRECISIONS,
+    REPORT,
+    Bundle,
+    GateResult,
+    Manifest,
+    Variant,
+    sha256_file,
+    staging,
+    write_manifest,
+)
+from quantgate.errors import BundleError
+from quantgate.export.pipeline import ExportResult
+
+log = logging.getLogger(__name__)
+
+FP32_FILE = "model.fp32.onnx"
+
+
+@dataclass(frozen=True)
+class ExtraVariant:
+    """A further model file for the bundle (INT8, FP16) with the evidence for shipping it."""
+
+    path: Path  # the file to copy in as model.<precision>.onnx
+    precision: str  # "int8" or "fp16"
+    gates: tuple[GateResult, ...] = ()
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    recipe: dict[str, Any] | None = None
+    not_for: tuple[str, ...] = ()
+    notes: str = ""
+
+    @property
+    def verdict(self) -> str:
+        return PASS if all(g.passed for g in self.gates) else FAIL
+
+
+def write_bundle(
+    result: ExportResult,
+    out: str | Path,
+    *,
+    variants: Sequence[ExtraVariant] = (),
+    calibration: dict[str, Any] | None = None,
+    report_sections: Sequence[str] = (),
+    name: str | None = None,
+    force: bool = False,
+) -> Bundle:
+    """Write ``result`` (and ``variants``) as a bundle at ``out``; return it, loaded and verified.
+
+    ``report_sections`` are Markdown blocks appended to report.md (the gates' tables).
+    """
+    out = Path(out)
+    if not result.onnx.is_file():
+        raise BundleError(f"{result.onnx} is gone; write_bundle needs the export's workdir")
+    seen = {"fp32"}
+    for v in variants:
+        if v.precision not in PRECISIONS or v.precision in seen:
+            raise BundleError(
+                f"variant precision {v.precision!r} is invalid or repeated; each of "
+                f"{PRECISIONS} may appear once and fp32 is the export itself"
+            )
+        seen.add(v.precision)
+    try:
+        with staging(out, force=force) as tmp:
+            fp32 = _copy_verified(result.onnx, tmp / FP32_FILE, result.sha256)
+            entries = [_fp32_variant(result, fp32)]
+            for v in variants:
+                file = tmp / f"model.{v.precision}.onnx"
+                shutil.copyfile(v.path, file)
+                entries.append(
+                    Variant(
+                        file=file.name,
+                        precision=v.precision,
+                        sha256=sha256_file(file),
+                        providers=v.providers,
+                        recipe=v.recipe,
+                        gates=v.gates,
+                        verdict=v.verdict,
+                        not_for=v.not_for,
+                        notes=v.notes,
+                    )
+                )
+            manifest = Manifest(
+                name=name or out.absolute().name,
+                task=result.task,
+                inputs=result.inputs,
+                outputs=result.outputs,
+                variants=tuple(entries),
+                opset=result.opset,
+                source=result.source,
+                tools=result.tools,
+                calibration=calibration,
+                export=result.export_record(),
+                extra=result.extra,
+            )
+            write_manifest(tmp, manifest)
+            (tmp / REPORT).write_text(render_report(manifest, report_sections))
+    except OSError as e:
+        raise BundleError(
+            f"cannot write the bundle at {out}: {e.strerror or e} ({e.filename or out}). "
+            "Check that the parent directory exists and is writable, and that the disk has room; "
+            "nothing was changed at --out."
+        ) from e
+    log.info("wrote bundle %s (%s)", out, ", ".join(v.file for v in manifest.variants))
+    from quantgate.bundle import load
+
+    return load(out)
+
+
+def _copy_verified(src: Path, dst: Path, sha256: str) -> Path:
+    shutil.copyfile(src, dst)
+    got = sha256_file(dst)
+    if got != sha256:
+        raise BundleError(
+            f"{src.name} changed after validation (sha256 {got[:12]}..., validated "
+            f"{sha256[:12]}...); re-run the export"
+        )
+    return dst
+
+
+def _fp32_variant(result: ExportResult, file: Path) -> Variant:
+    """The FP32 reference; its gates are the validation: max abs diff per output vs PyTorch."""
+    v = result.validation
+    gates = tuple(
+        GateResult(
+            name=f"max_abs_diff:{output}",
+            value=diff,
+            threshold=v.atol,
+            op="<=",
+            passed=True,  # validation raised otherwise; rtol may admit diffs above atol
+            detail=f"vs PyTorch over {len(v.cases)} shapes, atol {v.atol:g} + rtol {v.rtol:g}",
+        )
+        for output, diff in v.max_abs_diff.items()
+    )
+    return Variant(
+        file=file.name,
+        precision="fp32",
+        sha256=result.sha256,
+        providers=("CPUExecutionProvider", "CUDAExecutionProvider"),
+        gates=gates,
+        notes=f"{result.exporter.value} exporter, opset {result.opset}"
+        + (", ONNX Runtime transformer fusions" if result.fusions else ""),
+    )
+
+
+def render_report(manifest: Manifest, sections: Sequence[str] = ()) -> str:
+    """report.md: what was exported, how it validated, what fused, and any gate sections."""
+    e = manifest.export
+    lines = [
+        f"# {manifest.name}",
+        "",
+        f"Task **{manifest.task}**, exported from {manifest.source.get('kind')} "
+        f"`{manifest.source.get('spec')}` with the {e.get('exporter')} exporter at opset "
+        f"{manifest.opset}. Verdict: **{manifest.verdict}**.",
+        "",
+        "| tensor | dtype | dims |",
+        "|---|---|---|",
+        *(
+            f"| {'in' if t in manifest.inputs else 'out'}: `{t.name}` | {t.dtype} | "
+            f"{', '.join(map(str, t.dims))} |"
+            for t in (*manifest.inputs, *manifest.outputs)
+        ),
+        "",
+    ]
+    if (val := e.get("validation")) is not None:
+        outs = list(val["max_abs_diff"])
+        lines += [
+            "## Validation: ONNX Runtime vs PyTorch",
+            "",
+            f"Real samples: {e.get('samples')}. Tolerance: atol {val['atol']:g}, "
+            f"rtol {val['rtol']:g}. Max abs diff per output:",
+            "",
+            "| shape | batch | sequence | padded rows | " + " | ".join(outs) + " |",
+            "|---|---|---|---|" + "---|" * len(outs),
+            *(
+                f"| {c['case']} | {c['batch']} | {c['sequence']} | {c['padded_rows']} | "
+                + " | ".join(f"{c['max_abs_diff'].get(o, float('nan')):.2e}" for o in outs)
+                + " |"
+                for c in val["cases"]
+            ),
+            "",
+        ]
+    if "fusion_summary" in e:
+        fused = ", ".join(f"{k} {v}" for k, v in e["fusions"].items()) or "none"
+        missing = [k for k, v in e["fusion_summary"].items() if not v]
+        lines += [
+            "## Graph optimization",
+            "",
+            f"ONNX Runtime transformer fusions: {fused}."
+            + (f" Not fused: {', '.join(missing)}." if missing and e.get("optimized") else "")
+            + ("" if e.get("optimized") else " (optimization was off)"),
+            "",
+        ]
+    lines += [
+        "## Variants",
+        "",
+        "| file | precision | verdict | sha256 |",
+        "|---|---|---|---|",
+        *(
+            f"| {v.file} | {v.precision} | {v.verdict} | `{v.sha256[:12]}` |"
+            for v in manifest.variants
+        ),
+        "",
+    ]
+    return "\n".join([*lines, *sections]).rstrip() + "\n"
+
+
+__all__ = ["ExtraVariant", "FP32_FILE", "MANIFEST", "render_report", "write_bundle"]

@@ -1,0 +1,508 @@
+"""Resolve a MODEL spec into what export needs: a module, its inputs, and real samples.
+
+A spec names one of three kinds of model:
+
+``path/to/checkpoint``
+    A checkpoint directory written by ``quantgate train`` (``config.json`` + ``model.pt``):
+    the built-in encoder classifier. Samples: the digits test split.
+
+``path/to/hf-model``
+    A Hugging Face model directory (``config.json`` with a ``model_type``), loaded offline
+    with eager attention, the implementation whose graph ONNX Runtime's attention fusion
+    recognises. Inputs are inferred from the model's ``forward``: ``input_ids``,
+    ``attention_mask`` and ``token_type_ids`` when it takes them. Tasks:
+
+    - ``sequence-classification``: outputs ``logits`` (batch, labels);
+    - ``feature-extraction``: outputs ``last_hidden_state`` (batch, sequence, hidden) and
+      ``sentence_embedding`` (batch, hidden), pooled over the real tokens as the
+      directory's sentence-transformers config says (mask mean-pool by default, then L2
+      normalisation when it lists a Normalize module).
+
+    Samples: real English text (``pydoc_data.topics``, the help texts shipped with
+    CPython) tokenized with the model's own tokenizer.
+
+``package.module:factory``
+    Your own module. ``factory()`` is called with no arguments and returns a
+    ``torch.nn.Module`` that also carries::
+
+        example_inputs: dict[str, torch.Tensor]  # a real batch; dim 0 is the batch,
+                                                 # dim 1 (when present) the sequence
+        output_names: Sequence[str]              # optional: names for forward's outputs
+        task: str                                # optional, recorded in the bundle
+        max_seq_len: int                         # optional: longest sequence it accepts
+        pad_values: dict[str, int | float]       # optional: filler per input (default 0)
+        num_heads: int; hidden_size: int         # optional: hints for attention fusion
+
+    ``forward(**example_inputs)`` returns a tensor, a tuple of tensors or a dict of
+    tensors. An input named ``attention_mask`` marks real tokens with 1. Samples: the
+    module's own ``example_inputs``.
+
+Every loaded model is wrapped so that ``module(*tensors)`` takes the inputs positionally in
+``inputs`` order and returns a tuple of tensors in ``outputs`` order: the form both ONNX
+exporters trace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from quantgate.errors import ConfigError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+SEQUENCE_CLASSIFICATION = "sequence-classification"
+FEATURE_EXTRACTION = "feature-extraction"
+HF_TASKS = (SEQUENCE_CLASSIFICATION, FEATURE_EXTRACTION)
+HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # in this order, when taken
+
+FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+N_TEXT_SAMPLES = 16  # sentences and paragraphs tokenized for Hugging Face validation
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    pad_value: int | float = 0  # what fills a row past its real length
+    fixed_dims: tuple[int, ...] = ()  # dims after (batch, sequence), if any
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Real rows to validate on: one (N, T, ...) array per input and each row's real length."""
+
+    arrays: dict[str, np.ndarray]
+    lengths: np.ndarray  # (N,) real tokens per row; positions past it hold padding
+    source: str  # where the rows came from, for the report
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def width(self) -> int:
+        return next(iter(self.arrays.values())).shape[1]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    kind: str  # "checkpoint" | "huggingface" | "factory"
+    spec: str
+    module: nn.Module  # eval mode; module(*inputs) -> tuple of outputs, both in spec order
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[str, ...]
+    task: str
+    max_seq_len: int
+    samples: Samples
+    sha256: str  # content hash of what was loaded (files, or weights and source)
+    num_heads: int = 0  # attention fusion hints; 0 lets ONNX Runtime detect them
+    hidden_size: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in the bundle manifest
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(i.name for i in self.inputs)
+
+    @property
+    def source(self) -> dict[str, Any]:
+        return {"kind": self.kind, "spec": self.spec, "sha256": self.sha256}
+
+
+class TupleOutputs(nn.Module):
+    """Adapts a module to positional inputs and a tuple of outputs in a fixed order."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        input_names: Sequence[str],
+        output_names: Sequence[str] | None = None,
+        *,
+        call: Callable[..., Any] | None = None,
+    ):
+        super().__init__()
+        self.inner = module
+        self.input_names = tuple(input_names)
+        self.output_names = tuple(output_names) if output_names is not None else None
+        self.call = call  # maps (inner, **inputs) -> outputs; default inner(**inputs)
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        kwargs = dict(zip(self.input_names, tensors, strict=True))
+        out = self.call(self.inner, **kwargs) if self.call else self.inner(**kwargs)
+        if isinstance(out, torch.Tensor):
+            return (out,)
+        if isinstance(out, Mapping):
+            names = self.output_names or tuple(out)
+            return tuple(out[n] for n in names)
+        return tuple(out)
+
+
+def load_model(
+    spec: str | Path, *, task: str | None = None, max_seq_len: int | None = None
+) -> LoadedModel:
+    """Load a checkpoint directory, a Hugging Face directory or a ``pkg.mod:factory``."""
+    text = str(spec)
+    path = Path(text).expanduser()
+    if not path.exists() and FACTORY_SPEC.match(text):
+        return load_factory(text, task=task, max_seq_len=max_seq_len)
+    if not path.exists():
+        raise ModelLoadError(
+            f"no model at {text}: the path does not exist. MODEL is a checkpoint directory "
+            "(`quantgate train`), a Hugging Face model directory, or `package.module:factory`."
+        )
+    config = path / "config.json"
+    if not path.is_dir() or not config.is_file():
+        raise ModelLoadError(
+            f"{text} is not a model directory: expected a directory with config.json "
+            "(a quantgate checkpoint or a Hugging Face model)."
+        )
+    try:
+        info = json.loads(config.read_text())
+    except ValueError as e:
+        raise ModelLoadError(f"{config} is not valid JSON ({e}).") from e
+    from quantgate.model.train import CHECKPOINT_FORMAT
+
+    if info.get("format") == CHECKPOINT_FORMAT:
+        return load_builtin_checkpoint(path, task=task, max_seq_len=max_seq_len)
+    if "model_type" in info:
+        return load_huggingface(path, task=task, max_seq_len=max_seq_len)
+    raise ModelLoadError(
+        f"{config} is neither a quantgate checkpoint (format {CHECKPOINT_FORMAT!r}) nor a "
+        "Hugging Face config (no model_type)."
+    )
+
+
+# -- the built-in checkpoint -------------------------------------------------------------
+
+
+def load_builtin_checkpoint(
+    path: Path, *, task: str | None = None, max_seq_len: int | None = None
+) -> LoadedModel:
+    from quantgate.model.data import PAD_ID, load_digits_splits
+    from quantgate.model.train import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
+
+    if task not in (None, SEQUENCE_CLASSIFICATION):
+        raise ConfigError(
+            f"the built-in checkpoint is a {SEQUENCE_CLASSIFICATION} model; --task {task} does not apply"
+        )
+    model, info = load_checkpoint(path)
+    cfg = model.cfg
+    if max_seq_len is not None and not 1 <= max_seq_len <= cfg.max_seq_len:
+        raise ConfigError(
+            f"--max-seq-len {max_seq_len} is outside 1..{cfg.max_seq_len}, the positions the "
+            "checkpoint was trained with"
+        )
+    test = load_digits_splits()["test"]
+    samples = Samples(
+        arrays={"input_ids": test.input_ids[:32], "attention_mask": test.attention_mask[:32]},
+        lengths=test.attention_mask[:32].sum(1),
+        source="digits test split (scikit-learn), first 32 images",
+    )
+    inputs = (InputSpec("input_ids", "int64", PAD_ID), InputSpec("attention_mask", "int64", 0))
+    return LoadedModel(
+        kind="checkpoint",
+        spec=str(path),
+        module=TupleOutputs(model, [i.name for i in inputs]).eval(),
+        inputs=inputs,
+        outputs=("logits",),
+        task=SEQUENCE_CLASSIFICATION,
+        max_seq_len=max_seq_len or cfg.max_seq_len,
+        samples=samples,
+        sha256=hash_files([path / CONFIG_FILE, path / WEIGHTS_FILE], root=path),
+        num_heads=cfg.n_heads,
+        hidden_size=cfg.d_model,
+        extra={"labels": [str(d) for d in range(cfg.n_classes)], "model": cfg.to_dict()},
+    )
+
+
+# -- Hugging Face directories ------------------------------------------------------------
+
+
+def load_huggingface(
+    path: Path, *, task: str | None = None, max_seq_len: int | None = None
+) -> LoadedModel:
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+    except ImportError as e:
+        raise ModelLoadError(
+            f"{path} is a Hugging Face model; install the hf extra: pip install 'quantgate[hf]'"
+        ) from e
+    if task is not None and task not in HF_TASKS:
+        raise ConfigError(
+            f"unknown task {task!r} for a Hugging Face model; choose one of {HF_TASKS}"
+        )
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad directory
+        raise ModelLoadError(f"cannot load the Hugging Face model at {path}: {_brief(e)}") from e
+    archs = config.architectures or []
+    task = task or (
+        SEQUENCE_CLASSIFICATION
+        if any(a.endswith("ForSequenceClassification") for a in archs)
+        else FEATURE_EXTRACTION
+    )
+    model = _hf_model(path, task)
+    takes = inspect.signature(model.forward).parameters
+    names = [n for n in HF_INPUTS if n in takes and n in tokenizer.model_input_names]
+    if "input_ids" not in names:
+        raise ModelLoadError(
+            f"{path}: expected a text model taking input_ids; its forward takes {list(takes)[:6]}"
+        )
+    limit = _hf_max_seq_len(path, config, tokenizer)
+    if max_seq_len is not None and not 1 <= max_seq_len <= config.max_position_embeddings:
+        raise ConfigError(
+            f"--max-seq-len {max_seq_len} is outside 1..{config.max_position_embeddings}, the "
+            "positions the model has embeddings for"
+        )
+    max_seq_len = max_seq_len or limit
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    inputs = tuple(InputSpec(n, "int64", pad_id if n == "input_ids" else 0) for n in names)
+
+    if task == SEQUENCE_CLASSIFICATION:
+        outputs = ("logits",)
+        module = TupleOutputs(model, names, call=lambda m, **kw: m(**kw).logits)
+        extra_task = {"labels": [config.id2label[i] for i in sorted(config.id2label)]}
+    else:
+        outputs = ("last_hidden_state", "sentence_embedding")
+        pooling = _sentence_pooling(path)
+        module = TupleOutputs(SentenceEmbedder(model, **pooling), names)
+        extra_task = {"pooling": pooling}
+    return LoadedModel(
+        kind="huggingface",
+        spec=str(path),
+        module=module.eval(),
+        inputs=inputs,
+        outputs=outputs,
+        task=task,
+        max_seq_len=max_seq_len,
+        samples=text_samples(tokenizer, inputs, max_seq_len),
+        sha256=hash_files(sorted(p for p in path.rglob("*") if p.is_file()), root=path),
+        num_heads=config.num_attention_heads,
+        hidden_size=config.hidden_size,
+        extra={
+            "huggingface": {
+                "model_type": config.model_type,
+                "architectures": archs,
+                "attn_implementation": "eager",
+                "tokenizer": str(path),  # tokenize with AutoTokenizer.from_pretrained(this)
+            },
+            **extra_task,
+        },
+    )
+
+
+def _hf_model(path: Path, task: str) -> nn.Module:
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if task == SEQUENCE_CLASSIFICATION else AutoModel
+    try:
+        # Eager attention: with SDPA the exported graph hides attention from ORT's fusions.
+        return cls.from_pretrained(path, local_files_only=True, attn_implementation="eager").eval()
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load {path} for {task}: {_brief(e)}") from e
+
+
+def _hf_max_seq_len(path: Path, config, tokenizer) -> int:
+    """The longest input the model is meant for: sentence-transformers' limit, else the model's."""
+    st = path / "sentence_bert_config.json"
+    if st.is_file() and (n := json.loads(st.read_text()).get("max_seq_length")):
+        return int(n)
+    limit = config.max_position_embeddings
+    if isinstance(tokenizer.model_max_length, int) and tokenizer.model_max_length < 1_000_000:
+        limit = min(limit, tokenizer.model_max_length)
+    return limit
+
+
+def _sentence_pooling(path: Path) -> dict[str, Any]:
+    """Pooling per the directory's sentence-transformers config (mean, no normalisation if none)."""
+    mode, normalize = "mean", False
+    modules = path / "modules.json"
+    if modules.is_file():
+        entries = json.loads(modules.read_text())
+        normalize = any(e.get("type", "").endswith(".Normalize") for e in entries)
+        for e in entries:
+            cfg = path / e.get("path", "") / "config.json"
+            if e.get("type", "").endswith(".Pooling") and cfg.is_file():
+                pooling = json.loads(cfg.read_text())
+                if pooling.get("pooling_mode_cls_token"):
+                    mode = "cls"
+    return {"mode": mode, "normalize": normalize}
+
+
+class SentenceEmbedder(nn.Module):
+    """A Hugging Face encoder plus sentence pooling: (last_hidden_state, sentence_embedding)."""
+
+    def __init__(self, model: nn.Module, mode: str = "mean", normalize: bool = False):
+        super().__init__()
+        if mode not in ("mean", "cls"):
+            raise ConfigError(f"unsupported pooling {mode!r}; expected 'mean' or 'cls'")
+        self.model, self.mode, self.normalize = model, mode, normalize
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        kw = {"attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kw["token_type_ids"] = token_type_ids
+        h = self.model(input_ids=input_ids, **kw).last_hidden_state  # (B, T, C)
+        if self.mode == "cls":
+            e = h[:, 0]  # (B, C)
+        else:
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            w = mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+            e = (h * w).sum(1) / w.sum(1).clamp(min=1e-9)  # (B, C)
+        if self.normalize:
+            e = e / e.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        return h, e
+
+
+def text_samples(tokenizer, inputs: Sequence[InputSpec], max_seq_len: int) -> Samples:
+    """Real English from CPython's pydoc topics: short sentences and long paragraphs."""
+    sentences, paragraphs = english_text()
+    # Short and long rows, so that validation sees every length up to max_seq_len.
+    texts = sentences[: N_TEXT_SAMPLES - 4] + paragraphs[:4]
+    enc = tokenizer(texts, truncation=True, max_length=max_seq_len)
+    rows = [enc[i.name] for i in inputs]
+    lengths = np.array([len(r) for r in rows[0]])
+    width = int(lengths.max())
+    arrays = {}
+    for spec, values in zip(inputs, rows, strict=True):
+        a = np.full((len(texts), width), spec.pad_value, dtype=np.int64)
+        for j, v in enumerate(values):
+            a[j, : len(v)] = v
+        arrays[spec.name] = a
+    return Samples(arrays, lengths, f"pydoc_data.topics: {len(texts)} texts, tokenized")
+
+
+def english_text() -> tuple[list[str], list[str]]:
+    """Deterministic real text: (sentences of 6-60 words, paragraphs of 250+ words)."""
+    from pydoc_data.topics import topics
+
+    sentences, paragraphs = [], []
+    for key in sorted(topics):
+        for para in topics[key].split("\n\n"):
+            flat = " ".join(para.split())
+            if len(flat.split()) >= 250 and not flat.startswith(("*", ">>>")):
+                paragraphs.append(flat)
+            for s in re.split(r"(?<=[.!?])\s+", flat):
+                if 6 <= len(s.split()) <= 60 and s[:1].isupper() and s.isascii():
+                    sentences.append(s)
+    # Spread the picks over the whole corpus and over lengths, deterministically.
+    step = max(1, len(sentences) // 64)
+    sentences = sorted(sentences[::step], key=len)[:: max(1, len(sentences[::step]) // 12)]
+    return sentences, paragraphs
+
+
+# -- user factories ----------------------------------------------------------------------
+
+
+def load_factory(
+    spec: str, *, task: str | None = None, max_seq_len: int | None = None
+) -> LoadedModel:
+    mod_name, func_name = spec.split(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's module
+        raise ModelLoadError(f"cannot import {mod_name!r} for {spec}: {_brief(e)}") from e
+    factory = getattr(mod, func_name, None)
+    if not callable(factory):
+        raise ModelLoadError(f"{spec}: module {mod_name!r} has no callable {func_name!r}")
+    try:
+        module = factory()
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"{spec}: the factory raised {_brief(e)}") from e
+    if not isinstance(module, nn.Module):
+        raise ModelLoadError(
+            f"{spec}: the factory returned {type(module).__name__}; expected a torch.nn.Module"
+        )
+    example = getattr(module, "example_inputs", None)
+    if callable(example):
+        example = example()
+    if not isinstance(example, Mapping) or not all(
+        isinstance(v, torch.Tensor) and v.dim() >= 1 for v in example.values()
+    ):
+        raise ModelLoadError(
+            f"{spec}: the module needs an `example_inputs` dict of tensors (a real batch, dim 0 "
+            "the batch, dim 1 the sequence) to trace and validate with"
+        )
+    module.eval()
+    pads = dict(getattr(module, "pad_values", {}) or {})
+    inputs = tuple(
+        InputSpec(
+            name,
+            str(t.numpy().dtype),
+            pads.get(name, 0),
+            tuple(t.shape[2:]),
+        )
+        for name, t in example.items()
+    )
+    arrays = {n: t.detach().numpy() for n, t in example.items()}
+    first = next(iter(arrays.values()))
+    width = first.shape[1] if first.ndim >= 2 else 1
+    if "attention_mask" in arrays:
+        lengths = arrays["attention_mask"].reshape(len(first), -1).sum(1)
+    else:
+        lengths = np.full(len(first), width)
+    output_names = getattr(module, "output_names", None)
+    wrapped = TupleOutputs(module, list(example), output_names).eval()
+    if output_names is None:
+        with torch.no_grad():
+            try:
+                n_out = len(wrapped(*example.values()))
+            except Exception as e:  # noqa: BLE001
+                raise ModelLoadError(f"{spec}: forward(**example_inputs) raised {_brief(e)}") from e
+        output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    src = inspect.getsourcefile(type(module)) or inspect.getsourcefile(mod) or ""
+    return LoadedModel(
+        kind="factory",
+        spec=spec,
+        module=wrapped,
+        inputs=inputs,
+        outputs=tuple(output_names),
+        task=task or getattr(module, "task", "custom"),
+        max_seq_len=max_seq_len or getattr(module, "max_seq_len", width),
+        samples=Samples(arrays, lengths, f"{spec}: the module's example_inputs"),
+        sha256=_hash_module(module, src),
+        num_heads=getattr(module, "num_heads", 0),
+        hidden_size=getattr(module, "hidden_size", 0),
+    )
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def hash_files(files: Sequence[Path], *, root: Path) -> str:
+    """sha256 over each file's path relative to ``root`` and its bytes, in the given order."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _hash_module(module: nn.Module, source_file: str) -> str:
+    h = hashlib.sha256()
+    if source_file and Path(source_file).is_file():
+        h.update(Path(source_file).read_bytes())
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode() + b"\0")
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _brief(e: BaseException) -> str:
+    """``Type: first line`` of an exception, for messages that must stay readable."""
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
