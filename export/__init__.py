@@ -22,9 +22,9 @@ _WHERE = {
     "ExportResult": "pipeline",
     "export": "pipeline",
     "export_fp32": "pipeline",
-    "Case": "validate",
-    "ValidationReport": "validate",
-    "validate": "validate",
+    "Case": "validation",
+    "ValidationReport": "validation",
+    "validate": "validation",
     "ExtraVariant": "writer",
     "render_report": "writer",
     "write_bundle": "writer",
@@ -47,7 +47,7 @@ assert sorted(__all__) == sorted(_WHERE)
 if TYPE_CHECKING:
     from quantgate.export.config import ExportConfig, Exporter
     from quantgate.export.pipeline import ExportResult, export, export_fp32
-    from quantgate.export.validate import Case, ValidationReport, validate
+    from quantgate.export.validation import Case, ValidationReport, validate
     from quantgate.export.writer import ExtraVariant, render_report, write_bundle
 
 

@@ -16,7 +16,7 @@ import torch
 from quantgate.bundle import TensorSpec
 from quantgate.errors import ExportError
 from quantgate.export.config import Exporter
-from quantgate.export.validate import BATCH, SEQUENCE, Case
+from quantgate.export.validation import BATCH, SEQUENCE, Case
 from quantgate.model.loaders import LoadedModel
 
 log = logging.getLogger(__name__)

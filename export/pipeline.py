@@ -29,7 +29,7 @@ from quantgate.errors import BundleError, ExportError, ValidationError
 from quantgate.export.config import ExportConfig, Exporter
 from quantgate.export.exporters import opset_of, to_onnx
 from quantgate.export.optimize import fuse, fusion_summary
-from quantgate.export.validate import (
+from quantgate.export.validation import (
     Case,
     Outputs,
     ValidationReport,

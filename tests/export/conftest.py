@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny real checkpoint, the user-module directory, and the CLI runner."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from quantgate.model.data import N_CLASSES, SEQ_LEN, VOCAB_SIZE
+from quantgate.model.train import TrainConfig, train
+from quantgate.model.transformer import ModelConfig
+
+HERE = Path(__file__).resolve().parent
+TINY = ModelConfig(
+    vocab_size=VOCAB_SIZE,
+    max_seq_len=SEQ_LEN,
+    d_model=32,
+    n_heads=4,
+    n_layers=2,
+    d_ff=64,
+    dropout=0.0,
+    n_classes=N_CLASSES,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The built-in classifier at test size, trained for one epoch (a few seconds)."""
+    out = tmp_path_factory.mktemp("ckpt") / "digits-tiny"
+    train(out, model_cfg=TINY, cfg=TrainConfig(epochs=1))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def user_modules(monkeypatch):
+    """Make tests/export/qg_usermodels.py importable by name, as a user's package would be."""
+    monkeypatch.syspath_prepend(str(HERE))
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch) -> Path:
+    """Route tempfile to an empty directory, to prove that nothing is left in it."""
+    d = tmp_path / "system-tmp"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run ``quantgate ARGS...`` through the real entry point, exit-code mapping included."""
+    from quantgate.cli import main
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["quantgate", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run

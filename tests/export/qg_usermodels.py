@@ -1,0 +1,87 @@
+"""User modules for the `package.module:factory` tests (imported by name, like a user's own).
+
+Each factory returns a torch.nn.Module carrying ``example_inputs``, as the loader expects.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VOCAB, D, HEADS, TAGS = 40, 32, 4, 5
+
+
+class Tagger(nn.Module):
+    """One SDPA attention layer; per-token tags and a pooled vector, returned as a dict."""
+
+    output_names = ("token_logits", "pooled")
+    task = "token-classification"
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.pos = nn.Embedding(48, D)
+        self.qkv = nn.Linear(D, 3 * D)
+        self.out = nn.Linear(D, D)
+        self.tags = nn.Linear(D, TAGS)
+        self.max_seq_len = 48
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(1, VOCAB, (6, 20), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[3, 12:] = 0  # one row with padding, as a tokenizer would give it
+        ids[3, 12:] = 0
+        self.example_inputs = {"input_ids": ids, "attention_mask": mask}
+
+    def forward(self, input_ids, attention_mask):
+        B, T = input_ids.shape
+        x = self.emb(input_ids) + self.pos(torch.arange(T))  # (B, T, D)
+        q, k, v = self.qkv(x).split(D, dim=-1)  # each (B, T, D)
+        q, k, v = (t.view(B, T, HEADS, D // HEADS).transpose(1, 2) for t in (q, k, v))
+        keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, nh, T, hs)
+        h = x + self.out(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        w = attention_mask.unsqueeze(-1).to(h.dtype)
+        return {"token_logits": self.tags(h), "pooled": (h * w).sum(1) / w.sum(1).clamp(min=1)}
+
+
+def tagger() -> nn.Module:
+    torch.manual_seed(0)
+    return Tagger()
+
+
+def broken() -> nn.Module:
+    raise RuntimeError("weights file tagger.bin not found")
+
+
+class Untraceable(Tagger):
+    """Works in PyTorch, fails in either exporter (an op with no ONNX translation, say)."""
+
+    def forward(self, input_ids, attention_mask):
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+            raise RuntimeError("aten::my_custom_op has no ONNX translation")
+        return super().forward(input_ids, attention_mask)
+
+
+def untraceable() -> nn.Module:
+    torch.manual_seed(0)
+    return Untraceable()
+
+
+class Diverges(Tagger):
+    """Exports without complaint, but the exported graph computes something else."""
+
+    def forward(self, input_ids, attention_mask):
+        out = super().forward(input_ids, attention_mask)
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+            out["pooled"] = out["pooled"] * 1.01
+        return out
+
+
+def diverges() -> nn.Module:
+    torch.manual_seed(0)
+    return Diverges()
+
+
+def not_a_module():
+    return {"weights": [1, 2, 3]}
