@@ -8,7 +8,7 @@ EXTRAS ?= cpu,export,hf,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: demo test test-fast lint format bench protos clean help
+.PHONY: demo test test-fast lint format bench protos perf-analyzer clean help
 
 help:
 	@echo "make demo       train -> export -> quantize -> gate -> serve, on the built-in model"
@@ -29,7 +29,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/python -m quantgate train
 
-test: $(STAMP)
+# Triton's perf_analyzer (a real KServe client) for the serving tests, into .tools/.
+perf-analyzer: $(STAMP)
+	PY=$(BIN)/python scripts/get-perf-analyzer.sh
+
+test: $(STAMP) perf-analyzer
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
@@ -43,9 +47,12 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)
+bench: $(STAMP) perf-analyzer
 	@ls bench/*.py >/dev/null
 	for b in bench/[a-z]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+protos: $(STAMP)
+	$(BIN)/python protos/generate.py
 
 clean:
 	rm -rf artifacts .pytest_cache .ruff_cache build *.egg-info

@@ -37,7 +37,9 @@ PYEOF
 chmod +x "$TOOLS/bin/perf_analyzer"
 
 echo "perf_analyzer: fetching Debian's libb64-0d" >&2
-(cd "$tmp" && apt-get download libb64-0d >/dev/null 2>&1)
+# A fresh machine may have no package lists yet: update them once if the download fails.
+(cd "$tmp" && { apt-get download libb64-0d >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && apt-get download libb64-0d >/dev/null; }; })
 dpkg -x "$tmp"/libb64-0d_*.deb "$tmp/b64"
 cp -a "$tmp"/b64/usr/lib/*/libb64.so* "$TOOLS/lib/"
 
