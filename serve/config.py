@@ -7,6 +7,9 @@ from pathlib import Path
 
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("fp32", "int8", "fp16")
+ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
+CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+IO_BINDING = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,28 @@ class ServeConfig:
     auth_token: str | None = None  # required as "authorization: Bearer <token>" when set
     max_message_bytes: int = 64 << 20  # larger requests fail with RESOURCE_EXHAUSTED
     shutdown_grace_s: float = 30.0  # SIGTERM: time admitted requests get to finish
+    # -- CUDA execution provider (ignored on the CPU) -------------------------------------
+    cuda_device_id: int = 0  # which GPU (as CUDA numbers them; CUDA_VISIBLE_DEVICES applies)
+    # Cap on ORT's CUDA memory arena per session, in bytes; 0: no cap (ORT's default). Set it
+    # when several servers or models share one GPU, or the first to grow starves the rest.
+    gpu_mem_limit: int = 0
+    # kSameAsRequested grows the arena by exactly what a request needs: less memory held when
+    # batch/sequence shapes vary (the batcher's buckets), a little more allocation work.
+    # kNextPowerOfTwo (ORT's default) rounds growth up and can hold ~2x what it uses.
+    arena_extend_strategy: str = "kSameAsRequested"
+    # cuDNN convolution algorithm search. Transformers have no convolutions, so EXHAUSTIVE
+    # (ORT's default: benchmark every algorithm on each new shape) would only cost start-up
+    # time on models that do; HEURISTIC picks from cuDNN's heuristics at once.
+    cudnn_conv_algo_search: str = "HEURISTIC"
+    # IO binding: ORT writes outputs straight into host memory it allocates (bind_output to
+    # "cpu") instead of allocating on the device and copying in run(). auto: on with CUDA,
+    # off on the CPU (where outputs are already in host memory and it gains nothing).
+    io_binding: str = "auto"
+    # CUDA graphs replay the captured kernels of one run without launch overhead, but only
+    # for one fixed input shape at fixed device addresses: every request must have the same
+    # shape, so this needs dynamic_batching off and clients that always send that shape.
+    # Measured in bench/gpu_check.py (in-process) before it is worth serving with.
+    cuda_graph: bool = False
 
     def __post_init__(self):
         from quantgate.errors import ConfigError
@@ -55,5 +80,24 @@ class ServeConfig:
         for name in ("max_batch_size", "max_queue_size", "instances"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.arena_extend_strategy not in ARENA_STRATEGIES:
+            raise ConfigError(
+                f"arena_extend_strategy must be one of {ARENA_STRATEGIES}, "
+                f"got {self.arena_extend_strategy!r}"
+            )
+        if self.cudnn_conv_algo_search not in CONV_ALGO_SEARCH:
+            raise ConfigError(
+                f"cudnn_conv_algo_search must be one of {CONV_ALGO_SEARCH}, "
+                f"got {self.cudnn_conv_algo_search!r}"
+            )
+        if self.io_binding not in IO_BINDING:
+            raise ConfigError(f"io_binding must be one of {IO_BINDING}, got {self.io_binding!r}")
+        if self.cuda_graph and self.dynamic_batching:
+            raise ConfigError(
+                "cuda_graph replays one fixed input shape; the dynamic batcher forms batches of "
+                "varying shape. Turn dynamic batching off (--no-dynamic-batching) to use it."
+            )
+        if self.cuda_device_id < 0 or self.gpu_mem_limit < 0:
+            raise ConfigError("cuda_device_id and gpu_mem_limit cannot be negative")
         if self.max_queue_delay_us < 0 or self.port < 0 or self.intra_op_threads < 0:
             raise ConfigError("max_queue_delay_us, port and intra_op_threads cannot be negative")

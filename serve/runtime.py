@@ -7,6 +7,7 @@ This module never imports torch or quantgate.quantize: a serving host has neithe
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from quantgate import bundle as qb
+from quantgate import placement
 from quantgate.errors import BadRequest, BundleError, ServeError
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.dtypes import datatype
@@ -24,6 +26,10 @@ log = logging.getLogger(__name__)
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 MASK = "attention_mask"  # the input that tells padding from tokens
+# What a provider serves when no variant has measured speed evidence there. On CUDA that is
+# FP16 (DESIGN.md: 2.2x FP32 on an H200, while INT8 ran slower or fell back to the CPU);
+# a bundle built without a GPU has accuracy gates for FP16 but no CUDA speed gate.
+PREFERRED = {CUDA: "fp16"}
 
 _ORT_TYPES = {
     "tensor(bool)": np.dtype("bool"),
@@ -68,6 +74,7 @@ def choose_provider(device: str) -> str:
     if device == "cpu":
         return CPU
     if CUDA in available:
+        _preload_cuda_libraries()
         log.info("using the CUDA execution provider (onnxruntime %s)", ort.__version__)
         return CUDA
     if device == "cuda":
@@ -82,6 +89,35 @@ def choose_provider(device: str) -> str:
         ", ".join(available),
     )
     return CPU
+
+
+def _preload_cuda_libraries() -> None:
+    """onnxruntime-gpu >= 1.21 can load CUDA/cuDNN from the nvidia-* wheels (PyTorch's);
+    without it the CUDA provider fails to load where those are not on the library path."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as e:  # noqa: BLE001 - a miss here shows up at session creation
+            log.info("onnxruntime.preload_dlls() failed: %s", e)
+
+
+def provider_options(cfg: ServeConfig, provider: str) -> list:
+    """The ``providers`` argument of InferenceSession: CUDA with its options, then CPU."""
+    if provider == CPU:
+        return [CPU]
+    cuda = {
+        "device_id": str(cfg.cuda_device_id),
+        "arena_extend_strategy": cfg.arena_extend_strategy,
+        "cudnn_conv_algo_search": cfg.cudnn_conv_algo_search,
+        # Run copies on the compute stream (ORT's default, stated: IO binding relies on it).
+        "do_copy_in_default_stream": "1",
+    }
+    if cfg.gpu_mem_limit:
+        cuda["gpu_mem_limit"] = str(cfg.gpu_mem_limit)
+    if cfg.cuda_graph:
+        cuda["enable_cuda_graph"] = "1"
+    return [(CUDA, cuda), CPU]
 
 
 def speedup(variant: qb.Variant, provider: str) -> float:
@@ -135,6 +171,12 @@ def choose_variant(
         raise BundleError(
             f"bundle {manifest.name!r} has no variant that passed its gates for {provider}"
         )
+    measured = [v for v in candidates if v.precision != "fp32" and speedup(v, provider) > 0]
+    preferred = [v for v in candidates if v.precision == PREFERRED.get(provider)]
+    if not measured and preferred:
+        # No speed evidence on this provider (bundle made without one): its known-fast
+        # precision, accuracy gates passed, over FP32.
+        return preferred[0]
     # max() keeps the first of equals: list FP32 first so evidence is needed to beat it.
     candidates.sort(key=lambda v: v.precision != "fp32")
     return max(candidates, key=lambda v: speedup(v, provider))
@@ -151,6 +193,9 @@ class Model:
         provider: str,
         session: ort.InferenceSession,
         max_batch_size: int,
+        *,
+        io_binding: bool = False,
+        placement_report: placement.PlacementReport | None = None,
     ):
         self.name = name
         self.version = str(bundle.manifest.version)
@@ -169,6 +214,8 @@ class Model:
         self.sequence_axis = self._sequence_axis()
         self._input = {t.name: t for t in self.inputs}
         self._output_names = tuple(t.name for t in self.outputs)
+        self.io_binding = io_binding
+        self.placement = placement_report  # where ORT put the nodes (CUDA only)
 
     def _sequence_axis(self) -> str | None:
         """The symbolic name of axis 1 when requests can be padded along it.
@@ -259,12 +306,26 @@ class Model:
         """session.run on validated feeds; every output unless ``outputs`` names some."""
         names = outputs or self._output_names
         try:
-            results = self.session.run(names, dict(feeds))
+            if self.io_binding:
+                results = self._run_bound(names, feeds)
+            else:
+                results = self.session.run(names, dict(feeds))
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as e:
             raise BadRequest(f"model {self.name!r} rejected the input: {e}") from e
         except Exception as e:  # ORT raises its own RuntimeError subclasses
             raise InferenceFailed(f"model {self.name!r} failed: {type(e).__name__}: {e}") from e
         return dict(zip(names, results, strict=True))
+
+    def _run_bound(self, names: tuple[str, ...], feeds: Mapping[str, np.ndarray]) -> list:
+        """session.run through IO binding: inputs from host arrays, outputs written by ORT
+        into host memory (one device->host copy inside the run, no extra allocation)."""
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
     def example(self, batch: int = 1, sequence: int = 16) -> dict[str, np.ndarray]:
         """A valid all-padding-but-one-token request, for warm-up."""
@@ -286,9 +347,12 @@ class Model:
         return f"{_dt(t.dtype)} {list(t.axes)}"
 
     def describe(self) -> str:
+        s = speedup(self.variant, self.provider)
         return (
             f"{self.name} v{self.version}: {self.variant.precision} ({self.variant.file}) on "
-            f"{self.provider}, speedup {speedup(self.variant, self.provider):.2f}x vs fp32"
+            f"{self.provider}, "
+            + (f"speedup {s:.2f}x vs fp32" if s else "no speed gate measured on this provider")
+            + (f"; {self.placement.reason()}" if self.placement is not None else "")
         )
 
 
@@ -311,14 +375,54 @@ def open_model(path: Path, cfg: ServeConfig, provider: str, *, name: str | None 
     variant = choose_variant(
         manifest, provider, precision=cfg.precision, allow_failed=cfg.allow_failed_gates
     )
+    session, report = _session(bundle.path / variant.file, cfg, provider)
+    got = session.get_providers()[0]
+    if got != provider:
+        # onnxruntime-gpu lists CUDA even where its libraries (CUDA, cuDNN) or a GPU are
+        # missing, and then silently builds a CPU session: say so, do not pretend.
+        why = (
+            f"onnxruntime created a {got} session for {variant.file} although {provider} was "
+            f"requested: the CUDA provider failed to load (missing CUDA/cuDNN libraries or no "
+            "GPU; ORT logs the cause above)"
+        )
+        if cfg.device == "cuda":
+            raise ServeError(why + ". Fix the CUDA install or use --device cpu.")
+        log.warning("%s; serving on the CPU", why)
+        return open_model(path, cfg, CPU, name=name)
+    if report is not None and report.falls_back:
+        log.warning("%s on %s: %s; expect it to be slow", variant.file, provider, report.reason())
+    use_binding = cfg.io_binding == "on" or (cfg.io_binding == "auto" and provider == CUDA)
+    model = Model(
+        name or manifest.name,
+        bundle,
+        variant,
+        provider,
+        session,
+        cfg.max_batch_size,
+        io_binding=use_binding,
+        placement_report=report,
+    )
+    log.info("loaded %s", model.describe())
+    return model
+
+
+def _session(
+    file: Path, cfg: ServeConfig, provider: str
+) -> tuple[ort.InferenceSession, placement.PlacementReport | None]:
+    """The session, and on CUDA where ORT placed the nodes (from the graph it executes)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = cfg.intra_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers = [provider] if provider == CPU else [provider, CPU]
-    session = ort.InferenceSession(str(bundle.path / variant.file), options, providers=providers)
-    model = Model(name or manifest.name, bundle, variant, provider, session, cfg.max_batch_size)
-    log.info("loaded %s", model.describe())
-    return model
+    providers = provider_options(cfg, provider)
+    if provider == CPU:
+        return ort.InferenceSession(str(file), options, providers=providers), None
+    with tempfile.TemporaryDirectory(prefix="quantgate-serve-") as tmp:
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        session = ort.InferenceSession(str(file), options, providers=providers)
+        import onnx  # a dependency of quantgate; only needed here, on CUDA
+
+        graph = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    return session, placement.analyze_graph(graph, provider, session.get_providers())
 
 
 class Repository:

@@ -1,0 +1,256 @@
+"""FP16 for the CUDA execution provider: convert an FP32 ONNX model, and measure what it costs.
+
+On CUDA the fast variant of a transformer is FP16, not INT8 (DESIGN.md: on an H200 the
+fused FP16 MiniLM ran 2.2x faster than FP32 at batch 128 while INT8 QDQ ran 1.9x slower).
+``to_fp16`` uses ONNX Runtime's own converter (``OnnxModel.convert_float_to_float16``), which
+understands the fused contrib ops (Attention, SkipLayerNormalization, BiasGelu,
+EmbedLayerNormalization) through symbolic shape inference, and keeps:
+
+- the model's inputs and outputs FP32 (``keep_io_types``): a client sends and receives the
+  same tensors as for the FP32 variant, and the server needs no second codec;
+- the ops in ``Fp16Config.op_block_list`` FP32. ORT's default list (tree ensembles, TopK,
+  Range, CumSum, Min/Max, ...) is always included; what to add for transformers is measured,
+  not assumed (see ``Fp16Config``).
+
+``fidelity`` compares the converted model with FP32 on real feeds (max abs diff, mean and
+min cosine per row) so an accuracy gate can decide. The FP16 model also runs on the CPU
+provider: ORT inserts Casts around the ops that have no FP16 CPU kernel. On the CPU that
+measures the FP16 *storage* error (weights and activations rounded between ops), not CUDA's
+FP16 arithmetic, so the gate must be re-measured on CUDA where a GPU is present.
+
+This module imports onnx and onnxruntime only; never quantgate.serve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from quantgate.bundle import GateResult
+from quantgate.errors import QuantizeError
+
+log = logging.getLogger(__name__)
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class Fp16Config:
+    # Op types kept FP32 on top of ORT's DEFAULT_OP_BLOCK_LIST. Empty by default. Measured on
+    # all-MiniLM-L6-v2 (fused graph, CPU provider, 64 real sentences, vs FP32):
+    #   nothing added:                      max abs 6.9e-3, mean cosine 0.9999992 (min 0.9999989)
+    #   (Skip/Embed)LayerNormalization:     max abs 4.6e-3, mean cosine 0.9999998 (min 0.9999997)
+    #   Attention, or BiasGelu:             no change
+    # Both are three orders of magnitude inside any gate, and ORT's LayerNorm kernels already
+    # accumulate in FP32 inside the op, while blocking them costs two Casts per op (13 of them
+    # in MiniLM) on the CUDA hot path. Add them here when a model's gate says otherwise.
+    op_block_list: tuple[str, ...] = ()
+    node_block_list: tuple[str, ...] = ()  # node names kept FP32 (e.g. from a sensitivity scan)
+    keep_io_types: bool = True  # inputs/outputs stay FP32: the same wire format as FP32
+    # FP16's largest finite value is 65504; ORT's converter clamps constants beyond these.
+    min_positive_val: float = 5.96e-08
+    max_finite_val: float = 65504.0
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """FP16 (or any candidate) vs FP32 outputs on the same feeds."""
+
+    max_abs_diff: dict[str, float]  # per output
+    mean_abs_diff: dict[str, float]
+    cosine_mean: dict[str, float]  # per output: cosine of each row (batch item), averaged
+    cosine_min: dict[str, float]  # the worst row
+    rows: int  # batch items compared
+    provider: str
+    nonfinite: dict[str, int] = field(default_factory=dict)  # NaN/inf count per output
+
+    def gates(
+        self, *, min_cosine: float = 0.999, max_abs: float | None = None
+    ) -> tuple[GateResult, ...]:
+        """Accuracy gates for an embedding-style output (DESIGN.md: cosine without labels).
+
+        ``cosine`` passes when the mean per-row cosine of every output is >= ``min_cosine``
+        and no output has a NaN/inf; ``max_abs_diff`` is gated only when ``max_abs`` is set.
+        """
+        gates = []
+        detail = f"vs FP32 on {self.rows} rows, {self.provider}"
+        for name, cos in self.cosine_mean.items():
+            bad = self.nonfinite.get(name, 0)
+            gates.append(
+                GateResult(
+                    name=f"cosine:{name}",
+                    value=cos,
+                    threshold=min_cosine,
+                    op=">=",
+                    passed=bool(cos >= min_cosine and not bad),
+                    provider=self.provider,
+                    detail=detail
+                    + f", min row {self.cosine_min[name]:.5f}"
+                    + (f", {bad} non-finite values" if bad else ""),
+                )
+            )
+            if max_abs is not None:
+                diff = self.max_abs_diff[name]
+                gates.append(
+                    GateResult(
+                        name=f"max_abs_diff:{name}",
+                        value=diff,
+                        threshold=max_abs,
+                        op="<=",
+                        passed=bool(diff <= max_abs and not bad),
+                        provider=self.provider,
+                        detail=detail,
+                    )
+                )
+        return tuple(gates)
+
+
+def to_fp16(model: onnx.ModelProto | str | Path, cfg: Fp16Config | None = None) -> onnx.ModelProto:
+    """``model`` (FP32, plain or ORT-fused) converted to FP16 with FP32 inputs and outputs."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    cfg = cfg or Fp16Config()
+    proto = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer):
+        raise QuantizeError(
+            "the model already holds FP16 initializers; to_fp16 expects the FP32 export"
+        )
+    chatter = io.StringIO()
+    try:
+        wrapped = OnnxModel(onnx.ModelProto.FromString(proto.SerializeToString()))  # a copy
+        with contextlib.redirect_stdout(chatter):
+            wrapped.convert_float_to_float16(
+                use_symbolic_shape_infer=True,
+                keep_io_types=cfg.keep_io_types,
+                op_block_list=sorted({*DEFAULT_OP_BLOCK_LIST, *cfg.op_block_list}),
+                node_block_list=list(cfg.node_block_list),
+                min_positive_val=cfg.min_positive_val,
+                max_finite_val=cfg.max_finite_val,
+            )
+    except Exception as e:  # noqa: BLE001 - ORT's converter raises anything
+        raise QuantizeError(
+            f"FP16 conversion failed: {type(e).__name__}: {e}. Keep the failing op types FP32 "
+            "with Fp16Config(op_block_list=...), or ship the FP32 variant on CUDA."
+        ) from e
+    if chatter.getvalue().strip():
+        log.info("float16 converter said: %s", " ".join(chatter.getvalue().split()))
+    converted = wrapped.model
+    kept = _fp32_compute_ops(converted)
+    log.info(
+        "FP16: %d nodes, FP32 kept for %s",
+        len(converted.graph.node),
+        ", ".join(f"{op} x{n}" for op, n in sorted(kept.items())) or "no compute op",
+    )
+    return converted
+
+
+def _fp32_compute_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """Op types (and counts) whose float inputs stay FP32 next to Casts: what stayed FP32."""
+    types = {
+        vi.name: vi.type.tensor_type.elem_type
+        for vi in (*model.graph.value_info, *model.graph.input, *model.graph.output)
+    }
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "Cast":
+            continue
+        if any(types.get(i) == onnx.TensorProto.FLOAT for i in node.input if i):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def save(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Write ``model`` as one file (MiniLM FP16 is ~45 MB, far below protobuf's 2 GB)."""
+    path = Path(path)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def session(model: onnx.ModelProto | str | Path, provider: str = CPU, *, threads: int = 0):
+    """An ONNX Runtime session on ``provider`` (with the CPU provider behind CUDA)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    providers = [provider] if provider == CPU else [provider, CPU]
+    return ort.InferenceSession(data, options, providers=providers)
+
+
+def fidelity(
+    reference: onnx.ModelProto | str | Path,
+    candidate: onnx.ModelProto | str | Path,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    provider: str = CPU,
+    reference_provider: str = CPU,
+    outputs: Sequence[str] | None = None,
+    mask: str | None = "attention_mask",
+    threads: int = 0,
+) -> Fidelity:
+    """Run ``reference`` and ``candidate`` on every feed and compare their float outputs.
+
+    Rows are batch items: an output (batch, ...) is flattened per item; where ``mask`` names a
+    feed (batch, sequence) and the output is (batch, sequence, ...), padded positions are
+    dropped first so padding noise does not count. The reference runs in FP32 on
+    ``reference_provider`` (CPU by default: the exported, validated numbers).
+    """
+    ref = session(reference, reference_provider, threads=threads)
+    cand = session(candidate, provider, threads=threads)
+    names = list(outputs or [o.name for o in ref.get_outputs()])
+    diffs: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    cosines: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    nonfinite = dict.fromkeys(names, 0)
+    rows = 0
+    for feed in feeds:
+        a = dict(zip(names, ref.run(names, dict(feed)), strict=True))
+        b = dict(zip(names, cand.run(names, dict(feed)), strict=True))
+        m = feed.get(mask) if mask else None
+        for n in names:
+            x, y = np.asarray(a[n], np.float32), np.asarray(b[n], np.float32)
+            if x.shape != y.shape:
+                raise QuantizeError(f"output {n!r}: FP32 shape {x.shape}, candidate {y.shape}")
+            nonfinite[n] += int((~np.isfinite(y)).sum())
+            if m is not None and x.ndim >= 3 and x.shape[:2] == m.shape:
+                keep = m.astype(bool)  # (B, T): compare real tokens only
+                x = np.where(keep[(...,) + (None,) * (x.ndim - 2)], x, 0)
+                y = np.where(keep[(...,) + (None,) * (y.ndim - 2)], y, 0)
+            x2, y2 = x.reshape(len(x), -1), y.reshape(len(y), -1)  # (B, rest)
+            diffs[n].append(np.abs(x2 - y2).ravel())
+            cosines[n].append(_row_cosine(x2, y2))
+        rows += len(next(iter(a.values())))
+    if not rows:
+        raise QuantizeError("fidelity needs at least one feed")
+    return Fidelity(
+        max_abs_diff={n: float(np.concatenate(diffs[n]).max()) for n in names},
+        mean_abs_diff={n: float(np.concatenate(diffs[n]).mean()) for n in names},
+        cosine_mean={n: float(np.concatenate(cosines[n]).mean()) for n in names},
+        cosine_min={n: float(np.concatenate(cosines[n]).min()) for n in names},
+        rows=rows,
+        provider=provider,
+        nonfinite=nonfinite,
+    )
+
+
+def _row_cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Cosine of each row of x with the same row of y; 1 where both rows are zero."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+    dot = (x * y).sum(axis=1)
+    both_zero = (nx == 0) & (ny == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(both_zero, 1.0, dot / (nx * ny))
+    return np.nan_to_num(cos, nan=-1.0)
+
+
+__all__ = ["Fidelity", "Fp16Config", "fidelity", "save", "session", "to_fp16"]
