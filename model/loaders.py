@@ -248,11 +248,13 @@ def load_huggingface(
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad directory
         raise ModelLoadError(f"cannot load the Hugging Face model at {path}: {_brief(e)}") from e
     archs = config.architectures or []
-    task = task or (
-        SEQUENCE_CLASSIFICATION
-        if any(a.endswith("ForSequenceClassification") for a in archs)
-        else FEATURE_EXTRACTION
-    )
+    has_head = any(a.endswith("ForSequenceClassification") for a in archs)
+    task = task or (SEQUENCE_CLASSIFICATION if has_head else FEATURE_EXTRACTION)
+    if task == SEQUENCE_CLASSIFICATION and not has_head:
+        raise ConfigError(
+            f"{path} has no sequence-classification head (architectures: {archs}); exporting "
+            "one would ship random weights. Use --task feature-extraction, or fine-tune first."
+        )
     model = _hf_model(path, task)
     takes = inspect.signature(model.forward).parameters
     names = [n for n in HF_INPUTS if n in takes and n in tokenizer.model_input_names]

