@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/python -m quantgate train
+	$(BIN)/python scripts/demo.py
 
 # Triton's perf_analyzer (a real KServe client) for the serving tests, into .tools/.
 perf-analyzer: $(STAMP)

@@ -64,9 +64,10 @@ class Engine:
         """
         loop = asyncio.get_running_loop()
         for m in self.repository:
-            shapes = [(1, 16)]
+            longest = min(bucket(128), m.max_sequence or bucket(128))
+            shapes = [(1, min(16, longest))]
             if m.sequence_axis is not None:
-                shapes += [(1, bucket(128)), (m.max_batch_size, 16)]
+                shapes += [(1, longest), (m.max_batch_size, min(16, longest))]
             for rows, length in shapes:
                 t0 = time.perf_counter()
                 await loop.run_in_executor(self._executor, m.run, m.example(rows, length))

@@ -212,6 +212,8 @@ class Model:
         )
         self.max_batch_size = max_batch_size if self.batched else 0
         self.sequence_axis = self._sequence_axis()
+        # The longest sequence the model was exported for (its position table); None: unknown.
+        self.max_sequence: int | None = bundle.manifest.export.get("max_seq_len")
         self._input = {t.name: t for t in self.inputs}
         self._output_names = tuple(t.name for t in self.outputs)
         self.io_binding = io_binding
@@ -284,6 +286,16 @@ class Model:
                     if got == 0:
                         problems.append(
                             f"input {name!r}: dimension {axis} ({want}) is 0; send at least 1"
+                        )
+                    if (
+                        axis == 1
+                        and want == self.sequence_axis
+                        and self.max_sequence
+                        and got > self.max_sequence
+                    ):
+                        problems.append(
+                            f"input {name!r}: sequence length {got} exceeds the model's maximum "
+                            f"{self.max_sequence}; truncate the input"
                         )
                     seen = sizes.setdefault(want, (got, name))
                     if seen[0] != got:
