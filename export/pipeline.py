@@ -53,30 +53,61 @@ StageCallback = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
-class ExportResult:
-    """A validated FP32 ONNX model in ``workdir`` and everything measured on the way."""
+class Candidate:
+    """What one exporter produced: the file to ship and the evidence for it."""
 
-    name: str
-    task: str
-    onnx: Path  # the model to ship: fused when cfg.optimize, validated either way
+    onnx: Path  # fused when cfg.optimize, validated either way
     unfused_onnx: Path  # the exporter's own graph, validated too
+    validation: ValidationReport  # of ``onnx``
+    unfused_validation: ValidationReport  # of ``unfused_onnx``
+    fusions: dict[str, int]  # fused op type -> count; empty when not optimized
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """A validated FP32 ONNX model in a workdir, and everything measured on the way.
+
+    The quantize stage reads ``onnx`` (the fused graph; ``unfused_onnx`` for recipes that
+    want the exporter's own), compares against ``references`` on ``cases``, and can run
+    ``model.module`` (PyTorch FP32) on its own data.
+    """
+
+    model: LoadedModel  # the PyTorch side: module, input specs, samples, source
+    onnx: Path  # the model to ship
+    unfused_onnx: Path
     sha256: str  # of ``onnx`` as validated; the bundle's copy must match it
-    inputs: tuple[TensorSpec, ...]
+    inputs: tuple[TensorSpec, ...]  # dims with symbolic "batch" and "sequence"
     outputs: tuple[TensorSpec, ...]
     opset: int
     exporter: Exporter  # the one that produced ``onnx``
-    max_seq_len: int
-    source: dict[str, Any]  # kind, spec, sha256 of what was loaded
-    samples: Samples  # the real rows the cases were cut from
     cases: tuple[Case, ...]  # validation shapes, as ONNX Runtime feeds
     references: tuple[Outputs, ...]  # PyTorch's outputs for each case
     validation: ValidationReport  # of ``onnx``
     unfused_validation: ValidationReport  # of ``unfused_onnx``
-    fusions: dict[str, int]  # fused op type -> count; empty when not optimized
+    fusions: dict[str, int]  # fused op type -> count
     attempts: tuple[str, ...] = ()  # why earlier exporters were passed over (AUTO)
     tools: dict[str, str] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+
+    @property
+    def task(self) -> str:
+        return self.model.task
+
+    @property
+    def source(self) -> dict[str, Any]:
+        return self.model.source
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return self.model.extra
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.max_seq_len
+
+    @property
+    def samples(self) -> Samples:
+        return self.model.samples
 
     def export_record(self) -> dict[str, Any]:
         """The manifest's ``export`` field: how the model was made and what validated it."""
@@ -161,28 +192,22 @@ def export_fp32(
             attempts.append(f"{exporter.value}: {str(e).splitlines()[0]}")
             errors.append(e)
             continue
-        onnx_path, unfused, report, unfused_report, fusions = made
         return ExportResult(
-            name=Path(str(model_spec)).name.replace(":", "-"),
-            task=model.task,
-            onnx=onnx_path,
-            unfused_onnx=unfused,
-            sha256=sha256_file(onnx_path),
+            model=model,
+            onnx=made.onnx,
+            unfused_onnx=made.unfused_onnx,
+            sha256=sha256_file(made.onnx),
             inputs=input_specs(model),
             outputs=outputs,
-            opset=opset_of(onnx_path),
+            opset=opset_of(made.onnx),
             exporter=exporter,
-            max_seq_len=model.max_seq_len,
-            source=model.source,
-            samples=model.samples,
             cases=cases,
             references=refs,
-            validation=report,
-            unfused_validation=unfused_report,
-            fusions=fusions,
+            validation=made.validation,
+            unfused_validation=made.unfused_validation,
+            fusions=made.fusions,
             attempts=tuple(attempts),
             tools=tool_versions(),
-            extra=model.extra,
             seconds=time.perf_counter() - t0,
         )
     raise _combine(errors, order)
@@ -197,7 +222,7 @@ def _export_one(
     outputs: tuple[TensorSpec, ...],
     cfg: ExportConfig,
     on_stage: StageCallback | None,
-) -> tuple[Path, Path, ValidationReport, ValidationReport, dict[str, int]]:
+) -> Candidate:
     check = dict(inputs=model.input_names, outputs=model.outputs, atol=cfg.atol, rtol=cfg.rtol)
     raw = workdir / f"{exporter.value}-export.onnx"
     _stage(on_stage, f"exporting ({exporter.value})", 2)
@@ -206,12 +231,13 @@ def _export_one(
     _stage(on_stage, f"validating at {len(cases)} shapes", 3)
     raw_report = validate(raw, cases, refs, **check)
     if not cfg.optimize:
-        return raw, raw, raw_report, raw_report, {}
+        return Candidate(raw, raw, raw_report, raw_report, {})
     fused_path = workdir / f"{exporter.value}-fused.onnx"
     _stage(on_stage, "fusing (ONNX Runtime transformer optimizer)", 4)
     fusions = fuse(raw, fused_path, num_heads=model.num_heads, hidden_size=model.hidden_size)
     _stage(on_stage, "validating the fused graph", 5)
-    return fused_path, raw, validate(fused_path, cases, refs, **check), raw_report, fusions
+    fused_report = validate(fused_path, cases, refs, **check)
+    return Candidate(fused_path, raw, fused_report, raw_report, fusions)
 
 
 def _combine(errors: list[ExportError], order: tuple[Exporter, ...]) -> ExportError:

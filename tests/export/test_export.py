@@ -333,3 +333,26 @@ def test_hugging_face_classifier_exports_with_labels_and_fusions(tiny_bert_class
     assert m.extra["labels"] == ["negative", "neutral", "positive"]
     assert_validated(m)
     assert m.export["fusion_summary"]["Attention"] == 2  # eager attention fused, both layers
+
+
+def test_later_stages_add_variants_gates_and_report_sections(digits_result, tmp_path):
+    """The seam quantization uses: export_fp32's result + more variants -> one bundle."""
+    from quantgate.export import ExtraVariant
+
+    speed = qb.GateResult("speedup_b1_s128", 0.9, 1.2, ">=", False, provider="CPUExecutionProvider")
+    b = write_bundle(
+        digits_result,
+        tmp_path / "b",
+        variants=[ExtraVariant(digits_result.unfused_onnx, "int8", gates=(speed,))],
+        calibration={"source": "digits calibration split", "samples": 200},
+        report_sections=["## Gates\n\nspeed: 0.90x < 1.20x"],
+    )
+    m = b.manifest
+    assert [v.precision for v in m.variants] == ["fp32", "int8"]
+    assert m.variant("int8").verdict == qb.FAIL and m.verdict == qb.FAIL  # written, not hidden
+    assert m.variant("int8").sha256 == qb.sha256_file(b.file("int8"))
+    assert m.calibration["samples"] == 200
+    assert b.report.read_text().rstrip().endswith("speed: 0.90x < 1.20x")
+    with pytest.raises(BundleError, match="invalid or repeated"):
+        write_bundle(digits_result, tmp_path / "c", variants=[ExtraVariant(b.file("int8"), "fp32")])
+    assert not (tmp_path / "c").exists()
