@@ -1,0 +1,588 @@
+"""Calibration and evaluation data: sources of ONNX Runtime feeds, streamed in batches.
+
+A source is re-iterable: ``source.batches()`` starts over on every call and yields
+``Batch(feeds, labels)`` of at most ``batch_size`` rows, so the search can calibrate and
+evaluate as often as it needs while memory stays bounded by one batch (plus one int per
+sample for length-stratified selection). ``source()`` yields the feeds alone: the
+``calibration`` callable that ``quantize.recipes.quantize`` takes.
+
+Where the data comes from (``open_source``):
+
+- nothing, for the built-in digits model: its fixed calibration split (200 images) and its
+  labelled test split (360 images), never trained on;
+- ``*.npz``: one ``(N, T)`` array per model input, optionally ``labels`` ``(N,)``;
+- ``*.jsonl``: one ``{"text": ..., "label": ...}`` object per line (``label`` optional),
+  tokenized with the model's own tokenizer, read line by line and tokenized batch by batch;
+- in the API, any iterable of feed dicts (each a batch; a ``"labels"`` entry is taken as
+  labels), or a callable returning one.
+
+``samples`` caps how many rows are used. The rows kept are stratified by length: sorted by
+real length and picked at evenly spaced quantiles, so a short cap still covers short and
+long sequences in the proportions of the file. Rows are then batched in length order, so
+little padding is added (padding would otherwise calibrate the ranges of pad activations).
+
+Every source has a content ``sha256`` (of the bytes read plus the selection) for the
+manifest. Problems are collected and raised as one ``DataError``: what was expected, what
+was found, what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantgate.bundle import Manifest, TensorSpec
+from quantgate.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Feeds = dict[str, np.ndarray]
+LABELS = "labels"
+DEFAULT_BATCH = 16  # rows per feed; calibration statistics do not depend on it
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What data must fit: the model's inputs, task, longest sequence and tokenizer."""
+
+    inputs: tuple[TensorSpec, ...]
+    task: str
+    max_seq_len: int
+    builtin: bool = False  # the built-in digits classifier: its own splits are the default
+    tokenizer: str | None = None  # Hugging Face tokenizer directory, for JSONL text
+    pad_values: dict[str, int] = field(default_factory=dict)  # per input; default 0
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @classmethod
+    def from_export(cls, result: Any) -> ModelInfo:
+        """From an ``export.ExportResult``."""
+        return cls._make(
+            result.inputs, result.task, result.max_seq_len, result.source, result.extra
+        )
+
+    @classmethod
+    def from_manifest(cls, m: Manifest) -> ModelInfo:
+        return cls._make(m.inputs, m.task, int(m.export.get("max_seq_len") or 0), m.source, m.extra)
+
+    @classmethod
+    def _make(cls, inputs, task, max_seq_len, source, extra) -> ModelInfo:
+        hf = (extra or {}).get("huggingface") or {}
+        pads = {}
+        if hf.get("tokenizer"):
+            pads = {"input_ids": _hf_pad_id(hf["tokenizer"])}
+        return cls(
+            inputs=tuple(inputs),
+            task=task,
+            max_seq_len=max_seq_len,
+            builtin=(source or {}).get("kind") == "checkpoint",
+            tokenizer=hf.get("tokenizer"),
+            pad_values=pads,
+        )
+
+
+@dataclass(frozen=True)
+class Batch:
+    feeds: Feeds
+    labels: np.ndarray | None  # (B,) int64 when the source has labels
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A re-iterable stream of batches; ``source()`` yields feeds (a calibration reader)."""
+
+    description: str  # for the report: what, from where, how many
+    kind: str  # "builtin" | "npz" | "jsonl" | "iterable"
+    samples: int  # rows it yields
+    has_labels: bool
+    sha256: str
+    _batches: Callable[[], Iterator[Batch]] = field(repr=False)
+    lengths: tuple[int, int] = (0, 0)  # shortest and longest real length among the rows
+
+    def batches(self) -> Iterator[Batch]:
+        return self._batches()
+
+    def __call__(self) -> Iterator[Feeds]:
+        return (b.feeds for b in self._batches())
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's view: source, sha256, samples."""
+        return {
+            "source": self.description,
+            "kind": self.kind,
+            "sha256": self.sha256,
+            "samples": self.samples,
+            "labels": self.has_labels,
+            "lengths": list(self.lengths),
+        }
+
+
+DataSpec = str | Path | Iterable[Mapping[str, np.ndarray]] | Callable[[], Iterable] | DataSource
+
+
+def open_source(
+    spec: DataSpec | None,
+    model: ModelInfo,
+    *,
+    role: str,
+    samples: int | None = None,
+    batch_size: int = DEFAULT_BATCH,
+) -> DataSource:
+    """Resolve ``spec`` (a path, an iterable, or None for the built-in split) into a source.
+
+    ``role`` is "calibration" or "evaluation": it names the flag in messages and picks the
+    built-in split ("calibration" or "test").
+    """
+    if samples is not None and samples < 1:
+        raise DataError(f"--samples must be at least 1, got {samples}")
+    flag = "--calibration" if role == "calibration" else "--eval"
+    if isinstance(spec, DataSource):
+        return spec
+    if spec is None:
+        if not model.builtin:
+            raise DataError(
+                f"no {role} data: {flag} PATH is required for this model (a .jsonl of "
+                '{"text": ..., "label": ...} lines, or a .npz with one array per input: '
+                f"{', '.join(model.input_names)}). Only the built-in digits model has its own."
+            )
+        return _builtin(model, role, samples, batch_size)
+    if isinstance(spec, (str, Path)):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise DataError(f"{flag} {path}: no such file. Expected a .jsonl or .npz file.")
+        suffix = path.suffix.lower()
+        if suffix == ".npz":
+            return _npz(path, model, samples, batch_size, flag)
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            return _jsonl(path, model, samples, batch_size, flag)
+        raise DataError(
+            f"{flag} {path}: unknown format {suffix or '(no suffix)'}; expected .jsonl (text) "
+            "or .npz (arrays named after the model inputs)"
+        )
+    return _iterable(spec, model, samples, batch_size)
+
+
+# -- selection -----------------------------------------------------------------------------
+
+
+def stratified(lengths: np.ndarray, k: int | None) -> np.ndarray:
+    """Indices of ``k`` rows at evenly spaced length quantiles, in length order.
+
+    Deterministic; with ``k`` None or >= len(lengths), every row, in length order.
+    """
+    order = np.argsort(lengths, kind="stable")
+    if k is None or k >= len(order):
+        return order
+    picks = np.unique(np.round(np.linspace(0, len(order) - 1, k)).astype(np.int64))
+    return order[picks]
+
+
+def _chunks(indices: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(indices), size):
+        yield indices[start : start + size]
+
+
+def _lengths(mask_or_ids: np.ndarray, pad: int | None) -> np.ndarray:
+    a = mask_or_ids.reshape(len(mask_or_ids), -1) if mask_or_ids.ndim > 2 else mask_or_ids
+    if a.ndim == 1:
+        return np.ones(len(a), dtype=np.int64)
+    if pad is None:  # an attention mask: ones mark real tokens
+        return a.astype(bool).sum(1)
+    return (a != pad).sum(1)
+
+
+def _trim(feeds: Feeds, model: ModelInfo) -> Feeds:
+    """Drop trailing all-padding columns of a length-sorted batch (variable-length models)."""
+    mask = feeds.get("attention_mask")
+    if mask is None or _fixed_seq(model) is not None or mask.ndim != 2:
+        return feeds
+    width = int(mask.astype(bool).any(0).nonzero()[0].max(initial=0)) + 1
+    return {k: (v[:, :width] if v.ndim >= 2 else v) for k, v in feeds.items()}
+
+
+def _fixed_seq(model: ModelInfo) -> int | None:
+    for t in model.inputs:
+        if len(t.dims) >= 2 and isinstance(t.dims[1], int):
+            return t.dims[1]
+    return None
+
+
+# -- checks --------------------------------------------------------------------------------
+
+
+def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -> Feeds:
+    """Names, then ranks and batch sizes, then sequence limits; one DataError listing all."""
+    problems: list[str] = []
+    missing = [n for n in model.input_names if n not in feeds]
+    extra = [n for n in feeds if n not in model.input_names and n != LABELS]
+    if missing:
+        problems.append(f"missing input(s) {missing}")
+    if extra:
+        problems.append(f"unknown input(s) {extra}")
+    out: Feeds = {}
+    batch = set()
+    for spec in model.inputs:
+        if spec.name not in feeds:
+            continue
+        a = np.asarray(feeds[spec.name])
+        if a.ndim != len(spec.dims):
+            problems.append(
+                f"{spec.name}: rank {a.ndim} (shape {tuple(a.shape)}), expected "
+                f"{len(spec.dims)} dims ({', '.join(map(str, spec.dims))})"
+            )
+            continue
+        for d, (got, want) in enumerate(zip(a.shape, spec.dims, strict=True)):
+            if isinstance(want, int) and got != want:
+                problems.append(f"{spec.name}: dim {d} is {got}, the model needs {want}")
+        if a.ndim >= 2 and model.max_seq_len and a.shape[1] > model.max_seq_len:
+            problems.append(
+                f"{spec.name}: sequence {a.shape[1]} is longer than the model's {model.max_seq_len}"
+            )
+        want_dtype = np.dtype(spec.dtype)
+        if a.dtype != want_dtype:
+            if not np.can_cast(a.dtype, want_dtype, casting="same_kind"):
+                problems.append(f"{spec.name}: dtype {a.dtype}, expected {want_dtype}")
+                continue
+            a = a.astype(want_dtype)
+        batch.add(a.shape[0])
+        out[spec.name] = a
+    if len(batch) > 1:
+        problems.append(f"inputs disagree on the number of rows: {sorted(batch)}")
+    if problems:
+        raise DataError(
+            f"{where} does not fit the model (inputs: "
+            + ", ".join(f"{t.name} {t.dtype} ({', '.join(map(str, t.dims))})" for t in model.inputs)
+            + "):\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+    return out
+
+
+def _check_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"{where}: labels must be {n} integers (one class index per row), "
+            f"found shape {labels.shape} dtype {labels.dtype}"
+        )
+    return labels.astype(np.int64)
+
+
+# -- sources -------------------------------------------------------------------------------
+
+
+def _builtin(model: ModelInfo, role: str, samples: int | None, batch_size: int) -> DataSource:
+    from quantgate.model.data import load_digits_splits
+
+    name = "calibration" if role == "calibration" else "test"
+    split = load_digits_splits()[name]
+    feeds = check_feeds(split.feeds(), model, f"the digits {name} split")
+    labels = split.labels
+    keep = stratified(_lengths(feeds["attention_mask"], None), samples)
+    h = hashlib.sha256(b"digits:" + name.encode())
+    for k in sorted(feeds):
+        h.update(np.ascontiguousarray(feeds[k][keep]).tobytes())
+    h.update(np.ascontiguousarray(labels[keep]).tobytes())
+
+    def batches() -> Iterator[Batch]:
+        for idx in _chunks(keep, batch_size):
+            yield Batch({k: v[idx] for k, v in feeds.items()}, labels[idx])
+
+    return DataSource(
+        description=f"built-in digits {name} split ({len(keep)} of {len(labels)} images)",
+        kind="builtin",
+        samples=len(keep),
+        has_labels=True,
+        sha256=h.hexdigest(),
+        _batches=batches,
+        lengths=(64, 64),
+    )
+
+
+def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, flag: str):
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.files)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{flag} {path}: not a readable .npz file ({e})") from e
+
+    def load() -> tuple[Feeds, np.ndarray | None]:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in keys}
+        labels = arrays.pop(LABELS, None)
+        feeds = check_feeds(arrays, model, f"{flag} {path}")
+        n = len(next(iter(feeds.values())))
+        if labels is not None:
+            labels = _check_labels(labels, n, f"{flag} {path}")
+        return feeds, labels
+
+    feeds, labels = load()
+    n = len(next(iter(feeds.values())))
+    if n == 0:
+        raise DataError(f"{flag} {path}: the arrays have no rows")
+    lengths = _row_lengths(feeds, model)
+    keep = stratified(lengths, samples)
+    del feeds, labels  # re-read per pass: arrays load one .npy member at a time
+    h = hashlib.sha256(_file_digest(path).encode())
+    h.update(keep.tobytes())
+
+    def batches() -> Iterator[Batch]:
+        feeds, labels = load()
+        for idx in _chunks(keep, batch_size):
+            b = _trim({k: v[idx] for k, v in feeds.items()}, model)
+            yield Batch(b, None if labels is None else labels[idx])
+
+    return DataSource(
+        description=f"{path.name}: {len(keep)} of {n} rows (npz)",
+        kind="npz",
+        samples=len(keep),
+        has_labels=LABELS in keys,
+        sha256=h.hexdigest(),
+        _batches=batches,
+        lengths=(int(lengths[keep].min()), int(lengths[keep].max())),
+    )
+
+
+def _row_lengths(feeds: Feeds, model: ModelInfo) -> np.ndarray:
+    if "attention_mask" in feeds:
+        return _lengths(feeds["attention_mask"], None)
+    first = model.inputs[0].name
+    return _lengths(feeds[first], model.pad_values.get(first, 0))
+
+
+def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, flag: str):
+    if model.tokenizer is None:
+        raise DataError(
+            f"{flag} {path}: JSONL text needs the model's tokenizer, and this model has none "
+            f"(it is not a Hugging Face model). Pass a .npz with arrays "
+            f"{', '.join(model.input_names)} instead."
+        )
+    tok = _tokenizer(model.tokenizer)
+    limit = model.max_seq_len or None
+    # Pass 1: byte offset, token count and label presence of every line; nothing else kept.
+    offsets, lengths, problems = [], [], []
+    labelled = None
+    with open(path, "rb") as f:
+        texts, starts = [], []
+        pos = 0
+        for lineno, line in enumerate(f, 1):
+            start, pos = pos, pos + len(line)
+            if not line.strip():
+                continue
+            row = _parse_line(line, lineno, problems)
+            if row is None:
+                continue
+            has = "label" in row and row["label"] is not None
+            if labelled is None:
+                labelled = has
+            elif has != labelled and len(problems) < 10:
+                problems.append(f"line {lineno}: label present on some lines but not others")
+            texts.append(row["text"])
+            starts.append(start)
+            if len(texts) == 256:
+                lengths.extend(_token_counts(tok, texts, limit))
+                offsets.extend(starts)
+                texts, starts = [], []
+        if texts:
+            lengths.extend(_token_counts(tok, texts, limit))
+            offsets.extend(starts)
+    if problems:
+        raise DataError(
+            f"{flag} {path}: expected one JSON object per line with a non-empty string "
+            '"text" and an optional integer "label":\n' + "\n".join(f"  - {p}" for p in problems)
+        )
+    if not offsets:
+        raise DataError(f"{flag} {path}: the file has no lines of text")
+    lengths_a = np.asarray(lengths, dtype=np.int64)
+    offsets_a = np.asarray(offsets, dtype=np.int64)
+    keep = stratified(lengths_a, samples)
+    h = hashlib.sha256(_file_digest(path).encode())
+    h.update(keep.tobytes())
+    h.update(f"{model.tokenizer}:{limit}".encode())
+
+    def batches() -> Iterator[Batch]:
+        with open(path, "rb") as f:
+            for idx in _chunks(keep, batch_size):
+                rows = []
+                for off in offsets_a[idx]:
+                    f.seek(int(off))
+                    rows.append(json.loads(f.readline()))
+                feeds = _encode(tok, [r["text"] for r in rows], model, limit)
+                labels = np.array([r["label"] for r in rows], np.int64) if labelled else None
+                yield Batch(feeds, labels)
+
+    return DataSource(
+        description=f"{path.name}: {len(keep)} of {len(offsets_a)} texts (JSONL, model tokenizer)",
+        kind="jsonl",
+        samples=len(keep),
+        has_labels=bool(labelled),
+        sha256=h.hexdigest(),
+        _batches=batches,
+        lengths=(int(lengths_a[keep].min()), int(lengths_a[keep].max())),
+    )
+
+
+def _parse_line(line: bytes, lineno: int, problems: list[str]) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError as e:
+        if len(problems) < 10:
+            problems.append(f"line {lineno}: not JSON ({e})")
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"]:
+        if len(problems) < 10:
+            problems.append(f'line {lineno}: no non-empty string "text" ({line[:60]!r})')
+        return None
+    label = row.get("label")
+    if label is not None and (not isinstance(label, int) or isinstance(label, bool)):
+        if len(problems) < 10:
+            problems.append(f'line {lineno}: "label" must be an integer class index, got {label!r}')
+        return None
+    return row
+
+
+def _tokenizer(directory: str):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means the same to the user
+        raise DataError(f"cannot load the model's tokenizer from {directory}: {e}") from e
+
+
+def _hf_pad_id(directory: str) -> int:
+    try:
+        cfg = json.loads((Path(directory) / "config.json").read_text())
+        return int(cfg.get("pad_token_id") or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _token_counts(tok, texts: list[str], limit: int | None) -> list[int]:
+    enc = tok(texts, truncation=limit is not None, max_length=limit)
+    return [len(ids) for ids in enc["input_ids"]]
+
+
+def _encode(tok, texts: list[str], model: ModelInfo, limit: int | None) -> Feeds:
+    enc = tok(
+        texts, truncation=limit is not None, max_length=limit, padding=True, return_tensors="np"
+    )
+    feeds = {}
+    for spec in model.inputs:
+        if spec.name in enc:
+            feeds[spec.name] = enc[spec.name].astype(spec.dtype)
+        elif spec.name == "token_type_ids":
+            feeds[spec.name] = np.zeros_like(enc["input_ids"], dtype=spec.dtype)
+    return check_feeds(feeds, model, "tokenized text")
+
+
+def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> DataSource:
+    """A Python iterable (or a callable returning one) of feed dicts, each a batch."""
+    make = spec if callable(spec) else None
+    if make is None:
+        it = spec
+        if iter(it) is it:  # a one-shot iterator: kept in memory so it can be re-read
+            it = list(it)
+        make = lambda: it  # noqa: E731
+    rows, labelled, h = 0, None, hashlib.sha256(b"iterable")
+    lo, hi = None, 0
+    for i, feeds in enumerate(make()):
+        labels = feeds.get(LABELS) if isinstance(feeds, Mapping) else None
+        if not isinstance(feeds, Mapping):
+            raise DataError(f"data item {i} is a {type(feeds).__name__}; expected a dict of arrays")
+        f = check_feeds(feeds, model, f"data item {i}")
+        n = len(next(iter(f.values())))
+        if labels is not None:
+            _check_labels(labels, n, f"data item {i}")
+        if labelled is not None and (labels is not None) != labelled:
+            raise DataError(f"data item {i}: labels on some items but not others")
+        labelled = labels is not None
+        lens = _row_lengths(f, model)
+        lo, hi = min(lo if lo is not None else 1 << 30, int(lens.min())), max(hi, int(lens.max()))
+        for k in sorted(f):
+            h.update(np.ascontiguousarray(f[k]).tobytes())
+        rows += n
+        if samples is not None and rows >= samples:
+            break
+    if not rows:
+        raise DataError("the data iterable yielded no rows")
+    total = rows if samples is None else min(rows, samples)
+
+    def batches() -> Iterator[Batch]:
+        left = total
+        for feeds in make():
+            f = check_feeds(feeds, model, "data item")
+            labels = feeds.get(LABELS)
+            take = min(left, len(next(iter(f.values()))))
+            for s in range(0, take, batch_size):
+                sl = slice(s, min(take, s + batch_size))
+                yield Batch(
+                    {k: v[sl] for k, v in f.items()},
+                    None if labels is None else np.asarray(labels, np.int64)[sl],
+                )
+            left -= take
+            if left <= 0:
+                return
+
+    return DataSource(
+        description=f"Python iterable ({total} rows)",
+        kind="iterable",
+        samples=total,
+        has_labels=bool(labelled),
+        sha256=h.hexdigest(),
+        _batches=batches,
+        lengths=(lo or 0, hi),
+    )
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def counted(source: DataSource, on_rows: Callable[[int], None]) -> Callable[[], Iterator[Feeds]]:
+    """``source`` as a calibration callable that reports rows as they are read."""
+
+    def calibration() -> Iterator[Feeds]:
+        done = 0
+        for feeds in source():
+            yield feeds
+            done += len(next(iter(feeds.values())))
+            on_rows(done)
+
+    return calibration
+
+
+def write_npz(
+    path: str | Path, feeds: Mapping[str, np.ndarray], labels: Sequence[int] | None = None
+):
+    """Write feeds (and labels) as an .npz that ``--calibration``/``--eval`` accept."""
+    arrays = dict(feeds)
+    if labels is not None:
+        arrays[LABELS] = np.asarray(labels, np.int64)
+    np.savez(path, **arrays)
+    return Path(path)
+
+
+__all__ = [
+    "Batch",
+    "DataSource",
+    "ModelInfo",
+    "check_feeds",
+    "counted",
+    "open_source",
+    "stratified",
+    "write_npz",
+]
