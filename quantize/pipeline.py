@@ -1,0 +1,261 @@
+"""The whole pipeline: export -> calibrate -> quantize -> gate -> bundle, and re-gating.
+
+``build`` writes the bundle and its report in every case, then raises ``GateFailed``
+(exit 3) when the shipped INT8 candidate failed a gate; the INT8 variant is marked failed
+in the manifest, so ``serve`` refuses it. ``regate`` re-runs the gates of an existing
+bundle's INT8 variant on new evaluation data (for example after an ONNX Runtime upgrade)
+and rewrites its manifest and report atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from quantgate.bundle import (
+    MANIFEST,
+    REPORT,
+    Bundle,
+    check_writable_target,
+    load,
+    staging,
+    write_manifest,
+)
+from quantgate.errors import GateFailed
+from quantgate.export.config import ExportConfig
+from quantgate.quantize import report as reports
+from quantgate.quantize.data import DataSpec, ModelInfo, open_source
+from quantgate.quantize.gates import (
+    GateConfig,
+    accuracy_gates,
+    collect,
+    speed_gates,
+)
+from quantgate.quantize.search import ProgressFn, QuantConfig, SearchResult, search
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPORT, DEFAULT_QUANT, DEFAULT_GATES = ExportConfig(), QuantConfig(), GateConfig()
+INT8_PROVIDERS = ("CPUExecutionProvider",)
+INT8_NOT_FOR = ("CUDAExecutionProvider",)  # INT8 QDQ ran slower than FP32 on CUDA (DESIGN.md)
+
+
+def build(
+    model_spec: str | Path,
+    out: str | Path,
+    *,
+    export_cfg: ExportConfig = DEFAULT_EXPORT,
+    quant_cfg: QuantConfig = DEFAULT_QUANT,
+    gate_cfg: GateConfig = DEFAULT_GATES,
+    calibration: DataSpec | None = None,
+    evaluation: DataSpec | None = None,
+    force: bool = False,
+    on_progress: ProgressFn | None = None,
+) -> Bundle:
+    """Export ``model_spec``, search INT8 recipes, gate them, and write the bundle at ``out``.
+
+    Returns the bundle when every gate passed; otherwise writes it (INT8 marked failed)
+    and raises ``GateFailed`` with the bundle's path.
+    """
+    from quantgate.export import export_fp32, write_bundle
+
+    out = Path(out).absolute()
+    check_writable_target(out, force=force)  # before minutes of work
+    emit = on_progress or (lambda *a: None)
+    with tempfile.TemporaryDirectory(prefix="quantgate-build-") as tmp:
+        work = Path(tmp)
+
+        def on_stage(what: str, done: int, total: int) -> None:
+            emit("export", done, total, what)
+
+        result = export_fp32(model_spec, work, cfg=export_cfg, on_stage=on_stage)
+        emit("export", 7, 7, "validated")
+        info = ModelInfo.from_export(result)
+        cal = open_source(
+            calibration, info, role="calibration", samples=quant_cfg.calibration_samples
+        )
+        ev = open_source(evaluation, info, role="evaluation", samples=gate_cfg.eval_samples)
+        found = search(
+            result.onnx,
+            cal,
+            ev,
+            task=result.task,
+            inputs=result.inputs,
+            max_seq_len=result.max_seq_len,
+            workdir=work,
+            quant_cfg=quant_cfg,
+            gate_cfg=gate_cfg,
+            unfused=result.unfused_onnx,
+            on_progress=on_progress,
+        )
+        shipped = found.best
+        data = {"calibration": cal.record(), "evaluation": ev.record()}
+        plot = reports.plot_candidates(found, shipped, work / reports.PLOT)
+        sections = reports.sections(
+            found, shipped, gate_cfg, data, plot=reports.PLOT if plot else None
+        )
+        from quantgate.export import ExtraVariant
+
+        variant = ExtraVariant(
+            path=shipped.path,
+            precision="int8",
+            gates=shipped.gates,
+            providers=INT8_PROVIDERS,
+            recipe={**shipped.recipe, "candidate": shipped.name},
+            not_for=INT8_NOT_FOR,
+            notes=_notes(shipped),
+        )
+        extra = {**result.extra, "quantization": _summary(found, shipped, gate_cfg, plot)}
+        written = write_bundle(
+            dataclasses.replace(result, model=dataclasses.replace(result.model, extra=extra)),
+            out,
+            variants=[variant],
+            calibration={**data["calibration"], "evaluation": data["evaluation"]},
+            report_sections=sections,
+            name=export_cfg.name,
+            force=force,
+        )
+        if plot is not None:
+            _amend(written.path, {reports.PLOT: plot.read_bytes()})
+    bundle = load(out)
+    if not shipped.passed:
+        raise GateFailed(_failure_message(shipped.gates, out), bundle_path=str(out))
+    return bundle
+
+
+def regate(
+    bundle_path: str | Path,
+    evaluation: DataSpec | None = None,
+    gate_cfg: GateConfig = DEFAULT_GATES,
+    *,
+    on_progress: ProgressFn | None = None,
+) -> Bundle:
+    """Re-run the INT8 variant's gates on ``evaluation``; rewrite manifest and report atomically.
+
+    Raises ``GateFailed`` (after rewriting) when a gate fails.
+    """
+    emit = on_progress or (lambda *a: None)
+    bundle = load(bundle_path)  # verifies every file's sha256
+    m = bundle.manifest
+    int8 = m.variant("int8")
+    info = ModelInfo.from_manifest(m)
+    ev = open_source(evaluation, info, role="evaluation", samples=gate_cfg.eval_samples)
+    fp32_path, int8_path = bundle.file("fp32"), bundle.file("int8")
+    emit("search", 0, 1, "evaluating FP32 and INT8")
+    reference = collect(fp32_path, ev, provider=gate_cfg.provider, threads=gate_cfg.threads)
+    got = collect(int8_path, ev, provider=gate_cfg.provider, threads=gate_cfg.threads)
+    accuracy = accuracy_gates(reference, got, m.task, gate_cfg)
+
+    def on_timing(what: str, done: int, total: int) -> None:
+        emit("timing", done, total, what)
+
+    sample = next(ev.batches()).feeds
+    max_seq = int(m.export.get("max_seq_len") or gate_cfg.seq_len)
+    speed = speed_gates(
+        fp32_path, int8_path, m.inputs, max_seq, gate_cfg, sample=sample, on_progress=on_timing
+    )
+    emit("search", 1, 1, "done")
+    gates = (*accuracy, *speed)
+    verdict = "pass" if all(g.passed for g in gates) else "fail"
+    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    variants = tuple(
+        dataclasses.replace(v, gates=gates, verdict=verdict) if v is int8 else v for v in m.variants
+    )
+    regates = [
+        *m.extra.get("regates", []),
+        {"at": when, "evaluation": ev.record(), "verdict": verdict},
+    ]
+    manifest = dataclasses.replace(m, variants=variants, extra={**m.extra, "regates": regates})
+    section = "\n".join(
+        [
+            f"## Re-gated {when}",
+            "",
+            f"Verdict: **{verdict if verdict == 'pass' else 'FAIL'}**. The INT8 variant's gates were "
+            f"re-run with onnxruntime {_ort_version()} on {ev.description} "
+            f"(sha256 `{ev.sha256[:12]}`); they replace the gates in the manifest.",
+            "",
+            *reports.gate_table(gates),
+            "",
+        ]
+    )
+    report = _regated_report(bundle.report, section)
+    with staging(bundle.path) as tmp:
+        _link_all(bundle.path, tmp, skip={MANIFEST, REPORT})
+        write_manifest(tmp, manifest)
+        (tmp / REPORT).write_text(report)
+    regated = load(bundle.path)
+    if verdict != "pass":
+        raise GateFailed(_failure_message(gates, bundle.path), bundle_path=str(bundle.path))
+    return regated
+
+
+def _regated_report(path: Path, section: str) -> str:
+    """The old report with the new section after the title block (the newest first)."""
+    old = path.read_text() if path.is_file() else "# bundle\n"
+    head, sep, rest = old.partition("\n## ")
+    return head.rstrip() + "\n\n" + section + ("\n## " + rest if sep else "")
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _notes(c) -> str:
+    kept = f", {len(c.kept_fp32)} node(s) kept FP32" if c.kept_fp32 else ""
+    kind = "calibrated static" if c.method == "static" else "dynamic (uncalibrated)"
+    return f"recipe {c.name}: {kind} INT8{kept}"
+
+
+def _summary(found: SearchResult, shipped, gate_cfg: GateConfig, plot) -> dict[str, Any]:
+    return {
+        "shipped": shipped.name,
+        "passed": shipped.passed,
+        "candidates": [c.to_dict() for c in found.candidates],
+        "skipped": list(found.skipped),
+        "search_seconds": round(found.seconds, 1),
+        "budget_seconds": found.budget_s,
+        "gate_config": dataclasses.asdict(gate_cfg),
+        "plot": reports.PLOT if plot else None,
+    }
+
+
+def _failure_message(gates, where) -> str:
+    bad = [g for g in gates if not g.passed]
+    lines = [
+        f"{g.name} = {g.value:.4g}, required {g.op} {g.threshold:g}"
+        + (f" (interval {g.ci[0]:.4g}..{g.ci[1]:.4g})" if g.ci else "")
+        for g in bad
+    ]
+    return (
+        f"{len(bad)} gate(s) failed; the bundle at {where} is written and marked failed "
+        "(see its report.md):\n" + "\n".join(f"  - {line}" for line in lines)
+    )
+
+
+def _link_all(src: Path, dst: Path, *, skip: set[str]) -> None:
+    """Hard-link (or copy) every file of ``src`` into ``dst`` except ``skip``."""
+    for p in src.iterdir():
+        if p.is_file() and p.name not in skip:
+            try:
+                os.link(p, dst / p.name)
+            except OSError:
+                shutil.copy2(p, dst / p.name)
+
+
+def _amend(path: Path, files: dict[str, bytes]) -> None:
+    """Add files to a written bundle, atomically (the rest is hard-linked, not copied)."""
+    with staging(path) as tmp:
+        _link_all(path, tmp, skip=set(files))
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+
+
+__all__ = ["build", "regate"]

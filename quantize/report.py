@@ -1,0 +1,201 @@
+"""report.md sections for the INT8 stage, and the candidates plot saved into the bundle."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from quantgate.bundle import GateResult
+from quantgate.quantize.gates import GateConfig
+from quantgate.quantize.search import Candidate, SearchResult
+
+log = logging.getLogger(__name__)
+
+PLOT = "candidates.png"
+HEADING = "## INT8: gates and recipe search"
+
+
+def gate_table(gates: Sequence[GateResult]) -> list[str]:
+    lines = [
+        "| gate | value | 95% interval | threshold | result | how |",
+        "|---|---|---|---|---|---|",
+    ]
+    for g in gates:
+        ci = f"[{_num(g.ci[0])}, {_num(g.ci[1])}]" if g.ci else ""
+        verdict = "pass" if g.passed else "**FAIL**"
+        lines.append(
+            f"| {g.name} | {_num(g.value)} | {ci} | {g.op} {g.threshold:g} | {verdict} | "
+            f"{g.detail} |"
+        )
+    return lines
+
+
+def _num(v: float) -> str:
+    return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+
+
+def sections(
+    result: SearchResult,
+    shipped: Candidate,
+    gate_cfg: GateConfig,
+    data: dict[str, Any],
+    *,
+    plot: str | None = PLOT,
+) -> list[str]:
+    """Markdown for report.md: verdict, the shipped candidate's gates, all candidates, nodes."""
+    ok = shipped.passed
+    head = [
+        HEADING,
+        "",
+        (
+            f"Verdict: **{'pass' if ok else 'FAIL'}**. "
+            + (
+                f"Shipped `{shipped.name}`, the fastest of {sum(c.passed for c in result.candidates)} "
+                f"candidate(s) that passed every gate."
+                if ok
+                else f"No candidate passed every gate; `{shipped.name}`, the closest, is in the "
+                "bundle marked failed (serving refuses it)."
+            )
+        ),
+        "",
+        f"Calibration: {data['calibration']['source']} (sha256 `{data['calibration']['sha256'][:12]}`). "
+        f"Evaluation: {data['evaluation']['source']} (sha256 `{data['evaluation']['sha256'][:12]}`).",
+        "",
+        f"Thresholds: accuracy drop <= {gate_cfg.max_accuracy_drop:g} points "
+        f"({'upper CI bound' if gate_cfg.ci_rule == 'upper' else 'point estimate; CI reported'}), "
+        f"speedup >= {gate_cfg.min_speedup:g}x on {gate_cfg.provider}, without labels cosine >= "
+        f"{gate_cfg.min_cosine:g}, top-1 agreement >= {gate_cfg.min_top1_agreement:g}, "
+        f"KL <= {gate_cfg.max_kl:g}.",
+        "",
+        f"### Gates of `{shipped.name}`",
+        "",
+        *gate_table(shipped.gates),
+        "",
+    ]
+    return ["\n".join(head), "\n".join(candidates_table(result, shipped, plot))]
+
+
+def candidates_table(result: SearchResult, shipped: Candidate, plot: str | None) -> list[str]:
+    acc_names = sorted({g.name for c in result.candidates for g in c.accuracy})
+    speed_names = sorted(
+        {g.name for c in result.candidates for g in c.speed},
+        key=lambda n: int(n.split("_b")[1].split("_")[0]),
+    )
+    lines = [
+        "### Candidates tried",
+        "",
+        f"{len(result.candidates)} candidate(s) in {result.seconds:.0f}s "
+        f"(budget {result.budget_s:.0f}s)"
+        + (f"; not tried for lack of budget: {', '.join(result.skipped)}" if result.skipped else "")
+        + ". Dynamic recipes quantize activations at run time (no calibration).",
+        "",
+        "| # | candidate | method | "
+        + " | ".join([*acc_names, *speed_names])
+        + " | FP32 nodes | result |",
+        "|---|---|---|" + "---|" * (len(acc_names) + len(speed_names)) + "---|---|",
+    ]
+    for i, c in enumerate(result.candidates):
+        acc = {g.name: g for g in c.accuracy}
+        spd = {g.name: g for g in c.speed}
+        cells = [_cell(acc.get(n)) for n in acc_names] + [
+            _cell(spd.get(n), "x") for n in speed_names
+        ]
+        if c.error:
+            verdict = f"error: {c.error.splitlines()[0][:80]}"
+        else:
+            verdict = "pass" if c.passed else "fail"
+        mark = " **(shipped)**" if c is shipped else ""
+        lines.append(
+            f"| {i} | `{c.name}`{mark} | {c.method} | " + " | ".join(cells)
+            + f" | {len(c.kept_fp32)} | {verdict} |"
+        )  # fmt: skip
+    lines.append("")
+    costs = result.node_costs()
+    if costs:
+        lines += [
+            "### Nodes kept in FP32",
+            "",
+            "Chosen by sensitivity (FP32 vs INT8 intermediate outputs on calibration rows). "
+            "Cost: the round's loss of speedup (geometric mean over shapes), split evenly over "
+            "its nodes; gain: the accuracy gate before and after the round.",
+            "",
+            "| node | sensitivity | kept in | accuracy gate before -> after | speedup before -> after | cost per node |",
+            "|---|---|---|---|---|---|",
+            *(
+                f"| `{n.node}` | {n.sensitivity:.4g} | `{n.candidate}` | {n.accuracy_gate} "
+                f"{_num(n.accuracy_before)} -> {_num(n.accuracy_after)} | "
+                f"{n.speedup_before:.2f}x -> {n.speedup_after:.2f}x | {n.speedup_cost:+.3f}x |"
+                for n in costs
+            ),
+            "",
+        ]
+    elif shipped.kept_fp32:
+        lines += [
+            "### Nodes kept in FP32",
+            "",
+            f"The recipe keeps {len(shipped.kept_fp32)} node(s) in FP32: "
+            + ", ".join(f"`{n}`" for n in shipped.kept_fp32)
+            + ".",
+            "",
+        ]
+    if plot:
+        lines += [f"![accuracy vs speedup of every candidate]({plot})", ""]
+    return lines
+
+
+def _cell(g: GateResult | None, unit: str = "") -> str:
+    if g is None:
+        return ""
+    text = f"{g.value:.2f}{unit}" if unit else _num(g.value)
+    if g.ci and g.name == "accuracy_drop":
+        text += f" [{g.ci[0]:.2f}, {g.ci[1]:.2f}]"
+    return text if g.passed else f"**{text}**"
+
+
+def plot_candidates(result: SearchResult, shipped: Candidate, path: Path) -> Path | None:
+    """accuracy (the first accuracy gate) vs speedup of every candidate, the shipped one marked."""
+    made = [c for c in result.candidates if c.path is not None and c.accuracy and c.speed]
+    if not made:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gate = made[0].accuracy[0]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    try:
+        for c in made:
+            y = next((g.value for g in c.accuracy if g.name == gate.name), None)
+            if y is None:
+                continue
+            color = "tab:green" if c.passed else "tab:red"
+            if c is shipped:
+                ax.scatter(c.speedup, y, s=220, marker="*", color=color, zorder=3, label="shipped")
+            else:
+                ax.scatter(c.speedup, y, s=40, color=color, zorder=2)
+            ax.annotate(
+                c.name, (c.speedup, y), fontsize=7, xytext=(4, 4), textcoords="offset points"
+            )
+        ax.axhline(
+            gate.threshold,
+            color="grey",
+            ls="--",
+            lw=1,
+            label=f"{gate.name} {gate.op} {gate.threshold:g}",
+        )
+        ax.axvline(made[0].speed[0].threshold, color="grey", ls=":", lw=1, label="min speedup")
+        ax.set_xlabel("speedup vs FP32 (geometric mean over shapes)")
+        ax.set_ylabel(gate.name + (" (points)" if gate.name == "accuracy_drop" else ""))
+        ax.set_title("INT8 candidates (green: passed every gate)")
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+__all__ = ["HEADING", "PLOT", "gate_table", "plot_candidates", "sections"]

@@ -1,0 +1,349 @@
+"""The recipe search: try INT8 recipes, gate each, keep the fastest one that passes.
+
+1. Start from ``default_recipes()``: the best recipes for the detected CPU, best first.
+2. Quantize, then gate each candidate: accuracy (or fidelity) on the evaluation data
+   against FP32 outputs computed once, and speed against FP32 at the served shapes.
+3. When a candidate fails accuracy but is fast enough to be worth saving, ask
+   ``node_sensitivity`` which nodes lose most (FP32 vs INT8 intermediate outputs on
+   calibration rows), keep the worst ``sensitivity_top_k`` in FP32 and retry, up to
+   ``max_keep_rounds`` rounds per recipe.
+4. Stop when the queue is empty or ``search_budget_s`` is spent (the first candidate always
+   runs). Among the candidates that pass every gate, the fastest (geometric mean of the
+   speedups) is chosen, not the first.
+
+Every candidate is recorded, passing or not, with its gates; each round of nodes kept in
+FP32 records what it bought (accuracy) and what it cost (speedup).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quantgate.bundle import GateResult, TensorSpec
+from quantgate.errors import ConfigError, QuantizeError
+from quantgate.quantize.data import DataSource, counted
+from quantgate.quantize.gates import (
+    GateConfig,
+    Outputs,
+    accuracy_gates,
+    collect,
+    passed,
+    speed_gates,
+    speed_score,
+)
+
+log = logging.getLogger(__name__)
+
+# on_progress(task, done, total, status): task is "calibration", "search" or "timing".
+ProgressFn = Callable[[str, int, "int | None", str], None]
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    # Wall-clock seconds for the whole search (calibration, quantization, gates); checked
+    # before each new candidate, so the last one may overrun it. The first always runs.
+    search_budget_s: float = 900.0
+    calibration_samples: int | None = None  # cap on calibration rows (stratified); None: all
+    sensitivity_top_k: int = 4  # nodes moved to FP32 per round
+    max_keep_rounds: int = 3  # rounds of keeping nodes FP32, per starting recipe
+    sensitivity_samples: int = 32  # calibration rows compared node by node
+    max_candidates: int = 12
+    recipes: tuple[str, ...] = ()  # restrict default_recipes() to these names; empty: all
+
+    def __post_init__(self):
+        if self.search_budget_s <= 0:
+            raise ConfigError(f"--search-budget must be > 0 seconds, got {self.search_budget_s}")
+        if self.calibration_samples is not None and self.calibration_samples < 1:
+            raise ConfigError(f"--samples must be >= 1, got {self.calibration_samples}")
+        if self.sensitivity_top_k < 1 or self.max_candidates < 1 or self.max_keep_rounds < 0:
+            raise ConfigError("sensitivity_top_k and max_candidates >= 1, max_keep_rounds >= 0")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One recipe tried: its model, every gate, and what keeping nodes FP32 did."""
+
+    name: str
+    recipe: dict[str, Any]
+    method: str  # "static" (calibrated) or "dynamic"
+    path: Path | None  # None when quantization failed
+    accuracy: tuple[GateResult, ...] = ()
+    speed: tuple[GateResult, ...] = ()
+    kept_fp32: tuple[str, ...] = ()
+    added_fp32: tuple[tuple[str, float], ...] = ()  # nodes this round kept FP32, sensitivity
+    parent: str | None = None  # the candidate these nodes were added to
+    quantize_s: float = 0.0
+    error: str = ""
+
+    @property
+    def gates(self) -> tuple[GateResult, ...]:
+        return (*self.accuracy, *self.speed)
+
+    @property
+    def passed(self) -> bool:
+        return not self.error and passed(self.accuracy) and passed(self.speed)
+
+    @property
+    def accurate(self) -> bool:
+        return not self.error and passed(self.accuracy)
+
+    @property
+    def speedup(self) -> float:
+        return speed_score(self.speed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "method": self.method,
+            "passed": self.passed,
+            "accuracy": {g.name: g.value for g in self.accuracy},
+            "speedup": {g.name: g.value for g in self.speed},
+            "kept_fp32": list(self.kept_fp32),
+            "parent": self.parent,
+            "quantize_s": round(self.quantize_s, 1),
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """A node kept in FP32: how sensitive it was, and what its round cost and bought."""
+
+    node: str
+    sensitivity: float
+    candidate: str  # the candidate that first kept it
+    speedup_before: float
+    speedup_after: float
+    accuracy_gate: str
+    accuracy_before: float
+    accuracy_after: float
+    nodes_in_round: int
+
+    @property
+    def speedup_cost(self) -> float:
+        """Speedup lost by the round, split evenly over its nodes."""
+        return (self.speedup_before - self.speedup_after) / max(self.nodes_in_round, 1)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    candidates: tuple[Candidate, ...]
+    chosen: Candidate | None  # the fastest passing candidate; None when none passed
+    reference: Outputs  # FP32 outputs on the evaluation data
+    seconds: float
+    budget_s: float
+    skipped: tuple[str, ...] = ()  # recipes not tried because the budget ran out
+
+    @property
+    def best(self) -> Candidate:
+        """What to ship: the chosen one, else the closest to passing (for a failed bundle)."""
+        if self.chosen is not None:
+            return self.chosen
+        made = [c for c in self.candidates if c.path is not None]
+        if not made:
+            raise QuantizeError(
+                "no INT8 recipe produced a model:\n"
+                + "\n".join(f"  - {c.name}: {c.error}" for c in self.candidates)
+            )
+        return max(made, key=lambda c: (sum(g.passed for g in c.gates), c.accurate, c.speedup))
+
+    def node_costs(self) -> list[NodeCost]:
+        by_name = {c.name: c for c in self.candidates}
+        costs = []
+        for c in self.candidates:
+            parent = by_name.get(c.parent or "")
+            if parent is None or not c.added_fp32 or c.path is None:
+                continue
+            gate = c.accuracy[0] if c.accuracy else None
+            before = next((g.value for g in parent.accuracy if gate and g.name == gate.name), 0.0)
+            for node, score in c.added_fp32:
+                costs.append(
+                    NodeCost(
+                        node=node,
+                        sensitivity=score,
+                        candidate=c.name,
+                        speedup_before=parent.speedup,
+                        speedup_after=c.speedup,
+                        accuracy_gate=gate.name if gate else "",
+                        accuracy_before=before,
+                        accuracy_after=gate.value if gate else 0.0,
+                        nodes_in_round=len(c.added_fp32),
+                    )
+                )
+        return costs
+
+
+def search(
+    fp32: Path,
+    calibration: DataSource,
+    evaluation: DataSource,
+    *,
+    task: str,
+    inputs: Sequence[TensorSpec],
+    max_seq_len: int,
+    workdir: Path,
+    quant_cfg: QuantConfig | None = None,
+    gate_cfg: GateConfig | None = None,
+    unfused: Path | None = None,
+    on_progress: ProgressFn | None = None,
+) -> SearchResult:
+    """Try recipes within the budget; return every candidate and the fastest that passed."""
+    from quantgate.quantize.recipes import default_recipes
+
+    quant_cfg = quant_cfg or QuantConfig()
+    gate_cfg = gate_cfg or GateConfig()
+    t0 = time.monotonic()
+    emit = on_progress or (lambda *a: None)
+    reference = collect(fp32, evaluation, provider=gate_cfg.provider, threads=gate_cfg.threads)
+    sample = next(evaluation.batches()).feeds
+    recipes = list(default_recipes())
+    if quant_cfg.recipes:
+        names = {r.name for r in recipes}
+        unknown = [n for n in quant_cfg.recipes if n not in names]
+        if unknown:
+            raise ConfigError(f"unknown recipe(s) {unknown}; this CPU's are {sorted(names)}")
+        recipes = [r for r in recipes if r.name in quant_cfg.recipes]
+    # (recipe, parent candidate, nodes added with their sensitivity, round)
+    queue: deque = deque((r, None, (), 0) for r in recipes)
+    candidates: list[Candidate] = []
+    skipped: list[str] = []
+    while queue:
+        recipe, parent, added, rounds = queue.popleft()
+        elapsed = time.monotonic() - t0
+        if candidates and (
+            elapsed > quant_cfg.search_budget_s or len(candidates) >= quant_cfg.max_candidates
+        ):
+            skipped += [_name(recipe)] + [_name(r) for r, *_ in queue]
+            log.info("search budget spent after %.0fs; not tried: %s", elapsed, skipped)
+            break
+        emit("search", len(candidates), len(candidates) + len(queue) + 1, _name(recipe))
+        cand, qmodel = _try(
+            recipe, parent, added, fp32, unfused, calibration, evaluation, reference,
+            task=task, inputs=inputs, max_seq_len=max_seq_len, sample=sample,
+            workdir=workdir, index=len(candidates), gate_cfg=gate_cfg, emit=emit,
+        )  # fmt: skip
+        candidates.append(cand)
+        log.info(
+            "candidate %s: %s (%s)",
+            cand.name,
+            "pass" if cand.passed else "fail",
+            ", ".join(f"{g.name} {g.value:.4g}" for g in cand.gates) or cand.error,
+        )
+        if _worth_refining(cand, rounds, quant_cfg, gate_cfg):
+            nodes = _sensitive_nodes(fp32, qmodel, calibration, cand, quant_cfg)
+            if nodes:
+                more = recipe.with_keep_fp32([n for n, _ in nodes])
+                queue.appendleft((more, cand.name, nodes, rounds + 1))
+    emit("search", len(candidates), len(candidates), "done")
+    winners = [c for c in candidates if c.passed]
+    chosen = max(winners, key=lambda c: c.speedup) if winners else None
+    return SearchResult(
+        candidates=tuple(candidates),
+        chosen=chosen,
+        reference=reference,
+        seconds=time.monotonic() - t0,
+        budget_s=quant_cfg.search_budget_s,
+        skipped=tuple(skipped),
+    )
+
+
+def _name(recipe) -> str:
+    keep = tuple(getattr(recipe, "keep_fp32", ()) or ())
+    return recipe.name + (f"+fp32x{len(keep)}" if keep else "")
+
+
+def _try(
+    recipe, parent, added, fp32, unfused, calibration, evaluation, reference, *,
+    task, inputs, max_seq_len, sample, workdir, index, gate_cfg, emit,
+) -> tuple[Candidate, Any]:  # fmt: skip
+    from quantgate.quantize.recipes import quantize
+
+    name = _name(recipe)
+    method = getattr(recipe, "method", "static")
+    out = workdir / f"candidate-{index:02d}.int8.onnx"
+
+    def on_rows(done: int) -> None:
+        emit("calibration", done, calibration.samples, name)
+
+    t = time.monotonic()
+    try:
+        qm = quantize(fp32, recipe, counted(calibration, on_rows), out, unfused_model=unfused)
+    except QuantizeError as e:
+        return _failed(name, recipe, method, parent, added, str(e), time.monotonic() - t), None
+    except Exception as e:  # noqa: BLE001 - one recipe's crash must not end the search
+        log.exception("recipe %s crashed", name)
+        msg = f"{type(e).__name__}: {e}"
+        return _failed(name, recipe, method, parent, added, msg, time.monotonic() - t), None
+    got = collect(qm.path, evaluation, provider=gate_cfg.provider, threads=gate_cfg.threads)
+    accuracy = accuracy_gates(reference, got, task, gate_cfg)
+
+    def on_timing(what: str, done: int, total: int) -> None:
+        emit("timing", done, total, f"{name}: {what}")
+
+    speed = speed_gates(
+        fp32, qm.path, inputs, max_seq_len, gate_cfg, sample=sample, on_progress=on_timing
+    )
+    return (
+        Candidate(
+            name=name,
+            recipe=recipe.to_dict(),
+            method=method,
+            path=qm.path,
+            accuracy=tuple(accuracy),
+            speed=tuple(speed),
+            kept_fp32=tuple(recipe.keep_fp32),
+            added_fp32=tuple(added),
+            parent=parent,
+            quantize_s=float(getattr(qm, "seconds", time.monotonic() - t)),
+        ),
+        qm,
+    )
+
+
+def _failed(name, recipe, method, parent, added, error, seconds) -> Candidate:
+    log.warning("recipe %s failed to quantize: %s", name, error)
+    return Candidate(
+        name=name,
+        recipe=recipe.to_dict(),
+        method=method,
+        path=None,
+        kept_fp32=tuple(getattr(recipe, "keep_fp32", ()) or ()),
+        added_fp32=tuple(added),
+        parent=parent,
+        quantize_s=seconds,
+        error=error,
+    )
+
+
+def _worth_refining(c: Candidate, rounds: int, qc: QuantConfig, gc: GateConfig) -> bool:
+    """Inaccurate but fast: keeping a few nodes FP32 may save it. Slow: it cannot."""
+    if c.path is None or c.accurate or rounds >= qc.max_keep_rounds:
+        return False
+    return bool(c.speed) and min(g.value for g in c.speed) >= gc.min_speedup
+
+
+def _sensitive_nodes(fp32, qmodel, calibration, cand, qc: QuantConfig):
+    from quantgate.quantize.sensitivity import node_sensitivity
+
+    feeds, rows = [], 0
+    for f in calibration():
+        feeds.append(f)
+        rows += len(next(iter(f.values())))
+        if rows >= qc.sensitivity_samples:
+            break
+    try:
+        ranked = node_sensitivity(fp32, qmodel, feeds, top_k=qc.sensitivity_top_k * 2)
+    except Exception as e:  # noqa: BLE001 - no sensitivity: the search goes on without it
+        log.warning("sensitivity of %s failed: %s", cand.name, e)
+        return ()
+    fresh = [(n, float(s)) for n, s in ranked if n not in cand.kept_fp32]
+    return tuple(fresh[: qc.sensitivity_top_k])
+
+
+__all__ = ["Candidate", "NodeCost", "QuantConfig", "SearchResult", "search"]
