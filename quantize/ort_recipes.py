@@ -1,0 +1,210 @@
+"""ONNX Runtime's own quantizers as recipes: static QDQ, static QOperator, dynamic.
+
+These are the standard tools as a user would call them, kept for comparison and as search
+candidates. Calibration memory is bounded: ORT's calibrators keep every intermediate output
+of the feeds given to one ``collect_data`` call, so the reader is handed over in strides of
+at most ``MAX_STRIDE`` feeds (``CalibStridedMinMax``); after each stride MinMax merges its
+ranges and Entropy/Percentile their fixed-size histograms.
+
+Not ``CalibMaxIntermediateOutputs``: in ORT 1.32 ``MinMaxCalibrater.collect_data`` *clears*
+the collected outputs when that count is reached without reducing them first, so only the
+last partial chunk of the calibration set would set the ranges.
+
+If ``recipe.smooth_percentile`` is set, the FP32 model is first rewritten with the same
+exact smoothing as quantgate's own graph (``graph.py``), then handed to ORT.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto
+
+from quantgate.errors import DataError, QuantizeError
+from quantgate.quantize import graph
+from quantgate.quantize.recipes import Calibration, Recipe
+
+log = logging.getLogger(__name__)
+
+# Most feeds ORT's calibrator holds before it reduces them to running statistics.
+MAX_STRIDE = 16
+
+
+def _ort():
+    from onnxruntime import quantization as q
+
+    return q
+
+
+def _qtype(name: str):
+    q = _ort()
+    return {"uint8": q.QuantType.QUInt8, "int8": q.QuantType.QInt8}[name]
+
+
+def _method(name: str):
+    q = _ort()
+    return {
+        "minmax": q.CalibrationMethod.MinMax,
+        "entropy": q.CalibrationMethod.Entropy,
+        "percentile": q.CalibrationMethod.Percentile,
+    }[name]
+
+
+class _Reader:
+    """ORT's CalibrationDataReader protocol over a calibration callable, streaming, with the
+    ``len``/``set_range`` that ``CalibStridedMinMax`` needs (each range re-reads the source)."""
+
+    def __init__(self, calibration: Calibration, input_names: set[str]):
+        self._calibration = calibration
+        self._names = input_names
+        self._len = sum(1 for _ in calibration())
+        self._it: Iterator | None = None
+        self.set_range(0, self._len)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = itertools.islice(iter(self._calibration()), start_index, end_index)
+
+    def get_next(self):
+        feeds = next(self._it, None)
+        return None if feeds is None else {k: v for k, v in feeds.items() if k in self._names}
+
+    def stride(self) -> int:
+        """The largest divisor of the sample count up to MAX_STRIDE (ORT requires one)."""
+        return max(d for d in range(1, MAX_STRIDE + 1) if self._len % d == 0)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        feeds = self.get_next()
+        if feeds is None:
+            raise StopIteration
+        return feeds
+
+
+def _eligible(model: onnx.ModelProto, recipe: Recipe) -> tuple[list[str], list[str]]:
+    gemms, skipped = graph.find_gemms(model, recipe.op_types)
+    names = {n.name for n in model.graph.node}
+    unknown = sorted(set(recipe.keep_fp32) - names)
+    if unknown:
+        raise QuantizeError(
+            f"keep_fp32 names nodes the model does not have: {unknown[:5]}; names must come "
+            "from the graph being quantized (fused unless fuse_first=False)"
+        )
+    todo = [g.node for g in gemms if g.node not in recipe.keep_fp32]
+    kept = [g.node for g in gemms if g.node in recipe.keep_fp32] + sorted(skipped)
+    return todo, kept
+
+
+def _smoothed(src: Path, recipe: Recipe, calibration: Calibration, work: Path) -> Path:
+    """``src`` rewritten with exact smoothing of the GEMMs' inputs (or ``src`` unchanged)."""
+    if recipe.smooth_percentile is None:
+        return src
+    model = onnx.load(str(src))
+    gemms, _ = graph.find_gemms(model, recipe.op_types)
+    gemms = [g for g in gemms if g.node not in recipe.keep_fp32]
+    stats = graph.calibrate(model, [g.x for g in gemms], calibration)
+    graph.apply_smoothing(model, gemms, stats, recipe.smooth_percentile)
+    dst = work / "smoothed.onnx"
+    onnx.save(model, str(dst))
+    return dst
+
+
+def _which_quantized(src: onnx.ModelProto, out: Path, candidates: list[str]) -> list[str]:
+    """The candidates whose output is now produced by a quantized op (not the FP32 op)."""
+    result = onnx.load(str(out), load_external_data=False)
+    producer = {o: n for n in result.graph.node for o in n.output}
+    orig = {n.name: n for n in src.graph.node}
+    done = []
+    for name in candidates:
+        n = orig[name]
+        p = producer.get(n.output[0])
+        if p is None:
+            continue
+        dq_inputs = any(
+            producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
+            for i in p.input
+        )
+        if p.op_type != n.op_type or dq_inputs:
+            done.append(name)
+    return done
+
+
+def _static(src: Path, recipe: Recipe, calibration: Calibration, out: Path, fmt) -> tuple:
+    q = _ort()
+    with tempfile.TemporaryDirectory(prefix="qg-quant-", dir=out.parent) as tmp:
+        model_path = _smoothed(src, recipe, calibration, Path(tmp))
+        model = onnx.load(str(model_path))
+        todo, kept = _eligible(model, recipe)
+        reader = _Reader(calibration, {i.name for i in model.graph.input})
+        if len(reader) == 0:
+            raise DataError("the calibration source yielded no feeds; give it at least one")
+        q.quantize_static(
+            str(model_path),
+            str(out),
+            reader,
+            quant_format=fmt,
+            op_types_to_quantize=list(recipe.op_types),
+            per_channel=recipe.per_channel,
+            reduce_range=recipe.reduce_range,
+            activation_type=_qtype(recipe.activation_type),
+            weight_type=_qtype(recipe.weight_type),
+            nodes_to_quantize=todo,
+            calibrate_method=_method(recipe.calibration),
+            extra_options={
+                "ActivationSymmetric": recipe.activation_symmetric,
+                "WeightSymmetric": recipe.weight_symmetric,
+                "CalibStridedMinMax": reader.stride(),
+                "DefaultTensorType": TensorProto.FLOAT,  # com.microsoft outputs have no type
+            },
+        )
+        quantized = _which_quantized(model, out, todo)
+    return quantized, kept + [n for n in todo if n not in quantized]
+
+
+def quantize_static_qdq(src: Path, recipe: Recipe, calibration: Calibration, out: Path):
+    return _static(src, recipe, calibration, out, _ort().QuantFormat.QDQ)
+
+
+def quantize_static_qoperator(src: Path, recipe: Recipe, calibration: Calibration, out: Path):
+    return _static(src, recipe, calibration, out, _ort().QuantFormat.QOperator)
+
+
+def quantize_dynamic(src: Path, recipe: Recipe, calibration: Calibration, out: Path):
+    """ORT's dynamic quantization: weights offline, activation ranges at run time.
+    ``calibration`` is only read when the recipe smooths."""
+    q = _ort()
+    if recipe.activation_type != "uint8":
+        raise QuantizeError(
+            f"recipe {recipe.name!r}: ORT's dynamic quantization computes uint8 activations "
+            f"only, not {recipe.activation_type}"
+        )
+    with tempfile.TemporaryDirectory(prefix="qg-quant-", dir=out.parent) as tmp:
+        model_path = _smoothed(src, recipe, calibration, Path(tmp))
+        model = onnx.load(str(model_path))
+        todo, kept = _eligible(model, recipe)
+        q.quantize_dynamic(
+            str(model_path),
+            str(out),
+            op_types_to_quantize=list(recipe.op_types),
+            per_channel=recipe.per_channel,
+            reduce_range=recipe.reduce_range,
+            weight_type=_qtype(recipe.weight_type),
+            nodes_to_quantize=todo,
+            extra_options={
+                "WeightSymmetric": recipe.weight_symmetric,
+                # Shape inference cannot type com.microsoft outputs (fused graphs): without
+                # this ORT fails with "Unable to find data type for weight_name".
+                "DefaultTensorType": TensorProto.FLOAT,
+            },
+        )
+        quantized = _which_quantized(model, out, todo)
+    return quantized, kept + [n for n in todo if n not in quantized]

@@ -1,0 +1,168 @@
+"""quantgate's hand-built INT8 graph: statistics, exact smoothing, the rewrite, on tiny graphs."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tinygraphs.py, the shared tiny models
+from tinygraphs import attention, attention_feeds, mlp, mlp_feeds, rel_err, run
+
+from quantgate.errors import DataError, QuantizeError
+from quantgate.quantize import graph
+from quantgate.quantize.recipes import SMOOTH_STATIC, STATIC, quantize
+
+
+def ops(path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_channel_stats_leave_out_padding_rows():
+    st = graph.ChannelStats()
+    x = np.zeros((1, 3, 2), np.float32)
+    x[0, 2] = [100.0, -100.0]  # a padded position with garbage
+    x[0, 0] = [1.0, -2.0]
+    st.update(x, keep=np.array([[True, True, False]]))
+    np.testing.assert_array_equal(st.lo, [0.0, -2.0])
+    np.testing.assert_array_equal(st.hi, [1.0, 0.0])
+    assert st.count == 2
+
+
+def test_qparams_represent_zero_exactly():
+    for qtype, sym in (("uint8", False), ("uint8", True), ("int8", True), ("int8", False)):
+        scale, zp = graph.qparams(np.array(-0.3), np.array(5.1), qtype, sym)
+        q0 = np.round(0.0 / scale) + zp.astype(np.float64)
+        assert (q0 - zp.astype(np.float64)) * scale == 0.0
+        assert scale > 0
+    scale, zp = graph.qparams(np.array(-2.0), np.array(1.0), "int8", True)
+    assert zp == 0 and np.isclose(scale, 2.0 / 127)
+
+
+def test_smoothing_is_an_exact_fp32_rewrite(tmp_path):
+    src = mlp(tmp_path / "mlp.onnx")
+    feeds = mlp_feeds(4)
+    model = onnx.load(str(src))
+    gemms, _ = graph.find_gemms(model, ("MatMul",))
+    stats = graph.calibrate(model, [g.x for g in gemms], lambda: iter(feeds))
+    graph.apply_smoothing(model, gemms, stats, 75.0)
+    onnx.save(model, str(tmp_path / "smoothed.onnx"))
+    assert ops(tmp_path / "smoothed.onnx").count("Mul") == 2
+    for f in feeds:
+        ref, got = run(src, f), run(tmp_path / "smoothed.onnx", f)
+        np.testing.assert_allclose(got[0], ref[0], rtol=1e-4, atol=1e-4)
+
+
+def test_only_weight_gemms_are_quantized(tmp_path):
+    src = mlp(tmp_path / "mlp.onnx")
+    feeds = mlp_feeds(8)
+    qm = quantize(src, SMOOTH_STATIC, lambda: iter(feeds), tmp_path / "int8.onnx")
+    assert set(qm.quantized_nodes) == {"up", "down"}  # not the activation x activation "scores"
+    got = ops(qm.path)
+    assert got.count("MatMulIntegerToFloat") == 2 and got.count("QuantizeLinear") == 2
+    assert got.count("MatMul") == 1  # scores stays FP32
+    assert "DequantizeLinear" not in got  # outputs are never re-quantized
+    for f in feeds[:2]:
+        ref, q = run(src, f), run(qm.path, f)
+        assert rel_err(ref[0], q[0]) < 0.03
+        np.testing.assert_array_equal(ref[1], q[1])
+
+
+def test_smoothing_cuts_the_error_of_outlier_channels(tmp_path):
+    src = mlp(tmp_path / "mlp.onnx", outlier=60.0)
+    feeds = mlp_feeds(8, outlier=60.0)
+    plain = quantize(src, STATIC, lambda: iter(feeds), tmp_path / "plain.onnx")
+    smooth = quantize(src, SMOOTH_STATIC, lambda: iter(feeds), tmp_path / "smooth.onnx")
+    errs = {}
+    for name, qm in (("plain", plain), ("smooth", smooth)):
+        errs[name] = np.mean([rel_err(run(src, f)[0], run(qm.path, f)[0]) for f in feeds])
+    assert errs["smooth"] < 0.5 * errs["plain"], errs
+
+
+def test_one_pass_range_after_smoothing_is_exact(tmp_path):
+    """The per-tensor range of x/s derived from per-channel min/max equals the measured one."""
+    src = mlp(tmp_path / "mlp.onnx")
+    feeds = mlp_feeds(4)
+    model = onnx.load(str(src))
+    gemms, _ = graph.find_gemms(model, ("MatMul",))
+    stats = graph.calibrate(model, ["x"], lambda: iter(feeds))
+    s = graph.smoothing_scales(stats["x"].absmax, 75.0)
+    assert s.max() > 1  # the outlier channel is divided
+    graph.apply_smoothing(model, [g for g in gemms if g.x == "x"], stats, 75.0)
+    measured = graph.calibrate(model, ["x_smoothed"], lambda: iter(feeds))["x_smoothed"]
+    assert np.isclose((stats["x"].lo / s).min(), measured.lo.min(), rtol=1e-6)
+    assert np.isclose((stats["x"].hi / s).max(), measured.hi.max(), rtol=1e-6)
+
+
+def test_calibration_reads_each_feed_once_and_keeps_no_samples(tmp_path):
+    src = mlp(tmp_path / "mlp.onnx")
+    seen = []
+
+    def calibration():
+        for i, f in enumerate(mlp_feeds(30)):
+            seen.append(i)
+            yield f
+
+    stats = graph.calibrate(onnx.load(str(src)), ["x", "h"], calibration)
+    assert seen == list(range(30))  # one pass
+    assert stats["h"].lo.shape == (24,) and stats["h"].count == 30 * 2 * 6
+
+
+def test_keep_fp32_and_unknown_names(tmp_path):
+    src = mlp(tmp_path / "mlp.onnx")
+    feeds = mlp_feeds(4)
+    qm = quantize(
+        src, SMOOTH_STATIC.with_keep_fp32(["down"]), lambda: iter(feeds), tmp_path / "q.onnx"
+    )
+    assert qm.quantized_nodes == ("up",) and qm.kept_fp32 == ("down",)
+    assert ops(qm.path).count("MatMulIntegerToFloat") == 1
+    with pytest.raises(QuantizeError, match="does not have"):
+        quantize(
+            src, SMOOTH_STATIC.with_keep_fp32(["nope"]), lambda: iter(feeds), tmp_path / "x.onnx"
+        )
+
+
+def test_empty_calibration_is_a_data_error(tmp_path):
+    src = mlp(tmp_path / "mlp.onnx")
+    with pytest.raises(DataError, match="no feeds"):
+        quantize(src, SMOOTH_STATIC, lambda: iter([]), tmp_path / "q.onnx")
+
+
+def test_fused_attention_becomes_qattention(tmp_path):
+    src = attention(tmp_path / "attn.onnx")
+    feeds = attention_feeds(6)
+    qm = quantize(src, SMOOTH_STATIC, lambda: iter(feeds), tmp_path / "q.onnx")
+    assert set(qm.quantized_nodes) == {"attn", "out_proj"}
+    got = ops(qm.path)
+    assert "QAttention" in got and "Attention" not in got and "MatMulIntegerToFloat" in got
+    for f in feeds[:3]:
+        ref, q = run(src, f)[0], run(qm.path, f)[0]
+        assert rel_err(ref, q) < 0.03
+
+
+def test_attention_with_unsupported_inputs_stays_fp32(tmp_path):
+    src = attention(tmp_path / "attn.onnx")
+    m = onnx.load(str(src))
+    attn = next(n for n in m.graph.node if n.name == "attn")
+    attn.attribute.append(onnx.helper.make_attribute("qkv_hidden_sizes", [16, 16, 16]))
+    onnx.save(m, str(src))
+    feeds = attention_feeds(2)
+    qm = quantize(src, SMOOTH_STATIC, lambda: iter(feeds), tmp_path / "q.onnx")
+    assert "attn" in qm.kept_fp32 and qm.quantized_nodes == ("out_proj",)
+
+
+def test_per_tensor_and_reduce_range_weights(tmp_path):
+    src = mlp(tmp_path / "mlp.onnx")
+    feeds = mlp_feeds(4)
+    r = dataclasses.replace(STATIC, name="pt", per_channel=False, reduce_range=True)
+    qm = quantize(src, r, lambda: iter(feeds), tmp_path / "q.onnx")
+    init = {
+        i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(qm.path)).graph.initializer
+    }
+    wq = init["up_Wq"]
+    assert init["up_Wscale"].shape == () and np.abs(wq.astype(int)).max() <= 64
+    assert rel_err(run(src, feeds[0])[0], run(qm.path, feeds[0])[0]) < 0.1
