@@ -26,7 +26,7 @@ from rich.progress import (
 from rich.text import Text
 
 from quantgate import __version__
-from quantgate.errors import QuantgateError, exit_code
+from quantgate.errors import GateFailed, QuantgateError, exit_code
 from quantgate.export.config import ExportConfig, Exporter
 
 app = typer.Typer(
@@ -131,6 +131,26 @@ def train(
 
 
 _DEFAULT_EXPORT = ExportConfig()
+# Gate thresholds shared by `export` and `gate`; None: the config file's, else GateConfig's.
+_MaxDrop = Annotated[
+    float | None,
+    typer.Option(help="Accuracy gate: largest drop in points of the task metric [default: 1]."),
+]
+_MinSpeedup = Annotated[
+    float | None, typer.Option(help="Speed gate: INT8 vs FP32 at every shape [default: 1.2].")
+]
+_MinCosine = Annotated[
+    float | None, typer.Option(help="Fidelity without labels: mean cosine [default: 0.99].")
+]
+_MinTop1 = Annotated[
+    float | None,
+    typer.Option(
+        help="Fidelity without labels: top-1 / nearest-neighbour agreement [default: 0.95]."
+    ),
+]
+_GateFile = Annotated[
+    Path | None, typer.Option(help="TOML or JSON file of gate settings (flags override it).")
+]
 
 
 @app.command("export")
@@ -175,11 +195,38 @@ def export_command(
     force: Annotated[
         bool, typer.Option(help="Replace --out even if it is a directory that is not a bundle.")
     ] = False,
+    no_quantize: Annotated[
+        bool, typer.Option("--no-quantize", help="Stop after FP32: no INT8, no gates.")
+    ] = False,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="Calibration data: .jsonl ({'text': ...}) or .npz of inputs."),
+    ] = None,
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--eval", help="Held-out evaluation data (.jsonl with optional 'label', or .npz)."
+        ),
+    ] = None,
+    samples: Annotated[
+        int | None,
+        typer.Option(min=1, help="Calibration rows to use (length-stratified); default: all."),
+    ] = None,
+    search_budget: Annotated[
+        float, typer.Option(help="Seconds for the INT8 recipe search.")
+    ] = 900.0,
+    max_accuracy_drop: _MaxDrop = None,
+    min_speedup: _MinSpeedup = None,
+    min_cosine: _MinCosine = None,
+    min_top1: _MinTop1 = None,
+    gate_config: _GateFile = None,
 ) -> None:
-    """Export MODEL to ONNX FP32, validate it against PyTorch, fuse it, and write a bundle.
+    """Export MODEL, quantize it to INT8 with calibration data, gate it, write a bundle.
 
-    Validation compares real samples at several shapes (batch 1, a middle batch, the longest
-    and shortest sequence, padded rows). A mismatch exits 3 and leaves --out as it was.
+    FP32: validated against PyTorch on real samples at several shapes (a mismatch exits 3
+    and leaves --out as it was), then fused. INT8: a recipe search keeps the fastest
+    candidate that passes the accuracy and speed gates. The bundle and report.md are
+    written in every case; a failed gate marks the INT8 variant failed and exits 3.
     """
     from quantgate.export import export
 
@@ -193,6 +240,30 @@ def export_command(
         rtol=rtol,
         name=name,
     )
+    if not no_quantize:
+        from quantgate.quantize.pipeline import build
+        from quantgate.quantize.search import QuantConfig
+
+        gates = _gate_config(gate_config, max_accuracy_drop, min_speedup, min_cosine, min_top1)
+        quant = QuantConfig(search_budget_s=search_budget, calibration_samples=samples)
+        try:
+            with progress() as bar:
+                bundle = build(
+                    model,
+                    out_dir,
+                    export_cfg=cfg,
+                    quant_cfg=quant,
+                    gate_cfg=gates,
+                    calibration=calibration,
+                    evaluation=eval_data,
+                    force=force,
+                    on_progress=_bars(bar),
+                )
+        except GateFailed as failed:
+            _print_gates(Path(failed.bundle_path or out_dir))
+            raise
+        _print_gates(bundle.path)
+        return
     with progress() as bar:
         stage = bar.add_task("export", total=None, status="")
 
@@ -207,6 +278,91 @@ def export_command(
         out.print(f"  {output}: max abs diff {diff:.2e} over {len(val['cases'])} shapes")
     fused = ", ".join(f"{k} {v}" for k, v in e["fusions"].items()) or "none"
     out.print(f"  fusions: {fused}")
+
+
+@app.command()
+def gate(
+    path: Annotated[
+        Path, typer.Argument(help="A bundle with an INT8 variant.", show_default=False)
+    ],
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--eval",
+            help="Evaluation data (.jsonl or .npz); the built-in model's test split by default.",
+        ),
+    ] = None,
+    max_accuracy_drop: _MaxDrop = None,
+    min_speedup: _MinSpeedup = None,
+    min_cosine: _MinCosine = None,
+    min_top1: _MinTop1 = None,
+    gate_config: _GateFile = None,
+) -> None:
+    """Re-run the INT8 variant's gates on a bundle (e.g. in CI after an ONNX Runtime upgrade).
+
+    Rewrites the manifest and report.md atomically with the new gates. Exit 0: every gate
+    passed; 3: a gate failed (the bundle is marked failed); 2: bad bundle or data.
+    """
+    from quantgate.quantize.pipeline import regate
+
+    gates = _gate_config(gate_config, max_accuracy_drop, min_speedup, min_cosine, min_top1)
+    try:
+        with progress() as bar:
+            bundle = regate(path, eval_data, gates, on_progress=_bars(bar))
+    except GateFailed:
+        _print_gates(path)
+        raise
+    _print_gates(bundle.path)
+
+
+def _gate_config(file, max_accuracy_drop, min_speedup, min_cosine, min_top1):
+    from quantgate.quantize.gates import GateConfig
+
+    overrides = dict(
+        max_accuracy_drop=max_accuracy_drop,
+        min_speedup=min_speedup,
+        min_cosine=min_cosine,
+        min_top1_agreement=min_top1,
+    )
+    if file is not None:
+        return GateConfig.from_file(file, **overrides)
+    return GateConfig().with_overrides(**overrides)
+
+
+def _bars(bar: Progress):
+    """on_progress for the pipeline: one bar per task (export, calibration, search, timing)."""
+    tasks: dict[str, object] = {}
+
+    def on_progress(task: str, done: int, total: int | None, status: str) -> None:
+        if task not in tasks:
+            tasks[task] = bar.add_task(task, total=total, status="")
+        bar.update(tasks[task], completed=done, total=total, status=status)
+
+    return on_progress
+
+
+def _print_gates(path: Path) -> None:
+    """The verdict and every INT8 gate, on stdout."""
+    from quantgate.bundle import load
+
+    try:
+        m = load(path, verify=False).manifest
+    except QuantgateError:
+        return
+    out.print(f"bundle {path}: verdict {m.verdict}", highlight=False, soft_wrap=True)
+    for v in m.variants:
+        if v.precision == "fp32":
+            continue
+        out.print(f"  {v.file} ({v.notes or v.precision}): {v.verdict}", highlight=False)
+        for g in v.gates:
+            ci = f" [{g.ci[0]:.4g}, {g.ci[1]:.4g}]" if g.ci else ""
+            mark = "pass" if g.passed else "FAIL"
+            out.print(
+                f"    {g.name} {g.value:.4g}{ci} {g.op} {g.threshold:g}: {mark}",
+                highlight=False,
+                soft_wrap=True,
+            )
+    out.print(f"  report: {path / 'report.md'}", highlight=False, soft_wrap=True)
 
 
 @app.command()
