@@ -127,6 +127,7 @@ class QuantizedModel:
     quantized_nodes: tuple[str, ...]  # names of the FP32 nodes that now run in INT8
     kept_fp32: tuple[str, ...]  # eligible nodes left FP32 (recipe.keep_fp32 or unsupported)
     seconds: float
+    source: Path | None = None  # the FP32 graph it was made from (fused or unfused)
 
 
 # ---------------------------------------------------------------------------- the registry
@@ -237,4 +238,4 @@ def quantize(
     log.info(
         "%s: %d nodes INT8, %d kept FP32, %.1fs", recipe.name, len(quantized), len(kept), seconds
     )
-    return QuantizedModel(out, recipe, tuple(quantized), tuple(kept), seconds)
+    return QuantizedModel(out, recipe, tuple(quantized), tuple(kept), seconds, src)

@@ -69,11 +69,20 @@ def _dtype_of(model: onnx.ModelProto, name: str) -> int:
 def node_sensitivity(
     fp32_model: Path, int8: QuantizedModel, feeds: Iterable[dict], top_k: int = 8
 ) -> list[tuple[str, float]]:
-    """(quantized node name, relative error it introduces), worst first, at most ``top_k``."""
+    """(quantized node name, relative error it introduces), worst first, at most ``top_k``.
+
+    ``fp32_model`` is the graph ``int8`` was made from; when it is not (the fused model for a
+    ``fuse_first=False`` recipe), ``int8.source`` is used instead."""
     fp32 = onnx.load(str(fp32_model))
-    q = onnx.load(str(int8.path))
     nodes = {n.name: n for n in fp32.graph.node}
     missing = [n for n in int8.quantized_nodes if n not in nodes]
+    if missing and int8.source is not None and Path(int8.source) != Path(fp32_model):
+        # e.g. the fused model given for a recipe that quantized the unfused graph
+        fp32_model = int8.source
+        fp32 = onnx.load(str(fp32_model))
+        nodes = {n.name: n for n in fp32.graph.node}
+        missing = [n for n in int8.quantized_nodes if n not in nodes]
+    q = onnx.load(str(int8.path))
     if missing:
         raise QuantizeError(
             f"{fp32_model} is not the graph {int8.recipe.name!r} quantized: it lacks nodes "

@@ -113,6 +113,7 @@ def test_minilm_smoothed_static_int8(tmp_path):
     from quantgate.export import ExportConfig, export_fp32
     from quantgate.quantize.sensitivity import node_sensitivity
 
+    (tmp_path / "work").mkdir()
     res = export_fp32(gt.MODEL_DIR, tmp_path / "work", cfg=ExportConfig(task="feature-extraction"))
     tok = Tokenizer.from_file(str(Path(gt.MODEL_DIR) / "tokenizer.json"))
     tok.enable_truncation(128)

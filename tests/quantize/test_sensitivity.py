@@ -48,10 +48,12 @@ def test_ort_dynamic_model(tmp_path):
     assert {n for n, _ in scores} == {"up", "down"} and all(0 < e < 0.1 for _, e in scores)
 
 
-def test_wrong_fp32_graph_is_refused(tmp_path):
+def test_wrong_fp32_graph_falls_back_to_the_source_or_is_refused(tmp_path):
     src = mlp(tmp_path / "mlp.onnx")
     other = attention(tmp_path / "attn.onnx")
     feeds = mlp_feeds(2)
     qm = quantize(src, STATIC, lambda: iter(feeds), tmp_path / "q.onnx")
+    assert {n for n, _ in node_sensitivity(other, qm, feeds)} == {"up", "down"}  # qm.source
+    qm = dataclasses.replace(qm, source=None)
     with pytest.raises(QuantizeError, match="lacks nodes"):
         node_sensitivity(other, qm, feeds)
