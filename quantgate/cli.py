@@ -241,6 +241,7 @@ def export_command(
         name=name,
     )
     if not no_quantize:
+        from quantgate.bundle import load as load_bundle
         from quantgate.quantize.pipeline import build
         from quantgate.quantize.search import QuantConfig
 
@@ -260,8 +261,10 @@ def export_command(
                     on_progress=_bars(bar),
                 )
         except GateFailed as failed:
+            _print_export(load_bundle(Path(failed.bundle_path or out_dir), verify=False))
             _print_gates(Path(failed.bundle_path or out_dir))
             raise
+        _print_export(bundle)
         _print_gates(bundle.path)
         return
     with progress() as bar:
@@ -271,6 +274,10 @@ def export_command(
             bar.update(stage, completed=done, total=total, status=what)
 
         bundle = export(model, out_dir, cfg=cfg, force=force, on_stage=on_stage)
+    _print_export(bundle)
+
+
+def _print_export(bundle) -> None:
     e = bundle.manifest.export
     val = e["validation"]
     out.print(f"bundle {bundle.path} ({e['exporter']} exporter, opset {bundle.manifest.opset})")

