@@ -1,0 +1,100 @@
+"""The pipeline through the CLI: a failing gate exits 3 with a bundle and report; re-gating."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from qg_pipeline_helpers import rng_feeds, run_cli, tiny_checkpoint  # noqa: E402
+
+from quantgate.bundle import load  # noqa: E402
+from quantgate.quantize.data import write_npz  # noqa: E402
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    return lambda *args: run_cli(monkeypatch, capsys, *args)
+
+
+@pytest.fixture
+def gate_file(tmp_path) -> Path:
+    f = tmp_path / "gates.toml"
+    f.write_text("iterations = 3\nwarmup = 1\nbatch_sizes = [1, 4]\nbootstrap = 200\n")
+    return f
+
+
+def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(cli, tmp_path, gate_file):
+    out = tmp_path / "b"
+    r = cli("export", tiny_checkpoint(), "--out", out, "--min-speedup", "100",
+            "--search-budget", "1", "--gate-config", gate_file)  # fmt: skip
+    assert r.code == 3, r.stderr
+    assert "gate(s) failed" in r.stderr and "FAIL" in r.stdout
+    b = load(out)  # written, and every hash verifies
+    assert b.manifest.verdict == "fail"
+    int8 = b.manifest.variant("int8")
+    assert int8.verdict == "fail" and int8.recipe["candidate"]
+    speed = [g for g in int8.gates if g.name.startswith("speedup_")]
+    assert speed and not any(g.passed for g in speed) and all(g.threshold == 100 for g in speed)
+    report = b.report.read_text()
+    assert "Verdict: **FAIL**" in report and "accuracy_drop" in report and "95% interval" in report
+    assert (out / "candidates.png").stat().st_size > 1000
+    quant = b.manifest.extra["quantization"]
+    assert quant["passed"] is False and quant["candidates"]
+    assert (
+        b.manifest.calibration["sha256"] and b.manifest.calibration["evaluation"]["samples"] == 360
+    )
+
+    # The same bundle re-gated with reachable thresholds: exit 0, manifest and report rewritten.
+    r = cli("gate", out, "--min-speedup", "0.01", "--gate-config", gate_file)
+    assert r.code == 0, r.stderr
+    b = load(out)
+    assert b.manifest.verdict == "pass" and b.manifest.variant("int8").passed
+    assert (
+        "## Re-gated" in b.report.read_text()
+        and b.manifest.extra["regates"][-1]["verdict"] == "pass"
+    )
+    r = cli("gate", out, "--min-speedup", "100", "--gate-config", gate_file)
+    assert r.code == 3 and load(out).manifest.verdict == "fail"
+
+
+def test_gate_with_an_eval_file_and_bad_input(cli, tmp_path, gate_file):
+    out = tmp_path / "b"
+    r = cli("export", tiny_checkpoint(), "--out", out, "--min-speedup", "0.01", "--samples", "32",
+            "--search-budget", "1", "--gate-config", gate_file)  # fmt: skip
+    assert r.code == 0, r.stderr
+    assert load(out).manifest.calibration["samples"] == 32
+    feeds = rng_feeds(50)
+    ev = write_npz(tmp_path / "eval.npz", feeds, labels=np.arange(50) % 10)
+    r = cli("gate", out, "--eval", ev, "--min-speedup", "0.01", "--gate-config", gate_file)
+    assert r.code in (0, 3), r.stderr  # random pixels: the gate decides, either way it ran
+    m = load(out).manifest
+    assert m.extra["regates"][-1]["evaluation"]["samples"] == 50
+    assert "50 labelled rows" in next(
+        g.detail for g in m.variant("int8").gates if g.name == "accuracy_drop"
+    )
+
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, input_ids=feeds["input_ids"])
+    r = cli("gate", out, "--eval", bad)
+    assert r.code == 2 and "missing input" in r.stderr
+    r = cli("gate", out, "--eval", tmp_path / "missing.jsonl")
+    assert r.code == 2 and "no such file" in r.stderr
+    r = cli(
+        "export", tiny_checkpoint(), "--out", tmp_path / "c", "--calibration", tmp_path / "x.csv"
+    )
+    assert r.code == 2 and not (tmp_path / "c").exists()
+    r = cli("gate", tmp_path / "nowhere")
+    assert r.code == 2
+
+
+def test_no_quantize_keeps_fp32_only(cli, tmp_path):
+    out = tmp_path / "fp32"
+    r = cli("export", tiny_checkpoint(), "--out", out, "--no-quantize")
+    assert r.code == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert [v["precision"] for v in m["variants"]] == ["fp32"]

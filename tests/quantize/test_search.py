@@ -1,0 +1,87 @@
+"""The recipe search on a real model with quantgate's engine: fastest passing, FP32 rounds, budget."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from qg_pipeline_helpers import tiny_export  # noqa: E402
+
+from quantgate.quantize.data import ModelInfo, open_source  # noqa: E402
+from quantgate.quantize.gates import GateConfig  # noqa: E402
+from quantgate.quantize.report import plot_candidates, sections  # noqa: E402
+from quantgate.quantize.search import QuantConfig, search  # noqa: E402
+
+FAST = dict(iterations=3, warmup=1, batch_sizes=(1, 8), bootstrap=200)
+
+
+def run(tmp_path, gate_cfg, quant_cfg, *, labels=True):
+    result = tiny_export()
+    info = ModelInfo.from_export(result)
+    cal = open_source(None, info, role="calibration", samples=64)
+    ev = open_source(None, info, role="evaluation", samples=120)
+    if not labels:
+        ev = open_source([b.feeds for b in ev.batches()], info, role="evaluation")
+    return search(
+        result.onnx, cal, ev, task=result.task, inputs=result.inputs,
+        max_seq_len=result.max_seq_len, workdir=tmp_path, quant_cfg=quant_cfg,
+        gate_cfg=gate_cfg, unfused=result.unfused_onnx,
+    )  # fmt: skip
+
+
+def test_keeps_the_fastest_passing_candidate_not_the_first(tmp_path):
+    found = run(tmp_path, GateConfig(min_speedup=0.01, **FAST), QuantConfig(search_budget_s=600))
+    made = [c for c in found.candidates if c.path is not None]
+    assert len(found.candidates) >= 3 and made
+    winners = [c for c in found.candidates if c.passed]
+    assert winners and found.chosen is max(winners, key=lambda c: c.speedup)
+    for c in made:  # every candidate recorded with both kinds of gate
+        assert c.accuracy and {g.name for g in c.speed} == {"speedup_b1_s64", "speedup_b8_s64"}
+    assert {c.method for c in found.candidates} >= {"static", "dynamic"}
+    md = "\n".join(sections(found, found.best, GateConfig(), _data(), plot="c.png"))
+    assert "(shipped)" in md and md.count("| `") >= len(found.candidates)
+    assert plot_candidates(found, found.best, tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_inaccurate_candidates_keep_sensitive_nodes_fp32_and_record_the_cost(tmp_path):
+    # KL 0 cannot be met: every candidate fails accuracy, so each fast one gets FP32 rounds.
+    strict = GateConfig(min_speedup=0.01, max_kl=0.0, min_top1_agreement=1.0, **FAST)
+    first = run(tmp_path, strict, QuantConfig(max_candidates=1))
+    name = first.candidates[0].name
+    found = run(
+        tmp_path, strict,
+        QuantConfig(recipes=(name,), max_keep_rounds=2, sensitivity_top_k=2),
+        labels=False,
+    )  # fmt: skip
+    names = [c.name for c in found.candidates]
+    assert len(found.candidates) == 3, names  # the recipe, then two rounds
+    child, grandchild = found.candidates[1:]
+    assert child.parent == name and len(child.kept_fp32) == 2
+    assert grandchild.parent == child.name and len(grandchild.kept_fp32) == 4
+    assert set(child.kept_fp32) < set(grandchild.kept_fp32)
+    costs = found.node_costs()
+    assert [c.node for c in costs] == [n for n, _ in (*child.added_fp32, *grandchild.added_fp32)]
+    assert all(c.accuracy_gate == "top1_agreement" for c in costs)
+    assert found.chosen is None and found.best in found.candidates
+
+
+def test_the_budget_stops_the_search(tmp_path):
+    found = run(tmp_path, GateConfig(**FAST), QuantConfig(search_budget_s=0.001))
+    assert len(found.candidates) == 1  # the first always runs
+    assert found.skipped
+
+
+def _data():
+    rec = {"source": "s", "sha256": "0" * 64}
+    return {"calibration": rec, "evaluation": rec}
+
+
+@pytest.mark.parametrize("bad", [dict(search_budget_s=0), dict(calibration_samples=0)])
+def test_quant_config_is_checked(bad):
+    from quantgate.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        QuantConfig(**bad)
