@@ -399,10 +399,9 @@ def english_text() -> tuple[list[str], list[str]]:
             for s in re.split(r"(?<=[.!?])\s+", flat):
                 if 6 <= len(s.split()) <= 60 and s[:1].isupper() and s.isascii():
                     sentences.append(s)
-    # Spread the picks over the whole corpus and over lengths, deterministically.
-    step = max(1, len(sentences) // 64)
-    sentences = sorted(sentences[::step], key=len)[:: max(1, len(sentences[::step]) // 12)]
-    return sentences, paragraphs
+    # About 64 sentences spread over the whole corpus, then about 12 spread over their lengths.
+    spread = sorted(sentences[:: max(1, len(sentences) // 64)], key=len)
+    return spread[:: max(1, len(spread) // 12)], paragraphs
 
 
 # -- user factories ----------------------------------------------------------------------

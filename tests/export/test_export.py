@@ -123,6 +123,9 @@ def test_inspect_prints_a_readable_summary(cli, digits_bundle):
         assert text in r.stdout
     assert "SkipLayerNormalization 4" in r.stdout and "max abs diff" in r.stdout
 
+    r = cli("inspect", digits_bundle.path.parent)
+    assert r.code == 2 and "is not a bundle" in " ".join(r.stderr.split())
+
 
 def test_validation_covers_batch_sequence_and_padding(tiny_checkpoint):
     model = load_model(tiny_checkpoint)
