@@ -160,7 +160,11 @@ class SearchResult:
             parent = by_name.get(c.parent or "")
             if parent is None or not c.added_fp32 or c.path is None:
                 continue
-            gate = c.accuracy[0] if c.accuracy else None
+            # The gate the round tried to fix: the parent's first failing accuracy gate.
+            want = next((g.name for g in parent.accuracy if not g.passed), None)
+            gate = next((g for g in c.accuracy if g.name == want), None) or (
+                c.accuracy[0] if c.accuracy else None
+            )
             before = next((g.value for g in parent.accuracy if gate and g.name == gate.name), 0.0)
             for node, score in c.added_fp32:
                 costs.append(
