@@ -589,7 +589,9 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except QuantgateError as e:
-        console.print(Text.assemble(("error: ", "bold red"), str(e)), highlight=False)
+        console.print(
+            Text.assemble(("error: ", "bold red"), str(e)), highlight=False, soft_wrap=True
+        )
         sys.exit(exit_code(e))
     except typer.Exit as e:
         sys.exit(e.exit_code)
