@@ -31,6 +31,19 @@ from quantgate.quantize.recipes import Calibration, Recipe
 
 log = logging.getLogger(__name__)
 
+
+class _NoPreprocessAdvice(logging.Filter):
+    """ORT's quantizers log "Please consider (to run) pre-processing" on the root logger
+    for every model that was not passed through quant_pre_process. quantgate quantizes
+    ORT-fused graphs on purpose (pre-processing would undo the fusions), so the advice is
+    noise here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Please consider")
+
+
+logging.getLogger().addFilter(_NoPreprocessAdvice())
+
 # Most feeds ORT's calibrator holds before it reduces them to running statistics.
 MAX_STRIDE = 16
 
