@@ -172,8 +172,11 @@ def export_fp32(
     cfg: ExportConfig = DEFAULT_CONFIG,
     on_stage: StageCallback | None = None,
 ) -> ExportResult:
-    """Load, export, validate, fuse and validate again; the files stay in ``workdir``."""
+    """Load, export, validate, fuse and validate again; the files stay in ``workdir``
+    (created when missing)."""
     t0 = time.perf_counter()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     _stage(on_stage, "loading the model", 0)
     model = load_model(model_spec, task=cfg.task, max_seq_len=cfg.max_seq_len)
     _stage(on_stage, "running PyTorch on the samples", 1)
