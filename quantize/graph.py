@@ -246,24 +246,29 @@ def apply_smoothing(
     _drop_unused(g, {t.w for t in gemms})
 
 
+def select_gemms(model: onnx.ModelProto, recipe: Recipe) -> tuple[list, list[str]]:
+    """The GEMMs a recipe quantizes, and the node names it keeps FP32 (asked for, or not
+    quantizable). ``keep_fp32`` must name nodes of this graph."""
+    gemms, skipped = find_gemms(model, recipe.op_types)
+    unknown = sorted(set(recipe.keep_fp32) - {n.name for n in model.graph.node})
+    if unknown:
+        raise QuantizeError(
+            f"keep_fp32 names nodes the model does not have: {unknown[:5]}; names must come "
+            "from the graph being quantized (fused unless fuse_first=False)"
+        )
+    keep = set(recipe.keep_fp32)
+    for name, why in skipped.items():
+        log.info("%s stays FP32: %s", name, why)
+    todo = [g for g in gemms if g.node not in keep]
+    return todo, [g.node for g in gemms if g.node in keep] + sorted(skipped)
+
+
 def build_integer_to_float(
     src: Path, recipe: Recipe, calibration: Calibration, out: Path
 ) -> tuple[list[str], list[str]]:
     """The hand-built INT8 graph; returns (quantized node names, node names kept FP32)."""
     model = onnx.load(str(src))
-    gemms, skipped = find_gemms(model, recipe.op_types)
-    names = {n.name for n in model.graph.node}
-    unknown = sorted(set(recipe.keep_fp32) - names)
-    if unknown:
-        raise QuantizeError(
-            f"keep_fp32 names nodes that {src.name} does not have: {unknown[:5]}; "
-            "names must come from the graph being quantized (fused unless fuse_first=False)"
-        )
-    keep = set(recipe.keep_fp32)
-    todo = [g for g in gemms if g.node not in keep]
-    kept = [g.node for g in gemms if g.node in keep] + sorted(skipped)
-    for name, why in skipped.items():
-        log.info("%s stays FP32: %s", name, why)
+    todo, kept = select_gemms(model, recipe)
     if not todo:
         return [], kept
 

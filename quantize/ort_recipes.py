@@ -104,17 +104,8 @@ class _Reader:
 
 
 def _eligible(model: onnx.ModelProto, recipe: Recipe) -> tuple[list[str], list[str]]:
-    gemms, skipped = graph.find_gemms(model, recipe.op_types)
-    names = {n.name for n in model.graph.node}
-    unknown = sorted(set(recipe.keep_fp32) - names)
-    if unknown:
-        raise QuantizeError(
-            f"keep_fp32 names nodes the model does not have: {unknown[:5]}; names must come "
-            "from the graph being quantized (fused unless fuse_first=False)"
-        )
-    todo = [g.node for g in gemms if g.node not in recipe.keep_fp32]
-    kept = [g.node for g in gemms if g.node in recipe.keep_fp32] + sorted(skipped)
-    return todo, kept
+    todo, kept = graph.select_gemms(model, recipe)
+    return [g.node for g in todo], kept
 
 
 def _smoothed(src: Path, recipe: Recipe, calibration: Calibration, work: Path) -> Path:
