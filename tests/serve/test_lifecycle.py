@@ -208,3 +208,28 @@ def test_mutual_tls_and_bearer_token(repo, tmp_path):
             health_pb2_grpc.HealthStub(no_cert).Check(health_pb2.HealthCheckRequest(), timeout=5)
     finally:
         assert srv.terminate() == 0, srv.log
+
+
+def test_overload_memory_stays_bounded(repo):
+    """Wave after wave of overload: refused requests leave nothing behind in the server."""
+    import psutil
+
+    srv = ServerProcess(
+        repo / "encoder" / "1", "--max-queue-size", "4", "--max-queue-delay-us", "50000"
+    )
+    try:
+        server = psutil.Process(srv.proc.pid)
+        rng = np.random.default_rng(2)
+        requests = [batch(rng, 8, 64) for _ in range(40)]
+        rss = []
+        for _ in range(6):
+            results = _fire(srv.url, "tiny-encoder", requests, "last_hidden_state")
+            assert any(e is not None for _, e in results)  # every wave overflows the queue
+            rss.append(server.memory_info().rss)
+        # The first wave warms allocators and arenas; after it, 5 more waves of 40 requests
+        # (200 of them, most refused) must not keep adding memory.
+        growth = rss[-1] - rss[1]
+        print("server RSS after each wave (MiB):", [round(r / 2**20, 1) for r in rss])
+        assert growth < 32 * 2**20, f"server RSS grew {growth / 2**20:.1f} MiB over 4 waves: {rss}"
+    finally:
+        assert srv.terminate() == 0, srv.log
