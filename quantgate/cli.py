@@ -215,6 +215,10 @@ def export_command(
     search_budget: Annotated[
         float, typer.Option(help="Seconds for the INT8 recipe search.")
     ] = 900.0,
+    fp16: Annotated[
+        bool,
+        typer.Option(help="Also ship an FP16 variant for CUDA, gated on fidelity against FP32."),
+    ] = True,
     max_accuracy_drop: _MaxDrop = None,
     min_speedup: _MinSpeedup = None,
     min_cosine: _MinCosine = None,
@@ -246,7 +250,7 @@ def export_command(
         from quantgate.quantize.search import QuantConfig
 
         gates = _gate_config(gate_config, max_accuracy_drop, min_speedup, min_cosine, min_top1)
-        quant = QuantConfig(search_budget_s=search_budget, calibration_samples=samples)
+        quant = QuantConfig(search_budget_s=search_budget, calibration_samples=samples, fp16=fp16)
         try:
             with progress() as bar:
                 bundle = build(

@@ -20,6 +20,7 @@ from typing import Any
 
 from quantgate.bundle import (
     MANIFEST,
+    PASS,
     REPORT,
     Bundle,
     check_writable_target,
@@ -111,11 +112,16 @@ def build(
             not_for=INT8_NOT_FOR,
             notes=_notes(shipped),
         )
+        variants = [variant]
+        if quant_cfg.fp16:
+            emit("fp16", 0, 1, "converting")
+            variants.append(_fp16_variant(result.onnx, ev, work, quant_cfg))
+            emit("fp16", 1, 1, "gated")
         extra = {**result.extra, "quantization": _summary(found, shipped, gate_cfg, plot)}
         written = write_bundle(
             dataclasses.replace(result, model=dataclasses.replace(result.model, extra=extra)),
             out,
-            variants=[variant],
+            variants=variants,
             calibration={**data["calibration"], "evaluation": data["evaluation"]},
             report_sections=sections,
             name=export_cfg.name,
@@ -124,9 +130,29 @@ def build(
         if plot is not None:
             _amend(written.path, {reports.PLOT: plot.read_bytes()})
     bundle = load(out)
-    if not shipped.passed:
-        raise GateFailed(_failure_message(shipped.gates, out), bundle_path=str(out))
+    if bundle.manifest.verdict != PASS:
+        gates = [g for v in bundle.manifest.variants for g in v.gates]
+        raise GateFailed(_failure_message(gates, out), bundle_path=str(out))
     return bundle
+
+
+def _fp16_variant(fp32: Path, evaluation, work: Path, cfg: QuantConfig):
+    """FP16 for the CUDA execution provider: FP32 inputs and outputs, gated on fidelity
+    against FP32 over the evaluation rows (run on the CPU provider when no GPU is here)."""
+    from quantgate.export import ExtraVariant
+    from quantgate.quantize import fp16
+
+    f16 = fp16.save(fp16.to_fp16(fp32), work / "model.fp16.onnx")
+    fidelity = fp16.fidelity(fp32, f16, evaluation())
+    return ExtraVariant(
+        path=f16,
+        precision="fp16",
+        gates=fidelity.gates(min_cosine=cfg.fp16_min_cosine),
+        providers=("CUDAExecutionProvider",),
+        recipe={"kind": "fp16", "keep_io_types": True},
+        notes="for CUDA; accuracy gated here, CUDA speed is measured on a GPU host "
+        "(bench/gpu_check.py)",
+    )
 
 
 def regate(

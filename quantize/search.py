@@ -55,6 +55,10 @@ class QuantConfig:
     sensitivity_samples: int = 32  # calibration rows compared node by node
     max_candidates: int = 12
     recipes: tuple[str, ...] = ()  # restrict default_recipes() to these names; empty: all
+    # Also ship an FP16 variant for the CUDA execution provider (INT8 is slower there,
+    # DESIGN.md), gated on fidelity against FP32; its CUDA speed is measured on a GPU host.
+    fp16: bool = True
+    fp16_min_cosine: float = 0.999  # mean per-row cosine of every output vs FP32
 
     def __post_init__(self):
         if self.search_budget_s <= 0:

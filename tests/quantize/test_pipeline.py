@@ -98,3 +98,20 @@ def test_no_quantize_keeps_fp32_only(cli, tmp_path):
     assert r.code == 0, r.stderr
     m = json.loads((out / "manifest.json").read_text())
     assert [v["precision"] for v in m["variants"]] == ["fp32"]
+
+
+def test_fp16_variant_for_cuda_is_gated_on_fidelity(cli, tmp_path, gate_file):
+    out = tmp_path / "b"
+    args = ("--min-speedup", "0.01", "--search-budget", "1", "--gate-config", gate_file)
+    r = cli("export", tiny_checkpoint(), "--out", out, *args)
+    assert r.code == 0, r.stderr
+    m = load(out).manifest
+    f16 = m.variant("fp16")
+    assert f16.providers == ("CUDAExecutionProvider",) and f16.passed
+    assert [(g.name, g.op, g.threshold) for g in f16.gates] == [("cosine:logits", ">=", 0.999)]
+    assert f16.gates[0].value >= 0.999
+    assert "CUDAExecutionProvider" in m.variant("int8").not_for  # INT8 is never served on CUDA
+
+    r = cli("export", tiny_checkpoint(), "--out", out, "--force", "--no-fp16", *args)
+    assert r.code == 0, r.stderr
+    assert [v.precision for v in load(out).manifest.variants] == ["fp32", "int8"]
