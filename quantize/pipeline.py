@@ -116,6 +116,7 @@ def build(
         if quant_cfg.fp16:
             emit("fp16", 0, 1, "converting")
             variants.append(_fp16_variant(result.onnx, ev, work, quant_cfg))
+            sections = [*sections, reports.fp16_section(variants[-1].gates)]
             emit("fp16", 1, 1, "gated")
         extra = {**result.extra, "quantization": _summary(found, shipped, gate_cfg, plot)}
         written = write_bundle(

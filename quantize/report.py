@@ -32,6 +32,22 @@ def gate_table(gates: Sequence[GateResult]) -> list[str]:
     return lines
 
 
+def fp16_section(gates: Sequence[GateResult]) -> str:
+    """The FP16 variant's gates: fidelity against FP32 here; CUDA speed on a GPU host."""
+    verdict = "pass" if all(g.passed for g in gates) else "**FAIL**"
+    return "\n".join(
+        [
+            "## FP16 (for the CUDA execution provider)",
+            "",
+            f"Verdict: {verdict}. FP32 inputs and outputs, weights and compute in FP16. "
+            "On CUDA the fast variant is FP16, not INT8; its CUDA speed is measured on a GPU "
+            "host (`bench/gpu_check.py`).",
+            "",
+            *gate_table(gates),
+        ]
+    )
+
+
 def _num(v: float) -> str:
     return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
 

@@ -111,6 +111,7 @@ def test_fp16_variant_for_cuda_is_gated_on_fidelity(cli, tmp_path, gate_file):
     assert [(g.name, g.op, g.threshold) for g in f16.gates] == [("cosine:logits", ">=", 0.999)]
     assert f16.gates[0].value >= 0.999
     assert "CUDAExecutionProvider" in m.variant("int8").not_for  # INT8 is never served on CUDA
+    assert "## FP16 (for the CUDA execution provider)" in load(out).report.read_text()
 
     r = cli("export", tiny_checkpoint(), "--out", out, "--force", "--no-fp16", *args)
     assert r.code == 0, r.stderr
