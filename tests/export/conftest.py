@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,32 +47,6 @@ def private_tmp(tmp_path, monkeypatch) -> Path:
     d.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(d))
     return d
-
-
-@dataclass
-class CliResult:
-    code: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """Run ``quantgate ARGS...`` through the real entry point, exit-code mapping included."""
-    from quantgate.cli import main
-
-    def run(*args: str) -> CliResult:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["quantgate", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        captured = capsys.readouterr()
-        return CliResult(code, captured.out, captured.err)
-
-    return run
 
 
 @pytest.fixture(scope="session")

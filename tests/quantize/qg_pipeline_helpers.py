@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import functools
-import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,28 +57,6 @@ def dynamic_int8(fp32: Path, out: Path) -> Path:
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )  # fmt: skip
     return out
-
-
-@dataclass
-class CliResult:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def run_cli(monkeypatch, capsys, *args) -> CliResult:
-    """``quantgate ARGS...`` through the real entry point, exit-code mapping included."""
-    from quantgate.cli import main
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["quantgate", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    captured = capsys.readouterr()
-    return CliResult(code, captured.out, captured.err)
 
 
 def english(n: int, *, source: str = "pydoc") -> list[str]:

