@@ -50,7 +50,8 @@ class ExtraVariant:
 
     @property
     def verdict(self) -> str:
-        return PASS if all(g.passed for g in self.gates) else FAIL
+        # A variant ships on evidence: with no gate at all it has none, and fails.
+        return PASS if self.gates and all(g.passed for g in self.gates) else FAIL
 
 
 def write_bundle(

@@ -16,6 +16,8 @@ import tritonclient.grpc as tc
 from conftest import ServerProcess
 from helpers import inputs
 
+from quantgate.bundle import load
+
 pytestmark = pytest.mark.slow
 
 
@@ -116,7 +118,9 @@ def test_minilm_int8_bundle_served_equals_in_process(minilm_int8_bundle):
     bundle, feeds = minilm_int8_bundle
     outputs = ["sentence_embedding", "last_hidden_state"]
     want = _in_process(bundle / "model.int8.onnx", feeds)
-    server = ServerProcess(bundle, "--precision", "int8")
+    # Made without gates, the INT8 variant is marked failed: serving it must be asked for.
+    assert load(bundle).manifest.variant("int8").verdict == "fail"
+    server = ServerProcess(bundle, "--precision", "int8", "--allow-failed-gates")
     try:
         with tc.InferenceServerClient(server.url) as c:
             config = c.get_model_config("minilm").config
