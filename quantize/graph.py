@@ -15,7 +15,7 @@ fused ``com.microsoft.Attention``) on activation ``x``::
   after smoothing follows exactly (``min_j(min_j / s_j)``, ``max_j(max_j / s_j)``, s > 0), so
   no second pass over the calibration data is needed.
 
-Measured on all-MiniLM-L6-v2 (qresearch/NOTES.md): cosine 0.9983, top-1 0.965 against FP32;
+Measured on all-MiniLM-L6-v2 (bench/quantize.py, docs/BENCHMARKS.md): cosine 0.9983, top-1 0.970 vs FP32;
 int8 (s8) activations are ~35x slower on x86 ORT, and a per-channel QuantizeLinear ~20x
 slower than per-tensor, hence Mul + per-tensor QuantizeLinear.
 """

@@ -52,7 +52,7 @@ class Recipe:
     method: str  # "static" | "dynamic" (dynamic = uncalibrated; labelled in reports)
     format: str  # a Format value
     # uint8 asymmetric activations: on x86 ORT's fast integer GEMM is u8 x s8; int8
-    # activations measured ~35x slower (no fast kernel), see qresearch/NOTES.md.
+    # activations measured ~35x slower here (6 vs 211 GMAC/s u8s8 on AVX512-VNNI).
     activation_type: str = "uint8"
     activation_symmetric: bool = False
     weight_type: str = "int8"
