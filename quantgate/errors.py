@@ -71,6 +71,22 @@ class BadRequest(QuantgateError):
     """An inference request that does not fit the model (name, dtype, shape, size)."""
 
 
+class ModelNotFound(BadRequest):
+    """A request names a model or version the server does not serve."""
+
+
+class Unavailable(QuantgateError):
+    """The server cannot take the request now: queue full, or shutting down."""
+
+
+class DeadlineExceeded(QuantgateError):
+    """The request's deadline passed before it could run."""
+
+
+class InferenceFailed(QuantgateError):
+    """ONNX Runtime failed on a request that passed validation."""
+
+
 def exit_code(err: BaseException) -> int:
     """The process exit code for an error: 3 for failed gates/validation, 2 for bad input, 1 otherwise."""
     if isinstance(err, QuantgateError):

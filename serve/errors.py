@@ -1,30 +1,32 @@
-"""The serving errors, each answered with one gRPC status code (STATUS below).
+"""The gRPC status code that answers each of quantgate's errors, and back.
 
-They extend quantgate.errors: BadRequest (INVALID_ARGUMENT) is shared with the rest of
-the package; the ones here exist only while a server runs.
+The error types live in quantgate.errors with the rest; this module only adds what needs
+grpc: the mapping a server answers with and a client decodes.
 """
 
 from __future__ import annotations
 
 import grpc
 
-from quantgate.errors import BadRequest, QuantgateError
+from quantgate.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    InferenceFailed,
+    ModelNotFound,
+    QuantgateError,
+    Unavailable,
+)
 
-
-class ModelNotFound(BadRequest):
-    """The request names a model or version the server does not serve (NOT_FOUND)."""
-
-
-class Unavailable(QuantgateError):
-    """The server cannot take the request now: queue full, or shutting down (UNAVAILABLE)."""
-
-
-class DeadlineExceeded(QuantgateError):
-    """The request's deadline passed before it could run (DEADLINE_EXCEEDED)."""
-
-
-class InferenceFailed(QuantgateError):
-    """ONNX Runtime failed on a request that passed validation (INTERNAL)."""
+__all__ = [
+    "BadRequest",
+    "DeadlineExceeded",
+    "InferenceFailed",
+    "ModelNotFound",
+    "STATUS",
+    "Unavailable",
+    "from_status",
+    "status_of",
+]
 
 
 # Checked in this order: the first class an error is an instance of gives its code.
