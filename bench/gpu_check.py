@@ -471,6 +471,9 @@ def table(r: dict) -> str:
             + " |"
         )
     fp32 = ort_[big]["fp32"]["ms"]
+    te = r.get("torch_eager", {})
+    if "error" in te:
+        lines.append(f"| PyTorch eager | failed: {te['error'][:80]} | | | | |")
     for k in ("fp32", "fp16"):
         if k in r.get("torch_eager", {}):
             ms = r["torch_eager"][k]["ms"]
@@ -490,11 +493,12 @@ def table(r: dict) -> str:
     s = r["serving"]
     lines += [
         "",
-        f"Served ({s['served']}): batch 1 seq 128 p50 through gRPC **{s['grpc_p50_ms']:.2f} ms** "
-        f"vs in-process {s['in_process_p50_ms']:.2f} ms (+{s['overhead_ms']:.2f} ms, "
-        f"{s['requests']} interleaved requests).",
+        f"Serving failed: {s['error']}"
+        if "error" in s
+        else f"Served ({s['served']}): batch 1 seq 128 p50 through gRPC "
+        f"**{s['grpc_p50_ms']:.2f} ms** vs in-process {s['in_process_p50_ms']:.2f} ms "
+        f"(+{s['overhead_ms']:.2f} ms, {s['requests']} interleaved requests).",
     ]
-    te = r.get("torch_eager", {})
     f16 = ort_[big]["fp16"]["ms"]
     checks = [("FP16 >= 2x ORT FP32", fp32 / f16 >= 2.0, f"{fp32 / f16:.2f}x")]
     if "fp32" in te:
@@ -505,13 +509,14 @@ def table(r: dict) -> str:
                 f"{te['fp32']['ms'] / f16:.2f}x",
             )
         )
-    checks.append(
-        (
-            "served p50 within 1 ms of in-process",
-            s["overhead_ms"] <= 1.0,
-            f"+{s['overhead_ms']:.2f} ms",
+    if "error" not in s:
+        checks.append(
+            (
+                "served p50 within 1 ms of in-process",
+                s["overhead_ms"] <= 1.0,
+                f"+{s['overhead_ms']:.2f} ms",
+            )
         )
-    )
     fid = r["fidelity_fp16"]
     lines += [
         f"FP16 fidelity vs FP32 ({fid['provider']}, {fid['rows']} real sentences): "
@@ -555,32 +560,45 @@ def main() -> int:
         "sizes": sizes,
         "quantgate": how,
     }
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+
+    def save() -> None:
+        """Write what is known so far: a run cut off by a time limit still leaves its figures."""
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            r["elapsed_s"] = time.perf_counter() - T0
+            (out / "gpu_check.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
+
+    def stage(key: str, fn) -> None:
+        """Run one measurement; a failure is recorded under ``key`` and the check goes on."""
+        try:
+            r[key] = fn()
+        except Exception as e:  # noqa: BLE001 - a measurement, reported in the table
+            log(f"{key} failed: {type(e).__name__}: {e}")
+            r[key] = {"error": f"{type(e).__name__}: {e}"}
+            r.setdefault("failed", []).append(key)
+        save()
+
     with tempfile.TemporaryDirectory(prefix="gpu-check-bundle-") as tmp:
         bundle = (a.bundle or Path(tmp) / "minilm").absolute()
-        r.update(build_bundle(bundle, provider, sizes))
+        r.update(build_bundle(bundle, provider, sizes))  # everything below needs the bundle
+        save()
         if provider == CUDA:  # GPU ONLY
             log("GPU ONLY: FP16 with a CUDA graph")
-            try:
-                names = [i.name for i in ort_session(bundle / "model.fp16.onnx", CPU).get_inputs()]
-                r["cuda_graph"] = cuda_graph(bundle / "model.fp16.onnx", names, sizes)
-            except Exception as e:  # noqa: BLE001 - a measurement, not the check's verdict
-                r["cuda_graph"] = {"error": f"{type(e).__name__}: {e}"}
+            names = [i.name for i in ort_session(bundle / "model.fp16.onnx", CPU).get_inputs()]
+            stage("cuda_graph", lambda: cuda_graph(bundle / "model.fp16.onnx", names, sizes))
         log("PyTorch eager")
-        try:
-            r["torch_eager"] = torch_eager(provider, sizes)
-        except Exception as e:  # noqa: BLE001
-            r["torch_eager"] = {"error": f"{type(e).__name__}: {e}"}
+        stage("torch_eager", lambda: torch_eager(provider, sizes))
         log("serving")
-        r["serving"] = serving(bundle, provider, sizes)
+        stage("serving", lambda: serving(bundle, provider, sizes))
     r["elapsed_s"] = time.perf_counter() - T0
     md = table(r)
     print(md)
-    if out := os.environ.get("OUT"):
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "gpu_check.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
-        (Path(out) / "gpu_check.md").write_text(md)
+    save()
+    if out is not None:
+        (out / "gpu_check.md").write_text(md)
         log(f"wrote {out}/gpu_check.json and gpu_check.md")
-    return 0
+    return 1 if r.get("failed") else 0
 
 
 def as_cli() -> int:
