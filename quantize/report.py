@@ -40,12 +40,37 @@ def fp16_section(gates: Sequence[GateResult]) -> str:
             "## FP16 (for the CUDA execution provider)",
             "",
             f"Verdict: {verdict}. FP32 inputs and outputs, weights and compute in FP16. "
-            "On CUDA the fast variant is FP16, not INT8; its CUDA speed is measured on a GPU "
-            "host (`bench/gpu_check.py`).",
+            "On CUDA the fast variant is FP16, not INT8. Where a GPU is present its CUDA speed "
+            "is gated too (the section on the CUDA execution provider); elsewhere only its "
+            "accuracy is, and `bench/gpu_check.py` measures it on a GPU host.",
             "",
             *gate_table(gates),
         ]
     )
+
+
+def cuda_section(gates: dict, timings: Sequence, where: dict) -> str:
+    """Every variant timed on the CUDA provider: what decided where each one runs."""
+    shapes = [f"b{t.shape[0]} s{t.shape[1]}" for t in timings]
+    lines = [
+        "## On the CUDA execution provider",
+        "",
+        "Timed against FP32, interleaved, outputs on the device; median of per-pair ratios. "
+        "FP16 must be 1.2x FP32 at the throughput shape and not slower at batch 1; INT8 that "
+        "fails is marked not for CUDA.",
+        "",
+        "| variant | " + " | ".join(f"{s} ms (vs FP32)" for s in shapes) + " | placement | gates |",
+        "|---|" + "---|" * len(shapes) + "---|---|",
+    ]
+    for name in ("fp32", *gates):
+        cells = [f"{t.ms[name]:.2f} ({t.speedup[name]:.2f}x)" for t in timings]
+        verdict = (
+            "" if name == "fp32" else ("pass" if all(g.passed for g in gates[name]) else "**FAIL**")
+        )
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {where[name].reason()} | {verdict} |"
+        )
+    return "\n".join(lines)
 
 
 def _num(v: float) -> str:

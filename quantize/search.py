@@ -59,6 +59,9 @@ class QuantConfig:
     # DESIGN.md), gated on fidelity against FP32; its CUDA speed is measured on a GPU host.
     fp16: bool = True
     fp16_min_cosine: float = 0.999  # mean per-row cosine of every output vs FP32
+    # Where a CUDA GPU is present: placement and speed gates on the CUDA provider for every
+    # variant (quantize/cuda.py); INT8 that is slower there is marked not for CUDA.
+    cuda_gates: bool = True
 
     def __post_init__(self):
         if self.search_budget_s <= 0:

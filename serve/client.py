@@ -10,9 +10,10 @@ ModelNotFound, Unavailable, ...) carrying the server's message.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -38,13 +39,15 @@ class Client:
         token: str | None = None,
         tls: ClientTLS | None = None,
         timeout: float | None = None,
+        options: Sequence[tuple[str, Any]] = (),
     ):
+        """``options``: gRPC channel arguments, e.g. ``[("grpc.max_receive_message_length", n)]``."""
         if tls is None:
-            self._channel = grpc.insecure_channel(url)
+            self._channel = grpc.insecure_channel(url, options=options)
         else:
             read = lambda p: p.read_bytes() if p else None  # noqa: E731
             creds = grpc.ssl_channel_credentials(read(tls.ca), read(tls.key), read(tls.cert))
-            self._channel = grpc.secure_channel(url, creds)
+            self._channel = grpc.secure_channel(url, creds, options=options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout
@@ -64,8 +67,17 @@ class Client:
         except grpc.RpcError as e:
             raise from_status(e.code(), e.details()) from None
 
+    def live(self) -> bool:
+        return self._call(self._stub.ServerLive, pb.ServerLiveRequest()).live
+
     def ready(self) -> bool:
         return self._call(self._stub.ServerReady, pb.ServerReadyRequest()).ready
+
+    def statistics(self, model: str = "", version: str = "") -> pb.ModelStatisticsResponse:
+        """Triton's per-model counters: cumulative count and nanoseconds of each phase."""
+        return self._call(
+            self._stub.ModelStatistics, pb.ModelStatisticsRequest(name=model, version=version)
+        )
 
     def metadata(self, model: str, version: str = "") -> pb.ModelMetadataResponse:
         return self._call(

@@ -1,0 +1,226 @@
+"""Gates on the CUDA execution provider: is each variant fast *where it will run*?
+
+A GPU is launch-bound at small batches and bandwidth- or compute-bound at large ones, so
+one speed number says little. Every variant is timed against FP32 at two shapes:
+
+- ``throughput`` (batch 128, sequence 128): what a batching server sees under load. The
+  variant must be at least ``min_speedup`` (1.2x) faster: that is the reason to ship it.
+- ``latency`` (batch 1, sequence 128): a lone request. Kernel launches dominate here and
+  FP16 gains little (on an H200, MiniLM FP16 ran 1.03x FP32), so this shape asks only
+  that the variant is not slower: at least ``min_latency_ratio`` (0.95, timer noise).
+
+Timing is A/B interleaved after warm-up, outputs bound to device memory through IO binding
+(so the device->host copy of a 25 MB output is not what is measured), and the gate takes
+the median of the per-pair ratios. The placement check (``quantgate.placement``) runs
+first: a variant that leaves nodes on the CPU fails every speed gate with that reason,
+whatever it measured.
+
+The provider is a parameter, so the same code runs on the CPU provider in CI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from quantgate import placement
+from quantgate.bundle import GateResult, TensorSpec
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class CudaGateConfig:
+    throughput: tuple[int, int] = (128, 128)  # (batch, sequence)
+    latency: tuple[int, int] = (1, 128)
+    min_speedup: float = 1.2  # at the throughput shape
+    min_latency_ratio: float = 0.95  # at the latency shape: not slower, within noise
+    warmup: int = 3
+    pairs: int = 40  # at most, per shape
+    budget_s: float = 10.0  # per shape; at least 3 pairs are always taken
+
+
+@dataclass(frozen=True)
+class Timing:
+    shape: tuple[int, int]
+    ms: dict[str, float]  # variant -> median ms
+    speedup: dict[str, float]  # variant -> median of per-pair FP32/variant ratios
+    pairs: int
+
+
+def available() -> bool:
+    """Whether ONNX Runtime here has a CUDA provider that really loads a session."""
+    import onnxruntime as ort
+
+    if CUDA not in ort.get_available_providers():
+        return False
+    if hasattr(ort, "preload_dlls"):
+        with contextlib.suppress(Exception):  # a miss shows up as a session without CUDA
+            ort.preload_dlls()
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Identity", ["x"], ["y"])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    model = helper.make_model(helper.make_graph([node], "probe", [x], [y]))
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), providers=[CUDA, CPU])
+    except Exception:  # noqa: BLE001 - no driver, no device: not available
+        return False
+    return CUDA in sess.get_providers()
+
+
+def feeds_for(inputs: Sequence[TensorSpec], batch: int, seq: int) -> dict[str, np.ndarray]:
+    """Token ids in a realistic range, a full attention mask, zero segment ids."""
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for t in inputs:
+        shape = (batch, seq)
+        if t.name == "attention_mask":
+            feeds[t.name] = np.ones(shape, np.dtype(t.dtype))
+        elif "ids" in t.name and "type" not in t.name:
+            feeds[t.name] = rng.integers(1000, 20000, shape).astype(t.dtype)
+        else:
+            feeds[t.name] = np.zeros(shape, np.dtype(t.dtype))
+    return feeds
+
+
+def session(path: str | Path, provider: str):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    providers = [CPU] if provider == CPU else [provider, CPU]
+    return ort.InferenceSession(str(path), so, providers=providers)
+
+
+def bound_runner(sess, feed: Mapping[str, np.ndarray], provider: str) -> Callable[[], None]:
+    """One run through IO binding, outputs left on the device (ORT syncs at run end)."""
+    binding = sess.io_binding()
+    for k, v in feed.items():
+        binding.bind_cpu_input(k, v)
+    device = "cuda" if provider == CUDA else "cpu"
+    for o in sess.get_outputs():
+        binding.bind_output(o.name, device)
+    return lambda: sess.run_with_iobinding(binding)
+
+
+def time_interleaved(
+    runners: Mapping[str, Callable[[], None]], *, warmup: int, budget_s: float, pairs: int
+) -> dict[str, list[float]]:
+    """Milliseconds per run of each runner, taken in turn (A B C A B C ...) after warm-up."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    end = time.perf_counter() + budget_s
+    for i in range(pairs):
+        for k, fn in runners.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t) * 1e3)
+        if i >= 2 and time.perf_counter() > end:
+            break
+    return times
+
+
+def measure(
+    files: Mapping[str, str | Path],
+    inputs: Sequence[TensorSpec],
+    cfg: CudaGateConfig = CudaGateConfig(),
+    *,
+    provider: str = CUDA,
+) -> list[Timing]:
+    """Time every model in ``files`` (one must be "fp32") at both shapes, interleaved."""
+    sessions = {k: session(p, provider) for k, p in files.items()}
+    out = []
+    for shape in (cfg.throughput, cfg.latency):
+        feed = feeds_for(inputs, *shape)
+        runners = {k: bound_runner(s, feed, provider) for k, s in sessions.items()}
+        t = time_interleaved(runners, warmup=cfg.warmup, budget_s=cfg.budget_s, pairs=cfg.pairs)
+        base = t["fp32"]
+        out.append(
+            Timing(
+                shape=shape,
+                ms={k: statistics.median(v) for k, v in t.items()},
+                speedup={
+                    k: statistics.median(b / c for b, c in zip(base, v, strict=True))
+                    for k, v in t.items()
+                },
+                pairs=len(base),
+            )
+        )
+    return out
+
+
+def gates(
+    name: str,
+    timings: Sequence[Timing],
+    cfg: CudaGateConfig,
+    *,
+    report: placement.PlacementReport | None = None,
+    baseline: placement.PlacementReport | None = None,
+    provider: str = CUDA,
+) -> tuple[GateResult, ...]:
+    """The speed gates of variant ``name`` (and its placement gate when ``report`` is given)."""
+    out = []
+    for t in timings:
+        latency = t.shape == cfg.latency
+        threshold = cfg.min_latency_ratio if latency else cfg.min_speedup
+        value = t.speedup[name]
+        out.append(
+            GateResult(
+                name=f"speedup_b{t.shape[0]}_s{t.shape[1]}",
+                value=value,
+                threshold=threshold,
+                op=">=",
+                passed=value >= threshold,
+                provider=provider,
+                detail=(
+                    f"{'latency: not slower than FP32' if latency else 'throughput'}; "
+                    f"FP32 {t.ms['fp32']:.2f} ms, {name} {t.ms[name]:.2f} ms, "
+                    f"median of {t.pairs} interleaved pairs"
+                ),
+            )
+        )
+    if report is None:
+        return tuple(out)
+    return placement.fail_speed_gates(out, report, baseline=baseline)
+
+
+def gate_variants(
+    fp32: str | Path,
+    variants: Mapping[str, str | Path],
+    inputs: Sequence[TensorSpec],
+    cfg: CudaGateConfig = CudaGateConfig(),
+    *,
+    provider: str = CUDA,
+) -> tuple[dict[str, tuple[GateResult, ...]], list[Timing], dict[str, placement.PlacementReport]]:
+    """Placement and speed gates on ``provider`` for every variant against ``fp32``.
+
+    Returns the gates per variant, the timings behind them and the placement reports.
+    """
+    files = {"fp32": fp32, **variants}
+    where = {k: placement.check(p, provider) for k, p in files.items()}
+    timings = measure(files, inputs, cfg, provider=provider)
+    result = {
+        k: gates(k, timings, cfg, report=where[k], baseline=where["fp32"], provider=provider)
+        for k in variants
+    }
+    return result, timings, where
+
+
+__all__ = [
+    "CudaGateConfig",
+    "Timing",
+    "available",
+    "gate_variants",
+    "gates",
+    "measure",
+]

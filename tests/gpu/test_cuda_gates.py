@@ -1,0 +1,126 @@
+"""Gates on the CUDA provider (quantize/cuda.py), exercised on the CPU provider here."""
+
+from __future__ import annotations
+
+import pytest
+
+from quantgate.bundle import GateResult
+from quantgate.export import ExtraVariant
+from quantgate.placement import PlacementReport
+from quantgate.quantize import cuda, fp16
+from quantgate.quantize.pipeline import apply_cuda_gates
+
+CFG = cuda.CudaGateConfig(throughput=(4, 16), latency=(1, 16), pairs=5, budget_s=0.5)
+
+
+def timing(throughput: float, latency: float) -> list[cuda.Timing]:
+    def one(shape, x):
+        return cuda.Timing(shape, {"fp32": 2.0, "fp16": 2.0 / x}, {"fp32": 1.0, "fp16": x}, 9)
+
+    return [one(CFG.throughput, throughput), one(CFG.latency, latency)]
+
+
+def test_gate_variants_times_every_variant_at_both_shapes(tiny_bert_export, tmp_path):
+    f16 = fp16.save(fp16.to_fp16(tiny_bert_export.onnx), tmp_path / "fp16.onnx")
+    gates, timings, where = cuda.gate_variants(
+        tiny_bert_export.onnx, {"fp16": f16}, tiny_bert_export.inputs, CFG, provider=cuda.CPU
+    )
+    assert [t.shape for t in timings] == [(4, 16), (1, 16)]
+    for t in timings:
+        assert set(t.ms) == {"fp32", "fp16"} and t.pairs >= 3
+        assert t.speedup["fp32"] == 1.0 and t.speedup["fp16"] > 0
+    g = {x.name: x for x in gates["fp16"]}
+    assert set(g) == {"speedup_b4_s16", "speedup_b1_s16", "placement"}
+    assert g["speedup_b4_s16"].threshold == 1.2 and g["speedup_b1_s16"].threshold == 0.95
+    assert all(x.provider == cuda.CPU for x in g.values())
+    assert g["placement"].passed and set(where) == {"fp32", "fp16"}
+    assert all(r.memcpy == 0 for r in where.values())
+
+
+def test_latency_shape_asks_only_for_no_slowdown():
+    ok = cuda.gates("fp16", timing(2.08, 1.03), CFG)  # what an H200 measured for MiniLM
+    assert all(g.passed for g in ok)
+    slow = {g.name: g.passed for g in cuda.gates("fp16", timing(2.0, 0.90), CFG)}
+    assert slow == {"speedup_b4_s16": True, "speedup_b1_s16": False}
+    weak = {g.name: g.passed for g in cuda.gates("fp16", timing(1.1, 1.0), CFG)}
+    assert weak == {"speedup_b4_s16": False, "speedup_b1_s16": True}
+
+
+def test_a_variant_that_falls_back_fails_every_speed_gate_whatever_it_measured():
+    fell = PlacementReport(
+        provider=cuda.CUDA,
+        providers=(cuda.CUDA, cuda.CPU),
+        nodes=40,
+        memcpy=6,
+        to_host=3,
+        from_host=3,
+        fallen_back={"MatMulInteger": 3},
+    )
+    clean = PlacementReport(cuda.CUDA, (cuda.CUDA, cuda.CPU), 30, 0, 0, 0)
+    gates = cuda.gates("fp16", timing(3.0, 1.5), CFG, report=fell, baseline=clean)
+    assert not any(g.passed for g in gates)
+    assert all("MatMulInteger x3" in g.detail for g in gates)
+
+
+def _gate(name: str, passed: bool) -> GateResult:
+    return GateResult(name, 0.5 if not passed else 2.0, 1.2, ">=", passed, provider=cuda.CUDA)
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_int8_is_marked_not_for_cuda_when_slower_there_and_still_ships_on_cpu(passed, tmp_path):
+    cpu_gate = GateResult("cosine", 0.999, 0.99, ">=", True)
+    int8 = ExtraVariant(
+        tmp_path / "m.onnx", "int8", gates=(cpu_gate,), providers=(cuda.CPU,), not_for=(cuda.CUDA,)
+    )
+    out = apply_cuda_gates(int8, (_gate("speedup_b128_s128", passed), _gate("placement", True)))
+    assert out.verdict == "pass"  # its CPU evidence decides whether it ships
+    if passed:
+        assert cuda.CUDA in out.providers and cuda.CUDA not in out.not_for
+        assert len(out.gates) == 3
+    else:
+        assert cuda.CUDA in out.not_for and out.gates == (cpu_gate,)
+        assert "not for CUDA: speedup_b128_s128 0.50 (needs >= 1.2)" in out.notes
+
+
+def test_fp16_ships_on_cuda_only_when_its_cuda_gates_pass(tmp_path):
+    f16 = ExtraVariant(
+        tmp_path / "m.onnx", "fp16", gates=(GateResult("cosine", 1.0, 0.999, ">=", True),)
+    )
+    assert apply_cuda_gates(f16, (_gate("speedup_b1_s128", True),)).verdict == "pass"
+    assert apply_cuda_gates(f16, (_gate("speedup_b1_s128", False),)).verdict == "fail"
+
+
+def test_available_is_false_without_a_cuda_provider():
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    assert cuda.available() is False
+
+
+@pytest.mark.skipif(not cuda.available(), reason="needs a CUDA GPU and onnxruntime-gpu")
+def test_on_a_gpu_the_pipeline_gates_fp16_and_int8_on_cuda(tiny_bert_export, tmp_path):
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from quantgate.quantize.pipeline import _gate_on_cuda
+
+    f16 = fp16.save(fp16.to_fp16(tiny_bert_export.onnx), tmp_path / "fp16.onnx")
+    i8 = tmp_path / "int8.onnx"
+    quantize_dynamic(
+        str(tiny_bert_export.onnx),
+        str(i8),
+        weight_type=QuantType.QInt8,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    ok = (GateResult("cosine", 1.0, 0.99, ">=", True),)
+    variants = [
+        ExtraVariant(i8, "int8", gates=ok, not_for=(cuda.CUDA,)),
+        ExtraVariant(f16, "fp16", gates=ok, providers=(cuda.CUDA,)),
+    ]
+    out, section = _gate_on_cuda(tiny_bert_export, variants, lambda *a: None)
+    int8, half = out
+    assert "## On the CUDA execution provider" in section[0]
+    assert {g.name for g in half.gates} >= {"speedup_b128_s128", "placement"}
+    # dynamic INT8 has no CUDA kernels: it falls back and is kept off CUDA
+    assert cuda.CUDA in int8.not_for and "not for CUDA" in int8.notes
