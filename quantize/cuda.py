@@ -68,7 +68,12 @@ def available() -> bool:
     node = helper.make_node("Identity", ["x"], ["y"])
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
-    model = helper.make_model(helper.make_graph([node], "probe", [x], [y]))
+    # An old opset and IR version, so that any onnxruntime can load it.
+    model = helper.make_model(
+        helper.make_graph([node], "probe", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 13)],
+        ir_version=7,
+    )
     try:
         sess = ort.InferenceSession(model.SerializeToString(), providers=[CUDA, CPU])
     except Exception:  # noqa: BLE001 - no driver, no device: not available
