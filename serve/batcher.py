@@ -27,9 +27,6 @@ from quantgate.serve.runtime import MASK, Model
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16  # sequence lengths 1..16 share a bucket; then powers of two
-# A request arriving this long after the last run ended finds the model idle. Under load
-# requests arrive while a run is going, so they find one just ended and are batched.
-IDLE_NS = 200_000
 
 
 @dataclass(frozen=True)
@@ -91,11 +88,6 @@ class Batcher:
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
-        self._running = 0  # batches executing now
-        self._last_done_ns = 0  # when the last batch finished
-        # Only with one instance (a second request would wait for it anyway) and no queue
-        # delay (a delay asks to wait for company, which an inline run would not).
-        self._inline = instances == 1 and self._delay_ns == 0
 
     @property
     def depth(self) -> int:
@@ -138,26 +130,6 @@ class Batcher:
         else:
             key = tuple((name, a.shape[1:]) for name, a in sorted(feeds.items()))
         loop = asyncio.get_running_loop()
-        start = time.perf_counter_ns()
-        if (
-            self._inline
-            and not self._queue
-            and not self._running
-            and start - self._last_done_ns > IDLE_NS
-        ):
-            # A lone request to an idle model: nothing to batch with, nothing running. It
-            # runs here, on the event loop's thread, and skips the hand-off to a worker and
-            # back (two thread wake-ups, ~0.1-0.3 ms, the largest cost left in its path).
-            # Requests that arrive meanwhile wait in gRPC's buffers, as they would wait for
-            # the single instance anyway; they then find a run just ended (not idle) and
-            # are queued and batched together as usual.
-            self._running += 1
-            try:
-                return self._run_group(
-                    [_Pending(feeds, outputs, rows, key, length, None, None, start)]
-                )[0]
-            finally:
-                self._running -= 1
         pending = _Pending(
             feeds=feeds,
             outputs=outputs,
@@ -232,13 +204,6 @@ class Batcher:
         return group
 
     async def _execute(self, group: list[_Pending]) -> None:
-        self._running += 1
-        try:
-            await self._execute_group(group)
-        finally:
-            self._running -= 1
-
-    async def _execute_group(self, group: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         try:
             results = await loop.run_in_executor(self._executor, self._run_group, group)
@@ -282,7 +247,7 @@ class Batcher:
                 {name: self._cut(name, batch[name], row, p.rows, p.length) for name in keep}
             )
             row += p.rows
-        done = self._last_done_ns = time.perf_counter_ns()
+        done = time.perf_counter_ns()
         rows = sum(p.rows for p in group)
         timings = [
             Timing(start - p.enqueued_ns, assembled - start, ran - assembled, done - ran, rows)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import bundles
@@ -133,40 +132,3 @@ def test_batcher_pads_and_splits_exactly(repo, kind, folder):
         np.testing.assert_allclose(outputs[kind], reference(feeds), atol=1e-4)
         assert outputs[kind].shape[:2] == reference(feeds).shape[:2]
     assert sizes == [sum(f["input_ids"].shape[0] for f in requests)]  # one bucket, one batch
-
-
-def test_a_lone_request_runs_inline_and_a_burst_is_still_batched(repo):
-    """Idle model, no queue delay: a lone request runs on the event loop's thread (no
-    hand-off to a worker); requests arriving together still share a batch on the worker."""
-    model = open_model(repo / "classifier", ServeConfig(path=repo), CPU)
-    reference = Reference(repo / "classifier")
-    rng = np.random.default_rng(1)
-    lone = batch(rng, 1, 9)
-    burst = [batch(rng, 1, 9) for _ in range(6)]
-    ran: list[tuple[int, str]] = []
-
-    async def run():
-        with ThreadPoolExecutor(1, thread_name_prefix="worker") as pool:
-            b = Batcher(
-                model,
-                pool,
-                max_batch_size=32,
-                max_queue_delay_us=0,
-                max_queue_size=64,
-                on_batch=lambda rows, t: ran.append((rows, threading.current_thread().name)),
-            )
-            b.start()
-            first = await b.infer(lone, 1)
-            await asyncio.sleep(0.01)  # idle again
-            rest = await asyncio.gather(*(b.infer(f, 1) for f in burst))
-            await b.close()
-        return [first, *rest]
-
-    loop_thread = threading.current_thread().name
-    results = asyncio.run(run())
-    for (outputs, _), feeds in zip(results, [lone, *burst], strict=True):
-        np.testing.assert_allclose(outputs["logits"], reference(feeds), atol=1e-4)
-    # lone: inline; the burst's first finds the model idle too; the other five wait for it
-    # and then run as one batch on the worker
-    assert ran == [(1, loop_thread), (1, loop_thread), (5, ran[2][1])]
-    assert ran[2][1].startswith("worker")
