@@ -1,0 +1,146 @@
+"""gRPC transport alone: what one round trip costs before any model runs.
+
+    python bench/grpc_transport.py [--requests N]
+
+The served-latency targets (issues 5 and 6) compare a request through `quantgate serve` with
+session.run in-process; this measures the part that has nothing to do with the model. Each
+server runs in its own process and answers from memory: ServerLive (an empty message) and
+ModelInfer with a 196 KB output (MiniLM's last_hidden_state at sequence 128). The client is
+the Python sync stub quantgate.serve.client uses. Servers compared:
+
+- ``aio``: grpc.aio, as `quantgate serve` runs (one event loop, gRPC's poller thread);
+- ``aio, no BDP, 4 MB window``: the same with HTTP/2 BDP probing off and a 4 MB stream window;
+- ``sync``: grpc.server on a thread pool (the handler runs on a pool thread, no event loop);
+- ``aio, pinned to 2 CPUs``: the aio server with its process on CPUs 0-1 (hosts with more).
+
+Requests alternate between the servers' rounds; medians of N each. With $OUT set it writes
+grpc_transport.md there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from concurrent import futures
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_check import bootstrap  # noqa: E402 - maps the source tree to quantgate.*
+
+PAYLOAD = bytes(128 * 384 * 4)
+WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4 << 20)]
+
+
+def _servicer(asynchronous: bool):
+    from quantgate.protos import grpc_service_pb2 as pb
+    from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
+
+    def live(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    def infer(self, request, context):
+        response = pb.ModelInferResponse(model_name=request.model_name)
+        response.raw_output_contents.append(PAYLOAD)
+        return response
+
+    if asynchronous:
+
+        async def alive(self, request, context):
+            return live(self, request, context)
+
+        async def ainfer(self, request, context):
+            return infer(self, request, context)
+
+        methods = {"ServerLive": alive, "ModelInfer": ainfer}
+    else:
+        methods = {"ServerLive": live, "ModelInfer": infer}
+    return type("Servicer", (pb_grpc.GRPCInferenceServiceServicer,), methods)()
+
+
+def _serve(kind: str, ports) -> None:
+    bootstrap()
+    import grpc
+
+    from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
+
+    if kind == "aio, pinned to 2 CPUs":
+        os.sched_setaffinity(0, {0, 1})
+    if kind == "sync":
+        server = grpc.server(futures.ThreadPoolExecutor(4))
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(_servicer(False), server)
+        ports.put(server.add_insecure_port("127.0.0.1:0"))
+        server.start()
+        server.wait_for_termination()
+        return
+
+    async def run() -> None:
+        server = grpc.aio.server(options=WINDOW if "BDP" in kind else None)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(_servicer(True), server)
+        ports.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=2000)
+    a = ap.parse_args()
+    bootstrap()
+    import grpc
+
+    from quantgate.protos import grpc_service_pb2 as pb
+    from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
+
+    kinds = ["aio", "aio, no BDP, 4 MB window", "sync"]
+    if (os.cpu_count() or 1) > 2:
+        kinds.append("aio, pinned to 2 CPUs")
+    ctx = mp.get_context("spawn")
+    procs, stubs = [], {}
+    for kind in kinds:
+        ports = ctx.Queue()
+        proc = ctx.Process(target=_serve, args=(kind, ports), daemon=True)
+        proc.start()
+        procs.append(proc)
+        opts = WINDOW if "BDP" in kind else None
+        channel = grpc.insecure_channel(f"127.0.0.1:{ports.get(timeout=60)}", options=opts)
+        stubs[kind] = pb_grpc.GRPCInferenceServiceStub(channel)
+    live, infer = pb.ServerLiveRequest(), pb.ModelInferRequest(model_name="m")
+    calls = {"ServerLive": lambda s: s.ServerLive(live), "196 KB": lambda s: s.ModelInfer(infer)}
+    times = {(k, c): [] for k in kinds for c in calls}
+    for i in range(a.requests + 200):  # the first 200 are warm-up
+        for kind, stub in stubs.items():
+            for call, fn in calls.items():
+                t = time.perf_counter()
+                fn(stub)
+                if i >= 200:
+                    times[kind, call].append((time.perf_counter() - t) * 1e3)
+    for proc in procs:
+        proc.terminate()
+    lines = [
+        f"gRPC round trip, Python sync client, {os.cpu_count()} CPUs, grpcio {grpc.__version__}, "
+        f"median of {a.requests} alternating requests",
+        "",
+        "| server | ServerLive ms | 196 KB response ms |",
+        "|---|---|---|",
+    ]
+    for kind in kinds:
+        live_ms = statistics.median(times[kind, "ServerLive"])
+        big_ms = statistics.median(times[kind, "196 KB"])
+        lines.append(f"| {kind} | {live_ms:.3f} | {big_ms:.3f} |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    if out := os.environ.get("OUT"):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "grpc_transport.md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
