@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -49,7 +50,8 @@ ROWS = (
     ("ORT static QDQ (default: S8S8, per-channel, MinMax)", R.ORT_STATIC_QDQ),
     ("ORT dynamic per-channel", R.ORT_DYNAMIC),
     ("ORT dynamic per-channel, fused graph", R.ORT_DYNAMIC_FUSED),
-    ("quantgate smooth-static-u8s8", R.SMOOTH_STATIC),
+    ("quantgate smooth-static-u8s8-unfused", R.SMOOTH_STATIC_UNFUSED),
+    ("quantgate smooth-static-u8s8", R.SMOOTH_STATIC),  # last: profiled below (fused ops)
 )
 FP32_GEMMS = {"Attention", "MatMul", "FusedMatMul", "Gemm"}
 QUANT_OPS = {"Mul", "QuantizeLinear", "DynamicQuantizeLinear"}
@@ -246,7 +248,7 @@ def main() -> None:
         )
     lines += [
         "",
-        f"Kernel time of quantgate's model by op type (ORT profile, {a.threads} threads):",
+        f"Kernel time of {qg} (fused graph) by op type (ORT profile, {a.threads} threads):",
         "",
     ]
     for b, sh in shares.items():
@@ -271,7 +273,7 @@ def main() -> None:
         f"Why 2.5x at batch 32 is out of reach with ONNX Runtime's CPU kernels: the GEMM ops "
         f"take {gemm32:.0f} ms in FP32 (Attention, MatMul) and {gemm8:.0f} ms in INT8 "
         f"(QAttention, MatMulIntegerToFloat): {gemm32 / gemm8:.2f}x, what MLAS's u8s8 kernels "
-        f"give here. Everything else in quantgate's model takes {rest:.0f} ms, plus "
+        f"give here. Everything else in that model takes {rest:.0f} ms, plus "
         f"{overhead:.0f} ms of smoothing Mul and QuantizeLinear. With that overhead gone "
         f"entirely, the model would run {t32 / (t8 - overhead):.2f}x FP32. 2.5x "
         f"({t32 / 2.5:.0f} ms) would leave the INT8 GEMMs {need:.0f} ms, "
@@ -286,7 +288,7 @@ def main() -> None:
         f"Load average {load0[0]:.1f} at the start and {load1[0]:.1f} after the timings (2 cores, "
         f"shared with other jobs): absolute times are inflated and ratios compressed; compare ratios "
         f"measured in the same run. Measured {datetime.date.today()}. "
-        "Command: `.venv/bin/python bench/quantize.py`.",
+        f"Command: `{' '.join(['.venv/bin/python bench/quantize.py', *sys.argv[1:]])}`.",
     ]
     text = "\n".join(lines)
     print(text)

@@ -132,6 +132,12 @@ class QuantizedModel:
 
 # ---------------------------------------------------------------------------- the registry
 SMOOTH_STATIC = Recipe("smooth-static-u8s8", "static", Format.INTEGER_TO_FLOAT.value)
+# The same on the exporter's graph: Q, K and V as three integer GEMMs sharing one quantized
+# input, and the attention core as plain ops, instead of ORT's QAttention. On MiniLM it was
+# faster at batch 1 (1.99x FP32 against 1.67x, same run) with the same fidelity.
+SMOOTH_STATIC_UNFUSED = Recipe(
+    "smooth-static-u8s8-unfused", "static", Format.INTEGER_TO_FLOAT.value, fuse_first=False
+)
 STATIC = Recipe("static-u8s8", "static", Format.INTEGER_TO_FLOAT.value, smooth_percentile=None)
 ORT_DYNAMIC_FUSED = Recipe(
     "ort-dynamic-per-channel-fused", "dynamic", Format.DYNAMIC.value, smooth_percentile=None
@@ -166,6 +172,7 @@ RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
         SMOOTH_STATIC,
+        SMOOTH_STATIC_UNFUSED,
         STATIC,
         ORT_DYNAMIC_FUSED,
         ORT_DYNAMIC,
@@ -181,7 +188,14 @@ def default_recipes(features: frozenset[str] | None = None) -> list[Recipe]:
     from quantgate.quantize.cpu import detect_features, needs_reduce_range
 
     feats = detect_features() if features is None else features
-    order = [SMOOTH_STATIC, STATIC, ORT_DYNAMIC_FUSED, ORT_DYNAMIC, ORT_STATIC_QDQ_U8S8]
+    order = [
+        SMOOTH_STATIC,
+        SMOOTH_STATIC_UNFUSED,
+        STATIC,
+        ORT_DYNAMIC_FUSED,
+        ORT_DYNAMIC,
+        ORT_STATIC_QDQ_U8S8,
+    ]
     if needs_reduce_range(feats):
         order = [dataclasses.replace(r, reduce_range=True) for r in order]
     return order
