@@ -22,7 +22,12 @@ def test_gpu_check_quick_runs_on_cpu_without_quantgate_installed(tmp_path):
     # environment's site-packages are put on the path directly instead.
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([sysconfig.get_paths()["purelib"], str(ROOT)]),
+        # what PYTHONPATH already holds stays (a host may provide packages that way)
+        "PYTHONPATH": os.pathsep.join(
+            p
+            for p in (sysconfig.get_paths()["purelib"], str(ROOT), os.environ.get("PYTHONPATH"))
+            if p
+        ),
         "PYTHONNOUSERSITE": "1",
         "OUT": str(tmp_path / "out"),
     }
