@@ -154,8 +154,8 @@ def _fp16_variant(fp32: Path, evaluation, work: Path, cfg: QuantConfig):
         gates=fidelity.gates(min_cosine=cfg.fp16_min_cosine),
         providers=("CUDAExecutionProvider",),
         recipe={"kind": "fp16", "keep_io_types": True},
-        notes="for CUDA; accuracy gated here, CUDA speed is measured on a GPU host "
-        "(bench/gpu_check.py)",
+        notes="for CUDA; accuracy gated here; CUDA speed gated where a GPU is present "
+        "(else measured by bench/gpu_check.py on a GPU host)",
     )
 
 
