@@ -126,26 +126,12 @@ def text_feeds(tokenizer, n: int, batch: int, seq: int, names):
     return feeds
 
 
-def fixed_feed(batch: int, seq: int, names):
-    import numpy as np
+def bundle_feed(bundle: Path, batch: int, seq: int) -> dict:
+    """Timing feeds for the bundle's inputs (quantgate.quantize.gates.speed_feeds)."""
+    from quantgate.bundle import load
+    from quantgate.quantize.gates import speed_feeds
 
-    rng = np.random.default_rng(0)
-    feed = {
-        "input_ids": rng.integers(1000, 20000, (batch, seq), dtype=np.int64),
-        "attention_mask": np.ones((batch, seq), np.int64),
-        "token_type_ids": np.zeros((batch, seq), np.int64),
-    }
-    return {k: feed[k] for k in names}
-
-
-def ort_session(path, provider: str, *, cuda_graph: bool = False):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    opts = {"enable_cuda_graph": "1"} if cuda_graph else {}
-    providers = [CPU] if provider == CPU else [(CUDA, opts), CPU]
-    return ort.InferenceSession(str(path), so, providers=providers)
+    return speed_feeds(load(bundle, verify=False).manifest.inputs, batch, seq, sample=None)
 
 
 def free_port() -> int:
@@ -166,7 +152,6 @@ def build_bundle(out: Path, provider: str, sizes) -> dict:
 
     from quantgate.export import ExportConfig, ExtraVariant, export_fp32, write_bundle
     from quantgate.quantize import cuda, fp16
-    from quantgate.quantize.pipeline import apply_cuda_gates
 
     res: dict = {}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
@@ -240,8 +225,8 @@ def build_bundle(out: Path, provider: str, sizes) -> dict:
             notes="ORT quantize_dynamic (stand-in for quantgate's INT8 recipes)",
         )
         if provider == CUDA:  # the rule `quantgate export` applies where a GPU is present
-            half = apply_cuda_gates(half, gates["fp16"])
-            int8 = apply_cuda_gates(int8, gates["int8"])
+            half = cuda.apply_gates(half, gates["fp16"])
+            int8 = cuda.apply_gates(int8, gates["int8"])
         variants = [half, int8]
         res["gates"] = {
             "fp16": [dict(g.__dict__) for g in half.gates],
@@ -284,7 +269,7 @@ def torch_eager(provider: str, sizes) -> dict:
     return out
 
 
-def cuda_graph(fp16_path: Path, names, sizes) -> dict:
+def cuda_graph(bundle: Path, sizes) -> dict:
     """GPU ONLY: FP16 with a captured CUDA graph vs without, both on device-resident IO."""
     import numpy as np
     import onnxruntime as ort
@@ -292,10 +277,13 @@ def cuda_graph(fp16_path: Path, names, sizes) -> dict:
     from quantgate.quantize import cuda
 
     b, s = sizes["batch"], sizes["seq"]
-    feed = fixed_feed(b, s, names)
+    feed = bundle_feed(bundle, b, s)
     res = {}
     for graph in (False, True):
-        sess = ort_session(fp16_path, CUDA, cuda_graph=graph)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        providers = [(CUDA, {"enable_cuda_graph": "1" if graph else "0"}), CPU]
+        sess = ort.InferenceSession(str(bundle / "model.fp16.onnx"), so, providers=providers)
         binding = sess.io_binding()
         keep = []  # OrtValues must outlive the binding (fixed addresses for the graph)
         for k, v in feed.items():
@@ -391,7 +379,7 @@ def serving(bundle: Path, provider: str, sizes) -> dict:
         served = next((ln.strip() for ln in lines if ln.startswith("serving ")), "?")
         cfg = ServeConfig(path=bundle, device=device, allow_failed_gates=True)
         model = open_model(bundle, cfg, provider)
-        feed = fixed_feed(1, 128, [t.name for t in model.inputs])
+        feed = bundle_feed(bundle, 1, 128)
         n = sizes["serve_requests"]
         with Client(f"127.0.0.1:{port}", timeout=30) as c:
             for _ in range(20):
@@ -641,8 +629,7 @@ def main() -> int:
         save()
         if provider == CUDA:  # GPU ONLY
             log("GPU ONLY: FP16 with a CUDA graph")
-            names = [i.name for i in ort_session(bundle / "model.fp16.onnx", CPU).get_inputs()]
-            stage("cuda_graph", lambda: cuda_graph(bundle / "model.fp16.onnx", names, sizes))
+            stage("cuda_graph", lambda: cuda_graph(bundle, sizes))
         log("PyTorch eager")
         stage("torch_eager", lambda: torch_eager(provider, sizes))
         log("serving")

@@ -21,6 +21,7 @@ The provider is a parameter, so the same code runs on the CPU provider in CI.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +32,8 @@ import numpy as np
 
 from quantgate import placement
 from quantgate.bundle import GateResult, TensorSpec
+from quantgate.quantize import fp16
+from quantgate.quantize.gates import speed_feeds
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
@@ -81,30 +84,6 @@ def available() -> bool:
     return CUDA in sess.get_providers()
 
 
-def feeds_for(inputs: Sequence[TensorSpec], batch: int, seq: int) -> dict[str, np.ndarray]:
-    """Token ids in a realistic range, a full attention mask, zero segment ids."""
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for t in inputs:
-        shape = (batch, seq)
-        if t.name == "attention_mask":
-            feeds[t.name] = np.ones(shape, np.dtype(t.dtype))
-        elif "ids" in t.name and "type" not in t.name:
-            feeds[t.name] = rng.integers(1000, 20000, shape).astype(t.dtype)
-        else:
-            feeds[t.name] = np.zeros(shape, np.dtype(t.dtype))
-    return feeds
-
-
-def session(path: str | Path, provider: str):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    providers = [CPU] if provider == CPU else [provider, CPU]
-    return ort.InferenceSession(str(path), so, providers=providers)
-
-
 def bound_runner(sess, feed: Mapping[str, np.ndarray], provider: str) -> Callable[[], None]:
     """One run through IO binding, outputs left on the device (ORT syncs at run end)."""
     binding = sess.io_binding()
@@ -143,10 +122,10 @@ def measure(
     provider: str = CUDA,
 ) -> list[Timing]:
     """Time every model in ``files`` (one must be "fp32") at both shapes, interleaved."""
-    sessions = {k: session(p, provider) for k, p in files.items()}
+    sessions = {k: fp16.session(p, provider) for k, p in files.items()}
     out = []
     for shape in (cfg.throughput, cfg.latency):
-        feed = feeds_for(inputs, *shape)
+        feed = speed_feeds(inputs, *shape, sample=None)
         runners = {k: bound_runner(s, feed, provider) for k, s in sessions.items()}
         t = time_interleaved(runners, warmup=cfg.warmup, budget_s=cfg.budget_s, pairs=cfg.pairs)
         base = t["fp32"]
@@ -199,6 +178,32 @@ def gates(
     return placement.fail_speed_gates(out, report, baseline=baseline)
 
 
+def apply_gates(variant, gates: Sequence[GateResult]):
+    """``variant`` (an ExtraVariant) with its CUDA gate results applied.
+
+    FP16 is for CUDA: the gates join its evidence and decide whether it ships. INT8's
+    decide only where it runs: all passed, and CUDA joins its providers; any failed, and
+    it is marked not for CUDA, with the reason in its notes.
+    """
+    if variant.precision == "fp16":
+        return dataclasses.replace(variant, gates=(*variant.gates, *gates))
+    if all(g.passed for g in gates):
+        return dataclasses.replace(
+            variant,
+            gates=(*variant.gates, *gates),
+            providers=tuple(dict.fromkeys((*variant.providers, CUDA))),
+            not_for=tuple(p for p in variant.not_for if p != CUDA),
+        )
+    failed = "; ".join(
+        f"{g.name} {g.value:.2f} (needs {g.op} {g.threshold:g})" for g in gates if not g.passed
+    )
+    return dataclasses.replace(
+        variant,
+        not_for=tuple(dict.fromkeys((*variant.not_for, CUDA))),
+        notes=(variant.notes + "; " if variant.notes else "") + f"not for CUDA: {failed}",
+    )
+
+
 def gate_variants(
     fp32: str | Path,
     variants: Mapping[str, str | Path],
@@ -224,6 +229,7 @@ def gate_variants(
 __all__ = [
     "CudaGateConfig",
     "Timing",
+    "apply_gates",
     "available",
     "gate_variants",
     "gates",

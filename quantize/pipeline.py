@@ -176,37 +176,9 @@ def _gate_on_cuda(result, variants: list, emit) -> tuple[list, list[str]]:
     gates, timings, where = cuda.gate_variants(
         result.onnx, {v.precision: v.path for v in variants}, result.inputs, cfg
     )
-    out = [apply_cuda_gates(v, gates[v.precision]) for v in variants]
+    out = [cuda.apply_gates(v, gates[v.precision]) for v in variants]
     emit("cuda", 1, 1, "gated")
     return out, [reports.cuda_section(gates, timings, where)]
-
-
-def apply_cuda_gates(v, gates):
-    """``v`` (an ExtraVariant) with its CUDA gate results applied.
-
-    FP16 is for CUDA: the gates join its evidence and decide whether it ships. INT8's
-    decide only where it runs: all passed, and CUDA joins its providers; any failed, and
-    it is marked not for CUDA, with the reason in its notes.
-    """
-    from quantgate.quantize.cuda import CUDA
-
-    if v.precision == "fp16":
-        return dataclasses.replace(v, gates=(*v.gates, *gates))
-    if all(g.passed for g in gates):
-        return dataclasses.replace(
-            v,
-            gates=(*v.gates, *gates),
-            providers=tuple(dict.fromkeys((*v.providers, CUDA))),
-            not_for=tuple(p for p in v.not_for if p != CUDA),
-        )
-    failed = "; ".join(
-        f"{g.name} {g.value:.2f} (needs {g.op} {g.threshold:g})" for g in gates if not g.passed
-    )
-    return dataclasses.replace(
-        v,
-        not_for=tuple(dict.fromkeys((*v.not_for, CUDA))),
-        notes=(v.notes + "; " if v.notes else "") + f"not for CUDA: {failed}",
-    )
 
 
 def regate(

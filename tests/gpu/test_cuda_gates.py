@@ -8,7 +8,6 @@ from quantgate.bundle import GateResult
 from quantgate.export import ExtraVariant
 from quantgate.placement import PlacementReport
 from quantgate.quantize import cuda, fp16
-from quantgate.quantize.pipeline import apply_cuda_gates
 
 CFG = cuda.CudaGateConfig(throughput=(4, 16), latency=(1, 16), pairs=5, budget_s=0.5)
 
@@ -72,7 +71,7 @@ def test_int8_is_marked_not_for_cuda_when_slower_there_and_still_ships_on_cpu(pa
     int8 = ExtraVariant(
         tmp_path / "m.onnx", "int8", gates=(cpu_gate,), providers=(cuda.CPU,), not_for=(cuda.CUDA,)
     )
-    out = apply_cuda_gates(int8, (_gate("speedup_b128_s128", passed), _gate("placement", True)))
+    out = cuda.apply_gates(int8, (_gate("speedup_b128_s128", passed), _gate("placement", True)))
     assert out.verdict == "pass"  # its CPU evidence decides whether it ships
     if passed:
         assert cuda.CUDA in out.providers and cuda.CUDA not in out.not_for
@@ -86,8 +85,8 @@ def test_fp16_ships_on_cuda_only_when_its_cuda_gates_pass(tmp_path):
     f16 = ExtraVariant(
         tmp_path / "m.onnx", "fp16", gates=(GateResult("cosine", 1.0, 0.999, ">=", True),)
     )
-    assert apply_cuda_gates(f16, (_gate("speedup_b1_s128", True),)).verdict == "pass"
-    assert apply_cuda_gates(f16, (_gate("speedup_b1_s128", False),)).verdict == "fail"
+    assert cuda.apply_gates(f16, (_gate("speedup_b1_s128", True),)).verdict == "pass"
+    assert cuda.apply_gates(f16, (_gate("speedup_b1_s128", False),)).verdict == "fail"
 
 
 def test_available_is_false_without_a_cuda_provider():
