@@ -289,7 +289,7 @@ def build_integer_to_float(
         s = None
         if recipe.smooth_percentile is not None:
             s = smoothing_scales(st.absmax, recipe.smooth_percentile)
-            if s.max() > recipe.smooth_min_divisor:
+            if np.any(s > 1):
                 new_inits.append(
                     numpy_helper.from_array((1.0 / s).astype(np.float32), p + "_inv_s")
                 )

@@ -64,9 +64,6 @@ class Recipe:
     # SmoothQuant-style migration: s_j = max(1, absmax_j / P(absmax)), x/s before the GEMM,
     # weight row j * s_j. 75 measured best on MiniLM (P50..P98 within 0.0003 cosine).
     smooth_percentile: float | None = 75.0
-    # Smooth an activation only when its largest divisor exceeds this: a Mul costs time
-    # (8% of MiniLM's INT8 run) and buys little where no channel stands out.
-    smooth_min_divisor: float = 1.0
     fuse_first: bool = (
         True  # quantize the fused graph (fusion, then quantization) or the unfused one
     )
@@ -92,8 +89,6 @@ class Recipe:
             problems.append(f"calibration {self.calibration!r} is not one of {CALIBRATIONS}")
         if self.smooth_percentile is not None and not 0 < self.smooth_percentile <= 100:
             problems.append(f"smooth_percentile must be in (0, 100], got {self.smooth_percentile}")
-        if self.smooth_min_divisor < 1:
-            problems.append(f"smooth_min_divisor must be >= 1, got {self.smooth_min_divisor}")
         if not self.op_types:
             problems.append("op_types is empty: nothing would be quantized")
         if problems:
@@ -173,18 +168,16 @@ ORT_STATIC_QDQ_U8S8 = Recipe(
     op_types=("MatMul",),
 )
 
-RECIPES: dict[str, Recipe] = {
-    r.name: r
-    for r in (
-        SMOOTH_STATIC,
-        SMOOTH_STATIC_UNFUSED,
-        STATIC,
-        ORT_DYNAMIC_FUSED,
-        ORT_DYNAMIC,
-        ORT_STATIC_QDQ_U8S8,
-        ORT_STATIC_QDQ,
-    )
-}
+# What the search tries, best first; ORT's default static QDQ is only the reference point.
+SEARCH_ORDER = (
+    SMOOTH_STATIC,
+    SMOOTH_STATIC_UNFUSED,
+    STATIC,
+    ORT_DYNAMIC_FUSED,
+    ORT_DYNAMIC,
+    ORT_STATIC_QDQ_U8S8,
+)
+RECIPES: dict[str, Recipe] = {r.name: r for r in (*SEARCH_ORDER, ORT_STATIC_QDQ)}
 
 
 def default_recipes(features: frozenset[str] | None = None) -> list[Recipe]:
@@ -193,14 +186,7 @@ def default_recipes(features: frozenset[str] | None = None) -> list[Recipe]:
     from quantgate.quantize.cpu import detect_features, needs_reduce_range
 
     feats = detect_features() if features is None else features
-    order = [
-        SMOOTH_STATIC,
-        SMOOTH_STATIC_UNFUSED,
-        STATIC,
-        ORT_DYNAMIC_FUSED,
-        ORT_DYNAMIC,
-        ORT_STATIC_QDQ_U8S8,
-    ]
+    order = list(SEARCH_ORDER)
     if needs_reduce_range(feats):
         order = [dataclasses.replace(r, reduce_range=True) for r in order]
     return order
