@@ -107,8 +107,13 @@ def feeds(rows: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
-def in_process(path: Path, rows: int, length: int, seconds: float) -> dict:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def in_process(path: Path | ort.InferenceSession, rows: int, length: int, seconds: float) -> dict:
+    """session.run timed for ``seconds`` after warm-up (``path``: a model file or a session)."""
+    session = (
+        path
+        if isinstance(path, ort.InferenceSession)
+        else ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    )
     x = feeds(rows, length)
     for _ in range(5):
         session.run(None, x)
@@ -131,8 +136,9 @@ def lone_request(url: str, path: Path, rounds: int, interval_ms: int) -> dict:
     session.run, in alternating windows: drift on a shared machine hits both alike. The
     overhead is the median over rounds of (gRPC p50 - in-process p50)."""
     grpc_p50, local_p50 = [], []
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for _ in range(rounds):
-        local_p50.append(in_process(path, 1, 128, interval_ms / 1000)["p50"])
+        local_p50.append(in_process(session, 1, 128, interval_ms / 1000)["p50"])
         grpc_p50.append(perf(url, 128, ["--concurrency-range", "1"], interval_ms)[0]["p50"])
     return {
         "grpc_p50": statistics.median(grpc_p50),
