@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from quantgate.errors import ServeError
 from quantgate.protos import grpc_service_pb2 as pb
-from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
+from quantgate.serve import codec
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.engine import Engine
 from quantgate.serve.runtime import load_repository
@@ -83,7 +83,7 @@ def create_server(
     ]
     interceptors = [BearerTokenAuth(cfg.auth_token)] if cfg.auth_token else []
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine), server)
+    _add_inference_service(InferenceServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -107,6 +107,27 @@ def create_server(
     if port == 0:
         raise ServeError(f"cannot listen on {address}; is the port in use? Try another --port.")
     return server, port, health_servicer
+
+
+def _add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register the service as the generated ``add_..._to_server`` does, but with a
+    serializer that passes already serialized responses through: ModelInfer answers are
+    written by ``codec.encode_response`` with a single copy of the output tensors."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        handler = (
+            grpc.stream_stream_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = handler(
+            getattr(servicer, method.name),
+            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            response_serializer=codec.serialize,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 def _credentials(cfg: ServeConfig) -> grpc.ServerCredentials:

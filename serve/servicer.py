@@ -141,7 +141,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             while (task := await answers.get()) is not None:
                 response, err = await task
                 if err is None:
-                    yield pb.ModelStreamInferResponse(infer_response=response)
+                    yield codec.stream_response(response)
                 else:
                     yield pb.ModelStreamInferResponse(
                         error_message=f"{status_of(err).name}: {err}",
@@ -152,8 +152,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(
         self, request: pb.ModelInferRequest, timeout: float | None
-    ) -> tuple[pb.ModelInferResponse, QuantgateError | None]:
-        """One request -> (response, None), or (a response carrying only the id, the error)."""
+    ) -> tuple[bytes, None] | tuple[pb.ModelInferResponse, QuantgateError]:
+        """One request -> (the serialized response, None), or (a response carrying only the
+        id, the error)."""
         start = time.perf_counter()
         response = pb.ModelInferResponse(id=request.id)
         model: Model | None = None
@@ -172,10 +173,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         response.model_name = model.name
         response.model_version = model.version
-        codec.encode_outputs(response, outputs)
+        encoded = codec.encode_response(response, outputs)
         rows = next(iter(feeds.values())).shape[0] if model.batched else 1
         self._engine.finished(model, "OK", time.perf_counter() - start, timing, rows)
-        return response, None
+        return encoded, None
 
     def _config(self, m: Model) -> mc.ModelConfig:
         cfg = self._engine.cfg
