@@ -11,7 +11,11 @@ the Python sync stub quantgate.serve.client uses. Servers compared:
 - ``aio``: grpc.aio, as `quantgate serve` runs (one event loop, gRPC's poller thread);
 - ``aio, no BDP, 4 MB window``: the same with HTTP/2 BDP probing off and a 4 MB stream window;
 - ``sync``: grpc.server on a thread pool (the handler runs on a pool thread, no event loop);
-- ``aio, pinned to 2 CPUs``: the aio server with its process on CPUs 0-1 (hosts with more).
+- ``aio, pinned to 2 CPUs``: the aio server with its process on CPUs 0-1 (hosts with more);
+- ``aio, after a model run``: before answering ModelInfer the handler runs an ONNX Runtime
+  session (three 384x1536 FFN blocks on 128 tokens, ORT's default threads) on a worker
+  thread, as `quantgate serve` does, and reports how long it ran; the row shows the round
+  trip minus that run: what the transport costs once a model has just used every core.
 
 Requests alternate between the servers' rounds; medians of N each. With $OUT set it writes
 grpc_transport.md there.
@@ -33,10 +37,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check import bootstrap  # noqa: E402 - maps the source tree to quantgate.*
 
 PAYLOAD = bytes(128 * 384 * 4)
+AFTER_RUN = "aio, after a model run"
 WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4 << 20)]
 
 
-def _servicer(asynchronous: bool):
+def _model():
+    """An ONNX Runtime session that keeps both cores busy for some milliseconds."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(3):
+        for j, shape in enumerate(((384, 1536), (1536, 384))):
+            w = f"w{i}{j}"
+            inits.append(numpy_helper.from_array(rng.standard_normal(shape, np.float32) * 0.05, w))
+            nodes.append(helper.make_node("MatMul", [x, w], [f"{w}_out"]))
+            x = f"{w}_out"
+        nodes.append(helper.make_node("Relu", [x], [f"relu{i}"]))
+        x = f"relu{i}"
+    graph = helper.make_graph(
+        nodes,
+        "ffn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [128, 384])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [128, 384])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {"x": rng.standard_normal((128, 384), np.float32)}
+    onnx.checker.check_model(model)
+
+    def run() -> int:
+        t = time.perf_counter_ns()
+        session.run(None, feed)
+        return time.perf_counter_ns() - t
+
+    return run
+
+
+def _servicer(asynchronous: bool, model=None):
     from quantgate.protos import grpc_service_pb2 as pb
     from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -54,7 +96,12 @@ def _servicer(asynchronous: bool):
             return live(self, request, context)
 
         async def ainfer(self, request, context):
-            return infer(self, request, context)
+            if model is None:
+                return infer(self, request, context)
+            ran = await asyncio.get_running_loop().run_in_executor(None, model)
+            response = infer(self, request, context)
+            response.model_version = str(ran)  # ns the model ran, for the client to subtract
+            return response
 
         methods = {"ServerLive": alive, "ModelInfer": ainfer}
     else:
@@ -80,7 +127,8 @@ def _serve(kind: str, ports) -> None:
 
     async def run() -> None:
         server = grpc.aio.server(options=WINDOW if "BDP" in kind else None)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(_servicer(True), server)
+        model = _model() if kind == AFTER_RUN else None
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(_servicer(True, model), server)
         ports.put(server.add_insecure_port("127.0.0.1:0"))
         await server.start()
         await server.wait_for_termination()
@@ -98,7 +146,7 @@ def main() -> int:
     from quantgate.protos import grpc_service_pb2 as pb
     from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 
-    kinds = ["aio", "aio, no BDP, 4 MB window", "sync"]
+    kinds = ["aio", "aio, no BDP, 4 MB window", "sync", AFTER_RUN]
     if (os.cpu_count() or 1) > 2:
         kinds.append("aio, pinned to 2 CPUs")
     ctx = mp.get_context("spawn")
@@ -114,18 +162,26 @@ def main() -> int:
     live, infer = pb.ServerLiveRequest(), pb.ModelInferRequest(model_name="m")
     calls = {"ServerLive": lambda s: s.ServerLive(live), "196 KB": lambda s: s.ModelInfer(infer)}
     times = {(k, c): [] for k in kinds for c in calls}
+    ran: list[float] = []
     for i in range(a.requests + 200):  # the first 200 are warm-up
         for kind, stub in stubs.items():
+            if kind == AFTER_RUN and i % 10:
+                continue  # a model run per request would make the whole bench 10x longer
             for call, fn in calls.items():
                 t = time.perf_counter()
-                fn(stub)
+                response = fn(stub)
+                ms = (time.perf_counter() - t) * 1e3
+                if kind == AFTER_RUN and call == "196 KB":
+                    ms -= int(response.model_version) / 1e6
+                    ran.append(int(response.model_version) / 1e6)
                 if i >= 200:
-                    times[kind, call].append((time.perf_counter() - t) * 1e3)
+                    times[kind, call].append(ms)
     for proc in procs:
         proc.terminate()
     lines = [
         f"gRPC round trip, Python sync client, {os.cpu_count()} CPUs, grpcio {grpc.__version__}, "
-        f"median of {a.requests} alternating requests",
+        f"median of {a.requests} alternating requests ({a.requests // 10} for the model-run "
+        f"server, whose model ran {statistics.median(ran):.2f} ms, subtracted)",
         "",
         "| server | ServerLive ms | 196 KB response ms |",
         "|---|---|---|",
