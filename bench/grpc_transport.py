@@ -15,7 +15,9 @@ the Python sync stub quantgate.serve.client uses. Servers compared:
 - ``aio, after a model run``: before answering ModelInfer the handler runs an ONNX Runtime
   session (three 384x1536 FFN blocks on 128 tokens, ORT's default threads) on a worker
   thread, as `quantgate serve` does, and reports how long it ran; the row shows the round
-  trip minus that run: what the transport costs once a model has just used every core.
+  trip minus that run: what the transport costs once a model has just used every core;
+- the same with the model run on the event loop itself (no hop to a worker thread and
+  back), and with ORT's thread spinning off (its threads sleep as soon as they are idle).
 
 Requests alternate between the servers' rounds; medians of N each. With $OUT set it writes
 grpc_transport.md there.
@@ -38,10 +40,13 @@ from gpu_check import bootstrap  # noqa: E402 - maps the source tree to quantgat
 
 PAYLOAD = bytes(128 * 384 * 4)
 AFTER_RUN = "aio, after a model run"
+INLINE = "aio, after a model run on the event loop"  # no hop to a worker thread and back
+NO_SPIN = "aio, after a model run, ORT spinning off"  # ORT's threads sleep when idle
+MODEL_RUNS = (AFTER_RUN, INLINE, NO_SPIN)
 WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4 << 20)]
 
 
-def _model():
+def _model(spinning: bool = True):
     """An ONNX Runtime session that keeps both cores busy for some milliseconds."""
     import numpy as np
     import onnx
@@ -66,7 +71,11 @@ def _model():
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     feed = {"x": rng.standard_normal((128, 384), np.float32)}
     onnx.checker.check_model(model)
 
@@ -78,7 +87,7 @@ def _model():
     return run
 
 
-def _servicer(asynchronous: bool, model=None):
+def _servicer(asynchronous: bool, model=None, inline: bool = False):
     from quantgate.protos import grpc_service_pb2 as pb
     from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -98,7 +107,10 @@ def _servicer(asynchronous: bool, model=None):
         async def ainfer(self, request, context):
             if model is None:
                 return infer(self, request, context)
-            ran = await asyncio.get_running_loop().run_in_executor(None, model)
+            if inline:
+                ran = model()
+            else:
+                ran = await asyncio.get_running_loop().run_in_executor(None, model)
             response = infer(self, request, context)
             response.model_version = str(ran)  # ns the model ran, for the client to subtract
             return response
@@ -127,8 +139,9 @@ def _serve(kind: str, ports) -> None:
 
     async def run() -> None:
         server = grpc.aio.server(options=WINDOW if "BDP" in kind else None)
-        model = _model() if kind == AFTER_RUN else None
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(_servicer(True, model), server)
+        model = _model(spinning=kind != NO_SPIN) if kind in MODEL_RUNS else None
+        servicer = _servicer(True, model, inline=kind == INLINE)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         ports.put(server.add_insecure_port("127.0.0.1:0"))
         await server.start()
         await server.wait_for_termination()
@@ -146,7 +159,7 @@ def main() -> int:
     from quantgate.protos import grpc_service_pb2 as pb
     from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 
-    kinds = ["aio", "aio, no BDP, 4 MB window", "sync", AFTER_RUN]
+    kinds = ["aio", "aio, no BDP, 4 MB window", "sync", *MODEL_RUNS]
     if (os.cpu_count() or 1) > 2:
         kinds.append("aio, pinned to 2 CPUs")
     ctx = mp.get_context("spawn")
@@ -165,13 +178,13 @@ def main() -> int:
     ran: list[float] = []
     for i in range(a.requests + 200):  # the first 200 are warm-up
         for kind, stub in stubs.items():
-            if kind == AFTER_RUN and i % 10:
+            if kind in MODEL_RUNS and i % 10:
                 continue  # a model run per request would make the whole bench 10x longer
             for call, fn in calls.items():
                 t = time.perf_counter()
                 response = fn(stub)
                 ms = (time.perf_counter() - t) * 1e3
-                if kind == AFTER_RUN and call == "196 KB":
+                if kind in MODEL_RUNS and call == "196 KB":
                     ms -= int(response.model_version) / 1e6
                     ran.append(int(response.model_version) / 1e6)
                 if i >= 200:
@@ -181,7 +194,7 @@ def main() -> int:
     lines = [
         f"gRPC round trip, Python sync client, {os.cpu_count()} CPUs, grpcio {grpc.__version__}, "
         f"median of {a.requests} alternating requests ({a.requests // 10} for the model-run "
-        f"server, whose model ran {statistics.median(ran):.2f} ms, subtracted)",
+        f"servers, whose model ran {statistics.median(ran):.2f} ms (median), subtracted)",
         "",
         "| server | ServerLive ms | 196 KB response ms |",
         "|---|---|---|",
