@@ -17,7 +17,9 @@ the Python sync stub quantgate.serve.client uses. Servers compared:
   thread, as `quantgate serve` does, and reports how long it ran; the row shows the round
   trip minus that run: what the transport costs once a model has just used every core;
 - the same with the model run on the event loop itself (no hop to a worker thread and
-  back), and with ORT's thread spinning off (its threads sleep as soon as they are idle).
+  back), with ORT's thread spinning off (its threads sleep as soon as they are idle), and
+  on a sync server whose request thread runs the model itself (the best case of a
+  thread-pool server that runs a lone request where it arrived).
 
 Requests alternate between the servers' rounds; medians of N each. With $OUT set it writes
 grpc_transport.md there.
@@ -42,7 +44,8 @@ PAYLOAD = bytes(128 * 384 * 4)
 AFTER_RUN = "aio, after a model run"
 INLINE = "aio, after a model run on the event loop"  # no hop to a worker thread and back
 NO_SPIN = "aio, after a model run, ORT spinning off"  # ORT's threads sleep when idle
-MODEL_RUNS = (AFTER_RUN, INLINE, NO_SPIN)
+SYNC_RUN = "sync, after a model run on the request thread"
+MODEL_RUNS = (AFTER_RUN, INLINE, NO_SPIN, SYNC_RUN)
 WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4 << 20)]
 
 
@@ -117,7 +120,16 @@ def _servicer(asynchronous: bool, model=None, inline: bool = False):
 
         methods = {"ServerLive": alive, "ModelInfer": ainfer}
     else:
-        methods = {"ServerLive": live, "ModelInfer": infer}
+
+        def sinfer(self, request, context):
+            if model is None:
+                return infer(self, request, context)
+            ran = model()  # on the request's own thread: no hand-off
+            response = infer(self, request, context)
+            response.model_version = str(ran)
+            return response
+
+        methods = {"ServerLive": live, "ModelInfer": sinfer}
     return type("Servicer", (pb_grpc.GRPCInferenceServiceServicer,), methods)()
 
 
@@ -129,9 +141,10 @@ def _serve(kind: str, ports) -> None:
 
     if kind == "aio, pinned to 2 CPUs":
         os.sched_setaffinity(0, {0, 1})
-    if kind == "sync":
+    if kind.startswith("sync"):
         server = grpc.server(futures.ThreadPoolExecutor(4))
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(_servicer(False), server)
+        model = _model() if kind in MODEL_RUNS else None
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(_servicer(False, model), server)
         ports.put(server.add_insecure_port("127.0.0.1:0"))
         server.start()
         server.wait_for_termination()
