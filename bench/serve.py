@@ -80,44 +80,45 @@ def int8_variant(bundle: Path) -> tuple[Path, str]:
     return bundle / int8[0]["file"], (int8[0].get("recipe") or {}).get("name", "INT8")
 
 
-def feeds(rows: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random token ids, every position real: what MiniLM's three inputs take."""
-    ids = np.random.default_rng(seed).integers(1000, 20000, (rows, length), dtype=np.int64)
-    return {
+def feeds(session: ort.InferenceSession, rows: int, length: int) -> dict[str, np.ndarray]:
+    """Random token ids, every position real, for the inputs the model takes (MiniLM's
+    exports have input_ids, attention_mask and token_type_ids)."""
+    ids = np.random.default_rng(1).integers(1000, 20000, (rows, length), dtype=np.int64)
+    every = {
         "input_ids": ids,
         "attention_mask": np.ones_like(ids),
         "token_type_ids": np.zeros_like(ids),
     }
+    return {i.name: every[i.name] for i in session.get_inputs()}
 
 
-def open_session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def timed(fn, seconds: float, warmup: int = 5) -> np.ndarray:
+    """Milliseconds of each call to ``fn`` during ``seconds``, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return np.array(times) * 1e3
 
 
 def in_process(
-    path: Path | ort.InferenceSession,
+    session: ort.InferenceSession,
     rows: int,
     length: int,
     seconds: float,
     outputs: list[str] | None = None,
 ) -> dict:
-    """session.run timed for ``seconds`` after warm-up (``path``: a model file or a session)."""
-    session = path if isinstance(path, ort.InferenceSession) else open_session(path)
-    names = {i.name for i in session.get_inputs()}
-    x = {k: v for k, v in feeds(rows, length, seed=1).items() if k in names}
-    for _ in range(5):
-        session.run(outputs, x)
-    times, end = [], time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        session.run(outputs, x)
-        times.append(time.perf_counter() - t0)
-    ms = np.array(times) * 1e3
+    """session.run timed for ``seconds`` after warm-up."""
+    x = feeds(session, rows, length)
+    ms = timed(lambda: session.run(outputs, x), seconds)
     return {
         "p50": float(np.percentile(ms, 50)),
         "p95": float(np.percentile(ms, 95)),
         "p99": float(np.percentile(ms, 99)),
-        "seq_per_s": rows / statistics.mean(times),
+        "seq_per_s": rows * 1e3 / float(np.mean(ms)),
     }
 
 
@@ -130,12 +131,11 @@ def server_split(before, after) -> dict:
         return (getattr(a, field).ns - getattr(b, field).ns) / n / 1e6
 
     compute = ms("compute_input") + ms("compute_infer") + ms("compute_output")
-    total = ms("success")
-    return {"server": total, "queue": ms("queue"), "compute": compute,
-            "overhead": total - ms("queue") - compute}  # fmt: skip
+    return {"queue": ms("queue"), "compute": compute,
+            "overhead": ms("success") - ms("queue") - compute}  # fmt: skip
 
 
-def lone_request(url: str, path: Path, rounds: int, interval_ms: int) -> dict:
+def lone_request(url: str, session: ort.InferenceSession, rounds: int, interval_ms: int) -> dict:
     """Batch-1, seq-128 p50 through gRPC against in-process session.run, in alternating
     windows (drift on a shared machine hits both alike); overheads are medians over rounds
     of (gRPC p50 - in-process p50).
@@ -147,31 +147,23 @@ def lone_request(url: str, path: Path, rounds: int, interval_ms: int) -> dict:
     """
     from quantgate.serve.client import Client
 
-    session = open_session(path)
-    names = {i.name for i in session.get_inputs()}
-    x = {k: v for k, v in feeds(1, 128, seed=1).items() if k in names}
+    x = feeds(session, 1, 128)
     keys = ("local", "grpc", "stream", "split", "local_emb", "grpc_emb")
     rows: dict[str, list] = {k: [] for k in keys}
     with Client(url) as client:
         for _ in range(rounds):
             rows["local"].append(in_process(session, 1, 128, interval_ms / 1000)["p50"])
             before = client.statistics(MODEL)
-            pa = perf(url, 128, ["--concurrency-range", "1"], interval_ms)[0]
+            pa = perf(url, x, ["--concurrency-range", "1"], interval_ms)[0]
             rows["split"].append({**pa["split"], **server_split(before, client.statistics(MODEL))})
             rows["grpc"].append(pa["p50"])
-            streamed = perf(url, 128, ["--concurrency-range", "1", "--streaming"], interval_ms)
+            streamed = perf(url, x, ["--concurrency-range", "1", "--streaming"], interval_ms)
             rows["stream"].append(streamed[0]["p50"])
             rows["local_emb"].append(
                 in_process(session, 1, 128, interval_ms / 2000, [EMBEDDING])["p50"]
             )
-            for _ in range(5):
-                client.infer(MODEL, x, outputs=(EMBEDDING,))
-            times, end = [], time.perf_counter() + interval_ms / 2000
-            while time.perf_counter() < end:
-                t0 = time.perf_counter()
-                client.infer(MODEL, x, outputs=(EMBEDDING,))
-                times.append(time.perf_counter() - t0)
-            rows["grpc_emb"].append(float(np.percentile(times, 50)) * 1e3)
+            ms = timed(lambda: client.infer(MODEL, x, outputs=(EMBEDDING,)), interval_ms / 2000)
+            rows["grpc_emb"].append(float(np.percentile(ms, 50)))
 
     def gap(a: str, b: str) -> float:
         return statistics.median(g - i for g, i in zip(rows[a], rows[b], strict=True))
@@ -233,14 +225,17 @@ SPLIT = {
 }
 
 
-def perf(url: str, length: int, args: list[str], interval_ms: int) -> list[dict]:
-    """Run perf_analyzer; one dict per load level from its CSV."""
+def perf(url: str, x: dict[str, np.ndarray], args: list[str], interval_ms: int) -> list[dict]:
+    """Run perf_analyzer with the batch-1 request ``x``; one dict per load level from its CSV."""
     with tempfile.TemporaryDirectory() as d:
         data = Path(d) / "data.json"
-        x = feeds(1, length, seed=1)
         data.write_text(
             json.dumps(
-                {"data": [{k: {"content": v[0].tolist(), "shape": [length]} for k, v in x.items()}]}
+                {
+                    "data": [
+                        {k: {"content": v[0].tolist(), "shape": [v.shape[1]]} for k, v in x.items()}
+                    ]
+                }
             )
         )
         cmd = [
@@ -290,12 +285,11 @@ def highest_rate(url: str, session: ort.InferenceSession, interval_ms: int) -> d
     shared machine the steps and the fraction are taken against the throughput of the
     same minutes (the first measurement, and the median), not of the start of the run."""
     tried, baseline, best, misses, step = [], [], None, 0, 5
+    x = feeds(session, 1, 128)
     while misses < 2 and step <= 20:
         baseline.append(in_process(session, 1, 128, interval_ms / 2000)["seq_per_s"])
         rate = max(1, round(baseline[0] * step / 10))
-        runs = perf(
-            url, 128, ["--request-rate-range", str(rate), "--max-threads", "32"], interval_ms
-        )
+        runs = perf(url, x, ["--request-rate-range", str(rate), "--max-threads", "32"], interval_ms)
         r = runs[0] if runs else {"level": rate, "tput": 0.0, "p95": float("inf")}
         tried.append(r)
         if r["p95"] < 50:
@@ -317,8 +311,9 @@ def main() -> None:
     int8, recipe = int8_variant(bundle)
     secs, interval = (3, 2000) if args.quick else (8, 4000)
 
+    session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
     ip = {
-        key: in_process(int8, r, s, secs)
+        key: in_process(session, r, s, secs)
         for key, r, s in (("b1s128", 1, 128), ("b1s16", 1, 16), ("b32s16", 32, 16))
     }
     lines = [
@@ -334,14 +329,16 @@ def main() -> None:
         f"| in-process session.run, batch 32 seq 16 | {ip['b32s16']['seq_per_s']:.0f} seq/s | | | |"
     )
 
-    session = open_session(int8)
     with (
         Server(bundle, "--max-queue-delay-us", "0") as s,
         Server(bundle, "--no-dynamic-batching") as unbatched,
     ):
-        lone = lone_request(s.url, int8, 3 if args.quick else 7, interval)
+        lone = lone_request(s.url, session, 3 if args.quick else 7, interval)
         sweep = perf(
-            s.url, 128, ["--concurrency-range", "1:16:3" if not args.quick else "1:16:15"], interval
+            s.url,
+            feeds(session, 1, 128),
+            ["--concurrency-range", "1:16:3" if not args.quick else "1:16:15"],
+            interval,
         )
         for r in sorted(sweep, key=lambda r: int(r["level"])):
             lines.append(
@@ -349,11 +346,11 @@ def main() -> None:
             )
         # batching on and off in alternating windows, in-process batch 32 beside them
         pairs, b32 = [], []
+        short, c16 = feeds(session, 1, 16), ["--concurrency-range", "16"]
         for _ in range(1 if args.quick else 3):
             b32.append(in_process(session, 32, 16, interval / 2000)["seq_per_s"])
-            c16 = ["--concurrency-range", "16"]
             pairs.append(
-                (perf(s.url, 16, c16, interval)[0], perf(unbatched.url, 16, c16, interval)[0])
+                (perf(s.url, short, c16, interval)[0], perf(unbatched.url, short, c16, interval)[0])
             )
         rates = {
             "default server (1 instance, ORT's threads)": highest_rate(s.url, session, interval)
