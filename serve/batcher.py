@@ -37,7 +37,6 @@ class Timing:
     input_ns: int  # assembling (padding, stacking) the batch
     infer_ns: int  # session.run for the whole batch
     output_ns: int  # cutting the results back out
-    batch_size: int  # rows in the batch it ran in
 
 
 @dataclass(eq=False)
@@ -91,7 +90,8 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        """Requests waiting whose caller is still there."""
+        return sum(not p.future.done() for p in self._queue)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"batcher-{self.model.name}")
@@ -118,6 +118,8 @@ class Batcher:
         """
         if self._closing:
             raise Unavailable("the server is shutting down; retry on another replica")
+        if len(self._queue) >= self._max_queue:
+            self._drop_dead()  # callers that gave up or ran out of time hold no place
         if len(self._queue) >= self._max_queue:
             raise Unavailable(
                 f"model {self.model.name!r}: queue full ({self._max_queue} requests waiting); "
@@ -162,6 +164,8 @@ class Batcher:
         for p in self._queue:
             if p.future.done():  # cancelled by its client
                 continue
+            # gRPC itself cancels a unary call at its deadline (the branch above); this
+            # catches a deadline that passes before that cancellation reaches the queue
             if p.deadline is not None and now >= p.deadline:
                 p.future.set_exception(
                     DeadlineExceeded(f"model {self.model.name!r}: deadline passed while queued")
@@ -250,7 +254,7 @@ class Batcher:
         done = time.perf_counter_ns()
         rows = sum(p.rows for p in group)
         timings = [
-            Timing(start - p.enqueued_ns, assembled - start, ran - assembled, done - ran, rows)
+            Timing(start - p.enqueued_ns, assembled - start, ran - assembled, done - ran)
             for p in group
         ]
         if self._on_batch is not None:

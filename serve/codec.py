@@ -84,15 +84,43 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
                 )
             array = np.frombuffer(data, dtype=dtype)
         else:
-            values = getattr(tensor.contents, field) if field else ()
-            if len(values) != count:
-                raise BadRequest(
-                    f"input {name!r}: {len(values)} values in contents.{field or 'raw'}, "
-                    f"expected {count} for {tensor.datatype} of shape {list(shape)}"
-                )
-            array = np.asarray(values, dtype=dtype)
-        arrays[name] = array.reshape(shape)
+            array = _typed_contents(name, tensor, dtype, field, count)
+        try:
+            arrays[name] = array.reshape(shape)
+        except ValueError as e:  # e.g. a zero-size shape whose other dims overflow
+            raise BadRequest(f"input {name!r}: shape {list(shape)} is impossible: {e}") from e
     return arrays
+
+
+def _typed_contents(
+    name: str,
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    dtype: np.dtype,
+    field: str,
+    count: int,
+) -> np.ndarray:
+    """An input sent in ``contents`` (the typed repeated fields) instead of raw bytes."""
+    if not field:
+        raise BadRequest(
+            f"input {name!r}: {tensor.datatype} has no typed contents field; "
+            "send it in raw_input_contents"
+        )
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise BadRequest(
+            f"input {name!r}: {len(values)} values in contents.{field}, "
+            f"expected {count} for {tensor.datatype} of shape {list(tensor.shape)}"
+        )
+    array = np.asarray(values)
+    if dtype.kind in "iu" and array.size:  # the wire type is wider: refuse, never wrap
+        info = np.iinfo(dtype)
+        low, high = int(array.min()), int(array.max())
+        if low < info.min or high > info.max:
+            raise BadRequest(
+                f"input {name!r}: values {low}..{high} in contents.{field} do not fit "
+                f"{tensor.datatype} ({info.min}..{info.max})"
+            )
+    return array.astype(dtype, copy=False)
 
 
 # Field numbers in grpc_service.proto: ModelInferResponse.raw_output_contents (bytes, 6) and

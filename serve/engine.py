@@ -55,6 +55,7 @@ class Engine:
                 on_batch=self._on_batch(m),
             )
             b.start()
+            self.metrics.queue_depth.labels(m.name, m.version).set_function(lambda b=b: b.depth)
 
     async def warm_up(self) -> None:
         """Run every model at each bucket it will see before reporting ready.
@@ -96,15 +97,17 @@ class Engine:
         outputs: tuple[str, ...] = (),
         *,
         timeout: float | None = None,
-    ) -> tuple[dict[str, np.ndarray], Timing]:
-        """Validate, queue and run one request. Raises the serve errors (see servicer.STATUS)."""
+    ) -> tuple[dict[str, np.ndarray], Timing, int]:
+        """Validate, queue and run one request: its outputs, where its time went, and its
+        batch size. Raises the serve errors (see servicer.py for their status codes)."""
         if not self.ready:
             raise Unavailable(
                 "the server is not ready (warming up or shutting down); retry shortly"
             )
         rows = model.check(feeds, outputs)
         batcher = self._batchers[(model.name, model.version)]
-        return await batcher.infer(feeds, rows, outputs=outputs, timeout=timeout)
+        outputs, timing = await batcher.infer(feeds, rows, outputs=outputs, timeout=timeout)
+        return outputs, timing, rows
 
     def finished(
         self,
@@ -125,9 +128,6 @@ class Engine:
             self.metrics.latency.labels(name, version).observe(seconds)
             if timing is not None:
                 self.metrics.queue.labels(name, version).observe(timing.queue_ns / 1e9)
-        self.metrics.queue_depth.labels(name, version).set(
-            self._batchers[(name, version)].depth if self._batchers else 0
-        )
 
     def _on_batch(self, m: Model):
         stats = self.stats[(m.name, m.version)]

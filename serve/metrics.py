@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import prometheus_client as prom
 
+from quantgate.errors import ServeError
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.serve.batcher import Timing
 
@@ -77,7 +78,13 @@ class Metrics:
 
     def serve_http(self, port: int, host: str = "0.0.0.0") -> None:
         """Expose /metrics over HTTP (a daemon thread)."""
-        prom.start_http_server(port, addr=host, registry=self.registry)
+        try:
+            prom.start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            raise ServeError(
+                f"cannot serve metrics on {host}:{port}: {e.strerror}. "
+                "Choose another --metrics-port."
+            ) from e
 
 
 @dataclass

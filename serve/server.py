@@ -175,6 +175,7 @@ async def serve(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | N
         cfg.shutdown_grace_s,
     )
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    engine.ready = False  # open streams are refused new requests too
     await server.stop(cfg.shutdown_grace_s)  # new calls refused; running ones finish
     await engine.close()
     log.info("stopped")

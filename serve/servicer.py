@@ -29,12 +29,15 @@ from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.protos import model_config_pb2 as mc
 from quantgate.serve import codec
 from quantgate.serve.engine import Engine
-from quantgate.serve.errors import ModelNotFound, status_of
+from quantgate.serve.errors import InferenceFailed, ModelNotFound, status_of
 from quantgate.serve.runtime import CUDA, Model
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ("model_configuration", "statistics")
+# A call cancelled this close to its deadline is counted as DEADLINE_EXCEEDED: the time
+# left is read just before the request's clock starts.
+DEADLINE_SLACK_S = 1e-3
 PLATFORM = "onnxruntime_onnx"
 
 
@@ -114,8 +117,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request, context):
-        deadline = context.time_remaining()
-        response, err = await self._infer(request, deadline)
+        response, err = await self._infer(request, context.time_remaining())
         if err is not None:
             await context.abort(status_of(err), str(err))
         return response
@@ -126,15 +128,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Requests run concurrently (so they can share batches); answers keep request order.
 
         A failed request is answered in the stream with ``error_message``, as Triton does,
-        and the stream stays open.
+        and the stream stays open. When the stream ends early (the client cancelled, or a
+        message could not be read), requests it queued and nobody will read are cancelled.
         """
         answers: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
 
         async def read() -> None:
-            async for request in request_iterator:
-                # The stream's own deadline, if any, cancels the whole call; requests get none.
-                await answers.put(asyncio.create_task(self._infer(request, None)))
-            await answers.put(None)
+            try:
+                async for request in request_iterator:
+                    # The stream's own deadline, if any, cancels the whole call; requests
+                    # get none.
+                    answers.put_nowait(asyncio.create_task(self._infer(request, None)))
+            finally:
+                answers.put_nowait(None)  # the answers loop below must never wait forever
 
         reader = asyncio.create_task(read())
         try:
@@ -147,14 +153,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         error_message=f"{status_of(err).name}: {err}",
                         infer_response=pb.ModelInferResponse(id=response.id),
                     )
+            await reader  # a message that could not be read ends the call with its error
         finally:
             reader.cancel()
+            while not answers.empty():
+                if (task := answers.get_nowait()) is not None:
+                    task.cancel()
 
     async def _infer(
         self, request: pb.ModelInferRequest, timeout: float | None
     ) -> tuple[bytes, None] | tuple[pb.ModelInferResponse, QuantgateError]:
         """One request -> (the serialized response, None), or (a response carrying only the
-        id, the error)."""
+        id, the error). Every request is counted once, however it ends."""
         start = time.perf_counter()
         response = pb.ModelInferResponse(id=request.id)
         model: Model | None = None
@@ -162,19 +172,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model = self._engine.model(request.model_name, request.model_version)
             feeds = codec.decode_inputs(request)
             wanted = tuple(o.name for o in request.outputs)
-            outputs, timing = await self._engine.infer(model, feeds, wanted, timeout=timeout)
+            outputs, timing, rows = await self._engine.infer(model, feeds, wanted, timeout=timeout)
+            response.model_name = model.name
+            response.model_version = model.version
+            encoded = codec.encode_response(response, outputs)
         except QuantgateError as e:
             self._engine.finished(model, status_of(e).name, time.perf_counter() - start)
             return response, e
         except asyncio.CancelledError:
-            self._engine.finished(
-                model, grpc.StatusCode.CANCELLED.name, time.perf_counter() - start
-            )
+            # gRPC cancels the handler both when the client gives up and at its deadline
+            elapsed = time.perf_counter() - start
+            code = grpc.StatusCode.CANCELLED
+            if timeout is not None and elapsed >= timeout - DEADLINE_SLACK_S:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+            self._engine.finished(model, code.name, elapsed)
             raise
-        response.model_name = model.name
-        response.model_version = model.version
-        encoded = codec.encode_response(response, outputs)
-        rows = next(iter(feeds.values())).shape[0] if model.batched else 1
+        except Exception as e:  # a bug, not the client's fault: answer it, keep serving
+            log.exception("request %r to model %r failed", request.id, request.model_name)
+            self._engine.finished(model, "INTERNAL", time.perf_counter() - start)
+            return response, InferenceFailed(f"internal error: {type(e).__name__}: {e}")
         self._engine.finished(model, "OK", time.perf_counter() - start, timing, rows)
         return encoded, None
 

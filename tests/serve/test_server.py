@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import queue
+import subprocess
+import sys
 import threading
 import urllib.request
 
@@ -77,6 +79,7 @@ def test_health_serving_and_metadata(server, client):
     assert config.HasField("dynamic_batching")
     assert config.parameters["precision"].string_value == "fp32"
     assert config.parameters["execution_provider"].string_value == "CPUExecutionProvider"
+    client.infer("classifier", inputs(batch(np.random.default_rng(4), 1, 6)))
     stats = client.get_inference_statistics("classifier").model_stats[0]
     assert stats.inference_count >= 1 and stats.inference_stats.success.count >= 1
 
@@ -216,6 +219,53 @@ def test_bad_input_matrix_while_good_clients_run(server, repo):
     assert served[0] > 0
 
 
+def test_a_bad_request_in_a_stream_is_answered_there_and_the_stream_goes_on(server, repo):
+    reference = Reference(repo / "classifier")
+    rng = np.random.default_rng(5)
+    good = [batch(rng, 1, 7), batch(rng, 2, 12)]
+    wrong_dtype = tc.InferInput("input_ids", [1, 3], "FP32")
+    wrong_dtype.set_data_from_numpy(np.ones((1, 3), np.float32))
+    mask = tc.InferInput("attention_mask", [1, 3], "INT64")
+    mask.set_data_from_numpy(np.ones((1, 3), np.int64))
+    answers: queue.Queue = queue.Queue()
+    with tc.InferenceServerClient(server.url) as c:
+        c.start_stream(callback=lambda result, error: answers.put((result, error)))
+        c.async_stream_infer("classifier", inputs(good[0]), request_id="a")
+        c.async_stream_infer("classifier", [wrong_dtype, mask], request_id="bad")
+        c.async_stream_infer("classifier", inputs(good[1]), request_id="b")
+        got = [answers.get(timeout=30) for _ in range(3)]
+        c.stop_stream()
+    (first, e1), (_, bad), (last, e3) = got  # answers keep request order
+    assert e1 is None and e3 is None, (e1, e3)
+    np.testing.assert_allclose(first.as_numpy("logits"), reference(good[0]), atol=ATOL)
+    np.testing.assert_allclose(last.as_numpy("logits"), reference(good[1]), atol=ATOL)
+    assert "INVALID_ARGUMENT" in str(bad) and "'input_ids'" in str(bad), bad
+
+
+def test_an_unreadable_stream_message_ends_the_stream_at_once(server):
+    """Bytes that are no ModelInferRequest: the good request before them is answered, then
+    the call fails with an error; it does not hang until the client's deadline."""
+    ids = np.ones((1, 4), np.int64)
+    request = service_pb2.ModelInferRequest(model_name="classifier")
+    for name in ("input_ids", "attention_mask"):
+        request.inputs.add(name=name, datatype="INT64", shape=[1, 4])
+        request.raw_input_contents.append(ids.tobytes())
+    with grpc.insecure_channel(server.url) as channel:
+        stream = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=bytes,
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+        )
+        answers = stream(iter([request.SerializeToString(), b"\xff\xff\xff"]), timeout=20)
+        first = next(answers)
+        assert not first.error_message and first.infer_response.model_name == "classifier"
+        with pytest.raises(grpc.RpcError) as err:
+            next(answers)
+    assert err.value.code() != grpc.StatusCode.DEADLINE_EXCEEDED, err.value.details()
+    with tc.InferenceServerClient(server.url) as c:
+        assert c.is_server_live()
+
+
 def test_oversized_message_is_refused(server, client):
     # 64 MiB default limit: a 9M-token request (72 MB) is refused by gRPC itself.
     ids = np.zeros((1, 9_000_000), dtype=np.int64)
@@ -234,18 +284,50 @@ def test_metrics_endpoint(tmp_path, repo):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = ServerProcess(repo / "classifier", "--metrics-port", str(port))
+    # A lone request waits up to 0.3 s for company: long enough to expire a short deadline.
+    srv = ServerProcess(
+        repo / "classifier", "--metrics-port", str(port), "--max-queue-delay-us", "300000"
+    )
     try:
         with tc.InferenceServerClient(srv.url) as c:
             c.infer("tiny-classifier", inputs(batch(np.random.default_rng(3), 2, 9)))
             with pytest.raises(InferenceServerException):
                 c.infer("tiny-classifier", inputs(batch(np.random.default_rng(3), 40, 9)))
+            with pytest.raises(InferenceServerException) as late:
+                c.infer(
+                    "tiny-classifier",
+                    inputs(batch(np.random.default_rng(3), 1, 9)),
+                    client_timeout=0.05,
+                )
+            assert "Deadline" in str(late.value) or "DEADLINE" in str(late.value), late.value
         text = (
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         )
-        assert 'quantgate_requests_total{code="OK",model="tiny-classifier",version="1"} 1.0' in text
+        labels = 'model="tiny-classifier",version="1"'
+        assert f'quantgate_requests_total{{code="OK",{labels}}} 1.0' in text
+        assert f'quantgate_requests_total{{code="DEADLINE_EXCEEDED",{labels}}} 1.0' in text
         assert 'code="INVALID_ARGUMENT"' in text
+        assert f"quantgate_queue_depth{{{labels}}} 0.0" in text  # the expired one left
         assert "quantgate_batch_size_bucket" in text and "quantgate_request_seconds_bucket" in text
         assert 'precision="fp32",provider="CPUExecutionProvider"' in text
+        # A second server cannot have the same metrics port: a clear error, no traceback.
+        taken = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "quantgate",
+                "serve",
+                str(repo / "classifier"),
+                "--port",
+                "0",
+                "--metrics-port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert taken.returncode != 0
+        assert "--metrics-port" in taken.stderr and "Traceback" not in taken.stderr, taken.stderr
     finally:
         assert srv.terminate() == 0
