@@ -90,11 +90,11 @@ def to_onnx(
         EXPORTERS[exporter](model, path, example=example, outputs=outputs, opset=opset)
         onnx.checker.check_model(str(path))
     except Exception as e:  # noqa: BLE001 - exporters raise anything from deep inside torch
-        log.debug("the %s exporter failed", exporter.value, exc_info=True)
+        log.info("the %s exporter failed", exporter.value, exc_info=True)  # shown by -v
         raise ExportError(
             f"the {exporter.value} exporter failed on {model.spec}: {_last_line(e)}. "
             "The model's forward must be traceable: tensor operations only, no Python values "
-            "computed from tensor data. Run with -v for the full trace."
+            "computed from tensor data. Run `quantgate -v export ...` for the full trace."
         ) from e
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import platform
 import tempfile
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 from quantgate import __version__
 from quantgate.bundle import Bundle, TensorSpec, check_writable_target, sha256_file
-from quantgate.errors import BundleError, ExportError, ValidationError
+from quantgate.errors import ExportError, ValidationError
 from quantgate.export.config import ExportConfig, Exporter
 from quantgate.export.exporters import opset_of, to_onnx
 from quantgate.export.optimize import fuse, fusion_summary
@@ -142,27 +141,13 @@ def export(
     from quantgate.export.writer import write_bundle
 
     out = Path(out).absolute()
-    # Refuse a bad --out before minutes of work, not after.
-    check_writable_target(out, force=force)
-    _check_parent(out)
+    check_writable_target(out, force=force)  # before minutes of work, not after
     with tempfile.TemporaryDirectory(prefix="quantgate-export-") as work:
         result = export_fp32(model_spec, Path(work), cfg=cfg, on_stage=on_stage)
         _stage(on_stage, "writing the bundle", 6)
         bundle = write_bundle(result, out, name=cfg.name, force=force)
     _stage(on_stage, "done", 7)
     return bundle
-
-
-def _check_parent(out: Path) -> None:
-    """The nearest existing ancestor of ``out`` must be a directory we may write into."""
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        what = "is not a directory" if not parent.is_dir() else "is not writable"
-        raise BundleError(
-            f"cannot write the bundle at {out}: {parent} {what}. Choose another --out."
-        )
 
 
 def export_fp32(

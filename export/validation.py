@@ -54,6 +54,8 @@ class CaseResult:
     sequence: int
     padded_rows: int
     max_abs_diff: dict[str, float]  # per output
+    # per output, the largest |ort - torch| / (atol + rtol * |torch|): passing means <= 1
+    tolerance_used: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,17 @@ class ValidationReport:
     @property
     def max_abs_diff(self) -> dict[str, float]:
         """Per output, the largest difference over every case."""
+        return self._worst("max_abs_diff")
+
+    @property
+    def tolerance_used(self) -> dict[str, float]:
+        """Per output, the largest fraction of the tolerance used over every case."""
+        return self._worst("tolerance_used")
+
+    def _worst(self, field: str) -> dict[str, float]:
         worst: dict[str, float] = {}
         for c in self.cases:
-            for name, d in c.max_abs_diff.items():
+            for name, d in getattr(c, field).items():
                 worst[name] = max(worst.get(name, 0.0), d)
         return worst
 
@@ -222,15 +232,17 @@ def validate(
         except Exception as e:  # noqa: BLE001
             failures.append(f"{case.describe()}: ONNX Runtime failed: {type(e).__name__}: {e}")
             continue
-        diffs = {}
+        diffs, used = {}, {}
         for name, g, r in zip(outputs, got, ref, strict=True):
             if g.shape != r.shape:
                 failures.append(
                     f"{case.describe()}: {name} has shape {list(g.shape)}, PyTorch {list(r.shape)}"
                 )
                 continue
-            failures.extend(_compare(case, name, g, r, atol, rtol, diffs))
-        results.append(CaseResult(case.name, case.batch, case.sequence, case.padded_rows, diffs))
+            failures.extend(_compare(case, name, g, r, atol, rtol, diffs, used))
+        results.append(
+            CaseResult(case.name, case.batch, case.sequence, case.padded_rows, diffs, used)
+        )
     if failures:
         raise ValidationError(
             f"{what}: {len(failures)} check(s) failed at atol={atol:g}, rtol={rtol:g}. If the "
@@ -243,15 +255,19 @@ def validate(
 
 
 def _compare(
-    case: Case, name: str, got: np.ndarray, ref: np.ndarray, atol, rtol, diffs: dict
+    case: Case, name: str, got: np.ndarray, ref: np.ndarray, atol, rtol, diffs: dict, used: dict
 ) -> list[str]:
     g, r = got.astype(np.float64), ref.astype(np.float64)
     nan_g, nan_r = np.isnan(g), np.isnan(r)
     if (nan_g != nan_r).any():
         return [f"{case.describe()}: {name} has NaN where PyTorch has none (or the reverse)"]
     err = np.where(nan_r, 0.0, np.abs(g - r))
+    tol = atol + rtol * np.abs(np.where(nan_r, 0.0, r))
+    with np.errstate(divide="ignore", invalid="ignore"):  # tol 0: exact match or infinitely off
+        fraction = np.where(err == 0, 0.0, err / tol)
     diffs[name] = float(err.max()) if err.size else 0.0
-    bad = err > atol + rtol * np.abs(np.where(nan_r, 0.0, r))
+    used[name] = float(fraction.max()) if err.size else 0.0
+    bad = err > tol
     if not bad.any():
         return []
     where = np.unravel_index(int(np.argmax(np.where(bad, err, -1))), err.shape)

@@ -49,7 +49,9 @@ import importlib
 import inspect
 import json
 import logging
+import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +71,7 @@ HF_TASKS = (SEQUENCE_CLASSIFICATION, FEATURE_EXTRACTION)
 HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # in this order, when taken
 
 FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+SENTENCE_CONFIG = "a sentence-transformers config"
 N_TEXT_SAMPLES = 16  # sentences and paragraphs tokenized for Hugging Face validation
 
 
@@ -167,10 +170,7 @@ def load_model(
             f"{text} is not a model directory: expected a directory with config.json "
             "(a quantgate checkpoint or a Hugging Face model)."
         )
-    try:
-        info = json.loads(config.read_text())
-    except ValueError as e:
-        raise ModelLoadError(f"{config} is not valid JSON ({e}).") from e
+    info = _read_json(config, dict, "a quantgate checkpoint or Hugging Face model config")
     from quantgate.model.train import CHECKPOINT_FORMAT
 
     if info.get("format") == CHECKPOINT_FORMAT:
@@ -319,7 +319,7 @@ def _hf_model(path: Path, task: str) -> nn.Module:
 def _hf_max_seq_len(path: Path, config, tokenizer) -> int:
     """The longest input the model is meant for: sentence-transformers' limit, else the model's."""
     st = path / "sentence_bert_config.json"
-    if st.is_file() and (n := json.loads(st.read_text()).get("max_seq_length")):
+    if st.is_file() and (n := _read_json(st, dict, SENTENCE_CONFIG).get("max_seq_length")):
         return int(n)
     limit = config.max_position_embeddings
     if isinstance(tokenizer.model_max_length, int) and tokenizer.model_max_length < 1_000_000:
@@ -332,12 +332,12 @@ def _sentence_pooling(path: Path) -> dict[str, Any]:
     mode, normalize = "mean", False
     modules = path / "modules.json"
     if modules.is_file():
-        entries = json.loads(modules.read_text())
+        entries = _read_json(modules, list, "sentence-transformers' list of modules")
         normalize = any(e.get("type", "").endswith(".Normalize") for e in entries)
         for e in entries:
             cfg = path / e.get("path", "") / "config.json"
             if e.get("type", "").endswith(".Pooling") and cfg.is_file():
-                pooling = json.loads(cfg.read_text())
+                pooling = _read_json(cfg, dict, SENTENCE_CONFIG)
                 if pooling.get("pooling_mode_cls_token"):
                     mode = "cls"
     return {"mode": mode, "normalize": normalize}
@@ -411,6 +411,10 @@ def load_factory(
     spec: str, *, task: str | None = None, max_seq_len: int | None = None
 ) -> LoadedModel:
     mod_name, func_name = spec.split(":")
+    # `python -m quantgate` finds modules in the current directory, the console script would
+    # not: put it on sys.path, as uvicorn does for `uvicorn module:app`.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         mod = importlib.import_module(mod_name)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's module
@@ -501,6 +505,22 @@ def _hash_module(module: nn.Module, source_file: str) -> str:
         h.update(name.encode() + b"\0")
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _read_json(path: Path, kind: type[dict] | type[list], what: str) -> Any:
+    """``path`` parsed as JSON, which must hold a ``kind``; else a ModelLoadError saying so."""
+    expected = f"a JSON {'object' if kind is dict else 'array'}: {what}"
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as e:
+        raise ModelLoadError(
+            f"{path} is not valid JSON ({e}); expected {expected}. Fix or replace the file."
+        ) from e
+    if not isinstance(value, kind):
+        raise ModelLoadError(
+            f"{path} holds a {type(value).__name__}; expected {expected}. Fix or replace the file."
+        )
+    return value
 
 
 def _brief(e: BaseException) -> str:

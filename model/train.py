@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "quantgate-checkpoint"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.pt"
+REQUIRED_KEYS = ("model", "train", "data_sha256", "metrics")  # in config.json; readers rely on them
 DEFAULT_CHECKPOINT = Path("artifacts/digits-small")
 
 
@@ -98,6 +99,11 @@ def train(
     if out.exists() and not out.is_dir():
         raise CheckpointError(
             f"--out {out} is a file; a checkpoint is a directory. Choose another path."
+        )
+    if out.is_dir() and any(out.iterdir()) and not is_checkpoint(out) and not force:
+        raise CheckpointError(
+            f"--out {out} is an existing directory that is not a checkpoint; refusing to replace "
+            "it. Choose another path, or pass --force to replace it."
         )
     model_cfg = model_cfg or digits_model_config()
     splits = load_digits_splits()
@@ -181,9 +187,17 @@ def _fit(model: EncoderClassifier, splits, cfg: TrainConfig, on_step) -> list[di
             opt.step()
             step += 1
             if on_step:
-                on_step(step, total, float(loss))
+                on_step(step, total, loss.item())
         history.append({"epoch": epoch + 1, "loss": loss.item()})
     return history
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` holds a checkpoint written by ``train`` (intact or not)."""
+    try:
+        return json.loads((path / CONFIG_FILE).read_text()).get("format") == CHECKPOINT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_checkpoint(path: str | Path) -> tuple[EncoderClassifier, dict]:
@@ -208,9 +222,9 @@ def load_checkpoint(path: str | Path) -> tuple[EncoderClassifier, dict]:
         info = json.loads(cfg_path.read_text())
         if info.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"format is {info.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+        if missing := [k for k in REQUIRED_KEYS if k not in info]:
+            raise ValueError(f"no {', '.join(map(repr, missing))} key")
         model_cfg = ModelConfig(**info["model"])
-    except CheckpointError:
-        raise
     except Exception as e:  # noqa: BLE001 - any parse problem is a corrupt checkpoint
         raise CheckpointError(f"{cfg_path} is corrupt ({type(e).__name__}: {e}). {hint}") from e
     digest = _sha256(weights)

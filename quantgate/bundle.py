@@ -110,7 +110,10 @@ class Manifest:
             if v.precision == precision:
                 return v
         have = ", ".join(v.precision for v in self.variants)
-        raise BundleError(f"bundle {self.name!r} has no {precision} variant (it has: {have})")
+        raise BundleError(
+            f"bundle {self.name!r} has no {precision} variant (it has: {have}); `quantgate "
+            "export` writes int8 and fp16 variants unless run with --no-quantize (or --no-fp16)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -132,6 +135,11 @@ class Manifest:
             return TensorSpec(t["name"], t["dtype"], tuple(t["dims"]))
 
         def gate(g: dict) -> GateResult:
+            for key in ("value", "threshold"):
+                if not isinstance(g.get(key), (int, float)):
+                    raise TypeError(
+                        f"gate {g.get('name')!r} has {key} {g.get(key)!r}, not a number"
+                    )
             ci = g.get("ci")
             return GateResult(**{**g, "ci": tuple(ci) if ci is not None else None})
 
@@ -201,7 +209,10 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
         for v in manifest.variants:
             f = path / v.file
             if not f.is_file():
-                raise BundleError(f"bundle {path}: variant {v.precision} file {v.file} is missing")
+                raise BundleError(
+                    f"bundle {path}: variant {v.precision} file {v.file} is missing. Restore it, "
+                    "or re-create the bundle with `quantgate export`."
+                )
             digest = sha256_file(f)
             if digest != v.sha256:
                 raise BundleError(
@@ -226,7 +237,16 @@ def staging(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
 
 
 def check_writable_target(out: Path, *, force: bool) -> None:
-    """Refuse to overwrite something that is not a bundle, unless forced. Call before heavy work."""
+    """Refuse a path the bundle cannot be written to, and to overwrite something that is not a
+    bundle unless forced. Call before heavy work."""
+    parent = out.parent  # the nearest existing ancestor must be a directory we may write into
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        what = "is not a directory" if not parent.is_dir() else "is not writable"
+        raise BundleError(
+            f"cannot write the bundle at {out}: {parent} {what}. Choose another --out."
+        )
     if out.exists() and not out.is_dir():
         raise BundleError(
             f"--out {out} is a file; expected a directory for the bundle. Choose another path."

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -28,7 +30,7 @@ from rich.progress import (
 from rich.text import Text
 
 from quantgate import __version__
-from quantgate.errors import GateFailed, QuantgateError, exit_code
+from quantgate.errors import DataError, GateFailed, QuantgateError, exit_code
 from quantgate.export.config import ExportConfig, Exporter
 
 app = typer.Typer(
@@ -105,7 +107,11 @@ def train(
         int, typer.Option(help="Seed for initialisation and batch order: same seed, same weights.")
     ] = 0,
     force: Annotated[
-        bool, typer.Option(help="Retrain even if a matching checkpoint exists.")
+        bool,
+        typer.Option(
+            help="Retrain even if a matching checkpoint exists; replace --out even if it is a "
+            "directory that is not a checkpoint."
+        ),
     ] = False,
 ) -> None:
     """Train the built-in encoder classifier on scikit-learn's digits (64 pixel tokens).
@@ -134,20 +140,21 @@ def train(
 
 _DEFAULT_EXPORT = ExportConfig()
 # Gate thresholds shared by `export` and `gate`; None: the config file's, else GateConfig's.
+# The defaults are written into the help: "\[" keeps rich from reading them as markup.
 _MaxDrop = Annotated[
     float | None,
-    typer.Option(help="Accuracy gate: largest drop in points of the task metric [default: 1]."),
+    typer.Option(help=r"Accuracy gate: largest drop in points of the task metric \[default: 1]."),
 ]
 _MinSpeedup = Annotated[
-    float | None, typer.Option(help="Speed gate: INT8 vs FP32 at every shape [default: 1.2].")
+    float | None, typer.Option(help=r"Speed gate: INT8 vs FP32 at every shape \[default: 1.2].")
 ]
 _MinCosine = Annotated[
-    float | None, typer.Option(help="Fidelity without labels: mean cosine [default: 0.99].")
+    float | None, typer.Option(help=r"Fidelity without labels: mean cosine \[default: 0.99].")
 ]
 _MinTop1 = Annotated[
     float | None,
     typer.Option(
-        help="Fidelity without labels: top-1 / nearest-neighbour agreement [default: 0.95]."
+        help=r"Fidelity without labels: top-1 / nearest-neighbour agreement \[default: 0.95]."
     ),
 ]
 _GateFile = Annotated[
@@ -259,6 +266,8 @@ def export_command(
         from quantgate.quantize.pipeline import build
         from quantgate.quantize.search import QuantConfig
 
+        _check_data("--calibration", calibration)
+        _check_data("--eval", eval_data)
         gates = _gate_config(gate_config, max_accuracy_drop, min_speedup, min_cosine, min_top1)
         quant = QuantConfig(
             search_budget_s=search_budget,
@@ -294,6 +303,23 @@ def export_command(
 
         bundle = export(model, out_dir, cfg=cfg, force=force, on_stage=on_stage)
     _print_export(bundle)
+
+
+# What quantgate.quantize.data reads; checked before minutes of export, not after.
+_DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".npz")
+
+
+def _check_data(flag: str, path: Path | None) -> None:
+    if path is None:
+        return
+    path = path.expanduser()
+    if not path.is_file():
+        raise DataError(f"{flag} {path}: no such file. Expected a .jsonl or .npz file.")
+    if path.suffix.lower() not in _DATA_SUFFIXES:
+        raise DataError(
+            f"{flag} {path}: unknown format {path.suffix or '(no suffix)'}; expected .jsonl "
+            "(text) or .npz (arrays named after the model inputs)"
+        )
 
 
 def _print_export(bundle) -> None:
@@ -466,7 +492,8 @@ def serve(
     ],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
     port: Annotated[
-        int, typer.Option(help="gRPC port (Triton's is 8001); 0 picks a free one.")
+        int,
+        typer.Option(min=0, max=65535, help="gRPC port (Triton's is 8001); 0 picks a free one."),
     ] = 8001,
     device: Annotated[
         str, typer.Option(help="auto (CUDA when onnxruntime has it, else CPU), cuda or cpu.")
@@ -500,7 +527,8 @@ def serve(
         ),
     ] = False,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Serve Prometheus metrics on this HTTP port.")
+        int | None,
+        typer.Option(min=0, max=65535, help="Serve Prometheus metrics on this HTTP port."),
     ] = None,
     tls_cert: Annotated[
         Path | None, typer.Option(help="PEM server certificate (enables TLS).")
@@ -577,12 +605,19 @@ def infer(
 
     import numpy as np
 
-    from quantgate.errors import BadRequest
+    from quantgate.errors import BadRequest, Unavailable
     from quantgate.serve.client import Client
     from quantgate.serve.codec import DATATYPES
 
     with Client(url, token=token, timeout=timeout) as client:
-        spec = {t.name: DATATYPES[t.datatype][0] for t in client.metadata(model, version).inputs}
+        try:
+            metadata = client.metadata(model, version)
+        except Unavailable as e:
+            raise Unavailable(
+                f"no server is ready at {url} ({e}). Start one with `quantgate serve BUNDLE`, "
+                "or pass --url to reach another."
+            ) from e
+        spec = {t.name: DATATYPES[t.datatype][0] for t in metadata.inputs}
         feeds = {}
         for item in inputs:
             name, sep, value = item.partition("=")
@@ -612,10 +647,24 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     return tuple(found)
 
 
+@contextlib.contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """While the block runs, SIGTERM exits through SystemExit (128 + 15), so that `with`
+    blocks remove their temporary files; Python's default handler ends the process without
+    running them. (The server installs its own handler while it serves.)"""
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main() -> None:
     """Console entry point: run the app, turning quantgate's errors into exit codes."""
     try:
-        app(standalone_mode=False)
+        with _exit_on_sigterm():
+            code = app(standalone_mode=False)  # a command's return value, or typer.Exit's code
+        sys.exit(code or 0)
     except _usage_errors() as e:  # a bad option or argument: click's message, exit 2
         e.show()
         sys.exit(e.exit_code)
@@ -624,18 +673,9 @@ def main() -> None:
             Text.assemble(("error: ", "bold red"), str(e)), highlight=False, soft_wrap=True
         )
         sys.exit(exit_code(e))
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
     except typer.Abort:
         console.print("aborted")
         sys.exit(130)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
-    except Exception as e:  # click usage errors carry their own exit code (2)
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise

@@ -22,6 +22,7 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; give it the mode mkdir would
         yield tmp
         for p in tmp.iterdir():
             if p.is_file():
@@ -31,6 +32,12 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _replace_dir(new: Path, out: Path) -> None:

@@ -1,6 +1,8 @@
 """The bundle contract: round trip, hash verification, atomic replacement, refusals."""
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -91,3 +93,21 @@ def test_not_a_bundle(tmp_path):
         qb.load(tmp_path / "nothing")
     with pytest.raises(BundleError, match="has no manifest.json"):
         qb.load(tmp_path)
+
+
+def test_bundle_gets_the_mode_of_a_new_directory(tmp_path):
+    umask = os.umask(0o027)
+    try:
+        b = write(tmp_path / "b")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(b.path.stat().st_mode) == 0o750  # not tempfile.mkdtemp's 0700
+
+
+def test_a_gate_value_that_is_not_a_number_is_a_clear_error(tmp_path):
+    b = write(tmp_path / "b")
+    d = json.loads((b.path / qb.MANIFEST).read_text())
+    d["variants"][0]["gates"][0]["value"] = "abc"
+    (b.path / qb.MANIFEST).write_text(json.dumps(d))
+    with pytest.raises(BundleError, match=r"is corrupt .*gate 'max_abs_diff' has value 'abc'"):
+        qb.load(b.path)

@@ -18,7 +18,7 @@ FORBIDDEN = {
         "tritonclient",
     ),
     "quantize": ("quantgate.serve",),
-    "export": ("quantgate.serve",),
+    "export": ("quantgate.quantize", "quantgate.serve"),
     "model": ("quantgate.export", "quantgate.quantize", "quantgate.serve"),
 }
 
@@ -30,7 +30,9 @@ def imported_modules(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from quantgate import quantize` imports quantgate.quantize: record both forms
             names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
     return names
 
 
@@ -49,5 +51,13 @@ def test_stage_imports_respect_the_data_flow(stage):
 
 def test_the_checker_sees_imports(tmp_path):
     f = tmp_path / "m.py"
-    f.write_text("import torch.nn\nfrom quantgate.model import train\n")
-    assert imported_modules(f) == {"torch.nn", "quantgate.model"}
+    f.write_text(
+        "import torch.nn\nfrom quantgate.model import train\nfrom quantgate import serve\n"
+    )
+    assert imported_modules(f) == {
+        "torch.nn",
+        "quantgate.model",
+        "quantgate.model.train",
+        "quantgate",
+        "quantgate.serve",
+    }

@@ -193,6 +193,15 @@ def test_output_mismatch_exits_3_and_keeps_the_previous_bundle(cli, digits_bundl
     no_leftovers(tmp_path, "b")
 
 
+def test_fp32_gate_records_the_rule_validation_applied(digits_result, digits_bundle):
+    (g,) = digits_bundle.manifest.variant("fp32").gates
+    assert (g.name, g.op, g.threshold, g.passed) == ("tolerance_used:logits", "<=", 1.0, True)
+    v = digits_result.validation
+    largest = max(np.abs(r[0]).max() for r in digits_result.references)
+    # The largest difference used at least this much of the tolerance where it occurred.
+    assert v.max_abs_diff["logits"] / (v.atol + v.rtol * largest) <= g.value <= 1.0
+
+
 def test_perturbed_onnx_model_fails_validation_listing_every_shape(digits_result, tmp_path):
     model = onnx.load(str(digits_result.onnx))
     head = next(i for i in model.graph.initializer if tuple(i.dims) == (10,))  # a logits bias
@@ -228,12 +237,27 @@ def test_out_that_is_not_a_bundle_is_refused_unless_forced(cli, tiny_checkpoint,
     no_leftovers(tmp_path, "mydata")
 
 
-def test_unwritable_out_fails_before_any_work(cli, tiny_checkpoint, tmp_path):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    r = cli("export", "--no-quantize", tiny_checkpoint, "--out", blocker / "bundle")
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--no-quantize", "--out", "a-file/bundle"], "a-file is not a directory"),
+        (["--out", "a-file/bundle"], "a-file is not a directory"),
+        (["--out", "b", "--calibration", "calib.jsonl"], "--calibration calib.jsonl: no such file"),
+        (["--out", "b", "--eval", "a-file"], "--eval a-file: unknown format (no suffix)"),
+    ],
+)
+def test_unwritable_out_or_missing_data_fails_before_any_work(
+    cli, tiny_checkpoint, tmp_path, monkeypatch, args, message
+):
+    def load_model(*args, **kwargs):
+        pytest.fail("the model was loaded before --out and the data paths were checked")
+
+    monkeypatch.setattr("quantgate.export.pipeline.load_model", load_model)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    r = cli("export", tiny_checkpoint, *args)
     assert r.code == 2
-    assert "is not a directory" in " ".join(r.stderr.split())
+    assert message in " ".join(r.stderr.split())
     no_leftovers(tmp_path, "a-file")
 
 
@@ -258,7 +282,10 @@ def test_write_that_fails_midway_keeps_the_previous_bundle(
 
 
 @pytest.mark.slow
-def test_kill_midway_leaves_the_previous_bundle_intact(digits_bundle, tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_kill_midway_leaves_the_previous_bundle_intact(
+    digits_bundle, tiny_checkpoint, tmp_path, sig
+):
     out = tmp_path / "b"
     shutil.copytree(digits_bundle.path, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -277,12 +304,14 @@ def test_kill_midway_leaves_the_previous_bundle_intact(digits_bundle, tiny_check
         assert proc.poll() is None, "the export finished before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
+    proc.send_signal(sig)
+    assert proc.wait() == (128 + sig if sig == signal.SIGTERM else -sig)
 
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert qb.load(out).manifest.created == digits_bundle.manifest.created
     no_leftovers(tmp_path, "b", "tmp")
+    if sig == signal.SIGTERM:  # it unwinds: the workdir goes too (SIGKILL leaves it)
+        no_leftovers(work)
 
 
 @pytest.mark.slow

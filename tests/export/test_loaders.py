@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +75,34 @@ def test_a_directory_that_is_no_model_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hello": 1}))
     with pytest.raises(ModelLoadError, match="neither a quantgate checkpoint"):
         load_model(tmp_path)
+
+
+def test_a_config_that_is_not_an_object_is_named(tmp_path):
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(ModelLoadError, match=r"holds a list; expected a JSON object"):
+        load_model(tmp_path)
+
+
+def test_malformed_sentence_transformers_config_is_named(tiny_bert, tmp_path):
+    from transformers import BertModel
+
+    path = tiny_bert(tmp_path / "st", BertModel)
+    (path / "modules.json").write_text('[{"type": "Pooling"')
+    with pytest.raises(ModelLoadError, match=r"modules.json is not valid JSON .* Fix or replace"):
+        load_model(path)
+
+
+def test_console_script_finds_a_factory_in_the_current_directory(tmp_path):
+    """As the README runs it: unlike `python -m`, the installed console script does not put
+    the current directory on sys.path by itself."""
+    script = Path(sys.executable).with_name("quantgate")
+    if not script.is_file():
+        pytest.skip("the quantgate console script is not installed next to this Python")
+    (tmp_path / "qg_here.py").write_text("def make():\n    raise RuntimeError('imported')\n")
+    cmd = [str(script), "export", "--no-quantize", "qg_here:make", "--out", "b"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "the factory raised RuntimeError: imported" in " ".join(proc.stderr.split())
 
 
 def test_english_text_is_deterministic_and_varied():

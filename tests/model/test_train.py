@@ -127,3 +127,31 @@ def test_cli_refuses_a_file_as_checkpoint_dir_without_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "is a file" in proc.stderr
     assert target.read_text() == "not a checkpoint"
+
+
+def test_out_that_is_not_a_checkpoint_is_refused_unless_forced(cli, tmp_path):
+    out = tmp_path / "mydata"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    r = cli("train", "--out", out)
+    assert r.code == 2
+    assert "not a checkpoint; refusing to replace it" in " ".join(r.stderr.split())
+    assert (out / "notes.txt").read_text() == "precious"
+
+    train(out, model_cfg=tiny_cfg(), cfg=QUICK, force=True)
+    load_checkpoint(out)
+    assert not (out / "notes.txt").exists()
+
+
+def test_config_without_its_training_settings_is_retrained(checkpoint, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint.checkpoint, bad)
+    info = json.loads((bad / CONFIG_FILE).read_text())
+    del info["train"]
+    (bad / CONFIG_FILE).write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match="is corrupt .*no 'train' key"):
+        load_checkpoint(bad)
+    assert not train(bad, model_cfg=tiny_cfg(), cfg=QUICK).reused
+    load_checkpoint(bad)  # valid again
