@@ -9,9 +9,10 @@ one speed number says little. Every variant is timed against FP32 at two shapes:
   FP16 gains little (on an H200, MiniLM FP16 ran 1.03x FP32), so this shape asks only
   that the variant is not slower: at least ``min_latency_ratio`` (0.95, timer noise).
 
-Timing is A/B interleaved after warm-up, outputs bound to device memory through IO binding
-(so the device->host copy of a 25 MB output is not what is measured), and the gate takes
-the median of the per-pair ratios. The placement check (``quantgate.placement``) runs
+Timing is interleaved after warm-up (A B, B A, ...: the loop of the CPU speed gates,
+``gates.time_interleaved``), outputs bound to device memory through IO binding (so the
+device->host copy of a 25 MB output is not what is measured), and the gate takes the
+median of the per-pair ratios. The placement check (``quantgate.placement``) runs
 first: a variant that leaves nodes on the CPU fails every speed gate with that reason,
 whatever it measured.
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +32,7 @@ import numpy as np
 
 from quantgate import placement
 from quantgate.bundle import GateResult, TensorSpec
-from quantgate.quantize import fp16
-from quantgate.quantize.gates import speed_feeds
+from quantgate.quantize.gates import session, speed_feeds, time_interleaved
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
@@ -95,25 +94,6 @@ def bound_runner(sess, feed: Mapping[str, np.ndarray], provider: str) -> Callabl
     return lambda: sess.run_with_iobinding(binding)
 
 
-def time_interleaved(
-    runners: Mapping[str, Callable[[], None]], *, warmup: int, budget_s: float, pairs: int
-) -> dict[str, list[float]]:
-    """Milliseconds per run of each runner, taken in turn (A B C A B C ...) after warm-up."""
-    for fn in runners.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    end = time.perf_counter() + budget_s
-    for i in range(pairs):
-        for k, fn in runners.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t) * 1e3)
-        if i >= 2 and time.perf_counter() > end:
-            break
-    return times
-
-
 def measure(
     files: Mapping[str, str | Path],
     inputs: Sequence[TensorSpec],
@@ -122,7 +102,7 @@ def measure(
     provider: str = CUDA,
 ) -> list[Timing]:
     """Time every model in ``files`` (one must be "fp32") at both shapes, interleaved."""
-    sessions = {k: fp16.session(p, provider) for k, p in files.items()}
+    sessions = {k: session(p, provider) for k, p in files.items()}
     out = []
     for shape in (cfg.throughput, cfg.latency):
         feed = speed_feeds(inputs, *shape, sample=None)

@@ -143,7 +143,8 @@ def open_source(
     built-in split ("calibration" or "test").
     """
     if samples is not None and samples < 1:
-        raise DataError(f"--samples must be at least 1, got {samples}")
+        setting = "--samples" if role == "calibration" else "eval_samples (--gate-config)"
+        raise DataError(f"{setting} must be at least 1, got {samples}")
     flag = "--calibration" if role == "calibration" else "--eval"
     if isinstance(spec, DataSource):
         return spec
@@ -502,23 +503,25 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
         f = check_feeds(feeds, model, f"data item {i}")
         n = len(next(iter(f.values())))
         if labels is not None:
-            _check_labels(labels, n, f"data item {i}")
+            labels = _check_labels(labels, n, f"data item {i}")
         if labelled is not None and (labels is not None) != labelled:
             raise DataError(f"data item {i}: labels on some items but not others")
         labelled = labels is not None
-        lens = _row_lengths(f, model)
+        take = n if samples is None else min(n, samples - rows)  # the rows used, and hashed
+        lens = _row_lengths(f, model)[:take]
         lo, hi = min(lo if lo is not None else 1 << 30, int(lens.min())), max(hi, int(lens.max()))
         for k in sorted(f):
-            h.update(np.ascontiguousarray(f[k]).tobytes())
-        rows += n
+            h.update(np.ascontiguousarray(f[k][:take]).tobytes())
+        if labels is not None:
+            h.update(labels[:take].tobytes())
+        rows += take
         if samples is not None and rows >= samples:
             break
     if not rows:
         raise DataError("the data iterable yielded no rows")
-    total = rows if samples is None else min(rows, samples)
 
     def batches() -> Iterator[Batch]:
-        left = total
+        left = rows
         for feeds in make():
             f = check_feeds(feeds, model, "data item")
             labels = feeds.get(LABELS)
@@ -534,9 +537,9 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
                 return
 
     return DataSource(
-        description=f"Python iterable ({total} rows)",
+        description=f"Python iterable ({rows} rows)",
         kind="iterable",
-        samples=total,
+        samples=rows,
         has_labels=bool(labelled),
         sha256=h.hexdigest(),
         _batches=batches,

@@ -18,7 +18,7 @@ provider: ORT inserts Casts around the ops that have no FP16 CPU kernel. On the 
 measures the FP16 *storage* error (weights and activations rounded between ops), not CUDA's
 FP16 arithmetic, so the gate must be re-measured on CUDA where a GPU is present.
 
-This module imports onnx and onnxruntime only; never quantgate.serve.
+This module imports onnx, onnxruntime and the gates' helpers only; never quantgate.serve.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import onnx
 
 from quantgate.bundle import GateResult
 from quantgate.errors import QuantizeError
+from quantgate.quantize.gates import flat_rows, row_cosine, session
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,9 @@ class Fidelity:
     ) -> tuple[GateResult, ...]:
         """Accuracy gates for an embedding-style output (DESIGN.md: cosine without labels).
 
-        ``cosine`` passes when the mean per-row cosine of every output is >= ``min_cosine``
-        and no output has a NaN/inf; ``max_abs_diff`` is gated only when ``max_abs`` is set.
+        ``cosine:<output>`` (the metric of the INT8 gate of that name) passes when the mean
+        per-row cosine of the output is >= ``min_cosine`` and it has no NaN/inf;
+        ``max_abs_diff:<output>`` is gated only when ``max_abs`` is set.
         """
         gates = []
         detail = f"vs FP32 on {self.rows} rows, {self.provider}"
@@ -175,18 +177,6 @@ def save(model: onnx.ModelProto, path: str | Path) -> Path:
     return path
 
 
-def session(model: onnx.ModelProto | str | Path, provider: str = CPU, *, threads: int = 0):
-    """An ONNX Runtime session on ``provider`` (with the CPU provider behind CUDA)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    providers = [provider] if provider == CPU else [provider, CPU]
-    return ort.InferenceSession(data, options, providers=providers)
-
-
 def fidelity(
     reference: onnx.ModelProto | str | Path,
     candidate: onnx.ModelProto | str | Path,
@@ -221,13 +211,9 @@ def fidelity(
             if x.shape != y.shape:
                 raise QuantizeError(f"output {n!r}: FP32 shape {x.shape}, candidate {y.shape}")
             nonfinite[n] += int((~np.isfinite(y)).sum())
-            if m is not None and x.ndim >= 3 and x.shape[:2] == m.shape:
-                keep = m.astype(bool)  # (B, T): compare real tokens only
-                x = np.where(keep[(...,) + (None,) * (x.ndim - 2)], x, 0)
-                y = np.where(keep[(...,) + (None,) * (y.ndim - 2)], y, 0)
-            x2, y2 = x.reshape(len(x), -1), y.reshape(len(y), -1)  # (B, rest)
+            x2, y2 = flat_rows(x, m), flat_rows(y, m)  # (B, rest), real tokens only
             diffs[n].append(np.abs(x2 - y2).ravel())
-            cosines[n].append(_row_cosine(x2, y2))
+            cosines[n].append(row_cosine(x2, y2))
         rows += len(next(iter(a.values())))
     if not rows:
         raise QuantizeError("fidelity needs at least one feed")
@@ -242,15 +228,4 @@ def fidelity(
     )
 
 
-def _row_cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Cosine of each row of x with the same row of y; 1 where both rows are zero."""
-    x, y = x.astype(np.float64), y.astype(np.float64)
-    nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
-    dot = (x * y).sum(axis=1)
-    both_zero = (nx == 0) & (ny == 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where(both_zero, 1.0, dot / (nx * ny))
-    return np.nan_to_num(cos, nan=-1.0)
-
-
-__all__ = ["Fidelity", "Fp16Config", "fidelity", "save", "session", "to_fp16"]
+__all__ = ["Fidelity", "Fp16Config", "fidelity", "save", "to_fp16"]

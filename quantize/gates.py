@@ -21,21 +21,24 @@ Without labels: fidelity against FP32 on the evaluation rows.
   tokens): mean cosine per row, and top-1 nearest-neighbour agreement: for every row, its
   nearest other row by cosine among the evaluation rows, under FP32 and under the
   candidate;
-- anything else: mean cosine per row of each output; max and mean abs error in the detail.
+- anything else: for each output, the cosine of every row (a batch item, flattened over its
+  real tokens) with FP32, averaged over rows; max and mean abs error in the detail.
 
 Speed: candidate vs FP32 on the target execution provider at each served shape, after
-warm-up, timed interleaved (A B, then B A, ...) so load changes hit both alike; the value
-is the median of the per-pair ratios t(FP32) / t(candidate), with a bootstrap interval of
-that median.
+warm-up, timed interleaved (A B, then B A, ...: ``time_interleaved``, which the CUDA gates
+use too) so load changes hit both alike; the value is the median of the per-pair ratios
+t(FP32) / t(candidate), with a bootstrap interval of that median.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,7 @@ log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 MIN_SAMPLE_S = 0.03  # shortest timed sample; faster runs are repeated within one
+NN_BLOCK = 1 << 22  # cosine similarities held at once for nearest neighbours (32 MB)
 CLASSIFIER_TASKS = ("classification", "sequence-classification", "digits")
 EMBEDDING_TASKS = ("feature-extraction",)
 
@@ -95,8 +99,14 @@ class GateConfig:
             problems.append(
                 f"batch_sizes {self.batch_sizes} / seq_len {self.seq_len}: expected >= 1"
             )
-        if self.iterations < 3 or self.warmup < 0 or self.bootstrap < 100:
-            problems.append("iterations >= 3, warmup >= 0 and bootstrap >= 100 are required")
+        if self.iterations < 3:
+            problems.append(f"iterations {self.iterations}: expected >= 3")
+        if self.warmup < 0:
+            problems.append(f"warmup {self.warmup}: expected >= 0")
+        if self.bootstrap < 100:
+            problems.append(f"bootstrap {self.bootstrap}: expected >= 100")
+        if self.eval_samples is not None and self.eval_samples < 1:
+            problems.append(f"eval_samples {self.eval_samples}: expected >= 1 (or unset: all)")
         if problems:
             raise ConfigError("invalid gate config:\n" + "\n".join(f"  - {p}" for p in problems))
 
@@ -137,7 +147,9 @@ class GateConfig:
 # -- running models ------------------------------------------------------------------------
 
 
-def session(model: str | Path, provider: str = CPU, *, threads: int = 0, spin: bool = True):
+def session(model: Any, provider: str = CPU, *, threads: int = 0, spin: bool = True):
+    """An ONNX Runtime session for ``model`` (a path or an ``onnx.ModelProto``) on
+    ``provider``, with the CPU provider behind any other."""
     import onnxruntime as ort
 
     if provider not in ort.get_available_providers():
@@ -153,7 +165,8 @@ def session(model: str | Path, provider: str = CPU, *, threads: int = 0, spin: b
         # from the one being timed, whichever came second.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [provider] if provider == CPU else [provider, CPU]
-    return ort.InferenceSession(str(model), options, providers=providers)
+    data = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    return ort.InferenceSession(data, options, providers=providers)
 
 
 @dataclass
@@ -182,7 +195,9 @@ def collect(
         try:
             values = sess.run(names, batch.feeds)
         except Exception as e:  # noqa: BLE001 - ORT raises its own types for bad feeds
-            raise DataError(f"the model rejected a batch of {data.description}: {e}") from e
+            raise DataError(
+                f"{Path(model).name} failed on a batch of {data.description}: {e}"
+            ) from e
         out.batches.append({n: np.asarray(v) for n, v in zip(names, values, strict=True)})
         out.masks.append(batch.feeds.get("attention_mask"))
         if batch.labels is not None:
@@ -203,6 +218,7 @@ def accuracy_gates(
     """The accuracy gate with labels, else the fidelity gates for the model's kind."""
     if reference.rows != candidate.rows:
         raise DataError(f"FP32 saw {reference.rows} rows, the candidate {candidate.rows}")
+    check_labels(reference, task)
     logits = _logits_output(reference, task)
     if reference.labels is not None and logits is not None:
         return [_accuracy_drop(reference, candidate, logits, cfg, label)]
@@ -233,15 +249,32 @@ def _embedding_output(ref: Outputs, task: str) -> str | None:
     return None
 
 
+def check_labels(reference: Outputs, task: str) -> None:
+    """Raise DataError unless every label is a class index of the model's logits output
+    (1-based labels would score a broken model and pass it)."""
+    logits = _logits_output(reference, task)
+    if reference.labels is None or logits is None:
+        return
+    classes = reference.batches[0][logits].shape[-1]
+    lo, hi = int(reference.labels.min()), int(reference.labels.max())
+    if lo < 0 or hi >= classes:
+        raise DataError(
+            f"labels must be class indices 0..{classes - 1} ({logits} has {classes} classes), "
+            f"found labels {lo}..{hi}. Renumber the evaluation labels from 0 (1-based labels "
+            "are the usual cause), in the order of the model's classes."
+        )
+
+
 def paired_bootstrap(
     a_correct: np.ndarray, b_correct: np.ndarray, *, n: int, confidence: float, seed: int
 ) -> tuple[float, tuple[float, float]]:
     """Drop in points (A accuracy - B accuracy) and its paired bootstrap interval."""
-    a, b = a_correct.astype(np.float64), b_correct.astype(np.float64)
-    diff = a - b  # per row: +1 where only A is right, -1 where only B is
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diff), size=(n, len(diff)))
-    drops = diff[idx].mean(axis=1) * 100  # (n,) resampled drops, in points
+    diff = a_correct.astype(np.int64) - b_correct.astype(np.int64)  # -1, 0 or +1 per row
+    # A resample of the rows is known by how many of them are -1, 0 and +1: draw those
+    # counts (multinomial, the same distribution) instead of n x rows indices.
+    p = np.array([(diff == v).mean() for v in (-1, 0, 1)])
+    counts = np.random.default_rng(seed).multinomial(len(diff), p, size=n)  # (n, 3)
+    drops = (counts[:, 2] - counts[:, 0]) / len(diff) * 100  # (n,) resampled drops, in points
     tail = (1 - confidence) / 2 * 100
     lo, hi = np.percentile(drops, [tail, 100 - tail])
     return float(diff.mean() * 100), (float(lo), float(hi))
@@ -307,13 +340,21 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def _nearest(x: np.ndarray) -> np.ndarray:
+    """Each unit row's nearest other row by cosine, a block of rows at a time."""
+    block = max(1, NN_BLOCK // len(x))
+    out = np.empty(len(x), dtype=np.int64)
+    for s in range(0, len(x), block):
+        sims = x[s : s + block] @ x.T  # (block, N)
+        sims[np.arange(len(sims)), np.arange(s, s + len(sims))] = -np.inf  # not itself
+        out[s : s + block] = sims.argmax(1)
+    return out
+
+
 def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
     x, y = _normalize(_pooled(ref, output)), _normalize(_pooled(cand, output))
     cos = (x * y).sum(1)  # (N,)
-    sims_x, sims_y = x @ x.T, y @ y.T  # (N, N)
-    np.fill_diagonal(sims_x, -np.inf)
-    np.fill_diagonal(sims_y, -np.inf)
-    nn_agree = float((sims_x.argmax(1) == sims_y.argmax(1)).mean()) if len(x) > 1 else 1.0
+    nn_agree = float((_nearest(x) == _nearest(y)).mean()) if len(x) > 1 else 1.0
     raw_x, raw_y = ref.stacked(output) if output == "sentence_embedding" else None, None
     if raw_x is not None:
         raw_y = cand.stacked(output)
@@ -322,30 +363,53 @@ def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfi
     return [
         GateResult("cosine", float(cos.mean()), cfg.min_cosine, ">=",
                    bool(cos.mean() >= cfg.min_cosine and np.isfinite(cos).all()),
-                   ci=(float(cos.min()), float(cos.max())),
-                   detail=detail + "; mean cosine per row, the interval is the worst and best row"),
+                   detail=detail + f"; mean cosine per row (worst row {cos.min():.5f}, "
+                   f"best {cos.max():.5f})"),
         GateResult("nn_top1_agreement", nn_agree, cfg.min_top1_agreement, ">=",
                    bool(nn_agree >= cfg.min_top1_agreement),
                    detail=detail + "; each row's nearest other row by cosine, FP32 vs candidate"),
     ]  # fmt: skip
 
 
+def flat_rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """(B, rest): each batch item of output ``x`` flattened, its padded positions zeroed
+    where ``mask`` (B, T) fits x's first two dims, so padding noise does not count."""
+    if mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape:
+        x = np.where(mask.astype(bool)[(...,) + (None,) * (x.ndim - 2)], x, 0)
+    return x.reshape(len(x), -1)
+
+
+def row_cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Cosine of each row of x with the same row of y; 1 where both rows are zero, -1 where
+    either is not finite."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+    dot = (x * y).sum(axis=1)
+    both_zero = (nx == 0) & (ny == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(both_zero, 1.0, dot / (nx * ny))
+    return np.nan_to_num(cos, nan=-1.0)
+
+
 def _cosine_gate(ref: Outputs, cand: Outputs, name: str, cfg: GateConfig) -> GateResult:
-    x, y = _pooled(ref, name), _pooled(cand, name)
-    cos = (_normalize(x) * _normalize(y)).sum(1)
-    diff = (
-        np.abs(ref.stacked(name).astype(np.float64) - cand.stacked(name))
-        if ref.batches[0][name].ndim < 3
-        else np.abs(x - y)
-    )
+    """``cosine:<name>``: the cosine of each row with FP32 over all its real values, averaged
+    over rows (the metric of ``fp16.Fidelity``'s gates of the same name)."""
+    cos, diff, bad = [], [], 0
+    for a, b, mask in zip(ref.batches, cand.batches, ref.masks, strict=True):
+        x, y = flat_rows(a[name], mask), flat_rows(b[name], mask)
+        cos.append(row_cosine(x, y))
+        diff.append(np.abs(x.astype(np.float64) - y).ravel())
+        bad += int((~np.isfinite(y)).sum())
+    cos, diff = np.concatenate(cos), np.concatenate(diff)
     return GateResult(
         f"cosine:{name}",
         float(cos.mean()),
         cfg.min_cosine,
         ">=",
-        bool(cos.mean() >= cfg.min_cosine and np.isfinite(cos).all()),
-        ci=(float(cos.min()), float(cos.max())),
-        detail=f"vs FP32 on {len(x)} rows; max abs {diff.max():.3g}, mean abs {diff.mean():.3g}",
+        bool(cos.mean() >= cfg.min_cosine and not bad),
+        detail=f"vs FP32 on {len(cos)} rows; mean cosine per row (worst row {cos.min():.5f}), "
+        f"max abs {diff.max():.3g}, mean abs {diff.mean():.3g}"
+        + (f", {bad} non-finite values" if bad else ""),
     )
 
 
@@ -381,6 +445,40 @@ def speed_feeds(
     return feeds
 
 
+def time_interleaved(
+    runners: Mapping[str, Callable[[], object]],
+    *,
+    warmup: int,
+    pairs: int,
+    budget_s: float = math.inf,
+    reps: int = 1,
+    on_pair: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Milliseconds per run of each runner, taken in turn after ``warmup`` runs each, the
+    order reversed every round (A B C, C B A, ...) so that drift hits every runner alike.
+
+    Stops after ``pairs`` rounds, or once ``budget_s`` is spent (at least 3 rounds); a
+    sample is the mean of ``reps`` back-to-back runs.
+    """
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    order = list(runners.items())
+    end = time.perf_counter() + budget_s
+    for i in range(pairs):
+        for k, fn in order if i % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            times[k].append((time.perf_counter() - t0) / reps * 1e3)
+        if on_pair is not None:
+            on_pair()
+        if i >= 2 and time.perf_counter() > end:
+            break
+    return times
+
+
 def speed_gates(
     fp32: str | Path,
     candidate: str | Path,
@@ -395,34 +493,40 @@ def speed_gates(
     a = session(fp32, cfg.provider, threads=cfg.threads, spin=False)
     b = session(candidate, cfg.provider, threads=cfg.threads, spin=False)
     shapes = speed_shapes(inputs, max_seq_len, cfg)
-    total = len(shapes) * (cfg.iterations + cfg.warmup)
-    done = 0
+    total = len(shapes) * (cfg.iterations + max(cfg.warmup, 1))
+    done = itertools.count(1)
+
+    def tick(what: str) -> None:
+        if on_progress is not None:
+            on_progress(what, next(done), total)
+
     gates = []
     rng = np.random.default_rng(cfg.seed)
     for batch, seq in shapes:
+        what = f"timing b{batch} s{seq}"
         feeds = speed_feeds(inputs, batch, seq, sample)
-        fastest = {id(a): math.inf, id(b): math.inf}
+        runners = {
+            "fp32": functools.partial(a.run, None, feeds),
+            "candidate": functools.partial(b.run, None, feeds),
+        }
+        fastest = dict.fromkeys(runners, math.inf)
         for _ in range(max(cfg.warmup, 1)):
-            for sess in (a, b):
+            for k, fn in runners.items():
                 t0 = time.perf_counter()
-                sess.run(None, feeds)
-                fastest[id(sess)] = min(fastest[id(sess)], time.perf_counter() - t0)
-            done += 1
-            _tick(on_progress, f"timing b{batch} s{seq}", done, total)
+                fn()
+                fastest[k] = min(fastest[k], time.perf_counter() - t0)
+            tick(what)
         # Fast runs are repeated so that one sample spans >= MIN_SAMPLE_S: timer and
         # scheduler noise then stays small next to the work.
         reps = max(1, min(100, int(MIN_SAMPLE_S / max(*fastest.values(), 1e-6))))
-        ta, tb = [], []
-        for i in range(cfg.iterations):
-            pair = [(a, ta), (b, tb)] if i % 2 == 0 else [(b, tb), (a, ta)]
-            for sess, times in pair:
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    sess.run(None, feeds)
-                times.append((time.perf_counter() - t0) / reps)
-            done += 1
-            _tick(on_progress, f"timing b{batch} s{seq}", done, total)
-        ratios = np.array(ta) / np.array(tb)
+        ms = time_interleaved(
+            runners,
+            warmup=0,
+            pairs=cfg.iterations,
+            reps=reps,
+            on_pair=functools.partial(tick, what),
+        )
+        ratios = np.array(ms["fp32"]) / np.array(ms["candidate"])
         median = float(np.median(ratios))
         boot = np.median(rng.choice(ratios, size=(cfg.bootstrap, len(ratios))), axis=1)
         tail = (1 - cfg.confidence) / 2 * 100
@@ -437,7 +541,8 @@ def speed_gates(
                 ci=ci,
                 provider=cfg.provider,
                 detail=(
-                    f"FP32 median {np.median(ta) * 1e3:.2f} ms, candidate {np.median(tb) * 1e3:.2f} ms "
+                    f"FP32 median {np.median(ms['fp32']):.2f} ms, "
+                    f"candidate {np.median(ms['candidate']):.2f} ms "
                     f"at batch {batch} x sequence {seq}; median of {cfg.iterations} interleaved "
                     f"pair ratios after {cfg.warmup} warm-up runs each"
                     + (f", {reps} runs per sample" if reps > 1 else "")
@@ -445,11 +550,6 @@ def speed_gates(
             )
         )
     return gates
-
-
-def _tick(cb: Progress | None, what: str, done: int, total: int) -> None:
-    if cb is not None:
-        cb(what, done, total)
 
 
 def passed(gates: Sequence[GateResult]) -> bool:
@@ -466,12 +566,16 @@ __all__ = [
     "GateConfig",
     "Outputs",
     "accuracy_gates",
+    "check_labels",
     "collect",
+    "flat_rows",
     "paired_bootstrap",
     "passed",
+    "row_cosine",
     "session",
     "speed_feeds",
     "speed_gates",
     "speed_score",
     "speed_shapes",
+    "time_interleaved",
 ]

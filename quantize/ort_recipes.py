@@ -70,24 +70,33 @@ def _method(name: str):
 
 class _Reader:
     """ORT's CalibrationDataReader protocol over a calibration callable, streaming, with the
-    ``len``/``set_range`` that ``CalibStridedMinMax`` needs (each range re-reads the source)."""
+    ``len``/``set_range`` that ``CalibStridedMinMax`` needs. ORT asks for consecutive ranges,
+    so one pass over the source serves them all; it restarts only for a range that does not
+    begin where the pass stands."""
 
     def __init__(self, calibration: Calibration, input_names: set[str]):
         self._calibration = calibration
         self._names = input_names
         self._len = sum(1 for _ in calibration())
-        self._it: Iterator | None = None
-        self.set_range(0, self._len)
+        self._source: Iterator = iter(calibration())
+        self._pos = 0  # feeds taken from self._source
+        self._end = self._len
 
     def __len__(self) -> int:
         return self._len
 
     def set_range(self, start_index: int, end_index: int) -> None:
-        self._it = itertools.islice(iter(self._calibration()), start_index, end_index)
+        if start_index != self._pos:  # a new pass, skipped ahead to the range
+            self._source = itertools.islice(iter(self._calibration()), start_index, None)
+            self._pos = start_index
+        self._end = end_index
 
     def get_next(self):
-        feeds = next(self._it, None)
-        return None if feeds is None else {k: v for k, v in feeds.items() if k in self._names}
+        feeds = next(self._source, None) if self._pos < self._end else None
+        if feeds is None:
+            return None
+        self._pos += 1
+        return {k: v for k, v in feeds.items() if k in self._names}
 
     def stride(self) -> int:
         """The largest divisor of the sample count up to MAX_STRIDE (ORT requires one)."""

@@ -1,10 +1,10 @@
 """The whole pipeline: export -> calibrate -> quantize -> gate -> bundle, and re-gating.
 
 ``build`` writes the bundle and its report in every case, then raises ``GateFailed``
-(exit 3) when the shipped INT8 candidate failed a gate; the INT8 variant is marked failed
-in the manifest, so ``serve`` refuses it. ``regate`` re-runs the gates of an existing
-bundle's INT8 variant on new evaluation data (for example after an ONNX Runtime upgrade)
-and rewrites its manifest and report atomically.
+(exit 3) when a variant failed a gate; that variant is marked failed in the manifest, so
+``serve`` refuses the bundle. ``regate`` re-runs the gates of an existing bundle's INT8
+variant on new evaluation data (for example after an ONNX Runtime upgrade), rewrites its
+manifest and report atomically, and raises ``GateFailed`` unless the bundle then passes.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from quantgate.bundle import (
+    FAIL,
     MANIFEST,
     PASS,
     REPORT,
     Bundle,
+    Manifest,
     check_writable_target,
     load,
     staging,
@@ -43,8 +45,9 @@ from quantgate.quantize.search import ProgressFn, QuantConfig, SearchResult, sea
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPORT, DEFAULT_QUANT, DEFAULT_GATES = ExportConfig(), QuantConfig(), GateConfig()
+CUDA = "CUDAExecutionProvider"
 INT8_PROVIDERS = ("CPUExecutionProvider",)
-INT8_NOT_FOR = ("CUDAExecutionProvider",)  # INT8 QDQ ran slower than FP32 on CUDA (DESIGN.md)
+INT8_NOT_FOR = (CUDA,)  # INT8 QDQ ran slower than FP32 on CUDA (DESIGN.md)
 
 
 def build(
@@ -119,7 +122,7 @@ def build(
             sections = [*sections, reports.fp16_section(variants[-1].gates)]
             emit("fp16", 1, 1, "gated")
         if quant_cfg.cuda_gates:
-            variants, cuda_section = _gate_on_cuda(result, variants, emit)
+            variants, cuda_section = _gate_on_cuda(result, variants, ev, quant_cfg, emit)
             sections = [*sections, *cuda_section]
         extra = {**result.extra, "quantization": _summary(found, shipped, gate_cfg, plot)}
         written = write_bundle(
@@ -135,14 +138,14 @@ def build(
             _amend(written.path, {reports.PLOT: plot.read_bytes()})
     bundle = load(out)
     if bundle.manifest.verdict != PASS:
-        gates = [g for v in bundle.manifest.variants for g in v.gates]
-        raise GateFailed(_failure_message(gates, out), bundle_path=str(out))
+        raise GateFailed(_failure_message(bundle.manifest, out), bundle_path=str(out))
     return bundle
 
 
 def _fp16_variant(fp32: Path, evaluation, work: Path, cfg: QuantConfig):
     """FP16 for the CUDA execution provider: FP32 inputs and outputs, gated on fidelity
-    against FP32 over the evaluation rows (run on the CPU provider when no GPU is here)."""
+    against FP32 over the evaluation rows on the CPU provider (``_gate_on_cuda`` measures
+    it again on CUDA where a GPU is present)."""
     from quantgate.export import ExtraVariant
     from quantgate.quantize import fp16
 
@@ -152,30 +155,38 @@ def _fp16_variant(fp32: Path, evaluation, work: Path, cfg: QuantConfig):
         path=f16,
         precision="fp16",
         gates=fidelity.gates(min_cosine=cfg.fp16_min_cosine),
-        providers=("CUDAExecutionProvider",),
+        providers=(CUDA,),
         recipe={"kind": "fp16", "keep_io_types": True},
-        notes="for CUDA; accuracy gated here; CUDA speed gated where a GPU is present "
-        "(else measured by bench/gpu_check.py on a GPU host)",
+        notes="for CUDA; accuracy gated on the CPU provider, and accuracy and speed on CUDA "
+        "where a GPU is present (else measured by bench/gpu_check.py on a GPU host)",
     )
 
 
-def _gate_on_cuda(result, variants: list, emit) -> tuple[list, list[str]]:
+def _gate_on_cuda(
+    result, variants: list, evaluation, cfg: QuantConfig, emit, *, provider: str = CUDA
+) -> tuple[list, list[str]]:
     """Where a CUDA GPU is present, gate every variant on it (quantize/cuda.py).
 
-    FP16 gets the CUDA speed and placement gates: it ships on CUDA only if it is faster
-    there. INT8's CUDA results decide only where it runs: slower, or falling back to the
-    CPU, and it is marked not for CUDA (its CPU gates still decide whether it ships).
+    FP16 gets the CUDA speed and placement gates, and its fidelity re-measured there (CUDA's
+    FP16 arithmetic, not only FP16 storage as on the CPU): it ships on CUDA only if it is
+    accurate and faster there. INT8's CUDA results decide only where it runs: slower, or
+    falling back to the CPU, and it is marked not for CUDA (its CPU gates still decide
+    whether it ships). ``provider`` is a parameter so that tests run this on the CPU.
     """
-    from quantgate.quantize import cuda
+    from quantgate.quantize import cuda, fp16
 
-    if not cuda.available():
+    if provider == CUDA and not cuda.available():
         return variants, []
-    emit("cuda", 0, 1, "timing every variant on the CUDA provider")
+    emit("cuda", 0, 1, f"timing every variant on {provider}")
     seq = min(128, result.max_seq_len)  # capped at what the model takes
-    cfg = cuda.CudaGateConfig(throughput=(128, seq), latency=(1, seq))
+    timing = cuda.CudaGateConfig(throughput=(128, seq), latency=(1, seq))
+    files = {v.precision: v.path for v in variants}
     gates, timings, where = cuda.gate_variants(
-        result.onnx, {v.precision: v.path for v in variants}, result.inputs, cfg
+        result.onnx, files, result.inputs, timing, provider=provider
     )
+    if "fp16" in files:
+        fidelity = fp16.fidelity(result.onnx, files["fp16"], evaluation(), provider=provider)
+        gates["fp16"] = (*fidelity.gates(min_cosine=cfg.fp16_min_cosine), *gates["fp16"])
     out = [cuda.apply_gates(v, gates[v.precision]) for v in variants]
     emit("cuda", 1, 1, "gated")
     return out, [reports.cuda_section(gates, timings, where)]
@@ -190,7 +201,9 @@ def regate(
 ) -> Bundle:
     """Re-run the INT8 variant's gates on ``evaluation``; rewrite manifest and report atomically.
 
-    Raises ``GateFailed`` (after rewriting) when a gate fails.
+    The new gates replace the INT8 gates measured on ``gate_cfg.provider``; its gates on other
+    providers (CUDA, from the build) are kept. Raises ``GateFailed`` (after rewriting) unless
+    the bundle then passes: every gate of every variant.
     """
     emit = on_progress or (lambda *a: None)
     bundle = load(bundle_path)  # verifies every file's sha256
@@ -213,26 +226,34 @@ def regate(
         fp32_path, int8_path, m.inputs, max_seq, gate_cfg, sample=sample, on_progress=on_timing
     )
     emit("search", 1, 1, "done")
-    gates = (*accuracy, *speed)
-    verdict = "pass" if all(g.passed for g in gates) else "fail"
-    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    variants = tuple(
-        dataclasses.replace(v, gates=gates, verdict=verdict) if v is int8 else v for v in m.variants
+    kept = tuple(g for g in int8.gates if g.provider not in (None, gate_cfg.provider))
+    gates = (*accuracy, *speed, *kept)
+    new = dataclasses.replace(
+        int8, gates=gates, verdict=PASS if all(g.passed for g in gates) else FAIL
     )
+    variants = tuple(new if v is int8 else v for v in m.variants)
+    verdict = dataclasses.replace(m, variants=variants).verdict
+    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     regates = [
         *m.extra.get("regates", []),
         {"at": when, "evaluation": ev.record(), "verdict": verdict},
     ]
     manifest = dataclasses.replace(m, variants=variants, extra={**m.extra, "regates": regates})
+    what = (
+        f"The INT8 variant's gates on {gate_cfg.provider} were re-run with onnxruntime "
+        f"{_ort_version()} on {ev.description} (sha256 `{ev.sha256[:12]}`); they replace its "
+        "gates measured there" + (", and its gates on other providers are kept." if kept else ".")
+    )
+    failing = [v.precision for v in variants if v is not new and not v.passed]
+    if failing:
+        what += f" Failed at build time, and not re-gated: {', '.join(failing)}."
     section = "\n".join(
         [
             f"## Re-gated {when}",
             "",
-            f"Verdict: **{verdict if verdict == 'pass' else 'FAIL'}**. The INT8 variant's gates were "
-            f"re-run with onnxruntime {_ort_version()} on {ev.description} "
-            f"(sha256 `{ev.sha256[:12]}`); they replace the gates in the manifest.",
+            f"Verdict: **{verdict if verdict == PASS else 'FAIL'}**. {what}",
             "",
-            *reports.gate_table(gates),
+            *reports.gate_table(gates, gate_cfg.confidence),
             "",
         ]
     )
@@ -242,8 +263,8 @@ def regate(
         write_manifest(tmp, manifest)
         (tmp / REPORT).write_text(report)
     regated = load(bundle.path)
-    if verdict != "pass":
-        raise GateFailed(_failure_message(gates, bundle.path), bundle_path=str(bundle.path))
+    if verdict != PASS:
+        raise GateFailed(_failure_message(manifest, bundle.path), bundle_path=str(bundle.path))
     return regated
 
 
@@ -279,12 +300,12 @@ def _summary(found: SearchResult, shipped, gate_cfg: GateConfig, plot) -> dict[s
     }
 
 
-def _failure_message(gates, where) -> str:
-    bad = [g for g in gates if not g.passed]
+def _failure_message(manifest: Manifest, where) -> str:
+    bad = [(v.precision, g) for v in manifest.variants for g in v.gates if not g.passed]
     lines = [
-        f"{g.name} = {g.value:.4g}, required {g.op} {g.threshold:g}"
+        f"{precision} {g.name} = {g.value:.4g}, required {g.op} {g.threshold:g}"
         + (f" (interval {g.ci[0]:.4g}..{g.ci[1]:.4g})" if g.ci else "")
-        for g in bad
+        for precision, g in bad
     ]
     return (
         f"{len(bad)} gate(s) failed; the bundle at {where} is written and marked failed "

@@ -17,9 +17,11 @@ PLOT = "candidates.png"
 HEADING = "## INT8: gates and recipe search"
 
 
-def gate_table(gates: Sequence[GateResult]) -> list[str]:
+def gate_table(gates: Sequence[GateResult], confidence: float | None = None) -> list[str]:
+    """A Markdown table of ``gates``; ``confidence`` is that of their bootstrap intervals."""
+    interval = "interval" if confidence is None else f"{confidence:.0%} interval"
     lines = [
-        "| gate | value | 95% interval | threshold | result | how |",
+        f"| gate | value | {interval} | threshold | result | how |",
         "|---|---|---|---|---|---|",
     ]
     for g in gates:
@@ -40,9 +42,10 @@ def fp16_section(gates: Sequence[GateResult]) -> str:
             "## FP16 (for the CUDA execution provider)",
             "",
             f"Verdict: {verdict}. FP32 inputs and outputs, weights and compute in FP16. "
-            "On CUDA the fast variant is FP16, not INT8. Where a GPU is present its CUDA speed "
-            "is gated too (the section on the CUDA execution provider); elsewhere only its "
-            "accuracy is, and `bench/gpu_check.py` measures it on a GPU host.",
+            "On CUDA the fast variant is FP16, not INT8. Its accuracy here is measured on the "
+            "CPU provider; where a GPU is present its accuracy and speed are gated on CUDA too "
+            "(the section on the CUDA execution provider); elsewhere `bench/gpu_check.py` "
+            "measures them on a GPU host.",
             "",
             *gate_table(gates),
         ]
@@ -56,8 +59,8 @@ def cuda_section(gates: dict, timings: Sequence, where: dict) -> str:
         "## On the CUDA execution provider",
         "",
         "Timed against FP32, interleaved, outputs on the device; median of per-pair ratios. "
-        "FP16 must be 1.2x FP32 at the throughput shape and not slower at batch 1; INT8 that "
-        "fails is marked not for CUDA.",
+        "FP16 must be 1.2x FP32 at the throughput shape and not slower at batch 1, and keep "
+        "its cosine to FP32 on CUDA; INT8 that fails is marked not for CUDA.",
         "",
         "| variant | " + " | ".join(f"{s} ms (vs FP32)" for s in shapes) + " | placement | gates |",
         "|---|" + "---|" * len(shapes) + "---|---|",
@@ -112,7 +115,7 @@ def sections(
         "",
         f"### Gates of `{shipped.name}`",
         "",
-        *gate_table(shipped.gates),
+        *gate_table(shipped.gates, gate_cfg.confidence),
         "",
     ]
     return ["\n".join(head), "\n".join(candidates_table(result, shipped, plot))]

@@ -32,6 +32,7 @@ from quantgate.quantize.gates import (
     GateConfig,
     Outputs,
     accuracy_gates,
+    check_labels,
     collect,
     passed,
     speed_gates,
@@ -68,8 +69,13 @@ class QuantConfig:
             raise ConfigError(f"--search-budget must be > 0 seconds, got {self.search_budget_s}")
         if self.calibration_samples is not None and self.calibration_samples < 1:
             raise ConfigError(f"--samples must be >= 1, got {self.calibration_samples}")
-        if self.sensitivity_top_k < 1 or self.max_candidates < 1 or self.max_keep_rounds < 0:
-            raise ConfigError("sensitivity_top_k and max_candidates >= 1, max_keep_rounds >= 0")
+        for name, value, least in (
+            ("sensitivity_top_k", self.sensitivity_top_k, 1),
+            ("max_candidates", self.max_candidates, 1),
+            ("max_keep_rounds", self.max_keep_rounds, 0),
+        ):
+            if value < least:
+                raise ConfigError(f"{name} must be >= {least}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -212,6 +218,7 @@ def search(
     t0 = time.monotonic()
     emit = on_progress or (lambda *a: None)
     reference = collect(fp32, evaluation, provider=gate_cfg.provider, threads=gate_cfg.threads)
+    check_labels(reference, task)  # before minutes of quantization
     sample = next(evaluation.batches()).feeds
     recipes = list(default_recipes())
     if quant_cfg.recipes:
@@ -291,15 +298,19 @@ def _try(
         log.exception("recipe %s crashed", name)
         msg = f"{type(e).__name__}: {e}"
         return _failed(name, recipe, method, parent, added, msg, time.monotonic() - t), None
-    got = collect(qm.path, evaluation, provider=gate_cfg.provider, threads=gate_cfg.threads)
-    accuracy = accuracy_gates(reference, got, task, gate_cfg)
 
     def on_timing(what: str, done: int, total: int) -> None:
         emit("timing", done, total, f"{name}: {what}")
 
-    speed = speed_gates(
-        fp32, qm.path, inputs, max_seq_len, gate_cfg, sample=sample, on_progress=on_timing
-    )
+    try:  # FP32 ran on the same data: a failure here is the INT8 model's
+        got = collect(qm.path, evaluation, provider=gate_cfg.provider, threads=gate_cfg.threads)
+        speed = speed_gates(
+            fp32, qm.path, inputs, max_seq_len, gate_cfg, sample=sample, on_progress=on_timing
+        )
+    except Exception as e:  # noqa: BLE001 - ORT raises its own types; the search goes on
+        msg = f"the INT8 model does not run in ONNX Runtime: {e}"
+        return _failed(name, recipe, method, parent, added, msg, time.monotonic() - t), None
+    accuracy = accuracy_gates(reference, got, task, gate_cfg)
     return (
         Candidate(
             name=name,
@@ -318,7 +329,7 @@ def _try(
 
 
 def _failed(name, recipe, method, parent, added, error, seconds) -> Candidate:
-    log.warning("recipe %s failed to quantize: %s", name, error)
+    log.warning("recipe %s failed: %s", name, error)
     return Candidate(
         name=name,
         recipe=recipe.to_dict(),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from quantgate.bundle import GateResult
@@ -89,6 +91,34 @@ def test_fp16_ships_on_cuda_only_when_its_cuda_gates_pass(tmp_path):
     assert cuda.apply_gates(f16, (_gate("speedup_b1_s128", False),)).verdict == "fail"
 
 
+def test_the_pipeline_gates_fp16_fidelity_and_speed_on_the_gating_provider(
+    tiny_bert_export, feeds, tmp_path, monkeypatch
+):
+    """``_gate_on_cuda`` run on the CPU provider: FP16's fidelity is measured again there."""
+    from quantgate.quantize.pipeline import _gate_on_cuda
+    from quantgate.quantize.search import QuantConfig
+
+    quick = functools.partial(cuda.CudaGateConfig, warmup=1, pairs=3, budget_s=0.1)
+    monkeypatch.setattr(cuda, "CudaGateConfig", quick)  # batch 128 on the CPU: a few runs
+    f16 = fp16.save(fp16.to_fp16(tiny_bert_export.onnx), tmp_path / "fp16.onnx")
+    built = GateResult("cosine:last_hidden_state", 1.0, 0.999, ">=", True, provider=cuda.CPU)
+    half = ExtraVariant(f16, "fp16", gates=(built,), providers=(cuda.CUDA,))
+    (out,), section = _gate_on_cuda(
+        tiny_bert_export,
+        [half],
+        lambda: iter(feeds),
+        QuantConfig(),
+        lambda *a: None,
+        provider=cuda.CPU,
+    )
+    added = {g.name: g for g in out.gates[1:]}
+    cosines = {f"cosine:{o.name}" for o in tiny_bert_export.outputs}
+    assert cosines | {"speedup_b128_s128", "speedup_b1_s128", "placement"} == set(added)
+    assert all(g.provider == cuda.CPU for g in added.values())
+    assert all(added[c].threshold == 0.999 and added[c].passed for c in cosines)
+    assert "## On the CUDA execution provider" in section[0]
+
+
 def test_available_is_false_without_a_cuda_provider():
     import onnxruntime as ort
 
@@ -98,11 +128,12 @@ def test_available_is_false_without_a_cuda_provider():
 
 
 @pytest.mark.skipif(not cuda.available(), reason="needs a CUDA GPU and onnxruntime-gpu")
-def test_on_a_gpu_the_pipeline_gates_fp16_and_int8_on_cuda(tiny_bert_export, tmp_path):
+def test_on_a_gpu_the_pipeline_gates_fp16_and_int8_on_cuda(tiny_bert_export, feeds, tmp_path):
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from quantgate.quantize.pipeline import _gate_on_cuda
+    from quantgate.quantize.search import QuantConfig
 
     f16 = fp16.save(fp16.to_fp16(tiny_bert_export.onnx), tmp_path / "fp16.onnx")
     i8 = tmp_path / "int8.onnx"
@@ -117,9 +148,13 @@ def test_on_a_gpu_the_pipeline_gates_fp16_and_int8_on_cuda(tiny_bert_export, tmp
         ExtraVariant(i8, "int8", gates=ok, not_for=(cuda.CUDA,)),
         ExtraVariant(f16, "fp16", gates=ok, providers=(cuda.CUDA,)),
     ]
-    out, section = _gate_on_cuda(tiny_bert_export, variants, lambda *a: None)
+    out, section = _gate_on_cuda(
+        tiny_bert_export, variants, lambda: iter(feeds), QuantConfig(), lambda *a: None
+    )
     int8, half = out
     assert "## On the CUDA execution provider" in section[0]
     assert {g.name for g in half.gates} >= {"speedup_b128_s128", "placement"}
+    on_cuda = [g for g in half.gates if g.name.startswith("cosine:")]
+    assert on_cuda and all(g.provider == cuda.CUDA and g.passed for g in on_cuda)
     # dynamic INT8 has no CUDA kernels: it falls back and is kept off CUDA
     assert cuda.CUDA in int8.not_for and "not for CUDA" in int8.notes

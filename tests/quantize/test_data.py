@@ -153,6 +153,28 @@ def test_a_python_iterable_is_a_source_and_can_be_read_twice():
     assert all(set(f) == {"input_ids", "attention_mask"} for f in calib)
 
 
+def test_an_iterables_hash_covers_its_labels_and_only_the_rows_used():
+    feeds, labels = rng_feeds(10), np.arange(10) % 10
+
+    def sha(feeds, labels, samples=None):
+        items = [{**feeds, "labels": labels}]
+        return open_source(items, DIGITS, role="evaluation", samples=samples).sha256
+
+    capped = sha(feeds, labels, samples=6)
+    assert sha(feeds, labels[::-1].copy(), samples=6) != capped  # other labels, same pixels
+    later = {k: v.copy() for k, v in feeds.items()}
+    later["input_ids"][6:] += 1  # rows beyond the cap of 6: not used, not hashed
+    assert sha(later, labels, samples=6) == capped
+    assert sha(later, labels) != sha(feeds, labels)
+
+
+def test_sample_caps_name_their_setting():
+    with pytest.raises(DataError, match="--samples must be at least 1, got 0"):
+        open_source(None, DIGITS, role="calibration", samples=0)
+    with pytest.raises(DataError, match=r"eval_samples \(--gate-config\) must be at least 1"):
+        open_source(None, DIGITS, role="evaluation", samples=0)
+
+
 @pytest.mark.slow
 def test_calibration_memory_does_not_grow_with_samples(tmp_path):
     """Peak RSS of a real calibration (quantgate's static recipe) at 100 and 1,000 samples."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -10,8 +11,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from qg_pipeline_helpers import dynamic_int8, tiny_export  # noqa: E402
+from tinygraphs import SEQ, K, mlp, mlp_feeds  # noqa: E402
 
-from quantgate.errors import ConfigError  # noqa: E402
+from quantgate.bundle import GateResult, TensorSpec  # noqa: E402
+from quantgate.errors import ConfigError, DataError  # noqa: E402
+from quantgate.quantize import fp16  # noqa: E402
 from quantgate.quantize.data import ModelInfo, open_source  # noqa: E402
 from quantgate.quantize.gates import (  # noqa: E402
     GateConfig,
@@ -20,7 +24,9 @@ from quantgate.quantize.gates import (  # noqa: E402
     collect,
     paired_bootstrap,
     speed_gates,
+    time_interleaved,
 )
+from quantgate.quantize.report import gate_table  # noqa: E402
 
 FAST = GateConfig(iterations=5, warmup=1, batch_sizes=(1, 8))
 
@@ -43,6 +49,28 @@ def test_paired_bootstrap_interval():
     assert 0 <= lo < drop < hi < 4.5
     b[6:9] = True  # irrelevant: already right in both
     assert paired_bootstrap(a, b, n=2000, confidence=0.95, seed=0)[0] == pytest.approx(2.0)
+
+
+def test_paired_bootstrap_matches_resampling_the_rows():
+    """Drawing the counts of -1/0/+1 rows is the same distribution as resampling the rows."""
+    a = np.ones(400, bool)
+    b = a.copy()
+    b[:12] = False  # 12 rows newly wrong
+    a[390:] = False  # 10 rows newly right
+    drop, (lo, hi) = paired_bootstrap(a, b, n=10000, confidence=0.95, seed=1)
+    diff = a.astype(float) - b
+    idx = np.random.default_rng(2).integers(0, len(diff), size=(10000, len(diff)))
+    ref_lo, ref_hi = np.percentile(diff[idx].mean(1) * 100, [2.5, 97.5])
+    assert drop == pytest.approx(0.5)
+    assert lo == pytest.approx(ref_lo, abs=0.26) and hi == pytest.approx(ref_hi, abs=0.26)
+
+
+def test_labels_must_be_class_indices():
+    logits = np.random.default_rng(0).normal(size=(40, 10)).astype(np.float32)
+    for labels, found in ((np.arange(40) % 10 + 1, "1..10"), (np.arange(40) % 10 - 1, "-1..8")):
+        ref = Outputs(["logits"], [{"logits": logits}], [None], labels=labels, rows=40)
+        with pytest.raises(DataError, match=rf"class indices 0\.\.9 .* found labels {found}"):
+            accuracy_gates(ref, ref, "sequence-classification", GateConfig())
 
 
 def test_accuracy_gate_with_labels_on_real_sessions(models):
@@ -81,11 +109,56 @@ def test_embedding_fidelity_cosine_and_nearest_neighbours():
     gates = {g.name: g for g in accuracy_gates(ref, near, "feature-extraction", GateConfig())}
     assert gates["cosine"].value > 0.999 and gates["nn_top1_agreement"].value == 1.0
     assert all(g.passed for g in gates.values())
+    assert gates["cosine"].ci is None  # not a confidence interval: the rows are in the detail
+    assert "(worst row 1.00000, best 1.00000)" in gates["cosine"].detail
     shuffled = Outputs(
         ["sentence_embedding"], [{"sentence_embedding": x[::-1].copy()}], [None], rows=50
     )
     bad = {g.name: g for g in accuracy_gates(ref, shuffled, "feature-extraction", GateConfig())}
     assert not bad["cosine"].passed and not bad["nn_top1_agreement"].passed
+
+
+def test_nearest_neighbours_do_not_depend_on_the_block_size(monkeypatch):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 16)).astype(np.float32)
+    noisy = x + rng.normal(scale=0.5, size=x.shape).astype(np.float32)
+    ref = Outputs(["sentence_embedding"], [{"sentence_embedding": x}], [None], rows=50)
+    cand = Outputs(["sentence_embedding"], [{"sentence_embedding": noisy}], [None], rows=50)
+
+    def agreement():
+        out = accuracy_gates(ref, cand, "feature-extraction", GateConfig())
+        return next(g.value for g in out if g.name == "nn_top1_agreement")
+
+    whole = agreement()  # one block of 50 x 50
+    monkeypatch.setattr("quantgate.quantize.gates.NN_BLOCK", 7 * 50)  # blocks of 7 rows
+    assert agreement() == whole and 0 < whole < 1
+
+
+def test_cosine_of_an_output_is_the_fp16_fidelity_metric(tmp_path):
+    """``cosine:<output>`` means one thing, whether the INT8 or the FP16 gates report it."""
+    src = mlp(tmp_path / "mlp.onnx")
+    int8 = dynamic_int8(src, tmp_path / "int8.onnx")
+    info = ModelInfo((TensorSpec("x", "float32", ("B", SEQ, K)),), "custom", SEQ)
+    ev = open_source(mlp_feeds(4), info, role="evaluation")
+    out = accuracy_gates(collect(src, ev), collect(int8, ev), "custom", GateConfig())
+    fid = fp16.fidelity(src, int8, ev())
+    assert {g.name: g.value for g in out} == pytest.approx(
+        {f"cosine:{n}": v for n, v in fid.cosine_mean.items()}
+    )
+    assert all(g.ci is None and "worst row" in g.detail for g in out)
+
+
+def test_gate_table_names_the_configured_confidence():
+    rows = gate_table([GateResult("accuracy_drop", 0.3, 1.0, "<=", True, ci=(0.0, 0.6))], 0.9)
+    assert "| 90% interval |" in rows[0] and "[0.0000, 0.6000]" in rows[2]
+
+
+def test_time_interleaved_reverses_the_order_every_round():
+    calls = []
+    runners = {k: functools.partial(calls.append, k) for k in "abc"}
+    ms = time_interleaved(runners, warmup=1, pairs=4)
+    assert "".join(calls) == "abc" + "abccbaabccba"
+    assert {k: len(v) for k, v in ms.items()} == {"a": 4, "b": 4, "c": 4}
 
 
 def test_speed_gate_is_interleaved_per_shape(models):
@@ -117,3 +190,6 @@ def test_gate_config_from_files_and_flags(tmp_path):
         GateConfig.from_file(tmp_path / "bad.json")
     with pytest.raises(ConfigError, match="min_speedup"):
         GateConfig(min_speedup=0)
+    with pytest.raises(ConfigError, match="iterations 2: expected >= 3") as e:
+        GateConfig(iterations=2, eval_samples=0)
+    assert "eval_samples 0: expected >= 1" in str(e.value)

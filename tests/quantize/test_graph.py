@@ -33,12 +33,18 @@ def test_channel_stats_leave_out_padding_rows():
     assert st.count == 2
 
 
-def test_qparams_represent_zero_exactly():
+def test_qparams_cover_the_range_and_represent_zero_exactly():
+    lo, hi = -0.3, 5.1
     for qtype, sym in (("uint8", False), ("uint8", True), ("int8", True), ("int8", False)):
-        scale, zp = graph.qparams(np.array(-0.3), np.array(5.1), qtype, sym)
-        q0 = np.round(0.0 / scale) + zp.astype(np.float64)
-        assert (q0 - zp.astype(np.float64)) * scale == 0.0
-        assert scale > 0
+        scale, zp = graph.qparams(np.array(lo), np.array(hi), qtype, sym)
+        qmin, qmax = (0, 255) if qtype == "uint8" else (-128, 127)
+        zp, scale = int(zp), float(scale)  # an integer zero point: 0.0 is exactly the code zp
+        assert qmin <= zp <= qmax and scale > 0
+        # The codes' range, dequantized, reaches both ends: exactly when symmetric; within
+        # half a step when not (rounding the zero point to an integer shifts the grid).
+        slack = 0.0 if sym else scale / 2
+        assert (qmin - zp) * scale <= lo + slack + 1e-6
+        assert (qmax - zp) * scale >= hi - slack - 1e-6
     scale, zp = graph.qparams(np.array(-2.0), np.array(1.0), "int8", True)
     assert zp == 0 and np.isclose(scale, 2.0 / 127)
 

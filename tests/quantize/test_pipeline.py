@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from qg_pipeline_helpers import rng_feeds, tiny_checkpoint  # noqa: E402
 
-from quantgate.bundle import load  # noqa: E402
+from quantgate.bundle import GateResult, load, write_manifest  # noqa: E402
 from quantgate.quantize.data import write_npz  # noqa: E402
 
 
@@ -55,6 +56,35 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(cli, tmp_p
     )
     r = cli("gate", out, "--min-speedup", "100", "--gate-config", gate_file)
     assert r.code == 3 and load(out).manifest.verdict == "fail"
+
+
+def test_gate_fails_when_any_variant_fails_and_keeps_the_cuda_gates(cli, tmp_path, gate_file):
+    out = tmp_path / "b"
+    args = ("--min-speedup", "0.01", "--gate-config", gate_file)
+    r = cli("export", tiny_checkpoint(), "--out", out, "--search-budget", "1", *args)
+    assert r.code == 0, r.stderr
+    # The bundle a GPU host writes when INT8 passed its CUDA gates and FP16 failed its own.
+    cuda = "CUDAExecutionProvider"
+    on_cuda = GateResult("speedup_b128_s64", 1.5, 1.2, ">=", True, provider=cuda)
+    f16_bad = GateResult("cosine:logits", 0.9, 0.999, ">=", False, provider=cuda)
+    m = load(out).manifest
+    int8 = m.variant("int8")
+    edits = {
+        "int8": dict(gates=(*int8.gates, on_cuda), providers=(*int8.providers, cuda), not_for=()),
+        "fp16": dict(gates=(f16_bad,), verdict="fail"),
+    }
+    variants = tuple(dataclasses.replace(v, **edits.get(v.precision, {})) for v in m.variants)
+    write_manifest(out, dataclasses.replace(m, variants=variants))
+
+    r = cli("gate", out, *args)
+    assert r.code == 3 and "fp16 cosine:logits = 0.9, required >= 0.999" in r.stderr
+    m = load(out).manifest
+    assert m.verdict == "fail" and m.extra["regates"][-1]["verdict"] == "fail"
+    int8 = m.variant("int8")
+    assert int8.passed and on_cuda in int8.gates  # measured on another provider: kept
+    assert sum(g.name == "accuracy_drop" for g in int8.gates) == 1  # the CPU ones replaced
+    latest = load(out).report.read_text().split("## Re-gated")[1]
+    assert "Verdict: **FAIL**" in latest and "not re-gated: fp16" in latest
 
 
 def test_gate_with_an_eval_file_and_bad_input(cli, tmp_path, gate_file):

@@ -100,6 +100,24 @@ def test_ort_calibration_uses_every_sample_in_bounded_strides(tmp_path):
     assert (127 - zp) * scale >= 999.0  # the int8 range reaches 1000
 
 
+def test_strided_calibration_reads_the_source_in_one_pass(tmp_path):
+    """61 feeds, a prime: ORT asks for 61 ranges of one feed. One pass counts the feeds,
+    one more serves every range (restarting per range read 1,952 feeds)."""
+    src = mlp(tmp_path / "mlp.onnx")
+    feeds = mlp_feeds(61)
+    reads = 0
+
+    def calibration():
+        nonlocal reads
+        for f in feeds:
+            reads += 1
+            yield f
+
+    r = dataclasses.replace(ORT_STATIC_QDQ, op_types=("MatMul",))
+    quantize(src, r, calibration, tmp_path / "q.onnx", unfused_model=src)
+    assert reads == 2 * 61
+
+
 MINILM_SLOW = pytest.mark.slow
 
 

@@ -68,6 +68,32 @@ def test_inaccurate_candidates_keep_sensitive_nodes_fp32_and_record_the_cost(tmp
     assert found.chosen is None and found.best in found.candidates
 
 
+def test_a_candidate_onnx_runtime_cannot_load_fails_and_the_search_goes_on(tmp_path, monkeypatch):
+    import onnx
+
+    from quantgate.quantize import recipes
+
+    broken, sound = "ort-dynamic-per-channel-fused", "ort-dynamic-per-channel"
+    real = recipes.quantize
+
+    def quantize(fp32, recipe, calibration, out, **kw):
+        qm = real(fp32, recipe, calibration, out, **kw)
+        if recipe.name == broken:  # an op no ONNX Runtime has a kernel for
+            model = onnx.load(str(qm.path))
+            model.graph.node[0].op_type = "NoSuchOp"
+            onnx.save(model, str(qm.path))
+        return qm
+
+    monkeypatch.setattr(recipes, "quantize", quantize)
+    lenient = GateConfig(min_speedup=0.01, max_accuracy_drop=100, **FAST)
+    found = run(tmp_path, lenient, QuantConfig(recipes=(broken, sound)))
+    bad, good = found.candidates
+    assert bad.name == broken and bad.path is None and not bad.passed
+    assert bad.error.startswith("the INT8 model does not run in ONNX Runtime: ")
+    assert "NoSuchOp" in bad.error
+    assert good.name == sound and found.chosen is good
+
+
 def test_the_budget_stops_the_search(tmp_path):
     found = run(tmp_path, GateConfig(**FAST), QuantConfig(search_budget_s=0.001))
     assert len(found.candidates) == 1  # the first always runs
@@ -79,9 +105,17 @@ def _data():
     return {"calibration": rec, "evaluation": rec}
 
 
-@pytest.mark.parametrize("bad", [dict(search_budget_s=0), dict(calibration_samples=0)])
-def test_quant_config_is_checked(bad):
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(search_budget_s=0), "--search-budget must be > 0 seconds, got 0"),
+        (dict(calibration_samples=0), "--samples must be >= 1, got 0"),
+        (dict(max_candidates=0), "max_candidates must be >= 1, got 0"),
+        (dict(max_keep_rounds=-1), "max_keep_rounds must be >= 0, got -1"),
+    ],
+)
+def test_quant_config_is_checked(bad, message):
     from quantgate.errors import ConfigError
 
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=message):
         QuantConfig(**bad)
