@@ -8,6 +8,8 @@ server runs in its own process and answers from memory: ServerLive (an empty mes
 ModelInfer with a 196 KB output (MiniLM's last_hidden_state at sequence 128). The client is
 the Python sync stub quantgate.serve.client uses. Servers compared:
 
+- ``no gRPC: TCP echo``: the floor, a plain socket between the same two processes (one
+  byte back for ServerLive, the 196 KB for ModelInfer);
 - ``aio``: grpc.aio, as `quantgate serve` runs (one event loop, gRPC's poller thread);
 - ``aio, no BDP, 4 MB window``: the same with HTTP/2 BDP probing off and a 4 MB stream window;
 - ``sync``: grpc.server on a thread pool (the handler runs on a pool thread, no event loop);
@@ -21,8 +23,10 @@ the Python sync stub quantgate.serve.client uses. Servers compared:
   on a sync server whose request thread runs the model itself (the best case of a
   thread-pool server that runs a lone request where it arrived).
 
-Requests alternate between the servers' rounds; medians of N each. With $OUT set it writes
-grpc_transport.md there.
+Requests alternate between the servers' rounds; medians of N each. The last column is the
+CPU time a ServerLive round trip costs the server's process and the client's, summed over
+the calls from /proc and time.process_time: it tells work apart from waiting. With $OUT set
+it writes grpc_transport.md there.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
+import socket
 import statistics
 import sys
 import time
@@ -41,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check import bootstrap  # noqa: E402 - maps the source tree to quantgate.*
 
 PAYLOAD = bytes(128 * 384 * 4)
+ECHO = "no gRPC: TCP echo"
 AFTER_RUN = "aio, after a model run"
 INLINE = "aio, after a model run on the event loop"  # no hop to a worker thread and back
 NO_SPIN = "aio, after a model run, ORT spinning off"  # ORT's threads sleep when idle
@@ -88,6 +94,13 @@ def _model(spinning: bool = True):
     return run
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process ``pid`` has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _servicer(asynchronous: bool, model=None, inline: bool = False):
     from quantgate.protos import grpc_service_pb2 as pb
     from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
@@ -120,7 +133,37 @@ def _servicer(asynchronous: bool, model=None, inline: bool = False):
     return type("Servicer", (pb_grpc.GRPCInferenceServiceServicer,), methods)()
 
 
+class _Echo:
+    """The floor: a TCP echo server without gRPC, and a client with the stub's two calls.
+    ServerLive sends 1 byte and reads it back; ModelInfer sends 1 byte and reads 196 KB."""
+
+    @staticmethod
+    def serve(ports) -> None:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            ports.put(listener.getsockname()[1])
+            conn, _ = listener.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while request := conn.recv(1):
+                conn.sendall(PAYLOAD if request == b"I" else request)
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def ServerLive(self, _request) -> None:
+        self.sock.sendall(b"L")
+        self.sock.recv(1)
+
+    def ModelInfer(self, _request) -> None:
+        self.sock.sendall(b"I")
+        left = len(PAYLOAD)
+        while left:
+            left -= len(self.sock.recv(left))
+
+
 def _serve(kind: str, ports) -> None:
+    if kind == ECHO:
+        return _Echo.serve(ports)
     bootstrap()
     import grpc
 
@@ -159,36 +202,47 @@ def main() -> int:
     from quantgate.protos import grpc_service_pb2 as pb
     from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 
-    kinds = ["aio", "aio, no BDP, 4 MB window", "sync", *MODEL_RUNS]
+    kinds = [ECHO, "aio", "aio, no BDP, 4 MB window", "sync", *MODEL_RUNS]
     if (os.cpu_count() or 1) > 2:
         kinds.append("aio, pinned to 2 CPUs")
     ctx = mp.get_context("spawn")
-    procs, stubs = [], {}
+    procs, stubs, pids = [], {}, {}
     for kind in kinds:
         ports = ctx.Queue()
         proc = ctx.Process(target=_serve, args=(kind, ports), daemon=True)
         proc.start()
         procs.append(proc)
+        pids[kind] = proc.pid
+        port = ports.get(timeout=60)
+        if kind == ECHO:
+            stubs[kind] = _Echo(port)
+            continue
         opts = WINDOW if "BDP" in kind else None
-        channel = grpc.insecure_channel(f"127.0.0.1:{ports.get(timeout=60)}", options=opts)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=opts)
         stubs[kind] = pb_grpc.GRPCInferenceServiceStub(channel)
     live, infer = pb.ServerLiveRequest(), pb.ModelInferRequest(model_name="m")
     calls = {"ServerLive": lambda s: s.ServerLive(live), "196 KB": lambda s: s.ModelInfer(infer)}
     times = {(k, c): [] for k in kinds for c in calls}
+    # CPU seconds each call cost the server process and this (client) process, summed
+    cpu = {(k, c): [0.0, 0.0] for k in kinds for c in calls}
     ran: list[float] = []
     for i in range(a.requests + 200):  # the first 200 are warm-up
         for kind, stub in stubs.items():
             if kind in MODEL_RUNS and i % 10:
                 continue  # a model run per request would make the whole bench 10x longer
             for call, fn in calls.items():
+                server0, client0 = _cpu_s(pids[kind]), time.process_time()
                 t = time.perf_counter()
                 response = fn(stub)
                 ms = (time.perf_counter() - t) * 1e3
+                server1, client1 = _cpu_s(pids[kind]), time.process_time()
                 if kind in MODEL_RUNS and call == "196 KB":
                     ran.append(int(response.model_version) / 1e6)
                     ms -= ran[-1]
                 if i >= 200:
                     times[kind, call].append(ms)
+                    cpu[kind, call][0] += server1 - server0
+                    cpu[kind, call][1] += client1 - client0
     for proc in procs:
         proc.terminate()
     lines = [
@@ -196,13 +250,17 @@ def main() -> int:
         f"median of {a.requests} alternating requests ({a.requests // 10} for the model-run "
         f"servers, whose model ran {statistics.median(ran):.2f} ms (median), subtracted)",
         "",
-        "| server | ServerLive ms | 196 KB response ms |",
-        "|---|---|---|",
+        "| server | ServerLive ms | 196 KB response ms | CPU per ServerLive, server / client µs |",
+        "|---|---|---|---|",
     ]
     for kind in kinds:
         live_ms = statistics.median(times[kind, "ServerLive"])
         big_ms = statistics.median(times[kind, "196 KB"])
-        lines.append(f"| {kind} | {live_ms:.3f} | {big_ms:.3f} |")
+        n = len(times[kind, "ServerLive"])
+        server_us, client_us = (s / n * 1e6 for s in cpu[kind, "ServerLive"])
+        lines.append(
+            f"| {kind} | {live_ms:.3f} | {big_ms:.3f} | {server_us:.0f} / {client_us:.0f} |"
+        )
     md = "\n".join(lines) + "\n"
     print(md)
     if out := os.environ.get("OUT"):
