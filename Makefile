@@ -8,17 +8,34 @@ EXTRAS ?= cpu,export,hf,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: demo test test-fast lint format bench protos perf-analyzer clean help
+.PHONY: demo test test-fast lint format bench protos perf-analyzer system-deps clean help
 
 help:
 	@echo "make demo       train -> export -> quantize -> gate -> serve, on the built-in model"
 	@echo "make test       the full test suite, slow end-to-end runs included"
 	@echo "make test-fast  the test suite without the slow end-to-end runs"
 	@echo "make lint       ruff"
-	@echo "make bench      benchmarks (side-by-side ratios; results go to docs/BENCHMARKS.md)"
+	@echo "make bench      benchmarks (side-by-side ratios; export, quantize and serve write their"
+	@echo "                tables into docs/BENCHMARKS.md, the others print theirs)"
 	@echo "make protos     regenerate the gRPC code from protos/*.proto"
 
-$(BIN)/python:
+# Debian packages: python3-venv (the venv needs ensurepip) and openssl (the TLS tests make
+# their certificates with it). apt-get installs what is missing when it can.
+system-deps:
+	@missing=""; \
+	$(PY) -c "import ensurepip" 2>/dev/null || missing="$$missing python3-venv"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "missing Debian packages:$$missing (install them: sudo apt-get install$$missing)" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+$(BIN)/python: | system-deps
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
@@ -33,7 +50,7 @@ demo: $(STAMP)
 perf-analyzer: $(STAMP)
 	PY=$(BIN)/python scripts/get-perf-analyzer.sh
 
-test: $(STAMP) perf-analyzer
+test: system-deps $(STAMP) perf-analyzer
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
@@ -47,9 +64,11 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# gpu_check runs at full size only where there is an NVIDIA GPU; elsewhere its CPU check.
 bench: $(STAMP) perf-analyzer
-	@ls bench/*.py >/dev/null
-	for b in bench/[a-z]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	set -e; for b in export quantize serve codec grpc_transport; do \
+	  echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py; done
+	$(BIN)/python bench/gpu_check.py $$(command -v nvidia-smi >/dev/null || echo --quick)
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py

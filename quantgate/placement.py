@@ -3,8 +3,8 @@
 When an execution provider (CUDA) has no kernel for a node, ORT runs that node on the CPU
 provider and inserts copy nodes at every boundary: ``MemcpyToHost`` (device -> host) before
 it and ``MemcpyFromHost`` (host -> device) after it. Each copy synchronises the stream, so a
-graph that falls back is often far slower than its FP32 parent (DESIGN.md: dynamic INT8 on
-an H200 got 85 memcpy nodes and ran 37x slower). A variant that falls back must fail its
+graph that falls back is often far slower than its FP32 parent (docs/BENCHMARKS.md: dynamic
+INT8 MiniLM on an H200 got 57 memcpy nodes and ran at 0.02x FP32). A variant that falls back must fail its
 CUDA speed gate, and say why.
 
 How it is detected. ORT can write the graph it will actually execute — after partitioning

@@ -1,7 +1,7 @@
 """FP16 for the CUDA execution provider: convert an FP32 ONNX model, and measure what it costs.
 
-On CUDA the fast variant of a transformer is FP16, not INT8 (DESIGN.md: on an H200 the
-fused FP16 MiniLM ran 2.2x faster than FP32 at batch 128 while INT8 QDQ ran 1.9x slower).
+On CUDA the fast variant of a transformer is FP16, not INT8 (docs/BENCHMARKS.md, "GPU": on
+an H200 the fused FP16 MiniLM ran 2.11x FP32 at batch 128, dynamic INT8 0.02x).
 ``to_fp16`` uses ONNX Runtime's own converter (``OnnxModel.convert_float_to_float16``), which
 understands the fused contrib ops (Attention, SkipLayerNormalization, BiasGelu,
 EmbedLayerNormalization) through symbolic shape inference, and keeps:
@@ -75,7 +75,7 @@ class Fidelity:
     def gates(
         self, *, min_cosine: float = 0.999, max_abs: float | None = None
     ) -> tuple[GateResult, ...]:
-        """Accuracy gates for an embedding-style output (DESIGN.md: cosine without labels).
+        """Accuracy gates for an embedding-style output (cosine, as there are no labels).
 
         ``cosine:<output>`` (the metric of the INT8 gate of that name) passes when the mean
         per-row cosine of the output is >= ``min_cosine`` and it has no NaN/inf;

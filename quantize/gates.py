@@ -1,4 +1,4 @@
-"""The gates (DESIGN.md "Gates"): is a candidate still accurate, and is it really faster?
+"""The gates: is a candidate still accurate, and is it really faster?
 
 Accuracy, with labels (a classifier and a labelled evaluation set): the task metric, top-1
 accuracy, of FP32 and of the candidate on the same rows; the gate is the drop in points.
@@ -71,7 +71,7 @@ class GateConfig:
     min_cosine: float = 0.99  # embeddings / other outputs without labels
     min_top1_agreement: float = 0.95  # classifier top-1, or embedding nearest neighbour
     max_kl: float = 0.05  # nats, mean KL(FP32 || candidate) for classifiers without labels
-    batch_sizes: tuple[int, ...] = (1, 32)  # the shapes a user serves (DESIGN.md default)
+    batch_sizes: tuple[int, ...] = (1, 32)  # the shapes a user serves, by default
     seq_len: int = 128  # capped at the model's longest (64 for the built-in digits model)
     provider: str = CPU  # the execution provider the speed gate runs on
     warmup: int = 3  # runs of each model before timing (allocations, caches, threads)

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 DEFAULT_EXPORT, DEFAULT_QUANT, DEFAULT_GATES = ExportConfig(), QuantConfig(), GateConfig()
 CUDA = "CUDAExecutionProvider"
 INT8_PROVIDERS = ("CPUExecutionProvider",)
-INT8_NOT_FOR = (CUDA,)  # INT8 QDQ ran slower than FP32 on CUDA (DESIGN.md)
+INT8_NOT_FOR = (CUDA,)  # slower than FP32 on CUDA, or on the CPU there (README, "GPU")
 
 
 def build(

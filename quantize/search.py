@@ -56,8 +56,8 @@ class QuantConfig:
     sensitivity_samples: int = 32  # calibration rows compared node by node
     max_candidates: int = 12
     recipes: tuple[str, ...] = ()  # restrict default_recipes() to these names; empty: all
-    # Also ship an FP16 variant for the CUDA execution provider (INT8 is slower there,
-    # DESIGN.md), gated on fidelity against FP32 (and on CUDA speed where a GPU is present).
+    # Also ship an FP16 variant for the CUDA execution provider (INT8 is slower there:
+    # README, "GPU"), gated on fidelity against FP32 (and on CUDA speed where a GPU is present).
     fp16: bool = True
     fp16_min_cosine: float = 0.999  # mean per-row cosine of every output vs FP32
     # Where a CUDA GPU is present: placement and speed gates on the CUDA provider for every

@@ -3,7 +3,7 @@
 #
 # On Debian 12 (glibc 2.36) the perf_analyzer wheels on PyPI need glibc 2.38; the binary
 # inside the tritonclient 2.47.0 wheel runs, given Debian's libb64 and libcudart.so.12
-# (from PyPI's nvidia-cuda-runtime-cu12) in a private folder. See DESIGN.md.
+# (from PyPI's nvidia-cuda-runtime-cu12) in a private folder.
 #
 #   scripts/get-perf-analyzer.sh        -> .tools/bin/perf_analyzer (a wrapper script)
 set -euo pipefail

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 MASK = "attention_mask"  # the input that tells padding from tokens
 # What a provider serves when no variant has measured speed evidence there. On CUDA that is
-# FP16 (DESIGN.md: 2.2x FP32 on an H200, while INT8 ran slower or fell back to the CPU);
+# FP16 (2.11x FP32 on an H200, while INT8 fell back to the CPU: docs/BENCHMARKS.md);
 # a bundle built without a GPU has accuracy gates for FP16 but no CUDA speed gate.
 PREFERRED = {CUDA: "fp16"}
 

@@ -1,7 +1,7 @@
 """inference.GRPCInferenceService: protobuf in, numpy to the engine, protobuf out.
 
 The servicer converts messages and maps errors to status codes; the engine does the
-rest. Status codes follow Triton (see DESIGN.md, "Serving protocol"):
+rest. Status codes follow Triton's:
 
     malformed request, wrong name/dtype/shape/byte size, batch too large  INVALID_ARGUMENT
     unknown model or version                                              NOT_FOUND

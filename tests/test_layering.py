@@ -1,4 +1,4 @@
-"""The stages' import rules (DESIGN.md): data flows one way, and a serving host needs no torch."""
+"""The stages' import rules: data flows one way, and a serving host needs no torch."""
 
 import ast
 from pathlib import Path
