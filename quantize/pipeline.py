@@ -122,7 +122,9 @@ def build(
             sections = [*sections, reports.fp16_section(variants[-1].gates)]
             emit("fp16", 1, 1, "gated")
         if quant_cfg.cuda_gates:
-            variants, cuda_section = _gate_on_cuda(result, variants, ev, quant_cfg, emit)
+            variants, cuda_section = _gate_on_cuda(
+                result, variants, ev, quant_cfg, emit, int8_min_cosine=gate_cfg.min_cosine
+            )
             sections = [*sections, *cuda_section]
         extra = {**result.extra, "quantization": _summary(found, shipped, gate_cfg, plot)}
         written = write_bundle(
@@ -163,7 +165,14 @@ def _fp16_variant(fp32: Path, evaluation, work: Path, cfg: QuantConfig):
 
 
 def _gate_on_cuda(
-    result, variants: list, evaluation, cfg: QuantConfig, emit, *, provider: str = CUDA
+    result,
+    variants: list,
+    evaluation,
+    cfg: QuantConfig,
+    emit,
+    *,
+    int8_min_cosine: float = 0.99,
+    provider: str = CUDA,
 ) -> tuple[list, list[str]]:
     """Where a CUDA GPU is present, gate every variant on it (quantize/cuda.py).
 
@@ -171,7 +180,9 @@ def _gate_on_cuda(
     FP16 arithmetic, not only FP16 storage as on the CPU): it ships on CUDA only if it is
     accurate and faster there. INT8's CUDA results decide only where it runs: slower, or
     falling back to the CPU, and it is marked not for CUDA (its CPU gates still decide
-    whether it ships). ``provider`` is a parameter so that tests run this on the CPU.
+    whether it ships); fast enough, and its fidelity is measured on CUDA too (other kernels
+    than the CPU's), cosine >= ``int8_min_cosine``. ``provider`` is a parameter so that
+    tests run this on the CPU.
     """
     from quantgate.quantize import cuda, fp16
 
@@ -184,9 +195,12 @@ def _gate_on_cuda(
     gates, timings, where = cuda.gate_variants(
         result.onnx, files, result.inputs, timing, provider=provider
     )
-    if "fp16" in files:
-        fidelity = fp16.fidelity(result.onnx, files["fp16"], evaluation(), provider=provider)
-        gates["fp16"] = (*fidelity.gates(min_cosine=cfg.fp16_min_cosine), *gates["fp16"])
+    min_cosine = {"fp16": cfg.fp16_min_cosine, "int8": int8_min_cosine}
+    for k, file in files.items():
+        if k != "fp16" and not all(g.passed for g in gates[k]):
+            continue  # not for CUDA anyway: its accuracy there does not matter
+        fidelity = fp16.fidelity(result.onnx, file, evaluation(), provider=provider)
+        gates[k] = (*fidelity.gates(min_cosine=min_cosine[k]), *gates[k])
     out = [cuda.apply_gates(v, gates[v.precision]) for v in variants]
     emit("cuda", 1, 1, "gated")
     return out, [reports.cuda_section(gates, timings, where)]

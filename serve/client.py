@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from quantgate.errors import BadRequest
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.serve import codec
@@ -97,7 +98,15 @@ class Client:
         request = pb.ModelInferRequest(model_name=model, model_version=version)
         for name, value in inputs.items():
             array = np.asarray(value)
-            request.inputs.add(name=name, datatype=codec.datatype(array.dtype), shape=array.shape)
+            try:
+                datatype = codec.datatype(array.dtype)
+            except KeyError:
+                raise BadRequest(
+                    f"input {name!r}: numpy dtype {array.dtype.str} has no KServe datatype; "
+                    f"send one of {', '.join(codec.DATATYPES)} in little-endian order "
+                    "(for example array.astype('<f4'))"
+                ) from None
+            request.inputs.add(name=name, datatype=datatype, shape=array.shape)
             request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
         for name in outputs:
             request.outputs.add(name=name)

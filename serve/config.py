@@ -60,15 +60,14 @@ class ServeConfig:
     # (ORT's default: benchmark every algorithm on each new shape) would only cost start-up
     # time on models that do; HEURISTIC picks from cuDNN's heuristics at once.
     cudnn_conv_algo_search: str = "HEURISTIC"
-    # IO binding: ORT writes outputs straight into host memory it allocates (bind_output to
-    # "cpu") instead of allocating on the device and copying in run(). auto: on with CUDA,
-    # off on the CPU (where outputs are already in host memory and it gains nothing).
+    # IO binding: inputs bound from the request's arrays and outputs bound to host memory,
+    # so a run hands back arrays in host memory without the default run()'s output
+    # allocation on the device. auto: on with CUDA, off on the CPU (where outputs are
+    # already in host memory). Its gain is not measured.
+    # (CUDA graphs are not a serving option: a graph replays one input shape at fixed device
+    # addresses, which a server of varying requests cannot promise. bench/gpu_check.py
+    # measures what one gains in-process.)
     io_binding: str = "auto"
-    # CUDA graphs replay the captured kernels of one run without launch overhead, but only
-    # for one fixed input shape at fixed device addresses: every request must have the same
-    # shape, so this needs dynamic_batching off and clients that always send that shape.
-    # Measured in bench/gpu_check.py (in-process) before it is worth serving with.
-    cuda_graph: bool = False
 
     def __post_init__(self):
         from quantgate.errors import ConfigError
@@ -92,11 +91,6 @@ class ServeConfig:
             )
         if self.io_binding not in IO_BINDING:
             raise ConfigError(f"io_binding must be one of {IO_BINDING}, got {self.io_binding!r}")
-        if self.cuda_graph and self.dynamic_batching:
-            raise ConfigError(
-                "cuda_graph replays one fixed input shape; the dynamic batcher forms batches of "
-                "varying shape. Turn dynamic batching off (--no-dynamic-batching) to use it."
-            )
         if self.cuda_device_id < 0 or self.gpu_mem_limit < 0:
             raise ConfigError("cuda_device_id and gpu_mem_limit cannot be negative")
         if self.max_queue_delay_us < 0 or self.port < 0 or self.intra_op_threads < 0:

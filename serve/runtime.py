@@ -115,8 +115,6 @@ def provider_options(cfg: ServeConfig, provider: str) -> list:
     }
     if cfg.gpu_mem_limit:
         cuda["gpu_mem_limit"] = str(cfg.gpu_mem_limit)
-    if cfg.cuda_graph:
-        cuda["enable_cuda_graph"] = "1"
     return [(CUDA, cuda), CPU]
 
 
@@ -172,14 +170,17 @@ def choose_variant(
             f"bundle {manifest.name!r} has no variant that passed its gates for {provider}"
         )
     measured = [v for v in candidates if v.precision != "fp32" and speedup(v, provider) > 0]
+    if measured:
+        # Passing its speed gates on this provider is the evidence, even where the slowest
+        # shape only ties FP32 (a GPU at batch 1 is launch-bound: its gate asks >= 0.95x).
+        return max(measured, key=lambda v: speedup(v, provider))
     preferred = [v for v in candidates if v.precision == PREFERRED.get(provider)]
-    if not measured and preferred:
+    if preferred:
         # No speed evidence on this provider (bundle made without one): its known-fast
         # precision, accuracy gates passed, over FP32.
         return preferred[0]
-    # max() keeps the first of equals: list FP32 first so evidence is needed to beat it.
-    candidates.sort(key=lambda v: v.precision != "fp32")
-    return max(candidates, key=lambda v: speedup(v, provider))
+    fp32 = [v for v in candidates if v.precision == "fp32"]
+    return (fp32 or candidates)[0]
 
 
 class Model:
@@ -430,7 +431,18 @@ def _session(
         return ort.InferenceSession(str(file), options, providers=providers), None
     with tempfile.TemporaryDirectory(prefix="quantgate-serve-") as tmp:
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        session = ort.InferenceSession(str(file), options, providers=providers)
+        try:
+            # enable_fallback=0: ORT would otherwise answer a CUDA provider that fails to
+            # start (a wrong device id, say) with a CPU session and a line on stdout.
+            session = ort.InferenceSession(
+                str(file), options, providers=providers, enable_fallback=0
+            )
+        except Exception as e:  # noqa: BLE001 - ORT raises its own types from C++
+            raise ServeError(
+                f"the CUDA execution provider could not open {file.name} on device "
+                f"{cfg.cuda_device_id} ({type(e).__name__}: {str(e).strip()}). Check the "
+                "device id (nvidia-smi lists them) and the CUDA install, or use --device cpu."
+            ) from e
         import onnx  # a dependency of quantgate; only needed here, on CUDA
 
         graph = onnx.load(options.optimized_model_filepath, load_external_data=False)

@@ -6,6 +6,7 @@ import functools
 
 import pytest
 
+from quantgate import placement
 from quantgate.bundle import GateResult
 from quantgate.export import ExtraVariant
 from quantgate.placement import PlacementReport
@@ -117,6 +118,55 @@ def test_the_pipeline_gates_fp16_fidelity_and_speed_on_the_gating_provider(
     assert all(g.provider == cuda.CPU for g in added.values())
     assert all(added[c].threshold == 0.999 and added[c].passed for c in cosines)
     assert "## On the CUDA execution provider" in section[0]
+
+
+def test_an_int8_fast_enough_for_cuda_has_its_fidelity_measured_there(
+    tiny_bert_export, feeds, tmp_path, monkeypatch
+):
+    """The branch where INT8's speed and placement gates pass on the gating provider (on a
+    GPU it rarely does): its fidelity must be measured there before CUDA joins its providers.
+    The timing is replaced by passing gates; the fidelity runs for real, on the CPU."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from quantgate.quantize.pipeline import _gate_on_cuda
+    from quantgate.quantize.search import QuantConfig
+
+    i8 = tmp_path / "int8.onnx"
+    quantize_dynamic(
+        str(tiny_bert_export.onnx),
+        str(i8),
+        weight_type=QuantType.QInt8,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    fast = GateResult("speedup_b128_s128", 1.5, 1.2, ">=", True, provider=cuda.CPU)
+
+    def timed_as_fast(fp32, files, inputs, timing, *, provider):
+        where = {k: placement.check(f, provider) for k, f in {"fp32": fp32, **files}.items()}
+        return {k: (fast,) for k in files}, [], where
+
+    monkeypatch.setattr(cuda, "gate_variants", timed_as_fast)
+    int8 = ExtraVariant(i8, "int8", gates=(), providers=(cuda.CPU,), not_for=(cuda.CUDA,))
+
+    def gate(threshold: float):
+        (out,), _ = _gate_on_cuda(
+            tiny_bert_export,
+            [int8],
+            lambda: iter(feeds),
+            QuantConfig(),
+            lambda *a: None,
+            int8_min_cosine=threshold,
+            provider=cuda.CPU,
+        )
+        return out
+
+    accurate = gate(0.5)
+    cosines = [g for g in accurate.gates if g.name.startswith("cosine:")]
+    assert cosines and all(g.threshold == 0.5 and g.passed for g in cosines)
+    assert cuda.CUDA in accurate.providers and cuda.CUDA not in accurate.not_for
+    inaccurate = gate(1.01)  # a cosine is at most 1: fast, but not accurate enough there
+    assert cuda.CUDA not in inaccurate.providers and cuda.CUDA in inaccurate.not_for
+    assert "cosine:" in inaccurate.notes, inaccurate.notes
 
 
 def test_available_is_false_without_a_cuda_provider():

@@ -115,10 +115,6 @@ def test_cuda_options_reach_the_provider_and_bad_ones_are_refused(tmp_path):
     assert opts["arena_extend_strategy"] == "kSameAsRequested"
     assert opts["cudnn_conv_algo_search"] == "HEURISTIC" and "enable_cuda_graph" not in opts
     assert runtime.provider_options(cfg, CPU) == [CPU]
-    graph = ServeConfig(path=tmp_path, cuda_graph=True, dynamic_batching=False)
-    assert runtime.provider_options(graph, CUDA)[0][1]["enable_cuda_graph"] == "1"
-    with pytest.raises(ConfigError, match="dynamic batching off"):
-        ServeConfig(path=tmp_path, cuda_graph=True)
     with pytest.raises(ConfigError, match="arena_extend_strategy"):
         ServeConfig(path=tmp_path, arena_extend_strategy="grow")
     with pytest.raises(ConfigError, match="io_binding"):

@@ -66,12 +66,17 @@ with Client({server.url!r}) as c:
             c.infer("classifier" if bad else "nope", bad or {{"input_ids": ids}})
         except err as e:
             print(type(e).__name__, e)
+    try:  # refused in the client, before anything is sent: no KServe datatype for it
+        c.infer("classifier", {{"input_ids": ids.astype(">i8"), "attention_mask": mask}})
+    except BadRequest as e:
+        print("client refused:", e)
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "BadRequest" in out.stdout and "'attention_mask'" in out.stdout
     assert "ModelNotFound" in out.stdout and out.stdout.strip().endswith("ok")
+    assert "client refused: input 'input_ids': numpy dtype >i8" in out.stdout, out.stdout
 
     cli = subprocess.run(
         [

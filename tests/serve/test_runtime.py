@@ -48,6 +48,18 @@ def test_fastest_passing_variant_per_provider():
     assert choose_variant(m, CUDA).precision == "fp16"
 
 
+def test_a_variant_that_passed_its_speed_gates_beats_fp32_even_where_it_only_ties():
+    """FP16 on CUDA: 2.1x at batch 128, 0.98x at a launch-bound batch 1 (its gate asks >= 0.95)."""
+    gates = (
+        qb.GateResult("speedup_b128_s128", 2.11, 1.2, ">=", True, provider=CUDA),
+        qb.GateResult("speedup_b1_s128", 0.98, 0.95, ">=", True, provider=CUDA),
+    )
+    fp16 = qb.Variant(
+        "model.fp16.onnx", "fp16", "0" * 64, providers=(CUDA,), gates=gates, verdict=qb.PASS
+    )
+    assert choose_variant(_manifest(_variant("fp32"), fp16), CUDA).precision == "fp16"
+
+
 def test_failed_or_unmeasured_variants_fall_back_to_fp32():
     assert (
         choose_variant(
