@@ -109,7 +109,9 @@ def main() -> None:
             files[name] = work / f"{name.replace(' ', '-')}.onnx"
             plain_export(model_dir, files[name], dynamo=dynamo, feeds=feeds1)
             print(f"{name} export: {time.perf_counter() - t0:.0f}s")
-        sessions = {name: session(f, CPU, threads=THREADS) for name, f in files.items()}
+        # spin=False, as in the speed gates: an idle session's spinning threads would slow
+        # whichever session runs next.
+        sessions = {name: session(f, CPU, threads=THREADS, spin=False) for name, f in files.items()}
 
         for batch, rounds in ((1, args.rounds_b1), (32, args.rounds_b32)):
             feeds = text_feeds(model_dir, batch)

@@ -212,7 +212,9 @@ def main() -> None:
         models[label] = (qm.path, qm)
         print(f"built {label}: {len(qm.quantized_nodes)} nodes INT8 in {qm.seconds:.0f}s")
 
-    sessions = {k: session(p, CPU, threads=a.threads) for k, (p, _) in models.items()}
+    # spin=False, as in the speed gates: timed in turn, an idle session's spinning threads
+    # would slow whichever session runs next (order reversal puts FP32 after itself).
+    sessions = {k: session(p, CPU, threads=a.threads, spin=False) for k, (p, _) in models.items()}
     ref_key = next(iter(models))
     embs = {k: np.concatenate([embed(s, enc([x])) for x in ev]) for k, s in sessions.items()}
     fid = {k: fidelity(embs[ref_key], e) for k, e in embs.items()}

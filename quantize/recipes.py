@@ -133,8 +133,9 @@ class QuantizedModel:
 # ---------------------------------------------------------------------------- the registry
 SMOOTH_STATIC = Recipe("smooth-static-u8s8", "static", Format.INTEGER_TO_FLOAT.value)
 # The same on the exporter's graph: Q, K and V as three integer GEMMs sharing one quantized
-# input, and the attention core as plain ops, instead of ORT's QAttention. On MiniLM it was
-# faster at batch 1 (1.99x FP32 against 1.67x, same run) with the same fidelity.
+# input, and the attention core as plain ops, instead of ORT's QAttention. On MiniLM it is
+# faster at batch 32 and a little slower at batch 1, with the same fidelity
+# (docs/BENCHMARKS.md, "Quantization"): the search times both and keeps the faster.
 SMOOTH_STATIC_UNFUSED = Recipe(
     "smooth-static-u8s8-unfused", "static", Format.INTEGER_TO_FLOAT.value, fuse_first=False
 )
