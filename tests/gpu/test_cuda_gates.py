@@ -120,25 +120,30 @@ def test_the_pipeline_gates_fp16_fidelity_and_speed_on_the_gating_provider(
     assert "## On the CUDA execution provider" in section[0]
 
 
+def _dynamic_int8(fp32, out):
+    """ORT's dynamic INT8 of ``fp32`` (the variant that falls back to the CPU on CUDA)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(fp32),
+        str(out),
+        weight_type=QuantType.QInt8,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    return out
+
+
 def test_an_int8_fast_enough_for_cuda_has_its_fidelity_measured_there(
     tiny_bert_export, feeds, tmp_path, monkeypatch
 ):
     """The branch where INT8's speed and placement gates pass on the gating provider (on a
     GPU it rarely does): its fidelity must be measured there before CUDA joins its providers.
     The timing is replaced by passing gates; the fidelity runs for real, on the CPU."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     from quantgate.quantize.pipeline import _gate_on_cuda
     from quantgate.quantize.search import QuantConfig
 
-    i8 = tmp_path / "int8.onnx"
-    quantize_dynamic(
-        str(tiny_bert_export.onnx),
-        str(i8),
-        weight_type=QuantType.QInt8,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    i8 = _dynamic_int8(tiny_bert_export.onnx, tmp_path / "int8.onnx")
     fast = GateResult("speedup_b128_s128", 1.5, 1.2, ">=", True, provider=cuda.CPU)
 
     def timed_as_fast(fp32, files, inputs, timing, *, provider):
@@ -179,20 +184,11 @@ def test_available_is_false_without_a_cuda_provider():
 
 @pytest.mark.skipif(not cuda.available(), reason="needs a CUDA GPU and onnxruntime-gpu")
 def test_on_a_gpu_the_pipeline_gates_fp16_and_int8_on_cuda(tiny_bert_export, feeds, tmp_path):
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     from quantgate.quantize.pipeline import _gate_on_cuda
     from quantgate.quantize.search import QuantConfig
 
     f16 = fp16.save(fp16.to_fp16(tiny_bert_export.onnx), tmp_path / "fp16.onnx")
-    i8 = tmp_path / "int8.onnx"
-    quantize_dynamic(
-        str(tiny_bert_export.onnx),
-        str(i8),
-        weight_type=QuantType.QInt8,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    i8 = _dynamic_int8(tiny_bert_export.onnx, tmp_path / "int8.onnx")
     ok = (GateResult("cosine", 1.0, 0.99, ">=", True),)
     variants = [
         ExtraVariant(i8, "int8", gates=ok, not_for=(cuda.CUDA,)),
