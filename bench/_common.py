@@ -122,29 +122,34 @@ class Server:
         )
         self.lines: collections.deque[str] = collections.deque(maxlen=50)
         self.serving: list[str] = []  # the server's "serving ..." lines: what it chose
+        self._up = threading.Event()
+        # Read on a thread from the start: a readline() here would block past start_timeout
+        # on a server that hangs without printing.
+        threading.Thread(target=self._drain, daemon=True).start()
         deadline = time.monotonic() + start_timeout
         try:
-            while True:
-                line = self.proc.stdout.readline()
-                if not line and self.proc.poll() is not None:
+            while not self._up.wait(0.2):
+                if self.proc.poll() is not None and not self._up.wait(1):
                     raise RuntimeError(f"quantgate serve exited:\n{self.tail()}")
-                self.lines.append(line)
-                if line.startswith("serving "):
-                    self.serving.append(line.strip())
-                if m := re.search(r"listening on \S+:(\d+)", line):
-                    self.port = int(m.group(1))
-                    self.url = f"127.0.0.1:{self.port}"
-                    break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"quantgate serve did not start in {start_timeout:.0f} s")
+                    raise RuntimeError(
+                        f"quantgate serve did not start in {start_timeout:.0f} s:\n{self.tail()}"
+                    )
         except BaseException:
             self.close()
             raise
-        threading.Thread(target=self._drain, daemon=True).start()
 
     def _drain(self) -> None:
         for line in self.proc.stdout:
             self.lines.append(line)
+            if self._up.is_set():
+                continue
+            if line.startswith("serving "):
+                self.serving.append(line.strip())
+            if m := re.search(r"listening on \S+:(\d+)", line):
+                self.port = int(m.group(1))
+                self.url = f"127.0.0.1:{self.port}"
+                self._up.set()
 
     def tail(self) -> str:
         return "".join(self.lines)

@@ -117,9 +117,20 @@ def pick_provider(device: str) -> str:
     if hasattr(ort, "preload_dlls"):
         with contextlib.suppress(Exception):
             ort.preload_dlls()
+    from quantgate.quantize import cuda
     from quantgate.serve.runtime import choose_provider
 
-    return choose_provider(device)  # raises ServeError for --device cuda without CUDA
+    provider = choose_provider(device)  # raises ServeError for --device cuda without CUDA
+    # onnxruntime-gpu lists CUDA even where its libraries fail to load, and then builds CPU
+    # sessions without a word at log level 3: every number below would be the CPU's.
+    if provider == CUDA and not cuda.available():
+        if device == "cuda":
+            raise SystemExit(
+                "--device cuda: the CUDA execution provider is listed but does not load"
+            )
+        log("the CUDA execution provider is listed but does not load: using the CPU")
+        return CPU
+    return provider
 
 
 def text_feeds(tokenizer, n: int, batch: int, seq: int, names):
@@ -154,6 +165,8 @@ def device_io(sess, feed: dict, device: str, batch: int, seq: int):
     import numpy as np
     import onnxruntime as ort
 
+    if device == "cuda" and sess.get_providers()[0] != CUDA:
+        raise RuntimeError(f"session has {sess.get_providers()}, not {CUDA}: it fell back")
     binding, keep = sess.io_binding(), []  # OrtValues must outlive the binding
     for k, v in feed.items():
         keep.append(ort.OrtValue.ortvalue_from_numpy(v, device, 0))
@@ -315,6 +328,9 @@ def headline(bundle: Path, provider: str, sizes) -> dict:
     return {
         "shape": [b, s],
         "torch": torch.__version__,
+        # ORT's CUDA EP runs FP32 MatMul in TF32 by default (use_tf32=1); PyTorch eager FP32
+        # does so only at "high"/"medium" (its default is "highest": IEEE FP32)
+        "torch_fp32_matmul_precision": torch.get_float32_matmul_precision(),
         "rounds": len(t["ORT FP16"]),
         "ms": {k: statistics.median(v) for k, v in t.items()},
         # how many times faster ORT FP16 ran than each runner, median of per-round ratios
@@ -336,7 +352,7 @@ def cuda_graph(bundle: Path, sizes) -> dict:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         providers = [(CUDA, {"enable_cuda_graph": graph}), CPU]
-        sess = ort.InferenceSession(str(bundle / "model.fp16.onnx"), so, providers=providers)
+        sess = ort.InferenceSession(str(variant_file(bundle, "fp16")), so, providers=providers)
         runners[name] = device_io(sess, feed, "cuda", b, s)
     t = time_interleaved(runners, warmup=3, budget_s=sizes["speed_budget_s"], pairs=sizes["pairs"])
     return {
@@ -435,7 +451,7 @@ def serving(bundle: Path, provider: str, sizes) -> dict:
                 pa = perf_windows(
                     c, server.url, model, feed, sizes["pa_rounds"], sizes["pa_window_s"]
                 )
-            except (PerfAnalyzerError, IndexError, KeyError) as e:
+            except (PerfAnalyzerError, IndexError, KeyError, subprocess.TimeoutExpired) as e:
                 pa = {"error": f"{type(e).__name__}: {e}"}
 
         med = statistics.median
@@ -497,6 +513,8 @@ def table(r: dict) -> str:
             *(f"| {k} | {ms:.2f} | {hl['fp16_speedup'][k]:.2f}x |" for k, ms in hl["ms"].items()),
         ]
     g = r.get("cuda_graph")
+    if g:
+        lines.append("")  # a line right under a table would render as one more row of it
     if g and "error" in g:
         lines.append(f"CUDA graph failed: {g['error']}")
     elif g:

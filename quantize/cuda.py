@@ -102,7 +102,9 @@ def measure(
     provider: str = CUDA,
 ) -> list[Timing]:
     """Time every model in ``files`` (one must be "fp32") at both shapes, interleaved."""
-    sessions = {k: session(p, provider) for k, p in files.items()}
+    # Spin-free, as the CPU speed gates: timed in turn, one session's idle CPU threads (INT8's
+    # ops that fall back to the CPU) would spin into the next one's run.
+    sessions = {k: session(p, provider, spin=False) for k, p in files.items()}
     out = []
     for shape in (cfg.throughput, cfg.latency):
         feed = speed_feeds(inputs, *shape, sample=None)
