@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -102,6 +103,32 @@ def test_sigterm_finishes_admitted_requests_and_exits_0(repo):
     # Whatever came after the signal was refused as UNAVAILABLE, never failed half-way.
     assert all("UNAVAILABLE" in e.status() for e in late_errors), late_errors[:3]
     assert late_ok[0] > 0
+
+
+def test_sigterm_refuses_new_requests_on_a_stream_already_open(repo):
+    """A stream opened before SIGTERM gets its answers; a request it sends after the signal
+    is refused in the stream (UNAVAILABLE), and the server exits 0 once the stream ends."""
+    srv = ServerProcess(repo / "classifier")
+    reference = Reference(repo / "classifier")
+    rng = np.random.default_rng(2)
+    before, after = batch(rng, 1, 9), batch(rng, 1, 11)
+    answers: queue.Queue = queue.Queue()
+    with tc.InferenceServerClient(srv.url) as c:
+        c.start_stream(callback=lambda result, error: answers.put((result, error)))
+        c.async_stream_infer("tiny-classifier", inputs(before), request_id="before")
+        result, error = answers.get(timeout=30)
+        assert error is None, error
+        np.testing.assert_allclose(result.as_numpy("logits"), reference(before), atol=ATOL)
+        srv.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not any("shutting down" in line for line in srv.stderr):
+            assert time.monotonic() < deadline, srv.log
+            time.sleep(0.05)
+        c.async_stream_infer("tiny-classifier", inputs(after), request_id="after")
+        _, error = answers.get(timeout=30)
+        c.stop_stream()
+    assert error is not None and "UNAVAILABLE" in str(error), error
+    assert srv.proc.wait(60) == 0, srv.log
 
 
 def _openssl(*args: str) -> None:
