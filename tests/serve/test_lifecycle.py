@@ -131,6 +131,41 @@ def test_sigterm_refuses_new_requests_on_a_stream_already_open(repo):
     assert srv.proc.wait(60) == 0, srv.log
 
 
+def test_a_cancelled_stream_cancels_the_requests_it_queued(repo):
+    """20 requests wait out a 1 s batching delay; the client cancels the stream at 0.3 s:
+    none of them may run once nobody waits for them (counted as failed, not as successes)."""
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    srv = ServerProcess(repo / "classifier", "--max-queue-delay-us", "1000000")
+    try:
+        ids = np.ones((1, 8), np.int64)
+
+        def requests():
+            for i in range(20):
+                r = service_pb2.ModelInferRequest(model_name="tiny-classifier", id=str(i))
+                for name in ("input_ids", "attention_mask"):
+                    r.inputs.add(name=name, datatype="INT64", shape=[1, 8])
+                    r.raw_input_contents.append(ids.tobytes())
+                yield r
+            hold.wait(10)  # keep the stream open until the client cancels it
+
+        hold = threading.Event()
+        with grpc.insecure_channel(srv.url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            call = stub.ModelStreamInfer(requests())
+            time.sleep(0.3)
+            call.cancel()
+            hold.set()
+            time.sleep(1.5)  # past the batching delay they were waiting for
+            stats = stub.ModelStatistics(
+                service_pb2.ModelStatisticsRequest(name="tiny-classifier")
+            ).model_stats[0]
+        assert stats.inference_stats.success.count == 0, stats
+        assert stats.inference_stats.fail.count == 20, stats
+    finally:
+        assert srv.terminate() == 0, srv.log
+
+
 def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
 
