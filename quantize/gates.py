@@ -134,6 +134,12 @@ class GateConfig:
             raise ConfigError(
                 f"--gate-config {path}: unknown setting(s) {unknown}; known: {sorted(known)}"
             )
+        wrong = [
+            f"{name} = {data[name]!r}: expected {what}"
+            for name, what in _wrong_types(data, {f.name: f.default for f in fields(cls)})
+        ]
+        if wrong:
+            raise ConfigError(f"--gate-config {path}: " + "; ".join(wrong))
         merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
         try:
             return cls(**merged)
@@ -142,6 +148,31 @@ class GateConfig:
 
     def with_overrides(self, **overrides: Any) -> GateConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _wrong_types(data: dict[str, Any], defaults: dict[str, Any]) -> list[tuple[str, str]]:
+    """(setting, what it must be) for each value in ``data`` of another type than its
+    default's: a file's "1.2" in quotes would otherwise fail later as a comparison of str
+    and float."""
+
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    wrong = []
+    for name, value in data.items():
+        default = defaults[name]
+        if isinstance(default, str):
+            ok, what = isinstance(value, str), "a string"
+        elif isinstance(default, tuple):
+            ok = isinstance(value, list | tuple) and all(integer(v) for v in value)
+            what = "a list of integers"
+        elif isinstance(default, float):
+            ok, what = integer(value) or isinstance(value, float), "a number"
+        else:  # an int, or None for a cap that is an int when set
+            ok, what = integer(value), "an integer"
+        if not ok:
+            wrong.append((name, what))
+    return wrong
 
 
 # -- running models ------------------------------------------------------------------------

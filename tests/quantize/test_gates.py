@@ -193,3 +193,11 @@ def test_gate_config_from_files_and_flags(tmp_path):
     with pytest.raises(ConfigError, match="iterations 2: expected >= 3") as e:
         GateConfig(iterations=2, eval_samples=0)
     assert "eval_samples 0: expected >= 1" in str(e.value)
+    (tmp_path / "types.toml").write_text(
+        'min_speedup = "1.5"\nbatch_sizes = [1, "32"]\niterations = 7.5\neval_samples = 200\n'
+    )
+    with pytest.raises(ConfigError) as e:
+        GateConfig.from_file(tmp_path / "types.toml")
+    for words in ("min_speedup = '1.5': expected a number", "batch_sizes = [1, '32']: expected a list of integers", "iterations = 7.5: expected an integer"):  # fmt: skip
+        assert words in str(e.value), str(e.value)
+    assert "eval_samples" not in str(e.value)  # an int where the default is None is right
