@@ -30,7 +30,7 @@ from rich.progress import (
 from rich.text import Text
 
 from quantgate import __version__
-from quantgate.errors import DataError, GateFailed, QuantgateError, exit_code
+from quantgate.errors import GateFailed, QuantgateError, exit_code
 from quantgate.export.config import ExportConfig, Exporter
 
 app = typer.Typer(
@@ -263,11 +263,13 @@ def export_command(
     )
     if not no_quantize:
         from quantgate.bundle import load as load_bundle
+        from quantgate.quantize.data import check_path
         from quantgate.quantize.pipeline import build
         from quantgate.quantize.search import QuantConfig
 
-        _check_data("--calibration", calibration)
-        _check_data("--eval", eval_data)
+        for flag, path in (("--calibration", calibration), ("--eval", eval_data)):
+            if path is not None:
+                check_path(path, flag)  # before minutes of export, not after
         gates = _gate_config(gate_config, max_accuracy_drop, min_speedup, min_cosine, min_top1)
         quant = QuantConfig(
             search_budget_s=search_budget,
@@ -303,23 +305,6 @@ def export_command(
 
         bundle = export(model, out_dir, cfg=cfg, force=force, on_stage=on_stage)
     _print_export(bundle)
-
-
-# What quantgate.quantize.data reads; checked before minutes of export, not after.
-_DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".npz")
-
-
-def _check_data(flag: str, path: Path | None) -> None:
-    if path is None:
-        return
-    path = path.expanduser()
-    if not path.is_file():
-        raise DataError(f"{flag} {path}: no such file. Expected a .jsonl or .npz file.")
-    if path.suffix.lower() not in _DATA_SUFFIXES:
-        raise DataError(
-            f"{flag} {path}: unknown format {path.suffix or '(no suffix)'}; expected .jsonl "
-            "(text) or .npz (arrays named after the model inputs)"
-        )
 
 
 def _print_export(bundle) -> None:

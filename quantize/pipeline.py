@@ -33,6 +33,7 @@ from quantgate.bundle import (
 from quantgate.errors import GateFailed
 from quantgate.export.config import ExportConfig
 from quantgate.quantize import report as reports
+from quantgate.quantize.cuda import CPU, CUDA
 from quantgate.quantize.data import DataSpec, ModelInfo, open_source
 from quantgate.quantize.gates import (
     GateConfig,
@@ -45,8 +46,7 @@ from quantgate.quantize.search import ProgressFn, QuantConfig, SearchResult, sea
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPORT, DEFAULT_QUANT, DEFAULT_GATES = ExportConfig(), QuantConfig(), GateConfig()
-CUDA = "CUDAExecutionProvider"
-INT8_PROVIDERS = ("CPUExecutionProvider",)
+INT8_PROVIDERS = (CPU,)
 INT8_NOT_FOR = (CUDA,)  # slower than FP32 on CUDA, or on the CPU there (README, "GPU")
 
 
