@@ -83,6 +83,10 @@ class DeadlineExceeded(QuantgateError):
     """The request's deadline passed before it could run."""
 
 
+class Cancelled(QuantgateError):
+    """The client went away before its request was answered."""
+
+
 class InferenceFailed(QuantgateError):
     """ONNX Runtime failed on a request that passed validation."""
 

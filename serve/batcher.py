@@ -1,27 +1,33 @@
 """The dynamic batcher: many small requests in, one session.run per batch, results out.
 
-Requests wait in a bounded queue. The batcher takes the oldest, gathers queued requests
-of the same shape bucket up to the max batch size (waiting at most the max queue delay
-for more), pads them to one sequence length with the attention mask set to 0 on the
-padding, runs the batch on a worker thread (the event loop keeps serving), cuts each
-request's rows and length back out, and resolves its future. Requests whose client gave
-up (cancelled) or whose deadline passed are dropped before they run.
+Requests wait in a bounded queue. A batch is the oldest request and the queued requests
+of its shape bucket, up to the max batch size (gathered for at most the max queue delay);
+it is padded to one sequence length with the attention mask set to 0 on the padding, run,
+and each request's rows and length are cut back out. Requests whose client gave up or
+whose deadline passed are dropped before they run.
+
+No thread of its own runs the batches: the request threads do (leader/follower). gRPC
+hands every request a thread of its own, and that thread would otherwise only wait. A
+request that finds a free slot (``instances`` batches may run at once) runs the next batch
+itself, which may hold requests that arrived while it waited; one that finds every slot
+taken waits until its result is ready or a finishing runner hands it the slot. A lone
+request therefore runs on the thread that received it: no hand-off to a worker and back,
+which on a small machine is a measurable share of a request's time.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from quantgate.errors import QuantgateError
-from quantgate.serve.errors import DeadlineExceeded, Unavailable
+from quantgate.serve.errors import Cancelled, DeadlineExceeded, InferenceFailed, Unavailable
 from quantgate.serve.runtime import MASK, Model
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,43 @@ class Timing:
     output_ns: int  # cutting the results back out
 
 
+class Caller:
+    """The client behind one or more requests: a unary call, or a stream.
+
+    gRPC calls ``cancel`` when the call ends, whether it was answered, cancelled by the
+    client or hit its deadline; requests of the caller still queued then are dropped and
+    their threads released.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._gone = False
+        self._hooks: dict[int, Callable[[], None]] = {}
+
+    @property
+    def gone(self) -> bool:
+        return self._gone
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._gone = True
+            hooks, self._hooks = list(self._hooks.values()), {}
+        for hook in hooks:
+            hook()
+
+    def _watch(self, key: int, hook: Callable[[], None]) -> bool:
+        """Run ``hook`` if the caller goes; False (and no hook) when it already has."""
+        with self._lock:
+            if self._gone:
+                return False
+            self._hooks[key] = hook
+            return True
+
+    def _unwatch(self, key: int) -> None:
+        with self._lock:
+            self._hooks.pop(key, None)
+
+
 @dataclass(eq=False)
 class _Pending:
     feeds: dict[str, np.ndarray]
@@ -46,9 +89,13 @@ class _Pending:
     rows: int
     key: tuple  # requests with equal keys can share a batch
     length: int  # sequence length (0 when the model is not padded)
-    future: asyncio.Future
-    deadline: float | None  # loop.time() after which it must not start
+    deadline: float | None  # time.monotonic() after which it must not start
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
+    # Set under the batcher's lock; ``wake`` tells the waiting thread to look again.
+    result: Any = None  # (outputs, Timing) or the exception to raise
+    done: bool = False
+    lead: bool = False  # handed a runner slot: the thread runs batches next
+    wake: threading.Event = field(default_factory=threading.Event)
 
 
 def bucket(length: int) -> int:
@@ -57,7 +104,7 @@ def bucket(length: int) -> int:
 
 
 class Batcher:
-    """One model's queue and the loop that turns it into batches.
+    """One model's queue, and the rules by which request threads turn it into batches.
 
     ``dynamic=False`` runs every request on its own (for comparison, and for models
     that cannot batch). ``on_batch(rows, timing)`` is called after every execution.
@@ -66,7 +113,6 @@ class Batcher:
     def __init__(
         self,
         model: Model,
-        executor: Executor,
         *,
         max_batch_size: int,
         max_queue_delay_us: int,
@@ -76,103 +122,174 @@ class Batcher:
         on_batch: Callable[[int, Timing], None] | None = None,
     ):
         self.model = model
-        self._executor = executor
         self._max_rows = max(1, min(max_batch_size, model.max_batch_size or 1))
         self._delay_ns = max_queue_delay_us * 1000
         self._max_queue = max_queue_size
         self._dynamic = dynamic and model.batched
         self._instances = instances
         self._on_batch = on_batch
+        # Guards everything below and every _Pending's result/done/lead. A runner gathering
+        # company for its batch waits on it; arrivals and departures notify it.
+        self._cv = threading.Condition()
         self._queue: list[_Pending] = []
-        self._wake = asyncio.Event()
+        self._running = 0  # runner slots taken (at most ``instances``)
         self._closing = False
-        self._task: asyncio.Task | None = None
 
     @property
     def depth(self) -> int:
-        """Requests waiting whose caller is still there."""
-        return sum(not p.future.done() for p in self._queue)
+        """Requests waiting to run."""
+        return len(self._queue)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"batcher-{self.model.name}")
+    def close(self, timeout: float | None = None) -> bool:
+        """Admit nothing more; wait until every admitted request has been answered
+        (False if ``timeout`` seconds passed first)."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()  # a runner gathering company runs what it has
+            return self._cv.wait_for(lambda: not self._queue and not self._running, timeout)
 
-    async def close(self) -> None:
-        """Admit nothing more; return once every admitted request has been answered."""
-        self._closing = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
-
-    async def infer(
+    def infer(
         self,
         feeds: dict[str, np.ndarray],
         rows: int,
         *,
         outputs: tuple[str, ...] = (),
         timeout: float | None = None,
+        caller: Caller | None = None,
     ) -> tuple[dict[str, np.ndarray], Timing]:
-        """Queue one validated request and wait for its outputs.
+        """Queue one validated request and return its outputs once they are ready; the
+        calling thread may run batches (its own and others') meanwhile.
 
         Raises Unavailable at once when the queue is full or the server is shutting down,
-        DeadlineExceeded when ``timeout`` seconds pass before it starts.
+        DeadlineExceeded when ``timeout`` seconds pass before it starts, Cancelled when
+        ``caller`` goes away first.
         """
-        if self._closing:
-            raise Unavailable("the server is shutting down; retry on another replica")
-        if len(self._queue) >= self._max_queue:
-            self._drop_dead()  # callers that gave up or ran out of time hold no place
-        if len(self._queue) >= self._max_queue:
-            raise Unavailable(
-                f"model {self.model.name!r}: queue full ({self._max_queue} requests waiting); "
-                "retry with backoff"
-            )
+        pending = self._pending(feeds, rows, outputs, timeout)
+        if caller is not None and not caller._watch(id(pending), lambda: self._abandon(pending)):
+            raise Cancelled("the client went away before the request was queued")
+        try:
+            with self._cv:
+                self._admit(pending)
+                runs = self._running < self._instances
+                if runs:
+                    self._running += 1
+            if runs:
+                self._lead(pending)
+            self._wait(pending)
+        finally:
+            if caller is not None:
+                caller._unwatch(id(pending))
+        if isinstance(pending.result, BaseException):
+            raise pending.result
+        return pending.result
+
+    # -- admission and waiting ----------------------------------------------------------
+
+    def _pending(
+        self, feeds: dict[str, np.ndarray], rows: int, outputs: tuple[str, ...], timeout
+    ) -> _Pending:
         length = 0
         if self.model.sequence_axis is not None:
             length = feeds[MASK].shape[1]
             key: tuple = ("padded", bucket(length))
         else:
             key = tuple((name, a.shape[1:]) for name, a in sorted(feeds.items()))
-        loop = asyncio.get_running_loop()
-        pending = _Pending(
-            feeds=feeds,
-            outputs=outputs,
-            rows=rows,
-            key=key,
-            length=length,
-            future=loop.create_future(),
-            deadline=None if timeout is None else loop.time() + timeout,
-        )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return _Pending(feeds, outputs, rows, key, length, deadline)
+
+    def _admit(self, pending: _Pending) -> None:
+        """Queue it, or raise Unavailable (call with the lock held)."""
+        if self._closing:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        if len(self._queue) >= self._max_queue:
+            self._drop_expired()  # requests whose deadline passed hold no place
+        if len(self._queue) >= self._max_queue:
+            raise Unavailable(
+                f"model {self.model.name!r}: queue full ({self._max_queue} requests waiting); "
+                "retry with backoff"
+            )
         self._queue.append(pending)
-        self._wake.set()
-        return await pending.future  # cancelling the caller cancels the future: it is dropped
+        self._cv.notify_all()  # a runner gathering company
 
-    async def _run(self) -> None:
-        slots = asyncio.Semaphore(self._instances)
-        running: set[asyncio.Task] = set()
+    def _wait(self, me: _Pending) -> None:
+        """Until ``me`` is answered; run batches whenever a finishing runner hands over."""
         while True:
-            await slots.acquire()
-            group = await self._next_batch()
-            if not group:
-                break
-            task = asyncio.create_task(self._execute(group))
-            running.add(task)
-            task.add_done_callback(lambda t: (running.discard(t), slots.release()))
-        await asyncio.gather(*running)
+            timeout = None
+            if me.deadline is not None:
+                timeout = max(0.0, me.deadline - time.monotonic())
+            me.wake.wait(timeout)
+            with self._cv:
+                me.wake.clear()
+                if me.lead:
+                    me.lead = False
+                    lead = True
+                elif me.done:
+                    return
+                else:
+                    lead = False
+                    if me.deadline is not None and time.monotonic() >= me.deadline:
+                        if me in self._queue:  # not started: drop it; started: wait it out
+                            self._queue.remove(me)
+                            self._finish(me, self._expired())
+                            self._cv.notify_all()
+                            return
+                        me.deadline = None
+            if lead:
+                self._lead(me)
 
-    def _drop_dead(self) -> None:
-        now = asyncio.get_running_loop().time()
+    def _abandon(self, pending: _Pending) -> None:
+        """Its client went away: drop it if still queued (a running batch finishes)."""
+        with self._cv:
+            if pending.done:
+                return
+            if pending in self._queue:
+                self._queue.remove(pending)
+                self._cv.notify_all()
+            # running: its result is not waited for; its thread returns now
+            self._finish(pending, Cancelled("the client cancelled the request"))
+
+    def _finish(self, pending: _Pending, result: Any) -> None:
+        """Answer ``pending`` once (call with the lock held)."""
+        if not pending.done:
+            pending.result, pending.done = result, True
+            pending.wake.set()
+
+    def _expired(self) -> DeadlineExceeded:
+        return DeadlineExceeded(f"model {self.model.name!r}: deadline passed while queued")
+
+    def _drop_expired(self) -> None:
+        now = time.monotonic()
         alive = []
         for p in self._queue:
-            if p.future.done():  # cancelled by its client
-                continue
-            # gRPC itself cancels a unary call at its deadline (the branch above); this
-            # catches a deadline that passes before that cancellation reaches the queue
             if p.deadline is not None and now >= p.deadline:
-                p.future.set_exception(
-                    DeadlineExceeded(f"model {self.model.name!r}: deadline passed while queued")
-                )
-                continue
-            alive.append(p)
+                self._finish(p, self._expired())
+            else:
+                alive.append(p)
         self._queue = alive
+
+    # -- running ------------------------------------------------------------------------
+
+    def _lead(self, me: _Pending) -> None:
+        """Holding a runner slot: run batches while ``me`` waits and the queue is not
+        empty, then pass the slot on."""
+        while True:
+            with self._cv:
+                group = self._next_batch(me)
+                if not group:
+                    self._hand_over()
+                    return
+            self._execute(group)
+
+    def _hand_over(self) -> None:
+        """Give this slot to the oldest queued request's thread not already handed one,
+        or free it (lock held)."""
+        heir = next((p for p in self._queue if not p.lead), None)
+        if heir is not None:
+            heir.lead = True
+            heir.wake.set()
+        else:
+            self._running -= 1
+            self._cv.notify_all()  # close() waits for the last slot
 
     def _group(self) -> list[_Pending]:
         head = self._queue[0]
@@ -185,55 +302,50 @@ class Batcher:
                 rows += p.rows
         return group
 
-    async def _next_batch(self) -> list[_Pending]:
-        """The next group to run; empty once closing and the queue is drained."""
+    def _next_batch(self, me: _Pending) -> list[_Pending]:
+        """Take the next group off the queue, waiting up to the max queue delay for more
+        requests of its bucket (lock held; the wait releases it). Empty: nothing queued,
+        or ``me`` was answered (cancelled, say) while it waited, and its thread is free to
+        go: the slot passes to a queued request's thread, which goes on gathering."""
         while True:
-            self._drop_dead()
-            if not self._queue:
-                if self._closing:
-                    return []
-                self._wake.clear()
-                await self._wake.wait()
-                continue
+            self._drop_expired()
+            if not self._queue or me.done:
+                return []
             group = self._group()
             full = sum(p.rows for p in group) >= self._max_rows
             wait_ns = self._queue[0].enqueued_ns + self._delay_ns - time.perf_counter_ns()
             if not self._dynamic or full or wait_ns <= 0 or self._closing:
                 break
-            self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait_ns / 1e9)
+            self._cv.wait(wait_ns / 1e9)
         chosen = set(map(id, group))
         self._queue = [p for p in self._queue if id(p) not in chosen]
         return group
 
-    async def _execute(self, group: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
+    def _execute(self, group: list[_Pending]) -> None:
+        """Run ``group`` (outside the lock) and answer each of its requests."""
         try:
-            results = await loop.run_in_executor(self._executor, self._run_group, group)
+            results: list = self._run_group(group)
         except QuantgateError as e:
             if len(group) == 1:
                 results = [e]
             else:  # one bad request must not fail its neighbours: run each alone
                 log.info("batch of %d failed (%s); running its requests one by one", len(group), e)
-                results = []
-                for p in group:
-                    try:
-                        results.extend(
-                            await loop.run_in_executor(self._executor, self._run_group, [p])
-                        )
-                    except QuantgateError as one:
-                        results.append(one)
-        for p, result in zip(group, results, strict=True):
-            if p.future.done():
-                continue  # the client went away while it ran
-            if isinstance(result, Exception):
-                p.future.set_exception(result)
-            else:
-                p.future.set_result(result)
+                results = [self._run_alone(p) for p in group]
+        except Exception as e:  # a bug: answer every waiting thread, never strand one
+            log.exception("batch of %d failed", len(group))
+            results = [InferenceFailed(f"internal error: {type(e).__name__}: {e}")] * len(group)
+        with self._cv:
+            for p, result in zip(group, results, strict=True):
+                self._finish(p, result)
+
+    def _run_alone(self, p: _Pending):
+        try:
+            return self._run_group([p])[0]
+        except QuantgateError as e:
+            return e
 
     def _run_group(self, group: list[_Pending]) -> list[tuple[dict[str, np.ndarray], Timing]]:
-        """On a worker thread: assemble, run, split. Returns one (outputs, timing) per request."""
+        """Assemble, run, split. Returns one (outputs, timing) per request."""
         start = time.perf_counter_ns()
         feeds = group[0].feeds if len(group) == 1 else self._assemble(group)
         outputs = (

@@ -6,14 +6,12 @@ request against its model, queues it, and accounts for how it ended.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from quantgate.serve.batcher import Batcher, Timing, bucket
+from quantgate.serve.batcher import Batcher, Caller, Timing, bucket
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.errors import Unavailable
 from quantgate.serve.metrics import Metrics, ModelStats
@@ -28,10 +26,6 @@ class Engine:
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         models = list(repository)
-        # One worker thread per concurrently running batch of every model.
-        self._executor = ThreadPoolExecutor(
-            max_workers=cfg.instances * len(models), thread_name_prefix="ort"
-        )
         self.stats = {(m.name, m.version): ModelStats(m.name, m.version) for m in models}
         self._batchers: dict[tuple[str, str], Batcher] = {}
         self.ready = False
@@ -41,12 +35,11 @@ class Engine:
             ).set(1)
 
     def start(self) -> None:
-        """Start one batcher per model (inside the running event loop)."""
+        """One batcher per model."""
         for m in self.repository:
             key = (m.name, m.version)
             self._batchers[key] = b = Batcher(
                 m,
-                self._executor,
                 max_batch_size=self.cfg.max_batch_size,
                 max_queue_delay_us=self.cfg.max_queue_delay_us,
                 max_queue_size=self.cfg.max_queue_size,
@@ -54,16 +47,14 @@ class Engine:
                 instances=self.cfg.instances,
                 on_batch=self._on_batch(m),
             )
-            b.start()
             self.metrics.queue_depth.labels(m.name, m.version).set_function(lambda b=b: b.depth)
 
-    async def warm_up(self) -> None:
+    def warm_up(self) -> None:
         """Run every model at each bucket it will see before reporting ready.
 
         ONNX Runtime allocates and plans on the first run of each shape; a client should
         not pay for that.
         """
-        loop = asyncio.get_running_loop()
         for m in self.repository:
             longest = min(bucket(128), m.max_sequence or bucket(128))
             shapes = [(1, min(16, longest))]
@@ -71,7 +62,7 @@ class Engine:
                 shapes += [(1, longest), (m.max_batch_size, min(16, longest))]
             for rows, length in shapes:
                 t0 = time.perf_counter()
-                await loop.run_in_executor(self._executor, m.run, m.example(rows, length))
+                m.run(m.example(rows, length))
                 log.info(
                     "warm-up %s: batch %d, sequence %d in %.0f ms",
                     m.name,
@@ -81,32 +72,41 @@ class Engine:
                 )
         self.ready = True
 
-    async def close(self) -> None:
-        """Stop admitting; wait until every admitted request is answered."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop admitting; wait until every admitted request is answered (False if
+        ``timeout`` seconds passed first)."""
         self.ready = False
-        await asyncio.gather(*(b.close() for b in self._batchers.values()))
-        self._executor.shutdown(wait=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        drained = True
+        for b in self._batchers.values():
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            drained = b.close(left) and drained
+        return drained
 
     def model(self, name: str, version: str = "") -> Model:
         return self.repository.get(name, version)
 
-    async def infer(
+    def infer(
         self,
         model: Model,
         feeds: dict[str, np.ndarray],
         outputs: tuple[str, ...] = (),
         *,
         timeout: float | None = None,
+        caller: Caller | None = None,
     ) -> tuple[dict[str, np.ndarray], Timing, int]:
-        """Validate, queue and run one request: its outputs, where its time went, and its
-        batch size. Raises the serve errors (see servicer.py for their status codes)."""
+        """Validate, queue and run one request (blocking): its outputs, where its time
+        went, and its batch size. Raises the serve errors (see servicer.py for their status
+        codes); Cancelled when ``caller`` goes away first."""
         if not self.ready:
             raise Unavailable(
                 "the server is not ready (warming up or shutting down); retry shortly"
             )
         rows = model.check(feeds, outputs)
         batcher = self._batchers[(model.name, model.version)]
-        outputs, timing = await batcher.infer(feeds, rows, outputs=outputs, timeout=timeout)
+        outputs, timing = batcher.infer(
+            feeds, rows, outputs=outputs, timeout=timeout, caller=caller
+        )
         return outputs, timing, rows
 
     def finished(

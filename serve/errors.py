@@ -10,6 +10,7 @@ import grpc
 
 from quantgate.errors import (
     BadRequest,
+    Cancelled,
     DeadlineExceeded,
     InferenceFailed,
     ModelNotFound,
@@ -19,6 +20,7 @@ from quantgate.errors import (
 
 __all__ = [
     "BadRequest",
+    "Cancelled",
     "DeadlineExceeded",
     "InferenceFailed",
     "ModelNotFound",
@@ -35,6 +37,7 @@ STATUS: dict[type[QuantgateError], grpc.StatusCode] = {
     BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Cancelled: grpc.StatusCode.CANCELLED,
     InferenceFailed: grpc.StatusCode.INTERNAL,
 }
 

@@ -1,7 +1,7 @@
 """What the server counts: Prometheus metrics for operators, Triton statistics for clients.
 
 Both are fed from the same two events: a request finished (with its status code), and
-a batch ran. Batches run on worker threads, so the statistics take a lock.
+a batch ran. Batches run on the request threads, so the statistics take a lock.
 """
 
 from __future__ import annotations

@@ -1,21 +1,27 @@
-"""The gRPC server: built by ``create_server``, run by ``serve``.
+"""The gRPC server: built by ``create_server``, run by ``run``.
 
     cfg = ServeConfig(path=Path("bundles/digits"), port=0)
     engine = Engine(load_repository(cfg), cfg)
-    server, port = create_server(cfg, engine)      # inside a running event loop
+    server, port, health = create_server(cfg, engine)
 
-``serve(cfg)`` does all of it: load and verify the bundles, listen, warm up, report
+``run(cfg)`` does all of it: load and verify the bundles, listen, warm up, report
 SERVING, and on SIGTERM or SIGINT stop accepting, finish every admitted request, and
 return (the process then exits 0).
+
+It is gRPC's thread-pool server, not grpc.aio: every request has a thread, and a request
+that finds the model idle runs it on that thread (see batcher.py). With an event loop
+each request crossed to a worker thread and back; on 2 cores that cost a lone request
+0.6-1.2 ms more through perf_analyzer (docs/BENCHMARKS.md, "Serving").
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import signal
+import threading
 from collections.abc import Callable
+from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,7 +40,12 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
-class BearerTokenAuth(grpc.aio.ServerInterceptor):
+# Request threads beyond the queue: calls that wait in no queue (metadata, statistics,
+# health, reflection) and the runners of the batches.
+SPARE_THREADS = 16
+
+
+class BearerTokenAuth(grpc.ServerInterceptor):
     """Require ``authorization: Bearer <token>`` on the inference service.
 
     Health checks and reflection stay open: load balancers and probes carry no token.
@@ -43,8 +54,8 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
 
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
         if handler is None or not details.method.startswith(f"/{SERVICE}/"):
             return handler
         metadata = dict(details.invocation_metadata or ())
@@ -56,8 +67,8 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
 def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     message = "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
 
-    async def deny(request_or_iterator, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    def deny(request_or_iterator, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     serde = dict(
         request_deserializer=handler.request_deserializer,
@@ -70,11 +81,16 @@ def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 def create_server(
     cfg: ServeConfig, engine: Engine
-) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Build the server (not started) and bind its port; call inside a running event loop.
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Build the server (not started) and bind its port.
 
     Returns the server, the bound port (the free one chosen when ``cfg.port`` is 0) and
-    the health servicer, which reports NOT_SERVING until ``serve`` marks it SERVING.
+    the health servicer, which reports NOT_SERVING until ``run`` marks it SERVING.
+
+    Threads: one per unary request in flight and per open stream, from a pool as large as
+    every model's queue plus spares, so that a full queue, not a lack of threads, is what
+    refuses a request (UNAVAILABLE, at once); the requests of streams run on a second pool
+    of that size.
     """
     options = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -82,9 +98,12 @@ def create_server(
         ("grpc.so_reuseport", 0),  # a busy port is an error, not a silently shared one
     ]
     interceptors = [BearerTokenAuth(cfg.auth_token)] if cfg.auth_token else []
-    server = grpc.aio.server(options=options, interceptors=interceptors)
-    _add_inference_service(InferenceServicer(engine), server)
-    health_servicer = health.aio.HealthServicer()
+    queued = cfg.max_queue_size * len(list(engine.repository))
+    pool = futures.ThreadPoolExecutor(queued + SPARE_THREADS, thread_name_prefix="grpc")
+    streams = futures.ThreadPoolExecutor(queued + SPARE_THREADS, thread_name_prefix="stream")
+    server = grpc.server(pool, options=options, interceptors=interceptors)
+    _add_inference_service(InferenceServicer(engine, streams), server)
+    health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
@@ -109,21 +128,23 @@ def create_server(
     return server, port, health_servicer
 
 
-def _add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+def _add_inference_service(servicer: InferenceServicer, server: grpc.Server) -> None:
     """Register the service as the generated ``add_..._to_server`` does, but with a
-    serializer that passes already serialized responses through: ModelInfer answers are
-    written by ``codec.encode_response`` with a single copy of the output tensors."""
+    serializer that passes already serialized responses through (ModelInfer answers are
+    written by ``codec.encode_response`` with a single copy of the output tensors), and
+    the stream's messages passed in serialized: the servicer reads them, so that one it
+    cannot read ends the stream after the answers before it, not before."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
     for method in service.methods:
-        handler = (
-            grpc.stream_stream_rpc_method_handler
-            if method.client_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
+        if method.client_streaming:
+            handler, deserializer = grpc.stream_stream_rpc_method_handler, None
+        else:
+            handler = grpc.unary_unary_rpc_method_handler
+            deserializer = getattr(pb, method.input_type.name).FromString
         handlers[method.name] = handler(
             getattr(servicer, method.name),
-            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            request_deserializer=deserializer,
             response_serializer=codec.serialize,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
@@ -142,45 +163,42 @@ def _credentials(cfg: ServeConfig) -> grpc.ServerCredentials:
     )
 
 
-async def _set_health(servicer: health.aio.HealthServicer, status) -> None:
+def _set_health(servicer: health.HealthServicer, status) -> None:
     for name in ("", SERVICE):
-        await servicer.set(name, status)
+        servicer.set(name, status)
 
 
-async def serve(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, then drain gracefully and return."""
+def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain gracefully and return (main thread only:
+    it installs the signal handlers)."""
     engine = Engine(load_repository(cfg), cfg)
     server, port, health_servicer = create_server(cfg, engine)
-    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
+    _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        signal.signal(sig, lambda *_: stop.set())
     if cfg.metrics_port is not None:
         engine.metrics.serve_http(cfg.metrics_port, cfg.host)
         log.info("Prometheus metrics on http://%s:%d/metrics", cfg.host, cfg.metrics_port)
-    await server.start()
+    server.start()
     engine.start()
     if cfg.warmup:
-        await engine.warm_up()
+        engine.warm_up()
     engine.ready = True
-    await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+    _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving on %s:%d", cfg.host, port)
     if on_ready is not None:
         on_ready(port, engine)
 
-    await stop.wait()
+    while not stop.wait(0.5):  # a short wait: signal handlers run between waits
+        pass
     log.info(
         "shutting down: no new requests; finishing admitted ones (grace %.0fs)",
         cfg.shutdown_grace_s,
     )
-    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     engine.ready = False  # open streams are refused new requests too
-    await server.stop(cfg.shutdown_grace_s)  # new calls refused; running ones finish
-    await engine.close()
+    stopped = server.stop(cfg.shutdown_grace_s)  # new calls refused; running ones finish
+    engine.close(cfg.shutdown_grace_s)
+    stopped.wait()
     log.info("stopped")
-
-
-def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = None) -> None:
-    """Blocking entry point for the CLI."""
-    asyncio.run(serve(cfg, on_ready=on_ready))

@@ -14,13 +14,16 @@ rest. Status codes follow Triton's:
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
+import queue
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
+from concurrent.futures import Executor, Future
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from quantgate import __version__
 from quantgate.errors import QuantgateError
@@ -28,16 +31,33 @@ from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.protos import model_config_pb2 as mc
 from quantgate.serve import codec
+from quantgate.serve.batcher import Caller
 from quantgate.serve.engine import Engine
-from quantgate.serve.errors import InferenceFailed, ModelNotFound, status_of
+from quantgate.serve.errors import (
+    BadRequest,
+    Cancelled,
+    InferenceFailed,
+    ModelNotFound,
+    status_of,
+)
 from quantgate.serve.runtime import CUDA, Model
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ("model_configuration", "statistics")
-# A call cancelled this close to its deadline is counted as DEADLINE_EXCEEDED: the time
+# A call that ends this close to its deadline is counted as DEADLINE_EXCEEDED: the time
 # left is read just before the request's clock starts.
 DEADLINE_SLACK_S = 1e-3
+# gRPC reports a call without a deadline as one some billions of years away.
+NO_DEADLINE_S = 1e9
+
+
+def _time_left(context: grpc.ServicerContext) -> float | None:
+    """Seconds until the call's deadline; None when it has none."""
+    left = context.time_remaining()
+    return None if left is None or left > NO_DEADLINE_S else left
+
+
 PLATFORM = "onnxruntime_onnx"
 
 
@@ -45,39 +65,43 @@ def _aborts(method):
     """Turn quantgate errors raised by a unary handler into their status codes."""
 
     @functools.wraps(method)
-    async def handler(self, request, context: grpc.aio.ServicerContext):
+    def handler(self, request, context: grpc.ServicerContext):
         try:
-            return await method(self, request, context)
+            return method(self, request, context)
         except QuantgateError as e:
-            await context.abort(status_of(e), str(e))
+            context.abort(status_of(e), str(e))
 
     return handler
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, streams: Executor):
+        """``streams`` runs the requests of open streams, each on a thread of its own so
+        that requests of one stream can share a batch; unary requests run on gRPC's
+        request threads."""
         self._engine = engine
+        self._streams = streams
 
-    async def ServerLive(self, request, context):
+    def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):
+    def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self._engine.ready)
 
-    async def ModelReady(self, request, context):
+    def ModelReady(self, request, context):
         try:
             self._engine.model(request.name, request.version)
         except ModelNotFound:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self._engine.ready)
 
-    async def ServerMetadata(self, request, context):
+    def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(
             name="quantgate", version=__version__, extensions=EXTENSIONS
         )
 
     @_aborts
-    async def ModelMetadata(self, request, context):
+    def ModelMetadata(self, request, context):
         m = self._engine.model(request.name, request.version)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
@@ -95,12 +119,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     @_aborts
-    async def ModelConfig(self, request, context):
+    def ModelConfig(self, request, context):
         m = self._engine.model(request.name, request.version)
         return pb.ModelConfigResponse(config=self._config(m))
 
     @_aborts
-    async def ModelStatistics(self, request, context):
+    def ModelStatistics(self, request, context):
         if request.name:
             m = self._engine.model(request.name, request.version)
             models = (
@@ -116,52 +140,63 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model_stats=[self._engine.stats[(m.name, m.version)].proto() for m in models]
         )
 
-    async def ModelInfer(self, request, context):
-        response, err = await self._infer(request, context.time_remaining())
-        if err is not None:
-            await context.abort(status_of(err), str(err))
+    def ModelInfer(self, request, context):
+        caller = Caller()
+        context.add_callback(caller.cancel)  # the call ended: cancelled, expired or answered
+        response, err = self._infer(request, _time_left(context), caller)
+        if err is not None and not isinstance(err, Cancelled):  # Cancelled: nobody listens
+            context.abort(status_of(err), str(err))
         return response
 
-    async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    def ModelStreamInfer(
+        self, messages: Iterator[bytes], context
+    ) -> Iterator[bytes | pb.ModelStreamInferResponse]:
         """Requests run concurrently (so they can share batches); answers keep request order.
 
         A failed request is answered in the stream with ``error_message``, as Triton does,
-        and the stream stays open. When the stream ends early (the client cancelled, or a
-        message could not be read), requests it queued and nobody will read are cancelled.
+        and the stream stays open. A message that is no ModelInferRequest ends the call with
+        INVALID_ARGUMENT once the answers before it are sent (the server registers this
+        method with serialized messages in, so that reading them is this reader's job).
+        When the stream ends early, requests it queued and nobody will read are dropped.
         """
-        answers: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
+        caller = Caller()
+        context.add_callback(caller.cancel)
+        answers: queue.SimpleQueue[Future | BaseException | None] = queue.SimpleQueue()
 
-        async def read() -> None:
+        def read() -> None:
             try:
-                async for request in request_iterator:
-                    # The stream's own deadline, if any, cancels the whole call; requests
-                    # get none.
-                    answers.put_nowait(asyncio.create_task(self._infer(request, None)))
+                for n, message in enumerate(messages, 1):
+                    try:
+                        request = pb.ModelInferRequest.FromString(message)
+                    except DecodeError as e:
+                        answers.put(BadRequest(f"stream message {n} is no ModelInferRequest: {e}"))
+                        return
+                    # The stream's own deadline, if any, ends the whole call; requests get none.
+                    answers.put(self._streams.submit(self._infer, request, None, caller))
+            except BaseException as e:  # noqa: BLE001 - the answers loop re-raises it
+                answers.put(e)
             finally:
-                answers.put_nowait(None)  # the answers loop below must never wait forever
+                answers.put(None)  # the answers loop below must never wait forever
 
-        reader = asyncio.create_task(read())
-        try:
-            while (task := await answers.get()) is not None:
-                response, err = await task
-                if err is None:
-                    yield codec.stream_response(response)
-                else:
-                    yield pb.ModelStreamInferResponse(
-                        error_message=f"{status_of(err).name}: {err}",
-                        infer_response=pb.ModelInferResponse(id=response.id),
-                    )
-            await reader  # a message that could not be read ends the call with its error
-        finally:
-            reader.cancel()
-            while not answers.empty():
-                if (task := answers.get_nowait()) is not None:
-                    task.cancel()
+        threading.Thread(target=read, name="stream-reader", daemon=True).start()
+        while (answer := answers.get()) is not None:
+            if isinstance(answer, BaseException):
+                if caller.gone:  # the call is over (cancelled, or ended by gRPC)
+                    return
+                if isinstance(answer, QuantgateError):
+                    context.abort(status_of(answer), str(answer))
+                raise answer
+            response, err = answer.result()
+            if err is None:
+                yield codec.stream_response(response)
+            elif not isinstance(err, Cancelled):
+                yield pb.ModelStreamInferResponse(
+                    error_message=f"{status_of(err).name}: {err}",
+                    infer_response=pb.ModelInferResponse(id=response.id),
+                )
 
-    async def _infer(
-        self, request: pb.ModelInferRequest, timeout: float | None
+    def _infer(
+        self, request: pb.ModelInferRequest, timeout: float | None, caller: Caller
     ) -> tuple[bytes, None] | tuple[pb.ModelInferResponse, QuantgateError]:
         """One request -> (the serialized response, None), or (a response carrying only the
         id, the error). Every request is counted once, however it ends."""
@@ -172,21 +207,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model = self._engine.model(request.model_name, request.model_version)
             feeds = codec.decode_inputs(request)
             wanted = tuple(o.name for o in request.outputs)
-            outputs, timing, rows = await self._engine.infer(model, feeds, wanted, timeout=timeout)
+            outputs, timing, rows = self._engine.infer(
+                model, feeds, wanted, timeout=timeout, caller=caller
+            )
             response.model_name = model.name
             response.model_version = model.version
             encoded = codec.encode_response(response, outputs)
-        except QuantgateError as e:
-            self._engine.finished(model, status_of(e).name, time.perf_counter() - start)
-            return response, e
-        except asyncio.CancelledError:
-            # gRPC cancels the handler both when the client gives up and at its deadline
+        except Cancelled as e:
+            # gRPC ends a call both when the client gives up and at its deadline
             elapsed = time.perf_counter() - start
             code = grpc.StatusCode.CANCELLED
             if timeout is not None and elapsed >= timeout - DEADLINE_SLACK_S:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
             self._engine.finished(model, code.name, elapsed)
-            raise
+            return response, e
+        except QuantgateError as e:
+            self._engine.finished(model, status_of(e).name, time.perf_counter() - start)
+            return response, e
         except Exception as e:  # a bug, not the client's fault: answer it, keep serving
             log.exception("request %r to model %r failed", request.id, request.model_name)
             self._engine.finished(model, "INTERNAL", time.perf_counter() - start)

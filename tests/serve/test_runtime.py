@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import bundles
@@ -12,8 +13,9 @@ from helpers import Reference, batch
 
 from quantgate import bundle as qb
 from quantgate.errors import BadRequest, BundleError
-from quantgate.serve.batcher import Batcher
+from quantgate.serve.batcher import Batcher, Caller
 from quantgate.serve.config import ServeConfig
+from quantgate.serve.errors import Cancelled, DeadlineExceeded, Unavailable
 from quantgate.serve.runtime import CPU, CUDA, choose_variant, open_model
 
 
@@ -124,23 +126,135 @@ def test_batcher_pads_and_splits_exactly(repo, kind, folder):
     rng = np.random.default_rng(0)
     requests = [batch(rng, 1 + i % 3, length) for i, length in enumerate([3, 9, 16, 5, 12, 1])]
     sizes = []
-
-    async def run():
-        with ThreadPoolExecutor(1) as pool:
-            b = Batcher(
-                model,
-                pool,
-                max_batch_size=32,
-                max_queue_delay_us=50_000,
-                max_queue_size=64,
-                on_batch=lambda rows, t: sizes.append(rows),
-            )
-            b.start()
-            results = await asyncio.gather(*(b.infer(f, f["input_ids"].shape[0]) for f in requests))
-            await b.close()
-        return results
-
-    for (outputs, _timing), feeds in zip(asyncio.run(run()), requests, strict=True):
+    b = Batcher(
+        model,
+        max_batch_size=32,
+        max_queue_delay_us=50_000,
+        max_queue_size=64,
+        on_batch=lambda rows, t: sizes.append(rows),
+    )
+    with ThreadPoolExecutor(len(requests)) as pool:  # one thread per request, as gRPC's
+        results = list(pool.map(lambda f: b.infer(f, f["input_ids"].shape[0]), requests))
+    assert b.close(timeout=5)
+    for (outputs, _timing), feeds in zip(results, requests, strict=True):
         np.testing.assert_allclose(outputs[kind], reference(feeds), atol=1e-4)
         assert outputs[kind].shape[:2] == reference(feeds).shape[:2]
     assert sizes == [sum(f["input_ids"].shape[0] for f in requests)]  # one bucket, one batch
+
+
+@pytest.fixture
+def classifier(repo):
+    return open_model(repo / "classifier", ServeConfig(path=repo), CPU)
+
+
+def _batcher(model, ran_on: list | None = None, **kw) -> Batcher:
+    kw = {"max_batch_size": 32, "max_queue_delay_us": 0, "max_queue_size": 64, **kw}
+    on_batch = None
+    if ran_on is not None:
+        on_batch = lambda rows, t: ran_on.append((threading.current_thread().name, rows))  # noqa: E731
+    return Batcher(model, on_batch=on_batch, **kw)
+
+
+def test_a_lone_request_runs_on_the_thread_that_sent_it(repo, classifier):
+    ran_on: list = []
+    b = _batcher(classifier, ran_on)
+    feeds = batch(np.random.default_rng(0), 1, 8)
+    outputs, timing = b.infer(feeds, 1)
+    assert ran_on == [(threading.current_thread().name, 1)]
+    np.testing.assert_allclose(outputs["logits"], Reference(repo / "classifier")(feeds), atol=1e-4)
+    assert timing.queue_ns >= 0 and timing.infer_ns > 0
+
+
+def test_requests_arriving_while_a_batch_runs_form_the_next_batch(repo, classifier):
+    """Leader/follower: while the first request runs, 12 more queue; the slot passes to
+    one of their threads, which runs them together, and every thread gets its own rows."""
+    ran_on: list = []
+    b = _batcher(classifier, ran_on)
+    release, started = threading.Event(), threading.Event()
+    run = classifier.run
+
+    def slow_first_run(feeds, outputs=()):  # the first batch waits for the others to queue
+        if not started.is_set():
+            started.set()
+            release.wait(10)
+        return run(feeds, outputs)
+
+    classifier.run = slow_first_run
+    rng = np.random.default_rng(1)
+    requests = [batch(rng, 1, 4 + i) for i in range(13)]  # lengths 4..16: one bucket
+    with ThreadPoolExecutor(13) as pool:
+        first = pool.submit(b.infer, requests[0], 1)
+        assert started.wait(10)
+        rest = [pool.submit(b.infer, f, 1) for f in requests[1:]]
+        deadline = time.monotonic() + 10
+        while b.depth < 12 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert b.depth == 12
+        release.set()
+        results = [first.result(10)] + [f.result(10) for f in rest]
+    reference = Reference(repo / "classifier")
+    for (outputs, _), feeds in zip(results, requests, strict=True):
+        np.testing.assert_allclose(outputs["logits"], reference(feeds), atol=1e-4)
+    assert [rows for _, rows in ran_on] == [1, 12]
+    assert ran_on[0][0] != ran_on[1][0]  # the first thread answered its own client first
+    assert b.close(timeout=5) and b.depth == 0
+
+
+def test_a_queued_request_whose_caller_goes_is_dropped_and_its_thread_released(classifier):
+    b = _batcher(classifier, max_queue_delay_us=10_000_000)  # the first waits for company
+    rng = np.random.default_rng(2)
+    caller = Caller()
+    with ThreadPoolExecutor(2) as pool:
+        gone = pool.submit(b.infer, batch(rng, 1, 4), 1, caller=caller)
+        while b.depth < 1:
+            time.sleep(0.01)
+        stays = pool.submit(b.infer, batch(rng, 1, 4), 1)
+        while b.depth < 2:
+            time.sleep(0.01)
+        caller.cancel()
+        with pytest.raises(Cancelled):
+            gone.result(10)
+        assert b.depth == 1
+        assert b.close(timeout=10)  # closing runs what is queued at once
+        outputs, _ = stays.result(10)
+    assert outputs["logits"].shape[0] == 1
+    with pytest.raises(Unavailable, match="shutting down"):
+        b.infer(batch(rng, 1, 4), 1)
+    with pytest.raises(Cancelled):  # a caller already gone queues nothing
+        _batcher(classifier).infer(batch(rng, 1, 4), 1, caller=caller)
+
+
+def test_a_deadline_that_passes_in_the_queue_answers_deadline_exceeded(classifier):
+    b = _batcher(classifier, max_queue_delay_us=500_000)
+    rng = np.random.default_rng(3)
+    release, started = threading.Event(), threading.Event()
+    run = classifier.run
+
+    def blocked(feeds, outputs=()):
+        started.set()
+        release.wait(10)
+        return run(feeds, outputs)
+
+    classifier.run = blocked
+    with ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(b.infer, batch(rng, 1, 4), 1)  # no deadline: waits 0.5 s, runs
+        late = pool.submit(b.infer, batch(rng, 1, 4), 1, timeout=0.05)
+        with pytest.raises(DeadlineExceeded, match="deadline passed while queued"):
+            late.result(10)
+        assert started.wait(10)
+        release.set()
+        assert busy.result(10)[0]["logits"].shape[0] == 1
+    assert b.close(timeout=5)
+
+
+def test_a_full_queue_refuses_at_once(classifier):
+    b = _batcher(classifier, max_queue_size=2, max_queue_delay_us=10_000_000)
+    rng = np.random.default_rng(4)
+    with ThreadPoolExecutor(2) as pool:
+        queued = [pool.submit(b.infer, batch(rng, 1, 4), 1) for _ in range(2)]
+        while b.depth < 2:
+            time.sleep(0.01)
+        with pytest.raises(Unavailable, match="queue full"):
+            b.infer(batch(rng, 1, 4), 1)
+        assert b.close(timeout=10)
+        assert all(f.result(10)[0]["logits"].shape[0] == 1 for f in queued)
