@@ -1,11 +1,12 @@
 """The placement check: memcpy nodes and CPU fall-back, without a GPU.
 
 What runs for real here: ``check`` creates real ORT sessions (CPU provider, and CUDA asked
-of an onnxruntime without it) and reads the optimized graph ORT wrote; ``from_profile``
-parses a real profiler file. What cannot run without a GPU is ORT inserting Memcpy nodes:
-``analyze_graph`` is tested on a graph built with onnx.helper in the shape ORT writes for a
-CUDA session whose dynamic-INT8 MatMul fell back (MemcpyToHost -> CPU nodes ->
-MemcpyFromHost), and on the CPU profile rewritten with one node moved to another provider.
+of an onnxruntime without it), reads the optimized graph ORT wrote and ORT's record of each
+node's provider; ``from_profile`` parses a real profiler file. What cannot run without a
+GPU is ORT putting nodes on CUDA and inserting Memcpy nodes: ``analyze_graph`` is tested on
+a graph built with onnx.helper in the shape ORT writes for a CUDA session whose dynamic-INT8
+MatMul fell back (MemcpyToHost -> CPU nodes -> MemcpyFromHost), and on the real CPU record
+and profile rewritten with nodes moved to CUDA.
 """
 
 from __future__ import annotations
@@ -69,23 +70,77 @@ def test_a_variant_that_falls_back_fails_its_cuda_speed_gates():
     assert "falls back on CUDAExecutionProvider" in out["speedup_b128_s128"].detail
     assert out["speedup_b1_s128"].passed  # measured on the CPU provider: untouched
     assert not out["placement"].passed and out["placement"].value == 2
+    assert "FP32 has 0 memcpy and keeps Cast, DynamicQuantizeLinear on" in out["placement"].detail
     # the same memcpy as the FP32 baseline is not a fall-back of the candidate
     same = pl.fail_speed_gates(gates, report, baseline=report)
     assert all(g.passed for g in same)
 
 
+def without_assignment_record(monkeypatch):
+    """This onnxruntime as one without ``get_provider_graph_assignment_info``."""
+    for cls in ort.InferenceSession.__mro__:
+        if "get_provider_graph_assignment_info" in vars(cls):
+            monkeypatch.delattr(cls, "get_provider_graph_assignment_info")
+
+
 def test_check_on_a_real_cpu_session_finds_nothing_fallen(tiny_bert_export):
     r = pl.check(tiny_bert_export.onnx, pl.CPU)
-    assert r.providers == (pl.CPU,) and r.nodes > 10
+    assert r.providers == (pl.CPU,) and r.nodes > 10 and r.method == "ep-assignment"
+    assert r.assigned == {pl.CPU: r.nodes}  # ORT's record: every node of the FP32 graph
     assert not r.falls_back and pl.placement_gate(r).passed
+
+
+def test_the_record_names_every_node_of_the_graph_ort_executes(tiny_bert_export, tmp_path):
+    so = ort.SessionOptions()
+    pl.record(so, tmp_path)
+    sess = ort.InferenceSession(str(tiny_bert_export.onnx), so, providers=[pl.CPU])
+    record = pl.assignment(sess)
+    graph = onnx.load(so.optimized_model_filepath).graph
+    assert sorted((n.name, n.op_type) for n in graph.node) == sorted((n, op) for _, n, op in record)
+    assert {ep for ep, _, _ in record} == {pl.CPU}
+
+
+def test_the_record_finds_cpu_nodes_that_no_memcpy_betrays(tiny_bert_export, tmp_path):
+    """The record decides, not the copies: the real CPU record rewritten as a CUDA session
+    that left only EmbedLayerNormalization on the CPU. The graph has no memcpy node, as a
+    CUDA graph has none around CPU nodes that touch only host memory (graph inputs and
+    outputs, shape arguments), so the memcpy analysis of it sees nothing."""
+    so = ort.SessionOptions()
+    pl.record(so, tmp_path)
+    sess = ort.InferenceSession(str(tiny_bert_export.onnx), so, providers=[pl.CPU])
+    graph = onnx.load(so.optimized_model_filepath)
+    record = [
+        (pl.CPU if op == "EmbedLayerNormalization" else pl.CUDA, name, op)
+        for _, name, op in pl.assignment(sess)
+    ]
+    r = pl.analyze_graph(graph, pl.CUDA, (pl.CUDA, pl.CPU), assignment=record)
+    assert r.memcpy == 0 and r.fallen_back == {"EmbedLayerNormalization": 1}
+    assert r.assigned == {pl.CUDA: len(record) - 1, pl.CPU: 1}
+    assert r.falls_back and "1 of" in r.reason() and not pl.placement_gate(r).passed
+    assert not pl.analyze_graph(graph, pl.CUDA, (pl.CUDA, pl.CPU)).falls_back
 
 
 def test_cuda_asked_of_an_onnxruntime_without_it_fails_the_gate(tiny_bert_export):
     if pl.CUDA in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
     r = pl.check(tiny_bert_export.onnx, pl.CUDA)  # ORT builds a CPU session, with a warning
+    assert r.falls_back and r.memcpy == 0  # a graph all on the CPU needs no copy
+    assert sum(r.fallen_back.values()) == r.assigned[pl.CPU] == r.nodes
+    assert "EmbedLayerNormalization" in r.fallen_back and len(r.fallen_back_nodes) == r.nodes
     gate = pl.placement_gate(r)
     assert not gate.passed and "CUDAExecutionProvider is not available" in gate.detail
+
+
+def test_without_the_record_the_memcpy_analysis_still_runs(tiny_bert_export, monkeypatch):
+    """An onnxruntime that cannot record each node's provider (onnxruntime-gpu may lag)."""
+    without_assignment_record(monkeypatch)
+    r = pl.check(tiny_bert_export.onnx, pl.CPU)
+    assert r.method == "optimized-graph" and r.assigned == {} and r.nodes > 10
+    assert not r.falls_back and pl.placement_gate(r).passed
+    if pl.CUDA not in ort.get_available_providers():
+        # the whole graph on the CPU: no memcpy, no boundary node, but no CUDA either
+        r = pl.check(tiny_bert_export.onnx, pl.CUDA)
+        assert r.falls_back and r.fallen_back == {} and not pl.placement_gate(r).passed
 
 
 def test_profile_names_the_provider_of_every_node(tiny_bert_export, tmp_path):
