@@ -402,8 +402,7 @@ def open_model(path: Path, cfg: ServeConfig, provider: str, *, name: str | None 
             raise ServeError(why + ". Fix the CUDA install or use --device cpu.")
         log.warning("%s; serving on the CPU", why)
         return open_model(path, cfg, CPU, name=name)
-    if report is not None and report.falls_back:
-        log.warning("%s on %s: %s; expect it to be slow", variant.file, provider, report.reason())
+    variant, session, report = _placement_checked(bundle, cfg, provider, variant, session, report)
     use_binding = cfg.io_binding == "on" or (cfg.io_binding == "auto" and provider == CUDA)
     model = Model(
         name or manifest.name,
@@ -419,10 +418,74 @@ def open_model(path: Path, cfg: ServeConfig, provider: str, *, name: str | None 
     return model
 
 
+def placement_refusal(
+    variant: qb.Variant,
+    provider: str,
+    report: placement.PlacementReport | None,
+    fp32: placement.PlacementReport | None = None,
+) -> str | None:
+    """Why ``variant`` should not be served on ``provider`` as ORT placed it (``report``);
+    None to serve it.
+
+    A variant that leaves nodes on the CPU can be far slower than FP32 (dynamic INT8 on an
+    H200 ran at 0.02x). A speed gate it passed on ``provider`` vouches for it: it was timed
+    there, placed as it is. Without one (a bundle made without a GPU, whose FP16 the server
+    prefers on CUDA) it is refused where it leaves more on the CPU than FP32 does:
+    ``placement.placement_gate`` against ``fp32``, FP32's report on the same provider, the
+    rule a CUDA speed gate applies at export. With ``fp32`` None it is judged against a
+    clean placement, the strictest reading. FP32, the reference, is never refused.
+    """
+    if report is None or speedup(variant, provider) > 0:  # FP32's speedup is 1
+        return None
+    gate = placement.placement_gate(report, baseline=fp32)
+    return None if gate.passed else gate.detail
+
+
+def _placement_checked(
+    bundle: qb.Bundle,
+    cfg: ServeConfig,
+    provider: str,
+    variant: qb.Variant,
+    session: ort.InferenceSession,
+    report: placement.PlacementReport | None,
+) -> tuple[qb.Variant, ort.InferenceSession, placement.PlacementReport | None]:
+    """What to serve: ``variant`` as opened, or FP32 opened instead where
+    ``placement_refusal`` refuses the variant and ``--precision`` did not ask for it.
+    Whatever is served and still falls back is logged.
+
+    FP32 is opened (a second session) only when the variant fails the strictest reading,
+    to tell the variant's own fall-back from CPU nodes ORT places for FP32 as well.
+    """
+    why = placement_refusal(variant, provider, report)
+    what = f"{variant.precision} ({variant.file}) on {provider}"
+    unvouched = f"it falls back to the CPU and no speed gate on {provider} vouches for it"
+    if why is not None and cfg.precision is not None:
+        log.warning("serving %s as --precision asks, although %s: %s", what, unvouched, why)
+        return variant, session, report
+    if why is not None:
+        fp32 = bundle.manifest.variant("fp32")
+        fp32_session, fp32_report = _session(bundle.path / fp32.file, cfg, provider)
+        why = placement_refusal(variant, provider, report, fp32_report)
+        if why is not None:
+            log.warning(
+                "not serving %s: %s (%s); serving fp32 (%s) instead. Pass --precision %s to "
+                "serve it anyway.",
+                what,
+                unvouched,
+                why,
+                fp32.file,
+                variant.precision,
+            )
+            variant, session, report = fp32, fp32_session, fp32_report
+    if report is not None and report.falls_back:
+        log.warning("%s on %s: %s; expect it to be slow", variant.file, provider, report.reason())
+    return variant, session, report
+
+
 def _session(
     file: Path, cfg: ServeConfig, provider: str
 ) -> tuple[ort.InferenceSession, placement.PlacementReport | None]:
-    """The session, and on CUDA where ORT placed the nodes (from the graph it executes)."""
+    """The session, and on CUDA where ORT placed the nodes (``quantgate.placement``)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = cfg.intra_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -430,7 +493,7 @@ def _session(
     if provider == CPU:
         return ort.InferenceSession(str(file), options, providers=providers), None
     with tempfile.TemporaryDirectory(prefix="quantgate-serve-") as tmp:
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        placement.record(options, tmp)
         try:
             # enable_fallback=0: ORT would otherwise answer a CUDA provider that fails to
             # start (a wrong device id, say) with a CPU session and a line on stdout.
@@ -443,10 +506,7 @@ def _session(
                 f"{cfg.cuda_device_id} ({type(e).__name__}: {str(e).strip()}). Check the "
                 "device id (nvidia-smi lists them) and the CUDA install, or use --device cpu."
             ) from e
-        import onnx  # a dependency of quantgate; only needed here, on CUDA
-
-        graph = onnx.load(options.optimized_model_filepath, load_external_data=False)
-    return session, placement.analyze_graph(graph, provider, session.get_providers())
+        return session, placement.read(session, options, provider)
 
 
 class Repository:

@@ -1,5 +1,5 @@
-"""Provider selection, silent CUDA fall-back, per-provider variant choice and CUDA session
-options of the server, on a CPU-only onnxruntime."""
+"""Provider selection, silent CUDA fall-back, per-provider variant choice, the load-time
+placement check and CUDA session options of the server, on a CPU-only onnxruntime."""
 
 from __future__ import annotations
 
@@ -12,10 +12,18 @@ import pytest
 from quantgate import bundle as qb
 from quantgate.errors import BundleError, ConfigError, ServeError
 from quantgate.export import ExtraVariant, write_bundle
+from quantgate.placement import PlacementReport
 from quantgate.quantize import fp16
 from quantgate.serve import runtime
 from quantgate.serve.config import ServeConfig
-from quantgate.serve.runtime import CPU, CUDA, choose_provider, choose_variant, open_model
+from quantgate.serve.runtime import (
+    CPU,
+    CUDA,
+    choose_provider,
+    choose_variant,
+    open_model,
+    placement_refusal,
+)
 
 from .conftest import ids_feed
 
@@ -91,6 +99,79 @@ def test_cuda_session_that_silently_lands_on_the_cpu_is_caught(gpu_bundle, monke
         model = open_model(gpu_bundle.path, cfg, CUDA)
     assert model.provider == CPU and model.variant.precision == "int8"  # re-chosen for the CPU
     assert "serving on the CPU" in caplog.text
+
+
+def placed(memcpy: int = 0, **fallen_back: int) -> PlacementReport:
+    """A CUDA session's report with ``memcpy`` copies and ``fallen_back`` CPU op counts."""
+    return PlacementReport(
+        CUDA,
+        (CUDA, CPU),
+        nodes=40,
+        memcpy=memcpy,
+        to_host=memcpy,
+        from_host=0,
+        fallen_back=fallen_back,
+    )
+
+
+def with_gate(variant: qb.Variant, provider: str) -> qb.Variant:
+    speed = qb.GateResult("speedup_b128_s128", 1.9, 1.2, ">=", True, provider=provider)
+    return qb.Variant(**{**variant.__dict__, "gates": (*variant.gates, speed)})
+
+
+def test_a_variant_that_falls_back_is_refused_unless_a_cuda_speed_gate_vouches(gpu_bundle):
+    fp16_v, fp32_v = gpu_bundle.manifest.variant("fp16"), gpu_bundle.manifest.variant("fp32")
+    int8_cpu = placed(2, MatMulInteger=1)
+    assert placement_refusal(fp16_v, CUDA, placed()) is None
+    assert placement_refusal(fp16_v, CUDA, None) is None  # the CPU provider: no report
+    why = placement_refusal(fp16_v, CUDA, int8_cpu)
+    assert "MatMulInteger x1" in why and "2 memcpy" in why
+    assert placement_refusal(fp32_v, CUDA, int8_cpu) is None  # the reference
+    assert placement_refusal(with_gate(fp16_v, CUDA), CUDA, int8_cpu) is None
+    assert placement_refusal(with_gate(fp16_v, CPU), CUDA, int8_cpu) is not None
+
+
+def test_only_cpu_nodes_fp32_does_not_have_count_against_a_variant(gpu_bundle):
+    """ORT puts small shape computations on the CPU on purpose, for FP32 as well."""
+    fp16_v = gpu_bundle.manifest.variant("fp16")
+    shapes = placed(Shape=1, Gather=2)
+    assert placement_refusal(fp16_v, CUDA, shapes) is not None  # against a clean placement
+    assert placement_refusal(fp16_v, CUDA, shapes, shapes) is None
+    why = placement_refusal(fp16_v, CUDA, placed(Shape=1, Gather=2, Cast=4), shapes)
+    assert "keeps Cast on CUDAExecutionProvider" in why
+    assert placement_refusal(fp16_v, CUDA, placed(2, Shape=1), shapes) is not None
+
+
+@needs_cpu_only_ort
+def test_the_server_opens_fp32_instead_of_a_variant_that_falls_back(gpu_bundle, caplog):
+    """The load-time check of open_model on real sessions: asked for CUDA, this onnxruntime
+    builds CPU sessions, every node of them on the CPU by ORT's own record. open_model
+    catches that earlier and serves the CPU; the check is called here as open_model calls
+    it on a GPU where FP16 (accuracy-gated, no CUDA speed gate) fell back."""
+    fp16_v = gpu_bundle.manifest.variant("fp16")
+    cfg = ServeConfig(path=gpu_bundle.path, device="cuda")
+    session, report = runtime._session(gpu_bundle.path / fp16_v.file, cfg, CUDA)
+    assert report.falls_back and report.method == "ep-assignment"
+    with caplog.at_level(logging.WARNING, logger="quantgate.serve.runtime"):
+        variant, served, served_report = runtime._placement_checked(
+            gpu_bundle, cfg, CUDA, fp16_v, session, report
+        )
+    assert variant.precision == "fp32" and served is not session
+    assert served_report.provider == CUDA and served_report is not report
+    [refusal] = [r.getMessage() for r in caplog.records if "not serving" in r.getMessage()]
+    assert f"fp16 ({fp16_v.file}) on {CUDA}" in refusal and report.reason() in refusal
+    assert f"serving fp32 ({variant.file}) instead" in refusal
+    # FP32 falls back as well here: it is served all the same, with a warning
+    assert f"{variant.file} on {CUDA}: {served_report.reason()}; expect it" in caplog.text
+
+    asked = ServeConfig(path=gpu_bundle.path, device="cuda", precision="fp16")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="quantgate.serve.runtime"):
+        variant, served, _ = runtime._placement_checked(
+            gpu_bundle, asked, CUDA, fp16_v, session, report
+        )
+    assert variant == fp16_v and served is session
+    assert "as --precision asks" in caplog.text and report.reason() in caplog.text
 
 
 def test_io_binding_gives_the_same_outputs(gpu_bundle):
