@@ -12,18 +12,20 @@ Python sync stub quantgate.serve.client uses. Servers compared:
 
 - ``no gRPC: TCP echo``: the floor, a plain socket between the same two processes (one
   byte back for ServerLive, the 196 KB for ModelInfer);
-- ``aio``: grpc.aio, as `quantgate serve` runs (one event loop, gRPC's poller thread);
+- ``aio``: grpc.aio (one event loop, gRPC's poller thread), as `quantgate serve` ran
+  before it moved to the thread-pool server;
 - ``aio, no BDP, 4 MB window``: the same with HTTP/2 BDP probing off and a 4 MB stream window;
 - ``sync``: grpc.server on a thread pool (the handler runs on a pool thread, no event loop);
 - ``aio, pinned to 2 CPUs``: the aio server with its process on CPUs 0-1 (hosts with more);
 - ``aio, after a model run``: before answering ModelInfer the handler runs an ONNX Runtime
   session (three 384x1536 FFN blocks on 128 tokens, ORT's default threads) on a worker
-  thread, as `quantgate serve` does, and reports how long it ran; the row shows the round
+  thread, as the aio `quantgate serve` did, and reports how long it ran; the row shows the round
   trip minus that run: what the transport costs once a model has just used every core;
 - the same with the model run on the event loop itself (no hop to a worker thread and
   back), with ORT's thread spinning off (its threads sleep as soon as they are idle), and
-  on a sync server whose request thread runs the model itself (the best case of a
-  thread-pool server that runs a lone request where it arrived).
+  on a sync server whose request thread runs the model itself: `quantgate serve`'s layout
+  for a lone request (its batcher runs a request that finds the model idle where it
+  arrived).
 
 Requests alternate between the servers' rounds; medians of N each. The last column is the
 CPU time a ServerLive round trip costs the server's process and the client's, summed over

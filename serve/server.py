@@ -90,7 +90,7 @@ def create_server(
     Threads: one per unary request in flight and per open stream, from a pool as large as
     every model's queue plus spares, so that a full queue, not a lack of threads, is what
     refuses a request (UNAVAILABLE, at once); the requests of streams run on a second pool
-    of that size.
+    of that size. Calls beyond twice the pool are refused by gRPC (RESOURCE_EXHAUSTED).
     """
     options = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -98,11 +98,17 @@ def create_server(
         ("grpc.so_reuseport", 0),  # a busy port is an error, not a silently shared one
     ]
     interceptors = [BearerTokenAuth(cfg.auth_token)] if cfg.auth_token else []
-    queued = cfg.max_queue_size * len(list(engine.repository))
-    pool = futures.ThreadPoolExecutor(queued + SPARE_THREADS, thread_name_prefix="grpc")
-    streams = futures.ThreadPoolExecutor(queued + SPARE_THREADS, thread_name_prefix="stream")
-    server = grpc.server(pool, options=options, interceptors=interceptors)
-    _add_inference_service(InferenceServicer(engine, streams), server)
+    threads = cfg.max_queue_size * len(list(engine.repository)) + SPARE_THREADS
+    pool = futures.ThreadPoolExecutor(threads, thread_name_prefix="grpc")
+    streams = futures.ThreadPoolExecutor(threads, thread_name_prefix="stream")
+    server = grpc.server(
+        pool,
+        options=options,
+        interceptors=interceptors,
+        # Calls waiting for a thread are bounded too: beyond, RESOURCE_EXHAUSTED at once.
+        maximum_concurrent_rpcs=2 * threads,
+    )
+    _add_inference_service(InferenceServicer(engine, streams, threads), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -75,12 +75,14 @@ def _aborts(method):
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine, streams: Executor):
+    def __init__(self, engine: Engine, streams: Executor, stream_threads: int):
         """``streams`` runs the requests of open streams, each on a thread of its own so
-        that requests of one stream can share a batch; unary requests run on gRPC's
-        request threads."""
+        that requests of one stream can share a batch (unary requests run on gRPC's
+        request threads). At most ``stream_threads`` are in flight: a stream that sends
+        faster than they are answered waits, and gRPC's flow control slows its client."""
         self._engine = engine
         self._streams = streams
+        self._stream_slots = threading.BoundedSemaphore(stream_threads)
 
     def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -171,8 +173,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     except DecodeError as e:
                         answers.put(BadRequest(f"stream message {n} is no ModelInferRequest: {e}"))
                         return
+                    self._stream_slots.acquire()
                     # The stream's own deadline, if any, ends the whole call; requests get none.
-                    answers.put(self._streams.submit(self._infer, request, None, caller))
+                    answer = self._streams.submit(self._infer, request, None, caller)
+                    answer.add_done_callback(lambda _: self._stream_slots.release())
+                    answers.put(answer)
             except BaseException as e:  # noqa: BLE001 - the answers loop re-raises it
                 answers.put(e)
             finally:

@@ -126,10 +126,12 @@ def test_batcher_pads_and_splits_exactly(repo, kind, folder):
     rng = np.random.default_rng(0)
     requests = [batch(rng, 1 + i % 3, length) for i, length in enumerate([3, 9, 16, 5, 12, 1])]
     sizes = []
+    # The batch runs once its 12 rows are queued; the delay only has to outlast threads
+    # starting on a busy machine.
     b = Batcher(
         model,
-        max_batch_size=32,
-        max_queue_delay_us=50_000,
+        max_batch_size=sum(f["input_ids"].shape[0] for f in requests),
+        max_queue_delay_us=30_000_000,
         max_queue_size=64,
         on_batch=lambda rows, t: sizes.append(rows),
     )
