@@ -260,3 +260,29 @@ def test_a_full_queue_refuses_at_once(classifier):
             b.infer(batch(rng, 1, 4), 1)
         assert b.close(timeout=10)
         assert all(f.result(10)[0]["logits"].shape[0] == 1 for f in queued)
+
+
+def test_two_instances_run_two_batches_at_once(classifier):
+    """--instances 2: while one batch is stuck in session.run, a request that arrives
+    takes the second slot and is answered; with one slot it would wait."""
+    b = _batcher(classifier, instances=2)
+    rng = np.random.default_rng(5)
+    release, started = threading.Event(), threading.Event()
+    run = classifier.run
+
+    def first_blocks(feeds, outputs=()):
+        if not started.is_set():
+            started.set()
+            release.wait(10)
+        return run(feeds, outputs)
+
+    classifier.run = first_blocks
+    with ThreadPoolExecutor(2) as pool:
+        stuck = pool.submit(b.infer, batch(rng, 1, 4), 1)
+        assert started.wait(10)
+        second = pool.submit(b.infer, batch(rng, 1, 4), 1)
+        assert second.result(10)[0]["logits"].shape[0] == 1  # answered while the first runs
+        assert not stuck.done()
+        release.set()
+        assert stuck.result(10)[0]["logits"].shape[0] == 1
+    assert b.close(timeout=5)
