@@ -10,8 +10,8 @@ return (the process then exits 0).
 
 It is gRPC's thread-pool server, not grpc.aio: every request has a thread, and a request
 that finds the model idle runs it on that thread (see batcher.py). With an event loop
-each request crossed to a worker thread and back; on 2 cores that cost a lone request
-0.6-1.2 ms more through perf_analyzer (docs/BENCHMARKS.md, "Serving").
+each request crossed to a worker thread and back, which cost a lone request about 0.3 ms
+on 2 cores (docs/BENCHMARKS.md, "Serving" and "gRPC transport").
 """
 
 from __future__ import annotations
