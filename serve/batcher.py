@@ -94,7 +94,7 @@ class _Pending:
     # Set under the batcher's lock; ``wake`` tells the waiting thread to look again.
     result: Any = None  # (outputs, Timing) or the exception to raise
     done: bool = False
-    lead: bool = False  # handed a runner slot: the thread runs batches next
+    lead: bool = False  # its thread holds a runner slot (or has been handed one)
     wake: threading.Event = field(default_factory=threading.Event)
 
 
@@ -169,10 +169,13 @@ class Batcher:
             raise Cancelled("the client went away before the request was queued")
         try:
             with self._cv:
+                if pending.done:  # the caller went between _watch and here: never queue it
+                    raise pending.result
                 self._admit(pending)
                 runs = self._running < self._instances
                 if runs:
                     self._running += 1
+                    pending.lead = True
             if runs:
                 self._lead(pending)
             self._wait(pending)
@@ -214,28 +217,29 @@ class Batcher:
     def _wait(self, me: _Pending) -> None:
         """Until ``me`` is answered; run batches whenever a finishing runner hands over."""
         while True:
-            timeout = None
-            if me.deadline is not None:
-                timeout = max(0.0, me.deadline - time.monotonic())
-            me.wake.wait(timeout)
+            # Look, then wait: one wake-up may say both "lead" and "done", and after
+            # leading nothing sets ``wake`` again.
             with self._cv:
-                me.wake.clear()
-                if me.lead:
-                    me.lead = False
+                if me.lead:  # _lead clears it when it passes the slot on
                     lead = True
                 elif me.done:
                     return
                 else:
-                    lead = False
-                    if me.deadline is not None and time.monotonic() >= me.deadline:
-                        if me in self._queue:  # not started: drop it; started: wait it out
-                            self._queue.remove(me)
-                            self._finish(me, self._expired())
-                            self._cv.notify_all()
-                            return
-                        me.deadline = None
+                    lead, timeout = False, None
+                    if me.deadline is not None:
+                        timeout = me.deadline - time.monotonic()
+                        if timeout <= 0:
+                            if me in self._queue:  # not started: drop it
+                                self._queue.remove(me)
+                                self._finish(me, self._expired())
+                                self._cv.notify_all()
+                                return
+                            me.deadline = timeout = None  # started: wait it out
+                    me.wake.clear()  # whatever changes ``me`` from here on sets it
             if lead:
                 self._lead(me)
+            else:
+                me.wake.wait(timeout)
 
     def _abandon(self, pending: _Pending) -> None:
         """Its client went away: drop it if still queued (a running batch finishes)."""
@@ -276,13 +280,15 @@ class Batcher:
             with self._cv:
                 group = self._next_batch(me)
                 if not group:
+                    me.lead = False
                     self._hand_over()
                     return
             self._execute(group)
 
     def _hand_over(self) -> None:
-        """Give this slot to the oldest queued request's thread not already handed one,
-        or free it (lock held)."""
+        """Give this slot to the oldest queued request whose thread holds none (a runner
+        whose own request is still queued is busy, and would sit on a second one), or
+        free it (lock held)."""
         heir = next((p for p in self._queue if not p.lead), None)
         if heir is not None:
             heir.lead = True
@@ -295,8 +301,8 @@ class Batcher:
         head = self._queue[0]
         if not self._dynamic:
             return [head]
-        group, rows = [], 0
-        for p in self._queue:
+        group, rows = [head], head.rows  # a request larger than a batch runs alone
+        for p in self._queue[1:]:
             if p.key == head.key and rows + p.rows <= self._max_rows:
                 group.append(p)
                 rows += p.rows
@@ -343,6 +349,9 @@ class Batcher:
             return self._run_group([p])[0]
         except QuantgateError as e:
             return e
+        except Exception as e:  # a bug: answer it; escaping would strand the rest
+            log.exception("request failed when run alone")
+            return InferenceFailed(f"internal error: {type(e).__name__}: {e}")
 
     def _run_group(self, group: list[_Pending]) -> list[tuple[dict[str, np.ndarray], Timing]]:
         """Assemble, run, split. Returns one (outputs, timing) per request."""

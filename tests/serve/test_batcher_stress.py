@@ -1,0 +1,414 @@
+"""The leader/follower batcher under fire: many request threads, cancels, deadlines.
+
+Randomised but seeded (the plan of every request is drawn up front; only the thread
+interleaving varies from run to run), plus the interleavings the random runs rarely hit,
+forced one by one.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import Future, wait
+
+import numpy as np
+import pytest
+from helpers import Reference, batch
+
+from quantgate.errors import BadRequest
+from quantgate.serve.batcher import Batcher, Caller
+from quantgate.serve.config import ServeConfig
+from quantgate.serve.errors import Cancelled, DeadlineExceeded, InferenceFailed, Unavailable
+from quantgate.serve.runtime import CPU, open_model
+
+HANG_S = 30.0  # no call may take this long: longer means a stranded thread
+
+
+@pytest.fixture
+def classifier(repo):
+    return open_model(repo / "classifier", ServeConfig(path=repo), CPU)
+
+
+def _batcher(model, **kw) -> Batcher:
+    kw = {"max_batch_size": 32, "max_queue_delay_us": 0, "max_queue_size": 64, **kw}
+    return Batcher(model, **kw)
+
+
+def _spawn(fn, *args, **kwargs) -> Future:
+    """``fn`` on a daemon thread: a thread stranded by a bug cannot hang the test run."""
+    future: Future = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed to the test through the future
+            future.set_exception(e)
+
+    threading.Thread(target=target, daemon=True).start()
+    return future
+
+
+def _until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the batcher"
+        time.sleep(0.001)
+
+
+# -- the random runs ------------------------------------------------------------------
+
+
+THREADS, PER_THREAD = 40, 8
+LENGTHS = range(1, 41)  # buckets 16, 32 and 64
+KINDS, WEIGHTS = ("plain", "timeout", "cancel", "stream", "poison"), (55, 15, 15, 10, 5)
+STREAMS = 3  # callers shared by several threads' requests, as a stream's are
+
+
+def _plan(rng: random.Random) -> list[dict]:
+    """One thread's requests: shape, and how each may end early."""
+    requests = []
+    for _ in range(PER_THREAD):
+        (kind,) = rng.choices(KINDS, WEIGHTS)
+        requests.append(
+            {
+                "kind": kind,
+                "rows": rng.randint(1, 3),
+                "length": rng.choice(LENGTHS),
+                "seed": rng.randrange(2**32),
+                "timeout": rng.uniform(0.0, 0.02) if kind == "timeout" else None,
+                "cancel_after": rng.uniform(0.0, 0.02) if kind == "cancel" else None,
+                "stream": rng.randrange(STREAMS) if kind == "stream" else None,
+                "pause": rng.uniform(0.0, 0.002) if rng.random() < 0.3 else 0.0,
+            }
+        )
+    return requests
+
+
+def _feeds(request: dict) -> dict[str, np.ndarray]:
+    feeds = batch(np.random.default_rng(request["seed"]), request["rows"], request["length"])
+    if request["kind"] == "poison":
+        feeds["input_ids"][0, 0] = 0  # batch() draws ids from 1; the wrapped run refuses 0
+    return feeds
+
+
+@pytest.mark.parametrize("instances", [1, 2, 3])
+@pytest.mark.parametrize("delay_us", [0, 2000])
+def test_many_threads_cancels_and_deadlines(repo, classifier, instances, delay_us):
+    _hammer(repo, classifier, instances, delay_us, seed=1000 * instances + delay_us)
+
+
+@pytest.mark.parametrize("instances", [1, 3])
+def test_closing_under_fire_drains_what_was_admitted(repo, classifier, instances):
+    _hammer(repo, classifier, instances, 2000, seed=7 + instances, close_after=0.03)
+
+
+def _hammer(repo, classifier, instances, delay_us, *, seed, close_after=None):
+    """THREADS threads of PER_THREAD requests each; every call must end, and end right.
+    ``close_after`` seconds: close the batcher while they run."""
+    rng = random.Random(seed)
+    queue_size = rng.choice([16, 64])  # 16 < 40 threads: some are refused, queue full
+    lock = threading.Lock()
+    running, peak = [0], [0]
+    executed: list = []
+    run = classifier.run
+    rng_run = random.Random(seed + 1)
+
+    def counted_run(feeds, outputs=()):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            if (feeds["input_ids"][:, 0] == 0).any():
+                raise BadRequest("poisoned request")
+            if rng_run.random() < 0.2:
+                time.sleep(0.001)  # a longer batch: more overlap for the slot count to catch
+            return run(feeds, outputs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    classifier.run = counted_run
+    b = _batcher(
+        classifier,
+        max_batch_size=8,
+        max_queue_delay_us=delay_us,
+        max_queue_size=queue_size,
+        instances=instances,
+    )
+    execute = b._execute
+
+    def recorded_execute(group):
+        with lock:
+            executed.extend(group)
+        execute(group)
+
+    b._execute = recorded_execute
+
+    plans = [_plan(rng) for _ in range(THREADS)]
+    streams = [Caller() for _ in range(STREAMS)]
+    stream_cancel_at = [rng.uniform(0.005, 0.2) for _ in range(STREAMS)]
+    timers: list[threading.Timer] = []
+    start = threading.Barrier(THREADS + 1)
+
+    def client(plan: list[dict]) -> list[tuple]:
+        start.wait()
+        outcomes = []
+        for request in plan:
+            feeds = _feeds(request)
+            caller = None
+            if request["kind"] == "cancel":
+                caller = Caller()
+                timer = threading.Timer(request["cancel_after"], caller.cancel)
+                with lock:
+                    timers.append(timer)
+                timer.start()
+            elif request["kind"] == "stream":
+                caller = streams[request["stream"]]
+            t0 = time.monotonic()
+            try:
+                outputs, _ = b.infer(
+                    feeds, request["rows"], timeout=request["timeout"], caller=caller
+                )
+                outcome = outputs["logits"]
+            except Exception as e:  # noqa: BLE001 - judged below
+                outcome = e
+            outcomes.append((request, feeds, caller, outcome, time.monotonic() - t0))
+            time.sleep(request["pause"])
+        return outcomes
+
+    futures = [_spawn(client, plan) for plan in plans]
+    start.wait()
+    for caller, at in zip(streams, stream_cancel_at, strict=True):
+        timer = threading.Timer(at, caller.cancel)
+        with lock:
+            timers.append(timer)
+        timer.start()
+    if close_after is not None:
+        time.sleep(close_after)
+        assert b.close(timeout=HANG_S), f"depth {b.depth}, slots taken {b._running}"
+        assert b.depth == 0 and b._running == 0
+    _, stuck = wait(futures, timeout=HANG_S)
+    assert not stuck, (
+        f"{len(stuck)} of {THREADS} threads still waiting after {HANG_S} s "
+        f"(depth {b.depth}, slots taken {b._running}, seed {seed})"
+    )
+    for timer in timers:
+        timer.join(5)
+
+    reference = Reference(repo / "classifier")
+    ended: dict[str, int] = {}
+    for future in futures:
+        for request, feeds, caller, outcome, seconds in future.result():
+            kind = request["kind"]
+            name = type(outcome).__name__ if isinstance(outcome, Exception) else "ok"
+            ended[f"{kind}:{name}"] = ended.get(f"{kind}:{name}", 0) + 1
+            where = f"seed {seed}, {kind} request {request}: {outcome!r}"
+            assert seconds < HANG_S, where
+            if isinstance(outcome, Unavailable):
+                closed = close_after is not None and "shutting down" in str(outcome)
+                assert closed or "queue full" in str(outcome), where
+            elif isinstance(outcome, Cancelled):
+                assert caller is not None and caller.gone, where
+            elif isinstance(outcome, DeadlineExceeded):
+                assert request["timeout"] is not None, where
+            elif isinstance(outcome, InferenceFailed):
+                raise AssertionError(where)
+            elif isinstance(outcome, BadRequest):
+                assert kind == "poison", where
+            elif isinstance(outcome, Exception):
+                raise AssertionError(where)
+            else:
+                assert kind != "poison", where
+                assert outcome.shape == (request["rows"], 5), where
+                np.testing.assert_allclose(outcome, reference(feeds), atol=1e-4, err_msg=where)
+
+    assert peak[0] <= instances, f"{peak[0]} batches ran at once with {instances} slots"
+    assert len(executed) == len({id(p) for p in executed}), "a request ran twice"
+    assert close_after is not None or ended.get("plain:ok", 0) > 0, ended
+    assert b.close(timeout=10), f"depth {b.depth}, slots taken {b._running}"
+    assert b.depth == 0 and b._running == 0
+    with pytest.raises(Unavailable, match="shutting down"):
+        b.infer(batch(np.random.default_rng(0), 1, 4), 1)
+
+
+# -- the interleavings, one at a time --------------------------------------------------
+
+
+class _CancelledWhileQueueing(Caller):
+    """gRPC's callback thread wins the race: the call ends right after the batcher starts
+    watching the caller, before the request is queued."""
+
+    def _watch(self, key, hook) -> bool:
+        watching = super()._watch(key, hook)
+        canceller = threading.Thread(target=self.cancel)
+        canceller.start()
+        canceller.join()
+        return watching
+
+
+def test_a_caller_gone_before_its_request_is_queued_takes_no_slot(classifier):
+    """The request must not be queued once answered: its own runner would hand the slot
+    to it, and its thread back to itself, forever."""
+    b = _batcher(classifier)
+    rng = np.random.default_rng(10)
+    gone = _spawn(b.infer, batch(rng, 1, 4), 1, caller=_CancelledWhileQueueing())
+    with pytest.raises(Cancelled):
+        gone.result(10)
+    assert b.depth == 0 and b._running == 0
+    assert b.infer(batch(rng, 1, 4), 1)[0]["logits"].shape == (1, 5)
+    assert b.close(timeout=5)
+
+
+def test_a_caller_gone_before_its_request_is_queued_behind_a_batch_strands_nobody(classifier):
+    """Queued behind a running batch and answered already, the request would be handed the
+    slot when the batch ends; its thread has left, so the slot would never come back."""
+    b = _batcher(classifier)
+    rng = np.random.default_rng(11)
+    release, started = threading.Event(), threading.Event()
+    run = classifier.run
+
+    def first_blocks(feeds, outputs=()):
+        if not started.is_set():
+            started.set()
+            release.wait(10)
+        return run(feeds, outputs)
+
+    classifier.run = first_blocks
+    busy = _spawn(b.infer, batch(rng, 1, 4), 1)
+    assert started.wait(10)
+    with pytest.raises(Cancelled):
+        b.infer(batch(rng, 1, 4), 1, caller=_CancelledWhileQueueing())
+    release.set()
+    assert busy.result(10)[0]["logits"].shape == (1, 5)
+    after = _spawn(b.infer, batch(rng, 1, 4), 1)
+    assert after.result(10)[0]["logits"].shape == (1, 5)
+    assert b.close(timeout=5) and b.depth == 0 and b._running == 0
+
+
+def test_a_bug_when_a_failed_batch_is_rerun_alone_answers_every_request(classifier):
+    """The batch fails (ORT rejects it), each request is rerun alone, and that hits a bug:
+    every request is answered INTERNAL and the slot is passed on."""
+    b = _batcher(classifier, on_batch=lambda rows, timing: 1 / 0)
+    rng = np.random.default_rng(12)
+    release, started = threading.Event(), threading.Event()
+    run = classifier.run
+
+    def batches_fail(feeds, outputs=()):
+        if not started.is_set():
+            started.set()
+            release.wait(10)
+        if feeds["input_ids"].shape[0] > 1:
+            raise BadRequest("the batch was rejected")
+        return run(feeds, outputs)
+
+    classifier.run = batches_fail
+    first = _spawn(b.infer, batch(rng, 1, 4), 1)
+    assert started.wait(10)
+    rest = [_spawn(b.infer, batch(rng, 1, 4), 1) for _ in range(2)]
+    _until(lambda: b.depth == 2)
+    release.set()
+    for future in [first, *rest]:
+        with pytest.raises(InferenceFailed, match="ZeroDivisionError"):
+            future.result(10)
+    assert b.close(timeout=5) and b._running == 0
+
+
+def test_a_request_larger_than_the_batch_size_runs_alone(classifier):
+    b = _batcher(classifier, max_batch_size=2)
+    rng = np.random.default_rng(13)
+    big = _spawn(b.infer, batch(rng, 3, 4), 3)
+    assert big.result(10)[0]["logits"].shape == (3, 5)
+    assert b.close(timeout=5)
+
+
+def test_a_runner_whose_request_is_cancelled_while_it_gathers_passes_the_slot_on(classifier):
+    """The runner waits for company (long delay); its client goes; the slot passes to the
+    next queued request's thread, which gathers on and runs it."""
+    b = _batcher(classifier, max_queue_delay_us=300_000)
+    rng = np.random.default_rng(14)
+    caller = Caller()
+    leader = _spawn(b.infer, batch(rng, 1, 4), 1, caller=caller)
+    _until(lambda: b.depth == 1)
+    follower = _spawn(b.infer, batch(rng, 1, 40), 1)  # another bucket: not gathered
+    _until(lambda: b.depth == 2)
+    caller.cancel()
+    with pytest.raises(Cancelled):
+        leader.result(10)
+    assert follower.result(10)[0]["logits"].shape == (1, 5)
+    assert b.close(timeout=5) and b._running == 0
+
+
+def test_a_request_cancelled_as_it_is_handed_the_slot_returns(classifier):
+    """A finishing runner hands the slot to the queued request, whose client goes before
+    its thread wakes: one wake-up says both; the thread passes the slot on and returns."""
+    b = _batcher(classifier)
+    rng = np.random.default_rng(15)
+    release, started = threading.Event(), threading.Event()
+    run = classifier.run
+
+    def first_blocks(feeds, outputs=()):
+        if not started.is_set():
+            started.set()
+            release.wait(10)
+        return run(feeds, outputs)
+
+    classifier.run = first_blocks
+    caller = Caller()
+    hand_over = b._hand_over
+
+    def hand_over_then_cancel() -> None:  # under the batcher's lock: the heir cannot wake
+        hand_over()
+        caller.cancel()
+
+    busy = _spawn(b.infer, batch(rng, 1, 4), 1)
+    assert started.wait(10)
+    heir = _spawn(b.infer, batch(rng, 1, 4), 1, caller=caller)
+    _until(lambda: b.depth == 1)
+    b._hand_over = hand_over_then_cancel
+    release.set()
+    assert busy.result(10)[0]["logits"].shape == (1, 5)
+    with pytest.raises(Cancelled):
+        heir.result(10)
+    b._hand_over = hand_over
+    assert b.close(timeout=5) and b._running == 0
+
+
+def test_a_slot_is_not_handed_to_a_runner_that_already_holds_one(classifier):
+    """Two slots. One runner gathers company for its own request while another batch
+    ends: the freed slot goes to the request queued behind it, not to the runner, which
+    would sit on both while it runs its batch; so the queued batch runs meanwhile."""
+    b = _batcher(classifier, instances=2, max_batch_size=2, max_queue_delay_us=10_000_000)
+    rng = np.random.default_rng(16)
+    gates = {4: threading.Event(), 5: threading.Event()}  # by padded length
+    other_ran = threading.Event()
+    run = classifier.run
+
+    def gated(feeds, outputs=()):
+        length = feeds["input_ids"].shape[1]
+        if length in gates:
+            gates[length].wait(10)
+        elif length == 40:
+            other_ran.set()
+        return run(feeds, outputs)
+
+    classifier.run = gated
+    try:
+        first = _spawn(b.infer, batch(rng, 2, 4), 2)  # a full batch: runs, held at its gate
+        _until(lambda: b.depth == 0 and b._running == 1)
+        gathering = _spawn(b.infer, batch(rng, 1, 5), 1)  # the second slot: gathers
+        _until(lambda: b.depth == 1 and b._running == 2)
+        other = _spawn(b.infer, batch(rng, 2, 40), 2)  # another bucket, full: queued
+        _until(lambda: b.depth == 2)
+        gates[4].set()
+        assert first.result(10)[0]["logits"].shape == (2, 5)
+        company = _spawn(b.infer, batch(rng, 1, 5), 1)  # fills the gathered batch: it runs
+        # ... held at its gate, on one slot; the other batch runs on the other
+        assert other_ran.wait(5)
+        assert not gathering.done() and not company.done()
+    finally:
+        gates[5].set()
+    assert other.result(10)[0]["logits"].shape == (2, 5)
+    assert gathering.result(10)[0]["logits"].shape == (1, 5)
+    assert company.result(10)[0]["logits"].shape == (1, 5)
+    assert b.close(timeout=5) and b._running == 0
