@@ -339,7 +339,8 @@ class Batcher:
                 results = [self._run_alone(p) for p in group]
         except Exception as e:  # a bug: answer every waiting thread, never strand one
             log.exception("batch of %d failed", len(group))
-            results = [InferenceFailed(f"internal error: {type(e).__name__}: {e}")] * len(group)
+            why = f"internal error: {type(e).__name__}: {e}"
+            results = [InferenceFailed(why) for _ in group]  # one each: each thread raises it
         with self._cv:
             for p, result in zip(group, results, strict=True):
                 self._finish(p, result)

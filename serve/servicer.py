@@ -52,6 +52,15 @@ DEADLINE_SLACK_S = 1e-3
 NO_DEADLINE_S = 1e9
 
 
+def _caller(context: grpc.ServicerContext) -> Caller:
+    """The call's Caller, cancelled when gRPC ends the call (cancelled, expired or
+    answered), or at once where the call has already ended."""
+    caller = Caller()
+    if not context.add_callback(caller.cancel):  # False: the call is over, no callback
+        caller.cancel()
+    return caller
+
+
 def _time_left(context: grpc.ServicerContext) -> float | None:
     """Seconds until the call's deadline; None when it has none."""
     left = context.time_remaining()
@@ -143,8 +152,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     def ModelInfer(self, request, context):
-        caller = Caller()
-        context.add_callback(caller.cancel)  # the call ended: cancelled, expired or answered
+        caller = _caller(context)
         response, err = self._infer(request, _time_left(context), caller)
         if err is not None and not isinstance(err, Cancelled):  # Cancelled: nobody listens
             context.abort(status_of(err), str(err))
@@ -161,8 +169,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         method with serialized messages in, so that reading them is this reader's job).
         When the stream ends early, requests it queued and nobody will read are dropped.
         """
-        caller = Caller()
-        context.add_callback(caller.cancel)
+        caller = _caller(context)
         answers: queue.SimpleQueue[Future | BaseException | None] = queue.SimpleQueue()
 
         def read() -> None:
