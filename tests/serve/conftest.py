@@ -97,6 +97,16 @@ def repo(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def classifier(repo):
+    """The classifier bundle opened as the server opens it (a fresh Model per test: tests
+    wrap its ``run``)."""
+    from quantgate.serve.config import ServeConfig
+    from quantgate.serve.runtime import CPU, open_model
+
+    return open_model(repo / "classifier", ServeConfig(path=repo), CPU)
+
+
 @pytest.fixture(scope="session")
 def server(repo) -> Iterator[ServerProcess]:
     s = ServerProcess(repo, "--max-queue-delay-us", "2000")

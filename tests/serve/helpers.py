@@ -1,7 +1,10 @@
-"""tritonclient helpers and the in-process reference the server must match."""
+"""tritonclient helpers, the in-process reference the server must match, and what the
+in-process batcher tests share."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,3 +40,35 @@ class Reference:
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([self.output], feeds)[0]
+
+
+def batcher(model, **kw):
+    """A Batcher over ``model`` with the server's defaults, but no queue delay."""
+    from quantgate.serve.batcher import Batcher
+
+    kw = {"max_batch_size": 32, "max_queue_delay_us": 0, "max_queue_size": 64, **kw}
+    return Batcher(model, **kw)
+
+
+def hold_first_run(model) -> tuple[threading.Event, threading.Event]:
+    """Make ``model.run``'s first call wait (at most 10 s) until ``release`` is set, so a
+    test can queue requests behind a running batch; returns (started, release)."""
+    started, release = threading.Event(), threading.Event()
+    run = model.run
+
+    def held(feeds, outputs=()):
+        if not started.is_set():
+            started.set()
+            release.wait(10)
+        return run(feeds, outputs)
+
+    model.run = held
+    return started, release
+
+
+def until(condition, timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the batcher"
+        time.sleep(0.001)

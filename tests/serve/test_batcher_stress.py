@@ -14,25 +14,13 @@ from concurrent.futures import Future, wait
 
 import numpy as np
 import pytest
-from helpers import Reference, batch
+from helpers import Reference, batch, batcher, hold_first_run, until
 
 from quantgate.errors import BadRequest
-from quantgate.serve.batcher import Batcher, Caller
-from quantgate.serve.config import ServeConfig
+from quantgate.serve.batcher import Caller
 from quantgate.serve.errors import Cancelled, DeadlineExceeded, InferenceFailed, Unavailable
-from quantgate.serve.runtime import CPU, open_model
 
 HANG_S = 30.0  # no call may take this long: longer means a stranded thread
-
-
-@pytest.fixture
-def classifier(repo):
-    return open_model(repo / "classifier", ServeConfig(path=repo), CPU)
-
-
-def _batcher(model, **kw) -> Batcher:
-    kw = {"max_batch_size": 32, "max_queue_delay_us": 0, "max_queue_size": 64, **kw}
-    return Batcher(model, **kw)
 
 
 def _spawn(fn, *args, **kwargs) -> Future:
@@ -47,13 +35,6 @@ def _spawn(fn, *args, **kwargs) -> Future:
 
     threading.Thread(target=target, daemon=True).start()
     return future
-
-
-def _until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the batcher"
-        time.sleep(0.001)
 
 
 # -- the random runs ------------------------------------------------------------------
@@ -129,7 +110,7 @@ def _hammer(repo, classifier, instances, delay_us, *, seed, close_after=None):
                 running[0] -= 1
 
     classifier.run = counted_run
-    b = _batcher(
+    b = batcher(
         classifier,
         max_batch_size=8,
         max_queue_delay_us=delay_us,
@@ -250,7 +231,7 @@ class _CancelledWhileQueueing(Caller):
 def test_a_caller_gone_before_its_request_is_queued_takes_no_slot(classifier):
     """The request must not be queued once answered: its own runner would hand the slot
     to it, and its thread back to itself, forever."""
-    b = _batcher(classifier)
+    b = batcher(classifier)
     rng = np.random.default_rng(10)
     gone = _spawn(b.infer, batch(rng, 1, 4), 1, caller=_CancelledWhileQueueing())
     with pytest.raises(Cancelled):
@@ -263,18 +244,9 @@ def test_a_caller_gone_before_its_request_is_queued_takes_no_slot(classifier):
 def test_a_caller_gone_before_its_request_is_queued_behind_a_batch_strands_nobody(classifier):
     """Queued behind a running batch and answered already, the request would be handed the
     slot when the batch ends; its thread has left, so the slot would never come back."""
-    b = _batcher(classifier)
+    b = batcher(classifier)
     rng = np.random.default_rng(11)
-    release, started = threading.Event(), threading.Event()
-    run = classifier.run
-
-    def first_blocks(feeds, outputs=()):
-        if not started.is_set():
-            started.set()
-            release.wait(10)
-        return run(feeds, outputs)
-
-    classifier.run = first_blocks
+    started, release = hold_first_run(classifier)
     busy = _spawn(b.infer, batch(rng, 1, 4), 1)
     assert started.wait(10)
     with pytest.raises(Cancelled):
@@ -289,24 +261,21 @@ def test_a_caller_gone_before_its_request_is_queued_behind_a_batch_strands_nobod
 def test_a_bug_when_a_failed_batch_is_rerun_alone_answers_every_request(classifier):
     """The batch fails (ORT rejects it), each request is rerun alone, and that hits a bug:
     every request is answered INTERNAL and the slot is passed on."""
-    b = _batcher(classifier, on_batch=lambda rows, timing: 1 / 0)
+    b = batcher(classifier, on_batch=lambda rows, timing: 1 / 0)
     rng = np.random.default_rng(12)
-    release, started = threading.Event(), threading.Event()
     run = classifier.run
 
     def batches_fail(feeds, outputs=()):
-        if not started.is_set():
-            started.set()
-            release.wait(10)
         if feeds["input_ids"].shape[0] > 1:
             raise BadRequest("the batch was rejected")
         return run(feeds, outputs)
 
     classifier.run = batches_fail
+    started, release = hold_first_run(classifier)
     first = _spawn(b.infer, batch(rng, 1, 4), 1)
     assert started.wait(10)
     rest = [_spawn(b.infer, batch(rng, 1, 4), 1) for _ in range(2)]
-    _until(lambda: b.depth == 2)
+    until(lambda: b.depth == 2)
     release.set()
     for future in [first, *rest]:
         with pytest.raises(InferenceFailed, match="ZeroDivisionError"):
@@ -315,7 +284,7 @@ def test_a_bug_when_a_failed_batch_is_rerun_alone_answers_every_request(classifi
 
 
 def test_a_request_larger_than_the_batch_size_runs_alone(classifier):
-    b = _batcher(classifier, max_batch_size=2)
+    b = batcher(classifier, max_batch_size=2)
     rng = np.random.default_rng(13)
     big = _spawn(b.infer, batch(rng, 3, 4), 3)
     assert big.result(10)[0]["logits"].shape == (3, 5)
@@ -325,13 +294,13 @@ def test_a_request_larger_than_the_batch_size_runs_alone(classifier):
 def test_a_runner_whose_request_is_cancelled_while_it_gathers_passes_the_slot_on(classifier):
     """The runner waits for company (long delay); its client goes; the slot passes to the
     next queued request's thread, which gathers on and runs it."""
-    b = _batcher(classifier, max_queue_delay_us=300_000)
+    b = batcher(classifier, max_queue_delay_us=300_000)
     rng = np.random.default_rng(14)
     caller = Caller()
     leader = _spawn(b.infer, batch(rng, 1, 4), 1, caller=caller)
-    _until(lambda: b.depth == 1)
+    until(lambda: b.depth == 1)
     follower = _spawn(b.infer, batch(rng, 1, 40), 1)  # another bucket: not gathered
-    _until(lambda: b.depth == 2)
+    until(lambda: b.depth == 2)
     caller.cancel()
     with pytest.raises(Cancelled):
         leader.result(10)
@@ -342,18 +311,9 @@ def test_a_runner_whose_request_is_cancelled_while_it_gathers_passes_the_slot_on
 def test_a_request_cancelled_as_it_is_handed_the_slot_returns(classifier):
     """A finishing runner hands the slot to the queued request, whose client goes before
     its thread wakes: one wake-up says both; the thread passes the slot on and returns."""
-    b = _batcher(classifier)
+    b = batcher(classifier)
     rng = np.random.default_rng(15)
-    release, started = threading.Event(), threading.Event()
-    run = classifier.run
-
-    def first_blocks(feeds, outputs=()):
-        if not started.is_set():
-            started.set()
-            release.wait(10)
-        return run(feeds, outputs)
-
-    classifier.run = first_blocks
+    started, release = hold_first_run(classifier)
     caller = Caller()
     hand_over = b._hand_over
 
@@ -364,7 +324,7 @@ def test_a_request_cancelled_as_it_is_handed_the_slot_returns(classifier):
     busy = _spawn(b.infer, batch(rng, 1, 4), 1)
     assert started.wait(10)
     heir = _spawn(b.infer, batch(rng, 1, 4), 1, caller=caller)
-    _until(lambda: b.depth == 1)
+    until(lambda: b.depth == 1)
     b._hand_over = hand_over_then_cancel
     release.set()
     assert busy.result(10)[0]["logits"].shape == (1, 5)
@@ -378,7 +338,7 @@ def test_a_slot_is_not_handed_to_a_runner_that_already_holds_one(classifier):
     """Two slots. One runner gathers company for its own request while another batch
     ends: the freed slot goes to the request queued behind it, not to the runner, which
     would sit on both while it runs its batch; so the queued batch runs meanwhile."""
-    b = _batcher(classifier, instances=2, max_batch_size=2, max_queue_delay_us=10_000_000)
+    b = batcher(classifier, instances=2, max_batch_size=2, max_queue_delay_us=10_000_000)
     rng = np.random.default_rng(16)
     gates = {4: threading.Event(), 5: threading.Event()}  # by padded length
     other_ran = threading.Event()
@@ -395,11 +355,11 @@ def test_a_slot_is_not_handed_to_a_runner_that_already_holds_one(classifier):
     classifier.run = gated
     try:
         first = _spawn(b.infer, batch(rng, 2, 4), 2)  # a full batch: runs, held at its gate
-        _until(lambda: b.depth == 0 and b._running == 1)
+        until(lambda: b.depth == 0 and b._running == 1)
         gathering = _spawn(b.infer, batch(rng, 1, 5), 1)  # the second slot: gathers
-        _until(lambda: b.depth == 1 and b._running == 2)
+        until(lambda: b.depth == 1 and b._running == 2)
         other = _spawn(b.infer, batch(rng, 2, 40), 2)  # another bucket, full: queued
-        _until(lambda: b.depth == 2)
+        until(lambda: b.depth == 2)
         gates[4].set()
         assert first.result(10)[0]["logits"].shape == (2, 5)
         company = _spawn(b.infer, batch(rng, 1, 5), 1)  # fills the gathered batch: it runs

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import bundles
 import numpy as np
 import pytest
-from helpers import Reference, batch
+from helpers import Reference, batch, batcher, hold_first_run, until
 
 from quantgate import bundle as qb
 from quantgate.errors import BadRequest, BundleError
@@ -144,22 +143,14 @@ def test_batcher_pads_and_splits_exactly(repo, kind, folder):
     assert sizes == [sum(f["input_ids"].shape[0] for f in requests)]  # one bucket, one batch
 
 
-@pytest.fixture
-def classifier(repo):
-    return open_model(repo / "classifier", ServeConfig(path=repo), CPU)
-
-
-def _batcher(model, ran_on: list | None = None, **kw) -> Batcher:
-    kw = {"max_batch_size": 32, "max_queue_delay_us": 0, "max_queue_size": 64, **kw}
-    on_batch = None
-    if ran_on is not None:
-        on_batch = lambda rows, t: ran_on.append((threading.current_thread().name, rows))  # noqa: E731
-    return Batcher(model, on_batch=on_batch, **kw)
+def _recording(ran_on: list):
+    """An on_batch that notes which thread ran each batch, and its rows."""
+    return lambda rows, timing: ran_on.append((threading.current_thread().name, rows))
 
 
 def test_a_lone_request_runs_on_the_thread_that_sent_it(repo, classifier):
     ran_on: list = []
-    b = _batcher(classifier, ran_on)
+    b = batcher(classifier, on_batch=_recording(ran_on))
     feeds = batch(np.random.default_rng(0), 1, 8)
     outputs, timing = b.infer(feeds, 1)
     assert ran_on == [(threading.current_thread().name, 1)]
@@ -171,27 +162,15 @@ def test_requests_arriving_while_a_batch_runs_form_the_next_batch(repo, classifi
     """Leader/follower: while the first request runs, 12 more queue; the slot passes to
     one of their threads, which runs them together, and every thread gets its own rows."""
     ran_on: list = []
-    b = _batcher(classifier, ran_on)
-    release, started = threading.Event(), threading.Event()
-    run = classifier.run
-
-    def slow_first_run(feeds, outputs=()):  # the first batch waits for the others to queue
-        if not started.is_set():
-            started.set()
-            release.wait(10)
-        return run(feeds, outputs)
-
-    classifier.run = slow_first_run
+    b = batcher(classifier, on_batch=_recording(ran_on))
+    started, release = hold_first_run(classifier)  # the first batch waits for the others
     rng = np.random.default_rng(1)
     requests = [batch(rng, 1, 4 + i) for i in range(13)]  # lengths 4..16: one bucket
     with ThreadPoolExecutor(13) as pool:
         first = pool.submit(b.infer, requests[0], 1)
         assert started.wait(10)
         rest = [pool.submit(b.infer, f, 1) for f in requests[1:]]
-        deadline = time.monotonic() + 10
-        while b.depth < 12 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert b.depth == 12
+        until(lambda: b.depth == 12)
         release.set()
         results = [first.result(10)] + [f.result(10) for f in rest]
     reference = Reference(repo / "classifier")
@@ -203,16 +182,14 @@ def test_requests_arriving_while_a_batch_runs_form_the_next_batch(repo, classifi
 
 
 def test_a_queued_request_whose_caller_goes_is_dropped_and_its_thread_released(classifier):
-    b = _batcher(classifier, max_queue_delay_us=10_000_000)  # the first waits for company
+    b = batcher(classifier, max_queue_delay_us=10_000_000)  # the first waits for company
     rng = np.random.default_rng(2)
     caller = Caller()
     with ThreadPoolExecutor(2) as pool:
         gone = pool.submit(b.infer, batch(rng, 1, 4), 1, caller=caller)
-        while b.depth < 1:
-            time.sleep(0.01)
+        until(lambda: b.depth == 1)
         stays = pool.submit(b.infer, batch(rng, 1, 4), 1)
-        while b.depth < 2:
-            time.sleep(0.01)
+        until(lambda: b.depth == 2)
         caller.cancel()
         with pytest.raises(Cancelled):
             gone.result(10)
@@ -223,21 +200,13 @@ def test_a_queued_request_whose_caller_goes_is_dropped_and_its_thread_released(c
     with pytest.raises(Unavailable, match="shutting down"):
         b.infer(batch(rng, 1, 4), 1)
     with pytest.raises(Cancelled):  # a caller already gone queues nothing
-        _batcher(classifier).infer(batch(rng, 1, 4), 1, caller=caller)
+        batcher(classifier).infer(batch(rng, 1, 4), 1, caller=caller)
 
 
 def test_a_deadline_that_passes_in_the_queue_answers_deadline_exceeded(classifier):
-    b = _batcher(classifier, max_queue_delay_us=500_000)
+    b = batcher(classifier, max_queue_delay_us=500_000)
     rng = np.random.default_rng(3)
-    release, started = threading.Event(), threading.Event()
-    run = classifier.run
-
-    def blocked(feeds, outputs=()):
-        started.set()
-        release.wait(10)
-        return run(feeds, outputs)
-
-    classifier.run = blocked
+    started, release = hold_first_run(classifier)
     with ThreadPoolExecutor(2) as pool:
         busy = pool.submit(b.infer, batch(rng, 1, 4), 1)  # no deadline: waits 0.5 s, runs
         late = pool.submit(b.infer, batch(rng, 1, 4), 1, timeout=0.05)
@@ -250,12 +219,11 @@ def test_a_deadline_that_passes_in_the_queue_answers_deadline_exceeded(classifie
 
 
 def test_a_full_queue_refuses_at_once(classifier):
-    b = _batcher(classifier, max_queue_size=2, max_queue_delay_us=10_000_000)
+    b = batcher(classifier, max_queue_size=2, max_queue_delay_us=10_000_000)
     rng = np.random.default_rng(4)
     with ThreadPoolExecutor(2) as pool:
         queued = [pool.submit(b.infer, batch(rng, 1, 4), 1) for _ in range(2)]
-        while b.depth < 2:
-            time.sleep(0.01)
+        until(lambda: b.depth == 2)
         with pytest.raises(Unavailable, match="queue full"):
             b.infer(batch(rng, 1, 4), 1)
         assert b.close(timeout=10)
@@ -265,18 +233,9 @@ def test_a_full_queue_refuses_at_once(classifier):
 def test_two_instances_run_two_batches_at_once(classifier):
     """--instances 2: while one batch is stuck in session.run, a request that arrives
     takes the second slot and is answered; with one slot it would wait."""
-    b = _batcher(classifier, instances=2)
+    b = batcher(classifier, instances=2)
     rng = np.random.default_rng(5)
-    release, started = threading.Event(), threading.Event()
-    run = classifier.run
-
-    def first_blocks(feeds, outputs=()):
-        if not started.is_set():
-            started.set()
-            release.wait(10)
-        return run(feeds, outputs)
-
-    classifier.run = first_blocks
+    started, release = hold_first_run(classifier)
     with ThreadPoolExecutor(2) as pool:
         stuck = pool.submit(b.infer, batch(rng, 1, 4), 1)
         assert started.wait(10)
