@@ -99,16 +99,14 @@ def create_server(
     ]
     interceptors = [BearerTokenAuth(cfg.auth_token)] if cfg.auth_token else []
     threads = cfg.max_queue_size * len(list(engine.repository)) + SPARE_THREADS
-    pool = futures.ThreadPoolExecutor(threads, thread_name_prefix="grpc")
-    streams = futures.ThreadPoolExecutor(threads, thread_name_prefix="stream")
     server = grpc.server(
-        pool,
+        futures.ThreadPoolExecutor(threads, thread_name_prefix="grpc"),
         options=options,
         interceptors=interceptors,
         # Calls waiting for a thread are bounded too: beyond, RESOURCE_EXHAUSTED at once.
         maximum_concurrent_rpcs=2 * threads,
     )
-    _add_inference_service(InferenceServicer(engine, streams, threads), server)
+    _add_inference_service(InferenceServicer(engine, threads), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

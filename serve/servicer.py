@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -84,13 +84,14 @@ def _aborts(method):
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine, streams: Executor, stream_threads: int):
-        """``streams`` runs the requests of open streams, each on a thread of its own so
-        that requests of one stream can share a batch (unary requests run on gRPC's
-        request threads). At most ``stream_threads`` are in flight: a stream that sends
-        faster than they are answered waits, and gRPC's flow control slows its client."""
+    def __init__(self, engine: Engine, stream_threads: int):
+        """The requests of open streams run on a pool of ``stream_threads``, each on a
+        thread of its own so that requests of one stream can share a batch (unary requests
+        run on gRPC's request threads). At most that many are in flight: a stream that
+        sends faster than they are answered waits, and gRPC's flow control slows its
+        client."""
         self._engine = engine
-        self._streams = streams
+        self._streams = ThreadPoolExecutor(stream_threads, thread_name_prefix="stream")
         self._stream_slots = threading.BoundedSemaphore(stream_threads)
 
     def ServerLive(self, request, context):
