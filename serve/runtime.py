@@ -83,7 +83,9 @@ def choose_provider(device: str) -> str:
             f"provider (it has: {', '.join(available)}). Install onnxruntime-gpu "
             "(the `gpu` extra) on a machine with CUDA, or use --device cpu."
         )
-    log.warning(
+    # The expected path on a CPU host (the `cpu` extra): said, not warned. A CUDA provider
+    # that is listed but fails to load is warned about where the session is built.
+    log.info(
         "no CUDA execution provider in onnxruntime %s (it has: %s); serving on the CPU",
         ort.__version__,
         ", ".join(available),

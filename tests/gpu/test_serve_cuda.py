@@ -60,7 +60,7 @@ def test_cuda_requested_without_the_provider_is_a_clear_error(monkeypatch):
 
 def test_auto_without_cuda_serves_on_the_cpu_and_says_so(monkeypatch, caplog):
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
-    with caplog.at_level(logging.WARNING, logger="quantgate.serve.runtime"):
+    with caplog.at_level(logging.INFO, logger="quantgate.serve.runtime"):
         assert choose_provider("auto") == CPU
     assert "serving on the CPU" in caplog.text
     assert choose_provider("cpu") == CPU
