@@ -171,6 +171,8 @@ def check_path(spec: str | Path, flag: str) -> Path:
     """The data file ``spec`` names, if it exists in a format this module reads; else a
     DataError for ``flag``. Cheap: the CLI calls it before minutes of export."""
     path = Path(spec).expanduser()
+    if path.is_dir():
+        raise DataError(f"{flag} {path}: is a directory. Expected a .jsonl or .npz file.")
     if not path.is_file():
         raise DataError(f"{flag} {path}: no such file. Expected a .jsonl or .npz file.")
     suffix = path.suffix.lower()
@@ -180,6 +182,41 @@ def check_path(spec: str | Path, flag: str) -> Path:
             "or .npz (arrays named after the model inputs)"
         )
     return path
+
+
+def check_held_out(calibration: DataSpec | None, evaluation: DataSpec | None) -> None:
+    """DataError when ``--eval`` is the ``--calibration`` file (the same bytes): gates measured
+    on the rows the INT8 ranges were fitted to would pass a model that fails on new data."""
+    if not (isinstance(calibration, (str, Path)) and isinstance(evaluation, (str, Path))):
+        return
+    cal, ev = check_path(calibration, "--calibration"), check_path(evaluation, "--eval")
+    same = cal.resolve() == ev.resolve() or (
+        cal.stat().st_size == ev.stat().st_size and _file_digest(cal) == _file_digest(ev)
+    )
+    if same:
+        raise DataError(
+            f"--eval {ev} holds the same data as --calibration {cal}; the gates must measure "
+            "rows the calibration did not see. Split the file into two (for example 20% for "
+            "--calibration, the rest for --eval)."
+        )
+
+
+def check_not_calibration(
+    spec: DataSpec | None, model: ModelInfo, calibration: Mapping[str, Any] | None
+) -> None:
+    """DataError when the file ``spec`` is the one a bundle was calibrated on: read as the
+    build read it (same cap), it has the sha256 the manifest records for its calibration."""
+    kind = (calibration or {}).get("kind")
+    if not isinstance(spec, (str, Path)) or kind not in ("npz", "jsonl"):
+        return
+    if (Path(spec).suffix.lower() == ".npz") != (kind == "npz"):
+        return  # another format: other data
+    again = open_source(spec, model, role="calibration", samples=calibration.get("samples"))
+    if again.sha256 == calibration.get("sha256"):
+        raise DataError(
+            f"--eval {spec} is the data this bundle was calibrated on ({calibration.get('source')}); "
+            "the gates must measure rows the calibration did not see. Pass held-out rows."
+        )
 
 
 # -- selection -----------------------------------------------------------------------------
@@ -327,8 +364,14 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
         raise DataError(f"{flag} {path}: not a readable .npz file ({e})") from e
 
     def load() -> tuple[Feeds, np.ndarray | None]:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in keys}
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in keys}
+        except (OSError, ValueError) as e:  # object arrays, a truncated member
+            raise DataError(
+                f"{flag} {path}: cannot read its arrays ({e}); expected numeric arrays, "
+                "as np.savez writes them from integer numpy arrays"
+            ) from e
         labels = arrays.pop(LABELS, None)
         feeds = check_feeds(arrays, model, f"{flag} {path}")
         n = len(next(iter(feeds.values())))
@@ -454,14 +497,24 @@ def _parse_line(line: bytes, lineno: int, problems: list[str]) -> dict | None:
             problems.append(f'line {lineno}: no non-empty string "text" ({line[:60]!r})')
         return None
     label = row.get("label")
-    if label is not None and (not isinstance(label, int) or isinstance(label, bool)):
+    if label is not None and (
+        not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < 1 << 63
+    ):
         if len(problems) < 10:
-            problems.append(f'line {lineno}: "label" must be an integer class index, got {label!r}')
+            problems.append(
+                f'line {lineno}: "label" must be an integer class index (0, 1, ...), got {label!r}'
+            )
         return None
     return row
 
 
 def _tokenizer(directory: str):
+    if not Path(directory).is_dir():  # a bundle moved to another machine: the export's path
+        raise DataError(
+            f"JSONL text needs the model's tokenizer, recorded at export as {directory}, which "
+            "is not a directory on this machine. Put the model directory there, or pass a .npz "
+            "of the tokenized inputs instead (quantgate.quantize.data.write_npz writes one)."
+        )
     try:
         from transformers import AutoTokenizer
 
@@ -594,6 +647,8 @@ __all__ = [
     "DataSource",
     "ModelInfo",
     "check_feeds",
+    "check_held_out",
+    "check_not_calibration",
     "check_path",
     "counted",
     "open_source",

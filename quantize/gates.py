@@ -55,6 +55,9 @@ CPU = "CPUExecutionProvider"
 MIN_SAMPLE_S = 0.03  # shortest timed sample; faster runs are repeated within one
 NN_BLOCK = 1 << 22  # cosine similarities held at once for nearest neighbours (32 MB)
 CLASSIFIER_TASKS = ("classification", "sequence-classification", "digits")
+# Fewest evaluation rows for the accuracy, top-1 and nearest-neighbour gates: below it one
+# row is over 3 points of accuracy, and with 2 rows each row's nearest is always the other.
+MIN_EVAL_ROWS = 30
 EMBEDDING_TASKS = ("feature-extraction",)
 
 # on_progress(what, done, total): timing progress for a person waiting.
@@ -87,10 +90,12 @@ class GateConfig:
             problems.append(f"ci_rule {self.ci_rule!r}: expected 'point' or 'upper'")
         if not 0 < self.confidence < 1:
             problems.append(f"confidence {self.confidence}: expected 0 < c < 1")
-        if self.max_accuracy_drop < 0:
+        if not self.max_accuracy_drop >= 0:  # `not >=`: NaN too, which no value would pass
             problems.append(f"max_accuracy_drop {self.max_accuracy_drop}: expected >= 0")
-        if self.min_speedup <= 0:
+        if not self.min_speedup > 0:
             problems.append(f"min_speedup {self.min_speedup}: expected > 0")
+        if not self.max_kl >= 0:
+            problems.append(f"max_kl {self.max_kl}: expected >= 0")
         if not -1 <= self.min_cosine <= 1:
             problems.append(f"min_cosine {self.min_cosine}: expected -1..1")
         if not 0 <= self.min_top1_agreement <= 1:
@@ -125,7 +130,13 @@ class GateConfig:
             raise ConfigError(f"--gate-config {path}: cannot read it ({e.strerror or e})") from e
         except (ValueError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"--gate-config {path}: not valid TOML/JSON ({e})") from e
-        data = data.get("gates", data) if isinstance(data, dict) else data
+        if isinstance(data, dict) and "gates" in data:
+            if len(data) > 1:  # one of the two would be silently ignored
+                raise ConfigError(
+                    f"--gate-config {path}: settings both in a [gates] table and outside it "
+                    f"({sorted(set(data) - {'gates'})}); put them all in one place"
+                )
+            data = data["gates"]
         if not isinstance(data, dict):
             raise ConfigError(f"--gate-config {path}: expected a table of gate settings")
         known = {f.name for f in fields(cls)}
@@ -249,7 +260,7 @@ def accuracy_gates(
     """The accuracy gate with labels, else the fidelity gates for the model's kind."""
     if reference.rows != candidate.rows:
         raise DataError(f"FP32 saw {reference.rows} rows, the candidate {candidate.rows}")
-    check_labels(reference, task)
+    check_evaluation(reference, task)
     logits = _logits_output(reference, task)
     if reference.labels is not None and logits is not None:
         return [_accuracy_drop(reference, candidate, logits, cfg, label)]
@@ -296,6 +307,22 @@ def check_labels(reference: Outputs, task: str) -> None:
         )
 
 
+def check_evaluation(reference: Outputs, task: str) -> None:
+    """Raise DataError unless the evaluation rows can decide the gates: labels that are class
+    indices (``check_labels``), and at least ``MIN_EVAL_ROWS`` rows for the accuracy, top-1
+    and nearest-neighbour gates (a handful of rows passes them by chance)."""
+    check_labels(reference, task)
+    if _logits_output(reference, task) is None and _embedding_output(reference, task) is None:
+        return  # per-output cosine: a measurement on any number of rows
+    if reference.rows < MIN_EVAL_ROWS:
+        raise DataError(
+            f"the evaluation data has {reference.rows} row(s); the accuracy, top-1 and "
+            f"nearest-neighbour gates need at least {MIN_EVAL_ROWS} (here each row is "
+            f"{100 / reference.rows:.3g} points of accuracy). Pass --eval with more held-out rows "
+            "(hundreds for a 1-point accuracy gate), or raise eval_samples (--gate-config)."
+        )
+
+
 def paired_bootstrap(
     a_correct: np.ndarray, b_correct: np.ndarray, *, n: int, confidence: float, seed: int
 ) -> tuple[float, tuple[float, float]]:
@@ -313,8 +340,10 @@ def paired_bootstrap(
 
 def _accuracy_drop(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, label: str):
     y = ref.labels
+    z = cand.stacked(output)
+    broken = ~np.isfinite(z).all(-1)  # (N,) NaN/inf logits: argmax would pick a class anyway
     a = ref.stacked(output).argmax(-1) == y
-    b = cand.stacked(output).argmax(-1) == y
+    b = (z.argmax(-1) == y) & ~broken
     drop, ci = paired_bootstrap(a, b, n=cfg.bootstrap, confidence=cfg.confidence, seed=cfg.seed)
     decisive = ci[1] if cfg.ci_rule == "upper" else drop
     flips = int((a & ~b).sum()), int((~a & b).sum())
@@ -323,7 +352,7 @@ def _accuracy_drop(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, la
         value=drop,
         threshold=cfg.max_accuracy_drop,
         op="<=",
-        passed=bool(decisive <= cfg.max_accuracy_drop + 1e-9),
+        passed=bool(decisive <= cfg.max_accuracy_drop + 1e-9 and not broken.any()),
         ci=ci,
         detail=(
             f"top-1 accuracy FP32 {a.mean():.2%} -> {label} {b.mean():.2%} on {len(y)} labelled "
@@ -331,6 +360,12 @@ def _accuracy_drop(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, la
             f"{cfg.confidence:.0%} paired bootstrap interval ({cfg.bootstrap} resamples); the "
             + ("upper bound" if cfg.ci_rule == "upper" else "point estimate")
             + " must be <= the threshold"
+            + (
+                f"; {int(broken.sum())} rows with non-finite {label} logits (counted wrong; "
+                "any fails the gate)"
+                if broken.any()
+                else ""
+            )
         ),
     )
 
@@ -343,7 +378,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 def _classifier_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
     x, y = ref.stacked(output), cand.stacked(output)
-    agree = float((x.argmax(-1) == y.argmax(-1)).mean())
+    agree = float(((x.argmax(-1) == y.argmax(-1)) & np.isfinite(y).all(-1)).mean())
     p, q = _softmax(x), _softmax(y)
     kl = float((p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum(-1).mean())
     detail = f"{output} vs FP32 on {len(x)} unlabelled rows, max abs {np.abs(x - y).max():.3g}"
@@ -597,6 +632,7 @@ __all__ = [
     "GateConfig",
     "Outputs",
     "accuracy_gates",
+    "check_evaluation",
     "check_labels",
     "collect",
     "flat_rows",

@@ -13,6 +13,7 @@ import dataclasses
 import datetime as _dt
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,11 +31,17 @@ from quantgate.bundle import (
     staging,
     write_manifest,
 )
-from quantgate.errors import GateFailed
+from quantgate.errors import DataError, GateFailed
 from quantgate.export.config import ExportConfig
 from quantgate.quantize import report as reports
 from quantgate.quantize.cuda import CPU, CUDA
-from quantgate.quantize.data import DataSpec, ModelInfo, open_source
+from quantgate.quantize.data import (
+    DataSpec,
+    ModelInfo,
+    check_held_out,
+    check_not_calibration,
+    open_source,
+)
 from quantgate.quantize.gates import (
     GateConfig,
     accuracy_gates,
@@ -71,6 +78,8 @@ def build(
 
     out = Path(out).absolute()
     check_writable_target(out, force=force)  # before minutes of work
+    check_held_out(calibration, evaluation)
+    _require_data(model_spec, calibration, evaluation)
     emit = on_progress or (lambda *a: None)
     with tempfile.TemporaryDirectory(prefix="quantgate-build-") as tmp:
         work = Path(tmp)
@@ -142,6 +151,28 @@ def build(
     if bundle.manifest.verdict != PASS:
         raise GateFailed(_failure_message(bundle.manifest, out), bundle_path=str(out))
     return bundle
+
+
+def _require_data(model_spec, calibration, evaluation) -> None:
+    """Only a `quantgate train` checkpoint has data of its own (the digits splits): other
+    models need both files, which is known before minutes of export."""
+    from quantgate.model.train import is_checkpoint
+
+    missing = [
+        flag
+        for flag, spec in (("--calibration", calibration), ("--eval", evaluation))
+        if spec is None
+    ]
+    path = Path(model_spec)
+    hf = (path / "config.json").is_file() and not is_checkpoint(path)
+    factory = ":" in str(model_spec) and not path.exists()
+    if not missing or not (hf or factory):  # a checkpoint, or no model: export says which
+        return
+    raise DataError(
+        f"{' and '.join(f'{m} PATH' for m in missing)} required for this model: only the "
+        'built-in digits model has data of its own. Pass a .jsonl of {"text": ..., "label": ...} '
+        "lines (label optional) or a .npz with one array per model input (plus optional labels)."
+    )
 
 
 def _fp16_variant(fp32: Path, evaluation, work: Path, cfg: QuantConfig):
@@ -225,6 +256,7 @@ def regate(
     int8 = m.variant("int8")
     info = ModelInfo.from_manifest(m)
     ev = open_source(evaluation, info, role="evaluation", samples=gate_cfg.eval_samples)
+    check_not_calibration(evaluation, info, m.calibration)
     fp32_path, int8_path = bundle.file("fp32"), bundle.file("int8")
     emit("search", 0, 1, "evaluating FP32 and INT8")
     reference = collect(fp32_path, ev, provider=gate_cfg.provider, threads=gate_cfg.threads)
@@ -271,7 +303,7 @@ def regate(
             "",
         ]
     )
-    report = _regated_report(bundle.report, section)
+    report = _regated_report(bundle.report, section, manifest)
     with staging(bundle.path) as tmp:
         _link_all(bundle.path, tmp, skip={MANIFEST, REPORT})
         write_manifest(tmp, manifest)
@@ -282,10 +314,15 @@ def regate(
     return regated
 
 
-def _regated_report(path: Path, section: str) -> str:
-    """The old report with the new section after the title block (the newest first)."""
+def _regated_report(path: Path, section: str, manifest: Manifest) -> str:
+    """The old report with the new section after the title block (the newest first), and the
+    verdicts it states (the title's, the variants table's) those of the new ``manifest``."""
     old = path.read_text() if path.is_file() else "# bundle\n"
     head, sep, rest = old.partition("\n## ")
+    head = re.sub(r"Verdict: \*\*\w+\*\*\.", f"Verdict: **{manifest.verdict}**.", head, count=1)
+    for v in manifest.variants:  # export's "## Variants" table: | file | precision | verdict |
+        row = re.compile(rf"^(\| {re.escape(v.file)} \| {re.escape(v.precision)} \| )\w+ \|", re.M)
+        rest = row.sub(rf"\g<1>{v.verdict} |", rest)
     return head.rstrip() + "\n\n" + section + ("\n## " + rest if sep else "")
 
 

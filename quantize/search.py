@@ -32,7 +32,7 @@ from quantgate.quantize.gates import (
     GateConfig,
     Outputs,
     accuracy_gates,
-    check_labels,
+    check_evaluation,
     collect,
     passed,
     speed_gates,
@@ -65,7 +65,7 @@ class QuantConfig:
     cuda_gates: bool = True
 
     def __post_init__(self):
-        if self.search_budget_s <= 0:
+        if not self.search_budget_s > 0:  # NaN too: no budget would ever run out
             raise ConfigError(f"--search-budget must be > 0 seconds, got {self.search_budget_s}")
         if self.calibration_samples is not None and self.calibration_samples < 1:
             raise ConfigError(f"--samples must be >= 1, got {self.calibration_samples}")
@@ -218,7 +218,7 @@ def search(
     t0 = time.monotonic()
     emit = on_progress or (lambda *a: None)
     reference = collect(fp32, evaluation, provider=gate_cfg.provider, threads=gate_cfg.threads)
-    check_labels(reference, task)  # before minutes of quantization
+    check_evaluation(reference, task)  # before minutes of quantization
     sample = next(evaluation.batches()).feeds
     recipes = list(default_recipes())
     if quant_cfg.recipes:

@@ -208,3 +208,42 @@ def test_calibration_memory_does_not_grow_with_samples(tmp_path):
         peaks[got["samples"]] = got["peak_rss_mb"]
     print(f"peak RSS while calibrating: {peaks}")
     assert peaks[1000] - peaks[100] < 40, peaks  # MB; one batch at a time, not 1,000 rows
+
+
+def test_more_bad_files_get_a_message_not_a_traceback(tmp_path):
+    with pytest.raises(DataError, match="is a directory. Expected a .jsonl or .npz file"):
+        open_source(tmp_path, DIGITS, role="calibration")
+    feeds = rng_feeds(4)
+    np.savez(tmp_path / "obj.npz", input_ids=np.array([[1, 2], [3]], dtype=object),
+             attention_mask=feeds["attention_mask"])  # fmt: skip
+    with pytest.raises(DataError, match="cannot read its arrays .*Object arrays"):
+        open_source(tmp_path / "obj.npz", DIGITS, role="calibration")
+    info = minilm_info()
+    big = tmp_path / "big.jsonl"  # json reads it; int64 cannot hold it
+    big.write_text('{"text": "a b", "label": 99999999999999999999}\n{"text": "c", "label": -1}\n')
+    with pytest.raises(DataError) as e:
+        open_source(big, info, role="evaluation")
+    assert "- line 1:" in str(e.value) and "- line 2:" in str(e.value)
+    moved = ModelInfo(info.inputs, info.task, info.max_seq_len, tokenizer=str(tmp_path / "gone"))
+    with pytest.raises(DataError, match="recorded at export as .*gone, which is not a directory"):
+        open_source(write_jsonl(tmp_path / "t.jsonl", ["a b c"]), moved, role="evaluation")
+
+
+def test_evaluation_data_must_not_be_the_calibration_data(tmp_path):
+    from quantgate.quantize.data import check_held_out, check_not_calibration
+
+    cal = write_npz(tmp_path / "cal.npz", rng_feeds(40))
+    copy = tmp_path / "copy.npz"
+    copy.write_bytes(cal.read_bytes())
+    for ev in (cal, copy):
+        with pytest.raises(DataError, match="holds the same data as --calibration"):
+            check_held_out(cal, ev)
+    other = write_npz(tmp_path / "other.npz", rng_feeds(40, seed=1))
+    check_held_out(cal, other)
+    check_held_out(None, cal)  # the built-in calibration split
+    # A bundle's manifest records its calibration: re-gating on that file is refused.
+    record = open_source(cal, DIGITS, role="calibration", samples=25).record()
+    with pytest.raises(DataError, match="is the data this bundle was calibrated on"):
+        check_not_calibration(copy, DIGITS, record)
+    check_not_calibration(other, DIGITS, record)
+    check_not_calibration(None, DIGITS, open_source(None, DIGITS, role="calibration").record())

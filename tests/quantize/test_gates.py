@@ -201,3 +201,46 @@ def test_gate_config_from_files_and_flags(tmp_path):
     for words in ("min_speedup = '1.5': expected a number", "batch_sizes = [1, '32']: expected a list of integers", "iterations = 7.5: expected an integer"):  # fmt: skip
         assert words in str(e.value), str(e.value)
     assert "eval_samples" not in str(e.value)  # an int where the default is None is right
+
+
+def test_non_finite_logits_fail_the_accuracy_gate_whatever_argmax_picks():
+    """NaN logits argmax to class 0: on rows labelled 0 they used to count as right."""
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 10
+    x = rng.normal(size=(200, 10)).astype(np.float32)
+    x[np.arange(200), y] += 5  # FP32 right on every row
+    nan = x.copy()
+    nan[y == 0] = np.nan  # 20 rows, all labelled 0
+    ref = Outputs(["logits"], [{"logits": x}], [None], labels=y, rows=200)
+    cand = Outputs(["logits"], [{"logits": nan}], [None], labels=y, rows=200)
+    (gate,) = accuracy_gates(ref, cand, "sequence-classification", GateConfig())
+    assert not gate.passed and gate.value == pytest.approx(10.0)
+    assert "20 rows with non-finite INT8 logits" in gate.detail
+    ref.labels = cand.labels = None  # without labels: top-1 agreement counts them as disagreeing
+    gates = {g.name: g for g in accuracy_gates(ref, cand, "sequence-classification", GateConfig())}
+    assert gates["top1_agreement"].value == pytest.approx(0.9) and not gates["kl"].passed
+
+
+def test_too_few_evaluation_rows_cannot_pass_the_gates():
+    """With 2 rows each row's nearest other row is the other one: agreement 1.0 by design."""
+    rng = np.random.default_rng(0)
+    for task, name, rows in (("feature-extraction", "sentence_embedding", 2),
+                             ("sequence-classification", "logits", 10)):  # fmt: skip
+        x = rng.normal(size=(rows, 10)).astype(np.float32)
+        out = Outputs([name], [{name: x}], [None], labels=np.zeros(rows, np.int64), rows=rows)
+        with pytest.raises(DataError, match=rf"has {rows} row\(s\).* at least 30"):
+            accuracy_gates(out, out, task, GateConfig())
+    x = rng.normal(size=(30, 10)).astype(np.float32)
+    out = Outputs(["logits"], [{"logits": x}], [None], labels=np.zeros(30, np.int64), rows=30)
+    assert accuracy_gates(out, out, "sequence-classification", GateConfig())[0].passed
+
+
+def test_gate_config_refuses_settings_it_would_ignore_or_never_pass(tmp_path):
+    (tmp_path / "mixed.toml").write_text("iterations = 3\n[gates]\nwarmup = 1\n")
+    with pytest.raises(ConfigError, match=r"both in a \[gates\] table and outside it"):
+        GateConfig.from_file(tmp_path / "mixed.toml")
+    for setting in ("max_accuracy_drop", "min_speedup", "max_kl"):
+        with pytest.raises(ConfigError, match=f"{setting} nan"):
+            GateConfig(**{setting: float("nan")})
+    with pytest.raises(ConfigError, match="max_kl -0.1: expected >= 0"):
+        GateConfig(max_kl=-0.1)

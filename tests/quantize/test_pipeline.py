@@ -54,8 +54,14 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(cli, tmp_p
         "## Re-gated" in b.report.read_text()
         and b.manifest.extra["regates"][-1]["verdict"] == "pass"
     )
+    report = b.report.read_text()  # the title and the variants table: the new verdicts
+    assert "Verdict: **pass**." in report.partition("\n## ")[0]
+    assert "| model.int8.onnx | int8 | pass |" in report
     r = cli("gate", out, "--min-speedup", "100", "--gate-config", gate_file)
     assert r.code == 3 and load(out).manifest.verdict == "fail"
+    report = load(out).report.read_text()
+    assert "Verdict: **fail**." in report.partition("\n## ")[0]
+    assert "| model.int8.onnx | int8 | fail |" in report
 
 
 def test_gate_fails_when_any_variant_fails_and_keeps_the_cuda_gates(cli, tmp_path, gate_file):
@@ -141,3 +147,24 @@ def test_fp16_variant_for_cuda_is_gated_on_fidelity(cli, tmp_path, gate_file):
     r = cli("export", tiny_checkpoint(), "--out", out, "--force", "--no-fp16", *args)
     assert r.code == 0, r.stderr
     assert [v.precision for v in load(out).manifest.variants] == ["fp32", "int8"]
+
+
+def test_evaluating_on_the_calibration_data_is_refused(cli, tmp_path, gate_file):
+    cal = write_npz(tmp_path / "cal.npz", rng_feeds(64, seed=1))
+    same = tmp_path / "same.npz"
+    same.write_bytes(cal.read_bytes())
+    r = cli("export", tiny_checkpoint(), "--out", tmp_path / "x", "--calibration", cal,
+            "--eval", same)  # fmt: skip
+    assert r.code == 2 and "holds the same data as --calibration" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+    out = tmp_path / "b"
+    ev = write_npz(tmp_path / "ev.npz", rng_feeds(60, seed=2), labels=np.arange(60) % 10)
+    r = cli("export", tiny_checkpoint(), "--out", out, "--calibration", cal, "--eval", ev,
+            "--samples", "32", "--no-fp16", "--min-speedup", "0.01", "--search-budget", "1",
+            "--gate-config", gate_file)  # fmt: skip
+    assert r.code in (0, 3), r.stderr  # random pixels: the gate decides, either way it ran
+    before = (out / "manifest.json").read_bytes()
+    r = cli("gate", out, "--eval", same, "--gate-config", gate_file)
+    assert r.code == 2 and "is the data this bundle was calibrated on" in r.stderr
+    assert (out / "manifest.json").read_bytes() == before

@@ -109,6 +109,7 @@ def _data():
     "bad, message",
     [
         (dict(search_budget_s=0), "--search-budget must be > 0 seconds, got 0"),
+        (dict(search_budget_s=float("nan")), "--search-budget must be > 0 seconds, got nan"),
         (dict(calibration_samples=0), "--samples must be >= 1, got 0"),
         (dict(max_candidates=0), "max_candidates must be >= 1, got 0"),
         (dict(max_keep_rounds=-1), "max_keep_rounds must be >= 0, got -1"),
