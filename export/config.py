@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -40,8 +41,10 @@ class ExportConfig:
             ) from None
         if not 14 <= self.opset <= 23:
             raise ConfigError(f"opset {self.opset} is outside 14..23, what the exporters support")
-        if self.atol < 0 or self.rtol < 0:
-            raise ConfigError(f"tolerances must be >= 0, got atol={self.atol} rtol={self.rtol}")
+        if not (0 <= self.atol < math.inf and 0 <= self.rtol < math.inf):  # NaN fails too
+            raise ConfigError(
+                f"tolerances must be finite and >= 0, got atol={self.atol} rtol={self.rtol}"
+            )
         if self.mid_batch < 2:
             raise ConfigError(f"mid_batch must be at least 2, got {self.mid_batch}")
         if self.max_seq_len is not None and self.max_seq_len < 1:

@@ -155,6 +155,12 @@ def reference_outputs(model: LoadedModel, cases: Sequence[Case]) -> list[Outputs
                     f"the model returned {len(out)} outputs; expected {len(model.outputs)} "
                     f"({', '.join(model.outputs)})"
                 )
+            if kinds := [type(t).__name__ for t in out if not isinstance(t, torch.Tensor)]:
+                raise ExportError(
+                    f"the model's forward returned {', '.join(kinds)} among its outputs; expected "
+                    "only tensors (a tensor, a tuple of tensors or a dict of tensors). Return "
+                    "Python values as tensors, or leave them out."
+                )
             refs.append(tuple(t.detach().numpy() for t in out))
     return refs
 
@@ -220,6 +226,11 @@ def validate(
     failures = []
     if got_in != list(inputs):
         failures.append(f"inputs are {got_in}, expected {list(inputs)}")
+        if dropped := [n for n in inputs if n not in got_in]:
+            failures.append(
+                f"{', '.join(dropped)}: the exporter drops inputs that forward does not use; "
+                "use them in forward, or leave them out of the model's inputs"
+            )
     if got_out != list(outputs):
         failures.append(f"outputs are {got_out}, expected {list(outputs)}")
     if failures:

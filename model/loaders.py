@@ -26,7 +26,7 @@ A spec names one of three kinds of model:
     ``torch.nn.Module`` that also carries::
 
         example_inputs: dict[str, torch.Tensor]  # a real batch; dim 0 is the batch,
-                                                 # dim 1 (when present) the sequence
+                                                 # dim 1 the sequence, shared by every input
         output_names: Sequence[str]              # optional: names for forward's outputs
         task: str                                # optional, recorded in the bundle
         max_seq_len: int                         # optional: longest sequence it accepts
@@ -72,6 +72,8 @@ HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # in this order, 
 
 FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 SENTENCE_CONFIG = "a sentence-transformers config"
+# sentence-transformers' Pooling modes (flag suffix, or the one-string form) -> SentenceEmbedder's
+POOLING_MODES = {"mean_tokens": "mean", "mean": "mean", "cls_token": "cls", "cls": "cls"}
 N_TEXT_SAMPLES = 16  # sentences and paragraphs tokenized for Hugging Face validation
 
 
@@ -289,7 +291,7 @@ def load_huggingface(
         outputs=outputs,
         task=task,
         max_seq_len=max_seq_len,
-        samples=text_samples(tokenizer, inputs, max_seq_len),
+        samples=_readable(path, tokenizer, text_samples(tokenizer, inputs, max_seq_len)),
         sha256=hash_files(sorted(p for p in path.rglob("*") if p.is_file()), root=path),
         num_heads=config.num_attention_heads,
         hidden_size=config.hidden_size,
@@ -316,6 +318,25 @@ def _hf_model(path: Path, task: str) -> nn.Module:
         raise ModelLoadError(f"cannot load {path} for {task}: {_brief(e)}") from e
 
 
+def _readable(path: Path, tokenizer, samples: Samples) -> Samples:
+    """``samples``, once the tokenizer is shown to read English. From a directory without its
+    files (vocab.txt, tokenizer.json, ...) transformers builds a tokenizer with no vocabulary,
+    which turns every word into the unknown token: validation would pass and serve garbage."""
+    if tokenizer.unk_token_id is None:
+        return samples
+    ids = samples.arrays["input_ids"]
+    real = np.arange(ids.shape[1]) < samples.lengths[:, None]  # (N, T): not padding
+    unknown = float((ids[real] == tokenizer.unk_token_id).mean())
+    if unknown > 0.5:
+        raise ModelLoadError(
+            f"{path}: its tokenizer reads {unknown:.0%} of English text's tokens as the unknown "
+            f"token {tokenizer.unk_token!r} (it has {len(tokenizer)} tokens): the directory "
+            "lacks the tokenizer's files (tokenizer.json, vocab.txt, ...). Copy them in beside "
+            "config.json."
+        )
+    return samples
+
+
 def _hf_max_seq_len(path: Path, config, tokenizer) -> int:
     """The longest input the model is meant for: sentence-transformers' limit, else the model's."""
     st = path / "sentence_bert_config.json"
@@ -337,10 +358,30 @@ def _sentence_pooling(path: Path) -> dict[str, Any]:
         for e in entries:
             cfg = path / e.get("path", "") / "config.json"
             if e.get("type", "").endswith(".Pooling") and cfg.is_file():
-                pooling = _read_json(cfg, dict, SENTENCE_CONFIG)
-                if pooling.get("pooling_mode_cls_token"):
-                    mode = "cls"
+                mode = _pooling_mode(cfg)
     return {"mode": mode, "normalize": normalize}
+
+
+def _pooling_mode(cfg: Path) -> str:
+    """The Pooling module's one mode, when SentenceEmbedder has it; else refuse, since
+    pooling another way would ship embeddings unlike the model's own."""
+    pooling = _read_json(cfg, dict, SENTENCE_CONFIG)
+    modes = [
+        k.removeprefix("pooling_mode_")
+        for k, v in pooling.items()
+        if k.startswith("pooling_mode_") and v
+    ]
+    if not modes and isinstance(pooling.get("pooling_mode"), str):  # the one-string form
+        modes = [pooling["pooling_mode"]]
+    if not modes:
+        return "mean"  # sentence-transformers' default
+    if len(modes) != 1 or modes[0] not in POOLING_MODES:
+        raise ModelLoadError(
+            f"{cfg} pools with {' + '.join(modes)}; quantgate's sentence_embedding pools with "
+            "mean_tokens or cls_token alone, and any other pooling would not match the model. "
+            "Export it as a package.module:factory whose forward pools as the model does."
+        )
+    return POOLING_MODES[modes[0]]
 
 
 class SentenceEmbedder(nn.Module):
@@ -433,27 +474,29 @@ def load_factory(
     example = getattr(module, "example_inputs", None)
     if callable(example):
         example = example()
-    if not isinstance(example, Mapping) or not all(
-        isinstance(v, torch.Tensor) and v.dim() >= 1 for v in example.values()
+    if (
+        not isinstance(example, Mapping)
+        or not example
+        or not all(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in example.values())
     ):
         raise ModelLoadError(
             f"{spec}: the module needs an `example_inputs` dict of tensors (a real batch, dim 0 "
             "the batch, dim 1 the sequence) to trace and validate with"
         )
+    arrays = _example_arrays(spec, example)
     module.eval()
-    pads = dict(getattr(module, "pad_values", {}) or {})
+    pads = _factory_attributes(spec, module, arrays)
     inputs = tuple(
-        InputSpec(
-            name,
-            str(t.numpy().dtype),
-            pads.get(name, 0),
-            tuple(t.shape[2:]),
-        )
-        for name, t in example.items()
+        InputSpec(name, str(a.dtype), pads.get(name, 0), tuple(a.shape[2:]))
+        for name, a in arrays.items()
     )
-    arrays = {n: t.detach().numpy() for n, t in example.items()}
     first = next(iter(arrays.values()))
-    width = first.shape[1] if first.ndim >= 2 else 1
+    width = first.shape[1]
+    declared_max = getattr(module, "max_seq_len", None)
+    if max_seq_len is not None and declared_max is not None and max_seq_len > declared_max:
+        raise ConfigError(
+            f"--max-seq-len {max_seq_len} is beyond {declared_max}, the module's own max_seq_len"
+        )
     if "attention_mask" in arrays:
         lengths = arrays["attention_mask"].reshape(len(first), -1).sum(1)
     else:
@@ -475,12 +518,73 @@ def load_factory(
         inputs=inputs,
         outputs=tuple(output_names),
         task=task or getattr(module, "task", "custom"),
-        max_seq_len=max_seq_len or getattr(module, "max_seq_len", width),
+        max_seq_len=max_seq_len or declared_max or width,
         samples=Samples(arrays, lengths, f"{spec}: the module's example_inputs"),
         sha256=_hash_module(module, src),
         num_heads=getattr(module, "num_heads", 0),
         hidden_size=getattr(module, "hidden_size", 0),
     )
+
+
+def _example_arrays(spec: str, example: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """``example_inputs`` as numpy arrays, once they share dims 0 (batch) and 1 (sequence)."""
+    arrays = {}
+    for name, t in example.items():
+        try:
+            arrays[name] = t.detach().cpu().numpy()
+        except TypeError as e:  # bfloat16 and other dtypes numpy (and ONNX Runtime feeds) lack
+            raise ModelLoadError(
+                f"{spec}: example_inputs[{name!r}] has dtype {t.dtype}, which has no numpy "
+                "equivalent to feed ONNX Runtime; use int64 ids or float32 values"
+            ) from e
+    shapes = {n: tuple(a.shape) for n, a in arrays.items()}
+    if len({s[:2] for s in shapes.values()}) != 1:
+        raise ModelLoadError(
+            f"{spec}: example_inputs disagree on (batch, sequence), dims 0 and 1: {shapes}. "
+            "Every input must be one batch of the same rows and tokens."
+        )
+    return arrays
+
+
+def _factory_attributes(
+    spec: str, module: nn.Module, arrays: Mapping[str, np.ndarray]
+) -> dict[str, int | float]:
+    """Check the module's optional attributes; return its pad values per input."""
+    problems = []
+    names = getattr(module, "output_names", None)
+    if names is not None and (
+        isinstance(names, str)
+        or not isinstance(names, Sequence)
+        or not all(isinstance(n, str) and n for n in names)
+        or len(set(names)) != len(names)
+        or set(names) & set(arrays)
+    ):
+        problems.append(
+            f"output_names {names!r}: expected a sequence of distinct non-empty strings, none "
+            f"of them an input name ({', '.join(arrays)})"
+        )
+    for attr, least in (("max_seq_len", 1), ("num_heads", 0), ("hidden_size", 0)):
+        value = getattr(module, attr, None)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < least
+        ):
+            problems.append(f"{attr} {value!r}: expected an int >= {least}")
+    task = getattr(module, "task", None)
+    if task is not None and not isinstance(task, str):
+        problems.append(f"task {task!r}: expected a string")
+    pads = getattr(module, "pad_values", None) or {}
+    if not isinstance(pads, Mapping) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in pads.values()
+    ):
+        problems.append(f"pad_values {pads!r}: expected a dict of input name -> int or float")
+    elif unknown := sorted(set(pads) - set(arrays)):
+        problems.append(f"pad_values names {unknown}, which are not inputs ({', '.join(arrays)})")
+    if problems:
+        raise ModelLoadError(
+            f"{spec}: the module's attributes do not fit the factory contract:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+    return dict(pads)
 
 
 # -- helpers -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -105,6 +106,14 @@ def train(
             f"--out {out} is an existing directory that is not a checkpoint; refusing to replace "
             "it. Choose another path, or pass --force to replace it."
         )
+    parent = out.absolute().parent  # the nearest existing ancestor: checked before training
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        what = "is not a directory" if not parent.is_dir() else "is not writable"
+        raise CheckpointError(
+            f"cannot write the checkpoint at {out}: {parent} {what}. Choose another --out."
+        )
     model_cfg = model_cfg or digits_model_config()
     splits = load_digits_splits()
     data_hash = splits_hash(splits)
@@ -138,21 +147,27 @@ def train(
     test = splits["test"]
     test_acc = accuracy(model, test.input_ids, test.attention_mask, test.labels)
 
-    with atomic_dir(out) as tmp:
-        torch.save(model.state_dict(), tmp / WEIGHTS_FILE)
-        info = {
-            "format": CHECKPOINT_FORMAT,
-            "kind": "encoder-classifier",
-            "task": "digits",
-            "model": model_cfg.to_dict(),
-            "train": asdict(cfg),
-            "data_sha256": data_hash,
-            "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
-            "metrics": {"test_accuracy": test_acc, "n_test": len(test)},
-            "inputs": {"input_ids": [None, SEQ_LEN], "attention_mask": [None, SEQ_LEN]},
-            "torch": torch.__version__,
-        }
-        (tmp / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    try:
+        with atomic_dir(out) as tmp:
+            torch.save(model.state_dict(), tmp / WEIGHTS_FILE)
+            info = {
+                "format": CHECKPOINT_FORMAT,
+                "kind": "encoder-classifier",
+                "task": "digits",
+                "model": model_cfg.to_dict(),
+                "train": asdict(cfg),
+                "data_sha256": data_hash,
+                "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
+                "metrics": {"test_accuracy": test_acc, "n_test": len(test)},
+                "inputs": {"input_ids": [None, SEQ_LEN], "attention_mask": [None, SEQ_LEN]},
+                "torch": torch.__version__,
+            }
+            (tmp / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write the checkpoint at {out}: {e.strerror or e} ({e.filename or out}). "
+            "Check that --out's parent is a writable directory with room; nothing was changed."
+        ) from e
     return TrainResult(out, test_acc, False, time.perf_counter() - t0, history)
 
 

@@ -144,6 +144,9 @@ class Manifest:
             return GateResult(**{**g, "ci": tuple(ci) if ci is not None else None})
 
         def variant(v: dict) -> Variant:
+            file = v.get("file")
+            if not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file:
+                raise TypeError(f"variant file {file!r} is not a file name inside the bundle")
             return Variant(
                 **{
                     **v,
@@ -153,6 +156,11 @@ class Manifest:
                 }
             )
 
+        for key in ("source", "tools", "export", "extra"):
+            if not isinstance(d.get(key, {}), dict):
+                raise TypeError(f"{key} is a {type(d[key]).__name__}, not an object")
+        if not isinstance(d["variants"], list) or not d["variants"]:
+            raise TypeError(f"variants is {d['variants']!r}, not a non-empty list")
         d["inputs"] = tuple(spec(t) for t in d["inputs"])
         d["outputs"] = tuple(spec(t) for t in d["outputs"])
         d["variants"] = tuple(variant(v) for v in d["variants"])
@@ -201,7 +209,7 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
         manifest = Manifest.from_dict(json.loads(mpath.read_text()))
     except BundleError:
         raise
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise BundleError(
             f"{mpath} is corrupt ({type(e).__name__}: {e}); re-create the bundle with `quantgate export --force`."
         ) from e

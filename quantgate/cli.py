@@ -209,7 +209,7 @@ def export_command(
     ] = False,
     calibration: Annotated[
         Path | None,
-        typer.Option(help="Calibration data: .jsonl ({'text': ...}) or .npz of inputs."),
+        typer.Option(help='Calibration data: .jsonl ({"text": ...} lines) or .npz of inputs.'),
     ] = None,
     eval_data: Annotated[
         Path | None,
@@ -410,10 +410,26 @@ def inspect(
     """Print a readable summary of a bundle's manifest."""
     from rich.table import Table
 
-    from quantgate.bundle import load
+    from quantgate.bundle import MANIFEST, load
+    from quantgate.errors import BundleError
 
     b = load(path, verify=verify)
     m = b.manifest
+    e = m.export
+    try:
+        fused = ", ".join(f"{k} {v}" for k, v in e.get("fusions", {}).items()) or "none"
+        val = e.get("validation")
+        if val:
+            shapes = ", ".join(
+                f"{c['batch']}x{c['sequence']}" + ("p" if c["padded_rows"] else "")
+                for c in val["cases"]
+            )
+            diffs = ", ".join(f"{k} {d:.1e}" for k, d in val["max_abs_diff"].items())
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise BundleError(
+            f"{path / MANIFEST} has a malformed export record ({type(err).__name__}: {err}); "
+            "re-create the bundle with `quantgate export`."
+        ) from err
     verdict = "[green]pass[/]" if m.verdict == "pass" else "[bold red]fail[/]"
     out.print(f"[bold]{m.name}[/]  {m.task}  verdict {verdict}  created {m.created}")
     out.print(
@@ -438,20 +454,13 @@ def inspect(
             ", ".join(v.providers),
         )
     out.print(variants)
-    e = m.export
     if e:
         out.print(
             f"export: {e.get('exporter')} exporter, opset {m.opset}, "
             f"max sequence {e.get('max_seq_len')}"
         )
-        fused = ", ".join(f"{k} {v}" for k, v in e.get("fusions", {}).items()) or "none"
         out.print(f"fusions: {fused}")
-        if val := e.get("validation"):
-            shapes = ", ".join(
-                f"{c['batch']}x{c['sequence']}" + ("p" if c["padded_rows"] else "")
-                for c in val["cases"]
-            )
-            diffs = ", ".join(f"{k} {d:.1e}" for k, d in val["max_abs_diff"].items())
+        if val:
             out.print(f"validation: max abs diff {diffs} at shapes {shapes} (p: padded rows)")
     gates = [(v.precision, g) for v in m.variants for g in v.gates]
     if gates:

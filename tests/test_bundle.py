@@ -111,3 +111,28 @@ def test_a_gate_value_that_is_not_a_number_is_a_clear_error(tmp_path):
     (b.path / qb.MANIFEST).write_text(json.dumps(d))
     with pytest.raises(BundleError, match=r"is corrupt .*gate 'max_abs_diff' has value 'abc'"):
         qb.load(b.path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda d: d["variants"][0].update(file="../elsewhere/model.onnx"),
+            "not a file name inside",
+        ),
+        (lambda d: d["variants"][0].update(file="/etc/hostname"), "not a file name inside"),
+        (lambda d: d["variants"][0].update(file=5), "not a file name inside"),
+        (lambda d: d.update(variants=[]), "not a non-empty list"),
+        (lambda d: d.update(source=None), "source is a NoneType, not an object"),
+        (lambda d: d.update(tools=[]), "tools is a list, not an object"),
+        (lambda d: d["variants"][0].update(gates=[5]), "is corrupt"),
+    ],
+)
+def test_a_manifest_of_the_wrong_shape_is_a_clear_error(tmp_path, edit, message):
+    """A variant's file is a name inside the bundle: never a path to another file on disk."""
+    b = write(tmp_path / "b")
+    d = json.loads((b.path / qb.MANIFEST).read_text())
+    edit(d)
+    (b.path / qb.MANIFEST).write_text(json.dumps(d))
+    with pytest.raises(BundleError, match=message):
+        qb.load(b.path, verify=False)

@@ -52,3 +52,32 @@ def test_sigterm_exits_143_through_the_cleanup_path(cli, monkeypatch):
     monkeypatch.setattr("quantgate.bundle.load", terminated)
     assert cli("inspect", "bundle").code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before  # restored for whoever called main()
+
+
+def test_export_asks_for_data_before_exporting_a_model_without_its_own(cli, tmp_path):
+    """Only the built-in checkpoint has data; others learn it before minutes of export."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "bert"}')  # not loaded: refused first
+    r = cli("export", hf, "--out", tmp_path / "b", "--eval", tmp_path / "missing.jsonl")
+    assert r.code == 2 and "--eval" in r.stderr and "no such file" in r.stderr
+    ev = tmp_path / "ev.jsonl"
+    ev.write_text('{"text": "held out"}\n')
+    r = cli("export", hf, "--out", tmp_path / "b", "--eval", ev)
+    assert r.code == 2 and "--calibration PATH required for this model" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "b").exists()
+    r = cli("export", "--help")
+    assert '{"text": ...}' in " ".join(r.stdout.replace("│", " ").split())  # JSON, not {'text'}
+
+
+def test_inspect_a_bundle_whose_export_record_is_malformed_exits_2(cli, tmp_path):
+    from quantgate import bundle as qb
+
+    with qb.staging(tmp_path / "b") as tmp:
+        (tmp / "model.fp32.onnx").write_bytes(b"onnx")
+        variant = qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx"))
+        export = {"fusions": {}, "validation": {"cases": [{"batch": 1}], "max_abs_diff": {}}}
+        qb.write_manifest(tmp, qb.Manifest("b", "x", (), (), (variant,), 17, {}, export=export))
+    r = cli("inspect", tmp_path / "b")
+    assert r.code == 2 and "Traceback" not in r.stderr
+    assert "has a malformed export record (KeyError: 'sequence')" in " ".join(r.stderr.split())

@@ -85,3 +85,58 @@ def diverges() -> nn.Module:
 
 def not_a_module():
     return {"weights": [1, 2, 3]}
+
+
+# -- factories that break the contract: each must be refused with a message, never a traceback
+
+
+class Pooler(nn.Module):
+    """The smallest module the contract allows: (batch, sequence) ids -> (batch, 3)."""
+
+    def __init__(self, example_inputs):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8)
+        self.head = nn.Linear(8, 3)
+        self.example_inputs = example_inputs
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.emb(input_ids).mean(1))
+
+
+def _ids(batch=4, seq=10):
+    return torch.randint(1, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+
+def no_inputs() -> nn.Module:
+    return Pooler({})
+
+
+def one_dim_inputs() -> nn.Module:
+    return Pooler({"input_ids": _ids()[:, 0]})
+
+
+def ragged_batch() -> nn.Module:
+    return Pooler({"input_ids": _ids(), "attention_mask": torch.ones(3, 10, dtype=torch.long)})
+
+
+def bfloat16_inputs() -> nn.Module:
+    return Pooler({"input_ids": _ids().to(torch.bfloat16)})
+
+
+def bad_attributes() -> nn.Module:
+    m = Pooler({"input_ids": _ids()})
+    m.output_names, m.max_seq_len, m.pad_values = "logits", "64", {"input_ids": "x"}
+    return m
+
+
+def non_tensor_output() -> nn.Module:
+    class ReturnsAnInt(Pooler):
+        def forward(self, input_ids, attention_mask=None):
+            return [super().forward(input_ids), 3]
+
+    return ReturnsAnInt({"input_ids": _ids()})
+
+
+def unused_input() -> nn.Module:
+    """Takes attention_mask but ignores it: both exporters drop it from the graph."""
+    return Pooler({"input_ids": _ids(), "attention_mask": torch.ones(4, 10, dtype=torch.long)})

@@ -156,6 +156,8 @@ def test_validation_covers_batch_sequence_and_padding(tiny_checkpoint):
         ("qg_usermodels:broken", "the factory raised RuntimeError: weights file tagger.bin"),
         ("qg_usermodels:not_a_module", "expected a torch.nn.Module"),
         ("qg_no_such_module:make", "cannot import 'qg_no_such_module'"),
+        ("qg_usermodels:no_inputs", "needs an `example_inputs` dict of tensors"),
+        ("qg_usermodels:non_tensor_output", "forward returned int among its outputs"),
     ],
 )
 def test_unloadable_model_exits_2(cli, tmp_path, spec, message):
@@ -391,3 +393,22 @@ def test_later_stages_add_variants_gates_and_report_sections(digits_result, tmp_
     with pytest.raises(BundleError, match="invalid or repeated"):
         write_bundle(digits_result, tmp_path / "c", variants=[ExtraVariant(b.file("int8"), "fp32")])
     assert not (tmp_path / "c").exists()
+
+
+def test_an_input_forward_ignores_is_named_with_what_to_do(cli, tmp_path):
+    r = cli("export", "--no-quantize", "qg_usermodels:unused_input", "--out", tmp_path / "b")
+    assert r.code == 3
+    err = " ".join(r.stderr.split())
+    assert "attention_mask: the exporter drops inputs that forward does not use" in err
+    no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("flag, value", [("--atol", "nan"), ("--rtol", "nan"), ("--atol", "inf")])
+def test_a_tolerance_that_would_pass_anything_is_refused(
+    cli, tiny_checkpoint, tmp_path, flag, value
+):
+    """|ort - torch| > nan is never true: a NaN tolerance would pass any model."""
+    r = cli("export", "--no-quantize", tiny_checkpoint, "--out", tmp_path / "b", flag, value)
+    assert r.code == 2
+    assert "tolerances must be finite and >= 0" in r.stderr
+    no_leftovers(tmp_path)

@@ -112,3 +112,69 @@ def test_english_text_is_deterministic_and_varied():
     words = np.array([len(s.split()) for s in sentences])
     assert len(sentences) >= 12 and words.min() <= 8 and words.max() >= 30
     assert len(paragraphs) >= 4 and all(len(p.split()) >= 250 for p in paragraphs)
+
+
+@pytest.mark.parametrize(
+    ("factory", "messages"),
+    [
+        ("no_inputs", ["needs an `example_inputs` dict of tensors"]),
+        ("one_dim_inputs", ["needs an `example_inputs` dict of tensors"]),
+        ("ragged_batch", ["example_inputs disagree on (batch, sequence)", "(3, 10)"]),
+        ("bfloat16_inputs", ["dtype torch.bfloat16, which has no numpy equivalent"]),
+        (
+            "bad_attributes",
+            ["output_names 'logits'", "max_seq_len '64'", "pad_values {'input_ids': 'x'}"],
+        ),
+    ],
+)
+def test_a_factory_that_breaks_the_contract_is_told_how(factory, messages):
+    with pytest.raises(ModelLoadError) as e:
+        load_model(f"qg_usermodels:{factory}")
+    for message in messages:
+        assert message in str(e.value)
+
+
+def test_max_seq_len_beyond_the_factory_s_own_is_refused():
+    with pytest.raises(ConfigError, match="beyond 48, the module's own max_seq_len"):
+        load_model("qg_usermodels:tagger", max_seq_len=64)
+
+
+def test_a_tokenizer_without_its_files_is_refused(tiny_bert, tmp_path):
+    """transformers builds a vocabulary-less tokenizer from a directory that lacks its files:
+    English would validate as a row of [UNK] and serve as one."""
+    from transformers import BertModel
+
+    path = tiny_bert(tmp_path / "no-tokenizer", BertModel)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (path / name).unlink()
+    with pytest.raises(
+        ModelLoadError, match=r"as the unknown token '\[UNK\]'.*lacks the tokenizer"
+    ):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    ("pooling", "mode"),
+    [
+        ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}, "mean"),
+        ({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, "cls"),
+        ({"pooling_mode_max_tokens": True, "pooling_mode_mean_tokens": False}, None),
+        ({"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, None),
+    ],
+)
+def test_sentence_pooling_follows_the_config_or_is_refused(tiny_bert, tmp_path, pooling, mode):
+    from transformers import BertModel
+
+    path = tiny_bert(tmp_path / "st", BertModel)
+    (path / "modules.json").write_text(
+        json.dumps(
+            [{"path": "", "type": "x.Transformer"}, {"path": "1_Pooling", "type": "x.Pooling"}]
+        )
+    )
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    if mode is None:
+        with pytest.raises(ModelLoadError, match="mean_tokens or cls_token alone"):
+            load_model(path)
+    else:
+        assert load_model(path).extra["pooling"] == {"mode": mode, "normalize": False}

@@ -155,3 +155,28 @@ def test_config_without_its_training_settings_is_retrained(checkpoint, tmp_path)
         load_checkpoint(bad)
     assert not train(bad, model_cfg=tiny_cfg(), cfg=QUICK).reused
     load_checkpoint(bad)  # valid again
+
+
+def test_out_that_cannot_be_written_is_refused_before_training(tmp_path):
+    (tmp_path / "afile").write_text("")
+    steps = []
+    with pytest.raises(CheckpointError, match="afile is not a directory. Choose another --out"):
+        train(
+            tmp_path / "afile" / "ckpt",
+            model_cfg=tiny_cfg(),
+            cfg=QUICK,
+            on_step=lambda *a: steps.append(a),
+        )
+    assert steps == []  # refused before any training, not after it
+
+
+def test_a_failed_checkpoint_write_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("quantgate.model.train.torch.save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device.*nothing was changed"):
+        train(tmp_path / "ckpt", model_cfg=tiny_cfg(), cfg=QUICK)
+    assert list(tmp_path.iterdir()) == []
