@@ -136,3 +136,24 @@ def test_a_manifest_of_the_wrong_shape_is_a_clear_error(tmp_path, edit, message)
     (b.path / qb.MANIFEST).write_text(json.dumps(d))
     with pytest.raises(BundleError, match=message):
         qb.load(b.path, verify=False)
+
+
+def test_force_never_replaces_the_directory_a_person_is_working_in(tmp_path, monkeypatch):
+    """`--out .` or an empty `--out "$DIR"` with --force would rename the bundle over the work."""
+    work = tmp_path / "project"
+    (work / "src").mkdir(parents=True)
+    (work / "src" / "train.py").write_text("precious")
+    monkeypatch.chdir(work / "src")
+    for out, why in ((work / "src", "the current directory"), (work, "holds the current one")):
+        with pytest.raises(BundleError, match=why):
+            qb.check_writable_target(out, force=True)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    with pytest.raises(BundleError, match="the home directory"):
+        qb.check_writable_target(tmp_path / "home", force=True)
+    qb.check_writable_target(work / "src" / "bundle", force=True)  # a new directory is fine
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x").write_text("x")
+    qb.check_writable_target(other, force=True)  # elsewhere, --force is the user's call
+    assert (work / "src" / "train.py").read_text() == "precious"
