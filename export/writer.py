@@ -34,6 +34,7 @@ from quantgate.export.pipeline import ExportResult
 log = logging.getLogger(__name__)
 
 FP32_FILE = "model.fp32.onnx"
+TOKENIZER_DIR = "tokenizer"  # a Hugging Face model's tokenizer, saved into the bundle
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,21 @@ class ExtraVariant:
     def verdict(self) -> str:
         # A variant ships on evidence: with no gate at all it has none, and fails.
         return PASS if self.gates and all(g.passed for g in self.gates) else FAIL
+
+
+def _bundle_tokenizer(extra: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """Save a Hugging Face model's tokenizer into the bundle and point the manifest at it
+    (relative to the bundle): text data then tokenizes wherever the bundle goes, as
+    `quantgate gate BUNDLE --eval heldout.jsonl` in another machine's CI."""
+    hf = extra.get("huggingface") or {}
+    source = hf.get("tokenizer")
+    if not source or not Path(source).is_dir():
+        return extra
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+    return {**extra, "huggingface": {**hf, "tokenizer": TOKENIZER_DIR}}
 
 
 def write_bundle(
@@ -110,7 +126,7 @@ def write_bundle(
                 tools=result.tools,
                 calibration=calibration,
                 export=result.export_record(),
-                extra=result.extra,
+                extra=_bundle_tokenizer(result.extra, tmp),
             )
             write_manifest(tmp, manifest)
             (tmp / REPORT).write_text(render_report(manifest, report_sections))

@@ -301,7 +301,9 @@ def load_huggingface(
                 "model_type": config.model_type,
                 "architectures": archs,
                 "attn_implementation": "eager",
-                "tokenizer": str(path),  # tokenize with AutoTokenizer.from_pretrained(this)
+                # AutoTokenizer.from_pretrained(this); the bundle keeps a copy (writer.py)
+                "tokenizer": str(path),
+                "pad_token_id": pad_id,
             },
             **extra_task,
         },

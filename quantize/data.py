@@ -71,21 +71,27 @@ class ModelInfo:
         )
 
     @classmethod
-    def from_manifest(cls, m: Manifest) -> ModelInfo:
-        return cls._make(m.inputs, m.task, int(m.export.get("max_seq_len") or 0), m.source, m.extra)
+    def from_manifest(cls, m: Manifest, root: Path | None = None) -> ModelInfo:
+        """From a bundle's manifest; ``root``, the bundle's directory, resolves the tokenizer
+        it carries."""
+        max_seq_len = int(m.export.get("max_seq_len") or 0)
+        return cls._make(m.inputs, m.task, max_seq_len, m.source, m.extra, root)
 
     @classmethod
-    def _make(cls, inputs, task, max_seq_len, source, extra) -> ModelInfo:
+    def _make(cls, inputs, task, max_seq_len, source, extra, root=None) -> ModelInfo:
         hf = (extra or {}).get("huggingface") or {}
-        pads = {}
-        if hf.get("tokenizer"):
-            pads = {"input_ids": _hf_pad_id(hf["tokenizer"])}
+        tokenizer, pads = hf.get("tokenizer"), {}
+        if tokenizer:
+            if root is not None:  # a bundle's own copy is relative to it; older ones absolute
+                tokenizer = str(Path(root) / tokenizer)
+            pad = hf.get("pad_token_id")
+            pads = {"input_ids": int(pad) if pad is not None else _hf_pad_id(tokenizer)}
         return cls(
             inputs=tuple(inputs),
             task=task,
             max_seq_len=max_seq_len,
             builtin=(source or {}).get("kind") == "checkpoint",
-            tokenizer=hf.get("tokenizer"),
+            tokenizer=tokenizer,
             pad_values=pads,
         )
 
@@ -461,7 +467,7 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
     keep = stratified(lengths_a, samples)
     h = hashlib.sha256(_file_digest(path).encode())
     h.update(keep.tobytes())
-    h.update(f"{model.tokenizer}:{limit}".encode())
+    h.update(f"{limit}".encode())  # not the tokenizer's path: the bundle moves with its copy
 
     def batches() -> Iterator[Batch]:
         with open(path, "rb") as f:
@@ -512,8 +518,10 @@ def _tokenizer(directory: str):
     if not Path(directory).is_dir():  # a bundle moved to another machine: the export's path
         raise DataError(
             f"JSONL text needs the model's tokenizer, recorded at export as {directory}, which "
-            "is not a directory on this machine. Put the model directory there, or pass a .npz "
-            "of the tokenized inputs instead (quantgate.quantize.data.write_npz writes one)."
+            "is not a directory on this machine (bundles exported before they carried their "
+            "tokenizer point at the model's own directory). Re-export the bundle, put the model "
+            "directory there, or pass a .npz of the tokenized inputs instead "
+            "(quantgate.quantize.data.write_npz writes one)."
         )
     try:
         from transformers import AutoTokenizer

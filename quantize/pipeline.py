@@ -254,7 +254,7 @@ def regate(
     bundle = load(bundle_path)  # verifies every file's sha256
     m = bundle.manifest
     int8 = m.variant("int8")
-    info = ModelInfo.from_manifest(m)
+    info = ModelInfo.from_manifest(m, bundle.path)
     ev = open_source(evaluation, info, role="evaluation", samples=gate_cfg.eval_samples)
     check_not_calibration(evaluation, info, m.calibration)
     fp32_path, int8_path = bundle.file("fp32"), bundle.file("int8")
@@ -365,13 +365,22 @@ def _failure_message(manifest: Manifest, where) -> str:
 
 
 def _link_all(src: Path, dst: Path, *, skip: set[str]) -> None:
-    """Hard-link (or copy) every file of ``src`` into ``dst`` except ``skip``."""
+    """Hard-link (or copy) everything in ``src`` into ``dst`` except the names in ``skip``;
+    folders (the tokenizer) are recreated and their files linked."""
     for p in src.iterdir():
-        if p.is_file() and p.name not in skip:
-            try:
-                os.link(p, dst / p.name)
-            except OSError:
-                shutil.copy2(p, dst / p.name)
+        if p.name in skip:
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dst / p.name, copy_function=_link_or_copy)
+        elif p.is_file():
+            _link_or_copy(p, dst / p.name)
+
+
+def _link_or_copy(src: Path | str, dst: Path | str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _amend(path: Path, files: dict[str, bytes]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from qg_pipeline_helpers import rng_feeds, tiny_checkpoint  # noqa: E402
+from qg_pipeline_helpers import english, rng_feeds, tiny_checkpoint, write_jsonl  # noqa: E402
 
 from quantgate.bundle import GateResult, load, write_manifest  # noqa: E402
 from quantgate.quantize.data import write_npz  # noqa: E402
@@ -168,3 +169,32 @@ def test_evaluating_on_the_calibration_data_is_refused(cli, tmp_path, gate_file)
     r = cli("gate", out, "--eval", same, "--gate-config", gate_file)
     assert r.code == 2 and "is the data this bundle was calibrated on" in r.stderr
     assert (out / "manifest.json").read_bytes() == before
+
+
+def test_a_bundle_carries_its_tokenizer_and_gates_text_wherever_it_goes(
+    cli, tmp_path, tiny_bert, monkeypatch, gate_file
+):
+    """README's CI job: `quantgate gate BUNDLE --eval heldout.jsonl` on a machine without the
+    model's directory. The bundle's own tokenizer reads the text."""
+    from transformers import BertModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = tiny_bert(tmp_path / "model", BertModel)
+    cal = write_jsonl(tmp_path / "cal.jsonl", english(40, source="pydoc")[:40])
+    ev = write_jsonl(tmp_path / "ev.jsonl", english(120, source="pydoc")[80:])
+    out = tmp_path / "built"
+    r = cli("export", model, "--out", out, "--calibration", cal, "--eval", ev, "--no-fp16",
+            "--min-speedup", "0.01", "--search-budget", "1", "--gate-config", gate_file)  # fmt: skip
+    assert r.code in (0, 3), r.stderr  # a random model: the gates decide, either way it ran
+    hf = load(out).manifest.extra["huggingface"]
+    assert hf["tokenizer"] == "tokenizer" and hf["pad_token_id"] == 0
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+
+    moved = tmp_path / "elsewhere" / "bundle"
+    shutil.copytree(out, moved.parent / "bundle")
+    shutil.rmtree(model)  # the model's directory is not on the CI machine
+    r = cli("gate", moved, "--eval", ev, "--min-speedup", "0.01", "--gate-config", gate_file)
+    assert r.code in (0, 3), r.stderr
+    m = load(moved).manifest
+    assert m.extra["regates"][-1]["evaluation"]["samples"] == 40
+    assert (moved / "tokenizer" / "tokenizer.json").is_file()  # kept by the re-gate's rewrite
