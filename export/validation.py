@@ -161,7 +161,18 @@ def reference_outputs(model: LoadedModel, cases: Sequence[Case]) -> list[Outputs
                     "only tensors (a tensor, a tuple of tensors or a dict of tensors). Return "
                     "Python values as tensors, or leave them out."
                 )
-            refs.append(tuple(t.detach().numpy() for t in out))
+            arrays = tuple(t.detach().numpy() for t in out)
+            if nan := [
+                f"{name} ({int(np.isnan(a).sum())} of {a.size} values)"
+                for name, a in zip(model.outputs, arrays, strict=True)
+                if a.dtype.kind in "fc" and np.isnan(a).any()
+            ]:
+                raise ExportError(
+                    f"the model's forward gives NaN in PyTorch on validation case "
+                    f"{case.describe()}: {', '.join(nan)}. The model is broken on real input, "
+                    "and an export cannot be checked against NaN; fix the model first."
+                )
+            refs.append(arrays)
     return refs
 
 

@@ -140,3 +140,11 @@ def non_tensor_output() -> nn.Module:
 def unused_input() -> nn.Module:
     """Takes attention_mask but ignores it: both exporters drop it from the graph."""
     return Pooler({"input_ids": _ids(), "attention_mask": torch.ones(4, 10, dtype=torch.long)})
+
+
+def nan_output() -> nn.Module:
+    class LogOfNegative(Pooler):  # a model broken on real input: NaN in PyTorch already
+        def forward(self, input_ids, attention_mask=None):
+            return torch.log(super().forward(input_ids) - 1e3)
+
+    return LogOfNegative({"input_ids": _ids()})

@@ -158,6 +158,7 @@ def test_validation_covers_batch_sequence_and_padding(tiny_checkpoint):
         ("qg_no_such_module:make", "cannot import 'qg_no_such_module'"),
         ("qg_usermodels:no_inputs", "needs an `example_inputs` dict of tensors"),
         ("qg_usermodels:non_tensor_output", "forward returned int among its outputs"),
+        ("qg_usermodels:nan_output", "gives NaN in PyTorch"),
     ],
 )
 def test_unloadable_model_exits_2(cli, tmp_path, spec, message):
