@@ -190,8 +190,7 @@ def _fp16_variant(fp32: Path, evaluation, work: Path, cfg: QuantConfig):
         gates=fidelity.gates(min_cosine=cfg.fp16_min_cosine),
         providers=(CUDA,),
         recipe={"kind": "fp16", "keep_io_types": True},
-        notes="for CUDA; accuracy gated on the CPU provider, and accuracy and speed on CUDA "
-        "where a GPU is present (else measured by bench/gpu_check.py on a GPU host)",
+        notes="for CUDA; accuracy gated on the CPU provider, speed on CUDA where a GPU is present",
     )
 
 
