@@ -261,7 +261,13 @@ def export_command(
         rtol=rtol,
         name=name,
     )
-    if not no_quantize:
+    if no_quantize:
+        _refuse_unused_quantize_flags(
+            calibration=calibration, eval=eval_data, samples=samples,
+            max_accuracy_drop=max_accuracy_drop, min_speedup=min_speedup,
+            min_cosine=min_cosine, min_top1=min_top1, gate_config=gate_config,
+        )  # fmt: skip
+    else:
         from quantgate.bundle import load as load_bundle
         from quantgate.quantize.data import check_path
         from quantgate.quantize.pipeline import build
@@ -305,6 +311,17 @@ def export_command(
 
         bundle = export(model, out_dir, cfg=cfg, force=force, on_stage=on_stage)
     _print_export(bundle)
+
+
+def _refuse_unused_quantize_flags(**given) -> None:
+    """--no-quantize with flags of the INT8 step: refuse rather than silently ignore them."""
+    from quantgate.errors import ConfigError
+
+    if unused := ["--" + k.replace("_", "-") for k, v in given.items() if v is not None]:
+        raise ConfigError(
+            f"{', '.join(unused)} configure INT8 quantization and its gates, which --no-quantize "
+            "skips. Drop --no-quantize to run them, or drop those flags."
+        )
 
 
 def _print_export(bundle) -> None:

@@ -81,3 +81,11 @@ def test_inspect_a_bundle_whose_export_record_is_malformed_exits_2(cli, tmp_path
     r = cli("inspect", tmp_path / "b")
     assert r.code == 2 and "Traceback" not in r.stderr
     assert "has a malformed export record (KeyError: 'sequence')" in " ".join(r.stderr.split())
+
+
+def test_no_quantize_refuses_the_flags_of_the_step_it_skips(cli, tmp_path):
+    out = tmp_path / "b"
+    r = cli("export", "--no-quantize", tmp_path / "model", "--out", out,
+            "--eval", tmp_path / "ev.jsonl", "--min-speedup", "2")  # fmt: skip
+    assert r.code == 2 and not out.exists()
+    assert "--eval, --min-speedup configure INT8 quantization" in " ".join(r.stderr.split())
