@@ -429,8 +429,8 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
     tok = _tokenizer(model.tokenizer)
     limit = model.max_seq_len or None
     # Pass 1: byte offset, token count and label presence of every line; nothing else kept.
-    offsets, lengths, problems = [], [], []
-    labelled = None
+    offsets, lengths, problems = [], [], []  # problems: the first 10 bad lines, described
+    labelled, bad = None, 0
     with open(path, "rb") as f:
         texts, starts = [], []
         pos = 0
@@ -440,12 +440,15 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
                 continue
             row = _parse_line(line, lineno, problems)
             if row is None:
+                bad += 1
                 continue
             has = "label" in row and row["label"] is not None
             if labelled is None:
                 labelled = has
-            elif has != labelled and len(problems) < 10:
-                problems.append(f"line {lineno}: label present on some lines but not others")
+            elif has != labelled:
+                bad += 1
+                if len(problems) < 10:
+                    problems.append(f"line {lineno}: label present on some lines but not others")
             texts.append(row["text"])
             starts.append(start)
             if len(texts) == 256:
@@ -456,9 +459,12 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
             lengths.extend(_token_counts(tok, texts, limit))
             offsets.extend(starts)
     if problems:
+        more = f"\n  ... and {bad - len(problems)} more bad line(s)" if bad > len(problems) else ""
         raise DataError(
             f"{flag} {path}: expected one JSON object per line with a non-empty string "
-            '"text" and an optional integer "label":\n' + "\n".join(f"  - {p}" for p in problems)
+            '"text" and an optional integer "label":\n'
+            + "\n".join(f"  - {p}" for p in problems)
+            + more
         )
     if not offsets:
         raise DataError(f"{flag} {path}: the file has no lines of text")

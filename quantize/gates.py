@@ -300,10 +300,16 @@ def check_labels(reference: Outputs, task: str) -> None:
     classes = reference.batches[0][logits].shape[-1]
     lo, hi = int(reference.labels.min()), int(reference.labels.max())
     if lo < 0 or hi >= classes:
+        one_based = lo == 1 and hi == classes
         raise DataError(
             f"labels must be class indices 0..{classes - 1} ({logits} has {classes} classes), "
-            f"found labels {lo}..{hi}. Renumber the evaluation labels from 0 (1-based labels "
-            "are the usual cause), in the order of the model's classes."
+            f"found labels {lo}..{hi}. "
+            + (
+                "They look 1-based: renumber them from 0, in the order of the model's classes."
+                if one_based
+                else "Is this the evaluation data of this model? Number its labels 0.."
+                f"{classes - 1}, in the order of the model's classes."
+            )
         )
 
 

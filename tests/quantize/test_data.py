@@ -105,6 +105,10 @@ def test_bad_jsonl_lists_every_bad_line(tmp_path):
         open_source(path, info, role="calibration")
     msg = str(e.value)
     assert all(f"- line {i}:" in msg for i in (2, 3, 4)) and "- line 1:" not in msg
+    assert "more bad line" not in msg
+    path.write_text('{"text": "fine"}\n' + "not json\n" * 25)
+    with pytest.raises(DataError, match=r"line 11: not JSON .*\n  \.\.\. and 15 more bad line"):
+        open_source(path, info, role="calibration")
     with pytest.raises(DataError, match="needs the model's tokenizer"):
         open_source(write_jsonl(tmp_path / "ok.jsonl", ["a b c"]), DIGITS, role="calibration")
 

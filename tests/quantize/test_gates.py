@@ -67,9 +67,15 @@ def test_paired_bootstrap_matches_resampling_the_rows():
 
 def test_labels_must_be_class_indices():
     logits = np.random.default_rng(0).normal(size=(40, 10)).astype(np.float32)
-    for labels, found in ((np.arange(40) % 10 + 1, "1..10"), (np.arange(40) % 10 - 1, "-1..8")):
+    for labels, found, why in (
+        (np.arange(40) % 10 + 1, "1..10", "They look 1-based"),
+        (np.arange(40) % 10 - 1, "-1..8", "Is this the evaluation data of this model"),
+        (np.arange(40) % 20, "0..19", "Is this the evaluation data of this model"),
+    ):
         ref = Outputs(["logits"], [{"logits": logits}], [None], labels=labels, rows=40)
-        with pytest.raises(DataError, match=rf"class indices 0\.\.9 .* found labels {found}"):
+        with pytest.raises(
+            DataError, match=rf"class indices 0\.\.9 .* found labels {found}\. {why}"
+        ):
             accuracy_gates(ref, ref, "sequence-classification", GateConfig())
 
 
