@@ -312,13 +312,19 @@ def load_huggingface(
 
 def _hf_model(path: Path, task: str) -> nn.Module:
     from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     cls = AutoModelForSequenceClassification if task == SEQUENCE_CLASSIFICATION else AutoModel
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its tqdm bar would tear through quantgate's own
     try:
         # Eager attention: with SDPA the exported graph hides attention from ORT's fusions.
         return cls.from_pretrained(path, local_files_only=True, attn_implementation="eager").eval()
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"cannot load {path} for {task}: {_brief(e)}") from e
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def _readable(path: Path, tokenizer, samples: Samples) -> Samples:
@@ -643,5 +649,8 @@ def _read_json(path: Path, kind: type[dict] | type[list], what: str) -> Any:
 
 def _brief(e: BaseException) -> str:
     """``Type: first line`` of an exception, for messages that must stay readable."""
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
+    msg = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not msg:
+        return type(e).__name__
+    first = msg[0] if not msg[0].endswith(":") or len(msg) < 2 else f"{msg[0]} {msg[1]}"
+    return f"{type(e).__name__}: {first}"
