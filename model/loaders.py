@@ -28,6 +28,7 @@ A spec names one of three kinds of model:
         example_inputs: dict[str, torch.Tensor]  # a real batch; dim 0 is the batch,
                                                  # dim 1 the sequence, shared by every input
         output_names: Sequence[str]              # optional: names for forward's outputs
+                                                 # (default: a dict's keys, else output_N)
         task: str                                # optional, recorded in the bundle
         max_seq_len: int                         # optional: longest sequence it accepts
         pad_values: dict[str, int | float]       # optional: filler per input (default 0)
@@ -523,13 +524,17 @@ def load_factory(
         lengths = np.full(len(first), width)
     output_names = getattr(module, "output_names", None)
     wrapped = TupleOutputs(module, list(example), output_names).eval()
-    if output_names is None:
+    if output_names is None:  # a dict's keys, else output, output_0, output_1, ...
         with torch.no_grad():
             try:
-                n_out = len(wrapped(*example.values()))
+                out = module(**example)
             except Exception as e:  # noqa: BLE001
                 raise ModelLoadError(f"{spec}: forward(**example_inputs) raised {_brief(e)}") from e
-        output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+        if isinstance(out, Mapping) and all(isinstance(k, str) and k for k in out):
+            output_names = list(out)
+        else:
+            n_out = len(wrapped(*example.values()))
+            output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
     src = inspect.getsourcefile(type(module)) or inspect.getsourcefile(mod) or ""
     return LoadedModel(
         kind="factory",

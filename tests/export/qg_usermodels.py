@@ -148,3 +148,12 @@ def nan_output() -> nn.Module:
             return torch.log(super().forward(input_ids) - 1e3)
 
     return LogOfNegative({"input_ids": _ids()})
+
+
+def dict_outputs() -> nn.Module:
+    class Named(Pooler):  # no output_names: the dict's keys name the outputs
+        def forward(self, input_ids, attention_mask=None):
+            logits = super().forward(input_ids)
+            return {"logits": logits, "probs": logits.softmax(-1)}
+
+    return Named({"input_ids": _ids()})

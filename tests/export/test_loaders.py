@@ -156,6 +156,12 @@ def test_a_factory_that_breaks_the_contract_is_told_how(factory, messages):
         assert message in str(e.value)
 
 
+def test_a_factory_s_outputs_are_named_by_its_dict_or_numbered():
+    assert load_model("qg_usermodels:dict_outputs").outputs == ("logits", "probs")
+    assert load_model("qg_usermodels:non_tensor_output").outputs == ("output_0", "output_1")
+    assert load_model("qg_usermodels:nan_output").outputs == ("output",)
+
+
 def test_max_seq_len_beyond_the_factory_s_own_is_refused():
     with pytest.raises(ConfigError, match="beyond 48, the module's own max_seq_len"):
         load_model("qg_usermodels:tagger", max_seq_len=64)
