@@ -532,7 +532,7 @@ def table(r: dict) -> str:
         lines += [
             f"Served ({s['served']}): batch 1 seq 128 p50 through gRPC (Python client) "
             f"**{s['grpc_p50_ms']:.2f} ms** vs in-process {s['in_process_p50_ms']:.2f} ms "
-            f"(+{s['overhead_ms']:.2f} ms, median of per-request differences, {s['requests']} "
+            f"({s['overhead_ms']:+.2f} ms, median of per-request differences, {s['requests']} "
             "requests in turn with in-process runs).",
             f"Where the time goes: server-side mean {sm['success']:.2f} ms per request (queue "
             f"{sm['queue']:.2f}, inputs {sm['compute_input']:.2f}, model {sm['compute_infer']:.2f}, "
@@ -547,7 +547,7 @@ def table(r: dict) -> str:
             lines.append(
                 f"perf_analyzer (C++ client, concurrency 1): p50 **{pa['p50_ms']:.2f} ms** vs "
                 f"in-process {pa['in_process_p50_ms']:.2f} ms (medians of {pa['rounds']} "
-                f"alternating {pa['window_s']:g} s windows; +{pa['overhead_ms']:.2f} ms, the "
+                f"alternating {pa['window_s']:g} s windows; {pa['overhead_ms']:+.2f} ms, the "
                 f"median of per-window differences). Means per window, medians: server queue "
                 f"{pa['server_queue_ms']:.2f} ms, compute {pa['server_compute_ms']:.2f} ms, "
                 f"server overhead {pa['server_overhead_ms']:.2f} ms, "
@@ -569,13 +569,13 @@ def table(r: dict) -> str:
         if "p50_ms" in pa:
             checks.append(
                 ("served p50 (perf_analyzer) within 1 ms of in-process",
-                 pa["overhead_ms"] <= 1.0, f"+{pa['overhead_ms']:.2f} ms")
+                 pa["overhead_ms"] <= 1.0, f"{pa['overhead_ms']:+.2f} ms")
             )  # fmt: skip
         checks.append(
             (
                 "served p50 (Python client) within 1 ms of in-process",
                 s["overhead_ms"] <= 1.0,
-                f"+{s['overhead_ms']:.2f} ms",
+                f"{s['overhead_ms']:+.2f} ms",
             )
         )
     fid = r["fidelity_fp16"]

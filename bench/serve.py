@@ -345,7 +345,7 @@ def main() -> None:
     notes += [
         f"- lone request (seq 128, concurrency 1), perf_analyzer, every output: p50 "
         f"{lone['grpc_p50']:.2f} ms through gRPC vs {lone['in_process_p50']:.2f} ms in-process "
-        f"(medians of {n} alternating windows); +{lone['overhead']:.2f} ms, the median of the "
+        f"(medians of {n} alternating windows); {lone['overhead']:+.2f} ms, the median of the "
         f"{n} per-window differences",
         f"  - where a served request's time goes (ms, means per window, medians over the "
         f"windows): server compute {sp['compute']:.2f}, queue {sp['queue']:.2f}, server "
@@ -354,11 +354,11 @@ def main() -> None:
         f"Send/Recv less that server overhead); perf_analyzer's own send "
         f"{sp['client_send']:.2f} and receive {sp['client_recv']:.2f}",
         f"- lone request over one gRPC stream (ModelStreamInfer, perf_analyzer --streaming): "
-        f"p50 {lone['stream_p50']:.2f} ms; +{lone['stream_overhead']:.2f} ms, the median of "
+        f"p50 {lone['stream_p50']:.2f} ms; {lone['stream_overhead']:+.2f} ms, the median of "
         f"per-window differences",
         f"- lone request, quantgate's Python client asking only for `{EMBEDDING}` (1.5 KB): p50 "
         f"{lone['emb_grpc_p50']:.2f} ms vs {lone['emb_in_process_p50']:.2f} ms for session.run "
-        f"of that output; +{lone['emb_overhead']:.2f} ms, the median of per-window differences",
+        f"of that output; {lone['emb_overhead']:+.2f} ms, the median of per-window differences",
     ]
     header = (
         f"`{command_line()}` on {os.cpu_count()} cores (onnxruntime {ort.__version__}), MiniLM "
