@@ -260,12 +260,10 @@ def accuracy_gates(
     """The accuracy gate with labels, else the fidelity gates for the model's kind."""
     if reference.rows != candidate.rows:
         raise DataError(f"FP32 saw {reference.rows} rows, the candidate {candidate.rows}")
-    check_evaluation(reference, task)
+    check_evaluation(reference, task, warn=False)  # the caller checked it once, out loud
     logits = _logits_output(reference, task)
     if reference.labels is not None and logits is not None:
         return [_accuracy_drop(reference, candidate, logits, cfg, label)]
-    if reference.labels is not None:
-        log.warning("labels ignored: task %s has no (batch, classes) output to score", task)
     if logits is not None:
         return _classifier_fidelity(reference, candidate, logits, cfg)
     emb = _embedding_output(reference, task)
@@ -313,11 +311,13 @@ def check_labels(reference: Outputs, task: str) -> None:
         )
 
 
-def check_evaluation(reference: Outputs, task: str) -> None:
+def check_evaluation(reference: Outputs, task: str, *, warn: bool = True) -> None:
     """Raise DataError unless the evaluation rows can decide the gates: labels that are class
     indices (``check_labels``), and at least ``MIN_EVAL_ROWS`` rows for the accuracy, top-1
     and nearest-neighbour gates (a handful of rows passes them by chance)."""
     check_labels(reference, task)
+    if warn and reference.labels is not None and _logits_output(reference, task) is None:
+        log.warning("labels ignored: task %s has no (batch, classes) output to score", task)
     if _logits_output(reference, task) is None and _embedding_output(reference, task) is None:
         return  # per-output cosine: a measurement on any number of rows
     if reference.rows < MIN_EVAL_ROWS:

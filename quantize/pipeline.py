@@ -45,6 +45,7 @@ from quantgate.quantize.data import (
 from quantgate.quantize.gates import (
     GateConfig,
     accuracy_gates,
+    check_evaluation,
     collect,
     speed_gates,
 )
@@ -259,6 +260,7 @@ def regate(
     fp32_path, int8_path = bundle.file("fp32"), bundle.file("int8")
     emit("search", 0, 1, "evaluating FP32 and INT8")
     reference = collect(fp32_path, ev, provider=gate_cfg.provider, threads=gate_cfg.threads)
+    check_evaluation(reference, m.task)
     got = collect(int8_path, ev, provider=gate_cfg.provider, threads=gate_cfg.threads)
     accuracy = accuracy_gates(reference, got, m.task, gate_cfg)
 

@@ -21,6 +21,7 @@ from quantgate.quantize.gates import (  # noqa: E402
     GateConfig,
     Outputs,
     accuracy_gates,
+    check_evaluation,
     collect,
     paired_bootstrap,
     speed_gates,
@@ -250,3 +251,14 @@ def test_gate_config_refuses_settings_it_would_ignore_or_never_pass(tmp_path):
             GateConfig(**{setting: float("nan")})
     with pytest.raises(ConfigError, match="max_kl -0.1: expected >= 0"):
         GateConfig(max_kl=-0.1)
+
+
+def test_labels_an_embedding_cannot_use_are_warned_about_once_not_per_candidate(caplog):
+    x = np.random.default_rng(0).normal(size=(40, 16)).astype(np.float32)
+    ref = Outputs(["sentence_embedding"], [{"sentence_embedding": x}], [None],
+                  labels=np.zeros(40, np.int64), rows=40)  # fmt: skip
+    with caplog.at_level("WARNING", logger="quantgate.quantize.gates"):
+        check_evaluation(ref, "feature-extraction")  # the search, once before its candidates
+        for _ in range(3):
+            accuracy_gates(ref, ref, "feature-extraction", GateConfig())
+    assert caplog.text.count("labels ignored") == 1
