@@ -319,8 +319,9 @@ def _refuse_unused_quantize_flags(**given) -> None:
 
     if unused := ["--" + k.replace("_", "-") for k, v in given.items() if v is not None]:
         raise ConfigError(
-            f"{', '.join(unused)} configure INT8 quantization and its gates, which --no-quantize "
-            "skips. Drop --no-quantize to run them, or drop those flags."
+            f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} for INT8 quantization "
+            "and its gates, which --no-quantize skips. Drop --no-quantize to run them, or drop "
+            f"{'that flag' if len(unused) == 1 else 'those flags'}."
         )
 
 
@@ -588,6 +589,12 @@ def serve(
     def ready(bound: int, engine) -> None:
         for m in engine.repository:
             out.print(f"serving {m.describe()}", highlight=False, soft_wrap=True)
+        if engine.metrics.http_port is not None:  # the free one chosen for --metrics-port 0
+            out.print(
+                f"metrics on http://{host}:{engine.metrics.http_port}/metrics",
+                highlight=False,
+                soft_wrap=True,
+            )
         out.print(f"listening on {host}:{bound}", highlight=False, soft_wrap=True)
 
     run(cfg, on_ready=ready)
@@ -601,7 +608,10 @@ def infer(
         typer.Option(
             "--input",
             "-i",
-            help="NAME=JSON, e.g. -i 'input_ids=[[5, 7, 9]]'. A missing attention_mask is all ones.",
+            help=(
+                "NAME=JSON, e.g. -i 'input_ids=[[5, 7, 9]]'. A missing attention_mask is all "
+                "ones, a missing token_type_ids all zeros."
+            ),
         ),
     ],
     url: Annotated[str, typer.Option(help="Server address.")] = "localhost:8001",
@@ -610,25 +620,44 @@ def infer(
         str | None, typer.Option(envvar="QUANTGATE_AUTH_TOKEN", help="Bearer token.")
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds before giving up.")] = 30.0,
+    tls: Annotated[
+        bool, typer.Option("--tls", help="Use TLS, trusting the system's CA certificates.")
+    ] = False,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="PEM CA that signed the server (TLS)."),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="PEM client certificate (mutual TLS)."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="PEM private key for --tls-cert."),
+    ] = None,
 ) -> None:
     """Send one request to a running server and print the outputs."""
-    import json
-
     import numpy as np
 
-    from quantgate.errors import BadRequest, Unavailable
-    from quantgate.serve.client import Client
-    from quantgate.serve.codec import DATATYPES
+    from quantgate.errors import BadRequest, ConfigError, Unavailable
+    from quantgate.serve.client import Client, ClientTLS
 
-    with Client(url, token=token, timeout=timeout) as client:
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("mutual TLS needs both --tls-cert and --tls-key")
+    if timeout <= 0:
+        raise ConfigError(f"--timeout must be more than 0 seconds, got {timeout:g}")
+    secure = tls or tls_ca is not None or tls_cert is not None
+    client_tls = ClientTLS(tls_ca, tls_cert, tls_key) if secure else None
+    with Client(url, token=token, timeout=timeout, tls=client_tls) as client:
         try:
             metadata = client.metadata(model, version)
         except Unavailable as e:
             raise Unavailable(
                 f"no server is ready at {url} ({e}). Start one with `quantgate serve BUNDLE`, "
-                "or pass --url to reach another."
+                "pass --url to reach another"
+                + ("." if secure else ", or --tls-ca CA.pem for one serving TLS.")
             ) from e
-        spec = {t.name: DATATYPES[t.datatype][0] for t in metadata.inputs}
+        spec = {t.name: t.datatype for t in metadata.inputs}
         feeds = {}
         for item in inputs:
             name, sep, value = item.partition("=")
@@ -636,17 +665,63 @@ def infer(
                 raise BadRequest(
                     f"--input {item!r}: expected NAME=JSON with NAME one of {sorted(spec)}"
                 )
-            try:
-                feeds[name] = np.asarray(json.loads(value), dtype=spec[name])
-            except (ValueError, TypeError) as e:
-                raise BadRequest(f"--input {name}: {e}") from e
-        if "attention_mask" in spec and "attention_mask" not in feeds and "input_ids" in feeds:
-            feeds["attention_mask"] = np.ones_like(feeds["input_ids"], dtype=spec["attention_mask"])
+            if name in feeds:
+                raise BadRequest(f"--input {name} is given twice; give each input once")
+            feeds[name] = _input_array(name, value, spec[name])
+        if "input_ids" in feeds:  # what a tokenizer adds: every token attended, one segment
+            for name, fill in (("attention_mask", np.ones_like), ("token_type_ids", np.zeros_like)):
+                if name in spec and name not in feeds:
+                    feeds[name] = fill(feeds["input_ids"], dtype=_numpy_dtype(name, spec[name]))
         for name, array in client.infer(model, feeds, version=version).items():
             out.print(f"{name} {list(array.shape)} {array.dtype}", highlight=False, soft_wrap=True)
             out.print(
                 np.array2string(array, precision=4, threshold=64), highlight=False, soft_wrap=True
             )
+
+
+def _numpy_dtype(name: str, datatype: str):
+    """The numpy dtype of input ``name``'s KServe ``datatype`` (BYTES has none)."""
+    from quantgate.errors import BadRequest
+    from quantgate.serve.dtypes import NUMPY
+
+    if datatype not in NUMPY:
+        raise BadRequest(f"input {name!r} is {datatype}, which `quantgate infer` cannot send")
+    return NUMPY[datatype]
+
+
+def _input_array(name: str, text: str, datatype: str):
+    """One --input value: a JSON array whose numbers fit the input's ``datatype`` exactly
+    (never rounded, never wrapped)."""
+    import json
+
+    import numpy as np
+
+    from quantgate.errors import BadRequest
+
+    dtype = _numpy_dtype(name, datatype)
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise BadRequest(f"--input {name}: not JSON ({e}); expected e.g. [[5, 7, 9]]") from e
+    try:
+        array = np.asarray(value)
+    except ValueError as e:
+        raise BadRequest(
+            f"--input {name}: its rows differ in length; the rows of a batch have one "
+            "length (pad short rows with 0, and 0 in attention_mask)"
+        ) from e
+    if array.dtype.kind not in "biuf":  # strings, nulls, integers beyond 64 bits
+        raise BadRequest(f"--input {name}: expected numbers that fit {datatype}, got {text}")
+    if dtype.kind in "iub" and array.dtype.kind in "iuf":
+        low, high = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+        whole = np.isfinite(array) & (array == np.round(array))
+        bad = array[~whole | (array < low) | (array > high)]
+        if bad.size:
+            raise BadRequest(
+                f"--input {name}: {bad.flat[0]} does not fit {datatype}, which takes whole "
+                f"numbers from {low} to {high}"
+            )
+    return array.astype(dtype)
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:

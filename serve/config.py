@@ -95,3 +95,13 @@ class ServeConfig:
             raise ConfigError("cuda_device_id and gpu_mem_limit cannot be negative")
         if self.max_queue_delay_us < 0 or self.port < 0 or self.intra_op_threads < 0:
             raise ConfigError("max_queue_delay_us, port and intra_op_threads cannot be negative")
+        # An empty token would serve without auth; one with whitespace (a token file's
+        # trailing newline) could never be sent in gRPC metadata, so every call would fail.
+        if self.auth_token is not None and (
+            not self.auth_token or not self.auth_token.isprintable() or " " in self.auth_token
+        ):
+            what = "is empty" if not self.auth_token else "has spaces or control characters"
+            raise ConfigError(  # never the token itself: error output ends up in logs
+                f"the auth token {what} (a trailing newline?); pass the token itself, or no "
+                "--auth-token (nor QUANTGATE_AUTH_TOKEN) to serve without one"
+            )

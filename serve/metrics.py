@@ -27,6 +27,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = prom.CollectorRegistry()
+        self.http_port: int | None = None  # where serve_http listens; None: not serving
         labels = ("model", "version")
         r = self.registry
         self.requests = prom.Counter(
@@ -76,15 +77,18 @@ class Metrics:
             registry=r,
         )
 
-    def serve_http(self, port: int, host: str = "0.0.0.0") -> None:
-        """Expose /metrics over HTTP (a daemon thread)."""
+    def serve_http(self, port: int, host: str = "0.0.0.0") -> int:
+        """Expose /metrics over HTTP (a daemon thread); returns the bound port (the free one
+        chosen when ``port`` is 0)."""
         try:
-            prom.start_http_server(port, addr=host, registry=self.registry)
+            httpd, _ = prom.start_http_server(port, addr=host, registry=self.registry)
         except OSError as e:
             raise ServeError(
                 f"cannot serve metrics on {host}:{port}: {e.strerror}. "
                 "Choose another --metrics-port."
             ) from e
+        self.http_port = httpd.server_port
+        return self.http_port
 
 
 @dataclass

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from quantgate import bundle as qb
 from quantgate import placement
-from quantgate.errors import BadRequest, BundleError, ServeError
+from quantgate.errors import BadRequest, BundleError, QuantgateError, ServeError
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.dtypes import datatype
 from quantgate.serve.errors import InferenceFailed, ModelNotFound
@@ -552,29 +552,75 @@ def load_repository(cfg: ServeConfig) -> Repository:
 
         repo/digits/manifest.json ...        model "digits", the manifest's version
         repo/minilm/1/manifest.json ...      model "minilm", version 1
+
+    Every model folder is opened, and every problem found (a bundle that fails to load, a
+    folder that holds no bundle, a version folder that is not a number or disagrees with
+    its manifest) is listed in one ServeError: a server never starts without a model its
+    repository names. Folders whose name starts with "." are skipped.
     """
     root = Path(cfg.path)
     provider = choose_provider(cfg.device)
     if qb.is_bundle(root):
         return Repository([open_model(root, cfg, provider)])
+    if not root.exists():
+        raise ServeError(f"{root} does not exist; expected a bundle or a folder of bundles")
     if not root.is_dir():
         raise ServeError(f"{root} is neither a bundle nor a folder of bundles")
-    models = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        if qb.is_bundle(folder):
-            models.append(open_model(folder, cfg, provider, name=folder.name))
-            continue
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()):
-            if qb.is_bundle(sub):
-                m = open_model(sub, cfg, provider, name=folder.name)
-                if m.version != sub.name:
-                    raise ServeError(
-                        f"{sub}: folder says version {sub.name}, manifest says {m.version}"
-                    )
-                models.append(m)
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    versions = [p.name for p in folders if p.name.isdigit() and qb.is_bundle(p)]
+    if versions:  # served as a repository, its versions would become models named "1", "2"
+        raise ServeError(
+            f"{root} holds version folders {versions}: it is the folder of one model, not a "
+            f"repository. Serve the repository that holds it ({root.absolute().parent}), where "
+            f"the model is called {root.absolute().name!r}, or one version's folder."
+        )
+    models, problems = [], []
+    for folder in folders:
+        try:
+            models += _open_model_folder(folder, cfg, provider)
+        except QuantgateError as e:
+            problems.append(f"{folder.name}: {e}")
+    if problems:
+        raise ServeError(
+            f"repository {root}: {len(problems)} of its model folders cannot be served; fix "
+            "or move them out:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
     if not models:
         raise ServeError(
             f"{root} holds no bundle: expected {root}/manifest.json, {root}/NAME/manifest.json "
             f"or {root}/NAME/VERSION/manifest.json. Create one with `quantgate export`."
         )
     return Repository(models)
+
+
+def _open_model_folder(folder: Path, cfg: ServeConfig, provider: str) -> list[Model]:
+    """The versions of model ``folder.name``: the folder as a bundle, or its VERSION/ bundles."""
+    subs = sorted(p for p in folder.iterdir() if p.is_dir() and qb.is_bundle(p))
+    if qb.is_bundle(folder):
+        if subs:
+            raise ServeError(
+                f"{folder} is a bundle and also holds bundles in {[p.name for p in subs]}; "
+                "keep one layout: the bundle's files in NAME/, or one bundle per NAME/VERSION/"
+            )
+        return [open_model(folder, cfg, provider, name=folder.name)]
+    if not subs:
+        raise ServeError(
+            f"{folder} holds no bundle: no {qb.MANIFEST} in it, nor in a version folder "
+            f"({folder}/1/{qb.MANIFEST})"
+        )
+    misnamed = [p.name for p in subs if not (p.name.isascii() and p.name.isdigit())]
+    if misnamed:
+        raise ServeError(
+            f"{folder} holds bundles in {misnamed}: version folders are named by their "
+            "version number (1, 2, ...); rename them"
+        )
+    models = []
+    for sub in subs:
+        m = open_model(sub, cfg, provider, name=folder.name)
+        if m.version != sub.name:
+            raise ServeError(
+                f"{sub}: folder says version {sub.name}, manifest says {m.version}; rename "
+                f"the folder to {m.version}"
+            )
+        models.append(m)
+    return models

@@ -22,6 +22,7 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -123,13 +124,23 @@ def create_server(
             port = server.add_insecure_port(address)
         else:
             port = server.add_secure_port(address, _credentials(cfg))
-    except RuntimeError as e:
-        raise ServeError(
-            f"cannot listen on {address}: {e}. Is the port in use? Try --port 0."
-        ) from e
+    except RuntimeError as e:  # gRPC says only "Failed to bind"; its log above says why
+        raise ServeError(_cannot_listen(cfg, address)) from e
     if port == 0:
-        raise ServeError(f"cannot listen on {address}; is the port in use? Try another --port.")
+        raise ServeError(_cannot_listen(cfg, address))
     return server, port, health_servicer
+
+
+def _cannot_listen(cfg: ServeConfig, address: str) -> str:
+    """What to check when gRPC cannot bind ``address`` (it does not say which it was)."""
+    checks = [f"--host {cfg.host} is an address of this machine"]
+    if cfg.port:
+        checks.insert(0, f"no other process uses port {cfg.port} (or pass --port 0 for a free one)")
+    if 0 < cfg.port < 1024:
+        checks.insert(1, f"this user may listen on port {cfg.port} (below 1024 needs root)")
+    if cfg.tls is not None:
+        checks.append(f"--tls-key {cfg.tls.key} is the private key of --tls-cert {cfg.tls.cert}")
+    return f"cannot listen on {address}. Check that " + ", and that ".join(checks) + "."
 
 
 def _add_inference_service(servicer: InferenceServicer, server: grpc.Server) -> None:
@@ -156,15 +167,30 @@ def _add_inference_service(servicer: InferenceServicer, server: grpc.Server) -> 
 
 
 def _credentials(cfg: ServeConfig) -> grpc.ServerCredentials:
+    """The TLS credentials, from PEM files checked here: gRPC fails on a bad one only when
+    it binds the port, with a message that does not name the file."""
     tls = cfg.tls
-    try:
-        pair = (tls.key.read_bytes(), tls.cert.read_bytes())
-        ca = tls.client_ca.read_bytes() if tls.client_ca else None
-    except OSError as e:
-        raise ServeError(f"cannot read a TLS file: {e}") from e
+    cert = _read_pem("--tls-cert", tls.cert, b"-----BEGIN CERTIFICATE-----")
+    key = _read_pem("--tls-key", tls.key, b"PRIVATE KEY-----")
+    ca = _read_pem("--tls-client-ca", tls.client_ca, b"-----BEGIN CERTIFICATE-----")
     return grpc.ssl_server_credentials(
-        [pair], root_certificates=ca, require_client_auth=ca is not None
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
     )
+
+
+def _read_pem(flag: str, path: Path | None, marker: bytes) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ServeError(f"cannot read {flag} {path}: {e.strerror or e}") from e
+    if marker not in data:
+        raise ServeError(
+            f"{flag} {path} is not PEM: it has no '{marker.decode()}' line. Pass a PEM file "
+            "(`openssl x509 -outform PEM` or `openssl pkey -outform PEM` converts DER)."
+        )
+    return data
 
 
 def _set_health(servicer: health.HealthServicer, status) -> None:
@@ -182,8 +208,8 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     if cfg.metrics_port is not None:
-        engine.metrics.serve_http(cfg.metrics_port, cfg.host)
-        log.info("Prometheus metrics on http://%s:%d/metrics", cfg.host, cfg.metrics_port)
+        metrics_port = engine.metrics.serve_http(cfg.metrics_port, cfg.host)
+        log.info("Prometheus metrics on http://%s:%d/metrics", cfg.host, metrics_port)
     server.start()
     engine.start()
     if cfg.warmup:

@@ -1,0 +1,249 @@
+"""What an operator and a client developer meet: `quantgate serve` refusing a bad repository
+or bad flags with one message that names the culprit (exit 2, no traceback), and
+`quantgate infer`'s input syntax, its errors, and TLS."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import ServerProcess
+
+from quantgate import bundle as qb
+
+
+def _quantgate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "quantgate", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_a_repository_lists_every_model_folder_it_cannot_serve(repo, tmp_path):
+    """One refusal naming each broken folder; nothing is skipped in silence."""
+    from quantgate.errors import ServeError
+    from quantgate.serve.config import ServeConfig
+    from quantgate.serve.runtime import load_repository
+
+    classifier, encoder = repo / "classifier", repo / "encoder" / "1"
+    root = tmp_path / "repo"
+    shutil.copytree(classifier, root / "good")
+    shutil.copytree(encoder, root / "named" / "v1")  # a version folder must be a number
+    (root / "typo").mkdir()  # the model file, but the manifest misnamed
+    shutil.copy(classifier / "model.fp32.onnx", root / "typo")
+    shutil.copy(classifier / qb.MANIFEST, root / "typo" / "manifest.jsn")
+    shutil.copytree(classifier, root / "tampered")
+    with open(root / "tampered" / "model.fp32.onnx", "ab") as f:
+        f.write(b"\0")
+    shutil.copytree(encoder, root / "mismatch" / "2")  # its manifest says version 1
+    shutil.copytree(classifier, root / "mixed")  # a bundle that also holds a version folder
+    shutil.copytree(encoder, root / "mixed" / "2")
+    (root / ".cache").mkdir()  # hidden folders are not models
+
+    with pytest.raises(ServeError) as err:
+        load_repository(ServeConfig(path=root, device="cpu"))
+    message = str(err.value)
+    expected = {
+        "named": "['v1']: version folders are named by their version number",
+        "typo": "holds no bundle",
+        "tampered": "the file was changed after export",
+        "mismatch": "folder says version 2, manifest says 1",
+        "mixed": "is a bundle and also holds bundles in ['2']",
+    }
+    assert "5 of its model folders cannot be served" in message, message
+    for folder, words in expected.items():
+        line = next((x for x in message.splitlines() if x.startswith(f"  - {folder}: ")), "")
+        assert words in line, (folder, message)
+    assert "good" not in message and ".cache" not in message, message
+
+    for folder in expected:
+        shutil.rmtree(root / folder)
+    assert [(m.name, m.version) for m in load_repository(ServeConfig(path=root))] == [("good", "1")]
+
+
+def test_one_models_folder_is_not_taken_for_a_repository(repo):
+    """`serve repo/encoder` (which holds 1/) would serve a model named "1": refused, with
+    the path to serve instead."""
+    from quantgate.errors import ServeError
+    from quantgate.serve.config import ServeConfig
+    from quantgate.serve.runtime import load_repository
+
+    with pytest.raises(ServeError, match=r"holds version folders \['1'\]") as err:
+        load_repository(ServeConfig(path=repo / "encoder", device="cpu"))
+    assert f"({repo.absolute()}), where the model is called 'encoder'" in str(err.value)
+
+
+def test_serve_refuses_a_repository_with_a_failed_bundle_and_a_misnamed_version(repo, tmp_path):
+    import bundles
+
+    root = tmp_path / "repo"
+    shutil.copytree(repo / "classifier", root / "good")
+    bundles.build(root / "failed", verdict=qb.FAIL)
+    shutil.copytree(repo / "encoder" / "1", root / "encoder" / "v2")
+    r = _quantgate("serve", str(root), "--port", "0", "--host", "127.0.0.1")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "listening" not in r.stdout, r.stderr
+    assert "- failed: " in r.stderr and "--allow-failed-gates" in r.stderr, r.stderr
+    assert "- encoder: " in r.stderr and "['v2']" in r.stderr, r.stderr
+
+
+def test_tls_files_that_are_not_pem_are_named(repo, tmp_path):
+    """Not 'is the port in use?': gRPC only says it cannot bind, so the server checks first."""
+    der = tmp_path / "server.der"
+    der.write_bytes(b"\x30\x82\x01\x0a not a PEM file")
+    key = tmp_path / "server.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n-----END PRIVATE KEY-----\n")
+    r = _quantgate(
+        "serve", str(repo / "classifier"), "--port", "0", "--host", "127.0.0.1",
+        "--tls-cert", str(der), "--tls-key", str(key),
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert f"--tls-cert {der} is not PEM" in r.stderr and "port" not in r.stderr, r.stderr
+
+
+def test_a_port_in_use_is_named(repo):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = _quantgate(
+            "serve", str(repo / "classifier"), "--port", str(port), "--host", "127.0.0.1"
+        )
+    assert r.returncode == 2, r.stderr
+    assert f"no other process uses port {port}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_metrics_port_0_says_which_port_it_chose(repo):
+    srv = ServerProcess(repo / "classifier", "--metrics-port", "0")
+    try:
+        found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", "".join(srv.stdout))
+        assert found, srv.stdout
+        url = f"http://127.0.0.1:{found.group(1)}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert "quantgate_model_info{" in text
+    finally:
+        assert srv.terminate() == 0, srv.log
+
+
+@pytest.mark.parametrize(
+    ("given", "words"),
+    [
+        (["input_ids=[[5.5, 7]]"], "5.5 does not fit INT64"),  # never rounded to 5
+        (["input_ids=[[99999999999999999999999]]"], "expected numbers that fit INT64"),
+        (["input_ids=[[1e30]]"], "1e+30 does not fit INT64"),
+        (['input_ids=[["a"]]'], "expected numbers"),
+        (["input_ids=[[5, 7], [9]]"], "rows differ in length"),
+        (["input_ids=[[5, 7"], "not JSON"),
+        (["input_ids=[[1]]", "input_ids=[[2, 3]]"], "--input input_ids is given twice"),
+        (["token_ids=[[1]]"], "NAME one of ['attention_mask', 'input_ids']"),
+    ],
+)
+def test_infer_refuses_inputs_it_would_change_or_cannot_read(server, given, words):
+    args = [a for g in given for a in ("-i", g)]
+    r = _quantgate("infer", "classifier", "--url", server.url, *args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def _echo_bundle(out: Path) -> Path:
+    """A bundle whose model takes token_type_ids too (as BERT-like encoders do) and answers
+    input_ids + 100 * attention_mask + 1000 * token_type_ids, so a test can read what was sent."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    axes = ["batch", "sequence"]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["attention_mask", "hundred"], ["m"]),
+            helper.make_node("Mul", ["token_type_ids", "thousand"], ["t"]),
+            helper.make_node("Add", ["input_ids", "m"], ["im"]),
+            helper.make_node("Add", ["im", "t"], ["sum"]),
+            helper.make_node("Cast", ["sum"], ["echo"], to=TensorProto.FLOAT),
+        ],
+        "echo",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, axes) for n in names],
+        [helper.make_tensor_value_info("echo", TensorProto.FLOAT, axes)],
+        [
+            helper.make_tensor("hundred", TensorProto.INT64, [], [100]),
+            helper.make_tensor("thousand", TensorProto.INT64, [], [1000]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with qb.staging(out) as tmp:
+        onnx.save(model, tmp / "model.fp32.onnx")
+        sha = qb.sha256_file(tmp / "model.fp32.onnx")
+        qb.write_manifest(
+            tmp,
+            qb.Manifest(
+                name="echo",
+                task="feature-extraction",
+                inputs=tuple(qb.TensorSpec(n, "int64", tuple(axes)) for n in names),
+                outputs=(qb.TensorSpec("echo", "float32", tuple(axes)),),
+                variants=(qb.Variant("model.fp32.onnx", "fp32", sha),),
+                opset=17,
+                source={"kind": "test"},
+            ),
+        )
+    return out
+
+
+def test_infer_fills_attention_mask_and_token_type_ids_as_a_tokenizer_would(tmp_path):
+    srv = ServerProcess(_echo_bundle(tmp_path / "echo"))
+    try:
+        r = _quantgate("infer", "echo", "--url", srv.url, "-i", "input_ids=[[5, 7]]")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("echo [1, 2] float32") and "[[105. 107.]]" in r.stdout
+        r = _quantgate(
+            "infer", "echo", "--url", srv.url,
+            "-i", "input_ids=[[5, 7]]", "-i", "token_type_ids=[[0, 1]]",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert "[[ 105. 1107.]]" in r.stdout, r.stdout
+    finally:
+        assert srv.terminate() == 0, srv.log
+
+
+@pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="needs the openssl command to make a certificate"
+)
+def test_infer_reaches_a_tls_server_with_its_ca(repo, tmp_path):
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    srv = ServerProcess(repo / "classifier", "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        request = ("infer", "tiny-classifier", "--url", srv.url, "-i", "input_ids=[[3, 4]]")
+        plain = _quantgate(*request, "--timeout", "10")
+        assert plain.returncode == 2 and "--tls-ca" in plain.stderr, plain.stderr
+        secure = _quantgate(*request, "--tls-ca", str(cert))
+        assert secure.returncode == 0, secure.stderr
+        assert secure.stdout.startswith("logits [1, 5] float32"), secure.stdout
+    finally:
+        assert srv.terminate() == 0, srv.log
+
+
+@pytest.mark.parametrize("token", ["", "s3cret\n", "two words"])
+def test_an_auth_token_no_client_could_send_is_refused_without_echoing_it(tmp_path, token):
+    """An empty token would serve without auth, and one ending in a newline (read from a
+    file) would refuse every call; the message must not print the secret."""
+    from quantgate.errors import ConfigError
+    from quantgate.serve.config import ServeConfig
+
+    with pytest.raises(ConfigError, match="auth token") as err:
+        ServeConfig(path=tmp_path, auth_token=token)
+    assert not token.strip() or token.strip() not in str(err.value)
+    assert ServeConfig(path=tmp_path, auth_token="s3cret").auth_token == "s3cret"
