@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -222,7 +223,11 @@ def export_command(
         typer.Option(min=1, help="Calibration rows to use (length-stratified); default: all."),
     ] = None,
     search_budget: Annotated[
-        float, typer.Option(help="Seconds for the INT8 recipe search.")
+        float,
+        typer.Option(
+            help="Seconds for the INT8 recipe search: no candidate starts after it (one "
+            "already started finishes)."
+        ),
     ] = 900.0,
     fp16: Annotated[
         bool,
@@ -568,6 +573,12 @@ def serve(
     if (tls_cert is None) != (tls_key is None) or (tls_client_ca and not tls_cert):
         raise ConfigError("TLS needs both --tls-cert and --tls-key (and them for --tls-client-ca)")
     tls = TLSConfig(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None
+    if auth_token is None and os.environ.get("QUANTGATE_AUTH_TOKEN") == "":
+        auth_token = ""  # set but empty: refused below, not read as "no auth"
+    if max_queue_delay_us and not dynamic_batching:
+        raise ConfigError(
+            "--max-queue-delay-us waits to form batches; --no-dynamic-batching forms none"
+        )
     cfg = ServeConfig(
         path=path,
         host=host,
@@ -639,7 +650,7 @@ def infer(
     """Send one request to a running server and print the outputs."""
     import numpy as np
 
-    from quantgate.errors import BadRequest, ConfigError, Unavailable
+    from quantgate.errors import BadRequest, ConfigError, Unauthenticated, Unavailable
     from quantgate.serve.client import Client, ClientTLS
 
     if (tls_cert is None) != (tls_key is None):
@@ -651,6 +662,10 @@ def infer(
     with Client(url, token=token, timeout=timeout, tls=client_tls) as client:
         try:
             metadata = client.metadata(model, version)
+        except Unauthenticated as e:
+            raise Unauthenticated(
+                f"{e} (`quantgate infer` sends --token, or the QUANTGATE_AUTH_TOKEN variable)"
+            ) from e
         except Unavailable as e:
             raise Unavailable(
                 f"no server is ready at {url} ({e}). Start one with `quantgate serve BUNDLE`, "

@@ -87,6 +87,10 @@ class Cancelled(QuantgateError):
     """The client went away before its request was answered."""
 
 
+class Unauthenticated(QuantgateError):
+    """The server wants a bearer token this call did not carry, or not this one."""
+
+
 class InferenceFailed(QuantgateError):
     """ONNX Runtime failed on a request that passed validation."""
 

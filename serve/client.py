@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from quantgate.errors import BadRequest
+from quantgate.errors import BadRequest, ConfigError
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.serve import codec
@@ -30,6 +30,15 @@ class ClientTLS:
     ca: Path | None = None  # PEM roots that signed the server; None: the system's
     cert: Path | None = None  # client certificate and key, for mutual TLS
     key: Path | None = None
+
+
+def _read(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read the TLS file {path}: {e.strerror or e}") from e
 
 
 class Client:
@@ -46,8 +55,7 @@ class Client:
         if tls is None:
             self._channel = grpc.insecure_channel(url, options=options)
         else:
-            read = lambda p: p.read_bytes() if p else None  # noqa: E731
-            creds = grpc.ssl_channel_credentials(read(tls.ca), read(tls.key), read(tls.cert))
+            creds = grpc.ssl_channel_credentials(_read(tls.ca), _read(tls.key), _read(tls.cert))
             self._channel = grpc.secure_channel(url, creds, options=options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()

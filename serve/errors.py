@@ -15,6 +15,7 @@ from quantgate.errors import (
     InferenceFailed,
     ModelNotFound,
     QuantgateError,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -25,6 +26,7 @@ __all__ = [
     "InferenceFailed",
     "ModelNotFound",
     "STATUS",
+    "Unauthenticated",
     "Unavailable",
     "from_status",
     "status_of",
@@ -39,6 +41,7 @@ STATUS: dict[type[QuantgateError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
     InferenceFailed: grpc.StatusCode.INTERNAL,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,  # answered by server.BearerTokenAuth
 }
 
 

@@ -124,14 +124,18 @@ def speedup(variant: qb.Variant, provider: str) -> float:
     """The variant's measured speedup over FP32 on ``provider``; 0 without evidence."""
     if variant.precision == "fp32":
         return 1.0
-    values = [
-        g.value
+    values = [g.value for g in _speed_gates(variant, provider) if g.passed]
+    return min(values) if values else 0.0  # the slowest measured shape is the promise
+
+
+def _speed_gates(variant: qb.Variant, provider: str) -> list[qb.GateResult]:
+    """The variant's speed gates measured on ``provider`` (no provider: its own)."""
+    return [
+        g
         for g in variant.gates
         if g.name.startswith("speedup")
-        and g.passed
         and (g.provider == provider or (g.provider is None and provider in variant.providers))
     ]
-    return min(values) if values else 0.0  # the slowest measured shape is the promise
 
 
 def usable(variant: qb.Variant, provider: str) -> bool:
@@ -362,13 +366,23 @@ class Model:
         return f"{_dt(t.dtype)} {list(t.axes)}"
 
     def describe(self) -> str:
-        s = speedup(self.variant, self.provider)
         return (
             f"{self.name} v{self.version}: {self.variant.precision} ({self.variant.file}) on "
-            f"{self.provider}, "
-            + (f"speedup {s:.2f}x vs fp32" if s else "no speed gate measured on this provider")
+            f"{self.provider}, {self._speed()}"
             + (f"; {self.placement.reason()}" if self.placement is not None else "")
         )
+
+    def _speed(self) -> str:
+        """What the bundle's speed gates say of this variant on this provider."""
+        if self.variant.precision == "fp32":
+            return "the reference precision"
+        if s := speedup(self.variant, self.provider):
+            return f"speedup {s:.2f}x vs fp32"
+        failed = [g for g in _speed_gates(self.variant, self.provider) if not g.passed]
+        if failed:
+            worst = min(failed, key=lambda g: g.value)
+            return f"its speed gate failed here ({worst.name} {worst.value:.2f}x vs fp32)"
+        return "no speed gate measured on this provider"
 
 
 def _dt(dtype: np.dtype) -> str:

@@ -4,6 +4,8 @@ or bad flags with one message that names the culprit (exit 2, no traceback), and
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 import shutil
 import socket
@@ -247,3 +249,52 @@ def test_an_auth_token_no_client_could_send_is_refused_without_echoing_it(tmp_pa
         ServeConfig(path=tmp_path, auth_token=token)
     assert not token.strip() or token.strip() not in str(err.value)
     assert ServeConfig(path=tmp_path, auth_token="s3cret").auth_token == "s3cret"
+
+
+def test_serve_refuses_an_empty_token_variable_and_a_delay_with_no_batching(repo):
+    """QUANTGATE_AUTH_TOKEN= (set, empty) would serve without auth; a queue delay with
+    --no-dynamic-batching would be ignored."""
+    env = {**os.environ, "QUANTGATE_AUTH_TOKEN": ""}
+    args = ("-m", "quantgate", "serve", str(repo / "classifier"), "--port", "0")
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "the auth token is empty" in r.stderr, r.stderr
+    r = _quantgate("serve", str(repo / "classifier"), "--port", "0", "--no-dynamic-batching",
+                   "--max-queue-delay-us", "500")  # fmt: skip
+    assert r.returncode == 2 and "--no-dynamic-batching forms none" in r.stderr, r.stderr
+
+
+def test_infer_without_the_servers_token_says_how_to_send_one(repo):
+    srv = ServerProcess(repo / "classifier", "--auth-token", "s3cret")
+    try:
+        r = _quantgate("infer", "tiny-classifier", "--url", srv.url, "-i", "input_ids=[[1, 2]]")
+        assert r.returncode == 2 and "missing or invalid bearer token" in r.stderr, r.stderr
+        assert "sends --token, or the QUANTGATE_AUTH_TOKEN variable" in r.stderr, r.stderr
+        r = _quantgate("infer", "tiny-classifier", "--url", srv.url, "-i", "input_ids=[[1, 2]]",
+                       "--token", "s3cret")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    finally:
+        assert srv.terminate() == 0, srv.log
+
+
+def test_a_served_variant_is_described_by_what_its_speed_gates_said(tmp_path):
+    """An INT8 served with --precision after its speed gate failed is not 'unmeasured'."""
+    import bundles
+
+    from quantgate.serve.config import ServeConfig
+    from quantgate.serve.runtime import CPU, open_model
+
+    path = bundles.build(tmp_path / "b", verdict=qb.FAIL)
+    m = qb.load(path).manifest
+    slow = qb.GateResult("speedup_b1_s64", 0.93, 1.2, ">=", False)
+    int8 = dataclasses.replace(m.variant("int8"), gates=(slow,), providers=(CPU,))
+    variants = (m.variant("fp32"), int8)
+    qb.write_manifest(path, dataclasses.replace(m, variants=variants))
+    cfg = ServeConfig(path=path, allow_failed_gates=True, precision="int8", device="cpu")
+    assert "its speed gate failed here (speedup_b1_s64 0.93x vs fp32)" in (
+        open_model(path, cfg, CPU).describe()
+    )
+    cfg = dataclasses.replace(cfg, precision=None)
+    assert "fp32 (model.fp32.onnx) on CPUExecutionProvider, the reference precision" in (
+        open_model(path, cfg, CPU).describe()
+    )
