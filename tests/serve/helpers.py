@@ -70,5 +70,5 @@ def until(condition, timeout: float = 10.0) -> None:
     """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the batcher"
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting"
         time.sleep(0.001)
