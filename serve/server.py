@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -200,13 +201,23 @@ def _set_health(servicer: health.HealthServicer, status) -> None:
 
 def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain gracefully and return (main thread only:
-    it installs the signal handlers)."""
+    it installs the signal handlers). A second signal during the drain exits at once."""
+    if cfg.tls is not None:
+        _credentials(cfg)  # a bad TLS file is named before minutes of loading models
     engine = Engine(load_repository(cfg), cfg)
     server, port, health_servicer = create_server(cfg, engine)
     _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     stop = threading.Event()
+
+    def on_signal(signum: int, _frame) -> None:
+        if stop.is_set():  # the operator asked twice: do not wait for the drain
+            log.warning("second %s: exiting without finishing admitted requests",
+                        signal.Signals(signum).name)  # fmt: skip
+            os._exit(128 + signum)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     if cfg.metrics_port is not None:
         metrics_port = engine.metrics.serve_http(cfg.metrics_port, cfg.host)
         log.info("Prometheus metrics on http://%s:%d/metrics", cfg.host, metrics_port)

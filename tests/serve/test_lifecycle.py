@@ -8,6 +8,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -17,6 +18,8 @@ from conftest import ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import Reference, batch, inputs
 from tritonclient.utils import InferenceServerException
+
+from quantgate import bundle as qb
 
 ATOL = 1e-4
 
@@ -129,6 +132,78 @@ def test_sigterm_refuses_new_requests_on_a_stream_already_open(repo):
         c.stop_stream()
     assert error is not None and "UNAVAILABLE" in str(error), error
     assert srv.proc.wait(60) == 0, srv.log
+
+
+def _slow_bundle(out: Path) -> Path:
+    """A bundle whose model counts to its largest input id, one ONNX Loop step at a time:
+    instant on warm-up's zeros, seconds for input_ids=[[10**7]]. It holds a drain open."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    axes = ["batch", "sequence"]
+    body = helper.make_graph(
+        [helper.make_node("Add", ["count_in", "one"], ["count_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "step",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("count_in", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("count_out", TensorProto.FLOAT, [])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMax", ["input_ids"], ["steps"], keepdims=0),
+         helper.make_node("Loop", ["steps", "true", "zero"], ["count"], body=body),
+         helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["mask", "count"], ["counted"])],
+        "slow",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, axes)
+         for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("counted", TensorProto.FLOAT, axes)],
+        [helper.make_tensor("true", TensorProto.BOOL, [], [True]),
+         helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with qb.staging(out) as tmp:
+        onnx.save(model, tmp / "model.fp32.onnx")
+        spec = lambda n, dt: qb.TensorSpec(n, dt, tuple(axes))  # noqa: E731
+        qb.write_manifest(
+            tmp,
+            qb.Manifest(
+                name="slow",
+                task="feature-extraction",
+                inputs=(spec("input_ids", "int64"), spec("attention_mask", "int64")),
+                outputs=(spec("counted", "float32"),),
+                variants=(
+                    qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx")),
+                ),
+                opset=17,
+                source={"kind": "test"},
+            ),
+        )
+    return out
+
+
+def test_a_second_sigterm_does_not_wait_for_the_drain(tmp_path):
+    """A request that runs for seconds holds the drain open; the operator's second signal
+    ends the process then and there, with 128 + SIGTERM."""
+    srv = ServerProcess(_slow_bundle(tmp_path / "slow"))
+    feeds = {"input_ids": np.array([[10**7]]), "attention_mask": np.array([[1]])}
+    with tc.InferenceServerClient(srv.url) as c:
+        c.async_infer("slow", inputs(feeds), callback=lambda result, error: None)
+        time.sleep(0.3)  # the request is running its loop
+        srv.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not any("shutting down" in line for line in srv.stderr):
+            assert time.monotonic() < deadline, srv.log
+            time.sleep(0.05)
+        assert srv.proc.poll() is None, srv.log  # draining: the request still runs
+        srv.proc.send_signal(signal.SIGTERM)
+        code = srv.proc.wait(20)  # well inside the 30 s grace the drain may take
+    assert code == 128 + signal.SIGTERM, srv.log
+    assert "second SIGTERM: exiting without finishing admitted requests" in srv.log
 
 
 def test_a_cancelled_stream_cancels_the_requests_it_queued(repo):
