@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from quantgate.errors import CheckpointError
-from quantgate.fsutil import atomic_dir
+from quantgate.fsutil import atomic_dir, irreplaceable
 from quantgate.model.data import (
     N_CLASSES,
     PAD_ID,
@@ -100,6 +100,11 @@ def train(
     if out.exists() and not out.is_dir():
         raise CheckpointError(
             f"--out {out} is a file; a checkpoint is a directory. Choose another path."
+        )
+    if out.is_dir() and not is_checkpoint(out) and (why := irreplaceable(out)):
+        raise CheckpointError(
+            f"--out {out} is {why}; the checkpoint replaces the directory at --out, so "
+            "refusing (even with --force). Choose a new directory for the checkpoint."
         )
     if out.is_dir() and any(out.iterdir()) and not is_checkpoint(out) and not force:
         raise CheckpointError(

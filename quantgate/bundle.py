@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from quantgate.errors import BundleError
-from quantgate.fsutil import atomic_dir
+from quantgate.fsutil import atomic_dir, irreplaceable
 
 MANIFEST = "manifest.json"
 REPORT = "report.md"
@@ -259,7 +259,7 @@ def check_writable_target(out: Path, *, force: bool) -> None:
         raise BundleError(
             f"--out {out} is a file; expected a directory for the bundle. Choose another path."
         )
-    if out.is_dir() and not is_bundle(out) and (why := _irreplaceable(out)):
+    if out.is_dir() and not is_bundle(out) and (why := irreplaceable(out)):
         raise BundleError(
             f"--out {out} is {why}; the bundle replaces the directory at --out, so refusing "
             "(even with --force). Choose a new directory for the bundle."
@@ -269,23 +269,6 @@ def check_writable_target(out: Path, *, force: bool) -> None:
             f"--out {out} is an existing directory that is not a bundle; refusing to replace it. "
             "Choose another path, or pass --force to replace it."
         )
-
-
-def _irreplaceable(out: Path) -> str | None:
-    """Why replacing the directory ``out`` would destroy more than a bundle, else None: a
-    mistyped ``--out .`` or an empty ``--out "$DIR"`` must not take the work with it."""
-    target = out.resolve()
-    if Path.cwd().resolve().is_relative_to(target):
-        return (
-            "the current directory"
-            if target == Path.cwd().resolve()
-            else "a directory that holds the current one"
-        )
-    if target == Path.home().resolve():
-        return "the home directory"
-    if target == Path(target.anchor):
-        return "the root directory"
-    return None
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:

@@ -34,6 +34,22 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def irreplaceable(out: Path) -> str | None:
+    """Why replacing the directory ``out`` would destroy more than what was written there,
+    else None: a mistyped ``--out .`` or an empty ``--out "$DIR"`` must not take the work
+    with it, even with --force."""
+    target, here = Path(out).resolve(), Path.cwd().resolve()
+    if here.is_relative_to(target):
+        return (
+            "the current directory" if target == here else "a directory that holds the current one"
+        )
+    if target == Path.home().resolve():
+        return "the home directory"
+    if target == Path(target.anchor):
+        return "the root directory"
+    return None
+
+
 def _umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it
     os.umask(mask)

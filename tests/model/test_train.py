@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -180,3 +181,14 @@ def test_a_failed_checkpoint_write_is_a_clear_error_and_leaves_nothing(tmp_path,
     with pytest.raises(CheckpointError, match="No space left on device.*nothing was changed"):
         train(tmp_path / "ckpt", model_cfg=tiny_cfg(), cfg=QUICK)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_force_never_replaces_the_directory_training_runs_in(tmp_path, monkeypatch):
+    """`quantgate train --out . --force` would rename the checkpoint over the work."""
+    (tmp_path / "notes.txt").write_text("precious")
+    monkeypatch.chdir(tmp_path)
+    steps = []
+    for out in (Path("."), tmp_path.parent):
+        with pytest.raises(CheckpointError, match="refusing .even with --force"):
+            train(out, force=True, on_step=lambda *a: steps.append(a))
+    assert not steps and (tmp_path / "notes.txt").read_text() == "precious"
