@@ -203,9 +203,10 @@ class Model:
         *,
         io_binding: bool = False,
         placement_report: placement.PlacementReport | None = None,
+        version: str | None = None,
     ):
         self.name = name
-        self.version = str(bundle.manifest.version)
+        self.version = version or str(bundle.manifest.version)  # a repository's folder wins
         self.bundle = bundle
         self.variant = variant
         self.provider = provider
@@ -389,8 +390,16 @@ def _dt(dtype: np.dtype) -> str:
     return datatype(dtype)
 
 
-def open_model(path: Path, cfg: ServeConfig, provider: str, *, name: str | None = None) -> Model:
-    """Load and verify one bundle, choose its variant, and open an ONNX Runtime session."""
+def open_model(
+    path: Path,
+    cfg: ServeConfig,
+    provider: str,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+) -> Model:
+    """Load and verify one bundle, choose its variant, and open an ONNX Runtime session.
+    ``name`` and ``version`` default to the manifest's (a repository passes its folders')."""
     bundle = qb.load(path, verify=True)  # every variant's sha256, not only the one served
     manifest = bundle.manifest
     if manifest.verdict != qb.PASS:
@@ -417,7 +426,7 @@ def open_model(path: Path, cfg: ServeConfig, provider: str, *, name: str | None 
         if cfg.device == "cuda":
             raise ServeError(why + ". Fix the CUDA install or use --device cpu.")
         log.warning("%s; serving on the CPU", why)
-        return open_model(path, cfg, CPU, name=name)
+        return open_model(path, cfg, CPU, name=name, version=version)
     variant, session, report = _placement_checked(bundle, cfg, provider, variant, session, report)
     use_binding = cfg.io_binding == "on" or (cfg.io_binding == "auto" and provider == CUDA)
     model = Model(
@@ -429,6 +438,7 @@ def open_model(path: Path, cfg: ServeConfig, provider: str, *, name: str | None 
         cfg.max_batch_size,
         io_binding=use_binding,
         placement_report=report,
+        version=version,
     )
     log.info("loaded %s", model.describe())
     return model
@@ -565,11 +575,11 @@ def load_repository(cfg: ServeConfig) -> Repository:
     either a bundle (its manifest's version) or holds one bundle per version folder::
 
         repo/digits/manifest.json ...        model "digits", the manifest's version
-        repo/minilm/1/manifest.json ...      model "minilm", version 1
+        repo/minilm/1/manifest.json ...      model "minilm", version 1 (the folder's name,
+        repo/minilm/2/manifest.json ...      as in Triton: copy a bundle in as the next one)
 
     Every model folder is opened, and every problem found (a bundle that fails to load, a
-    folder that holds no bundle, a version folder that is not a number or disagrees with
-    its manifest) is listed in one ServeError: a server never starts without a model its
+    folder that holds no bundle, a version folder that is not a number) is listed in one ServeError: a server never starts without a model its
     repository names. Folders whose name starts with "." are skipped.
     """
     root = Path(cfg.path)
@@ -628,13 +638,4 @@ def _open_model_folder(folder: Path, cfg: ServeConfig, provider: str) -> list[Mo
             f"{folder} holds bundles in {misnamed}: version folders are named by their "
             "version number (1, 2, ...); rename them"
         )
-    models = []
-    for sub in subs:
-        m = open_model(sub, cfg, provider, name=folder.name)
-        if m.version != sub.name:
-            raise ServeError(
-                f"{sub}: folder says version {sub.name}, manifest says {m.version}; rename "
-                f"the folder to {m.version}"
-            )
-        models.append(m)
-    return models
+    return [open_model(sub, cfg, provider, name=folder.name, version=sub.name) for sub in subs]

@@ -42,7 +42,6 @@ def test_a_repository_lists_every_model_folder_it_cannot_serve(repo, tmp_path):
     shutil.copytree(classifier, root / "tampered")
     with open(root / "tampered" / "model.fp32.onnx", "ab") as f:
         f.write(b"\0")
-    shutil.copytree(encoder, root / "mismatch" / "2")  # its manifest says version 1
     shutil.copytree(classifier, root / "mixed")  # a bundle that also holds a version folder
     shutil.copytree(encoder, root / "mixed" / "2")
     (root / ".cache").mkdir()  # hidden folders are not models
@@ -54,10 +53,9 @@ def test_a_repository_lists_every_model_folder_it_cannot_serve(repo, tmp_path):
         "named": "['v1']: version folders are named by their version number",
         "typo": "holds no bundle",
         "tampered": "the file was changed after export",
-        "mismatch": "folder says version 2, manifest says 1",
         "mixed": "is a bundle and also holds bundles in ['2']",
     }
-    assert "5 of its model folders cannot be served" in message, message
+    assert "4 of its model folders cannot be served" in message, message
     for folder, words in expected.items():
         line = next((x for x in message.splitlines() if x.startswith(f"  - {folder}: ")), "")
         assert words in line, (folder, message)
@@ -66,6 +64,19 @@ def test_a_repository_lists_every_model_folder_it_cannot_serve(repo, tmp_path):
     for folder in expected:
         shutil.rmtree(root / folder)
     assert [(m.name, m.version) for m in load_repository(ServeConfig(path=root))] == [("good", "1")]
+
+
+def test_a_version_folder_names_the_version_as_in_triton(repo, tmp_path):
+    """Every bundle's manifest says version 1; copied in as minilm/2 it is version 2."""
+    from quantgate.serve.config import ServeConfig
+    from quantgate.serve.runtime import load_repository
+
+    root = tmp_path / "repo"
+    for version in ("1", "2"):
+        shutil.copytree(repo / "encoder" / "1", root / "encoder" / version)
+    served = load_repository(ServeConfig(path=root, device="cpu"))
+    assert sorted(m.version for m in served) == ["1", "2"]
+    assert served.get("encoder").version == "2"  # no version asked: the newest
 
 
 def test_one_models_folder_is_not_taken_for_a_repository(repo):
