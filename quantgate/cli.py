@@ -223,24 +223,33 @@ def export_command(
         typer.Option(min=1, help="Calibration rows to use (length-stratified); default: all."),
     ] = None,
     search_budget: Annotated[
-        float,
+        float | None,
         typer.Option(
-            help="Seconds for the INT8 recipe search: no candidate starts after it (one "
-            "already started finishes)."
+            help="Seconds for the INT8 recipe search (default 900): no candidate starts "
+            "after it (one already started finishes).",
+            show_default=False,
         ),
-    ] = 900.0,
+    ] = None,
     fp16: Annotated[
-        bool,
-        typer.Option(help="Also ship an FP16 variant for CUDA, gated on fidelity against FP32."),
-    ] = True,
-    cuda_gates: Annotated[
-        bool,
+        bool | None,
         typer.Option(
+            "--fp16/--no-fp16",
+            help="Also ship an FP16 variant for CUDA, gated on fidelity against FP32 "
+            "(default: yes).",
+            show_default=False,
+        ),
+    ] = None,
+    cuda_gates: Annotated[
+        bool | None,
+        typer.Option(
+            "--cuda-gates/--no-cuda-gates",
             help="Where a CUDA GPU is present: time every variant on the CUDA provider "
             "(FP16 must be 1.2x FP32 at batch 128 and not slower at batch 1; nodes that fall "
-            "back to the CPU fail it). INT8 slower on CUDA is marked not for CUDA."
+            "back to the CPU fail it). INT8 slower on CUDA is marked not for CUDA (default: "
+            "yes).",
+            show_default=False,
         ),
-    ] = True,
+    ] = None,
     max_accuracy_drop: _MaxDrop = None,
     min_speedup: _MinSpeedup = None,
     min_cosine: _MinCosine = None,
@@ -269,6 +278,7 @@ def export_command(
     if no_quantize:
         _refuse_unused_quantize_flags(
             calibration=calibration, eval=eval_data, samples=samples,
+            search_budget=search_budget, fp16=fp16, cuda_gates=cuda_gates,
             max_accuracy_drop=max_accuracy_drop, min_speedup=min_speedup,
             min_cosine=min_cosine, min_top1=min_top1, gate_config=gate_config,
         )  # fmt: skip
@@ -282,11 +292,9 @@ def export_command(
             if path is not None:
                 check_path(path, flag)  # before minutes of export, not after
         gates = _gate_config(gate_config, max_accuracy_drop, min_speedup, min_cosine, min_top1)
+        given = dict(search_budget_s=search_budget, fp16=fp16, cuda_gates=cuda_gates)
         quant = QuantConfig(
-            search_budget_s=search_budget,
-            calibration_samples=samples,
-            fp16=fp16,
-            cuda_gates=cuda_gates,
+            calibration_samples=samples, **{k: v for k, v in given.items() if v is not None}
         )
         try:
             with progress() as bar:
@@ -322,11 +330,12 @@ def _refuse_unused_quantize_flags(**given) -> None:
     """--no-quantize with flags of the INT8 step: refuse rather than silently ignore them."""
     from quantgate.errors import ConfigError
 
-    if unused := ["--" + k.replace("_", "-") for k, v in given.items() if v is not None]:
+    flag = lambda k, v: ("--no-" if v is False else "--") + k.replace("_", "-")  # noqa: E731
+    if unused := [flag(k, v) for k, v in given.items() if v is not None]:
         raise ConfigError(
-            f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} for INT8 quantization "
-            "and its gates, which --no-quantize skips. Drop --no-quantize to run them, or drop "
-            f"{'that flag' if len(unused) == 1 else 'those flags'}."
+            f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} for quantization (INT8, "
+            "FP16) and its gates, which --no-quantize skips. Drop --no-quantize to run them, "
+            f"or drop {'that flag' if len(unused) == 1 else 'those flags'}."
         )
 
 

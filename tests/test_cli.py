@@ -88,6 +88,11 @@ def test_no_quantize_refuses_the_flags_of_the_step_it_skips(cli, tmp_path):
     r = cli("export", "--no-quantize", tmp_path / "model", "--out", out,
             "--eval", tmp_path / "ev.jsonl", "--min-speedup", "2")  # fmt: skip
     assert r.code == 2 and not out.exists()
-    assert "--eval, --min-speedup are for INT8 quantization" in " ".join(r.stderr.split())
+    assert "--eval, --min-speedup are for quantization" in " ".join(r.stderr.split())
     r = cli("export", "--no-quantize", tmp_path / "model", "--out", out, "--samples", "8")
-    assert r.code == 2 and "--samples is for INT8" in r.stderr and "drop that flag" in r.stderr
+    assert r.code == 2 and "--samples is for quantization" in r.stderr, r.stderr
+    assert "drop that flag" in r.stderr
+    r = cli("export", "--no-quantize", tmp_path / "model", "--out", out,
+            "--no-fp16", "--search-budget", "60", "--cuda-gates")  # fmt: skip
+    err = " ".join(r.stderr.split())
+    assert r.code == 2 and "--search-budget, --no-fp16, --cuda-gates are for" in err, err
