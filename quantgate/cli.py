@@ -524,6 +524,9 @@ def serve(
     device: Annotated[
         str, typer.Option(help="auto (CUDA when onnxruntime has it, else CPU), cuda or cpu.")
     ] = "auto",
+    cuda_device: Annotated[
+        int, typer.Option(min=0, help="Which GPU, as CUDA numbers them (nvidia-smi lists them).")
+    ] = 0,
     max_batch_size: Annotated[
         int, typer.Option(min=1, help="Largest batch per request and per formed batch.")
     ] = 32,
@@ -540,6 +543,16 @@ def serve(
     threads: Annotated[
         int, typer.Option(min=0, help="ONNX Runtime intra-op threads (0: its default).")
     ] = 0,
+    max_message_bytes: Annotated[
+        int, typer.Option(min=1, help="Largest request or response; beyond it RESOURCE_EXHAUSTED.")
+    ] = 64 << 20,
+    shutdown_grace: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds admitted requests get to finish after SIGTERM (a second exits now).",
+        ),
+    ] = 30.0,
     precision: Annotated[
         str | None,
         typer.Option(
@@ -599,6 +612,9 @@ def serve(
         dynamic_batching=dynamic_batching,
         instances=instances,
         intra_op_threads=threads,
+        cuda_device_id=cuda_device,
+        max_message_bytes=max_message_bytes,
+        shutdown_grace_s=shutdown_grace,
         precision=precision,
         allow_failed_gates=allow_failed_gates,
         metrics_port=metrics_port,

@@ -30,7 +30,6 @@ from quantgate.errors import ConfigError, QuantizeError
 from quantgate.quantize.data import DataSource, counted
 from quantgate.quantize.gates import (
     GateConfig,
-    Outputs,
     accuracy_gates,
     check_evaluation,
     collect,
@@ -148,7 +147,6 @@ class NodeCost:
 class SearchResult:
     candidates: tuple[Candidate, ...]
     chosen: Candidate | None  # the fastest passing candidate; None when none passed
-    reference: Outputs  # FP32 outputs on the evaluation data
     seconds: float
     budget_s: float
     skipped: tuple[str, ...] = ()  # recipes not tried because the budget ran out
@@ -264,7 +262,6 @@ def search(
     return SearchResult(
         candidates=tuple(candidates),
         chosen=chosen,
-        reference=reference,
         seconds=time.monotonic() - t0,
         budget_s=quant_cfg.search_budget_s,
         skipped=tuple(skipped),

@@ -41,7 +41,7 @@ class ServeConfig:
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (the physical cores)
     allow_failed_gates: bool = False  # serve a bundle whose verdict is fail (its FP32 variant)
     precision: str | None = None  # force a variant instead of the fastest that passed
-    warmup: bool = True  # run each model once per batching bucket before reporting ready
+    warmup: bool = True  # run each model at three shapes before reporting ready (Engine.warm_up)
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off
     tls: TLSConfig | None = None
     auth_token: str | None = None  # required as "authorization: Bearer <token>" when set

@@ -50,10 +50,10 @@ class Engine:
             self.metrics.queue_depth.labels(m.name, m.version).set_function(lambda b=b: b.depth)
 
     def warm_up(self) -> None:
-        """Run every model at each bucket it will see before reporting ready.
+        """Run every model at three shapes before reporting ready: one short row, one row
+        of the longest bucket (up to 128), and a full batch of short rows.
 
-        ONNX Runtime allocates and plans on the first run of each shape; a client should
-        not pay for that.
+        ONNX Runtime allocates and plans on the first runs; a client should not pay for that.
         """
         for m in self.repository:
             longest = min(bucket(128), m.max_sequence or bucket(128))

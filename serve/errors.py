@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 
-# Checked in this order: the first class an error is an instance of gives its code.
+# An error's code is that of the nearest class in its MRO found here (status_of).
 STATUS: dict[type[QuantgateError], grpc.StatusCode] = {
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     BadRequest: grpc.StatusCode.INVALID_ARGUMENT,

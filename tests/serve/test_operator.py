@@ -309,3 +309,22 @@ def test_a_served_variant_is_described_by_what_its_speed_gates_said(tmp_path):
     assert "fp32 (model.fp32.onnx) on CPUExecutionProvider, the reference precision" in (
         open_model(path, cfg, CPU).describe()
     )
+
+
+def test_max_message_bytes_sets_the_limit_grpc_enforces(repo):
+    import numpy as np
+    import tritonclient.grpc as tc
+    from helpers import inputs
+    from tritonclient.utils import InferenceServerException
+
+    srv = ServerProcess(repo / "classifier", "--max-message-bytes", "4096")
+    try:
+        with tc.InferenceServerClient(srv.url) as c:
+            small = np.ones((1, 8), dtype=np.int64)
+            assert c.infer("tiny-classifier", inputs({"input_ids": small, "attention_mask": small}))
+            big = np.ones((1, 400), dtype=np.int64)  # 6.4 KB of inputs
+            with pytest.raises(InferenceServerException) as err:
+                c.infer("tiny-classifier", inputs({"input_ids": big, "attention_mask": big}))
+            assert "RESOURCE_EXHAUSTED" in err.value.status()
+    finally:
+        assert srv.terminate() == 0, srv.log
