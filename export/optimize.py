@@ -20,8 +20,8 @@ from quantgate.errors import ExportError
 
 log = logging.getLogger(__name__)
 
-# The families the issue names, and the fused op types that count for each. Other fused ops
-# (a plain LayerNormalization, say) still appear in the per-op counts.
+# The fusion families reported, and the fused op types that count for each. Other fused
+# ops (a plain LayerNormalization, say) still appear in the per-op counts.
 FUSION_FAMILIES: dict[str, tuple[str, ...]] = {
     "Attention": ("Attention", "MultiHeadAttention"),
     "SkipLayerNormalization": ("SkipLayerNormalization",),

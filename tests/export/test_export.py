@@ -27,7 +27,7 @@ from quantgate.model.data import PAD_ID, load_digits_splits
 from quantgate.model.loaders import load_model
 from quantgate.model.train import load_checkpoint
 
-TOL = 1e-4  # the bar: max abs diff vs PyTorch at every validated shape
+TOL = 1e-4  # the default bar: max abs diff vs PyTorch at every validated shape
 
 
 @pytest.fixture(scope="module")
