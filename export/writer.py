@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from quantgate.bundle import (
+    CPU,
+    CUDA,
     FAIL,
     MANIFEST,
     PASS,
@@ -44,7 +46,7 @@ class ExtraVariant:
     path: Path  # the file to copy in as model.<precision>.onnx
     precision: str  # "int8" or "fp16"
     gates: tuple[GateResult, ...] = ()
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    providers: tuple[str, ...] = (CPU,)
     recipe: dict[str, Any] | None = None
     not_for: tuple[str, ...] = ()
     notes: str = ""
@@ -173,7 +175,7 @@ def _fp32_variant(result: ExportResult, file: Path) -> Variant:
         file=file.name,
         precision="fp32",
         sha256=result.sha256,
-        providers=("CPUExecutionProvider", "CUDAExecutionProvider"),
+        providers=(CPU, CUDA),
         gates=gates,
         notes=f"{result.exporter.value} exporter, opset {result.opset}"
         + (", ONNX Runtime transformer fusions" if result.fusions else ""),

@@ -39,6 +39,10 @@ PASS, FAIL = "pass", "fail"
 PRECISIONS = ("fp32", "int8", "fp16")
 
 
+# The execution providers a variant is meant for (ONNX Runtime's names).
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One model input or output. ``dims`` mixes ints and symbolic axis names ("batch")."""
@@ -69,7 +73,7 @@ class Variant:
     file: str
     precision: str  # one of PRECISIONS
     sha256: str
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # where it is meant to run
+    providers: tuple[str, ...] = (CPU,)  # where it is meant to run
     recipe: dict[str, Any] | None = None  # quantization recipe, as a plain value
     gates: tuple[GateResult, ...] = ()
     verdict: str = PASS  # "pass" or "fail"; the FP32 reference passes by validation

@@ -53,9 +53,8 @@ from pathlib import Path
 
 import onnx
 
-from quantgate.bundle import GateResult
+from quantgate.bundle import CPU, CUDA, GateResult
 
-CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 TO_HOST, FROM_HOST = "MemcpyToHost", "MemcpyFromHost"
 MEMCPY = (TO_HOST, FROM_HOST)
 # The session config entry that makes ORT record each node's provider (see ``record``).

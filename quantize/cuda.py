@@ -31,10 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from quantgate import placement
-from quantgate.bundle import GateResult, TensorSpec
+from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec
 from quantgate.quantize.gates import session, speed_feeds, time_interleaved
-
-CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from quantgate.bundle import GateResult
+from quantgate.bundle import CPU, GateResult
 from quantgate.errors import QuantizeError
 from quantgate.quantize.gates import flat_rows, row_cosine, session
 
 log = logging.getLogger(__name__)
-
-CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
 
 @dataclass(frozen=True)

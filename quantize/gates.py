@@ -45,13 +45,12 @@ from typing import Any
 
 import numpy as np
 
-from quantgate.bundle import GateResult, TensorSpec
+from quantgate.bundle import CPU, GateResult, TensorSpec
 from quantgate.errors import ConfigError, DataError
 from quantgate.quantize.data import DataSource
 
 log = logging.getLogger(__name__)
 
-CPU = "CPUExecutionProvider"
 MIN_SAMPLE_S = 0.03  # shortest timed sample; faster runs are repeated within one
 NN_BLOCK = 1 << 22  # cosine similarities held at once for nearest neighbours (32 MB)
 CLASSIFIER_TASKS = ("classification", "sequence-classification", "digits")

@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from quantgate import bundle as qb
 from quantgate import placement
+from quantgate.bundle import CPU, CUDA
 from quantgate.errors import BadRequest, BundleError, QuantgateError, ServeError
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.dtypes import datatype
@@ -24,7 +25,6 @@ from quantgate.serve.errors import InferenceFailed, ModelNotFound
 
 log = logging.getLogger(__name__)
 
-CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 MASK = "attention_mask"  # the input that tells padding from tokens
 # What a provider serves when no variant has measured speed evidence there. On CUDA that is
 # FP16 (2.11x FP32 on an H200, while INT8 fell back to the CPU: docs/BENCHMARKS.md);
