@@ -16,6 +16,7 @@ exact smoothing as quantgate's own graph (``graph.py``), then handed to ORT.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import tempfile
@@ -42,7 +43,16 @@ class _NoPreprocessAdvice(logging.Filter):
         return not str(record.msg).startswith("Please consider")
 
 
-logging.getLogger().addFilter(_NoPreprocessAdvice())
+@contextlib.contextmanager
+def _without_preprocess_advice() -> Iterator[None]:
+    """While ORT quantizes: its root-logger advice is filtered, and only then."""
+    advice, root = _NoPreprocessAdvice(), logging.getLogger()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+
 
 # Most feeds ORT's calibrator holds before it reduces them to running statistics.
 MAX_STRIDE = 16
@@ -160,25 +170,26 @@ def _static(src: Path, recipe: Recipe, calibration: Calibration, out: Path, fmt)
         reader = _Reader(calibration, {i.name for i in model.graph.input})
         if len(reader) == 0:
             raise DataError("the calibration source yielded no feeds; give it at least one")
-        q.quantize_static(
-            str(model_path),
-            str(out),
-            reader,
-            quant_format=fmt,
-            op_types_to_quantize=list(recipe.op_types),
-            per_channel=recipe.per_channel,
-            reduce_range=recipe.reduce_range,
-            activation_type=_qtype(recipe.activation_type),
-            weight_type=_qtype(recipe.weight_type),
-            nodes_to_quantize=todo,
-            calibrate_method=_method(recipe.calibration),
-            extra_options={
-                "ActivationSymmetric": recipe.activation_symmetric,
-                "WeightSymmetric": recipe.weight_symmetric,
-                "CalibStridedMinMax": reader.stride(),
-                "DefaultTensorType": TensorProto.FLOAT,  # com.microsoft outputs have no type
-            },
-        )
+        with _without_preprocess_advice():
+            q.quantize_static(
+                str(model_path),
+                str(out),
+                reader,
+                quant_format=fmt,
+                op_types_to_quantize=list(recipe.op_types),
+                per_channel=recipe.per_channel,
+                reduce_range=recipe.reduce_range,
+                activation_type=_qtype(recipe.activation_type),
+                weight_type=_qtype(recipe.weight_type),
+                nodes_to_quantize=todo,
+                calibrate_method=_method(recipe.calibration),
+                extra_options={
+                    "ActivationSymmetric": recipe.activation_symmetric,
+                    "WeightSymmetric": recipe.weight_symmetric,
+                    "CalibStridedMinMax": reader.stride(),
+                    "DefaultTensorType": TensorProto.FLOAT,  # com.microsoft outputs have no type
+                },
+            )
         quantized = _which_quantized(model, out, todo)
     return quantized, kept + [n for n in todo if n not in quantized]
 
@@ -204,20 +215,21 @@ def quantize_dynamic(src: Path, recipe: Recipe, calibration: Calibration, out: P
         model_path = _smoothed(src, recipe, calibration, Path(tmp))
         model = onnx.load(str(model_path))
         todo, kept = _eligible(model, recipe)
-        q.quantize_dynamic(
-            str(model_path),
-            str(out),
-            op_types_to_quantize=list(recipe.op_types),
-            per_channel=recipe.per_channel,
-            reduce_range=recipe.reduce_range,
-            weight_type=_qtype(recipe.weight_type),
-            nodes_to_quantize=todo,
-            extra_options={
-                "WeightSymmetric": recipe.weight_symmetric,
-                # Shape inference cannot type com.microsoft outputs (fused graphs): without
-                # this ORT fails with "Unable to find data type for weight_name".
-                "DefaultTensorType": TensorProto.FLOAT,
-            },
-        )
+        with _without_preprocess_advice():
+            q.quantize_dynamic(
+                str(model_path),
+                str(out),
+                op_types_to_quantize=list(recipe.op_types),
+                per_channel=recipe.per_channel,
+                reduce_range=recipe.reduce_range,
+                weight_type=_qtype(recipe.weight_type),
+                nodes_to_quantize=todo,
+                extra_options={
+                    "WeightSymmetric": recipe.weight_symmetric,
+                    # Shape inference cannot type com.microsoft outputs (fused graphs): without
+                    # this ORT fails with "Unable to find data type for weight_name".
+                    "DefaultTensorType": TensorProto.FLOAT,
+                },
+            )
         quantized = _which_quantized(model, out, todo)
     return quantized, kept + [n for n in todo if n not in quantized]

@@ -173,3 +173,18 @@ def test_minilm_smoothed_static_int8(tmp_path):
     assert np.mean(cos) >= 0.99, np.mean(cos)
     worst = node_sensitivity(res.onnx, qm, list(feeds(cal[:16])), top_k=3)
     assert len(worst) == 3 and all(0 < e < 0.5 for _, e in worst)
+
+
+def test_orts_preprocessing_advice_is_filtered_while_it_quantizes_and_only_then(tmp_path, caplog):
+    """quantgate quantizes fused graphs on purpose; ORT's root-logger advice to pre-process
+    them is noise, but the filter must not outlive the call (a library leaves logging be)."""
+    import logging
+
+    src = mlp(tmp_path / "mlp.onnx")
+    with caplog.at_level(logging.INFO):
+        quantize(src, ORT_STATIC_QDQ, lambda: iter(mlp_feeds(4)), tmp_path / "q.onnx",
+                 unfused_model=src)  # fmt: skip
+        logging.getLogger().warning("Please consider this one: it is not ORT's")
+    advice = [r for r in caplog.records if str(r.msg).startswith("Please consider")]
+    assert [str(r.msg) for r in advice] == ["Please consider this one: it is not ORT's"]
+    assert logging.getLogger().filters == []
