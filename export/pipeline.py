@@ -30,7 +30,7 @@ from quantgate.export.exporters import opset_of, to_onnx
 from quantgate.export.optimize import fuse, fusion_summary
 from quantgate.export.validation import (
     Case,
-    Outputs,
+    TorchOutputs,
     ValidationReport,
     build_cases,
     input_specs,
@@ -52,7 +52,7 @@ StageCallback = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
-class Candidate:
+class ExporterRun:
     """What one exporter produced: the file to ship and the evidence for it."""
 
     onnx: Path  # fused when cfg.optimize, validated either way
@@ -80,7 +80,7 @@ class ExportResult:
     opset: int
     exporter: Exporter  # the one that produced ``onnx``
     cases: tuple[Case, ...]  # validation shapes, as ONNX Runtime feeds
-    references: tuple[Outputs, ...]  # PyTorch's outputs for each case
+    references: tuple[TorchOutputs, ...]  # PyTorch's outputs for each case
     validation: ValidationReport  # of ``onnx``
     unfused_validation: ValidationReport  # of ``unfused_onnx``
     fusions: dict[str, int]  # fused op type -> count
@@ -206,11 +206,11 @@ def _export_one(
     workdir: Path,
     exporter: Exporter,
     cases: tuple[Case, ...],
-    refs: tuple[Outputs, ...],
+    refs: tuple[TorchOutputs, ...],
     outputs: tuple[TensorSpec, ...],
     cfg: ExportConfig,
     on_stage: StageCallback | None,
-) -> Candidate:
+) -> ExporterRun:
     check = dict(inputs=model.input_names, outputs=model.outputs, atol=cfg.atol, rtol=cfg.rtol)
     raw = workdir / f"{exporter.value}-export.onnx"
     _stage(on_stage, f"exporting ({exporter.value})", 2)
@@ -219,13 +219,13 @@ def _export_one(
     _stage(on_stage, f"validating at {len(cases)} shapes", 3)
     raw_report = validate(raw, cases, refs, **check)
     if not cfg.optimize:
-        return Candidate(raw, raw, raw_report, raw_report, {})
+        return ExporterRun(raw, raw, raw_report, raw_report, {})
     fused_path = workdir / f"{exporter.value}-fused.onnx"
     _stage(on_stage, "fusing (ONNX Runtime transformer optimizer)", 4)
     fusions = fuse(raw, fused_path, num_heads=model.num_heads, hidden_size=model.hidden_size)
     _stage(on_stage, "validating the fused graph", 5)
     fused_report = validate(fused_path, cases, refs, **check)
-    return Candidate(fused_path, raw, fused_report, raw_report, fusions)
+    return ExporterRun(fused_path, raw, fused_report, raw_report, fusions)
 
 
 def _combine(errors: list[ExportError], order: tuple[Exporter, ...]) -> ExportError:

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 BATCH, SEQUENCE = "batch", "sequence"
 Feeds = dict[str, np.ndarray]
-Outputs = tuple[np.ndarray, ...]
+TorchOutputs = tuple[np.ndarray, ...]
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def _padded_case(
     return Case(name, case.feeds, padded_rows=int((lengths < seq).sum()))
 
 
-def reference_outputs(model: LoadedModel, cases: Sequence[Case]) -> list[Outputs]:
+def reference_outputs(model: LoadedModel, cases: Sequence[Case]) -> list[TorchOutputs]:
     """PyTorch's outputs for every case: the ground truth the ONNX files must match."""
     import torch
 
@@ -183,7 +183,7 @@ def input_specs(model: LoadedModel) -> tuple[TensorSpec, ...]:
 
 
 def output_specs(
-    names: Sequence[str], cases: Sequence[Case], refs: Sequence[Outputs]
+    names: Sequence[str], cases: Sequence[Case], refs: Sequence[TorchOutputs]
 ) -> tuple[TensorSpec, ...]:
     """Name each output dim by how it moved across the cases: batch, sequence, or fixed."""
     specs = []
@@ -209,7 +209,7 @@ def output_specs(
 def validate(
     onnx_path: Path,
     cases: Sequence[Case],
-    refs: Sequence[Outputs],
+    refs: Sequence[TorchOutputs],
     *,
     inputs: Sequence[str],
     outputs: Sequence[str],

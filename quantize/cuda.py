@@ -47,7 +47,7 @@ class CudaGateConfig:
 
 
 @dataclass(frozen=True)
-class Timing:
+class CudaTiming:
     shape: tuple[int, int]
     ms: dict[str, float]  # variant -> median ms
     speedup: dict[str, float]  # variant -> median of per-pair FP32/variant ratios
@@ -98,7 +98,7 @@ def measure(
     cfg: CudaGateConfig = CudaGateConfig(),
     *,
     provider: str = CUDA,
-) -> list[Timing]:
+) -> list[CudaTiming]:
     """Time every model in ``files`` (one must be "fp32") at both shapes, interleaved."""
     # Spin-free, as the CPU speed gates: timed in turn, one session's idle CPU threads (INT8's
     # ops that fall back to the CPU) would spin into the next one's run.
@@ -110,7 +110,7 @@ def measure(
         t = time_interleaved(runners, warmup=cfg.warmup, budget_s=cfg.budget_s, pairs=cfg.pairs)
         base = t["fp32"]
         out.append(
-            Timing(
+            CudaTiming(
                 shape=shape,
                 ms={k: statistics.median(v) for k, v in t.items()},
                 speedup={
@@ -125,7 +125,7 @@ def measure(
 
 def gates(
     name: str,
-    timings: Sequence[Timing],
+    timings: Sequence[CudaTiming],
     cfg: CudaGateConfig,
     *,
     report: placement.PlacementReport | None = None,
@@ -191,7 +191,9 @@ def gate_variants(
     cfg: CudaGateConfig = CudaGateConfig(),
     *,
     provider: str = CUDA,
-) -> tuple[dict[str, tuple[GateResult, ...]], list[Timing], dict[str, placement.PlacementReport]]:
+) -> tuple[
+    dict[str, tuple[GateResult, ...]], list[CudaTiming], dict[str, placement.PlacementReport]
+]:
     """Placement and speed gates on ``provider`` for every variant against ``fp32``.
 
     Returns the gates per variant, the timings behind them and the placement reports.
@@ -208,7 +210,7 @@ def gate_variants(
 
 __all__ = [
     "CudaGateConfig",
-    "Timing",
+    "CudaTiming",
     "apply_gates",
     "available",
     "gate_variants",

@@ -15,9 +15,9 @@ from quantgate.quantize import cuda, fp16
 CFG = cuda.CudaGateConfig(throughput=(4, 16), latency=(1, 16), pairs=5, budget_s=0.5)
 
 
-def timing(throughput: float, latency: float) -> list[cuda.Timing]:
+def timing(throughput: float, latency: float) -> list[cuda.CudaTiming]:
     def one(shape, x):
-        return cuda.Timing(shape, {"fp32": 2.0, "fp16": 2.0 / x}, {"fp32": 1.0, "fp16": x}, 9)
+        return cuda.CudaTiming(shape, {"fp32": 2.0, "fp16": 2.0 / x}, {"fp32": 1.0, "fp16": x}, 9)
 
     return [one(CFG.throughput, throughput), one(CFG.latency, latency)]
 
