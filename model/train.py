@@ -12,7 +12,6 @@ training config and data is reused instead of retrained.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from quantgate.bundle import sha256_file
 from quantgate.errors import CheckpointError
 from quantgate.fsutil import atomic_dir, irreplaceable
 from quantgate.model.data import (
@@ -69,10 +69,6 @@ class TrainResult:
     reused: bool
     seconds: float
     history: list[dict] = field(default_factory=list)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @torch.no_grad()
@@ -162,7 +158,7 @@ def train(
                 "model": model_cfg.to_dict(),
                 "train": asdict(cfg),
                 "data_sha256": data_hash,
-                "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
+                "weights_sha256": sha256_file(tmp / WEIGHTS_FILE),
                 "metrics": {"test_accuracy": test_acc, "n_test": len(test)},
                 "inputs": {"input_ids": [None, SEQ_LEN], "attention_mask": [None, SEQ_LEN]},
                 "torch": torch.__version__,
@@ -247,7 +243,7 @@ def load_checkpoint(path: str | Path) -> tuple[EncoderClassifier, dict]:
         model_cfg = ModelConfig(**info["model"])
     except Exception as e:  # noqa: BLE001 - any parse problem is a corrupt checkpoint
         raise CheckpointError(f"{cfg_path} is corrupt ({type(e).__name__}: {e}). {hint}") from e
-    digest = _sha256(weights)
+    digest = sha256_file(weights)
     if digest != info.get("weights_sha256"):
         raise CheckpointError(
             f"{weights} does not match its config (sha256 {digest[:12]}..., expected "

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from quantgate.bundle import Manifest, TensorSpec
+from quantgate.bundle import Manifest, TensorSpec, sha256_file
 from quantgate.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def check_held_out(calibration: DataSpec | None, evaluation: DataSpec | None) ->
         return
     cal, ev = check_path(calibration, "--calibration"), check_path(evaluation, "--eval")
     same = cal.resolve() == ev.resolve() or (
-        cal.stat().st_size == ev.stat().st_size and _file_digest(cal) == _file_digest(ev)
+        cal.stat().st_size == ev.stat().st_size and sha256_file(cal) == sha256_file(ev)
     )
     if same:
         raise DataError(
@@ -392,7 +392,7 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
     lengths = _row_lengths(feeds, model)
     keep = stratified(lengths, samples)
     del feeds, labels  # re-read per pass: arrays load one .npy member at a time
-    h = hashlib.sha256(_file_digest(path).encode())
+    h = hashlib.sha256(sha256_file(path).encode())
     h.update(keep.tobytes())
 
     def batches() -> Iterator[Batch]:
@@ -471,7 +471,7 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
     lengths_a = np.asarray(lengths, dtype=np.int64)
     offsets_a = np.asarray(offsets, dtype=np.int64)
     keep = stratified(lengths_a, samples)
-    h = hashlib.sha256(_file_digest(path).encode())
+    h = hashlib.sha256(sha256_file(path).encode())
     h.update(keep.tobytes())
     h.update(f"{limit}".encode())  # not the tokenizer's path: the bundle moves with its copy
 
@@ -622,14 +622,6 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
         _batches=batches,
         lengths=(lo or 0, hi),
     )
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def counted(source: DataSource, on_rows: Callable[[int], None]) -> Callable[[], Iterator[Feeds]]:
