@@ -5,7 +5,7 @@
     batcher.py   the dynamic batcher (bounded queue, length buckets, padding)
     engine.py    models + batchers + warm-up + readiness + accounting
     servicer.py  inference.GRPCInferenceService: protobuf <-> numpy, errors -> status codes
-    server.py    create_server(cfg, engine) and serve(cfg): health, reflection, TLS, auth, SIGTERM
+    server.py    create_server(cfg, engine) and run(cfg): health, reflection, TLS, auth, SIGTERM
     metrics.py   Prometheus metrics and Triton statistics
     client.py    a numpy-in, numpy-out client over our own stubs
 
