@@ -1,15 +1,15 @@
 """INT8 (and FP16) from a validated FP32 export, shipped only on evidence.
 
-    data.py         calibration and evaluation data, streamed (JSONL text, .npz, built-in)
-    recipes.py      INT8 recipes as values; ``quantize(src, recipe, calibration, out)``
-    graph.py        quantgate's own INT8 graph: smoothing, QuantizeLinear, integer GEMMs
-    ort_recipes.py  ONNX Runtime's quantizers as recipes (static QDQ/QOperator, dynamic)
-    sensitivity.py  which nodes cost the most accuracy, to keep them in FP32
-    gates.py        accuracy (bootstrap intervals) and speed (interleaved) gates
-    search.py       try recipes within a budget, keep the fastest that passes
-    fp16.py         the FP16 variant for CUDA and its fidelity gate
-    cuda.py         speed and placement gates on the CUDA execution provider
-    report.py       report.md sections and the candidates plot
-    pipeline.py     export -> calibrate -> search -> gates -> bundle; ``regate``
-    cpu.py          the CPU's INT8 instructions, which decide the default recipe
+data.py         calibration and evaluation data, streamed (JSONL text, .npz, built-in)
+recipes.py      INT8 recipes as values; ``quantize(src, recipe, calibration, out)``
+graph.py        quantgate's own INT8 graph: smoothing, QuantizeLinear, integer GEMMs
+ort_recipes.py  ONNX Runtime's quantizers as recipes (static QDQ/QOperator, dynamic)
+sensitivity.py  which nodes cost the most accuracy, to keep them in FP32
+gates.py        accuracy (bootstrap intervals) and speed (interleaved) gates
+search.py       try recipes within a budget, keep the fastest that passes
+fp16.py         the FP16 variant for CUDA and its fidelity gate
+cuda.py         speed and placement gates on the CUDA execution provider
+report.py       report.md sections and the candidates plot
+pipeline.py     export -> calibrate -> search -> gates -> bundle; ``regate``
+cpu.py          the CPU's INT8 instructions, which decide the default recipe
 """

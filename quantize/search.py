@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quantgate.bundle import GateResult, TensorSpec
 from quantgate.errors import ConfigError, QuantizeError
@@ -37,6 +37,9 @@ from quantgate.quantize.gates import (
     speed_gates,
     speed_score,
 )
+
+if TYPE_CHECKING:  # recipes import onnx; the search loads them when it runs
+    from quantgate.quantize.recipes import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +271,8 @@ def search(
     )
 
 
-def _name(recipe) -> str:
-    keep = tuple(getattr(recipe, "keep_fp32", ()) or ())
+def _name(recipe: Recipe) -> str:
+    keep = recipe.keep_fp32
     return recipe.name + (f"+fp32x{len(keep)}" if keep else "")
 
 
@@ -280,7 +283,7 @@ def _try(
     from quantgate.quantize.recipes import quantize
 
     name = _name(recipe)
-    method = getattr(recipe, "method", "static")
+    method = recipe.method
     out = workdir / f"candidate-{index:02d}.int8.onnx"
 
     def on_rows(done: int) -> None:
@@ -319,7 +322,7 @@ def _try(
             kept_fp32=tuple(recipe.keep_fp32),
             added_fp32=tuple(added),
             parent=parent,
-            quantize_s=float(getattr(qm, "seconds", time.monotonic() - t)),
+            quantize_s=qm.seconds,
         ),
         qm,
     )
@@ -332,7 +335,7 @@ def _failed(name, recipe, method, parent, added, error, seconds) -> Candidate:
         recipe=recipe.to_dict(),
         method=method,
         path=None,
-        kept_fp32=tuple(getattr(recipe, "keep_fp32", ()) or ()),
+        kept_fp32=recipe.keep_fp32,
         added_fp32=tuple(added),
         parent=parent,
         quantize_s=seconds,
