@@ -79,12 +79,14 @@ def write_bundle(
     variants: Sequence[ExtraVariant] = (),
     calibration: dict[str, Any] | None = None,
     report_sections: Sequence[str] = (),
+    files: Sequence[Path] = (),
     name: str | None = None,
     force: bool = False,
 ) -> Bundle:
     """Write ``result`` (and ``variants``) as a bundle at ``out``; return it, loaded and verified.
 
-    ``report_sections`` are Markdown blocks appended to report.md (the gates' tables).
+    ``report_sections`` are Markdown blocks appended to report.md (the gates' tables);
+    ``files`` are copied in beside it under their own names (the candidates plot).
     """
     out = Path(out)
     if not result.onnx.is_file():
@@ -132,6 +134,8 @@ def write_bundle(
             )
             write_manifest(tmp, manifest)
             (tmp / REPORT).write_text(render_report(manifest, report_sections))
+            for f in files:
+                shutil.copyfile(f, tmp / Path(f).name)
     except OSError as e:
         raise BundleError(
             f"cannot write the bundle at {out}: {e.strerror or e} ({e.filename or out}). "

@@ -137,17 +137,16 @@ def build(
             )
             sections = [*sections, *cuda_section]
         extra = {**result.extra, "quantization": _summary(found, shipped, gate_cfg, plot)}
-        written = write_bundle(
+        write_bundle(
             dataclasses.replace(result, model=dataclasses.replace(result.model, extra=extra)),
             out,
             variants=variants,
             calibration={**data["calibration"], "evaluation": data["evaluation"]},
             report_sections=sections,
+            files=[plot] if plot is not None else [],
             name=export_cfg.name,
             force=force,
         )
-        if plot is not None:
-            _amend(written.path, {reports.PLOT: plot.read_bytes()})
     bundle = load(out)
     if bundle.manifest.verdict != PASS:
         raise GateFailed(_failure_message(bundle.manifest, out), bundle_path=str(out))
@@ -382,14 +381,6 @@ def _link_or_copy(src: Path | str, dst: Path | str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def _amend(path: Path, files: dict[str, bytes]) -> None:
-    """Add files to a written bundle, atomically (the rest is hard-linked, not copied)."""
-    with staging(path) as tmp:
-        _link_all(path, tmp, skip=set(files))
-        for name, data in files.items():
-            (tmp / name).write_bytes(data)
 
 
 __all__ = ["build", "regate"]
