@@ -219,8 +219,11 @@ def _gate_on_cuda(
     if provider == CUDA and not cuda.available():
         return variants, []
     emit("cuda", 0, 1, f"timing every variant on {provider}")
-    seq = min(128, result.max_seq_len)  # capped at what the model takes
-    timing = cuda.CudaGateConfig(throughput=(128, seq), latency=(1, seq))
+    default = cuda.CudaGateConfig()
+    seq = min(default.throughput[1], result.max_seq_len)  # capped at what the model takes
+    timing = dataclasses.replace(
+        default, throughput=(default.throughput[0], seq), latency=(default.latency[0], seq)
+    )
     files = {v.precision: v.path for v in variants}
     gates, timings, where = cuda.gate_variants(
         result.onnx, files, result.inputs, timing, provider=provider
@@ -233,7 +236,7 @@ def _gate_on_cuda(
         gates[k] = (*fidelity.gates(min_cosine=min_cosine[k]), *gates[k])
     out = [cuda.apply_gates(v, gates[v.precision]) for v in variants]
     emit("cuda", 1, 1, "gated")
-    return out, [reports.cuda_section(gates, timings, where)]
+    return out, [reports.cuda_section(gates, timings, where, timing)]
 
 
 def regate(

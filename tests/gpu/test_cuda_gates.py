@@ -118,6 +118,7 @@ def test_the_pipeline_gates_fp16_fidelity_and_speed_on_the_gating_provider(
     assert all(g.provider == cuda.CPU for g in added.values())
     assert all(added[c].threshold == 0.999 and added[c].passed for c in cosines)
     assert "## On the CUDA execution provider" in section[0]
+    assert "FP16 must be 1.2x FP32 at the throughput shape and at least 0.95x" in section[0]
 
 
 def _dynamic_int8(fp32, out):
