@@ -597,10 +597,6 @@ def serve(
     tls = TLSConfig(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None
     if auth_token is None and os.environ.get("QUANTGATE_AUTH_TOKEN") == "":
         auth_token = ""  # set but empty: refused below, not read as "no auth"
-    if max_queue_delay_us and not dynamic_batching:
-        raise ConfigError(
-            "--max-queue-delay-us waits to form batches; --no-dynamic-batching forms none"
-        )
     cfg = ServeConfig(
         path=path,
         host=host,

@@ -95,6 +95,10 @@ class ServeConfig:
             raise ConfigError("cuda_device_id and gpu_mem_limit cannot be negative")
         if self.max_queue_delay_us < 0 or self.port < 0 or self.intra_op_threads < 0:
             raise ConfigError("max_queue_delay_us, port and intra_op_threads cannot be negative")
+        if self.max_queue_delay_us and not self.dynamic_batching:
+            raise ConfigError(
+                "--max-queue-delay-us waits to form batches; --no-dynamic-batching forms none"
+            )
         # An empty token would serve without auth; one with whitespace (a token file's
         # trailing newline) could never be sent in gRPC metadata, so every call would fail.
         if self.auth_token is not None and (
