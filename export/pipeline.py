@@ -49,6 +49,9 @@ TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "transformers", "numpy")
 
 # on_stage(description, done, total): progress for a person waiting on the CLI.
 StageCallback = Callable[[str, int, int], None]
+# The steps on_stage counts: load, run PyTorch, export, validate, fuse, validate the fused
+# graph, write (export_fp32 does the first six; writing the bundle is the seventh).
+EXPORT_STEPS = 7
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ def export(
         result = export_fp32(model_spec, Path(work), cfg=cfg, on_stage=on_stage)
         _stage(on_stage, "writing the bundle", 6)
         bundle = write_bundle(result, out, name=cfg.name, force=force)
-    _stage(on_stage, "done", 7)
+    _stage(on_stage, "done", EXPORT_STEPS)
     return bundle
 
 
@@ -256,4 +259,4 @@ def tool_versions() -> dict[str, str]:
 def _stage(on_stage: StageCallback | None, what: str, done: int) -> None:
     log.info("%s", what)
     if on_stage is not None:
-        on_stage(what, done, 7)
+        on_stage(what, done, EXPORT_STEPS)

@@ -76,6 +76,7 @@ def build(
     and raises ``GateFailed`` with the bundle's path.
     """
     from quantgate.export import export_fp32, write_bundle
+    from quantgate.export.pipeline import EXPORT_STEPS
 
     out = Path(out).absolute()
     check_writable_target(out, force=force)  # before minutes of work
@@ -89,7 +90,7 @@ def build(
             emit("export", done, total, what)
 
         result = export_fp32(model_spec, work, cfg=export_cfg, on_stage=on_stage)
-        emit("export", 7, 7, "validated")
+        emit("export", EXPORT_STEPS, EXPORT_STEPS, "validated")
         info = ModelInfo.from_export(result)
         cal = open_source(
             calibration, info, role="calibration", samples=quant_cfg.calibration_samples
