@@ -109,6 +109,12 @@ class Manifest:
         """Pass only when every variant passed its gates."""
         return PASS if all(v.passed for v in self.variants) else FAIL
 
+    @property
+    def max_seq_len(self) -> int | None:
+        """The longest sequence the model was exported and validated for (None: not recorded)."""
+        n = self.export.get("max_seq_len")
+        return int(n) if n else None
+
     def variant(self, precision: str) -> Variant:
         for v in self.variants:
             if v.precision == precision:

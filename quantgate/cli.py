@@ -489,7 +489,7 @@ def inspect(
     if e:
         out.print(
             f"export: {e.get('exporter')} exporter, opset {m.opset}, "
-            f"max sequence {e.get('max_seq_len')}"
+            f"max sequence {m.max_seq_len}"
         )
         out.print(f"fusions: {fused}")
         if val:

@@ -74,7 +74,7 @@ class ModelInfo:
     def from_manifest(cls, m: Manifest, root: Path | None = None) -> ModelInfo:
         """From a bundle's manifest; ``root``, the bundle's directory, resolves the tokenizer
         it carries."""
-        max_seq_len = int(m.export.get("max_seq_len") or 0)
+        max_seq_len = m.max_seq_len or 0
         return cls._make(m.inputs, m.task, max_seq_len, m.source, m.extra, root)
 
     @classmethod

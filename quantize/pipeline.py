@@ -271,7 +271,7 @@ def regate(
         emit("timing", done, total, what)
 
     sample = next(ev.batches()).feeds
-    max_seq = int(m.export.get("max_seq_len") or gate_cfg.seq_len)
+    max_seq = m.max_seq_len or gate_cfg.seq_len
     speed = speed_gates(
         fp32_path, int8_path, m.inputs, max_seq, gate_cfg, sample=sample, on_progress=on_timing
     )

@@ -221,7 +221,7 @@ class Model:
         self.max_batch_size = max_batch_size if self.batched else 0
         self.sequence_axis = self._sequence_axis()
         # The longest sequence the model was exported for (its position table); None: unknown.
-        self.max_sequence: int | None = bundle.manifest.export.get("max_seq_len")
+        self.max_sequence = bundle.manifest.max_seq_len
         self._input = {t.name: t for t in self.inputs}
         self._output_names = tuple(t.name for t in self.outputs)
         self.io_binding = io_binding
