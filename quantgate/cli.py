@@ -488,8 +488,7 @@ def inspect(
     out.print(variants)
     if e:
         out.print(
-            f"export: {e.get('exporter')} exporter, opset {m.opset}, "
-            f"max sequence {m.max_seq_len}"
+            f"export: {e.get('exporter')} exporter, opset {m.opset}, max sequence {m.max_seq_len}"
         )
         out.print(f"fusions: {fused}")
         if val:

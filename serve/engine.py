@@ -28,6 +28,7 @@ class Engine:
         models = list(repository)
         self.stats = {(m.name, m.version): ModelStats(m.name, m.version) for m in models}
         self._batchers: dict[tuple[str, str], Batcher] = {}
+        # Admitting requests: the server sets it once the models are warm; close() clears it.
         self.ready = False
         for m in models:
             self.metrics.model.labels(
@@ -70,7 +71,6 @@ class Engine:
                     length,
                     (time.perf_counter() - t0) * 1e3,
                 )
-        self.ready = True
 
     def close(self, timeout: float | None = None) -> bool:
         """Stop admitting; wait until every admitted request is answered (False if
