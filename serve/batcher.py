@@ -26,8 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from quantgate.errors import QuantgateError
-from quantgate.serve.errors import Cancelled, DeadlineExceeded, InferenceFailed, Unavailable
+from quantgate.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InferenceFailed,
+    QuantgateError,
+    Unavailable,
+)
 from quantgate.serve.runtime import MASK, Model
 
 log = logging.getLogger(__name__)

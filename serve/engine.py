@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 
+from quantgate.errors import Unavailable
 from quantgate.serve.batcher import Batcher, Caller, Timing, bucket
 from quantgate.serve.config import ServeConfig
-from quantgate.serve.errors import Unavailable
 from quantgate.serve.metrics import Metrics, ModelStats
 from quantgate.serve.runtime import Model, Repository
 

@@ -19,18 +19,7 @@ from quantgate.errors import (
     Unavailable,
 )
 
-__all__ = [
-    "BadRequest",
-    "Cancelled",
-    "DeadlineExceeded",
-    "InferenceFailed",
-    "ModelNotFound",
-    "STATUS",
-    "Unauthenticated",
-    "Unavailable",
-    "from_status",
-    "status_of",
-]
+__all__ = ["STATUS", "from_status", "status_of"]
 
 
 # An error's code is that of the nearest class in its MRO found here (status_of).

@@ -18,10 +18,16 @@ import onnxruntime as ort
 from quantgate import bundle as qb
 from quantgate import placement
 from quantgate.bundle import CPU, CUDA
-from quantgate.errors import BadRequest, BundleError, QuantgateError, ServeError
+from quantgate.errors import (
+    BadRequest,
+    BundleError,
+    InferenceFailed,
+    ModelNotFound,
+    QuantgateError,
+    ServeError,
+)
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.dtypes import datatype
-from quantgate.serve.errors import InferenceFailed, ModelNotFound
 
 log = logging.getLogger(__name__)
 

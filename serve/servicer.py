@@ -26,20 +26,14 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from quantgate import __version__
-from quantgate.errors import QuantgateError
+from quantgate.errors import BadRequest, Cancelled, InferenceFailed, ModelNotFound, QuantgateError
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.protos import model_config_pb2 as mc
 from quantgate.serve import codec
 from quantgate.serve.batcher import Caller
 from quantgate.serve.engine import Engine
-from quantgate.serve.errors import (
-    BadRequest,
-    Cancelled,
-    InferenceFailed,
-    ModelNotFound,
-    status_of,
-)
+from quantgate.serve.errors import status_of
 from quantgate.serve.runtime import CUDA, Model
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 from helpers import Reference, batch, batcher, hold_first_run, until
 
-from quantgate.errors import BadRequest
+from quantgate.errors import BadRequest, Cancelled, DeadlineExceeded, InferenceFailed, Unavailable
 from quantgate.serve.batcher import Caller
-from quantgate.serve.errors import Cancelled, DeadlineExceeded, InferenceFailed, Unavailable
 
 HANG_S = 30.0  # no call may take this long: longer means a stranded thread
 

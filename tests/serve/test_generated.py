@@ -54,7 +54,7 @@ def test_quantgate_client_and_infer_command(server, repo):
     code = f"""
 import numpy as np, onnxruntime as ort
 from quantgate.serve.client import Client
-from quantgate.serve.errors import BadRequest, ModelNotFound
+from quantgate.errors import BadRequest, ModelNotFound
 ids = np.array([[3, 4, 5, 6]], dtype=np.int64); mask = np.ones_like(ids)
 ref = ort.InferenceSession({str(repo / "classifier" / "model.fp32.onnx")!r}).run(None, {{"input_ids": ids, "attention_mask": mask}})[0]
 with Client({server.url!r}) as c:

@@ -11,10 +11,9 @@ import pytest
 from helpers import Reference, batch, batcher, hold_first_run, until
 
 from quantgate import bundle as qb
-from quantgate.errors import BadRequest, BundleError
+from quantgate.errors import BadRequest, BundleError, Cancelled, DeadlineExceeded, Unavailable
 from quantgate.serve.batcher import Batcher, Caller
 from quantgate.serve.config import ServeConfig
-from quantgate.serve.errors import Cancelled, DeadlineExceeded, Unavailable
 from quantgate.serve.runtime import CPU, CUDA, choose_variant, open_model
 
 
