@@ -160,7 +160,7 @@ def load_model(
     """Load a checkpoint directory, a Hugging Face directory or a ``pkg.mod:factory``."""
     text = str(spec)
     path = Path(text).expanduser()
-    if not path.exists() and FACTORY_SPEC.match(text):
+    if spec_kind(spec) == "factory":
         return load_factory(text, task=task, max_seq_len=max_seq_len)
     if not path.exists():
         raise ModelLoadError(
@@ -173,17 +173,38 @@ def load_model(
             f"{text} is not a model directory: expected a directory with config.json "
             "(a quantgate checkpoint or a Hugging Face model)."
         )
-    info = _read_json(config, dict, "a quantgate checkpoint or Hugging Face model config")
+    _read_json(config, dict, "a quantgate checkpoint or Hugging Face model config")
     from quantgate.model.train import CHECKPOINT_FORMAT
 
-    if info.get("format") == CHECKPOINT_FORMAT:
+    kind = spec_kind(path)
+    if kind == "checkpoint":
         return load_builtin_checkpoint(path, task=task, max_seq_len=max_seq_len)
-    if "model_type" in info:
+    if kind == "huggingface":
         return load_huggingface(path, task=task, max_seq_len=max_seq_len)
     raise ModelLoadError(
         f"{config} is neither a quantgate checkpoint (format {CHECKPOINT_FORMAT!r}) nor a "
         "Hugging Face config (no model_type)."
     )
+
+
+def spec_kind(spec: str | Path) -> str | None:
+    """What a MODEL spec names, cheaply and without raising: "factory", "checkpoint",
+    "huggingface", or None when it names nothing loadable (``load_model`` says why)."""
+    text = str(spec)
+    path = Path(text).expanduser()
+    if not path.exists():
+        return "factory" if FACTORY_SPEC.match(text) else None
+    try:
+        info = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    from quantgate.model.train import CHECKPOINT_FORMAT
+
+    if info.get("format") == CHECKPOINT_FORMAT:
+        return "checkpoint"
+    return "huggingface" if "model_type" in info else None
 
 
 # -- the built-in checkpoint -------------------------------------------------------------

@@ -157,17 +157,15 @@ def build(
 def _require_data(model_spec, calibration, evaluation) -> None:
     """Only a `quantgate train` checkpoint has data of its own (the digits splits): other
     models need both files, which is known before minutes of export."""
-    from quantgate.model.train import is_checkpoint
+    from quantgate.model.loaders import spec_kind
 
     missing = [
         flag
         for flag, spec in (("--calibration", calibration), ("--eval", evaluation))
         if spec is None
     ]
-    path = Path(model_spec)
-    hf = (path / "config.json").is_file() and not is_checkpoint(path)
-    factory = ":" in str(model_spec) and not path.exists()
-    if not missing or not (hf or factory):  # a checkpoint, or no model: export says which
+    # A checkpoint has its own data; for no model at all, export says what is wrong.
+    if not missing or spec_kind(model_spec) not in ("huggingface", "factory"):
         return
     raise DataError(
         f"{' and '.join(f'{m} PATH' for m in missing)} required for this model: only the "
