@@ -23,6 +23,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,19 @@ class TensorSpec:
     dims: tuple[int | str, ...]
 
 
+SPEED_PREFIX = "speedup_"  # speed gates are named speedup_b{batch}_s{sequence}
+
+
+def speed_gate_name(batch: int, sequence: int) -> str:
+    return f"{SPEED_PREFIX}b{batch}_s{sequence}"
+
+
+def speed_shape(name: str) -> tuple[int, int] | None:
+    """(batch, sequence) of a speed gate's name; None for any other gate."""
+    found = re.fullmatch(rf"{SPEED_PREFIX}b(\d+)_s(\d+)", name)
+    return (int(found[1]), int(found[2])) if found else None
+
+
 @dataclass(frozen=True)
 class GateResult:
     """One measured gate: ``value`` compared with ``threshold`` in direction ``op``."""
@@ -64,6 +78,10 @@ class GateResult:
     ci: tuple[float, float] | None = None  # confidence interval of value, when bootstrapped
     provider: str | None = None  # execution provider for speed gates
     detail: str = ""
+
+    @property
+    def is_speed(self) -> bool:
+        return speed_shape(self.name) is not None
 
 
 @dataclass(frozen=True)

@@ -311,7 +311,7 @@ def fail_speed_gates(
         return (*gates, gate)
     out = []
     for g in gates:
-        if g.name.startswith("speedup") and (g.provider in (None, report.provider)):
+        if g.is_speed and (g.provider in (None, report.provider)):
             g = GateResult(
                 **{
                     **g.__dict__,

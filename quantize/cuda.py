@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from quantgate import placement
-from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec
+from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, speed_gate_name
 from quantgate.quantize.gates import session, speed_feeds, time_interleaved
 
 
@@ -140,7 +140,7 @@ def gates(
         value = t.speedup[name]
         out.append(
             GateResult(
-                name=f"speedup_b{t.shape[0]}_s{t.shape[1]}",
+                name=speed_gate_name(*t.shape),
                 value=value,
                 threshold=threshold,
                 op=">=",

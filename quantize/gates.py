@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from quantgate.bundle import CPU, GateResult, TensorSpec
+from quantgate.bundle import CPU, GateResult, TensorSpec, speed_gate_name
 from quantgate.errors import ConfigError, DataError
 from quantgate.quantize.data import DataSource
 
@@ -604,7 +604,7 @@ def speed_gates(
         ci = tuple(float(v) for v in np.percentile(boot, [tail, 100 - tail]))
         gates.append(
             GateResult(
-                name=f"speedup_b{batch}_s{seq}",
+                name=speed_gate_name(batch, seq),
                 value=median,
                 threshold=cfg.min_speedup,
                 op=">=",
@@ -629,7 +629,7 @@ def passed(gates: Sequence[GateResult]) -> bool:
 
 def speed_score(gates: Sequence[GateResult]) -> float:
     """Geometric mean of the speedups: how the search ranks passing candidates."""
-    s = [g.value for g in gates if g.name.startswith("speedup_")]
+    s = [g.value for g in gates if g.is_speed]
     return float(np.exp(np.mean(np.log(np.maximum(s, 1e-9))))) if s else 0.0
 
 

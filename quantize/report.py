@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from quantgate.bundle import GateResult
+from quantgate.bundle import GateResult, speed_shape
 from quantgate.quantize.gates import GateConfig
 from quantgate.quantize.search import Candidate, SearchResult
 
@@ -127,7 +127,7 @@ def candidates_table(result: SearchResult, shipped: Candidate, plot: str | None)
     acc_names = sorted({g.name for c in result.candidates for g in c.accuracy})
     speed_names = sorted(
         {g.name for c in result.candidates for g in c.speed},
-        key=lambda n: int(n.split("_b")[1].split("_")[0]),
+        key=speed_shape,
     )
     lines = [
         "### Candidates tried",

@@ -139,7 +139,7 @@ def _speed_gates(variant: qb.Variant, provider: str) -> list[qb.GateResult]:
     return [
         g
         for g in variant.gates
-        if g.name.startswith("speedup")
+        if g.is_speed
         and (g.provider == provider or (g.provider is None and provider in variant.providers))
     ]
 
