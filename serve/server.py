@@ -16,10 +16,12 @@ on 2 cores (docs/BENCHMARKS.md, "Serving" and "gRPC transport").
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -144,6 +146,21 @@ def _cannot_listen(cfg: ServeConfig, address: str) -> str:
     return f"cannot listen on {address}. Check that " + ", and that ".join(checks) + "."
 
 
+def _check_port(cfg: ServeConfig) -> None:
+    """Refuse a --port another process listens on, before the models load. gRPC's own bind
+    (create_server) stays the authority: this probe only moves a common mistake earlier."""
+    if not cfg.port:
+        return
+    try:
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((cfg.host, cfg.port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ServeError(_cannot_listen(cfg, f"{cfg.host}:{cfg.port}")) from e
+        # any other error (a host name, an address not of this machine): gRPC's bind decides
+
+
 def _add_inference_service(servicer: InferenceServicer, server: grpc.Server) -> None:
     """Register the service as the generated ``add_..._to_server`` does, but with a
     serializer that passes already serialized responses through (ModelInfer answers are
@@ -204,6 +221,7 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
     it installs the signal handlers). A second signal during the drain exits at once."""
     if cfg.tls is not None:
         _credentials(cfg)  # a bad TLS file is named before minutes of loading models
+    _check_port(cfg)  # and a port in use
     engine = Engine(load_repository(cfg), cfg)
     server, port, health_servicer = create_server(cfg, engine)
     _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -125,10 +125,11 @@ def test_a_port_in_use_is_named(repo):
         taken.listen()
         port = taken.getsockname()[1]
         r = _quantgate(
-            "serve", str(repo / "classifier"), "--port", str(port), "--host", "127.0.0.1"
+            "-v", "serve", str(repo / "classifier"), "--port", str(port), "--host", "127.0.0.1"
         )
     assert r.returncode == 2, r.stderr
     assert f"no other process uses port {port}" in r.stderr and "Traceback" not in r.stderr
+    assert "loaded tiny-classifier" not in r.stderr, r.stderr  # found before the models load
 
 
 def test_metrics_port_0_says_which_port_it_chose(repo):
