@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 from quantgate.bundle import sha256_file
 from quantgate.errors import CheckpointError
-from quantgate.fsutil import atomic_dir, irreplaceable
+from quantgate.fsutil import atomic_dir, target_problem
 from quantgate.model.data import (
     N_CLASSES,
     PAD_ID,
@@ -93,28 +92,8 @@ def train(
     ``on_step(step, total_steps, loss)`` is called after every optimizer step (progress bars).
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(
-            f"--out {out} is a file; a checkpoint is a directory. Choose another path."
-        )
-    if out.is_dir() and not is_checkpoint(out) and (why := irreplaceable(out)):
-        raise CheckpointError(
-            f"--out {out} is {why}; the checkpoint replaces the directory at --out, so "
-            "refusing (even with --force). Choose a new directory for the checkpoint."
-        )
-    if out.is_dir() and any(out.iterdir()) and not is_checkpoint(out) and not force:
-        raise CheckpointError(
-            f"--out {out} is an existing directory that is not a checkpoint; refusing to replace "
-            "it. Choose another path, or pass --force to replace it."
-        )
-    parent = out.absolute().parent  # the nearest existing ancestor: checked before training
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        what = "is not a directory" if not parent.is_dir() else "is not writable"
-        raise CheckpointError(
-            f"cannot write the checkpoint at {out}: {parent} {what}. Choose another --out."
-        )
+    if problem := target_problem(out, force=force, is_ours=is_checkpoint, noun="checkpoint"):
+        raise CheckpointError(problem)  # before minutes of training
     model_cfg = model_cfg or digits_model_config()
     splits = load_digits_splits()
     data_hash = splits_hash(splits)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from quantgate.errors import BundleError
-from quantgate.fsutil import atomic_dir, irreplaceable
+from quantgate.fsutil import atomic_dir, target_problem
 
 MANIFEST = "manifest.json"
 REPORT = "report.md"
@@ -275,28 +275,8 @@ def staging(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
 def check_writable_target(out: Path, *, force: bool) -> None:
     """Refuse a path the bundle cannot be written to, and to overwrite something that is not a
     bundle unless forced. Call before heavy work."""
-    parent = out.parent  # the nearest existing ancestor must be a directory we may write into
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        what = "is not a directory" if not parent.is_dir() else "is not writable"
-        raise BundleError(
-            f"cannot write the bundle at {out}: {parent} {what}. Choose another --out."
-        )
-    if out.exists() and not out.is_dir():
-        raise BundleError(
-            f"--out {out} is a file; expected a directory for the bundle. Choose another path."
-        )
-    if out.is_dir() and not is_bundle(out) and (why := irreplaceable(out)):
-        raise BundleError(
-            f"--out {out} is {why}; the bundle replaces the directory at --out, so refusing "
-            "(even with --force). Choose a new directory for the bundle."
-        )
-    if out.is_dir() and any(out.iterdir()) and not is_bundle(out) and not force:
-        raise BundleError(
-            f"--out {out} is an existing directory that is not a bundle; refusing to replace it. "
-            "Choose another path, or pass --force to replace it."
-        )
+    if problem := target_problem(out, force=force, is_ours=is_bundle, noun="bundle"):
+        raise BundleError(problem)
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:

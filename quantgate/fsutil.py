@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -32,6 +32,39 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def target_problem(
+    out: Path, *, force: bool, is_ours: Callable[[Path], bool], noun: str
+) -> str | None:
+    """Why ``out`` cannot take a new ``noun`` (a bundle, a checkpoint) written by ``atomic_dir``,
+    else None. Cheap: callers check it before heavy work, and raise their own error type.
+
+    Refused: an ancestor we cannot write into, a file, the directory a person works in (even
+    with ``force``), and an existing non-empty directory that ``is_ours`` does not recognise
+    unless ``force``."""
+    out = Path(out).absolute()
+    parent = out.parent  # the nearest existing ancestor must be a directory we may write into
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        what = "is not a directory" if not parent.is_dir() else "is not writable"
+        return f"cannot write the {noun} at {out}: {parent} {what}. Choose another --out."
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file; expected a directory for the {noun}. Choose another path."
+    if not out.is_dir() or is_ours(out):
+        return None
+    if why := irreplaceable(out):
+        return (
+            f"--out {out} is {why}; the {noun} replaces the directory at --out, so refusing "
+            f"(even with --force). Choose a new directory for the {noun}."
+        )
+    if any(out.iterdir()) and not force:
+        return (
+            f"--out {out} is an existing directory that is not a {noun}; refusing to replace "
+            "it. Choose another path, or pass --force to replace it."
+        )
+    return None
 
 
 def irreplaceable(out: Path) -> str | None:
