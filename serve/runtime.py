@@ -585,8 +585,9 @@ def load_repository(cfg: ServeConfig) -> Repository:
         repo/minilm/2/manifest.json ...      as in Triton: copy a bundle in as the next one)
 
     Every model folder is opened, and every problem found (a bundle that fails to load, a
-    folder that holds no bundle, a version folder that is not a number) is listed in one ServeError: a server never starts without a model its
-    repository names. Folders whose name starts with "." are skipped.
+    folder that holds no bundle, a version folder that is not a number) is listed in one
+    ServeError: a server never starts without a model its repository names. Folders whose
+    name starts with "." are skipped.
     """
     root = Path(cfg.path)
     provider = choose_provider(cfg.device)

@@ -84,9 +84,10 @@ def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 def create_server(
-    cfg: ServeConfig, engine: Engine
+    cfg: ServeConfig, engine: Engine, *, credentials: grpc.ServerCredentials | None = None
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Build the server (not started) and bind its port.
+    """Build the server (not started) and bind its port. ``credentials``: the TLS ones
+    already read from ``cfg.tls`` (``run`` reads them before loading models), else read here.
 
     Returns the server, the bound port (the free one chosen when ``cfg.port`` is 0) and
     the health servicer, which reports NOT_SERVING until ``run`` marks it SERVING.
@@ -126,7 +127,7 @@ def create_server(
         if cfg.tls is None:
             port = server.add_insecure_port(address)
         else:
-            port = server.add_secure_port(address, _credentials(cfg))
+            port = server.add_secure_port(address, credentials or _credentials(cfg))
     except RuntimeError as e:  # gRPC says only "Failed to bind"; its log above says why
         raise ServeError(_cannot_listen(cfg, address)) from e
     if port == 0:
@@ -219,11 +220,11 @@ def _set_health(servicer: health.HealthServicer, status) -> None:
 def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain gracefully and return (main thread only:
     it installs the signal handlers). A second signal during the drain exits at once."""
-    if cfg.tls is not None:
-        _credentials(cfg)  # a bad TLS file is named before minutes of loading models
-    _check_port(cfg)  # and a port in use
+    # A bad TLS file or a port in use is named before minutes of loading models.
+    credentials = _credentials(cfg) if cfg.tls is not None else None
+    _check_port(cfg)
     engine = Engine(load_repository(cfg), cfg)
-    server, port, health_servicer = create_server(cfg, engine)
+    server, port, health_servicer = create_server(cfg, engine, credentials=credentials)
     _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     stop = threading.Event()
 
