@@ -732,8 +732,9 @@ def _input_array(name: str, text: str, datatype: str):
     import numpy as np
 
     from quantgate.errors import BadRequest
+    from quantgate.serve.dtypes import cast_exact
 
-    dtype = _numpy_dtype(name, datatype)
+    _numpy_dtype(name, datatype)  # BYTES and other types infer cannot send: refused first
     try:
         value = json.loads(text)
     except ValueError as e:
@@ -747,16 +748,10 @@ def _input_array(name: str, text: str, datatype: str):
         ) from e
     if array.dtype.kind not in "biuf":  # strings, nulls, integers beyond 64 bits
         raise BadRequest(f"--input {name}: expected numbers that fit {datatype}, got {text}")
-    if dtype.kind in "iub" and array.dtype.kind in "iuf":
-        low, high = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
-        whole = np.isfinite(array) & (array == np.round(array))
-        bad = array[~whole | (array < low) | (array > high)]
-        if bad.size:
-            raise BadRequest(
-                f"--input {name}: {bad.flat[0]} does not fit {datatype}, which takes whole "
-                f"numbers from {low} to {high}"
-            )
-    return array.astype(dtype)
+    try:
+        return cast_exact(array, datatype)
+    except ValueError as e:
+        raise BadRequest(f"--input {name}: {e}") from e
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:

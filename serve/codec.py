@@ -14,7 +14,7 @@ import numpy as np
 from quantgate.errors import BadRequest
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import model_config_pb2 as mc
-from quantgate.serve.dtypes import NUMPY, datatype
+from quantgate.serve.dtypes import NUMPY, cast_exact, datatype
 
 # The InferTensorContents field that carries each datatype in typed form (not raw).
 # FP16 has none: it travels raw only, as in Triton.
@@ -111,16 +111,10 @@ def _typed_contents(
             f"input {name!r}: {len(values)} values in contents.{field}, "
             f"expected {count} for {tensor.datatype} of shape {list(tensor.shape)}"
         )
-    array = np.asarray(values)
-    if dtype.kind in "iu" and array.size:  # the wire type is wider: refuse, never wrap
-        info = np.iinfo(dtype)
-        low, high = int(array.min()), int(array.max())
-        if low < info.min or high > info.max:
-            raise BadRequest(
-                f"input {name!r}: values {low}..{high} in contents.{field} do not fit "
-                f"{tensor.datatype} ({info.min}..{info.max})"
-            )
-    return array.astype(dtype, copy=False)
+    try:  # the wire type is wider: refuse, never wrap
+        return cast_exact(np.asarray(values), tensor.datatype)
+    except ValueError as e:
+        raise BadRequest(f"input {name!r}: in contents.{field}, {e}") from e
 
 
 # Field numbers in grpc_service.proto: ModelInferResponse.raw_output_contents (bytes, 6) and

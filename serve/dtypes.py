@@ -26,3 +26,22 @@ assert np.little_endian, "raw contents are little-endian; a big-endian host woul
 def datatype(dtype: np.dtype) -> str:
     """The KServe v2 datatype name of a numpy dtype ("INT64" for int64)."""
     return _NAMES[np.dtype(dtype)]
+
+
+def cast_exact(values: np.ndarray, name: str) -> np.ndarray:
+    """``values`` as KServe datatype ``name`` when every value survives the cast unchanged;
+    else ValueError naming the first that would not (never rounded, never wrapped)."""
+    dtype = NUMPY[name]
+    if dtype.kind in "iub" and values.dtype.kind in "iuf" and values.size:
+        low, high = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+        if values.dtype.kind == "f":
+            with np.errstate(invalid="ignore"):
+                bad = ~np.isfinite(values) | (values != np.round(values))
+            bad |= (values < low) | (values > high)
+            first = values[bad].flat[0] if bad.any() else None
+        else:  # the extremes as Python ints: compared exactly, whatever the two widths
+            lo, hi = int(values.min()), int(values.max())
+            first = lo if lo < low else hi if hi > high else None
+        if first is not None:
+            raise ValueError(f"{first} does not fit {name} ({low}..{high}, whole numbers)")
+    return values.astype(dtype, copy=False)
