@@ -113,6 +113,7 @@ class DataSource:
     sha256: str
     _batches: Callable[[], Iterator[Batch]] = field(repr=False)
     lengths: tuple[int, int] = (0, 0)  # shortest and longest real length among the rows
+    file_sha256: str | None = None  # of the whole file it reads, where it reads one
 
     def batches(self) -> Iterator[Batch]:
         return self._batches()
@@ -129,6 +130,7 @@ class DataSource:
             "samples": self.samples,
             "labels": self.has_labels,
             "lengths": list(self.lengths),
+            **({"file_sha256": self.file_sha256} if self.file_sha256 else {}),
         }
 
 
@@ -207,18 +209,13 @@ def check_held_out(calibration: DataSpec | None, evaluation: DataSpec | None) ->
         )
 
 
-def check_not_calibration(
-    spec: DataSpec | None, model: ModelInfo, calibration: Mapping[str, Any] | None
-) -> None:
-    """DataError when the file ``spec`` is the one a bundle was calibrated on: read as the
-    build read it (same cap), it has the sha256 the manifest records for its calibration."""
-    kind = (calibration or {}).get("kind")
-    if not isinstance(spec, (str, Path)) or kind not in ("npz", "jsonl"):
+def check_not_calibration(spec: DataSpec | None, calibration: Mapping[str, Any] | None) -> None:
+    """DataError when the file ``spec`` is the one a bundle was calibrated on: it has the
+    sha256 the manifest records for the calibration file (bundles before that record pass)."""
+    recorded = (calibration or {}).get("file_sha256")
+    if not isinstance(spec, (str, Path)) or not recorded:
         return
-    if (Path(spec).suffix.lower() == ".npz") != (kind == "npz"):
-        return  # another format: other data
-    again = open_source(spec, model, role="calibration", samples=calibration.get("samples"))
-    if again.sha256 == calibration.get("sha256"):
+    if sha256_file(check_path(spec, "--eval")) == recorded:
         raise DataError(
             f"--eval {spec} is the data this bundle was calibrated on ({calibration.get('source')}); "
             "the gates must measure rows the calibration did not see. Pass held-out rows."
@@ -392,7 +389,8 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
     lengths = _row_lengths(feeds, model)
     keep = stratified(lengths, samples)
     del feeds, labels  # re-read per pass: arrays load one .npy member at a time
-    h = hashlib.sha256(sha256_file(path).encode())
+    digest = sha256_file(path)
+    h = hashlib.sha256(digest.encode())
     h.update(keep.tobytes())
 
     def batches() -> Iterator[Batch]:
@@ -404,6 +402,7 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
     return DataSource(
         description=f"{path.name}: {len(keep)} of {n} rows (npz)",
         kind="npz",
+        file_sha256=digest,
         samples=len(keep),
         has_labels=LABELS in keys,
         sha256=h.hexdigest(),
@@ -471,7 +470,8 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
     lengths_a = np.asarray(lengths, dtype=np.int64)
     offsets_a = np.asarray(offsets, dtype=np.int64)
     keep = stratified(lengths_a, samples)
-    h = hashlib.sha256(sha256_file(path).encode())
+    digest = sha256_file(path)
+    h = hashlib.sha256(digest.encode())
     h.update(keep.tobytes())
     h.update(f"{limit}".encode())  # not the tokenizer's path: the bundle moves with its copy
 
@@ -489,6 +489,7 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
     return DataSource(
         description=f"{path.name}: {len(keep)} of {len(offsets_a)} texts (JSONL, model tokenizer)",
         kind="jsonl",
+        file_sha256=digest,
         samples=len(keep),
         has_labels=bool(labelled),
         sha256=h.hexdigest(),

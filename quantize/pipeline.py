@@ -256,8 +256,8 @@ def regate(
     m = bundle.manifest
     int8 = m.variant("int8")
     info = ModelInfo.from_manifest(m, bundle.path)
+    check_not_calibration(evaluation, m.calibration)
     ev = open_source(evaluation, info, role="evaluation", samples=gate_cfg.eval_samples)
-    check_not_calibration(evaluation, info, m.calibration)
     fp32_path, int8_path = bundle.file("fp32"), bundle.file("int8")
     emit("search", 0, 1, "evaluating FP32 and INT8")
     reference = collect(fp32_path, ev, provider=gate_cfg.provider, threads=gate_cfg.threads)

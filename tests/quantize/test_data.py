@@ -248,6 +248,6 @@ def test_evaluation_data_must_not_be_the_calibration_data(tmp_path):
     # A bundle's manifest records its calibration: re-gating on that file is refused.
     record = open_source(cal, DIGITS, role="calibration", samples=25).record()
     with pytest.raises(DataError, match="is the data this bundle was calibrated on"):
-        check_not_calibration(copy, DIGITS, record)
-    check_not_calibration(other, DIGITS, record)
-    check_not_calibration(None, DIGITS, open_source(None, DIGITS, role="calibration").record())
+        check_not_calibration(copy, record)
+    check_not_calibration(other, record)
+    check_not_calibration(None, open_source(None, DIGITS, role="calibration").record())
