@@ -159,9 +159,15 @@ def load_model(
 ) -> LoadedModel:
     """Load a checkpoint directory, a Hugging Face directory or a ``pkg.mod:factory``."""
     text = str(spec)
-    path = Path(text).expanduser()
-    if spec_kind(spec) == "factory":
+    kind = spec_kind(spec)
+    if kind == "factory":
         return load_factory(text, task=task, max_seq_len=max_seq_len)
+    path = Path(text).expanduser()
+    if kind == "checkpoint":
+        return load_builtin_checkpoint(path, task=task, max_seq_len=max_seq_len)
+    if kind == "huggingface":
+        return load_huggingface(path, task=task, max_seq_len=max_seq_len)
+    # Nothing loadable: say which of the three it fails to be, and why.
     if not path.exists():
         raise ModelLoadError(
             f"no model at {text}: the path does not exist. MODEL is a checkpoint directory "
@@ -173,14 +179,11 @@ def load_model(
             f"{text} is not a model directory: expected a directory with config.json "
             "(a quantgate checkpoint or a Hugging Face model)."
         )
-    _read_json(config, dict, "a quantgate checkpoint or Hugging Face model config")
+    _read_json(
+        config, dict, "a quantgate checkpoint or Hugging Face model config"
+    )  # names bad JSON
     from quantgate.model.train import CHECKPOINT_FORMAT
 
-    kind = spec_kind(path)
-    if kind == "checkpoint":
-        return load_builtin_checkpoint(path, task=task, max_seq_len=max_seq_len)
-    if kind == "huggingface":
-        return load_huggingface(path, task=task, max_seq_len=max_seq_len)
     raise ModelLoadError(
         f"{config} is neither a quantgate checkpoint (format {CHECKPOINT_FORMAT!r}) nor a "
         "Hugging Face config (no model_type)."
