@@ -315,9 +315,10 @@ def check_evaluation(reference: Outputs, task: str, *, warn: bool = True) -> Non
     indices (``check_labels``), and at least ``MIN_EVAL_ROWS`` rows for the accuracy, top-1
     and nearest-neighbour gates (a handful of rows passes them by chance)."""
     check_labels(reference, task)
-    if warn and reference.labels is not None and _logits_output(reference, task) is None:
+    logits = _logits_output(reference, task)
+    if warn and reference.labels is not None and logits is None:
         log.warning("labels ignored: task %s has no (batch, classes) output to score", task)
-    if _logits_output(reference, task) is None and _embedding_output(reference, task) is None:
+    if logits is None and _embedding_output(reference, task) is None:
         return  # per-output cosine: a measurement on any number of rows
     if reference.rows < MIN_EVAL_ROWS:
         raise DataError(
