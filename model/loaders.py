@@ -329,6 +329,9 @@ def load_huggingface(
                 # AutoTokenizer.from_pretrained(this); the bundle keeps a copy (writer.py)
                 "tokenizer": str(path),
                 "pad_token_id": pad_id,
+                # the rows of the embedding tables: ids at or above them are refused as data
+                "vocab_size": model.get_input_embeddings().num_embeddings,
+                "type_vocab_size": getattr(config, "type_vocab_size", None),
             },
             **extra_task,
         },

@@ -21,6 +21,10 @@ real length and picked at evenly spaced quantiles, so a short cap still covers s
 long sequences in the proportions of the file. Rows are then batched in length order, so
 little padding is added (padding would otherwise calibrate the ranges of pad activations).
 
+Rows are checked before any model sees them: names, ranks, dtypes and lengths against the
+model's inputs, an ``attention_mask`` of 0s and 1s with a token in every row, token ids
+inside the model's embedding tables (where the export recorded their sizes; else >= 0).
+
 Every source has a content ``sha256`` (of the bytes read plus the selection) for the
 manifest. Problems are collected and raised as one ``DataError``: what was expected, what
 was found, what to do.
@@ -28,6 +32,7 @@ was found, what to do.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -58,6 +63,9 @@ class ModelInfo:
     builtin: bool = False  # the built-in digits classifier: its own splits are the default
     tokenizer: str | None = None  # Hugging Face tokenizer directory, for JSONL text
     pad_values: dict[str, int] = field(default_factory=dict)  # per input; default 0
+    # per input: the rows of the embedding table its ids index (ids must be below it);
+    # an input missing here is checked for negative ids only (see ID_INPUTS)
+    id_limits: dict[str, int] = field(default_factory=dict)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -79,13 +87,18 @@ class ModelInfo:
 
     @classmethod
     def _make(cls, inputs, task, max_seq_len, source, extra, root=None) -> ModelInfo:
-        hf = (extra or {}).get("huggingface") or {}
+        extra = extra or {}
+        hf = extra.get("huggingface") or {}
         tokenizer, pads = hf.get("tokenizer"), {}
+        limits = _id_limits(extra.get("model") or {}, {"input_ids": "vocab_size"})
         if tokenizer:
             if root is not None:  # a bundle's own copy is relative to it; older ones absolute
                 tokenizer = str(Path(root) / tokenizer)
-            pad = hf.get("pad_token_id")
-            pads = {"input_ids": int(pad) if pad is not None else _hf_pad_id(tokenizer)}
+            # what the manifest records, else the model's config.json where the tokenizer
+            # directory is the model's own (an export; bundles before they carried a copy)
+            cfg = {**_hf_config(tokenizer), **{k: v for k, v in hf.items() if v is not None}}
+            pads = {"input_ids": int(cfg.get("pad_token_id") or 0)}
+            limits = _id_limits(cfg, HF_ID_LIMITS)
         return cls(
             inputs=tuple(inputs),
             task=task,
@@ -93,7 +106,20 @@ class ModelInfo:
             builtin=(source or {}).get("kind") == "checkpoint",
             tokenizer=tokenizer,
             pad_values=pads,
+            id_limits=limits,
         )
+
+
+# Inputs whose values index an embedding table: ONNX Runtime's Gather wraps a negative id
+# around to the end of the table instead of refusing it.
+ID_INPUTS = ("input_ids", "token_type_ids", "position_ids")
+HF_ID_LIMITS = {"input_ids": "vocab_size", "token_type_ids": "type_vocab_size"}  # config keys
+
+
+def _id_limits(config: Mapping[str, Any], keys: Mapping[str, str]) -> dict[str, int]:
+    """{input: table size} for each ``keys`` entry (input -> config key) the config holds."""
+    sizes = {name: config.get(key) for name, key in keys.items()}
+    return {name: n for name, n in sizes.items() if isinstance(n, int) and n > 0}
 
 
 @dataclass(frozen=True)
@@ -226,13 +252,16 @@ def check_not_calibration(spec: DataSpec | None, calibration: Mapping[str, Any] 
 
 
 def stratified(lengths: np.ndarray, k: int | None) -> np.ndarray:
-    """Indices of ``k`` rows at evenly spaced length quantiles, in length order.
+    """Indices of ``k`` rows at evenly spaced length quantiles (the shortest and the longest
+    among them), in length order; with ``k`` 1, one row of median length.
 
     Deterministic; with ``k`` None or >= len(lengths), every row, in length order.
     """
     order = np.argsort(lengths, kind="stable")
     if k is None or k >= len(order):
         return order
+    if k == 1:
+        return order[[len(order) // 2]]
     picks = np.unique(np.round(np.linspace(0, len(order) - 1, k)).astype(np.int64))
     return order[picks]
 
@@ -271,7 +300,8 @@ def _fixed_seq(model: ModelInfo) -> int | None:
 
 
 def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -> Feeds:
-    """Names, then ranks and batch sizes, then sequence limits; one DataError listing all."""
+    """Names, then ranks and batch sizes, then sequence limits, then the values of masks and
+    token ids; one DataError listing all."""
     problems: list[str] = []
     missing = [n for n in model.input_names if n not in feeds]
     extra = [n for n in feeds if n not in model.input_names and n != LABELS]
@@ -304,6 +334,7 @@ def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -
                 problems.append(f"{spec.name}: dtype {a.dtype}, expected {want_dtype}")
                 continue
             a = a.astype(want_dtype)
+        problems.extend(_value_problems(spec.name, a, model))
         batch.add(a.shape[0])
         out[spec.name] = a
     if len(batch) > 1:
@@ -316,6 +347,52 @@ def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -
             + "\n".join(f"  - {p}" for p in problems)
         )
     return out
+
+
+def _value_problems(name: str, a: np.ndarray, model: ModelInfo) -> list[str]:
+    """What the model would run on without complaint and answer with garbage: an attention
+    mask that is not 0/1 or has no token in a row, an id outside its embedding table."""
+    if a.ndim == 0 or a.size == 0 or not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
+        return []
+    rows = a.reshape(len(a), -1)  # (N, rest)
+    if name == "attention_mask":
+        odd = (rows != 0) & (rows != 1)
+        if odd.any():
+            found = np.unique(rows[odd])
+            return [
+                f"attention_mask: expected only 0 (padding) and 1 (token), found "
+                f"{', '.join(map(str, found[:5]))}{', ...' if len(found) > 5 else ''} in "
+                f"{_rows(odd.any(1))}. Write 1 for every real token and 0 for padding."
+            ]
+        empty = ~rows.any(1)
+        if empty.any():
+            return [
+                f"attention_mask: expected at least one 1 per row, found {_rows(empty)} of "
+                "only padding; such a row skews the calibration ranges and has no output to "
+                "compare. Drop those rows, or set 1 on their real tokens."
+            ]
+        return []
+    limit = model.id_limits.get(name)
+    if name not in ID_INPUTS and limit is None:
+        return []
+    bad = rows < 0
+    if limit:
+        bad |= rows >= limit
+    bad = bad.any(1)  # (N,)
+    if not bad.any():
+        return []
+    expected = f"ids 0..{limit - 1} (its embedding table has {limit} rows)" if limit else "ids >= 0"
+    return [
+        f"{name}: expected {expected}, found {rows.min()}..{rows.max()}, out of range in "
+        f"{_rows(bad)}. Tokenize with this model's own tokenizer."
+    ]
+
+
+def _rows(bad: np.ndarray) -> str:
+    """'3 rows (indices 3, 7, 11)' for a boolean row mask; the first five indices shown."""
+    idx = np.flatnonzero(bad)
+    shown = ", ".join(map(str, idx[:5])) + (f", ... {len(idx) - 5} more" if len(idx) > 5 else "")
+    return f"1 row (index {shown})" if len(idx) == 1 else f"{len(idx)} rows (indices {shown})"
 
 
 def _check_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
@@ -429,7 +506,7 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
     limit = model.max_seq_len or None
     # Pass 1: byte offset, token count and label presence of every line; nothing else kept.
     offsets, lengths, problems = [], [], []  # problems: the first 10 bad lines, described
-    labelled, bad = None, 0
+    labelled, bad, first = None, 0, True
     with open(path, "rb") as f:
         texts, starts = [], []
         pos = 0
@@ -437,6 +514,9 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
             start, pos = pos, pos + len(line)
             if not line.strip():
                 continue
+            if first:
+                _check_format(line, lineno, f"{flag} {path}")
+                first = False
             row = _parse_line(line, lineno, problems)
             if row is None:
                 bad += 1
@@ -460,13 +540,17 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
     if problems:
         more = f"\n  ... and {bad - len(problems)} more bad line(s)" if bad > len(problems) else ""
         raise DataError(
-            f"{flag} {path}: expected one JSON object per line with a non-empty string "
+            f"{flag} {path}: expected one JSON object per line with a non-blank string "
             '"text" and an optional integer "label":\n'
             + "\n".join(f"  - {p}" for p in problems)
             + more
         )
     if not offsets:
-        raise DataError(f"{flag} {path}: the file has no lines of text")
+        found = "only blank lines" if path.stat().st_size else "an empty file"
+        raise DataError(
+            f'{flag} {path}: expected one {{"text": ...}} JSON object per line, found {found}. '
+            "Write the texts into it, one object per line."
+        )
     lengths_a = np.asarray(lengths, dtype=np.int64)
     offsets_a = np.asarray(offsets, dtype=np.int64)
     keep = stratified(lengths_a, samples)
@@ -498,16 +582,40 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
     )
 
 
+def _check_format(line: bytes, lineno: int, where: str) -> None:
+    """DataError for a file that is JSON or text, but not UTF-8 JSON Lines: its first line of
+    text tells (every line would be reported bad, none of them saying why)."""
+    if line.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(
+            f"{where}: expected UTF-8 text, found UTF-16 (line {lineno} starts with its "
+            "byte-order mark). Save the file as UTF-8."
+        )
+    if line.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
+        raise DataError(
+            f'{where}: expected JSON Lines, one {{"text": ...}} object per line; found a '
+            f"JSON array (line {lineno} starts with '['). Write one object per line, for "
+            "example with: jq -c '.[]' IN.json > OUT.jsonl"
+        )
+
+
 def _parse_line(line: bytes, lineno: int, problems: list[str]) -> dict | None:
     try:
         row = json.loads(line)
+    except UnicodeDecodeError as e:
+        if len(problems) < 10:
+            problems.append(
+                f"line {lineno}: not UTF-8 (byte 0x{e.object[e.start]:02x} at column "
+                f"{e.start + 1}); save the file as UTF-8"
+            )
+        return None
     except ValueError as e:
         if len(problems) < 10:
             problems.append(f"line {lineno}: not JSON ({e})")
         return None
-    if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"]:
+    text = row.get("text") if isinstance(row, dict) else None
+    if not isinstance(text, str) or not text.strip():
         if len(problems) < 10:
-            problems.append(f'line {lineno}: no non-empty string "text" ({line[:60]!r})')
+            problems.append(f'line {lineno}: no non-blank string "text" ({line[:60]!r})')
         return None
     label = row.get("label")
     if label is not None and (
@@ -538,12 +646,13 @@ def _tokenizer(directory: str):
         raise DataError(f"cannot load the model's tokenizer from {directory}: {e}") from e
 
 
-def _hf_pad_id(directory: str) -> int:
+def _hf_config(directory: str) -> dict[str, Any]:
+    """The config.json beside a Hugging Face tokenizer, or {} (a tokenizer saved alone)."""
     try:
         cfg = json.loads((Path(directory) / "config.json").read_text())
-        return int(cfg.get("pad_token_id") or 0)
     except (OSError, ValueError):
-        return 0
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def _token_counts(tok, texts: list[str], limit: int | None) -> list[int]:

@@ -33,6 +33,11 @@ def test_hugging_face_inputs_task_and_real_text_samples(minilm):
     assert m.outputs == ("last_hidden_state", "sentence_embedding")
     assert m.max_seq_len == 256  # sentence-transformers' limit, not the 512 positions
     assert m.extra["huggingface"]["attn_implementation"] == "eager"
+    # the embedding tables' rows, for refusing out-of-range ids where config.json is not
+    assert (m.extra["huggingface"]["vocab_size"], m.extra["huggingface"]["type_vocab_size"]) == (
+        30522,
+        2,
+    )
     lengths = m.samples.lengths
     assert lengths.min() < 20 and lengths.max() == 256  # short sentences and long paragraphs
     ids = m.samples.arrays["input_ids"]

