@@ -8,6 +8,7 @@ form tritonclient decodes.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -47,10 +48,19 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     """The request's input tensors as numpy arrays (zero-copy views of raw contents).
 
     Checks what can be checked without the model: known datatype, non-negative shape,
-    byte size matching shape, one raw buffer per input, no input named twice. Raises
-    BadRequest naming the input and what was expected.
+    byte size matching shape, one raw buffer per input (all inputs raw or all typed), no
+    input named twice, no shared memory. Raises BadRequest naming the input and what was
+    expected.
     """
     raw = request.raw_input_contents
+    for tensor in request.inputs:
+        _refuse_shared_memory(f"input {tensor.name!r}", tensor.parameters)
+        if raw and tensor.HasField("contents"):
+            raise BadRequest(
+                f"input {tensor.name!r} has typed contents but the request also carries "
+                "raw_input_contents; send every input one way: all in raw_input_contents "
+                "(one buffer per input, in the order of `inputs`) or all in contents"
+            )
     if raw and len(raw) != len(request.inputs):
         raise BadRequest(
             f"request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents; "
@@ -72,10 +82,6 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
             raise BadRequest(f"input {name!r}: shape {list(shape)} has a negative dimension")
         count = math.prod(shape)
         if raw:
-            if tensor.HasField("contents"):
-                raise BadRequest(
-                    f"input {name!r} has both raw_input_contents and contents; send one of them"
-                )
             data = raw[i]
             if len(data) != count * dtype.itemsize:
                 raise BadRequest(
@@ -92,6 +98,31 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     return arrays
 
 
+def requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
+    """The names of the outputs the request asks for (empty: all of them).
+
+    Refuses what the server cannot do rather than answer something else: Triton's
+    ``classification`` (top-k class strings instead of the tensor) and shared memory.
+    """
+    for output in request.outputs:
+        where = f"output {output.name!r}"
+        _refuse_shared_memory(where, output.parameters)
+        if "classification" in output.parameters:
+            raise BadRequest(
+                f"{where}: parameter 'classification' (class_count) is not supported; "
+                "request the output without it and take the top k of the tensor yourself"
+            )
+    return tuple(o.name for o in request.outputs)
+
+
+def _refuse_shared_memory(where: str, parameters: Mapping[str, pb.InferParameter]) -> None:
+    if any(key.startswith("shared_memory_") for key in parameters):
+        raise BadRequest(
+            f"{where}: shared memory (parameter 'shared_memory_region') is not supported; "
+            "send inputs in the request (raw_input_contents) and read outputs from the response"
+        )
+
+
 def _typed_contents(
     name: str,
     tensor: pb.ModelInferRequest.InferInputTensor,
@@ -106,6 +137,13 @@ def _typed_contents(
             "send it in raw_input_contents"
         )
     values = getattr(tensor.contents, field)
+    others = [f.name for f, _ in tensor.contents.ListFields() if f.name != field]
+    if others:
+        raise BadRequest(
+            f"input {name!r}: values in contents.{others[0]}, but datatype "
+            f"{tensor.datatype} travels in contents.{field}; send them there, or set the "
+            "datatype that matches the values"
+        )
     if len(values) != count:
         raise BadRequest(
             f"input {name!r}: {len(values)} values in contents.{field}, "

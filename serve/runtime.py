@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from quantgate import bundle as qb
@@ -195,6 +196,45 @@ def choose_variant(
     return (fp32 or candidates)[0]
 
 
+def index_limits(file: Path) -> dict[str, int]:
+    """For each graph input used as row indices into a table (token ids into an embedding),
+    the number of rows: its valid values are 0..rows-1.
+
+    Found where the input, directly or through a Cast, is the indices of a Gather on axis 0
+    of an initializer (also behind a DequantizeLinear) or the ids of ORT's fused
+    EmbedLayerNormalization. ONNX Runtime answers an id past the table with an error, but
+    reads a negative one from the end, and a fused graph's int32 Cast wraps large ones:
+    neither is an error there, so the server checks. Inputs used otherwise are absent.
+    """
+    graph = onnx.load(str(file), load_external_data=False).graph
+    rows = {i.name: i.dims[0] for i in graph.initializer if len(i.dims) == 2}
+    for n in graph.node:  # a quantized table: its DequantizeLinear output has the rows too
+        if n.op_type == "DequantizeLinear" and n.input[0] in rows:
+            rows[n.output[0]] = rows[n.input[0]]
+    inputs = {i.name for i in graph.input} - {i.name for i in graph.initializer}
+    source = {name: name for name in inputs}  # a tensor -> the graph input it carries
+    for n in graph.node:
+        if n.op_type == "Cast" and n.input[0] in inputs:
+            source[n.output[0]] = n.input[0]
+    limits: dict[str, int] = {}
+
+    def limit(ids: str, table: str) -> None:
+        if ids in source and table in rows:
+            name = source[ids]
+            limits[name] = min(limits.get(name, rows[table]), rows[table])
+
+    for n in graph.node:
+        if n.op_type == "Gather" and len(n.input) == 2:
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+            if axis == 0:
+                limit(n.input[1], n.input[0])
+        elif n.op_type == "EmbedLayerNormalization":
+            ins = list(n.input) + [""] * 5
+            limit(ins[0], ins[2])  # input_ids -> word_embedding
+            limit(ins[1], ins[4])  # segment_ids -> segment_embedding
+    return limits
+
+
 class Model:
     """One served model version: the bundle, its chosen variant, and the session."""
 
@@ -228,6 +268,8 @@ class Model:
         self.sequence_axis = self._sequence_axis()
         # The longest sequence the model was exported for (its position table); None: unknown.
         self.max_sequence = bundle.manifest.max_seq_len
+        # Inputs that index a table (token ids): input -> rows; values outside are refused.
+        self.index_limits = index_limits(bundle.path / variant.file)
         self._input = {t.name: t for t in self.inputs}
         self._output_names = tuple(t.name for t in self.outputs)
         self.io_binding = io_binding
@@ -261,7 +303,8 @@ class Model:
         """Validate a request against the model; return its batch size.
 
         Collects every problem (missing, unexpected, dtype, rank, dimension, batch, unknown
-        output) and raises one BadRequest that names each input and what was expected.
+        output, a token id outside the vocabulary) and raises one BadRequest that names each
+        input and what was expected.
         """
         problems = []
         for name in feeds.keys() - self._input.keys():
@@ -285,6 +328,15 @@ class Model:
                 problems.append(
                     f"input {name!r}: datatype {_dt(array.dtype)}, expected {_dt(t.dtype)}"
                 )
+            elif name in self.index_limits and array.size:
+                rows = self.index_limits[name]
+                low, high = int(array.min()), int(array.max())
+                if low < 0 or high >= rows:
+                    problems.append(
+                        f"input {name!r}: values must be ids in 0..{rows - 1} (the model's "
+                        f"table has {rows} rows), found {low if low < 0 else high}; check "
+                        "that the tokenizer is the model's"
+                    )
             if array.ndim != len(t.axes):
                 problems.append(
                     f"input {name!r}: shape {list(array.shape)}, expected {len(t.axes)} dimensions "
@@ -297,12 +349,14 @@ class Model:
                         f"input {name!r}: dimension {axis} is {got}, expected {want} ({self._describe(t)})"
                     )
                 elif isinstance(want, str):
-                    if got == 0:
+                    first = want not in sizes  # said once, for the first input with the axis
+                    if first and got == 0:
                         problems.append(
                             f"input {name!r}: dimension {axis} ({want}) is 0; send at least 1"
                         )
                     if (
-                        axis == 1
+                        first
+                        and axis == 1
                         and want == self.sequence_axis
                         and self.max_sequence
                         and got > self.max_sequence

@@ -213,7 +213,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             model = self._engine.model(request.model_name, request.model_version)
             feeds = codec.decode_inputs(request)
-            wanted = tuple(o.name for o in request.outputs)
+            wanted = codec.requested_outputs(request)
             outputs, timing, rows = self._engine.infer(
                 model, feeds, wanted, timeout=timeout, caller=caller
             )

@@ -1,0 +1,176 @@
+"""ModelInfer as a Triton client meets it: requests the server cannot honour as asked are
+refused with INVALID_ARGUMENT and a message naming the tensor, never answered with
+something else, and never reach ONNX Runtime to fail there."""
+
+from __future__ import annotations
+
+import queue
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+import tritonclient.grpc as tc
+from bundles import VOCAB
+from helpers import Reference, batch, inputs
+from onnx import TensorProto, helper
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from quantgate.serve.runtime import index_limits
+
+INVALID = "StatusCode.INVALID_ARGUMENT"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with tc.InferenceServerClient(server.url) as c:
+        yield c
+
+
+def _ids(value: int) -> dict[str, np.ndarray]:
+    ids = np.array([[3, 7, value, 1]], dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+# -1: ONNX Gather reads it from the end of the table; 2**32 + 3: a fused graph's int32 Cast
+# wraps it to 3. Either way ONNX Runtime answers, wrongly, without an error.
+@pytest.mark.parametrize("token", [-1, VOCAB, 2**32 + 3])
+def test_a_token_id_outside_the_vocabulary_is_refused_with_the_range(client, token):
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("classifier", inputs(_ids(token)))
+    assert err.value.status() == INVALID, err.value
+    message = err.value.message()
+    assert "'input_ids'" in message and f"0..{VOCAB - 1}" in message and str(token) in message
+    assert "ONNXRuntimeError" not in message, message
+
+
+def test_a_bad_token_id_in_a_stream_is_answered_there_and_the_stream_goes_on(server, repo):
+    reference = Reference(repo / "classifier")
+    good = batch(np.random.default_rng(7), 2, 5)
+    answers: queue.Queue = queue.Queue()
+    with tc.InferenceServerClient(server.url) as c:
+        c.start_stream(callback=lambda result, error: answers.put((result, error)))
+        c.async_stream_infer("classifier", inputs(_ids(-3)), request_id="bad")
+        c.async_stream_infer("classifier", inputs(good), request_id="good")
+        (_, bad), (result, error) = answers.get(timeout=30), answers.get(timeout=30)
+        c.stop_stream()
+    assert bad is not None and "'input_ids'" in str(bad) and f"0..{VOCAB - 1}" in str(bad), bad
+    assert error is None, error
+    np.testing.assert_allclose(result.as_numpy("logits"), reference(good), atol=1e-4)
+
+
+def test_classification_is_refused_not_answered_with_the_raw_tensor(client):
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(
+            "classifier",
+            inputs(_ids(5)),
+            outputs=[tc.InferRequestedOutput("logits", class_count=3)],
+        )
+    assert err.value.status() == INVALID, err.value
+    assert "'logits'" in err.value.message() and "classification" in err.value.message()
+
+
+def test_shared_memory_is_refused_by_name(client):
+    feeds = _ids(5)
+    ids = tc.InferInput("input_ids", [1, 4], "INT64")
+    ids.set_shared_memory("region", 32)
+    mask = inputs({"attention_mask": feeds["attention_mask"]})
+    out = tc.InferRequestedOutput("logits")
+    out.set_shared_memory("region", 20)
+    for ins, outs, name in (
+        ([ids, *mask], None, "'input_ids'"),  # no raw buffer for it
+        (inputs(feeds), [out], "'logits'"),  # the output would never reach the region
+    ):
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("classifier", ins, outputs=outs)
+        assert err.value.status() == INVALID, err.value
+        assert name in err.value.message() and "shared memory" in err.value.message()
+
+
+def test_mixing_raw_and_typed_contents_names_the_typed_input(server):
+    request = service_pb2.ModelInferRequest(model_name="classifier")
+    request.inputs.add(name="input_ids", datatype="INT64", shape=[1, 4])
+    request.raw_input_contents.append(np.arange(1, 5, dtype=np.int64).tobytes())
+    mask = request.inputs.add(name="attention_mask", datatype="INT64", shape=[1, 4])
+    mask.contents.int64_contents.extend([1, 1, 1, 1])
+    with grpc.insecure_channel(server.url) as channel, pytest.raises(grpc.RpcError) as err:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'attention_mask'" in err.value.details() and "contents" in err.value.details()
+
+
+def test_statistics_count_each_success_and_failure(client):
+    def counts() -> tuple[int, int]:
+        s = client.get_inference_statistics("encoder").model_stats[0].inference_stats
+        return s.success.count, s.fail.count
+
+    before = counts()
+    for rows in (1, 3):
+        client.infer("encoder", inputs(batch(np.random.default_rng(rows), rows, 6)))
+    with pytest.raises(InferenceServerException):
+        client.infer("encoder", inputs(_ids(-1)))
+    assert counts() == (before[0] + 2, before[1] + 1)
+    with pytest.raises(InferenceServerException) as err:
+        client.get_inference_statistics("nope")
+    assert "NOT_FOUND" in err.value.status() and "'nope'" in err.value.message()
+
+
+def test_index_limits_follow_casts_quantized_tables_and_fused_embeddings(tmp_path):
+    """The tables behind each id input, in the graph forms exporters and ORT produce."""
+    table = lambda name, rows: helper.make_tensor(  # noqa: E731
+        name, TensorProto.FLOAT, [rows, 4], np.zeros(rows * 4).tolist()
+    )
+    q = helper.make_tensor("q", TensorProto.UINT8, [50, 4], bytes(200), raw=True)
+    nodes = [
+        helper.make_node("Cast", ["ids"], ["ids32"], to=TensorProto.INT32),
+        helper.make_node(
+            "EmbedLayerNormalization",
+            ["ids32", "segments", "words", "positions", "types", "gamma", "beta"],
+            ["fused"],
+            domain="com.microsoft",
+        ),
+        helper.make_node("DequantizeLinear", ["q", "scale"], ["q_table"]),
+        helper.make_node("Gather", ["q_table", "other"], ["g1"]),
+        helper.make_node("Gather", ["words", "rows_not_ids"], ["g2"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"])
+            for n in ("ids", "segments", "other", "rows_not_ids")
+        ],
+        [helper.make_tensor_value_info("fused", TensorProto.FLOAT, None)],
+        initializer=[
+            table("words", 30),
+            table("positions", 16),
+            table("types", 2),
+            q,
+            helper.make_tensor("scale", TensorProto.FLOAT, [], [1.0]),
+        ],
+    )
+    onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
+    assert index_limits(tmp_path / "m.onnx") == {"ids": 30, "segments": 2, "other": 50}
+
+
+def test_a_problem_of_a_shared_axis_is_said_once(client):
+    """A zero-size batch is one mistake, not one per input."""
+    empty = np.zeros((0, 4), np.int64)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("classifier", inputs({"input_ids": empty, "attention_mask": empty}))
+    assert err.value.status() == INVALID, err.value
+    assert err.value.message().count("is 0") == 1 and "'input_ids'" in err.value.message()
+
+
+def test_typed_contents_in_the_field_of_another_datatype_are_named(server):
+    request = service_pb2.ModelInferRequest(model_name="classifier")
+    ids = request.inputs.add(name="input_ids", datatype="INT64", shape=[1, 4])
+    ids.contents.fp32_contents.extend([1, 2, 3, 4])
+    mask = request.inputs.add(name="attention_mask", datatype="INT64", shape=[1, 4])
+    mask.contents.int64_contents.extend([1, 1, 1, 1])
+    with grpc.insecure_channel(server.url) as channel, pytest.raises(grpc.RpcError) as err:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = err.value.details()
+    assert "'input_ids'" in details and "fp32_contents" in details and "int64_contents" in details
