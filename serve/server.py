@@ -37,7 +37,7 @@ from quantgate.serve import codec
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.engine import Engine
 from quantgate.serve.runtime import load_repository
-from quantgate.serve.servicer import InferenceServicer
+from quantgate.serve.servicer import UNSUPPORTED, InferenceServicer, unsupported
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,8 @@ def _add_inference_service(servicer: InferenceServicer, server: grpc.Server) -> 
             request_deserializer=deserializer,
             response_serializer=codec.serialize,
         )
+    for name in UNSUPPORTED:  # Triton's RPCs that protos/ leaves out: a reason, not "not found"
+        handlers[name] = grpc.unary_unary_rpc_method_handler(unsupported(name))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
 

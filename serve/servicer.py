@@ -62,6 +62,39 @@ def _time_left(context: grpc.ServicerContext) -> float | None:
 
 
 PLATFORM = "onnxruntime_onnx"
+NOT_READY = "the server is warming up or shutting down"
+
+_NO_SHARED_MEMORY = (
+    "shared memory is not supported: send inputs in the request (raw_input_contents) and "
+    "read outputs from the response"
+)
+# Triton's RPCs this server does not offer (ServerMetadata lists none of their extensions),
+# and what to do instead: answered UNIMPLEMENTED with it, not gRPC's "Method not found!".
+UNSUPPORTED = {
+    "RepositoryModelLoad": "models load once, at start: add the bundle to the repository and "
+    "restart `quantgate serve`",
+    "RepositoryModelUnload": "models load once, at start: remove the bundle from the "
+    "repository and restart `quantgate serve`",
+    "SystemSharedMemoryStatus": _NO_SHARED_MEMORY,
+    "SystemSharedMemoryRegister": _NO_SHARED_MEMORY,
+    "SystemSharedMemoryUnregister": _NO_SHARED_MEMORY,
+    "CudaSharedMemoryStatus": _NO_SHARED_MEMORY,
+    "CudaSharedMemoryRegister": _NO_SHARED_MEMORY,
+    "CudaSharedMemoryUnregister": _NO_SHARED_MEMORY,
+    "TraceSetting": "tracing is not supported: per-model timing is in ModelStatistics, and in "
+    "the Prometheus metrics (--metrics-port)",
+    "LogSettings": "log settings cannot change while serving: restart with -v for verbose logs",
+}
+
+
+def unsupported(method: str):
+    """A handler for Triton's RPC ``method`` that answers UNIMPLEMENTED and says why."""
+    message = f"{method} is not supported by quantgate: {UNSUPPORTED[method]}"
+
+    def handler(request: bytes, context: grpc.ServicerContext):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+    return handler
 
 
 def _aborts(method):
@@ -144,6 +177,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             models = list(self._engine.repository)
         return pb.ModelStatisticsResponse(
             model_stats=[self._engine.stats[(m.name, m.version)].proto() for m in models]
+        )
+
+    def RepositoryIndex(self, request, context):
+        # Every model of the repository is served (a folder that cannot be refuses the
+        # start), so all share the server's state; the repository has no name to match.
+        ready = self._engine.ready
+        if request.ready and not ready:
+            return pb.RepositoryIndexResponse()
+        state = {"state": "READY"} if ready else {"state": "UNAVAILABLE", "reason": NOT_READY}
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[index(name=m.name, version=m.version, **state) for m in self._engine.repository]
         )
 
     def ModelInfer(self, request, context):

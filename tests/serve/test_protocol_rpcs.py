@@ -1,10 +1,13 @@
-"""The RPCs of Triton's GRPCInferenceService that quantgate serves, as tritonclient meets
-them: readiness, metadata and config of known and unknown models, statistics of all."""
+"""Every RPC of Triton's GRPCInferenceService answers: the ones quantgate serves work as
+tritonclient expects, the others say UNIMPLEMENTED and what to do instead (not gRPC's bare
+"Method not found!")."""
 
 from __future__ import annotations
 
+import grpc
 import pytest
 import tritonclient.grpc as tc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 
@@ -12,6 +15,27 @@ from tritonclient.utils import InferenceServerException
 def client(server):
     with tc.InferenceServerClient(server.url) as c:
         yield c
+
+
+@pytest.mark.parametrize(
+    "call, hint",
+    [
+        (lambda c: c.load_model("classifier"), "restart"),
+        (lambda c: c.unload_model("classifier"), "restart"),
+        (lambda c: c.get_system_shared_memory_status(), "raw_input_contents"),
+        (lambda c: c.register_system_shared_memory("r", "/r", 64), "raw_input_contents"),
+        (lambda c: c.unregister_system_shared_memory(), "raw_input_contents"),
+        (lambda c: c.get_cuda_shared_memory_status(), "raw_input_contents"),
+        (lambda c: c.unregister_cuda_shared_memory(), "raw_input_contents"),
+        (lambda c: c.get_trace_settings(), "ModelStatistics"),
+        (lambda c: c.update_log_settings({"log_verbose_level": 1}), "-v"),
+    ],
+)
+def test_rpcs_the_server_does_not_offer_say_why(client, call, hint):
+    with pytest.raises(InferenceServerException) as err:
+        call(client)
+    assert err.value.status() == "StatusCode.UNIMPLEMENTED", err.value
+    assert "not supported by quantgate" in err.value.message() and hint in err.value.message()
 
 
 def test_the_rpcs_it_serves_answer_as_triton_does(client):
@@ -28,3 +52,13 @@ def test_the_rpcs_it_serves_answer_as_triton_does(client):
     assert [list(t.dims) for t in config.output] == [[-1, 32]]
     listed = client.get_inference_statistics("").model_stats
     assert {(s.name, s.version) for s in listed} == {("classifier", "1"), ("encoder", "1")}
+
+
+def test_the_repository_index_lists_every_served_model_ready(client, server):
+    index = client.get_model_repository_index(as_json=True)
+    rows = {(m["name"], m["version"], m["state"]) for m in index["models"]}
+    assert rows == {("classifier", "1", "READY"), ("encoder", "1", "READY")}, index
+    with grpc.insecure_channel(server.url) as channel:  # tritonclient cannot ask ready=true
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        ready = stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True))
+    assert {(m.name, m.version, m.state) for m in ready.models} == rows
