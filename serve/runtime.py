@@ -328,15 +328,8 @@ class Model:
                 problems.append(
                     f"input {name!r}: datatype {_dt(array.dtype)}, expected {_dt(t.dtype)}"
                 )
-            elif name in self.index_limits and array.size:
-                rows = self.index_limits[name]
-                low, high = int(array.min()), int(array.max())
-                if low < 0 or high >= rows:
-                    problems.append(
-                        f"input {name!r}: values must be ids in 0..{rows - 1} (the model's "
-                        f"table has {rows} rows), found {low if low < 0 else high}; check "
-                        "that the tokenizer is the model's"
-                    )
+            elif array.size and (problem := self._value_problem(name, array)):
+                problems.append(problem)
             if array.ndim != len(t.axes):
                 problems.append(
                     f"input {name!r}: shape {list(array.shape)}, expected {len(t.axes)} dimensions "
@@ -379,6 +372,28 @@ class Model:
         if problems:
             raise BadRequest(f"bad request for model {self.name!r}: " + "; ".join(problems))
         return batch
+
+    def _value_problem(self, name: str, array: np.ndarray) -> str | None:
+        """What ONNX Runtime would answer without an error, and wrongly: a token id outside
+        its table (a negative one is read from the end), an attention mask that is not 0/1.
+        A row masked whole is answered (a load generator's zeros), though it means nothing."""
+        if name in self.index_limits:
+            rows = self.index_limits[name]
+            low, high = int(array.min()), int(array.max())
+            if low < 0 or high >= rows:
+                return (
+                    f"input {name!r}: values must be ids in 0..{rows - 1} (the model's table "
+                    f"has {rows} rows), found {low if low < 0 else high}; check that the "
+                    "tokenizer is the model's"
+                )
+        elif name == MASK and array.ndim == 2 and np.issubdtype(array.dtype, np.integer):
+            odd = (array != 0) & (array != 1)
+            if odd.any():
+                return (
+                    f"input {name!r}: values must be 0 (padding) or 1 (token), found "
+                    f"{array[odd][0]}"
+                )
+        return None
 
     def run(
         self, feeds: Mapping[str, np.ndarray], outputs: tuple[str, ...] = ()

@@ -45,6 +45,22 @@ def test_a_token_id_outside_the_vocabulary_is_refused_with_the_range(client, tok
     assert "ONNXRuntimeError" not in message, message
 
 
+@pytest.mark.parametrize("value", [2, -1])
+def test_an_attention_mask_of_other_values_than_0_and_1_is_refused(client, value):
+    feeds = _ids(5)
+    feeds["attention_mask"][0, 1] = value
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("classifier", inputs(feeds))
+    assert err.value.status() == INVALID, err.value
+    assert "'attention_mask'" in err.value.message() and f"found {value}" in err.value.message()
+
+
+def test_a_row_of_padding_alone_is_answered_as_load_generators_send_it(client):
+    feeds = _ids(5)
+    feeds["attention_mask"][:] = 0  # perf_analyzer --input-data zero
+    assert client.infer("classifier", inputs(feeds)).as_numpy("logits").shape[0] == 1
+
+
 def test_a_bad_token_id_in_a_stream_is_answered_there_and_the_stream_goes_on(server, repo):
     reference = Reference(repo / "classifier")
     good = batch(np.random.default_rng(7), 2, 5)
