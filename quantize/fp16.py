@@ -13,8 +13,9 @@ EmbedLayerNormalization) through symbolic shape inference, and keeps:
   not assumed (see ``Fp16Config``).
 
 ``fidelity`` compares the converted model with FP32 on real feeds (max abs diff, mean and
-min cosine per row) so an accuracy gate can decide. The FP16 model also runs on the CPU
-provider: ORT inserts Casts around the ops that have no FP16 CPU kernel. On the CPU that
+min cosine per row) so an accuracy gate can decide; its ``cosine:<output>`` gates are
+``gates.Fidelity``'s, as the INT8 gates of that name are. The FP16 model also runs on the
+CPU provider: ORT inserts Casts around the ops that have no FP16 CPU kernel. On the CPU that
 measures the FP16 *storage* error (weights and activations rounded between ops), not CUDA's
 FP16 arithmetic, so the gate must be re-measured on CUDA where a GPU is present.
 
@@ -27,15 +28,15 @@ import contextlib
 import io
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from quantgate.bundle import CPU, GateResult
+from quantgate.bundle import CPU
 from quantgate.errors import QuantizeError
-from quantgate.quantize.gates import flat_rows, row_cosine, session
+from quantgate.quantize.gates import Fidelity, session
 
 log = logging.getLogger(__name__)
 
@@ -56,60 +57,6 @@ class Fp16Config:
     # FP16's largest finite value is 65504; ORT's converter clamps constants beyond these.
     min_positive_val: float = 5.96e-08
     max_finite_val: float = 65504.0
-
-
-@dataclass(frozen=True)
-class Fidelity:
-    """FP16 (or any candidate) vs FP32 outputs on the same feeds."""
-
-    max_abs_diff: dict[str, float]  # per output
-    mean_abs_diff: dict[str, float]
-    cosine_mean: dict[str, float]  # per output: cosine of each row (batch item), averaged
-    cosine_min: dict[str, float]  # the worst row
-    rows: int  # batch items compared
-    provider: str
-    nonfinite: dict[str, int] = field(default_factory=dict)  # NaN/inf count per output
-
-    def gates(
-        self, *, min_cosine: float = 0.999, max_abs: float | None = None
-    ) -> tuple[GateResult, ...]:
-        """Accuracy gates for an embedding-style output (cosine, as there are no labels).
-
-        ``cosine:<output>`` (the metric of the INT8 gate of that name) passes when the mean
-        per-row cosine of the output is >= ``min_cosine`` and it has no NaN/inf;
-        ``max_abs_diff:<output>`` is gated only when ``max_abs`` is set.
-        """
-        gates = []
-        detail = f"vs FP32 on {self.rows} rows, {self.provider}"
-        for name, cos in self.cosine_mean.items():
-            bad = self.nonfinite.get(name, 0)
-            gates.append(
-                GateResult(
-                    name=f"cosine:{name}",
-                    value=cos,
-                    threshold=min_cosine,
-                    op=">=",
-                    passed=bool(cos >= min_cosine and not bad),
-                    provider=self.provider,
-                    detail=detail
-                    + f", min row {self.cosine_min[name]:.5f}"
-                    + (f", {bad} non-finite values" if bad else ""),
-                )
-            )
-            if max_abs is not None:
-                diff = self.max_abs_diff[name]
-                gates.append(
-                    GateResult(
-                        name=f"max_abs_diff:{name}",
-                        value=diff,
-                        threshold=max_abs,
-                        op="<=",
-                        passed=bool(diff <= max_abs and not bad),
-                        provider=self.provider,
-                        detail=detail,
-                    )
-                )
-        return tuple(gates)
 
 
 def to_fp16(model: onnx.ModelProto | str | Path, cfg: Fp16Config | None = None) -> onnx.ModelProto:
@@ -188,42 +135,21 @@ def fidelity(
 ) -> Fidelity:
     """Run ``reference`` and ``candidate`` on every feed and compare their float outputs.
 
-    Rows are batch items: an output (batch, ...) is flattened per item; where ``mask`` names a
-    feed (batch, sequence) and the output is (batch, sequence, ...), padded positions are
-    dropped first so padding noise does not count. The reference runs in FP32 on
+    Rows are batch items, compared as ``Fidelity.measure`` does; ``mask`` names the feed
+    (batch, sequence) whose padded positions do not count. The reference runs in FP32 on
     ``reference_provider`` (CPU by default: the exported, validated numbers).
     """
     ref = session(reference, reference_provider, threads=threads)
     cand = session(candidate, provider, threads=threads)
     names = list(outputs or [o.name for o in ref.get_outputs()])
-    diffs: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    cosines: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    nonfinite = dict.fromkeys(names, 0)
-    rows = 0
-    for feed in feeds:
-        a = dict(zip(names, ref.run(names, dict(feed)), strict=True))
-        b = dict(zip(names, cand.run(names, dict(feed)), strict=True))
-        m = feed.get(mask) if mask else None
-        for n in names:
-            x, y = np.asarray(a[n], np.float32), np.asarray(b[n], np.float32)
-            if x.shape != y.shape:
-                raise QuantizeError(f"output {n!r}: FP32 shape {x.shape}, candidate {y.shape}")
-            nonfinite[n] += int((~np.isfinite(y)).sum())
-            x2, y2 = flat_rows(x, m), flat_rows(y, m)  # (B, rest), real tokens only
-            diffs[n].append(np.abs(x2 - y2).ravel())
-            cosines[n].append(row_cosine(x2, y2))
-        rows += len(next(iter(a.values())))
-    if not rows:
-        raise QuantizeError("fidelity needs at least one feed")
-    return Fidelity(
-        max_abs_diff={n: float(np.concatenate(diffs[n]).max()) for n in names},
-        mean_abs_diff={n: float(np.concatenate(diffs[n]).mean()) for n in names},
-        cosine_mean={n: float(np.concatenate(cosines[n]).mean()) for n in names},
-        cosine_min={n: float(np.concatenate(cosines[n]).min()) for n in names},
-        rows=rows,
-        provider=provider,
-        nonfinite=nonfinite,
-    )
+
+    def runs():
+        for feed in feeds:
+            a = dict(zip(names, ref.run(names, dict(feed)), strict=True))
+            b = dict(zip(names, cand.run(names, dict(feed)), strict=True))
+            yield a, b, feed.get(mask) if mask else None
+
+    return Fidelity.measure(runs(), names, provider=provider)
 
 
 __all__ = ["Fidelity", "Fp16Config", "fidelity", "save", "to_fp16"]

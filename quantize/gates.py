@@ -22,7 +22,8 @@ Without labels: fidelity against FP32 on the evaluation rows.
   nearest other row by cosine among the evaluation rows, under FP32 and under the
   candidate;
 - anything else: for each output, the cosine of every row (a batch item, flattened over its
-  real tokens) with FP32, averaged over rows; max and mean abs error in the detail.
+  real tokens) with FP32, averaged over rows; max and mean abs error in the detail
+  (``Fidelity``, whose gates the FP16 variant's are too).
 
 Speed: candidate vs FP32 on the target execution provider at each served shape, after
 warm-up, timed interleaved (A B, then B A, ...: ``time_interleaved``, which the CUDA gates
@@ -38,7 +39,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from quantgate.bundle import CPU, GateResult, TensorSpec, speed_gate_name
-from quantgate.errors import ConfigError, DataError
+from quantgate.errors import ConfigError, DataError, QuantizeError
 from quantgate.quantize.data import DataSource
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,13 @@ CLASSIFIER_TASKS = ("classification", "sequence-classification", "digits")
 MIN_EVAL_ROWS = 30
 EMBEDDING_TASKS = ("feature-extraction",)
 
-# on_progress(what, done, total): timing progress for a person waiting.
-Progress = Callable[[str, int, int], None]
+# on_progress(task, done, total, status): progress for a person waiting, one bar per task
+# ("export", "calibration", "search", "timing", "fp16", "cuda"); total None: not known yet.
+ProgressFn = Callable[[str, int, "int | None", str], None]
+
+
+def no_progress(task: str, done: int, total: int | None, status: str) -> None:
+    """The ``on_progress`` of a caller that shows none."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,9 @@ class GateConfig:
     seq_len: int = 128  # capped at the model's longest (64 for the built-in digits model)
     provider: str = CPU  # the execution provider the speed gate runs on
     warmup: int = 3  # runs of each model before timing (allocations, caches, threads)
-    iterations: int = 15  # timed A/B pairs per shape; the gate takes their median ratio
+    # Timed A/B pairs per shape (``pairs`` to time_interleaved); the gate takes their median
+    # ratio. The name is the one gate-config files and manifests hold.
+    iterations: int = 15
     threads: int = 0  # ONNX Runtime intra-op threads for timing (0: its default, all cores)
     eval_samples: int | None = None  # cap on evaluation rows (length-stratified); None: all
     seed: int = 0  # bootstrap resampling
@@ -268,7 +276,8 @@ def accuracy_gates(
     emb = _embedding_output(reference, task)
     if emb is not None:
         return _embedding_fidelity(reference, candidate, emb, cfg)
-    return [_cosine_gate(reference, candidate, n, cfg) for n in reference.names]
+    batches = zip(reference.batches, candidate.batches, reference.masks, strict=True)
+    return list(Fidelity.measure(batches, reference.names).gates(min_cosine=cfg.min_cosine))
 
 
 def _logits_output(ref: Outputs, task: str) -> str | None:
@@ -463,26 +472,119 @@ def row_cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.nan_to_num(cos, nan=-1.0)
 
 
-def _cosine_gate(ref: Outputs, cand: Outputs, name: str, cfg: GateConfig) -> GateResult:
-    """``cosine:<name>``: the cosine of each row with FP32 over all its real values, averaged
-    over rows (the metric of ``fp16.Fidelity``'s gates of the same name)."""
-    cos, diff, bad = [], [], 0
-    for a, b, mask in zip(ref.batches, cand.batches, ref.masks, strict=True):
-        x, y = flat_rows(a[name], mask), flat_rows(b[name], mask)
-        cos.append(row_cosine(x, y))
-        diff.append(np.abs(x.astype(np.float64) - y).ravel())
-        bad += int((~np.isfinite(y)).sum())
-    cos, diff = np.concatenate(cos), np.concatenate(diff)
-    return GateResult(
-        f"cosine:{name}",
-        float(cos.mean()),
-        cfg.min_cosine,
-        ">=",
-        bool(cos.mean() >= cfg.min_cosine and not bad),
-        detail=f"vs FP32 on {len(cos)} rows; mean cosine per row (worst row {cos.min():.5f}), "
-        f"max abs {diff.max():.3g}, mean abs {diff.mean():.3g}"
-        + (f", {bad} non-finite values" if bad else ""),
-    )
+@dataclass(frozen=True)
+class Fidelity:
+    """A candidate's outputs against FP32's on the same rows, output by output: the one source
+    of the ``cosine:<output>`` gates, whichever variant (INT8, FP16) and provider they are for."""
+
+    max_abs_diff: dict[str, float]  # per output
+    mean_abs_diff: dict[str, float]
+    cosine_mean: dict[str, float]  # per output: cosine of each row (batch item), averaged
+    cosine_min: dict[str, float]  # the worst row
+    rows: int  # batch items compared
+    provider: str | None  # where the candidate ran; None: where the gates run (cfg.provider)
+    nonfinite: dict[str, int] = field(default_factory=dict)  # NaN/inf count per output
+
+    @classmethod
+    def measure(
+        cls,
+        batches: Iterable[tuple[Mapping[str, Any], Mapping[str, Any], np.ndarray | None]],
+        names: Sequence[str],
+        *,
+        provider: str | None = None,
+    ) -> Fidelity:
+        """Compare the outputs ``names`` over ``batches`` of (FP32 outputs, candidate outputs,
+        attention mask or None).
+
+        Rows are batch items: an output (batch, ...) is flattened per item, its padded
+        positions zeroed where the mask is (batch, sequence) and the output (batch, sequence,
+        ...), so padding noise does not count (``flat_rows``). NaN/inf are counted over the
+        whole candidate output, padding included: a client receives all of it, and a NaN
+        times a mask of 0 is still NaN.
+        """
+        seen = {n: _Tally() for n in names}
+        rows = 0
+        for reference, candidate, mask in batches:
+            for n in names:
+                seen[n].add(n, np.asarray(reference[n]), np.asarray(candidate[n]), mask)
+            rows += len(reference[names[0]])
+        if not rows:
+            raise QuantizeError("fidelity needs at least one feed")
+        return cls(
+            max_abs_diff={n: float(np.max(s.max_abs)) for n, s in seen.items()},
+            mean_abs_diff={n: s.sum_abs / max(s.values, 1) for n, s in seen.items()},
+            cosine_mean={n: float(np.concatenate(s.cosines).mean()) for n, s in seen.items()},
+            cosine_min={n: float(np.concatenate(s.cosines).min()) for n, s in seen.items()},
+            rows=rows,
+            provider=provider,
+            nonfinite={n: s.nonfinite for n, s in seen.items()},
+        )
+
+    def gates(
+        self, *, min_cosine: float = 0.999, max_abs: float | None = None
+    ) -> tuple[GateResult, ...]:
+        """The accuracy gates of outputs without labels, one ``cosine:<output>`` per output.
+
+        It passes when the mean per-row cosine is >= ``min_cosine`` and the output has no
+        NaN/inf; ``max_abs_diff:<output>`` is gated too when ``max_abs`` is set.
+        """
+        where = f"vs FP32 on {self.rows} rows" + (f", {self.provider}" if self.provider else "")
+        gates = []
+        for name, cos in self.cosine_mean.items():
+            bad = self.nonfinite.get(name, 0)
+            gates.append(
+                GateResult(
+                    name=f"cosine:{name}",
+                    value=cos,
+                    threshold=min_cosine,
+                    op=">=",
+                    passed=bool(cos >= min_cosine and not bad),
+                    provider=self.provider,
+                    detail=(
+                        f"{where}; mean cosine per row (worst row {self.cosine_min[name]:.5f}), "
+                        f"max abs {self.max_abs_diff[name]:.3g}, "
+                        f"mean abs {self.mean_abs_diff[name]:.3g}"
+                        + (f", {bad} non-finite values" if bad else "")
+                    ),
+                )
+            )
+            if max_abs is not None:
+                diff = self.max_abs_diff[name]
+                gates.append(
+                    GateResult(
+                        name=f"max_abs_diff:{name}",
+                        value=diff,
+                        threshold=max_abs,
+                        op="<=",
+                        passed=bool(diff <= max_abs and not bad),
+                        provider=self.provider,
+                        detail=where,
+                    )
+                )
+        return tuple(gates)
+
+
+class _Tally:
+    """One output compared batch by batch (``Fidelity.measure``): its row cosines, and its
+    absolute errors and NaN/inf as running totals."""
+
+    def __init__(self):
+        self.cosines: list[np.ndarray] = []  # (B,) per batch
+        self.max_abs: list[float] = []  # per batch; NaN when a real value is NaN
+        self.sum_abs = 0.0
+        self.values = 0
+        self.nonfinite = 0
+
+    def add(self, name: str, x: np.ndarray, y: np.ndarray, mask: np.ndarray | None) -> None:
+        if x.shape != y.shape:
+            raise QuantizeError(f"output {name!r}: FP32 shape {x.shape}, candidate {y.shape}")
+        self.nonfinite += int((~np.isfinite(y)).sum())
+        x, y = flat_rows(x, mask).astype(np.float64), flat_rows(y, mask).astype(np.float64)
+        self.cosines.append(row_cosine(x, y))
+        diff = np.abs(x - y)  # (B, rest)
+        self.max_abs.append(float(diff.max(initial=0.0)))
+        self.sum_abs += float(diff.sum())
+        self.values += diff.size
 
 
 # -- speed ---------------------------------------------------------------------------------
@@ -559,18 +661,21 @@ def speed_gates(
     cfg: GateConfig,
     *,
     sample: dict[str, np.ndarray] | None = None,
-    on_progress: Progress | None = None,
+    on_progress: ProgressFn | None = None,
 ) -> list[GateResult]:
-    """One ``speedup_b{B}_s{T}`` gate per shape: median of interleaved per-pair ratios."""
+    """One ``speedup_b{B}_s{T}`` gate per shape: median of interleaved per-pair ratios.
+
+    Progress is the "timing" task: a step per warm-up run and per timed pair.
+    """
     a = session(fp32, cfg.provider, threads=cfg.threads, spin=False)
     b = session(candidate, cfg.provider, threads=cfg.threads, spin=False)
     shapes = speed_shapes(inputs, max_seq_len, cfg)
     total = len(shapes) * (cfg.iterations + max(cfg.warmup, 1))
     done = itertools.count(1)
+    emit = on_progress or no_progress
 
     def tick(what: str) -> None:
-        if on_progress is not None:
-            on_progress(what, next(done), total)
+        emit("timing", next(done), total, what)
 
     gates = []
     rng = np.random.default_rng(cfg.seed)
@@ -635,13 +740,16 @@ def speed_score(gates: Sequence[GateResult]) -> float:
 
 
 __all__ = [
+    "Fidelity",
     "GateConfig",
     "Outputs",
+    "ProgressFn",
     "accuracy_gates",
     "check_evaluation",
     "check_labels",
     "collect",
     "flat_rows",
+    "no_progress",
     "paired_bootstrap",
     "passed",
     "row_cosine",

@@ -266,98 +266,133 @@ def select_gemms(model: onnx.ModelProto, recipe: Recipe) -> tuple[list, list[str
 def build_integer_to_float(
     src: Path, recipe: Recipe, calibration: Calibration, out: Path
 ) -> tuple[list[str], list[str]]:
-    """The hand-built INT8 graph; returns (quantized node names, node names kept FP32)."""
+    """The hand-built INT8 graph; returns (quantized node names, node names kept FP32).
+
+    One calibration pass over the GEMMs' inputs; each input is then quantized once (after
+    its smoothing Mul, when the recipe smooths), and each GEMM becomes its integer op on
+    weights quantized per column; the FP32 weights no other node reads are dropped.
+    """
     model = onnx.load(str(src))
     todo, kept = select_gemms(model, recipe)
     if not todo:
         return [], kept
-
-    stats = calibrate(model, [g.x for g in todo], calibration)
-    inits = {i.name: i for i in model.graph.initializer}
-    g = model.graph
-    by_node = {t.node: t for t in todo}
-    new_inits: list[onnx.TensorProto] = []
-    before: dict[str, list[onnx.NodeProto]] = {}  # node name -> nodes inserted before it
-    xq_of: dict[str, tuple] = {}  # activation -> (quantized, scale, zp, smoothing or None)
-
-    for x in dict.fromkeys(t.x for t in todo):  # one Mul and one QuantizeLinear per activation
-        st = stats[x]
-        first = next(t.node for t in todo if t.x == x)
-        p = _safe(x)
-        lo, hi = st.lo, st.hi
-        xin = x
-        s = None
-        if recipe.smooth_percentile is not None:
-            s = smoothing_scales(st.absmax, recipe.smooth_percentile)
-            if np.any(s > 1):
-                new_inits.append(
-                    numpy_helper.from_array((1.0 / s).astype(np.float32), p + "_inv_s")
-                )
-                xin = p + "_smoothed"
-                before.setdefault(first, []).append(
-                    oh.make_node("Mul", [x, p + "_inv_s"], [xin], name=p + "_smooth")
-                )
-                lo, hi = lo / s, hi / s
-            else:
-                s = None
-        scale, zp = qparams(lo.min(), hi.max(), recipe.activation_type, recipe.activation_symmetric)
-        new_inits += [
-            numpy_helper.from_array(scale.reshape(()), p + "_scale"),
-            numpy_helper.from_array(zp.reshape(()), p + "_zp"),
-        ]
-        before.setdefault(first, []).append(
-            oh.make_node(
-                "QuantizeLinear", [xin, p + "_scale", p + "_zp"], [p + "_q"], name=p + "_quantize"
-            )
-        )
-        xq_of[x] = (p + "_q", p + "_scale", p + "_zp", s)
-
-    nodes = []
-    for n in g.node:
-        nodes += before.get(n.name, [])
-        t = by_node.get(n.name)
-        if t is None:
-            nodes.append(n)
-            continue
-        xq, xs, xzp, s = xq_of[t.x]
-        w = numpy_helper.to_array(inits[t.w]).astype(np.float32)
-        if s is not None:
-            w = w * s[:, None]  # (K, N): row j carries channel j's divisor
-        wq, ws, wzp = quantize_weight(w, recipe)
-        p = _safe(n.name)
-        new_inits += [
-            numpy_helper.from_array(wq, p + "_Wq"),
-            numpy_helper.from_array(ws, p + "_Wscale"),
-            numpy_helper.from_array(wzp, p + "_Wzp"),
-        ]
-        if t.op_type == "MatMul":
-            q = oh.make_node(
-                "MatMulIntegerToFloat",
-                [xq, p + "_Wq", xs, p + "_Wscale", xzp, p + "_Wzp"],
-                list(n.output),
-                name=n.name + "_int8",
-                domain=MS,
-            )
-        else:
-            mask = n.input[3] if len(n.input) > 3 else ""
-            attrs = {a.name: oh.get_attribute_value(a) for a in n.attribute}
-            q = oh.make_node(
-                "QAttention",
-                [xq, p + "_Wq", n.input[2], xs, p + "_Wscale", mask, xzp, p + "_Wzp"],
-                list(n.output),
-                name=n.name + "_int8",
-                domain=MS,
-                **attrs,
-            )
-        nodes.append(q)
-    del g.node[:]
-    g.node.extend(nodes)
-    g.initializer.extend(new_inits)
-    _drop_unused(g, {t.w for t in todo})
+    stats = calibrate(model, [t.x for t in todo], calibration)
+    inputs = {x: _quantize_input(x, stats[x], recipe) for x in dict.fromkeys(t.x for t in todo)}
+    _replace_gemms(model.graph, todo, inputs, recipe)
+    _drop_unused(model.graph, {t.w for t in todo})
     if not any(o.domain == MS for o in model.opset_import):
         model.opset_import.append(oh.make_opsetid(MS, 1))
     onnx.save(model, str(out))
     return [t.node for t in todo], kept
+
+
+@dataclass(frozen=True)
+class _QuantizedInput:
+    """A GEMM input quantized once, for every GEMM that reads it."""
+
+    q: str  # the quantized tensor, and its per-tensor scale and zero point
+    scale: str
+    zero_point: str
+    smoothing: np.ndarray | None  # (K,) divisors s of its channels; None: not smoothed
+    nodes: tuple[onnx.NodeProto, ...]  # [Mul(x, 1/s)], QuantizeLinear
+    initializers: tuple[onnx.TensorProto, ...]
+
+
+def _quantize_input(x: str, stats: ChannelStats, recipe: Recipe) -> _QuantizedInput:
+    """``x`` divided by its smoothing scales (when the recipe smooths it), then quantized per
+    tensor over the range that its channels' statistics give."""
+    p, lo, hi = _safe(x), stats.lo, stats.hi
+    nodes, inits = [], []
+    s = _smoothing(stats, recipe)
+    if s is not None:
+        inits.append(numpy_helper.from_array((1.0 / s).astype(np.float32), p + "_inv_s"))
+        nodes.append(oh.make_node("Mul", [x, p + "_inv_s"], [p + "_smoothed"], name=p + "_smooth"))
+        x, lo, hi = p + "_smoothed", lo / s, hi / s  # the range of x / s: exact, as s > 0
+    scale, zp = qparams(lo.min(), hi.max(), recipe.activation_type, recipe.activation_symmetric)
+    inits += [
+        numpy_helper.from_array(scale.reshape(()), p + "_scale"),
+        numpy_helper.from_array(zp.reshape(()), p + "_zp"),
+    ]
+    nodes.append(
+        oh.make_node(
+            "QuantizeLinear", [x, p + "_scale", p + "_zp"], [p + "_q"], name=p + "_quantize"
+        )
+    )
+    return _QuantizedInput(p + "_q", p + "_scale", p + "_zp", s, tuple(nodes), tuple(inits))
+
+
+def _smoothing(stats: ChannelStats, recipe: Recipe) -> np.ndarray | None:
+    """The recipe's smoothing scales for an input; None when it does not smooth, or when no
+    channel is an outlier (every scale 1)."""
+    if recipe.smooth_percentile is None:
+        return None
+    s = smoothing_scales(stats.absmax, recipe.smooth_percentile)
+    return s if np.any(s > 1) else None
+
+
+def _replace_gemms(
+    g: onnx.GraphProto, todo: list[Gemm], inputs: dict[str, _QuantizedInput], recipe: Recipe
+) -> None:
+    """In place, in graph order: each input's quantizing nodes before the first GEMM that
+    reads it, and every GEMM of ``todo`` replaced by its integer op."""
+    weights = {i.name: i for i in g.initializer}
+    by_node = {t.node: t for t in todo}
+    first_reader: dict[str, str] = {}  # input -> the first GEMM (node name) that reads it
+    for t in todo:
+        first_reader.setdefault(t.x, t.node)
+    before = {node: inputs[x].nodes for x, node in first_reader.items()}
+    nodes: list[onnx.NodeProto] = []
+    inits = [i for q in inputs.values() for i in q.initializers]
+    for n in g.node:
+        nodes += before.get(n.name, ())
+        t = by_node.get(n.name)
+        if t is None:
+            nodes.append(n)
+            continue
+        integer, weight = _integer_gemm(n, t, inputs[t.x], weights[t.w], recipe)
+        nodes.append(integer)
+        inits += weight
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(inits)
+
+
+def _integer_gemm(
+    n: onnx.NodeProto, t: Gemm, xq: _QuantizedInput, weight: onnx.TensorProto, recipe: Recipe
+) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """``n`` as MatMulIntegerToFloat (or QAttention) of the quantized input and the weight
+    quantized per column, its rows multiplied by the input's smoothing scales; and the
+    quantized weight's initializers."""
+    w = numpy_helper.to_array(weight).astype(np.float32)
+    if xq.smoothing is not None:
+        w = w * xq.smoothing[:, None]  # (K, N): row j carries channel j's divisor
+    wq, ws, wzp = quantize_weight(w, recipe)
+    p = _safe(n.name)
+    inits = [
+        numpy_helper.from_array(wq, p + "_Wq"),
+        numpy_helper.from_array(ws, p + "_Wscale"),
+        numpy_helper.from_array(wzp, p + "_Wzp"),
+    ]
+    if t.op_type == "MatMul":
+        q = oh.make_node(
+            "MatMulIntegerToFloat",
+            [xq.q, p + "_Wq", xq.scale, p + "_Wscale", xq.zero_point, p + "_Wzp"],
+            list(n.output),
+            name=n.name + "_int8",
+            domain=MS,
+        )
+    else:
+        mask = n.input[3] if len(n.input) > 3 else ""
+        attrs = {a.name: oh.get_attribute_value(a) for a in n.attribute}
+        q = oh.make_node(
+            "QAttention",
+            [xq.q, p + "_Wq", n.input[2], xq.scale, p + "_Wscale", mask, xq.zero_point, p + "_Wzp"],
+            list(n.output),
+            name=n.name + "_int8",
+            domain=MS,
+            **attrs,
+        )
+    return q, inits
 
 
 def _drop_unused(g: onnx.GraphProto, candidates: set[str]) -> None:

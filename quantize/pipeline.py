@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quantgate.bundle import (
     FAIL,
@@ -25,6 +25,7 @@ from quantgate.bundle import (
     PASS,
     REPORT,
     Bundle,
+    GateResult,
     Manifest,
     check_writable_target,
     load,
@@ -36,6 +37,7 @@ from quantgate.export.config import ExportConfig
 from quantgate.quantize import report as reports
 from quantgate.quantize.cuda import CPU, CUDA
 from quantgate.quantize.data import (
+    DataSource,
     DataSpec,
     ModelInfo,
     check_held_out,
@@ -44,12 +46,17 @@ from quantgate.quantize.data import (
 )
 from quantgate.quantize.gates import (
     GateConfig,
+    ProgressFn,
     accuracy_gates,
     check_evaluation,
     collect,
+    no_progress,
     speed_gates,
 )
-from quantgate.quantize.search import ProgressFn, QuantConfig, SearchResult, search
+from quantgate.quantize.search import Candidate, QuantConfig, SearchResult, search
+
+if TYPE_CHECKING:  # loaded when build runs: export's pipeline imports the model code (torch)
+    from quantgate.export import ExportResult, ExtraVariant
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +82,16 @@ def build(
     Returns the bundle when every gate passed; otherwise writes it (INT8 marked failed)
     and raises ``GateFailed`` with the bundle's path.
     """
-    from quantgate.export import export_fp32, write_bundle
-    from quantgate.export.pipeline import EXPORT_STEPS
+    from quantgate.export import write_bundle
 
     out = Path(out).absolute()
     check_writable_target(out, force=force)  # before minutes of work
     check_held_out(calibration, evaluation)
     _require_data(model_spec, calibration, evaluation)
-    emit = on_progress or (lambda *a: None)
+    emit = on_progress or no_progress
     with tempfile.TemporaryDirectory(prefix="quantgate-build-") as tmp:
         work = Path(tmp)
-
-        def on_stage(what: str, done: int, total: int) -> None:
-            emit("export", done, total, what)
-
-        result = export_fp32(model_spec, work, cfg=export_cfg, on_stage=on_stage)
-        emit("export", EXPORT_STEPS, EXPORT_STEPS, "validated")
+        result = _export(model_spec, work, export_cfg, emit)
         info = ModelInfo.from_export(result)
         cal = open_source(
             calibration, info, role="calibration", samples=quant_cfg.calibration_samples
@@ -107,7 +108,7 @@ def build(
             quant_cfg=quant_cfg,
             gate_cfg=gate_cfg,
             unfused=result.unfused_onnx,
-            on_progress=on_progress,
+            on_progress=emit,
         )
         shipped = found.best
         data = {"calibration": cal.record(), "evaluation": ev.record()}
@@ -115,42 +116,85 @@ def build(
         sections = reports.sections(
             found, shipped, gate_cfg, data, plot=reports.PLOT if plot else None
         )
-        from quantgate.export import ExtraVariant
-
-        variant = ExtraVariant(
-            path=shipped.path,
-            precision="int8",
-            gates=shipped.gates,
-            providers=INT8_PROVIDERS,
-            recipe={**shipped.recipe, "candidate": shipped.name},
-            not_for=INT8_NOT_FOR,
-            notes=_notes(shipped),
-        )
-        variants = [variant]
-        if quant_cfg.fp16:
-            emit("fp16", 0, 1, "converting")
-            variants.append(_fp16_variant(result.onnx, ev, work, quant_cfg))
-            sections = [*sections, reports.fp16_section(variants[-1].gates)]
-            emit("fp16", 1, 1, "gated")
-        if quant_cfg.cuda_gates:
-            variants, cuda_section = _gate_on_cuda(
-                result, variants, ev, quant_cfg, emit, int8_min_cosine=gate_cfg.min_cosine
-            )
-            sections = [*sections, *cuda_section]
-        extra = {**result.extra, "quantization": _summary(found, shipped, gate_cfg, plot)}
+        variants, more = _variants(result, shipped, ev, work, quant_cfg, gate_cfg, emit)
+        summary = _summary(found, shipped, gate_cfg, plot)
         write_bundle(
-            dataclasses.replace(result, model=dataclasses.replace(result.model, extra=extra)),
+            _with_extra(result, quantization=summary),
             out,
             variants=variants,
             calibration={**data["calibration"], "evaluation": data["evaluation"]},
-            report_sections=sections,
+            report_sections=[*sections, *more],
             files=[plot] if plot is not None else [],
             name=export_cfg.name,
             force=force,
         )
-    bundle = load(out)
+    return _passed_bundle(out)
+
+
+def _export(
+    model_spec: str | Path, work: Path, cfg: ExportConfig, emit: ProgressFn
+) -> ExportResult:
+    """The validated FP32 export, its steps shown as the "export" task."""
+    from quantgate.export import export_fp32
+    from quantgate.export.pipeline import EXPORT_STEPS
+
+    def on_stage(what: str, done: int, total: int) -> None:
+        emit("export", done, total, what)
+
+    result = export_fp32(model_spec, work, cfg=cfg, on_stage=on_stage)
+    emit("export", EXPORT_STEPS, EXPORT_STEPS, "validated")
+    return result
+
+
+def _variants(
+    result: ExportResult,
+    shipped: Candidate,
+    evaluation: DataSource,
+    work: Path,
+    quant_cfg: QuantConfig,
+    gate_cfg: GateConfig,
+    emit: ProgressFn,
+) -> tuple[list[ExtraVariant], list[str]]:
+    """The variants shipped next to FP32, and their report sections after the INT8 search's:
+    the shipped INT8 candidate; FP16 for CUDA (``quant_cfg.fp16``); and every variant gated
+    on CUDA where a GPU is present (``quant_cfg.cuda_gates``)."""
+    from quantgate.export import ExtraVariant
+
+    int8 = ExtraVariant(
+        path=shipped.path,
+        precision="int8",
+        gates=shipped.gates,
+        providers=INT8_PROVIDERS,
+        recipe={**shipped.recipe, "candidate": shipped.name},
+        not_for=INT8_NOT_FOR,
+        notes=_notes(shipped),
+    )
+    variants, sections = [int8], []
+    if quant_cfg.fp16:
+        emit("fp16", 0, 1, "converting")
+        variants.append(_fp16_variant(result.onnx, evaluation, work, quant_cfg))
+        sections.append(reports.fp16_section(variants[-1].gates))
+        emit("fp16", 1, 1, "gated")
+    if quant_cfg.cuda_gates:
+        variants, on_cuda = _gate_on_cuda(
+            result, variants, evaluation, quant_cfg, emit, int8_min_cosine=gate_cfg.min_cosine
+        )
+        sections += on_cuda
+    return variants, sections
+
+
+def _with_extra(result: ExportResult, **extra: Any) -> ExportResult:
+    """``result`` with ``extra`` added to its model's extra fields (the manifest's)."""
+    model = dataclasses.replace(result.model, extra={**result.extra, **extra})
+    return dataclasses.replace(result, model=model)
+
+
+def _passed_bundle(path: Path) -> Bundle:
+    """The bundle written at ``path`` (its files verified); ``GateFailed`` unless every gate of
+    every variant passed."""
+    bundle = load(path)
     if bundle.manifest.verdict != PASS:
-        raise GateFailed(_failure_message(bundle.manifest, out), bundle_path=str(out))
+        raise GateFailed(_failure_message(bundle.manifest, path), bundle_path=str(path))
     return bundle
 
 
@@ -198,7 +242,7 @@ def _gate_on_cuda(
     variants: list,
     evaluation,
     cfg: QuantConfig,
-    emit,
+    emit: ProgressFn,
     *,
     int8_min_cosine: float = 0.99,
     provider: str = CUDA,
@@ -251,80 +295,109 @@ def regate(
     providers (CUDA, from the build) are kept. Raises ``GateFailed`` (after rewriting) unless
     the bundle then passes: every gate of every variant.
     """
-    emit = on_progress or (lambda *a: None)
     bundle = load(bundle_path)  # verifies every file's sha256
     m = bundle.manifest
     int8 = m.variant("int8")
     info = ModelInfo.from_manifest(m, bundle.path)
     check_not_calibration(evaluation, m.calibration)
     ev = open_source(evaluation, info, role="evaluation", samples=gate_cfg.eval_samples)
-    fp32_path, int8_path = bundle.file("fp32"), bundle.file("int8")
-    emit("search", 0, 1, "evaluating FP32 and INT8")
-    reference = collect(fp32_path, ev, provider=gate_cfg.provider, threads=gate_cfg.threads)
-    check_evaluation(reference, m.task)
-    got = collect(int8_path, ev, provider=gate_cfg.provider, threads=gate_cfg.threads)
-    accuracy = accuracy_gates(reference, got, m.task, gate_cfg)
-
-    def on_timing(what: str, done: int, total: int) -> None:
-        emit("timing", done, total, what)
-
-    sample = next(ev.batches()).feeds
-    max_seq = m.max_seq_len or gate_cfg.seq_len
-    speed = speed_gates(
-        fp32_path, int8_path, m.inputs, max_seq, gate_cfg, sample=sample, on_progress=on_timing
-    )
-    emit("search", 1, 1, "done")
+    measured = _int8_gates(bundle, ev, gate_cfg, on_progress or no_progress)
     kept = tuple(g for g in int8.gates if g.provider not in (None, gate_cfg.provider))
-    gates = (*accuracy, *speed, *kept)
+    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    manifest = _with_int8_gates(m, (*measured, *kept), {"at": when, "evaluation": ev.record()})
+    section = _regate_section(manifest, when, ev, gate_cfg, kept=bool(kept))
+    _rewrite(bundle, manifest, _regated_report(bundle.report, section, manifest))
+    return _passed_bundle(bundle.path)
+
+
+def _int8_gates(
+    bundle: Bundle, ev: DataSource, cfg: GateConfig, emit: ProgressFn
+) -> tuple[GateResult, ...]:
+    """The INT8 variant's accuracy and speed gates against FP32 on the rows of ``ev``,
+    measured on ``cfg.provider``."""
+    m = bundle.manifest
+    fp32, int8 = bundle.file("fp32"), bundle.file("int8")
+    emit("search", 0, 1, "evaluating FP32 and INT8")
+    reference = collect(fp32, ev, provider=cfg.provider, threads=cfg.threads)
+    check_evaluation(reference, m.task)
+    got = collect(int8, ev, provider=cfg.provider, threads=cfg.threads)
+    accuracy = accuracy_gates(reference, got, m.task, cfg)
+    sample = next(ev.batches()).feeds
+    max_seq = m.max_seq_len or cfg.seq_len
+    speed = speed_gates(fp32, int8, m.inputs, max_seq, cfg, sample=sample, on_progress=emit)
+    emit("search", 1, 1, "done")
+    return (*accuracy, *speed)
+
+
+def _with_int8_gates(
+    m: Manifest, gates: tuple[GateResult, ...], regate: dict[str, Any]
+) -> Manifest:
+    """``m`` with the INT8 variant's gates (and so its verdict) replaced, and ``regate`` (when,
+    on what data) recorded with the bundle's new verdict in ``extra["regates"]``."""
+    int8 = m.variant("int8")
     new = dataclasses.replace(
         int8, gates=gates, verdict=PASS if all(g.passed for g in gates) else FAIL
     )
     variants = tuple(new if v is int8 else v for v in m.variants)
     verdict = dataclasses.replace(m, variants=variants).verdict
-    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    regates = [
-        *m.extra.get("regates", []),
-        {"at": when, "evaluation": ev.record(), "verdict": verdict},
-    ]
-    manifest = dataclasses.replace(m, variants=variants, extra={**m.extra, "regates": regates})
+    regates = [*m.extra.get("regates", []), {**regate, "verdict": verdict}]
+    return dataclasses.replace(m, variants=variants, extra={**m.extra, "regates": regates})
+
+
+def _regate_section(
+    manifest: Manifest, when: str, ev: DataSource, cfg: GateConfig, *, kept: bool
+) -> str:
+    """report.md's section on a re-gate: the bundle's new verdict, what was re-run on what
+    data (and whether INT8 gates of other providers were ``kept``), the INT8 gates."""
+    verdict, int8 = manifest.verdict, manifest.variant("int8")
     what = (
-        f"The INT8 variant's gates on {gate_cfg.provider} were re-run with onnxruntime "
+        f"The INT8 variant's gates on {cfg.provider} were re-run with onnxruntime "
         f"{_ort_version()} on {ev.description} (sha256 `{ev.sha256[:12]}`); they replace its "
         "gates measured there" + (", and its gates on other providers are kept." if kept else ".")
     )
-    failing = [v.precision for v in variants if v is not new and not v.passed]
+    failing = [v.precision for v in manifest.variants if v is not int8 and not v.passed]
     if failing:
         what += f" Failed at build time, and not re-gated: {', '.join(failing)}."
-    section = "\n".join(
+    return "\n".join(
         [
             f"## Re-gated {when}",
             "",
             f"Verdict: **{verdict if verdict == PASS else 'FAIL'}**. {what}",
             "",
-            *reports.gate_table(gates, gate_cfg.confidence),
+            *reports.gate_table(int8.gates, cfg.confidence),
             "",
         ]
     )
-    report = _regated_report(bundle.report, section, manifest)
+
+
+def _rewrite(bundle: Bundle, manifest: Manifest, report: str) -> None:
+    """Replace the bundle's manifest and report.md atomically (``staging``), its other files
+    hard-linked into the new copy."""
     with staging(bundle.path) as tmp:
         _link_all(bundle.path, tmp, skip={MANIFEST, REPORT})
         write_manifest(tmp, manifest)
         (tmp / REPORT).write_text(report)
-    regated = load(bundle.path)
-    if verdict != PASS:
-        raise GateFailed(_failure_message(manifest, bundle.path), bundle_path=str(bundle.path))
-    return regated
 
 
 def _regated_report(path: Path, section: str, manifest: Manifest) -> str:
-    """The old report with the new section after the title block (the newest first), and the
-    verdicts it states (the title's, the variants table's) those of the new ``manifest``."""
+    """report.md after a re-gate: the old report with ``section`` right after its title block
+    (re-gates read newest first), and the two verdicts it states about the bundle as it is
+    now set to ``manifest``'s.
+
+    Both are in what ``export.writer.render_report`` writes: the title block's "Verdict:
+    **pass**." and the rows ``| file | precision | verdict | sha256 |`` of "## Variants".
+    Every other section is a record of what was measured when (the build's INT8 and FP16
+    gates, earlier re-gates) and stays as it was, verdicts included. A report without those
+    lines (an older layout, or none at all) gets the new section and is otherwise kept.
+    Patching the text rather than rendering it again keeps the build's sections, which the
+    manifest does not hold in full (every candidate tried, the plot).
+    """
     old = path.read_text() if path.is_file() else "# bundle\n"
-    head, sep, rest = old.partition("\n## ")
+    head, sep, rest = old.partition("\n## ")  # the title block; every section
     head = re.sub(r"Verdict: \*\*\w+\*\*\.", f"Verdict: **{manifest.verdict}**.", head, count=1)
-    for v in manifest.variants:  # export's "## Variants" table: | file | precision | verdict |
+    for v in manifest.variants:
         row = re.compile(rf"^(\| {re.escape(v.file)} \| {re.escape(v.precision)} \| )\w+ \|", re.M)
-        rest = row.sub(rf"\g<1>{v.verdict} |", rest)
+        rest = row.sub(rf"\g<1>{v.verdict} |", rest)  # a verdict is a word: pass, fail
     return head.rstrip() + "\n\n" + section + ("\n## " + rest if sep else "")
 
 

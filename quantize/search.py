@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,9 +30,11 @@ from quantgate.errors import ConfigError, QuantizeError
 from quantgate.quantize.data import DataSource, counted
 from quantgate.quantize.gates import (
     GateConfig,
+    ProgressFn,
     accuracy_gates,
     check_evaluation,
     collect,
+    no_progress,
     passed,
     speed_gates,
     speed_score,
@@ -42,9 +44,6 @@ if TYPE_CHECKING:  # recipes import onnx; the search loads them when it runs
     from quantgate.quantize.recipes import Recipe
 
 log = logging.getLogger(__name__)
-
-# on_progress(task, done, total, status): task is "calibration", "search" or "timing".
-ProgressFn = Callable[[str, int, "int | None", str], None]
 
 
 @dataclass(frozen=True)
@@ -217,7 +216,7 @@ def search(
     quant_cfg = quant_cfg or QuantConfig()
     gate_cfg = gate_cfg or GateConfig()
     t0 = time.monotonic()
-    emit = on_progress or (lambda *a: None)
+    emit = on_progress or no_progress
     reference = collect(fp32, evaluation, provider=gate_cfg.provider, threads=gate_cfg.threads)
     check_evaluation(reference, task)  # before minutes of quantization
     sample = next(evaluation.batches()).feeds
@@ -299,8 +298,8 @@ def _try(
         msg = f"{type(e).__name__}: {e}"
         return _failed(name, recipe, method, parent, added, msg, time.monotonic() - t), None
 
-    def on_timing(what: str, done: int, total: int) -> None:
-        emit("timing", done, total, f"{name}: {what}")
+    def on_timing(task: str, done: int, total: int | None, status: str) -> None:
+        emit(task, done, total, f"{name}: {status}")
 
     try:  # FP32 ran on the same data: a failure here is the INT8 model's
         got = collect(qm.path, evaluation, provider=gate_cfg.provider, threads=gate_cfg.threads)

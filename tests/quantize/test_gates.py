@@ -148,11 +148,29 @@ def test_cosine_of_an_output_is_the_fp16_fidelity_metric(tmp_path):
     info = ModelInfo((TensorSpec("x", "float32", ("B", SEQ, K)),), "custom", SEQ)
     ev = open_source(mlp_feeds(4), info, role="evaluation")
     out = accuracy_gates(collect(src, ev), collect(int8, ev), "custom", GateConfig())
-    fid = fp16.fidelity(src, int8, ev())
-    assert {g.name: g.value for g in out} == pytest.approx(
-        {f"cosine:{n}": v for n, v in fid.cosine_mean.items()}
-    )
-    assert all(g.ci is None and "worst row" in g.detail for g in out)
+    fid = fp16.fidelity(src, int8, ev()).gates(min_cosine=GateConfig().min_cosine)
+    assert {g.name: g.value for g in out} == pytest.approx({g.name: g.value for g in fid})
+    assert all(g.ci is None and "worst row" in g.detail and g.provider is None for g in out)
+    # The same words, but for where the candidate ran (the FP16 gates' own provider).
+    assert [g.detail for g in out] == [
+        g.detail.replace(", CPUExecutionProvider;", ";") for g in fid
+    ]
+
+
+def test_cosine_gate_fails_on_nan_in_padding_that_a_client_receives():
+    """Padded positions do not count in the cosine, but the server returns them: a NaN there
+    makes a masked mean, ``(h * mask).sum(1)``, NaN. The gate counts the whole output."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 5, 8)).astype(np.float32)  # (B, T, H)
+    mask = np.ones((4, 5), np.int64)
+    mask[:, 3:] = 0
+    y = x.copy()
+    y[0, 4] = np.nan  # one padded position of row 0: 8 values
+    ref = Outputs(["h"], [{"h": x}], [mask], rows=4)
+    cand = Outputs(["h"], [{"h": y}], [mask], rows=4)
+    (gate,) = accuracy_gates(ref, cand, "custom", GateConfig())
+    assert gate.name == "cosine:h" and gate.value == pytest.approx(1.0)
+    assert not gate.passed and gate.detail.endswith(", 8 non-finite values")
 
 
 def test_gate_table_names_the_configured_confidence():
@@ -170,8 +188,20 @@ def test_time_interleaved_reverses_the_order_every_round():
 
 def test_speed_gate_is_interleaved_per_shape(models):
     result, int8 = models
-    gates = speed_gates(result.onnx, int8, result.inputs, result.max_seq_len, FAST)
+    progress = []
+    gates = speed_gates(
+        result.onnx,
+        int8,
+        result.inputs,
+        result.max_seq_len,
+        FAST,
+        on_progress=lambda *event: progress.append(event),
+    )
     assert [g.name for g in gates] == ["speedup_b1_s64", "speedup_b8_s64"]  # digits: seq 64
+    # One "timing" bar: a step per warm-up run and per timed pair, at every shape.
+    total = 2 * (FAST.iterations + FAST.warmup)
+    assert [e[:3] for e in progress] == [("timing", i, total) for i in range(1, total + 1)]
+    assert progress[0][3] == "timing b1 s64" and progress[-1][3] == "timing b8 s64"
     for g in gates:
         assert g.value > 0 and g.ci[0] <= g.value <= g.ci[1]
         assert g.provider == "CPUExecutionProvider" and "interleaved" in g.detail

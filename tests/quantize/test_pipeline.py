@@ -63,6 +63,8 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(cli, tmp_p
     report = load(out).report.read_text()
     assert "Verdict: **fail**." in report.partition("\n## ")[0]
     assert "| model.int8.onnx | int8 | fail |" in report
+    newest, older = report.split("## Re-gated")[1:]  # the newest first; each keeps its verdict
+    assert "Verdict: **FAIL**" in newest and "Verdict: **pass**" in older
 
 
 def test_gate_fails_when_any_variant_fails_and_keeps_the_cuda_gates(cli, tmp_path, gate_file):
