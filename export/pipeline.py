@@ -153,20 +153,28 @@ def export(
     return bundle
 
 
+def load(model_spec: str | Path, cfg: ExportConfig = DEFAULT_CONFIG) -> LoadedModel:
+    """The model ``model_spec`` names, loaded as ``cfg`` asks (task, longest sequence)."""
+    return load_model(model_spec, task=cfg.task, max_seq_len=cfg.max_seq_len)
+
+
 def export_fp32(
-    model_spec: str | Path,
+    model_spec: str | Path | LoadedModel,
     workdir: Path,
     *,
     cfg: ExportConfig = DEFAULT_CONFIG,
     on_stage: StageCallback | None = None,
 ) -> ExportResult:
-    """Load, export, validate, fuse and validate again; the files stay in ``workdir``
-    (created when missing)."""
+    """Load (unless ``model_spec`` is loaded already, by ``load``), export, validate, fuse and
+    validate again; the files stay in ``workdir`` (created when missing)."""
     t0 = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _stage(on_stage, "loading the model", 0)
-    model = load_model(model_spec, task=cfg.task, max_seq_len=cfg.max_seq_len)
+    if isinstance(model_spec, LoadedModel):
+        model = model_spec
+    else:
+        _stage(on_stage, "loading the model", 0)
+        model = load(model_spec, cfg)
     _stage(on_stage, "running PyTorch on the samples", 1)
     cases = tuple(build_cases(model, mid_batch=cfg.mid_batch))
     refs = tuple(reference_outputs(model, cases))

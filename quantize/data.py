@@ -74,9 +74,13 @@ class ModelInfo:
     @classmethod
     def from_export(cls, result: Any) -> ModelInfo:
         """From an ``export.ExportResult``."""
-        return cls._make(
-            result.inputs, result.task, result.max_seq_len, result.source, result.extra
-        )
+        return cls.from_model(result.model, result.inputs)
+
+    @classmethod
+    def from_model(cls, model: Any, inputs: Sequence[TensorSpec]) -> ModelInfo:
+        """From a loaded model (``model.loaders.LoadedModel``) and the ``inputs`` its export
+        has (``export.validation.input_specs``): data checked before the export runs."""
+        return cls._make(inputs, model.task, model.max_seq_len, model.source, model.extra)
 
     @classmethod
     def from_manifest(cls, m: Manifest, root: Path | None = None) -> ModelInfo:

@@ -57,6 +57,7 @@ from quantgate.quantize.search import Candidate, QuantConfig, SearchResult, sear
 
 if TYPE_CHECKING:  # loaded when build runs: export's pipeline imports the model code (torch)
     from quantgate.export import ExportResult, ExtraVariant
+    from quantgate.model.loaders import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def build(
     and raises ``GateFailed`` with the bundle's path.
     """
     from quantgate.export import write_bundle
+    from quantgate.export.validation import input_specs
 
     out = Path(out).absolute()
     check_writable_target(out, force=force)  # before minutes of work
@@ -91,12 +93,14 @@ def build(
     emit = on_progress or no_progress
     with tempfile.TemporaryDirectory(prefix="quantgate-build-") as tmp:
         work = Path(tmp)
-        result = _export(model_spec, work, export_cfg, emit)
-        info = ModelInfo.from_export(result)
+        model = _load(model_spec, export_cfg, emit)
+        info = ModelInfo.from_model(model, input_specs(model))
+        # the data are read and checked now, before minutes of export
         cal = open_source(
             calibration, info, role="calibration", samples=quant_cfg.calibration_samples
         )
         ev = open_source(evaluation, info, role="evaluation", samples=gate_cfg.eval_samples)
+        result = _export(model, work, export_cfg, emit)
         found = search(
             result.onnx,
             cal,
@@ -131,9 +135,15 @@ def build(
     return _passed_bundle(out)
 
 
-def _export(
-    model_spec: str | Path, work: Path, cfg: ExportConfig, emit: ProgressFn
-) -> ExportResult:
+def _load(model_spec: str | Path, cfg: ExportConfig, emit: ProgressFn) -> LoadedModel:
+    """The model to export: the first step of the "export" task."""
+    from quantgate.export.pipeline import EXPORT_STEPS, load
+
+    emit("export", 0, EXPORT_STEPS, "loading the model")
+    return load(model_spec, cfg)
+
+
+def _export(model: LoadedModel, work: Path, cfg: ExportConfig, emit: ProgressFn) -> ExportResult:
     """The validated FP32 export, its steps shown as the "export" task."""
     from quantgate.export import export_fp32
     from quantgate.export.pipeline import EXPORT_STEPS
@@ -141,7 +151,7 @@ def _export(
     def on_stage(what: str, done: int, total: int) -> None:
         emit("export", done, total, what)
 
-    result = export_fp32(model_spec, work, cfg=cfg, on_stage=on_stage)
+    result = export_fp32(model, work, cfg=cfg, on_stage=on_stage)
     emit("export", EXPORT_STEPS, EXPORT_STEPS, "validated")
     return result
 

@@ -200,3 +200,19 @@ def test_a_bundle_carries_its_tokenizer_and_gates_text_wherever_it_goes(
     m = load(moved).manifest
     assert m.extra["regates"][-1]["evaluation"]["samples"] == 40
     assert (moved / "tokenizer" / "tokenizer.json").is_file()  # kept by the re-gate's rewrite
+
+
+def test_bad_rows_are_refused_before_the_model_is_exported(tmp_path):
+    """A row the gates cannot use is found when the data are read, right after the model
+    loads: not after minutes of export."""
+    from quantgate.errors import DataError
+    from quantgate.quantize.pipeline import build
+
+    feeds = rng_feeds(40)
+    feeds["attention_mask"][7] = 0  # a row of padding alone
+    events = []
+    with pytest.raises(DataError, match=r"attention_mask: expected at least one 1 per row"):
+        build(tiny_checkpoint(), tmp_path / "out", calibration=write_npz(tmp_path / "c.npz", feeds),
+              on_progress=lambda *event: events.append(event))  # fmt: skip
+    assert [status for task, _, _, status in events] == ["loading the model"]
+    assert not (tmp_path / "out").exists()
