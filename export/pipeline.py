@@ -16,7 +16,6 @@ import logging
 import platform
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -39,6 +38,7 @@ from quantgate.export.validation import (
     validate,
 )
 from quantgate.model.loaders import LoadedModel, Samples, load_model
+from quantgate.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,7 @@ AUTO_ORDER = (Exporter.LEGACY, Exporter.DYNAMO)
 DEFAULT_CONFIG = ExportConfig()
 TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "transformers", "numpy")
 
-# on_stage(description, done, total): progress for a person waiting on the CLI.
-StageCallback = Callable[[str, int, int], None]
-# The steps on_stage counts: load, run PyTorch, export, validate, fuse, validate the fused
+# The steps the "export" task counts: load, run PyTorch, export, validate, fuse, validate the fused
 # graph, write (export_fp32 does the first six; writing the bundle is the seventh).
 EXPORT_STEPS = 7
 
@@ -134,7 +132,7 @@ def export(
     *,
     cfg: ExportConfig = DEFAULT_CONFIG,
     force: bool = False,
-    on_stage: StageCallback | None = None,
+    on_progress: ProgressFn = no_progress,
 ) -> Bundle:
     """Export ``model_spec`` to a validated FP32 bundle at ``out`` (atomically).
 
@@ -146,10 +144,10 @@ def export(
     out = Path(out).absolute()
     check_writable_target(out, force=force)  # before minutes of work, not after
     with tempfile.TemporaryDirectory(prefix="quantgate-export-") as work:
-        result = export_fp32(model_spec, Path(work), cfg=cfg, on_stage=on_stage)
-        _stage(on_stage, "writing the bundle", 6)
+        result = export_fp32(model_spec, Path(work), cfg=cfg, on_progress=on_progress)
+        _stage(on_progress, "writing the bundle", 6)
         bundle = write_bundle(result, out, name=cfg.name, force=force)
-    _stage(on_stage, "done", EXPORT_STEPS)
+    _stage(on_progress, "done", EXPORT_STEPS)
     return bundle
 
 
@@ -163,7 +161,7 @@ def export_fp32(
     workdir: Path,
     *,
     cfg: ExportConfig = DEFAULT_CONFIG,
-    on_stage: StageCallback | None = None,
+    on_progress: ProgressFn = no_progress,
 ) -> ExportResult:
     """Load (unless ``model_spec`` is loaded already, by ``load``), export, validate, fuse and
     validate again; the files stay in ``workdir`` (created when missing)."""
@@ -173,9 +171,9 @@ def export_fp32(
     if isinstance(model_spec, LoadedModel):
         model = model_spec
     else:
-        _stage(on_stage, "loading the model", 0)
+        _stage(on_progress, "loading the model", 0)
         model = load(model_spec, cfg)
-    _stage(on_stage, "running PyTorch on the samples", 1)
+    _stage(on_progress, "running PyTorch on the samples", 1)
     cases = tuple(build_cases(model, mid_batch=cfg.mid_batch))
     refs = tuple(reference_outputs(model, cases))
     outputs = output_specs(model.outputs, cases, refs)
@@ -185,7 +183,7 @@ def export_fp32(
     errors: list[ExportError] = []
     for exporter in order:
         try:
-            made = _export_one(model, workdir, exporter, cases, refs, outputs, cfg, on_stage)
+            made = _export_one(model, workdir, exporter, cases, refs, outputs, cfg, on_progress)
         except ExportError as e:  # ValidationError included: the next exporter may do better
             log.info("%s exporter: %s", exporter.value, e)
             attempts.append(f"{exporter.value}: {str(e).splitlines()[0]}")
@@ -220,21 +218,21 @@ def _export_one(
     refs: tuple[TorchOutputs, ...],
     outputs: tuple[TensorSpec, ...],
     cfg: ExportConfig,
-    on_stage: StageCallback | None,
+    on_progress: ProgressFn,
 ) -> ExporterRun:
     check = dict(inputs=model.input_names, outputs=model.outputs, atol=cfg.atol, rtol=cfg.rtol)
     raw = workdir / f"{exporter.value}-export.onnx"
-    _stage(on_stage, f"exporting ({exporter.value})", 2)
+    _stage(on_progress, f"exporting ({exporter.value})", 2)
     example = cases[1]  # the middle batch: neither dim is 1, which tracers would specialise
     to_onnx(model, raw, exporter=exporter, example=example, outputs=outputs, opset=cfg.opset)
-    _stage(on_stage, f"validating at {len(cases)} shapes", 3)
+    _stage(on_progress, f"validating at {len(cases)} shapes", 3)
     raw_report = validate(raw, cases, refs, **check)
     if not cfg.optimize:
         return ExporterRun(raw, raw, raw_report, raw_report, {})
     fused_path = workdir / f"{exporter.value}-fused.onnx"
-    _stage(on_stage, "fusing (ONNX Runtime transformer optimizer)", 4)
+    _stage(on_progress, "fusing (ONNX Runtime transformer optimizer)", 4)
     fusions = fuse(raw, fused_path, num_heads=model.num_heads, hidden_size=model.hidden_size)
-    _stage(on_stage, "validating the fused graph", 5)
+    _stage(on_progress, "validating the fused graph", 5)
     fused_report = validate(fused_path, cases, refs, **check)
     return ExporterRun(fused_path, raw, fused_report, raw_report, fusions)
 
@@ -264,7 +262,6 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def _stage(on_stage: StageCallback | None, what: str, done: int) -> None:
+def _stage(on_progress: ProgressFn, what: str, done: int) -> None:
     log.info("%s", what)
-    if on_stage is not None:
-        on_stage(what, done, EXPORT_STEPS)
+    on_progress("export", done, EXPORT_STEPS, what)

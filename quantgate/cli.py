@@ -317,12 +317,7 @@ def export_command(
         _print_gates(bundle.path)
         return
     with progress() as bar:
-        stage = bar.add_task("export", total=None, status="")
-
-        def on_stage(what: str, done: int, total: int) -> None:
-            bar.update(stage, completed=done, total=total, status=what)
-
-        bundle = export(model, out_dir, cfg=cfg, force=force, on_stage=on_stage)
+        bundle = export(model, out_dir, cfg=cfg, force=force, on_progress=_bars(bar))
     _print_export(bundle)
 
 
@@ -399,7 +394,7 @@ def _gate_config(file, max_accuracy_drop, min_speedup, min_cosine, min_top1):
 
 
 def _bars(bar: Progress):
-    """on_progress for the pipeline: one bar per task (export, calibration, search, timing)."""
+    """The library's on_progress (quantgate.progress) drawn as one bar per task."""
     tasks: dict[str, object] = {}
 
     def on_progress(task: str, done: int, total: int | None, status: str) -> None:

@@ -48,6 +48,7 @@ import numpy as np
 
 from quantgate.bundle import CPU, GateResult, TensorSpec, speed_gate_name
 from quantgate.errors import ConfigError, DataError, QuantizeError
+from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.data import DataSource
 
 log = logging.getLogger(__name__)
@@ -59,14 +60,6 @@ CLASSIFIER_TASKS = ("classification", "sequence-classification", "digits")
 # row is over 3 points of accuracy, and with 2 rows each row's nearest is always the other.
 MIN_EVAL_ROWS = 30
 EMBEDDING_TASKS = ("feature-extraction",)
-
-# on_progress(task, done, total, status): progress for a person waiting, one bar per task
-# ("export", "calibration", "search", "timing", "fp16", "cuda"); total None: not known yet.
-ProgressFn = Callable[[str, int, "int | None", str], None]
-
-
-def no_progress(task: str, done: int, total: int | None, status: str) -> None:
-    """The ``on_progress`` of a caller that shows none."""
 
 
 @dataclass(frozen=True)
@@ -743,13 +736,11 @@ __all__ = [
     "Fidelity",
     "GateConfig",
     "Outputs",
-    "ProgressFn",
     "accuracy_gates",
     "check_evaluation",
     "check_labels",
     "collect",
     "flat_rows",
-    "no_progress",
     "paired_bootstrap",
     "passed",
     "row_cosine",

@@ -34,6 +34,7 @@ from quantgate.bundle import (
 )
 from quantgate.errors import DataError, GateFailed
 from quantgate.export.config import ExportConfig
+from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize import report as reports
 from quantgate.quantize.cuda import CPU, CUDA
 from quantgate.quantize.data import (
@@ -46,11 +47,9 @@ from quantgate.quantize.data import (
 )
 from quantgate.quantize.gates import (
     GateConfig,
-    ProgressFn,
     accuracy_gates,
     check_evaluation,
     collect,
-    no_progress,
     speed_gates,
 )
 from quantgate.quantize.search import Candidate, QuantConfig, SearchResult, search
@@ -148,10 +147,7 @@ def _export(model: LoadedModel, work: Path, cfg: ExportConfig, emit: ProgressFn)
     from quantgate.export import export_fp32
     from quantgate.export.pipeline import EXPORT_STEPS
 
-    def on_stage(what: str, done: int, total: int) -> None:
-        emit("export", done, total, what)
-
-    result = export_fp32(model, work, cfg=cfg, on_stage=on_stage)
+    result = export_fp32(model, work, cfg=cfg, on_progress=emit)
     emit("export", EXPORT_STEPS, EXPORT_STEPS, "validated")
     return result
 

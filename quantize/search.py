@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from quantgate.bundle import GateResult, TensorSpec
 from quantgate.errors import ConfigError, QuantizeError
+from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.data import DataSource, counted
 from quantgate.quantize.gates import (
     GateConfig,
-    ProgressFn,
     accuracy_gates,
     check_evaluation,
     collect,
-    no_progress,
     passed,
     speed_gates,
     speed_score,
