@@ -680,7 +680,8 @@ def speed_gates(
             "candidate": functools.partial(b.run, None, feeds),
         }
         fastest = dict.fromkeys(runners, math.inf)
-        for _ in range(max(cfg.warmup, 1)):
+        warmup = max(cfg.warmup, 1)  # one at least: it measures how many runs a sample holds
+        for _ in range(warmup):
             for k, fn in runners.items():
                 t0 = time.perf_counter()
                 fn()
@@ -714,7 +715,7 @@ def speed_gates(
                     f"FP32 median {np.median(ms['fp32']):.2f} ms, "
                     f"candidate {np.median(ms['candidate']):.2f} ms "
                     f"at batch {batch} x sequence {seq}; median of {cfg.iterations} interleaved "
-                    f"pair ratios after {cfg.warmup} warm-up runs each"
+                    f"pair ratios after {warmup} warm-up run{'s' if warmup > 1 else ''} each"
                     + (f", {reps} runs per sample" if reps > 1 else "")
                 ),
             )
