@@ -448,9 +448,14 @@ def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfi
 def flat_rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """(B, rest): each batch item of output ``x`` flattened, its padded positions zeroed
     where ``mask`` (B, T) fits x's first two dims, so padding noise does not count."""
-    if mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape:
+    if _masks(x, mask):
         x = np.where(mask.astype(bool)[(...,) + (None,) * (x.ndim - 2)], x, 0)
     return x.reshape(len(x), -1)
+
+
+def _masks(x: np.ndarray, mask: np.ndarray | None) -> bool:
+    """Whether ``mask`` (B, T) marks the positions of output ``x`` (B, T, ...)."""
+    return mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape
 
 
 def row_cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -572,12 +577,13 @@ class _Tally:
         if x.shape != y.shape:
             raise QuantizeError(f"output {name!r}: FP32 shape {x.shape}, candidate {y.shape}")
         self.nonfinite += int((~np.isfinite(y)).sum())
+        real = int(mask.astype(bool).sum()) * math.prod(x.shape[2:]) if _masks(x, mask) else x.size
         x, y = flat_rows(x, mask).astype(np.float64), flat_rows(y, mask).astype(np.float64)
         self.cosines.append(row_cosine(x, y))
-        diff = np.abs(x - y)  # (B, rest)
+        diff = np.abs(x - y)  # (B, rest), 0 at padded positions
         self.max_abs.append(float(diff.max(initial=0.0)))
         self.sum_abs += float(diff.sum())
-        self.values += diff.size
+        self.values += real  # the mean is over real positions, not padding's zeros
 
 
 # -- speed ---------------------------------------------------------------------------------

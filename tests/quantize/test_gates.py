@@ -18,6 +18,7 @@ from quantgate.errors import ConfigError, DataError  # noqa: E402
 from quantgate.quantize import fp16  # noqa: E402
 from quantgate.quantize.data import ModelInfo, open_source  # noqa: E402
 from quantgate.quantize.gates import (  # noqa: E402
+    Fidelity,
     GateConfig,
     Outputs,
     accuracy_gates,
@@ -171,6 +172,14 @@ def test_cosine_gate_fails_on_nan_in_padding_that_a_client_receives():
     (gate,) = accuracy_gates(ref, cand, "custom", GateConfig())
     assert gate.name == "cosine:h" and gate.value == pytest.approx(1.0)
     assert not gate.passed and gate.detail.endswith(", 8 non-finite values")
+
+
+def test_mean_abs_error_is_over_real_positions_not_padding():
+    x = np.zeros((2, 4, 3), np.float32)  # (B, T, H)
+    y = x + 0.5  # every value off by 0.5, padding too
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1]])
+    fid = Fidelity.measure([({"h": x}, {"h": y}, mask)], ["h"])
+    assert fid.mean_abs_diff["h"] == pytest.approx(0.5) and fid.max_abs_diff["h"] == 0.5
 
 
 def test_gate_table_names_the_configured_confidence():
