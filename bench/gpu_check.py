@@ -118,7 +118,7 @@ def pick_provider(device: str) -> str:
         with contextlib.suppress(Exception):
             ort.preload_dlls()
     from quantgate.quantize import cuda
-    from quantgate.serve.runtime import choose_provider
+    from quantgate.serve.variants import choose_provider
 
     provider = choose_provider(device)  # raises ServeError for --device cuda without CUDA
     # onnxruntime-gpu lists CUDA even where its libraries fail to load, and then builds CPU

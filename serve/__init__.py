@@ -1,13 +1,15 @@
 """Serving: bundles over gRPC (KServe v2 / Triton protocol) through ONNX Runtime.
 
-    config.py    ServeConfig, every knob in one frozen value
-    runtime.py   bundles -> verified variants -> ONNX Runtime sessions (provider choice)
-    batcher.py   the dynamic batcher (bounded queue, length buckets, padding)
-    engine.py    models + batchers + warm-up + readiness + accounting
-    servicer.py  inference.GRPCInferenceService: protobuf <-> numpy, errors -> status codes
-    server.py    create_server(cfg, engine) and run(cfg): health, reflection, TLS, auth, SIGTERM
-    metrics.py   Prometheus metrics and Triton statistics
-    client.py    a numpy-in, numpy-out client over our own stubs
+    config.py      ServeConfig, every knob in one frozen value
+    variants.py    the execution provider, then the variant the bundle's gates vouch for there
+    runtime.py     Model: a verified bundle's variant in an ONNX Runtime session; request checks
+    repository.py  the served models by name and version, opened from one bundle or a folder
+    batcher.py     the dynamic batcher (bounded queue, length buckets, padding)
+    engine.py      models + batchers + warm-up + readiness + accounting
+    servicer.py    inference.GRPCInferenceService: protobuf <-> numpy, errors -> status codes
+    server.py      create_server(cfg, engine) and run(cfg): health, reflection, TLS, auth, SIGTERM
+    metrics.py     Prometheus metrics and Triton statistics
+    client.py      a numpy-in, numpy-out client over our own stubs
 
 Importing this package imports nothing heavy; never torch or quantgate.model.
 """

@@ -21,7 +21,7 @@ class TLSConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    path: Path  # one bundle, or a repository folder of bundles (see runtime.load_repository)
+    path: Path  # one bundle, or a repository folder of bundles (see repository.load_repository)
     host: str = "0.0.0.0"
     port: int = 8001  # Triton's gRPC port; 0 picks a free one (tests)
     device: str = "auto"  # auto: CUDA when onnxruntime has the CUDA provider, else CPU

@@ -15,7 +15,8 @@ from quantgate.errors import Unavailable
 from quantgate.serve.batcher import Batcher, Caller, Timing, bucket
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.metrics import Metrics, ModelStats
-from quantgate.serve.runtime import Model, Repository
+from quantgate.serve.repository import Repository
+from quantgate.serve.runtime import Model
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,7 @@
-"""Models behind the server: bundles, the variant and execution provider each is served
-with, and the ONNX Runtime sessions that run them.
+"""The served model: a verified bundle, the variant ``quantgate.serve.variants`` chose for
+its provider, and the ONNX Runtime session that runs it. ``open_model`` opens one (and
+serves FP32 instead of a variant that falls back to the CPU unvouched); ``Model.check``
+refuses a bad request before it runs.
 
 This module never imports torch or quantgate.quantize: a serving host has neither.
 """
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,24 +21,14 @@ import onnxruntime as ort
 from quantgate import bundle as qb
 from quantgate import placement
 from quantgate.bundle import CPU, CUDA
-from quantgate.errors import (
-    BadRequest,
-    BundleError,
-    InferenceFailed,
-    ModelNotFound,
-    QuantgateError,
-    ServeError,
-)
+from quantgate.errors import BadRequest, BundleError, InferenceFailed, ServeError
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.dtypes import datatype
+from quantgate.serve.variants import choose_variant, provider_options, speed_gates_on, speedup
 
 log = logging.getLogger(__name__)
 
 MASK = "attention_mask"  # the input that tells padding from tokens
-# What a provider serves when no variant has measured speed evidence there. On CUDA that is
-# FP16 (2.11x FP32 on an H200, while INT8 fell back to the CPU: docs/BENCHMARKS.md);
-# a bundle built without a GPU has accuracy gates for FP16 but no CUDA speed gate.
-PREFERRED = {CUDA: "fp16"}
 
 _ORT_TYPES = {
     "tensor(bool)": np.dtype("bool"),
@@ -73,127 +65,6 @@ class TensorInfo:
             d if isinstance(d, int) and d > 0 else (d or f"dim{i}") for i, d in enumerate(arg.shape)
         )
         return cls(arg.name, _ORT_TYPES[arg.type], axes)
-
-
-def choose_provider(device: str) -> str:
-    """The execution provider for ``device`` ("auto", "cuda" or "cpu"), logged."""
-    available = ort.get_available_providers()
-    if device == "cpu":
-        return CPU
-    if CUDA in available:
-        _preload_cuda_libraries()
-        log.info("using the CUDA execution provider (onnxruntime %s)", ort.__version__)
-        return CUDA
-    if device == "cuda":
-        raise ServeError(
-            f"--device cuda, but this onnxruntime ({ort.__version__}) has no CUDA execution "
-            f"provider (it has: {', '.join(available)}). Install onnxruntime-gpu "
-            "(the `gpu` extra) on a machine with CUDA, or use --device cpu."
-        )
-    # The expected path on a CPU host (the `cpu` extra): said, not warned. A CUDA provider
-    # that is listed but fails to load is warned about where the session is built.
-    log.info(
-        "no CUDA execution provider in onnxruntime %s (it has: %s); serving on the CPU",
-        ort.__version__,
-        ", ".join(available),
-    )
-    return CPU
-
-
-def _preload_cuda_libraries() -> None:
-    """onnxruntime-gpu >= 1.21 can load CUDA/cuDNN from the nvidia-* wheels (PyTorch's);
-    without it the CUDA provider fails to load where those are not on the library path."""
-    preload = getattr(ort, "preload_dlls", None)
-    if preload is not None:
-        try:
-            preload()
-        except Exception as e:  # noqa: BLE001 - a miss here shows up at session creation
-            log.info("onnxruntime.preload_dlls() failed: %s", e)
-
-
-def provider_options(cfg: ServeConfig, provider: str) -> list:
-    """The ``providers`` argument of InferenceSession: CUDA with its options, then CPU."""
-    if provider == CPU:
-        return [CPU]
-    cuda = {
-        "device_id": str(cfg.cuda_device_id),
-        "arena_extend_strategy": cfg.arena_extend_strategy,
-        "cudnn_conv_algo_search": cfg.cudnn_conv_algo_search,
-        # Run copies on the compute stream (ORT's default, stated: IO binding relies on it).
-        "do_copy_in_default_stream": "1",
-    }
-    if cfg.gpu_mem_limit:
-        cuda["gpu_mem_limit"] = str(cfg.gpu_mem_limit)
-    return [(CUDA, cuda), CPU]
-
-
-def speedup(variant: qb.Variant, provider: str) -> float:
-    """The variant's measured speedup over FP32 on ``provider``; 0 without evidence."""
-    if variant.precision == "fp32":
-        return 1.0
-    values = [g.value for g in _speed_gates(variant, provider) if g.passed]
-    return min(values) if values else 0.0  # the slowest measured shape is the promise
-
-
-def _speed_gates(variant: qb.Variant, provider: str) -> list[qb.GateResult]:
-    """The variant's speed gates measured on ``provider`` (no provider: its own)."""
-    return [
-        g
-        for g in variant.gates
-        if g.is_speed
-        and (g.provider == provider or (g.provider is None and provider in variant.providers))
-    ]
-
-
-def usable(variant: qb.Variant, provider: str) -> bool:
-    """Whether ``variant`` may run on ``provider``. FP32 runs anywhere it is not excluded."""
-    if provider in variant.not_for:
-        return False
-    return variant.precision == "fp32" or provider in variant.providers
-
-
-def choose_variant(
-    manifest: qb.Manifest,
-    provider: str,
-    *,
-    precision: str | None = None,
-    allow_failed: bool = False,
-) -> qb.Variant:
-    """The fastest variant that passed its gates on ``provider`` (FP32 when none beats it).
-
-    ``precision`` forces one variant; it must suit the provider, and must have passed its
-    gates unless ``allow_failed``.
-    """
-    if precision is not None:
-        v = manifest.variant(precision)
-        if not usable(v, provider):
-            raise BundleError(
-                f"bundle {manifest.name!r}: the {precision} variant is not meant for {provider} "
-                f"(providers {list(v.providers)}, not_for {list(v.not_for)}); choose another --precision"
-            )
-        if not v.passed and not allow_failed:
-            raise BundleError(
-                f"bundle {manifest.name!r}: the {precision} variant failed its gates; "
-                "pass --allow-failed-gates to serve it anyway"
-            )
-        return v
-    candidates = [v for v in manifest.variants if v.passed and usable(v, provider)]
-    if not candidates:
-        raise BundleError(
-            f"bundle {manifest.name!r} has no variant that passed its gates for {provider}"
-        )
-    measured = [v for v in candidates if v.precision != "fp32" and speedup(v, provider) > 0]
-    if measured:
-        # Passing its speed gates on this provider is the evidence, even where the slowest
-        # shape only ties FP32 (a GPU at batch 1 is launch-bound: its gate asks >= 0.95x).
-        return max(measured, key=lambda v: speedup(v, provider))
-    preferred = [v for v in candidates if v.precision == PREFERRED.get(provider)]
-    if preferred:
-        # No speed evidence on this provider (bundle made without one): its known-fast
-        # precision, accuracy gates passed, over FP32.
-        return preferred[0]
-    fp32 = [v for v in candidates if v.precision == "fp32"]
-    return (fp32 or candidates)[0]
 
 
 def index_limits(file: Path) -> dict[str, int]:
@@ -454,7 +325,7 @@ class Model:
             return "the reference precision"
         if s := speedup(self.variant, self.provider):
             return f"speedup {s:.2f}x vs fp32"
-        failed = [g for g in _speed_gates(self.variant, self.provider) if not g.passed]
+        failed = [g for g in speed_gates_on(self.variant, self.provider) if not g.passed]
         if failed:
             worst = min(failed, key=lambda g: g.value)
             return f"its speed gate failed here ({worst.name} {worst.value:.2f}x vs fp32)"
@@ -608,110 +479,3 @@ def _session(
                 "device id (nvidia-smi lists them) and the CUDA install, or use --device cpu."
             ) from e
         return session, placement.read(session, options, provider)
-
-
-class Repository:
-    """Every served model, by name and version."""
-
-    def __init__(self, models: list[Model]):
-        self._models: dict[str, dict[str, Model]] = {}
-        for m in models:
-            if m.version in self._models.setdefault(m.name, {}):
-                raise ServeError(f"two bundles serve model {m.name!r} version {m.version}")
-            self._models[m.name][m.version] = m
-
-    def get(self, name: str, version: str = "") -> Model:
-        """The model ``name`` at ``version`` (empty: the newest). Raises ModelNotFound."""
-        versions = self._models.get(name)
-        if versions is None:
-            raise ModelNotFound(
-                f"unknown model {name!r}; this server serves {sorted(self._models)}"
-            )
-        if not version:
-            return versions[max(versions, key=int)]
-        if version not in versions:
-            raise ModelNotFound(
-                f"model {name!r} has no version {version!r}; it has {sorted(versions, key=int)}"
-            )
-        return versions[version]
-
-    def versions(self, name: str) -> list[str]:
-        return sorted(self._models[name], key=int)
-
-    def __iter__(self) -> Iterator[Model]:
-        for versions in self._models.values():
-            yield from versions.values()
-
-
-def load_repository(cfg: ServeConfig) -> Repository:
-    """Open what ``cfg.path`` holds: one bundle, or a repository folder.
-
-    A repository holds one folder per model, named as clients will call it, that is
-    either a bundle (its manifest's version) or holds one bundle per version folder::
-
-        repo/digits/manifest.json ...        model "digits", the manifest's version
-        repo/minilm/1/manifest.json ...      model "minilm", version 1 (the folder's name,
-        repo/minilm/2/manifest.json ...      as in Triton: copy a bundle in as the next one)
-
-    Every model folder is opened, and every problem found (a bundle that fails to load, a
-    folder that holds no bundle, a version folder that is not a number) is listed in one
-    ServeError: a server never starts without a model its repository names. Folders whose
-    name starts with "." are skipped.
-    """
-    root = Path(cfg.path)
-    provider = choose_provider(cfg.device)
-    if qb.is_bundle(root):
-        return Repository([open_model(root, cfg, provider)])
-    if not root.exists():
-        raise ServeError(f"{root} does not exist; expected a bundle or a folder of bundles")
-    if not root.is_dir():
-        raise ServeError(f"{root} is neither a bundle nor a folder of bundles")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    versions = [p.name for p in folders if p.name.isdigit() and qb.is_bundle(p)]
-    if versions:  # served as a repository, its versions would become models named "1", "2"
-        raise ServeError(
-            f"{root} holds version folders {versions}: it is the folder of one model, not a "
-            f"repository. Serve the repository that holds it ({root.absolute().parent}), where "
-            f"the model is called {root.absolute().name!r}, or one version's folder."
-        )
-    models, problems = [], []
-    for folder in folders:
-        try:
-            models += _open_model_folder(folder, cfg, provider)
-        except QuantgateError as e:
-            problems.append(f"{folder.name}: {e}")
-    if problems:
-        raise ServeError(
-            f"repository {root}: {len(problems)} of its model folders cannot be served; fix "
-            "or move them out:\n" + "\n".join(f"  - {p}" for p in problems)
-        )
-    if not models:
-        raise ServeError(
-            f"{root} holds no bundle: expected {root}/manifest.json, {root}/NAME/manifest.json "
-            f"or {root}/NAME/VERSION/manifest.json. Create one with `quantgate export`."
-        )
-    return Repository(models)
-
-
-def _open_model_folder(folder: Path, cfg: ServeConfig, provider: str) -> list[Model]:
-    """The versions of model ``folder.name``: the folder as a bundle, or its VERSION/ bundles."""
-    subs = sorted(p for p in folder.iterdir() if p.is_dir() and qb.is_bundle(p))
-    if qb.is_bundle(folder):
-        if subs:
-            raise ServeError(
-                f"{folder} is a bundle and also holds bundles in {[p.name for p in subs]}; "
-                "keep one layout: the bundle's files in NAME/, or one bundle per NAME/VERSION/"
-            )
-        return [open_model(folder, cfg, provider, name=folder.name)]
-    if not subs:
-        raise ServeError(
-            f"{folder} holds no bundle: no {qb.MANIFEST} in it, nor in a version folder "
-            f"({folder}/1/{qb.MANIFEST})"
-        )
-    misnamed = [p.name for p in subs if not (p.name.isascii() and p.name.isdigit())]
-    if misnamed:
-        raise ServeError(
-            f"{folder} holds bundles in {misnamed}: version folders are named by their "
-            "version number (1, 2, ...); rename them"
-        )
-    return [open_model(sub, cfg, provider, name=folder.name, version=sub.name) for sub in subs]

@@ -36,7 +36,7 @@ from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.serve import codec
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.engine import Engine
-from quantgate.serve.runtime import load_repository
+from quantgate.serve.repository import load_repository
 from quantgate.serve.servicer import UNSUPPORTED, InferenceServicer, unsupported
 
 log = logging.getLogger(__name__)

@@ -26,6 +26,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from quantgate import __version__
+from quantgate.bundle import CUDA
 from quantgate.errors import BadRequest, Cancelled, InferenceFailed, ModelNotFound, QuantgateError
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
@@ -34,7 +35,7 @@ from quantgate.serve import codec
 from quantgate.serve.batcher import Caller
 from quantgate.serve.engine import Engine
 from quantgate.serve.errors import status_of
-from quantgate.serve.runtime import CUDA, Model
+from quantgate.serve.runtime import Model
 
 log = logging.getLogger(__name__)
 

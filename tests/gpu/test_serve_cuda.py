@@ -10,20 +10,15 @@ import onnxruntime as ort
 import pytest
 
 from quantgate import bundle as qb
+from quantgate.bundle import CPU, CUDA
 from quantgate.errors import BundleError, ConfigError, ServeError
 from quantgate.export import ExtraVariant, write_bundle
 from quantgate.placement import PlacementReport
 from quantgate.quantize import fp16
 from quantgate.serve import runtime
 from quantgate.serve.config import ServeConfig
-from quantgate.serve.runtime import (
-    CPU,
-    CUDA,
-    choose_provider,
-    choose_variant,
-    open_model,
-    placement_refusal,
-)
+from quantgate.serve.runtime import open_model, placement_refusal
+from quantgate.serve.variants import choose_provider, choose_variant, provider_options
 
 from .conftest import ids_feed
 
@@ -60,7 +55,7 @@ def test_cuda_requested_without_the_provider_is_a_clear_error(monkeypatch):
 
 def test_auto_without_cuda_serves_on_the_cpu_and_says_so(monkeypatch, caplog):
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
-    with caplog.at_level(logging.INFO, logger="quantgate.serve.runtime"):
+    with caplog.at_level(logging.INFO, logger="quantgate.serve.variants"):
         assert choose_provider("auto") == CPU
     assert "serving on the CPU" in caplog.text
     assert choose_provider("cpu") == CPU
@@ -190,12 +185,12 @@ def test_io_binding_gives_the_same_outputs(gpu_bundle):
 
 def test_cuda_options_reach_the_provider_and_bad_ones_are_refused(tmp_path):
     cfg = ServeConfig(path=tmp_path, cuda_device_id=1, gpu_mem_limit=2 << 30)
-    (name, opts), cpu = runtime.provider_options(cfg, CUDA)
+    (name, opts), cpu = provider_options(cfg, CUDA)
     assert (name, cpu) == (CUDA, CPU)
     assert opts["device_id"] == "1" and opts["gpu_mem_limit"] == str(2 << 30)
     assert opts["arena_extend_strategy"] == "kSameAsRequested"
     assert opts["cudnn_conv_algo_search"] == "HEURISTIC" and "enable_cuda_graph" not in opts
-    assert runtime.provider_options(cfg, CPU) == [CPU]
+    assert provider_options(cfg, CPU) == [CPU]
     with pytest.raises(ConfigError, match="arena_extend_strategy"):
         ServeConfig(path=tmp_path, arena_extend_strategy="grow")
     with pytest.raises(ConfigError, match="io_binding"):

@@ -101,8 +101,9 @@ def repo(tmp_path_factory) -> Path:
 def classifier(repo):
     """The classifier bundle opened as the server opens it (a fresh Model per test: tests
     wrap its ``run``)."""
+    from quantgate.bundle import CPU
     from quantgate.serve.config import ServeConfig
-    from quantgate.serve.runtime import CPU, open_model
+    from quantgate.serve.runtime import open_model
 
     return open_model(repo / "classifier", ServeConfig(path=repo), CPU)
 

@@ -30,7 +30,7 @@ def test_a_repository_lists_every_model_folder_it_cannot_serve(repo, tmp_path):
     """One refusal naming each broken folder; nothing is skipped in silence."""
     from quantgate.errors import ServeError
     from quantgate.serve.config import ServeConfig
-    from quantgate.serve.runtime import load_repository
+    from quantgate.serve.repository import load_repository
 
     classifier, encoder = repo / "classifier", repo / "encoder" / "1"
     root = tmp_path / "repo"
@@ -69,7 +69,7 @@ def test_a_repository_lists_every_model_folder_it_cannot_serve(repo, tmp_path):
 def test_a_version_folder_names_the_version_as_in_triton(repo, tmp_path):
     """Every bundle's manifest says version 1; copied in as minilm/2 it is version 2."""
     from quantgate.serve.config import ServeConfig
-    from quantgate.serve.runtime import load_repository
+    from quantgate.serve.repository import load_repository
 
     root = tmp_path / "repo"
     for version in ("1", "2"):
@@ -84,7 +84,7 @@ def test_one_models_folder_is_not_taken_for_a_repository(repo):
     the path to serve instead."""
     from quantgate.errors import ServeError
     from quantgate.serve.config import ServeConfig
-    from quantgate.serve.runtime import load_repository
+    from quantgate.serve.repository import load_repository
 
     with pytest.raises(ServeError, match=r"holds version folders \['1'\]") as err:
         load_repository(ServeConfig(path=repo / "encoder", device="cpu"))
@@ -293,8 +293,9 @@ def test_a_served_variant_is_described_by_what_its_speed_gates_said(tmp_path):
     """An INT8 served with --precision after its speed gate failed is not 'unmeasured'."""
     import bundles
 
+    from quantgate.bundle import CPU
     from quantgate.serve.config import ServeConfig
-    from quantgate.serve.runtime import CPU, open_model
+    from quantgate.serve.runtime import open_model
 
     path = bundles.build(tmp_path / "b", verdict=qb.FAIL)
     m = qb.load(path).manifest

@@ -1,4 +1,4 @@
-"""Variant choice, request validation and the batcher, in process (no gRPC)."""
+"""Opening bundles, request validation and the batcher, in process (no gRPC)."""
 
 from __future__ import annotations
 
@@ -11,76 +11,11 @@ import pytest
 from helpers import Reference, batch, batcher, hold_first_run, until
 
 from quantgate import bundle as qb
+from quantgate.bundle import CPU
 from quantgate.errors import BadRequest, BundleError, Cancelled, DeadlineExceeded, Unavailable
 from quantgate.serve.batcher import Batcher, Caller
 from quantgate.serve.config import ServeConfig
-from quantgate.serve.runtime import CPU, CUDA, choose_variant, open_model
-
-
-def _variant(precision, *, passed=True, providers=(CPU,), not_for=(), speedup=None, provider=None):
-    gates = (
-        ()
-        if speedup is None
-        else (qb.GateResult("speedup_b1_s128", speedup, 1.2, ">=", True, provider=provider),)
-    )
-    return qb.Variant(
-        f"model.{precision}.onnx",
-        precision,
-        "0" * 64,
-        providers=providers,
-        gates=gates,
-        verdict=qb.PASS if passed else qb.FAIL,
-        not_for=not_for,
-    )
-
-
-def _manifest(*variants):
-    return qb.Manifest("m", "classification", (), (), variants, 17, {})
-
-
-def test_fastest_passing_variant_per_provider():
-    m = _manifest(
-        _variant("fp32"),
-        _variant("int8", speedup=1.8, not_for=(CUDA,)),
-        _variant("fp16", providers=(CUDA,), speedup=2.2, provider=CUDA),
-    )
-    assert choose_variant(m, CPU).precision == "int8"
-    assert choose_variant(m, CUDA).precision == "fp16"
-
-
-def test_a_variant_that_passed_its_speed_gates_beats_fp32_even_where_it_only_ties():
-    """FP16 on CUDA: 2.1x at batch 128, 0.98x at a launch-bound batch 1 (its gate asks >= 0.95)."""
-    gates = (
-        qb.GateResult("speedup_b128_s128", 2.11, 1.2, ">=", True, provider=CUDA),
-        qb.GateResult("speedup_b1_s128", 0.98, 0.95, ">=", True, provider=CUDA),
-    )
-    fp16 = qb.Variant(
-        "model.fp16.onnx", "fp16", "0" * 64, providers=(CUDA,), gates=gates, verdict=qb.PASS
-    )
-    assert choose_variant(_manifest(_variant("fp32"), fp16), CUDA).precision == "fp16"
-
-
-def test_failed_or_unmeasured_variants_fall_back_to_fp32():
-    assert (
-        choose_variant(
-            _manifest(_variant("fp32"), _variant("int8", passed=False, speedup=3.0)), CPU
-        ).precision
-        == "fp32"
-    )
-    assert (
-        choose_variant(_manifest(_variant("fp32"), _variant("int8")), CPU).precision == "fp32"
-    )  # no evidence
-    with pytest.raises(BundleError, match="failed its gates"):
-        choose_variant(
-            _manifest(_variant("fp32"), _variant("int8", passed=False)), CPU, precision="int8"
-        )
-    forced = choose_variant(
-        _manifest(_variant("fp32"), _variant("int8", passed=False)),
-        CPU,
-        precision="int8",
-        allow_failed=True,
-    )
-    assert forced.precision == "int8"
+from quantgate.serve.runtime import open_model
 
 
 def test_failed_bundle_refused_unless_allowed(tmp_path):

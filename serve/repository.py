@@ -1,0 +1,123 @@
+"""The repository of served models: what ``quantgate serve PATH`` opens, one bundle or a
+folder of them, each model under its name and version.
+
+This module never imports torch or quantgate.quantize: a serving host has neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from quantgate import bundle as qb
+from quantgate.errors import ModelNotFound, QuantgateError, ServeError
+from quantgate.serve.config import ServeConfig
+from quantgate.serve.runtime import Model, open_model
+from quantgate.serve.variants import choose_provider
+
+
+class Repository:
+    """Every served model, by name and version."""
+
+    def __init__(self, models: list[Model]):
+        self._models: dict[str, dict[str, Model]] = {}
+        for m in models:
+            if m.version in self._models.setdefault(m.name, {}):
+                raise ServeError(f"two bundles serve model {m.name!r} version {m.version}")
+            self._models[m.name][m.version] = m
+
+    def get(self, name: str, version: str = "") -> Model:
+        """The model ``name`` at ``version`` (empty: the newest). Raises ModelNotFound."""
+        versions = self._models.get(name)
+        if versions is None:
+            raise ModelNotFound(
+                f"unknown model {name!r}; this server serves {sorted(self._models)}"
+            )
+        if not version:
+            return versions[max(versions, key=int)]
+        if version not in versions:
+            raise ModelNotFound(
+                f"model {name!r} has no version {version!r}; it has {sorted(versions, key=int)}"
+            )
+        return versions[version]
+
+    def versions(self, name: str) -> list[str]:
+        return sorted(self._models[name], key=int)
+
+    def __iter__(self) -> Iterator[Model]:
+        for versions in self._models.values():
+            yield from versions.values()
+
+
+def load_repository(cfg: ServeConfig) -> Repository:
+    """Open what ``cfg.path`` holds: one bundle, or a repository folder.
+
+    A repository holds one folder per model, named as clients will call it, that is
+    either a bundle (its manifest's version) or holds one bundle per version folder::
+
+        repo/digits/manifest.json ...        model "digits", the manifest's version
+        repo/minilm/1/manifest.json ...      model "minilm", version 1 (the folder's name,
+        repo/minilm/2/manifest.json ...      as in Triton: copy a bundle in as the next one)
+
+    Every model folder is opened, and every problem found (a bundle that fails to load, a
+    folder that holds no bundle, a version folder that is not a number) is listed in one
+    ServeError: a server never starts without a model its repository names. Folders whose
+    name starts with "." are skipped.
+    """
+    root = Path(cfg.path)
+    provider = choose_provider(cfg.device)
+    if qb.is_bundle(root):
+        return Repository([open_model(root, cfg, provider)])
+    if not root.exists():
+        raise ServeError(f"{root} does not exist; expected a bundle or a folder of bundles")
+    if not root.is_dir():
+        raise ServeError(f"{root} is neither a bundle nor a folder of bundles")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    versions = [p.name for p in folders if p.name.isdigit() and qb.is_bundle(p)]
+    if versions:  # served as a repository, its versions would become models named "1", "2"
+        raise ServeError(
+            f"{root} holds version folders {versions}: it is the folder of one model, not a "
+            f"repository. Serve the repository that holds it ({root.absolute().parent}), where "
+            f"the model is called {root.absolute().name!r}, or one version's folder."
+        )
+    models, problems = [], []
+    for folder in folders:
+        try:
+            models += _open_model_folder(folder, cfg, provider)
+        except QuantgateError as e:
+            problems.append(f"{folder.name}: {e}")
+    if problems:
+        raise ServeError(
+            f"repository {root}: {len(problems)} of its model folders cannot be served; fix "
+            "or move them out:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+    if not models:
+        raise ServeError(
+            f"{root} holds no bundle: expected {root}/manifest.json, {root}/NAME/manifest.json "
+            f"or {root}/NAME/VERSION/manifest.json. Create one with `quantgate export`."
+        )
+    return Repository(models)
+
+
+def _open_model_folder(folder: Path, cfg: ServeConfig, provider: str) -> list[Model]:
+    """The versions of model ``folder.name``: the folder as a bundle, or its VERSION/ bundles."""
+    subs = sorted(p for p in folder.iterdir() if p.is_dir() and qb.is_bundle(p))
+    if qb.is_bundle(folder):
+        if subs:
+            raise ServeError(
+                f"{folder} is a bundle and also holds bundles in {[p.name for p in subs]}; "
+                "keep one layout: the bundle's files in NAME/, or one bundle per NAME/VERSION/"
+            )
+        return [open_model(folder, cfg, provider, name=folder.name)]
+    if not subs:
+        raise ServeError(
+            f"{folder} holds no bundle: no {qb.MANIFEST} in it, nor in a version folder "
+            f"({folder}/1/{qb.MANIFEST})"
+        )
+    misnamed = [p.name for p in subs if not (p.name.isascii() and p.name.isdigit())]
+    if misnamed:
+        raise ServeError(
+            f"{folder} holds bundles in {misnamed}: version folders are named by their "
+            "version number (1, 2, ...); rename them"
+        )
+    return [open_model(sub, cfg, provider, name=folder.name, version=sub.name) for sub in subs]
