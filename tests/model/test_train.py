@@ -192,3 +192,103 @@ def test_force_never_replaces_the_directory_training_runs_in(tmp_path, monkeypat
         with pytest.raises(CheckpointError, match="refusing .even with --force"):
             train(out, force=True, on_step=lambda *a: steps.append(a))
     assert not steps and (tmp_path / "notes.txt").read_text() == "precious"
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """One tiny training run, with its per-step losses and the caller's RNG state around it."""
+    import torch
+
+    torch.manual_seed(1234)
+    rng_before = torch.get_rng_state()
+    steps = []
+    out = tmp_path_factory.mktemp("recorded") / "digits"
+    result = train(out, model_cfg=tiny_cfg(), cfg=QUICK, on_step=lambda *a: steps.append(a))
+    return result, steps, rng_before, torch.get_rng_state()
+
+
+def test_train_leaves_the_callers_global_rng_alone(recorded):
+    import torch
+
+    _, _, before, after = recorded
+    assert torch.equal(before, after)
+
+
+def test_history_is_each_epochs_mean_loss_over_every_image(recorded):
+    result, steps, _, _ = recorded
+    n = len(load_digits_splits()["train"])
+    sizes = [min(QUICK.batch_size, n - i) for i in range(0, n, QUICK.batch_size)]
+    assert [s[:2] for s in steps] == [(i + 1, len(sizes)) for i in range(len(sizes))]
+    want = sum(loss * size for (_, _, loss), size in zip(steps, sizes, strict=True)) / n
+    assert result.history == [{"epoch": 1, "loss": pytest.approx(want, rel=1e-9)}]
+
+
+def test_checkpoint_round_trip_gives_the_trained_models_accuracy(checkpoint):
+    from quantgate.model.train import accuracy
+
+    model, info = load_checkpoint(checkpoint.checkpoint)
+    assert not model.training  # dropout off
+    test = load_digits_splits()["test"]
+    got = accuracy(model, test.input_ids, test.attention_mask, test.labels)
+    assert got == info["metrics"]["test_accuracy"] == checkpoint.test_accuracy
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(epochs=0), "epochs must be an integer >= 1, got 0"),
+        (dict(batch_size=0, lr=-1.0), "batch_size must be an integer >= 1, got 0; lr must be"),
+        (dict(warmup_steps=2.5), "warmup_steps must be an integer >= 0, got 2.5"),
+        (dict(threads=0), "threads must be an integer >= 1, got 0"),
+    ],
+)
+def test_invalid_training_config_is_refused_listing_every_problem(changes, message):
+    from quantgate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"invalid training config: {message}"):
+        TrainConfig(**changes)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(n_classes=5), "n_classes 5 != 10"),
+        (dict(max_seq_len=32), "max_seq_len 32 < 64"),
+        (dict(vocab_size=10, pad_id=0), "vocab_size 10 < 18"),
+    ],
+)
+def test_model_that_does_not_fit_the_digits_is_refused_before_training(tmp_path, changes, message):
+    import dataclasses
+
+    from quantgate.errors import ConfigError
+
+    steps = []
+    with pytest.raises(ConfigError, match=f"does not fit the digits task: {message}"):
+        train(
+            tmp_path / "ckpt",
+            model_cfg=dataclasses.replace(tiny_cfg(), **changes),
+            cfg=QUICK,
+            on_step=lambda *a: steps.append(a),
+        )
+    assert steps == [] and not (tmp_path / "ckpt").exists()
+
+
+def test_checkpoint_whose_config_holds_a_float_size_is_corrupt(checkpoint, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint.checkpoint, bad)
+    info = json.loads((bad / CONFIG_FILE).read_text())
+    info["model"]["d_model"] = 16.0
+    (bad / CONFIG_FILE).write_text(json.dumps(info))
+    with pytest.raises(
+        CheckpointError, match="config.json is corrupt .*d_model must be an integer"
+    ):
+        load_checkpoint(bad)
+
+
+def test_cli_names_the_presets_for_an_unknown_one(cli, tmp_path):
+    r = cli("train", "--preset", "huge", "--out", tmp_path / "ckpt")
+    assert r.code == 2
+    assert "unknown preset 'huge'; choose one of ['base', 'small']" in " ".join(r.stderr.split())
+    assert not (tmp_path / "ckpt").exists()

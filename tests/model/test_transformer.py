@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quantgate.errors import ConfigError
+from quantgate.errors import ConfigError, DataError
 from quantgate.model.transformer import DecoderLM, EncoderClassifier, ModelConfig, attention, preset
 
 TOL = 1e-5
@@ -145,3 +145,102 @@ def test_base_preset_is_the_seeds_model():
 def test_unknown_preset_fails_clearly():
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         preset("huge", vocab_size=10, max_seq_len=8)
+
+
+def test_input_longer_than_max_seq_len_is_a_clear_error():
+    model = EncoderClassifier(small_cfg(n_classes=5)).eval()
+    ids = torch.randint(1, 20, (2, 49))  # max_seq_len is 48
+    with pytest.raises(DataError, match="sequence of 49 tokens is longer than .* max_seq_len 48"):
+        model(ids, torch.ones_like(ids))
+
+
+def test_decoder_past_max_seq_len_with_a_cache_is_a_clear_error():
+    model = DecoderLM(small_cfg(max_seq_len=8)).eval()
+    with torch.no_grad():
+        _, past = model(torch.randint(0, 20, (1, 7)))
+        with pytest.raises(DataError, match=r"9 tokens \(7 cached \+ 2 new\) .* max_seq_len 8"):
+            model(torch.randint(0, 20, (1, 2)), past)
+
+
+def test_mask_of_another_shape_than_the_ids_is_a_clear_error():
+    model = EncoderClassifier(small_cfg(n_classes=5)).eval()
+    ids = torch.randint(1, 20, (2, 10))
+    with pytest.raises(DataError, match=r"attention_mask has shape \(2, 11\), input_ids \(2, 10\)"):
+        model(ids, torch.ones(2, 11, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("d_model", 32.0, "d_model must be an integer, got 32.0"),
+        ("n_layers", True, "n_layers must be an integer, got True"),
+        ("n_heads", 0, "n_heads must be >= 1, got 0"),
+        ("pad_id", 20, r"pad_id must be 0..19, got 20"),
+        ("n_classes", -1, "n_classes must be >= 0, got -1"),
+        ("dropout", "0.1", r"dropout must be a number in \[0, 1\), got '0.1'"),
+    ],
+)
+def test_config_fields_of_the_wrong_type_or_range_fail_clearly(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        small_cfg(**{field: value})
+
+
+def test_a_row_of_padding_alone_gives_finite_logits():
+    """A fully masked row softmaxes to uniform (finite MASK_VALUE), and pools to 0."""
+    model = EncoderClassifier(small_cfg(n_classes=5)).eval()
+    ids = torch.randint(1, 20, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    with torch.no_grad():
+        logits = model(ids, mask)
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits[1], model.head.bias.detach(), atol=TOL, rtol=TOL)
+
+
+def test_dropout_acts_in_training_only():
+    model = EncoderClassifier(small_cfg(n_classes=5, dropout=0.5))
+    ids = torch.randint(1, 20, (4, 10))
+    mask = torch.ones_like(ids)
+    model.train()
+    assert not torch.allclose(model(ids, mask), model(ids, mask))
+    model.eval()
+    torch.testing.assert_close(model(ids, mask), model(ids, mask), atol=0, rtol=0)
+
+
+def test_input_checks_stay_out_of_the_onnx_trace():
+    """The shape checks are Python: traced, they would only warn. The graph stays dynamic."""
+    import io
+    import warnings
+
+    import numpy as np
+
+    ort = pytest.importorskip("onnxruntime")
+    model = EncoderClassifier(small_cfg(n_classes=5)).eval()
+    ids = torch.randint(1, 20, (2, 10))
+    buf = io.BytesIO()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.onnx.export(
+            model,
+            (ids, torch.ones_like(ids)),
+            buf,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "seq"},
+                "attention_mask": {0: "batch", 1: "seq"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )
+    booleans = [w for w in caught if "Python boolean" in str(w.message)]
+    assert booleans == [], [f"{w.filename}:{w.lineno}" for w in booleans]
+
+    longer = torch.randint(1, 20, (3, 30))  # another batch and length than traced
+    mask = torch.ones_like(longer)
+    mask[2, 12:] = 0
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"input_ids": longer.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        want = model(longer, mask).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
