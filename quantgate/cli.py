@@ -124,15 +124,14 @@ def train(
     from quantgate.model.train import train as train_model
 
     cfg = TrainConfig(epochs=epochs, seed=seed)
+    model_cfg = digits_model_config(preset)  # an unknown preset is refused before any bar
     with progress() as bar:
         task = bar.add_task("training", total=None, status="")
 
         def on_step(step: int, total: int, loss: float) -> None:
             bar.update(task, completed=step, total=total, status=f"loss {loss:.3f}")
 
-        result = train_model(
-            out_dir, model_cfg=digits_model_config(preset), cfg=cfg, force=force, on_step=on_step
-        )
+        result = train_model(out_dir, model_cfg=model_cfg, cfg=cfg, force=force, on_step=on_step)
         bar.update(task, visible=not result.reused)
     how = "reused" if result.reused else f"trained in {result.seconds:.0f}s"
     out.print(f"checkpoint {result.checkpoint} ({how})")

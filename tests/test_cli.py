@@ -96,3 +96,9 @@ def test_no_quantize_refuses_the_flags_of_the_step_it_skips(cli, tmp_path):
             "--no-fp16", "--search-budget", "60", "--cuda-gates")  # fmt: skip
     err = " ".join(r.stderr.split())
     assert r.code == 2 and "--search-budget, --no-fp16, --cuda-gates are for" in err, err
+
+
+def test_an_unknown_preset_is_refused_before_training_starts(cli, tmp_path):
+    r = cli("train", "--preset", "huge", "--out", tmp_path / "c")
+    assert r.code == 2 and "unknown preset 'huge'; choose one of ['base', 'small']" in r.stderr
+    assert "training" not in r.stderr and not (tmp_path / "c").exists()  # no bar drawn
