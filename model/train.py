@@ -56,20 +56,26 @@ class TrainConfig:
     batch_size: int = 64  # 20 steps per epoch over the 1,237 training images
     lr: float = 2e-3  # AdamW peak learning rate, cosine-decayed to 0
     weight_decay: float = 0.1  # with dropout 0.2: 1,237 images overfit a transformer quickly
-    warmup_steps: int = 50  # linear warm-up to lr over the first 2.5 epochs (at batch 64)
+    # Linear warm-up to lr over this fraction of all steps (50 of the default 500), so that
+    # a short run (--epochs 2) reaches its peak and decays too.
+    warmup: float = 0.1
     seed: int = 0  # initial weights, dropout and batch order: same seed, same weights
     threads: int = 2  # fixed so that results do not depend on the machine's core count
 
     def __post_init__(self):
         problems = [
             f"{name} must be an integer >= {low}, got {getattr(self, name)!r}"
-            for name, low in (("epochs", 1), ("batch_size", 1), ("warmup_steps", 0), ("threads", 1))
+            for name, low in (("epochs", 1), ("batch_size", 1), ("threads", 1))
             if not _is_int(getattr(self, name)) or getattr(self, name) < low
         ]
         if not _is_int(self.seed):
             problems.append(f"seed must be an integer, got {self.seed!r}")
         if not _is_number(self.lr) or not self.lr > 0:
             problems.append(f"lr must be a number > 0, got {self.lr!r}")
+        if not _is_number(self.warmup) or not 0 <= self.warmup < 1:
+            problems.append(
+                f"warmup must be a fraction of the steps in [0, 1), got {self.warmup!r}"
+            )
         if not _is_number(self.weight_decay) or not self.weight_decay >= 0:
             problems.append(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
         if problems:
@@ -195,6 +201,16 @@ def check_fits_digits(model_cfg: ModelConfig) -> None:
         )
 
 
+def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
+    """The rate at optimizer ``step`` (0-based) of ``total``: linear warm-up to ``cfg.lr``
+    over the first ``cfg.warmup`` of the steps, then cosine decay towards 0."""
+    warmup = round(cfg.warmup * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.lr * 0.5 * (1 + np.cos(np.pi * progress))
+
+
 def _fit(model: EncoderClassifier, splits, cfg: TrainConfig, on_step) -> list[dict]:
     """AdamW with linear warm-up then cosine decay; returns each epoch's mean training loss."""
     train_split = splits["train"]
@@ -206,12 +222,6 @@ def _fit(model: EncoderClassifier, splits, cfg: TrainConfig, on_step) -> list[di
     total = cfg.epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        return cfg.lr * 0.5 * (1 + np.cos(np.pi * progress))
-
     gen = torch.Generator().manual_seed(cfg.seed)
     history, step = [], 0
     for epoch in range(cfg.epochs):
@@ -221,7 +231,7 @@ def _fit(model: EncoderClassifier, splits, cfg: TrainConfig, on_step) -> list[di
         for i in range(0, n, cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = learning_rate(cfg, step, total)
             loss = F.cross_entropy(model(ids[idx], mask[idx]), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -20,7 +20,7 @@ from quantgate.model.train import (
 
 # A tiny model and one epoch: these tests check the mechanics, not the accuracy.
 TINY = dict(d_model=16, n_heads=2, n_layers=1, d_ff=32)
-QUICK = TrainConfig(epochs=1, warmup_steps=5)
+QUICK = TrainConfig(epochs=1, warmup=0.25)
 
 
 def tiny_cfg():
@@ -238,7 +238,7 @@ def test_checkpoint_round_trip_gives_the_trained_models_accuracy(checkpoint):
     [
         (dict(epochs=0), "epochs must be an integer >= 1, got 0"),
         (dict(batch_size=0, lr=-1.0), "batch_size must be an integer >= 1, got 0; lr must be"),
-        (dict(warmup_steps=2.5), "warmup_steps must be an integer >= 0, got 2.5"),
+        (dict(warmup=1.0), r"warmup must be a fraction of the steps in \[0, 1\), got 1.0"),
         (dict(threads=0), "threads must be an integer >= 1, got 0"),
     ],
 )
@@ -292,3 +292,18 @@ def test_cli_names_the_presets_for_an_unknown_one(cli, tmp_path):
     assert r.code == 2
     assert "unknown preset 'huge'; choose one of ['base', 'small']" in " ".join(r.stderr.split())
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 25])
+def test_every_run_warms_up_to_its_peak_rate_and_decays(epochs):
+    """The warm-up is a fraction of the run: 50 of the default 500 steps, 2 of 20 in one epoch
+    (a fixed 50 steps would leave a short run below its peak rate throughout)."""
+    from quantgate.model.train import learning_rate
+
+    cfg = TrainConfig(epochs=epochs)
+    total = epochs * 20  # 1,237 images in batches of 64
+    rates = [learning_rate(cfg, step, total) for step in range(total)]
+    peak = rates.index(max(rates))
+    assert max(rates) == pytest.approx(cfg.lr) and peak == round(0.1 * total) - 1
+    assert rates[:peak] == sorted(rates[:peak]) and rates[peak:] == sorted(rates[peak:])[::-1]
+    assert rates[-1] < 0.01 * cfg.lr

@@ -48,7 +48,7 @@ def builtin_bundle(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("builtin")
     tiny = dataclasses.replace(digits_model_config(), d_model=32, n_heads=2, n_layers=1, d_ff=64)
-    ckpt = train(root / "ckpt", model_cfg=tiny, cfg=TrainConfig(epochs=1, warmup_steps=5))
+    ckpt = train(root / "ckpt", model_cfg=tiny, cfg=TrainConfig(epochs=1, warmup=0.25))
     export(ckpt.checkpoint, root / "digits")
     return root / "digits"
 
