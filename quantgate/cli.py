@@ -629,7 +629,7 @@ def serve(
 def infer(
     model: Annotated[str, typer.Argument(help="Model name, as ModelMetadata reports it.")],
     inputs: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--input",
             "-i",
@@ -638,7 +638,27 @@ def infer(
                 "ones, a missing token_type_ids all zeros."
             ),
         ),
-    ],
+    ] = None,
+    texts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--text",
+            "-t",
+            help="Text to send instead of token ids, tokenized by --bundle's tokenizer; "
+            "repeat it for a batch.",
+        ),
+    ] = None,
+    bundle_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--bundle",
+            help="The bundle the server serves (a Hugging Face model's): its tokenizer reads --text.",
+        ),
+    ] = None,
+    outputs: Annotated[
+        list[str] | None,
+        typer.Option("--output", "-o", help="Ask only for this output (repeatable); default all."),
+    ] = None,
     url: Annotated[str, typer.Option(help="Server address.")] = "localhost:8001",
     version: Annotated[str, typer.Option(help="Model version (default: the newest).")] = "",
     token: Annotated[
@@ -661,12 +681,24 @@ def infer(
         typer.Option(exists=True, dir_okay=False, help="PEM private key for --tls-cert."),
     ] = None,
 ) -> None:
-    """Send one request to a running server and print the outputs."""
+    """Send one request to a running server and print the outputs.
+
+    Inputs are arrays (-i NAME=JSON), or text (-t TEXT --bundle BUNDLE) that the bundle's
+    own tokenizer turns into them.
+    """
     import numpy as np
 
     from quantgate.errors import BadRequest, ConfigError, Unauthenticated, Unavailable
     from quantgate.serve.client import Client, ClientTLS
 
+    if not inputs and not texts:
+        raise ConfigError(
+            "nothing to send: give -i NAME=JSON per input, or -t TEXT --bundle BUNDLE"
+        )
+    if texts and bundle_dir is None:
+        raise ConfigError("--text needs --bundle: the bundle whose tokenizer reads the text")
+    if bundle_dir is not None and not texts:
+        raise ConfigError("--bundle is for --text; drop it, or add -t TEXT")
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("mutual TLS needs both --tls-cert and --tls-key")
     if timeout <= 0:
@@ -687,25 +719,36 @@ def infer(
                 + ("." if secure else ", or --tls-ca CA.pem for one serving TLS.")
             ) from e
         spec = {t.name: t.datatype for t in metadata.inputs}
-        feeds = {}
-        for item in inputs:
+        feeds = _tokenized(texts, bundle_dir) if texts else {}
+        for item in inputs or ():
             name, sep, value = item.partition("=")
             if not sep or name not in spec:
                 raise BadRequest(
                     f"--input {item!r}: expected NAME=JSON with NAME one of {sorted(spec)}"
                 )
             if name in feeds:
-                raise BadRequest(f"--input {name} is given twice; give each input once")
+                by = "--text gives it" if texts else "it is given twice"
+                raise BadRequest(f"--input {name}: {by}; give each input once")
             feeds[name] = _input_array(name, value, spec[name])
         if "input_ids" in feeds:  # what a tokenizer adds: every token attended, one segment
             for name, fill in (("attention_mask", np.ones_like), ("token_type_ids", np.zeros_like)):
                 if name in spec and name not in feeds:
                     feeds[name] = fill(feeds["input_ids"], dtype=_numpy_dtype(name, spec[name]))
-        for name, array in client.infer(model, feeds, version=version).items():
+        answer = client.infer(model, feeds, version=version, outputs=tuple(outputs or ()))
+        for name, array in answer.items():
             out.print(f"{name} {list(array.shape)} {array.dtype}", highlight=False, soft_wrap=True)
             out.print(
                 np.array2string(array, precision=4, threshold=64), highlight=False, soft_wrap=True
             )
+
+
+def _tokenized(texts: list[str], bundle_dir: Path) -> dict:
+    """``texts`` as the bundle's model takes them, by the tokenizer the bundle carries."""
+    from quantgate.bundle import load
+    from quantgate.quantize.data import ModelInfo, tokenize
+
+    bundle = load(bundle_dir, verify=False)  # the manifest and tokenizer; the server has the rest
+    return tokenize(texts, ModelInfo.from_manifest(bundle.manifest, bundle.path))
 
 
 def _numpy_dtype(name: str, datatype: str):

