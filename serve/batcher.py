@@ -103,6 +103,14 @@ class _Pending:
     wake: threading.Event = field(default_factory=threading.Event)
 
 
+def _bare(e: QuantgateError) -> QuantgateError:
+    """``e`` without its traceback, to answer a request with. The traceback holds the
+    runner's frames, which hold the batch's requests, one of which holds ``e``: a cycle
+    only the garbage collector would free, and with it every array of the batch."""
+    e.__traceback__ = None
+    return e
+
+
 def bucket(length: int) -> int:
     """The padded-length bucket of a sequence length: 16, 32, 64, 128, ..."""
     return max(MIN_BUCKET, 1 << (length - 1).bit_length())
@@ -134,7 +142,8 @@ class Batcher:
         self._instances = instances
         self._on_batch = on_batch
         # Guards everything below and every _Pending's result/done/lead. A runner gathering
-        # company for its batch waits on it; arrivals and departures notify it.
+        # company for its batch waits on it; arrivals, departures and the answer to a
+        # runner's own request notify it.
         self._cv = threading.Condition()
         self._queue: list[_Pending] = []
         self._running = 0  # runner slots taken (at most ``instances``)
@@ -174,22 +183,31 @@ class Batcher:
             raise Cancelled("the client went away before the request was queued")
         try:
             with self._cv:
-                if pending.done:  # the caller went between _watch and here: never queue it
-                    raise pending.result
-                self._admit(pending)
-                runs = self._running < self._instances
-                if runs:
-                    self._running += 1
-                    pending.lead = True
+                # Answered already when the caller went between _watch and here: never queue it.
+                queued = runs = not pending.done
+                if queued:
+                    self._admit(pending)
+                    runs = self._running < self._instances
+                    if runs:
+                        self._running += 1
+                        pending.lead = True
             if runs:
                 self._lead(pending)
-            self._wait(pending)
+            if queued:
+                self._wait(pending)
         finally:
             if caller is not None:
                 caller._unwatch(id(pending))
-        if isinstance(pending.result, BaseException):
-            raise pending.result
-        return pending.result
+        # An exception raised here holds this frame: were it still in ``pending`` or in a
+        # local, that would be a cycle, and only the garbage collector could free the
+        # request's arrays.
+        result, pending.result = pending.result, None
+        try:
+            if isinstance(result, BaseException):
+                raise result
+            return result
+        finally:
+            del result
 
     # -- admission and waiting ----------------------------------------------------------
 
@@ -262,6 +280,8 @@ class Batcher:
         if not pending.done:
             pending.result, pending.done = result, True
             pending.wake.set()
+            if pending.lead:  # its thread may be gathering company on the condition: free it
+                self._cv.notify_all()
 
     def _expired(self) -> DeadlineExceeded:
         return DeadlineExceeded(f"model {self.model.name!r}: deadline passed while queued")
@@ -317,7 +337,8 @@ class Batcher:
         """Take the next group off the queue, waiting up to the max queue delay for more
         requests of its bucket (lock held; the wait releases it). Empty: nothing queued,
         or ``me`` was answered (cancelled, say) while it waited, and its thread is free to
-        go: the slot passes to a queued request's thread, which goes on gathering."""
+        go: the slot passes to a queued request's thread, which goes on gathering. The
+        wait also ends at ``me``'s deadline: no other thread watches it."""
         while True:
             self._drop_expired()
             if not self._queue or me.done:
@@ -327,7 +348,10 @@ class Batcher:
             wait_ns = self._queue[0].enqueued_ns + self._delay_ns - time.perf_counter_ns()
             if not self._dynamic or full or wait_ns <= 0 or self._closing:
                 break
-            self._cv.wait(wait_ns / 1e9)
+            wait_s, now = wait_ns / 1e9, time.monotonic()
+            if me.deadline is not None and me.deadline > now:  # passed: dropped, or started
+                wait_s = min(wait_s, me.deadline - now)
+            self._cv.wait(wait_s)
         chosen = set(map(id, group))
         self._queue = [p for p in self._queue if id(p) not in chosen]
         return group
@@ -338,9 +362,10 @@ class Batcher:
             results: list = self._run_group(group)
         except QuantgateError as e:
             if len(group) == 1:
-                results = [e]
+                results = [_bare(e)]
             else:  # one bad request must not fail its neighbours: run each alone
                 log.info("batch of %d failed (%s); running its requests one by one", len(group), e)
+                _bare(e)  # each request's error below has it as its context
                 results = [self._run_alone(p) for p in group]
         except Exception as e:  # a bug: answer every waiting thread, never strand one
             log.exception("batch of %d failed", len(group))
@@ -354,7 +379,7 @@ class Batcher:
         try:
             return self._run_group([p])[0]
         except QuantgateError as e:
-            return e
+            return _bare(e)
         except Exception as e:  # a bug: answer it; escaping would strand the rest
             log.exception("request failed when run alone")
             return InferenceFailed(f"internal error: {type(e).__name__}: {e}")

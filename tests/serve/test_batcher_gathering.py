@@ -1,0 +1,119 @@
+"""A runner gathering company for a batch, while its own request is answered elsewhere.
+
+With two slots, the thread of a request can hold one slot and wait for company for the
+queue's head while another runner takes its own request into a batch and answers it (or
+its client goes). That thread must return at once, not when the head's queue delay ends.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+from helpers import Reference, batch, batcher, until
+
+from quantgate.errors import Cancelled, DeadlineExceeded
+from quantgate.serve.batcher import Caller
+
+DELAY_US = 600_000_000  # the head waits this long for company: far beyond any result(10)
+
+
+def _spawn(name: str, fn, *args, **kwargs) -> Future:
+    """``fn`` on a daemon thread called ``name``."""
+    future: Future = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed to the test through the future
+            future.set_exception(e)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return future
+
+
+@pytest.mark.parametrize("how", ["answered", "cancelled"])
+def test_a_runner_gathering_returns_once_another_runner_ends_its_request(repo, classifier, how):
+    """Two slots, batches of 2. r's thread (slot 1) gathers for r; w's thread (slot 2)
+    gathers for r too. z completes r's batch; w's thread takes it (the order in which the
+    OS wakes the two is forced: r's thread is slow). r's thread then gathers for w, the new
+    head. When w's thread answers r (or r's client goes), r's thread must return."""
+    b = batcher(classifier, instances=2, max_batch_size=2, max_queue_delay_us=DELAY_US)
+    rng = np.random.default_rng(30)
+    r_feeds, w_feeds, z_feeds = batch(rng, 1, 100), batch(rng, 1, 40), batch(rng, 1, 101)
+    slow, taken, regathering, gate = (threading.Event() for _ in range(4))
+
+    run = classifier.run
+
+    def gated(feeds, outputs=()):
+        if feeds["input_ids"].shape[1] == 101:  # r and z, padded to z's length
+            taken.set()
+            gate.wait(10)
+        return run(feeds, outputs)
+
+    classifier.run = gated
+    drop_expired = b._drop_expired
+
+    def r_is_slow() -> None:  # at the top of every round of gathering, lock held
+        if threading.current_thread().name == "r" and slow.is_set() and not taken.is_set():
+            b._cv.release()  # the OS runs w's thread first
+            try:
+                taken.wait(10)
+            finally:
+                b._cv.acquire()
+        drop_expired()
+
+    b._drop_expired = r_is_slow
+    wait = b._cv.wait
+
+    def noted_wait(timeout=None):
+        if threading.current_thread().name == "r" and taken.is_set():
+            regathering.set()  # lock held until the wait below releases it
+        return wait(timeout)
+
+    b._cv.wait = noted_wait
+
+    caller = Caller()
+    try:
+        r = _spawn("r", b.infer, r_feeds, 1, caller=caller)
+        until(lambda: b.depth == 1 and b._running == 1)
+        w = _spawn("w", b.infer, w_feeds, 1)
+        until(lambda: b.depth == 2 and b._running == 2)
+        slow.set()
+        z = _spawn("z", b.infer, z_feeds, 1)
+        assert taken.wait(10), "w's thread did not take r and z"
+        assert regathering.wait(10), "r's thread did not go back to gathering"
+        assert not r.done()
+        if how == "answered":
+            gate.set()
+            outputs, _ = r.result(10)  # not after the head's 600 s
+            np.testing.assert_allclose(
+                outputs["logits"], Reference(repo / "classifier")(r_feeds), atol=1e-4
+            )
+        else:
+            caller.cancel()
+            with pytest.raises(Cancelled):
+                r.result(10)
+            gate.set()
+        assert z.result(10)[0]["logits"].shape == (1, 5)
+    finally:
+        gate.set()
+        taken.set()
+        assert b.close(timeout=10), f"depth {b.depth}, slots taken {b._running}"
+    assert w.result(10)[0]["logits"].shape == (1, 5)
+    assert b.depth == 0 and b._running == 0
+
+
+def test_a_runner_gathering_answers_its_own_deadline_when_it_passes(classifier):
+    """A lone request waits for company on its own thread; its deadline passes first: it
+    is answered DEADLINE_EXCEEDED then, as a request waiting behind a runner would be,
+    not when the queue delay ends."""
+    b = batcher(classifier, max_queue_delay_us=DELAY_US)
+    rng = np.random.default_rng(31)
+    late = _spawn("late", b.infer, batch(rng, 1, 4), 1, timeout=0.05)
+    with pytest.raises(DeadlineExceeded, match="deadline passed while queued"):
+        late.result(10)  # not after 600 s
+    assert b.depth == 0 and b._running == 0
+    assert b.close(timeout=5)
