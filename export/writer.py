@@ -99,53 +99,121 @@ def write_bundle(
                 f"{PRECISIONS} may appear once and fp32 is the export itself"
             )
         seen.add(v.precision)
-    try:
-        with staging(out, force=force) as tmp:
-            fp32 = _copy_verified(result.onnx, tmp / FP32_FILE, result.sha256)
-            entries = [_fp32_variant(result, fp32)]
-            for v in variants:
-                file = tmp / f"model.{v.precision}.onnx"
-                shutil.copyfile(v.path, file)
-                entries.append(
-                    Variant(
-                        file=file.name,
-                        precision=v.precision,
-                        sha256=sha256_file(file),
-                        providers=v.providers,
-                        recipe=v.recipe,
-                        gates=v.gates,
-                        verdict=v.verdict,
-                        not_for=v.not_for,
-                        notes=v.notes,
-                    )
+    with staging(out, force=force) as tmp:
+        fp32 = _copy_verified(result.onnx, tmp / FP32_FILE, result.sha256)
+        entries = [_fp32_variant(result, fp32)]
+        for v in variants:
+            file = tmp / f"model.{v.precision}.onnx"
+            shutil.copyfile(v.path, file)
+            entries.append(
+                Variant(
+                    file=file.name,
+                    precision=v.precision,
+                    sha256=sha256_file(file),
+                    providers=v.providers,
+                    recipe=v.recipe,
+                    gates=v.gates,
+                    verdict=v.verdict,
+                    not_for=v.not_for,
+                    notes=v.notes,
                 )
-            manifest = Manifest(
-                name=name or out.absolute().name,
-                task=result.task,
-                inputs=result.inputs,
-                outputs=result.outputs,
-                variants=tuple(entries),
-                opset=result.opset,
-                source=result.source,
-                tools=result.tools,
-                calibration=calibration,
-                export=result.export_record(),
-                extra=_bundle_tokenizer(result.extra, tmp),
             )
-            write_manifest(tmp, manifest)
-            (tmp / REPORT).write_text(render_report(manifest, report_sections))
-            for f in files:
-                shutil.copyfile(f, tmp / Path(f).name)
-    except OSError as e:
-        raise BundleError(
-            f"cannot write the bundle at {out}: {e.strerror or e} ({e.filename or out}). "
-            "Check that the parent directory exists and is writable, and that the disk has room; "
-            "nothing was changed at --out."
-        ) from e
+        for src, entry in zip((result.onnx, *(v.path for v in variants)), entries, strict=True):
+            _copy_external_data(src, tmp, entry.file)
+        extra = _bundle_tokenizer(result.extra, tmp)
+        taken = {MANIFEST, REPORT, *(e.file for e in entries)}
+        for f in files:
+            if Path(f).name in taken or (tmp / Path(f).name).exists():
+                raise BundleError(
+                    f"{f}: a bundle file of that name exists already; rename the file to add"
+                )
+            shutil.copyfile(f, tmp / Path(f).name)
+        manifest = Manifest(
+            name=name or out.absolute().name,
+            task=result.task,
+            inputs=result.inputs,
+            outputs=result.outputs,
+            variants=tuple(entries),
+            opset=result.opset,
+            source=result.source,
+            tools=result.tools,
+            calibration=calibration,
+            export=result.export_record(),
+            extra=extra,
+            files=_other_files(tmp, taken),
+        )
+        write_manifest(tmp, manifest)
+        (tmp / REPORT).write_text(render_report(manifest, report_sections))
     log.info("wrote bundle %s (%s)", out, ", ".join(v.file for v in manifest.variants))
     from quantgate.bundle import load
 
     return load(out)
+
+
+def _other_files(tmp: Path, skip: set[str]) -> dict[str, str]:
+    """Every file in the staged bundle but ``skip`` (the manifest, report.md, the variants),
+    by its path in the bundle -> sha256: the tokenizer, external weights, the plot."""
+    return {
+        p.relative_to(tmp).as_posix(): sha256_file(p)
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file() and p.relative_to(tmp).as_posix() not in skip
+    }
+
+
+def _copy_external_data(model: Path, tmp: Path, name: str) -> None:
+    """Copy the files that hold ``model``'s weights outside it (ONNX external data, needed
+    past 2 GB) into the bundle beside it, under the names the model refers to them by."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    m = onnx.load(str(model), load_external_data=False)
+    locations = sorted(
+        {
+            ExternalDataInfo(t).location
+            for t in _tensors(m.graph, onnx.AttributeProto)
+            if uses_external_data(t)
+        }
+    )
+    for location in locations:
+        inside = Path(location)
+        if inside.is_absolute() or ".." in inside.parts or location in (MANIFEST, REPORT):
+            raise BundleError(
+                f"{model} keeps weights in {location}, outside its own directory; save the "
+                "model with its external data beside it (onnx.save_model(..., "
+                "save_as_external_data=True, location=NAME))"
+            )
+        src, dst = model.parent / inside, tmp / inside
+        if not src.is_file():
+            raise BundleError(
+                f"{model} keeps weights in {location}, and {src} is missing; put the file "
+                "back beside the model"
+            )
+        if dst.exists():
+            if sha256_file(dst) == sha256_file(src):
+                continue  # two variants sharing one weights file
+            raise BundleError(
+                f"{name} and another variant keep different weights under one name, "
+                f"{location}; save one of them with another location"
+            )
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+
+
+def _tensors(graph, attribute):
+    """Every tensor of an ONNX graph that can hold weights: initializers and tensor
+    attributes (Constant), subgraphs (If, Loop) included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == attribute.TENSOR:
+                yield a.t
+            elif a.type == attribute.TENSORS:
+                yield from a.tensors
+            elif a.type == attribute.GRAPH:
+                yield from _tensors(a.g, attribute)
+            elif a.type == attribute.GRAPHS:
+                for g in a.graphs:
+                    yield from _tensors(g, attribute)
 
 
 def _copy_verified(src: Path, dst: Path, sha256: str) -> Path:

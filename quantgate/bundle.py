@@ -20,21 +20,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import errno
 import hashlib
 import json
+import math
 import os
 import re
-from collections.abc import Iterator
+import shutil
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from quantgate.errors import BundleError
-from quantgate.fsutil import atomic_dir, target_problem
+from quantgate.fsutil import atomic_dir, resolve_target, target_problem
 
 MANIFEST = "manifest.json"
 REPORT = "report.md"
 FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few kB; anything near this is not one
 
 PASS, FAIL = "pass", "fail"
 PRECISIONS = ("fp32", "int8", "fp16")
@@ -120,6 +125,9 @@ class Manifest:
     calibration: dict[str, Any] | None = None  # source, sha256, samples
     export: dict[str, Any] = field(default_factory=dict)  # exporter, validation diffs, fusions
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. tokenizer info, label names
+    # The bundle's other files that quantgate reads (the tokenizer), by path relative to the
+    # bundle ("tokenizer/vocab.txt") -> sha256; verified at load like the variants.
+    files: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -149,51 +157,312 @@ class Manifest:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Manifest:
-        d = dict(d)
-        d.pop("verdict", None)
+    def from_dict(cls, d: Any, *, source: str = MANIFEST) -> Manifest:
+        """The manifest a JSON value describes. Every field is checked first: a value of the
+        wrong type or shape, an unknown field, or a verdict its gates do not support raises
+        one ``BundleError`` listing every problem (``source`` names the file in it)."""
+        if not isinstance(d, dict):
+            raise BundleError(
+                f"{source} is corrupt: expected a JSON object at the top, found {_found(d)}. "
+                + _RECREATE
+            )
         fmt = d.get("format_version", FORMAT_VERSION)
-        if fmt > FORMAT_VERSION:
+        if _is_int(fmt) and fmt > FORMAT_VERSION:
             raise BundleError(
                 f"manifest format {fmt} is newer than this quantgate understands ({FORMAT_VERSION}); "
                 "upgrade quantgate"
             )
+        if problems := manifest_problems(d):
+            raise BundleError(f"{source} is corrupt: {_listed(problems)}{_RECREATE}")
 
         def spec(t: dict) -> TensorSpec:
             return TensorSpec(t["name"], t["dtype"], tuple(t["dims"]))
 
         def gate(g: dict) -> GateResult:
-            for key in ("value", "threshold"):
-                if not isinstance(g.get(key), (int, float)):
-                    raise TypeError(
-                        f"gate {g.get('name')!r} has {key} {g.get(key)!r}, not a number"
-                    )
             ci = g.get("ci")
             return GateResult(**{**g, "ci": tuple(ci) if ci is not None else None})
 
         def variant(v: dict) -> Variant:
-            file = v.get("file")
-            if not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file:
-                raise TypeError(f"variant file {file!r} is not a file name inside the bundle")
             return Variant(
                 **{
                     **v,
+                    "sha256": v["sha256"].lower(),
                     "providers": tuple(v.get("providers", ())),
                     "gates": tuple(gate(g) for g in v.get("gates", ())),
                     "not_for": tuple(v.get("not_for", ())),
                 }
             )
 
-        for key in ("source", "tools", "export", "extra"):
-            if not isinstance(d.get(key, {}), dict):
-                raise TypeError(f"{key} is a {type(d[key]).__name__}, not an object")
-        if not isinstance(d["variants"], list) or not d["variants"]:
-            raise TypeError(f"variants is {d['variants']!r}, not a non-empty list")
+        d = {k: v for k, v in d.items() if k != "verdict"}  # derived from the variants
         d["inputs"] = tuple(spec(t) for t in d["inputs"])
         d["outputs"] = tuple(spec(t) for t in d["outputs"])
         d["variants"] = tuple(variant(v) for v in d["variants"])
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        d["files"] = {k: v.lower() for k, v in d.get("files", {}).items()}
+        return cls(**d)
+
+
+_RECREATE = (
+    "Restore the manifest from the original bundle, or re-create the bundle with "
+    "`quantgate export`."
+)
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+# numpy dtype names of ONNX tensor types a model may take or give
+_DTYPES = frozenset(
+    ("bool", "float16", "bfloat16", "float32", "float64")
+    + tuple(f"{sign}int{bits}" for sign in ("", "u") for bits in (8, 16, 32, 64))
+)
+_OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
+
+
+def _listed(problems: list[str]) -> str:
+    """One problem inline, several as a list; either way ready for the advice after it."""
+    if len(problems) == 1:
+        return problems[0] + ". "
+    return f"{len(problems)} problems:\n" + "".join(f"  - {p}\n" for p in problems)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _found(x: Any) -> str:
+    """``x`` as a person reads it in an error message: its JSON kind, and short values."""
+    if x is None:
+        return "null"
+    if isinstance(x, bool):
+        return "true" if x else "false"
+    if _is_number(x):
+        return f"the number {x!r}"
+    if isinstance(x, str):
+        return f"the string {x[:60]!r}" + ("..." if len(x) > 60 else "")
+    return "a list" if isinstance(x, list) else "an object"
+
+
+def _is_name(x: Any) -> bool:
+    """A file name inside the bundle's own directory: no folder, no way out of it."""
+    return (
+        isinstance(x, str)
+        and x not in ("", ".", "..", MANIFEST, REPORT)
+        and "\x00" not in x
+        and "/" not in x
+        and "\\" not in x
+    )
+
+
+def _is_relative_path(x: Any) -> bool:
+    """A path inside the bundle, below its directory: "tokenizer/vocab.txt"."""
+    if not isinstance(x, str) or x in (MANIFEST, REPORT) or "\x00" in x or "\\" in x:
+        return False
+    parts = x.split("/")
+    return all(part not in ("", ".", "..") for part in parts)
+
+
+# A field's check: None when the value is right, else what was expected.
+_Check = Callable[[Any], "str | None"]
+
+
+def _kind(test: Callable[[Any], bool], expected: str) -> _Check:
+    return lambda x: None if test(x) else expected
+
+
+_TEXT = _kind(lambda x: isinstance(x, str), "a string")
+_NAME = _kind(lambda x: isinstance(x, str) and x.strip() != "", "a non-empty string")
+_OBJECT = _kind(lambda x: isinstance(x, dict), "an object")
+_OBJECT_OR_NULL = _kind(lambda x: x is None or isinstance(x, dict), "an object or null")
+_NAMES = _kind(
+    lambda x: isinstance(x, list) and all(isinstance(s, str) and s for s in x),
+    "a list of non-empty strings",
+)
+_SHA = _kind(
+    lambda x: isinstance(x, str) and _SHA256.fullmatch(x) is not None,
+    "64 hexadecimal digits (a sha256)",
+)
+
+
+def _fields(
+    d: Any, where: str, required: dict[str, _Check], optional: dict[str, _Check]
+) -> list[str]:
+    """Problems with object ``d``: a missing or unknown field, or a value its check refuses."""
+    if not isinstance(d, dict):
+        return [f"{where}: expected an object, found {_found(d)}"]
+    problems = [f"{where}: the field {k!r} is missing" for k in required if k not in d]
+    unknown = sorted(set(d) - set(required) - set(optional))
+    if unknown:
+        problems.append(
+            f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; quantgate writes none "
+            "by that name (your own fields belong under extra)"
+        )
+    for k, check in {**required, **optional}.items():
+        if k in d and (expected := check(d[k])):
+            problems.append(f"{where}.{k}: expected {expected}, found {_found(d[k])}")
+    return problems
+
+
+def _tensor(t: Any, where: str) -> list[str]:
+    dims = _kind(
+        lambda x: (
+            isinstance(x, list)
+            and all((_is_int(n) and n >= 0) or (isinstance(n, str) and n) for n in x)
+        ),
+        "a list of sizes (whole numbers >= 0) and axis names",
+    )
+    dtype = _kind(lambda x: x in _DTYPES, f"a dtype name ({', '.join(sorted(_DTYPES))})")
+    return _fields(t, where, {"name": _NAME, "dtype": dtype, "dims": dims}, {})
+
+
+def _gate(g: Any, where: str) -> list[str]:
+    number = _kind(_is_number, "a number")
+    ci = _kind(
+        lambda x: x is None or (isinstance(x, list) and len(x) == 2 and all(map(_is_number, x))),
+        "null or [low, high], two numbers",
+    )
+    problems = _fields(
+        g,
+        where,
+        {
+            "name": _NAME,
+            "value": number,
+            "threshold": number,
+            "op": _kind(lambda x: x in _OPS, "'<=' or '>='"),
+            "passed": _kind(lambda x: isinstance(x, bool), "true or false"),
+        },
+        {
+            "ci": ci,
+            "provider": _kind(lambda x: x is None or isinstance(x, str), "a string or null"),
+            "detail": _TEXT,
+        },
+    )
+    if problems or not g["passed"]:
+        return problems
+    # "passed" must follow from the numbers: a gate can fail with good numbers (a fallback,
+    # broken rows), never pass with bad ones. The slack covers rounding in the bootstrap.
+    value, threshold = g["value"], g["threshold"]
+    slack = 1e-6 * max(1.0, abs(threshold)) if math.isfinite(threshold) else 0.0
+    bound = threshold + slack if g["op"] == "<=" else threshold - slack
+    if not (math.isfinite(value) and _OPS[g["op"]](value, bound)):
+        return [f"{where}: passed is true, but its value {value!r} is not {g['op']} {threshold!r}"]
+    return []
+
+
+def _variant(v: Any, where: str) -> list[str]:
+    problems = _fields(
+        v,
+        where,
+        {
+            "file": _kind(_is_name, "a file name inside the bundle (no folder, not .. or /)"),
+            "precision": _kind(lambda x: x in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+            "sha256": _SHA,
+        },
+        {
+            "providers": _NAMES,
+            "recipe": _OBJECT_OR_NULL,
+            "gates": _kind(lambda x: isinstance(x, list), "a list of gates"),
+            "verdict": _kind(lambda x: x in (PASS, FAIL), f"{PASS!r} or {FAIL!r}"),
+            "not_for": _NAMES,
+            "notes": _TEXT,
+        },
+    )
+    if not isinstance(v, dict):
+        return problems
+    gates = v.get("gates") if isinstance(v.get("gates"), list) else []
+    for i, g in enumerate(gates):
+        name = g.get("name") if isinstance(g, dict) else None
+        problems += _gate(g, f"{where}.gates[{i}]" + (f" ({name})" if name else ""))
+    failed = [g.get("name") for g in gates if isinstance(g, dict) and g.get("passed") is False]
+    if v.get("verdict", PASS) == PASS and failed:
+        problems.append(
+            f"{where}: verdict is 'pass', but its gate(s) {', '.join(map(str, failed))} failed; "
+            "a variant passes only when every gate passed"
+        )
+    return problems
+
+
+def manifest_problems(d: dict[str, Any]) -> list[str]:
+    """Every way ``d`` (a parsed manifest.json) differs from what ``write_manifest`` writes."""
+    files = _kind(
+        lambda x: isinstance(x, dict) and all(map(_is_relative_path, x)),
+        "an object of paths inside the bundle (a/b.txt, no .. or leading /) to sha256s",
+    )
+    problems = _fields(
+        d,
+        "manifest",
+        {
+            "name": _NAME,
+            "task": _NAME,
+            "inputs": _kind(lambda x: isinstance(x, list), "a list of tensors"),
+            "outputs": _kind(lambda x: isinstance(x, list), "a list of tensors"),
+            "variants": _kind(lambda x: isinstance(x, list) and x != [], "a non-empty list"),
+            "opset": _kind(lambda x: _is_int(x) and x >= 1, "a whole number >= 1"),
+            "source": _OBJECT,
+        },
+        {
+            "version": _kind(lambda x: _is_int(x) and x >= 1, "a whole number >= 1"),
+            "created": _TEXT,
+            "tools": _kind(
+                lambda x: isinstance(x, dict) and all(isinstance(v, str) for v in x.values()),
+                "an object of package names to version strings",
+            ),
+            "calibration": _OBJECT_OR_NULL,
+            "export": _OBJECT,
+            "extra": _OBJECT,
+            "files": files,
+            "format_version": _kind(lambda x: _is_int(x) and x >= 1, "a whole number >= 1"),
+            "verdict": _kind(lambda x: x in (PASS, FAIL), f"{PASS!r} or {FAIL!r}"),
+        },
+    )
+    for key in ("inputs", "outputs"):
+        for i, t in enumerate(d.get(key) if isinstance(d.get(key), list) else []):
+            problems += _tensor(t, f"{key}[{i}]")
+    variants = d.get("variants") if isinstance(d.get("variants"), list) else []
+    for i, v in enumerate(variants):
+        label = v.get("precision") if isinstance(v, dict) else None
+        problems += _variant(
+            v, f"variants[{i}]" + (f" ({label})" if isinstance(label, str) else "")
+        )
+    entries = [v for v in variants if isinstance(v, dict)]
+    for key in ("precision", "file"):
+        seen = [v.get(key) for v in entries if isinstance(v.get(key), str)]
+        if repeated := sorted({x for x in seen if seen.count(x) > 1}):
+            problems.append(
+                f"variants: {key} {', '.join(map(repr, repeated))} appears more than once; "
+                f"each variant has its own {key}"
+            )
+    if isinstance(d.get("files"), dict):
+        for path, sha in d["files"].items():
+            if expected := _SHA(sha):
+                problems.append(f"files[{path!r}]: expected {expected}, found {_found(sha)}")
+            if path in {v.get("file") for v in entries}:
+                problems.append(f"files[{path!r}]: is a variant's file; list it once, as a variant")
+    export, extra = d.get("export"), d.get("extra")
+    seq = export.get("max_seq_len") if isinstance(export, dict) else None
+    if seq is not None and not (_is_int(seq) and seq >= 1):
+        problems.append(
+            f"export.max_seq_len: expected a whole number >= 1 or null, found {_found(seq)}"
+        )
+    if isinstance(extra, dict):
+        hf = extra.get("huggingface")
+        if hf is not None and not isinstance(hf, dict):
+            problems.append(f"extra.huggingface: expected an object, found {_found(hf)}")
+        elif hf and hf.get("tokenizer") is not None and _NAME(hf["tokenizer"]):
+            problems.append(
+                f"extra.huggingface.tokenizer: expected a folder path, found {_found(hf['tokenizer'])}"
+            )
+        if "regates" in extra and not isinstance(extra["regates"], list):
+            problems.append(f"extra.regates: expected a list, found {_found(extra['regates'])}")
+    stated = d.get("verdict")
+    if stated in (PASS, FAIL) and not problems:
+        failed = [v["precision"] for v in entries if v.get("verdict", PASS) != PASS]
+        if (stated == PASS) != (not failed):
+            why = f"variant(s) {', '.join(failed)} failed" if failed else "every variant passed"
+            problems.append(
+                f"verdict is {stated!r}, but {why}; the bundle passes exactly when every "
+                "variant passed"
+            )
+    return problems
 
 
 @dataclass(frozen=True)
@@ -222,40 +491,126 @@ def is_bundle(path: str | os.PathLike) -> bool:
 
 
 def load(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
-    """Read a bundle's manifest; with ``verify``, check every variant's file and sha256."""
+    """Read a bundle's manifest; with ``verify``, check every file it lists (the variants,
+    the tokenizer) against its sha256, all of them before saying what is wrong."""
     path = Path(path)
     if not path.exists():
         raise BundleError(
             f"no bundle at {path}: the directory does not exist. Create one with `quantgate export`."
+        )
+    if not path.is_dir():
+        raise BundleError(
+            f"{path} is a file, not a bundle: a bundle is a directory holding {MANIFEST}. "
+            "Pass the bundle's directory."
+        )
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise BundleError(
+            f"cannot read the bundle {path}: this user may not list or open the directory. "
+            "Make it readable (chmod a+rx), or run as a user who can read it."
         )
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise BundleError(
             f"{path} is not a bundle: it has no {MANIFEST}. Create one with `quantgate export`."
         )
-    try:
-        manifest = Manifest.from_dict(json.loads(mpath.read_text()))
-    except BundleError:
-        raise
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    manifest = Manifest.from_dict(_read_json(mpath), source=str(mpath))
+    if verify and (problems := verify_files(path, manifest)):
         raise BundleError(
-            f"{mpath} is corrupt ({type(e).__name__}: {e}); re-create the bundle with `quantgate export --force`."
-        ) from e
-    if verify:
-        for v in manifest.variants:
-            f = path / v.file
-            if not f.is_file():
-                raise BundleError(
-                    f"bundle {path}: variant {v.precision} file {v.file} is missing. Restore it, "
-                    "or re-create the bundle with `quantgate export`."
-                )
-            digest = sha256_file(f)
-            if digest != v.sha256:
-                raise BundleError(
-                    f"bundle {path}: {v.file} has sha256 {digest[:12]}..., the manifest expects "
-                    f"{v.sha256[:12]}...; the file was changed after export. Re-export or restore it."
-                )
+            f"bundle {path}: {_listed(problems)}Restore the files from the original bundle, "
+            "or re-create it with `quantgate export`."
+        )
     return Bundle(path, manifest)
+
+
+def _read_json(mpath: Path) -> Any:
+    """manifest.json parsed, or a ``BundleError`` saying why it cannot be."""
+    try:
+        with open(mpath, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise BundleError(
+            f"cannot read {mpath}: {e.strerror or e}. Make it readable by this user "
+            "(chmod a+r), or run as a user who can read it."
+        ) from e
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise BundleError(
+            f"{mpath} is over {MAX_MANIFEST_BYTES >> 20} MB: a manifest is a few kB, so this is "
+            f"not one written by quantgate. {_RECREATE}"
+        )
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        if repeated := sorted({k for k in keys if keys.count(k) > 1}):
+            raise ValueError(
+                f"the key(s) {', '.join(map(repr, repeated))} appear twice in one object"
+            )
+        return dict(pairs)
+
+    try:
+        # utf-8-sig: an editor that saves a byte-order mark has not changed the manifest
+        return json.loads(data.decode("utf-8-sig"), object_pairs_hook=unique)
+    except RecursionError as e:
+        raise BundleError(
+            f"{mpath} is corrupt (nested too deeply to be a manifest). {_RECREATE}"
+        ) from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, repeated keys, huge ints
+        raise BundleError(f"{mpath} is corrupt ({type(e).__name__}: {e}). {_RECREATE}") from e
+
+
+def verify_files(path: Path, manifest: Manifest) -> list[str]:
+    """What is wrong with the files ``manifest`` lists in the bundle at ``path``: one line per
+    file that is missing, not a regular file, outside the bundle (through a symbolic link),
+    unreadable, or changed; and any file added to a folder whose files it lists."""
+    root = path.resolve()
+    listed = [(f"variant {v.precision} file {v.file}", v.file, v.sha256) for v in manifest.variants]
+    listed += [(f"file {name}", name, sha) for name, sha in manifest.files.items()]
+    problems = [p for what, name, sha in listed if (p := _file_problem(root, what, name, sha))]
+    folders = {Path(name).parent for name in manifest.files} - {Path(".")}
+    for folder in sorted(folders):
+        if (root / folder).is_dir() and (root / folder).resolve().is_relative_to(root):
+            for p in sorted((root / folder).rglob("*")):
+                name = p.relative_to(root).as_posix()
+                if not p.is_dir() and name not in manifest.files:
+                    problems.append(
+                        f"{name} is not in the manifest: it was added after export, and "
+                        f"{folder.as_posix()}/ is read as a whole"
+                    )
+    return problems
+
+
+def _file_problem(root: Path, what: str, name: str, sha256: str) -> str | None:
+    f = root / name
+    try:
+        mode = f.lstat().st_mode
+    except FileNotFoundError:
+        return f"{what} is missing"
+    except OSError as e:
+        return f"{what} cannot be read ({e.strerror or e})"
+    real = f.resolve()
+    if not real.is_relative_to(root):
+        return (
+            f"{what} is outside the bundle: it resolves to {real} through a symbolic link. A "
+            "bundle holds its own files; replace the link with a copy of the file"
+        )
+    if stat.S_ISLNK(mode):
+        if not real.exists():
+            return f"{what} is a broken symbolic link (to {os.readlink(f)})"
+        mode = real.stat().st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        return f"{what} is {kind}; expected a file"
+    try:
+        digest = sha256_file(f)
+    except OSError as e:
+        return (
+            f"{what} cannot be read ({e.strerror or e}); make it readable by this user (chmod a+r)"
+        )
+    if digest != sha256:
+        return (
+            f"{name} has sha256 {digest[:12]}..., the manifest expects {sha256[:12]}...; "
+            "the file was changed after export"
+        )
+    return None
 
 
 @contextlib.contextmanager
@@ -265,11 +620,33 @@ def staging(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     Yields a temporary sibling directory to write files into. If the block raises, the
     temporary directory is removed and whatever was at ``out`` is untouched. ``out`` may be
     missing, empty, or an existing bundle; any other existing directory is refused unless
-    ``force``.
+    ``force``. A failure to write (a full disk, a permission) is a ``BundleError``.
     """
     check_writable_target(Path(out).absolute(), force=force)
-    with atomic_dir(out) as tmp:
-        yield tmp
+    try:
+        with atomic_dir(out) as tmp:
+            yield tmp
+    except OSError as e:
+        raise BundleError(_write_failure(Path(out), e)) from e
+
+
+def _write_failure(out: Path, e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        parent = resolve_target(out).parent
+        try:
+            free = f"; {shutil.disk_usage(parent).free / 1e6:.0f} MB free there now"
+        except OSError:
+            free = ""
+        return (
+            f"cannot write the bundle at {out}: {e.strerror or 'No space left on device'} on "
+            f"the filesystem that holds {parent}{free}; nothing was changed at {out}. Free "
+            "some space there, or choose another --out."
+        )
+    return (
+        f"cannot write the bundle at {out}: {e.strerror or e} ({e.filename or out}). Check "
+        "that the directory is writable and the disk has room; nothing was changed at "
+        f"{out}."
+    )
 
 
 def check_writable_target(out: Path, *, force: bool) -> None:

@@ -480,6 +480,17 @@ def inspect(
             ", ".join(v.providers),
         )
     out.print(variants)
+    if m.files:
+        groups: dict[str, int] = {}
+        for name in m.files:
+            top, sep, _ = name.partition("/")
+            groups[top + sep] = groups.get(top + sep, 0) + 1
+        listed = ", ".join(f"{g} ({n} files)" if g.endswith("/") else g for g, n in groups.items())
+        out.print(
+            f"other files (sha256 in the manifest): {listed}", highlight=False, soft_wrap=True
+        )
+    if not b.report.is_file():
+        out.print(f"report: {b.report} is missing", highlight=False, soft_wrap=True)
     if e:
         out.print(
             f"export: {e.get('exporter')} exporter, opset {m.opset}, max sequence {m.max_seq_len}"

