@@ -758,7 +758,7 @@ def _tokenized(texts: list[str], bundle_dir: Path) -> dict:
     from quantgate.bundle import load
     from quantgate.quantize.data import ModelInfo, tokenize
 
-    bundle = load(bundle_dir, verify=False)  # the manifest and tokenizer; the server has the rest
+    bundle = load(bundle_dir)  # verified: the tokenizer is the one the bundle was gated with
     return tokenize(texts, ModelInfo.from_manifest(bundle.manifest, bundle.path))
 
 

@@ -302,6 +302,7 @@ def regate(
     the bundle then passes: every gate of every variant.
     """
     bundle = load(bundle_path)  # verifies every file's sha256
+    check_writable_target(bundle.path, force=False)  # read-only: refused before the measuring
     m = bundle.manifest
     int8 = m.variant("int8")
     info = ModelInfo.from_manifest(m, bundle.path)

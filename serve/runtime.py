@@ -463,7 +463,14 @@ def _session(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     providers = provider_options(cfg, provider)
     if provider == CPU:
-        return ort.InferenceSession(str(file), options, providers=providers), None
+        try:
+            return ort.InferenceSession(str(file), options, providers=providers), None
+        except Exception as e:  # noqa: BLE001 - ORT raises its own types from C++
+            raise BundleError(
+                f"ONNX Runtime cannot open {file} ({type(e).__name__}: {str(e).strip()}), though "
+                "its sha256 is the manifest's: the bundle was written so. Re-create it with "
+                "`quantgate export`."
+            ) from e
     with tempfile.TemporaryDirectory(prefix="quantgate-serve-") as tmp:
         placement.record(options, tmp)
         try:

@@ -66,6 +66,21 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(cli, tmp_p
     newest, older = report.split("## Re-gated")[1:]  # the newest first; each keeps its verdict
     assert "Verdict: **FAIL**" in newest and "Verdict: **pass**" in older
 
+    # A read-only bundle is refused before its gates are measured, and left as it was.
+    from quantgate.errors import BundleError
+    from quantgate.quantize.gates import GateConfig
+    from quantgate.quantize.pipeline import regate
+
+    before = (out / "manifest.json").read_bytes()
+    events = []
+    out.chmod(0o555)
+    try:
+        with pytest.raises(BundleError, match="is read-only"):
+            regate(out, None, GateConfig(), on_progress=lambda *event: events.append(event))
+    finally:
+        out.chmod(0o755)
+    assert events == [] and (out / "manifest.json").read_bytes() == before
+
 
 def test_gate_fails_when_any_variant_fails_and_keeps_the_cuda_gates(cli, tmp_path, gate_file):
     out = tmp_path / "b"

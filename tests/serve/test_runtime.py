@@ -34,6 +34,19 @@ def test_tampered_bundle_refused(tmp_path):
         open_model(path, ServeConfig(path=path), CPU)
 
 
+def test_a_model_file_onnx_runtime_cannot_open_is_a_bundle_error(tmp_path):
+    """Its hash matches the manifest (the bundle was written so): a message, not a traceback."""
+    import dataclasses
+
+    path = bundles.build(tmp_path / "garbage")
+    (path / "model.fp32.onnx").write_bytes(b"not an onnx model")
+    m = qb.load(path, verify=False).manifest
+    fp32 = dataclasses.replace(m.variants[0], sha256=qb.sha256_file(path / "model.fp32.onnx"))
+    qb.write_manifest(path, dataclasses.replace(m, variants=(fp32, *m.variants[1:])))
+    with pytest.raises(BundleError, match=r"ONNX Runtime cannot open .*model.fp32.onnx"):
+        open_model(path, ServeConfig(path=path), CPU)
+
+
 def test_check_collects_every_problem(repo):
     model = open_model(repo / "classifier", ServeConfig(path=repo), CPU)
     feeds = {"input_ids": np.zeros((2, 3), np.int32), "extra": np.zeros(1)}
