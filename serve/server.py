@@ -155,6 +155,9 @@ def _check_port(cfg: ServeConfig) -> None:
     try:
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # As gRPC binds: a connection of the last server left in TIME_WAIT does not take
+            # the port; a process listening on it does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((cfg.host, cfg.port))
     except OSError as e:
         if e.errno == errno.EADDRINUSE:

@@ -119,6 +119,26 @@ def test_tls_files_that_are_not_pem_are_named(repo, tmp_path):
     assert f"--tls-cert {der} is not PEM" in r.stderr and "port" not in r.stderr, r.stderr
 
 
+def test_a_port_left_in_time_wait_by_the_last_server_is_free(repo):
+    """A restart right after the last server closed a connection: its end waits in TIME_WAIT,
+    which gRPC's own bind (SO_REUSEADDR, as the last server's) accepts; so must the check."""
+    with socket.socket() as last:  # the last server's listening socket, as gRPC makes it
+        last.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        last.bind(("127.0.0.1", 0))
+        last.listen()
+        port = last.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = last.accept()
+        conn.close()  # the server closes first: its end of the connection waits in TIME_WAIT
+        client.recv(1)  # its FIN arrived
+        client.close()
+    srv = ServerProcess(repo / "classifier", "--port", str(port))
+    try:
+        assert srv.url == f"127.0.0.1:{port}", srv.url
+    finally:
+        assert srv.terminate() == 0, srv.log
+
+
 def test_a_port_in_use_is_named(repo):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
