@@ -823,6 +823,18 @@ def _exit_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+# Top-level modules of the optional extras (pyproject.toml) -> the extra that installs them.
+_EXTRAS = {
+    "torch": "export",
+    "onnxscript": "export",
+    "sklearn": "export",
+    "matplotlib": "export",
+    "transformers": "hf",
+    "tokenizers": "hf",
+    "onnxruntime": "cpu",
+}
+
+
 def main() -> None:
     """Console entry point: run the app, turning quantgate's errors into exit codes."""
     try:
@@ -837,6 +849,20 @@ def main() -> None:
             Text.assemble(("error: ", "bold red"), str(e)), highlight=False, soft_wrap=True
         )
         sys.exit(exit_code(e))
+    except ModuleNotFoundError as e:  # an optional extra this command needs is not installed
+        extra = _EXTRAS.get((e.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        console.print(
+            Text.assemble(
+                ("error: ", "bold red"),
+                f"this command needs {e.name}, which is not installed: it comes with the "
+                f"`{extra}` extra. Run: pip install 'quantgate[{extra}]'",
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(2)
     except typer.Abort:
         console.print("aborted")
         sys.exit(130)

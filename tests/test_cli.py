@@ -102,3 +102,17 @@ def test_an_unknown_preset_is_refused_before_training_starts(cli, tmp_path):
     r = cli("train", "--preset", "huge", "--out", tmp_path / "c")
     assert r.code == 2 and "unknown preset 'huge'; choose one of ['base', 'small']" in r.stderr
     assert "training" not in r.stderr and not (tmp_path / "c").exists()  # no bar drawn
+
+
+def test_a_missing_optional_extra_names_the_extra_to_install(cli, monkeypatch, tmp_path):
+    """A serving host installs `cpu` alone: `quantgate train` there says what to install."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "torch" or m.startswith("torch.")]:
+        monkeypatch.delitem(sys.modules, name)
+    for name in [m for m in sys.modules if m.startswith("quantgate.model")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch: ModuleNotFoundError
+    r = cli("train", "--out", tmp_path / "c")
+    assert r.code == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "needs torch" in r.stderr and "pip install 'quantgate[export]'" in r.stderr
