@@ -37,6 +37,23 @@ def cli(monkeypatch, capsys):
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The built-in classifier at test size (d_model 32, 2 layers), trained for one epoch
+    (a few seconds)."""
+    from quantgate.model.data import N_CLASSES, SEQ_LEN, VOCAB_SIZE
+    from quantgate.model.train import TrainConfig, train
+    from quantgate.model.transformer import ModelConfig
+
+    tiny = ModelConfig(
+        vocab_size=VOCAB_SIZE, max_seq_len=SEQ_LEN, d_model=32, n_heads=4, n_layers=2,
+        d_ff=64, dropout=0.0, n_classes=N_CLASSES,
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("ckpt") / "digits-tiny"
+    train(out, model_cfg=tiny, cfg=TrainConfig(epochs=1, batch_size=256))  # 5 steps
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_bert():
     """``tiny_bert(out, model_class, config_class=BertConfig, **config)``: a random 2-layer
     BERT (hidden 32), or another encoder of that shape, with MiniLM's real tokenizer, saved

@@ -139,28 +139,13 @@ def test_files_in_folders_are_on_disk_before_the_rename(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def digits_result(tmp_path_factory):
-    """A validated export of a tiny built-in classifier (one epoch, a few seconds)."""
+def digits_result(tmp_path_factory, tiny_checkpoint):
+    """A validated export of the tiny built-in classifier (a few seconds)."""
     pytest.importorskip("torch")
     from quantgate.export import ExportConfig, export_fp32
-    from quantgate.model.data import N_CLASSES, SEQ_LEN, VOCAB_SIZE
-    from quantgate.model.train import TrainConfig, train
-    from quantgate.model.transformer import ModelConfig
 
-    tiny = ModelConfig(
-        vocab_size=VOCAB_SIZE,
-        max_seq_len=SEQ_LEN,
-        d_model=32,
-        n_heads=4,
-        n_layers=2,
-        d_ff=64,
-        dropout=0.0,
-        n_classes=N_CLASSES,
-    )
-    ckpt = tmp_path_factory.mktemp("ckpt") / "digits-tiny"
-    train(ckpt, model_cfg=tiny, cfg=TrainConfig(epochs=1, batch_size=256))
     work = tmp_path_factory.mktemp("work")
-    return export_fp32(ckpt, work, cfg=ExportConfig(optimize=False))
+    return export_fp32(tiny_checkpoint, work, cfg=ExportConfig(optimize=False))
 
 
 def test_the_manifest_vouches_for_the_tokenizer_and_every_other_file(digits_result, tmp_path):

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny real checkpoint, the user-module directory, and the CLI runner."""
+"""Shared fixtures: the user-module directory, and the CLI runner (the tiny checkpoint is
+tests/conftest.py's)."""
 
 from __future__ import annotations
 
@@ -7,29 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from quantgate.model.data import N_CLASSES, SEQ_LEN, VOCAB_SIZE
-from quantgate.model.train import TrainConfig, train
-from quantgate.model.transformer import ModelConfig
-
 HERE = Path(__file__).resolve().parent
-TINY = ModelConfig(
-    vocab_size=VOCAB_SIZE,
-    max_seq_len=SEQ_LEN,
-    d_model=32,
-    n_heads=4,
-    n_layers=2,
-    d_ff=64,
-    dropout=0.0,
-    n_classes=N_CLASSES,
-)
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """The built-in classifier at test size, trained for one epoch (a few seconds)."""
-    out = tmp_path_factory.mktemp("ckpt") / "digits-tiny"
-    train(out, model_cfg=TINY, cfg=TrainConfig(epochs=1, batch_size=256))  # 5 steps
-    return out
 
 
 @pytest.fixture(autouse=True)

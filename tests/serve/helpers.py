@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,17 @@ def until(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out after {timeout} s waiting"
         time.sleep(0.001)
+
+
+def spawn(fn, *args, thread_name: str | None = None, **kwargs) -> Future:
+    """``fn`` on a daemon thread: a thread stranded by a bug cannot hang the test run."""
+    future: Future = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed to the test through the future
+            future.set_exception(e)
+
+    threading.Thread(target=target, name=thread_name, daemon=True).start()
+    return future

@@ -8,30 +8,15 @@ its client goes). That thread must return at once, not when the head's queue del
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future
 
 import numpy as np
 import pytest
-from helpers import Reference, batch, batcher, until
+from helpers import Reference, batch, batcher, spawn, until
 
 from quantgate.errors import Cancelled, DeadlineExceeded
 from quantgate.serve.batcher import Caller
 
 DELAY_US = 600_000_000  # the head waits this long for company: far beyond any result(10)
-
-
-def _spawn(name: str, fn, *args, **kwargs) -> Future:
-    """``fn`` on a daemon thread called ``name``."""
-    future: Future = Future()
-
-    def target() -> None:
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as e:  # noqa: BLE001 - handed to the test through the future
-            future.set_exception(e)
-
-    threading.Thread(target=target, name=name, daemon=True).start()
-    return future
 
 
 @pytest.mark.parametrize("how", ["answered", "cancelled"])
@@ -77,12 +62,12 @@ def test_a_runner_gathering_returns_once_another_runner_ends_its_request(repo, c
 
     caller = Caller()
     try:
-        r = _spawn("r", b.infer, r_feeds, 1, caller=caller)
+        r = spawn(b.infer, r_feeds, 1, caller=caller, thread_name="r")
         until(lambda: b.depth == 1 and b._running == 1)
-        w = _spawn("w", b.infer, w_feeds, 1)
+        w = spawn(b.infer, w_feeds, 1, thread_name="w")
         until(lambda: b.depth == 2 and b._running == 2)
         slow.set()
-        z = _spawn("z", b.infer, z_feeds, 1)
+        z = spawn(b.infer, z_feeds, 1, thread_name="z")
         assert taken.wait(10), "w's thread did not take r and z"
         assert regathering.wait(10), "r's thread did not go back to gathering"
         assert not r.done()
@@ -112,7 +97,7 @@ def test_a_runner_gathering_answers_its_own_deadline_when_it_passes(classifier):
     not when the queue delay ends."""
     b = batcher(classifier, max_queue_delay_us=DELAY_US)
     rng = np.random.default_rng(31)
-    late = _spawn("late", b.infer, batch(rng, 1, 4), 1, timeout=0.05)
+    late = spawn(b.infer, batch(rng, 1, 4), 1, timeout=0.05, thread_name="late")
     with pytest.raises(DeadlineExceeded, match="deadline passed while queued"):
         late.result(10)  # not after 600 s
     assert b.depth == 0 and b._running == 0

@@ -10,30 +10,16 @@ from __future__ import annotations
 import random
 import threading
 import time
-from concurrent.futures import Future, wait
+from concurrent.futures import wait
 
 import numpy as np
 import pytest
-from helpers import Reference, batch, batcher, hold_first_run, until
+from helpers import Reference, batch, batcher, hold_first_run, spawn, until
 
 from quantgate.errors import BadRequest, Cancelled, DeadlineExceeded, InferenceFailed, Unavailable
 from quantgate.serve.batcher import Caller
 
 HANG_S = 30.0  # no call may take this long: longer means a stranded thread
-
-
-def _spawn(fn, *args, **kwargs) -> Future:
-    """``fn`` on a daemon thread: a thread stranded by a bug cannot hang the test run."""
-    future: Future = Future()
-
-    def target() -> None:
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as e:  # noqa: BLE001 - handed to the test through the future
-            future.set_exception(e)
-
-    threading.Thread(target=target, daemon=True).start()
-    return future
 
 
 # -- the random runs ------------------------------------------------------------------
@@ -157,7 +143,7 @@ def _hammer(repo, classifier, instances, delay_us, *, seed, close_after=None):
             time.sleep(request["pause"])
         return outcomes
 
-    futures = [_spawn(client, plan) for plan in plans]
+    futures = [spawn(client, plan) for plan in plans]
     start.wait()
     for caller, at in zip(streams, stream_cancel_at, strict=True):
         timer = threading.Timer(at, caller.cancel)
@@ -232,7 +218,7 @@ def test_a_caller_gone_before_its_request_is_queued_takes_no_slot(classifier):
     to it, and its thread back to itself, forever."""
     b = batcher(classifier)
     rng = np.random.default_rng(10)
-    gone = _spawn(b.infer, batch(rng, 1, 4), 1, caller=_CancelledWhileQueueing())
+    gone = spawn(b.infer, batch(rng, 1, 4), 1, caller=_CancelledWhileQueueing())
     with pytest.raises(Cancelled):
         gone.result(10)
     assert b.depth == 0 and b._running == 0
@@ -246,13 +232,13 @@ def test_a_caller_gone_before_its_request_is_queued_behind_a_batch_strands_nobod
     b = batcher(classifier)
     rng = np.random.default_rng(11)
     started, release = hold_first_run(classifier)
-    busy = _spawn(b.infer, batch(rng, 1, 4), 1)
+    busy = spawn(b.infer, batch(rng, 1, 4), 1)
     assert started.wait(10)
     with pytest.raises(Cancelled):
         b.infer(batch(rng, 1, 4), 1, caller=_CancelledWhileQueueing())
     release.set()
     assert busy.result(10)[0]["logits"].shape == (1, 5)
-    after = _spawn(b.infer, batch(rng, 1, 4), 1)
+    after = spawn(b.infer, batch(rng, 1, 4), 1)
     assert after.result(10)[0]["logits"].shape == (1, 5)
     assert b.close(timeout=5) and b.depth == 0 and b._running == 0
 
@@ -271,9 +257,9 @@ def test_a_bug_when_a_failed_batch_is_rerun_alone_answers_every_request(classifi
 
     classifier.run = batches_fail
     started, release = hold_first_run(classifier)
-    first = _spawn(b.infer, batch(rng, 1, 4), 1)
+    first = spawn(b.infer, batch(rng, 1, 4), 1)
     assert started.wait(10)
-    rest = [_spawn(b.infer, batch(rng, 1, 4), 1) for _ in range(2)]
+    rest = [spawn(b.infer, batch(rng, 1, 4), 1) for _ in range(2)]
     until(lambda: b.depth == 2)
     release.set()
     for future in [first, *rest]:
@@ -285,7 +271,7 @@ def test_a_bug_when_a_failed_batch_is_rerun_alone_answers_every_request(classifi
 def test_a_request_larger_than_the_batch_size_runs_alone(classifier):
     b = batcher(classifier, max_batch_size=2)
     rng = np.random.default_rng(13)
-    big = _spawn(b.infer, batch(rng, 3, 4), 3)
+    big = spawn(b.infer, batch(rng, 3, 4), 3)
     assert big.result(10)[0]["logits"].shape == (3, 5)
     assert b.close(timeout=5)
 
@@ -296,9 +282,9 @@ def test_a_runner_whose_request_is_cancelled_while_it_gathers_passes_the_slot_on
     b = batcher(classifier, max_queue_delay_us=300_000)
     rng = np.random.default_rng(14)
     caller = Caller()
-    leader = _spawn(b.infer, batch(rng, 1, 4), 1, caller=caller)
+    leader = spawn(b.infer, batch(rng, 1, 4), 1, caller=caller)
     until(lambda: b.depth == 1)
-    follower = _spawn(b.infer, batch(rng, 1, 40), 1)  # another bucket: not gathered
+    follower = spawn(b.infer, batch(rng, 1, 40), 1)  # another bucket: not gathered
     until(lambda: b.depth == 2)
     caller.cancel()
     with pytest.raises(Cancelled):
@@ -320,9 +306,9 @@ def test_a_request_cancelled_as_it_is_handed_the_slot_returns(classifier):
         hand_over()
         caller.cancel()
 
-    busy = _spawn(b.infer, batch(rng, 1, 4), 1)
+    busy = spawn(b.infer, batch(rng, 1, 4), 1)
     assert started.wait(10)
-    heir = _spawn(b.infer, batch(rng, 1, 4), 1, caller=caller)
+    heir = spawn(b.infer, batch(rng, 1, 4), 1, caller=caller)
     until(lambda: b.depth == 1)
     b._hand_over = hand_over_then_cancel
     release.set()
@@ -353,15 +339,15 @@ def test_a_slot_is_not_handed_to_a_runner_that_already_holds_one(classifier):
 
     classifier.run = gated
     try:
-        first = _spawn(b.infer, batch(rng, 2, 4), 2)  # a full batch: runs, held at its gate
+        first = spawn(b.infer, batch(rng, 2, 4), 2)  # a full batch: runs, held at its gate
         until(lambda: b.depth == 0 and b._running == 1)
-        gathering = _spawn(b.infer, batch(rng, 1, 5), 1)  # the second slot: gathers
+        gathering = spawn(b.infer, batch(rng, 1, 5), 1)  # the second slot: gathers
         until(lambda: b.depth == 1 and b._running == 2)
-        other = _spawn(b.infer, batch(rng, 2, 40), 2)  # another bucket, full: queued
+        other = spawn(b.infer, batch(rng, 2, 40), 2)  # another bucket, full: queued
         until(lambda: b.depth == 2)
         gates[4].set()
         assert first.result(10)[0]["logits"].shape == (2, 5)
-        company = _spawn(b.infer, batch(rng, 1, 5), 1)  # fills the gathered batch: it runs
+        company = spawn(b.infer, batch(rng, 1, 5), 1)  # fills the gathered batch: it runs
         # ... held at its gate, on one slot; the other batch runs on the other
         assert other_ran.wait(5)
         assert not gathering.done() and not company.done()
