@@ -310,7 +310,7 @@ def headline(bundle: Path, provider: str, sizes) -> dict:
     feed = bundle_feed(bundle, b, s)
     runners = {}
     for precision in ("fp32", "fp16"):
-        sess = session(variant_file(bundle, precision), provider, spin=False)
+        sess = session(variant_file(bundle, precision), provider, spin=False, precision=precision)
         runners[f"ORT {precision.upper()}"] = device_io(sess, feed, ort_dev, b, s)
     x = {k: torch.from_numpy(v).to(dev) for k, v in feed.items()}
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
@@ -343,6 +343,7 @@ def cuda_graph(bundle: Path, sizes) -> dict:
     IO (nothing copied between host and device per run), timed interleaved."""
     import onnxruntime as ort
 
+    from quantgate import workarounds
     from quantgate.quantize.gates import time_interleaved
 
     b, s = sizes["batch"], sizes["seq"]
@@ -351,6 +352,7 @@ def cuda_graph(bundle: Path, sizes) -> dict:
     for name, graph in (("no_graph", "0"), ("cuda_graph", "1")):
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        workarounds.apply(so, "fp16")
         providers = [(CUDA, {"enable_cuda_graph": graph}), CPU]
         sess = ort.InferenceSession(str(variant_file(bundle, "fp16")), so, providers=providers)
         runners[name] = device_io(sess, feed, "cuda", b, s)

@@ -225,7 +225,9 @@ def validate(
     what = f"{onnx_path.name} against PyTorch"
     try:
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # ORT's shape-mismatch chatter would duplicate our checks
+        # Errors too (3): a graph that fails a run here is reported by the ValidationError,
+        # and ORT's own "[E:onnxruntime ...]" line would only repeat it, out of place.
+        opts.log_severity_level = 4
         sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         raise ValidationError(
@@ -247,12 +249,13 @@ def validate(
     if failures:
         raise ValidationError(f"{what}: names differ", failures)
 
-    results = []
+    results, not_run = [], []
     for case, ref in zip(cases, refs, strict=True):
         try:
             got = sess.run(list(outputs), case.feeds)
         except Exception as e:  # noqa: BLE001
             failures.append(f"{case.describe()}: ONNX Runtime failed: {type(e).__name__}: {e}")
+            not_run.append(case.name)
             continue
         diffs, used = {}, {}
         for name, g, r in zip(outputs, got, ref, strict=True):
@@ -264,6 +267,15 @@ def validate(
             failures.extend(_compare(case, name, g, r, atol, rtol, diffs, used))
         results.append(
             CaseResult(case.name, case.batch, case.sequence, case.padded_rows, diffs, used)
+        )
+    if not_run:
+        # Not a tolerance question: the graph cannot take these shapes at all (a size traced
+        # as a constant, typically). Said first: it is what a user must fix.
+        raise ValidationError(
+            f"{what}: ONNX Runtime cannot run it at {len(not_run)} of {len(cases)} shapes "
+            f"({', '.join(not_run)}): the graph does not take those shapes, usually a size "
+            "that was traced as a constant.",
+            failures,
         )
     if failures:
         raise ValidationError(

@@ -337,6 +337,9 @@ def _print_export(bundle) -> None:
     e = bundle.manifest.export
     val = e["validation"]
     out.print(f"bundle {bundle.path} ({e['exporter']} exporter, opset {bundle.manifest.opset})")
+    for attempt in e.get("attempts", ()):
+        exporter, _, why = attempt.partition(": ")
+        out.print(f"  the {exporter} exporter was passed over: {why}", highlight=False)
     for output, diff in val["max_abs_diff"].items():
         out.print(f"  {output}: max abs diff {diff:.2e} over {len(val['cases'])} shapes")
     fused = ", ".join(f"{k} {v}" for k, v in e["fusions"].items()) or "none"
@@ -495,6 +498,8 @@ def inspect(
         out.print(
             f"export: {e.get('exporter')} exporter, opset {m.opset}, max sequence {m.max_seq_len}"
         )
+        for attempt in e.get("attempts", ()):
+            out.print(f"passed over: {attempt}", highlight=False, soft_wrap=True)
         out.print(f"fusions: {fused}")
         if val:
             out.print(f"validation: max abs diff {diffs} at shapes {shapes} (p: padded rows)")

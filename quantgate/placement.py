@@ -53,6 +53,7 @@ from pathlib import Path
 
 import onnx
 
+from quantgate import workarounds
 from quantgate.bundle import CPU, CUDA, GateResult
 
 TO_HOST, FROM_HOST = "MemcpyToHost", "MemcpyFromHost"
@@ -213,6 +214,7 @@ def check(
     *,
     options=None,
     provider_options: dict | None = None,
+    precision: str = "fp32",
 ) -> PlacementReport:
     """Create an ORT session for ``provider`` and report what fell back to the CPU.
 
@@ -229,6 +231,7 @@ def check(
         so.graph_optimization_level = options.graph_optimization_level
         so.intra_op_num_threads = options.intra_op_num_threads
     so.log_severity_level = 3
+    workarounds.apply(so, precision)
     providers: list = [provider] if provider == CPU else [provider, CPU]
     if provider_options:
         providers[0] = (provider, provider_options)

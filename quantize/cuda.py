@@ -102,7 +102,7 @@ def measure(
     """Time every model in ``files`` (one must be "fp32") at both shapes, interleaved."""
     # Spin-free, as the CPU speed gates: timed in turn, one session's idle CPU threads (INT8's
     # ops that fall back to the CPU) would spin into the next one's run.
-    sessions = {k: session(p, provider, spin=False) for k, p in files.items()}
+    sessions = {k: session(p, provider, spin=False, precision=k) for k, p in files.items()}
     out = []
     for shape in (cfg.throughput, cfg.latency):
         feed = speed_feeds(inputs, *shape, sample=None)
@@ -199,7 +199,7 @@ def gate_variants(
     Returns the gates per variant, the timings behind them and the placement reports.
     """
     files = {"fp32": fp32, **variants}
-    where = {k: placement.check(p, provider) for k, p in files.items()}
+    where = {k: placement.check(p, provider, precision=k) for k, p in files.items()}
     timings = measure(files, inputs, cfg, provider=provider)
     result = {
         k: gates(k, timings, cfg, report=where[k], baseline=where["fp32"], provider=provider)

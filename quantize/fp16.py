@@ -27,6 +27,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +126,44 @@ def save(model: onnx.ModelProto, path: str | Path) -> Path:
     return path
 
 
+def crash(
+    path: str | Path, provider: str = CPU, *, precision: str = "fp16", timeout_s: float = 600
+) -> str | None:
+    """How ONNX Runtime dies opening the model at ``path`` on ``provider``, or None.
+
+    The session is created in a child process, with the options every session of a
+    ``precision`` variant gets (``gates.session``): ORT has segfaulted on the converter's output
+    (``quantgate.workarounds``), and a crash in this process would take the whole export,
+    minutes of it, down with it. Only a death by signal (or a hang) counts: a Python
+    exception in the child is left for the in-process session to raise with its message,
+    and a child that could not even start the check is logged and ignored. Costs about a
+    second.
+    """
+    probe = (
+        "import sys; from quantgate.quantize.gates import session\n"
+        "try: session(sys.argv[1], sys.argv[2], precision=sys.argv[3])\n"
+        "except Exception: pass"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", probe, os.fspath(path), provider, precision],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        return f"ONNX Runtime did not finish creating a session on {provider} in {timeout_s:g} s"
+    if done.returncode < 0:
+        what = signal.Signals(-done.returncode).name
+        return f"ONNX Runtime crashed ({what}) creating a session on {provider}"
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        log.warning("could not check the model in a child process (%s); going on", last)
+    return None
+
+
 def fidelity(
     reference: onnx.ModelProto | str | Path,
     candidate: onnx.ModelProto | str | Path,
@@ -132,15 +174,17 @@ def fidelity(
     outputs: Sequence[str] | None = None,
     mask: str | None = "attention_mask",
     threads: int = 0,
+    precision: str = "fp16",
 ) -> Fidelity:
     """Run ``reference`` and ``candidate`` on every feed and compare their float outputs.
 
     Rows are batch items, compared as ``Fidelity.measure`` does; ``mask`` names the feed
     (batch, sequence) whose padded positions do not count. The reference runs in FP32 on
-    ``reference_provider`` (CPU by default: the exported, validated numbers).
+    ``reference_provider`` (CPU by default: the exported, validated numbers); ``precision``
+    is the candidate's.
     """
     ref = session(reference, reference_provider, threads=threads)
-    cand = session(candidate, provider, threads=threads)
+    cand = session(candidate, provider, threads=threads, precision=precision)
     names = list(outputs or [o.name for o in ref.get_outputs()])
 
     def runs():
@@ -152,4 +196,4 @@ def fidelity(
     return Fidelity.measure(runs(), names, provider=provider)
 
 
-__all__ = ["Fidelity", "Fp16Config", "fidelity", "save", "to_fp16"]
+__all__ = ["Fidelity", "Fp16Config", "crash", "fidelity", "save", "to_fp16"]

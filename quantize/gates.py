@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from quantgate import workarounds
 from quantgate.bundle import CPU, GateResult, TensorSpec, speed_gate_name
 from quantgate.errors import ConfigError, DataError, QuantizeError
 from quantgate.progress import ProgressFn, no_progress
@@ -189,9 +190,17 @@ def _wrong_types(data: dict[str, Any], defaults: dict[str, Any]) -> list[tuple[s
 # -- running models ------------------------------------------------------------------------
 
 
-def session(model: Any, provider: str = CPU, *, threads: int = 0, spin: bool = True):
+def session(
+    model: Any,
+    provider: str = CPU,
+    *,
+    threads: int = 0,
+    spin: bool = True,
+    precision: str = "fp32",
+):
     """An ONNX Runtime session for ``model`` (a path or an ``onnx.ModelProto``) on
-    ``provider``, with the CPU provider behind any other."""
+    ``provider``, with the CPU provider behind any other; ``precision`` is the variant's
+    (``quantgate.workarounds``)."""
     import onnxruntime as ort
 
     if provider not in ort.get_available_providers():
@@ -206,6 +215,7 @@ def session(model: Any, provider: str = CPU, *, threads: int = 0, spin: bool = T
         # Two sessions timed in turn: an idle one's spinning threads would steal the cores
         # from the one being timed, whichever came second.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    workarounds.apply(options, precision)
     providers = [provider] if provider == CPU else [provider, CPU]
     data = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
     return ort.InferenceSession(data, options, providers=providers)

@@ -32,7 +32,7 @@ from quantgate.bundle import (
     staging,
     write_manifest,
 )
-from quantgate.errors import DataError, GateFailed
+from quantgate.errors import DataError, GateFailed, QuantizeError
 from quantgate.export.config import ExportConfig
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize import report as reports
@@ -178,9 +178,10 @@ def _variants(
     variants, sections = [int8], []
     if quant_cfg.fp16:
         emit("fp16", 0, 1, "converting")
-        variants.append(_fp16_variant(result.onnx, evaluation, work, quant_cfg))
-        sections.append(reports.fp16_section(variants[-1].gates))
-        emit("fp16", 1, 1, "gated")
+        f16, section = _fp16_variant(result.onnx, evaluation, work, quant_cfg)
+        variants += [f16] if f16 is not None else []
+        sections.append(section)
+        emit("fp16", 1, 1, "gated" if f16 is not None else "left out")
     if quant_cfg.cuda_gates:
         variants, on_cuda = _gate_on_cuda(
             result, variants, evaluation, quant_cfg, emit, int8_min_cosine=gate_cfg.min_cosine
@@ -225,15 +226,26 @@ def _require_data(model_spec, calibration, evaluation) -> None:
 
 
 def _fp16_variant(fp32: Path, evaluation, work: Path, cfg: QuantConfig):
-    """FP16 for the CUDA execution provider: FP32 inputs and outputs, gated on fidelity
-    against FP32 over the evaluation rows on the CPU provider (``_gate_on_cuda`` measures
-    it again on CUDA where a GPU is present)."""
+    """FP16 for the CUDA execution provider, and its report section: FP32 inputs and outputs,
+    gated on fidelity against FP32 over the evaluation rows on the CPU provider
+    (``_gate_on_cuda`` measures it again on CUDA where a GPU is present).
+
+    An FP16 model that cannot be built, or that crashes ONNX Runtime, is left out (None):
+    it is an extra for CUDA, and the FP32 and INT8 variants measured before it are not lost
+    for it. The warning and the report say why; CUDA then serves FP32.
+    """
     from quantgate.export import ExtraVariant
     from quantgate.quantize import fp16
 
-    f16 = fp16.save(fp16.to_fp16(fp32), work / "model.fp16.onnx")
+    try:
+        f16 = fp16.save(fp16.to_fp16(fp32), work / "model.fp16.onnx")
+    except QuantizeError as e:
+        return None, _fp16_left_out(str(e))
+    crashed = fp16.crash(f16)
+    if crashed is not None:
+        return None, _fp16_left_out(f"{crashed}; no quantgate.workarounds entry covers this graph")
     fidelity = fp16.fidelity(fp32, f16, evaluation())
-    return ExtraVariant(
+    variant = ExtraVariant(
         path=f16,
         precision="fp16",
         gates=fidelity.gates(min_cosine=cfg.fp16_min_cosine),
@@ -241,6 +253,18 @@ def _fp16_variant(fp32: Path, evaluation, work: Path, cfg: QuantConfig):
         recipe={"kind": "fp16", "keep_io_types": True},
         notes="for CUDA; accuracy gated on the CPU provider, speed on CUDA where a GPU is present",
     )
+    return variant, reports.fp16_section(variant.gates)
+
+
+def _fp16_left_out(why: str) -> str:
+    """Warn that the bundle ships without FP16; its report section."""
+    why = why.rstrip(". ")
+    log.warning(
+        "the FP16 variant is left out of the bundle: %s. CUDA will serve FP32; "
+        "pass --no-fp16 to skip FP16 and this warning.",
+        why,
+    )
+    return reports.fp16_left_out(why)
 
 
 def _gate_on_cuda(
@@ -281,7 +305,7 @@ def _gate_on_cuda(
     for k, file in files.items():
         if k != "fp16" and not all(g.passed for g in gates[k]):
             continue  # not for CUDA anyway: its accuracy there does not matter
-        fidelity = fp16.fidelity(result.onnx, file, evaluation(), provider=provider)
+        fidelity = fp16.fidelity(result.onnx, file, evaluation(), provider=provider, precision=k)
         gates[k] = (*fidelity.gates(min_cosine=min_cosine[k]), *gates[k])
     out = [cuda.apply_gates(v, gates[v.precision]) for v in variants]
     emit("cuda", 1, 1, "gated")

@@ -52,6 +52,18 @@ def fp16_section(gates: Sequence[GateResult]) -> str:
     )
 
 
+def fp16_left_out(why: str) -> str:
+    """The FP16 section of a bundle shipped without FP16, and why."""
+    return "\n".join(
+        [
+            "## FP16 (for the CUDA execution provider)",
+            "",
+            f"Left out: {why}. The bundle has no FP16 variant, so CUDA serves FP32; "
+            "the other variants are measured and gated as usual.",
+        ]
+    )
+
+
 def cuda_section(gates: dict, timings: Sequence, where: dict, cfg) -> str:
     """Every variant timed on the CUDA provider (``cfg``, a cuda.CudaGateConfig): what
     decided where each one runs."""

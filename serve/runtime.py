@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from quantgate import bundle as qb
-from quantgate import placement
+from quantgate import placement, workarounds
 from quantgate.bundle import CPU, CUDA
 from quantgate.errors import BadRequest, BundleError, InferenceFailed, ServeError
 from quantgate.serve.config import ServeConfig
@@ -359,7 +359,7 @@ def open_model(
     variant = choose_variant(
         manifest, provider, precision=cfg.precision, allow_failed=cfg.allow_failed_gates
     )
-    session, report = _session(bundle.path / variant.file, cfg, provider)
+    session, report = _session(bundle.path / variant.file, cfg, provider, variant.precision)
     got = session.get_providers()[0]
     if got != provider:
         # onnxruntime-gpu lists CUDA even where its libraries (CUDA, cuDNN) or a GPU are
@@ -436,7 +436,7 @@ def _placement_checked(
         return variant, session, report
     if why is not None:
         fp32 = bundle.manifest.variant("fp32")
-        fp32_session, fp32_report = _session(bundle.path / fp32.file, cfg, provider)
+        fp32_session, fp32_report = _session(bundle.path / fp32.file, cfg, provider, "fp32")
         why = placement_refusal(variant, provider, report, fp32_report)
         if why is not None:
             log.warning(
@@ -455,12 +455,13 @@ def _placement_checked(
 
 
 def _session(
-    file: Path, cfg: ServeConfig, provider: str
+    file: Path, cfg: ServeConfig, provider: str, precision: str
 ) -> tuple[ort.InferenceSession, placement.PlacementReport | None]:
     """The session, and on CUDA where ORT placed the nodes (``quantgate.placement``)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = cfg.intra_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    workarounds.apply(options, precision)
     providers = provider_options(cfg, provider)
     if provider == CPU:
         try:

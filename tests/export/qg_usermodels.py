@@ -157,3 +157,28 @@ def dict_outputs() -> nn.Module:
             return {"logits": logits, "probs": logits.softmax(-1)}
 
     return Named({"input_ids": _ids()})
+
+
+class TorchEncoder(nn.Module):
+    """PyTorch's own nn.TransformerEncoder. The legacy (tracing) exporter bakes the example's
+    sizes into its attention's Reshapes (the graph runs at the example's shape only); the
+    dynamo exporter keeps them symbolic. Its FP16 graph is the one that crashed ONNX Runtime
+    (quantgate.workarounds)."""
+
+    output_names = ("logits",)
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        layer = nn.TransformerEncoderLayer(D, HEADS, 2 * D, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(D, TAGS)
+        self.example_inputs = {"input_ids": _ids(4, 12)}
+
+    def forward(self, input_ids):
+        return self.head(self.enc(self.emb(input_ids)).mean(1))
+
+
+def torch_encoder() -> nn.Module:
+    torch.manual_seed(0)
+    return TorchEncoder().eval()

@@ -178,6 +178,35 @@ def test_forward_that_fails_during_export_exits_2(cli, tmp_path, private_tmp):
     no_leftovers(private_tmp)
 
 
+def test_torch_transformer_encoder_falls_back_to_dynamo_and_gets_its_fp16(tmp_path):
+    """nn.TransformerEncoder end to end, in a child process: the legacy graph is passed over
+    (said on the console, not as ONNX Runtime's raw error line), and the FP16 variant of the
+    dynamo graph, which used to segfault ONNX Runtime and the export with it, is gated."""
+    rng = np.random.default_rng(0)
+    for name in ("cal", "ev"):
+        np.savez(tmp_path / f"{name}.npz", input_ids=rng.integers(1, 40, (48, 12)))
+    gates = tmp_path / "gates.toml"
+    gates.write_text("iterations = 3\nwarmup = 1\nbatch_sizes = [1, 4]\nbootstrap = 200\n")
+    out = tmp_path / "b"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    r = subprocess.run(
+        [sys.executable, "-m", "quantgate", "export", "qg_usermodels:torch_encoder",
+         "--out", out, "--calibration", tmp_path / "cal.npz", "--eval", tmp_path / "ev.npz",
+         "--min-speedup", "0.01", "--search-budget", "1", "--gate-config", gates],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = " ".join(r.stdout.split())
+    assert "(dynamo exporter, opset" in said
+    assert "the legacy exporter was passed over: legacy-export.onnx against PyTorch: ONNX " \
+        "Runtime cannot run it at" in said  # fmt: skip
+    assert "[E:onnxruntime" not in r.stderr
+    m = qb.load(out).manifest
+    assert m.export["attempts"][0].startswith("legacy: ")
+    f16 = m.variant("fp16")
+    assert f16.passed and f16.gates[0].name == "cosine:logits" and f16.gates[0].value > 0.999
+
+
 def test_output_mismatch_exits_3_and_keeps_the_previous_bundle(cli, digits_bundle, tmp_path):
     out = tmp_path / "b"
     shutil.copytree(digits_bundle.path, out)

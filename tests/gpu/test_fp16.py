@@ -66,3 +66,65 @@ def test_an_fp16_model_is_refused(tiny_bert_export):
     model = fp16.to_fp16(tiny_bert_export.onnx)
     with pytest.raises(QuantizeError, match="already holds FP16"):
         fp16.to_fp16(model)
+
+
+def transpose_matmul_fp16(path):
+    """The smallest graph that crashed ORT 1.32 (quantgate.workarounds): an FP16 Transpose
+    feeding a MatMul whose weight is an FP16 initializer, as in a dynamo-exported
+    nn.TransformerEncoder converted to FP16."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).normal(0, 0.1, (32, 96)).astype(np.float16)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
+            helper.make_node("MatMul", ["t", "w"], ["y"]),
+        ],
+        "transpose_matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["b", "s", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["s", "b", 96])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return w
+
+
+def test_an_fp16_graph_that_crashed_onnxruntime_opens_and_runs(tmp_path):
+    from quantgate.quantize.gates import session
+
+    path = tmp_path / "transpose_matmul.onnx"
+    w = transpose_matmul_fp16(path)
+    assert fp16.crash(path) is None  # in a child process: a regression fails, not kills, pytest
+    x = np.random.default_rng(1).normal(0, 1, (2, 3, 32)).astype(np.float16)
+    (y,) = session(path, precision="fp16").run(None, {"x": x})
+    expected = x.transpose(1, 0, 2).astype(np.float32) @ w.astype(np.float32)
+    np.testing.assert_allclose(y.astype(np.float32), expected, atol=2e-2, rtol=2e-2)
+
+    # Without the workaround (the options of an FP32 session) this ORT dies; the check sees it.
+    unprotected = fp16.crash(path, precision="fp32")
+    if unprotected is None:
+        pytest.skip(
+            f"onnxruntime {ort.__version__} no longer crashes here: the workaround "
+            "in quantgate.workarounds may be dropped"
+        )
+    assert "ONNX Runtime crashed (SIGSEGV) creating a session on CPUExecutionProvider" in (
+        unprotected
+    )
+
+
+def test_an_fp16_variant_that_cannot_be_built_is_left_out_not_fatal(
+    tiny_bert_export, feeds, tmp_path, caplog
+):
+    from quantgate.quantize import pipeline
+
+    # An FP16 "export": to_fp16 refuses it, as it would any model its converter fails on.
+    already = fp16.save(fp16.to_fp16(tiny_bert_export.onnx), tmp_path / "already.onnx")
+    variant, section = pipeline._fp16_variant(
+        already, lambda: iter(feeds), tmp_path, pipeline.QuantConfig()
+    )
+    assert variant is None and not (tmp_path / "model.fp16.onnx").exists()
+    assert section.startswith("## FP16")
+    assert "Left out: the model already holds FP16 initializers" in section
+    assert "CUDA serves FP32" in section
+    assert "the FP16 variant is left out of the bundle" in caplog.text
+    assert "--no-fp16" in caplog.text

@@ -145,7 +145,7 @@ def test_the_server_opens_fp32_instead_of_a_variant_that_falls_back(gpu_bundle, 
     it on a GPU where FP16 (accuracy-gated, no CUDA speed gate) fell back."""
     fp16_v = gpu_bundle.manifest.variant("fp16")
     cfg = ServeConfig(path=gpu_bundle.path, device="cuda")
-    session, report = runtime._session(gpu_bundle.path / fp16_v.file, cfg, CUDA)
+    session, report = runtime._session(gpu_bundle.path / fp16_v.file, cfg, CUDA, "fp16")
     assert report.falls_back and report.method == "ep-assignment"
     with caplog.at_level(logging.WARNING, logger="quantgate.serve.runtime"):
         variant, served, served_report = runtime._placement_checked(
