@@ -443,7 +443,9 @@ def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfi
     if raw_x is not None:
         raw_y = cand.stacked(output)
     err = f", max abs {np.abs(raw_x - raw_y).max():.3g}" if raw_x is not None else ""
-    detail = f"{output} vs FP32 on {len(x)} unlabelled rows{err}"
+    # Labels, if the rows have any, score nothing here: an embedding is judged against FP32.
+    rows = "unlabelled rows" if ref.labels is None else "rows (labels unused)"
+    detail = f"{output} vs FP32 on {len(x)} {rows}{err}"
     return [
         GateResult("cosine", float(cos.mean()), cfg.min_cosine, ">=",
                    bool(cos.mean() >= cfg.min_cosine and np.isfinite(cos).all()),

@@ -157,9 +157,18 @@ class Batcher:
     def close(self, timeout: float | None = None) -> bool:
         """Admit nothing more; wait until every admitted request has been answered
         (False if ``timeout`` seconds passed first)."""
+        self.stop()
+        return self.drained(timeout)
+
+    def stop(self) -> None:
+        """Admit nothing more, and run what is queued without waiting for company."""
         with self._cv:
             self._closing = True
             self._cv.notify_all()  # a runner gathering company runs what it has
+
+    def drained(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is queued or running (False if ``timeout`` passed first)."""
+        with self._cv:
             return self._cv.wait_for(lambda: not self._queue and not self._running, timeout)
 
     def infer(
@@ -366,7 +375,9 @@ class Batcher:
             else:  # one bad request must not fail its neighbours: run each alone
                 log.info("batch of %d failed (%s); running its requests one by one", len(group), e)
                 _bare(e)  # each request's error below has it as its context
-                results = [self._run_alone(p) for p in group]
+                # Not those already answered: a client that went away meanwhile (its
+                # Cancelled stands; _finish keeps the first answer).
+                results = [None if p.done else self._run_alone(p) for p in group]
         except Exception as e:  # a bug: answer every waiting thread, never strand one
             log.exception("batch of %d failed", len(group))
             why = f"internal error: {type(e).__name__}: {e}"

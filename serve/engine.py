@@ -77,11 +77,13 @@ class Engine:
         """Stop admitting; wait until every admitted request is answered (False if
         ``timeout`` seconds passed first)."""
         self.ready = False
+        for b in self._batchers.values():  # every model stops waiting for company at once
+            b.stop()
         deadline = None if timeout is None else time.monotonic() + timeout
         drained = True
         for b in self._batchers.values():
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            drained = b.close(left) and drained
+            drained = b.drained(left) and drained
         return drained
 
     def model(self, name: str, version: str = "") -> Model:

@@ -6,6 +6,7 @@ a batch ran. Batches run on the request threads, so the statistics take a lock.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import defaultdict
@@ -14,7 +15,6 @@ from dataclasses import dataclass, field
 import prometheus_client as prom
 
 from quantgate.errors import ServeError
-from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.serve.batcher import Timing
 
 # Latency buckets in seconds: sub-millisecond overheads up to multi-second batches.
@@ -100,8 +100,8 @@ class _Duration:
         self.count += n
         self.ns += ns
 
-    def proto(self) -> pb.StatisticDuration:
-        return pb.StatisticDuration(count=self.count, ns=self.ns)
+
+DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 
 
 @dataclass
@@ -145,29 +145,9 @@ class ModelStats:
             ):
                 d.add(ns)
 
-    def proto(self) -> pb.ModelStatistics:
+    def snapshot(self) -> ModelStats:
+        """A consistent copy: request threads go on counting into this one."""
         with self._lock:
-            return pb.ModelStatistics(
-                name=self.name,
-                version=self.version,
-                last_inference=self.last_inference_ms,
-                inference_count=self.inference_count,
-                execution_count=self.execution_count,
-                inference_stats=pb.InferStatistics(
-                    success=self.success.proto(),
-                    fail=self.fail.proto(),
-                    queue=self.queue.proto(),
-                    compute_input=self.compute_input.proto(),
-                    compute_infer=self.compute_infer.proto(),
-                    compute_output=self.compute_output.proto(),
-                ),
-                batch_stats=[
-                    pb.InferBatchStatistics(
-                        batch_size=size,
-                        compute_input=d[0].proto(),
-                        compute_infer=d[1].proto(),
-                        compute_output=d[2].proto(),
-                    )
-                    for size, d in sorted(self.batches.items())
-                ],
-            )
+            copied = {name: dataclasses.replace(getattr(self, name)) for name in DURATIONS}
+            batches = {k: [dataclasses.replace(d) for d in v] for k, v in self.batches.items()}
+            return dataclasses.replace(self, **copied, batches=batches, _lock=threading.Lock())

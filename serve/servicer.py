@@ -35,6 +35,7 @@ from quantgate.serve import codec
 from quantgate.serve.batcher import Caller
 from quantgate.serve.engine import Engine
 from quantgate.serve.errors import status_of
+from quantgate.serve.metrics import DURATIONS, ModelStats
 from quantgate.serve.runtime import Model
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         else:
             models = list(self._engine.repository)
         return pb.ModelStatisticsResponse(
-            model_stats=[self._engine.stats[(m.name, m.version)].proto() for m in models]
+            model_stats=[_statistics(self._engine.stats[(m.name, m.version)]) for m in models]
         )
 
     def RepositoryIndex(self, request, context):
@@ -330,3 +331,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             config.dynamic_batching.max_queue_delay_microseconds = cfg.max_queue_delay_us
             config.dynamic_batching.default_queue_policy.max_queue_size = cfg.max_queue_size
         return config
+
+
+def _statistics(stats: ModelStats) -> pb.ModelStatistics:
+    """Triton's ModelStatistics message for one model's counters."""
+    s = stats.snapshot()
+
+    def duration(d) -> pb.StatisticDuration:
+        return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+    return pb.ModelStatistics(
+        name=s.name,
+        version=s.version,
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(**{k: duration(getattr(s, k)) for k in DURATIONS}),
+        batch_stats=[
+            pb.InferBatchStatistics(
+                batch_size=size,
+                compute_input=duration(d[0]),
+                compute_infer=duration(d[1]),
+                compute_output=duration(d[2]),
+            )
+            for size, d in sorted(s.batches.items())
+        ],
+    )

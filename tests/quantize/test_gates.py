@@ -119,6 +119,11 @@ def test_embedding_fidelity_cosine_and_nearest_neighbours():
     assert all(g.passed for g in gates.values())
     assert gates["cosine"].ci is None  # not a confidence interval: the rows are in the detail
     assert "(worst row 1.00000, best 1.00000)" in gates["cosine"].detail
+    assert "on 50 unlabelled rows" in gates["cosine"].detail
+    labelled = Outputs(["sentence_embedding"], ref.batches, [None], np.arange(50) % 3, rows=50)
+    again = accuracy_gates(labelled, near, "feature-extraction", GateConfig())
+    assert [g.value for g in again] == [g.value for g in gates.values()]  # labels change nothing
+    assert "on 50 rows (labels unused)" in again[0].detail
     shuffled = Outputs(
         ["sentence_embedding"], [{"sentence_embedding": x[::-1].copy()}], [None], rows=50
     )

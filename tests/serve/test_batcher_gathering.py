@@ -102,3 +102,40 @@ def test_a_runner_gathering_answers_its_own_deadline_when_it_passes(classifier):
         late.result(10)  # not after 600 s
     assert b.depth == 0 and b._running == 0
     assert b.close(timeout=5)
+
+
+def test_closing_the_engine_flushes_every_model_at_once(repo):
+    """Closing stops every model's gathering together: a request waiting for company on one
+    model is run at once, not after another model's long batch has drained."""
+    from quantgate.serve.config import ServeConfig
+    from quantgate.serve.engine import Engine
+    from quantgate.serve.repository import load_repository
+
+    cfg = ServeConfig(path=repo, max_queue_delay_us=DELAY_US)
+    engine = Engine(load_repository(cfg), cfg)
+    engine.start()
+    engine.ready = True
+    busy, waiting = engine.model("classifier"), engine.model("encoder", "1")
+    rng = np.random.default_rng(40)
+    long_batch, release = threading.Event(), threading.Event()
+    run = busy.run
+
+    def held(feeds, outputs=()):
+        long_batch.set()
+        release.wait(30)
+        return run(feeds, outputs)
+
+    busy.run = held
+    try:
+        # A full batch starts at once; a lone row waits DELAY_US for company.
+        first = spawn(engine.infer, busy, batch(rng, cfg.max_batch_size, 4))
+        assert long_batch.wait(10)
+        lone = spawn(engine.infer, waiting, batch(rng, 1, 4))
+        until(lambda: engine._batchers[("encoder", "1")].depth == 1)
+        closed = spawn(engine.close, 30)
+        outputs, _, rows = lone.result(10)  # answered while the other model still runs
+        assert rows == 1 and not closed.done()
+    finally:
+        release.set()
+    assert first.result(10)[2] == cfg.max_batch_size
+    assert closed.result(10) is True

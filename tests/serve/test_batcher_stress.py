@@ -268,6 +268,51 @@ def test_a_bug_when_a_failed_batch_is_rerun_alone_answers_every_request(classifi
     assert b.close(timeout=5) and b._running == 0
 
 
+def test_a_failed_batch_is_not_rerun_for_a_client_that_went_away(classifier):
+    """A poisoned request fails its batch; while the batch runs, another client goes. The
+    rerun one by one answers the poisoned one and the one still waiting, and spends no run
+    on the client that left (its Cancelled stands)."""
+    b = batcher(classifier)
+    rng = np.random.default_rng(16)
+    run, ran = classifier.run, []
+    in_batch, leave = threading.Event(), threading.Event()
+
+    def recorded(feeds, outputs=()):
+        ran.append(feeds["input_ids"].shape[0])
+        if feeds["input_ids"].shape[0] == 3:  # the batch of three: hold it while one leaves
+            in_batch.set()
+            leave.wait(10)
+        if (feeds["input_ids"][:, 0] == 0).any():
+            raise BadRequest("poisoned request")
+        return run(feeds, outputs)
+
+    classifier.run = recorded
+    started, release = hold_first_run(classifier)
+    first = spawn(b.infer, batch(rng, 1, 4), 1)
+    assert started.wait(10)
+    poisoned = batch(rng, 1, 4)
+    poisoned["input_ids"][0, 0] = 0
+    caller = Caller()
+    bad = spawn(b.infer, poisoned, 1)
+    until(lambda: b.depth == 1)
+    gone = spawn(b.infer, batch(rng, 1, 4), 1, caller=caller)
+    until(lambda: b.depth == 2)
+    stays = spawn(b.infer, batch(rng, 1, 4), 1)
+    until(lambda: b.depth == 3)
+    release.set()
+    assert in_batch.wait(10)
+    caller.cancel()
+    with pytest.raises(Cancelled):
+        gone.result(10)
+    leave.set()
+    with pytest.raises(BadRequest, match="poisoned"):
+        bad.result(10)
+    assert stays.result(10)[0]["logits"].shape == (1, 5)
+    assert first.result(10)[0]["logits"].shape == (1, 5)
+    assert ran == [1, 3, 1, 1]  # first; the batch; then the poisoned and the staying, alone
+    assert b.close(timeout=5) and b._running == 0
+
+
 def test_a_request_larger_than_the_batch_size_runs_alone(classifier):
     b = batcher(classifier, max_batch_size=2)
     rng = np.random.default_rng(13)
