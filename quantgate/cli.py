@@ -225,7 +225,18 @@ def export_command(
         float | None,
         typer.Option(
             help="Seconds for the INT8 recipe search (default 900): no candidate starts "
-            "after it (one already started finishes).",
+            "after it (one already started finishes). How far the search gets then depends "
+            "on the machine's speed and load; for a search that does not, bound it with "
+            "--max-candidates and give it time.",
+            show_default=False,
+        ),
+    ] = None,
+    max_candidates: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Candidates the INT8 search may try (default 12), whatever the time they "
+            "take: a loaded machine tries as many as an idle one.",
             show_default=False,
         ),
     ] = None,
@@ -277,8 +288,8 @@ def export_command(
     if no_quantize:
         _refuse_unused_quantize_flags(
             calibration=calibration, eval=eval_data, samples=samples,
-            search_budget=search_budget, fp16=fp16, cuda_gates=cuda_gates,
-            max_accuracy_drop=max_accuracy_drop, min_speedup=min_speedup,
+            search_budget=search_budget, max_candidates=max_candidates, fp16=fp16,
+            cuda_gates=cuda_gates, max_accuracy_drop=max_accuracy_drop, min_speedup=min_speedup,
             min_cosine=min_cosine, min_top1=min_top1, gate_config=gate_config,
         )  # fmt: skip
     else:
@@ -291,7 +302,12 @@ def export_command(
             if path is not None:
                 check_path(path, flag)  # before minutes of export, not after
         gates = _gate_config(gate_config, max_accuracy_drop, min_speedup, min_cosine, min_top1)
-        given = dict(search_budget_s=search_budget, fp16=fp16, cuda_gates=cuda_gates)
+        given = dict(
+            search_budget_s=search_budget,
+            max_candidates=max_candidates,
+            fp16=fp16,
+            cuda_gates=cuda_gates,
+        )
         quant = QuantConfig(
             calibration_samples=samples, **{k: v for k, v in given.items() if v is not None}
         )

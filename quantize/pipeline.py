@@ -450,6 +450,7 @@ def _summary(found: SearchResult, shipped, gate_cfg: GateConfig, plot) -> dict[s
         "passed": shipped.passed,
         "candidates": [c.to_dict() for c in found.candidates],
         "skipped": list(found.skipped),
+        "stopped": found.stopped,
         "search_seconds": round(found.seconds, 1),
         "budget_seconds": found.budget_s,
         "gate_config": dataclasses.asdict(gate_cfg),

@@ -146,7 +146,11 @@ def candidates_table(result: SearchResult, shipped: Candidate, plot: str | None)
         "",
         f"{len(result.candidates)} candidate(s) in {result.seconds:.0f}s "
         f"(budget {result.budget_s:.0f}s)"
-        + (f"; not tried for lack of budget: {', '.join(result.skipped)}" if result.skipped else "")
+        + (
+            f"; not tried, as {result.stopped}: {', '.join(result.skipped)}"
+            if result.skipped
+            else ""
+        )
         + ". Dynamic recipes quantize activations at run time (no calibration).",
         "",
         "| # | candidate | method | "

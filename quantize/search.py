@@ -7,8 +7,8 @@
    ``node_sensitivity`` which nodes lose most (FP32 vs INT8 intermediate outputs on
    calibration rows), keep the worst ``sensitivity_top_k`` in FP32 and retry, up to
    ``max_keep_rounds`` rounds per recipe.
-4. Stop when the queue is empty or ``search_budget_s`` is spent (the first candidate always
-   runs). Among the candidates that pass every gate, the fastest (geometric mean of the
+4. Stop when the queue is empty, ``search_budget_s`` is spent or ``max_candidates`` have
+   run (the first candidate always runs). Among the candidates that pass every gate, the fastest (geometric mean of the
    speedups) is chosen, not the first.
 
 Every candidate is recorded, passing or not, with its gates; each round of nodes kept in
@@ -150,7 +150,8 @@ class SearchResult:
     chosen: Candidate | None  # the fastest passing candidate; None when none passed
     seconds: float
     budget_s: float
-    skipped: tuple[str, ...] = ()  # recipes not tried because the budget ran out
+    skipped: tuple[str, ...] = ()  # recipes not tried: the search was stopped
+    stopped: str = ""  # why the search stopped before its queue was empty, in words
 
     @property
     def best(self) -> Candidate:
@@ -230,14 +231,17 @@ def search(
     queue: deque = deque((r, None, (), 0) for r in recipes)
     candidates: list[Candidate] = []
     skipped: list[str] = []
+    stopped = ""
     while queue:
         recipe, parent, added, rounds = queue.popleft()
         elapsed = time.monotonic() - t0
-        if candidates and (
-            elapsed > quant_cfg.search_budget_s or len(candidates) >= quant_cfg.max_candidates
-        ):
+        if candidates and len(candidates) >= quant_cfg.max_candidates:
+            stopped = f"the limit of {quant_cfg.max_candidates} candidate(s) was reached"
+        elif candidates and elapsed > quant_cfg.search_budget_s:
+            stopped = f"the {quant_cfg.search_budget_s:g}s budget was spent"
+        if stopped:
             skipped += [_name(recipe)] + [_name(r) for r, *_ in queue]
-            log.info("search budget spent after %.0fs; not tried: %s", elapsed, skipped)
+            log.info("search stopped after %.0fs, %s; not tried: %s", elapsed, stopped, skipped)
             break
         emit("search", len(candidates), len(candidates) + len(queue) + 1, _name(recipe))
         cand, qmodel = _try(
@@ -266,6 +270,7 @@ def search(
         seconds=time.monotonic() - t0,
         budget_s=quant_cfg.search_budget_s,
         skipped=tuple(skipped),
+        stopped=stopped,
     )
 
 

@@ -52,8 +52,10 @@ def test_minilm_fidelity_on_real_text(cli, monkeypatch, tmp_path):
     gates = tmp_path / "gates.toml"
     gates.write_text("iterations = 8\nwarmup = 2\n")  # fewer timed pairs: the suite's budget
     out = tmp_path / "minilm"
-    r = cli("export", gt.MODEL_DIR, "--out", out, "--calibration", cal,
-                "--eval", ev, "--gate-config", gates, "--search-budget", "90")  # fmt: skip
+    # Bounded by count, not time: on this data the fourth candidate (smooth-static-u8s8 with
+    # 12 nodes kept FP32) is the first to pass, and a loaded machine must reach it too.
+    r = cli("export", gt.MODEL_DIR, "--out", out, "--calibration", cal, "--eval", ev,
+            "--gate-config", gates, "--max-candidates", "4", "--search-budget", "1800")  # fmt: skip
     print(r.stdout)
     assert r.code == 0, r.stdout + r.stderr
     g = _gates(out)

@@ -141,6 +141,25 @@ def test_gate_with_an_eval_file_and_bad_input(cli, tmp_path, gate_file):
     assert r.code == 2
 
 
+def test_max_candidates_bounds_the_search_whatever_the_time(cli, tmp_path, gate_file):
+    out = tmp_path / "b"
+    r = cli("export", tiny_checkpoint(), "--out", out, "--max-candidates", "2",
+            "--search-budget", "3600", "--min-speedup", "100", "--no-fp16",
+            "--gate-config", gate_file)  # fmt: skip
+    assert r.code == 3, r.stderr  # nothing passes 100x: the search would go on if it could
+    search = load(out).manifest.extra["quantization"]
+    assert len(search["candidates"]) == 2 and search["skipped"]
+    assert search["stopped"] == "the limit of 2 candidate(s) was reached"
+    assert (
+        "not tried, as the limit of 2 candidate(s) was reached:" in (out / "report.md").read_text()
+    )
+    r = cli("export", tiny_checkpoint(), "--out", tmp_path / "c", "--max-candidates", "0")
+    assert r.code == 2 and "--max-candidates" in r.stderr
+    r = cli("export", tiny_checkpoint(), "--out", tmp_path / "c", "--no-quantize",
+            "--max-candidates", "3")  # fmt: skip
+    assert r.code == 2 and "--max-candidates is for quantization" in " ".join(r.stderr.split())
+
+
 def test_no_quantize_keeps_fp32_only(cli, tmp_path):
     out = tmp_path / "fp32"
     r = cli("export", tiny_checkpoint(), "--out", out, "--no-quantize")
