@@ -231,8 +231,8 @@ def build_bundle(out: Path, provider: str, sizes) -> dict:
         rows = sum(len(f[names[0]]) for f in feeds)
         log(f"fidelity vs FP32 on {rows} real texts (Python's help topics; {provider})")
         fid = {
-            "fp16": fp16.fidelity(result.onnx, f16, feeds, provider=provider),
-            "int8": fp16.fidelity(result.onnx, i8, feeds, provider=provider),
+            "fp16": fp16.fidelity(result.onnx, f16, feeds, provider=provider, precision="fp16"),
+            "int8": fp16.fidelity(result.onnx, i8, feeds, provider=provider, precision="int8"),
         }
         for k, f in fid.items():
             res[f"fidelity_{k}"] = {

@@ -142,7 +142,8 @@ def export(
     from quantgate.export.writer import write_bundle
 
     out = Path(out).absolute()
-    check_writable_target(out, force=force)  # before minutes of work, not after
+    # before minutes of work, not after
+    check_writable_target(out, force=force, inputs=[("model", model_spec)])
     with tempfile.TemporaryDirectory(prefix="quantgate-export-") as work:
         result = export_fp32(model_spec, Path(work), cfg=cfg, on_progress=on_progress)
         _stage(on_progress, "writing the bundle", 6)

@@ -225,8 +225,8 @@ def validate(
     what = f"{onnx_path.name} against PyTorch"
     try:
         opts = ort.SessionOptions()
-        # Errors too (3): a graph that fails a run here is reported by the ValidationError,
-        # and ORT's own "[E:onnxruntime ...]" line would only repeat it, out of place.
+        # 4, fatal only: ORT's error lines are hidden too, since the ValidationError already
+        # reports each failed run, with its shape.
         opts.log_severity_level = 4
         sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
@@ -274,7 +274,12 @@ def validate(
         raise ValidationError(
             f"{what}: ONNX Runtime cannot run it at {len(not_run)} of {len(cases)} shapes "
             f"({', '.join(not_run)}): the graph does not take those shapes, usually a size "
-            "that was traced as a constant.",
+            "that was traced as a constant"
+            + (
+                f"; {len(failures) - len(not_run)} other check(s) failed too."
+                if len(failures) > len(not_run)
+                else "."
+            ),
             failures,
         )
     if failures:

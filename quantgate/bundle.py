@@ -649,10 +649,12 @@ def _write_failure(out: Path, e: OSError) -> str:
     )
 
 
-def check_writable_target(out: Path, *, force: bool) -> None:
-    """Refuse a path the bundle cannot be written to, and to overwrite something that is not a
-    bundle unless forced. Call before heavy work."""
-    if problem := target_problem(out, force=force, is_ours=is_bundle, noun="bundle"):
+def check_writable_target(out: Path, *, force: bool, inputs=()) -> None:
+    """Refuse a path the bundle cannot be written to, one that is or holds the job's
+    ``inputs`` ((what, path) pairs), and to overwrite something that is not a bundle unless
+    forced. Call before heavy work."""
+    problem = target_problem(out, force=force, is_ours=is_bundle, noun="bundle", inputs=inputs)
+    if problem:
         raise BundleError(problem)
 
 

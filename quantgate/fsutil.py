@@ -12,8 +12,9 @@ import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +53,27 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
 
 
 def target_problem(
-    out: Path, *, force: bool, is_ours: Callable[[Path], bool], noun: str
+    out: Path,
+    *,
+    force: bool,
+    is_ours: Callable[[Path], bool],
+    noun: str,
+    inputs: Iterable[tuple[str, Any]] = (),
 ) -> str | None:
     """Why ``out`` cannot take a new ``noun`` (a bundle, a checkpoint) written by ``atomic_dir``,
     else None. Cheap: callers check it before heavy work, and raise their own error type.
 
-    Refused: an ancestor we cannot write into, a file, the directory a person works in (even
-    with ``force``), and an existing non-empty directory that ``is_ours`` does not recognise
+    Refused: an ancestor we cannot write into, a file, the directory a person works in or one
+    that holds the job's ``inputs`` ((what, path) pairs: the model, the data; even with
+    ``force``), and an existing non-empty directory that ``is_ours`` does not recognise
     unless ``force``."""
     out = resolve_target(out)
+    if held := _holds_input(out, inputs):
+        return (
+            f"--out {out} {held}, which this job reads; the {noun} replaces the directory at "
+            f"--out, so it would be lost (refused even with --force). Choose a new directory "
+            f"for the {noun}."
+        )
     parent = out.parent  # the nearest existing ancestor must be a directory we may write into
     while not parent.exists():
         parent = parent.parent
@@ -96,6 +109,20 @@ def target_problem(
             f"--out {out} is an existing directory that is not a {noun}; refusing to replace "
             "it. Choose another path, or pass --force to replace it."
         )
+    return None
+
+
+def _holds_input(out: Path, inputs: Iterable[tuple[str, Any]]) -> str | None:
+    """How directory ``out`` is, or holds, one of ``inputs`` (what, path); else None."""
+    target = out.resolve()
+    for what, path in inputs:
+        if path is None or not isinstance(path, (str, os.PathLike)) or not Path(path).exists():
+            continue  # not a path (a factory spec, arrays in memory), or not there
+        source = Path(path).resolve()
+        if source == target:
+            return f"is the {what}"
+        if source.is_relative_to(target):
+            return f"holds the {what} ({source})"
     return None
 
 

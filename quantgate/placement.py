@@ -212,9 +212,9 @@ def check(
     model: str | os.PathLike | bytes,
     provider: str = CUDA,
     *,
+    precision: str,
     options=None,
     provider_options: dict | None = None,
-    precision: str = "fp32",
 ) -> PlacementReport:
     """Create an ORT session for ``provider`` and report what fell back to the CPU.
 

@@ -12,8 +12,9 @@ message. ``nn.TransformerEncoder`` exported by the dynamo exporter has exactly t
 (``x.transpose(0, 1) @ in_proj_weight.T``), so the FP16 variant of such a model took the
 whole ``quantgate export`` down with it. Disabling that one optimizer avoids it. It rewrites
 2-D convolutions and pooling into the NCHWc layout, which an FP16 transformer does not have,
-so nothing is lost; FP32 and INT8 sessions keep it. ``tests/test_workarounds.py`` holds the
-repro (Transpose -> MatMul, ten lines of ``onnx.helper``) and runs it in a child process.
+so nothing is lost; FP32 and INT8 sessions keep it. The repro (Transpose -> MatMul, ten
+lines of ``onnx.helper``) is ``transpose_matmul_fp16`` in tests/gpu/test_fp16.py; its test
+skips, saying so, once an onnxruntime no longer crashes without the workaround.
 """
 
 from __future__ import annotations

@@ -156,7 +156,15 @@ def crash(
     except subprocess.TimeoutExpired:
         return f"ONNX Runtime did not finish creating a session on {provider} in {timeout_s:g} s"
     if done.returncode < 0:
-        what = signal.Signals(-done.returncode).name
+        try:
+            what = signal.Signals(-done.returncode).name
+        except ValueError:  # a real-time signal has no name
+            what = f"signal {-done.returncode}"
+        if what == "SIGKILL":
+            return (
+                f"the process creating a session on {provider} was killed (SIGKILL), "
+                "possibly for lack of memory"
+            )
         return f"ONNX Runtime crashed ({what}) creating a session on {provider}"
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
@@ -172,9 +180,9 @@ def fidelity(
     provider: str = CPU,
     reference_provider: str = CPU,
     outputs: Sequence[str] | None = None,
+    precision: str,
     mask: str | None = "attention_mask",
     threads: int = 0,
-    precision: str = "fp16",
 ) -> Fidelity:
     """Run ``reference`` and ``candidate`` on every feed and compare their float outputs.
 

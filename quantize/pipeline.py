@@ -86,7 +86,12 @@ def build(
     from quantgate.export.validation import input_specs
 
     out = Path(out).absolute()
-    check_writable_target(out, force=force)  # before minutes of work
+    inputs = (
+        ("model", model_spec),
+        ("calibration data", calibration),
+        ("evaluation data", evaluation),
+    )
+    check_writable_target(out, force=force, inputs=inputs)  # before minutes of work
     check_held_out(calibration, evaluation)
     _require_data(model_spec, calibration, evaluation)
     emit = on_progress or no_progress
@@ -243,8 +248,10 @@ def _fp16_variant(fp32: Path, evaluation, work: Path, cfg: QuantConfig):
         return None, _fp16_left_out(str(e))
     crashed = fp16.crash(f16)
     if crashed is not None:
-        return None, _fp16_left_out(f"{crashed}; no quantgate.workarounds entry covers this graph")
-    fidelity = fp16.fidelity(fp32, f16, evaluation())
+        if "crashed" in crashed:  # a segfault-like death: ORT's own defect
+            crashed += "; no quantgate.workarounds entry covers this graph"
+        return None, _fp16_left_out(crashed)
+    fidelity = fp16.fidelity(fp32, f16, evaluation(), precision="fp16")
     variant = ExtraVariant(
         path=f16,
         precision="fp16",

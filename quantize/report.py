@@ -145,7 +145,9 @@ def candidates_table(result: SearchResult, shipped: Candidate, plot: str | None)
         "### Candidates tried",
         "",
         f"{len(result.candidates)} candidate(s) in {result.seconds:.0f}s "
-        f"(budget {result.budget_s:.0f}s)"
+        f"(budget {result.budget_s:.0f}s"
+        + (f", at most {result.max_candidates}" if result.max_candidates else "")
+        + ")"
         + (
             f"; not tried, as {result.stopped}: {', '.join(result.skipped)}"
             if result.skipped

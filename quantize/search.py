@@ -8,8 +8,8 @@
    calibration rows), keep the worst ``sensitivity_top_k`` in FP32 and retry, up to
    ``max_keep_rounds`` rounds per recipe.
 4. Stop when the queue is empty, ``search_budget_s`` is spent or ``max_candidates`` have
-   run (the first candidate always runs). Among the candidates that pass every gate, the fastest (geometric mean of the
-   speedups) is chosen, not the first.
+   run (the first candidate always runs). Among the candidates that pass every gate, the
+   fastest (geometric mean of the speedups) is chosen, not the first.
 
 Every candidate is recorded, passing or not, with its gates; each round of nodes kept in
 FP32 records what it bought (accuracy) and what it cost (speedup).
@@ -150,6 +150,7 @@ class SearchResult:
     chosen: Candidate | None  # the fastest passing candidate; None when none passed
     seconds: float
     budget_s: float
+    max_candidates: int = 0  # 0: not recorded
     skipped: tuple[str, ...] = ()  # recipes not tried: the search was stopped
     stopped: str = ""  # why the search stopped before its queue was empty, in words
 
@@ -243,7 +244,8 @@ def search(
             skipped += [_name(recipe)] + [_name(r) for r, *_ in queue]
             log.info("search stopped after %.0fs, %s; not tried: %s", elapsed, stopped, skipped)
             break
-        emit("search", len(candidates), len(candidates) + len(queue) + 1, _name(recipe))
+        total = min(len(candidates) + len(queue) + 1, quant_cfg.max_candidates)
+        emit("search", len(candidates), total, _name(recipe))
         cand, qmodel = _try(
             recipe, parent, added, fp32, unfused, calibration, evaluation, reference,
             task=task, inputs=inputs, max_seq_len=max_seq_len, sample=sample,
@@ -269,6 +271,7 @@ def search(
         chosen=chosen,
         seconds=time.monotonic() - t0,
         budget_s=quant_cfg.search_budget_s,
+        max_candidates=quant_cfg.max_candidates,
         skipped=tuple(skipped),
         stopped=stopped,
     )

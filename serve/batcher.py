@@ -377,7 +377,11 @@ class Batcher:
                 _bare(e)  # each request's error below has it as its context
                 # Not those already answered: a client that went away meanwhile (its
                 # Cancelled stands; _finish keeps the first answer).
-                results = [None if p.done else self._run_alone(p) for p in group]
+                with self._cv:
+                    todo = [not p.done for p in group]
+                results = [
+                    self._run_alone(p) if run else None for p, run in zip(group, todo, strict=True)
+                ]
         except Exception as e:  # a bug: answer every waiting thread, never strand one
             log.exception("batch of %d failed", len(group))
             why = f"internal error: {type(e).__name__}: {e}"

@@ -49,6 +49,23 @@ def test_stage_imports_respect_the_data_flow(stage):
     assert not offenders, "\n".join(offenders)
 
 
+# Inside serve/, only the gRPC layer speaks protobuf: the engine, batcher, runtime and their
+# counters stay importable next to tritonclient, whose generated modules register the same
+# .proto file names (one process cannot hold both), so tests drive them in-process.
+WIRE = ("server.py", "servicer.py", "codec.py", "client.py")
+
+
+def test_only_the_grpc_layer_of_serve_imports_the_protos():
+    offenders = [
+        f"serve/{f.name} imports {name}"
+        for f in sorted((ROOT / "serve").glob("*.py"))
+        if f.name not in WIRE
+        for name in imported_modules(f)
+        if name.startswith("quantgate.protos")
+    ]
+    assert not offenders, "\n".join(offenders)
+
+
 def test_the_checker_sees_imports(tmp_path):
     f = tmp_path / "m.py"
     f.write_text(

@@ -269,6 +269,30 @@ def test_out_that_is_not_a_bundle_is_refused_unless_forced(cli, tiny_checkpoint,
     no_leftovers(tmp_path, "mydata")
 
 
+@pytest.mark.parametrize("quantize", [False, True])
+def test_out_that_is_or_holds_what_the_job_reads_is_refused_even_forced(
+    cli, tiny_checkpoint, tmp_path, quantize
+):
+    """`--out MODEL --force`, as the not-a-bundle message suggests, would replace the model's
+    directory with the bundle: the weights gone."""
+    model = tmp_path / "work" / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    before = sorted(p.name for p in model.iterdir())
+    cal = tmp_path / "work" / "cal.npz"
+    flags = [] if quantize else ["--no-quantize"]
+    for out, held in ((model, "is the model"), (model.parent, "holds the model")):
+        r = cli("export", *flags, model, "--out", out, "--force")
+        assert r.code == 2, r.stdout
+        assert f"--out {out} {held}" in " ".join(r.stderr.split())
+        assert "refused even with --force" in " ".join(r.stderr.split())
+    if quantize:
+        cal.write_bytes(b"")
+        r = cli("export", tiny_checkpoint, "--out", cal.parent, "--calibration", cal, "--force")
+        assert r.code == 2 and "holds the model" not in r.stderr
+        assert "holds the calibration data" in " ".join(r.stderr.split())
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -148,7 +148,9 @@ def test_an_int8_fast_enough_for_cuda_has_its_fidelity_measured_there(
     fast = GateResult("speedup_b128_s128", 1.5, 1.2, ">=", True, provider=cuda.CPU)
 
     def timed_as_fast(fp32, files, inputs, timing, *, provider):
-        where = {k: placement.check(f, provider) for k, f in {"fp32": fp32, **files}.items()}
+        where = {
+            k: placement.check(f, provider, precision=k) for k, f in {"fp32": fp32, **files}.items()
+        }
         return {k: (fast,) for k in files}, [], where
 
     monkeypatch.setattr(cuda, "gate_variants", timed_as_fast)

@@ -84,7 +84,7 @@ def without_assignment_record(monkeypatch):
 
 
 def test_check_on_a_real_cpu_session_finds_nothing_fallen(tiny_bert_export):
-    r = pl.check(tiny_bert_export.onnx, pl.CPU)
+    r = pl.check(tiny_bert_export.onnx, pl.CPU, precision="fp32")
     assert r.providers == (pl.CPU,) and r.nodes > 10 and r.method == "ep-assignment"
     assert r.assigned == {pl.CPU: r.nodes}  # ORT's record: every node of the FP32 graph
     assert not r.falls_back and pl.placement_gate(r).passed
@@ -123,7 +123,9 @@ def test_the_record_finds_cpu_nodes_that_no_memcpy_betrays(tiny_bert_export, tmp
 def test_cuda_asked_of_an_onnxruntime_without_it_fails_the_gate(tiny_bert_export):
     if pl.CUDA in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
-    r = pl.check(tiny_bert_export.onnx, pl.CUDA)  # ORT builds a CPU session, with a warning
+    r = pl.check(
+        tiny_bert_export.onnx, pl.CUDA, precision="fp32"
+    )  # ORT builds a CPU session, with a warning
     assert r.falls_back and r.memcpy == 0  # a graph all on the CPU needs no copy
     assert sum(r.fallen_back.values()) == r.assigned[pl.CPU] == r.nodes
     assert "EmbedLayerNormalization" in r.fallen_back and len(r.fallen_back_nodes) == r.nodes
@@ -134,12 +136,12 @@ def test_cuda_asked_of_an_onnxruntime_without_it_fails_the_gate(tiny_bert_export
 def test_without_the_record_the_memcpy_analysis_still_runs(tiny_bert_export, monkeypatch):
     """An onnxruntime that cannot record each node's provider (onnxruntime-gpu may lag)."""
     without_assignment_record(monkeypatch)
-    r = pl.check(tiny_bert_export.onnx, pl.CPU)
+    r = pl.check(tiny_bert_export.onnx, pl.CPU, precision="fp32")
     assert r.method == "optimized-graph" and r.assigned == {} and r.nodes > 10
     assert not r.falls_back and pl.placement_gate(r).passed
     if pl.CUDA not in ort.get_available_providers():
         # the whole graph on the CPU: no memcpy, no boundary node, but no CUDA either
-        r = pl.check(tiny_bert_export.onnx, pl.CUDA)
+        r = pl.check(tiny_bert_export.onnx, pl.CUDA, precision="fp32")
         assert r.falls_back and r.fallen_back == {} and not pl.placement_gate(r).passed
 
 

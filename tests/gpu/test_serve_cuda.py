@@ -33,7 +33,10 @@ def gpu_bundle(tiny_bert_export, tmp_path_factory):
     work = tmp_path_factory.mktemp("bundle")
     f16 = fp16.save(fp16.to_fp16(tiny_bert_export.onnx), work / "fp16.onnx")
     fid = fp16.fidelity(
-        tiny_bert_export.onnx, f16, [ids_feed([t.name for t in tiny_bert_export.inputs])]
+        tiny_bert_export.onnx,
+        f16,
+        [ids_feed([t.name for t in tiny_bert_export.inputs])],
+        precision="fp16",
     )
     speed = qb.GateResult("speedup_b32_s128", 1.8, 1.2, ">=", True, provider=CPU)
     return write_bundle(

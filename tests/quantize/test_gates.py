@@ -154,7 +154,7 @@ def test_cosine_of_an_output_is_the_fp16_fidelity_metric(tmp_path):
     info = ModelInfo((TensorSpec("x", "float32", ("B", SEQ, K)),), "custom", SEQ)
     ev = open_source(mlp_feeds(4), info, role="evaluation")
     out = accuracy_gates(collect(src, ev), collect(int8, ev), "custom", GateConfig())
-    fid = fp16.fidelity(src, int8, ev()).gates(min_cosine=GateConfig().min_cosine)
+    fid = fp16.fidelity(src, int8, ev(), precision="int8").gates(min_cosine=GateConfig().min_cosine)
     assert {g.name: g.value for g in out} == pytest.approx({g.name: g.value for g in fid})
     assert all(g.ci is None and "worst row" in g.detail and g.provider is None for g in out)
     # The same words, but for where the candidate ran (the FP16 gates' own provider).
