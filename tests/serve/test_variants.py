@@ -53,6 +53,20 @@ def test_a_variant_that_passed_its_speed_gates_beats_fp32_even_where_it_only_tie
     assert choose_variant(_manifest(_variant("fp32"), fp16), CUDA).precision == "fp16"
 
 
+def test_a_variant_whose_gates_were_set_below_1x_is_not_served_when_slower(caplog):
+    """`gate --min-speedup 0.5` passes an INT8 at 0.68x: accurate enough, but FP32 is faster,
+    so FP32 is served (and FP16 measured slower on CUDA is not the CUDA default either)."""
+    slow_int8 = _variant("int8", speedup=0.68, not_for=(CUDA,))
+    assert choose_variant(_manifest(_variant("fp32"), slow_int8), CPU).precision == "fp32"
+    assert "int8 passed its gates but runs at 0.68x fp32 on CPUExecutionProvider" in caplog.text
+    assert "--precision int8" in caplog.text
+    slow_fp16 = _variant("fp16", providers=(CUDA,), speedup=0.9, provider=CUDA)
+    assert choose_variant(_manifest(_variant("fp32"), slow_fp16), CUDA).precision == "fp32"
+    assert (
+        choose_variant(_manifest(_variant("fp32"), slow_int8), CPU, precision="int8") == slow_int8
+    )
+
+
 def test_failed_or_unmeasured_variants_fall_back_to_fp32():
     assert (
         choose_variant(
