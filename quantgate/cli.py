@@ -46,8 +46,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console(stderr=True)
-out = Console()
+
+
+def _console(stderr: bool = False) -> Console:
+    """A terminal gets rich's wrapping at its width. A pipe or a CI log gets whole lines:
+    rich would wrap them at 80 columns, mid-sentence, and break grep."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty() or "COLUMNS" in os.environ:
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, soft_wrap=True, width=200)
+
+
+console = _console(stderr=True)
+out = _console()
 
 
 def progress() -> Progress:
