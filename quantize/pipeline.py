@@ -339,6 +339,13 @@ def regate(
     info = ModelInfo.from_manifest(m, bundle.path)
     check_not_calibration(evaluation, m.calibration)
     ev = open_source(evaluation, info, role="evaluation", samples=gate_cfg.eval_samples)
+    if not ev.has_labels and any(g.name == "accuracy_drop" for g in int8.gates):
+        # One bad data-prep step must not quietly turn an accuracy gate into an agreement one.
+        log.warning(
+            "the evaluation rows have no labels, but this bundle was gated on labelled accuracy "
+            "(accuracy_drop); gating on agreement with FP32 (top1_agreement, kl) instead. Add "
+            "labels to the evaluation data to keep the accuracy gate."
+        )
     measured = _int8_gates(bundle, ev, gate_cfg, on_progress or no_progress)
     kept = tuple(g for g in int8.gates if g.provider not in (None, gate_cfg.provider))
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -111,7 +111,7 @@ def test_gate_fails_when_any_variant_fails_and_keeps_the_cuda_gates(cli, tmp_pat
     assert "Verdict: **FAIL**" in latest and "not re-gated: fp16" in latest
 
 
-def test_gate_with_an_eval_file_and_bad_input(cli, tmp_path, gate_file):
+def test_gate_with_an_eval_file_and_bad_input(cli, tmp_path, gate_file, caplog):
     out = tmp_path / "b"
     r = cli("export", tiny_checkpoint(), "--out", out, "--min-speedup", "0.01", "--samples", "32",
             "--search-budget", "1", "--gate-config", gate_file)  # fmt: skip
@@ -126,6 +126,14 @@ def test_gate_with_an_eval_file_and_bad_input(cli, tmp_path, gate_file):
     assert "50 labelled rows" in next(
         g.detail for g in m.variant("int8").gates if g.name == "accuracy_drop"
     )
+    assert "have no labels" not in caplog.text
+    unlabelled = write_npz(tmp_path / "unlabelled.npz", rng_feeds(50, seed=3))
+    r = cli("gate", out, "--eval", unlabelled, "--min-speedup", "0.01", "--gate-config", gate_file)
+    assert r.code in (0, 3), r.stderr
+    assert "the evaluation rows have no labels, but this bundle was gated on labelled" in (
+        caplog.text
+    )
+    assert {"top1_agreement", "kl"} <= {g.name for g in load(out).manifest.variant("int8").gates}
 
     bad = tmp_path / "bad.npz"
     np.savez(bad, input_ids=feeds["input_ids"])
