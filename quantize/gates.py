@@ -307,12 +307,16 @@ def check_labels(reference: Outputs, task: str) -> None:
     if reference.labels is None or logits is None:
         return
     classes = reference.batches[0][logits].shape[-1]
-    lo, hi = int(reference.labels.min()), int(reference.labels.max())
+    labels = reference.labels
+    lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= classes:
         one_based = lo == 1 and hi == classes
+        outside = labels[(labels < 0) | (labels >= classes)]
+        values = ", ".join(map(str, sorted(set(outside.tolist()))[:8]))
         raise DataError(
             f"labels must be class indices 0..{classes - 1} ({logits} has {classes} classes), "
-            f"found labels {lo}..{hi}. "
+            f"found labels {lo}..{hi}: {len(outside)} of {len(labels)} rows out of range "
+            f"(label {values}). "
             + (
                 "They look 1-based: renumber them from 0, in the order of the model's classes."
                 if one_based

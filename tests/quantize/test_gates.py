@@ -69,14 +69,29 @@ def test_paired_bootstrap_matches_resampling_the_rows():
 
 def test_labels_must_be_class_indices():
     logits = np.random.default_rng(0).normal(size=(40, 10)).astype(np.float32)
+    one_off = np.arange(40) % 3
+    one_off[7] = 5
     for labels, found, why in (
-        (np.arange(40) % 10 + 1, "1..10", "They look 1-based"),
-        (np.arange(40) % 10 - 1, "-1..8", "Is this the evaluation data of this model"),
-        (np.arange(40) % 20, "0..19", "Is this the evaluation data of this model"),
+        (
+            np.arange(40) % 10 + 1,
+            r"1\.\.10: 4 of 40 rows out of range \(label 10\)",
+            "They look 1-based",
+        ),
+        (np.arange(40) % 10 - 1, r"-1\.\.8: 4 of 40 rows out of range \(label -1\)", "Is this the"),
+        (
+            np.arange(40) % 20,
+            r"0\.\.19: 20 of 40 rows out of range \(label 10, 11, ",
+            "Is this the",
+        ),
+        (
+            np.where(one_off == 5, 12, one_off),
+            r"0\.\.12: 1 of 40 rows out of range \(label 12\)",
+            "Is",
+        ),
     ):
         ref = Outputs(["logits"], [{"logits": logits}], [None], labels=labels, rows=40)
         with pytest.raises(
-            DataError, match=rf"class indices 0\.\.9 .* found labels {found}\. {why}"
+            DataError, match=rf"class indices 0\.\.9 .* found labels {found}.*{why}"
         ):
             accuracy_gates(ref, ref, "sequence-classification", GateConfig())
 
