@@ -89,6 +89,14 @@ class GateResult:
         return speed_shape(self.name) is not None
 
 
+def speed_score(gates) -> float:
+    """The geometric mean of the speed gates' speedups among ``gates``; 0 without one. The
+    search ranks passing candidates by it; the server serves a variant over FP32 only where
+    it is above 1 on the provider."""
+    s = [max(g.value, 1e-9) for g in gates if g.is_speed]
+    return math.exp(sum(map(math.log, s)) / len(s)) if s else 0.0
+
+
 @dataclass(frozen=True)
 class Variant:
     """One ONNX file in the bundle and the evidence for shipping it."""

@@ -364,9 +364,8 @@ def _print_export(bundle) -> None:
     e = bundle.manifest.export
     val = e["validation"]
     out.print(f"bundle {bundle.path} ({e['exporter']} exporter, opset {bundle.manifest.opset})")
-    for attempt in e.get("attempts", ()):
-        exporter, _, why = attempt.partition(": ")
-        out.print(f"  the {exporter} exporter was passed over: {why}", highlight=False)
+    for line in _passed_over(e):
+        out.print(f"  {line}", highlight=False)
     for output, diff in val["max_abs_diff"].items():
         out.print(f"  {output}: max abs diff {diff:.2e} over {len(val['cases'])} shapes")
     fused = ", ".join(f"{k} {v}" for k, v in e["fusions"].items()) or "none"
@@ -406,6 +405,14 @@ def gate(
         _print_gates(path)
         raise
     _print_gates(bundle.path)
+
+
+def _passed_over(export: dict) -> list[str]:
+    """The exporters ``--exporter auto`` tried before the one used, and why each failed."""
+    return [
+        f"the {exporter} exporter was passed over: {why}"
+        for exporter, _, why in (a.partition(": ") for a in export.get("attempts", ()))
+    ]
 
 
 def _gate_config(file, max_accuracy_drop, min_speedup, min_cosine, min_top1):
@@ -525,8 +532,8 @@ def inspect(
         out.print(
             f"export: {e.get('exporter')} exporter, opset {m.opset}, max sequence {m.max_seq_len}"
         )
-        for attempt in e.get("attempts", ()):
-            out.print(f"passed over: {attempt}", highlight=False, soft_wrap=True)
+        for line in _passed_over(e):
+            out.print(line, highlight=False, soft_wrap=True)
         out.print(f"fusions: {fused}")
         if val:
             out.print(f"validation: max abs diff {diffs} at shapes {shapes} (p: padded rows)")

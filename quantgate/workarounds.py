@@ -26,15 +26,12 @@ DISABLE_OPTIMIZERS = "optimization.disable_specified_optimizers"
 DISABLED: dict[str, tuple[str, ...]] = {"fp16": ("NchwcTransformer",)}
 
 
-def apply(options, precision: str):
-    """``options`` (an ``ort.SessionOptions``) set up to open a ``precision`` variant safely.
-
-    Returns ``options``, changed in place.
-    """
+def apply(options, precision: str) -> None:
+    """Set up ``options`` (an ``ort.SessionOptions``, changed in place) to open a
+    ``precision`` variant safely."""
     skip = DISABLED.get(precision, ())
     if skip:
         options.add_session_config_entry(DISABLE_OPTIMIZERS, ",".join(skip))
-    return options
 
 
 __all__ = ["DISABLED", "apply"]

@@ -165,7 +165,10 @@ def crash(
                 f"the process creating a session on {provider} was killed (SIGKILL), "
                 "possibly for lack of memory"
             )
-        return f"ONNX Runtime crashed ({what}) creating a session on {provider}"
+        return (
+            f"ONNX Runtime crashed ({what}) creating a session on {provider}; no "
+            "quantgate.workarounds entry covers this graph"
+        )
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
         log.warning("could not check the model in a child process (%s); going on", last)

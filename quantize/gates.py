@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from quantgate import workarounds
-from quantgate.bundle import CPU, GateResult, TensorSpec, speed_gate_name
+from quantgate.bundle import CPU, GateResult, TensorSpec, speed_gate_name, speed_score
 from quantgate.errors import ConfigError, DataError, QuantizeError
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.data import DataSource
@@ -747,12 +747,6 @@ def speed_gates(
 
 def passed(gates: Sequence[GateResult]) -> bool:
     return bool(gates) and all(g.passed for g in gates)
-
-
-def speed_score(gates: Sequence[GateResult]) -> float:
-    """Geometric mean of the speedups: how the search ranks passing candidates."""
-    s = [g.value for g in gates if g.is_speed]
-    return float(np.exp(np.mean(np.log(np.maximum(s, 1e-9))))) if s else 0.0
 
 
 __all__ = [

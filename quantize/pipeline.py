@@ -246,10 +246,7 @@ def _fp16_variant(fp32: Path, evaluation, work: Path, cfg: QuantConfig):
         f16 = fp16.save(fp16.to_fp16(fp32), work / "model.fp16.onnx")
     except QuantizeError as e:
         return None, _fp16_left_out(str(e))
-    crashed = fp16.crash(f16)
-    if crashed is not None:
-        if "crashed" in crashed:  # a segfault-like death: ORT's own defect
-            crashed += "; no quantgate.workarounds entry covers this graph"
+    if (crashed := fp16.crash(f16)) is not None:
         return None, _fp16_left_out(crashed)
     fidelity = fp16.fidelity(fp32, f16, evaluation(), precision="fp16")
     variant = ExtraVariant(

@@ -115,11 +115,18 @@ def requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
     return tuple(o.name for o in request.outputs)
 
 
+# What to do instead of shared memory, which this server does not offer (its RPCs and its
+# parameters alike).
+USE_THE_MESSAGES = (
+    "send inputs in the request (raw_input_contents) and read outputs from the response"
+)
+
+
 def _refuse_shared_memory(where: str, parameters: Mapping[str, pb.InferParameter]) -> None:
     if any(key.startswith("shared_memory_") for key in parameters):
         raise BadRequest(
             f"{where}: shared memory (parameter 'shared_memory_region') is not supported; "
-            "send inputs in the request (raw_input_contents) and read outputs from the response"
+            + USE_THE_MESSAGES
         )
 
 

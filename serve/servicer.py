@@ -66,10 +66,7 @@ def _time_left(context: grpc.ServicerContext) -> float | None:
 PLATFORM = "onnxruntime_onnx"
 NOT_READY = "the server is warming up or shutting down"
 
-_NO_SHARED_MEMORY = (
-    "shared memory is not supported: send inputs in the request (raw_input_contents) and "
-    "read outputs from the response"
-)
+_NO_SHARED_MEMORY = "shared memory is not supported: " + codec.USE_THE_MESSAGES
 # Triton's RPCs this server does not offer (ServerMetadata lists none of their extensions),
 # and what to do instead: answered UNIMPLEMENTED with it, not gRPC's "Method not found!".
 UNSUPPORTED = {

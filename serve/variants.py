@@ -7,7 +7,6 @@ This module never imports torch or quantgate.quantize: a serving host has neithe
 from __future__ import annotations
 
 import logging
-import math
 
 import onnxruntime as ort
 
@@ -106,20 +105,23 @@ def choose_variant(
         raise BundleError(
             f"bundle {manifest.name!r} has no variant that passed its gates for {provider}"
         )
-    measured = [v for v in candidates if v.precision != "fp32" and speedup(v, provider) > 0]
-    slower = [v for v in measured if mean_speedup(v, provider) <= 1]
-    for v in slower:
-        # Its gates passed only because they were set below 1x (--min-speedup 0.5, say):
-        # it is accurate enough, but FP32 is faster here, and faster is what it is for.
-        log.warning(
-            "%s passed its gates but runs at %.2fx fp32 on %s (geometric mean of its measured "
-            "shapes); not serving it. Pass --precision %s to serve it anyway.",
-            v.precision,
-            mean_speedup(v, provider),
-            provider,
-            v.precision,
-        )
-    measured = [v for v in measured if v not in slower]
+    measured, slower = [], []
+    for v in candidates:
+        score = qb.speed_score(passed_speed_gates(v, provider)) if v.precision != "fp32" else 0
+        if score > 1:
+            measured.append(v)
+        elif score > 0:
+            # Its gates passed only because they were set below 1x (--min-speedup 0.5, say):
+            # accurate enough, but FP32 is faster here, and faster is what it is for.
+            slower.append(v)
+            log.warning(
+                "%s passed its gates but runs at %.2fx fp32 on %s (geometric mean of its "
+                "measured shapes); not serving it. Pass --precision %s to serve it anyway.",
+                v.precision,
+                score,
+                provider,
+                v.precision,
+            )
     if measured:
         # Passing its speed gates on this provider is the evidence, even where the slowest
         # shape only ties FP32 (a GPU at batch 1 is launch-bound: its gate asks >= 0.95x).
@@ -146,17 +148,13 @@ def speedup(variant: qb.Variant, provider: str) -> float:
     """The variant's measured speedup over FP32 on ``provider``; 0 without evidence."""
     if variant.precision == "fp32":
         return 1.0
-    values = [g.value for g in speed_gates_on(variant, provider) if g.passed]
+    values = [g.value for g in passed_speed_gates(variant, provider)]
     return min(values) if values else 0.0  # the slowest measured shape is the promise
 
 
-def mean_speedup(variant: qb.Variant, provider: str) -> float:
-    """The geometric mean of the variant's passed speedups on ``provider``; 0 without
-    evidence. Above 1: faster than FP32 on the whole, even where one shape only ties."""
-    values = [g.value for g in speed_gates_on(variant, provider) if g.passed]
-    if not values or min(values) <= 0:
-        return 0.0
-    return math.exp(sum(math.log(v) for v in values) / len(values))
+def passed_speed_gates(variant: qb.Variant, provider: str) -> list[qb.GateResult]:
+    """The variant's speed gates on ``provider`` that passed: its evidence there."""
+    return [g for g in speed_gates_on(variant, provider) if g.passed]
 
 
 def speed_gates_on(variant: qb.Variant, provider: str) -> list[qb.GateResult]:
