@@ -179,9 +179,8 @@ def load_model(
             f"{text} is not a model directory: expected a directory with config.json "
             "(a quantgate checkpoint or a Hugging Face model)."
         )
-    _read_json(
-        config, dict, "a quantgate checkpoint or Hugging Face model config"
-    )  # names bad JSON
+    # Bad JSON is named as such, before the "neither" below.
+    _read_json(config, dict, "a quantgate checkpoint or Hugging Face model config")
     from quantgate.model.train import CHECKPOINT_FORMAT
 
     raise ModelLoadError(
