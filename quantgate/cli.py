@@ -15,10 +15,12 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
+from inspect import cleandoc
 from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.rich_utils
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -46,6 +48,24 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def command(name: str | None = None):
+    """``app.command`` with the docstring's paragraphs as whole lines: typer keeps a
+    docstring's single line breaks, so its help broke lines mid-sentence at any width but
+    the source's."""
+
+    def register(fn):
+        paragraphs = cleandoc(fn.__doc__ or "").split("\n\n")
+        return app.command(name, help="\n\n".join(" ".join(p.split()) for p in paragraphs))(fn)
+
+    return register
+
+
+if not sys.stdout.isatty() and not {"COLUMNS", "TERMINAL_WIDTH"} & os.environ.keys():
+    # --help into a pipe or a log: rich's default 80 columns squeeze the options' help
+    # into a narrow column and cut long values ("sequence-classi…").
+    typer.rich_utils.MAX_WIDTH = 120
 
 
 def _console(stderr: bool = False) -> Console:
@@ -100,7 +120,7 @@ def _root(
     )
 
 
-@app.command()
+@command()
 def train(
     out_dir: Annotated[
         Path,
@@ -173,7 +193,7 @@ _GateFile = Annotated[
 ]
 
 
-@app.command("export")
+@command("export")
 def export_command(
     model: Annotated[
         str,
@@ -372,7 +392,7 @@ def _print_export(bundle) -> None:
     out.print(f"  fusions: {fused}")
 
 
-@app.command()
+@command()
 def gate(
     path: Annotated[
         Path, typer.Argument(help="A bundle with an INT8 variant.", show_default=False)
@@ -465,7 +485,7 @@ def _print_gates(path: Path) -> None:
     out.print(f"  report: {path / 'report.md'}", highlight=False, soft_wrap=True)
 
 
-@app.command()
+@command()
 def inspect(
     path: Annotated[Path, typer.Argument(help="A bundle directory.", show_default=False)],
     verify: Annotated[bool, typer.Option(help="Check every variant's file and sha256.")] = True,
@@ -551,7 +571,7 @@ def inspect(
         out.print(table)
 
 
-@app.command()
+@command()
 def serve(
     path: Annotated[
         Path,
@@ -675,7 +695,7 @@ def serve(
     run(cfg, on_ready=ready)
 
 
-@app.command()
+@command()
 def infer(
     model: Annotated[str, typer.Argument(help="Model name, as ModelMetadata reports it.")],
     inputs: Annotated[
@@ -709,6 +729,16 @@ def infer(
         list[str] | None,
         typer.Option("--output", "-o", help="Ask only for this output (repeatable); default all."),
     ] = None,
+    classes: Annotated[
+        int,
+        typer.Option(
+            "--classes",
+            "-c",
+            min=0,
+            help="Print each row's top K classes (score, index, class name) instead of the "
+            "tensor: Triton's classification extension, asked of every output printed.",
+        ),
+    ] = 0,
     url: Annotated[str, typer.Option(help="Server address.")] = "localhost:8001",
     version: Annotated[str, typer.Option(help="Model version (default: the newest).")] = "",
     token: Annotated[
@@ -768,7 +798,7 @@ def infer(
                 "pass --url to reach another"
                 + ("." if secure else ", or --tls-ca CA.pem for one serving TLS.")
             ) from e
-        spec = {t.name: t.datatype for t in metadata.inputs}
+        spec = {t.name: t for t in metadata.inputs}
         feeds = _tokenized(texts, bundle_dir) if texts else {}
         for item in inputs or ():
             name, sep, value = item.partition("=")
@@ -779,17 +809,37 @@ def infer(
             if name in feeds:
                 by = "--text gives it" if texts else "it is given twice"
                 raise BadRequest(f"--input {name}: {by}; give each input once")
-            feeds[name] = _input_array(name, value, spec[name])
+            feeds[name] = _input_array(name, value, spec[name].datatype, len(spec[name].shape))
         if "input_ids" in feeds:  # what a tokenizer adds: every token attended, one segment
             for name, fill in (("attention_mask", np.ones_like), ("token_type_ids", np.zeros_like)):
                 if name in spec and name not in feeds:
-                    feeds[name] = fill(feeds["input_ids"], dtype=_numpy_dtype(name, spec[name]))
-        answer = client.infer(model, feeds, version=version, outputs=tuple(outputs or ()))
+                    dtype = _numpy_dtype(name, spec[name].datatype)
+                    feeds[name] = fill(feeds["input_ids"], dtype=dtype)
+        wanted = tuple(outputs or ())
+        if classes and not wanted:
+            wanted = tuple(t.name for t in metadata.outputs)
+        answer = client.infer(model, feeds, version=version, outputs=wanted, classes=classes)
         for name, array in answer.items():
+            if array.dtype == object:  # top classes
+                _print_classes(name, array)
+                continue
             out.print(f"{name} {list(array.shape)} {array.dtype}", highlight=False, soft_wrap=True)
             out.print(
                 np.array2string(array, precision=4, threshold=64), highlight=False, soft_wrap=True
             )
+
+
+def _print_classes(name: str, strings) -> None:
+    """One line per row: its top classes, best first, from Triton's "score:index[:label]"."""
+    rows = strings.reshape(-1, strings.shape[-1]) if strings.ndim else strings.reshape(1, -1)
+    out.print(f"{name}: top {rows.shape[1]} classes of each row", highlight=False)
+    for r, row in enumerate(rows):
+        items = []
+        for s in row:
+            score, index, *label = s.decode().split(":", 2)
+            named = f"{label[0]!r} ({index})" if label else index
+            items.append(f"{named} {float(score):.4f}")
+        out.print(f"  row {r}: " + ", ".join(items), highlight=False, soft_wrap=True)
 
 
 def _tokenized(texts: list[str], bundle_dir: Path) -> dict:
@@ -811,9 +861,9 @@ def _numpy_dtype(name: str, datatype: str):
     return NUMPY[datatype]
 
 
-def _input_array(name: str, text: str, datatype: str):
-    """One --input value: a JSON array whose numbers fit the input's ``datatype`` exactly
-    (never rounded, never wrapped)."""
+def _input_array(name: str, text: str, datatype: str, rank: int):
+    """One --input value: a JSON array of the input's ``rank`` whose numbers fit its
+    ``datatype`` exactly (never rounded, never wrapped)."""
     import json
 
     import numpy as np
@@ -835,6 +885,13 @@ def _input_array(name: str, text: str, datatype: str):
         ) from e
     if array.dtype.kind not in "biuf":  # strings, nulls, integers beyond 64 bits
         raise BadRequest(f"--input {name}: expected numbers that fit {datatype}, got {text}")
+    if array.ndim == rank - 1 and rank > 1:  # one row without its batch: say how to wrap it
+        wrapped = f"[{text.strip()}]"
+        raise BadRequest(
+            f"--input {name}: expected {rank} dimensions, the first the batch, got "
+            f"{array.ndim}; send one row as a batch of one: "
+            f"-i '{name}={wrapped if len(wrapped) <= 40 else wrapped[:34] + ' ... ]]'}'"
+        )
     try:
         return cast_exact(array, datatype)
     except ValueError as e:

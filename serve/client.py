@@ -100,9 +100,14 @@ class Client:
         *,
         version: str = "",
         outputs: tuple[str, ...] = (),
+        classes: int = 0,
         timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run ``model`` on ``inputs``; every output unless ``outputs`` names some."""
+        """Run ``model`` on ``inputs``; every output unless ``outputs`` names some.
+
+        ``classes`` > 0 asks for each named output's top classes instead of the tensor
+        (Triton's classification extension): an array of ``b"value:index:label"`` strings.
+        """
         request = pb.ModelInferRequest(model_name=model, model_version=version)
         for name, value in inputs.items():
             array = np.asarray(value)
@@ -116,10 +121,22 @@ class Client:
                 ) from None
             request.inputs.add(name=name, datatype=datatype, shape=array.shape)
             request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+        if classes and not outputs:
+            raise BadRequest("classes needs the outputs to classify: name them in outputs")
         for name in outputs:
-            request.outputs.add(name=name)
+            output = request.outputs.add(name=name)
+            if classes:
+                output.parameters["classification"].int64_param = classes
         response = self._call(self._stub.ModelInfer, request, timeout)
         return {
-            t.name: np.frombuffer(raw, dtype=codec.DATATYPES[t.datatype][0]).reshape(tuple(t.shape))
+            t.name: _decode(t, raw)
             for t, raw in zip(response.outputs, response.raw_output_contents, strict=True)
         }
+
+
+def _decode(tensor: pb.ModelInferResponse.InferOutputTensor, raw: bytes) -> np.ndarray:
+    if tensor.datatype == codec.BYTES:
+        return codec.decode_bytes(raw, tensor.shape)
+    return np.frombuffer(raw, dtype=codec.DATATYPES[tensor.datatype][0]).reshape(
+        tuple(tensor.shape)
+    )

@@ -2,13 +2,14 @@
 
 Inputs are accepted as ``raw_input_contents`` (what tritonclient and perf_analyzer send)
 or as typed ``contents``; outputs always go back raw (little-endian, row-major), the only
-form tritonclient decodes.
+form tritonclient decodes. An output asked for with ``class_count`` (Triton's
+classification extension) goes back as BYTES: its top classes as strings.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -98,21 +99,60 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     return arrays
 
 
-def requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
-    """The names of the outputs the request asks for (empty: all of them).
+def requested_outputs(request: pb.ModelInferRequest) -> dict[str, int]:
+    """The outputs the request asks for (empty: all of them), each with the number of
+    classes Triton's classification extension asks of it (0: the tensor itself).
 
-    Refuses what the server cannot do rather than answer something else: Triton's
-    ``classification`` (top-k class strings instead of the tensor) and shared memory.
+    Refuses what the server cannot do rather than answer something else: shared memory, a
+    class count that is no positive integer, an output named twice.
     """
+    wanted: dict[str, int] = {}
     for output in request.outputs:
         where = f"output {output.name!r}"
         _refuse_shared_memory(where, output.parameters)
+        if output.name in wanted:
+            raise BadRequest(f"{where} is requested twice; ask for it once")
+        wanted[output.name] = 0
         if "classification" in output.parameters:
-            raise BadRequest(
-                f"{where}: parameter 'classification' (class_count) is not supported; "
-                "request the output without it and take the top k of the tensor yourself"
-            )
-    return tuple(o.name for o in request.outputs)
+            p = output.parameters["classification"]
+            if p.WhichOneof("parameter_choice") != "int64_param" or p.int64_param < 1:
+                raise BadRequest(
+                    f"{where}: parameter 'classification' must be a positive int64 (the "
+                    f"number of classes to return), found {str(p).strip() or 'nothing'}"
+                )
+            wanted[output.name] = p.int64_param
+    return wanted
+
+
+def classify(
+    name: str,
+    array: np.ndarray,
+    count: int,
+    *,
+    batched: bool,
+    labels: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Triton's classification extension: the ``count`` largest values of each row of an
+    output as strings ``"value:index"``, or ``"value:index:label"`` where ``labels`` name
+    the row's classes, largest first (a BYTES tensor: (batch, count), or (count,) for a
+    model without a batch axis). A row is everything after the batch axis, flattened."""
+    if array.dtype.kind not in "iuf":
+        raise BadRequest(
+            f"output {name!r} is {datatype(array.dtype)}: classification needs numbers; "
+            "request it without class_count"
+        )
+    rows = array.reshape(len(array), -1) if batched and array.ndim else array.reshape(1, -1)
+    k = min(count, rows.shape[1])
+    # Largest first; ties keep the lower index first, as a stable sort by descending value.
+    top = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :k]
+    named = labels is not None and len(labels) == rows.shape[1]
+    fmt = (lambda v: f"{v:.6f}") if array.dtype.kind == "f" else str  # Triton's std::to_string
+    strings = np.empty(top.shape, dtype=object)
+    for r, row in enumerate(top):
+        for j, i in enumerate(row):
+            s = f"{fmt(rows[r, i].item())}:{i}" + (f":{labels[i]}" if named else "")
+            strings[r, j] = s.encode()
+    return strings if batched and array.ndim else strings[0]
 
 
 # What to do instead of shared memory, which this server does not offer (its RPCs and its
@@ -190,13 +230,36 @@ def encode_response(response: pb.ModelInferResponse, outputs: dict[str, np.ndarr
     for name, array in outputs.items():
         tensor = response.outputs.add()
         tensor.name = name
-        tensor.datatype = datatype(array.dtype)
+        tensor.datatype = BYTES if array.dtype == object else datatype(array.dtype)
         tensor.shape.extend(array.shape)
-        arrays.append(memoryview(np.ascontiguousarray(array).view(np.uint8).reshape(-1)))
+        if array.dtype == object:
+            arrays.append(memoryview(encode_bytes(array)))
+        else:
+            arrays.append(memoryview(np.ascontiguousarray(array).view(np.uint8).reshape(-1)))
     chunks = [response.SerializeToString()]
     for data in arrays:
         chunks += (_RAW_OUTPUT_TAG, _varint(data.nbytes), data)
     return b"".join(chunks)
+
+
+BYTES = "BYTES"  # strings: each element its length (uint32, little-endian), then its bytes
+
+
+def encode_bytes(array: np.ndarray) -> bytes:
+    """A BYTES tensor's raw contents: row-major, each element length-prefixed."""
+    return b"".join(len(b).to_bytes(4, "little") + b for b in array.reshape(-1))
+
+
+def decode_bytes(raw: bytes, shape: Sequence[int]) -> np.ndarray:
+    """The elements of a BYTES tensor's raw contents, as an object array of ``bytes``."""
+    items, pos = [], 0
+    while pos < len(raw):
+        n = int.from_bytes(raw[pos : pos + 4], "little")
+        items.append(raw[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array.reshape(tuple(shape))
 
 
 def stream_response(infer_response: bytes) -> bytes:

@@ -259,8 +259,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             feeds = codec.decode_inputs(request)
             wanted = codec.requested_outputs(request)
             outputs, timing, rows = self._engine.infer(
-                model, feeds, wanted, timeout=timeout, caller=caller
+                model, feeds, tuple(wanted), timeout=timeout, caller=caller
             )
+            if any(wanted.values()):  # Triton's classification extension: top classes
+                outputs = {
+                    name: codec.classify(
+                        name, a, wanted[name], batched=model.batched, labels=model.labels
+                    )
+                    if wanted.get(name)
+                    else a
+                    for name, a in outputs.items()
+                }
             response.model_name = model.name
             response.model_version = model.version
             encoded = codec.encode_response(response, outputs)

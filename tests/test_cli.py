@@ -116,3 +116,20 @@ def test_a_missing_optional_extra_names_the_extra_to_install(cli, monkeypatch, t
     r = cli("train", "--out", tmp_path / "c")
     assert r.code == 2 and "Traceback" not in r.stderr, r.stderr
     assert "needs torch" in r.stderr and "pip install 'quantgate[export]'" in r.stderr
+
+
+def test_help_into_a_pipe_keeps_sentences_and_option_values_whole():
+    """A docstring's own line breaks are not kept, and a pipe gets more than rich's 80
+    columns: long option values are not cut ("sequence-classi…")."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
+    r = subprocess.run(
+        [sys.executable, "-m", "quantgate", "export", "--help"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "(a mismatch exits 3 and leaves --out as it was)" in r.stdout, r.stdout
+    assert "sequence-classification or feature-extraction" in r.stdout, r.stdout

@@ -25,6 +25,7 @@ CONFIG = ModelConfig(
     dropout=0.0,
     n_classes=5,
 )
+LABELS = ("ant", "bee", "cat", "dog", "eel")  # the classifier's class names, by index
 
 
 class Encoder(nn.Module):
@@ -100,6 +101,7 @@ def build(out: Path, kind: str = "classifier", *, verdict: str = qb.PASS, seed: 
                 variants=tuple(variants),
                 opset=17,
                 source={"kind": "test", "seed": seed},
+                extra={"labels": list(LABELS)} if kind == "classifier" else {},
             ),
         )
     return out

@@ -14,8 +14,11 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+from bundles import LABELS
 from conftest import ServerProcess
+from helpers import Reference
 
 from quantgate import bundle as qb
 
@@ -175,6 +178,7 @@ def test_metrics_port_0_says_which_port_it_chose(repo):
         (["input_ids=[[5, 7"], "not JSON"),
         (["input_ids=[[1]]", "input_ids=[[2, 3]]"], "--input input_ids: it is given twice"),
         (["token_ids=[[1]]"], "NAME one of ['attention_mask', 'input_ids']"),
+        (["input_ids=[5, 7]"], "send one row as a batch of one: -i 'input_ids=[[5, 7]]'"),
     ],
 )
 def test_infer_refuses_inputs_it_would_change_or_cannot_read(server, given, words):
@@ -182,6 +186,20 @@ def test_infer_refuses_inputs_it_would_change_or_cannot_read(server, given, word
     r = _quantgate("infer", "classifier", "--url", server.url, *args)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_infer_classes_prints_each_rows_top_classes_by_name(server, repo):
+    ids = np.array([[3, 4, 5], [9, 8, 1]], dtype=np.int64)
+    logits = Reference(repo / "classifier")({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    r = _quantgate("infer", "classifier", "--url", server.url, "-i", f"input_ids={ids.tolist()}",
+                   "--classes", "2")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "logits: top 2 classes of each row", r.stdout
+    for row, line in zip(logits, lines[1:], strict=True):
+        best = np.argsort(-row, kind="stable")[:2]
+        assert all(f"'{LABELS[i]}' ({i})" in line for i in best), line
+        assert line.index(f"'{LABELS[best[0]]}'") < line.index(f"'{LABELS[best[1]]}'"), line
 
 
 def _echo_bundle(out: Path) -> Path:

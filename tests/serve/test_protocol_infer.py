@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import tritonclient.grpc as tc
-from bundles import VOCAB
+from bundles import LABELS, VOCAB
 from helpers import Reference, batch, inputs
 from onnx import TensorProto, helper
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -76,15 +76,76 @@ def test_a_bad_token_id_in_a_stream_is_answered_there_and_the_stream_goes_on(ser
     np.testing.assert_allclose(result.as_numpy("logits"), reference(good), atol=1e-4)
 
 
-def test_classification_is_refused_not_answered_with_the_raw_tensor(client):
+def _classes(strings: np.ndarray) -> list[list[tuple[float, int, str]]]:
+    """Triton's "value:index:label" strings, parsed."""
+    parsed = [s.decode().split(":", 2) for s in strings.reshape(-1)]
+    rows = [(float(v), int(i), rest[0] if rest else "") for v, i, *rest in parsed]
+    return [rows[r * strings.shape[1] : (r + 1) * strings.shape[1]] for r in range(len(strings))]
+
+
+def test_class_count_answers_each_rows_top_classes_with_their_names(client, repo):
+    """Triton's classification extension, as tritonclient asks for it: the k largest logits
+    of each row, largest first, named by the classes the bundle's manifest records."""
+    feeds = batch(np.random.default_rng(11), 3, 6)
+    logits = Reference(repo / "classifier")(feeds)
+    result = client.infer(
+        "classifier", inputs(feeds), outputs=[tc.InferRequestedOutput("logits", class_count=3)]
+    )
+    output = result.get_output("logits")
+    assert output.datatype == "BYTES" and list(output.shape) == [3, 3], output
+    for row, top in zip(logits, _classes(result.as_numpy("logits")), strict=True):
+        assert [i for _, i, _ in top] == list(np.argsort(-row, kind="stable")[:3])
+        assert [name for _, _, name in top] == [LABELS[i] for _, i, _ in top]
+        np.testing.assert_allclose([v for v, _, _ in top], row[[i for _, i, _ in top]], atol=1e-4)
+
+
+def test_class_count_beyond_the_classes_answers_every_class(client):
+    result = client.infer(
+        "classifier", inputs(_ids(5)), outputs=[tc.InferRequestedOutput("logits", class_count=50)]
+    )
+    (top,) = _classes(result.as_numpy("logits"))
+    assert sorted(i for _, i, _ in top) == list(range(len(LABELS)))
+    assert [v for v, _, _ in top] == sorted((v for v, _, _ in top), reverse=True)
+
+
+def test_class_count_on_an_output_without_names_gives_value_and_index(client, repo):
+    """The encoder's manifest names no classes: "value:index", each row flattened whole."""
+    feeds = batch(np.random.default_rng(12), 2, 4)
+    result = client.infer(
+        "encoder",
+        inputs(feeds),
+        outputs=[tc.InferRequestedOutput("last_hidden_state", class_count=2)],
+    )
+    strings = result.as_numpy("last_hidden_state")
+    assert strings.shape == (2, 2)
+    assert all(s.decode().count(":") == 1 for s in strings.reshape(-1)), strings
+    hidden = Reference(repo / "encoder" / "1")(feeds)
+    for row, top in zip(hidden, _classes(strings), strict=True):
+        assert [i for _, i, _ in top] == list(np.argsort(-row.reshape(-1), kind="stable")[:2])
+
+
+def test_a_class_count_that_is_no_positive_integer_is_refused(server):
+    request = service_pb2.ModelInferRequest(model_name="classifier")
+    for name, array in _ids(5).items():
+        request.inputs.add(name=name, datatype="INT64", shape=list(array.shape))
+        request.raw_input_contents.append(array.tobytes())
+    output = request.outputs.add(name="logits")
+    with grpc.insecure_channel(server.url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for value in ({"int64_param": -2}, {"string_param": "3"}):
+            output.parameters["classification"].CopyFrom(service_pb2.InferParameter(**value))
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(request)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+            assert "'logits'" in err.value.details() and "positive" in err.value.details()
+
+
+def test_an_output_requested_twice_is_refused(client):
+    twice = [tc.InferRequestedOutput("logits"), tc.InferRequestedOutput("logits", class_count=2)]
     with pytest.raises(InferenceServerException) as err:
-        client.infer(
-            "classifier",
-            inputs(_ids(5)),
-            outputs=[tc.InferRequestedOutput("logits", class_count=3)],
-        )
+        client.infer("classifier", inputs(_ids(5)), outputs=twice)
     assert err.value.status() == INVALID, err.value
-    assert "'logits'" in err.value.message() and "classification" in err.value.message()
+    assert "'logits'" in err.value.message() and "twice" in err.value.message()
 
 
 def test_shared_memory_is_refused_by_name(client):
