@@ -697,7 +697,14 @@ def serve(
 
 @command()
 def infer(
-    model: Annotated[str, typer.Argument(help="Model name, as ModelMetadata reports it.")],
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="Model name, as ModelMetadata reports it; default: the name in --bundle's "
+            "manifest.",
+            show_default=False,
+        ),
+    ] = None,
     inputs: Annotated[
         list[str] | None,
         typer.Option(
@@ -722,7 +729,8 @@ def infer(
         Path | None,
         typer.Option(
             "--bundle",
-            help="The bundle the server serves (a Hugging Face model's): its tokenizer reads --text.",
+            help="The bundle the server serves: its tokenizer reads --text, its name is "
+            "MODEL's default.",
         ),
     ] = None,
     outputs: Annotated[
@@ -768,6 +776,7 @@ def infer(
     """
     import numpy as np
 
+    from quantgate.bundle import load
     from quantgate.errors import BadRequest, ConfigError, Unauthenticated, Unavailable
     from quantgate.serve.client import Client, ClientTLS
 
@@ -777,14 +786,20 @@ def infer(
         )
     if texts and bundle_dir is None:
         raise ConfigError("--text needs --bundle: the bundle whose tokenizer reads the text")
-    if bundle_dir is not None and not texts:
-        raise ConfigError("--bundle is for --text; drop it, or add -t TEXT")
+    if model is None and bundle_dir is None:
+        raise ConfigError(
+            "which model? Give its name (MODEL, as the server serves it), or --bundle BUNDLE "
+            "for the name in the bundle's manifest"
+        )
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("mutual TLS needs both --tls-cert and --tls-key")
     if timeout <= 0:
         raise ConfigError(f"--timeout must be more than 0 seconds, got {timeout:g}")
     secure = tls or tls_ca is not None or tls_cert is not None
     client_tls = ClientTLS(tls_ca, tls_cert, tls_key) if secure else None
+    # verified: the tokenizer is the one the bundle was gated with
+    bundle = None if bundle_dir is None else load(bundle_dir)
+    model = model or bundle.manifest.name
     with Client(url, token=token, timeout=timeout, tls=client_tls) as client:
         try:
             metadata = client.metadata(model, version)
@@ -799,7 +814,7 @@ def infer(
                 + ("." if secure else ", or --tls-ca CA.pem for one serving TLS.")
             ) from e
         spec = {t.name: t for t in metadata.inputs}
-        feeds = _tokenized(texts, bundle_dir) if texts else {}
+        feeds = _tokenized(texts, bundle) if texts else {}
         for item in inputs or ():
             name, sep, value = item.partition("=")
             if not sep or name not in spec:
@@ -842,12 +857,10 @@ def _print_classes(name: str, strings) -> None:
         out.print(f"  row {r}: " + ", ".join(items), highlight=False, soft_wrap=True)
 
 
-def _tokenized(texts: list[str], bundle_dir: Path) -> dict:
+def _tokenized(texts: list[str], bundle) -> dict:
     """``texts`` as the bundle's model takes them, by the tokenizer the bundle carries."""
-    from quantgate.bundle import load
     from quantgate.quantize.data import ModelInfo, tokenize
 
-    bundle = load(bundle_dir)  # verified: the tokenizer is the one the bundle was gated with
     return tokenize(texts, ModelInfo.from_manifest(bundle.manifest, bundle.path))
 
 

@@ -285,6 +285,11 @@ def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path):
         assert r.stdout.startswith(f"echo {list(echo.shape)} float32"), r.stdout
         got = re.findall(r"\d+", r.stdout.split("\n", 1)[1])
         assert [int(v) for v in got] == echo.ravel().tolist(), r.stdout
+        # MODEL defaults to the bundle's name ("echo")
+        r = _quantgate("infer", "--url", srv.url, "-t", "a cat", "--bundle", str(bundle))
+        assert r.returncode == 0 and r.stdout.startswith("echo [1, 4] float32"), r.stderr
+        r = _quantgate("infer", "--url", srv.url, "-i", "input_ids=[[1]]")
+        assert r.returncode == 2 and "which model?" in r.stderr, r.stderr
         for args, words in (
             (("-t", "a cat"), "--text needs --bundle"),
             (("-t", "a cat", "--bundle", str(bundle), "-i", "input_ids=[[1]]"), "--text gives it"),
