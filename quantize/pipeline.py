@@ -13,7 +13,6 @@ import dataclasses
 import datetime as _dt
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -326,8 +325,10 @@ def regate(
     """Re-run the INT8 variant's gates on ``evaluation``; rewrite manifest and report atomically.
 
     The new gates replace the INT8 gates measured on ``gate_cfg.provider``; its gates on other
-    providers (CUDA, from the build) are kept. Raises ``GateFailed`` (after rewriting) unless
-    the bundle then passes: every gate of every variant.
+    providers (CUDA, from the build) are kept. In report.md the re-gate comes first, and the
+    build's INT8 section and earlier re-gates are kept, marked superseded (``report.regated``).
+    Raises ``GateFailed`` (after rewriting) unless the bundle then passes: every gate of
+    every variant.
     """
     bundle = load(bundle_path)  # verifies every file's sha256
     check_writable_target(bundle.path, force=False)  # read-only: refused before the measuring
@@ -348,7 +349,8 @@ def regate(
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     manifest = _with_int8_gates(m, (*measured, *kept), {"at": when, "evaluation": ev.record()})
     section = _regate_section(manifest, when, ev, gate_cfg, kept=bool(kept))
-    _rewrite(bundle, manifest, _regated_report(bundle.report, section, manifest))
+    old = bundle.report.read_text() if bundle.report.is_file() else f"# {m.name}\n"
+    _rewrite(bundle, manifest, reports.regated(old, section, manifest, when))
     return _passed_bundle(bundle.path)
 
 
@@ -402,9 +404,9 @@ def _regate_section(
         what += f" Failed at build time, and not re-gated: {', '.join(failing)}."
     return "\n".join(
         [
-            f"## Re-gated {when}",
+            f"{reports.REGATED} {when}",
             "",
-            f"Verdict: **{verdict if verdict == PASS else 'FAIL'}**. {what}",
+            f"{reports.VERDICT}**{verdict if verdict == PASS else 'FAIL'}**. {what}",
             "",
             *reports.gate_table(int8.gates, cfg.confidence),
             "",
@@ -419,28 +421,6 @@ def _rewrite(bundle: Bundle, manifest: Manifest, report: str) -> None:
         _link_all(bundle.path, tmp, skip={MANIFEST, REPORT})
         write_manifest(tmp, manifest)
         (tmp / REPORT).write_text(report)
-
-
-def _regated_report(path: Path, section: str, manifest: Manifest) -> str:
-    """report.md after a re-gate: the old report with ``section`` right after its title block
-    (re-gates read newest first), and the two verdicts it states about the bundle as it is
-    now set to ``manifest``'s.
-
-    Both are in what ``export.writer.render_report`` writes: the title block's "Verdict:
-    **pass**." and the rows ``| file | precision | verdict | sha256 |`` of "## Variants".
-    Every other section is a record of what was measured when (the build's INT8 and FP16
-    gates, earlier re-gates) and stays as it was, verdicts included. A report without those
-    lines (an older layout, or none at all) gets the new section and is otherwise kept.
-    Patching the text rather than rendering it again keeps the build's sections, which the
-    manifest does not hold in full (every candidate tried, the plot).
-    """
-    old = path.read_text() if path.is_file() else "# bundle\n"
-    head, sep, rest = old.partition("\n## ")  # the title block; every section
-    head = re.sub(r"Verdict: \*\*\w+\*\*\.", f"Verdict: **{manifest.verdict}**.", head, count=1)
-    for v in manifest.variants:
-        row = re.compile(rf"^(\| {re.escape(v.file)} \| {re.escape(v.precision)} \| )\w+ \|", re.M)
-        rest = row.sub(rf"\g<1>{v.verdict} |", rest)  # a verdict is a word: pass, fail
-    return head.rstrip() + "\n\n" + section + ("\n## " + rest if sep else "")
 
 
 def _ort_version() -> str:

@@ -1,13 +1,15 @@
-"""report.md sections for the INT8 stage, and the candidates plot saved into the bundle."""
+"""report.md sections for the INT8 stage, the candidates plot saved into the bundle, and
+report.md rewritten by a re-gate."""
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from quantgate.bundle import GateResult, speed_shape
+from quantgate.bundle import GateResult, Manifest, speed_shape
 from quantgate.quantize.gates import GateConfig
 from quantgate.quantize.search import Candidate, SearchResult
 
@@ -15,6 +17,14 @@ log = logging.getLogger(__name__)
 
 PLOT = "candidates.png"
 HEADING = "## INT8: gates and recipe search"
+REGATED = "## Re-gated"  # + when; the newest re-gate is the first section after the title
+VERDICT = "Verdict: "  # opens the paragraph of a section's verdict
+# A superseded section (the build's INT8 gates, an earlier re-gate): its heading ends with
+# SUPERSEDED, a note opening with NOTE names the re-gate that replaced it, and its verdict
+# paragraph opens with VERDICT_THEN.
+SUPERSEDED = "(superseded)"
+NOTE = "Superseded by the re-gate of "
+VERDICT_THEN = "Verdict when measured: "
 
 
 def gate_table(gates: Sequence[GateResult], confidence: float | None = None) -> list[str]:
@@ -108,13 +118,16 @@ def sections(
         HEADING,
         "",
         (
-            f"Verdict: **{'pass' if ok else 'FAIL'}**. "
+            f"{VERDICT}**{'pass' if ok else 'FAIL'}**. "
             + (
                 f"Shipped `{shipped.name}`, the fastest of {sum(c.passed for c in result.candidates)} "
                 f"candidate(s) that passed every gate."
                 if ok
-                else f"No candidate passed every gate; `{shipped.name}`, the closest, is in the "
-                "bundle marked failed (serving refuses it)."
+                else f"No candidate passed every gate; `{shipped.name}`, the closest, went into "
+                "the bundle marked failed (serving refuses a failed bundle). The closest is the "
+                "candidate passing the most accuracy gates (speed depends on the machine, "
+                "accuracy does not), then the fastest at its slowest shape (the speed gate "
+                "requires every shape, and serving promises the slowest)."
             )
         ),
         "",
@@ -218,6 +231,54 @@ def _cell(g: GateResult | None, unit: str = "") -> str:
     return text if g.passed else f"**{text}**"
 
 
+def regated(old: str, section: str, manifest: Manifest, when: str) -> str:
+    """report.md ``old`` after the re-gate at ``when``: ``section`` (its verdict and gates)
+    first after the title block, the verdicts that describe the bundle as it is now set to
+    ``manifest``'s, and the sections whose INT8 gates it replaces marked superseded.
+
+    The current verdicts are the title block's "Verdict: **pass**." and the rows ``| file |
+    precision | verdict | sha256 |`` of "## Variants" (``export.writer.render_report``). The
+    build's INT8 section and earlier re-gates stay as the record of what was measured when,
+    marked superseded by this re-gate (``superseded``), so that no two sections give the INT8
+    variant a verdict. The FP16 and CUDA sections are not re-gated and stay as they are. A
+    report of another layout, or none, gets the new section and is otherwise kept. The
+    report is edited, not rendered again: the manifest does not hold the build's sections in
+    full (every candidate tried, the nodes kept in FP32, the CUDA timings).
+    """
+    head, *rest = old.split("\n## ")
+    head = re.sub(r"Verdict: \*\*\w+\*\*\.", f"Verdict: **{manifest.verdict}**.", head, count=1)
+    sections = []
+    for body in rest:
+        s = "## " + body.rstrip()
+        if s.startswith((HEADING, REGATED)):
+            s = superseded(s, when)
+        elif s.startswith("## Variants\n"):
+            for v in manifest.variants:
+                row = rf"^(\| {re.escape(v.file)} \| {re.escape(v.precision)} \| )\w+ \|"
+                s = re.sub(row, rf"\g<1>{v.verdict} |", s, flags=re.M)  # pass or fail
+        sections.append(s)
+    return "\n\n".join([head.rstrip(), section.rstrip(), *sections]) + "\n"
+
+
+def superseded(section: str, when: str) -> str:
+    """``section``, one that gave the INT8 variant a verdict, marked as replaced by the
+    re-gate at ``when``: its heading says so, a note under it says what now decides, and
+    its verdict reads as the one measured then. Marking it again only changes the note."""
+    title, _, body = section.partition("\n")
+    lines = [line for line in body.split("\n") if not line.startswith(NOTE)]
+    body = re.sub(rf"^{VERDICT}", VERDICT_THEN, "\n".join(lines).strip(), count=1, flags=re.M)
+    return "\n".join(
+        [
+            f"{title.removesuffix(' ' + SUPERSEDED)} {SUPERSEDED}",
+            "",
+            f"{NOTE}{when}, the first section of this report: its gates decide the INT8 "
+            "variant's verdict. What follows is an earlier measurement, kept as a record.",
+            "",
+            body,
+        ]
+    )
+
+
 def plot_candidates(result: SearchResult, shipped: Candidate, path: Path) -> Path | None:
     """accuracy (the first accuracy gate) vs speedup of every candidate, the shipped one marked."""
     made = [c for c in result.candidates if c.path is not None and c.accuracy and c.speed]
@@ -262,4 +323,14 @@ def plot_candidates(result: SearchResult, shipped: Candidate, path: Path) -> Pat
     return path
 
 
-__all__ = ["HEADING", "PLOT", "gate_table", "plot_candidates", "sections"]
+__all__ = [
+    "HEADING",
+    "PLOT",
+    "REGATED",
+    "VERDICT",
+    "gate_table",
+    "plot_candidates",
+    "regated",
+    "sections",
+    "superseded",
+]

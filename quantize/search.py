@@ -9,7 +9,8 @@
    ``max_keep_rounds`` rounds per recipe.
 4. Stop when the queue is empty, ``search_budget_s`` is spent or ``max_candidates`` have
    run (the first candidate always runs). Among the candidates that pass every gate, the
-   fastest (geometric mean of the speedups) is chosen, not the first.
+   fastest (geometric mean of the speedups) is chosen, not the first. When none passes, the
+   closest ships, marked failed (``SearchResult.best``).
 
 Every candidate is recorded, passing or not, with its gates; each round of nodes kept in
 FP32 records what it bought (accuracy) and what it cost (speedup).
@@ -110,6 +111,12 @@ class Candidate:
     def speedup(self) -> float:
         return speed_score(self.speed)
 
+    @property
+    def slowest(self) -> float:
+        """The speedup at the slowest shape: what decides the speed gate (every shape must
+        reach the threshold) and what serving promises; 0 without a speed gate."""
+        return min((g.value for g in self.speed), default=0.0)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -156,7 +163,14 @@ class SearchResult:
 
     @property
     def best(self) -> Candidate:
-        """What to ship: the chosen one, else the closest to passing (for a failed bundle)."""
+        """What to ship: the chosen one, else the closest to passing (for a failed bundle).
+
+        The closest passes the most accuracy gates, then is the fastest at its slowest shape.
+        Accuracy comes first because it is the model's own, while speed depends on the
+        machine: a re-gate on faster hardware can pass an accurate candidate, never an
+        inaccurate one. Speed goes by the slowest shape, not the geometric mean that ranks
+        passing candidates, because that shape is the one the speed gate fails on.
+        """
         if self.chosen is not None:
             return self.chosen
         made = [c for c in self.candidates if c.path is not None]
@@ -165,7 +179,7 @@ class SearchResult:
                 "no INT8 recipe produced a model:\n"
                 + "\n".join(f"  - {c.name}: {c.error}" for c in self.candidates)
             )
-        return max(made, key=lambda c: (sum(g.passed for g in c.gates), c.accurate, c.speedup))
+        return max(made, key=lambda c: (sum(g.passed for g in c.accuracy), c.slowest))
 
     def node_costs(self) -> list[NodeCost]:
         by_name = {c.name: c for c in self.candidates}
@@ -353,7 +367,7 @@ def _worth_refining(c: Candidate, rounds: int, qc: QuantConfig, gc: GateConfig) 
     """Inaccurate but fast: keeping a few nodes FP32 may save it. Slow: it cannot."""
     if c.path is None or c.accurate or rounds >= qc.max_keep_rounds:
         return False
-    return bool(c.speed) and min(g.value for g in c.speed) >= gc.min_speedup
+    return bool(c.speed) and c.slowest >= gc.min_speedup
 
 
 def _sensitive_nodes(fp32, qmodel, calibration, cand, qc: QuantConfig):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -58,13 +59,27 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(cli, tmp_p
     report = b.report.read_text()  # the title and the variants table: the new verdicts
     assert "Verdict: **pass**." in report.partition("\n## ")[0]
     assert "| model.int8.onnx | int8 | pass |" in report
+    # The build's INT8 section is kept as the earlier measurement, and says no more verdict.
+    assert verdicts(report) == {"pass"}
+    build = section(report, "## INT8: gates and recipe search (superseded)")
+    first = b.manifest.extra["regates"][-1]["at"]
+    assert f"Superseded by the re-gate of {first}," in build
+    assert "Verdict when measured: **FAIL**" in build and "| **FAIL** |" in build
+
     r = cli("gate", out, "--min-speedup", "100", "--gate-config", gate_file)
     assert r.code == 3 and load(out).manifest.verdict == "fail"
     report = load(out).report.read_text()
     assert "Verdict: **fail**." in report.partition("\n## ")[0]
     assert "| model.int8.onnx | int8 | fail |" in report
-    newest, older = report.split("## Re-gated")[1:]  # the newest first; each keeps its verdict
-    assert "Verdict: **FAIL**" in newest and "Verdict: **pass**" in older
+    assert verdicts(report) == {"fail"}
+    newest, older = report.split("## Re-gated")[1:]  # the newest first
+    assert "Verdict: **FAIL**" in newest and "(superseded)" not in newest.partition("\n")[0]
+    assert older.partition("\n")[0].endswith(" (superseded)")
+    assert "Verdict when measured: **pass**" in older
+    # Each superseded section is marked once, and names the newest re-gate.
+    latest = load(out).manifest.extra["regates"][-1]["at"]
+    assert report.count("(superseded)") == 2 and report.count("Superseded by the re-gate") == 2
+    assert report.count(f"Superseded by the re-gate of {latest},") == 2
 
     # A read-only bundle is refused before its gates are measured, and left as it was.
     from quantgate.errors import BundleError
@@ -80,6 +95,17 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(cli, tmp_p
     finally:
         out.chmod(0o755)
     assert events == [] and (out / "manifest.json").read_bytes() == before
+
+
+def verdicts(report: str) -> set[str]:
+    """The verdicts report.md states as current: the title's and each section's."""
+    return {v.lower() for v in re.findall(r"Verdict: \*\*(\w+)\*\*", report)}
+
+
+def section(report: str, heading: str) -> str:
+    """The section of report.md under ``heading``, up to the next one."""
+    assert f"\n{heading}\n" in report, heading
+    return report.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
 
 
 def test_gate_fails_when_any_variant_fails_and_keeps_the_cuda_gates(cli, tmp_path, gate_file):

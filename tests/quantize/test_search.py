@@ -100,6 +100,38 @@ def test_the_budget_stops_the_search(tmp_path):
     assert found.skipped
 
 
+def test_the_closest_failed_candidate_is_accurate_first_then_fastest_at_its_slowest_shape():
+    from quantgate.bundle import GateResult
+    from quantgate.quantize.search import Candidate, SearchResult
+
+    def candidate(name, drop, b1, b32):
+        accuracy = (GateResult("accuracy_drop", drop, 1.0, "<=", drop <= 1.0),)
+        speed = tuple(
+            GateResult(f"speedup_b{b}_s64", v, 1.2, ">=", v >= 1.2) for b, v in ((1, b1), (32, b32))
+        )
+        return Candidate(name, {}, "static", Path(name), accuracy=accuracy, speed=speed)
+
+    # Fast but inaccurate: it passes the most gates, yet no machine makes it accurate.
+    inaccurate = candidate("inaccurate", 3.0, 2.0, 2.0)
+    # Accurate; the higher geometric mean (1.21x), but 0.9x at batch 32: far from passing there.
+    uneven = candidate("uneven", 0.0, 1.62, 0.9)
+    # Accurate; 1.1x at both shapes: the slowest shape is the closest to the 1.2x gate.
+    even = candidate("even", 0.0, 1.1, 1.1)
+    assert uneven.speedup > even.speedup and uneven.slowest < even.slowest
+
+    def best(*candidates):
+        return SearchResult(candidates, chosen=None, seconds=1.0, budget_s=10.0).best
+
+    assert best(inaccurate, uneven, even) is even
+    assert best(inaccurate, uneven) is uneven  # accurate before fast
+    slower = candidate("slower", 3.0, 1.0, 5.0)  # the higher geometric mean, the slower shape
+    assert best(slower, inaccurate) is inaccurate
+    found = SearchResult((inaccurate, uneven, even), chosen=None, seconds=1.0, budget_s=10.0)
+    md = "\n".join(sections(found, found.best, GateConfig(), _data(), plot=None))
+    assert "`even`, the closest, went into the bundle marked failed" in md
+    assert "then the fastest at its slowest shape" in md  # the rule, stated where it applies
+
+
 def _data():
     rec = {"source": "s", "sha256": "0" * 64}
     return {"calibration": rec, "evaluation": rec}
