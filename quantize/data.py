@@ -13,6 +13,7 @@ Where the data comes from (``open_source``):
 - ``*.npz``: one ``(N, T)`` array per model input, optionally ``labels`` ``(N,)``;
 - ``*.jsonl``: one ``{"text": ..., "label": ...}`` object per line (``label`` optional),
   tokenized with the model's own tokenizer, read line by line and tokenized batch by batch;
+  a file whose every line has the same wrong keys is told so once, not line by line;
 - in the API, any iterable of feed dicts (each a batch; a ``"labels"`` entry is taken as
   labels), or a callable returning one.
 
@@ -24,6 +25,9 @@ little padding is added (padding would otherwise calibrate the ranges of pad act
 Rows are checked before any model sees them: names, ranks, dtypes and lengths against the
 model's inputs, an ``attention_mask`` of 0s and 1s with a token in every row, token ids
 inside the model's embedding tables (where the export recorded their sizes; else >= 0).
+Labels are class indices inside the model's classes (where it records their names: a
+classifier's id2label, the digits; else >= 0) or class names, mapped to their indices by
+exact match; a bad one is named by its line, row or item.
 
 Every source has a content ``sha256`` (of the bytes read plus the selection) for the
 manifest. Problems are collected and raised as one ``DataError``: what was expected, what
@@ -55,7 +59,7 @@ DEFAULT_BATCH = 16  # rows per feed; calibration statistics do not depend on it
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What data must fit: the model's inputs, task, longest sequence and tokenizer."""
+    """What data must fit: the model's inputs, task, longest sequence, tokenizer and classes."""
 
     inputs: tuple[TensorSpec, ...]
     task: str
@@ -66,10 +70,27 @@ class ModelInfo:
     # per input: the rows of the embedding table its ids index (ids must be below it);
     # an input missing here is checked for negative ids only (see ID_INPUTS)
     id_limits: dict[str, int] = field(default_factory=dict)
+    # a classifier's class names by index, as its export recorded them (the Hugging Face
+    # config's id2label, the digits '0'..'9'); labels are checked against them and string
+    # labels mapped through them. Empty: none recorded (labels must be indices >= 0).
+    labels: tuple[str, ...] = ()
 
     @property
     def input_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.inputs)
+
+    @property
+    def classes(self) -> str:
+        """'3 classes (0..2: neg, neu, pos)'; names equal to their indices are not repeated."""
+        n = len(self.labels)
+        if not n:
+            return "no class names"
+        span = f"{n} classes (0..{n - 1}" if n > 1 else "1 class (0"
+        if self.labels == tuple(map(str, range(n))):
+            return f"{span})"
+        shown = self.labels[:MAX_NAMES_SHOWN]
+        more = f", ... {n - len(shown)} more" if n > len(shown) else ""
+        return f"{span}: {', '.join(shown)}{more})"
 
     @classmethod
     def from_export(cls, result: Any) -> ModelInfo:
@@ -103,6 +124,9 @@ class ModelInfo:
             cfg = {**_hf_config(tokenizer), **{k: v for k, v in hf.items() if v is not None}}
             pads = {"input_ids": int(cfg.get("pad_token_id") or 0)}
             limits = _id_limits(cfg, HF_ID_LIMITS)
+        names = extra.get("labels")
+        if not (isinstance(names, list) and all(isinstance(x, str) for x in names)):
+            names = []  # as serve reads them: a list of strings, else none
         return cls(
             inputs=tuple(inputs),
             task=task,
@@ -111,7 +135,11 @@ class ModelInfo:
             tokenizer=tokenizer,
             pad_values=pads,
             id_limits=limits,
+            labels=tuple(names),
         )
+
+
+MAX_NAMES_SHOWN = 12  # class names listed in a message; the rest are counted
 
 
 # Inputs whose values index an embedding table: ONNX Runtime's Gather wraps a negative id
@@ -399,14 +427,112 @@ def _rows(bad: np.ndarray) -> str:
     return f"1 row (index {shown})" if len(idx) == 1 else f"{len(idx)} rows (indices {shown})"
 
 
-def _check_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
+def _check_labels(labels: Any, n: int, model: ModelInfo, where: str) -> np.ndarray:
+    """``labels`` as ``(n,)`` int64 class indices: integers inside the model's classes (>= 0
+    where it names none), or its class names, mapped to their indices; else a DataError that
+    names the rows."""
     labels = np.asarray(labels)
+    if labels.shape == (n,) and labels.dtype.kind in "US":  # class names
+        labels = labels.astype(str)
+        if not model.labels:
+            raise DataError(f"{where}: labels are strings ({_values(labels)}), but {NO_NAMES}")
+        index = _name_index(model)
+        unknown = ~np.isin(labels, list(index))
+        if unknown.any():
+            raise DataError(
+                f"{where}: label {_values(labels[unknown])} in {_rows(unknown)} is not one of "
+                f"the model's class names (matched exactly); it has {model.classes}"
+                + _case_hint(np.unique(labels[unknown]).tolist(), model)
+            )
+        return np.array([index[x] for x in labels.tolist()], np.int64)
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        what = "class indices or class names" if model.labels else "integers (class indices)"
         raise DataError(
-            f"{where}: labels must be {n} integers (one class index per row), "
-            f"found shape {labels.shape} dtype {labels.dtype}"
+            f"{where}: labels must be {n} {what}, one per row; found shape {labels.shape} "
+            f"dtype {labels.dtype}"
         )
-    return labels.astype(np.int64)
+    labels = labels.astype(np.int64)
+    bad = labels < 0
+    if model.labels:
+        bad |= labels >= len(model.labels)
+    if not bad.any():
+        return labels
+    found = f"label {_values(labels[bad])} in {_rows(bad)}"
+    if not model.labels:
+        raise DataError(f"{where}: labels must be class indices 0, 1, ...; found {found}")
+    raise DataError(
+        f"{where}: {found}, but the model has {model.classes}."
+        + _one_based_hint(int(labels.min()), int(labels.max()), model)
+    )
+
+
+# What a string label meets in a model without class names, and what to do.
+NO_NAMES = (
+    "labels must be integer class indices (0, 1, ...): the model carries no class names to "
+    "map strings through. Number the labels from 0, in the order of the model's classes."
+)
+
+
+def _values(a: np.ndarray) -> str:
+    """'5, 7, 9, ...': the distinct values of ``a``, the first five (strings quoted)."""
+    found = np.unique(a).tolist()
+    shown = [_quote(v) if isinstance(v, str) else str(v) for v in found[:5]]
+    return ", ".join(shown) + (", ..." if len(found) > 5 else "")
+
+
+def _quote(name: str) -> str:
+    return json.dumps(name, ensure_ascii=False)
+
+
+def _name_index(model: ModelInfo) -> dict[str, int]:
+    """{class name: index}; a name given twice maps to its first index."""
+    index: dict[str, int] = {}
+    for i, name in enumerate(model.labels):
+        index.setdefault(name, i)
+    return index
+
+
+def _case_hint(labels: list[str], model: ModelInfo) -> str:
+    """' ("POS" differs only in case from "pos")' for the first of ``labels`` that does."""
+    folded = {n.casefold(): n for n in reversed(model.labels)}
+    for label in labels:
+        if label.casefold() in folded:
+            return (
+                f" ({_quote(label)} differs only in case from {_quote(folded[label.casefold()])})"
+            )
+    return ""
+
+
+def _one_based_hint(lo: int, hi: int, model: ModelInfo) -> str:
+    if lo == 1 and hi == len(model.labels):
+        return " They look 1-based: renumber them from 0, in the order of the model's classes."
+    return ""
+
+
+def _label_problem(label: Any, model: ModelInfo) -> str | None:
+    """Why a JSON ``"label"`` is not one of the model's classes, or None when it is: an index
+    inside its classes (>= 0 where it names none) or one of its class names, exactly."""
+    if isinstance(label, str):
+        if not model.labels:
+            return f"label {_quote(label)} is a string, but {NO_NAMES}"
+        if label in model.labels:
+            return None
+        return (
+            f"label {_quote(label)} is not one of the model's class names (matched exactly); it "
+            f"has {model.classes}" + _case_hint([label], model)
+        )
+    if not isinstance(label, int) or isinstance(label, bool):
+        if model.labels:
+            return (
+                f'"label" must be a class index or name, got {label!r}; the model has '
+                f"{model.classes}"
+            )
+        return f'"label" must be an integer class index (0, 1, ...), got {label!r}'
+    if model.labels and not 0 <= label < len(model.labels):
+        return f"label {label}, but the model has {model.classes}"
+    if not 0 <= label < 1 << 63:
+        return f'"label" must be an integer class index (0, 1, ...), got {label!r}'
+    return None
 
 
 # -- sources -------------------------------------------------------------------------------
@@ -460,7 +586,7 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
         feeds = check_feeds(arrays, model, f"{flag} {path}")
         n = len(next(iter(feeds.values())))
         if labels is not None:
-            labels = _check_labels(labels, n, f"{flag} {path}")
+            labels = _check_labels(labels, n, model, f"{flag} {path}")
         return feeds, labels
 
     feeds, labels = load()
@@ -508,9 +634,12 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
         )
     tok = _tokenizer(model.tokenizer)
     limit = model.max_seq_len or None
+    where = f"{flag} {path}"
     # Pass 1: byte offset, token count and label presence of every line; nothing else kept.
-    offsets, lengths, problems = [], [], []  # problems: the first 10 bad lines, described
-    labelled, bad, first = None, 0, True
+    offsets, lengths, problems = [], [], []  # problems: the first few bad lines, described
+    labelled, lines, bad, first = None, 0, 0, True
+    shapes: set[tuple[str, ...] | None] = set()  # how bad lines are wrong (two are enough)
+    lo, hi = 1 << 63, -1  # the smallest and largest integer label
     with open(path, "rb") as f:
         texts, starts = [], []
         pos = 0
@@ -519,40 +648,57 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
             if not line.strip():
                 continue
             if first:
-                _check_format(line, lineno, f"{flag} {path}")
+                _check_format(line, lineno, where)
                 first = False
-            row = _parse_line(line, lineno, problems)
-            if row is None:
+            lines += 1
+            row, problem = _parse_line(line, model)
+            label = row.get("label") if isinstance(row, dict) else None
+            if isinstance(label, int) and not isinstance(label, bool):
+                lo, hi = min(lo, label), max(hi, label)
+            if problem is None and labelled is not None and (label is not None) != labelled:
+                problem = "label present on some lines but not others"
+            if problem is not None:
                 bad += 1
+                if len(problems) < MAX_PROBLEMS:
+                    problems.append(f"line {lineno}: {problem}")
+                if len(shapes) < 2:
+                    shapes.add(_shape(row))
                 continue
-            has = "label" in row and row["label"] is not None
-            if labelled is None:
-                labelled = has
-            elif has != labelled:
-                bad += 1
-                if len(problems) < 10:
-                    problems.append(f"line {lineno}: label present on some lines but not others")
+            labelled = label is not None
+            if bad:  # the file is refused: no need to count its tokens
+                continue
             texts.append(row["text"])
             starts.append(start)
             if len(texts) == 256:
                 lengths.extend(_token_counts(tok, texts, limit))
                 offsets.extend(starts)
                 texts, starts = [], []
-        if texts:
+        if texts and not bad:
             lengths.extend(_token_counts(tok, texts, limit))
             offsets.extend(starts)
-    if problems:
+    if bad:
+        shape = next(iter(shapes)) if len(shapes) == 1 else None
+        if bad == lines and shape is not None:  # every line wrong the same way: say it once
+            raise DataError(f"{where}: {_same_on_every_line(shape)}")
         more = f"\n  ... and {bad - len(problems)} more bad line(s)" if bad > len(problems) else ""
+        hint = _one_based_hint(lo, hi, model).strip() if model.labels else ""
+        optional = (
+            f'an optional "label" (a class index, or one of the model\'s {len(model.labels)} '
+            "class names)"
+            if model.labels
+            else 'an optional integer "label"'
+        )
         raise DataError(
-            f"{flag} {path}: expected one JSON object per line with a non-blank string "
-            '"text" and an optional integer "label":\n'
+            f'{where}: expected one JSON object per line with a non-blank string "text" and '
+            f"{optional}:\n"
             + "\n".join(f"  - {p}" for p in problems)
             + more
+            + (f"\n{hint}" if hint else "")
         )
     if not offsets:
         found = "only blank lines" if path.stat().st_size else "an empty file"
         raise DataError(
-            f'{flag} {path}: expected one {{"text": ...}} JSON object per line, found {found}. '
+            f'{where}: expected one {{"text": ...}} JSON object per line, found {found}. '
             "Write the texts into it, one object per line."
         )
     lengths_a = np.asarray(lengths, dtype=np.int64)
@@ -562,6 +708,7 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
     h = hashlib.sha256(digest.encode())
     h.update(keep.tobytes())
     h.update(f"{limit}".encode())  # not the tokenizer's path: the bundle moves with its copy
+    index = _name_index(model)
 
     def batches() -> Iterator[Batch]:
         with open(path, "rb") as f:
@@ -571,7 +718,9 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
                     f.seek(int(off))
                     rows.append(json.loads(f.readline()))
                 feeds = _encode(tok, [r["text"] for r in rows], model, limit)
-                labels = np.array([r["label"] for r in rows], np.int64) if labelled else None
+                labels = None
+                if labelled:  # a class name stands for its index
+                    labels = np.array([index.get(r["label"], r["label"]) for r in rows], np.int64)
                 yield Batch(feeds, labels)
 
     return DataSource(
@@ -602,35 +751,82 @@ def _check_format(line: bytes, lineno: int, where: str) -> None:
         )
 
 
-def _parse_line(line: bytes, lineno: int, problems: list[str]) -> dict | None:
+MAX_PROBLEMS = 10  # bad lines described one by one; the rest are counted
+
+
+def _parse_line(line: bytes, model: ModelInfo) -> tuple[Any, str | None]:
+    """A JSONL line's value (``UNREADABLE`` where it is not UTF-8 JSON) and what is wrong
+    with it as a row, or None: a non-blank string "text", a label that is a class of the
+    model (``_label_problem``)."""
     try:
         row = json.loads(line)
     except UnicodeDecodeError as e:
-        if len(problems) < 10:
-            problems.append(
-                f"line {lineno}: not UTF-8 (byte 0x{e.object[e.start]:02x} at column "
-                f"{e.start + 1}); save the file as UTF-8"
-            )
-        return None
+        return UNREADABLE, (
+            f"not UTF-8 (byte 0x{e.object[e.start]:02x} at column {e.start + 1}); save the "
+            "file as UTF-8"
+        )
     except ValueError as e:
-        if len(problems) < 10:
-            problems.append(f"line {lineno}: not JSON ({e})")
-        return None
-    text = row.get("text") if isinstance(row, dict) else None
+        return UNREADABLE, f"not JSON ({e})"
+    if not isinstance(row, dict):
+        return row, f'found {_json_kind(row)}, expected an object with a "text" key'
+    if "text" not in row:
+        return row, f'no "text" key (found {_keys(row) or "an empty object"})'
+    text = row["text"]
     if not isinstance(text, str) or not text.strip():
-        if len(problems) < 10:
-            problems.append(f'line {lineno}: no non-blank string "text" ({line[:60]!r})')
-        return None
+        return row, f'no non-blank string "text" (found {json.dumps(text)[:60]})'
     label = row.get("label")
-    if label is not None and (
-        not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < 1 << 63
-    ):
-        if len(problems) < 10:
-            problems.append(
-                f'line {lineno}: "label" must be an integer class index (0, 1, ...), got {label!r}'
-            )
+    return row, None if label is None else _label_problem(label, model)
+
+
+UNREADABLE = object()  # a JSONL line that is not UTF-8 JSON
+
+
+def _shape(row: Any) -> tuple[str, ...] | None:
+    """How a bad line is wrong, where every line of a file may be wrong the same way: the keys
+    of an object without "text", the kind of a value that is not an object; else None."""
+    if row is UNREADABLE:
         return None
-    return row
+    if isinstance(row, dict):
+        return ("keys", *row) if "text" not in row else None
+    return ("value", _json_kind(row))
+
+
+def _same_on_every_line(shape: tuple[str, ...]) -> str:
+    """One message for a file whose every line has the same wrong keys or is not an object."""
+    if shape[0] == "value":
+        fix = (
+            " Wrap each, for example with: jq -c '{text: .}' IN.jsonl > OUT.jsonl"
+            if shape[1] == "a string"
+            else ""
+        )
+        return (
+            f'found {shape[1]} on every line; expected one {{"text": ..., "label": ...}} '
+            f'object per line ("label" optional).{fix}'
+        )
+    keys = shape[1:]
+    found = f"found keys {_keys(keys)} on every line" if keys else "found {} on every line"
+    texts = [k for k in keys if k not in ("label", "labels", "id", "idx")]
+    key = texts[0] if len(texts) == 1 else "KEY"
+    return (
+        f'{found}; expected "text" (the text to tokenize) and optionally "label" (its class). '
+        f'Rename the key that holds the text to "text", for example with: '
+        f"jq -c '.text = .{key} | del(.{key})' IN.jsonl > OUT.jsonl"
+    )
+
+
+def _keys(keys: Iterable[str]) -> str:
+    """'"sentence", "label"': the first eight keys, quoted."""
+    keys = list(keys)
+    shown = ", ".join(map(_quote, keys[:8]))
+    return shown + (f", ... {len(keys) - 8} more" if len(keys) > 8 else "")
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool) or value is None:
+        return f"JSON {json.dumps(value)}"
+    return "an array" if isinstance(value, list) else "a number"
 
 
 def tokenize(texts: Sequence[str], model: ModelInfo) -> Feeds:
@@ -707,7 +903,7 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
         f = check_feeds(feeds, model, f"data item {i}")
         n = len(next(iter(f.values())))
         if labels is not None:
-            labels = _check_labels(labels, n, f"data item {i}")
+            labels = _check_labels(labels, n, model, f"data item {i}")
         if labelled is not None and (labels is not None) != labelled:
             raise DataError(f"data item {i}: labels on some items but not others")
         labelled = labels is not None
@@ -726,15 +922,17 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
 
     def batches() -> Iterator[Batch]:
         left = rows
-        for feeds in make():
-            f = check_feeds(feeds, model, "data item")
+        for i, feeds in enumerate(make()):
+            f = check_feeds(feeds, model, f"data item {i}")
+            n = len(next(iter(f.values())))
             labels = feeds.get(LABELS)
-            take = min(left, len(next(iter(f.values()))))
+            if labels is not None:  # class names become indices
+                labels = _check_labels(labels, n, model, f"data item {i}")
+            take = min(left, n)
             for s in range(0, take, batch_size):
                 sl = slice(s, min(take, s + batch_size))
                 yield Batch(
-                    {k: v[sl] for k, v in f.items()},
-                    None if labels is None else np.asarray(labels, np.int64)[sl],
+                    {k: v[sl] for k, v in f.items()}, None if labels is None else labels[sl]
                 )
             left -= take
             if left <= 0:
