@@ -640,6 +640,7 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
     labelled, lines, bad, first = None, 0, 0, True
     shapes: set[tuple[str, ...] | None] = set()  # how bad lines are wrong (two are enough)
     lo, hi = 1 << 63, -1  # the smallest and largest integer label
+    unread: set[str] = set()  # keys beside "text" on unlabelled lines: a misnamed label?
     with open(path, "rb") as f:
         texts, starts = [], []
         pos = 0
@@ -667,6 +668,8 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
             labelled = label is not None
             if bad:  # the file is refused: no need to count its tokens
                 continue
+            if not labelled and len(unread) < MAX_PROBLEMS:
+                unread.update(k for k in row if k != "text")
             texts.append(row["text"])
             starts.append(start)
             if len(texts) == 256:
@@ -700,6 +703,14 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
         raise DataError(
             f'{where}: expected one {{"text": ...}} JSON object per line, found {found}. '
             "Write the texts into it, one object per line."
+        )
+    if unread:
+        keys = ", ".join(f'"{k}"' for k in sorted(unread))
+        log.warning(
+            '%s: no line has a "label", so the rows are read as unlabelled; keys %s are not '
+            'read. If one of them holds each row\'s class, name it "label".',
+            where,
+            keys,
         )
     lengths_a = np.asarray(lengths, dtype=np.int64)
     offsets_a = np.asarray(offsets, dtype=np.int64)
@@ -839,7 +850,18 @@ def tokenize(texts: Sequence[str], model: ModelInfo) -> Feeds:
         )
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise DataError(f"expected one or more non-blank texts, found {list(texts)!r}")
-    return _encode(_tokenizer(model.tokenizer), list(texts), model, model.max_seq_len or None)
+    tok, limit = _tokenizer(model.tokenizer), model.max_seq_len or None
+    if limit is not None:
+        for i, n in enumerate(_token_counts(tok, list(texts), None), 1):
+            if n > limit:
+                log.warning(
+                    "text %d is %d tokens; the model reads at most %d, so the last %d are cut",
+                    i,
+                    n,
+                    limit,
+                    n - limit,
+                )
+    return _encode(tok, list(texts), model, limit)
 
 
 def _tokenizer(directory: str):

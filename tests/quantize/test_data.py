@@ -403,3 +403,19 @@ def test_jsonl_with_a_bom_crlf_and_blank_lines_reads_as_written(tmp_path):
         open_source(path, info, role="evaluation")
     assert 'line 1: "label" must be an integer class index (0, 1, ...), got 1.0' in str(e.value)
     assert 'line 2: "label" must be an integer class index (0, 1, ...), got True' in str(e.value)
+
+
+def test_tokenize_says_when_a_text_is_cut_at_the_models_longest_sequence(caplog):
+    """What `quantgate infer -t` sends: a text longer than the model reads is cut, and said."""
+    from quantgate.quantize.data import tokenize
+
+    info = minilm_info()
+    long = " ".join(["word"] * 300)  # 300 tokens + [CLS] and [SEP]
+    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+        feeds = tokenize(["a cat", long], info)
+    assert feeds["input_ids"].shape == (2, info.max_seq_len)
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        f"text 2 is 302 tokens; the model reads at most {info.max_seq_len}, "
+        f"so the last {302 - info.max_seq_len} are cut"
+    )

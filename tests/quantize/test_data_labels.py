@@ -236,3 +236,23 @@ def test_bad_labels_stop_a_build_before_the_export(classifiers, tmp_path):
     with pytest.raises(DataError, match=r'line 41: label "great" is not one of the model'):
         build(model_dir, tmp_path / "bundle", calibration=cal, evaluation=ev)
     assert not (tmp_path / "bundle").exists()
+
+
+def test_a_label_under_another_key_is_warned_about_not_read_in_silence(
+    classifiers, tmp_path, caplog
+):
+    """{"text", "labels"}: read as unlabelled (the gates then only compare with FP32), and
+    the keys it did not read are named."""
+    info = classifiers[0]["named"]
+    rows = [{"text": f"sentence {i}", "labels": i % 3, "id": i} for i in range(6)]
+    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+        src = open_source(jsonl(tmp_path / "ev.jsonl", rows), info, role="evaluation")
+    assert not src.has_labels
+    (record,) = [r for r in caplog.records if "not read" in r.getMessage()]
+    assert 'keys "id", "labels" are not read' in record.getMessage()
+    assert 'name it "label"' in record.getMessage()
+    caplog.clear()
+    labelled = [{"text": f"sentence {i}", "label": i % 3, "id": i} for i in range(6)]
+    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+        open_source(jsonl(tmp_path / "ok.jsonl", labelled), info, role="evaluation")
+    assert not caplog.records  # other keys beside a label are fine
