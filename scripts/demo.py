@@ -68,15 +68,16 @@ def query(port: int) -> None:
 
     test = load_digits_splits()["test"]
     rows = slice(0, 8)
+    feeds = {"input_ids": test.input_ids[rows], "attention_mask": test.attention_mask[rows]}
     with Client(f"127.0.0.1:{port}", timeout=30) as client:
-        out = client.infer(
-            "digits",
-            {"input_ids": test.input_ids[rows], "attention_mask": test.attention_mask[rows]},
-        )
-    predicted = np.asarray(out["logits"]).argmax(-1)
+        logits = client.infer("digits", feeds)["logits"]
+        # Triton's classification extension: the server answers "score:index:class name"
+        top = client.infer("digits", feeds, outputs=("logits",), classes=1)["logits"][:, 0]
+    names = [s.decode().split(":", 2)[2] for s in top]
+    assert [int(n) for n in names] == np.asarray(logits).argmax(-1).tolist()
     print("\n8 held-out digits through gRPC:")
-    print(f"  label     {test.labels[rows].tolist()}")
-    print(f"  predicted {predicted.tolist()}")
+    print(f"  label      {' '.join(str(x) for x in test.labels[rows])}")
+    print(f"  top class  {' '.join(names)}    (class_count=1: {top[0].decode()!r}, ...)")
 
 
 def main() -> None:
