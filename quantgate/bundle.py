@@ -116,6 +116,16 @@ class Variant:
         return self.verdict == PASS
 
 
+def class_names(extra: dict[str, Any]) -> tuple[str, ...]:
+    """A classifier's class names by index, as its export records them in ``extra["labels"]``
+    (a Hugging Face config's id2label; the digits '0'..'9' for the built-in model); () where
+    it records none, or anything but a list of strings."""
+    names = extra.get("labels")
+    if isinstance(names, list) and all(isinstance(x, str) for x in names):
+        return tuple(names)
+    return ()
+
+
 @dataclass(frozen=True)
 class Manifest:
     name: str
@@ -142,6 +152,10 @@ class Manifest:
     def verdict(self) -> str:
         """Pass only when every variant passed its gates."""
         return PASS if all(v.passed for v in self.variants) else FAIL
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return class_names(self.extra)
 
     @property
     def max_seq_len(self) -> int | None:

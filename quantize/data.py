@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from quantgate.bundle import Manifest, TensorSpec, sha256_file
+from quantgate.bundle import Manifest, TensorSpec, class_names, sha256_file
 from quantgate.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -124,9 +124,6 @@ class ModelInfo:
             cfg = {**_hf_config(tokenizer), **{k: v for k, v in hf.items() if v is not None}}
             pads = {"input_ids": int(cfg.get("pad_token_id") or 0)}
             limits = _id_limits(cfg, HF_ID_LIMITS)
-        names = extra.get("labels")
-        if not (isinstance(names, list) and all(isinstance(x, str) for x in names)):
-            names = []  # as serve reads them: a list of strings, else none
         return cls(
             inputs=tuple(inputs),
             task=task,
@@ -135,7 +132,7 @@ class ModelInfo:
             tokenizer=tokenizer,
             pad_values=pads,
             id_limits=limits,
-            labels=tuple(names),
+            labels=class_names(extra),
         )
 
 

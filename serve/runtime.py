@@ -106,15 +106,6 @@ def index_limits(file: Path) -> dict[str, int]:
     return limits
 
 
-def class_names(manifest: qb.Manifest) -> tuple[str, ...] | None:
-    """A classifier's class names, by index, as its export recorded them (the Hugging Face
-    config's id2label; the digits for the built-in model); None where it recorded none."""
-    labels = manifest.extra.get("labels")
-    if isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels):
-        return tuple(labels)
-    return None
-
-
 class Model:
     """One served model version: the bundle, its chosen variant, and the session."""
 
@@ -152,7 +143,7 @@ class Model:
         self.index_limits = index_limits(bundle.path / variant.file)
         self._input = {t.name: t for t in self.inputs}
         self._output_names = tuple(t.name for t in self.outputs)
-        self.labels = class_names(bundle.manifest)  # for class_count requests
+        self.labels = bundle.manifest.class_names  # for class_count requests
         self.io_binding = io_binding
         self.placement = placement_report  # where ORT put the nodes (CUDA only)
 
