@@ -62,12 +62,6 @@ def command(name: str | None = None):
     return register
 
 
-if not sys.stdout.isatty() and not {"COLUMNS", "TERMINAL_WIDTH"} & os.environ.keys():
-    # --help into a pipe or a log: rich's default 80 columns squeeze the options' help
-    # into a narrow column and cut long values ("sequence-classi…").
-    typer.rich_utils.MAX_WIDTH = 120
-
-
 def _console(stderr: bool = False) -> Console:
     """A terminal gets rich's wrapping at its width. A pipe or a CI log gets whole lines:
     rich would wrap them at 80 columns, mid-sentence, and break grep."""
@@ -701,7 +695,7 @@ def infer(
         str | None,
         typer.Argument(
             help="Model name, as ModelMetadata reports it; default: the name in --bundle's "
-            "manifest.",
+            "manifest (a repository serves a model under its folder's name instead).",
             show_default=False,
         ),
     ] = None,
@@ -777,7 +771,13 @@ def infer(
     import numpy as np
 
     from quantgate.bundle import load
-    from quantgate.errors import BadRequest, ConfigError, Unauthenticated, Unavailable
+    from quantgate.errors import (
+        BadRequest,
+        ConfigError,
+        ModelNotFound,
+        Unauthenticated,
+        Unavailable,
+    )
     from quantgate.serve.client import Client, ClientTLS
 
     if not inputs and not texts:
@@ -798,11 +798,18 @@ def infer(
     secure = tls or tls_ca is not None or tls_cert is not None
     client_tls = ClientTLS(tls_ca, tls_cert, tls_key) if secure else None
     # verified: the tokenizer is the one the bundle was gated with
-    bundle = None if bundle_dir is None else load(bundle_dir)
-    model = model or bundle.manifest.name
+    bundle = None if bundle_dir is None else load(bundle_dir, verify=bool(texts))
+    named = model or bundle.manifest.name
     with Client(url, token=token, timeout=timeout, tls=client_tls) as client:
         try:
-            metadata = client.metadata(model, version)
+            metadata = client.metadata(named, version)
+        except ModelNotFound as e:
+            if model:
+                raise
+            raise ModelNotFound(
+                f"{e}. {named!r} is the name in {bundle_dir}'s manifest; a repository serves "
+                "each model under its folder's name: give that name as MODEL"
+            ) from e
         except Unauthenticated as e:
             raise Unauthenticated(
                 f"{e} (`quantgate infer` sends --token, or the QUANTGATE_AUTH_TOKEN variable)"
@@ -833,7 +840,7 @@ def infer(
         wanted = tuple(outputs or ())
         if classes and not wanted:
             wanted = tuple(t.name for t in metadata.outputs)
-        answer = client.infer(model, feeds, version=version, outputs=wanted, classes=classes)
+        answer = client.infer(named, feeds, version=version, outputs=wanted, classes=classes)
         for name, array in answer.items():
             if array.dtype == object:  # top classes
                 _print_classes(name, array)
@@ -946,6 +953,10 @@ _EXTRAS = {
 
 def main() -> None:
     """Console entry point: run the app, turning quantgate's errors into exit codes."""
+    if not sys.stdout.isatty() and not {"COLUMNS", "TERMINAL_WIDTH"} & os.environ.keys():
+        # --help into a pipe or a log: rich's default 80 columns squeeze the options' help
+        # into a narrow column and cut long values ("sequence-classi…").
+        typer.rich_utils.MAX_WIDTH = 120
     try:
         with _exit_on_sigterm():
             code = app(standalone_mode=False)  # a command's return value, or typer.Exit's code

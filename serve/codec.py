@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from quantgate.errors import BadRequest
+from quantgate.errors import BadRequest, InferenceFailed
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import model_config_pb2 as mc
 from quantgate.serve.dtypes import NUMPY, cast_exact, datatype
@@ -38,6 +38,11 @@ DATATYPES: dict[str, tuple[np.dtype, int, str]] = {
     name: (dtype, mc.DataType.Value(f"TYPE_{name}"), _CONTENTS.get(name, ""))
     for name, dtype in NUMPY.items()
 }
+
+
+# Strings (the classification extension's answers): raw, each element its length (uint32,
+# little-endian), then its bytes.
+BYTES = "BYTES"
 
 
 def config_type(dtype: np.dtype) -> int:
@@ -104,15 +109,13 @@ def requested_outputs(request: pb.ModelInferRequest) -> dict[str, int]:
     classes Triton's classification extension asks of it (0: the tensor itself).
 
     Refuses what the server cannot do rather than answer something else: shared memory, a
-    class count that is no positive integer, an output named twice.
+    class count that is no positive integer, one output asked for in two ways.
     """
     wanted: dict[str, int] = {}
     for output in request.outputs:
         where = f"output {output.name!r}"
         _refuse_shared_memory(where, output.parameters)
-        if output.name in wanted:
-            raise BadRequest(f"{where} is requested twice; ask for it once")
-        wanted[output.name] = 0
+        count = 0
         if "classification" in output.parameters:
             p = output.parameters["classification"]
             if p.WhichOneof("parameter_choice") != "int64_param" or p.int64_param < 1:
@@ -120,7 +123,12 @@ def requested_outputs(request: pb.ModelInferRequest) -> dict[str, int]:
                     f"{where}: parameter 'classification' must be a positive int64 (the "
                     f"number of classes to return), found {str(p).strip() or 'nothing'}"
                 )
-            wanted[output.name] = p.int64_param
+            count = p.int64_param
+        if wanted.setdefault(output.name, count) != count:
+            raise BadRequest(
+                f"{where} is requested twice, as the tensor and as its top classes (or with "
+                "two class counts); one response holds it once: ask for it one way"
+            )
     return wanted
 
 
@@ -130,29 +138,49 @@ def classify(
     count: int,
     *,
     batched: bool,
-    labels: Sequence[str] | None = None,
+    labels: Sequence[str] = (),
 ) -> np.ndarray:
     """Triton's classification extension: the ``count`` largest values of each row of an
-    output as strings ``"value:index"``, or ``"value:index:label"`` where ``labels`` name
-    the row's classes, largest first (a BYTES tensor: (batch, count), or (count,) for a
-    model without a batch axis). A row is everything after the batch axis, flattened."""
+    output, largest first, as strings ``"value:index"``, floats with 6 decimals as Triton
+    prints them. A row is everything after the batch axis, flattened.
+
+    ``labels``, the model's class names, are added (``"value:index:label"``) to an output
+    whose rows hold one value per class: the classifier's logits, not its other outputs.
+    Returns a BYTES tensor (an object array of bytes) of shape (batch, min(count, row)), or
+    (min(count, row),) for a model without a batch axis.
+    """
     if array.dtype.kind not in "iuf":
         raise BadRequest(
             f"output {name!r} is {datatype(array.dtype)}: classification needs numbers; "
             "request it without class_count"
         )
-    rows = array.reshape(len(array), -1) if batched and array.ndim else array.reshape(1, -1)
-    k = min(count, rows.shape[1])
-    # Largest first; ties keep the lower index first, as a stable sort by descending value.
-    top = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :k]
-    named = labels is not None and len(labels) == rows.shape[1]
-    fmt = (lambda v: f"{v:.6f}") if array.dtype.kind == "f" else str  # Triton's std::to_string
-    strings = np.empty(top.shape, dtype=object)
-    for r, row in enumerate(top):
-        for j, i in enumerate(row):
-            s = f"{fmt(rows[r, i].item())}:{i}" + (f":{labels[i]}" if named else "")
-            strings[r, j] = s.encode()
+    if batched and array.ndim:
+        rows = array.reshape(len(array), math.prod(array.shape[1:]))
+    else:
+        rows = array.reshape(1, array.size)
+    top = _largest_first(rows)[:, :count]
+    values = np.take_along_axis(rows, top, axis=1)
+    text = "{:.6f}".format if array.dtype.kind == "f" else str
+    named = len(labels) == rows.shape[1]
+    strings = np.empty(top.size, dtype=object)
+    strings[:] = [
+        f"{text(v)}:{i}:{labels[i]}".encode() if named else f"{text(v)}:{i}".encode()
+        for v, i in zip(values.ravel().tolist(), top.ravel().tolist(), strict=True)
+    ]
+    strings = strings.reshape(top.shape)
     return strings if batched and array.ndim else strings[0]
+
+
+def _largest_first(rows: np.ndarray) -> np.ndarray:
+    """Each row's indices by value, largest first; equal values in index order, NaN last.
+
+    Sorting the reversed row ascending and reading the result backwards keeps integers
+    exact (negating them would overflow unsigned ones; float64 rounds int64 above 2**53).
+    """
+    if rows.dtype.kind == "f":
+        rows = np.where(np.isnan(rows), -np.inf, rows)
+    backwards = np.argsort(rows[:, ::-1], axis=1, kind="stable")[:, ::-1]
+    return rows.shape[1] - 1 - backwards
 
 
 # What to do instead of shared memory, which this server does not offer (its RPCs and its
@@ -242,9 +270,6 @@ def encode_response(response: pb.ModelInferResponse, outputs: dict[str, np.ndarr
     return b"".join(chunks)
 
 
-BYTES = "BYTES"  # strings: each element its length (uint32, little-endian), then its bytes
-
-
 def encode_bytes(array: np.ndarray) -> bytes:
     """A BYTES tensor's raw contents: row-major, each element length-prefixed."""
     return b"".join(len(b).to_bytes(4, "little") + b for b in array.reshape(-1))
@@ -255,8 +280,18 @@ def decode_bytes(raw: bytes, shape: Sequence[int]) -> np.ndarray:
     items, pos = [], 0
     while pos < len(raw):
         n = int.from_bytes(raw[pos : pos + 4], "little")
+        if pos + 4 > len(raw) or pos + 4 + n > len(raw):
+            raise InferenceFailed(
+                f"BYTES contents end inside element {len(items)}: {len(raw)} bytes, element "
+                f"at byte {pos} says {n} long"
+            )
         items.append(raw[pos + 4 : pos + 4 + n])
         pos += 4 + n
+    if len(items) != math.prod(shape):
+        raise InferenceFailed(
+            f"BYTES contents hold {len(items)} elements, shape {list(shape)} needs "
+            f"{math.prod(shape)}"
+        )
     array = np.empty(len(items), dtype=object)
     array[:] = items
     return array.reshape(tuple(shape))

@@ -25,7 +25,7 @@ CONFIG = ModelConfig(
     dropout=0.0,
     n_classes=5,
 )
-LABELS = ("ant", "bee", "cat", "dog", "eel")  # the classifier's class names, by index
+LABELS = ("ant", "bee", "cat", "dog", "émeu")  # the classifier's class names, by index
 
 
 class Encoder(nn.Module):

@@ -84,3 +84,53 @@ def test_decoded_inputs_are_refused_rather_than_wrapped_or_crashed():
     out = subprocess.run([sys.executable, "-c", DECODE], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+CLASSIFY = """
+import numpy as np
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+from quantgate.serve import codec
+
+def top(array, count, batched=True, labels=()):
+    out = codec.classify("y", array, count, batched=batched, labels=labels)
+    return [[s.decode() for s in row] for row in np.atleast_2d(out)], out.shape
+
+# Largest first; equal values in index order; NaN last; floats with 6 decimals.
+got, shape = top(np.array([[1, 3, 3, np.nan, 2]], np.float32), 9, labels=tuple("abcde"))
+assert got == [["3.000000:1:b", "3.000000:2:c", "2.000000:4:e", "1.000000:0:a", "nan:3:d"]]
+assert shape == (1, 5), shape
+# Integers exactly: uint64 beyond int64, int64 beyond float64's 2**53.
+got, _ = top(np.array([[2**64 - 1, 5, 2**64 - 2]], np.uint64), 2)
+assert got == [[f"{2**64 - 1}:0", f"{2**64 - 2}:2"]], got
+got, _ = top(np.array([[2**62, 2**62 + 1]], np.int64), 1)
+assert got == [[f"{2**62 + 1}:1"]], got
+# Names only where a row holds one value per class; a row is all after the batch axis.
+hidden = np.arange(2 * 2 * 3, dtype=np.float32).reshape(2, 2, 3)
+got, shape = top(hidden, 2, labels=("x", "y", "z"))
+assert got == [["5.000000:5", "4.000000:4"], ["11.000000:5", "10.000000:4"]] and shape == (2, 2)
+# A model without a batch axis: one row, shape (count,).
+got, shape = top(np.array([0.5, 0.25], np.float32), 1, batched=False, labels=("yes", "no"))
+assert got == [["0.500000:0:yes"]] and shape == (1,), (got, shape)
+# The BYTES wire format is tritonclient's, both ways, names in UTF-8 included.
+strings = codec.classify("y", np.array([[0.1, 0.9]], np.float32), 2, batched=True,
+                         labels=("caf\\u00e9", "\\u732b"))
+raw = codec.encode_bytes(strings)
+assert deserialize_bytes_tensor(raw).tolist() == strings.reshape(-1).tolist()
+assert serialize_byte_tensor(strings).item() == raw  # a 0-d object array
+assert codec.decode_bytes(raw, (1, 2)).tolist() == strings.tolist()
+assert strings[0, 0].decode() == "0.900000:1:\\u732b"
+for bad, shape in ((raw[:-1], (1, 2)), (raw, (1, 3))):
+    try:
+        codec.decode_bytes(bad, shape)
+    except Exception as e:
+        assert type(e).__name__ == "InferenceFailed", e
+    else:
+        raise AssertionError(f"decoded {bad!r} as {shape}")
+print("ok")
+"""
+
+
+def test_classification_strings_are_tritons_and_exact():
+    out = subprocess.run([sys.executable, "-c", CLASSIFY], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

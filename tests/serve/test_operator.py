@@ -202,6 +202,15 @@ def test_infer_classes_prints_each_rows_top_classes_by_name(server, repo):
         assert line.index(f"'{LABELS[best[0]]}'") < line.index(f"'{LABELS[best[1]]}'"), line
 
 
+def test_infer_with_a_bundles_name_a_repository_serves_under_another_says_so(server, repo):
+    """The manifest names it "tiny-classifier"; the repository serves it as "classifier"."""
+    r = _quantgate("infer", "--bundle", str(repo / "classifier"), "--url", server.url,
+                   "-i", "input_ids=[[1, 2]]")  # fmt: skip
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "'tiny-classifier' is the name in" in r.stderr, r.stderr
+    assert "under its folder's name: give that name as MODEL" in r.stderr, r.stderr
+
+
 def _echo_bundle(out: Path) -> Path:
     """A bundle whose model takes token_type_ids too (as BERT-like encoders do) and answers
     input_ids + 100 * attention_mask + 1000 * token_type_ids, so a test can read what was sent."""

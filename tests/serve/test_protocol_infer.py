@@ -105,6 +105,7 @@ def test_class_count_beyond_the_classes_answers_every_class(client):
     )
     (top,) = _classes(result.as_numpy("logits"))
     assert sorted(i for _, i, _ in top) == list(range(len(LABELS)))
+    assert {name for _, _, name in top} == set(LABELS)  # "émeu" too: UTF-8 on the wire
     assert [v for v, _, _ in top] == sorted((v for v, _, _ in top), reverse=True)
 
 
@@ -140,10 +141,13 @@ def test_a_class_count_that_is_no_positive_integer_is_refused(server):
             assert "'logits'" in err.value.details() and "positive" in err.value.details()
 
 
-def test_an_output_requested_twice_is_refused(client):
-    twice = [tc.InferRequestedOutput("logits"), tc.InferRequestedOutput("logits", class_count=2)]
+def test_an_output_asked_for_as_tensor_and_as_classes_is_refused(client):
+    same = [tc.InferRequestedOutput("logits"), tc.InferRequestedOutput("logits")]
+    answer = client.infer("classifier", inputs(_ids(5)), outputs=same)  # one way, twice: fine
+    assert answer.as_numpy("logits").shape == (1, len(LABELS))
+    both = [tc.InferRequestedOutput("logits"), tc.InferRequestedOutput("logits", class_count=2)]
     with pytest.raises(InferenceServerException) as err:
-        client.infer("classifier", inputs(_ids(5)), outputs=twice)
+        client.infer("classifier", inputs(_ids(5)), outputs=both)
     assert err.value.status() == INVALID, err.value
     assert "'logits'" in err.value.message() and "twice" in err.value.message()
 
