@@ -326,7 +326,8 @@ def regate(
 
     The new gates replace the INT8 gates measured on ``gate_cfg.provider``; its gates on other
     providers (CUDA, from the build) are kept. In report.md the re-gate comes first, and the
-    build's INT8 section and earlier re-gates are kept, marked superseded (``report.regated``).
+    build's INT8 section and earlier re-gates are kept, marked superseded; so is the INT8 row
+    of the CUDA section when ``gate_cfg.provider`` is CUDA (``report.regated``).
     Raises ``GateFailed`` (after rewriting) unless the bundle then passes: every gate of
     every variant.
     """
@@ -349,8 +350,9 @@ def regate(
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     manifest = _with_int8_gates(m, (*measured, *kept), {"at": when, "evaluation": ev.record()})
     section = _regate_section(manifest, when, ev, gate_cfg, kept=bool(kept))
-    old = bundle.report.read_text() if bundle.report.is_file() else f"# {m.name}\n"
-    _rewrite(bundle, manifest, reports.regated(old, section, manifest, when))
+    old = bundle.report.read_text() if bundle.report.is_file() else ""
+    report = reports.regated(old, section, manifest, when, provider=gate_cfg.provider)
+    _rewrite(bundle, manifest, report)
     return _passed_bundle(bundle.path)
 
 

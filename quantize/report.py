@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from quantgate.bundle import GateResult, Manifest, speed_shape
+from quantgate.bundle import CPU, CUDA, GateResult, Manifest, speed_shape
 from quantgate.quantize.gates import GateConfig
 from quantgate.quantize.search import Candidate, SearchResult
 
@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 PLOT = "candidates.png"
 HEADING = "## INT8: gates and recipe search"
 REGATED = "## Re-gated"  # + when; the newest re-gate is the first section after the title
+CUDA_HEADING = "## On the CUDA execution provider"
 VERDICT = "Verdict: "  # opens the paragraph of a section's verdict
 # A superseded section (the build's INT8 gates, an earlier re-gate): its heading ends with
 # SUPERSEDED, a note opening with NOTE names the re-gate that replaced it, and its verdict
@@ -25,6 +26,10 @@ VERDICT = "Verdict: "  # opens the paragraph of a section's verdict
 SUPERSEDED = "(superseded)"
 NOTE = "Superseded by the re-gate of "
 VERDICT_THEN = "Verdict when measured: "
+# The CUDA section after a re-gate on CUDA: a note opening with CUDA_NOTE names the re-gate,
+# and the INT8 row's gates cell reads "<verdict> CUDA_THEN".
+CUDA_NOTE = "The INT8 variant's gates on CUDA were measured again by the re-gate of "
+CUDA_THEN = "when measured (superseded)"
 
 
 def gate_table(gates: Sequence[GateResult], confidence: float | None = None) -> list[str]:
@@ -79,7 +84,7 @@ def cuda_section(gates: dict, timings: Sequence, where: dict, cfg) -> str:
     decided where each one runs."""
     shapes = [f"b{t.shape[0]} s{t.shape[1]}" for t in timings]
     lines = [
-        "## On the CUDA execution provider",
+        CUDA_HEADING,
         "",
         "Timed against FP32, interleaved, outputs on the device; median of per-pair ratios. "
         f"FP16 must be {cfg.min_speedup:g}x FP32 at the throughput shape and at least "
@@ -231,33 +236,42 @@ def _cell(g: GateResult | None, unit: str = "") -> str:
     return text if g.passed else f"**{text}**"
 
 
-def regated(old: str, section: str, manifest: Manifest, when: str) -> str:
-    """report.md ``old`` after the re-gate at ``when``: ``section`` (its verdict and gates)
-    first after the title block, the verdicts that describe the bundle as it is now set to
-    ``manifest``'s, and the sections whose INT8 gates it replaces marked superseded.
+def regated(old: str, section: str, manifest: Manifest, when: str, *, provider: str = CPU) -> str:
+    """report.md ``old`` after the re-gate at ``when`` on ``provider``: ``section`` (its
+    verdict and gates) first after the title block, the verdicts that describe the bundle as
+    it is now set to ``manifest``'s, and the INT8 verdicts it replaces marked superseded.
 
     The current verdicts are the title block's "Verdict: **pass**." and the rows ``| file |
     precision | verdict | sha256 |`` of "## Variants" (``export.writer.render_report``). The
     build's INT8 section and earlier re-gates stay as the record of what was measured when,
-    marked superseded by this re-gate (``superseded``), so that no two sections give the INT8
-    variant a verdict. The FP16 and CUDA sections are not re-gated and stay as they are. A
-    report of another layout, or none, gets the new section and is otherwise kept. The
-    report is edited, not rendered again: the manifest does not hold the build's sections in
-    full (every candidate tried, the nodes kept in FP32, the CUDA timings).
+    marked superseded by this re-gate (``superseded``). The CUDA section's INT8 row gives the
+    verdict of INT8's gates on CUDA: a re-gate on CUDA replaces those gates, and marks the row
+    as measured earlier (``cuda_superseded``); a re-gate elsewhere keeps them, in this
+    re-gate's table too, and the row stays current. The FP16 section, and the CUDA section's
+    timings and other rows, are not re-gated and stay as they are. So every INT8 verdict
+    still given as current is of gates in this re-gate's table. A report that opens with a
+    section rather than a title gets the title ``# NAME``; one of another layout keeps its
+    sections as they are.
+
+    The report is edited, not rendered again: the manifest does not hold the build's
+    sections in full (every candidate tried, the nodes kept in FP32, the CUDA timings).
     """
-    head, *rest = old.split("\n## ")
+    head, *rest = ("\n" + old).split("\n## ")  # "\n" first: a report may open with a section
+    head = head.strip() or f"# {manifest.name}"
     head = re.sub(r"Verdict: \*\*\w+\*\*\.", f"Verdict: **{manifest.verdict}**.", head, count=1)
     sections = []
     for body in rest:
         s = "## " + body.rstrip()
         if s.startswith((HEADING, REGATED)):
             s = superseded(s, when)
+        elif s.startswith(CUDA_HEADING) and provider == CUDA:
+            s = cuda_superseded(s, when)
         elif s.startswith("## Variants\n"):
             for v in manifest.variants:
                 row = rf"^(\| {re.escape(v.file)} \| {re.escape(v.precision)} \| )\w+ \|"
                 s = re.sub(row, rf"\g<1>{v.verdict} |", s, flags=re.M)  # pass or fail
         sections.append(s)
-    return "\n\n".join([head.rstrip(), section.rstrip(), *sections]) + "\n"
+    return "\n\n".join([head, section.rstrip(), *sections]) + "\n"
 
 
 def superseded(section: str, when: str) -> str:
@@ -273,6 +287,27 @@ def superseded(section: str, when: str) -> str:
             "",
             f"{NOTE}{when}, the first section of this report: its gates decide the INT8 "
             "variant's verdict. What follows is an earlier measurement, kept as a record.",
+            "",
+            body,
+        ]
+    )
+
+
+def cuda_superseded(section: str, when: str) -> str:
+    """The CUDA section (``cuda_section``) after the re-gate at ``when`` measured the INT8
+    variant on CUDA: the INT8 row's gates cell reads as the verdict measured then, and a note
+    under the heading names the re-gate that replaced it. The timings, the placements and the
+    other rows stay as they are. Marking it again only changes the note."""
+    title, _, body = section.partition("\n")
+    lines = [line for line in body.split("\n") if not line.startswith(CUDA_NOTE)]
+    int8_row = r"^(\| int8 \|.*\| )(pass|\*\*FAIL\*\*) \|$"
+    body = re.sub(int8_row, rf"\g<1>\g<2> {CUDA_THEN} |", "\n".join(lines).strip(), flags=re.M)
+    return "\n".join(
+        [
+            title,
+            "",
+            f"{CUDA_NOTE}{when} (its section is above): the INT8 row's gates below are the "
+            "earlier measurement, kept as a record.",
             "",
             body,
         ]
@@ -324,10 +359,12 @@ def plot_candidates(result: SearchResult, shipped: Candidate, path: Path) -> Pat
 
 
 __all__ = [
+    "CUDA_HEADING",
     "HEADING",
     "PLOT",
     "REGATED",
     "VERDICT",
+    "cuda_superseded",
     "gate_table",
     "plot_candidates",
     "regated",

@@ -125,6 +125,10 @@ def test_gate_fails_when_any_variant_fails_and_keeps_the_cuda_gates(cli, tmp_pat
     }
     variants = tuple(dataclasses.replace(v, **edits.get(v.precision, {})) for v in m.variants)
     write_manifest(out, dataclasses.replace(m, variants=variants))
+    # A report that opens with the build's INT8 section, without a title.
+    (out / "report.md").write_text(
+        "## INT8: gates and recipe search\n\nVerdict: **FAIL**. No candidate passed.\n"
+    )
 
     r = cli("gate", out, *args)
     assert r.code == 3 and "fp16 cosine:logits = 0.9, required >= 0.999" in r.stderr
@@ -133,8 +137,12 @@ def test_gate_fails_when_any_variant_fails_and_keeps_the_cuda_gates(cli, tmp_pat
     int8 = m.variant("int8")
     assert int8.passed and on_cuda in int8.gates  # measured on another provider: kept
     assert sum(g.name == "accuracy_drop" for g in int8.gates) == 1  # the CPU ones replaced
-    latest = load(out).report.read_text().split("## Re-gated")[1]
+    report = load(out).report.read_text()
+    latest = report.split("## Re-gated")[1]
     assert "Verdict: **FAIL**" in latest and "not re-gated: fp16" in latest
+    assert report.startswith(f"# {m.name}\n\n## Re-gated ")  # a title, then the re-gate
+    build = section(report, "## INT8: gates and recipe search (superseded)")
+    assert "Verdict when measured: **FAIL**. No candidate passed." in build
 
 
 def test_gate_with_an_eval_file_and_bad_input(cli, tmp_path, gate_file, caplog):
