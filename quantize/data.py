@@ -27,7 +27,10 @@ model's inputs, an ``attention_mask`` of 0s and 1s with a token in every row, to
 inside the model's embedding tables (where the export recorded their sizes; else >= 0).
 Labels are class indices inside the model's classes (where it records their names: a
 classifier's id2label, the digits; else >= 0) or class names, mapped to their indices by
-exact match; a bad one is named by its line, row or item.
+exact match; a bad one is named by its line, row or item. Names are refused where they do
+not say which class they mean: when the model names two classes alike, and beside index
+labels when a name is a number other than its own index (star ratings "1".."5" for classes
+0..4, where "1" is class 0 and 1 is class 1).
 
 Every source has a content ``sha256`` (of the bytes read plus the selection) for the
 manifest. Problems are collected and raised as one ``DataError``: what was expected, what
@@ -40,6 +43,8 @@ import codecs
 import hashlib
 import json
 import logging
+import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -424,37 +429,37 @@ def _rows(bad: np.ndarray) -> str:
     return f"1 row (index {shown})" if len(idx) == 1 else f"{len(idx)} rows (indices {shown})"
 
 
+# -- labels --------------------------------------------------------------------------------
+# A label is a class index inside the model's classes (>= 0 where it names none) or one of
+# its class names, exactly. Arrays are checked a batch at a time (_check_labels), JSONL a
+# line at a time (_label_problem); both say what is wrong in the same words. Names stand for
+# classes only where they say which: refused when the model names two classes alike, and
+# beside indices when a name is a number other than its own index (_forms_problem).
+
+
 def _check_labels(labels: Any, n: int, model: ModelInfo, where: str) -> np.ndarray:
     """``labels`` as ``(n,)`` int64 class indices: integers inside the model's classes (>= 0
     where it names none), or its class names, mapped to their indices; else a DataError that
     names the rows."""
+    if isinstance(labels, (list, tuple)) and len(_label_forms(labels)) == 2:
+        labels = _mixed_to_indices(labels, model, where)
     labels = np.asarray(labels)
     if labels.shape == (n,) and labels.dtype.kind in "US":  # class names
-        labels = labels.astype(str)
-        if not model.labels:
-            raise DataError(f"{where}: labels are strings ({_values(labels)}), but {NO_NAMES}")
-        index = _name_index(model)
-        unknown = ~np.isin(labels, list(index))
-        if unknown.any():
-            raise DataError(
-                f"{where}: label {_values(labels[unknown])} in {_rows(unknown)} is not one of "
-                f"the model's class names (matched exactly); it has {model.classes}"
-                + _case_hint(np.unique(labels[unknown]).tolist(), model)
-            )
-        return np.array([index[x] for x in labels.tolist()], np.int64)
+        return _name_indices(_text(labels, where), model, where)
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
         what = "class indices or class names" if model.labels else "integers (class indices)"
         raise DataError(
             f"{where}: labels must be {n} {what}, one per row; found shape {labels.shape} "
             f"dtype {labels.dtype}"
         )
-    labels = labels.astype(np.int64)
     bad = labels < 0
     if model.labels:
         bad |= labels >= len(model.labels)
+    elif labels.dtype.kind == "u":  # beyond int64: it would wrap around to a negative index
+        bad |= labels > np.iinfo(np.int64).max
     if not bad.any():
-        return labels
-    found = f"label {_values(labels[bad])} in {_rows(bad)}"
+        return labels.astype(np.int64)
+    found = f"label {_values(labels[bad])} in {_rows(bad)}"  # in their own dtype: as written
     if not model.labels:
         raise DataError(f"{where}: labels must be class indices 0, 1, ...; found {found}")
     raise DataError(
@@ -463,11 +468,141 @@ def _check_labels(labels: Any, n: int, model: ModelInfo, where: str) -> np.ndarr
     )
 
 
+def _label_problem(label: Any, model: ModelInfo) -> str | None:
+    """Why a JSON ``"label"`` is not one of the model's classes, or None when it is: an index
+    inside its classes (>= 0 where it names none) or one of its class names, exactly."""
+    if isinstance(label, str):
+        if not model.labels:
+            return f"label {_quote(label)} is a string, but {NO_NAMES}"
+        if label in model.labels:
+            return None
+        return _not_a_name(f"label {_quote(label)}", [label], model)
+    if not isinstance(label, int) or isinstance(label, bool):
+        if model.labels:
+            return (
+                f'"label" must be a class index or name, got {label!r}; the model has '
+                f"{model.classes}"
+            )
+        return f'"label" must be an integer class index (0, 1, ...), got {label!r}'
+    if model.labels and not 0 <= label < len(model.labels):
+        return f"label {label}, but the model has {model.classes}"
+    if not 0 <= label < 1 << 63:
+        return f'"label" must be an integer class index (0, 1, ...), got {label!r}'
+    return None
+
+
+def _forms_problem(index_at: str | None, name_at: str | None, model: ModelInfo) -> str | None:
+    """Why a source's class-name labels (the first, and where: ``name_at``) cannot stand for
+    classes, or None: the model names two classes alike, so a name does not say which; or the
+    source also has index labels (``index_at``) and a class name is a number other than its
+    index (star ratings "1".."5" for classes 0..4), so "1" and 1 would be different classes."""
+    if name_at is None or not model.labels:
+        return None
+    n = len(model.labels)
+    twice = _duplicate_name(model)
+    if twice is not None:
+        name, at = twice
+        return (
+            f"labels are class names ({name_at}), but the model's class names are not unique: "
+            f"{_quote(name)} is class {' and class '.join(map(str, at))}, so a name does not "
+            f"say which class it means. Use class indices (0..{n - 1}) instead."
+        )
+    number = _number_name(model) if index_at is not None else None
+    if number is None:
+        return None
+    i, name = number
+    value = int(name)
+    other = f"class {value}" if 0 <= value < n else "no class"
+    return (
+        f"labels are both class indices ({index_at}) and class names ({name_at}), and the "
+        f"model's class names are numbers other than their indices: it has {model.classes}. "
+        f"The two forms disagree: the label {_quote(name)} means class {i}, the label {value} "
+        f"{other}. Use one form for every label: the class indices 0..{n - 1}, or the names."
+    )
+
+
+def _label_forms(labels: Any) -> set[str]:
+    """How a batch gives its labels: {"indices"}, {"names"}, or both (a list may mix them)."""
+    if isinstance(labels, (list, tuple)):
+        return {"names" if isinstance(x, str) else "indices" for x in labels}
+    return {"names" if np.asarray(labels).dtype.kind in "US" else "indices"}
+
+
+def _mixed_to_indices(labels: list | tuple, model: ModelInfo, where: str) -> list:
+    """A list of class names and indices with its names replaced by their indices (numpy would
+    make strings of the indices instead); a DataError where a name stands for no one class."""
+    names = np.array([isinstance(x, str) for x in labels])
+    first_name, first_index = int(names.argmax()), int((~names).argmax())
+    name_at = f"{_quote(labels[first_name])} in row {first_name}"
+    if not model.labels:
+        raise DataError(f"{where}: labels are strings ({name_at}), but {NO_NAMES}")
+    problem = _forms_problem(f"{labels[first_index]!r} in row {first_index}", name_at, model)
+    if problem is not None:
+        raise DataError(f"{where}: {problem}")
+    index = _name_index(model)
+    unknown = np.array([isinstance(x, str) and x not in index for x in labels])
+    if unknown.any():
+        found = np.array([x for x, u in zip(labels, unknown, strict=True) if u])
+        raise DataError(
+            f"{where}: "
+            + _not_a_name(f"label {_values(found)} in {_rows(unknown)}", found.tolist(), model)
+        )
+    return [index[x] if isinstance(x, str) else x for x in labels]
+
+
+def _name_indices(labels: np.ndarray, model: ModelInfo, where: str) -> np.ndarray:
+    """Class-name labels (str) as their class indices; else a DataError naming the rows."""
+    if not model.labels:
+        raise DataError(f"{where}: labels are strings ({_values(labels)}), but {NO_NAMES}")
+    problem = _forms_problem(None, _values(labels), model)
+    if problem is not None:
+        raise DataError(f"{where}: {problem}")
+    index = _name_index(model)
+    unknown = ~np.isin(labels, list(index))
+    if unknown.any():
+        found = labels[unknown]
+        raise DataError(
+            f"{where}: "
+            + _not_a_name(f"label {_values(found)} in {_rows(unknown)}", found.tolist(), model)
+        )
+    return np.array([index[x] for x in labels.tolist()], np.int64)
+
+
+def _text(labels: np.ndarray, where: str) -> np.ndarray:
+    """String labels as str: bytes (numpy dtype S) decoded as UTF-8; a DataError where not."""
+    if labels.dtype.kind == "U":
+        return labels
+    raw = labels.tolist()
+    texts, bad = [], np.zeros(len(raw), dtype=bool)
+    for i, b in enumerate(raw):
+        try:
+            texts.append(b.decode("utf-8"))
+        except UnicodeDecodeError:
+            texts.append("")
+            bad[i] = True
+    if bad.any():
+        raise DataError(
+            f"{where}: labels in {_rows(bad)} are bytes that are not UTF-8 text (the first: "
+            f"{raw[int(bad.argmax())]!r}). Write the class names as str (numpy dtype U), or "
+            "encode them as UTF-8."
+        )
+    return np.array(texts, dtype=str)
+
+
 # What a string label meets in a model without class names, and what to do.
 NO_NAMES = (
     "labels must be integer class indices (0, 1, ...): the model carries no class names to "
     "map strings through. Number the labels from 0, in the order of the model's classes."
 )
+
+
+def _not_a_name(found: str, labels: list[str], model: ModelInfo) -> str:
+    """'label "NEU" is not one of the model's class names ...' for ``found``, the labels
+    ``labels`` that name no class, with a hint where one differs from a name only in case."""
+    return (
+        f"{found} is not one of the model's class names (matched exactly); it has "
+        f"{model.classes}" + _case_hint(labels, model)
+    )
 
 
 def _values(a: np.ndarray) -> str:
@@ -482,11 +617,25 @@ def _quote(name: str) -> str:
 
 
 def _name_index(model: ModelInfo) -> dict[str, int]:
-    """{class name: index}; a name given twice maps to its first index."""
-    index: dict[str, int] = {}
+    """{class name: index}; used where the names are unique (``_forms_problem``)."""
+    return {name: i for i, name in enumerate(model.labels)}
+
+
+def _duplicate_name(model: ModelInfo) -> tuple[str, list[int]] | None:
+    """The first class name the model gives more than one class, and those classes."""
+    counts = Counter(model.labels)
+    name = next((x for x in model.labels if counts[x] > 1), None)
+    if name is None:
+        return None
+    return name, [i for i, other in enumerate(model.labels) if other == name]
+
+
+def _number_name(model: ModelInfo) -> tuple[int, str] | None:
+    """The first class index whose name is a decimal number other than the index, and it."""
     for i, name in enumerate(model.labels):
-        index.setdefault(name, i)
-    return index
+        if re.fullmatch(r"-?[0-9]+", name) and int(name) != i:
+            return i, name
+    return None
 
 
 def _case_hint(labels: list[str], model: ModelInfo) -> str:
@@ -504,32 +653,6 @@ def _one_based_hint(lo: int, hi: int, model: ModelInfo) -> str:
     if lo == 1 and hi == len(model.labels):
         return " They look 1-based: renumber them from 0, in the order of the model's classes."
     return ""
-
-
-def _label_problem(label: Any, model: ModelInfo) -> str | None:
-    """Why a JSON ``"label"`` is not one of the model's classes, or None when it is: an index
-    inside its classes (>= 0 where it names none) or one of its class names, exactly."""
-    if isinstance(label, str):
-        if not model.labels:
-            return f"label {_quote(label)} is a string, but {NO_NAMES}"
-        if label in model.labels:
-            return None
-        return (
-            f"label {_quote(label)} is not one of the model's class names (matched exactly); it "
-            f"has {model.classes}" + _case_hint([label], model)
-        )
-    if not isinstance(label, int) or isinstance(label, bool):
-        if model.labels:
-            return (
-                f'"label" must be a class index or name, got {label!r}; the model has '
-                f"{model.classes}"
-            )
-        return f'"label" must be an integer class index (0, 1, ...), got {label!r}'
-    if model.labels and not 0 <= label < len(model.labels):
-        return f"label {label}, but the model has {model.classes}"
-    if not 0 <= label < 1 << 63:
-        return f'"label" must be an integer class index (0, 1, ...), got {label!r}'
-    return None
 
 
 # -- sources -------------------------------------------------------------------------------
@@ -632,97 +755,33 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
     tok = _tokenizer(model.tokenizer)
     limit = model.max_seq_len or None
     where = f"{flag} {path}"
-    # Pass 1: byte offset, token count and label presence of every line; nothing else kept.
-    offsets, lengths, problems = [], [], []  # problems: the first few bad lines, described
-    labelled, lines, bad, first = None, 0, 0, True
-    shapes: set[tuple[str, ...] | None] = set()  # how bad lines are wrong (two are enough)
-    lo, hi = 1 << 63, -1  # the smallest and largest integer label
-    unread: set[str] = set()  # keys beside "text" on unlabelled lines: a misnamed label?
-    with open(path, "rb") as f:
-        texts, starts = [], []
-        pos = 0
-        for lineno, line in enumerate(f, 1):
-            start, pos = pos, pos + len(line)
-            if not line.strip():
-                continue
-            if first:
-                _check_format(line, lineno, where)
-                first = False
-            lines += 1
-            row, problem = _parse_line(line, model)
-            label = row.get("label") if isinstance(row, dict) else None
-            if isinstance(label, int) and not isinstance(label, bool):
-                lo, hi = min(lo, label), max(hi, label)
-            if problem is None and labelled is not None and (label is not None) != labelled:
-                problem = "label present on some lines but not others"
-            if problem is not None:
-                bad += 1
-                if len(problems) < MAX_PROBLEMS:
-                    problems.append(f"line {lineno}: {problem}")
-                if len(shapes) < 2:
-                    shapes.add(_shape(row))
-                continue
-            labelled = label is not None
-            if bad:  # the file is refused: no need to count its tokens
-                continue
-            if not labelled and len(unread) < MAX_PROBLEMS:
-                unread.update(k for k in row if k != "text")
-            texts.append(row["text"])
-            starts.append(start)
-            if len(texts) == 256:
-                lengths.extend(_token_counts(tok, texts, limit))
-                offsets.extend(starts)
-                texts, starts = [], []
-        if texts and not bad:
-            lengths.extend(_token_counts(tok, texts, limit))
-            offsets.extend(starts)
-    if bad:
-        shape = next(iter(shapes)) if len(shapes) == 1 else None
-        if bad == lines and shape is not None:  # every line wrong the same way: say it once
-            raise DataError(f"{where}: {_same_on_every_line(shape)}")
-        more = f"\n  ... and {bad - len(problems)} more bad line(s)" if bad > len(problems) else ""
-        hint = _one_based_hint(lo, hi, model).strip() if model.labels else ""
-        optional = (
-            f'an optional "label" (a class index, or one of the model\'s {len(model.labels)} '
-            "class names)"
-            if model.labels
-            else 'an optional integer "label"'
-        )
-        raise DataError(
-            f'{where}: expected one JSON object per line with a non-blank string "text" and '
-            f"{optional}:\n"
-            + "\n".join(f"  - {p}" for p in problems)
-            + more
-            + (f"\n{hint}" if hint else "")
-        )
-    if not offsets:
+    scan = _scan_jsonl(path, tok, limit, model, where)
+    error = _refusal(scan, model, where)
+    if error is not None:
+        raise error
+    if not scan.offsets:
         found = "only blank lines" if path.stat().st_size else "an empty file"
         raise DataError(
             f'{where}: expected one {{"text": ...}} JSON object per line, found {found}. '
             "Write the texts into it, one object per line."
         )
-    if unread:
-        keys = ", ".join(f'"{k}"' for k in sorted(unread))
-        log.warning(
-            '%s: no line has a "label", so the rows are read as unlabelled; keys %s are not '
-            'read. If one of them holds each row\'s class, name it "label".',
-            where,
-            keys,
-        )
-    lengths_a = np.asarray(lengths, dtype=np.int64)
-    offsets_a = np.asarray(offsets, dtype=np.int64)
-    keep = stratified(lengths_a, samples)
+    if not scan.labelled:
+        _warn_unlabelled(scan, where)
+    lengths = np.asarray(scan.lengths, dtype=np.int64)
+    offsets = np.asarray(scan.offsets, dtype=np.int64)
+    keep = stratified(lengths, samples)
     digest = sha256_file(path)
     h = hashlib.sha256(digest.encode())
     h.update(keep.tobytes())
     h.update(f"{limit}".encode())  # not the tokenizer's path: the bundle moves with its copy
     index = _name_index(model)
+    labelled = bool(scan.labelled)
 
     def batches() -> Iterator[Batch]:
         with open(path, "rb") as f:
             for idx in _chunks(keep, batch_size):
                 rows = []
-                for off in offsets_a[idx]:
+                for off in offsets[idx]:
                     f.seek(int(off))
                     rows.append(json.loads(f.readline()))
                 feeds = _encode(tok, [r["text"] for r in rows], model, limit)
@@ -732,15 +791,145 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
                 yield Batch(feeds, labels)
 
     return DataSource(
-        description=f"{path.name}: {len(keep)} of {len(offsets_a)} texts (JSONL, model tokenizer)",
+        description=f"{path.name}: {len(keep)} of {len(offsets)} texts (JSONL, model tokenizer)",
         kind="jsonl",
         file_sha256=digest,
         samples=len(keep),
-        has_labels=bool(labelled),
+        has_labels=labelled,
         sha256=h.hexdigest(),
         _batches=batches,
-        lengths=(int(lengths_a[keep].min()), int(lengths_a[keep].max())),
+        lengths=(int(lengths[keep].min()), int(lengths[keep].max())),
     )
+
+
+MAX_PROBLEMS = 10  # bad lines described one by one; the rest are counted
+TOKEN_BATCH = 256  # texts tokenized at once to count their tokens
+
+
+@dataclass
+class _Scan:
+    """What the first pass over a JSONL file learns; none of its texts are kept."""
+
+    offsets: list[int] = field(default_factory=list)  # byte offset of each good line
+    lengths: list[int] = field(default_factory=list)  # its token count
+    lines: int = 0  # non-blank lines
+    bad: int = 0  # lines that are not a good row
+    problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS, described
+    shapes: set[tuple[str, ...] | None] = field(default_factory=set)  # how (two are enough)
+    labelled: bool | None = None  # whether the good lines have a "label"; None: no good line
+    lo: int = 1 << 63  # the smallest and largest integer label
+    hi: int = -1
+    index_at: str | None = None  # the first integer label, and its line
+    name_at: str | None = None  # the first string label, and its line
+    null_labels: int = 0  # lines whose "label" is null (read as unlabelled)
+    unread: set[str] = field(default_factory=set)  # keys beside "text" and "label" there
+
+    def add(self, lineno: int, row: Any, problem: str | None) -> bool:
+        """Take in one non-blank line (``_parse_line``'s answer); True for a good row."""
+        self.lines += 1
+        label = row.get("label") if isinstance(row, dict) else None
+        if isinstance(label, int) and not isinstance(label, bool):
+            self.lo, self.hi = min(self.lo, label), max(self.hi, label)
+            self.index_at = self.index_at or f"{label} on line {lineno}"
+        elif isinstance(label, str):
+            self.name_at = self.name_at or f"{_quote(label)} on line {lineno}"
+        if problem is None and self.labelled is not None and (label is not None) != self.labelled:
+            problem = "label present on some lines but not others"
+        if problem is not None:
+            self.bad += 1
+            if len(self.problems) < MAX_PROBLEMS:
+                self.problems.append(f"line {lineno}: {problem}")
+            if len(self.shapes) < 2:
+                self.shapes.add(_shape(row))
+            return False
+        self.labelled = label is not None
+        if not self.labelled:
+            self.null_labels += "label" in row
+            if len(self.unread) < MAX_PROBLEMS:  # one may be a misnamed label
+                self.unread.update(k for k in row if k not in ("text", "label"))
+        return True
+
+
+def _scan_jsonl(path: Path, tok, limit: int | None, model: ModelInfo, where: str) -> _Scan:
+    """Pass 1 over a JSONL file: every line parsed and checked, the byte offset and token
+    count of every good one (counted only while no line is bad: such a file is refused)."""
+    scan = _Scan()
+    texts: list[str] = []  # good lines waiting to have their tokens counted
+    starts: list[int] = []  # and their offsets
+
+    def count() -> None:
+        scan.lengths.extend(_token_counts(tok, texts, limit))
+        scan.offsets.extend(starts)
+        texts.clear()
+        starts.clear()
+
+    with open(path, "rb") as f:
+        pos = 0
+        for lineno, line in enumerate(f, 1):
+            start, pos = pos, pos + len(line)
+            if not line.strip():
+                continue
+            if not scan.lines:
+                _check_format(line, lineno, where)
+            row, problem = _parse_line(line, model)
+            if scan.add(lineno, row, problem) and not scan.bad:
+                texts.append(row["text"])
+                starts.append(start)
+                if len(texts) == TOKEN_BATCH:
+                    count()
+    if texts and not scan.bad:
+        count()
+    return scan
+
+
+def _refusal(scan: _Scan, model: ModelInfo, where: str) -> DataError | None:
+    """The one DataError for a scanned JSONL file with bad lines, or whose labels are class
+    names that cannot stand for classes (``_forms_problem``); None for a good file."""
+    forms = _forms_problem(scan.index_at, scan.name_at, model)
+    if not scan.bad:
+        return None if forms is None else DataError(f"{where}: {forms}")
+    shape = next(iter(scan.shapes)) if len(scan.shapes) == 1 else None
+    if scan.bad == scan.lines and shape is not None:  # every line wrong the same way: say once
+        return DataError(f"{where}: {_same_on_every_line(shape)}")
+    more = scan.bad - len(scan.problems)
+    body = [
+        *(f"  - {p}" for p in scan.problems),
+        *([f"  ... and {more} more bad line(s)"] if more else []),
+        *([_one_based_hint(scan.lo, scan.hi, model).strip()] if model.labels else []),
+        *([forms] if forms else []),
+    ]
+    optional = (
+        f'an optional "label" (a class index, or one of the model\'s {len(model.labels)} '
+        "class names)"
+        if model.labels
+        else 'an optional integer "label"'
+    )
+    return DataError(
+        f'{where}: expected one JSON object per line with a non-blank string "text" and '
+        f"{optional}:\n" + "\n".join(part for part in body if part)
+    )
+
+
+def _warn_unlabelled(scan: _Scan, where: str) -> None:
+    """Warn where a file read as unlabelled looks as if it meant to have labels: a "label"
+    null on every line, or keys beside "text" that are not read (one may be the label)."""
+    keys = ", ".join(f'"{k}"' for k in sorted(scan.unread))
+    if scan.null_labels == scan.lines:
+        log.warning(
+            '%s: "label" is null on every line, so the rows are read as unlabelled (the gates '
+            "compare with FP32 only).%s",
+            where,
+            f' Keys {keys} are not read: if one holds each row\'s class, put it in "label".'
+            if keys
+            else "",
+        )
+    elif keys:
+        log.warning(
+            '%s: no line has a "label", so the rows are read as unlabelled; keys %s are not '
+            'read. If one of them holds each row\'s class, name it "label".',
+            where,
+            keys,
+        )
 
 
 def _check_format(line: bytes, lineno: int, where: str) -> None:
@@ -757,9 +946,6 @@ def _check_format(line: bytes, lineno: int, where: str) -> None:
             f"JSON array (line {lineno} starts with '['). Write one object per line, for "
             "example with: jq -c '.[]' IN.json > OUT.jsonl"
         )
-
-
-MAX_PROBLEMS = 10  # bad lines described one by one; the rest are counted
 
 
 def _parse_line(line: bytes, model: ModelInfo) -> tuple[Any, str | None]:
@@ -915,6 +1101,7 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
         make = lambda: it  # noqa: E731
     rows, labelled, h = 0, None, hashlib.sha256(b"iterable")
     lo, hi = None, 0
+    forms: dict[str, str] = {}  # "indices"/"names": the first item with labels in that form
     for i, feeds in enumerate(make()):
         labels = feeds.get(LABELS) if isinstance(feeds, Mapping) else None
         if not isinstance(feeds, Mapping):
@@ -922,7 +1109,12 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
         f = check_feeds(feeds, model, f"data item {i}")
         n = len(next(iter(f.values())))
         if labels is not None:
+            for form in _label_forms(labels):
+                forms.setdefault(form, f"data item {i}")
             labels = _check_labels(labels, n, model, f"data item {i}")
+            problem = _forms_problem(forms.get("indices"), forms.get("names"), model)
+            if problem is not None:
+                raise DataError(f"data item {i}: {problem}")
         if labelled is not None and (labels is not None) != labelled:
             raise DataError(f"data item {i}: labels on some items but not others")
         labelled = labels is not None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,9 @@ from quantgate.quantize.data import ModelInfo, open_source, write_npz  # noqa: E
 
 @pytest.fixture(scope="module")
 def classifiers(tiny_bert, tmp_path_factory):
-    """Two real Hugging Face classifiers, loaded as the export loads them: one whose config
-    names its classes, one with the config's default names (LABEL_0, LABEL_1, LABEL_2)."""
+    """Real Hugging Face classifiers, loaded as the export loads them: one whose config names
+    its classes, one with the config's default names (LABEL_0, LABEL_1, LABEL_2), one rating
+    stars (classes 0..4 named "1".."5") and one that names two classes alike."""
     from transformers import BertForSequenceClassification
 
     from quantgate.export.pipeline import load
@@ -33,8 +35,19 @@ def classifiers(tiny_bert, tmp_path_factory):
         root / "named", BertForSequenceClassification, num_labels=3,
         id2label={0: "neg", 1: "neu", 2: "pos"}, label2id={"neg": 0, "neu": 1, "pos": 2},
     )  # fmt: skip
-    default = tiny_bert(root / "default", BertForSequenceClassification, num_labels=3)
-    models = {name: load(path) for name, path in (("named", named), ("default", default))}
+    paths = {
+        "named": named,
+        "default": tiny_bert(root / "default", BertForSequenceClassification, num_labels=3),
+        "stars": tiny_bert(
+            root / "stars", BertForSequenceClassification, num_labels=5,
+            id2label={i: str(i + 1) for i in range(5)},
+        ),
+        "twice": tiny_bert(
+            root / "twice", BertForSequenceClassification, num_labels=3,
+            id2label={0: "neg", 1: "pos", 2: "pos"},
+        ),
+    }  # fmt: skip
+    models = {name: load(path) for name, path in paths.items()}
     infos = {name: ModelInfo.from_model(m, input_specs(m)) for name, m in models.items()}
     return infos, named
 
@@ -153,10 +166,6 @@ def test_npz_labels_outside_the_built_in_digits_are_named_by_row(tmp_path):
     one_based = write_npz(tmp_path / "one.npz", feeds, np.arange(40) % 10 + 1)
     with pytest.raises(DataError, match="label 10 in 4 rows .*They look 1-based"):
         open_source(one_based, info, role="evaluation")
-    # The digits' names are their digits: "7" is class 7.
-    np.savez(tmp_path / "names.npz", **feeds, labels=(np.arange(40) % 10).astype(str))
-    src = open_source(tmp_path / "names.npz", info, role="evaluation")
-    assert sorted(labels_of(src)) == sorted((np.arange(40) % 10).tolist())
 
 
 def test_a_bundle_s_class_names_check_the_items_of_an_iterable(classifiers):
@@ -256,3 +265,143 @@ def test_a_label_under_another_key_is_warned_about_not_read_in_silence(
     with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
         open_source(jsonl(tmp_path / "ok.jsonl", labelled), info, role="evaluation")
     assert not caplog.records  # other keys beside a label are fine
+
+
+def hf_feeds(lengths: list[int]) -> dict[str, np.ndarray]:
+    """Feeds for the tiny Hugging Face classifiers, one row of each real length (padded)."""
+    ids = np.zeros((len(lengths), max(lengths)), np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = [101] + [2000 + i] * (n - 2) + [102]
+    return {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64),
+            "token_type_ids": np.zeros_like(ids)}  # fmt: skip
+
+
+def test_npz_class_names_map_to_their_indices_and_stay_with_their_rows(classifiers, tmp_path):
+    info = classifiers[0]["named"]
+    names = np.array(["pos", "neg", "neu", "pos", "neu"])
+    np.savez(tmp_path / "ev.npz", **hf_feeds([4, 6, 3, 5, 7]), labels=names)
+    src = open_source(tmp_path / "ev.npz", info, role="evaluation")
+    # Batched in length order (rows 2, 0, 3, 1, 4): "neu", "pos", "pos", "neg", "neu".
+    assert labels_of(src) == [1, 2, 2, 0, 1]
+
+
+def test_npz_bytes_labels_are_read_as_utf8(classifiers, tmp_path):
+    base = classifiers[0]["named"]
+    m = Manifest(
+        "cls", base.task, base.inputs, (), (), 17, {"kind": "huggingface"},
+        export={"max_seq_len": 128}, extra={"labels": ["café", "thé", "eau"]},
+    )  # fmt: skip
+    info = ModelInfo.from_manifest(m)
+    feeds = hf_feeds([3, 3, 3])
+    utf8 = np.array([n.encode() for n in ("thé", "café", "eau")])  # dtype S, as numpy keeps bytes
+    np.savez(tmp_path / "utf8.npz", **feeds, labels=utf8)
+    assert labels_of(open_source(tmp_path / "utf8.npz", info, role="evaluation")) == [1, 0, 2]
+    latin1 = np.array([b"eau", b"caf\xe9", b"th\xe9"])
+    np.savez(tmp_path / "latin1.npz", **feeds, labels=latin1)
+    with pytest.raises(DataError) as e:
+        open_source(tmp_path / "latin1.npz", info, role="evaluation")
+    msg = str(e.value)
+    assert "latin1.npz: labels in 2 rows (indices 1, 2) are bytes that are not UTF-8" in msg
+    assert r"(the first: b'caf\xe9')" in msg and "encode them as UTF-8" in msg
+
+
+def test_uint64_labels_beyond_int64_are_reported_as_written(tmp_path):
+    info = ModelInfo.from_export(tiny_export())  # classes '0'..'9'
+    feeds, labels = rng_feeds(4), np.array([0, 1, 2**63 + 5, 3], np.uint64)
+    np.savez(tmp_path / "big.npz", **feeds, labels=labels)
+    with pytest.raises(DataError, match=r"label 9223372036854775813 in 1 row \(index 2\), but "
+                       r"the model has 10 classes"):  # fmt: skip
+        open_source(tmp_path / "big.npz", info, role="evaluation")
+    unnamed = replace(info, labels=())  # no class names: any index >= 0 that fits int64
+    with pytest.raises(DataError, match=r"labels must be class indices 0, 1, \.\.\.; found label "
+                       r"9223372036854775813 in 1 row \(index 2\)"):  # fmt: skip
+        open_source(tmp_path / "big.npz", unnamed, role="evaluation")
+    np.savez(tmp_path / "ok.npz", **feeds, labels=np.array([0, 9, 2**62, 3], np.uint64))
+    src = open_source(tmp_path / "ok.npz", unnamed, role="evaluation")
+    assert sorted(labels_of(src)) == [0, 3, 9, 2**62]  # all rows are 64 tokens: order is free
+
+
+def test_star_ratings_mixing_indices_and_names_are_refused(classifiers, tmp_path):
+    """Classes 0..4 named "1".."5": "1" is class 0 but 1 is class 1, so a file must use one
+    form; either alone is read."""
+    info = classifiers[0]["stars"]
+    rows = [{"text": "great " * (i + 1), "label": "5"} for i in range(3)]
+    rows[1]["label"] = 1
+    with pytest.raises(DataError) as e:
+        open_source(jsonl(tmp_path / "ev.jsonl", rows), info, role="evaluation")
+    msg = str(e.value)
+    assert msg.startswith(f"--eval {tmp_path / 'ev.jsonl'}: labels are both class indices (1 on "
+                          'line 2) and class names ("5" on line 1)')  # fmt: skip
+    assert "5 classes (0..4: 1, 2, 3, 4, 5)" in msg
+    assert 'the label "1" means class 0, the label 1 class 1' in msg
+    assert msg.endswith("Use one form for every label: the class indices 0..4, or the names.")
+    # Beside bad lines, the mix is told after them.
+    rows[2]["label"] = 5
+    with pytest.raises(DataError, match=r"(?s)- line 3: label 5, but.*labels are both class"):
+        open_source(jsonl(tmp_path / "ev.jsonl", rows), info, role="evaluation")
+    for form, expected in (("names", [4, 0, 2]), ("indices", [4, 0, 2])):
+        labels = ["5", "1", "3"] if form == "names" else [4, 0, 2]
+        rows = [{"text": "fine " * (i + 1), "label": x} for i, x in enumerate(labels)]
+        src = open_source(jsonl(tmp_path / f"{form}.jsonl", rows), info, role="evaluation")
+        assert labels_of(src) == expected
+
+
+def test_an_iterable_mixing_star_indices_and_names_is_refused(classifiers):
+    info = classifiers[0]["stars"]
+    feeds = hf_feeds([3, 3, 3])
+    with pytest.raises(DataError, match=r"data item 1: labels are both class indices \(data item "
+                       r'1\) and class names \(data item 0\)'):  # fmt: skip
+        open_source([{**feeds, "labels": ["1", "2", "5"]}, {**feeds, "labels": [0, 1, 4]}],
+                    info, role="evaluation")  # fmt: skip
+    with pytest.raises(DataError, match=r"data item 0: labels are both class indices \(1 in row "
+                       r'0\) and class names \("1" in row 1\)'):  # fmt: skip
+        open_source([{**feeds, "labels": [1, "1", "2"]}], info, role="evaluation")
+    # Where no name is another number, a list may mix them: each read in its own form.
+    src = open_source([{**feeds, "labels": ["pos", 0, "neu"]}], classifiers[0]["named"],
+                      role="evaluation")  # fmt: skip
+    assert labels_of(src) == [2, 0, 1]
+    digits = ModelInfo.from_export(tiny_export())  # names '0'..'9' are their own indices
+    items = [{**rng_feeds(3), "labels": ["7", "0", "9"]}, {**rng_feeds(3), "labels": [7, 0, 9]}]
+    assert labels_of(open_source(items, digits, role="evaluation")) == [7, 0, 9, 7, 0, 9]
+
+
+def test_names_given_to_two_classes_refuse_string_labels(classifiers, tmp_path):
+    info = classifiers[0]["twice"]
+    assert info.labels == ("neg", "pos", "pos")
+    rows = [{"text": "bad", "label": "neg"}, {"text": "good", "label": "pos"}]
+    with pytest.raises(DataError) as e:
+        open_source(jsonl(tmp_path / "ev.jsonl", rows), info, role="evaluation")
+    msg = str(e.value)
+    assert 'labels are class names ("neg" on line 1)' in msg
+    assert '"pos" is class 1 and class 2, so a name does not say which class it means' in msg
+    assert msg.endswith("Use class indices (0..2) instead.")
+    np.savez(tmp_path / "ev.npz", **hf_feeds([3, 4]), labels=np.array(["neg", "pos"]))
+    with pytest.raises(DataError, match=r'ev\.npz: labels are class names \("neg", "pos"\), but '
+                       r'.*"pos" is class 1 and class 2'):  # fmt: skip
+        open_source(tmp_path / "ev.npz", info, role="evaluation")
+    rows = [{"text": "bad", "label": 0}, {"text": "good one", "label": 2}]  # indices are fine
+    assert labels_of(open_source(jsonl(tmp_path / "i.jsonl", rows), info, role="evaluation")) == [
+        0, 2]  # fmt: skip
+
+
+def test_null_labels_are_said_to_be_null_not_unread(classifiers, tmp_path, caplog):
+    info = classifiers[0]["named"]
+
+    def warnings(rows) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+            src = open_source(jsonl(tmp_path / "ev.jsonl", rows), info, role="evaluation")
+        assert not src.has_labels
+        return [r.getMessage() for r in caplog.records]
+
+    (msg,) = warnings([{"text": f"sentence {i}", "label": None} for i in range(4)])
+    assert '"label" is null on every line, so the rows are read as unlabelled' in msg
+    assert "not read" not in msg
+    (msg,) = warnings([{"text": f"sentence {i}", "label": None, "stars": 3} for i in range(4)])
+    assert '"label" is null on every line' in msg
+    assert 'Keys "stars" are not read: if one holds each row\'s class, put it in "label".' in msg
+    # Null on some lines, absent on others: the other keys are named, "label" is not.
+    rows = [{"text": f"sentence {i}", "id": i, **({"label": None} if i % 2 else {})}
+            for i in range(4)]  # fmt: skip
+    (msg,) = warnings(rows)
+    assert 'no line has a "label"' in msg and 'keys "id" are not read' in msg
