@@ -27,10 +27,8 @@ model's inputs, an ``attention_mask`` of 0s and 1s with a token in every row, to
 inside the model's embedding tables (where the export recorded their sizes; else >= 0).
 Labels are class indices inside the model's classes (where it records their names: a
 classifier's id2label, the digits; else >= 0) or class names, mapped to their indices by
-exact match; a bad one is named by its line, row or item. Names are refused where they do
-not say which class they mean: when the model names two classes alike, and beside index
-labels when a name is a number other than its own index (star ratings "1".."5" for classes
-0..4, where "1" is class 0 and 1 is class 1).
+exact match, as ``quantize.labels`` sets out (with when names are refused); a bad one is
+named by its line, row or item.
 
 Every source has a content ``sha256`` (of the bytes read plus the selection) for the
 manifest. Problems are collected and raised as one ``DataError``: what was expected, what
@@ -43,8 +41,6 @@ import codecs
 import hashlib
 import json
 import logging
-import re
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +50,17 @@ import numpy as np
 
 from quantgate.bundle import Manifest, TensorSpec, class_names, sha256_file
 from quantgate.errors import DataError
+from quantgate.quantize.labels import (
+    check_labels,
+    describe_classes,
+    describe_rows,
+    forms_problem,
+    label_forms,
+    label_problem,
+    name_index,
+    one_based_hint,
+    quote,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +94,7 @@ class ModelInfo:
     @property
     def classes(self) -> str:
         """'3 classes (0..2: neg, neu, pos)'; names equal to their indices are not repeated."""
-        n = len(self.labels)
-        if not n:
-            return "no class names"
-        span = f"{n} classes (0..{n - 1}" if n > 1 else "1 class (0"
-        if self.labels == tuple(map(str, range(n))):
-            return f"{span})"
-        shown = self.labels[:MAX_NAMES_SHOWN]
-        more = f", ... {n - len(shown)} more" if n > len(shown) else ""
-        return f"{span}: {', '.join(shown)}{more})"
+        return describe_classes(self.labels)
 
     @classmethod
     def from_export(cls, result: Any) -> ModelInfo:
@@ -139,9 +138,6 @@ class ModelInfo:
             id_limits=limits,
             labels=class_names(extra),
         )
-
-
-MAX_NAMES_SHOWN = 12  # class names listed in a message; the rest are counted
 
 
 # Inputs whose values index an embedding table: ONNX Runtime's Gather wraps a negative id
@@ -396,12 +392,12 @@ def _value_problems(name: str, a: np.ndarray, model: ModelInfo) -> list[str]:
             return [
                 f"attention_mask: expected only 0 (padding) and 1 (token), found "
                 f"{', '.join(map(str, found[:5]))}{', ...' if len(found) > 5 else ''} in "
-                f"{_rows(odd.any(1))}. Write 1 for every real token and 0 for padding."
+                f"{describe_rows(odd.any(1))}. Write 1 for every real token and 0 for padding."
             ]
         empty = ~rows.any(1)
         if empty.any():
             return [
-                f"attention_mask: expected at least one 1 per row, found {_rows(empty)} of "
+                f"attention_mask: expected at least one 1 per row, found {describe_rows(empty)} of "
                 "only padding; such a row skews the calibration ranges and has no output to "
                 "compare. Drop those rows, or set 1 on their real tokens."
             ]
@@ -418,241 +414,8 @@ def _value_problems(name: str, a: np.ndarray, model: ModelInfo) -> list[str]:
     expected = f"ids 0..{limit - 1} (its embedding table has {limit} rows)" if limit else "ids >= 0"
     return [
         f"{name}: expected {expected}, found {rows.min()}..{rows.max()}, out of range in "
-        f"{_rows(bad)}. Tokenize with this model's own tokenizer."
+        f"{describe_rows(bad)}. Tokenize with this model's own tokenizer."
     ]
-
-
-def _rows(bad: np.ndarray) -> str:
-    """'3 rows (indices 3, 7, 11)' for a boolean row mask; the first five indices shown."""
-    idx = np.flatnonzero(bad)
-    shown = ", ".join(map(str, idx[:5])) + (f", ... {len(idx) - 5} more" if len(idx) > 5 else "")
-    return f"1 row (index {shown})" if len(idx) == 1 else f"{len(idx)} rows (indices {shown})"
-
-
-# -- labels --------------------------------------------------------------------------------
-# A label is a class index inside the model's classes (>= 0 where it names none) or one of
-# its class names, exactly. Arrays are checked a batch at a time (_check_labels), JSONL a
-# line at a time (_label_problem); both say what is wrong in the same words. Names stand for
-# classes only where they say which: refused when the model names two classes alike, and
-# beside indices when a name is a number other than its own index (_forms_problem).
-
-
-def _check_labels(labels: Any, n: int, model: ModelInfo, where: str) -> np.ndarray:
-    """``labels`` as ``(n,)`` int64 class indices: integers inside the model's classes (>= 0
-    where it names none), or its class names, mapped to their indices; else a DataError that
-    names the rows."""
-    if isinstance(labels, (list, tuple)) and len(_label_forms(labels)) == 2:
-        labels = _mixed_to_indices(labels, model, where)
-    labels = np.asarray(labels)
-    if labels.shape == (n,) and labels.dtype.kind in "US":  # class names
-        return _name_indices(_text(labels, where), model, where)
-    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-        what = "class indices or class names" if model.labels else "integers (class indices)"
-        raise DataError(
-            f"{where}: labels must be {n} {what}, one per row; found shape {labels.shape} "
-            f"dtype {labels.dtype}"
-        )
-    bad = labels < 0
-    if model.labels:
-        bad |= labels >= len(model.labels)
-    elif labels.dtype.kind == "u":  # beyond int64: it would wrap around to a negative index
-        bad |= labels > np.iinfo(np.int64).max
-    if not bad.any():
-        return labels.astype(np.int64)
-    found = f"label {_values(labels[bad])} in {_rows(bad)}"  # in their own dtype: as written
-    if not model.labels:
-        raise DataError(f"{where}: labels must be class indices 0, 1, ...; found {found}")
-    raise DataError(
-        f"{where}: {found}, but the model has {model.classes}."
-        + _one_based_hint(int(labels.min()), int(labels.max()), model)
-    )
-
-
-def _label_problem(label: Any, model: ModelInfo) -> str | None:
-    """Why a JSON ``"label"`` is not one of the model's classes, or None when it is: an index
-    inside its classes (>= 0 where it names none) or one of its class names, exactly."""
-    if isinstance(label, str):
-        if not model.labels:
-            return f"label {_quote(label)} is a string, but {NO_NAMES}"
-        if label in model.labels:
-            return None
-        return _not_a_name(f"label {_quote(label)}", [label], model)
-    if not isinstance(label, int) or isinstance(label, bool):
-        if model.labels:
-            return (
-                f'"label" must be a class index or name, got {label!r}; the model has '
-                f"{model.classes}"
-            )
-        return f'"label" must be an integer class index (0, 1, ...), got {label!r}'
-    if model.labels and not 0 <= label < len(model.labels):
-        return f"label {label}, but the model has {model.classes}"
-    if not 0 <= label < 1 << 63:
-        return f'"label" must be an integer class index (0, 1, ...), got {label!r}'
-    return None
-
-
-def _forms_problem(index_at: str | None, name_at: str | None, model: ModelInfo) -> str | None:
-    """Why a source's class-name labels (the first, and where: ``name_at``) cannot stand for
-    classes, or None: the model names two classes alike, so a name does not say which; or the
-    source also has index labels (``index_at``) and a class name is a number other than its
-    index (star ratings "1".."5" for classes 0..4), so "1" and 1 would be different classes."""
-    if name_at is None or not model.labels:
-        return None
-    n = len(model.labels)
-    twice = _duplicate_name(model)
-    if twice is not None:
-        name, at = twice
-        return (
-            f"labels are class names ({name_at}), but the model's class names are not unique: "
-            f"{_quote(name)} is class {' and class '.join(map(str, at))}, so a name does not "
-            f"say which class it means. Use class indices (0..{n - 1}) instead."
-        )
-    number = _number_name(model) if index_at is not None else None
-    if number is None:
-        return None
-    i, name = number
-    value = int(name)
-    other = f"class {value}" if 0 <= value < n else "no class"
-    return (
-        f"labels are both class indices ({index_at}) and class names ({name_at}), and the "
-        f"model's class names are numbers other than their indices: it has {model.classes}. "
-        f"The two forms disagree: the label {_quote(name)} means class {i}, the label {value} "
-        f"{other}. Use one form for every label: the class indices 0..{n - 1}, or the names."
-    )
-
-
-def _label_forms(labels: Any) -> set[str]:
-    """How a batch gives its labels: {"indices"}, {"names"}, or both (a list may mix them)."""
-    if isinstance(labels, (list, tuple)):
-        return {"names" if isinstance(x, str) else "indices" for x in labels}
-    return {"names" if np.asarray(labels).dtype.kind in "US" else "indices"}
-
-
-def _mixed_to_indices(labels: list | tuple, model: ModelInfo, where: str) -> list:
-    """A list of class names and indices with its names replaced by their indices (numpy would
-    make strings of the indices instead); a DataError where a name stands for no one class."""
-    names = np.array([isinstance(x, str) for x in labels])
-    first_name, first_index = int(names.argmax()), int((~names).argmax())
-    name_at = f"{_quote(labels[first_name])} in row {first_name}"
-    if not model.labels:
-        raise DataError(f"{where}: labels are strings ({name_at}), but {NO_NAMES}")
-    problem = _forms_problem(f"{labels[first_index]!r} in row {first_index}", name_at, model)
-    if problem is not None:
-        raise DataError(f"{where}: {problem}")
-    index = _name_index(model)
-    unknown = np.array([isinstance(x, str) and x not in index for x in labels])
-    if unknown.any():
-        found = np.array([x for x, u in zip(labels, unknown, strict=True) if u])
-        raise DataError(
-            f"{where}: "
-            + _not_a_name(f"label {_values(found)} in {_rows(unknown)}", found.tolist(), model)
-        )
-    return [index[x] if isinstance(x, str) else x for x in labels]
-
-
-def _name_indices(labels: np.ndarray, model: ModelInfo, where: str) -> np.ndarray:
-    """Class-name labels (str) as their class indices; else a DataError naming the rows."""
-    if not model.labels:
-        raise DataError(f"{where}: labels are strings ({_values(labels)}), but {NO_NAMES}")
-    problem = _forms_problem(None, _values(labels), model)
-    if problem is not None:
-        raise DataError(f"{where}: {problem}")
-    index = _name_index(model)
-    unknown = ~np.isin(labels, list(index))
-    if unknown.any():
-        found = labels[unknown]
-        raise DataError(
-            f"{where}: "
-            + _not_a_name(f"label {_values(found)} in {_rows(unknown)}", found.tolist(), model)
-        )
-    return np.array([index[x] for x in labels.tolist()], np.int64)
-
-
-def _text(labels: np.ndarray, where: str) -> np.ndarray:
-    """String labels as str: bytes (numpy dtype S) decoded as UTF-8; a DataError where not."""
-    if labels.dtype.kind == "U":
-        return labels
-    raw = labels.tolist()
-    texts, bad = [], np.zeros(len(raw), dtype=bool)
-    for i, b in enumerate(raw):
-        try:
-            texts.append(b.decode("utf-8"))
-        except UnicodeDecodeError:
-            texts.append("")
-            bad[i] = True
-    if bad.any():
-        raise DataError(
-            f"{where}: labels in {_rows(bad)} are bytes that are not UTF-8 text (the first: "
-            f"{raw[int(bad.argmax())]!r}). Write the class names as str (numpy dtype U), or "
-            "encode them as UTF-8."
-        )
-    return np.array(texts, dtype=str)
-
-
-# What a string label meets in a model without class names, and what to do.
-NO_NAMES = (
-    "labels must be integer class indices (0, 1, ...): the model carries no class names to "
-    "map strings through. Number the labels from 0, in the order of the model's classes."
-)
-
-
-def _not_a_name(found: str, labels: list[str], model: ModelInfo) -> str:
-    """'label "NEU" is not one of the model's class names ...' for ``found``, the labels
-    ``labels`` that name no class, with a hint where one differs from a name only in case."""
-    return (
-        f"{found} is not one of the model's class names (matched exactly); it has "
-        f"{model.classes}" + _case_hint(labels, model)
-    )
-
-
-def _values(a: np.ndarray) -> str:
-    """'5, 7, 9, ...': the distinct values of ``a``, the first five (strings quoted)."""
-    found = np.unique(a).tolist()
-    shown = [_quote(v) if isinstance(v, str) else str(v) for v in found[:5]]
-    return ", ".join(shown) + (", ..." if len(found) > 5 else "")
-
-
-def _quote(name: str) -> str:
-    return json.dumps(name, ensure_ascii=False)
-
-
-def _name_index(model: ModelInfo) -> dict[str, int]:
-    """{class name: index}; used where the names are unique (``_forms_problem``)."""
-    return {name: i for i, name in enumerate(model.labels)}
-
-
-def _duplicate_name(model: ModelInfo) -> tuple[str, list[int]] | None:
-    """The first class name the model gives more than one class, and those classes."""
-    counts = Counter(model.labels)
-    name = next((x for x in model.labels if counts[x] > 1), None)
-    if name is None:
-        return None
-    return name, [i for i, other in enumerate(model.labels) if other == name]
-
-
-def _number_name(model: ModelInfo) -> tuple[int, str] | None:
-    """The first class index whose name is a decimal number other than the index, and it."""
-    for i, name in enumerate(model.labels):
-        if re.fullmatch(r"-?[0-9]+", name) and int(name) != i:
-            return i, name
-    return None
-
-
-def _case_hint(labels: list[str], model: ModelInfo) -> str:
-    """' ("POS" differs only in case from "pos")' for the first of ``labels`` that does."""
-    folded = {n.casefold(): n for n in reversed(model.labels)}
-    for label in labels:
-        if label.casefold() in folded:
-            return (
-                f" ({_quote(label)} differs only in case from {_quote(folded[label.casefold()])})"
-            )
-    return ""
-
-
-def _one_based_hint(lo: int, hi: int, model: ModelInfo) -> str:
-    if lo == 1 and hi == len(model.labels):
-        return " They look 1-based: renumber them from 0, in the order of the model's classes."
-    return ""
 
 
 # -- sources -------------------------------------------------------------------------------
@@ -706,7 +469,7 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
         feeds = check_feeds(arrays, model, f"{flag} {path}")
         n = len(next(iter(feeds.values())))
         if labels is not None:
-            labels = _check_labels(labels, n, model, f"{flag} {path}")
+            labels = check_labels(labels, n, model.labels, f"{flag} {path}")
         return feeds, labels
 
     feeds, labels = load()
@@ -774,7 +537,7 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
     h = hashlib.sha256(digest.encode())
     h.update(keep.tobytes())
     h.update(f"{limit}".encode())  # not the tokenizer's path: the bundle moves with its copy
-    index = _name_index(model)
+    index = name_index(model.labels)
     labelled = bool(scan.labelled)
 
     def batches() -> Iterator[Batch]:
@@ -832,7 +595,7 @@ class _Scan:
             self.lo, self.hi = min(self.lo, label), max(self.hi, label)
             self.index_at = self.index_at or f"{label} on line {lineno}"
         elif isinstance(label, str):
-            self.name_at = self.name_at or f"{_quote(label)} on line {lineno}"
+            self.name_at = self.name_at or f"{quote(label)} on line {lineno}"
         if problem is None and self.labelled is not None and (label is not None) != self.labelled:
             problem = "label present on some lines but not others"
         if problem is not None:
@@ -884,8 +647,8 @@ def _scan_jsonl(path: Path, tok, limit: int | None, model: ModelInfo, where: str
 
 def _refusal(scan: _Scan, model: ModelInfo, where: str) -> DataError | None:
     """The one DataError for a scanned JSONL file with bad lines, or whose labels are class
-    names that cannot stand for classes (``_forms_problem``); None for a good file."""
-    forms = _forms_problem(scan.index_at, scan.name_at, model)
+    names that cannot stand for classes (``labels.forms_problem``); None for a good file."""
+    forms = forms_problem(scan.index_at, scan.name_at, model.labels)
     if not scan.bad:
         return None if forms is None else DataError(f"{where}: {forms}")
     shape = next(iter(scan.shapes)) if len(scan.shapes) == 1 else None
@@ -895,7 +658,7 @@ def _refusal(scan: _Scan, model: ModelInfo, where: str) -> DataError | None:
     body = [
         *(f"  - {p}" for p in scan.problems),
         *([f"  ... and {more} more bad line(s)"] if more else []),
-        *([_one_based_hint(scan.lo, scan.hi, model).strip()] if model.labels else []),
+        *([one_based_hint(scan.lo, scan.hi, model.labels).strip()] if model.labels else []),
         *([forms] if forms else []),
     ]
     optional = (
@@ -951,7 +714,7 @@ def _check_format(line: bytes, lineno: int, where: str) -> None:
 def _parse_line(line: bytes, model: ModelInfo) -> tuple[Any, str | None]:
     """A JSONL line's value (``UNREADABLE`` where it is not UTF-8 JSON) and what is wrong
     with it as a row, or None: a non-blank string "text", a label that is a class of the
-    model (``_label_problem``)."""
+    model (``labels.label_problem``)."""
     try:
         row = json.loads(line)
     except UnicodeDecodeError as e:
@@ -969,7 +732,7 @@ def _parse_line(line: bytes, model: ModelInfo) -> tuple[Any, str | None]:
     if not isinstance(text, str) or not text.strip():
         return row, f'no non-blank string "text" (found {json.dumps(text)[:60]})'
     label = row.get("label")
-    return row, None if label is None else _label_problem(label, model)
+    return row, None if label is None else label_problem(label, model.labels)
 
 
 UNREADABLE = object()  # a JSONL line that is not UTF-8 JSON
@@ -1011,7 +774,7 @@ def _same_on_every_line(shape: tuple[str, ...]) -> str:
 def _keys(keys: Iterable[str]) -> str:
     """'"sentence", "label"': the first eight keys, quoted."""
     keys = list(keys)
-    shown = ", ".join(map(_quote, keys[:8]))
+    shown = ", ".join(map(quote, keys[:8]))
     return shown + (f", ... {len(keys) - 8} more" if len(keys) > 8 else "")
 
 
@@ -1109,10 +872,10 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
         f = check_feeds(feeds, model, f"data item {i}")
         n = len(next(iter(f.values())))
         if labels is not None:
-            for form in _label_forms(labels):
+            for form in label_forms(labels):
                 forms.setdefault(form, f"data item {i}")
-            labels = _check_labels(labels, n, model, f"data item {i}")
-            problem = _forms_problem(forms.get("indices"), forms.get("names"), model)
+            labels = check_labels(labels, n, model.labels, f"data item {i}")
+            problem = forms_problem(forms.get("indices"), forms.get("names"), model.labels)
             if problem is not None:
                 raise DataError(f"data item {i}: {problem}")
         if labelled is not None and (labels is not None) != labelled:
@@ -1138,7 +901,7 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
             n = len(next(iter(f.values())))
             labels = feeds.get(LABELS)
             if labels is not None:  # class names become indices
-                labels = _check_labels(labels, n, model, f"data item {i}")
+                labels = check_labels(labels, n, model.labels, f"data item {i}")
             take = min(left, n)
             for s in range(0, take, batch_size):
                 sl = slice(s, min(take, s + batch_size))

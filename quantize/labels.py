@@ -1,0 +1,290 @@
+"""What a label means for a model: one of its classes, by index or by name.
+
+A model's class names are a tuple by index (``ModelInfo.labels``: a classifier's id2label,
+the digits '0'..'9'), empty where its export recorded none; every function here takes it.
+
+- An index is an integer inside the model's classes (0..n-1), or any integer >= 0 that
+  fits int64 where the model names none.
+- A name is one of the model's class names, matched exactly, and stands for its index. A
+  model without class names refuses string labels; bytes are read as UTF-8.
+- Names stand for classes only where they say which. They are refused outright when the
+  model names two classes alike (a name would not say which of them). Beside index labels
+  they are refused when a class name is a number other than its own index (star ratings
+  "1".."5" for classes 0..4: the label "1" is class 0, the label 1 is class 1); indices
+  alone, or names alone, are read there as usual.
+- A message names the bad rows and values, says when a name differs from a class name only
+  in case, and when out-of-range indices running 1..n look 1-based.
+
+Arrays are checked a batch at a time (``check_labels``), JSONL a line at a time
+(``label_problem``, ``forms_problem`` once the whole file is read); both say what is wrong
+in the same words.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from quantgate.errors import DataError
+
+MAX_NAMES_SHOWN = 12  # class names listed in a message; the rest are counted
+
+# What a string label meets in a model without class names, and what to do.
+_NO_NAMES = (
+    "labels must be integer class indices (0, 1, ...): the model carries no class names to "
+    "map strings through. Number the labels from 0, in the order of the model's classes."
+)
+
+
+def describe_classes(names: tuple[str, ...]) -> str:
+    """'3 classes (0..2: neg, neu, pos)'; names equal to their indices are not repeated."""
+    n = len(names)
+    if not n:
+        return "no class names"
+    span = f"{n} classes (0..{n - 1}" if n > 1 else "1 class (0"
+    if names == tuple(map(str, range(n))):
+        return f"{span})"
+    shown = names[:MAX_NAMES_SHOWN]
+    more = f", ... {n - len(shown)} more" if n > len(shown) else ""
+    return f"{span}: {', '.join(shown)}{more})"
+
+
+def check_labels(labels: Any, n: int, names: tuple[str, ...], where: str) -> np.ndarray:
+    """``labels`` as ``(n,)`` int64 class indices: integers inside the model's classes (>= 0
+    where it names none), or its class ``names``, mapped to their indices; else a DataError
+    that names the rows."""
+    if isinstance(labels, (list, tuple)) and len(label_forms(labels)) == 2:
+        labels = _mixed_to_indices(labels, names, where)
+    labels = np.asarray(labels)
+    if labels.shape == (n,) and labels.dtype.kind in "US":  # class names
+        return _name_indices(_text(labels, where), names, where)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        what = "class indices or class names" if names else "integers (class indices)"
+        raise DataError(
+            f"{where}: labels must be {n} {what}, one per row; found shape {labels.shape} "
+            f"dtype {labels.dtype}"
+        )
+    bad = labels < 0
+    if names:
+        bad |= labels >= len(names)
+    elif labels.dtype.kind == "u":  # beyond int64: it would wrap around to a negative index
+        bad |= labels > np.iinfo(np.int64).max
+    if not bad.any():
+        return labels.astype(np.int64)
+    found = f"label {_values(labels[bad])} in {describe_rows(bad)}"  # in their own dtype
+    if not names:
+        raise DataError(f"{where}: labels must be class indices 0, 1, ...; found {found}")
+    raise DataError(
+        f"{where}: {found}, but the model has {describe_classes(names)}."
+        + one_based_hint(int(labels.min()), int(labels.max()), names)
+    )
+
+
+def label_problem(label: Any, names: tuple[str, ...]) -> str | None:
+    """Why a JSON ``"label"`` is not one of the model's classes, or None when it is: an index
+    inside its classes (>= 0 where it names none) or one of its class ``names``, exactly."""
+    if isinstance(label, str):
+        if not names:
+            return f"label {quote(label)} is a string, but {_NO_NAMES}"
+        if label in names:
+            return None
+        return _not_a_name(f"label {quote(label)}", [label], names)
+    if not isinstance(label, int) or isinstance(label, bool):
+        if names:
+            return (
+                f'"label" must be a class index or name, got {label!r}; the model has '
+                f"{describe_classes(names)}"
+            )
+        return f'"label" must be an integer class index (0, 1, ...), got {label!r}'
+    if names and not 0 <= label < len(names):
+        return f"label {label}, but the model has {describe_classes(names)}"
+    if not 0 <= label < 1 << 63:
+        return f'"label" must be an integer class index (0, 1, ...), got {label!r}'
+    return None
+
+
+def forms_problem(index_at: str | None, name_at: str | None, names: tuple[str, ...]) -> str | None:
+    """Why a source's class-name labels (the first, and where: ``name_at``) cannot stand for
+    classes, or None: the model names two classes alike, so a name does not say which; or the
+    source also has index labels (``index_at``) and a class name is a number other than its
+    index (star ratings "1".."5" for classes 0..4), so "1" and 1 would be different classes."""
+    if name_at is None or not names:
+        return None
+    n = len(names)
+    twice = _duplicate_name(names)
+    if twice is not None:
+        name, at = twice
+        return (
+            f"labels are class names ({name_at}), but the model's class names are not unique: "
+            f"{quote(name)} is class {' and class '.join(map(str, at))}, so a name does not "
+            f"say which class it means. Use class indices (0..{n - 1}) instead."
+        )
+    number = _number_name(names) if index_at is not None else None
+    if number is None:
+        return None
+    i, name = number
+    value = int(name)
+    other = f"class {value}" if 0 <= value < n else "no class"
+    return (
+        f"labels are both class indices ({index_at}) and class names ({name_at}), and the "
+        f"model's class names are numbers other than their indices: it has "
+        f"{describe_classes(names)}. "
+        f"The two forms disagree: the label {quote(name)} means class {i}, the label {value} "
+        f"{other}. Use one form for every label: the class indices 0..{n - 1}, or the names."
+    )
+
+
+def label_forms(labels: Any) -> set[str]:
+    """How a batch gives its labels: {"indices"}, {"names"}, or both (a list may mix them)."""
+    if isinstance(labels, (list, tuple)):
+        return {"names" if isinstance(x, str) else "indices" for x in labels}
+    return {"names" if np.asarray(labels).dtype.kind in "US" else "indices"}
+
+
+def name_index(names: tuple[str, ...]) -> dict[str, int]:
+    """{class name: index}; used where the names are unique (``forms_problem``)."""
+    return {name: i for i, name in enumerate(names)}
+
+
+def one_based_hint(lo: int, hi: int, names: tuple[str, ...]) -> str:
+    """A sentence for index labels ``lo``..``hi`` that run 1..n instead of 0..n-1; else ''."""
+    if lo == 1 and hi == len(names):
+        return " They look 1-based: renumber them from 0, in the order of the model's classes."
+    return ""
+
+
+def quote(name: str) -> str:
+    """``name`` as JSON writes it, quoted (non-ASCII kept as is)."""
+    return json.dumps(name, ensure_ascii=False)
+
+
+def describe_rows(bad: np.ndarray) -> str:
+    """'3 rows (indices 3, 7, 11)' for a boolean row mask; the first five indices shown."""
+    idx = np.flatnonzero(bad)
+    shown = ", ".join(map(str, idx[:5])) + (f", ... {len(idx) - 5} more" if len(idx) > 5 else "")
+    return f"1 row (index {shown})" if len(idx) == 1 else f"{len(idx)} rows (indices {shown})"
+
+
+def _mixed_to_indices(labels: list | tuple, names: tuple[str, ...], where: str) -> list:
+    """A list of class names and indices with its names replaced by their indices (numpy would
+    make strings of the indices instead); a DataError where a name stands for no one class."""
+    is_name = np.array([isinstance(x, str) for x in labels])
+    first_name, first_index = int(is_name.argmax()), int((~is_name).argmax())
+    name_at = f"{quote(labels[first_name])} in row {first_name}"
+    if not names:
+        raise DataError(f"{where}: labels are strings ({name_at}), but {_NO_NAMES}")
+    problem = forms_problem(f"{labels[first_index]!r} in row {first_index}", name_at, names)
+    if problem is not None:
+        raise DataError(f"{where}: {problem}")
+    index = name_index(names)
+    unknown = np.array([isinstance(x, str) and x not in index for x in labels])
+    if unknown.any():
+        found = np.array([x for x, u in zip(labels, unknown, strict=True) if u])
+        raise DataError(
+            f"{where}: "
+            + _not_a_name(
+                f"label {_values(found)} in {describe_rows(unknown)}", found.tolist(), names
+            )
+        )
+    return [index[x] if isinstance(x, str) else x for x in labels]
+
+
+def _name_indices(labels: np.ndarray, names: tuple[str, ...], where: str) -> np.ndarray:
+    """Class-name labels (str) as their class indices; else a DataError naming the rows."""
+    if not names:
+        raise DataError(f"{where}: labels are strings ({_values(labels)}), but {_NO_NAMES}")
+    problem = forms_problem(None, _values(labels), names)
+    if problem is not None:
+        raise DataError(f"{where}: {problem}")
+    index = name_index(names)
+    unknown = ~np.isin(labels, list(index))
+    if unknown.any():
+        found = labels[unknown]
+        raise DataError(
+            f"{where}: "
+            + _not_a_name(
+                f"label {_values(found)} in {describe_rows(unknown)}", found.tolist(), names
+            )
+        )
+    return np.array([index[x] for x in labels.tolist()], np.int64)
+
+
+def _text(labels: np.ndarray, where: str) -> np.ndarray:
+    """String labels as str: bytes (numpy dtype S) decoded as UTF-8; a DataError where not."""
+    if labels.dtype.kind == "U":
+        return labels
+    raw = labels.tolist()
+    texts, bad = [], np.zeros(len(raw), dtype=bool)
+    for i, b in enumerate(raw):
+        try:
+            texts.append(b.decode("utf-8"))
+        except UnicodeDecodeError:
+            texts.append("")
+            bad[i] = True
+    if bad.any():
+        raise DataError(
+            f"{where}: labels in {describe_rows(bad)} are bytes that are not UTF-8 text (the "
+            f"first: {raw[int(bad.argmax())]!r}). Write the class names as str (numpy dtype "
+            "U), or encode them as UTF-8."
+        )
+    return np.array(texts, dtype=str)
+
+
+def _not_a_name(found: str, labels: list[str], names: tuple[str, ...]) -> str:
+    """'label "NEU" is not one of the model's class names ...' for ``found``, the labels
+    ``labels`` that name no class, with a hint where one differs from a name only in case."""
+    return (
+        f"{found} is not one of the model's class names (matched exactly); it has "
+        f"{describe_classes(names)}" + _case_hint(labels, names)
+    )
+
+
+def _values(a: np.ndarray) -> str:
+    """'5, 7, 9, ...': the distinct values of ``a``, the first five (strings quoted)."""
+    found = np.unique(a).tolist()
+    shown = [quote(v) if isinstance(v, str) else str(v) for v in found[:5]]
+    return ", ".join(shown) + (", ..." if len(found) > 5 else "")
+
+
+def _duplicate_name(names: tuple[str, ...]) -> tuple[str, list[int]] | None:
+    """The first class name the model gives more than one class, and those classes."""
+    counts = Counter(names)
+    name = next((x for x in names if counts[x] > 1), None)
+    if name is None:
+        return None
+    return name, [i for i, other in enumerate(names) if other == name]
+
+
+def _number_name(names: tuple[str, ...]) -> tuple[int, str] | None:
+    """The first class index whose name is a decimal number other than the index, and it."""
+    for i, name in enumerate(names):
+        if re.fullmatch(r"-?[0-9]+", name) and int(name) != i:
+            return i, name
+    return None
+
+
+def _case_hint(labels: list[str], names: tuple[str, ...]) -> str:
+    """' ("POS" differs only in case from "pos")' for the first of ``labels`` that does."""
+    folded = {n.casefold(): n for n in reversed(names)}
+    for label in labels:
+        if label.casefold() in folded:
+            return f" ({quote(label)} differs only in case from {quote(folded[label.casefold()])})"
+    return ""
+
+
+__all__ = [
+    "MAX_NAMES_SHOWN",
+    "check_labels",
+    "describe_classes",
+    "describe_rows",
+    "forms_problem",
+    "label_forms",
+    "label_problem",
+    "name_index",
+    "one_based_hint",
+    "quote",
+]
