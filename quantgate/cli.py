@@ -1,7 +1,8 @@
 """The command line. It only translates: parse flags, build a config, call one library
 function, print the result, and map errors to exit codes:
 
-    0  success (every gate passed)
+    0  success (every gate passed; the server answered every request it admitted)
+    1  anything else, e.g. the server's shutdown grace ran out with requests unanswered
     2  bad usage or bad input (missing file, corrupt checkpoint, invalid option)
     3  a gate or a validation failed (the bundle and its report are still written)
 """
@@ -14,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from inspect import cleandoc
 from pathlib import Path
@@ -97,6 +99,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log what each stage does.")
     ] = False,
@@ -107,11 +110,21 @@ def _root(
         ),
     ] = False,
 ) -> None:
+    serving = ctx.invoked_subcommand == "serve"
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
+        # a server's log is read later, beside other services': every line says when
+        format=("%(asctime)s.%(msecs)03dZ " if serving else "")
+        + "%(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
         stream=sys.stderr,
     )
+    if serving:
+        for handler in logging.getLogger().handlers:  # UTC, as the Z says
+            if handler.formatter is not None:
+                handler.formatter.converter = time.gmtime
+        # what the server does (start, warm-up, settings, drain) is logged without -v
+        logging.getLogger("quantgate.serve").setLevel(logging.INFO)
 
 
 @command()
@@ -607,7 +620,9 @@ def serve(
         float,
         typer.Option(
             min=0,
-            help="Seconds admitted requests get to finish after SIGTERM (a second exits now).",
+            help="Seconds admitted requests get to finish after SIGTERM (a second SIGTERM "
+            "exits now). Requests still unanswered when it runs out are cancelled, and the "
+            "server exits 1.",
         ),
     ] = 30.0,
     precision: Annotated[
@@ -643,7 +658,8 @@ def serve(
 
     Verifies every bundle's hashes, refuses bundles whose gates failed, and serves per
     execution provider the fastest variant that passed. Health checks, reflection,
-    Prometheus metrics; SIGTERM finishes every admitted request, then exits 0.
+    Prometheus metrics; SIGTERM finishes every admitted request, then exits 0 (1 when
+    --shutdown-grace runs out first).
     """
     from quantgate.errors import ConfigError
     from quantgate.serve.config import ServeConfig, TLSConfig

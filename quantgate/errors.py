@@ -67,6 +67,12 @@ class ServeError(QuantgateError):
     """The server cannot start with the given configuration."""
 
 
+class DrainIncomplete(ServeError):
+    """The server's shutdown grace ran out before every admitted request was answered."""
+
+    exit_code = 1  # not the operator's input: the drain needed more time
+
+
 class BadRequest(QuantgateError):
     """An inference request that does not fit the model (name, dtype, shape, size)."""
 

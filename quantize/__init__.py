@@ -1,6 +1,7 @@
 """INT8 (and FP16) from a validated FP32 export, shipped only on evidence.
 
 data.py         calibration and evaluation data, streamed (JSONL text, .npz, built-in)
+labels.py       what a label means: a class index or a class name, and when one is refused
 recipes.py      INT8 recipes as values; ``quantize(src, recipe, calibration, out)``
 graph.py        quantgate's own INT8 graph: smoothing, QuantizeLinear, integer GEMMs
 ort_recipes.py  ONNX Runtime's quantizers as recipes (static QDQ/QOperator, dynamic)

@@ -95,6 +95,11 @@ class ServeConfig:
             raise ConfigError("cuda_device_id and gpu_mem_limit cannot be negative")
         if self.max_queue_delay_us < 0 or self.port < 0 or self.intra_op_threads < 0:
             raise ConfigError("max_queue_delay_us, port and intra_op_threads cannot be negative")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ConfigError(
+                f"--metrics-port {self.metrics_port} is the gRPC --port too; give the "
+                "metrics another port (or 0 for a free one)"
+            )
         if self.max_queue_delay_us and not self.dynamic_batching:
             raise ConfigError(
                 "--max-queue-delay-us waits to form batches; --no-dynamic-batching forms none"

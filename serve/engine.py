@@ -66,8 +66,9 @@ class Engine:
                 t0 = time.perf_counter()
                 m.run(m.example(rows, length))
                 log.info(
-                    "warm-up %s: batch %d, sequence %d in %.0f ms",
+                    "warm-up %s version %s: batch %d, sequence %d in %.0f ms",
                     m.name,
+                    m.version,
                     rows,
                     length,
                     (time.perf_counter() - t0) * 1e3,

@@ -27,6 +27,10 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = prom.CollectorRegistry()
+        # The process's memory, CPU, open files and start time, as prometheus_client's
+        # default registry has them (this one is the server's own).
+        prom.ProcessCollector(registry=self.registry)
+        prom.PlatformCollector(registry=self.registry)
         self.http_port: int | None = None  # where serve_http listens; None: not serving
         labels = ("model", "version")
         r = self.registry

@@ -31,7 +31,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from quantgate.errors import ServeError
+from quantgate.errors import DrainIncomplete, ServeError
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.serve import codec
 from quantgate.serve.config import ServeConfig
@@ -49,10 +49,15 @@ SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SPARE_THREADS = 16
 
 
+# Calls that answer a yes/no about the server and carry no data: open to probes.
+OPEN_METHODS = frozenset(f"/{SERVICE}/{m}" for m in ("ServerLive", "ServerReady"))
+
+
 class BearerTokenAuth(grpc.ServerInterceptor):
     """Require ``authorization: Bearer <token>`` on the inference service.
 
-    Health checks and reflection stay open: load balancers and probes carry no token.
+    Health checks (grpc.health.v1, and the protocol's ServerLive and ServerReady) and
+    reflection stay open: load balancers and probes carry no token.
     """
 
     def __init__(self, token: str):
@@ -60,7 +65,11 @@ class BearerTokenAuth(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
-        if handler is None or not details.method.startswith(f"/{SERVICE}/"):
+        if (
+            handler is None
+            or not details.method.startswith(f"/{SERVICE}/")
+            or details.method in OPEN_METHODS
+        ):
             return handler
         metadata = dict(details.invocation_metadata or ())
         if hmac.compare_digest(metadata.get("authorization", "").encode(), self._expected):
@@ -222,9 +231,28 @@ def _set_health(servicer: health.HealthServicer, status) -> None:
         servicer.set(name, status)
 
 
+def _settings(cfg: ServeConfig) -> str:
+    """What an operator checks first in the log: security, batching, threads."""
+    tls = "plaintext" if cfg.tls is None else "mutual TLS" if cfg.tls.client_ca else "TLS"
+    auth = "bearer token required" if cfg.auth_token else "no authentication"
+    batching = (
+        f"batches of up to {cfg.max_batch_size}, queue delay {cfg.max_queue_delay_us} us"
+        if cfg.dynamic_batching
+        else "no dynamic batching"
+    )
+    return (
+        f"{tls}, {auth}; {batching}, queue {cfg.max_queue_size}; {cfg.instances} "
+        f"instance(s) per model, ONNX Runtime threads: {cfg.intra_op_threads or 'default'}"
+    )
+
+
 def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain gracefully and return (main thread only:
-    it installs the signal handlers). A second signal during the drain exits at once."""
+    it installs the signal handlers). A second signal during the drain exits at once.
+
+    Raises DrainIncomplete when the grace ran out before every admitted request was
+    answered: the operator learns that requests were cut off, from the log and the exit code.
+    """
     # A bad TLS file or a port in use is named before minutes of loading models.
     credentials = _credentials(cfg) if cfg.tls is not None else None
     _check_port(cfg)
@@ -232,12 +260,14 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
     server, port, health_servicer = create_server(cfg, engine, credentials=credentials)
     _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     stop = threading.Event()
+    received: list[str] = []  # the signal that asked for the stop
 
     def on_signal(signum: int, _frame) -> None:
         if stop.is_set():  # the operator asked twice: do not wait for the drain
             log.warning("second %s: exiting without finishing admitted requests",
                         signal.Signals(signum).name)  # fmt: skip
             os._exit(128 + signum)
+        received.append(signal.Signals(signum).name)
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -251,19 +281,27 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
         engine.warm_up()
     engine.ready = True
     _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving on %s:%d", cfg.host, port)
+    log.info("serving on %s:%d: %s", cfg.host, port, _settings(cfg))
     if on_ready is not None:
         on_ready(port, engine)
 
     while not stop.wait(0.5):  # a short wait: signal handlers run between waits
         pass
     log.info(
-        "shutting down: no new requests; finishing admitted ones (grace %.0fs)",
+        "%s: shutting down: no new requests; finishing admitted ones (grace %gs)",
+        received[0],
         cfg.shutdown_grace_s,
     )
     _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     engine.ready = False  # open streams are refused new requests too
     stopped = server.stop(cfg.shutdown_grace_s)  # new calls refused; running ones finish
-    engine.close(cfg.shutdown_grace_s)
+    drained = engine.close(cfg.shutdown_grace_s)
     stopped.wait()
-    log.info("stopped")
+    if not drained:
+        raise DrainIncomplete(
+            f"the shutdown grace of {cfg.shutdown_grace_s:g}s ran out with requests still "
+            "queued or running: their clients were answered CANCELLED or UNAVAILABLE. Give "
+            "the drain longer with --shutdown-grace (and the orchestrator's termination "
+            "grace period more than that)"
+        )
+    log.info("stopped: every admitted request was answered")

@@ -206,6 +206,20 @@ def test_a_second_sigterm_does_not_wait_for_the_drain(tmp_path):
     assert "second SIGTERM: exiting without finishing admitted requests" in srv.log
 
 
+def test_a_grace_that_runs_out_is_logged_and_exits_1(tmp_path):
+    """A request still running when --shutdown-grace ends is cut off: the operator is told
+    so, in the log and by the exit code, never by a clean 0."""
+    srv = ServerProcess(_slow_bundle(tmp_path / "slow"), "--shutdown-grace", "0.5")
+    feeds = {"input_ids": np.array([[10**7]]), "attention_mask": np.array([[1]])}
+    with tc.InferenceServerClient(srv.url) as c:
+        c.async_infer("slow", inputs(feeds), callback=lambda result, error: None)
+        time.sleep(0.3)  # the request is running its loop
+        code = srv.terminate()
+    assert code == 1, srv.log
+    assert "the shutdown grace of 0.5s ran out with requests still queued or running" in srv.log
+    assert "Traceback" not in srv.log and "stopped: every admitted" not in srv.log
+
+
 def test_a_cancelled_stream_cancels_the_requests_it_queued(repo):
     """20 requests wait out a 1 s batching delay; the client cancels the stream at 0.3 s:
     none of them may run once nobody waits for them (counted as failed, not as successes)."""
@@ -338,6 +352,11 @@ def test_mutual_tls_and_bearer_token(repo, tmp_path):
                 health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
             )
             assert status == health_pb2.HealthCheckResponse.SERVING
+        with tc.InferenceServerClient(url, **tls) as c:  # nor the protocol's yes/no probes
+            assert c.is_server_live() and c.is_server_ready()
+            with pytest.raises(InferenceServerException) as err:  # but a model's state does
+                c.is_model_ready("tiny-classifier")
+            assert err.value.status() == "StatusCode.UNAUTHENTICATED"
         no_cert = grpc.secure_channel(
             url, grpc.ssl_channel_credentials((d / "ca.pem").read_bytes())
         )

@@ -8,6 +8,7 @@ import dataclasses
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -71,6 +72,7 @@ def test_a_repository_lists_every_model_folder_it_cannot_serve(repo, tmp_path):
 
 def test_a_version_folder_names_the_version_as_in_triton(repo, tmp_path):
     """Every bundle's manifest says version 1; copied in as minilm/2 it is version 2."""
+    from quantgate.errors import ServeError
     from quantgate.serve.config import ServeConfig
     from quantgate.serve.repository import load_repository
 
@@ -80,6 +82,9 @@ def test_a_version_folder_names_the_version_as_in_triton(repo, tmp_path):
     served = load_repository(ServeConfig(path=root, device="cpu"))
     assert sorted(m.version for m in served) == ["1", "2"]
     assert served.get("encoder").version == "2"  # no version asked: the newest
+    shutil.copytree(repo / "encoder" / "1", root / "encoder" / "01")  # "1" a second time
+    with pytest.raises(ServeError, match=r"\['01'\]: .* without leading zeros"):
+        load_repository(ServeConfig(path=root, device="cpu"))
 
 
 def test_one_models_folder_is_not_taken_for_a_repository(repo):
@@ -155,6 +160,33 @@ def test_a_port_in_use_is_named(repo):
     assert "loaded tiny-classifier" not in r.stderr, r.stderr  # found before the models load
 
 
+def test_a_servers_log_says_when_and_with_what_settings_without_v(repo):
+    """Without -v: UTC timestamps, and the security and batching settings in one line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quantgate", "serve", str(repo / "classifier"), "--port", "0",
+         "--host", "127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if "listening on" in line:
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO quantgate\.serve\."
+    lines = err.splitlines()
+    assert lines and all(re.match(stamp, line) for line in lines), err
+    assert re.search(
+        r"serving on 127\.0\.0\.1:\d+: plaintext, no authentication; batches of up to 32, "
+        r"queue delay 0 us, queue 256; 1 instance\(s\) per model",
+        err,
+    ), err
+    assert "warm-up tiny-classifier version 1: batch 1" in err, err
+    assert "shutting down" in err and "stopped: every admitted request was answered" in err
+
+
 def test_metrics_port_0_says_which_port_it_chose(repo):
     srv = ServerProcess(repo / "classifier", "--metrics-port", "0")
     try:
@@ -163,6 +195,7 @@ def test_metrics_port_0_says_which_port_it_chose(repo):
         url = f"http://127.0.0.1:{found.group(1)}/metrics"
         text = urllib.request.urlopen(url, timeout=10).read().decode()
         assert "quantgate_model_info{" in text
+        assert "process_resident_memory_bytes " in text and "python_info{" in text
     finally:
         assert srv.terminate() == 0, srv.log
 
@@ -360,6 +393,8 @@ def test_serve_refuses_an_empty_token_variable_and_a_delay_with_no_batching(repo
     r = _quantgate("serve", str(repo / "classifier"), "--port", "0", "--no-dynamic-batching",
                    "--max-queue-delay-us", "500")  # fmt: skip
     assert r.returncode == 2 and "--no-dynamic-batching forms none" in r.stderr, r.stderr
+    r = _quantgate("serve", str(repo / "classifier"), "--port", "8001", "--metrics-port", "8001")
+    assert r.returncode == 2 and "--metrics-port 8001 is the gRPC --port too" in r.stderr, r.stderr
 
 
 def test_infer_without_the_servers_token_says_how_to_send_one(repo):
