@@ -500,9 +500,18 @@ def inspect(
     """Print a readable summary of a bundle's manifest."""
     from rich.table import Table
 
-    from quantgate.bundle import MANIFEST, load
+    from quantgate.bundle import MANIFEST, is_bundle, load
     from quantgate.errors import BundleError
 
+    if path.is_dir() and not is_bundle(path):
+        inside = sorted(str(p.parent.relative_to(path)) for p in path.glob(f"*/**/{MANIFEST}"))
+        if inside:  # a repository folder, or one model's version folders
+            raise BundleError(
+                f"{path} is not a bundle but holds bundles in {', '.join(inside[:6])}"
+                + (", ..." if len(inside) > 6 else "")
+                + f": inspect one ({path / inside[0]}), or see what each model would serve "
+                f"with `quantgate serve {path} --check`"
+            )
     b = load(path, verify=verify)
     m = b.manifest
     e = m.export
@@ -653,6 +662,14 @@ def serve(
         str | None,
         typer.Option(envvar="QUANTGATE_AUTH_TOKEN", help="Require 'authorization: Bearer TOKEN'."),
     ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Load and verify everything as serving would (hashes, gates, sessions, TLS "
+            "files), print what each model would serve, and exit without listening.",
+        ),
+    ] = False,
 ) -> None:
     """Serve bundles over gRPC (KServe v2 / Triton protocol) until SIGTERM or Ctrl-C.
 
@@ -663,7 +680,7 @@ def serve(
     """
     from quantgate.errors import ConfigError
     from quantgate.serve.config import ServeConfig, TLSConfig
-    from quantgate.serve.server import run
+    from quantgate.serve.server import run, verify
 
     if (tls_cert is None) != (tls_key is None) or (tls_client_ca and not tls_cert):
         raise ConfigError("TLS needs both --tls-cert and --tls-key (and them for --tls-client-ca)")
@@ -690,6 +707,13 @@ def serve(
         tls=tls,
         auth_token=auth_token,
     )
+
+    if check:
+        repository = verify(cfg)
+        for m in repository:
+            out.print(f"would serve {m.describe()}", highlight=False, soft_wrap=True)
+        out.print(f"{path}: ready to serve", highlight=False, soft_wrap=True)
+        return
 
     def ready(bound: int, engine) -> None:
         for m in engine.repository:

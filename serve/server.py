@@ -36,7 +36,7 @@ from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.serve import codec
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.engine import Engine
-from quantgate.serve.repository import load_repository
+from quantgate.serve.repository import Repository, load_repository
 from quantgate.serve.servicer import UNSUPPORTED, InferenceServicer, unsupported
 
 log = logging.getLogger(__name__)
@@ -229,6 +229,14 @@ def _read_pem(flag: str, path: Path | None, marker: bytes) -> bytes | None:
 def _set_health(servicer: health.HealthServicer, status) -> None:
     for name in ("", SERVICE):
         servicer.set(name, status)
+
+
+def verify(cfg: ServeConfig) -> Repository:
+    """What ``run`` would serve, loaded as it loads it (hashes, gates, variants, sessions)
+    with its TLS files read, but no port bound: a repository checked before a rollout."""
+    if cfg.tls is not None:
+        _credentials(cfg)
+    return load_repository(cfg)
 
 
 def _settings(cfg: ServeConfig) -> str:

@@ -70,6 +70,23 @@ def test_a_repository_lists_every_model_folder_it_cannot_serve(repo, tmp_path):
     assert [(m.name, m.version) for m in load_repository(ServeConfig(path=root))] == [("good", "1")]
 
 
+def test_serve_check_says_what_each_model_would_serve_and_binds_nothing(repo, tmp_path):
+    r = _quantgate("serve", str(repo), "--check", "--port", "1")  # port 1: never bound
+    assert r.returncode == 0, r.stderr
+    assert "would serve classifier v1: fp32 (model.fp32.onnx) on CPUExecutionProvider" in r.stdout
+    assert "would serve encoder v1: fp32" in r.stdout and f"{repo}: ready to serve" in r.stdout
+    broken = tmp_path / "repo"
+    shutil.copytree(repo, broken)
+    (broken / "encoder" / "1" / "model.fp32.onnx").write_bytes(b"changed")
+    r = _quantgate("serve", str(broken), "--check")
+    assert r.returncode == 2 and "- encoder: " in r.stderr and "sha256" in r.stderr, r.stderr
+    assert "ready to serve" not in r.stdout
+    r = _quantgate("inspect", str(repo))  # a repository is no bundle: say what to run instead
+    assert r.returncode == 2, r.stderr
+    assert "holds bundles in classifier, encoder/1" in r.stderr, r.stderr
+    assert f"`quantgate serve {repo} --check`" in r.stderr, r.stderr
+
+
 def test_a_version_folder_names_the_version_as_in_triton(repo, tmp_path):
     """Every bundle's manifest says version 1; copied in as minilm/2 it is version 2."""
     from quantgate.errors import ServeError
