@@ -1002,6 +1002,8 @@ def main() -> None:
             code = app(standalone_mode=False)  # a command's return value, or typer.Exit's code
         sys.exit(code or 0)
     except _usage_errors() as e:  # a bad option or argument: click's message, exit 2
+        if getattr(e, "option_name", None) in ("-v", "--verbose"):
+            e.message += " (it goes before the command: quantgate -v COMMAND ...)"
         e.show()
         sys.exit(e.exit_code)
     except QuantgateError as e:

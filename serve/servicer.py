@@ -333,6 +333,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 ),
             },
         )
+        if m.max_sequence:  # dims say -1; longer requests are refused with this number
+            config.parameters["max_sequence_length"].string_value = str(m.max_sequence)
         if cfg.dynamic_batching and m.batched:
             config.dynamic_batching.max_queue_delay_microseconds = cfg.max_queue_delay_us
             config.dynamic_batching.default_queue_policy.max_queue_size = cfg.max_queue_size

@@ -17,6 +17,7 @@ import pytest
         (["serve", "bundle", "--port", "many"], "Invalid value for '--port'"),
         (["serve", "bundle", "--port", "70000"], "less than or equal to 65535"),
         (["serve", "bundle", "--metrics-port", "-1"], "Invalid value for '--metrics-port'"),
+        (["serve", "bundle", "-v"], "No such option: -v (it goes before the command"),
     ],
 )
 def test_usage_errors_exit_2_with_the_reason(cli, args, message):

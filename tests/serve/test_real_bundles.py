@@ -125,6 +125,8 @@ def test_minilm_int8_bundle_served_equals_in_process(minilm_int8_bundle):
         with tc.InferenceServerClient(server.url) as c:
             config = c.get_model_config("minilm").config
         assert config.parameters["precision"].string_value == "int8"
+        longest = load(bundle).manifest.max_seq_len
+        assert longest and config.parameters["max_sequence_length"].string_value == str(longest)
         for got in _unary_and_stream(server.url, "minilm", feeds, outputs):
             for name in outputs:
                 np.testing.assert_allclose(got[name], want[name], atol=1e-4, rtol=1e-4)

@@ -79,6 +79,7 @@ def test_health_serving_and_metadata(server, client):
     assert config.HasField("dynamic_batching")
     assert config.parameters["precision"].string_value == "fp32"
     assert config.parameters["execution_provider"].string_value == "CPUExecutionProvider"
+    assert "max_sequence_length" not in config.parameters  # the tiny bundles record none
     client.infer("classifier", inputs(batch(np.random.default_rng(4), 1, 6)))
     stats = client.get_inference_statistics("classifier").model_stats[0]
     assert stats.inference_count >= 1 and stats.inference_stats.success.count >= 1
