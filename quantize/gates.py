@@ -40,7 +40,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +117,11 @@ class GateConfig:
             raise ConfigError("invalid gate config:\n" + "\n".join(f"  - {p}" for p in problems))
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> GateConfig:
-        """Read a TOML or JSON file of GateConfig fields (a ``[gates]`` table is accepted)."""
+    def from_file(
+        cls, path: str | Path, base: GateConfig | None = None, **overrides: Any
+    ) -> GateConfig:
+        """Read a TOML or JSON file of GateConfig fields (a ``[gates]`` table is accepted):
+        they replace ``base``'s (the defaults when None), and ``overrides`` replace both."""
         try:
             import tomllib  # Python 3.11+
         except ModuleNotFoundError:  # pragma: no cover - 3.10
@@ -152,7 +155,11 @@ class GateConfig:
         ]
         if wrong:
             raise ConfigError(f"--gate-config {path}: " + "; ".join(wrong))
-        merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        merged = {
+            **(asdict(base) if base is not None else {}),
+            **data,
+            **{k: v for k, v in overrides.items() if v is not None},
+        }
         try:
             return cls(**merged)
         except TypeError as e:
