@@ -195,6 +195,13 @@ _MinTop1 = Annotated[
         help=r"Fidelity without labels: top-1 / nearest-neighbour agreement \[default: 0.95]."
     ),
 ]
+
+
+def _kept(what: str):
+    """A threshold flag of `quantgate gate`, whose default is the bundle's own."""
+    return typer.Option(help=what + r" \[default: the one the bundle was last gated with].")
+
+
 _GateFile = Annotated[
     Path | None, typer.Option(help="TOML or JSON file of gate settings (flags override it).")
 ]
@@ -411,20 +418,31 @@ def gate(
             help="Evaluation data (.jsonl or .npz); the built-in model's test split by default.",
         ),
     ] = None,
-    max_accuracy_drop: _MaxDrop = None,
-    min_speedup: _MinSpeedup = None,
-    min_cosine: _MinCosine = None,
-    min_top1: _MinTop1 = None,
+    max_accuracy_drop: Annotated[
+        float | None, _kept("Accuracy gate: largest drop in points of the task metric")
+    ] = None,
+    min_speedup: Annotated[float | None, _kept("Speed gate: INT8 vs FP32 at every shape")] = None,
+    min_cosine: Annotated[float | None, _kept("Fidelity without labels: mean cosine")] = None,
+    min_top1: Annotated[
+        float | None, _kept("Fidelity without labels: top-1 / nearest-neighbour agreement")
+    ] = None,
     gate_config: _GateFile = None,
 ) -> None:
     """Re-run the INT8 variant's gates on a bundle (e.g. in CI after an ONNX Runtime upgrade).
 
-    Rewrites the manifest and report.md atomically with the new gates. Exit 0: every gate
-    passed; 3: a gate failed (the bundle is marked failed); 2: bad bundle or data.
+    The thresholds are the ones the bundle was last gated with (at export, or by the newest
+    re-gate); a --gate-config file, then the flags, change them, and a looser one is warned
+    about and named in the report. Rewrites the manifest and report.md atomically with the
+    new gates. Exit 0: every gate passed; 3: a gate failed (the bundle is marked failed);
+    2: bad bundle or data.
     """
-    from quantgate.quantize.pipeline import regate
+    from quantgate.bundle import load
+    from quantgate.quantize.pipeline import recorded_gate_config, regate
 
-    gates = _gate_config(gate_config, max_accuracy_drop, min_speedup, min_cosine, min_top1)
+    recorded = recorded_gate_config(load(path, verify=False).manifest)  # verified by regate
+    gates = _gate_config(
+        gate_config, max_accuracy_drop, min_speedup, min_cosine, min_top1, base=recorded
+    )
     try:
         with progress() as bar:
             bundle = regate(path, eval_data, gates, on_progress=_bars(bar))
@@ -442,7 +460,9 @@ def _passed_over(export: dict) -> list[str]:
     ]
 
 
-def _gate_config(file, max_accuracy_drop, min_speedup, min_cosine, min_top1):
+def _gate_config(file, max_accuracy_drop, min_speedup, min_cosine, min_top1, base=None):
+    """``base`` (the defaults when None), then the --gate-config file's settings, then the
+    flags given."""
     from quantgate.quantize.gates import GateConfig
 
     overrides = dict(
@@ -452,8 +472,8 @@ def _gate_config(file, max_accuracy_drop, min_speedup, min_cosine, min_top1):
         min_top1_agreement=min_top1,
     )
     if file is not None:
-        return GateConfig.from_file(file, **overrides)
-    return GateConfig().with_overrides(**overrides)
+        return GateConfig.from_file(file, base, **overrides)
+    return (base or GateConfig()).with_overrides(**overrides)
 
 
 def _bars(bar: Progress):

@@ -318,11 +318,15 @@ def _gate_on_cuda(
 def regate(
     bundle_path: str | Path,
     evaluation: DataSpec | None = None,
-    gate_cfg: GateConfig = DEFAULT_GATES,
+    gate_cfg: GateConfig | None = None,
     *,
     on_progress: ProgressFn | None = None,
 ) -> Bundle:
     """Re-run the INT8 variant's gates on ``evaluation``; rewrite manifest and report atomically.
+
+    ``gate_cfg`` defaults to the settings the bundle was last gated with
+    (``recorded_gate_config``): a re-gate keeps the bundle's thresholds unless told
+    otherwise, and a loosened threshold is warned about and named in the report.
 
     The new gates replace the INT8 gates measured on ``gate_cfg.provider``; its gates on other
     providers (CUDA, from the build) are kept. In report.md the re-gate comes first, and the
@@ -335,6 +339,15 @@ def regate(
     check_writable_target(bundle.path, force=False)  # read-only: refused before the measuring
     m = bundle.manifest
     int8 = m.variant("int8")
+    recorded = recorded_gate_config(m)
+    gate_cfg = gate_cfg or recorded
+    changed = _changed_settings(recorded, gate_cfg)
+    loosened = [c for c in changed if c.endswith(LOOSER)]
+    if loosened:
+        log.warning(
+            "re-gating with looser settings than the bundle was last gated with: %s",
+            "; ".join(c.removesuffix(LOOSER) for c in loosened),
+        )
     info = ModelInfo.from_manifest(m, bundle.path)
     check_not_calibration(evaluation, m.calibration)
     ev = open_source(evaluation, info, role="evaluation", samples=gate_cfg.eval_samples)
@@ -348,12 +361,48 @@ def regate(
     measured = _int8_gates(bundle, ev, gate_cfg, on_progress or no_progress)
     kept = tuple(g for g in int8.gates if g.provider not in (None, gate_cfg.provider))
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    manifest = _with_int8_gates(m, (*measured, *kept), {"at": when, "evaluation": ev.record()})
-    section = _regate_section(manifest, when, ev, gate_cfg, kept=bool(kept))
+    record = {"at": when, "evaluation": ev.record(), "gate_config": dataclasses.asdict(gate_cfg)}
+    manifest = _with_int8_gates(m, (*measured, *kept), record)
+    section = _regate_section(manifest, when, ev, gate_cfg, kept=bool(kept), changed=changed)
     old = bundle.report.read_text() if bundle.report.is_file() else ""
     report = reports.regated(old, section, manifest, when, provider=gate_cfg.provider)
     _rewrite(bundle, manifest, report)
     return _passed_bundle(bundle.path)
+
+
+def recorded_gate_config(m: Manifest) -> GateConfig:
+    """The gate settings ``m``'s bundle was last gated with: its newest re-gate's, else its
+    build's; the defaults where it recorded none (bundles from before they were recorded)."""
+    records = [r.get("gate_config") for r in m.extra.get("regates", []) if isinstance(r, dict)]
+    records.insert(0, (m.extra.get("quantization") or {}).get("gate_config"))
+    latest = next((r for r in reversed(records) if isinstance(r, dict)), None)
+    if latest is None:
+        return DEFAULT_GATES
+    known = {f.name for f in dataclasses.fields(GateConfig)}
+    return GateConfig(**{k: v for k, v in latest.items() if k in known})
+
+
+LOOSER = " (looser)"
+# Thresholds and what makes them looser: a lower minimum, a higher maximum.
+_MINIMUMS = ("min_speedup", "min_cosine", "min_top1_agreement")
+_MAXIMUMS = ("max_accuracy_drop", "max_kl")
+
+
+def _changed_settings(before: GateConfig, after: GateConfig) -> list[str]:
+    """Each gate setting ``after`` changes, "name old -> new", marked LOOSER where it lets
+    more through: a lower minimum, a higher maximum, the point estimate for the interval."""
+    changed = []
+    for f in dataclasses.fields(GateConfig):
+        old, new = getattr(before, f.name), getattr(after, f.name)
+        if f.name == "seed" or old == new:
+            continue
+        looser = (
+            (f.name in _MINIMUMS and new < old)
+            or (f.name in _MAXIMUMS and new > old)
+            or (f.name == "ci_rule" and new == "point")
+        )
+        changed.append(f"{f.name} {old} -> {new}" + (LOOSER if looser else ""))
+    return changed
 
 
 def _int8_gates(
@@ -391,15 +440,27 @@ def _with_int8_gates(
 
 
 def _regate_section(
-    manifest: Manifest, when: str, ev: DataSource, cfg: GateConfig, *, kept: bool
+    manifest: Manifest,
+    when: str,
+    ev: DataSource,
+    cfg: GateConfig,
+    *,
+    kept: bool,
+    changed: list[str],
 ) -> str:
     """report.md's section on a re-gate: the bundle's new verdict, what was re-run on what
-    data (and whether INT8 gates of other providers were ``kept``), the INT8 gates."""
+    data (and whether INT8 gates of other providers were ``kept``), the gate settings
+    ``changed`` since the last gating, the INT8 gates."""
     verdict, int8 = manifest.verdict, manifest.variant("int8")
     what = (
         f"The INT8 variant's gates on {cfg.provider} were re-run with onnxruntime "
         f"{_ort_version()} on {ev.description} (sha256 `{ev.sha256[:12]}`); they replace its "
         "gates measured there" + (", and its gates on other providers are kept." if kept else ".")
+    )
+    what += (
+        f" Gate settings changed since the last gating: {'; '.join(changed)}."
+        if changed
+        else " Gate settings: those of the last gating."
     )
     failing = [v.precision for v in manifest.variants if v is not int8 and not v.passed]
     if failing:

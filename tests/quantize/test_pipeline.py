@@ -65,9 +65,17 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(cli, tmp_p
     first = b.manifest.extra["regates"][-1]["at"]
     assert f"Superseded by the re-gate of {first}," in build
     assert "Verdict when measured: **FAIL**" in build and "| **FAIL** |" in build
+    # The loosened threshold is named; the settings are recorded for the next re-gate.
+    newest = report.split("## Re-gated", 1)[1]
+    assert (
+        "Gate settings changed since the last gating: min_speedup 100.0 -> 0.01 (looser)."
+        in (newest.partition("\n## ")[0])
+    )
+    assert b.manifest.extra["regates"][-1]["gate_config"]["min_speedup"] == 0.01
 
     r = cli("gate", out, "--min-speedup", "100", "--gate-config", gate_file)
     assert r.code == 3 and load(out).manifest.verdict == "fail"
+    assert "min_speedup 0.01 -> 100.0." in load(out).report.read_text()  # tighter: not looser
     report = load(out).report.read_text()
     assert "Verdict: **fail**." in report.partition("\n## ")[0]
     assert "| model.int8.onnx | int8 | fail |" in report
@@ -80,6 +88,14 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(cli, tmp_p
     latest = load(out).manifest.extra["regates"][-1]["at"]
     assert report.count("(superseded)") == 2 and report.count("Superseded by the re-gate") == 2
     assert report.count(f"Superseded by the re-gate of {latest},") == 2
+
+    # Without a threshold flag a re-gate keeps the bundle's last ones (100x): it fails again,
+    # instead of passing on the defaults.
+    r = cli("gate", out, "--gate-config", gate_file)
+    assert r.code == 3, r.stderr
+    regated = load(out).manifest.extra["regates"][-1]
+    assert regated["gate_config"]["min_speedup"] == 100 and regated["verdict"] == "fail"
+    assert "Gate settings: those of the last gating." in load(out).report.read_text()
 
     # A read-only bundle is refused before its gates are measured, and left as it was.
     from quantgate.errors import BundleError
