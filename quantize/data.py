@@ -2,9 +2,9 @@
 
 A source is re-iterable: ``source.batches()`` starts over on every call and yields
 ``Batch(feeds, labels)`` of at most ``batch_size`` rows, so the search can calibrate and
-evaluate as often as it needs while memory stays bounded by one batch (plus one int per
-sample for length-stratified selection). ``source()`` yields the feeds alone: the
-``calibration`` callable that ``quantize.recipes.quantize`` takes.
+evaluate as often as it needs while memory stays bounded by one batch (plus a few ints per
+sample: its length for length-stratified selection, its row hash). ``source()`` yields the
+feeds alone: the ``calibration`` callable that ``quantize.recipes.quantize`` takes.
 
 Where the data comes from (``open_source``):
 
@@ -30,6 +30,16 @@ classifier's id2label, the digits; else >= 0) or class names, mapped to their in
 exact match, as ``quantize.labels`` sets out (with when names are refused); a bad one is
 named by its line, row or item.
 
+A text longer than the model's longest sequence is cut to it, as the served model's
+tokenizer cuts it; how many of the rows used were cut is warned about, counted in the
+source's record and said in its description (the report's).
+
+Every row is also known by its content: ``row_hashes`` hashes the token ids the model sees
+(``input_ids`` without padding), so the same row is the same hash in any file, format or
+position, and whatever spacing the tokenizer drops. ``check_held_out`` compares evaluation
+rows with calibration rows by those hashes: at export with the calibration source itself,
+at a re-gate with the ``Fingerprint`` of them that the manifest keeps.
+
 Every source has a content ``sha256`` (of the bytes read plus the selection) for the
 manifest. Problems are collected and raised as one ``DataError``: what was expected, what
 was found, what to do.
@@ -37,7 +47,9 @@ was found, what to do.
 
 from __future__ import annotations
 
+import base64
 import codecs
+import dataclasses
 import hashlib
 import json
 import logging
@@ -67,6 +79,10 @@ log = logging.getLogger(__name__)
 Feeds = dict[str, np.ndarray]
 LABELS = "labels"
 DEFAULT_BATCH = 16  # rows per feed; calibration statistics do not depend on it
+# Fewest calibration rows before a warning: static INT8 takes each activation's range from
+# the calibration rows (their extremes, or a percentile of them), and from a handful of rows
+# those ranges are noise, not the ranges of the data the model will serve.
+MIN_CALIBRATION_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -170,6 +186,12 @@ class DataSource:
     _batches: Callable[[], Iterator[Batch]] = field(repr=False)
     lengths: tuple[int, int] = (0, 0)  # shortest and longest real length among the rows
     file_sha256: str | None = None  # of the whole file it reads, where it reads one
+    total: int | None = None  # rows it could yield without the samples cap; None: not known
+    cut: int | None = None  # texts longer than the model's longest sequence, cut to it (JSONL)
+    # rows that are also calibration rows (check_held_out); None: not compared
+    in_calibration: int | None = None
+    # (samples,) uint64: each row's row_hashes, in any order; None: not known
+    row_hashes: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def batches(self) -> Iterator[Batch]:
         return self._batches()
@@ -177,8 +199,14 @@ class DataSource:
     def __call__(self) -> Iterator[Feeds]:
         return (b.feeds for b in self._batches())
 
-    def record(self) -> dict[str, Any]:
-        """The manifest's view: source, sha256, samples."""
+    def fingerprint(self) -> Fingerprint | None:
+        """Its rows as a ``Fingerprint`` (all of them); None where their hashes are not known."""
+        return None if self.row_hashes is None else Fingerprint.of(self.row_hashes)
+
+    def record(self, *, fingerprint: bool = False) -> dict[str, Any]:
+        """The manifest's view: source, sha256, samples; with ``fingerprint``, a sample of its
+        rows' hashes that a re-gate checks evaluation rows against (``Fingerprint``)."""
+        prints = self.fingerprint() if fingerprint else None
         return {
             "source": self.description,
             "kind": self.kind,
@@ -187,6 +215,9 @@ class DataSource:
             "labels": self.has_labels,
             "lengths": list(self.lengths),
             **({"file_sha256": self.file_sha256} if self.file_sha256 else {}),
+            **({"cut": self.cut} if self.cut is not None else {}),
+            **({"in_calibration": self.in_calibration} if self.in_calibration is not None else {}),
+            **({FINGERPRINT: prints.sample().record()} if prints is not None else {}),
         }
 
 
@@ -204,28 +235,53 @@ def open_source(
     """Resolve ``spec`` (a path, an iterable, or None for the built-in split) into a source.
 
     ``role`` is "calibration" or "evaluation": it names the flag in messages and picks the
-    built-in split ("calibration" or "test").
+    built-in split ("calibration" or "test"). Fewer than ``MIN_CALIBRATION_ROWS`` calibration
+    rows are warned about.
     """
     if samples is not None and samples < 1:
         setting = "--samples" if role == "calibration" else "eval_samples (--gate-config)"
         raise DataError(f"{setting} must be at least 1, got {samples}")
     flag = "--calibration" if role == "calibration" else "--eval"
     if isinstance(spec, DataSource):
-        return spec
-    if spec is None:
+        source = spec
+    elif spec is None:
         if not model.builtin:
             raise DataError(
                 f"no {role} data: {flag} PATH is required for this model (a .jsonl of "
                 '{"text": ..., "label": ...} lines, or a .npz with one array per input: '
                 f"{', '.join(model.input_names)}). Only the built-in digits model has its own."
             )
-        return _builtin(model, role, samples, batch_size)
-    if isinstance(spec, (str, Path)):
+        source = _builtin(model, role, samples, batch_size)
+    elif isinstance(spec, (str, Path)):
         path = check_path(spec, flag)
         if path.suffix.lower() == ".npz":
-            return _npz(path, model, samples, batch_size, flag)
-        return _jsonl(path, model, samples, batch_size, flag)
-    return _iterable(spec, model, samples, batch_size)
+            source = _npz(path, model, samples, batch_size, flag)
+        else:
+            source = _jsonl(path, model, samples, batch_size, flag, role)
+    else:
+        source = _iterable(spec, model, samples, batch_size)
+    if role == "calibration" and source.samples < MIN_CALIBRATION_ROWS:
+        _warn_few_calibration_rows(source, samples, where=named(flag, spec, source))
+    return source
+
+
+def named(flag: str, spec: DataSpec | None, source: DataSource) -> str:
+    """How messages name the data: '--eval heldout.jsonl', else the source's description."""
+    return f"{flag} {spec}" if isinstance(spec, (str, Path)) else source.description
+
+
+def _warn_few_calibration_rows(source: DataSource, samples: int | None, *, where: str) -> None:
+    capped = samples is not None and source.samples == samples and source.total != samples
+    of = f" of {source.total}" if source.total else ""
+    log.warning(
+        "%s: %d calibration row(s)%s; static INT8 takes each activation's range from them, and "
+        "from fewer than %d rows those ranges are noise: the INT8 model may fail its accuracy "
+        "gates. Calibrate on a few hundred rows like those the model will serve.",
+        where,
+        source.samples,
+        f" (--samples {samples} keeps {source.samples}{of})" if capped else "",
+        MIN_CALIBRATION_ROWS,
+    )
 
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -248,26 +304,156 @@ def check_path(spec: str | Path, flag: str) -> Path:
     return path
 
 
-def check_held_out(calibration: DataSpec | None, evaluation: DataSpec | None) -> None:
-    """DataError when ``--eval`` is the ``--calibration`` file (the same bytes): gates measured
-    on the rows the INT8 ranges were fitted to would pass a model that fails on new data."""
-    if not (isinstance(calibration, (str, Path)) and isinstance(evaluation, (str, Path))):
-        return
-    cal, ev = check_path(calibration, "--calibration"), check_path(evaluation, "--eval")
-    same = cal.resolve() == ev.resolve() or (
-        cal.stat().st_size == ev.stat().st_size and sha256_file(cal) == sha256_file(ev)
-    )
-    if same:
-        raise DataError(
-            f"--eval {ev} holds the same data as --calibration {cal}; the gates must measure "
-            "rows the calibration did not see. Split the file into two (for example 20% for "
-            "--calibration, the rest for --eval)."
+# Evaluation rows that may also be calibration rows before the evaluation data is refused
+# as not held out. Two samples of one corpus share some rows by nature (short, common texts:
+# a greeting, a licence's boilerplate line), a few percent of them; a tenth or more means
+# the files overlap. Below it the shared rows are warned about and counted in the record.
+MAX_SHARED = 0.10
+FINGERPRINT = "row_hashes"  # the key of a calibration record's Fingerprint
+FINGERPRINT_ROWS = 512  # row hashes a manifest keeps: 4 kB, exact up to this many rows
+
+
+def row_hashes(feeds: Mapping[str, np.ndarray], model: ModelInfo) -> np.ndarray:
+    """(N,) uint64: each row known by the token ids the model sees, hashed (blake2b, 8 bytes).
+
+    The ids are ``input_ids`` (else the model's first input) without padding (where the
+    ``attention_mask`` is 0; without a mask, the input's pad value), as little-endian int64:
+    the same row has the same hash in any file, format (JSONL hashes the tokenizer's ids
+    alike) or position. Collisions are negligible: under 1e-9 false matches between two
+    sets of 10^5 rows.
+    """
+    name = "input_ids" if "input_ids" in feeds else model.inputs[0].name
+    ids = np.asarray(feeds[name])
+    rows = ids.reshape(len(ids), -1)  # (N, T)
+    integer = np.issubdtype(rows.dtype, np.integer)
+    mask = feeds.get("attention_mask")
+    if mask is not None and np.size(mask) == rows.size:
+        real = np.asarray(mask).reshape(rows.shape) != 0
+    elif integer:
+        real = rows != model.pad_values.get(name, 0)
+    else:  # not token ids (a factory model's features): the whole row
+        real = np.ones(rows.shape, dtype=bool)
+    dtype = "<i8" if integer else "<f8"
+    hashes = (_row_hash(row[keep].astype(dtype)) for row, keep in zip(rows, real, strict=True))
+    return np.fromiter(hashes, dtype=np.uint64, count=len(rows))
+
+
+def _row_hash(ids: np.ndarray) -> int:
+    return int.from_bytes(hashlib.blake2b(ids.tobytes(), digest_size=8).digest(), "little")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """A set of rows as their ``row_hashes``: every one, or a fixed-size sample.
+
+    A manifest keeps ``sample()``, at most ``FINGERPRINT_ROWS`` hashes, so that a re-gate can
+    tell calibration rows in its evaluation data without the calibration file, and the
+    manifest stays a few kB however many rows calibrated the model. The sample is the
+    smallest hashes (a bottom-k sketch): hashes being uniform, it is a random sample of the
+    rows, the same whichever file holds them; and a row whose hash is at most the sample's
+    largest is known to be in the set or not. The share of calibration rows among those
+    evaluation rows estimates their share among all the evaluation rows.
+    """
+
+    hashes: np.ndarray  # sorted, distinct uint64
+    rows: int  # distinct rows in the whole set
+
+    @classmethod
+    def of(cls, hashes: np.ndarray) -> Fingerprint:
+        unique = np.unique(np.asarray(hashes, dtype=np.uint64))
+        return cls(unique, len(unique))
+
+    @property
+    def complete(self) -> bool:
+        return len(self.hashes) == self.rows
+
+    def sample(self, k: int = FINGERPRINT_ROWS) -> Fingerprint:
+        return Fingerprint(self.hashes[:k], self.rows)
+
+    def shared(self, hashes: np.ndarray) -> tuple[int, int]:
+        """(rows of ``hashes`` in the set, rows that could be told): every row where the
+        fingerprint is complete, else the rows whose hash is within the sample's range."""
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        if not self.complete:
+            hashes = hashes[hashes <= self.hashes[-1]]
+        return int(np.isin(hashes, self.hashes).sum()), len(hashes)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "hash": "blake2b, 8 bytes, of each row's token ids without padding (int64 LE)",
+            "sample": "all" if self.complete else f"the {len(self.hashes)} smallest hashes",
+            "hashes": base64.b64encode(self.hashes.astype(">u8").tobytes()).decode("ascii"),
+        }
+
+    @classmethod
+    def from_record(cls, calibration: Mapping[str, Any] | None) -> Fingerprint | None:
+        """The fingerprint a calibration record keeps; None for one without (older bundles)."""
+        r = (calibration or {}).get(FINGERPRINT)
+        try:
+            raw = base64.b64decode(r["hashes"], validate=True)
+            hashes = np.sort(np.frombuffer(raw, dtype=">u8").astype(np.uint64))
+            rows = int(r["rows"])
+        except (KeyError, TypeError, ValueError):  # none, or not one this module wrote
+            return None
+        if len(hashes) > rows or (len(hashes) == 0 and rows > 0):
+            return None
+        return cls(hashes, rows)
+
+
+def check_held_out(
+    evaluation: DataSource, calibration: Fingerprint | None, *, where: str, calibrated_on: str
+) -> DataSource:
+    """``evaluation`` with the count of its rows that are also calibration rows (the same
+    ``row_hashes``) in its record and description: gates measured on rows the INT8 ranges
+    were fitted to would pass a model that fails on new data. DataError when they are
+    ``MAX_SHARED`` of its rows or more; a warning when fewer. ``where`` and ``calibrated_on``
+    name the two data for messages. Unchanged where either side's hashes are not known.
+    """
+    if calibration is None or evaluation.row_hashes is None:
+        return evaluation
+    shared, told = calibration.shared(evaluation.row_hashes)
+    if not shared:
+        return dataclasses.replace(evaluation, in_calibration=0)
+    share = shared / told
+    n = evaluation.samples
+    if calibration.complete:
+        counts, estimate = f"{shared} of {n} evaluation rows ({share:.0%})", shared
+    else:
+        estimate = round(share * n)
+        counts = (
+            f"about {share:.0%} of the {n} evaluation rows ({shared} of the {told} whose hash "
+            f"falls in the sample of {len(calibration.hashes)} the bundle keeps of its "
+            f"{calibration.rows} calibration rows)"
         )
+    what = (
+        f"{where}: {counts} are also calibration rows (the same token ids, whatever the "
+        f"order of the rows or their spacing) of {calibrated_on}"
+    )
+    if share >= MAX_SHARED:
+        raise DataError(
+            f"{what}. The gates must measure rows the calibration did not see, or they pass a "
+            "model that fails on new data. Remove those rows from the evaluation data, or split "
+            "one file into two (for example 20% for --calibration, the rest for --eval)."
+        )
+    log.warning(
+        "%s. So few can be natural duplicates (short, common texts); the gates count them, "
+        "and the report says how many.",
+        what,
+    )
+    about = "" if calibration.complete else "about "
+    return dataclasses.replace(
+        evaluation,
+        in_calibration=estimate,
+        description=f"{evaluation.description}; {about}{estimate} also calibration rows",
+    )
 
 
 def check_not_calibration(spec: DataSpec | None, calibration: Mapping[str, Any] | None) -> None:
     """DataError when the file ``spec`` is the one a bundle was calibrated on: it has the
-    sha256 the manifest records for the calibration file (bundles before that record pass)."""
+    sha256 the manifest records for the calibration file. For bundles whose calibration
+    record has no ``Fingerprint`` of its rows (``check_held_out`` compares rows); bundles
+    before the file's sha256 was recorded pass."""
     recorded = (calibration or {}).get("file_sha256")
     if not isinstance(spec, (str, Path)) or not recorded:
         return
@@ -446,6 +632,8 @@ def _builtin(model: ModelInfo, role: str, samples: int | None, batch_size: int) 
         sha256=h.hexdigest(),
         _batches=batches,
         lengths=(64, 64),
+        total=len(labels),
+        row_hashes=row_hashes(feeds, model)[keep],
     )
 
 
@@ -478,6 +666,7 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
         raise DataError(f"{flag} {path}: the arrays have no rows")
     lengths = _row_lengths(feeds, model)
     keep = stratified(lengths, samples)
+    hashes = row_hashes(feeds, model)[keep]
     del feeds, labels  # re-read per pass: arrays load one .npy member at a time
     digest = sha256_file(path)
     h = hashlib.sha256(digest.encode())
@@ -498,6 +687,8 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
         sha256=h.hexdigest(),
         _batches=batches,
         lengths=(int(lengths[keep].min()), int(lengths[keep].max())),
+        total=n,
+        row_hashes=hashes,
     )
 
 
@@ -508,7 +699,9 @@ def _row_lengths(feeds: Feeds, model: ModelInfo) -> np.ndarray:
     return _lengths(feeds[first], model.pad_values.get(first, 0))
 
 
-def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, flag: str):
+def _jsonl(
+    path: Path, model: ModelInfo, samples: int | None, batch_size: int, flag: str, role: str
+):
     if model.tokenizer is None:
         raise DataError(
             f"{flag} {path}: JSONL text needs the model's tokenizer, and this model has none "
@@ -533,6 +726,19 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
     lengths = np.asarray(scan.lengths, dtype=np.int64)
     offsets = np.asarray(scan.offsets, dtype=np.int64)
     keep = stratified(lengths, samples)
+    cut = int(np.isin(keep, scan.cut).sum())
+    if cut:
+        log.warning(
+            "%s: %d of %d %s texts are longer than the model's %d tokens and are cut: %s only "
+            "their first %d tokens",
+            where,
+            cut,
+            len(keep),
+            role,
+            limit,
+            "the gates see" if role == "evaluation" else "the calibration sees",
+            limit,
+        )
     digest = sha256_file(path)
     h = hashlib.sha256(digest.encode())
     h.update(keep.tobytes())
@@ -553,8 +759,9 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
                     labels = np.array([index.get(r["label"], r["label"]) for r in rows], np.int64)
                 yield Batch(feeds, labels)
 
+    long = f"; {cut} longer than the model's {limit} tokens, cut to them" if cut else ""
     return DataSource(
-        description=f"{path.name}: {len(keep)} of {len(offsets)} texts (JSONL, model tokenizer)",
+        description=f"{path.name}: {len(keep)} of {len(offsets)} texts (JSONL, model tokenizer{long})",
         kind="jsonl",
         file_sha256=digest,
         samples=len(keep),
@@ -562,6 +769,9 @@ def _jsonl(path: Path, model: ModelInfo, samples: int | None, batch_size: int, f
         sha256=h.hexdigest(),
         _batches=batches,
         lengths=(int(lengths[keep].min()), int(lengths[keep].max())),
+        total=len(offsets),
+        cut=cut,
+        row_hashes=np.asarray(scan.hashes, dtype=np.uint64)[keep],
     )
 
 
@@ -574,7 +784,9 @@ class _Scan:
     """What the first pass over a JSONL file learns; none of its texts are kept."""
 
     offsets: list[int] = field(default_factory=list)  # byte offset of each good line
-    lengths: list[int] = field(default_factory=list)  # its token count
+    lengths: list[int] = field(default_factory=list)  # its token count, at most the model's
+    hashes: list[int] = field(default_factory=list)  # its row hash (row_hashes)
+    cut: list[int] = field(default_factory=list)  # good rows longer than the model takes
     lines: int = 0  # non-blank lines
     bad: int = 0  # lines that are not a good row
     problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS, described
@@ -614,14 +826,24 @@ class _Scan:
 
 
 def _scan_jsonl(path: Path, tok, limit: int | None, model: ModelInfo, where: str) -> _Scan:
-    """Pass 1 over a JSONL file: every line parsed and checked, the byte offset and token
-    count of every good one (counted only while no line is bad: such a file is refused)."""
+    """Pass 1 over a JSONL file: every line parsed and checked; the byte offset, token count
+    and row hash of every good one, and which are cut at ``limit`` (tokenized only while no
+    line is bad: such a file is refused)."""
     scan = _Scan()
-    texts: list[str] = []  # good lines waiting to have their tokens counted
+    texts: list[str] = []  # good lines waiting to be tokenized
     starts: list[int] = []  # and their offsets
 
     def count() -> None:
-        scan.lengths.extend(_token_counts(tok, texts, limit))
+        ids = _token_ids(tok, texts, limit)
+        if limit is not None:  # a row of ``limit`` tokens may have been cut: count again
+            full = [i for i, row in enumerate(ids) if len(row) == limit]
+            longer = _token_ids(tok, [texts[i] for i in full], limit + 1) if full else []
+            first = len(scan.offsets)
+            scan.cut.extend(
+                first + i for i, row in zip(full, longer, strict=True) if len(row) > limit
+            )
+        scan.lengths.extend(len(row) for row in ids)
+        scan.hashes.extend(_row_hash(np.asarray(row, dtype="<i8")) for row in ids)
         scan.offsets.extend(starts)
         texts.clear()
         starts.clear()
@@ -837,8 +1059,12 @@ def _hf_config(directory: str) -> dict[str, Any]:
 
 
 def _token_counts(tok, texts: list[str], limit: int | None) -> list[int]:
-    enc = tok(texts, truncation=limit is not None, max_length=limit)
-    return [len(ids) for ids in enc["input_ids"]]
+    return [len(ids) for ids in _token_ids(tok, texts, limit)]
+
+
+def _token_ids(tok, texts: list[str], limit: int | None) -> list[list[int]]:
+    """Each text's ``input_ids`` without padding, cut at ``limit`` tokens (None: not cut)."""
+    return tok(texts, truncation=limit is not None, max_length=limit)["input_ids"]
 
 
 def _encode(tok, texts: list[str], model: ModelInfo, limit: int | None) -> Feeds:
@@ -864,6 +1090,7 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
         make = lambda: it  # noqa: E731
     rows, labelled, h = 0, None, hashlib.sha256(b"iterable")
     lo, hi = None, 0
+    hashes = []  # row_hashes of the rows used, item by item
     forms: dict[str, str] = {}  # "indices"/"names": the first item with labels in that form
     for i, feeds in enumerate(make()):
         labels = feeds.get(LABELS) if isinstance(feeds, Mapping) else None
@@ -888,6 +1115,7 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
             h.update(np.ascontiguousarray(f[k][:take]).tobytes())
         if labels is not None:
             h.update(labels[:take].tobytes())
+        hashes.append(row_hashes({k: v[:take] for k, v in f.items()}, model))
         rows += take
         if samples is not None and rows >= samples:
             break
@@ -920,6 +1148,8 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
         sha256=h.hexdigest(),
         _batches=batches,
         lengths=(lo or 0, hi),
+        total=None if samples is not None and rows >= samples else rows,  # else not read to the end
+        row_hashes=np.concatenate(hashes),
     )
 
 
@@ -950,6 +1180,7 @@ def write_npz(
 __all__ = [
     "Batch",
     "DataSource",
+    "Fingerprint",
     "ModelInfo",
     "check_feeds",
     "check_held_out",
@@ -957,6 +1188,7 @@ __all__ = [
     "check_path",
     "counted",
     "open_source",
+    "row_hashes",
     "stratified",
     "tokenize",
     "write_npz",

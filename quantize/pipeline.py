@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from quantgate.bundle import (
     Manifest,
     check_writable_target,
     load,
+    speed_shape,
     staging,
     write_manifest,
 )
@@ -37,14 +39,20 @@ from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize import report as reports
 from quantgate.quantize.cuda import CPU, CUDA
 from quantgate.quantize.data import (
+    MIN_CALIBRATION_ROWS,
     DataSource,
     DataSpec,
+    Fingerprint,
     ModelInfo,
     check_held_out,
     check_not_calibration,
+    named,
     open_source,
 )
 from quantgate.quantize.gates import (
+    CLASSIFIER_TASKS,
+    EMBEDDING_TASKS,
+    MIN_EVAL_ROWS,
     GateConfig,
     accuracy_gates,
     check_evaluation,
@@ -78,8 +86,10 @@ def build(
 ) -> Bundle:
     """Export ``model_spec``, search INT8 recipes, gate them, and write the bundle at ``out``.
 
-    Returns the bundle when every gate passed; otherwise writes it (INT8 marked failed)
-    and raises ``GateFailed`` with the bundle's path.
+    The data are read and checked after the model loads, before the export: their rows,
+    evaluation rows that are calibration rows (``data.check_held_out``), and enough
+    evaluation rows for the gates. Returns the bundle when every gate passed; otherwise
+    writes it (INT8 marked failed) and raises ``GateFailed`` with the bundle's path.
     """
     from quantgate.export import write_bundle
     from quantgate.export.validation import input_specs
@@ -91,7 +101,6 @@ def build(
         ("evaluation data", evaluation),
     )
     check_writable_target(out, force=force, inputs=inputs)  # before minutes of work
-    check_held_out(calibration, evaluation)
     _require_data(model_spec, calibration, evaluation)
     emit = on_progress or no_progress
     with tempfile.TemporaryDirectory(prefix="quantgate-build-") as tmp:
@@ -103,6 +112,14 @@ def build(
             calibration, info, role="calibration", samples=quant_cfg.calibration_samples
         )
         ev = open_source(evaluation, info, role="evaluation", samples=gate_cfg.eval_samples)
+        where = named("--eval", evaluation, ev)
+        ev = check_held_out(
+            ev,
+            cal.fingerprint(),
+            where=where,
+            calibrated_on=named("--calibration", calibration, cal),
+        )
+        _check_eval_rows(ev, model.task, model.outputs, gate_cfg.eval_samples, where=where)
         result = _export(model, work, export_cfg, emit)
         found = search(
             result.onnx,
@@ -118,7 +135,7 @@ def build(
             on_progress=emit,
         )
         shipped = found.best
-        data = {"calibration": cal.record(), "evaluation": ev.record()}
+        data = {"calibration": cal.record(fingerprint=True), "evaluation": ev.record()}
         plot = reports.plot_candidates(found, shipped, work / reports.PLOT)
         sections = reports.sections(
             found, shipped, gate_cfg, data, plot=reports.PLOT if plot else None
@@ -135,7 +152,7 @@ def build(
             name=export_cfg.name,
             force=force,
         )
-    return _passed_bundle(out)
+    return _passed_bundle(out, found)
 
 
 def _load(model_spec: str | Path, cfg: ExportConfig, emit: ProgressFn) -> LoadedModel:
@@ -200,13 +217,56 @@ def _with_extra(result: ExportResult, **extra: Any) -> ExportResult:
     return dataclasses.replace(result, model=model)
 
 
-def _passed_bundle(path: Path) -> Bundle:
+def _passed_bundle(path: Path, search: SearchResult | None = None) -> Bundle:
     """The bundle written at ``path`` (its files verified); ``GateFailed`` unless every gate of
-    every variant passed."""
+    every variant passed. ``search``: the recipe search of a build, which the message names
+    where it stopped early."""
     bundle = load(path)
     if bundle.manifest.verdict != PASS:
-        raise GateFailed(_failure_message(bundle.manifest, path), bundle_path=str(path))
+        message = _failure_message(bundle.manifest, path, search)
+        raise GateFailed(message, bundle_path=str(path))
     return bundle
+
+
+def _check_eval_rows(
+    ev: DataSource,
+    task: str,
+    outputs: Sequence[str],
+    eval_samples: int | None,
+    *,
+    where: str,
+) -> None:
+    """DataError where the accuracy, top-1 or nearest-neighbour gates would refuse ``ev`` for
+    having fewer than ``MIN_EVAL_ROWS`` rows (``gates.check_evaluation``): known when the data
+    are opened, before minutes of export, and said with the advice that fits: a file too
+    small, or an ``eval_samples`` cap too low. A model with neither a classifier's nor an
+    embedding's outputs is gated on cosine alone, on any number of rows."""
+    gated = (
+        task in CLASSIFIER_TASKS
+        or {"logits", "sentence_embedding"} & set(outputs)
+        or (task in EMBEDDING_TASKS and "last_hidden_state" in outputs)
+    )
+    if not gated or ev.samples >= MIN_EVAL_ROWS:
+        return
+    need = (
+        f"the accuracy, top-1 and nearest-neighbour gates need at least {MIN_EVAL_ROWS} "
+        f"evaluation rows (with {ev.samples}, each row is {100 / ev.samples:.3g} points of "
+        "accuracy)"
+    )
+    capped = eval_samples is not None and ev.samples == eval_samples and ev.total != ev.samples
+    if capped and (ev.total is None or ev.total >= MIN_EVAL_ROWS):
+        of = f" of its {ev.total}" if ev.total is not None else ""
+        raise DataError(
+            f"eval_samples {eval_samples} (--gate-config) keeps {ev.samples}{of} rows of {where}; "
+            f"{need}. Raise eval_samples to {MIN_EVAL_ROWS} or more, or leave it out to use "
+            "every row."
+        )
+    rows = ev.total if ev.total is not None else ev.samples
+    kept = f" (eval_samples {eval_samples} keeps {ev.samples})" if capped else ""
+    raise DataError(
+        f"{where} has {rows} row(s){kept}; {need}. Pass more held-out rows (hundreds for a "
+        "1-point accuracy gate)."
+    )
 
 
 def _require_data(model_spec, calibration, evaluation) -> None:
@@ -349,8 +409,17 @@ def regate(
             "; ".join(c.removesuffix(LOOSER) for c in loosened),
         )
     info = ModelInfo.from_manifest(m, bundle.path)
-    check_not_calibration(evaluation, m.calibration)
+    fingerprint = Fingerprint.from_record(m.calibration)
+    if fingerprint is None:  # a bundle from before its calibration rows were recorded
+        check_not_calibration(evaluation, m.calibration)
     ev = open_source(evaluation, info, role="evaluation", samples=gate_cfg.eval_samples)
+    where = named("--eval", evaluation, ev)
+    calibrated_on = (
+        f"the data this bundle was calibrated on ({(m.calibration or {}).get('source')})"
+    )
+    ev = check_held_out(ev, fingerprint, where=where, calibrated_on=calibrated_on)
+    outputs = [o.name for o in m.outputs]
+    _check_eval_rows(ev, m.task, outputs, gate_cfg.eval_samples, where=where)
     if not ev.has_labels and any(g.name == "accuracy_drop" for g in int8.gates):
         # One bad data-prep step must not quietly turn an accuracy gate into an agreement one.
         log.warning(
@@ -512,17 +581,58 @@ def _summary(found: SearchResult, shipped, gate_cfg: GateConfig, plot) -> dict[s
     }
 
 
-def _failure_message(manifest: Manifest, where) -> str:
+def _failure_message(manifest: Manifest, where, search: SearchResult | None = None) -> str:
+    """Which gates failed, by how much; and, where the INT8 variant failed, what is likely to
+    be the cause: a search stopped before it tried every recipe, a small calibration set."""
     bad = [(v.precision, g) for v in manifest.variants for g in v.gates if not g.passed]
     lines = [
         f"{precision} {g.name} = {g.value:.4g}, required {g.op} {g.threshold:g}"
         + (f" (interval {g.ci[0]:.4g}..{g.ci[1]:.4g})" if g.ci else "")
         for precision, g in bad
     ]
+    int8 = [g for precision, g in bad if precision == "int8"]
+    causes = [
+        *(_stopped_early(search) if int8 and search is not None else []),
+        *(_few_calibration_rows(manifest) if any(not speed_shape(g.name) for g in int8) else []),
+    ]
     return (
         f"{len(bad)} gate(s) failed; the bundle at {where} is written and marked failed "
-        "(see its report.md):\n" + "\n".join(f"  - {line}" for line in lines)
+        "(see its report.md):\n"
+        + "\n".join(f"  - {line}" for line in lines)
+        + "".join(f"\n{cause}" for cause in causes)
     )
+
+
+def _stopped_early(search: SearchResult) -> list[str]:
+    """What to raise when the search stopped before trying every recipe: one not tried may
+    pass (and a time budget stops it sooner on a loaded machine)."""
+    if not search.skipped:
+        return []
+    by_count = search.max_candidates and len(search.candidates) >= search.max_candidates
+    raise_it = (
+        f"--max-candidates (now {search.max_candidates})"
+        if by_count
+        else f"--search-budget (now {search.budget_s:g}s; this search took {search.seconds:.0f}s)"
+    )
+    return [
+        f"The search stopped early: {search.stopped}, with {len(search.skipped)} recipe(s) not "
+        f"tried ({', '.join(search.skipped)}), and one of them may pass. Raise {raise_it} to try "
+        "them."
+    ]
+
+
+def _few_calibration_rows(manifest: Manifest) -> list[str]:
+    """The likely cause of failed INT8 accuracy gates where fewer than MIN_CALIBRATION_ROWS
+    rows calibrated the model."""
+    rows = (manifest.calibration or {}).get("samples")
+    if not isinstance(rows, int) or rows >= MIN_CALIBRATION_ROWS:
+        return []
+    return [
+        f"The INT8 model was calibrated on only {rows} row(s), fewer than "
+        f"{MIN_CALIBRATION_ROWS}: activation ranges taken from so few rows are noise, a likely "
+        "cause of its failed accuracy gates. Calibrate on a few hundred rows like those the "
+        "model will serve (--calibration) and export again."
+    ]
 
 
 def _link_all(src: Path, dst: Path, *, skip: set[str]) -> None:

@@ -32,6 +32,11 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(cli, tmp_p
             "--search-budget", "1", "--gate-config", gate_file)  # fmt: skip
     assert r.code == 3, r.stderr
     assert "gate(s) failed" in r.stderr and "FAIL" in r.stdout
+    # A search stopped by its budget is not a model that cannot be quantized: said, with the fix.
+    stderr = " ".join(r.stderr.split())
+    assert "The search stopped early: the 1s budget was spent, with " in stderr
+    assert "Raise --search-budget (now 1s; this search took " in stderr
+    assert "calibrated on only" not in stderr  # 200 rows, and only speed failed
     b = load(out)  # written, and every hash verifies
     assert b.manifest.verdict == "fail"
     int8 = b.manifest.variant("int8")
@@ -205,6 +210,9 @@ def test_max_candidates_bounds_the_search_whatever_the_time(cli, tmp_path, gate_
             "--search-budget", "3600", "--min-speedup", "100", "--no-fp16",
             "--gate-config", gate_file)  # fmt: skip
     assert r.code == 3, r.stderr  # nothing passes 100x: the search would go on if it could
+    stderr = " ".join(r.stderr.split())
+    assert "The search stopped early: the limit of 2 candidate(s) was reached" in stderr
+    assert "Raise --max-candidates (now 2) to try them." in stderr
     search = load(out).manifest.extra["quantization"]
     assert len(search["candidates"]) == 2 and search["skipped"]
     assert search["stopped"] == "the limit of 2 candidate(s) was reached"
@@ -244,25 +252,123 @@ def test_fp16_variant_for_cuda_is_gated_on_fidelity(cli, tmp_path, gate_file):
     assert [v.precision for v in load(out).manifest.variants] == ["fp32", "int8"]
 
 
-def test_evaluating_on_the_calibration_data_is_refused(cli, tmp_path, gate_file):
-    cal = write_npz(tmp_path / "cal.npz", rng_feeds(64, seed=1))
+def test_evaluating_on_the_calibration_rows_is_refused_whatever_the_file(
+    cli, tmp_path, gate_file, caplog
+):
+    """The rows, not the file's bytes: calibration rows in another order and padding are
+    refused by export, and by gate against the row hashes the manifest keeps."""
+    from quantgate.quantize.data import stratified
+
+    feeds = rng_feeds(64, seed=1)
+    feeds["attention_mask"][::2, 40:] = 0  # every other row 40 tokens long, then padding
+    cal = write_npz(tmp_path / "cal.npz", feeds)
     same = tmp_path / "same.npz"
     same.write_bytes(cal.read_bytes())
-    r = cli("export", tiny_checkpoint(), "--out", tmp_path / "x", "--calibration", cal,
-            "--eval", same)  # fmt: skip
-    assert r.code == 2 and "holds the same data as --calibration" in r.stderr
-    assert not (tmp_path / "x").exists()
+    order = np.random.default_rng(0).permutation(64)
+    shuffled = {k: v[order] for k, v in feeds.items()}
+    shuffled["input_ids"][shuffled["attention_mask"] == 0] = 0  # other ids where padding
+    moved = write_npz(tmp_path / "moved.npz", shuffled)
+    for ev in (same, moved):
+        r = cli("export", tiny_checkpoint(), "--out", tmp_path / "x", "--calibration", cal,
+                "--eval", ev)  # fmt: skip
+        assert r.code == 2 and not (tmp_path / "x").exists()
+        assert (
+            f"--eval {ev}: 64 of 64 evaluation rows (100%) are also calibration rows (the same "
+            f"token ids, whatever the order of the rows or their spacing) of --calibration {cal}"
+        ) in " ".join(r.stderr.split())
 
     out = tmp_path / "b"
-    ev = write_npz(tmp_path / "ev.npz", rng_feeds(60, seed=2), labels=np.arange(60) % 10)
+    new = rng_feeds(60, seed=2)
+    kept = stratified(feeds["attention_mask"].sum(1), 32)  # the rows --samples 32 keeps
+    for k in new:  # two of them: natural duplicates
+        new[k][:2] = feeds[k][kept[:2]]
+    ev = write_npz(tmp_path / "ev.npz", new, labels=np.arange(60) % 10)
     r = cli("export", tiny_checkpoint(), "--out", out, "--calibration", cal, "--eval", ev,
             "--samples", "32", "--no-fp16", "--min-speedup", "0.01", "--search-budget", "1",
             "--gate-config", gate_file)  # fmt: skip
     assert r.code in (0, 3), r.stderr  # random pixels: the gate decides, either way it ran
+    assert "2 of 60 evaluation rows (3%) are also calibration rows" in caplog.text
+    m = load(out).manifest
+    assert (
+        m.calibration["row_hashes"]["rows"] == 32 and m.calibration["row_hashes"]["sample"] == "all"
+    )
+    assert m.calibration["evaluation"]["in_calibration"] == 2
+    assert "ev.npz: 60 of 60 rows (npz); 2 also calibration rows" in load(out).report.read_text()
+
     before = (out / "manifest.json").read_bytes()
+    for other in (same, moved):  # 32 of their 64 rows calibrated the bundle
+        r = cli("gate", out, "--eval", other, "--gate-config", gate_file)
+        assert r.code == 2, r.stderr
+        assert (
+            f"--eval {other}: 32 of 64 evaluation rows (50%) are also calibration rows (the same "
+            "token ids, whatever the order of the rows or their spacing) of the data this bundle "
+            "was calibrated on (cal.npz: 32 of 64 rows (npz))."
+        ) in " ".join(r.stderr.split())
+    assert (out / "manifest.json").read_bytes() == before
+
+    # A bundle from before the manifest kept row hashes: the calibration file, by its sha256.
+    calibration = {k: v for k, v in m.calibration.items() if k != "row_hashes"}
+    write_manifest(out, dataclasses.replace(m, calibration=calibration))
     r = cli("gate", out, "--eval", same, "--gate-config", gate_file)
     assert r.code == 2 and "is the data this bundle was calibrated on" in r.stderr
-    assert (out / "manifest.json").read_bytes() == before
+
+
+def test_too_few_evaluation_rows_are_refused_before_the_export_with_the_fix_that_fits(
+    cli, tmp_path, gate_file
+):
+    """A file of 20 rows needs more rows; an eval_samples cap of 10 on 60 needs a higher cap.
+    Both are known when the data are read, not after the export."""
+    from quantgate.errors import DataError
+    from quantgate.quantize.gates import GateConfig
+    from quantgate.quantize.pipeline import build
+
+    small = write_npz(tmp_path / "small.npz", rng_feeds(20), labels=np.arange(20) % 10)
+    events = []
+    with pytest.raises(DataError) as e:
+        build(tiny_checkpoint(), tmp_path / "out", evaluation=small,
+              on_progress=lambda *event: events.append(event))  # fmt: skip
+    assert str(e.value) == (
+        f"--eval {small} has 20 row(s); the accuracy, top-1 and nearest-neighbour gates need at "
+        "least 30 evaluation rows (with 20, each row is 5 points of accuracy). Pass more "
+        "held-out rows (hundreds for a 1-point accuracy gate)."
+    )
+    assert [status for task, _, _, status in events] == ["loading the model"]
+    ev = write_npz(tmp_path / "ev.npz", rng_feeds(60), labels=np.arange(60) % 10)
+    with pytest.raises(DataError) as e:
+        build(tiny_checkpoint(), tmp_path / "out", evaluation=ev,
+              gate_cfg=GateConfig(eval_samples=10))  # fmt: skip
+    assert str(e.value).startswith(
+        f"eval_samples 10 (--gate-config) keeps 10 of its 60 rows of --eval {ev}; the accuracy, "
+    )
+    assert str(e.value).endswith(
+        "Raise eval_samples to 30 or more, or leave it out to use every row."
+    )
+    assert not (tmp_path / "out").exists()
+
+    out = tmp_path / "b"  # and a re-gate, on the same terms
+    r = cli("export", tiny_checkpoint(), "--out", out, "--no-fp16", "--min-speedup", "0.01",
+            "--search-budget", "1", "--gate-config", gate_file)  # fmt: skip
+    assert r.code == 0, r.stderr
+    r = cli("gate", out, "--eval", small, "--gate-config", gate_file)
+    assert r.code == 2 and f"--eval {small} has 20 row(s)" in r.stderr
+
+
+def test_a_failure_after_a_handful_of_calibration_rows_names_them(cli, tmp_path, gate_file, caplog):
+    """Three calibration rows are warned about when read, and named as a likely cause when
+    the INT8 accuracy gates then fail."""
+    strict = tmp_path / "strict.toml"  # no KL at all: any INT8 model fails it
+    strict.write_text(gate_file.read_text() + "max_kl = 0.0\n")
+    ev = write_npz(tmp_path / "ev.npz", rng_feeds(60, seed=2))  # unlabelled: top-1 and KL
+    r = cli("export", tiny_checkpoint(), "--out", tmp_path / "b", "--samples", "3", "--eval", ev,
+            "--no-fp16", "--min-speedup", "0.01", "--search-budget", "1",
+            "--gate-config", strict)  # fmt: skip
+    assert r.code == 3, r.stderr
+    assert "3 calibration row(s) (--samples 3 keeps 3 of 200); static INT8" in caplog.text
+    assert "int8 kl = " in r.stderr
+    assert (
+        "The INT8 model was calibrated on only 3 row(s), fewer than 32: activation ranges "
+        "taken from so few rows are noise, a likely cause of its failed accuracy gates."
+    ) in " ".join(r.stderr.split())
 
 
 def test_a_bundle_carries_its_tokenizer_and_gates_text_wherever_it_goes(

