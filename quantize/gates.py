@@ -6,13 +6,6 @@ Its confidence interval is a *paired* bootstrap: rows are resampled with replace
 the drop recomputed on each resample (both models see the same resampled rows, so the
 interval reflects disagreements between them, not the difficulty of the test set).
 
-The decision rule, chosen and documented here: the gate passes when the *point estimate*
-of the drop is <= ``max_accuracy_drop``; the interval is reported next to it. Requiring
-the upper bound under the threshold (``GateConfig(ci_rule="upper")``) is also available,
-but on small test sets it fails sound models: on the 360 digits test images one net
-flipped row is 0.28 points, and two flipped rows already put the upper 95% bound above
-1 point while the measured drop is 0.56.
-
 Without labels: fidelity against FP32 on the evaluation rows.
 
 - classifiers (``(batch, classes)`` logits): top-1 agreement and mean KL(FP32 || candidate)
@@ -25,10 +18,25 @@ Without labels: fidelity against FP32 on the evaluation rows.
   real tokens) with FP32, averaged over rows; max and mean abs error in the detail
   (``Fidelity``, whose gates the FP16 variant's are too).
 
+Each of these is a mean over rows, and has a bootstrap interval over rows like the
+accuracy drop's (``bootstrap_mean``): at 400 rows, one row is 0.25 points of agreement.
+
+The decision rule, chosen and documented here: a gate passes when its *point estimate* is
+on the right side of its threshold; the interval is reported next to it, and where it
+holds values on both sides of the threshold the detail says the pass (or fail) is within
+the measurement's uncertainty (``uncertain``). Requiring the interval's bound on the
+failing side to pass instead (``GateConfig(ci_rule="upper")``: the upper bound of a drop or
+a KL, the lower bound of a cosine or an agreement) is also available, but on small test
+sets it fails sound models: on the 360 digits test images one net flipped row is 0.28
+points, and two flipped rows already put the upper 95% bound above 1 point while the
+measured drop is 0.56.
+
 Speed: candidate vs FP32 on the target execution provider at each served shape, after
 warm-up, timed interleaved (A B, then B A, ...: ``time_interleaved``, which the CUDA gates
 use too) so load changes hit both alike; the value is the median of the per-pair ratios
-t(FP32) / t(candidate), with a bootstrap interval of that median.
+t(FP32) / t(candidate), with a bootstrap interval of that median, decided by the median.
+Its detail records the conditions it was timed under (``TimingConditions``): a figure from
+a busy machine need not reproduce.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -56,6 +65,7 @@ log = logging.getLogger(__name__)
 
 MIN_SAMPLE_S = 0.03  # shortest timed sample; faster runs are repeated within one
 NN_BLOCK = 1 << 22  # cosine similarities held at once for nearest neighbours (32 MB)
+BOOTSTRAP_BLOCK = 1 << 22  # resampled row indices held at once by bootstrap_mean (32 MB)
 CLASSIFIER_TASKS = ("classification", "sequence-classification", "digits")
 # Fewest evaluation rows for the accuracy, top-1 and nearest-neighbour gates: below it one
 # row is over 3 points of accuracy, and with 2 rows each row's nearest is always the other.
@@ -66,7 +76,10 @@ EMBEDDING_TASKS = ("feature-extraction",)
 @dataclass(frozen=True)
 class GateConfig:
     max_accuracy_drop: float = 1.0  # points of the task metric (percent), FP32 -> candidate
-    ci_rule: str = "point"  # "point": the estimate must pass; "upper": the CI's upper bound
+    # Which value decides a gate with an interval: "point", the estimate; "upper", the
+    # interval's bound on the failing side (upper for a drop or KL, lower for cosine or
+    # agreement). Speed gates are decided by their median either way.
+    ci_rule: str = "point"
     confidence: float = 0.95  # of the bootstrap interval
     bootstrap: int = 1000  # resamples; 1000 puts the 95% bounds within ~0.1 point
     min_speedup: float = 1.2  # candidate vs FP32, at every speed shape
@@ -80,7 +93,7 @@ class GateConfig:
     # Timed A/B pairs per shape (``pairs`` to time_interleaved); the gate takes their median
     # ratio. The name is the one gate-config files and manifests hold.
     iterations: int = 15
-    threads: int = 0  # ONNX Runtime intra-op threads for timing (0: its default, all cores)
+    threads: int = 0  # ONNX Runtime intra-op threads (0: its default, one per physical core)
     eval_samples: int | None = None  # cap on evaluation rows (length-stratified); None: all
     seed: int = 0  # bootstrap resampling
 
@@ -287,7 +300,8 @@ def accuracy_gates(
     if emb is not None:
         return _embedding_fidelity(reference, candidate, emb, cfg)
     batches = zip(reference.batches, candidate.batches, reference.masks, strict=True)
-    return list(Fidelity.measure(batches, reference.names).gates(min_cosine=cfg.min_cosine))
+    fidelity = Fidelity.measure(batches, reference.names)
+    return list(fidelity.gates(min_cosine=cfg.min_cosine, cfg=cfg))
 
 
 def _logits_output(ref: Outputs, task: str) -> str | None:
@@ -362,9 +376,108 @@ def paired_bootstrap(
     p = np.array([(diff == v).mean() for v in (-1, 0, 1)])
     counts = np.random.default_rng(seed).multinomial(len(diff), p, size=n)  # (n, 3)
     drops = (counts[:, 2] - counts[:, 0]) / len(diff) * 100  # (n,) resampled drops, in points
+    return float(diff.mean() * 100), percentile_interval(drops, confidence)
+
+
+def bootstrap_mean(values: np.ndarray, cfg: GateConfig) -> tuple[float, float] | None:
+    """The bootstrap interval of the mean of per-row ``values``: the rows resampled with
+    replacement ``cfg.bootstrap`` times, at ``cfg.confidence``; None for a single row, which
+    has nothing to resample. Resamples are drawn a block at a time (``BOOTSTRAP_BLOCK``)."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n < 2:
+        return None
+    rng = np.random.default_rng(cfg.seed)
+    block = max(1, BOOTSTRAP_BLOCK // n)  # resamples per draw
+    means = np.concatenate(
+        [
+            values[rng.integers(0, n, size=(min(block, cfg.bootstrap - s), n))].mean(1)
+            for s in range(0, cfg.bootstrap, block)
+        ]
+    )  # (bootstrap,) resampled means
+    return percentile_interval(means, cfg.confidence)
+
+
+def percentile_interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The central ``confidence`` interval of bootstrap ``samples``, by percentiles."""
     tail = (1 - confidence) / 2 * 100
-    lo, hi = np.percentile(drops, [tail, 100 - tail])
-    return float(diff.mean() * 100), (float(lo), float(hi))
+    lo, hi = np.percentile(samples, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def uncertain(gate: GateResult) -> bool:
+    """Whether ``gate``'s interval holds values on both sides of its threshold: another sample
+    of the rows (or of the timings) could as well have decided it the other way."""
+    return gate.ci is not None and _straddles(gate.ci, gate.op, gate.threshold)
+
+
+def _meets(value: float, op: str, threshold: float) -> bool:
+    """Whether ``value`` is on the passing side of ``threshold`` (``op`` "<=" or ">="), with
+    1e-9 of slack for sums of floats; NaN never is."""
+    return value <= threshold + 1e-9 if op == "<=" else value >= threshold - 1e-9
+
+
+def _straddles(ci: tuple[float, float], op: str, threshold: float) -> bool:
+    return _meets(ci[0], op, threshold) != _meets(ci[1], op, threshold)
+
+
+def _decide(
+    value: float,
+    ci: tuple[float, float] | None,
+    threshold: float,
+    op: str,
+    *,
+    rule: str,
+    confidence: float,
+    valid: bool = True,
+) -> tuple[bool, str]:
+    """Whether a gate passes under ``rule`` (``GateConfig.ci_rule``), and the words its detail
+    ends with: what decided it, and, where its interval straddles the threshold, that the
+    verdict is within the measurement's uncertainty. ``valid`` False (non-finite outputs)
+    fails it whatever the value."""
+    bound = "upper" if op == "<=" else "lower"  # the bound on the failing side
+    by_bound = rule == "upper" and ci is not None
+    if by_bound:
+        decisive, what = (ci[1] if op == "<=" else ci[0]), f"its {bound} bound"
+    else:
+        decisive, what = value, "the point estimate"
+    passed = bool(valid and _meets(decisive, op, threshold))
+    words = f"; {what} must be {op} the threshold"
+    if not valid or ci is None or not _straddles(ci, op, threshold):
+        return passed, words
+    if not by_bound:
+        words += (
+            f": it {'passes' if passed else 'fails'} by less than its {confidence:.0%} "
+            "interval, within the measurement's uncertainty"
+        )
+    elif _meets(value, op, threshold):
+        words += f": the point estimate passes, its {bound} bound does not"
+    return passed, words
+
+
+def _mean_gate(
+    name: str,
+    values: np.ndarray,
+    threshold: float,
+    op: str,
+    cfg: GateConfig,
+    detail: str,
+    *,
+    valid: bool = True,
+    provider: str | None = None,
+) -> GateResult:
+    """The gate of the mean of per-row ``values``, with its bootstrap interval over the rows
+    (``bootstrap_mean``), decided under ``cfg.ci_rule``."""
+    value = float(np.mean(values))
+    ci = bootstrap_mean(values, cfg)
+    passed, rule = _decide(
+        value, ci, threshold, op, rule=cfg.ci_rule, confidence=cfg.confidence, valid=valid
+    )
+    how = f"; {cfg.confidence:.0%} bootstrap interval over rows ({cfg.bootstrap} resamples)"
+    return GateResult(
+        name, value, threshold, op, passed, ci=ci, provider=provider,
+        detail=detail + (how if ci else "") + rule,
+    )  # fmt: skip
 
 
 def _accuracy_drop(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, label: str):
@@ -374,21 +487,23 @@ def _accuracy_drop(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, la
     a = ref.stacked(output).argmax(-1) == y
     b = (z.argmax(-1) == y) & ~broken
     drop, ci = paired_bootstrap(a, b, n=cfg.bootstrap, confidence=cfg.confidence, seed=cfg.seed)
-    decisive = ci[1] if cfg.ci_rule == "upper" else drop
+    passed, rule = _decide(
+        drop, ci, cfg.max_accuracy_drop, "<=",
+        rule=cfg.ci_rule, confidence=cfg.confidence, valid=not broken.any(),
+    )  # fmt: skip
     flips = int((a & ~b).sum()), int((~a & b).sum())
     return GateResult(
         name="accuracy_drop",
         value=drop,
         threshold=cfg.max_accuracy_drop,
         op="<=",
-        passed=bool(decisive <= cfg.max_accuracy_drop + 1e-9 and not broken.any()),
+        passed=passed,
         ci=ci,
         detail=(
             f"top-1 accuracy FP32 {a.mean():.2%} -> {label} {b.mean():.2%} on {len(y)} labelled "
             f"rows; {flips[0]} rows newly wrong, {flips[1]} newly right; drop in points with a "
-            f"{cfg.confidence:.0%} paired bootstrap interval ({cfg.bootstrap} resamples); the "
-            + ("upper bound" if cfg.ci_rule == "upper" else "point estimate")
-            + " must be <= the threshold"
+            f"{cfg.confidence:.0%} paired bootstrap interval ({cfg.bootstrap} resamples)"
+            + rule
             + (
                 f"; {int(broken.sum())} rows with non-finite {label} logits (counted wrong; "
                 "any fails the gate)"
@@ -407,15 +522,15 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 def _classifier_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
     x, y = ref.stacked(output), cand.stacked(output)
-    agree = float(((x.argmax(-1) == y.argmax(-1)) & np.isfinite(y).all(-1)).mean())
+    agree = (x.argmax(-1) == y.argmax(-1)) & np.isfinite(y).all(-1)  # (N,)
     p, q = _softmax(x), _softmax(y)
-    kl = float((p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum(-1).mean())
+    kl = (p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum(-1)  # (N,) nats
     detail = f"{output} vs FP32 on {len(x)} unlabelled rows, max abs {np.abs(x - y).max():.3g}"
     return [
-        GateResult("top1_agreement", agree, cfg.min_top1_agreement, ">=",
-                   bool(agree >= cfg.min_top1_agreement), detail=detail),
-        GateResult("kl", kl, cfg.max_kl, "<=", bool(math.isfinite(kl) and kl <= cfg.max_kl),
-                   detail=detail + ", mean KL(FP32 || candidate) in nats"),
+        _mean_gate("top1_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail),
+        _mean_gate("kl", kl, cfg.max_kl, "<=", cfg,
+                   detail + ", mean KL(FP32 || candidate) in nats",
+                   valid=bool(np.isfinite(kl).all())),
     ]  # fmt: skip
 
 
@@ -449,7 +564,10 @@ def _nearest(x: np.ndarray) -> np.ndarray:
 def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
     x, y = _normalize(_pooled(ref, output)), _normalize(_pooled(cand, output))
     cos = (x * y).sum(1)  # (N,)
-    nn_agree = float((_nearest(x) == _nearest(y)).mean()) if len(x) > 1 else 1.0
+    # Each row's nearest neighbour is searched among all N rows, once; the interval resamples
+    # these per-row agreements. Searching again inside a resample would not do: a row drawn
+    # twice would find its own copy nearest, under both models, and agree by construction.
+    nn_agree = _nearest(x) == _nearest(y) if len(x) > 1 else np.ones(1, bool)  # (N,)
     raw_x, raw_y = ref.stacked(output) if output == "sentence_embedding" else None, None
     if raw_x is not None:
         raw_y = cand.stacked(output)
@@ -458,13 +576,12 @@ def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfi
     rows = "unlabelled rows" if ref.labels is None else "rows (labels unused)"
     detail = f"{output} vs FP32 on {len(x)} {rows}{err}"
     return [
-        GateResult("cosine", float(cos.mean()), cfg.min_cosine, ">=",
-                   bool(cos.mean() >= cfg.min_cosine and np.isfinite(cos).all()),
-                   detail=detail + f"; mean cosine per row (worst row {cos.min():.5f}, "
-                   f"best {cos.max():.5f})"),
-        GateResult("nn_top1_agreement", nn_agree, cfg.min_top1_agreement, ">=",
-                   bool(nn_agree >= cfg.min_top1_agreement),
-                   detail=detail + "; each row's nearest other row by cosine, FP32 vs candidate"),
+        _mean_gate("cosine", cos, cfg.min_cosine, ">=", cfg,
+                   detail + f"; mean cosine per row (worst row {cos.min():.5f}, "
+                   f"best {cos.max():.5f})",
+                   valid=bool(np.isfinite(cos).all())),
+        _mean_gate("nn_top1_agreement", nn_agree, cfg.min_top1_agreement, ">=", cfg,
+                   detail + "; each row's nearest other row by cosine, FP32 vs candidate"),
     ]  # fmt: skip
 
 
@@ -505,6 +622,8 @@ class Fidelity:
     rows: int  # batch items compared
     provider: str | None  # where the candidate ran; None: where the gates run (cfg.provider)
     nonfinite: dict[str, int] = field(default_factory=dict)  # NaN/inf count per output
+    # Per output, the cosine of every row, (rows,): what the interval of the mean resamples.
+    cosines: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def measure(
@@ -539,36 +658,38 @@ class Fidelity:
             rows=rows,
             provider=provider,
             nonfinite={n: s.nonfinite for n, s in seen.items()},
+            cosines={n: np.concatenate(s.cosines) for n, s in seen.items()},
         )
 
     def gates(
-        self, *, min_cosine: float = 0.999, max_abs: float | None = None
+        self,
+        *,
+        min_cosine: float = 0.999,
+        max_abs: float | None = None,
+        cfg: GateConfig | None = None,
     ) -> tuple[GateResult, ...]:
         """The accuracy gates of outputs without labels, one ``cosine:<output>`` per output.
 
         It passes when the mean per-row cosine is >= ``min_cosine`` and the output has no
-        NaN/inf; ``max_abs_diff:<output>`` is gated too when ``max_abs`` is set.
+        NaN/inf; its bootstrap interval over rows, and the rule that decides with it, are
+        ``cfg``'s (the defaults when None; its thresholds are not used here).
+        ``max_abs_diff:<output>`` is gated too when ``max_abs`` is set.
         """
+        cfg = cfg or GateConfig()
         where = f"vs FP32 on {self.rows} rows" + (f", {self.provider}" if self.provider else "")
         gates = []
-        for name, cos in self.cosine_mean.items():
+        for name in self.cosine_mean:
             bad = self.nonfinite.get(name, 0)
-            gates.append(
-                GateResult(
-                    name=f"cosine:{name}",
-                    value=cos,
-                    threshold=min_cosine,
-                    op=">=",
-                    passed=bool(cos >= min_cosine and not bad),
-                    provider=self.provider,
-                    detail=(
-                        f"{where}; mean cosine per row (worst row {self.cosine_min[name]:.5f}), "
-                        f"max abs {self.max_abs_diff[name]:.3g}, "
-                        f"mean abs {self.mean_abs_diff[name]:.3g}"
-                        + (f", {bad} non-finite values" if bad else "")
-                    ),
-                )
+            detail = (
+                f"{where}; mean cosine per row (worst row {self.cosine_min[name]:.5f}), "
+                f"max abs {self.max_abs_diff[name]:.3g}, mean abs {self.mean_abs_diff[name]:.3g}"
+                + (f", {bad} non-finite values" if bad else "")
             )
+            cosine = _mean_gate(
+                f"cosine:{name}", self.cosines[name], min_cosine, ">=", cfg, detail,
+                valid=not bad, provider=self.provider,
+            )  # fmt: skip
+            gates.append(cosine)
             if max_abs is not None:
                 diff = self.max_abs_diff[name]
                 gates.append(
@@ -610,6 +731,46 @@ class _Tally:
 
 
 # -- speed ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TimingConditions:
+    """The machine as a speed gate found it before timing, recorded beside the figure: the
+    same two models timed on a loaded machine give another speedup."""
+
+    threads: int  # ONNX Runtime intra-op threads asked for; 0: its default
+    cpus: int  # logical CPUs of the machine (what its load average is counted against)
+    load: float | None  # 1-minute load average; None where the OS keeps none (Windows)
+
+    @classmethod
+    def now(cls, threads: int) -> TimingConditions:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            load = None
+        return cls(threads=threads, cpus=os.cpu_count() or 1, load=load)
+
+    @property
+    def busy(self) -> bool:
+        """More threads running or waiting to run, over the last minute, than CPUs."""
+        return self.load is not None and self.load > self.cpus
+
+    def describe(self) -> str:
+        threads = (
+            f"{self.threads} intra-op thread{'s' if self.threads > 1 else ''}"
+            if self.threads
+            else "ONNX Runtime's default intra-op threads (one per physical core)"
+        )
+        if self.load is None:
+            load = "no load average on this OS"
+        else:
+            # It counts this process's own recent work too (evaluation, an earlier candidate's
+            # timing), over when the timing starts; above the CPU count, more threads wanted
+            # to run than there were CPUs, whoever's they were.
+            load = f"1-minute load average {self.load:.2f} before timing"
+            if self.busy:
+                load += " (above the CPU count: timed on a busy machine, may not reproduce)"
+        return f"{threads}, {self.cpus} CPUs, {load}"
 
 
 def speed_shapes(inputs: Sequence[TensorSpec], max_seq_len: int, cfg: GateConfig):
@@ -684,11 +845,14 @@ def speed_gates(
     *,
     sample: dict[str, np.ndarray] | None = None,
     on_progress: ProgressFn | None = None,
+    conditions: TimingConditions | None = None,
 ) -> list[GateResult]:
     """One ``speedup_b{B}_s{T}`` gate per shape: median of interleaved per-pair ratios.
 
-    Progress is the "timing" task: a step per warm-up run and per timed pair.
+    Each gate's detail records ``conditions``, the machine before timing (taken here when
+    None). Progress is the "timing" task: a step per warm-up run and per timed pair.
     """
+    conditions = conditions or TimingConditions.now(cfg.threads)
     a = session(fp32, cfg.provider, threads=cfg.threads, spin=False)
     b = session(candidate, cfg.provider, threads=cfg.threads, spin=False)
     shapes = speed_shapes(inputs, max_seq_len, cfg)
@@ -729,15 +893,17 @@ def speed_gates(
         ratios = np.array(ms["fp32"]) / np.array(ms["candidate"])
         median = float(np.median(ratios))
         boot = np.median(rng.choice(ratios, size=(cfg.bootstrap, len(ratios))), axis=1)
-        tail = (1 - cfg.confidence) / 2 * 100
-        ci = tuple(float(v) for v in np.percentile(boot, [tail, 100 - tail]))
+        ci = percentile_interval(boot, cfg.confidence)
+        passed, rule = _decide(
+            median, ci, cfg.min_speedup, ">=", rule="point", confidence=cfg.confidence
+        )
         gates.append(
             GateResult(
                 name=speed_gate_name(batch, seq),
                 value=median,
                 threshold=cfg.min_speedup,
                 op=">=",
-                passed=bool(median >= cfg.min_speedup),
+                passed=passed,
                 ci=ci,
                 provider=cfg.provider,
                 detail=(
@@ -746,6 +912,8 @@ def speed_gates(
                     f"at batch {batch} x sequence {seq}; median of {cfg.iterations} interleaved "
                     f"pair ratios after {warmup} warm-up run{'s' if warmup > 1 else ''} each"
                     + (f", {reps} runs per sample" if reps > 1 else "")
+                    + f"; timed with {conditions.describe()}"
+                    + rule
                 ),
             )
         )
@@ -760,13 +928,16 @@ __all__ = [
     "Fidelity",
     "GateConfig",
     "Outputs",
+    "TimingConditions",
     "accuracy_gates",
+    "bootstrap_mean",
     "check_evaluation",
     "check_labels",
     "collect",
     "flat_rows",
     "paired_bootstrap",
     "passed",
+    "percentile_interval",
     "row_cosine",
     "session",
     "speed_feeds",
@@ -774,4 +945,5 @@ __all__ = [
     "speed_score",
     "speed_shapes",
     "time_interleaved",
+    "uncertain",
 ]

@@ -4,13 +4,14 @@ report.md rewritten by a re-gate."""
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from quantgate.bundle import CPU, CUDA, GateResult, Manifest, speed_shape
-from quantgate.quantize.gates import GateConfig
+from quantgate.quantize.gates import GateConfig, uncertain
 from quantgate.quantize.search import Candidate, SearchResult
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ VERDICT_THEN = "Verdict when measured: "
 # and the INT8 row's gates cell reads "<verdict> CUDA_THEN".
 CUDA_NOTE = "The INT8 variant's gates on CUDA were measured again by the re-gate of "
 CUDA_THEN = "when measured (superseded)"
+UNCERTAIN = "(uncertain)"  # after a gate's result: its interval straddles the threshold
+MAX_PANELS = 4  # accuracy gates in the candidates plot, a panel each (report.md has them all)
 
 
 def gate_table(gates: Sequence[GateResult], confidence: float | None = None) -> list[str]:
@@ -41,7 +44,7 @@ def gate_table(gates: Sequence[GateResult], confidence: float | None = None) -> 
     ]
     for g in gates:
         ci = f"[{_num(g.ci[0])}, {_num(g.ci[1])}]" if g.ci else ""
-        verdict = "pass" if g.passed else "**FAIL**"
+        verdict = ("pass" if g.passed else "**FAIL**") + (f" {UNCERTAIN}" if uncertain(g) else "")
         lines.append(
             f"| {g.name} | {_num(g.value)} | {ci} | {g.op} {g.threshold:g} | {verdict} | "
             f"{g.detail} |"
@@ -139,18 +142,35 @@ def sections(
         f"Calibration: {data['calibration']['source']} (sha256 `{data['calibration']['sha256'][:12]}`). "
         f"Evaluation: {data['evaluation']['source']} (sha256 `{data['evaluation']['sha256'][:12]}`).",
         "",
-        f"Thresholds: accuracy drop <= {gate_cfg.max_accuracy_drop:g} points "
-        f"({'upper CI bound' if gate_cfg.ci_rule == 'upper' else 'point estimate; CI reported'}), "
+        f"Thresholds: accuracy drop <= {gate_cfg.max_accuracy_drop:g} points, "
         f"speedup >= {gate_cfg.min_speedup:g}x on {gate_cfg.provider}, without labels cosine >= "
         f"{gate_cfg.min_cosine:g}, top-1 agreement >= {gate_cfg.min_top1_agreement:g}, "
-        f"KL <= {gate_cfg.max_kl:g}.",
+        f"KL <= {gate_cfg.max_kl:g}. {decision_rule(gate_cfg)}",
         "",
         f"### Gates of `{shipped.name}`",
         "",
         *gate_table(shipped.gates, gate_cfg.confidence),
         "",
     ]
+    if shipped.timing is not None:
+        head += [f"Speed timed with {shipped.timing.describe()}.", ""]
     return ["\n".join(head), "\n".join(candidates_table(result, shipped, plot))]
+
+
+def decision_rule(cfg: GateConfig) -> str:
+    """What decides a gate under ``cfg.ci_rule``, and what a result marked UNCERTAIN means."""
+    interval = f"{cfg.confidence:.0%} bootstrap interval"
+    decided = (
+        f"the bound of its {interval} on the failing side (the upper bound of a drop or a KL, "
+        "the lower of a cosine or an agreement)"
+        if cfg.ci_rule == "upper"
+        else f"its point estimate, with its {interval} reported"
+    )
+    return (
+        f"Each accuracy or fidelity gate is decided by {decided}; each speed gate by its "
+        f"median ratio. A result marked {UNCERTAIN} has its interval on both sides of the "
+        "threshold: another sample of the rows (or timings) could have decided it the other way."
+    )
 
 
 def candidates_table(result: SearchResult, shipped: Candidate, plot: str | None) -> list[str]:
@@ -159,6 +179,7 @@ def candidates_table(result: SearchResult, shipped: Candidate, plot: str | None)
         {g.name for c in result.candidates for g in c.speed},
         key=speed_shape,
     )
+    busy = [(i, c.timing) for i, c in enumerate(result.candidates) if c.timing and c.timing.busy]
     lines = [
         "### Candidates tried",
         "",
@@ -171,7 +192,14 @@ def candidates_table(result: SearchResult, shipped: Candidate, plot: str | None)
             if result.skipped
             else ""
         )
-        + ". Dynamic recipes quantize activations at run time (no calibration).",
+        + ". Dynamic recipes quantize activations at run time (no calibration)."
+        + (
+            " Timed on a busy machine (1-minute load average above the CPU count): "
+            + ", ".join(f"#{i} (load {t.load:.2f} on {t.cpus} CPUs)" for i, t in busy)
+            + "; their speedups may not reproduce."
+            if busy
+            else ""
+        ),
         "",
         "| # | candidate | method | "
         + " | ".join([*acc_names, *speed_names])
@@ -188,7 +216,9 @@ def candidates_table(result: SearchResult, shipped: Candidate, plot: str | None)
             verdict = f"error: {c.error.splitlines()[0][:80]}"
         else:
             verdict = "pass" if c.passed else "fail"
-        mark = " **(shipped)**" if c is shipped else ""
+        mark = ""
+        if c is shipped:
+            mark = " **(shipped)**" if c.passed else " **(in the bundle, marked failed)**"
         lines.append(
             f"| {i} | `{c.name}`{mark} | {c.method} | " + " | ".join(cells)
             + f" | {len(c.kept_fp32)} | {verdict} |"
@@ -231,8 +261,8 @@ def _cell(g: GateResult | None, unit: str = "") -> str:
     if g is None:
         return ""
     text = f"{g.value:.2f}{unit}" if unit else _num(g.value)
-    if g.ci and g.name == "accuracy_drop":
-        text += f" [{g.ci[0]:.2f}, {g.ci[1]:.2f}]"
+    if g.ci and not g.is_speed:
+        text += f" [{_num(g.ci[0])}, {_num(g.ci[1])}]"
     return text if g.passed else f"**{text}**"
 
 
@@ -315,8 +345,15 @@ def cuda_superseded(section: str, when: str) -> str:
 
 
 def plot_candidates(result: SearchResult, shipped: Candidate, path: Path) -> Path | None:
-    """accuracy (the first accuracy gate) vs speedup of every candidate, the shipped one marked."""
-    made = [c for c in result.candidates if c.path is not None and c.accuracy and c.speed]
+    """Every candidate's accuracy gates against its speedup at its slowest shape (the one the
+    speed gate fails on): a panel per gate with its threshold and each candidate's interval,
+    so a candidate sits below (or above) the line of the gate it failed. Points are numbered
+    as in report.md's table of candidates; the shipped one is a star."""
+    made = [
+        (i, c)
+        for i, c in enumerate(result.candidates)
+        if c.path is not None and c.accuracy and c.speed
+    ]
     if not made:
         return None
     import matplotlib
@@ -324,38 +361,83 @@ def plot_candidates(result: SearchResult, shipped: Candidate, path: Path) -> Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gate = made[0].accuracy[0]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    names = plotted_gates([c for _, c in made])
+    fig, axes = plt.subplots(
+        len(names), 1, figsize=(6.4, 1.2 + 2.4 * len(names)), dpi=110, sharex=True, squeeze=False
+    )
     try:
-        for c in made:
-            y = next((g.value for g in c.accuracy if g.name == gate.name), None)
-            if y is None:
-                continue
-            color = "tab:green" if c.passed else "tab:red"
-            if c is shipped:
-                ax.scatter(c.speedup, y, s=220, marker="*", color=color, zorder=3, label="shipped")
-            else:
-                ax.scatter(c.speedup, y, s=40, color=color, zorder=2)
-            ax.annotate(
-                c.name, (c.speedup, y), fontsize=7, xytext=(4, 4), textcoords="offset points"
-            )
-        ax.axhline(
-            gate.threshold,
-            color="grey",
-            ls="--",
-            lw=1,
-            label=f"{gate.name} {gate.op} {gate.threshold:g}",
+        points = [
+            _panel(ax, made, name, shipped) for ax, name in zip(axes[:, 0], names, strict=True)
+        ]
+        for ax, pts in zip(
+            axes[:, 0], points, strict=True
+        ):  # once every panel has set the shared x range
+            for x, y, label in merged_labels(pts, ax.get_xlim(), ax.get_ylim()):
+                ax.annotate(label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        axes[-1, 0].set_xlabel("speedup vs FP32 at the slowest shape (every shape must pass)")
+        others = len({g.name for _, c in made for g in c.accuracy}) - len(names)
+        fig.suptitle(
+            "INT8 candidates, numbered as in report.md (green: passed every gate)"
+            + (f"; {others} more gate(s) in report.md" if others else ""),
+            fontsize=9,
         )
-        ax.axvline(made[0].speed[0].threshold, color="grey", ls=":", lw=1, label="min speedup")
-        ax.set_xlabel("speedup vs FP32 (geometric mean over shapes)")
-        ax.set_ylabel(gate.name + (" (points)" if gate.name == "accuracy_drop" else ""))
-        ax.set_title("INT8 candidates (green: passed every gate)")
-        ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
         fig.savefig(path)
     finally:
         plt.close(fig)
     return path
+
+
+def plotted_gates(candidates: Sequence[Candidate]) -> list[str]:
+    """The accuracy gates the plot shows, at most MAX_PANELS: those some candidate failed
+    first (they decided), then the rest, each in the order the candidates report them."""
+    names = list(dict.fromkeys(g.name for c in candidates for g in c.accuracy))
+    failed = {g.name for c in candidates for g in c.accuracy if not g.passed}
+    return sorted(names, key=lambda n: n not in failed)[:MAX_PANELS]
+
+
+def _panel(ax, made, name: str, shipped: Candidate) -> list[tuple[float, float, str]]:
+    """Gate ``name`` of every candidate in ``made`` (index, candidate) on ``ax``; the points
+    drawn, (x, y, label)."""
+    points, gate = [], None
+    for i, c in made:
+        g = next((g for g in c.accuracy if g.name == name), None)
+        x = c.slowest
+        if g is None or not (math.isfinite(g.value) and math.isfinite(x)):
+            continue
+        gate = g
+        color = "tab:green" if c.passed else "tab:red"
+        if g.ci and all(map(math.isfinite, g.ci)):
+            ax.vlines(x, *g.ci, color=color, lw=1, alpha=0.6, zorder=1)
+        if c is shipped:
+            ax.scatter(x, g.value, s=180, marker="*", color=color, zorder=3, label="shipped")
+        else:
+            ax.scatter(x, g.value, s=30, color=color, zorder=2)
+        points.append((x, g.value, str(i)))
+    if gate is not None:
+        ax.axhline(
+            gate.threshold, color="grey", ls="--", lw=1, label=f"{gate.op} {gate.threshold:g}"
+        )
+    ax.axvline(made[0][1].speed[0].threshold, color="grey", ls=":", lw=1, label="min speedup")
+    ax.set_ylabel(name + (" (points)" if name == "accuracy_drop" else ""), fontsize=8)
+    ax.legend(fontsize=7, loc="best")
+    return points
+
+
+def merged_labels(
+    points: Sequence[tuple[float, float, str]],
+    xlim: tuple[float, float],
+    ylim: tuple[float, float],
+    cells: int = 40,
+) -> list[tuple[float, float, str]]:
+    """``points`` (x, y, label) with the labels of points that would print over each other
+    (in the same 1/``cells`` of both axes) joined onto the first: "2, 5" once, not twice."""
+    spans = max(xlim[1] - xlim[0], 1e-12), max(ylim[1] - ylim[0], 1e-12)
+    groups: dict[tuple[int, int], tuple[float, float, list[str]]] = {}
+    for x, y, label in points:
+        cell = (round((x - xlim[0]) / spans[0] * cells), round((y - ylim[0]) / spans[1] * cells))
+        groups.setdefault(cell, (x, y, []))[2].append(label)
+    return [(x, y, ", ".join(labels)) for x, y, labels in groups.values()]
 
 
 __all__ = [
@@ -365,8 +447,11 @@ __all__ = [
     "REGATED",
     "VERDICT",
     "cuda_superseded",
+    "decision_rule",
     "gate_table",
+    "merged_labels",
     "plot_candidates",
+    "plotted_gates",
     "regated",
     "sections",
     "superseded",

@@ -22,7 +22,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.data import DataSource, counted
 from quantgate.quantize.gates import (
     GateConfig,
+    TimingConditions,
     accuracy_gates,
     check_evaluation,
     collect,
@@ -94,6 +95,7 @@ class Candidate:
     parent: str | None = None  # the candidate these nodes were added to
     quantize_s: float = 0.0
     error: str = ""
+    timing: TimingConditions | None = None  # the machine before its speed gates timed it
 
     @property
     def gates(self) -> tuple[GateResult, ...]:
@@ -128,6 +130,7 @@ class Candidate:
             "parent": self.parent,
             "quantize_s": round(self.quantize_s, 1),
             "error": self.error,
+            "timing": asdict(self.timing) if self.timing else None,
         }
 
 
@@ -324,9 +327,11 @@ def _try(
 
     try:  # FP32 ran on the same data: a failure here is the INT8 model's
         got = collect(qm.path, evaluation, provider=gate_cfg.provider, threads=gate_cfg.threads)
+        timing = TimingConditions.now(gate_cfg.threads)
         speed = speed_gates(
-            fp32, qm.path, inputs, max_seq_len, gate_cfg, sample=sample, on_progress=on_timing
-        )
+            fp32, qm.path, inputs, max_seq_len, gate_cfg,
+            sample=sample, on_progress=on_timing, conditions=timing,
+        )  # fmt: skip
     except Exception as e:  # noqa: BLE001 - ORT raises its own types; the search goes on
         msg = f"the INT8 model does not run in ONNX Runtime: {e}"
         return _failed(name, recipe, method, parent, added, msg, time.monotonic() - t), None
@@ -343,6 +348,7 @@ def _try(
             added_fp32=tuple(added),
             parent=parent,
             quantize_s=qm.seconds,
+            timing=timing,
         ),
         qm,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -21,12 +22,14 @@ from quantgate.quantize.gates import (  # noqa: E402
     Fidelity,
     GateConfig,
     Outputs,
+    TimingConditions,
     accuracy_gates,
     check_evaluation,
     collect,
     paired_bootstrap,
     speed_gates,
     time_interleaved,
+    uncertain,
 )
 from quantgate.quantize.report import gate_table  # noqa: E402
 
@@ -132,7 +135,9 @@ def test_embedding_fidelity_cosine_and_nearest_neighbours():
     gates = {g.name: g for g in accuracy_gates(ref, near, "feature-extraction", GateConfig())}
     assert gates["cosine"].value > 0.999 and gates["nn_top1_agreement"].value == 1.0
     assert all(g.passed for g in gates.values())
-    assert gates["cosine"].ci is None  # not a confidence interval: the rows are in the detail
+    lo, hi = gates["cosine"].ci  # resampled rows: the mean of 50 near-1 cosines
+    assert lo <= gates["cosine"].value <= hi and hi - lo < 1e-5
+    assert gates["nn_top1_agreement"].ci == (1.0, 1.0)  # every row agrees in every resample
     assert "(worst row 1.00000, best 1.00000)" in gates["cosine"].detail
     assert "on 50 unlabelled rows" in gates["cosine"].detail
     labelled = Outputs(["sentence_embedding"], ref.batches, [None], np.arange(50) % 3, rows=50)
@@ -144,6 +149,110 @@ def test_embedding_fidelity_cosine_and_nearest_neighbours():
     )
     bad = {g.name: g for g in accuracy_gates(ref, shuffled, "feature-extraction", GateConfig())}
     assert not bad["cosine"].passed and not bad["nn_top1_agreement"].passed
+
+
+def embeddings(x: np.ndarray) -> Outputs:
+    return Outputs(["sentence_embedding"], [{"sentence_embedding": x}], [None], rows=len(x))
+
+
+def logits(x: np.ndarray) -> Outputs:
+    return Outputs(["logits"], [{"logits": x}], [None], rows=len(x))
+
+
+def test_nearest_neighbour_interval_resamples_each_rows_agreement():
+    """The interval is that of a proportion over 400 rows, centred on it: the neighbours are
+    searched once among all rows (a re-search inside a resample would find a row's drawn
+    copy nearest, agree by construction and shift the interval up)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 16)).astype(np.float32)
+    noisy = x + rng.normal(scale=0.2, size=x.shape).astype(np.float32)
+    gates = accuracy_gates(embeddings(x), embeddings(noisy), "feature-extraction", GateConfig())
+    cosine, nn = gates
+    for g in gates:
+        assert g.ci[0] < g.value < g.ci[1]
+        assert "95% bootstrap interval over rows (1000 resamples)" in g.detail
+    p = nn.value
+    assert 0.3 < p < 0.8
+    half = 1.96 * np.sqrt(p * (1 - p) / 400)  # the normal approximation of a proportion
+    assert (nn.ci[1] - nn.ci[0]) / 2 == pytest.approx(half, rel=0.2)
+    assert (nn.ci[0] + nn.ci[1]) / 2 == pytest.approx(p, abs=0.01)
+    narrow = accuracy_gates(
+        embeddings(x), embeddings(noisy), "feature-extraction", GateConfig(confidence=0.5)
+    )[1]
+    assert nn.ci[0] < narrow.ci[0] <= p <= narrow.ci[1] < nn.ci[1]
+
+
+def agreeing(rows: int, disagree: int) -> tuple[Outputs, Outputs]:
+    """Logits of FP32 and a candidate whose top-1 class differs on ``disagree`` of ``rows``."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, 10)).astype(np.float32)
+    top = x.argmax(-1)
+    x[np.arange(rows), top] += 3  # a clear top class
+    y = x + rng.normal(scale=0.05, size=x.shape).astype(np.float32)
+    y[np.arange(disagree), (top[:disagree] + 1) % 10] += 10  # another class on top
+    return logits(x), logits(y)
+
+
+def test_a_threshold_inside_the_interval_is_decided_by_ci_rule_and_said_to_be_uncertain():
+    """380 of 400 rows agree: 0.95 against a 0.95 threshold, an interval of about +-0.02."""
+    ref, cand = agreeing(400, 20)
+
+    def top1(**cfg):
+        gates = accuracy_gates(ref, cand, "sequence-classification", GateConfig(**cfg))
+        return next(g for g in gates if g.name == "top1_agreement")
+
+    at = top1(min_top1_agreement=0.95)
+    assert at.value == pytest.approx(0.95) and at.ci[0] < 0.95 < at.ci[1]
+    assert at.passed and uncertain(at)
+    assert at.detail.endswith(
+        "; the point estimate must be >= the threshold: it passes by less than its 95% "
+        "interval, within the measurement's uncertainty"
+    )
+    below = top1(min_top1_agreement=0.955)
+    assert not below.passed and uncertain(below)
+    assert "it fails by less than its 95% interval" in below.detail
+    clear = top1(min_top1_agreement=0.8)
+    assert clear.passed and not uncertain(clear) and "by less than" not in clear.detail
+    conservative = top1(min_top1_agreement=0.95, ci_rule="upper")  # the lower bound decides
+    assert not conservative.passed and conservative.ci == at.ci
+    assert conservative.detail.endswith(
+        "; its lower bound must be >= the threshold: the point estimate passes, its lower "
+        "bound does not"
+    )
+    assert top1(min_top1_agreement=0.9, ci_rule="upper").passed  # clear of its lower bound
+
+    # KL, a <= gate: its upper bound decides under "upper".
+    kl = next(g for g in accuracy_gates(ref, cand, "sequence-classification", GateConfig())
+              if g.name == "kl")  # fmt: skip
+    assert kl.ci[0] < kl.value < kl.ci[1]
+    inside = (kl.value + kl.ci[1]) / 2
+    gates = {
+        rule: next(
+            g for g in accuracy_gates(
+                ref, cand, "sequence-classification", GateConfig(max_kl=inside, ci_rule=rule)
+            ) if g.name == "kl"
+        )
+        for rule in ("point", "upper")
+    }  # fmt: skip
+    assert gates["point"].passed and "it passes by less than its 95%" in gates["point"].detail
+    assert not gates["upper"].passed
+    assert "its upper bound must be <= the threshold: the point estimate passes" in (
+        gates["upper"].detail
+    )
+
+
+def test_an_accuracy_drop_inside_its_interval_is_said_to_be_uncertain():
+    y = np.arange(400) % 10
+    x = np.eye(10, dtype=np.float32)[y] * 5  # FP32 right on every row
+    z = x.copy()
+    z[:3] = np.roll(z[:3], 1, axis=1)  # 3 rows newly wrong: 0.75 points
+    ref = Outputs(["logits"], [{"logits": x}], [None], labels=y, rows=400)
+    cand = Outputs(["logits"], [{"logits": z}], [None], labels=y, rows=400)
+    (drop,) = accuracy_gates(ref, cand, "sequence-classification", GateConfig())
+    assert drop.value == pytest.approx(0.75) and drop.ci[0] < 1.0 < drop.ci[1]
+    assert drop.passed and "it passes by less than its 95% interval" in drop.detail
+    (strict,) = accuracy_gates(ref, cand, "sequence-classification", GateConfig(ci_rule="upper"))
+    assert not strict.passed and "its upper bound must be <= the threshold" in strict.detail
 
 
 def test_nearest_neighbours_do_not_depend_on_the_block_size(monkeypatch):
@@ -171,7 +280,9 @@ def test_cosine_of_an_output_is_the_fp16_fidelity_metric(tmp_path):
     out = accuracy_gates(collect(src, ev), collect(int8, ev), "custom", GateConfig())
     fid = fp16.fidelity(src, int8, ev(), precision="int8").gates(min_cosine=GateConfig().min_cosine)
     assert {g.name: g.value for g in out} == pytest.approx({g.name: g.value for g in fid})
-    assert all(g.ci is None and "worst row" in g.detail and g.provider is None for g in out)
+    for g, f in zip(out, fid, strict=True):  # the same interval over the same rows
+        assert g.ci == pytest.approx(f.ci) and g.ci[0] <= g.value <= g.ci[1]
+        assert "worst row" in g.detail and g.provider is None
     # The same words, but for where the candidate ran (the FP16 gates' own provider).
     assert [g.detail for g in out] == [
         g.detail.replace(", CPUExecutionProvider;", ";") for g in fid
@@ -191,7 +302,8 @@ def test_cosine_gate_fails_on_nan_in_padding_that_a_client_receives():
     cand = Outputs(["h"], [{"h": y}], [mask], rows=4)
     (gate,) = accuracy_gates(ref, cand, "custom", GateConfig())
     assert gate.name == "cosine:h" and gate.value == pytest.approx(1.0)
-    assert not gate.passed and gate.detail.endswith(", 8 non-finite values")
+    assert not gate.passed and ", 8 non-finite values;" in gate.detail
+    assert "by less than" not in gate.detail  # NaN fails it, not the interval
 
 
 def test_mean_abs_error_is_over_real_positions_not_padding():
@@ -234,15 +346,40 @@ def test_speed_gate_is_interleaved_per_shape(models):
     for g in gates:
         assert g.value > 0 and g.ci[0] <= g.value <= g.ci[1]
         assert g.provider == "CPUExecutionProvider" and "interleaved" in g.detail
+        assert (
+            "; timed with ONNX Runtime's default intra-op threads (one per physical core), "
+            f"{os.cpu_count()} CPUs, " in g.detail
+        )
+        assert "1-minute load average " in g.detail or "no load average" in g.detail
     impossible = speed_gates(
         result.onnx,
         int8,
         result.inputs,
         64,
-        GateConfig(min_speedup=100, iterations=3, warmup=0, batch_sizes=(1,)),
+        GateConfig(min_speedup=100, iterations=3, warmup=0, batch_sizes=(1,), threads=1),
     )
     assert not impossible[0].passed
     assert "after 1 warm-up run each" in impossible[0].detail  # warmup 0 still runs one
+    assert "; timed with 1 intra-op thread, " in impossible[0].detail
+
+
+def test_timing_conditions_say_when_the_machine_was_busy():
+    busy = TimingConditions(threads=0, cpus=2, load=3.5)
+    assert busy.busy and busy.describe() == (
+        "ONNX Runtime's default intra-op threads (one per physical core), 2 CPUs, 1-minute "
+        "load average 3.50 before timing (above the CPU count: timed on a busy machine, may "
+        "not reproduce)"
+    )
+    idle = TimingConditions(threads=4, cpus=8, load=0.5)
+    assert not idle.busy and idle.describe() == (
+        "4 intra-op threads, 8 CPUs, 1-minute load average 0.50 before timing"
+    )
+    assert not TimingConditions(1, 2, None).busy
+    assert TimingConditions(1, 2, None).describe().endswith("no load average on this OS")
+    now = TimingConditions.now(3)
+    assert now.threads == 3 and now.cpus == os.cpu_count()
+    if hasattr(os, "getloadavg"):
+        assert now.load is not None and now.load >= 0
 
 
 def test_gate_config_from_files_and_flags(tmp_path):

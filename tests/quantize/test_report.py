@@ -1,14 +1,28 @@
-"""report.md rewritten by a re-gate (``report.regated``), on report texts: the title, the
-sections that open a report, and the CUDA section's INT8 row after a re-gate on CUDA."""
+"""report.md: the INT8 section of a search (gate table, candidates, plot), on candidates
+built from gate results; and report.md rewritten by a re-gate (``report.regated``), on
+report texts: the title, the sections that open a report, and the CUDA section's INT8 row
+after a re-gate on CUDA."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from quantgate.bundle import CPU, CUDA, GateResult, Manifest, Variant
 from quantgate.placement import PlacementReport
 from quantgate.quantize.cuda import CudaGateConfig, CudaTiming
-from quantgate.quantize.report import cuda_section, regated
+from quantgate.quantize.gates import GateConfig, TimingConditions
+from quantgate.quantize.report import (
+    MAX_PANELS,
+    cuda_section,
+    gate_table,
+    merged_labels,
+    plot_candidates,
+    plotted_gates,
+    regated,
+    sections,
+)
+from quantgate.quantize.search import Candidate, SearchResult
 
 FIRST, SECOND = "2025-01-01T00:00:00+00:00", "2025-02-01T00:00:00+00:00"
 
@@ -134,3 +148,105 @@ def test_a_regate_on_the_cpu_keeps_the_cuda_sections_int8_row_current():
     report = regated(old, regate_section(FIRST, "pass"), manifest("pass"), FIRST, provider=CPU)
     assert cuda_rows(report) == cuda_rows(old)
     assert "measured again" not in report
+
+
+def embedding_candidate(
+    name: str, cosine: float, nn: float, speedup: float, load: float = 0.5
+) -> Candidate:
+    """A candidate gated as an embedding model (cosine 0.99, neighbours 0.95, speed 1.2x),
+    its intervals +-0.02 around the agreement and +-0.001 around the cosine."""
+    accuracy = (
+        GateResult("cosine", cosine, 0.99, ">=", cosine >= 0.99, ci=(cosine - 1e-3, cosine + 1e-3)),
+        GateResult("nn_top1_agreement", nn, 0.95, ">=", nn >= 0.95, ci=(nn - 0.02, nn + 0.02)),
+    )
+    speed = tuple(
+        GateResult(f"speedup_b{b}_s128", speedup, 1.2, ">=", speedup >= 1.2, ci=(1.0, 3.0))
+        for b in (1, 32)
+    )
+    return Candidate(
+        name, {}, "static", Path(name), accuracy=accuracy, speed=speed,
+        timing=TimingConditions(threads=0, cpus=2, load=load),
+    )  # fmt: skip
+
+
+DATA = {
+    "calibration": {"source": "calib.jsonl", "sha256": "0" * 64},
+    "evaluation": {"source": "heldout.jsonl", "sha256": "1" * 64},
+}
+
+
+def test_a_gate_whose_interval_straddles_its_threshold_is_marked_uncertain():
+    rows = gate_table(
+        [
+            GateResult("nn_top1_agreement", 0.95, 0.95, ">=", True, ci=(0.9275, 0.97)),
+            GateResult("nn_top1_agreement", 0.96, 0.95, ">=", True, ci=(0.95, 0.97)),
+            GateResult("kl", 0.06, 0.05, "<=", False, ci=(0.04, 0.08)),
+            GateResult("cosine", 0.98, 0.99, ">=", False, ci=(0.97, 0.985)),
+        ],
+        0.95,
+    )
+    assert [row.split(" | ")[4] for row in rows[2:]] == [
+        "pass (uncertain)",
+        "pass",  # its lower bound is the threshold: the interval is on the passing side
+        "**FAIL** (uncertain)",
+        "**FAIL**",
+    ]
+
+
+def test_a_failed_bundles_candidate_is_not_called_shipped():
+    """The user's MiniLM bundle: every candidate failed on neighbour agreement."""
+    slow = embedding_candidate("slow", 0.9990, 0.9400, 1.1)
+    close = embedding_candidate("close", 0.9982, 0.9475, 2.3, load=3.1)
+    found = SearchResult((slow, close), chosen=None, seconds=60.0, budget_s=900.0)
+    head, table = sections(found, found.best, GateConfig(), DATA, plot=None)
+    assert found.best is close
+    assert (
+        "| 1 | `close` **(in the bundle, marked failed)** |" in table and "(shipped)" not in table
+    )
+    assert "| **0.9475 [0.9275, 0.9675]** |" in table  # the interval of the gate that failed
+    assert (
+        "Timed on a busy machine (1-minute load average above the CPU count): "
+        "#1 (load 3.10 on 2 CPUs); their speedups may not reproduce." in table
+    )
+    assert (
+        "Speed timed with ONNX Runtime's default intra-op threads (one per physical core), "
+        "2 CPUs, 1-minute load average 3.10 before timing (above the CPU count: timed on a "
+        "busy machine, may not reproduce)." in head
+    )
+    assert "gate is decided by its point estimate, with its 95% bootstrap interval reported" in head
+    assert (
+        "| nn_top1_agreement | 0.9475 | [0.9275, 0.9675] | >= 0.95 | **FAIL** (uncertain) |" in head
+    )
+    good = embedding_candidate("good", 0.9990, 0.9700, 1.5)
+    passing = SearchResult((good, close), chosen=good, seconds=60.0, budget_s=900.0)
+    _, table = sections(passing, good, GateConfig(), DATA, plot=None)
+    assert "| 0 | `good` **(shipped)** |" in table and "marked failed" not in table
+    assert "#1 (load 3.10 on 2 CPUs)" in table  # a busy candidate is named, shipped or not
+    head, _ = sections(passing, good, GateConfig(ci_rule="upper", confidence=0.9), DATA, plot=None)
+    assert "decided by the bound of its 90% bootstrap interval on the failing side" in head
+
+
+def test_the_plot_has_a_panel_for_each_gate_a_candidate_failed_first(tmp_path):
+    cands = [
+        embedding_candidate("a", 0.9990, 0.9400, 2.0),
+        embedding_candidate("b", 0.9985, 0.9600, 1.5),
+        embedding_candidate("c", 0.9985, 0.9600, 1.5),  # where b is
+    ]
+    assert plotted_gates(cands) == ["nn_top1_agreement", "cosine"]  # the one that decided first
+    assert plotted_gates(cands[1:]) == ["cosine", "nn_top1_agreement"]  # none failed: in order
+    many = Candidate(
+        "many", {}, "static", Path("m"),
+        accuracy=tuple(GateResult(f"cosine:o{i}", 0.9, 0.99, ">=", i != 5) for i in range(8)),
+    )  # fmt: skip
+    names = plotted_gates([many])
+    assert len(names) == MAX_PANELS and names[0] == "cosine:o5"
+    found = SearchResult(tuple(cands), chosen=cands[1], seconds=1.0, budget_s=10.0)
+    assert plot_candidates(found, cands[1], tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_labels_of_points_that_would_overlap_are_joined():
+    points = [(1.5, 0.96, "1"), (1.5, 0.96, "2"), (1.501, 0.9601, "4"), (2.0, 0.94, "0")]
+    assert merged_labels(points, (1.0, 2.5), (0.93, 0.97)) == [
+        (1.5, 0.96, "1, 2, 4"),
+        (2.0, 0.94, "0"),
+    ]

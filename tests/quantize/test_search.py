@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,10 @@ def test_keeps_the_fastest_passing_candidate_not_the_first(tmp_path):
     assert winners and found.chosen is max(winners, key=lambda c: c.speedup)
     for c in made:  # every candidate recorded with both kinds of gate
         assert c.accuracy and {g.name for g in c.speed} == {"speedup_b1_s64", "speedup_b8_s64"}
+        # and the machine its speed was timed on, in its speed gates and its summary
+        assert c.timing is not None and c.timing.cpus == os.cpu_count()
+        assert all(f"timed with {c.timing.describe()}" in g.detail for g in c.speed)
+        assert c.to_dict()["timing"] == {"threads": 0, "cpus": c.timing.cpus, "load": c.timing.load}
     assert {c.method for c in found.candidates} >= {"static", "dynamic"}
     md = "\n".join(sections(found, found.best, GateConfig(), _data(), plot="c.png"))
     assert "(shipped)" in md and md.count("| `") >= len(found.candidates)
@@ -129,6 +134,7 @@ def test_the_closest_failed_candidate_is_accurate_first_then_fastest_at_its_slow
     found = SearchResult((inaccurate, uneven, even), chosen=None, seconds=1.0, budget_s=10.0)
     md = "\n".join(sections(found, found.best, GateConfig(), _data(), plot=None))
     assert "`even`, the closest, went into the bundle marked failed" in md
+    assert "| 2 | `even` **(in the bundle, marked failed)** |" in md and "(shipped)" not in md
     assert "then the fastest at its slowest shape" in md  # the rule, stated where it applies
 
 
