@@ -491,6 +491,7 @@ def _bars(bar: Progress):
 def _print_gates(path: Path) -> None:
     """The verdict and every INT8 gate, on stdout."""
     from quantgate.bundle import load
+    from quantgate.quantize.gates import uncertain
 
     try:
         m = load(path, verify=False).manifest
@@ -504,6 +505,8 @@ def _print_gates(path: Path) -> None:
         for g in v.gates:
             ci = f" [{g.ci[0]:.4g}, {g.ci[1]:.4g}]" if g.ci else ""
             mark = "pass" if g.passed else "FAIL"
+            if uncertain(g):  # another sample could have decided it the other way
+                mark += " (uncertain: its interval crosses the threshold)"
             out.print(
                 f"    {g.name} {g.value:.4g}{ci} {g.op} {g.threshold:g}: {mark}",
                 highlight=False,

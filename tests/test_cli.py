@@ -136,3 +136,28 @@ def test_help_into_a_pipe_keeps_sentences_and_option_values_whole():
     assert r.returncode == 0, r.stderr
     assert "(a mismatch exits 3 and leaves --out as it was)" in r.stdout, r.stdout
     assert "sequence-classification or feature-extraction" in r.stdout, r.stdout
+
+
+def test_the_console_marks_a_gate_decided_inside_its_interval(tmp_path, capsys):
+    """nn_top1_agreement 0.95 >= 0.95 with [0.9275, 0.97]: a pass another sample of the rows
+    could have turned; the console says so, and not of a clear pass."""
+    from quantgate import bundle as qb
+    from quantgate.cli import _print_gates
+
+    coin = qb.GateResult("nn_top1_agreement", 0.95, 0.95, ">=", True, ci=(0.9275, 0.97))
+    clear = qb.GateResult("cosine", 0.998, 0.99, ">=", True, ci=(0.997, 0.999))
+    with qb.staging(tmp_path / "b") as tmp:
+        for name in ("model.fp32.onnx", "model.int8.onnx"):
+            (tmp / name).write_bytes(name.encode())
+        variants = (
+            qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx")),
+            qb.Variant("model.int8.onnx", "int8", qb.sha256_file(tmp / "model.int8.onnx"),
+                       gates=(coin, clear)),
+        )  # fmt: skip
+        qb.write_manifest(tmp, qb.Manifest("b", "feature-extraction", (), (), variants, 17, {}))
+    _print_gates(tmp_path / "b")
+    lines = capsys.readouterr().out.splitlines()
+    (coin_line,) = [line for line in lines if "nn_top1_agreement" in line]
+    (clear_line,) = [line for line in lines if "cosine" in line]
+    assert coin_line.endswith("pass (uncertain: its interval crosses the threshold)"), coin_line
+    assert clear_line.endswith(": pass"), clear_line
