@@ -525,6 +525,7 @@ def inspect(
 
     from quantgate.bundle import MANIFEST, is_bundle, load
     from quantgate.errors import BundleError
+    from quantgate.quantize.gates import uncertain
 
     if path.is_dir() and not is_bundle(path):
         inside = sorted(str(p.parent.relative_to(path)) for p in path.glob(f"*/**/{MANIFEST}"))
@@ -605,7 +606,8 @@ def inspect(
                 g.name,
                 f"{g.value:.4g}",
                 f"{g.op} {g.threshold:g}",
-                "[green]pass[/]" if g.passed else "[bold red]FAIL[/]",
+                ("[green]pass[/]" if g.passed else "[bold red]FAIL[/]")
+                + (" (uncertain)" if uncertain(g) else ""),
             )
         out.print(table)
 

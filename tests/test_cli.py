@@ -138,7 +138,7 @@ def test_help_into_a_pipe_keeps_sentences_and_option_values_whole():
     assert "sequence-classification or feature-extraction" in r.stdout, r.stdout
 
 
-def test_the_console_marks_a_gate_decided_inside_its_interval(tmp_path, capsys):
+def test_the_console_marks_a_gate_decided_inside_its_interval(cli, tmp_path, capsys):
     """nn_top1_agreement 0.95 >= 0.95 with [0.9275, 0.97]: a pass another sample of the rows
     could have turned; the console says so, and not of a clear pass."""
     from quantgate import bundle as qb
@@ -161,3 +161,7 @@ def test_the_console_marks_a_gate_decided_inside_its_interval(tmp_path, capsys):
     (clear_line,) = [line for line in lines if "cosine" in line]
     assert coin_line.endswith("pass (uncertain: its interval crosses the threshold)"), coin_line
     assert clear_line.endswith(": pass"), clear_line
+    r = cli("inspect", tmp_path / "b")  # its gates table too
+    rows = {line.split()[1]: line for line in r.stdout.splitlines() if " int8 " in line}
+    assert rows["nn_top1_agreement"].rstrip().endswith("pass (uncertain)"), r.stdout
+    assert rows["cosine"].rstrip().endswith("pass"), r.stdout
