@@ -53,6 +53,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,14 +311,18 @@ def check_path(spec: str | Path, flag: str) -> Path:
 # the files overlap. Below it the shared rows are warned about and counted in the record.
 MAX_SHARED = 0.10
 FINGERPRINT = "row_hashes"  # the key of a calibration record's Fingerprint
-FINGERPRINT_ROWS = 512  # row hashes a manifest keeps: 4 kB, exact up to this many rows
+# Row hashes a manifest keeps: exact up to this many calibration rows (most calibration
+# sets), a sample beyond (32 kB, 44 kB as base64): enough that a re-gate's evaluation
+# rows fall in its range by the dozen, not by the handful, when calibration had 50,000 rows.
+FINGERPRINT_ROWS = 4096
 
 
 def row_hashes(feeds: Mapping[str, np.ndarray], model: ModelInfo) -> np.ndarray:
     """(N,) uint64: each row known by the token ids the model sees, hashed (blake2b, 8 bytes).
 
     The ids are ``input_ids`` (else the model's first input) without padding (where the
-    ``attention_mask`` is 0; without a mask, the input's pad value), as little-endian int64:
+    ``attention_mask`` is 0; without a mask, the input's pad value at the row's end), as
+    little-endian int64:
     the same row has the same hash in any file, format (JSONL hashes the tokenizer's ids
     alike) or position. Collisions are negligible: under 1e-9 false matches between two
     sets of 10^5 rows.
@@ -329,8 +334,11 @@ def row_hashes(feeds: Mapping[str, np.ndarray], model: ModelInfo) -> np.ndarray:
     mask = feeds.get("attention_mask")
     if mask is not None and np.size(mask) == rows.size:
         real = np.asarray(mask).reshape(rows.shape) != 0
-    elif integer:
-        real = rows != model.pad_values.get(name, 0)
+    elif integer:  # padding is at the end: a pad id inside the row is a token
+        pad = rows != model.pad_values.get(name, 0)
+        last = rows.shape[1] - np.argmax(pad[:, ::-1], axis=1)  # after the last real id
+        last[~pad.any(axis=1)] = 0
+        real = np.arange(rows.shape[1]) < last[:, None]
     else:  # not token ids (a factory model's features): the whole row
         real = np.ones(rows.shape, dtype=bool)
     dtype = "<i8" if integer else "<f8"
@@ -348,7 +356,7 @@ class Fingerprint:
 
     A manifest keeps ``sample()``, at most ``FINGERPRINT_ROWS`` hashes, so that a re-gate can
     tell calibration rows in its evaluation data without the calibration file, and the
-    manifest stays a few kB however many rows calibrated the model. The sample is the
+    manifest stays small however many rows calibrated the model. The sample is the
     smallest hashes (a bottom-k sketch): hashes being uniform, it is a random sample of the
     rows, the same whichever file holds them; and a row whose hash is at most the sample's
     largest is known to be in the set or not. The share of calibration rows among those
@@ -413,9 +421,22 @@ def check_held_out(
     if calibration is None or evaluation.row_hashes is None:
         return evaluation
     shared, told = calibration.shared(evaluation.row_hashes)
+    if not told:  # a sample so small that none of these rows falls in its range
+        log.warning(
+            "%s: cannot tell whether its rows are calibration rows: none of them falls in the "
+            "sample of %d row hashes the bundle keeps of its %d calibration rows",
+            where,
+            len(calibration.hashes),
+            calibration.rows,
+        )
+        return evaluation
     if not shared:
         return dataclasses.replace(evaluation, in_calibration=0)
     share = shared / told
+    # From a sample, refuse on evidence only: the share's one-sided 95% lower bound (Wilson)
+    # must reach MAX_SHARED, or a few natural duplicates among a handful of rows told
+    # would refuse a re-gate at random.
+    evident = share if calibration.complete else _wilson_lower(shared, told)
     n = evaluation.samples
     if calibration.complete:
         counts, estimate = f"{shared} of {n} evaluation rows ({share:.0%})", shared
@@ -430,7 +451,7 @@ def check_held_out(
         f"{where}: {counts} are also calibration rows (the same token ids, whatever the "
         f"order of the rows or their spacing) of {calibrated_on}"
     )
-    if share >= MAX_SHARED:
+    if evident >= MAX_SHARED:
         raise DataError(
             f"{what}. The gates must measure rows the calibration did not see, or they pass a "
             "model that fails on new data. Remove those rows from the evaluation data, or split "
@@ -447,6 +468,14 @@ def check_held_out(
         in_calibration=estimate,
         description=f"{evaluation.description}; {about}{estimate} also calibration rows",
     )
+
+
+def _wilson_lower(k: int, n: int, z: float = 1.645) -> float:
+    """The one-sided 95% lower bound of a proportion ``k``/``n`` (Wilson score interval)."""
+    p = k / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)
 
 
 def check_not_calibration(spec: DataSpec | None, calibration: Mapping[str, Any] | None) -> None:

@@ -116,17 +116,17 @@ def test_a_row_is_the_same_tokens_in_jsonl_npz_and_python(tmp_path):
 
 
 def test_a_manifest_keeps_a_few_kb_of_row_hashes_and_a_regate_estimates_from_them(tmp_path):
-    """5000 calibration rows: the manifest keeps the 512 smallest hashes (4 kB); the share of
+    """5000 calibration rows: the manifest keeps the 4096 smallest hashes; the share of
     calibration rows among evaluation rows is estimated from those whose hash is in range."""
     feeds = rng_feeds(5000, seed=1)
     cal = open_source(write_npz(tmp_path / "cal.npz", feeds), DIGITS, role="calibration")
     record = json.loads(json.dumps(cal.record(fingerprint=True)))  # as a manifest stores it
     kept = record["row_hashes"]
-    assert kept["rows"] == 5000 and kept["sample"] == "the 512 smallest hashes"
-    assert len(json.dumps(kept)) < 6000
+    assert kept["rows"] == 5000 and kept["sample"] == "the 4096 smallest hashes"
+    assert len(json.dumps(kept)) < 45_000
     prints = Fingerprint.from_record(record)
-    assert not prints.complete and len(prints.hashes) == 512
-    assert prints.hashes.tolist() == np.sort(cal.row_hashes)[:512].tolist()
+    assert not prints.complete and len(prints.hashes) == 4096
+    assert prints.hashes.tolist() == np.sort(cal.row_hashes)[:4096].tolist()
 
     new = rng_feeds(700, seed=2)
     mixed = {k: np.concatenate([feeds[k][:300], new[k]]) for k in feeds}  # 30% calibration
@@ -137,16 +137,43 @@ def test_a_manifest_keeps_a_few_kb_of_row_hashes_and_a_regate_estimates_from_the
         r"about (\d+)% of the 1000 evaluation rows \((\d+) of the (\d+) whose", str(e)
     )
     assert found and 20 <= int(found[1]) <= 40, str(e.value)
-    assert "sample of 512 the bundle keeps of its 5000 calibration rows" in str(e.value)
+    assert "sample of 4096 the bundle keeps of its 5000 calibration rows" in str(e.value)
     apart = open_source(write_npz(tmp_path / "new.npz", new), DIGITS, role="evaluation")
     assert check_held_out(apart, prints, where="x", calibrated_on="y").in_calibration == 0
 
-    # Up to 512 rows the manifest keeps every hash, and the count is exact.
+    # Up to 4096 rows the manifest keeps every hash, and the count is exact.
     small = open_source(write_npz(tmp_path / "s.npz", rng_feeds(100)), DIGITS, role="calibration")
     whole = Fingerprint.from_record(small.record(fingerprint=True))
     assert whole.complete and whole.rows == 100 and whole.record()["sample"] == "all"
     for broken in ({}, {"row_hashes": {"rows": 3, "hashes": "not base64!"}}, {"row_hashes": 1}):
         assert Fingerprint.from_record(broken) is None  # the file-hash check applies instead
+
+
+def test_a_sampled_fingerprint_refuses_on_evidence_not_on_a_handful_of_rows(tmp_path):
+    """50,000 calibration rows, 4096 hashes kept: about 33 of 400 evaluation rows fall in the
+    sample's range. 3% natural duplicates must not refuse a re-gate at random (a share read
+    off a few dozen rows is no evidence alone); evaluation data that is all calibration rows
+    must be refused."""
+    import dataclasses
+
+    base = open_source(write_npz(tmp_path / "e.npz", rng_feeds(400)), DIGITS, role="evaluation")
+    refused = {"natural": 0, "leaked": 0}
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        calibration = rng.integers(0, 2**64, 50_000, dtype=np.uint64)
+        prints = Fingerprint.of(calibration).sample()
+        fresh = rng.integers(0, 2**64, 400, dtype=np.uint64)
+        for kind, rows in (
+            ("natural", np.concatenate([fresh[:388], calibration[:12]])),  # 3%
+            ("leaked", calibration[rng.choice(50_000, 400, replace=False)]),
+        ):
+            ev = dataclasses.replace(base, row_hashes=rows)
+            try:
+                check_held_out(ev, prints, where="--eval e.npz", calibrated_on="the bundle's")
+            except DataError:
+                refused[kind] += 1
+    assert refused["natural"] <= 2, refused  # the bare share, without its bound, refused 4
+    assert refused["leaked"] == 200, refused
 
 
 def test_texts_longer_than_the_model_are_counted_warned_and_described(tmp_path, caplog):
