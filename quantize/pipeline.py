@@ -33,7 +33,7 @@ from quantgate.bundle import (
     staging,
     write_manifest,
 )
-from quantgate.errors import DataError, GateFailed, QuantizeError
+from quantgate.errors import BundleError, ConfigError, DataError, GateFailed, QuantizeError
 from quantgate.export.config import ExportConfig
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize import report as reports
@@ -400,9 +400,9 @@ def regate(
     m = bundle.manifest
     int8 = m.variant("int8")
     recorded = recorded_gate_config(m)
-    gate_cfg = gate_cfg or recorded
-    changed = _changed_settings(recorded, gate_cfg)
-    loosened = [c for c in changed if c.endswith(LOOSER)]
+    gate_cfg = gate_cfg or recorded or DEFAULT_GATES
+    changed = _changed_settings(recorded, gate_cfg) if recorded else None
+    loosened = [c for c in changed or () if c.endswith(LOOSER)]
     if loosened:
         log.warning(
             "re-gating with looser settings than the bundle was last gated with: %s",
@@ -439,16 +439,39 @@ def regate(
     return _passed_bundle(bundle.path)
 
 
-def recorded_gate_config(m: Manifest) -> GateConfig:
-    """The gate settings ``m``'s bundle was last gated with: its newest re-gate's, else its
-    build's; the defaults where it recorded none (bundles from before they were recorded)."""
+# What a bundle's gating stands for, and so what a re-gate keeps from the last one: the
+# thresholds, how an interval decides, and the shapes a user serves. How a machine measures
+# (provider, threads, iterations, warm-up, resamples, the eval_samples cap) is the re-gate's
+# own: a re-gate on CUDA must not make the next one, on a CPU runner, ask for CUDA.
+POLICY = (
+    "max_accuracy_drop",
+    "min_speedup",
+    "min_cosine",
+    "min_top1_agreement",
+    "max_kl",
+    "ci_rule",
+    "confidence",
+    "batch_sizes",
+    "seq_len",
+)
+
+
+def recorded_gate_config(m: Manifest) -> GateConfig | None:
+    """The gate policy (``POLICY``) ``m``'s bundle was last gated with, its newest re-gate's
+    else its build's, over the defaults (a setting added since keeps its default); None
+    where it recorded none (bundles from before the record)."""
     records = [r.get("gate_config") for r in m.extra.get("regates", []) if isinstance(r, dict)]
     records.insert(0, (m.extra.get("quantization") or {}).get("gate_config"))
     latest = next((r for r in reversed(records) if isinstance(r, dict)), None)
     if latest is None:
-        return DEFAULT_GATES
-    known = {f.name for f in dataclasses.fields(GateConfig)}
-    return GateConfig(**{k: v for k, v in latest.items() if k in known})
+        return None
+    try:
+        return DEFAULT_GATES.with_overrides(**{k: latest[k] for k in POLICY if k in latest})
+    except (ConfigError, TypeError) as e:
+        raise BundleError(
+            f"the gate settings {m.name!r}'s manifest records are not valid ({e}); pass every "
+            "threshold as a flag, or a --gate-config file, to replace them"
+        ) from e
 
 
 LOOSER = " (looser)"
@@ -458,19 +481,19 @@ _MAXIMUMS = ("max_accuracy_drop", "max_kl")
 
 
 def _changed_settings(before: GateConfig, after: GateConfig) -> list[str]:
-    """Each gate setting ``after`` changes, "name old -> new", marked LOOSER where it lets
-    more through: a lower minimum, a higher maximum, the point estimate for the interval."""
+    """Each gate policy setting ``after`` changes, "name old -> new", marked LOOSER where it
+    lets more through: a lower minimum, a higher maximum, the point estimate for the bound."""
     changed = []
-    for f in dataclasses.fields(GateConfig):
-        old, new = getattr(before, f.name), getattr(after, f.name)
-        if f.name == "seed" or old == new:
+    for name in POLICY:
+        old, new = getattr(before, name), getattr(after, name)
+        if old == new:
             continue
         looser = (
-            (f.name in _MINIMUMS and new < old)
-            or (f.name in _MAXIMUMS and new > old)
-            or (f.name == "ci_rule" and new == "point")
+            (name in _MINIMUMS and new < old)
+            or (name in _MAXIMUMS and new > old)
+            or (name == "ci_rule" and new == "point")
         )
-        changed.append(f"{f.name} {old} -> {new}" + (LOOSER if looser else ""))
+        changed.append(f"{name} {old} -> {new}" + (LOOSER if looser else ""))
     return changed
 
 
@@ -515,22 +538,23 @@ def _regate_section(
     cfg: GateConfig,
     *,
     kept: bool,
-    changed: list[str],
+    changed: list[str] | None,
 ) -> str:
     """report.md's section on a re-gate: the bundle's new verdict, what was re-run on what
     data (and whether INT8 gates of other providers were ``kept``), the gate settings
-    ``changed`` since the last gating, the INT8 gates."""
+    ``changed`` since the last gating (None: none recorded), the INT8 gates."""
     verdict, int8 = manifest.verdict, manifest.variant("int8")
     what = (
         f"The INT8 variant's gates on {cfg.provider} were re-run with onnxruntime "
         f"{_ort_version()} on {ev.description} (sha256 `{ev.sha256[:12]}`); they replace its "
         "gates measured there" + (", and its gates on other providers are kept." if kept else ".")
     )
-    what += (
-        f" Gate settings changed since the last gating: {'; '.join(changed)}."
-        if changed
-        else " Gate settings: those of the last gating."
-    )
+    if changed is None:
+        what += " The bundle recorded no gate settings to compare these with."
+    elif changed:
+        what += f" Gate settings changed since the last gating: {'; '.join(changed)}."
+    else:
+        what += " Gate settings: those of the last gating."
     failing = [v.precision for v in manifest.variants if v is not int8 and not v.passed]
     if failing:
         what += f" Failed at build time, and not re-gated: {', '.join(failing)}."

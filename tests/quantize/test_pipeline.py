@@ -414,3 +414,29 @@ def test_bad_rows_are_refused_before_the_model_is_exported(tmp_path):
               on_progress=lambda *event: events.append(event))  # fmt: skip
     assert [status for task, _, _, status in events] == ["loading the model"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_regate_keeps_the_bundles_policy_not_the_machine_it_was_measured_on():
+    """The thresholds, the interval rule and the shapes carry over; a CUDA provider or a
+    thread count recorded by one re-gate does not follow the bundle to a CPU runner."""
+    from quantgate.bundle import Manifest
+    from quantgate.errors import BundleError
+    from quantgate.quantize.gates import GateConfig
+    from quantgate.quantize.pipeline import recorded_gate_config
+
+    def manifest(*records):
+        build = {"gate_config": {"min_cosine": 0.9999, "provider": "CPUExecutionProvider"}}
+        regates = [{"gate_config": r} for r in records]
+        return Manifest("m", "x", (), (), (), 17, {}, extra={"quantization": build,
+                                                              "regates": regates})  # fmt: skip
+
+    assert recorded_gate_config(Manifest("m", "x", (), (), (), 17, {})) is None
+    assert recorded_gate_config(manifest()).min_cosine == 0.9999
+    cuda = {"min_cosine": 0.995, "batch_sizes": [1, 8], "provider": "CUDAExecutionProvider",
+            "threads": 4, "future_setting": 1}  # fmt: skip
+    kept = recorded_gate_config(manifest(cuda))
+    assert (kept.min_cosine, kept.batch_sizes) == (0.995, (1, 8))  # the newest re-gate's
+    assert (kept.provider, kept.threads) == (GateConfig().provider, 0)
+    for bad in ({"min_cosine": "0.99"}, {"ci_rule": "lower"}):
+        with pytest.raises(BundleError, match="records are not valid"):
+            recorded_gate_config(manifest(bad))
