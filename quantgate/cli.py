@@ -110,21 +110,39 @@ def _root(
         ),
     ] = False,
 ) -> None:
-    serving = ctx.invoked_subcommand == "serve"
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        # a server's log is read later, beside other services': every line says when
-        format=("%(asctime)s.%(msecs)03dZ " if serving else "")
-        + "%(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-        stream=sys.stderr,
+    ctx.obj = {"verbose": verbose}
+    if ctx.invoked_subcommand != "serve":  # the server sets up its own log (_server_log)
+        logging.basicConfig(
+            level=logging.INFO if verbose else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+
+
+class _UTC(logging.Formatter):
+    converter = time.gmtime
+
+
+@contextlib.contextmanager
+def _server_log(verbose: bool) -> Iterator[None]:
+    """While the server runs: a log read later beside other services', so every line says
+    when (UTC), and what the server does (start, warm-up, settings, drain) without -v.
+    Undone on exit, for a process that goes on (a test, a program that embeds the CLI)."""
+    root, served = logging.getLogger(), logging.getLogger("quantgate.serve")
+    levels = root.level, served.level
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _UTC("%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
     )
-    if serving:
-        for handler in logging.getLogger().handlers:  # UTC, as the Z says
-            if handler.formatter is not None:
-                handler.formatter.converter = time.gmtime
-        # what the server does (start, warm-up, settings, drain) is logged without -v
-        logging.getLogger("quantgate.serve").setLevel(logging.INFO)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    served.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(levels[0])
+        served.setLevel(levels[1])
 
 
 @command()
@@ -614,6 +632,7 @@ def inspect(
 
 @command()
 def serve(
+    ctx: typer.Context,
     path: Annotated[
         Path,
         typer.Argument(
@@ -734,7 +753,8 @@ def serve(
     )
 
     if check:
-        repository = verify(cfg)
+        with _server_log((ctx.obj or {}).get("verbose", False)):
+            repository = verify(cfg)
         for m in repository:
             out.print(f"would serve {m.describe()}", highlight=False, soft_wrap=True)
         out.print(f"{path}: ready to serve", highlight=False, soft_wrap=True)
@@ -751,7 +771,8 @@ def serve(
             )
         out.print(f"listening on {host}:{bound}", highlight=False, soft_wrap=True)
 
-    run(cfg, on_ready=ready)
+    with _server_log((ctx.obj or {}).get("verbose", False)):
+        run(cfg, on_ready=ready)
 
 
 @command()

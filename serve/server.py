@@ -308,8 +308,8 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
     if not drained:
         raise DrainIncomplete(
             f"the shutdown grace of {cfg.shutdown_grace_s:g}s ran out with requests still "
-            "queued or running: their clients were answered CANCELLED or UNAVAILABLE. Give "
-            "the drain longer with --shutdown-grace (and the orchestrator's termination "
-            "grace period more than that)"
+            "queued or running: those whose clients still waited were cancelled. Give the "
+            "drain longer with --shutdown-grace (and the orchestrator's termination grace "
+            "period more than that)"
         )
     log.info("stopped: every admitted request was answered")

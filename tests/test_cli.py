@@ -165,3 +165,24 @@ def test_the_console_marks_a_gate_decided_inside_its_interval(cli, tmp_path, cap
     rows = {line.split()[1]: line for line in r.stdout.splitlines() if " int8 " in line}
     assert rows["nn_top1_agreement"].rstrip().endswith("pass (uncertain)"), r.stdout
     assert rows["cosine"].rstrip().endswith("pass"), r.stdout
+
+
+def test_the_servers_log_setup_is_undone_when_it_returns(capsys):
+    """`serve` logs with UTC timestamps, its own steps without -v; a process that goes on
+    (this one) gets its levels and handlers back, and no other formatter is touched."""
+    import logging
+    import re
+
+    from quantgate.cli import _server_log
+
+    root, served = logging.getLogger(), logging.getLogger("quantgate.serve")
+    before = (root.level, served.level, list(root.handlers))
+    formatters = [(h, h.formatter and h.formatter.converter) for h in root.handlers]
+    with _server_log(verbose=False):
+        logging.getLogger("quantgate.serve.server").info("serving on here")
+        logging.getLogger("quantgate.quantize").info("not a server step: not without -v")
+    err = capsys.readouterr().err
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO quantgate\.serve\.server: serving on here"
+    assert re.search(stamp, err) and "not a server step" not in err, err
+    assert (root.level, served.level, list(root.handlers)) == before
+    assert [(h, h.formatter and h.formatter.converter) for h in root.handlers] == formatters
