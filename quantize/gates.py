@@ -382,10 +382,12 @@ def paired_bootstrap(
 def bootstrap_mean(values: np.ndarray, cfg: GateConfig) -> tuple[float, float] | None:
     """The bootstrap interval of the mean of per-row ``values``: the rows resampled with
     replacement ``cfg.bootstrap`` times, at ``cfg.confidence``; None for a single row, which
-    has nothing to resample. Resamples are drawn a block at a time (``BOOTSTRAP_BLOCK``)."""
+    has nothing to resample, and for values that are not all finite (the gate fails on them;
+    a NaN interval would also make the manifest invalid JSON). Resamples are drawn a block
+    at a time (``BOOTSTRAP_BLOCK``)."""
     values = np.asarray(values, dtype=np.float64)
     n = len(values)
-    if n < 2:
+    if n < 2 or not np.isfinite(values).all():
         return None
     rng = np.random.default_rng(cfg.seed)
     block = max(1, BOOTSTRAP_BLOCK // n)  # resamples per draw

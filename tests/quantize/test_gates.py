@@ -459,3 +459,14 @@ def test_labels_an_embedding_cannot_use_are_warned_about_once_not_per_candidate(
         for _ in range(3):
             accuracy_gates(ref, ref, "feature-extraction", GateConfig())
     assert caplog.text.count("labels ignored") == 1
+
+
+def test_a_mean_over_values_that_are_not_all_finite_has_no_interval():
+    """A NaN row fails its gate; its interval would be (nan, nan), which JSON cannot hold."""
+    from quantgate.quantize.gates import GateConfig, bootstrap_mean
+
+    cfg = GateConfig(bootstrap=200)
+    assert bootstrap_mean(np.array([0.99, np.nan, 0.98]), cfg) is None
+    assert bootstrap_mean(np.array([0.99, np.inf, 0.98]), cfg) is None
+    lo, hi = bootstrap_mean(np.array([0.99, 0.97, 0.98, 0.96]), cfg)
+    assert 0.96 <= lo <= 0.975 <= hi <= 0.99
