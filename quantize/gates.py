@@ -741,7 +741,7 @@ class TimingConditions:
     same two models timed on a loaded machine give another speedup."""
 
     threads: int  # ONNX Runtime intra-op threads asked for; 0: its default
-    cpus: int  # logical CPUs of the machine (what its load average is counted against)
+    cpus: int  # logical CPUs this process may use (what its load average is counted against)
     load: float | None  # 1-minute load average; None where the OS keeps none (Windows)
 
     @classmethod
@@ -750,7 +750,9 @@ class TimingConditions:
             load = os.getloadavg()[0]
         except (AttributeError, OSError):
             load = None
-        return cls(threads=threads, cpus=os.cpu_count() or 1, load=load)
+        # the CPUs this process may run on (a container's share), where the OS says
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        return cls(threads=threads, cpus=cpus or os.cpu_count() or 1, load=load)
 
     @property
     def busy(self) -> bool:

@@ -199,14 +199,15 @@ def _variants(
     variants, sections = [int8], []
     if quant_cfg.fp16:
         emit("fp16", 0, 1, "converting")
-        f16, section = _fp16_variant(result.onnx, evaluation, work, quant_cfg)
+        f16, section = _fp16_variant(result.onnx, evaluation, work, quant_cfg, gate_cfg)
         variants += [f16] if f16 is not None else []
         sections.append(section)
         emit("fp16", 1, 1, "gated" if f16 is not None else "left out")
     if quant_cfg.cuda_gates:
         variants, on_cuda = _gate_on_cuda(
-            result, variants, evaluation, quant_cfg, emit, int8_min_cosine=gate_cfg.min_cosine
-        )
+            result, variants, evaluation, quant_cfg, emit, int8_min_cosine=gate_cfg.min_cosine,
+            gate_cfg=gate_cfg,
+        )  # fmt: skip
         sections += on_cuda
     return variants, sections
 
@@ -289,7 +290,9 @@ def _require_data(model_spec, calibration, evaluation) -> None:
     )
 
 
-def _fp16_variant(fp32: Path, evaluation, work: Path, cfg: QuantConfig):
+def _fp16_variant(
+    fp32: Path, evaluation, work: Path, cfg: QuantConfig, gate_cfg: GateConfig = DEFAULT_GATES
+):
     """FP16 for the CUDA execution provider, and its report section: FP32 inputs and outputs,
     gated on fidelity against FP32 over the evaluation rows on the CPU provider
     (``_gate_on_cuda`` measures it again on CUDA where a GPU is present).
@@ -311,7 +314,7 @@ def _fp16_variant(fp32: Path, evaluation, work: Path, cfg: QuantConfig):
     variant = ExtraVariant(
         path=f16,
         precision="fp16",
-        gates=fidelity.gates(min_cosine=cfg.fp16_min_cosine),
+        gates=fidelity.gates(min_cosine=cfg.fp16_min_cosine, cfg=gate_cfg),
         providers=(CUDA,),
         recipe={"kind": "fp16", "keep_io_types": True},
         notes="for CUDA; accuracy gated on the CPU provider, speed on CUDA where a GPU is present",
@@ -338,6 +341,7 @@ def _gate_on_cuda(
     emit: ProgressFn,
     *,
     int8_min_cosine: float = 0.99,
+    gate_cfg: GateConfig = DEFAULT_GATES,
     provider: str = CUDA,
 ) -> tuple[list, list[str]]:
     """Where a CUDA GPU is present, gate every variant on it (quantize/cuda.py).
@@ -369,7 +373,7 @@ def _gate_on_cuda(
         if k != "fp16" and not all(g.passed for g in gates[k]):
             continue  # not for CUDA anyway: its accuracy there does not matter
         fidelity = fp16.fidelity(result.onnx, file, evaluation(), provider=provider, precision=k)
-        gates[k] = (*fidelity.gates(min_cosine=min_cosine[k]), *gates[k])
+        gates[k] = (*fidelity.gates(min_cosine=min_cosine[k], cfg=gate_cfg), *gates[k])
     out = [cuda.apply_gates(v, gates[v.precision]) for v in variants]
     emit("cuda", 1, 1, "gated")
     return out, [reports.cuda_section(gates, timings, where, timing)]

@@ -6,6 +6,7 @@ This module never imports torch or quantgate.quantize: a serving host has neithe
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,12 +115,11 @@ def _open_model_folder(folder: Path, cfg: ServeConfig, provider: str) -> list[Mo
             f"{folder} holds no bundle: no {qb.MANIFEST} in it, nor in a version folder "
             f"({folder}/1/{qb.MANIFEST})"
         )
-    # "01" beside "1" would be two versions that clients cannot tell apart
-    misnamed = [p.name for p in subs if not (p.name.isascii() and p.name.isdigit())]
-    misnamed += [p.name for p in subs if p.name not in misnamed and p.name != str(int(p.name))]
+    # a number as clients write it: "01" beside "1" would be two versions they cannot tell apart
+    misnamed = [p.name for p in subs if not re.fullmatch(r"[1-9][0-9]*", p.name)]
     if misnamed:
         raise ServeError(
             f"{folder} holds bundles in {misnamed}: version folders are named by their "
-            "version number, without leading zeros (1, 2, ...); rename them"
+            "version number, from 1 and without leading zeros (1, 2, ...); rename them"
         )
     return [open_model(sub, cfg, provider, name=folder.name, version=sub.name) for sub in subs]
