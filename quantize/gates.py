@@ -314,11 +314,23 @@ def _logits_output(ref: Outputs, task: str) -> str | None:
 
 
 def _embedding_output(ref: Outputs, task: str) -> str | None:
-    if "sentence_embedding" in ref.names:
+    return _embedding_name(task, ref.names)
+
+
+def _embedding_name(task: str, names) -> str | None:
+    if "sentence_embedding" in names:
         return "sentence_embedding"
-    if task in EMBEDDING_TASKS and "last_hidden_state" in ref.names:
+    if task in EMBEDDING_TASKS and "last_hidden_state" in names:
         return "last_hidden_state"
     return None
+
+
+def counts_rows(task: str, outputs: Iterable[str]) -> bool:
+    """Whether a model with these outputs gets the accuracy, top-1 or nearest-neighbour
+    gates, which need ``MIN_EVAL_ROWS`` rows; known from the names before the export
+    (``check_evaluation`` decides on the outputs themselves)."""
+    names = set(outputs)
+    return task in CLASSIFIER_TASKS or "logits" in names or _embedding_name(task, names) is not None
 
 
 def check_labels(reference: Outputs, task: str) -> None:

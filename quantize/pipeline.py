@@ -50,13 +50,12 @@ from quantgate.quantize.data import (
     open_source,
 )
 from quantgate.quantize.gates import (
-    CLASSIFIER_TASKS,
-    EMBEDDING_TASKS,
     MIN_EVAL_ROWS,
     GateConfig,
     accuracy_gates,
     check_evaluation,
     collect,
+    counts_rows,
     speed_gates,
 )
 from quantgate.quantize.search import Candidate, QuantConfig, SearchResult, search
@@ -242,12 +241,7 @@ def _check_eval_rows(
     are opened, before minutes of export, and said with the advice that fits: a file too
     small, or an ``eval_samples`` cap too low. A model with neither a classifier's nor an
     embedding's outputs is gated on cosine alone, on any number of rows."""
-    gated = (
-        task in CLASSIFIER_TASKS
-        or {"logits", "sentence_embedding"} & set(outputs)
-        or (task in EMBEDDING_TASKS and "last_hidden_state" in outputs)
-    )
-    if not gated or ev.samples >= MIN_EVAL_ROWS:
+    if not counts_rows(task, outputs) or ev.samples >= MIN_EVAL_ROWS:
         return
     need = (
         f"the accuracy, top-1 and nearest-neighbour gates need at least {MIN_EVAL_ROWS} "
@@ -406,11 +400,11 @@ def regate(
     recorded = recorded_gate_config(m)
     gate_cfg = gate_cfg or recorded or DEFAULT_GATES
     changed = _changed_settings(recorded, gate_cfg) if recorded else None
-    loosened = [c for c in changed or () if c.endswith(LOOSER)]
+    loosened = [text for text, looser in changed or () if looser]
     if loosened:
         log.warning(
             "re-gating with looser settings than the bundle was last gated with: %s",
-            "; ".join(c.removesuffix(LOOSER) for c in loosened),
+            "; ".join(loosened),
         )
     info = ModelInfo.from_manifest(m, bundle.path)
     fingerprint = Fingerprint.from_record(m.calibration)
@@ -478,15 +472,15 @@ def recorded_gate_config(m: Manifest) -> GateConfig | None:
         ) from e
 
 
-LOOSER = " (looser)"
 # Thresholds and what makes them looser: a lower minimum, a higher maximum.
 _MINIMUMS = ("min_speedup", "min_cosine", "min_top1_agreement")
 _MAXIMUMS = ("max_accuracy_drop", "max_kl")
 
 
-def _changed_settings(before: GateConfig, after: GateConfig) -> list[str]:
-    """Each gate policy setting ``after`` changes, "name old -> new", marked LOOSER where it
-    lets more through: a lower minimum, a higher maximum, the point estimate for the bound."""
+def _changed_settings(before: GateConfig, after: GateConfig) -> list[tuple[str, bool]]:
+    """Each gate policy setting ``after`` changes, as ("name old -> new", looser): looser
+    where it lets more through: a lower minimum, a higher maximum, the point estimate for
+    the bound."""
     changed = []
     for name in POLICY:
         old, new = getattr(before, name), getattr(after, name)
@@ -497,7 +491,7 @@ def _changed_settings(before: GateConfig, after: GateConfig) -> list[str]:
             or (name in _MAXIMUMS and new > old)
             or (name == "ci_rule" and new == "point")
         )
-        changed.append(f"{name} {old} -> {new}" + (LOOSER if looser else ""))
+        changed.append((f"{name} {old} -> {new}", looser))
     return changed
 
 
@@ -542,7 +536,7 @@ def _regate_section(
     cfg: GateConfig,
     *,
     kept: bool,
-    changed: list[str] | None,
+    changed: list[tuple[str, bool]] | None,
 ) -> str:
     """report.md's section on a re-gate: the bundle's new verdict, what was re-run on what
     data (and whether INT8 gates of other providers were ``kept``), the gate settings
@@ -556,7 +550,8 @@ def _regate_section(
     if changed is None:
         what += " The bundle recorded no gate settings to compare these with."
     elif changed:
-        what += f" Gate settings changed since the last gating: {'; '.join(changed)}."
+        said = (text + (" (looser)" if looser else "") for text, looser in changed)
+        what += f" Gate settings changed since the last gating: {'; '.join(said)}."
     else:
         what += " Gate settings: those of the last gating."
     failing = [v.precision for v in manifest.variants if v is not int8 and not v.passed]
