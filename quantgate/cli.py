@@ -752,8 +752,9 @@ def serve(
         auth_token=auth_token,
     )
 
+    verbose = (ctx.obj or {}).get("verbose", False)
     if check:
-        with _server_log((ctx.obj or {}).get("verbose", False)):
+        with _server_log(verbose):
             repository = verify(cfg)
         for m in repository:
             out.print(f"would serve {m.describe()}", highlight=False, soft_wrap=True)
@@ -771,7 +772,7 @@ def serve(
             )
         out.print(f"listening on {host}:{bound}", highlight=False, soft_wrap=True)
 
-    with _server_log((ctx.obj or {}).get("verbose", False)):
+    with _server_log(verbose):
         run(cfg, on_ready=ready)
 
 
