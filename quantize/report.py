@@ -369,9 +369,8 @@ def plot_candidates(result: SearchResult, shipped: Candidate, path: Path) -> Pat
         points = [
             _panel(ax, made, name, shipped) for ax, name in zip(axes[:, 0], names, strict=True)
         ]
-        for ax, pts in zip(
-            axes[:, 0], points, strict=True
-        ):  # once every panel has set the shared x range
+        # Labels once every panel has set the shared x range.
+        for ax, pts in zip(axes[:, 0], points, strict=True):
             for x, y, label in merged_labels(pts, ax.get_xlim(), ax.get_ylim()):
                 ax.annotate(label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
         axes[-1, 0].set_xlabel("speedup vs FP32 at the slowest shape (every shape must pass)")
