@@ -692,7 +692,12 @@ def serve(
     ] = False,
     metrics_port: Annotated[
         int | None,
-        typer.Option(min=0, max=65535, help="Serve Prometheus metrics on this HTTP port."),
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Serve Prometheus metrics over HTTP on this port, at /metrics (/ redirects "
+            "there, other paths are 404); 0 picks a free port and prints it.",
+        ),
     ] = None,
     tls_cert: Annotated[
         Path | None, typer.Option(help="PEM server certificate (enables TLS).")

@@ -7,10 +7,13 @@ a batch ran. Batches run on the request threads, so the statistics take a lock.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import prometheus_client as prom
 
@@ -32,6 +35,7 @@ class Metrics:
         prom.ProcessCollector(registry=self.registry)
         prom.PlatformCollector(registry=self.registry)
         self.http_port: int | None = None  # where serve_http listens; None: not serving
+        self._httpd: WSGIServer | None = None
         labels = ("model", "version")
         r = self.registry
         self.requests = prom.Counter(
@@ -82,17 +86,71 @@ class Metrics:
         )
 
     def serve_http(self, port: int, host: str = "0.0.0.0") -> int:
-        """Expose /metrics over HTTP (a daemon thread); returns the bound port (the free one
-        chosen when ``port`` is 0)."""
+        """Serve the metrics over HTTP at ``/metrics`` (a daemon thread; ``/`` redirects
+        there, any other path is 404); returns the bound port (the free one chosen when
+        ``port`` is 0)."""
         try:
-            httpd, _ = prom.start_http_server(port, addr=host, registry=self.registry)
+            # IPv4 or IPv6, as the address says (a host name: its first address)
+            family, *_, sockaddr = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+
+            class Server(_HTTPServer):
+                address_family = family
+
+            self._httpd = make_server(
+                sockaddr[0], port, metrics_app(self.registry), Server, handler_class=_Quiet
+            )
         except OSError as e:
             raise ServeError(
-                f"cannot serve metrics on {host}:{port}: {e.strerror}. "
+                f"cannot serve metrics on {host}:{port}: {e.strerror or e}. "
                 "Choose another --metrics-port."
             ) from e
-        self.http_port = httpd.server_port
+        threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True).start()
+        self.http_port = self._httpd.server_port
         return self.http_port
+
+    def close_http(self) -> None:
+        """Stop serving the metrics over HTTP (nothing when serve_http was not called)."""
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd, self.http_port = None, None
+
+
+METRICS_PATH = "/metrics"
+
+
+def metrics_app(registry: prom.CollectorRegistry):
+    """prometheus_client's WSGI app (content negotiation, gzip, ``name[]`` filters) at
+    /metrics only: on its own it answers the metrics at any path, so a typo in a scrape
+    config or a probe of ``/healthz`` would look like success. ``/`` redirects to /metrics
+    (scrapers follow redirects); every other path is 404 and says where the metrics are."""
+    metrics = prom.make_wsgi_app(registry)
+    text = ("Content-Type", "text/plain; charset=utf-8")
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO") or "/"
+        if path == METRICS_PATH:
+            return metrics(environ, start_response)
+        if path == "/":
+            query = environ.get("QUERY_STRING")
+            where = METRICS_PATH + (f"?{query}" if query else "")
+            start_response("302 Found", [("Location", where), text])
+            return [f"quantgate's Prometheus metrics are at {METRICS_PATH}\n".encode()]
+        start_response("404 Not Found", [text])  # a new list: the server adds to it
+        return [f"not found: quantgate's Prometheus metrics are at {METRICS_PATH}\n".encode()]
+
+    return app
+
+
+class _HTTPServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress does not hold up the process's exit
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
+        """No line per scrape on stderr: the server's log is for the server."""
 
 
 @dataclass

@@ -305,6 +305,7 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
     stopped = server.stop(cfg.shutdown_grace_s)  # new calls refused; running ones finish
     drained = engine.close(cfg.shutdown_grace_s)
     stopped.wait()
+    engine.metrics.close_http()  # scraped until here: the drain shows in the metrics
     if not drained:
         raise DrainIncomplete(
             f"the shutdown grace of {cfg.shutdown_grace_s:g}s ran out with requests still "

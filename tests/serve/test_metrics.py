@@ -1,12 +1,16 @@
 """Triton's per-model statistics as counted (the servicer encodes them; tests/serve's gRPC
-tests read them back through tritonclient and perf_analyzer)."""
+tests read them back through tritonclient and perf_analyzer), and the metrics' HTTP port."""
 
 from __future__ import annotations
 
 import threading
+import urllib.error
+import urllib.request
+
+import pytest
 
 from quantgate.serve.batcher import Timing
-from quantgate.serve.metrics import DURATIONS, ModelStats
+from quantgate.serve.metrics import DURATIONS, Metrics, ModelStats
 
 
 def test_a_snapshot_is_consistent_and_stays_as_taken():
@@ -48,3 +52,51 @@ def test_a_snapshot_taken_while_requests_count_is_never_torn():
         stop.set()
         for w in workers:
             w.join()
+
+
+def _get(url: str) -> tuple[int, dict, str]:
+    """One GET, redirects not followed: (status, headers, body)."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args):
+            return None
+
+    try:
+        with urllib.request.build_opener(NoRedirect).open(url, timeout=10) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+def test_the_metrics_port_answers_metrics_at_slash_metrics_only():
+    """prometheus_client's own server answers the metrics at any path: a scrape config's
+    typo, or a probe of /healthz, would look like success."""
+    metrics = Metrics()
+    metrics.requests.labels("m", "1", "OK").inc()
+    port = metrics.serve_http(0, "127.0.0.1")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        status, headers, body = _get(f"{base}/metrics")
+        assert status == 200 and headers["Content-Type"].startswith("text/plain"), headers
+        assert 'quantgate_requests_total{code="OK",model="m",version="1"} 1.0' in body, body
+
+        status, headers, body = _get(f"{base}/metrics?name[]=quantgate_requests_total")
+        assert status == 200 and "quantgate_requests_total{" in body, body
+        assert "quantgate_queue_depth" not in body, body  # prometheus_client's filter works
+
+        status, headers, body = _get(f"{base}/?name[]=x")
+        assert status == 302 and headers["Location"] == "/metrics?name[]=x", (status, headers)
+        assert "/metrics" in body
+
+        for path in ("/healthz", "/metrics/", "/metricsx", "/favicon.ico", "/x/metrics"):
+            status, _, body = _get(base + path)
+            assert status == 404, (path, status, body)
+            assert "metrics are at /metrics" in body, body
+        # a client that follows redirects gets the metrics from /
+        text = urllib.request.urlopen(base + "/", timeout=10).read().decode()
+        assert "quantgate_requests_total{" in text
+    finally:
+        metrics.close_http()
+    assert metrics.http_port is None
+    with pytest.raises(urllib.error.URLError):  # closed: the port no longer answers
+        urllib.request.urlopen(f"{base}/metrics", timeout=5)

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -213,6 +214,9 @@ def test_metrics_port_0_says_which_port_it_chose(repo):
         text = urllib.request.urlopen(url, timeout=10).read().decode()
         assert "quantgate_model_info{" in text
         assert "process_resident_memory_bytes " in text and "python_info{" in text
+        with pytest.raises(urllib.error.HTTPError) as other:  # only /metrics answers them
+            urllib.request.urlopen(url.replace("/metrics", "/healthz"), timeout=10)
+        assert other.value.code == 404, other.value
     finally:
         assert srv.terminate() == 0, srv.log
 
