@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Iterator
+from enum import Enum
 from inspect import cleandoc
 from pathlib import Path
 from typing import Annotated
@@ -123,22 +125,66 @@ class _UTC(logging.Formatter):
     converter = time.gmtime
 
 
+class LogFormat(str, Enum):
+    TEXT = "text"
+    JSON = "json"
+
+
+# What every LogRecord has; anything else on a record came from `extra=` (the access log's).
+_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class _JSONLines(logging.Formatter):
+    """One JSON object per line: ts (UTC, ISO-8601, milliseconds), level, logger, message,
+    then the record's own fields (``extra=``: the access log's method, model, code, ...),
+    and ``exc`` with the traceback of a logged exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line = {
+            "ts": f"{ts}.{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS:
+                line.setdefault(key, value)
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(line, default=str)  # ASCII: valid on a stream of any encoding
+
+
 @contextlib.contextmanager
-def _server_log(verbose: bool) -> Iterator[None]:
+def _server_log(verbose: bool, log_format: LogFormat = LogFormat.TEXT) -> Iterator[None]:
     """While the server runs: a log read later beside other services', so every line says
     when (UTC), and what the server does (start, warm-up, settings, drain) without -v.
-    Undone on exit, for a process that goes on (a test, a program that embeds the CLI)."""
+    Text lines, or JSON objects for a log pipeline (_JSONLines), where the error that ends
+    the server is a JSON line too. Undone on exit, for a process that goes on (a test, a
+    program that embeds the CLI)."""
     root, served = logging.getLogger(), logging.getLogger("quantgate.serve")
     levels = root.level, served.level
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        _UTC("%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
-    )
+    if log_format == LogFormat.JSON:
+        handler.setFormatter(_JSONLines())
+    else:
+        handler.setFormatter(
+            _UTC(
+                "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s",
+                "%Y-%m-%dT%H:%M:%S",
+            )
+        )
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     served.setLevel(logging.INFO)
     try:
         yield
+    except QuantgateError as e:
+        if log_format == LogFormat.JSON:  # main() prints it as text for a person, too
+            served.error("%s", e, extra={"exit_code": exit_code(e)})
+        raise
     finally:
         root.removeHandler(handler)
         root.setLevel(levels[0])
@@ -711,6 +757,15 @@ def serve(
         str | None,
         typer.Option(envvar="QUANTGATE_AUTH_TOKEN", help="Require 'authorization: Bearer TOKEN'."),
     ] = None,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            help="The log on stderr: text (a UTC timestamp, level, logger and message per "
+            "line) or json (one object per line: ts, level, logger, message, and a record's "
+            "structured fields as keys), for a log pipeline. stdout's lines (serving ..., "
+            "listening on ...) stay text.",
+        ),
+    ] = LogFormat.TEXT,
     check: Annotated[
         bool,
         typer.Option(
@@ -759,7 +814,7 @@ def serve(
 
     verbose = (ctx.obj or {}).get("verbose", False)
     if check:
-        with _server_log(verbose):
+        with _server_log(verbose, log_format):
             repository = verify(cfg)
         for m in repository:
             out.print(f"would serve {m.describe()}", highlight=False, soft_wrap=True)
@@ -777,7 +832,7 @@ def serve(
             )
         out.print(f"listening on {host}:{bound}", highlight=False, soft_wrap=True)
 
-    with _server_log(verbose):
+    with _server_log(verbose, log_format):
         run(cfg, on_ready=ready)
 
 
