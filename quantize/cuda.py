@@ -34,6 +34,8 @@ from quantgate import placement
 from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, speed_gate_name
 from quantgate.quantize.gates import session, speed_feeds, time_interleaved
 
+NOT_FOR_CUDA = "not for CUDA: "  # opens the note that says why INT8 is not served on CUDA
+
 
 @dataclass(frozen=True)
 class CudaGateConfig:
@@ -180,7 +182,28 @@ def apply_gates(variant, gates: Sequence[GateResult]):
     return dataclasses.replace(
         variant,
         not_for=tuple(dict.fromkeys((*variant.not_for, CUDA))),
-        notes=(variant.notes + "; " if variant.notes else "") + f"not for CUDA: {failed}",
+        notes=(variant.notes + "; " if variant.notes else "") + f"{NOT_FOR_CUDA}{failed}",
+    )
+
+
+def without_gates(variant, provider: str = CUDA):
+    """``variant`` as it was before ``apply_gates`` gave it the gates measured on
+    ``provider``: those gates taken out and, for INT8, CUDA out of its providers, back in its
+    ``not_for`` (where the build starts it) and the reason out of its notes. A re-gate on CUDA
+    measures them again. Gates measured elsewhere (the CPU's) are kept."""
+    gates = tuple(g for g in variant.gates if g.provider != provider)
+    if variant.precision == "fp16":
+        return dataclasses.replace(variant, gates=gates)
+    notes = variant.notes
+    if notes.startswith(NOT_FOR_CUDA):  # the reason is the last note (apply_gates)
+        notes = ""
+    notes = notes.partition("; " + NOT_FOR_CUDA)[0]
+    return dataclasses.replace(
+        variant,
+        gates=gates,
+        providers=tuple(p for p in variant.providers if p != CUDA),
+        not_for=tuple(dict.fromkeys((*variant.not_for, CUDA))),
+        notes=notes,
     )
 
 
@@ -216,4 +239,5 @@ __all__ = [
     "gate_variants",
     "gates",
     "measure",
+    "without_gates",
 ]

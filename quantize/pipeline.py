@@ -2,9 +2,10 @@
 
 ``build`` writes the bundle and its report in every case, then raises ``GateFailed``
 (exit 3) when a variant failed a gate; that variant is marked failed in the manifest, so
-``serve`` refuses the bundle. ``regate`` re-runs the gates of an existing bundle's INT8
-variant on new evaluation data (for example after an ONNX Runtime upgrade), rewrites its
-manifest and report atomically, and raises ``GateFailed`` unless the bundle then passes.
+``serve`` refuses the bundle. ``regate`` re-runs an existing bundle's gates on new
+evaluation data (for example after an ONNX Runtime upgrade): its INT8 variant's on the CPU,
+or every variant's on CUDA by the build's rule; it rewrites the manifest and report
+atomically, and raises ``GateFailed`` unless the bundle then passes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from quantgate.bundle import (
     Bundle,
     GateResult,
     Manifest,
+    Variant,
     check_writable_target,
     load,
     speed_shape,
@@ -338,39 +340,63 @@ def _gate_on_cuda(
     gate_cfg: GateConfig = DEFAULT_GATES,
     provider: str = CUDA,
 ) -> tuple[list, list[str]]:
-    """Where a CUDA GPU is present, gate every variant on it (quantize/cuda.py).
-
-    FP16 gets the CUDA speed and placement gates, and its fidelity re-measured there (CUDA's
-    FP16 arithmetic, not only FP16 storage as on the CPU): it ships on CUDA only if it is
-    accurate and faster there. INT8's CUDA results decide only where it runs: slower, or
-    falling back to the CPU, and it is marked not for CUDA (its CPU gates still decide
-    whether it ships); fast enough, and its fidelity is measured on CUDA too (other kernels
-    than the CPU's), cosine >= ``int8_min_cosine``. ``provider`` is a parameter so that
-    tests run this on the CPU.
+    """Where a CUDA GPU is present, gate every variant on it (``_cuda_gates``) and apply the
+    results (``cuda.apply_gates``): FP16 ships on CUDA only if it is accurate and faster
+    there; INT8's CUDA results decide only where it runs, slower or falling back to the CPU
+    and it is marked not for CUDA (its CPU gates still decide whether it ships). The
+    variants and the report's CUDA section; ``provider`` is a parameter so that tests run
+    this on the CPU.
     """
-    from quantgate.quantize import cuda, fp16
+    from quantgate.quantize import cuda
 
     if provider == CUDA and not cuda.available():
         return variants, []
+    files = {v.precision: v.path for v in variants}
+    min_cosine = {"fp16": cfg.fp16_min_cosine, "int8": int8_min_cosine}
+    gates, timed = _cuda_gates(
+        result.onnx, files, result.inputs, result.max_seq_len, evaluation, emit,
+        min_cosine=min_cosine, gate_cfg=gate_cfg, provider=provider,
+    )  # fmt: skip
+    out = [cuda.apply_gates(v, gates[v.precision]) for v in variants]
+    return out, [reports.cuda_section(gates, *timed)]
+
+
+def _cuda_gates(
+    fp32: Path,
+    files: dict[str, Path],
+    inputs: Sequence,
+    max_seq_len: int,
+    evaluation,
+    emit: ProgressFn,
+    *,
+    min_cosine: dict[str, float],
+    gate_cfg: GateConfig,
+    provider: str,
+) -> tuple[dict[str, tuple[GateResult, ...]], tuple]:
+    """The gates on ``provider`` of every variant in ``files`` (precision -> ONNX file), and
+    what ``reports.cuda_section`` needs besides: (timings, placements, timing config).
+
+    Placement and speed against ``fp32`` (``cuda.gate_variants``, at sequence lengths capped
+    at what the model takes); then the fidelity on ``evaluation`` there (CUDA's arithmetic,
+    not only FP16 storage as on the CPU), cosine >= ``min_cosine[precision]``: always for
+    FP16, and for INT8 only where it is fast enough to run there at all.
+    """
+    from quantgate.quantize import cuda, fp16
+
     emit("cuda", 0, 1, f"timing every variant on {provider}")
     default = cuda.CudaGateConfig()
-    seq = min(default.throughput[1], result.max_seq_len)  # capped at what the model takes
+    seq = min(default.throughput[1], max_seq_len)
     timing = dataclasses.replace(
         default, throughput=(default.throughput[0], seq), latency=(default.latency[0], seq)
     )
-    files = {v.precision: v.path for v in variants}
-    gates, timings, where = cuda.gate_variants(
-        result.onnx, files, result.inputs, timing, provider=provider
-    )
-    min_cosine = {"fp16": cfg.fp16_min_cosine, "int8": int8_min_cosine}
+    gates, timings, where = cuda.gate_variants(fp32, files, inputs, timing, provider=provider)
     for k, file in files.items():
         if k != "fp16" and not all(g.passed for g in gates[k]):
             continue  # not for CUDA anyway: its accuracy there does not matter
-        fidelity = fp16.fidelity(result.onnx, file, evaluation(), provider=provider, precision=k)
+        fidelity = fp16.fidelity(fp32, file, evaluation(), provider=provider, precision=k)
         gates[k] = (*fidelity.gates(min_cosine=min_cosine[k], cfg=gate_cfg), *gates[k])
-    out = [cuda.apply_gates(v, gates[v.precision]) for v in variants]
     emit("cuda", 1, 1, "gated")
-    return out, [reports.cuda_section(gates, timings, where, timing)]
+    return gates, (timings, where, timing)
 
 
 def regate(
@@ -380,25 +406,27 @@ def regate(
     *,
     on_progress: ProgressFn | None = None,
 ) -> Bundle:
-    """Re-run the INT8 variant's gates on ``evaluation``; rewrite manifest and report atomically.
+    """Re-run a bundle's gates on ``gate_cfg.provider`` on ``evaluation``; rewrite its
+    manifest and report atomically.
+
+    On the CPU: the INT8 variant's accuracy and speed gates, which replace its gates measured
+    there; its gates on CUDA are kept. On CUDA: every variant's CUDA gates, by the build's rule
+    (``_regate_on_cuda``); the gates measured on the CPU are kept.
 
     ``gate_cfg`` defaults to the settings the bundle was last gated with
     (``recorded_gate_config``): a re-gate keeps the bundle's thresholds unless told
-    otherwise, and a loosened threshold is warned about and named in the report.
-
-    The new gates replace the INT8 gates measured on ``gate_cfg.provider``; its gates on other
-    providers (CUDA, from the build) are kept. In report.md the re-gate comes first, and the
-    build's INT8 section and earlier re-gates are kept, marked superseded; so is the INT8 row
-    of the CUDA section when ``gate_cfg.provider`` is CUDA (``report.regated``).
-    Raises ``GateFailed`` (after rewriting) unless the bundle then passes: every gate of
-    every variant.
+    otherwise, and a loosened threshold is warned about and named in the report. In
+    report.md the re-gate comes first, and the sections it replaces are kept, marked
+    superseded (``report.regated``). Raises ``GateFailed`` (after rewriting) unless the
+    bundle then passes: every gate of every variant.
     """
     bundle = load(bundle_path)  # verifies every file's sha256
     check_writable_target(bundle.path, force=False)  # read-only: refused before the measuring
     m = bundle.manifest
-    int8 = m.variant("int8")
     recorded = recorded_gate_config(m)
     gate_cfg = gate_cfg or recorded or DEFAULT_GATES
+    on_cuda = gate_cfg.provider == CUDA
+    _require_variants(m, on_cuda)  # before minutes of reading and measuring
     changed = _changed_settings(recorded, gate_cfg) if recorded else None
     loosened = [text for text, looser in changed or () if looser]
     if loosened:
@@ -416,8 +444,40 @@ def regate(
         f"the data this bundle was calibrated on ({(m.calibration or {}).get('source')})"
     )
     ev = check_held_out(ev, fingerprint, where=where, calibrated_on=calibrated_on)
-    outputs = [o.name for o in m.outputs]
-    _check_eval_rows(ev, m.task, outputs, gate_cfg.eval_samples, where=where)
+    emit = on_progress or no_progress
+    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    said = (_measured_on(ev), _settings_said(changed))
+    if on_cuda:
+        variants, gates, timed = _regate_on_cuda(bundle, ev, gate_cfg, emit)
+        now = dataclasses.replace(m, variants=variants)
+        section = reports.cuda_regated(now, when, *said, gates, *timed)
+    else:
+        _check_eval_rows(
+            ev, m.task, [o.name for o in m.outputs], gate_cfg.eval_samples, where=where
+        )
+        variants, kept = _regate_int8(bundle, ev, gate_cfg, emit)
+        now = dataclasses.replace(m, variants=variants)
+        section = _regate_section(now, when, gate_cfg, *said, kept=kept)
+    record = {
+        "at": when,
+        "provider": gate_cfg.provider,
+        "evaluation": ev.record(),
+        "gate_config": dataclasses.asdict(gate_cfg),
+    }
+    manifest = _recorded(m, variants, record)
+    old = bundle.report.read_text() if bundle.report.is_file() else ""
+    report = reports.regated(old, section, manifest, when, provider=gate_cfg.provider)
+    _rewrite(bundle, manifest, report)
+    return _passed_bundle(bundle.path)
+
+
+def _regate_int8(
+    bundle: Bundle, ev: DataSource, gate_cfg: GateConfig, emit: ProgressFn
+) -> tuple[tuple[Variant, ...], bool]:
+    """The bundle's variants after its INT8 variant's accuracy and speed gates are measured
+    again on ``gate_cfg.provider``, replacing those measured there before; and whether it
+    keeps gates measured on other providers (CUDA's, from the build)."""
+    int8 = bundle.manifest.variant("int8")
     if not ev.has_labels and any(g.name == "accuracy_drop" for g in int8.gates):
         # One bad data-prep step must not quietly turn an accuracy gate into an agreement one.
         log.warning(
@@ -425,16 +485,70 @@ def regate(
             "(accuracy_drop); gating on agreement with FP32 (top1_agreement, kl) instead. Add "
             "labels to the evaluation data to keep the accuracy gate."
         )
-    measured = _int8_gates(bundle, ev, gate_cfg, on_progress or no_progress)
+    measured = _int8_gates(bundle, ev, gate_cfg, emit)
     kept = tuple(g for g in int8.gates if g.provider not in (None, gate_cfg.provider))
-    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    record = {"at": when, "evaluation": ev.record(), "gate_config": dataclasses.asdict(gate_cfg)}
-    manifest = _with_int8_gates(m, (*measured, *kept), record)
-    section = _regate_section(manifest, when, ev, gate_cfg, kept=bool(kept), changed=changed)
-    old = bundle.report.read_text() if bundle.report.is_file() else ""
-    report = reports.regated(old, section, manifest, when, provider=gate_cfg.provider)
-    _rewrite(bundle, manifest, report)
-    return _passed_bundle(bundle.path)
+    return _with_int8_gates(bundle.manifest.variants, (*measured, *kept)), bool(kept)
+
+
+def _require_variants(m: Manifest, on_cuda: bool) -> None:
+    """BundleError unless ``m`` has a variant to re-gate: INT8 on the CPU; on CUDA, FP16 or
+    INT8, and ConfigError unless CUDA is there to measure them."""
+    from quantgate.quantize import cuda
+
+    if not on_cuda:
+        m.variant("int8")  # says which variants it has, and why INT8 may be missing
+        return
+    if not any(v.precision in ("fp16", "int8") for v in m.variants):
+        m.variant("fp16")
+    if not cuda.available():
+        raise ConfigError(
+            f"the gate settings ask for a re-gate on {CUDA}, but this onnxruntime has no "
+            "working CUDA provider. Run it on a GPU host with the `gpu` extra installed "
+            f"(onnxruntime-gpu), or set provider to {CPU} to re-gate on the CPU."
+        )
+
+
+def _regate_on_cuda(
+    bundle: Bundle, ev: DataSource, gate_cfg: GateConfig, emit: ProgressFn, *, provider: str = CUDA
+) -> tuple[tuple[Variant, ...], dict[str, tuple[GateResult, ...]], tuple]:
+    """The bundle's variants after its FP16 and INT8 are gated on ``provider`` again, as the
+    build gates them on a GPU host (``_gate_on_cuda``): their gates measured there before are
+    replaced (``cuda.without_gates``), FP16's new gates decide whether it ships, INT8's only
+    whether it runs on CUDA; gates measured on the CPU are kept. Also the new gates, and the
+    timings for the report (``_cuda_gates``). The thresholds: FP16's cosine is the one its
+    gates were built with; INT8's is ``gate_cfg.min_cosine``, as in the build."""
+    from quantgate.quantize import cuda
+
+    m = bundle.manifest
+    again = [v for v in m.variants if v.precision in ("fp16", "int8")]
+    files = {v.precision: bundle.file(v.precision) for v in again}
+    min_cosine = {"fp16": _fp16_min_cosine(m), "int8": gate_cfg.min_cosine}
+    gates, timed = _cuda_gates(
+        bundle.file("fp32"), files, m.inputs, m.max_seq_len or gate_cfg.seq_len, ev, emit,
+        min_cosine=min_cosine, gate_cfg=gate_cfg, provider=provider,
+    )  # fmt: skip
+
+    def gated(v: Variant) -> Variant:
+        if v.precision not in gates:
+            return v
+        new = cuda.apply_gates(cuda.without_gates(v, provider), gates[v.precision])
+        return dataclasses.replace(new, verdict=_verdict(new.gates))
+
+    return tuple(map(gated, m.variants)), gates, timed
+
+
+def _fp16_min_cosine(m: Manifest) -> float:
+    """The cosine threshold the FP16 variant was gated with (``QuantConfig.fp16_min_cosine``
+    at its build, recorded in its gates), else today's default."""
+    if not any(v.precision == "fp16" for v in m.variants):
+        return DEFAULT_QUANT.fp16_min_cosine
+    cosines = [g.threshold for g in m.variant("fp16").gates if g.name.startswith("cosine")]
+    return max(cosines, default=DEFAULT_QUANT.fp16_min_cosine)
+
+
+def _verdict(gates: Sequence[GateResult]) -> str:
+    # A variant ships on evidence: with no gate at all it has none, and fails.
+    return PASS if gates and all(g.passed for g in gates) else FAIL
 
 
 # What a bundle's gating stands for, and so what a re-gate keeps from the last one: the
@@ -514,46 +628,48 @@ def _int8_gates(
     return (*accuracy, *speed)
 
 
-def _with_int8_gates(
-    m: Manifest, gates: tuple[GateResult, ...], regate: dict[str, Any]
-) -> Manifest:
-    """``m`` with the INT8 variant's gates (and so its verdict) replaced, and ``regate`` (when,
-    on what data) recorded with the bundle's new verdict in ``extra["regates"]``."""
-    int8 = m.variant("int8")
-    new = dataclasses.replace(
-        int8, gates=gates, verdict=PASS if all(g.passed for g in gates) else FAIL
+def _with_int8_gates(variants: Sequence[Variant], gates: tuple[GateResult, ...]) -> tuple:
+    """``variants`` with the INT8 variant's gates (and so its verdict) replaced by ``gates``."""
+    return tuple(
+        dataclasses.replace(v, gates=gates, verdict=_verdict(gates)) if v.precision == "int8" else v
+        for v in variants
     )
-    variants = tuple(new if v is int8 else v for v in m.variants)
-    verdict = dataclasses.replace(m, variants=variants).verdict
+
+
+def _recorded(m: Manifest, variants: Sequence[Variant], regate: dict[str, Any]) -> Manifest:
+    """``m`` with ``variants``, and ``regate`` (when, where, on what data, with what settings)
+    recorded with the bundle's new verdict in ``extra["regates"]``."""
+    verdict = dataclasses.replace(m, variants=tuple(variants)).verdict
     regates = [*m.extra.get("regates", []), {**regate, "verdict": verdict}]
-    return dataclasses.replace(m, variants=variants, extra={**m.extra, "regates": regates})
+    return dataclasses.replace(m, variants=tuple(variants), extra={**m.extra, "regates": regates})
+
+
+def _measured_on(ev: DataSource) -> str:
+    return f"with onnxruntime {_ort_version()} on {ev.description} (sha256 `{ev.sha256[:12]}`)"
+
+
+def _settings_said(changed: list[tuple[str, bool]] | None) -> str:
+    """The sentence of a re-gate's section on the gate settings ``changed`` since the last
+    gating (None: the bundle recorded none)."""
+    if changed is None:
+        return "The bundle recorded no gate settings to compare these with."
+    if not changed:
+        return "Gate settings: those of the last gating."
+    said = (text + (" (looser)" if looser else "") for text, looser in changed)
+    return f"Gate settings changed since the last gating: {'; '.join(said)}."
 
 
 def _regate_section(
-    manifest: Manifest,
-    when: str,
-    ev: DataSource,
-    cfg: GateConfig,
-    *,
-    kept: bool,
-    changed: list[tuple[str, bool]] | None,
+    manifest: Manifest, when: str, cfg: GateConfig, measured_on: str, settings: str, *, kept: bool
 ) -> str:
-    """report.md's section on a re-gate: the bundle's new verdict, what was re-run on what
-    data (and whether INT8 gates of other providers were ``kept``), the gate settings
-    ``changed`` since the last gating (None: none recorded), the INT8 gates."""
+    """report.md's section on a re-gate on the CPU: the bundle's new verdict, what was re-run
+    ``measured_on`` what (and whether INT8 gates of other providers were ``kept``), the gate
+    ``settings`` sentence (``_settings_said``), the INT8 gates."""
     verdict, int8 = manifest.verdict, manifest.variant("int8")
     what = (
-        f"The INT8 variant's gates on {cfg.provider} were re-run with onnxruntime "
-        f"{_ort_version()} on {ev.description} (sha256 `{ev.sha256[:12]}`); they replace its "
+        f"The INT8 variant's gates on {cfg.provider} were re-run {measured_on}; they replace its "
         "gates measured there" + (", and its gates on other providers are kept." if kept else ".")
     )
-    if changed is None:
-        what += " The bundle recorded no gate settings to compare these with."
-    elif changed:
-        said = (text + (" (looser)" if looser else "") for text, looser in changed)
-        what += f" Gate settings changed since the last gating: {'; '.join(said)}."
-    else:
-        what += " Gate settings: those of the last gating."
     failing = [v.precision for v in manifest.variants if v is not int8 and not v.passed]
     if failing:
         what += f" Failed at build time, and not re-gated: {', '.join(failing)}."
@@ -561,7 +677,7 @@ def _regate_section(
         [
             f"{reports.REGATED} {when}",
             "",
-            f"{reports.VERDICT}**{verdict if verdict == PASS else 'FAIL'}**. {what}",
+            f"{reports.VERDICT}**{verdict if verdict == PASS else 'FAIL'}**. {what} {settings}",
             "",
             *reports.gate_table(int8.gates, cfg.confidence),
             "",

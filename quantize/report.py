@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from quantgate.bundle import CPU, CUDA, GateResult, Manifest, speed_shape
+from quantgate.bundle import CPU, CUDA, PASS, GateResult, Manifest, speed_shape
 from quantgate.quantize.gates import GateConfig, uncertain
 from quantgate.quantize.search import Candidate, SearchResult
 
@@ -19,18 +19,15 @@ log = logging.getLogger(__name__)
 PLOT = "candidates.png"
 HEADING = "## INT8: gates and recipe search"
 REGATED = "## Re-gated"  # + when; the newest re-gate is the first section after the title
+REGATED_CUDA = "## Re-gated on CUDA"  # + when: a re-gate of every variant's CUDA gates
 CUDA_HEADING = "## On the CUDA execution provider"
 VERDICT = "Verdict: "  # opens the paragraph of a section's verdict
-# A superseded section (the build's INT8 gates, an earlier re-gate): its heading ends with
-# SUPERSEDED, a note opening with NOTE names the re-gate that replaced it, and its verdict
-# paragraph opens with VERDICT_THEN.
+# A superseded section (the build's INT8 or CUDA gates, an earlier re-gate): its heading ends
+# with SUPERSEDED, a note opening with NOTE names the re-gate that replaced it, and its
+# verdict paragraph opens with VERDICT_THEN.
 SUPERSEDED = "(superseded)"
 NOTE = "Superseded by the re-gate of "
 VERDICT_THEN = "Verdict when measured: "
-# The CUDA section after a re-gate on CUDA: a note opening with CUDA_NOTE names the re-gate,
-# and the INT8 row's gates cell reads "<verdict> CUDA_THEN".
-CUDA_NOTE = "The INT8 variant's gates on CUDA were measured again by the re-gate of "
-CUDA_THEN = "when measured (superseded)"
 UNCERTAIN = "(uncertain)"  # after a gate's result: its interval straddles the threshold
 MAX_PANELS = 4  # accuracy gates in the candidates plot, a panel each (report.md has them all)
 
@@ -85,10 +82,14 @@ def fp16_left_out(why: str) -> str:
 def cuda_section(gates: dict, timings: Sequence, where: dict, cfg) -> str:
     """Every variant timed on the CUDA provider (``cfg``, a cuda.CudaGateConfig): what
     decided where each one runs."""
+    return "\n".join([CUDA_HEADING, "", *cuda_table(gates, timings, where, cfg)])
+
+
+def cuda_table(gates: dict, timings: Sequence, where: dict, cfg) -> list[str]:
+    """How the CUDA gates decide, and a row per variant: its time at each shape against
+    FP32's, its placement, and whether its gates (``gates``, precision -> results) passed."""
     shapes = [f"b{t.shape[0]} s{t.shape[1]}" for t in timings]
     lines = [
-        CUDA_HEADING,
-        "",
         "Timed against FP32, interleaved, outputs on the device; median of per-pair ratios. "
         f"FP16 must be {cfg.min_speedup:g}x FP32 at the throughput shape and at least "
         f"{cfg.min_latency_ratio:g}x (not slower, within noise) at batch {cfg.latency[0]}, "
@@ -105,7 +106,46 @@ def cuda_section(gates: dict, timings: Sequence, where: dict, cfg) -> str:
         lines.append(
             f"| {name} | " + " | ".join(cells) + f" | {where[name].reason()} | {verdict} |"
         )
-    return "\n".join(lines)
+    return lines
+
+
+def cuda_regated(
+    manifest: Manifest,
+    when: str,
+    measured_on: str,
+    settings: str,
+    gates: dict,
+    timings: Sequence,
+    where: dict,
+    cfg,
+) -> str:
+    """report.md's section on a re-gate on CUDA at ``when``: the bundle's verdict, where each
+    variant now runs, the timings (``cuda_table``) and every gate measured (``gates``), those
+    of an INT8 marked not for CUDA too. ``measured_on``: with what, on what data;
+    ``settings``: the sentence on the gate settings."""
+    runs = []
+    for name in gates:
+        v = manifest.variant(name)
+        if name == "int8":
+            runs.append("INT8 runs on CUDA" if CUDA in v.providers else "INT8 is not for CUDA")
+        else:
+            runs.append(f"{name.upper()} {'passed' if v.passed else 'FAILED'} on CUDA")
+    what = (
+        f"Every variant's gates on {CUDA} were re-run {measured_on}, by the build's rule: FP16 "
+        "ships only if it is accurate and fast there, INT8's gates there decide only whether "
+        f"it runs there. {'; '.join(runs)}. The gates measured on the CPU are kept. {settings}"
+    )
+    verdict = manifest.verdict
+    lines = [
+        f"{REGATED_CUDA} {when}",
+        "",
+        f"{VERDICT}**{verdict if verdict == PASS else 'FAIL'}**. {what}",
+        "",
+        *cuda_table(gates, timings, where, cfg),
+    ]
+    for name, measured in gates.items():
+        lines += ["", f"{name.upper()} on CUDA:", "", *gate_table(measured)]
+    return "\n".join([*lines, ""])
 
 
 def _num(v: float) -> str:
@@ -269,19 +309,18 @@ def _cell(g: GateResult | None, unit: str = "") -> str:
 def regated(old: str, section: str, manifest: Manifest, when: str, *, provider: str = CPU) -> str:
     """report.md ``old`` after the re-gate at ``when`` on ``provider``: ``section`` (its
     verdict and gates) first after the title block, the verdicts that describe the bundle as
-    it is now set to ``manifest``'s, and the INT8 verdicts it replaces marked superseded.
+    it is now set to ``manifest``'s, and the sections whose gates it measured again marked
+    superseded.
 
     The current verdicts are the title block's "Verdict: **pass**." and the rows ``| file |
-    precision | verdict | sha256 |`` of "## Variants" (``export.writer.render_report``). The
-    build's INT8 section and earlier re-gates stay as the record of what was measured when,
-    marked superseded by this re-gate (``superseded``). The CUDA section's INT8 row gives the
-    verdict of INT8's gates on CUDA: a re-gate on CUDA replaces those gates, and marks the row
-    as measured earlier (``cuda_superseded``); a re-gate elsewhere keeps them, in this
-    re-gate's table too, and the row stays current. The FP16 section, and the CUDA section's
-    timings and other rows, are not re-gated and stay as they are. So every INT8 verdict
-    still given as current is of gates in this re-gate's table. A report that opens with a
-    section rather than a title gets the title ``# NAME``; one of another layout keeps its
-    sections as they are.
+    precision | verdict | sha256 |`` of "## Variants" (``export.writer.render_report``). A
+    re-gate on the CPU measures the INT8 variant's gates there again: the build's INT8
+    section and earlier re-gates on the CPU are superseded. A re-gate on CUDA measures every
+    variant's CUDA gates again: the build's CUDA section and earlier re-gates on CUDA are
+    superseded. Each stays as the record of what was measured when (``superseded``); the
+    sections of the other provider's gates stay current, and so does the FP16 section
+    (FP16's accuracy measured on the CPU). A report that opens with a section rather than a
+    title gets the title ``# NAME``; one of another layout keeps its sections as they are.
 
     The report is edited, not rendered again: the manifest does not hold the build's
     sections in full (every candidate tried, the nodes kept in FP32, the CUDA timings).
@@ -289,13 +328,16 @@ def regated(old: str, section: str, manifest: Manifest, when: str, *, provider: 
     head, *rest = ("\n" + old).split("\n## ")  # "\n" first: a report may open with a section
     head = head.strip() or f"# {manifest.name}"
     head = re.sub(r"Verdict: \*\*\w+\*\*\.", f"Verdict: **{manifest.verdict}**.", head, count=1)
+    decides = (
+        "its gates decide where each variant runs on CUDA, and whether FP16 ships"
+        if provider == CUDA
+        else DECIDES_INT8
+    )
     sections = []
     for body in rest:
         s = "## " + body.rstrip()
-        if s.startswith((HEADING, REGATED)):
-            s = superseded(s, when)
-        elif s.startswith(CUDA_HEADING) and provider == CUDA:
-            s = cuda_superseded(s, when)
+        if _measured_again(s, provider):
+            s = superseded(s, when, decides=decides)
         elif s.startswith("## Variants\n"):
             for v in manifest.variants:
                 row = rf"^(\| {re.escape(v.file)} \| {re.escape(v.precision)} \| )\w+ \|"
@@ -304,10 +346,20 @@ def regated(old: str, section: str, manifest: Manifest, when: str, *, provider: 
     return "\n\n".join([head, section.rstrip(), *sections]) + "\n"
 
 
-def superseded(section: str, when: str) -> str:
-    """``section``, one that gave the INT8 variant a verdict, marked as replaced by the
-    re-gate at ``when``: its heading says so, a note under it says what now decides, and
-    its verdict reads as the one measured then. Marking it again only changes the note."""
+def _measured_again(section: str, provider: str) -> bool:
+    """Whether a re-gate on ``provider`` measured again the gates ``section`` reports."""
+    if section.startswith((CUDA_HEADING, REGATED_CUDA)):
+        return provider == CUDA
+    return provider != CUDA and section.startswith((HEADING, REGATED))
+
+
+DECIDES_INT8 = "its gates decide the INT8 variant's verdict"
+
+
+def superseded(section: str, when: str, *, decides: str = DECIDES_INT8) -> str:
+    """``section``, one that gave verdicts, marked as replaced by the re-gate at ``when``:
+    its heading says so, a note under it says what now ``decides``, and its verdict reads as
+    the one measured then. Marking it again only changes the note."""
     title, _, body = section.partition("\n")
     lines = [line for line in body.split("\n") if not line.startswith(NOTE)]
     body = re.sub(rf"^{VERDICT}", VERDICT_THEN, "\n".join(lines).strip(), count=1, flags=re.M)
@@ -315,28 +367,7 @@ def superseded(section: str, when: str) -> str:
         [
             f"{title.removesuffix(' ' + SUPERSEDED)} {SUPERSEDED}",
             "",
-            f"{NOTE}{when}, the first section of this report: its gates decide the INT8 "
-            "variant's verdict. What follows is an earlier measurement, kept as a record.",
-            "",
-            body,
-        ]
-    )
-
-
-def cuda_superseded(section: str, when: str) -> str:
-    """The CUDA section (``cuda_section``) after the re-gate at ``when`` measured the INT8
-    variant on CUDA: the INT8 row's gates cell reads as the verdict measured then, and a note
-    under the heading names the re-gate that replaced it. The timings, the placements and the
-    other rows stay as they are. Marking it again only changes the note."""
-    title, _, body = section.partition("\n")
-    lines = [line for line in body.split("\n") if not line.startswith(CUDA_NOTE)]
-    int8_row = r"^(\| int8 \|.*\| )(pass|\*\*FAIL\*\*) \|$"
-    body = re.sub(int8_row, rf"\g<1>\g<2> {CUDA_THEN} |", "\n".join(lines).strip(), flags=re.M)
-    return "\n".join(
-        [
-            title,
-            "",
-            f"{CUDA_NOTE}{when} (its section is above): the INT8 row's gates below are the "
+            f"{NOTE}{when}, the first section of this report: {decides}. What follows is an "
             "earlier measurement, kept as a record.",
             "",
             body,
@@ -444,8 +475,11 @@ __all__ = [
     "HEADING",
     "PLOT",
     "REGATED",
+    "REGATED_CUDA",
     "VERDICT",
-    "cuda_superseded",
+    "cuda_regated",
+    "cuda_section",
+    "cuda_table",
     "decision_rule",
     "gate_table",
     "merged_labels",

@@ -1,7 +1,7 @@
 """report.md: the INT8 section of a search (gate table, candidates, plot), on candidates
 built from gate results; and report.md rewritten by a re-gate (``report.regated``), on
-report texts: the title, the sections that open a report, and the CUDA section's INT8 row
-after a re-gate on CUDA."""
+report texts: the title, the sections that open a report, and which sections a re-gate on
+the CPU or on CUDA supersedes."""
 
 from __future__ import annotations
 
@@ -117,37 +117,55 @@ def cuda_report(int8_passed: bool) -> str:
 
 def cuda_rows(report: str) -> dict[str, str]:
     """The CUDA section's rows, by variant."""
-    section = report.split("\n## On the CUDA execution provider\n", 1)[1].split("\n## ")[0]
+    section = report.split("\n## On the CUDA execution provider", 1)[1].split("\n## ")[0]
     return {row.split(" | ")[0][2:]: row for row in section.splitlines() if row.startswith("| ")}
 
 
-def test_a_regate_on_cuda_marks_the_cuda_sections_int8_row_as_measured_then():
+def cuda_regate_section(when: str, verdict: str) -> str:
+    return f"## Re-gated on CUDA {when}\n\nVerdict: **{verdict}**. Every variant's CUDA gates.\n"
+
+
+def headings(report: str) -> list[str]:
+    return [line for line in report.splitlines() if line.startswith("## ")]
+
+
+def test_a_regate_on_cuda_supersedes_the_cuda_section_and_keeps_the_cpu_gates_current():
     old = cuda_report(int8_passed=True)
-    report = regated(old, regate_section(FIRST, "FAIL"), manifest("fail"), FIRST, provider=CUDA)
-    rows, before = cuda_rows(report), cuda_rows(old)
-    assert rows["int8"].endswith(" | pass when measured (superseded) |")
-    assert rows["int8"].rsplit(" | ", 2)[0] == before["int8"].rsplit(" | ", 2)[0]  # timings kept
-    assert rows["fp16"] == before["fp16"] and rows["fp32"] == before["fp32"]  # not re-gated
-    note = "The INT8 variant's gates on CUDA were measured again by the re-gate of "
-    assert report.count(note) == 1 and f"{note}{FIRST} (its section is above)" in report
+    report = regated(
+        old, cuda_regate_section(FIRST, "pass"), manifest("pass"), FIRST, provider=CUDA
+    )
+    assert headings(report) == [
+        f"## Re-gated on CUDA {FIRST}",
+        "## INT8: gates and recipe search",  # the CPU gates: still what decides INT8 ships
+        "## On the CUDA execution provider (superseded)",
+    ]
+    assert cuda_rows(report) == cuda_rows(old)  # the earlier timings, kept as the record
+    note = f"Superseded by the re-gate of {FIRST}, the first section of this report: its gates "
+    assert f"{note}decide where each variant runs on CUDA, and whether FP16 ships." in report
 
-    # A second re-gate on CUDA names itself in the note and marks the row once.
-    again = regated(report, regate_section(SECOND, "FAIL"), manifest("fail"), SECOND, provider=CUDA)
-    assert cuda_rows(again) == rows
-    assert again.count(note) == 1 and f"{note}{SECOND} (its section is above)" in again
+    # A second re-gate on CUDA supersedes the first; one on the CPU then supersedes only the
+    # build's INT8 section, and leaves the newest re-gate on CUDA current.
+    again = regated(
+        report, cuda_regate_section(SECOND, "pass"), manifest("pass"), SECOND, provider=CUDA
+    )
+    third = "2025-03-01T00:00:00+00:00"
+    cpu = regated(again, regate_section(third, "pass"), manifest("pass"), third, provider=CPU)
+    assert headings(cpu) == [
+        f"## Re-gated {third}",
+        f"## Re-gated on CUDA {SECOND}",
+        f"## Re-gated on CUDA {FIRST} (superseded)",
+        "## INT8: gates and recipe search (superseded)",
+        "## On the CUDA execution provider (superseded)",
+    ]
+    assert current(cpu) == {"pass"} and cpu.count(f"Superseded by the re-gate of {SECOND}") == 2
 
-    # A failed row is marked the same way.
-    failed = cuda_report(int8_passed=False)
-    report = regated(failed, regate_section(FIRST, "pass"), manifest("pass"), FIRST, provider=CUDA)
-    assert cuda_rows(report)["int8"].endswith(" | **FAIL** when measured (superseded) |")
 
-
-def test_a_regate_on_the_cpu_keeps_the_cuda_sections_int8_row_current():
-    """A re-gate on the CPU keeps INT8's gates on CUDA, so their row still holds."""
+def test_a_regate_on_the_cpu_keeps_the_cuda_section_current():
+    """A re-gate on the CPU keeps every variant's gates on CUDA, so their section holds."""
     old = cuda_report(int8_passed=True)
     report = regated(old, regate_section(FIRST, "pass"), manifest("pass"), FIRST, provider=CPU)
     assert cuda_rows(report) == cuda_rows(old)
-    assert "measured again" not in report
+    assert "## On the CUDA execution provider\n" in report
 
 
 def embedding_candidate(
