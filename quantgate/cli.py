@@ -757,13 +757,23 @@ def serve(
         str | None,
         typer.Option(envvar="QUANTGATE_AUTH_TOKEN", help="Require 'authorization: Bearer TOKEN'."),
     ] = None,
+    access_log: Annotated[
+        bool,
+        typer.Option(
+            help="Log one line per RPC, when it ends, at INFO to the logger "
+            "quantgate.serve.access: method, model, version, code (the gRPC status name), "
+            "rows, latency_ms, peer, and the client's request id (a stream: one line, with "
+            "its requests and how many failed). Off by default; with --log-format json the "
+            "fields are keys.",
+        ),
+    ] = False,
     log_format: Annotated[
         LogFormat,
         typer.Option(
             help="The log on stderr: text (a UTC timestamp, level, logger and message per "
             "line) or json (one object per line: ts, level, logger, message, and a record's "
-            "structured fields as keys), for a log pipeline. stdout's lines (serving ..., "
-            "listening on ...) stay text.",
+            "fields as keys, such as --access-log's), for a log pipeline. stdout's lines "
+            "(serving ..., listening on ...) stay text.",
         ),
     ] = LogFormat.TEXT,
     check: Annotated[
@@ -808,6 +818,7 @@ def serve(
         precision=precision,
         allow_failed_gates=allow_failed_gates,
         metrics_port=metrics_port,
+        access_log=access_log,
         tls=tls,
         auth_token=auth_token,
     )

@@ -43,6 +43,9 @@ class ServeConfig:
     precision: str | None = None  # force a variant instead of the fastest that passed
     warmup: bool = True  # run each model at three shapes before reporting ready (Engine.warm_up)
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off
+    # One INFO line per RPC to the logger quantgate.serve.access (server.AccessLog). Off:
+    # no interceptor at all, so a request pays nothing for it.
+    access_log: bool = False
     tls: TLSConfig | None = None
     auth_token: str | None = None  # required as "authorization: Bearer <token>" when set
     max_message_bytes: int = 64 << 20  # larger requests fail with RESOURCE_EXHAUSTED

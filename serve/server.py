@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import errno
 import hmac
+import json
 import logging
 import os
 import signal
 import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -37,9 +39,10 @@ from quantgate.serve import codec
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.engine import Engine
 from quantgate.serve.repository import Repository, load_repository
-from quantgate.serve.servicer import UNSUPPORTED, InferenceServicer, unsupported
+from quantgate.serve.servicer import CALL, UNSUPPORTED, CallRecord, InferenceServicer, unsupported
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("quantgate.serve.access")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -92,6 +95,150 @@ def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(deny, **serde)
 
 
+class AccessLog(grpc.ServerInterceptor):
+    """One INFO line per RPC to the ``quantgate.serve.access`` logger, when the call ends.
+
+    Its fields, as the message (``key=value``) and as the record's own attributes (the JSON
+    log's keys): method (the full gRPC path), model and version (the model that answered,
+    else the one asked for), code (the gRPC status name), rows (of the requests answered;
+    ``-`` when none was), latency_ms (handler start to the response, before gRPC sends it),
+    peer, and request_id (ModelInfer's ``id``, when the client set one). A stream
+    (ModelStreamInfer) is one line when it ends, with its requests and how many failed.
+
+    gRPC refuses some calls before any handler runs: they have no line (an unknown method,
+    an oversized message, calls beyond the server's limit of concurrent RPCs).
+    Installed only with ``--access-log``: without it a call pays nothing for it.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:
+            return None
+        # The services' handlers are the same objects call after call: wrap each once.
+        cached = self._wrapped.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, details.method)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        serde = dict(
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        if not handler.response_streaming:
+            behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
+
+            def unary(request, context):
+                record, start = CallRecord(), time.perf_counter()
+                token = CALL.set(record)
+                code = None
+                try:
+                    return behavior(request, context)
+                except BaseException:
+                    code = "UNKNOWN"  # what gRPC answers for an exception without an abort
+                    raise
+                finally:
+                    CALL.reset(token)
+                    _log_call(method, request, context, record, start, code)
+
+            make = (
+                grpc.stream_unary_rpc_method_handler
+                if handler.request_streaming
+                else grpc.unary_unary_rpc_method_handler
+            )
+            return make(unary, **serde)
+
+        behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+        def streaming(request, context):
+            record, start = CallRecord(), time.perf_counter()
+            token = CALL.set(record)
+            try:
+                responses = behavior(request, context)
+            except BaseException:
+                _log_call(method, request, context, record, start, "UNKNOWN", stream=True)
+                raise
+            finally:
+                CALL.reset(token)
+            return _logged(responses, method, request, context, record, start)
+
+        make = (
+            grpc.stream_stream_rpc_method_handler
+            if handler.request_streaming
+            else grpc.unary_stream_rpc_method_handler
+        )
+        return make(streaming, **serde)
+
+
+def _logged(responses, method, request, context, record, start) -> Iterator:
+    """``responses``, then the call's line: when they end, fail, or the call is cancelled
+    (gRPC stops reading and closes this generator)."""
+    code = None
+    try:
+        yield from responses
+    except GeneratorExit:
+        code = "CANCELLED"
+        raise
+    except BaseException:
+        code = "UNKNOWN"
+        raise
+    finally:
+        _log_call(method, request, context, record, start, code, stream=True)
+
+
+def _log_call(method, request, context, record, start, code, *, stream=False) -> None:
+    """The access log's line for a call that ended; ``code``: what it ended with when
+    neither an abort (``context.code()``) nor the servicer (``record.code``) says."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    latency_ms = round((time.perf_counter() - start) * 1e3, 3)
+    status = context.code()
+    if status is not None:
+        code = status.name
+    elif code is None:
+        code = (None if stream else record.code) or "OK"
+    fields = {
+        "method": method,
+        "model": ",".join(record.models) or _asked(request, "model_name", "name"),
+        "version": ",".join(record.versions) or _asked(request, "model_version", "version"),
+        "code": code,
+        "rows": record.rows,
+        "latency_ms": latency_ms,
+        "peer": context.peer(),
+        "request_id": _asked(request, "id"),
+    }
+    if stream and method.endswith("/ModelStreamInfer"):
+        fields.update(requests=record.requests, failed=record.failed)
+    access_log.info(" ".join(f"{k}={_logfmt(v)}" for k, v in fields.items()), extra=fields)
+
+
+def _asked(request, *names: str) -> str | None:
+    """The first of the request's fields ``names`` that is set (the request is a message of
+    any service, bytes, or a stream's iterator: None when it has none of them)."""
+    for name in names:
+        value = getattr(request, name, None)
+        if value and isinstance(value, str):
+            return value
+    return None
+
+
+def _logfmt(value) -> str:
+    """A value of a ``key=value`` line: ``-`` for none, quoted (JSON escapes) when it has
+    spaces, quotes, ``=`` or control characters, so a client's model name or request id
+    cannot forge a line or a field."""
+    if value is None:
+        return "-"
+    text = str(value)
+    if text and text.isprintable() and not any(c in text for c in ' "=\\'):
+        return text
+    return json.dumps(text)
+
+
 def create_server(
     cfg: ServeConfig, engine: Engine, *, credentials: grpc.ServerCredentials | None = None
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
@@ -112,6 +259,8 @@ def create_server(
         ("grpc.so_reuseport", 0),  # a busy port is an error, not a silently shared one
     ]
     interceptors = [BearerTokenAuth(cfg.auth_token)] if cfg.auth_token else []
+    if cfg.access_log:  # outermost: it logs the calls the token check refuses, too
+        interceptors.insert(0, AccessLog())
     threads = cfg.max_queue_size * len(list(engine.repository)) + SPARE_THREADS
     server = grpc.server(
         futures.ThreadPoolExecutor(threads, thread_name_prefix="grpc"),
@@ -251,6 +400,7 @@ def _settings(cfg: ServeConfig) -> str:
     return (
         f"{tls}, {auth}; {batching}, queue {cfg.max_queue_size}; {cfg.instances} "
         f"instance(s) per model, ONNX Runtime threads: {cfg.intra_op_threads or 'default'}"
+        + ("; access log on (logger quantgate.serve.access)" if cfg.access_log else "")
     )
 
 

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextvars import ContextVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -46,6 +47,39 @@ EXTENSIONS = ("model_configuration", "statistics")
 DEADLINE_SLACK_S = 1e-3
 # gRPC reports a call without a deadline as one some billions of years away.
 NO_DEADLINE_S = 1e9
+
+
+class CallRecord:
+    """What the access log says of a call beyond what gRPC knows, filled in by the servicer
+    as the call runs: the model and version that answered, the rows, and for a request
+    answered without an abort (cancelled, or past its deadline) its status code. A stream
+    counts its requests (on the stream's threads, hence the lock)."""
+
+    __slots__ = ("models", "versions", "rows", "code", "requests", "failed", "_lock")
+
+    def __init__(self) -> None:
+        self.models: dict[str, None] = {}  # in the order first seen (a stream may name several)
+        self.versions: dict[str, None] = {}
+        self.rows: int | None = None  # None: no request of the call ran to an answer
+        self.code: str | None = None
+        self.requests = self.failed = 0
+        self._lock = threading.Lock()
+
+    def request(self, model: Model | None, code: str, rows: int) -> None:
+        """One inference request of the call ended with ``code``."""
+        with self._lock:
+            self.requests += 1
+            self.code = code
+            if model is not None:
+                self.models[model.name] = self.versions[model.version] = None
+            if code == "OK":
+                self.rows = (self.rows or 0) + rows
+            else:
+                self.failed += 1
+
+
+# The call's record while its handler runs (server.AccessLog sets it); None: no access log.
+CALL: ContextVar[CallRecord | None] = ContextVar("quantgate_call", default=None)
 
 
 def _caller(context: grpc.ServicerContext) -> Caller:
@@ -192,13 +226,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelInfer(self, request, context):
         caller = _caller(context)
-        response, err = self._infer(request, _time_left(context), caller)
+        response, err = self._infer(request, _time_left(context), caller, CALL.get())
         if err is not None and not isinstance(err, Cancelled):  # Cancelled: nobody listens
             context.abort(status_of(err), str(err))
         return response
 
     def ModelStreamInfer(
         self, messages: Iterator[bytes], context
+    ) -> Iterator[bytes | pb.ModelStreamInferResponse]:
+        # The call's record is read here, as the call starts: the generator below runs
+        # later, and its requests on the stream's threads.
+        return self._stream(messages, context, CALL.get())
+
+    def _stream(
+        self, messages: Iterator[bytes], context, record: CallRecord | None
     ) -> Iterator[bytes | pb.ModelStreamInferResponse]:
         """Requests run concurrently (so they can share batches); answers keep request order.
 
@@ -221,7 +262,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         return
                     self._stream_slots.acquire()
                     # The stream's own deadline, if any, ends the whole call; requests get none.
-                    answer = self._streams.submit(self._infer, request, None, caller)
+                    answer = self._streams.submit(self._infer, request, None, caller, record)
                     answer.add_done_callback(lambda _: self._stream_slots.release())
                     answers.put(answer)
             except BaseException as e:  # noqa: BLE001 - the answers loop re-raises it
@@ -247,10 +288,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
 
     def _infer(
-        self, request: pb.ModelInferRequest, timeout: float | None, caller: Caller
+        self,
+        request: pb.ModelInferRequest,
+        timeout: float | None,
+        caller: Caller,
+        record: CallRecord | None = None,
     ) -> tuple[bytes, None] | tuple[pb.ModelInferResponse, QuantgateError]:
         """One request -> (the serialized response, None), or (a response carrying only the
-        id, the error). Every request is counted once, however it ends."""
+        id, the error). Every request is counted once, however it ends (and noted in
+        ``record``, the access log's record of the call, when there is one)."""
         start = time.perf_counter()
         response = pb.ModelInferResponse(id=request.id)
         model: Model | None = None
@@ -279,17 +325,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             code = grpc.StatusCode.CANCELLED
             if timeout is not None and elapsed >= timeout - DEADLINE_SLACK_S:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
-            self._engine.finished(model, code.name, elapsed)
+            self._finished(record, model, code.name, elapsed)
             return response, e
         except QuantgateError as e:
-            self._engine.finished(model, status_of(e).name, time.perf_counter() - start)
+            self._finished(record, model, status_of(e).name, time.perf_counter() - start)
             return response, e
         except Exception as e:  # a bug, not the client's fault: answer it, keep serving
             log.exception("request %r to model %r failed", request.id, request.model_name)
-            self._engine.finished(model, "INTERNAL", time.perf_counter() - start)
+            self._finished(record, model, "INTERNAL", time.perf_counter() - start)
             return response, InferenceFailed(f"internal error: {type(e).__name__}: {e}")
-        self._engine.finished(model, "OK", time.perf_counter() - start, timing, rows)
+        self._finished(record, model, "OK", time.perf_counter() - start, timing, rows)
         return encoded, None
+
+    def _finished(self, record: CallRecord | None, model, code, seconds, timing=None, rows=0):
+        self._engine.finished(model, code, seconds, timing, rows)
+        if record is not None:
+            record.request(model, code, rows)
 
     def _config(self, m: Model) -> mc.ModelConfig:
         cfg = self._engine.cfg

@@ -1,14 +1,21 @@
-"""The server's log as an operator reads it: text or JSON lines (--log-format)."""
+"""The server's log as an operator reads it: text or JSON lines (--log-format), and the
+access log's line per RPC (--access-log)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import re
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
 from conftest import ServerProcess
+from helpers import batch, inputs, until
+from tritonclient.utils import InferenceServerException
 
 from quantgate.cli import LogFormat, _server_log
 
@@ -77,3 +84,95 @@ def test_the_error_that_stops_a_json_logging_server_is_a_json_line_too(tmp_path)
     assert str(missing) in error["message"] and error["exit_code"] == 2, error
     assert error["logger"] == "quantgate.serve", error
     assert f"error: {error['message']}" in r.stderr  # and the line for a person, as in text
+
+
+ACCESS = "quantgate.serve.access"
+MODEL = "tiny-classifier"  # the manifest's name: the bundle is served alone
+SERVICE = "/inference.GRPCInferenceService/"
+LOGFMT = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def _logfmt(message: str) -> dict:
+    """An access line's ``key=value`` message back as fields (quoted values are JSON)."""
+    fields = {k: json.loads(v) if v.startswith('"') else v for k, v in LOGFMT.findall(message)}
+    assert " ".join(f"{k}={v}" for k, v in LOGFMT.findall(message)) == message, message
+    return {k: None if v == "-" else v for k, v in fields.items()}
+
+
+def test_the_access_log_has_a_line_per_rpc_with_its_status_rows_and_latency(repo):
+    """One JSON server with a token, whose lone requests wait 0.3 s for company (so a short
+    deadline expires while queued): every way a call ends, each a line with its fields as
+    keys, and the same fields in the message (the text format's line)."""
+    token = {"authorization": "Bearer s3cret"}
+    srv = ServerProcess(repo / "classifier", "--access-log", "--log-format", "json",
+                        "--auth-token", "s3cret", "--max-queue-delay-us", "300000")  # fmt: skip
+    rng = np.random.default_rng(0)
+    try:
+        with tc.InferenceServerClient(srv.url) as c:
+            assert c.is_server_live()  # open to probes: no token
+            c.infer(MODEL, inputs(batch(rng, 3, 5)), headers=token, request_id='a "b"\nmodel=x')
+            ok_rows, too_many = inputs(batch(rng, 1, 5)), inputs(batch(rng, 40, 5))
+            refused = {
+                "NOT_FOUND": dict(model_name="nope", inputs=ok_rows, headers=token),
+                "INVALID_ARGUMENT": dict(model_name=MODEL, inputs=too_many, headers=token),
+                "UNAUTHENTICATED": dict(model_name=MODEL, inputs=ok_rows),
+                "DEADLINE_EXCEEDED": dict(
+                    model_name=MODEL, inputs=ok_rows, headers=token, client_timeout=0.05
+                ),
+            }
+            for code, kwargs in refused.items():
+                with pytest.raises(InferenceServerException) as err:
+                    c.infer(**kwargs)
+                assert code in err.value.status(), err.value
+
+            answers: queue.SimpleQueue = queue.SimpleQueue()
+            c.start_stream(callback=lambda result, error: answers.put(error), headers=token)
+            for rows in (2, 40, 4):  # 40 rows: over --max-batch-size, answered in the stream
+                c.async_stream_infer(MODEL, inputs(batch(rng, rows, 5)))
+            errors = [answers.get(timeout=30) for _ in range(3)]
+            c.stop_stream()
+            assert [e is None for e in errors] == [True, False, True], errors
+
+        def access() -> list[dict]:
+            return [r for r in _json_lines(srv.log) if r["logger"] == ACCESS]
+
+        until(lambda: len(access()) == 7, timeout=30)  # the expired request: when it expires
+    finally:
+        assert srv.terminate() == 0, srv.log
+    lines = access()
+    for r in lines:
+        fields = {k: v for k, v in r.items() if k not in ("ts", "level", "logger", "message")}
+        assert _logfmt(r["message"]) == {
+            k: None if v is None else str(v) for k, v in fields.items()
+        }
+        assert r["level"] == "INFO" and r["peer"].startswith("ipv4:127.0.0.1:"), r
+        assert isinstance(r["latency_ms"], float) and r["latency_ms"] >= 0, r
+    by_code = {}
+    for r in lines:
+        by_code.setdefault((r["method"].removeprefix(SERVICE), r["code"]), []).append(r)
+    (live,) = by_code["ServerLive", "OK"]
+    assert (live["model"], live["rows"], live["request_id"]) == (None, None, None), live
+    (ok,) = by_code["ModelInfer", "OK"]
+    assert (ok["model"], ok["version"], ok["rows"]) == (MODEL, "1", 3), ok
+    assert ok["request_id"] == 'a "b"\nmodel=x', ok  # quoted in the message: one line, no forgery
+    assert 'request_id="a \\"b\\"\\nmodel=x"' in ok["message"], ok["message"]
+    assert ok["latency_ms"] >= 250, ok  # it waited --max-queue-delay-us for company
+    (missing,) = by_code["ModelInfer", "NOT_FOUND"]
+    assert (missing["model"], missing["version"], missing["rows"]) == ("nope", None, None)
+    (big,) = by_code["ModelInfer", "INVALID_ARGUMENT"]
+    assert (big["model"], big["rows"]) == (MODEL, None), big
+    (denied,) = by_code["ModelInfer", "UNAUTHENTICATED"]  # refused before the servicer
+    assert denied["model"] == MODEL, denied
+    (late,) = by_code["ModelInfer", "DEADLINE_EXCEEDED"]  # no abort: the servicer's code
+    assert late["rows"] is None and late["latency_ms"] >= 40, late
+    (stream,) = by_code["ModelStreamInfer", "OK"]
+    assert (stream["requests"], stream["failed"], stream["rows"]) == (3, 1, 6), stream
+    assert (stream["model"], stream["version"]) == (MODEL, "1"), stream
+    assert "requests" not in ok and "failed" not in ok, ok
+
+
+def test_without_access_log_no_rpc_is_logged(server):
+    with tc.InferenceServerClient(server.url) as c:
+        c.infer("classifier", inputs(batch(np.random.default_rng(1), 1, 5)))
+        assert c.is_server_live()
+    assert ACCESS not in server.log and "access log on" not in server.log, server.log
