@@ -17,10 +17,12 @@ on 2 cores (docs/BENCHMARKS.md, "Serving" and "gRPC transport").
 from __future__ import annotations
 
 import errno
+import functools
 import hmac
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -221,10 +223,22 @@ def _asked(request, *names: str) -> str | None:
     """The first of the request's fields ``names`` that is set (the request is a message of
     any service, bytes, or a stream's iterator: None when it has none of them)."""
     for name in names:
-        value = getattr(request, name, None)
-        if value and isinstance(value, str):
-            return value
+        if _has(type(request), name):  # a getattr that fails costs an exception
+            value = getattr(request, name)
+            if value and isinstance(value, str):
+                return value
     return None
+
+
+@functools.cache
+def _has(cls: type, name: str) -> bool:
+    """Whether messages of ``cls`` have the field ``name`` (False for what is no message)."""
+    descriptor = getattr(cls, "DESCRIPTOR", None)
+    return name in getattr(descriptor, "fields_by_name", ())
+
+
+# A value written as it is in a ``key=value`` line: no spaces, quotes, ``=`` or backslashes.
+_PLAIN = re.compile(r'[^\s"=\\]+')
 
 
 def _logfmt(value) -> str:
@@ -234,7 +248,7 @@ def _logfmt(value) -> str:
     if value is None:
         return "-"
     text = str(value)
-    if text and text.isprintable() and not any(c in text for c in ' "=\\'):
+    if type(value) is not str or (_PLAIN.fullmatch(text) and text.isprintable()):
         return text
     return json.dumps(text)
 
