@@ -21,8 +21,10 @@ A spec names one of three kinds of model:
     Samples: real English text (``pydoc_data.topics``, the help texts shipped with
     CPython) tokenized with the model's own tokenizer.
 
-``package.module:factory``
-    Your own module. ``factory()`` is called with no arguments and returns a
+``package.module:factory`` or ``path/to/file.py:factory``
+    Your own module, imported by name (from the current directory too) or loaded from its
+    file (whose directory then comes first on ``sys.path``, as ``python file.py`` would
+    have it). ``factory()`` is called with no arguments and returns a
     ``torch.nn.Module`` that also carries::
 
         example_inputs: dict[str, torch.Tensor]  # a real batch; dim 0 is the batch,
@@ -47,15 +49,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
 import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -71,7 +76,8 @@ FEATURE_EXTRACTION = "feature-extraction"
 HF_TASKS = (SEQUENCE_CLASSIFICATION, FEATURE_EXTRACTION)
 HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # in this order, when taken
 
-FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# package.module:factory, or path/to/file.py:factory
+FACTORY_SPEC = re.compile(r"^(?:[A-Za-z_][\w.]*|.+\.py):[A-Za-z_]\w*$")
 SENTENCE_CONFIG = "a sentence-transformers config"
 # sentence-transformers' Pooling modes (flag suffix, or the one-string form) -> SentenceEmbedder's
 POOLING_MODES = {"mean_tokens": "mean", "mean": "mean", "cls_token": "cls", "cls": "cls"}
@@ -171,7 +177,8 @@ def load_model(
     if not path.exists():
         raise ModelLoadError(
             f"no model at {text}: the path does not exist. MODEL is a checkpoint directory "
-            "(`quantgate train`), a Hugging Face model directory, or `package.module:factory`."
+            "(`quantgate train`), a Hugging Face model directory, `package.module:factory` "
+            "or `path/to/file.py:factory`."
         )
     config = path / "config.json"
     if not path.is_dir() or not config.is_file():
@@ -498,15 +505,8 @@ def english_text() -> tuple[list[str], list[str]]:
 def load_factory(
     spec: str, *, task: str | None = None, max_seq_len: int | None = None
 ) -> LoadedModel:
-    mod_name, func_name = spec.split(":")
-    # `python -m quantgate` finds modules in the current directory, the console script would
-    # not: put it on sys.path, as uvicorn does for `uvicorn module:app`.
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        mod = importlib.import_module(mod_name)
-    except Exception as e:  # noqa: BLE001 - any import failure is the user's module
-        raise ModelLoadError(f"cannot import {mod_name!r} for {spec}: {_brief(e)}") from e
+    mod_name, func_name = spec.rsplit(":", 1)
+    mod = _import_file(spec, Path(mod_name)) if mod_name.endswith(".py") else _import(spec)
     factory = getattr(mod, func_name, None)
     if not callable(factory):
         raise ModelLoadError(f"{spec}: module {mod_name!r} has no callable {func_name!r}")
@@ -551,7 +551,8 @@ def load_factory(
     output_names = getattr(module, "output_names", None)
     wrapped = TupleOutputs(module, list(example), output_names).eval()
     if output_names is None:  # a dict's keys, else output, output_0, output_1, ...
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the model's own; export logs them (-v)
             try:
                 out = module(**example)
             except Exception as e:  # noqa: BLE001
@@ -575,6 +576,63 @@ def load_factory(
         num_heads=getattr(module, "num_heads", 0),
         hidden_size=getattr(module, "hidden_size", 0),
     )
+
+
+def _import(spec: str) -> ModuleType:
+    """The module of ``package.module:factory``, imported by name."""
+    mod_name = spec.rsplit(":", 1)[0]
+    # `python -m quantgate` finds modules in the current directory, the console script would
+    # not: put it on sys.path, as uvicorn does for `uvicorn module:app`.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        top = mod_name.split(".")[0]
+        if e.name not in (top, mod_name):  # the module itself imports something missing
+            raise ModelLoadError(f"importing {mod_name!r} for {spec} failed: {_brief(e)}") from e
+        raise ModelLoadError(
+            f"cannot import {mod_name!r} for {spec}: no module {e.name!r} in the current "
+            f"directory ({os.getcwd()}) or on the Python path. Run quantgate from the "
+            "directory that holds it, add that directory to PYTHONPATH, or name the file: "
+            f"path/to/{mod_name.replace('.', '/')}.py:{spec.rsplit(':', 1)[1]}."
+        ) from e
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's module
+        raise ModelLoadError(f"cannot import {mod_name!r} for {spec}: {_brief(e)}") from e
+
+
+def _import_file(spec: str, path: Path) -> ModuleType:
+    """The module of ``path/to/file.py:factory``, loaded from that file under its own name
+    (a private one where another module has that name already); the file's directory goes
+    first on ``sys.path`` so that its own imports of the files beside it work."""
+    path = path.expanduser()
+    if not path.is_file():
+        raise ModelLoadError(
+            f"cannot load {spec}: no file {path} (from {os.getcwd()}). Name an existing "
+            "Python file, or an importable `package.module:factory`."
+        )
+    path = path.resolve()
+    name = path.stem if path.stem.isidentifier() else "quantgate_user_model"
+    existing = sys.modules.get(name)
+    if existing is not None:
+        if Path(getattr(existing, "__file__", "") or "").resolve() == path:
+            return existing
+        name = f"quantgate_user_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+        if name in sys.modules:
+            return sys.modules[name]
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    if loader_spec is None or loader_spec.loader is None:
+        raise ModelLoadError(f"cannot load {spec}: {path} is not a Python module")
+    mod = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = mod  # dataclasses, pickle and torch look classes up by module name
+    try:
+        loader_spec.loader.exec_module(mod)
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's module
+        del sys.modules[name]
+        raise ModelLoadError(f"cannot load {path} for {spec}: {_brief(e)}") from e
+    return mod
 
 
 def _example_arrays(spec: str, example: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:

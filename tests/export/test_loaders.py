@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from quantgate.errors import ConfigError, ModelLoadError
-from quantgate.model.loaders import english_text, load_model
+from quantgate.model.loaders import english_text, load_model, spec_kind
 
 
 @pytest.fixture
@@ -130,6 +130,69 @@ def test_console_script_finds_a_factory_in_the_current_directory(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "the factory raised RuntimeError: imported" in " ".join(proc.stderr.split())
+
+
+def test_a_factory_named_by_its_file_loads_from_any_directory(tmp_path, monkeypatch):
+    """path/to/file.py:factory, as users write it: the file's own imports of the files
+    beside it work, from whatever directory quantgate runs in."""
+    models = tmp_path / "my models"
+    models.mkdir()
+    (models / "qg_file_blocks.py").write_text(
+        "import torch\n"
+        "class Head(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.emb = torch.nn.Embedding(10, 4)\n"
+        "    def forward(self, input_ids):\n"
+        "        return self.emb(input_ids).mean(1)\n"
+    )
+    (models / "qg_file_net.py").write_text(
+        "import torch\n"
+        "from qg_file_blocks import Head\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    m = Head()\n"
+        "    m.example_inputs = {'input_ids': torch.tensor([[1, 2, 3], [4, 5, 6]])}\n"
+        "    return m\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the file's directory goes first
+    for name in ("qg_file_net", "qg_file_blocks"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    spec = f"{models}/qg_file_net.py:make"
+    assert spec_kind(spec) == "factory"
+    m = load_model(spec)
+    assert (m.kind, m.input_names, m.outputs) == ("factory", ("input_ids",), ("output",))
+    assert load_model("../my models/qg_file_net.py:make").sha256 == m.sha256  # relative too
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            "qg_not_here:make",
+            "cannot import 'qg_not_here' for qg_not_here:make: no module 'qg_not_here' in the "
+            "current directory",
+        ),
+        ("qg_not_here:make", "or name the file: path/to/qg_not_here.py:make"),
+        ("models/qg_not_here.py:make", "no file models/qg_not_here.py"),
+        (
+            "qg_needs_a_package:make",
+            "importing 'qg_needs_a_package' for qg_needs_a_package:make failed: "
+            "ModuleNotFoundError: No module named 'qg_not_installed'",
+        ),
+        ("qg_needs_a_package.py:make", "No module named 'qg_not_installed'"),
+    ],
+)
+def test_a_factory_that_cannot_be_found_says_where_it_looked(tmp_path, monkeypatch, spec, message):
+    (tmp_path / "qg_needs_a_package.py").write_text("import qg_not_installed\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(ModelLoadError) as e:
+        load_model(spec)
+    assert message in str(e.value)
 
 
 def test_english_text_is_deterministic_and_varied():
