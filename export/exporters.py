@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
+import linecache
 import logging
 import re
+import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import onnx
@@ -23,16 +26,25 @@ log = logging.getLogger(__name__)
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 MIN_DYNAMO_OPSET = 18  # torch.export's ONNX translator starts at opset 18
+# The tracer's warnings that a value computed from a tensor became a Python constant
+TRACER_CONSTANT = ("Converting a tensor to a ", "Iterating over a tensor")
+# The library code whose tracer warnings are not the user's to act on (checked by its
+# authors against tracing: shape checks, scales from a fixed head size)
+LIBRARIES = ("torch", "transformers", "quantgate")
+# Where torch.export names the user's line behind a data-dependent guard
+RAISED_AT = re.compile(r'The following call raised this error:\s*File "([^"]+)", line (\d+)')
+MAX_NOTES = 3
 
 
 def export_legacy(
     model: LoadedModel, path: Path, *, example: Case, outputs: Sequence[TensorSpec], opset: int
-) -> None:
-    """TorchScript tracing, with the axes named in ``dynamic_axes``."""
+) -> tuple[str, ...]:
+    """TorchScript tracing, with the axes named in ``dynamic_axes``. Returns where the tracer
+    turned a tensor into a Python value in the model's own code (``tracer_notes``)."""
     axes = {n: {0: BATCH, 1: SEQUENCE} for n in model.input_names}
     for spec in outputs:
         axes[spec.name] = {d: v for d, v in enumerate(spec.dims) if isinstance(v, str)}
-    with _quiet():
+    with _quiet() as caught:
         torch.onnx.export(
             model.module,
             _args(model, example),
@@ -44,11 +56,12 @@ def export_legacy(
             do_constant_folding=True,
             dynamo=False,
         )
+    return tracer_notes(caught)
 
 
 def export_dynamo(
     model: LoadedModel, path: Path, *, example: Case, outputs: Sequence[TensorSpec], opset: int
-) -> None:
+) -> tuple[str, ...]:
     """torch.export + onnxscript, with the axes declared as ``torch.export.Dim``."""
     # torch logs a warning per torchvision op it cannot register; they are not ours to fix.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -67,9 +80,10 @@ def export_dynamo(
             verbose=False,
         )
         program.save(str(path))
+    return ()  # torch.export refuses a data-dependent value (or keeps it symbolic)
 
 
-EXPORTERS: dict[Exporter, Callable[..., None]] = {
+EXPORTERS: dict[Exporter, Callable[..., tuple[str, ...]]] = {
     Exporter.LEGACY: export_legacy,
     Exporter.DYNAMO: export_dynamo,
 }
@@ -83,19 +97,102 @@ def to_onnx(
     example: Case,
     outputs: Sequence[TensorSpec],
     opset: int,
-) -> None:
-    """Export ``model`` to ``path``; any failure becomes one ``ExportError`` naming the cause."""
+) -> tuple[str, ...]:
+    """Export ``model`` to ``path``; any failure becomes one ``ExportError`` naming the cause.
+
+    Returns the tracer's notes (``tracer_notes``): places in the model's code where the
+    legacy exporter fixed a value computed from a tensor as a constant of the graph.
+    """
     log.info("exporting %s with the %s exporter (opset %d)", model.spec, exporter.value, opset)
     try:
-        EXPORTERS[exporter](model, path, example=example, outputs=outputs, opset=opset)
+        notes = EXPORTERS[exporter](model, path, example=example, outputs=outputs, opset=opset)
         onnx.checker.check_model(str(path))
     except Exception as e:  # noqa: BLE001 - exporters raise anything from deep inside torch
         log.info("the %s exporter failed", exporter.value, exc_info=True)  # shown by -v
         raise ExportError(
             f"the {exporter.value} exporter failed on {model.spec}: {_last_line(e)}. "
-            "The model's forward must be traceable: tensor operations only, no Python values "
-            "computed from tensor data. Run `quantgate -v export ...` for the full trace."
+            f"{_advice(e)} Run `quantgate -v export ...` for the full trace."
         ) from e
+    return notes
+
+
+def tracer_notes(caught: Sequence[warnings.WarningMessage]) -> tuple[str, ...]:
+    """Where tracing turned a tensor into a Python value (``if mask.any():``, ``int(n)``,
+    ``math.sqrt(x.size(-1))``) in code outside torch, transformers and quantgate: the graph
+    holds the value the example batch gave there. Harmless for a size that never changes
+    (a head's width); wrong for anything computed from the data or the sequence length,
+    where validation at other shapes and rows is the only check. One note per line, as
+    ``file:line `code` (what the tracer said)``, at most ``MAX_NOTES`` and a count."""
+    tracer = getattr(torch.jit, "TracerWarning", Warning)
+    libraries = _library_dirs()
+    seen: dict[tuple[str, int], str] = {}
+    for w in caught:
+        text = str(w.message)
+        if not (issubclass(w.category, tracer) and text.startswith(TRACER_CONSTANT)):
+            continue
+        where = Path(w.filename).resolve()
+        if any(where.is_relative_to(d) for d in libraries):
+            continue
+        what = text.split(" might ")[0].replace("Converting a tensor to", "tensor to")
+        seen.setdefault((w.filename, w.lineno), what)
+    notes = [
+        f"{Path(f).name}:{n} `{linecache.getline(f, n).strip() or '?'}` ({what})"
+        for (f, n), what in seen.items()
+    ]
+    if len(notes) > MAX_NOTES:
+        notes = notes[:MAX_NOTES] + [f"... and {len(notes) - MAX_NOTES} more place(s)"]
+    return tuple(notes)
+
+
+def tracer_advice(notes: Sequence[str]) -> str:
+    """What the tracer's notes mean for a user, in one paragraph."""
+    return (
+        "the legacy exporter's tracer fixed values computed from tensors as constants at "
+        + "; ".join(notes)
+        + ". The graph keeps what the example batch gave there (the branch it took, the "
+        "length it had). Where that depends on the data or the sequence length, compute it "
+        "with tensor operations (torch.where, a mask) instead, or export with --exporter dynamo."
+    )
+
+
+def _library_dirs() -> list[Path]:
+    dirs = []
+    for name in LIBRARIES:
+        spec = importlib.util.find_spec(name)
+        for d in (spec.submodule_search_locations or []) if spec else []:
+            dirs.append(Path(d).resolve())
+    # quantgate's subpackages live in folders of their own (model/, export/, ...)
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("quantgate.") and getattr(mod, "__file__", None):
+            dirs.append(Path(mod.__file__).resolve().parent)
+    return dirs
+
+
+def _advice(e: BaseException) -> str:
+    """What to change in the model for the failure ``e`` (its root cause)."""
+    root = _root(e)
+    text = ANSI.sub("", str(root))
+    name = type(root).__name__
+    if name == "UnsupportedOperatorError" or "No ONNX function found" in text:
+        return (
+            "An operator in forward has no ONNX translation: replace it with operators ONNX "
+            "has, or compute it outside the model."
+        )
+    if "data-dependent" in text or name.startswith("GuardOnDataDependent"):
+        at = RAISED_AT.search(text)
+        line = ""
+        if at:
+            file, n = at.group(1), int(at.group(2))
+            line = f" (at {Path(file).name}:{n}: `{linecache.getline(file, n).strip() or '?'}`)"
+        return (
+            f"forward decides something in Python from the values of a tensor{line}: an `if` "
+            "on tensor data, or a length read with int() or .item(). Compute it with tensor "
+            "operations (torch.where, a mask) so that the graph holds it for every input."
+        )
+    return (
+        "The model's forward must be traceable: tensor operations only, no Python values "
+        "computed from tensor data."
+    )
 
 
 def opset_of(path: Path) -> int:
@@ -108,19 +205,25 @@ def _args(model: LoadedModel, example: Case) -> tuple[torch.Tensor, ...]:
 
 
 @contextlib.contextmanager
-def _quiet():
-    """Keep the exporters' own chatter (progress prints, tracer warnings) out of the CLI."""
+def _quiet() -> Iterator[list[warnings.WarningMessage]]:
+    """Keep the exporters' own chatter (progress prints, tracer warnings) out of the CLI;
+    yields the warnings caught, for ``tracer_notes``."""
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("always")
-        yield
+        yield caught
     for w in {str(w.message).splitlines()[0] for w in caught}:
         log.debug("exporter warning: %s", w)
 
 
-def _last_line(e: BaseException) -> str:
-    """The root cause in one line: torch wraps the real error in several layers of advice."""
+def _root(e: BaseException) -> BaseException:
     while e.__cause__ is not None:
         e = e.__cause__
+    return e
+
+
+def _last_line(e: BaseException) -> str:
+    """The root cause in one line: torch wraps the real error in several layers of advice."""
+    e = _root(e)
     lines = [ANSI.sub("", s).strip() for s in str(e).strip().splitlines()]
     first = next((s for s in lines if s), "")
     return f"{type(e).__name__}: {first[:300]}"

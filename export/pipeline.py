@@ -16,6 +16,7 @@ import logging
 import platform
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -25,7 +26,7 @@ from quantgate import __version__
 from quantgate.bundle import Bundle, TensorSpec, check_writable_target, sha256_file
 from quantgate.errors import ExportError, ValidationError
 from quantgate.export.config import ExportConfig, Exporter
-from quantgate.export.exporters import opset_of, to_onnx
+from quantgate.export.exporters import opset_of, to_onnx, tracer_advice
 from quantgate.export.optimize import fuse, fusion_summary
 from quantgate.export.validation import (
     Case,
@@ -61,6 +62,7 @@ class ExporterRun:
     validation: ValidationReport  # of ``onnx``
     unfused_validation: ValidationReport  # of ``unfused_onnx``
     fusions: dict[str, int]  # fused op type -> count; empty when not optimized
+    tracer_notes: tuple[str, ...] = ()  # constants the tracer fixed in the model's code
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class ExportResult:
     unfused_validation: ValidationReport  # of ``unfused_onnx``
     fusions: dict[str, int]  # fused op type -> count
     attempts: tuple[str, ...] = ()  # why earlier exporters were passed over (AUTO)
+    # where the legacy tracer fixed values computed from tensors in the model's own code
+    tracer_notes: tuple[str, ...] = ()
     tools: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -109,6 +113,16 @@ class ExportResult:
     def samples(self) -> Samples:
         return self.model.samples
 
+    def samples_used(self) -> str:
+        """Where the validation rows came from, and whether the longest were stretched."""
+        longest = max((c.sequence for c in self.cases), default=0)
+        if longest <= self.samples.width:
+            return self.samples.source
+        return (
+            f"{self.samples.source}; each row's real tokens repeated to {longest} tokens "
+            "(the model's max_seq_len) for the longest and padded shapes"
+        )
+
     def export_record(self) -> dict[str, Any]:
         """The manifest's ``export`` field: how the model was made and what validated it."""
         return {
@@ -118,10 +132,11 @@ class ExportResult:
             "optimized": self.onnx != self.unfused_onnx,
             "fusions": self.fusions,
             "fusion_summary": fusion_summary(self.fusions),
-            "samples": self.samples.source,
+            "samples": self.samples_used(),
             "validation": self.validation.to_dict(),
             "unfused_validation": self.unfused_validation.to_dict(),
             "attempts": list(self.attempts),
+            "tracer_notes": list(self.tracer_notes),
             "seconds": round(self.seconds, 1),
         }
 
@@ -205,6 +220,7 @@ def export_fp32(
             unfused_validation=made.unfused_validation,
             fusions=made.fusions,
             attempts=tuple(attempts),
+            tracer_notes=made.tracer_notes,
             tools=tool_versions(),
             seconds=time.perf_counter() - t0,
         )
@@ -225,17 +241,44 @@ def _export_one(
     raw = workdir / f"{exporter.value}-export.onnx"
     _stage(on_progress, f"exporting ({exporter.value})", 2)
     example = cases[1]  # the middle batch: neither dim is 1, which tracers would specialise
-    to_onnx(model, raw, exporter=exporter, example=example, outputs=outputs, opset=cfg.opset)
+    notes = to_onnx(
+        model, raw, exporter=exporter, example=example, outputs=outputs, opset=cfg.opset
+    )
     _stage(on_progress, f"validating at {len(cases)} shapes", 3)
-    raw_report = validate(raw, cases, refs, **check)
+    with _explained(notes):
+        raw_report = validate(raw, cases, refs, **check)
+    if notes:  # validated, yet only at these shapes and rows: the user should know where
+        log.warning(
+            "%s It validated at %d shapes up to %d tokens, which is all that was checked.",
+            tracer_advice(notes),
+            len(cases),
+            max(c.sequence for c in cases),
+        )
     if not cfg.optimize:
-        return ExporterRun(raw, raw, raw_report, raw_report, {})
+        return ExporterRun(raw, raw, raw_report, raw_report, {}, notes)
     fused_path = workdir / f"{exporter.value}-fused.onnx"
     _stage(on_progress, "fusing (ONNX Runtime transformer optimizer)", 4)
     fusions = fuse(raw, fused_path, num_heads=model.num_heads, hidden_size=model.hidden_size)
     _stage(on_progress, "validating the fused graph", 5)
     fused_report = validate(fused_path, cases, refs, **check)
-    return ExporterRun(fused_path, raw, fused_report, raw_report, fusions)
+    return ExporterRun(fused_path, raw, fused_report, raw_report, fusions, notes)
+
+
+@contextlib.contextmanager
+def _explained(notes: tuple[str, ...]) -> Iterator[None]:
+    """A validation failure of a graph whose tracer fixed Python values names those places
+    first: they are the likely cause (a branch or a length taken from the example batch)."""
+    try:
+        yield
+    except ValidationError as e:
+        if not notes:
+            raise
+        first = str(e).splitlines()[0]
+        raise ValidationError(
+            f"{first.rstrip('.')}. Likely cause: the tracer fixed values computed from "
+            f"tensors at {notes[0]}",
+            [*e.failures, tracer_advice(notes)],
+        ) from e
 
 
 def _combine(errors: list[ExportError], order: tuple[Exporter, ...]) -> ExportError:

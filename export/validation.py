@@ -7,7 +7,9 @@ against ``atol + rtol * |torch|`` — and every failure is collected before one
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -95,17 +97,39 @@ class ValidationReport:
 
 
 def build_cases(model: LoadedModel, *, mid_batch: int = 8) -> list[Case]:
-    """Batch 1, a middle batch, the longest and the shortest sequence, and padded rows."""
+    """Batch 1, a middle batch, the longest and the shortest sequence, and padded rows.
+
+    "Longest" is the model's ``max_seq_len``, the longest sequence the bundle says it takes.
+    Samples narrower than that (a factory's ``example_inputs`` of 20 tokens for a model
+    declaring 128) are stretched to it by repeating each row's real tokens
+    (``stretch``): a graph that only holds up to the example's width (a length traced as
+    a constant, a position table shorter than declared) would otherwise pass validation
+    and fail, or answer wrongly, in serving.
+    """
     s = model.samples
-    longest = min(model.max_seq_len, s.width)
-    typical = int(np.clip(np.median(s.lengths), 1, longest))
+    longest = model.max_seq_len
+    long = stretch(s, longest) if longest > s.width else s
+    typical = int(np.clip(np.median(s.lengths), 1, min(longest, s.width)))
     return [
         _case("batch 1", s, model.inputs, batch=1, seq=typical),
         _case(f"batch {mid_batch}", s, model.inputs, batch=mid_batch, seq=typical),
-        _case("longest", s, model.inputs, batch=2, seq=longest),
+        _case("longest", long, model.inputs, batch=2, seq=longest),
         _case("shortest", s, model.inputs, batch=2, seq=1),
-        _padded_case("padded", s, model.inputs, batch=4, seq=longest),
+        _padded_case("padded", long, model.inputs, batch=4, seq=longest),
     ]
+
+
+def stretch(samples: Samples, width: int) -> Samples:
+    """``samples`` widened to ``width`` tokens: each row's real tokens (its first
+    ``length`` positions) repeated until the row is full, in every input alike."""
+    lengths = np.maximum(samples.lengths.astype(np.int64), 1)  # (N,)
+    idx = np.arange(width)[None, :] % lengths[:, None]  # (N, width): position to copy
+    arrays = {}
+    for name, a in samples.arrays.items():
+        take = idx.reshape(idx.shape + (1,) * (a.ndim - 2))  # broadcast over fixed dims
+        arrays[name] = np.take_along_axis(a, take, axis=1)
+    source = f"{samples.source}; rows repeated to {width} tokens for the longest shapes"
+    return Samples(arrays, np.full(len(lengths), width), source)
 
 
 def _rows(samples: Samples, batch: int, seq: int) -> list[int]:
@@ -143,12 +167,14 @@ def reference_outputs(model: LoadedModel, cases: Sequence[Case]) -> list[TorchOu
         for case in cases:
             args = [torch.from_numpy(case.feeds[n]) for n in model.input_names]
             try:
-                out = model.module(*args)
+                with _warnings_logged():  # the model's own (torch's prototype notices...)
+                    out = model.module(*args)
             except Exception as e:  # noqa: BLE001 - the user's forward may raise anything
                 raise ExportError(
                     f"the model's forward failed in PyTorch on validation case {case.describe()}: "
                     f"{type(e).__name__}: {e}. Exported models must accept every batch size and "
-                    f"sequence length up to {model.max_seq_len}."
+                    f"sequence length up to {model.max_seq_len}, the model's max_seq_len "
+                    "(a factory's attribute, else its example's width; --max-seq-len lowers it)."
                 ) from e
             if len(out) != len(model.outputs):
                 raise ExportError(
@@ -174,6 +200,16 @@ def reference_outputs(model: LoadedModel, cases: Sequence[Case]) -> list[TorchOu
                 )
             refs.append(arrays)
     return refs
+
+
+@contextlib.contextmanager
+def _warnings_logged():
+    """Warnings raised inside, logged once each (shown by -v) instead of printed."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for text in dict.fromkeys(str(w.message).splitlines()[0] for w in caught):
+        log.info("the model warned: %s", text)
 
 
 def input_specs(model: LoadedModel) -> tuple[TensorSpec, ...]:
@@ -241,8 +277,10 @@ def validate(
         failures.append(f"inputs are {got_in}, expected {list(inputs)}")
         if dropped := [n for n in inputs if n not in got_in]:
             failures.append(
-                f"{', '.join(dropped)}: the exporter drops inputs that forward does not use; "
-                "use them in forward, or leave them out of the model's inputs"
+                f"{', '.join(dropped)}: not read by the exported graph. The exporter drops an "
+                "input that forward does not use, or uses only in a Python decision that "
+                "tracing fixed (`if mask.any():`); use it in tensor operations, or leave it out "
+                "of the model's inputs"
             )
     if got_out != list(outputs):
         failures.append(f"outputs are {got_out}, expected {list(outputs)}")

@@ -291,6 +291,17 @@ def render_report(manifest: Manifest, sections: Sequence[str] = ()) -> str:
             ),
             "",
         ]
+        if notes := e.get("tracer_notes"):
+            lines += [
+                "Where the legacy exporter's tracer fixed a value computed from a tensor as a "
+                "constant (the graph holds the example batch's value there; the shapes above "
+                "are all that was checked):",
+                "",
+                *(f"- {n}" for n in notes),
+                "",
+            ]
+        if attempts := e.get("attempts"):
+            lines += ["Exporters passed over:", "", *(f"- {a}" for a in attempts), ""]
     if "fusion_summary" in e:
         fused = ", ".join(f"{k} {v}" for k, v in e["fusions"].items()) or "none"
         missing = [k for k, v in e["fusion_summary"].items() if not v]

@@ -182,3 +182,80 @@ class TorchEncoder(nn.Module):
 def torch_encoder() -> nn.Module:
     torch.manual_seed(0)
     return TorchEncoder().eval()
+
+
+# -- what tracing gets wrong: a Python value computed from a tensor becomes a constant ----
+
+
+def _padded_ids(batch=4, seq=10, real=(10, 10, 10, 6)):
+    ids = _ids(batch, seq)
+    mask = (torch.arange(seq)[None] < torch.tensor(real)[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+class BranchOnMask(Pooler):
+    """Averages over the real tokens only when some row is padded: an `if` on tensor data.
+    Tracing keeps the branch its example took (an unpadded batch: the mask is dropped);
+    torch.export refuses to decide it."""
+
+    def forward(self, input_ids, attention_mask):
+        x = self.emb(input_ids)
+        if bool((attention_mask == 0).any()):  # BRANCH: the line the refusal names
+            w = attention_mask.unsqueeze(-1).to(x.dtype)
+            return self.head((x * w).sum(1) / w.sum(1))
+        return self.head(x.mean(1))
+
+
+def branch_on_mask() -> nn.Module:
+    return BranchOnMask(_padded_ids())
+
+
+class TruncatesToLongestRow(Pooler):
+    """Cuts the batch to its longest real row with int(): tracing fixes the example's length
+    (right up to that width, wrong beyond it); torch.export keeps it symbolic."""
+
+    def forward(self, input_ids, attention_mask):
+        n = int(attention_mask.sum(1).max())  # LENGTH: the line the tracer note names
+        w = attention_mask[:, :n].unsqueeze(-1).to(torch.float32)
+        return self.head((self.emb(input_ids[:, :n]) * w).sum(1) / w.sum(1))
+
+
+def truncates() -> nn.Module:
+    """Declares 48 tokens, with examples of 10: only validating at 48 finds the fixed length."""
+    m = TruncatesToLongestRow(_padded_ids())
+    m.max_seq_len = 48
+    return m
+
+
+def truncates_at_its_width() -> nn.Module:
+    """The same model kept to its example's width, where the traced graph is right."""
+    return TruncatesToLongestRow(_padded_ids())
+
+
+class ShortPositions(Pooler):
+    """Declares max_seq_len 64 with a position table of 16 rows."""
+
+    def __init__(self, example_inputs):
+        super().__init__(example_inputs)
+        self.pos = nn.Embedding(16, 8)
+        self.max_seq_len = 64
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.emb(input_ids) + self.pos(torch.arange(input_ids.shape[1]))
+        return self.head(x.mean(1))
+
+
+def short_positions() -> nn.Module:
+    return ShortPositions({"input_ids": _ids()})
+
+
+class NoOnnxOp(Pooler):
+    """Uses an operator neither exporter translates (singular values)."""
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.emb(input_ids)
+        return self.head(x.mean(1)) + torch.linalg.svdvals(x)[:, :1]
+
+
+def no_onnx_op() -> nn.Module:
+    return NoOnnxOp({"input_ids": _ids()})

@@ -453,7 +453,136 @@ def test_an_input_forward_ignores_is_named_with_what_to_do(cli, tmp_path):
     r = cli("export", "--no-quantize", "qg_usermodels:unused_input", "--out", tmp_path / "b")
     assert r.code == 3
     err = " ".join(r.stderr.split())
-    assert "attention_mask: the exporter drops inputs that forward does not use" in err
+    assert "attention_mask: not read by the exported graph" in err
+    assert "use it in tensor operations, or leave it out of the model's inputs" in err
+    no_leftovers(tmp_path)
+
+
+# -- what tracing gets wrong, found and named ---------------------------------------------
+
+
+def source_line(marker: str) -> tuple[int, str]:
+    """(line number, stripped text) of the line of qg_usermodels.py holding ``marker``."""
+    lines = (Path(__file__).parent / "qg_usermodels.py").read_text().splitlines()
+    n = next(i for i, line in enumerate(lines, 1) if marker in line)
+    return n, lines[n - 1].strip()
+
+
+def test_validation_reaches_the_max_seq_len_a_factory_declares():
+    """Tagger declares 48 tokens with examples of 20: the longest shapes repeat each row's
+    real tokens up to 48, and the padded rows are cut from those."""
+    model = load_model("qg_usermodels:tagger")
+    cases = {c.name: c for c in build_cases(model, mid_batch=8)}
+    assert {n: (c.batch, c.sequence) for n, c in cases.items()} == {
+        "batch 1": (1, 20),
+        "batch 8": (8, 20),
+        "longest": (2, 48),
+        "shortest": (2, 1),
+        "padded": (4, 48),
+    }
+    ids = model.samples.arrays["input_ids"]
+    real = {tuple(row[:n]) for row, n in zip(ids, model.samples.lengths, strict=True)}
+    for row in cases["longest"].feeds["input_ids"]:  # a real row, repeated
+        assert any(tuple(np.resize(r, 48)) == tuple(row) for r in real)
+    padded = cases["padded"].feeds
+    assert padded["attention_mask"].sum(1).tolist() == [48, 36, 24, 12]
+
+
+def test_a_length_read_from_the_data_is_found_beyond_the_example_s_width(tmp_path):
+    """int(mask.sum(1).max()) traces as the example's width: right up to the 10 tokens of
+    the example, wrong from 11 to the 48 the model declares. Validating at 48 fails the
+    legacy graph, naming the line; the dynamo graph, which keeps the length symbolic, ships
+    and matches PyTorch on rows it was not validated on."""
+    line, code = source_line("# LENGTH")
+    with pytest.raises(ValidationError) as e:
+        export_fp32("qg_usermodels:truncates", tmp_path / "l", cfg=ExportConfig(exporter="legacy"))
+    first = str(e.value).splitlines()[0]
+    assert (
+        f"Likely cause: the tracer fixed values computed from tensors at qg_usermodels.py:{line} `{code}`"
+        in first
+    )
+
+    result = export_fp32("qg_usermodels:truncates", tmp_path / "a", cfg=ExportConfig())
+    assert result.exporter.value == "dynamo"
+    assert (
+        result.attempts[0].startswith("legacy: ")
+        and f"qg_usermodels.py:{line}" in result.attempts[0]
+    )
+    assert max(c.sequence for c in result.cases) == 48
+    assert "real tokens repeated to 48 tokens" in result.export_record()["samples"]
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, 40, (5, 33))
+    mask = (np.arange(33)[None] < np.array([33, 30, 17, 5, 1])[:, None]).astype(np.int64)
+    feeds = {"input_ids": ids * mask, "attention_mask": mask}
+    (got,) = ort_session(result.onnx).run(None, feeds)
+    with torch.no_grad():
+        (want,) = result.model.module(
+            *(torch.from_numpy(feeds[n]) for n in result.model.input_names)
+        )
+    np.testing.assert_allclose(got, want.numpy(), atol=TOL, rtol=TOL)
+
+
+def test_what_the_tracer_fixed_is_warned_and_recorded_when_the_graph_validates(tmp_path, caplog):
+    """Within the example's width the traced length is right, so the legacy graph ships; the
+    place is still said (the checks cover only the validated shapes) and kept in the manifest."""
+    line, code = source_line("# LENGTH")
+    cfg = ExportConfig(exporter="legacy", optimize=False)
+    with caplog.at_level("WARNING", logger="quantgate.export"):
+        result = export_fp32("qg_usermodels:truncates_at_its_width", tmp_path, cfg=cfg)
+    note = f"qg_usermodels.py:{line} `{code}` (tensor to a Python integer)"
+    assert result.tracer_notes == (note,)
+    assert result.export_record()["tracer_notes"] == [note]
+    said = " ".join(caplog.text.split())
+    assert " ".join(note.split()) in said and "It validated at 5 shapes up to 10 tokens" in said
+    report = write_bundle(result, tmp_path / "b").report.read_text()
+    assert f"- {note}" in report
+
+
+def test_the_builtin_model_gets_no_tracer_notes(digits_result):
+    """Library code (torch's, transformers', quantgate's own model) is not the user's to fix."""
+    assert digits_result.tracer_notes == ()
+
+
+def test_a_branch_on_tensor_data_is_refused_naming_its_line(cli, tmp_path):
+    line, code = source_line("# BRANCH")
+    code = " ".join(code.split())  # as err is, below
+    r = cli("export", "--no-quantize", "qg_usermodels:branch_on_mask", "--out", tmp_path / "b")
+    assert r.code == 3
+    err = " ".join(r.stderr.split())
+    assert "no exporter produced a model that validates (tried legacy, dynamo)" in err
+    # legacy: the mask was dropped, and why
+    assert "attention_mask: not read by the exported graph" in err
+    assert (
+        f"tracer fixed values computed from tensors as constants at qg_usermodels.py:{line} `{code}` (tensor to a Python boolean)"
+        in err
+    )
+    # dynamo: refused at the same line
+    assert (
+        f"decides something in Python from the values of a tensor (at qg_usermodels.py:{line}: `{code}`)"
+        in err
+    )
+    no_leftovers(tmp_path)
+
+
+def test_a_max_seq_len_the_model_cannot_take_is_refused(cli, tmp_path):
+    r = cli("export", "--no-quantize", "qg_usermodels:short_positions", "--out", tmp_path / "b")
+    assert r.code == 2
+    err = " ".join(r.stderr.split())
+    assert (
+        "forward failed in PyTorch on validation case longest (batch 2, sequence 64): IndexError"
+        in err
+    )
+    assert "up to 64, the model's max_seq_len" in err
+    no_leftovers(tmp_path)
+
+
+def test_an_operator_without_onnx_translation_is_named(cli, tmp_path):
+    r = cli("export", "--no-quantize", "qg_usermodels:no_onnx_op", "--out", tmp_path / "b")
+    assert r.code == 2
+    err = " ".join(r.stderr.split())
+    assert "every exporter failed (tried legacy, dynamo)" in err
+    assert "'aten::linalg_svdvals'" in err and "has no ONNX translation" in err
+    assert "no Python values computed from tensor data" not in err  # not this model's problem
     no_leftovers(tmp_path)
 
 
