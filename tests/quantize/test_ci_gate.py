@@ -6,8 +6,9 @@
   is tiny (d_model 96, 2 layers, 0.6 MB), its INT8 speedups are 1.2-1.3x and, on a shared
   2-core machine, their noise straddles the default 1.2x; the accuracy gate is the point.
 - all-MiniLM-L6-v2 (fidelity on real text, no labels): calibrated on Debian's license
-  texts, evaluated on CPython's pydoc topics, at the default thresholds (cosine >= 0.99,
-  nearest-neighbour agreement >= 0.95, speedup >= 1.2x at batch 1 and 32, sequence 128).
+  texts, evaluated on CPython's pydoc topics, at the default thresholds (cosine >= 0.99 for
+  the sentence embedding and for the per-token last_hidden_state, which is served too;
+  nearest-neighbour agreement >= 0.95; speedup >= 1.2x at batch 1 and 32, sequence 128).
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from qg_pipeline_helpers import digits_checkpoint, english, write_jsonl  # noqa: E402
 
-from quantgate.bundle import load  # noqa: E402
+from quantgate.bundle import CUDA, load  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
 def _gates(out: Path) -> dict:
-    return {g.name: g for g in load(out).manifest.variant("int8").gates}
+    """The INT8 gates measured on the CPU provider, by name (on a GPU host, CUDA's fidelity
+    gates of the same names may follow them)."""
+    return {g.name: g for g in load(out).manifest.variant("int8").gates if g.provider != CUDA}
 
 
 def test_builtin_classifier_loses_at_most_one_point(cli, tmp_path):
@@ -60,6 +63,8 @@ def test_minilm_fidelity_on_real_text(cli, monkeypatch, tmp_path):
     assert r.code == 0, r.stdout + r.stderr
     g = _gates(out)
     assert g["cosine"].value >= 0.99 and g["nn_top1_agreement"].value >= 0.95
+    tokens = g["cosine:last_hidden_state"]  # measured 0.9985 (the sentence embedding: 0.9990)
+    assert tokens.passed and tokens.value >= 0.99 and tokens.ci[0] <= tokens.value <= tokens.ci[1]
     assert g["speedup_b1_s128"].passed and g["speedup_b32_s128"].passed
     m = load(out).manifest
     assert m.calibration["kind"] == "jsonl" and m.calibration["evaluation"]["samples"] == 200

@@ -151,6 +151,166 @@ def test_embedding_fidelity_cosine_and_nearest_neighbours():
     assert not bad["cosine"].passed and not bad["nn_top1_agreement"].passed
 
 
+H = 16  # the tiny embedder's hidden size
+
+
+def embedder(path: Path, *, outlier: float | None = None, sentence: bool = True) -> Path:
+    """A tiny embedding model, x (B, S, K) and attention_mask (B, S): ``last_hidden_state`` =
+    x @ w per token; ``sentence_embedding`` = (x mean-pooled over real tokens) @ we, a path
+    of its own. ``outlier`` puts one large weight into w, on x's near-silent channel 0: its
+    per-tensor INT8 scale then rounds the other weights of w coarsely (the token states are
+    damaged), while we, and so the sentence embedding, quantize as well as ever."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+    from onnx import helper as oh
+
+    rng = np.random.default_rng(0)
+    w, we = rng.normal(0, 1, (2, K, H)).astype(np.float32)
+    if outlier is not None:
+        w[0, 0] = outlier
+    consts = {"w": w, "we": we, "axis1": np.array([1]), "axis2": np.array([2])}
+    nodes = [
+        oh.make_node("MatMul", ["x", "w"], ["last_hidden_state"], name="tokens"),
+        oh.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+        oh.make_node("Unsqueeze", ["m", "axis2"], ["m3"]),
+        oh.make_node("Mul", ["x", "m3"], ["xm"]),
+        oh.make_node("ReduceSum", ["xm", "axis1"], ["total"], keepdims=0),
+        oh.make_node("ReduceSum", ["m3", "axis1"], ["count"], keepdims=0),
+        oh.make_node("Div", ["total", "count"], ["pooled"]),
+        oh.make_node("MatMul", ["pooled", "we"], ["sentence_embedding"], name="sentence"),
+    ]
+    outputs = [oh.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["B", "S", H])]
+    if sentence:
+        outputs.append(oh.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["B", H]))
+    else:
+        nodes = nodes[:1]
+    g = oh.make_graph(
+        nodes,
+        "embedder",
+        [
+            oh.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", K]),
+            oh.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "S"]),
+        ],
+        outputs,
+        [numpy_helper.from_array(v, k) for k, v in consts.items()],
+    )
+    onnx.save(oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def embedder_rows(batches: int = 6) -> list[dict[str, np.ndarray]]:
+    """Batches of 8 rows, every other row padded after 4 of its SEQ tokens; x's channel 0 is
+    near silent (what the outlier weight multiplies)."""
+    rng = np.random.default_rng(1)
+    out = []
+    for _ in range(batches):
+        x = rng.normal(0, 1, (8, SEQ, K)).astype(np.float32)
+        x[..., 0] *= 0.01
+        mask = np.ones((8, SEQ), np.int64)
+        mask[::2, 4:] = 0
+        out.append({"x": x, "attention_mask": mask})
+    return out
+
+
+@pytest.fixture(scope="module")
+def embedder_outputs(tmp_path_factory):
+    """(FP32, INT8) outputs over 48 rows of each embedder: dynamic INT8 of a sound one, and of
+    one whose token states INT8 damages (``embedder``); and the model without a sentence
+    embedding."""
+    tmp = tmp_path_factory.mktemp("embedder")
+    info = ModelInfo(
+        (TensorSpec("x", "float32", ("B", SEQ, K)), TensorSpec("attention_mask", "int64", ("B", SEQ))),
+        "feature-extraction",
+        SEQ,
+    )  # fmt: skip
+    ev = open_source(embedder_rows(), info, role="evaluation")
+    out = {}
+    for kind, kw in (("sound", {}), ("damaged", {"outlier": 200.0}),
+                     ("tokens only", {"sentence": False})):  # fmt: skip
+        src = embedder(tmp / f"{kind}.onnx", **kw)
+        int8 = dynamic_int8(src, tmp / f"{kind}.int8.onnx")
+        out[kind] = collect(src, ev), collect(int8, ev)
+    return out
+
+
+def test_an_embedding_int8_is_gated_on_its_token_states_too(embedder_outputs):
+    """The server serves last_hidden_state as well: INT8 that damages it fails, however good
+    its sentence_embedding is."""
+    ref, cand = embedder_outputs["sound"]
+    sound = accuracy_gates(ref, cand, "feature-extraction", GateConfig())
+    assert [g.name for g in sound] == ["cosine", "nn_top1_agreement", "cosine:last_hidden_state"]
+    assert all(g.passed for g in sound)
+    tokens = sound[2]
+    assert tokens.value > 0.999 and tokens.threshold == GateConfig().min_cosine == 0.99
+    assert tokens.ci[0] <= tokens.value <= tokens.ci[1] and not uncertain(tokens)
+    assert "vs FP32 on 48 rows; mean cosine per row" in tokens.detail
+    assert "95% bootstrap interval over rows (1000 resamples)" in tokens.detail
+    upper = accuracy_gates(ref, cand, "feature-extraction", GateConfig(ci_rule="upper"))[2]
+    assert upper.passed and upper.ci == tokens.ci  # its lower bound clears 0.99 too
+    assert "its lower bound must be >= the threshold" in upper.detail
+
+    ref, cand = embedder_outputs["damaged"]
+    damaged = {g.name: g for g in accuracy_gates(ref, cand, "feature-extraction", GateConfig())}
+    assert damaged["cosine"].value == pytest.approx(sound[0].value)  # the same sentence path
+    assert damaged["cosine"].passed and damaged["nn_top1_agreement"].passed
+    bad = damaged["cosine:last_hidden_state"]
+    assert not bad.passed and bad.value < 0.95 and bad.ci[1] < 0.99  # clearly, not by chance
+    assert "the point estimate must be >= the threshold" in bad.detail
+    assert gate_table(list(damaged.values()))[-1].startswith(
+        f"| cosine:last_hidden_state | {bad.value:.4f} | [{bad.ci[0]:.4f}, {bad.ci[1]:.4f}] | "
+        ">= 0.99 | **FAIL** | vs FP32 on 48 rows; mean cosine per row (worst row "
+    )
+    # A looser min_cosine for the embedding is a looser one for its token states too.
+    loose = accuracy_gates(ref, cand, "feature-extraction", GateConfig(min_cosine=0.9))
+    assert all(g.passed for g in loose)
+
+
+def test_token_states_are_compared_on_real_tokens_only(embedder_outputs):
+    """What INT8 leaves at padded positions does not count in the cosine (masks exclude
+    padding); NaN there still fails the gate (``test_cosine_gate_fails_on_nan_in_padding``)."""
+    ref, cand = embedder_outputs["sound"]
+    noisy = Outputs(cand.names, [], cand.masks, rows=cand.rows)
+    for batch, mask in zip(cand.batches, cand.masks, strict=True):
+        h = batch["last_hidden_state"].copy()
+        h[mask == 0] = 1e3  # garbage, but finite, at every padded position
+        noisy.batches.append({**batch, "last_hidden_state": h})
+    before = accuracy_gates(ref, cand, "feature-extraction", GateConfig())
+    after = accuracy_gates(ref, noisy, "feature-extraction", GateConfig())
+    assert [g.value for g in after] == [g.value for g in before]
+    assert all(g.passed for g in after)
+
+
+def test_a_last_hidden_state_gated_mean_pooled_is_gated_per_token_too(embedder_outputs):
+    """Without a sentence_embedding output, the embedding gates compare last_hidden_state
+    mean-pooled; a client receives it per token, so that is gated as well."""
+    ref, cand = embedder_outputs["tokens only"]
+    gates = accuracy_gates(ref, cand, "feature-extraction", GateConfig())
+    assert [g.name for g in gates] == ["cosine", "nn_top1_agreement", "cosine:last_hidden_state"]
+    assert gates[0].detail.startswith("last_hidden_state vs FP32")  # the pooled rows
+    assert all(g.passed for g in gates)
+
+
+def test_a_classifiers_other_float_outputs_are_gated_on_cosine():
+    """A classifier that also serves float states: its logits get the accuracy (or top-1 and
+    KL) gates, its other float outputs a cosine each; an integer output has no cosine."""
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 10
+    x = rng.normal(size=(60, 10)).astype(np.float32)
+    x[np.arange(60), y] += 5
+    h = rng.normal(size=(60, SEQ, H)).astype(np.float32)
+    names = ["logits", "hidden", "predicted"]
+    ref = {"logits": x, "hidden": h, "predicted": x.argmax(-1)}
+    damaged = {**ref, "hidden": h + rng.normal(scale=0.5, size=h.shape).astype(np.float32)}
+    for labels, first in ((y, ["accuracy_drop"]), (None, ["top1_agreement", "kl"])):
+        a = Outputs(names, [ref], [None], labels=labels, rows=60)
+        gates = accuracy_gates(a, a, "sequence-classification", GateConfig())
+        assert [g.name for g in gates] == [*first, "cosine:hidden"]
+        assert all(g.passed for g in gates)
+        b = Outputs(names, [damaged], [None], labels=labels, rows=60)
+        got = {g.name: g for g in accuracy_gates(a, b, "sequence-classification", GateConfig())}
+        assert not got["cosine:hidden"].passed and all(got[n].passed for n in first)
+
+
 def embeddings(x: np.ndarray) -> Outputs:
     return Outputs(["sentence_embedding"], [{"sentence_embedding": x}], [None], rows=len(x))
 
