@@ -339,12 +339,19 @@ def _unjudged(ref: Outputs, judged: str) -> list[str]:
 
 
 def _logits_output(ref: Outputs, task: str) -> str | None:
+    """The classifier output the top-1 and accuracy gates judge: the one named "logits" where
+    there is one (a model returning an embedding first would otherwise have it scored as
+    logits), else a classifier's first 2-D float output."""
     if task not in CLASSIFIER_TASKS and "logits" not in ref.names:
         return None
-    for n in ref.names:
-        if ref.batches[0][n].ndim == 2 and np.issubdtype(ref.batches[0][n].dtype, np.floating):
-            return n
-    return None
+
+    def logits_like(name: str) -> bool:
+        a = ref.batches[0][name]
+        return a.ndim == 2 and np.issubdtype(a.dtype, np.floating)
+
+    if "logits" in ref.names:
+        return "logits" if logits_like("logits") else None
+    return next((n for n in ref.names if logits_like(n)), None)
 
 
 def _embedding_output(ref: Outputs, task: str) -> str | None:
@@ -454,9 +461,14 @@ def percentile_interval(samples: np.ndarray, confidence: float) -> tuple[float, 
 
 
 def uncertain(gate: GateResult) -> bool:
-    """Whether ``gate``'s interval holds values on both sides of its threshold: another sample
-    of the rows (or of the timings) could as well have decided it the other way."""
-    return gate.ci is not None and _straddles(gate.ci, gate.op, gate.threshold)
+    """Whether ``gate`` was decided by its point estimate with its interval holding values on
+    both sides of its threshold: another sample of the rows (or of the timings) could as well
+    have decided it the other way. A gate failed by ``ci_rule="upper"`` because its interval
+    reaches the failing side is not: that is the rule, and another sample would not pass it
+    with any confidence."""
+    if gate.ci is None or not _straddles(gate.ci, gate.op, gate.threshold):
+        return False
+    return gate.passed == _meets(gate.value, gate.op, gate.threshold)
 
 
 def _meets(value: float, op: str, threshold: float) -> bool:

@@ -375,6 +375,7 @@ def test_a_threshold_inside_the_interval_is_decided_by_ci_rule_and_said_to_be_un
     assert clear.passed and not uncertain(clear) and "by less than" not in clear.detail
     conservative = top1(min_top1_agreement=0.95, ci_rule="upper")  # the lower bound decides
     assert not conservative.passed and conservative.ci == at.ci
+    assert not uncertain(conservative)  # failed by the rule chosen, not by the sample drawn
     assert conservative.detail.endswith(
         "; its lower bound must be >= the threshold: the point estimate passes, its lower "
         "bound does not"
@@ -630,3 +631,19 @@ def test_a_mean_over_values_that_are_not_all_finite_has_no_interval():
     assert bootstrap_mean(np.array([0.99, np.inf, 0.98]), cfg) is None
     lo, hi = bootstrap_mean(np.array([0.99, 0.97, 0.98, 0.96]), cfg)
     assert 0.96 <= lo <= 0.975 <= hi <= 0.99
+
+
+def test_the_output_named_logits_is_the_one_judged_as_logits():
+    """A user's model returning (embedding, logits): the top-1 gate must judge the logits,
+    not the embedding that comes first, and the embedding gets a cosine gate of its own."""
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(60, 8)).astype(np.float32)
+    logits = rng.normal(size=(60, 3)).astype(np.float32)
+    flipped = logits[:, ::-1].copy()  # the top class moves on most rows
+    ref = Outputs(["embedding", "logits"], [{"embedding": emb, "logits": logits}], [None], rows=60)
+    cand = Outputs(
+        ["embedding", "logits"], [{"embedding": emb, "logits": flipped}], [None], rows=60
+    )
+    gates = {g.name: g for g in accuracy_gates(ref, cand, "sequence-classification", GateConfig())}
+    assert not gates["top1_agreement"].passed and gates["top1_agreement"].value < 0.6
+    assert gates["cosine:embedding"].passed
