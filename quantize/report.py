@@ -183,9 +183,10 @@ def sections(
         f"Evaluation: {data['evaluation']['source']} (sha256 `{data['evaluation']['sha256'][:12]}`).",
         "",
         f"Thresholds: accuracy drop <= {gate_cfg.max_accuracy_drop:g} points, "
-        f"speedup >= {gate_cfg.min_speedup:g}x on {gate_cfg.provider}, without labels cosine >= "
-        f"{gate_cfg.min_cosine:g}, top-1 agreement >= {gate_cfg.min_top1_agreement:g}, "
-        f"KL <= {gate_cfg.max_kl:g}. {decision_rule(gate_cfg)}",
+        f"speedup >= {gate_cfg.min_speedup:g}x on {gate_cfg.provider}, cosine >= "
+        f"{gate_cfg.min_cosine:g} (without labels, and for every other served float output), "
+        f"top-1 agreement >= {gate_cfg.min_top1_agreement:g}, KL <= {gate_cfg.max_kl:g}. "
+        f"{decision_rule(gate_cfg)}",
         "",
         f"### Gates of `{shipped.name}`",
         "",
