@@ -107,8 +107,9 @@ class AccessLog(grpc.ServerInterceptor):
     peer, and request_id (ModelInfer's ``id``, when the client set one). A stream
     (ModelStreamInfer) is one line when it ends, with its requests and how many failed.
 
-    gRPC refuses some calls before any handler runs: they have no line (an unknown method,
-    an oversized message, calls beyond the server's limit of concurrent RPCs).
+    Calls that end before any handler runs have no line: those gRPC refuses (an unknown
+    method, an oversized message, calls beyond the server's limit of concurrent RPCs), and
+    those cancelled or expired before a thread took them up.
     Installed only with ``--access-log``: without it a call pays nothing for it.
     """
 

@@ -100,12 +100,12 @@ def _logfmt(message: str) -> dict:
 
 
 def test_the_access_log_has_a_line_per_rpc_with_its_status_rows_and_latency(repo):
-    """One JSON server with a token, whose lone requests wait 0.3 s for company (so a short
-    deadline expires while queued): every way a call ends, each a line with its fields as
+    """One JSON server with a token, whose lone requests wait 1 s for company (so a deadline
+    of 0.3 s expires while queued): every way a call ends, each a line with its fields as
     keys, and the same fields in the message (the text format's line)."""
     token = {"authorization": "Bearer s3cret"}
     srv = ServerProcess(repo / "classifier", "--access-log", "--log-format", "json",
-                        "--auth-token", "s3cret", "--max-queue-delay-us", "300000")  # fmt: skip
+                        "--auth-token", "s3cret", "--max-queue-delay-us", "1000000")  # fmt: skip
     rng = np.random.default_rng(0)
     try:
         with tc.InferenceServerClient(srv.url) as c:
@@ -117,7 +117,7 @@ def test_the_access_log_has_a_line_per_rpc_with_its_status_rows_and_latency(repo
                 "INVALID_ARGUMENT": dict(model_name=MODEL, inputs=too_many, headers=token),
                 "UNAUTHENTICATED": dict(model_name=MODEL, inputs=ok_rows),
                 "DEADLINE_EXCEEDED": dict(
-                    model_name=MODEL, inputs=ok_rows, headers=token, client_timeout=0.05
+                    model_name=MODEL, inputs=ok_rows, headers=token, client_timeout=0.3
                 ),
             }
             for code, kwargs in refused.items():
@@ -134,9 +134,14 @@ def test_the_access_log_has_a_line_per_rpc_with_its_status_rows_and_latency(repo
             assert [e is None for e in errors] == [True, False, True], errors
 
         def access() -> list[dict]:
-            return [r for r in _json_lines(srv.log) if r["logger"] == ACCESS]
+            # (gRPC's C library writes its rare lines as text: the JSON-only test is above)
+            json_lines = "\n".join(line for line in srv.log.splitlines() if line[:1] == "{")
+            return [r for r in _json_lines(json_lines) if r["logger"] == ACCESS]
 
-        until(lambda: len(access()) == 7, timeout=30)  # the expired request: when it expires
+        try:  # the expired request is logged when the server's clock says it expired
+            until(lambda: len(access()) == 7, timeout=30)
+        except AssertionError:
+            raise AssertionError(f"expected 7 access lines, found:\n{srv.log}") from None
     finally:
         assert srv.terminate() == 0, srv.log
     lines = access()
@@ -156,7 +161,7 @@ def test_the_access_log_has_a_line_per_rpc_with_its_status_rows_and_latency(repo
     assert (ok["model"], ok["version"], ok["rows"]) == (MODEL, "1", 3), ok
     assert ok["request_id"] == 'a "b"\nmodel=x', ok  # quoted in the message: one line, no forgery
     assert 'request_id="a \\"b\\"\\nmodel=x"' in ok["message"], ok["message"]
-    assert ok["latency_ms"] >= 250, ok  # it waited --max-queue-delay-us for company
+    assert ok["latency_ms"] >= 900, ok  # it waited --max-queue-delay-us for company
     (missing,) = by_code["ModelInfer", "NOT_FOUND"]
     assert (missing["model"], missing["version"], missing["rows"]) == ("nope", None, None)
     (big,) = by_code["ModelInfer", "INVALID_ARGUMENT"]
@@ -164,7 +169,7 @@ def test_the_access_log_has_a_line_per_rpc_with_its_status_rows_and_latency(repo
     (denied,) = by_code["ModelInfer", "UNAUTHENTICATED"]  # refused before the servicer
     assert denied["model"] == MODEL, denied
     (late,) = by_code["ModelInfer", "DEADLINE_EXCEEDED"]  # no abort: the servicer's code
-    assert late["rows"] is None and late["latency_ms"] >= 40, late
+    assert late["rows"] is None and late["model"] == MODEL, late
     (stream,) = by_code["ModelStreamInfer", "OK"]
     assert (stream["requests"], stream["failed"], stream["rows"]) == (3, 1, 6), stream
     assert (stream["model"], stream["version"]) == (MODEL, "1"), stream
