@@ -130,6 +130,11 @@ class LogFormat(str, Enum):
     JSON = "json"
 
 
+class GateDevice(str, Enum):
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
 # What every LogRecord has; anything else on a record came from `extra=` (the access log's).
 _RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -491,22 +496,36 @@ def gate(
         float | None, _kept("Fidelity without labels: top-1 / nearest-neighbour agreement")
     ] = None,
     gate_config: _GateFile = None,
+    device: Annotated[
+        GateDevice | None,
+        typer.Option(
+            help="cpu: the INT8 variant's accuracy and speed gates on the CPU provider. cuda: "
+            "every variant's gates on the CUDA provider, as a GPU host's export runs them: "
+            "FP16's decide whether it ships, INT8's only whether it runs on CUDA; needs a GPU "
+            r"and the `gpu` extra. \[default: cpu, or the --gate-config file's provider]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Re-run the INT8 variant's gates on a bundle (e.g. in CI after an ONNX Runtime upgrade).
+    """Re-run a bundle's gates on new data (e.g. in CI after an ONNX Runtime upgrade).
 
-    The thresholds are the ones the bundle was last gated with (at export, or by the newest
-    re-gate); a --gate-config file, then the flags, change them, and a looser one is warned
-    about and named in the report. Rewrites the manifest and report.md atomically with the
-    new gates. Exit 0: every gate passed; 3: a gate failed (the bundle is marked failed);
-    2: bad bundle or data.
+    On the CPU (the default) the INT8 variant's accuracy and speed gates are measured again;
+    with --device cuda, on a GPU host, every variant's gates on CUDA; the gates measured on the
+    other provider are kept. The thresholds are the ones the bundle was last gated with (at
+    export, or by the newest re-gate); a --gate-config file, then the flags, change them, and
+    a looser one is warned about and named in the report. Rewrites the manifest and
+    report.md atomically with the new gates. Exit 0: every gate passed; 3: a gate failed (the
+    bundle is marked failed); 2: bad bundle or data, or CUDA asked for where there is none.
     """
-    from quantgate.bundle import load
+    from quantgate.bundle import CPU, CUDA, load
     from quantgate.quantize.pipeline import recorded_gate_config, regate
 
     recorded = recorded_gate_config(load(path, verify=False).manifest)  # verified by regate
     gates = _gate_config(
         gate_config, max_accuracy_drop, min_speedup, min_cosine, min_top1, base=recorded
     )
+    if device is not None:
+        gates = gates.with_overrides(provider=CUDA if device == GateDevice.CUDA else CPU)
     try:
         with progress() as bar:
             bundle = regate(path, eval_data, gates, on_progress=_bars(bar))
@@ -517,10 +536,17 @@ def gate(
 
 
 def _passed_over(export: dict) -> list[str]:
-    """The exporters ``--exporter auto`` tried before the one used, and why each failed."""
+    """The exporters ``--exporter auto`` tried before the one used, and why each failed; then
+    the values the legacy tracer fixed as constants in the user's code (``tracer_notes``)."""
     return [
-        f"the {exporter} exporter was passed over: {why}"
-        for exporter, _, why in (a.partition(": ") for a in export.get("attempts", ()))
+        *(
+            f"the {exporter} exporter was passed over: {why}"
+            for exporter, _, why in (a.partition(": ") for a in export.get("attempts", ()))
+        ),
+        *(
+            f"the legacy tracer fixed a value computed from a tensor at {note}"
+            for note in export.get("tracer_notes", ())
+        ),
     ]
 
 
@@ -552,6 +578,14 @@ def _bars(bar: Progress):
     return on_progress
 
 
+def _on_cuda(g) -> str:
+    """ " on CUDA" after the name of a gate measured there: INT8's cosine on CUDA and on the
+    CPU have one name."""
+    from quantgate.bundle import CUDA
+
+    return " on CUDA" if g.provider == CUDA else ""
+
+
 def _print_gates(path: Path) -> None:
     """The verdict and every INT8 gate, on stdout."""
     from quantgate.bundle import load
@@ -572,7 +606,7 @@ def _print_gates(path: Path) -> None:
             if uncertain(g):  # another sample could have decided it the other way
                 mark += " (uncertain: its interval crosses the threshold)"
             out.print(
-                f"    {g.name} {g.value:.4g}{ci} {g.op} {g.threshold:g}: {mark}",
+                f"    {g.name}{_on_cuda(g)} {g.value:.4g}{ci} {g.op} {g.threshold:g}: {mark}",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -667,7 +701,7 @@ def inspect(
         for precision, g in gates:
             table.add_row(
                 precision,
-                g.name,
+                g.name + _on_cuda(g),
                 f"{g.value:.4g}",
                 f"{g.op} {g.threshold:g}",
                 ("[green]pass[/]" if g.passed else "[bold red]FAIL[/]")

@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from quantgate import workarounds
-from quantgate.bundle import CPU, GateResult, TensorSpec, speed_gate_name, speed_score
+from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, speed_gate_name, speed_score
 from quantgate.errors import ConfigError, DataError, QuantizeError
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.data import DataSource
@@ -104,6 +104,9 @@ class GateConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
+        # "cpu" and "cuda" as --device spells them, for ONNX Runtime's provider names
+        spelled = {"cpu": CPU, "cuda": CUDA}.get(str(self.provider).lower(), self.provider)
+        object.__setattr__(self, "provider", spelled)
         problems = []
         if self.ci_rule not in ("point", "upper"):
             problems.append(f"ci_rule {self.ci_rule!r}: expected 'point' or 'upper'")

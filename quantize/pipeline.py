@@ -504,7 +504,8 @@ def _require_variants(m: Manifest, on_cuda: bool) -> None:
         raise ConfigError(
             f"the gate settings ask for a re-gate on {CUDA}, but this onnxruntime has no "
             "working CUDA provider. Run it on a GPU host with the `gpu` extra installed "
-            f"(onnxruntime-gpu), or set provider to {CPU} to re-gate on the CPU."
+            f"(onnxruntime-gpu), or re-gate on the CPU (`--device cpu`; provider = {CPU!r} in "
+            "a --gate-config file)."
         )
 
 

@@ -146,15 +146,7 @@ def test_the_console_marks_a_gate_decided_inside_its_interval(cli, tmp_path, cap
 
     coin = qb.GateResult("nn_top1_agreement", 0.95, 0.95, ">=", True, ci=(0.9275, 0.97))
     clear = qb.GateResult("cosine", 0.998, 0.99, ">=", True, ci=(0.997, 0.999))
-    with qb.staging(tmp_path / "b") as tmp:
-        for name in ("model.fp32.onnx", "model.int8.onnx"):
-            (tmp / name).write_bytes(name.encode())
-        variants = (
-            qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx")),
-            qb.Variant("model.int8.onnx", "int8", qb.sha256_file(tmp / "model.int8.onnx"),
-                       gates=(coin, clear)),
-        )  # fmt: skip
-        qb.write_manifest(tmp, qb.Manifest("b", "feature-extraction", (), (), variants, 17, {}))
+    _tiny_bundle(tmp_path / "b", (coin, clear))
     _print_gates(tmp_path / "b")
     lines = capsys.readouterr().out.splitlines()
     (coin_line,) = [line for line in lines if "nn_top1_agreement" in line]
@@ -165,6 +157,55 @@ def test_the_console_marks_a_gate_decided_inside_its_interval(cli, tmp_path, cap
     rows = {line.split()[1]: line for line in r.stdout.splitlines() if " int8 " in line}
     assert rows["nn_top1_agreement"].rstrip().endswith("pass (uncertain)"), r.stdout
     assert rows["cosine"].rstrip().endswith("pass"), r.stdout
+
+
+def _tiny_bundle(path, int8_gates):
+    """A bundle of two stand-in files whose INT8 variant has ``int8_gates``."""
+    from quantgate import bundle as qb
+
+    with qb.staging(path) as tmp:
+        for name in ("model.fp32.onnx", "model.int8.onnx"):
+            (tmp / name).write_bytes(name.encode())
+        variants = (
+            qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx")),
+            qb.Variant("model.int8.onnx", "int8", qb.sha256_file(tmp / "model.int8.onnx"),
+                       gates=int8_gates),
+        )  # fmt: skip
+        qb.write_manifest(tmp, qb.Manifest("b", "feature-extraction", (), (), variants, 17, {}))
+
+
+def test_a_gate_measured_on_cuda_is_named_so(cli, tmp_path, capsys):
+    """INT8's cosine on the CPU and on CUDA have one name: the console and inspect say which."""
+    from quantgate import bundle as qb
+    from quantgate.cli import _print_gates
+
+    on_cpu = qb.GateResult("cosine:last_hidden_state", 0.9985, 0.99, ">=", True)
+    on_cuda = qb.GateResult("cosine:last_hidden_state", 0.9981, 0.99, ">=", True, provider=qb.CUDA)
+    _tiny_bundle(tmp_path / "b", (on_cpu, on_cuda))
+    _print_gates(tmp_path / "b")
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if "cosine" in line]
+    assert lines == [
+        "cosine:last_hidden_state 0.9985 >= 0.99: pass",
+        "cosine:last_hidden_state on CUDA 0.9981 >= 0.99: pass",
+    ]
+    r = cli("inspect", tmp_path / "b")
+    assert "cosine:last_hidden_state on CUDA  0.9981" in r.stdout, r.stdout
+
+
+def test_gate_on_cuda_without_cuda_exits_2_before_measuring(cli, tmp_path):
+    import onnxruntime as ort
+
+    from quantgate import bundle as qb
+
+    if qb.CUDA in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    _tiny_bundle(tmp_path / "b", (qb.GateResult("cosine", 0.998, 0.99, ">=", True),))
+    before = (tmp_path / "b" / "manifest.json").read_text()
+    r = cli("gate", tmp_path / "b", "--device", "cuda")
+    assert r.code == 2, r.stdout + r.stderr
+    message = " ".join(r.stderr.split())
+    assert "no working CUDA provider" in message and "the `gpu` extra" in message, message
+    assert (tmp_path / "b" / "manifest.json").read_text() == before
 
 
 def test_the_servers_log_setup_is_undone_when_it_returns(capsys):

@@ -548,8 +548,10 @@ def test_gate_config_from_files_and_flags(tmp_path):
     cfg = GateConfig.from_file(tmp_path / "g.toml", min_speedup=1.5, min_cosine=None)
     assert (cfg.max_accuracy_drop, cfg.batch_sizes, cfg.min_speedup) == (0.5, (1, 4), 1.5)
     assert cfg.min_cosine == GateConfig().min_cosine
-    (tmp_path / "g.json").write_text('{"min_top1_agreement": 0.9}')
-    assert GateConfig.from_file(tmp_path / "g.json").min_top1_agreement == 0.9
+    (tmp_path / "g.json").write_text('{"min_top1_agreement": 0.9, "provider": "cuda"}')
+    from_json = GateConfig.from_file(tmp_path / "g.json")
+    assert from_json.min_top1_agreement == 0.9
+    assert from_json.provider == "CUDAExecutionProvider"  # spelled as --device spells it
     (tmp_path / "bad.json").write_text('{"min_speed": 2}')
     with pytest.raises(ConfigError, match="unknown setting"):
         GateConfig.from_file(tmp_path / "bad.json")
