@@ -2,7 +2,7 @@
 
 The test process drives servers with tritonclient, whose protobuf symbols collide with
 quantgate.protos: tests here must not import quantgate.protos or the modules that load
-it (codec, servicer, engine, metrics, server, client). Runtime and batcher are fine.
+it (codec, servicer, server, client). Runtime, batcher, engine and metrics are fine.
 """
 
 from __future__ import annotations
