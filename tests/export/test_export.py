@@ -522,7 +522,9 @@ def test_a_length_read_from_the_data_is_found_beyond_the_example_s_width(tmp_pat
     np.testing.assert_allclose(got, want.numpy(), atol=TOL, rtol=TOL)
 
 
-def test_what_the_tracer_fixed_is_warned_and_recorded_when_the_graph_validates(tmp_path, caplog):
+def test_what_the_tracer_fixed_is_warned_and_recorded_when_the_graph_validates(
+    tmp_path, caplog, cli
+):
     """Within the example's width the traced length is right, so the legacy graph ships; the
     place is still said (the checks cover only the validated shapes) and kept in the manifest."""
     line, code = source_line("# LENGTH")
@@ -536,6 +538,9 @@ def test_what_the_tracer_fixed_is_warned_and_recorded_when_the_graph_validates(t
     assert " ".join(note.split()) in said and "It validated at 5 shapes up to 10 tokens" in said
     report = write_bundle(result, tmp_path / "b").report.read_text()
     assert f"- {note}" in report
+    shown = " ".join(cli("inspect", tmp_path / "b").stdout.split())
+    said = " ".join(f"the legacy tracer fixed a value computed from a tensor at {note}".split())
+    assert said in shown, shown
 
 
 def test_the_builtin_model_gets_no_tracer_notes(digits_result):
