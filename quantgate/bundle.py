@@ -81,12 +81,18 @@ class GateResult:
     op: str  # "<=" or ">=": how value must compare with threshold to pass
     passed: bool
     ci: tuple[float, float] | None = None  # confidence interval of value, when bootstrapped
-    provider: str | None = None  # execution provider for speed gates
+    provider: str | None = None  # where it was measured; None: the CPU, for accuracy gates
     detail: str = ""
 
     @property
     def is_speed(self) -> bool:
         return speed_shape(self.name) is not None
+
+    @property
+    def label(self) -> str:
+        """Its name as shown to a person: "... on CUDA" where it was measured there (a
+        variant's cosine or speed gate on CUDA and on the CPU share a name)."""
+        return f"{self.name} on CUDA" if self.provider == CUDA else self.name
 
 
 def speed_score(gates) -> float:

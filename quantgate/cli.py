@@ -467,7 +467,7 @@ def _print_export(bundle) -> None:
     e = bundle.manifest.export
     val = e["validation"]
     out.print(f"bundle {bundle.path} ({e['exporter']} exporter, opset {bundle.manifest.opset})")
-    for line in _passed_over(e):
+    for line in _export_notes(e):
         out.print(f"  {line}", highlight=False)
     for output, diff in val["max_abs_diff"].items():
         out.print(f"  {output}: max abs diff {diff:.2e} over {len(val['cases'])} shapes")
@@ -535,7 +535,7 @@ def gate(
     _print_gates(bundle.path)
 
 
-def _passed_over(export: dict) -> list[str]:
+def _export_notes(export: dict) -> list[str]:
     """The exporters ``--exporter auto`` tried before the one used, and why each failed; then
     the values the legacy tracer fixed as constants in the user's code (``tracer_notes``)."""
     return [
@@ -578,16 +578,8 @@ def _bars(bar: Progress):
     return on_progress
 
 
-def _on_cuda(g) -> str:
-    """ " on CUDA" after the name of a gate measured there: INT8's cosine on CUDA and on the
-    CPU have one name."""
-    from quantgate.bundle import CUDA
-
-    return " on CUDA" if g.provider == CUDA else ""
-
-
 def _print_gates(path: Path) -> None:
-    """The verdict and every INT8 gate, on stdout."""
+    """The bundle's verdict and the gates of every variant but FP32, on stdout."""
     from quantgate.bundle import load
     from quantgate.quantize.gates import uncertain
 
@@ -606,7 +598,7 @@ def _print_gates(path: Path) -> None:
             if uncertain(g):  # another sample could have decided it the other way
                 mark += " (uncertain: its interval crosses the threshold)"
             out.print(
-                f"    {g.name}{_on_cuda(g)} {g.value:.4g}{ci} {g.op} {g.threshold:g}: {mark}",
+                f"    {g.label} {g.value:.4g}{ci} {g.op} {g.threshold:g}: {mark}",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -690,7 +682,7 @@ def inspect(
         out.print(
             f"export: {e.get('exporter')} exporter, opset {m.opset}, max sequence {m.max_seq_len}"
         )
-        for line in _passed_over(e):
+        for line in _export_notes(e):
             out.print(line, highlight=False, soft_wrap=True)
         out.print(f"fusions: {fused}")
         if val:
@@ -701,7 +693,7 @@ def inspect(
         for precision, g in gates:
             table.add_row(
                 precision,
-                g.name + _on_cuda(g),
+                g.label,
                 f"{g.value:.4g}",
                 f"{g.op} {g.threshold:g}",
                 ("[green]pass[/]" if g.passed else "[bold red]FAIL[/]")

@@ -56,6 +56,16 @@ class CudaTiming:
     pairs: int
 
 
+@dataclass(frozen=True)
+class CudaGating:
+    """Every variant gated on the CUDA provider: what the report's CUDA section shows."""
+
+    gates: dict[str, tuple[GateResult, ...]]  # precision -> its gates there
+    timings: list[CudaTiming]
+    where: dict[str, placement.PlacementReport]  # precision (fp32 too) -> its placement
+    cfg: CudaGateConfig  # the shapes and thresholds they were timed and judged at
+
+
 def available() -> bool:
     """Whether ONNX Runtime here has a CUDA provider that really loads a session."""
     import onnxruntime as ort
@@ -194,8 +204,9 @@ def without_gates(variant, provider: str = CUDA):
     gates = tuple(g for g in variant.gates if g.provider != provider)
     if variant.precision == "fp16":
         return dataclasses.replace(variant, gates=gates)
+    # apply_gates appends the reason as the last note, and nothing writes notes after it
     notes = variant.notes
-    if notes.startswith(NOT_FOR_CUDA):  # the reason is the last note (apply_gates)
+    if notes.startswith(NOT_FOR_CUDA):
         notes = ""
     notes = notes.partition("; " + NOT_FOR_CUDA)[0]
     return dataclasses.replace(
@@ -233,6 +244,7 @@ def gate_variants(
 
 __all__ = [
     "CudaGateConfig",
+    "CudaGating",
     "CudaTiming",
     "apply_gates",
     "available",

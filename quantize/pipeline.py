@@ -39,7 +39,7 @@ from quantgate.errors import BundleError, ConfigError, DataError, GateFailed, Qu
 from quantgate.export.config import ExportConfig
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize import report as reports
-from quantgate.quantize.cuda import CPU, CUDA
+from quantgate.quantize.cuda import CPU, CUDA, CudaGating
 from quantgate.quantize.data import (
     MIN_CALIBRATION_ROWS,
     DataSource,
@@ -353,12 +353,12 @@ def _gate_on_cuda(
         return variants, []
     files = {v.precision: v.path for v in variants}
     min_cosine = {"fp16": cfg.fp16_min_cosine, "int8": int8_min_cosine}
-    gates, timed = _cuda_gates(
+    gated = _cuda_gates(
         result.onnx, files, result.inputs, result.max_seq_len, evaluation, emit,
         min_cosine=min_cosine, gate_cfg=gate_cfg, provider=provider,
     )  # fmt: skip
-    out = [cuda.apply_gates(v, gates[v.precision]) for v in variants]
-    return out, [reports.cuda_section(gates, *timed)]
+    out = [cuda.apply_gates(v, gated.gates[v.precision]) for v in variants]
+    return out, [reports.cuda_section(gated)]
 
 
 def _cuda_gates(
@@ -372,9 +372,8 @@ def _cuda_gates(
     min_cosine: dict[str, float],
     gate_cfg: GateConfig,
     provider: str,
-) -> tuple[dict[str, tuple[GateResult, ...]], tuple]:
-    """The gates on ``provider`` of every variant in ``files`` (precision -> ONNX file), and
-    what ``reports.cuda_section`` needs besides: (timings, placements, timing config).
+) -> CudaGating:
+    """Every variant in ``files`` (precision -> ONNX file) gated on ``provider``.
 
     Placement and speed against ``fp32`` (``cuda.gate_variants``, at sequence lengths capped
     at what the model takes); then the fidelity on ``evaluation`` there (CUDA's arithmetic,
@@ -396,7 +395,7 @@ def _cuda_gates(
         fidelity = fp16.fidelity(fp32, file, evaluation(), provider=provider, precision=k)
         gates[k] = (*fidelity.gates(min_cosine=min_cosine[k], cfg=gate_cfg), *gates[k])
     emit("cuda", 1, 1, "gated")
-    return gates, (timings, where, timing)
+    return CudaGating(gates, timings, where, timing)
 
 
 def regate(
@@ -448,16 +447,16 @@ def regate(
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     said = (_measured_on(ev), _settings_said(changed))
     if on_cuda:
-        variants, gates, timed = _regate_on_cuda(bundle, ev, gate_cfg, emit)
+        variants, gated = _regate_on_cuda(bundle, ev, gate_cfg, emit)
         now = dataclasses.replace(m, variants=variants)
-        section = reports.cuda_regated(now, when, *said, gates, *timed)
+        section = reports.cuda_regated(now, when, *said, gated, gate_cfg.confidence)
     else:
         _check_eval_rows(
             ev, m.task, [o.name for o in m.outputs], gate_cfg.eval_samples, where=where
         )
-        variants, kept = _regate_int8(bundle, ev, gate_cfg, emit)
+        variants, kept, new = _regate_int8(bundle, ev, gate_cfg, emit)
         now = dataclasses.replace(m, variants=variants)
-        section = _regate_section(now, when, gate_cfg, *said, kept=kept)
+        section = _regate_section(now, when, gate_cfg, *said, kept=kept, new=new)
     record = {
         "at": when,
         "provider": gate_cfg.provider,
@@ -473,10 +472,11 @@ def regate(
 
 def _regate_int8(
     bundle: Bundle, ev: DataSource, gate_cfg: GateConfig, emit: ProgressFn
-) -> tuple[tuple[Variant, ...], bool]:
+) -> tuple[tuple[Variant, ...], bool, list[str]]:
     """The bundle's variants after its INT8 variant's accuracy and speed gates are measured
-    again on ``gate_cfg.provider``, replacing those measured there before; and whether it
-    keeps gates measured on other providers (CUDA's, from the build)."""
+    again on ``gate_cfg.provider``, replacing those measured there before; whether it keeps
+    gates measured on other providers (CUDA's, from the build); and the accuracy gates it
+    has now that it had not before."""
     int8 = bundle.manifest.variant("int8")
     if not ev.has_labels and any(g.name == "accuracy_drop" for g in int8.gates):
         # One bad data-prep step must not quietly turn an accuracy gate into an agreement one.
@@ -487,7 +487,15 @@ def _regate_int8(
         )
     measured = _int8_gates(bundle, ev, gate_cfg, emit)
     kept = tuple(g for g in int8.gates if g.provider not in (None, gate_cfg.provider))
-    return _with_int8_gates(bundle.manifest.variants, (*measured, *kept)), bool(kept)
+    before = {g.name for g in int8.gates}
+    if new := [g.name for g in measured if not g.is_speed and g.name not in before]:
+        # A gate a newer quantgate measures (an embedding's per-token cosine): a failure
+        # there is new evidence on the same model, not a changed threshold, and is said so.
+        log.warning(
+            "the INT8 variant is now also gated on %s, which its last gating did not measure",
+            ", ".join(new),
+        )
+    return _with_int8_gates(bundle.manifest.variants, (*measured, *kept)), bool(kept), new
 
 
 def _require_variants(m: Manifest, on_cuda: bool) -> None:
@@ -511,7 +519,7 @@ def _require_variants(m: Manifest, on_cuda: bool) -> None:
 
 def _regate_on_cuda(
     bundle: Bundle, ev: DataSource, gate_cfg: GateConfig, emit: ProgressFn, *, provider: str = CUDA
-) -> tuple[tuple[Variant, ...], dict[str, tuple[GateResult, ...]], tuple]:
+) -> tuple[tuple[Variant, ...], CudaGating]:
     """The bundle's variants after its FP16 and INT8 are gated on ``provider`` again, as the
     build gates them on a GPU host (``_gate_on_cuda``): their gates measured there before are
     replaced (``cuda.without_gates``), FP16's new gates decide whether it ships, INT8's only
@@ -524,18 +532,18 @@ def _regate_on_cuda(
     again = [v for v in m.variants if v.precision in ("fp16", "int8")]
     files = {v.precision: bundle.file(v.precision) for v in again}
     min_cosine = {"fp16": _fp16_min_cosine(m), "int8": gate_cfg.min_cosine}
-    gates, timed = _cuda_gates(
+    gated = _cuda_gates(
         bundle.file("fp32"), files, m.inputs, m.max_seq_len or gate_cfg.seq_len, ev, emit,
         min_cosine=min_cosine, gate_cfg=gate_cfg, provider=provider,
     )  # fmt: skip
 
-    def gated(v: Variant) -> Variant:
-        if v.precision not in gates:
+    def again(v: Variant) -> Variant:
+        if v.precision not in gated.gates:
             return v
-        new = cuda.apply_gates(cuda.without_gates(v, provider), gates[v.precision])
+        new = cuda.apply_gates(cuda.without_gates(v, provider), gated.gates[v.precision])
         return dataclasses.replace(new, verdict=_verdict(new.gates))
 
-    return tuple(map(gated, m.variants)), gates, timed
+    return tuple(map(again, m.variants)), gated
 
 
 def _fp16_min_cosine(m: Manifest) -> float:
@@ -661,11 +669,19 @@ def _settings_said(changed: list[tuple[str, bool]] | None) -> str:
 
 
 def _regate_section(
-    manifest: Manifest, when: str, cfg: GateConfig, measured_on: str, settings: str, *, kept: bool
+    manifest: Manifest,
+    when: str,
+    cfg: GateConfig,
+    measured_on: str,
+    settings: str,
+    *,
+    kept: bool,
+    new: Sequence[str] = (),
 ) -> str:
     """report.md's section on a re-gate on the CPU: the bundle's new verdict, what was re-run
     ``measured_on`` what (and whether INT8 gates of other providers were ``kept``), the gate
-    ``settings`` sentence (``_settings_said``), the INT8 gates."""
+    ``settings`` sentence (``_settings_said``), the gates measured for the first time
+    (``new``), the INT8 gates."""
     verdict, int8 = manifest.verdict, manifest.variant("int8")
     what = (
         f"The INT8 variant's gates on {cfg.provider} were re-run {measured_on}; they replace its "
@@ -673,7 +689,9 @@ def _regate_section(
     )
     failing = [v.precision for v in manifest.variants if v is not int8 and not v.passed]
     if failing:
-        what += f" Failed at build time, and not re-gated: {', '.join(failing)}."
+        what += f" Failed, and not re-gated here: {', '.join(failing)}."
+    if new:
+        settings += f" Gates its last gating did not measure: {', '.join(new)}."
     return "\n".join(
         [
             f"{reports.REGATED} {when}",
@@ -726,7 +744,7 @@ def _failure_message(manifest: Manifest, where, search: SearchResult | None = No
     be the cause: a search stopped before it tried every recipe, a small calibration set."""
     bad = [(v.precision, g) for v in manifest.variants for g in v.gates if not g.passed]
     lines = [
-        f"{precision} {g.name} = {g.value:.4g}, required {g.op} {g.threshold:g}"
+        f"{precision} {g.label} = {g.value:.4g}, required {g.op} {g.threshold:g}"
         + (f" (interval {g.ci[0]:.4g}..{g.ci[1]:.4g})" if g.ci else "")
         for precision, g in bad
     ]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from quantgate.bundle import CPU, CUDA, PASS, GateResult, Manifest, speed_shape
+from quantgate.quantize.cuda import CudaGating
 from quantgate.quantize.gates import GateConfig, uncertain
 from quantgate.quantize.search import Candidate, SearchResult
 
@@ -28,6 +29,9 @@ VERDICT = "Verdict: "  # opens the paragraph of a section's verdict
 SUPERSEDED = "(superseded)"
 NOTE = "Superseded by the re-gate of "
 VERDICT_THEN = "Verdict when measured: "
+# What the gates of the re-gate that supersedes a section decide, by where it ran.
+DECIDES_INT8 = "its gates decide the INT8 variant's verdict"
+DECIDES_CUDA = "its gates decide where each variant runs on CUDA, and whether FP16 ships"
 UNCERTAIN = "(uncertain)"  # after a gate's result: its interval straddles the threshold
 MAX_PANELS = 4  # accuracy gates in the candidates plot, a panel each (report.md has them all)
 
@@ -43,7 +47,7 @@ def gate_table(gates: Sequence[GateResult], confidence: float | None = None) -> 
         ci = f"[{_num(g.ci[0])}, {_num(g.ci[1])}]" if g.ci else ""
         verdict = ("pass" if g.passed else "**FAIL**") + (f" {UNCERTAIN}" if uncertain(g) else "")
         lines.append(
-            f"| {g.name} | {_num(g.value)} | {ci} | {g.op} {g.threshold:g} | {verdict} | "
+            f"| {g.label} | {_num(g.value)} | {ci} | {g.op} {g.threshold:g} | {verdict} | "
             f"{g.detail} |"
         )
     return lines
@@ -79,15 +83,15 @@ def fp16_left_out(why: str) -> str:
     )
 
 
-def cuda_section(gates: dict, timings: Sequence, where: dict, cfg) -> str:
-    """Every variant timed on the CUDA provider (``cfg``, a cuda.CudaGateConfig): what
-    decided where each one runs."""
-    return "\n".join([CUDA_HEADING, "", *cuda_table(gates, timings, where, cfg)])
+def cuda_section(gated: CudaGating) -> str:
+    """Every variant timed on the CUDA provider: what decided where each one runs."""
+    return "\n".join([CUDA_HEADING, "", *cuda_table(gated)])
 
 
-def cuda_table(gates: dict, timings: Sequence, where: dict, cfg) -> list[str]:
+def cuda_table(gated: CudaGating) -> list[str]:
     """How the CUDA gates decide, and a row per variant: its time at each shape against
-    FP32's, its placement, and whether its gates (``gates``, precision -> results) passed."""
+    FP32's, its placement, and whether its gates there passed."""
+    cfg, timings = gated.cfg, gated.timings
     shapes = [f"b{t.shape[0]} s{t.shape[1]}" for t in timings]
     lines = [
         "Timed against FP32, interleaved, outputs on the device; median of per-pair ratios. "
@@ -98,15 +102,17 @@ def cuda_table(gates: dict, timings: Sequence, where: dict, cfg) -> list[str]:
         "| variant | " + " | ".join(f"{s} ms (vs FP32)" for s in shapes) + " | placement | gates |",
         "|---|" + "---|" * len(shapes) + "---|---|",
     ]
-    for name in ("fp32", *gates):
+    for name in ("fp32", *gated.gates):
         cells = [f"{t.ms[name]:.2f} ({t.speedup[name]:.2f}x)" for t in timings]
-        verdict = (
-            "" if name == "fp32" else ("pass" if all(g.passed for g in gates[name]) else "**FAIL**")
-        )
+        verdict = "" if name == "fp32" else _verdict(gated.gates[name])
         lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {where[name].reason()} | {verdict} |"
+            f"| {name} | " + " | ".join(cells) + f" | {gated.where[name].reason()} | {verdict} |"
         )
     return lines
+
+
+def _verdict(gates: Sequence[GateResult]) -> str:
+    return "pass" if all(g.passed for g in gates) else "**FAIL**"
 
 
 def cuda_regated(
@@ -114,26 +120,25 @@ def cuda_regated(
     when: str,
     measured_on: str,
     settings: str,
-    gates: dict,
-    timings: Sequence,
-    where: dict,
-    cfg,
+    gated: CudaGating,
+    confidence: float | None = None,
 ) -> str:
-    """report.md's section on a re-gate on CUDA at ``when``: the bundle's verdict, where each
-    variant now runs, the timings (``cuda_table``) and every gate measured (``gates``), those
-    of an INT8 marked not for CUDA too. ``measured_on``: with what, on what data;
-    ``settings``: the sentence on the gate settings."""
-    runs = []
-    for name in gates:
-        v = manifest.variant(name)
+    """report.md's section on a re-gate on CUDA at ``when``: the bundle's verdict, what CUDA's
+    gates decided for each variant, the timings (``cuda_table``) and every gate measured
+    there, those of an INT8 marked not for CUDA too. ``measured_on``: with what, on what
+    data; ``settings``: the sentence on the gate settings; ``confidence``: the intervals'."""
+    decided = []
+    for name, gates in gated.gates.items():
+        passed = all(g.passed for g in gates)
         if name == "int8":
-            runs.append("INT8 runs on CUDA" if CUDA in v.providers else "INT8 is not for CUDA")
+            decided.append("INT8 runs on CUDA" if passed else "INT8 is not for CUDA")
         else:
-            runs.append(f"{name.upper()} {'passed' if v.passed else 'FAILED'} on CUDA")
+            decided.append(f"{name.upper()} {'passed' if passed else 'FAILED'} its CUDA gates")
     what = (
         f"Every variant's gates on {CUDA} were re-run {measured_on}, by the build's rule: FP16 "
         "ships only if it is accurate and fast there, INT8's gates there decide only whether "
-        f"it runs there. {'; '.join(runs)}. The gates measured on the CPU are kept. {settings}"
+        f"it runs there. {'; '.join(decided)}. The gates measured on the CPU are kept. "
+        f"{settings}"
     )
     verdict = manifest.verdict
     lines = [
@@ -141,10 +146,10 @@ def cuda_regated(
         "",
         f"{VERDICT}**{verdict if verdict == PASS else 'FAIL'}**. {what}",
         "",
-        *cuda_table(gates, timings, where, cfg),
+        *cuda_table(gated),
     ]
-    for name, measured in gates.items():
-        lines += ["", f"{name.upper()} on CUDA:", "", *gate_table(measured)]
+    for name, gates in gated.gates.items():
+        lines += ["", f"{name.upper()} on CUDA:", "", *gate_table(gates, confidence)]
     return "\n".join([*lines, ""])
 
 
@@ -329,11 +334,7 @@ def regated(old: str, section: str, manifest: Manifest, when: str, *, provider: 
     head, *rest = ("\n" + old).split("\n## ")  # "\n" first: a report may open with a section
     head = head.strip() or f"# {manifest.name}"
     head = re.sub(r"Verdict: \*\*\w+\*\*\.", f"Verdict: **{manifest.verdict}**.", head, count=1)
-    decides = (
-        "its gates decide where each variant runs on CUDA, and whether FP16 ships"
-        if provider == CUDA
-        else DECIDES_INT8
-    )
+    decides = DECIDES_CUDA if provider == CUDA else DECIDES_INT8
     sections = []
     for body in rest:
         s = "## " + body.rstrip()
@@ -349,12 +350,10 @@ def regated(old: str, section: str, manifest: Manifest, when: str, *, provider: 
 
 def _measured_again(section: str, provider: str) -> bool:
     """Whether a re-gate on ``provider`` measured again the gates ``section`` reports."""
+    # CUDA's first: REGATED is a prefix of REGATED_CUDA
     if section.startswith((CUDA_HEADING, REGATED_CUDA)):
         return provider == CUDA
     return provider != CUDA and section.startswith((HEADING, REGATED))
-
-
-DECIDES_INT8 = "its gates decide the INT8 variant's verdict"
 
 
 def superseded(section: str, when: str, *, decides: str = DECIDES_INT8) -> str:
@@ -368,8 +367,8 @@ def superseded(section: str, when: str, *, decides: str = DECIDES_INT8) -> str:
         [
             f"{title.removesuffix(' ' + SUPERSEDED)} {SUPERSEDED}",
             "",
-            f"{NOTE}{when}, the first section of this report: {decides}. What follows is an "
-            "earlier measurement, kept as a record.",
+            f"{NOTE}{when}, in its section above: {decides}. What follows is an earlier "
+            "measurement, kept as a record.",
             "",
             body,
         ]

@@ -207,3 +207,28 @@ def test_on_a_gpu_the_pipeline_gates_fp16_and_int8_on_cuda(tiny_bert_export, fee
     assert on_cuda and all(g.provider == cuda.CUDA and g.passed for g in on_cuda)
     # dynamic INT8 has no CUDA kernels: it falls back and is kept off CUDA
     assert cuda.CUDA in int8.not_for and "not for CUDA" in int8.notes
+
+
+def test_without_gates_undoes_apply_gates_and_keeps_the_cpus(tmp_path):
+    """A re-gate on CUDA replaces the gates measured there and nothing else: INT8's accuracy
+    gates (measured on the CPU, provider None) and CPU speed gates (provider CPU) stay, and
+    its providers, not_for and notes go back to where the build starts them."""
+    accuracy = GateResult("cosine", 0.998, 0.99, ">=", True)
+    cpu_speed = GateResult("speedup_b1_s128", 1.6, 1.2, ">=", True, provider=cuda.CPU)
+    built = ExtraVariant(
+        tmp_path / "m.onnx", "int8", gates=(accuracy, cpu_speed), providers=(cuda.CPU,),
+        not_for=(cuda.CUDA,), notes="recipe smooth-static-u8s8",
+    )  # fmt: skip
+    for first, second in [(True, False), (False, True), (False, False), (True, True)]:
+        once = cuda.apply_gates(built, (_gate("speedup_b128_s128", first),))
+        undone = cuda.without_gates(once)
+        assert undone == built, (first, undone)
+        again = cuda.apply_gates(undone, (_gate("speedup_b128_s128", second),))
+        assert again.gates[:2] == (accuracy, cpu_speed)
+        assert (cuda.CUDA in again.providers) is second
+        assert (cuda.CUDA in again.not_for) is not second
+        assert again.notes.count("not for CUDA") == (0 if second else 1)
+        assert again.notes.startswith("recipe smooth-static-u8s8")
+    f16 = ExtraVariant(tmp_path / "h.onnx", "fp16", gates=(accuracy,), providers=(cuda.CUDA,))
+    gated = cuda.apply_gates(f16, (_gate("speedup_b128_s128", False),))
+    assert cuda.without_gates(gated) == f16

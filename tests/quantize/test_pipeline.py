@@ -26,7 +26,9 @@ def gate_file(tmp_path) -> Path:
     return f
 
 
-def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(cli, tmp_path, gate_file):
+def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(
+    cli, tmp_path, gate_file, caplog
+):
     out = tmp_path / "b"
     r = cli("export", tiny_checkpoint(), "--out", out, "--min-speedup", "100",
             "--search-budget", "1", "--gate-config", gate_file)  # fmt: skip
@@ -101,6 +103,20 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(cli, tmp_p
     regated = load(out).manifest.extra["regates"][-1]
     assert regated["gate_config"]["min_speedup"] == 100 and regated["verdict"] == "fail"
     assert "Gate settings: those of the last gating." in load(out).report.read_text()
+
+    # A gate the last gating did not measure (one a newer quantgate adds) is named: a failure
+    # there would be new evidence, not a changed threshold.
+    m = load(out).manifest
+    older = tuple(
+        dataclasses.replace(v, gates=tuple(g for g in v.gates if g.name != "accuracy_drop"))
+        for v in m.variants
+    )
+    write_manifest(out, dataclasses.replace(m, variants=older))
+    cli("gate", out, "--gate-config", gate_file)
+    said = "now also gated on accuracy_drop, which its last gating did not measure"
+    assert said in caplog.text
+    newest = load(out).report.read_text().split("## Re-gated", 2)[1]
+    assert "Gates its last gating did not measure: accuracy_drop." in newest
 
     # A read-only bundle is refused before its gates are measured, and left as it was.
     from quantgate.errors import BundleError

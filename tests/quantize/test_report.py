@@ -10,10 +10,11 @@ from pathlib import Path
 
 from quantgate.bundle import CPU, CUDA, GateResult, Manifest, Variant
 from quantgate.placement import PlacementReport
-from quantgate.quantize.cuda import CudaGateConfig, CudaTiming
+from quantgate.quantize.cuda import CudaGateConfig, CudaGating, CudaTiming
 from quantgate.quantize.gates import GateConfig, TimingConditions
 from quantgate.quantize.report import (
     MAX_PANELS,
+    cuda_regated,
     cuda_section,
     gate_table,
     merged_labels,
@@ -93,6 +94,13 @@ def test_the_title_block_and_variants_table_take_the_new_verdicts():
 def cuda_report(int8_passed: bool) -> str:
     """A report whose CUDA section (``cuda_section``, as a GPU host's build writes it) gave
     INT8's CUDA gates the verdict ``int8_passed``."""
+    build = "## INT8: gates and recipe search\n\nVerdict: **pass**. Shipped `dynamic`.\n"
+    section = cuda_section(cuda_gating(int8_passed))
+    return "\n\n".join(["# digits", build, section]) + "\n"
+
+
+def cuda_gating(int8_passed: bool) -> CudaGating:
+    """FP16 and INT8 timed on CUDA; FP16 passes, INT8 as ``int8_passed``."""
     cfg = CudaGateConfig(throughput=(128, 64), latency=(1, 64))
     int8 = 3.1 if int8_passed else 5.0  # ms at the throughput shape, FP32's 4.0
     ms = {
@@ -111,8 +119,7 @@ def cuda_report(int8_passed: bool) -> str:
         "fp16": (GateResult("speedup_b128_s64", 2.0, 1.2, ">=", True, provider=CUDA),),
     }
     where = dict.fromkeys(("fp32", "int8", "fp16"), on_cuda)
-    build = "## INT8: gates and recipe search\n\nVerdict: **pass**. Shipped `dynamic`.\n"
-    return "\n\n".join(["# digits", build, cuda_section(gates, timings, where, cfg)]) + "\n"
+    return CudaGating(gates, timings, where, cfg)
 
 
 def cuda_rows(report: str) -> dict[str, str]:
@@ -140,8 +147,8 @@ def test_a_regate_on_cuda_supersedes_the_cuda_section_and_keeps_the_cpu_gates_cu
         "## On the CUDA execution provider (superseded)",
     ]
     assert cuda_rows(report) == cuda_rows(old)  # the earlier timings, kept as the record
-    note = f"Superseded by the re-gate of {FIRST}, the first section of this report: its gates "
-    assert f"{note}decide where each variant runs on CUDA, and whether FP16 ships." in report
+    note = f"Superseded by the re-gate of {FIRST}, in its section above: its gates decide "
+    assert f"{note}where each variant runs on CUDA, and whether FP16 ships." in report
 
     # A second re-gate on CUDA supersedes the first; one on the CPU then supersedes only the
     # build's INT8 section, and leaves the newest re-gate on CUDA current.
@@ -158,6 +165,20 @@ def test_a_regate_on_cuda_supersedes_the_cuda_section_and_keeps_the_cpu_gates_cu
         "## On the CUDA execution provider (superseded)",
     ]
     assert current(cpu) == {"pass"} and cpu.count(f"Superseded by the re-gate of {SECOND}") == 2
+
+
+def test_a_cuda_regate_section_says_what_cudas_gates_decided_not_the_variants_verdicts():
+    """FP16 failed on the CPU at build time but passes every gate on CUDA: the section says
+    it passed its CUDA gates (the bundle's verdict, above them, still says FAIL)."""
+    section = cuda_regated(
+        manifest("fail"), FIRST, "on eval.npz", "Gate settings: those of the last gating.",
+        cuda_gating(int8_passed=False), 0.95,
+    )  # fmt: skip
+    first = section.split("\n\n")[1]
+    assert first.startswith("Verdict: **FAIL**.")
+    assert "INT8 is not for CUDA; FP16 passed its CUDA gates." in first
+    assert "| speedup_b128_s64 on CUDA | 0.8000 |  | >= 1.2 | **FAIL** |" in section
+    assert section.count("| gate | value | 95% interval |") == 2
 
 
 def test_a_regate_on_the_cpu_keeps_the_cuda_section_current():
