@@ -67,6 +67,8 @@ class BearerTokenAuth(grpc.ServerInterceptor):
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
+        # A refusal per method, made once: the access log, outside, wraps each handler once.
+        self._refusals: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
@@ -79,7 +81,10 @@ class BearerTokenAuth(grpc.ServerInterceptor):
         metadata = dict(details.invocation_metadata or ())
         if hmac.compare_digest(metadata.get("authorization", "").encode(), self._expected):
             return handler
-        return _denied(handler)
+        cached = self._refusals.get(details.method)
+        if cached is None or cached[0] is not handler:
+            cached = self._refusals[details.method] = (handler, _denied(handler))
+        return cached[1]
 
 
 def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -109,7 +114,9 @@ class AccessLog(grpc.ServerInterceptor):
 
     Calls that end before any handler runs have no line: those gRPC refuses (an unknown
     method, an oversized message, calls beyond the server's limit of concurrent RPCs), and
-    those cancelled or expired before a thread took them up.
+    those cancelled or expired before a thread took them up; so has a stream cancelled
+    before its first response (gRPC closes a generator that never started without running
+    it).
     Installed only with ``--access-log``: without it a call pays nothing for it.
     """
 
