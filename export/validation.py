@@ -121,7 +121,8 @@ def build_cases(model: LoadedModel, *, mid_batch: int = 8) -> list[Case]:
 
 def stretch(samples: Samples, width: int) -> Samples:
     """``samples`` widened to ``width`` tokens: each row's real tokens (its first
-    ``length`` positions) repeated until the row is full, in every input alike."""
+    ``length`` positions: right padding, as every validation case assumes) repeated until
+    the row is full, in every input alike."""
     lengths = np.maximum(samples.lengths.astype(np.int64), 1)  # (N,)
     idx = np.arange(width)[None, :] % lengths[:, None]  # (N, width): position to copy
     arrays = {}
@@ -163,12 +164,12 @@ def reference_outputs(model: LoadedModel, cases: Sequence[Case]) -> list[TorchOu
     import torch
 
     refs = []
-    with torch.no_grad():
+    # the model's own warnings (torch's prototype notices...), logged once for every case
+    with torch.no_grad(), _warnings_logged():
         for case in cases:
             args = [torch.from_numpy(case.feeds[n]) for n in model.input_names]
             try:
-                with _warnings_logged():  # the model's own (torch's prototype notices...)
-                    out = model.module(*args)
+                out = model.module(*args)
             except Exception as e:  # noqa: BLE001 - the user's forward may raise anything
                 raise ExportError(
                     f"the model's forward failed in PyTorch on validation case {case.describe()}: "
