@@ -8,6 +8,7 @@ maps the source tree to quantgate.*.
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import json
 import re
@@ -112,14 +113,23 @@ class Server:
     ``cli`` is how to run `quantgate`: ``[sys.executable, "-m", "quantgate"]``, or a script
     that bootstraps the source tree first. Its output is drained on a thread after start-up
     (a full pipe would block the server); the last lines are kept for error messages.
+    ``log``: a file for the server's stderr (its log) instead of that pipe, as an operator's
+    log would go: no thread of this process wakes up for each of its lines.
     """
 
-    def __init__(self, cli: Sequence[str], bundle: Path, *args: str, start_timeout: float = 120):
+    def __init__(
+        self,
+        cli: Sequence[str],
+        bundle: Path,
+        *args: str,
+        start_timeout: float = 120,
+        log: Path | None = None,
+    ):
         cmd = [*cli, "serve", str(bundle), "--host", "127.0.0.1", "--port", "0", *args]
         self.args = cmd[len(cli) :]
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+        self.log = log
+        with open(log, "w") if log else contextlib.nullcontext(subprocess.STDOUT) as stderr:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
         self.lines: collections.deque[str] = collections.deque(maxlen=50)
         self.serving: list[str] = []  # the server's "serving ..." lines: what it chose
         self._up = threading.Event()
@@ -152,7 +162,8 @@ class Server:
                 self._up.set()
 
     def tail(self) -> str:
-        return "".join(self.lines)
+        logged = self.log.read_text().splitlines(keepends=True)[-20:] if self.log else []
+        return "".join([*self.lines, *logged])
 
     def close(self) -> None:
         if self.proc.poll() is None:
