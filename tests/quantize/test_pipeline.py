@@ -168,7 +168,7 @@ def test_gate_fails_when_any_variant_fails_and_keeps_the_cuda_gates(cli, tmp_pat
     )
 
     r = cli("gate", out, *args)
-    assert r.code == 3 and "fp16 cosine:logits = 0.9, required >= 0.999" in r.stderr
+    assert r.code == 3 and "fp16 cosine:logits on CUDA = 0.9, required >= 0.999" in r.stderr
     m = load(out).manifest
     assert m.verdict == "fail" and m.extra["regates"][-1]["verdict"] == "fail"
     int8 = m.variant("int8")
@@ -176,7 +176,7 @@ def test_gate_fails_when_any_variant_fails_and_keeps_the_cuda_gates(cli, tmp_pat
     assert sum(g.name == "accuracy_drop" for g in int8.gates) == 1  # the CPU ones replaced
     report = load(out).report.read_text()
     latest = report.split("## Re-gated")[1]
-    assert "Verdict: **FAIL**" in latest and "not re-gated: fp16" in latest
+    assert "Verdict: **FAIL**" in latest and "not re-gated here: fp16" in latest
     assert report.startswith(f"# {m.name}\n\n## Re-gated ")  # a title, then the re-gate
     build = section(report, "## INT8: gates and recipe search (superseded)")
     assert "Verdict when measured: **FAIL**. No candidate passed." in build
