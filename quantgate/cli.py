@@ -478,7 +478,12 @@ def _print_export(bundle) -> None:
 @command()
 def gate(
     path: Annotated[
-        Path, typer.Argument(help="A bundle with an INT8 variant.", show_default=False)
+        Path,
+        typer.Argument(
+            help="A bundle from `quantgate export`: with an INT8 variant to re-gate on the CPU, "
+            "with FP16 or INT8 on CUDA.",
+            show_default=False,
+        ),
     ],
     eval_data: Annotated[
         Path | None,
