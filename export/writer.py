@@ -17,9 +17,7 @@ from typing import Any
 from quantgate.bundle import (
     CPU,
     CUDA,
-    FAIL,
     MANIFEST,
-    PASS,
     PRECISIONS,
     REPORT,
     Bundle,
@@ -28,6 +26,7 @@ from quantgate.bundle import (
     Variant,
     sha256_file,
     staging,
+    verdict_of,
     write_manifest,
 )
 from quantgate.errors import BundleError
@@ -53,8 +52,7 @@ class ExtraVariant:
 
     @property
     def verdict(self) -> str:
-        # A variant ships on evidence: with no gate at all it has none, and fails.
-        return PASS if self.gates and all(g.passed for g in self.gates) else FAIL
+        return verdict_of(self.gates)
 
 
 def _bundle_tokenizer(extra: dict[str, Any], tmp: Path) -> dict[str, Any]:

@@ -95,6 +95,12 @@ class GateResult:
         return f"{self.name} on CUDA" if self.provider == CUDA else self.name
 
 
+def verdict_of(gates) -> str:
+    """PASS when every one of ``gates`` passed. A variant ships on evidence: with no gate at
+    all it has none, and fails."""
+    return PASS if gates and all(g.passed for g in gates) else FAIL
+
+
 def speed_score(gates) -> float:
     """The geometric mean of the speed gates' speedups among ``gates``; 0 without one. The
     search ranks passing candidates by it; the server serves a variant over FP32 only where

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantgate.bundle import (
-    FAIL,
     MANIFEST,
     PASS,
     REPORT,
@@ -33,6 +32,7 @@ from quantgate.bundle import (
     load,
     speed_shape,
     staging,
+    verdict_of,
     write_manifest,
 )
 from quantgate.errors import BundleError, ConfigError, DataError, GateFailed, QuantizeError
@@ -456,7 +456,7 @@ def regate(
         )
         variants, kept, new = _regate_int8(bundle, ev, gate_cfg, emit)
         now = dataclasses.replace(m, variants=variants)
-        section = _regate_section(now, when, gate_cfg, *said, kept=kept, new=new)
+        section = reports.regate_section(now, when, gate_cfg, *said, kept=kept, new=new)
     record = {
         "at": when,
         "provider": gate_cfg.provider,
@@ -541,7 +541,7 @@ def _regate_on_cuda(
         if v.precision not in gated.gates:
             return v
         new = cuda.apply_gates(cuda.without_gates(v, provider), gated.gates[v.precision])
-        return dataclasses.replace(new, verdict=_verdict(new.gates))
+        return dataclasses.replace(new, verdict=verdict_of(new.gates))
 
     return tuple(map(again, m.variants)), gated
 
@@ -553,11 +553,6 @@ def _fp16_min_cosine(m: Manifest) -> float:
         return DEFAULT_QUANT.fp16_min_cosine
     cosines = [g.threshold for g in m.variant("fp16").gates if g.name.startswith("cosine")]
     return max(cosines, default=DEFAULT_QUANT.fp16_min_cosine)
-
-
-def _verdict(gates: Sequence[GateResult]) -> str:
-    # A variant ships on evidence: with no gate at all it has none, and fails.
-    return PASS if gates and all(g.passed for g in gates) else FAIL
 
 
 # What a bundle's gating stands for, and so what a re-gate keeps from the last one: the
@@ -640,7 +635,9 @@ def _int8_gates(
 def _with_int8_gates(variants: Sequence[Variant], gates: tuple[GateResult, ...]) -> tuple:
     """``variants`` with the INT8 variant's gates (and so its verdict) replaced by ``gates``."""
     return tuple(
-        dataclasses.replace(v, gates=gates, verdict=_verdict(gates)) if v.precision == "int8" else v
+        dataclasses.replace(v, gates=gates, verdict=verdict_of(gates))
+        if v.precision == "int8"
+        else v
         for v in variants
     )
 
@@ -666,42 +663,6 @@ def _settings_said(changed: list[tuple[str, bool]] | None) -> str:
         return "Gate settings: those of the last gating."
     said = (text + (" (looser)" if looser else "") for text, looser in changed)
     return f"Gate settings changed since the last gating: {'; '.join(said)}."
-
-
-def _regate_section(
-    manifest: Manifest,
-    when: str,
-    cfg: GateConfig,
-    measured_on: str,
-    settings: str,
-    *,
-    kept: bool,
-    new: Sequence[str] = (),
-) -> str:
-    """report.md's section on a re-gate on the CPU: the bundle's new verdict, what was re-run
-    ``measured_on`` what (and whether INT8 gates of other providers were ``kept``), the gate
-    ``settings`` sentence (``_settings_said``), the gates measured for the first time
-    (``new``), the INT8 gates."""
-    verdict, int8 = manifest.verdict, manifest.variant("int8")
-    what = (
-        f"The INT8 variant's gates on {cfg.provider} were re-run {measured_on}; they replace its "
-        "gates measured there" + (", and its gates on other providers are kept." if kept else ".")
-    )
-    failing = [v.precision for v in manifest.variants if v is not int8 and not v.passed]
-    if failing:
-        what += f" Failed, and not re-gated here: {', '.join(failing)}."
-    if new:
-        settings += f" Gates its last gating did not measure: {', '.join(new)}."
-    return "\n".join(
-        [
-            f"{reports.REGATED} {when}",
-            "",
-            f"{reports.VERDICT}**{verdict if verdict == PASS else 'FAIL'}**. {what} {settings}",
-            "",
-            *reports.gate_table(int8.gates, cfg.confidence),
-            "",
-        ]
-    )
 
 
 def _rewrite(bundle: Bundle, manifest: Manifest, report: str) -> None:

@@ -55,7 +55,7 @@ def gate_table(gates: Sequence[GateResult], confidence: float | None = None) -> 
 
 def fp16_section(gates: Sequence[GateResult]) -> str:
     """The FP16 variant's gates: fidelity against FP32 here; CUDA speed on a GPU host."""
-    verdict = "pass" if all(g.passed for g in gates) else "**FAIL**"
+    verdict = _verdict(gates)
     return "\n".join(
         [
             "## FP16 (for the CUDA execution provider)",
@@ -140,17 +140,44 @@ def cuda_regated(
         f"it runs there. {'; '.join(decided)}. The gates measured on the CPU are kept. "
         f"{settings}"
     )
-    verdict = manifest.verdict
-    lines = [
-        f"{REGATED_CUDA} {when}",
-        "",
-        f"{VERDICT}**{verdict if verdict == PASS else 'FAIL'}**. {what}",
-        "",
-        *cuda_table(gated),
-    ]
+    lines = [*_regate_opening(REGATED_CUDA, when, manifest, what), *cuda_table(gated)]
     for name, gates in gated.gates.items():
         lines += ["", f"{name.upper()} on CUDA:", "", *gate_table(gates, confidence)]
     return "\n".join([*lines, ""])
+
+
+def regate_section(
+    manifest: Manifest,
+    when: str,
+    cfg: GateConfig,
+    measured_on: str,
+    settings: str,
+    *,
+    kept: bool,
+    new: Sequence[str] = (),
+) -> str:
+    """report.md's section on a re-gate on the CPU: the bundle's new verdict, what was re-run
+    ``measured_on`` what (and whether INT8 gates of other providers were ``kept``), the gate
+    ``settings`` sentence, the gates measured for the first time (``new``), the INT8 gates."""
+    int8 = manifest.variant("int8")
+    what = (
+        f"The INT8 variant's gates on {cfg.provider} were re-run {measured_on}; they replace its "
+        "gates measured there" + (", and its gates on other providers are kept." if kept else ".")
+    )
+    failing = [v.precision for v in manifest.variants if v is not int8 and not v.passed]
+    if failing:
+        what += f" Failed, and not re-gated here: {', '.join(failing)}."
+    what += f" {settings}"
+    if new:
+        what += f" Gates its last gating did not measure: {', '.join(new)}."
+    lines = _regate_opening(REGATED, when, manifest, what)
+    return "\n".join([*lines, *gate_table(int8.gates, cfg.confidence), ""])
+
+
+def _regate_opening(heading: str, when: str, manifest: Manifest, what: str) -> list[str]:
+    """A re-gate section's heading and its paragraph: the bundle's verdict, then ``what``."""
+    verdict = "pass" if manifest.verdict == PASS else "FAIL"
+    return [f"{heading} {when}", "", f"{VERDICT}**{verdict}**. {what}", ""]
 
 
 def _num(v: float) -> str:
@@ -485,6 +512,7 @@ __all__ = [
     "merged_labels",
     "plot_candidates",
     "plotted_gates",
+    "regate_section",
     "regated",
     "sections",
     "superseded",
