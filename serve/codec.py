@@ -280,7 +280,7 @@ def decode_bytes(raw: bytes, shape: Sequence[int]) -> np.ndarray:
     items, pos = [], 0
     while pos < len(raw):
         n = int.from_bytes(raw[pos : pos + 4], "little")
-        if pos + 4 > len(raw) or pos + 4 + n > len(raw):
+        if pos + 4 + n > len(raw):  # n >= 0 (unsigned): also when under 4 bytes remain
             raise InferenceFailed(
                 f"BYTES contents end inside element {len(items)}: {len(raw)} bytes, element "
                 f"at byte {pos} says {n} long"

@@ -7,13 +7,11 @@ a batch ran. Batches run on the request threads, so the statistics take a lock.
 from __future__ import annotations
 
 import dataclasses
-import socket
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIServer
 
 import prometheus_client as prom
 
@@ -90,23 +88,16 @@ class Metrics:
         there, any other path is 404); returns the bound port (the free one chosen when
         ``port`` is 0)."""
         try:
-            # IPv4 or IPv6, as the address says (a host name: its first address)
-            family, *_, sockaddr = socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )[0]
-
-            class Server(_HTTPServer):
-                address_family = family
-
-            self._httpd = make_server(
-                sockaddr[0], port, metrics_app(self.registry), Server, handler_class=_Quiet
-            )
+            # prometheus_client's server (threads per scrape, no line per request, IPv4 or
+            # IPv6 as the address says), with /metrics only in place of its any-path app
+            httpd, _ = prom.start_http_server(port, addr=host, registry=self.registry)
         except OSError as e:
             raise ServeError(
                 f"cannot serve metrics on {host}:{port}: {e.strerror or e}. "
                 "Choose another --metrics-port."
             ) from e
-        threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True).start()
+        httpd.set_app(metrics_app(self.registry))
+        self._httpd = httpd
         self.http_port = self._httpd.server_port
         return self.http_port
 
@@ -142,15 +133,6 @@ def metrics_app(registry: prom.CollectorRegistry):
         return [f"not found: quantgate's Prometheus metrics are at {METRICS_PATH}\n".encode()]
 
     return app
-
-
-class _HTTPServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True  # a scrape in progress does not hold up the process's exit
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
-        """No line per scrape on stderr: the server's log is for the server."""
 
 
 @dataclass

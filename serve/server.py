@@ -67,8 +67,6 @@ class BearerTokenAuth(grpc.ServerInterceptor):
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
-        # A refusal per method, made once: the access log, outside, wraps each handler once.
-        self._refusals: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
@@ -81,10 +79,7 @@ class BearerTokenAuth(grpc.ServerInterceptor):
         metadata = dict(details.invocation_metadata or ())
         if hmac.compare_digest(metadata.get("authorization", "").encode(), self._expected):
             return handler
-        cached = self._refusals.get(details.method)
-        if cached is None or cached[0] is not handler:
-            cached = self._refusals[details.method] = (handler, _denied(handler))
-        return cached[1]
+        return _denied(handler)
 
 
 def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -224,7 +219,20 @@ def _log_call(method, request, context, record, start, code, *, stream=False) ->
     }
     if stream and method.endswith("/ModelStreamInfer"):
         fields.update(requests=record.requests, failed=record.failed)
-    access_log.info(" ".join(f"{k}={_logfmt(v)}" for k, v in fields.items()), extra=fields)
+    access_log.info(_Line(fields), extra=fields)
+
+
+class _Line:
+    """The access log's message: ``key=value`` pairs, built only when a formatter prints
+    the message (the JSON log writes the fields as its keys, and its message from this)."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: dict) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return " ".join(f"{k}={_logfmt(v)}" for k, v in self.fields.items())
 
 
 def _asked(request, *names: str) -> str | None:
@@ -422,7 +430,7 @@ def _settings(cfg: ServeConfig) -> str:
     return (
         f"{tls}, {auth}; {batching}, queue {cfg.max_queue_size}; {cfg.instances} "
         f"instance(s) per model, ONNX Runtime threads: {cfg.intra_op_threads or 'default'}"
-        + ("; access log on (logger quantgate.serve.access)" if cfg.access_log else "")
+        + (f"; access log on (logger {access_log.name})" if cfg.access_log else "")
     )
 
 
