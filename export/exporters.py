@@ -19,7 +19,7 @@ import torch
 from quantgate.bundle import TensorSpec
 from quantgate.errors import ExportError
 from quantgate.export.config import Exporter
-from quantgate.export.validation import BATCH, SEQUENCE, Case
+from quantgate.export.validation import BATCH, SEQUENCE, Case, warnings_logged
 from quantgate.model.loaders import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -125,20 +125,21 @@ def tracer_notes(caught: Sequence[warnings.WarningMessage]) -> tuple[str, ...]:
     ``file:line `code` (what the tracer said)``, at most ``MAX_NOTES`` and a count."""
     tracer = getattr(torch.jit, "TracerWarning", Warning)
     libraries = _library_dirs()
+    checked: set[tuple[str, int]] = set()  # places already looked at, kept or not
     seen: dict[tuple[str, int], str] = {}
     for w in caught:
         text = str(w.message)
         if not (issubclass(w.category, tracer) and text.startswith(TRACER_CONSTANT)):
             continue
+        place = (w.filename, w.lineno)
+        if place in checked:
+            continue
+        checked.add(place)
         where = Path(w.filename).resolve()
         if any(where.is_relative_to(d) for d in libraries):
             continue
-        what = text.split(" might ")[0].replace("Converting a tensor to", "tensor to")
-        seen.setdefault((w.filename, w.lineno), what)
-    notes = [
-        f"{Path(f).name}:{n} `{linecache.getline(f, n).strip() or '?'}` ({what})"
-        for (f, n), what in seen.items()
-    ]
+        seen[place] = text.split(" might ")[0].replace("Converting a tensor to", "tensor to")
+    notes = [f"{_code_at(f, n)} ({what})" for (f, n), what in seen.items()]
     if len(notes) > MAX_NOTES:
         notes = notes[:MAX_NOTES] + [f"... and {len(notes) - MAX_NOTES} more place(s)"]
     return tuple(notes)
@@ -155,17 +156,23 @@ def tracer_advice(notes: Sequence[str]) -> str:
     )
 
 
-def _library_dirs() -> list[Path]:
-    dirs = []
+def _library_dirs() -> set[Path]:
+    dirs: set[Path] = set()
     for name in LIBRARIES:
         spec = importlib.util.find_spec(name)
         for d in (spec.submodule_search_locations or []) if spec else []:
-            dirs.append(Path(d).resolve())
+            dirs.add(Path(d).resolve())
     # quantgate's subpackages live in folders of their own (model/, export/, ...)
     for name, mod in list(sys.modules.items()):
         if name.startswith("quantgate.") and getattr(mod, "__file__", None):
-            dirs.append(Path(mod.__file__).resolve().parent)
+            dirs.add(Path(mod.__file__).resolve().parent)
     return dirs
+
+
+def _code_at(file: str, line: int, *, sep: str = " ") -> str:
+    """``name.py:line `code``` for a place in the source (``?`` where it cannot be read);
+    ``sep`` goes between the line number and the code."""
+    return f"{Path(file).name}:{line}{sep}`{linecache.getline(file, line).strip() or '?'}`"
 
 
 def _advice(e: BaseException) -> str:
@@ -182,8 +189,7 @@ def _advice(e: BaseException) -> str:
         at = RAISED_AT.search(text)
         line = ""
         if at:
-            file, n = at.group(1), int(at.group(2))
-            line = f" (at {Path(file).name}:{n}: `{linecache.getline(file, n).strip() or '?'}`)"
+            line = f" (at {_code_at(at.group(1), int(at.group(2)), sep=': ')})"
         return (
             f"forward decides something in Python from the values of a tensor{line}: an `if` "
             "on tensor data, or a length read with int() or .item(). Compute it with tensor "
@@ -208,11 +214,12 @@ def _args(model: LoadedModel, example: Case) -> tuple[torch.Tensor, ...]:
 def _quiet() -> Iterator[list[warnings.WarningMessage]]:
     """Keep the exporters' own chatter (progress prints, tracer warnings) out of the CLI;
     yields the warnings caught, for ``tracer_notes``."""
-    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("always")
+    # warnings_logged outermost: stdout is restored before the warnings are logged
+    with (
+        warnings_logged("exporter warning", level=logging.DEBUG, logger=log) as caught,
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
         yield caught
-    for w in {str(w.message).splitlines()[0] for w in caught}:
-        log.debug("exporter warning: %s", w)
 
 
 def _root(e: BaseException) -> BaseException:

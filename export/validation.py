@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -122,15 +122,15 @@ def build_cases(model: LoadedModel, *, mid_batch: int = 8) -> list[Case]:
 def stretch(samples: Samples, width: int) -> Samples:
     """``samples`` widened to ``width`` tokens: each row's real tokens (its first
     ``length`` positions: right padding, as every validation case assumes) repeated until
-    the row is full, in every input alike."""
+    the row is full, in every input alike. ``source`` is kept as it was:
+    ``ExportResult.samples_used`` describes the stretching from the cases."""
     lengths = np.maximum(samples.lengths.astype(np.int64), 1)  # (N,)
     idx = np.arange(width)[None, :] % lengths[:, None]  # (N, width): position to copy
     arrays = {}
     for name, a in samples.arrays.items():
         take = idx.reshape(idx.shape + (1,) * (a.ndim - 2))  # broadcast over fixed dims
         arrays[name] = np.take_along_axis(a, take, axis=1)
-    source = f"{samples.source}; rows repeated to {width} tokens for the longest shapes"
-    return Samples(arrays, np.full(len(lengths), width), source)
+    return Samples(arrays, np.full(len(lengths), width), samples.source)
 
 
 def _rows(samples: Samples, batch: int, seq: int) -> list[int]:
@@ -165,7 +165,7 @@ def reference_outputs(model: LoadedModel, cases: Sequence[Case]) -> list[TorchOu
 
     refs = []
     # the model's own warnings (torch's prototype notices...), logged once for every case
-    with torch.no_grad(), _warnings_logged():
+    with torch.no_grad(), warnings_logged("the model warned"):
         for case in cases:
             args = [torch.from_numpy(case.feeds[n]) for n in model.input_names]
             try:
@@ -204,13 +204,16 @@ def reference_outputs(model: LoadedModel, cases: Sequence[Case]) -> list[TorchOu
 
 
 @contextlib.contextmanager
-def _warnings_logged():
-    """Warnings raised inside, logged once each (shown by -v) instead of printed."""
+def warnings_logged(
+    what: str, *, level: int = logging.INFO, logger: logging.Logger = log
+) -> Iterator[list[warnings.WarningMessage]]:
+    """Warnings raised inside, caught instead of printed and yielded; on a normal exit each
+    first line is logged once, in order, as ``what: line`` at ``level`` (INFO is shown by -v)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        yield
+        yield caught
     for text in dict.fromkeys(str(w.message).splitlines()[0] for w in caught):
-        log.info("the model warned: %s", text)
+        logger.log(level, "%s: %s", what, text)
 
 
 def input_specs(model: LoadedModel) -> tuple[TensorSpec, ...]:
