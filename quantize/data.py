@@ -194,6 +194,12 @@ class DataSource:
     # (samples,) uint64: each row's row_hashes, in any order; None: not known
     row_hashes: np.ndarray | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def capped(self) -> bool:
+        """Whether the ``samples`` cap left rows out: it yields fewer than it could, or it
+        stopped at the cap before knowing how many it could (``total`` None)."""
+        return self.total != self.samples
+
     def batches(self) -> Iterator[Batch]:
         return self._batches()
 
@@ -272,7 +278,7 @@ def named(flag: str, spec: DataSpec | None, source: DataSource) -> str:
 
 
 def _warn_few_calibration_rows(source: DataSource, samples: int | None, *, where: str) -> None:
-    capped = samples is not None and source.samples == samples and source.total != samples
+    capped = samples is not None and source.capped  # the message names --samples
     of = f" of {source.total}" if source.total else ""
     log.warning(
         "%s: %d calibration row(s)%s; static INT8 takes each activation's range from them, and "
@@ -320,30 +326,46 @@ FINGERPRINT_ROWS = 4096
 def row_hashes(feeds: Mapping[str, np.ndarray], model: ModelInfo) -> np.ndarray:
     """(N,) uint64: each row known by the token ids the model sees, hashed (blake2b, 8 bytes).
 
-    The ids are ``input_ids`` (else the model's first input) without padding (where the
-    ``attention_mask`` is 0; without a mask, the input's pad value at the row's end), as
-    little-endian int64:
+    The ids are ``input_ids`` (else the model's first input) without padding (its real
+    tokens, ``_real_tokens``), as little-endian int64:
     the same row has the same hash in any file, format (JSONL hashes the tokenizer's ids
     alike) or position. Collisions are negligible: under 1e-9 false matches between two
     sets of 10^5 rows.
     """
-    name = "input_ids" if "input_ids" in feeds else model.inputs[0].name
-    ids = np.asarray(feeds[name])
-    rows = ids.reshape(len(ids), -1)  # (N, T)
-    integer = np.issubdtype(rows.dtype, np.integer)
-    mask = feeds.get("attention_mask")
-    if mask is not None and np.size(mask) == rows.size:
-        real = np.asarray(mask).reshape(rows.shape) != 0
-    elif integer:  # padding is at the end: a pad id inside the row is a token
-        pad = rows != model.pad_values.get(name, 0)
-        last = rows.shape[1] - np.argmax(pad[:, ::-1], axis=1)  # after the last real id
-        last[~pad.any(axis=1)] = 0
-        real = np.arange(rows.shape[1]) < last[:, None]
-    else:  # not token ids (a factory model's features): the whole row
-        real = np.ones(rows.shape, dtype=bool)
-    dtype = "<i8" if integer else "<f8"
+    _, rows = _token_rows(feeds, model)
+    real = _real_tokens(feeds, model)
+    dtype = "<i8" if np.issubdtype(rows.dtype, np.integer) else "<f8"
     hashes = (_row_hash(row[keep].astype(dtype)) for row, keep in zip(rows, real, strict=True))
     return np.fromiter(hashes, dtype=np.uint64, count=len(rows))
+
+
+def _token_rows(feeds: Mapping[str, np.ndarray], model: ModelInfo) -> tuple[str, np.ndarray]:
+    """The input whose ids stand for each row, ``input_ids`` (else the model's first input),
+    and its values as (N, T)."""
+    name = "input_ids" if "input_ids" in feeds else model.inputs[0].name
+    ids = np.asarray(feeds[name])
+    return name, ids.reshape(len(ids), -1)
+
+
+def _real_tokens(feeds: Mapping[str, np.ndarray], model: ModelInfo) -> np.ndarray:
+    """(N, T) bool: which positions of ``_token_rows`` are a row's real tokens, the one rule
+    for its hash (``row_hashes``) and its length (stratified selection).
+
+    Where the ``attention_mask`` is not 0; without a mask, every position up to the row's
+    last id that is not the input's pad value (a tokenizer pads at the end, so a pad id
+    inside the row is a token); for inputs that are not token ids (a factory model's
+    features), the whole row.
+    """
+    name, rows = _token_rows(feeds, model)
+    mask = feeds.get("attention_mask")
+    if mask is not None and np.size(mask) == rows.size:
+        return np.asarray(mask).reshape(rows.shape) != 0
+    if not np.issubdtype(rows.dtype, np.integer):
+        return np.ones(rows.shape, dtype=bool)
+    pad = rows != model.pad_values.get(name, 0)
+    last = rows.shape[1] - np.argmax(pad[:, ::-1], axis=1)  # after the last real id
+    last[~pad.any(axis=1)] = 0
+    return np.arange(rows.shape[1]) < last[:, None]
 
 
 def _row_hash(ids: np.ndarray) -> int:
@@ -516,15 +538,6 @@ def _chunks(indices: np.ndarray, size: int) -> Iterator[np.ndarray]:
         yield indices[start : start + size]
 
 
-def _lengths(mask_or_ids: np.ndarray, pad: int | None) -> np.ndarray:
-    a = mask_or_ids.reshape(len(mask_or_ids), -1) if mask_or_ids.ndim > 2 else mask_or_ids
-    if a.ndim == 1:
-        return np.ones(len(a), dtype=np.int64)
-    if pad is None:  # an attention mask: ones mark real tokens
-        return a.astype(bool).sum(1)
-    return (a != pad).sum(1)
-
-
 def _trim(feeds: Feeds, model: ModelInfo) -> Feeds:
     """Drop trailing all-padding columns of a length-sorted batch (variable-length models)."""
     mask = feeds.get("attention_mask")
@@ -643,7 +656,7 @@ def _builtin(model: ModelInfo, role: str, samples: int | None, batch_size: int) 
     split = load_digits_splits()[name]
     feeds = check_feeds(split.feeds(), model, f"the digits {name} split")
     labels = split.labels
-    keep = stratified(_lengths(feeds["attention_mask"], None), samples)
+    keep = stratified(_real_tokens(feeds, model).sum(1), samples)
     h = hashlib.sha256(b"digits:" + name.encode())
     for k in sorted(feeds):
         h.update(np.ascontiguousarray(feeds[k][keep]).tobytes())
@@ -662,7 +675,7 @@ def _builtin(model: ModelInfo, role: str, samples: int | None, batch_size: int) 
         _batches=batches,
         lengths=(64, 64),
         total=len(labels),
-        row_hashes=row_hashes(feeds, model)[keep],
+        row_hashes=row_hashes({k: v[keep] for k, v in feeds.items()}, model),
     )
 
 
@@ -693,9 +706,9 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
     n = len(next(iter(feeds.values())))
     if n == 0:
         raise DataError(f"{flag} {path}: the arrays have no rows")
-    lengths = _row_lengths(feeds, model)
+    lengths = _real_tokens(feeds, model).sum(1)
     keep = stratified(lengths, samples)
-    hashes = row_hashes(feeds, model)[keep]
+    hashes = row_hashes({k: v[keep] for k, v in feeds.items()}, model)
     del feeds, labels  # re-read per pass: arrays load one .npy member at a time
     digest = sha256_file(path)
     h = hashlib.sha256(digest.encode())
@@ -719,13 +732,6 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
         total=n,
         row_hashes=hashes,
     )
-
-
-def _row_lengths(feeds: Feeds, model: ModelInfo) -> np.ndarray:
-    if "attention_mask" in feeds:
-        return _lengths(feeds["attention_mask"], None)
-    first = model.inputs[0].name
-    return _lengths(feeds[first], model.pad_values.get(first, 0))
 
 
 def _jsonl(
@@ -909,7 +915,7 @@ def _refusal(scan: _Scan, model: ModelInfo, where: str) -> DataError | None:
     body = [
         *(f"  - {p}" for p in scan.problems),
         *([f"  ... and {more} more bad line(s)"] if more else []),
-        *([one_based_hint(scan.lo, scan.hi, model.labels).strip()] if model.labels else []),
+        *([one_based_hint(scan.lo, scan.hi, len(model.labels)).strip()] if model.labels else []),
         *([forms] if forms else []),
     ]
     optional = (
@@ -1138,13 +1144,14 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
             raise DataError(f"data item {i}: labels on some items but not others")
         labelled = labels is not None
         take = n if samples is None else min(n, samples - rows)  # the rows used, and hashed
-        lens = _row_lengths(f, model)[:take]
+        used = {k: v[:take] for k, v in f.items()}
+        lens = _real_tokens(used, model).sum(1)
         lo, hi = min(lo if lo is not None else 1 << 30, int(lens.min())), max(hi, int(lens.max()))
-        for k in sorted(f):
-            h.update(np.ascontiguousarray(f[k][:take]).tobytes())
+        for k in sorted(used):
+            h.update(np.ascontiguousarray(used[k]).tobytes())
         if labels is not None:
             h.update(labels[:take].tobytes())
-        hashes.append(row_hashes({k: v[:take] for k, v in f.items()}, model))
+        hashes.append(row_hashes(used, model))
         rows += take
         if samples is not None and rows >= samples:
             break

@@ -65,6 +65,7 @@ from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, speed_gate_name,
 from quantgate.errors import ConfigError, DataError, QuantizeError
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.data import DataSource
+from quantgate.quantize.labels import one_based_hint
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +303,7 @@ def accuracy_gates(
         raise DataError(f"FP32 saw {reference.rows} rows, the candidate {candidate.rows}")
     check_evaluation(reference, task, warn=False)  # the caller checked it once, out loud
     logits = _logits_output(reference, task)
-    judged = logits if logits is not None else _embedding_output(reference, task)
+    judged = logits if logits is not None else _embedding_name(task, reference.names)
     if logits is not None and reference.labels is not None:
         gates = [_accuracy_drop(reference, candidate, logits, cfg, label)]
     elif logits is not None:
@@ -357,10 +358,6 @@ def _logits_output(ref: Outputs, task: str) -> str | None:
     return next((n for n in ref.names if logits_like(n)), None)
 
 
-def _embedding_output(ref: Outputs, task: str) -> str | None:
-    return _embedding_name(task, ref.names)
-
-
 def _embedding_name(task: str, names) -> str | None:
     if "sentence_embedding" in names:
         return "sentence_embedding"
@@ -387,17 +384,15 @@ def check_labels(reference: Outputs, task: str) -> None:
     labels = reference.labels
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= classes:
-        one_based = lo == 1 and hi == classes
         outside = labels[(labels < 0) | (labels >= classes)]
         values = ", ".join(map(str, sorted(set(outside.tolist()))[:8]))
         raise DataError(
             f"labels must be class indices 0..{classes - 1} ({logits} has {classes} classes), "
             f"found labels {lo}..{hi}: {len(outside)} of {len(labels)} rows out of range "
-            f"(label {values}). "
+            f"(label {values})."
             + (
-                "They look 1-based: renumber them from 0, in the order of the model's classes."
-                if one_based
-                else "Is this the evaluation data of this model? Number its labels 0.."
+                one_based_hint(lo, hi, classes)
+                or " Is this the evaluation data of this model? Number its labels 0.."
                 f"{classes - 1}, in the order of the model's classes."
             )
         )
@@ -411,7 +406,7 @@ def check_evaluation(reference: Outputs, task: str, *, warn: bool = True) -> Non
     logits = _logits_output(reference, task)
     if warn and reference.labels is not None and logits is None:
         log.warning("labels ignored: task %s has no (batch, classes) output to score", task)
-    if logits is None and _embedding_output(reference, task) is None:
+    if logits is None and _embedding_name(task, reference.names) is None:
         return  # per-output cosine: a measurement on any number of rows
     if reference.rows < MIN_EVAL_ROWS:
         raise DataError(
@@ -680,13 +675,22 @@ class Fidelity:
 
     max_abs_diff: dict[str, float]  # per output
     mean_abs_diff: dict[str, float]
-    cosine_mean: dict[str, float]  # per output: cosine of each row (batch item), averaged
-    cosine_min: dict[str, float]  # the worst row
     rows: int  # batch items compared
     provider: str | None  # where the candidate ran; None: where the gates run (cfg.provider)
     nonfinite: dict[str, int] = field(default_factory=dict)  # NaN/inf count per output
-    # Per output, the cosine of every row, (rows,): what the interval of the mean resamples.
+    # Per output, the cosine of every row, (rows,): what the interval of the mean resamples,
+    # and what cosine_mean and cosine_min are taken from.
     cosines: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def cosine_mean(self) -> dict[str, float]:
+        """Per output: the cosine of each row (batch item), averaged."""
+        return {n: float(c.mean()) for n, c in self.cosines.items()}
+
+    @property
+    def cosine_min(self) -> dict[str, float]:
+        """Per output: the cosine of the worst row."""
+        return {n: float(c.min()) for n, c in self.cosines.items()}
 
     @classmethod
     def measure(
@@ -716,8 +720,6 @@ class Fidelity:
         return cls(
             max_abs_diff={n: float(np.max(s.max_abs)) for n, s in seen.items()},
             mean_abs_diff={n: s.sum_abs / max(s.values, 1) for n, s in seen.items()},
-            cosine_mean={n: float(np.concatenate(s.cosines).mean()) for n, s in seen.items()},
-            cosine_min={n: float(np.concatenate(s.cosines).min()) for n, s in seen.items()},
             rows=rows,
             provider=provider,
             nonfinite={n: s.nonfinite for n, s in seen.items()},
@@ -741,15 +743,15 @@ class Fidelity:
         cfg = cfg or GateConfig()
         where = f"vs FP32 on {self.rows} rows" + (f", {self.provider}" if self.provider else "")
         gates = []
-        for name in self.cosine_mean:
+        for name, cosines in self.cosines.items():
             bad = self.nonfinite.get(name, 0)
             detail = (
-                f"{where}; mean cosine per row (worst row {self.cosine_min[name]:.5f}), "
+                f"{where}; mean cosine per row (worst row {cosines.min():.5f}), "
                 f"max abs {self.max_abs_diff[name]:.3g}, mean abs {self.mean_abs_diff[name]:.3g}"
                 + (f", {bad} non-finite values" if bad else "")
             )
             cosine = _mean_gate(
-                f"cosine:{name}", self.cosines[name], min_cosine, ">=", cfg, detail,
+                f"cosine:{name}", cosines, min_cosine, ">=", cfg, detail,
                 valid=not bad, provider=self.provider,
             )  # fmt: skip
             gates.append(cosine)

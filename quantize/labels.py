@@ -80,7 +80,7 @@ def check_labels(labels: Any, n: int, names: tuple[str, ...], where: str) -> np.
         raise DataError(f"{where}: labels must be class indices 0, 1, ...; found {found}")
     raise DataError(
         f"{where}: {found}, but the model has {describe_classes(names)}."
-        + one_based_hint(int(labels.min()), int(labels.max()), names)
+        + one_based_hint(int(labels.min()), int(labels.max()), len(names))
     )
 
 
@@ -150,9 +150,10 @@ def name_index(names: tuple[str, ...]) -> dict[str, int]:
     return {name: i for i, name in enumerate(names)}
 
 
-def one_based_hint(lo: int, hi: int, names: tuple[str, ...]) -> str:
-    """A sentence for index labels ``lo``..``hi`` that run 1..n instead of 0..n-1; else ''."""
-    if lo == 1 and hi == len(names):
+def one_based_hint(lo: int, hi: int, classes: int) -> str:
+    """A sentence, after a space, for index labels ``lo``..``hi`` that run 1..``classes``
+    instead of 0..``classes`` - 1; else ''."""
+    if lo == 1 and hi == classes:
         return " They look 1-based: renumber them from 0, in the order of the model's classes."
     return ""
 

@@ -397,3 +397,12 @@ def test_tokenize_says_when_a_text_is_cut_at_the_models_longest_sequence(caplog)
         f"text 2 is 302 tokens; the model reads at most {info.max_seq_len}, "
         f"so the last {302 - info.max_seq_len} are cut"
     )
+
+
+def test_a_source_knows_whether_its_samples_cap_left_rows_out():
+    assert open_source(None, DIGITS, role="calibration", samples=50).capped
+    assert not open_source(None, DIGITS, role="calibration").capped
+    assert not open_source(None, DIGITS, role="calibration", samples=500).capped  # all 200
+    items = [rng_feeds(10)]
+    assert open_source(items, DIGITS, role="evaluation", samples=10).capped  # not read past it
+    assert not open_source(items, DIGITS, role="evaluation", samples=20).capped

@@ -206,3 +206,20 @@ def test_a_handful_of_calibration_rows_is_warned_about(tmp_path, caplog):
         "built-in digits calibration split (10 of 200 images): 10 calibration row(s) "
         "(--samples 10 keeps 10 of 200);"
     )
+
+
+def test_without_a_mask_a_row_runs_to_its_last_non_pad_id_for_its_hash_and_length(tmp_path):
+    """A tokenizer pads at the end: a pad id inside a row is one of its tokens, so the row
+    [5, 0, 7, 0, 0] is 3 tokens long, for its hash and for the selection by length alike."""
+    from quantgate.quantize.data import ModelInfo, row_hashes
+
+    info = ModelInfo(inputs=DIGITS.inputs[:1], task="sequence-classification", max_seq_len=5)
+    ids = np.array([[5, 0, 7, 0, 0], [4, 4, 0, 0, 0], [1, 2, 3, 4, 0]], np.int64)
+    src = open_source(write_npz(tmp_path / "ids.npz", {"input_ids": ids}), info, role="evaluation")
+    assert src.lengths == (2, 4)
+    assert [b.feeds["input_ids"][0].tolist() for b in src.batches()] == [[4, 4, 0, 0, 0]]
+    assert sorted(src.row_hashes) == sorted(row_hashes({"input_ids": ids}, info))
+    one = open_source(tmp_path / "ids.npz", info, role="evaluation", samples=1)
+    assert one.lengths == (3, 3)  # the median length: the row with a pad id inside
+    assert one.row_hashes.tolist() == row_hashes({"input_ids": ids[:1, :3]}, info).tolist()
+    assert one.row_hashes.tolist() != row_hashes({"input_ids": np.array([[5, 7]])}, info).tolist()
