@@ -170,51 +170,36 @@ def gates(
     return placement.fail_speed_gates(out, report, baseline=baseline)
 
 
-def apply_gates(variant, gates: Sequence[GateResult]):
-    """``variant`` (an ExtraVariant) with its CUDA gate results applied.
+def apply_gates(variant, gates: Sequence[GateResult], provider: str = CUDA):
+    """``variant`` (an ExtraVariant or a bundle's Variant) with the results of its gates on
+    ``provider`` (CUDA; the CPU where tests stand it in) put in place of any it had there.
 
     FP16 is for CUDA: the gates join its evidence and decide whether it ships. INT8's
     decide only where it runs: all passed, and CUDA joins its providers; any failed, and
-    it is marked not for CUDA, with the reason in its notes.
+    it is marked not for CUDA, with the reason as its last note. Gates measured elsewhere
+    (the CPU's) are kept, so a re-gate on CUDA replaces only what CUDA measured before.
     """
+    kept = tuple(g for g in variant.gates if g.provider != provider)
     if variant.precision == "fp16":
-        return dataclasses.replace(variant, gates=(*variant.gates, *gates))
+        return dataclasses.replace(variant, gates=(*kept, *gates))
+    notes = "" if variant.notes.startswith(NOT_FOR_CUDA) else variant.notes
+    notes = notes.partition("; " + NOT_FOR_CUDA)[0]  # an earlier gating's reason, the last note
+    providers = tuple(p for p in variant.providers if p != CUDA)
+    not_for = tuple(p for p in variant.not_for if p != CUDA)
     if all(g.passed for g in gates):
         return dataclasses.replace(
-            variant,
-            gates=(*variant.gates, *gates),
-            providers=tuple(dict.fromkeys((*variant.providers, CUDA))),
-            not_for=tuple(p for p in variant.not_for if p != CUDA),
-        )
+            variant, gates=(*kept, *gates), providers=(*providers, CUDA), not_for=not_for,
+            notes=notes,
+        )  # fmt: skip
     failed = "; ".join(
         f"{g.name} {g.value:.2f} (needs {g.op} {g.threshold:g})" for g in gates if not g.passed
     )
     return dataclasses.replace(
         variant,
-        not_for=tuple(dict.fromkeys((*variant.not_for, CUDA))),
-        notes=(variant.notes + "; " if variant.notes else "") + f"{NOT_FOR_CUDA}{failed}",
-    )
-
-
-def without_gates(variant, provider: str = CUDA):
-    """``variant`` as it was before ``apply_gates`` gave it the gates measured on
-    ``provider``: those gates taken out and, for INT8, CUDA out of its providers, back in its
-    ``not_for`` (where the build starts it) and the reason out of its notes. A re-gate on CUDA
-    measures them again. Gates measured elsewhere (the CPU's) are kept."""
-    gates = tuple(g for g in variant.gates if g.provider != provider)
-    if variant.precision == "fp16":
-        return dataclasses.replace(variant, gates=gates)
-    # apply_gates appends the reason as the last note, and nothing writes notes after it
-    notes = variant.notes
-    if notes.startswith(NOT_FOR_CUDA):
-        notes = ""
-    notes = notes.partition("; " + NOT_FOR_CUDA)[0]
-    return dataclasses.replace(
-        variant,
-        gates=gates,
-        providers=tuple(p for p in variant.providers if p != CUDA),
-        not_for=tuple(dict.fromkeys((*variant.not_for, CUDA))),
-        notes=notes,
+        gates=kept,
+        providers=providers,
+        not_for=(*not_for, CUDA),
+        notes=(notes + "; " if notes else "") + f"{NOT_FOR_CUDA}{failed}",
     )
 
 
@@ -251,5 +236,4 @@ __all__ = [
     "gate_variants",
     "gates",
     "measure",
-    "without_gates",
 ]

@@ -30,7 +30,6 @@ from quantgate.bundle import (
     Variant,
     check_writable_target,
     load,
-    speed_shape,
     staging,
     verdict_of,
     write_manifest,
@@ -206,9 +205,8 @@ def _variants(
         emit("fp16", 1, 1, "gated" if f16 is not None else "left out")
     if quant_cfg.cuda_gates:
         variants, on_cuda = _gate_on_cuda(
-            result, variants, evaluation, quant_cfg, emit, int8_min_cosine=gate_cfg.min_cosine,
-            gate_cfg=gate_cfg,
-        )  # fmt: skip
+            result, variants, evaluation, quant_cfg, emit, gate_cfg=gate_cfg
+        )
         sections += on_cuda
     return variants, sections
 
@@ -219,11 +217,14 @@ def _with_extra(result: ExportResult, **extra: Any) -> ExportResult:
     return dataclasses.replace(result, model=model)
 
 
-def _passed_bundle(path: Path, search: SearchResult | None = None) -> Bundle:
-    """The bundle written at ``path`` (its files verified); ``GateFailed`` unless every gate of
-    every variant passed. ``search``: the recipe search of a build, which the message names
-    where it stopped early."""
-    bundle = load(path)
+def _passed_bundle(
+    path: Path, search: SearchResult | None = None, *, verify: bool = True
+) -> Bundle:
+    """The bundle written at ``path`` (its files verified unless ``verify`` is False: a
+    re-gate verified them before it measured, and rewrote only the manifest and report);
+    ``GateFailed`` unless every gate of every variant passed. ``search``: the recipe search
+    of a build, which the message names where it stopped early."""
+    bundle = load(path, verify=verify)
     if bundle.manifest.verdict != PASS:
         message = _failure_message(bundle.manifest, path, search)
         raise GateFailed(message, bundle_path=str(path))
@@ -250,7 +251,7 @@ def _check_eval_rows(
         f"evaluation rows (with {ev.samples}, each row is {100 / ev.samples:.3g} points of "
         "accuracy)"
     )
-    capped = eval_samples is not None and ev.samples == eval_samples and ev.total != ev.samples
+    capped = eval_samples is not None and ev.capped
     if capped and (ev.total is None or ev.total >= MIN_EVAL_ROWS):
         of = f" of its {ev.total}" if ev.total is not None else ""
         raise DataError(
@@ -336,7 +337,6 @@ def _gate_on_cuda(
     cfg: QuantConfig,
     emit: ProgressFn,
     *,
-    int8_min_cosine: float = 0.99,
     gate_cfg: GateConfig = DEFAULT_GATES,
     provider: str = CUDA,
 ) -> tuple[list, list[str]]:
@@ -352,10 +352,9 @@ def _gate_on_cuda(
     if provider == CUDA and not cuda.available():
         return variants, []
     files = {v.precision: v.path for v in variants}
-    min_cosine = {"fp16": cfg.fp16_min_cosine, "int8": int8_min_cosine}
     gated = _cuda_gates(
         result.onnx, files, result.inputs, result.max_seq_len, evaluation, emit,
-        min_cosine=min_cosine, gate_cfg=gate_cfg, provider=provider,
+        fp16_min_cosine=cfg.fp16_min_cosine, gate_cfg=gate_cfg, provider=provider,
     )  # fmt: skip
     out = [cuda.apply_gates(v, gated.gates[v.precision]) for v in variants]
     return out, [reports.cuda_section(gated)]
@@ -369,7 +368,7 @@ def _cuda_gates(
     evaluation,
     emit: ProgressFn,
     *,
-    min_cosine: dict[str, float],
+    fp16_min_cosine: float,
     gate_cfg: GateConfig,
     provider: str,
 ) -> CudaGating:
@@ -377,8 +376,9 @@ def _cuda_gates(
 
     Placement and speed against ``fp32`` (``cuda.gate_variants``, at sequence lengths capped
     at what the model takes); then the fidelity on ``evaluation`` there (CUDA's arithmetic,
-    not only FP16 storage as on the CPU), cosine >= ``min_cosine[precision]``: always for
-    FP16, and for INT8 only where it is fast enough to run there at all.
+    not only FP16 storage as on the CPU): always for FP16, cosine >= ``fp16_min_cosine``, and
+    for INT8 only where it is fast enough to run there at all, cosine >=
+    ``gate_cfg.min_cosine``.
     """
     from quantgate.quantize import cuda, fp16
 
@@ -393,7 +393,8 @@ def _cuda_gates(
         if k != "fp16" and not all(g.passed for g in gates[k]):
             continue  # not for CUDA anyway: its accuracy there does not matter
         fidelity = fp16.fidelity(fp32, file, evaluation(), provider=provider, precision=k)
-        gates[k] = (*fidelity.gates(min_cosine=min_cosine[k], cfg=gate_cfg), *gates[k])
+        threshold = fp16_min_cosine if k == "fp16" else gate_cfg.min_cosine
+        gates[k] = (*fidelity.gates(min_cosine=threshold, cfg=gate_cfg), *gates[k])
     emit("cuda", 1, 1, "gated")
     return CudaGating(gates, timings, where, timing)
 
@@ -446,28 +447,27 @@ def regate(
     emit = on_progress or no_progress
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     said = (_measured_on(ev), _settings_said(changed))
-    if on_cuda:
-        variants, gated = _regate_on_cuda(bundle, ev, gate_cfg, emit)
-        now = dataclasses.replace(m, variants=variants)
-        section = reports.cuda_regated(now, when, *said, gated, gate_cfg.confidence)
-    else:
-        _check_eval_rows(
-            ev, m.task, [o.name for o in m.outputs], gate_cfg.eval_samples, where=where
-        )
-        variants, kept, new = _regate_int8(bundle, ev, gate_cfg, emit)
-        now = dataclasses.replace(m, variants=variants)
-        section = reports.regate_section(now, when, gate_cfg, *said, kept=kept, new=new)
     record = {
         "at": when,
         "provider": gate_cfg.provider,
         "evaluation": ev.record(),
         "gate_config": dataclasses.asdict(gate_cfg),
     }
-    manifest = _recorded(m, variants, record)
+    if on_cuda:
+        variants, gated = _regate_on_cuda(bundle, ev, gate_cfg, emit)
+        manifest = _recorded(m, variants, record)
+        section = reports.cuda_regated(manifest, when, *said, gated, gate_cfg.confidence)
+    else:
+        _check_eval_rows(
+            ev, m.task, [o.name for o in m.outputs], gate_cfg.eval_samples, where=where
+        )
+        variants, kept, new = _regate_int8(bundle, ev, gate_cfg, emit)
+        manifest = _recorded(m, variants, record)
+        section = reports.regate_section(manifest, when, gate_cfg, *said, kept=kept, new=new)
     old = bundle.report.read_text() if bundle.report.is_file() else ""
     report = reports.regated(old, section, manifest, when, provider=gate_cfg.provider)
     _rewrite(bundle, manifest, report)
-    return _passed_bundle(bundle.path)
+    return _passed_bundle(bundle.path, verify=False)
 
 
 def _regate_int8(
@@ -522,7 +522,7 @@ def _regate_on_cuda(
 ) -> tuple[tuple[Variant, ...], CudaGating]:
     """The bundle's variants after its FP16 and INT8 are gated on ``provider`` again, as the
     build gates them on a GPU host (``_gate_on_cuda``): their gates measured there before are
-    replaced (``cuda.without_gates``), FP16's new gates decide whether it ships, INT8's only
+    replaced (``cuda.apply_gates``), FP16's new gates decide whether it ships, INT8's only
     whether it runs on CUDA; gates measured on the CPU are kept. Also the new gates, and the
     timings for the report (``_cuda_gates``). The thresholds: FP16's cosine is the one its
     gates were built with; INT8's is ``gate_cfg.min_cosine``, as in the build."""
@@ -531,16 +531,15 @@ def _regate_on_cuda(
     m = bundle.manifest
     again = [v for v in m.variants if v.precision in ("fp16", "int8")]
     files = {v.precision: bundle.file(v.precision) for v in again}
-    min_cosine = {"fp16": _fp16_min_cosine(m), "int8": gate_cfg.min_cosine}
     gated = _cuda_gates(
         bundle.file("fp32"), files, m.inputs, m.max_seq_len or gate_cfg.seq_len, ev, emit,
-        min_cosine=min_cosine, gate_cfg=gate_cfg, provider=provider,
+        fp16_min_cosine=_fp16_min_cosine(m), gate_cfg=gate_cfg, provider=provider,
     )  # fmt: skip
 
     def again(v: Variant) -> Variant:
         if v.precision not in gated.gates:
             return v
-        new = cuda.apply_gates(cuda.without_gates(v, provider), gated.gates[v.precision])
+        new = cuda.apply_gates(v, gated.gates[v.precision], provider)
         return dataclasses.replace(new, verdict=verdict_of(new.gates))
 
     return tuple(map(again, m.variants)), gated
@@ -549,9 +548,13 @@ def _regate_on_cuda(
 def _fp16_min_cosine(m: Manifest) -> float:
     """The cosine threshold the FP16 variant was gated with (``QuantConfig.fp16_min_cosine``
     at its build, recorded in its gates), else today's default."""
-    if not any(v.precision == "fp16" for v in m.variants):
-        return DEFAULT_QUANT.fp16_min_cosine
-    cosines = [g.threshold for g in m.variant("fp16").gates if g.name.startswith("cosine")]
+    cosines = [
+        g.threshold
+        for v in m.variants
+        if v.precision == "fp16"
+        for g in v.gates
+        if g.name.startswith("cosine")
+    ]
     return max(cosines, default=DEFAULT_QUANT.fp16_min_cosine)
 
 
@@ -585,8 +588,9 @@ def recorded_gate_config(m: Manifest) -> GateConfig | None:
         return DEFAULT_GATES.with_overrides(**{k: latest[k] for k in POLICY if k in latest})
     except (ConfigError, TypeError) as e:
         raise BundleError(
-            f"the gate settings {m.name!r}'s manifest records are not valid ({e}); pass every "
-            "threshold as a flag, or a --gate-config file, to replace them"
+            f"the gate settings {m.name!r}'s manifest records are not valid ({e}): its "
+            "manifest.json was edited or damaged. Fix that gate_config (the newest under "
+            "extra.regates, else extra.quantization), or export the model again"
         ) from e
 
 
@@ -645,9 +649,9 @@ def _with_int8_gates(variants: Sequence[Variant], gates: tuple[GateResult, ...])
 def _recorded(m: Manifest, variants: Sequence[Variant], regate: dict[str, Any]) -> Manifest:
     """``m`` with ``variants``, and ``regate`` (when, where, on what data, with what settings)
     recorded with the bundle's new verdict in ``extra["regates"]``."""
-    verdict = dataclasses.replace(m, variants=tuple(variants)).verdict
-    regates = [*m.extra.get("regates", []), {**regate, "verdict": verdict}]
-    return dataclasses.replace(m, variants=tuple(variants), extra={**m.extra, "regates": regates})
+    now = dataclasses.replace(m, variants=tuple(variants))
+    regates = [*m.extra.get("regates", []), {**regate, "verdict": now.verdict}]
+    return dataclasses.replace(now, extra={**m.extra, "regates": regates})
 
 
 def _measured_on(ev: DataSource) -> str:
@@ -712,7 +716,7 @@ def _failure_message(manifest: Manifest, where, search: SearchResult | None = No
     int8 = [g for precision, g in bad if precision == "int8"]
     causes = [
         *(_stopped_early(search) if int8 and search is not None else []),
-        *(_few_calibration_rows(manifest) if any(not speed_shape(g.name) for g in int8) else []),
+        *(_few_calibration_rows(manifest) if any(not g.is_speed for g in int8) else []),
     ]
     return (
         f"{len(bad)} gate(s) failed; the bundle at {where} is written and marked failed "
