@@ -175,43 +175,43 @@ def _mixed_to_indices(labels: list | tuple, names: tuple[str, ...], where: str) 
     make strings of the indices instead); a DataError where a name stands for no one class."""
     is_name = np.array([isinstance(x, str) for x in labels])
     first_name, first_index = int(is_name.argmax()), int((~is_name).argmax())
-    name_at = f"{quote(labels[first_name])} in row {first_name}"
+    return _names_to_indices(
+        list(labels),
+        names,
+        where,
+        name_at=f"{quote(labels[first_name])} in row {first_name}",
+        index_at=f"{labels[first_index]!r} in row {first_index}",
+    )
+
+
+def _name_indices(labels: np.ndarray, names: tuple[str, ...], where: str) -> np.ndarray:
+    """Class-name labels (str) as their class indices; else a DataError naming the rows."""
+    indices = _names_to_indices(labels.tolist(), names, where, name_at=_values(labels))
+    return np.array(indices, np.int64)
+
+
+def _names_to_indices(
+    labels: list, names: tuple[str, ...], where: str, *, name_at: str, index_at: str | None = None
+) -> list:
+    """``labels`` with each class name replaced by its index (indices kept); a DataError where
+    the model names no classes, where a name stands for no one class (``forms_problem``: the
+    first name is ``name_at``, the first index ``index_at``), or where a name is no class's."""
     if not names:
         raise DataError(f"{where}: labels are strings ({name_at}), but {_NO_NAMES}")
-    problem = forms_problem(f"{labels[first_index]!r} in row {first_index}", name_at, names)
+    problem = forms_problem(index_at, name_at, names)
     if problem is not None:
         raise DataError(f"{where}: {problem}")
     index = name_index(names)
     unknown = np.array([isinstance(x, str) and x not in index for x in labels])
     if unknown.any():
-        found = np.array([x for x, u in zip(labels, unknown, strict=True) if u])
+        found = [x for x, u in zip(labels, unknown, strict=True) if u]
         raise DataError(
             f"{where}: "
             + _not_a_name(
-                f"label {_values(found)} in {describe_rows(unknown)}", found.tolist(), names
+                f"label {_values(np.array(found))} in {describe_rows(unknown)}", found, names
             )
         )
     return [index[x] if isinstance(x, str) else x for x in labels]
-
-
-def _name_indices(labels: np.ndarray, names: tuple[str, ...], where: str) -> np.ndarray:
-    """Class-name labels (str) as their class indices; else a DataError naming the rows."""
-    if not names:
-        raise DataError(f"{where}: labels are strings ({_values(labels)}), but {_NO_NAMES}")
-    problem = forms_problem(None, _values(labels), names)
-    if problem is not None:
-        raise DataError(f"{where}: {problem}")
-    index = name_index(names)
-    unknown = ~np.isin(labels, list(index))
-    if unknown.any():
-        found = labels[unknown]
-        raise DataError(
-            f"{where}: "
-            + _not_a_name(
-                f"label {_values(found)} in {describe_rows(unknown)}", found.tolist(), names
-            )
-        )
-    return np.array([index[x] for x in labels.tolist()], np.int64)
 
 
 def _text(labels: np.ndarray, where: str) -> np.ndarray:
