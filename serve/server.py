@@ -458,8 +458,45 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
         received.append(signal.Signals(signum).name)
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            _start(cfg, server, port, engine, health_servicer, on_ready)
+            while not stop.wait(0.5):  # a short wait: signal handlers run between waits
+                pass
+        except BaseException:  # failed while starting (a warm-up out of memory, on_ready):
+            server.stop(0).wait()  # nothing keeps listening on the port
+            engine.close(0)
+            engine.metrics.close_http()
+            raise
+        log.info(
+            "%s: shutting down: no new requests; finishing admitted ones (grace %gs)",
+            received[0],
+            cfg.shutdown_grace_s,
+        )
+        drained = _drain(cfg, server, engine, health_servicer)
+    finally:  # a caller embedding run() gets its own handlers back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not drained:
+        raise DrainIncomplete(
+            f"the shutdown grace of {cfg.shutdown_grace_s:g}s ran out with requests still "
+            "queued or running: those whose clients still waited were cancelled. Give the "
+            "drain longer with --shutdown-grace (and the orchestrator's termination grace "
+            "period more than that)"
+        )
+    log.info("stopped: every admitted request was answered")
+
+
+def _start(
+    cfg: ServeConfig,
+    server: grpc.Server,
+    port: int,
+    engine: Engine,
+    health_servicer: health.HealthServicer,
+    on_ready: Callable[[int, Engine], None] | None,
+) -> None:
+    """Metrics, then the gRPC server, then the batchers; warm every model; report ready."""
     if cfg.metrics_port is not None:
         metrics_port = engine.metrics.serve_http(cfg.metrics_port, cfg.host)
         log.info("Prometheus metrics on http://%s:%d/metrics", cfg.host, metrics_port)
@@ -473,24 +510,16 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
     if on_ready is not None:
         on_ready(port, engine)
 
-    while not stop.wait(0.5):  # a short wait: signal handlers run between waits
-        pass
-    log.info(
-        "%s: shutting down: no new requests; finishing admitted ones (grace %gs)",
-        received[0],
-        cfg.shutdown_grace_s,
-    )
+
+def _drain(
+    cfg: ServeConfig, server: grpc.Server, engine: Engine, health_servicer: health.HealthServicer
+) -> bool:
+    """Refuse new requests and answer the admitted ones within the grace; False when the
+    grace ran out first."""
     _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     engine.ready = False  # open streams are refused new requests too
     stopped = server.stop(cfg.shutdown_grace_s)  # new calls refused; running ones finish
     drained = engine.close(cfg.shutdown_grace_s)
     stopped.wait()
     engine.metrics.close_http()  # scraped until here: the drain shows in the metrics
-    if not drained:
-        raise DrainIncomplete(
-            f"the shutdown grace of {cfg.shutdown_grace_s:g}s ran out with requests still "
-            "queued or running: those whose clients still waited were cancelled. Give the "
-            "drain longer with --shutdown-grace (and the orchestrator's termination grace "
-            "period more than that)"
-        )
-    log.info("stopped: every admitted request was answered")
+    return drained

@@ -6,6 +6,7 @@ import queue
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -389,3 +390,45 @@ def test_overload_memory_stays_bounded(repo):
         assert growth < 32 * 2**20, f"server RSS grew {growth / 2**20:.1f} MiB over 4 waves: {rss}"
     finally:
         assert srv.terminate() == 0, srv.log
+
+
+_FAILED_START = """
+import signal, socket, sys
+from pathlib import Path
+from quantgate.serve.config import ServeConfig
+from quantgate.serve.server import run
+
+def on_ready(port, engine):
+    ready.append(port)
+    raise RuntimeError("the caller's start-up hook failed")
+
+ready = []
+try:
+    run(ServeConfig(path=Path(sys.argv[1]), host="127.0.0.1", port=0, warmup=False),
+        on_ready=on_ready)
+except RuntimeError as e:
+    print("raised:", e)
+with socket.socket() as probe:
+    print("listening:", probe.connect_ex(("127.0.0.1", ready[0])) == 0)
+print("SIGINT handler restored:", signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+print("SIGTERM handler restored:", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+"""
+
+
+def test_a_failed_start_stops_listening_and_gives_the_signal_handlers_back(repo):
+    """run() embedded in a program: when starting fails after the port is bound (a warm-up
+    out of memory, the caller's own on_ready hook), the error reaches the caller, nothing
+    keeps listening, and the caller's signal handlers are back (Ctrl-C still interrupts)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FAILED_START, str(repo / "classifier")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "raised: the caller's start-up hook failed",
+        "listening: False",
+        "SIGINT handler restored: True",
+        "SIGTERM handler restored: True",
+    ], done.stderr
