@@ -219,13 +219,8 @@ class Model:
                         problems.append(
                             f"input {name!r}: dimension {axis} ({want}) is 0; send at least 1"
                         )
-                    if (
-                        first
-                        and axis == 1
-                        and want == self.sequence_axis
-                        and self.max_sequence
-                        and got > self.max_sequence
-                    ):
+                    # axis 1 is the sequence, as the export validated it, mask or not
+                    if first and axis == 1 and self.max_sequence and got > self.max_sequence:
                         problems.append(
                             f"input {name!r}: sequence length {got} exceeds the model's maximum "
                             f"{self.max_sequence}; truncate the input"
