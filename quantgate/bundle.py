@@ -95,10 +95,15 @@ class GateResult:
         return f"{self.name} on CUDA" if self.provider == CUDA else self.name
 
 
+def all_passed(gates) -> bool:
+    """Whether there are ``gates`` and every one passed. A variant ships on evidence: with
+    no gate at all it has none, and fails."""
+    return bool(gates) and all(g.passed for g in gates)
+
+
 def verdict_of(gates) -> str:
-    """PASS when every one of ``gates`` passed. A variant ships on evidence: with no gate at
-    all it has none, and fails."""
-    return PASS if gates and all(g.passed for g in gates) else FAIL
+    """PASS or FAIL by ``all_passed``: the one rule for a variant's verdict."""
+    return PASS if all_passed(gates) else FAIL
 
 
 def speed_score(gates) -> float:
@@ -119,9 +124,16 @@ class Variant:
     providers: tuple[str, ...] = (CPU,)  # where it is meant to run
     recipe: dict[str, Any] | None = None  # quantization recipe, as a plain value
     gates: tuple[GateResult, ...] = ()
-    verdict: str = PASS  # "pass" or "fail"; the FP32 reference passes by validation
+    # "pass" or "fail": derived from the gates where there are any (verdict_of), so that a
+    # variant given new gates gets their verdict; an FP32 reference without gates (an older
+    # bundle's) passes by validation.
+    verdict: str = PASS
     not_for: tuple[str, ...] = ()  # providers it must not be served on, e.g. INT8 on CUDA
     notes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.gates:
+            object.__setattr__(self, "verdict", verdict_of(self.gates))
 
     @property
     def passed(self) -> bool:
@@ -411,6 +423,11 @@ def _variant(v: Any, where: str) -> list[str]:
         problems.append(
             f"{where}: verdict is 'pass', but its gate(s) {', '.join(map(str, failed))} failed; "
             "a variant passes only when every gate passed"
+        )
+    elif v.get("verdict") == FAIL and gates and not failed:
+        problems.append(
+            f"{where}: verdict is 'fail', but every one of its {len(gates)} gate(s) passed; "
+            "a variant's verdict is its gates'"
         )
     return problems
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from quantgate import placement
-from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, speed_gate_name
+from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, all_passed, speed_gate_name
 from quantgate.quantize.gates import session, speed_feeds, time_interleaved
 
 NOT_FOR_CUDA = "not for CUDA: "  # opens the note that says why INT8 is not served on CUDA
@@ -186,7 +186,7 @@ def apply_gates(variant, gates: Sequence[GateResult], provider: str = CUDA):
     notes = notes.partition("; " + NOT_FOR_CUDA)[0]  # an earlier gating's reason, the last note
     providers = tuple(p for p in variant.providers if p != CUDA)
     not_for = tuple(p for p in variant.not_for if p != CUDA)
-    if all(g.passed for g in gates):
+    if all_passed(gates):
         return dataclasses.replace(
             variant, gates=(*kept, *gates), providers=(*providers, CUDA), not_for=not_for,
             notes=notes,

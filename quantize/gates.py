@@ -987,10 +987,6 @@ def speed_gates(
     return gates
 
 
-def passed(gates: Sequence[GateResult]) -> bool:
-    return bool(gates) and all(g.passed for g in gates)
-
-
 __all__ = [
     "Fidelity",
     "GateConfig",
@@ -1003,7 +999,6 @@ __all__ = [
     "collect",
     "flat_rows",
     "paired_bootstrap",
-    "passed",
     "percentile_interval",
     "row_cosine",
     "session",

@@ -28,10 +28,10 @@ from quantgate.bundle import (
     GateResult,
     Manifest,
     Variant,
+    all_passed,
     check_writable_target,
     load,
     staging,
-    verdict_of,
     write_manifest,
 )
 from quantgate.errors import BundleError, ConfigError, DataError, GateFailed, QuantizeError
@@ -356,7 +356,7 @@ def _gate_on_cuda(
         result.onnx, files, result.inputs, result.max_seq_len, evaluation, emit,
         fp16_min_cosine=cfg.fp16_min_cosine, gate_cfg=gate_cfg, provider=provider,
     )  # fmt: skip
-    out = [cuda.apply_gates(v, gated.gates[v.precision]) for v in variants]
+    out = [cuda.apply_gates(v, gated.gates[v.precision], provider) for v in variants]
     return out, [reports.cuda_section(gated)]
 
 
@@ -390,7 +390,7 @@ def _cuda_gates(
     )
     gates, timings, where = cuda.gate_variants(fp32, files, inputs, timing, provider=provider)
     for k, file in files.items():
-        if k != "fp16" and not all(g.passed for g in gates[k]):
+        if k != "fp16" and not all_passed(gates[k]):
             continue  # not for CUDA anyway: its accuracy there does not matter
         fidelity = fp16.fidelity(fp32, file, evaluation(), provider=provider, precision=k)
         threshold = fp16_min_cosine if k == "fp16" else gate_cfg.min_cosine
@@ -539,8 +539,7 @@ def _regate_on_cuda(
     def again(v: Variant) -> Variant:
         if v.precision not in gated.gates:
             return v
-        new = cuda.apply_gates(v, gated.gates[v.precision], provider)
-        return dataclasses.replace(new, verdict=verdict_of(new.gates))
+        return cuda.apply_gates(v, gated.gates[v.precision], provider)
 
     return tuple(map(again, m.variants)), gated
 
@@ -639,10 +638,7 @@ def _int8_gates(
 def _with_int8_gates(variants: Sequence[Variant], gates: tuple[GateResult, ...]) -> tuple:
     """``variants`` with the INT8 variant's gates (and so its verdict) replaced by ``gates``."""
     return tuple(
-        dataclasses.replace(v, gates=gates, verdict=verdict_of(gates))
-        if v.precision == "int8"
-        else v
-        for v in variants
+        dataclasses.replace(v, gates=gates) if v.precision == "int8" else v for v in variants
     )
 
 

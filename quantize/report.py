@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from quantgate.bundle import CPU, CUDA, PASS, GateResult, Manifest, speed_shape
+from quantgate.bundle import CPU, CUDA, PASS, GateResult, Manifest, all_passed, speed_shape
 from quantgate.quantize.cuda import CudaGating
 from quantgate.quantize.gates import GateConfig, uncertain
 from quantgate.quantize.search import Candidate, SearchResult
@@ -112,7 +112,7 @@ def cuda_table(gated: CudaGating) -> list[str]:
 
 
 def _verdict(gates: Sequence[GateResult]) -> str:
-    return "pass" if all(g.passed for g in gates) else "**FAIL**"
+    return "pass" if all_passed(gates) else "**FAIL**"
 
 
 def cuda_regated(
@@ -129,7 +129,7 @@ def cuda_regated(
     data; ``settings``: the sentence on the gate settings; ``confidence``: the intervals'."""
     decided = []
     for name, gates in gated.gates.items():
-        passed = all(g.passed for g in gates)
+        passed = all_passed(gates)
         if name == "int8":
             decided.append("INT8 runs on CUDA" if passed else "INT8 is not for CUDA")
         else:

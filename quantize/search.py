@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantgate.bundle import GateResult, TensorSpec
+from quantgate.bundle import GateResult, TensorSpec, all_passed
 from quantgate.errors import ConfigError, QuantizeError
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.data import DataSource, counted
@@ -36,7 +36,6 @@ from quantgate.quantize.gates import (
     accuracy_gates,
     check_evaluation,
     collect,
-    passed,
     speed_gates,
     speed_score,
 )
@@ -103,11 +102,11 @@ class Candidate:
 
     @property
     def passed(self) -> bool:
-        return not self.error and passed(self.accuracy) and passed(self.speed)
+        return not self.error and all_passed(self.accuracy) and all_passed(self.speed)
 
     @property
     def accurate(self) -> bool:
-        return not self.error and passed(self.accuracy)
+        return not self.error and all_passed(self.accuracy)
 
     @property
     def speedup(self) -> float:

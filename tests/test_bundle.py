@@ -13,13 +13,14 @@ from quantgate.errors import BundleError
 
 
 def make_manifest(tmp, verdict="pass"):
+    ok = verdict == "pass"
     (tmp / "model.fp32.onnx").write_bytes(b"fp32 model bytes")
     v = qb.Variant(
         file="model.fp32.onnx",
         precision="fp32",
         sha256=qb.sha256_file(tmp / "model.fp32.onnx"),
-        gates=(qb.GateResult("max_abs_diff", 1e-6, 1e-4, "<=", True),),
-        verdict=verdict,
+        # a variant's verdict is its gates': a failed one for a failed bundle
+        gates=(qb.GateResult("max_abs_diff", 1e-6 if ok else 1.0, 1e-4, "<=", ok),),
     )
     return qb.Manifest(
         name="m",
@@ -361,3 +362,26 @@ def test_inspect_lists_the_files_the_manifest_vouches_for_and_a_missing_report(c
     (b.path / qb.REPORT).unlink()
     r = cli("inspect", b.path)
     assert r.code == 0 and f"report: {b.path / qb.REPORT} is missing" in " ".join(r.stdout.split())
+
+
+def test_a_variants_verdict_is_its_gates():
+    """Given new gates (a re-gate, CUDA's results), a variant gets their verdict: no caller
+    has to remember to recompute it. Without gates (an older bundle's FP32) it keeps its own."""
+    ok = qb.GateResult("cosine:logits", 0.999, 0.99, ">=", True)
+    bad = qb.GateResult("speedup_b1_s128", 0.9, 0.95, ">=", False)
+    v = qb.Variant("model.int8.onnx", "int8", "0" * 64, gates=(ok,))
+    assert v.verdict == qb.PASS
+    assert dataclasses.replace(v, gates=(ok, bad)).verdict == qb.FAIL
+    assert dataclasses.replace(v, gates=(ok, bad), verdict=qb.PASS).verdict == qb.FAIL
+    assert qb.Variant("model.fp32.onnx", "fp32", "0" * 64).verdict == qb.PASS
+
+
+def test_a_fail_its_gates_do_not_support_is_refused(tmp_path):
+    """The other way round: a variant marked 'fail' over gates that all passed is not what
+    write_manifest writes, so the manifest was edited or damaged; it is refused, not served."""
+    b = write(tmp_path / "b")
+    d = json.loads((b.path / qb.MANIFEST).read_text())
+    d["variants"][0]["verdict"] = "fail"
+    (b.path / qb.MANIFEST).write_text(json.dumps(d))
+    with pytest.raises(BundleError, match=r"verdict is 'fail', but every one of its 1 gate"):
+        qb.load(b.path)
