@@ -200,6 +200,10 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["verdict"] = self.verdict
+        for v in d["variants"]:  # standard JSON: a value not measured (NaN outputs) is null
+            for g in v["gates"]:
+                if not math.isfinite(g["value"]):
+                    g["value"] = None
         return d
 
     @classmethod
@@ -226,7 +230,8 @@ class Manifest:
 
         def gate(g: dict) -> GateResult:
             ci = g.get("ci")
-            return GateResult(**{**g, "ci": tuple(ci) if ci is not None else None})
+            value = math.nan if g["value"] is None else g["value"]  # see to_dict
+            return GateResult(**{**g, "value": value, "ci": tuple(ci) if ci is not None else None})
 
         def variant(v: dict) -> Variant:
             return Variant(
@@ -371,7 +376,9 @@ def _gate(g: Any, where: str) -> list[str]:
         where,
         {
             "name": _NAME,
-            "value": number,
+            "value": _kind(
+                lambda x: _is_number(x) or x is None, "a number (null: not measurable, failed)"
+            ),
             "threshold": number,
             "op": _kind(lambda x: x in _OPS, "'<=' or '>='"),
             "passed": _kind(lambda x: isinstance(x, bool), "true or false"),
@@ -384,6 +391,8 @@ def _gate(g: Any, where: str) -> list[str]:
     )
     if problems or not g["passed"]:
         return problems
+    if g["value"] is None:
+        return [f"{where}: passed is true, but its value is null (not measurable)"]
     # "passed" must follow from the numbers: a gate can fail with good numbers (a fallback,
     # broken rows), never pass with bad ones. The slack covers rounding in the bootstrap.
     value, threshold = g["value"], g["threshold"]

@@ -525,8 +525,11 @@ def _mean_gate(
     provider: str | None = None,
 ) -> GateResult:
     """The gate of the mean of per-row ``values``, with its bootstrap interval over the rows
-    (``bootstrap_mean``), decided under ``cfg.ci_rule``."""
-    value = float(np.mean(values))
+    (``bootstrap_mean``), decided under ``cfg.ci_rule``. Rows that are not finite (NaN
+    outputs) are left out of the mean, which is NaN only when no row is finite; ``valid``
+    False fails the gate whatever its value."""
+    finite = np.isfinite(values)
+    value = float(np.mean(values[finite])) if finite.any() else math.nan
     ci = bootstrap_mean(values, cfg)
     passed, rule = _decide(
         value, ci, threshold, op, rule=cfg.ci_rule, confidence=cfg.confidence, valid=valid

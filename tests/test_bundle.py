@@ -3,6 +3,7 @@
 import dataclasses
 import errno
 import json
+import math
 import os
 import stat
 
@@ -114,7 +115,7 @@ def test_a_gate_value_that_is_not_a_number_is_a_clear_error(tmp_path):
     (b.path / qb.MANIFEST).write_text(json.dumps(d))
     with pytest.raises(
         BundleError,
-        match=r"is corrupt: .*\(max_abs_diff\)\.value: expected a number, found the string 'abc'",
+        match=r"is corrupt: .*\(max_abs_diff\)\.value: expected a number \(null: not measurable, failed\), found the string 'abc'",
     ):
         qb.load(b.path)
 
@@ -384,4 +385,39 @@ def test_a_fail_its_gates_do_not_support_is_refused(tmp_path):
     d["variants"][0]["verdict"] = "fail"
     (b.path / qb.MANIFEST).write_text(json.dumps(d))
     with pytest.raises(BundleError, match=r"verdict is 'fail', but every one of its 1 gate"):
+        qb.load(b.path)
+
+
+def _strict(text: str):
+    """json.loads that refuses NaN and Infinity, as JSON parsers outside Python do."""
+
+    def refuse(token: str):
+        raise ValueError(f"not standard JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_gate_value_that_could_not_be_measured_is_written_as_standard_json(tmp_path):
+    """A candidate whose every output row is NaN has no mean cosine: the manifest says null
+    (NaN would make it JSON that jq, Go or a browser refuse), and it reads back as NaN."""
+    nan = qb.GateResult("cosine:logits", float("nan"), 0.99, ">=", False, detail="all NaN")
+    with qb.staging(tmp_path / "b") as tmp:
+        m = make_manifest(tmp)
+        (tmp / "model.int8.onnx").write_bytes(b"int8 model bytes")
+        int8 = qb.Variant(
+            "model.int8.onnx", "int8", qb.sha256_file(tmp / "model.int8.onnx"), gates=(nan,)
+        )
+        qb.write_manifest(tmp, dataclasses.replace(m, variants=(*m.variants, int8)))
+    d = _strict((tmp_path / "b" / qb.MANIFEST).read_text())
+    assert d["variants"][1]["gates"][0]["value"] is None
+    gate = qb.load(tmp_path / "b").manifest.variant("int8").gates[0]
+    assert math.isnan(gate.value) and not gate.passed
+
+
+def test_a_null_value_on_a_passed_gate_is_refused(tmp_path):
+    b = write(tmp_path / "b")
+    d = json.loads((b.path / qb.MANIFEST).read_text())
+    d["variants"][0]["gates"][0]["value"] = None
+    (b.path / qb.MANIFEST).write_text(json.dumps(d))
+    with pytest.raises(BundleError, match=r"passed is true, but its value is null"):
         qb.load(b.path)

@@ -635,6 +635,20 @@ def test_a_mean_over_values_that_are_not_all_finite_has_no_interval():
     assert 0.96 <= lo <= 0.975 <= hi <= 0.99
 
 
+def test_a_gate_over_some_nan_rows_reports_the_mean_of_the_others_and_fails():
+    """KL over logits of which one row is NaN: the value is the finite rows' mean (the
+    manifest can hold it, a reader learns how far the rest are), the gate fails."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3)).astype(np.float32)
+    y = x.copy()
+    y[2] = np.nan
+    ref = Outputs(["logits"], [{"logits": x}], [None], rows=40)
+    cand = Outputs(["logits"], [{"logits": y}], [None], rows=40)
+    gates = {g.name: g for g in accuracy_gates(ref, cand, "sequence-classification", GateConfig())}
+    assert gates["kl"].value == pytest.approx(0.0, abs=1e-9) and not gates["kl"].passed
+    assert gates["kl"].ci is None
+
+
 def test_the_output_named_logits_is_the_one_judged_as_logits():
     """A user's model returning (embedding, logits): the top-1 gate must judge the logits,
     not the embedding that comes first, and the embedding gets a cosine gate of its own."""
