@@ -8,6 +8,12 @@ A bundle is a directory::
       model.int8.onnx    when quantization ran
       model.fp16.onnx    optional, for the CUDA execution provider
       report.md          the human version of the gates
+      candidates.png     the recipe search's accuracy/speed plot, when it ran
+      tokenizer/         a text model's tokenizer, so the bundle serves and gates text alone
+
+The manifest lists every other file with its sha256 (the models in ``variants``; the
+tokenizer, external weights and the plot in ``files``; not report.md, which is for people),
+and ``load`` checks them.
 
 It is written atomically: everything goes to a temporary sibling directory which is then
 renamed into place, so a crash never leaves a half-written bundle where a good one was.
@@ -167,8 +173,8 @@ class Manifest:
     calibration: dict[str, Any] | None = None  # source, sha256, samples
     export: dict[str, Any] = field(default_factory=dict)  # exporter, validation diffs, fusions
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. tokenizer info, label names
-    # The bundle's other files that quantgate reads (the tokenizer), by path relative to the
-    # bundle ("tokenizer/vocab.txt") -> sha256; verified at load like the variants.
+    # The bundle's other files (the tokenizer, external weights, the plot), by path relative
+    # to the bundle ("tokenizer/vocab.txt") -> sha256; verified at load like the variants.
     files: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
