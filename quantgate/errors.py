@@ -97,6 +97,10 @@ class Unauthenticated(QuantgateError):
     """The server wants a bearer token this call did not carry, or not this one."""
 
 
+class ResponseTooLarge(QuantgateError):
+    """A request's answer is larger than the server may send (--max-message-bytes)."""
+
+
 class InferenceFailed(QuantgateError):
     """ONNX Runtime failed on a request that passed validation."""
 

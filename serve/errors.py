@@ -15,6 +15,7 @@ from quantgate.errors import (
     InferenceFailed,
     ModelNotFound,
     QuantgateError,
+    ResponseTooLarge,
     Unauthenticated,
     Unavailable,
 )
@@ -30,6 +31,7 @@ STATUS: dict[type[QuantgateError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
     InferenceFailed: grpc.StatusCode.INTERNAL,
+    ResponseTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,  # answered by server.BearerTokenAuth
 }
 

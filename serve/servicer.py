@@ -8,7 +8,8 @@ rest. Status codes follow Triton's:
     queue full, warming up, shutting down                                 UNAVAILABLE
     deadline passed before the request ran                                DEADLINE_EXCEEDED
     client cancelled                                                      CANCELLED (by gRPC)
-    message over --max-message-bytes (64 MiB)                             RESOURCE_EXHAUSTED (by gRPC)
+    request over --max-message-bytes (64 MiB)                             RESOURCE_EXHAUSTED (by gRPC)
+    response over --max-message-bytes                                     RESOURCE_EXHAUSTED
     ONNX Runtime failed on a valid request                                INTERNAL
 """
 
@@ -28,7 +29,14 @@ from google.protobuf.message import DecodeError
 
 from quantgate import __version__
 from quantgate.bundle import CUDA
-from quantgate.errors import BadRequest, Cancelled, InferenceFailed, ModelNotFound, QuantgateError
+from quantgate.errors import (
+    BadRequest,
+    Cancelled,
+    InferenceFailed,
+    ModelNotFound,
+    QuantgateError,
+    ResponseTooLarge,
+)
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.protos import model_config_pb2 as mc
@@ -95,6 +103,17 @@ def _time_left(context: grpc.ServicerContext) -> float | None:
     """Seconds until the call's deadline; None when it has none."""
     left = context.time_remaining()
     return None if left is None or left > NO_DEADLINE_S else left
+
+
+def _too_large(size: int, limit: int, outputs: dict) -> ResponseTooLarge:
+    """The error for an answer gRPC would refuse to send, with what to do: counted and
+    logged as RESOURCE_EXHAUSTED, and said in words gRPC's own refusal does not have."""
+    parts = ", ".join(f"{name} {a.nbytes:,}" for name, a in outputs.items())
+    return ResponseTooLarge(
+        f"the response is {size:,} bytes, over the server's --max-message-bytes {limit:,} "
+        f"(outputs, in bytes: {parts}). Ask only for the outputs you need, send fewer rows "
+        "per request, or start the server with a larger --max-message-bytes"
+    )
 
 
 PLATFORM = "onnxruntime_onnx"
@@ -319,6 +338,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.model_name = model.name
             response.model_version = model.version
             encoded = codec.encode_response(response, outputs)
+            if len(encoded) > self._engine.cfg.max_message_bytes:
+                raise _too_large(len(encoded), self._engine.cfg.max_message_bytes, outputs)
         except Cancelled as e:
             # gRPC ends a call both when the client gives up and at its deadline
             elapsed = time.perf_counter() - start

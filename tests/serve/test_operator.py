@@ -472,3 +472,27 @@ def test_max_message_bytes_sets_the_limit_grpc_enforces(repo):
             assert "RESOURCE_EXHAUSTED" in err.value.status()
     finally:
         assert srv.terminate() == 0, srv.log
+
+
+def test_a_response_over_max_message_bytes_is_refused_with_what_to_do(repo):
+    """The request fits, its answer does not (hidden states: 32 floats a token). gRPC's own
+    refusal names no output and counts as OK on the server; the server refuses it itself:
+    RESOURCE_EXHAUSTED that says what to ask for instead, counted as a failure."""
+    import numpy as np
+    import tritonclient.grpc as tc
+    from helpers import inputs
+    from tritonclient.utils import InferenceServerException
+
+    srv = ServerProcess(repo / "encoder" / "1", "--max-message-bytes", "4096")
+    try:
+        with tc.InferenceServerClient(srv.url) as c:
+            ids = np.ones((4, 16), dtype=np.int64)  # 1 KB in, 8 KB of hidden states out
+            with pytest.raises(InferenceServerException) as err:
+                c.infer("tiny-encoder", inputs({"input_ids": ids, "attention_mask": ids}))
+            assert "RESOURCE_EXHAUSTED" in err.value.status()
+            assert "over the server's --max-message-bytes 4,096" in err.value.message()
+            assert "last_hidden_state 8,192" in err.value.message()
+            stats = c.get_inference_statistics("tiny-encoder").model_stats[0].inference_stats
+            assert (stats.fail.count, stats.success.count) == (1, 0)
+    finally:
+        assert srv.terminate() == 0, srv.log
