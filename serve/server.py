@@ -25,6 +25,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -385,9 +386,41 @@ def _credentials(cfg: ServeConfig) -> grpc.ServerCredentials:
     cert = _read_pem("--tls-cert", tls.cert, b"-----BEGIN CERTIFICATE-----")
     key = _read_pem("--tls-key", tls.key, b"PRIVATE KEY-----")
     ca = _read_pem("--tls-client-ca", tls.client_ca, b"-----BEGIN CERTIFICATE-----")
+    _check_pair(tls.cert, tls.key)
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
     )
+
+
+class _Encrypted(Exception):
+    pass
+
+
+def _check_pair(cert: Path, key: Path) -> None:
+    """Refuse a key that is not the certificate's, or is encrypted, as OpenSSL reads them
+    (the standard library's ssl): gRPC would only fail to bind the port, after every model
+    has loaded, and `serve --check` would pass."""
+
+    def password() -> bytes:
+        raise _Encrypted
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=password)
+    except _Encrypted:
+        raise ServeError(
+            f"--tls-key {key} is encrypted, and gRPC takes no password: decrypt it "
+            f"(`openssl pkey -in {key} -out plain.key`) and keep that file readable only "
+            "by the server's user"
+        ) from None
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise ServeError(
+                f"--tls-key {key} is not the private key of --tls-cert {cert}: pass the key "
+                "the certificate was issued for"
+            ) from e
+        raise ServeError(
+            f"cannot use --tls-cert {cert} with --tls-key {key}: {e.reason or e}"
+        ) from e
 
 
 def _read_pem(flag: str, path: Path | None, marker: bytes) -> bytes | None:

@@ -145,6 +145,27 @@ def test_tls_files_that_are_not_pem_are_named(repo, tmp_path):
     assert f"--tls-cert {der} is not PEM" in r.stderr and "port" not in r.stderr, r.stderr
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_serve_check_refuses_a_tls_key_that_is_not_the_certificates(repo, tmp_path):
+    """Two valid PEM files that do not belong together: `serve --check` must fail, naming
+    the pair, not pass and leave `serve` to fail at bind time, after loading every model,
+    with a guess about ports."""
+    for name in ("a", "b"):
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=localhost", "-keyout", str(tmp_path / f"{name}.key"),
+             "-out", str(tmp_path / f"{name}.pem")],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    cert, key = tmp_path / "a.pem", tmp_path / "b.key"
+    r = _quantgate(
+        "serve", str(repo / "classifier"), "--check", "--tls-cert", str(cert), "--tls-key", str(key)
+    )
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"--tls-key {key} is not the private key of --tls-cert {cert}" in r.stderr, r.stderr
+    assert "ready to serve" not in r.stdout and "port" not in r.stderr, r.stderr
+
+
 def test_a_port_left_in_time_wait_by_the_last_server_is_free(repo):
     """A restart right after the last server closed a connection: its end waits in TIME_WAIT,
     which gRPC's own bind (SO_REUSEADDR, as the last server's) accepts; so must the check."""
