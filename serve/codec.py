@@ -183,6 +183,51 @@ def _largest_first(rows: np.ndarray) -> np.ndarray:
     return rows.shape[1] - 1 - backwards
 
 
+# A request's parameters (Triton's), and what this server does with each: what it cannot
+# honour is refused, so that a client does not believe it was.
+_SEQUENCE = (
+    "sequence batching is not supported: the models served here are stateless and every "
+    "request stands alone; send it without sequence_id, sequence_start and sequence_end"
+)
+_REQUEST_PARAMETERS = {
+    "timeout": "microseconds the request may wait for its turn (as its gRPC deadline)",
+    "priority": "0 only: requests are served first come, first served",
+    "triton_enable_empty_final_response": "for decoupled models; every answer here is final",
+}
+
+
+def request_timeout(request: pb.ModelInferRequest) -> float | None:
+    """The request's ``timeout`` parameter in seconds (Triton's, sent in microseconds;
+    None where absent or 0); a BadRequest for any parameter the server cannot honour:
+    sequences, a priority, a key it does not know."""
+    timeout = None
+    for key, p in request.parameters.items():
+        kind = p.WhichOneof("parameter_choice")
+        value = getattr(p, kind) if kind else None
+        if key.startswith("sequence_"):
+            raise BadRequest(f"request parameter {key!r}: {_SEQUENCE}")
+        if key == "timeout":
+            if kind not in ("int64_param", "uint64_param") or value < 0:
+                raise BadRequest(
+                    "request parameter 'timeout' must be a whole number of microseconds "
+                    f">= 0, found {str(p).strip() or 'nothing'}"
+                )
+            timeout = value / 1e6 if value else None
+        elif key == "priority":
+            if kind not in ("int64_param", "uint64_param") or value != 0:
+                raise BadRequest(
+                    f"request parameter 'priority' {value!r}: this server has one priority "
+                    "level and serves requests first come, first served; leave it unset"
+                )
+        elif key not in _REQUEST_PARAMETERS:
+            understood = "; ".join(f"{k}: {what}" for k, what in _REQUEST_PARAMETERS.items())
+            raise BadRequest(
+                f"request parameter {key!r} is not one this server honours ({understood}); "
+                "leave it out"
+            )
+    return timeout
+
+
 # What to do instead of shared memory, which this server does not offer (its RPCs and its
 # parameters alike).
 USE_THE_MESSAGES = (

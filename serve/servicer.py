@@ -321,6 +321,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model: Model | None = None
         try:
             model = self._engine.model(request.model_name, request.model_version)
+            if (limit := codec.request_timeout(request)) is not None:
+                timeout = limit if timeout is None else min(timeout, limit)
             feeds = codec.decode_inputs(request)
             wanted = codec.requested_outputs(request)
             outputs, timing, rows = self._engine.infer(

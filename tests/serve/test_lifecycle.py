@@ -207,6 +207,23 @@ def test_a_second_sigterm_does_not_wait_for_the_drain(tmp_path):
     assert "second SIGTERM: exiting without finishing admitted requests" in srv.log
 
 
+def test_a_request_timeout_that_passes_in_the_queue_answers_deadline_exceeded(tmp_path):
+    """Triton's request parameter `timeout` (microseconds) bounds the wait as a gRPC deadline
+    does: queued behind a request that runs for seconds, the request is not run late."""
+    srv = ServerProcess(_slow_bundle(tmp_path / "slow"))
+    try:
+        slow = {"input_ids": np.array([[10**7]]), "attention_mask": np.array([[1]])}
+        quick = {"input_ids": np.array([[1]]), "attention_mask": np.array([[1]])}
+        with tc.InferenceServerClient(srv.url) as c:
+            c.async_infer("slow", inputs(slow), callback=lambda result, error: None)
+            time.sleep(0.3)  # the slow request is running
+            with pytest.raises(InferenceServerException) as err:
+                c.infer("slow", inputs(quick), timeout=200_000)  # 0.2 s
+        assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED", err.value
+    finally:
+        srv.terminate()
+
+
 def test_a_grace_that_runs_out_is_logged_and_exits_1(tmp_path):
     """A request still running when --shutdown-grace ends is cut off: the operator is told
     so, in the log and by the exit code, never by a clean 0."""

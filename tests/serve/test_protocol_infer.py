@@ -255,3 +255,24 @@ def test_typed_contents_in_the_field_of_another_datatype_are_named(server):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = err.value.details()
     assert "'input_ids'" in details and "fp32_contents" in details and "int64_contents" in details
+
+
+@pytest.mark.parametrize(
+    "kw,words",
+    [
+        (dict(sequence_id=7, sequence_start=True), "sequence batching is not supported"),
+        (dict(priority=5), "request parameter 'priority' 5: this server has one priority level"),
+        (dict(parameters={"tenant": "a"}), "request parameter 'tenant' is not one this server"),
+    ],
+)
+def test_request_parameters_the_server_cannot_honour_are_refused(client, kw, words):
+    """Silently ignored, a client would believe its sequence kept state or its priority
+    counted."""
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("classifier", inputs(_ids(5)), **kw)
+    assert err.value.status() == INVALID and words in err.value.message()
+
+
+def test_a_generous_request_timeout_is_honoured_as_a_deadline(client):
+    result = client.infer("classifier", inputs(_ids(5)), timeout=10_000_000)  # 10 s in us
+    assert result.as_numpy("logits").shape == (1, 5)
