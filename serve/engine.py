@@ -7,6 +7,7 @@ request against its model, queues it, and accounts for how it ended.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import numpy as np
@@ -21,6 +22,13 @@ from quantgate.serve.runtime import Model
 log = logging.getLogger(__name__)
 
 
+WARMING_UP = "the server is warming up its models; retry shortly"
+SHUTTING_DOWN = (
+    "the server is shutting down and takes no new requests; send them to another instance "
+    "(or retry once it has restarted)"
+)
+
+
 class Engine:
     def __init__(self, repository: Repository, cfg: ServeConfig, metrics: Metrics | None = None):
         self.repository = repository
@@ -31,6 +39,8 @@ class Engine:
         self._batchers: dict[tuple[str, str], Batcher] = {}
         # Admitting requests: the server sets it once the models are warm; close() clears it.
         self.ready = False
+        # Set by close(): the server is going away (not warming up); open streams end.
+        self.closing = threading.Event()
         for m in models:
             self.metrics.model.labels(
                 m.name, m.version, m.variant.precision, m.provider, m.variant.file
@@ -78,6 +88,7 @@ class Engine:
         """Stop admitting; wait until every admitted request is answered (False if
         ``timeout`` seconds passed first)."""
         self.ready = False
+        self.closing.set()
         for b in self._batchers.values():  # every model stops waiting for company at once
             b.stop()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -103,9 +114,7 @@ class Engine:
         went, and its batch size. Raises the serve errors (see servicer.py for their status
         codes); Cancelled when ``caller`` goes away first."""
         if not self.ready:
-            raise Unavailable(
-                "the server is not ready (warming up or shutting down); retry shortly"
-            )
+            raise Unavailable(SHUTTING_DOWN if self.closing.is_set() else WARMING_UP)
         rows = model.check(feeds, outputs)
         batcher = self._batchers[(model.name, model.version)]
         outputs, timing = batcher.infer(

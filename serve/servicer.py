@@ -42,7 +42,7 @@ from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.protos import model_config_pb2 as mc
 from quantgate.serve import codec
 from quantgate.serve.batcher import Caller
-from quantgate.serve.engine import Engine
+from quantgate.serve.engine import SHUTTING_DOWN, Engine
 from quantgate.serve.errors import status_of
 from quantgate.serve.metrics import DURATIONS, ModelStats
 from quantgate.serve.runtime import Model
@@ -55,6 +55,9 @@ EXTENSIONS = ("model_configuration", "statistics")
 DEADLINE_SLACK_S = 1e-3
 # gRPC reports a call without a deadline as one some billions of years away.
 NO_DEADLINE_S = 1e9
+# How often an idle stream looks whether the server is shutting down (ModelStreamInfer).
+STREAM_POLL_S = 0.25
+_SHUTDOWN = object()  # in a stream's answers: it is idle and the server is going away
 
 
 class CallRecord:
@@ -290,7 +293,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 answers.put(None)  # the answers loop below must never wait forever
 
         threading.Thread(target=read, name="stream-reader", daemon=True).start()
-        while (answer := answers.get()) is not None:
+        while (answer := self._next(answers)) is not None:
+            if answer is _SHUTDOWN:
+                context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             if isinstance(answer, BaseException):
                 if caller.gone:  # the call is over (cancelled, or ended by gRPC)
                     return
@@ -305,6 +310,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     error_message=f"{status_of(err).name}: {err}",
                     infer_response=pb.ModelInferResponse(id=response.id),
                 )
+
+    def _next(self, answers: queue.SimpleQueue):
+        """The stream's next answer, in the order of its requests. An idle stream (every
+        answer sent) ends once the server shuts down, with UNAVAILABLE: left open it would
+        hold the drain for the whole grace, and its client would learn nothing until then."""
+        while True:
+            try:
+                return answers.get(timeout=STREAM_POLL_S)
+            except queue.Empty:
+                if self._engine.closing.is_set():
+                    return _SHUTDOWN
 
     def _infer(
         self,

@@ -135,6 +135,24 @@ def test_sigterm_refuses_new_requests_on_a_stream_already_open(repo):
     assert srv.proc.wait(60) == 0, srv.log
 
 
+def test_an_idle_stream_ends_at_sigterm_instead_of_holding_the_drain(repo):
+    """A client keeps a stream open, answered and idle. At SIGTERM the stream ends with
+    UNAVAILABLE that says the server is going away, and the server exits 0 long before its
+    grace (600 s here) runs out: the idle stream does not hold the drain."""
+    srv = ServerProcess(repo / "classifier", "--shutdown-grace", "600")
+    answers: queue.Queue = queue.Queue()
+    with tc.InferenceServerClient(srv.url) as c:
+        c.start_stream(callback=lambda result, error: answers.put((result, error)))
+        c.async_stream_infer("tiny-classifier", inputs(batch(np.random.default_rng(3), 1, 9)))
+        assert answers.get(timeout=30)[1] is None
+        srv.proc.send_signal(signal.SIGTERM)
+        _, error = answers.get(timeout=60)
+        code = srv.proc.wait(60)
+        c.stop_stream()
+    assert code == 0 and "stopped: every admitted request was answered" in srv.log, srv.log
+    assert "UNAVAILABLE" in str(error) and "shutting down" in str(error), error
+
+
 def _slow_bundle(out: Path) -> Path:
     """A bundle whose model counts to its largest input id, one ONNX Loop step at a time:
     instant on warm-up's zeros, seconds for input_ids=[[10**7]]. It holds a drain open."""
