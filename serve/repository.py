@@ -46,8 +46,9 @@ class Repository:
         return sorted(self._models[name], key=int)
 
     def __iter__(self) -> Iterator[Model]:
-        for versions in self._models.values():
-            yield from versions.values()
+        """Every model, by name, each name's versions in numeric order (2 before 10)."""
+        for name in sorted(self._models):
+            yield from (self._models[name][v] for v in self.versions(name))
 
 
 def load_repository(cfg: ServeConfig) -> Repository:

@@ -67,7 +67,7 @@ class BearerTokenAuth(grpc.ServerInterceptor):
     """
 
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
@@ -78,7 +78,9 @@ class BearerTokenAuth(grpc.ServerInterceptor):
         ):
             return handler
         metadata = dict(details.invocation_metadata or ())
-        if hmac.compare_digest(metadata.get("authorization", "").encode(), self._expected):
+        scheme, _, token = metadata.get("authorization", "").partition(" ")
+        # The scheme is case-insensitive (RFC 9110 11.1): "bearer" is "Bearer".
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), self._expected):
             return handler
         return _denied(handler)
 

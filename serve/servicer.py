@@ -138,7 +138,8 @@ UNSUPPORTED = {
     "CudaSharedMemoryUnregister": _NO_SHARED_MEMORY,
     "TraceSetting": "tracing is not supported: per-model timing is in ModelStatistics, and in "
     "the Prometheus metrics (--metrics-port)",
-    "LogSettings": "log settings cannot change while serving: restart with -v for verbose logs",
+    "LogSettings": "log settings cannot change while serving: restart it as "
+    "`quantgate -v serve ...` for verbose logs",
 }
 
 

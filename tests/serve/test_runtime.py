@@ -238,3 +238,16 @@ def test_two_instances_run_two_batches_at_once(classifier):
         release.set()
         assert stuck.result(10)[0]["logits"].shape[0] == 1
     assert b.close(timeout=5)
+
+
+def test_a_repository_lists_versions_in_numeric_order(repo, tmp_path):
+    """RepositoryIndex, ModelStatistics and the metrics list what iterating gives: 2 before
+    10, as ModelMetadata lists versions (folders come off the disk in text order)."""
+    import shutil
+
+    from quantgate.serve.repository import load_repository
+
+    for version in ("10", "2", "1"):
+        shutil.copytree(repo / "encoder" / "1", tmp_path / "encoder" / version)
+    served = load_repository(ServeConfig(path=tmp_path))
+    assert [m.version for m in served] == ["1", "2", "10"] == served.versions("encoder")
