@@ -354,6 +354,18 @@ def export_command(
             show_default=False,
         ),
     ] = None,
+    recipe: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--recipe",
+            help="Search only this INT8 recipe; repeat for several (default: every recipe "
+            "for this CPU, best first). A name not among them is refused with the list. "
+            "Static recipes (smooth-static-u8s8, ...) fix activation scales at calibration; "
+            "ORT's dynamic ones scale each batch, so a row's answer moves with its "
+            "batch-mates.",
+            show_default=False,
+        ),
+    ] = None,
     fp16: Annotated[
         bool | None,
         typer.Option(
@@ -402,9 +414,10 @@ def export_command(
     if no_quantize:
         _refuse_unused_quantize_flags(
             calibration=calibration, eval=eval_data, samples=samples,
-            search_budget=search_budget, max_candidates=max_candidates, fp16=fp16,
-            cuda_gates=cuda_gates, max_accuracy_drop=max_accuracy_drop, min_speedup=min_speedup,
-            min_cosine=min_cosine, min_top1=min_top1, gate_config=gate_config,
+            search_budget=search_budget, max_candidates=max_candidates, recipe=recipe,
+            fp16=fp16, cuda_gates=cuda_gates, max_accuracy_drop=max_accuracy_drop,
+            min_speedup=min_speedup, min_cosine=min_cosine, min_top1=min_top1,
+            gate_config=gate_config,
         )  # fmt: skip
     else:
         from quantgate.bundle import load as load_bundle
@@ -419,6 +432,7 @@ def export_command(
         given = dict(
             search_budget_s=search_budget,
             max_candidates=max_candidates,
+            recipes=tuple(recipe) if recipe else None,
             fp16=fp16,
             cuda_gates=cuda_gates,
         )

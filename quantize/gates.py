@@ -798,6 +798,64 @@ class _Tally:
         self.values += real  # the mean is over real positions, not padding's zeros
 
 
+# -- batch consistency ---------------------------------------------------------------------
+
+
+def batch_consistency(
+    model: str | Path,
+    data: DataSource,
+    batched: Outputs,
+    task: str,
+    cfg: GateConfig,
+) -> GateResult | None:
+    """How far a row's answer moves with the rows it is batched with: ``model`` run on each
+    row of ``data`` alone (its real tokens, as a lone request reaches the server) against
+    the same row in its evaluation batch (``batched``, its ``collect``). Dynamic INT8
+    computes its activation scales from the whole batch at run time, so the server's
+    batching changes its answers (on the built-in digits model: logits by up to 0.16, and
+    the top class of 1 row in 360). Gated as top-1 agreement at ``min_top1_agreement``
+    for a classifier, else the mean cosine of its embedding at ``min_cosine``; None for a
+    model with neither (nothing to judge it by)."""
+    logits = _logits_output(batched, task)
+    judged = logits or _embedding_name(task, batched.names)
+    if judged is None:
+        return None
+    sess = session(model, cfg.provider, threads=cfg.threads)
+    alone = Outputs([judged])
+    for batch in data.batches():
+        mask = batch.feeds.get("attention_mask")
+        for i in range(len(next(iter(batch.feeds.values())))):
+            real = int(mask[i].sum()) if mask is not None else None
+            feeds = {
+                k: v[i : i + 1, :real] if v.ndim >= 2 and mask is not None else v[i : i + 1]
+                for k, v in batch.feeds.items()
+            }
+            (value,) = sess.run([judged], feeds)
+            alone.batches.append({judged: np.asarray(value)})
+            alone.masks.append(None if mask is None else mask[i : i + 1, :real])
+            alone.rows += 1
+    largest = max(len(b[judged]) for b in batched.batches)
+    detail = (
+        f"{judged}: each of {alone.rows} rows run alone vs in its evaluation batch (of up to "
+        f"{largest}); dynamic quantization scales activations per batch"
+    )
+    if logits is not None:
+        x, y = batched.stacked(logits), np.concatenate([b[logits] for b in alone.batches])
+        agree = x.argmax(-1) == y.argmax(-1)
+        detail += f"; max logit change {np.abs(x - y).max():.3g}"
+        return _mean_gate(
+            "batch_top1_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail,
+            valid=bool(np.isfinite(y).all()),
+        )  # fmt: skip
+    x, y = _normalize(_pooled(batched, judged)), _normalize(_pooled(alone, judged))
+    cos = (x * y).sum(1)
+    return _mean_gate(
+        "batch_cosine", cos, cfg.min_cosine, ">=", cfg,
+        detail + f"; mean cosine per row (worst row {cos.min():.5f})",
+        valid=bool(np.isfinite(cos).all()),
+    )  # fmt: skip
+
+
 # -- speed ---------------------------------------------------------------------------------
 
 
@@ -996,6 +1054,7 @@ __all__ = [
     "Outputs",
     "TimingConditions",
     "accuracy_gates",
+    "batch_consistency",
     "bootstrap_mean",
     "check_evaluation",
     "check_labels",

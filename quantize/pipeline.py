@@ -54,12 +54,19 @@ from quantgate.quantize.gates import (
     MIN_EVAL_ROWS,
     GateConfig,
     accuracy_gates,
+    batch_consistency,
     check_evaluation,
     collect,
     counts_rows,
     speed_gates,
 )
-from quantgate.quantize.search import Candidate, QuantConfig, SearchResult, search
+from quantgate.quantize.search import (
+    Candidate,
+    QuantConfig,
+    SearchResult,
+    chosen_recipes,
+    search,
+)
 
 if TYPE_CHECKING:  # loaded when build runs: export's pipeline imports the model code (torch)
     from quantgate.export import ExportResult, ExtraVariant
@@ -102,6 +109,7 @@ def build(
     )
     check_writable_target(out, force=force, inputs=inputs)  # before minutes of work
     _require_data(model_spec, calibration, evaluation)
+    chosen_recipes(quant_cfg)  # a misspelt --recipe is refused now, not after the export
     emit = on_progress or no_progress
     with tempfile.TemporaryDirectory(prefix="quantgate-build-") as tmp:
         work = Path(tmp)
@@ -628,6 +636,10 @@ def _int8_gates(
     check_evaluation(reference, m.task)
     got = collect(int8, ev, provider=cfg.provider, threads=cfg.threads)
     accuracy = accuracy_gates(reference, got, m.task, cfg)
+    dynamic = (m.variant("int8").recipe or {}).get("method") == "dynamic"
+    consistency = batch_consistency(int8, ev, got, m.task, cfg) if dynamic else None
+    if consistency is not None:
+        accuracy.append(consistency)
     sample = next(ev.batches()).feeds
     max_seq = m.max_seq_len or cfg.seq_len
     speed = speed_gates(fp32, int8, m.inputs, max_seq, cfg, sample=sample, on_progress=emit)

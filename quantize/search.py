@@ -34,6 +34,7 @@ from quantgate.quantize.gates import (
     GateConfig,
     TimingConditions,
     accuracy_gates,
+    batch_consistency,
     check_evaluation,
     collect,
     speed_gates,
@@ -228,8 +229,6 @@ def search(
     on_progress: ProgressFn | None = None,
 ) -> SearchResult:
     """Try recipes within the budget; return every candidate and the fastest that passed."""
-    from quantgate.quantize.recipes import default_recipes
-
     quant_cfg = quant_cfg or QuantConfig()
     gate_cfg = gate_cfg or GateConfig()
     t0 = time.monotonic()
@@ -237,13 +236,7 @@ def search(
     reference = collect(fp32, evaluation, provider=gate_cfg.provider, threads=gate_cfg.threads)
     check_evaluation(reference, task)  # before minutes of quantization
     sample = next(evaluation.batches()).feeds
-    recipes = list(default_recipes())
-    if quant_cfg.recipes:
-        names = {r.name for r in recipes}
-        unknown = [n for n in quant_cfg.recipes if n not in names]
-        if unknown:
-            raise ConfigError(f"unknown recipe(s) {unknown}; this CPU's are {sorted(names)}")
-        recipes = [r for r in recipes if r.name in quant_cfg.recipes]
+    recipes = chosen_recipes(quant_cfg)
     # (recipe, parent candidate, nodes added with their sensitivity, round)
     queue: deque = deque((r, None, (), 0) for r in recipes)
     candidates: list[Candidate] = []
@@ -293,6 +286,25 @@ def search(
     )
 
 
+def chosen_recipes(quant_cfg: QuantConfig) -> list[Recipe]:
+    """The recipes the search tries, best first: this CPU's (``default_recipes``), only
+    those ``quant_cfg.recipes`` names where it names any; a ConfigError for a name that is
+    not one of them."""
+    from quantgate.quantize.recipes import default_recipes
+
+    recipes = list(default_recipes())
+    if not quant_cfg.recipes:
+        return recipes
+    names = [r.name for r in recipes]
+    unknown = [n for n in quant_cfg.recipes if n not in names]
+    if unknown:
+        raise ConfigError(
+            f"unknown recipe(s) {', '.join(unknown)}; this CPU's are, best first: "
+            f"{', '.join(names)}"
+        )
+    return [r for r in recipes if r.name in quant_cfg.recipes]
+
+
 def _name(recipe: Recipe) -> str:
     keep = recipe.keep_fp32
     return recipe.name + (f"+fp32x{len(keep)}" if keep else "")
@@ -326,6 +338,12 @@ def _try(
 
     try:  # FP32 ran on the same data: a failure here is the INT8 model's
         got = collect(qm.path, evaluation, provider=gate_cfg.provider, threads=gate_cfg.threads)
+        # Static recipes fix their scales at calibration: a row cannot move another's answer.
+        consistency = (
+            batch_consistency(qm.path, evaluation, got, task, gate_cfg)
+            if method == "dynamic"
+            else None
+        )
         timing = TimingConditions.now(gate_cfg.threads)
         speed = speed_gates(
             fp32, qm.path, inputs, max_seq_len, gate_cfg,
@@ -335,6 +353,8 @@ def _try(
         msg = f"the INT8 model does not run in ONNX Runtime: {e}"
         return _failed(name, recipe, method, parent, added, msg, time.monotonic() - t), None
     accuracy = accuracy_gates(reference, got, task, gate_cfg)
+    if consistency is not None:
+        accuracy.append(consistency)
     return (
         Candidate(
             name=name,
@@ -393,4 +413,4 @@ def _sensitive_nodes(fp32, qmodel, calibration, cand, qc: QuantConfig):
     return tuple(fresh[: qc.sensitivity_top_k])
 
 
-__all__ = ["Candidate", "NodeCost", "QuantConfig", "SearchResult", "search"]
+__all__ = ["Candidate", "NodeCost", "QuantConfig", "SearchResult", "chosen_recipes", "search"]

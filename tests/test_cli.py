@@ -225,3 +225,20 @@ def test_the_servers_log_setup_is_undone_when_it_returns(capsys):
     assert re.search(stamp, err) and "not a server step" not in err, err
     assert (root.level, served.level, list(root.handlers)) == before
     assert [(h, h.formatter and h.formatter.converter) for h in root.handlers] == formatters
+
+
+def test_a_recipe_that_is_not_this_cpus_is_refused_before_the_export(
+    cli, tmp_path, tiny_checkpoint
+):
+    """--recipe narrows the search; a misspelt name is told with the names there are, before
+    minutes of export, and nothing is written."""
+    out = tmp_path / "b"
+    r = cli("export", tiny_checkpoint, "--out", out, "--recipe", "smooth-static", "--recipe",
+            "smooth-static-u8s8")  # fmt: skip
+    assert r.code == 2, r.stderr
+    assert "unknown recipe(s) smooth-static; this CPU's are, best first: smooth-static-u8s8, " in (
+        " ".join(r.stderr.split())
+    )
+    assert "Traceback" not in r.stderr and not out.exists()
+    r = cli("export", tiny_checkpoint, "--out", out, "--no-quantize", "--recipe", "x")
+    assert r.code == 2 and "--recipe is for quantization" in r.stderr, r.stderr

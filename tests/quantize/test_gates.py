@@ -24,6 +24,7 @@ from quantgate.quantize.gates import (  # noqa: E402
     Outputs,
     TimingConditions,
     accuracy_gates,
+    batch_consistency,
     check_evaluation,
     collect,
     paired_bootstrap,
@@ -125,6 +126,60 @@ def test_classifier_fidelity_without_labels(models):
     strict = GateConfig(min_top1_agreement=1.0, max_kl=0.0)
     kl = next(g for g in accuracy_gates(ref, cand, result.task, strict) if g.name == "kl")
     assert not kl.passed  # INT8 is never bit-identical
+
+
+def test_batch_consistency_of_dynamic_int8_against_fp32(models):
+    """Dynamic INT8 scales activations per batch: run alone, a row's logits move; FP32's
+    do not (beyond float rounding)."""
+    result, int8 = models
+    ev = open_source(None, ModelInfo.from_export(result), role="evaluation")
+    gates = {
+        name: batch_consistency(path, ev, collect(path, ev), result.task, GateConfig())
+        for name, path in (("fp32", result.onnx), ("int8", int8))
+    }
+    assert all(g.name == "batch_top1_agreement" and g.threshold == 0.95 for g in gates.values())
+    assert gates["fp32"].value == 1.0 and gates["fp32"].passed
+    fp32_moved = float(gates["fp32"].detail.split("max logit change ")[1].split(";")[0])
+    int8_moved = float(gates["int8"].detail.split("max logit change ")[1].split(";")[0])
+    assert fp32_moved < 1e-4 < int8_moved, (gates["fp32"].detail, gates["int8"].detail)
+    assert "each of 360 rows run alone vs in its evaluation batch" in gates["int8"].detail
+
+
+def test_batch_consistency_fails_a_model_whose_rows_move_each_other(tmp_path):
+    """A model that subtracts the batch's mean (as a per-batch activation scale can): alone
+    every row scores 0, 0, 0; in a batch its top class is whichever column it leads in."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    axes = ["B", "T"]
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input_ids"], ["f"], to=TensorProto.FLOAT),
+         helper.make_node("Slice", ["f", "zero", "three", "one"], ["f3"]),
+         helper.make_node("ReduceMean", ["f3"], ["mean"], axes=[0], keepdims=1),
+         helper.make_node("Sub", ["f3", "mean"], ["logits"])],
+        "batch-mean",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, axes)
+         for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", 3])],
+        [helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+         helper.make_tensor("three", TensorProto.INT64, [1], [3]),
+         helper.make_tensor("one", TensorProto.INT64, [1], [1])],
+    )  # fmt: skip
+    path = tmp_path / "batch-mean.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    rng = np.random.default_rng(0)
+    rows = [
+        {"input_ids": rng.integers(1, 10, (16, 4)), "attention_mask": np.ones((16, 4), np.int64)}
+        for _ in range(4)
+    ]
+    info = ModelInfo(
+        tuple(TensorSpec(n, "int64", ("B", "T")) for n in ("input_ids", "attention_mask")),
+        "sequence-classification",
+        4,
+    )
+    ev = open_source(rows, info, role="evaluation")
+    gate = batch_consistency(path, ev, collect(path, ev), "sequence-classification", GateConfig())
+    assert gate.name == "batch_top1_agreement" and gate.value < 0.6 and not gate.passed
 
 
 def test_embedding_fidelity_cosine_and_nearest_neighbours():

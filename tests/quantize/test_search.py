@@ -46,6 +46,10 @@ def test_keeps_the_fastest_passing_candidate_not_the_first(tmp_path):
         assert all(f"timed with {c.timing.describe()}" in g.detail for g in c.speed)
         assert c.to_dict()["timing"] == {"threads": 0, "cpus": c.timing.cpus, "load": c.timing.load}
     assert {c.method for c in found.candidates} >= {"static", "dynamic"}
+    # only dynamic recipes scale activations per batch: they alone are gated on it
+    for c in made:
+        rows_move = "batch_top1_agreement" in {g.name for g in c.accuracy}
+        assert rows_move == (c.method == "dynamic"), (c.name, c.accuracy)
     md = "\n".join(sections(found, found.best, GateConfig(), _data(), plot="c.png"))
     assert "(shipped)" in md and md.count("| `") >= len(found.candidates)
     assert plot_candidates(found, found.best, tmp_path / "c.png").stat().st_size > 1000
