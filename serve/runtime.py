@@ -313,6 +313,19 @@ class Model:
             f"{self.name} v{self.version}: {self.variant.precision} ({self.variant.file}) on "
             f"{self.provider}, {self._speed()}"
             + (f"; {self.placement.reason()}" if self.placement is not None else "")
+            + self._batch_note()
+        )
+
+    def _batch_note(self) -> str:
+        """For dynamic INT8, which scales activations per batch: that batching moves a
+        row's answer, and what its build measured of it."""
+        if (self.variant.recipe or {}).get("method") != "dynamic":
+            return ""
+        measured = [g for g in self.variant.gates if g.name.startswith("batch_")]
+        how = "; ".join(f"{g.name} {g.value:.4g}" for g in measured) or "not measured"
+        return (
+            f"; dynamic INT8: a row's answer moves slightly with the rows batched with it "
+            f"({how}); --no-dynamic-batching or --precision fp32 for answers that repeat exactly"
         )
 
     def _speed(self) -> str:

@@ -251,3 +251,33 @@ def test_a_repository_lists_versions_in_numeric_order(repo, tmp_path):
         shutil.copytree(repo / "encoder" / "1", tmp_path / "encoder" / version)
     served = load_repository(ServeConfig(path=tmp_path))
     assert [m.version for m in served] == ["1", "2", "10"] == served.versions("encoder")
+
+
+def test_a_dynamic_int8_is_served_with_a_word_on_its_batch_mates(repo, tmp_path, caplog):
+    """Dynamic INT8 scales activations per batch: the operator reads, where the server says
+    what it loaded, that batching moves answers, what the build measured, and the way out."""
+    import dataclasses
+    import shutil
+
+    path = tmp_path / "dynamic"
+    shutil.copytree(repo / "classifier", path)
+    shutil.copy(path / "model.fp32.onnx", path / "model.int8.onnx")  # stands in for the INT8
+    m = qb.load(path, verify=False).manifest
+    gates = (
+        qb.GateResult("speedup_b1_s16", 1.5, 1.2, ">=", True),
+        qb.GateResult("batch_top1_agreement", 0.9972, 0.95, ">=", True),
+    )
+    int8 = qb.Variant(
+        "model.int8.onnx", "int8", qb.sha256_file(path / "model.int8.onnx"),
+        recipe={"name": "ort-dynamic-per-channel", "method": "dynamic"}, gates=gates,
+    )  # fmt: skip
+    qb.write_manifest(path, dataclasses.replace(m, variants=(*m.variants, int8)))
+    with caplog.at_level("INFO", logger="quantgate.serve.runtime"):
+        model = open_model(path, ServeConfig(path=path), CPU)
+    assert model.variant.precision == "int8"
+    assert "dynamic INT8: a row's answer moves slightly with the rows batched with it " in (
+        caplog.text
+    )
+    assert "(batch_top1_agreement 0.9972); --no-dynamic-batching or --precision fp32" in (
+        caplog.text
+    )
