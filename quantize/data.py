@@ -17,10 +17,13 @@ Where the data comes from (``open_source``):
 - in the API, any iterable of feed dicts (each a batch; a ``"labels"`` entry is taken as
   labels), or a callable returning one.
 
-``samples`` caps how many rows are used. The rows kept are stratified by length: sorted by
-real length and picked at evenly spaced quantiles, so a short cap still covers short and
-long sequences in the proportions of the file. Rows are then batched in length order, so
-little padding is added (padding would otherwise calibrate the ranges of pad activations).
+``samples`` caps how many rows are used. From a file or the built-in split the rows kept
+are stratified by length: sorted by real length and picked at evenly spaced quantiles, so a
+short cap still covers short and long sequences in the proportions of the file; they are
+then batched in length order, so little padding is added (padding would otherwise
+calibrate the ranges of pad activations). A Python iterable is the caller's own batches:
+its first ``samples`` rows are kept, in its order (shuffle or stratify it before, where its
+first rows are not a fair sample).
 
 Rows are checked before any model sees them: names, ranks, dtypes and lengths against the
 model's inputs, an ``attention_mask`` of 0s and 1s with a token in every row, token ids
