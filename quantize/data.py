@@ -2,8 +2,9 @@
 
 A source is re-iterable: ``source.batches()`` starts over on every call and yields
 ``Batch(feeds, labels)`` of at most ``batch_size`` rows, so the search can calibrate and
-evaluate as often as it needs while memory stays bounded by one batch (plus a few ints per
-sample: its length for length-stratified selection, its row hash). ``source()`` yields the
+evaluate as often as it needs while memory stays bounded by one batch of a JSONL file (one
+item of an iterable; a ``.npz`` file's arrays, which numpy reads whole, during a pass), plus
+a few ints per sample: its length for length-stratified selection, its row hash. ``source()`` yields the
 feeds alone: the ``calibration`` callable that ``quantize.recipes.quantize`` takes.
 
 Where the data comes from (``open_source``):
@@ -712,7 +713,7 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
     lengths = _real_tokens(feeds, model).sum(1)
     keep = stratified(lengths, samples)
     hashes = row_hashes({k: v[keep] for k, v in feeds.items()}, model)
-    del feeds, labels  # re-read per pass: arrays load one .npy member at a time
+    del feeds, labels  # not held between passes: each pass reads the arrays again, whole
     digest = sha256_file(path)
     h = hashlib.sha256(digest.encode())
     h.update(keep.tobytes())
