@@ -882,11 +882,11 @@ def serve(
             out.print(f"serving {m.describe()}", highlight=False, soft_wrap=True)
         if engine.metrics.http_port is not None:  # the free one chosen for --metrics-port 0
             out.print(
-                f"metrics on http://{host}:{engine.metrics.http_port}/metrics",
+                f"metrics on http://{cfg.address(engine.metrics.http_port)}/metrics",
                 highlight=False,
                 soft_wrap=True,
             )
-        out.print(f"listening on {host}:{bound}", highlight=False, soft_wrap=True)
+        out.print(f"listening on {cfg.address(bound)}", highlight=False, soft_wrap=True)
 
     with _server_log(verbose, log_format):
         run(cfg, on_ready=ready)

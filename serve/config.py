@@ -72,9 +72,17 @@ class ServeConfig:
     # measures what one gains in-process.)
     io_binding: str = "auto"
 
+    def address(self, port: int | None = None) -> str:
+        """``host:port`` (``port`` defaults to the configured one) as gRPC and URLs write
+        it: an IPv6 address in brackets, ``[::1]:8001``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port if port is None else port}"
+
     def __post_init__(self):
         from quantgate.errors import ConfigError
 
+        # An IPv6 address is kept bare ("::1"); address() brackets it where a port follows.
+        object.__setattr__(self, "host", self.host.removeprefix("[").removesuffix("]"))
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.precision is not None and self.precision not in PRECISIONS:

@@ -313,7 +313,7 @@ def create_server(
         ),
         server,
     )
-    address = f"{cfg.host}:{cfg.port}"
+    address = cfg.address()
     try:
         if cfg.tls is None:
             port = server.add_insecure_port(address)
@@ -352,7 +352,7 @@ def _check_port(cfg: ServeConfig) -> None:
             probe.bind((cfg.host, cfg.port))
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
-            raise ServeError(_cannot_listen(cfg, f"{cfg.host}:{cfg.port}")) from e
+            raise ServeError(_cannot_listen(cfg, cfg.address())) from e
         # any other error (a host name, an address not of this machine): gRPC's bind decides
 
 
@@ -534,14 +534,14 @@ def _start(
     """Metrics, then the gRPC server, then the batchers; warm every model; report ready."""
     if cfg.metrics_port is not None:
         metrics_port = engine.metrics.serve_http(cfg.metrics_port, cfg.host)
-        log.info("Prometheus metrics on http://%s:%d/metrics", cfg.host, metrics_port)
+        log.info("Prometheus metrics on http://%s/metrics", cfg.address(metrics_port))
     server.start()
     engine.start()
     if cfg.warmup:
         engine.warm_up()
     engine.ready = True
     _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving on %s:%d: %s", cfg.host, port, _settings(cfg))
+    log.info("serving on %s: %s", cfg.address(port), _settings(cfg))
     if on_ready is not None:
         on_ready(port, engine)
 

@@ -517,3 +517,29 @@ def test_a_response_over_max_message_bytes_is_refused_with_what_to_do(repo):
             assert (stats.fail.count, stats.success.count) == (1, 0)
     finally:
         assert srv.terminate() == 0, srv.log
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this host has no IPv6 loopback")
+def test_a_bare_ipv6_host_is_listened_on_and_printed_in_brackets(repo):
+    """`--host ::1` as an operator types it: gRPC needs [::1]:port, and so does a client
+    reading the address the server prints (the metrics URL too)."""
+    import tritonclient.grpc as tc
+
+    srv = ServerProcess(repo / "classifier", "--host", "::1", "--metrics-port", "0")
+    try:
+        printed = "".join(srv.stdout)
+        port = re.search(r"listening on \[::1\]:(\d+)", printed).group(1)
+        assert re.search(r"metrics on http://\[::1\]:\d+/metrics", printed), printed
+        with tc.InferenceServerClient(f"[::1]:{port}") as c:
+            assert c.is_server_ready()
+    finally:
+        assert srv.terminate() == 0, srv.log
