@@ -537,19 +537,18 @@ def _regate_on_cuda(
     from quantgate.quantize import cuda
 
     m = bundle.manifest
-    again = [v for v in m.variants if v.precision in ("fp16", "int8")]
-    files = {v.precision: bundle.file(v.precision) for v in again}
+    files = {
+        v.precision: bundle.file(v.precision) for v in m.variants if v.precision in ("fp16", "int8")
+    }
     gated = _cuda_gates(
         bundle.file("fp32"), files, m.inputs, m.max_seq_len or gate_cfg.seq_len, ev, emit,
         fp16_min_cosine=_fp16_min_cosine(m), gate_cfg=gate_cfg, provider=provider,
     )  # fmt: skip
-
-    def again(v: Variant) -> Variant:
-        if v.precision not in gated.gates:
-            return v
-        return cuda.apply_gates(v, gated.gates[v.precision], provider)
-
-    return tuple(map(again, m.variants)), gated
+    variants = tuple(
+        cuda.apply_gates(v, gated.gates[v.precision], provider) if v.precision in gated.gates else v
+        for v in m.variants
+    )
+    return variants, gated
 
 
 def _fp16_min_cosine(m: Manifest) -> float:
