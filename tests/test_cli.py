@@ -3,6 +3,7 @@ exit codes."""
 
 from __future__ import annotations
 
+import re
 import signal
 
 import pytest
@@ -27,11 +28,22 @@ def test_usage_errors_exit_2_with_the_reason(cli, args, message):
 
 
 def test_help_shows_the_gate_defaults(cli):
+    """The help writes the defaults out (the flags' own default is None: the config file's
+    value, else GateConfig's); they must be GateConfig's."""
+    from quantgate.quantize.gates import GateConfig
+
+    d = GateConfig()
     r = cli("export", "--help")
     assert r.code == 0
     text = " ".join(r.stdout.replace("│", " ").split())  # rich's box, unwrapped
-    for default in ("[default: 1]", "[default: 1.2]", "[default: 0.99]", "[default: 0.95]"):
-        assert default in text
+    for flag, default in (
+        ("--max-accuracy-drop", d.max_accuracy_drop),
+        ("--min-speedup", d.min_speedup),
+        ("--min-cosine", d.min_cosine),
+        ("--min-top1", d.min_top1_agreement),
+    ):
+        help_of_flag = rf"{flag} <float> (?:(?!--).)*?"  # up to the next option
+        assert re.search(rf"{help_of_flag}\[default: {default:g}\]", text), (flag, text)
     r = cli("gate", "--help")  # a re-gate keeps the bundle's thresholds
     text = " ".join(r.stdout.replace("│", " ").split())
     assert text.count("[default: the one the bundle was last gated with]") == 4, text
