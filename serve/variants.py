@@ -134,6 +134,15 @@ def choose_variant(
         # precision, accuracy gates passed, over FP32.
         return preferred[0]
     fp32 = [v for v in candidates if v.precision == "fp32"]
+    for v in candidates:
+        if v.precision != "fp32" and v not in slower:
+            log.info(
+                "%s passed its gates but none timed it on %s, so nothing says it is faster "
+                "than fp32 here; serving fp32. Pass --precision %s to serve it anyway.",
+                v.precision,
+                provider,
+                v.precision,
+            )
     return (fp32 or candidates)[0]
 
 

@@ -11,10 +11,15 @@ from quantgate.serve.variants import choose_variant
 
 
 def _variant(precision, *, passed=True, providers=(CPU,), not_for=(), speedup=None, provider=None):
+    # a failed variant's speed gate passed: another gate failed it (its verdict is its gates')
+    accuracy = qb.GateResult("accuracy_drop", 0.2 if passed else 3.0, 1.0, "<=", passed)
     gates = (
         ()
         if speedup is None
-        else (qb.GateResult("speedup_b1_s128", speedup, 1.2, ">=", True, provider=provider),)
+        else (
+            accuracy,
+            qb.GateResult("speedup_b1_s128", speedup, 1.2, ">=", True, provider=provider),
+        )
     )
     return qb.Variant(
         f"model.{precision}.onnx",
@@ -67,7 +72,8 @@ def test_a_variant_whose_gates_were_set_below_1x_is_not_served_when_slower(caplo
     )
 
 
-def test_failed_or_unmeasured_variants_fall_back_to_fp32():
+def test_failed_or_unmeasured_variants_fall_back_to_fp32(caplog):
+    caplog.set_level("INFO", logger="quantgate.serve.variants")
     assert (
         choose_variant(
             _manifest(_variant("fp32"), _variant("int8", passed=False, speedup=3.0)), CPU
@@ -76,7 +82,9 @@ def test_failed_or_unmeasured_variants_fall_back_to_fp32():
     )
     assert (
         choose_variant(_manifest(_variant("fp32"), _variant("int8")), CPU).precision == "fp32"
-    )  # no evidence
+    )  # no evidence: the operator is told why INT8 is not served, and how to serve it
+    assert "int8 passed its gates but none timed it on CPUExecutionProvider" in caplog.text
+    assert "Pass --precision int8 to serve it anyway" in caplog.text
     with pytest.raises(BundleError, match="failed its gates"):
         choose_variant(
             _manifest(_variant("fp32"), _variant("int8", passed=False)), CPU, precision="int8"
