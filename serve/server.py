@@ -33,6 +33,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import prometheus_client as prom
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -478,6 +479,9 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
     """
     # A bad TLS file or a port in use is named before minutes of loading models.
     credentials = _credentials(cfg) if cfg.tls is not None else None
+    # The process's metrics without prometheus_client's `_created` timestamp per counter and
+    # histogram (a second series each, read by nothing the README's metrics are for).
+    prom.disable_created_metrics()
     _check_port(cfg)
     engine = Engine(load_repository(cfg), cfg)
     server, port, health_servicer = create_server(cfg, engine, credentials=credentials)

@@ -235,6 +235,9 @@ def test_metrics_port_0_says_which_port_it_chose(repo):
         text = urllib.request.urlopen(url, timeout=10).read().decode()
         assert "quantgate_model_info{" in text
         assert "process_resident_memory_bytes " in text and "python_info{" in text
+        # no `_created` twin of every counter and histogram: a timestamp per series that
+        # doubles what a scrape stores and that no alert or dashboard reads
+        assert "_created" not in text, text
         with pytest.raises(urllib.error.HTTPError) as other:  # only /metrics answers them
             urllib.request.urlopen(url.replace("/metrics", "/healthz"), timeout=10)
         assert other.value.code == 404, other.value
