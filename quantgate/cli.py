@@ -525,6 +525,15 @@ def gate(
             show_default=False,
         ),
     ] = None,
+    allow_unlabelled: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unlabelled",
+            help="Re-gate a bundle gated on labelled accuracy with evaluation data that has no "
+            "labels, on agreement with FP32 (top-1, KL) instead. Without it such data is "
+            "refused (exit 2): a missing or misnamed label key must not loosen a CI gate.",
+        ),
+    ] = False,
 ) -> None:
     """Re-run a bundle's gates on new data (e.g. in CI after an ONNX Runtime upgrade).
 
@@ -547,7 +556,9 @@ def gate(
         gates = gates.with_overrides(provider=CUDA if device == GateDevice.CUDA else CPU)
     try:
         with progress() as bar:
-            bundle = regate(path, eval_data, gates, on_progress=_bars(bar))
+            bundle = regate(
+                path, eval_data, gates, on_progress=_bars(bar), allow_unlabelled=allow_unlabelled
+            )
     except GateFailed:
         _print_gates(path)
         raise

@@ -413,9 +413,15 @@ def regate(
     gate_cfg: GateConfig | None = None,
     *,
     on_progress: ProgressFn | None = None,
+    allow_unlabelled: bool = False,
 ) -> Bundle:
     """Re-run a bundle's gates on ``gate_cfg.provider`` on ``evaluation``; rewrite its
     manifest and report atomically.
+
+    A bundle gated on labelled accuracy is refused unlabelled evaluation data (a DataError,
+    before anything is measured): the agreement gates that would stand in let far more rows
+    change, and a misnamed label key would turn a CI gate green. ``allow_unlabelled`` gates
+    it on agreement with FP32 knowingly.
 
     On the CPU: the INT8 variant's accuracy and speed gates, which replace its gates measured
     there; its gates on CUDA are kept. On CUDA: every variant's CUDA gates, by the build's rule
@@ -452,6 +458,8 @@ def regate(
         f"the data this bundle was calibrated on ({(m.calibration or {}).get('source')})"
     )
     ev = check_held_out(ev, fingerprint, where=where, calibrated_on=calibrated_on)
+    if not on_cuda:
+        _check_labels_kept(m, ev, where, allow=allow_unlabelled)
     emit = on_progress or no_progress
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     said = (_measured_on(ev), _settings_said(changed))
@@ -486,13 +494,6 @@ def _regate_int8(
     gates measured on other providers (CUDA's, from the build); and the accuracy gates it
     has now that it had not before."""
     int8 = bundle.manifest.variant("int8")
-    if not ev.has_labels and any(g.name == "accuracy_drop" for g in int8.gates):
-        # One bad data-prep step must not quietly turn an accuracy gate into an agreement one.
-        log.warning(
-            "the evaluation rows have no labels, but this bundle was gated on labelled accuracy "
-            "(accuracy_drop); gating on agreement with FP32 (top1_agreement, kl) instead. Add "
-            "labels to the evaluation data to keep the accuracy gate."
-        )
     measured = _int8_gates(bundle, ev, gate_cfg, emit)
     kept = tuple(g for g in int8.gates if g.provider not in (None, gate_cfg.provider))
     before = {g.name for g in int8.gates}
@@ -504,6 +505,29 @@ def _regate_int8(
             ", ".join(new),
         )
     return _with_int8_gates(bundle.manifest.variants, (*measured, *kept)), bool(kept), new
+
+
+def _check_labels_kept(m: Manifest, ev: DataSource, where: str, *, allow: bool) -> None:
+    """Refuse unlabelled ``ev`` for a bundle whose INT8 was gated on labelled accuracy,
+    unless ``allow``: then say, as a warning, which gates stand in."""
+    drop = next((g for g in m.variant("int8").gates if g.name == "accuracy_drop"), None)
+    if ev.has_labels or drop is None:
+        return
+    if allow:
+        log.warning(
+            "%s has no labels: gating INT8 on agreement with FP32 (top1_agreement, kl) in "
+            "place of its labelled accuracy gate, as --allow-unlabelled asks",
+            where,
+        )
+        return
+    raise DataError(
+        f"{where} has no labels, but this bundle's INT8 was gated on labelled accuracy "
+        f"(accuracy_drop <= {drop.threshold:g} points). Without labels that gate would give "
+        "way to agreement with FP32 (top1_agreement), which lets far more rows change: a "
+        'CI gate must not loosen because a label went missing. Label the rows (a "label" '
+        'key on every JSONL line; a "labels" array in a .npz), or pass --allow-unlabelled '
+        "to gate on agreement knowingly."
+    )
 
 
 def _require_variants(m: Manifest, on_cuda: bool) -> None:

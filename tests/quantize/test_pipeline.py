@@ -197,13 +197,20 @@ def test_gate_with_an_eval_file_and_bad_input(cli, tmp_path, gate_file, caplog):
     assert "50 labelled rows" in next(
         g.detail for g in m.variant("int8").gates if g.name == "accuracy_drop"
     )
-    assert "have no labels" not in caplog.text
+    assert "has no labels" not in caplog.text
+    # Unlabelled data for a bundle gated on labelled accuracy: refused before any measuring
+    # (a CI gate must not loosen because a label key went missing), unless asked for.
     unlabelled = write_npz(tmp_path / "unlabelled.npz", rng_feeds(50, seed=3))
-    r = cli("gate", out, "--eval", unlabelled, "--min-speedup", "0.01", "--gate-config", gate_file)
+    before = (out / "manifest.json").read_bytes()
+    args = ("--min-speedup", "0.01", "--gate-config", gate_file)
+    r = cli("gate", out, "--eval", unlabelled, *args)
+    assert r.code == 2, r.stderr
+    said = " ".join(r.stderr.split())
+    assert "has no labels, but this bundle's INT8 was gated on labelled accuracy" in said, said
+    assert "--allow-unlabelled" in said and (out / "manifest.json").read_bytes() == before
+    r = cli("gate", out, "--eval", unlabelled, *args, "--allow-unlabelled")
     assert r.code in (0, 3), r.stderr
-    assert "the evaluation rows have no labels, but this bundle was gated on labelled" in (
-        caplog.text
-    )
+    assert "in place of its labelled accuracy gate, as --allow-unlabelled asks" in caplog.text
     assert {"top1_agreement", "kl"} <= {g.name for g in load(out).manifest.variant("int8").gates}
 
     bad = tmp_path / "bad.npz"
