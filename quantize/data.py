@@ -831,6 +831,7 @@ class _Scan:
     problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS, described
     shapes: set[tuple[str, ...] | None] = field(default_factory=set)  # how (two are enough)
     labelled: bool | None = None  # whether the good lines have a "label"; None: no good line
+    first: int = 0  # the line number of the first good line, which set ``labelled``
     lo: int = 1 << 63  # the smallest and largest integer label
     hi: int = -1
     index_at: str | None = None  # the first integer label, and its line
@@ -848,7 +849,11 @@ class _Scan:
         elif isinstance(label, str):
             self.name_at = self.name_at or f"{quote(label)} on line {lineno}"
         if problem is None and self.labelled is not None and (label is not None) != self.labelled:
-            problem = "label present on some lines but not others"
+            has, first = ("has a", "has none") if label is not None else ("has no", "has one")
+            problem = (
+                f'{has} "label", but line {self.first}, the first row, {first}: label every '
+                "line or none"
+            )
         if problem is not None:
             self.bad += 1
             if len(self.problems) < MAX_PROBLEMS:
@@ -857,6 +862,7 @@ class _Scan:
                 self.shapes.add(_shape(row))
             return False
         self.labelled = label is not None
+        self.first = self.first or lineno
         if not self.labelled:
             self.null_labels += "label" in row
             if len(self.unread) < MAX_PROBLEMS:  # one may be a misnamed label

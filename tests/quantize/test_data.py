@@ -97,6 +97,26 @@ def test_bad_jsonl_lists_every_bad_line(tmp_path):
         open_source(write_jsonl(tmp_path / "ok.jsonl", ["a b c"]), DIGITS, role="calibration")
 
 
+def test_lines_labelled_unlike_the_first_row_say_so_against_it(tmp_path):
+    """Labels on some lines only: each line flagged says what it has and what the first row
+    has, so the lines it names are the ones that differ from line 1, whichever way."""
+    info = minilm_info()
+    path = tmp_path / "partial.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b", "label": 1}\n{"text": "c"}\n')
+    with pytest.raises(DataError) as e:
+        open_source(path, info, role="evaluation")
+    assert (
+        '- line 2: has a "label", but line 1, the first row, has none: label every line or none'
+        in (str(e.value))
+    )
+    assert "- line 3" not in str(e.value)
+    path.write_text('{"text": "a", "label": 1}\n{"text": "b"}\n')
+    with pytest.raises(
+        DataError, match='line 2: has no "label", but line 1, the first row, has one'
+    ):
+        open_source(path, info, role="evaluation")
+
+
 def test_npz_round_trip_and_bad_arrays(tmp_path):
     feeds = rng_feeds(40)
     good = write_npz(tmp_path / "good.npz", feeds, labels=np.arange(40) % 10)
