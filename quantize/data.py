@@ -570,7 +570,8 @@ def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -
     if missing:
         problems.append(f"missing input(s) {missing}")
     if extra:
-        problems.append(f"unknown input(s) {extra}")
+        hint = f" (labels go in an array named {LABELS!r})" if "label" in extra else ""
+        problems.append(f"unknown input(s) {extra}{hint}")
     out: Feeds = {}
     batch = set()
     for spec in model.inputs:

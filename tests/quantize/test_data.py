@@ -130,6 +130,11 @@ def test_npz_round_trip_and_bad_arrays(tmp_path):
         "float.npz": ({**feeds, "input_ids": feeds["input_ids"] + 0.5}, None, "dtype float64"),
         "labels.npz": (feeds, np.zeros(3), "labels must be 40 integers"),
         "rows.npz": ({**feeds, "attention_mask": feeds["attention_mask"][:5]}, None, "disagree"),
+        "label.npz": (
+            {**feeds, "label": np.arange(40) % 10},
+            None,
+            r"unknown input\(s\) \['label'\] \(labels go in an array named 'labels'\)",
+        ),
     }
     for name, (arrays, labels, expected) in cases.items():
         arrays = dict(arrays)
