@@ -22,6 +22,7 @@ from quantgate.quantize.report import (
     plotted_gates,
     regated,
     sections,
+    thresholds,
 )
 from quantgate.quantize.search import Candidate, SearchResult
 
@@ -289,3 +290,21 @@ def test_labels_of_points_that_would_overlap_are_joined():
         (1.5, 0.96, "1, 2, 4"),
         (2.0, 0.94, "0"),
     ]
+
+
+def test_the_thresholds_named_are_those_of_the_gates_measured():
+    """An embedding model ran no accuracy or KL gate: its report must not send a reader
+    looking for them; a candidate that never ran gets every threshold."""
+    cfg = GateConfig()
+    embedding = [
+        GateResult("cosine", 0.998, 0.99, ">=", True),
+        GateResult("nn_top1_agreement", 0.97, 0.95, ">=", True),
+        GateResult("speedup_b1_s128", 1.8, 1.2, ">=", True),
+    ]
+    said = thresholds(embedding, cfg)
+    assert (
+        said == "speedup >= 1.2x on CPUExecutionProvider, cosine >= 0.99, top-1 agreement >= 0.95"
+    )
+    labelled = [GateResult("accuracy_drop", 0.3, 1.0, "<=", True)]
+    assert thresholds(labelled, cfg) == "accuracy drop <= 1 points"
+    assert "KL <= 0.05" in thresholds([], cfg) and "accuracy drop" in thresholds([], cfg)
