@@ -128,6 +128,14 @@ def build(
             calibrated_on=named("--calibration", calibration, cal),
         )
         _check_eval_rows(ev, model.task, model.outputs, gate_cfg.eval_samples, where=where)
+        if cal.lengths[1] and ev.lengths[1] >= LONGER_THAN_CALIBRATED * cal.lengths[1]:
+            log.warning(
+                "the evaluation rows run to %d tokens, the calibration rows only to %d: INT8 "
+                "is calibrated on shorter sequences than it is judged on (and served on?). "
+                "Calibrate on rows of the lengths the model will serve.",
+                ev.lengths[1],
+                cal.lengths[1],
+            )
         result = _export(model, work, export_cfg, emit)
         found = search(
             result.onnx,
@@ -748,6 +756,7 @@ def _failure_message(manifest: Manifest, where, search: SearchResult | None = No
     causes = [
         *(_stopped_early(search) if int8 and search is not None else []),
         *(_few_calibration_rows(manifest) if any(not g.is_speed for g in int8) else []),
+        *(_longer_than_calibrated(manifest) if any(not g.is_speed for g in int8) else []),
     ]
     return (
         f"{len(bad)} gate(s) failed; the bundle at {where} is written and marked failed "
@@ -786,6 +795,32 @@ def _few_calibration_rows(manifest: Manifest) -> list[str]:
         f"{MIN_CALIBRATION_ROWS}: activation ranges taken from so few rows are noise, a likely "
         "cause of its failed accuracy gates. Calibrate on a few hundred rows like those the "
         "model will serve (--calibration) and export again."
+    ]
+
+
+# Evaluation rows this many times longer than the longest calibration row were judged on
+# activations the calibration never saw (attention over more positions, later position
+# embeddings): say so where the INT8 accuracy gates fail.
+LONGER_THAN_CALIBRATED = 2
+
+
+def _longer_than_calibrated(manifest: Manifest) -> list[str]:
+    """A likely cause of failed INT8 accuracy gates: evaluation rows (the newest re-gate's,
+    else the build's) much longer than any row the model was calibrated on."""
+    cal = manifest.calibration or {}
+    regates = manifest.extra.get("regates") or []
+    ev = (regates[-1] if regates else cal).get("evaluation") or {}
+    try:
+        (_, cal_longest), (_, ev_longest) = cal["lengths"], ev["lengths"]
+    except (KeyError, TypeError, ValueError):  # an older bundle's record: nothing to compare
+        return []
+    if not cal_longest or ev_longest < LONGER_THAN_CALIBRATED * cal_longest:
+        return []
+    return [
+        f"The evaluation rows run to {ev_longest} tokens, the calibration rows only to "
+        f"{cal_longest}: the INT8 activation ranges were calibrated on shorter sequences than "
+        "it was judged on, a likely cause of its failed accuracy gates. Calibrate on rows of "
+        "the lengths the model will serve (--calibration) and export again."
     ]
 
 

@@ -463,3 +463,28 @@ def test_a_regate_keeps_the_bundles_policy_not_the_machine_it_was_measured_on():
     for bad in ({"min_cosine": "0.99"}, {"ci_rule": "lower"}):
         with pytest.raises(BundleError, match="records are not valid"):
             recorded_gate_config(manifest(bad))
+
+
+def test_a_failure_on_rows_far_longer_than_calibrated_names_their_lengths():
+    """Calibrated on texts of up to 25 tokens, judged on texts cut at 256: the failed cosine
+    is named with that likely cause (and not where the lengths match)."""
+    from quantgate.bundle import Manifest, TensorSpec, Variant
+    from quantgate.quantize.pipeline import _failure_message
+
+    failed = GateResult("cosine", 0.962, 0.99, ">=", False)
+    int8 = Variant("model.int8.onnx", "int8", "0" * 64, gates=(failed,))
+
+    def manifest(ev_longest: int):
+        return Manifest(
+            "m", "feature-extraction", (TensorSpec("input_ids", "int64", ("b", "s")),), (),
+            (int8,), 17, {"kind": "test"},
+            calibration={"samples": 64, "lengths": [9, 25],
+                         "evaluation": {"samples": 64, "lengths": [180, ev_longest]}},
+        )  # fmt: skip
+
+    said = " ".join(_failure_message(manifest(256), "b").split())
+    assert (
+        "The evaluation rows run to 256 tokens, the calibration rows only to 25: the INT8 "
+        "activation ranges were calibrated on shorter sequences than it was judged on"
+    ) in said
+    assert "calibration rows only to" not in _failure_message(manifest(40), "b")
