@@ -640,7 +640,7 @@ _MAXIMUMS = ("max_accuracy_drop", "max_kl")
 def _changed_settings(before: GateConfig, after: GateConfig) -> list[tuple[str, bool]]:
     """Each gate policy setting ``after`` changes, as ("name old -> new", looser): looser
     where it lets more through: a lower minimum, a higher maximum, the point estimate for
-    the bound."""
+    the bound, a served batch size no longer timed."""
     changed = []
     for name in POLICY:
         old, new = getattr(before, name), getattr(after, name)
@@ -650,6 +650,7 @@ def _changed_settings(before: GateConfig, after: GateConfig) -> list[tuple[str, 
             (name in _MINIMUMS and new < old)
             or (name in _MAXIMUMS and new > old)
             or (name == "ci_rule" and new == "point")
+            or (name == "batch_sizes" and not set(old) <= set(new))
         )
         changed.append((f"{name} {old} -> {new}", looser))
     return changed

@@ -488,3 +488,18 @@ def test_a_failure_on_rows_far_longer_than_calibrated_names_their_lengths():
         "activation ranges were calibrated on shorter sequences than it was judged on"
     ) in said
     assert "calibration rows only to" not in _failure_message(manifest(40), "b")
+
+
+def test_dropping_a_timed_batch_size_is_a_looser_setting():
+    """Batch 32 is what the server batches to: a re-gate that no longer times it lets a
+    variant through that was never measured there, as a lower threshold would."""
+    from quantgate.quantize.gates import GateConfig
+    from quantgate.quantize.pipeline import _changed_settings
+
+    before = GateConfig(batch_sizes=(1, 32))
+    assert _changed_settings(before, GateConfig(batch_sizes=(1, 8))) == [
+        ("batch_sizes (1, 32) -> (1, 8)", True)
+    ]
+    assert _changed_settings(before, GateConfig(batch_sizes=(1, 8, 32))) == [
+        ("batch_sizes (1, 32) -> (1, 8, 32)", False)
+    ]
