@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -583,17 +584,26 @@ def _export_notes(export: dict) -> list[str]:
 def _gate_config(file, max_accuracy_drop, min_speedup, min_cosine, min_top1, base=None):
     """``base`` (the defaults when None), then the --gate-config file's settings, then the
     flags given."""
+    from quantgate.errors import ConfigError
     from quantgate.quantize.gates import GateConfig
 
-    overrides = dict(
-        max_accuracy_drop=max_accuracy_drop,
-        min_speedup=min_speedup,
-        min_cosine=min_cosine,
-        min_top1_agreement=min_top1,
-    )
-    if file is not None:
-        return GateConfig.from_file(file, base, **overrides)
-    return (base or GateConfig()).with_overrides(**overrides)
+    flags = {
+        "max_accuracy_drop": ("--max-accuracy-drop", max_accuracy_drop),
+        "min_speedup": ("--min-speedup", min_speedup),
+        "min_cosine": ("--min-cosine", min_cosine),
+        "min_top1_agreement": ("--min-top1", min_top1),
+    }
+    overrides = {name: value for name, (_, value) in flags.items()}
+    try:
+        if file is not None:
+            return GateConfig.from_file(file, base, **overrides)
+        return (base or GateConfig()).with_overrides(**overrides)
+    except ConfigError as e:  # a flag's bad value is named by the flag the user typed
+        message = str(e)
+        for name, (flag, value) in flags.items():
+            if value is not None:
+                message = re.sub(rf"(?<![\w-]){name} (?=\S+: expected)", f"{flag} ", message)
+        raise ConfigError(message) from e
 
 
 def _bars(bar: Progress):

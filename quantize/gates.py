@@ -149,13 +149,19 @@ class GateConfig:
         except ModuleNotFoundError:  # pragma: no cover - 3.10
             import tomli as tomllib
         path = Path(path)
+        kind = {".toml": "TOML", ".json": "JSON"}.get(path.suffix.lower())
+        if kind is None:
+            raise ConfigError(
+                f"--gate-config {path}: a {path.suffix or 'suffix-less'} file; gate settings are "
+                "read from .toml or .json (e.g. gates.toml holding `min_speedup = 1.3`)"
+            )
         try:
             text = path.read_text()
-            data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+            data = tomllib.loads(text) if kind == "TOML" else json.loads(text)
         except OSError as e:
             raise ConfigError(f"--gate-config {path}: cannot read it ({e.strerror or e})") from e
         except (ValueError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"--gate-config {path}: not valid TOML/JSON ({e})") from e
+            raise ConfigError(f"--gate-config {path}: not valid {kind} ({e})") from e
         if isinstance(data, dict) and "gates" in data:
             if len(data) > 1:  # one of the two would be silently ignored
                 raise ConfigError(
@@ -166,17 +172,20 @@ class GateConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"--gate-config {path}: expected a table of gate settings")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"--gate-config {path}: unknown setting(s) {unknown}; known: {sorted(known)}"
-            )
-        wrong = [
-            f"{name} = {data[name]!r}: expected {what}"
-            for name, what in _wrong_types(data, {f.name: f.default for f in fields(cls)})
+        problems = [
+            f"unknown setting {name!r}"
+            + (f" (did you mean {close[0]!r}?)" if (close := _close(name, known)) else "")
+            for name in sorted(set(data) - known)
         ]
-        if wrong:
-            raise ConfigError(f"--gate-config {path}: " + "; ".join(wrong))
+        if problems:
+            problems.append(f"known: {', '.join(sorted(known))}")
+        given = {k: v for k, v in data.items() if k in known}
+        problems += [
+            f"{name} = {data[name]!r}: expected {what}"
+            for name, what in _wrong_types(given, {f.name: f.default for f in fields(cls)})
+        ]
+        if problems:
+            raise ConfigError(f"--gate-config {path}: " + "; ".join(problems))
         merged = {
             **(asdict(base) if base is not None else {}),
             **data,
@@ -189,6 +198,15 @@ class GateConfig:
 
     def with_overrides(self, **overrides: Any) -> GateConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _close(name: str, known: set[str]) -> list[str]:
+    """The known setting ``name`` probably means: a close spelling, or the setting a CLI
+    flag of that name sets (``min_top1`` is ``min_top1_agreement``)."""
+    import difflib
+
+    prefixed = [k for k in known if k.startswith(name)]
+    return prefixed[:1] or difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
 
 
 def _wrong_types(data: dict[str, Any], defaults: dict[str, Any]) -> list[tuple[str, str]]:

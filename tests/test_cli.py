@@ -254,3 +254,9 @@ def test_a_recipe_that_is_not_this_cpus_is_refused_before_the_export(
     assert "Traceback" not in r.stderr and not out.exists()
     r = cli("export", tiny_checkpoint, "--out", out, "--no-quantize", "--recipe", "x")
     assert r.code == 2 and "--recipe is for quantization" in r.stderr, r.stderr
+
+
+def test_a_bad_threshold_flag_is_named_by_the_flag(cli, tmp_path, tiny_checkpoint):
+    r = cli("export", tiny_checkpoint, "--out", tmp_path / "b", "--min-top1", "1.5")
+    assert r.code == 2 and "--min-top1 1.5: expected 0..1" in r.stderr, r.stderr
+    assert not (tmp_path / "b").exists()

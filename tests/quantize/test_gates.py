@@ -608,8 +608,21 @@ def test_gate_config_from_files_and_flags(tmp_path):
     assert from_json.min_top1_agreement == 0.9
     assert from_json.provider == "CUDAExecutionProvider"  # spelled as --device spells it
     (tmp_path / "bad.json").write_text('{"min_speed": 2}')
-    with pytest.raises(ConfigError, match="unknown setting"):
+    with pytest.raises(
+        ConfigError, match="unknown setting 'min_speed' \\(did you mean 'min_speedup'"
+    ):
         GateConfig.from_file(tmp_path / "bad.json")
+    # the CLI flag's name for a setting, and a wrong type beside it: both said at once
+    (tmp_path / "flag.toml").write_text('min_top1 = 0.9\nmin_speedup = "1.3"\n')
+    with pytest.raises(ConfigError) as e:
+        GateConfig.from_file(tmp_path / "flag.toml")
+    assert "unknown setting 'min_top1' (did you mean 'min_top1_agreement'?)" in str(e.value)
+    assert "min_speedup = '1.3': expected a number" in str(e.value)
+    (tmp_path / "gates.yaml").write_text("min_speedup: 1.3\n")
+    with pytest.raises(
+        ConfigError, match="a .yaml file; gate settings are read from .toml or .json"
+    ):
+        GateConfig.from_file(tmp_path / "gates.yaml")
     with pytest.raises(ConfigError, match="min_speedup"):
         GateConfig(min_speedup=0)
     with pytest.raises(ConfigError, match="iterations 2: expected >= 3") as e:
