@@ -60,6 +60,8 @@ def check_labels(labels: Any, n: int, names: tuple[str, ...], where: str) -> np.
     if isinstance(labels, (list, tuple)) and len(label_forms(labels)) == 2:
         labels = _mixed_to_indices(labels, names, where)
     labels = np.asarray(labels)
+    if labels.shape == (n,) and labels.dtype.kind == "f" and _whole(labels):
+        labels = labels.astype(np.int64)  # 1.0 for 1, as pandas writes an integer column
     if labels.shape == (n,) and labels.dtype.kind in "US":  # class names
         return _name_indices(_text(labels, where), names, where)
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
@@ -86,7 +88,10 @@ def check_labels(labels: Any, n: int, names: tuple[str, ...], where: str) -> np.
 
 def label_problem(label: Any, names: tuple[str, ...]) -> str | None:
     """Why a JSON ``"label"`` is not one of the model's classes, or None when it is: an index
-    inside its classes (>= 0 where it names none) or one of its class ``names``, exactly."""
+    inside its classes (>= 0 where it names none) or one of its class ``names``, exactly.
+    A whole float (1.0, as pandas writes an integer column with gaps) is its integer."""
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
     if isinstance(label, str):
         if not names:
             return f"label {quote(label)} is a string, but {_NO_NAMES}"
@@ -212,6 +217,11 @@ def _names_to_indices(
             )
         )
     return [index[x] if isinstance(x, str) else x for x in labels]
+
+
+def _whole(a: np.ndarray) -> bool:
+    """Whether every value of float array ``a`` is a whole number that fits int64."""
+    return bool(np.isfinite(a).all() and (a == np.round(a)).all() and (np.abs(a) < 2**63).all())
 
 
 def _text(labels: np.ndarray, where: str) -> np.ndarray:

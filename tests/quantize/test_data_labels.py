@@ -405,3 +405,23 @@ def test_null_labels_are_said_to_be_null_not_unread(classifiers, tmp_path, caplo
             for i in range(4)]  # fmt: skip
     (msg,) = warnings(rows)
     assert 'no line has a "label"' in msg and 'keys "id" are not read' in msg
+
+
+def test_whole_float_labels_are_their_integers_and_fractions_are_refused(classifiers, tmp_path):
+    """pandas writes an integer column with a gap as floats (1.0): those are class indices;
+    2.5 is not one, in JSONL or in .npz."""
+    info = classifiers[0]["named"]
+    rows = [{"text": f"sentence {i}", "label": float(i % 3)} for i in range(30)]
+    src = open_source(jsonl(tmp_path / "ev.jsonl", rows), info, role="evaluation")
+    assert sorted(set(labels_of(src))) == [0, 1, 2]
+    rows[4]["label"] = 2.5
+    with pytest.raises(DataError, match="line 5: "):
+        open_source(jsonl(tmp_path / "bad.jsonl", rows), info, role="evaluation")
+    digits = ModelInfo.from_export(tiny_export())
+    feeds = rng_feeds(40)
+    whole, half = tmp_path / "whole.npz", tmp_path / "half.npz"
+    np.savez(whole, **feeds, labels=(np.arange(40) % 10).astype(np.float64))
+    assert labels_of(open_source(whole, digits, role="evaluation")) == list(np.arange(40) % 10)
+    np.savez(half, **feeds, labels=np.arange(40) % 10 + 0.5)
+    with pytest.raises(DataError, match="labels must be 40 class indices or class names"):
+        open_source(half, digits, role="evaluation")
