@@ -566,6 +566,39 @@ def gate(
     _print_gates(bundle.path)
 
 
+def _served(m) -> str:
+    """Which variant `quantgate serve` would pick on each provider (serve.variants'
+    rule), or that it refuses the bundle."""
+    from quantgate.bundle import CPU, CUDA, PASS
+    from quantgate.errors import BundleError
+    from quantgate.serve.variants import choose_variant
+
+    picks = []
+    with _quiet("quantgate.serve.variants"):  # its reasons are for the server's log
+        for provider, name in ((CPU, "CPU"), (CUDA, "CUDA")):
+            try:
+                picks.append(
+                    f"{choose_variant(m, provider, allow_failed=True).precision} on {name}"
+                )
+            except BundleError:
+                picks.append(f"nothing on {name}")
+    picks = ", ".join(picks)
+    if m.verdict != PASS:
+        return f"serve: refuses it (a gate failed); with --allow-failed-gates: {picks}"
+    return f"serve picks: {picks}"
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    log = logging.getLogger(logger)
+    before = log.disabled
+    log.disabled = True
+    try:
+        yield
+    finally:
+        log.disabled = before
+
+
 def _export_notes(export: dict) -> list[str]:
     """The exporters ``--exporter auto`` tried before the one used, and why each failed; then
     the values the legacy tracer fixed as constants in the user's code (``tracer_notes``)."""
@@ -694,7 +727,7 @@ def inspect(
         for t in specs:
             tensors.add_row(kind, t.name, t.dtype, "(" + ", ".join(map(str, t.dims)) + ")")
     out.print(tensors)
-    variants = Table("file", "precision", "MB", "verdict", "gates", "providers", box=None)
+    variants = Table("file", "precision", "MB", "verdict", "gates", "providers", "recipe", box=None)
     for v in m.variants:
         size = (b.path / v.file).stat().st_size / 1e6 if (b.path / v.file).exists() else 0.0
         passed = sum(g.passed for g in v.gates)
@@ -705,8 +738,10 @@ def inspect(
             v.verdict,
             f"{passed}/{len(v.gates)} passed",
             ", ".join(v.providers),
+            (v.recipe or {}).get("name", ""),
         )
     out.print(variants)
+    out.print(_served(m), highlight=False, soft_wrap=True)
     if m.files:
         groups: dict[str, int] = {}
         for name in m.files:

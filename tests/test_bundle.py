@@ -421,3 +421,14 @@ def test_a_null_value_on_a_passed_gate_is_refused(tmp_path):
     (b.path / qb.MANIFEST).write_text(json.dumps(d))
     with pytest.raises(BundleError, match=r"passed is true, but its value is null"):
         qb.load(b.path)
+
+
+def test_inspect_says_which_variant_serve_would_pick_or_that_it_refuses(cli, tmp_path):
+    b = write(tmp_path / "ok")
+    r = cli("inspect", b.path)
+    assert r.code == 0 and "serve picks: fp32 on CPU, fp32 on CUDA" in r.stdout, r.stdout
+    failed = write(tmp_path / "failed", verdict="fail")
+    r = cli("inspect", failed.path)
+    assert "serve: refuses it (a gate failed); with --allow-failed-gates: nothing on CPU" in (
+        " ".join(r.stdout.split())
+    ), r.stdout
