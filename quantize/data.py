@@ -480,8 +480,9 @@ def check_held_out(
     if evident >= MAX_SHARED:
         raise DataError(
             f"{what}. The gates must measure rows the calibration did not see, or they pass a "
-            "model that fails on new data. Remove those rows from the evaluation data, or split "
-            "one file into two (for example 20% for --calibration, the rest for --eval)."
+            "model that fails on new data. Remove those rows from the evaluation data (at "
+            "export, one file can be split in two instead: for example 20% for --calibration, "
+            "the rest for --eval)."
         )
     log.warning(
         "%s. So few can be natural duplicates (short, common texts); the gates count them, "
