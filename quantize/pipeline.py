@@ -758,6 +758,7 @@ def _failure_message(manifest: Manifest, where, search: SearchResult | None = No
         *(_stopped_early(search) if int8 and search is not None else []),
         *(_few_calibration_rows(manifest) if any(not g.is_speed for g in int8) else []),
         *(_longer_than_calibrated(manifest) if any(not g.is_speed for g in int8) else []),
+        *_thresholds_origin(manifest),
     ]
     return (
         f"{len(bad)} gate(s) failed; the bundle at {where} is written and marked failed "
@@ -796,6 +797,28 @@ def _few_calibration_rows(manifest: Manifest) -> list[str]:
         f"{MIN_CALIBRATION_ROWS}: activation ranges taken from so few rows are noise, a likely "
         "cause of its failed accuracy gates. Calibrate on a few hundred rows like those the "
         "model will serve (--calibration) and export again."
+    ]
+
+
+def _thresholds_origin(manifest: Manifest) -> list[str]:
+    """Where the thresholds in force came from, when a re-gate set them (not the build): a
+    re-gate keeps the last gating's settings, which a user may have forgotten setting."""
+    regates = [r for r in manifest.extra.get("regates") or [] if isinstance(r, dict)]
+    build = (manifest.extra.get("quantization") or {}).get("gate_config")
+
+    def policy(config: Any) -> dict:
+        return {k: config.get(k) for k in POLICY} if isinstance(config, dict) else {}
+
+    if not regates or policy(regates[-1].get("gate_config")) == policy(build):
+        return []
+    since = regates[-1]
+    for record in reversed(regates[:-1]):
+        if policy(record.get("gate_config")) != policy(since.get("gate_config")):
+            break
+        since = record
+    return [
+        f"The thresholds are those set by the re-gate of {since.get('at')} (a re-gate keeps "
+        "the last gating's; its flags or --gate-config change them)."
     ]
 
 

@@ -90,6 +90,7 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(
     newest, older = report.split("## Re-gated")[1:]  # the newest first
     assert "Verdict: **FAIL**" in newest and "(superseded)" not in newest.partition("\n")[0]
     assert older.partition("\n")[0].endswith(" (superseded)")
+    assert "set by the re-gate" not in r.stderr  # 100 is the build's own threshold
     assert "Verdict when measured: **pass**" in older
     # Each superseded section is marked once, and names the newest re-gate.
     latest = load(out).manifest.extra["regates"][-1]["at"]
@@ -132,6 +133,15 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(
     finally:
         out.chmod(0o755)
     assert events == [] and (out / "manifest.json").read_bytes() == before
+
+    # A threshold a re-gate set is kept by the next, plain, re-gate: its failure says where
+    # the threshold came from, the re-gate that set it, not the newest.
+    r = cli("gate", out, "--min-speedup", "50", "--gate-config", gate_file)
+    assert r.code == 3
+    set_at = load(out).manifest.extra["regates"][-1]["at"]
+    r = cli("gate", out, "--gate-config", gate_file)
+    assert r.code == 3 and "required >= 50" in r.stderr, r.stderr
+    assert f"The thresholds are those set by the re-gate of {set_at}" in " ".join(r.stderr.split())
 
 
 def verdicts(report: str) -> set[str]:
