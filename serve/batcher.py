@@ -4,7 +4,8 @@ Requests wait in a bounded queue. A batch is the oldest request and the queued r
 of its shape bucket, up to the max batch size (gathered for at most the max queue delay);
 it is padded to one sequence length with the attention mask set to 0 on the padding, run,
 and each request's rows and length are cut back out. Requests whose client gave up or
-whose deadline passed are dropped before they run.
+whose deadline passed are dropped before they run, and a batch whose every client has gone
+is stopped while it runs (ONNX Runtime's terminate flag, checked between nodes).
 
 No thread of its own runs the batches: the request threads do (leader/follower). gRPC
 hands every request a thread of its own, and that thread would otherwise only wait. A
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from quantgate.errors import (
     Cancelled,
@@ -148,6 +150,10 @@ class Batcher:
         self._queue: list[_Pending] = []
         self._running = 0  # runner slots taken (at most ``instances``)
         self._closing = False
+        # The batches running, by id of each of their requests: when every client of one
+        # has gone, its run is told to stop (ONNX Runtime's terminate flag) instead of
+        # holding a runner slot for answers nobody reads.
+        self._runs: dict[int, tuple[list[_Pending], ort.RunOptions]] = {}
 
     @property
     def depth(self) -> int:
@@ -283,6 +289,9 @@ class Batcher:
                 self._cv.notify_all()
             # running: its result is not waited for; its thread returns now
             self._finish(pending, Cancelled("the client cancelled the request"))
+            run = self._runs.get(id(pending))
+            if run is not None and all(p.done for p in run[0]):
+                run[1].terminate = True  # nobody waits for any of its answers
 
     def _finish(self, pending: _Pending, result: Any) -> None:
         """Answer ``pending`` once (call with the lock held)."""
@@ -367,28 +376,42 @@ class Batcher:
 
     def _execute(self, group: list[_Pending]) -> None:
         """Run ``group`` (outside the lock) and answer each of its requests."""
+        options = ort.RunOptions()
+        with self._cv:
+            self._runs.update((id(p), (group, options)) for p in group)
         try:
-            results: list = self._run_group(group)
-        except QuantgateError as e:
-            if len(group) == 1:
-                results = [_bare(e)]
-            else:  # one bad request must not fail its neighbours: run each alone
-                log.info("batch of %d failed (%s); running its requests one by one", len(group), e)
-                _bare(e)  # each request's error below has it as its context
-                # Not those already answered: a client that went away meanwhile (its
-                # Cancelled stands; _finish keeps the first answer).
-                with self._cv:
-                    todo = [not p.done for p in group]
-                results = [
-                    self._run_alone(p) if run else None for p, run in zip(group, todo, strict=True)
-                ]
-        except Exception as e:  # a bug: answer every waiting thread, never strand one
-            log.exception("batch of %d failed", len(group))
-            why = f"internal error: {type(e).__name__}: {e}"
-            results = [InferenceFailed(why) for _ in group]  # one each: each thread raises it
+            results: list = self._run_group(group, options)
+        except Exception as e:
+            with self._cv:
+                abandoned = all(p.done for p in group)  # stopped, or failed unread
+            if abandoned:
+                log.debug("a batch of %d stopped: its clients had all gone (%s)", len(group), e)
+                return
+            results = self._failed(group, e)
+        finally:
+            with self._cv:
+                for p in group:
+                    self._runs.pop(id(p), None)
         with self._cv:
             for p, result in zip(group, results, strict=True):
                 self._finish(p, result)
+
+    def _failed(self, group: list[_Pending], error: Exception) -> list:
+        """The answers of a group whose run raised ``error``."""
+        if not isinstance(error, QuantgateError):  # a bug: answer every waiting thread
+            log.error("batch of %d failed", len(group), exc_info=error)
+            why = f"internal error: {type(error).__name__}: {error}"
+            return [InferenceFailed(why) for _ in group]  # one each: each thread raises it
+        if len(group) == 1:
+            return [_bare(error)]
+        # one bad request must not fail its neighbours: run each alone
+        log.info("batch of %d failed (%s); running its requests one by one", len(group), error)
+        _bare(error)  # each request's error below has it as its context
+        # Not those already answered: a client that went away meanwhile (its Cancelled
+        # stands; _finish keeps the first answer).
+        with self._cv:
+            todo = [not p.done for p in group]
+        return [self._run_alone(p) if run else None for p, run in zip(group, todo, strict=True)]
 
     def _run_alone(self, p: _Pending):
         try:
@@ -399,7 +422,9 @@ class Batcher:
             log.exception("request failed when run alone")
             return InferenceFailed(f"internal error: {type(e).__name__}: {e}")
 
-    def _run_group(self, group: list[_Pending]) -> list[tuple[dict[str, np.ndarray], Timing]]:
+    def _run_group(
+        self, group: list[_Pending], options: ort.RunOptions | None = None
+    ) -> list[tuple[dict[str, np.ndarray], Timing]]:
         """Assemble, run, split. Returns one (outputs, timing) per request."""
         start = time.perf_counter_ns()
         feeds = group[0].feeds if len(group) == 1 else self._assemble(group)
@@ -409,7 +434,7 @@ class Batcher:
             else ()
         )
         assembled = time.perf_counter_ns()
-        batch = self.model.run(feeds, outputs)
+        batch = self.model.run(feeds, outputs, options)
         ran = time.perf_counter_ns()
         split, row = [], 0
         for p in group:

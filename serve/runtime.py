@@ -263,22 +263,32 @@ class Model:
         return None
 
     def run(
-        self, feeds: Mapping[str, np.ndarray], outputs: tuple[str, ...] = ()
+        self,
+        feeds: Mapping[str, np.ndarray],
+        outputs: tuple[str, ...] = (),
+        options: ort.RunOptions | None = None,
     ) -> dict[str, np.ndarray]:
-        """session.run on validated feeds; every output unless ``outputs`` names some."""
+        """session.run on validated feeds; every output unless ``outputs`` names some.
+        ``options.terminate`` set from another thread stops the run between nodes (the
+        batcher sets it when every client of a running batch has gone)."""
         names = outputs or self._output_names
         try:
             if self.io_binding:
-                results = self._run_bound(names, feeds)
+                results = self._run_bound(names, feeds, options)
             else:
-                results = self.session.run(names, dict(feeds))
+                results = self.session.run(names, dict(feeds), options)
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as e:
             raise BadRequest(f"model {self.name!r} rejected the input: {e}") from e
         except Exception as e:  # ORT raises its own RuntimeError subclasses
             raise InferenceFailed(f"model {self.name!r} failed: {type(e).__name__}: {e}") from e
         return dict(zip(names, results, strict=True))
 
-    def _run_bound(self, names: tuple[str, ...], feeds: Mapping[str, np.ndarray]) -> list:
+    def _run_bound(
+        self,
+        names: tuple[str, ...],
+        feeds: Mapping[str, np.ndarray],
+        options: ort.RunOptions | None = None,
+    ) -> list:
         """session.run through IO binding: inputs from host arrays, outputs written by ORT
         into host memory (one device->host copy inside the run, no extra allocation)."""
         binding = self.session.io_binding()
@@ -286,7 +296,7 @@ class Model:
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         for name in names:
             binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, options)
         return binding.copy_outputs_to_cpu()
 
     def example(self, batch: int = 1, sequence: int = 16) -> dict[str, np.ndarray]:

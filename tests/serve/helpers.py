@@ -57,11 +57,11 @@ def hold_first_run(model) -> tuple[threading.Event, threading.Event]:
     started, release = threading.Event(), threading.Event()
     run = model.run
 
-    def held(feeds, outputs=()):
+    def held(feeds, outputs=(), options=None):
         if not started.is_set():
             started.set()
             release.wait(10)
-        return run(feeds, outputs)
+        return run(feeds, outputs, options)
 
     model.run = held
     return started, release

@@ -32,11 +32,11 @@ def test_a_runner_gathering_returns_once_another_runner_ends_its_request(repo, c
 
     run = classifier.run
 
-    def gated(feeds, outputs=()):
+    def gated(feeds, outputs=(), options=None):
         if feeds["input_ids"].shape[1] == 101:  # r and z, padded to z's length
             taken.set()
             gate.wait(10)
-        return run(feeds, outputs)
+        return run(feeds, outputs, options)
 
     classifier.run = gated
     drop_expired = b._drop_expired
@@ -120,10 +120,10 @@ def test_closing_the_engine_flushes_every_model_at_once(repo):
     long_batch, release = threading.Event(), threading.Event()
     run = busy.run
 
-    def held(feeds, outputs=()):
+    def held(feeds, outputs=(), options=None):
         long_batch.set()
         release.wait(30)
-        return run(feeds, outputs)
+        return run(feeds, outputs, options)
 
     busy.run = held
     try:

@@ -59,10 +59,10 @@ def _refusing(model):
     ``batch`` never draws)."""
     run = model.run
 
-    def refuse(feeds, outputs=()):
+    def refuse(feeds, outputs=(), options=None):
         if (feeds["input_ids"][:, 0] == 0).any():
             raise BadRequest("refused by the model")
-        return run(feeds, outputs)
+        return run(feeds, outputs, options)
 
     model.run = refuse
 

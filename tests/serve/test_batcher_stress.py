@@ -80,7 +80,7 @@ def _hammer(repo, classifier, instances, delay_us, *, seed, close_after=None):
     run = classifier.run
     rng_run = random.Random(seed + 1)
 
-    def counted_run(feeds, outputs=()):
+    def counted_run(feeds, outputs=(), options=None):
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
@@ -89,7 +89,7 @@ def _hammer(repo, classifier, instances, delay_us, *, seed, close_after=None):
                 raise BadRequest("poisoned request")
             if rng_run.random() < 0.2:
                 time.sleep(0.001)  # a longer batch: more overlap for the slot count to catch
-            return run(feeds, outputs)
+            return run(feeds, outputs, options)
         finally:
             with lock:
                 running[0] -= 1
@@ -250,10 +250,10 @@ def test_a_bug_when_a_failed_batch_is_rerun_alone_answers_every_request(classifi
     rng = np.random.default_rng(12)
     run = classifier.run
 
-    def batches_fail(feeds, outputs=()):
+    def batches_fail(feeds, outputs=(), options=None):
         if feeds["input_ids"].shape[0] > 1:
             raise BadRequest("the batch was rejected")
-        return run(feeds, outputs)
+        return run(feeds, outputs, options)
 
     classifier.run = batches_fail
     started, release = hold_first_run(classifier)
@@ -277,14 +277,14 @@ def test_a_failed_batch_is_not_rerun_for_a_client_that_went_away(classifier):
     run, ran = classifier.run, []
     in_batch, leave = threading.Event(), threading.Event()
 
-    def recorded(feeds, outputs=()):
+    def recorded(feeds, outputs=(), options=None):
         ran.append(feeds["input_ids"].shape[0])
         if feeds["input_ids"].shape[0] == 3:  # the batch of three: hold it while one leaves
             in_batch.set()
             leave.wait(10)
         if (feeds["input_ids"][:, 0] == 0).any():
             raise BadRequest("poisoned request")
-        return run(feeds, outputs)
+        return run(feeds, outputs, options)
 
     classifier.run = recorded
     started, release = hold_first_run(classifier)
@@ -374,13 +374,13 @@ def test_a_slot_is_not_handed_to_a_runner_that_already_holds_one(classifier):
     other_ran = threading.Event()
     run = classifier.run
 
-    def gated(feeds, outputs=()):
+    def gated(feeds, outputs=(), options=None):
         length = feeds["input_ids"].shape[1]
         if length in gates:
             gates[length].wait(10)
         elif length == 40:
             other_ran.set()
-        return run(feeds, outputs)
+        return run(feeds, outputs, options)
 
     classifier.run = gated
     try:

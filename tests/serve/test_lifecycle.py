@@ -242,6 +242,25 @@ def test_a_request_timeout_that_passes_in_the_queue_answers_deadline_exceeded(tm
         srv.terminate()
 
 
+def test_a_run_whose_clients_all_gave_up_is_stopped_and_frees_the_model(tmp_path):
+    """A request that would run for hours (10**10 loop steps) whose client gives up: its run
+    is stopped (ONNX Runtime's terminate flag), so the next request is answered instead of
+    queueing behind work nobody will read."""
+    srv = ServerProcess(_slow_bundle(tmp_path / "slow"))
+    try:
+        endless = {"input_ids": np.array([[10**10]]), "attention_mask": np.array([[1]])}
+        quick = {"input_ids": np.array([[1]]), "attention_mask": np.array([[1]])}
+        with tc.InferenceServerClient(srv.url) as c:
+            with pytest.raises(InferenceServerException) as gone:
+                c.infer("slow", inputs(endless), client_timeout=0.5)
+            assert "Deadline" in str(gone.value), gone.value
+            result = c.infer("slow", inputs(quick), client_timeout=60)
+        assert result.as_numpy("counted").tolist() == [[1.0]]
+    finally:
+        assert srv.terminate() == 0, srv.log
+    assert "Traceback" not in srv.log and "failed" not in srv.log, srv.log
+
+
 def test_a_grace_that_runs_out_is_logged_and_exits_1(tmp_path):
     """A request still running when --shutdown-grace ends is cut off: the operator is told
     so, in the log and by the exit code, never by a clean 0."""
