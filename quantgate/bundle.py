@@ -210,6 +210,8 @@ class Manifest:
             for g in v["gates"]:
                 if not math.isfinite(g["value"]):
                     g["value"] = None
+        for free in ("export", "extra", "calibration"):  # e.g. a candidate's NaN cosine
+            d[free] = _finite(d[free])
         return d
 
     @classmethod
@@ -280,6 +282,18 @@ def _listed(problems: list[str]) -> str:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _finite(x: Any) -> Any:
+    """``x`` with every float that is not finite (NaN, infinity) as None: JSON has no
+    token for them, and a manifest must parse outside Python too."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _is_number(x: Any) -> bool:

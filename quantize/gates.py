@@ -205,8 +205,10 @@ def _close(name: str, known: set[str]) -> list[str]:
     flag of that name sets (``min_top1`` is ``min_top1_agreement``)."""
     import difflib
 
-    prefixed = [k for k in known if k.startswith(name)]
-    return prefixed[:1] or difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    prefixed = [k for k in sorted(known) if k.startswith(name)]
+    if len(prefixed) == 1:  # a prefix of several names says none of them
+        return prefixed
+    return difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
 
 
 def _wrong_types(data: dict[str, Any], defaults: dict[str, Any]) -> list[tuple[str, str]]:
@@ -820,58 +822,89 @@ class _Tally:
 
 
 def batch_consistency(
-    model: str | Path,
-    data: DataSource,
-    batched: Outputs,
-    task: str,
-    cfg: GateConfig,
+    model: str | Path, data: DataSource, task: str, cfg: GateConfig
 ) -> GateResult | None:
-    """How far a row's answer moves with the rows it is batched with: ``model`` run on each
-    row of ``data`` alone (its real tokens, as a lone request reaches the server) against
-    the same row in its evaluation batch (``batched``, its ``collect``). Dynamic INT8
-    computes its activation scales from the whole batch at run time, so the server's
-    batching changes its answers (on the built-in digits model: logits by up to 0.16, and
-    the top class of 1 row in 360). Gated as top-1 agreement at ``min_top1_agreement``
-    for a classifier, else the mean cosine of its embedding at ``min_cosine``; None for a
-    model with neither (nothing to judge it by)."""
-    logits = _logits_output(batched, task)
-    judged = logits or _embedding_name(task, batched.names)
+    """How far a row's answer moves with the rows it is batched with, as the server batches:
+    ``model`` run on each row of ``data`` alone (its real tokens, as a lone request reaches
+    the server) against the same row in a batch of its evaluation batch's rows, padded on
+    the right to the longest (as the server's batcher pads, whatever padding the data came
+    with). Dynamic INT8 computes its activation scales from the whole batch at run time, so
+    the server's batching changes its answers (on the built-in digits model: logits by up
+    to 0.16, and the top class of 1 row in 360). Gated as top-1 agreement at
+    ``min_top1_agreement`` for a classifier, else the mean cosine of its embedding at
+    ``min_cosine``; None for a model with neither (nothing to judge it by)."""
+    sess = session(model, cfg.provider, threads=cfg.threads)
+    names = [o.name for o in sess.get_outputs()]
+    together, alone = Outputs(names), Outputs(names)
+    for batch in data.batches():
+        rows = _lone_requests(batch.feeds)
+        feeds = _right_padded(rows)
+        together.batches.append(dict(zip(names, sess.run(names, feeds), strict=True)))
+        together.masks.append(feeds.get("attention_mask"))
+        together.rows += len(rows)
+        for row in rows:
+            alone.batches.append(dict(zip(names, sess.run(names, row), strict=True)))
+            alone.masks.append(row.get("attention_mask"))
+            alone.rows += 1
+    logits = _logits_output(together, task)
+    judged = logits or _embedding_name(task, names)
     if judged is None:
         return None
-    sess = session(model, cfg.provider, threads=cfg.threads)
-    alone = Outputs([judged])
-    for batch in data.batches():
-        mask = batch.feeds.get("attention_mask")
-        for i in range(len(next(iter(batch.feeds.values())))):
-            real = int(mask[i].sum()) if mask is not None else None
-            feeds = {
-                k: v[i : i + 1, :real] if v.ndim >= 2 and mask is not None else v[i : i + 1]
-                for k, v in batch.feeds.items()
-            }
-            (value,) = sess.run([judged], feeds)
-            alone.batches.append({judged: np.asarray(value)})
-            alone.masks.append(None if mask is None else mask[i : i + 1, :real])
-            alone.rows += 1
-    largest = max(len(b[judged]) for b in batched.batches)
+    largest = max(len(b[judged]) for b in together.batches)
     detail = (
-        f"{judged}: each of {alone.rows} rows run alone vs in its evaluation batch (of up to "
-        f"{largest}); dynamic quantization scales activations per batch"
+        f"{judged}: each of {alone.rows} rows run alone vs in a batch (of up to {largest}, "
+        "right-padded as the server pads); dynamic quantization scales activations per batch"
     )
     if logits is not None:
-        x, y = batched.stacked(logits), np.concatenate([b[logits] for b in alone.batches])
+        x, y = together.stacked(logits), np.concatenate([b[logits] for b in alone.batches])
         agree = x.argmax(-1) == y.argmax(-1)
         detail += f"; max logit change {np.abs(x - y).max():.3g}"
         return _mean_gate(
             "batch_top1_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail,
             valid=bool(np.isfinite(y).all()),
         )  # fmt: skip
-    x, y = _normalize(_pooled(batched, judged)), _normalize(_pooled(alone, judged))
+    x, y = _normalize(_pooled(together, judged)), _normalize(_pooled(alone, judged))
     cos = (x * y).sum(1)
     return _mean_gate(
         "batch_cosine", cos, cfg.min_cosine, ">=", cfg,
         detail + f"; mean cosine per row (worst row {cos.min():.5f})",
         valid=bool(np.isfinite(cos).all()),
     )  # fmt: skip
+
+
+def _lone_requests(feeds: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Each row of a batch as a client sends it alone: its real tokens (where the
+    attention mask has them, left or right padding alike), no padding."""
+    mask = feeds.get("attention_mask")
+    rows = []
+    for i in range(len(next(iter(feeds.values())))):
+        row = {k: v[i : i + 1] for k, v in feeds.items()}
+        if mask is not None:
+            real = mask[i].astype(bool)
+            row = {
+                k: v[:, real] if v.ndim >= 2 and v.shape[1] == mask.shape[1] else v
+                for k, v in row.items()
+            }
+        rows.append(row)
+    return rows
+
+
+def _right_padded(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """``rows`` in one batch as the server's batcher makes it: each input padded with zeros
+    after the row's tokens to the longest (a zero attention mask there)."""
+    if "attention_mask" not in rows[0]:
+        return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    longest = max(r["attention_mask"].shape[1] for r in rows)
+    out = {}
+    for k, first in rows[0].items():
+        if first.ndim < 2 or first.shape[1] != rows[0]["attention_mask"].shape[1]:
+            out[k] = np.concatenate([r[k] for r in rows])
+            continue
+        padded = np.zeros((len(rows), longest, *first.shape[2:]), first.dtype)
+        for i, r in enumerate(rows):
+            padded[i, : r[k].shape[1]] = r[k][0]
+        out[k] = padded
+    return out
 
 
 # -- speed ---------------------------------------------------------------------------------

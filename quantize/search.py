@@ -340,9 +340,7 @@ def _try(
         got = collect(qm.path, evaluation, provider=gate_cfg.provider, threads=gate_cfg.threads)
         # Static recipes fix their scales at calibration: a row cannot move another's answer.
         consistency = (
-            batch_consistency(qm.path, evaluation, got, task, gate_cfg)
-            if method == "dynamic"
-            else None
+            batch_consistency(qm.path, evaluation, task, gate_cfg) if method == "dynamic" else None
         )
         timing = TimingConditions.now(gate_cfg.threads)
         speed = speed_gates(

@@ -342,6 +342,11 @@ def decode_bytes(raw: bytes, shape: Sequence[int]) -> np.ndarray:
     return array.reshape(tuple(shape))
 
 
+# What stream_response adds to a response: its field's tag and length (a varint of at most
+# 5 bytes for any message gRPC sends).
+STREAM_FRAMING = len(_INFER_RESPONSE_TAG) + 5
+
+
 def stream_response(infer_response: bytes) -> bytes:
     """A serialized ModelStreamInferResponse carrying an already serialized response."""
     return b"".join((_INFER_RESPONSE_TAG, _varint(len(infer_response)), infer_response))

@@ -407,8 +407,12 @@ def _check_pair(cert: Path, key: Path) -> None:
     def password() -> bytes:
         raise _Encrypted
 
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # Not OpenSSL's default security level: it refuses keys and signatures gRPC serves
+    # (a 1024-bit RSA key), and judging those is not this check's business.
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=password)
+        context.load_cert_chain(cert, key, password=password)
     except _Encrypted:
         raise ServeError(
             f"--tls-key {key} is encrypted, and gRPC takes no password: decrypt it "
@@ -516,7 +520,8 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
         drained = _drain(cfg, server, engine, health_servicer)
     finally:  # a caller embedding run() gets its own handlers back
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: one installed outside Python, not restorable
+                signal.signal(sig, handler)
     if not drained:
         raise DrainIncomplete(
             f"the shutdown grace of {cfg.shutdown_grace_s:g}s ran out with requests still "
@@ -554,11 +559,19 @@ def _drain(
     cfg: ServeConfig, server: grpc.Server, engine: Engine, health_servicer: health.HealthServicer
 ) -> bool:
     """Refuse new requests and answer the admitted ones within the grace; False when the
-    grace ran out first."""
+    grace ran out first.
+
+    gRPC aborts the calls still running when the grace ends; the batches they were in then
+    stop at once (their clients are gone), so the engine drains either way: a drain that
+    lasted the whole grace is what says calls were cut off."""
     _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    engine.closing.set()  # a request refused from here on is told the server is going away
     engine.ready = False  # open streams are refused new requests too
-    stopped = server.stop(cfg.shutdown_grace_s)  # new calls refused; running ones finish
-    drained = engine.close(cfg.shutdown_grace_s)
+    grace = cfg.shutdown_grace_s
+    t0 = time.monotonic()
+    stopped = server.stop(grace)  # new calls refused; running ones finish
+    drained = engine.close(grace)
     stopped.wait()
+    cut_off = time.monotonic() - t0 >= grace > 0  # gRPC aborted the calls still running
     engine.metrics.close_http()  # scraped until here: the drain shows in the metrics
-    return drained
+    return drained and not cut_off

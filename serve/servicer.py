@@ -285,7 +285,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         return
                     self._stream_slots.acquire()
                     # The stream's own deadline, if any, ends the whole call; requests get none.
-                    answer = self._streams.submit(self._infer, request, None, caller, record)
+                    answer = self._streams.submit(
+                        self._infer, request, None, caller, record, codec.STREAM_FRAMING
+                    )
                     answer.add_done_callback(lambda _: self._stream_slots.release())
                     answers.put(answer)
             except BaseException as e:  # noqa: BLE001 - the answers loop re-raises it
@@ -329,6 +331,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         timeout: float | None,
         caller: Caller,
         record: CallRecord | None = None,
+        framing: int = 0,
     ) -> tuple[bytes, None] | tuple[pb.ModelInferResponse, QuantgateError]:
         """One request -> (the serialized response, None), or (a response carrying only the
         id, the error). Every request is counted once, however it ends (and noted in
@@ -357,7 +360,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.model_name = model.name
             response.model_version = model.version
             encoded = codec.encode_response(response, outputs)
-            if len(encoded) > self._engine.cfg.max_message_bytes:
+            # ``framing``: what a stream wraps the answer in, which counts against the limit
+            if len(encoded) + framing > self._engine.cfg.max_message_bytes:
                 raise _too_large(len(encoded), self._engine.cfg.max_message_bytes, outputs)
         except Cancelled as e:
             # gRPC ends a call both when the client gives up and at its deadline

@@ -134,7 +134,7 @@ def choose_variant(
         # precision, accuracy gates passed, over FP32.
         return preferred[0]
     fp32 = [v for v in candidates if v.precision == "fp32"]
-    for v in candidates:
+    for v in candidates if fp32 else ():
         if v.precision != "fp32" and v not in slower:
             log.info(
                 "%s passed its gates but none timed it on %s, so nothing says it is faster "

@@ -432,3 +432,14 @@ def test_inspect_says_which_variant_serve_would_pick_or_that_it_refuses(cli, tmp
     assert "serve: refuses it (a gate failed); with --allow-failed-gates: nothing on CPU" in (
         " ".join(r.stdout.split())
     ), r.stdout
+
+
+def test_non_finite_numbers_in_the_free_records_are_written_as_null(tmp_path):
+    """A search candidate whose outputs were all NaN is recorded under extra: the manifest
+    stays standard JSON there too."""
+    with qb.staging(tmp_path / "b") as tmp:
+        m = make_manifest(tmp)
+        extra = {"quantization": {"candidates": [{"accuracy": {"cosine": float("nan")}}]}}
+        qb.write_manifest(tmp, dataclasses.replace(m, extra=extra))
+    d = _strict((tmp_path / "b" / qb.MANIFEST).read_text())
+    assert d["extra"]["quantization"]["candidates"][0]["accuracy"]["cosine"] is None

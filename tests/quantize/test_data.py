@@ -401,10 +401,10 @@ def test_jsonl_with_a_bom_crlf_and_blank_lines_reads_as_written(tmp_path):
     src = open_source(path, info, role="evaluation")
     (batch,) = src.batches()
     assert src.samples == 2 and sorted(batch.labels.tolist()) == [0, 1]
-    path.write_text('{"text": "a", "label": 1.0}\n{"text": "b", "label": true}\n')
-    with pytest.raises(DataError) as e:
+    path.write_text('{"text": "a", "label": 1.5}\n{"text": "b", "label": true}\n')
+    with pytest.raises(DataError) as e:  # 1.0 is 1 (as pandas writes it); 1.5 is no index
         open_source(path, info, role="evaluation")
-    assert 'line 1: "label" must be an integer class index (0, 1, ...), got 1.0' in str(e.value)
+    assert 'line 1: "label" must be an integer class index (0, 1, ...), got 1.5' in str(e.value)
     assert 'line 2: "label" must be an integer class index (0, 1, ...), got True' in str(e.value)
 
 

@@ -128,21 +128,37 @@ def test_classifier_fidelity_without_labels(models):
     assert not kl.passed  # INT8 is never bit-identical
 
 
+def _logits_moved(gate: GateResult) -> float:
+    """The largest logit change a batch_top1_agreement gate's detail reports."""
+    return float(gate.detail.split("max logit change ")[1].split(";")[0])
+
+
 def test_batch_consistency_of_dynamic_int8_against_fp32(models):
     """Dynamic INT8 scales activations per batch: run alone, a row's logits move; FP32's
     do not (beyond float rounding)."""
     result, int8 = models
     ev = open_source(None, ModelInfo.from_export(result), role="evaluation")
     gates = {
-        name: batch_consistency(path, ev, collect(path, ev), result.task, GateConfig())
+        name: batch_consistency(path, ev, result.task, GateConfig())
         for name, path in (("fp32", result.onnx), ("int8", int8))
     }
     assert all(g.name == "batch_top1_agreement" and g.threshold == 0.95 for g in gates.values())
     assert gates["fp32"].value == 1.0 and gates["fp32"].passed
-    fp32_moved = float(gates["fp32"].detail.split("max logit change ")[1].split(";")[0])
-    int8_moved = float(gates["int8"].detail.split("max logit change ")[1].split(";")[0])
-    assert fp32_moved < 1e-4 < int8_moved, (gates["fp32"].detail, gates["int8"].detail)
-    assert "each of 360 rows run alone vs in its evaluation batch" in gates["int8"].detail
+    assert _logits_moved(gates["fp32"]) < 1e-4 < _logits_moved(gates["int8"]), gates
+    assert "each of 360 rows run alone vs in a batch (of up to 16, right-padded" in (
+        gates["int8"].detail
+    )
+    # Rows that came padded on the left are batched as the server batches them, on the
+    # right: FP32 does not move, whichever side the data was padded on.
+    rows = []
+    for b in ev.batches():
+        ids, mask = b.feeds["input_ids"].copy(), b.feeds["attention_mask"].copy()
+        ids[:, 8:], mask[:, 8:] = ids[:, :-8].copy(), 1  # shift right: 8 pads on the left
+        ids[:, :8], mask[:, :8] = 0, 0
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": b.labels})
+    left = open_source(rows, ModelInfo.from_export(result), role="evaluation")
+    moved = batch_consistency(result.onnx, left, result.task, GateConfig())
+    assert moved.value == 1.0 and _logits_moved(moved) < 1e-4, moved.detail
 
 
 def test_batch_consistency_fails_a_model_whose_rows_move_each_other(tmp_path):
@@ -178,7 +194,7 @@ def test_batch_consistency_fails_a_model_whose_rows_move_each_other(tmp_path):
         4,
     )
     ev = open_source(rows, info, role="evaluation")
-    gate = batch_consistency(path, ev, collect(path, ev), "sequence-classification", GateConfig())
+    gate = batch_consistency(path, ev, "sequence-classification", GateConfig())
     assert gate.name == "batch_top1_agreement" and gate.value < 0.6 and not gate.passed
 
 
