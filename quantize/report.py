@@ -200,8 +200,9 @@ def sections(
         (
             f"{VERDICT}**{'pass' if ok else 'FAIL'}**. "
             + (
-                f"Shipped `{shipped.name}`, the fastest of {sum(c.passed for c in result.candidates)} "
-                f"candidate(s) that passed every gate."
+                f"Shipped `{shipped.name}`, the fastest (geometric mean of its speedups over the "
+                f"timed shapes) of {sum(c.passed for c in result.candidates)} candidate(s) that "
+                "passed every gate."
                 if ok
                 else f"No candidate passed every gate; `{shipped.name}`, the closest, went into "
                 "the bundle marked failed (serving refuses a failed bundle). The closest is the "
