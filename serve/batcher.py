@@ -150,6 +150,7 @@ class Batcher:
         self._queue: list[_Pending] = []
         self._running = 0  # runner slots taken (at most ``instances``)
         self._closing = False
+        self.cut_off = 0  # admitted requests whose clients went while the batcher closed
         # The batches running, by id of each of their requests: when every client of one
         # has gone, its run is told to stop (ONNX Runtime's terminate flag) instead of
         # holding a runner slot for answers nobody reads.
@@ -280,10 +281,12 @@ class Batcher:
                 me.wake.wait(timeout)
 
     def _abandon(self, pending: _Pending) -> None:
-        """Its client went away: drop it if still queued (a running batch finishes)."""
+        """Its client went away: drop it if still queued; a running batch all of whose
+        clients have gone is told to stop."""
         with self._cv:
             if pending.done:
                 return
+            self.cut_off += self._closing  # during a drain: the grace ran out, or it gave up
             if pending in self._queue:
                 self._queue.remove(pending)
                 self._cv.notify_all()

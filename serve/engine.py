@@ -98,6 +98,12 @@ class Engine:
             drained = b.drained(left) and drained
         return drained
 
+    @property
+    def cut_off(self) -> int:
+        """Admitted requests whose clients went during the drain, unanswered: gRPC cut them
+        off when the shutdown grace ran out (or the clients gave up)."""
+        return sum(b.cut_off for b in self._batchers.values())
+
     def model(self, name: str, version: str = "") -> Model:
         return self.repository.get(name, version)
 

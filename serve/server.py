@@ -523,9 +523,10 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
             if handler is not None:  # None: one installed outside Python, not restorable
                 signal.signal(sig, handler)
     if not drained:
+        cut = f" ({engine.cut_off} admitted request(s) cut off)" if engine.cut_off else ""
         raise DrainIncomplete(
             f"the shutdown grace of {cfg.shutdown_grace_s:g}s ran out with requests still "
-            "queued or running: those whose clients still waited were cancelled. Give the "
+            f"queued or running{cut}: those whose clients still waited were cancelled. Give the "
             "drain longer with --shutdown-grace (and the orchestrator's termination grace "
             "period more than that)"
         )

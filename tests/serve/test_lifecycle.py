@@ -271,7 +271,10 @@ def test_a_grace_that_runs_out_is_logged_and_exits_1(tmp_path):
         time.sleep(0.3)  # the request is running its loop
         code = srv.terminate()
     assert code == 1, srv.log
-    assert "the shutdown grace of 0.5s ran out with requests still queued or running" in srv.log
+    assert (
+        "the shutdown grace of 0.5s ran out with requests still queued or running (1 admitted "
+        "request(s) cut off)"
+    ) in srv.log
     assert "Traceback" not in srv.log and "stopped: every admitted" not in srv.log
 
 
