@@ -19,7 +19,7 @@ from quantgate.quantize.search import QuantConfig, search  # noqa: E402
 FAST = dict(iterations=3, warmup=1, batch_sizes=(1, 8), bootstrap=200)
 
 
-def run(tmp_path, gate_cfg, quant_cfg, *, labels=True):
+def run(tmp_path, gate_cfg, quant_cfg, *, labels=True, on_progress=None):
     result = tiny_export()
     info = ModelInfo.from_export(result)
     cal = open_source(None, info, role="calibration", samples=64)
@@ -29,12 +29,18 @@ def run(tmp_path, gate_cfg, quant_cfg, *, labels=True):
     return search(
         result.onnx, cal, ev, task=result.task, inputs=result.inputs,
         max_seq_len=result.max_seq_len, workdir=tmp_path, quant_cfg=quant_cfg,
-        gate_cfg=gate_cfg, unfused=result.unfused_onnx,
+        gate_cfg=gate_cfg, unfused=result.unfused_onnx, on_progress=on_progress,
     )  # fmt: skip
 
 
 def test_keeps_the_fastest_passing_candidate_not_the_first(tmp_path):
-    found = run(tmp_path, GateConfig(min_speedup=0.01, **FAST), QuantConfig(search_budget_s=600))
+    events = []
+    found = run(
+        tmp_path, GateConfig(min_speedup=0.01, **FAST), QuantConfig(search_budget_s=600),
+        on_progress=lambda *event: events.append(event),
+    )  # fmt: skip
+    # the search's last word on its bar is the candidate that ships, not the last one tried
+    assert [e for e in events if e[0] == "search"][-1][3] == f"done: {found.chosen.name} ships"
     made = [c for c in found.candidates if c.path is not None]
     assert len(found.candidates) >= 3 and made
     winners = [c for c in found.candidates if c.passed]
