@@ -652,6 +652,34 @@ def _value_problems(name: str, a: np.ndarray, model: ModelInfo) -> list[str]:
     ]
 
 
+def with_graph_tables(model: ModelInfo, onnx_file: Path) -> ModelInfo:
+    """``model`` with the table sizes its exported graph shows (``tables.index_limits``) for
+    inputs whose sizes it did not know: a user's own module says none before its export."""
+    from quantgate.tables import index_limits
+
+    found = {k: v for k, v in index_limits(onnx_file).items() if k not in model.id_limits}
+    if not found:
+        return model
+    return dataclasses.replace(model, id_limits={**model.id_limits, **found})
+
+
+def check_ids(source: DataSource, model: ModelInfo, where: str) -> None:
+    """A DataError for rows of ``source`` whose ids fall outside ``model.id_limits``, for
+    data read before those limits were known (they come from the exported graph)."""
+    for n, batch in enumerate(source.batches(), 1):
+        problems = [
+            p
+            for name, a in batch.feeds.items()
+            if name in model.id_limits
+            for p in _value_problems(name, a, model)
+        ]
+        if problems:
+            raise DataError(
+                f"{where} does not fit the exported model, in its batch {n} (row indices "
+                "within the batch): " + "; ".join(problems)
+            )
+
+
 # -- sources -------------------------------------------------------------------------------
 
 
@@ -1232,6 +1260,7 @@ __all__ = [
     "ModelInfo",
     "check_feeds",
     "check_held_out",
+    "check_ids",
     "check_not_calibration",
     "check_path",
     "counted",
@@ -1239,5 +1268,6 @@ __all__ = [
     "row_hashes",
     "stratified",
     "tokenize",
+    "with_graph_tables",
     "write_npz",
 ]

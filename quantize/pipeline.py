@@ -46,9 +46,11 @@ from quantgate.quantize.data import (
     Fingerprint,
     ModelInfo,
     check_held_out,
+    check_ids,
     check_not_calibration,
     named,
     open_source,
+    with_graph_tables,
 )
 from quantgate.quantize.gates import (
     MIN_EVAL_ROWS,
@@ -137,6 +139,10 @@ def build(
                 cal.lengths[1],
             )
         result = _export(model, work, export_cfg, emit)
+        exported = with_graph_tables(info, result.onnx)
+        if exported is not info:  # table sizes the model did not say before its export
+            check_ids(cal, exported, named("--calibration", calibration, cal))
+            check_ids(ev, exported, where)
         found = search(
             result.onnx,
             cal,
@@ -456,7 +462,7 @@ def regate(
             "re-gating with looser settings than the bundle was last gated with: %s",
             "; ".join(loosened),
         )
-    info = ModelInfo.from_manifest(m, bundle.path)
+    info = with_graph_tables(ModelInfo.from_manifest(m, bundle.path), bundle.file("fp32"))
     fingerprint = Fingerprint.from_record(m.calibration)
     if fingerprint is None:  # a bundle from before its calibration rows were recorded
         check_not_calibration(evaluation, m.calibration)

@@ -513,3 +513,25 @@ def test_dropping_a_timed_batch_size_is_a_looser_setting():
     assert _changed_settings(before, GateConfig(batch_sizes=(1, 8, 32))) == [
         ("batch_sizes (1, 32) -> (1, 8, 32)", False)
     ]
+
+
+def test_ids_outside_a_users_tables_are_refused_after_the_export_before_the_search(cli, tmp_path):
+    """A user's own module says no table sizes before its export (a Hugging Face config
+    does): the exported graph does, and the data is checked against it before minutes of
+    search, not failed by ONNX Runtime inside a recipe."""
+    module = Path(__file__).resolve().parents[1] / "export" / "qg_usermodels.py"
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 40, (40, 20))  # the tagger's table has 40 rows
+    mask = np.ones_like(ids)
+    cal = write_npz(tmp_path / "cal.npz", {"input_ids": ids, "attention_mask": mask})
+    ids = rng.integers(1, 40, (40, 20))  # held out
+    ids[7, 3] = 45
+    ev = write_npz(tmp_path / "ev.npz", {"input_ids": ids, "attention_mask": mask})
+    out = tmp_path / "b"
+    r = cli("export", f"{module}:tagger", "--out", out, "--calibration", cal, "--eval", ev,
+            "--no-fp16", "--max-candidates", "1")  # fmt: skip
+    said = " ".join(r.stderr.split())
+    assert r.code == 2, r.stderr
+    assert "does not fit the exported model, in its batch" in said, said
+    assert "input_ids: expected ids 0..39 (its embedding table has 40 rows), found 1..45" in said
+    assert "search" not in said and not out.exists()

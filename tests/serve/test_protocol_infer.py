@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from quantgate.serve.runtime import index_limits
+from quantgate.tables import index_limits
 
 INVALID = "StatusCode.INVALID_ARGUMENT"
 
