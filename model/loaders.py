@@ -32,6 +32,7 @@ A spec names one of three kinds of model:
         output_names: Sequence[str]              # optional: names for forward's outputs
                                                  # (default: a dict's keys, else output_N)
         task: str                                # optional, recorded in the bundle
+        class_names: Sequence[str]               # optional: a classifier's classes by index
         max_seq_len: int                         # optional: longest sequence it accepts
         pad_values: dict[str, int | float]       # optional: filler per input (default 0)
         num_heads: int; hidden_size: int         # optional: hints for attention fusion
@@ -575,6 +576,8 @@ def load_factory(
         sha256=_hash_module(module, src),
         num_heads=getattr(module, "num_heads", 0),
         hidden_size=getattr(module, "hidden_size", 0),
+        # as a Hugging Face config's id2label: labels by name, and the server's top classes
+        extra={"labels": list(names)} if (names := getattr(module, "class_names", None)) else {},
     )
 
 
@@ -681,6 +684,19 @@ def _factory_attributes(
     task = getattr(module, "task", None)
     if task is not None and not isinstance(task, str):
         problems.append(f"task {task!r}: expected a string")
+    classes = getattr(module, "class_names", None)
+    if classes is not None and (
+        isinstance(classes, str)
+        or not isinstance(classes, Sequence)
+        or not all(isinstance(c, str) and c for c in classes)
+    ):
+        problems.append(f"class_names {classes!r}: expected a sequence of non-empty strings")
+    for other in ("id2label", "labels"):  # what other libraries call it: not read here
+        if hasattr(module, other) and classes is None:
+            problems.append(
+                f"{other} is not read: name a classifier's classes, by index, in "
+                "`class_names` (a sequence of strings)"
+            )
     pads = getattr(module, "pad_values", None) or {}
     if not isinstance(pads, Mapping) or not all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in pads.values()

@@ -418,14 +418,43 @@ def check_labels(reference: Outputs, task: str) -> None:
         )
 
 
+def _unscored_labels(reference: Outputs, task: str, *, warn: bool) -> None:
+    """Labelled rows for a model no output of which is known to hold class scores. An
+    embedding model is judged against FP32, and says so. A model of no known task with a
+    (batch, n) float output is likely a classifier that did not say so: refused (a
+    DataError), as its accuracy gate would silently give way to per-output cosines."""
+    scores = [
+        n
+        for n in reference.names
+        if reference.batches[0][n].ndim == 2
+        and np.issubdtype(reference.batches[0][n].dtype, np.floating)
+    ]
+    if task in EMBEDDING_TASKS or not scores:
+        if warn:
+            log.warning(
+                "labels ignored: the model (task %s) has no output of class scores; its INT8 "
+                "is judged against FP32's outputs",
+                task,
+            )
+        return
+    raise DataError(
+        f"the evaluation rows have labels, but the model's task is {task!r} and no output is "
+        f"named 'logits', so none is known to hold class scores ({', '.join(map(repr, scores))} "
+        "may): the accuracy gate would not run. Say the model is a classifier (a `task = "
+        '"sequence-classification"` attribute on your module, or --task '
+        "sequence-classification), or name its class-score output 'logits'; or leave the labels "
+        "out to gate on agreement with FP32."
+    )
+
+
 def check_evaluation(reference: Outputs, task: str, *, warn: bool = True) -> None:
     """Raise DataError unless the evaluation rows can decide the gates: labels that are class
     indices (``check_labels``), and at least ``MIN_EVAL_ROWS`` rows for the accuracy, top-1
     and nearest-neighbour gates (a handful of rows passes them by chance)."""
     check_labels(reference, task)
     logits = _logits_output(reference, task)
-    if warn and reference.labels is not None and logits is None:
-        log.warning("labels ignored: task %s has no (batch, classes) output to score", task)
+    if reference.labels is not None and logits is None:
+        _unscored_labels(reference, task, warn=warn)
     if logits is None and _embedding_name(task, reference.names) is None:
         return  # per-output cosine: a measurement on any number of rows
     if reference.rows < MIN_EVAL_ROWS:

@@ -129,6 +129,18 @@ def bad_attributes() -> nn.Module:
     return m
 
 
+def named_classes() -> nn.Module:
+    m = Pooler({"input_ids": _ids()})
+    m.task, m.class_names = "sequence-classification", ("neg", "neu", "pos")
+    return m
+
+
+def id2label_classes() -> nn.Module:
+    m = Pooler({"input_ids": _ids()})
+    m.id2label = {0: "neg", 1: "pos"}  # a transformers config's name: not the contract's
+    return m
+
+
 def non_tensor_output() -> nn.Module:
     class ReturnsAnInt(Pooler):
         def forward(self, input_ids, attention_mask=None):

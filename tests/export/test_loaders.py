@@ -215,6 +215,10 @@ def test_english_text_is_deterministic_and_varied():
             "bad_attributes",
             ["output_names 'logits'", "max_seq_len '64'", "pad_values {'input_ids': 'x'}"],
         ),
+        (
+            "id2label_classes",
+            ["id2label is not read: name a classifier's classes, by index, in `class_names`"],
+        ),  # fmt: skip
     ],
 )
 def test_a_factory_that_breaks_the_contract_is_told_how(factory, messages):
@@ -222,6 +226,16 @@ def test_a_factory_that_breaks_the_contract_is_told_how(factory, messages):
         load_model(f"qg_usermodels:{factory}")
     for message in messages:
         assert message in str(e.value)
+
+
+def test_a_factory_names_its_classes_as_a_hugging_face_config_does():
+    """`class_names` become the bundle's labels: string labels in data, the server's top
+    classes by name."""
+    from quantgate.quantize.data import ModelInfo
+
+    model = load_model("qg_usermodels:named_classes")
+    assert model.extra == {"labels": ["neg", "neu", "pos"]}
+    assert ModelInfo.from_model(model, ()).labels == ("neg", "neu", "pos")
 
 
 def test_a_factory_s_outputs_are_named_by_its_dict_or_numbered():

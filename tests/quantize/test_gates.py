@@ -733,6 +733,22 @@ def test_a_gate_over_some_nan_rows_reports_the_mean_of_the_others_and_fails():
     assert gates["kl"].ci is None
 
 
+def test_labels_for_a_model_that_did_not_say_it_classifies_are_refused(caplog):
+    """A user's module of task "custom" returning (batch, 3) scores, given labelled rows:
+    the accuracy gate would silently give way to per-output cosines. Refused, with the fix;
+    an embedding model's labels are ignored with a word, as before."""
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(40, 3)).astype(np.float32)
+    ref = Outputs(["output_0"], [{"output_0": scores}], [None], labels=np.arange(40) % 3, rows=40)
+    with pytest.raises(DataError, match=r"the model's task is 'custom' and no output is named"):
+        check_evaluation(ref, "custom")
+    with caplog.at_level("WARNING", logger="quantgate.quantize.gates"):
+        check_evaluation(ref, "feature-extraction")
+    assert "labels ignored: the model (task feature-extraction) has no output of class" in (
+        caplog.text
+    )
+
+
 def test_the_output_named_logits_is_the_one_judged_as_logits():
     """A user's model returning (embedding, logits): the top-1 gate must judge the logits,
     not the embedding that comes first, and the embedding gets a cosine gate of its own."""
