@@ -534,6 +534,16 @@ def load_factory(
     arrays = _example_arrays(spec, example)
     module.eval()
     pads = _factory_attributes(spec, module, arrays)
+    for name, a in arrays.items():  # a padding mask under another name: quantgate misses it
+        looks_like_one = "mask" in name.lower() and a.ndim == 2 and np.isin(a, (0, 1)).all()
+        if name != "attention_mask" and looks_like_one:
+            log.warning(
+                "%s: input %r holds 0s and 1s like a padding mask; quantgate knows one only as "
+                "`attention_mask` (1 = token): under another name its rows get no mask checks, "
+                "and requests are not padded together in serving. Rename it if it is one.",
+                spec,
+                name,
+            )
     inputs = tuple(
         InputSpec(name, str(a.dtype), pads.get(name, 0), tuple(a.shape[2:]))
         for name, a in arrays.items()

@@ -283,7 +283,7 @@ def export_command(
         str,
         typer.Argument(
             help="A checkpoint directory (`quantgate train`), a Hugging Face model directory, "
-            "or package.module:factory.",
+            "or your own module's factory: package.module:factory or path/to/file.py:factory.",
             show_default=False,
         ),
     ],

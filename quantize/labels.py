@@ -64,6 +64,12 @@ def check_labels(labels: Any, n: int, names: tuple[str, ...], where: str) -> np.
         labels = labels.astype(np.int64)  # 1.0 for 1, as pandas writes an integer column
     if labels.shape == (n,) and labels.dtype.kind in "US":  # class names
         return _name_indices(_text(labels, where), names, where)
+    if labels.shape == (n,) and labels.dtype.kind == "f":  # not whole, or not finite
+        odd = ~np.isfinite(labels) | (labels != np.round(labels))
+        raise DataError(
+            f"{where}: labels must be class indices (whole numbers); found "
+            f"{_values(labels[odd])} in {describe_rows(odd)}"
+        )
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
         what = "class indices or class names" if names else "integers (class indices)"
         raise DataError(

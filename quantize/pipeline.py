@@ -829,6 +829,8 @@ def _thresholds_origin(manifest: Manifest) -> list[str]:
         if policy(record.get("gate_config")) != policy(since.get("gate_config")):
             break
         since = record
+    if since is regates[-1]:  # this re-gate's own flags set them: nothing to remind
+        return []
     return [
         f"The thresholds are those set by the re-gate of {since.get('at')} (a re-gate keeps "
         "the last gating's; its flags or --gate-config change them)."

@@ -115,7 +115,7 @@ def choose_variant(
             # accurate enough, but FP32 is faster here, and faster is what it is for.
             slower.append(v)
             log.warning(
-                "%s passed its gates but runs at %.2fx fp32 on %s (geometric mean of its "
+                "%s passed its gates but runs at %.3fx fp32 on %s (geometric mean of its "
                 "measured shapes); not serving it. Pass --precision %s to serve it anyway.",
                 v.precision,
                 score,

@@ -135,6 +135,25 @@ def named_classes() -> nn.Module:
     return m
 
 
+class MaskedPooler(nn.Module):
+    """A mean over real tokens, its padding mask named `mask` (not `attention_mask`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8)
+        ids = _ids()
+        self.example_inputs = {"input_ids": ids, "mask": torch.ones_like(ids)}
+
+    def forward(self, input_ids, mask):
+        w = mask.unsqueeze(-1).float()
+        return (self.emb(input_ids) * w).sum(1) / w.sum(1)
+
+
+def mask_by_another_name() -> nn.Module:
+    torch.manual_seed(0)
+    return MaskedPooler()
+
+
 def id2label_classes() -> nn.Module:
     m = Pooler({"input_ids": _ids()})
     m.id2label = {0: "neg", 1: "pos"}  # a transformers config's name: not the contract's

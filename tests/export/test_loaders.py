@@ -228,6 +228,16 @@ def test_a_factory_that_breaks_the_contract_is_told_how(factory, messages):
         assert message in str(e.value)
 
 
+def test_a_mask_under_another_name_is_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="quantgate.model.loaders"):
+        load_model("qg_usermodels:mask_by_another_name")
+    assert "input 'mask' holds 0s and 1s like a padding mask" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="quantgate.model.loaders"):
+        load_model("qg_usermodels:named_classes")  # input_ids alone: nothing to say
+    assert "padding mask" not in caplog.text
+
+
 def test_a_factory_names_its_classes_as_a_hugging_face_config_does():
     """`class_names` become the bundle's labels: string labels in data, the server's top
     classes by name."""

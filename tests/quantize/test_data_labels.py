@@ -423,5 +423,8 @@ def test_whole_float_labels_are_their_integers_and_fractions_are_refused(classif
     np.savez(whole, **feeds, labels=(np.arange(40) % 10).astype(np.float64))
     assert labels_of(open_source(whole, digits, role="evaluation")) == list(np.arange(40) % 10)
     np.savez(half, **feeds, labels=np.arange(40) % 10 + 0.5)
-    with pytest.raises(DataError, match="labels must be 40 class indices or class names"):
+    with pytest.raises(
+        DataError,
+        match=r"labels must be class indices \(whole numbers\); found 0.5, 1.5, 2.5, 3.5, 4.5, ... in 40 rows",
+    ):
         open_source(half, digits, role="evaluation")

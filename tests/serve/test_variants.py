@@ -63,7 +63,7 @@ def test_a_variant_whose_gates_were_set_below_1x_is_not_served_when_slower(caplo
     so FP32 is served (and FP16 measured slower on CUDA is not the CUDA default either)."""
     slow_int8 = _variant("int8", speedup=0.68, not_for=(CUDA,))
     assert choose_variant(_manifest(_variant("fp32"), slow_int8), CPU).precision == "fp32"
-    assert "int8 passed its gates but runs at 0.68x fp32 on CPUExecutionProvider" in caplog.text
+    assert "int8 passed its gates but runs at 0.680x fp32 on CPUExecutionProvider" in caplog.text
     assert "--precision int8" in caplog.text
     slow_fp16 = _variant("fp16", providers=(CUDA,), speedup=0.9, provider=CUDA)
     assert choose_variant(_manifest(_variant("fp32"), slow_fp16), CUDA).precision == "fp32"
