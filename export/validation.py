@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -291,13 +292,14 @@ def validate(
     if failures:
         raise ValidationError(f"{what}: names differ", failures)
 
-    results, not_run = [], []
+    results, not_run, first_node = [], [], ""
     for case, ref in zip(cases, refs, strict=True):
         try:
             got = sess.run(list(outputs), case.feeds)
         except Exception as e:  # noqa: BLE001
             failures.append(f"{case.describe()}: ONNX Runtime failed: {type(e).__name__}: {e}")
             not_run.append(case.name)
+            first_node = first_node or _failing_node(str(e))
             continue
         diffs, used = {}, {}
         for name, g, r in zip(outputs, got, ref, strict=True):
@@ -315,8 +317,8 @@ def validate(
         # as a constant, typically). Said first: it is what a user must fix.
         raise ValidationError(
             f"{what}: ONNX Runtime cannot run it at {len(not_run)} of {len(cases)} shapes "
-            f"({', '.join(not_run)}): the graph does not take those shapes, usually a size "
-            "that was traced as a constant"
+            f"({', '.join(not_run)}): the graph does not take those shapes{first_node}, usually "
+            "a size that was traced as a constant"
             + (
                 f"; {len(failures) - len(not_run)} other check(s) failed too."
                 if len(failures) > len(not_run)
@@ -333,6 +335,12 @@ def validate(
     report = ValidationReport(onnx_path.name, atol, rtol, tuple(results))
     log.info("validated %s: max abs diff %s", onnx_path.name, report.max_abs_diff)
     return report
+
+
+def _failing_node(error: str) -> str:
+    """' (its <Op> node '<name>' failed first)' from ONNX Runtime's error text, or ''."""
+    found = re.search(r"running (\w+) node\. Name:'([^']*)'", error)
+    return f" (its {found[1]} node {found[2]!r} failed first)" if found else ""
 
 
 def _compare(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -200,6 +201,9 @@ def test_torch_transformer_encoder_falls_back_to_dynamo_and_gets_its_fp16(tmp_pa
     assert "(dynamo exporter, opset" in said
     assert "the legacy exporter was passed over: legacy-export.onnx against PyTorch: ONNX " \
         "Runtime cannot run it at" in said  # fmt: skip
+    # the node that failed is named, where a user can look for the size traced as a constant
+    assert re.search(r"the graph does not take those shapes \(its \w+ node '[^']+' failed first\)",
+                     said), said  # fmt: skip
     assert "[E:onnxruntime" not in r.stderr
     m = qb.load(out).manifest
     assert m.export["attempts"][0].startswith("legacy: ")
