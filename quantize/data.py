@@ -273,12 +273,32 @@ def open_source(
         source = _iterable(spec, model, samples, batch_size)
     if role == "calibration" and source.samples < MIN_CALIBRATION_ROWS:
         _warn_few_calibration_rows(source, samples, where=named(flag, spec, source))
+    _warn_left_padding(source, where=named(flag, spec, source))
     return source
 
 
 def named(flag: str, spec: DataSpec | None, source: DataSource) -> str:
     """How messages name the data: '--eval heldout.jsonl', else the source's description."""
     return f"{flag} {spec}" if isinstance(spec, (str, Path)) else source.description
+
+
+def _warn_left_padding(source: DataSource, *, where: str) -> None:
+    """Warn when the first batch's rows are padded on the left (a mask of 0 before its 1s):
+    the server pads requests on the right, and export validation assumes it, so gates
+    measured on left-padded rows measure inputs the served model never sees."""
+    first = next(source.batches(), None)
+    mask = None if first is None else first.feeds.get("attention_mask")
+    if mask is None or mask.ndim != 2 or mask.shape[1] < 2:
+        return
+    left = (mask[:, 0] == 0) & (mask[:, -1] == 1)
+    if left.any():
+        log.warning(
+            "%s: rows are padded on the left (%s); quantgate's server pads requests on the "
+            "right, so gates measured on these rows measure inputs it never sends the model. "
+            "Pad on the right (a tokenizer's padding_side='right').",
+            where,
+            describe_rows(left) + " of the first batch",
+        )
 
 
 def _warn_few_calibration_rows(source: DataSource, samples: int | None, *, where: str) -> None:

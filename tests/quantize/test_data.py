@@ -431,3 +431,20 @@ def test_a_source_knows_whether_its_samples_cap_left_rows_out():
     items = [rng_feeds(10)]
     assert open_source(items, DIGITS, role="evaluation", samples=10).capped  # not read past it
     assert not open_source(items, DIGITS, role="evaluation", samples=20).capped
+
+
+def test_left_padded_rows_are_warned_about(caplog):
+    """The server pads on the right: gates on left-padded rows measure other inputs."""
+    ids = np.tile(np.arange(1, 13), (4, 1))
+    mask = np.ones_like(ids)
+    left = {"input_ids": ids.copy(), "attention_mask": mask.copy()}
+    left["input_ids"][1, :3], left["attention_mask"][1, :3] = 0, 0
+    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+        open_source([left], DIGITS, role="evaluation")
+    assert "rows are padded on the left (1 row (index 1) of the first batch)" in caplog.text
+    caplog.clear()
+    right = {"input_ids": ids.copy(), "attention_mask": mask.copy()}
+    right["input_ids"][1, -3:], right["attention_mask"][1, -3:] = 0, 0
+    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+        open_source([right], DIGITS, role="evaluation")
+    assert "padded on the left" not in caplog.text
