@@ -442,7 +442,8 @@ def _unscored_labels(reference: Outputs, task: str, *, warn: bool) -> None:
         f"named 'logits', so none is known to hold class scores ({', '.join(map(repr, scores))} "
         "may): the accuracy gate would not run. Say the model is a classifier (a `task = "
         '"sequence-classification"` attribute on your module, or --task '
-        "sequence-classification), or name its class-score output 'logits'; or leave the labels "
+        "sequence-classification), or name its class-score output 'logits'. An embedding model "
+        'says `task = "feature-extraction"`, and its labels are ignored; or leave the labels '
         "out to gate on agreement with FP32."
     )
 
