@@ -580,7 +580,10 @@ def load_factory(
         module=wrapped,
         inputs=inputs,
         outputs=tuple(output_names),
-        task=task or getattr(module, "task", "custom"),
+        # a module that names its classes says it is a classifier
+        task=task
+        or getattr(module, "task", None)
+        or ("sequence-classification" if getattr(module, "class_names", None) else "custom"),
         max_seq_len=max_seq_len or declared_max or width,
         samples=Samples(arrays, lengths, f"{spec}: the module's example_inputs"),
         sha256=_hash_module(module, src),
@@ -702,7 +705,16 @@ def _factory_attributes(
     ):
         problems.append(f"class_names {classes!r}: expected a sequence of non-empty strings")
     for other in ("id2label", "labels"):  # what other libraries call it: not read here
-        if hasattr(module, other) and classes is None:
+        names = getattr(module, other, None)
+        looks_like_names = (
+            isinstance(names, Mapping) and all(isinstance(v, str) for v in names.values())
+        ) or (
+            isinstance(names, Sequence)
+            and not isinstance(names, str)
+            and bool(names)
+            and all(isinstance(v, str) for v in names)
+        )
+        if looks_like_names and classes is None:
             problems.append(
                 f"{other} is not read: name a classifier's classes, by index, in "
                 "`class_names` (a sequence of strings)"

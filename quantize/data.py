@@ -273,7 +273,8 @@ def open_source(
         source = _iterable(spec, model, samples, batch_size)
     if role == "calibration" and source.samples < MIN_CALIBRATION_ROWS:
         _warn_few_calibration_rows(source, samples, where=named(flag, spec, source))
-    _warn_left_padding(source, where=named(flag, spec, source))
+    if source.kind != "npz":  # an .npz is checked as it is read: a batch is its whole file
+        _warn_left_padding(next(source.batches(), None), where=named(flag, spec, source))
     return source
 
 
@@ -282,11 +283,11 @@ def named(flag: str, spec: DataSpec | None, source: DataSource) -> str:
     return f"{flag} {spec}" if isinstance(spec, (str, Path)) else source.description
 
 
-def _warn_left_padding(source: DataSource, *, where: str) -> None:
-    """Warn when the first batch's rows are padded on the left (a mask of 0 before its 1s):
-    the server pads requests on the right, and export validation assumes it, so gates
-    measured on left-padded rows measure inputs the served model never sees."""
-    first = next(source.batches(), None)
+def _warn_left_padding(first: Batch | None, *, where: str) -> None:
+    """Warn when ``first``'s rows (a source's first batch, or its whole arrays) are padded
+    on the left (a mask of 0 before its 1s): the server pads requests on the right, and
+    export validation assumes it, so gates measured on left-padded rows measure inputs the
+    served model never sees."""
     mask = None if first is None else first.feeds.get("attention_mask")
     if mask is None or mask.ndim != 2 or mask.shape[1] < 2:
         return
@@ -297,7 +298,7 @@ def _warn_left_padding(source: DataSource, *, where: str) -> None:
             "right, so gates measured on these rows measure inputs it never sends the model. "
             "Pad on the right (a tokenizer's padding_side='right').",
             where,
-            describe_rows(left) + " of the first batch",
+            describe_rows(left),
         )
 
 
@@ -763,6 +764,7 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
     lengths = _real_tokens(feeds, model).sum(1)
     keep = stratified(lengths, samples)
     hashes = row_hashes({k: v[keep] for k, v in feeds.items()}, model)
+    _warn_left_padding(Batch(feeds, None), where=f"{flag} {path}")
     del feeds, labels  # not held between passes: each pass reads the arrays again, whole
     digest = sha256_file(path)
     h = hashlib.sha256(digest.encode())
@@ -1139,9 +1141,11 @@ def _tokenizer(directory: str):
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means the same to the user
         raise DataError(f"cannot load the model's tokenizer from {directory}: {e}") from e
+    tok.padding_side = "right"  # as the server pads requests, whatever the config says
+    return tok
 
 
 def _hf_config(directory: str) -> dict[str, Any]:

@@ -429,7 +429,7 @@ def _unscored_labels(reference: Outputs, task: str, *, warn: bool) -> None:
         if reference.batches[0][n].ndim == 2
         and np.issubdtype(reference.batches[0][n].dtype, np.floating)
     ]
-    if task in EMBEDDING_TASKS or not scores:
+    if task in EMBEDDING_TASKS or not scores or _embedding_name(task, reference.names):
         if warn:
             log.warning(
                 "labels ignored: the model (task %s) has no output of class scores; its INT8 "
@@ -443,8 +443,9 @@ def _unscored_labels(reference: Outputs, task: str, *, warn: bool) -> None:
         "may): the accuracy gate would not run. Say the model is a classifier (a `task = "
         '"sequence-classification"` attribute on your module, or --task '
         "sequence-classification), or name its class-score output 'logits'. An embedding model "
-        'says `task = "feature-extraction"`, and its labels are ignored; or leave the labels '
-        "out to gate on agreement with FP32."
+        'says `task = "feature-extraction"`, and its labels are ignored. Or leave the labels '
+        "out to gate on agreement with FP32 (the one way for a bundle already exported, "
+        "short of exporting it again)."
     )
 
 

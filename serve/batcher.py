@@ -106,10 +106,18 @@ class _Pending:
 
 
 def _bare(e: QuantgateError) -> QuantgateError:
-    """``e`` without its traceback, to answer a request with. The traceback holds the
+    """``e`` without its tracebacks, to answer a request with. A traceback holds the
     runner's frames, which hold the batch's requests, one of which holds ``e``: a cycle
-    only the garbage collector would free, and with it every array of the batch."""
-    e.__traceback__ = None
+    only the garbage collector would free, and with it every array of the batch. The
+    exceptions it was raised from (ONNX Runtime's) hold those frames too."""
+    chain, seen = [e], set()
+    while chain:
+        x = chain.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        x.__traceback__ = None
+        chain += [x.__cause__, x.__context__]
     return e
 
 
@@ -382,6 +390,8 @@ class Batcher:
         options = ort.RunOptions()
         with self._cv:
             self._runs.update((id(p), (group, options)) for p in group)
+            # every client went between leaving the queue and here: no _abandon comes later
+            options.terminate = all(p.done for p in group)
         try:
             results: list = self._run_group(group, options)
         except Exception as e:
@@ -390,7 +400,7 @@ class Batcher:
             if abandoned:
                 log.debug("a batch of %d stopped: its clients had all gone (%s)", len(group), e)
                 return
-            results = self._failed(group, e)
+            results = self._failed(group, e, options)
         finally:
             with self._cv:
                 for p in group:
@@ -399,7 +409,7 @@ class Batcher:
             for p, result in zip(group, results, strict=True):
                 self._finish(p, result)
 
-    def _failed(self, group: list[_Pending], error: Exception) -> list:
+    def _failed(self, group: list[_Pending], error: Exception, options: ort.RunOptions) -> list:
         """The answers of a group whose run raised ``error``."""
         if not isinstance(error, QuantgateError):  # a bug: answer every waiting thread
             log.error("batch of %d failed", len(group), exc_info=error)
@@ -414,11 +424,13 @@ class Batcher:
         # stands; _finish keeps the first answer).
         with self._cv:
             todo = [not p.done for p in group]
-        return [self._run_alone(p) if run else None for p, run in zip(group, todo, strict=True)]
+        return [
+            self._run_alone(p, options) if run else None for p, run in zip(group, todo, strict=True)
+        ]
 
-    def _run_alone(self, p: _Pending):
+    def _run_alone(self, p: _Pending, options: ort.RunOptions | None = None):
         try:
-            return self._run_group([p])[0]
+            return self._run_group([p], options)[0]
         except QuantgateError as e:
             return _bare(e)
         except Exception as e:  # a bug: answer it; escaping would strand the rest

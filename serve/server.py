@@ -562,17 +562,17 @@ def _drain(
     """Refuse new requests and answer the admitted ones within the grace; False when the
     grace ran out first.
 
-    gRPC aborts the calls still running when the grace ends; the batches they were in then
-    stop at once (their clients are gone), so the engine drains either way: a drain that
-    lasted the whole grace is what says calls were cut off."""
+    The engine decides, before gRPC is told to stop: once gRPC aborts the calls still
+    running, the batches they were in stop at once (their clients are gone) and the engine
+    would look drained. Calls that hold no request (a health Watch) may stay open for the
+    rest of the grace; they are cut then, and are no request cut off."""
     _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     engine.closing.set()  # a request refused from here on is told the server is going away
-    engine.ready = False  # open streams are refused new requests too
+    engine.ready = False  # new requests, open streams' too, are refused from here
     grace = cfg.shutdown_grace_s
     t0 = time.monotonic()
-    stopped = server.stop(grace)  # new calls refused; running ones finish
     drained = engine.close(grace)
-    stopped.wait()
-    cut_off = time.monotonic() - t0 >= grace > 0  # gRPC aborted the calls still running
+    left = max(0.0, grace - (time.monotonic() - t0)) if drained else 0.0
+    server.stop(left).wait()  # answers still being sent go out; the rest is cancelled
     engine.metrics.close_http()  # scraped until here: the drain shows in the metrics
-    return drained and not cut_off
+    return drained

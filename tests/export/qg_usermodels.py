@@ -131,7 +131,8 @@ def bad_attributes() -> nn.Module:
 
 def named_classes() -> nn.Module:
     m = Pooler({"input_ids": _ids()})
-    m.task, m.class_names = "sequence-classification", ("neg", "neu", "pos")
+    m.class_names = ("neg", "neu", "pos")  # and no task: naming classes says it classifies
+    m.register_buffer("labels", torch.arange(3))  # a tensor by that name is the module's own
     return m
 
 

@@ -245,6 +245,7 @@ def test_a_factory_names_its_classes_as_a_hugging_face_config_does():
 
     model = load_model("qg_usermodels:named_classes")
     assert model.extra == {"labels": ["neg", "neu", "pos"]}
+    assert model.task == "sequence-classification"
     assert ModelInfo.from_model(model, ()).labels == ("neg", "neu", "pos")
 
 

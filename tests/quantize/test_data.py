@@ -441,7 +441,7 @@ def test_left_padded_rows_are_warned_about(caplog):
     left["input_ids"][1, :3], left["attention_mask"][1, :3] = 0, 0
     with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
         open_source([left], DIGITS, role="evaluation")
-    assert "rows are padded on the left (1 row (index 1) of the first batch)" in caplog.text
+    assert "rows are padded on the left (1 row (index 1))" in caplog.text
     caplog.clear()
     right = {"input_ids": ids.copy(), "attention_mask": mask.copy()}
     right["input_ids"][1, -3:], right["attention_mask"][1, -3:] = 0, 0

@@ -747,6 +747,10 @@ def test_labels_for_a_model_that_did_not_say_it_classifies_are_refused(caplog):
     assert "labels ignored: the model (task feature-extraction) has no output of class" in (
         caplog.text
     )
+    # an output quantgate knows as an embedding by its name is judged as one, task or not
+    emb = Outputs(["sentence_embedding"], [{"sentence_embedding": scores}], [None],
+                  labels=np.arange(40) % 3, rows=40)  # fmt: skip
+    check_evaluation(emb, "custom")
 
 
 def test_the_output_named_logits_is_the_one_judged_as_logits():

@@ -61,7 +61,10 @@ def _refusing(model):
 
     def refuse(feeds, outputs=(), options=None):
         if (feeds["input_ids"][:, 0] == 0).any():
-            raise BadRequest("refused by the model")
+            try:  # as Model.run raises it: from ONNX Runtime's own error
+                raise ValueError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT")
+            except ValueError as e:
+                raise BadRequest("refused by the model") from e
         return run(feeds, outputs, options)
 
     model.run = refuse

@@ -261,6 +261,29 @@ def test_a_run_whose_clients_all_gave_up_is_stopped_and_frees_the_model(tmp_path
     assert "Traceback" not in srv.log and "failed" not in srv.log, srv.log
 
 
+def test_a_health_watch_held_open_through_the_drain_is_no_request_cut_off(repo):
+    """A load balancer watching health (grpc.health.v1 Watch) keeps its call open through
+    the whole grace. That call holds no request: the exit is 0, not "requests cut off"."""
+    srv = ServerProcess(repo / "classifier", "--shutdown-grace", "2")
+    seen: queue.Queue = queue.Queue()
+
+    def watch() -> None:
+        with grpc.insecure_channel(srv.url) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                for status in stub.Watch(health_pb2.HealthCheckRequest(service="")):
+                    seen.put(status.status)
+            except grpc.RpcError as e:
+                seen.put(e.code())
+
+    threading.Thread(target=watch, daemon=True).start()
+    assert seen.get(timeout=30) == health_pb2.HealthCheckResponse.SERVING
+    code = srv.terminate()
+    assert code == 0, srv.log
+    assert "stopped: every admitted request was answered" in srv.log
+    assert seen.get(timeout=30) == health_pb2.HealthCheckResponse.NOT_SERVING  # told first
+
+
 def test_a_grace_that_runs_out_is_logged_and_exits_1(tmp_path):
     """A request still running when --shutdown-grace ends is cut off: the operator is told
     so, in the log and by the exit code, never by a clean 0."""
