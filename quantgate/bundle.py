@@ -740,3 +740,31 @@ def check_writable_target(out: Path, *, force: bool, inputs=()) -> None:
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+
+
+def rewrite(bundle: Bundle, manifest: Manifest, report: str) -> None:
+    """Replace ``bundle``'s manifest and report.md atomically (``staging``), its other files
+    hard-linked into the new copy (copied where the filesystem cannot link)."""
+    with staging(bundle.path) as tmp:
+        _link_all(bundle.path, tmp, skip={MANIFEST, REPORT})
+        write_manifest(tmp, manifest)
+        (tmp / REPORT).write_text(report)
+
+
+def _link_all(src: Path, dst: Path, *, skip: set[str]) -> None:
+    """Hard-link (or copy) everything in ``src`` into ``dst`` except the names in ``skip``;
+    folders (the tokenizer) are recreated and their files linked."""
+    for p in src.iterdir():
+        if p.name in skip:
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dst / p.name, copy_function=_link_or_copy)
+        elif p.is_file():
+            _link_or_copy(p, dst / p.name)
+
+
+def _link_or_copy(src: Path | str, dst: Path | str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -13,17 +13,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import logging
-import os
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantgate.bundle import (
-    MANIFEST,
     PASS,
-    REPORT,
     Bundle,
     GateResult,
     Manifest,
@@ -31,8 +27,7 @@ from quantgate.bundle import (
     all_passed,
     check_writable_target,
     load,
-    staging,
-    write_manifest,
+    rewrite,
 )
 from quantgate.errors import BundleError, ConfigError, DataError, GateFailed, QuantizeError
 from quantgate.export.config import ExportConfig
@@ -496,7 +491,7 @@ def regate(
         section = reports.regate_section(manifest, when, gate_cfg, *said, kept=kept, new=new)
     old = bundle.report.read_text() if bundle.report.is_file() else ""
     report = reports.regated(old, section, manifest, when, provider=gate_cfg.provider)
-    _rewrite(bundle, manifest, report)
+    rewrite(bundle, manifest, report)
     return _passed_bundle(bundle.path, verify=False)
 
 
@@ -715,15 +710,6 @@ def _settings_said(changed: list[tuple[str, bool]] | None) -> str:
     return f"Gate settings changed since the last gating: {'; '.join(said)}."
 
 
-def _rewrite(bundle: Bundle, manifest: Manifest, report: str) -> None:
-    """Replace the bundle's manifest and report.md atomically (``staging``), its other files
-    hard-linked into the new copy."""
-    with staging(bundle.path) as tmp:
-        _link_all(bundle.path, tmp, skip={MANIFEST, REPORT})
-        write_manifest(tmp, manifest)
-        (tmp / REPORT).write_text(report)
-
-
 def _ort_version() -> str:
     import onnxruntime
 
@@ -861,25 +847,6 @@ def _longer_than_calibrated(manifest: Manifest) -> list[str]:
         "it was judged on, a likely cause of its failed accuracy gates. Calibrate on rows of "
         "the lengths the model will serve (--calibration) and export again."
     ]
-
-
-def _link_all(src: Path, dst: Path, *, skip: set[str]) -> None:
-    """Hard-link (or copy) everything in ``src`` into ``dst`` except the names in ``skip``;
-    folders (the tokenizer) are recreated and their files linked."""
-    for p in src.iterdir():
-        if p.name in skip:
-            continue
-        if p.is_dir():
-            shutil.copytree(p, dst / p.name, copy_function=_link_or_copy)
-        elif p.is_file():
-            _link_or_copy(p, dst / p.name)
-
-
-def _link_or_copy(src: Path | str, dst: Path | str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 __all__ = ["build", "regate"]
