@@ -1187,26 +1187,38 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
         if iter(it) is it:  # a one-shot iterator: kept in memory so it can be re-read
             it = list(it)
         make = lambda: it  # noqa: E731
+
+    def items() -> Iterator[tuple[int, Feeds, Any, np.ndarray | None]]:
+        """Each item, checked: its index, its feeds, its labels as given and as indices."""
+        for i, feeds in enumerate(make()):
+            if not isinstance(feeds, Mapping):
+                raise DataError(
+                    f"data item {i} is a {type(feeds).__name__}; expected a dict of arrays"
+                )
+            f = check_feeds(feeds, model, f"data item {i}")
+            given = feeds.get(LABELS)
+            n = len(next(iter(f.values())))
+            # class names become indices
+            labels = (
+                None if given is None else check_labels(given, n, model.labels, f"data item {i}")
+            )
+            yield i, f, given, labels
+
     rows, labelled, h = 0, None, hashlib.sha256(b"iterable")
     lo, hi = None, 0
     hashes = []  # row_hashes of the rows used, item by item
     forms: dict[str, str] = {}  # "indices"/"names": the first item with labels in that form
-    for i, feeds in enumerate(make()):
-        labels = feeds.get(LABELS) if isinstance(feeds, Mapping) else None
-        if not isinstance(feeds, Mapping):
-            raise DataError(f"data item {i} is a {type(feeds).__name__}; expected a dict of arrays")
-        f = check_feeds(feeds, model, f"data item {i}")
-        n = len(next(iter(f.values())))
-        if labels is not None:
-            for form in label_forms(labels):
+    for i, f, given, labels in items():
+        if given is not None:
+            for form in label_forms(given):
                 forms.setdefault(form, f"data item {i}")
-            labels = check_labels(labels, n, model.labels, f"data item {i}")
             problem = forms_problem(forms.get("indices"), forms.get("names"), model.labels)
             if problem is not None:
                 raise DataError(f"data item {i}: {problem}")
         if labelled is not None and (labels is not None) != labelled:
             raise DataError(f"data item {i}: labels on some items but not others")
         labelled = labels is not None
+        n = len(next(iter(f.values())))
         take = n if samples is None else min(n, samples - rows)  # the rows used, and hashed
         used = {k: v[:take] for k, v in f.items()}
         lens = _real_tokens(used, model).sum(1)
@@ -1224,13 +1236,8 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
 
     def batches() -> Iterator[Batch]:
         left = rows
-        for i, feeds in enumerate(make()):
-            f = check_feeds(feeds, model, f"data item {i}")
-            n = len(next(iter(f.values())))
-            labels = feeds.get(LABELS)
-            if labels is not None:  # class names become indices
-                labels = check_labels(labels, n, model.labels, f"data item {i}")
-            take = min(left, n)
+        for _, f, _, labels in items():
+            take = min(left, len(next(iter(f.values()))))
             for s in range(0, take, batch_size):
                 sl = slice(s, min(take, s + batch_size))
                 yield Batch(
