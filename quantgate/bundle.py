@@ -145,6 +145,12 @@ class Variant:
     def passed(self) -> bool:
         return self.verdict == PASS
 
+    @property
+    def dynamic(self) -> bool:
+        """Whether its recipe is dynamic INT8: activation scales taken from each batch at run
+        time, so a row's answer moves with its batch-mates (none fixed at calibration)."""
+        return (self.recipe or {}).get("method") == "dynamic"
+
 
 def class_names(extra: dict[str, Any]) -> tuple[str, ...]:
     """A classifier's class names by index, as its export records them in ``extra["labels"]``

@@ -669,8 +669,7 @@ def _int8_gates(
     check_evaluation(reference, m.task)
     got = collect(int8, ev, provider=cfg.provider, threads=cfg.threads)
     accuracy = accuracy_gates(reference, got, m.task, cfg)
-    dynamic = (m.variant("int8").recipe or {}).get("method") == "dynamic"
-    consistency = batch_consistency(int8, ev, m.task, cfg) if dynamic else None
+    consistency = batch_consistency(int8, ev, m.task, cfg) if m.variant("int8").dynamic else None
     if consistency is not None:
         accuracy.append(consistency)
     sample = next(ev.batches()).feeds
@@ -748,8 +747,7 @@ def _failure_message(manifest: Manifest, where, search: SearchResult | None = No
     int8 = [g for precision, g in bad if precision == "int8"]
     # Calibration explains failed accuracy gates of a calibrated (static) INT8 only, and
     # not its batch_* gates, which measure dynamic scaling.
-    calibrated = any(v.precision == "int8" and (v.recipe or {}).get("method") != "dynamic"
-                     for v in manifest.variants)  # fmt: skip
+    calibrated = any(v.precision == "int8" and not v.dynamic for v in manifest.variants)
     inaccurate = calibrated and any(
         not g.is_speed and not g.name.startswith("batch_") for g in int8
     )

@@ -290,7 +290,7 @@ class Model:
     def _batch_note(self) -> str:
         """For dynamic INT8, which scales activations per batch: that batching moves a
         row's answer, and what its build measured of it."""
-        if (self.variant.recipe or {}).get("method") != "dynamic":
+        if not self.variant.dynamic:
             return ""
         measured = [g for g in self.variant.gates if g.name.startswith("batch_")]
         how = "; ".join(f"{g.name} {g.value:.4g}" for g in measured) or "not measured"
