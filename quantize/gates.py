@@ -866,20 +866,26 @@ def batch_consistency(
     ``min_cosine``; None for a model with neither (nothing to judge it by)."""
     sess = session(model, cfg.provider, threads=cfg.threads)
     names = [o.name for o in sess.get_outputs()]
-    together, alone = Outputs(names), Outputs(names)
+    together, alone = Outputs(names), None
+    logits = judged = None
     for batch in data.batches():
         rows = _lone_requests(batch.feeds)
         feeds = _right_padded(rows)
-        together.batches.append(dict(zip(names, sess.run(names, feeds), strict=True)))
+        wanted = names if alone is None else [judged]  # every output only until one is judged
+        together.batches.append(dict(zip(wanted, sess.run(wanted, feeds), strict=True)))
         together.masks.append(feeds.get("attention_mask"))
         together.rows += len(rows)
+        if alone is None:  # the output judged, known from the first batch; alone, only it
+            logits = _logits_output(together, task)
+            judged = logits or _embedding_name(task, names)
+            if judged is None:
+                return None
+            alone = Outputs([judged])
         for row in rows:
-            alone.batches.append(dict(zip(names, sess.run(names, row), strict=True)))
+            alone.batches.append({judged: sess.run([judged], row)[0]})
             alone.masks.append(row.get("attention_mask"))
             alone.rows += 1
-    logits = _logits_output(together, task)
-    judged = logits or _embedding_name(task, names)
-    if judged is None:
+    if alone is None:
         return None
     largest = max(len(b[judged]) for b in together.batches)
     detail = (
