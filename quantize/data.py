@@ -273,8 +273,6 @@ def open_source(
         source = _iterable(spec, model, samples, batch_size)
     if role == "calibration" and source.samples < MIN_CALIBRATION_ROWS:
         _warn_few_calibration_rows(source, samples, where=named(flag, spec, source))
-    if source.kind != "npz":  # an .npz is checked as it is read: a batch is its whole file
-        _warn_left_padding(next(source.batches(), None), where=named(flag, spec, source))
     return source
 
 
@@ -283,12 +281,12 @@ def named(flag: str, spec: DataSpec | None, source: DataSource) -> str:
     return f"{flag} {spec}" if isinstance(spec, (str, Path)) else source.description
 
 
-def _warn_left_padding(first: Batch | None, *, where: str) -> None:
-    """Warn when ``first``'s rows (a source's first batch, or its whole arrays) are padded
-    on the left (a mask of 0 before its 1s): the server pads requests on the right, and
-    export validation assumes it, so gates measured on left-padded rows measure inputs the
-    served model never sees."""
-    mask = None if first is None else first.feeds.get("attention_mask")
+def _warn_left_padding(rows: Batch, *, where: str) -> None:
+    """Warn when ``rows`` (an iterable's first item, an .npz file's arrays: as each source
+    reads them) are padded on the left (a mask of 0 before its 1s): the server pads requests
+    on the right, and export validation assumes it, so gates measured on left-padded rows
+    measure inputs the served model never sees."""
+    mask = rows.feeds.get("attention_mask")
     if mask is None or mask.ndim != 2 or mask.shape[1] < 2:
         return
     left = (mask[:, 0] == 0) & (mask[:, -1] == 1)
@@ -1209,6 +1207,8 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
     hashes = []  # row_hashes of the rows used, item by item
     forms: dict[str, str] = {}  # "indices"/"names": the first item with labels in that form
     for i, f, given, labels in items():
+        if i == 0:  # JSONL is tokenized right-padded, the built-in split has no padding
+            _warn_left_padding(Batch(f, None), where="the data iterable")
         if given is not None:
             for form in label_forms(given):
                 forms.setdefault(form, f"data item {i}")
