@@ -87,8 +87,8 @@ class Engine:
     def close(self, timeout: float | None = None) -> bool:
         """Stop admitting; wait until every admitted request is answered (False if
         ``timeout`` seconds passed first)."""
+        self.closing.set()  # first: a request refused from here is told the server is going
         self.ready = False
-        self.closing.set()
         for b in self._batchers.values():  # every model stops waiting for company at once
             b.stop()
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -567,11 +567,9 @@ def _drain(
     would look drained. Calls that hold no request (a health Watch) may stay open for the
     rest of the grace; they are cut then, and are no request cut off."""
     _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-    engine.closing.set()  # a request refused from here on is told the server is going away
-    engine.ready = False  # new requests, open streams' too, are refused from here
     grace = cfg.shutdown_grace_s
     t0 = time.monotonic()
-    drained = engine.close(grace)
+    drained = engine.close(grace)  # new requests, open streams' too, refused from its start
     left = max(0.0, grace - (time.monotonic() - t0)) if drained else 0.0
     server.stop(left).wait()  # answers still being sent go out; the rest is cancelled
     engine.metrics.close_http()  # scraped until here: the drain shows in the metrics
