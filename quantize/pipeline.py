@@ -125,7 +125,7 @@ def build(
             calibrated_on=named("--calibration", calibration, cal),
         )
         _check_eval_rows(ev, model.task, model.outputs, gate_cfg.eval_samples, where=where)
-        if cal.lengths[1] and ev.lengths[1] >= LONGER_THAN_CALIBRATED * cal.lengths[1]:
+        if _much_longer(cal.lengths[1], ev.lengths[1]):
             log.warning(
                 "the evaluation rows run to %d tokens, the calibration rows only to %d: INT8 "
                 "is calibrated on shorter sequences than it is judged on (and served on?). "
@@ -827,6 +827,12 @@ def _thresholds_origin(manifest: Manifest) -> list[str]:
 LONGER_THAN_CALIBRATED = 2
 
 
+def _much_longer(cal_longest: int, ev_longest: int) -> bool:
+    """Whether evaluation rows run ``LONGER_THAN_CALIBRATED`` times the longest calibrated
+    row (the one rule for the build's warning and the failure's likely cause)."""
+    return bool(cal_longest) and ev_longest >= LONGER_THAN_CALIBRATED * cal_longest
+
+
 def _longer_than_calibrated(manifest: Manifest) -> list[str]:
     """A likely cause of failed INT8 accuracy gates: evaluation rows (the newest re-gate's,
     else the build's) much longer than any row the model was calibrated on."""
@@ -837,7 +843,7 @@ def _longer_than_calibrated(manifest: Manifest) -> list[str]:
         (_, cal_longest), (_, ev_longest) = cal["lengths"], ev["lengths"]
     except (KeyError, TypeError, ValueError):  # an older bundle's record: nothing to compare
         return []
-    if not cal_longest or ev_longest < LONGER_THAN_CALIBRATED * cal_longest:
+    if not _much_longer(cal_longest, ev_longest):
         return []
     return [
         f"The evaluation rows run to {ev_longest} tokens, the calibration rows only to "
