@@ -368,14 +368,18 @@ def _logits_output(ref: Outputs, task: str) -> str | None:
     logits), else a classifier's first 2-D float output."""
     if task not in CLASSIFIER_TASKS and "logits" not in ref.names:
         return None
-
-    def logits_like(name: str) -> bool:
-        a = ref.batches[0][name]
-        return a.ndim == 2 and np.issubdtype(a.dtype, np.floating)
-
+    scores = _score_like(ref)
     if "logits" in ref.names:
-        return "logits" if logits_like("logits") else None
-    return next((n for n in ref.names if logits_like(n)), None)
+        return "logits" if "logits" in scores else None
+    return next(iter(scores), None)
+
+
+def _score_like(ref: Outputs) -> list[str]:
+    """The outputs shaped as class scores could be: (batch, n) floats, in output order."""
+    first = ref.batches[0]
+    return [
+        n for n in ref.names if first[n].ndim == 2 and np.issubdtype(first[n].dtype, np.floating)
+    ]
 
 
 def _embedding_name(task: str, names) -> str | None:
@@ -423,12 +427,7 @@ def _unscored_labels(reference: Outputs, task: str, *, warn: bool) -> None:
     embedding model is judged against FP32, and says so. A model of no known task with a
     (batch, n) float output is likely a classifier that did not say so: refused (a
     DataError), as its accuracy gate would silently give way to per-output cosines."""
-    scores = [
-        n
-        for n in reference.names
-        if reference.batches[0][n].ndim == 2
-        and np.issubdtype(reference.batches[0][n].dtype, np.floating)
-    ]
+    scores = _score_like(reference)
     if task in EMBEDDING_TASKS or not scores or _embedding_name(task, reference.names):
         if warn:
             log.warning(
