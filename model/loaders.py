@@ -671,6 +671,15 @@ def _example_arrays(spec: str, example: Mapping[str, torch.Tensor]) -> dict[str,
     return arrays
 
 
+def _is_names(x: Any) -> bool:
+    """Whether ``x`` is a sequence of non-empty strings (class names), not a string."""
+    return (
+        isinstance(x, Sequence)
+        and not isinstance(x, str)
+        and all(isinstance(c, str) and c for c in x)
+    )
+
+
 def _factory_attributes(
     spec: str, module: nn.Module, arrays: Mapping[str, np.ndarray]
 ) -> dict[str, int | float]:
@@ -698,23 +707,13 @@ def _factory_attributes(
     if task is not None and not isinstance(task, str):
         problems.append(f"task {task!r}: expected a string")
     classes = getattr(module, "class_names", None)
-    if classes is not None and (
-        isinstance(classes, str)
-        or not isinstance(classes, Sequence)
-        or not all(isinstance(c, str) and c for c in classes)
-    ):
+    if classes is not None and not _is_names(classes):
         problems.append(f"class_names {classes!r}: expected a sequence of non-empty strings")
     for other in ("id2label", "labels"):  # what other libraries call it: not read here
         names = getattr(module, other, None)
-        looks_like_names = (
-            isinstance(names, Mapping) and all(isinstance(v, str) for v in names.values())
-        ) or (
-            isinstance(names, Sequence)
-            and not isinstance(names, str)
-            and bool(names)
-            and all(isinstance(v, str) for v in names)
-        )
-        if looks_like_names and classes is None:
+        if isinstance(names, Mapping):  # id2label: index -> name
+            names = list(names.values())
+        if classes is None and _is_names(names) and len(names) > 0:  # not a tensor's truth
             problems.append(
                 f"{other} is not read: name a classifier's classes, by index, in "
                 "`class_names` (a sequence of strings)"
