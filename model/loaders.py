@@ -74,7 +74,9 @@ log = logging.getLogger(__name__)
 
 SEQUENCE_CLASSIFICATION = "sequence-classification"
 FEATURE_EXTRACTION = "feature-extraction"
+CUSTOM = "custom"  # a factory model that is neither: per-output gates only
 HF_TASKS = (SEQUENCE_CLASSIFICATION, FEATURE_EXTRACTION)
+FACTORY_TASKS = (*HF_TASKS, CUSTOM)
 HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # in this order, when taken
 
 # package.module:factory, or path/to/file.py:factory
@@ -274,7 +276,8 @@ def load_huggingface(
         ) from e
     if task is not None and task not in HF_TASKS:
         raise ConfigError(
-            f"unknown task {task!r} for a Hugging Face model; choose one of {HF_TASKS}"
+            f"--task {task}: a Hugging Face model is one of {', '.join(HF_TASKS)}"
+            + _did_you_mean(task, HF_TASKS)
         )
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -574,16 +577,25 @@ def load_factory(
             n_out = len(wrapped(*example.values()))
             output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
     src = inspect.getsourcefile(type(module)) or inspect.getsourcefile(mod) or ""
+    # a module that names its classes says it is a classifier
+    task = (
+        task
+        or getattr(module, "task", None)
+        or (SEQUENCE_CLASSIFICATION if getattr(module, "class_names", None) else CUSTOM)
+    )
+    if task not in FACTORY_TASKS:  # recorded as given (token-classification, say)
+        log.warning(
+            "%s: task %r is not one the gates know (%s): the model is gated as %r, each output "
+            "against FP32's, unless an output is named `logits` or `sentence_embedding`%s",
+            spec, task, ", ".join(FACTORY_TASKS), CUSTOM, _did_you_mean(task, HF_TASKS),
+        )  # fmt: skip
     return LoadedModel(
         kind="factory",
         spec=spec,
         module=wrapped,
         inputs=inputs,
         outputs=tuple(output_names),
-        # a module that names its classes says it is a classifier
-        task=task
-        or getattr(module, "task", None)
-        or ("sequence-classification" if getattr(module, "class_names", None) else "custom"),
+        task=task,
         max_seq_len=max_seq_len or declared_max or width,
         samples=Samples(arrays, lengths, f"{spec}: the module's example_inputs"),
         sha256=_hash_module(module, src),
@@ -592,6 +604,26 @@ def load_factory(
         # as a Hugging Face config's id2label: labels by name, and the server's top classes
         extra={"labels": list(names)} if (names := getattr(module, "class_names", None)) else {},
     )
+
+
+# what other libraries call the tasks the gates know
+_OTHER_NAMES = {
+    "classification": SEQUENCE_CLASSIFICATION,
+    "text-classification": SEQUENCE_CLASSIFICATION,
+    "embedding": FEATURE_EXTRACTION,
+    "sentence-similarity": FEATURE_EXTRACTION,
+}
+
+
+def _did_you_mean(value: str, choices: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for the choice ``value`` is another library's name for, or
+    a misspelling of; else the empty string."""
+    import difflib
+
+    meant = _OTHER_NAMES.get(value.lower()) or next(
+        iter(difflib.get_close_matches(value, choices, n=1, cutoff=0.8)), None
+    )
+    return f" (did you mean {meant!r}?)" if meant else ""
 
 
 def _import(spec: str) -> ModuleType:

@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 MIN_SAMPLE_S = 0.03  # shortest timed sample; faster runs are repeated within one
 NN_BLOCK = 1 << 22  # cosine similarities held at once for nearest neighbours (32 MB)
 BOOTSTRAP_BLOCK = 1 << 22  # resampled row indices held at once by bootstrap_mean (32 MB)
-CLASSIFIER_TASKS = ("classification", "sequence-classification", "digits")
+CLASSIFIER_TASKS = ("sequence-classification",)
 # Fewest evaluation rows for the accuracy, top-1 and nearest-neighbour gates: below it one
 # row is over 3 points of accuracy, and with 2 rows each row's nearest is always the other.
 MIN_EVAL_ROWS = 30

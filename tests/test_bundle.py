@@ -25,7 +25,7 @@ def make_manifest(tmp, verdict="pass"):
     )
     return qb.Manifest(
         name="m",
-        task="classification",
+        task="sequence-classification",
         inputs=(qb.TensorSpec("input_ids", "int64", ("batch", "sequence")),),
         outputs=(qb.TensorSpec("logits", "float32", ("batch", 10)),),
         variants=(v,),

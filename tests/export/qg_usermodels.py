@@ -129,6 +129,12 @@ def bad_attributes() -> nn.Module:
     return m
 
 
+def said_classification() -> nn.Module:
+    m = Pooler({"input_ids": _ids()})
+    m.task = "text-classification"  # as Hugging Face pipelines say it
+    return m
+
+
 def named_classes() -> nn.Module:
     m = Pooler({"input_ids": _ids()})
     m.class_names = ("neg", "neu", "pos")  # and no task: naming classes says it classifies

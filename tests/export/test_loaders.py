@@ -255,6 +255,29 @@ def test_a_factory_s_outputs_are_named_by_its_dict_or_numbered():
     assert load_model("qg_usermodels:nan_output").outputs == ("output",)
 
 
+def test_a_task_the_gates_do_not_know_is_kept_and_warned_about(caplog, minilm):
+    """A factory's task is free (token-classification is recorded as such), but one the
+    gates do not know is said to be gated as custom, with the task it probably means."""
+    with caplog.at_level("WARNING", logger="quantgate.model.loaders"):
+        model = load_model("qg_usermodels:said_classification")
+    assert model.task == "text-classification"
+    assert (
+        "task 'text-classification' is not one the gates know (sequence-classification, "
+        "feature-extraction, custom): the model is gated as 'custom'" in caplog.text
+    )
+    assert "(did you mean 'sequence-classification'?)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="quantgate.model.loaders"):
+        assert load_model("qg_usermodels:named_classes").task == "sequence-classification"
+    assert "gates know" not in caplog.text
+    with pytest.raises(ConfigError) as e:  # a Hugging Face model's task is one of two
+        load_model(minilm, task="feature_extraction")
+    assert str(e.value) == (
+        "--task feature_extraction: a Hugging Face model is one of sequence-classification, "
+        "feature-extraction (did you mean 'feature-extraction'?)"
+    )
+
+
 def test_max_seq_len_beyond_the_factory_s_own_is_refused():
     with pytest.raises(ConfigError, match="beyond 48, the module's own max_seq_len"):
         load_model("qg_usermodels:tagger", max_seq_len=64)

@@ -33,7 +33,7 @@ def manifest(int8: str) -> Manifest:
     """A bundle named "digits" whose INT8 variant's verdict is ``int8``."""
     return Manifest(
         name="digits",
-        task="classification",
+        task="sequence-classification",
         inputs=(),
         outputs=(),
         variants=(

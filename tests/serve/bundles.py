@@ -92,7 +92,7 @@ def build(out: Path, kind: str = "classifier", *, verdict: str = qb.PASS, seed: 
             tmp,
             qb.Manifest(
                 name=f"tiny-{kind}",
-                task="classification" if kind == "classifier" else "feature-extraction",
+                task="sequence-classification" if kind == "classifier" else "feature-extraction",
                 inputs=(
                     spec("input_ids", "int64", ("batch", "sequence")),
                     spec("attention_mask", "int64", ("batch", "sequence")),

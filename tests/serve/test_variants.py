@@ -33,7 +33,7 @@ def _variant(precision, *, passed=True, providers=(CPU,), not_for=(), speedup=No
 
 
 def _manifest(*variants):
-    return qb.Manifest("m", "classification", (), (), variants, 17, {})
+    return qb.Manifest("m", "sequence-classification", (), (), variants, 17, {})
 
 
 def test_fastest_passing_variant_per_provider():
