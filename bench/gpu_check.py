@@ -1,27 +1,33 @@
 """GPU check: MiniLM through ORT CUDA (FP32 / FP16 / INT8), PyTorch eager, and gRPC serving.
 
-    python bench/gpu_check.py [--quick] [--device auto|cuda|cpu] [--bundle DIR]
+    python bench/gpu_check.py [--quick] [--device auto|cuda|cpu] [--bundle DIR [--reuse]]
 
 One script, under 4 minutes on an H100/H200, that:
   1. exports all-MiniLM-L6-v2 (quantgate.export), converts FP16 (quantgate.quantize.fp16)
      and quantizes INT8 (ORT dynamic, per-channel: ORT has no CUDA kernels for dynamic INT8,
-     so it falls back to the CPU; README "GPU"), gates them on the provider (fidelity vs
-     FP32 on Python's help topics, interleaved speed pairs, the placement check: the gates'
-     timings, inputs copied from the host each run) and writes the bundle (--bundle DIR);
-  2. the headline at batch 128, sequence 128 (--quick: batch 8, sequence 32): ORT FP32 and
-     FP16 and PyTorch eager FP32 and FP16 (FP16 on CUDA only) timed in one interleaved run
-     on the same feeds, inputs and outputs on the device; ratios are medians of per-round
-     ratios;
+     so it falls back to the CPU; README "GPU"), gates them as `quantgate export` does
+     where a GPU is present (fidelity vs FP32 on Python's help topics: FP16 on the
+     provider, INT8 on the CPU; each variant timed in interleaved pairs with FP32; the
+     placement check: inputs copied from the host each run) and writes the bundle (--bundle
+     DIR; --reuse takes the one an earlier run wrote there, and its figures);
+  2. a second opinion on placement: one profiled run of each variant, the provider ORT's
+     profiler names for every node (quantgate.placement.from_profile);
   3. GPU ONLY: FP16 with a CUDA graph and without, both with device IO, timed together;
-  4. starts `quantgate serve` as a subprocess and compares batch-1, sequence-128 requests
+  4. the headline at batch 128, sequence 128 (--quick: batch 8, sequence 32): ORT FP32 and
+     FP16 and PyTorch eager FP32 (its default IEEE precision, and TF32 as ORT's FP32 runs)
+     and FP16 (the TF32 and FP16 runs on CUDA only) timed in one interleaved run on the
+     same feeds, inputs and outputs on the device; ratios are medians of per-round ratios;
+  5. starts `quantgate serve` as a subprocess and compares batch-1, sequence-128 requests
      through gRPC with the same variant run in-process: the Python client
      (quantgate.serve.client) request by request in turn with in-process runs, and
      perf_analyzer windows alternating with in-process windows;
-  5. prints one table naming the card and, when $OUT is set, writes gpu_check.json and
+  6. prints one table naming the card and, when $OUT is set, writes gpu_check.json and
      gpu_check.md there.
 
-It runs on a CPU-only machine too (CPU provider; use --quick), which is how CI exercises
-it (tests/gpu/test_gpu_check.py). Parts marked GPU ONLY are skipped there.
+On a host with a GPU whose CUDA provider does not load, it stops (even with --device auto)
+rather than time the CPU. It runs on a CPU-only machine too (CPU provider; use --quick),
+which is how CI exercises it (tests/gpu/test_gpu_check.py). Parts marked GPU ONLY are
+skipped there.
 
 quantgate need not be installed: from a source tree on PYTHONPATH the stage folders
 (model/, export/, quantize/, serve/, protos/) are mapped to quantgate.* by ``bootstrap``:
@@ -36,6 +42,7 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -108,25 +115,55 @@ def card_name(provider: str) -> str:
     return "unknown NVIDIA GPU"
 
 
-def pick_provider(device: str) -> str:
-    """CUDA when asked or available and it really loads; CPU otherwise (said on stderr)."""
-    import onnxruntime as ort
+def has_gpu() -> bool:
+    """Whether this host has an NVIDIA GPU, whatever onnxruntime makes of it."""
+    return Path("/dev/nvidia0").exists() or bool(shutil.which("nvidia-smi"))
 
+
+def cuda_libraries() -> list[str]:
+    """The CUDA and cuDNN library folders pip installed next to PyTorch (nvidia/cu13/lib,
+    nvidia/cudnn/lib, ...), for the processes this one starts (the server): onnxruntime-gpu
+    unpacked elsewhere does not look there by itself."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.origin:
+        return []
+    site = Path(spec.origin).parents[1]
+    return sorted({str(so.parent) for so in (site / "nvidia").glob("**/lib/lib*.so*")})
+
+
+def pick_provider(device: str) -> str:
+    """CUDA when asked or present and it really loads; the CPU only where there is no GPU.
+
+    On a GPU host whose CUDA provider does not load, even ``auto`` stops: every figure
+    would be the CPU's, in a run made to measure the GPU."""
     if device == "cpu":
         return CPU
+    libs = cuda_libraries()
+    if libs:  # children (the server) find CUDA where the loader looks
+        old = os.environ.get("LD_LIBRARY_PATH")
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, *([old] if old else [])])
+    # ORT's documented way to use PyTorch's CUDA libraries: import torch first
+    with contextlib.suppress(ImportError):
+        import torch  # noqa: F401
+    import onnxruntime as ort
+
     if hasattr(ort, "preload_dlls"):
         with contextlib.suppress(Exception):
             ort.preload_dlls()
     from quantgate.quantize import cuda
     from quantgate.serve.variants import choose_provider
 
+    gpu = has_gpu()
     provider = choose_provider(device)  # raises ServeError for --device cuda without CUDA
     # onnxruntime-gpu lists CUDA even where its libraries fail to load, and then builds CPU
     # sessions without a word at log level 3: every number below would be the CPU's.
-    if provider == CUDA and not cuda.available():
-        if device == "cuda":
+    if (provider == CUDA or gpu) and not cuda.available():
+        if device == "cuda" or gpu:
             raise SystemExit(
-                "--device cuda: the CUDA execution provider is listed but does not load"
+                f"this host has a GPU but ONNX Runtime's CUDA provider does not load "
+                f"(onnxruntime {ort.__version__}, providers {ort.get_available_providers()}; "
+                f"CUDA libraries next to PyTorch: {libs or 'none found'}). Install "
+                "onnxruntime-gpu for this CUDA, or run with --device cpu on purpose."
             )
         log("the CUDA execution provider is listed but does not load: using the CPU")
         return CPU
@@ -229,10 +266,11 @@ def build_bundle(out: Path, provider: str, sizes) -> dict:
         tok = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
         feeds = text_feeds(tok, sizes["fidelity_rows"], 16, 128, names)
         rows = sum(len(f[names[0]]) for f in feeds)
-        log(f"fidelity vs FP32 on {rows} real texts (Python's help topics; {provider})")
+        log(f"fidelity vs FP32 on {rows} real texts (Python's help topics): FP16 on {provider}")
+        log("and INT8 on the CPU, where it runs (as `quantgate export` gates it)")
         fid = {
             "fp16": fp16.fidelity(result.onnx, f16, feeds, provider=provider, precision="fp16"),
-            "int8": fp16.fidelity(result.onnx, i8, feeds, provider=provider, precision="int8"),
+            "int8": fp16.fidelity(result.onnx, i8, feeds, provider=CPU, precision="int8"),
         }
         for k, f in fid.items():
             res[f"fidelity_{k}"] = {
@@ -262,11 +300,11 @@ def build_bundle(out: Path, provider: str, sizes) -> dict:
             for t in timings
         }
 
-        acc8 = fid["int8"].gates(min_cosine=0.99)
+        acc16, acc8 = fid["fp16"].gates(min_cosine=0.999), fid["int8"].gates(min_cosine=0.99)
         half = ExtraVariant(
             f16,
             "fp16",
-            gates=fid["fp16"].gates(min_cosine=0.999),  # on the CPU provider: accuracy only
+            gates=acc16,  # on the CPU provider: accuracy only
             providers=(CUDA,),
             recipe={"kind": "fp16", "op_block_list": list(fp16.Fp16Config().op_block_list)},
             notes="ORT float16 converter, FP32 inputs/outputs",
@@ -274,14 +312,16 @@ def build_bundle(out: Path, provider: str, sizes) -> dict:
         int8 = ExtraVariant(
             i8,
             "int8",
-            gates=acc8 if provider == CUDA else acc8 + gates["int8"],
+            gates=acc8 if provider == CUDA else (*acc8, *gates["int8"]),
             providers=(CPU,),
             recipe={"kind": "dynamic", "per_channel": True, "weight_type": "QInt8"},
             not_for=(CUDA,),
             notes="ORT quantize_dynamic (stand-in for quantgate's INT8 recipes)",
         )
         if provider == CUDA:  # the rule `quantgate export` applies where a GPU is present
-            half = cuda.apply_gates(half, gates["fp16"])
+            # FP16's gates on CUDA are its accuracy there and its speed; INT8's accuracy on
+            # the CPU stays, its CUDA speed decides only whether it runs there too
+            half = cuda.apply_gates(half, (*acc16, *gates["fp16"]))
             int8 = cuda.apply_gates(int8, gates["int8"])
         variants = [half, int8]
         res["gates"] = {
@@ -314,28 +354,61 @@ def headline(bundle: Path, provider: str, sizes) -> dict:
         runners[f"ORT {precision.upper()}"] = device_io(sess, feed, ort_dev, b, s)
     x = {k: torch.from_numpy(v).to(dev) for k, v in feed.items()}
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    dtypes = {"fp32": torch.float32} | ({"fp16": torch.float16} if on_gpu else {})
-    for name, dtype in dtypes.items():
+    # name -> (dtype, float32 matmul precision): ORT's CUDA FP32 computes its MatMuls in TF32
+    # by default (use_tf32=1); PyTorch's default, "highest", is IEEE FP32. The target is
+    # against PyTorch's default; its TF32 ("high") is timed beside it for a like-for-like.
+    setups = {"FP32": (torch.float32, "highest")}
+    if on_gpu:
+        setups |= {"FP32 TF32": (torch.float32, "high"), "FP16": (torch.float16, "highest")}
+    default = torch.get_float32_matmul_precision()
+    for name, (dtype, precision) in setups.items():
         model = AutoModel.from_pretrained(gt.MODEL_DIR).to(dev, dtype).eval()
 
-        def run(model=model) -> None:
+        def run(model=model, precision=precision) -> None:
+            torch.set_float32_matmul_precision(precision)
             with torch.inference_mode():
                 model(**x)
             sync()
+            torch.set_float32_matmul_precision(default)
 
-        runners[f"PyTorch eager {name.upper()} ({dev})"] = run
+        runners[f"PyTorch eager {name} ({dev})"] = run
     t = time_interleaved(runners, warmup=3, budget_s=sizes["speed_budget_s"], pairs=sizes["pairs"])
     return {
         "shape": [b, s],
         "torch": torch.__version__,
-        # ORT's CUDA EP runs FP32 MatMul in TF32 by default (use_tf32=1); PyTorch eager FP32
-        # does so only at "high"/"medium" (its default is "highest": IEEE FP32)
-        "torch_fp32_matmul_precision": torch.get_float32_matmul_precision(),
+        "torch_fp32_matmul_precision": default,
         "rounds": len(t["ORT FP16"]),
         "ms": {k: statistics.median(v) for k, v in t.items()},
         # how many times faster ORT FP16 ran than each runner, median of per-round ratios
         "fp16_speedup": {k: per_round(t, k, "ORT FP16") for k in t},
     }
+
+
+def profiled_placement(bundle: Path, provider: str) -> dict:
+    """A second opinion on the placement gate's: one profiled run of each variant at batch
+    1, sequence 128, and the provider ORT's profiler names for every node it ran
+    (``placement.from_profile``)."""
+    import onnxruntime as ort
+
+    from quantgate import placement, workarounds
+
+    feed = bundle_feed(bundle, 1, 128)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="gpu-check-profile-") as tmp:
+        for precision in ("fp32", "fp16", "int8"):
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            so.enable_profiling = True
+            so.profile_file_prefix = str(Path(tmp) / precision)
+            workarounds.apply(so, precision)
+            providers = [provider, CPU] if provider != CPU else [CPU]
+            sess = ort.InferenceSession(
+                str(variant_file(bundle, precision)), so, providers=providers
+            )
+            sess.run(None, feed)
+            r = placement.from_profile(sess.end_profiling(), provider, tuple(providers))
+            out[precision] = {"memcpy": r.memcpy, "fallen_back": dict(r.fallen_back)}
+    return out
 
 
 def cuda_graph(bundle: Path, sizes) -> dict:
@@ -354,9 +427,15 @@ def cuda_graph(bundle: Path, sizes) -> dict:
         so.log_severity_level = 3
         workarounds.apply(so, "fp16")
         providers = [(CUDA, {"enable_cuda_graph": graph}), CPU]
-        sess = ort.InferenceSession(str(variant_file(bundle, "fp16")), so, providers=providers)
+        # enable_fallback=0: a session CUDA refuses raises with ORT's reason, instead of
+        # being rebuilt on the CPU with the reason printed and lost
+        sess = ort.InferenceSession(
+            str(variant_file(bundle, "fp16")), so, providers=providers, enable_fallback=0
+        )
         runners[name] = device_io(sess, feed, "cuda", b, s)
-    t = time_interleaved(runners, warmup=3, budget_s=sizes["speed_budget_s"], pairs=sizes["pairs"])
+    # ORT's CUDA provider captures the graph on the third run (two regular runs first): five
+    # warm-up runs leave the capture out of the timings
+    t = time_interleaved(runners, warmup=5, budget_s=sizes["speed_budget_s"], pairs=sizes["pairs"])
     return {
         "no_graph": statistics.median(t["no_graph"]),
         "cuda_graph": statistics.median(t["cuda_graph"]),
@@ -381,7 +460,7 @@ def perf_windows(client, url: str, model, feed: dict, rounds: int, seconds: floa
         before = client.statistics("minilm")
         pa = perf_analyzer(
             url, "minilm", feed, ["--concurrency-range", "1"], int(seconds * 1000), exe=exe,
-            timeout=120,
+            timeout=max(45.0, 10 * seconds),
         )[0]  # fmt: skip
         server = server_split(before, client.statistics("minilm"))
         served.append(pa["p50"])
@@ -485,21 +564,33 @@ def table(r: dict) -> str:
         f"GPU check on **{r['card']}** — {r['provider']}, onnxruntime {r['onnxruntime']}, "
         f"torch {hl.get('torch', '?')}, {r['elapsed_s']:.0f} s"
         + (" (--quick)" if r["quick"] else ""),
+        *(
+            ["", f"The bundle, its gates and their timings are an earlier run's ({r['reused']})."]
+            if r.get("reused")
+            else []
+        ),
         "",
         "The gates' timings (each variant interleaved with FP32, inputs copied from the host "
         "each run, outputs on the device):",
         "",
         f"| what | batch {sz['batch']} seq {sz['seq']} ms | vs ORT FP32 | batch 1 seq 128 ms "
-        "| vs ORT FP32 | placement |",
-        "|---|---|---|---|---|---|",
+        "| vs ORT FP32 | placement | profiler |",
+        "|---|---|---|---|---|---|---|",
     ]
+    prof = r.get("profiled_placement") or {}
+
+    def where(p: dict) -> str:
+        fallen = ", ".join(f"{o} x{n}" for o, n in p["fallen_back"].items())
+        return f"{p['memcpy']} memcpy" + (f", CPU: {fallen}" if fallen else "")
+
     for k in ("fp32", "fp16", "int8"):
         p = r["placement"][k]
-        fallen = ", ".join(f"{o} x{n}" for o, n in p["fallen_back"].items())
         lines.append(
             f"| ORT {k.upper()} | {ort_[big][k]['ms']:.2f} | {ort_[big][k]['speedup']:.2f}x | "
             f"{ort_['b1_s128'][k]['ms']:.2f} | {ort_['b1_s128'][k]['speedup']:.2f}x | "
-            f"{p['memcpy']} memcpy" + (f", CPU: {fallen}" if fallen else "") + " |"
+            f"{where(p)} ({p['method']}) | "
+            + (where(prof[k]) if k in prof else prof.get("error", "-"))
+            + " |"
         )
     lines.append("")
     if "error" in hl:
@@ -561,7 +652,7 @@ def table(r: dict) -> str:
     if hl and "error" not in hl:
         fp16 = hl["fp16_speedup"]
         checks.append(("FP16 >= 2x ORT FP32", fp16["ORT FP32"] >= 2.0, f"{fp16['ORT FP32']:.2f}x"))
-        eager = next((k for k in fp16 if k.startswith("PyTorch eager FP32")), None)
+        eager = next((k for k in fp16 if k.startswith("PyTorch eager FP32 (")), None)
         if eager:
             checks.append(
                 ("FP16 >= 3x PyTorch eager FP32", fp16[eager] >= 3.0, f"{fp16[eager]:.2f}x")
@@ -594,13 +685,36 @@ def table(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reused(bundle: Path, built: Path, provider: str, sizes: dict) -> dict:
+    """The figures of the build that wrote ``bundle`` (``--reuse``), when it was built on
+    this provider at these sizes."""
+    if not (bundle / "manifest.json").exists() or not built.exists():
+        raise SystemExit(f"--reuse: no bundle and build figures at {bundle} and {built}")
+    res = json.loads(built.read_text())
+    if (res.pop("provider"), res.pop("sizes")) != (provider, sizes):
+        raise SystemExit(
+            f"--reuse: {bundle} was built for another provider or size (--quick); build again"
+        )
+    log(f"reusing the bundle at {bundle} and its build's figures")
+    return {**res, "reused": str(built)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, few runs (CPU CI)")
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     ap.add_argument("--bundle", type=Path, help="where to write the bundle (default: a temp dir)")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="with --bundle: take the bundle a run before built there, and its build's figures "
+        "(DIR.build.json), instead of building again (a rerun after a later stage failed)",
+    )
     a = ap.parse_args()
+    if a.reuse and a.bundle is None:
+        ap.error("--reuse needs --bundle DIR: the bundle an earlier run wrote")
     how = bootstrap()
+    provider = pick_provider(a.device)  # before onnxruntime is imported: it loads CUDA
     import onnxruntime as ort
 
     sizes = (
@@ -627,7 +741,6 @@ def main() -> int:
             pa_window_s=2.0,
         )
     )
-    provider = pick_provider(a.device)
     log(
         f"quantgate from {how}; onnxruntime {ort.__version__} {ort.get_available_providers()}; "
         f"provider {provider}"
@@ -661,8 +774,16 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-bundle-") as tmp:
         bundle = (a.bundle or Path(tmp) / "minilm").absolute()
-        r.update(build_bundle(bundle, provider, sizes))  # everything below needs the bundle
+        built = bundle.with_name(bundle.name + ".build.json")  # the build's figures
+        if a.reuse:
+            r.update(reused(bundle, built, provider, sizes))
+        else:  # everything below needs the bundle
+            res = build_bundle(bundle, provider, sizes)
+            built.write_text(json.dumps({"provider": provider, "sizes": sizes, **res}) + "\n")
+            r.update(res)
         save()
+        log("a second opinion on placement: one profiled run of each variant")
+        stage("profiled_placement", lambda: profiled_placement(bundle, provider))
         if provider == CUDA:  # GPU ONLY
             log("GPU ONLY: FP16 with a CUDA graph and without")
             stage("cuda_graph", lambda: cuda_graph(bundle, sizes))

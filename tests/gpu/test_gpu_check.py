@@ -46,6 +46,13 @@ def test_gpu_check_quick_runs_on_cpu_without_quantgate_installed(tmp_path):
     assert report["provider"] == "CPUExecutionProvider" and report["quick"]
     assert set(report["ort"]["b8_s32"]) == {"fp32", "fp16", "int8"}
     assert all(p["memcpy"] == 0 for p in report["placement"].values())
+    # the profiler's second opinion ran every variant and saw every node on the CPU
+    assert report["profiled_placement"] == {
+        k: {"memcpy": 0, "fallen_back": {}} for k in ("fp32", "fp16", "int8")
+    }
+    gates = {k: {g["name"] for g in v} for k, v in report["gates"].items()}
+    assert gates["fp16"] >= {"cosine:last_hidden_state", "cosine:sentence_embedding"}
+    assert gates["int8"] >= {"cosine:sentence_embedding", "speedup_b8_s32", "placement"}
     assert report["fidelity_fp16"]["cosine_mean"]["last_hidden_state"] > 0.999
     assert report["serving"]["grpc_p50_ms"] > 0 and report["serving"]["in_process_p50_ms"] > 0
     md = (tmp_path / "out" / "gpu_check.md").read_text()
