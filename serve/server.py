@@ -562,15 +562,19 @@ def _drain(
     """Refuse new requests and answer the admitted ones within the grace; False when the
     grace ran out first.
 
-    The engine decides, before gRPC is told to stop: once gRPC aborts the calls still
-    running, the batches they were in stop at once (their clients are gone) and the engine
-    would look drained. Calls that hold no request (a health Watch) may stay open for the
-    rest of the grace; they are cut then, and are no request cut off."""
+    gRPC is told to stop first: it sends every connected client a GOAWAY, so their channels
+    open new calls elsewhere (another endpoint behind the load balancer) instead of on this
+    server's open connections, and it closes the port; calls it has already received run
+    on. The engine, refusing from its start the requests those calls make (an open
+    stream's too), decides whether the admitted ones were answered a moment before gRPC's
+    grace ends: once gRPC cancels the calls still running, their batches stop (their
+    clients are gone) and the engine would look drained. Calls that hold no request (a
+    health Watch) may stay open for the rest of the grace; they are cut then, and are no
+    request cut off."""
     _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     grace = cfg.shutdown_grace_s
-    t0 = time.monotonic()
-    drained = engine.close(grace)  # new requests, open streams' too, refused from its start
-    left = max(0.0, grace - (time.monotonic() - t0)) if drained else 0.0
-    server.stop(left).wait()  # answers still being sent go out; the rest is cancelled
+    stopped = server.stop(grace)  # GOAWAY now; what still runs at the grace is cancelled
+    drained = engine.close(max(0.0, grace - min(0.5, grace / 10)))
+    stopped.wait()
     engine.metrics.close_http()  # scraped until here: the drain shows in the metrics
     return drained

@@ -228,6 +228,50 @@ def test_a_second_sigterm_does_not_wait_for_the_drain(tmp_path):
     assert "second SIGTERM: exiting without finishing admitted requests" in srv.log
 
 
+def test_clients_move_to_another_server_while_one_drains(tmp_path):
+    """Two servers behind one client channel (round robin over both addresses, as a client
+    balances a Kubernetes service's endpoints). One gets SIGTERM while a request that runs
+    for seconds holds its drain open: its GOAWAY moves the channel's new calls to the other
+    server at once, so not one request fails, and the running one is still answered."""
+    bundle = _slow_bundle(tmp_path / "slow")
+    draining, other = ServerProcess(bundle), ServerProcess(bundle)
+    long = {"input_ids": np.array([[3 * 10**6]]), "attention_mask": np.array([[1]])}
+    quick = {"input_ids": np.array([[1]]), "attention_mask": np.array([[1]])}
+    both = f"ipv4:{draining.url},{other.url}"
+    held: queue.Queue = queue.Queue()
+    errors, answered = [], 0
+    try:
+        with (
+            tc.InferenceServerClient(draining.url) as direct,
+            tc.InferenceServerClient(
+                both, channel_args=[("grpc.lb_policy_name", "round_robin")]
+            ) as balanced,
+        ):
+            for _ in range(20):  # both endpoints connected and answering
+                balanced.infer("slow", inputs(quick))
+            direct.async_infer(
+                "slow", inputs(long), callback=lambda result, error: held.put((result, error))
+            )
+            time.sleep(0.3)  # the long request is running
+            draining.proc.send_signal(signal.SIGTERM)
+            while draining.proc.poll() is None:  # the drain: seconds, held by the long request
+                try:
+                    balanced.infer("slow", inputs(quick), client_timeout=10)
+                    answered += 1
+                except InferenceServerException as e:
+                    errors.append(f"{e.status()}: {e.message()}")
+            result, error = held.get(timeout=60)
+        assert error is None and result.as_numpy("counted")[0, 0] == 3 * 10**6, error
+        assert draining.proc.returncode == 0, draining.log
+        assert "stopped: every admitted request was answered" in draining.log
+        assert not errors, errors[:5]
+        assert answered > 5  # the drain lasted, and the other server answered throughout
+    finally:
+        for srv in (draining, other):
+            if srv.proc.poll() is None:
+                srv.terminate()
+
+
 def test_a_request_timeout_that_passes_in_the_queue_answers_deadline_exceeded(tmp_path):
     """Triton's request parameter `timeout` (microseconds) bounds the wait as a gRPC deadline
     does: queued behind a request that runs for seconds, the request is not run late."""
