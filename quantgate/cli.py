@@ -856,7 +856,20 @@ def serve(
     ] = None,
     auth_token: Annotated[
         str | None,
-        typer.Option(envvar="QUANTGATE_AUTH_TOKEN", help="Require 'authorization: Bearer TOKEN'."),
+        typer.Option(
+            envvar="QUANTGATE_AUTH_TOKEN",
+            help="Require 'authorization: Bearer TOKEN' on inference calls (health, "
+            "ServerLive/Ready and reflection stay open for probes). On the command line it "
+            "shows in `ps`: prefer the variable or --auth-token-file.",
+        ),
+    ] = None,
+    auth_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Require a bearer token, any of this file's (one per line, # comments), "
+            "read again within a second of a change: rotate a token with no restart (add "
+            "the new one, move the clients, remove the old), as a mounted Secret updates.",
+        ),
     ] = None,
     access_log: Annotated[
         bool,
@@ -922,6 +935,7 @@ def serve(
         access_log=access_log,
         tls=tls,
         auth_token=auth_token,
+        auth_token_file=auth_token_file,
     )
 
     verbose = (ctx.obj or {}).get("verbose", False)

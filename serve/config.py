@@ -12,6 +12,16 @@ CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 IO_BINDING = ("auto", "on", "off")
 
 
+def token_problem(token: str) -> str | None:
+    """Why a bearer ``token`` could never be sent as gRPC metadata (or would mean no auth),
+    or None. Never the token itself: error output ends up in logs."""
+    if not token:
+        return "is empty"
+    if not token.isprintable() or " " in token:
+        return "has spaces or control characters"
+    return None
+
+
 @dataclass(frozen=True)
 class TLSConfig:
     cert: Path  # PEM server certificate chain
@@ -48,6 +58,8 @@ class ServeConfig:
     access_log: bool = False
     tls: TLSConfig | None = None
     auth_token: str | None = None  # required as "authorization: Bearer <token>" when set
+    # Or any token of this file, one per line, read again when it changes (serve/auth.py)
+    auth_token_file: Path | None = None
     max_message_bytes: int = 64 << 20  # larger requests fail with RESOURCE_EXHAUSTED
     shutdown_grace_s: float = 30.0  # SIGTERM: time admitted requests get to finish
     # -- CUDA execution provider (ignored on the CPU) -------------------------------------
@@ -117,11 +129,13 @@ class ServeConfig:
             )
         # An empty token would serve without auth; one with whitespace (a token file's
         # trailing newline) could never be sent in gRPC metadata, so every call would fail.
-        if self.auth_token is not None and (
-            not self.auth_token or not self.auth_token.isprintable() or " " in self.auth_token
-        ):
-            what = "is empty" if not self.auth_token else "has spaces or control characters"
+        if self.auth_token is not None and (problem := token_problem(self.auth_token)):
             raise ConfigError(  # never the token itself: error output ends up in logs
-                f"the auth token {what} (a trailing newline?); pass the token itself, or no "
+                f"the auth token {problem} (a trailing newline?); pass the token itself, or no "
                 "--auth-token (nor QUANTGATE_AUTH_TOKEN) to serve without one"
+            )
+        if self.auth_token is not None and self.auth_token_file is not None:
+            raise ConfigError(
+                "--auth-token (or QUANTGATE_AUTH_TOKEN) and --auth-token-file both name the "
+                "token: give one (the file can hold several, one per line)"
             )

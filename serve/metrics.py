@@ -10,6 +10,7 @@ import dataclasses
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
@@ -76,6 +77,11 @@ class Metrics:
             labels,
             registry=r,
         )
+        self.unauthenticated = prom.Counter(
+            "quantgate_unauthenticated_requests",
+            "Calls refused for a missing or invalid bearer token (no model is read from them)",
+            registry=r,
+        )
         self.model = prom.Gauge(
             "quantgate_model_info",
             "1 for each served model: the variant and provider chosen",
@@ -83,10 +89,13 @@ class Metrics:
             registry=r,
         )
 
-    def serve_http(self, port: int, host: str = "0.0.0.0") -> int:
+    def serve_http(
+        self, port: int, host: str = "0.0.0.0", ready: Callable[[], bool] | None = None
+    ) -> int:
         """Serve the metrics over HTTP at ``/metrics`` (a daemon thread; ``/`` redirects
-        there, any other path is 404); returns the bound port (the free one chosen when
-        ``port`` is 0)."""
+        there), and with ``ready`` the probes ``/healthz`` and ``/readyz`` (``metrics_app``);
+        any other path is 404. Returns the bound port (the free one chosen when ``port`` is
+        0)."""
         try:
             # prometheus_client's server (threads per scrape, no line per request, IPv4 or
             # IPv6 as the address says), with /metrics only in place of its any-path app
@@ -96,7 +105,7 @@ class Metrics:
                 f"cannot serve metrics on {host}:{port}: {e.strerror or e}. "
                 "Choose another --metrics-port."
             ) from e
-        httpd.set_app(metrics_app(self.registry))
+        httpd.set_app(metrics_app(self.registry, ready))
         self._httpd = httpd
         self.http_port = self._httpd.server_port
         return self.http_port
@@ -112,11 +121,15 @@ class Metrics:
 METRICS_PATH = "/metrics"
 
 
-def metrics_app(registry: prom.CollectorRegistry):
+def metrics_app(registry: prom.CollectorRegistry, ready: Callable[[], bool] | None = None):
     """prometheus_client's WSGI app (content negotiation, gzip, ``name[]`` filters) at
     /metrics only: on its own it answers the metrics at any path, so a typo in a scrape
-    config or a probe of ``/healthz`` would look like success. ``/`` redirects to /metrics
-    (scrapers follow redirects); every other path is 404 and says where the metrics are."""
+    config would look like success. ``/`` redirects to /metrics (scrapers follow redirects).
+
+    With ``ready`` (the server's), the HTTP probes a kubelet can make where the gRPC port
+    wants TLS or a client certificate: ``/healthz`` is 200 while the process serves HTTP
+    (liveness), ``/readyz`` 200 when ``ready()`` (warmed up, not shutting down), else 503
+    (readiness). Every other path is 404 and says where the metrics are."""
     metrics = prom.make_wsgi_app(registry)
     text = ("Content-Type", "text/plain; charset=utf-8")
 
@@ -124,6 +137,15 @@ def metrics_app(registry: prom.CollectorRegistry):
         path = environ.get("PATH_INFO") or "/"
         if path == METRICS_PATH:
             return metrics(environ, start_response)
+        if ready is not None and path == "/healthz":
+            start_response("200 OK", [text])
+            return [b"alive\n"]
+        if ready is not None and path == "/readyz":
+            if ready():
+                start_response("200 OK", [text])
+                return [b"ready\n"]
+            start_response("503 Service Unavailable", [text])
+            return [b"not ready: warming up or shutting down\n"]
         if path == "/":
             query = environ.get("QUERY_STRING")
             where = METRICS_PATH + (f"?{query}" if query else "")

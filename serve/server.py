@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import hmac
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ from grpc_reflection.v1alpha import reflection
 
 from quantgate.errors import DrainIncomplete, ServeError
 from quantgate.protos import grpc_service_pb2 as pb
-from quantgate.serve import codec
+from quantgate.serve import auth, codec
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.engine import Engine
 from quantgate.serve.repository import Repository, load_repository
@@ -48,57 +47,12 @@ from quantgate.serve.servicer import CALL, UNSUPPORTED, CallRecord, InferenceSer
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("quantgate.serve.access")
 
-SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVICE = auth.SERVICE
 
 
 # Request threads beyond the queue: calls that wait in no queue (metadata, statistics,
 # health, reflection) and the runners of the batches.
 SPARE_THREADS = 16
-
-
-# Calls that answer a yes/no about the server and carry no data: open to probes.
-OPEN_METHODS = frozenset(f"/{SERVICE}/{m}" for m in ("ServerLive", "ServerReady"))
-
-
-class BearerTokenAuth(grpc.ServerInterceptor):
-    """Require ``authorization: Bearer <token>`` on the inference service.
-
-    Health checks (grpc.health.v1, and the protocol's ServerLive and ServerReady) and
-    reflection stay open: load balancers and probes carry no token.
-    """
-
-    def __init__(self, token: str):
-        self._expected = token.encode()
-
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        if (
-            handler is None
-            or not details.method.startswith(f"/{SERVICE}/")
-            or details.method in OPEN_METHODS
-        ):
-            return handler
-        metadata = dict(details.invocation_metadata or ())
-        scheme, _, token = metadata.get("authorization", "").partition(" ")
-        # The scheme is case-insensitive (RFC 9110 11.1): "bearer" is "Bearer".
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), self._expected):
-            return handler
-        return _denied(handler)
-
-
-def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    message = "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
-
-    def deny(request_or_iterator, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    serde = dict(
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-    if handler.request_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny, **serde)
-    return grpc.unary_unary_rpc_method_handler(deny, **serde)
 
 
 class AccessLog(grpc.ServerInterceptor):
@@ -274,10 +228,15 @@ def _logfmt(value) -> str:
 
 
 def create_server(
-    cfg: ServeConfig, engine: Engine, *, credentials: grpc.ServerCredentials | None = None
+    cfg: ServeConfig,
+    engine: Engine,
+    *,
+    credentials: grpc.ServerCredentials | None = None,
+    tokens: auth.Tokens | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Build the server (not started) and bind its port. ``credentials``: the TLS ones
-    already read from ``cfg.tls`` (``run`` reads them before loading models), else read here.
+    """Build the server (not started) and bind its port. ``credentials`` and ``tokens``:
+    the TLS ones and the bearer tokens already read from ``cfg`` (``run`` reads them before
+    loading models), else read here.
 
     Returns the server, the bound port (the free one chosen when ``cfg.port`` is 0) and
     the health servicer, which reports NOT_SERVING until ``run`` marks it SERVING.
@@ -292,7 +251,9 @@ def create_server(
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a busy port is an error, not a silently shared one
     ]
-    interceptors = [BearerTokenAuth(cfg.auth_token)] if cfg.auth_token else []
+    interceptors = []
+    if tokens := tokens or auth.tokens(cfg):
+        interceptors.append(auth.BearerTokenAuth(tokens, engine.metrics.unauthenticated.inc))
     if cfg.access_log:  # outermost: it logs the calls the token check refuses, too
         interceptors.insert(0, AccessLog())
     threads = cfg.max_queue_size * len(list(engine.repository)) + SPARE_THREADS
@@ -455,13 +416,20 @@ def verify(cfg: ServeConfig) -> Repository:
     with its TLS files read, but no port bound: a repository checked before a rollout."""
     if cfg.tls is not None:
         _credentials(cfg)
+    auth.tokens(cfg)
     return load_repository(cfg)
 
 
 def _settings(cfg: ServeConfig) -> str:
     """What an operator checks first in the log: security, batching, threads."""
     tls = "plaintext" if cfg.tls is None else "mutual TLS" if cfg.tls.client_ca else "TLS"
-    auth = "bearer token required" if cfg.auth_token else "no authentication"
+    auth = (
+        "bearer token required"
+        if cfg.auth_token
+        else f"bearer token required (any in {cfg.auth_token_file}, read again when it changes)"
+        if cfg.auth_token_file
+        else "no authentication"
+    )
     batching = (
         f"batches of up to {cfg.max_batch_size}, queue delay {cfg.max_queue_delay_us} us"
         if cfg.dynamic_batching
@@ -483,12 +451,15 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
     """
     # A bad TLS file or a port in use is named before minutes of loading models.
     credentials = _credentials(cfg) if cfg.tls is not None else None
+    tokens = auth.tokens(cfg)
     # The process's metrics without prometheus_client's `_created` timestamp per counter and
     # histogram (a second series each, read by nothing the README's metrics are for).
     prom.disable_created_metrics()
     _check_port(cfg)
     engine = Engine(load_repository(cfg), cfg)
-    server, port, health_servicer = create_server(cfg, engine, credentials=credentials)
+    server, port, health_servicer = create_server(
+        cfg, engine, credentials=credentials, tokens=tokens
+    )
     _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     stop = threading.Event()
     received: list[str] = []  # the signal that asked for the stop
@@ -543,7 +514,9 @@ def _start(
 ) -> None:
     """Metrics, then the gRPC server, then the batchers; warm every model; report ready."""
     if cfg.metrics_port is not None:
-        metrics_port = engine.metrics.serve_http(cfg.metrics_port, cfg.host)
+        metrics_port = engine.metrics.serve_http(
+            cfg.metrics_port, cfg.host, ready=lambda: engine.ready
+        )
         log.info("Prometheus metrics on http://%s/metrics", cfg.address(metrics_port))
     server.start()
     engine.start()

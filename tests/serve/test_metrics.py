@@ -88,7 +88,8 @@ def test_the_metrics_port_answers_metrics_at_slash_metrics_only():
         assert status == 302 and headers["Location"] == "/metrics?name[]=x", (status, headers)
         assert "/metrics" in body
 
-        for path in ("/healthz", "/metrics/", "/metricsx", "/favicon.ico", "/x/metrics"):
+        # no readiness to report (`ready` not given): no probes either
+        for path in ("/healthz", "/readyz", "/metrics/", "/metricsx", "/favicon.ico", "/x/metrics"):
             status, _, body = _get(base + path)
             assert status == 404, (path, status, body)
             assert "metrics are at /metrics" in body, body
@@ -100,3 +101,18 @@ def test_the_metrics_port_answers_metrics_at_slash_metrics_only():
     assert metrics.http_port is None
     with pytest.raises(urllib.error.URLError):  # closed: the port no longer answers
         urllib.request.urlopen(f"{base}/metrics", timeout=5)
+
+
+def test_the_probes_say_alive_and_whether_the_server_is_ready():
+    metrics, ready = Metrics(), threading.Event()
+    port = metrics.serve_http(0, "127.0.0.1", ready=ready.is_set)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert _get(f"{base}/healthz")[::2] == (200, "alive\n")
+        assert _get(f"{base}/readyz")[::2] == (503, "not ready: warming up or shutting down\n")
+        ready.set()  # warmed up
+        assert _get(f"{base}/readyz")[::2] == (200, "ready\n")
+        ready.clear()  # draining
+        assert _get(f"{base}/readyz")[0] == 503 and _get(f"{base}/healthz")[0] == 200
+    finally:
+        metrics.close_http()

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -247,10 +248,57 @@ def test_metrics_port_0_says_which_port_it_chose(repo):
         # doubles what a scrape stores and that no alert or dashboard reads
         assert "_created" not in text, text
         with pytest.raises(urllib.error.HTTPError) as other:  # only /metrics answers them
-            urllib.request.urlopen(url.replace("/metrics", "/healthz"), timeout=10)
+            urllib.request.urlopen(url.replace("/metrics", "/stats"), timeout=10)
         assert other.value.code == 404, other.value
+        # the HTTP probes a kubelet can make where the gRPC port wants TLS: warmed up, ready
+        for probe, body in (("/healthz", "alive"), ("/readyz", "ready")):
+            with urllib.request.urlopen(url.replace("/metrics", probe), timeout=10) as r:
+                assert (r.status, r.read().decode().strip()) == (200, body)
     finally:
         assert srv.terminate() == 0, srv.log
+
+
+def test_a_token_file_is_read_again_when_it_changes(repo, tmp_path):
+    """Any token of --auth-token-file is accepted, and the file is read again when it
+    changes: a token rotates with no restart. A change to a file that cannot be used is
+    logged, and the tokens before it stay in force. Refusals are counted."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# rotated monthly\nold-token\n\nnew-token\n")
+    srv = ServerProcess(
+        repo / "classifier", "--auth-token-file", str(tokens), "--metrics-port", "0"
+    )
+
+    def answers(token: str) -> bool:
+        r = _quantgate("infer", "tiny-classifier", "--url", srv.url, "-i", "input_ids=[[1, 2, 3]]",
+                       "--token", token)  # fmt: skip
+        assert r.returncode in (0, 2), r.stderr
+        return r.returncode == 0
+
+    def eventually(check, timeout=10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
+    try:
+        assert answers("old-token") and answers("new-token") and not answers("other")
+        tokens.write_text("new-token\n")  # the old one retired
+        assert eventually(lambda: not answers("old-token")), srv.log
+        assert answers("new-token")
+        tokens.write_text("\n")  # a botched edit: no token at all
+        # read again on the next call after the change: it is still answered
+        assert eventually(lambda: answers("new-token") and "holds no token" in srv.log), srv.log
+        assert "the tokens read before stay in force" in srv.log
+        assert answers("new-token") and not answers("old-token")
+        port = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", "".join(srv.stdout))
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics").read().decode()
+        refused = re.search(r"^quantgate_unauthenticated_requests_total (\S+)$", text, re.M)
+        assert refused and float(refused.group(1)) >= 3, text
+    finally:
+        assert srv.terminate() == 0, srv.log
+    assert "old-token" not in srv.log and "new-token" not in srv.log  # never a token logged
 
 
 @pytest.mark.parametrize(
@@ -435,7 +483,7 @@ def test_an_auth_token_no_client_could_send_is_refused_without_echoing_it(tmp_pa
     assert ServeConfig(path=tmp_path, auth_token="s3cret").auth_token == "s3cret"
 
 
-def test_serve_refuses_an_empty_token_variable_and_a_delay_with_no_batching(repo):
+def test_serve_refuses_unusable_tokens_and_a_delay_with_no_batching(repo, tmp_path):
     """QUANTGATE_AUTH_TOKEN= (set, empty) would serve without auth; a queue delay with
     --no-dynamic-batching would be ignored."""
     env = {**os.environ, "QUANTGATE_AUTH_TOKEN": ""}
@@ -448,6 +496,15 @@ def test_serve_refuses_an_empty_token_variable_and_a_delay_with_no_batching(repo
     assert r.returncode == 2 and "--no-dynamic-batching forms none" in r.stderr, r.stderr
     r = _quantgate("serve", str(repo / "classifier"), "--port", "8001", "--metrics-port", "8001")
     assert r.returncode == 2 and "--metrics-port 8001 is the gRPC --port too" in r.stderr, r.stderr
+    empty = tmp_path / "tokens"
+    empty.write_text("# no token yet\n")
+    r = _quantgate(
+        "serve", str(repo / "classifier"), "--port", "0", "--auth-token-file", str(empty)
+    )
+    assert r.returncode == 2 and f"--auth-token-file {empty} holds no token" in r.stderr, r.stderr
+    r = _quantgate("serve", str(repo / "classifier"), "--port", "0", "--auth-token-file",
+                   str(empty), "--auth-token", "s3cret")  # fmt: skip
+    assert r.returncode == 2 and "give one (the file can hold several" in r.stderr, r.stderr
 
 
 def test_infer_without_the_servers_token_says_how_to_send_one(repo):

@@ -1,0 +1,146 @@
+"""Bearer-token authentication: the interceptor, and tokens from the flag or a file.
+
+A token file holds one token per line (blank lines and ``#`` comments aside) and is read
+again when it changes, checked at most once a second: a token rotates with no restart and
+no window of refused clients (add the new token, move the clients to it, remove the old),
+as a Kubernetes Secret mounted as a file is updated in place. A file that changes into one
+that cannot be used (no token, a token with spaces) is logged as an error and the tokens
+read before stay in force.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import grpc
+
+from quantgate.errors import ConfigError
+from quantgate.protos import grpc_service_pb2 as pb
+from quantgate.serve.config import ServeConfig, token_problem
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# Calls that answer a yes/no about the server and carry no data: open to probes.
+OPEN_METHODS = frozenset(f"/{SERVICE}/{m}" for m in ("ServerLive", "ServerReady"))
+RECHECK_S = 1.0  # how often a token file's change is looked for
+
+
+def read_tokens(path: Path) -> tuple[bytes, ...]:
+    """The tokens in the file at ``path``; a ConfigError when there is none or one is bad."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--auth-token-file {path}: cannot read it ({e})") from e
+    tokens = [
+        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")
+    ]
+    if not tokens:
+        raise ConfigError(
+            f"--auth-token-file {path} holds no token: one per line (# starts a comment)"
+        )
+    for n, token in enumerate(tokens, 1):
+        if (problem := token_problem(token)) is not None:
+            raise ConfigError(f"--auth-token-file {path}: token {n} {problem}")
+    return tuple(t.encode() for t in tokens)
+
+
+class TokenFile:
+    """The tokens of a file, read again when its modification time, size or inode change."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._tokens = read_tokens(path)
+        self._stamp = self._stat()
+        self._next = time.monotonic() + RECHECK_S
+        self._lock = threading.Lock()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:  # being replaced: look again next time
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def __call__(self) -> tuple[bytes, ...]:
+        if time.monotonic() >= self._next and self._lock.acquire(blocking=False):
+            try:  # one request thread looks; the others go on with the tokens in force
+                self._next = time.monotonic() + RECHECK_S
+                stamp = self._stat()
+                if stamp is not None and stamp != self._stamp:
+                    self._stamp = stamp
+                    try:
+                        self._tokens = read_tokens(self.path)
+                        log.info("read %d token(s) from %s again", len(self._tokens), self.path)
+                    except ConfigError as e:
+                        log.error("%s; the tokens read before stay in force", e)
+            finally:
+                self._lock.release()
+        return self._tokens
+
+
+Tokens = Callable[[], Sequence[bytes]]  # the tokens in force, asked on every call
+
+
+def tokens(cfg: ServeConfig) -> Tokens | None:
+    """The bearer tokens ``cfg`` requires (its token, or its token file's, read now), or
+    None: no authentication."""
+    if cfg.auth_token_file is not None:
+        return TokenFile(cfg.auth_token_file)
+    if cfg.auth_token:
+        fixed = (cfg.auth_token.encode(),)
+        return lambda: fixed
+    return None
+
+
+class BearerTokenAuth(grpc.ServerInterceptor):
+    """Require ``authorization: Bearer <token>`` on the inference service, for any of the
+    tokens ``tokens()`` gives.
+
+    Health checks (grpc.health.v1, and the protocol's ServerLive and ServerReady) and
+    reflection stay open: load balancers and probes carry no token.
+    """
+
+    def __init__(self, tokens: Tokens, on_refused: Callable[[], None]):
+        self._tokens = tokens
+        self._on_refused = on_refused
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if (
+            handler is None
+            or not details.method.startswith(f"/{SERVICE}/")
+            or details.method in OPEN_METHODS
+        ):
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        scheme, _, token = metadata.get("authorization", "").partition(" ")
+        sent = token.encode()
+        # The scheme is case-insensitive (RFC 9110 11.1): "bearer" is "Bearer". Every token
+        # is compared, so the time taken does not say which one came close.
+        matches = [hmac.compare_digest(sent, t) for t in self._tokens()]
+        if scheme.lower() == "bearer" and any(matches):
+            return handler
+        self._on_refused()
+        return _denied(handler)
+
+
+def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    message = "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
+
+    def deny(request_or_iterator, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    serde = dict(
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+    if handler.request_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny, **serde)
+    return grpc.unary_unary_rpc_method_handler(deny, **serde)
