@@ -7,8 +7,10 @@
     batcher.py     the dynamic batcher (bounded queue, length buckets, padding)
     engine.py      models + batchers + warm-up + readiness + accounting
     servicer.py    inference.GRPCInferenceService: protobuf <-> numpy, errors -> status codes
-    server.py      create_server(cfg, engine) and run(cfg): health, reflection, TLS, auth, SIGTERM
-    metrics.py     Prometheus metrics and Triton statistics
+    server.py      create_server(cfg, engine) and run(cfg): health, reflection, SIGTERM
+    tls.py         TLS files checked before models load (pair, dates), read again on change
+    auth.py        bearer tokens, from the flag or a file read again on change
+    metrics.py     Prometheus metrics, Triton statistics, the HTTP probes
     client.py      a numpy-in, numpy-out client over our own stubs
 
 Importing this package imports nothing heavy; never torch or quantgate.model.

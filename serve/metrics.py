@@ -82,6 +82,12 @@ class Metrics:
             "Calls refused for a missing or invalid bearer token (no model is read from them)",
             registry=r,
         )
+        self.tls_expiry = prom.Gauge(  # a series only where TLS is on
+            "quantgate_tls_cert_expiry_timestamp_seconds",
+            "When the served TLS certificate chain's first certificate expires (Unix time)",
+            ("file",),
+            registry=r,
+        )
         self.model = prom.Gauge(
             "quantgate_model_info",
             "1 for each served model: the variant and provider chosen",

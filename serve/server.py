@@ -24,12 +24,10 @@ import os
 import re
 import signal
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 import prometheus_client as prom
@@ -38,7 +36,7 @@ from grpc_reflection.v1alpha import reflection
 
 from quantgate.errors import DrainIncomplete, ServeError
 from quantgate.protos import grpc_service_pb2 as pb
-from quantgate.serve import auth, codec
+from quantgate.serve import auth, codec, tls
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.engine import Engine
 from quantgate.serve.repository import Repository, load_repository
@@ -231,7 +229,7 @@ def create_server(
     cfg: ServeConfig,
     engine: Engine,
     *,
-    credentials: grpc.ServerCredentials | None = None,
+    credentials: tls.Credentials | None = None,
     tokens: auth.Tokens | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build the server (not started) and bind its port. ``credentials`` and ``tokens``:
@@ -280,7 +278,7 @@ def create_server(
         if cfg.tls is None:
             port = server.add_insecure_port(address)
         else:
-            port = server.add_secure_port(address, credentials or _credentials(cfg))
+            port = server.add_secure_port(address, (credentials or tls.Credentials(cfg.tls)).grpc())
     except RuntimeError as e:  # gRPC says only "Failed to bind"; its log above says why
         raise ServeError(_cannot_listen(cfg, address)) from e
     if port == 0:
@@ -343,69 +341,6 @@ def _add_inference_service(servicer: InferenceServicer, server: grpc.Server) -> 
     server.add_registered_method_handlers(SERVICE, handlers)
 
 
-def _credentials(cfg: ServeConfig) -> grpc.ServerCredentials:
-    """The TLS credentials, from PEM files checked here: gRPC fails on a bad one only when
-    it binds the port, with a message that does not name the file."""
-    tls = cfg.tls
-    cert = _read_pem("--tls-cert", tls.cert, b"-----BEGIN CERTIFICATE-----")
-    key = _read_pem("--tls-key", tls.key, b"PRIVATE KEY-----")
-    ca = _read_pem("--tls-client-ca", tls.client_ca, b"-----BEGIN CERTIFICATE-----")
-    _check_pair(tls.cert, tls.key)
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
-    )
-
-
-class _Encrypted(Exception):
-    pass
-
-
-def _check_pair(cert: Path, key: Path) -> None:
-    """Refuse a key that is not the certificate's, or is encrypted, as OpenSSL reads them
-    (the standard library's ssl): gRPC would only fail to bind the port, after every model
-    has loaded, and `serve --check` would pass."""
-
-    def password() -> bytes:
-        raise _Encrypted
-
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    # Not OpenSSL's default security level: it refuses keys and signatures gRPC serves
-    # (a 1024-bit RSA key), and judging those is not this check's business.
-    context.set_ciphers("DEFAULT:@SECLEVEL=0")
-    try:
-        context.load_cert_chain(cert, key, password=password)
-    except _Encrypted:
-        raise ServeError(
-            f"--tls-key {key} is encrypted, and gRPC takes no password: decrypt it "
-            f"(`openssl pkey -in {key} -out plain.key`) and keep that file readable only "
-            "by the server's user"
-        ) from None
-    except ssl.SSLError as e:
-        if e.reason == "KEY_VALUES_MISMATCH":
-            raise ServeError(
-                f"--tls-key {key} is not the private key of --tls-cert {cert}: pass the key "
-                "the certificate was issued for"
-            ) from e
-        raise ServeError(
-            f"cannot use --tls-cert {cert} with --tls-key {key}: {e.reason or e}"
-        ) from e
-
-
-def _read_pem(flag: str, path: Path | None, marker: bytes) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ServeError(f"cannot read {flag} {path}: {e.strerror or e}") from e
-    if marker not in data:
-        raise ServeError(
-            f"{flag} {path} is not PEM: it has no '{marker.decode()}' line. Pass a PEM file "
-            "(`openssl x509 -outform PEM` or `openssl pkey -outform PEM` converts DER)."
-        )
-    return data
-
-
 def _set_health(servicer: health.HealthServicer, status) -> None:
     for name in ("", SERVICE):
         servicer.set(name, status)
@@ -415,15 +350,15 @@ def verify(cfg: ServeConfig) -> Repository:
     """What ``run`` would serve, loaded as it loads it (hashes, gates, variants, sessions)
     with its TLS files read, but no port bound: a repository checked before a rollout."""
     if cfg.tls is not None:
-        _credentials(cfg)
+        tls.read(cfg.tls)
     auth.tokens(cfg)
     return load_repository(cfg)
 
 
 def _settings(cfg: ServeConfig) -> str:
     """What an operator checks first in the log: security, batching, threads."""
-    tls = "plaintext" if cfg.tls is None else "mutual TLS" if cfg.tls.client_ca else "TLS"
-    auth = (
+    security = "plaintext" if cfg.tls is None else "mutual TLS" if cfg.tls.client_ca else "TLS"
+    authn = (
         "bearer token required"
         if cfg.auth_token
         else f"bearer token required (any in {cfg.auth_token_file}, read again when it changes)"
@@ -436,7 +371,7 @@ def _settings(cfg: ServeConfig) -> str:
         else "no dynamic batching"
     )
     return (
-        f"{tls}, {auth}; {batching}, queue {cfg.max_queue_size}; {cfg.instances} "
+        f"{security}, {authn}; {batching}, queue {cfg.max_queue_size}; {cfg.instances} "
         f"instance(s) per model, ONNX Runtime threads: {cfg.intra_op_threads or 'default'}"
         + (f"; access log on (logger {access_log.name})" if cfg.access_log else "")
     )
@@ -450,13 +385,16 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
     answered: the operator learns that requests were cut off, from the log and the exit code.
     """
     # A bad TLS file or a port in use is named before minutes of loading models.
-    credentials = _credentials(cfg) if cfg.tls is not None else None
+    credentials = tls.Credentials(cfg.tls) if cfg.tls is not None else None
     tokens = auth.tokens(cfg)
     # The process's metrics without prometheus_client's `_created` timestamp per counter and
     # histogram (a second series each, read by nothing the README's metrics are for).
     prom.disable_created_metrics()
     _check_port(cfg)
     engine = Engine(load_repository(cfg), cfg)
+    if credentials is not None:  # when the served certificate expires, and after renewals
+        expiry = engine.metrics.tls_expiry.labels(str(cfg.tls.cert))
+        credentials.watch(lambda material: expiry.set(material.expires.timestamp()))
     server, port, health_servicer = create_server(
         cfg, engine, credentials=credentials, tokens=tokens
     )
