@@ -5,4 +5,12 @@ The stages live in their own packages and data flows one way::
     quantgate.model -> quantgate.export -> quantgate.quantize -> bundle -> quantgate.serve
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# ONNX Runtime 1.32 on Linux records telemetry: a device id and an event database under
+# ~/.cache/Microsoft, a file in $TMPDIR, and an error line in the log where $HOME is
+# read-only (a container's). A tool for offline and production hosts leaves it off unless
+# the environment says otherwise (ORT_DISABLE_TELEMETRY=0); before onnxruntime is imported.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")

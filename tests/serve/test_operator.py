@@ -235,6 +235,21 @@ def test_a_servers_log_says_when_and_with_what_settings_without_v(repo):
     assert "shutting down" in err and "stopped: every admitted request was answered" in err
 
 
+def test_serving_writes_no_onnx_runtime_telemetry(repo, tmp_path):
+    """ONNX Runtime 1.32 writes a device id and an event database under $HOME and a file in
+    $TMPDIR unless told not to; quantgate tells it, for hosts that must not phone home."""
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir(), tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    r = subprocess.run(
+        [sys.executable, "-m", "quantgate", "serve", str(repo / "classifier"), "--check"],
+        capture_output=True, text=True, timeout=120, env={**env, "HOME": str(home), "TMPDIR": str(tmp)},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert [*home.rglob("*"), *tmp.rglob("*")] == [], r.stderr
+    assert "telemetry" not in r.stderr
+
+
 def test_metrics_port_0_says_which_port_it_chose(repo):
     srv = ServerProcess(repo / "classifier", "--metrics-port", "0")
     try:
