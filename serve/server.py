@@ -378,7 +378,7 @@ def _settings(cfg: ServeConfig) -> str:
 
 
 def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, then drain gracefully and return (main thread only:
+    """Serve until SIGTERM/SIGINT/SIGHUP, then drain gracefully and return (main thread only:
     it installs the signal handlers). A second signal during the drain exits at once.
 
     Raises DrainIncomplete when the grace ran out before every admitted request was
@@ -410,7 +410,10 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
         received.append(signal.Signals(signum).name)
         stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # SIGHUP too: the terminal that started the server closed. Its default would end the
+    # process at once, admitted requests unanswered.
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
     try:
         try:
             _start(cfg, server, port, engine, health_servicer, on_ready)

@@ -138,6 +138,17 @@ def test_sigterm_refuses_new_requests_on_a_stream_already_open(repo):
     assert srv.proc.wait(60) == 0, srv.log
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_ctrl_c_and_a_closed_terminal_drain_as_sigterm_does(repo, sig):
+    srv = ServerProcess(repo / "classifier")
+    with tc.InferenceServerClient(srv.url) as c:
+        assert c.infer("tiny-classifier", inputs(batch(np.random.default_rng(4), 1, 9)))
+    srv.proc.send_signal(sig)
+    assert srv.proc.wait(60) == 0, srv.log
+    assert f"{sig.name}: shutting down" in srv.log, srv.log
+    assert "stopped: every admitted request was answered" in srv.log
+
+
 def test_an_idle_stream_ends_at_sigterm_instead_of_holding_the_drain(repo):
     """A client keeps a stream open, answered and idle. At SIGTERM the stream ends with
     UNAVAILABLE that says the server is going away, and the server exits 0 long before its
