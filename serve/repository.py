@@ -67,11 +67,11 @@ def load_repository(cfg: ServeConfig) -> Repository:
     name starts with "." are skipped.
     """
     root = Path(cfg.path)
+    if not root.exists():  # before the provider is chosen (and logged): nothing to serve
+        raise ServeError(f"{root} does not exist; expected a bundle or a folder of bundles")
     provider = choose_provider(cfg.device)
     if qb.is_bundle(root):
         return Repository([open_model(root, cfg, provider)])
-    if not root.exists():
-        raise ServeError(f"{root} does not exist; expected a bundle or a folder of bundles")
     if not root.is_dir():
         raise ServeError(f"{root} is neither a bundle nor a folder of bundles")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))

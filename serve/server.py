@@ -298,22 +298,32 @@ def _cannot_listen(cfg: ServeConfig, address: str) -> str:
     return f"cannot listen on {address}. Check that " + ", and that ".join(checks) + "."
 
 
-def _check_port(cfg: ServeConfig) -> None:
-    """Refuse a --port another process listens on, before the models load. gRPC's own bind
-    (create_server) stays the authority: this probe only moves a common mistake earlier."""
-    if not cfg.port:
-        return
+def _check_ports(cfg: ServeConfig) -> None:
+    """Refuse a --port or --metrics-port another process listens on, before the models
+    load. The binds themselves stay the authority: this probe only moves a common mistake
+    earlier."""
+    if cfg.port and _taken(cfg.host, cfg.port):
+        raise ServeError(_cannot_listen(cfg, cfg.address()))
+    if cfg.metrics_port and _taken(cfg.host, cfg.metrics_port):
+        raise ServeError(
+            f"cannot serve metrics on {cfg.address(cfg.metrics_port)}: another process "
+            "listens on it. Choose another --metrics-port (0 picks a free one)."
+        )
+
+
+def _taken(host: str, port: int) -> bool:
+    """Whether a process listens on ``port`` at ``host``; False for any other bind error (a
+    host name, an address not of this machine), which the real bind reports."""
     try:
-        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
-            # As gRPC binds: a connection of the last server left in TIME_WAIT does not take
-            # the port; a process listening on it does.
+            # As gRPC and the metrics server bind: a connection of the last server left in
+            # TIME_WAIT does not take the port; a process listening on it does.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((cfg.host, cfg.port))
+            probe.bind((host, port))
     except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise ServeError(_cannot_listen(cfg, cfg.address())) from e
-        # any other error (a host name, an address not of this machine): gRPC's bind decides
+        return e.errno == errno.EADDRINUSE
+    return False
 
 
 def _add_inference_service(servicer: InferenceServicer, server: grpc.Server) -> None:
@@ -390,7 +400,7 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
     # The process's metrics without prometheus_client's `_created` timestamp per counter and
     # histogram (a second series each, read by nothing the README's metrics are for).
     prom.disable_created_metrics()
-    _check_port(cfg)
+    _check_ports(cfg)
     engine = Engine(load_repository(cfg), cfg)
     if credentials is not None:  # when the served certificate expires, and after renewals
         expiry = engine.metrics.tls_expiry.labels(str(cfg.tls.cert))

@@ -196,16 +196,25 @@ def test_a_port_left_in_time_wait_by_the_last_server_is_free(repo):
 
 
 def test_a_port_in_use_is_named(repo):
+    """Before the models load: the gRPC port, the metrics port, and a path with nothing."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        r = _quantgate(
+        grpc_taken = _quantgate(
             "-v", "serve", str(repo / "classifier"), "--port", str(port), "--host", "127.0.0.1"
         )
-    assert r.returncode == 2, r.stderr
-    assert f"no other process uses port {port}" in r.stderr and "Traceback" not in r.stderr
-    assert "loaded tiny-classifier" not in r.stderr, r.stderr  # found before the models load
+        metrics_taken = _quantgate("-v", "serve", str(repo / "classifier"), "--port", "0",
+                                   "--host", "127.0.0.1", "--metrics-port", str(port))  # fmt: skip
+    for r, says in (
+        (grpc_taken, f"no other process uses port {port}"),
+        (metrics_taken, f"cannot serve metrics on 127.0.0.1:{port}: another process listens on it"),
+    ):
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert "loaded tiny-classifier" not in r.stderr, r.stderr  # found before the models load
+    r = _quantgate("serve", "no/such/bundle", "--port", "0")
+    assert r.returncode == 2 and "no/such/bundle does not exist" in r.stderr, r.stderr
+    assert "serving on the CPU" not in r.stderr, r.stderr  # nothing to serve: no provider
 
 
 def test_a_servers_log_says_when_and_with_what_settings_without_v(repo):
