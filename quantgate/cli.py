@@ -40,6 +40,7 @@ from rich.text import Text
 from quantgate import __version__
 from quantgate.errors import GateFailed, QuantgateError, exit_code
 from quantgate.export.config import ExportConfig, Exporter
+from quantgate.serve.config import DEVICES, PRECISIONS, ServeConfig
 
 app = typer.Typer(
     name="quantgate",
@@ -134,6 +135,11 @@ class LogFormat(str, Enum):
 class GateDevice(str, Enum):
     CPU = "cpu"
     CUDA = "cuda"
+
+
+# serve's choices, as ServeConfig names them (an Enum: --help lists them)
+ServeDevice = Enum("ServeDevice", {d.upper(): d for d in DEVICES}, type=str)
+Precision = Enum("Precision", {p.upper(): p for p in PRECISIONS}, type=str)
 
 
 # What every LogRecord has; anything else on a record came from `extra=` (the access log's).
@@ -247,6 +253,7 @@ def train(
 
 
 _DEFAULT_EXPORT = ExportConfig()
+_DEFAULT_SERVE = ServeConfig(path=Path("."))
 # Gate thresholds shared by `export` and `gate`; None: the config file's, else GateConfig's.
 # The defaults are written into the help: "\[" keeps rich from reading them as markup.
 _MaxDrop = Annotated[
@@ -786,14 +793,16 @@ def serve(
             help="A bundle, or a repository folder of them (NAME/ or NAME/VERSION/ bundles)."
         ),
     ],
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    host: Annotated[
+        str, typer.Option(help="Address to listen on, for gRPC and the metrics port (:: for IPv6).")
+    ] = _DEFAULT_SERVE.host,
     port: Annotated[
         int,
         typer.Option(min=0, max=65535, help="gRPC port (Triton's is 8001); 0 picks a free one."),
     ] = 8001,
     device: Annotated[
-        str, typer.Option(help="auto (CUDA when onnxruntime has it, else CPU), cuda or cpu.")
-    ] = "auto",
+        ServeDevice, typer.Option(help="auto: CUDA when onnxruntime has it, else the CPU.")
+    ] = _DEFAULT_SERVE.device,
     cuda_device: Annotated[
         int, typer.Option(min=0, help="Which GPU, as CUDA numbers them (nvidia-smi lists them).")
     ] = 0,
@@ -811,7 +820,12 @@ def serve(
     ] = True,
     instances: Annotated[int, typer.Option(min=1, help="Batches run at once per model.")] = 1,
     threads: Annotated[
-        int, typer.Option(min=0, help="ONNX Runtime intra-op threads (0: its default).")
+        int,
+        typer.Option(
+            min=0,
+            help="ONNX Runtime intra-op threads per session (0: its default, one per "
+            "physical core).",
+        ),
     ] = 0,
     max_message_bytes: Annotated[
         int, typer.Option(min=1, help="Largest request or response; beyond it RESOURCE_EXHAUSTED.")
@@ -820,16 +834,15 @@ def serve(
         float,
         typer.Option(
             min=0,
-            help="Seconds admitted requests get to finish after SIGTERM (a second SIGTERM "
-            "exits now). Requests still unanswered when it runs out are cancelled, and the "
-            "server exits 1.",
+            help="Seconds admitted requests get to finish after SIGTERM, Ctrl-C or SIGHUP (a "
+            "second signal exits now). Requests still unanswered when it runs out are "
+            "cancelled, and the server exits 1. Keep it under the orchestrator's termination "
+            "grace (Kubernetes: terminationGracePeriodSeconds, 30 by default).",
         ),
-    ] = 30.0,
+    ] = _DEFAULT_SERVE.shutdown_grace_s,
     precision: Annotated[
-        str | None,
-        typer.Option(
-            help="Serve this variant (fp32, int8, fp16) instead of the fastest that passed."
-        ),
+        Precision | None,
+        typer.Option(help="Serve this variant instead of the fastest that passed."),
     ] = None,
     allow_failed_gates: Annotated[
         bool,
@@ -843,7 +856,8 @@ def serve(
             min=0,
             max=65535,
             help="Serve Prometheus metrics over HTTP on this port, at /metrics (/ redirects "
-            "there, other paths are 404); 0 picks a free port and prints it.",
+            "there), and the probes /healthz and /readyz; other paths are 404. 0 picks a free "
+            "port and prints it. Off unless given (Triton's is 8002).",
         ),
     ] = None,
     tls_cert: Annotated[
@@ -919,7 +933,7 @@ def serve(
         path=path,
         host=host,
         port=port,
-        device=device,
+        device=ServeDevice(device).value,
         max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us,
         max_queue_size=max_queue_size,
@@ -929,7 +943,7 @@ def serve(
         cuda_device_id=cuda_device,
         max_message_bytes=max_message_bytes,
         shutdown_grace_s=shutdown_grace,
-        precision=precision,
+        precision=precision and Precision(precision).value,
         allow_failed_gates=allow_failed_gates,
         metrics_port=metrics_port,
         access_log=access_log,

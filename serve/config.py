@@ -61,7 +61,9 @@ class ServeConfig:
     # Or any token of this file, one per line, read again when it changes (serve/auth.py)
     auth_token_file: Path | None = None
     max_message_bytes: int = 64 << 20  # larger requests fail with RESOURCE_EXHAUSTED
-    shutdown_grace_s: float = 30.0  # SIGTERM: time admitted requests get to finish
+    # SIGTERM: time admitted requests get to finish. Under Kubernetes' default termination
+    # grace (30 s), so that a drain that takes it all still exits by itself, not by SIGKILL.
+    shutdown_grace_s: float = 25.0
     # -- CUDA execution provider (ignored on the CPU) -------------------------------------
     cuda_device_id: int = 0  # which GPU (as CUDA numbers them; CUDA_VISIBLE_DEVICES applies)
     # Cap on ORT's CUDA memory arena per session, in bytes; 0: no cap (ORT's default). Set it
