@@ -82,7 +82,14 @@ class ModelNotFound(BadRequest):
 
 
 class Unavailable(QuantgateError):
-    """The server cannot take the request now: queue full, or shutting down."""
+    """The server cannot take the request now; ``reason`` says why, for the metrics: one of
+    ``REASONS``, or empty where a client decoded the status."""
+
+    REASONS = ("queue_full", "warming_up", "shutting_down")
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
 
 
 class DeadlineExceeded(QuantgateError):

@@ -250,13 +250,16 @@ class Batcher:
     def _admit(self, pending: _Pending) -> None:
         """Queue it, or raise Unavailable (call with the lock held)."""
         if self._closing:
-            raise Unavailable("the server is shutting down; retry on another replica")
+            raise Unavailable(
+                "the server is shutting down; retry on another replica", "shutting_down"
+            )
         if len(self._queue) >= self._max_queue:
             self._drop_expired()  # requests whose deadline passed hold no place
         if len(self._queue) >= self._max_queue:
             raise Unavailable(
                 f"model {self.model.name!r}: queue full ({self._max_queue} requests waiting); "
-                "retry with backoff"
+                "retry with backoff",
+                "queue_full",
             )
         self._queue.append(pending)
         self._cv.notify_all()  # a runner gathering company

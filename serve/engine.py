@@ -45,6 +45,13 @@ class Engine:
             self.metrics.model.labels(
                 m.name, m.version, m.variant.precision, m.provider, m.variant.file
             ).set(1)
+            # Every model's series from the start, at 0: an idle model's rate() is 0, not
+            # absent, and an alert on refusals has a series before the first one
+            self.metrics.requests.labels(m.name, m.version, "OK")
+            for histogram in (self.metrics.latency, self.metrics.queue):
+                histogram.labels(m.name, m.version)
+            for reason in Unavailable.REASONS:
+                self.metrics.refused.labels(m.name, m.version, reason)
 
     def start(self) -> None:
         """One batcher per model."""
@@ -120,7 +127,9 @@ class Engine:
         went, and its batch size. Raises the serve errors (see servicer.py for their status
         codes); Cancelled when ``caller`` goes away first."""
         if not self.ready:
-            raise Unavailable(SHUTTING_DOWN if self.closing.is_set() else WARMING_UP)
+            if self.closing.is_set():
+                raise Unavailable(SHUTTING_DOWN, "shutting_down")
+            raise Unavailable(WARMING_UP, "warming_up")
         rows = model.check(feeds, outputs)
         batcher = self._batchers[(model.name, model.version)]
         outputs, timing = batcher.infer(
@@ -135,10 +144,14 @@ class Engine:
         seconds: float,
         timing: Timing | None = None,
         rows: int = 0,
+        reason: str = "",
     ) -> None:
-        """Account for one answered request (success or not)."""
+        """Account for one answered request (success or not; ``reason``: why an UNAVAILABLE
+        one was refused)."""
         name, version = (model.name, model.version) if model else ("", "")
         self.metrics.requests.labels(name, version, code).inc()
+        if reason:
+            self.metrics.refused.labels(name, version, reason).inc()
         if model is None:
             return
         ok = code == "OK"

@@ -43,6 +43,13 @@ class Metrics:
             (*labels, "code"),
             registry=r,
         )
+        self.refused = prom.Counter(
+            "quantgate_refused_requests",
+            "Requests answered UNAVAILABLE before they ran, by reason: queue_full (back off "
+            "or add replicas), warming_up, shutting_down",
+            (*labels, "reason"),
+            registry=r,
+        )
         self.latency = prom.Histogram(
             "quantgate_request_seconds",
             "Request latency inside the server (successes)",

@@ -372,7 +372,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._finished(record, model, code.name, elapsed)
             return response, e
         except QuantgateError as e:
-            self._finished(record, model, status_of(e).name, time.perf_counter() - start)
+            self._finished(record, model, status_of(e).name, time.perf_counter() - start,
+                           reason=getattr(e, "reason", ""))  # fmt: skip
             return response, e
         except Exception as e:  # a bug, not the client's fault: answer it, keep serving
             log.exception("request %r to model %r failed", request.id, request.model_name)
@@ -381,8 +382,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._finished(record, model, "OK", time.perf_counter() - start, timing, rows)
         return encoded, None
 
-    def _finished(self, record: CallRecord | None, model, code, seconds, timing=None, rows=0):
-        self._engine.finished(model, code, seconds, timing, rows)
+    def _finished(
+        self, record: CallRecord | None, model, code, seconds, timing=None, rows=0, reason=""
+    ):
+        self._engine.finished(model, code, seconds, timing, rows, reason)
         if record is not None:
             record.request(model, code, rows)
 

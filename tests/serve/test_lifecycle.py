@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import queue
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -39,8 +41,9 @@ def _fire(url: str, model: str, requests: list[dict], output: str) -> list:
 
 def test_overload_answers_unavailable_at_once(repo):
     srv = ServerProcess(
-        repo / "encoder" / "1", "--max-queue-size", "4", "--max-queue-delay-us", "100000"
-    )
+        repo / "encoder" / "1", "--max-queue-size", "4", "--max-queue-delay-us", "100000",
+        "--metrics-port", "0",
+    )  # fmt: skip
     try:
         reference = Reference(repo / "encoder" / "1")
         rng = np.random.default_rng(0)
@@ -61,6 +64,16 @@ def test_overload_answers_unavailable_at_once(repo):
                 c.infer("tiny-encoder", inputs(requests[0])).as_numpy("last_hidden_state")
                 is not None
             )
+        # an operator tells a full queue from a warm-up or a drain: each refusal by reason
+        url = re.search(r"metrics on (http://\S+/metrics)", "".join(srv.stdout)).group(1)
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        counted = {
+            reason: float(n)
+            for reason, n in re.findall(
+                r'^quantgate_refused_requests_total\{[^}]*reason="(\w+)"[^}]*\} (\S+)$', text, re.M
+            )
+        }
+        assert counted == {"queue_full": len(refused), "warming_up": 0, "shutting_down": 0}, text
     finally:
         assert srv.terminate() == 0, srv.log
 
