@@ -26,6 +26,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent import futures
 
@@ -170,7 +171,7 @@ def _log_call(method, request, context, record, start, code, *, stream=False) ->
         "code": code,
         "rows": record.rows,
         "latency_ms": latency_ms,
-        "peer": context.peer(),
+        "peer": urllib.parse.unquote(context.peer()),  # gRPC's: ipv6:%5B::1%5D:43926
         "request_id": _asked(request, "id"),
     }
     if stream and method.endswith("/ModelStreamInfer"):

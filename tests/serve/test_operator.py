@@ -626,7 +626,7 @@ def test_a_bare_ipv6_host_is_listened_on_and_printed_in_brackets(repo):
     reading the address the server prints (the metrics URL too)."""
     import tritonclient.grpc as tc
 
-    srv = ServerProcess(repo / "classifier", "--host", "::1", "--metrics-port", "0")
+    srv = ServerProcess(repo / "classifier", "--host", "::1", "--metrics-port", "0", "--access-log")
     try:
         printed = "".join(srv.stdout)
         port = re.search(r"listening on \[::1\]:(\d+)", printed).group(1)
@@ -635,3 +635,5 @@ def test_a_bare_ipv6_host_is_listened_on_and_printed_in_brackets(repo):
             assert c.is_server_ready()
     finally:
         assert srv.terminate() == 0, srv.log
+    # the access log's peer as it is written, not as gRPC escapes it (ipv6:%5B::1%5D:port)
+    assert re.search(r"ServerReady .* peer=ipv6:\[::1\]:\d+ ", srv.log), srv.log
