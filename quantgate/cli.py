@@ -190,7 +190,7 @@ def _server_log(verbose: bool, log_format: LogFormat = LogFormat.TEXT) -> Iterat
         )
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
-    served.setLevel(logging.INFO)
+    served.setLevel(logging.DEBUG if verbose else logging.INFO)  # -v: each batch, too
     try:
         yield
     except QuantgateError as e:

@@ -21,14 +21,13 @@ from pathlib import Path
 import grpc
 
 from quantgate.errors import ConfigError
-from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.serve.config import ServeConfig, token_problem
 
 log = logging.getLogger(__name__)
 
-SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-# Calls that answer a yes/no about the server and carry no data: open to probes.
-OPEN_METHODS = frozenset(f"/{SERVICE}/{m}" for m in ("ServerLive", "ServerReady"))
+# The service's calls that answer a yes/no about the server and carry no data: open to
+# probes.
+OPEN = ("ServerLive", "ServerReady")
 RECHECK_S = 1.0  # how often a token file's change is looked for
 
 
@@ -100,14 +99,16 @@ def tokens(cfg: ServeConfig) -> Tokens | None:
 
 
 class BearerTokenAuth(grpc.ServerInterceptor):
-    """Require ``authorization: Bearer <token>`` on the inference service, for any of the
-    tokens ``tokens()`` gives.
+    """Require ``authorization: Bearer <token>`` on ``service`` (the inference service's
+    full name), for any of the tokens ``tokens()`` gives; ``on_refused`` counts refusals.
 
     Health checks (grpc.health.v1, and the protocol's ServerLive and ServerReady) and
     reflection stay open: load balancers and probes carry no token.
     """
 
-    def __init__(self, tokens: Tokens, on_refused: Callable[[], None]):
+    def __init__(self, service: str, tokens: Tokens, on_refused: Callable[[], None]):
+        self._prefix = f"/{service}/"
+        self._open = frozenset(self._prefix + m for m in OPEN)
         self._tokens = tokens
         self._on_refused = on_refused
 
@@ -115,8 +116,8 @@ class BearerTokenAuth(grpc.ServerInterceptor):
         handler = continuation(details)
         if (
             handler is None
-            or not details.method.startswith(f"/{SERVICE}/")
-            or details.method in OPEN_METHODS
+            or not details.method.startswith(self._prefix)
+            or details.method in self._open
         ):
             return handler
         metadata = dict(details.invocation_metadata or ())

@@ -391,6 +391,7 @@ class Batcher:
     def _execute(self, group: list[_Pending]) -> None:
         """Run ``group`` (outside the lock) and answer each of its requests."""
         options = ort.RunOptions()
+        log.debug("%s: running a batch of %d", self.model.name, len(group))
         with self._cv:
             self._runs.update((id(p), (group, options)) for p in group)
             # every client went between leaving the queue and here: no _abandon comes later

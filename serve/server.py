@@ -46,7 +46,7 @@ from quantgate.serve.servicer import CALL, UNSUPPORTED, CallRecord, InferenceSer
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("quantgate.serve.access")
 
-SERVICE = auth.SERVICE
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 # Request threads beyond the queue: calls that wait in no queue (metadata, statistics,
@@ -252,7 +252,8 @@ def create_server(
     ]
     interceptors = []
     if tokens := tokens or auth.tokens(cfg):
-        interceptors.append(auth.BearerTokenAuth(tokens, engine.metrics.unauthenticated.inc))
+        refused = engine.metrics.unauthenticated.inc
+        interceptors.append(auth.BearerTokenAuth(SERVICE, tokens, refused))
     if cfg.access_log:  # outermost: it logs the calls the token check refuses, too
         interceptors.insert(0, AccessLog())
     threads = cfg.max_queue_size * len(list(engine.repository)) + SPARE_THREADS

@@ -80,7 +80,11 @@ def test_overload_answers_unavailable_at_once(repo):
 
 def test_sigterm_finishes_admitted_requests_and_exits_0(repo):
     """Requests queued when SIGTERM arrives all complete; later ones are refused; exit 0."""
-    srv = ServerProcess(repo / "classifier", "--max-queue-delay-us", "300000")
+    # A batching delay far beyond the test: the requests wait in the queue until the drain
+    # lets every batcher stop waiting for company, whatever the machine's load.
+    srv = ServerProcess(
+        repo / "classifier", "--max-queue-delay-us", "30000000", "--metrics-port", "0"
+    )
     reference = Reference(repo / "classifier")
     rng = np.random.default_rng(1)
     admitted = [batch(rng, 1, 10 + i) for i in range(8)]
@@ -96,9 +100,7 @@ def test_sigterm_finishes_admitted_requests_and_exits_0(repo):
                     np.testing.assert_allclose(got, reference(feeds), atol=ATOL)
                     late_ok[0] += 1
                 except InferenceServerException as e:
-                    # with whether the server was still there to answer it: a call cut by
-                    # the process exiting is the connection's failure, not the server's
-                    late_errors.append((e, srv.proc.poll() is None))
+                    late_errors.append(e)
                     time.sleep(0.01)
 
     with tc.InferenceServerClient(srv.url) as c:
@@ -108,9 +110,10 @@ def test_sigterm_finishes_admitted_requests_and_exits_0(repo):
                 inputs(feeds),
                 callback=lambda result, error, q=q: q.put((result, error)),
             )
+        _until(lambda: _queue_depth(srv) == 8, srv)  # admitted, waiting for company
         load = threading.Thread(target=keep_sending)
         load.start()
-        time.sleep(0.1)  # admitted, and waiting out the 300 ms batching delay
+        _until(lambda: _queue_depth(srv) == 9, srv)  # and the load's first request
         code = srv.terminate()
         stop.set()
         load.join()
@@ -119,10 +122,11 @@ def test_sigterm_finishes_admitted_requests_and_exits_0(repo):
     for (result, error), feeds in zip(results, admitted, strict=True):
         assert error is None, error
         np.testing.assert_allclose(result.as_numpy("logits"), reference(feeds), atol=ATOL)
-    # Whatever came after the signal was refused as UNAVAILABLE, never failed half-way.
-    refused = [(e.status(), e.message()) for e, alive in late_errors if alive]
-    assert all("UNAVAILABLE" in status for status, _ in refused), refused
-    assert late_ok[0] > 0
+    assert late_ok[0] >= 1  # the load's request that was queued at the signal
+    # What came after the signal never ran half-way: refused by the server or by gRPC
+    # (UNAVAILABLE), or cut by gRPC's stop before it ran (CANCELLED, grpc/grpc#41785).
+    statuses = {e.status() for e in late_errors}
+    assert statuses <= {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"}, late_errors[:5]
 
 
 def test_sigterm_refuses_new_requests_on_a_stream_already_open(repo):
@@ -232,14 +236,27 @@ def _slow_bundle(out: Path) -> Path:
     return out
 
 
+RUNNING = ": running a batch of"  # the batcher's debug line (ServerProcess runs -v)
+
+
+def _running(srv: ServerProcess, send) -> None:
+    """``send()`` a request, and return once its batch runs: a request that takes seconds
+    then holds the model, or a drain, however loaded the machine."""
+    before = srv.log.count(RUNNING)
+    send()
+    deadline = time.monotonic() + 30
+    while srv.log.count(RUNNING) <= before:
+        assert time.monotonic() < deadline and srv.proc.poll() is None, srv.log
+        time.sleep(0.01)
+
+
 def test_a_second_sigterm_does_not_wait_for_the_drain(tmp_path):
     """A request that runs for seconds holds the drain open; the operator's second signal
     ends the process then and there, with 128 + SIGTERM."""
     srv = ServerProcess(_slow_bundle(tmp_path / "slow"))
     feeds = {"input_ids": np.array([[10**7]]), "attention_mask": np.array([[1]])}
     with tc.InferenceServerClient(srv.url) as c:
-        c.async_infer("slow", inputs(feeds), callback=lambda result, error: None)
-        time.sleep(0.3)  # the request is running its loop
+        _running(srv, lambda: c.async_infer("slow", inputs(feeds), callback=lambda r, e: None))
         srv.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         while not any("shutting down" in line for line in srv.stderr):
@@ -256,14 +273,20 @@ def test_clients_move_to_another_server_while_one_drains(tmp_path):
     """Two servers behind one client channel (round robin over both addresses, as a client
     balances a Kubernetes service's endpoints). One gets SIGTERM while a request that runs
     for seconds holds its drain open: its GOAWAY moves the channel's new calls to the other
-    server at once, so not one request fails, and the running one is still answered."""
+    server, which answers them through the drain; the running request is still answered.
+
+    The client sends one call at a time, so at most a call or two race the signal itself:
+    sent before the client saw the GOAWAY, such a call is ended by gRPC with CANCELLED,
+    never having run (grpc/grpc#41785), or refused by the engine (UNAVAILABLE). What the
+    draining server must not do is refuse its share of the calls for the whole drain, as it
+    did while the engine closed before gRPC stopped: hundreds here."""
     bundle = _slow_bundle(tmp_path / "slow")
     draining, other = ServerProcess(bundle), ServerProcess(bundle)
     long = {"input_ids": np.array([[3 * 10**6]]), "attention_mask": np.array([[1]])}
     quick = {"input_ids": np.array([[1]]), "attention_mask": np.array([[1]])}
     both = f"ipv4:{draining.url},{other.url}"
     held: queue.Queue = queue.Queue()
-    errors, answered = [], 0
+    failed, answered = [], 0
     try:
         with (
             tc.InferenceServerClient(draining.url) as direct,
@@ -273,23 +296,27 @@ def test_clients_move_to_another_server_while_one_drains(tmp_path):
         ):
             for _ in range(20):  # both endpoints connected and answering
                 balanced.infer("slow", inputs(quick))
-            direct.async_infer(
-                "slow", inputs(long), callback=lambda result, error: held.put((result, error))
+            _running(
+                draining,
+                lambda: direct.async_infer(
+                    "slow", inputs(long), callback=lambda result, error: held.put((result, error))
+                ),
             )
-            time.sleep(0.3)  # the long request is running
             draining.proc.send_signal(signal.SIGTERM)
             while draining.proc.poll() is None:  # the drain: seconds, held by the long request
                 try:
                     balanced.infer("slow", inputs(quick), client_timeout=10)
                     answered += 1
                 except InferenceServerException as e:
-                    errors.append(f"{e.status()}: {e.message()}")
+                    failed.append((e.status(), e.message()))
             result, error = held.get(timeout=60)
         assert error is None and result.as_numpy("counted")[0, 0] == 3 * 10**6, error
         assert draining.proc.returncode == 0, draining.log
         assert "stopped: every admitted request was answered" in draining.log
-        assert not errors, errors[:5]
-        assert answered > 5  # the drain lasted, and the other server answered throughout
+        assert answered >= 20, answered  # the other server answered through the drain
+        assert len(failed) <= 3, failed  # the race with the signal, not half the traffic
+        for status, message in failed:  # and none ran half-way
+            assert status in ("StatusCode.CANCELLED", "StatusCode.UNAVAILABLE"), (status, message)
     finally:
         for srv in (draining, other):
             if srv.proc.poll() is None:
@@ -304,8 +331,7 @@ def test_a_request_timeout_that_passes_in_the_queue_answers_deadline_exceeded(tm
         slow = {"input_ids": np.array([[10**7]]), "attention_mask": np.array([[1]])}
         quick = {"input_ids": np.array([[1]]), "attention_mask": np.array([[1]])}
         with tc.InferenceServerClient(srv.url) as c:
-            c.async_infer("slow", inputs(slow), callback=lambda result, error: None)
-            time.sleep(0.3)  # the slow request is running
+            _running(srv, lambda: c.async_infer("slow", inputs(slow), callback=lambda r, e: None))
             with pytest.raises(InferenceServerException) as err:
                 c.infer("slow", inputs(quick), timeout=200_000)  # 0.2 s
         assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED", err.value
@@ -329,7 +355,9 @@ def test_a_run_whose_clients_all_gave_up_is_stopped_and_frees_the_model(tmp_path
         assert result.as_numpy("counted").tolist() == [[1.0]]
     finally:
         assert srv.terminate() == 0, srv.log
-    assert "Traceback" not in srv.log and "failed" not in srv.log, srv.log
+    # stopped on purpose: not an error (the -v log says why at DEBUG)
+    assert "Traceback" not in srv.log and " ERROR " not in srv.log, srv.log
+    assert "stopped: its clients had all gone" in srv.log, srv.log
 
 
 def test_a_health_watch_held_open_through_the_drain_is_no_request_cut_off(repo):
@@ -361,8 +389,7 @@ def test_a_grace_that_runs_out_is_logged_and_exits_1(tmp_path):
     srv = ServerProcess(_slow_bundle(tmp_path / "slow"), "--shutdown-grace", "0.5")
     feeds = {"input_ids": np.array([[10**7]]), "attention_mask": np.array([[1]])}
     with tc.InferenceServerClient(srv.url) as c:
-        c.async_infer("slow", inputs(feeds), callback=lambda result, error: None)
-        time.sleep(0.3)  # the request is running its loop
+        _running(srv, lambda: c.async_infer("slow", inputs(feeds), callback=lambda r, e: None))
         code = srv.terminate()
     assert code == 1, srv.log
     assert (
@@ -373,11 +400,13 @@ def test_a_grace_that_runs_out_is_logged_and_exits_1(tmp_path):
 
 
 def test_a_cancelled_stream_cancels_the_requests_it_queued(repo):
-    """20 requests wait out a 1 s batching delay; the client cancels the stream at 0.3 s:
-    none of them may run once nobody waits for them (counted as failed, not as successes)."""
+    """20 requests wait in the queue for company (a 30 s batching delay); the client cancels
+    the stream: they leave the queue counted as failed, and none of them ever runs."""
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-    srv = ServerProcess(repo / "classifier", "--max-queue-delay-us", "1000000")
+    srv = ServerProcess(
+        repo / "classifier", "--max-queue-delay-us", "30000000", "--metrics-port", "0"
+    )
     try:
         ids = np.ones((1, 8), np.int64)
 
@@ -393,18 +422,37 @@ def test_a_cancelled_stream_cancels_the_requests_it_queued(repo):
         hold = threading.Event()
         with grpc.insecure_channel(srv.url) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+            def stats():
+                return stub.ModelStatistics(
+                    service_pb2.ModelStatisticsRequest(name="tiny-classifier")
+                ).model_stats[0]
+
             call = stub.ModelStreamInfer(requests())
-            time.sleep(0.3)
+            _until(lambda: _queue_depth(srv) == 20, srv)
             call.cancel()
             hold.set()
-            time.sleep(1.5)  # past the batching delay they were waiting for
-            stats = stub.ModelStatistics(
-                service_pb2.ModelStatisticsRequest(name="tiny-classifier")
-            ).model_stats[0]
-        assert stats.inference_stats.success.count == 0, stats
-        assert stats.inference_stats.fail.count == 20, stats
+            _until(lambda: stats().inference_stats.fail.count == 20, srv)
+            final = stats()
+        assert final.inference_stats.success.count == 0, final
+        assert final.execution_count == 0, final  # no batch ran them, nor ever will
+        assert _queue_depth(srv) == 0
     finally:
         assert srv.terminate() == 0, srv.log
+
+
+def _until(check, srv: ServerProcess, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, srv.log
+        time.sleep(0.02)
+
+
+def _queue_depth(srv: ServerProcess) -> float:
+    """The server's quantgate_queue_depth, summed over its models (--metrics-port 0)."""
+    url = re.search(r"metrics on (http://\S+/metrics)", "".join(srv.stdout)).group(1)
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return sum(float(n) for n in re.findall(r"^quantgate_queue_depth\{[^}]*\} (\S+)$", text, re.M))
 
 
 def _openssl(*args: str) -> None:
