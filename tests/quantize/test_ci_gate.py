@@ -34,8 +34,11 @@ def _gates(out: Path) -> dict:
 
 def test_builtin_classifier_loses_at_most_one_point(cli, tmp_path):
     out = tmp_path / "digits"
+    # Accuracy is what this test is about: the built-in model's INT8 is only 1.05-1.4x FP32
+    # on two cores (README), so a speed gate at 1.0x on a loaded CI runner could fail it,
+    # and a budget of a minute could end the search before a candidate passes.
     r = cli("export", digits_checkpoint(), "--out", out,
-                "--min-speedup", "1.0", "--search-budget", "60")  # fmt: skip
+            "--min-speedup", "0.8", "--search-budget", "300")  # fmt: skip
     print(r.stdout)
     assert r.code == 0, r.stdout + r.stderr  # exit 3 when any gate failed
     drop = _gates(out)["accuracy_drop"]

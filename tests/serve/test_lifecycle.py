@@ -534,19 +534,24 @@ def test_mutual_tls_and_bearer_token(repo, tmp_path):
             with pytest.raises(InferenceServerException) as err:
                 c.infer("tiny-classifier", inputs(feeds))
             assert err.value.status() == "StatusCode.UNAUTHENTICATED"
-            with pytest.raises(InferenceServerException):
-                c.infer("tiny-classifier", inputs(feeds), headers={"authorization": "Bearer wrong"})
-            with pytest.raises(InferenceServerException):  # the token, not the scheme alone
-                c.infer("tiny-classifier", inputs(feeds), headers={"authorization": "Bearer"})
+            for wrong in (
+                "Bearer wrong",
+                "Bearer",
+                "Basic s3cret",
+            ):  # "Bearer": not the scheme alone
+                with pytest.raises(InferenceServerException) as err:
+                    c.infer("tiny-classifier", inputs(feeds), headers={"authorization": wrong})
+                assert err.value.status() == "StatusCode.UNAUTHENTICATED", (wrong, err.value)
             got = c.infer(
                 "tiny-classifier", inputs(feeds), headers={"authorization": "Bearer s3cret"}
             )
             # the scheme is case-insensitive (RFC 9110), the token is not
             c.infer("tiny-classifier", inputs(feeds), headers={"authorization": "bearer s3cret"})
-            with pytest.raises(InferenceServerException):
+            with pytest.raises(InferenceServerException) as err:
                 c.infer(
                     "tiny-classifier", inputs(feeds), headers={"authorization": "Bearer S3CRET"}
                 )
+            assert err.value.status() == "StatusCode.UNAUTHENTICATED", err.value
             np.testing.assert_allclose(
                 got.as_numpy("logits"), Reference(repo / "classifier")(feeds), atol=ATOL
             )

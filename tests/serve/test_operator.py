@@ -73,7 +73,13 @@ def test_a_repository_lists_every_model_folder_it_cannot_serve(repo, tmp_path):
 
 
 def test_serve_check_says_what_each_model_would_serve_and_binds_nothing(repo, tmp_path):
-    r = _quantgate("serve", str(repo), "--check", "--port", "1")  # port 1: never bound
+    with socket.socket() as a, socket.socket() as b:  # ports in use: --check neither binds
+        for taken in (a, b):  # nor probes them
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+        port, metrics = (str(t.getsockname()[1]) for t in (a, b))
+        r = _quantgate("serve", str(repo), "--check", "--host", "127.0.0.1", "--port", port,
+                       "--metrics-port", metrics)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "would serve classifier v1: fp32 (model.fp32.onnx) on CPUExecutionProvider" in r.stdout
     assert "would serve encoder v1: fp32" in r.stdout and f"{repo}: ready to serve" in r.stdout

@@ -262,7 +262,8 @@ def test_an_unreadable_stream_message_ends_the_stream_at_once(server):
         assert not first.error_message and first.infer_response.model_name == "classifier"
         with pytest.raises(grpc.RpcError) as err:
             next(answers)
-    assert err.value.code() != grpc.StatusCode.DEADLINE_EXCEEDED, err.value.details()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "stream message 2 is no ModelInferRequest" in err.value.details()
     with tc.InferenceServerClient(server.url) as c:
         assert c.is_server_live()
 
@@ -298,9 +299,14 @@ def test_metrics_endpoint(tmp_path, repo):
                 c.infer(
                     "tiny-classifier",
                     inputs(batch(np.random.default_rng(3), 1, 9)),
-                    client_timeout=0.05,
+                    # the request's own timeout (us), not a client deadline: a call whose
+                    # deadline passes before a thread takes it up is never counted
+                    timeout=50_000,
                 )
             assert "Deadline" in str(late.value) or "DEADLINE" in str(late.value), late.value
+            for name in ("nope", "x" * 200):  # clients cannot grow the label set
+                with pytest.raises(InferenceServerException):
+                    c.infer(name, inputs(batch(np.random.default_rng(3), 1, 9)))
         labels = 'model="tiny-classifier",version="1"'
         expired = f'quantgate_requests_total{{code="DEADLINE_EXCEEDED",{labels}}} 1.0'
         text = ""
@@ -316,6 +322,8 @@ def test_metrics_endpoint(tmp_path, repo):
         until(scraped)
         assert f'quantgate_requests_total{{code="OK",{labels}}} 1.0' in text
         assert 'code="INVALID_ARGUMENT"' in text
+        assert 'quantgate_requests_total{code="NOT_FOUND",model="",version=""} 2.0' in text, text
+        assert "nope" not in text and "x" * 200 not in text
         assert f"quantgate_queue_depth{{{labels}}} 0.0" in text  # the expired one left
         assert "quantgate_batch_size_bucket" in text and "quantgate_request_seconds_bucket" in text
         assert 'precision="fp32",provider="CPUExecutionProvider"' in text
