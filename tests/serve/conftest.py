@@ -25,7 +25,10 @@ LISTENING = re.compile(r"listening on \S+:(\d+)")
 
 
 class ServerProcess:
-    """`quantgate serve` as a real subprocess on a free port."""
+    """`quantgate serve` as a real subprocess on a free port. One a test leaves running (an
+    assertion failed before it stopped it) is killed after the test (``_no_server_left``)."""
+
+    started: list[ServerProcess] = []
 
     def __init__(self, path: Path, *args: str, startup_s: float = 60.0):
         self.proc = subprocess.Popen(
@@ -47,6 +50,7 @@ class ServerProcess:
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+        ServerProcess.started.append(self)
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         threading.Thread(
@@ -86,6 +90,19 @@ class ServerProcess:
     @property
     def log(self) -> str:
         return "".join(self.stderr)
+
+
+@pytest.fixture(autouse=True)
+def _no_server_left() -> Iterator[None]:
+    """Kill the servers a test started and left running: a failed test must not leave a
+    process that holds a port and a core through the rest of the run."""
+    before = len(ServerProcess.started)
+    yield
+    for srv in ServerProcess.started[before:]:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait(30)
+    del ServerProcess.started[before:]
 
 
 @pytest.fixture(scope="session")

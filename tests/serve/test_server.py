@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -348,3 +349,46 @@ def test_metrics_endpoint(tmp_path, repo):
         assert "--metrics-port" in taken.stderr and "Traceback" not in taken.stderr, taken.stderr
     finally:
         assert srv.terminate() == 0
+
+
+def test_reflection_lists_the_services_grpcurl_needs(server):
+    """README: grpcurl works without the .proto files, through server reflection."""
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(server.url) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = set(db.get_services())
+        file = db.FindFileContainingSymbol("inference.GRPCInferenceService")
+    assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services, services
+    methods = {m.name for svc in file.service for m in svc.method}
+    assert {"ModelInfer", "ModelStreamInfer", "ModelMetadata"} <= methods, methods
+
+
+def test_without_dynamic_batching_each_request_runs_alone(repo):
+    """--no-dynamic-batching: concurrent requests are answered right, each in a batch of
+    its own (the batch-size histogram counts only batches of its own rows)."""
+    from conftest import ServerProcess
+
+    srv = ServerProcess(repo / "classifier", "--no-dynamic-batching", "--metrics-port", "0")
+    try:
+        reference = Reference(repo / "classifier")
+        rng = np.random.default_rng(5)
+        requests = [batch(rng, 1, 6 + i % 5) for i in range(24)]
+        answers: list[queue.Queue] = [queue.Queue() for _ in requests]
+        with tc.InferenceServerClient(srv.url) as c:
+            for q, feeds in zip(answers, requests, strict=True):
+                c.async_infer("tiny-classifier", inputs(feeds),
+                              callback=lambda result, error, q=q: q.put((result, error)))  # fmt: skip
+            for q, feeds in zip(answers, requests, strict=True):
+                result, error = q.get(timeout=60)
+                assert error is None, error
+                np.testing.assert_allclose(result.as_numpy("logits"), reference(feeds), atol=1e-4)
+        url = re.search(r"metrics on (http://\S+/metrics)", "".join(srv.stdout)).group(1)
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        count = re.search(r"^quantgate_batch_size_count\{[^}]*\} (\S+)$", text, re.M)
+        ones = re.search(r'^quantgate_batch_size_bucket\{[^}]*le="1.0"[^}]*\} (\S+)$', text, re.M)
+        assert float(count.group(1)) == float(ones.group(1)) == 24, text
+    finally:
+        assert srv.terminate() == 0, srv.log
