@@ -88,6 +88,15 @@ DEFAULT_BATCH = 16  # rows per feed; calibration statistics do not depend on it
 # the calibration rows (their extremes, or a percentile of them), and from a handful of rows
 # those ranges are noise, not the ranges of the data the model will serve.
 MIN_CALIBRATION_ROWS = 32
+EMBEDDING_TASKS = ("feature-extraction",)  # gated on agreement with FP32, not on labels
+
+
+def _ignored_labels(where: str, model: ModelInfo) -> None:
+    log.warning(
+        "%s: labels ignored: a %s model is gated on its agreement with FP32 (cosine, "
+        "nearest-neighbour top-1), which needs none",
+        where, model.task,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,13 @@ class ModelInfo:
     @property
     def input_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.inputs)
+
+    @property
+    def reads_labels(self) -> bool:
+        """Whether labels mean anything to the gates: an embedding model is gated on its
+        agreement with FP32, and its data's labels are ignored (with a warning), whatever
+        their form."""
+        return self.task not in EMBEDDING_TASKS
 
     @property
     def classes(self) -> str:
@@ -197,6 +213,7 @@ class DataSource:
     in_calibration: int | None = None
     # (samples,) uint64: each row's row_hashes, in any order; None: not known
     row_hashes: np.ndarray | None = field(default=None, repr=False, compare=False)
+    labels_ignored: bool = False  # it had labels, which the model's gates do not read
 
     @property
     def capped(self) -> bool:
@@ -273,6 +290,8 @@ def open_source(
         source = _iterable(spec, model, samples, batch_size)
     if role == "calibration" and source.samples < MIN_CALIBRATION_ROWS:
         _warn_few_calibration_rows(source, samples, where=named(flag, spec, source))
+    if role == "evaluation" and source.labels_ignored:
+        _ignored_labels(named(flag, spec, source), model)
     return source
 
 
@@ -748,7 +767,8 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
                 f"{flag} {path}: cannot read its arrays ({e}); expected numeric arrays, "
                 "as np.savez writes them from integer numpy arrays"
             ) from e
-        labels = arrays.pop(LABELS, None)
+        labels = arrays.pop(LABELS, None) if model.reads_labels else None
+        arrays.pop(LABELS, None)  # an embedding model's: not read (resolve says so)
         feeds = check_feeds(arrays, model, f"{flag} {path}")
         n = len(next(iter(feeds.values())))
         if labels is not None:
@@ -779,12 +799,13 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
         kind="npz",
         file_sha256=digest,
         samples=len(keep),
-        has_labels=LABELS in keys,
+        has_labels=LABELS in keys and model.reads_labels,
         sha256=h.hexdigest(),
         _batches=batches,
         lengths=(int(lengths[keep].min()), int(lengths[keep].max())),
         total=n,
         row_hashes=hashes,
+        labels_ignored=LABELS in keys and not model.reads_labels,
     )
 
 
@@ -810,7 +831,7 @@ def _jsonl(
             f'{where}: expected one {{"text": ...}} JSON object per line, found {found}. '
             "Write the texts into it, one object per line."
         )
-    if not scan.labelled:
+    if not scan.labelled and model.reads_labels:
         _warn_unlabelled(scan, where)
     lengths = np.asarray(scan.lengths, dtype=np.int64)
     offsets = np.asarray(scan.offsets, dtype=np.int64)
@@ -861,6 +882,7 @@ def _jsonl(
         total=len(offsets),
         cut=cut,
         row_hashes=np.asarray(scan.hashes, dtype=np.uint64)[keep],
+        labels_ignored=scan.ignored > 0,
     )
 
 
@@ -887,12 +909,16 @@ class _Scan:
     index_at: str | None = None  # the first integer label, and its line
     name_at: str | None = None  # the first string label, and its line
     null_labels: int = 0  # lines whose "label" is null (read as unlabelled)
+    reads_labels: bool = True  # False: an embedding model's; its labels are not read
+    ignored: int = 0  # lines whose label was not read for that
     unread: set[str] = field(default_factory=set)  # keys beside "text" and "label" there
 
     def add(self, lineno: int, row: Any, problem: str | None) -> bool:
         """Take in one non-blank line (``_parse_line``'s answer); True for a good row."""
         self.lines += 1
         label = row.get("label") if isinstance(row, dict) else None
+        if label is not None and not self.reads_labels:
+            self.ignored, label = self.ignored + 1, None
         if isinstance(label, int) and not isinstance(label, bool):
             self.lo, self.hi = min(self.lo, label), max(self.hi, label)
             self.index_at = self.index_at or f"{label} on line {lineno}"
@@ -913,7 +939,7 @@ class _Scan:
             return False
         self.labelled = label is not None
         self.first = self.first or lineno
-        if not self.labelled:
+        if not self.labelled and self.reads_labels:
             self.null_labels += "label" in row
             if len(self.unread) < MAX_PROBLEMS:  # one may be a misnamed label
                 self.unread.update(k for k in row if k not in ("text", "label"))
@@ -924,7 +950,7 @@ def _scan_jsonl(path: Path, tok, limit: int | None, model: ModelInfo, where: str
     """Pass 1 over a JSONL file: every line parsed and checked; the byte offset, token count
     and row hash of every good one, and which are cut at ``limit`` (tokenized only while no
     line is bad: such a file is refused)."""
-    scan = _Scan()
+    scan = _Scan(reads_labels=model.reads_labels)
     texts: list[str] = []  # good lines waiting to be tokenized
     starts: list[int] = []  # and their offsets
 
@@ -1048,7 +1074,7 @@ def _parse_line(line: bytes, model: ModelInfo) -> tuple[Any, str | None]:
     text = row["text"]
     if not isinstance(text, str) or not text.strip():
         return row, f'no non-blank string "text" (found {json.dumps(text)[:60]})'
-    label = row.get("label")
+    label = row.get("label") if model.reads_labels else None
     return row, None if label is None else label_problem(label, model.labels)
 
 
@@ -1186,6 +1212,8 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
             it = list(it)
         make = lambda: it  # noqa: E731
 
+    ignored = [False]  # an item had labels, which an embedding model does not read
+
     def items() -> Iterator[tuple[int, Feeds, Any, np.ndarray | None]]:
         """Each item, checked: its index, its feeds, its labels as given and as indices."""
         for i, feeds in enumerate(make()):
@@ -1194,7 +1222,8 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
                     f"data item {i} is a {type(feeds).__name__}; expected a dict of arrays"
                 )
             f = check_feeds(feeds, model, f"data item {i}")
-            given = feeds.get(LABELS)
+            given = feeds.get(LABELS) if model.reads_labels else None  # else not read
+            ignored[0] = ignored[0] or (LABELS in feeds and not model.reads_labels)
             n = len(next(iter(f.values())))
             # class names become indices
             labels = (
@@ -1257,6 +1286,7 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
         lengths=(lo or 0, hi),
         total=None if samples is not None and rows >= samples else rows,  # else not read to the end
         row_hashes=np.concatenate(hashes),
+        labels_ignored=ignored[0],
     )
 
 

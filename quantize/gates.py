@@ -64,7 +64,7 @@ from quantgate import workarounds
 from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, speed_gate_name, speed_score
 from quantgate.errors import ConfigError, DataError, QuantizeError
 from quantgate.progress import ProgressFn, no_progress
-from quantgate.quantize.data import DataSource
+from quantgate.quantize.data import EMBEDDING_TASKS, DataSource
 from quantgate.quantize.labels import one_based_hint
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,6 @@ CLASSIFIER_TASKS = ("sequence-classification",)
 # Fewest evaluation rows for the accuracy, top-1 and nearest-neighbour gates: below it one
 # row is over 3 points of accuracy, and with 2 rows each row's nearest is always the other.
 MIN_EVAL_ROWS = 30
-EMBEDDING_TASKS = ("feature-extraction",)
 
 
 @dataclass(frozen=True)

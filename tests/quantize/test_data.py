@@ -58,7 +58,7 @@ def test_stratified_sampling_spans_every_length():
 
 
 def test_jsonl_is_tokenized_with_the_models_tokenizer(tmp_path):
-    info = minilm_info()
+    info = minilm_info("sequence-classification")
     texts = english(60)
     path = write_jsonl(tmp_path / "t.jsonl", texts, labels=[i % 2 for i in range(60)])
     src = open_source(path, info, role="evaluation", samples=20, batch_size=8)
@@ -82,7 +82,7 @@ def test_jsonl_is_tokenized_with_the_models_tokenizer(tmp_path):
 
 
 def test_bad_jsonl_lists_every_bad_line(tmp_path):
-    info = minilm_info()
+    info = minilm_info("sequence-classification")
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\nnot json\n{"txt": "x"}\n{"text": "y", "label": "pos"}\n')
     with pytest.raises(DataError) as e:
@@ -100,7 +100,7 @@ def test_bad_jsonl_lists_every_bad_line(tmp_path):
 def test_lines_labelled_unlike_the_first_row_say_so_against_it(tmp_path):
     """Labels on some lines only: each line flagged says what it has and what the first row
     has, so the lines it names are the ones that differ from line 1, whichever way."""
-    info = minilm_info()
+    info = minilm_info("sequence-classification")
     path = tmp_path / "partial.jsonl"
     path.write_text('{"text": "a"}\n{"text": "b", "label": 1}\n{"text": "c"}\n')
     with pytest.raises(DataError) as e:
@@ -231,7 +231,7 @@ def test_more_bad_files_get_a_message_not_a_traceback(tmp_path):
              attention_mask=feeds["attention_mask"])  # fmt: skip
     with pytest.raises(DataError, match="cannot read its arrays .*Object arrays"):
         open_source(tmp_path / "obj.npz", DIGITS, role="calibration")
-    info = minilm_info()
+    info = minilm_info("sequence-classification")
     big = tmp_path / "big.jsonl"  # json reads it; int64 cannot hold it
     big.write_text('{"text": "a b", "label": 99999999999999999999}\n{"text": "c", "label": -1}\n')
     with pytest.raises(DataError) as e:
@@ -393,7 +393,7 @@ def test_jsonl_that_is_not_utf8_json_lines_says_what_it_is(tmp_path, name):
 
 
 def test_jsonl_with_a_bom_crlf_and_blank_lines_reads_as_written(tmp_path):
-    info = minilm_info()
+    info = minilm_info("sequence-classification")
     path = tmp_path / "win.jsonl"
     path.write_bytes(
         b'\xef\xbb\xbf{"text": "first line", "label": 0}\r\n\r\n{"text": "second", "label": 1}\r\n'

