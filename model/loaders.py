@@ -587,7 +587,7 @@ def load_factory(
         log.warning(
             "%s: task %r is not one the gates know (%s): the model is gated as %r, each output "
             "against FP32's, unless an output is named `logits` or `sentence_embedding`%s",
-            spec, task, ", ".join(FACTORY_TASKS), CUSTOM, _did_you_mean(task, HF_TASKS),
+            spec, task, ", ".join(FACTORY_TASKS), CUSTOM, _did_you_mean(task, FACTORY_TASKS),
         )  # fmt: skip
     return LoadedModel(
         kind="factory",

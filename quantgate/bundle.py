@@ -165,7 +165,7 @@ def class_names(extra: dict[str, Any]) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Manifest:
     name: str
-    task: str  # "sequence-classification", "feature-extraction" or "custom"
+    task: str  # "sequence-classification", "feature-extraction", "custom", or a factory's own
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     variants: tuple[Variant, ...]

@@ -120,7 +120,7 @@ def measure(
     # Spin-free, as the CPU speed gates: timed in turn, one session's idle CPU threads (INT8's
     # ops that fall back to the CPU) would spin into the next one's run.
     sessions = {k: session(p, provider, spin=False, precision=k) for k, p in files.items()}
-    others = [k for k in sessions if k != "fp32"]
+    others = [k for k in sessions if k != "fp32"] or ["fp32"]  # FP32 alone: timed alone
     out = []
     for shape in (cfg.throughput, cfg.latency):
         feed = speed_feeds(inputs, *shape, sample=None)
@@ -129,7 +129,7 @@ def measure(
         ms, speedup, pairs = {}, {"fp32": 1.0}, []
         for k in others:
             t = time_interleaved(
-                {"fp32": runners["fp32"], k: runners[k]},
+                {"fp32": runners["fp32"], k: runners[k]},  # one runner where k is FP32
                 warmup=cfg.warmup,
                 budget_s=cfg.budget_s / len(others),
                 pairs=cfg.pairs,

@@ -1,7 +1,8 @@
 """Bearer-token authentication: the interceptor, and tokens from the flag or a file.
 
 A token file holds one token per line (blank lines and ``#`` comments aside) and is read
-again when it changes, checked at most once a second: a token rotates with no restart and
+again when it changes (``watch.Watched``: looked at every second, off the request path):
+a token rotates with no restart and
 no window of refused clients (add the new token, move the clients to it, remove the old),
 as a Kubernetes Secret mounted as a file is updated in place. A file that changes into one
 that cannot be used (no token, a token with spaces) is logged as an error and the tokens
@@ -12,9 +13,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
-import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,13 +20,13 @@ import grpc
 
 from quantgate.errors import ConfigError
 from quantgate.serve.config import ServeConfig, token_problem
+from quantgate.serve.watch import Watched
 
 log = logging.getLogger(__name__)
 
 # The service's calls that answer a yes/no about the server and carry no data: open to
 # probes.
 OPEN = ("ServerLive", "ServerReady")
-RECHECK_S = 1.0  # how often a token file's change is looked for
 
 
 def read_tokens(path: Path) -> tuple[bytes, ...]:
@@ -44,54 +42,48 @@ def read_tokens(path: Path) -> tuple[bytes, ...]:
         raise ConfigError(
             f"--auth-token-file {path} holds no token: one per line (# starts a comment)"
         )
-    for n, token in enumerate(tokens, 1):
-        if (problem := token_problem(token)) is not None:
-            raise ConfigError(f"--auth-token-file {path}: token {n} {problem}")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        token = line.strip()
+        if token and not token.startswith("#") and (problem := token_problem(token)):
+            raise ConfigError(f"--auth-token-file {path}: the token on line {lineno} {problem}")
     return tuple(t.encode() for t in tokens)
 
 
 class TokenFile:
-    """The tokens of a file, read again when its modification time, size or inode change."""
+    """The tokens of a file, read again when it changes (``watch.Watched``); ``start()``
+    watches it. Calling it answers the tokens in force and touches no file: interceptors
+    run on gRPC's one dispatch thread."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._tokens = read_tokens(path)
-        self._stamp = self._stat()
-        self._next = time.monotonic() + RECHECK_S
-        self._lock = threading.Lock()
+        self._watch = Watched(
+            f"--auth-token-file {path}",
+            [path],
+            lambda: read_tokens(path),
+            kept="the tokens read before stay in force",
+            on_load=lambda t: log.info("read %d token(s) from %s again", len(t), path),
+        )
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:  # being replaced: look again next time
-            return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
+    def start(self) -> TokenFile:
+        self._watch.start()
+        return self
+
+    def check(self) -> bool:
+        return self._watch.check()
 
     def __call__(self) -> tuple[bytes, ...]:
-        if time.monotonic() >= self._next and self._lock.acquire(blocking=False):
-            try:  # one request thread looks; the others go on with the tokens in force
-                self._next = time.monotonic() + RECHECK_S
-                stamp = self._stat()
-                if stamp is not None and stamp != self._stamp:
-                    self._stamp = stamp
-                    try:
-                        self._tokens = read_tokens(self.path)
-                        log.info("read %d token(s) from %s again", len(self._tokens), self.path)
-                    except ConfigError as e:
-                        log.error("%s; the tokens read before stay in force", e)
-            finally:
-                self._lock.release()
-        return self._tokens
+        return self._watch.value
 
 
 Tokens = Callable[[], Sequence[bytes]]  # the tokens in force, asked on every call
 
 
-def tokens(cfg: ServeConfig) -> Tokens | None:
-    """The bearer tokens ``cfg`` requires (its token, or its token file's, read now), or
-    None: no authentication."""
+def tokens(cfg: ServeConfig, *, watch: bool = True) -> Tokens | None:
+    """The bearer tokens ``cfg`` requires (its token, or its token file's, read now and,
+    with ``watch``, again when it changes), or None: no authentication."""
     if cfg.auth_token_file is not None:
-        return TokenFile(cfg.auth_token_file)
+        file = TokenFile(cfg.auth_token_file)
+        return file.start() if watch else file
     if cfg.auth_token:
         fixed = (cfg.auth_token.encode(),)
         return lambda: fixed

@@ -32,7 +32,7 @@ STATUS: dict[type[QuantgateError], grpc.StatusCode] = {
     Cancelled: grpc.StatusCode.CANCELLED,
     InferenceFailed: grpc.StatusCode.INTERNAL,
     ResponseTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,  # answered by server.BearerTokenAuth
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,  # answered by auth.BearerTokenAuth
 }
 
 

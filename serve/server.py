@@ -280,7 +280,10 @@ def create_server(
         if cfg.tls is None:
             port = server.add_insecure_port(address)
         else:
-            port = server.add_secure_port(address, (credentials or tls.Credentials(cfg.tls)).grpc())
+            if credentials is None:
+                credentials = tls.Credentials(cfg.tls)
+                credentials.watch()
+            port = server.add_secure_port(address, credentials.grpc())
     except RuntimeError as e:  # gRPC says only "Failed to bind"; its log above says why
         raise ServeError(_cannot_listen(cfg, address)) from e
     if port == 0:
@@ -363,7 +366,7 @@ def verify(cfg: ServeConfig) -> Repository:
     with its TLS files read, but no port bound: a repository checked before a rollout."""
     if cfg.tls is not None:
         tls.read(cfg.tls)
-    auth.tokens(cfg)
+    auth.tokens(cfg, watch=False)
     return load_repository(cfg)
 
 
@@ -423,8 +426,11 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
         stop.set()
 
     # SIGHUP too: the terminal that started the server closed. Its default would end the
-    # process at once, admitted requests unanswered.
-    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    # process at once, admitted requests unanswered; one nohup ignores stays ignored.
+    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+    signals = [signal.SIGTERM, signal.SIGINT]
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        signals.append(hangup)
     previous = {sig: signal.signal(sig, on_signal) for sig in signals}
     try:
         try:
@@ -502,5 +508,8 @@ def _drain(
     stopped = server.stop(grace)  # GOAWAY now; what still runs at the grace is cancelled
     drained = engine.close(max(0.0, grace - min(0.5, grace / 10)))
     stopped.wait()
+    # Requests answered in that last moment: drained after all, unless gRPC cut one off
+    # (a cut-off request counts; a batch stopped for it leaves the engine looking empty).
+    drained = drained or (engine.cut_off == 0 and engine.close(0))
     engine.metrics.close_http()  # scraped until here: the drain shows in the metrics
     return drained

@@ -3,22 +3,21 @@
 gRPC fails on a bad file only when it binds the port, after every model has loaded, with a
 message that names no file; an expired certificate it serves without a word, and every
 client's handshake fails while health says SERVING. So the files are checked here first:
-PEM, the key the certificate's, not encrypted, every certificate within its dates (a warning
-when one expires within ``WARN_DAYS``).
+PEM, the key the certificate's, not encrypted, the server's own certificate within its
+dates and at least one client CA within theirs (``check_dates``; a warning for any
+certificate out of its dates or ending within ``WARN_DAYS``, at start and daily).
 
-The credentials are gRPC's dynamic ones: at each new connection's handshake (at most once a
-second) the files are looked at again, and when they changed and pass the same checks, new
-connections get them, with no restart: cert-manager, or a Kubernetes Secret mounted as
-files, renews a certificate in place. A change that does not pass (a key written before its
-certificate, say) is logged, and the certificate in force stays.
+The credentials are gRPC's dynamic ones, over files watched for changes (``watch.Watched``,
+every second, off the handshake): when they change and pass the same checks, new
+connections get them with no restart, as cert-manager or a Kubernetes Secret mounted as
+files renews a certificate in place. A change that does not pass (a key written before its
+certificate, say) is logged and tried again, and the certificate in force stays.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import ssl
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,11 +28,12 @@ import grpc
 
 from quantgate.errors import ServeError
 from quantgate.serve.config import TLSConfig
+from quantgate.serve.watch import Watched
 
 log = logging.getLogger(__name__)
 
-WARN_DAYS = 14  # a certificate that expires sooner is warned about at each read
-RECHECK_S = 1.0  # how often a handshake looks for changed files
+WARN_DAYS = 14  # a certificate that expires sooner is warned about at each read, and daily
+DAY_S = 86400.0
 CERT = b"-----BEGIN CERTIFICATE-----"
 
 
@@ -41,10 +41,10 @@ CERT = b"-----BEGIN CERTIFICATE-----"
 class Material:
     """The PEM bytes gRPC serves, checked."""
 
-    cert: bytes  # the server's certificate chain
+    cert: bytes  # the server's certificate chain, its own certificate first
     key: bytes
     client_ca: bytes | None
-    expires: datetime  # the earliest end of validity in the server's chain (UTC)
+    expires: datetime  # the end of the server's own certificate's validity (UTC)
 
 
 def read(tls: TLSConfig, now: datetime | None = None) -> Material:
@@ -54,29 +54,72 @@ def read(tls: TLSConfig, now: datetime | None = None) -> Material:
     key = _read_pem("--tls-key", tls.key, b"PRIVATE KEY-----")
     ca = _read_pem("--tls-client-ca", tls.client_ca, CERT) if tls.client_ca else None
     _check_pair(tls.cert, tls.key)
+    return Material(cert, key, ca, check_dates(tls, cert, ca, now))
+
+
+def check_dates(
+    tls: TLSConfig, cert: bytes, ca: bytes | None, now: datetime | None = None
+) -> datetime:
+    """Refuse the server's own certificate out of its dates, or client CAs none of which is
+    within them (an old CA beside its successor, as during a CA's rotation, is only warned
+    about: OpenSSL skips it); warn of any certificate that is out of its dates or ends
+    within WARN_DAYS. Returns the end of the server's own certificate."""
     now = now or datetime.now(timezone.utc)
-    expires = _check_dates("--tls-cert", tls.cert, cert, now)
+    served = _certificates("--tls-cert", tls.cert, cert)
+    for i, c in enumerate(served):  # the first is the server's own; the rest its chain
+        problem = _outside(c, now)
+        if problem and i == 0:
+            raise ServeError(f"--tls-cert {tls.cert} {problem}: every client's handshake "
+                             "would fail. Renew it, and pass the new file")  # fmt: skip
+        _warn(f"--tls-cert {tls.cert}", served, i, now, problem)
     if ca is not None:
-        _check_dates("--tls-client-ca", tls.client_ca, ca, now)
-    return Material(cert, key, ca, expires)
+        cas = _certificates("--tls-client-ca", tls.client_ca, ca)
+        problems = [_outside(c, now) for c in cas]
+        if all(problems):
+            raise ServeError(
+                f"--tls-client-ca {tls.client_ca}: no CA in it is within its dates "
+                f"({'; '.join(problems)}): every client certificate would be refused"
+            )
+        for i, problem in enumerate(problems):
+            _warn(f"--tls-client-ca {tls.client_ca}", cas, i, now, problem)
+    return served[0].not_valid_after_utc
 
 
 class Credentials:
-    """gRPC server credentials over ``tls``'s files, read (and checked) now, and again when
-    they change (module docstring)."""
+    """gRPC server credentials over ``tls``'s files, read (and checked) now and, once
+    ``watch`` starts it, again when they change (``watch.Watched``): gRPC asks for them at
+    each handshake and gets what the watch read last, without touching a file. The
+    certificates' dates are checked again daily, for the warning before one expires."""
 
     def __init__(self, tls: TLSConfig):
         self.tls = tls
+        files = [tls.cert, tls.key, *([tls.client_ca] if tls.client_ca else [])]
+        self._watch = Watched(
+            "the TLS files",
+            files,
+            lambda: read(tls),
+            kept="the certificate in force stays",
+            on_load=self._loaded,
+            on_tick=self._daily,
+        )
+        self._served = self.material  # the material gRPC has
         self._on_read: Callable[[Material], None] = lambda material: None
-        self._stamp = self._stat()
-        self.material = read(tls)
-        self._next = time.monotonic() + RECHECK_S
-        self._lock = threading.Lock()
+        self._next_check = time.monotonic() + DAY_S
 
-    def watch(self, on_read: Callable[[Material], None]) -> None:
-        """Tell ``on_read`` of the material in force now, and of every read from here."""
+    @property
+    def material(self) -> Material:
+        return self._watch.value
+
+    def watch(self, on_read: Callable[[Material], None] = lambda material: None) -> None:
+        """Tell ``on_read`` of the material in force now and of every new one, and start
+        watching the files."""
         self._on_read = on_read
         on_read(self.material)
+        self._watch.start()
+
+    def check(self) -> bool:
+        """Look at the files now (the watch's thread does every second)."""
+        return self._watch.check()
 
     def grpc(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
@@ -85,45 +128,31 @@ class Credentials:
             require_client_authentication=self.tls.client_ca is not None,
         )
 
-    def _stat(self) -> tuple:
-        files = (self.tls.cert, self.tls.key, self.tls.client_ca)
-        stamps = []
-        for path in files:
-            try:
-                st = os.stat(path) if path is not None else None
-            except OSError:  # being replaced: it counts as changed, and is looked at again
-                st = None
-            stamps.append(None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(stamps)
+    def _loaded(self, material: Material) -> None:
+        log.info(
+            "TLS files changed: serving %s to new connections (valid until %s)",
+            self.tls.cert, f"{material.expires:%Y-%m-%d %H:%M} UTC",
+        )  # fmt: skip
+        self._on_read(material)
+
+    def _daily(self) -> None:
+        if time.monotonic() < self._next_check:
+            return
+        self._next_check = time.monotonic() + DAY_S
+        m = self.material
+        try:  # warns of what ends soon; what has ended is an error the log must show
+            check_dates(self.tls, m.cert, m.client_ca)
+        except ServeError as e:
+            log.error("%s", e)
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """gRPC asks at each handshake: a new configuration, or None to keep the one in
-        force. It must not raise (gRPC would fail the handshake)."""
-        if time.monotonic() < self._next or not self._lock.acquire(blocking=False):
+        """gRPC asks at each handshake (on its dispatch thread): the new configuration when
+        the watch read one since, else None to keep the one in force."""
+        material = self.material
+        if material is self._served:
             return None
-        try:
-            self._next = time.monotonic() + RECHECK_S
-            stamp = self._stat()
-            if stamp == self._stamp:
-                return None
-            self._stamp = stamp
-            try:
-                material = read(self.tls)
-            except ServeError as e:
-                log.error("TLS files changed: %s; the certificate in force stays", e)
-                return None
-            self.material = material
-            log.info(
-                "TLS files changed: serving %s to new connections (valid until %s)",
-                self.tls.cert, f"{material.expires:%Y-%m-%d %H:%M} UTC",
-            )  # fmt: skip
-            self._on_read(material)
-            return _configuration(material)
-        except Exception:  # noqa: BLE001 - never into gRPC's handshake
-            log.exception("reading the TLS files again failed; the certificate in force stays")
-            return None
-        finally:
-            self._lock.release()
+        self._served = material
+        return _configuration(material)
 
 
 def _configuration(m: Material) -> grpc.ServerCertificateConfiguration:
@@ -132,41 +161,47 @@ def _configuration(m: Material) -> grpc.ServerCertificateConfiguration:
     )
 
 
-def _check_dates(flag: str, path: Path, pem: bytes, now: datetime) -> datetime:
-    """Refuse a certificate in ``pem`` past its end of validity or before its start; warn
-    of one that ends within WARN_DAYS. Returns the earliest end of validity."""
+def _certificates(flag: str, path: Path, pem: bytes) -> list:
     from cryptography import x509
 
     try:
-        certs = x509.load_pem_x509_certificates(pem)
+        return x509.load_pem_x509_certificates(pem)
     except ValueError as e:
         raise ServeError(f"{flag} {path}: cannot read its certificates ({e})") from e
-    for i, c in enumerate(certs):
-        which = f"{flag} {path}" + (
-            f" (certificate {i + 1} of {len(certs)}, {c.subject.rfc4514_string()})"
-            if len(certs) > 1
-            else ""
+
+
+def _outside(c, now: datetime) -> str | None:
+    """How certificate ``c`` is out of its dates at ``now``, or None."""
+    end, start = c.not_valid_after_utc, c.not_valid_before_utc
+    if end < now:
+        return f"expired on {end:%Y-%m-%d %H:%M} UTC"
+    if start > now:
+        return (
+            f"is not valid before {start:%Y-%m-%d %H:%M} UTC (now {now:%Y-%m-%d %H:%M}; "
+            "check this host's clock)"
         )
-        end, start = c.not_valid_after_utc, c.not_valid_before_utc
-        if end < now:
-            raise ServeError(
-                f"{which} expired on {end:%Y-%m-%d %H:%M} UTC: every client's handshake would "
-                "fail. Renew it, and pass the new file"
-            )
-        if start > now:
-            raise ServeError(
-                f"{which} is not valid before {start:%Y-%m-%d %H:%M} UTC (now "
-                f"{now:%Y-%m-%d %H:%M}): clients would refuse it. Check this host's clock, or "
-                "wait"
-            )
-        if end - now < timedelta(days=WARN_DAYS):
-            log.warning("%s expires on %s UTC, in %s: renew it", which,
-                        f"{end:%Y-%m-%d %H:%M}", _days(end - now))  # fmt: skip
-    return min(c.not_valid_after_utc for c in certs)
+    return None
+
+
+def _warn(where: str, certs: list, i: int, now: datetime, problem: str | None) -> None:
+    """Warn of certificate ``i`` of ``certs`` (from ``where``) out of its dates, or ending
+    within WARN_DAYS."""
+    c = certs[i]
+    which = where + (
+        f" (certificate {i + 1} of {len(certs)}, {c.subject.rfc4514_string()})"
+        if len(certs) > 1
+        else ""
+    )
+    if problem:
+        log.warning("%s %s", which, problem)
+    elif (left := c.not_valid_after_utc - now) < timedelta(days=WARN_DAYS):
+        log.warning("%s expires on %s UTC, in %s: renew it", which,
+                    f"{c.not_valid_after_utc:%Y-%m-%d %H:%M}", _days(left))  # fmt: skip
 
 
 def _days(left: timedelta) -> str:
-    return f"{left.days} days" if left.days >= 2 else f"{left.total_seconds() / 3600:.0f} hours"
+    days = left.total_seconds() / 86400
+    return f"{days:.1f} days" if days >= 2 else f"{left.total_seconds() / 3600:.0f} hours"
 
 
 class _Encrypted(Exception):

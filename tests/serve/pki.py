@@ -16,8 +16,9 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def authority(cn: str = "test CA"):
-    """A self-signed CA: (certificate, key)."""
+def authority(cn: str = "test CA", valid_for: timedelta = timedelta(days=365)):
+    """A self-signed CA, valid from two days ago for ``valid_for`` more: (certificate,
+    key)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(timezone.utc)
     cert = (
@@ -26,8 +27,8 @@ def authority(cn: str = "test CA"):
         .issuer_name(_name(cn))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + timedelta(days=365))
+        .not_valid_before(now - timedelta(days=2))
+        .not_valid_after(now + valid_for)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )

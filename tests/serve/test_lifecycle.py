@@ -264,7 +264,7 @@ def test_a_second_sigterm_does_not_wait_for_the_drain(tmp_path):
             time.sleep(0.05)
         assert srv.proc.poll() is None, srv.log  # draining: the request still runs
         srv.proc.send_signal(signal.SIGTERM)
-        code = srv.proc.wait(20)  # well inside the 30 s grace the drain may take
+        code = srv.proc.wait(20)  # well inside the 25 s grace the drain may take
     assert code == 128 + signal.SIGTERM, srv.log
     assert "second SIGTERM: exiting without finishing admitted requests" in srv.log
 

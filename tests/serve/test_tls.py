@@ -38,12 +38,12 @@ def test_a_certificate_out_of_its_dates_is_refused_and_one_about_to_expire_warne
     early = pki.server_files(tmp_path / "early", ca, valid_from=timedelta(days=2))
     r = _check(repo, *early)
     assert r.returncode == 2 and "is not valid before" in r.stderr, r.stderr
-    assert "Check this host's clock" in r.stderr
+    assert "check this host's clock" in r.stderr
 
     soon = pki.server_files(tmp_path / "soon", ca, valid_for=timedelta(days=4))  # 3 days left
     r = _check(repo, *soon)
     assert r.returncode == 0, r.stderr
-    assert re.search(r"--tls-cert \S+ expires on .* UTC, in 2 days: renew it", r.stderr), r.stderr
+    assert re.search(r"--tls-cert \S+ expires on .* UTC, in 3.0 days: renew it", r.stderr), r.stderr
 
 
 def _health(url: str, root: bytes) -> int:
@@ -88,6 +88,7 @@ def test_a_renewed_certificate_is_served_to_new_connections_with_no_restart(repo
             _health(url, pki.pem(new_ca[0]))
         assert "is not the private key of --tls-cert" in srv.log, srv.log
         assert "the certificate in force stays" in srv.log
+        assert _health(url, pki.pem(old_ca[0])) == health_pb2.HealthCheckResponse.SERVING
         shutil.copyfile(renewed[0], cert)  # then the certificate
 
         deadline = time.monotonic() + 20
