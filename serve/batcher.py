@@ -219,6 +219,9 @@ class Batcher:
                 self._lead(pending)
             if queued:
                 self._wait(pending)
+        except BaseException as e:  # never leave it queued, or holding a slot nobody runs
+            self._withdraw(pending, e)
+            raise
         finally:
             if caller is not None:
                 caller._unwatch(id(pending))
@@ -288,8 +291,21 @@ class Batcher:
                     me.wake.clear()  # whatever changes ``me`` from here on sets it
             if lead:
                 self._lead(me)
-            else:
-                me.wake.wait(timeout)
+            else:  # a wait beyond what the platform can time is a wait without end
+                me.wake.wait(None if timeout is None else min(timeout, threading.TIMEOUT_MAX))
+
+    def _withdraw(self, pending: _Pending, error: BaseException) -> None:
+        """Its own thread failed while it waited or led (a bug, an interrupt): take it out
+        of the queue, answer it, and pass on a runner slot it holds or was handed: a slot
+        given to a request whose thread is gone would never run another batch."""
+        with self._cv:
+            if pending in self._queue:
+                self._queue.remove(pending)
+                self._cv.notify_all()
+            self._finish(pending, error)
+            if pending.lead:
+                pending.lead = False
+                self._hand_over()
 
     def _abandon(self, pending: _Pending) -> None:
         """Its client went away: drop it if still queued; a running batch all of whose

@@ -196,6 +196,9 @@ _REQUEST_PARAMETERS = {
 }
 
 
+MAX_TIMEOUT_US = 86_400 * 10**6  # a request's timeout parameter: a day at most
+
+
 def request_timeout(request: pb.ModelInferRequest) -> float | None:
     """The request's ``timeout`` parameter in seconds (Triton's, sent in microseconds;
     None where absent or 0); a BadRequest for any parameter the server cannot honour:
@@ -207,10 +210,11 @@ def request_timeout(request: pb.ModelInferRequest) -> float | None:
         if key.startswith("sequence_"):
             raise BadRequest(f"request parameter {key!r}: {_SEQUENCE}")
         if key == "timeout":
-            if kind not in ("int64_param", "uint64_param") or value < 0:
+            if kind not in ("int64_param", "uint64_param") or not 0 <= value <= MAX_TIMEOUT_US:
                 raise BadRequest(
                     "request parameter 'timeout' must be a whole number of microseconds "
-                    f">= 0, found {str(p).strip() or 'nothing'}"
+                    f"from 0 to {MAX_TIMEOUT_US} (a day), found {str(p).strip() or 'nothing'}; "
+                    "leave it out for no timeout"
                 )
             timeout = value / 1e6 if value else None
         elif key == "priority":

@@ -402,3 +402,44 @@ def test_a_slot_is_not_handed_to_a_runner_that_already_holds_one(classifier):
     assert gathering.result(10)[0]["logits"].shape == (1, 5)
     assert company.result(10)[0]["logits"].shape == (1, 5)
     assert b.close(timeout=5) and b._running == 0
+
+
+def test_a_request_whose_thread_fails_while_queued_strands_no_slot(classifier):
+    """The thread of a queued request fails while it waits (a bug; an OverflowError was one:
+    a timeout beyond what the platform can time). Left queued, the request was handed the
+    runner slot when the batch ahead of it ended, by a thread that was gone: the model ran
+    nothing again. It is withdrawn instead, and the model serves on."""
+    b = batcher(classifier)
+    started, release = hold_first_run(classifier)
+    rng = np.random.default_rng(40)
+    first = spawn(b.infer, batch(rng, 1, 9), 1)
+    until(started.is_set)  # first runs, holding the only slot
+    wait = b._wait
+
+    def failing(me):
+        raise RuntimeError("the waiting thread failed")
+
+    b._wait = failing
+    with pytest.raises(RuntimeError, match="the waiting thread failed"):
+        b.infer(batch(rng, 1, 9), 1)
+    b._wait = wait
+    release.set()
+    first.result(10)
+    after = spawn(b.infer, batch(rng, 1, 9), 1)
+    outputs, _ = after.result(10)  # not stranded behind the failed one
+    assert outputs["logits"].shape[0] == 1 and not b._queue
+    assert b.drained(5)
+
+
+def test_a_timeout_beyond_what_the_platform_can_time_waits_without_end(classifier):
+    """threading.Event.wait(4.6e12) raises OverflowError: such a timeout is no timeout."""
+    b = batcher(classifier)
+    started, release = hold_first_run(classifier)
+    rng = np.random.default_rng(41)
+    first = spawn(b.infer, batch(rng, 1, 9), 1)
+    until(started.is_set)
+    queued = spawn(b.infer, batch(rng, 1, 9), 1, timeout=2.0**62 / 1e6)
+    until(lambda: len(b._queue) == 1)
+    release.set()
+    first.result(10)
+    assert queued.result(10)[0]["logits"].shape[0] == 1

@@ -263,6 +263,8 @@ def test_typed_contents_in_the_field_of_another_datatype_are_named(server):
         (dict(sequence_id=7, sequence_start=True), "sequence batching is not supported"),
         (dict(priority=5), "request parameter 'priority' 5: this server has one priority level"),
         (dict(parameters={"tenant": "a"}), "request parameter 'tenant' is not one this server"),
+        # beyond what a wait can be timed: it wedged the model once (an OverflowError)
+        (dict(timeout=2**62), "must be a whole number of microseconds from 0 to 86400000000"),
     ],
 )
 def test_request_parameters_the_server_cannot_honour_are_refused(client, kw, words):
