@@ -112,12 +112,12 @@ class BearerTokenAuth(grpc.ServerInterceptor):
             or details.method in self._open
         ):
             return handler
-        metadata = dict(details.invocation_metadata or ())
-        scheme, _, token = metadata.get("authorization", "").partition(" ")
-        sent = token.encode()
+        sent = [v for k, v in details.invocation_metadata or () if k == "authorization"]
+        # one header: with two, a proxy that checked the first could disagree with this
+        scheme, _, token = (sent[0] if len(sent) == 1 else "").partition(" ")
         # The scheme is case-insensitive (RFC 9110 11.1): "bearer" is "Bearer". Every token
         # is compared, so the time taken does not say which one came close.
-        matches = [hmac.compare_digest(sent, t) for t in self._tokens()]
+        matches = [hmac.compare_digest(token.encode(), t) for t in self._tokens()]
         if scheme.lower() == "bearer" and any(matches):
             return handler
         self._on_refused()
@@ -130,8 +130,8 @@ def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     def deny(request_or_iterator, context):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    serde = dict(
-        request_deserializer=handler.request_deserializer,
+    serde = dict(  # the request is not parsed: a refused client spends no server memory
+        request_deserializer=None,
         response_serializer=handler.response_serializer,
     )
     if handler.request_streaming:

@@ -119,6 +119,7 @@ class AccessLog(grpc.ServerInterceptor):
 
         def streaming(request, context):
             record, start = CallRecord(), time.perf_counter()
+            record.peer = urllib.parse.unquote(context.peer())
             token = CALL.set(record)
             try:
                 responses = behavior(request, context)
@@ -171,7 +172,8 @@ def _log_call(method, request, context, record, start, code, *, stream=False) ->
         "code": code,
         "rows": record.rows,
         "latency_ms": latency_ms,
-        "peer": urllib.parse.unquote(context.peer()),  # gRPC's: ipv6:%5B::1%5D:43926
+        # taken at the start: a stream cancelled at the end may have none by then
+        "peer": record.peer or urllib.parse.unquote(context.peer()),
         "request_id": _asked(request, "id"),
     }
     if stream and method.endswith("/ModelStreamInfer"):
@@ -199,8 +201,19 @@ def _asked(request, *names: str) -> str | None:
         if _has(type(request), name):  # a getattr that fails costs an exception
             value = getattr(request, name)
             if value and isinstance(value, str):
-                return value
+                return _clip(value)
     return None
+
+
+CLIP = 256  # characters of a client's string the access log keeps
+
+
+def _clip(value: str) -> str:
+    """A client's string as the access log writes it: a long one cut, its length said (an
+    8 MB request id must not become an 8 MB log line)."""
+    if len(value) <= CLIP:
+        return value
+    return f"{value[:CLIP]}...(+{len(value) - CLIP} chars)"
 
 
 @functools.cache

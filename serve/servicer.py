@@ -66,7 +66,7 @@ class CallRecord:
     answered without an abort (cancelled, or past its deadline) its status code. A stream
     counts its requests (on the stream's threads, hence the lock)."""
 
-    __slots__ = ("models", "versions", "rows", "code", "requests", "failed", "_lock")
+    __slots__ = ("models", "versions", "rows", "code", "requests", "failed", "peer", "_lock")
 
     def __init__(self) -> None:
         self.models: dict[str, None] = {}  # in the order first seen (a stream may name several)
@@ -74,6 +74,7 @@ class CallRecord:
         self.rows: int | None = None  # None: no request of the call ran to an answer
         self.code: str | None = None
         self.requests = self.failed = 0
+        self.peer: str | None = None  # a stream's, taken when it opens
         self._lock = threading.Lock()
 
     def request(self, model: Model | None, code: str, rows: int) -> None:
@@ -91,6 +92,21 @@ class CallRecord:
 
 # The call's record while its handler runs (server.AccessLog sets it); None: no access log.
 CALL: ContextVar[CallRecord | None] = ContextVar("quantgate_call", default=None)
+
+
+def _within_the_model(request: pb.ModelInferRequest, model: Model) -> None:
+    """Refuse a request naming more inputs or outputs than the model has, before any of
+    them is read: a few kilobytes of empty entries would otherwise cost seconds of Python
+    each (the counts are known without reading them)."""
+    for what, sent, has in (
+        ("inputs", len(request.inputs), model.inputs),
+        ("outputs", len(request.outputs), model.outputs),
+    ):
+        if sent > len(has):
+            names = ", ".join(repr(t.name) for t in has)
+            raise BadRequest(
+                f"request names {sent} {what}; model {model.name!r} has {len(has)}: {names}"
+            )
 
 
 def _caller(context: grpc.ServicerContext) -> Caller:
@@ -341,6 +357,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model: Model | None = None
         try:
             model = self._engine.model(request.model_name, request.model_version)
+            _within_the_model(request, model)
             if (limit := codec.request_timeout(request)) is not None:
                 timeout = limit if timeout is None else min(timeout, limit)
             feeds = codec.decode_inputs(request)

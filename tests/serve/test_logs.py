@@ -171,8 +171,10 @@ def test_the_access_log_has_a_line_per_rpc_with_its_status_rows_and_latency(repo
     assert (missing["model"], missing["version"], missing["rows"]) == ("nope", None, None)
     (big,) = by_code["ModelInfer", "INVALID_ARGUMENT"]
     assert (big["model"], big["rows"]) == (MODEL, None), big
-    (denied,) = by_code["ModelInfer", "UNAUTHENTICATED"]  # refused before the servicer
-    assert denied["model"] == MODEL, denied
+    # refused before the servicer, and before its request is read: a client without the
+    # token spends no server memory parsing, and cannot write what it likes into the log
+    (denied,) = by_code["ModelInfer", "UNAUTHENTICATED"]
+    assert denied["model"] is None and denied["request_id"] is None, denied
     (late,) = by_code["ModelInfer", "DEADLINE_EXCEEDED"]  # no abort: the servicer's code
     assert late["rows"] is None and late["model"] == MODEL, late
     (stream,) = by_code["ModelStreamInfer", "OK"]

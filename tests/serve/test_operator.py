@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from bundles import LABELS
@@ -322,6 +323,15 @@ def test_a_token_file_is_read_again_when_it_changes(repo, tmp_path):
         assert eventually(lambda: answers("new-token") and "holds no token" in srv.log), srv.log
         assert "the tokens read before stay in force" in srv.log
         assert answers("new-token") and not answers("old-token")
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        with grpc.insecure_channel(srv.url) as channel:  # the header once, or refused
+            ready = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelReady
+            ask = service_pb2.ModelReadyRequest(name="tiny-classifier")
+            assert ready(ask, metadata=[("authorization", "Bearer new-token")], timeout=10).ready
+            with pytest.raises(grpc.RpcError) as twice:
+                ready(ask, timeout=10, metadata=[("authorization", "Bearer new-token")] * 2)
+            assert twice.value.code() == grpc.StatusCode.UNAUTHENTICATED
         port = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", "".join(srv.stdout))
         text = urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics").read().decode()
         refused = re.search(r"^quantgate_unauthenticated_requests_total (\S+)$", text, re.M)

@@ -278,3 +278,15 @@ def test_request_parameters_the_server_cannot_honour_are_refused(client, kw, wor
 def test_a_generous_request_timeout_is_honoured_as_a_deadline(client):
     result = client.infer("classifier", inputs(_ids(5)), timeout=10_000_000)  # 10 s in us
     assert result.as_numpy("logits").shape == (1, 5)
+
+
+def test_a_request_naming_more_inputs_than_the_model_has_is_refused_unread(server):
+    """Thousands of empty input entries are a few kilobytes on the wire and seconds of
+    Python to read: refused by their count first."""
+    request = service_pb2.ModelInferRequest(model_name="classifier")
+    for i in range(5000):
+        request.inputs.add(name=f"x{i}", datatype="INT64", shape=[1, 1])
+    with grpc.insecure_channel(server.url) as channel, pytest.raises(grpc.RpcError) as err:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request names 5000 inputs; model 'classifier' has 2:" in err.value.details()
