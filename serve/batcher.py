@@ -105,7 +105,7 @@ class _Pending:
     wake: threading.Event = field(default_factory=threading.Event)
 
 
-def _bare(e: QuantgateError) -> QuantgateError:
+def bare(e: QuantgateError) -> QuantgateError:
     """``e`` without its tracebacks, to answer a request with. A traceback holds the
     runner's frames, which hold the batch's requests, one of which holds ``e``: a cycle
     only the garbage collector would free, and with it every array of the batch. The
@@ -436,10 +436,10 @@ class Batcher:
             why = f"internal error: {type(error).__name__}: {error}"
             return [InferenceFailed(why) for _ in group]  # one each: each thread raises it
         if len(group) == 1:
-            return [_bare(error)]
+            return [bare(error)]
         # one bad request must not fail its neighbours: run each alone
         log.info("batch of %d failed (%s); running its requests one by one", len(group), error)
-        _bare(error)  # each request's error below has it as its context
+        bare(error)  # each request's error below has it as its context
         # Not those already answered: a client that went away meanwhile (its Cancelled
         # stands; _finish keeps the first answer).
         with self._cv:
@@ -452,7 +452,7 @@ class Batcher:
         try:
             return self._run_group([p], options)[0]
         except QuantgateError as e:
-            return _bare(e)
+            return bare(e)
         except Exception as e:  # a bug: answer it; escaping would strand the rest
             log.exception("request failed when run alone")
             return InferenceFailed(f"internal error: {type(e).__name__}: {e}")

@@ -644,3 +644,42 @@ def test_a_failed_start_stops_listening_and_gives_the_signal_handlers_back(repo)
         "SIGINT handler restored: True",
         "SIGTERM handler restored: True",
     ], done.stderr
+
+
+def test_a_stream_that_never_reads_its_answers_stops_being_read(repo):
+    """A client that sends and never reads: once a window of answers waits unsent, the
+    server reads no more of its requests (before, it computed them all and held every
+    answer: gigabytes). Others are served meanwhile, and the stream ends with the call."""
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    srv = ServerProcess(repo / "encoder" / "1")
+    ids = np.ones((1, 128), np.int64)  # 16 KB of hidden states per answer
+
+    def requests():
+        for i in range(3000):
+            r = service_pb2.ModelInferRequest(model_name="tiny-encoder", id=str(i))
+            for name in ("input_ids", "attention_mask"):
+                r.inputs.add(name=name, datatype="INT64", shape=[1, 128])
+                r.raw_input_contents.append(ids.tobytes())
+            yield r
+
+    def inferred(stub) -> int:
+        stats = stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name="tiny-encoder"))
+        return stats.model_stats[0].inference_count
+
+    try:
+        with grpc.insecure_channel(srv.url) as reader, grpc.insecure_channel(srv.url) as other:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(reader)
+            call = stub.ModelStreamInfer(requests())  # its answers are never read
+            watcher = service_pb2_grpc.GRPCInferenceServiceStub(other)
+            counts = [inferred(watcher)]
+            while len(counts) < 4 or counts[-1] != counts[-4]:  # until it stops growing
+                time.sleep(0.5)
+                counts.append(inferred(watcher))
+                assert len(counts) < 120, counts
+            assert 0 < counts[-1] < 3000, counts
+            with tc.InferenceServerClient(srv.url) as c:  # the model serves others
+                c.infer("tiny-encoder", inputs(batch(np.random.default_rng(6), 1, 9)))
+            call.cancel()
+    finally:
+        assert srv.terminate() == 0, srv.log
