@@ -22,6 +22,7 @@ from quantgate.serve.batcher import Timing
 # Latency buckets in seconds: sub-millisecond overheads up to multi-second batches.
 _LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
+HTTP_TIMEOUT_S = 10.0  # an idle connection to the metrics port is closed after it
 
 
 class Metrics:
@@ -119,6 +120,12 @@ class Metrics:
                 "Choose another --metrics-port."
             ) from e
         httpd.set_app(metrics_app(self.registry, ready))
+        # A connection that sends nothing is closed after HTTP_TIMEOUT_S: each holds a
+        # thread and a file descriptor, which idle ones would otherwise keep for ever (a
+        # thousand took the process's descriptors, and gRPC's new connections with them).
+        httpd.RequestHandlerClass = type(
+            "TimedHandler", (httpd.RequestHandlerClass,), {"timeout": HTTP_TIMEOUT_S}
+        )
         self._httpd = httpd
         self.http_port = self._httpd.server_port
         return self.http_port

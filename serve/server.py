@@ -194,6 +194,73 @@ class _Line:
         return " ".join(f"{k}={_logfmt(v)}" for k, v in self.fields.items())
 
 
+class StreamLimit(grpc.ServerInterceptor):
+    """At most ``limit`` streaming calls open at once (ModelStreamInfer, a health Watch,
+    reflection), beyond it RESOURCE_EXHAUSTED: each holds a request thread while it is
+    open, and a thousand idle Watch streams, which need no token, took every thread from
+    the inference calls and the probes. Health and reflection requests are small: one
+    over ``SMALL`` bytes is refused unread (a 32 MiB service name, gzip-compressed to
+    32 KB, held 80 MB per open Watch)."""
+
+    SMALL = 1024
+    OPEN_SERVICES = ("/grpc.health.", "/grpc.reflection.")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._open = threading.BoundedSemaphore(limit)
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or not (handler.request_streaming or handler.response_streaming):
+            return self._small(handler, details.method)
+        handler = self._small(handler, details.method)
+        behavior = {
+            (True, True): handler.stream_stream,
+            (False, True): handler.unary_stream,
+            (True, False): handler.stream_unary,
+        }[(handler.request_streaming, handler.response_streaming)]
+        limited = self._limited(behavior)
+        make = {
+            (True, True): grpc.stream_stream_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+        }[(handler.request_streaming, handler.response_streaming)]
+        return make(
+            limited,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _limited(self, behavior):
+        """``behavior`` holding one of the open streams' places until its call ends."""
+        refusal = (
+            f"{self.limit} streams are open, the server's limit: close idle ones, or send "
+            "unary calls"
+        )
+
+        def limited(request, context):
+            if not self._open.acquire(blocking=False):
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+            if not context.add_callback(self._open.release):  # at the call's end, however
+                self._open.release()  # it ended already
+            return behavior(request, context)
+
+        return limited
+
+    def _small(self, handler, method: str):
+        """``handler`` with requests over SMALL refused unread, for health and reflection."""
+        if handler is None or not method.startswith(self.OPEN_SERVICES):
+            return handler
+        parse = handler.request_deserializer
+
+        def small(data: bytes):
+            if len(data) > self.SMALL:
+                raise ValueError(f"a {method} request over {self.SMALL} bytes")
+            return parse(data) if parse else data
+
+        return handler._replace(request_deserializer=small)
+
+
 def _asked(request, *names: str) -> str | None:
     """The first of the request's fields ``names`` that is set (the request is a message of
     any service, bytes, or a stream's iterator: None when it has none of them)."""
@@ -256,20 +323,21 @@ def create_server(
     Threads: one per unary request in flight and per open stream, from a pool as large as
     every model's queue plus spares, so that a full queue, not a lack of threads, is what
     refuses a request (UNAVAILABLE, at once); the requests of streams run on a second pool
-    of that size. Calls beyond twice the pool are refused by gRPC (RESOURCE_EXHAUSTED).
+    of that size. Calls beyond twice the pool are refused by gRPC (RESOURCE_EXHAUSTED), and
+    streams beyond half of it (``StreamLimit``) by the server.
     """
     options = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a busy port is an error, not a silently shared one
     ]
-    interceptors = []
+    threads = cfg.max_queue_size * len(list(engine.repository)) + SPARE_THREADS
+    interceptors: list[grpc.ServerInterceptor] = [StreamLimit(threads // 2)]
     if tokens := tokens or auth.tokens(cfg):
         refused = engine.metrics.unauthenticated.inc
         interceptors.append(auth.BearerTokenAuth(SERVICE, tokens, refused))
     if cfg.access_log:  # outermost: it logs the calls the token check refuses, too
         interceptors.insert(0, AccessLog())
-    threads = cfg.max_queue_size * len(list(engine.repository)) + SPARE_THREADS
     server = grpc.server(
         futures.ThreadPoolExecutor(threads, thread_name_prefix="grpc"),
         options=options,

@@ -683,3 +683,43 @@ def test_a_stream_that_never_reads_its_answers_stops_being_read(repo):
             call.cancel()
     finally:
         assert srv.terminate() == 0, srv.log
+
+
+def test_open_streams_are_capped_so_calls_and_probes_keep_their_threads(repo):
+    """Each open stream holds a request thread. Idle health Watch streams, which need no
+    token, once took them all: inference calls and probes alike got RESOURCE_EXHAUSTED.
+    Now streams beyond half the pool are refused, and the rest of the server answers."""
+    # --max-queue-size 8: a pool of 8 + 16 threads, so at most 12 streams
+    srv = ServerProcess(repo / "classifier", "--max-queue-size", "8")
+    try:
+        with grpc.insecure_channel(srv.url) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            watches = [stub.Watch(health_pb2.HealthCheckRequest()) for _ in range(12)]
+            for w in watches:  # each open, and answered
+                assert next(w).status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as refused:
+                next(stub.Watch(health_pb2.HealthCheckRequest(), timeout=10))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "12 streams are open" in refused.value.details()
+            with tc.InferenceServerClient(srv.url) as c:  # unary calls keep their threads
+                assert c.is_server_live()
+                c.infer("tiny-classifier", inputs(batch(np.random.default_rng(7), 1, 9)))
+            assert stub.Check(health_pb2.HealthCheckRequest()).status == 1  # SERVING
+            with pytest.raises(grpc.RpcError) as big:  # health requests are small
+                stub.Check(health_pb2.HealthCheckRequest(service="x" * 5000), timeout=10)
+            assert big.value.code() != grpc.StatusCode.OK
+            watches[0].cancel()  # a closed stream frees its place
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    again = stub.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+                    assert next(again).status == health_pb2.HealthCheckResponse.SERVING
+                    break
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+            for w in (*watches, again):
+                w.cancel()
+    finally:
+        assert srv.terminate() == 0, srv.log

@@ -116,3 +116,22 @@ def test_the_probes_say_alive_and_whether_the_server_is_ready():
         assert _get(f"{base}/readyz")[0] == 503 and _get(f"{base}/healthz")[0] == 200
     finally:
         metrics.close_http()
+
+
+def test_an_idle_connection_to_the_metrics_port_is_closed(monkeypatch):
+    """Each open connection holds a thread and a file descriptor: one that sends nothing
+    must not keep them."""
+    import socket
+
+    from quantgate.serve import metrics as m
+
+    monkeypatch.setattr(m, "HTTP_TIMEOUT_S", 0.5)
+    metrics = Metrics()
+    port = metrics.serve_http(0, "127.0.0.1", ready=lambda: True)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as idle:
+            idle.sendall(b"GET /metr")  # and nothing more
+            assert idle.recv(1024) == b""  # closed by the server, within the 10 s
+        assert _get(f"http://127.0.0.1:{port}/readyz")[0] == 200  # and it serves on
+    finally:
+        metrics.close_http()
