@@ -104,6 +104,11 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     return arrays
 
 
+# The most classes one output may be asked for: each is a string made in Python, and a
+# count of 2**62 had every value of a hidden-state output formatted (seconds per request).
+MAX_CLASS_COUNT = 1000
+
+
 def requested_outputs(request: pb.ModelInferRequest) -> dict[str, int]:
     """The outputs the request asks for (empty: all of them), each with the number of
     classes Triton's classification extension asks of it (0: the tensor itself).
@@ -118,10 +123,14 @@ def requested_outputs(request: pb.ModelInferRequest) -> dict[str, int]:
         count = 0
         if "classification" in output.parameters:
             p = output.parameters["classification"]
-            if p.WhichOneof("parameter_choice") != "int64_param" or p.int64_param < 1:
+            if (
+                p.WhichOneof("parameter_choice") != "int64_param"
+                or not 1 <= p.int64_param <= MAX_CLASS_COUNT
+            ):
                 raise BadRequest(
-                    f"{where}: parameter 'classification' must be a positive int64 (the "
-                    f"number of classes to return), found {str(p).strip() or 'nothing'}"
+                    f"{where}: parameter 'classification' must be an int64 from 1 to "
+                    f"{MAX_CLASS_COUNT} (the number of classes to return), found "
+                    f"{str(p).strip() or 'nothing'}"
                 )
             count = p.int64_param
         if wanted.setdefault(output.name, count) != count:
