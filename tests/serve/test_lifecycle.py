@@ -408,15 +408,9 @@ def test_a_cancelled_stream_cancels_the_requests_it_queued(repo):
         repo / "classifier", "--max-queue-delay-us", "30000000", "--metrics-port", "0"
     )
     try:
-        ids = np.ones((1, 8), np.int64)
 
         def requests():
-            for i in range(20):
-                r = service_pb2.ModelInferRequest(model_name="tiny-classifier", id=str(i))
-                for name in ("input_ids", "attention_mask"):
-                    r.inputs.add(name=name, datatype="INT64", shape=[1, 8])
-                    r.raw_input_contents.append(ids.tobytes())
-                yield r
+            yield from _raw_requests("tiny-classifier", 20, 8)
             hold.wait(10)  # keep the stream open until the client cancels it
 
         hold = threading.Event()
@@ -439,6 +433,19 @@ def test_a_cancelled_stream_cancels_the_requests_it_queued(repo):
         assert _queue_depth(srv) == 0
     finally:
         assert srv.terminate() == 0, srv.log
+
+
+def _raw_requests(model: str, n: int, length: int):
+    """``n`` requests of one row of ``length`` tokens, for a stream over raw gRPC."""
+    from tritonclient.grpc import service_pb2
+
+    ids = np.ones((1, length), np.int64)
+    for i in range(n):
+        r = service_pb2.ModelInferRequest(model_name=model, id=str(i))
+        for name in ("input_ids", "attention_mask"):
+            r.inputs.add(name=name, datatype="INT64", shape=[1, length])
+            r.raw_input_contents.append(ids.tobytes())
+        yield r
 
 
 def _until(check, srv: ServerProcess, timeout: float = 30) -> None:
@@ -653,15 +660,6 @@ def test_a_stream_that_never_reads_its_answers_stops_being_read(repo):
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
     srv = ServerProcess(repo / "encoder" / "1")
-    ids = np.ones((1, 128), np.int64)  # 16 KB of hidden states per answer
-
-    def requests():
-        for i in range(3000):
-            r = service_pb2.ModelInferRequest(model_name="tiny-encoder", id=str(i))
-            for name in ("input_ids", "attention_mask"):
-                r.inputs.add(name=name, datatype="INT64", shape=[1, 128])
-                r.raw_input_contents.append(ids.tobytes())
-            yield r
 
     def inferred(stub) -> int:
         stats = stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name="tiny-encoder"))
@@ -670,7 +668,8 @@ def test_a_stream_that_never_reads_its_answers_stops_being_read(repo):
     try:
         with grpc.insecure_channel(srv.url) as reader, grpc.insecure_channel(srv.url) as other:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(reader)
-            call = stub.ModelStreamInfer(requests())  # its answers are never read
+            # 16 KB of hidden states per answer, never read
+            call = stub.ModelStreamInfer(_raw_requests("tiny-encoder", 3000, 128))
             watcher = service_pb2_grpc.GRPCInferenceServiceStub(other)
             counts = [inferred(watcher)]
             while len(counts) < 4 or counts[-1] != counts[-4]:  # until it stops growing
