@@ -827,9 +827,17 @@ def serve(
             "physical core).",
         ),
     ] = 0,
+    max_request_bytes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Largest request, compressed or not (gRPC's default 4 MiB: a request is token "
+            "ids, and parsing costs ~40x its size in memory); beyond it RESOURCE_EXHAUSTED.",
+        ),
+    ] = _DEFAULT_SERVE.max_request_bytes,
     max_message_bytes: Annotated[
-        int, typer.Option(min=1, help="Largest request or response; beyond it RESOURCE_EXHAUSTED.")
-    ] = 64 << 20,
+        int, typer.Option(min=1, help="Largest response; beyond it RESOURCE_EXHAUSTED.")
+    ] = _DEFAULT_SERVE.max_message_bytes,
     shutdown_grace: Annotated[
         float,
         typer.Option(
@@ -941,6 +949,7 @@ def serve(
         instances=instances,
         intra_op_threads=threads,
         cuda_device_id=cuda_device,
+        max_request_bytes=max_request_bytes,
         max_message_bytes=max_message_bytes,
         shutdown_grace_s=shutdown_grace,
         precision=precision and Precision(precision).value,

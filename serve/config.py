@@ -60,7 +60,11 @@ class ServeConfig:
     auth_token: str | None = None  # required as "authorization: Bearer <token>" when set
     # Or any token of this file, one per line, read again when it changes (serve/auth.py)
     auth_token_file: Path | None = None
-    max_message_bytes: int = 64 << 20  # larger requests fail with RESOURCE_EXHAUSTED
+    # Largest request (gRPC's own default): a request is token ids, kilobytes, and a
+    # protobuf costs some 40 bytes of memory per byte to parse, so a larger limit lets one
+    # client make the server hold gigabytes. Larger ones fail with RESOURCE_EXHAUSTED.
+    max_request_bytes: int = 4 << 20
+    max_message_bytes: int = 64 << 20  # largest response (hidden states are megabytes)
     # SIGTERM: time admitted requests get to finish. Under Kubernetes' default termination
     # grace (30 s), so that a drain that takes it all still exits by itself, not by SIGKILL.
     shutdown_grace_s: float = 25.0
@@ -101,7 +105,13 @@ class ServeConfig:
             raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("max_batch_size", "max_queue_size", "instances"):
+        for name in (
+            "max_batch_size",
+            "max_queue_size",
+            "instances",
+            "max_request_bytes",
+            "max_message_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.arena_extend_strategy not in ARENA_STRATEGIES:

@@ -327,7 +327,7 @@ def create_server(
     streams beyond half of it (``StreamLimit``) by the server.
     """
     options = [
-        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_receive_message_length", cfg.max_request_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a busy port is an error, not a silently shared one
     ]

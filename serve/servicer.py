@@ -8,7 +8,7 @@ rest. Status codes follow Triton's:
     queue full, warming up, shutting down                                 UNAVAILABLE
     deadline passed before the request ran                                DEADLINE_EXCEEDED
     client cancelled                                                      CANCELLED (by gRPC)
-    request over --max-message-bytes (64 MiB)                             RESOURCE_EXHAUSTED (by gRPC)
+    request over --max-request-bytes (4 MiB)                              RESOURCE_EXHAUSTED (by gRPC)
     response over --max-message-bytes                                     RESOURCE_EXHAUSTED
     ONNX Runtime failed on a valid request                                INTERNAL
 """

@@ -584,13 +584,13 @@ def test_a_served_variant_is_described_by_what_its_speed_gates_said(tmp_path):
     )
 
 
-def test_max_message_bytes_sets_the_limit_grpc_enforces(repo):
+def test_max_request_bytes_sets_the_limit_grpc_enforces(repo):
     import numpy as np
     import tritonclient.grpc as tc
     from helpers import inputs
     from tritonclient.utils import InferenceServerException
 
-    srv = ServerProcess(repo / "classifier", "--max-message-bytes", "4096")
+    srv = ServerProcess(repo / "classifier", "--max-request-bytes", "4096")
     try:
         with tc.InferenceServerClient(srv.url) as c:
             small = np.ones((1, 8), dtype=np.int64)

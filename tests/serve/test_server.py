@@ -270,8 +270,8 @@ def test_an_unreadable_stream_message_ends_the_stream_at_once(server):
 
 
 def test_oversized_message_is_refused(server, client):
-    # 64 MiB default limit: a 9M-token request (72 MB) is refused by gRPC itself.
-    ids = np.zeros((1, 9_000_000), dtype=np.int64)
+    # 4 MiB default limit: a 300k-token request (4.8 MB) is refused by gRPC itself.
+    ids = np.zeros((1, 300_000), dtype=np.int64)
     with pytest.raises(InferenceServerException) as err:
         client.infer("classifier", inputs({"input_ids": ids, "attention_mask": ids}))
     assert "RESOURCE_EXHAUSTED" in err.value.status()
