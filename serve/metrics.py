@@ -120,12 +120,7 @@ class Metrics:
                 "Choose another --metrics-port."
             ) from e
         httpd.set_app(metrics_app(self.registry, ready))
-        # A connection that sends nothing is closed after HTTP_TIMEOUT_S: each holds a
-        # thread and a file descriptor, which idle ones would otherwise keep for ever (a
-        # thousand took the process's descriptors, and gRPC's new connections with them).
-        httpd.RequestHandlerClass = type(
-            "TimedHandler", (httpd.RequestHandlerClass,), {"timeout": HTTP_TIMEOUT_S}
-        )
+        httpd.RequestHandlerClass = _bounded(httpd.RequestHandlerClass)
         self._httpd = httpd
         self.http_port = self._httpd.server_port
         return self.http_port
@@ -139,6 +134,31 @@ class Metrics:
 
 
 METRICS_PATH = "/metrics"
+HTTP_CONNECTIONS = 32  # connections to the metrics port served at once; beyond, closed
+
+
+def _bounded(handler: type) -> type:
+    """prometheus_client's request handler, bounded: each connection holds a thread and a
+    file descriptor, and idle ones kept them for ever (a thousand took the process's
+    descriptors, and gRPC's new connections with them). A connection that sends nothing
+    for HTTP_TIMEOUT_S is closed, quietly; beyond HTTP_CONNECTIONS at once, a new one is
+    closed unanswered."""
+    open_ = threading.BoundedSemaphore(HTTP_CONNECTIONS)
+
+    class Bounded(handler):
+        timeout = HTTP_TIMEOUT_S
+
+        def handle(self) -> None:
+            if not open_.acquire(blocking=False):
+                return
+            try:
+                super().handle()
+            except OSError:  # timed out, or the client went: nothing to answer
+                self.close_connection = True
+            finally:
+                open_.release()
+
+    return Bounded
 
 
 def metrics_app(registry: prom.CollectorRegistry, ready: Callable[[], bool] | None = None):

@@ -195,70 +195,62 @@ class _Line:
 
 
 class StreamLimit(grpc.ServerInterceptor):
-    """At most ``limit`` streaming calls open at once (ModelStreamInfer, a health Watch,
-    reflection), beyond it RESOURCE_EXHAUSTED: each holds a request thread while it is
-    open, and a thousand idle Watch streams, which need no token, took every thread from
-    the inference calls and the probes. Health and reflection requests are small: one
-    over ``SMALL`` bytes is refused unread (a 32 MiB service name, gzip-compressed to
-    32 KB, held 80 MB per open Watch)."""
+    """Streaming calls open at once, capped: beyond, RESOURCE_EXHAUSTED. ModelStreamInfer
+    holds a request thread while it is open, at most ``limit`` of them (half the pool:
+    unary calls and probes keep the rest). Health Watch and reflection need no token, so
+    they have a budget of their own, ``OPEN_LIMIT``, which cannot take the inference
+    streams' places: a thousand idle Watch streams once took every thread, and each can
+    hold a request of up to --max-request-bytes. A handler gRPC runs without a thread (a
+    health Watch's) stays so."""
 
-    SMALL = 1024
     OPEN_SERVICES = ("/grpc.health.", "/grpc.reflection.")
+    OPEN_LIMIT = 64
 
     def __init__(self, limit: int):
         self.limit = limit
-        self._open = threading.BoundedSemaphore(limit)
+        self._budgets = {
+            True: (threading.BoundedSemaphore(self.OPEN_LIMIT), self.OPEN_LIMIT),
+            False: (threading.BoundedSemaphore(limit), limit),
+        }
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
         if handler is None or not (handler.request_streaming or handler.response_streaming):
-            return self._small(handler, details.method)
-        handler = self._small(handler, details.method)
+            return handler
+        kind = (handler.request_streaming, handler.response_streaming)
         behavior = {
             (True, True): handler.stream_stream,
             (False, True): handler.unary_stream,
             (True, False): handler.stream_unary,
-        }[(handler.request_streaming, handler.response_streaming)]
-        limited = self._limited(behavior)
+        }[kind]
         make = {
             (True, True): grpc.stream_stream_rpc_method_handler,
             (False, True): grpc.unary_stream_rpc_method_handler,
             (True, False): grpc.stream_unary_rpc_method_handler,
-        }[(handler.request_streaming, handler.response_streaming)]
+        }[kind]
+        budget = self._budgets[details.method.startswith(self.OPEN_SERVICES)]
         return make(
-            limited,
+            self._limited(behavior, *budget),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
-    def _limited(self, behavior):
-        """``behavior`` holding one of the open streams' places until its call ends."""
-        refusal = (
-            f"{self.limit} streams are open, the server's limit: close idle ones, or send "
-            "unary calls"
-        )
+    @staticmethod
+    def _limited(behavior, places: threading.BoundedSemaphore, limit: int):
+        """``behavior`` holding one of ``places`` until its call ends."""
+        refusal = f"{limit} streams of this kind are open, the server's limit: close idle ones"
 
-        def limited(request, context):
-            if not self._open.acquire(blocking=False):
+        def limited(request, context, *args, **kwargs):  # a non-blocking one's callback too
+            if not places.acquire(blocking=False):
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
-            if not context.add_callback(self._open.release):  # at the call's end, however
-                self._open.release()  # it ended already
-            return behavior(request, context)
+            if not context.add_callback(places.release):  # at the call's end, however
+                places.release()  # it ended already
+            return behavior(request, context, *args, **kwargs)
 
+        for attr in ("experimental_non_blocking", "experimental_thread_pool"):
+            if hasattr(behavior, attr):  # how gRPC calls it: with a thread, or without
+                setattr(limited, attr, getattr(behavior, attr))
         return limited
-
-    def _small(self, handler, method: str):
-        """``handler`` with requests over SMALL refused unread, for health and reflection."""
-        if handler is None or not method.startswith(self.OPEN_SERVICES):
-            return handler
-        parse = handler.request_deserializer
-
-        def small(data: bytes):
-            if len(data) > self.SMALL:
-                raise ValueError(f"a {method} request over {self.SMALL} bytes")
-            return parse(data) if parse else data
-
-        return handler._replace(request_deserializer=small)
 
 
 def _asked(request, *names: str) -> str | None:
@@ -324,7 +316,8 @@ def create_server(
     every model's queue plus spares, so that a full queue, not a lack of threads, is what
     refuses a request (UNAVAILABLE, at once); the requests of streams run on a second pool
     of that size. Calls beyond twice the pool are refused by gRPC (RESOURCE_EXHAUSTED), and
-    streams beyond half of it (``StreamLimit``) by the server.
+    inference streams beyond half of it, health and reflection streams beyond 64, by the
+    server (``StreamLimit``).
     """
     options = [
         ("grpc.max_receive_message_length", cfg.max_request_bytes),

@@ -306,7 +306,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         def read() -> None:
             try:
                 for n, message in enumerate(messages, 1):
-                    if not room():
+                    if not room():  # the call is over, or the server is going away:
+                        answers.put(_SHUTDOWN)  # then the stream ends UNAVAILABLE
                         return
                     try:
                         request = pb.ModelInferRequest.FromString(message)

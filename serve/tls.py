@@ -17,7 +17,6 @@ certificate, say) is logged and tried again, and the certificate in force stays.
 from __future__ import annotations
 
 import logging
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,8 +52,9 @@ def read(tls: TLSConfig, now: datetime | None = None) -> Material:
     cert = _read_pem("--tls-cert", tls.cert, CERT)
     key = _read_pem("--tls-key", tls.key, b"PRIVATE KEY-----")
     ca = _read_pem("--tls-client-ca", tls.client_ca, CERT) if tls.client_ca else None
-    _check_pair(tls.cert, tls.key)
-    return Material(cert, key, ca, check_dates(tls, cert, ca, now))
+    expires = check_dates(tls, cert, ca, now)  # the certificates readable first
+    _check_pair(tls.cert, tls.key, cert, key)
+    return Material(cert, key, ca, expires)
 
 
 def check_dates(
@@ -204,38 +204,30 @@ def _days(left: timedelta) -> str:
     return f"{days:.1f} days" if days >= 2 else f"{left.total_seconds() / 3600:.0f} hours"
 
 
-class _Encrypted(Exception):
-    pass
+def _check_pair(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> None:
+    """Refuse a key that is not the certificate's, or is encrypted: judged on the bytes
+    read, which are what gRPC serves (a renewal landing between two reads of the files
+    would otherwise pass the check on files the served bytes are not)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
 
-
-def _check_pair(cert: Path, key: Path) -> None:
-    """Refuse a key that is not the certificate's, or is encrypted, as OpenSSL reads them
-    (the standard library's ssl)."""
-
-    def password() -> bytes:
-        raise _Encrypted
-
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    # Not OpenSSL's default security level: it refuses keys and signatures gRPC serves
-    # (a 1024-bit RSA key), and judging those is not this check's business.
-    context.set_ciphers("DEFAULT:@SECLEVEL=0")
     try:
-        context.load_cert_chain(cert, key, password=password)
-    except _Encrypted:
+        private = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:  # it wants a password
         raise ServeError(
             f"--tls-key {key} is encrypted, and gRPC takes no password: decrypt it "
             f"(`openssl pkey -in {key} -out plain.key`) and keep that file readable only "
             "by the server's user"
         ) from None
-    except ssl.SSLError as e:
-        if e.reason == "KEY_VALUES_MISMATCH":
-            raise ServeError(
-                f"--tls-key {key} is not the private key of --tls-cert {cert}: pass the key "
-                "the certificate was issued for"
-            ) from e
+    except ValueError as e:
+        raise ServeError(f"cannot use --tls-key {key}: {e}") from e
+    spki = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    own = x509.load_pem_x509_certificates(cert_pem)[0].public_key().public_bytes(*spki)
+    if private.public_key().public_bytes(*spki) != own:
         raise ServeError(
-            f"cannot use --tls-cert {cert} with --tls-key {key}: {e.reason or e}"
-        ) from e
+            f"--tls-key {key} is not the private key of --tls-cert {cert}: pass the key the "
+            "certificate was issued for"
+        )
 
 
 def _read_pem(flag: str, path: Path, marker: bytes) -> bytes:

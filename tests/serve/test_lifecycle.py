@@ -685,40 +685,54 @@ def test_a_stream_that_never_reads_its_answers_stops_being_read(repo):
 
 
 def test_open_streams_are_capped_so_calls_and_probes_keep_their_threads(repo):
-    """Each open stream holds a request thread. Idle health Watch streams, which need no
-    token, once took them all: inference calls and probes alike got RESOURCE_EXHAUSTED.
-    Now streams beyond half the pool are refused, and the rest of the server answers."""
-    # --max-queue-size 8: a pool of 8 + 16 threads, so at most 12 streams
+    """Idle health Watch streams, which need no token, once took every request thread.
+    Health and reflection streams have a budget of their own (64), inference streams
+    half the request threads; beyond, RESOURCE_EXHAUSTED, and the rest of the server
+    answers: unary calls, probes, and the other kind of stream."""
+    from tritonclient.grpc import service_pb2_grpc
+
+    # --max-queue-size 8: a pool of 8 + 16 threads, so at most 12 inference streams
     srv = ServerProcess(repo / "classifier", "--max-queue-size", "8")
     try:
         with grpc.insecure_channel(srv.url) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            watches = [stub.Watch(health_pb2.HealthCheckRequest()) for _ in range(12)]
+            health = health_pb2_grpc.HealthStub(channel)
+            watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(64)]
             for w in watches:  # each open, and answered
                 assert next(w).status == health_pb2.HealthCheckResponse.SERVING
             with pytest.raises(grpc.RpcError) as refused:
-                next(stub.Watch(health_pb2.HealthCheckRequest(), timeout=10))
+                next(health.Watch(health_pb2.HealthCheckRequest(), timeout=10))
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "12 streams are open" in refused.value.details()
+            assert "64 streams of this kind are open" in refused.value.details()
+
+            infer = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            idle = threading.Event()
+
+            def nothing():  # an inference stream that sends nothing, until released
+                idle.wait(30)
+                yield from ()
+
+            streams = [infer.ModelStreamInfer(nothing()) for _ in range(12)]
+            with pytest.raises(grpc.RpcError) as full:
+                next(infer.ModelStreamInfer(nothing(), timeout=10))
+            assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             with tc.InferenceServerClient(srv.url) as c:  # unary calls keep their threads
                 assert c.is_server_live()
                 c.infer("tiny-classifier", inputs(batch(np.random.default_rng(7), 1, 9)))
-            assert stub.Check(health_pb2.HealthCheckRequest()).status == 1  # SERVING
-            with pytest.raises(grpc.RpcError) as big:  # health requests are small
-                stub.Check(health_pb2.HealthCheckRequest(service="x" * 5000), timeout=10)
-            assert big.value.code() != grpc.StatusCode.OK
+            assert health.Check(health_pb2.HealthCheckRequest()).status == 1  # SERVING
+
             watches[0].cancel()  # a closed stream frees its place
             deadline = time.monotonic() + 10
             while True:
                 try:
-                    again = stub.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+                    again = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
                     assert next(again).status == health_pb2.HealthCheckResponse.SERVING
                     break
                 except grpc.RpcError as e:
                     assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                     assert time.monotonic() < deadline
                     time.sleep(0.1)
-            for w in (*watches, again):
-                w.cancel()
+            idle.set()
+            for call in (*watches, again, *streams):
+                call.cancel()
     finally:
         assert srv.terminate() == 0, srv.log

@@ -118,9 +118,9 @@ def test_the_probes_say_alive_and_whether_the_server_is_ready():
         metrics.close_http()
 
 
-def test_an_idle_connection_to_the_metrics_port_is_closed(monkeypatch):
+def test_an_idle_connection_to_the_metrics_port_is_closed(monkeypatch, capfd):
     """Each open connection holds a thread and a file descriptor: one that sends nothing
-    must not keep them."""
+    must not keep them, and its end is no traceback in the server's log."""
     import socket
 
     from quantgate.serve import metrics as m
@@ -135,3 +135,4 @@ def test_an_idle_connection_to_the_metrics_port_is_closed(monkeypatch):
         assert _get(f"http://127.0.0.1:{port}/readyz")[0] == 200  # and it serves on
     finally:
         metrics.close_http()
+    assert "Traceback" not in capfd.readouterr().err
