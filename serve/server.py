@@ -195,21 +195,21 @@ class _Line:
 
 
 class StreamLimit(grpc.ServerInterceptor):
-    """Streaming calls open at once, capped: beyond, RESOURCE_EXHAUSTED. ModelStreamInfer
-    holds a request thread while it is open, at most ``limit`` of them (half the pool:
-    unary calls and probes keep the rest). Health Watch and reflection need no token, so
-    they have a budget of their own, ``OPEN_LIMIT``, which cannot take the inference
-    streams' places: a thousand idle Watch streams once took every thread, and each can
-    hold a request of up to --max-request-bytes. A handler gRPC runs without a thread (a
-    health Watch's) stays so."""
+    """Streaming calls open at once, capped: beyond, RESOURCE_EXHAUSTED. Each holds a
+    request thread while it is open. ModelStreamInfer may take ``limit`` of them (half the
+    pool: unary calls and probes keep the rest). Health Watch and reflection need no token,
+    so they have a budget of their own, the smaller of ``OPEN_LIMIT`` and half of
+    ``limit``, which cannot take the inference streams' places: a thousand idle Watch
+    streams once took every thread."""
 
     OPEN_SERVICES = ("/grpc.health.", "/grpc.reflection.")
     OPEN_LIMIT = 64
 
     def __init__(self, limit: int):
         self.limit = limit
+        open_limit = max(1, min(self.OPEN_LIMIT, limit // 2))
         self._budgets = {
-            True: (threading.BoundedSemaphore(self.OPEN_LIMIT), self.OPEN_LIMIT),
+            True: (threading.BoundedSemaphore(open_limit), open_limit),
             False: (threading.BoundedSemaphore(limit), limit),
         }
 
@@ -240,16 +240,16 @@ class StreamLimit(grpc.ServerInterceptor):
         """``behavior`` holding one of ``places`` until its call ends."""
         refusal = f"{limit} streams of this kind are open, the server's limit: close idle ones"
 
-        def limited(request, context, *args, **kwargs):  # a non-blocking one's callback too
+        def limited(request, context):
             if not places.acquire(blocking=False):
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
             if not context.add_callback(places.release):  # at the call's end, however
                 places.release()  # it ended already
-            return behavior(request, context, *args, **kwargs)
+            return behavior(request, context)
 
-        for attr in ("experimental_non_blocking", "experimental_thread_pool"):
-            if hasattr(behavior, attr):  # how gRPC calls it: with a thread, or without
-                setattr(limited, attr, getattr(behavior, attr))
+        # gRPC calls it with a thread, a Watch too (grpc_health's runs without one when
+        # called directly): run without, a Watch refused here once kept the server from
+        # stopping after its grace
         return limited
 
 
@@ -316,8 +316,8 @@ def create_server(
     every model's queue plus spares, so that a full queue, not a lack of threads, is what
     refuses a request (UNAVAILABLE, at once); the requests of streams run on a second pool
     of that size. Calls beyond twice the pool are refused by gRPC (RESOURCE_EXHAUSTED), and
-    inference streams beyond half of it, health and reflection streams beyond 64, by the
-    server (``StreamLimit``).
+    inference streams beyond half of it, health and reflection streams beyond a quarter (64
+    at most), by the server (``StreamLimit``).
     """
     options = [
         ("grpc.max_receive_message_length", cfg.max_request_bytes),

@@ -82,10 +82,16 @@ class ServerProcess:
         return port[0]
 
     def terminate(self, timeout: float = 60.0) -> int:
-        """SIGTERM, then wait; returns the exit code."""
+        """SIGTERM, then wait; returns the exit code (a server still running after
+        ``timeout`` fails the test with its log)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"the server did not exit {timeout:g} s after SIGTERM:\n{self.log}"
+            ) from None
 
     @property
     def log(self) -> str:

@@ -686,23 +686,23 @@ def test_a_stream_that_never_reads_its_answers_stops_being_read(repo):
 
 def test_open_streams_are_capped_so_calls_and_probes_keep_their_threads(repo):
     """Idle health Watch streams, which need no token, once took every request thread.
-    Health and reflection streams have a budget of their own (64), inference streams
-    half the request threads; beyond, RESOURCE_EXHAUSTED, and the rest of the server
-    answers: unary calls, probes, and the other kind of stream."""
+    Inference streams may hold half the request threads, health and reflection streams a
+    quarter of their own; beyond, RESOURCE_EXHAUSTED, and the rest of the server answers:
+    unary calls, probes, and the other kind of stream."""
     from tritonclient.grpc import service_pb2_grpc
 
-    # --max-queue-size 8: a pool of 8 + 16 threads, so at most 12 inference streams
+    # --max-queue-size 8: a pool of 8 + 16 threads: 12 inference streams, 6 health ones
     srv = ServerProcess(repo / "classifier", "--max-queue-size", "8")
     try:
         with grpc.insecure_channel(srv.url) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(64)]
+            watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(6)]
             for w in watches:  # each open, and answered
                 assert next(w).status == health_pb2.HealthCheckResponse.SERVING
             with pytest.raises(grpc.RpcError) as refused:
                 next(health.Watch(health_pb2.HealthCheckRequest(), timeout=10))
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "64 streams of this kind are open" in refused.value.details()
+            assert "6 streams of this kind are open" in refused.value.details()
 
             infer = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             idle = threading.Event()
