@@ -20,6 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bundles  # noqa: E402
+from helpers import SERVERS  # noqa: E402
 
 LISTENING = re.compile(r"listening on \S+:(\d+)")
 
@@ -28,7 +29,7 @@ class ServerProcess:
     """`quantgate serve` as a real subprocess on a free port. One a test leaves running (an
     assertion failed before it stopped it) is killed after the test (``_no_server_left``)."""
 
-    started: list[ServerProcess] = []
+    started = SERVERS  # shared by both imports of this module (helpers.SERVERS)
 
     def __init__(self, path: Path, *args: str, startup_s: float = 60.0):
         self.proc = subprocess.Popen(

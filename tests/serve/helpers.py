@@ -16,6 +16,13 @@ from bundles import VOCAB
 MODEL_FILE = "model.fp32.onnx"
 
 
+# Every server subprocess a test starts (conftest.ServerProcess), for the fixture that kills
+# those a failed test leaves running. Here, not on the class: pytest imports conftest.py
+# under a name of its own, and `from conftest import ...` in a test imports it again, a
+# second class with a list of its own; this module is imported once, by both.
+SERVERS: list = []
+
+
 def batch(rng: np.random.Generator, rows: int, length: int) -> dict[str, np.ndarray]:
     ids = rng.integers(1, VOCAB, size=(rows, length), dtype=np.int64)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
