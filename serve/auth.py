@@ -35,18 +35,19 @@ def read_tokens(path: Path) -> tuple[bytes, ...]:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--auth-token-file {path}: cannot read it ({e})") from e
-    tokens = [
-        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")
-    ]
+    tokens = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if problem := token_problem(token):
+            raise ConfigError(f"--auth-token-file {path}: the token on line {lineno} {problem}")
+        tokens.append(token.encode())
     if not tokens:
         raise ConfigError(
             f"--auth-token-file {path} holds no token: one per line (# starts a comment)"
         )
-    for lineno, line in enumerate(text.splitlines(), 1):
-        token = line.strip()
-        if token and not token.startswith("#") and (problem := token_problem(token)):
-            raise ConfigError(f"--auth-token-file {path}: the token on line {lineno} {problem}")
-    return tuple(t.encode() for t in tokens)
+    return tuple(tokens)
 
 
 class TokenFile:
@@ -67,9 +68,6 @@ class TokenFile:
     def start(self) -> TokenFile:
         self._watch.start()
         return self
-
-    def check(self) -> bool:
-        return self._watch.check()
 
     def __call__(self) -> tuple[bytes, ...]:
         return self._watch.value

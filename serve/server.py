@@ -204,6 +204,12 @@ class StreamLimit(grpc.ServerInterceptor):
 
     OPEN_SERVICES = ("/grpc.health.", "/grpc.reflection.")
     OPEN_LIMIT = 64
+    # (request streaming, response streaming) -> the handler's behaviour, and its maker
+    KINDS = {
+        (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+        (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+        (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    }
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -217,20 +223,10 @@ class StreamLimit(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or not (handler.request_streaming or handler.response_streaming):
             return handler
-        kind = (handler.request_streaming, handler.response_streaming)
-        behavior = {
-            (True, True): handler.stream_stream,
-            (False, True): handler.unary_stream,
-            (True, False): handler.stream_unary,
-        }[kind]
-        make = {
-            (True, True): grpc.stream_stream_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-        }[kind]
+        name, make = self.KINDS[handler.request_streaming, handler.response_streaming]
         budget = self._budgets[details.method.startswith(self.OPEN_SERVICES)]
         return make(
-            self._limited(behavior, *budget),
+            self._limited(getattr(handler, name), *budget),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -247,9 +243,9 @@ class StreamLimit(grpc.ServerInterceptor):
                 places.release()  # it ended already
             return behavior(request, context)
 
-        # gRPC calls it with a thread, a Watch too (grpc_health's runs without one when
-        # called directly): run without, a Watch refused here once kept the server from
-        # stopping after its grace
+        # No `experimental_non_blocking` copied from a health Watch: gRPC runs the wrapper
+        # on a thread, as every stream here (run without one, a Watch refused here once
+        # kept the server from stopping after its grace)
         return limited
 
 

@@ -64,11 +64,9 @@ class Watched(Generic[T]):
         self.value: T = load()
         self._failing: tuple | None = None  # the stamp whose load failed, while it fails
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def start(self) -> Watched[T]:
-        self._thread = threading.Thread(target=self._run, name=f"watch {self.what}", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._run, name=f"watch {self.what}", daemon=True).start()
         return self
 
     def stop(self) -> None:
