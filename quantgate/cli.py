@@ -157,7 +157,8 @@ class _JSONLines(logging.Formatter):
             "ts": f"{ts}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            # a message that is its record's fields (the access log's) says them once, as keys
+            "message": msg.brief() if hasattr(msg := record.msg, "brief") else record.getMessage(),
         }
         for key, value in vars(record).items():
             if key not in _RECORD_FIELDS:

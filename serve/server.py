@@ -57,11 +57,11 @@ SPARE_THREADS = 16
 class AccessLog(grpc.ServerInterceptor):
     """One INFO line per RPC to the ``quantgate.serve.access`` logger, when the call ends.
 
-    Its fields, as the message (``key=value``) and as the record's own attributes (the JSON
-    log's keys): method (the full gRPC path), model and version (the model that answered,
-    else the one asked for), code (the gRPC status name), rows (of the requests answered;
-    ``-`` when none was), latency_ms (handler start to the response, before gRPC sends it),
-    peer, and request_id (ModelInfer's ``id``, when the client set one). A stream
+    Its fields, as the message (``key=value``; the JSON log's message is only the method and
+    the code) and as the record's own attributes (the JSON log's keys): method (the full
+    gRPC path), model and version (the model that answered, else the one asked for), code
+    (the gRPC status name), rows (of the requests answered; ``-`` when none was), latency_ms
+    (handler start to the response, before gRPC sends it), peer, and request_id (ModelInfer's ``id``, when the client set one). A stream
     (ModelStreamInfer) is one line when it ends, with its requests and how many failed.
 
     Calls that end before any handler runs have no line: those gRPC refuses (an unknown
@@ -183,7 +183,8 @@ def _log_call(method, request, context, record, start, code, *, stream=False) ->
 
 class _Line:
     """The access log's message: ``key=value`` pairs, built only when a formatter prints
-    the message (the JSON log writes the fields as its keys, and its message from this)."""
+    the message. The JSON log writes the fields as its keys, and as its message only
+    ``brief()`` (the method and the code), not each field a second time."""
 
     __slots__ = ("fields",)
 
@@ -192,6 +193,9 @@ class _Line:
 
     def __str__(self) -> str:
         return " ".join(f"{k}={_logfmt(v)}" for k, v in self.fields.items())
+
+    def brief(self) -> str:
+        return f"{self.fields['method'].rpartition('/')[2]} {self.fields['code']}"
 
 
 class StreamLimit(grpc.ServerInterceptor):

@@ -342,7 +342,7 @@ def test_write_that_fails_midway_keeps_the_previous_bundle(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_kill_midway_leaves_the_previous_bundle_intact(
     digits_bundle, tiny_checkpoint, tmp_path, sig
 ):
@@ -358,6 +358,9 @@ def test_kill_midway_leaves_the_previous_bundle_intact(
         env={**os.environ, "TMPDIR": str(work)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        # Ctrl-C as a terminal sends it, to a process that did not inherit SIGINT ignored
+        # (as a background job does, where Python leaves it ignored)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not list(work.glob("*/legacy-export.onnx")):  # exported, not yet validated
@@ -365,12 +368,13 @@ def test_kill_midway_leaves_the_previous_bundle_intact(
         assert time.monotonic() < deadline
         time.sleep(0.005)
     proc.send_signal(sig)
-    assert proc.wait() == (128 + sig if sig == signal.SIGTERM else -sig)
+    exits = {signal.SIGINT: 130, signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGKILL: -sig}
+    assert proc.wait(timeout=60) == exits[sig]
 
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert qb.load(out).manifest.created == digits_bundle.manifest.created
     no_leftovers(tmp_path, "b", "tmp")
-    if sig == signal.SIGTERM:  # it unwinds: the workdir goes too (SIGKILL leaves it)
+    if sig != signal.SIGKILL:  # it unwinds: the workdir goes too (SIGKILL leaves it)
         no_leftovers(work)
 
 

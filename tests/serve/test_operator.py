@@ -251,6 +251,23 @@ def test_a_servers_log_says_when_and_with_what_settings_without_v(repo):
     assert "shutting down" in err and "stopped: every admitted request was answered" in err
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_threads_sizes_onnx_runtimes_pool_in_each_session(repo):
+    """--threads N: each session's intra-op pool runs N - 1 threads beside the caller's. Two
+    servers of the same model, one session each, differ by exactly those threads."""
+
+    def threads(n: int) -> int:
+        srv = ServerProcess(repo / "classifier", "--threads", str(n), "--instances", "1")
+        try:
+            with grpc.insecure_channel(srv.url) as channel:  # up and answering
+                grpc.channel_ready_future(channel).result(timeout=30)
+            return len(os.listdir(f"/proc/{srv.proc.pid}/task"))
+        finally:
+            assert srv.terminate() == 0, srv.log
+
+    assert threads(4) - threads(1) == 3
+
+
 def test_serving_writes_no_onnx_runtime_telemetry(repo, tmp_path):
     """ONNX Runtime 1.32 writes a device id and an event database under $HOME and a file in
     $TMPDIR unless told not to; quantgate tells it, for hosts that must not phone home."""
