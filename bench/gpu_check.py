@@ -5,7 +5,7 @@
 One script, under 4 minutes on an H100/H200, that:
   1. exports all-MiniLM-L6-v2 (quantgate.export), converts FP16 (quantgate.quantize.fp16)
      and quantizes INT8 (ORT dynamic, per-channel: ORT has no CUDA kernels for dynamic INT8,
-     so it falls back to the CPU; README "GPU"), gates them as `quantgate export` does
+     so it falls back to the CPU; docs/gpu.md), gates them as `quantgate export` does
      where a GPU is present (fidelity vs FP32 on Python's help topics: FP16 on the
      provider, INT8 on the CPU; each variant timed in interleaved pairs with FP32; the
      placement check: inputs copied from the host each run) and writes the bundle (--bundle

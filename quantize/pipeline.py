@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EXPORT, DEFAULT_QUANT, DEFAULT_GATES = ExportConfig(), QuantConfig(), GateConfig()
 INT8_PROVIDERS = (CPU,)
-INT8_NOT_FOR = (CUDA,)  # slower than FP32 on CUDA, or on the CPU there (README, "GPU")
+INT8_NOT_FOR = (CUDA,)  # slower than FP32 on CUDA, or on the CPU there (docs/gpu.md)
 
 
 def build(

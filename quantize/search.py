@@ -59,7 +59,7 @@ class QuantConfig:
     max_candidates: int = 12
     recipes: tuple[str, ...] = ()  # restrict default_recipes() to these names; empty: all
     # Also ship an FP16 variant for the CUDA execution provider (INT8 is slower there:
-    # README, "GPU"), gated on fidelity against FP32 (and on CUDA speed where a GPU is present).
+    # docs/gpu.md), gated on fidelity against FP32 (and on CUDA speed where a GPU is present).
     fp16: bool = True
     fp16_min_cosine: float = 0.999  # mean per-row cosine of every output vs FP32
     # Where a CUDA GPU is present: placement and speed gates on the CUDA provider for every

@@ -477,7 +477,7 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
     credentials = tls.Credentials(cfg.tls) if cfg.tls is not None else None
     tokens = auth.tokens(cfg)
     # The process's metrics without prometheus_client's `_created` timestamp per counter and
-    # histogram (a second series each, read by nothing the README's metrics are for).
+    # histogram (a second series each, read by nothing docs/serving.md's metrics are for).
     prom.disable_created_metrics()
     _check_ports(cfg)
     engine = Engine(load_repository(cfg), cfg)

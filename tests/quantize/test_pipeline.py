@@ -407,8 +407,8 @@ def test_a_failure_after_a_handful_of_calibration_rows_names_them(cli, tmp_path,
 def test_a_bundle_carries_its_tokenizer_and_gates_text_wherever_it_goes(
     cli, tmp_path, tiny_bert, monkeypatch, gate_file
 ):
-    """README's CI job: `quantgate gate BUNDLE --eval heldout.jsonl` on a machine without the
-    model's directory. The bundle's own tokenizer reads the text."""
+    """docs/quantize.md's CI job: `quantgate gate BUNDLE --eval heldout.jsonl` on a machine
+    without the model's directory. The bundle's own tokenizer reads the text."""
     from transformers import BertModel
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
