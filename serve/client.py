@@ -10,6 +10,7 @@ ModelNotFound, Unavailable, ...) carrying the server's message.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.serve import codec
 from quantgate.serve.errors import from_status
+
+_BIG_ENDIAN = sys.byteorder == "big"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,11 @@ def _read(path: Path | None) -> bytes | None:
 
 
 class Client:
+    """A connection to a KServe v2 / Triton server (``url``: host:port). ``token`` is sent as
+    ``authorization: Bearer TOKEN`` on every call; ``tls`` opens a TLS channel (mutual
+    with a client certificate); ``timeout`` (seconds) is each call's deadline unless the call
+    gives its own. Close it, or use it in a ``with`` block."""
+
     def __init__(
         self,
         url: str = "localhost:8001",
@@ -82,42 +90,54 @@ class Client:
     def ready(self) -> bool:
         return self._call(self._stub.ServerReady, pb.ServerReadyRequest()).ready
 
-    def statistics(self, model: str = "", version: str = "") -> pb.ModelStatisticsResponse:
+    def statistics(self, model: str = "", version: str | int = "") -> pb.ModelStatisticsResponse:
         """Triton's per-model counters: cumulative count and nanoseconds of each phase."""
-        return self._call(
-            self._stub.ModelStatistics, pb.ModelStatisticsRequest(name=model, version=version)
-        )
+        request = pb.ModelStatisticsRequest(name=model, version=str(version))
+        return self._call(self._stub.ModelStatistics, request)
 
-    def metadata(self, model: str, version: str = "") -> pb.ModelMetadataResponse:
-        return self._call(
-            self._stub.ModelMetadata, pb.ModelMetadataRequest(name=model, version=version)
-        )
+    def metadata(self, model: str, version: str | int = "") -> pb.ModelMetadataResponse:
+        """The model's inputs and outputs: names, datatypes, shapes (-1: any size)."""
+        request = pb.ModelMetadataRequest(name=model, version=str(version))
+        return self._call(self._stub.ModelMetadata, request)
 
     def infer(
         self,
         model: str,
         inputs: Mapping[str, np.ndarray],
         *,
-        version: str = "",
-        outputs: tuple[str, ...] = (),
+        version: str | int = "",
+        outputs: str | Sequence[str] = (),
         classes: int = 0,
         timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run ``model`` on ``inputs``; every output unless ``outputs`` names some.
+        """Run ``model`` on ``inputs`` (input name -> array); every output unless
+        ``outputs`` names one or some. ``version``: the newest unless given.
 
         ``classes`` > 0 asks for each named output's top classes instead of the tensor
         (Triton's classification extension): an array of ``b"value:index:label"`` strings.
+
+        The arrays returned are read-only views of the response's bytes (no copy);
+        ``.copy()`` one to change it in place.
         """
-        request = pb.ModelInferRequest(model_name=model, model_version=version)
+        if not isinstance(inputs, Mapping):
+            raise TypeError(
+                f"inputs: expected a mapping of input name to array, such as "
+                f"{{'input_ids': ids}}, found {type(inputs).__name__}"
+            )
+        if isinstance(outputs, str):
+            outputs = (outputs,)
+        request = pb.ModelInferRequest(model_name=model, model_version=str(version))
         for name, value in inputs.items():
             array = np.asarray(value)
+            if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and _BIG_ENDIAN):
+                array = array.astype(array.dtype.newbyteorder("<"))  # the wire's order, exactly
             try:
                 datatype = codec.datatype(array.dtype)
             except KeyError:
                 raise BadRequest(
-                    f"input {name!r}: numpy dtype {array.dtype.str} has no KServe datatype; "
-                    f"send one of {', '.join(codec.DATATYPES)} in little-endian order "
-                    "(for example array.astype('<f4'))"
+                    f"input {name!r}: numpy dtype {array.dtype} has no KServe datatype; "
+                    f"send one of {', '.join(codec.DATATYPES)} (for example "
+                    "array.astype(np.float32))"
                 ) from None
             request.inputs.add(name=name, datatype=datatype, shape=array.shape)
             request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())

@@ -66,17 +66,28 @@ with Client({server.url!r}) as c:
             c.infer("classifier" if bad else "nope", bad or {{"input_ids": ids}})
         except err as e:
             print(type(e).__name__, e)
+    # as a notebook writes it: one output by name, the version as a number, big-endian
+    # arrays (sent in the wire's little-endian order)
+    one = c.infer("classifier", {{"input_ids": ids.astype(">i8"), "attention_mask": mask}},
+                  outputs="logits", version=1)
+    assert list(one) == ["logits"] and np.array_equal(one["logits"], got), one
+    assert c.metadata("classifier", version=1).versions == ["1"]
     try:  # refused in the client, before anything is sent: no KServe datatype for it
-        c.infer("classifier", {{"input_ids": ids.astype(">i8"), "attention_mask": mask}})
+        c.infer("classifier", {{"input_ids": ids.astype(np.complex64), "attention_mask": mask}})
     except BadRequest as e:
         print("client refused:", e)
+    try:
+        c.infer("classifier", [ids, mask])
+    except TypeError as e:
+        print("TypeError:", e)
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "BadRequest" in out.stdout and "'attention_mask'" in out.stdout
     assert "ModelNotFound" in out.stdout and out.stdout.strip().endswith("ok")
-    assert "client refused: input 'input_ids': numpy dtype >i8" in out.stdout, out.stdout
+    assert "client refused: input 'input_ids': numpy dtype complex64" in out.stdout, out.stdout
+    assert "TypeError: inputs: expected a mapping of input name to array" in out.stdout
 
     cli = subprocess.run(
         [
