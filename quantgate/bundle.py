@@ -210,15 +210,12 @@ class Manifest:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The manifest as manifest.json holds it: JSON's types only (lists, not tuples), and
+        a value not measured (a gate's NaN, a candidate's NaN cosine) as null.
+        ``Manifest.from_dict`` reads it back."""
         d = dataclasses.asdict(self)
         d["verdict"] = self.verdict
-        for v in d["variants"]:  # standard JSON: a value not measured (NaN outputs) is null
-            for g in v["gates"]:
-                if not math.isfinite(g["value"]):
-                    g["value"] = None
-        for free in ("export", "extra", "calibration"):  # e.g. a candidate's NaN cosine
-            d[free] = _finite(d[free])
-        return d
+        return _finite(d)
 
     @classmethod
     def from_dict(cls, d: Any, *, source: str = MANIFEST) -> Manifest:
@@ -316,7 +313,9 @@ def _found(x: Any) -> str:
         return f"the number {x!r}"
     if isinstance(x, str):
         return f"the string {x[:60]!r}" + ("..." if len(x) > 60 else "")
-    return "a list" if isinstance(x, list) else "an object"
+    if isinstance(x, list):
+        return "a list"
+    return "an object" if isinstance(x, dict) else f"a Python {type(x).__name__}, not JSON"
 
 
 def _is_name(x: Any) -> bool:

@@ -48,6 +48,18 @@ def test_round_trip(tmp_path):
     assert json.loads((b.path / qb.MANIFEST).read_text())["verdict"] == "pass"
 
 
+def test_a_manifest_in_python_round_trips_through_to_dict(tmp_path):
+    """From Python as through the file: to_dict gives JSON's types, which from_dict reads."""
+    m = make_manifest(tmp_path)
+    d = m.to_dict()
+    assert d == json.loads(json.dumps(d, allow_nan=False))  # lists, not tuples; no NaN
+    assert qb.Manifest.from_dict(d) == m
+    d["inputs"] = tuple(d["inputs"])  # a dict a person built: named as Python, not "an object"
+    with pytest.raises(BundleError, match="manifest.inputs: expected a list of tensors, found a "
+                       "Python tuple, not JSON"):  # fmt: skip
+        qb.Manifest.from_dict(d)
+
+
 def test_failed_variant_fails_the_bundle(tmp_path):
     assert write(tmp_path / "b", verdict="fail").manifest.verdict == "fail"
 
