@@ -427,34 +427,27 @@ def plot_candidates(result: SearchResult, shipped: Candidate, path: Path) -> Pat
     ]
     if not made:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot's: no backend switched, no figure left open, in the
+    # caller's process (a notebook keeps its inline plots)
+    from matplotlib.figure import Figure
 
     names = plotted_gates([c for _, c in made])
-    fig, axes = plt.subplots(
-        len(names), 1, figsize=(6.4, 1.2 + 2.4 * len(names)), dpi=110, sharex=True, squeeze=False
+    fig = Figure(figsize=(6.4, 1.2 + 2.4 * len(names)), dpi=110)
+    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)
+    points = [_panel(ax, made, name, shipped) for ax, name in zip(axes[:, 0], names, strict=True)]
+    # Labels once every panel has set the shared x range.
+    for ax, pts in zip(axes[:, 0], points, strict=True):
+        for x, y, label in merged_labels(pts, ax.get_xlim(), ax.get_ylim()):
+            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    axes[-1, 0].set_xlabel("speedup vs FP32 at the slowest shape (every shape must pass)")
+    others = len({g.name for _, c in made for g in c.accuracy}) - len(names)
+    fig.suptitle(
+        "INT8 candidates, numbered as in report.md (green: passed every gate)"
+        + (f"; {others} more gate(s) in report.md" if others else ""),
+        fontsize=9,
     )
-    try:
-        points = [
-            _panel(ax, made, name, shipped) for ax, name in zip(axes[:, 0], names, strict=True)
-        ]
-        # Labels once every panel has set the shared x range.
-        for ax, pts in zip(axes[:, 0], points, strict=True):
-            for x, y, label in merged_labels(pts, ax.get_xlim(), ax.get_ylim()):
-                ax.annotate(label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        axes[-1, 0].set_xlabel("speedup vs FP32 at the slowest shape (every shape must pass)")
-        others = len({g.name for _, c in made for g in c.accuracy}) - len(names)
-        fig.suptitle(
-            "INT8 candidates, numbered as in report.md (green: passed every gate)"
-            + (f"; {others} more gate(s) in report.md" if others else ""),
-            fontsize=9,
-        )
-        fig.tight_layout()
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(path)
     return path
 
 

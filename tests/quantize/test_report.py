@@ -6,6 +6,7 @@ the CPU or on CUDA supersedes."""
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 from quantgate.bundle import CPU, CUDA, GateResult, Manifest, Variant
@@ -281,7 +282,17 @@ def test_the_plot_has_a_panel_for_each_gate_a_candidate_failed_first(tmp_path):
     names = plotted_gates([many])
     assert len(names) == MAX_PANELS and names[0] == "cosine:o5"
     found = SearchResult(tuple(cands), chosen=cands[1], seconds=1.0, budget_s=10.0)
-    assert plot_candidates(found, cands[1], tmp_path / "c.png").stat().st_size > 1000
+    import matplotlib
+
+    matplotlib.use("svg")  # a caller's own backend (a notebook's inline one, say)
+    try:
+        png = plot_candidates(found, cands[1], tmp_path / "c.png")
+        assert matplotlib.get_backend() == "svg"  # not switched, and no figure left open
+        pyplot = sys.modules.get("matplotlib.pyplot")
+        assert pyplot is None or not pyplot.get_fignums()
+    finally:
+        matplotlib.use("Agg")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
 
 
 def test_labels_of_points_that_would_overlap_are_joined():
