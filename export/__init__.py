@@ -13,8 +13,9 @@ Names load lazily, so ``ExportConfig`` (and the CLI's --help) need no torch impo
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from quantgate._lazy import exports
 
 _WHERE = {
     "ExportConfig": "config",
@@ -43,15 +44,10 @@ __all__ = [
     "write_bundle",
 ]
 assert sorted(__all__) == sorted(_WHERE)
+__getattr__ = exports(__name__, _WHERE)
 
 if TYPE_CHECKING:
     from quantgate.export.config import ExportConfig, Exporter
     from quantgate.export.pipeline import ExportResult, export, export_fp32
     from quantgate.export.validation import Case, ValidationReport, validate
     from quantgate.export.writer import ExtraVariant, render_report, write_bundle
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
+from quantgate.configs import check_fields
 from quantgate.errors import ConfigError
 
 
@@ -33,12 +34,7 @@ class ExportConfig:
     name: str | None = None  # bundle name; None: the --out directory's name
 
     def __post_init__(self):
-        try:
-            object.__setattr__(self, "exporter", Exporter(self.exporter))
-        except ValueError:
-            raise ConfigError(
-                f"unknown exporter {self.exporter!r}; choose one of {[e.value for e in Exporter]}"
-            ) from None
+        check_fields(self)  # types first (exporter: a member or its value, "legacy")
         if not 14 <= self.opset <= 23:
             raise ConfigError(f"opset {self.opset} is outside 14..23, what the exporters support")
         if not (0 <= self.atol < math.inf and 0 <= self.rtol < math.inf):  # NaN fails too

@@ -24,6 +24,7 @@ from typing import Any
 
 from quantgate import __version__
 from quantgate.bundle import Bundle, TensorSpec, check_writable_target, sha256_file
+from quantgate.configs import require
 from quantgate.errors import ExportError, ValidationError
 from quantgate.export.config import ExportConfig, Exporter
 from quantgate.export.exporters import opset_of, to_onnx, tracer_advice
@@ -38,7 +39,7 @@ from quantgate.export.validation import (
     reference_outputs,
     validate,
 )
-from quantgate.model.loaders import LoadedModel, Samples, load_model
+from quantgate.model.loaders import LoadedModel, ModelSpec, Samples, load_model
 from quantgate.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class ExportResult:
 
 
 def export(
-    model_spec: str | Path,
+    model_spec: ModelSpec,
     out: str | Path,
     *,
     cfg: ExportConfig = DEFAULT_CONFIG,
@@ -156,6 +157,7 @@ def export(
     """
     from quantgate.export.writer import write_bundle
 
+    require(cfg, ExportConfig, "cfg")
     out = Path(out).absolute()
     # before minutes of work, not after
     check_writable_target(out, force=force, inputs=[("model", model_spec)])
@@ -167,13 +169,13 @@ def export(
     return bundle
 
 
-def load(model_spec: str | Path, cfg: ExportConfig = DEFAULT_CONFIG) -> LoadedModel:
+def load(model_spec: ModelSpec, cfg: ExportConfig = DEFAULT_CONFIG) -> LoadedModel:
     """The model ``model_spec`` names, loaded as ``cfg`` asks (task, longest sequence)."""
     return load_model(model_spec, task=cfg.task, max_seq_len=cfg.max_seq_len)
 
 
 def export_fp32(
-    model_spec: str | Path | LoadedModel,
+    model_spec: ModelSpec | LoadedModel,
     workdir: Path,
     *,
     cfg: ExportConfig = DEFAULT_CONFIG,
@@ -181,6 +183,7 @@ def export_fp32(
 ) -> ExportResult:
     """Load (unless ``model_spec`` is loaded already, by ``load``), export, validate, fuse and
     validate again; the files stay in ``workdir`` (created when missing)."""
+    require(cfg, ExportConfig, "cfg")
     t0 = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

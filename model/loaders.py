@@ -41,6 +41,9 @@ A spec names one of three kinds of model:
     tensors. An input named ``attention_mask`` marks real tokens with 1. Samples: the
     module's own ``example_inputs``.
 
+From Python, the model object itself works the same way: such a ``torch.nn.Module`` (put in
+eval mode), or the factory function.
+
 Every loaded model is wrapped so that ``module(*tensors)`` takes the inputs positionally in
 ``inputs`` order and returns a tuple of tensors in ``outputs`` order: the form both ONNX
 exporters trace.
@@ -80,6 +83,10 @@ FACTORY_TASKS = (*HF_TASKS, CUSTOM)
 HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # in this order, when taken
 
 # package.module:factory, or path/to/file.py:factory
+# What names a model: a path or a ``package.module:factory`` string (the command line's
+# MODEL), or from Python the module object or its factory function.
+ModelSpec = str | os.PathLike | nn.Module | Callable[[], nn.Module]
+
 FACTORY_SPEC = re.compile(r"^(?:[A-Za-z_][\w.]*|.+\.py):[A-Za-z_]\w*$")
 SENTENCE_CONFIG = "a sentence-transformers config"
 # sentence-transformers' Pooling modes (flag suffix, or the one-string form) -> SentenceEmbedder's
@@ -164,9 +171,17 @@ class TupleOutputs(nn.Module):
 
 
 def load_model(
-    spec: str | Path, *, task: str | None = None, max_seq_len: int | None = None
+    spec: ModelSpec, *, task: str | None = None, max_seq_len: int | None = None
 ) -> LoadedModel:
-    """Load a checkpoint directory, a Hugging Face directory or a ``pkg.mod:factory``."""
+    """Load a checkpoint directory, a Hugging Face directory or a ``pkg.mod:factory``; from
+    Python also a module object or a factory function (as a factory's module)."""
+    if isinstance(spec, nn.Module) or callable(spec):
+        return load_object(spec, task=task, max_seq_len=max_seq_len)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(
+            f"model: expected a path, a 'package.module:factory' string, a torch.nn.Module or "
+            f"a function that returns one, found {type(spec).__name__}"
+        )
     text = str(spec)
     kind = spec_kind(spec)
     if kind == "factory":
@@ -199,9 +214,14 @@ def load_model(
     )
 
 
-def spec_kind(spec: str | Path) -> str | None:
-    """What a MODEL spec names, cheaply and without raising: "factory", "checkpoint",
-    "huggingface", or None when it names nothing loadable (``load_model`` says why)."""
+def spec_kind(spec: ModelSpec) -> str | None:
+    """What a MODEL spec names, cheaply and without raising: "factory" (a module object or
+    a factory function too), "checkpoint", "huggingface", or None when it names nothing
+    loadable (``load_model`` says why)."""
+    if isinstance(spec, nn.Module) or callable(spec):
+        return "factory"
+    if not isinstance(spec, (str, os.PathLike)):
+        return None
     text = str(spec)
     path = Path(text).expanduser()
     if not path.exists():
@@ -514,6 +534,37 @@ def load_factory(
     factory = getattr(mod, func_name, None)
     if not callable(factory):
         raise ModelLoadError(f"{spec}: module {mod_name!r} has no callable {func_name!r}")
+    return _from_factory(spec, factory, mod, task=task, max_seq_len=max_seq_len)
+
+
+def load_object(
+    model: nn.Module | Callable[[], nn.Module],
+    *,
+    task: str | None = None,
+    max_seq_len: int | None = None,
+) -> LoadedModel:
+    """A model given as a Python object: a ``torch.nn.Module`` that carries what a factory's
+    module carries (``example_inputs``, ...), or the factory function itself. Its spec in
+    messages and the manifest is where it was defined: ``package.module:name``."""
+    if isinstance(model, nn.Module):
+        kind = type(model)
+        spec = f"{kind.__module__}:{kind.__qualname__}"
+        return _from_factory(
+            spec, lambda: model, inspect.getmodule(kind), task=task, max_seq_len=max_seq_len
+        )
+    name = getattr(model, "__qualname__", None) or type(model).__qualname__
+    spec = f"{getattr(model, '__module__', None) or '?'}:{name}"
+    return _from_factory(spec, model, inspect.getmodule(model), task=task, max_seq_len=max_seq_len)
+
+
+def _from_factory(
+    spec: str,
+    factory: Callable[[], Any],
+    mod: ModuleType | None,
+    *,
+    task: str | None,
+    max_seq_len: int | None,
+) -> LoadedModel:
     try:
         module = factory()
     except Exception as e:  # noqa: BLE001
@@ -576,7 +627,7 @@ def load_factory(
         else:
             n_out = len(wrapped(*example.values()))
             output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-    src = inspect.getsourcefile(type(module)) or inspect.getsourcefile(mod) or ""
+    src = _source_file(type(module)) or (mod and _source_file(mod)) or ""
     # a module that names its classes says it is a classifier
     task = (
         task
@@ -777,6 +828,15 @@ def hash_files(files: Sequence[Path], *, root: Path) -> str:
             while block := fh.read(1 << 20):
                 h.update(block)
     return h.hexdigest()
+
+
+def _source_file(obj: Any) -> str | None:
+    """Where ``obj`` (a class, a module) was defined; None when nowhere on disk (a class
+    typed into an interactive session)."""
+    try:
+        return inspect.getsourcefile(obj)
+    except (TypeError, OSError):
+        return None
 
 
 def _hash_module(module: nn.Module, source_file: str) -> str:

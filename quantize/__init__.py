@@ -13,4 +13,36 @@ cuda.py         speed and placement gates on the CUDA execution provider
 report.py       report.md sections and the candidates plot
 pipeline.py     export -> calibrate -> search -> gates -> bundle; ``regate``
 cpu.py          the CPU's INT8 instructions, which decide the default recipe
+
+The entry points, loaded on first use::
+
+    from quantgate.quantize import GateConfig, QuantConfig, build, regate
+    bundle = build("artifacts/digits-small", "bundles/digits")   # export -> INT8 -> gates
+    bundle = regate("bundles/digits", evaluation=rows)           # the gates again, on new data
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from quantgate._lazy import exports
+
+_WHERE = {
+    "build": "pipeline",
+    "regate": "pipeline",
+    "GateConfig": "gates",
+    "QuantConfig": "search",
+}
+__all__ = [
+    "GateConfig",
+    "QuantConfig",
+    "build",
+    "regate",
+]
+assert sorted(__all__) == sorted(_WHERE)
+__getattr__ = exports(__name__, _WHERE)
+
+if TYPE_CHECKING:
+    from quantgate.quantize.gates import GateConfig
+    from quantgate.quantize.pipeline import build, regate
+    from quantgate.quantize.search import QuantConfig

@@ -32,6 +32,7 @@ import numpy as np
 
 from quantgate import placement
 from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, all_passed, speed_gate_name
+from quantgate.configs import check_fields
 from quantgate.quantize.gates import session, speed_feeds, time_interleaved
 
 NOT_FOR_CUDA = "not for CUDA: "  # opens the note that says why INT8 is not served on CUDA
@@ -46,6 +47,9 @@ class CudaGateConfig:
     warmup: int = 3
     pairs: int = 40  # at most, per variant and shape
     budget_s: float = 10.0  # per shape, shared by the variants; at least 3 pairs each
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(frozen=True)

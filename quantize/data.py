@@ -249,7 +249,14 @@ class DataSource:
         }
 
 
-DataSpec = str | Path | Iterable[Mapping[str, np.ndarray]] | Callable[[], Iterable] | DataSource
+DataSpec = (
+    str
+    | Path
+    | Mapping[str, np.ndarray]  # every row at once, as a .npz holds them
+    | Iterable[Mapping[str, np.ndarray]]  # batches
+    | Callable[[], Iterable]
+    | DataSource
+)
 
 
 def open_source(
@@ -260,7 +267,8 @@ def open_source(
     samples: int | None = None,
     batch_size: int = DEFAULT_BATCH,
 ) -> DataSource:
-    """Resolve ``spec`` (a path, an iterable, or None for the built-in split) into a source.
+    """Resolve ``spec`` (a path, a dict of arrays, an iterable of them, or None for the
+    built-in split) into a source.
 
     ``role`` is "calibration" or "evaluation": it names the flag in messages and picks the
     built-in split ("calibration" or "test"). Fewer than ``MIN_CALIBRATION_ROWS`` calibration
@@ -286,6 +294,8 @@ def open_source(
             source = _npz(path, model, samples, batch_size, flag)
         else:
             source = _jsonl(path, model, samples, batch_size, flag, role)
+    elif isinstance(spec, Mapping):  # one dict of arrays, as a .npz holds them
+        source = _iterable(_in_batches(spec, batch_size), model, samples, batch_size)
     else:
         source = _iterable(spec, model, samples, batch_size)
     if role == "calibration" and source.samples < MIN_CALIBRATION_ROWS:
@@ -1201,6 +1211,21 @@ def _encode(tok, texts: list[str], model: ModelInfo, limit: int | None) -> Feeds
         elif spec.name == "token_type_ids":
             feeds[spec.name] = np.zeros_like(enc["input_ids"], dtype=spec.dtype)
     return check_feeds(feeds, model, "tokenized text")
+
+
+def _in_batches(arrays: Mapping[str, Any], batch_size: int) -> list[dict[str, np.ndarray]]:
+    """One dict of arrays (every input's rows, and labels) as batches of ``batch_size`` rows;
+    the arrays must hold the same number of rows."""
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    rows = {k: len(v) if v.ndim else None for k, v in arrays.items()}
+    if not arrays or None in rows.values() or len(set(rows.values())) > 1:
+        raise DataError(
+            "data: a dict of arrays needs one array per input (and optionally labels), each "
+            f"with the same number of rows along dim 0; found {rows or 'no arrays'}. Or pass "
+            "a list of such dicts, one per batch."
+        )
+    n = next(iter(rows.values()))
+    return [{k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, n, batch_size)]
 
 
 def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> DataSource:

@@ -39,6 +39,7 @@ import numpy as np
 import onnx
 
 from quantgate.bundle import CPU
+from quantgate.configs import check_fields
 from quantgate.errors import QuantizeError
 from quantgate.quantize.gates import Fidelity, session
 
@@ -61,6 +62,9 @@ class Fp16Config:
     # FP16's largest finite value is 65504; ORT's converter clamps constants beyond these.
     min_positive_val: float = 5.96e-08
     max_finite_val: float = 65504.0
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def to_fp16(model: onnx.ModelProto | str | Path, cfg: Fp16Config | None = None) -> onnx.ModelProto:

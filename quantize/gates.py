@@ -62,6 +62,7 @@ import numpy as np
 
 from quantgate import workarounds
 from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, speed_gate_name, speed_score
+from quantgate.configs import check_fields
 from quantgate.errors import ConfigError, DataError, QuantizeError
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.data import EMBEDDING_TASKS, DataSource
@@ -103,7 +104,7 @@ class GateConfig:
     seed: int = 0  # bootstrap resampling
 
     def __post_init__(self):
-        object.__setattr__(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
+        check_fields(self)  # types first: a list of batch sizes becomes a tuple, 1.7 is refused
         # "cpu" and "cuda" as --device spells them, for ONNX Runtime's provider names
         spelled = {"cpu": CPU, "cuda": CUDA}.get(str(self.provider).lower(), self.provider)
         object.__setattr__(self, "provider", spelled)

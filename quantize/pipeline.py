@@ -29,6 +29,7 @@ from quantgate.bundle import (
     load,
     rewrite,
 )
+from quantgate.configs import require
 from quantgate.errors import BundleError, ConfigError, DataError, GateFailed, QuantizeError
 from quantgate.export.config import ExportConfig
 from quantgate.progress import ProgressFn, no_progress
@@ -67,7 +68,7 @@ from quantgate.quantize.search import (
 
 if TYPE_CHECKING:  # loaded when build runs: export's pipeline imports the model code (torch)
     from quantgate.export import ExportResult, ExtraVariant
-    from quantgate.model.loaders import LoadedModel
+    from quantgate.model.loaders import LoadedModel, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ INT8_NOT_FOR = (CUDA,)  # slower than FP32 on CUDA, or on the CPU there (docs/gp
 
 
 def build(
-    model_spec: str | Path,
+    model_spec: ModelSpec,
     out: str | Path,
     *,
     export_cfg: ExportConfig = DEFAULT_EXPORT,
@@ -97,6 +98,10 @@ def build(
     """
     from quantgate.export import write_bundle
     from quantgate.export.validation import input_specs
+
+    require(export_cfg, ExportConfig, "export_cfg")
+    require(quant_cfg, QuantConfig, "quant_cfg")
+    require(gate_cfg, GateConfig, "gate_cfg")
 
     out = Path(out).absolute()
     inputs = (
@@ -172,7 +177,7 @@ def build(
     return _passed_bundle(out, found)
 
 
-def _load(model_spec: str | Path, cfg: ExportConfig, emit: ProgressFn) -> LoadedModel:
+def _load(model_spec: ModelSpec, cfg: ExportConfig, emit: ProgressFn) -> LoadedModel:
     """The model to export: the first step of the "export" task."""
     from quantgate.export.pipeline import EXPORT_STEPS, load
 
@@ -446,6 +451,8 @@ def regate(
     bundle = load(bundle_path)  # verifies every file's sha256
     check_writable_target(bundle.path, force=False)  # read-only: refused before the measuring
     m = bundle.manifest
+    if gate_cfg is not None:
+        require(gate_cfg, GateConfig, "gate_cfg")
     recorded = recorded_gate_config(m)
     gate_cfg = gate_cfg or recorded or DEFAULT_GATES
     on_cuda = gate_cfg.provider == CUDA

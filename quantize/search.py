@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantgate.bundle import GateResult, TensorSpec, all_passed
+from quantgate.configs import check_fields
 from quantgate.errors import ConfigError, QuantizeError
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.data import DataSource, counted
@@ -67,6 +68,7 @@ class QuantConfig:
     cuda_gates: bool = True
 
     def __post_init__(self):
+        check_fields(self)  # types first: recipes="name" is one recipe, not its letters
         if not self.search_budget_s > 0:  # NaN too: no budget would ever run out
             raise ConfigError(f"--search-budget must be > 0 seconds, got {self.search_budget_s}")
         if self.calibration_samples is not None and self.calibration_samples < 1:

@@ -14,4 +14,36 @@
     client.py      a numpy-in, numpy-out client over our own stubs
 
 Importing this package imports nothing heavy; never torch or quantgate.model.
+
+The entry points, loaded on first use (``Client`` loads quantgate's protobuf stubs, which
+cannot share a process with tritonclient's)::
+
+    from quantgate.serve import Client, ServeConfig, run
+    run(ServeConfig(path="bundles/digits", port=8001))   # blocks until SIGTERM or Ctrl-C
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from quantgate._lazy import exports
+
+_WHERE = {
+    "Client": "client",
+    "ClientTLS": "client",
+    "ServeConfig": "config",
+    "run": "server",
+}
+__all__ = [
+    "Client",
+    "ClientTLS",
+    "ServeConfig",
+    "run",
+]
+assert sorted(__all__) == sorted(_WHERE)
+__getattr__ = exports(__name__, _WHERE)
+
+if TYPE_CHECKING:
+    from quantgate.serve.client import Client, ClientTLS
+    from quantgate.serve.config import ServeConfig
+    from quantgate.serve.server import run

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantgate.configs import check_fields
+
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("fp32", "int8", "fp16")
 ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
@@ -27,6 +29,9 @@ class TLSConfig:
     cert: Path  # PEM server certificate chain
     key: Path  # PEM private key
     client_ca: Path | None = None  # set: mutual TLS, clients must present a cert it signed
+
+    def __post_init__(self):
+        check_fields(self)  # paths given as strings become Paths
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class ServeConfig:
     def __post_init__(self):
         from quantgate.errors import ConfigError
 
+        check_fields(self)  # types first: path="bundles/digits" becomes a Path
         # An IPv6 address is kept bare ("::1"); address() brackets it where a port follows.
         object.__setattr__(self, "host", self.host.removeprefix("[").removesuffix("]"))
         if self.device not in DEVICES:

@@ -1,6 +1,8 @@
 """The stages' import rules: data flows one way, and a serving host needs no torch."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,27 @@ def test_the_checker_sees_imports(tmp_path):
         "quantgate",
         "quantgate.serve",
     }
+
+
+def test_each_stage_offers_its_entry_points_without_importing_them():
+    """``from quantgate.quantize import build``: every name a stage's ``__all__`` offers is
+    there, and importing the packages alone loads neither torch nor onnxruntime (in a
+    subprocess: quantgate.serve's Client loads protobuf symbols tritonclient's clash with)."""
+    code = """
+import importlib, sys
+stages = ["quantgate.model", "quantgate.export", "quantgate.quantize", "quantgate.serve"]
+packages = [importlib.import_module(s) for s in stages]
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "onnxruntime", "onnx"})
+assert not heavy, heavy
+for p in packages:
+    assert p.__all__, p.__name__
+    for name in p.__all__:
+        assert getattr(p, name).__name__ == name, (p.__name__, name)
+try:
+    packages[-1].Nope
+except AttributeError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "module 'quantgate.serve' has no attribute 'Nope'"

@@ -117,6 +117,24 @@ def test_user_factory_with_dict_outputs_exports(tmp_path):
     assert logits.shape == (5, 33, 5) and pooled.shape == (5, 32)
 
 
+def test_a_module_object_or_its_factory_exports_from_python(tmp_path):
+    """From a notebook: the model object in hand (or the function that makes it), not a
+    'package.module:factory' string; the manifest names where it was defined."""
+    import qg_usermodels
+
+    from quantgate.model.loaders import load_model
+
+    by_name = load_model("qg_usermodels:tagger")
+    module = qg_usermodels.tagger()
+    b = export(module, tmp_path / "object", cfg=ExportConfig())
+    assert b.manifest.source == {**by_name.source, "spec": "qg_usermodels:Tagger"}
+    assert_validated(b.manifest)
+    assert not module.training  # put in eval mode, as the export ran it
+    assert load_model(qg_usermodels.tagger).source == by_name.source  # the same spec
+    with pytest.raises(TypeError, match="expected a path, .* found int"):
+        load_model(42)
+
+
 def test_inspect_prints_a_readable_summary(cli, digits_bundle):
     r = cli("inspect", digits_bundle.path)
     assert r.code == 0, r.stderr

@@ -181,6 +181,20 @@ def test_an_iterables_hash_covers_its_labels_and_only_the_rows_used():
     assert sha(later, labels) != sha(feeds, labels)
 
 
+def test_one_dict_of_arrays_is_its_rows_as_a_npz_holds_them(tmp_path):
+    """From Python, the arrays in hand: the same rows, labels and hash as the list of
+    batches they make, and arrays that disagree on their rows are named."""
+    feeds, labels = rng_feeds(40), np.arange(40) % 10
+    src = open_source({**feeds, "labels": labels}, DIGITS, role="evaluation", batch_size=16)
+    assert src.samples == 40 and src.has_labels and rows(src) == 40
+    batches = [{k: v[i : i + 16] for k, v in {**feeds, "labels": labels}.items()}
+               for i in (0, 16, 32)]  # fmt: skip
+    assert open_source(batches, DIGITS, role="evaluation").sha256 == src.sha256
+    with pytest.raises(DataError, match=r"same number of rows .* found \{'input_ids': 40, "
+                       r"'attention_mask': 40, 'labels': 39\}"):  # fmt: skip
+        open_source({**feeds, "labels": labels[:39]}, DIGITS, role="evaluation")
+
+
 def test_sample_caps_name_their_setting():
     with pytest.raises(DataError, match="--samples must be at least 1, got 0"):
         open_source(None, DIGITS, role="calibration", samples=0)

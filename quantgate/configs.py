@@ -1,0 +1,135 @@
+"""Config dataclasses checked as they are made, from their own annotations.
+
+``ExportConfig(opset="17")`` or ``GateConfig(iterations=5.5)`` written in a notebook should
+fail there, naming the field, not minutes later as a TypeError deep in the pipeline. A
+config's ``__post_init__`` calls ``check_fields(self)`` before its own checks of ranges and
+choices, which may then rely on the types.
+
+Only conversions that lose nothing are made: a list where a tuple is annotated (and one
+string where a tuple of strings is), a string where a ``Path`` is, a value of an Enum, a
+numpy number (or 1-d array) where a Python number (or tuple) is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import os
+import types
+import typing
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantgate.errors import ConfigError
+
+_MISMATCH = object()
+
+
+def check_fields(cfg: Any) -> None:
+    """Raise one ConfigError naming every field of ``cfg`` whose value is not of its
+    annotated type; convert in place (a frozen dataclass too) where nothing is lost."""
+    hints = _hints(type(cfg))
+    problems = []
+    for field in dataclasses.fields(cfg):
+        hint = hints[field.name]
+        value = getattr(cfg, field.name)
+        conformed = _conform(value, hint)
+        if conformed is _MISMATCH:
+            problems.append(f"{field.name}: expected {_describe(hint)}, found {_found(value)}")
+        elif conformed is not value:
+            object.__setattr__(cfg, field.name, conformed)
+    if problems:
+        raise ConfigError(f"{type(cfg).__name__}: " + "; ".join(problems))
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _conform(value: Any, hint: Any) -> Any:
+    """``value`` as ``hint`` wants it (the same object when it already is), or _MISMATCH."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            if (conformed := _conform(value, arg)) is not _MISMATCH:
+                return conformed
+        return _MISMATCH
+    if origin is tuple:
+        element = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        if element is str and isinstance(value, str):
+            return (value,)  # recipes="smooth-static-u8s8": one, not its letters
+        if isinstance(value, np.ndarray) and value.ndim == 1:
+            value = value.tolist()
+        if element is None or not isinstance(value, (tuple, list)):
+            return value if isinstance(value, tuple) else _MISMATCH
+        items = [_conform(v, element) for v in value]
+        if any(v is _MISMATCH for v in items):
+            return _MISMATCH
+        return value if isinstance(value, tuple) and items == list(value) else tuple(items)
+    if hint is type(None):
+        return value if value is None else _MISMATCH
+    if hint is bool:
+        return value if isinstance(value, bool) else _MISMATCH
+    if hint in (int, float):
+        return _number(value, hint)
+    if hint is str:
+        return value if isinstance(value, str) else _MISMATCH
+    if hint is Path:
+        if isinstance(value, Path):
+            return value
+        return Path(value) if isinstance(value, (str, os.PathLike)) else _MISMATCH
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)  # a member, or its value ("legacy")
+        except ValueError:
+            return _MISMATCH
+    if isinstance(hint, type):
+        return value if isinstance(value, hint) else _MISMATCH
+    return value  # Any, a Mapping, a Callable: not checked here
+
+
+def _number(value: Any, hint: type) -> Any:
+    """``value`` as a Python int or float (numpy's too); never a bool, which Python counts as
+    an int but nobody means as a count or a threshold."""
+    if isinstance(value, bool) or not isinstance(value, Integral if hint is int else Real):
+        return _MISMATCH
+    if type(value) is hint or (hint is float and type(value) is int):
+        return value
+    return hint(value)
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"a tuple (or list) of {_plural(args[0])}"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in hint)
+    names = {type(None): "None", bool: "True or False", int: "a whole number", float: "a number",
+             str: "a string", Path: "a path"}  # fmt: skip
+    return names.get(hint) or f"a {getattr(hint, '__name__', hint)}"
+
+
+def _plural(hint: Any) -> str:
+    return {int: "whole numbers", float: "numbers", str: "strings"}.get(hint, _describe(hint))
+
+
+def _found(value: Any) -> str:
+    shown = repr(value)
+    return f"{type(value).__name__} {shown[:60]}{'...' if len(shown) > 60 else ''}"
+
+
+def require(value: Any, kind: type, name: str) -> None:
+    """TypeError unless ``value`` is a ``kind`` (a config passed as a dict, say)."""
+    if not isinstance(value, kind):
+        article = "an" if kind.__name__[0] in "AEIOU" else "a"
+        raise TypeError(
+            f"{name}: expected {article} {kind.__name__}, found {type(value).__name__}; make one with "
+            f"{kind.__name__}(...), e.g. {name}={kind.__name__}(**settings)"
+        )

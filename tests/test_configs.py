@@ -1,0 +1,67 @@
+"""Configs made from Python are checked against their own annotations as they are made:
+a wrong type is named with its field at once, not met minutes later as a TypeError deep
+in the pipeline; conversions that lose nothing are made."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantgate.errors import ConfigError
+from quantgate.export import ExportConfig, Exporter
+from quantgate.quantize import GateConfig, QuantConfig
+from quantgate.serve import ServeConfig
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: ExportConfig(opset="17"), "ExportConfig: opset: expected a whole number, found str '17'"),
+        (lambda: ExportConfig(atol="1e-4"), "atol: expected a number, found str '1e-4'"),
+        (lambda: ExportConfig(exporter="onnx"), "exporter: expected one of 'auto', 'legacy', 'dynamo'"),
+        (lambda: GateConfig(iterations=5.5), "GateConfig: iterations: expected a whole number, found float 5.5"),
+        (lambda: GateConfig(batch_sizes=32), "batch_sizes: expected a tuple (or list) of whole numbers, found int 32"),
+        (lambda: GateConfig(batch_sizes=(1.7,)), "found tuple (1.7,)"),  # not silently 1
+        (lambda: GateConfig(min_speedup=True), "min_speedup: expected a number, found bool True"),
+        (lambda: GateConfig(eval_samples="all"), "eval_samples: expected a whole number or None"),
+        (lambda: QuantConfig(max_candidates=2.5), "QuantConfig: max_candidates: expected a whole number"),
+        (lambda: QuantConfig(recipes=("a", 1)), "recipes: expected a tuple (or list) of strings"),
+        (lambda: ServeConfig(path="b", port="8001"), "ServeConfig: port: expected a whole number"),
+    ],
+)  # fmt: skip
+def test_a_value_of_the_wrong_type_is_named_with_its_field(make, message):
+    with pytest.raises(ConfigError) as err:
+        make()
+    assert message in str(err.value)
+
+
+def test_every_field_of_the_wrong_type_is_named_at_once():
+    with pytest.raises(ConfigError, match="min_speedup: .*; batch_sizes: .*; iterations: "):
+        GateConfig(min_speedup="1.2", batch_sizes=32, iterations=5.5)
+
+
+def test_values_that_lose_nothing_are_converted():
+    g = GateConfig(batch_sizes=[1, np.int64(8)], min_speedup=np.float32(1.5), iterations=4)
+    assert g.batch_sizes == (1, 8) and all(type(b) is int for b in g.batch_sizes)
+    assert type(g.min_speedup) is float and g.min_speedup == 1.5
+    assert GateConfig(batch_sizes=np.array([2, 4])).batch_sizes == (2, 4)
+    assert GateConfig(provider="cuda").provider == "CUDAExecutionProvider"  # as --device says
+    # one recipe by name, not its letters
+    assert QuantConfig(recipes="smooth-static-u8s8").recipes == ("smooth-static-u8s8",)
+    assert QuantConfig(recipes=["a", "b"]).recipes == ("a", "b")
+    assert ExportConfig(exporter="legacy").exporter is Exporter.LEGACY
+    assert ServeConfig(path="bundles/digits").path == Path("bundles/digits")
+    d = GateConfig()
+    assert GateConfig(**{f: getattr(d, f) for f in d.__dataclass_fields__}) == d  # unchanged
+
+
+def test_a_config_passed_as_a_dict_is_refused_with_how_to_make_one(tmp_path):
+    from quantgate.export import export
+    from quantgate.quantize import build
+
+    with pytest.raises(TypeError, match=r"gate_cfg: expected a GateConfig, found dict; .*"
+                       r"gate_cfg=GateConfig\(\*\*settings\)"):  # fmt: skip
+        build("model", tmp_path / "b", gate_cfg={"min_speedup": 1.1})
+    with pytest.raises(TypeError, match="cfg: expected an ExportConfig, found dict"):
+        export("model", tmp_path / "b", cfg={"opset": 17})
+    assert not (tmp_path / "b").exists()
