@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from enum import Enum
 from inspect import cleandoc
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 import typer.rich_utils
@@ -37,7 +37,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from quantgate import __version__
+from quantgate import __version__, fsutil
 from quantgate.errors import GateFailed, QuantgateError, exit_code
 from quantgate.export.config import ExportConfig, Exporter
 from quantgate.serve.config import DEVICES, PRECISIONS, ServeConfig
@@ -1224,16 +1224,44 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     return tuple(found)
 
 
+# The signal that ended the command, if one did: main() reports it, whatever it interrupted.
+_interrupted: list[signal.Signals] = []
+
+
 @contextlib.contextmanager
-def _exit_on_sigterm() -> Iterator[None]:
-    """While the block runs, SIGTERM exits through SystemExit (128 + 15), so that `with`
-    blocks remove their temporary files; Python's default handler ends the process without
-    running them. (The server installs its own handler while it serves.)"""
-    previous = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+def _ending_signals() -> Iterator[None]:
+    """While the block runs, Ctrl-C raises KeyboardInterrupt, and SIGTERM or SIGHUP (the
+    terminal closed) exit through SystemExit (128 + the signal), so that `with` blocks remove
+    their temporary files; the default handlers of the two would end the process without
+    running them. Each is recorded for main() to report. A signal the process inherited as
+    ignored (nohup, a background job) stays ignored. (The server installs its own handlers
+    while it serves.)"""
+
+    def ended(signum, _frame):
+        _interrupted.append(signal.Signals(signum))
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        sys.exit(128 + signum)
+
+    names = ("SIGINT", "SIGTERM", "SIGHUP")  # no SIGHUP on Windows
+    ending = [getattr(signal, n) for n in names if hasattr(signal, n)]
+    previous = {
+        sig: signal.signal(sig, ended) for sig in ending if signal.getsignal(sig) != signal.SIG_IGN
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _exit_interrupted(written: list[Path]) -> NoReturn:
+    """Say which signal ended the command, and what it had already replaced (``written``:
+    an interrupt after the bundle's swap finds the new bundle in place)."""
+    sig = _interrupted[0]
+    after = f" after writing {', '.join(map(str, written))}, which holds the new content"
+    console.print(f"interrupted ({sig.name}){after if written else ''}", highlight=False)
+    sys.exit(128 + sig)
 
 
 # Top-level modules of the optional extras (pyproject.toml) -> the extra that installs them.
@@ -1254,37 +1282,47 @@ def main() -> None:
         # --help into a pipe or a log: rich's default 80 columns squeeze the options' help
         # into a narrow column and cut long values ("sequence-classi…").
         typer.rich_utils.MAX_WIDTH = 120
+    _interrupted.clear()  # main() may run more than once in a process (tests, a program)
+    written = len(fsutil.replaced)
     try:
-        with _exit_on_sigterm():
+        with _ending_signals():
             code = app(standalone_mode=False)  # a command's return value, or typer.Exit's code
-        sys.exit(code or 0)
-    except _usage_errors() as e:  # a bad option or argument: click's message, exit 2
+    except BaseException as e:
+        if _interrupted:  # raised because of the signal, whatever it interrupted (an import)
+            _exit_interrupted(fsutil.replaced[written:])
+        _exit_for(e)
+    if _interrupted or code == 130:  # typer turns a KeyboardInterrupt into exit code 130
+        _interrupted.append(signal.SIGINT)
+        _exit_interrupted(fsutil.replaced[written:])
+    sys.exit(code or 0)
+
+
+def _exit_for(e: BaseException) -> NoReturn:
+    """End the process as the exception that ended a command says: its message and exit
+    code for quantgate's errors and a user's mistakes; anything else is raised on."""
+    if isinstance(e, _usage_errors()):  # a bad option or argument: click's message, exit 2
         if getattr(e, "option_name", None) in ("-v", "--verbose"):
             e.message += " (it goes before the command: quantgate -v COMMAND ...)"
         e.show()
         sys.exit(e.exit_code)
-    except QuantgateError as e:
-        console.print(
-            Text.assemble(("error: ", "bold red"), str(e)), highlight=False, soft_wrap=True
-        )
+    if isinstance(e, QuantgateError):
+        _error(str(e))
         sys.exit(exit_code(e))
-    except ModuleNotFoundError as e:  # an optional extra this command needs is not installed
-        extra = _EXTRAS.get((e.name or "").partition(".")[0])
-        if extra is None:
-            raise
-        console.print(
-            Text.assemble(
-                ("error: ", "bold red"),
-                f"this command needs {e.name}, which is not installed: it comes with the "
-                f"`{extra}` extra. Run: pip install 'quantgate[{extra}]'",
-            ),
-            highlight=False,
-            soft_wrap=True,
+    # an optional extra this command needs is not installed
+    if isinstance(e, ModuleNotFoundError) and (extra := _EXTRAS.get((e.name or "").split(".")[0])):
+        _error(
+            f"this command needs {e.name}, which is not installed: it comes with the "
+            f"`{extra}` extra. Run: pip install 'quantgate[{extra}]'"
         )
         sys.exit(2)
-    except typer.Abort:
-        console.print("aborted")
+    if isinstance(e, typer.Abort) and isinstance(e.__context__, EOFError):
+        _error(f"unexpected end of file ({e.__context__})")  # click's Abort for any EOFError
+        sys.exit(1)
+    if isinstance(e, (typer.Abort, KeyboardInterrupt)):
+        console.print("interrupted (SIGINT)")
         sys.exit(130)
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        sys.exit(130)
+    raise e
+
+
+def _error(message: str) -> None:
+    console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)

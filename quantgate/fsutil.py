@@ -9,9 +9,11 @@ import functools
 import logging
 import os
 import shutil
+import signal
 import stat
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -157,21 +159,38 @@ def _umask() -> int:
     return mask
 
 
+# Directories this process has replaced (atomic_dir's commit point passed), in order: a
+# command interrupted after one says that it holds the new content (quantgate.cli).
+replaced: list[Path] = []
+
+
 def _replace_dir(new: Path, out: Path) -> None:
-    """Put directory ``new`` at ``out``, and remove what was there."""
+    """Put directory ``new`` at ``out``, and remove what was there. The swap is the commit
+    point: a Ctrl-C, SIGTERM or SIGHUP waits for it to finish (and is raised after it), so
+    ``out`` is never left missing, or with its old content only aside, by one."""
+    old = None
+    try:
+        with _signals_held():
+            old = _swap(new, out)
+            replaced.append(out)
+    finally:  # a signal held during the swap is raised as the block ends: the old goes too
+        if old is not None:
+            _remove(old)
+
+
+def _swap(new: Path, out: Path) -> Path | None:
+    """Rename ``new`` to ``out``; where ``out``'s old content went (to remove), or None."""
     try:
         if _rename2(new, out, _RENAME_NOREPLACE):
-            return
+            return None
     except FileExistsError:
         if _rename2(new, out, _RENAME_EXCHANGE):  # one step: out is never missing
-            _remove(new)  # the old content, now at new's path
-            return
+            return new  # the old content, now at new's path
     # Elsewhere: os.rename cannot replace a non-empty directory, so move the old one aside,
-    # rename, then delete the old one. Between the two renames the old content is intact
-    # in the aside directory.
+    # then rename. Between the two renames the old content is intact in the aside directory.
     if not out.exists():
         os.rename(new, out)
-        return
+        return None
     aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     aside.rmdir()
     os.rename(out, aside)
@@ -180,7 +199,36 @@ def _replace_dir(new: Path, out: Path) -> None:
     except BaseException:
         os.rename(aside, out)
         raise
-    _remove(aside)
+    return aside
+
+
+# The signals that end a quantgate command (quantgate.cli turns each into an exception)
+_ENDING = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """The signals that end a command wait while the block runs, and are raised again when
+    it ends, to the handlers they would have met. Held by Python's own handlers, not the
+    thread's signal mask: any thread (ONNX Runtime's, torch's) may take a signal for the
+    process, and Python then runs its handler on the main thread, inside the block.
+    Outside the main thread, which cannot set handlers, nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: held.append(signum))
+        for sig in _ENDING
+        if signal.getsignal(sig) not in (signal.SIG_IGN, None)  # None: set outside Python
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(held):  # each once, in the order they came
+            signal.raise_signal(signum)
 
 
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # renameat2 flags (linux/fs.h)

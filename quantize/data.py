@@ -58,6 +58,7 @@ import hashlib
 import json
 import logging
 import math
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -765,14 +766,17 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.files)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{flag} {path}: not a readable .npz file ({e})") from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # EOFError: 0 bytes
+        raise DataError(
+            f"{flag} {path}: not a readable .npz file ({type(e).__name__}: {e or 'empty'}); "
+            "expected what np.savez writes: one array per model input (and labels)"
+        ) from e
 
     def load() -> tuple[Feeds, np.ndarray | None]:
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in keys}
-        except (OSError, ValueError) as e:  # object arrays, a truncated member
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a truncated member
             raise DataError(
                 f"{flag} {path}: cannot read its arrays ({e}); expected numeric arrays, "
                 "as np.savez writes them from integer numpy arrays"

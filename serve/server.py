@@ -500,12 +500,15 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
         stop.set()
 
     # SIGHUP too: the terminal that started the server closed. Its default would end the
-    # process at once, admitted requests unanswered; one nohup ignores stays ignored.
-    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
-    signals = [signal.SIGTERM, signal.SIGINT]
-    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
-        signals.append(hangup)
-    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
+    # process at once, admitted requests unanswered. A signal the process inherited as
+    # ignored stays ignored: SIGHUP under nohup, SIGINT in a script's background job.
+    names = ("SIGTERM", "SIGINT", "SIGHUP")  # no SIGHUP on Windows
+    signals = [getattr(signal, n) for n in names if hasattr(signal, n)]
+    previous = {
+        sig: signal.signal(sig, on_signal)
+        for sig in signals
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
     try:
         try:
             _start(cfg, server, port, engine, health_servicer, on_ready)

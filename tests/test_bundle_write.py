@@ -101,6 +101,40 @@ def test_the_bundle_is_never_missing_while_it_is_replaced(tmp_path, monkeypatch)
     assert all(seen) and model_text(out) == "two"
 
 
+@pytest.mark.parametrize("renameat2", [True, False], ids=["exchange", "aside-then-rename"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_the_swap_waits_for_it(tmp_path, monkeypatch, sig, renameat2):
+    """Ctrl-C or SIGTERM in the middle of the swap (between the two renames, where the system
+    has no one-step exchange) is raised once the new bundle is in place: --out is never
+    missing, nothing is left beside it, and the swap is recorded for the CLI's message."""
+    import signal
+    import sys
+
+    out = tmp_path / "bundle"
+    write(out)
+
+    def signalled(rename):  # as if the signal came in the middle of the swap
+        def call(*args):
+            os.kill(os.getpid(), getattr(signal, sig))
+            return rename(*args)
+
+        return call
+
+    if renameat2:
+        monkeypatch.setattr(fsutil, "_rename2", signalled(fsutil._rename2))
+    else:
+        monkeypatch.setattr(fsutil, "_rename2", lambda *args: False)
+        monkeypatch.setattr(os, "rename", signalled(os.rename))
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    try:
+        with pytest.raises(KeyboardInterrupt if sig == "SIGINT" else SystemExit):
+            write(out, "two")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert model_text(out) == "two" and fsutil.replaced[-1] == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
 def test_a_replaced_bundle_keeps_its_directory_mode(tmp_path):
     """A bundle kept private (0700) must not become world-readable when `gate` rewrites it."""
     umask = os.umask(0o022)

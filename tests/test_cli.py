@@ -54,19 +54,72 @@ def test_ctrl_c_exits_130(cli, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("quantgate.bundle.load", interrupted)
-    assert cli("inspect", "bundle").code == 130
+    r = cli("inspect", "bundle")
+    assert r.code == 130 and "interrupted (SIGINT)" in r.stderr + r.stdout
 
 
-def test_sigterm_exits_143_through_the_cleanup_path(cli, monkeypatch):
-    """SystemExit runs every `with` block's cleanup, where Python's default handler does not."""
-    before = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_exits_128_plus_it_through_the_cleanup_path(cli, monkeypatch, name):
+    """KeyboardInterrupt or SystemExit run every `with` block's cleanup, where the default
+    handlers of SIGTERM and SIGHUP (a closed terminal) do not; whatever the signal made
+    fail (here an import), the command says it was interrupted."""
+    sig = getattr(signal, name)
+    before = signal.getsignal(sig)
 
-    def terminated(*args, **kwargs):
-        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # what a delivered SIGTERM runs
+    def delivered(*args, **kwargs):
+        try:
+            signal.getsignal(sig)(sig, None)  # what a delivered signal runs
+        finally:  # an import the signal cut short fails as onnxruntime's does
+            raise ImportError("initialization failed")
 
-    monkeypatch.setattr("quantgate.bundle.load", terminated)
-    assert cli("inspect", "bundle").code == 128 + signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) is before  # restored for whoever called main()
+    monkeypatch.setattr("quantgate.bundle.load", delivered)
+    r = cli("inspect", "bundle")
+    assert r.code == 128 + sig and f"interrupted ({name})" in r.stderr + r.stdout, r
+    assert signal.getsignal(sig) is before  # restored for whoever called main()
+
+
+def test_a_signal_inherited_as_ignored_stays_ignored(cli, monkeypatch):
+    """nohup, or a background job: the operator asked for the command to outlive it."""
+    from quantgate.errors import BundleError
+
+    seen = {}
+
+    def look(*args, **kwargs):
+        seen.update({s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)})
+        raise BundleError("no bundle")
+
+    monkeypatch.setattr("quantgate.bundle.load", look)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        cli("inspect", "bundle")
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert seen[signal.SIGHUP] is signal.SIG_IGN and seen[signal.SIGTERM] is not signal.SIG_IGN
+
+
+def test_an_interrupt_after_the_bundle_was_replaced_says_so(cli, monkeypatch, tmp_path):
+    from quantgate import fsutil
+
+    def late(*args, **kwargs):  # after the swap, the new bundle in place
+        fsutil.replaced.append(tmp_path / "b")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("quantgate.bundle.load", late)
+    r = cli("inspect", "bundle")
+    assert r.code == 130
+    text = " ".join((r.stderr + r.stdout).split())
+    assert f"interrupted (SIGINT) after writing {tmp_path / 'b'}, which holds the new" in text
+
+
+def test_an_end_of_file_is_an_error_not_an_interrupt(cli, monkeypatch):
+    """click turns an EOFError from anywhere into Abort, which looked like Ctrl-C (130)."""
+
+    def truncated(*args, **kwargs):
+        raise EOFError("No data left in file")
+
+    monkeypatch.setattr("quantgate.bundle.load", truncated)
+    r = cli("inspect", "bundle")
+    assert r.code == 1 and "error: unexpected end of file (No data left in file)" in r.stderr
 
 
 def test_export_asks_for_data_before_exporting_a_model_without_its_own(cli, tmp_path):

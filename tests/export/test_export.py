@@ -360,7 +360,7 @@ def test_write_that_fails_midway_keeps_the_previous_bundle(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
 def test_kill_midway_leaves_the_previous_bundle_intact(
     digits_bundle, tiny_checkpoint, tmp_path, sig
 ):
@@ -375,7 +375,7 @@ def test_kill_midway_leaves_the_previous_bundle_intact(
         cmd,
         env={**os.environ, "TMPDIR": str(work)},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(tmp_path / "stderr").open("w"),
         # Ctrl-C as a terminal sends it, to a process that did not inherit SIGINT ignored
         # (as a background job does, where Python leaves it ignored)
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -386,8 +386,10 @@ def test_kill_midway_leaves_the_previous_bundle_intact(
         assert time.monotonic() < deadline
         time.sleep(0.005)
     proc.send_signal(sig)
-    exits = {signal.SIGINT: 130, signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGKILL: -sig}
-    assert proc.wait(timeout=60) == exits[sig]
+    assert proc.wait(timeout=60) == (-sig if sig == signal.SIGKILL else 128 + sig)
+    if sig != signal.SIGKILL:
+        assert f"interrupted ({sig.name})" in (tmp_path / "stderr").read_text()
+    (tmp_path / "stderr").unlink()
 
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert qb.load(out).manifest.created == digits_bundle.manifest.created

@@ -143,9 +143,12 @@ def test_npz_round_trip_and_bad_arrays(tmp_path):
         np.savez(tmp_path / name, **arrays)
         with pytest.raises(DataError, match=expected):
             open_source(tmp_path / name, DIGITS, role="calibration")
-    (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(DataError, match="not a readable .npz"):
-        open_source(tmp_path / "junk.npz", DIGITS, role="calibration")
+    # not a zip; empty (an upload that failed; np.load raises EOFError, which the CLI took
+    # for Ctrl-C); cut short
+    for name, content in (("junk", b"not a zip"), ("empty", b""), ("cut", good.read_bytes()[:300])):
+        (tmp_path / f"{name}.npz").write_bytes(content)
+        with pytest.raises(DataError, match=f"{name}.npz: not a readable .npz"):
+            open_source(tmp_path / f"{name}.npz", DIGITS, role="calibration")
     with pytest.raises(DataError, match="no such file"):
         open_source(tmp_path / "nope.npz", DIGITS, role="calibration")
     with pytest.raises(DataError, match="unknown format"):

@@ -268,6 +268,36 @@ def test_threads_sizes_onnx_runtimes_pool_in_each_session(repo):
     assert threads(4) - threads(1) == 3
 
 
+def test_a_signal_inherited_as_ignored_does_not_stop_the_server(repo):
+    """`quantgate serve &` in a script ignores the script's Ctrl-C, and nohup's SIGHUP: the
+    server keeps serving through both, and SIGTERM still drains it."""
+
+    def ignoring():
+        for sig in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quantgate", "serve", str(repo / "classifier"), "--port", "0",
+         "--host", "127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignoring,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if m := re.search(r"listening on (\S+)", line):
+                break
+        for sig in (signal.SIGINT, signal.SIGHUP):
+            proc.send_signal(sig)
+        with grpc.insecure_channel(m.group(1)) as channel:
+            ready = channel.unary_unary("/inference.GRPCInferenceService/ServerReady")
+            assert ready(b"", timeout=30) == b"\x08\x01"  # ready: true, after both
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "SIGTERM: shutting down" in err and "SIGINT" not in err and "SIGHUP" not in err, err
+
+
 def test_serving_writes_no_onnx_runtime_telemetry(repo, tmp_path):
     """ONNX Runtime 1.32 writes a device id and an event database under $HOME and a file in
     $TMPDIR unless told not to; quantgate tells it, for hosts that must not phone home."""
