@@ -727,6 +727,13 @@ def _write_failure(out: Path, e: OSError) -> str:
             f"the filesystem that holds {parent}{free}; nothing was changed at {out}. Free "
             "some space there, or choose another --out."
         )
+    if e.errno in (errno.EXDEV, errno.EBUSY):  # the swap's rename
+        return (
+            f"cannot replace {out}: {e.strerror or e}. The new bundle is renamed into place, "
+            "which fails where --out is a mount point or, in a container, a directory of the "
+            "image's read-only layer (overlayfs); nothing was changed at "
+            f"{out}. Write the bundle to a new path, or into a mounted volume."
+        )
     return (
         f"cannot write the bundle at {out}: {e.strerror or e} ({e.filename or out}). Check "
         "that the directory is writable and the disk has room; nothing was changed at "

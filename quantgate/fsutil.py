@@ -25,7 +25,12 @@ def resolve_target(out: str | os.PathLike) -> Path:
     """``out`` as an absolute path, and through a symbolic link to where the link points:
     writing at ``current -> releases/v3`` replaces releases/v3 and keeps the link."""
     out = Path(out).absolute()
-    return out.resolve() if out.is_symlink() else out
+    if not out.is_symlink():
+        return out
+    try:  # strict: a loop of links is an OSError (ELOOP) on every Python
+        return Path(os.path.realpath(out, strict=True))
+    except FileNotFoundError:  # a dangling link: its target is created
+        return Path(os.path.realpath(out))
 
 
 @contextlib.contextmanager
@@ -69,7 +74,13 @@ def target_problem(
     that holds the job's ``inputs`` ((what, path) pairs: the model, the data; even with
     ``force``), and an existing non-empty directory that ``is_ours`` does not recognise
     unless ``force``."""
-    out = resolve_target(out)
+    try:
+        out = resolve_target(out)
+    except OSError as e:
+        return (
+            f"--out {out} is a symbolic link that cannot be followed ({e.strerror or e}). "
+            "Remove the link, or choose another path."
+        )
     if held := _holds_input(out, inputs):
         return (
             f"--out {out} {held}, which this job reads; the {noun} replaces the directory at "
@@ -93,6 +104,12 @@ def target_problem(
         return f"--out {out} is a file; expected a directory for the {noun}. Choose another path."
     if not out.is_dir():
         return None
+    if os.path.ismount(out):
+        return (
+            f"--out {out} is a mount point (a volume, say): the {noun} is written beside it "
+            "and renamed into place, which cannot replace a mount point. Write it into a "
+            f"directory inside it (--out {out / out.name}), or mount the directory above."
+        )
     if read_only := _read_only(out):
         return (
             f"{out} is read-only ({read_only}); writing the {noun} there would replace it "

@@ -49,6 +49,35 @@ def test_a_full_disk_is_a_bundle_error_that_names_the_filesystem(tmp_path, monke
     assert model_text(out) == "one" and [p.name for p in tmp_path.iterdir()] == ["b"]
 
 
+def test_a_directory_rename_cannot_replace_is_named_with_what_to_do(tmp_path, monkeypatch):
+    """A mount point is refused before any work; where the swap itself fails (overlayfs
+    answers EXDEV for a directory of a container image's layer) the error says why, and the
+    bundle is as it was."""
+    out = tmp_path / "b"
+    write(out)
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out)
+    with pytest.raises(BundleError, match=r"is a mount point .*\(--out .*/b/b\)"):
+        qb.check_writable_target(out, force=False)
+    monkeypatch.undo()
+
+    def cross_device(new, target):
+        raise OSError(errno.EXDEV, "Invalid cross-device link", str(new))
+
+    monkeypatch.setattr(fsutil, "_swap", cross_device)
+    with pytest.raises(BundleError) as e:
+        write(out, "two")
+    message = " ".join(str(e.value).split())
+    assert "read-only layer (overlayfs); nothing was changed" in message, message
+    assert model_text(out) == "one" and [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+def test_a_loop_of_symbolic_links_is_refused_as_out(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(BundleError, match="symbolic link that cannot be followed"):
+        qb.check_writable_target(loop, force=False)
+
+
 def test_a_read_only_bundle_is_left_as_it_is(tmp_path):
     """`chmod a-w bundle` says "do not change this": gate and export refuse, before any work."""
     out = tmp_path / "b"
