@@ -59,6 +59,13 @@ class GateFailed(QuantgateError):
         super().__init__(message)
 
 
+class OutOfSpace(QuantgateError):
+    """The filesystem a stage writes its working files to is full: not the model's fault, and
+    no other exporter or recipe would do better."""
+
+    exit_code = 1  # not the user's input: the machine's
+
+
 class BundleError(QuantgateError):
     """A bundle that is missing, corrupt, tampered with, or refused (failed gates)."""
 

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from quantgate.errors import OutOfSpace
+
 log = logging.getLogger(__name__)
 
 
@@ -57,6 +59,36 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err``, or an exception it was raised from, says a filesystem is full: an
+    OSError's errno, or the text a C++ library (ONNX Runtime, PyTorch) put in its message."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _FULL:
+            return True
+        if any(text in str(err) for text in _FULL.values()):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def out_of_space(work: Path, err: BaseException, what: str) -> OutOfSpace:
+    """The error for ``what`` failing because the filesystem that holds ``work`` is full."""
+    try:
+        free = f" ({shutil.disk_usage(work).free / 1e6:.0f} MB free there now)"
+    except OSError:
+        free = ""
+    return OutOfSpace(
+        f"{what} failed: the filesystem that holds its working directory {work} is full{free}. "
+        "It is under $TMPDIR: point TMPDIR at a filesystem with room (several times the size "
+        f"of the model) and run again. ({type(err).__name__}: {str(err).splitlines()[0]})"
+    )
 
 
 def target_problem(

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from quantgate.bundle import GateResult, TensorSpec, all_passed
 from quantgate.configs import check_fields
 from quantgate.errors import ConfigError, QuantizeError
+from quantgate.fsutil import disk_full, out_of_space
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.data import DataSource, counted
 from quantgate.quantize.gates import (
@@ -330,9 +331,11 @@ def _try(
     t = time.monotonic()
     try:
         qm = quantize(fp32, recipe, counted(calibration, on_rows), out, unfused_model=unfused)
-    except QuantizeError as e:
-        return _failed(name, recipe, method, parent, added, str(e), time.monotonic() - t), None
     except Exception as e:  # noqa: BLE001 - one recipe's crash must not end the search
+        if disk_full(e):  # ...but a full disk ends every one: say so now
+            raise out_of_space(workdir, e, f"INT8 recipe {name}") from e
+        if isinstance(e, QuantizeError):
+            return _failed(name, recipe, method, parent, added, str(e), time.monotonic() - t), None
         log.exception("recipe %s crashed", name)
         msg = f"{type(e).__name__}: {e}"
         return _failed(name, recipe, method, parent, added, msg, time.monotonic() - t), None
@@ -352,6 +355,8 @@ def _try(
             sample=sample, on_progress=on_timing, conditions=timing,
         )  # fmt: skip
     except Exception as e:  # noqa: BLE001 - ORT raises its own types; the search goes on
+        if disk_full(e):
+            raise out_of_space(workdir, e, f"gating INT8 recipe {name}") from e
         msg = f"the INT8 model does not run in ONNX Runtime: {e}"
         return _failed(name, recipe, method, parent, added, msg, time.monotonic() - t), None
     accuracy = accuracy_gates(reference, got, task, gate_cfg)

@@ -356,6 +356,32 @@ def test_write_that_fails_midway_keeps_the_previous_bundle(
     no_leftovers(tmp_path, "b")  # the staging directory is gone too
 
 
+def test_a_full_working_directory_is_named_and_no_other_exporter_is_tried(
+    cli, tiny_checkpoint, tmp_path, monkeypatch
+):
+    """$TMPDIR full midway (ORT's optimizer writing the fused graph): the machine's problem,
+    exit 1 with where and what to do, not "every exporter failed" and a retry with dynamo
+    that takes minutes on a real model."""
+    from quantgate.errors import ExportError
+
+    tried = []
+
+    def full(src, dst, **kwargs):
+        tried.append(src.name)
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        except OSError as e:  # as export/optimize.py wraps it
+            raise ExportError(f"ONNX Runtime's transformer optimizer failed: {e}") from e
+
+    monkeypatch.setattr("quantgate.export.pipeline.fuse", full)
+    r = cli("export", "--no-quantize", tiny_checkpoint, "--out", tmp_path / "b")
+    message = " ".join(r.stderr.split())
+    assert r.code == 1 and tried == ["legacy-export.onnx"], (r.code, tried, message)
+    assert "the export (legacy) failed: the filesystem that holds its working directory" in message
+    assert "point TMPDIR at a filesystem with room" in message
+    no_leftovers(tmp_path)
+
+
 # -- slow: a hard kill, and the real all-MiniLM-L6-v2 -------------------------------------
 
 

@@ -168,3 +168,29 @@ def test_quant_config_is_checked(bad, message):
 
     with pytest.raises(ConfigError, match=message):
         QuantConfig(**bad)
+
+
+def test_a_full_working_directory_ends_the_search_at_once(tmp_path, monkeypatch):
+    """A recipe that fails because $TMPDIR is full is not "this recipe failed, try the next":
+    every one would, each after its calibration."""
+    import errno
+
+    from quantgate.errors import OutOfSpace, QuantizeError
+
+    tried = []
+
+    def full(src, recipe, calibration, out, **kwargs):
+        tried.append(recipe.name)
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(out))
+        except OSError as e:  # as recipes.quantize wraps it
+            raise QuantizeError(f"recipe {recipe.name!r} failed: {e}") from e
+
+    monkeypatch.setattr("quantgate.quantize.recipes.quantize", full)
+    with pytest.raises(OutOfSpace) as err:
+        run(tmp_path, GateConfig(**FAST), QuantConfig())
+    assert len(tried) == 1
+    assert (
+        f"INT8 recipe {tried[0]} failed: the filesystem that holds its working directory "
+        f"{tmp_path} is full" in str(err.value)
+    )
