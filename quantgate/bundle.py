@@ -562,6 +562,11 @@ class Bundle:
     def report(self) -> Path:
         return self.path / REPORT
 
+    def __repr__(self) -> str:  # the manifest in full is kilobytes: what a person looks for
+        m = self.manifest
+        variants = ", ".join(f"{v.precision}:{v.verdict}" for v in m.variants)
+        return f"Bundle({str(self.path)!r}, name={m.name!r}, verdict={m.verdict!r}, variants=[{variants}])"
+
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()

@@ -60,6 +60,11 @@ def test_a_manifest_in_python_round_trips_through_to_dict(tmp_path):
         qb.Manifest.from_dict(d)
 
 
+def test_a_bundle_reads_in_one_line(tmp_path):
+    b = write(tmp_path / "b")
+    assert repr(b) == f"Bundle({str(b.path)!r}, name='m', verdict='pass', variants=[fp32:pass])"
+
+
 def test_failed_variant_fails_the_bundle(tmp_path):
     assert write(tmp_path / "b", verdict="fail").manifest.verdict == "fail"
 
