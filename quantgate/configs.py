@@ -60,17 +60,21 @@ def _conform(value: Any, hint: Any) -> Any:
                 return conformed
         return _MISMATCH
     if origin is tuple:
-        element = args[0] if len(args) == 2 and args[1] is Ellipsis else None
-        if element is str and isinstance(value, str):
+        many = len(args) == 2 and args[1] is Ellipsis  # tuple[int, ...]; else tuple[int, int]
+        if many and args[0] is str and isinstance(value, str):
             return (value,)  # recipes="smooth-static-u8s8": one, not its letters
         if isinstance(value, np.ndarray) and value.ndim == 1:
             value = value.tolist()
-        if element is None or not isinstance(value, (tuple, list)):
-            return value if isinstance(value, tuple) else _MISMATCH
-        items = [_conform(v, element) for v in value]
+        if not isinstance(value, (tuple, list)) or (not many and len(value) != len(args)):
+            return _MISMATCH
+        kinds = args[:1] * len(value) if many else args
+        items = [_conform(v, kind) for v, kind in zip(value, kinds, strict=True)]
         if any(v is _MISMATCH for v in items):
             return _MISMATCH
-        return value if isinstance(value, tuple) and items == list(value) else tuple(items)
+        unchanged = isinstance(value, tuple) and all(
+            a is b for a, b in zip(items, value, strict=True)
+        )
+        return value if unchanged else tuple(items)
     if hint is type(None):
         return value if value is None else _MISMATCH
     if hint is bool:
@@ -109,6 +113,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in args)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         return f"a tuple (or list) of {_plural(args[0])}"
+    if origin is tuple:
+        return f"a tuple (or list) of {len(args)}: " + ", ".join(_describe(a) for a in args)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return "one of " + ", ".join(repr(m.value) for m in hint)
     names = {type(None): "None", bool: "True or False", int: "a whole number", float: "a number",

@@ -45,6 +45,13 @@ def test_values_that_lose_nothing_are_converted():
     assert g.batch_sizes == (1, 8) and all(type(b) is int for b in g.batch_sizes)
     assert type(g.min_speedup) is float and g.min_speedup == 1.5
     assert GateConfig(batch_sizes=np.array([2, 4])).batch_sizes == (2, 4)
+    (eight,) = GateConfig(batch_sizes=(np.int64(8),)).batch_sizes  # a tuple's items too
+    assert type(eight) is int and eight == 8
+    from quantgate.quantize.cuda import CudaGateConfig
+
+    assert CudaGateConfig(throughput=[64, 128]).throughput == (64, 128)
+    with pytest.raises(ConfigError, match="throughput: expected a tuple .* of 2: a whole"):
+        CudaGateConfig(throughput=(1, 2, 3))
     assert GateConfig(provider="cuda").provider == "CUDAExecutionProvider"  # as --device says
     # one recipe by name, not its letters
     assert QuantConfig(recipes="smooth-static-u8s8").recipes == ("smooth-static-u8s8",)
