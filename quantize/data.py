@@ -58,6 +58,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1176,14 +1177,29 @@ def _tokenizer(directory: str):
             "directory there, or pass a .npz of the tokenized inputs instead "
             "(quantgate.quantize.data.write_npz writes one)."
         )
+    auto = _auto_tokenizer()  # not installed: the CLI names the extra that installs it
     try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        tok = auto.from_pretrained(directory, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means the same to the user
         raise DataError(f"cannot load the model's tokenizer from {directory}: {e}") from e
     tok.padding_side = "right"  # as the server pads requests, whatever the config says
     return tok
+
+
+def _auto_tokenizer():
+    """transformers' AutoTokenizer, imported without its advice that PyTorch is missing: a CI
+    runner or a client tokenizes without torch by design (the `hf` extra alone)."""
+    quiet = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+    before = os.environ.get(quiet)
+    os.environ[quiet] = "1"
+    try:
+        from transformers import AutoTokenizer
+    finally:
+        if before is None:
+            del os.environ[quiet]
+        else:
+            os.environ[quiet] = before
+    return AutoTokenizer
 
 
 def _hf_config(directory: str) -> dict[str, Any]:

@@ -186,6 +186,21 @@ def test_a_missing_optional_extra_names_the_extra_to_install(cli, monkeypatch, t
     assert "needs torch" in r.stderr and "pip install 'quantgate[export]'" in r.stderr
 
 
+def test_text_without_the_hf_extra_names_the_extra_to_install(monkeypatch, tmp_path):
+    """A serving host's `quantgate infer -t` (or a CI runner's `gate --eval text.jsonl`)
+    without transformers: its ModuleNotFoundError reaches main(), which names the extra to
+    install (as above), not "cannot load the model's tokenizer"."""
+    import sys
+
+    from quantgate.cli import _EXTRAS
+    from quantgate.quantize.data import _tokenizer
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import: ModuleNotFoundError
+    with pytest.raises(ModuleNotFoundError) as err:
+        _tokenizer(str(tmp_path))
+    assert _EXTRAS[err.value.name] == "hf"
+
+
 def test_help_into_a_pipe_keeps_sentences_and_option_values_whole():
     """A docstring's own line breaks are not kept, and a pipe gets more than rich's 80
     columns: long option values are not cut ("sequence-classi…")."""
