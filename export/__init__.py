@@ -44,7 +44,7 @@ __all__ = [
     "write_bundle",
 ]
 assert sorted(__all__) == sorted(_WHERE)
-__getattr__ = exports(__name__, _WHERE)
+__getattr__, __dir__ = exports(__name__, _WHERE)
 
 if TYPE_CHECKING:
     from quantgate.export.config import ExportConfig, Exporter

@@ -33,7 +33,7 @@ __all__ = [
     "load_model",
 ]
 assert sorted(__all__) == sorted(_WHERE)
-__getattr__ = exports(__name__, _WHERE)
+__getattr__, __dir__ = exports(__name__, _WHERE)
 
 if TYPE_CHECKING:
     from quantgate.model.data import load_digits_splits

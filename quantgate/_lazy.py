@@ -8,17 +8,20 @@ imported: the CLI's --help and a serving host stay light.
 from __future__ import annotations
 
 import importlib
+import pkgutil
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 
-def exports(package: str, where: Mapping[str, str]) -> Callable[[str], Any]:
+def exports(package: str, where: Mapping[str, str]) -> tuple[Callable[[str], Any], Callable]:
     """A module ``__getattr__`` for ``package`` that imports ``name`` from
-    ``package.<where[name]>`` on first use (PEP 562).
+    ``package.<where[name]>`` on first use (PEP 562), and the ``__dir__`` that lists them.
 
-    A name may not be one of the modules: importing ``package.train`` binds the module as
-    the package's attribute ``train``, which would then hide the function of that name."""
-    if clash := sorted(set(where) & set(where.values())):
+    A name may not be one of the package's modules: importing ``package.train`` binds the
+    module as the package's attribute ``train``, which would then hide the function."""
+    modules = {m.name for m in pkgutil.iter_modules(sys.modules[package].__path__)}
+    if clash := sorted(set(where) & modules):
         raise ValueError(f"{package}: {clash} would be hidden by the module(s) of that name")
 
     def __getattr__(name: str) -> Any:
@@ -26,4 +29,7 @@ def exports(package: str, where: Mapping[str, str]) -> Callable[[str], Any]:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         return getattr(importlib.import_module(f"{package}.{where[name]}"), name)
 
-    return __getattr__
+    def __dir__() -> list[str]:
+        return sorted({*vars(sys.modules[package]), *where})
+
+    return __getattr__, __dir__

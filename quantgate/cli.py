@@ -1233,9 +1233,9 @@ def _ending_signals() -> Iterator[None]:
     """While the block runs, Ctrl-C raises KeyboardInterrupt, and SIGTERM or SIGHUP (the
     terminal closed) exit through SystemExit (128 + the signal), so that `with` blocks remove
     their temporary files; the default handlers of the two would end the process without
-    running them. Each is recorded for main() to report. A signal the process inherited as
-    ignored (nohup, a background job) stays ignored. (The server installs its own handlers
-    while it serves.)"""
+    running them. Each is recorded for main() to report. SIGINT or SIGHUP inherited as
+    ignored stays ignored: a script's background job, nohup. SIGTERM is always handled: it is
+    how supervisors stop a process. (The server installs its own handlers while it serves.)"""
 
     def ended(signum, _frame):
         _interrupted.append(signal.Signals(signum))
@@ -1243,12 +1243,11 @@ def _ending_signals() -> Iterator[None]:
             raise KeyboardInterrupt
         sys.exit(128 + signum)
 
-    names = ("SIGINT", "SIGTERM", "SIGHUP")  # no SIGHUP on Windows
-    ending = [getattr(signal, n) for n in names if hasattr(signal, n)]
-    previous = {
-        sig: signal.signal(sig, ended) for sig in ending if signal.getsignal(sig) != signal.SIG_IGN
-    }
+    previous = {}
     try:
+        for sig in fsutil.ENDING:  # one by one: a signal meanwhile finds the rest restored
+            if sig == signal.SIGTERM or signal.getsignal(sig) != signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, ended)
         yield
     finally:
         for sig, handler in previous.items():

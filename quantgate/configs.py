@@ -18,7 +18,7 @@ import functools
 import os
 import types
 import typing
-from numbers import Integral, Real
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +78,18 @@ def _conform(value: Any, hint: Any) -> Any:
     if hint is type(None):
         return value if value is None else _MISMATCH
     if hint is bool:
+        if isinstance(value, np.bool_):
+            return bool(value)
         return value if isinstance(value, bool) else _MISMATCH
     if hint in (int, float):
         return _number(value, hint)
     if hint is str:
         return value if isinstance(value, str) else _MISMATCH
-    if hint is Path:
+    if hint is Path:  # not "": Path("") is the current directory, which nobody meant
         if isinstance(value, Path):
             return value
-        return Path(value) if isinstance(value, (str, os.PathLike)) else _MISMATCH
+        ok = isinstance(value, (str, os.PathLike)) and os.fspath(value) != ""
+        return Path(value) if ok else _MISMATCH
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         try:
             return hint(value)  # a member, or its value ("legacy")
@@ -98,13 +101,16 @@ def _conform(value: Any, hint: Any) -> Any:
 
 
 def _number(value: Any, hint: type) -> Any:
-    """``value`` as a Python int or float (numpy's too); never a bool, which Python counts as
-    an int but nobody means as a count or a threshold."""
-    if isinstance(value, bool) or not isinstance(value, Integral if hint is int else Real):
+    """``value`` as a Python int or float, where nothing is lost: a whole number (numpy's
+    too) for either, a float (numpy's too) for a float. Never a bool, which Python counts as
+    an int but nobody means as a count or a threshold, nor a Fraction or a Decimal."""
+    if isinstance(value, (bool, np.bool_)):
         return _MISMATCH
-    if type(value) is hint or (hint is float and type(value) is int):
-        return value
-    return hint(value)
+    if isinstance(value, Integral):
+        return value if type(value) is hint else hint(value)
+    if hint is float and isinstance(value, (float, np.floating)):
+        return value if type(value) is float else float(value)
+    return _MISMATCH
 
 
 def _describe(hint: Any) -> str:

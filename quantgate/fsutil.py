@@ -84,10 +84,16 @@ def out_of_space(work: Path, err: BaseException, what: str) -> OutOfSpace:
         free = f" ({shutil.disk_usage(work).free / 1e6:.0f} MB free there now)"
     except OSError:
         free = ""
+    temporary = Path(work).resolve().is_relative_to(Path(tempfile.gettempdir()).resolve())
+    where = (
+        "It is under $TMPDIR: point TMPDIR at a filesystem with room"
+        if temporary
+        else "Give it a directory on a filesystem with room"
+    )
     return OutOfSpace(
         f"{what} failed: the filesystem that holds its working directory {work} is full{free}. "
-        "It is under $TMPDIR: point TMPDIR at a filesystem with room (several times the size "
-        f"of the model) and run again. ({type(err).__name__}: {str(err).splitlines()[0]})"
+        f"{where} (several times the size of the model) and run again. "
+        f"({type(err).__name__}: {str(err).splitlines()[0]})"
     )
 
 
@@ -107,12 +113,16 @@ def target_problem(
     ``force``), and an existing non-empty directory that ``is_ours`` does not recognise
     unless ``force``."""
     try:
-        out = resolve_target(out)
+        os.stat(out)  # follows every link on the way: ELOOP for a loop anywhere in it
+    except FileNotFoundError:
+        pass  # to be created
     except OSError as e:
-        return (
-            f"--out {out} is a symbolic link that cannot be followed ({e.strerror or e}). "
-            "Remove the link, or choose another path."
-        )
+        if e.errno == errno.ELOOP:
+            return (
+                f"--out {out} goes through a symbolic link that cannot be followed "
+                f"({e.strerror}). Remove the link, or choose another path."
+            )
+    out = resolve_target(out)
     if held := _holds_input(out, inputs):
         return (
             f"--out {out} {held}, which this job reads; the {noun} replaces the directory at "
@@ -217,12 +227,9 @@ def _replace_dir(new: Path, out: Path) -> None:
     """Put directory ``new`` at ``out``, and remove what was there. The swap is the commit
     point: a Ctrl-C, SIGTERM or SIGHUP waits for it to finish (and is raised after it), so
     ``out`` is never left missing, or with its old content only aside, by one."""
-    old = None
-    try:
-        with _signals_held():
-            old = _swap(new, out)
-            replaced.append(out)
-    finally:  # a signal held during the swap is raised as the block ends: the old goes too
+    with _signals_held():  # the old content goes too before a held signal ends the process
+        old = _swap(new, out)
+        replaced.append(out)
         if old is not None:
             _remove(old)
 
@@ -252,31 +259,33 @@ def _swap(new: Path, out: Path) -> Path | None:
 
 
 # The signals that end a quantgate command (quantgate.cli turns each into an exception)
-_ENDING = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+ENDING = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """The signals that end a command wait while the block runs, and are raised again when
-    it ends, to the handlers they would have met. Held by Python's own handlers, not the
-    thread's signal mask: any thread (ONNX Runtime's, torch's) may take a signal for the
-    process, and Python then runs its handler on the main thread, inside the block.
+    """The signals that end a command wait while the block runs; the first of them is raised
+    again when it ends, to the handler it would have met. Held by Python's own handlers, not
+    the thread's signal mask: any thread (ONNX Runtime's, torch's) may take a signal for the
+    process, and Python then runs its handler on the main thread, inside the block. An
+    event loop's wakeup fd is set aside meanwhile, so that it hears of the signal once.
     Outside the main thread, which cannot set handlers, nothing is held."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     held: list[int] = []
-    previous = {
-        sig: signal.signal(sig, lambda signum, _frame: held.append(signum))
-        for sig in _ENDING
-        if signal.getsignal(sig) not in (signal.SIG_IGN, None)  # None: set outside Python
-    }
+    previous = {}
+    wakeup = signal.set_wakeup_fd(-1)
     try:
+        for sig in ENDING:  # one by one: a signal meanwhile finds the rest as they were
+            if signal.getsignal(sig) not in (signal.SIG_IGN, None):  # None: set outside Python
+                previous[sig] = signal.signal(sig, lambda signum, _frame: held.append(signum))
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for signum in dict.fromkeys(held):  # each once, in the order they came
+        signal.set_wakeup_fd(wakeup)
+        for signum in dict.fromkeys(held):  # a handler that raises or exits ends the loop
             signal.raise_signal(signum)
 
 

@@ -40,7 +40,7 @@ __all__ = [
     "regate",
 ]
 assert sorted(__all__) == sorted(_WHERE)
-__getattr__ = exports(__name__, _WHERE)
+__getattr__, __dir__ = exports(__name__, _WHERE)
 
 if TYPE_CHECKING:
     from quantgate.quantize.gates import GateConfig

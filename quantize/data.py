@@ -202,7 +202,7 @@ class DataSource:
     """A re-iterable stream of batches; ``source()`` yields feeds (a calibration reader)."""
 
     description: str  # for the report: what, from where, how many
-    kind: str  # "builtin" | "npz" | "jsonl" | "iterable"
+    kind: str  # "builtin" | "npz" | "jsonl" | "arrays" (one dict of them) | "iterable"
     samples: int  # rows it yields
     has_labels: bool
     sha256: str
@@ -297,7 +297,7 @@ def open_source(
         else:
             source = _jsonl(path, model, samples, batch_size, flag, role)
     elif isinstance(spec, Mapping):  # one dict of arrays, as a .npz holds them
-        source = _iterable(_in_batches(spec, batch_size), model, samples, batch_size)
+        source = _in_memory(spec, model, samples, batch_size)
     else:
         source = _iterable(spec, model, samples, batch_size)
     if role == "calibration" and source.samples < MIN_CALIBRATION_ROWS:
@@ -769,50 +769,84 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
             keys = list(z.files)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # EOFError: 0 bytes
         raise DataError(
-            f"{flag} {path}: not a readable .npz file ({type(e).__name__}: {e or 'empty'}); "
+            f"{flag} {path}: not a readable .npz file ({type(e).__name__}: {e}); "
             "expected what np.savez writes: one array per model input (and labels)"
         ) from e
 
-    def load() -> tuple[Feeds, np.ndarray | None]:
+    def load() -> dict[str, np.ndarray]:
         try:
             with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in keys}
+                return {k: z[k] for k in keys}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a truncated member
             raise DataError(
                 f"{flag} {path}: cannot read its arrays ({e}); expected numeric arrays, "
                 "as np.savez writes them from integer numpy arrays"
             ) from e
+
+    digest = sha256_file(path)
+    source = _whole(load, keys, model, samples, batch_size, f"{flag} {path}", digest)
+    return dataclasses.replace(
+        source, description=f"{path.name}: {source.description} (npz)", kind="npz",
+        file_sha256=digest,
+    )  # fmt: skip
+
+
+def _in_memory(arrays: Mapping[str, Any], model: ModelInfo, samples: int | None, batch_size: int):
+    """One dict of arrays, every row at once: read as a .npz's arrays are (a cap on the rows
+    keeps them length-stratified)."""
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    h = hashlib.sha256(b"arrays")
+    for k in sorted(arrays):
+        h.update(f"{k}:{arrays[k].dtype.str}:{arrays[k].shape}".encode())
+        h.update(np.ascontiguousarray(arrays[k]).tobytes())
+    source = _whole(lambda: arrays, list(arrays), model, samples, batch_size, "data", h.hexdigest())
+    return dataclasses.replace(source, description=f"arrays: {source.description}")
+
+
+def _whole(
+    load: Callable[[], dict[str, np.ndarray]],
+    keys: list[str],
+    model: ModelInfo,
+    samples: int | None,
+    batch_size: int,
+    where: str,
+    digest: str,
+) -> DataSource:
+    """A source of arrays read whole by ``load`` (a .npz's, or a dict's): checked, capped at
+    ``samples`` rows picked by length quantiles, in batches of ``batch_size``."""
+
+    def read() -> tuple[Feeds, np.ndarray | None]:
+        arrays = dict(load())
         labels = arrays.pop(LABELS, None) if model.reads_labels else None
         arrays.pop(LABELS, None)  # an embedding model's: not read (resolve says so)
-        feeds = check_feeds(arrays, model, f"{flag} {path}")
+        feeds = check_feeds(arrays, model, where)
         n = len(next(iter(feeds.values())))
         if labels is not None:
-            labels = check_labels(labels, n, model.labels, f"{flag} {path}")
+            labels = check_labels(labels, n, model.labels, where)
         return feeds, labels
 
-    feeds, labels = load()
+    feeds, labels = read()
     n = len(next(iter(feeds.values())))
     if n == 0:
-        raise DataError(f"{flag} {path}: the arrays have no rows")
+        raise DataError(f"{where}: the arrays have no rows")
     lengths = _real_tokens(feeds, model).sum(1)
     keep = stratified(lengths, samples)
     hashes = row_hashes({k: v[keep] for k, v in feeds.items()}, model)
-    _warn_left_padding(Batch(feeds, None), where=f"{flag} {path}")
+    _warn_left_padding(Batch(feeds, None), where=where)
     del feeds, labels  # not held between passes: each pass reads the arrays again, whole
-    digest = sha256_file(path)
     h = hashlib.sha256(digest.encode())
     h.update(keep.tobytes())
 
     def batches() -> Iterator[Batch]:
-        feeds, labels = load()
+        feeds, labels = read()
         for idx in _chunks(keep, batch_size):
             b = _trim({k: v[idx] for k, v in feeds.items()}, model)
             yield Batch(b, None if labels is None else labels[idx])
 
     return DataSource(
-        description=f"{path.name}: {len(keep)} of {n} rows (npz)",
-        kind="npz",
-        file_sha256=digest,
+        description=f"{len(keep)} of {n} rows",
+        kind="arrays",
+        file_sha256=None,
         samples=len(keep),
         has_labels=LABELS in keys and model.reads_labels,
         sha256=h.hexdigest(),
@@ -1177,7 +1211,12 @@ def _tokenizer(directory: str):
             "directory there, or pass a .npz of the tokenized inputs instead "
             "(quantgate.quantize.data.write_npz writes one)."
         )
-    auto = _auto_tokenizer()  # not installed: the CLI names the extra that installs it
+    try:
+        auto = _auto_tokenizer()
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name in ("transformers", "tokenizers"):
+            raise  # the `hf` extra is not installed: the CLI says to install it
+        raise DataError(f"cannot import transformers' tokenizers ({e}); check its install") from e
     try:
         tok = auto.from_pretrained(directory, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means the same to the user
@@ -1231,21 +1270,6 @@ def _encode(tok, texts: list[str], model: ModelInfo, limit: int | None) -> Feeds
         elif spec.name == "token_type_ids":
             feeds[spec.name] = np.zeros_like(enc["input_ids"], dtype=spec.dtype)
     return check_feeds(feeds, model, "tokenized text")
-
-
-def _in_batches(arrays: Mapping[str, Any], batch_size: int) -> list[dict[str, np.ndarray]]:
-    """One dict of arrays (every input's rows, and labels) as batches of ``batch_size`` rows;
-    the arrays must hold the same number of rows."""
-    arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    rows = {k: len(v) if v.ndim else None for k, v in arrays.items()}
-    if not arrays or None in rows.values() or len(set(rows.values())) > 1:
-        raise DataError(
-            "data: a dict of arrays needs one array per input (and optionally labels), each "
-            f"with the same number of rows along dim 0; found {rows or 'no arrays'}. Or pass "
-            "a list of such dicts, one per batch."
-        )
-    n = next(iter(rows.values()))
-    return [{k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, n, batch_size)]
 
 
 def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> DataSource:

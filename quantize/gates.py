@@ -113,12 +113,16 @@ class GateConfig:
             problems.append(f"ci_rule {self.ci_rule!r}: expected 'point' or 'upper'")
         if not 0 < self.confidence < 1:
             problems.append(f"confidence {self.confidence}: expected 0 < c < 1")
-        if not self.max_accuracy_drop >= 0:  # `not >=`: NaN too, which no value would pass
-            problems.append(f"max_accuracy_drop {self.max_accuracy_drop}: expected >= 0")
-        if not self.min_speedup > 0:
-            problems.append(f"min_speedup {self.min_speedup}: expected > 0")
-        if not self.max_kl >= 0:
-            problems.append(f"max_kl {self.max_kl}: expected >= 0")
+        # finite: the manifest records the thresholds as JSON, which has no infinity, and a
+        # re-gate reads them back (`not >=`: NaN fails too, which no value would pass)
+        for name, low in (
+            ("max_accuracy_drop", ">= 0"),
+            ("min_speedup", "> 0"),
+            ("max_kl", ">= 0"),
+        ):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
+                problems.append(f"{name} {value}: expected a finite number {low}")
         if not -1 <= self.min_cosine <= 1:
             problems.append(f"min_cosine {self.min_cosine}: expected -1..1")
         if not 0 <= self.min_top1_agreement <= 1:

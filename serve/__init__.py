@@ -41,7 +41,7 @@ __all__ = [
     "run",
 ]
 assert sorted(__all__) == sorted(_WHERE)
-__getattr__ = exports(__name__, _WHERE)
+__getattr__, __dir__ = exports(__name__, _WHERE)
 
 if TYPE_CHECKING:
     from quantgate.serve.client import Client, ClientTLS

@@ -10,7 +10,6 @@ ModelNotFound, Unavailable, ...) carrying the server's message.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,6 @@ from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.serve import codec
 from quantgate.serve.errors import from_status
-
-_BIG_ENDIAN = sys.byteorder == "big"
 
 
 @dataclass(frozen=True)
@@ -129,7 +126,7 @@ class Client:
         request = pb.ModelInferRequest(model_name=model, model_version=str(version))
         for name, value in inputs.items():
             array = np.asarray(value)
-            if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and _BIG_ENDIAN):
+            if array.dtype.byteorder == ">":  # (this package runs on little-endian hosts)
                 array = array.astype(array.dtype.newbyteorder("<"))  # the wire's order, exactly
             try:
                 datatype = codec.datatype(array.dtype)

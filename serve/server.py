@@ -61,8 +61,9 @@ class AccessLog(grpc.ServerInterceptor):
     the code) and as the record's own attributes (the JSON log's keys): method (the full
     gRPC path), model and version (the model that answered, else the one asked for), code
     (the gRPC status name), rows (of the requests answered; ``-`` when none was), latency_ms
-    (handler start to the response, before gRPC sends it), peer, and request_id (ModelInfer's ``id``, when the client set one). A stream
-    (ModelStreamInfer) is one line when it ends, with its requests and how many failed.
+    (handler start to the response, before gRPC sends it), peer, and request_id
+    (ModelInfer's ``id``, when the client set one). A stream (ModelStreamInfer) is one line
+    when it ends, with its requests and how many failed.
 
     Calls that end before any handler runs have no line: those gRPC refuses (an unknown
     method, an oversized message, calls beyond the server's limit of concurrent RPCs), and
@@ -500,14 +501,15 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
         stop.set()
 
     # SIGHUP too: the terminal that started the server closed. Its default would end the
-    # process at once, admitted requests unanswered. A signal the process inherited as
-    # ignored stays ignored: SIGHUP under nohup, SIGINT in a script's background job.
+    # process at once, admitted requests unanswered. SIGINT or SIGHUP inherited as ignored
+    # stays ignored: a script's background job, nohup. SIGTERM always drains: it is how
+    # supervisors (Kubernetes, systemd) stop a server.
     names = ("SIGTERM", "SIGINT", "SIGHUP")  # no SIGHUP on Windows
     signals = [getattr(signal, n) for n in names if hasattr(signal, n)]
     previous = {
         sig: signal.signal(sig, on_signal)
         for sig in signals
-        if signal.getsignal(sig) is not signal.SIG_IGN
+        if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN
     }
     try:
         try:

@@ -74,8 +74,9 @@ def test_a_directory_rename_cannot_replace_is_named_with_what_to_do(tmp_path, mo
 def test_a_loop_of_symbolic_links_is_refused_as_out(tmp_path):
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
-    with pytest.raises(BundleError, match="symbolic link that cannot be followed"):
-        qb.check_writable_target(loop, force=False)
+    for out in (loop, loop / "bundle"):  # the link itself, or a folder above
+        with pytest.raises(BundleError, match="symbolic link that cannot be followed"):
+            qb.check_writable_target(out, force=False)
 
 
 def test_a_read_only_bundle_is_left_as_it_is(tmp_path):
@@ -161,6 +162,37 @@ def test_a_signal_during_the_swap_waits_for_it(tmp_path, monkeypatch, sig, renam
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert model_text(out) == "two" and fsutil.replaced[-1] == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_a_signal_with_its_default_handler_ends_the_process_after_the_old_bundle_goes(
+    tmp_path,
+):
+    """From Python, where SIGTERM still ends the process at once: the swap completes, and the
+    old bundle (aside, after the exchange) is removed before the held signal ends it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from pathlib import Path
+        from quantgate import fsutil
+        out = Path({str(tmp_path / "bundle")!r})
+        for text in ("old", "new"):
+            with fsutil.atomic_dir(out) as tmp:
+                (tmp / "f").write_text(text)
+            swap = fsutil._swap
+            def signalled(new, target):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return swap(new, target)
+            fsutil._swap = signalled
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == -15, r.stderr
+    assert (tmp_path / "bundle" / "f").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 

@@ -100,6 +100,8 @@ def test_a_signal_inherited_as_ignored_stays_ignored(cli, monkeypatch):
 def test_an_interrupt_after_the_bundle_was_replaced_says_so(cli, monkeypatch, tmp_path):
     from quantgate import fsutil
 
+    monkeypatch.setattr(fsutil, "replaced", [])
+
     def late(*args, **kwargs):  # after the swap, the new bundle in place
         fsutil.replaced.append(tmp_path / "b")
         raise KeyboardInterrupt
@@ -176,10 +178,14 @@ def test_a_missing_optional_extra_names_the_extra_to_install(cli, monkeypatch, t
     """A serving host installs `cpu` alone: `quantgate train` there says what to install."""
     import sys
 
+    import quantgate.model  # (the package alone imports nothing heavy)
+
     for name in [m for m in sys.modules if m == "torch" or m.startswith("torch.")]:
         monkeypatch.delitem(sys.modules, name)
     for name in [m for m in sys.modules if m.startswith("quantgate.model")]:
         monkeypatch.delitem(sys.modules, name)
+    # the import below rebinds quantgate.model: later tests get the package they had
+    monkeypatch.setattr(quantgate, "model", quantgate.model)
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch: ModuleNotFoundError
     r = cli("train", "--out", tmp_path / "c")
     assert r.code == 2 and "Traceback" not in r.stderr, r.stderr
@@ -188,8 +194,8 @@ def test_a_missing_optional_extra_names_the_extra_to_install(cli, monkeypatch, t
 
 def test_text_without_the_hf_extra_names_the_extra_to_install(monkeypatch, tmp_path):
     """A serving host's `quantgate infer -t` (or a CI runner's `gate --eval text.jsonl`)
-    without transformers: its ModuleNotFoundError reaches main(), which names the extra to
-    install (as above), not "cannot load the model's tokenizer"."""
+    without transformers: the tokenizer lets its ModuleNotFoundError through (not "cannot
+    load the model's tokenizer"), which main() maps to the extra to install, as above."""
     import sys
 
     from quantgate.cli import _EXTRAS

@@ -58,8 +58,17 @@ def test_values_that_lose_nothing_are_converted():
     assert QuantConfig(recipes=["a", "b"]).recipes == ("a", "b")
     assert ExportConfig(exporter="legacy").exporter is Exporter.LEGACY
     assert ServeConfig(path="bundles/digits").path == Path("bundles/digits")
-    d = GateConfig()
-    assert GateConfig(**{f: getattr(d, f) for f in d.__dataclass_fields__}) == d  # unchanged
+    assert QuantConfig(fp16=np.bool_(False)).fp16 is False
+    assert type(GateConfig(min_speedup=2).min_speedup) is float  # as np.int64(2) becomes
+
+
+def test_only_conversions_that_lose_nothing_are_made():
+    from fractions import Fraction
+
+    with pytest.raises(ConfigError, match="min_speedup: expected a number, found Fraction"):
+        GateConfig(min_speedup=Fraction(4, 3))
+    with pytest.raises(ConfigError, match="auth_token_file: expected a path or None, found str"):
+        ServeConfig(path="b", auth_token_file="")  # Path("") would be the current directory
 
 
 def test_a_config_passed_as_a_dict_is_refused_with_how_to_make_one(tmp_path):

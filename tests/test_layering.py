@@ -96,6 +96,7 @@ for p in packages:
     assert p.__all__, p.__name__
     for name in p.__all__:
         assert getattr(p, name).__name__ == name, (p.__name__, name)
+assert set(packages[2].__all__) <= set(dir(packages[2]))  # tab completion sees them
 try:
     packages[-1].Nope
 except AttributeError as e:

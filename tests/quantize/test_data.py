@@ -185,16 +185,24 @@ def test_an_iterables_hash_covers_its_labels_and_only_the_rows_used():
 
 
 def test_one_dict_of_arrays_is_its_rows_as_a_npz_holds_them(tmp_path):
-    """From Python, the arrays in hand: the same rows, labels and hash as the list of
-    batches they make, and arrays that disagree on their rows are named."""
-    feeds, labels = rng_feeds(40), np.arange(40) % 10
-    src = open_source({**feeds, "labels": labels}, DIGITS, role="evaluation", batch_size=16)
-    assert src.samples == 40 and src.has_labels and rows(src) == 40
-    batches = [{k: v[i : i + 16] for k, v in {**feeds, "labels": labels}.items()}
-               for i in (0, 16, 32)]  # fmt: skip
-    assert open_source(batches, DIGITS, role="evaluation").sha256 == src.sha256
-    with pytest.raises(DataError, match=r"same number of rows .* found \{'input_ids': 40, "
-                       r"'attention_mask': 40, 'labels': 39\}"):  # fmt: skip
+    """From Python, the arrays in hand: read as the same arrays in a .npz are (a cap keeps
+    rows of every length, not the first ones), and arrays that disagree on their rows are
+    named."""
+    feeds = rng_feeds(100)
+    feeds["attention_mask"][:50, 8:] = 0  # sorted by length: 50 short rows, then 50 long
+    labels = np.arange(100) % 10
+    arrays = {**feeds, "labels": labels}
+    src = open_source(arrays, DIGITS, role="evaluation", samples=40, batch_size=16)
+    as_npz = open_source(write_npz(tmp_path / "a.npz", feeds, labels=labels), DIGITS,
+                         role="evaluation", samples=40, batch_size=16)  # fmt: skip
+    assert src.samples == 40 and src.has_labels and src.lengths == as_npz.lengths == (8, 64)
+
+    def read(source):
+        return [(b.feeds["input_ids"].tolist(), b.labels.tolist()) for b in source.batches()]
+
+    assert read(src) == read(as_npz) and rows(src) == 40
+    assert open_source(arrays, DIGITS, role="evaluation", samples=40).sha256 == src.sha256
+    with pytest.raises(DataError, match="data: .*labels"):
         open_source({**feeds, "labels": labels[:39]}, DIGITS, role="evaluation")
 
 

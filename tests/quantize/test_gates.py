@@ -693,7 +693,13 @@ def test_gate_config_refuses_settings_it_would_ignore_or_never_pass(tmp_path):
     for setting in ("max_accuracy_drop", "min_speedup", "max_kl"):
         with pytest.raises(ConfigError, match=f"{setting} nan"):
             GateConfig(**{setting: float("nan")})
-    with pytest.raises(ConfigError, match="max_kl -0.1: expected >= 0"):
+        # the manifest (JSON) could not record it: a re-gate would read the default back
+        with pytest.raises(ConfigError, match=f"{setting} inf: expected a finite number"):
+            GateConfig(**{setting: float("inf")})
+    (tmp_path / "inf.toml").write_text("max_kl = inf\n")
+    with pytest.raises(ConfigError, match="max_kl inf"):
+        GateConfig.from_file(tmp_path / "inf.toml")
+    with pytest.raises(ConfigError, match="max_kl -0.1: expected a finite number >= 0"):
         GateConfig(max_kl=-0.1)
 
 

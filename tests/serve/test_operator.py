@@ -270,10 +270,11 @@ def test_threads_sizes_onnx_runtimes_pool_in_each_session(repo):
 
 def test_a_signal_inherited_as_ignored_does_not_stop_the_server(repo):
     """`quantgate serve &` in a script ignores the script's Ctrl-C, and nohup's SIGHUP: the
-    server keeps serving through both, and SIGTERM still drains it."""
+    server keeps serving through both. SIGTERM drains it even when inherited as ignored: it
+    is how supervisors stop a server."""
 
     def ignoring():
-        for sig in (signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
 
     proc = subprocess.Popen(
