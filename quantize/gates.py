@@ -2,9 +2,10 @@
 
 Accuracy, with labels (a classifier and a labelled evaluation set): the task metric, top-1
 accuracy, of FP32 and of the candidate on the same rows; the gate is the drop in points.
-Its confidence interval is a *paired* bootstrap: rows are resampled with replacement and
-the drop recomputed on each resample (both models see the same resampled rows, so the
-interval reflects disagreements between them, not the difficulty of the test set).
+Its confidence interval is *paired* (``paired_interval``, Newcombe's score interval for
+paired proportions): it reflects the rows on which the two models disagree, not the
+difficulty of the test set, and unlike a bootstrap of the rows it does not shrink to a
+point when few or no rows flip, where INT8 lives.
 
 Without labels: fidelity against FP32 on the evaluation rows.
 
@@ -23,8 +24,9 @@ gets that ``cosine:<output>`` gate as well, at the same ``min_cosine``: an embed
 ``last_hidden_state`` next to its ``sentence_embedding`` (or next to its own mean-pooled
 rows), a classifier's other float outputs next to its logits.
 
-Each of these is a mean over rows, and has a bootstrap interval over rows like the
-accuracy drop's (``bootstrap_mean``): at 400 rows, one row is 0.25 points of agreement.
+Each of these is a mean over rows, with an interval over rows: Wilson's score interval for
+a share of agreeing rows (``wilson``; at 400 rows, one row is 0.25 points of agreement),
+a bootstrap of the mean for cosine and KL (``bootstrap_mean``).
 
 The decision rule, chosen and documented here: a gate passes when its *point estimate* is
 on the right side of its threshold; the interval is reported next to it, and where it
@@ -33,8 +35,7 @@ the measurement's uncertainty (``uncertain``). Requiring the interval's bound on
 failing side to pass instead (``GateConfig(ci_rule="upper")``: the upper bound of a drop or
 a KL, the lower bound of a cosine or an agreement) is also available, but on small test
 sets it fails sound models: on the 360 digits test images one net flipped row is 0.28
-points, and two flipped rows already put the upper 95% bound above 1 point while the
-measured drop is 0.56.
+points, and one newly wrong row already puts the upper 95% bound above 1 point (1.42).
 
 Speed: candidate vs FP32 on the target execution provider at each served shape, after
 warm-up, timed interleaved (A B, then B A, ...: ``time_interleaved``, which the CUDA gates
@@ -87,7 +88,7 @@ class GateConfig:
     # interval's bound on the failing side (upper for a drop or KL, lower for cosine or
     # agreement). Speed gates are decided by their median either way.
     ci_rule: str = "point"
-    confidence: float = 0.95  # of the bootstrap interval
+    confidence: float = 0.95  # of every gate's interval
     bootstrap: int = 1000  # resamples; 1000 puts the 95% bounds within ~0.1 point
     min_speedup: float = 1.2  # candidate vs FP32, at every speed shape
     min_cosine: float = 0.99  # embeddings / other outputs without labels

@@ -37,7 +37,7 @@ MAX_PANELS = 4  # accuracy gates in the candidates plot, a panel each (report.md
 
 
 def gate_table(gates: Sequence[GateResult], confidence: float | None = None) -> list[str]:
-    """A Markdown table of ``gates``; ``confidence`` is that of their bootstrap intervals."""
+    """A Markdown table of ``gates``; ``confidence`` is that of their intervals."""
     interval = "interval" if confidence is None else f"{confidence:.0%} interval"
     lines = [
         f"| gate | value | {interval} | threshold | result | how |",
@@ -245,7 +245,7 @@ def thresholds(gates: Sequence[GateResult], cfg: GateConfig) -> str:
 
 def decision_rule(cfg: GateConfig) -> str:
     """What decides a gate under ``cfg.ci_rule``, and what a result marked UNCERTAIN means."""
-    interval = f"{cfg.confidence:.0%} bootstrap interval"
+    interval = f"{cfg.confidence:.0%} interval"
     decided = (
         f"the bound of its {interval} on the failing side (the upper bound of a drop or a KL, "
         "the lower of a cosine or an agreement)"

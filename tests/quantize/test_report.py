@@ -254,7 +254,7 @@ def test_a_failed_bundles_candidate_is_not_called_shipped():
         "2 CPUs, 1-minute load average 3.10 before timing (above the CPU count: timed on a "
         "busy machine, may not reproduce)." in head
     )
-    assert "gate is decided by its point estimate, with its 95% bootstrap interval reported" in head
+    assert "gate is decided by its point estimate, with its 95% interval reported" in head
     assert (
         "| nn_top1_agreement | 0.9475 | [0.9275, 0.9675] | >= 0.95 | **FAIL** (uncertain) |" in head
     )
@@ -264,7 +264,7 @@ def test_a_failed_bundles_candidate_is_not_called_shipped():
     assert "| 0 | `good` **(shipped)** |" in table and "marked failed" not in table
     assert "#1 (load 3.10 on 2 CPUs)" in table  # a busy candidate is named, shipped or not
     head, _ = sections(passing, good, GateConfig(ci_rule="upper", confidence=0.9), DATA, plot=None)
-    assert "decided by the bound of its 90% bootstrap interval on the failing side" in head
+    assert "decided by the bound of its 90% interval on the failing side" in head
 
 
 def test_the_plot_has_a_panel_for_each_gate_a_candidate_failed_first(tmp_path):
