@@ -74,4 +74,4 @@ protos: $(STAMP)
 	$(BIN)/python protos/generate.py
 
 clean:
-	rm -rf artifacts .pytest_cache .ruff_cache build *.egg-info
+	rm -rf artifacts bundles .pytest_cache .ruff_cache build *.egg-info

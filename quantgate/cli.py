@@ -264,15 +264,10 @@ _MaxDrop = Annotated[
 _MinSpeedup = Annotated[
     float | None, typer.Option(help=r"Speed gate: INT8 vs FP32 at every shape \[default: 1.2].")
 ]
-_MinCosine = Annotated[
-    float | None, typer.Option(help=r"Fidelity without labels: mean cosine \[default: 0.99].")
-]
-_MinTop1 = Annotated[
-    float | None,
-    typer.Option(
-        help=r"Fidelity without labels: top-1 / nearest-neighbour agreement \[default: 0.95]."
-    ),
-]
+_COSINE = "Fidelity: mean cosine vs FP32 of an embedding and of every other float output"
+_TOP1 = "Fidelity: top-1 / nearest-neighbour / batch agreement with FP32"
+_MinCosine = Annotated[float | None, typer.Option(help=_COSINE + r" \[default: 0.99].")]
+_MinTop1 = Annotated[float | None, typer.Option(help=_TOP1 + r" \[default: 0.95].")]
 
 
 def _kept(what: str):
@@ -519,10 +514,8 @@ def gate(
         float | None, _kept("Accuracy gate: largest drop in points of the task metric")
     ] = None,
     min_speedup: Annotated[float | None, _kept("Speed gate: INT8 vs FP32 at every shape")] = None,
-    min_cosine: Annotated[float | None, _kept("Fidelity without labels: mean cosine")] = None,
-    min_top1: Annotated[
-        float | None, _kept("Fidelity without labels: top-1 / nearest-neighbour agreement")
-    ] = None,
+    min_cosine: Annotated[float | None, _kept(_COSINE)] = None,
+    min_top1: Annotated[float | None, _kept(_TOP1)] = None,
     gate_config: _GateFile = None,
     device: Annotated[
         GateDevice | None,
@@ -746,7 +739,8 @@ def inspect(
             v.verdict,
             f"{passed}/{len(v.gates)} passed",
             ", ".join(v.providers),
-            (v.recipe or {}).get("name", ""),
+            # the candidate that shipped: smooth-static-u8s8+fp32x4 kept 4 nodes FP32
+            (v.recipe or {}).get("candidate") or (v.recipe or {}).get("name", ""),
         )
     out.print(variants)
     out.print(_served(m), highlight=False, soft_wrap=True)

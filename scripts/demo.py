@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 CHECKPOINT = Path("artifacts/digits-small")
-BUNDLE = Path("artifacts/bundles/digits")
+BUNDLE = Path("bundles/digits")
 QG = [sys.executable, "-m", "quantgate"]
 GATE_FAILED = 3  # quantgate's exit code when a gate failed (the bundle is still written)
 
