@@ -46,6 +46,17 @@ def check_fields(cfg: Any) -> None:
         raise ConfigError(f"{type(cfg).__name__}: " + "; ".join(problems))
 
 
+def wrong_types(cls: type, values: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, what it must be) for each of ``values`` (fields of config ``cls``, as a file
+    gives them) that ``cls`` would refuse, before making one."""
+    hints = _hints(cls)
+    return [
+        (name, _describe(hints[name]))
+        for name, value in values.items()
+        if _conform(value, hints[name]) is _MISMATCH
+    ]
+
+
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)

@@ -64,7 +64,7 @@ import numpy as np
 
 from quantgate import workarounds
 from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, speed_gate_name, speed_score
-from quantgate.configs import check_fields
+from quantgate.configs import check_fields, wrong_types
 from quantgate.errors import ConfigError, DataError, QuantizeError
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.data import EMBEDDING_TASKS, DataSource
@@ -187,8 +187,7 @@ class GateConfig:
             problems.append(f"known: {', '.join(sorted(known))}")
         given = {k: v for k, v in data.items() if k in known}
         problems += [
-            f"{name} = {data[name]!r}: expected {what}"
-            for name, what in _wrong_types(given, {f.name: f.default for f in fields(cls)})
+            f"{name} = {data[name]!r}: expected {what}" for name, what in wrong_types(cls, given)
         ]
         if problems:
             raise ConfigError(f"--gate-config {path}: " + "; ".join(problems))
@@ -215,31 +214,6 @@ def _close(name: str, known: set[str]) -> list[str]:
     if len(prefixed) == 1:  # a prefix of several names says none of them
         return prefixed
     return difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
-
-
-def _wrong_types(data: dict[str, Any], defaults: dict[str, Any]) -> list[tuple[str, str]]:
-    """(setting, what it must be) for each value in ``data`` of another type than its
-    default's: a file's "1.2" in quotes would otherwise fail later as a comparison of str
-    and float."""
-
-    def integer(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    wrong = []
-    for name, value in data.items():
-        default = defaults[name]
-        if isinstance(default, str):
-            ok, what = isinstance(value, str), "a string"
-        elif isinstance(default, tuple):
-            ok = isinstance(value, list | tuple) and all(integer(v) for v in value)
-            what = "a list of integers"
-        elif isinstance(default, float):
-            ok, what = integer(value) or isinstance(value, float), "a number"
-        else:  # an int, or None for a cap that is an int when set
-            ok, what = integer(value), "an integer"
-        if not ok:
-            wrong.append((name, what))
-    return wrong
 
 
 # -- running models ------------------------------------------------------------------------

@@ -707,7 +707,7 @@ def test_gate_config_from_files_and_flags(tmp_path):
     )
     with pytest.raises(ConfigError) as e:
         GateConfig.from_file(tmp_path / "types.toml")
-    for words in ("min_speedup = '1.5': expected a number", "batch_sizes = [1, '32']: expected a list of integers", "iterations = 7.5: expected an integer"):  # fmt: skip
+    for words in ("min_speedup = '1.5': expected a number", "batch_sizes = [1, '32']: expected a tuple (or list) of whole numbers", "iterations = 7.5: expected a whole number"):  # fmt: skip
         assert words in str(e.value), str(e.value)
     assert "eval_samples" not in str(e.value)  # an int where the default is None is right
 
