@@ -596,13 +596,14 @@ def _mean_gate(
     valid: bool = True,
     provider: str | None = None,
 ) -> GateResult:
-    """The gate of the mean of per-row ``values``, with its interval over the rows (Wilson's
-    for a share of 0/1 rows, else ``bootstrap_mean``), decided under ``cfg.ci_rule``. Rows that are not finite (NaN
-    outputs) are left out of the mean, which is NaN only when no row is finite; ``valid``
-    False fails the gate whatever its value."""
+    """The gate of the mean of per-row ``values``, with its interval over the rows: Wilson's
+    for booleans (a share of rows that agree), else ``bootstrap_mean`` (a float measure,
+    even one of exactly 1.0 on every row), decided under ``cfg.ci_rule``. Rows that are not
+    finite (NaN outputs) are left out of the mean, which is NaN only when no row is finite;
+    ``valid`` False fails the gate whatever its value."""
     finite = np.isfinite(values)
     value = float(np.mean(values[finite])) if finite.any() else math.nan
-    if np.isin(values, (0, 1)).all() and len(values):  # a share of rows: agreement
+    if values.dtype == bool and len(values):  # a share of rows: agreement
         ci = wilson(int(values.sum()), len(values), cfg.confidence)
         how = f"; {cfg.confidence:.0%} Wilson score interval over {len(values)} rows"
     else:

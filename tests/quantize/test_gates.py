@@ -118,6 +118,16 @@ def test_kl_is_exact_and_a_tied_top_class_is_no_agreement():
     assert gates["top1_agreement"].value == 0  # argmax alone would credit class 0 on each row
 
 
+def test_a_cosine_of_exactly_one_on_every_row_is_no_share_of_rows():
+    """Identical outputs give a cosine of 1.0 on each row: a measurement, whose interval is
+    the bootstrap's (1, 1), not a proportion's Wilson interval (0.89 at 30 rows)."""
+    x = np.ones((30, 4), np.float32)
+    same = Outputs(["sentence_embedding"], [{"sentence_embedding": x}], [None], rows=30)
+    gates = {g.name: g for g in accuracy_gates(same, same, "feature-extraction", GateConfig())}
+    assert gates["cosine"].ci == pytest.approx((1.0, 1.0)) and "bootstrap" in gates["cosine"].detail
+    assert "Wilson" in gates["nn_top1_agreement"].detail
+
+
 def _agreeing(rows: int) -> tuple[Outputs, Outputs]:
     """FP32 and a candidate with the same logits on every row, no labels."""
     logits = np.random.default_rng(0).normal(size=(rows, 10)).astype(np.float32)
