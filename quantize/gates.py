@@ -742,10 +742,14 @@ def _nearest(x: np.ndarray) -> np.ndarray:
 def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
     x, y = _normalize(_pooled(ref, output)), _normalize(_pooled(cand, output))
     cos = (x * y).sum(1)  # (N,)
-    # Each row's nearest neighbour is searched among all N rows, once; the interval resamples
+    # Each row's nearest neighbour is searched among all N rows, once; the interval is over
     # these per-row agreements. Searching again inside a resample would not do: a row drawn
-    # twice would find its own copy nearest, under both models, and agree by construction.
-    nn_agree = _nearest(x) == _nearest(y) if len(x) > 1 else np.ones(1, bool)  # (N,)
+    # twice would find its own copy nearest, under both models, and agree by construction;
+    # for the same reason a row that is in the data twice counts once.
+    distinct = np.sort(np.unique(x, axis=0, return_index=True)[1])
+    dx, dy = x[distinct], y[distinct]
+    nn_agree = _nearest(dx) == _nearest(dy) if len(dx) > 1 else np.ones(1, bool)  # (distinct,)
+    among = f" ({len(dx)} distinct)" if len(dx) < len(x) else ""
     raw_x, raw_y = ref.stacked(output) if output == "sentence_embedding" else None, None
     if raw_x is not None:
         raw_y = cand.stacked(output)
@@ -759,7 +763,8 @@ def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfi
                    f"best {cos.max():.5f})",
                    valid=bool(np.isfinite(cos).all())),
         _mean_gate("nn_top1_agreement", nn_agree, cfg.min_top1_agreement, ">=", cfg,
-                   detail + "; each row's nearest other row by cosine, FP32 vs candidate"),
+                   detail + f"; each row's nearest other row by cosine{among}, FP32 vs "
+                   "candidate"),
     ]  # fmt: skip
 
 
