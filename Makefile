@@ -71,7 +71,7 @@ bench: $(STAMP) perf-analyzer
 	$(BIN)/python bench/gpu_check.py $$(command -v nvidia-smi >/dev/null || echo --quick)
 
 protos: $(STAMP)
-	$(BIN)/python protos/generate.py
+	$(BIN)/python scripts/generate_protos.py
 
 clean:
 	rm -rf artifacts bundles .pytest_cache .ruff_cache build *.egg-info

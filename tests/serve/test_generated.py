@@ -26,14 +26,15 @@ def _grpc_tools() -> str | None:
 )
 def test_generated_code_matches_protos(tmp_path):
     subprocess.run(
-        [sys.executable, str(ROOT / "protos" / "generate.py"), "--out", str(tmp_path)], check=True
+        [sys.executable, str(ROOT / "scripts" / "generate_protos.py"), "--out", str(tmp_path)],
+        check=True,
     )
     fresh = sorted(p.name for p in tmp_path.iterdir())
     checked_in = sorted(p.name for p in (ROOT / "protos").glob("*_pb2*.py*"))
     assert fresh == checked_in
     for name in fresh:
         assert (tmp_path / name).read_text() == (ROOT / "protos" / name).read_text(), (
-            f"protos/{name} is stale: run `python protos/generate.py`"
+            f"protos/{name} is stale: run `make protos`"
         )
         assert "DO NOT EDIT" in (ROOT / "protos" / name).read_text().splitlines()[0]
 
