@@ -11,6 +11,9 @@
    run (the first candidate always runs). Among the candidates that pass every gate, the
    fastest (geometric mean of the speedups) is chosen, not the first. When none passes, the
    closest ships, marked failed (``SearchResult.best``).
+5. The chosen one is timed again (``_confirm``), apart from the search that picked it: the
+   fastest of several noisy measurements is optimistic. Its speed gates are that second
+   measurement's; when they fail, the next fastest winner is timed again in turn.
 
 Every candidate is recorded, passing or not, with its gates; each round of nodes kept in
 FP32 records what it bought (accuracy) and what it cost (speedup).
@@ -22,7 +25,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -275,8 +278,13 @@ def search(
             if nodes:
                 more = recipe.with_keep_fp32([n for n, _ in nodes])
                 queue.appendleft((more, cand.name, nodes, rounds + 1))
-    winners = [c for c in candidates if c.passed]
-    chosen = max(winners, key=lambda c: c.speedup) if winners else None
+    chosen = None
+    for cand in sorted((c for c in candidates if c.passed), key=lambda c: -c.speedup):
+        confirmed = _confirm(cand, fp32, inputs, max_seq_len, sample, gate_cfg, emit)
+        candidates = [confirmed if c is cand else c for c in candidates]
+        if confirmed.passed:
+            chosen = confirmed
+            break
     # the bars of the last candidate's calibration and timing stay; this one says who won
     done = f"done: {chosen.name} ships" if chosen else "done: no candidate passed"
     emit("search", len(candidates), len(candidates), done)
@@ -289,6 +297,31 @@ def search(
         skipped=tuple(skipped),
         stopped=stopped,
     )
+
+
+def _confirm(cand, fp32, inputs, max_seq_len, sample, gate_cfg, emit) -> Candidate:
+    """``cand`` with its speed gates timed again, after and apart from the search that chose
+    it. The fastest of several noisy measurements overstates its candidate (six candidates
+    of a true 1.25x: the fastest measured 1.32x on average, in a simulation of the speed
+    gate); a second measurement of the one chosen does not, and it is the one that ships."""
+
+    def on_timing(task: str, done: int, total: int | None, status: str) -> None:
+        emit(task, done, total, f"{cand.name}: again, {status}")
+
+    timing = TimingConditions.now(gate_cfg.threads)
+    speed = speed_gates(
+        fp32, cand.path, inputs, max_seq_len, gate_cfg,
+        sample=sample, on_progress=on_timing, conditions=timing,
+    )  # fmt: skip
+    searched = {g.name: g.value for g in cand.speed}
+    speed = [
+        replace(g, detail=f"timed again once the search chose it (the search measured "
+                f"{searched[g.name]:.4g}): {g.detail}")
+        for g in speed
+    ]  # fmt: skip
+    log.info("candidate %s timed again: %s", cand.name,
+             ", ".join(f"{g.name} {searched[g.name]:.4g} -> {g.value:.4g}" for g in speed))  # fmt: skip
+    return replace(cand, speed=tuple(speed), timing=timing)
 
 
 def chosen_recipes(quant_cfg: QuantConfig) -> list[Recipe]:
