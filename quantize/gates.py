@@ -634,9 +634,9 @@ def _mean_gate(
 
 def _accuracy_drop(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, label: str):
     y = ref.labels
-    z = cand.stacked(output)
-    broken = ~np.isfinite(z).all(-1)  # (N,) NaN/inf logits: argmax would pick a class anyway
-    a = _hits(ref.stacked(output), y)
+    x, z = ref.stacked(output), cand.stacked(output)
+    broken = _broken(x, z)  # (N,) NaN/inf logits: argmax would pick a class anyway
+    a = _hits(x, y)
     b = _hits(z, y) & ~broken
     drop, ci = paired_interval(a, b, cfg.confidence)
     passed, rule = _decide(
@@ -669,8 +669,9 @@ def _accuracy_drop(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, la
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     """log softmax over the last axis, in float64: no probability is clamped, so a class the
     candidate gives e^-100 costs its full KL."""
-    z = x.astype(np.float64) - x.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+    with np.errstate(invalid="ignore"):  # a +inf score: NaN, which fails the gate
+        z = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 def _top(logits: np.ndarray) -> np.ndarray:
@@ -694,6 +695,18 @@ def _same_top(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (_top(x) == top_y).all(-1) & top_y.any(-1)
 
 
+def _broken(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(N,) rows where ``y`` has a score that is not finite and not one ``x`` masks too (a
+    class both set to -inf, as a masked vocabulary does, is no fault)."""
+    return (~np.isfinite(y) & ~(np.isneginf(y) & np.isneginf(x))).any(-1)
+
+
+def _logit_change(x: np.ndarray, y: np.ndarray) -> float:
+    """The largest |x - y|, a class both mask at -inf counting 0."""
+    with np.errstate(invalid="ignore"):
+        return float(np.abs(np.where(x == y, 0, x.astype(np.float64) - y)).max())
+
+
 def _classifier_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
     x, y = ref.stacked(output), cand.stacked(output)
     agree = _same_top(x, y)  # (N,)
@@ -701,11 +714,11 @@ def _classifier_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConf
     # nats, exact however small q is; a class FP32 masks (-inf: p = 0) adds nothing
     with np.errstate(invalid="ignore"):  # -inf - -inf: the masked classes, zeroed next
         terms = np.exp(log_p) * (log_p - log_q)
-        change = np.abs(np.where(x == y, 0, x.astype(np.float64) - y))  # a masked class: 0
     kl = np.where(np.isneginf(log_p), 0.0, terms).sum(-1)  # (N,)
-    detail = f"{output} vs FP32 on {len(x)} unlabelled rows, max abs {change.max():.3g}"
+    detail = f"{output} vs FP32 on {len(x)} unlabelled rows, max abs {_logit_change(x, y):.3g}"
     return [
-        _mean_gate("top1_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail),
+        _mean_gate("top1_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail,
+                   valid=not _broken(x, y).any()),
         _mean_gate("kl", kl, cfg.max_kl, "<=", cfg,
                    detail + ", mean KL(FP32 || candidate) in nats",
                    valid=bool(np.isfinite(kl).all())),
@@ -750,6 +763,8 @@ def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfi
     dx, dy = x[distinct], y[distinct]
     nn_agree = _nearest(dx) == _nearest(dy) if len(dx) > 1 else np.ones(1, bool)  # (distinct,)
     among = f" ({len(dx)} distinct)" if len(dx) < len(x) else ""
+    if len(dx) < MIN_EVAL_ROWS:  # a pair of rows is always each other's nearest
+        among += f"; fewer than the {MIN_EVAL_ROWS} distinct rows it needs"
     raw_x, raw_y = ref.stacked(output) if output == "sentence_embedding" else None, None
     if raw_x is not None:
         raw_y = cand.stacked(output)
@@ -764,7 +779,7 @@ def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfi
                    valid=bool(np.isfinite(cos).all())),
         _mean_gate("nn_top1_agreement", nn_agree, cfg.min_top1_agreement, ">=", cfg,
                    detail + f"; each row's nearest other row by cosine{among}, FP32 vs "
-                   "candidate"),
+                   "candidate", valid=len(dx) >= MIN_EVAL_ROWS),
     ]  # fmt: skip
 
 
@@ -966,10 +981,10 @@ def batch_consistency(
     if logits is not None:
         x, y = together.stacked(logits), np.concatenate([b[logits] for b in alone.batches])
         agree = _same_top(x, y)
-        detail += f"; max logit change {np.abs(x - y).max():.3g}"
+        detail += f"; max logit change {_logit_change(x, y):.3g}"
         return _mean_gate(
             "batch_top1_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail,
-            valid=bool(np.isfinite(y).all()),
+            valid=not _broken(x, y).any(),
         )  # fmt: skip
     x, y = _normalize(_pooled(together, judged)), _normalize(_pooled(alone, judged))
     cos = (x * y).sum(1)

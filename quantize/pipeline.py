@@ -759,6 +759,7 @@ def _failure_message(manifest: Manifest, where, search: SearchResult | None = No
         not g.is_speed and not g.name.startswith("batch_") for g in int8
     )
     causes = [
+        *(_did_not_hold(search) if int8 and search is not None else []),
         *(_stopped_early(search) if int8 and search is not None else []),
         *(_few_calibration_rows(manifest) if inaccurate else []),
         *(_longer_than_calibrated(manifest) if inaccurate else []),
@@ -770,6 +771,22 @@ def _failure_message(manifest: Manifest, where, search: SearchResult | None = No
         + "\n".join(f"  - {line}" for line in lines)
         + "".join(f"\n{cause}" for cause in causes)
     )
+
+
+def _did_not_hold(search: SearchResult) -> list[str]:
+    """Where candidates passed in the search but not when timed again: their speed is at the
+    threshold, within the machine's noise."""
+    if search.chosen is not None or not search.retimed:
+        return []
+    return [
+        f"{len(search.retimed)} candidate(s) passed every gate in the search but not when "
+        "timed again: "
+        + "; ".join(
+            f"{c.name} {', '.join(f'{g.name} {g.value:.3g}' for g in c.speed if not g.passed)}"
+            for c in search.retimed
+        )
+        + ". Their speed is at the threshold, within this machine's noise."
+    ]
 
 
 def _stopped_early(search: SearchResult) -> list[str]:

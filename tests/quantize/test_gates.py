@@ -140,10 +140,19 @@ def test_an_unchanged_model_loses_nothing_on_rows_fp32_itself_ties():
     assert gates["top1_agreement"].value == 1 and gates["kl"].value == 0
     assert gates["kl"].ci == (0.0, 0.0) and "bootstrap" in gates["kl"].detail  # not a share
     masked = x.copy()
-    masked[:, 3] = -np.inf  # a class FP32 masks: no probability, no KL
+    masked[:, 3] = -np.inf  # a class FP32 masks: no probability, no KL, no fault
     m = Outputs(["logits"], [{"logits": masked}], [None], rows=60)
     gates = {g.name: g for g in accuracy_gates(m, m, "sequence-classification", GateConfig())}
-    assert gates["kl"].value == 0 and gates["kl"].passed
+    assert gates["kl"].value == 0 and all(g.passed for g in gates.values())
+    assert "max abs 0" in gates["kl"].detail
+    labelled = Outputs(["logits"], [{"logits": masked}], [None], labels=labels % 3, rows=60)
+    (drop,) = accuracy_gates(labelled, labelled, "sequence-classification", GateConfig())
+    assert drop.value == 0 and drop.passed  # was a 100-point drop: every row "non-finite"
+    worse = masked.copy()
+    worse[:5, 0] = np.inf  # the candidate's own non-finite scores still fail it
+    w = Outputs(["logits"], [{"logits": worse}], [None], rows=60)
+    gates = {g.name: g for g in accuracy_gates(m, w, "sequence-classification", GateConfig())}
+    assert not gates["top1_agreement"].passed
 
 
 def test_rows_in_the_data_twice_count_once_for_nearest_neighbours():
@@ -160,6 +169,8 @@ def test_rows_in_the_data_twice_count_once_for_nearest_neighbours():
     once, twice = nn(x, y), nn(np.concatenate([x, x[:100]]), np.concatenate([y, y[:100]]))
     assert twice.value == once.value and twice.ci == once.ci
     assert "nearest other row by cosine (300 distinct)" in twice.detail
+    few = nn(np.tile(x[:2], (15, 1)), np.tile(y[:2], (15, 1)))  # 30 rows, 2 distinct
+    assert not few.passed and "fewer than the 30 distinct rows it needs" in few.detail
 
 
 def test_a_cosine_of_exactly_one_on_every_row_is_no_share_of_rows():
