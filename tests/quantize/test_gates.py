@@ -168,6 +168,8 @@ def test_rows_in_the_data_twice_count_once_for_nearest_neighbours():
 
     once, twice = nn(x, y), nn(np.concatenate([x, x[:100]]), np.concatenate([y, y[:100]]))
     assert twice.value == once.value and twice.ci == once.ci
+    near = np.nextafter(x[:100], np.float32(np.inf))  # copies that differ in their last bit
+    assert nn(np.concatenate([x, near]), np.concatenate([y, y[:100]])).value == once.value
     assert "nearest other row by cosine (300 distinct)" in twice.detail
     few = nn(np.tile(x[:2], (15, 1)), np.tile(y[:2], (15, 1)))  # 30 rows, 2 distinct
     assert not few.passed and "fewer than the 30 distinct rows it needs" in few.detail
