@@ -39,7 +39,7 @@ from quantgate.export.validation import (
     reference_outputs,
     validate,
 )
-from quantgate.fsutil import disk_full, out_of_space
+from quantgate.fsutil import raise_if_full
 from quantgate.model.loaders import LoadedModel, ModelSpec, Samples, load_model
 from quantgate.progress import ProgressFn, no_progress
 
@@ -205,8 +205,8 @@ def export_fp32(
         try:
             made = _export_one(model, workdir, exporter, cases, refs, outputs, cfg, on_progress)
         except ExportError as e:  # ValidationError included: the next exporter may do better
-            if disk_full(e):  # ...but not on a full disk: say so, and do not spend minutes
-                raise out_of_space(workdir, e, f"the export ({exporter.value})") from e
+            # ...but not on a full disk: say so, and do not spend minutes
+            raise_if_full(e, workdir, f"the export ({exporter.value})")
             log.info("%s exporter: %s", exporter.value, e)
             attempts.append(f"{exporter.value}: {str(e).splitlines()[0]}")
             errors.append(e)

@@ -82,11 +82,11 @@ HF_TASKS = (SEQUENCE_CLASSIFICATION, FEATURE_EXTRACTION)
 FACTORY_TASKS = (*HF_TASKS, CUSTOM)
 HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # in this order, when taken
 
-# package.module:factory, or path/to/file.py:factory
 # What names a model: a path or a ``package.module:factory`` string (the command line's
 # MODEL), or from Python the module object or its factory function.
 ModelSpec = str | os.PathLike | nn.Module | Callable[[], nn.Module]
 
+# package.module:factory, or path/to/file.py:factory
 FACTORY_SPEC = re.compile(r"^(?:[A-Za-z_][\w.]*|.+\.py):[A-Za-z_]\w*$")
 SENTENCE_CONFIG = "a sentence-transformers config"
 # sentence-transformers' Pooling modes (flag suffix, or the one-string form) -> SentenceEmbedder's

@@ -37,7 +37,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from quantgate import __version__, fsutil
+from quantgate import __version__, fsutil, signals
 from quantgate.errors import GateFailed, QuantgateError, exit_code
 from quantgate.export.config import ExportConfig, Exporter
 from quantgate.serve.config import DEVICES, PRECISIONS, ServeConfig
@@ -1227,9 +1227,8 @@ def _ending_signals() -> Iterator[None]:
     """While the block runs, Ctrl-C raises KeyboardInterrupt, and SIGTERM or SIGHUP (the
     terminal closed) exit through SystemExit (128 + the signal), so that `with` blocks remove
     their temporary files; the default handlers of the two would end the process without
-    running them. Each is recorded for main() to report. SIGINT or SIGHUP inherited as
-    ignored stays ignored: a script's background job, nohup. SIGTERM is always handled: it is
-    how supervisors stop a process. (The server installs its own handlers while it serves.)"""
+    running them. Each is recorded for main() to report; which are handled is
+    ``signals.handling``'s rule. (The server installs its own handlers while it serves.)"""
 
     def ended(signum, _frame):
         _interrupted.append(signal.Signals(signum))
@@ -1237,15 +1236,8 @@ def _ending_signals() -> Iterator[None]:
             raise KeyboardInterrupt
         sys.exit(128 + signum)
 
-    previous = {}
-    try:
-        for sig in fsutil.ENDING:  # one by one: a signal meanwhile finds the rest restored
-            if sig == signal.SIGTERM or signal.getsignal(sig) != signal.SIG_IGN:
-                previous[sig] = signal.signal(sig, ended)
+    with signals.handling(ended):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _exit_interrupted(written: list[Path]) -> NoReturn:
@@ -1285,7 +1277,7 @@ def main() -> None:
             _exit_interrupted(fsutil.replaced[written:])
         _exit_for(e)
     if _interrupted or code == 130:  # typer turns a KeyboardInterrupt into exit code 130
-        _interrupted.append(signal.SIGINT)
+        _interrupted[:] = _interrupted or [signal.SIGINT]
         _exit_interrupted(fsutil.replaced[written:])
     sys.exit(code or 0)
 

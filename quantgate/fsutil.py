@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from quantgate import signals
 from quantgate.errors import OutOfSpace
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,7 @@ def resolve_target(out: str | os.PathLike) -> Path:
     """``out`` as an absolute path, and through a symbolic link to where the link points:
     writing at ``current -> releases/v3`` replaces releases/v3 and keeps the link."""
     out = Path(out).absolute()
-    if not out.is_symlink():
-        return out
-    try:  # strict: a loop of links is an OSError (ELOOP) on every Python
-        return Path(os.path.realpath(out, strict=True))
-    except FileNotFoundError:  # a dangling link: its target is created
-        return Path(os.path.realpath(out))
+    return out.resolve() if out.is_symlink() else out  # (a loop: refused by target_problem)
 
 
 @contextlib.contextmanager
@@ -78,8 +74,14 @@ def disk_full(err: BaseException) -> bool:
     return False
 
 
-def out_of_space(work: Path, err: BaseException, what: str) -> OutOfSpace:
-    """The error for ``what`` failing because the filesystem that holds ``work`` is full."""
+def raise_if_full(err: BaseException, work: Path, what: str) -> None:
+    """Raise OutOfSpace, from ``err``, when ``what`` failed because the filesystem that holds
+    ``work`` is full (``disk_full``): no retry or other recipe would do better."""
+    if disk_full(err):
+        raise _out_of_space(work, err, what) from err
+
+
+def _out_of_space(work: Path, err: BaseException, what: str) -> OutOfSpace:
     try:
         free = f" ({shutil.disk_usage(work).free / 1e6:.0f} MB free there now)"
     except OSError:
@@ -258,10 +260,6 @@ def _swap(new: Path, out: Path) -> Path | None:
     return aside
 
 
-# The signals that end a quantgate command (quantgate.cli turns each into an exception)
-ENDING = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
-
-
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
     """The signals that end a command wait while the block runs; the first of them is raised
@@ -274,16 +272,11 @@ def _signals_held() -> Iterator[None]:
         yield
         return
     held: list[int] = []
-    previous = {}
     wakeup = signal.set_wakeup_fd(-1)
     try:
-        for sig in ENDING:  # one by one: a signal meanwhile finds the rest as they were
-            if signal.getsignal(sig) not in (signal.SIG_IGN, None):  # None: set outside Python
-                previous[sig] = signal.signal(sig, lambda signum, _frame: held.append(signum))
-        yield
+        with signals.handling(lambda signum, _frame: held.append(signum)):
+            yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         signal.set_wakeup_fd(wakeup)
         for signum in dict.fromkeys(held):  # a handler that raises or exits ends the loop
             signal.raise_signal(signum)

@@ -784,10 +784,9 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
             ) from e
 
     digest = sha256_file(path)
-    source = _whole(load, keys, model, samples, batch_size, f"{flag} {path}", digest)
-    return dataclasses.replace(
-        source, description=f"{path.name}: {source.description} (npz)", kind="npz",
-        file_sha256=digest,
+    return _whole(
+        load, keys, model, samples, batch_size, f"{flag} {path}", digest,
+        kind="npz", name=path.name, file_sha256=digest,
     )  # fmt: skip
 
 
@@ -799,8 +798,10 @@ def _in_memory(arrays: Mapping[str, Any], model: ModelInfo, samples: int | None,
     for k in sorted(arrays):
         h.update(f"{k}:{arrays[k].dtype.str}:{arrays[k].shape}".encode())
         h.update(np.ascontiguousarray(arrays[k]).tobytes())
-    source = _whole(lambda: arrays, list(arrays), model, samples, batch_size, "data", h.hexdigest())
-    return dataclasses.replace(source, description=f"arrays: {source.description}")
+    return _whole(
+        lambda: arrays, list(arrays), model, samples, batch_size, "data", h.hexdigest(),
+        kind="arrays", name="a dict",
+    )  # fmt: skip
 
 
 def _whole(
@@ -811,9 +812,14 @@ def _whole(
     batch_size: int,
     where: str,
     digest: str,
+    *,
+    kind: str,
+    name: str,
+    file_sha256: str | None = None,
 ) -> DataSource:
     """A source of arrays read whole by ``load`` (a .npz's, or a dict's): checked, capped at
-    ``samples`` rows picked by length quantiles, in batches of ``batch_size``."""
+    ``samples`` rows picked by length quantiles, in batches of ``batch_size``; ``where``
+    names it in messages, ``name`` in its description."""
 
     def read() -> tuple[Feeds, np.ndarray | None]:
         arrays = dict(load())
@@ -844,9 +850,9 @@ def _whole(
             yield Batch(b, None if labels is None else labels[idx])
 
     return DataSource(
-        description=f"{len(keep)} of {n} rows",
-        kind="arrays",
-        file_sha256=None,
+        description=f"{name}: {len(keep)} of {n} rows ({kind})",
+        kind=kind,
+        file_sha256=file_sha256,
         samples=len(keep),
         has_labels=LABELS in keys and model.reads_labels,
         sha256=h.hexdigest(),

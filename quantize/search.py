@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from quantgate.bundle import GateResult, TensorSpec, all_passed
 from quantgate.configs import check_fields
 from quantgate.errors import ConfigError, QuantizeError
-from quantgate.fsutil import disk_full, out_of_space
+from quantgate.fsutil import raise_if_full
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.data import DataSource, counted
 from quantgate.quantize.gates import (
@@ -333,8 +333,7 @@ def _confirm(cand, fp32, inputs, max_seq_len, sample, gate_cfg, emit, workdir) -
             sample=sample, on_progress=on_timing, conditions=timing,
         )  # fmt: skip
     except Exception as e:  # noqa: BLE001 - ORT raises its own types
-        if disk_full(e):
-            raise out_of_space(workdir, e, f"timing INT8 recipe {cand.name} again") from e
+        raise_if_full(e, workdir, f"timing INT8 recipe {cand.name} again")
         return replace(cand, error=f"timed again, the INT8 model did not run: {e}")
     searched = {g.name: g.value for g in cand.speed}
     speed = [
@@ -388,8 +387,7 @@ def _try(
     try:
         qm = quantize(fp32, recipe, counted(calibration, on_rows), out, unfused_model=unfused)
     except Exception as e:  # noqa: BLE001 - one recipe's crash must not end the search
-        if disk_full(e):  # ...but a full disk ends every one: say so now
-            raise out_of_space(workdir, e, f"INT8 recipe {name}") from e
+        raise_if_full(e, workdir, f"INT8 recipe {name}")  # ...but a full disk ends every one
         if isinstance(e, QuantizeError):
             return _failed(name, recipe, method, parent, added, str(e), time.monotonic() - t), None
         log.exception("recipe %s crashed", name)
@@ -411,8 +409,7 @@ def _try(
             sample=sample, on_progress=on_timing, conditions=timing,
         )  # fmt: skip
     except Exception as e:  # noqa: BLE001 - ORT raises its own types; the search goes on
-        if disk_full(e):
-            raise out_of_space(workdir, e, f"gating INT8 recipe {name}") from e
+        raise_if_full(e, workdir, f"gating INT8 recipe {name}")
         msg = f"the INT8 model does not run in ONNX Runtime: {e}"
         return _failed(name, recipe, method, parent, added, msg, time.monotonic() - t), None
     accuracy = accuracy_gates(reference, got, task, gate_cfg)

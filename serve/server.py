@@ -35,6 +35,7 @@ import prometheus_client as prom
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from quantgate import signals
 from quantgate.errors import DrainIncomplete, ServeError
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.serve import auth, codec, tls
@@ -501,17 +502,9 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
         stop.set()
 
     # SIGHUP too: the terminal that started the server closed. Its default would end the
-    # process at once, admitted requests unanswered. SIGINT or SIGHUP inherited as ignored
-    # stays ignored: a script's background job, nohup. SIGTERM always drains: it is how
-    # supervisors (Kubernetes, systemd) stop a server.
-    names = ("SIGTERM", "SIGINT", "SIGHUP")  # no SIGHUP on Windows
-    signals = [getattr(signal, n) for n in names if hasattr(signal, n)]
-    previous = {
-        sig: signal.signal(sig, on_signal)
-        for sig in signals
-        if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN
-    }
-    try:
+    # process at once, admitted requests unanswered. A caller embedding run() gets its own
+    # handlers back (signals.handling).
+    with signals.handling(on_signal):
         try:
             _start(cfg, server, port, engine, health_servicer, on_ready)
             while not stop.wait(0.5):  # a short wait: signal handlers run between waits
@@ -527,10 +520,6 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
             cfg.shutdown_grace_s,
         )
         drained = _drain(cfg, server, engine, health_servicer)
-    finally:  # a caller embedding run() gets its own handlers back
-        for sig, handler in previous.items():
-            if handler is not None:  # None: one installed outside Python, not restorable
-                signal.signal(sig, handler)
     if not drained:
         cut = f" ({engine.cut_off} admitted request(s) cut off)" if engine.cut_off else ""
         raise DrainIncomplete(

@@ -1,0 +1,35 @@
+"""The signals that end a quantgate process, and one way to handle them.
+
+SIGINT (Ctrl-C), SIGTERM (a supervisor's stop) and SIGHUP (the terminal closed). The CLI
+turns them into exceptions so that temporary files go, the server drains on them, and a
+bundle's swap holds them until it is done: each installs its handler with ``handling``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Callable, Iterator
+
+ENDING = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def handling(handler: Callable[[int, object], object]) -> Iterator[None]:
+    """``handler`` for the ENDING signals while the block runs; the previous handlers after.
+
+    SIGINT or SIGHUP inherited as ignored stays ignored: a script's background job, nohup.
+    SIGTERM is always handled: it is how supervisors (Kubernetes, systemd) stop a process.
+    A handler installed outside Python (``getsignal`` None) cannot be restored, and is left.
+    Handlers go in one by one, so a signal meanwhile finds the rest as they were. Main
+    thread only, as ``signal.signal``."""
+    previous = {}
+    try:
+        for sig in ENDING:
+            current = signal.getsignal(sig)
+            if current is not None and (sig == signal.SIGTERM or current != signal.SIG_IGN):
+                previous[sig] = signal.signal(sig, handler)
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
