@@ -43,7 +43,6 @@ __all__ = [
     "validate",
     "write_bundle",
 ]
-assert sorted(__all__) == sorted(_WHERE)
 __getattr__, __dir__ = exports(__name__, _WHERE)
 
 if TYPE_CHECKING:

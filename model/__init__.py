@@ -32,7 +32,6 @@ __all__ = [
     "load_digits_splits",
     "load_model",
 ]
-assert sorted(__all__) == sorted(_WHERE)
 __getattr__, __dir__ = exports(__name__, _WHERE)
 
 if TYPE_CHECKING:

@@ -19,8 +19,12 @@ def exports(package: str, where: Mapping[str, str]) -> tuple[Callable[[str], Any
     ``package.<where[name]>`` on first use (PEP 562), and the ``__dir__`` that lists them.
 
     A name may not be one of the package's modules: importing ``package.train`` binds the
-    module as the package's attribute ``train``, which would then hide the function."""
-    modules = {m.name for m in pkgutil.iter_modules(sys.modules[package].__path__)}
+    module as the package's attribute ``train``, which would then hide the function. The
+    package's ``__all__`` (literal, for linters) must list exactly these names."""
+    module = sys.modules[package]
+    if sorted(getattr(module, "__all__", ())) != sorted(where):
+        raise ValueError(f"{package}: __all__ {module.__all__} is not {sorted(where)}")
+    modules = {m.name for m in pkgutil.iter_modules(module.__path__)}
     if clash := sorted(set(where) & modules):
         raise ValueError(f"{package}: {clash} would be hidden by the module(s) of that name")
 

@@ -39,7 +39,6 @@ __all__ = [
     "build",
     "regate",
 ]
-assert sorted(__all__) == sorted(_WHERE)
 __getattr__, __dir__ = exports(__name__, _WHERE)
 
 if TYPE_CHECKING:

@@ -40,7 +40,6 @@ __all__ = [
     "ServeConfig",
     "run",
 ]
-assert sorted(__all__) == sorted(_WHERE)
 __getattr__, __dir__ = exports(__name__, _WHERE)
 
 if TYPE_CHECKING:
