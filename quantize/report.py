@@ -242,6 +242,8 @@ def thresholds(gates: Sequence[GateResult], cfg: GateConfig) -> str:
         (any(g.is_speed for g in gates), f"speedup >= {cfg.min_speedup:g}x on {cfg.provider}"),
         (any(n.startswith(("cosine", "batch_cosine")) for n in names),
          f"cosine >= {cfg.min_cosine:g}"),
+        (any(n.startswith("cosine_tail") for n in names),
+         f"at most {cfg.max_tail_share:.0%} of rows with cosine < {cfg.tail_cosine:g}"),
         (any(n.endswith("top1_agreement") for n in names),
          f"top-1 agreement >= {cfg.min_top1_agreement:g}"),
         ("kl" in names, f"KL <= {cfg.max_kl:g}"),
@@ -472,10 +474,11 @@ def plot_candidates(result: SearchResult, shipped: Candidate, path: Path) -> Pat
 
 def plotted_gates(candidates: Sequence[Candidate]) -> list[str]:
     """The accuracy gates the plot shows, at most MAX_PANELS: those some candidate failed
-    first (they decided), then the rest, each in the order the candidates report them."""
+    first (they decided), then the rest, each in the order the candidates report them; a
+    cosine's tail that no candidate failed last (a row of zeros)."""
     names = list(dict.fromkeys(g.name for c in candidates for g in c.accuracy))
     failed = {g.name for c in candidates for g in c.accuracy if not g.passed}
-    return sorted(names, key=lambda n: n not in failed)[:MAX_PANELS]
+    return sorted(names, key=lambda n: (n not in failed, n.startswith("cosine_tail")))[:MAX_PANELS]
 
 
 def _panel(ax, made, name: str, shipped: Candidate) -> list[tuple[float, float, str]]:

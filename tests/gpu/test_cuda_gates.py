@@ -117,7 +117,8 @@ def test_the_pipeline_gates_fp16_fidelity_and_speed_on_the_gating_provider(
     )
     added = {g.name: g for g in out.gates[1:]}
     cosines = {f"cosine:{o.name}" for o in tiny_bert_export.outputs}
-    assert cosines | {"speedup_b128_s128", "speedup_b1_s128", "placement"} == set(added)
+    tails = {f"cosine_tail:{o.name}" for o in tiny_bert_export.outputs}
+    assert cosines | tails | {"speedup_b128_s128", "speedup_b1_s128", "placement"} == set(added)
     assert all(g.provider == cuda.CPU for g in added.values())
     assert all(added[c].threshold == 0.999 and added[c].passed for c in cosines)
     assert "## On the CUDA execution provider" in section[0]

@@ -164,7 +164,7 @@ def test_rows_in_the_data_twice_count_once_for_nearest_neighbours():
 
     def nn(a, b):
         gates = accuracy_gates(embeddings(a), embeddings(b), "feature-extraction", GateConfig())
-        return gates[1]
+        return {g.name: g for g in gates}["nn_top1_agreement"]
 
     once, twice = nn(x, y), nn(np.concatenate([x, x[:100]]), np.concatenate([y, y[:100]]))
     assert twice.value == once.value and twice.ci == once.ci
@@ -432,14 +432,17 @@ def test_an_embedding_int8_is_gated_on_its_token_states_too(embedder_outputs):
     its sentence_embedding is."""
     ref, cand = embedder_outputs["sound"]
     sound = accuracy_gates(ref, cand, "feature-extraction", GateConfig())
-    assert [g.name for g in sound] == ["cosine", "nn_top1_agreement", "cosine:last_hidden_state"]
+    assert [g.name for g in sound] == [
+        "cosine", "cosine_tail", "nn_top1_agreement",
+        "cosine:last_hidden_state", "cosine_tail:last_hidden_state",
+    ]  # fmt: skip
     assert all(g.passed for g in sound)
-    tokens = sound[2]
+    tokens = sound[3]
     assert tokens.value > 0.999 and tokens.threshold == GateConfig().min_cosine == 0.99
     assert tokens.ci[0] <= tokens.value <= tokens.ci[1] and not uncertain(tokens)
     assert "vs FP32 on 48 rows; mean cosine per row" in tokens.detail
     assert "95% bootstrap interval over rows (1000 resamples)" in tokens.detail
-    upper = accuracy_gates(ref, cand, "feature-extraction", GateConfig(ci_rule="upper"))[2]
+    upper = accuracy_gates(ref, cand, "feature-extraction", GateConfig(ci_rule="upper"))[3]
     assert upper.passed and upper.ci == tokens.ci  # its lower bound clears 0.99 too
     assert "its lower bound must be >= the threshold" in upper.detail
 
@@ -450,13 +453,18 @@ def test_an_embedding_int8_is_gated_on_its_token_states_too(embedder_outputs):
     bad = damaged["cosine:last_hidden_state"]
     assert not bad.passed and bad.value < 0.95 and bad.ci[1] < 0.99  # clearly, not by chance
     assert "the point estimate must be >= the threshold" in bad.detail
-    assert gate_table(list(damaged.values()))[-1].startswith(
+    assert gate_table(list(damaged.values()))[-2].startswith(
         f"| cosine:last_hidden_state | {bad.value:.4f} | [{bad.ci[0]:.4f}, {bad.ci[1]:.4f}] | "
         ">= 0.99 | **FAIL** | vs FP32 on 48 rows; mean cosine per row (worst row "
     )
-    # A looser min_cosine for the embedding is a looser one for its token states too.
-    loose = accuracy_gates(ref, cand, "feature-extraction", GateConfig(min_cosine=0.9))
-    assert all(g.passed for g in loose)
+    # A looser min_cosine for the embedding is a looser one for its token states too; their
+    # tail still fails: 7 of the 48 rows are under 0.9.
+    loose = {
+        g.name: g
+        for g in accuracy_gates(ref, cand, "feature-extraction", GateConfig(min_cosine=0.9))
+    }
+    assert [n for n, g in loose.items() if not g.passed] == ["cosine_tail:last_hidden_state"]
+    assert "rows with cosine < 0.95: " in loose["cosine_tail:last_hidden_state"].detail
 
 
 def test_token_states_are_compared_on_real_tokens_only(embedder_outputs):
@@ -479,7 +487,10 @@ def test_a_last_hidden_state_gated_mean_pooled_is_gated_per_token_too(embedder_o
     mean-pooled; a client receives it per token, so that is gated as well."""
     ref, cand = embedder_outputs["tokens only"]
     gates = accuracy_gates(ref, cand, "feature-extraction", GateConfig())
-    assert [g.name for g in gates] == ["cosine", "nn_top1_agreement", "cosine:last_hidden_state"]
+    assert [g.name for g in gates] == [
+        "cosine", "cosine_tail", "nn_top1_agreement",
+        "cosine:last_hidden_state", "cosine_tail:last_hidden_state",
+    ]  # fmt: skip
     assert gates[0].detail.startswith("last_hidden_state vs FP32")  # the pooled rows
     assert all(g.passed for g in gates)
 
@@ -498,11 +509,52 @@ def test_a_classifiers_other_float_outputs_are_gated_on_cosine():
     for labels, first in ((y, ["accuracy_drop"]), (None, ["top1_agreement", "kl"])):
         a = Outputs(names, [ref], [None], labels=labels, rows=60)
         gates = accuracy_gates(a, a, "sequence-classification", GateConfig())
-        assert [g.name for g in gates] == [*first, "cosine:hidden"]
+        assert [g.name for g in gates] == [*first, "cosine:hidden", "cosine_tail:hidden"]
         assert all(g.passed for g in gates)
         b = Outputs(names, [damaged], [None], labels=labels, rows=60)
         got = {g.name: g for g in accuracy_gates(a, b, "sequence-classification", GateConfig())}
         assert not got["cosine:hidden"].passed and all(got[n].passed for n in first)
+
+
+def test_the_tail_gate_fails_what_a_mean_cosine_hides():
+    """Three rows in a hundred gone wrong (cosine about 0) cost a mean of 0.9999 only 0.03:
+    the mean passes 0.95, the share of rows under tail_cosine does not. A NaN row is one."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 32)).astype(np.float32)
+    y = x + rng.normal(scale=0.01, size=x.shape).astype(np.float32)
+    y[:3] = rng.normal(size=(3, 32))  # unrelated rows
+    cfg = GateConfig(min_cosine=0.95)
+    gates = {
+        g.name: g for g in accuracy_gates(embeddings(x), embeddings(y), "feature-extraction", cfg)
+    }
+    assert gates["cosine"].passed and gates["cosine"].value > 0.96
+    tail = gates["cosine_tail"]
+    assert not tail.passed and tail.value == pytest.approx(0.03) and tail.op == "<="
+    assert (tail.threshold, tail.ci) == (0.02, pytest.approx(wilson(3, 100, 0.95)))
+    assert "share of rows with cosine < 0.95: 3 of 100; 95% Wilson score interval" in tail.detail
+    assert uncertain(tail)  # 3 of 100 against 2%: another sample could pass it
+    wide = GateConfig(min_cosine=0.95, max_tail_share=0.05)
+    assert {
+        g.name: g for g in accuracy_gates(embeddings(x), embeddings(y), "feature-extraction", wide)
+    }["cosine_tail"].passed
+    # every output's own tail: a NaN row counts as low, like a row pointing elsewhere
+    h = np.repeat(x[:, None, :], 4, axis=1)  # (B, T, H)
+    g = h.copy()
+    g[:3] = np.nan
+    ref, cand = (
+        Outputs(["h"], [{"h": h}], [None], rows=100),
+        Outputs(["h"], [{"h": g}], [None], rows=100),
+    )
+    got = {r.name: r for r in accuracy_gates(ref, cand, "custom", cfg)}
+    assert got["cosine_tail:h"].value == pytest.approx(0.03) and not got["cosine_tail:h"].passed
+
+
+@pytest.mark.parametrize(
+    "bad", [{"tail_cosine": 1.5}, {"max_tail_share": -0.1}, {"max_tail_share": 2.0}]
+)
+def test_tail_settings_out_of_range_are_refused(bad):
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        GateConfig(**bad)
 
 
 def embeddings(x: np.ndarray) -> Outputs:
@@ -521,8 +573,8 @@ def test_nearest_neighbour_interval_resamples_each_rows_agreement():
     x = rng.normal(size=(400, 16)).astype(np.float32)
     noisy = x + rng.normal(scale=0.2, size=x.shape).astype(np.float32)
     gates = accuracy_gates(embeddings(x), embeddings(noisy), "feature-extraction", GateConfig())
-    cosine, nn = gates
-    for g in gates:
+    cosine, _, nn = gates
+    for g in (cosine, nn):
         assert g.ci[0] < g.value < g.ci[1]
     assert "95% bootstrap interval over rows (1000 resamples)" in cosine.detail
     assert "95% Wilson score interval over 400 rows" in nn.detail
@@ -533,7 +585,7 @@ def test_nearest_neighbour_interval_resamples_each_rows_agreement():
     assert (nn.ci[0] + nn.ci[1]) / 2 == pytest.approx(p, abs=0.01)
     narrow = accuracy_gates(
         embeddings(x), embeddings(noisy), "feature-extraction", GateConfig(confidence=0.5)
-    )[1]
+    )[2]
     assert nn.ci[0] < narrow.ci[0] <= p <= narrow.ci[1] < nn.ci[1]
 
 
@@ -636,9 +688,11 @@ def test_cosine_of_an_output_is_the_fp16_fidelity_metric(tmp_path):
     out = accuracy_gates(collect(src, ev), collect(int8, ev), "custom", GateConfig())
     fid = fp16.fidelity(src, int8, ev(), precision="int8").gates(min_cosine=GateConfig().min_cosine)
     assert {g.name: g.value for g in out} == pytest.approx({g.name: g.value for g in fid})
+    assert [g.name for g in out][:2] == ["cosine:y", "cosine_tail:y"]
     for g, f in zip(out, fid, strict=True):  # the same interval over the same rows
         assert g.ci == pytest.approx(f.ci) and g.ci[0] <= g.value <= g.ci[1]
-        assert "worst row" in g.detail and g.provider is None
+        assert g.provider is None
+    assert "worst row" in out[0].detail and "rows with cosine < 0.95: 0 of 8" in out[1].detail
     # The same words, but for where the candidate ran (the FP16 gates' own provider).
     assert [g.detail for g in out] == [
         g.detail.replace(", CPUExecutionProvider;", ";") for g in fid
@@ -656,10 +710,11 @@ def test_cosine_gate_fails_on_nan_in_padding_that_a_client_receives():
     y[0, 4] = np.nan  # one padded position of row 0: 8 values
     ref = Outputs(["h"], [{"h": x}], [mask], rows=4)
     cand = Outputs(["h"], [{"h": y}], [mask], rows=4)
-    (gate,) = accuracy_gates(ref, cand, "custom", GateConfig())
+    gate, tail = accuracy_gates(ref, cand, "custom", GateConfig())
     assert gate.name == "cosine:h" and gate.value == pytest.approx(1.0)
     assert not gate.passed and ", 8 non-finite values;" in gate.detail
     assert "by less than" not in gate.detail  # NaN fails it, not the interval
+    assert tail.name == "cosine_tail:h" and tail.value == 0  # no row's real tokens moved
 
 
 def test_mean_abs_error_is_over_real_positions_not_padding():

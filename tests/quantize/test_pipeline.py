@@ -275,7 +275,9 @@ def test_fp16_variant_for_cuda_is_gated_on_fidelity(cli, tmp_path, gate_file):
     m = load(out).manifest
     f16 = m.variant("fp16")
     assert f16.providers == ("CUDAExecutionProvider",) and f16.passed
-    assert [(g.name, g.op, g.threshold) for g in f16.gates] == [("cosine:logits", ">=", 0.999)]
+    assert [(g.name, g.op, g.threshold) for g in f16.gates] == [
+        ("cosine:logits", ">=", 0.999), ("cosine_tail:logits", "<=", 0.02)
+    ]  # fmt: skip
     assert f16.gates[0].value >= 0.999
     assert "CUDAExecutionProvider" in m.variant("int8").not_for  # INT8 is never served on CUDA
     assert "## FP16 (for the CUDA execution provider)" in load(out).report.read_text()
@@ -512,6 +514,23 @@ def test_dropping_a_timed_batch_size_is_a_looser_setting():
     ]
     assert _changed_settings(before, GateConfig(batch_sizes=(1, 8, 32))) == [
         ("batch_sizes (1, 32) -> (1, 8, 32)", False)
+    ]
+
+
+def test_a_lower_tail_cosine_or_a_larger_tail_share_is_looser():
+    """The tail gate's two settings are policy: a re-gate keeps them, and loosening either
+    lets more rows under the cosine through."""
+    from quantgate.quantize.gates import GateConfig
+    from quantgate.quantize.pipeline import POLICY, _changed_settings
+
+    assert {"tail_cosine", "max_tail_share"} <= set(POLICY)
+    before = GateConfig()
+    assert _changed_settings(before, GateConfig(tail_cosine=0.9, max_tail_share=0.01)) == [
+        ("tail_cosine 0.95 -> 0.9", True),
+        ("max_tail_share 0.02 -> 0.01", False),
+    ]
+    assert _changed_settings(before, GateConfig(max_tail_share=0.05)) == [
+        ("max_tail_share 0.02 -> 0.05", True)
     ]
 
 

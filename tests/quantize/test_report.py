@@ -281,6 +281,19 @@ def test_the_plot_has_a_panel_for_each_gate_a_candidate_failed_first(tmp_path):
     )  # fmt: skip
     names = plotted_gates([many])
     assert len(names) == MAX_PANELS and names[0] == "cosine:o5"
+    tails = Candidate(
+        "tails", {}, "static", Path("t"),
+        accuracy=tuple(
+            GateResult(name, value, threshold, op, passed)
+            for name, value, threshold, op, passed in [
+                ("cosine_tail", 0.0, 0.02, "<=", True),  # a row of zeros: last
+                ("cosine", 0.999, 0.99, ">=", True),
+                ("cosine_tail:h", 0.05, 0.02, "<=", False),  # it decided: first
+                ("cosine:h", 0.995, 0.99, ">=", True),
+            ]
+        ),
+    )  # fmt: skip
+    assert plotted_gates([tails]) == ["cosine_tail:h", "cosine", "cosine:h", "cosine_tail"]
     found = SearchResult(tuple(cands), chosen=cands[1], seconds=1.0, budget_s=10.0)
     import matplotlib
 
