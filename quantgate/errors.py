@@ -6,6 +6,9 @@ types to exit codes (see ``exit_code``); library code never prints or exits.
 
 from __future__ import annotations
 
+import logging
+import secrets
+
 
 class QuantgateError(Exception):
     """Base class: an error a user can act on (bad input, failed check, refused bundle)."""
@@ -66,6 +69,12 @@ class OutOfSpace(QuantgateError):
     exit_code = 1  # not the user's input: the machine's
 
 
+class Busy(QuantgateError):
+    """Another quantgate process is working towards writing the same path."""
+
+    exit_code = 1  # not the user's input: wait, and run it again
+
+
 class BundleError(QuantgateError):
     """A bundle that is missing, corrupt, tampered with, or refused (failed gates)."""
 
@@ -116,7 +125,23 @@ class ResponseTooLarge(QuantgateError):
 
 
 class InferenceFailed(QuantgateError):
-    """ONNX Runtime failed on a request that passed validation."""
+    """ONNX Runtime failed on a request that passed validation, or the server met a bug
+    answering it."""
+
+    @classmethod
+    def logged(
+        cls, what: str, err: BaseException, log: logging.Logger, *, trace: bool = False
+    ) -> InferenceFailed:
+        """The answer to a failure that is not the client's: ``what`` failed, the exception's
+        type and an error id, while ``log`` gets the whole message under that id (with its
+        traceback where ``trace``, for a bug). ONNX Runtime's messages name the graph's nodes
+        and the source paths it was built from: the operator's to read, not every client's."""
+        ref = secrets.token_hex(4)
+        log.error(
+            "%s, error %s: %s: %s", what, ref, type(err).__name__, err,
+            exc_info=err if trace else None,
+        )  # fmt: skip
+        return cls(f"{what} ({type(err).__name__}); the server's log has the details: error {ref}")
 
 
 def exit_code(err: BaseException) -> int:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from quantgate import signals
-from quantgate.errors import OutOfSpace
+from quantgate.errors import Busy, OutOfSpace
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,64 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def claimed(out: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold ``out`` for this process while it works towards writing there (``what``, as
+    another process is told of it: "quantgate export"). A second process that claims it
+    meanwhile is refused at once with ``Busy``, where both would work for minutes and the
+    last to finish would win: a re-gate read before another one wrote would drop that one's
+    record.
+
+    The claim is an advisory lock (flock) on a hidden sibling, ``.NAME.lock``, which holds
+    who claimed it and is removed after; the kernel drops the lock when its process dies,
+    however it dies. Where ``out``'s folder does not exist yet, or the filesystem takes no
+    lock (some network mounts), the work goes on unclaimed: what refuses an unwritable
+    ``out`` still does."""
+    out = resolve_target(out)
+    path = out.parent / f".{out.name}.lock"
+    try:
+        fd = _lock(path, out)
+    except OSError as e:
+        log.debug("not claiming %s: %s", out, e)
+        yield
+        return
+    try:
+        since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.write(fd, f"pid {os.getpid()}, {what}, since {since}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still held: the next claim makes a file of its own
+        os.close(fd)
+
+
+def _lock(path: Path, out: Path) -> int:
+    """An open descriptor of ``path`` holding its exclusive lock, emptied for its holder's
+    line; ``Busy`` where another process holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "no details"
+            os.close(fd)
+            raise Busy(
+                f"{out} is being written by another quantgate process ({holder}). Wait for "
+                f"it to finish, or write somewhere else. (Its claim is the lock on {path}; "
+                "the lock goes with the process.)"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                os.ftruncate(fd, 0)
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its last holder removed it between the open and the lock: again
 
 
 _FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}

@@ -32,6 +32,7 @@ from quantgate.bundle import (
 from quantgate.configs import require
 from quantgate.errors import BundleError, ConfigError, DataError, GateFailed, QuantizeError
 from quantgate.export.config import ExportConfig
+from quantgate.fsutil import claimed
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize import report as reports
 from quantgate.quantize.cuda import CPU, CUDA, CudaGating
@@ -113,7 +114,8 @@ def build(
     _require_data(model_spec, calibration, evaluation)
     chosen_recipes(quant_cfg)  # a misspelt --recipe is refused now, not after the export
     emit = on_progress or no_progress
-    with tempfile.TemporaryDirectory(prefix="quantgate-build-") as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)  # claimed from now, written at the end
+    with claimed(out, "an export"), tempfile.TemporaryDirectory(prefix="quantgate-build-") as tmp:
         work = Path(tmp)
         model = _load(model_spec, export_cfg, emit)
         info = ModelInfo.from_model(model, input_specs(model))
@@ -447,7 +449,21 @@ def regate(
     report.md the re-gate comes first, and the sections it replaces are kept, marked
     superseded (``report.regated``). Raises ``GateFailed`` (after rewriting) unless the
     bundle then passes: every gate of every variant.
+
+    One process at a time reads, re-gates and rewrites a bundle (``fsutil.claimed``): a
+    second re-gate or an export to it meanwhile is refused (``Busy``).
     """
+    with claimed(bundle_path, "a re-gate"):
+        return _regate(bundle_path, evaluation, gate_cfg, on_progress, allow_unlabelled)
+
+
+def _regate(
+    bundle_path: str | Path,
+    evaluation: DataSpec | None,
+    gate_cfg: GateConfig | None,
+    on_progress: ProgressFn | None,
+    allow_unlabelled: bool,
+) -> Bundle:
     bundle = load(bundle_path)  # verifies every file's sha256
     check_writable_target(bundle.path, force=False)  # read-only: refused before the measuring
     m = bundle.manifest
@@ -599,7 +615,7 @@ def _fp16_min_cosine(m: Manifest) -> float:
         for v in m.variants
         if v.precision == "fp16"
         for g in v.gates
-        if g.name.startswith("cosine")
+        if g.name == "cosine" or g.name.startswith("cosine:")
     ]
     return max(cosines, default=DEFAULT_QUANT.fp16_min_cosine)
 
@@ -612,6 +628,8 @@ POLICY = (
     "max_accuracy_drop",
     "min_speedup",
     "min_cosine",
+    "tail_cosine",
+    "max_tail_share",
     "min_top1_agreement",
     "max_kl",
     "ci_rule",
@@ -641,8 +659,8 @@ def recorded_gate_config(m: Manifest) -> GateConfig | None:
 
 
 # Thresholds and what makes them looser: a lower minimum, a higher maximum.
-_MINIMUMS = ("min_speedup", "min_cosine", "min_top1_agreement")
-_MAXIMUMS = ("max_accuracy_drop", "max_kl")
+_MINIMUMS = ("min_speedup", "min_cosine", "tail_cosine", "min_top1_agreement")
+_MAXIMUMS = ("max_accuracy_drop", "max_kl", "max_tail_share")
 
 
 def _changed_settings(before: GateConfig, after: GateConfig) -> list[tuple[str, bool]]:

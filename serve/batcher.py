@@ -432,9 +432,8 @@ class Batcher:
     def _failed(self, group: list[_Pending], error: Exception, options: ort.RunOptions) -> list:
         """The answers of a group whose run raised ``error``."""
         if not isinstance(error, QuantgateError):  # a bug: answer every waiting thread
-            log.error("batch of %d failed", len(group), exc_info=error)
-            why = f"internal error: {type(error).__name__}: {error}"
-            return [InferenceFailed(why) for _ in group]  # one each: each thread raises it
+            why = InferenceFailed.logged(f"a batch of {len(group)} failed", error, log, trace=True)
+            return [InferenceFailed(*why.args) for _ in group]  # one each: each thread raises it
         if len(group) == 1:
             return [bare(error)]
         # one bad request must not fail its neighbours: run each alone
@@ -454,8 +453,7 @@ class Batcher:
         except QuantgateError as e:
             return bare(e)
         except Exception as e:  # a bug: answer it; escaping would strand the rest
-            log.exception("request failed when run alone")
-            return InferenceFailed(f"internal error: {type(e).__name__}: {e}")
+            return InferenceFailed.logged("a request run alone failed", e, log, trace=True)
 
     def _run_group(
         self, group: list[_Pending], options: ort.RunOptions | None = None

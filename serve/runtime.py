@@ -241,7 +241,7 @@ class Model:
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as e:
             raise BadRequest(f"model {self.name!r} rejected the input: {e}") from e
         except Exception as e:  # ORT raises its own RuntimeError subclasses
-            raise InferenceFailed(f"model {self.name!r} failed: {type(e).__name__}: {e}") from e
+            raise InferenceFailed.logged(f"model {self.name!r} failed to run", e, log) from e
         return dict(zip(names, results, strict=True))
 
     def _run_bound(

@@ -410,9 +410,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                            reason=getattr(e, "reason", ""))  # fmt: skip
             return response, bare(e)
         except Exception as e:  # a bug, not the client's fault: answer it, keep serving
-            log.exception("request %r to model %r failed", request.id, request.model_name)
+            what = f"request {request.id!r} to model {request.model_name!r} failed"
+            failed = InferenceFailed.logged(what, e, log, trace=True)
             self._finished(record, model, "INTERNAL", time.perf_counter() - start)
-            return response, InferenceFailed(f"internal error: {type(e).__name__}: {e}")
+            return response, failed
         self._finished(record, model, "OK", time.perf_counter() - start, timing, rows)
         return encoded, None
 

@@ -7,13 +7,15 @@ import errno
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from quantgate import bundle as qb
 from quantgate import fsutil
-from quantgate.errors import BundleError
+from quantgate.errors import BundleError, Busy
 
 
 def write(out, text="one"):
@@ -300,3 +302,47 @@ def test_a_model_with_external_weights_takes_them_into_the_bundle(digits_result,
     session = ort.InferenceSession(str(b.file("int8")), providers=["CPUExecutionProvider"])
     (y,) = session.run(None, {"x": np.ones(512, np.float32)})
     assert y[511] == 512.0
+
+
+HOLD = """
+import sys
+from quantgate import fsutil
+with fsutil.claimed(sys.argv[1], "an export"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_path_another_process_claimed_is_refused_until_that_process_ends(tmp_path):
+    """Two processes writing one bundle would both work for minutes and the last would win
+    (a re-gate would drop the other's record): the second is refused at once, told who holds
+    it. The kernel drops the claim with its process, even one killed outright."""
+    out = tmp_path / "b"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(Busy) as err, fsutil.claimed(out, "a re-gate"):
+            pass
+        said = str(err.value)
+        assert said.startswith(f"{out} is being written by another quantgate process (pid ")
+        assert f"pid {holder.pid}, an export, since " in said and "Wait for it" in said
+    finally:
+        holder.kill()  # SIGKILL: no cleanup of its own
+        holder.wait()
+    lock = tmp_path / ".b.lock"
+    assert lock.exists()  # left by the killed holder, and no longer locked
+    with fsutil.claimed(out, "a re-gate"):
+        assert lock.read_text().startswith(f"pid {os.getpid()}, a re-gate, since ")
+    assert not lock.exists() and not out.exists()  # a claim writes nothing at out
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_claim_where_no_folder_exists_yet_goes_on_unclaimed(tmp_path):
+    out = tmp_path / "not" / "yet" / "b"
+    with fsutil.claimed(out, "an export"):
+        assert not out.parent.exists()  # nothing made on the way
+    with fsutil.claimed(out, "an export"), fsutil.claimed(out, "another"):  # no lock to take
+        pass

@@ -3,6 +3,7 @@ exit codes."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 
@@ -122,6 +123,34 @@ def test_an_end_of_file_is_an_error_not_an_interrupt(cli, monkeypatch):
     monkeypatch.setattr("quantgate.bundle.load", truncated)
     r = cli("inspect", "bundle")
     assert r.code == 1 and "error: unexpected end of file (No data left in file)" in r.stderr
+
+
+def test_export_and_gate_refuse_a_bundle_another_process_is_writing(cli, tmp_path, tiny_checkpoint):
+    """Refused at once, exit 1, before the model is loaded or the data read; the bundle as
+    it was."""
+    from quantgate import fsutil
+
+    from quantgate import bundle as qb
+
+    out = tmp_path / "b"
+    with qb.staging(out) as tmp:  # a bundle of one file (no model, no gates)
+        (tmp / "model.fp32.onnx").write_text("one")
+        variant = qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx"))
+        qb.write_manifest(tmp, qb.Manifest("m", "x", (), (), (variant,), 17, {}))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    ev = tmp_path / "ev.jsonl"
+    ev.write_text('{"text": "held out"}\n')
+    with fsutil.claimed(out, "an export"):  # another open file: flock holds it against us too
+        for args in (
+            ("export", tiny_checkpoint, "--out", out, "--force", "--no-quantize"),
+            ("gate", out, "--eval", ev),
+        ):
+            r = cli(*args)
+            assert r.code == 1, r.stderr
+            assert f"{out} is being written by another quantgate process (pid " in r.stderr
+            assert "an export, since" in r.stderr and "Traceback" not in r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ["b", "ev.jsonl"]  # and no claim left behind
 
 
 def test_export_asks_for_data_before_exporting_a_model_without_its_own(cli, tmp_path):

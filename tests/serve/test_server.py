@@ -392,3 +392,85 @@ def test_without_dynamic_batching_each_request_runs_alone(repo):
         assert float(count.group(1)) == float(ones.group(1)) == 24, text
     finally:
         assert srv.terminate() == 0, srv.log
+
+
+def _failing_bundle(out):
+    """A bundle whose model fails inside ONNX Runtime on some valid requests: it reshapes
+    the (1, T) ids to (1, first id), which works only where the first id is T."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from quantgate import bundle as qb
+
+    nodes = [
+        helper.make_node("Cast", ["input_ids"], ["floats"], to=TensorProto.FLOAT),
+        helper.make_node("Shape", ["input_ids"], ["shape"], start=0, end=1),
+        helper.make_node("Constant", [], ["zero"], value_ints=[0]),
+        helper.make_node("Constant", [], ["one"], value_ints=[1]),
+        helper.make_node("Slice", ["input_ids", "zero", "one", "one"], ["first_col"]),
+        helper.make_node("Slice", ["first_col", "zero", "one", "zero"], ["first"]),
+        helper.make_node("Reshape", ["first", "one"], ["first_id"]),
+        helper.make_node("Concat", ["shape", "first_id"], ["wanted"], axis=0),
+        helper.make_node("Reshape", ["floats", "wanted"], ["scores"], name="private/Reshape_7"),
+    ]
+    axes = ("batch", "sequence")
+    graph = helper.make_graph(
+        nodes, "failing",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, list(axes))],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, list(axes))],
+    )  # fmt: skip
+    with qb.staging(out, force=True) as tmp:
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                  tmp / "model.fp32.onnx")  # fmt: skip
+        qb.write_manifest(
+            tmp,
+            qb.Manifest(
+                name="failing",
+                task="feature-extraction",
+                inputs=(qb.TensorSpec("input_ids", "int64", axes),),
+                outputs=(qb.TensorSpec("scores", "float32", axes),),
+                variants=(
+                    qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx")),
+                ),
+                opset=17,
+                source={"kind": "test"},
+                export={"max_seq_len": 16},
+            ),
+        )
+    return out
+
+
+def test_a_model_failing_inside_onnx_runtime_answers_internal_and_keeps_its_details(tmp_path):
+    """ONNX Runtime's message names the graph's nodes: the client gets INTERNAL, what failed
+    and an error id; the server's log has the message under that id; the next request is
+    served."""
+    from conftest import ServerProcess
+
+    srv = ServerProcess(_failing_bundle(tmp_path / "failing"))
+    try:
+        with tc.InferenceServerClient(srv.url) as c:
+
+            def infer(ids):
+                x = tc.InferInput("input_ids", [1, len(ids)], "INT64")
+                x.set_data_from_numpy(np.array([ids], np.int64))
+                return c.infer("failing", [x]).as_numpy("scores")
+
+            np.testing.assert_array_equal(infer([4, 1, 2, 3]), [[4, 1, 2, 3]])
+            with pytest.raises(InferenceServerException) as err:
+                infer([5, 1, 2, 3])
+            assert err.value.status() == "StatusCode.INTERNAL", err.value
+            said = err.value.message()
+            match = re.fullmatch(
+                r"model 'failing' failed to run \((\w+)\); the server's log has the details: "
+                r"error ([0-9a-f]{8})",
+                said,
+            )
+            assert match, said
+            assert "Reshape" not in said and "private" not in said
+            np.testing.assert_array_equal(infer([3, 1, 2]), [[3, 1, 2]])  # still serving
+        until(lambda: f"error {match.group(2)}" in srv.log)
+        line = next(x for x in srv.log.splitlines() if f"error {match.group(2)}" in x)
+        assert f"model 'failing' failed to run, error {match.group(2)}: {match.group(1)}" in line
+        assert "private/Reshape_7" in line, line  # ONNX Runtime's own words, for the operator
+    finally:
+        assert srv.terminate() == 0, srv.log
