@@ -128,9 +128,8 @@ def test_an_end_of_file_is_an_error_not_an_interrupt(cli, monkeypatch):
 def test_export_and_gate_refuse_a_bundle_another_process_is_writing(cli, tmp_path, tiny_checkpoint):
     """Refused at once, exit 1, before the model is loaded or the data read; the bundle as
     it was."""
-    from quantgate import fsutil
-
     from quantgate import bundle as qb
+    from quantgate import fsutil
 
     out = tmp_path / "b"
     with qb.staging(out) as tmp:  # a bundle of one file (no model, no gates)

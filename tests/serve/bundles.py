@@ -105,3 +105,37 @@ def build(out: Path, kind: str = "classifier", *, verdict: str = qb.PASS, seed: 
             ),
         )
     return out
+
+
+def ids_only(out: Path, nodes: list, name: str, max_seq_len: int) -> Path:
+    """Write a bundle at ``out`` whose hand-built ONNX graph (``nodes``) takes ``input_ids``
+    (batch, sequence) and no attention mask (so requests are never padded), and answers
+    float ``scores`` of the same shape, exported for at most ``max_seq_len`` tokens."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    axes = ("batch", "sequence")
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, list(axes))],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, list(axes))],
+    )  # fmt: skip
+    with qb.staging(out, force=True) as tmp:
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                  tmp / "model.fp32.onnx")  # fmt: skip
+        qb.write_manifest(
+            tmp,
+            qb.Manifest(
+                name=name,
+                task="feature-extraction",
+                inputs=(qb.TensorSpec("input_ids", "int64", axes),),
+                outputs=(qb.TensorSpec("scores", "float32", axes),),
+                variants=(
+                    qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx")),
+                ),
+                opset=17,
+                source={"kind": "test"},
+                export={"max_seq_len": max_seq_len},
+            ),
+        )
+    return out

@@ -64,35 +64,10 @@ def test_check_collects_every_problem(repo):
 def _no_mask_bundle(out, max_seq_len: int):
     """A bundle whose model takes token ids and no attention mask (so requests are never
     padded), exported for at most ``max_seq_len`` tokens."""
-    import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph(
-        [helper.make_node("Cast", ["input_ids"], ["scores"], to=TensorProto.FLOAT)],
-        "no-mask",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", "sequence"])],
-    )
-    axes = ("batch", "sequence")
-    with qb.staging(out, force=True) as tmp:
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-                  tmp / "model.fp32.onnx")  # fmt: skip
-        qb.write_manifest(
-            tmp,
-            qb.Manifest(
-                name="no-mask",
-                task="feature-extraction",
-                inputs=(qb.TensorSpec("input_ids", "int64", axes),),
-                outputs=(qb.TensorSpec("scores", "float32", axes),),
-                variants=(
-                    qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx")),
-                ),
-                opset=17,
-                source={"kind": "test"},
-                export={"max_seq_len": max_seq_len},
-            ),
-        )
-    return out
+    cast = helper.make_node("Cast", ["input_ids"], ["scores"], to=TensorProto.FLOAT)
+    return bundles.ids_only(out, [cast], "no-mask", max_seq_len)
 
 
 def test_a_sequence_beyond_the_exported_maximum_is_refused_mask_or_not(tmp_path):

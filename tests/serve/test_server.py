@@ -9,6 +9,7 @@ import sys
 import threading
 import urllib.request
 
+import bundles
 import grpc
 import numpy as np
 import pytest
@@ -397,10 +398,7 @@ def test_without_dynamic_batching_each_request_runs_alone(repo):
 def _failing_bundle(out):
     """A bundle whose model fails inside ONNX Runtime on some valid requests: it reshapes
     the (1, T) ids to (1, first id), which works only where the first id is T."""
-    import onnx
     from onnx import TensorProto, helper
-
-    from quantgate import bundle as qb
 
     nodes = [
         helper.make_node("Cast", ["input_ids"], ["floats"], to=TensorProto.FLOAT),
@@ -413,31 +411,7 @@ def _failing_bundle(out):
         helper.make_node("Concat", ["shape", "first_id"], ["wanted"], axis=0),
         helper.make_node("Reshape", ["floats", "wanted"], ["scores"], name="private/Reshape_7"),
     ]
-    axes = ("batch", "sequence")
-    graph = helper.make_graph(
-        nodes, "failing",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, list(axes))],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, list(axes))],
-    )  # fmt: skip
-    with qb.staging(out, force=True) as tmp:
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-                  tmp / "model.fp32.onnx")  # fmt: skip
-        qb.write_manifest(
-            tmp,
-            qb.Manifest(
-                name="failing",
-                task="feature-extraction",
-                inputs=(qb.TensorSpec("input_ids", "int64", axes),),
-                outputs=(qb.TensorSpec("scores", "float32", axes),),
-                variants=(
-                    qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx")),
-                ),
-                opset=17,
-                source={"kind": "test"},
-                export={"max_seq_len": 16},
-            ),
-        )
-    return out
+    return bundles.ids_only(out, nodes, "failing", max_seq_len=16)
 
 
 def test_a_model_failing_inside_onnx_runtime_answers_internal_and_keeps_its_details(tmp_path):
