@@ -55,7 +55,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -369,6 +369,14 @@ def _score_like(ref: Outputs) -> list[str]:
     ]
 
 
+def _class_scores(out: Outputs, name: str) -> np.ndarray:
+    """(N, classes) class scores of output ``name``; a single logit per row, scored against
+    labels, is a binary classifier's: read as [0, logit], whose top class is 1 where the
+    logit is positive (taken as one class, every row would score class 0)."""
+    x = out.stacked(name)
+    return np.concatenate([np.zeros_like(x), x], axis=-1) if x.shape[-1] == 1 else x
+
+
 def _embedding_name(task: str, names) -> str | None:
     if "sentence_embedding" in names:
         return "sentence_embedding"
@@ -391,7 +399,7 @@ def check_labels(reference: Outputs, task: str) -> None:
     logits = _logits_output(reference, task)
     if reference.labels is None or logits is None:
         return
-    classes = reference.batches[0][logits].shape[-1]
+    classes = max(reference.batches[0][logits].shape[-1], 2)  # one logit: a binary classifier
     labels = reference.labels
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= classes:
@@ -513,18 +521,29 @@ def bootstrap_mean(values: np.ndarray, cfg: GateConfig) -> tuple[float, float] |
     a NaN interval would also make the manifest invalid JSON). Resamples are drawn a block
     at a time (``BOOTSTRAP_BLOCK``)."""
     values = np.asarray(values, dtype=np.float64)
-    n = len(values)
-    if n < 2 or not np.isfinite(values).all():
+    if len(values) < 2 or not np.isfinite(values).all():
         return None
+    means = np.concatenate([values[rows].mean(1) for rows in _resamples(len(values), cfg)])
+    return percentile_interval(means, cfg.confidence)
+
+
+def _resamples(n: int, cfg: GateConfig) -> Iterator[np.ndarray]:
+    """``cfg.bootstrap`` resamples of ``n`` row indices with replacement, as (k, n) blocks of
+    at most ``BOOTSTRAP_BLOCK`` indices."""
     rng = np.random.default_rng(cfg.seed)
     block = max(1, BOOTSTRAP_BLOCK // n)  # resamples per draw
-    means = np.concatenate(
-        [
-            values[rng.integers(0, n, size=(min(block, cfg.bootstrap - s), n))].mean(1)
-            for s in range(0, cfg.bootstrap, block)
-        ]
-    )  # (bootstrap,) resampled means
-    return percentile_interval(means, cfg.confidence)
+    for s in range(0, cfg.bootstrap, block):
+        yield rng.integers(0, n, size=(min(block, cfg.bootstrap - s), n))
+
+
+def r_squared(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """R² of ``y`` against ``x`` along the last axis: 1 - sum((y - x)²) / sum((x - mean x)²).
+    A scale or offset error costs it, as a correlation would not; constant ``x`` gives 1
+    where ``y`` equals it, else -inf."""
+    residual = ((y - x) ** 2).sum(-1)
+    spread = ((x - x.mean(-1, keepdims=True)) ** 2).sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(residual == 0, 1.0, 1 - residual / spread)
 
 
 def median_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -641,7 +660,7 @@ def _mean_gate(
 
 def _accuracy_drop(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, label: str):
     y = ref.labels
-    x, z = ref.stacked(output), cand.stacked(output)
+    x, z = _class_scores(ref, output), _class_scores(cand, output)
     broken = _broken(x, z)  # (N,) NaN/inf logits: argmax would pick a class anyway
     a = _hits(x, y)
     b = _hits(z, y) & ~broken
@@ -716,6 +735,10 @@ def _logit_change(x: np.ndarray, y: np.ndarray) -> float:
 
 def _classifier_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
     x, y = ref.stacked(output), cand.stacked(output)
+    if x.shape[-1] == 1:  # a score (a reranker's, a regression's): its value is the answer
+        where = f"{output} vs FP32 on {len(x)} unlabelled rows"
+        bad = int((~np.isfinite(y)).sum())
+        return [r2_gate("r2", x[:, 0], y[:, 0], cfg.min_cosine, cfg, where, bad)]
     agree = _same_top(x, y)  # (N,)
     log_p, log_q = _log_softmax(x), _log_softmax(y)
     # nats, exact however small q is; a class FP32 masks (-inf: p = 0) adds nothing
@@ -855,6 +878,9 @@ class Fidelity:
     # Per output, the cosine of every row, (rows,): what the interval of the mean resamples,
     # and what cosine_mean and cosine_min are taken from.
     cosines: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    # Per output of one value per row (a score, a regression's prediction): FP32's and the
+    # candidate's values, (2, rows). Such a row's cosine is only the sign of the product.
+    scalars: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def cosine_mean(self) -> dict[str, float]:
@@ -898,6 +924,7 @@ class Fidelity:
             provider=provider,
             nonfinite={n: s.nonfinite for n, s in seen.items()},
             cosines={n: np.concatenate(s.cosines) for n, s in seen.items()},
+            scalars={n: np.concatenate(s.scalars, 1) for n, s in seen.items() if s.scalars},
         )
 
     def gates(
@@ -908,19 +935,27 @@ class Fidelity:
         cfg: GateConfig | None = None,
     ) -> tuple[GateResult, ...]:
         """The accuracy gates of outputs without labels, ``cosine:<output>`` and
-        ``cosine_tail:<output>`` per output.
+        ``cosine_tail:<output>`` per output; ``r2:<output>`` for an output of one value per
+        row, which has no cosine.
 
         The first passes when the mean per-row cosine is >= ``min_cosine`` and the output has
         no NaN/inf; the second when the share of rows below ``cfg.tail_cosine`` is at most
-        ``cfg.max_tail_share``. Their intervals over rows, and the rule that decides with
-        them, are ``cfg``'s (the defaults when None; its ``min_cosine`` is not used here).
-        ``max_abs_diff:<output>`` is gated too when ``max_abs`` is set.
+        ``cfg.max_tail_share``; R² (``r2_gate``) when it is >= 1 - 2 (1 - ``min_cosine``).
+        Their intervals over rows, and the rule that decides with them, are ``cfg``'s (the
+        defaults when None; its ``min_cosine`` is not used here). ``max_abs_diff:<output>``
+        is gated too when ``max_abs`` is set.
         """
         cfg = cfg or GateConfig()
         where = f"vs FP32 on {self.rows} rows" + (f", {self.provider}" if self.provider else "")
         gates = []
         for name, cosines in self.cosines.items():
             bad = self.nonfinite.get(name, 0)
+            if name in self.scalars:
+                x, y = self.scalars[name]
+                gates.append(
+                    r2_gate(f"r2:{name}", x, y, min_cosine, cfg, where, bad, self.provider)
+                )
+                continue
             detail = (
                 f"{where}; mean cosine per row (worst row {cosines.min():.5f}), "
                 f"max abs {self.max_abs_diff[name]:.3g}, mean abs {self.mean_abs_diff[name]:.3g}"
@@ -950,12 +985,53 @@ class Fidelity:
         return tuple(gates)
 
 
+def r2_gate(
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    min_cosine: float,
+    cfg: GateConfig,
+    where: str,
+    nonfinite: int = 0,
+    provider: str | None = None,
+) -> GateResult:
+    """The gate of an output with one value per row: R² of the candidate's values ``y``
+    against FP32's ``x`` over the rows, at least 1 - 2 (1 - ``min_cosine``): the squared
+    error relative to FP32's spread that a cosine of ``min_cosine`` allows relative to a
+    vector's length (0.98 for 0.99), and stricter, as the spread leaves out the mean. Its
+    interval is a bootstrap over the rows."""
+    threshold = 1 - 2 * (1 - min_cosine)
+    value = float(r_squared(x, y)) if len(x) else math.nan
+    valid = not nonfinite and math.isfinite(value) and len(x) > 1
+    ci = None
+    if valid:
+        stats = np.concatenate([r_squared(x[rows], y[rows]) for rows in _resamples(len(x), cfg)])
+        ci = percentile_interval(stats, cfg.confidence) if np.isfinite(stats).all() else None
+    passed, rule = _decide(
+        value, ci, threshold, ">=", rule=cfg.ci_rule, confidence=cfg.confidence, valid=valid
+    )
+    constant = " (FP32's value is the same on every row)" if len(x) and np.ptp(x) == 0 else ""
+    detail = (
+        f"{where}; one value per row: R² of the candidate's values against FP32's, 1 - "
+        f"residual / FP32's variance{constant}, max abs {np.abs(y - x).max(initial=0):.3g}"
+        + (f", {nonfinite} non-finite values" if nonfinite else "")
+        + (
+            f"; {cfg.confidence:.0%} bootstrap interval over rows ({cfg.bootstrap} resamples)"
+            if ci
+            else ""
+        )
+        + rule
+    )
+    return GateResult(name, value, threshold, ">=", passed, ci=ci, provider=provider, detail=detail)
+
+
 class _Tally:
-    """One output compared batch by batch (``Fidelity.measure``): its row cosines, and its
-    absolute errors and NaN/inf as running totals."""
+    """One output compared batch by batch (``Fidelity.measure``): its row cosines, its
+    values where a row holds one, and its absolute errors and NaN/inf as running totals."""
 
     def __init__(self):
         self.cosines: list[np.ndarray] = []  # (B,) per batch
+        self.scalars: list[np.ndarray] = []  # (2, B) per batch: FP32's and the candidate's
         self.max_abs: list[float] = []  # per batch; NaN when a real value is NaN
         self.sum_abs = 0.0
         self.values = 0
@@ -968,6 +1044,8 @@ class _Tally:
         real = int(mask.astype(bool).sum()) * math.prod(x.shape[2:]) if _masks(x, mask) else x.size
         x, y = flat_rows(x, mask).astype(np.float64), flat_rows(y, mask).astype(np.float64)
         self.cosines.append(row_cosine(x, y))
+        if x.shape[1] == 1:  # one value per row
+            self.scalars.append(np.stack([x[:, 0], y[:, 0]]))
         diff = np.abs(x - y)  # (B, rest), 0 at padded positions
         self.max_abs.append(float(diff.max(initial=0.0)))
         self.sum_abs += float(diff.sum())
@@ -1018,7 +1096,10 @@ def batch_consistency(
         "right-padded as the server pads); dynamic quantization scales activations per batch"
     )
     if logits is not None:
-        x, y = together.stacked(logits), np.concatenate([b[logits] for b in alone.batches])
+        x, y = together.stacked(logits), alone.stacked(logits)
+        if x.shape[-1] == 1:  # a score: its value, as the unlabelled gates judge it
+            bad = int((~np.isfinite(y)).sum())
+            return r2_gate("batch_r2", x[:, 0], y[:, 0], cfg.min_cosine, cfg, detail, bad)
         agree = _same_top(x, y)
         detail += f"; max logit change {_logit_change(x, y):.3g}"
         return _mean_gate(

@@ -244,6 +244,8 @@ def thresholds(gates: Sequence[GateResult], cfg: GateConfig) -> str:
          f"cosine >= {cfg.min_cosine:g}"),
         (any(n.startswith("cosine_tail") for n in names),
          f"at most {cfg.max_tail_share:.0%} of rows with cosine < {cfg.tail_cosine:g}"),
+        (any(n == "r2" or n.startswith(("r2:", "batch_r2")) for n in names),
+         f"R² >= {1 - 2 * (1 - cfg.min_cosine):g} (one value per row)"),
         (any(n.endswith("top1_agreement") for n in names),
          f"top-1 agreement >= {cfg.min_top1_agreement:g}"),
         ("kl" in names, f"KL <= {cfg.max_kl:g}"),

@@ -241,6 +241,8 @@ class Model:
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as e:
             raise BadRequest(f"model {self.name!r} rejected the input: {e}") from e
         except Exception as e:  # ORT raises its own RuntimeError subclasses
+            if options is not None and options.terminate:  # stopped: its clients had gone
+                raise InferenceFailed(f"model {self.name!r} was stopped: {e}") from e
             raise InferenceFailed.logged(f"model {self.name!r} failed to run", e, log) from e
         return dict(zip(names, results, strict=True))
 

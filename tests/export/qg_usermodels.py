@@ -297,3 +297,27 @@ class NoOnnxOp(Pooler):
 
 def no_onnx_op() -> nn.Module:
     return NoOnnxOp({"input_ids": _ids()})
+
+
+class Reranker(nn.Module):
+    """A cross-encoder's shape: a (batch, 1) relevance logit for each (query, passage) row."""
+
+    task = "sequence-classification"
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.mix = nn.Linear(D, D)
+        self.score = nn.Linear(D, 1)
+        ids = _ids(6, 16)
+        self.example_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def forward(self, input_ids, attention_mask):
+        w = attention_mask.unsqueeze(-1).float()
+        h = torch.tanh(self.mix(self.emb(input_ids)))  # (B, T, D)
+        return self.score((h * w).sum(1) / w.sum(1).clamp(min=1))  # (B, 1)
+
+
+def reranker() -> nn.Module:
+    torch.manual_seed(0)
+    return Reranker()

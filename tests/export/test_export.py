@@ -419,9 +419,12 @@ def test_kill_midway_leaves_the_previous_bundle_intact(
 
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert qb.load(out).manifest.created == digits_bundle.manifest.created
-    no_leftovers(tmp_path, "b", "tmp")
-    if sig != signal.SIGKILL:  # it unwinds: the workdir goes too (SIGKILL leaves it)
+    if sig != signal.SIGKILL:  # it unwinds: the workdir and its claim on b go too
+        no_leftovers(tmp_path, "b", "tmp")
         no_leftovers(work)
+    else:  # the claim's empty file stays, unlocked: the next export of b takes it
+        no_leftovers(tmp_path, "b", "tmp", ".b.lock")
+        assert (tmp_path / ".b.lock").read_text().startswith(f"pid {proc.pid}, an export")
 
 
 @pytest.mark.slow

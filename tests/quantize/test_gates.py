@@ -549,6 +549,42 @@ def test_the_tail_gate_fails_what_a_mean_cosine_hides():
     assert got["cosine_tail:h"].value == pytest.approx(0.03) and not got["cosine_tail:h"].passed
 
 
+def test_an_output_of_one_value_per_row_is_gated_on_its_r_squared():
+    """A row of one value has a cosine of +-1 whatever the value: a score scaled by 1.5 (a
+    regression head, a reranker's relevance) passed at cosine 1.0. R² against FP32 takes
+    its place, at 1 - 2 (1 - min_cosine), for a classifier's single logit too."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 1)).astype(np.float32) + 3
+    noisy = x + rng.normal(scale=0.05, size=x.shape).astype(np.float32)
+
+    def gates(y, task="custom", name="score", cfg=None):
+        a, b = (
+            Outputs([name], [{name: x}], [None], rows=100),
+            Outputs([name], [{name: y}], [None], rows=100),
+        )
+        return {g.name: g for g in accuracy_gates(a, b, task, cfg or GateConfig())}
+
+    scaled = gates(x * 1.5)
+    assert list(scaled) == ["r2:score"]  # no cosine, no tail
+    r2 = scaled["r2:score"]
+    assert not r2.passed and r2.value < 0 and r2.threshold == pytest.approx(0.98)
+    assert "one value per row: R² of the candidate's values against FP32's" in r2.detail
+    good = gates(noisy)["r2:score"]
+    assert good.passed and good.ci[0] <= good.value <= good.ci[1] and good.value > 0.99
+    flat = Fidelity.measure([({"s": x[:, 0]}, {"s": noisy[:, 0]}, None)], ["s"])  # (batch,)
+    assert [g.name for g in flat.gates(min_cosine=0.99) if g.passed] == ["r2:s"]
+    strict = gates(noisy, cfg=GateConfig(min_cosine=0.9999))["r2:score"]
+    assert strict.threshold == pytest.approx(0.9998) and not strict.passed
+    nan = noisy.copy()
+    nan[3] = np.nan
+    assert not gates(nan)["r2:score"].passed
+    logit = gates(x * 1.5, "sequence-classification", "logits")
+    assert list(logit) == ["r2"] and not logit["r2"].passed  # not top-1 (1.0) and KL (0)
+    assert gates(noisy, "sequence-classification", "logits")["r2"].passed
+    fid = Fidelity.measure([({"s": x}, {"s": noisy}, None)], ["s"]).gates(min_cosine=0.999)
+    assert [(g.name, round(g.threshold, 6)) for g in fid] == [("r2:s", 0.998)]
+
+
 @pytest.mark.parametrize(
     "bad", [{"tail_cosine": 1.5}, {"max_tail_share": -0.1}, {"max_tail_share": 2.0}]
 )

@@ -554,3 +554,44 @@ def test_ids_outside_a_users_tables_are_refused_after_the_export_before_the_sear
     assert "does not fit the exported model, in its batch" in said, said
     assert "input_ids: expected ids 0..39 (its embedding table has 40 rows), found 1..45" in said
     assert "search" not in said and not out.exists()
+
+
+def test_a_single_logit_is_gated_on_its_value_and_with_labels_as_a_binary_choice(
+    cli, tmp_path, gate_file
+):
+    """A reranker's (batch, 1) logit: one class would agree on every row and give KL 0 to
+    any INT8. Unlabelled, its R² against FP32 gates it; labelled 0/1, the accuracy of its
+    sign."""
+    module = Path(__file__).resolve().parents[1] / "export" / "qg_usermodels.py"
+    rng = np.random.default_rng(0)
+
+    def rows(n):
+        ids = rng.integers(1, 40, (n, 16))
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    cal = write_npz(tmp_path / "cal.npz", rows(64))
+    ev = rows(60)
+    plain = write_npz(tmp_path / "ev.npz", ev)
+    args = ("--calibration", cal, "--no-fp16", "--max-candidates", "1", "--min-speedup",
+            "0.01", "--gate-config", gate_file)  # fmt: skip
+    r = cli("export", f"{module}:reranker", "--out", tmp_path / "a", "--eval", plain, *args)
+    assert r.code in (0, 3), r.stderr
+    gates = {g.name: g for g in load(tmp_path / "a").manifest.variant("int8").gates}
+    assert "top1_agreement" not in gates and "kl" not in gates
+    r2 = gates["r2"]
+    assert r2.threshold == pytest.approx(0.98) and r2.ci[0] <= r2.value <= r2.ci[1]
+    assert "output vs FP32 on 60 unlabelled rows; one value per row: R²" in r2.detail
+    assert "R² >= 0.98" in (tmp_path / "a" / "report.md").read_text()
+
+    import onnxruntime as ort
+
+    fp32 = ort.InferenceSession(str(tmp_path / "a" / "model.fp32.onnx"))
+    scores = fp32.run(None, ev)[0][:, 0]
+    assert (scores > 0).all()  # this untrained head says class 1 for every row ...
+    labels = (scores > np.median(scores)).astype(np.int64)  # ... and half the rows are 1
+    labelled = write_npz(tmp_path / "lab.npz", {**ev, "labels": labels})
+    r = cli("export", f"{module}:reranker", "--out", tmp_path / "b", "--eval", labelled, *args)
+    assert r.code in (0, 3), r.stderr
+    gates = {g.name: g for g in load(tmp_path / "b").manifest.variant("int8").gates}
+    drop = gates["accuracy_drop"]
+    assert "top-1 accuracy FP32 50.00% -> INT8" in drop.detail and "r2" not in gates
