@@ -76,9 +76,17 @@ from quantgate.errors import ConfigError, ModelLoadError
 log = logging.getLogger(__name__)
 
 SEQUENCE_CLASSIFICATION = "sequence-classification"
+TOKEN_CLASSIFICATION = "token-classification"  # a class per token: tagging, NER
 FEATURE_EXTRACTION = "feature-extraction"
-CUSTOM = "custom"  # a factory model that is neither: per-output gates only
-HF_TASKS = (SEQUENCE_CLASSIFICATION, FEATURE_EXTRACTION)
+CUSTOM = "custom"  # a factory model that is none of them: per-output gates only
+HF_TASKS = (SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, FEATURE_EXTRACTION)
+# The heads quantgate exports, by the suffix of their architecture's name; a pretraining
+# head (masked or causal LM) is left behind as feature-extraction asks, any other refused.
+HF_HEADS = {
+    SEQUENCE_CLASSIFICATION: "ForSequenceClassification",
+    TOKEN_CLASSIFICATION: "ForTokenClassification",
+}
+PRETRAINING_HEADS = ("ForMaskedLM", "ForPreTraining", "ForCausalLM")
 FACTORY_TASKS = (*HF_TASKS, CUSTOM)
 HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # in this order, when taken
 
@@ -305,13 +313,7 @@ def load_huggingface(
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad directory
         raise ModelLoadError(f"cannot load the Hugging Face model at {path}: {_brief(e)}") from e
     archs = config.architectures or []
-    has_head = any(a.endswith("ForSequenceClassification") for a in archs)
-    task = task or (SEQUENCE_CLASSIFICATION if has_head else FEATURE_EXTRACTION)
-    if task == SEQUENCE_CLASSIFICATION and not has_head:
-        raise ConfigError(
-            f"{path} has no sequence-classification head (architectures: {archs}); exporting "
-            "one would ship random weights. Use --task feature-extraction, or fine-tune first."
-        )
+    task = _hf_task(path, archs, task)
     model = _hf_model(path, task)
     takes = inspect.signature(model.forward).parameters
     names = [n for n in HF_INPUTS if n in takes and n in tokenizer.model_input_names]
@@ -330,7 +332,7 @@ def load_huggingface(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     inputs = tuple(InputSpec(n, "int64", pad_id if n == "input_ids" else 0) for n in names)
 
-    if task == SEQUENCE_CLASSIFICATION:
+    if task in HF_HEADS:  # (batch, classes) logits, or (batch, sequence, classes)
         outputs = ("logits",)
         module = TupleOutputs(model, names, call=lambda m, **kw: m(**kw).logits)
         extra_task = {"labels": [config.id2label[i] for i in sorted(config.id2label)]}
@@ -368,11 +370,45 @@ def load_huggingface(
     )
 
 
+def _hf_task(path: Path, archs: Sequence[str], task: str | None) -> str:
+    """The task of the Hugging Face model at ``path``: ``task`` when given, else its head's
+    (``HF_HEADS``), else feature-extraction. A head asked for and absent is refused (its
+    weights would be random), and so is a head quantgate does not export unless
+    feature-extraction is asked for: it would be dropped without a word."""
+    heads = [t for t, suffix in HF_HEADS.items() if any(a.endswith(suffix) for a in archs)]
+    if task in HF_HEADS and task not in heads:
+        raise ConfigError(
+            f"{path} has no {task} head (architectures: {archs}); exporting one would ship "
+            "random weights. Use --task feature-extraction, or fine-tune first."
+        )
+    other = [
+        a for a in archs
+        if "For" in a and not a.endswith((*HF_HEADS.values(), *PRETRAINING_HEADS))
+    ]  # fmt: skip
+    if task is None and not heads and other:
+        raise ConfigError(
+            f"{path} is a {other[0]}: quantgate exports {', '.join(HF_TASKS)} models, and as "
+            "feature-extraction this head would be dropped, its outputs with it. Pass --task "
+            "feature-extraction to export the encoder without it."
+        )
+    task = task or (heads[0] if heads else FEATURE_EXTRACTION)
+    if task == FEATURE_EXTRACTION and (dropped := [a for a in archs if "For" in a]):
+        log.info("%s: exporting the encoder of %s, without its head", path, dropped[0])
+    return task
+
+
 def _hf_model(path: Path, task: str) -> nn.Module:
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModel,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
     from transformers.utils import logging as hf_logging
 
-    cls = AutoModelForSequenceClassification if task == SEQUENCE_CLASSIFICATION else AutoModel
+    cls = {
+        SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification,
+        TOKEN_CLASSIFICATION: AutoModelForTokenClassification,
+    }.get(task, AutoModel)
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its tqdm bar would tear through quantgate's own
     try:
@@ -661,6 +697,8 @@ def _from_factory(
 _OTHER_NAMES = {
     "classification": SEQUENCE_CLASSIFICATION,
     "text-classification": SEQUENCE_CLASSIFICATION,
+    "ner": TOKEN_CLASSIFICATION,
+    "tagging": TOKEN_CLASSIFICATION,
     "embedding": FEATURE_EXTRACTION,
     "sentence-similarity": FEATURE_EXTRACTION,
 }

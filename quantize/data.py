@@ -91,13 +91,17 @@ DEFAULT_BATCH = 16  # rows per feed; calibration statistics do not depend on it
 # those ranges are noise, not the ranges of the data the model will serve.
 MIN_CALIBRATION_ROWS = 32
 EMBEDDING_TASKS = ("feature-extraction",)  # gated on agreement with FP32, not on labels
+TOKEN_TASKS = ("token-classification",)  # per token, against FP32: a row's label is no tag
 
 
 def _ignored_labels(where: str, model: ModelInfo) -> None:
+    gates = (
+        "per-token top-1 and KL" if model.task in TOKEN_TASKS else "cosine, nearest-neighbour top-1"
+    )
     log.warning(
-        "%s: labels ignored: a %s model is gated on its agreement with FP32 (cosine, "
-        "nearest-neighbour top-1), which needs none",
-        where, model.task,
+        "%s: labels ignored: a %s model is gated on its agreement with FP32 (%s), which needs "
+        "none",
+        where, model.task, gates,
     )  # fmt: skip
 
 
@@ -128,7 +132,7 @@ class ModelInfo:
         """Whether labels mean anything to the gates: an embedding model is gated on its
         agreement with FP32, and its data's labels are ignored (with a warning), whatever
         their form."""
-        return self.task not in EMBEDDING_TASKS
+        return self.task not in (*EMBEDDING_TASKS, *TOKEN_TASKS)
 
     @property
     def classes(self) -> str:

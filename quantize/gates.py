@@ -67,7 +67,7 @@ from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, speed_gate_name,
 from quantgate.configs import check_fields, wrong_types
 from quantgate.errors import ConfigError, DataError, QuantizeError
 from quantgate.progress import ProgressFn, no_progress
-from quantgate.quantize.data import EMBEDDING_TASKS, DataSource
+from quantgate.quantize.data import EMBEDDING_TASKS, TOKEN_TASKS, DataSource
 from quantgate.quantize.labels import one_based_hint
 
 log = logging.getLogger(__name__)
@@ -310,16 +310,19 @@ def accuracy_gates(
         raise DataError(f"FP32 saw {reference.rows} rows, the candidate {candidate.rows}")
     check_evaluation(reference, task, warn=False)  # the caller checked it once, out loud
     logits = _logits_output(reference, task)
-    judged = logits if logits is not None else _embedding_name(task, reference.names)
+    tokens = _token_logits(reference, task)
+    judged = logits or tokens or _embedding_name(task, reference.names)
     if logits is not None and reference.labels is not None:
         gates = [_accuracy_drop(reference, candidate, logits, cfg, label)]
     elif logits is not None:
         gates = _classifier_fidelity(reference, candidate, logits, cfg)
+    elif tokens is not None:
+        gates = _token_fidelity(reference, candidate, tokens, cfg)
     elif judged is not None:
         gates = _embedding_fidelity(reference, candidate, judged, cfg)
     else:
-        gates = []  # neither kind: every output on its cosine
-    others = reference.names if judged is None else _unjudged(reference, judged)
+        gates = []  # none of these kinds: every output on its cosine
+    others = reference.names if judged is None else _unjudged(reference, judged, pooled=not tokens)
     if others:
         # The embedding's threshold, cfg.min_cosine, for token states too (the INT8 gates on
         # CUDA already hold them to it). Measured on all-MiniLM-L6-v2, 200 pydoc sentences,
@@ -336,16 +339,18 @@ def accuracy_gates(
     return gates
 
 
-def _unjudged(ref: Outputs, judged: str) -> list[str]:
+def _unjudged(ref: Outputs, judged: str, *, pooled: bool = True) -> list[str]:
     """The float outputs besides ``judged``, which the gates of the model's kind compare as
-    served (logits, a 2-D embedding); a 3-D ``last_hidden_state`` judged mean-pooled is
-    not what a client receives, so its tokens are gated too. Integer outputs (ids, a
-    predicted class) have no cosine to gate."""
+    served (logits, a 2-D embedding, a token classifier's per-token logits); a 3-D
+    ``last_hidden_state`` judged mean-pooled (``pooled``) is not what a client receives, so
+    its tokens are gated too. Integer outputs (ids, a predicted class) have no cosine to
+    gate."""
     first = ref.batches[0]
     return [
         n
         for n in ref.names
-        if np.issubdtype(first[n].dtype, np.floating) and (n != judged or first[n].ndim > 2)
+        if np.issubdtype(first[n].dtype, np.floating)
+        and (n != judged or (pooled and first[n].ndim > 2))
     ]
 
 
@@ -369,6 +374,18 @@ def _score_like(ref: Outputs) -> list[str]:
     ]
 
 
+def _token_logits(ref: Outputs, task: str) -> str | None:
+    """A token classifier's per-token class scores: its (batch, sequence, classes) float
+    output named "logits", else its first such output; None for other tasks."""
+    if task not in TOKEN_TASKS:
+        return None
+    first = ref.batches[0]
+    scores = [
+        n for n in ref.names if first[n].ndim == 3 and np.issubdtype(first[n].dtype, np.floating)
+    ]
+    return "logits" if "logits" in scores else next(iter(scores), None)
+
+
 def _class_scores(out: Outputs, name: str) -> np.ndarray:
     """(N, classes) class scores of output ``name``; a single logit per row, scored against
     labels, is a binary classifier's: read as [0, logit], whose top class is 1 where the
@@ -390,7 +407,11 @@ def counts_rows(task: str, outputs: Iterable[str]) -> bool:
     gates, which need ``MIN_EVAL_ROWS`` rows; known from the names before the export
     (``check_evaluation`` decides on the outputs themselves)."""
     names = set(outputs)
-    return task in CLASSIFIER_TASKS or "logits" in names or _embedding_name(task, names) is not None
+    return (
+        task in (*CLASSIFIER_TASKS, *TOKEN_TASKS)
+        or "logits" in names
+        or _embedding_name(task, names) is not None
+    )
 
 
 def check_labels(reference: Outputs, task: str) -> None:
@@ -451,7 +472,11 @@ def check_evaluation(reference: Outputs, task: str, *, warn: bool = True) -> Non
     logits = _logits_output(reference, task)
     if reference.labels is not None and logits is None:
         _unscored_labels(reference, task, warn=warn)
-    if logits is None and _embedding_name(task, reference.names) is None:
+    if (
+        logits is None
+        and not _token_logits(reference, task)
+        and not _embedding_name(task, reference.names)
+    ):
         return  # per-output cosine: a measurement on any number of rows
     if reference.rows < MIN_EVAL_ROWS:
         raise DataError(
@@ -740,11 +765,7 @@ def _classifier_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConf
         bad = int((~np.isfinite(y)).sum())
         return [r2_gate("r2", x[:, 0], y[:, 0], cfg.min_cosine, cfg, where, bad)]
     agree = _same_top(x, y)  # (N,)
-    log_p, log_q = _log_softmax(x), _log_softmax(y)
-    # nats, exact however small q is; a class FP32 masks (-inf: p = 0) adds nothing
-    with np.errstate(invalid="ignore"):  # -inf - -inf: the masked classes, zeroed next
-        terms = np.exp(log_p) * (log_p - log_q)
-    kl = np.where(np.isneginf(log_p), 0.0, terms).sum(-1)  # (N,)
+    kl = _kl(x, y)  # (N,)
     detail = f"{output} vs FP32 on {len(x)} unlabelled rows, max abs {_logit_change(x, y):.3g}"
     return [
         _mean_gate("top1_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail,
@@ -753,6 +774,98 @@ def _classifier_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConf
                    detail + ", mean KL(FP32 || candidate) in nats",
                    valid=bool(np.isfinite(kl).all())),
     ]  # fmt: skip
+
+
+def _token_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
+    """A token classifier against FP32 on every real token (the mask's, where the output
+    has the data's sequence axis): the share whose top class agrees, and the mean KL(FP32 ||
+    candidate), both pooled over the tokens, with intervals over the rows: a sentence's
+    tokens move together, so they are not as many independent samples."""
+    hits, kls, counts, broken, change = [], [], [], False, 0.0
+    for xb, yb, mask in zip(ref.batches, cand.batches, ref.masks, strict=True):
+        x, y = xb[output], yb[output]  # (B, T, C)
+        real = mask.astype(bool) if _masks(x, mask) else np.ones(x.shape[:2], bool)
+        xt, yt = x[real], y[real]  # (tokens, C)
+        rows = np.repeat(np.arange(len(x)), real.sum(1))  # each token's row
+        hits.append(np.bincount(rows, _same_top(xt, yt), minlength=len(x)))
+        kls.append(np.bincount(rows, _kl(xt, yt), minlength=len(x)))
+        counts.append(real.sum(1))
+        broken |= bool(_broken(xt, yt).any())
+        change = max(change, _logit_change(xt, yt) if len(xt) else 0.0)
+    h, k, n = np.concatenate(hits), np.concatenate(kls), np.concatenate(counts)
+    detail = (
+        f"{output} vs FP32 on {int(n.sum())} real tokens of {len(n)} unlabelled rows, max abs "
+        f"{change:.3g}"
+    )
+    share = float(h.sum() / max(n.sum(), 1))
+    agree_ci, rows_worth = clustered_share_interval(h, n, cfg.confidence)
+    kl = float(k.sum() / max(n.sum(), 1))
+    kl_ci = None
+    if np.isfinite(k).all() and len(n) > 1:
+        stats = np.concatenate(
+            [k[r].sum(1) / np.maximum(n[r].sum(1), 1) for r in _resamples(len(n), cfg)]
+        )
+        kl_ci = percentile_interval(stats, cfg.confidence)
+    return [
+        _gate("token_top1_agreement", share, agree_ci, cfg.min_top1_agreement, ">=", cfg,
+              detail + f"; share of tokens whose top class agrees; {cfg.confidence:.0%} Wilson "
+              f"score interval over {rows_worth:.0f} tokens' worth (a row's tokens move "
+              "together)", valid=not broken),
+        _gate("token_kl", kl, kl_ci, cfg.max_kl, "<=", cfg,
+              detail + ", mean KL(FP32 || candidate) per token in nats"
+              + (f"; {cfg.confidence:.0%} bootstrap interval over rows" if kl_ci else ""),
+              valid=math.isfinite(kl)),
+    ]  # fmt: skip
+
+
+def clustered_share_interval(
+    hits: np.ndarray, counts: np.ndarray, confidence: float
+) -> tuple[tuple[float, float], float]:
+    """Wilson's interval of a share of tokens, ``hits`` of ``counts`` per row, over the
+    tokens' effective number: their count divided by the design effect of rows (Kish), the
+    variance of the ratio over rows against that of independent tokens. Where no token
+    disagrees (or none agrees) the rows say nothing of that variance, and each row counts
+    as one. Returns the interval and the effective number."""
+    h, n = np.asarray(hits, np.float64), np.asarray(counts, np.float64)
+    total, rows = n.sum(), len(n)
+    if total == 0:
+        return (0.0, 1.0), 0.0
+    p = h.sum() / total
+    effective = float(rows)
+    if 0 < p < 1 and rows > 1:
+        between = rows / (rows - 1) * ((h - p * n) ** 2).sum() / total**2  # ratio estimator
+        effective = float(np.clip(p * (1 - p) / max(between, 1e-300), rows, total))
+    return wilson(p * effective, effective, confidence), effective
+
+
+def _gate(
+    name: str,
+    value: float,
+    ci: tuple[float, float] | None,
+    threshold: float,
+    op: str,
+    cfg: GateConfig,
+    detail: str,
+    *,
+    valid: bool = True,
+    provider: str | None = None,
+) -> GateResult:
+    """A gate of ``value`` with its interval ``ci``, decided under ``cfg.ci_rule``."""
+    passed, rule = _decide(
+        value, ci, threshold, op, rule=cfg.ci_rule, confidence=cfg.confidence, valid=valid
+    )
+    return GateResult(
+        name, value, threshold, op, passed, ci=ci, provider=provider, detail=detail + rule
+    )
+
+
+def _kl(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(N,) KL(softmax x || softmax y) of each row in nats, exact however small the
+    candidate's probability; a class FP32 masks (-inf: p = 0) adds nothing."""
+    log_p, log_q = _log_softmax(x), _log_softmax(y)
+    with np.errstate(invalid="ignore"):  # -inf - -inf: the masked classes, zeroed next
+        terms = np.exp(log_p) * (log_p - log_q)
+    return np.where(np.isneginf(log_p), 0.0, terms).sum(-1)
 
 
 def _pooled(out: Outputs, name: str) -> np.ndarray:
@@ -1070,7 +1183,7 @@ def batch_consistency(
     sess = session(model, cfg.provider, threads=cfg.threads)
     names = [o.name for o in sess.get_outputs()]
     together, alone = Outputs(names), None
-    logits = judged = None
+    logits = tokens = judged = None
     for batch in data.batches():
         rows = _lone_requests(batch.feeds)
         feeds = _right_padded(rows)
@@ -1080,7 +1193,8 @@ def batch_consistency(
         together.rows += len(rows)
         if alone is None:  # the output judged, known from the first batch; alone, only it
             logits = _logits_output(together, task)
-            judged = logits or _embedding_name(task, names)
+            tokens = _token_logits(together, task)
+            judged = logits or tokens or _embedding_name(task, names)
             if judged is None:
                 return None
             alone = Outputs([judged])
@@ -1095,6 +1209,23 @@ def batch_consistency(
         f"{judged}: each of {alone.rows} rows run alone vs in a batch (of up to {largest}, "
         "right-padded as the server pads); dynamic quantization scales activations per batch"
     )
+    if tokens is not None:  # each token of a row alone against the same in the batch
+        lone = (b[tokens][0] for b in alone.batches)  # (L, C): the row's real tokens
+        pairs = []  # (the row in its batch, cut to its length; the row alone)
+        for batch in together.batches:
+            for x in batch[tokens]:
+                y = next(lone)
+                pairs.append((x[: len(y)], y))
+        hits = np.array([_same_top(x, y).sum() for x, y in pairs])
+        counts = np.array([len(y) for _, y in pairs])
+        ci, worth = clustered_share_interval(hits, counts, cfg.confidence)
+        return _gate(
+            "batch_token_top1_agreement", float(hits.sum() / max(counts.sum(), 1)), ci,
+            cfg.min_top1_agreement, ">=", cfg,
+            detail + f"; {int(counts.sum())} tokens, {cfg.confidence:.0%} Wilson score interval "
+            f"over {worth:.0f} tokens' worth",
+            valid=not any(_broken(x, y).any() for x, y in pairs),
+        )  # fmt: skip
     if logits is not None:
         x, y = together.stacked(logits), alone.stacked(logits)
         if x.shape[-1] == 1:  # a score: its value, as the unlabelled gates judge it

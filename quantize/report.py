@@ -248,7 +248,7 @@ def thresholds(gates: Sequence[GateResult], cfg: GateConfig) -> str:
          f"R² >= {1 - 2 * (1 - cfg.min_cosine):g} (one value per row)"),
         (any(n.endswith("top1_agreement") for n in names),
          f"top-1 agreement >= {cfg.min_top1_agreement:g}"),
-        ("kl" in names, f"KL <= {cfg.max_kl:g}"),
+        (bool(names & {"kl", "token_kl"}), f"KL <= {cfg.max_kl:g}"),
     ]  # fmt: skip
     return ", ".join(text for measured, text in kinds if measured or not gates)
 

@@ -55,6 +55,40 @@ def test_sequence_classification_is_inferred_from_the_architecture(tiny_bert_cla
     assert m.max_seq_len == 128
 
 
+def test_a_token_classifier_is_exported_with_its_head_and_other_heads_are_not_dropped(
+    tiny_bert, tmp_path, caplog
+):
+    """A NER model's head was dropped without a word: it was exported as feature-extraction,
+    its tags gone and a random pooler in their place."""
+    from transformers import BertForMaskedLM, BertForQuestionAnswering, BertForTokenClassification
+
+    ner = tiny_bert(tmp_path / "ner", BertForTokenClassification, num_labels=5)
+    m = load_model(ner)
+    assert m.task == "token-classification" and m.outputs == ("logits",)
+    assert m.extra["labels"] == [f"LABEL_{i}" for i in range(5)]
+    with torch.no_grad():
+        (logits,) = m.module(
+            *(torch.from_numpy(m.samples.arrays[n][:2, :12]) for n in m.input_names)
+        )
+    assert logits.shape == (2, 12, 5)  # a class per token
+
+    qa = tiny_bert(tmp_path / "qa", BertForQuestionAnswering)
+    with pytest.raises(
+        ConfigError, match="is a BertForQuestionAnswering: .* Pass --task feature-extraction"
+    ):
+        load_model(qa)
+    with caplog.at_level("INFO", logger="quantgate.model.loaders"):
+        assert load_model(qa, task="feature-extraction").outputs == (
+            "last_hidden_state",
+            "sentence_embedding",
+        )
+    assert "exporting the encoder of BertForQuestionAnswering, without its head" in caplog.text
+    mlm = tiny_bert(tmp_path / "mlm", BertForMaskedLM)  # as bert-base-uncased: an encoder
+    assert load_model(mlm).task == "feature-extraction"
+    with pytest.raises(ConfigError, match="no token-classification head"):
+        load_model(mlm, task="token-classification")
+
+
 def test_a_classification_task_without_a_head_is_refused(minilm):
     with pytest.raises(ConfigError, match="no sequence-classification head"):
         load_model(minilm, task="sequence-classification")
@@ -256,25 +290,26 @@ def test_a_factory_s_outputs_are_named_by_its_dict_or_numbered():
 
 
 def test_a_task_the_gates_do_not_know_is_kept_and_warned_about(caplog, minilm):
-    """A factory's task is free (token-classification is recorded as such), but one the
+    """A factory's task is free (question-answering would be recorded as such), but one the
     gates do not know is said to be gated as custom, with the task it probably means."""
     with caplog.at_level("WARNING", logger="quantgate.model.loaders"):
         model = load_model("qg_usermodels:said_classification")
     assert model.task == "text-classification"
     assert (
         "task 'text-classification' is not one the gates know (sequence-classification, "
-        "feature-extraction, custom): the model is gated as 'custom'" in caplog.text
+        "token-classification, feature-extraction, custom): the model is gated as 'custom'"
+        in caplog.text
     )
     assert "(did you mean 'sequence-classification'?)" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="quantgate.model.loaders"):
         assert load_model("qg_usermodels:named_classes").task == "sequence-classification"
     assert "gates know" not in caplog.text
-    with pytest.raises(ConfigError) as e:  # a Hugging Face model's task is one of two
+    with pytest.raises(ConfigError) as e:  # a Hugging Face model's task is one of three
         load_model(minilm, task="feature_extraction")
     assert str(e.value) == (
         "--task feature_extraction: a Hugging Face model is one of sequence-classification, "
-        "feature-extraction (did you mean 'feature-extraction'?)"
+        "token-classification, feature-extraction (did you mean 'feature-extraction'?)"
     )
 
 

@@ -585,6 +585,67 @@ def test_an_output_of_one_value_per_row_is_gated_on_its_r_squared():
     assert [(g.name, round(g.threshold, 6)) for g in fid] == [("r2:s", 0.998)]
 
 
+def test_a_token_classifier_is_gated_token_by_token_on_real_tokens():
+    """Top-1 agreement and KL per real token (padding is not served as an answer), pooled
+    over tokens; the judged logits get no cosine of their own, other outputs do."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 12, 5)).astype(np.float32)  # (B, T, classes)
+    mask = np.ones((40, 12), np.int64)
+    mask[:, 8:] = 0  # 8 real tokens a row
+    y = x.copy()
+    y[mask == 0] = rng.normal(size=(int((mask == 0).sum()), 5))  # padding: anything
+    top = x.argmax(-1)
+    y[:4, 0, :] = 0
+    y[np.arange(4), 0, (top[:4, 0] + 1) % 5] = 10  # 4 real tokens flipped
+    h = rng.normal(size=(40, 6)).astype(np.float32)
+
+    def outputs(logits):
+        return Outputs(["logits", "h"], [{"logits": logits, "h": h}], [mask], rows=40)
+
+    gates = {
+        g.name: g
+        for g in accuracy_gates(outputs(x), outputs(y), "token-classification", GateConfig())
+    }
+    assert list(gates) == ["token_top1_agreement", "token_kl", "cosine:h", "cosine_tail:h"]
+    agree = gates["token_top1_agreement"]
+    assert agree.value == pytest.approx(1 - 4 / 320) and agree.passed
+    assert agree.ci[0] < agree.value <= agree.ci[1] <= 1
+    assert "logits vs FP32 on 320 real tokens of 40 unlabelled rows" in agree.detail
+    kl = gates["token_kl"]
+    assert kl.value > 0 and kl.ci[0] <= kl.value <= kl.ci[1]
+    same = {
+        g.name: g
+        for g in accuracy_gates(outputs(x), outputs(x), "token-classification", GateConfig())
+    }
+    assert same["token_top1_agreement"].value == 1 and same["token_kl"].value == pytest.approx(
+        0, abs=1e-12
+    )
+    assert same["token_top1_agreement"].ci[0] < 0.95  # 40 rows that all agree: no proof of 100%
+    broken = y.copy()
+    broken[5, 2, 0] = np.nan  # a real token's NaN fails it
+    bad = {
+        g.name: g
+        for g in accuracy_gates(outputs(x), outputs(broken), "token-classification", GateConfig())
+    }
+    assert not bad["token_top1_agreement"].passed and not bad["token_kl"].passed
+
+
+def test_tokens_of_a_row_count_as_less_than_independent_ones():
+    """Wilson's interval over the tokens' effective number: a row's tokens that all flip
+    together are worth one row each; flips spread as if at random, nearly every token."""
+    from quantgate.quantize.gates import clustered_share_interval
+
+    counts = np.full(100, 20)
+    clustered = np.where(np.arange(100) < 5, 0, 20)  # 5 whole rows wrong
+    ci, worth = clustered_share_interval(clustered, counts, 0.95)
+    assert worth == pytest.approx(100) and ci == pytest.approx(wilson(95, 100, 0.95))
+    rng = np.random.default_rng(0)
+    spread = 20 - rng.binomial(20, 0.05, size=100)  # the same 5% of tokens, independently
+    ci, worth = clustered_share_interval(spread, counts, 0.95)
+    assert 1000 < worth <= 2000 and ci[1] - ci[0] < 0.05
+    assert clustered_share_interval(counts, counts, 0.95)[1] == 100  # none wrong: rows
+
+
 @pytest.mark.parametrize(
     "bad", [{"tail_cosine": 1.5}, {"max_tail_share": -0.1}, {"max_tail_share": 2.0}]
 )

@@ -595,3 +595,28 @@ def test_a_single_logit_is_gated_on_its_value_and_with_labels_as_a_binary_choice
     gates = {g.name: g for g in load(tmp_path / "b").manifest.variant("int8").gates}
     drop = gates["accuracy_drop"]
     assert "top-1 accuracy FP32 50.00% -> INT8" in drop.detail and "r2" not in gates
+
+
+def test_a_hugging_face_token_classifier_is_gated_per_token(cli, tmp_path, tiny_bert, caplog):
+    """A NER model end to end: its head exported, its INT8 judged token by token against
+    FP32 (labels ignored, with a word), and a dynamic recipe also on the tokens' batch
+    consistency."""
+    from transformers import BertForTokenClassification
+
+    ner = tiny_bert(tmp_path / "ner", BertForTokenClassification, num_labels=5)
+    cal = write_jsonl(tmp_path / "cal.jsonl", english(64, source="licenses"))
+    ev = write_jsonl(tmp_path / "ev.jsonl", english(40, source="pydoc"), labels=[1] * 40)
+    out = tmp_path / "b"
+    r = cli("export", ner, "--out", out, "--calibration", cal, "--eval", ev, "--no-fp16",
+            "--recipe", "ort-dynamic-per-channel", "--min-speedup", "0.01")  # fmt: skip
+    assert r.code in (0, 3), r.stderr
+    m = load(out).manifest
+    assert m.task == "token-classification" and [o.dims for o in m.outputs] == [
+        ("batch", "sequence", 5)
+    ]
+    gates = {g.name: g for g in m.variant("int8").gates}
+    assert {"token_top1_agreement", "token_kl", "batch_token_top1_agreement"} <= set(gates)
+    assert not any(n.startswith(("cosine", "top1_agreement", "accuracy")) for n in gates)
+    tokens = gates["token_top1_agreement"]
+    assert "real tokens of 40 unlabelled rows" in tokens.detail and tokens.value > 0.5
+    assert "labels ignored: a token-classification model is gated on its agreement" in caplog.text
