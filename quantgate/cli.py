@@ -548,16 +548,19 @@ def gate(
     bundle is marked failed); 2: bad bundle or data, or CUDA asked for where there is none.
     """
     from quantgate.bundle import CPU, CUDA, load
+    from quantgate.fsutil import claimed
     from quantgate.quantize.pipeline import recorded_gate_config, regate
 
-    recorded = recorded_gate_config(load(path, verify=False).manifest)  # verified by regate
-    gates = _gate_config(
-        gate_config, max_accuracy_drop, min_speedup, min_cosine, min_top1, base=recorded
-    )
-    if device is not None:
-        gates = gates.with_overrides(provider=CUDA if device == GateDevice.CUDA else CPU)
     try:
-        with progress() as bar:
+        # held from the read of the settings to the rewrite: another re-gate in between
+        # would have this one start from settings it then replaced
+        with claimed(path, "a re-gate"), progress() as bar:
+            recorded = recorded_gate_config(load(path, verify=False).manifest)  # regate verifies
+            gates = _gate_config(
+                gate_config, max_accuracy_drop, min_speedup, min_cosine, min_top1, base=recorded
+            )
+            if device is not None:
+                gates = gates.with_overrides(provider=CUDA if device == GateDevice.CUDA else CPU)
             bundle = regate(
                 path, eval_data, gates, on_progress=_bars(bar), allow_unlabelled=allow_unlabelled
             )

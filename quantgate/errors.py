@@ -8,12 +8,37 @@ from __future__ import annotations
 
 import logging
 import secrets
+from typing import TypeVar
+
+_Error = TypeVar("_Error", bound="QuantgateError")
 
 
 class QuantgateError(Exception):
     """Base class: an error a user can act on (bad input, failed check, refused bundle)."""
 
     exit_code = 2  # bad usage or bad input
+
+    @classmethod
+    def logged(
+        cls: type[_Error],
+        what: str,
+        err: BaseException,
+        log: logging.Logger,
+        *,
+        trace: bool = False,
+        level: int = logging.ERROR,
+    ) -> _Error:
+        """A server's answer that keeps ``err``'s words to the server: ``what`` failed, the
+        exception's type and an error id, while ``log`` gets the whole message under that id
+        (with its traceback where ``trace``, for a bug). ONNX Runtime's messages name the
+        graph's nodes and the source paths it was built from: the operator's to read, not
+        every client's."""
+        ref = secrets.token_hex(4)
+        log.log(
+            level, "%s, error %s: %s: %s", what, ref, type(err).__name__, err,
+            exc_info=err if trace else None,
+        )  # fmt: skip
+        return cls(f"{what} ({type(err).__name__}); the server's log has the details: error {ref}")
 
 
 class ConfigError(QuantgateError):
@@ -126,22 +151,7 @@ class ResponseTooLarge(QuantgateError):
 
 class InferenceFailed(QuantgateError):
     """ONNX Runtime failed on a request that passed validation, or the server met a bug
-    answering it."""
-
-    @classmethod
-    def logged(
-        cls, what: str, err: BaseException, log: logging.Logger, *, trace: bool = False
-    ) -> InferenceFailed:
-        """The answer to a failure that is not the client's: ``what`` failed, the exception's
-        type and an error id, while ``log`` gets the whole message under that id (with its
-        traceback where ``trace``, for a bug). ONNX Runtime's messages name the graph's nodes
-        and the source paths it was built from: the operator's to read, not every client's."""
-        ref = secrets.token_hex(4)
-        log.error(
-            "%s, error %s: %s: %s", what, ref, type(err).__name__, err,
-            exc_info=err if trace else None,
-        )  # fmt: skip
-        return cls(f"{what} ({type(err).__name__}); the server's log has the details: error {ref}")
+    answering it (answered ``logged``)."""
 
 
 def exit_code(err: BaseException) -> int:

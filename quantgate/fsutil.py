@@ -62,7 +62,7 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
 @contextlib.contextmanager
 def claimed(out: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold ``out`` for this process while it works towards writing there (``what``, as
-    another process is told of it: "quantgate export"). A second process that claims it
+    another process is told of it: "an export"). A second process that claims it
     meanwhile is refused at once with ``Busy``, where both would work for minutes and the
     last to finish would win: a re-gate read before another one wrote would drop that one's
     record.
@@ -71,23 +71,33 @@ def claimed(out: str | os.PathLike, what: str) -> Iterator[None]:
     who claimed it and is removed after; the kernel drops the lock when its process dies,
     however it dies. Where ``out``'s folder does not exist yet, or the filesystem takes no
     lock (some network mounts), the work goes on unclaimed: what refuses an unwritable
-    ``out`` still does."""
+    ``out`` still does. Claims nest within a process: `quantgate gate` holds its bundle
+    while it reads the settings it then re-gates with, and the re-gate claims it again."""
     out = resolve_target(out)
     path = out.parent / f".{out.name}.lock"
+    if path in _claims:  # this process's already
+        yield
+        return
     try:
         fd = _lock(path, out)
     except OSError as e:
         log.debug("not claiming %s: %s", out, e)
         yield
         return
+    _claims.add(path)
     try:
         since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        os.write(fd, f"pid {os.getpid()}, {what}, since {since}\n".encode())
+        with contextlib.suppress(OSError):  # who holds it is a courtesy; the lock is the claim
+            os.write(fd, f"pid {os.getpid()}, {what}, since {since}\n".encode())
         yield
     finally:
+        _claims.discard(path)
         with contextlib.suppress(OSError):
             os.unlink(path)  # while still held: the next claim makes a file of its own
         os.close(fd)
+
+
+_claims: set[Path] = set()  # the lock files this process holds (``claimed``)
 
 
 def _lock(path: Path, out: Path) -> int:

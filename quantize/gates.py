@@ -10,14 +10,18 @@ no rows flip, where INT8 lives.
 Without labels: fidelity against FP32 on the evaluation rows.
 
 - classifiers (``(batch, classes)`` logits): top-1 agreement and mean KL(FP32 || candidate)
-  of the softmax distributions;
+  of the softmax distributions; a single logit (``(batch, 1)``: a reranker, a regression
+  head), its R² against FP32 (``r2_gate``);
+- token classifiers (``(batch, sequence, classes)``): top-1 agreement and KL per real
+  token, pooled over the tokens, with intervals over rows (``_token_fidelity``);
 - embeddings (``sentence_embedding``, or ``last_hidden_state`` mean-pooled over real
-  tokens): mean cosine per row, and top-1 nearest-neighbour agreement: for every row, its
-  nearest other row by cosine among the evaluation rows, under FP32 and under the
-  candidate;
+  tokens): mean cosine per row, the share of rows under ``tail_cosine`` (``_tail_gate``),
+  and top-1 nearest-neighbour agreement: for every row, its nearest other row by cosine
+  among the evaluation rows, under FP32 and under the candidate;
 - anything else: for each output, the cosine of every row (a batch item, flattened over its
-  real tokens) with FP32, averaged over rows; max and mean abs error in the detail
-  (``Fidelity``, whose gates the FP16 variant's are too).
+  real tokens) with FP32, averaged over rows, and its tail; R² where a row holds one value;
+  max and mean abs error in the detail (``Fidelity``, whose gates the FP16 variant's are
+  too).
 
 The server serves every output, so every float output those gates do not compare as served
 gets that ``cosine:<output>`` gate as well, at the same ``min_cosine``: an embedding model's
@@ -26,7 +30,7 @@ rows), a classifier's other float outputs next to its logits.
 
 Each of these is a mean over rows, with an interval over rows: Wilson's score interval for
 a share of agreeing rows (``wilson``; at 400 rows, one row is 0.25 points of agreement),
-a bootstrap of the mean for cosine and KL (``bootstrap_mean``).
+a bootstrap of the mean for cosine and KL (``bootstrap_mean``), of R² for R².
 
 The decision rule, chosen and documented here: a gate passes when its *point estimate* is
 on the right side of its threshold; the interval is reported next to it, and where it
@@ -314,6 +318,8 @@ def accuracy_gates(
     judged = logits or tokens or _embedding_name(task, reference.names)
     if logits is not None and reference.labels is not None:
         gates = [_accuracy_drop(reference, candidate, logits, cfg, label)]
+        if reference.batches[0][logits].shape[-1] == 1:  # a score's value, beyond its sign
+            gates += _classifier_fidelity(reference, candidate, logits, cfg)
     elif logits is not None:
         gates = _classifier_fidelity(reference, candidate, logits, cfg)
     elif tokens is not None:
@@ -761,9 +767,8 @@ def _logit_change(x: np.ndarray, y: np.ndarray) -> float:
 def _classifier_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
     x, y = ref.stacked(output), cand.stacked(output)
     if x.shape[-1] == 1:  # a score (a reranker's, a regression's): its value is the answer
-        where = f"{output} vs FP32 on {len(x)} unlabelled rows"
-        bad = int((~np.isfinite(y)).sum())
-        return [r2_gate("r2", x[:, 0], y[:, 0], cfg.min_cosine, cfg, where, bad)]
+        where = f"{output} vs FP32 on {len(x)} rows"
+        return [r2_gate("r2", x[:, 0], y[:, 0], cfg.min_cosine, cfg, where)]
     agree = _same_top(x, y)  # (N,)
     kl = _kl(x, y)  # (N,)
     detail = f"{output} vs FP32 on {len(x)} unlabelled rows, max abs {_logit_change(x, y):.3g}"
@@ -943,8 +948,8 @@ def _tail_gate(
     name: str, cosines: np.ndarray, cfg: GateConfig, detail: str, *, provider: str | None = None
 ) -> GateResult:
     """The share of rows whose cosine to FP32 is below ``cfg.tail_cosine`` (a NaN row is
-    one), at most ``cfg.max_tail_share``: the rows a mean cosine hides. Two rows in a hundred
-    at 0.5 cost a mean of 0.999 only 0.01."""
+    one), at most ``cfg.max_tail_share``: the rows a mean cosine hides. One row in ten at
+    0.93, the rest at 0.9999, averages 0.993."""
     low = ~(cosines >= cfg.tail_cosine)  # (N,) bool: Wilson's interval of a share
     return _mean_gate(
         name, low, cfg.max_tail_share, "<=", cfg,
@@ -1037,7 +1042,9 @@ class Fidelity:
             provider=provider,
             nonfinite={n: s.nonfinite for n, s in seen.items()},
             cosines={n: np.concatenate(s.cosines) for n, s in seen.items()},
-            scalars={n: np.concatenate(s.scalars, 1) for n, s in seen.items() if s.scalars},
+            # one value per row in every batch (a (batch, sequence) output is not, even where a
+            # batch holds one token)
+            scalars={n: np.concatenate(s.scalars, 1) for n, s in seen.items() if s.scalar},
         )
 
     def gates(
@@ -1065,23 +1072,18 @@ class Fidelity:
             bad = self.nonfinite.get(name, 0)
             if name in self.scalars:
                 x, y = self.scalars[name]
-                gates.append(
-                    r2_gate(f"r2:{name}", x, y, min_cosine, cfg, where, bad, self.provider)
+                gates.append(r2_gate(f"r2:{name}", x, y, min_cosine, cfg, where, self.provider))
+            else:
+                detail = (
+                    f"{where}; mean cosine per row (worst row {cosines.min():.5f}), max abs "
+                    f"{self.max_abs_diff[name]:.3g}, mean abs {self.mean_abs_diff[name]:.3g}"
+                    + (f", {bad} non-finite values" if bad else "")
                 )
-                continue
-            detail = (
-                f"{where}; mean cosine per row (worst row {cosines.min():.5f}), "
-                f"max abs {self.max_abs_diff[name]:.3g}, mean abs {self.mean_abs_diff[name]:.3g}"
-                + (f", {bad} non-finite values" if bad else "")
-            )
-            cosine = _mean_gate(
-                f"cosine:{name}", cosines, min_cosine, ">=", cfg, detail,
-                valid=not bad, provider=self.provider,
-            )  # fmt: skip
-            gates += [
-                cosine,
-                _tail_gate(f"cosine_tail:{name}", cosines, cfg, where, provider=self.provider),
-            ]
+                gates += [
+                    _mean_gate(f"cosine:{name}", cosines, min_cosine, ">=", cfg, detail,
+                               valid=not bad, provider=self.provider),
+                    _tail_gate(f"cosine_tail:{name}", cosines, cfg, where, provider=self.provider),
+                ]  # fmt: skip
             if max_abs is not None:
                 diff = self.max_abs_diff[name]
                 gates.append(
@@ -1105,21 +1107,24 @@ def r2_gate(
     min_cosine: float,
     cfg: GateConfig,
     where: str,
-    nonfinite: int = 0,
     provider: str | None = None,
 ) -> GateResult:
     """The gate of an output with one value per row: R² of the candidate's values ``y``
     against FP32's ``x`` over the rows, at least 1 - 2 (1 - ``min_cosine``): the squared
     error relative to FP32's spread that a cosine of ``min_cosine`` allows relative to a
     vector's length (0.98 for 0.99), and stricter, as the spread leaves out the mean. Its
-    interval is a bootstrap over the rows."""
+    interval is a bootstrap over the rows; none where more than a tenth of the resamples
+    hold one value only (R² undefined), as a few rows or a two-valued output can."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     threshold = 1 - 2 * (1 - min_cosine)
+    nonfinite = int((~np.isfinite(y)).sum())
     value = float(r_squared(x, y)) if len(x) else math.nan
     valid = not nonfinite and math.isfinite(value) and len(x) > 1
     ci = None
     if valid:
         stats = np.concatenate([r_squared(x[rows], y[rows]) for rows in _resamples(len(x), cfg)])
-        ci = percentile_interval(stats, cfg.confidence) if np.isfinite(stats).all() else None
+        if np.isfinite(stats).mean() >= 0.9:
+            ci = percentile_interval(stats[np.isfinite(stats)], cfg.confidence)
     passed, rule = _decide(
         value, ci, threshold, ">=", rule=cfg.ci_rule, confidence=cfg.confidence, valid=valid
     )
@@ -1128,6 +1133,7 @@ def r2_gate(
         f"{where}; one value per row: R² of the candidate's values against FP32's, 1 - "
         f"residual / FP32's variance{constant}, max abs {np.abs(y - x).max(initial=0):.3g}"
         + (f", {nonfinite} non-finite values" if nonfinite else "")
+        + ("; R² needs 2 rows or more" if len(x) < 2 else "")
         + (
             f"; {cfg.confidence:.0%} bootstrap interval over rows ({cfg.bootstrap} resamples)"
             if ci
@@ -1145,6 +1151,7 @@ class _Tally:
     def __init__(self):
         self.cosines: list[np.ndarray] = []  # (B,) per batch
         self.scalars: list[np.ndarray] = []  # (2, B) per batch: FP32's and the candidate's
+        self.scalar = True  # whether every batch so far holds one value per row
         self.max_abs: list[float] = []  # per batch; NaN when a real value is NaN
         self.sum_abs = 0.0
         self.values = 0
@@ -1157,7 +1164,8 @@ class _Tally:
         real = int(mask.astype(bool).sum()) * math.prod(x.shape[2:]) if _masks(x, mask) else x.size
         x, y = flat_rows(x, mask).astype(np.float64), flat_rows(y, mask).astype(np.float64)
         self.cosines.append(row_cosine(x, y))
-        if x.shape[1] == 1:  # one value per row
+        self.scalar &= x.shape[1] == 1  # one value per row
+        if self.scalar:
             self.scalars.append(np.stack([x[:, 0], y[:, 0]]))
         diff = np.abs(x - y)  # (B, rest), 0 at padded positions
         self.max_abs.append(float(diff.max(initial=0.0)))
@@ -1229,8 +1237,7 @@ def batch_consistency(
     if logits is not None:
         x, y = together.stacked(logits), alone.stacked(logits)
         if x.shape[-1] == 1:  # a score: its value, as the unlabelled gates judge it
-            bad = int((~np.isfinite(y)).sum())
-            return r2_gate("batch_r2", x[:, 0], y[:, 0], cfg.min_cosine, cfg, detail, bad)
+            return r2_gate("batch_r2", x[:, 0], y[:, 0], cfg.min_cosine, cfg, detail)
         agree = _same_top(x, y)
         detail += f"; max logit change {_logit_change(x, y):.3g}"
         return _mean_gate(

@@ -32,7 +32,7 @@ from quantgate.bundle import (
 from quantgate.configs import require
 from quantgate.errors import BundleError, ConfigError, DataError, GateFailed, QuantizeError
 from quantgate.export.config import ExportConfig
-from quantgate.fsutil import claimed
+from quantgate.fsutil import claimed, resolve_target
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize import report as reports
 from quantgate.quantize.cuda import CPU, CUDA, CudaGating
@@ -114,7 +114,7 @@ def build(
     _require_data(model_spec, calibration, evaluation)
     chosen_recipes(quant_cfg)  # a misspelt --recipe is refused now, not after the export
     emit = on_progress or no_progress
-    out.parent.mkdir(parents=True, exist_ok=True)  # claimed from now, written at the end
+    resolve_target(out).parent.mkdir(parents=True, exist_ok=True)  # claimed now, written last
     with claimed(out, "an export"), tempfile.TemporaryDirectory(prefix="quantgate-build-") as tmp:
         work = Path(tmp)
         model = _load(model_spec, export_cfg, emit)
@@ -611,11 +611,11 @@ def _fp16_min_cosine(m: Manifest) -> float:
     """The cosine threshold the FP16 variant was gated with (``QuantConfig.fp16_min_cosine``
     at its build, recorded in its gates), else today's default."""
     cosines = [
-        g.threshold
+        g.threshold if g.name.startswith("cosine") else 1 - (1 - g.threshold) / 2  # R²'s
         for v in m.variants
         if v.precision == "fp16"
         for g in v.gates
-        if g.name == "cosine" or g.name.startswith("cosine:")
+        if g.name == "cosine" or g.name.startswith(("cosine:", "r2:"))
     ]
     return max(cosines, default=DEFAULT_QUANT.fp16_min_cosine)
 

@@ -239,6 +239,9 @@ class Model:
             else:
                 results = self.session.run(names, dict(feeds), options)
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as e:
+            if "while running" in str(e):  # inside the graph: its words name its nodes
+                what = f"model {self.name!r} rejected the input"
+                raise BadRequest.logged(what, e, log, level=logging.WARNING) from e
             raise BadRequest(f"model {self.name!r} rejected the input: {e}") from e
         except Exception as e:  # ORT raises its own RuntimeError subclasses
             if options is not None and options.terminate:  # stopped: its clients had gone

@@ -340,6 +340,17 @@ def test_a_path_another_process_claimed_is_refused_until_that_process_ends(tmp_p
     assert os.listdir(tmp_path) == []
 
 
+def test_claims_nest_within_a_process(tmp_path):
+    """`quantgate gate` holds its bundle from reading its settings to the re-gate, which
+    claims it again: the same process, the same claim, released by the outer one."""
+    out = tmp_path / "b"
+    with fsutil.claimed(out, "a re-gate"):
+        with fsutil.claimed(out, "a re-gate"):
+            assert (tmp_path / ".b.lock").exists()
+        assert (tmp_path / ".b.lock").exists()  # still held
+    assert not (tmp_path / ".b.lock").exists()
+
+
 def test_a_claim_where_no_folder_exists_yet_goes_on_unclaimed(tmp_path):
     out = tmp_path / "not" / "yet" / "b"
     with fsutil.claimed(out, "an export"):

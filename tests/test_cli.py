@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -125,11 +127,19 @@ def test_an_end_of_file_is_an_error_not_an_interrupt(cli, monkeypatch):
     assert r.code == 1 and "error: unexpected end of file (No data left in file)" in r.stderr
 
 
+HOLD = """
+import sys
+from quantgate import fsutil
+with fsutil.claimed(sys.argv[1], "an export"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
 def test_export_and_gate_refuse_a_bundle_another_process_is_writing(cli, tmp_path, tiny_checkpoint):
     """Refused at once, exit 1, before the model is loaded or the data read; the bundle as
     it was."""
     from quantgate import bundle as qb
-    from quantgate import fsutil
 
     out = tmp_path / "b"
     with qb.staging(out) as tmp:  # a bundle of one file (no model, no gates)
@@ -139,7 +149,12 @@ def test_export_and_gate_refuse_a_bundle_another_process_is_writing(cli, tmp_pat
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     ev = tmp_path / "ev.jsonl"
     ev.write_text('{"text": "held out"}\n')
-    with fsutil.claimed(out, "an export"):  # another open file: flock holds it against us too
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
         for args in (
             ("export", tiny_checkpoint, "--out", out, "--force", "--no-quantize"),
             ("gate", out, "--eval", ev),
@@ -148,6 +163,9 @@ def test_export_and_gate_refuse_a_bundle_another_process_is_writing(cli, tmp_pat
             assert r.code == 1, r.stderr
             assert f"{out} is being written by another quantgate process (pid " in r.stderr
             assert "an export, since" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        holder.stdin.close()  # it lets go, and removes its claim
+        assert holder.wait(timeout=30) == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["b", "ev.jsonl"]  # and no claim left behind
 

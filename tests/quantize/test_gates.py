@@ -581,8 +581,27 @@ def test_an_output_of_one_value_per_row_is_gated_on_its_r_squared():
     logit = gates(x * 1.5, "sequence-classification", "logits")
     assert list(logit) == ["r2"] and not logit["r2"].passed  # not top-1 (1.0) and KL (0)
     assert gates(noisy, "sequence-classification", "logits")["r2"].passed
-    fid = Fidelity.measure([({"s": x}, {"s": noisy}, None)], ["s"]).gates(min_cosine=0.999)
-    assert [(g.name, round(g.threshold, 6)) for g in fid] == [("r2:s", 0.998)]
+    fid = Fidelity.measure([({"s": x}, {"s": noisy}, None)], ["s"])
+    assert [(g.name, round(g.threshold, 6)) for g in fid.gates(min_cosine=0.999, max_abs=1.0)] == [
+        ("r2:s", 0.998), ("max_abs_diff:s", 1.0)
+    ]  # fmt: skip
+    # labelled 0/1: the sign's accuracy, and the value's R² beside it
+    labels = (x[:, 0] > 3).astype(np.int64)
+    a = Outputs(["logits"], [{"logits": x - 3}], [None], labels=labels, rows=100)
+    b = Outputs(["logits"], [{"logits": (x - 3) * 1.5}], [None], labels=labels, rows=100)
+    got = {g.name: g for g in accuracy_gates(a, b, "sequence-classification", GateConfig())}
+    assert got["accuracy_drop"].passed and not got["r2"].passed  # the same signs, 1.5x values
+    # one value per row in every batch, or a cosine: a batch of one-token rows is no score
+    h = rng.normal(size=(4, 3))
+    mixed = Fidelity.measure(
+        [({"h": h[:, :1]}, {"h": h[:, :1]}, None), ({"h": h}, {"h": -h}, None)], ["h"]
+    )
+    assert [g.name for g in mixed.gates(min_cosine=0.99) if not g.passed] == [
+        "cosine:h",
+        "cosine_tail:h",
+    ]
+    few = Fidelity.measure([({"s": x[:1]}, {"s": x[:1]}, None)], ["s"]).gates(min_cosine=0.99)
+    assert not few[0].passed and "R² needs 2 rows or more" in few[0].detail
 
 
 def test_a_token_classifier_is_gated_token_by_token_on_real_tokens():

@@ -517,6 +517,23 @@ def test_dropping_a_timed_batch_size_is_a_looser_setting():
     ]
 
 
+def test_a_cuda_re_gate_reads_fp16s_threshold_from_its_r2_gates_too():
+    """An FP16 whose outputs are all scores has R² gates only: their threshold, 1 - 2 (1 -
+    c), gives back the cosine c it was built with."""
+    from quantgate.bundle import GateResult, Manifest, Variant
+    from quantgate.quantize.pipeline import _fp16_min_cosine
+
+    def fp16(*gates):
+        v = Variant("model.fp16.onnx", "fp16", "0" * 64, gates=gates)
+        return Manifest("m", "custom", (), (), (v,), 17, {})
+
+    assert _fp16_min_cosine(fp16(GateResult("r2:s", 1.0, 0.9996, ">=", True))) == pytest.approx(
+        0.9998
+    )
+    tail = GateResult("cosine_tail:h", 0.0, 0.02, "<=", True)  # a share, not a cosine
+    assert _fp16_min_cosine(fp16(GateResult("cosine:h", 1.0, 0.9995, ">=", True), tail)) == 0.9995
+
+
 def test_a_lower_tail_cosine_or_a_larger_tail_share_is_looser():
     """The tail gate's two settings are policy: a re-gate keeps them, and loosening either
     lets more rows under the cosine through."""
@@ -560,8 +577,7 @@ def test_a_single_logit_is_gated_on_its_value_and_with_labels_as_a_binary_choice
     cli, tmp_path, gate_file
 ):
     """A reranker's (batch, 1) logit: one class would agree on every row and give KL 0 to
-    any INT8. Unlabelled, its R² against FP32 gates it; labelled 0/1, the accuracy of its
-    sign."""
+    any INT8. Its R² against FP32 gates it; labelled 0/1, the accuracy of its sign too."""
     module = Path(__file__).resolve().parents[1] / "export" / "qg_usermodels.py"
     rng = np.random.default_rng(0)
 
@@ -580,7 +596,7 @@ def test_a_single_logit_is_gated_on_its_value_and_with_labels_as_a_binary_choice
     assert "top1_agreement" not in gates and "kl" not in gates
     r2 = gates["r2"]
     assert r2.threshold == pytest.approx(0.98) and r2.ci[0] <= r2.value <= r2.ci[1]
-    assert "output vs FP32 on 60 unlabelled rows; one value per row: R²" in r2.detail
+    assert "output vs FP32 on 60 rows; one value per row: R²" in r2.detail
     assert "R² >= 0.98" in (tmp_path / "a" / "report.md").read_text()
 
     import onnxruntime as ort
@@ -594,7 +610,7 @@ def test_a_single_logit_is_gated_on_its_value_and_with_labels_as_a_binary_choice
     assert r.code in (0, 3), r.stderr
     gates = {g.name: g for g in load(tmp_path / "b").manifest.variant("int8").gates}
     drop = gates["accuracy_drop"]
-    assert "top-1 accuracy FP32 50.00% -> INT8" in drop.detail and "r2" not in gates
+    assert "top-1 accuracy FP32 50.00% -> INT8" in drop.detail and "r2" in gates
 
 
 def test_a_hugging_face_token_classifier_is_gated_per_token(cli, tmp_path, tiny_bert, caplog):

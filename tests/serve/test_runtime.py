@@ -70,6 +70,32 @@ def _no_mask_bundle(out, max_seq_len: int):
     return bundles.ids_only(out, [cast], "no-mask", max_seq_len)
 
 
+def test_onnx_runtime_rejecting_an_input_inside_the_graph_keeps_its_node_names_to_the_log(
+    tmp_path, caplog
+):
+    """An index ONNX Runtime finds out of range inside the graph (a table the server could
+    not read its size from) is the client's error, but ONNX Runtime's words name the node:
+    the client gets an error id, the log the words."""
+    from onnx import TensorProto, helper
+
+    table = helper.make_tensor("table", TensorProto.FLOAT, [4], [1.0, 2.0, 3.0, 4.0])
+    nodes = [
+        helper.make_node("Constant", [], ["t"], value=table),
+        helper.make_node("Gather", ["t", "input_ids"], ["scores"], name="/secret/Gather"),
+    ]
+    path = bundles.ids_only(tmp_path / "g", nodes, "g", max_seq_len=16)
+    model = open_model(path, ServeConfig(path=path), CPU)
+    warnings = caplog.at_level("WARNING", logger="quantgate.serve.runtime")
+    with warnings, pytest.raises(BadRequest) as err:
+        model.run({"input_ids": np.array([[1, 9]], np.int64)})
+    said = str(err.value)
+    assert said.startswith("model 'g' rejected the input (InvalidArgument); the server's log")
+    assert "secret" not in said and "Gather" not in said
+    ref = said.rsplit(" ", 1)[1]
+    assert f"model 'g' rejected the input, error {ref}: InvalidArgument:" in caplog.text
+    assert "/secret/Gather" in caplog.text
+
+
 def test_a_sequence_beyond_the_exported_maximum_is_refused_mask_or_not(tmp_path):
     """The export validated the model up to max_seq_len; a longer request is the client's
     error (a BadRequest that says to truncate), also where no attention mask lets the server
