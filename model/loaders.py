@@ -375,7 +375,8 @@ def _hf_task(path: Path, archs: Sequence[str], task: str | None) -> str:
     (``HF_HEADS``), else feature-extraction. A head asked for and absent is refused (its
     weights would be random), and so is a head quantgate does not export unless
     feature-extraction is asked for: it would be dropped without a word."""
-    heads = [t for t, suffix in HF_HEADS.items() if any(a.endswith(suffix) for a in archs)]
+    # in the config's order: its first architecture is the model's own
+    heads = [t for a in archs for t, suffix in HF_HEADS.items() if a.endswith(suffix)]
     if task in HF_HEADS and task not in heads:
         raise ConfigError(
             f"{path} has no {task} head (architectures: {archs}); exporting one would ship "
@@ -393,7 +394,7 @@ def _hf_task(path: Path, archs: Sequence[str], task: str | None) -> str:
         )
     task = task or (heads[0] if heads else FEATURE_EXTRACTION)
     if task == FEATURE_EXTRACTION and (dropped := [a for a in archs if "For" in a]):
-        log.info("%s: exporting the encoder of %s, without its head", path, dropped[0])
+        log.warning("%s: exporting the encoder of %s, without its head", path, dropped[0])
     return task
 
 

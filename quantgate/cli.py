@@ -296,7 +296,8 @@ def export_command(
     task: Annotated[
         str | None,
         typer.Option(
-            help="sequence-classification or feature-extraction; default: from the model."
+            help="sequence-classification, token-classification or feature-extraction; "
+            "default: from the model."
         ),
     ] = None,
     exporter: Annotated[

@@ -71,11 +71,13 @@ def claimed(out: str | os.PathLike, what: str) -> Iterator[None]:
     who claimed it and is removed after; the kernel drops the lock when its process dies,
     however it dies. Where ``out``'s folder does not exist yet, or the filesystem takes no
     lock (some network mounts), the work goes on unclaimed: what refuses an unwritable
-    ``out`` still does. Claims nest within a process: `quantgate gate` holds its bundle
-    while it reads the settings it then re-gates with, and the re-gate claims it again."""
+    ``out`` still does. Claims nest within a thread: `quantgate gate` holds its bundle
+    while it reads the settings it then re-gates with, and the re-gate claims it again;
+    another thread is refused as another process is."""
     out = resolve_target(out)
     path = out.parent / f".{out.name}.lock"
-    if path in _claims:  # this process's already
+    held = _claims.__dict__.setdefault("paths", set())
+    if path in held:  # this thread's already
         yield
         return
     try:
@@ -84,20 +86,20 @@ def claimed(out: str | os.PathLike, what: str) -> Iterator[None]:
         log.debug("not claiming %s: %s", out, e)
         yield
         return
-    _claims.add(path)
+    held.add(path)
     try:
         since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         with contextlib.suppress(OSError):  # who holds it is a courtesy; the lock is the claim
             os.write(fd, f"pid {os.getpid()}, {what}, since {since}\n".encode())
         yield
     finally:
-        _claims.discard(path)
+        held.discard(path)
         with contextlib.suppress(OSError):
             os.unlink(path)  # while still held: the next claim makes a file of its own
         os.close(fd)
 
 
-_claims: set[Path] = set()  # the lock files this process holds (``claimed``)
+_claims = threading.local()  # .paths: the lock files this thread holds (``claimed``)
 
 
 def _lock(path: Path, out: Path) -> int:

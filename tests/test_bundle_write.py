@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import errno
 import json
@@ -348,6 +349,11 @@ def test_claims_nest_within_a_process(tmp_path):
         with fsutil.claimed(out, "a re-gate"):
             assert (tmp_path / ".b.lock").exists()
         assert (tmp_path / ".b.lock").exists()  # still held
+        other = concurrent.futures.ThreadPoolExecutor(1).submit(
+            lambda: fsutil.claimed(out, "another thread").__enter__()
+        )
+        with pytest.raises(Busy):  # another thread of the process: another claim
+            other.result(10)
     assert not (tmp_path / ".b.lock").exists()
 
 

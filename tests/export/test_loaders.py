@@ -83,6 +83,11 @@ def test_a_token_classifier_is_exported_with_its_head_and_other_heads_are_not_dr
             "sentence_embedding",
         )
     assert "exporting the encoder of BertForQuestionAnswering, without its head" in caplog.text
+    both = tiny_bert(tmp_path / "both", BertForTokenClassification, num_labels=5)
+    config = json.loads((both / "config.json").read_text())
+    config["architectures"] = ["BertForTokenClassification", "BertForSequenceClassification"]
+    (both / "config.json").write_text(json.dumps(config))
+    assert load_model(both).task == "token-classification"  # the config's first, its own
     mlm = tiny_bert(tmp_path / "mlm", BertForMaskedLM)  # as bert-base-uncased: an encoder
     assert load_model(mlm).task == "feature-extraction"
     with pytest.raises(ConfigError, match="no token-classification head"):

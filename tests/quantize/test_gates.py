@@ -663,6 +663,28 @@ def test_tokens_of_a_row_count_as_less_than_independent_ones():
     ci, worth = clustered_share_interval(spread, counts, 0.95)
     assert 1000 < worth <= 2000 and ci[1] - ci[0] < 0.05
     assert clustered_share_interval(counts, counts, 0.95)[1] == 100  # none wrong: rows
+    one = counts.copy()
+    one[0] -= 1  # one flip is no evidence that tokens are independent
+    assert clustered_share_interval(one, counts, 0.95)[0][0] <= wilson(100, 100, 0.95)[0]
+
+
+@pytest.mark.parametrize("rows,fragile,rate", [(40, 0.05, 0.5), (100, 0.3, 0.05), (400, 1.0, 0.01)])
+def test_the_token_share_interval_covers_the_truth(rows, fragile, rate):
+    """Rows of 5-40 tokens; a share ``fragile`` of the rows flips each token with ``rate``
+    (flips packed in a few rows, or spread over all): 400 simulated evaluations."""
+    from quantgate.quantize.gates import clustered_share_interval
+
+    rng = np.random.default_rng(7)
+    lengths = np.arange(5, 41)
+    truth = 1 - fragile * rate  # a row's length and fragility are independent
+    covered = low = 0
+    for _ in range(400):
+        n = rng.choice(lengths, size=rows)
+        miss = rng.binomial(n, np.where(rng.random(rows) < fragile, rate, 0.0))
+        (lo, hi), _ = clustered_share_interval(n - miss, n, 0.95)
+        covered += lo <= truth <= hi
+        low += lo > truth
+    assert covered / 400 >= 0.92 and low / 400 <= 0.05
 
 
 @pytest.mark.parametrize(
