@@ -1136,9 +1136,13 @@ def infer(
         if classes and not wanted:
             wanted = tuple(t.name for t in metadata.outputs)
         answer = client.infer(named, feeds, version=version, outputs=wanted, classes=classes)
+        tagger = texts and bundle.manifest.task == "token-classification"
         for name, array in answer.items():
             if array.dtype == object:  # top classes
                 _print_classes(name, array)
+                continue
+            if tagger and name == "logits" and array.ndim == 3:
+                _print_tags(texts, feeds, array, bundle)
                 continue
             out.print(f"{name} {list(array.shape)} {array.dtype}", highlight=False, soft_wrap=True)
             out.print(
@@ -1157,6 +1161,29 @@ def _print_classes(name: str, strings) -> None:
             named = f"{label[0]!r} ({index})" if label else index
             items.append(f"{named} {float(score):.4f}")
         out.print(f"  row {r}: " + ", ".join(items), highlight=False, soft_wrap=True)
+
+
+def _print_tags(texts: list[str], feeds: dict, logits, bundle) -> None:
+    """A token classifier's answer to text as a person reads it: each real token of each
+    text, its top class by name and its softmax probability."""
+    import numpy as np
+
+    from quantgate.quantize.data import ModelInfo, tokenizer_of
+
+    names = bundle.manifest.class_names
+    tok = tokenizer_of(ModelInfo.from_manifest(bundle.manifest, bundle.path))
+    mask = feeds.get("attention_mask", np.ones_like(feeds["input_ids"])).astype(bool)
+    z = logits - logits.max(-1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    out.print(
+        f"logits {list(logits.shape)}: each token's top class", highlight=False, soft_wrap=True
+    )
+    for text, ids, real, p in zip(texts, feeds["input_ids"], mask, probs, strict=True):
+        out.print(f"  {text!r}", highlight=False, soft_wrap=True)
+        for token, row in zip(tok.convert_ids_to_tokens(ids[real].tolist()), p[real], strict=True):
+            top = int(row.argmax())
+            label = names[top] if top < len(names) else str(top)
+            out.print(f"    {token:<16} {label:<12} {row[top]:.3f}", highlight=False)
 
 
 def _tokenized(texts: list[str], bundle) -> dict:

@@ -1212,6 +1212,13 @@ def tokenize(texts: Sequence[str], model: ModelInfo) -> Feeds:
     return _encode(tok, list(texts), model, limit)
 
 
+def tokenizer_of(model: ModelInfo):
+    """The model's own tokenizer (a bundle's copy), for reading its token ids back as text."""
+    if model.tokenizer is None:
+        raise DataError("this model has no tokenizer (it is not a Hugging Face model)")
+    return _tokenizer(model.tokenizer)
+
+
 def _tokenizer(directory: str):
     if not Path(directory).is_dir():  # a bundle moved to another machine: the export's path
         raise DataError(

