@@ -91,17 +91,24 @@ DEFAULT_BATCH = 16  # rows per feed; calibration statistics do not depend on it
 # those ranges are noise, not the ranges of the data the model will serve.
 MIN_CALIBRATION_ROWS = 32
 EMBEDDING_TASKS = ("feature-extraction",)  # gated on agreement with FP32, not on labels
-TOKEN_TASKS = ("token-classification",)  # per token, against FP32: a row's label is no tag
+TOKEN_TASKS = ("token-classification",)  # labels per token: (rows, sequence) arrays only
+NO_LABEL = -100  # a position without a token label (Hugging Face's ignore index)
 
 
 def _ignored_labels(where: str, model: ModelInfo) -> None:
-    gates = (
-        "per-token top-1 and KL" if model.task in TOKEN_TASKS else "cosine, nearest-neighbour top-1"
-    )
+    if model.task in TOKEN_TASKS:
+        log.warning(
+            "%s: labels ignored: a %s model's labels are one per token, aligned to its "
+            "tokenizer's pieces: an .npz (or dict) array %r of shape (rows, sequence), %d "
+            "where a position has none, as Hugging Face's token-classification examples align "
+            "them. Without them it is gated on its agreement with FP32 (per-token top-1, KL)",
+            where, model.task, LABELS, NO_LABEL,
+        )  # fmt: skip
+        return
     log.warning(
-        "%s: labels ignored: a %s model is gated on its agreement with FP32 (%s), which needs "
-        "none",
-        where, model.task, gates,
+        "%s: labels ignored: a %s model is gated on its agreement with FP32 (cosine, "
+        "nearest-neighbour top-1), which needs none",
+        where, model.task,
     )  # fmt: skip
 
 
@@ -424,6 +431,31 @@ def _real_tokens(feeds: Mapping[str, np.ndarray], model: ModelInfo) -> np.ndarra
     last = rows.shape[1] - np.argmax(pad[:, ::-1], axis=1)  # after the last real id
     last[~pad.any(axis=1)] = 0
     return np.arange(rows.shape[1]) < last[:, None]
+
+
+def check_token_labels(labels: Any, rows: np.ndarray, model: ModelInfo, where: str) -> np.ndarray:
+    """A token classifier's ``labels`` as (rows, sequence) int64: one per position of the
+    token rows ``rows``, a class index of the model's (where it names its classes) or
+    ``NO_LABEL``; else a DataError naming what was found."""
+    labels = np.asarray(labels)
+    if labels.shape != rows.shape or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"{where}: a token classifier's labels are one class index per token: an integer "
+            f"array of shape {rows.shape}, as its inputs, {NO_LABEL} where a position has "
+            f"none; found shape {labels.shape} dtype {labels.dtype}"
+        )
+    classes = len(model.labels)
+    bad = (labels < 0) & (labels != NO_LABEL)
+    if classes:
+        bad |= labels >= classes
+    if bad.any():
+        raise DataError(
+            f"{where}: token labels must be class indices"
+            + (f" 0..{classes - 1} ({model.classes})" if classes else " >= 0")
+            + f" or {NO_LABEL}; found {sorted(set(labels[bad].tolist()))[:8]} in "
+            f"{describe_rows(bad.any(1))}"
+        )
+    return labels.astype(np.int64)
 
 
 def _row_hash(ids: np.ndarray) -> int:
@@ -825,13 +857,18 @@ def _whole(
     ``samples`` rows picked by length quantiles, in batches of ``batch_size``; ``where``
     names it in messages, ``name`` in its description."""
 
+    tokens = model.task in TOKEN_TASKS  # labels (rows, sequence): a tag per token
+    reads = model.reads_labels or tokens
+
     def read() -> tuple[Feeds, np.ndarray | None]:
         arrays = dict(load())
-        labels = arrays.pop(LABELS, None) if model.reads_labels else None
+        labels = arrays.pop(LABELS, None) if reads else None
         arrays.pop(LABELS, None)  # an embedding model's: not read (resolve says so)
         feeds = check_feeds(arrays, model, where)
         n = len(next(iter(feeds.values())))
-        if labels is not None:
+        if labels is not None and tokens:
+            labels = check_token_labels(labels, _token_rows(feeds, model)[1], model, where)
+        elif labels is not None:
             labels = check_labels(labels, n, model.labels, where)
         return feeds, labels
 
@@ -851,20 +888,21 @@ def _whole(
         feeds, labels = read()
         for idx in _chunks(keep, batch_size):
             b = _trim({k: v[idx] for k, v in feeds.items()}, model)
-            yield Batch(b, None if labels is None else labels[idx])
+            width = _token_rows(b, model)[1].shape[1]  # token labels, trimmed alike
+            yield Batch(b, None if labels is None else labels[idx][..., :width])
 
     return DataSource(
         description=f"{name}: {len(keep)} of {n} rows ({kind})",
         kind=kind,
         file_sha256=file_sha256,
         samples=len(keep),
-        has_labels=LABELS in keys and model.reads_labels,
+        has_labels=LABELS in keys and reads,
         sha256=h.hexdigest(),
         _batches=batches,
         lengths=(int(lengths[keep].min()), int(lengths[keep].max())),
         total=n,
         row_hashes=hashes,
-        labels_ignored=LABELS in keys and not model.reads_labels,
+        labels_ignored=LABELS in keys and not reads,
     )
 
 

@@ -71,7 +71,7 @@ from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, speed_gate_name,
 from quantgate.configs import check_fields, wrong_types
 from quantgate.errors import ConfigError, DataError, QuantizeError
 from quantgate.progress import ProgressFn, no_progress
-from quantgate.quantize.data import EMBEDDING_TASKS, TOKEN_TASKS, DataSource
+from quantgate.quantize.data import EMBEDDING_TASKS, NO_LABEL, TOKEN_TASKS, DataSource
 from quantgate.quantize.labels import one_based_hint
 
 log = logging.getLogger(__name__)
@@ -304,6 +304,10 @@ def collect(
         out.rows += len(values[0])
     if not out.rows:
         raise DataError(f"{data.description} yielded no rows to evaluate")
+    if labels and data.has_labels and labels[0].ndim == 2:  # per token: batches differ in width
+        width = max(lab.shape[1] for lab in labels)
+        labels = [np.pad(lab, ((0, 0), (0, width - lab.shape[1])), constant_values=NO_LABEL)
+                  for lab in labels]  # fmt: skip
     out.labels = np.concatenate(labels) if labels and data.has_labels else None
     return out
 
@@ -329,6 +333,8 @@ def accuracy_gates(
             gates += _classifier_fidelity(reference, candidate, logits, cfg)
     elif logits is not None:
         gates = _classifier_fidelity(reference, candidate, logits, cfg)
+    elif tokens is not None and reference.labels is not None:
+        gates = [_token_accuracy_drop(reference, candidate, tokens, cfg, label)]
     elif tokens is not None:
         gates = _token_fidelity(reference, candidate, tokens, cfg)
     elif judged is not None:
@@ -484,7 +490,7 @@ def check_evaluation(reference: Outputs, task: str, *, warn: bool = True) -> Non
     and nearest-neighbour gates (a handful of rows passes them by chance)."""
     check_labels(reference, task)
     logits = _logits_output(reference, task)
-    if reference.labels is not None and logits is None:
+    if reference.labels is not None and logits is None and not _token_logits(reference, task):
         _unscored_labels(reference, task, warn=warn)
     if (
         logits is None
@@ -531,10 +537,18 @@ def paired_interval(
     [0, 0] with none, and missed a true 1-point drop in 14-37% of simulated runs with few),
     and Newcombe's hybrid interval collapses likewise near 50% accuracy."""
     a, b = np.asarray(a_correct, bool), np.asarray(b_correct, bool)
-    n = len(a)
-    if n == 0:
+    if len(a) == 0:
         raise ValueError("no rows to compare")
     lost, gained = int((a & ~b).sum()), int((~a & b).sum())  # newly wrong, newly right
+    return tango(lost, gained, len(a), confidence)
+
+
+def tango(
+    lost: float, gained: float, n: float, confidence: float
+) -> tuple[float, tuple[float, float]]:
+    """The drop in points of ``n`` paired cases of which ``lost`` went from right to wrong
+    and ``gained`` from wrong to right, and Tango's score interval of it (``paired_interval``);
+    the counts may be effective ones, scaled by a design effect."""
     z = _z(confidence)
 
     def score(delta: float) -> float:  # decreasing in delta
@@ -826,6 +840,70 @@ def _token_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
               + (f"; {cfg.confidence:.0%} bootstrap interval over rows" if kl_ci else ""),
               valid=math.isfinite(kl)),
     ]  # fmt: skip
+
+
+def _token_accuracy_drop(
+    ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, label: str
+) -> GateResult:
+    """A token classifier's accuracy with token labels: FP32's and the candidate's top-1
+    accuracy over the labelled real tokens (``NO_LABEL`` and padding left out), the drop in
+    points with Tango's paired interval over the tokens' effective number
+    (``clustered_paired_interval``: a sentence's tokens flip together)."""
+    classes = ref.batches[0][output].shape[-1]
+    if ref.labels.max() >= classes:
+        raise DataError(
+            f"token labels must be class indices 0..{classes - 1} ({output} has {classes} "
+            f"classes) or {NO_LABEL}; found {int(ref.labels.max())}"
+        )
+    lost, gained, counts, broken, start = [], [], [], False, 0
+    for xb, yb, mask in zip(ref.batches, cand.batches, ref.masks, strict=True):
+        x, y = xb[output], yb[output]  # (B, T, C)
+        tags = ref.labels[start : start + len(x), : x.shape[1]]  # (B, T), padded with NO_LABEL
+        start += len(x)
+        real = (mask.astype(bool) if _masks(x, mask) else True) & (tags >= 0)
+        rows = np.repeat(np.arange(len(x)), real.sum(1))
+        xt, yt, t = x[real], y[real], tags[real]
+        bad = _broken(xt, yt)
+        a, b = _hits(xt, t), _hits(yt, t) & ~bad
+        broken |= bool(bad.any())
+        lost.append(np.bincount(rows, a & ~b, minlength=len(x)))
+        gained.append(np.bincount(rows, ~a & b, minlength=len(x)))
+        counts.append(real.sum(1))
+    lo, ga, n = np.concatenate(lost), np.concatenate(gained), np.concatenate(counts)
+    if not n.sum():
+        raise DataError(f"the evaluation rows label no real token ({NO_LABEL} everywhere)")
+    drop, ci, worth = clustered_paired_interval(lo, ga, n, cfg.confidence)
+    return _gate(
+        "token_accuracy_drop", drop, ci, cfg.max_accuracy_drop, "<=", cfg,
+        f"{output}: top-1 accuracy over {int(n.sum())} labelled tokens of {len(n)} rows, "
+        f"{int(lo.sum())} tokens newly wrong, {int(ga.sum())} newly right in {label}; drop in "
+        f"points with a {cfg.confidence:.0%} paired score interval (Tango) over {worth:.0f} "
+        "tokens' worth (a row's tokens move together)"
+        + (f"; non-finite {label} logits (counted wrong; any fails the gate)" if broken else ""),
+        valid=not broken,
+    )  # fmt: skip
+
+
+def clustered_paired_interval(
+    lost: np.ndarray, gained: np.ndarray, counts: np.ndarray, confidence: float
+) -> tuple[float, tuple[float, float], float]:
+    """The drop in points over tokens, ``lost`` newly wrong and ``gained`` newly right of
+    ``counts`` per row, with Tango's interval over the tokens' effective number: as for a
+    share (``clustered_share_interval``), their count divided by the design effect of rows,
+    read once ``DESIGN_ROWS`` rows hold a flip, each row counting as one token before.
+    Returns the drop, its interval and the effective number."""
+    lo, ga, n = (np.asarray(v, np.float64) for v in (lost, gained, counts))
+    total, rows = n.sum(), len(n)
+    effective = float(min(rows, total))
+    if ((lo + ga) > 0).sum() >= DESIGN_ROWS:
+        pl, pg = lo.sum() / total, ga.sum() / total
+        independent = (pl + pg - (pl - pg) ** 2) / total  # variance of the drop, per token
+        d = lo - ga
+        between = rows / (rows - 1) * ((d - (pl - pg) * n) ** 2).sum() / total**2
+        effective = float(min(total * independent / max(between, 1e-300), total))
+    scale = effective / total
+    drop, ci = tango(lo.sum() * scale, ga.sum() * scale, effective, confidence)
+    return drop, ci, effective
 
 
 def clustered_share_interval(

@@ -542,7 +542,7 @@ def _regate_int8(
 def _check_labels_kept(m: Manifest, ev: DataSource, where: str, *, allow: bool) -> None:
     """Refuse unlabelled ``ev`` for a bundle whose INT8 was gated on labelled accuracy,
     unless ``allow``: then say, as a warning, which gates stand in."""
-    drop = next((g for g in m.variant("int8").gates if g.name == "accuracy_drop"), None)
+    drop = next((g for g in m.variant("int8").gates if g.name.endswith("accuracy_drop")), None)
     if ev.has_labels or drop is None:
         return
     if allow:
@@ -554,7 +554,7 @@ def _check_labels_kept(m: Manifest, ev: DataSource, where: str, *, allow: bool) 
         return
     raise DataError(
         f"{where} has no labels, but this bundle's INT8 was gated on labelled accuracy "
-        f"(accuracy_drop <= {drop.threshold:g} points). Without labels that gate would give "
+        f"({drop.name} <= {drop.threshold:g} points). Without labels that gate would give "
         "way to agreement with FP32 (top1_agreement), which lets far more rows change: a "
         'CI gate must not loosen because a label went missing. Label the rows (a "label" '
         'key on every JSONL line; a "labels" array in a .npz), or pass --allow-unlabelled '

@@ -238,7 +238,8 @@ def thresholds(gates: Sequence[GateResult], cfg: GateConfig) -> str:
     a candidate that did not run), so a reader looks for no gate that was not measured."""
     names = {g.name for g in gates}
     kinds = [
-        ("accuracy_drop" in names, f"accuracy drop <= {cfg.max_accuracy_drop:g} points"),
+        (any(n.endswith("accuracy_drop") for n in names),
+         f"accuracy drop <= {cfg.max_accuracy_drop:g} points"),
         (any(g.is_speed for g in gates), f"speedup >= {cfg.min_speedup:g}x on {cfg.provider}"),
         (any(n.startswith(("cosine", "batch_cosine")) for n in names),
          f"cosine >= {cfg.min_cosine:g}"),
@@ -506,7 +507,7 @@ def _panel(ax, made, name: str, shipped: Candidate) -> list[tuple[float, float, 
             gate.threshold, color="grey", ls="--", lw=1, label=f"{gate.op} {gate.threshold:g}"
         )
     ax.axvline(made[0][1].speed[0].threshold, color="grey", ls=":", lw=1, label="min speedup")
-    ax.set_ylabel(name + (" (points)" if name == "accuracy_drop" else ""), fontsize=8)
+    ax.set_ylabel(name + (" (points)" if name.endswith("accuracy_drop") else ""), fontsize=8)
     ax.legend(fontsize=7, loc="best")
     return points
 

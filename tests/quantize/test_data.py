@@ -473,3 +473,40 @@ def test_left_padded_rows_are_warned_about(caplog):
     with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
         open_source([right], DIGITS, role="evaluation")
     assert "padded on the left" not in caplog.text
+
+
+def test_token_labels_are_one_per_token_trimmed_with_their_batch(tmp_path):
+    """A token classifier's .npz labels: (rows, sequence) class indices or -100, cut with
+    the trailing padding of each batch; other shapes and values are refused by name."""
+    from quantgate.bundle import TensorSpec
+
+    axes = ("batch", "sequence")
+    info = ModelInfo(
+        (TensorSpec("input_ids", "int64", axes), TensorSpec("attention_mask", "int64", axes)),
+        "token-classification", 32, labels=("O", "B-PER", "I-PER"),
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 100, (40, 20))
+    mask = np.ones_like(ids)
+    mask[:, 12:] = 0  # every row 12 tokens: batches are trimmed to 12 columns
+    ids[mask == 0] = 0
+    tags = np.where(mask == 1, rng.integers(0, 3, ids.shape), -100)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    source = open_source(write_npz(tmp_path / "t.npz", feeds, tags), info, role="evaluation")
+    assert source.has_labels
+    got = [b.labels for b in source.batches()]
+    widths = [b["input_ids"].shape for b in source()]
+    assert [lab.shape for lab in got] == widths and widths[0][1] == 12
+    assert sorted(np.concatenate(got).ravel().tolist()) == sorted(tags[:, :12].ravel().tolist())
+    for bad, words in (
+        (tags[:, :5], "an integer array of shape (40, 20), as its inputs"),
+        (
+            np.where(tags == 2, 3, tags),
+            "class indices 0..2 (3 classes (0..2: O, B-PER, I-PER)) or -100; found [3]",
+        ),
+        (np.where(tags == 2, -1, tags), "or -100; found [-1]"),
+    ):
+        path = write_npz(tmp_path / "bad.npz", feeds, bad)
+        with pytest.raises(DataError) as e:
+            open_source(path, info, role="evaluation")
+        assert words in str(e.value)

@@ -649,6 +649,39 @@ def test_a_token_classifier_is_gated_token_by_token_on_real_tokens():
     assert not bad["token_top1_agreement"].passed and not bad["token_kl"].passed
 
 
+def test_a_token_classifier_with_token_labels_is_gated_on_its_accuracy_drop():
+    """Labels per token (-100 where none, as Hugging Face aligns them): the accuracy drop
+    over labelled real tokens, with Tango's interval over the tokens' effective number."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 10, 4)).astype(np.float32)
+    x[..., 0] += 3  # FP32 says class 0 everywhere
+    mask = np.ones((40, 10), np.int64)
+    mask[:, 7:] = 0  # 7 real tokens a row
+    tags = np.zeros((40, 10), np.int64)
+    tags[:, 0] = -100  # [CLS]: no label
+    tags[:, 7:] = 2  # padding's labels do not count either
+    y = x.copy()
+    y[:3, 1:3, 0] = -9  # 6 labelled tokens newly wrong
+    y[30, 5, 0] = -9
+    y[30, 0, 0] = -9  # [CLS] flipped: unlabelled, not counted
+
+    def outputs(logits, labels=tags):
+        return Outputs(["logits"], [{"logits": logits}], [mask], labels=labels, rows=40)
+
+    (drop,) = accuracy_gates(outputs(x), outputs(y), "token-classification", GateConfig())
+    assert drop.name == "token_accuracy_drop" and drop.op == "<="
+    assert drop.value == pytest.approx(100 * 7 / (40 * 6))  # 240 labelled real tokens
+    assert "240 labelled tokens of 40 rows, 7 tokens newly wrong, 0 newly right" in drop.detail
+    assert drop.ci[0] < drop.value < drop.ci[1] and not drop.passed  # 2.9 points > 1
+    assert "over 40 tokens' worth" in drop.detail  # 4 rows flipped: each row counts as one
+    (same,) = accuracy_gates(outputs(x), outputs(x), "token-classification", GateConfig())
+    assert same.value == 0 and same.passed
+    wrong = tags.copy()
+    wrong[0, 1] = 4  # the model has 4 classes
+    with pytest.raises(DataError, match="class indices 0..3"):
+        accuracy_gates(outputs(x, wrong), outputs(y, wrong), "token-classification", GateConfig())
+
+
 def test_tokens_of_a_row_count_as_less_than_independent_ones():
     """Wilson's interval over the tokens' effective number: a row's tokens that all flip
     together are worth one row each; flips spread as if at random, nearly every token."""

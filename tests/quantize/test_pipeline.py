@@ -635,4 +635,29 @@ def test_a_hugging_face_token_classifier_is_gated_per_token(cli, tmp_path, tiny_
     assert not any(n.startswith(("cosine", "top1_agreement", "accuracy")) for n in gates)
     tokens = gates["token_top1_agreement"]
     assert "real tokens of 40 unlabelled rows" in tokens.detail and tokens.value > 0.5
-    assert "labels ignored: a token-classification model is gated on its agreement" in caplog.text
+    assert "labels ignored: a token-classification model's labels are one per token" in caplog.text
+
+    # labels per token (-100 where none), as Hugging Face aligns them: the accuracy drop
+    from transformers import AutoTokenizer
+
+    texts = english(40, source="pydoc")
+    tokenize = AutoTokenizer.from_pretrained(ner)
+    feeds = dict(tokenize(texts, padding=True, truncation=True, max_length=64, return_tensors="np"))
+    tags = np.where(feeds["attention_mask"] == 1, np.arange(40)[:, None] % 5, -100)
+    tags[:, 0] = -100  # [CLS]
+    bad = write_npz(tmp_path / "bad.npz", feeds, labels=tags[:, :-1])
+    r = cli("export", ner, "--out", tmp_path / "x", "--calibration", cal, "--eval", bad)
+    assert (
+        r.code == 2
+        and "labels are one class index per token: an integer array of shape" in r.stderr
+    )
+    labelled = write_npz(tmp_path / "tags.npz", feeds, labels=tags)
+    r = cli("export", ner, "--out", out, "--force", "--calibration", cal, "--eval", labelled,
+            "--no-fp16", "--max-candidates", "1", "--min-speedup", "0.01")  # fmt: skip
+    assert r.code in (0, 3), r.stderr
+    gates = {g.name: g for g in load(out).manifest.variant("int8").gates}
+    labelled_tokens = int(((feeds["attention_mask"] == 1) & (tags >= 0)).sum())
+    assert f"top-1 accuracy over {labelled_tokens} labelled tokens of 40 rows" in (
+        gates["token_accuracy_drop"].detail
+    )
+    assert "token_top1_agreement" not in gates
