@@ -1175,15 +1175,14 @@ def _print_tags(texts: list[str], feeds: dict, logits, bundle) -> None:
     mask = feeds.get("attention_mask", np.ones_like(feeds["input_ids"])).astype(bool)
     z = logits - logits.max(-1, keepdims=True)
     probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
-    out.print(
-        f"logits {list(logits.shape)}: each token's top class", highlight=False, soft_wrap=True
-    )
+    plain = {"highlight": False, "markup": False, "soft_wrap": True}  # "[CLS]", "[/b]" as typed
+    out.print(f"logits {list(logits.shape)}: each token's top class", **plain)
     for text, ids, real, p in zip(texts, feeds["input_ids"], mask, probs, strict=True):
-        out.print(f"  {text!r}", highlight=False, soft_wrap=True)
+        out.print(f"  {text!r}", **plain)
         for token, row in zip(tok.convert_ids_to_tokens(ids[real].tolist()), p[real], strict=True):
             top = int(row.argmax())
             label = names[top] if top < len(names) else str(top)
-            out.print(f"    {token:<16} {label:<12} {row[top]:.3f}", highlight=False)
+            out.print(f"    {token:<16} {label:<12} {row[top]:.3f}", **plain)
 
 
 def _tokenized(texts: list[str], bundle) -> dict:

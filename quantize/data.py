@@ -205,7 +205,8 @@ def _id_limits(config: Mapping[str, Any], keys: Mapping[str, str]) -> dict[str, 
 @dataclass(frozen=True)
 class Batch:
     feeds: Feeds
-    labels: np.ndarray | None  # (B,) int64 when the source has labels
+    # (B,) int64 when the source has labels; a token classifier's (B, T), NO_LABEL where none
+    labels: np.ndarray | None
 
 
 @dataclass(frozen=True)

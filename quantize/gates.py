@@ -438,6 +438,17 @@ def check_labels(reference: Outputs, task: str) -> None:
     """Raise DataError unless every label is a class index of the model's logits output
     (1-based labels would score a broken model and pass it)."""
     logits = _logits_output(reference, task)
+    tokens = _token_logits(reference, task)
+    if reference.labels is not None and tokens is not None:
+        classes = reference.batches[0][tokens].shape[-1]
+        if reference.labels.max() >= classes:
+            raise DataError(
+                f"token labels must be class indices 0..{classes - 1} ({tokens} has {classes} "
+                f"classes) or {NO_LABEL}; found {int(reference.labels.max())}"
+            )
+        if reference.labels.max() < 0:
+            raise DataError(f"the evaluation rows label no token ({NO_LABEL} everywhere)")
+        return
     if reference.labels is None or logits is None:
         return
     classes = max(reference.batches[0][logits].shape[-1], 2)  # one logit: a binary classifier
@@ -833,8 +844,7 @@ def _token_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
     return [
         _gate("token_top1_agreement", share, agree_ci, cfg.min_top1_agreement, ">=", cfg,
               detail + f"; share of tokens whose top class agrees; {cfg.confidence:.0%} Wilson "
-              f"score interval over {rows_worth:.0f} tokens' worth (a row's tokens move "
-              "together)", valid=not broken),
+              f"score interval over {_worth(rows_worth, n)}", valid=not broken),
         _gate("token_kl", kl, kl_ci, cfg.max_kl, "<=", cfg,
               detail + ", mean KL(FP32 || candidate) per token in nats"
               + (f"; {cfg.confidence:.0%} bootstrap interval over rows" if kl_ci else ""),
@@ -849,13 +859,8 @@ def _token_accuracy_drop(
     accuracy over the labelled real tokens (``NO_LABEL`` and padding left out), the drop in
     points with Tango's paired interval over the tokens' effective number
     (``clustered_paired_interval``: a sentence's tokens flip together)."""
-    classes = ref.batches[0][output].shape[-1]
-    if ref.labels.max() >= classes:
-        raise DataError(
-            f"token labels must be class indices 0..{classes - 1} ({output} has {classes} "
-            f"classes) or {NO_LABEL}; found {int(ref.labels.max())}"
-        )
     lost, gained, counts, broken, start = [], [], [], False, 0
+    right = np.zeros(2)  # FP32's and the candidate's right tokens
     for xb, yb, mask in zip(ref.batches, cand.batches, ref.masks, strict=True):
         x, y = xb[output], yb[output]  # (B, T, C)
         tags = ref.labels[start : start + len(x), : x.shape[1]]  # (B, T), padded with NO_LABEL
@@ -866,41 +871,45 @@ def _token_accuracy_drop(
         bad = _broken(xt, yt)
         a, b = _hits(xt, t), _hits(yt, t) & ~bad
         broken |= bool(bad.any())
+        right += a.sum(), b.sum()
         lost.append(np.bincount(rows, a & ~b, minlength=len(x)))
         gained.append(np.bincount(rows, ~a & b, minlength=len(x)))
         counts.append(real.sum(1))
     lo, ga, n = np.concatenate(lost), np.concatenate(gained), np.concatenate(counts)
-    if not n.sum():
-        raise DataError(f"the evaluation rows label no real token ({NO_LABEL} everywhere)")
+    if not n.sum():  # labels at padding only
+        raise DataError(f"the evaluation rows label no real token ({NO_LABEL} or padding)")
     drop, ci, worth = clustered_paired_interval(lo, ga, n, cfg.confidence)
+    fp32, cand_ = right / n.sum()
     return _gate(
         "token_accuracy_drop", drop, ci, cfg.max_accuracy_drop, "<=", cfg,
-        f"{output}: top-1 accuracy over {int(n.sum())} labelled tokens of {len(n)} rows, "
-        f"{int(lo.sum())} tokens newly wrong, {int(ga.sum())} newly right in {label}; drop in "
-        f"points with a {cfg.confidence:.0%} paired score interval (Tango) over {worth:.0f} "
-        "tokens' worth (a row's tokens move together)"
+        f"{output}: top-1 accuracy FP32 {fp32:.2%} -> {label} {cand_:.2%} over {int(n.sum())} "
+        f"labelled tokens of {len(n)} rows, {int(lo.sum())} tokens newly wrong, "
+        f"{int(ga.sum())} newly right; drop in points with a {cfg.confidence:.0%} paired "
+        f"score interval (Tango) over {_worth(worth, n)}"
         + (f"; non-finite {label} logits (counted wrong; any fails the gate)" if broken else ""),
         valid=not broken,
     )  # fmt: skip
+
+
+def _worth(effective: float, counts: np.ndarray) -> str:
+    """What an interval over tokens counted them as (``_effective_tokens``), in words."""
+    if effective == (np.asarray(counts) > 0).sum():
+        return f"{effective:.0f} tokens' worth: each row as one, until {DESIGN_ROWS} rows flip"
+    return f"{effective:.0f} tokens' worth: a row's tokens move together"
 
 
 def clustered_paired_interval(
     lost: np.ndarray, gained: np.ndarray, counts: np.ndarray, confidence: float
 ) -> tuple[float, tuple[float, float], float]:
     """The drop in points over tokens, ``lost`` newly wrong and ``gained`` newly right of
-    ``counts`` per row, with Tango's interval over the tokens' effective number: as for a
-    share (``clustered_share_interval``), their count divided by the design effect of rows,
-    read once ``DESIGN_ROWS`` rows hold a flip, each row counting as one token before.
-    Returns the drop, its interval and the effective number."""
+    ``counts`` per row, with Tango's interval over the tokens' effective number
+    (``_effective_tokens``). Returns the drop, its interval and the effective number."""
     lo, ga, n = (np.asarray(v, np.float64) for v in (lost, gained, counts))
-    total, rows = n.sum(), len(n)
-    effective = float(min(rows, total))
-    if ((lo + ga) > 0).sum() >= DESIGN_ROWS:
-        pl, pg = lo.sum() / total, ga.sum() / total
-        independent = (pl + pg - (pl - pg) ** 2) / total  # variance of the drop, per token
-        d = lo - ga
-        between = rows / (rows - 1) * ((d - (pl - pg) * n) ** 2).sum() / total**2
-        effective = float(min(total * independent / max(between, 1e-300), total))
+    total = n.sum()
+    pl, pg = lo.sum() / total, ga.sum() / total
+    per_token = pl + pg - (pl - pg) ** 2  # the variance of one token's change
+    flipped = int(((lo + ga) > 0).sum())
+    effective = _effective_tokens(lo - ga, n, pl - pg, per_token, flipped)
     scale = effective / total
     drop, ci = tango(lo.sum() * scale, ga.sum() * scale, effective, confidence)
     return drop, ci, effective
@@ -910,22 +919,36 @@ def clustered_share_interval(
     hits: np.ndarray, counts: np.ndarray, confidence: float
 ) -> tuple[tuple[float, float], float]:
     """Wilson's interval of a share of tokens, ``hits`` of ``counts`` per row, over the
-    tokens' effective number: their count divided by the design effect of rows (Kish), the
-    variance of the ratio over rows against that of independent tokens. That variance is
-    read from the rows that differ: until ``DESIGN_ROWS`` rows hold a token that disagrees
-    (and one that agrees), each row counts as one token. A single flip would otherwise make
-    the tokens look independent and the interval far narrower than with none. Returns the
-    interval and the effective number."""
+    tokens' effective number (``_effective_tokens``). Returns the interval and the
+    effective number."""
     h, n = np.asarray(hits, np.float64), np.asarray(counts, np.float64)
-    total, rows = n.sum(), len(n)
+    total = n.sum()
     if total == 0:
         return (0.0, 1.0), 0.0
     p = h.sum() / total
-    effective = float(rows)
-    if min((h < n).sum(), (h > 0).sum()) >= DESIGN_ROWS:
-        between = rows / (rows - 1) * ((h - p * n) ** 2).sum() / total**2  # ratio estimator
-        effective = float(min(p * (1 - p) / max(between, 1e-300), total))
+    differ = int(min((h < n).sum(), (h > 0).sum()))  # rows with a token on the rarer side
+    effective = _effective_tokens(h, n, p, p * (1 - p), differ)
     return wilson(p * effective, effective, confidence), effective
+
+
+def _effective_tokens(
+    values: np.ndarray, counts: np.ndarray, mean: float, per_token: float, informative: int
+) -> float:
+    """How many independent tokens the rows' tokens count for: their number divided by the
+    design effect (Kish), the variance between rows of the ratio estimator of ``mean``
+    (``values`` per row, over ``counts`` tokens) against ``per_token`` / tokens.
+
+    That variance is read from the rows that hold a flip (``informative``): until
+    ``DESIGN_ROWS`` do, each row with a token counts as one token. One flip would otherwise
+    make the tokens look independent. So an interval can narrow when the tenth row flips:
+    from there on the data say how the tokens cluster, and the point estimate (the default
+    rule) is unaffected. Where no token varies at all (every one flipped) the rows count."""
+    n = np.asarray(counts, np.float64)
+    rows, total = int((n > 0).sum()), n.sum()
+    if informative < DESIGN_ROWS or per_token <= 0 or rows < 2:
+        return float(min(rows, total))
+    between = rows / (rows - 1) * ((values - mean * n) ** 2).sum() / total**2
+    return float(min(per_token / max(between, 1e-300), total))
 
 
 def _gate(
@@ -1313,7 +1336,7 @@ def batch_consistency(
             "batch_token_top1_agreement", float(hits.sum() / max(counts.sum(), 1)), ci,
             cfg.min_top1_agreement, ">=", cfg,
             detail + f"; {int(counts.sum())} tokens, {cfg.confidence:.0%} Wilson score interval "
-            f"over {worth:.0f} tokens' worth",
+            f"over {_worth(worth, counts)}",
             valid=not any(_broken(x, y).any() for x, y in pairs),
         )  # fmt: skip
     if logits is not None:

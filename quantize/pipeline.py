@@ -38,6 +38,7 @@ from quantgate.quantize import report as reports
 from quantgate.quantize.cuda import CPU, CUDA, CudaGating
 from quantgate.quantize.data import (
     MIN_CALIBRATION_ROWS,
+    NO_LABEL,
     DataSource,
     DataSpec,
     Fingerprint,
@@ -545,20 +546,27 @@ def _check_labels_kept(m: Manifest, ev: DataSource, where: str, *, allow: bool) 
     drop = next((g for g in m.variant("int8").gates if g.name.endswith("accuracy_drop")), None)
     if ev.has_labels or drop is None:
         return
+    tokens = drop.name.startswith("token")
+    agreement = "token_top1_agreement, token_kl" if tokens else "top1_agreement, kl"
     if allow:
         log.warning(
-            "%s has no labels: gating INT8 on agreement with FP32 (top1_agreement, kl) in "
-            "place of its labelled accuracy gate, as --allow-unlabelled asks",
-            where,
-        )
+            "%s has no labels: gating INT8 on agreement with FP32 (%s) in place of its "
+            "labelled accuracy gate, as --allow-unlabelled asks",
+            where, agreement,
+        )  # fmt: skip
         return
+    how = (
+        f"token labels: a .npz array 'labels' of shape (rows, sequence), {NO_LABEL} where a "
+        "position has none; JSONL cannot carry them"
+        if tokens
+        else 'a "label" key on every JSONL line; a "labels" array in a .npz'
+    )
     raise DataError(
         f"{where} has no labels, but this bundle's INT8 was gated on labelled accuracy "
         f"({drop.name} <= {drop.threshold:g} points). Without labels that gate would give "
-        "way to agreement with FP32 (top1_agreement), which lets far more rows change: a "
-        'CI gate must not loosen because a label went missing. Label the rows (a "label" '
-        'key on every JSONL line; a "labels" array in a .npz), or pass --allow-unlabelled '
-        "to gate on agreement knowingly."
+        f"way to agreement with FP32 ({agreement}), which lets far more change: a CI gate "
+        f"must not loosen because a label went missing. Label the rows ({how}), or pass "
+        "--allow-unlabelled to gate on agreement knowingly."
     )
 
 

@@ -676,6 +676,13 @@ def test_a_token_classifier_with_token_labels_is_gated_on_its_accuracy_drop():
     assert "over 40 tokens' worth" in drop.detail  # 4 rows flipped: each row counts as one
     (same,) = accuracy_gates(outputs(x), outputs(x), "token-classification", GateConfig())
     assert same.value == 0 and same.passed
+    from quantgate.quantize.gates import clustered_paired_interval
+
+    n = np.r_[np.full(100, 20), np.zeros(300)]  # 300 rows without a label do not count
+    _, ci, worth = clustered_paired_interval(np.zeros(400), np.zeros(400), n, 0.95)
+    assert worth == 100 and ci[1] == pytest.approx(wilson(0, 100, 0.95)[1] * 100, rel=0.05)
+    every = clustered_paired_interval(n, np.zeros(400), n, 0.95)  # every token flipped
+    assert every[0] == 100 and all(np.isfinite(every[1])) and every[2] == 100
     wrong = tags.copy()
     wrong[0, 1] = 4  # the model has 4 classes
     with pytest.raises(DataError, match="class indices 0..3"):
@@ -699,6 +706,26 @@ def test_tokens_of_a_row_count_as_less_than_independent_ones():
     one = counts.copy()
     one[0] -= 1  # one flip is no evidence that tokens are independent
     assert clustered_share_interval(one, counts, 0.95)[0][0] <= wilson(100, 100, 0.95)[0]
+
+
+@pytest.mark.parametrize("rows,fragile,rate", [(40, 0.05, 0.5), (100, 0.3, 0.05), (400, 1.0, 0.02)])
+def test_the_token_accuracy_drop_interval_covers_the_truth(rows, fragile, rate):
+    """As the share's below: tokens lost at ``rate`` in a share ``fragile`` of the rows, a
+    few regained anywhere; the true drop against Tango's interval over the tokens' worth."""
+    from quantgate.quantize.gates import clustered_paired_interval
+
+    rng = np.random.default_rng(11)
+    lengths = np.arange(5, 41)
+    truth = 100 * (fragile * rate - 0.002)
+    covered = above = 0
+    for _ in range(400):
+        n = rng.choice(lengths, size=rows)
+        lost = rng.binomial(n, np.where(rng.random(rows) < fragile, rate, 0.0))
+        gained = rng.binomial(n, 0.002)
+        _, (lo, hi), _ = clustered_paired_interval(lost, gained, n, 0.95)
+        covered += lo <= truth <= hi
+        above += truth > hi
+    assert covered / 400 >= 0.92 and above / 400 <= 0.05
 
 
 @pytest.mark.parametrize("rows,fragile,rate", [(40, 0.05, 0.5), (100, 0.3, 0.05), (400, 1.0, 0.01)])

@@ -657,7 +657,12 @@ def test_a_hugging_face_token_classifier_is_gated_per_token(cli, tmp_path, tiny_
     assert r.code in (0, 3), r.stderr
     gates = {g.name: g for g in load(out).manifest.variant("int8").gates}
     labelled_tokens = int(((feeds["attention_mask"] == 1) & (tags >= 0)).sum())
-    assert f"top-1 accuracy over {labelled_tokens} labelled tokens of 40 rows" in (
+    assert f"over {labelled_tokens} labelled tokens of 40 rows" in (
         gates["token_accuracy_drop"].detail
     )
     assert "token_top1_agreement" not in gates
+    r = cli("gate", out, "--eval", ev)  # JSONL: its labels cannot be token labels
+    said = " ".join(r.stderr.split())
+    assert r.code == 2 and "(token_accuracy_drop <= 1 points)" in said, said
+    assert "agreement with FP32 (token_top1_agreement, token_kl)" in said
+    assert "a .npz array 'labels' of shape (rows, sequence), -100 where" in said
