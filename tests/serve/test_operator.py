@@ -600,6 +600,10 @@ def test_infer_reads_a_token_classifiers_answer_to_text_as_tags(tmp_path):
         ]
         assert [(t, label) for t, label, _ in rows] == want, r.stdout  # padding left out
         assert {p for _, _, p in rows} == {f"{np.exp(4) / (np.exp(4) + 2):.3f}"}
+        r = _quantgate("infer", "--url", srv.url, "-t", "see [/note] [bold] here",
+                       "--bundle", str(out))  # fmt: skip
+        assert r.returncode == 0, r.stderr  # printed as typed, not read as Rich markup
+        assert "  'see [/note] [bold] here'" in r.stdout and "    [CLS] " in r.stdout
     finally:
         assert srv.terminate() == 0, srv.log
 
