@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +18,38 @@ class CliResult:
     code: int
     stdout: str
     stderr: str
+
+
+HOLD = """
+import sys
+from quantgate import fsutil
+with fsutil.claimed(sys.argv[1], "an export"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def claimed_elsewhere():
+    """``with claimed_elsewhere(path) as holder``: another process holds
+    ``fsutil.claimed(path, "an export")`` for the block."""
+    return _claimed_elsewhere
+
+
+@contextlib.contextmanager
+def _claimed_elsewhere(path: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding ``fsutil.claimed(path, "an export")`` for the block; it lets
+    go (and removes its claim) after, unless the block killed it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
 
 
 @pytest.fixture

@@ -141,7 +141,6 @@ def test_a_signal_during_the_swap_waits_for_it(tmp_path, monkeypatch, sig, renam
     has no one-step exchange) is raised once the new bundle is in place: --out is never
     missing, nothing is left beside it, and the swap is recorded for the CLI's message."""
     import signal
-    import sys
 
     out = tmp_path / "bundle"
     write(out)
@@ -173,7 +172,6 @@ def test_a_signal_with_its_default_handler_ends_the_process_after_the_old_bundle
 ):
     """From Python, where SIGTERM still ends the process at once: the swap completes, and the
     old bundle (aside, after the exchange) is removed before the held signal ends it."""
-    import subprocess
     import sys
     import textwrap
 
@@ -305,32 +303,19 @@ def test_a_model_with_external_weights_takes_them_into_the_bundle(digits_result,
     assert y[511] == 512.0
 
 
-HOLD = """
-import sys
-from quantgate import fsutil
-with fsutil.claimed(sys.argv[1], "an export"):
-    print("held", flush=True)
-    sys.stdin.read()
-"""
-
-
-def test_a_path_another_process_claimed_is_refused_until_that_process_ends(tmp_path):
+def test_a_path_another_process_claimed_is_refused_until_that_process_ends(
+    tmp_path, claimed_elsewhere
+):
     """Two processes writing one bundle would both work for minutes and the last would win
     (a re-gate would drop the other's record): the second is refused at once, told who holds
     it. The kernel drops the claim with its process, even one killed outright."""
     out = tmp_path / "b"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(out)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with claimed_elsewhere(out) as holder:
         with pytest.raises(Busy) as err, fsutil.claimed(out, "a re-gate"):
             pass
         said = str(err.value)
         assert said.startswith(f"{out} is being written by another quantgate process (pid ")
         assert f"pid {holder.pid}, an export, since " in said and "Wait for it" in said
-    finally:
         holder.kill()  # SIGKILL: no cleanup of its own
         holder.wait()
     lock = tmp_path / ".b.lock"

@@ -127,16 +127,9 @@ def test_an_end_of_file_is_an_error_not_an_interrupt(cli, monkeypatch):
     assert r.code == 1 and "error: unexpected end of file (No data left in file)" in r.stderr
 
 
-HOLD = """
-import sys
-from quantgate import fsutil
-with fsutil.claimed(sys.argv[1], "an export"):
-    print("held", flush=True)
-    sys.stdin.read()
-"""
-
-
-def test_export_and_gate_refuse_a_bundle_another_process_is_writing(cli, tmp_path, tiny_checkpoint):
+def test_export_and_gate_refuse_a_bundle_another_process_is_writing(
+    cli, tmp_path, tiny_checkpoint, claimed_elsewhere
+):
     """Refused at once, exit 1, before the model is loaded or the data read; the bundle as
     it was."""
     from quantgate import bundle as qb
@@ -149,12 +142,7 @@ def test_export_and_gate_refuse_a_bundle_another_process_is_writing(cli, tmp_pat
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     ev = tmp_path / "ev.jsonl"
     ev.write_text('{"text": "held out"}\n')
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(out)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with claimed_elsewhere(out):
         for args in (
             ("export", tiny_checkpoint, "--out", out, "--force", "--no-quantize"),
             ("gate", out, "--eval", ev),
@@ -163,9 +151,6 @@ def test_export_and_gate_refuse_a_bundle_another_process_is_writing(cli, tmp_pat
             assert r.code == 1, r.stderr
             assert f"{out} is being written by another quantgate process (pid " in r.stderr
             assert "an export, since" in r.stderr and "Traceback" not in r.stderr
-    finally:
-        holder.stdin.close()  # it lets go, and removes its claim
-        assert holder.wait(timeout=30) == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["b", "ev.jsonl"]  # and no claim left behind
 
@@ -222,7 +207,6 @@ def test_an_unknown_preset_is_refused_before_training_starts(cli, tmp_path):
 
 def test_a_missing_optional_extra_names_the_extra_to_install(cli, monkeypatch, tmp_path):
     """A serving host installs `cpu` alone: `quantgate train` there says what to install."""
-    import sys
 
     import quantgate.model  # (the package alone imports nothing heavy)
 
@@ -242,7 +226,6 @@ def test_text_without_the_hf_extra_names_the_extra_to_install(monkeypatch, tmp_p
     """A serving host's `quantgate infer -t` (or a CI runner's `gate --eval text.jsonl`)
     without transformers: the tokenizer lets its ModuleNotFoundError through (not "cannot
     load the model's tokenizer"), which main() maps to the extra to install, as above."""
-    import sys
 
     from quantgate.cli import _EXTRAS
     from quantgate.quantize.data import _tokenizer
@@ -257,7 +240,6 @@ def test_help_into_a_pipe_keeps_sentences_and_option_values_whole():
     """A docstring's own line breaks are not kept, and a pipe gets more than rich's 80
     columns: long option values are not cut ("sequence-classi…")."""
     import os
-    import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
