@@ -817,14 +817,10 @@ def _token_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
     candidate), both pooled over the tokens, with intervals over the rows: a sentence's
     tokens move together, so they are not as many independent samples."""
     hits, kls, counts, broken, change = [], [], [], False, 0.0
-    for xb, yb, mask in zip(ref.batches, cand.batches, ref.masks, strict=True):
-        x, y = xb[output], yb[output]  # (B, T, C)
-        real = mask.astype(bool) if _masks(x, mask) else np.ones(x.shape[:2], bool)
-        xt, yt = x[real], y[real]  # (tokens, C)
-        rows = np.repeat(np.arange(len(x)), real.sum(1))  # each token's row
-        hits.append(np.bincount(rows, _same_top(xt, yt), minlength=len(x)))
-        kls.append(np.bincount(rows, _kl(xt, yt), minlength=len(x)))
-        counts.append(real.sum(1))
+    for xt, yt, _, per_row in _real_tokens(ref, cand, output):
+        hits.append(per_row(_same_top(xt, yt)))
+        kls.append(per_row(_kl(xt, yt)))
+        counts.append(per_row(np.ones(len(xt))))
         broken |= bool(_broken(xt, yt).any())
         change = max(change, _logit_change(xt, yt) if len(xt) else 0.0)
     h, k, n = np.concatenate(hits), np.concatenate(kls), np.concatenate(counts)
@@ -852,6 +848,30 @@ def _token_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
     ]  # fmt: skip
 
 
+def _real_tokens(ref: Outputs, cand: Outputs, output: str, *, labelled: bool = False):
+    """Batch by batch, the real tokens of ``output`` (the mask's, where the output has the
+    data's sequence axis; with ``labelled``, only those the labels tag, as (tokens,) with
+    them): FP32's and the candidate's (tokens, C) scores, their labels or None, and
+    ``per_row(values)``: a value per token summed over each row of the batch."""
+    start = 0
+    for xb, yb, mask in zip(ref.batches, cand.batches, ref.masks, strict=True):
+        x, y = xb[output], yb[output]  # (B, T, C)
+        real = mask.astype(bool) if _masks(x, mask) else np.ones(x.shape[:2], bool)
+        tags = None
+        if labelled:  # (B, T), padded with NO_LABEL to the widest batch
+            tags = ref.labels[start : start + len(x), : x.shape[1]]
+            real = real & (tags >= 0)
+        start += len(x)
+        rows = np.repeat(np.arange(len(x)), real.sum(1))  # each token's row
+        per_row = functools.partial(_row_sums, rows, len(x))
+        yield x[real], y[real], None if tags is None else tags[real], per_row
+
+
+def _row_sums(rows: np.ndarray, n: int, values: np.ndarray) -> np.ndarray:
+    """(n,) ``values`` (one per token) summed by the row each token is in."""
+    return np.bincount(rows, values, minlength=n)
+
+
 def _token_accuracy_drop(
     ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, label: str
 ) -> GateResult:
@@ -859,22 +879,16 @@ def _token_accuracy_drop(
     accuracy over the labelled real tokens (``NO_LABEL`` and padding left out), the drop in
     points with Tango's paired interval over the tokens' effective number
     (``clustered_paired_interval``: a sentence's tokens flip together)."""
-    lost, gained, counts, broken, start = [], [], [], False, 0
+    lost, gained, counts, broken = [], [], [], False
     right = np.zeros(2)  # FP32's and the candidate's right tokens
-    for xb, yb, mask in zip(ref.batches, cand.batches, ref.masks, strict=True):
-        x, y = xb[output], yb[output]  # (B, T, C)
-        tags = ref.labels[start : start + len(x), : x.shape[1]]  # (B, T), padded with NO_LABEL
-        start += len(x)
-        real = (mask.astype(bool) if _masks(x, mask) else True) & (tags >= 0)
-        rows = np.repeat(np.arange(len(x)), real.sum(1))
-        xt, yt, t = x[real], y[real], tags[real]
+    for xt, yt, t, per_row in _real_tokens(ref, cand, output, labelled=True):
         bad = _broken(xt, yt)
         a, b = _hits(xt, t), _hits(yt, t) & ~bad
         broken |= bool(bad.any())
         right += a.sum(), b.sum()
-        lost.append(np.bincount(rows, a & ~b, minlength=len(x)))
-        gained.append(np.bincount(rows, ~a & b, minlength=len(x)))
-        counts.append(real.sum(1))
+        lost.append(per_row(a & ~b))
+        gained.append(per_row(~a & b))
+        counts.append(per_row(np.ones(len(xt))))
     lo, ga, n = np.concatenate(lost), np.concatenate(gained), np.concatenate(counts)
     if not n.sum():  # labels at padding only
         raise DataError(f"the evaluation rows label no real token ({NO_LABEL} or padding)")
