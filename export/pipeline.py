@@ -39,7 +39,7 @@ from quantgate.export.validation import (
     reference_outputs,
     validate,
 )
-from quantgate.fsutil import claimed, raise_if_full, resolve_target
+from quantgate.fsutil import claimed, raise_if_full
 from quantgate.model.loaders import LoadedModel, ModelSpec, Samples, load_model
 from quantgate.progress import ProgressFn, no_progress
 
@@ -162,8 +162,10 @@ def export(
     out = Path(out).absolute()
     # before minutes of work, not after
     check_writable_target(out, force=force, inputs=[("model", model_spec)])
-    resolve_target(out).parent.mkdir(parents=True, exist_ok=True)  # claimed now, written last
-    with claimed(out, "an export"), tempfile.TemporaryDirectory(prefix="quantgate-export-") as work:
+    with (
+        claimed(out, "an export", create=True),
+        tempfile.TemporaryDirectory(prefix="quantgate-export-") as work,
+    ):
         result = export_fp32(model_spec, Path(work), cfg=cfg, on_progress=on_progress)
         _stage(on_progress, "writing the bundle", 6)
         bundle = write_bundle(result, out, name=cfg.name, force=force)

@@ -60,7 +60,7 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def claimed(out: str | os.PathLike, what: str) -> Iterator[None]:
+def claimed(out: str | os.PathLike, what: str, *, create: bool = False) -> Iterator[None]:
     """Hold ``out`` for this process while it works towards writing there (``what``, as
     another process is told of it: "an export"). A second process that claims it
     meanwhile is refused at once with ``Busy``, where both would work for minutes and the
@@ -69,18 +69,20 @@ def claimed(out: str | os.PathLike, what: str) -> Iterator[None]:
 
     The claim is an advisory lock (flock) on a hidden sibling, ``.NAME.lock``, which holds
     who claimed it and is removed after; the kernel drops the lock when its process dies,
-    however it dies. Where ``out``'s folder does not exist yet, or the filesystem takes no
-    lock (some network mounts), the work goes on unclaimed: what refuses an unwritable
-    ``out`` still does. Claims nest within a thread: `quantgate gate` holds its bundle
+    however it dies. ``create`` makes ``out``'s folder first (an export writes there in the
+    end); where it does not exist, or the filesystem takes no lock (some network mounts),
+    the work goes on unclaimed: what refuses an unwritable ``out`` still does. Claims nest within a thread: `quantgate gate` holds its bundle
     while it reads the settings it then re-gates with, and the re-gate claims it again;
     another thread is refused as another process is."""
     out = resolve_target(out)
     path = out.parent / f".{out.name}.lock"
-    held = _claims.__dict__.setdefault("paths", set())
+    held = _held.paths
     if path in held:  # this thread's already
         yield
         return
     try:
+        if create:
+            out.parent.mkdir(parents=True, exist_ok=True)
         fd = _lock(path, out)
     except OSError as e:
         log.debug("not claiming %s: %s", out, e)
@@ -99,7 +101,14 @@ def claimed(out: str | os.PathLike, what: str) -> Iterator[None]:
         os.close(fd)
 
 
-_claims = threading.local()  # .paths: the lock files this thread holds (``claimed``)
+class _Held(threading.local):
+    """The lock files this thread holds (``claimed``)."""
+
+    def __init__(self):
+        self.paths: set[Path] = set()
+
+
+_held = _Held()
 
 
 def _lock(path: Path, out: Path) -> int:

@@ -32,7 +32,7 @@ from quantgate.bundle import (
 from quantgate.configs import require
 from quantgate.errors import BundleError, ConfigError, DataError, GateFailed, QuantizeError
 from quantgate.export.config import ExportConfig
-from quantgate.fsutil import claimed, resolve_target
+from quantgate.fsutil import claimed
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize import report as reports
 from quantgate.quantize.cuda import CPU, CUDA, CudaGating
@@ -115,8 +115,10 @@ def build(
     _require_data(model_spec, calibration, evaluation)
     chosen_recipes(quant_cfg)  # a misspelt --recipe is refused now, not after the export
     emit = on_progress or no_progress
-    resolve_target(out).parent.mkdir(parents=True, exist_ok=True)  # claimed now, written last
-    with claimed(out, "an export"), tempfile.TemporaryDirectory(prefix="quantgate-build-") as tmp:
+    with (
+        claimed(out, "an export", create=True),
+        tempfile.TemporaryDirectory(prefix="quantgate-build-") as tmp,
+    ):
         work = Path(tmp)
         model = _load(model_spec, export_cfg, emit)
         info = ModelInfo.from_model(model, input_specs(model))
