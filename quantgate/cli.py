@@ -1116,7 +1116,13 @@ def infer(
                 + ("." if secure else ", or --tls-ca CA.pem for one serving TLS.")
             ) from e
         spec = {t.name: t for t in metadata.inputs}
-        feeds = _tokenized(texts, bundle) if texts else {}
+        tok, feeds = None, {}
+        if texts:
+            from quantgate.quantize.data import ModelInfo, tokenize, tokenizer_of
+
+            info = ModelInfo.from_manifest(bundle.manifest, bundle.path)
+            tok = tokenizer_of(info)  # the bundle's: it reads --text, and a tagger's tags back
+            feeds = tokenize(texts, info, tok)
         for item in inputs or ():
             name, sep, value = item.partition("=")
             if not sep or name not in spec:
@@ -1142,7 +1148,7 @@ def infer(
                 _print_classes(name, array)
                 continue
             if tagger and name == "logits" and array.ndim == 3:
-                _print_tags(texts, feeds, array, bundle)
+                _print_tags(texts, feeds, array, bundle.manifest.class_names, tok)
                 continue
             out.print(f"{name} {list(array.shape)} {array.dtype}", highlight=False, soft_wrap=True)
             out.print(
@@ -1163,15 +1169,11 @@ def _print_classes(name: str, strings) -> None:
         out.print(f"  row {r}: " + ", ".join(items), highlight=False, soft_wrap=True)
 
 
-def _print_tags(texts: list[str], feeds: dict, logits, bundle) -> None:
+def _print_tags(texts: list[str], feeds: dict, logits, names: tuple[str, ...], tok) -> None:
     """A token classifier's answer to text as a person reads it: each real token of each
-    text, its top class by name and its softmax probability."""
+    text, its top class by name and its softmax probability; ``tok`` reads the ids back."""
     import numpy as np
 
-    from quantgate.quantize.data import ModelInfo, tokenizer_of
-
-    names = bundle.manifest.class_names
-    tok = tokenizer_of(ModelInfo.from_manifest(bundle.manifest, bundle.path))
     mask = feeds.get("attention_mask", np.ones_like(feeds["input_ids"])).astype(bool)
     z = logits - logits.max(-1, keepdims=True)
     probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
@@ -1183,13 +1185,6 @@ def _print_tags(texts: list[str], feeds: dict, logits, bundle) -> None:
             top = int(row.argmax())
             label = names[top] if top < len(names) else str(top)
             out.print(f"    {token:<16} {label:<12} {row[top]:.3f}", **plain)
-
-
-def _tokenized(texts: list[str], bundle) -> dict:
-    """``texts`` as the bundle's model takes them, by the tokenizer the bundle carries."""
-    from quantgate.quantize.data import ModelInfo, tokenize
-
-    return tokenize(texts, ModelInfo.from_manifest(bundle.manifest, bundle.path))
 
 
 def _numpy_dtype(name: str, datatype: str):

@@ -1227,17 +1227,14 @@ def _json_kind(value: Any) -> str:
     return "an array" if isinstance(value, list) else "a number"
 
 
-def tokenize(texts: Sequence[str], model: ModelInfo) -> Feeds:
+def tokenize(texts: Sequence[str], model: ModelInfo, tokenizer: Any = None) -> Feeds:
     """``texts`` as one padded batch of the model's inputs, by the model's own tokenizer (as
-    JSONL data is), cut at its longest sequence: what a client sends the served model."""
-    if model.tokenizer is None:
-        raise DataError(
-            "text needs the model's tokenizer, and this model has none (it is not a Hugging "
-            f"Face model); send its inputs ({', '.join(model.input_names)}) as arrays instead"
-        )
+    JSONL data is; ``tokenizer``, where the caller has loaded it), cut at its longest
+    sequence: what a client sends the served model."""
+    tok = tokenizer or tokenizer_of(model)
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise DataError(f"expected one or more non-blank texts, found {list(texts)!r}")
-    tok, limit = _tokenizer(model.tokenizer), model.max_seq_len or None
+    limit = model.max_seq_len or None
     if limit is not None:
         for i, n in enumerate(_token_counts(tok, list(texts), None), 1):
             if n > limit:
@@ -1252,9 +1249,12 @@ def tokenize(texts: Sequence[str], model: ModelInfo) -> Feeds:
 
 
 def tokenizer_of(model: ModelInfo):
-    """The model's own tokenizer (a bundle's copy), for reading its token ids back as text."""
+    """The model's own tokenizer (a bundle's copy): text to token ids, and back."""
     if model.tokenizer is None:
-        raise DataError("this model has no tokenizer (it is not a Hugging Face model)")
+        raise DataError(
+            "text needs the model's tokenizer, and this model has none (it is not a Hugging "
+            f"Face model); send its inputs ({', '.join(model.input_names)}) as arrays instead"
+        )
     return _tokenizer(model.tokenizer)
 
 
