@@ -107,18 +107,31 @@ def build(out: Path, kind: str = "classifier", *, verdict: str = qb.PASS, seed: 
     return out
 
 
-def ids_only(out: Path, nodes: list, name: str, max_seq_len: int) -> Path:
-    """Write a bundle at ``out`` whose hand-built ONNX graph (``nodes``) takes ``input_ids``
-    (batch, sequence) and no attention mask (so requests are never padded), and answers
-    float ``scores`` of the same shape, exported for at most ``max_seq_len`` tokens."""
+def hand_built(
+    out: Path,
+    nodes: list,
+    name: str,
+    *,
+    inputs: tuple[str, ...] = ("input_ids",),
+    output: tuple[str, tuple] = ("scores", ("batch", "sequence")),
+    initializers: tuple = (),
+    task: str = "feature-extraction",
+    max_seq_len: int | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a bundle at ``out`` whose hand-built ONNX graph (``nodes``, ``initializers``)
+    takes int64 ``inputs`` (batch, sequence) and answers one float ``output`` (name, dims):
+    by default token ids alone (no attention mask, so requests are never padded) to scores
+    of the same shape. ``max_seq_len`` is recorded as the export's limit where given."""
     import onnx
     from onnx import TensorProto, helper
 
     axes = ("batch", "sequence")
     graph = helper.make_graph(
         nodes, name,
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, list(axes))],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, list(axes))],
+        [helper.make_tensor_value_info(n, TensorProto.INT64, list(axes)) for n in inputs],
+        [helper.make_tensor_value_info(output[0], TensorProto.FLOAT, list(output[1]))],
+        list(initializers),
     )  # fmt: skip
     with qb.staging(out, force=True) as tmp:
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
@@ -127,15 +140,16 @@ def ids_only(out: Path, nodes: list, name: str, max_seq_len: int) -> Path:
             tmp,
             qb.Manifest(
                 name=name,
-                task="feature-extraction",
-                inputs=(qb.TensorSpec("input_ids", "int64", axes),),
-                outputs=(qb.TensorSpec("scores", "float32", axes),),
+                task=task,
+                inputs=tuple(qb.TensorSpec(n, "int64", axes) for n in inputs),
+                outputs=(qb.TensorSpec(output[0], "float32", tuple(output[1])),),
                 variants=(
                     qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx")),
                 ),
                 opset=17,
                 source={"kind": "test"},
-                export={"max_seq_len": max_seq_len},
+                export={} if max_seq_len is None else {"max_seq_len": max_seq_len},
+                extra=extra or {},
             ),
         )
     return out

