@@ -889,8 +889,10 @@ def _whole(
         feeds, labels = read()
         for idx in _chunks(keep, batch_size):
             b = _trim({k: v[idx] for k, v in feeds.items()}, model)
-            width = _token_rows(b, model)[1].shape[1]  # token labels, trimmed alike
-            yield Batch(b, None if labels is None else labels[idx][..., :width])
+            tags = None if labels is None else labels[idx]
+            if tokens and tags is not None:  # a tag per token: cut with the batch's padding
+                tags = tags[:, : _token_rows(b, model)[1].shape[1]]
+            yield Batch(b, tags)
 
     return DataSource(
         description=f"{name}: {len(keep)} of {n} rows ({kind})",

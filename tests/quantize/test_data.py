@@ -510,3 +510,21 @@ def test_token_labels_are_one_per_token_trimmed_with_their_batch(tmp_path):
         with pytest.raises(DataError) as e:
             open_source(path, info, role="evaluation")
         assert words in str(e.value)
+
+
+def test_a_rows_label_is_not_cut_with_the_batchs_padding(tmp_path):
+    """Only a token classifier's labels are cut to a batch's width: a classifier's (rows,)
+    labels of 4-token rows in batches of 16 kept 4 labels a batch."""
+    from quantgate.bundle import TensorSpec
+
+    axes = ("batch", "sequence")
+    inputs = (TensorSpec("input_ids", "int64", axes), TensorSpec("attention_mask", "int64", axes))
+    info = ModelInfo(inputs, "sequence-classification", 32)
+    ids = np.random.default_rng(0).integers(1, 50, (40, 4))
+    labels = np.arange(40) % 3
+    path = write_npz(
+        tmp_path / "short.npz", {"input_ids": ids, "attention_mask": np.ones_like(ids)}, labels
+    )
+    batches = list(open_source(path, info, role="evaluation").batches())
+    assert [len(b.labels) for b in batches] == [len(b.feeds["input_ids"]) for b in batches]
+    assert sorted(np.concatenate([b.labels for b in batches]).tolist()) == sorted(labels.tolist())
