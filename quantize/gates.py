@@ -1222,6 +1222,17 @@ class Fidelity:
         return tuple(gates)
 
 
+def r2_threshold(min_cosine: float) -> float:
+    """The R² that stands for a cosine of ``min_cosine``: 1 - 2 (1 - c), the same squared
+    error relative to the output's size (0.98 for 0.99)."""
+    return 1 - 2 * (1 - min_cosine)
+
+
+def cosine_of_r2(threshold: float) -> float:
+    """``r2_threshold`` undone: the cosine an R² threshold was made from."""
+    return 1 - (1 - threshold) / 2
+
+
 def r2_gate(
     name: str,
     x: np.ndarray,
@@ -1238,7 +1249,7 @@ def r2_gate(
     interval is a bootstrap over the rows; none where more than a tenth of the resamples
     hold one value only (R² undefined), as a few rows or a two-valued output can."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    threshold = 1 - 2 * (1 - min_cosine)
+    threshold = r2_threshold(min_cosine)
     nonfinite = int((~np.isfinite(y)).sum())
     value = float(r_squared(x, y)) if len(x) else math.nan
     valid = not nonfinite and math.isfinite(value) and len(x) > 1

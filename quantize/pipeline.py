@@ -57,6 +57,7 @@ from quantgate.quantize.gates import (
     batch_consistency,
     check_evaluation,
     collect,
+    cosine_of_r2,
     counts_rows,
     speed_gates,
 )
@@ -621,7 +622,7 @@ def _fp16_min_cosine(m: Manifest) -> float:
     """The cosine threshold the FP16 variant was gated with (``QuantConfig.fp16_min_cosine``
     at its build, recorded in its gates), else today's default."""
     cosines = [
-        g.threshold if g.name.startswith("cosine") else 1 - (1 - g.threshold) / 2  # R²'s
+        g.threshold if g.name.startswith("cosine") else cosine_of_r2(g.threshold)
         for v in m.variants
         if v.precision == "fp16"
         for g in v.gates

@@ -12,7 +12,7 @@ from typing import Any
 
 from quantgate.bundle import CPU, CUDA, PASS, GateResult, Manifest, all_passed, speed_shape
 from quantgate.quantize.cuda import CudaGating
-from quantgate.quantize.gates import GateConfig, uncertain
+from quantgate.quantize.gates import GateConfig, r2_threshold, uncertain
 from quantgate.quantize.search import Candidate, SearchResult
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def thresholds(gates: Sequence[GateResult], cfg: GateConfig) -> str:
         (any(n.startswith("cosine_tail") for n in names),
          f"at most {cfg.max_tail_share:.0%} of rows with cosine < {cfg.tail_cosine:g}"),
         (any(n == "r2" or n.startswith(("r2:", "batch_r2")) for n in names),
-         f"R² >= {1 - 2 * (1 - cfg.min_cosine):g} (one value per row)"),
+         f"R² >= {r2_threshold(cfg.min_cosine):g} (one value per row)"),
         (any(n.endswith("top1_agreement") for n in names),
          f"top-1 agreement >= {cfg.min_top1_agreement:g}"),
         (bool(names & {"kl", "token_kl"}), f"KL <= {cfg.max_kl:g}"),
