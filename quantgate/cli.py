@@ -1116,13 +1116,14 @@ def infer(
                 + ("." if secure else ", or --tls-ca CA.pem for one serving TLS.")
             ) from e
         spec = {t.name: t for t in metadata.inputs}
-        tok, feeds = None, {}
+        tok, feeds, tagger = None, {}, False
         if texts:
-            from quantgate.quantize.data import ModelInfo, tokenize, tokenizer_of
+            from quantgate.quantize.data import TOKEN_TASKS, ModelInfo, tokenize, tokenizer_of
 
             info = ModelInfo.from_manifest(bundle.manifest, bundle.path)
             tok = tokenizer_of(info)  # the bundle's: it reads --text, and a tagger's tags back
             feeds = tokenize(texts, info, tok)
+            tagger = info.task in TOKEN_TASKS
         for item in inputs or ():
             name, sep, value = item.partition("=")
             if not sep or name not in spec:
@@ -1142,7 +1143,6 @@ def infer(
         if classes and not wanted:
             wanted = tuple(t.name for t in metadata.outputs)
         answer = client.infer(named, feeds, version=version, outputs=wanted, classes=classes)
-        tagger = texts and bundle.manifest.task == "token-classification"
         for name, array in answer.items():
             if array.dtype == object:  # top classes
                 _print_classes(name, array)
