@@ -91,7 +91,7 @@ def command_line() -> str:
 def timed(fn, seconds: float, warmup: int = 5) -> list[float]:
     """Milliseconds of each call to ``fn`` during ``seconds``, after ``warmup`` calls.
 
-    One function for a duration, not gates.time_interleaved: the scripts alternate whole
+    One function for a duration, not speed.time_interleaved: the scripts alternate whole
     windows (in-process, then served), and a served window is perf_analyzer's to time."""
     for _ in range(warmup):
         fn()

@@ -7,7 +7,7 @@ For each bundle, two `quantgate serve` of it run at once: one with --access-log,
 without. Both servers' stderr (their log) goes to a file, as an operator's log would go, not
 to a pipe this process reads. quantgate's Python client (quantgate.serve.client) sends
 batch-1 requests to them in turn, one at a time, after warm-up: pair after pair, the order
-reversed every pair (quantgate.quantize.gates.time_interleaved), so that drift on a shared
+reversed every pair (quantgate.quantize.speed.time_interleaved), so that drift on a shared
 machine hits both servers alike. Per pair it takes the on/off ratio of the two round trips;
 the table gives the median ratio with its interquartile range, the median per-pair
 difference, each server's p50, and the median ratio in each fifth of the run.
@@ -39,7 +39,7 @@ import numpy as np
 from _common import BENCHMARKS, ROOT, Server, command_line, write_section
 from gpu_check import bundle_feed
 
-from quantgate.quantize.gates import time_interleaved
+from quantgate.quantize.speed import time_interleaved
 from quantgate.serve.client import Client
 from serve import CLI, build_bundle, int8_variant  # bench/serve.py
 

@@ -7,7 +7,7 @@ Three FP32 ONNX files of all-MiniLM-L6-v2, each timed in ONNX Runtime on the CPU
 - plain legacy: ``torch.onnx.export(model, ..., dynamo=False)``, likewise.
 
 Shapes: batch 1 and 32 at sequence 128, real text. The sessions run interleaved (A B C,
-then C B A, ...: ``quantgate.quantize.gates.time_interleaved``, the speed gates' loop) after
+then C B A, ...: ``quantgate.quantize.speed.time_interleaved``, the speed gates' loop) after
 warm-up; each cell is a median, and each speedup is the median of per-round ratios, so that
 load from other processes hits all three alike. The table goes into docs/BENCHMARKS.md
 between the ``bench:export`` markers, the agreement and command line between the
@@ -33,10 +33,12 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 from _common import BENCHMARKS, command_line, write_section  # noqa: E402
 
+from quantgate.bundle import CPU  # noqa: E402
 from quantgate.export import ExportConfig, export_fp32  # noqa: E402
 from quantgate.model.loaders import english_text  # noqa: E402
 from quantgate.quantize.cpu import cpu_model  # noqa: E402
-from quantgate.quantize.gates import CPU, session, time_interleaved  # noqa: E402
+from quantgate.quantize.gates import session  # noqa: E402
+from quantgate.quantize.speed import time_interleaved  # noqa: E402
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 SEQ, THREADS = 128, 2

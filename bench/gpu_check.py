@@ -188,9 +188,9 @@ def text_feeds(tokenizer, n: int, batch: int, seq: int, names):
 
 
 def bundle_feed(bundle: Path, batch: int, seq: int) -> dict:
-    """Timing feeds for the bundle's inputs (quantgate.quantize.gates.speed_feeds)."""
+    """Timing feeds for the bundle's inputs (quantgate.quantize.speed.speed_feeds)."""
     from quantgate.bundle import load
-    from quantgate.quantize.gates import speed_feeds
+    from quantgate.quantize.speed import speed_feeds
 
     return speed_feeds(load(bundle, verify=False).manifest.inputs, batch, seq, sample=None)
 
@@ -341,7 +341,8 @@ def headline(bundle: Path, provider: str, sizes) -> dict:
     import torch
     from transformers import AutoModel
 
-    from quantgate.quantize.gates import session, time_interleaved
+    from quantgate.quantize.gates import session
+    from quantgate.quantize.speed import time_interleaved
 
     ort_dev = "cuda" if provider == CUDA else "cpu"
     on_gpu = provider == CUDA and torch.cuda.is_available()
@@ -417,7 +418,7 @@ def cuda_graph(bundle: Path, sizes) -> dict:
     import onnxruntime as ort
 
     from quantgate import workarounds
-    from quantgate.quantize.gates import time_interleaved
+    from quantgate.quantize.speed import time_interleaved
 
     b, s = sizes["batch"], sizes["seq"]
     feed = bundle_feed(bundle, b, s)

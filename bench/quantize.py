@@ -11,7 +11,7 @@ u8s8, QAttention + MatMulIntegerToFloat). All built with ``quantgate.quantize.qu
 - Fidelity: mean-pooled, L2-normalised embeddings (real tokens only) against FP32: mean
   cosine and top-1 nearest-neighbour agreement, batch 1 unpadded.
 - Speed: batch 1 and 32 at sequence 128, all sessions interleaved (A B C, then C B A, ...:
-  ``quantgate.quantize.gates.time_interleaved``, the speed gates' loop) after warm-up,
+  ``quantgate.quantize.speed.time_interleaved``, the speed gates' loop) after warm-up,
   intra-op 2 threads; speedup = median of per-round ratios FP32 / candidate.
 - An ORT profile of quantgate's model shows the share of kernel time spent outside the
   INT8 GEMMs; where 2.5x at batch 32 is missed, it says what that target would ask of them.
@@ -43,10 +43,12 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from _common import BENCHMARKS, command_line, write_section  # noqa: E402
 
+from quantgate.bundle import CPU  # noqa: E402
 from quantgate.export import ExportConfig, export_fp32  # noqa: E402
 from quantgate.quantize import recipes as R  # noqa: E402
 from quantgate.quantize.cpu import cpu_model, detect_features  # noqa: E402
-from quantgate.quantize.gates import CPU, session, time_interleaved  # noqa: E402
+from quantgate.quantize.gates import session  # noqa: E402
+from quantgate.quantize.speed import time_interleaved  # noqa: E402
 
 SEQ = 128
 # quantize_static with ORT's own defaults (per_channel=False, S8S8, MinMax, QDQ); the

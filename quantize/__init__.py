@@ -6,7 +6,9 @@ recipes.py      INT8 recipes as values; ``quantize(src, recipe, calibration, out
 graph.py        quantgate's own INT8 graph: smoothing, QuantizeLinear, integer GEMMs
 ort_recipes.py  ONNX Runtime's quantizers as recipes (static QDQ/QOperator, dynamic)
 sensitivity.py  which nodes cost the most accuracy, to keep them in FP32
-gates.py        accuracy (score and bootstrap intervals) and speed (interleaved) gates
+gates.py        accuracy and fidelity gates against FP32, and how a gate is decided
+stats.py        the intervals beside them: Wilson, Tango, bootstrap, order statistics
+speed.py        speed gates: candidate vs FP32 timed interleaved, per served shape
 search.py       try recipes within a budget, keep the fastest that passes
 fp16.py         the FP16 variant for CUDA and its fidelity gate
 cuda.py         speed and placement gates on the CUDA execution provider

@@ -10,7 +10,7 @@ one speed number says little. Every variant is timed against FP32 at two shapes:
   that the variant is not slower: at least ``min_latency_ratio`` (0.95, timer noise).
 
 Timing is interleaved after warm-up (A B, B A, ...: the loop of the CPU speed gates,
-``gates.time_interleaved``), outputs bound to device memory through IO binding (so the
+``speed.time_interleaved``), outputs bound to device memory through IO binding (so the
 device->host copy of a 25 MB output is not what is measured), and the gate takes the
 median of the per-pair ratios. The placement check (``quantgate.placement``) runs
 first: a variant that leaves nodes on the CPU fails every speed gate with that reason,
@@ -33,7 +33,8 @@ import numpy as np
 from quantgate import placement
 from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, all_passed, speed_gate_name
 from quantgate.configs import check_fields
-from quantgate.quantize.gates import session, speed_feeds, time_interleaved
+from quantgate.quantize.gates import session
+from quantgate.quantize.speed import speed_feeds, time_interleaved
 
 NOT_FOR_CUDA = "not for CUDA: "  # opens the note that says why INT8 is not served on CUDA
 

@@ -1,4 +1,4 @@
-"""The gates: is a candidate still accurate, and is it really faster?
+"""The accuracy gates: is a candidate still as accurate as FP32? (Is it faster: ``speed``.)
 
 Accuracy, with labels (a classifier and a labelled evaluation set): the task metric, top-1
 accuracy, of FP32 and of the candidate on the same rows; the gate is the drop in points.
@@ -41,25 +41,16 @@ a KL, the lower bound of a cosine or an agreement) is also available, but on sma
 sets it fails sound models: on the 360 digits test images one net flipped row is 0.28
 points, and even none leaves the upper 95% bound above 1 point (1.06).
 
-Speed: candidate vs FP32 on the target execution provider at each served shape, after
-warm-up, timed interleaved (A B, then B A, ...: ``time_interleaved``, which the CUDA gates
-use too) so load changes hit both alike; the value is the median of the per-pair ratios
-t(FP32) / t(candidate), with the order-statistic interval of that median, decided by the
-median.
-Its detail records the conditions it was timed under (``TimingConditions``): a figure from
-a busy machine need not reproduce.
+The intervals are computed in ``quantize/stats.py``; the speed gates are ``quantize/speed.py``.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import logging
 import math
-import os
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -67,29 +58,30 @@ from typing import Any
 import numpy as np
 
 from quantgate import workarounds
-from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, speed_gate_name, speed_score
+from quantgate.bundle import CPU, CUDA, GateResult
 from quantgate.configs import check_fields, wrong_types
 from quantgate.errors import ConfigError, DataError, QuantizeError
-from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.data import EMBEDDING_TASKS, NO_LABEL, TOKEN_TASKS, DataSource
 from quantgate.quantize.labels import one_based_hint
+from quantgate.quantize.stats import (
+    DESIGN_ROWS,
+    bootstrap_mean,
+    clustered_paired_interval,
+    clustered_share_interval,
+    paired_interval,
+    percentile_interval,
+    r_squared,
+    resamples,
+    wilson,
+)
 
 log = logging.getLogger(__name__)
 
-MIN_SAMPLE_S = 0.03  # shortest timed sample; faster runs are repeated within one
 NN_BLOCK = 1 << 22  # cosine similarities held at once for nearest neighbours (32 MB)
-BOOTSTRAP_BLOCK = 1 << 22  # resampled row indices held at once by bootstrap_mean (32 MB)
 CLASSIFIER_TASKS = ("sequence-classification",)
 # Fewest evaluation rows for the accuracy, top-1 and nearest-neighbour gates: below it one
 # row is over 3 points of accuracy, and with 2 rows each row's nearest is always the other.
 MIN_EVAL_ROWS = 30
-# Rows that must hold a disagreeing token before a token share's interval counts the tokens
-# by their design effect (``clustered_share_interval``): from fewer, the variance between
-# rows is noise. Simulated (2,000 runs each; 40, 100, 400 rows of 5-40 tokens; flips spread
-# over every row or packed in 5-30% of them): coverage 0.947-0.998, the lower bound above
-# the truth in at most 2.9% of runs. Taken from any flip, the design effect covered 82-90%
-# at 40 rows with the flips packed, and one flip narrowed the interval of no flip.
-DESIGN_ROWS = 10
 
 
 @dataclass(frozen=True)
@@ -518,122 +510,6 @@ def check_evaluation(reference: Outputs, task: str, *, warn: bool = True) -> Non
         )
 
 
-def _z(confidence: float) -> float:
-    """The two-sided normal quantile of ``confidence`` (1.96 for 0.95)."""
-    from statistics import NormalDist
-
-    return NormalDist().inv_cdf(0.5 + confidence / 2)
-
-
-def wilson(successes: int, n: int, confidence: float) -> tuple[float, float]:
-    """Wilson's score interval of a proportion. Unlike a bootstrap of 0/1 rows it does not
-    collapse to a point when every row agrees: 30 of 30 gives a lower bound of 0.89, not 1."""
-    if n == 0:
-        return 0.0, 1.0
-    z, p = _z(confidence), successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    low = 0.0 if successes == 0 else max(0.0, centre - half)
-    return low, 1.0 if successes == n else min(1.0, centre + half)
-
-
-def paired_interval(
-    a_correct: np.ndarray, b_correct: np.ndarray, confidence: float
-) -> tuple[float, tuple[float, float]]:
-    """Drop in points (A accuracy - B accuracy) on the same rows, and its interval: Tango's
-    score interval for the difference of paired proportions (Tango 1998), the bounds where
-    the score statistic of the rows that flipped reaches -z and +z. It depends only on those
-    rows and the row count: with none flipped among 360 it is +-1.06 points, whatever the
-    accuracy. A bootstrap of the rows cannot resample a flip it never saw (its interval was
-    [0, 0] with none, and missed a true 1-point drop in 14-37% of simulated runs with few),
-    and Newcombe's hybrid interval collapses likewise near 50% accuracy."""
-    a, b = np.asarray(a_correct, bool), np.asarray(b_correct, bool)
-    if len(a) == 0:
-        raise ValueError("no rows to compare")
-    lost, gained = int((a & ~b).sum()), int((~a & b).sum())  # newly wrong, newly right
-    return tango(lost, gained, len(a), confidence)
-
-
-def tango(
-    lost: float, gained: float, n: float, confidence: float
-) -> tuple[float, tuple[float, float]]:
-    """The drop in points of ``n`` paired cases of which ``lost`` went from right to wrong
-    and ``gained`` from wrong to right, and Tango's score interval of it (``paired_interval``);
-    the counts may be effective ones, scaled by a design effect."""
-    z = _z(confidence)
-
-    def score(delta: float) -> float:  # decreasing in delta
-        w = -lost - gained + (2 * n - lost + gained) * delta
-        p21 = (math.sqrt(max(w * w + 8 * n * gained * delta * (1 - delta), 0.0)) - w) / (4 * n)
-        variance = n * (2 * p21 + delta * (1 - delta))
-        return (lost - gained - n * delta) / math.sqrt(max(variance, 1e-300))
-
-    def root(low: float, high: float, target: float) -> float:
-        for _ in range(60):  # bisection: 2^-60 of the range
-            mid = (low + high) / 2
-            low, high = (mid, high) if score(mid) > target else (low, mid)
-        return (low + high) / 2
-
-    drop = (lost - gained) / n
-    return drop * 100, (root(-1.0, drop, z) * 100, root(drop, 1.0, -z) * 100)
-
-
-def bootstrap_mean(values: np.ndarray, cfg: GateConfig) -> tuple[float, float] | None:
-    """The bootstrap interval of the mean of per-row ``values``: the rows resampled with
-    replacement ``cfg.bootstrap`` times, at ``cfg.confidence``; None for a single row, which
-    has nothing to resample, and for values that are not all finite (the gate fails on them;
-    a NaN interval would also make the manifest invalid JSON). Resamples are drawn a block
-    at a time (``BOOTSTRAP_BLOCK``)."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) < 2 or not np.isfinite(values).all():
-        return None
-    means = np.concatenate([values[rows].mean(1) for rows in _resamples(len(values), cfg)])
-    return percentile_interval(means, cfg.confidence)
-
-
-def _resamples(n: int, cfg: GateConfig) -> Iterator[np.ndarray]:
-    """``cfg.bootstrap`` resamples of ``n`` row indices with replacement, as (k, n) blocks of
-    at most ``BOOTSTRAP_BLOCK`` indices."""
-    rng = np.random.default_rng(cfg.seed)
-    block = max(1, BOOTSTRAP_BLOCK // n)  # resamples per draw
-    for s in range(0, cfg.bootstrap, block):
-        yield rng.integers(0, n, size=(min(block, cfg.bootstrap - s), n))
-
-
-def r_squared(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """R² of ``y`` against ``x`` along the last axis: 1 - sum((y - x)²) / sum((x - mean x)²).
-    A scale or offset error costs it, as a correlation would not; constant ``x`` gives 1
-    where ``y`` equals it, else -inf."""
-    residual = ((y - x) ** 2).sum(-1)
-    spread = ((x - x.mean(-1, keepdims=True)) ** 2).sum(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(residual == 0, 1.0, 1 - residual / spread)
-
-
-def median_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
-    """The distribution-free interval of a median: the order statistics x(k) and x(n+1-k)
-    with the largest k for which the median lies between them with at least ``confidence``
-    (the number of values below the median is Binomial(n, 1/2)), for independent values.
-    16 values (the default 15 pairs, made even) give x(4)..x(13), 97.9%; a bootstrap of the
-    median covered 91-93% in simulated timings. Fewer than 6 values cannot reach 95%: their
-    range is returned."""
-    x = np.sort(np.asarray(values, dtype=np.float64))
-    n, k = len(x), 1
-    if n == 0:
-        raise ValueError("no values")
-    tail = (1 - confidence) / 2
-    while k < n // 2 and sum(math.comb(n, i) for i in range(k + 1)) / 2**n <= tail:
-        k += 1
-    return float(x[k - 1]), float(x[n - k])
-
-
-def percentile_interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
-    """The central ``confidence`` interval of bootstrap ``samples``, by percentiles."""
-    tail = (1 - confidence) / 2 * 100
-    lo, hi = np.percentile(samples, [tail, 100 - tail])
-    return float(lo), float(hi)
-
-
 def uncertain(gate: GateResult) -> bool:
     """Whether ``gate`` was decided by its point estimate with its interval holding values on
     both sides of its threshold: another sample of the rows (or of the timings) could as well
@@ -655,7 +531,7 @@ def _straddles(ci: tuple[float, float], op: str, threshold: float) -> bool:
     return _meets(ci[0], op, threshold) != _meets(ci[1], op, threshold)
 
 
-def _decide(
+def decide(
     value: float,
     ci: tuple[float, float] | None,
     threshold: float,
@@ -711,7 +587,7 @@ def _mean_gate(
         ci = wilson(int(values.sum()), len(values), cfg.confidence)
         how = f"; {cfg.confidence:.0%} Wilson score interval over {len(values)} rows"
     else:
-        ci = bootstrap_mean(values, cfg)
+        ci = bootstrap_mean(values, cfg.confidence, count=cfg.bootstrap, seed=cfg.seed)
         how = f"; {cfg.confidence:.0%} bootstrap interval over rows ({cfg.bootstrap} resamples)"
     return _gate(
         name, value, ci, threshold, op, cfg, detail + (how if ci else ""),
@@ -726,7 +602,7 @@ def _accuracy_drop(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, la
     a = _hits(x, y)
     b = _hits(z, y) & ~broken
     drop, ci = paired_interval(a, b, cfg.confidence)
-    passed, rule = _decide(
+    passed, rule = decide(
         drop, ci, cfg.max_accuracy_drop, "<=",
         rule=cfg.ci_rule, confidence=cfg.confidence, valid=not broken.any(),
     )  # fmt: skip
@@ -834,7 +710,10 @@ def _token_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
     kl_ci = None
     if np.isfinite(k).all() and len(n) > 1:
         stats = np.concatenate(
-            [k[r].sum(1) / np.maximum(n[r].sum(1), 1) for r in _resamples(len(n), cfg)]
+            [
+                k[r].sum(1) / np.maximum(n[r].sum(1), 1)
+                for r in resamples(len(n), count=cfg.bootstrap, seed=cfg.seed)
+            ]
         )
         kl_ci = percentile_interval(stats, cfg.confidence)
     return [
@@ -906,63 +785,10 @@ def _token_accuracy_drop(
 
 
 def _worth(effective: float, counts: np.ndarray) -> str:
-    """What an interval over tokens counted them as (``_effective_tokens``), in words."""
+    """What an interval over tokens counted them as (``stats.effective_tokens``), in words."""
     if effective == (np.asarray(counts) > 0).sum():
         return f"{effective:.0f} tokens' worth: each row as one, until {DESIGN_ROWS} rows flip"
     return f"{effective:.0f} tokens' worth: a row's tokens move together"
-
-
-def clustered_paired_interval(
-    lost: np.ndarray, gained: np.ndarray, counts: np.ndarray, confidence: float
-) -> tuple[float, tuple[float, float], float]:
-    """The drop in points over tokens, ``lost`` newly wrong and ``gained`` newly right of
-    ``counts`` per row, with Tango's interval over the tokens' effective number
-    (``_effective_tokens``). Returns the drop, its interval and the effective number."""
-    lo, ga, n = (np.asarray(v, np.float64) for v in (lost, gained, counts))
-    total = n.sum()
-    pl, pg = lo.sum() / total, ga.sum() / total
-    per_token = pl + pg - (pl - pg) ** 2  # the variance of one token's change
-    flipped = int(((lo + ga) > 0).sum())
-    effective = _effective_tokens(lo - ga, n, pl - pg, per_token, flipped)
-    scale = effective / total
-    drop, ci = tango(lo.sum() * scale, ga.sum() * scale, effective, confidence)
-    return drop, ci, effective
-
-
-def clustered_share_interval(
-    hits: np.ndarray, counts: np.ndarray, confidence: float
-) -> tuple[tuple[float, float], float]:
-    """Wilson's interval of a share of tokens, ``hits`` of ``counts`` per row, over the
-    tokens' effective number (``_effective_tokens``). Returns the interval and the
-    effective number."""
-    h, n = np.asarray(hits, np.float64), np.asarray(counts, np.float64)
-    total = n.sum()
-    if total == 0:
-        return (0.0, 1.0), 0.0
-    p = h.sum() / total
-    differ = int(min((h < n).sum(), (h > 0).sum()))  # rows with a token on the rarer side
-    effective = _effective_tokens(h, n, p, p * (1 - p), differ)
-    return wilson(p * effective, effective, confidence), effective
-
-
-def _effective_tokens(
-    values: np.ndarray, counts: np.ndarray, mean: float, per_token: float, informative: int
-) -> float:
-    """How many independent tokens the rows' tokens count for: their number divided by the
-    design effect (Kish), the variance between rows of the ratio estimator of ``mean``
-    (``values`` per row, over ``counts`` tokens) against ``per_token`` / tokens.
-
-    That variance is read from the rows that hold a flip (``informative``): until
-    ``DESIGN_ROWS`` do, each row with a token counts as one token. One flip would otherwise
-    make the tokens look independent. So an interval can narrow when the tenth row flips:
-    from there on the data say how the tokens cluster, and the point estimate (the default
-    rule) is unaffected. Where no token varies at all (every one flipped) the rows count."""
-    n = np.asarray(counts, np.float64)
-    rows, total = int((n > 0).sum()), n.sum()
-    if informative < DESIGN_ROWS or per_token <= 0 or rows < 2:
-        return float(min(rows, total))
-    between = rows / (rows - 1) * ((values - mean * n) ** 2).sum() / total**2
-    return float(min(per_token / max(between, 1e-300), total))
 
 
 def _gate(
@@ -978,7 +804,7 @@ def _gate(
     provider: str | None = None,
 ) -> GateResult:
     """A gate of ``value`` with its interval ``ci``, decided under ``cfg.ci_rule``."""
-    passed, rule = _decide(
+    passed, rule = decide(
         value, ci, threshold, op, rule=cfg.ci_rule, confidence=cfg.confidence, valid=valid
     )
     return GateResult(
@@ -1255,7 +1081,12 @@ def r2_gate(
     valid = not nonfinite and math.isfinite(value) and len(x) > 1
     ci = None
     if valid:
-        stats = np.concatenate([r_squared(x[rows], y[rows]) for rows in _resamples(len(x), cfg)])
+        stats = np.concatenate(
+            [
+                r_squared(x[rows], y[rows])
+                for rows in resamples(len(x), count=cfg.bootstrap, seed=cfg.seed)
+            ]
+        )
         if np.isfinite(stats).mean() >= 0.9:
             ci = percentile_interval(stats[np.isfinite(stats)], cfg.confidence)
     constant = " (FP32's value is the same on every row)" if len(x) and np.ptp(x) == 0 else ""
@@ -1418,222 +1249,18 @@ def _right_padded(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return out
 
 
-# -- speed ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TimingConditions:
-    """The machine as a speed gate found it before timing, recorded beside the figure: the
-    same two models timed on a loaded machine give another speedup."""
-
-    threads: int  # ONNX Runtime intra-op threads asked for; 0: its default
-    cpus: int  # logical CPUs this process may use (what its load average is counted against)
-    load: float | None  # 1-minute load average; None where the OS keeps none (Windows)
-
-    @classmethod
-    def now(cls, threads: int) -> TimingConditions:
-        try:
-            load = os.getloadavg()[0]
-        except (AttributeError, OSError):
-            load = None
-        # the CPUs this process may run on (a container's share), where the OS says
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        return cls(threads=threads, cpus=cpus or os.cpu_count() or 1, load=load)
-
-    @property
-    def busy(self) -> bool:
-        """More threads running or waiting to run, over the last minute, than CPUs."""
-        return self.load is not None and self.load > self.cpus
-
-    def describe(self) -> str:
-        threads = (
-            f"{self.threads} intra-op thread{'s' if self.threads > 1 else ''}"
-            if self.threads
-            else "ONNX Runtime's default intra-op threads (one per physical core)"
-        )
-        if self.load is None:
-            load = "no load average on this OS"
-        else:
-            # It counts this process's own recent work too (evaluation, an earlier candidate's
-            # timing), over when the timing starts; above the CPU count, more threads wanted
-            # to run than there were CPUs, whoever's they were.
-            load = f"1-minute load average {self.load:.2f} before timing"
-            if self.busy:
-                load += " (above the CPU count: timed on a busy machine, may not reproduce)"
-        return f"{threads}, {self.cpus} CPUs, {load}"
-
-
-def speed_shapes(inputs: Sequence[TensorSpec], max_seq_len: int, cfg: GateConfig):
-    """(batch, sequence) pairs to time: cfg's batches at cfg.seq_len, capped by the model."""
-    fixed = next(
-        (t.dims[1] for t in inputs if len(t.dims) >= 2 and isinstance(t.dims[1], int)), None
-    )
-    seq = fixed or min(cfg.seq_len, max_seq_len or cfg.seq_len)
-    return [(b, seq) for b in cfg.batch_sizes]
-
-
-def speed_feeds(
-    inputs: Sequence[TensorSpec], batch: int, seq: int, sample: dict[str, np.ndarray] | None
-) -> dict[str, np.ndarray]:
-    """Feeds of shape (batch, seq): real tokens from ``sample`` tiled to length, all attended."""
-    feeds = {}
-    for t in inputs:
-        shape = (batch, seq, *[d for d in t.dims[2:] if isinstance(d, int)])
-        if t.name == "attention_mask":
-            feeds[t.name] = np.ones(shape, dtype=t.dtype)
-        elif sample is not None and t.name in sample and sample[t.name].ndim == 2:
-            row = sample[t.name][0]
-            mask = sample.get("attention_mask")
-            real = row[: int(mask[0].sum())] if mask is not None else row
-            tiled = np.resize(real if len(real) else row, seq)  # repeat the real tokens
-            feeds[t.name] = np.broadcast_to(tiled, shape).astype(t.dtype).copy()
-        else:
-            feeds[t.name] = np.zeros(shape, dtype=t.dtype)
-    return feeds
-
-
-def time_interleaved(
-    runners: Mapping[str, Callable[[], object]],
-    *,
-    warmup: int,
-    pairs: int,
-    budget_s: float = math.inf,
-    reps: int = 1,
-    on_pair: Callable[[], None] | None = None,
-) -> dict[str, list[float]]:
-    """Milliseconds per run of each runner, taken in turn after ``warmup`` runs each, the
-    order reversed every round (A B C, C B A, ...) so that drift hits every runner alike.
-
-    Stops after ``pairs`` rounds, or once ``budget_s`` is spent (at least 3 rounds); a
-    sample is the mean of ``reps`` back-to-back runs.
-    """
-    for fn in runners.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    order = list(runners.items())
-    end = time.perf_counter() + budget_s
-    for i in range(pairs):
-        for k, fn in order if i % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            times[k].append((time.perf_counter() - t0) / reps * 1e3)
-        if on_pair is not None:
-            on_pair()
-        if i >= 2 and time.perf_counter() > end:
-            break
-    return times
-
-
-def speed_gates(
-    fp32: str | Path,
-    candidate: str | Path,
-    inputs: Sequence[TensorSpec],
-    max_seq_len: int,
-    cfg: GateConfig,
-    *,
-    sample: dict[str, np.ndarray] | None = None,
-    on_progress: ProgressFn | None = None,
-    conditions: TimingConditions | None = None,
-) -> list[GateResult]:
-    """One ``speedup_b{B}_s{T}`` gate per shape: median of interleaved per-pair ratios.
-
-    Each gate's detail records ``conditions``, the machine before timing (taken here when
-    None). Progress is the "timing" task: a step per warm-up run and per timed pair.
-    """
-    conditions = conditions or TimingConditions.now(cfg.threads)
-    a = session(fp32, cfg.provider, threads=cfg.threads, spin=False)
-    b = session(candidate, cfg.provider, threads=cfg.threads, spin=False)
-    shapes = speed_shapes(inputs, max_seq_len, cfg)
-    # even: FP32 runs first in as many rounds as the candidate, so that an effect of going
-    # first (caches, clocks) cancels in the median
-    pairs = cfg.iterations + cfg.iterations % 2
-    total = len(shapes) * (pairs + max(cfg.warmup, 1))
-    done = itertools.count(1)
-    emit = on_progress or no_progress
-
-    def tick(what: str) -> None:
-        emit("timing", next(done), total, what)
-
-    gates = []
-    for batch, seq in shapes:
-        what = f"timing b{batch} s{seq}"
-        feeds = speed_feeds(inputs, batch, seq, sample)
-        runners = {
-            "fp32": functools.partial(a.run, None, feeds),
-            "candidate": functools.partial(b.run, None, feeds),
-        }
-        fastest = dict.fromkeys(runners, math.inf)
-        warmup = max(cfg.warmup, 1)  # one at least: it measures how many runs a sample holds
-        for _ in range(warmup):
-            for k, fn in runners.items():
-                t0 = time.perf_counter()
-                fn()
-                fastest[k] = min(fastest[k], time.perf_counter() - t0)
-            tick(what)
-        # Fast runs are repeated so that one sample spans >= MIN_SAMPLE_S: timer and
-        # scheduler noise then stays small next to the work.
-        reps = max(1, min(100, int(MIN_SAMPLE_S / max(*fastest.values(), 1e-6))))
-        ms = time_interleaved(
-            runners,
-            warmup=0,
-            pairs=pairs,
-            reps=reps,
-            on_pair=functools.partial(tick, what),
-        )
-        ratios = np.array(ms["fp32"]) / np.array(ms["candidate"])
-        median = float(np.median(ratios))
-        ci = median_interval(ratios, cfg.confidence)
-        passed, rule = _decide(
-            median, ci, cfg.min_speedup, ">=", rule="point", confidence=cfg.confidence
-        )
-        gates.append(
-            GateResult(
-                name=speed_gate_name(batch, seq),
-                value=median,
-                threshold=cfg.min_speedup,
-                op=">=",
-                passed=passed,
-                ci=ci,
-                provider=cfg.provider,
-                detail=(
-                    f"FP32 median {np.median(ms['fp32']):.2f} ms, "
-                    f"candidate {np.median(ms['candidate']):.2f} ms "
-                    f"at batch {batch} x sequence {seq}; median of {len(ratios)} interleaved "
-                    f"pair ratios after {warmup} warm-up run{'s' if warmup > 1 else ''} each, "
-                    f"with its {cfg.confidence:.0%} order-statistic interval"
-                    + (f", {reps} runs per sample" if reps > 1 else "")
-                    + f"; timed with {conditions.describe()}"
-                    + rule
-                ),
-            )
-        )
-    return gates
-
-
 __all__ = [
     "Fidelity",
     "GateConfig",
     "Outputs",
-    "TimingConditions",
     "accuracy_gates",
     "batch_consistency",
-    "bootstrap_mean",
     "check_evaluation",
     "check_labels",
     "collect",
+    "decide",
     "flat_rows",
-    "paired_interval",
-    "median_interval",
-    "percentile_interval",
     "row_cosine",
     "session",
-    "speed_feeds",
-    "speed_gates",
-    "speed_score",
-    "speed_shapes",
-    "time_interleaved",
     "uncertain",
-    "wilson",
 ]

@@ -59,7 +59,6 @@ from quantgate.quantize.gates import (
     collect,
     cosine_of_r2,
     counts_rows,
-    speed_gates,
 )
 from quantgate.quantize.search import (
     Candidate,
@@ -68,6 +67,7 @@ from quantgate.quantize.search import (
     chosen_recipes,
     search,
 )
+from quantgate.quantize.speed import speed_gates
 
 if TYPE_CHECKING:  # loaded when build runs: export's pipeline imports the model code (torch)
     from quantgate.export import ExportResult, ExtraVariant

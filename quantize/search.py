@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantgate.bundle import GateResult, TensorSpec, all_passed
+from quantgate.bundle import GateResult, TensorSpec, all_passed, speed_score
 from quantgate.configs import check_fields
 from quantgate.errors import ConfigError, QuantizeError
 from quantgate.fsutil import raise_if_full
@@ -37,14 +37,12 @@ from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.data import DataSource, counted
 from quantgate.quantize.gates import (
     GateConfig,
-    TimingConditions,
     accuracy_gates,
     batch_consistency,
     check_evaluation,
     collect,
-    speed_gates,
-    speed_score,
 )
+from quantgate.quantize.speed import TimingConditions, speed_gates
 
 if TYPE_CHECKING:  # recipes import onnx; the search loads them when it runs
     from quantgate.quantize.recipes import Recipe

@@ -12,7 +12,7 @@ from pathlib import Path
 from quantgate.bundle import CPU, CUDA, GateResult, Manifest, Variant
 from quantgate.placement import PlacementReport
 from quantgate.quantize.cuda import CudaGateConfig, CudaGating, CudaTiming
-from quantgate.quantize.gates import GateConfig, TimingConditions
+from quantgate.quantize.gates import GateConfig
 from quantgate.quantize.report import (
     MAX_PANELS,
     cuda_regated,
@@ -26,6 +26,7 @@ from quantgate.quantize.report import (
     thresholds,
 )
 from quantgate.quantize.search import Candidate, SearchResult
+from quantgate.quantize.speed import TimingConditions
 
 FIRST, SECOND = "2025-01-01T00:00:00+00:00", "2025-02-01T00:00:00+00:00"
 

@@ -1,0 +1,89 @@
+"""The speed gates on real ONNX Runtime sessions: interleaved, per shape, with the machine's
+conditions recorded."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from qg_pipeline_helpers import dynamic_int8, tiny_export  # noqa: E402
+
+from quantgate.quantize.gates import GateConfig  # noqa: E402
+from quantgate.quantize.speed import TimingConditions, speed_gates, time_interleaved  # noqa: E402
+
+FAST = GateConfig(iterations=5, warmup=1, batch_sizes=(1, 8))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    result = tiny_export()
+    return result, dynamic_int8(result.onnx, tmp_path_factory.mktemp("q") / "int8.onnx")
+
+
+def test_time_interleaved_reverses_the_order_every_round():
+    calls = []
+    runners = {k: functools.partial(calls.append, k) for k in "abc"}
+    ms = time_interleaved(runners, warmup=1, pairs=4)
+    assert "".join(calls) == "abc" + "abccbaabccba"
+    assert {k: len(v) for k, v in ms.items()} == {"a": 4, "b": 4, "c": 4}
+
+
+def test_speed_gate_is_interleaved_per_shape(models):
+    result, int8 = models
+    progress = []
+    gates = speed_gates(
+        result.onnx,
+        int8,
+        result.inputs,
+        result.max_seq_len,
+        FAST,
+        on_progress=lambda *event: progress.append(event),
+    )
+    assert [g.name for g in gates] == ["speedup_b1_s64", "speedup_b8_s64"]  # digits: seq 64
+    # One "timing" bar: a step per warm-up run and per timed pair, at every shape.
+    # FAST's 5 pairs run as 6: FP32 first in half the rounds, the candidate in the other half
+    total = 2 * (6 + FAST.warmup)
+    assert [e[:3] for e in progress] == [("timing", i, total) for i in range(1, total + 1)]
+    assert progress[0][3] == "timing b1 s64" and progress[-1][3] == "timing b8 s64"
+    for g in gates:
+        assert g.value > 0 and g.ci[0] <= g.value <= g.ci[1]
+        assert g.provider == "CPUExecutionProvider" and "median of 6 interleaved" in g.detail
+        assert (
+            "; timed with ONNX Runtime's default intra-op threads (one per physical core), "
+            f"{os.cpu_count()} CPUs, " in g.detail
+        )
+        assert "1-minute load average " in g.detail or "no load average" in g.detail
+    impossible = speed_gates(
+        result.onnx,
+        int8,
+        result.inputs,
+        64,
+        GateConfig(min_speedup=100, iterations=3, warmup=0, batch_sizes=(1,), threads=1),
+    )
+    assert not impossible[0].passed
+    assert "after 1 warm-up run each" in impossible[0].detail  # warmup 0 still runs one
+    assert "; timed with 1 intra-op thread, " in impossible[0].detail
+
+
+def test_timing_conditions_say_when_the_machine_was_busy():
+    busy = TimingConditions(threads=0, cpus=2, load=3.5)
+    assert busy.busy and busy.describe() == (
+        "ONNX Runtime's default intra-op threads (one per physical core), 2 CPUs, 1-minute "
+        "load average 3.50 before timing (above the CPU count: timed on a busy machine, may "
+        "not reproduce)"
+    )
+    idle = TimingConditions(threads=4, cpus=8, load=0.5)
+    assert not idle.busy and idle.describe() == (
+        "4 intra-op threads, 8 CPUs, 1-minute load average 0.50 before timing"
+    )
+    assert not TimingConditions(1, 2, None).busy
+    assert TimingConditions(1, 2, None).describe().endswith("no load average on this OS")
+    now = TimingConditions.now(3)
+    assert now.threads == 3 and now.cpus == os.cpu_count()
+    if hasattr(os, "getloadavg"):
+        assert now.load is not None and now.load >= 0
