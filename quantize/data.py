@@ -57,7 +57,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -80,6 +79,7 @@ from quantgate.quantize.labels import (
     one_based_hint,
     quote,
 )
+from quantgate.quantize.stats import wilson
 
 log = logging.getLogger(__name__)
 
@@ -546,10 +546,10 @@ def check_held_out(
     if not shared:
         return dataclasses.replace(evaluation, in_calibration=0)
     share = shared / told
-    # From a sample, refuse on evidence only: the share's one-sided 95% lower bound (Wilson)
-    # must reach MAX_SHARED, or a few natural duplicates among a handful of rows told
-    # would refuse a re-gate at random.
-    evident = share if calibration.complete else _wilson_lower(shared, told)
+    # From a sample, refuse on evidence only: the share's one-sided 95% lower bound (the
+    # lower end of Wilson's two-sided 90% interval) must reach MAX_SHARED, or a few natural
+    # duplicates among a handful of rows told would refuse a re-gate at random.
+    evident = share if calibration.complete else wilson(shared, told, 0.90)[0]
     n = evaluation.samples
     if calibration.complete:
         counts, estimate = f"{shared} of {n} evaluation rows ({share:.0%})", shared
@@ -582,14 +582,6 @@ def check_held_out(
         in_calibration=estimate,
         description=f"{evaluation.description}; {about}{estimate} also calibration rows",
     )
-
-
-def _wilson_lower(k: int, n: int, z: float = 1.645) -> float:
-    """The one-sided 95% lower bound of a proportion ``k``/``n`` (Wilson score interval)."""
-    p = k / n
-    centre = p + z * z / (2 * n)
-    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (centre - spread) / (1 + z * z / n)
 
 
 def check_not_calibration(spec: DataSpec | None, calibration: Mapping[str, Any] | None) -> None:
