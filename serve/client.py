@@ -24,6 +24,8 @@ from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.serve import codec
 from quantgate.serve.errors import from_status
 
+RECEIVE_LIMIT = "grpc.max_receive_message_length"
+
 
 @dataclass(frozen=True)
 class ClientTLS:
@@ -56,7 +58,12 @@ class Client:
         timeout: float | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ):
-        """``options``: gRPC channel arguments, e.g. ``[("grpc.max_receive_message_length", n)]``."""
+        """``options``: gRPC channel arguments, e.g. ``[("grpc.keepalive_time_ms", n)]``.
+
+        Answers of any size are received (gRPC's own default stops at 4 MiB): the server's
+        ``--max-message-bytes`` (64 MiB by default) is the limit, and a hidden-state output
+        passes 4 MiB at 16 rows of 256 tokens. ``options`` can set a lower one."""
+        options = list({RECEIVE_LIMIT: -1, **dict(options)}.items())
         if tls is None:
             self._channel = grpc.insecure_channel(url, options=options)
         else:

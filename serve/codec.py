@@ -60,7 +60,7 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     """
     raw = request.raw_input_contents
     for tensor in request.inputs:
-        _refuse_shared_memory(f"input {tensor.name!r}", tensor.parameters)
+        _check_tensor_parameters(f"input {tensor.name!r}", tensor.parameters, {})
         if raw and tensor.HasField("contents"):
             raise BadRequest(
                 f"input {tensor.name!r} has typed contents but the request also carries "
@@ -85,7 +85,11 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         dtype, _, field = DATATYPES[tensor.datatype]
         shape = tuple(tensor.shape)
         if any(d < 0 for d in shape):
-            raise BadRequest(f"input {name!r}: shape {list(shape)} has a negative dimension")
+            raise BadRequest(
+                f"input {name!r}: shape {list(shape)} has a negative dimension; a request's "
+                "shape is that of the tensor it sends, each dimension 0 or more (-1 marks a "
+                "variable axis in ModelMetadata, not in a request)"
+            )
         count = math.prod(shape)
         if raw:
             data = raw[i]
@@ -100,7 +104,10 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         try:
             arrays[name] = array.reshape(shape)
         except ValueError as e:  # e.g. a zero-size shape whose other dims overflow
-            raise BadRequest(f"input {name!r}: shape {list(shape)} is impossible: {e}") from e
+            raise BadRequest(
+                f"input {name!r}: shape {list(shape)} is larger than any array can be (numpy: "
+                f"{e}); send the shape of the contents the request carries"
+            ) from e
     return arrays
 
 
@@ -119,7 +126,7 @@ def requested_outputs(request: pb.ModelInferRequest) -> dict[str, int]:
     wanted: dict[str, int] = {}
     for output in request.outputs:
         where = f"output {output.name!r}"
-        _refuse_shared_memory(where, output.parameters)
+        _check_tensor_parameters(where, output.parameters, _OUTPUT_PARAMETERS)
         count = 0
         if "classification" in output.parameters:
             p = output.parameters["classification"]
@@ -248,12 +255,29 @@ USE_THE_MESSAGES = (
 )
 
 
-def _refuse_shared_memory(where: str, parameters: Mapping[str, pb.InferParameter]) -> None:
+_OUTPUT_PARAMETERS = {"classification": "the number of top classes to return"}
+# Said by HTTP clients of the protocol; over gRPC every tensor travels as bytes already.
+_IGNORED_TENSOR_PARAMETERS = ("binary_data",)
+
+
+def _check_tensor_parameters(
+    where: str, parameters: Mapping[str, pb.InferParameter], understood: Mapping[str, str]
+) -> None:
+    """A BadRequest for a tensor's parameter the server would not honour: shared memory, or
+    one it does not know (rather than answer as if it had been honoured)."""
     if any(key.startswith("shared_memory_") for key in parameters):
         raise BadRequest(
             f"{where}: shared memory (parameter 'shared_memory_region') is not supported; "
             + USE_THE_MESSAGES
         )
+    for key in parameters:
+        if key not in understood and key not in _IGNORED_TENSOR_PARAMETERS:
+            known = "; ".join(f"{k}: {what}" for k, what in understood.items())
+            raise BadRequest(
+                f"{where}: parameter {key!r} is not one this server honours"
+                + (f" ({known})" if known else " (a tensor here takes none)")
+                + "; leave it out"
+            )
 
 
 def _typed_contents(

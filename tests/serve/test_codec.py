@@ -75,7 +75,25 @@ assert got.dtype == np.int8 and got.tolist() == [[-128, 0, 127]]
 refused(request("UINT8", [1, 1], "uint_contents", [300]), "'x'", "300", "UINT8", "0..255")
 refused(request("INT8", [1, 1], "int_contents", [1000]), "'x'", "1000", "INT8")
 refused(request("FP16", [1, 2]), "'x'", "FP16", "raw_input_contents")
-refused(request("INT64", [0, 2**62], raw=b""), "'x'", str(2**62))
+refused(request("INT64", [0, 2**62], raw=b""), "'x'", str(2**62), "larger than any array")
+refused(request("INT64", [1, -1], raw=b""), "'x'", "negative dimension", "variable axis")
+# A tensor's parameters: shared memory and unknown ones refused, HTTP's binary_data ignored.
+r = request("INT64", [1, 1], raw=np.int64(1).tobytes())
+r.inputs[0].parameters["binary_data_size"].int64_param = 8
+refused(r, "'x'", "'binary_data_size'", "takes none", "leave it out")
+r = pb.ModelInferRequest(model_name="m")
+out = r.outputs.add(name="y")
+out.parameters["binary_data"].bool_param = True
+assert codec.requested_outputs(r) == {"y": 0}
+out.parameters["classification"].int64_param = 2
+assert codec.requested_outputs(r) == {"y": 2}
+out.parameters["top_k"].int64_param = 2
+try:
+    codec.requested_outputs(r)
+except BadRequest as e:
+    assert "'top_k' is not one this server honours (classification: " in str(e), str(e)
+else:
+    raise AssertionError("top_k accepted")
 print("ok")
 """
 

@@ -123,3 +123,40 @@ print("ok")
         text=True,
     )
     assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr
+
+
+def test_the_client_takes_answers_as_large_as_the_server_sends(tmp_path):
+    """gRPC's own client limit is 4 MiB; the server answers up to --max-message-bytes (64 MiB
+    by default), and hidden states pass 4 MiB at 16 rows of 256 tokens. Here 300 tokens
+    widened to 4,096 floats each: 4.9 MB, received whole by quantgate's client."""
+    from bundles import hand_built
+    from conftest import ServerProcess
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Cast", ["input_ids"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["f", "last"], ["u"]),
+        helper.make_node("Expand", ["u", "width"], ["wide"]),
+    ]
+    consts = (
+        helper.make_tensor("last", TensorProto.INT64, [1], [2]),
+        helper.make_tensor("width", TensorProto.INT64, [3], [1, 1, 4096]),
+    )
+    out = ("wide", ("batch", "sequence", 4096))
+    path = hand_built(tmp_path / "wide", nodes, "wide", output=out, initializers=consts)
+    srv = ServerProcess(path)
+    code = f"""
+import numpy as np
+from quantgate.serve.client import Client
+ids = np.arange(300, dtype=np.int64)[None]
+with Client({srv.url!r}) as c:
+    wide = c.infer("wide", {{"input_ids": ids}})["wide"]
+assert wide.shape == (1, 300, 4096) and wide.nbytes > 4 << 20, wide.shape
+assert (wide[0, :, -1] == np.arange(300)).all()
+print("ok")
+"""
+    try:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    finally:
+        assert srv.terminate() == 0, srv.log
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -184,6 +186,43 @@ def test_an_idle_stream_ends_at_sigterm_instead_of_holding_the_drain(repo):
     assert "UNAVAILABLE" in str(error) and "shutting down" in str(error), error
 
 
+def test_a_stream_that_keeps_sending_ends_at_sigterm_instead_of_holding_the_drain(repo):
+    """A client sends on its stream every 50 ms through SIGTERM. The stream reads no more
+    once the server shuts down, sends the answers it owes, and ends UNAVAILABLE; the server
+    exits 0 long before its grace (600 s here). Before, each later request was answered
+    "shutting down" in a stream left open until the grace ran out."""
+    srv = ServerProcess(repo / "classifier", "--shutdown-grace", "600")
+    answers: queue.Queue = queue.Queue()
+    feeds = inputs(batch(np.random.default_rng(5), 1, 9))
+    stop = threading.Event()
+
+    def keep_sending(c) -> None:
+        while not stop.is_set():
+            try:
+                c.async_stream_infer("tiny-classifier", feeds)
+            except InferenceServerException:  # the stream has ended
+                return
+            time.sleep(0.05)
+
+    with tc.InferenceServerClient(srv.url) as c:
+        c.start_stream(callback=lambda result, error: answers.put(error))
+        sender = threading.Thread(target=keep_sending, args=(c,), daemon=True)
+        sender.start()
+        assert answers.get(timeout=30) is None  # answered while serving
+        srv.proc.send_signal(signal.SIGTERM)
+        code = srv.proc.wait(60)  # before: the 600 s grace
+        stop.set()
+        sender.join(10)
+        c.stop_stream()
+    errors = []
+    while not answers.empty():
+        if (error := answers.get()) is not None:
+            errors.append(str(error))
+    assert code == 0 and "stopped: every admitted request was answered" in srv.log, srv.log
+    assert errors and all("UNAVAILABLE" in e and "shutting down" in e for e in errors), errors
+    assert len(errors) <= 3, errors  # the stream's end, not an answer per request sent since
+
+
 def _slow_bundle(out: Path) -> Path:
     """A bundle whose model counts to its largest input id, one ONNX Loop step at a time:
     instant on warm-up's zeros, seconds for input_ids=[[10**7]]. It holds a drain open."""
@@ -337,6 +376,68 @@ def test_a_request_timeout_that_passes_in_the_queue_answers_deadline_exceeded(tm
         assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED", err.value
     finally:
         srv.terminate()
+
+
+class _LateHeaders:
+    """A TCP proxy to ``port`` that holds what the client sends for ``delay`` seconds while
+    ``late`` is set. A call sent then reaches the server late, and the server counts the
+    call's deadline from then, as a loaded server counts it from when it reads the headers;
+    the client's own deadline runs from the send, and its cancellation arrives on time."""
+
+    def __init__(self, port: int, delay: float):
+        self.port, self.delay, self.late = port, delay, threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self._listener.accept()
+            server = socket.create_connection(("127.0.0.1", self.port))
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, outbound: bool) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(1 << 16):
+                if outbound and self.late.is_set():
+                    time.sleep(self.delay)
+                sink.sendall(chunk)
+
+
+def test_a_deadline_the_client_ends_before_the_servers_clock_is_counted_as_one(tmp_path):
+    """Under load the server reads a call's headers late, and the client's deadline cancels
+    the call before the server's own clock reaches it (5-15 ms before, 20 concurrent calls
+    on 2 cores). That is a deadline, not a cancellation, in the access log and the metrics:
+    a 1 ms slack counted a third of such deadlines as CANCELLED."""
+    srv = ServerProcess(_slow_bundle(tmp_path / "slow"), "--access-log")
+    proxy = _LateHeaders(int(srv.url.rsplit(":", 1)[1]), delay=0.025)
+    slow = {"input_ids": np.array([[10**7]]), "attention_mask": np.array([[1]])}
+    quick = {"input_ids": np.array([[1]]), "attention_mask": np.array([[1]])}
+
+    def access() -> list[str]:
+        return [line for line in srv.log.splitlines() if "method=" in line and "ModelInfer" in line]
+
+    try:
+        with (
+            tc.InferenceServerClient(srv.url) as c,  # open: its call holds the model
+            tc.InferenceServerClient(proxy.url) as late,
+        ):
+            _running(srv, lambda: c.async_infer("slow", inputs(slow), callback=lambda *_: None))
+            assert late.is_server_live()  # connected: what is held from here is the call
+            proxy.late.set()
+            threading.Timer(0.25, proxy.late.clear).start()  # the cancellation is not held
+            with pytest.raises(InferenceServerException) as err:
+                late.infer("slow", inputs(quick), client_timeout=0.5)
+        assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED", err.value
+        deadline = time.monotonic() + 30
+        while not any("code=DEADLINE_EXCEEDED" in line or "code=CANCELLED" in line
+                      for line in access()):  # fmt: skip
+            assert time.monotonic() < deadline, srv.log
+            time.sleep(0.05)
+    finally:
+        srv.terminate()
+    assert any("code=DEADLINE_EXCEEDED" in line for line in access()), access()
 
 
 def test_a_run_whose_clients_all_gave_up_is_stopped_and_frees_the_model(tmp_path):

@@ -58,7 +58,17 @@ def test_the_repository_index_lists_every_served_model_ready(client, server):
     index = client.get_model_repository_index(as_json=True)
     rows = {(m["name"], m["version"], m["state"]) for m in index["models"]}
     assert rows == {("classifier", "1", "READY"), ("encoder", "1", "READY")}, index
-    with grpc.insecure_channel(server.url) as channel:  # tritonclient cannot ask ready=true
+    with grpc.insecure_channel(server.url) as channel:  # tritonclient cannot ask these
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         ready = stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True))
+        # The one repository has no name: a named one is refused (as Triton does).
+        with pytest.raises(grpc.RpcError) as err:
+            stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(repository_name="other"))
     assert {(m.name, m.version, m.state) for m in ready.models} == rows
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "'other'" in err.value.details() and "repository_name empty" in err.value.details()
+
+
+def test_server_metadata_lists_the_extensions_served(client):
+    extensions = set(client.get_server_metadata().extensions)
+    assert extensions == {"classification", "model_configuration", "statistics"}
