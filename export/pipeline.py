@@ -34,6 +34,7 @@ from quantgate.export.validation import (
     TorchOutputs,
     ValidationReport,
     build_cases,
+    check_padding,
     input_specs,
     output_specs,
     reference_outputs,
@@ -131,6 +132,9 @@ class ExportResult:
             "exporter": self.exporter.value,
             "opset": self.opset,
             "max_seq_len": self.max_seq_len,
+            # what fills a row past its real length, per input: the server pads batched
+            # requests with it (a GPT-2 classifier finds each row's last token by its pad id)
+            "pad_values": {i.name: i.pad_value for i in self.model.inputs},
             "optimized": self.onnx != self.unfused_onnx,
             "fusions": self.fusions,
             "fusion_summary": fusion_summary(self.fusions),
@@ -200,6 +204,7 @@ def export_fp32(
     cases = tuple(build_cases(model, mid_batch=cfg.mid_batch))
     refs = tuple(reference_outputs(model, cases))
     outputs = output_specs(model.outputs, cases, refs)
+    check_padding(model, cases, refs, atol=cfg.atol, rtol=cfg.rtol)  # before any export
 
     order = AUTO_ORDER if cfg.exporter is Exporter.AUTO else (cfg.exporter,)
     attempts: list[str] = []

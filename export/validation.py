@@ -24,6 +24,8 @@ from quantgate.model.loaders import InputSpec, LoadedModel, Samples
 
 log = logging.getLogger(__name__)
 
+MASK = "attention_mask"  # the input that tells a row's tokens from its padding
+
 BATCH, SEQUENCE = "batch", "sequence"
 Feeds = dict[str, np.ndarray]
 TorchOutputs = tuple[np.ndarray, ...]
@@ -174,8 +176,9 @@ def reference_outputs(model: LoadedModel, cases: Sequence[Case]) -> list[TorchOu
             except Exception as e:  # noqa: BLE001 - the user's forward may raise anything
                 raise ExportError(
                     f"the model's forward failed in PyTorch on validation case {case.describe()}: "
-                    f"{type(e).__name__}: {e}. Exported models must accept every batch size and "
-                    f"sequence length up to {model.max_seq_len}, the model's max_seq_len "
+                    f"{type(e).__name__}: {str(e).rstrip('.')}. Exported models must accept "
+                    f"every batch size and sequence length up to {model.max_seq_len}, the "
+                    "model's max_seq_len "
                     "(a factory's attribute, else its example's width; --max-seq-len lowers it)."
                 ) from e
             if len(out) != len(model.outputs):
@@ -202,6 +205,77 @@ def reference_outputs(model: LoadedModel, cases: Sequence[Case]) -> list[TorchOu
                 )
             refs.append(arrays)
     return refs
+
+
+def check_padding(
+    model: LoadedModel, cases: Sequence[Case], refs: Sequence[TorchOutputs], *, atol, rtol
+) -> None:
+    """A row's answer must not move with its padding: the server batches requests of
+    different lengths by padding them (each input with its pad value, the attention mask 0
+    there). Every padded row of ``cases``, run alone without its padding in PyTorch, must
+    give what it gave padded in ``refs`` (on its real positions, for an output with a
+    sequence axis), within ``atol + rtol * |padded|``. ExportError listing every row that
+    moved. Models without an attention mask are not padded by the server: not checked."""
+    import torch
+
+    if MASK not in model.input_names:
+        return
+    failures = []
+    with torch.no_grad(), warnings_logged("the model warned"):
+        for case, ref in zip(cases, refs, strict=True):
+            lengths = case.feeds[MASK].sum(1) if case.padded_rows else ()
+            for row, n in enumerate(int(n) for n in lengths):
+                if n == case.sequence:
+                    continue
+                args = [torch.from_numpy(case.feeds[name][row : row + 1, :n].copy())
+                        for name in model.input_names]  # fmt: skip
+                alone = [a.detach().numpy() for a in model.module(*args)]
+                for name, a, r in zip(model.outputs, alone, ref, strict=True):
+                    r = r[row : row + 1]
+                    if r.ndim >= 2 and r.shape[1] == case.sequence and a.shape[1:2] == (n,):
+                        r = r[:, :n]  # its real positions
+                    err = np.abs(a.astype(np.float64) - r) if a.shape == r.shape else None
+                    if err is None or (err > atol + rtol * np.abs(r)).any():
+                        moved = "its shape" if err is None else f"by up to {err.max():.3g}"
+                        failures.append(
+                            f"{name}, row {row} of {case.describe()} ({n} tokens, padded "
+                            f"to {case.sequence}): alone it differs {moved}"
+                        )
+    if failures and _mask_unread(model, cases, refs):
+        raise ValidationError(
+            f"{MASK}: not read by the model (its outputs are the same with the padding "
+            "attended), so a row padded to be batched gets another answer than alone: "
+            + "; ".join(failures[:2])
+            + f". Use {MASK} (in attention and pooling), or leave it out of the model's "
+            "inputs: the server then batches only requests of one length."
+        )
+    if failures:
+        pads = {i.name: i.pad_value for i in model.inputs if i.name != MASK}
+        raise ValidationError(
+            f"the model's answer for a row changes when the row is padded ({len(failures)} "
+            f"of its outputs' rows, at atol={atol:g}, rtol={rtol:g}): "
+            + "; ".join(failures[:4])
+            + f". The server batches requests by padding them so (pad values {pads}, the "
+            "attention mask 0), and would answer a request differently alone and batched. "
+            "Known causes: a classifier that finds each row's last token by config.json's "
+            "pad_token_id while rows are padded with another id; pooling or attention that "
+            "does not read the attention mask. Fix the model; if the differences are float "
+            "noise, loosen --atol/--rtol."
+        )
+
+
+def _mask_unread(model: LoadedModel, cases: Sequence[Case], refs: Sequence[TorchOutputs]) -> bool:
+    """Whether the model's outputs on the padded case stay what they are with every position
+    attended (the attention mask all 1s): it does not read its mask."""
+    import torch
+
+    k = next(i for i, c in enumerate(cases) if c.padded_rows)
+    feeds = {**cases[k].feeds, MASK: np.ones_like(cases[k].feeds[MASK])}
+    with torch.no_grad(), warnings_logged("the model warned"):
+        attended = model.module(*(torch.from_numpy(feeds[n]) for n in model.input_names))
+    return all(
+        np.array_equal(a.detach().numpy(), r) for a, r in zip(attended, refs[k], strict=True)
+    )
 
 
 @contextlib.contextmanager

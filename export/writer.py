@@ -66,6 +66,8 @@ def _bundle_tokenizer(extra: dict[str, Any], tmp: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    if isinstance(pad := hf.get("pad_token_id"), int):  # it pads as the model and server do
+        tokenizer.pad_token_id = pad
     tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
     return {**extra, "huggingface": {**hf, "tokenizer": TOKENIZER_DIR}}
 

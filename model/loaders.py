@@ -329,7 +329,11 @@ def load_huggingface(
             "has embeddings for"
         )
     max_seq_len = max_seq_len or limit
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = _hf_pad_id(path, config, tokenizer)
+    if getattr(model.config, "pad_token_id", None) is None:
+        # The tokenizer's, as Hugging Face's recipe for GPT-2 classifiers sets it: without
+        # one such a model cannot find each row's last token in a padded batch at all.
+        model.config.pad_token_id = pad_id
     inputs = tuple(InputSpec(n, "int64", pad_id if n == "input_ids" else 0) for n in names)
 
     if task in HF_HEADS:  # (batch, classes) logits, or (batch, sequence, classes)
@@ -368,6 +372,34 @@ def load_huggingface(
             **extra_task,
         },
     )
+
+
+def _hf_pad_id(path: Path, config: Any, tokenizer: Any) -> int:
+    """The id that pads a row of the model's token ids: config.json's ``pad_token_id``, the
+    model's own (a GPT-2 classifier finds each row's last token by it; RoBERTa numbers
+    positions after it), else its tokenizer's (which the model is then given). The tokenizer
+    pads with it from here on (the bundle records it; the server pads batches with it).
+    Refused where neither names one: rows of different lengths cannot be batched."""
+    model_pad, tokenizer_pad = getattr(config, "pad_token_id", None), tokenizer.pad_token_id
+    if model_pad is None and tokenizer_pad is None:
+        raise ModelLoadError(
+            f"{path}: neither config.json nor the tokenizer names a padding token, and rows "
+            "of different lengths are padded to be batched (in validation, calibration and "
+            'serving). Set "pad_token_id" in config.json and "pad_token" in '
+            "tokenizer_config.json to the same token (for GPT-2 style models, the end-of-text "
+            "token, as their classifiers are fine-tuned with)."
+        )
+    if isinstance(model_pad, list):  # some configs list one per vocabulary
+        model_pad = model_pad[0] if model_pad else None
+    if model_pad is not None and tokenizer_pad is not None and model_pad != tokenizer_pad:
+        log.warning(
+            "%s: config.json's pad_token_id is %s, the tokenizer pads with %s: quantgate pads "
+            "with %s, the model's own",
+            path, model_pad, tokenizer_pad, model_pad,
+        )  # fmt: skip
+    pad = int(model_pad if model_pad is not None else tokenizer_pad)
+    tokenizer.pad_token_id = pad
+    return pad
 
 
 def _hf_task(path: Path, archs: Sequence[str], task: str | None) -> str:

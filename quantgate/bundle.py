@@ -199,6 +199,16 @@ class Manifest:
         n = self.export.get("max_seq_len")
         return int(n) if n else None
 
+    @property
+    def pad_values(self) -> dict[str, int | float]:
+        """What fills a row past its real length, per input (0 where not recorded): the
+        export's record, else, for bundles before it, a Hugging Face model's pad token id."""
+        recorded = self.export.get("pad_values")
+        if isinstance(recorded, dict):
+            return {str(k): v for k, v in recorded.items() if isinstance(v, (int, float))}
+        pad = (self.extra.get("huggingface") or {}).get("pad_token_id")
+        return {"input_ids": int(pad)} if isinstance(pad, int) else {}
+
     def variant(self, precision: str) -> Variant:
         for v in self.variants:
             if v.precision == precision:

@@ -155,20 +155,21 @@ class ModelInfo:
     def from_model(cls, model: Any, inputs: Sequence[TensorSpec]) -> ModelInfo:
         """From a loaded model (``model.loaders.LoadedModel``) and the ``inputs`` its export
         has (``export.validation.input_specs``): data checked before the export runs."""
-        return cls._make(inputs, model.task, model.max_seq_len, model.source, model.extra)
+        pads = {i.name: i.pad_value for i in model.inputs if i.pad_value}
+        return cls._make(inputs, model.task, model.max_seq_len, model.source, model.extra, pads)
 
     @classmethod
     def from_manifest(cls, m: Manifest, root: Path | None = None) -> ModelInfo:
         """From a bundle's manifest; ``root``, the bundle's directory, resolves the tokenizer
         it carries."""
         max_seq_len = m.max_seq_len or 0
-        return cls._make(m.inputs, m.task, max_seq_len, m.source, m.extra, root)
+        return cls._make(m.inputs, m.task, max_seq_len, m.source, m.extra, m.pad_values, root)
 
     @classmethod
-    def _make(cls, inputs, task, max_seq_len, source, extra, root=None) -> ModelInfo:
+    def _make(cls, inputs, task, max_seq_len, source, extra, pads, root=None) -> ModelInfo:
         extra = extra or {}
         hf = extra.get("huggingface") or {}
-        tokenizer, pads = hf.get("tokenizer"), {}
+        tokenizer, pads = hf.get("tokenizer"), dict(pads)
         limits = _id_limits(extra.get("model") or {}, {"input_ids": "vocab_size"})
         if tokenizer:
             if root is not None:  # a bundle's own copy is relative to it; older ones absolute
@@ -176,7 +177,7 @@ class ModelInfo:
             # what the manifest records, else the model's config.json where the tokenizer
             # directory is the model's own (an export; bundles before they carried a copy)
             cfg = {**_hf_config(tokenizer), **{k: v for k, v in hf.items() if v is not None}}
-            pads = {"input_ids": int(cfg.get("pad_token_id") or 0)}
+            pads = pads or {"input_ids": int(cfg.get("pad_token_id") or 0)}
             limits = _id_limits(cfg, HF_ID_LIMITS)
         return cls(
             inputs=tuple(inputs),
@@ -228,6 +229,8 @@ class DataSource:
     # (samples,) uint64: each row's row_hashes, in any order; None: not known
     row_hashes: np.ndarray | None = field(default=None, repr=False, compare=False)
     labels_ignored: bool = False  # it had labels, which the model's gates do not read
+    # what fills a row past its real length, per input (the model's, as the server pads)
+    pad_values: Mapping[str, int | float] = field(default_factory=dict, compare=False)
 
     @property
     def capped(self) -> bool:
@@ -316,6 +319,8 @@ def open_source(
         _warn_few_calibration_rows(source, samples, where=named(flag, spec, source))
     if role == "evaluation" and source.labels_ignored:
         _ignored_labels(named(flag, spec, source), model)
+    if not isinstance(spec, DataSource):
+        source = dataclasses.replace(source, pad_values=dict(model.pad_values))
     return source
 
 
@@ -910,7 +915,7 @@ def _jsonl(
             f"(it is not a Hugging Face model). Pass a .npz with arrays "
             f"{', '.join(model.input_names)} instead."
         )
-    tok = _tokenizer(model.tokenizer)
+    tok = tokenizer_of(model)
     limit = model.max_seq_len or None
     where = f"{flag} {path}"
     scan = _scan_jsonl(path, tok, limit, model, where)
@@ -1243,13 +1248,18 @@ def tokenize(texts: Sequence[str], model: ModelInfo, tokenizer: Any = None) -> F
 
 
 def tokenizer_of(model: ModelInfo):
-    """The model's own tokenizer (a bundle's copy): text to token ids, and back."""
+    """The model's own tokenizer (a bundle's copy): text to token ids, and back. It pads
+    with the model's pad id, as the server pads, also where the tokenizer names none of
+    its own (GPT-2's) or another than the model's config."""
     if model.tokenizer is None:
         raise DataError(
             "text needs the model's tokenizer, and this model has none (it is not a Hugging "
             f"Face model); send its inputs ({', '.join(model.input_names)}) as arrays instead"
         )
-    return _tokenizer(model.tokenizer)
+    tok = _tokenizer(model.tokenizer)
+    if (pad := model.pad_values.get("input_ids")) is not None and tok.pad_token_id != pad:
+        tok.pad_token_id = int(pad)
+    return tok
 
 
 def _tokenizer(directory: str):

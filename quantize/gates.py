@@ -53,6 +53,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -1155,7 +1156,7 @@ def batch_consistency(
     logits = tokens = judged = None
     for batch in data.batches():
         rows = _lone_requests(batch.feeds)
-        feeds = _right_padded(rows)
+        feeds = _right_padded(rows, data.pad_values)
         wanted = names if alone is None else [judged]  # every output only until one is judged
         together.batches.append(dict(zip(wanted, sess.run(wanted, feeds), strict=True)))
         together.masks.append(feeds.get("attention_mask"))
@@ -1231,9 +1232,12 @@ def _lone_requests(feeds: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray
     return rows
 
 
-def _right_padded(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """``rows`` in one batch as the server's batcher makes it: each input padded with zeros
-    after the row's tokens to the longest (a zero attention mask there)."""
+def _right_padded(
+    rows: list[dict[str, np.ndarray]], pads: Mapping[str, float] = MappingProxyType({})
+) -> dict[str, np.ndarray]:
+    """``rows`` in one batch as the server's batcher makes it: each input padded after the
+    row's tokens to the longest with its pad value (``pads``, default 0; a zero attention
+    mask there)."""
     if "attention_mask" not in rows[0]:
         return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
     longest = max(r["attention_mask"].shape[1] for r in rows)
@@ -1242,7 +1246,8 @@ def _right_padded(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         if first.ndim < 2 or first.shape[1] != rows[0]["attention_mask"].shape[1]:
             out[k] = np.concatenate([r[k] for r in rows])
             continue
-        padded = np.zeros((len(rows), longest, *first.shape[2:]), first.dtype)
+        pad = 0 if k == "attention_mask" else pads.get(k, 0)
+        padded = np.full((len(rows), longest, *first.shape[2:]), pad, first.dtype)
         for i, r in enumerate(rows):
             padded[i, : r[k].shape[1]] = r[k][0]
         out[k] = padded

@@ -487,14 +487,16 @@ class Batcher:
         return list(zip(split, timings, strict=True))
 
     def _assemble(self, group: list[_Pending]) -> dict[str, np.ndarray]:
-        """Stack requests into one batch, padding to the longest (mask 0 on padding)."""
+        """Stack requests into one batch, padding to the longest with each input's pad value
+        (mask 0 on padding)."""
         if self.model.sequence_axis is None:
             return {n: np.concatenate([p.feeds[n] for p in group]) for n in group[0].feeds}
         rows = sum(p.rows for p in group)
         length = max(p.length for p in group)
         feeds = {}
         for name, first in group[0].feeds.items():
-            batch = np.zeros((rows, length), dtype=first.dtype)  # (B, T); 0: padding, mask off
+            pad = self.model.pad_values.get(name, 0)  # the attention mask's: 0
+            batch = np.full((rows, length), pad, dtype=first.dtype)  # (B, T)
             row = 0
             for p in group:
                 batch[row : row + p.rows, : p.length] = p.feeds[name]

@@ -98,6 +98,10 @@ class Model:
         )
         self.max_batch_size = max_batch_size if self.batched else 0
         self.sequence_axis = self._sequence_axis()
+        # What fills a row past its length when requests are batched, per input, as the
+        # export validated: a model may read it (a GPT-2 classifier finds each row's last
+        # token by its pad id). The attention mask is 0 there, whatever was recorded.
+        self.pad_values = {**bundle.manifest.pad_values, MASK: 0}
         # The longest sequence the model was exported for (its position table); None: unknown.
         self.max_sequence = bundle.manifest.max_seq_len
         # Inputs that index a table (token ids): input -> rows; values outside are refused.

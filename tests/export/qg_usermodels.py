@@ -180,6 +180,18 @@ def unused_input() -> nn.Module:
     return Pooler({"input_ids": _ids(), "attention_mask": torch.ones(4, 10, dtype=torch.long)})
 
 
+def mean_over_padding() -> nn.Module:
+    """Reads its mask, but divides by the padded length: a row's answer shrinks with the
+    padding the server's batching adds to it."""
+
+    class PaddedMean(Pooler):
+        def forward(self, input_ids, attention_mask):
+            w = attention_mask.unsqueeze(-1).float()  # (B, T, 1)
+            return self.head((self.emb(input_ids) * w).sum(1) / input_ids.shape[1])
+
+    return PaddedMean({"input_ids": _ids(), "attention_mask": torch.ones(4, 10, dtype=torch.long)})
+
+
 def nan_output() -> nn.Module:
     class LogOfNegative(Pooler):  # a model broken on real input: NaN in PyTorch already
         def forward(self, input_ids, attention_mask=None):

@@ -506,12 +506,30 @@ def test_later_stages_add_variants_gates_and_report_sections(digits_result, tmp_
     assert not (tmp_path / "c").exists()
 
 
+def test_a_model_whose_answer_moves_with_its_padding_is_refused(cli, tmp_path):
+    """The server batches requests by padding them: a model whose row gets another answer
+    padded than alone would answer differently batched. Refused before any export."""
+    r = cli("export", "--no-quantize", "qg_usermodels:mean_over_padding", "--out", tmp_path / "b")
+    assert r.code == 3, r.stderr
+    err = " ".join(r.stderr.split())
+    assert "the model's answer for a row changes when the row is padded" in err, err
+    assert "row 1 of padded (batch 4, sequence 10" in err and "alone it differs by up to" in err
+    assert "pad values {'input_ids': 0}" in err and "Fix the model" in err
+    no_leftovers(tmp_path)
+
+
 def test_an_input_forward_ignores_is_named_with_what_to_do(cli, tmp_path):
     r = cli("export", "--no-quantize", "qg_usermodels:unused_input", "--out", tmp_path / "b")
     assert r.code == 3
     err = " ".join(r.stderr.split())
-    assert "attention_mask: not read by the exported graph" in err
-    assert "use it in tensor operations, or leave it out of the model's inputs" in err
+    assert (
+        "attention_mask: not read by the model (its outputs are the same with the padding attended)"
+        in err
+    )
+    assert (
+        "Use attention_mask (in attention and pooling), or leave it out of the model's inputs"
+        in err
+    )
     no_leftovers(tmp_path)
 
 

@@ -362,3 +362,48 @@ def test_sentence_pooling_follows_the_config_or_is_refused(tiny_bert, tmp_path, 
             load_model(path)
     else:
         assert load_model(path).extra["pooling"] == {"mode": mode, "normalize": False}
+
+
+def _without_pad_token(path: Path) -> Path:
+    """The tokenizer files at ``path`` made to name no padding token, as GPT-2's."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        cfg = json.loads((path / name).read_text())
+        cfg["pad_token"] = None  # left out, BERT's tokenizer class would default to [PAD]
+        (path / name).write_text(json.dumps(cfg))
+    tok = json.loads((path / "tokenizer.json").read_text())
+    tok["padding"] = None
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+    return path
+
+
+def test_a_gpt2_classifier_pads_with_the_id_it_finds_its_last_token_by(tiny_bert, tmp_path, cli):
+    """GPT-2 classifies by each row's last token, found by config.json's pad_token_id; its
+    tokenizer names no pad token. Rows are padded with that id everywhere (validation, the
+    bundle's tokenizer, the server); padded with 0 they were answered by a padding position."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from quantgate.bundle import load
+    from quantgate.quantize.data import ModelInfo, tokenizer_of
+
+    path = _without_pad_token(
+        tiny_bert(tmp_path / "gpt2", GPT2ForSequenceClassification, GPT2Config,
+                  num_labels=3, pad_token_id=102)
+    )  # fmt: skip
+    m = load_model(path)
+    assert m.task == "sequence-classification" and m.inputs[0].pad_value == 102
+    r = cli("export", "--no-quantize", path, "--out", tmp_path / "b")
+    assert r.code == 0, r.stderr
+    manifest = load(tmp_path / "b").manifest
+    assert manifest.pad_values["input_ids"] == 102
+    tok = tokenizer_of(ModelInfo.from_manifest(manifest, tmp_path / "b"))
+    assert tok(["one two three", "one"], padding=True)["input_ids"][1][-1] == 102
+
+    # Neither the config nor the tokenizer names one: refused before any work.
+    bare = _without_pad_token(
+        tiny_bert(tmp_path / "bare", GPT2ForSequenceClassification, GPT2Config, num_labels=3)
+    )
+    with pytest.raises(
+        ModelLoadError,
+        match='neither config.json nor the tokenizer names a padding token.*Set "pad_token_id"',
+    ):
+        load_model(bare)

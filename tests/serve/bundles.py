@@ -118,11 +118,13 @@ def hand_built(
     task: str = "feature-extraction",
     max_seq_len: int | None = None,
     extra: dict | None = None,
+    pad_values: dict | None = None,
 ) -> Path:
     """Write a bundle at ``out`` whose hand-built ONNX graph (``nodes``, ``initializers``)
     takes int64 ``inputs`` (batch, sequence) and answers one float ``output`` (name, dims):
     by default token ids alone (no attention mask, so requests are never padded) to scores
-    of the same shape. ``max_seq_len`` is recorded as the export's limit where given."""
+    of the same shape. ``max_seq_len`` is recorded as the export's limit where given, and
+    ``pad_values`` as the export's pad values per input."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -148,7 +150,10 @@ def hand_built(
                 ),
                 opset=17,
                 source={"kind": "test"},
-                export={} if max_seq_len is None else {"max_seq_len": max_seq_len},
+                export={
+                    **({} if max_seq_len is None else {"max_seq_len": max_seq_len}),
+                    **({} if pad_values is None else {"pad_values": pad_values}),
+                },
                 extra=extra or {},
             ),
         )

@@ -443,3 +443,47 @@ def test_a_timeout_beyond_what_the_platform_can_time_waits_without_end(classifie
     release.set()
     first.result(10)
     assert queued.result(10)[0]["logits"].shape[0] == 1
+
+
+def test_batched_requests_are_padded_with_each_inputs_recorded_pad_value(tmp_path):
+    """A model may read its padding (a GPT-2 classifier finds each row's last token by its
+    pad id): a short request batched with a long one is padded with the pad value the export
+    recorded (7 here), not 0. The graph counts the 7s in each row."""
+    from bundles import hand_built
+    from onnx import TensorProto, helper
+
+    from quantgate.bundle import CPU
+    from quantgate.serve.config import ServeConfig
+    from quantgate.serve.runtime import open_model
+
+    nodes = [
+        helper.make_node("Equal", ["input_ids", "seven"], ["is7"]),
+        helper.make_node("Cast", ["is7"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["f", "axis"], ["sevens"], keepdims=0),
+    ]
+    consts = (
+        helper.make_tensor("seven", TensorProto.INT64, [], [7]),
+        helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+    )
+    path = hand_built(
+        tmp_path / "sevens", nodes, "sevens", inputs=("input_ids", "attention_mask"),
+        output=("sevens", ("batch",)), initializers=consts, pad_values={"input_ids": 7},
+    )  # fmt: skip
+    model = open_model(path, ServeConfig(path=path), CPU)
+    b = batcher(model, max_batch_size=4)
+
+    def request(length: int) -> dict[str, np.ndarray]:
+        ids = np.ones((1, length), np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    assert b.infer(request(3), 1)[0]["sevens"].tolist() == [0]  # alone: no padding
+    started, release = hold_first_run(model)
+    busy = spawn(b.infer, request(2), 1)
+    assert started.wait(10)
+    short, long = spawn(b.infer, request(3), 1), spawn(b.infer, request(10), 1)
+    until(lambda: b.depth == 2)
+    release.set()
+    assert busy.result(10)[0]["sevens"].tolist() == [0]
+    assert short.result(10)[0]["sevens"].tolist() == [7]  # 7 positions of padding, with 7
+    assert long.result(10)[0]["sevens"].tolist() == [0]
+    assert b.close(timeout=5)
