@@ -57,9 +57,23 @@ _QATTENTION_ATTRS = {
 @dataclass(frozen=True)
 class Gemm:
     node: str  # node name
-    op_type: str  # "MatMul" | "Attention"
+    op_type: str  # "MatMul" | "Attention" | "Gemm"
     x: str  # activation input
-    w: str  # weight initializer (K, N)
+    w: str  # weight initializer (K, N); (N, K) where trans_b
+    trans_b: bool = False  # a Gemm's transB: its weight is stored transposed
+    bias: str = ""  # a Gemm's C, added after the product
+
+
+def _gemm_problem(n: onnx.NodeProto, inits: dict, aliases: dict, n_out: int) -> str | None:
+    """Why a Gemm node cannot become MatMulIntegerToFloat (x @ W + bias), or None."""
+    attrs = {a.name: oh.get_attribute_value(a) for a in n.attribute}
+    if attrs.get("alpha", 1.0) != 1.0 or attrs.get("transA", 0):
+        return "its alpha is not 1 or its A is transposed"
+    if len(n.input) > 2 and n.input[2]:
+        c = inits.get(_through_identities(n.input[2], inits, aliases))
+        if c is None or list(c.dims) != [n_out] or attrs.get("beta", 1.0) != 1.0:
+            return "its C is not a bias of one value per output column (times beta 1)"
+    return None
 
 
 def find_gemms(
@@ -67,18 +81,30 @@ def find_gemms(
 ) -> tuple[list[Gemm], dict[str, str]]:
     """Quantizable GEMMs among ``op_types``, and the nodes of those types that are not
     (name -> why). A MatMul of two activations (attention scores) is neither: it is not a GEMM
-    with weights."""
+    with weights. A weight is an initializer, or one read through Identity nodes: a weight
+    shared between layers (ALBERT's) is exported once and read so by every layer after the
+    first, which were left FP32 without a word before."""
     inits = {i.name: i for i in model.graph.initializer}
+    aliases = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity"}
     ops = set(op_types)
     gemms, skipped = [], {}
     for n in model.graph.node:
         if n.op_type not in ops or n.domain not in ("", MS):
             continue
-        w = inits.get(n.input[1]) if len(n.input) > 1 else None
+        name = _through_identities(n.input[1], inits, aliases) if len(n.input) > 1 else ""
+        w = inits.get(name)
         if w is None:
             continue  # activation x activation: not a weight GEMM
         if len(w.dims) != 2 or w.data_type != TensorProto.FLOAT:
-            skipped[n.name] = f"weight {n.input[1]} is not a 2-D float tensor"
+            skipped[n.name] = f"weight {name} is not a 2-D float tensor"
+            continue
+        if n.op_type == "Gemm":  # GPT-2's Conv1D: x (B*T, K) @ W + b
+            trans_b = any(a.name == "transB" and a.i for a in n.attribute)
+            if problem := _gemm_problem(n, inits, aliases, w.dims[0] if trans_b else w.dims[1]):
+                skipped[n.name] = problem
+                continue
+            bias = n.input[2] if len(n.input) > 2 else ""
+            gemms.append(Gemm(n.name, n.op_type, n.input[0], name, trans_b, bias))
             continue
         if n.op_type == "Attention":
             extra = [i for i in n.input[4:] if i]
@@ -86,7 +112,7 @@ def find_gemms(
             if extra or attrs:
                 skipped[n.name] = f"QAttention has no support for {extra or sorted(attrs)}"
                 continue
-        gemms.append(Gemm(n.name, n.op_type, n.input[0], n.input[1]))
+        gemms.append(Gemm(n.name, n.op_type, n.input[0], name))
     unnamed = [g for g in gemms if not g.node]
     if unnamed:
         raise QuantizeError(
@@ -94,6 +120,15 @@ def find_gemms(
             "reports. Name every node (the exporters and ORT's optimizer do)"
         )
     return gemms, skipped
+
+
+def _through_identities(name: str, inits: dict, aliases: dict[str, str]) -> str:
+    """The initializer ``name`` is, through a chain of Identity nodes; else ``name``."""
+    seen = set()
+    while name not in inits and name in aliases and name not in seen:
+        seen.add(name)
+        name = aliases[name]
+    return name
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -125,7 +160,8 @@ def calibrate(
     """Per-channel min/max of ``tensors`` over one pass of ``calibration()``.
 
     Rows where the feed ``attention_mask`` is 0 (padding) are left out when the mask's shape
-    is the tensor's leading shape. Only running statistics are kept."""
+    is the tensor's leading shape, or its size that of a tensor flattened to (B*T, K). Only
+    running statistics are kept."""
     import onnxruntime as ort
 
     tensors = list(dict.fromkeys(tensors))
@@ -155,7 +191,11 @@ def calibrate(
         mask = feeds.get(MASK_INPUT)
         for t in tensors:
             x = res[t] if t in res else feed[t]
-            keep = mask.astype(bool) if mask is not None and mask.shape == x.shape[:-1] else None
+            keep = None
+            if mask is not None and mask.shape == x.shape[:-1]:
+                keep = mask.astype(bool)
+            elif mask is not None and x.ndim == 2 and len(x) == mask.size:  # (B*T, K): a Gemm's
+                keep = mask.reshape(-1).astype(bool)
             stats[t].update(x, keep)
         samples += 1
         del res
@@ -236,7 +276,8 @@ def apply_smoothing(
                     oh.make_node("Mul", [t.x, p + "_inv_s"], [p + "_smoothed"], name=p + "_smooth")
                 )
                 done.add(t.x)
-            w = numpy_helper.to_array(inits[t.w]).astype(np.float32) * s[:, None]
+            w = numpy_helper.to_array(inits[t.w]).astype(np.float32)
+            w = w * (s[None, :] if t.trans_b else s[:, None])  # the input channels: K
             wname = _safe(n.name) + "_Wsmoothed"
             g.initializer.append(numpy_helper.from_array(w, wname))
             n.input[0], n.input[1] = p + "_smoothed", wname
@@ -364,6 +405,8 @@ def _integer_gemm(
     quantized per column, its rows multiplied by the input's smoothing scales; and the
     quantized weight's initializers."""
     w = numpy_helper.to_array(weight).astype(np.float32)
+    if t.trans_b:
+        w = w.T  # (N, K) -> (K, N)
     if xq.smoothing is not None:
         w = w * xq.smoothing[:, None]  # (K, N): row j carries channel j's divisor
     wq, ws, wzp = quantize_weight(w, recipe)
@@ -373,10 +416,11 @@ def _integer_gemm(
         numpy_helper.from_array(ws, p + "_Wscale"),
         numpy_helper.from_array(wzp, p + "_Wzp"),
     ]
-    if t.op_type == "MatMul":
+    if t.op_type in ("MatMul", "Gemm"):
         q = oh.make_node(
-            "MatMulIntegerToFloat",
-            [xq.q, p + "_Wq", xq.scale, p + "_Wscale", xq.zero_point, p + "_Wzp"],
+            "MatMulIntegerToFloat",  # its 7th input, a Gemm's bias, is added to the product
+            [xq.q, p + "_Wq", xq.scale, p + "_Wscale", xq.zero_point, p + "_Wzp"]
+            + ([t.bias] if t.bias else []),
             list(n.output),
             name=n.name + "_int8",
             domain=MS,
@@ -396,7 +440,15 @@ def _integer_gemm(
 
 
 def _drop_unused(g: onnx.GraphProto, candidates: set[str]) -> None:
-    """Drop the FP32 weights that were replaced, unless something else still reads them."""
+    """Drop the FP32 weights that were replaced, unless something else still reads them, and
+    the Identity nodes that read them for GEMMs that no longer do (shared weights)."""
+    while True:
+        read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if n.op_type == "Identity" and n.output[0] not in read]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     keep = [i for i in g.initializer if i.name in used or i.name not in candidates]
     del g.initializer[:]

@@ -17,6 +17,7 @@ kept, so memory does not grow with the number of samples.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -59,7 +60,8 @@ class Recipe:
     weight_symmetric: bool = True
     per_channel: bool = True  # weights: one scale per output column
     calibration: str = "minmax"  # minmax | entropy | percentile (the hand-built graph: minmax)
-    op_types: tuple[str, ...] = ("MatMul", "Attention")
+    # Gemm: GPT-2's Conv1D layers (x @ W + b), which the legacy exporter writes as Gemm
+    op_types: tuple[str, ...] = ("MatMul", "Attention", "Gemm")
     keep_fp32: tuple[str, ...] = ()  # node names (of the graph quantized) left in FP32
     # SmoothQuant-style migration: s_j = max(1, absmax_j / P(absmax)), x/s before the GEMM,
     # weight row j * s_j. 75 measured best on MiniLM (P50..P98 within 0.0003 cosine).
@@ -236,9 +238,17 @@ def quantize(
             f"recipe {recipe.name!r} failed on {src.name}: {type(e).__name__}: {e}"
         ) from e
     if not quantized:
+        import onnx
+
+        ops = collections.Counter(
+            n.op_type for n in onnx.load(str(src), load_external_data=False).graph.node
+        )
         raise QuantizeError(
-            f"recipe {recipe.name!r} quantized no node of {src.name} (op_types "
-            f"{list(recipe.op_types)}, {len(kept)} kept FP32): nothing to gain; check op_types"
+            f"recipe {recipe.name!r} quantized no node of {src.name}: it quantizes "
+            f"{', '.join(recipe.op_types)} nodes with weights, and found "
+            + (f"{len(kept)} it had to keep FP32" if kept else "none")
+            + f" (the graph's most common ops: {', '.join(f'{k} {v}' for k, v in ops.most_common(6))}). "
+            "INT8 has nothing to gain on this model; export it with --no-quantize."
         )
     seconds = time.perf_counter() - t0
     log.info(

@@ -78,6 +78,65 @@ def test_only_weight_gemms_are_quantized(tmp_path):
         np.testing.assert_array_equal(ref[1], q[1])
 
 
+def test_a_weight_shared_through_identity_is_quantized_for_every_layer(tmp_path):
+    """ALBERT's layers share weights: the exporter writes each once and every later layer
+    reads it through an Identity node. Both reads are weight GEMMs, quantized each; the
+    Identity and the FP32 weight leave the INT8 file."""
+    from onnx import TensorProto, numpy_helper
+    from onnx import helper as oh
+
+    w = np.random.default_rng(0).normal(0, 0.3, (8, 8)).astype(np.float32)
+    nodes = [
+        oh.make_node("MatMul", ["x", "w"], ["h"], name="layer0"),
+        oh.make_node("Identity", ["w"], ["w_again"], name="shared"),
+        oh.make_node("MatMul", ["h", "w_again"], ["y"], name="layer1"),
+    ]
+    info = lambda n: oh.make_tensor_value_info(n, TensorProto.FLOAT, ["B", "S", 8])  # noqa: E731
+    g = oh.make_graph(nodes, "shared", [info("x")], [info("y")], [numpy_helper.from_array(w, "w")])
+    src = tmp_path / "shared.onnx"
+    onnx.save(oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)]), str(src))
+    gemms, _ = graph.find_gemms(onnx.load(str(src)), ("MatMul",))
+    assert [(t.node, t.w) for t in gemms] == [("layer0", "w"), ("layer1", "w")]
+    feeds = [{"x": np.random.default_rng(i).normal(size=(2, 4, 8)).astype(np.float32)}
+             for i in range(8)]  # fmt: skip
+    qm = quantize(src, SMOOTH_STATIC, lambda: iter(feeds), tmp_path / "int8.onnx")
+    assert set(qm.quantized_nodes) == {"layer0", "layer1"}
+    got = ops(qm.path)
+    assert got.count("MatMulIntegerToFloat") == 2 and "MatMul" not in got and "Identity" not in got
+    assert "w" not in {i.name for i in onnx.load(str(qm.path)).graph.initializer}
+    assert rel_err(run(src, feeds[0])[0], run(qm.path, feeds[0])[0]) < 0.05
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_a_gemm_with_bias_is_quantized_as_a_matmul_with_its_bias(tmp_path, trans_b):
+    """GPT-2's Conv1D layers export as Gemm (x @ W + b on (B*T, K) rows): each becomes
+    MatMulIntegerToFloat with the bias as its 7th input, stored transposed or not; one
+    with an alpha is left FP32 and named."""
+    from onnx import TensorProto, numpy_helper
+    from onnx import helper as oh
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.3, (8, 6)).astype(np.float32)
+    b = rng.normal(0, 0.3, 6).astype(np.float32)
+    nodes = [
+        oh.make_node("Gemm", ["x", "w", "b"], ["y"], name="conv1d", transB=trans_b),
+        oh.make_node("Gemm", ["x", "w", "b"], ["z"], name="scaled", alpha=0.5, transB=trans_b),
+    ]
+    io = lambda n, k: oh.make_tensor_value_info(n, TensorProto.FLOAT, ["R", k])  # noqa: E731
+    weight = numpy_helper.from_array(w.T.copy() if trans_b else w, "w")
+    g = oh.make_graph(nodes, "gemm", [io("x", 8)], [io("y", 6), io("z", 6)],
+                      [weight, numpy_helper.from_array(b, "b")])  # fmt: skip
+    src = tmp_path / "gemm.onnx"
+    onnx.save(oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)]), str(src))
+    feeds = [{"x": rng.normal(size=(12, 8)).astype(np.float32)} for _ in range(8)]
+    qm = quantize(src, SMOOTH_STATIC, lambda: iter(feeds), tmp_path / "int8.onnx")
+    assert qm.quantized_nodes == ("conv1d",) and qm.kept_fp32 == ("scaled",)
+    assert ops(qm.path).count("MatMulIntegerToFloat") == 1
+    ref, got = run(src, feeds[0]), run(qm.path, feeds[0])
+    assert rel_err(ref[0], got[0]) < 0.03
+    np.testing.assert_array_equal(ref[1], got[1])
+
+
 def test_smoothing_cuts_the_error_of_outlier_channels(tmp_path):
     src = mlp(tmp_path / "mlp.onnx", outlier=60.0)
     feeds = mlp_feeds(8, outlier=60.0)
@@ -172,3 +231,19 @@ def test_per_tensor_and_reduce_range_weights(tmp_path):
     wq = init["up_Wq"]
     assert init["up_Wscale"].shape == () and np.abs(wq.astype(int)).max() <= 64
     assert rel_err(run(src, feeds[0])[0], run(qm.path, feeds[0])[0]) < 0.1
+
+
+def test_a_graph_without_weight_gemms_says_int8_has_nothing_to_gain(tmp_path):
+    from onnx import TensorProto
+    from onnx import helper as oh
+
+    io = lambda n: oh.make_tensor_value_info(n, TensorProto.FLOAT, ["R", 4])  # noqa: E731
+    g = oh.make_graph([oh.make_node("Relu", ["x"], ["y"], name="relu")], "g", [io("x")], [io("y")])
+    src = tmp_path / "relu.onnx"
+    onnx.save(oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)]), str(src))
+    feeds = [{"x": np.ones((2, 4), np.float32)}]
+    with pytest.raises(QuantizeError) as err:
+        quantize(src, SMOOTH_STATIC, lambda: iter(feeds), tmp_path / "int8.onnx")
+    said = str(err.value)
+    assert "quantizes MatMul, Attention, Gemm nodes with weights, and found none" in said, said
+    assert "most common ops: Relu 1" in said and "export it with --no-quantize" in said
