@@ -67,8 +67,8 @@ def check_labels(labels: Any, n: int, names: tuple[str, ...], where: str) -> np.
     if labels.shape == (n,) and labels.dtype.kind == "f":  # not whole, or not finite
         odd = ~np.isfinite(labels) | (labels != np.round(labels))
         raise DataError(
-            f"{where}: labels must be class indices (whole numbers); found "
-            f"{_values(labels[odd])} in {describe_rows(odd)}"
+            f"{where}: labels must be class indices (whole numbers); found others in "
+            f"{describe_row_values(labels, odd)}. Give each row a whole class index (0, 1, ...)."
         )
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
         what = "class indices or class names" if names else "integers (class indices)"
@@ -83,12 +83,18 @@ def check_labels(labels: Any, n: int, names: tuple[str, ...], where: str) -> np.
         bad |= labels > np.iinfo(np.int64).max
     if not bad.any():
         return labels.astype(np.int64)
-    found = f"label {_values(labels[bad])} in {describe_rows(bad)}"  # in their own dtype
+    found = describe_row_values(labels, bad)  # in their own dtype
     if not names:
-        raise DataError(f"{where}: labels must be class indices 0, 1, ...; found {found}")
+        raise DataError(
+            f"{where}: labels must be class indices 0, 1, ... (that fit int64); found others "
+            f"in {found}. Number the classes from 0."
+        )
+    n = len(names)
+    by_name = "" if names == tuple(map(str, range(n))) else " or one of its class names"
     raise DataError(
-        f"{where}: {found}, but the model has {describe_classes(names)}."
-        + one_based_hint(int(labels.min()), int(labels.max()), len(names))
+        f"{where}: labels outside the model's classes in {found}: the model has "
+        f"{describe_classes(names)}. Give each row a class index 0..{n - 1}{by_name}."
+        + one_based_hint(int(labels.min()), int(labels.max()), n)
     )
 
 
@@ -174,6 +180,17 @@ def quote(name: str) -> str:
     return json.dumps(name, ensure_ascii=False)
 
 
+def describe_row_values(values: np.ndarray, bad: np.ndarray) -> str:
+    """'2 rows (row 3: 10, row 17: 12)': the rows of boolean mask ``bad``, each with its
+    value in ``values`` (strings quoted), the first five shown."""
+    idx = np.flatnonzero(bad)
+    shown = [
+        f"row {i}: {quote(v) if isinstance(v := values[i].item(), str) else v}" for i in idx[:5]
+    ]
+    more = f", ... {len(idx) - 5} more" if len(idx) > 5 else ""
+    return f"{len(idx)} row{'s' if len(idx) > 1 else ''} ({', '.join(shown)}{more})"
+
+
 def describe_rows(bad: np.ndarray) -> str:
     """'3 rows (indices 3, 7, 11)' for a boolean row mask; the first five indices shown."""
     idx = np.flatnonzero(bad)
@@ -216,10 +233,14 @@ def _names_to_indices(
     unknown = np.array([isinstance(x, str) and x not in index for x in labels])
     if unknown.any():
         found = [x for x, u in zip(labels, unknown, strict=True) if u]
+        shown = np.array([x if isinstance(x, str) else "" for x in labels])
         raise DataError(
             f"{where}: "
             + _not_a_name(
-                f"label {_values(np.array(found))} in {describe_rows(unknown)}", found, names
+                f"the label{'s' if len(found) > 1 else ''} in {describe_row_values(shown, unknown)}",
+                found,
+                names,
+                verb="are" if len(found) > 1 else "is",
             )
         )
     return [index[x] if isinstance(x, str) else x for x in labels]
@@ -251,11 +272,11 @@ def _text(labels: np.ndarray, where: str) -> np.ndarray:
     return np.array(texts, dtype=str)
 
 
-def _not_a_name(found: str, labels: list[str], names: tuple[str, ...]) -> str:
+def _not_a_name(found: str, labels: list[str], names: tuple[str, ...], verb: str = "is") -> str:
     """'label "NEU" is not one of the model's class names ...' for ``found``, the labels
     ``labels`` that name no class, with a hint where one differs from a name only in case."""
     return (
-        f"{found} is not one of the model's class names (matched exactly); it has "
+        f"{found} {verb} not one of the model's class names (matched exactly); it has "
         f"{describe_classes(names)}" + _case_hint(labels, names)
     )
 
@@ -297,6 +318,7 @@ __all__ = [
     "MAX_NAMES_SHOWN",
     "check_labels",
     "describe_classes",
+    "describe_row_values",
     "describe_rows",
     "forms_problem",
     "label_forms",

@@ -144,22 +144,25 @@ def test_string_labels_need_a_model_with_class_names(tmp_path):
                        "be integer class indices"):  # fmt: skip
         open_source(tmp_path / "ev.npz", info, role="evaluation")
     np.savez(tmp_path / "neg.npz", **feeds, labels=np.array([0, -2, 1]))  # no classes: >= 0
-    with pytest.raises(DataError, match=r"found label -2 in 1 row \(index 1\)"):
+    with pytest.raises(DataError, match=r"found others in 1 row \(row 1: -2\)"):
         open_source(tmp_path / "neg.npz", info, role="evaluation")
 
 
 def test_npz_labels_outside_the_built_in_digits_are_named_by_row(tmp_path):
+    """Each bad label beside its own row (12 is row 3's, -1 row 17's), and what to do."""
     info = ModelInfo.from_export(tiny_export())  # the built-in model: classes '0'..'9'
     assert info.labels == tuple("0123456789") and info.classes == "10 classes (0..9)"
     feeds, labels = rng_feeds(40), np.arange(40) % 10
     open_source(write_npz(tmp_path / "ok.npz", feeds, labels), info, role="evaluation")
-    labels[[3, 17]] = [10, 12]
+    labels[[3, 17]] = [12, -1]
     with pytest.raises(DataError) as e:
         open_source(write_npz(tmp_path / "bad.npz", feeds, labels), info, role="evaluation")
-    assert ("bad.npz: label 10, 12 in 2 rows (indices 3, 17), but the model has 10 classes "
-            "(0..9).") in str(e.value)  # fmt: skip
+    assert str(e.value).endswith(
+        "bad.npz: labels outside the model's classes in 2 rows (row 3: 12, row 17: -1): the "
+        "model has 10 classes (0..9). Give each row a class index 0..9."
+    ), str(e.value)
     one_based = write_npz(tmp_path / "one.npz", feeds, np.arange(40) % 10 + 1)
-    with pytest.raises(DataError, match="label 10 in 4 rows .*They look 1-based"):
+    with pytest.raises(DataError, match=r"in 4 rows \(row 9: 10, row 19: 10, .*They look 1-based"):
         open_source(one_based, info, role="evaluation")
 
 
@@ -178,11 +181,12 @@ def test_a_bundle_s_class_names_check_the_items_of_an_iterable(classifiers):
     src = open_source(items, info, role="evaluation")
     assert labels_of(src) == [2, 0, 1, 2, 0, 1, 2, 2]
     items[1]["labels"] = [0, 3, 2, 3]
-    with pytest.raises(DataError, match=r"data item 1: label 3 in 2 rows \(indices 1, 3\), but the "
-                       r"model has 3 classes \(0\.\.2: neg, neu, pos\)"):  # fmt: skip
+    with pytest.raises(DataError, match=r"data item 1: labels outside the model's classes in 2 rows "
+                       r"\(row 1: 3, row 3: 3\): the model has 3 classes \(0\.\.2: neg, neu, pos\)\. "
+                       "Give each row a class index 0..2 or one of its class names"):  # fmt: skip
         open_source(items, info, role="evaluation")
     items[1]["labels"] = ["neg", "good", "neu", "neg"]
-    with pytest.raises(DataError, match=r'data item 1: label "good" in 1 row \(index 1\) is not '
+    with pytest.raises(DataError, match=r'data item 1: the label in 1 row \(row 1: "good"\) is not '
                        "one of the model's class names"):  # fmt: skip
         open_source(items, info, role="evaluation")
 
@@ -304,12 +308,12 @@ def test_uint64_labels_beyond_int64_are_reported_as_written(tmp_path):
     info = ModelInfo.from_export(tiny_export())  # classes '0'..'9'
     feeds, labels = rng_feeds(4), np.array([0, 1, 2**63 + 5, 3], np.uint64)
     np.savez(tmp_path / "big.npz", **feeds, labels=labels)
-    with pytest.raises(DataError, match=r"label 9223372036854775813 in 1 row \(index 2\), but "
+    with pytest.raises(DataError, match=r"in 1 row \(row 2: 9223372036854775813\): "
                        r"the model has 10 classes"):  # fmt: skip
         open_source(tmp_path / "big.npz", info, role="evaluation")
     unnamed = replace(info, labels=())  # no class names: any index >= 0 that fits int64
-    with pytest.raises(DataError, match=r"labels must be class indices 0, 1, \.\.\.; found label "
-                       r"9223372036854775813 in 1 row \(index 2\)"):  # fmt: skip
+    with pytest.raises(DataError, match=r"labels must be class indices 0, 1, \.\.\. \(that fit int64\); found "
+                       r"others in 1 row \(row 2: 9223372036854775813\)"):  # fmt: skip
         open_source(tmp_path / "big.npz", unnamed, role="evaluation")
     np.savez(tmp_path / "ok.npz", **feeds, labels=np.array([0, 9, 2**62, 3], np.uint64))
     src = open_source(tmp_path / "ok.npz", unnamed, role="evaluation")
@@ -420,7 +424,8 @@ def test_whole_float_labels_are_their_integers_and_fractions_are_refused(classif
     np.savez(half, **feeds, labels=np.arange(40) % 10 + 0.5)
     with pytest.raises(
         DataError,
-        match=r"labels must be class indices \(whole numbers\); found 0.5, 1.5, 2.5, 3.5, 4.5, ... in 40 rows",
+        match=r"labels must be class indices \(whole numbers\); found others in 40 rows \(row 0: "
+        r"0\.5, row 1: 1\.5, row 2: 2\.5, row 3: 3\.5, row 4: 4\.5, \.\.\. 35 more\)",
     ):
         open_source(half, digits, role="evaluation")
 
