@@ -216,7 +216,8 @@ def export_fp32(
             # ...but not on a full disk: say so, and do not spend minutes
             raise_if_full(e, workdir, f"the export ({exporter.value})")
             log.info("%s exporter: %s", exporter.value, e)
-            attempts.append(f"{exporter.value}: {str(e).splitlines()[0]}")
+            # the whole reason, on one line: its first line alone may say only "names differ"
+            attempts.append(f"{exporter.value}: {_one_line(str(e), 400)}")
             errors.append(e)
             continue
         return ExportResult(
@@ -239,6 +240,12 @@ def export_fp32(
             seconds=time.perf_counter() - t0,
         )
     raise _combine(errors, order)
+
+
+def _one_line(text: str, limit: int) -> str:
+    """``text``'s lines joined by "; ", cut at ``limit`` characters."""
+    joined = "; ".join(line.strip(" -") for line in text.splitlines() if line.strip())
+    return joined if len(joined) <= limit else joined[: limit - 3] + "..."
 
 
 def _export_one(

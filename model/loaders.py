@@ -317,6 +317,8 @@ def load_huggingface(
     model = _hf_model(path, task)
     takes = inspect.signature(model.forward).parameters
     names = [n for n in HF_INPUTS if n in takes and n in tokenizer.model_input_names]
+    if getattr(config, "type_vocab_size", None) == 0 and "token_type_ids" in names:
+        names.remove("token_type_ids")  # DeBERTa's: no table reads them, no graph input could
     if "input_ids" not in names:
         raise ModelLoadError(
             f"{path}: expected a text model taking input_ids; its forward takes {list(takes)[:6]}"

@@ -407,3 +407,15 @@ def test_a_gpt2_classifier_pads_with_the_id_it_finds_its_last_token_by(tiny_bert
         match='neither config.json nor the tokenizer names a padding token.*Set "pad_token_id"',
     ):
         load_model(bare)
+
+
+def test_token_type_ids_are_no_input_of_a_model_without_their_table(tiny_bert, tmp_path):
+    """DeBERTa-v2's config has type_vocab_size 0: no embedding reads token_type_ids, so no
+    exported graph has them as an input (the legacy exporter's validation refused the export
+    for that, and the dynamo exporter's kept an input nothing reads)."""
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    path = tiny_bert(tmp_path / "deberta", DebertaV2Model, DebertaV2Config, type_vocab_size=0)
+    assert [i.name for i in load_model(path).inputs] == ["input_ids", "attention_mask"]
+    typed = tiny_bert(tmp_path / "typed", DebertaV2Model, DebertaV2Config, type_vocab_size=2)
+    assert "token_type_ids" in [i.name for i in load_model(typed).inputs]
