@@ -1420,14 +1420,16 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
 
 
 def counted(source: DataSource, on_rows: Callable[[int], None]) -> Callable[[], Iterator[Feeds]]:
-    """``source`` as a calibration callable that reports rows as they are read."""
+    """``source`` as a calibration callable that reports rows as they are handed over (a
+    reader that stops at the end of its range never asks past the last batch: counted after
+    it, that batch went unreported, and a bar stopped at 192 of 200)."""
 
     def calibration() -> Iterator[Feeds]:
         done = 0
         for feeds in source():
-            yield feeds
             done += len(next(iter(feeds.values())))
             on_rows(done)
+            yield feeds
 
     return calibration
 

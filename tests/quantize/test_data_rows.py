@@ -223,3 +223,16 @@ def test_without_a_mask_a_row_runs_to_its_last_non_pad_id_for_its_hash_and_lengt
     assert one.lengths == (3, 3)  # the median length: the row with a pad id inside
     assert one.row_hashes.tolist() == row_hashes({"input_ids": ids[:1, :3]}, info).tolist()
     assert one.row_hashes.tolist() != row_hashes({"input_ids": np.array([[5, 7]])}, info).tolist()
+
+
+def test_calibration_progress_counts_every_batch_a_reader_takes(tmp_path):
+    """ORT's reader stops at the end of its range without asking past the last batch: that
+    batch is counted as it is handed over (a bar stopped at 192 of 200 before)."""
+    import itertools
+
+    from quantgate.quantize.data import counted
+
+    source = open_source(write_npz(tmp_path / "c.npz", rng_feeds(40)), DIGITS, role="calibration")
+    seen = []
+    batches = list(itertools.islice(counted(source, seen.append)(), 3))  # 16 + 16 + 8 rows
+    assert len(batches) == 3 and seen == [16, 32, 40]
