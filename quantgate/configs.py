@@ -46,6 +46,48 @@ def check_fields(cfg: Any) -> None:
         raise ConfigError(f"{type(cfg).__name__}: " + "; ".join(problems))
 
 
+def suggest_fields(cls: type) -> type:
+    """Decorate a config dataclass (above ``@dataclass``) so that a keyword that is none of
+    its fields is a TypeError naming the field it probably means, as a config file's unknown
+    setting is: ``GateConfig(min_speedp=1.1)`` says "did you mean 'min_speedup'?", not
+    Python's bare "unexpected keyword argument"."""
+    init = cls.__init__
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if unknown := sorted(kwargs.keys() - known):
+            raise TypeError(unknown_fields(cls.__name__, unknown, known))
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+def unknown_fields(owner: str, unknown: list[str], known: set[str]) -> str:
+    """'GateConfig: unknown field 'min_speedp' (did you mean 'min_speedup'?); its fields: ...'"""
+    named = [
+        f"{name!r}" + (f" (did you mean {close!r}?)" if (close := closest(name, known)) else "")
+        for name in unknown
+    ]
+    return (
+        f"{owner}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(named)}; its "
+        f"fields: {', '.join(sorted(known))}"
+    )
+
+
+def closest(name: str, known: set[str]) -> str | None:
+    """The known name ``name`` probably means: the one it is a prefix of (``min_top1`` is
+    ``min_top1_agreement``), else a close spelling; None where none is close."""
+    import difflib
+
+    prefixed = [k for k in sorted(known) if k.startswith(name)]
+    if len(prefixed) == 1:  # a prefix of several names says none of them
+        return prefixed[0]
+    found = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    return found[0] if found else None
+
+
 def wrong_types(cls: type, values: dict[str, Any]) -> list[tuple[str, str]]:
     """(field, what it must be) for each of ``values`` (fields of config ``cls``, as a file
     gives them) that ``cls`` would refuse, before making one."""

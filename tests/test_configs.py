@@ -81,3 +81,36 @@ def test_a_config_passed_as_a_dict_is_refused_with_how_to_make_one(tmp_path):
     with pytest.raises(TypeError, match="cfg: expected an ExportConfig, found dict"):
         export("model", tmp_path / "b", cfg={"opset": 17})
     assert not (tmp_path / "b").exists()
+
+
+def test_a_misspelt_field_is_answered_with_the_field_it_probably_means():
+    """``suggest_fields`` on a config: a keyword that is no field names the closest one (or
+    the one it is a prefix of), as a config file's unknown setting does; the rest of the
+    config is made and checked as before, and ``replace`` still works."""
+    import dataclasses
+
+    from quantgate.configs import check_fields, suggest_fields
+
+    @suggest_fields
+    @dataclasses.dataclass(frozen=True)
+    class Thresholds:
+        min_speedup: float = 1.2
+        min_top1_agreement: float = 0.95
+
+        def __post_init__(self):
+            check_fields(self)
+
+    with pytest.raises(TypeError) as err:
+        Thresholds(min_speedp=1.1)
+    assert str(err.value) == (
+        "Thresholds: unknown field 'min_speedp' (did you mean 'min_speedup'?); its fields: "
+        "min_speedup, min_top1_agreement"
+    )
+    with pytest.raises(TypeError, match=r"fields 'min_top1' \(did you mean 'min_top1_agreement'"
+                       r"\?\), 'zzz'; its fields"):  # fmt: skip
+        Thresholds(min_top1=0.9, zzz=1)
+    made = Thresholds(1.5, min_top1_agreement=0.9)
+    assert made == Thresholds(min_speedup=1.5, min_top1_agreement=0.9)
+    assert dataclasses.replace(made, min_speedup=2).min_speedup == 2.0  # check_fields ran
+    with pytest.raises(ConfigError, match="min_speedup: expected a number"):
+        Thresholds(min_speedup="fast")
