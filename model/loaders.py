@@ -600,12 +600,20 @@ def english_text() -> tuple[list[str], list[str]]:
 def load_factory(
     spec: str, *, task: str | None = None, max_seq_len: int | None = None
 ) -> LoadedModel:
+    mod, factory = factory_of(spec)
+    return _from_factory(spec, factory, mod, task=task, max_seq_len=max_seq_len)
+
+
+def factory_of(spec: str) -> tuple[ModuleType, Callable[[], Any]]:
+    """The module and the factory function ``package.module:factory`` (or
+    ``path/to/file.py:factory``) names, imported but not called; ModelLoadError saying what
+    is missing."""
     mod_name, func_name = spec.rsplit(":", 1)
     mod = _import_file(spec, Path(mod_name)) if mod_name.endswith(".py") else _import(spec)
     factory = getattr(mod, func_name, None)
     if not callable(factory):
         raise ModelLoadError(f"{spec}: module {mod_name!r} has no callable {func_name!r}")
-    return _from_factory(spec, factory, mod, task=task, max_seq_len=max_seq_len)
+    return mod, factory
 
 
 def load_object(

@@ -297,8 +297,9 @@ def _check_eval_rows(
 
 def _require_data(model_spec, calibration, evaluation) -> None:
     """Only a `quantgate train` checkpoint has data of its own (the digits splits): other
-    models need both files, which is known before minutes of export."""
-    from quantgate.model.loaders import spec_kind
+    models need both files, which is known before minutes of export. A factory that cannot
+    be imported is said first: that is the mistake to fix, not the data."""
+    from quantgate.model.loaders import factory_of, spec_kind
 
     missing = [
         flag
@@ -306,8 +307,11 @@ def _require_data(model_spec, calibration, evaluation) -> None:
         if spec is None
     ]
     # A checkpoint has its own data; for no model at all, export says what is wrong.
-    if not missing or spec_kind(model_spec) not in ("huggingface", "factory"):
+    kind = spec_kind(model_spec)
+    if not missing or kind not in ("huggingface", "factory"):
         return
+    if kind == "factory" and isinstance(model_spec, str):
+        factory_of(model_spec)  # imports it (as the export would first): ModelLoadError
     raise DataError(
         f"{' and '.join(f'{m} PATH' for m in missing)} required for this model: only the "
         'built-in digits model has data of its own. Pass a .jsonl of {"text": ..., "label": ...} '

@@ -518,6 +518,17 @@ def test_a_model_whose_answer_moves_with_its_padding_is_refused(cli, tmp_path):
     no_leftovers(tmp_path)
 
 
+def test_a_factory_that_cannot_be_imported_is_said_before_missing_data(cli, tmp_path):
+    """Without --calibration and --eval a factory's export is refused for want of data; a
+    factory that does not import at all is the mistake to name first."""
+    r = cli("export", "qg_no_such_module:make", "--out", tmp_path / "b")
+    assert r.code == 2
+    err = " ".join(r.stderr.split())
+    assert "cannot import 'qg_no_such_module'" in err and "--calibration" not in err, err
+    r = cli("export", "qg_usermodels:unused_input", "--out", tmp_path / "b")
+    assert r.code == 2 and "--calibration PATH and --eval PATH required" in r.stderr
+
+
 def test_an_input_forward_ignores_is_named_with_what_to_do(cli, tmp_path):
     r = cli("export", "--no-quantize", "qg_usermodels:unused_input", "--out", tmp_path / "b")
     assert r.code == 3
