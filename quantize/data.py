@@ -1282,6 +1282,9 @@ def _tokenizer(directory: str):
     except Exception as e:  # noqa: BLE001 - any failure means the same to the user
         raise DataError(f"cannot load the model's tokenizer from {directory}: {e}") from e
     tok.padding_side = "right"  # as the server pads requests, whatever the config says
+    # quantgate cuts texts at the model's max_seq_len itself, and says so in its own words:
+    # not transformers' warning of "indexing errors" against its own, other limit
+    tok.model_max_length = 1 << 62
     return tok
 
 
