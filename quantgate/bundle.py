@@ -763,6 +763,31 @@ def check_writable_target(out: Path, *, force: bool, inputs=()) -> None:
     problem = target_problem(out, force=force, is_ours=is_bundle, noun="bundle", inputs=inputs)
     if problem:
         raise BundleError(problem)
+    model = dict(inputs).get("model")
+    if not force and isinstance(model, (str, os.PathLike)) and is_bundle(out):
+        recorded = _recorded_model(out)
+        if recorded is not None and _model_name(recorded) != _model_name(model):
+            raise BundleError(
+                f"{out} holds the bundle of another model ({recorded}); this export is of "
+                f"{model}. Choose another --out, or pass --force to replace that bundle."
+            )
+
+
+def _recorded_model(bundle: Path) -> str | None:
+    """The model spec a bundle's manifest records it was exported from; None if unreadable."""
+    try:
+        spec = json.loads((bundle / MANIFEST).read_text()).get("source", {}).get("spec")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return spec if isinstance(spec, str) else None
+
+
+def _model_name(spec: str | os.PathLike) -> str:
+    """What tells two models apart across working directories: a factory's whole
+    ``module:function``, a directory's last name (the same model re-exported from elsewhere
+    replaces its bundle as before)."""
+    text = os.fspath(spec)
+    return text if ":" in text and not Path(text).exists() else Path(text).expanduser().name
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:

@@ -233,9 +233,10 @@ def test_output_mismatch_exits_3_and_keeps_the_previous_bundle(cli, digits_bundl
     out = tmp_path / "b"
     shutil.copytree(digits_bundle.path, out)
     before = (out / qb.MANIFEST).read_text()
-    r = cli(
-        "export", "--no-quantize", "qg_usermodels:diverges", "--out", out, "--exporter", "legacy"
-    )
+    r = cli(  # --force: the bundle there is another model's
+        "export", "--no-quantize", "qg_usermodels:diverges", "--out", out, "--exporter", "legacy",
+        "--force",
+    )  # fmt: skip
     assert r.code == 3
     err = " ".join(r.stderr.split())
     # Every shape is reported, not just the first failure.
@@ -527,6 +528,21 @@ def test_a_factory_that_cannot_be_imported_is_said_before_missing_data(cli, tmp_
     assert "cannot import 'qg_no_such_module'" in err and "--calibration" not in err, err
     r = cli("export", "qg_usermodels:unused_input", "--out", tmp_path / "b")
     assert r.code == 2 and "--calibration PATH and --eval PATH required" in r.stderr
+
+
+def test_a_bundle_of_another_model_is_not_replaced_without_force(cli, tmp_path, tiny_checkpoint):
+    """Exporting to a bundle of the same model replaces it (a re-export); exporting another
+    model over it, minutes of work lost, takes --force."""
+    out = tmp_path / "b"
+    assert cli("export", "--no-quantize", tiny_checkpoint, "--out", out).code == 0
+    assert cli("export", "--no-quantize", tiny_checkpoint, "--out", out).code == 0
+    r = cli("export", "--no-quantize", "qg_usermodels:dict_outputs", "--out", out)
+    assert r.code == 2, r.stderr
+    err = " ".join(r.stderr.split())
+    assert f"{out} holds the bundle of another model ({tiny_checkpoint})" in err, err
+    assert "pass --force to replace that bundle" in err
+    r = cli("export", "--no-quantize", "qg_usermodels:dict_outputs", "--out", out, "--force")
+    assert r.code == 0, r.stderr
 
 
 def test_an_input_forward_ignores_is_named_with_what_to_do(cli, tmp_path):
