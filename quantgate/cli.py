@@ -641,7 +641,22 @@ def _gate_config(file, max_accuracy_drop, min_speedup, min_cosine, min_top1, bas
         for name, (flag, value) in flags.items():
             if value is not None:
                 message = re.sub(rf"(?<![\w-]){name} (?=\S+: expected)", f"{flag} ", message)
-        raise ConfigError(message) from e
+        raise ConfigError(_in_file(message, file)) from e
+
+
+def _in_file(message: str, file: Path | None) -> str:
+    """GateConfig's "invalid gate config:" list with the settings the --gate-config file gave
+    named by it, as its other errors are (a flag's are named by the flag already)."""
+    head = "invalid gate config:\n"
+    if file is None or not message.startswith(head):
+        return message
+    problems = [line.removeprefix("  - ") for line in message[len(head) :].splitlines()]
+    named = [p if p.startswith("--") else f"--gate-config {file}: {p}" for p in problems]
+    if len(named) == 1:
+        return named[0]
+    if not any(p.startswith("--") for p in problems):  # all the file's: one line, as its others
+        return f"--gate-config {file}: " + "; ".join(problems)
+    return head + "\n".join(f"  - {p}" for p in named)
 
 
 def _bars(bar: Progress):
@@ -704,7 +719,12 @@ def inspect(
                 + f": inspect one ({path / inside[0]}), or see what each model would serve "
                 f"with `quantgate serve {path} --check`"
             )
-    b = load(path, verify=verify)
+    b = load(path, verify=False)  # a bundle that cannot be read is refused as it is
+    if verify:
+        try:
+            b = load(path)
+        except BundleError as e:  # only a file that fails its check: the manifest is read
+            raise BundleError(f"{e} To read its manifest anyway, pass --no-verify.") from e
     m = b.manifest
     e = m.export
     try:
@@ -1073,7 +1093,7 @@ def infer(
         Unauthenticated,
         Unavailable,
     )
-    from quantgate.serve.client import Client, ClientTLS
+    from quantgate.serve.client import Client, ClientTLS, ConnectionFailed
 
     if not inputs and not texts:
         raise ConfigError(
@@ -1094,6 +1114,8 @@ def infer(
     client_tls = ClientTLS(tls_ca, tls_cert, tls_key) if secure else None
     # verified: the tokenizer is the one the bundle was gated with
     bundle = None if bundle_dir is None else load(bundle_dir, verify=bool(texts))
+    if classes and bundle is not None:
+        _refuse_classes_of(bundle.manifest.task, bundle_dir)
     named = model or bundle.manifest.name
     with Client(url, token=token, timeout=timeout, tls=client_tls) as client:
         try:
@@ -1109,12 +1131,10 @@ def infer(
             raise Unauthenticated(
                 f"{e} (`quantgate infer` sends --token, or the QUANTGATE_AUTH_TOKEN variable)"
             ) from e
-        except Unavailable as e:
-            raise Unavailable(
-                f"no server is ready at {url} ({e}). Start one with `quantgate serve BUNDLE`, "
-                "pass --url to reach another"
-                + ("." if secure else ", or --tls-ca CA.pem for one serving TLS.")
-            ) from e
+        except ConnectionFailed as e:
+            given = {"--tls": tls, "--tls-ca": tls_ca, "--tls-cert": tls_cert, "--tls-key": tls_key}
+            tls_flags = [flag for flag, value in given.items() if value]
+            raise Unavailable(_cannot_connect(e, tls_flags, tls_ca)) from e
         spec = {t.name: t for t in metadata.inputs}
         tok, feeds, tagger = None, {}, False
         if texts:
@@ -1156,10 +1176,64 @@ def infer(
             )
 
 
+def _cannot_connect(e, tls_flags: list[str], tls_ca: Path | None) -> str:
+    """The client's ConnectionFailed ``e`` with what to do in infer's flags (``tls_flags``:
+    the TLS flags given)."""
+    drop = " and ".join(
+        [", ".join(tls_flags[:-1]), *tls_flags[-1:]] if tls_flags[1:] else tls_flags
+    )
+    if not tls_flags:  # a TLS server closes a plaintext connection
+        closed = "If it serves TLS, pass --tls-ca CA.pem (or --tls for a certificate trusted here)."
+    elif "--tls-cert" not in tls_flags:  # as a mutual-TLS server closes one without a certificate
+        closed = "If it asks for a client certificate (mutual TLS), pass --tls-cert and --tls-key."
+    else:
+        closed = "See the server's log for why (a certificate its --tls-client-ca did not sign?)."
+    advice = {
+        "unresolved": "Check the host in --url.",
+        "untrusted": "Pass --tls-ca with the CA that signed the server's certificate (a "
+        "self-signed certificate is its own CA)"
+        + ("." if tls_ca is None else f"; {tls_ca} is not it."),
+        "hostname": "Give --url the name its certificate holds.",
+        "not_tls": f"Drop {drop} to connect in plaintext.",
+        "not_grpc": "Give --url the server's gRPC port.",
+        "closed": closed,
+    }.get(e.cause)
+    if advice is None:  # nothing answered: refused, or a cause gRPC did not say
+        advice = "Start a server with `quantgate serve BUNDLE`, or pass --url to reach another."
+    return f"{e.what}. {advice}"
+
+
+def _refuse_classes_of(task: str, bundle_dir: Path) -> None:
+    """--classes on a model whose rows are not one score per class: Triton's classification
+    reads everything after the batch axis as a row, so a tagger's "classes" would be the
+    largest scores over all its tokens (index token * classes + class, unnamed), and an
+    embedding's the largest coordinates of its vectors. Refused, with what to ask instead."""
+    from quantgate.errors import ConfigError
+    from quantgate.quantize.data import EMBEDDING_TASKS, TOKEN_TASKS
+
+    if task in TOKEN_TASKS:
+        raise ConfigError(
+            f"--classes: {bundle_dir} is a token classifier ({task}), whose logits are "
+            "(batch, sequence, classes). --classes reads everything after the batch axis as "
+            "one row (Triton's rule), so it would print the largest scores over all tokens, "
+            "indexed token * classes + class, without names. For each token's top class by "
+            "name, send text: -t TEXT --bundle BUNDLE; for the scores, drop --classes."
+        )
+    if task in EMBEDDING_TASKS:
+        raise ConfigError(
+            f"--classes: {bundle_dir} is an embedding model ({task}): it has no classes, and "
+            "--classes would print the largest coordinates of each row's flattened vectors. "
+            "Drop --classes to print its outputs."
+        )
+
+
 def _print_classes(name: str, strings) -> None:
     """One line per row: its top classes, best first, from Triton's "score:index[:label]"."""
     rows = strings.reshape(-1, strings.shape[-1]) if strings.ndim else strings.reshape(1, -1)
-    out.print(f"{name}: top {rows.shape[1]} classes of each row", highlight=False)
+    k = rows.shape[1]
+    out.print(
+        f"{name}: {f'top {k} classes' if k != 1 else 'top class'} of each row", highlight=False
+    )
     for r, row in enumerate(rows):
         items = []
         for s in row:

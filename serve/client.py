@@ -10,6 +10,7 @@ ModelNotFound, Unavailable, ...) carrying the server's message.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,36 @@ from typing import Any
 import grpc
 import numpy as np
 
-from quantgate.errors import BadRequest, ConfigError
+from quantgate.errors import BadRequest, ConfigError, Unavailable
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.serve import codec
 from quantgate.serve.errors import from_status
 
 RECEIVE_LIMIT = "grpc.max_receive_message_length"
+
+
+class ConnectionFailed(Unavailable):
+    """The client could not reach a gRPC server at its url (gRPC's UNAVAILABLE, raised by
+    the channel, not answered by a server). ``cause`` is one of ``CAUSES``' keys, or
+    "unknown"; ``what`` says what happened, without advice, for a caller (the CLI) that
+    gives its own."""
+
+    def __init__(self, message: str, cause: str, what: str):
+        super().__init__(message)
+        self.cause, self.what = cause, what
+
+
+# What gRPC's details say when a channel cannot connect, by cause; the first that matches.
+CAUSES: dict[str, re.Pattern] = {
+    "unresolved": re.compile(r"errors resolving|DNS resolution failed|Domain name not found"),
+    "refused": re.compile(r"Connection refused"),
+    "untrusted": re.compile(r"CERTIFICATE_VERIFY_FAILED(?::\s*([^:()]+))?"),
+    "hostname": re.compile(r"Peer name \S+ is not in peer certificate"),
+    "not_tls": re.compile(r"WRONG_VERSION_NUMBER|packet length too long"),
+    "not_grpc": re.compile(r"Failed parsing HTTP/2|Expected SETTINGS frame"),
+    "closed": re.compile(r"Socket closed|Connection reset by peer|connection closed"),
+}
 
 
 @dataclass(frozen=True)
@@ -70,6 +94,7 @@ class Client:
             creds = grpc.ssl_channel_credentials(_read(tls.ca), _read(tls.key), _read(tls.cert))
             self._channel = grpc.secure_channel(url, creds, options=options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._url, self._tls = url, tls is not None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout
 
@@ -86,6 +111,10 @@ class Client:
         try:
             return method(request, timeout=timeout or self._timeout, metadata=self._metadata)
         except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE and (
+                failed := connection_failed(e.details() or "", self._url, tls=self._tls)
+            ):
+                raise failed from None
             raise from_status(e.code(), e.details()) from None
 
     def live(self) -> bool:
@@ -156,6 +185,63 @@ class Client:
             t.name: _decode(t, raw)
             for t, raw in zip(response.outputs, response.raw_output_contents, strict=True)
         }
+
+
+def connection_failed(details: str, url: str, *, tls: bool) -> ConnectionFailed | None:
+    """The ConnectionFailed that gRPC's UNAVAILABLE ``details`` describe, for a channel to
+    ``url`` (with ``tls`` or not); None where a server answered UNAVAILABLE itself (a full
+    queue, a drain), which its own message explains."""
+    cause = next((c for c, pattern in CAUSES.items() if pattern.search(details)), None)
+    if cause is None and "failed to connect" not in details:
+        return None
+    host = url.rsplit(":", 1)[0] if ":" in url else url
+    verify = CAUSES["untrusted"].search(details)
+    why = (verify.group(1) or "").strip() if verify else ""
+    what, advice = {
+        "unresolved": (
+            f"cannot connect to {url}: the host {host} does not resolve to an address",
+            "Check the host name in the url.",
+        ),
+        "refused": (
+            f"cannot connect to {url}: nothing listens there (connection refused)",
+            "Start a server with `quantgate serve BUNDLE`, or give the url of a running one.",
+        ),
+        "untrusted": (
+            f"the server at {url} serves TLS with a certificate this client does not trust "
+            f"(CERTIFICATE_VERIFY_FAILED{': ' + why if why else ''})",
+            "Give the CA that signed it (a self-signed certificate is its own): "
+            "Client(url, tls=ClientTLS(ca=Path('ca.pem'))).",
+        ),
+        "hostname": (
+            f"the certificate of the server at {url} does not name {host}",
+            "Connect by a name its certificate holds, or have it given one for this name.",
+        ),
+        "not_tls": (
+            f"the server at {url} does not serve TLS: it answered the TLS handshake in "
+            "plaintext (WRONG_VERSION_NUMBER)",
+            "Connect without TLS: Client(url) with no tls.",
+        ),
+        "not_grpc": (
+            f"the server at {url} answers HTTP/1, not gRPC (HTTP/2): it looks like a "
+            "server's metrics port (serve --metrics-port), not its gRPC port (serve --port, "
+            "8001 by default)",
+            "Give the url of the gRPC port.",
+        ),
+        "closed": (
+            f"the server at {url} closed the connection without answering"
+            + ("" if tls else "; a server that serves TLS does so to a plaintext client"),
+            "Connect with TLS: Client(url, tls=ClientTLS(ca=Path('ca.pem')))."
+            if not tls
+            else "If it asks for a client certificate (mutual TLS), give one: "
+            "ClientTLS(ca=..., cert=Path('client.pem'), key=Path('client.key')); else see the "
+            "server's log for why.",
+        ),
+        None: (
+            f"cannot connect to {url} ({details})",
+            "Check that a server runs there: `quantgate serve BUNDLE` starts one.",
+        ),
+    }[cause]
+    return ConnectionFailed(f"{what}. {advice}", cause or "unknown", what)
 
 
 def _decode(tensor: pb.ModelInferResponse.InferOutputTensor, raw: bytes) -> np.ndarray:

@@ -67,13 +67,10 @@ def load_repository(cfg: ServeConfig) -> Repository:
     name starts with "." are skipped.
     """
     root = Path(cfg.path)
-    if not root.exists():  # before the provider is chosen (and logged): nothing to serve
-        raise ServeError(f"{root} does not exist; expected a bundle or a folder of bundles")
+    _check_root(root)  # before the provider is chosen (and logged): nothing to serve
     provider = choose_provider(cfg.device)
     if qb.is_bundle(root):
         return Repository([open_model(root, cfg, provider)])
-    if not root.is_dir():
-        raise ServeError(f"{root} is neither a bundle nor a folder of bundles")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     versions = [p.name for p in folders if p.name.isdigit() and qb.is_bundle(p)]
     if versions:  # served as a repository, its versions would become models named "1", "2"
@@ -99,6 +96,22 @@ def load_repository(cfg: ServeConfig) -> Repository:
             f"or {root}/NAME/VERSION/manifest.json. Create one with `quantgate export`."
         )
     return Repository(models)
+
+
+def _check_root(root: Path) -> None:
+    """A ServeError, saying what to pass instead, where ``root`` is missing or a file."""
+    if not root.exists():
+        raise ServeError(
+            f"{root} does not exist; expected a bundle or a folder of bundles. Create a bundle "
+            "with `quantgate export`, or pass the path of one."
+        )
+    if not root.is_dir():
+        holder = next((p for p in root.parents if qb.is_bundle(p)), None)
+        instead = f" ({holder})" if holder is not None else ""
+        raise ServeError(
+            f"{root} is a file, not a bundle: a bundle is a directory holding {qb.MANIFEST}. "
+            f"Pass the bundle's directory{instead}, or a folder of bundles."
+        )
 
 
 def _open_model_folder(folder: Path, cfg: ServeConfig, provider: str) -> list[Model]:

@@ -363,3 +363,36 @@ def test_a_bad_threshold_flag_is_named_by_the_flag(cli, tmp_path, tiny_checkpoin
     r = cli("export", tiny_checkpoint, "--out", tmp_path / "b", "--min-top1", "1.5")
     assert r.code == 2 and "--min-top1 1.5: expected 0..1" in r.stderr, r.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_a_gate_config_files_bad_value_is_named_by_the_file(cli, tmp_path):
+    """A value GateConfig refuses is named by the --gate-config file that gave it, as the
+    file's other errors are; a bad flag beside it is still named by the flag."""
+    _tiny_bundle(tmp_path / "b", ())
+    gates = tmp_path / "gates.json"
+    gates.write_text('{"ci_rule": "upr"}')
+    r = cli("gate", tmp_path / "b", "--gate-config", gates)
+    assert r.code == 2, r.stderr
+    assert f"error: --gate-config {gates}: ci_rule 'upr': expected 'point' or 'upper'" in " ".join(
+        r.stderr.split()
+    )
+    r = cli("gate", tmp_path / "b", "--gate-config", gates, "--min-speedup", "-1")
+    lines = [line.strip() for line in r.stderr.splitlines()]
+    assert (
+        r.code == 2
+        and f"- --gate-config {gates}: ci_rule 'upr': expected 'point' or 'upper'" in lines
+    )
+    assert "- --min-speedup -1.0: expected a finite number > 0" in lines, r.stderr
+
+
+def test_inspect_refusing_a_changed_file_says_how_to_read_the_manifest_anyway(cli, tmp_path):
+    _tiny_bundle(tmp_path / "b", ())
+    (tmp_path / "b" / "model.int8.onnx").write_bytes(b"changed")
+    r = cli("inspect", tmp_path / "b")
+    message = " ".join(r.stderr.split())
+    assert r.code == 2 and "model.int8.onnx has sha256" in message, r.stderr
+    assert message.endswith("To read its manifest anyway, pass --no-verify."), r.stderr
+    r = cli("inspect", tmp_path / "b", "--no-verify")
+    assert r.code == 0 and "model.int8.onnx" in r.stdout, r.stderr
+    r = cli("inspect", tmp_path / "b" / "model.int8.onnx")  # not a bundle: no --no-verify
+    assert r.code == 2 and "is a file, not a bundle" in r.stderr and "--no-verify" not in r.stderr

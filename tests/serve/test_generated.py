@@ -160,3 +160,48 @@ print("ok")
     finally:
         assert srv.terminate() == 0, srv.log
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+def test_the_client_says_why_it_cannot_connect_and_what_to_do(tmp_path):
+    """gRPC's own UNAVAILABLE ("failed to connect to all addresses; ... Connection refused")
+    becomes a ConnectionFailed (an Unavailable) that says what went wrong and what to do:
+    nothing listening, an HTTP server where a gRPC one was meant (a metrics port), TLS asked
+    of a plaintext server. A server's own UNAVAILABLE (a full queue) is left as it says."""
+    import http.server
+    import socket
+    import threading
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]  # closed again: nothing listens on it
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    code = f"""
+from quantgate.errors import Unavailable
+from quantgate.serve.client import Client, ClientTLS, ConnectionFailed, connection_failed
+for url, tls in (("127.0.0.1:{free}", None), ("127.0.0.1:{web.server_port}", None),
+                 ("127.0.0.1:{web.server_port}", ClientTLS())):
+    try:
+        with Client(url, tls=tls, timeout=10) as c:
+            c.ready()
+    except ConnectionFailed as e:
+        assert isinstance(e, Unavailable)
+        print(e.cause, "|", e)
+assert connection_failed("model 'm' has 256 requests waiting: queue full", "u", tls=False) is None
+"""
+    try:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    finally:
+        web.shutdown()
+        web.server_close()
+    assert run.returncode == 0, run.stderr
+    refused, http, plaintext = run.stdout.splitlines()
+    assert refused == (
+        f"refused | cannot connect to 127.0.0.1:{free}: nothing listens there (connection "
+        "refused). Start a server with `quantgate serve BUNDLE`, or give the url of a running one."
+    )
+    assert http.startswith(f"not_grpc | the server at 127.0.0.1:{web.server_port} answers HTTP/1")
+    assert "metrics port (serve --metrics-port), not its gRPC port" in http, http
+    assert plaintext.startswith(f"not_tls | the server at 127.0.0.1:{web.server_port} does not "
+                                "serve TLS"), plaintext  # fmt: skip
+    assert plaintext.endswith("Connect without TLS: Client(url) with no tls."), plaintext

@@ -422,6 +422,12 @@ def test_infer_classes_prints_each_rows_top_classes_by_name(server, repo):
         best = np.argsort(-row, kind="stable")[:2]
         assert all(f"'{LABELS[i]}' ({i})" in line for i in best), line
         assert line.index(f"'{LABELS[best[0]]}'") < line.index(f"'{LABELS[best[1]]}'"), line
+    r = _quantgate("infer", "classifier", "--url", server.url, "-i", f"input_ids={ids.tolist()}",
+                   "-c", "1")  # fmt: skip
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[0] == "logits: top class of each row", r.stdout
+    for row, line in zip(logits, lines[1:], strict=True):
+        assert line.count("(") == 1 and f"'{LABELS[row.argmax()]}' ({row.argmax()})" in line, line
 
 
 def test_infer_with_a_bundles_name_a_repository_serves_under_another_says_so(server, repo):
@@ -731,3 +737,104 @@ def test_a_bare_ipv6_host_is_listened_on_and_printed_in_brackets(repo):
         assert srv.terminate() == 0, srv.log
     # the access log's peer as it is written, not as gRPC escapes it (ipv6:%5B::1%5D:port)
     assert re.search(r"ServerReady .* peer=ipv6:\[::1\]:\d+ ", srv.log), srv.log
+
+
+def test_infer_says_which_tls_or_port_mistake_kept_it_from_the_server(server, repo, tmp_path):
+    """The server is up in every case: infer says what is wrong with the connection (a CA
+    that did not sign its certificate, TLS asked of a plaintext server, no TLS asked of a
+    TLS one, no client certificate for mutual TLS, the metrics port given for the gRPC one)
+    and the flag that fixes it, not "no server is ready"."""
+    import pki
+
+    ca, other = pki.authority(), pki.authority("another CA")
+    cert, key = pki.server_files(tmp_path / "server", ca)
+    mine = pki.server_files(tmp_path / "client", ca)  # a certificate the CA signed serves
+    (tmp_path / "ca.pem").write_bytes(pki.pem(ca[0]))
+    (tmp_path / "other.pem").write_bytes(pki.pem(other[0]))
+    srv = ServerProcess(repo / "classifier", "--tls-cert", str(cert), "--tls-key", str(key),
+                        "--tls-client-ca", str(tmp_path / "ca.pem"), "--metrics-port", "0")  # fmt: skip
+    metrics = re.search(r"metrics on http://(127\.0\.0\.1:\d+)/", "".join(srv.stdout)).group(1)
+    ask = ("infer", "tiny-classifier", "-i", "input_ids=[[3, 4]]", "--timeout", "10", "--url")
+
+    def error(*args: str) -> str:
+        r = _quantgate(*ask, *args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+        (line,) = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+        assert "no server is ready" not in line, line
+        return line
+
+    try:
+        ca_flag = ("--tls-ca", str(tmp_path / "ca.pem"))
+        ok = _quantgate(
+            *ask, srv.url, *ca_flag, "--tls-cert", str(mine[0]), "--tls-key", str(mine[1])
+        )
+        assert ok.returncode == 0, ok.stderr
+        no_cert = error(srv.url, *ca_flag)
+        assert no_cert.endswith("If it asks for a client certificate (mutual TLS), pass "
+                                "--tls-cert and --tls-key."), no_cert  # fmt: skip
+        untrusted = error(srv.url, "--tls")
+        assert f"the server at {srv.url} serves TLS with a certificate this client does not " \
+               "trust (CERTIFICATE_VERIFY_FAILED" in untrusted, untrusted  # fmt: skip
+        assert untrusted.endswith("Pass --tls-ca with the CA that signed the server's "
+                                  "certificate (a self-signed certificate is its own CA).")  # fmt: skip
+        wrong_ca = error(srv.url, "--tls-ca", str(tmp_path / "other.pem"))
+        assert wrong_ca.endswith(f"; {tmp_path / 'other.pem'} is not it."), wrong_ca
+        plain = error(srv.url)
+        assert plain.endswith("If it serves TLS, pass --tls-ca CA.pem (or --tls for a "
+                              "certificate trusted here)."), plain  # fmt: skip
+        http = error(metrics)
+        assert f"the server at {metrics} answers HTTP/1, not gRPC (HTTP/2): it looks like a " \
+               "server's metrics port" in http and http.endswith("Give --url the server's gRPC port.")  # fmt: skip
+    finally:
+        assert srv.terminate() == 0, srv.log
+    not_tls = error(server.url, "--tls")  # the session's server: plaintext
+    assert not_tls == (f"error: the server at {server.url} does not serve TLS: it answered the "
+                       "TLS handshake in plaintext (WRONG_VERSION_NUMBER). Drop --tls to connect "
+                       "in plaintext.")  # fmt: skip
+
+
+def test_serve_handed_a_file_or_a_missing_path_says_what_to_pass(repo, tmp_path):
+    """As inspect does: a file is not a bundle (its bundle's directory is named), a missing
+    path is made with `quantgate export`; both refused before any provider is chosen."""
+    onnx = repo / "classifier" / "model.fp32.onnx"
+    r = _quantgate("serve", str(onnx), "--check")
+    assert r.returncode == 2, r.stderr
+    assert (f"error: {onnx} is a file, not a bundle: a bundle is a directory holding "
+            f"manifest.json. Pass the bundle's directory ({repo / 'classifier'}), or a folder "
+            "of bundles.") in r.stderr  # fmt: skip
+    assert "quantgate.serve.variants" not in r.stderr, r.stderr  # no provider chosen, logged
+    r = _quantgate("serve", str(tmp_path / "nope"))
+    assert (
+        r.returncode == 2
+        and (
+            f"error: {tmp_path / 'nope'} does not exist; expected a bundle or a folder of bundles. "
+            "Create a bundle with `quantgate export`, or pass the path of one."
+        )
+        in r.stderr
+    ), r.stderr
+
+
+@pytest.mark.parametrize("task", ["token-classification", "feature-extraction"])
+def test_infer_refuses_classes_of_a_model_whose_rows_are_not_classes(tmp_path, task):
+    """--classes reads everything after the batch axis as one row: on a tagger's (batch,
+    sequence, classes) logits or an embedding that would be flattened indices without names.
+    With --bundle the task is known, and the request is refused before any is sent (nothing
+    listens at --url here)."""
+    from onnx import helper
+
+    dims = ("batch", "sequence", 3)
+    out = hand_built(tmp_path / "b", [helper.make_node("Identity", ["input_ids"], ["logits"])],
+                     "b", output=("logits", dims), task=task)  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"127.0.0.1:{s.getsockname()[1]}"
+    r = _quantgate("infer", "--bundle", str(out), "--url", url, "-i", "input_ids=[[1]]", "-c", "2")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    message = " ".join(r.stderr.split())
+    assert message.startswith(f"error: --classes: {out} is "), message
+    assert "cannot connect" not in message, message
+    if task == "token-classification":
+        assert "indexed token * classes + class, without names" in message, message
+        assert "For each token's top class by name, send text: -t TEXT --bundle BUNDLE" in message
+    else:
+        assert "it has no classes" in message and "Drop --classes" in message, message
