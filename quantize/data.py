@@ -93,6 +93,7 @@ MIN_CALIBRATION_ROWS = 32
 EMBEDDING_TASKS = ("feature-extraction",)  # gated on agreement with FP32, not on labels
 TOKEN_TASKS = ("token-classification",)  # labels per token: (rows, sequence) arrays only
 NO_LABEL = -100  # a position without a token label (Hugging Face's ignore index)
+TYPE_IDS = "token_type_ids"  # zeros where data leaves them out: one segment
 
 
 def _ignored_labels(where: str, model: ModelInfo) -> None:
@@ -650,6 +651,10 @@ def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -
     """Names, then ranks and batch sizes, then sequence limits, then the values of masks and
     token ids; one DataError listing all."""
     problems: list[str] = []
+    if TYPE_IDS in model.input_names and TYPE_IDS not in feeds and "input_ids" in feeds:
+        # one segment, as Hugging Face models default them (and as JSONL text and `quantgate
+        # infer` fill them): a tokenizer asked for no token_type_ids gives an .npz without
+        feeds = {**feeds, TYPE_IDS: np.zeros_like(np.asarray(feeds["input_ids"]))}
     missing = [n for n in model.input_names if n not in feeds]
     extra = [n for n in feeds if n not in model.input_names and n != LABELS]
     if missing:

@@ -236,3 +236,15 @@ def test_calibration_progress_counts_every_batch_a_reader_takes(tmp_path):
     seen = []
     batches = list(itertools.islice(counted(source, seen.append)(), 3))  # 16 + 16 + 8 rows
     assert len(batches) == 3 and seen == [16, 32, 40]
+
+
+def test_an_npz_without_token_type_ids_is_one_segment(tmp_path):
+    """A tokenizer asked for no token_type_ids gives an .npz without them: zeros, as JSONL
+    text and `quantgate infer` have them, not a refusal."""
+    m = minilm_info()
+    ids = np.array([[101, 2023, 102, 0], [101, 2003, 2019, 102]], np.int64)
+    path = write_npz(
+        tmp_path / "t.npz", {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64)}
+    )
+    (batch,) = list(open_source(path, m, role="calibration").batches())
+    assert batch.feeds["token_type_ids"].tolist() == np.zeros_like(ids).tolist()
