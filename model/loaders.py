@@ -444,16 +444,41 @@ def _hf_model(path: Path, task: str) -> nn.Module:
         SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification,
         TOKEN_CLASSIFICATION: AutoModelForTokenClassification,
     }.get(task, AutoModel)
-    bar = hf_logging.is_progress_bar_enabled()
+    bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()  # its tqdm bar would tear through quantgate's own
+    # Its load report (a table with terminal colour codes) lists the head a checkpoint has
+    # and quantgate leaves behind, and the pooler it does not use, as alarms; what matters
+    # of it is said below.
+    hf_logging.set_verbosity_error()
     try:
         # Eager attention: with SDPA the exported graph hides attention from ORT's fusions.
-        return cls.from_pretrained(path, local_files_only=True, attn_implementation="eager").eval()
+        model, loading = cls.from_pretrained(
+            path, local_files_only=True, attn_implementation="eager", output_loading_info=True
+        )
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"cannot load {path} for {task}: {_brief(e)}") from e
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
+    _warn_random_weights(path, task, loading)
+    return model.eval()
+
+
+def _warn_random_weights(path: Path, task: str, loading: Mapping[str, Any]) -> None:
+    """Weights the checkpoint lacks, which transformers initialised at random: a warning
+    naming them. A feature extractor's pooler is not among them: quantgate pools itself."""
+    random = [
+        str(k) for k in (*loading.get("missing_keys", ()), *loading.get("mismatched_keys", ()))
+        if not (task == FEATURE_EXTRACTION and str(k).startswith("pooler."))
+    ]  # fmt: skip
+    if random:
+        log.warning(
+            "%s: %d weight(s) of the model are not in the checkpoint (or not of its shape) "
+            "and are random: %s%s. Its outputs are not the trained model's; fine-tune it, or "
+            "export the checkpoint it was trained as",
+            path, len(random), ", ".join(random[:4]), ", ..." if len(random) > 4 else "",
+        )  # fmt: skip
 
 
 def _readable(path: Path, tokenizer, samples: Samples) -> Samples:

@@ -419,3 +419,26 @@ def test_token_type_ids_are_no_input_of_a_model_without_their_table(tiny_bert, t
     assert [i.name for i in load_model(path).inputs] == ["input_ids", "attention_mask"]
     typed = tiny_bert(tmp_path / "typed", DebertaV2Model, DebertaV2Config, type_vocab_size=2)
     assert "token_type_ids" in [i.name for i in load_model(typed).inputs]
+
+
+def test_weights_the_checkpoint_lacks_are_named_and_a_dropped_pooler_is_not(
+    tiny_bert, tmp_path, caplog
+):
+    """transformers' load report lists a head left behind and an unused pooler as alarms, in
+    terminal colours; quantgate says only what matters: weights that are random."""
+    from transformers import BertForMaskedLM, BertModel
+
+    mlm = tiny_bert(tmp_path / "mlm", BertForMaskedLM)
+    with caplog.at_level("WARNING"):
+        load_model(mlm)  # the encoder, without its head, and without a pooler in the file
+    assert "random" not in caplog.text and "LOAD REPORT" not in caplog.text
+    bare = tiny_bert(tmp_path / "bare", BertModel)
+    config = json.loads((bare / "config.json").read_text())
+    (bare / "config.json").write_text(
+        json.dumps({**config, "architectures": ["BertForSequenceClassification"]})
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_model(bare)  # says it classifies, and has no classifier's weights
+    assert "2 weight(s) of the model are not in the checkpoint" in caplog.text, caplog.text
+    assert "classifier." in caplog.text and "are random" in caplog.text
