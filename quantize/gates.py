@@ -60,7 +60,7 @@ import numpy as np
 
 from quantgate import workarounds
 from quantgate.bundle import CPU, CUDA, GateResult
-from quantgate.configs import check_fields, wrong_types
+from quantgate.configs import check_fields, closest, suggest_fields, wrong_types
 from quantgate.errors import ConfigError, DataError, QuantizeError
 from quantgate.quantize.data import EMBEDDING_TASKS, NO_LABEL, TOKEN_TASKS, DataSource
 from quantgate.quantize.labels import one_based_hint
@@ -85,6 +85,7 @@ CLASSIFIER_TASKS = ("sequence-classification",)
 MIN_EVAL_ROWS = 30
 
 
+@suggest_fields
 @dataclass(frozen=True)
 class GateConfig:
     max_accuracy_drop: float = 1.0  # points of the task metric (percent), FP32 -> candidate
@@ -191,7 +192,7 @@ class GateConfig:
         known = {f.name for f in fields(cls)}
         problems = [
             f"unknown setting {name!r}"
-            + (f" (did you mean {close[0]!r}?)" if (close := _close(name, known)) else "")
+            + (f" (did you mean {close!r}?)" if (close := closest(name, known)) else "")
             for name in sorted(set(data) - known)
         ]
         if problems:
@@ -214,17 +215,6 @@ class GateConfig:
 
     def with_overrides(self, **overrides: Any) -> GateConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def _close(name: str, known: set[str]) -> list[str]:
-    """The known setting ``name`` probably means: a close spelling, or the setting a CLI
-    flag of that name sets (``min_top1`` is ``min_top1_agreement``)."""
-    import difflib
-
-    prefixed = [k for k in sorted(known) if k.startswith(name)]
-    if len(prefixed) == 1:  # a prefix of several names says none of them
-        return prefixed
-    return difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
 
 
 # -- running models ------------------------------------------------------------------------

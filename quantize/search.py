@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantgate.bundle import GateResult, TensorSpec, all_passed, speed_score
-from quantgate.configs import check_fields
+from quantgate.configs import check_fields, suggest_fields
 from quantgate.errors import ConfigError, QuantizeError
 from quantgate.fsutil import raise_if_full
 from quantgate.progress import ProgressFn, no_progress
@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # recipes import onnx; the search loads them when it runs
 log = logging.getLogger(__name__)
 
 
+@suggest_fields
 @dataclass(frozen=True)
 class QuantConfig:
     # Wall-clock seconds for the whole search (calibration, quantization, gates); checked

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantgate.configs import check_fields
+from quantgate.configs import check_fields, suggest_fields
 
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("fp32", "int8", "fp16")
@@ -34,6 +34,7 @@ class TLSConfig:
         check_fields(self)  # paths given as strings become Paths
 
 
+@suggest_fields
 @dataclass(frozen=True)
 class ServeConfig:
     path: Path  # one bundle, or a repository folder of bundles (see repository.load_repository)

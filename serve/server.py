@@ -380,31 +380,46 @@ def _cannot_listen(cfg: ServeConfig, address: str) -> str:
 
 
 def _check_ports(cfg: ServeConfig) -> None:
-    """Refuse a --port or --metrics-port another process listens on, before the models
-    load. The binds themselves stay the authority: this probe only moves a common mistake
-    earlier."""
-    if cfg.port and _taken(cfg.host, cfg.port):
-        raise ServeError(_cannot_listen(cfg, cfg.address()))
-    if cfg.metrics_port and _taken(cfg.host, cfg.metrics_port):
-        raise ServeError(
-            f"cannot serve metrics on {cfg.address(cfg.metrics_port)}: another process "
-            "listens on it. Choose another --metrics-port (0 picks a free one)."
-        )
+    """Refuse a --host or --port (or --metrics-port) that cannot be listened on, with the one
+    reason, before the models load: gRPC's failed bind does not say which it was. The binds
+    themselves stay the authority: this probe only moves common mistakes earlier."""
+    if problem := _bind_problem(cfg.host, cfg.port, "--port"):
+        raise ServeError(f"cannot listen on {cfg.address()}: {problem}")
+    if cfg.metrics_port and (
+        problem := _bind_problem(cfg.host, cfg.metrics_port, "--metrics-port")
+    ):
+        raise ServeError(f"cannot serve metrics on {cfg.address(cfg.metrics_port)}: {problem}")
 
 
-def _taken(host: str, port: int) -> bool:
-    """Whether a process listens on ``port`` at ``host``; False for any other bind error (a
-    host name, an address not of this machine), which the real bind reports."""
+def _bind_problem(host: str, port: int, flag: str) -> str | None:
+    """Why a plain socket cannot listen on ``port`` (``flag``'s) at ``host``, in words that
+    say what to do; None where it can."""
     try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            # As gRPC and the metrics server bind: a connection of the last server left in
-            # TIME_WAIT does not take the port; a process listening on it does.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
-    except OSError as e:
-        return e.errno == errno.EADDRINUSE
-    return False
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return (
+            f"--host {host} does not resolve to an address ({e.strerror}). Give a name or an "
+            "address of this machine: 0.0.0.0 for every interface, 127.0.0.1 for local clients"
+        )
+    for family, kind, proto, _, address in found:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                # As gRPC and the metrics server bind: a connection of the last server left in
+                # TIME_WAIT does not take the port; a process listening on it does.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return f"another process listens on it. Choose another {flag} (0 picks a free one)"
+            if e.errno == errno.EADDRNOTAVAIL:
+                return (
+                    f"--host {host} is not an address of this machine ({e.strerror}). Give one "
+                    "of its addresses, or 0.0.0.0 for every interface"
+                )
+            if e.errno == errno.EACCES:
+                return f"ports below 1024 need root. Choose another {flag} (0 picks a free one)"
+            return f"{e.strerror or e}"
+    return None
 
 
 def _add_inference_service(servicer: InferenceServicer, server: grpc.Server) -> None:

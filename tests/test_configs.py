@@ -114,3 +114,18 @@ def test_a_misspelt_field_is_answered_with_the_field_it_probably_means():
     assert dataclasses.replace(made, min_speedup=2).min_speedup == 2.0  # check_fields ran
     with pytest.raises(ConfigError, match="min_speedup: expected a number"):
         Thresholds(min_speedup="fast")
+
+
+def test_every_stage_config_names_the_field_a_misspelt_keyword_means():
+    from quantgate.export import ExportConfig
+    from quantgate.quantize import GateConfig, QuantConfig
+    from quantgate.serve import ServeConfig
+
+    for config, wrong, meant in (
+        (GateConfig, {"min_speedp": 1.1}, "min_speedup"),
+        (QuantConfig, {"search_budget": 60}, "search_budget_s"),
+        (ExportConfig, {"atl": 1e-3}, "atol"),
+        (ServeConfig, {"path": "b", "max_batch": 8}, "max_batch_size"),
+    ):
+        with pytest.raises(TypeError, match=f"did you mean '{meant}'"):
+            config(**wrong)
