@@ -81,9 +81,31 @@ console = _console(stderr=True)
 out = _console()
 
 
+class _Progress(Progress):
+    """Rich's live bars on a terminal. Elsewhere (a pipe, a CI log) rich prints them once, at
+    the end, whatever they hold: an empty line when no task began, a bar stopped at 0/7
+    before an early refusal's message. There they are printed at the end only where some
+    work was done."""
+
+    def start(self) -> None:
+        if self.console.is_terminal:
+            super().start()
+
+    def stop(self) -> None:
+        if self.console.is_terminal:
+            super().stop()
+
+    def __exit__(self, *exc) -> None:
+        if self.console.is_terminal:
+            return super().__exit__(*exc)
+        if any(task.completed for task in self.tasks):
+            self.console.print(self.get_renderable())
+        return None
+
+
 def progress() -> Progress:
     """A progress bar on stderr, so stdout stays clean for results."""
-    return Progress(
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

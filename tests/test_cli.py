@@ -396,3 +396,12 @@ def test_inspect_refusing_a_changed_file_says_how_to_read_the_manifest_anyway(cl
     assert r.code == 0 and "model.int8.onnx" in r.stdout, r.stderr
     r = cli("inspect", tmp_path / "b" / "model.int8.onnx")  # not a bundle: no --no-verify
     assert r.code == 2 and "is a file, not a bundle" in r.stderr and "--no-verify" not in r.stderr
+
+
+def test_an_early_refusal_is_the_first_thing_a_log_shows(cli, tmp_path):
+    """Off a terminal, rich printed its bars at the end whatever they held: an empty line, or
+    a bar at 0/7, before the refusal. Only bars of work done are printed now."""
+    r = cli("gate", tmp_path / "nope")
+    assert r.code == 2 and r.stderr.startswith("error: no bundle at "), repr(r.stderr[:80])
+    r = cli("export", "qg_no_such_module:make", "--no-quantize", "--out", tmp_path / "b")
+    assert r.code == 2 and r.stderr.startswith("error: cannot import"), repr(r.stderr[:80])
