@@ -157,8 +157,9 @@ def export(
 ) -> Bundle:
     """Export ``model_spec`` to a validated FP32 bundle at ``out`` (atomically).
 
-    ``out`` may be missing, empty or a bundle; any other directory is refused unless
-    ``force``. On any failure ``out`` is left as it was and no temporary files remain.
+    ``out`` may be missing, empty or a bundle of the same model; any other directory, or a
+    bundle of another model, is refused unless ``force``. On any failure ``out`` is left as
+    it was and no temporary files remain.
     """
     from quantgate.export.writer import write_bundle
 

@@ -71,6 +71,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from quantgate.bundle import model_identity
 from quantgate.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,13 @@ class LoadedModel:
 
     @property
     def source(self) -> dict[str, Any]:
-        return {"kind": self.kind, "spec": self.spec, "sha256": self.sha256}
+        # identity: the spec resolved, which tells a re-export from another model's
+        return {
+            "kind": self.kind,
+            "spec": self.spec,
+            "identity": model_identity(self.spec),
+            "sha256": self.sha256,
+        }
 
 
 class TupleOutputs(nn.Module):

@@ -764,30 +764,39 @@ def check_writable_target(out: Path, *, force: bool, inputs=()) -> None:
     if problem:
         raise BundleError(problem)
     model = dict(inputs).get("model")
-    if not force and isinstance(model, (str, os.PathLike)) and is_bundle(out):
-        recorded = _recorded_model(out)
-        if recorded is not None and _model_name(recorded) != _model_name(model):
+    if not force and model is not None and is_bundle(out):
+        recorded, given = _recorded_model(out), model_identity(model)
+        if recorded is not None and recorded != given:
             raise BundleError(
                 f"{out} holds the bundle of another model ({recorded}); this export is of "
-                f"{model}. Choose another --out, or pass --force to replace that bundle."
+                f"{given}. Choose another --out, or pass --force to replace that bundle."
             )
 
 
+def model_identity(spec: Any) -> str:
+    """What names a model wherever quantgate runs from: a directory's or a factory file's
+    resolved path (with the factory's name), a module factory's ``module:function``, a
+    Python object's ``module:qualname`` (its class's, for a module instance)."""
+    if not isinstance(spec, (str, os.PathLike)):
+        named = spec if callable(spec) and hasattr(spec, "__qualname__") else type(spec)
+        return f"{named.__module__}:{named.__qualname__}"
+    text = os.fspath(spec)
+    if Path(text).expanduser().exists():
+        return str(Path(text).expanduser().resolve())
+    head, colon, name = text.rpartition(":")
+    if colon and head.endswith(".py"):
+        return f"{Path(head).expanduser().resolve()}:{name}"
+    return text
+
+
 def _recorded_model(bundle: Path) -> str | None:
-    """The model spec a bundle's manifest records it was exported from; None if unreadable."""
+    """The identity (``model_identity``) of the model a bundle was exported from, as its
+    manifest records it; None where it records none (bundles before it) or is unreadable."""
     try:
-        spec = json.loads((bundle / MANIFEST).read_text()).get("source", {}).get("spec")
+        found = json.loads((bundle / MANIFEST).read_text()).get("source", {}).get("identity")
     except (OSError, ValueError, AttributeError):
         return None
-    return spec if isinstance(spec, str) else None
-
-
-def _model_name(spec: str | os.PathLike) -> str:
-    """What tells two models apart across working directories: a factory's whole
-    ``module:function``, a directory's last name (the same model re-exported from elsewhere
-    replaces its bundle as before)."""
-    text = os.fspath(spec)
-    return text if ":" in text and not Path(text).exists() else Path(text).expanduser().name
+    return found if isinstance(found, str) else None
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:

@@ -343,7 +343,11 @@ def export_command(
         str | None, typer.Option(help="Bundle name; default: the --out directory's name.")
     ] = None,
     force: Annotated[
-        bool, typer.Option(help="Replace --out even if it is a directory that is not a bundle.")
+        bool,
+        typer.Option(
+            help="Replace --out even if it is a directory that is not a bundle, or a bundle of "
+            "another model."
+        ),
     ] = False,
     no_quantize: Annotated[
         bool, typer.Option("--no-quantize", help="Stop after FP32: no INT8, no gates.")

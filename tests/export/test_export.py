@@ -127,7 +127,8 @@ def test_a_module_object_or_its_factory_exports_from_python(tmp_path):
     by_name = load_model("qg_usermodels:tagger")
     module = qg_usermodels.tagger()
     b = export(module, tmp_path / "object", cfg=ExportConfig())
-    assert b.manifest.source == {**by_name.source, "spec": "qg_usermodels:Tagger"}
+    named = "qg_usermodels:Tagger"
+    assert b.manifest.source == {**by_name.source, "spec": named, "identity": named}
     assert_validated(b.manifest)
     assert not module.training  # put in eval mode, as the export ran it
     assert load_model(qg_usermodels.tagger).source == by_name.source  # the same spec
@@ -530,16 +531,23 @@ def test_a_factory_that_cannot_be_imported_is_said_before_missing_data(cli, tmp_
     assert r.code == 2 and "--calibration PATH and --eval PATH required" in r.stderr
 
 
-def test_a_bundle_of_another_model_is_not_replaced_without_force(cli, tmp_path, tiny_checkpoint):
-    """Exporting to a bundle of the same model replaces it (a re-export); exporting another
-    model over it, minutes of work lost, takes --force."""
+def test_a_bundle_of_another_model_is_not_replaced_without_force(
+    cli, tmp_path, tiny_checkpoint, monkeypatch
+):
+    """Exporting to a bundle of the same model replaces it (a re-export, also named from
+    another directory); exporting another model over it, minutes of work lost, takes
+    --force, also where both models' directories have the same name."""
     out = tmp_path / "b"
     assert cli("export", "--no-quantize", tiny_checkpoint, "--out", out).code == 0
-    assert cli("export", "--no-quantize", tiny_checkpoint, "--out", out).code == 0
-    r = cli("export", "--no-quantize", "qg_usermodels:dict_outputs", "--out", out)
-    assert r.code == 2, r.stderr
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    assert cli("export", "--no-quantize", tiny_checkpoint.name, "--out", out).code == 0
+    twin = tmp_path / "elsewhere" / tiny_checkpoint.name
+    shutil.copytree(tiny_checkpoint, twin)
+    for other in (twin, "qg_usermodels:dict_outputs"):
+        r = cli("export", "--no-quantize", other, "--out", out)
+        assert r.code == 2, r.stderr
     err = " ".join(r.stderr.split())
-    assert f"{out} holds the bundle of another model ({tiny_checkpoint})" in err, err
+    assert f"{out} holds the bundle of another model ({tiny_checkpoint.resolve()})" in err, err
     assert "pass --force to replace that bundle" in err
     r = cli("export", "--no-quantize", "qg_usermodels:dict_outputs", "--out", out, "--force")
     assert r.code == 0, r.stderr
