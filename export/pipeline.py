@@ -205,7 +205,7 @@ def export_fp32(
     cases = tuple(build_cases(model, mid_batch=cfg.mid_batch))
     refs = tuple(reference_outputs(model, cases))
     outputs = output_specs(model.outputs, cases, refs)
-    check_padding(model, cases, refs, atol=cfg.atol, rtol=cfg.rtol)  # before any export
+    check_padding(model, cases, refs, outputs, atol=cfg.atol, rtol=cfg.rtol)  # before any export
 
     order = AUTO_ORDER if cfg.exporter is Exporter.AUTO else (cfg.exporter,)
     attempts: list[str] = []

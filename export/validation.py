@@ -208,17 +208,23 @@ def reference_outputs(model: LoadedModel, cases: Sequence[Case]) -> list[TorchOu
 
 
 def check_padding(
-    model: LoadedModel, cases: Sequence[Case], refs: Sequence[TorchOutputs], *, atol, rtol
+    model: LoadedModel,
+    cases: Sequence[Case],
+    refs: Sequence[TorchOutputs],
+    outputs: Sequence[TensorSpec],
+    *,
+    atol,
+    rtol,
 ) -> None:
     """A row's answer must not move with its padding: the server batches requests of
     different lengths by padding them (each input with its pad value, the attention mask 0
     there). Every padded row of ``cases``, run alone without its padding in PyTorch, must
     give what it gave padded in ``refs`` (on its real positions, for an output with a
     sequence axis), within ``atol + rtol * |padded|``. ExportError listing every row that
-    moved. Models without an attention mask are not padded by the server: not checked."""
+    moved. Models the server does not pad (``server_pads``) are not checked."""
     import torch
 
-    if MASK not in model.input_names:
+    if not server_pads(model.inputs, outputs):
         return
     failures = []
     with torch.no_grad(), warnings_logged("the model warned"):
@@ -262,6 +268,20 @@ def check_padding(
             "does not read the attention mask. Fix the model; if the differences are float "
             "noise, loosen --atol/--rtol."
         )
+
+
+def server_pads(inputs: Sequence[InputSpec], outputs: Sequence[TensorSpec]) -> bool:
+    """Whether the server pads requests of different lengths into one batch, by its rule
+    (``serve.runtime.Model``): an attention mask, every input (batch, sequence), and every
+    output's variable axes the batch, and the sequence at axis 1 only (so that each
+    request's answer can be cut back to its length)."""
+    if MASK not in {i.name for i in inputs} or any(i.fixed_dims for i in inputs):
+        return False
+    return all(
+        isinstance(d, int) or (k == 1 and d == SEQUENCE)
+        for t in outputs
+        for k, d in enumerate(t.dims[1:], start=1)
+    )
 
 
 def _mask_unread(model: LoadedModel, cases: Sequence[Case], refs: Sequence[TorchOutputs]) -> bool:

@@ -338,7 +338,8 @@ def load_huggingface(
             "has embeddings for"
         )
     max_seq_len = max_seq_len or limit
-    pad_id = _hf_pad_id(path, config, tokenizer)
+    vocab = model.get_input_embeddings().num_embeddings
+    pad_id = _hf_pad_id(path, config, tokenizer, task, vocab)
     if getattr(model.config, "pad_token_id", None) is None:
         # The tokenizer's, as Hugging Face's recipe for GPT-2 classifiers sets it: without
         # one such a model cannot find each row's last token in a padded batch at all.
@@ -375,7 +376,7 @@ def load_huggingface(
                 "tokenizer": str(path),
                 "pad_token_id": pad_id,
                 # the rows of the embedding tables: ids at or above them are refused as data
-                "vocab_size": model.get_input_embeddings().num_embeddings,
+                "vocab_size": vocab,
                 "type_vocab_size": getattr(config, "type_vocab_size", None),
             },
             **extra_task,
@@ -383,23 +384,31 @@ def load_huggingface(
     )
 
 
-def _hf_pad_id(path: Path, config: Any, tokenizer: Any) -> int:
+def _hf_pad_id(path: Path, config: Any, tokenizer: Any, task: str, vocab: int) -> int:
     """The id that pads a row of the model's token ids: config.json's ``pad_token_id``, the
     model's own (a GPT-2 classifier finds each row's last token by it; RoBERTa numbers
     positions after it), else its tokenizer's (which the model is then given). The tokenizer
     pads with it from here on (the bundle records it; the server pads batches with it).
-    Refused where neither names one: rows of different lengths cannot be batched."""
+
+    Where neither names one, a classifier is refused: a GPT-2 style classifier cannot find
+    a padded row's last token without it. Other models are padded with id 0 behind their
+    attention mask (the export's padding check shows that changes no answer). An id outside
+    the vocabulary is refused."""
     model_pad, tokenizer_pad = getattr(config, "pad_token_id", None), tokenizer.pad_token_id
-    if model_pad is None and tokenizer_pad is None:
-        raise ModelLoadError(
-            f"{path}: neither config.json nor the tokenizer names a padding token, and rows "
-            "of different lengths are padded to be batched (in validation, calibration and "
-            'serving). Set "pad_token_id" in config.json and "pad_token" in '
-            "tokenizer_config.json to the same token (for GPT-2 style models, the end-of-text "
-            "token, as their classifiers are fine-tuned with)."
-        )
     if isinstance(model_pad, list):  # some configs list one per vocabulary
         model_pad = model_pad[0] if model_pad else None
+    if model_pad is None and tokenizer_pad is None:
+        if task == SEQUENCE_CLASSIFICATION:
+            raise ModelLoadError(
+                f"{path}: neither config.json nor the tokenizer names a padding token, and a "
+                "classifier's rows of different lengths are padded to be batched (a GPT-2 "
+                'style classifier finds each row\'s last token by it). Set "pad_token_id" in '
+                'config.json and "pad_token" in tokenizer_config.json to the same token (for '
+                "GPT-2 style models, the end-of-text token, as their classifiers are "
+                "fine-tuned with)."
+            )
+        log.info("%s: no padding token named; rows are padded with id 0", path)
+        tokenizer_pad = 0
     if model_pad is not None and tokenizer_pad is not None and model_pad != tokenizer_pad:
         log.warning(
             "%s: config.json's pad_token_id is %s, the tokenizer pads with %s: quantgate pads "
@@ -407,6 +416,13 @@ def _hf_pad_id(path: Path, config: Any, tokenizer: Any) -> int:
             path, model_pad, tokenizer_pad, model_pad,
         )  # fmt: skip
     pad = int(model_pad if model_pad is not None else tokenizer_pad)
+    if not 0 <= pad < vocab:
+        whose = "config.json's pad_token_id" if model_pad is not None else "the tokenizer's pad"
+        raise ModelLoadError(
+            f"{path}: {whose} is {pad}, outside the model's vocabulary (ids 0..{vocab - 1}): "
+            "a padded row would index past its embedding table. Set it to a token of the "
+            "vocabulary (for GPT-2 style models, the end-of-text token)."
+        )
     tokenizer.pad_token_id = pad
     return pad
 

@@ -32,13 +32,14 @@ import numpy as np
 
 from quantgate import placement
 from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, all_passed, speed_gate_name
-from quantgate.configs import check_fields
+from quantgate.configs import check_fields, suggest_fields
 from quantgate.quantize.gates import session
 from quantgate.quantize.speed import speed_feeds, time_interleaved
 
 NOT_FOR_CUDA = "not for CUDA: "  # opens the note that says why INT8 is not served on CUDA
 
 
+@suggest_fields
 @dataclass(frozen=True)
 class CudaGateConfig:
     throughput: tuple[int, int] = (128, 128)  # (batch, sequence)

@@ -39,13 +39,14 @@ import numpy as np
 import onnx
 
 from quantgate.bundle import CPU
-from quantgate.configs import check_fields
+from quantgate.configs import check_fields, suggest_fields
 from quantgate.errors import QuantizeError
 from quantgate.quantize.gates import Fidelity, session
 
 log = logging.getLogger(__name__)
 
 
+@suggest_fields
 @dataclass(frozen=True)
 class Fp16Config:
     # Op types kept FP32 on top of ORT's DEFAULT_OP_BLOCK_LIST. Empty by default. Measured on

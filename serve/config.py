@@ -24,6 +24,7 @@ def token_problem(token: str) -> str | None:
     return None
 
 
+@suggest_fields
 @dataclass(frozen=True)
 class TLSConfig:
     cert: Path  # PEM server certificate chain

@@ -460,3 +460,15 @@ def test_non_finite_numbers_in_the_free_records_are_written_as_null(tmp_path):
         qb.write_manifest(tmp, dataclasses.replace(m, extra=extra))
     d = _strict((tmp_path / "b" / qb.MANIFEST).read_text())
     assert d["extra"]["quantization"]["candidates"][0]["accuracy"]["cosine"] is None
+
+
+def test_pad_values_are_the_exports_record_else_an_older_bundles_pad_token_id(tmp_path):
+    """Bundles record export.pad_values; one from before has only its Hugging Face pad token
+    id, which pads input_ids; without either every input pads with 0."""
+    m = make_manifest(tmp_path)
+    assert m.pad_values == {}
+    older = dataclasses.replace(m, extra={"huggingface": {"pad_token_id": 1}})
+    assert older.pad_values == {"input_ids": 1}
+    recorded = {"input_ids": 50256, "attention_mask": 0}
+    newer = dataclasses.replace(older, export={"pad_values": recorded})
+    assert newer.pad_values == recorded

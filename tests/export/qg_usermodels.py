@@ -192,6 +192,25 @@ def mean_over_padding() -> nn.Module:
     return PaddedMean({"input_ids": _ids(), "attention_mask": torch.ones(4, 10, dtype=torch.long)})
 
 
+def attention_map() -> nn.Module:
+    """A pooled vector and its (B, T, T) attention map, both reading the mask: an output with
+    a second variable axis, which the server cannot cut back, so it never pads this model."""
+
+    class AttentionMap(Pooler):
+        output_names = ("pooled", "scores")
+
+        def forward(self, input_ids, attention_mask):
+            x = self.emb(input_ids)  # (B, T, C)
+            keep = attention_mask[:, None, :].bool()  # (B, 1, T)
+            scores = (x @ x.transpose(1, 2)).masked_fill(~keep, -1e9).softmax(-1)  # (B, T, T)
+            w = attention_mask.unsqueeze(-1).float()
+            return {"pooled": (x * w).sum(1) / w.sum(1).clamp(min=1), "scores": scores}
+
+    return AttentionMap(
+        {"input_ids": _ids(), "attention_mask": torch.ones(4, 10, dtype=torch.long)}
+    )
+
+
 def nan_output() -> nn.Module:
     class LogOfNegative(Pooler):  # a model broken on real input: NaN in PyTorch already
         def forward(self, input_ids, attention_mask=None):

@@ -380,7 +380,7 @@ def test_a_gpt2_classifier_pads_with_the_id_it_finds_its_last_token_by(tiny_bert
     """GPT-2 classifies by each row's last token, found by config.json's pad_token_id; its
     tokenizer names no pad token. Rows are padded with that id everywhere (validation, the
     bundle's tokenizer, the server); padded with 0 they were answered by a padding position."""
-    from transformers import GPT2Config, GPT2ForSequenceClassification
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2Model
 
     from quantgate.bundle import load
     from quantgate.quantize.data import ModelInfo, tokenizer_of
@@ -398,7 +398,8 @@ def test_a_gpt2_classifier_pads_with_the_id_it_finds_its_last_token_by(tiny_bert
     tok = tokenizer_of(ModelInfo.from_manifest(manifest, tmp_path / "b"))
     assert tok(["one two three", "one"], padding=True)["input_ids"][1][-1] == 102
 
-    # Neither the config nor the tokenizer names one: refused before any work.
+    # Neither the config nor the tokenizer names one: a classifier is refused before any
+    # work; an encoder pads with 0 behind its mask (the export's padding check shows it).
     bare = _without_pad_token(
         tiny_bert(tmp_path / "bare", GPT2ForSequenceClassification, GPT2Config, num_labels=3)
     )
@@ -407,6 +408,13 @@ def test_a_gpt2_classifier_pads_with_the_id_it_finds_its_last_token_by(tiny_bert
         match='neither config.json nor the tokenizer names a padding token.*Set "pad_token_id"',
     ):
         load_model(bare)
+    encoder = _without_pad_token(tiny_bert(tmp_path / "encoder", GPT2Model, GPT2Config))
+    assert load_model(encoder).inputs[0].pad_value == 0
+    # An id past the vocabulary is refused, naming it (it failed PyTorch's validation run).
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "pad_token_id": 30522}))
+    with pytest.raises(ModelLoadError, match=r"is 30522, outside the model's vocabulary \(ids 0"):
+        load_model(path)
 
 
 def test_token_type_ids_are_no_input_of_a_model_without_their_table(tiny_bert, tmp_path):

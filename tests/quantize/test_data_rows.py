@@ -248,3 +248,22 @@ def test_an_npz_without_token_type_ids_is_one_segment(tmp_path):
     )
     (batch,) = list(open_source(path, m, role="calibration").batches())
     assert batch.feeds["token_type_ids"].tolist() == np.zeros_like(ids).tolist()
+
+
+def test_data_and_the_gates_batches_pad_with_the_models_pad_values(tmp_path):
+    """The rows a source yields carry the model's pad values, and the batch-consistency gate
+    pads lone rows with them as the server's batcher does."""
+    import dataclasses
+
+    from quantgate.quantize.gates import _right_padded
+
+    model = dataclasses.replace(DIGITS, pad_values={"input_ids": 7})
+    source = open_source(write_npz(tmp_path / "p.npz", rng_feeds(4)), model, role="evaluation")
+    assert source.pad_values == {"input_ids": 7}
+    rows = [
+        {"input_ids": np.array([[1, 2, 3]]), "attention_mask": np.ones((1, 3), np.int64)},
+        {"input_ids": np.array([[4]]), "attention_mask": np.ones((1, 1), np.int64)},
+    ]
+    batch = _right_padded(rows, source.pad_values)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
