@@ -220,7 +220,7 @@ def check_padding(
     different lengths by padding them (each input with its pad value, the attention mask 0
     there). Every padded row of ``cases``, run alone without its padding in PyTorch, must
     give what it gave padded in ``refs`` (on its real positions, for an output with a
-    sequence axis), within ``atol + rtol * |padded|``. ExportError listing every row that
+    sequence axis), within ``atol + rtol * |padded|``. ValidationError listing the rows that
     moved. Models the server does not pad (``server_pads``) are not checked."""
     import torch
 
@@ -235,7 +235,14 @@ def check_padding(
                     continue
                 args = [torch.from_numpy(case.feeds[name][row : row + 1, :n].copy())
                         for name in model.input_names]  # fmt: skip
-                alone = [a.detach().numpy() for a in model.module(*args)]
+                try:
+                    alone = [a.detach().numpy() for a in model.module(*args)]
+                except Exception as e:  # noqa: BLE001 - the user's forward may raise anything
+                    raise ExportError(
+                        f"the model's forward failed in PyTorch on row {row} of validation case "
+                        f"{case.describe()} run alone ({n} tokens, its padding cut): "
+                        f"{type(e).__name__}: {e}; the server runs a lone request so"
+                    ) from e
                 for name, a, r in zip(model.outputs, alone, ref, strict=True):
                     r = r[row : row + 1]
                     if r.ndim >= 2 and r.shape[1] == case.sequence and a.shape[1:2] == (n,):
