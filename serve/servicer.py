@@ -414,7 +414,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # gRPC ends a call both when the client gives up and at its deadline
             elapsed = time.perf_counter() - start
             code = grpc.StatusCode.CANCELLED
-            # a quarter of a short deadline at most: cancelled halfway through 20 ms is no deadline
+            # at most a quarter of a short deadline: cancelled at 10 of 20 ms is no deadline
             if timeout is not None and elapsed >= timeout - min(DEADLINE_SLACK_S, timeout / 4):
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
             self._finished(record, model, code.name, elapsed)
