@@ -94,6 +94,35 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
+def host_facts() -> dict:
+    """What a served round trip's cost on this host may depend on, read without privileges
+    (a missing file is left out): the CPUs this process may use and their quota, the CPU,
+    its frequency governor, the load, and gRPC's own settings."""
+    facts: dict = {"cpus": os.cpu_count()}
+    with contextlib.suppress(AttributeError, OSError):
+        facts["cpus_usable"] = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError):
+        facts["load_1m"] = round(os.getloadavg()[0], 2)
+    files = {
+        "cgroup_cpu_max": "/sys/fs/cgroup/cpu.max",  # "QUOTA PERIOD": a container's CPU share
+        "governor": "/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor",
+    }
+    for key, path in files.items():
+        with contextlib.suppress(OSError):
+            facts[key] = Path(path).read_text().strip()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                facts["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(ImportError):
+        import grpc
+
+        facts["grpcio"] = grpc.__version__
+    facts["GRPC_EXPERIMENTS"] = os.environ.get("GRPC_EXPERIMENTS", "")
+    return facts
+
+
 def card_name(provider: str) -> str:
     if provider != CUDA:
         import platform
@@ -649,6 +678,8 @@ def table(r: dict) -> str:
                 f"less the server overhead), client send/recv {pa['client_send_ms']:.2f}/"
                 f"{pa['client_recv_ms']:.2f} ms, {pa['throughput']:.0f} inferences/s."
             )
+    if host := r.get("host"):
+        lines += ["", "Host: " + ", ".join(f"{k} {v}" for k, v in host.items() if v != "")]
     checks = []
     if hl and "error" not in hl:
         fp16 = hl["fp16_speedup"]
@@ -753,6 +784,7 @@ def main() -> int:
         "quick": a.quick,
         "sizes": sizes,
         "quantgate": how,
+        "host": host_facts(),
     }
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
 

@@ -55,6 +55,9 @@ def test_gpu_check_quick_runs_on_cpu_without_quantgate_installed(tmp_path):
     assert gates["int8"] >= {"cosine:sentence_embedding", "speedup_b8_s32", "placement"}
     assert report["fidelity_fp16"]["cosine_mean"]["last_hidden_state"] > 0.999
     assert report["serving"]["grpc_p50_ms"] > 0 and report["serving"]["in_process_p50_ms"] > 0
+    # what a round trip's cost may depend on, for reading a GPU host's figures
+    assert report["host"]["cpus"] == os.cpu_count() and "grpcio" in report["host"]
     md = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "CPU only" in md and "| ORT FP16 |" in md and "through gRPC" in md
+    assert f"Host: cpus {os.cpu_count()}" in md
     assert md.strip() in r.stdout
