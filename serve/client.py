@@ -192,8 +192,8 @@ def connection_failed(details: str, url: str, *, tls: bool) -> ConnectionFailed 
     ``url`` (with ``tls`` or not); None where a server answered UNAVAILABLE itself (a full
     queue, a drain), which its own message explains."""
     cause = next((c for c, pattern in CAUSES.items() if pattern.search(details)), None)
-    if cause is None and "failed to connect" not in details:
-        return None
+    if "failed to connect" not in details and cause in (None, "closed"):
+        return None  # a connection lost mid-call (a server going away) is no TLS mistake
     host = url.rsplit(":", 1)[0] if ":" in url else url
     verify = CAUSES["untrusted"].search(details)
     why = (verify.group(1) or "").strip() if verify else ""
