@@ -1081,9 +1081,19 @@ def r2_gate(
         if np.isfinite(stats).mean() >= 0.9:
             ci = percentile_interval(stats[np.isfinite(stats)], cfg.confidence)
     constant = " (FP32's value is the same on every row)" if len(x) and np.ptp(x) == 0 else ""
+    spread = float(np.std(x)) if len(x) else 0.0
+    size = float(np.mean(np.abs(x))) if len(x) else 0.0
+    barely = (
+        f"; FP32's values barely vary over these rows (std {spread:.3g} against a mean size "
+        f"of {size:.3g}), and R² weighs the error against that spread: judge it on rows the "
+        "model tells apart"
+        if 0 < spread < 1e-3 * size
+        else ""
+    )
     detail = (
         f"{where}; one value per row: R² of the candidate's values against FP32's, 1 - "
-        f"residual / FP32's variance{constant}, max abs {np.abs(y - x).max(initial=0):.3g}"
+        f"residual / FP32's variance{constant}, max abs {np.abs(y - x).max(initial=0):.3g}, "
+        f"FP32's std over the rows {spread:.3g}{barely}"
         + (f", {nonfinite} non-finite values" if nonfinite else "")
         + ("; R² needs 2 rows or more" if len(x) < 2 else "")
         + (

@@ -511,6 +511,13 @@ def test_an_output_of_one_value_per_row_is_gated_on_its_r_squared():
     assert "one value per row: R² of the candidate's values against FP32's" in r2.detail
     good = gates(noisy)["r2:score"]
     assert good.passed and good.ci[0] <= good.value <= good.ci[1] and good.value > 0.99
+    assert "FP32's std over the rows 0.962" in good.detail and "barely vary" not in good.detail
+    # a head whose value barely moves over the rows (random weights): the detail says so
+    still = Outputs(["score"], [{"score": 5 + 1e-5 * x}], [None], rows=100)
+    rounded = Outputs(["score"], [{"score": 5 + 1e-5 * noisy}], [None], rows=100)
+    (r2,) = accuracy_gates(still, rounded, "custom", GateConfig())
+    assert "FP32's values barely vary over these rows (std 9.6" in r2.detail, r2.detail
+    assert "against a mean size of 5), and R² weighs the error against that spread" in r2.detail
     flat = Fidelity.measure([({"s": x[:, 0]}, {"s": noisy[:, 0]}, None)], ["s"])  # (batch,)
     assert [g.name for g in flat.gates(min_cosine=0.99) if g.passed] == ["r2:s"]
     strict = gates(noisy, cfg=GateConfig(min_cosine=0.9999))["r2:score"]
