@@ -614,12 +614,19 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
             f"{path} is not a bundle: it has no {MANIFEST}. Create one with `quantgate export`."
         )
     manifest = Manifest.from_dict(_read_json(mpath), source=str(mpath))
-    if verify and (problems := verify_files(path, manifest)):
+    bundle = Bundle(path, manifest)
+    if verify:
+        check_files(bundle)
+    return bundle
+
+
+def check_files(bundle: Bundle) -> None:
+    """BundleError listing every file of ``bundle`` that fails its check (``verify_files``)."""
+    if problems := verify_files(bundle.path, bundle.manifest):
         raise BundleError(
-            f"bundle {path}: {_listed(problems)}Restore the files from the original bundle, "
-            "or re-create it with `quantgate export`."
+            f"bundle {bundle.path}: {_listed(problems)}Restore the files from the original "
+            "bundle, or re-create it with `quantgate export`."
         )
-    return Bundle(path, manifest)
 
 
 def _read_json(mpath: Path) -> Any:

@@ -732,7 +732,7 @@ def inspect(
     """Print a readable summary of a bundle's manifest."""
     from rich.table import Table
 
-    from quantgate.bundle import MANIFEST, is_bundle, load
+    from quantgate.bundle import MANIFEST, check_files, is_bundle, load
     from quantgate.errors import BundleError
     from quantgate.quantize.gates import uncertain
 
@@ -748,8 +748,8 @@ def inspect(
     b = load(path, verify=False)  # a bundle that cannot be read is refused as it is
     if verify:
         try:
-            b = load(path)
-        except BundleError as e:  # only a file that fails its check: the manifest is read
+            check_files(b)
+        except BundleError as e:  # a file that fails its check: the manifest itself reads
             raise BundleError(f"{e} To read its manifest anyway, pass --no-verify.") from e
     m = b.manifest
     e = m.export
