@@ -64,9 +64,11 @@ class Gemm:
     bias: str = ""  # a Gemm's C, added after the product
 
 
-def _gemm_problem(n: onnx.NodeProto, inits: dict, aliases: dict, n_out: int) -> str | None:
-    """Why a Gemm node cannot become MatMulIntegerToFloat (x @ W + bias), or None."""
-    attrs = {a.name: oh.get_attribute_value(a) for a in n.attribute}
+def _gemm_problem(
+    n: onnx.NodeProto, attrs: dict, inits: dict, aliases: dict, n_out: int
+) -> str | None:
+    """Why a Gemm node (its attributes ``attrs``) cannot become MatMulIntegerToFloat
+    (x @ W + bias), or None."""
     if attrs.get("alpha", 1.0) != 1.0 or attrs.get("transA", 0):
         return "its alpha is not 1 or its A is transposed"
     if len(n.input) > 2 and n.input[2]:
@@ -99,8 +101,10 @@ def find_gemms(
             skipped[n.name] = f"weight {name} is not a 2-D float tensor"
             continue
         if n.op_type == "Gemm":  # GPT-2's Conv1D: x (B*T, K) @ W + b
-            trans_b = any(a.name == "transB" and a.i for a in n.attribute)
-            if problem := _gemm_problem(n, inits, aliases, w.dims[0] if trans_b else w.dims[1]):
+            attrs = {a.name: oh.get_attribute_value(a) for a in n.attribute}
+            trans_b = bool(attrs.get("transB", 0))
+            n_out = w.dims[0] if trans_b else w.dims[1]
+            if problem := _gemm_problem(n, attrs, inits, aliases, n_out):
                 skipped[n.name] = problem
                 continue
             bias = n.input[2] if len(n.input) > 2 else ""
