@@ -72,6 +72,7 @@ import torch
 import torch.nn as nn
 
 from quantgate.bundle import model_identity
+from quantgate.configs import closest
 from quantgate.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -798,11 +799,7 @@ _OTHER_NAMES = {
 def _did_you_mean(value: str, choices: Sequence[str]) -> str:
     """`` (did you mean 'x'?)`` for the choice ``value`` is another library's name for, or
     a misspelling of; else the empty string."""
-    import difflib
-
-    meant = _OTHER_NAMES.get(value.lower()) or next(
-        iter(difflib.get_close_matches(value, choices, n=1, cutoff=0.8)), None
-    )
+    meant = _OTHER_NAMES.get(value.lower()) or closest(value, set(choices))
     return f" (did you mean {meant!r}?)" if meant else ""
 
 
