@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
-import typer.rich_utils
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -52,18 +51,20 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
 def command(name: str | None = None):
-    """``app.command`` with the docstring's paragraphs as whole lines: typer keeps a
-    docstring's single line breaks, so its help broke lines mid-sentence at any width but
-    the source's."""
+    """``app.command`` with the docstring's paragraphs as whole lines (a docstring's own line
+    breaks would break the help mid-sentence at any width but the source's), and the first
+    one whole in the command list."""
 
     def register(fn):
-        paragraphs = cleandoc(fn.__doc__ or "").split("\n\n")
-        return app.command(name, help="\n\n".join(" ".join(p.split()) for p in paragraphs))(fn)
+        paragraphs = [" ".join(p.split()) for p in cleandoc(fn.__doc__ or "").split("\n\n")]
+        # click's own short help stops at 45 characters, or at a full stop, even in "e.g."
+        return app.command(name, help="\n\n".join(paragraphs), short_help=paragraphs[0])(fn)
 
     return register
 
@@ -231,24 +232,33 @@ def train(
     out_dir: Annotated[
         Path,
         typer.Option(
-            "--out", help="Checkpoint directory to write (reused when it already matches)."
+            "--out",
+            metavar="DIR",
+            help="Checkpoint directory to write (reused when it already matches).",
         ),
     ] = Path("artifacts/digits-small"),
     preset: Annotated[
         str,
         typer.Option(
-            help="Model size: 'small' (trains in minutes) or 'base' (the seed's d_model 512)."
+            metavar="small|base",
+            help="Model size: 'small' (trains in minutes) or 'base' (the seed's d_model 512).",
         ),
     ] = "small",
-    epochs: Annotated[int, typer.Option(min=1, help="Passes over the 1,237 training images.")] = 25,
+    epochs: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Passes over the 1,237 training images.")
+    ] = 25,
     seed: Annotated[
-        int, typer.Option(help="Seed for initialisation and batch order: same seed, same weights.")
+        int,
+        typer.Option(
+            metavar="N", help="Seed for initialisation and batch order: same seed, same weights."
+        ),
     ] = 0,
     force: Annotated[
         bool,
         typer.Option(
+            "--force",
             help="Retrain even if a matching checkpoint exists; replace --out even if it is a "
-            "directory that is not a checkpoint."
+            "directory that is not a checkpoint.",
         ),
     ] = False,
 ) -> None:
@@ -278,27 +288,36 @@ def train(
 _DEFAULT_EXPORT = ExportConfig()
 _DEFAULT_SERVE = ServeConfig(path=Path("."))
 # Gate thresholds shared by `export` and `gate`; None: the config file's, else GateConfig's.
-# The defaults are written into the help: "\[" keeps rich from reading them as markup.
+# The defaults are written into the help.
 _MaxDrop = Annotated[
     float | None,
-    typer.Option(help=r"Accuracy gate: largest drop in points of the task metric \[default: 1]."),
+    typer.Option(
+        metavar="POINTS",
+        help="Accuracy gate: largest drop in points of the task metric [default: 1].",
+    ),
 ]
 _MinSpeedup = Annotated[
-    float | None, typer.Option(help=r"Speed gate: INT8 vs FP32 at every shape \[default: 1.2].")
+    float | None,
+    typer.Option(metavar="RATIO", help="Speed gate: INT8 vs FP32 at every shape [default: 1.2]."),
 ]
 _COSINE = "Fidelity: mean cosine vs FP32 of an embedding and of every other float output"
 _TOP1 = "Fidelity: top-1 / nearest-neighbour / batch agreement with FP32"
-_MinCosine = Annotated[float | None, typer.Option(help=_COSINE + r" \[default: 0.99].")]
-_MinTop1 = Annotated[float | None, typer.Option(help=_TOP1 + r" \[default: 0.95].")]
+_MinCosine = Annotated[
+    float | None, typer.Option(metavar="COSINE", help=_COSINE + " [default: 0.99].")
+]
+_MinTop1 = Annotated[float | None, typer.Option(metavar="RATE", help=_TOP1 + " [default: 0.95].")]
 
 
-def _kept(what: str):
+def _kept(what: str, metavar: str):
     """A threshold flag of `quantgate gate`, whose default is the bundle's own."""
-    return typer.Option(help=what + r" \[default: the one the bundle was last gated with].")
+    return typer.Option(
+        metavar=metavar, help=what + " [default: the one the bundle was last gated with]."
+    )
 
 
 _GateFile = Annotated[
-    Path | None, typer.Option(help="TOML or JSON file of gate settings (flags override it).")
+    Path | None,
+    typer.Option(metavar="FILE", help="TOML or JSON file of gate settings (flags override it)."),
 ]
 
 
@@ -307,46 +326,53 @@ def export_command(
     model: Annotated[
         str,
         typer.Argument(
+            metavar="MODEL",
             help="A checkpoint directory (`quantgate train`), a Hugging Face model directory, "
             "or your own module's factory: package.module:factory or path/to/file.py:factory.",
             show_default=False,
         ),
     ],
     out_dir: Annotated[
-        Path, typer.Option("--out", "-o", help="Bundle directory to write (atomically).")
+        Path,
+        typer.Option("--out", "-o", metavar="DIR", help="Bundle directory to write (atomically)."),
     ],
     task: Annotated[
         str | None,
         typer.Option(
+            metavar="TASK",
             help="sequence-classification, token-classification or feature-extraction; "
-            "default: from the model."
+            "default: from the model.",
         ),
     ] = None,
     exporter: Annotated[
         Exporter, typer.Option(help="auto tries legacy, then dynamo.")
     ] = _DEFAULT_EXPORT.exporter,
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = _DEFAULT_EXPORT.opset,
+    opset: Annotated[int, typer.Option(metavar="N", help="ONNX opset.")] = _DEFAULT_EXPORT.opset,
     max_seq_len: Annotated[
         int | None,
-        typer.Option(help="Longest sequence to export and validate; default: the model's."),
+        typer.Option(
+            metavar="N", help="Longest sequence to export and validate; default: the model's."
+        ),
     ] = None,
     optimize: Annotated[
         bool, typer.Option(help="Apply ONNX Runtime's transformer fusions (then validate again).")
     ] = _DEFAULT_EXPORT.optimize,
     atol: Annotated[
-        float, typer.Option(help="Absolute tolerance vs PyTorch.")
+        float, typer.Option(metavar="TOL", help="Absolute tolerance vs PyTorch.")
     ] = _DEFAULT_EXPORT.atol,
     rtol: Annotated[
-        float, typer.Option(help="Relative tolerance vs PyTorch.")
+        float, typer.Option(metavar="TOL", help="Relative tolerance vs PyTorch.")
     ] = _DEFAULT_EXPORT.rtol,
     name: Annotated[
-        str | None, typer.Option(help="Bundle name; default: the --out directory's name.")
+        str | None,
+        typer.Option(metavar="NAME", help="Bundle name; default: the --out directory's name."),
     ] = None,
     force: Annotated[
         bool,
         typer.Option(
+            "--force",
             help="Replace --out even if it is a directory that is not a bundle, or a bundle of "
-            "another model."
+            "another model.",
         ),
     ] = False,
     no_quantize: Annotated[
@@ -354,21 +380,28 @@ def export_command(
     ] = False,
     calibration: Annotated[
         Path | None,
-        typer.Option(help='Calibration data: .jsonl ({"text": ...} lines) or .npz of inputs.'),
+        typer.Option(
+            metavar="FILE", help='Calibration data: .jsonl ({"text": ...} lines) or .npz of inputs.'
+        ),
     ] = None,
     eval_data: Annotated[
         Path | None,
         typer.Option(
-            "--eval", help="Held-out evaluation data (.jsonl with optional 'label', or .npz)."
+            "--eval",
+            metavar="FILE",
+            help="Held-out evaluation data (.jsonl with optional 'label', or .npz).",
         ),
     ] = None,
     samples: Annotated[
         int | None,
-        typer.Option(min=1, help="Calibration rows to use (length-stratified); default: all."),
+        typer.Option(
+            min=1, metavar="N", help="Calibration rows to use (length-stratified); default: all."
+        ),
     ] = None,
     search_budget: Annotated[
         float | None,
         typer.Option(
+            metavar="SECONDS",
             help="Seconds for the INT8 recipe search (default 900): no candidate starts "
             "after it (one already started finishes). How far the search gets then depends "
             "on the machine's speed and load; for a search that does not, bound it with "
@@ -380,6 +413,7 @@ def export_command(
         int | None,
         typer.Option(
             min=1,
+            metavar="N",
             help="Candidates the INT8 search may try (default 12), whatever the time they "
             "take: a loaded machine tries as many as an idle one.",
             show_default=False,
@@ -389,6 +423,7 @@ def export_command(
         list[str] | None,
         typer.Option(
             "--recipe",
+            metavar="NAME",
             help="Search only this INT8 recipe; repeat for several (default: every recipe "
             "for this CPU, best first). A name not among them is refused with the list. "
             "Static recipes (smooth-static-u8s8, ...) fix activation scales at calibration; "
@@ -525,6 +560,7 @@ def gate(
     path: Annotated[
         Path,
         typer.Argument(
+            metavar="BUNDLE",
             help="A bundle from `quantgate export`: with an INT8 variant to re-gate on the CPU, "
             "with FP16 or INT8 on CUDA.",
             show_default=False,
@@ -534,15 +570,18 @@ def gate(
         Path | None,
         typer.Option(
             "--eval",
+            metavar="FILE",
             help="Evaluation data (.jsonl or .npz); the built-in model's test split by default.",
         ),
     ] = None,
     max_accuracy_drop: Annotated[
-        float | None, _kept("Accuracy gate: largest drop in points of the task metric")
+        float | None, _kept("Accuracy gate: largest drop in points of the task metric", "POINTS")
     ] = None,
-    min_speedup: Annotated[float | None, _kept("Speed gate: INT8 vs FP32 at every shape")] = None,
-    min_cosine: Annotated[float | None, _kept(_COSINE)] = None,
-    min_top1: Annotated[float | None, _kept(_TOP1)] = None,
+    min_speedup: Annotated[
+        float | None, _kept("Speed gate: INT8 vs FP32 at every shape", "RATIO")
+    ] = None,
+    min_cosine: Annotated[float | None, _kept(_COSINE, "COSINE")] = None,
+    min_top1: Annotated[float | None, _kept(_TOP1, "RATE")] = None,
     gate_config: _GateFile = None,
     device: Annotated[
         GateDevice | None,
@@ -550,7 +589,7 @@ def gate(
             help="cpu: the INT8 variant's accuracy and speed gates on the CPU provider. cuda: "
             "every variant's gates on the CUDA provider, as a GPU host's export runs them: "
             "FP16's decide whether it ships, INT8's only whether it runs on CUDA; needs a GPU "
-            r"and the `gpu` extra. \[default: cpu, or the --gate-config file's provider]",
+            "and the `gpu` extra. [default: cpu, or the --gate-config file's provider]",
             show_default=False,
         ),
     ] = None,
@@ -726,7 +765,9 @@ def _print_gates(path: Path) -> None:
 
 @command()
 def inspect(
-    path: Annotated[Path, typer.Argument(help="A bundle directory.", show_default=False)],
+    path: Annotated[
+        Path, typer.Argument(metavar="BUNDLE", help="A bundle directory.", show_default=False)
+    ],
     verify: Annotated[bool, typer.Option(help="Check every variant's file and sha256.")] = True,
 ) -> None:
     """Print a readable summary of a bundle's manifest."""
@@ -835,39 +876,62 @@ def serve(
     path: Annotated[
         Path,
         typer.Argument(
-            help="A bundle, or a repository folder of them (NAME/ or NAME/VERSION/ bundles)."
+            metavar="PATH",
+            help="A bundle, or a repository folder of them (NAME/ or NAME/VERSION/ bundles).",
         ),
     ],
     host: Annotated[
-        str, typer.Option(help="Address to listen on, for gRPC and the metrics port (:: for IPv6).")
+        str,
+        typer.Option(
+            metavar="ADDRESS",
+            help="Address to listen on, for gRPC and the metrics port (:: for IPv6).",
+        ),
     ] = _DEFAULT_SERVE.host,
     port: Annotated[
         int,
-        typer.Option(min=0, max=65535, help="gRPC port (Triton's is 8001); 0 picks a free one."),
+        typer.Option(
+            min=0,
+            max=65535,
+            metavar="PORT",
+            help="gRPC port (Triton's is 8001); 0 picks a free one.",
+        ),
     ] = 8001,
     device: Annotated[
         ServeDevice, typer.Option(help="auto: CUDA when onnxruntime has it, else the CPU.")
     ] = _DEFAULT_SERVE.device,
     cuda_device: Annotated[
-        int, typer.Option(min=0, help="Which GPU, as CUDA numbers them (nvidia-smi lists them).")
+        int,
+        typer.Option(
+            min=0, metavar="N", help="Which GPU, as CUDA numbers them (nvidia-smi lists them)."
+        ),
     ] = 0,
     max_batch_size: Annotated[
-        int, typer.Option(min=1, help="Largest batch per request and per formed batch.")
+        int,
+        typer.Option(min=1, metavar="N", help="Largest batch per request and per formed batch."),
     ] = 32,
     max_queue_delay_us: Annotated[
-        int, typer.Option(min=0, help="How long a request may wait for others to batch with.")
+        int,
+        typer.Option(
+            min=0,
+            metavar="MICROSECONDS",
+            help="How long a request may wait for others to batch with.",
+        ),
     ] = 0,
     max_queue_size: Annotated[
-        int, typer.Option(min=1, help="Waiting requests per model; beyond it UNAVAILABLE.")
+        int,
+        typer.Option(min=1, metavar="N", help="Waiting requests per model; beyond it UNAVAILABLE."),
     ] = 256,
     dynamic_batching: Annotated[
         bool, typer.Option(help="Batch concurrent requests into one session.run.")
     ] = True,
-    instances: Annotated[int, typer.Option(min=1, help="Batches run at once per model.")] = 1,
+    instances: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Batches run at once per model.")
+    ] = 1,
     threads: Annotated[
         int,
         typer.Option(
             min=0,
+            metavar="N",
             help="ONNX Runtime intra-op threads per session (0: its default, one per "
             "physical core).",
         ),
@@ -876,17 +940,22 @@ def serve(
         int,
         typer.Option(
             min=1,
+            metavar="BYTES",
             help="Largest request, compressed or not (gRPC's default 4 MiB: a request is token "
             "ids, and parsing costs ~40x its size in memory); beyond it RESOURCE_EXHAUSTED.",
         ),
     ] = _DEFAULT_SERVE.max_request_bytes,
     max_message_bytes: Annotated[
-        int, typer.Option(min=1, help="Largest response; beyond it RESOURCE_EXHAUSTED.")
+        int,
+        typer.Option(
+            min=1, metavar="BYTES", help="Largest response; beyond it RESOURCE_EXHAUSTED."
+        ),
     ] = _DEFAULT_SERVE.max_message_bytes,
     shutdown_grace: Annotated[
         float,
         typer.Option(
             min=0,
+            metavar="SECONDS",
             help="Seconds admitted requests get to finish after SIGTERM, Ctrl-C or SIGHUP (a "
             "second signal exits now). Requests still unanswered when it runs out are "
             "cancelled, and the server exits 1. Keep it under the orchestrator's termination "
@@ -900,7 +969,8 @@ def serve(
     allow_failed_gates: Annotated[
         bool,
         typer.Option(
-            help="Serve a bundle whose gates failed (never a failed variant unless --precision names it)."
+            "--allow-failed-gates",
+            help="Serve a bundle whose gates failed (never a failed variant unless --precision names it).",
         ),
     ] = False,
     metrics_port: Annotated[
@@ -908,23 +978,29 @@ def serve(
         typer.Option(
             min=0,
             max=65535,
+            metavar="PORT",
             help="Serve Prometheus metrics over HTTP on this port, at /metrics (/ redirects "
             "there), and the probes /healthz and /readyz; other paths are 404. 0 picks a free "
             "port and prints it. Off unless given (Triton's is 8002).",
         ),
     ] = None,
     tls_cert: Annotated[
-        Path | None, typer.Option(help="PEM server certificate (enables TLS).")
+        Path | None, typer.Option(metavar="FILE", help="PEM server certificate (enables TLS).")
     ] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert.")] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="PEM private key for --tls-cert.")
+    ] = None,
     tls_client_ca: Annotated[
         Path | None,
-        typer.Option(help="PEM CA that client certificates must chain to (mutual TLS)."),
+        typer.Option(
+            metavar="FILE", help="PEM CA that client certificates must chain to (mutual TLS)."
+        ),
     ] = None,
     auth_token: Annotated[
         str | None,
         typer.Option(
             envvar="QUANTGATE_AUTH_TOKEN",
+            metavar="TOKEN",
             help="Require 'authorization: Bearer TOKEN' on inference calls (health, "
             "ServerLive/Ready and reflection stay open for probes). On the command line it "
             "shows in `ps`: prefer the variable or --auth-token-file.",
@@ -933,6 +1009,7 @@ def serve(
     auth_token_file: Annotated[
         Path | None,
         typer.Option(
+            metavar="FILE",
             help="Require a bearer token, any of this file's (one per line, # comments), "
             "read again within a second of a change: rotate a token with no restart (add "
             "the new one, move the clients, remove the old), as a mounted Secret updates.",
@@ -941,6 +1018,7 @@ def serve(
     access_log: Annotated[
         bool,
         typer.Option(
+            "--access-log",
             help="Log one line per RPC, when it ends, at INFO to the logger "
             "quantgate.serve.access: method, model, version, code (the gRPC status name), "
             "rows, latency_ms, peer, and the client's request id (a stream: one line, with "
@@ -1035,6 +1113,7 @@ def infer(
     model: Annotated[
         str | None,
         typer.Argument(
+            metavar="MODEL",
             help="Model name, as ModelMetadata reports it; default: the name in --bundle's "
             "manifest (a repository serves a model under its folder's name instead).",
             show_default=False,
@@ -1045,6 +1124,7 @@ def infer(
         typer.Option(
             "--input",
             "-i",
+            metavar="NAME=JSON",
             help=(
                 "NAME=JSON, e.g. -i 'input_ids=[[5, 7, 9]]'. A missing attention_mask is all "
                 "ones, a missing token_type_ids all zeros."
@@ -1056,6 +1136,7 @@ def infer(
         typer.Option(
             "--text",
             "-t",
+            metavar="TEXT",
             help="Text to send instead of token ids, tokenized by --bundle's tokenizer; "
             "repeat it for a batch.",
         ),
@@ -1064,13 +1145,19 @@ def infer(
         Path | None,
         typer.Option(
             "--bundle",
+            metavar="BUNDLE",
             help="The bundle the server serves: its tokenizer reads --text, its name is "
             "MODEL's default.",
         ),
     ] = None,
     outputs: Annotated[
         list[str] | None,
-        typer.Option("--output", "-o", help="Ask only for this output (repeatable); default all."),
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="NAME",
+            help="Ask only for this output (repeatable); default all.",
+        ),
     ] = None,
     classes: Annotated[
         int,
@@ -1078,30 +1165,44 @@ def infer(
             "--classes",
             "-c",
             min=0,
+            metavar="K",
             help="Print each row's top K classes (score, index, class name) instead of the "
             "tensor: Triton's classification extension, asked of every output printed.",
         ),
     ] = 0,
-    url: Annotated[str, typer.Option(help="Server address.")] = "localhost:8001",
-    version: Annotated[str, typer.Option(help="Model version (default: the newest).")] = "",
+    url: Annotated[
+        str, typer.Option(metavar="HOST:PORT", help="Server address.")
+    ] = "localhost:8001",
+    version: Annotated[
+        str, typer.Option(metavar="VERSION", help="Model version (default: the newest).")
+    ] = "",
     token: Annotated[
-        str | None, typer.Option(envvar="QUANTGATE_AUTH_TOKEN", help="Bearer token.")
+        str | None,
+        typer.Option(envvar="QUANTGATE_AUTH_TOKEN", metavar="TOKEN", help="Bearer token."),
     ] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds before giving up.")] = 30.0,
+    timeout: Annotated[
+        float, typer.Option(metavar="SECONDS", help="Seconds before giving up.")
+    ] = 30.0,
     tls: Annotated[
         bool, typer.Option("--tls", help="Use TLS, trusting the system's CA certificates.")
     ] = False,
     tls_ca: Annotated[
         Path | None,
-        typer.Option(exists=True, dir_okay=False, help="PEM CA that signed the server (TLS)."),
+        typer.Option(
+            exists=True, dir_okay=False, metavar="FILE", help="PEM CA that signed the server (TLS)."
+        ),
     ] = None,
     tls_cert: Annotated[
         Path | None,
-        typer.Option(exists=True, dir_okay=False, help="PEM client certificate (mutual TLS)."),
+        typer.Option(
+            exists=True, dir_okay=False, metavar="FILE", help="PEM client certificate (mutual TLS)."
+        ),
     ] = None,
     tls_key: Annotated[
         Path | None,
-        typer.Option(exists=True, dir_okay=False, help="PEM private key for --tls-cert."),
+        typer.Option(
+            exists=True, dir_okay=False, metavar="FILE", help="PEM private key for --tls-cert."
+        ),
     ] = None,
 ) -> None:
     """Send one request to a running server and print the outputs.
@@ -1388,10 +1489,10 @@ _EXTRAS = {
 
 def main() -> None:
     """Console entry point: run the app, turning quantgate's errors into exit codes."""
-    if not sys.stdout.isatty() and not {"COLUMNS", "TERMINAL_WIDTH"} & os.environ.keys():
-        # --help into a pipe or a log: rich's default 80 columns squeeze the options' help
-        # into a narrow column and cut long values ("sequence-classi…").
-        typer.rich_utils.MAX_WIDTH = 120
+    if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
+        # --help into a pipe or a log: whole lines of up to 120 columns, not a terminal's 80
+        # (click would break "sequence-classification" at its hyphen).
+        app.info.context_settings |= {"terminal_width": 120, "max_content_width": 120}
     _interrupted.clear()  # main() may run more than once in a process (tests, a program)
     written = len(fsutil.replaced)
     try:
