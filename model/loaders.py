@@ -486,7 +486,18 @@ def _hf_model(path: Path, task: str) -> nn.Module:
         if bar:
             hf_logging.enable_progress_bar()
     _warn_random_weights(path, task, loading)
+    if stored := _not_float32(model):  # transformers loads a checkpoint in the dtype it was saved
+        log.info("%s: weights stored in %s, exported in float32 (exactly)", path, stored)
+        model.float()
     return model.eval()
+
+
+def _not_float32(module: nn.Module) -> str:
+    """The floating dtypes other than float32 among ``module``'s weights, as text ("" if
+    none): quantgate's reference is float32, its FP16 and INT8 variants made from it."""
+    tensors = (*module.parameters(), *module.buffers())
+    found = {str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()}
+    return ", ".join(sorted(found - {"float32"}))
 
 
 def _warn_random_weights(path: Path, task: str, loading: Mapping[str, Any]) -> None:
@@ -714,6 +725,12 @@ def _from_factory(
             "the batch, dim 1 the sequence) to trace and validate with"
         )
     arrays = _example_arrays(spec, example)
+    if stored := _not_float32(module):  # your module: quantgate does not cast it for you
+        raise ModelLoadError(
+            f"{spec}: the module's weights are in {stored}; quantgate exports float32 (and "
+            "makes its FP16 and INT8 variants from it). Return `module.float()` (exact for "
+            "bfloat16 and float16 weights)."
+        )
     module.eval()
     pads = _factory_attributes(spec, module, arrays)
     for name, a in arrays.items():  # a padding mask under another name: quantgate misses it
@@ -971,7 +988,8 @@ def _hash_module(module: nn.Module, source_file: str) -> str:
         h.update(Path(source_file).read_bytes())
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode() + b"\0")
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        # the bytes as they are: numpy has no bfloat16 (nor float8)
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

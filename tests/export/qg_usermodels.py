@@ -123,6 +123,10 @@ def bfloat16_inputs() -> nn.Module:
     return Pooler({"input_ids": _ids().to(torch.bfloat16)})
 
 
+def bfloat16_weights() -> nn.Module:
+    return Pooler({"input_ids": _ids()}).to(torch.bfloat16)
+
+
 def bad_attributes() -> nn.Module:
     m = Pooler({"input_ids": _ids()})
     m.output_names, m.max_seq_len, m.pad_values = "logits", "64", {"input_ids": "x"}

@@ -475,6 +475,28 @@ def test_minilm_exports_fully_fused_and_matches_sentence_transformers(cli, tmp_p
     assert json.loads((out / qb.MANIFEST).read_text())["export"]["exporter"] == "legacy"
 
 
+def test_a_checkpoint_saved_in_bfloat16_exports_in_float32(tiny_bert_classifier, tmp_path):
+    """transformers loads a checkpoint in the dtype it was saved in (most recent ones:
+    bfloat16); PyTorch's bfloat16 outputs have no numpy form, which ended the export in a
+    traceback. quantgate's reference is float32: exact for bfloat16 weights."""
+    from transformers import AutoModelForSequenceClassification
+
+    saved = tmp_path / "bf16"
+    AutoModelForSequenceClassification.from_pretrained(tiny_bert_classifier).to(
+        torch.bfloat16
+    ).save_pretrained(saved)
+    for f in tiny_bert_classifier.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special")):
+            shutil.copy(f, saved / f.name)
+    result = export_fp32(saved, tmp_path / "work", cfg=ExportConfig(optimize=False))
+    assert result.validation.max_abs_diff["logits"] < 1e-4
+    assert all(
+        t.data_type == onnx.TensorProto.FLOAT
+        for t in onnx.load(str(result.onnx)).graph.initializer
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.BFLOAT16)
+    )
+
+
 def test_hugging_face_classifier_exports_with_labels_and_fusions(tiny_bert_classifier, tmp_path):
     b = export(tiny_bert_classifier, tmp_path / "cls", cfg=ExportConfig())
     m = b.manifest

@@ -250,6 +250,7 @@ def test_english_text_is_deterministic_and_varied():
         ("one_dim_inputs", ["needs an `example_inputs` dict of tensors"]),
         ("ragged_batch", ["example_inputs disagree on (batch, sequence)", "(3, 10)"]),
         ("bfloat16_inputs", ["dtype torch.bfloat16, which has no numpy equivalent"]),
+        ("bfloat16_weights", ["weights are in bfloat16", "Return `module.float()`"]),
         (
             "bad_attributes",
             ["output_names 'logits'", "max_seq_len '64'", "pad_values {'input_ids': 'x'}"],
