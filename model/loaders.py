@@ -13,6 +13,7 @@ A spec names one of three kinds of model:
     ``attention_mask`` and ``token_type_ids`` when it takes them. Tasks:
 
     - ``sequence-classification``: outputs ``logits`` (batch, labels);
+    - ``token-classification``: outputs ``logits`` (batch, sequence, labels);
     - ``feature-extraction``: outputs ``last_hidden_state`` (batch, sequence, hidden) and
       ``sentence_embedding`` (batch, hidden), pooled over the real tokens as the
       directory's sentence-transformers config says (mask mean-pool by default, then L2

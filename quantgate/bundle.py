@@ -86,7 +86,7 @@ class GateResult:
     threshold: float
     op: str  # "<=" or ">=": how value must compare with threshold to pass
     passed: bool
-    ci: tuple[float, float] | None = None  # confidence interval of value, when bootstrapped
+    ci: tuple[float, float] | None = None  # confidence interval of value, where it has one
     provider: str | None = None  # where it was measured; None: the CPU, for accuracy gates
     detail: str = ""
 
@@ -800,8 +800,8 @@ def _recorded_model(bundle: Path) -> str | None:
     """The identity (``model_identity``) of the model a bundle was exported from, as its
     manifest records it; None where it records none (bundles before it) or is unreadable."""
     try:
-        found = json.loads((bundle / MANIFEST).read_text()).get("source", {}).get("identity")
-    except (OSError, ValueError, AttributeError):
+        found = _read_json(bundle / MANIFEST).get("source", {}).get("identity")
+    except (BundleError, AttributeError):
         return None
     return found if isinstance(found, str) else None
 
