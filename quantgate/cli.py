@@ -1265,7 +1265,8 @@ def infer(
         spec = {t.name: t for t in metadata.inputs}
         tok, feeds, tagger = None, {}, False
         if texts:
-            from quantgate.quantize.data import TOKEN_TASKS, ModelInfo, tokenize, tokenizer_of
+            from quantgate.quantize.data import TOKEN_TASKS, ModelInfo
+            from quantgate.quantize.text import tokenize, tokenizer_of
 
             info = ModelInfo.from_manifest(bundle.manifest, bundle.path)
             tok = tokenizer_of(info)  # the bundle's: it reads --text, and a tagger's tags back

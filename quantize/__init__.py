@@ -1,7 +1,9 @@
 """INT8 (and FP16) from a validated FP32 export, shipped only on evidence.
 
-data.py         calibration and evaluation data, streamed (JSONL text, .npz, built-in)
-labels.py       what a label means: a class index or a class name, and when one is refused
+data.py         calibration and evaluation data, streamed (.npz, arrays, iterables, built-in)
+text.py         JSONL text and the model's tokenizer
+heldout.py      evaluation rows told from calibration rows by their token ids' hashes
+labels.py       what a label means: a class index or name, a tag per token; what is refused
 recipes.py      INT8 recipes as values; ``quantize(src, recipe, calibration, out)``
 graph.py        quantgate's own INT8 graph: smoothing, QuantizeLinear, integer GEMMs
 ort_recipes.py  ONNX Runtime's quantizers as recipes (static QDQ/QOperator, dynamic)

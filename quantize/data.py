@@ -14,9 +14,14 @@ Where the data comes from (``open_source``):
 - ``*.npz``: one ``(N, T)`` array per model input, optionally ``labels`` ``(N,)``;
 - ``*.jsonl``: one ``{"text": ..., "label": ...}`` object per line (``label`` optional),
   tokenized with the model's own tokenizer, read line by line and tokenized batch by batch;
-  a file whose every line has the same wrong keys is told so once, not line by line;
+  a file whose every line has the same wrong keys is told so once, not line by line
+  (``quantize.text``);
 - in the API, any iterable of feed dicts (each a batch; a ``"labels"`` entry is taken as
   labels), or a callable returning one.
+
+A token classifier's labels are one per token, (rows, sequence) arrays (``labels.
+check_token_labels``): an .npz, a dict or an iterable carries them; JSONL text cannot (its
+labels are ignored, with a warning).
 
 ``samples`` caps how many rows are used. From a file or the built-in split the rows kept
 are stratified by length: sorted by real length and picked at evenly spaced quantiles, so a
@@ -40,9 +45,8 @@ source's record and said in its description (the report's).
 
 Every row is also known by its content: ``row_hashes`` hashes the token ids the model sees
 (``input_ids`` without padding), so the same row is the same hash in any file, format or
-position, and whatever spacing the tokenizer drops. ``check_held_out`` compares evaluation
-rows with calibration rows by those hashes: at export with the calibration source itself,
-at a re-gate with the ``Fingerprint`` of them that the manifest keeps.
+position, and whatever spacing the tokenizer drops; ``quantize.heldout`` tells evaluation
+rows from calibration rows by those hashes.
 
 Every source has a content ``sha256`` (of the bytes read plus the selection) for the
 manifest. Problems are collected and raised as one ``DataError``: what was expected, what
@@ -51,13 +55,10 @@ was found, what to do.
 
 from __future__ import annotations
 
-import base64
-import codecs
 import dataclasses
 import hashlib
 import json
 import logging
-import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,18 +69,16 @@ import numpy as np
 
 from quantgate.bundle import Manifest, TensorSpec, class_names, sha256_file
 from quantgate.errors import DataError
+from quantgate.quantize.heldout import FINGERPRINT, Fingerprint, row_hash
 from quantgate.quantize.labels import (
+    NO_LABEL,
     check_labels,
+    check_token_labels,
     describe_classes,
     describe_rows,
     forms_problem,
     label_forms,
-    label_problem,
-    name_index,
-    one_based_hint,
-    quote,
 )
-from quantgate.quantize.stats import wilson
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,6 @@ DEFAULT_BATCH = 16  # rows per feed; calibration statistics do not depend on it
 MIN_CALIBRATION_ROWS = 32
 EMBEDDING_TASKS = ("feature-extraction",)  # gated on agreement with FP32, not on labels
 TOKEN_TASKS = ("token-classification",)  # labels per token: (rows, sequence) arrays only
-NO_LABEL = -100  # a position without a token label (Hugging Face's ignore index)
 TYPE_IDS = "token_type_ids"  # zeros where data leaves them out: one segment
 
 
@@ -136,11 +134,17 @@ class ModelInfo:
         return tuple(t.name for t in self.inputs)
 
     @property
-    def reads_labels(self) -> bool:
-        """Whether labels mean anything to the gates: an embedding model is gated on its
-        agreement with FP32, and its data's labels are ignored (with a warning), whatever
-        their form."""
+    def reads_row_labels(self) -> bool:
+        """Whether its gates read one label per row (a class index or name): a classifier's.
+        A token classifier reads one per token (``reads_token_labels``); an embedding model
+        is gated on its agreement with FP32 and reads none."""
         return self.task not in (*EMBEDDING_TASKS, *TOKEN_TASKS)
+
+    @property
+    def reads_token_labels(self) -> bool:
+        """Whether its gates read one label per token, (rows, sequence) arrays: a token
+        classifier's; JSONL text has no way to give them."""
+        return self.task in TOKEN_TASKS
 
     @property
     def classes(self) -> str:
@@ -311,7 +315,9 @@ def open_source(
         if path.suffix.lower() == ".npz":
             source = _npz(path, model, samples, batch_size, flag)
         else:
-            source = _jsonl(path, model, samples, batch_size, flag, role)
+            from quantgate.quantize.text import jsonl_source  # text imports this module
+
+            source = jsonl_source(path, model, samples, batch_size, flag, role)
     elif isinstance(spec, Mapping):  # one dict of arrays, as a .npz holds them
         source = _in_memory(spec, model, samples, batch_size)
     else:
@@ -383,18 +389,6 @@ def check_path(spec: str | Path, flag: str) -> Path:
     return path
 
 
-# Evaluation rows that may also be calibration rows before the evaluation data is refused
-# as not held out. Two samples of one corpus share some rows by nature (short, common texts:
-# a greeting, a licence's boilerplate line), a few percent of them; a tenth or more means
-# the files overlap. Below it the shared rows are warned about and counted in the record.
-MAX_SHARED = 0.10
-FINGERPRINT = "row_hashes"  # the key of a calibration record's Fingerprint
-# Row hashes a manifest keeps: exact up to this many calibration rows (most calibration
-# sets), a sample beyond (32 kB, 44 kB as base64): enough that a re-gate's evaluation
-# rows fall in its range by the dozen, not by the handful, when calibration had 50,000 rows.
-FINGERPRINT_ROWS = 4096
-
-
 def row_hashes(feeds: Mapping[str, np.ndarray], model: ModelInfo) -> np.ndarray:
     """(N,) uint64: each row known by the token ids the model sees, hashed (blake2b, 8 bytes).
 
@@ -407,7 +401,7 @@ def row_hashes(feeds: Mapping[str, np.ndarray], model: ModelInfo) -> np.ndarray:
     _, rows = _token_rows(feeds, model)
     real = _real_tokens(feeds, model)
     dtype = "<i8" if np.issubdtype(rows.dtype, np.integer) else "<f8"
-    hashes = (_row_hash(row[keep].astype(dtype)) for row, keep in zip(rows, real, strict=True))
+    hashes = (row_hash(row[keep].astype(dtype)) for row, keep in zip(rows, real, strict=True))
     return np.fromiter(hashes, dtype=np.uint64, count=len(rows))
 
 
@@ -438,156 +432,6 @@ def _real_tokens(feeds: Mapping[str, np.ndarray], model: ModelInfo) -> np.ndarra
     last = rows.shape[1] - np.argmax(pad[:, ::-1], axis=1)  # after the last real id
     last[~pad.any(axis=1)] = 0
     return np.arange(rows.shape[1]) < last[:, None]
-
-
-def check_token_labels(labels: Any, rows: np.ndarray, model: ModelInfo, where: str) -> np.ndarray:
-    """A token classifier's ``labels`` as (rows, sequence) int64: one per position of the
-    token rows ``rows``, a class index of the model's (where it names its classes) or
-    ``NO_LABEL``; else a DataError naming what was found."""
-    labels = np.asarray(labels)
-    if labels.shape != rows.shape or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(
-            f"{where}: a token classifier's labels are one class index per token: an integer "
-            f"array of shape {rows.shape}, as its inputs, {NO_LABEL} where a position has "
-            f"none; found shape {labels.shape} dtype {labels.dtype}"
-        )
-    classes = len(model.labels)
-    bad = (labels < 0) & (labels != NO_LABEL)
-    if classes:
-        bad |= labels >= classes
-    if bad.any():
-        raise DataError(
-            f"{where}: token labels must be class indices"
-            + (f" 0..{classes - 1} ({model.classes})" if classes else " >= 0")
-            + f" or {NO_LABEL}; found {sorted(set(labels[bad].tolist()))[:8]} in "
-            f"{describe_rows(bad.any(1))}"
-        )
-    return labels.astype(np.int64)
-
-
-def _row_hash(ids: np.ndarray) -> int:
-    return int.from_bytes(hashlib.blake2b(ids.tobytes(), digest_size=8).digest(), "little")
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """A set of rows as their ``row_hashes``: every one, or a fixed-size sample.
-
-    A manifest keeps ``sample()``, at most ``FINGERPRINT_ROWS`` hashes, so that a re-gate can
-    tell calibration rows in its evaluation data without the calibration file, and the
-    manifest stays small however many rows calibrated the model. The sample is the
-    smallest hashes (a bottom-k sketch): hashes being uniform, it is a random sample of the
-    rows, the same whichever file holds them; and a row whose hash is at most the sample's
-    largest is known to be in the set or not. The share of calibration rows among those
-    evaluation rows estimates their share among all the evaluation rows.
-    """
-
-    hashes: np.ndarray  # sorted, distinct uint64
-    rows: int  # distinct rows in the whole set
-
-    @classmethod
-    def of(cls, hashes: np.ndarray) -> Fingerprint:
-        unique = np.unique(np.asarray(hashes, dtype=np.uint64))
-        return cls(unique, len(unique))
-
-    @property
-    def complete(self) -> bool:
-        return len(self.hashes) == self.rows
-
-    def sample(self, k: int = FINGERPRINT_ROWS) -> Fingerprint:
-        return Fingerprint(self.hashes[:k], self.rows)
-
-    def shared(self, hashes: np.ndarray) -> tuple[int, int]:
-        """(rows of ``hashes`` in the set, rows that could be told): every row where the
-        fingerprint is complete, else the rows whose hash is within the sample's range."""
-        hashes = np.asarray(hashes, dtype=np.uint64)
-        if not self.complete:
-            hashes = hashes[hashes <= self.hashes[-1]]
-        return int(np.isin(hashes, self.hashes).sum()), len(hashes)
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "rows": self.rows,
-            "hash": "blake2b, 8 bytes, of each row's token ids without padding (int64 LE)",
-            "sample": "all" if self.complete else f"the {len(self.hashes)} smallest hashes",
-            "hashes": base64.b64encode(self.hashes.astype(">u8").tobytes()).decode("ascii"),
-        }
-
-    @classmethod
-    def from_record(cls, calibration: Mapping[str, Any] | None) -> Fingerprint | None:
-        """The fingerprint a calibration record keeps; None for one without (older bundles)."""
-        r = (calibration or {}).get(FINGERPRINT)
-        try:
-            raw = base64.b64decode(r["hashes"], validate=True)
-            hashes = np.sort(np.frombuffer(raw, dtype=">u8").astype(np.uint64))
-            rows = int(r["rows"])
-        except (KeyError, TypeError, ValueError):  # none, or not one this module wrote
-            return None
-        if len(hashes) > rows or (len(hashes) == 0 and rows > 0):
-            return None
-        return cls(hashes, rows)
-
-
-def check_held_out(
-    evaluation: DataSource, calibration: Fingerprint | None, *, where: str, calibrated_on: str
-) -> DataSource:
-    """``evaluation`` with the count of its rows that are also calibration rows (the same
-    ``row_hashes``) in its record and description: gates measured on rows the INT8 ranges
-    were fitted to would pass a model that fails on new data. DataError when they are
-    ``MAX_SHARED`` of its rows or more; a warning when fewer. ``where`` and ``calibrated_on``
-    name the two data for messages. Unchanged where either side's hashes are not known.
-    """
-    if calibration is None or evaluation.row_hashes is None:
-        return evaluation
-    shared, told = calibration.shared(evaluation.row_hashes)
-    if not told:  # a sample so small that none of these rows falls in its range
-        log.warning(
-            "%s: cannot tell whether its rows are calibration rows: none of them falls in the "
-            "sample of %d row hashes the bundle keeps of its %d calibration rows",
-            where,
-            len(calibration.hashes),
-            calibration.rows,
-        )
-        return evaluation
-    if not shared:
-        return dataclasses.replace(evaluation, in_calibration=0)
-    share = shared / told
-    # From a sample, refuse on evidence only: the share's one-sided 95% lower bound (the
-    # lower end of Wilson's two-sided 90% interval) must reach MAX_SHARED, or a few natural
-    # duplicates among a handful of rows told would refuse a re-gate at random.
-    evident = share if calibration.complete else wilson(shared, told, 0.90)[0]
-    n = evaluation.samples
-    if calibration.complete:
-        counts, estimate = f"{shared} of {n} evaluation rows ({share:.0%})", shared
-    else:
-        estimate = round(share * n)
-        counts = (
-            f"about {share:.0%} of the {n} evaluation rows ({shared} of the {told} whose hash "
-            f"falls in the sample of {len(calibration.hashes)} the bundle keeps of its "
-            f"{calibration.rows} calibration rows)"
-        )
-    what = (
-        f"{where}: {counts} are also calibration rows (the same token ids, whatever the "
-        f"order of the rows or their spacing) of {calibrated_on}"
-    )
-    if evident >= MAX_SHARED:
-        raise DataError(
-            f"{what}. The gates must measure rows the calibration did not see, or they pass a "
-            "model that fails on new data. Remove those rows from the evaluation data (at "
-            "export, one file can be split in two instead: for example 20% for --calibration, "
-            "the rest for --eval)."
-        )
-    log.warning(
-        "%s. So few can be natural duplicates (short, common texts); the gates count them, "
-        "and the report says how many.",
-        what,
-    )
-    about = "" if calibration.complete else "about "
-    return dataclasses.replace(
-        evaluation,
-        in_calibration=estimate,
-        description=f"{evaluation.description}; {about}{estimate} also calibration rows",
-    )
 
 
 def check_not_calibration(spec: DataSpec | None, calibration: Mapping[str, Any] | None) -> None:
@@ -623,7 +467,7 @@ def stratified(lengths: np.ndarray, k: int | None) -> np.ndarray:
     return order[picks]
 
 
-def _chunks(indices: np.ndarray, size: int) -> Iterator[np.ndarray]:
+def chunks(indices: np.ndarray, size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(indices), size):
         yield indices[start : start + size]
 
@@ -779,14 +623,15 @@ def _builtin(model: ModelInfo, role: str, samples: int | None, batch_size: int) 
     split = load_digits_splits()[name]
     feeds = check_feeds(split.feeds(), model, f"the digits {name} split")
     labels = split.labels
-    keep = stratified(_real_tokens(feeds, model).sum(1), samples)
+    lengths = _real_tokens(feeds, model).sum(1)
+    keep = stratified(lengths, samples)
     h = hashlib.sha256(b"digits:" + name.encode())
     for k in sorted(feeds):
         h.update(np.ascontiguousarray(feeds[k][keep]).tobytes())
     h.update(np.ascontiguousarray(labels[keep]).tobytes())
 
     def batches() -> Iterator[Batch]:
-        for idx in _chunks(keep, batch_size):
+        for idx in chunks(keep, batch_size):
             yield Batch({k: v[idx] for k, v in feeds.items()}, labels[idx])
 
     return DataSource(
@@ -796,7 +641,7 @@ def _builtin(model: ModelInfo, role: str, samples: int | None, batch_size: int) 
         has_labels=True,
         sha256=h.hexdigest(),
         _batches=batches,
-        lengths=(64, 64),
+        lengths=(int(lengths[keep].min()), int(lengths[keep].max())),
         total=len(labels),
         row_hashes=row_hashes({k: v[keep] for k, v in feeds.items()}, model),
     )
@@ -860,17 +705,19 @@ def _whole(
     ``samples`` rows picked by length quantiles, in batches of ``batch_size``; ``where``
     names it in messages, ``name`` in its description."""
 
-    tokens = model.task in TOKEN_TASKS  # labels (rows, sequence): a tag per token
-    reads = model.reads_labels or tokens
+    tokens = model.reads_token_labels  # labels (rows, sequence): a tag per token
+    reads = model.reads_row_labels or tokens
 
     def read() -> tuple[Feeds, np.ndarray | None]:
         arrays = dict(load())
-        labels = arrays.pop(LABELS, None) if reads else None
-        arrays.pop(LABELS, None)  # an embedding model's: not read (resolve says so)
+        labels = arrays.pop(LABELS, None)
+        if not reads:  # an embedding model's: open_source warns that they are ignored
+            labels = None
         feeds = check_feeds(arrays, model, where)
         n = len(next(iter(feeds.values())))
         if labels is not None and tokens:
-            labels = check_token_labels(labels, _token_rows(feeds, model)[1], model, where)
+            shape = _token_rows(feeds, model)[1].shape
+            labels = check_token_labels(labels, shape, model.labels, where)
         elif labels is not None:
             labels = check_labels(labels, n, model.labels, where)
         return feeds, labels
@@ -889,7 +736,7 @@ def _whole(
 
     def batches() -> Iterator[Batch]:
         feeds, labels = read()
-        for idx in _chunks(keep, batch_size):
+        for idx in chunks(keep, batch_size):
             b = _trim({k: v[idx] for k, v in feeds.items()}, model)
             tags = None if labels is None else labels[idx]
             if tokens and tags is not None:  # a tag per token: cut with the batch's padding
@@ -911,404 +758,6 @@ def _whole(
     )
 
 
-def _jsonl(
-    path: Path, model: ModelInfo, samples: int | None, batch_size: int, flag: str, role: str
-):
-    if model.tokenizer is None:
-        raise DataError(
-            f"{flag} {path}: JSONL text needs the model's tokenizer, and this model has none "
-            f"(it is not a Hugging Face model). Pass a .npz with arrays "
-            f"{', '.join(model.input_names)} instead."
-        )
-    tok = tokenizer_of(model)
-    limit = model.max_seq_len or None
-    where = f"{flag} {path}"
-    scan = _scan_jsonl(path, tok, limit, model, where)
-    error = _refusal(scan, model, where)
-    if error is not None:
-        raise error
-    if not scan.offsets:
-        found = "only blank lines" if path.stat().st_size else "an empty file"
-        raise DataError(
-            f'{where}: expected one {{"text": ...}} JSON object per line, found {found}. '
-            "Write the texts into it, one object per line."
-        )
-    if not scan.labelled and model.reads_labels:
-        _warn_unlabelled(scan, where)
-    lengths = np.asarray(scan.lengths, dtype=np.int64)
-    offsets = np.asarray(scan.offsets, dtype=np.int64)
-    keep = stratified(lengths, samples)
-    cut = int(np.isin(keep, scan.cut).sum())
-    if cut:
-        log.warning(
-            "%s: %d of %d %s texts are longer than the model's %d tokens and are cut: %s only "
-            "their first %d tokens",
-            where,
-            cut,
-            len(keep),
-            role,
-            limit,
-            "the gates see" if role == "evaluation" else "the calibration sees",
-            limit,
-        )
-    digest = sha256_file(path)
-    h = hashlib.sha256(digest.encode())
-    h.update(keep.tobytes())
-    h.update(f"{limit}".encode())  # not the tokenizer's path: the bundle moves with its copy
-    index = name_index(model.labels)
-    labelled = bool(scan.labelled)
-
-    def batches() -> Iterator[Batch]:
-        with open(path, "rb") as f:
-            for idx in _chunks(keep, batch_size):
-                rows = []
-                for off in offsets[idx]:
-                    f.seek(int(off))
-                    rows.append(json.loads(f.readline()))
-                feeds = _encode(tok, [r["text"] for r in rows], model, limit)
-                labels = None
-                if labelled:  # a class name stands for its index
-                    labels = np.array([index.get(r["label"], r["label"]) for r in rows], np.int64)
-                yield Batch(feeds, labels)
-
-    long = f"; {cut} longer than the model's {limit} tokens, cut to them" if cut else ""
-    return DataSource(
-        description=f"{path.name}: {len(keep)} of {len(offsets)} texts (JSONL, model tokenizer{long})",
-        kind="jsonl",
-        file_sha256=digest,
-        samples=len(keep),
-        has_labels=labelled,
-        sha256=h.hexdigest(),
-        _batches=batches,
-        lengths=(int(lengths[keep].min()), int(lengths[keep].max())),
-        total=len(offsets),
-        cut=cut,
-        row_hashes=np.asarray(scan.hashes, dtype=np.uint64)[keep],
-        labels_ignored=scan.ignored > 0,
-    )
-
-
-MAX_PROBLEMS = 10  # bad lines described one by one; the rest are counted
-TOKEN_BATCH = 256  # texts tokenized at once to count their tokens
-
-
-@dataclass
-class _Scan:
-    """What the first pass over a JSONL file learns; none of its texts are kept."""
-
-    offsets: list[int] = field(default_factory=list)  # byte offset of each good line
-    lengths: list[int] = field(default_factory=list)  # its token count, at most the model's
-    hashes: list[int] = field(default_factory=list)  # its row hash (row_hashes)
-    cut: list[int] = field(default_factory=list)  # good rows longer than the model takes
-    lines: int = 0  # non-blank lines
-    bad: int = 0  # lines that are not a good row
-    problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS, described
-    shapes: set[tuple[str, ...] | None] = field(default_factory=set)  # how (two are enough)
-    labelled: bool | None = None  # whether the good lines have a "label"; None: no good line
-    first: int = 0  # the line number of the first good line, which set ``labelled``
-    lo: int = 1 << 63  # the smallest and largest integer label
-    hi: int = -1
-    index_at: str | None = None  # the first integer label, and its line
-    name_at: str | None = None  # the first string label, and its line
-    null_labels: int = 0  # lines whose "label" is null (read as unlabelled)
-    reads_labels: bool = True  # False: an embedding model's; its labels are not read
-    ignored: int = 0  # lines whose label was not read for that
-    unread: set[str] = field(default_factory=set)  # keys beside "text" and "label" there
-
-    def add(self, lineno: int, row: Any, problem: str | None) -> bool:
-        """Take in one non-blank line (``_parse_line``'s answer); True for a good row."""
-        self.lines += 1
-        label = row.get("label") if isinstance(row, dict) else None
-        if label is not None and not self.reads_labels:
-            self.ignored, label = self.ignored + 1, None
-        if isinstance(label, int) and not isinstance(label, bool):
-            self.lo, self.hi = min(self.lo, label), max(self.hi, label)
-            self.index_at = self.index_at or f"{label} on line {lineno}"
-        elif isinstance(label, str):
-            self.name_at = self.name_at or f"{quote(label)} on line {lineno}"
-        if problem is None and self.labelled is not None and (label is not None) != self.labelled:
-            has, first = ("has a", "has none") if label is not None else ("has no", "has one")
-            problem = (
-                f'{has} "label", but line {self.first}, the first row, {first}: label every '
-                "line or none"
-            )
-        if problem is not None:
-            self.bad += 1
-            if len(self.problems) < MAX_PROBLEMS:
-                self.problems.append(f"line {lineno}: {problem}")
-            if len(self.shapes) < 2:
-                self.shapes.add(_shape(row))
-            return False
-        self.labelled = label is not None
-        self.first = self.first or lineno
-        if not self.labelled and self.reads_labels:
-            self.null_labels += "label" in row
-            if len(self.unread) < MAX_PROBLEMS:  # one may be a misnamed label
-                self.unread.update(k for k in row if k not in ("text", "label"))
-        return True
-
-
-def _scan_jsonl(path: Path, tok, limit: int | None, model: ModelInfo, where: str) -> _Scan:
-    """Pass 1 over a JSONL file: every line parsed and checked; the byte offset, token count
-    and row hash of every good one, and which are cut at ``limit`` (tokenized only while no
-    line is bad: such a file is refused)."""
-    scan = _Scan(reads_labels=model.reads_labels)
-    texts: list[str] = []  # good lines waiting to be tokenized
-    starts: list[int] = []  # and their offsets
-
-    def count() -> None:
-        ids = _token_ids(tok, texts, limit)
-        if limit is not None:  # a row of ``limit`` tokens may have been cut: count again
-            full = [i for i, row in enumerate(ids) if len(row) == limit]
-            longer = _token_ids(tok, [texts[i] for i in full], limit + 1) if full else []
-            first = len(scan.offsets)
-            scan.cut.extend(
-                first + i for i, row in zip(full, longer, strict=True) if len(row) > limit
-            )
-        scan.lengths.extend(len(row) for row in ids)
-        scan.hashes.extend(_row_hash(np.asarray(row, dtype="<i8")) for row in ids)
-        scan.offsets.extend(starts)
-        texts.clear()
-        starts.clear()
-
-    with open(path, "rb") as f:
-        pos = 0
-        for lineno, line in enumerate(f, 1):
-            start, pos = pos, pos + len(line)
-            if not line.strip():
-                continue
-            if not scan.lines:
-                _check_format(line, lineno, where)
-            row, problem = _parse_line(line, model)
-            if scan.add(lineno, row, problem) and not scan.bad:
-                texts.append(row["text"])
-                starts.append(start)
-                if len(texts) == TOKEN_BATCH:
-                    count()
-    if texts and not scan.bad:
-        count()
-    return scan
-
-
-def _refusal(scan: _Scan, model: ModelInfo, where: str) -> DataError | None:
-    """The one DataError for a scanned JSONL file with bad lines, or whose labels are class
-    names that cannot stand for classes (``labels.forms_problem``); None for a good file."""
-    forms = forms_problem(scan.index_at, scan.name_at, model.labels)
-    if not scan.bad:
-        return None if forms is None else DataError(f"{where}: {forms}")
-    shape = next(iter(scan.shapes)) if len(scan.shapes) == 1 else None
-    if scan.bad == scan.lines and shape is not None:  # every line wrong the same way: say once
-        return DataError(f"{where}: {_same_on_every_line(shape)}")
-    more = scan.bad - len(scan.problems)
-    body = [
-        *(f"  - {p}" for p in scan.problems),
-        *([f"  ... and {more} more bad line(s)"] if more else []),
-        *([one_based_hint(scan.lo, scan.hi, len(model.labels)).strip()] if model.labels else []),
-        *([forms] if forms else []),
-    ]
-    optional = (
-        f'an optional "label" (a class index, or one of the model\'s {len(model.labels)} '
-        "class names)"
-        if model.labels
-        else 'an optional integer "label"'
-    )
-    return DataError(
-        f'{where}: expected one JSON object per line with a non-blank string "text" and '
-        f"{optional}:\n" + "\n".join(part for part in body if part)
-    )
-
-
-def _warn_unlabelled(scan: _Scan, where: str) -> None:
-    """Warn where a file read as unlabelled looks as if it meant to have labels: a "label"
-    null on every line, or keys beside "text" that are not read (one may be the label)."""
-    keys = ", ".join(f'"{k}"' for k in sorted(scan.unread))
-    if scan.null_labels == scan.lines:
-        log.warning(
-            '%s: "label" is null on every line, so the rows are read as unlabelled (the gates '
-            "compare with FP32 only).%s",
-            where,
-            f' Keys {keys} are not read: if one holds each row\'s class, put it in "label".'
-            if keys
-            else "",
-        )
-    elif keys:
-        log.warning(
-            '%s: no line has a "label", so the rows are read as unlabelled; keys %s are not '
-            'read. If one of them holds each row\'s class, name it "label".',
-            where,
-            keys,
-        )
-
-
-def _check_format(line: bytes, lineno: int, where: str) -> None:
-    """DataError for a file that is JSON or text, but not UTF-8 JSON Lines: its first line of
-    text tells (every line would be reported bad, none of them saying why)."""
-    if line.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise DataError(
-            f"{where}: expected UTF-8 text, found UTF-16 (line {lineno} starts with its "
-            "byte-order mark). Save the file as UTF-8."
-        )
-    if line.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
-        raise DataError(
-            f'{where}: expected JSON Lines, one {{"text": ...}} object per line; found a '
-            f"JSON array (line {lineno} starts with '['). Write one object per line, for "
-            "example with: jq -c '.[]' IN.json > OUT.jsonl"
-        )
-
-
-def _parse_line(line: bytes, model: ModelInfo) -> tuple[Any, str | None]:
-    """A JSONL line's value (``UNREADABLE`` where it is not UTF-8 JSON) and what is wrong
-    with it as a row, or None: a non-blank string "text", a label that is a class of the
-    model (``labels.label_problem``)."""
-    try:
-        row = json.loads(line)
-    except UnicodeDecodeError as e:
-        return UNREADABLE, (
-            f"not UTF-8 (byte 0x{e.object[e.start]:02x} at column {e.start + 1}); save the "
-            "file as UTF-8"
-        )
-    except ValueError as e:
-        return UNREADABLE, f"not JSON ({e})"
-    if not isinstance(row, dict):
-        return row, f'found {_json_kind(row)}, expected an object with a "text" key'
-    if "text" not in row:
-        return row, f'no "text" key (found {_keys(row) or "an empty object"})'
-    text = row["text"]
-    if not isinstance(text, str) or not text.strip():
-        return row, f'no non-blank string "text" (found {json.dumps(text)[:60]})'
-    label = row.get("label") if model.reads_labels else None
-    return row, None if label is None else label_problem(label, model.labels)
-
-
-UNREADABLE = object()  # a JSONL line that is not UTF-8 JSON
-
-
-def _shape(row: Any) -> tuple[str, ...] | None:
-    """How a bad line is wrong, where every line of a file may be wrong the same way: the keys
-    of an object without "text", the kind of a value that is not an object; else None."""
-    if row is UNREADABLE:
-        return None
-    if isinstance(row, dict):
-        return ("keys", *row) if "text" not in row else None
-    return ("value", _json_kind(row))
-
-
-def _same_on_every_line(shape: tuple[str, ...]) -> str:
-    """One message for a file whose every line has the same wrong keys or is not an object."""
-    if shape[0] == "value":
-        fix = (
-            " Wrap each, for example with: jq -c '{text: .}' IN.jsonl > OUT.jsonl"
-            if shape[1] == "a string"
-            else ""
-        )
-        return (
-            f'found {shape[1]} on every line; expected one {{"text": ..., "label": ...}} '
-            f'object per line ("label" optional).{fix}'
-        )
-    keys = shape[1:]
-    found = f"found keys {_keys(keys)} on every line" if keys else "found {} on every line"
-    texts = [k for k in keys if k not in ("label", "labels", "id", "idx")]
-    key = texts[0] if len(texts) == 1 else "KEY"
-    return (
-        f'{found}; expected "text" (the text to tokenize) and optionally "label" (its class). '
-        f'Rename the key that holds the text to "text", for example with: '
-        f"jq -c '.text = .{key} | del(.{key})' IN.jsonl > OUT.jsonl"
-    )
-
-
-def _keys(keys: Iterable[str]) -> str:
-    """'"sentence", "label"': the first eight keys, quoted."""
-    keys = list(keys)
-    shown = ", ".join(map(quote, keys[:8]))
-    return shown + (f", ... {len(keys) - 8} more" if len(keys) > 8 else "")
-
-
-def _json_kind(value: Any) -> str:
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, bool) or value is None:
-        return f"JSON {json.dumps(value)}"
-    return "an array" if isinstance(value, list) else "a number"
-
-
-def tokenize(texts: Sequence[str], model: ModelInfo, tokenizer: Any = None) -> Feeds:
-    """``texts`` as one padded batch of the model's inputs, by the model's own tokenizer (as
-    JSONL data is; ``tokenizer``, where the caller has loaded it), cut at its longest
-    sequence: what a client sends the served model."""
-    tok = tokenizer or tokenizer_of(model)
-    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-        raise DataError(f"expected one or more non-blank texts, found {list(texts)!r}")
-    limit = model.max_seq_len or None
-    if limit is not None:
-        for i, n in enumerate(_token_counts(tok, list(texts), None), 1):
-            if n > limit:
-                log.warning(
-                    "text %d is %d tokens; the model reads at most %d, so the last %d are cut",
-                    i,
-                    n,
-                    limit,
-                    n - limit,
-                )
-    return _encode(tok, list(texts), model, limit)
-
-
-def tokenizer_of(model: ModelInfo):
-    """The model's own tokenizer (a bundle's copy): text to token ids, and back. It pads
-    with the model's pad id, as the server pads, also where the tokenizer names none of
-    its own (GPT-2's) or another than the model's config."""
-    if model.tokenizer is None:
-        raise DataError(
-            "text needs the model's tokenizer, and this model has none (it is not a Hugging "
-            f"Face model); send its inputs ({', '.join(model.input_names)}) as arrays instead"
-        )
-    tok = _tokenizer(model.tokenizer)
-    if (pad := model.pad_values.get("input_ids")) is not None and tok.pad_token_id != pad:
-        tok.pad_token_id = int(pad)
-    return tok
-
-
-def _tokenizer(directory: str):
-    if not Path(directory).is_dir():  # a bundle moved to another machine: the export's path
-        raise DataError(
-            f"JSONL text needs the model's tokenizer, recorded at export as {directory}, which "
-            "is not a directory on this machine (bundles exported before they carried their "
-            "tokenizer point at the model's own directory). Re-export the bundle, put the model "
-            "directory there, or pass a .npz of the tokenized inputs instead "
-            "(quantgate.quantize.data.write_npz writes one)."
-        )
-    try:
-        auto = _auto_tokenizer()
-    except ImportError as e:
-        if isinstance(e, ModuleNotFoundError) and e.name in ("transformers", "tokenizers"):
-            raise  # the `hf` extra is not installed: the CLI says to install it
-        raise DataError(f"cannot import transformers' tokenizers ({e}); check its install") from e
-    try:
-        tok = auto.from_pretrained(directory, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure means the same to the user
-        raise DataError(f"cannot load the model's tokenizer from {directory}: {e}") from e
-    tok.padding_side = "right"  # as the server pads requests, whatever the config says
-    # quantgate cuts texts at the model's max_seq_len itself, and says so in its own words:
-    # not transformers' warning of "indexing errors" against its own, other limit
-    tok.model_max_length = 1 << 62
-    return tok
-
-
-def _auto_tokenizer():
-    """transformers' AutoTokenizer, imported without its advice that PyTorch is missing: a CI
-    runner or a client tokenizes without torch by design (the `hf` extra alone)."""
-    quiet = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
-    before = os.environ.get(quiet)
-    os.environ[quiet] = "1"
-    try:
-        from transformers import AutoTokenizer
-    finally:
-        if before is None:
-            del os.environ[quiet]
-        else:
-            os.environ[quiet] = before
-    return AutoTokenizer
-
-
 def _hf_config(directory: str) -> dict[str, Any]:
     """The config.json beside a Hugging Face tokenizer, or {} (a tokenizer saved alone)."""
     try:
@@ -1316,28 +765,6 @@ def _hf_config(directory: str) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return cfg if isinstance(cfg, dict) else {}
-
-
-def _token_counts(tok, texts: list[str], limit: int | None) -> list[int]:
-    return [len(ids) for ids in _token_ids(tok, texts, limit)]
-
-
-def _token_ids(tok, texts: list[str], limit: int | None) -> list[list[int]]:
-    """Each text's ``input_ids`` without padding, cut at ``limit`` tokens (None: not cut)."""
-    return tok(texts, truncation=limit is not None, max_length=limit)["input_ids"]
-
-
-def _encode(tok, texts: list[str], model: ModelInfo, limit: int | None) -> Feeds:
-    enc = tok(
-        texts, truncation=limit is not None, max_length=limit, padding=True, return_tensors="np"
-    )
-    feeds = {}
-    for spec in model.inputs:
-        if spec.name in enc:
-            feeds[spec.name] = enc[spec.name].astype(spec.dtype)
-        elif spec.name == "token_type_ids":
-            feeds[spec.name] = np.zeros_like(enc["input_ids"], dtype=spec.dtype)
-    return check_feeds(feeds, model, "tokenized text")
 
 
 def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> DataSource:
@@ -1349,33 +776,40 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
             it = list(it)
         make = lambda: it  # noqa: E731
 
+    tokens = model.reads_token_labels  # labels (rows, sequence): a tag per token
+    reads = model.reads_row_labels or tokens
     ignored = [False]  # an item had labels, which an embedding model does not read
 
     def items() -> Iterator[tuple[int, Feeds, Any, np.ndarray | None]]:
         """Each item, checked: its index, its feeds, its labels as given and as indices."""
         for i, feeds in enumerate(make()):
+            where = f"data item {i}"
             if not isinstance(feeds, Mapping):
-                raise DataError(
-                    f"data item {i} is a {type(feeds).__name__}; expected a dict of arrays"
-                )
-            f = check_feeds(feeds, model, f"data item {i}")
-            given = feeds.get(LABELS) if model.reads_labels else None  # else not read
-            ignored[0] = ignored[0] or (LABELS in feeds and not model.reads_labels)
+                raise DataError(f"{where} is a {type(feeds).__name__}; expected a dict of arrays")
+            f = check_feeds(feeds, model, where)
             n = len(next(iter(f.values())))
-            # class names become indices
-            labels = (
-                None if given is None else check_labels(given, n, model.labels, f"data item {i}")
-            )
+            if n == 0:
+                raise DataError(f"{where} has no rows")
+            given = feeds.get(LABELS) if reads else None  # else not read
+            ignored[0] = ignored[0] or (LABELS in feeds and not reads)
+            if given is None:
+                labels = None
+            elif tokens:
+                labels = check_token_labels(
+                    given, _token_rows(f, model)[1].shape, model.labels, where
+                )
+            else:  # class names become indices
+                labels = check_labels(given, n, model.labels, where)
             yield i, f, given, labels
 
     rows, labelled, h = 0, None, hashlib.sha256(b"iterable")
-    lo, hi = None, 0
-    hashes = []  # row_hashes of the rows used, item by item
+    lengths = []  # the real lengths of the rows used, item by item
+    hashes = []  # and their row_hashes
     forms: dict[str, str] = {}  # "indices"/"names": the first item with labels in that form
     for i, f, given, labels in items():
         if i == 0:  # JSONL is tokenized right-padded, the built-in split has no padding
             _warn_left_padding(Batch(f, None), where="the data iterable")
-        if given is not None:
+        if given is not None and not tokens:
             for form in label_forms(given):
                 forms.setdefault(form, f"data item {i}")
             problem = forms_problem(forms.get("indices"), forms.get("names"), model.labels)
@@ -1387,8 +821,7 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
         n = len(next(iter(f.values())))
         take = n if samples is None else min(n, samples - rows)  # the rows used, and hashed
         used = {k: v[:take] for k, v in f.items()}
-        lens = _real_tokens(used, model).sum(1)
-        lo, hi = min(lo if lo is not None else 1 << 30, int(lens.min())), max(hi, int(lens.max()))
+        lengths.append(_real_tokens(used, model).sum(1))
         for k in sorted(used):
             h.update(np.ascontiguousarray(used[k]).tobytes())
         if labels is not None:
@@ -1420,7 +853,7 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
         has_labels=bool(labelled),
         sha256=h.hexdigest(),
         _batches=batches,
-        lengths=(lo or 0, hi),
+        lengths=(int(min(map(np.min, lengths))), int(max(map(np.max, lengths)))),
         total=None if samples is not None and rows >= samples else rows,  # else not read to the end
         row_hashes=np.concatenate(hashes),
         labels_ignored=ignored[0],
@@ -1456,10 +889,8 @@ def write_npz(
 __all__ = [
     "Batch",
     "DataSource",
-    "Fingerprint",
     "ModelInfo",
     "check_feeds",
-    "check_held_out",
     "check_ids",
     "check_not_calibration",
     "check_path",
@@ -1467,7 +898,6 @@ __all__ = [
     "open_source",
     "row_hashes",
     "stratified",
-    "tokenize",
     "with_graph_tables",
     "write_npz",
 ]

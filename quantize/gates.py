@@ -62,8 +62,8 @@ from quantgate import workarounds
 from quantgate.bundle import CPU, CUDA, GateResult
 from quantgate.configs import check_fields, closest, suggest_fields, wrong_types
 from quantgate.errors import ConfigError, DataError, QuantizeError
-from quantgate.quantize.data import EMBEDDING_TASKS, NO_LABEL, TOKEN_TASKS, DataSource
-from quantgate.quantize.labels import one_based_hint
+from quantgate.quantize.data import EMBEDDING_TASKS, TOKEN_TASKS, DataSource
+from quantgate.quantize.labels import NO_LABEL, one_based_hint
 from quantgate.quantize.stats import (
     DESIGN_ROWS,
     bootstrap_mean,

@@ -15,6 +15,9 @@ the digits '0'..'9'), empty where its export recorded none; every function here 
 - A message names the bad rows and values, says when a name differs from a class name only
   in case, and when out-of-range indices running 1..n look 1-based.
 
+A token classifier's labels are one class index per token, ``NO_LABEL`` where a position has
+none (``check_token_labels``).
+
 Arrays are checked a batch at a time (``check_labels``), JSONL a line at a time
 (``label_problem``, ``forms_problem`` once the whole file is read); both say what is wrong
 in the same words.
@@ -32,6 +35,7 @@ import numpy as np
 from quantgate.errors import DataError
 
 MAX_NAMES_SHOWN = 12  # class names listed in a message; the rest are counted
+NO_LABEL = -100  # a position without a token label (Hugging Face's ignore index)
 
 # What a string label meets in a model without class names, and what to do.
 _NO_NAMES = (
@@ -96,6 +100,33 @@ def check_labels(labels: Any, n: int, names: tuple[str, ...], where: str) -> np.
         f"{describe_classes(names)}. Give each row a class index 0..{n - 1}{by_name}."
         + one_based_hint(int(labels.min()), int(labels.max()), n)
     )
+
+
+def check_token_labels(
+    labels: Any, shape: tuple[int, ...], names: tuple[str, ...], where: str
+) -> np.ndarray:
+    """A token classifier's ``labels`` as int64 of ``shape`` (rows, sequence: its token
+    rows'): one per position, a class index (inside ``names`` where the model names its
+    classes) or ``NO_LABEL``; else a DataError naming what was found."""
+    labels = np.asarray(labels)
+    if labels.shape != shape or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"{where}: a token classifier's labels are one class index per token: an integer "
+            f"array of shape {shape}, as its inputs, {NO_LABEL} where a position has "
+            f"none; found shape {labels.shape} dtype {labels.dtype}"
+        )
+    classes = len(names)
+    bad = (labels < 0) & (labels != NO_LABEL)
+    if classes:
+        bad |= labels >= classes
+    if bad.any():
+        raise DataError(
+            f"{where}: token labels must be class indices"
+            + (f" 0..{classes - 1} ({describe_classes(names)})" if classes else " >= 0")
+            + f" or {NO_LABEL}; found {sorted(set(labels[bad].tolist()))[:8]} in "
+            f"{describe_rows(bad.any(1))}"
+        )
+    return labels.astype(np.int64)
 
 
 def label_problem(label: Any, names: tuple[str, ...]) -> str | None:
@@ -316,7 +347,9 @@ def _case_hint(labels: list[str], names: tuple[str, ...]) -> str:
 
 __all__ = [
     "MAX_NAMES_SHOWN",
+    "NO_LABEL",
     "check_labels",
+    "check_token_labels",
     "describe_classes",
     "describe_row_values",
     "describe_rows",

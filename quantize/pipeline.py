@@ -38,12 +38,9 @@ from quantgate.quantize import report as reports
 from quantgate.quantize.cuda import CPU, CUDA, CudaGating
 from quantgate.quantize.data import (
     MIN_CALIBRATION_ROWS,
-    NO_LABEL,
     DataSource,
     DataSpec,
-    Fingerprint,
     ModelInfo,
-    check_held_out,
     check_ids,
     check_not_calibration,
     named,
@@ -60,6 +57,8 @@ from quantgate.quantize.gates import (
     cosine_of_r2,
     counts_rows,
 )
+from quantgate.quantize.heldout import Fingerprint, check_held_out
+from quantgate.quantize.labels import NO_LABEL
 from quantgate.quantize.search import (
     Candidate,
     QuantConfig,

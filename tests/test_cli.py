@@ -228,7 +228,7 @@ def test_text_without_the_hf_extra_names_the_extra_to_install(monkeypatch, tmp_p
     load the model's tokenizer"), which main() maps to the extra to install, as above."""
 
     from quantgate.cli import _EXTRAS
-    from quantgate.quantize.data import _tokenizer
+    from quantgate.quantize.text import _tokenizer
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # import: ModuleNotFoundError
     with pytest.raises(ModuleNotFoundError) as err:

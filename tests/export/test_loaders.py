@@ -384,7 +384,8 @@ def test_a_gpt2_classifier_pads_with_the_id_it_finds_its_last_token_by(tiny_bert
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2Model
 
     from quantgate.bundle import load
-    from quantgate.quantize.data import ModelInfo, tokenizer_of
+    from quantgate.quantize.data import ModelInfo
+    from quantgate.quantize.text import tokenizer_of
 
     path = _without_pad_token(
         tiny_bert(tmp_path / "gpt2", GPT2ForSequenceClassification, GPT2Config,

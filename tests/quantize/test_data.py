@@ -435,11 +435,11 @@ def test_jsonl_with_a_bom_crlf_and_blank_lines_reads_as_written(tmp_path):
 
 def test_tokenize_says_when_a_text_is_cut_at_the_models_longest_sequence(caplog):
     """What `quantgate infer -t` sends: a text longer than the model reads is cut, and said."""
-    from quantgate.quantize.data import tokenize
+    from quantgate.quantize.text import tokenize
 
     info = minilm_info()
     long = " ".join(["word"] * 300)  # 300 tokens + [CLS] and [SEP]
-    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+    with caplog.at_level("WARNING", logger="quantgate.quantize.text"):
         feeds = tokenize(["a cat", long], info)
     assert feeds["input_ids"].shape == (2, info.max_seq_len)
     (record,) = caplog.records
@@ -510,6 +510,59 @@ def test_token_labels_are_one_per_token_trimmed_with_their_batch(tmp_path):
         with pytest.raises(DataError) as e:
             open_source(path, info, role="evaluation")
         assert words in str(e.value)
+
+
+def test_an_iterable_s_token_labels_are_read_and_checked_per_item():
+    """A token classifier's labels in an iterable's items are read as an .npz's are: (rows,
+    sequence) per item, its own width; a wrong shape or class is refused by its item."""
+    from quantgate.bundle import TensorSpec
+
+    axes = ("batch", "sequence")
+    info = ModelInfo(
+        (TensorSpec("input_ids", "int64", axes), TensorSpec("attention_mask", "int64", axes)),
+        "token-classification", 32, labels=("O", "B-PER", "I-PER"),
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    items = []
+    for width in (6, 9):
+        ids = rng.integers(1, 100, (4, width))
+        tags = rng.integers(0, 3, ids.shape)
+        tags[:, 0] = -100
+        items.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": tags})
+    source = open_source(items, info, role="evaluation")
+    assert source.has_labels and not source.labels_ignored
+    got = [b.labels for b in source.batches()]
+    assert [lab.tolist() for lab in got] == [item["labels"].tolist() for item in items]
+    items[1] = {**items[1], "labels": items[1]["labels"][:, :6]}
+    with pytest.raises(DataError, match=r"data item 1: .* an integer array of shape \(4, 9\)"):
+        open_source(items, info, role="evaluation")
+    items[1] = {**items[1], "labels": np.full((4, 9), 3)}
+    with pytest.raises(DataError, match=r"data item 1: token labels must be .* found \[3\]"):
+        open_source(items, info, role="evaluation")
+
+
+def test_an_iterable_item_without_rows_is_refused_by_its_index():
+    feeds = rng_feeds(4)
+    empty = {k: v[:0] for k, v in feeds.items()}
+    with pytest.raises(DataError, match=r"^data item 1 has no rows$"):
+        open_source([feeds, empty], DIGITS, role="evaluation")
+    from quantgate.bundle import TensorSpec
+
+    ids_only = ModelInfo((TensorSpec("input_ids", "int64", ("batch", "sequence")),), "fill-mask", 8)
+    with pytest.raises(DataError, match=r"^data item 0 has no rows$"):
+        open_source([{"input_ids": np.zeros((0, 8), np.int64)}], ids_only, role="evaluation")
+
+
+def test_an_iterable_s_lengths_are_its_shortest_and_longest_rows():
+    ids = np.tile(np.arange(1, 13), (4, 1))
+    short, long = np.ones_like(ids), np.ones_like(ids)
+    short[:, 3:] = 0
+    long[0, 10:] = 0
+    items = [
+        {"input_ids": ids, "attention_mask": short},
+        {"input_ids": ids, "attention_mask": long},
+    ]
+    assert open_source(items, DIGITS, role="evaluation").lengths == (3, 12)
 
 
 def test_a_rows_label_is_not_cut_with_the_batchs_padding(tmp_path):

@@ -253,7 +253,7 @@ def test_a_label_under_another_key_is_warned_about_not_read_in_silence(
     the keys it did not read are named."""
     info = classifiers[0]["named"]
     rows = [{"text": f"sentence {i}", "labels": i % 3, "id": i} for i in range(6)]
-    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+    with caplog.at_level("WARNING", logger="quantgate.quantize.text"):
         src = open_source(jsonl(tmp_path / "ev.jsonl", rows), info, role="evaluation")
     assert not src.has_labels
     (record,) = [r for r in caplog.records if "not read" in r.getMessage()]
@@ -261,7 +261,7 @@ def test_a_label_under_another_key_is_warned_about_not_read_in_silence(
     assert 'name it "label"' in record.getMessage()
     caplog.clear()
     labelled = [{"text": f"sentence {i}", "label": i % 3, "id": i} for i in range(6)]
-    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+    with caplog.at_level("WARNING", logger="quantgate.quantize.text"):
         open_source(jsonl(tmp_path / "ok.jsonl", labelled), info, role="evaluation")
     assert not caplog.records  # other keys beside a label are fine
 
@@ -388,7 +388,7 @@ def test_null_labels_are_said_to_be_null_not_unread(classifiers, tmp_path, caplo
 
     def warnings(rows) -> list[str]:
         caplog.clear()
-        with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+        with caplog.at_level("WARNING", logger="quantgate.quantize.text"):
             src = open_source(jsonl(tmp_path / "ev.jsonl", rows), info, role="evaluation")
         assert not src.has_labels
         return [r.getMessage() for r in caplog.records]

@@ -17,13 +17,9 @@ from qg_pipeline_helpers import digits_info, english, minilm_info, rng_feeds, wr
 
 from quantgate.bundle import sha256_file  # noqa: E402
 from quantgate.errors import DataError  # noqa: E402
-from quantgate.quantize.data import (  # noqa: E402
-    Fingerprint,
-    check_held_out,
-    open_source,
-    tokenize,
-    write_npz,
-)
+from quantgate.quantize.data import open_source, write_npz  # noqa: E402
+from quantgate.quantize.heldout import Fingerprint, check_held_out  # noqa: E402
+from quantgate.quantize.text import tokenize  # noqa: E402
 
 DIGITS = digits_info()
 
@@ -60,7 +56,7 @@ def test_calibration_rows_shuffled_or_respaced_are_not_held_out(tmp_path, caplog
 
     # A few shared rows (natural duplicates in two samples of one corpus): warned, counted.
     few = write_jsonl(tmp_path / "few.jsonl", texts[:5] + texts[600:695])
-    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+    with caplog.at_level("WARNING", logger="quantgate.quantize.heldout"):
         ev = held_out(open_source(few, info, role="evaluation"), cal)
     assert "5 of 100 evaluation rows (5%) are also calibration rows" in caplog.text
     assert ev.in_calibration == 5 and ev.record()["in_calibration"] == 5
@@ -68,7 +64,7 @@ def test_calibration_rows_shuffled_or_respaced_are_not_held_out(tmp_path, caplog
 
     caplog.clear()
     apart = write_jsonl(tmp_path / "apart.jsonl", texts[300:700])
-    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+    with caplog.at_level("WARNING", logger="quantgate.quantize.heldout"):
         ev = held_out(open_source(apart, info, role="evaluation"), cal)
     assert ev.in_calibration == 0 and not caplog.records
 
@@ -159,7 +155,7 @@ def test_texts_longer_than_the_model_are_counted_warned_and_described(tmp_path, 
     long = [" ".join(["word"] * n) for n in (127, 200, 400)]  # 129, 202 and 402 tokens
     short = [t for t in english(80) if len(t.split()) <= 30][:40]  # 30 words: under 128 tokens
     path = write_jsonl(tmp_path / "ev.jsonl", [*short, exact, *long])
-    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+    with caplog.at_level("WARNING", logger="quantgate.quantize.text"):
         ev = open_source(path, info, role="evaluation")
     assert [r.getMessage() for r in caplog.records] == [
         f"--eval {path}: 3 of 44 evaluation texts are longer than the model's 128 tokens and "
@@ -172,7 +168,7 @@ def test_texts_longer_than_the_model_are_counted_warned_and_described(tmp_path, 
     )
 
     caplog.clear()
-    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+    with caplog.at_level("WARNING", logger="quantgate.quantize.text"):
         cal = open_source(path, info, role="calibration", samples=2)  # the shortest, the longest
     assert cal.cut == 1 and "1 of 2 calibration texts are longer" in caplog.text
     assert "the calibration sees only their first 128 tokens" in caplog.text

@@ -1,0 +1,169 @@
+"""Held-out evaluation data: evaluation rows told from calibration rows by their content.
+
+Every row is known by a hash of the token ids the model sees (``row_hash``, of what
+``data.row_hashes`` picks), so the same row is the same hash in any file, format or
+position. ``check_held_out`` compares evaluation rows with calibration rows by those hashes:
+at export with the calibration source itself, at a re-gate with the ``Fingerprint`` of them
+that the manifest keeps.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from quantgate.errors import DataError
+from quantgate.quantize.stats import wilson
+
+if TYPE_CHECKING:
+    from quantgate.quantize.data import DataSource
+
+log = logging.getLogger(__name__)
+
+# Evaluation rows that may also be calibration rows before the evaluation data is refused
+# as not held out. Two samples of one corpus share some rows by nature (short, common texts:
+# a greeting, a licence's boilerplate line), a few percent of them; a tenth or more means
+# the files overlap. Below it the shared rows are warned about and counted in the record.
+MAX_SHARED = 0.10
+FINGERPRINT = "row_hashes"  # the key of a calibration record's Fingerprint
+# Row hashes a manifest keeps: exact up to this many calibration rows (most calibration
+# sets), a sample beyond (32 kB, 44 kB as base64): enough that a re-gate's evaluation
+# rows fall in its range by the dozen, not by the handful, when calibration had 50,000 rows.
+FINGERPRINT_ROWS = 4096
+
+
+def row_hash(ids: np.ndarray) -> int:
+    """A row's hash (blake2b, 8 bytes) of its token ids without padding, as little-endian
+    int64 (``data.row_hashes`` and the JSONL scan pick them)."""
+    return int.from_bytes(hashlib.blake2b(ids.tobytes(), digest_size=8).digest(), "little")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """A set of rows as their ``row_hashes``: every one, or a fixed-size sample.
+
+    A manifest keeps ``sample()``, at most ``FINGERPRINT_ROWS`` hashes, so that a re-gate can
+    tell calibration rows in its evaluation data without the calibration file, and the
+    manifest stays small however many rows calibrated the model. The sample is the
+    smallest hashes (a bottom-k sketch): hashes being uniform, it is a random sample of the
+    rows, the same whichever file holds them; and a row whose hash is at most the sample's
+    largest is known to be in the set or not. The share of calibration rows among those
+    evaluation rows estimates their share among all the evaluation rows.
+    """
+
+    hashes: np.ndarray  # sorted, distinct uint64
+    rows: int  # distinct rows in the whole set
+
+    @classmethod
+    def of(cls, hashes: np.ndarray) -> Fingerprint:
+        unique = np.unique(np.asarray(hashes, dtype=np.uint64))
+        return cls(unique, len(unique))
+
+    @property
+    def complete(self) -> bool:
+        return len(self.hashes) == self.rows
+
+    def sample(self, k: int = FINGERPRINT_ROWS) -> Fingerprint:
+        return Fingerprint(self.hashes[:k], self.rows)
+
+    def shared(self, hashes: np.ndarray) -> tuple[int, int]:
+        """(rows of ``hashes`` in the set, rows that could be told): every row where the
+        fingerprint is complete, else the rows whose hash is within the sample's range."""
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        if not self.complete:
+            hashes = hashes[hashes <= self.hashes[-1]]
+        return int(np.isin(hashes, self.hashes).sum()), len(hashes)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "hash": "blake2b, 8 bytes, of each row's token ids without padding (int64 LE)",
+            "sample": "all" if self.complete else f"the {len(self.hashes)} smallest hashes",
+            "hashes": base64.b64encode(self.hashes.astype(">u8").tobytes()).decode("ascii"),
+        }
+
+    @classmethod
+    def from_record(cls, calibration: Mapping[str, Any] | None) -> Fingerprint | None:
+        """The fingerprint a calibration record keeps; None for one without (older bundles)."""
+        r = (calibration or {}).get(FINGERPRINT)
+        try:
+            raw = base64.b64decode(r["hashes"], validate=True)
+            hashes = np.sort(np.frombuffer(raw, dtype=">u8").astype(np.uint64))
+            rows = int(r["rows"])
+        except (KeyError, TypeError, ValueError):  # none, or not one this module wrote
+            return None
+        if len(hashes) > rows or (len(hashes) == 0 and rows > 0):
+            return None
+        return cls(hashes, rows)
+
+
+def check_held_out(
+    evaluation: DataSource, calibration: Fingerprint | None, *, where: str, calibrated_on: str
+) -> DataSource:
+    """``evaluation`` with the count of its rows that are also calibration rows (the same
+    ``row_hashes``) in its record and description: gates measured on rows the INT8 ranges
+    were fitted to would pass a model that fails on new data. DataError when they are
+    ``MAX_SHARED`` of its rows or more; a warning when fewer. ``where`` and ``calibrated_on``
+    name the two data for messages. Unchanged where either side's hashes are not known.
+    """
+    if calibration is None or evaluation.row_hashes is None:
+        return evaluation
+    shared, told = calibration.shared(evaluation.row_hashes)
+    if not told:  # a sample so small that none of these rows falls in its range
+        log.warning(
+            "%s: cannot tell whether its rows are calibration rows: none of them falls in the "
+            "sample of %d row hashes the bundle keeps of its %d calibration rows",
+            where,
+            len(calibration.hashes),
+            calibration.rows,
+        )
+        return evaluation
+    if not shared:
+        return dataclasses.replace(evaluation, in_calibration=0)
+    share = shared / told
+    # From a sample, refuse on evidence only: the share's one-sided 95% lower bound (the
+    # lower end of Wilson's two-sided 90% interval) must reach MAX_SHARED, or a few natural
+    # duplicates among a handful of rows told would refuse a re-gate at random.
+    evident = share if calibration.complete else wilson(shared, told, 0.90)[0]
+    n = evaluation.samples
+    if calibration.complete:
+        counts, estimate = f"{shared} of {n} evaluation rows ({share:.0%})", shared
+    else:
+        estimate = round(share * n)
+        counts = (
+            f"about {share:.0%} of the {n} evaluation rows ({shared} of the {told} whose hash "
+            f"falls in the sample of {len(calibration.hashes)} the bundle keeps of its "
+            f"{calibration.rows} calibration rows)"
+        )
+    what = (
+        f"{where}: {counts} are also calibration rows (the same token ids, whatever the "
+        f"order of the rows or their spacing) of {calibrated_on}"
+    )
+    if evident >= MAX_SHARED:
+        raise DataError(
+            f"{what}. The gates must measure rows the calibration did not see, or they pass a "
+            "model that fails on new data. Remove those rows from the evaluation data (at "
+            "export, one file can be split in two instead: for example 20% for --calibration, "
+            "the rest for --eval)."
+        )
+    log.warning(
+        "%s. So few can be natural duplicates (short, common texts); the gates count them, "
+        "and the report says how many.",
+        what,
+    )
+    about = "" if calibration.complete else "about "
+    return dataclasses.replace(
+        evaluation,
+        in_calibration=estimate,
+        description=f"{evaluation.description}; {about}{estimate} also calibration rows",
+    )
+
+
+__all__ = ["FINGERPRINT", "MAX_SHARED", "Fingerprint", "check_held_out", "row_hash"]

@@ -1,0 +1,468 @@
+"""Text data: JSONL files of ``{"text": ..., "label": ...}`` lines, and the model's tokenizer.
+
+A JSONL file is read in two passes. The first (``_scan_jsonl``) parses and checks every
+line, tokenizes the good ones a few hundred at a time to learn their lengths and row
+hashes, and keeps only their byte offsets; a file with bad lines is refused once, listing
+the first ``MAX_PROBLEMS``, or in one sentence where every line is wrong the same way. The
+second pass, on every ``batches()``, seeks to the rows selected and tokenizes a batch at a
+time, right-padded with the model's pad id, as the server pads requests.
+
+``tokenize`` is the same tokenizing for texts in memory: what ``quantgate infer`` sends.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantgate.bundle import sha256_file
+from quantgate.errors import DataError
+from quantgate.quantize.data import (
+    Batch,
+    DataSource,
+    Feeds,
+    ModelInfo,
+    check_feeds,
+    chunks,
+    stratified,
+)
+from quantgate.quantize.heldout import row_hash
+from quantgate.quantize.labels import (
+    forms_problem,
+    label_problem,
+    name_index,
+    one_based_hint,
+    quote,
+)
+
+log = logging.getLogger(__name__)
+
+
+def jsonl_source(
+    path: Path, model: ModelInfo, samples: int | None, batch_size: int, flag: str, role: str
+):
+    if model.tokenizer is None:
+        raise DataError(
+            f"{flag} {path}: JSONL text needs the model's tokenizer, and this model has none "
+            f"(it is not a Hugging Face model). Pass a .npz with arrays "
+            f"{', '.join(model.input_names)} instead."
+        )
+    tok = tokenizer_of(model)
+    limit = model.max_seq_len or None
+    where = f"{flag} {path}"
+    scan = _scan_jsonl(path, tok, limit, model, where)
+    error = _refusal(scan, model, where)
+    if error is not None:
+        raise error
+    if not scan.offsets:
+        found = "only blank lines" if path.stat().st_size else "an empty file"
+        raise DataError(
+            f'{where}: expected one {{"text": ...}} JSON object per line, found {found}. '
+            "Write the texts into it, one object per line."
+        )
+    if not scan.labelled and model.reads_row_labels:
+        _warn_unlabelled(scan, where)
+    lengths = np.asarray(scan.lengths, dtype=np.int64)
+    offsets = np.asarray(scan.offsets, dtype=np.int64)
+    keep = stratified(lengths, samples)
+    cut = int(np.isin(keep, scan.cut).sum())
+    if cut:
+        log.warning(
+            "%s: %d of %d %s texts are longer than the model's %d tokens and are cut: %s only "
+            "their first %d tokens",
+            where,
+            cut,
+            len(keep),
+            role,
+            limit,
+            "the gates see" if role == "evaluation" else "the calibration sees",
+            limit,
+        )
+    digest = sha256_file(path)
+    h = hashlib.sha256(digest.encode())
+    h.update(keep.tobytes())
+    h.update(f"{limit}".encode())  # not the tokenizer's path: the bundle moves with its copy
+    index = name_index(model.labels)
+    labelled = bool(scan.labelled)
+
+    def batches() -> Iterator[Batch]:
+        with open(path, "rb") as f:
+            for idx in chunks(keep, batch_size):
+                rows = []
+                for off in offsets[idx]:
+                    f.seek(int(off))
+                    rows.append(json.loads(f.readline()))
+                feeds = _encode(tok, [r["text"] for r in rows], model, limit)
+                labels = None
+                if labelled:  # a class name stands for its index
+                    labels = np.array([index.get(r["label"], r["label"]) for r in rows], np.int64)
+                yield Batch(feeds, labels)
+
+    long = f"; {cut} longer than the model's {limit} tokens, cut to them" if cut else ""
+    return DataSource(
+        description=f"{path.name}: {len(keep)} of {len(offsets)} texts (JSONL, model tokenizer{long})",
+        kind="jsonl",
+        file_sha256=digest,
+        samples=len(keep),
+        has_labels=labelled,
+        sha256=h.hexdigest(),
+        _batches=batches,
+        lengths=(int(lengths[keep].min()), int(lengths[keep].max())),
+        total=len(offsets),
+        cut=cut,
+        row_hashes=np.asarray(scan.hashes, dtype=np.uint64)[keep],
+        labels_ignored=scan.ignored > 0,
+    )
+
+
+MAX_PROBLEMS = 10  # bad lines described one by one; the rest are counted
+TOKEN_BATCH = 256  # texts tokenized at once to count their tokens
+
+
+@dataclass
+class _Scan:
+    """What the first pass over a JSONL file learns; none of its texts are kept."""
+
+    offsets: list[int] = field(default_factory=list)  # byte offset of each good line
+    lengths: list[int] = field(default_factory=list)  # its token count, at most the model's
+    hashes: list[int] = field(default_factory=list)  # its row hash (row_hashes)
+    cut: list[int] = field(default_factory=list)  # good rows longer than the model takes
+    lines: int = 0  # non-blank lines
+    bad: int = 0  # lines that are not a good row
+    problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS, described
+    shapes: set[tuple[str, ...] | None] = field(default_factory=set)  # how (two are enough)
+    labelled: bool | None = None  # whether the good lines have a "label"; None: no good line
+    first: int = 0  # the line number of the first good line, which set ``labelled``
+    lo: int = 1 << 63  # the smallest and largest integer label
+    hi: int = -1
+    index_at: str | None = None  # the first integer label, and its line
+    name_at: str | None = None  # the first string label, and its line
+    null_labels: int = 0  # lines whose "label" is null (read as unlabelled)
+    reads_row_labels: bool = True  # False: an embedding or token model's: labels not read
+    ignored: int = 0  # lines whose label was not read for that
+    unread: set[str] = field(default_factory=set)  # keys beside "text" and "label" there
+
+    def add(self, lineno: int, row: Any, problem: str | None) -> bool:
+        """Take in one non-blank line (``_parse_line``'s answer); True for a good row."""
+        self.lines += 1
+        label = row.get("label") if isinstance(row, dict) else None
+        if label is not None and not self.reads_row_labels:
+            self.ignored, label = self.ignored + 1, None
+        if isinstance(label, int) and not isinstance(label, bool):
+            self.lo, self.hi = min(self.lo, label), max(self.hi, label)
+            self.index_at = self.index_at or f"{label} on line {lineno}"
+        elif isinstance(label, str):
+            self.name_at = self.name_at or f"{quote(label)} on line {lineno}"
+        if problem is None and self.labelled is not None and (label is not None) != self.labelled:
+            has, first = ("has a", "has none") if label is not None else ("has no", "has one")
+            problem = (
+                f'{has} "label", but line {self.first}, the first row, {first}: label every '
+                "line or none"
+            )
+        if problem is not None:
+            self.bad += 1
+            if len(self.problems) < MAX_PROBLEMS:
+                self.problems.append(f"line {lineno}: {problem}")
+            if len(self.shapes) < 2:
+                self.shapes.add(_shape(row))
+            return False
+        self.labelled = label is not None
+        self.first = self.first or lineno
+        if not self.labelled and self.reads_row_labels:
+            self.null_labels += "label" in row
+            if len(self.unread) < MAX_PROBLEMS:  # one may be a misnamed label
+                self.unread.update(k for k in row if k not in ("text", "label"))
+        return True
+
+
+def _scan_jsonl(path: Path, tok, limit: int | None, model: ModelInfo, where: str) -> _Scan:
+    """Pass 1 over a JSONL file: every line parsed and checked; the byte offset, token count
+    and row hash of every good one, and which are cut at ``limit`` (tokenized only while no
+    line is bad: such a file is refused)."""
+    scan = _Scan(reads_row_labels=model.reads_row_labels)
+    texts: list[str] = []  # good lines waiting to be tokenized
+    starts: list[int] = []  # and their offsets
+
+    def count() -> None:
+        ids = _token_ids(tok, texts, limit)
+        if limit is not None:  # a row of ``limit`` tokens may have been cut: count again
+            full = [i for i, row in enumerate(ids) if len(row) == limit]
+            longer = _token_ids(tok, [texts[i] for i in full], limit + 1) if full else []
+            first = len(scan.offsets)
+            scan.cut.extend(
+                first + i for i, row in zip(full, longer, strict=True) if len(row) > limit
+            )
+        scan.lengths.extend(len(row) for row in ids)
+        scan.hashes.extend(row_hash(np.asarray(row, dtype="<i8")) for row in ids)
+        scan.offsets.extend(starts)
+        texts.clear()
+        starts.clear()
+
+    with open(path, "rb") as f:
+        pos = 0
+        for lineno, line in enumerate(f, 1):
+            start, pos = pos, pos + len(line)
+            if not line.strip():
+                continue
+            if not scan.lines:
+                _check_format(line, lineno, where)
+            row, problem = _parse_line(line, model)
+            if scan.add(lineno, row, problem) and not scan.bad:
+                texts.append(row["text"])
+                starts.append(start)
+                if len(texts) == TOKEN_BATCH:
+                    count()
+    if texts and not scan.bad:
+        count()
+    return scan
+
+
+def _refusal(scan: _Scan, model: ModelInfo, where: str) -> DataError | None:
+    """The one DataError for a scanned JSONL file with bad lines, or whose labels are class
+    names that cannot stand for classes (``labels.forms_problem``); None for a good file."""
+    forms = forms_problem(scan.index_at, scan.name_at, model.labels)
+    if not scan.bad:
+        return None if forms is None else DataError(f"{where}: {forms}")
+    shape = next(iter(scan.shapes)) if len(scan.shapes) == 1 else None
+    if scan.bad == scan.lines and shape is not None:  # every line wrong the same way: say once
+        return DataError(f"{where}: {_same_on_every_line(shape)}")
+    more = scan.bad - len(scan.problems)
+    body = [
+        *(f"  - {p}" for p in scan.problems),
+        *([f"  ... and {more} more bad line(s)"] if more else []),
+        *([one_based_hint(scan.lo, scan.hi, len(model.labels)).strip()] if model.labels else []),
+        *([forms] if forms else []),
+    ]
+    optional = (
+        f'an optional "label" (a class index, or one of the model\'s {len(model.labels)} '
+        "class names)"
+        if model.labels
+        else 'an optional integer "label"'
+    )
+    return DataError(
+        f'{where}: expected one JSON object per line with a non-blank string "text" and '
+        f"{optional}:\n" + "\n".join(part for part in body if part)
+    )
+
+
+def _warn_unlabelled(scan: _Scan, where: str) -> None:
+    """Warn where a file read as unlabelled looks as if it meant to have labels: a "label"
+    null on every line, or keys beside "text" that are not read (one may be the label)."""
+    keys = ", ".join(f'"{k}"' for k in sorted(scan.unread))
+    if scan.null_labels == scan.lines:
+        log.warning(
+            '%s: "label" is null on every line, so the rows are read as unlabelled (the gates '
+            "compare with FP32 only).%s",
+            where,
+            f' Keys {keys} are not read: if one holds each row\'s class, put it in "label".'
+            if keys
+            else "",
+        )
+    elif keys:
+        log.warning(
+            '%s: no line has a "label", so the rows are read as unlabelled; keys %s are not '
+            'read. If one of them holds each row\'s class, name it "label".',
+            where,
+            keys,
+        )
+
+
+def _check_format(line: bytes, lineno: int, where: str) -> None:
+    """DataError for a file that is JSON or text, but not UTF-8 JSON Lines: its first line of
+    text tells (every line would be reported bad, none of them saying why)."""
+    if line.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(
+            f"{where}: expected UTF-8 text, found UTF-16 (line {lineno} starts with its "
+            "byte-order mark). Save the file as UTF-8."
+        )
+    if line.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
+        raise DataError(
+            f'{where}: expected JSON Lines, one {{"text": ...}} object per line; found a '
+            f"JSON array (line {lineno} starts with '['). Write one object per line, for "
+            "example with: jq -c '.[]' IN.json > OUT.jsonl"
+        )
+
+
+def _parse_line(line: bytes, model: ModelInfo) -> tuple[Any, str | None]:
+    """A JSONL line's value (``UNREADABLE`` where it is not UTF-8 JSON) and what is wrong
+    with it as a row, or None: a non-blank string "text", a label that is a class of the
+    model (``labels.label_problem``)."""
+    try:
+        row = json.loads(line)
+    except UnicodeDecodeError as e:
+        return UNREADABLE, (
+            f"not UTF-8 (byte 0x{e.object[e.start]:02x} at column {e.start + 1}); save the "
+            "file as UTF-8"
+        )
+    except ValueError as e:
+        return UNREADABLE, f"not JSON ({e})"
+    if not isinstance(row, dict):
+        return row, f'found {_json_kind(row)}, expected an object with a "text" key'
+    if "text" not in row:
+        return row, f'no "text" key (found {_keys(row) or "an empty object"})'
+    text = row["text"]
+    if not isinstance(text, str) or not text.strip():
+        return row, f'no non-blank string "text" (found {json.dumps(text)[:60]})'
+    label = row.get("label") if model.reads_row_labels else None
+    return row, None if label is None else label_problem(label, model.labels)
+
+
+UNREADABLE = object()  # a JSONL line that is not UTF-8 JSON
+
+
+def _shape(row: Any) -> tuple[str, ...] | None:
+    """How a bad line is wrong, where every line of a file may be wrong the same way: the keys
+    of an object without "text", the kind of a value that is not an object; else None."""
+    if row is UNREADABLE:
+        return None
+    if isinstance(row, dict):
+        return ("keys", *row) if "text" not in row else None
+    return ("value", _json_kind(row))
+
+
+def _same_on_every_line(shape: tuple[str, ...]) -> str:
+    """One message for a file whose every line has the same wrong keys or is not an object."""
+    if shape[0] == "value":
+        fix = (
+            " Wrap each, for example with: jq -c '{text: .}' IN.jsonl > OUT.jsonl"
+            if shape[1] == "a string"
+            else ""
+        )
+        return (
+            f'found {shape[1]} on every line; expected one {{"text": ..., "label": ...}} '
+            f'object per line ("label" optional).{fix}'
+        )
+    keys = shape[1:]
+    found = f"found keys {_keys(keys)} on every line" if keys else "found {} on every line"
+    texts = [k for k in keys if k not in ("label", "labels", "id", "idx")]
+    key = texts[0] if len(texts) == 1 else "KEY"
+    return (
+        f'{found}; expected "text" (the text to tokenize) and optionally "label" (its class). '
+        f'Rename the key that holds the text to "text", for example with: '
+        f"jq -c '.text = .{key} | del(.{key})' IN.jsonl > OUT.jsonl"
+    )
+
+
+def _keys(keys: Iterable[str]) -> str:
+    """'"sentence", "label"': the first eight keys, quoted."""
+    keys = list(keys)
+    shown = ", ".join(map(quote, keys[:8]))
+    return shown + (f", ... {len(keys) - 8} more" if len(keys) > 8 else "")
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool) or value is None:
+        return f"JSON {json.dumps(value)}"
+    return "an array" if isinstance(value, list) else "a number"
+
+
+def tokenize(texts: Sequence[str], model: ModelInfo, tokenizer: Any = None) -> Feeds:
+    """``texts`` as one padded batch of the model's inputs, by the model's own tokenizer (as
+    JSONL data is; ``tokenizer``, where the caller has loaded it), cut at its longest
+    sequence: what a client sends the served model."""
+    tok = tokenizer or tokenizer_of(model)
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise DataError(f"expected one or more non-blank texts, found {list(texts)!r}")
+    limit = model.max_seq_len or None
+    if limit is not None:
+        for i, n in enumerate(_token_counts(tok, list(texts), None), 1):
+            if n > limit:
+                log.warning(
+                    "text %d is %d tokens; the model reads at most %d, so the last %d are cut",
+                    i,
+                    n,
+                    limit,
+                    n - limit,
+                )
+    return _encode(tok, list(texts), model, limit)
+
+
+def tokenizer_of(model: ModelInfo):
+    """The model's own tokenizer (a bundle's copy): text to token ids, and back. It pads
+    with the model's pad id, as the server pads, also where the tokenizer names none of
+    its own (GPT-2's) or another than the model's config."""
+    if model.tokenizer is None:
+        raise DataError(
+            "text needs the model's tokenizer, and this model has none (it is not a Hugging "
+            f"Face model); send its inputs ({', '.join(model.input_names)}) as arrays instead"
+        )
+    tok = _tokenizer(model.tokenizer)
+    if (pad := model.pad_values.get("input_ids")) is not None and tok.pad_token_id != pad:
+        tok.pad_token_id = int(pad)
+    return tok
+
+
+def _tokenizer(directory: str):
+    if not Path(directory).is_dir():  # a bundle moved to another machine: the export's path
+        raise DataError(
+            f"JSONL text needs the model's tokenizer, recorded at export as {directory}, which "
+            "is not a directory on this machine (bundles exported before they carried their "
+            "tokenizer point at the model's own directory). Re-export the bundle, put the model "
+            "directory there, or pass a .npz of the tokenized inputs instead "
+            "(quantgate.quantize.data.write_npz writes one)."
+        )
+    try:
+        auto = _auto_tokenizer()
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name in ("transformers", "tokenizers"):
+            raise  # the `hf` extra is not installed: the CLI says to install it
+        raise DataError(f"cannot import transformers' tokenizers ({e}); check its install") from e
+    try:
+        tok = auto.from_pretrained(directory, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means the same to the user
+        raise DataError(f"cannot load the model's tokenizer from {directory}: {e}") from e
+    tok.padding_side = "right"  # as the server pads requests, whatever the config says
+    # quantgate cuts texts at the model's max_seq_len itself, and says so in its own words:
+    # not transformers' warning of "indexing errors" against its own, other limit
+    tok.model_max_length = 1 << 62
+    return tok
+
+
+def _auto_tokenizer():
+    """transformers' AutoTokenizer, imported without its advice that PyTorch is missing: a CI
+    runner or a client tokenizes without torch by design (the `hf` extra alone)."""
+    quiet = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+    before = os.environ.get(quiet)
+    os.environ[quiet] = "1"
+    try:
+        from transformers import AutoTokenizer
+    finally:
+        if before is None:
+            del os.environ[quiet]
+        else:
+            os.environ[quiet] = before
+    return AutoTokenizer
+
+
+def _token_counts(tok, texts: list[str], limit: int | None) -> list[int]:
+    return [len(ids) for ids in _token_ids(tok, texts, limit)]
+
+
+def _token_ids(tok, texts: list[str], limit: int | None) -> list[list[int]]:
+    """Each text's ``input_ids`` without padding, cut at ``limit`` tokens (None: not cut)."""
+    return tok(texts, truncation=limit is not None, max_length=limit)["input_ids"]
+
+
+def _encode(tok, texts: list[str], model: ModelInfo, limit: int | None) -> Feeds:
+    enc = tok(
+        texts, truncation=limit is not None, max_length=limit, padding=True, return_tensors="np"
+    )
+    feeds = {}
+    for spec in model.inputs:
+        if spec.name in enc:  # a token_type_ids left out is one segment: check_feeds adds it
+            feeds[spec.name] = enc[spec.name].astype(spec.dtype)
+    return check_feeds(feeds, model, "tokenized text")
+
+
+__all__ = ["jsonl_source", "tokenize", "tokenizer_of"]
