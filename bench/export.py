@@ -37,8 +37,8 @@ from quantgate.bundle import CPU  # noqa: E402
 from quantgate.export import ExportConfig, export_fp32  # noqa: E402
 from quantgate.model.loaders import english_text  # noqa: E402
 from quantgate.quantize.cpu import cpu_model  # noqa: E402
-from quantgate.quantize.gates import session  # noqa: E402
 from quantgate.quantize.speed import time_interleaved  # noqa: E402
+from quantgate.sessions import session  # noqa: E402
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 SEQ, THREADS = 128, 2

@@ -370,8 +370,8 @@ def headline(bundle: Path, provider: str, sizes) -> dict:
     import torch
     from transformers import AutoModel
 
-    from quantgate.quantize.gates import session
     from quantgate.quantize.speed import time_interleaved
+    from quantgate.sessions import session
 
     ort_dev = "cuda" if provider == CUDA else "cpu"
     on_gpu = provider == CUDA and torch.cuda.is_available()
@@ -418,23 +418,18 @@ def profiled_placement(bundle: Path, provider: str) -> dict:
     """A second opinion on the placement gate's: one profiled run of each variant at batch
     1, sequence 128, and the provider ORT's profiler names for every node it ran
     (``placement.from_profile``)."""
-    import onnxruntime as ort
-
-    from quantgate import placement, workarounds
+    from quantgate import placement
+    from quantgate.sessions import session
 
     feed = bundle_feed(bundle, 1, 128)
     out = {}
     with tempfile.TemporaryDirectory(prefix="gpu-check-profile-") as tmp:
         for precision in ("fp32", "fp16", "int8"):
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            so.enable_profiling = True
-            so.profile_file_prefix = str(Path(tmp) / precision)
-            workarounds.apply(so, precision)
             providers = [provider, CPU] if provider != CPU else [CPU]
-            sess = ort.InferenceSession(
-                str(variant_file(bundle, precision)), so, providers=providers
-            )
+            sess = session(
+                variant_file(bundle, precision), provider, precision=precision,
+                profile_prefix=str(Path(tmp) / precision),
+            )  # fmt: skip
             sess.run(None, feed)
             r = placement.from_profile(sess.end_profiling(), provider, tuple(providers))
             out[precision] = {"memcpy": r.memcpy, "fallen_back": dict(r.fallen_back)}

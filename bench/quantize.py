@@ -47,8 +47,8 @@ from quantgate.bundle import CPU  # noqa: E402
 from quantgate.export import ExportConfig, export_fp32  # noqa: E402
 from quantgate.quantize import recipes as R  # noqa: E402
 from quantgate.quantize.cpu import cpu_model, detect_features  # noqa: E402
-from quantgate.quantize.gates import session  # noqa: E402
 from quantgate.quantize.speed import time_interleaved  # noqa: E402
+from quantgate.sessions import session  # noqa: E402
 
 SEQ = 128
 # quantize_static with ORT's own defaults (per_channel=False, S8S8, MinMax, QDQ); the
@@ -117,15 +117,6 @@ class Encoder:
 
 
 # ---------------------------------------------------------------------------- ORT
-def profiled_session(path: Path, threads: int, prefix: str) -> ort.InferenceSession:
-    """A CPU session that writes an ORT profile (gates.session has no profiling option)."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.enable_profiling = True
-    so.profile_file_prefix = prefix
-    return ort.InferenceSession(str(path), so, providers=[CPU])
-
-
 def embed(sess, feeds: dict[str, np.ndarray]) -> np.ndarray:
     names = {i.name for i in sess.get_inputs()}
     hidden = sess.run(None, {k: v for k, v in feeds.items() if k in names})[0]
@@ -167,7 +158,7 @@ def interleaved(sessions: list, feeds: dict, rounds: int, warmup: int = 3):
 
 def profile_shares(path: Path, threads: int, batch: int, runs: int, work: Path) -> dict[str, float]:
     """Share of kernel time per op type (ORT profile, after one warm-up run)."""
-    s = profiled_session(path, threads, str(work / f"prof_b{batch}"))
+    s = session(path, CPU, threads=threads, profile_prefix=str(work / f"prof_b{batch}"))
     feeds = speed_feeds(batch)
     s.run(None, feeds)
     for _ in range(runs):

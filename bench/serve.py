@@ -55,7 +55,7 @@ from _common import (
     write_section,
 )
 
-from quantgate.quantize.gates import session as ort_session
+from quantgate.sessions import session as ort_session
 
 MODEL = "minilm"
 EMBEDDING = "sentence_embedding"

@@ -688,7 +688,7 @@ def _gate_config(file, max_accuracy_drop, min_speedup, min_cosine, min_top1, bas
     """``base`` (the defaults when None), then the --gate-config file's settings, then the
     flags given."""
     from quantgate.errors import ConfigError
-    from quantgate.quantize.gates import GateConfig
+    from quantgate.quantize.decide import GateConfig
 
     flags = {
         "max_accuracy_drop": ("--max-accuracy-drop", max_accuracy_drop),
@@ -739,7 +739,7 @@ def _bars(bar: Progress):
 def _print_gates(path: Path) -> None:
     """The bundle's verdict and the gates of every variant but FP32, on stdout."""
     from quantgate.bundle import load
-    from quantgate.quantize.gates import uncertain
+    from quantgate.quantize.decide import uncertain
 
     try:
         m = load(path, verify=False).manifest
@@ -775,7 +775,7 @@ def inspect(
 
     from quantgate.bundle import MANIFEST, check_files, is_bundle, load
     from quantgate.errors import BundleError
-    from quantgate.quantize.gates import uncertain
+    from quantgate.quantize.decide import uncertain
 
     if path.is_dir() and not is_bundle(path):
         inside = sorted(str(p.parent.relative_to(path)) for p in path.glob(f"*/**/{MANIFEST}"))

@@ -8,7 +8,9 @@ recipes.py      INT8 recipes as values; ``quantize(src, recipe, calibration, out
 graph.py        quantgate's own INT8 graph: smoothing, QuantizeLinear, integer GEMMs
 ort_recipes.py  ONNX Runtime's quantizers as recipes (static QDQ/QOperator, dynamic)
 sensitivity.py  which nodes cost the most accuracy, to keep them in FP32
-gates.py        accuracy and fidelity gates against FP32, and how a gate is decided
+gates.py        accuracy gates against FP32: labelled, or agreement for the model's kind
+decide.py       the gate thresholds (GateConfig), and how a gate is decided with its interval
+fidelity.py     per-output fidelity against FP32: the cosine:<output> and R² gates
 stats.py        the intervals beside them: Wilson, Tango, bootstrap, order statistics
 speed.py        speed gates: candidate vs FP32 timed interleaved, per served shape
 search.py       try recipes within a budget, keep the fastest that passes
@@ -34,7 +36,7 @@ from quantgate._lazy import exports
 _WHERE = {
     "build": "pipeline",
     "regate": "pipeline",
-    "GateConfig": "gates",
+    "GateConfig": "decide",
     "QuantConfig": "search",
 }
 __all__ = [
@@ -46,6 +48,6 @@ __all__ = [
 __getattr__, __dir__ = exports(__name__, _WHERE)
 
 if TYPE_CHECKING:
-    from quantgate.quantize.gates import GateConfig
+    from quantgate.quantize.decide import GateConfig
     from quantgate.quantize.pipeline import build, regate
     from quantgate.quantize.search import QuantConfig

@@ -33,8 +33,8 @@ import numpy as np
 from quantgate import placement
 from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, all_passed, speed_gate_name
 from quantgate.configs import check_fields, suggest_fields
-from quantgate.quantize.gates import session
 from quantgate.quantize.speed import speed_feeds, time_interleaved
+from quantgate.sessions import session
 
 NOT_FOR_CUDA = "not for CUDA: "  # opens the note that says why INT8 is not served on CUDA
 

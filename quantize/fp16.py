@@ -14,7 +14,7 @@ EmbedLayerNormalization) through symbolic shape inference, and keeps:
 
 ``fidelity`` compares the converted model with FP32 on real feeds (max abs diff, mean and
 min cosine per row) so an accuracy gate can decide; its ``cosine:<output>`` gates are
-``gates.Fidelity``'s, as the INT8 gates of that name are. The FP16 model also runs on the
+``fidelity.Fidelity``'s, as the INT8 gates of that name are. The FP16 model also runs on the
 CPU provider: ORT inserts Casts around the ops that have no FP16 CPU kernel. On the CPU that
 measures the FP16 *storage* error (weights and activations rounded between ops), not CUDA's
 FP16 arithmetic, so the gate must be re-measured on CUDA where a GPU is present.
@@ -41,7 +41,8 @@ import onnx
 from quantgate.bundle import CPU
 from quantgate.configs import check_fields, suggest_fields
 from quantgate.errors import QuantizeError
-from quantgate.quantize.gates import Fidelity, session
+from quantgate.quantize.fidelity import Fidelity
+from quantgate.sessions import session
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def crash(
     """How ONNX Runtime dies opening the model at ``path`` on ``provider``, or None.
 
     The session is created in a child process, with the options every session of a
-    ``precision`` variant gets (``gates.session``): ORT has segfaulted on the converter's output
+    ``precision`` variant gets (``quantgate.sessions``): ORT has segfaulted on the converter's output
     (``quantgate.workarounds``), and a crash in this process would take the whole export,
     minutes of it, down with it. Only a death by signal (or a hang) counts: a Python
     exception in the child is left for the in-process session to raise with its message,
@@ -145,7 +146,7 @@ def crash(
     second.
     """
     probe = (
-        "import sys; from quantgate.quantize.gates import session\n"
+        "import sys; from quantgate.sessions import session\n"
         "try: session(sys.argv[1], sys.argv[2], precision=sys.argv[3])\n"
         "except Exception: pass"
     )

@@ -15,13 +15,13 @@ Without labels: fidelity against FP32 on the evaluation rows.
 - token classifiers (``(batch, sequence, classes)``): top-1 agreement and KL per real
   token, pooled over the tokens, with intervals over rows (``_token_fidelity``);
 - embeddings (``sentence_embedding``, or ``last_hidden_state`` mean-pooled over real
-  tokens): mean cosine per row, the share of rows under ``tail_cosine`` (``_tail_gate``),
+  tokens): mean cosine per row, the share of rows under ``tail_cosine`` (``decide.tail_gate``),
   and top-1 nearest-neighbour agreement: for every row, its nearest other row by cosine
   among the evaluation rows, under FP32 and under the candidate;
 - anything else: for each output, the cosine of every row (a batch item, flattened over its
   real tokens) with FP32, averaged over rows, and its tail; R² where a row holds one value;
-  max and mean abs error in the detail (``Fidelity``, whose gates the FP16 variant's are
-  too).
+  max and mean abs error in the detail (``fidelity.Fidelity``, whose gates the FP16
+  variant's are too).
 
 The server serves every output, so every float output those gates do not compare as served
 gets that ``cosine:<output>`` gate as well, at the same ``min_cosine``: an embedding model's
@@ -32,49 +32,38 @@ Each of these is a mean over rows, with an interval over rows: Wilson's score in
 a share of agreeing rows (``wilson``; at 400 rows, one row is 0.25 points of agreement),
 a bootstrap of the mean for cosine and KL (``bootstrap_mean``), of R² for R².
 
-The decision rule, chosen and documented here: a gate passes when its *point estimate* is
-on the right side of its threshold; the interval is reported next to it, and where it
-holds values on both sides of the threshold the detail says the pass (or fail) is within
-the measurement's uncertainty (``uncertain``). Requiring the interval's bound on the
-failing side to pass instead (``GateConfig(ci_rule="upper")``: the upper bound of a drop or
-a KL, the lower bound of a cosine or an agreement) is also available, but on small test
-sets it fails sound models: on the 360 digits test images one net flipped row is 0.28
-points, and even none leaves the upper 95% bound above 1 point (1.06).
-
-The intervals are computed in ``quantize/stats.py``; the speed gates are ``quantize/speed.py``.
+Each gate is decided by ``quantize/decide.py``'s rule (its point estimate by default); the
+per-output fidelity (``cosine:<output>``, R²) is ``quantize/fidelity.py``'s; the intervals
+are computed in ``quantize/stats.py``; the speed gates are ``quantize/speed.py``.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any
 
 import numpy as np
 
-from quantgate import workarounds
-from quantgate.bundle import CPU, CUDA, GateResult
-from quantgate.configs import check_fields, closest, suggest_fields, wrong_types
-from quantgate.errors import ConfigError, DataError, QuantizeError
+from quantgate.bundle import CPU, GateResult
+from quantgate.errors import DataError, QuantizeError
+from quantgate.padding import right_pad
 from quantgate.quantize.data import EMBEDDING_TASKS, TOKEN_TASKS, DataSource
+from quantgate.quantize.decide import GateConfig, decide, interval_gate, mean_gate, tail_gate
+from quantgate.quantize.fidelity import Fidelity, mask_fits, r2_gate
 from quantgate.quantize.labels import NO_LABEL, one_based_hint
 from quantgate.quantize.stats import (
     DESIGN_ROWS,
-    bootstrap_mean,
     clustered_paired_interval,
     clustered_share_interval,
     paired_interval,
     percentile_interval,
-    r_squared,
     resamples,
-    wilson,
 )
+from quantgate.sessions import session
 
 log = logging.getLogger(__name__)
 
@@ -85,170 +74,7 @@ CLASSIFIER_TASKS = ("sequence-classification",)
 MIN_EVAL_ROWS = 30
 
 
-@suggest_fields
-@dataclass(frozen=True)
-class GateConfig:
-    max_accuracy_drop: float = 1.0  # points of the task metric (percent), FP32 -> candidate
-    # Which value decides a gate with an interval: "point", the estimate; "upper", the
-    # interval's bound on the failing side (upper for a drop or KL, lower for cosine or
-    # agreement). Speed gates are decided by their median either way.
-    ci_rule: str = "point"
-    confidence: float = 0.95  # of every gate's interval
-    bootstrap: int = 1000  # resamples, of the cosine and KL gates' means
-    min_speedup: float = 1.2  # candidate vs FP32, at every speed shape
-    min_cosine: float = 0.99  # embeddings / other outputs without labels
-    # The tail under a mean cosine: the share of rows whose cosine to FP32 is below
-    # tail_cosine may be at most max_tail_share (a mean of 0.99 alone allows 20% of rows
-    # at 0.95). Every cosine-gated output has it.
-    tail_cosine: float = 0.95
-    max_tail_share: float = 0.02
-    min_top1_agreement: float = 0.95  # classifier top-1, or embedding nearest neighbour
-    max_kl: float = 0.05  # nats, mean KL(FP32 || candidate) for classifiers without labels
-    batch_sizes: tuple[int, ...] = (1, 32)  # the shapes a user serves, by default
-    seq_len: int = 128  # capped at the model's longest (64 for the built-in digits model)
-    provider: str = CPU  # the execution provider the speed gate runs on
-    warmup: int = 3  # runs of each model before timing (allocations, caches, threads)
-    # Timed A/B pairs per shape (``pairs`` to time_interleaved); the gate takes their median
-    # ratio. The name is the one gate-config files and manifests hold.
-    iterations: int = 15
-    threads: int = 0  # ONNX Runtime intra-op threads (0: its default, one per physical core)
-    eval_samples: int | None = None  # cap on evaluation rows (length-stratified); None: all
-    seed: int = 0  # bootstrap resampling
-
-    def __post_init__(self):
-        check_fields(self)  # types first: a list of batch sizes becomes a tuple, 1.7 is refused
-        # "cpu" and "cuda" as --device spells them, for ONNX Runtime's provider names
-        spelled = {"cpu": CPU, "cuda": CUDA}.get(str(self.provider).lower(), self.provider)
-        object.__setattr__(self, "provider", spelled)
-        problems = []
-        if self.ci_rule not in ("point", "upper"):
-            problems.append(f"ci_rule {self.ci_rule!r}: expected 'point' or 'upper'")
-        if not 0 < self.confidence < 1:
-            problems.append(f"confidence {self.confidence}: expected 0 < c < 1")
-        # finite: the manifest records the thresholds as JSON, which has no infinity, and a
-        # re-gate reads them back (`not >=`: NaN fails too, which no value would pass)
-        for name, low in (
-            ("max_accuracy_drop", ">= 0"),
-            ("min_speedup", "> 0"),
-            ("max_kl", ">= 0"),
-        ):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
-                problems.append(f"{name} {value}: expected a finite number {low}")
-        for name in ("min_cosine", "tail_cosine"):
-            if not -1 <= getattr(self, name) <= 1:
-                problems.append(f"{name} {getattr(self, name)}: expected -1..1")
-        for name in ("min_top1_agreement", "max_tail_share"):
-            if not 0 <= getattr(self, name) <= 1:
-                problems.append(f"{name} {getattr(self, name)}: expected 0..1")
-        if not self.batch_sizes or min(self.batch_sizes) < 1 or self.seq_len < 1:
-            problems.append(
-                f"batch_sizes {self.batch_sizes} / seq_len {self.seq_len}: expected >= 1"
-            )
-        if self.iterations < 3:
-            problems.append(f"iterations {self.iterations}: expected >= 3")
-        if self.warmup < 0:
-            problems.append(f"warmup {self.warmup}: expected >= 0")
-        if self.bootstrap < 100:
-            problems.append(f"bootstrap {self.bootstrap}: expected >= 100")
-        if self.eval_samples is not None and self.eval_samples < 1:
-            problems.append(f"eval_samples {self.eval_samples}: expected >= 1 (or unset: all)")
-        if problems:
-            raise ConfigError("invalid gate config:\n" + "\n".join(f"  - {p}" for p in problems))
-
-    @classmethod
-    def from_file(
-        cls, path: str | Path, base: GateConfig | None = None, **overrides: Any
-    ) -> GateConfig:
-        """Read a TOML or JSON file of GateConfig fields (a ``[gates]`` table is accepted):
-        they replace ``base``'s (the defaults when None), and ``overrides`` replace both."""
-        try:
-            import tomllib  # Python 3.11+
-        except ModuleNotFoundError:  # pragma: no cover - 3.10
-            import tomli as tomllib
-        path = Path(path)
-        kind = {".toml": "TOML", ".json": "JSON"}.get(path.suffix.lower())
-        if kind is None:
-            raise ConfigError(
-                f"--gate-config {path}: a {path.suffix or 'suffix-less'} file; gate settings are "
-                "read from .toml or .json (e.g. gates.toml holding `min_speedup = 1.3`)"
-            )
-        try:
-            text = path.read_text()
-            data = tomllib.loads(text) if kind == "TOML" else json.loads(text)
-        except OSError as e:
-            raise ConfigError(f"--gate-config {path}: cannot read it ({e.strerror or e})") from e
-        except (ValueError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"--gate-config {path}: not valid {kind} ({e})") from e
-        if isinstance(data, dict) and "gates" in data:
-            if len(data) > 1:  # one of the two would be silently ignored
-                raise ConfigError(
-                    f"--gate-config {path}: settings both in a [gates] table and outside it "
-                    f"({sorted(set(data) - {'gates'})}); put them all in one place"
-                )
-            data = data["gates"]
-        if not isinstance(data, dict):
-            raise ConfigError(f"--gate-config {path}: expected a table of gate settings")
-        known = {f.name for f in fields(cls)}
-        problems = [
-            f"unknown setting {name!r}"
-            + (f" (did you mean {close!r}?)" if (close := closest(name, known)) else "")
-            for name in sorted(set(data) - known)
-        ]
-        if problems:
-            problems.append(f"known: {', '.join(sorted(known))}")
-        given = {k: v for k, v in data.items() if k in known}
-        problems += [
-            f"{name} = {data[name]!r}: expected {what}" for name, what in wrong_types(cls, given)
-        ]
-        if problems:
-            raise ConfigError(f"--gate-config {path}: " + "; ".join(problems))
-        merged = {
-            **(asdict(base) if base is not None else {}),
-            **data,
-            **{k: v for k, v in overrides.items() if v is not None},
-        }
-        try:
-            return cls(**merged)
-        except TypeError as e:
-            raise ConfigError(f"--gate-config {path}: {e}") from e
-
-    def with_overrides(self, **overrides: Any) -> GateConfig:
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
-
-
 # -- running models ------------------------------------------------------------------------
-
-
-def session(
-    model: Any,
-    provider: str = CPU,
-    *,
-    threads: int = 0,
-    spin: bool = True,
-    precision: str = "fp32",
-):
-    """An ONNX Runtime session for ``model`` (a path or an ``onnx.ModelProto``) on
-    ``provider``, with the CPU provider behind any other; ``precision`` is the variant's
-    (``quantgate.workarounds``)."""
-    import onnxruntime as ort
-
-    if provider not in ort.get_available_providers():
-        raise ConfigError(
-            f"execution provider {provider} is not available in this onnxruntime "
-            f"(available: {', '.join(ort.get_available_providers())})"
-        )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    if not spin:
-        # Two sessions timed in turn: an idle one's spinning threads would steal the cores
-        # from the one being timed, whichever came second.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    workarounds.apply(options, precision)
-    providers = [provider] if provider == CPU else [provider, CPU]
-    data = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
-    return ort.InferenceSession(data, options, providers=providers)
 
 
 @dataclass
@@ -268,7 +94,13 @@ class Outputs:
 def collect(
     model: str | Path, data: DataSource, *, provider: str = CPU, threads: int = 0
 ) -> Outputs:
-    """Run ``model`` over every batch of ``data``; keep its float outputs and the labels."""
+    """Run ``model`` over every batch of ``data``; keep its float outputs and the labels.
+
+    A batch ONNX Runtime refuses as an invalid argument is a DataError (the data does not fit
+    the model); any other failure of the run (out of memory, a kernel's error) is the
+    runtime's, a QuantizeError naming the provider."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
     sess = session(model, provider, threads=threads)
     names = [o.name for o in sess.get_outputs()]
     out = Outputs(names)
@@ -276,9 +108,14 @@ def collect(
     for batch in data.batches():
         try:
             values = sess.run(names, batch.feeds)
-        except Exception as e:  # noqa: BLE001 - ORT raises its own types for bad feeds
+        except InvalidArgument as e:  # feeds the model refuses, though they passed check_feeds
             raise DataError(
                 f"{Path(model).name} failed on a batch of {data.description}: {e}"
+            ) from e
+        except Exception as e:  # noqa: BLE001 - ORT's failures are its own exception types
+            raise QuantizeError(
+                f"ONNX Runtime failed running {Path(model).name} on {provider} (a batch of "
+                f"{data.description}): {e}"
             ) from e
         out.batches.append({n: np.asarray(v) for n, v in zip(names, values, strict=True)})
         out.masks.append(batch.feeds.get("attention_mask"))
@@ -303,13 +140,10 @@ def accuracy_gates(
 ) -> list[GateResult]:
     """The accuracy gate with labels, else the fidelity gates for the model's kind; and a
     ``cosine:<output>`` gate for every other float output (``_unjudged``): the server serves
-    them all."""
+    them all. ``reference`` has passed ``check_evaluation`` (the caller's, once)."""
     if reference.rows != candidate.rows:
         raise DataError(f"FP32 saw {reference.rows} rows, the candidate {candidate.rows}")
-    check_evaluation(reference, task, warn=False)  # the caller checked it once, out loud
-    logits = _logits_output(reference, task)
-    tokens = _token_logits(reference, task)
-    judged = logits or tokens or _embedding_name(task, reference.names)
+    logits, tokens, judged = _judged(reference, task)
     if logits is not None and reference.labels is not None:
         gates = [_accuracy_drop(reference, candidate, logits, cfg, label)]
         if reference.batches[0][logits].shape[-1] == 1:  # a score's value, beyond its sign
@@ -357,23 +191,33 @@ def _unjudged(ref: Outputs, judged: str, *, pooled: bool) -> list[str]:
     ]
 
 
+def _judged(ref: Outputs, task: str) -> tuple[str | None, str | None, str | None]:
+    """Which output the gates of the model's kind judge: (a classifier's logits, a token
+    classifier's per-token logits, the output judged: either of them, else the embedding),
+    each None where the model has none."""
+    logits = _logits_output(ref, task)
+    tokens = _token_logits(ref, task)
+    return logits, tokens, logits or tokens or _embedding_name(task, ref.names)
+
+
 def _logits_output(ref: Outputs, task: str) -> str | None:
     """The classifier output the top-1 and accuracy gates judge: the one named "logits" where
     there is one (a model returning an embedding first would otherwise have it scored as
     logits), else a classifier's first 2-D float output."""
     if task not in CLASSIFIER_TASKS and "logits" not in ref.names:
         return None
-    scores = _score_like(ref)
+    scores = _float_outputs(ref, ndim=2)
     if "logits" in ref.names:
         return "logits" if "logits" in scores else None
     return next(iter(scores), None)
 
 
-def _score_like(ref: Outputs) -> list[str]:
-    """The outputs shaped as class scores could be: (batch, n) floats, in output order."""
+def _float_outputs(ref: Outputs, *, ndim: int) -> list[str]:
+    """The float outputs of ``ndim`` dims, in output order: (batch, n) ones are shaped as
+    class scores could be, (batch, sequence, n) as a token classifier's."""
     first = ref.batches[0]
     return [
-        n for n in ref.names if first[n].ndim == 2 and np.issubdtype(first[n].dtype, np.floating)
+        n for n in ref.names if first[n].ndim == ndim and np.issubdtype(first[n].dtype, np.floating)
     ]
 
 
@@ -382,10 +226,7 @@ def _token_logits(ref: Outputs, task: str) -> str | None:
     output named "logits", else its first such output; None for other tasks."""
     if task not in TOKEN_TASKS:
         return None
-    first = ref.batches[0]
-    scores = [
-        n for n in ref.names if first[n].ndim == 3 and np.issubdtype(first[n].dtype, np.floating)
-    ]
+    scores = _float_outputs(ref, ndim=3)
     return "logits" if "logits" in scores else next(iter(scores), None)
 
 
@@ -417,11 +258,10 @@ def counts_rows(task: str, outputs: Iterable[str]) -> bool:
     )
 
 
-def check_labels(reference: Outputs, task: str) -> None:
+def check_label_range(reference: Outputs, task: str) -> None:
     """Raise DataError unless every label is a class index of the model's logits output
     (1-based labels would score a broken model and pass it)."""
-    logits = _logits_output(reference, task)
-    tokens = _token_logits(reference, task)
+    logits, tokens, _ = _judged(reference, task)
     if reference.labels is not None and tokens is not None:
         classes = reference.batches[0][tokens].shape[-1]
         if reference.labels.max() >= classes:
@@ -452,19 +292,18 @@ def check_labels(reference: Outputs, task: str) -> None:
         )
 
 
-def _unscored_labels(reference: Outputs, task: str, *, warn: bool) -> None:
+def _unscored_labels(reference: Outputs, task: str) -> None:
     """Labelled rows for a model no output of which is known to hold class scores. An
     embedding model is judged against FP32, and says so. A model of no known task with a
     (batch, n) float output is likely a classifier that did not say so: refused (a
     DataError), as its accuracy gate would silently give way to per-output cosines."""
-    scores = _score_like(reference)
+    scores = _float_outputs(reference, ndim=2)
     if task in EMBEDDING_TASKS or not scores or _embedding_name(task, reference.names):
-        if warn:
-            log.warning(
-                "labels ignored: the model (task %s) has no output of class scores; its INT8 "
-                "is judged against FP32's outputs",
-                task,
-            )
+        log.warning(
+            "labels ignored: the model (task %s) has no output of class scores; its INT8 is "
+            "judged against FP32's outputs",
+            task,
+        )
         return
     raise DataError(
         f"the evaluation rows have labels, but the model's task is {task!r} and no output is "
@@ -478,19 +317,15 @@ def _unscored_labels(reference: Outputs, task: str, *, warn: bool) -> None:
     )
 
 
-def check_evaluation(reference: Outputs, task: str, *, warn: bool = True) -> None:
+def check_evaluation(reference: Outputs, task: str) -> None:
     """Raise DataError unless the evaluation rows can decide the gates: labels that are class
-    indices (``check_labels``), and at least ``MIN_EVAL_ROWS`` rows for the accuracy, top-1
-    and nearest-neighbour gates (a handful of rows passes them by chance)."""
-    check_labels(reference, task)
-    logits = _logits_output(reference, task)
-    if reference.labels is not None and logits is None and not _token_logits(reference, task):
-        _unscored_labels(reference, task, warn=warn)
-    if (
-        logits is None
-        and not _token_logits(reference, task)
-        and not _embedding_name(task, reference.names)
-    ):
+    indices (``check_label_range``), and at least ``MIN_EVAL_ROWS`` rows for the accuracy,
+    top-1 and nearest-neighbour gates (a handful of rows passes them by chance)."""
+    check_label_range(reference, task)
+    logits, tokens, judged = _judged(reference, task)
+    if reference.labels is not None and logits is None and tokens is None:
+        _unscored_labels(reference, task)
+    if judged is None:
         return  # per-output cosine: a measurement on any number of rows
     if reference.rows < MIN_EVAL_ROWS:
         raise DataError(
@@ -499,91 +334,6 @@ def check_evaluation(reference: Outputs, task: str, *, warn: bool = True) -> Non
             f"{100 / reference.rows:.3g} points of accuracy). Pass --eval with more held-out rows "
             "(hundreds for a 1-point accuracy gate), or raise eval_samples (--gate-config)."
         )
-
-
-def uncertain(gate: GateResult) -> bool:
-    """Whether ``gate`` was decided by its point estimate with its interval holding values on
-    both sides of its threshold: another sample of the rows (or of the timings) could as well
-    have decided it the other way. A gate failed by ``ci_rule="upper"`` because its interval
-    reaches the failing side is not: that is the rule, and another sample would not pass it
-    with any confidence."""
-    if gate.ci is None or not _straddles(gate.ci, gate.op, gate.threshold):
-        return False
-    return gate.passed == _meets(gate.value, gate.op, gate.threshold)
-
-
-def _meets(value: float, op: str, threshold: float) -> bool:
-    """Whether ``value`` is on the passing side of ``threshold`` (``op`` "<=" or ">="), with
-    1e-9 of slack for sums of floats; NaN never is."""
-    return value <= threshold + 1e-9 if op == "<=" else value >= threshold - 1e-9
-
-
-def _straddles(ci: tuple[float, float], op: str, threshold: float) -> bool:
-    return _meets(ci[0], op, threshold) != _meets(ci[1], op, threshold)
-
-
-def decide(
-    value: float,
-    ci: tuple[float, float] | None,
-    threshold: float,
-    op: str,
-    *,
-    rule: str,
-    confidence: float,
-    valid: bool = True,
-) -> tuple[bool, str]:
-    """Whether a gate passes under ``rule`` (``GateConfig.ci_rule``), and the words its detail
-    ends with: what decided it, and, where its interval straddles the threshold, that the
-    verdict is within the measurement's uncertainty. ``valid`` False (non-finite outputs)
-    fails it whatever the value."""
-    bound = "upper" if op == "<=" else "lower"  # the bound on the failing side
-    by_bound = rule == "upper" and ci is not None
-    if by_bound:
-        decisive, what = (ci[1] if op == "<=" else ci[0]), f"its {bound} bound"
-    else:
-        decisive, what = value, "the point estimate"
-    passed = bool(valid and _meets(decisive, op, threshold))
-    words = f"; {what} must be {op} the threshold"
-    if not valid or ci is None or not _straddles(ci, op, threshold):
-        return passed, words
-    if not by_bound:
-        words += (
-            f": it {'passes' if passed else 'fails'} by less than its {confidence:.0%} "
-            "interval, within the measurement's uncertainty"
-        )
-    elif _meets(value, op, threshold):
-        words += f": the point estimate passes, its {bound} bound does not"
-    return passed, words
-
-
-def _mean_gate(
-    name: str,
-    values: np.ndarray,
-    threshold: float,
-    op: str,
-    cfg: GateConfig,
-    detail: str,
-    *,
-    valid: bool = True,
-    provider: str | None = None,
-) -> GateResult:
-    """The gate of the mean of per-row ``values``, with its interval over the rows: Wilson's
-    for booleans (a share of rows that agree), else ``bootstrap_mean`` (a float measure,
-    even one of exactly 1.0 on every row), decided under ``cfg.ci_rule``. Rows that are not
-    finite (NaN outputs) are left out of the mean, which is NaN only when no row is finite;
-    ``valid`` False fails the gate whatever its value."""
-    finite = np.isfinite(values)
-    value = float(np.mean(values[finite])) if finite.any() else math.nan
-    if values.dtype == bool and len(values):  # a share of rows: agreement
-        ci = wilson(int(values.sum()), len(values), cfg.confidence)
-        how = f"; {cfg.confidence:.0%} Wilson score interval over {len(values)} rows"
-    else:
-        ci = bootstrap_mean(values, cfg.confidence, count=cfg.bootstrap, seed=cfg.seed)
-        how = f"; {cfg.confidence:.0%} bootstrap interval over rows ({cfg.bootstrap} resamples)"
-    return _gate(
-        name, value, ci, threshold, op, cfg, detail + (how if ci else ""),
-        valid=valid, provider=provider,
-    )  # fmt: skip
 
 
 def _accuracy_drop(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, label: str):
@@ -670,9 +420,9 @@ def _classifier_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConf
     kl = _kl(x, y)  # (N,)
     detail = f"{output} vs FP32 on {len(x)} unlabelled rows, max abs {_logit_change(x, y):.3g}"
     return [
-        _mean_gate("top1_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail,
+        mean_gate("top1_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail,
                    valid=not _broken(x, y).any()),
-        _mean_gate("kl", kl, cfg.max_kl, "<=", cfg,
+        mean_gate("kl", kl, cfg.max_kl, "<=", cfg,
                    detail + ", mean KL(FP32 || candidate) in nats",
                    valid=bool(np.isfinite(kl).all())),
     ]  # fmt: skip
@@ -684,7 +434,7 @@ def _token_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
     candidate), both pooled over the tokens, with intervals over the rows: a sentence's
     tokens move together, so they are not as many independent samples."""
     hits, kls, counts, broken, change = [], [], [], False, 0.0
-    for xt, yt, _, per_row in _real_tokens(ref, cand, output):
+    for xt, yt, _, per_row in _token_pairs(ref, cand, output):
         hits.append(per_row(_same_top(xt, yt)))
         kls.append(per_row(_kl(xt, yt)))
         counts.append(per_row(np.ones(len(xt))))
@@ -708,17 +458,17 @@ def _token_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
         )
         kl_ci = percentile_interval(stats, cfg.confidence)
     return [
-        _gate("token_top1_agreement", share, agree_ci, cfg.min_top1_agreement, ">=", cfg,
+        interval_gate("token_top1_agreement", share, agree_ci, cfg.min_top1_agreement, ">=", cfg,
               detail + f"; share of tokens whose top class agrees; {cfg.confidence:.0%} Wilson "
               f"score interval over {_worth(rows_worth, n)}", valid=not broken),
-        _gate("token_kl", kl, kl_ci, cfg.max_kl, "<=", cfg,
+        interval_gate("token_kl", kl, kl_ci, cfg.max_kl, "<=", cfg,
               detail + ", mean KL(FP32 || candidate) per token in nats"
               + (f"; {cfg.confidence:.0%} bootstrap interval over rows" if kl_ci else ""),
               valid=math.isfinite(kl)),
     ]  # fmt: skip
 
 
-def _real_tokens(ref: Outputs, cand: Outputs, output: str, *, labelled: bool = False):
+def _token_pairs(ref: Outputs, cand: Outputs, output: str, *, labelled: bool = False):
     """Batch by batch, the real tokens of ``output`` (the mask's, where the output has the
     data's sequence axis; with ``labelled``, only those the labels tag, as (tokens,) with
     them): FP32's and the candidate's (tokens, C) scores, their labels or None, and
@@ -726,7 +476,7 @@ def _real_tokens(ref: Outputs, cand: Outputs, output: str, *, labelled: bool = F
     start = 0
     for xb, yb, mask in zip(ref.batches, cand.batches, ref.masks, strict=True):
         x, y = xb[output], yb[output]  # (B, T, C)
-        real = mask.astype(bool) if _masks(x, mask) else np.ones(x.shape[:2], bool)
+        real = mask.astype(bool) if mask_fits(x, mask) else np.ones(x.shape[:2], bool)
         tags = None
         if labelled:  # (B, T), padded with NO_LABEL to the widest batch
             tags = ref.labels[start : start + len(x), : x.shape[1]]
@@ -751,7 +501,7 @@ def _token_accuracy_drop(
     (``clustered_paired_interval``: a sentence's tokens flip together)."""
     lost, gained, counts, broken = [], [], [], False
     right = np.zeros(2)  # FP32's and the candidate's right tokens
-    for xt, yt, t, per_row in _real_tokens(ref, cand, output, labelled=True):
+    for xt, yt, t, per_row in _token_pairs(ref, cand, output, labelled=True):
         bad = _broken(xt, yt)
         a, b = _hits(xt, t), _hits(yt, t) & ~bad
         broken |= bool(bad.any())
@@ -764,7 +514,7 @@ def _token_accuracy_drop(
         raise DataError(f"the evaluation rows label no real token ({NO_LABEL} or padding)")
     drop, ci, worth = clustered_paired_interval(lo, ga, n, cfg.confidence)
     fp32, cand_ = right / n.sum()
-    return _gate(
+    return interval_gate(
         "token_accuracy_drop", drop, ci, cfg.max_accuracy_drop, "<=", cfg,
         f"{output}: top-1 accuracy FP32 {fp32:.2%} -> {label} {cand_:.2%} over {int(n.sum())} "
         f"labelled tokens of {len(n)} rows, {int(lo.sum())} tokens newly wrong, "
@@ -780,27 +530,6 @@ def _worth(effective: float, counts: np.ndarray) -> str:
     if effective == (np.asarray(counts) > 0).sum():
         return f"{effective:.0f} tokens' worth: each row as one, until {DESIGN_ROWS} rows flip"
     return f"{effective:.0f} tokens' worth: a row's tokens move together"
-
-
-def _gate(
-    name: str,
-    value: float,
-    ci: tuple[float, float] | None,
-    threshold: float,
-    op: str,
-    cfg: GateConfig,
-    detail: str,
-    *,
-    valid: bool = True,
-    provider: str | None = None,
-) -> GateResult:
-    """A gate of ``value`` with its interval ``ci``, decided under ``cfg.ci_rule``."""
-    passed, rule = decide(
-        value, ci, threshold, op, rule=cfg.ci_rule, confidence=cfg.confidence, valid=valid
-    )
-    return GateResult(
-        name, value, threshold, op, passed, ci=ci, provider=provider, detail=detail + rule
-    )
 
 
 def _kl(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -872,266 +601,15 @@ def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfi
     rows = "unlabelled rows" if ref.labels is None else "rows (labels unused)"
     detail = f"{output} vs FP32 on {len(x)} {rows}{err}"
     return [
-        _mean_gate("cosine", cos, cfg.min_cosine, ">=", cfg,
+        mean_gate("cosine", cos, cfg.min_cosine, ">=", cfg,
                    detail + f"; mean cosine per row (worst row {cos.min():.5f}, "
                    f"best {cos.max():.5f})",
                    valid=bool(np.isfinite(cos).all())),
-        _tail_gate("cosine_tail", cos, cfg, detail),
-        _mean_gate("nn_top1_agreement", nn_agree, cfg.min_top1_agreement, ">=", cfg,
+        tail_gate("cosine_tail", cos, cfg, detail),
+        mean_gate("nn_top1_agreement", nn_agree, cfg.min_top1_agreement, ">=", cfg,
                    detail + f"; each row's nearest other row by cosine{among}, FP32 vs "
                    "candidate", valid=len(dx) >= MIN_EVAL_ROWS),
     ]  # fmt: skip
-
-
-def _tail_gate(
-    name: str, cosines: np.ndarray, cfg: GateConfig, detail: str, *, provider: str | None = None
-) -> GateResult:
-    """The share of rows whose cosine to FP32 is below ``cfg.tail_cosine`` (a NaN row is
-    one), at most ``cfg.max_tail_share``: the rows a mean cosine hides. One row in ten at
-    0.93, the rest at 0.9999, averages 0.993."""
-    low = ~(cosines >= cfg.tail_cosine)  # (N,) bool: Wilson's interval of a share
-    return _mean_gate(
-        name, low, cfg.max_tail_share, "<=", cfg,
-        detail + f"; share of rows with cosine < {cfg.tail_cosine:g}: {int(low.sum())} of "
-        f"{len(low)}", provider=provider,
-    )  # fmt: skip
-
-
-def flat_rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """(B, rest): each batch item of output ``x`` flattened, its padded positions zeroed
-    where ``mask`` (B, T) fits x's first two dims, so padding noise does not count."""
-    if _masks(x, mask):
-        x = np.where(mask.astype(bool)[(...,) + (None,) * (x.ndim - 2)], x, 0)
-    return x.reshape(len(x), -1)
-
-
-def _masks(x: np.ndarray, mask: np.ndarray | None) -> bool:
-    """Whether ``mask`` (B, T) marks the positions of output ``x`` (B, T, ...)."""
-    return mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape
-
-
-def row_cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Cosine of each row of x with the same row of y; 1 where both rows are zero, -1 where
-    either is not finite."""
-    x, y = x.astype(np.float64), y.astype(np.float64)
-    nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
-    dot = (x * y).sum(axis=1)
-    both_zero = (nx == 0) & (ny == 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where(both_zero, 1.0, dot / (nx * ny))
-    return np.nan_to_num(cos, nan=-1.0)
-
-
-@dataclass(frozen=True)
-class Fidelity:
-    """A candidate's outputs against FP32's on the same rows, output by output: the one source
-    of the ``cosine:<output>`` gates, whichever variant (INT8, FP16) and provider they are for."""
-
-    max_abs_diff: dict[str, float]  # per output
-    mean_abs_diff: dict[str, float]
-    rows: int  # batch items compared
-    provider: str | None  # where the candidate ran; None: where the gates run (cfg.provider)
-    nonfinite: dict[str, int] = field(default_factory=dict)  # NaN/inf count per output
-    # Per output, the cosine of every row, (rows,): what the interval of the mean resamples,
-    # and what cosine_mean and cosine_min are taken from.
-    cosines: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
-    # Per output of one value per row (a score, a regression's prediction): FP32's and the
-    # candidate's values, (2, rows). Such a row's cosine is only the sign of the product.
-    scalars: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def cosine_mean(self) -> dict[str, float]:
-        """Per output: the cosine of each row (batch item), averaged."""
-        return {n: float(c.mean()) for n, c in self.cosines.items()}
-
-    @property
-    def cosine_min(self) -> dict[str, float]:
-        """Per output: the cosine of the worst row."""
-        return {n: float(c.min()) for n, c in self.cosines.items()}
-
-    @classmethod
-    def measure(
-        cls,
-        batches: Iterable[tuple[Mapping[str, Any], Mapping[str, Any], np.ndarray | None]],
-        names: Sequence[str],
-        *,
-        provider: str | None = None,
-    ) -> Fidelity:
-        """Compare the outputs ``names`` over ``batches`` of (FP32 outputs, candidate outputs,
-        attention mask or None).
-
-        Rows are batch items: an output (batch, ...) is flattened per item, its padded
-        positions zeroed where the mask is (batch, sequence) and the output (batch, sequence,
-        ...), so padding noise does not count (``flat_rows``). NaN/inf are counted over the
-        whole candidate output, padding included: a client receives all of it, and a NaN
-        times a mask of 0 is still NaN.
-        """
-        seen = {n: _Tally() for n in names}
-        rows = 0
-        for reference, candidate, mask in batches:
-            for n in names:
-                seen[n].add(n, np.asarray(reference[n]), np.asarray(candidate[n]), mask)
-            rows += len(reference[names[0]])
-        if not rows:
-            raise QuantizeError("fidelity needs at least one feed")
-        return cls(
-            max_abs_diff={n: float(np.max(s.max_abs)) for n, s in seen.items()},
-            mean_abs_diff={n: s.sum_abs / max(s.values, 1) for n, s in seen.items()},
-            rows=rows,
-            provider=provider,
-            nonfinite={n: s.nonfinite for n, s in seen.items()},
-            cosines={n: np.concatenate(s.cosines) for n, s in seen.items()},
-            # one value per row in every batch (a (batch, sequence) output is not, even where a
-            # batch holds one token)
-            scalars={n: np.concatenate(s.scalars, 1) for n, s in seen.items() if s.scalar},
-        )
-
-    def gates(
-        self,
-        *,
-        min_cosine: float = 0.999,
-        max_abs: float | None = None,
-        cfg: GateConfig | None = None,
-    ) -> tuple[GateResult, ...]:
-        """The accuracy gates of outputs without labels, ``cosine:<output>`` and
-        ``cosine_tail:<output>`` per output; ``r2:<output>`` for an output of one value per
-        row, which has no cosine.
-
-        The first passes when the mean per-row cosine is >= ``min_cosine`` and the output has
-        no NaN/inf; the second when the share of rows below ``cfg.tail_cosine`` is at most
-        ``cfg.max_tail_share``; R² (``r2_gate``) when it is >= 1 - 2 (1 - ``min_cosine``).
-        Their intervals over rows, and the rule that decides with them, are ``cfg``'s (the
-        defaults when None; its ``min_cosine`` is not used here). ``max_abs_diff:<output>``
-        is gated too when ``max_abs`` is set.
-        """
-        cfg = cfg or GateConfig()
-        where = f"vs FP32 on {self.rows} rows" + (f", {self.provider}" if self.provider else "")
-        gates = []
-        for name, cosines in self.cosines.items():
-            bad = self.nonfinite.get(name, 0)
-            if name in self.scalars:
-                x, y = self.scalars[name]
-                gates.append(r2_gate(f"r2:{name}", x, y, min_cosine, cfg, where, self.provider))
-            else:
-                detail = (
-                    f"{where}; mean cosine per row (worst row {cosines.min():.5f}), max abs "
-                    f"{self.max_abs_diff[name]:.3g}, mean abs {self.mean_abs_diff[name]:.3g}"
-                    + (f", {bad} non-finite values" if bad else "")
-                )
-                gates += [
-                    _mean_gate(f"cosine:{name}", cosines, min_cosine, ">=", cfg, detail,
-                               valid=not bad, provider=self.provider),
-                    _tail_gate(f"cosine_tail:{name}", cosines, cfg, where, provider=self.provider),
-                ]  # fmt: skip
-            if max_abs is not None:
-                diff = self.max_abs_diff[name]
-                gates.append(
-                    GateResult(
-                        name=f"max_abs_diff:{name}",
-                        value=diff,
-                        threshold=max_abs,
-                        op="<=",
-                        passed=bool(diff <= max_abs and not bad),
-                        provider=self.provider,
-                        detail=where,
-                    )
-                )
-        return tuple(gates)
-
-
-def r2_threshold(min_cosine: float) -> float:
-    """The R² that stands for a cosine of ``min_cosine``: 1 - 2 (1 - c), the same squared
-    error relative to the output's size (0.98 for 0.99)."""
-    return 1 - 2 * (1 - min_cosine)
-
-
-def cosine_of_r2(threshold: float) -> float:
-    """``r2_threshold`` undone: the cosine an R² threshold was made from."""
-    return 1 - (1 - threshold) / 2
-
-
-def r2_gate(
-    name: str,
-    x: np.ndarray,
-    y: np.ndarray,
-    min_cosine: float,
-    cfg: GateConfig,
-    where: str,
-    provider: str | None = None,
-) -> GateResult:
-    """The gate of an output with one value per row: R² of the candidate's values ``y``
-    against FP32's ``x`` over the rows, at least 1 - 2 (1 - ``min_cosine``): the squared
-    error relative to FP32's spread that a cosine of ``min_cosine`` allows relative to a
-    vector's length (0.98 for 0.99), and stricter, as the spread leaves out the mean. Its
-    interval is a bootstrap over the rows; none where more than a tenth of the resamples
-    hold one value only (R² undefined), as a few rows or a two-valued output can."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    threshold = r2_threshold(min_cosine)
-    nonfinite = int((~np.isfinite(y)).sum())
-    value = float(r_squared(x, y)) if len(x) else math.nan
-    valid = not nonfinite and math.isfinite(value) and len(x) > 1
-    ci = None
-    if valid:
-        stats = np.concatenate(
-            [
-                r_squared(x[rows], y[rows])
-                for rows in resamples(len(x), count=cfg.bootstrap, seed=cfg.seed)
-            ]
-        )
-        if np.isfinite(stats).mean() >= 0.9:
-            ci = percentile_interval(stats[np.isfinite(stats)], cfg.confidence)
-    constant = " (FP32's value is the same on every row)" if len(x) and np.ptp(x) == 0 else ""
-    spread = float(np.std(x)) if len(x) else 0.0
-    size = float(np.mean(np.abs(x))) if len(x) else 0.0
-    barely = (
-        f"; FP32's values barely vary over these rows (std {spread:.3g} against a mean size "
-        f"of {size:.3g}), and R² weighs the error against that spread: judge it on rows the "
-        "model tells apart"
-        if 0 < spread < 1e-3 * size
-        else ""
-    )
-    detail = (
-        f"{where}; one value per row: R² of the candidate's values against FP32's, 1 - "
-        f"residual / FP32's variance{constant}, max abs {np.abs(y - x).max(initial=0):.3g}, "
-        f"FP32's std over the rows {spread:.3g}{barely}"
-        + (f", {nonfinite} non-finite values" if nonfinite else "")
-        + ("; R² needs 2 rows or more" if len(x) < 2 else "")
-        + (
-            f"; {cfg.confidence:.0%} bootstrap interval over rows ({cfg.bootstrap} resamples)"
-            if ci
-            else ""
-        )
-    )
-    return _gate(name, value, ci, threshold, ">=", cfg, detail, valid=valid, provider=provider)
-
-
-class _Tally:
-    """One output compared batch by batch (``Fidelity.measure``): its row cosines, its
-    values where a row holds one, and its absolute errors and NaN/inf as running totals."""
-
-    def __init__(self):
-        self.cosines: list[np.ndarray] = []  # (B,) per batch
-        self.scalars: list[np.ndarray] = []  # (2, B) per batch: FP32's and the candidate's
-        self.scalar = True  # whether every batch so far holds one value per row
-        self.max_abs: list[float] = []  # per batch; NaN when a real value is NaN
-        self.sum_abs = 0.0
-        self.values = 0
-        self.nonfinite = 0
-
-    def add(self, name: str, x: np.ndarray, y: np.ndarray, mask: np.ndarray | None) -> None:
-        if x.shape != y.shape:
-            raise QuantizeError(f"output {name!r}: FP32 shape {x.shape}, candidate {y.shape}")
-        self.nonfinite += int((~np.isfinite(y)).sum())
-        real = int(mask.astype(bool).sum()) * math.prod(x.shape[2:]) if _masks(x, mask) else x.size
-        x, y = flat_rows(x, mask).astype(np.float64), flat_rows(y, mask).astype(np.float64)
-        self.cosines.append(row_cosine(x, y))
-        self.scalar &= x.shape[1] == 1  # one value per row
-        if self.scalar:
-            self.scalars.append(np.stack([x[:, 0], y[:, 0]]))
-        diff = np.abs(x - y)  # (B, rest), 0 at padded positions
-        self.max_abs.append(float(diff.max(initial=0.0)))
-        self.sum_abs += float(diff.sum())
-        self.values += real  # the mean is over real positions, not padding's zeros
 
 
 # -- batch consistency ---------------------------------------------------------------------
@@ -1156,15 +634,13 @@ def batch_consistency(
     logits = tokens = judged = None
     for batch in data.batches():
         rows = _lone_requests(batch.feeds)
-        feeds = _right_padded(rows, data.pad_values)
+        feeds = right_pad(rows, data.pad_values)
         wanted = names if alone is None else [judged]  # every output only until one is judged
         together.batches.append(dict(zip(wanted, sess.run(wanted, feeds), strict=True)))
         together.masks.append(feeds.get("attention_mask"))
         together.rows += len(rows)
         if alone is None:  # the output judged, known from the first batch; alone, only it
-            logits = _logits_output(together, task)
-            tokens = _token_logits(together, task)
-            judged = logits or tokens or _embedding_name(task, names)
+            logits, tokens, judged = _judged(together, task)
             if judged is None:
                 return None
             alone = Outputs([judged])
@@ -1189,7 +665,7 @@ def batch_consistency(
         hits = np.array([_same_top(x, y).sum() for x, y in pairs])
         counts = np.array([len(y) for _, y in pairs])
         ci, worth = clustered_share_interval(hits, counts, cfg.confidence)
-        return _gate(
+        return interval_gate(
             "batch_token_top1_agreement", float(hits.sum() / max(counts.sum(), 1)), ci,
             cfg.min_top1_agreement, ">=", cfg,
             detail + f"; {int(counts.sum())} tokens, {cfg.confidence:.0%} Wilson score interval "
@@ -1202,13 +678,13 @@ def batch_consistency(
             return r2_gate("batch_r2", x[:, 0], y[:, 0], cfg.min_cosine, cfg, detail)
         agree = _same_top(x, y)
         detail += f"; max logit change {_logit_change(x, y):.3g}"
-        return _mean_gate(
+        return mean_gate(
             "batch_top1_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail,
             valid=not _broken(x, y).any(),
         )  # fmt: skip
     x, y = _normalize(_pooled(together, judged)), _normalize(_pooled(alone, judged))
     cos = (x * y).sum(1)
-    return _mean_gate(
+    return mean_gate(
         "batch_cosine", cos, cfg.min_cosine, ">=", cfg,
         detail + f"; mean cosine per row (worst row {cos.min():.5f})",
         valid=bool(np.isfinite(cos).all()),
@@ -1232,40 +708,12 @@ def _lone_requests(feeds: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray
     return rows
 
 
-def _right_padded(
-    rows: list[dict[str, np.ndarray]], pads: Mapping[str, float] = MappingProxyType({})
-) -> dict[str, np.ndarray]:
-    """``rows`` in one batch as the server's batcher makes it: each input padded after the
-    row's tokens to the longest with its pad value (``pads``, default 0; a zero attention
-    mask there)."""
-    if "attention_mask" not in rows[0]:
-        return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-    longest = max(r["attention_mask"].shape[1] for r in rows)
-    out = {}
-    for k, first in rows[0].items():
-        if first.ndim < 2 or first.shape[1] != rows[0]["attention_mask"].shape[1]:
-            out[k] = np.concatenate([r[k] for r in rows])
-            continue
-        pad = 0 if k == "attention_mask" else pads.get(k, 0)
-        padded = np.full((len(rows), longest, *first.shape[2:]), pad, first.dtype)
-        for i, r in enumerate(rows):
-            padded[i, : r[k].shape[1]] = r[k][0]
-        out[k] = padded
-    return out
-
-
 __all__ = [
-    "Fidelity",
-    "GateConfig",
     "Outputs",
     "accuracy_gates",
     "batch_consistency",
     "check_evaluation",
-    "check_labels",
+    "check_label_range",
     "collect",
-    "decide",
-    "flat_rows",
-    "row_cosine",
-    "session",
-    "uncertain",
+    "counts_rows",
 ]

@@ -34,6 +34,7 @@ from onnx import helper as oh
 
 from quantgate.errors import DataError, QuantizeError
 from quantgate.quantize.recipes import Calibration, Recipe
+from quantgate.sessions import session
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,6 @@ def calibrate(
     Rows where the feed ``attention_mask`` is 0 (padding) are left out when the mask's shape
     is the tensor's leading shape, or its size that of a tensor flattened to (B*T, K). Only
     running statistics are kept."""
-    import onnxruntime as ort
-
     tensors = list(dict.fromkeys(tensors))
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -176,10 +175,8 @@ def calibrate(
     for t in tensors:
         if t not in present and t not in graph_inputs:
             m.graph.output.append(oh.make_tensor_value_info(t, TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
     # The statistics are of the graph as written: no optimizer rewrites under the outputs.
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = session(m, optimize=False)
     names = [o.name for o in sess.get_outputs()]
     wanted = {i.name for i in sess.get_inputs()}
     stats = {t: ChannelStats() for t in tensors}

@@ -47,14 +47,14 @@ from quantgate.quantize.data import (
     open_source,
     with_graph_tables,
 )
+from quantgate.quantize.decide import GateConfig
+from quantgate.quantize.fidelity import cosine_of_r2
 from quantgate.quantize.gates import (
     MIN_EVAL_ROWS,
-    GateConfig,
     accuracy_gates,
     batch_consistency,
     check_evaluation,
     collect,
-    cosine_of_r2,
     counts_rows,
 )
 from quantgate.quantize.heldout import Fingerprint, check_held_out

@@ -12,7 +12,8 @@ from typing import Any
 
 from quantgate.bundle import CPU, CUDA, PASS, GateResult, Manifest, all_passed, speed_shape
 from quantgate.quantize.cuda import CudaGating
-from quantgate.quantize.gates import GateConfig, r2_threshold, uncertain
+from quantgate.quantize.decide import GateConfig, uncertain
+from quantgate.quantize.fidelity import r2_threshold
 from quantgate.quantize.search import Candidate, SearchResult
 
 log = logging.getLogger(__name__)

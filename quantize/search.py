@@ -35,13 +35,8 @@ from quantgate.errors import ConfigError, QuantizeError
 from quantgate.fsutil import raise_if_full
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.data import DataSource, counted
-from quantgate.quantize.gates import (
-    GateConfig,
-    accuracy_gates,
-    batch_consistency,
-    check_evaluation,
-    collect,
-)
+from quantgate.quantize.decide import GateConfig
+from quantgate.quantize.gates import accuracy_gates, batch_consistency, check_evaluation, collect
 from quantgate.quantize.speed import TimingConditions, speed_gates
 
 if TYPE_CHECKING:  # recipes import onnx; the search loads them when it runs

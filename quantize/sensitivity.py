@@ -28,16 +28,9 @@ from onnx import helper as oh
 from quantgate.errors import DataError, QuantizeError
 from quantgate.quantize.graph import MASK_INPUT
 from quantgate.quantize.recipes import QuantizedModel
+from quantgate.sessions import session
 
 log = logging.getLogger(__name__)
-
-
-def _session(model: onnx.ModelProto):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def _single_node(fp32: onnx.ModelProto, node: onnx.NodeProto) -> onnx.ModelProto:
@@ -106,10 +99,10 @@ def node_sensitivity(
     outs = {o.name for o in q.graph.output}
     for t in sorted(wanted - outs - graph_inputs - q_inits):
         q.graph.output.append(oh.make_tensor_value_info(t, _dtype_of(fp32, t), None))
-    q_sess = _session(q)
+    q_sess = session(q, optimize=False)
     q_names = [o.name for o in q_sess.get_outputs()]
     q_inputs = {i.name for i in q_sess.get_inputs()}
-    ref = {name: _session(_single_node(fp32, nodes[name])) for name in probes}
+    ref = {name: session(_single_node(fp32, nodes[name]), optimize=False) for name in probes}
 
     err2 = dict.fromkeys(probes, 0.0)
     ref2 = dict.fromkeys(probes, 0.0)

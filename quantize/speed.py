@@ -25,8 +25,9 @@ import numpy as np
 
 from quantgate.bundle import GateResult, TensorSpec, speed_gate_name
 from quantgate.progress import ProgressFn, no_progress
-from quantgate.quantize.gates import GateConfig, decide, session
+from quantgate.quantize.decide import GateConfig, decide
 from quantgate.quantize.stats import median_interval
+from quantgate.sessions import session
 
 MIN_SAMPLE_S = 0.03  # shortest timed sample; faster runs are repeated within one
 

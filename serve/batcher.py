@@ -35,6 +35,7 @@ from quantgate.errors import (
     QuantgateError,
     Unavailable,
 )
+from quantgate.padding import right_pad
 from quantgate.serve.runtime import MASK, Model
 
 log = logging.getLogger(__name__)
@@ -491,18 +492,9 @@ class Batcher:
         (mask 0 on padding)."""
         if self.model.sequence_axis is None:
             return {n: np.concatenate([p.feeds[n] for p in group]) for n in group[0].feeds}
-        rows = sum(p.rows for p in group)
-        length = max(p.length for p in group)
-        feeds = {}
-        for name, first in group[0].feeds.items():
-            pad = self.model.pad_values.get(name, 0)  # the attention mask's: 0
-            batch = np.full((rows, length), pad, dtype=first.dtype)  # (B, T)
-            row = 0
-            for p in group:
-                batch[row : row + p.rows, : p.length] = p.feeds[name]
-                row += p.rows
-            feeds[name] = batch
-        return feeds
+        # every input is (batch, sequence): that is what gives the model a sequence axis
+        feeds = [p.feeds for p in group]
+        return right_pad(feeds, self.model.pad_values, sequence=feeds[0])
 
     def _cut(self, name: str, out: np.ndarray, row: int, rows: int, length: int) -> np.ndarray:
         out = out[row : row + rows]

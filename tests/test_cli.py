@@ -33,7 +33,7 @@ def test_usage_errors_exit_2_with_the_reason(cli, args, message):
 def test_help_shows_the_gate_defaults(cli):
     """The help writes the defaults out (the flags' own default is None: the config file's
     value, else GateConfig's); they must be GateConfig's."""
-    from quantgate.quantize.gates import GateConfig
+    from quantgate.quantize.decide import GateConfig
 
     d = GateConfig()
     r = cli("export", "--help")

@@ -11,7 +11,7 @@ from quantgate.bundle import GateResult
 from quantgate.export import ExtraVariant
 from quantgate.placement import PlacementReport
 from quantgate.quantize import cuda, fp16
-from quantgate.quantize.gates import GateConfig
+from quantgate.quantize.decide import GateConfig
 
 CFG = cuda.CudaGateConfig(throughput=(4, 16), latency=(1, 16), pairs=5, budget_s=0.5)
 

@@ -18,7 +18,7 @@ from quantgate.errors import ConfigError, GateFailed
 from quantgate.export import ExtraVariant, write_bundle
 from quantgate.quantize import cuda, fp16, pipeline
 from quantgate.quantize.data import write_npz
-from quantgate.quantize.gates import GateConfig
+from quantgate.quantize.decide import GateConfig
 
 from .conftest import ids_feed
 

@@ -93,7 +93,7 @@ def transpose_matmul_fp16(path):
 
 
 def test_an_fp16_graph_that_crashed_onnxruntime_opens_and_runs(tmp_path, caplog):
-    from quantgate.quantize.gates import session
+    from quantgate.sessions import session
 
     path = tmp_path / "transpose_matmul.onnx"
     w = transpose_matmul_fp16(path)

@@ -15,12 +15,15 @@ from quantgate.errors import BundleError, ConfigError, ServeError
 from quantgate.export import ExtraVariant, write_bundle
 from quantgate.placement import PlacementReport
 from quantgate.quantize import fp16
+from quantgate.quantize.search import QuantConfig
 from quantgate.serve import runtime
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.runtime import open_model, placement_refusal
 from quantgate.serve.variants import choose_provider, choose_variant, provider_options
 
 from .conftest import ids_feed
+
+FP16_COSINE = QuantConfig().fp16_min_cosine
 
 needs_cpu_only_ort = pytest.mark.skipif(
     CUDA in ort.get_available_providers(), reason="this onnxruntime has CUDA"
@@ -43,7 +46,7 @@ def gpu_bundle(tiny_bert_export, tmp_path_factory):
         tiny_bert_export,
         work / "bundle",
         variants=[
-            ExtraVariant(f16, "fp16", gates=fid.gates(), providers=(CUDA,)),
+            ExtraVariant(f16, "fp16", gates=fid.gates(min_cosine=FP16_COSINE), providers=(CUDA,)),
             # the FP32 file again, standing in for an INT8 that passed on the CPU
             ExtraVariant(tiny_bert_export.onnx, "int8", gates=(speed,), not_for=(CUDA,)),
         ],

@@ -251,7 +251,7 @@ def test_data_and_the_gates_batches_pad_with_the_models_pad_values(tmp_path):
     pads lone rows with them as the server's batcher does."""
     import dataclasses
 
-    from quantgate.quantize.gates import _right_padded
+    from quantgate.padding import right_pad
 
     model = dataclasses.replace(DIGITS, pad_values={"input_ids": 7})
     source = open_source(write_npz(tmp_path / "p.npz", rng_feeds(4)), model, role="evaluation")
@@ -260,6 +260,6 @@ def test_data_and_the_gates_batches_pad_with_the_models_pad_values(tmp_path):
         {"input_ids": np.array([[1, 2, 3]]), "attention_mask": np.ones((1, 3), np.int64)},
         {"input_ids": np.array([[4]]), "attention_mask": np.ones((1, 1), np.int64)},
     ]
-    batch = _right_padded(rows, source.pad_values)
+    batch = right_pad(rows, source.pad_values)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

@@ -16,15 +16,14 @@ from quantgate.bundle import GateResult, TensorSpec  # noqa: E402
 from quantgate.errors import ConfigError, DataError  # noqa: E402
 from quantgate.quantize import fp16  # noqa: E402
 from quantgate.quantize.data import ModelInfo, open_source  # noqa: E402
+from quantgate.quantize.decide import GateConfig, uncertain  # noqa: E402
+from quantgate.quantize.fidelity import Fidelity  # noqa: E402
 from quantgate.quantize.gates import (  # noqa: E402
-    Fidelity,
-    GateConfig,
     Outputs,
     accuracy_gates,
     batch_consistency,
     check_evaluation,
     collect,
-    uncertain,
 )
 from quantgate.quantize.report import gate_table  # noqa: E402
 from quantgate.quantize.stats import wilson  # noqa: E402
@@ -158,7 +157,7 @@ def test_labels_must_be_class_indices():
         with pytest.raises(
             DataError, match=rf"class indices 0\.\.9 .* found labels {found}.*{why}"
         ):
-            accuracy_gates(ref, ref, "sequence-classification", GateConfig())
+            check_evaluation(ref, "sequence-classification")
 
 
 def test_accuracy_gate_with_labels_on_real_sessions(models):
@@ -633,7 +632,7 @@ def test_a_token_classifier_with_token_labels_is_gated_on_its_accuracy_drop():
     wrong = tags.copy()
     wrong[0, 1] = 4  # the model has 4 classes
     with pytest.raises(DataError, match="class indices 0..3"):
-        accuracy_gates(outputs(x, wrong), outputs(y, wrong), "token-classification", GateConfig())
+        check_evaluation(outputs(x, wrong), "token-classification")
 
 
 @pytest.mark.parametrize(
@@ -883,7 +882,7 @@ def test_too_few_evaluation_rows_cannot_pass_the_gates():
         x = rng.normal(size=(rows, 10)).astype(np.float32)
         out = Outputs([name], [{name: x}], [None], labels=np.zeros(rows, np.int64), rows=rows)
         with pytest.raises(DataError, match=rf"has {rows} row\(s\).* at least 30"):
-            accuracy_gates(out, out, task, GateConfig())
+            check_evaluation(out, task)
     x = rng.normal(size=(30, 10)).astype(np.float32)
     out = Outputs(["logits"], [{"logits": x}], [None], labels=np.zeros(30, np.int64), rows=30)
     assert accuracy_gates(out, out, "sequence-classification", GateConfig())[0].passed
@@ -965,3 +964,31 @@ def test_the_output_named_logits_is_the_one_judged_as_logits():
     gates = {g.name: g for g in accuracy_gates(ref, cand, "sequence-classification", GateConfig())}
     assert not gates["top1_agreement"].passed and gates["top1_agreement"].value < 0.6
     assert gates["cosine:embedding"].passed
+
+
+def test_a_runtime_failure_is_not_read_as_bad_data(tmp_path):
+    """Feeds that passed check_feeds and still make ONNX Runtime fail: an invalid argument
+    (a dtype the graph does not take) is the data's fault, a DataError; a kernel failing
+    (a Reshape that cannot be done) is the runtime's, a QuantizeError naming the provider."""
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as oh
+
+    from quantgate.errors import QuantizeError
+
+    def model(dtype, path):
+        x = oh.make_tensor_value_info("x", dtype, ["batch", "n"])
+        y = oh.make_tensor_value_info("y", dtype, None)
+        shape = oh.make_tensor("shape", TensorProto.INT64, [2], [-1, 7])
+        graph = oh.make_graph(
+            [oh.make_node("Reshape", ["x", "shape"], ["y"])], "g", [x], [y], [shape]
+        )
+        onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]), path)
+        return path
+
+    info = ModelInfo((TensorSpec("x", "float32", ("batch", "n")),), "fill-mask", 0)
+    data = open_source({"x": np.zeros((4, 5), np.float32)}, info, role="evaluation")
+    with pytest.raises(QuantizeError, match=r"ONNX Runtime failed running f\.onnx on CPU.*Reshape"):
+        collect(model(TensorProto.FLOAT, tmp_path / "f.onnx"), data)
+    with pytest.raises(DataError, match=r"i\.onnx failed on a batch of .*INVALID_ARGUMENT"):
+        collect(model(TensorProto.INT64, tmp_path / "i.onnx"), data)

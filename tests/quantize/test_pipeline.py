@@ -121,7 +121,7 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(
 
     # A read-only bundle is refused before its gates are measured, and left as it was.
     from quantgate.errors import BundleError
-    from quantgate.quantize.gates import GateConfig
+    from quantgate.quantize.decide import GateConfig
     from quantgate.quantize.pipeline import regate
 
     before = (out / "manifest.json").read_bytes()
@@ -354,7 +354,7 @@ def test_too_few_evaluation_rows_are_refused_before_the_export_with_the_fix_that
     """A file of 20 rows needs more rows; an eval_samples cap of 10 on 60 needs a higher cap.
     Both are known when the data are read, not after the export."""
     from quantgate.errors import DataError
-    from quantgate.quantize.gates import GateConfig
+    from quantgate.quantize.decide import GateConfig
     from quantgate.quantize.pipeline import build
 
     small = write_npz(tmp_path / "small.npz", rng_feeds(20), labels=np.arange(20) % 10)
@@ -456,7 +456,7 @@ def test_a_regate_keeps_the_bundles_policy_not_the_machine_it_was_measured_on():
     thread count recorded by one re-gate does not follow the bundle to a CPU runner."""
     from quantgate.bundle import Manifest
     from quantgate.errors import BundleError
-    from quantgate.quantize.gates import GateConfig
+    from quantgate.quantize.decide import GateConfig
     from quantgate.quantize.pipeline import recorded_gate_config
 
     def manifest(*records):
@@ -505,7 +505,7 @@ def test_a_failure_on_rows_far_longer_than_calibrated_names_their_lengths():
 def test_dropping_a_timed_batch_size_is_a_looser_setting():
     """Batch 32 is what the server batches to: a re-gate that no longer times it lets a
     variant through that was never measured there, as a lower threshold would."""
-    from quantgate.quantize.gates import GateConfig
+    from quantgate.quantize.decide import GateConfig
     from quantgate.quantize.pipeline import _changed_settings
 
     before = GateConfig(batch_sizes=(1, 32))
@@ -537,7 +537,7 @@ def test_a_cuda_re_gate_reads_fp16s_threshold_from_its_r2_gates_too():
 def test_a_lower_tail_cosine_or_a_larger_tail_share_is_looser():
     """The tail gate's two settings are policy: a re-gate keeps them, and loosening either
     lets more rows under the cosine through."""
-    from quantgate.quantize.gates import GateConfig
+    from quantgate.quantize.decide import GateConfig
     from quantgate.quantize.pipeline import POLICY, _changed_settings
 
     assert {"tail_cosine", "max_tail_share"} <= set(POLICY)

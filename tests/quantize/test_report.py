@@ -12,7 +12,7 @@ from pathlib import Path
 from quantgate.bundle import CPU, CUDA, GateResult, Manifest, Variant
 from quantgate.placement import PlacementReport
 from quantgate.quantize.cuda import CudaGateConfig, CudaGating, CudaTiming
-from quantgate.quantize.gates import GateConfig
+from quantgate.quantize.decide import GateConfig
 from quantgate.quantize.report import (
     MAX_PANELS,
     cuda_regated,

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from qg_pipeline_helpers import tiny_export  # noqa: E402
 
 from quantgate.quantize.data import ModelInfo, open_source  # noqa: E402
-from quantgate.quantize.gates import GateConfig  # noqa: E402
+from quantgate.quantize.decide import GateConfig  # noqa: E402
 from quantgate.quantize.report import plot_candidates, sections  # noqa: E402
 from quantgate.quantize.search import QuantConfig, search  # noqa: E402
 

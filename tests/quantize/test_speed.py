@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from qg_pipeline_helpers import dynamic_int8, tiny_export  # noqa: E402
 
-from quantgate.quantize.gates import GateConfig  # noqa: E402
+from quantgate.quantize.decide import GateConfig  # noqa: E402
 from quantgate.quantize.speed import TimingConditions, speed_gates, time_interleaved  # noqa: E402
 
 FAST = GateConfig(iterations=5, warmup=1, batch_sizes=(1, 8))

@@ -1,0 +1,63 @@
+"""ONNX Runtime sessions as quantgate opens them to measure a model: the gates', the speed
+timings', the benchmarks'.
+
+Every session of a variant gets that precision's options (``quantgate.workarounds``), so a
+variant is measured under the options it is served with; the CPU provider stands behind any
+other, as the server's sessions have it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from quantgate import workarounds
+from quantgate.bundle import CPU
+from quantgate.errors import ConfigError
+
+
+def session(
+    model: Any,
+    provider: str = CPU,
+    *,
+    threads: int = 0,
+    spin: bool = True,
+    precision: str = "fp32",
+    optimize: bool = True,
+    profile_prefix: str | None = None,
+):
+    """An ONNX Runtime session for ``model`` (a path or an ``onnx.ModelProto``) on
+    ``provider``, with the CPU provider behind any other.
+
+    ``threads``: intra-op threads (0: ORT's default, one per physical core). ``spin`` False
+    keeps idle threads from spinning, for sessions timed in turn. ``precision`` is the
+    variant's (``quantgate.workarounds``). ``optimize`` False runs the graph as written (no
+    ORT rewrites: statistics of its own tensors). ``profile_prefix`` turns on ORT's profiler,
+    writing its JSON under that prefix (``session.end_profiling()`` names the file).
+    """
+    import onnxruntime as ort
+
+    if provider not in ort.get_available_providers():
+        raise ConfigError(
+            f"execution provider {provider} is not available in this onnxruntime "
+            f"(available: {', '.join(ort.get_available_providers())})"
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    if not spin:
+        # Two sessions timed in turn: an idle one's spinning threads would steal the cores
+        # from the one being timed, whichever came second.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    workarounds.apply(options, precision)
+    providers = [provider] if provider == CPU else [provider, CPU]
+    data = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    return ort.InferenceSession(data, options, providers=providers)
+
+
+__all__ = ["session"]

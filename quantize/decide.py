@@ -1,0 +1,286 @@
+"""How a gate is decided: the thresholds (``GateConfig``), and a value with its interval
+against its threshold (``decide``).
+
+The decision rule, chosen and documented here: a gate passes when its *point estimate* is
+on the right side of its threshold; the interval is reported next to it, and where it
+holds values on both sides of the threshold the detail says the pass (or fail) is within
+the measurement's uncertainty (``uncertain``). Requiring the interval's bound on the
+failing side to pass instead (``GateConfig(ci_rule="upper")``: the upper bound of a drop or
+a KL, the lower bound of a cosine or an agreement) is also available, but on small test
+sets it fails sound models: on the 360 digits test images one net flipped row is 0.28
+points, and even none leaves the upper 95% bound above 1 point (1.06).
+
+``mean_gate``, ``interval_gate`` and ``tail_gate`` make a ``GateResult`` by that rule, for
+every accuracy and fidelity gate (``gates``, ``fidelity``); the speed gates decide with
+``decide`` too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantgate.bundle import CPU, CUDA, GateResult
+from quantgate.configs import check_fields, closest, suggest_fields, wrong_types
+from quantgate.errors import ConfigError
+from quantgate.quantize.stats import bootstrap_mean, wilson
+
+
+@suggest_fields
+@dataclass(frozen=True)
+class GateConfig:
+    max_accuracy_drop: float = 1.0  # points of the task metric (percent), FP32 -> candidate
+    # Which value decides a gate with an interval: "point", the estimate; "upper", the
+    # interval's bound on the failing side (upper for a drop or KL, lower for cosine or
+    # agreement). Speed gates are decided by their median either way.
+    ci_rule: str = "point"
+    confidence: float = 0.95  # of every gate's interval
+    bootstrap: int = 1000  # resamples, of the cosine and KL gates' means
+    min_speedup: float = 1.2  # candidate vs FP32, at every speed shape
+    min_cosine: float = 0.99  # embeddings / other outputs without labels
+    # The tail under a mean cosine: the share of rows whose cosine to FP32 is below
+    # tail_cosine may be at most max_tail_share (a mean of 0.99 alone allows 20% of rows
+    # at 0.95). Every cosine-gated output has it.
+    tail_cosine: float = 0.95
+    max_tail_share: float = 0.02
+    min_top1_agreement: float = 0.95  # classifier top-1, or embedding nearest neighbour
+    max_kl: float = 0.05  # nats, mean KL(FP32 || candidate) for classifiers without labels
+    batch_sizes: tuple[int, ...] = (1, 32)  # the shapes a user serves, by default
+    seq_len: int = 128  # capped at the model's longest (64 for the built-in digits model)
+    provider: str = CPU  # the execution provider the speed gate runs on
+    warmup: int = 3  # runs of each model before timing (allocations, caches, threads)
+    # Timed A/B pairs per shape (``pairs`` to time_interleaved); the gate takes their median
+    # ratio. The name is the one gate-config files and manifests hold.
+    iterations: int = 15
+    threads: int = 0  # ONNX Runtime intra-op threads (0: its default, one per physical core)
+    eval_samples: int | None = None  # cap on evaluation rows (length-stratified); None: all
+    seed: int = 0  # bootstrap resampling
+
+    def __post_init__(self):
+        check_fields(self)  # types first: a list of batch sizes becomes a tuple, 1.7 is refused
+        # "cpu" and "cuda" as --device spells them, for ONNX Runtime's provider names
+        spelled = {"cpu": CPU, "cuda": CUDA}.get(str(self.provider).lower(), self.provider)
+        object.__setattr__(self, "provider", spelled)
+        problems = []
+        if self.ci_rule not in ("point", "upper"):
+            problems.append(f"ci_rule {self.ci_rule!r}: expected 'point' or 'upper'")
+        if not 0 < self.confidence < 1:
+            problems.append(f"confidence {self.confidence}: expected 0 < c < 1")
+        # finite: the manifest records the thresholds as JSON, which has no infinity, and a
+        # re-gate reads them back (`not >=`: NaN fails too, which no value would pass)
+        for name, low in (
+            ("max_accuracy_drop", ">= 0"),
+            ("min_speedup", "> 0"),
+            ("max_kl", ">= 0"),
+        ):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
+                problems.append(f"{name} {value}: expected a finite number {low}")
+        for name in ("min_cosine", "tail_cosine"):
+            if not -1 <= getattr(self, name) <= 1:
+                problems.append(f"{name} {getattr(self, name)}: expected -1..1")
+        for name in ("min_top1_agreement", "max_tail_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} {getattr(self, name)}: expected 0..1")
+        if not self.batch_sizes or min(self.batch_sizes) < 1 or self.seq_len < 1:
+            problems.append(
+                f"batch_sizes {self.batch_sizes} / seq_len {self.seq_len}: expected >= 1"
+            )
+        if self.iterations < 3:
+            problems.append(f"iterations {self.iterations}: expected >= 3")
+        if self.warmup < 0:
+            problems.append(f"warmup {self.warmup}: expected >= 0")
+        if self.bootstrap < 100:
+            problems.append(f"bootstrap {self.bootstrap}: expected >= 100")
+        if self.eval_samples is not None and self.eval_samples < 1:
+            problems.append(f"eval_samples {self.eval_samples}: expected >= 1 (or unset: all)")
+        if problems:
+            raise ConfigError("invalid gate config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    @classmethod
+    def from_file(
+        cls, path: str | Path, base: GateConfig | None = None, **overrides: Any
+    ) -> GateConfig:
+        """Read a TOML or JSON file of GateConfig fields (a ``[gates]`` table is accepted):
+        they replace ``base``'s (the defaults when None), and ``overrides`` replace both."""
+        try:
+            import tomllib  # Python 3.11+
+        except ModuleNotFoundError:  # pragma: no cover - 3.10
+            import tomli as tomllib
+        path = Path(path)
+        kind = {".toml": "TOML", ".json": "JSON"}.get(path.suffix.lower())
+        if kind is None:
+            raise ConfigError(
+                f"--gate-config {path}: a {path.suffix or 'suffix-less'} file; gate settings are "
+                "read from .toml or .json (e.g. gates.toml holding `min_speedup = 1.3`)"
+            )
+        try:
+            text = path.read_text()
+            data = tomllib.loads(text) if kind == "TOML" else json.loads(text)
+        except OSError as e:
+            raise ConfigError(f"--gate-config {path}: cannot read it ({e.strerror or e})") from e
+        except (ValueError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"--gate-config {path}: not valid {kind} ({e})") from e
+        if isinstance(data, dict) and "gates" in data:
+            if len(data) > 1:  # one of the two would be silently ignored
+                raise ConfigError(
+                    f"--gate-config {path}: settings both in a [gates] table and outside it "
+                    f"({sorted(set(data) - {'gates'})}); put them all in one place"
+                )
+            data = data["gates"]
+        if not isinstance(data, dict):
+            raise ConfigError(f"--gate-config {path}: expected a table of gate settings")
+        known = {f.name for f in fields(cls)}
+        problems = [
+            f"unknown setting {name!r}"
+            + (f" (did you mean {close!r}?)" if (close := closest(name, known)) else "")
+            for name in sorted(set(data) - known)
+        ]
+        if problems:
+            problems.append(f"known: {', '.join(sorted(known))}")
+        given = {k: v for k, v in data.items() if k in known}
+        problems += [
+            f"{name} = {data[name]!r}: expected {what}" for name, what in wrong_types(cls, given)
+        ]
+        if problems:
+            raise ConfigError(f"--gate-config {path}: " + "; ".join(problems))
+        merged = {
+            **(asdict(base) if base is not None else {}),
+            **data,
+            **{k: v for k, v in overrides.items() if v is not None},
+        }
+        try:
+            return cls(**merged)
+        except TypeError as e:
+            raise ConfigError(f"--gate-config {path}: {e}") from e
+
+    def with_overrides(self, **overrides: Any) -> GateConfig:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def uncertain(gate: GateResult) -> bool:
+    """Whether ``gate`` was decided by its point estimate with its interval holding values on
+    both sides of its threshold: another sample of the rows (or of the timings) could as well
+    have decided it the other way. A gate failed by ``ci_rule="upper"`` because its interval
+    reaches the failing side is not: that is the rule, and another sample would not pass it
+    with any confidence."""
+    if gate.ci is None or not _straddles(gate.ci, gate.op, gate.threshold):
+        return False
+    return gate.passed == _meets(gate.value, gate.op, gate.threshold)
+
+
+def _meets(value: float, op: str, threshold: float) -> bool:
+    """Whether ``value`` is on the passing side of ``threshold`` (``op`` "<=" or ">="), with
+    1e-9 of slack for sums of floats; NaN never is."""
+    return value <= threshold + 1e-9 if op == "<=" else value >= threshold - 1e-9
+
+
+def _straddles(ci: tuple[float, float], op: str, threshold: float) -> bool:
+    return _meets(ci[0], op, threshold) != _meets(ci[1], op, threshold)
+
+
+def decide(
+    value: float,
+    ci: tuple[float, float] | None,
+    threshold: float,
+    op: str,
+    *,
+    rule: str,
+    confidence: float,
+    valid: bool = True,
+) -> tuple[bool, str]:
+    """Whether a gate passes under ``rule`` (``GateConfig.ci_rule``), and the words its detail
+    ends with: what decided it, and, where its interval straddles the threshold, that the
+    verdict is within the measurement's uncertainty. ``valid`` False (non-finite outputs)
+    fails it whatever the value."""
+    bound = "upper" if op == "<=" else "lower"  # the bound on the failing side
+    by_bound = rule == "upper" and ci is not None
+    if by_bound:
+        decisive, what = (ci[1] if op == "<=" else ci[0]), f"its {bound} bound"
+    else:
+        decisive, what = value, "the point estimate"
+    passed = bool(valid and _meets(decisive, op, threshold))
+    words = f"; {what} must be {op} the threshold"
+    if not valid or ci is None or not _straddles(ci, op, threshold):
+        return passed, words
+    if not by_bound:
+        words += (
+            f": it {'passes' if passed else 'fails'} by less than its {confidence:.0%} "
+            "interval, within the measurement's uncertainty"
+        )
+    elif _meets(value, op, threshold):
+        words += f": the point estimate passes, its {bound} bound does not"
+    return passed, words
+
+
+def mean_gate(
+    name: str,
+    values: np.ndarray,
+    threshold: float,
+    op: str,
+    cfg: GateConfig,
+    detail: str,
+    *,
+    valid: bool = True,
+    provider: str | None = None,
+) -> GateResult:
+    """The gate of the mean of per-row ``values``, with its interval over the rows: Wilson's
+    for booleans (a share of rows that agree), else ``bootstrap_mean`` (a float measure,
+    even one of exactly 1.0 on every row), decided under ``cfg.ci_rule``. Rows that are not
+    finite (NaN outputs) are left out of the mean, which is NaN only when no row is finite;
+    ``valid`` False fails the gate whatever its value."""
+    finite = np.isfinite(values)
+    value = float(np.mean(values[finite])) if finite.any() else math.nan
+    if values.dtype == bool and len(values):  # a share of rows: agreement
+        ci = wilson(int(values.sum()), len(values), cfg.confidence)
+        how = f"; {cfg.confidence:.0%} Wilson score interval over {len(values)} rows"
+    else:
+        ci = bootstrap_mean(values, cfg.confidence, count=cfg.bootstrap, seed=cfg.seed)
+        how = f"; {cfg.confidence:.0%} bootstrap interval over rows ({cfg.bootstrap} resamples)"
+    return interval_gate(
+        name, value, ci, threshold, op, cfg, detail + (how if ci else ""),
+        valid=valid, provider=provider,
+    )  # fmt: skip
+
+
+def interval_gate(
+    name: str,
+    value: float,
+    ci: tuple[float, float] | None,
+    threshold: float,
+    op: str,
+    cfg: GateConfig,
+    detail: str,
+    *,
+    valid: bool = True,
+    provider: str | None = None,
+) -> GateResult:
+    """A gate of ``value`` with its interval ``ci``, decided under ``cfg.ci_rule``."""
+    passed, rule = decide(
+        value, ci, threshold, op, rule=cfg.ci_rule, confidence=cfg.confidence, valid=valid
+    )
+    return GateResult(
+        name, value, threshold, op, passed, ci=ci, provider=provider, detail=detail + rule
+    )
+
+
+def tail_gate(
+    name: str, cosines: np.ndarray, cfg: GateConfig, detail: str, *, provider: str | None = None
+) -> GateResult:
+    """The share of rows whose cosine to FP32 is below ``cfg.tail_cosine`` (a NaN row is
+    one), at most ``cfg.max_tail_share``: the rows a mean cosine hides. One row in ten at
+    0.93, the rest at 0.9999, averages 0.993."""
+    low = ~(cosines >= cfg.tail_cosine)  # (N,) bool: Wilson's interval of a share
+    return mean_gate(
+        name, low, cfg.max_tail_share, "<=", cfg,
+        detail + f"; share of rows with cosine < {cfg.tail_cosine:g}: {int(low.sum())} of "
+        f"{len(low)}", provider=provider,
+    )  # fmt: skip
+
+
+__all__ = ["GateConfig", "decide", "interval_gate", "mean_gate", "tail_gate", "uncertain"]
