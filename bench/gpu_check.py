@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -253,8 +254,9 @@ def device_io(sess, feed: dict, device: str, batch: int, seq: int):
 
 
 def variant_file(bundle: Path, precision: str) -> Path:
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    return bundle / next(v["file"] for v in manifest["variants"] if v["precision"] == precision)
+    from quantgate.bundle import load
+
+    return load(bundle, verify=False).file(precision)
 
 
 def per_round(t: dict[str, list[float]], num: str, den: str) -> float:
@@ -274,6 +276,8 @@ def build_bundle(out: Path, provider: str, sizes) -> dict:
 
     from quantgate.export import ExportConfig, ExtraVariant, export_fp32, write_bundle
     from quantgate.quantize import cuda, fp16
+    from quantgate.quantize.decide import GateConfig
+    from quantgate.quantize.search import QuantConfig
 
     res: dict = {}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
@@ -329,7 +333,9 @@ def build_bundle(out: Path, provider: str, sizes) -> dict:
             for t in timings
         }
 
-        acc16, acc8 = fid["fp16"].gates(min_cosine=0.999), fid["int8"].gates(min_cosine=0.99)
+        # the thresholds `quantgate export` gates FP16 and INT8's outputs at
+        acc16 = fid["fp16"].gates(min_cosine=QuantConfig().fp16_min_cosine)
+        acc8 = fid["int8"].gates(min_cosine=GateConfig().min_cosine)
         half = ExtraVariant(
             f16,
             "fp16",
@@ -354,8 +360,8 @@ def build_bundle(out: Path, provider: str, sizes) -> dict:
             int8 = cuda.apply_gates(int8, gates["int8"])
         variants = [half, int8]
         res["gates"] = {
-            "fp16": [dict(g.__dict__) for g in half.gates],
-            "int8": [dict(g.__dict__) for g in (*acc8, *gates["int8"])],
+            "fp16": [dataclasses.asdict(g) for g in half.gates],
+            "int8": [dataclasses.asdict(g) for g in (*acc8, *gates["int8"])],
         }
         res["int8_not_for"] = list(int8.not_for)
         log(f"writing the bundle at {out}")

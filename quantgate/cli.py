@@ -494,7 +494,8 @@ def export_command(
         for flag, path in (("--calibration", calibration), ("--eval", eval_data)):
             if path is not None:
                 check_path(path, flag)  # before minutes of export, not after
-        gates = _gate_config(gate_config, max_accuracy_drop, min_speedup, min_cosine, min_top1)
+        flags = _gate_flags(max_accuracy_drop, min_speedup, min_cosine, min_top1)
+        gates = _gate_config(gate_config, flags)
         given = dict(
             search_budget_s=search_budget,
             max_candidates=max_candidates,
@@ -613,26 +614,24 @@ def gate(
     report.md atomically with the new gates. Exit 0: every gate passed; 3: a gate failed (the
     bundle is marked failed); 2: bad bundle or data, or CUDA asked for where there is none.
     """
-    from quantgate.bundle import CPU, CUDA, load
-    from quantgate.fsutil import claimed
-    from quantgate.quantize.pipeline import recorded_gate_config, regate
+    from quantgate.bundle import CPU, CUDA
+    from quantgate.errors import ConfigError
+    from quantgate.quantize.regating import regate
 
+    flags = _gate_flags(max_accuracy_drop, min_speedup, min_cosine, min_top1)
+    provider = None if device is None else CUDA if device == GateDevice.CUDA else CPU
     try:
-        # held from the read of the settings to the rewrite: another re-gate in between
-        # would have this one start from settings it then replaced
-        with claimed(path, "a re-gate"), progress() as bar:
-            recorded = recorded_gate_config(load(path, verify=False).manifest)  # regate verifies
-            gates = _gate_config(
-                gate_config, max_accuracy_drop, min_speedup, min_cosine, min_top1, base=recorded
-            )
-            if device is not None:
-                gates = gates.with_overrides(provider=CUDA if device == GateDevice.CUDA else CPU)
+        with progress() as bar:
             bundle = regate(
-                path, eval_data, gates, on_progress=_bars(bar), allow_unlabelled=allow_unlabelled
-            )
+                path, eval_data, gate_file=gate_config,
+                overrides={name: value for name, (_, value) in flags.items()},
+                provider=provider, on_progress=_bars(bar), allow_unlabelled=allow_unlabelled,
+            )  # fmt: skip
     except GateFailed:
         _print_gates(path)
         raise
+    except ConfigError as e:
+        raise _named_by_flags(e, flags, gate_config) from e
     _print_gates(bundle.path)
 
 
@@ -684,29 +683,40 @@ def _export_notes(export: dict) -> list[str]:
     ]
 
 
-def _gate_config(file, max_accuracy_drop, min_speedup, min_cosine, min_top1, base=None):
-    """``base`` (the defaults when None), then the --gate-config file's settings, then the
-    flags given."""
-    from quantgate.errors import ConfigError
-    from quantgate.quantize.decide import GateConfig
-
-    flags = {
+def _gate_flags(max_accuracy_drop, min_speedup, min_cosine, min_top1) -> dict:
+    """{GateConfig field: (its flag, the value given or None)}."""
+    return {
         "max_accuracy_drop": ("--max-accuracy-drop", max_accuracy_drop),
         "min_speedup": ("--min-speedup", min_speedup),
         "min_cosine": ("--min-cosine", min_cosine),
         "min_top1_agreement": ("--min-top1", min_top1),
     }
+
+
+def _gate_config(file, flags: dict):
+    """The defaults, then the --gate-config file's settings, then the flags given."""
+    from quantgate.errors import ConfigError
+    from quantgate.quantize.decide import GateConfig
+
     overrides = {name: value for name, (_, value) in flags.items()}
     try:
         if file is not None:
-            return GateConfig.from_file(file, base, **overrides)
-        return (base or GateConfig()).with_overrides(**overrides)
-    except ConfigError as e:  # a flag's bad value is named by the flag the user typed
-        message = str(e)
-        for name, (flag, value) in flags.items():
-            if value is not None:
-                message = re.sub(rf"(?<![\w-]){name} (?=\S+: expected)", f"{flag} ", message)
-        raise ConfigError(_in_file(message, file)) from e
+            return GateConfig.from_file(file, **overrides)
+        return GateConfig().with_overrides(**overrides)
+    except ConfigError as e:
+        raise _named_by_flags(e, flags, file) from e
+
+
+def _named_by_flags(e: Exception, flags: dict, file: Path | None):
+    """``e``, a ConfigError, with a flag's bad value named by the flag the user typed and the
+    --gate-config file's settings by the file (``_in_file``)."""
+    from quantgate.errors import ConfigError
+
+    message = str(e)
+    for name, (flag, value) in flags.items():
+        if value is not None:
+            message = re.sub(rf"(?<![\w-]){name} (?=\S+: expected)", f"{flag} ", message)
+    return ConfigError(_in_file(message, file))
 
 
 def _in_file(message: str, file: Path | None) -> str:

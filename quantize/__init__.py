@@ -17,7 +17,9 @@ search.py       try recipes within a budget, keep the fastest that passes
 fp16.py         the FP16 variant for CUDA and its fidelity gate
 cuda.py         speed and placement gates on the CUDA execution provider
 report.py       report.md sections and the candidates plot
-pipeline.py     export -> calibrate -> search -> gates -> bundle; ``regate``
+pipeline.py     export -> calibrate -> search -> gates -> bundle (``build``)
+regating.py     a bundle's gates again, on new data (``regate``)
+verdict.py      which gates failed, and their likely causes, in words
 cpu.py          the CPU's INT8 instructions, which decide the default recipe
 
 The entry points, loaded on first use::
@@ -35,7 +37,7 @@ from quantgate._lazy import exports
 
 _WHERE = {
     "build": "pipeline",
-    "regate": "pipeline",
+    "regate": "regating",
     "GateConfig": "decide",
     "QuantConfig": "search",
 }
@@ -49,5 +51,6 @@ __getattr__, __dir__ = exports(__name__, _WHERE)
 
 if TYPE_CHECKING:
     from quantgate.quantize.decide import GateConfig
-    from quantgate.quantize.pipeline import build, regate
+    from quantgate.quantize.pipeline import build
+    from quantgate.quantize.regating import regate
     from quantgate.quantize.search import QuantConfig

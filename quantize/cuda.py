@@ -27,14 +27,20 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from quantgate import placement
 from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, all_passed, speed_gate_name
 from quantgate.configs import check_fields, suggest_fields
+from quantgate.progress import ProgressFn
+from quantgate.quantize.decide import GateConfig
 from quantgate.quantize.speed import speed_feeds, time_interleaved
 from quantgate.sessions import session
+
+if TYPE_CHECKING:
+    from quantgate.quantize.search import QuantConfig
 
 NOT_FOR_CUDA = "not for CUDA: "  # opens the note that says why INT8 is not served on CUDA
 
@@ -247,12 +253,83 @@ def gate_variants(
     return result, timings, where
 
 
+def gate_built(
+    result,
+    variants: list,
+    evaluation,
+    cfg: QuantConfig,
+    emit: ProgressFn,
+    *,
+    gate_cfg: GateConfig | None = None,
+    provider: str = CUDA,
+) -> tuple[list, list[str]]:
+    """A build's variants, where a CUDA GPU is present, gated on it (``gate_every_variant``)
+    with the results applied (``apply_gates``): FP16 ships on CUDA only if it is accurate and
+    faster there; INT8's CUDA results decide only where it runs, slower or falling back to the
+    CPU and it is marked not for CUDA (its CPU gates still decide whether it ships). The
+    variants and the report's CUDA section; ``gate_cfg`` (the defaults when None) sets INT8's
+    cosine threshold; ``provider`` is a parameter so that tests run this on the CPU.
+    """
+    from quantgate.quantize import report  # which imports this module
+
+    if provider == CUDA and not available():
+        return variants, []
+    files = {v.precision: v.path for v in variants}
+    gated = gate_every_variant(
+        result.onnx, files, result.inputs, result.max_seq_len, evaluation, emit,
+        fp16_min_cosine=cfg.fp16_min_cosine, gate_cfg=gate_cfg or GateConfig(), provider=provider,
+    )  # fmt: skip
+    out = [apply_gates(v, gated.gates[v.precision], provider) for v in variants]
+    return out, [report.cuda_section(gated)]
+
+
+def gate_every_variant(
+    fp32: Path,
+    files: dict[str, Path],
+    inputs: Sequence,
+    max_seq_len: int,
+    evaluation,
+    emit: ProgressFn,
+    *,
+    fp16_min_cosine: float,
+    gate_cfg: GateConfig,
+    provider: str,
+) -> CudaGating:
+    """Every variant in ``files`` (precision -> ONNX file) gated on ``provider``.
+
+    Placement and speed against ``fp32`` (``gate_variants``, at sequence lengths capped
+    at what the model takes); then the fidelity on ``evaluation`` there (CUDA's arithmetic,
+    not only FP16 storage as on the CPU): always for FP16, cosine >= ``fp16_min_cosine``, and
+    for INT8 only where it is fast enough to run there at all, cosine >=
+    ``gate_cfg.min_cosine``.
+    """
+    from quantgate.quantize import fp16
+
+    emit("cuda", 0, 1, f"timing every variant on {provider}")
+    default = CudaGateConfig()
+    seq = min(default.throughput[1], max_seq_len)
+    timing = dataclasses.replace(
+        default, throughput=(default.throughput[0], seq), latency=(default.latency[0], seq)
+    )
+    gates, timings, where = gate_variants(fp32, files, inputs, timing, provider=provider)
+    for k, file in files.items():
+        if k != "fp16" and not all_passed(gates[k]):
+            continue  # not for CUDA anyway: its accuracy there does not matter
+        fidelity = fp16.fidelity(fp32, file, evaluation(), provider=provider, precision=k)
+        threshold = fp16_min_cosine if k == "fp16" else gate_cfg.min_cosine
+        gates[k] = (*fidelity.gates(min_cosine=threshold, cfg=gate_cfg), *gates[k])
+    emit("cuda", 1, 1, "gated")
+    return CudaGating(gates, timings, where, timing)
+
+
 __all__ = [
     "CudaGateConfig",
     "CudaGating",
     "CudaTiming",
     "apply_gates",
     "available",
+    "gate_built",
+    "gate_every_variant",
     "gate_variants",
     "gates",
     "measure",

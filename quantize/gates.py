@@ -42,7 +42,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -334,6 +334,42 @@ def check_evaluation(reference: Outputs, task: str) -> None:
             f"{100 / reference.rows:.3g} points of accuracy). Pass --eval with more held-out rows "
             "(hundreds for a 1-point accuracy gate), or raise eval_samples (--gate-config)."
         )
+
+
+def check_eval_rows(
+    ev: DataSource,
+    task: str,
+    outputs: Sequence[str],
+    eval_samples: int | None,
+    *,
+    where: str,
+) -> None:
+    """DataError where the accuracy, top-1 or nearest-neighbour gates would refuse ``ev`` for
+    having fewer than ``MIN_EVAL_ROWS`` rows (``check_evaluation``): known when the data
+    are opened, before minutes of export, and said with the advice that fits: a file too
+    small, or an ``eval_samples`` cap too low. A model with neither a classifier's nor an
+    embedding's outputs is gated on cosine alone, on any number of rows."""
+    if not counts_rows(task, outputs) or ev.samples >= MIN_EVAL_ROWS:
+        return
+    need = (
+        f"the accuracy, top-1 and nearest-neighbour gates need at least {MIN_EVAL_ROWS} "
+        f"evaluation rows (with {ev.samples}, each row is {100 / ev.samples:.3g} points of "
+        "accuracy)"
+    )
+    capped = eval_samples is not None and ev.capped
+    if capped and (ev.total is None or ev.total >= MIN_EVAL_ROWS):
+        of = f" of its {ev.total}" if ev.total is not None else ""
+        raise DataError(
+            f"eval_samples {eval_samples} (--gate-config) keeps {ev.samples}{of} rows of {where}; "
+            f"{need}. Raise eval_samples to {MIN_EVAL_ROWS} or more, or leave it out to use "
+            "every row."
+        )
+    rows = ev.total if ev.total is not None else ev.samples
+    kept = f" (eval_samples {eval_samples} keeps {ev.samples})" if capped else ""
+    raise DataError(
+        f"{where} has {rows} row(s){kept}; {need}. Pass more held-out rows (hundreds for a "
+        "1-point accuracy gate)."
+    )
 
 
 def _accuracy_drop(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, label: str):
@@ -712,6 +748,7 @@ __all__ = [
     "Outputs",
     "accuracy_gates",
     "batch_consistency",
+    "check_eval_rows",
     "check_evaluation",
     "check_label_range",
     "collect",

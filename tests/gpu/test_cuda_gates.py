@@ -96,8 +96,8 @@ def test_fp16_ships_on_cuda_only_when_its_cuda_gates_pass(tmp_path):
 def test_the_pipeline_gates_fp16_fidelity_and_speed_on_the_gating_provider(
     tiny_bert_export, feeds, tmp_path, monkeypatch
 ):
-    """``_gate_on_cuda`` run on the CPU provider: FP16's fidelity is measured again there."""
-    from quantgate.quantize.pipeline import _gate_on_cuda
+    """``cuda.gate_built`` run on the CPU provider: FP16's fidelity is measured again there."""
+    from quantgate.quantize.cuda import gate_built
     from quantgate.quantize.search import QuantConfig
 
     quick = functools.partial(cuda.CudaGateConfig, warmup=1, pairs=3, budget_s=0.1)
@@ -107,7 +107,7 @@ def test_the_pipeline_gates_fp16_fidelity_and_speed_on_the_gating_provider(
     # CUDA below replaces the gates it measured before, so it must not be named here)
     built = GateResult("cosine:last_hidden_state", 1.0, 0.999, ">=", True)
     half = ExtraVariant(f16, "fp16", gates=(built,), providers=(cuda.CUDA,))
-    (out,), section = _gate_on_cuda(
+    (out,), section = gate_built(
         tiny_bert_export,
         [half],
         lambda: iter(feeds),
@@ -145,7 +145,7 @@ def test_an_int8_fast_enough_for_cuda_has_its_fidelity_measured_there(
     """The branch where INT8's speed and placement gates pass on the gating provider (on a
     GPU it rarely does): its fidelity must be measured there before CUDA joins its providers.
     The timing is replaced by passing gates; the fidelity runs for real, on the CPU."""
-    from quantgate.quantize.pipeline import _gate_on_cuda
+    from quantgate.quantize.cuda import gate_built
     from quantgate.quantize.search import QuantConfig
 
     i8 = _dynamic_int8(tiny_bert_export.onnx, tmp_path / "int8.onnx")
@@ -161,7 +161,7 @@ def test_an_int8_fast_enough_for_cuda_has_its_fidelity_measured_there(
     int8 = ExtraVariant(i8, "int8", gates=(), providers=(cuda.CPU,), not_for=(cuda.CUDA,))
 
     def gate(threshold: float):
-        (out,), _ = _gate_on_cuda(
+        (out,), _ = gate_built(
             tiny_bert_export,
             [int8],
             lambda: iter(feeds),
@@ -191,7 +191,7 @@ def test_available_is_false_without_a_cuda_provider():
 
 @pytest.mark.skipif(not cuda.available(), reason="needs a CUDA GPU and onnxruntime-gpu")
 def test_on_a_gpu_the_pipeline_gates_fp16_and_int8_on_cuda(tiny_bert_export, feeds, tmp_path):
-    from quantgate.quantize.pipeline import _gate_on_cuda
+    from quantgate.quantize.cuda import gate_built
     from quantgate.quantize.search import QuantConfig
 
     f16 = fp16.save(fp16.to_fp16(tiny_bert_export.onnx), tmp_path / "fp16.onnx")
@@ -201,7 +201,7 @@ def test_on_a_gpu_the_pipeline_gates_fp16_and_int8_on_cuda(tiny_bert_export, fee
         ExtraVariant(i8, "int8", gates=ok, not_for=(cuda.CUDA,)),
         ExtraVariant(f16, "fp16", gates=ok, providers=(cuda.CUDA,)),
     ]
-    out, section = _gate_on_cuda(
+    out, section = gate_built(
         tiny_bert_export, variants, lambda: iter(feeds), QuantConfig(), lambda *a: None
     )
     int8, half = out

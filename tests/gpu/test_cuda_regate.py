@@ -16,7 +16,7 @@ from quantgate import placement
 from quantgate.bundle import CPU, CUDA, GateResult, load
 from quantgate.errors import ConfigError, GateFailed
 from quantgate.export import ExtraVariant, write_bundle
-from quantgate.quantize import cuda, fp16, pipeline
+from quantgate.quantize import cuda, fp16, regating
 from quantgate.quantize.data import write_npz
 from quantgate.quantize.decide import GateConfig
 
@@ -84,12 +84,12 @@ def built_on_a_gpu_host(tiny_bert_export, tmp_path):
 
 
 def regate_on(monkeypatch, speedup: dict[str, float]):
-    """``pipeline.regate`` with CUDA played by the CPU provider and the timing ``speedup``."""
+    """``regating.regate`` with CUDA played by the CPU provider and the timing ``speedup``."""
     monkeypatch.setattr(cuda, "available", lambda: True)
     monkeypatch.setattr(cuda, "gate_variants", timed(speedup))
-    on_cpu = functools.partial(pipeline._regate_on_cuda, provider=CPU)
-    monkeypatch.setattr(pipeline, "_regate_on_cuda", on_cpu)
-    return functools.partial(pipeline.regate, gate_cfg=GateConfig(provider=CUDA))
+    on_cpu = functools.partial(regating._regate_on_cuda, provider=CPU)
+    monkeypatch.setattr(regating, "_regate_on_cuda", on_cpu)
+    return functools.partial(regating.regate, gate_cfg=GateConfig(provider=CUDA))
 
 
 def test_int8_slower_on_cuda_is_marked_not_for_cuda_and_still_ships(
@@ -147,6 +147,6 @@ def test_a_regate_on_cuda_without_cuda_is_refused_before_anything_is_measured(
     monkeypatch.setattr(cuda, "available", lambda: False)
     before = (bundle.path / "manifest.json").read_text()
     with pytest.raises(ConfigError, match="no working CUDA provider.*re-gate on the CPU"):
-        pipeline.regate(bundle.path, evaluation, GateConfig(provider=CUDA))
+        regating.regate(bundle.path, evaluation, GateConfig(provider=CUDA))
     assert (bundle.path / "manifest.json").read_text() == before
     assert json.loads(before)["variants"]

@@ -122,7 +122,7 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(
     # A read-only bundle is refused before its gates are measured, and left as it was.
     from quantgate.errors import BundleError
     from quantgate.quantize.decide import GateConfig
-    from quantgate.quantize.pipeline import regate
+    from quantgate.quantize.regating import regate
 
     before = (out / "manifest.json").read_bytes()
     events = []
@@ -457,7 +457,7 @@ def test_a_regate_keeps_the_bundles_policy_not_the_machine_it_was_measured_on():
     from quantgate.bundle import Manifest
     from quantgate.errors import BundleError
     from quantgate.quantize.decide import GateConfig
-    from quantgate.quantize.pipeline import recorded_gate_config
+    from quantgate.quantize.regating import recorded_gate_config
 
     def manifest(*records):
         build = {"gate_config": {"min_cosine": 0.9999, "provider": "CPUExecutionProvider"}}
@@ -481,7 +481,7 @@ def test_a_failure_on_rows_far_longer_than_calibrated_names_their_lengths():
     """Calibrated on texts of up to 25 tokens, judged on texts cut at 256: the failed cosine
     is named with that likely cause (and not where the lengths match)."""
     from quantgate.bundle import Manifest, TensorSpec, Variant
-    from quantgate.quantize.pipeline import _failure_message
+    from quantgate.quantize.verdict import failure_message
 
     failed = GateResult("cosine", 0.962, 0.99, ">=", False)
     int8 = Variant("model.int8.onnx", "int8", "0" * 64, gates=(failed,))
@@ -494,19 +494,19 @@ def test_a_failure_on_rows_far_longer_than_calibrated_names_their_lengths():
                          "evaluation": {"samples": 64, "lengths": [180, ev_longest]}},
         )  # fmt: skip
 
-    said = " ".join(_failure_message(manifest(256), "b").split())
+    said = " ".join(failure_message(manifest(256), "b").split())
     assert (
         "The evaluation rows run to 256 tokens, the calibration rows only to 25: the INT8 "
         "activation ranges were calibrated on shorter sequences than it was judged on"
     ) in said
-    assert "calibration rows only to" not in _failure_message(manifest(40), "b")
+    assert "calibration rows only to" not in failure_message(manifest(40), "b")
 
 
 def test_dropping_a_timed_batch_size_is_a_looser_setting():
     """Batch 32 is what the server batches to: a re-gate that no longer times it lets a
     variant through that was never measured there, as a lower threshold would."""
     from quantgate.quantize.decide import GateConfig
-    from quantgate.quantize.pipeline import _changed_settings
+    from quantgate.quantize.regating import _changed_settings
 
     before = GateConfig(batch_sizes=(1, 32))
     assert _changed_settings(before, GateConfig(batch_sizes=(1, 8))) == [
@@ -521,7 +521,7 @@ def test_a_cuda_re_gate_reads_fp16s_threshold_from_its_r2_gates_too():
     """An FP16 whose outputs are all scores has R² gates only: their threshold, 1 - 2 (1 -
     c), gives back the cosine c it was built with."""
     from quantgate.bundle import GateResult, Manifest, Variant
-    from quantgate.quantize.pipeline import _fp16_min_cosine
+    from quantgate.quantize.regating import _fp16_min_cosine
 
     def fp16(*gates):
         v = Variant("model.fp16.onnx", "fp16", "0" * 64, gates=gates)
@@ -538,7 +538,8 @@ def test_a_lower_tail_cosine_or_a_larger_tail_share_is_looser():
     """The tail gate's two settings are policy: a re-gate keeps them, and loosening either
     lets more rows under the cosine through."""
     from quantgate.quantize.decide import GateConfig
-    from quantgate.quantize.pipeline import POLICY, _changed_settings
+    from quantgate.quantize.regating import _changed_settings
+    from quantgate.quantize.verdict import POLICY
 
     assert {"tail_cosine", "max_tail_share"} <= set(POLICY)
     before = GateConfig()

@@ -1,0 +1,382 @@
+"""Re-gating a bundle: its gates measured again on new evaluation data (for example in CI
+after an ONNX Runtime upgrade), its manifest and report rewritten atomically.
+
+On the CPU, the INT8 variant's accuracy and speed gates replace those measured there
+before; on CUDA, every variant's gates there, by the build's rule (``cuda.gate_built``).
+A re-gate keeps the thresholds the bundle was last gated with (``recorded_gate_config``),
+warns about a looser one and names it in the report, refuses evaluation rows the
+calibration saw (``heldout.check_held_out``) and unlabelled rows for a bundle gated on
+labelled accuracy, and raises ``GateFailed`` (after rewriting) unless the bundle then passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from quantgate.bundle import (
+    Bundle,
+    GateResult,
+    Manifest,
+    Variant,
+    check_files,
+    check_writable_target,
+    load,
+    rewrite,
+)
+from quantgate.configs import require
+from quantgate.errors import BundleError, ConfigError, DataError
+from quantgate.fsutil import claimed
+from quantgate.progress import ProgressFn, no_progress
+from quantgate.quantize import cuda
+from quantgate.quantize import report as reports
+from quantgate.quantize.cuda import CPU, CUDA, CudaGating
+from quantgate.quantize.data import (
+    DataSource,
+    DataSpec,
+    ModelInfo,
+    check_not_calibration,
+    named,
+    open_source,
+    with_graph_tables,
+)
+from quantgate.quantize.decide import GateConfig
+from quantgate.quantize.fidelity import cosine_of_r2
+from quantgate.quantize.gates import (
+    accuracy_gates,
+    batch_consistency,
+    check_eval_rows,
+    check_evaluation,
+    collect,
+)
+from quantgate.quantize.heldout import Fingerprint, check_held_out
+from quantgate.quantize.labels import NO_LABEL
+from quantgate.quantize.search import QuantConfig
+from quantgate.quantize.speed import speed_gates
+from quantgate.quantize.verdict import POLICY, passed_bundle
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GATES = GateConfig()
+
+
+def regate(
+    bundle_path: str | Path,
+    evaluation: DataSpec | None = None,
+    gate_cfg: GateConfig | None = None,
+    *,
+    gate_file: str | Path | None = None,
+    overrides: Mapping[str, Any] = MappingProxyType({}),
+    provider: str | None = None,
+    on_progress: ProgressFn | None = None,
+    allow_unlabelled: bool = False,
+) -> Bundle:
+    """Re-run a bundle's gates on ``gate_cfg.provider`` on ``evaluation``; rewrite its
+    manifest and report atomically.
+
+    A bundle gated on labelled accuracy is refused unlabelled evaluation data (a DataError,
+    before anything is measured): the agreement gates that would stand in let far more rows
+    change, and a misnamed label key would turn a CI gate green. ``allow_unlabelled`` gates
+    it on agreement with FP32 knowingly.
+
+    On the CPU: the INT8 variant's accuracy and speed gates, which replace its gates measured
+    there; its gates on CUDA are kept. On CUDA: every variant's CUDA gates, by the build's rule
+    (``_regate_on_cuda``); the gates measured on the CPU are kept.
+
+    The settings: ``gate_cfg``, by default those the bundle was last gated with
+    (``recorded_gate_config``); then a ``gate_file``'s (TOML or JSON, as ``--gate-config``
+    reads it), then ``overrides`` (GateConfig fields; None leaves one as it is), then
+    ``provider``. A re-gate keeps the bundle's thresholds unless told otherwise, and a
+    loosened threshold is warned about and named in the report. In
+    report.md the re-gate comes first, and the sections it replaces are kept, marked
+    superseded (``report.regated``). Raises ``GateFailed`` (after rewriting) unless the
+    bundle then passes: every gate of every variant.
+
+    One process at a time reads, re-gates and rewrites a bundle (``fsutil.claimed``): a
+    second re-gate or an export to it meanwhile is refused (``Busy``).
+    """
+    if gate_cfg is not None:
+        require(gate_cfg, GateConfig, "gate_cfg")
+    # held from the read of the settings to the rewrite: another re-gate in between would
+    # have this one start from settings it then replaced
+    with claimed(bundle_path, "a re-gate"):
+        bundle = load(bundle_path, verify=False)  # the settings first: cheap, then the files
+        recorded = recorded_gate_config(bundle.manifest)
+        base = gate_cfg or recorded or DEFAULT_GATES
+        if gate_file is not None:
+            settings = GateConfig.from_file(gate_file, base, **overrides)
+        else:
+            settings = base.with_overrides(**overrides)
+        if provider is not None:
+            settings = settings.with_overrides(provider=provider)
+        check_files(bundle)  # every file's sha256
+        return _regate(bundle, evaluation, settings, recorded, on_progress, allow_unlabelled)
+
+
+def _regate(
+    bundle: Bundle,
+    evaluation: DataSpec | None,
+    gate_cfg: GateConfig,
+    recorded: GateConfig | None,
+    on_progress: ProgressFn | None,
+    allow_unlabelled: bool,
+) -> Bundle:
+    check_writable_target(bundle.path, force=False)  # read-only: refused before the measuring
+    m = bundle.manifest
+    on_cuda = gate_cfg.provider == CUDA
+    _require_variants(m, on_cuda)  # before minutes of reading and measuring
+    changed = _changed_settings(recorded, gate_cfg) if recorded else None
+    loosened = [text for text, looser in changed or () if looser]
+    if loosened:
+        log.warning(
+            "re-gating with looser settings than the bundle was last gated with: %s",
+            "; ".join(loosened),
+        )
+    info = with_graph_tables(ModelInfo.from_manifest(m, bundle.path), bundle.file("fp32"))
+    fingerprint = Fingerprint.from_record(m.calibration)
+    if fingerprint is None:  # a bundle from before its calibration rows were recorded
+        check_not_calibration(evaluation, m.calibration)
+    ev = open_source(evaluation, info, role="evaluation", samples=gate_cfg.eval_samples)
+    where = named("--eval", evaluation, ev)
+    calibrated_on = (
+        f"the data this bundle was calibrated on ({(m.calibration or {}).get('source')})"
+    )
+    ev = check_held_out(ev, fingerprint, where=where, calibrated_on=calibrated_on)
+    if not on_cuda:
+        _check_labels_kept(m, ev, where, allow=allow_unlabelled)
+    emit = on_progress or no_progress
+    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    said = (_measured_on(ev), _settings_said(changed))
+    record = {
+        "at": when,
+        "provider": gate_cfg.provider,
+        "evaluation": ev.record(),
+        "gate_config": dataclasses.asdict(gate_cfg),
+    }
+    if on_cuda:
+        variants, gated = _regate_on_cuda(bundle, ev, gate_cfg, emit)
+        manifest = _recorded(m, variants, record)
+        section = reports.cuda_regated(manifest, when, *said, gated, gate_cfg.confidence)
+    else:
+        check_eval_rows(ev, m.task, [o.name for o in m.outputs], gate_cfg.eval_samples, where=where)
+        variants, kept, new = _regate_int8(bundle, ev, gate_cfg, emit)
+        manifest = _recorded(m, variants, record)
+        section = reports.regate_section(manifest, when, gate_cfg, *said, kept=kept, new=new)
+    old = bundle.report.read_text() if bundle.report.is_file() else ""
+    report = reports.regated(old, section, manifest, when, provider=gate_cfg.provider)
+    rewrite(bundle, manifest, report)
+    return passed_bundle(bundle.path, verify=False)
+
+
+def _regate_int8(
+    bundle: Bundle, ev: DataSource, gate_cfg: GateConfig, emit: ProgressFn
+) -> tuple[tuple[Variant, ...], bool, list[str]]:
+    """The bundle's variants after its INT8 variant's accuracy and speed gates are measured
+    again on ``gate_cfg.provider``, replacing those measured there before; whether it keeps
+    gates measured on other providers (CUDA's, from the build); and the accuracy gates it
+    has now that it had not before."""
+    int8 = bundle.manifest.variant("int8")
+    measured = _int8_gates(bundle, ev, gate_cfg, emit)
+    kept = tuple(g for g in int8.gates if g.provider not in (None, gate_cfg.provider))
+    before = {g.name for g in int8.gates}
+    if new := [g.name for g in measured if not g.is_speed and g.name not in before]:
+        # A gate a newer quantgate measures (an embedding's per-token cosine): a failure
+        # there is new evidence on the same model, not a changed threshold, and is said so.
+        log.warning(
+            "the INT8 variant is now also gated on %s, which its last gating did not measure",
+            ", ".join(new),
+        )
+    return _with_int8_gates(bundle.manifest.variants, (*measured, *kept)), bool(kept), new
+
+
+def _check_labels_kept(m: Manifest, ev: DataSource, where: str, *, allow: bool) -> None:
+    """Refuse unlabelled ``ev`` for a bundle whose INT8 was gated on labelled accuracy,
+    unless ``allow``: then say, as a warning, which gates stand in."""
+    drop = next((g for g in m.variant("int8").gates if g.name.endswith("accuracy_drop")), None)
+    if ev.has_labels or drop is None:
+        return
+    tokens = drop.name.startswith("token")
+    agreement = "token_top1_agreement, token_kl" if tokens else "top1_agreement, kl"
+    if allow:
+        log.warning(
+            "%s has no labels: gating INT8 on agreement with FP32 (%s) in place of its "
+            "labelled accuracy gate, as --allow-unlabelled asks",
+            where, agreement,
+        )  # fmt: skip
+        return
+    how = (
+        f"token labels: a .npz array 'labels' of shape (rows, sequence), {NO_LABEL} where a "
+        "position has none; JSONL cannot carry them"
+        if tokens
+        else 'a "label" key on every JSONL line; a "labels" array in a .npz'
+    )
+    raise DataError(
+        f"{where} has no labels, but this bundle's INT8 was gated on labelled accuracy "
+        f"({drop.name} <= {drop.threshold:g} points). Without labels that gate would give "
+        f"way to agreement with FP32 ({agreement}), which lets far more change: a CI gate "
+        f"must not loosen because a label went missing. Label the rows ({how}), or pass "
+        "--allow-unlabelled to gate on agreement knowingly."
+    )
+
+
+def _require_variants(m: Manifest, on_cuda: bool) -> None:
+    """BundleError unless ``m`` has a variant to re-gate: INT8 on the CPU; on CUDA, FP16 or
+    INT8, and ConfigError unless CUDA is there to measure them."""
+    if not on_cuda:
+        m.variant("int8")  # says which variants it has, and why INT8 may be missing
+        return
+    if not any(v.precision in ("fp16", "int8") for v in m.variants):
+        m.variant("fp16")
+    if not cuda.available():
+        raise ConfigError(
+            f"the gate settings ask for a re-gate on {CUDA}, but this onnxruntime has no "
+            "working CUDA provider. Run it on a GPU host with the `gpu` extra installed "
+            f"(onnxruntime-gpu), or re-gate on the CPU (`--device cpu`; provider = {CPU!r} in "
+            "a --gate-config file)."
+        )
+
+
+def _regate_on_cuda(
+    bundle: Bundle, ev: DataSource, gate_cfg: GateConfig, emit: ProgressFn, *, provider: str = CUDA
+) -> tuple[tuple[Variant, ...], CudaGating]:
+    """The bundle's variants after its FP16 and INT8 are gated on ``provider`` again, as the
+    build gates them on a GPU host (``cuda.gate_built``): their gates measured there before are
+    replaced (``cuda.apply_gates``), FP16's new gates decide whether it ships, INT8's only
+    whether it runs on CUDA; gates measured on the CPU are kept. Also the new gates, and the
+    timings for the report (``cuda.gate_every_variant``). The thresholds: FP16's cosine is the one its
+    gates were built with; INT8's is ``gate_cfg.min_cosine``, as in the build."""
+    m = bundle.manifest
+    files = {
+        v.precision: bundle.file(v.precision) for v in m.variants if v.precision in ("fp16", "int8")
+    }
+    gated = cuda.gate_every_variant(
+        bundle.file("fp32"), files, m.inputs, m.max_seq_len or gate_cfg.seq_len, ev, emit,
+        fp16_min_cosine=_fp16_min_cosine(m), gate_cfg=gate_cfg, provider=provider,
+    )  # fmt: skip
+    variants = tuple(
+        cuda.apply_gates(v, gated.gates[v.precision], provider) if v.precision in gated.gates else v
+        for v in m.variants
+    )
+    return variants, gated
+
+
+def _fp16_min_cosine(m: Manifest) -> float:
+    """The cosine threshold the FP16 variant was gated with (``QuantConfig.fp16_min_cosine``
+    at its build, recorded in its gates), else today's default."""
+    cosines = [
+        g.threshold if g.name.startswith("cosine") else cosine_of_r2(g.threshold)
+        for v in m.variants
+        if v.precision == "fp16"
+        for g in v.gates
+        if g.name == "cosine" or g.name.startswith(("cosine:", "r2:"))
+    ]
+    return max(cosines, default=QuantConfig().fp16_min_cosine)
+
+
+def recorded_gate_config(m: Manifest) -> GateConfig | None:
+    """The gate policy (``POLICY``) ``m``'s bundle was last gated with, its newest re-gate's
+    else its build's, over the defaults (a setting added since keeps its default); None
+    where it recorded none (bundles from before the record)."""
+    records = [r.get("gate_config") for r in m.extra.get("regates", []) if isinstance(r, dict)]
+    records.insert(0, (m.extra.get("quantization") or {}).get("gate_config"))
+    latest = next((r for r in reversed(records) if isinstance(r, dict)), None)
+    if latest is None:
+        return None
+    try:
+        return DEFAULT_GATES.with_overrides(**{k: latest[k] for k in POLICY if k in latest})
+    except (ConfigError, TypeError) as e:
+        raise BundleError(
+            f"the gate settings {m.name!r}'s manifest records are not valid ({e}): its "
+            "manifest.json was edited or damaged. Fix that gate_config (the newest under "
+            "extra.regates, else extra.quantization), or export the model again"
+        ) from e
+
+
+# Thresholds and what makes them looser: a lower minimum, a higher maximum.
+_MINIMUMS = ("min_speedup", "min_cosine", "tail_cosine", "min_top1_agreement")
+_MAXIMUMS = ("max_accuracy_drop", "max_kl", "max_tail_share")
+
+
+def _changed_settings(before: GateConfig, after: GateConfig) -> list[tuple[str, bool]]:
+    """Each gate policy setting ``after`` changes, as ("name old -> new", looser): looser
+    where it lets more through: a lower minimum, a higher maximum, the point estimate for
+    the bound, a served batch size no longer timed."""
+    changed = []
+    for name in POLICY:
+        old, new = getattr(before, name), getattr(after, name)
+        if old == new:
+            continue
+        looser = (
+            (name in _MINIMUMS and new < old)
+            or (name in _MAXIMUMS and new > old)
+            or (name == "ci_rule" and new == "point")
+            or (name == "batch_sizes" and not set(old) <= set(new))
+        )
+        changed.append((f"{name} {old} -> {new}", looser))
+    return changed
+
+
+def _int8_gates(
+    bundle: Bundle, ev: DataSource, cfg: GateConfig, emit: ProgressFn
+) -> tuple[GateResult, ...]:
+    """The INT8 variant's accuracy and speed gates against FP32 on the rows of ``ev``,
+    measured on ``cfg.provider``."""
+    m = bundle.manifest
+    fp32, int8 = bundle.file("fp32"), bundle.file("int8")
+    emit("search", 0, 1, "evaluating FP32 and INT8")
+    reference = collect(fp32, ev, provider=cfg.provider, threads=cfg.threads)
+    check_evaluation(reference, m.task)
+    got = collect(int8, ev, provider=cfg.provider, threads=cfg.threads)
+    accuracy = accuracy_gates(reference, got, m.task, cfg)
+    consistency = batch_consistency(int8, ev, m.task, cfg) if m.variant("int8").dynamic else None
+    if consistency is not None:
+        accuracy.append(consistency)
+    sample = next(ev.batches()).feeds
+    max_seq = m.max_seq_len or cfg.seq_len
+    speed = speed_gates(fp32, int8, m.inputs, max_seq, cfg, sample=sample, on_progress=emit)
+    emit("search", 1, 1, "done")
+    return (*accuracy, *speed)
+
+
+def _with_int8_gates(variants: Sequence[Variant], gates: tuple[GateResult, ...]) -> tuple:
+    """``variants`` with the INT8 variant's gates (and so its verdict) replaced by ``gates``."""
+    return tuple(
+        dataclasses.replace(v, gates=gates) if v.precision == "int8" else v for v in variants
+    )
+
+
+def _recorded(m: Manifest, variants: Sequence[Variant], regate: dict[str, Any]) -> Manifest:
+    """``m`` with ``variants``, and ``regate`` (when, where, on what data, with what settings)
+    recorded with the bundle's new verdict in ``extra["regates"]``."""
+    now = dataclasses.replace(m, variants=tuple(variants))
+    regates = [*m.extra.get("regates", []), {**regate, "verdict": now.verdict}]
+    return dataclasses.replace(now, extra={**m.extra, "regates": regates})
+
+
+def _measured_on(ev: DataSource) -> str:
+    return f"with onnxruntime {_ort_version()} on {ev.description} (sha256 `{ev.sha256[:12]}`)"
+
+
+def _settings_said(changed: list[tuple[str, bool]] | None) -> str:
+    """The sentence of a re-gate's section on the gate settings ``changed`` since the last
+    gating (None: the bundle recorded none)."""
+    if changed is None:
+        return "The bundle recorded no gate settings to compare these with."
+    if not changed:
+        return "Gate settings: those of the last gating."
+    said = (text + (" (looser)" if looser else "") for text, looser in changed)
+    return f"Gate settings changed since the last gating: {'; '.join(said)}."
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+__all__ = ["recorded_gate_config", "regate"]
