@@ -14,7 +14,6 @@ import importlib
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -631,7 +630,9 @@ def gate(
         _print_gates(path)
         raise
     except ConfigError as e:
-        raise _named_by_flags(e, flags, gate_config) from e
+        if not e.problems:
+            raise
+        raise _named_by_flags(e.problems, flags, gate_config) from e
     _print_gates(bundle.path)
 
 
@@ -704,34 +705,32 @@ def _gate_config(file, flags: dict):
             return GateConfig.from_file(file, **overrides)
         return GateConfig().with_overrides(**overrides)
     except ConfigError as e:
-        raise _named_by_flags(e, flags, file) from e
+        if not e.problems:
+            raise
+        raise _named_by_flags(e.problems, flags, file) from e
 
 
-def _named_by_flags(e: Exception, flags: dict, file: Path | None):
-    """``e``, a ConfigError, with a flag's bad value named by the flag the user typed and the
-    --gate-config file's settings by the file (``_in_file``)."""
+def _named_by_flags(problems: tuple[tuple[str, str], ...], flags: dict, file: Path | None):
+    """GateConfig's ConfigError for ``problems`` (its fields' refused values) with each
+    value named by the flag the user typed, else by the --gate-config file that gave it, as
+    the file's other errors are."""
     from quantgate.errors import ConfigError
 
-    message = str(e)
-    for name, (flag, value) in flags.items():
-        if value is not None:
-            message = re.sub(rf"(?<![\w-]){name} (?=\S+: expected)", f"{flag} ", message)
-    return ConfigError(_in_file(message, file))
+    given = {name: flag for name, (flag, value) in flags.items() if value is not None}
 
+    def named(name: str, what: str) -> str:
+        if name in given:
+            return f"{given[name]} {what}"
+        return f"{name} {what}" if file is None else f"--gate-config {file}: {name} {what}"
 
-def _in_file(message: str, file: Path | None) -> str:
-    """GateConfig's "invalid gate config:" list with the settings the --gate-config file gave
-    named by it, as its other errors are (a flag's are named by the flag already)."""
-    head = "invalid gate config:\n"
-    if file is None or not message.startswith(head):
-        return message
-    problems = [line.removeprefix("  - ") for line in message[len(head) :].splitlines()]
-    named = [p if p.startswith("--") else f"--gate-config {file}: {p}" for p in problems]
-    if len(named) == 1:
-        return named[0]
-    if not any(p.startswith("--") for p in problems):  # all the file's: one line, as its others
-        return f"--gate-config {file}: " + "; ".join(problems)
-    return head + "\n".join(f"  - {p}" for p in named)
+    if file is not None and not given.keys() & {name for name, _ in problems}:
+        # all the file's: one line, as its other errors are
+        listed = "; ".join(f"{name} {what}" for name, what in problems)
+        return ConfigError(f"--gate-config {file}: {listed}", problems)
+    if file is not None and len(problems) == 1:  # the flag's
+        return ConfigError(named(*problems[0]), problems)
+    listed = "\n".join(f"  - {named(name, what)}" for name, what in problems)
+    return ConfigError(f"invalid gate config:\n{listed}", problems)
 
 
 def _bars(bar: Progress):

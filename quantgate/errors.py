@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Iterable
 from typing import TypeVar
 
 _Error = TypeVar("_Error", bound="QuantgateError")
@@ -42,7 +43,16 @@ class QuantgateError(Exception):
 
 
 class ConfigError(QuantgateError):
-    """An invalid configuration value (for example d_model not divisible by n_heads)."""
+    """An invalid configuration value (for example d_model not divisible by n_heads).
+
+    ``problems``: where a config refused values of its fields, (field, what is wrong with
+    its value) for each, which the message says as "field what" ("min_cosine 1.5: expected
+    -1..1" is ``("min_cosine", "1.5: expected -1..1")``), so that a caller that took the
+    value from elsewhere (a command-line flag, a file) can name it so; empty otherwise."""
+
+    def __init__(self, message: str, problems: Iterable[tuple[str, str]] = ()):
+        super().__init__(message)
+        self.problems = tuple(problems)
 
 
 class CheckpointError(QuantgateError):

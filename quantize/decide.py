@@ -66,11 +66,11 @@ class GateConfig:
         # "cpu" and "cuda" as --device spells them, for ONNX Runtime's provider names
         spelled = {"cpu": CPU, "cuda": CUDA}.get(str(self.provider).lower(), self.provider)
         object.__setattr__(self, "provider", spelled)
-        problems = []
+        problems: list[tuple[str, str]] = []  # (field, what is wrong with its value)
         if self.ci_rule not in ("point", "upper"):
-            problems.append(f"ci_rule {self.ci_rule!r}: expected 'point' or 'upper'")
+            problems.append(("ci_rule", f"{self.ci_rule!r}: expected 'point' or 'upper'"))
         if not 0 < self.confidence < 1:
-            problems.append(f"confidence {self.confidence}: expected 0 < c < 1")
+            problems.append(("confidence", f"{self.confidence}: expected 0 < c < 1"))
         # finite: the manifest records the thresholds as JSON, which has no infinity, and a
         # re-gate reads them back (`not >=`: NaN fails too, which no value would pass)
         for name, low in (
@@ -80,27 +80,28 @@ class GateConfig:
         ):
             value = getattr(self, name)
             if not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
-                problems.append(f"{name} {value}: expected a finite number {low}")
+                problems.append((name, f"{value}: expected a finite number {low}"))
         for name in ("min_cosine", "tail_cosine"):
             if not -1 <= getattr(self, name) <= 1:
-                problems.append(f"{name} {getattr(self, name)}: expected -1..1")
+                problems.append((name, f"{getattr(self, name)}: expected -1..1"))
         for name in ("min_top1_agreement", "max_tail_share"):
             if not 0 <= getattr(self, name) <= 1:
-                problems.append(f"{name} {getattr(self, name)}: expected 0..1")
+                problems.append((name, f"{getattr(self, name)}: expected 0..1"))
         if not self.batch_sizes or min(self.batch_sizes) < 1 or self.seq_len < 1:
             problems.append(
-                f"batch_sizes {self.batch_sizes} / seq_len {self.seq_len}: expected >= 1"
+                ("batch_sizes", f"{self.batch_sizes} / seq_len {self.seq_len}: expected >= 1")
             )
         if self.iterations < 3:
-            problems.append(f"iterations {self.iterations}: expected >= 3")
+            problems.append(("iterations", f"{self.iterations}: expected >= 3"))
         if self.warmup < 0:
-            problems.append(f"warmup {self.warmup}: expected >= 0")
+            problems.append(("warmup", f"{self.warmup}: expected >= 0"))
         if self.bootstrap < 100:
-            problems.append(f"bootstrap {self.bootstrap}: expected >= 100")
+            problems.append(("bootstrap", f"{self.bootstrap}: expected >= 100"))
         if self.eval_samples is not None and self.eval_samples < 1:
-            problems.append(f"eval_samples {self.eval_samples}: expected >= 1 (or unset: all)")
+            problems.append(("eval_samples", f"{self.eval_samples}: expected >= 1 (or unset: all)"))
         if problems:
-            raise ConfigError("invalid gate config:\n" + "\n".join(f"  - {p}" for p in problems))
+            listed = "\n".join(f"  - {name} {what}" for name, what in problems)
+            raise ConfigError("invalid gate config:\n" + listed, problems)
 
     @classmethod
     def from_file(

@@ -389,6 +389,29 @@ def test_a_gate_config_files_bad_value_is_named_by_the_file(cli, tmp_path):
         and f"- --gate-config {gates}: ci_rule 'upr': expected 'point' or 'upper'" in lines
     )
     assert "- --min-speedup -1.0: expected a finite number > 0" in lines, r.stderr
+    gates.write_text('{"ci_rule": "upr", "iterations": 2}')  # the file's alone: one line
+    r = cli("gate", tmp_path / "b", "--gate-config", gates)
+    assert r.code == 2 and (
+        f"error: --gate-config {gates}: ci_rule 'upr': expected 'point' or 'upper'; "
+        "iterations 2: expected >= 3"
+    ) in " ".join(r.stderr.split()), r.stderr
+
+
+def test_a_gate_config_error_lists_each_refused_field():
+    """ConfigError.problems: (field, what is wrong), which the CLI names by flag or file."""
+    from quantgate.errors import ConfigError
+    from quantgate.quantize.decide import GateConfig
+
+    with pytest.raises(ConfigError) as e:
+        GateConfig(min_top1_agreement=1.5, iterations=2)
+    assert e.value.problems == (
+        ("min_top1_agreement", "1.5: expected 0..1"),
+        ("iterations", "2: expected >= 3"),
+    )
+    assert str(e.value) == (
+        "invalid gate config:\n  - min_top1_agreement 1.5: expected 0..1\n"
+        "  - iterations 2: expected >= 3"
+    )
 
 
 def test_inspect_refusing_a_changed_file_says_how_to_read_the_manifest_anyway(cli, tmp_path):
