@@ -37,16 +37,25 @@ def mask_fits(x: np.ndarray, mask: np.ndarray | None) -> bool:
     return mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape
 
 
+# A row whose norm is below this share of the typical (median) row's norm has no direction
+# worth a cosine: float error alone turns it any way.
+NEGLIGIBLE_NORM = 1e-6
+
+
 def row_cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Cosine of each row of x with the same row of y; 1 where both rows are zero, -1 where
-    either is not finite."""
+    """Cosine of each row of FP32's ``x`` with the same row of the candidate's ``y``; -1
+    where either is not finite. A row that is zero, or negligible, in both (below
+    ``NEGLIGIBLE_NORM`` of FP32's median row norm) agrees: 1. One negligible in FP32 alone,
+    where the candidate's is not, has no direction to agree with: -1."""
     x, y = x.astype(np.float64), y.astype(np.float64)
     nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
     dot = (x * y).sum(axis=1)
-    both_zero = (nx == 0) & (ny == 0)
+    sized = nx[np.isfinite(nx) & (nx > 0)]
+    tiny = NEGLIGIBLE_NORM * float(np.median(sized)) if len(sized) else 0.0
+    negligible = (nx <= tiny) & (ny <= tiny)
     with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where(both_zero, 1.0, dot / (nx * ny))
-    return np.nan_to_num(cos, nan=-1.0)
+        cos = np.where(negligible, 1.0, dot / (nx * ny))
+    return np.nan_to_num(cos, nan=-1.0, posinf=-1.0, neginf=-1.0)
 
 
 @dataclass(frozen=True)
@@ -191,8 +200,9 @@ def r2_gate(
     against FP32's ``x`` over the rows, at least 1 - 2 (1 - ``min_cosine``): the squared
     error relative to FP32's spread that a cosine of ``min_cosine`` allows relative to a
     vector's length (0.98 for 0.99), and stricter, as the spread leaves out the mean. Its
-    interval is a bootstrap over the rows; none where more than a tenth of the resamples
-    hold one value only (R² undefined), as a few rows or a two-valued output can."""
+    interval is a bootstrap over the rows; none where the resamples that hold one value only
+    (R² undefined: the worst) reach its lower tail, as a few rows or a two-valued output
+    can."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     threshold = r2_threshold(min_cosine)
     nonfinite = int((~np.isfinite(y)).sum())
@@ -206,8 +216,13 @@ def r2_gate(
                 for rows in resamples(len(x), count=cfg.bootstrap, seed=cfg.seed)
             ]
         )
-        if np.isfinite(stats).mean() >= 0.9:
-            ci = percentile_interval(stats[np.isfinite(stats)], cfg.confidence)
+        # an undefined resample counts as the worst R²; where they reach the lower tail, the
+        # interval's lower end is undefined too (dropping them narrowed it)
+        if (~np.isfinite(stats)).mean() < (1 - cfg.confidence) / 2:
+            lo, hi = percentile_interval(
+                np.where(np.isfinite(stats), stats, -np.inf), cfg.confidence
+            )
+            ci = (lo, hi) if math.isfinite(lo) else None  # -inf, or NaN from interpolating it
     constant = " (FP32's value is the same on every row)" if len(x) and np.ptp(x) == 0 else ""
     spread = float(np.std(x)) if len(x) else 0.0
     size = float(np.mean(np.abs(x))) if len(x) else 0.0

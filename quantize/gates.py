@@ -53,7 +53,7 @@ from quantgate.errors import DataError, QuantizeError
 from quantgate.padding import right_pad
 from quantgate.quantize.data import EMBEDDING_TASKS, TOKEN_TASKS, DataSource
 from quantgate.quantize.decide import GateConfig, decide, interval_gate, mean_gate, tail_gate
-from quantgate.quantize.fidelity import Fidelity, mask_fits, r2_gate
+from quantgate.quantize.fidelity import Fidelity, mask_fits, r2_gate, row_cosine
 from quantgate.quantize.labels import NO_LABEL, one_based_hint
 from quantgate.quantize.stats import (
     DESIGN_ROWS,
@@ -617,8 +617,9 @@ def _nearest(x: np.ndarray) -> np.ndarray:
 
 
 def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
-    x, y = _normalize(_pooled(ref, output)), _normalize(_pooled(cand, output))
-    cos = (x * y).sum(1)  # (N,)
+    px, py = _pooled(ref, output), _pooled(cand, output)
+    cos = row_cosine(px, py)  # (N,)
+    x, y = _normalize(px), _normalize(py)
     # Each row's nearest neighbour is searched among all N rows, once; the interval is over
     # these per-row agreements. Searching again inside a resample would not do: a row drawn
     # twice would find its own copy nearest, under both models, and agree by construction;
@@ -640,7 +641,7 @@ def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfi
         mean_gate("cosine", cos, cfg.min_cosine, ">=", cfg,
                    detail + f"; mean cosine per row (worst row {cos.min():.5f}, "
                    f"best {cos.max():.5f})",
-                   valid=bool(np.isfinite(cos).all())),
+                   valid=bool(np.isfinite(px).all() and np.isfinite(py).all())),
         tail_gate("cosine_tail", cos, cfg, detail),
         mean_gate("nn_top1_agreement", nn_agree, cfg.min_top1_agreement, ">=", cfg,
                    detail + f"; each row's nearest other row by cosine{among}, FP32 vs "
@@ -718,12 +719,12 @@ def batch_consistency(
             "batch_top1_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail,
             valid=not _broken(x, y).any(),
         )  # fmt: skip
-    x, y = _normalize(_pooled(together, judged)), _normalize(_pooled(alone, judged))
-    cos = (x * y).sum(1)
+    x, y = _pooled(together, judged), _pooled(alone, judged)
+    cos = row_cosine(x, y)
     return mean_gate(
         "batch_cosine", cos, cfg.min_cosine, ">=", cfg,
         detail + f"; mean cosine per row (worst row {cos.min():.5f})",
-        valid=bool(np.isfinite(cos).all()),
+        valid=bool(np.isfinite(x).all() and np.isfinite(y).all()),
     )  # fmt: skip
 
 

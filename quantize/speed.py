@@ -26,7 +26,7 @@ import numpy as np
 from quantgate.bundle import GateResult, TensorSpec, speed_gate_name
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.decide import GateConfig, decide
-from quantgate.quantize.stats import median_interval
+from quantgate.quantize.stats import median_coverage, median_interval
 from quantgate.sessions import session
 
 MIN_SAMPLE_S = 0.03  # shortest timed sample; faster runs are repeated within one
@@ -213,7 +213,8 @@ def speed_gates(
                     f"candidate {np.median(ms['candidate']):.2f} ms "
                     f"at batch {batch} x sequence {seq}; median of {len(ratios)} interleaved "
                     f"pair ratios after {warmup} warm-up run{'s' if warmup > 1 else ''} each, "
-                    f"with its {cfg.confidence:.0%} order-statistic interval"
+                    f"with its order-statistic interval (it holds the median "
+                    f"{median_coverage(len(ratios), cfg.confidence):.1%} of the time)"
                     + (f", {reps} runs per sample" if reps > 1 else "")
                     + f"; timed with {conditions.describe()}"
                     + rule

@@ -17,7 +17,7 @@ from quantgate.errors import ConfigError, DataError  # noqa: E402
 from quantgate.quantize import fp16  # noqa: E402
 from quantgate.quantize.data import ModelInfo, open_source  # noqa: E402
 from quantgate.quantize.decide import GateConfig, uncertain  # noqa: E402
-from quantgate.quantize.fidelity import Fidelity  # noqa: E402
+from quantgate.quantize.fidelity import Fidelity, r2_gate, row_cosine  # noqa: E402
 from quantgate.quantize.gates import (  # noqa: E402
     Outputs,
     accuracy_gates,
@@ -282,6 +282,24 @@ def test_embedding_fidelity_cosine_and_nearest_neighbours():
     )
     bad = {g.name: g for g in accuracy_gates(ref, shuffled, "feature-extraction", GateConfig())}
     assert not bad["cosine"].passed and not bad["nn_top1_agreement"].passed
+
+
+def test_a_row_zero_in_fp32_and_the_candidate_agrees_in_every_cosine_gate():
+    """A pooled vector of 0s under both models (identical outputs) scored a cosine of 0 in
+    the embedding gates (1 in the per-output ones); one that is 0 in FP32 and 1e-7 in the
+    candidate scored -1. Both are agreement now; a real vector against FP32's 0 is not."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 16)).astype(np.float32)
+    x[7] = 0
+    ref = Outputs(["sentence_embedding"], [{"sentence_embedding": x}], [None], rows=40)
+    gates = {g.name: g for g in accuracy_gates(ref, ref, "feature-extraction", GateConfig())}
+    assert gates["cosine"].value == 1 and all(g.passed for g in gates.values()), gates
+    y = x.copy()
+    y[7] = 1e-7
+    cos = row_cosine(x, y)
+    assert cos[7] == 1 and (cos > 0.9999).all()
+    y[7] = x[0]
+    assert row_cosine(x, y)[7] == -1  # FP32 has no direction here; the candidate has one
 
 
 H = 16  # the tiny embedder's hidden size
@@ -992,3 +1010,16 @@ def test_a_runtime_failure_is_not_read_as_bad_data(tmp_path):
         collect(model(TensorProto.FLOAT, tmp_path / "f.onnx"), data)
     with pytest.raises(DataError, match=r"i\.onnx failed on a batch of .*INVALID_ARGUMENT"):
         collect(model(TensorProto.INT64, tmp_path / "i.onnx"), data)
+
+
+def test_r_squared_has_no_interval_where_undefined_resamples_reach_its_tail():
+    """Three rows of 40 hold a value, the rest 0: 4.4% of resamples draw none of them, where
+    FP32 is constant and R² undefined. They were dropped and the rest gave a lower bound
+    near 1; counted as the worst, the lower end is undefined, so there is no interval."""
+    x = np.zeros(40)
+    x[:3] = 1.0
+    y = x + np.random.default_rng(0).normal(scale=1e-4, size=40)
+    gate = r2_gate("r2", x, y, 0.99, GateConfig(), "a two-valued score")
+    assert gate.value > 0.99 and gate.ci is None
+    many = np.arange(40.0)
+    assert r2_gate("r2", many, many + 0.01, 0.99, GateConfig(), "a score").ci is not None
