@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Iterator
 from enum import Enum
 from inspect import cleandoc
@@ -39,6 +37,7 @@ from quantgate import __version__, fsutil, signals
 from quantgate.errors import GateFailed, QuantgateError, exit_code
 from quantgate.export.config import ExportConfig, Exporter
 from quantgate.serve.config import DEVICES, PRECISIONS, ServeConfig
+from quantgate.serve.logs import LogFormat, server_log
 
 app = typer.Typer(
     name="quantgate",
@@ -137,21 +136,12 @@ def _root(
     ] = False,
 ) -> None:
     ctx.obj = {"verbose": verbose}
-    if ctx.invoked_subcommand != "serve":  # the server sets up its own log (_server_log)
+    if ctx.invoked_subcommand != "serve":  # the server sets up its own log (serve.logs)
         logging.basicConfig(
             level=logging.INFO if verbose else logging.WARNING,
             format="%(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )
-
-
-class _UTC(logging.Formatter):
-    converter = time.gmtime
-
-
-class LogFormat(str, Enum):
-    TEXT = "text"
-    JSON = "json"
 
 
 class GateDevice(str, Enum):
@@ -162,68 +152,6 @@ class GateDevice(str, Enum):
 # serve's choices, as ServeConfig names them (an Enum: --help lists them)
 ServeDevice = Enum("ServeDevice", {d.upper(): d for d in DEVICES}, type=str)
 Precision = Enum("Precision", {p.upper(): p for p in PRECISIONS}, type=str)
-
-
-# What every LogRecord has; anything else on a record came from `extra=` (the access log's).
-_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-
-
-class _JSONLines(logging.Formatter):
-    """One JSON object per line: ts (UTC, ISO-8601, milliseconds), level, logger, message,
-    then the record's own fields (``extra=``: the access log's method, model, code, ...),
-    and ``exc`` with the traceback of a logged exception."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = {
-            "ts": f"{ts}.{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            # a message that is its record's fields (the access log's) says them once, as keys
-            "message": msg.brief() if hasattr(msg := record.msg, "brief") else record.getMessage(),
-        }
-        for key, value in vars(record).items():
-            if key not in _RECORD_FIELDS:
-                line.setdefault(key, value)
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
-        if record.stack_info:
-            line["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(line, default=str)  # ASCII: valid on a stream of any encoding
-
-
-@contextlib.contextmanager
-def _server_log(verbose: bool, log_format: LogFormat = LogFormat.TEXT) -> Iterator[None]:
-    """While the server runs: a log read later beside other services', so every line says
-    when (UTC), and what the server does (start, warm-up, settings, drain) without -v.
-    Text lines, or JSON objects for a log pipeline (_JSONLines), where the error that ends
-    the server is a JSON line too. Undone on exit, for a process that goes on (a test, a
-    program that embeds the CLI)."""
-    root, served = logging.getLogger(), logging.getLogger("quantgate.serve")
-    levels = root.level, served.level
-    handler = logging.StreamHandler(sys.stderr)
-    if log_format == LogFormat.JSON:
-        handler.setFormatter(_JSONLines())
-    else:
-        handler.setFormatter(
-            _UTC(
-                "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s",
-                "%Y-%m-%dT%H:%M:%S",
-            )
-        )
-    root.addHandler(handler)
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
-    served.setLevel(logging.DEBUG if verbose else logging.INFO)  # -v: each batch, too
-    try:
-        yield
-    except QuantgateError as e:
-        if log_format == LogFormat.JSON:  # main() prints it as text for a person, too
-            served.error("%s", e, extra={"exit_code": exit_code(e)})
-        raise
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(levels[0])
-        served.setLevel(levels[1])
 
 
 @command()
@@ -1095,7 +1023,7 @@ def serve(
 
     verbose = (ctx.obj or {}).get("verbose", False)
     if check:
-        with _server_log(verbose, log_format):
+        with server_log(verbose, log_format):
             repository = verify(cfg)
         for m in repository:
             out.print(f"would serve {m.describe()}", highlight=False, soft_wrap=True)
@@ -1113,7 +1041,7 @@ def serve(
             )
         out.print(f"listening on {cfg.address(bound)}", highlight=False, soft_wrap=True)
 
-    with _server_log(verbose, log_format):
+    with server_log(verbose, log_format):
         run(cfg, on_ready=ready)
 
 

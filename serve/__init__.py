@@ -11,6 +11,7 @@
     tls.py         TLS files checked before models load (pair, dates), read again on change
     auth.py        bearer tokens, from the flag or a file read again on change
     metrics.py     Prometheus metrics, Triton statistics, the HTTP probes
+    logs.py        the server's log on stderr: UTC text lines, or JSON lines
     client.py      a numpy-in, numpy-out client over our own stubs
 
 Importing this package imports nothing heavy; never torch or quantgate.model.

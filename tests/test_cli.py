@@ -327,27 +327,6 @@ def test_gate_on_cuda_without_cuda_exits_2_before_measuring(cli, tmp_path, monke
     assert (tmp_path / "b" / "manifest.json").read_text() == before
 
 
-def test_the_servers_log_setup_is_undone_when_it_returns(capsys):
-    """`serve` logs with UTC timestamps, its own steps without -v; a process that goes on
-    (this one) gets its levels and handlers back, and no other formatter is touched."""
-    import logging
-    import re
-
-    from quantgate.cli import _server_log
-
-    root, served = logging.getLogger(), logging.getLogger("quantgate.serve")
-    before = (root.level, served.level, list(root.handlers))
-    formatters = [(h, h.formatter and h.formatter.converter) for h in root.handlers]
-    with _server_log(verbose=False):
-        logging.getLogger("quantgate.serve.server").info("serving on here")
-        logging.getLogger("quantgate.quantize").info("not a server step: not without -v")
-    err = capsys.readouterr().err
-    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO quantgate\.serve\.server: serving on here"
-    assert re.search(stamp, err) and "not a server step" not in err, err
-    assert (root.level, served.level, list(root.handlers)) == before
-    assert [(h, h.formatter and h.formatter.converter) for h in root.handlers] == formatters
-
-
 def test_a_recipe_that_is_not_this_cpus_is_refused_before_the_export(
     cli, tmp_path, tiny_checkpoint
 ):

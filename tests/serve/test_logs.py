@@ -17,7 +17,7 @@ from conftest import ServerProcess
 from helpers import batch, inputs, until
 from tritonclient.utils import InferenceServerException
 
-from quantgate.cli import LogFormat, _server_log
+from quantgate.serve.logs import LogFormat, server_log
 
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -33,10 +33,26 @@ def _json_lines(text: str) -> list[dict]:
     return lines
 
 
+def test_the_servers_log_setup_is_undone_when_it_returns(capsys):
+    """`serve` logs with UTC timestamps, its own steps without -v; a process that goes on
+    (this one) gets its levels and handlers back, and no other formatter is touched."""
+    root, served = logging.getLogger(), logging.getLogger("quantgate.serve")
+    before = (root.level, served.level, list(root.handlers))
+    formatters = [(h, h.formatter and h.formatter.converter) for h in root.handlers]
+    with server_log(verbose=False):
+        logging.getLogger("quantgate.serve.server").info("serving on here")
+        logging.getLogger("quantgate.quantize").info("not a server step: not without -v")
+    err = capsys.readouterr().err
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO quantgate\.serve\.server: serving on here"
+    assert re.search(stamp, err) and "not a server step" not in err, err
+    assert (root.level, served.level, list(root.handlers)) == before
+    assert [(h, h.formatter and h.formatter.converter) for h in root.handlers] == formatters
+
+
 def test_json_lines_have_ts_level_logger_message_and_the_records_fields(capsys):
     root = logging.getLogger()
     before = (root.level, list(root.handlers))
-    with _server_log(verbose=False, log_format=LogFormat.JSON):
+    with server_log(verbose=False, log_format=LogFormat.JSON):
         log = logging.getLogger("quantgate.serve.server")
         log.info("serving on %s", "here:1", extra={"model": "m", "rows": 3, "peer": None})
         try:
