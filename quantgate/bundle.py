@@ -721,15 +721,18 @@ def _file_problem(root: Path, what: str, name: str, sha256: str) -> str | None:
 
 
 @contextlib.contextmanager
-def staging(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+def staging(
+    out: str | os.PathLike, *, force: bool = False, carries_others: bool = False
+) -> Iterator[Path]:
     """Stage a new bundle for ``out``; on clean exit it replaces ``out`` atomically.
 
     Yields a temporary sibling directory to write files into. If the block raises, the
     temporary directory is removed and whatever was at ``out`` is untouched. ``out`` may be
     missing, empty, or an existing bundle; any other existing directory is refused unless
-    ``force``. A failure to write (a full disk, a permission) is a ``BundleError``.
+    ``force``, and so is a bundle holding files it does not list, unless the new one
+    ``carries_others``. A failure to write (a full disk, a permission) is a ``BundleError``.
     """
-    check_writable_target(Path(out).absolute(), force=force)
+    check_writable_target(Path(out).absolute(), force=force, carries_others=carries_others)
     try:
         with atomic_dir(out) as tmp:
             yield tmp
@@ -763,13 +766,23 @@ def _write_failure(out: Path, e: OSError) -> str:
     )
 
 
-def check_writable_target(out: Path, *, force: bool, inputs=()) -> None:
+def check_writable_target(out: Path, *, force: bool, inputs=(), carries_others=False) -> None:
     """Refuse a path the bundle cannot be written to, one that is or holds the job's
-    ``inputs`` ((what, path) pairs), and to overwrite something that is not a bundle unless
-    forced. Call before heavy work."""
-    problem = target_problem(out, force=force, is_ours=is_bundle, noun="bundle", inputs=inputs)
+    ``inputs`` ((what, path) pairs), and to overwrite something that is not a bundle, or a
+    bundle with files of someone else's in it (unless the new bundle ``carries_others``, as
+    a re-gate does), unless forced. Call before heavy work."""
+    problem = target_problem(
+        out, force=force, is_ours=_quantgate_bundle, noun="bundle", inputs=inputs
+    )
     if problem:
         raise BundleError(problem)
+    if not force and not carries_others and (others := _not_the_bundles(out)):
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise BundleError(
+            f"--out {out} holds files that are not the bundle's ({shown}); the new bundle "
+            "replaces the directory as a whole, so they would be lost. Move them out, or pass "
+            "--force to replace the directory with them."
+        )
     model = dict(inputs).get("model")
     if not force and model is not None and is_bundle(out):
         recorded, given = _recorded_model(out), model_identity(model)
@@ -796,6 +809,43 @@ def model_identity(spec: Any) -> str:
     return text
 
 
+def _quantgate_manifest(path: Path) -> dict[str, Any] | None:
+    """``path``'s manifest.json where it is a bundle's (it parses, with a format version and
+    a list of variants), else None: a web app's or a dataset's manifest.json is no bundle's."""
+    try:
+        d = _read_json(path / MANIFEST)
+    except BundleError:
+        return None
+    ours = isinstance(d, dict) and _is_int(d.get("format_version"))
+    return d if ours and isinstance(d.get("variants"), list) else None
+
+
+def _quantgate_bundle(path: Path) -> bool:
+    """Whether export may replace the directory ``path`` without --force: a bundle, by a
+    manifest.json quantgate wrote."""
+    return _quantgate_manifest(path) is not None
+
+
+def _not_the_bundles(path: Path) -> list[str]:
+    """The files and folders in bundle ``path`` that its manifest does not list (sorted;
+    a folder once, with a slash); [] where ``path`` is no bundle."""
+    d = _quantgate_manifest(path)
+    if d is None:
+        return []
+    listed = {MANIFEST, REPORT, *d.get("files", {})}
+    listed |= {v["file"] for v in d.get("variants", ()) if isinstance(v, dict) and "file" in v}
+    folders = {str(p) for f in listed for p in Path(f).parents if str(p) != "."}
+    others = []
+    for root, dirs, files in os.walk(path):
+        rel = Path(root).relative_to(path)
+        for name in sorted(dirs):
+            if str(rel / name) not in folders:
+                others.append(f"{rel / name}/")
+        dirs[:] = [d for d in dirs if str(rel / d) in folders]
+        others += [str(rel / f) for f in files if str(rel / f) not in listed]
+    return sorted(others)
+
+
 def _recorded_model(bundle: Path) -> str | None:
     """The identity (``model_identity``) of the model a bundle was exported from, as its
     manifest records it; None where it records none (bundles before it) or is unreadable."""
@@ -813,7 +863,7 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
 def rewrite(bundle: Bundle, manifest: Manifest, report: str) -> None:
     """Replace ``bundle``'s manifest and report.md atomically (``staging``), its other files
     hard-linked into the new copy (copied where the filesystem cannot link)."""
-    with staging(bundle.path) as tmp:
+    with staging(bundle.path, carries_others=True) as tmp:
         _link_all(bundle.path, tmp, skip={MANIFEST, REPORT})
         write_manifest(tmp, manifest)
         (tmp / REPORT).write_text(report)

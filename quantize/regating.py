@@ -126,7 +126,8 @@ def _regate(
     on_progress: ProgressFn | None,
     allow_unlabelled: bool,
 ) -> Bundle:
-    check_writable_target(bundle.path, force=False)  # read-only: refused before the measuring
+    # read-only: refused before the measuring (a re-gate keeps the files it does not list)
+    check_writable_target(bundle.path, force=False, carries_others=True)
     m = bundle.manifest
     on_cuda = gate_cfg.provider == CUDA
     _require_variants(m, on_cuda)  # before minutes of reading and measuring

@@ -102,6 +102,36 @@ def test_existing_non_bundle_directory_is_refused_unless_forced(tmp_path):
     assert not (out / "notes.txt").exists()
 
 
+def test_a_folder_with_a_manifest_json_of_its_own_is_no_bundle_to_replace(tmp_path):
+    """A web app's public/ folder has a manifest.json too: it was replaced, files and all,
+    without --force."""
+    out = tmp_path / "webapp"
+    (out / "src").mkdir(parents=True)
+    (out / qb.MANIFEST).write_text('{"name": "my-pwa", "icons": []}')
+    (out / "src" / "app.js").write_text("code")
+    with pytest.raises(BundleError, match="not a bundle; refusing"):
+        write(out)
+    assert (out / "src" / "app.js").read_text() == "code"
+
+
+def test_files_added_to_a_bundle_are_not_lost_to_a_new_one_unless_forced(tmp_path):
+    """A re-export replaces the bundle's directory as a whole: a person's NOTES.md in it was
+    deleted without a word. A re-gate (rewrite) carries them over, as before."""
+    b = write(tmp_path / "b")
+    (b.path / "NOTES.md").write_text("why this model")
+    (b.path / "plots").mkdir()
+    (b.path / "plots" / "a.png").write_bytes(b"png")
+    with pytest.raises(
+        BundleError, match=r"holds files that are not the bundle's \(NOTES.md, plots/\)"
+    ):
+        write(b.path)
+    assert (b.path / "NOTES.md").exists()
+    qb.rewrite(b, b.manifest, "report")
+    assert (b.path / "NOTES.md").read_text() == "why this model"
+    write(b.path, force=True)
+    assert not (b.path / "NOTES.md").exists() and qb.load(b.path).manifest.verdict == "pass"
+
+
 def test_corrupt_manifest_is_a_clear_error(tmp_path):
     b = write(tmp_path / "b")
     (b.path / qb.MANIFEST).write_text("{")
