@@ -1157,7 +1157,13 @@ def infer(
         Unauthenticated,
         Unavailable,
     )
-    from quantgate.serve.client import Client, ClientTLS, ConnectionFailed
+    from quantgate.serve.client import (
+        Client,
+        ClientTLS,
+        ConnectionFailed,
+        InputRefused,
+        request_inputs,
+    )
 
     if not inputs and not texts:
         raise ConfigError(
@@ -1200,30 +1206,31 @@ def infer(
             tls_flags = [flag for flag, value in given.items() if value]
             raise Unavailable(_cannot_connect(e, tls_flags, tls_ca)) from e
         spec = {t.name: t for t in metadata.inputs}
-        tok, feeds, tagger = None, {}, False
+        tok, values, tagger = None, {}, False
         if texts:
             from quantgate.quantize.data import TOKEN_TASKS, ModelInfo
             from quantgate.quantize.text import tokenize, tokenizer_of
 
             info = ModelInfo.from_manifest(bundle.manifest, bundle.path)
             tok = tokenizer_of(info)  # the bundle's: it reads --text, and a tagger's tags back
-            feeds = tokenize(texts, info, tok)
+            values = tokenize(texts, info, tok)
             tagger = info.task in TOKEN_TASKS
+        typed = {}  # each --input's JSON, by input name
         for item in inputs or ():
             name, sep, value = item.partition("=")
             if not sep or name not in spec:
                 raise BadRequest(
                     f"--input {item!r}: expected NAME=JSON with NAME one of {sorted(spec)}"
                 )
-            if name in feeds:
+            if name in values:
                 by = "--text gives it" if texts else "it is given twice"
                 raise BadRequest(f"--input {name}: {by}; give each input once")
-            feeds[name] = _input_array(name, value, spec[name].datatype, len(spec[name].shape))
-        if "input_ids" in feeds:  # what a tokenizer adds: every token attended, one segment
-            for name, fill in (("attention_mask", np.ones_like), ("token_type_ids", np.zeros_like)):
-                if name in spec and name not in feeds:
-                    dtype = _numpy_dtype(name, spec[name].datatype)
-                    feeds[name] = fill(feeds["input_ids"], dtype=dtype)
+            typed[name] = value
+            values[name] = _json_input(name, value)
+        try:
+            feeds = request_inputs(metadata, values)
+        except InputRefused as e:
+            raise BadRequest(_refused(e, typed, spec)) from e
         wanted = tuple(outputs or ())
         if classes and not wanted:
             wanted = tuple(t.name for t in metadata.outputs)
@@ -1326,51 +1333,36 @@ def _print_tags(texts: list[str], feeds: dict, logits, names: tuple[str, ...], t
             out.print(f"    {token:<16} {label:<12} {row[top]:.3f}", **plain)
 
 
-def _numpy_dtype(name: str, datatype: str):
-    """The numpy dtype of input ``name``'s KServe ``datatype`` (BYTES has none)."""
-    from quantgate.errors import BadRequest
-    from quantgate.serve.dtypes import NUMPY
-
-    if datatype not in NUMPY:
-        raise BadRequest(f"input {name!r} is {datatype}, which `quantgate infer` cannot send")
-    return NUMPY[datatype]
-
-
-def _input_array(name: str, text: str, datatype: str, rank: int):
-    """One --input value: a JSON array of the input's ``rank`` whose numbers fit its
-    ``datatype`` exactly (never rounded, never wrapped)."""
+def _json_input(name: str, text: str):
+    """One --input's JSON value (the client's ``request_inputs`` makes it an array)."""
     import json
 
-    import numpy as np
-
     from quantgate.errors import BadRequest
-    from quantgate.serve.dtypes import cast_exact
 
-    _numpy_dtype(name, datatype)  # BYTES and other types infer cannot send: refused first
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except ValueError as e:
         raise BadRequest(f"--input {name}: not JSON ({e}); expected e.g. [[5, 7, 9]]") from e
-    try:
-        array = np.asarray(value)
-    except ValueError as e:
-        raise BadRequest(
-            f"--input {name}: its rows differ in length; the rows of a batch have one "
-            "length (pad short rows with 0, and 0 in attention_mask)"
-        ) from e
-    if array.dtype.kind not in "biuf":  # strings, nulls, integers beyond 64 bits
-        raise BadRequest(f"--input {name}: expected numbers that fit {datatype}, got {text}")
-    if array.ndim == rank - 1 and rank > 1:  # one row without its batch: say how to wrap it
+
+
+def _refused(e, typed: dict[str, str], spec: dict) -> str:
+    """The client's InputRefused ``e`` said of --input's flag (``typed``: each input's JSON
+    as given), with how to wrap one row as a batch of one."""
+    if e.cause == "unknown":  # --input's names are checked: one --text's tokenizer gives
+        return f"--text: {e}"
+    datatype = spec[e.name].datatype
+    if e.cause == "datatype":  # a BYTES input, given or to fill in
+        return f"input {e.name!r} is {datatype}, which `quantgate infer` cannot send"
+    text = typed.get(e.name)
+    if e.cause == "not_numbers" and text is not None:
+        return f"--input {e.name}: expected numbers that fit {datatype}, got {text}"
+    if e.cause == "rank" and text is not None:
         wrapped = f"[{text.strip()}]"
-        raise BadRequest(
-            f"--input {name}: expected {rank} dimensions, the first the batch, got "
-            f"{array.ndim}; send one row as a batch of one: "
-            f"-i '{name}={wrapped if len(wrapped) <= 40 else wrapped[:34] + ' ... ]]'}'"
+        wrapped = wrapped if len(wrapped) <= 40 else wrapped[:34] + " ... ]]"
+        return f"--input {e.name}: {e.what}; send one row as a batch of one: " + (
+            f"-i '{e.name}={wrapped}'"
         )
-    try:
-        return cast_exact(array, datatype)
-    except ValueError as e:
-        raise BadRequest(f"--input {name}: {e}") from e
+    return f"--input {e.name}: {e.what}"
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:

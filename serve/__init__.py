@@ -12,7 +12,7 @@
     auth.py        bearer tokens, from the flag or a file read again on change
     metrics.py     Prometheus metrics, Triton statistics, the HTTP probes
     logs.py        the server's log on stderr: UTC text lines, or JSON lines
-    client.py      a numpy-in, numpy-out client over our own stubs
+    client.py      a numpy-in, numpy-out client over our own stubs; request_inputs
 
 Importing this package imports nothing heavy; never torch or quantgate.model.
 
@@ -33,17 +33,19 @@ _WHERE = {
     "Client": "client",
     "ClientTLS": "client",
     "ServeConfig": "config",
+    "request_inputs": "client",
     "run": "server",
 }
 __all__ = [
     "Client",
     "ClientTLS",
     "ServeConfig",
+    "request_inputs",
     "run",
 ]
 __getattr__, __dir__ = exports(__name__, _WHERE)
 
 if TYPE_CHECKING:
-    from quantgate.serve.client import Client, ClientTLS
+    from quantgate.serve.client import Client, ClientTLS, request_inputs
     from quantgate.serve.config import ServeConfig
     from quantgate.serve.server import run

@@ -6,6 +6,10 @@
 It needs neither onnxruntime nor tritonclient (whose protobuf symbols would collide with
 ours in one process). Server errors come back as quantgate's typed errors (BadRequest,
 ModelNotFound, Unavailable, ...) carrying the server's message.
+
+``request_inputs`` makes a request's arrays from token ids as lists (or arrays of another
+dtype) by the model's metadata: cast exactly, and the attention mask and token types a
+tokenizer would add.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from quantgate.errors import BadRequest, ConfigError, Unavailable
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.serve import codec
+from quantgate.serve.dtypes import NUMPY, cast_exact
 from quantgate.serve.errors import from_status
 
 RECEIVE_LIMIT = "grpc.max_receive_message_length"
@@ -185,6 +190,81 @@ class Client:
             t.name: _decode(t, raw)
             for t, raw in zip(response.outputs, response.raw_output_contents, strict=True)
         }
+
+
+class InputRefused(BadRequest):
+    """An input ``request_inputs`` will not send as given. ``name`` is the input, ``cause``
+    one of ``CAUSES``, and ``what`` says what is wrong without naming the input, for a
+    caller (the CLI) that names it its own way."""
+
+    CAUSES = ("unknown", "datatype", "ragged", "not_numbers", "rank", "inexact")
+
+    def __init__(self, name: str, cause: str, what: str):
+        super().__init__(f"input {name!r}: {what}")
+        self.name, self.cause, self.what = name, cause, what
+
+
+# What a tokenizer adds beside input_ids: every token attended, one segment.
+_TOKENIZER_FILLS = (("attention_mask", np.ones_like), ("token_type_ids", np.zeros_like))
+
+
+def request_inputs(
+    metadata: pb.ModelMetadataResponse, given: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
+    """The inputs of one request to the model ``metadata`` describes (``Client.metadata``),
+    made from ``given``: input name -> an array, or nested lists of numbers such as
+    ``[[5, 7, 9]]``. Each becomes its input's datatype where every value fits it exactly
+    (5.5 is never sent as 5, nor 300 as an INT8's 44). Where ``input_ids`` is given and the
+    model also takes them, a missing ``attention_mask`` is all ones and a missing
+    ``token_type_ids`` all zeros, as a tokenizer makes them.
+
+    Raises ``InputRefused`` (a ``BadRequest``) for a name that is none of the model's
+    inputs, a datatype this client cannot make (BYTES), rows of different lengths, values
+    that are not numbers or do not fit, and one row without its batch axis; other shapes
+    are the server's to check."""
+    spec = {t.name: t for t in metadata.inputs}
+    feeds = {}
+    for name, value in given.items():
+        if name not in spec:
+            raise InputRefused(name, "unknown", f"the model's inputs are {sorted(spec)}")
+        feeds[name] = _input_array(name, value, spec[name].datatype, len(spec[name].shape))
+    if "input_ids" in feeds:
+        for name, fill in _TOKENIZER_FILLS:
+            if name in spec and name not in feeds:
+                dtype = _numpy_dtype(name, spec[name].datatype)
+                feeds[name] = fill(feeds["input_ids"], dtype=dtype)
+    return feeds
+
+
+def _numpy_dtype(name: str, datatype: str) -> np.dtype:
+    """The numpy dtype of input ``name``'s KServe ``datatype`` (BYTES has none)."""
+    if datatype not in NUMPY:
+        raise InputRefused(name, "datatype", f"is {datatype}, which request_inputs cannot make")
+    return NUMPY[datatype]
+
+
+def _input_array(name: str, value: Any, datatype: str, rank: int) -> np.ndarray:
+    """``value`` as an array of ``datatype`` (never rounded, never wrapped) and ``rank``."""
+    _numpy_dtype(name, datatype)  # BYTES and other types the client cannot make: refused first
+    try:
+        array = np.asarray(value)
+    except ValueError as e:
+        raise InputRefused(
+            name,
+            "ragged",
+            "its rows differ in length; the rows of a batch have one length (pad short rows "
+            "with 0, and 0 in attention_mask)",
+        ) from e
+    if array.dtype.kind not in "biuf":  # strings, nulls, integers beyond 64 bits
+        raise InputRefused(name, "not_numbers", f"expected numbers that fit {datatype}")
+    if array.ndim == rank - 1 and rank > 1:  # one row without its batch
+        raise InputRefused(
+            name, "rank", f"expected {rank} dimensions, the first the batch, got {array.ndim}"
+        )
+    try:
+        return cast_exact(array, datatype)
+    except ValueError as e:
+        raise InputRefused(name, "inexact", str(e)) from e
 
 
 def connection_failed(details: str, url: str, *, tls: bool) -> ConnectionFailed | None:

@@ -125,6 +125,46 @@ print("ok")
     assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr
 
 
+def test_request_inputs_makes_a_requests_arrays_from_the_models_metadata():
+    """Token ids as lists become the inputs' datatypes exactly, with the attention mask and
+    token types a tokenizer adds; what cannot be sent as given is refused, by cause."""
+    code = """
+import numpy as np
+from quantgate.protos import grpc_service_pb2 as pb
+from quantgate.serve.client import InputRefused, request_inputs
+meta = pb.ModelMetadataResponse(name="m", inputs=[
+    pb.ModelMetadataResponse.TensorMetadata(name=n, datatype=d, shape=[-1, -1])
+    for n, d in (("input_ids", "INT64"), ("attention_mask", "INT64"), ("token_type_ids", "INT32"))])
+feeds = request_inputs(meta, {"input_ids": [[5, 7, 9], [1, 2, 0]]})
+assert sorted(feeds) == ["attention_mask", "input_ids", "token_type_ids"], feeds
+assert feeds["input_ids"].dtype == np.int64 and feeds["input_ids"].tolist() == [[5, 7, 9], [1, 2, 0]]
+assert feeds["attention_mask"].dtype == np.int64 and (feeds["attention_mask"] == 1).all()
+assert feeds["token_type_ids"].dtype == np.int32 and (feeds["token_type_ids"] == 0).all()
+mask = np.array([[1, 1, 1], [1, 1, 0]], dtype=np.int32)  # given: kept, as INT64
+given = request_inputs(meta, {"input_ids": [[5, 7, 9], [1, 2, 0]], "attention_mask": mask})
+assert given["attention_mask"].dtype == np.int64 and given["attention_mask"].tolist() == mask.tolist()
+for bad in ({"token_ids": [[1]]}, {"input_ids": [[5.5]]}, {"input_ids": [[1, 2], [3]]},
+            {"input_ids": [["a"]]}, {"input_ids": [5, 7]}, {"input_ids": [[2**70]]}):
+    try:
+        request_inputs(meta, bad)
+    except InputRefused as e:
+        print(e.cause, "|", e)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "unknown | input 'token_ids': the model's inputs are ['attention_mask', 'input_ids', "
+        "'token_type_ids']",
+        "inexact | input 'input_ids': 5.5 does not fit INT64 "
+        "(-9223372036854775808..9223372036854775807, whole numbers)",
+        "ragged | input 'input_ids': its rows differ in length; the rows of a batch have one "
+        "length (pad short rows with 0, and 0 in attention_mask)",
+        "not_numbers | input 'input_ids': expected numbers that fit INT64",
+        "rank | input 'input_ids': expected 2 dimensions, the first the batch, got 1",
+        "not_numbers | input 'input_ids': expected numbers that fit INT64",
+    ], run.stdout
+
+
 def test_the_client_takes_answers_as_large_as_the_server_sends(tmp_path):
     """gRPC's own client limit is 4 MiB; the server answers up to --max-message-bytes (64 MiB
     by default), and hidden states pass 4 MiB at 16 rows of 256 tokens. Here 300 tokens
