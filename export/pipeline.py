@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import platform
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from quantgate.export.validation import (
     reference_outputs,
     validate,
 )
-from quantgate.fsutil import claimed, raise_if_full
+from quantgate.fsutil import claimed, raise_if_full, work_dir
 from quantgate.model.loaders import LoadedModel, ModelSpec, Samples, load_model
 from quantgate.progress import ProgressFn, no_progress
 
@@ -169,7 +168,7 @@ def export(
     check_writable_target(out, force=force, inputs=[("model", model_spec)])
     with (
         claimed(out, "an export", create=True),
-        tempfile.TemporaryDirectory(prefix="quantgate-export-") as work,
+        work_dir("quantgate-export-") as work,
     ):
         result = export_fp32(model_spec, Path(work), cfg=cfg, on_progress=on_progress)
         _stage(on_progress, "writing the bundle", 6)

@@ -44,9 +44,12 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     across a power cut once this returns: the files are on disk before the swap.
     """
     out = resolve_target(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    made = make_parents(out.parent)
+    sweep_dead(out.parent, f".{out.name}.tmp-")
+    tmp = None
     try:
+        with _signals_held():  # a signal right after mkdtemp would leave it behind
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
         # mkdtemp makes it 0700: give it the mode of the directory it replaces (a bundle kept
         # private stays private), else the mode mkdir would
         tmp.chmod(stat.S_IMODE(out.stat().st_mode) if out.is_dir() else 0o777 & ~_umask())
@@ -55,8 +58,65 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
         _replace_dir(tmp, out)
         _fsync_dir(out.parent)
     except BaseException:
-        _remove(tmp)
+        if tmp is not None:
+            _remove(tmp)
+        remove_if_empty(made)
         raise
+
+
+def make_parents(path: Path) -> list[Path]:
+    """Make directory ``path`` and its missing parents; the ones made, outermost first."""
+    missing = [p for p in (path, *path.parents) if not p.exists()][::-1]
+    path.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (``make_parents``'s), innermost first, those still empty: a failed
+    command leaves no folders it made for nothing."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (or not ours to remove): nor are the folders that hold it
+
+
+@contextlib.contextmanager
+def work_dir(prefix: str) -> Iterator[Path]:
+    """A temporary working directory under $TMPDIR, ``PREFIX<pid>-*``, removed after. The
+    ones of the same prefix left by processes that died (a SIGKILL, the OOM killer: no
+    cleanup runs) are removed first; a model's work can take gigabytes."""
+    root = Path(tempfile.gettempdir())
+    sweep_dead(root, prefix)
+    with tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-") as tmp:
+        yield Path(tmp)
+
+
+def sweep_dead(folder: Path, prefix: str) -> None:
+    """Remove the directories ``PREFIX<pid>-*`` in ``folder`` whose process is gone: what a
+    killed quantgate left (another process's, still running, is kept)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name.removeprefix(prefix).partition("-")[0]
+        mine = entry.name.startswith(prefix) and pid.isdigit()
+        if mine and not _alive(int(pid)) and entry.is_dir(follow_symlinks=False):
+            log.info("removing %s, left by quantgate process %s, which died", entry.path, pid)
+            _remove(Path(entry.path))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: alive
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -80,9 +140,10 @@ def claimed(out: str | os.PathLike, what: str, *, create: bool = False) -> Itera
     if path in held:  # this thread's already
         yield
         return
+    made: list[Path] = []
     try:
         if create:
-            out.parent.mkdir(parents=True, exist_ok=True)
+            made = make_parents(out.parent)
         fd = _lock(path, out)
     except OSError as e:
         log.debug("not claiming %s: %s", out, e)
@@ -99,6 +160,7 @@ def claimed(out: str | os.PathLike, what: str, *, create: bool = False) -> Itera
         with contextlib.suppress(OSError):
             os.unlink(path)  # while still held: the next claim makes a file of its own
         os.close(fd)
+        remove_if_empty(made)  # a failed export's: out is not there to keep them
 
 
 class _Held(threading.local):

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ import onnx
 
 from quantgate import workarounds
 from quantgate.bundle import CPU, CUDA, GateResult
+from quantgate.fsutil import work_dir
 
 TO_HOST, FROM_HOST = "MemcpyToHost", "MemcpyFromHost"
 MEMCPY = (TO_HOST, FROM_HOST)
@@ -235,7 +235,7 @@ def check(
     providers: list = [provider] if provider == CPU else [provider, CPU]
     if provider_options:
         providers[0] = (provider, provider_options)
-    with tempfile.TemporaryDirectory(prefix="quantgate-placement-") as tmp:
+    with work_dir("quantgate-placement-") as tmp:
         record(so, tmp)
         data = model if isinstance(model, bytes) else os.fspath(model)
         sess = ort.InferenceSession(data, so, providers=providers)

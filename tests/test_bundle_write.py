@@ -348,3 +348,50 @@ def test_a_claim_where_no_folder_exists_yet_goes_on_unclaimed(tmp_path):
         assert not out.parent.exists()  # nothing made on the way
     with fsutil.claimed(out, "an export"), fsutil.claimed(out, "another"):  # no lock to take
         pass
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_what_a_killed_writer_left_beside_the_bundle_goes_with_the_next_write(tmp_path):
+    """A SIGKILL (the OOM killer, a CI timeout) runs no cleanup: its hidden staging folder
+    stayed beside the bundle for good. The next write removes a dead process's, not a live
+    one's (a write of another process working towards the same place)."""
+    write(tmp_path / "b")
+    dead = tmp_path / f".b.tmp-{_dead_pid()}-x1y2z3"
+    alive = tmp_path / f".b.tmp-{os.getppid()}-a1b2c3"
+    for d in (dead, alive):
+        d.mkdir()
+        (d / "model.fp32.onnx").write_text("half")
+    write(tmp_path / "b", "two")
+    assert not dead.exists() and alive.exists() and model_text(tmp_path / "b") == "two"
+
+
+def test_a_work_folder_a_killed_process_left_in_tmpdir_is_removed(tmp_path, monkeypatch):
+    """An export killed mid-search left gigabytes in $TMPDIR: the next one removes them."""
+    monkeypatch.setattr(fsutil.tempfile, "tempdir", str(tmp_path))
+    dead, alive = (
+        tmp_path / f"quantgate-build-{_dead_pid()}-q",
+        tmp_path / f"quantgate-build-{os.getppid()}-r",
+    )
+    dead.mkdir(), alive.mkdir()
+    with fsutil.work_dir("quantgate-build-") as work:
+        assert work.name.startswith(f"quantgate-build-{os.getpid()}-") and work.is_dir()
+    assert not work.exists() and not dead.exists() and alive.exists()
+
+
+def test_a_failed_write_leaves_no_folders_it_made_on_the_way(tmp_path):
+    """--out new/a/b/bundle, then a failure (a Ctrl-C): new/a/b/ stayed, empty."""
+    out = tmp_path / "new" / "a" / "b" / "bundle"
+    with pytest.raises(RuntimeError), fsutil.claimed(out, "an export", create=True):
+        assert out.parent.is_dir()
+        with fsutil.atomic_dir(out):
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with fsutil.claimed(out, "an export", create=True):
+        write(out)
+    assert model_text(out) == "one"  # a write that succeeds keeps them
