@@ -35,7 +35,7 @@ from _common import BENCHMARKS, command_line, write_section  # noqa: E402
 
 from quantgate.bundle import CPU  # noqa: E402
 from quantgate.export import ExportConfig, export_fp32  # noqa: E402
-from quantgate.model.loaders import english_text  # noqa: E402
+from quantgate.model.huggingface import english_text  # noqa: E402
 from quantgate.quantize.cpu import cpu_model  # noqa: E402
 from quantgate.quantize.speed import time_interleaved  # noqa: E402
 from quantgate.sessions import session  # noqa: E402

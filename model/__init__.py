@@ -5,6 +5,8 @@ data.py         the built-in task: scikit-learn's digits as 64 pixel tokens
 train.py        training the built-in classifier, and its checkpoints
 loaders.py      a MODEL spec (checkpoint, Hugging Face directory, package.module:factory)
                 -> a module, its inputs and outputs, and real samples to validate on
+huggingface.py  a Hugging Face directory's model, inputs and English text samples
+factories.py    a package.module:factory (or a model object) checked and wrapped
 
 The entry points, loaded on first use::
 

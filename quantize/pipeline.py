@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,7 @@ from quantgate.bundle import (
 from quantgate.configs import require
 from quantgate.errors import DataError, QuantizeError
 from quantgate.export.config import ExportConfig
-from quantgate.fsutil import claimed
+from quantgate.fsutil import claimed, work_dir
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize import cuda
 from quantgate.quantize import report as reports
@@ -95,7 +94,7 @@ def build(
     emit = on_progress or no_progress
     with (
         claimed(out, "an export", create=True),
-        tempfile.TemporaryDirectory(prefix="quantgate-build-") as tmp,
+        work_dir("quantgate-build-") as tmp,
     ):
         work = Path(tmp)
         model = _load(model_spec, export_cfg, emit)
@@ -226,7 +225,8 @@ def _require_data(model_spec, calibration, evaluation) -> None:
     """Only a `quantgate train` checkpoint has data of its own (the digits splits): other
     models need both files, which is known before minutes of export. A factory that cannot
     be imported is said first: that is the mistake to fix, not the data."""
-    from quantgate.model.loaders import factory_of, spec_kind
+    from quantgate.model.factories import factory_of
+    from quantgate.model.loaders import spec_kind
 
     missing = [
         flag

@@ -1,4 +1,5 @@
-"""model/loaders.py: what each kind of MODEL spec resolves to (inputs, outputs, samples)."""
+"""model/loaders.py, huggingface.py and factories.py: what each kind of MODEL spec resolves
+to (inputs, outputs, samples)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from quantgate.errors import ConfigError, ModelLoadError
-from quantgate.model.loaders import english_text, load_model, spec_kind
+from quantgate.model.huggingface import english_text
+from quantgate.model.loaders import load_model, spec_kind
 
 
 @pytest.fixture
@@ -77,7 +79,7 @@ def test_a_token_classifier_is_exported_with_its_head_and_other_heads_are_not_dr
         ConfigError, match="is a BertForQuestionAnswering: .* Pass --task feature-extraction"
     ):
         load_model(qa)
-    with caplog.at_level("INFO", logger="quantgate.model.loaders"):
+    with caplog.at_level("INFO", logger="quantgate.model.huggingface"):
         assert load_model(qa, task="feature-extraction").outputs == (
             "last_hidden_state",
             "sentence_embedding",
@@ -269,11 +271,11 @@ def test_a_factory_that_breaks_the_contract_is_told_how(factory, messages):
 
 
 def test_a_mask_under_another_name_is_warned_about(caplog):
-    with caplog.at_level("WARNING", logger="quantgate.model.loaders"):
+    with caplog.at_level("WARNING", logger="quantgate.model.factories"):
         load_model("qg_usermodels:mask_by_another_name")
     assert "input 'mask' holds 0s and 1s like a padding mask" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="quantgate.model.loaders"):
+    with caplog.at_level("WARNING", logger="quantgate.model.factories"):
         load_model("qg_usermodels:named_classes")  # input_ids alone: nothing to say
     assert "padding mask" not in caplog.text
 
@@ -298,7 +300,7 @@ def test_a_factory_s_outputs_are_named_by_its_dict_or_numbered():
 def test_a_task_the_gates_do_not_know_is_kept_and_warned_about(caplog, minilm):
     """A factory's task is free (question-answering would be recorded as such), but one the
     gates do not know is said to be gated as custom, with the task it probably means."""
-    with caplog.at_level("WARNING", logger="quantgate.model.loaders"):
+    with caplog.at_level("WARNING", logger="quantgate.model.factories"):
         model = load_model("qg_usermodels:said_classification")
     assert model.task == "text-classification"
     assert (
@@ -308,7 +310,7 @@ def test_a_task_the_gates_do_not_know_is_kept_and_warned_about(caplog, minilm):
     )
     assert "(did you mean 'sequence-classification'?)" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="quantgate.model.loaders"):
+    with caplog.at_level("WARNING", logger="quantgate.model.factories"):
         assert load_model("qg_usermodels:named_classes").task == "sequence-classification"
     assert "gates know" not in caplog.text
     with pytest.raises(ConfigError) as e:  # a Hugging Face model's task is one of three

@@ -74,7 +74,7 @@ def minilm_int8_bundle(tmp_path_factory) -> tuple[Path, object]:
     from tokenizers import Tokenizer
 
     from quantgate.export import ExportConfig, ExtraVariant, export_fp32, write_bundle
-    from quantgate.model.loaders import english_text
+    from quantgate.model.huggingface import english_text
     from quantgate.quantize.recipes import RECIPES, quantize
 
     root = tmp_path_factory.mktemp("minilm")

@@ -1,0 +1,344 @@
+"""User factories: ``package.module:factory`` or ``path/to/file.py:factory`` imported and
+called, or the module object or factory function given from Python, checked against the
+factory contract (``loaders.py`` spells it out) and wrapped for export."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from quantgate.errors import ConfigError, ModelLoadError
+from quantgate.model.loaders import (
+    CUSTOM,
+    HF_TASKS,
+    SEQUENCE_CLASSIFICATION,
+    InputSpec,
+    LoadedModel,
+    Samples,
+    TupleOutputs,
+    brief,
+    did_you_mean,
+    not_float32,
+)
+
+log = logging.getLogger(__name__)
+
+FACTORY_TASKS = (*HF_TASKS, CUSTOM)  # the tasks the gates know; a factory's may be any
+
+
+def load_factory(
+    spec: str, *, task: str | None = None, max_seq_len: int | None = None
+) -> LoadedModel:
+    mod, factory = factory_of(spec)
+    return _from_factory(spec, factory, mod, task=task, max_seq_len=max_seq_len)
+
+
+def factory_of(spec: str) -> tuple[ModuleType, Callable[[], Any]]:
+    """The module and the factory function ``package.module:factory`` (or
+    ``path/to/file.py:factory``) names, imported but not called; ModelLoadError saying what
+    is missing."""
+    mod_name, func_name = spec.rsplit(":", 1)
+    mod = _import_file(spec, Path(mod_name)) if mod_name.endswith(".py") else _import(spec)
+    factory = getattr(mod, func_name, None)
+    if not callable(factory):
+        raise ModelLoadError(f"{spec}: module {mod_name!r} has no callable {func_name!r}")
+    return mod, factory
+
+
+def load_object(
+    model: nn.Module | Callable[[], nn.Module],
+    *,
+    task: str | None = None,
+    max_seq_len: int | None = None,
+) -> LoadedModel:
+    """A model given as a Python object: a ``torch.nn.Module`` that carries what a factory's
+    module carries (``example_inputs``, ...), or the factory function itself. Its spec in
+    messages and the manifest is where it was defined: ``package.module:name``."""
+    if isinstance(model, nn.Module):
+        kind = type(model)
+        spec = f"{kind.__module__}:{kind.__qualname__}"
+        return _from_factory(
+            spec, lambda: model, inspect.getmodule(kind), task=task, max_seq_len=max_seq_len
+        )
+    name = getattr(model, "__qualname__", None) or type(model).__qualname__
+    spec = f"{getattr(model, '__module__', None) or '?'}:{name}"
+    return _from_factory(spec, model, inspect.getmodule(model), task=task, max_seq_len=max_seq_len)
+
+
+def _from_factory(
+    spec: str,
+    factory: Callable[[], Any],
+    mod: ModuleType | None,
+    *,
+    task: str | None,
+    max_seq_len: int | None,
+) -> LoadedModel:
+    try:
+        module = factory()
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"{spec}: the factory raised {brief(e)}") from e
+    if not isinstance(module, nn.Module):
+        raise ModelLoadError(
+            f"{spec}: the factory returned {type(module).__name__}; expected a torch.nn.Module"
+        )
+    example = getattr(module, "example_inputs", None)
+    if callable(example):
+        example = example()
+    if (
+        not isinstance(example, Mapping)
+        or not example
+        or not all(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in example.values())
+    ):
+        raise ModelLoadError(
+            f"{spec}: the module needs an `example_inputs` dict of tensors (a real batch, dim 0 "
+            "the batch, dim 1 the sequence) to trace and validate with"
+        )
+    arrays = _example_arrays(spec, example)
+    if stored := not_float32(module):  # your module: quantgate does not cast it for you
+        raise ModelLoadError(
+            f"{spec}: the module's weights are in {stored}; quantgate exports float32 (and "
+            "makes its FP16 and INT8 variants from it). Return `module.float()` (exact for "
+            "bfloat16 and float16 weights)."
+        )
+    module.eval()
+    pads = _factory_attributes(spec, module, arrays)
+    for name, a in arrays.items():  # a padding mask under another name: quantgate misses it
+        looks_like_one = "mask" in name.lower() and a.ndim == 2 and np.isin(a, (0, 1)).all()
+        if name != "attention_mask" and looks_like_one:
+            log.warning(
+                "%s: input %r holds 0s and 1s like a padding mask; quantgate knows one only as "
+                "`attention_mask` (1 = token): under another name its rows get no mask checks, "
+                "and requests are not padded together in serving. Rename it if it is one.",
+                spec,
+                name,
+            )
+    inputs = tuple(
+        InputSpec(name, str(a.dtype), pads.get(name, 0), tuple(a.shape[2:]))
+        for name, a in arrays.items()
+    )
+    first = next(iter(arrays.values()))
+    width = first.shape[1]
+    declared_max = getattr(module, "max_seq_len", None)
+    if max_seq_len is not None and declared_max is not None and max_seq_len > declared_max:
+        raise ConfigError(
+            f"--max-seq-len {max_seq_len} is beyond {declared_max}, the module's own max_seq_len"
+        )
+    if "attention_mask" in arrays:
+        lengths = arrays["attention_mask"].reshape(len(first), -1).sum(1)
+    else:
+        lengths = np.full(len(first), width)
+    output_names = getattr(module, "output_names", None)
+    wrapped = TupleOutputs(module, list(example), output_names).eval()
+    if output_names is None:  # a dict's keys, else output, output_0, output_1, ...
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the model's own; export logs them (-v)
+            try:
+                out = module(**example)
+            except Exception as e:  # noqa: BLE001
+                raise ModelLoadError(f"{spec}: forward(**example_inputs) raised {brief(e)}") from e
+        if isinstance(out, Mapping) and all(isinstance(k, str) and k for k in out):
+            output_names = list(out)
+        else:
+            n_out = len(wrapped(*example.values()))
+            output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    src = _source_file(type(module)) or (mod and _source_file(mod)) or ""
+    # a module that names its classes says it is a classifier
+    task = (
+        task
+        or getattr(module, "task", None)
+        or (SEQUENCE_CLASSIFICATION if getattr(module, "class_names", None) else CUSTOM)
+    )
+    if task not in FACTORY_TASKS:  # recorded as given (token-classification, say)
+        log.warning(
+            "%s: task %r is not one the gates know (%s): the model is gated as %r, each output "
+            "against FP32's, unless an output is named `logits` or `sentence_embedding`%s",
+            spec, task, ", ".join(FACTORY_TASKS), CUSTOM, did_you_mean(task, FACTORY_TASKS),
+        )  # fmt: skip
+    return LoadedModel(
+        kind="factory",
+        spec=spec,
+        module=wrapped,
+        inputs=inputs,
+        outputs=tuple(output_names),
+        task=task,
+        max_seq_len=max_seq_len or declared_max or width,
+        samples=Samples(arrays, lengths, f"{spec}: the module's example_inputs"),
+        sha256=_hash_module(module, src),
+        num_heads=getattr(module, "num_heads", 0),
+        hidden_size=getattr(module, "hidden_size", 0),
+        # as a Hugging Face config's id2label: labels by name, and the server's top classes
+        extra={"labels": list(names)} if (names := getattr(module, "class_names", None)) else {},
+    )
+
+
+def _import(spec: str) -> ModuleType:
+    """The module of ``package.module:factory``, imported by name."""
+    mod_name = spec.rsplit(":", 1)[0]
+    # `python -m quantgate` finds modules in the current directory, the console script would
+    # not: put it on sys.path, as uvicorn does for `uvicorn module:app`.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        top = mod_name.split(".")[0]
+        if e.name not in (top, mod_name):  # the module itself imports something missing
+            raise ModelLoadError(f"importing {mod_name!r} for {spec} failed: {brief(e)}") from e
+        raise ModelLoadError(
+            f"cannot import {mod_name!r} for {spec}: no module {e.name!r} in the current "
+            f"directory ({os.getcwd()}) or on the Python path. Run quantgate from the "
+            "directory that holds it, add that directory to PYTHONPATH, or name the file: "
+            f"path/to/{mod_name.replace('.', '/')}.py:{spec.rsplit(':', 1)[1]}."
+        ) from e
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's module
+        raise ModelLoadError(f"cannot import {mod_name!r} for {spec}: {brief(e)}") from e
+
+
+def _import_file(spec: str, path: Path) -> ModuleType:
+    """The module of ``path/to/file.py:factory``, loaded from that file under its own name
+    (a private one where another module has that name already); the file's directory goes
+    first on ``sys.path`` so that its own imports of the files beside it work."""
+    path = path.expanduser()
+    if not path.is_file():
+        raise ModelLoadError(
+            f"cannot load {spec}: no file {path} (from {os.getcwd()}). Name an existing "
+            "Python file, or an importable `package.module:factory`."
+        )
+    path = path.resolve()
+    name = path.stem if path.stem.isidentifier() else "quantgate_user_model"
+    existing = sys.modules.get(name)
+    if existing is not None:
+        if Path(getattr(existing, "__file__", "") or "").resolve() == path:
+            return existing
+        name = f"quantgate_user_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+        if name in sys.modules:
+            return sys.modules[name]
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    if loader_spec is None or loader_spec.loader is None:
+        raise ModelLoadError(f"cannot load {spec}: {path} is not a Python module")
+    mod = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = mod  # dataclasses, pickle and torch look classes up by module name
+    try:
+        loader_spec.loader.exec_module(mod)
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's module
+        del sys.modules[name]
+        raise ModelLoadError(f"cannot load {path} for {spec}: {brief(e)}") from e
+    return mod
+
+
+def _example_arrays(spec: str, example: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """``example_inputs`` as numpy arrays, once they share dims 0 (batch) and 1 (sequence)."""
+    arrays = {}
+    for name, t in example.items():
+        try:
+            arrays[name] = t.detach().cpu().numpy()
+        except TypeError as e:  # bfloat16 and other dtypes numpy (and ONNX Runtime feeds) lack
+            raise ModelLoadError(
+                f"{spec}: example_inputs[{name!r}] has dtype {t.dtype}, which has no numpy "
+                "equivalent to feed ONNX Runtime; use int64 ids or float32 values"
+            ) from e
+    shapes = {n: tuple(a.shape) for n, a in arrays.items()}
+    if len({s[:2] for s in shapes.values()}) != 1:
+        raise ModelLoadError(
+            f"{spec}: example_inputs disagree on (batch, sequence), dims 0 and 1: {shapes}. "
+            "Every input must be one batch of the same rows and tokens."
+        )
+    return arrays
+
+
+def _is_names(x: Any) -> bool:
+    """Whether ``x`` is a sequence of non-empty strings (class names), not a string."""
+    return (
+        isinstance(x, Sequence)
+        and not isinstance(x, str)
+        and all(isinstance(c, str) and c for c in x)
+    )
+
+
+def _factory_attributes(
+    spec: str, module: nn.Module, arrays: Mapping[str, np.ndarray]
+) -> dict[str, int | float]:
+    """Check the module's optional attributes; return its pad values per input."""
+    problems = []
+    names = getattr(module, "output_names", None)
+    if names is not None and (
+        isinstance(names, str)
+        or not isinstance(names, Sequence)
+        or not all(isinstance(n, str) and n for n in names)
+        or len(set(names)) != len(names)
+        or set(names) & set(arrays)
+    ):
+        problems.append(
+            f"output_names {names!r}: expected a sequence of distinct non-empty strings, none "
+            f"of them an input name ({', '.join(arrays)})"
+        )
+    for attr, least in (("max_seq_len", 1), ("num_heads", 0), ("hidden_size", 0)):
+        value = getattr(module, attr, None)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < least
+        ):
+            problems.append(f"{attr} {value!r}: expected an int >= {least}")
+    task = getattr(module, "task", None)
+    if task is not None and not isinstance(task, str):
+        problems.append(f"task {task!r}: expected a string")
+    classes = getattr(module, "class_names", None)
+    if classes is not None and not _is_names(classes):
+        problems.append(f"class_names {classes!r}: expected a sequence of non-empty strings")
+    for other in ("id2label", "labels"):  # what other libraries call it: not read here
+        names = getattr(module, other, None)
+        if isinstance(names, Mapping):  # id2label: index -> name
+            names = list(names.values())
+        if classes is None and _is_names(names) and len(names) > 0:  # not a tensor's truth
+            problems.append(
+                f"{other} is not read: name a classifier's classes, by index, in "
+                "`class_names` (a sequence of strings)"
+            )
+    pads = getattr(module, "pad_values", None) or {}
+    if not isinstance(pads, Mapping) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in pads.values()
+    ):
+        problems.append(f"pad_values {pads!r}: expected a dict of input name -> int or float")
+    elif unknown := sorted(set(pads) - set(arrays)):
+        problems.append(f"pad_values names {unknown}, which are not inputs ({', '.join(arrays)})")
+    if problems:
+        raise ModelLoadError(
+            f"{spec}: the module's attributes do not fit the factory contract:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+    return dict(pads)
+
+
+def _source_file(obj: Any) -> str | None:
+    """Where ``obj`` (a class, a module) was defined; None when nowhere on disk (a class
+    typed into an interactive session)."""
+    try:
+        return inspect.getsourcefile(obj)
+    except (TypeError, OSError):
+        return None
+
+
+def _hash_module(module: nn.Module, source_file: str) -> str:
+    h = hashlib.sha256()
+    if source_file and Path(source_file).is_file():
+        h.update(Path(source_file).read_bytes())
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode() + b"\0")
+        # the bytes as they are: numpy has no bfloat16 (nor float8)
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

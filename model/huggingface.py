@@ -1,0 +1,393 @@
+"""Hugging Face model directories: the model with the head its task asks for, in float32
+with eager attention, its inputs from its ``forward``, and real English text to validate on,
+tokenized by its own tokenizer (``loaders.py`` says what a directory is exported as)."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from quantgate.errors import ConfigError, ModelLoadError
+from quantgate.model.loaders import (
+    FEATURE_EXTRACTION,
+    HF_TASKS,
+    SEQUENCE_CLASSIFICATION,
+    TOKEN_CLASSIFICATION,
+    InputSpec,
+    LoadedModel,
+    Samples,
+    TupleOutputs,
+    brief,
+    did_you_mean,
+    hash_files,
+    not_float32,
+    read_json,
+)
+
+log = logging.getLogger(__name__)
+
+# The heads quantgate exports, by the suffix of their architecture's name; a pretraining
+# head (masked or causal LM) is left behind as feature-extraction asks, any other refused.
+HF_HEADS = {
+    SEQUENCE_CLASSIFICATION: "ForSequenceClassification",
+    TOKEN_CLASSIFICATION: "ForTokenClassification",
+}
+PRETRAINING_HEADS = ("ForMaskedLM", "ForPreTraining", "ForCausalLM")
+HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # in this order, when taken
+SENTENCE_CONFIG = "a sentence-transformers config"
+# sentence-transformers' Pooling modes (flag suffix, or the one-string form) -> SentenceEmbedder's
+POOLING_MODES = {"mean_tokens": "mean", "mean": "mean", "cls_token": "cls", "cls": "cls"}
+N_TEXT_SAMPLES = 16  # sentences and paragraphs tokenized for Hugging Face validation
+
+
+def load_huggingface(
+    path: Path, *, task: str | None = None, max_seq_len: int | None = None
+) -> LoadedModel:
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+    except ImportError as e:
+        raise ModelLoadError(
+            f"{path} is a Hugging Face model; install the hf extra: pip install 'quantgate[hf]'"
+        ) from e
+    if task is not None and task not in HF_TASKS:
+        raise ConfigError(
+            f"--task {task}: a Hugging Face model is one of {', '.join(HF_TASKS)}"
+            + did_you_mean(task, HF_TASKS)
+        )
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad directory
+        raise ModelLoadError(f"cannot load the Hugging Face model at {path}: {brief(e)}") from e
+    archs = config.architectures or []
+    task = _hf_task(path, archs, task)
+    model = _hf_model(path, task)
+    takes = inspect.signature(model.forward).parameters
+    names = [n for n in HF_INPUTS if n in takes and n in tokenizer.model_input_names]
+    if getattr(config, "type_vocab_size", None) == 0 and "token_type_ids" in names:
+        names.remove("token_type_ids")  # DeBERTa's: no table reads them, no graph input could
+    if "input_ids" not in names:
+        raise ModelLoadError(
+            f"{path}: expected a text model taking input_ids; its forward takes {list(takes)[:6]}"
+        )
+    positions = _hf_positions(model, config)
+    limit = min(_hf_max_seq_len(path, config, tokenizer), positions)
+    if max_seq_len is not None and not 1 <= max_seq_len <= positions:
+        raise ConfigError(
+            f"--max-seq-len {max_seq_len} is outside 1..{positions}, the positions the model "
+            "has embeddings for"
+        )
+    max_seq_len = max_seq_len or limit
+    vocab = model.get_input_embeddings().num_embeddings
+    pad_id = _hf_pad_id(path, config, tokenizer, task, vocab)
+    if getattr(model.config, "pad_token_id", None) is None:
+        # The tokenizer's, as Hugging Face's recipe for GPT-2 classifiers sets it: without
+        # one such a model cannot find each row's last token in a padded batch at all.
+        model.config.pad_token_id = pad_id
+    inputs = tuple(InputSpec(n, "int64", pad_id if n == "input_ids" else 0) for n in names)
+
+    if task in HF_HEADS:  # (batch, classes) logits, or (batch, sequence, classes)
+        outputs = ("logits",)
+        module = TupleOutputs(model, names, call=lambda m, **kw: m(**kw).logits)
+        extra_task = {"labels": [config.id2label[i] for i in sorted(config.id2label)]}
+    else:
+        outputs = ("last_hidden_state", "sentence_embedding")
+        pooling = _sentence_pooling(path)
+        module = TupleOutputs(SentenceEmbedder(model, **pooling), names)
+        extra_task = {"pooling": pooling}
+    return LoadedModel(
+        kind="huggingface",
+        spec=str(path),
+        module=module.eval(),
+        inputs=inputs,
+        outputs=outputs,
+        task=task,
+        max_seq_len=max_seq_len,
+        samples=_readable(path, tokenizer, text_samples(tokenizer, inputs, max_seq_len)),
+        sha256=hash_files(sorted(p for p in path.rglob("*") if p.is_file()), root=path),
+        num_heads=config.num_attention_heads,
+        hidden_size=config.hidden_size,
+        extra={
+            "huggingface": {
+                "model_type": config.model_type,
+                "architectures": archs,
+                "attn_implementation": "eager",
+                # AutoTokenizer.from_pretrained(this); the bundle keeps a copy (writer.py)
+                "tokenizer": str(path),
+                "pad_token_id": pad_id,
+                # the rows of the embedding tables: ids at or above them are refused as data
+                "vocab_size": vocab,
+                "type_vocab_size": getattr(config, "type_vocab_size", None),
+            },
+            **extra_task,
+        },
+    )
+
+
+def _hf_pad_id(path: Path, config: Any, tokenizer: Any, task: str, vocab: int) -> int:
+    """The id that pads a row of the model's token ids: config.json's ``pad_token_id``, the
+    model's own (a GPT-2 classifier finds each row's last token by it; RoBERTa numbers
+    positions after it), else its tokenizer's (which the model is then given). The tokenizer
+    pads with it from here on (the bundle records it; the server pads batches with it).
+
+    Where neither names one, a classifier is refused: a GPT-2 style classifier cannot find
+    a padded row's last token without it. Other models are padded with id 0 behind their
+    attention mask (the export's padding check shows that changes no answer). An id outside
+    the vocabulary is refused."""
+    model_pad, tokenizer_pad = getattr(config, "pad_token_id", None), tokenizer.pad_token_id
+    if isinstance(model_pad, list):  # some configs list one per vocabulary
+        model_pad = model_pad[0] if model_pad else None
+    if model_pad is None and tokenizer_pad is None:
+        if task == SEQUENCE_CLASSIFICATION:
+            raise ModelLoadError(
+                f"{path}: neither config.json nor the tokenizer names a padding token, and a "
+                "classifier's rows of different lengths are padded to be batched (a GPT-2 "
+                'style classifier finds each row\'s last token by it). Set "pad_token_id" in '
+                'config.json and "pad_token" in tokenizer_config.json to the same token (for '
+                "GPT-2 style models, the end-of-text token, as their classifiers are "
+                "fine-tuned with)."
+            )
+        log.info("%s: no padding token named; rows are padded with id 0", path)
+        tokenizer_pad = 0
+    if model_pad is not None and tokenizer_pad is not None and model_pad != tokenizer_pad:
+        log.warning(
+            "%s: config.json's pad_token_id is %s, the tokenizer pads with %s: quantgate pads "
+            "with %s, the model's own",
+            path, model_pad, tokenizer_pad, model_pad,
+        )  # fmt: skip
+    pad = int(model_pad if model_pad is not None else tokenizer_pad)
+    if not 0 <= pad < vocab:
+        whose = "config.json's pad_token_id" if model_pad is not None else "the tokenizer's pad"
+        raise ModelLoadError(
+            f"{path}: {whose} is {pad}, outside the model's vocabulary (ids 0..{vocab - 1}): "
+            "a padded row would index past its embedding table. Set it to a token of the "
+            "vocabulary (for GPT-2 style models, the end-of-text token)."
+        )
+    tokenizer.pad_token_id = pad
+    return pad
+
+
+def _hf_task(path: Path, archs: Sequence[str], task: str | None) -> str:
+    """The task of the Hugging Face model at ``path``: ``task`` when given, else its head's
+    (``HF_HEADS``), else feature-extraction. A head asked for and absent is refused (its
+    weights would be random), and so is a head quantgate does not export unless
+    feature-extraction is asked for: it would be dropped without a word."""
+    # in the config's order: its first architecture is the model's own
+    heads = [t for a in archs for t, suffix in HF_HEADS.items() if a.endswith(suffix)]
+    if task in HF_HEADS and task not in heads:
+        raise ConfigError(
+            f"{path} has no {task} head (architectures: {archs}); exporting one would ship "
+            "random weights. Use --task feature-extraction, or fine-tune first."
+        )
+    other = [
+        a for a in archs
+        if "For" in a and not a.endswith((*HF_HEADS.values(), *PRETRAINING_HEADS))
+    ]  # fmt: skip
+    if task is None and not heads and other:
+        raise ConfigError(
+            f"{path} is a {other[0]}: quantgate exports {', '.join(HF_TASKS)} models, and as "
+            "feature-extraction this head would be dropped, its outputs with it. Pass --task "
+            "feature-extraction to export the encoder without it."
+        )
+    task = task or (heads[0] if heads else FEATURE_EXTRACTION)
+    if task == FEATURE_EXTRACTION and (dropped := [a for a in archs if "For" in a]):
+        log.warning("%s: exporting the encoder of %s, without its head", path, dropped[0])
+    return task
+
+
+def _hf_model(path: Path, task: str) -> nn.Module:
+    from transformers import (
+        AutoModel,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
+    from transformers.utils import logging as hf_logging
+
+    cls = {
+        SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification,
+        TOKEN_CLASSIFICATION: AutoModelForTokenClassification,
+    }.get(task, AutoModel)
+    bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()  # its tqdm bar would tear through quantgate's own
+    # Its load report (a table with terminal colour codes) lists the head a checkpoint has
+    # and quantgate leaves behind, and the pooler it does not use, as alarms; what matters
+    # of it is said below.
+    hf_logging.set_verbosity_error()
+    try:
+        # Eager attention: with SDPA the exported graph hides attention from ORT's fusions.
+        model, loading = cls.from_pretrained(
+            path, local_files_only=True, attn_implementation="eager", output_loading_info=True
+        )
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load {path} for {task}: {brief(e)}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+    _warn_random_weights(path, task, loading)
+    if stored := not_float32(model):  # transformers loads a checkpoint in the dtype it was saved
+        log.info("%s: weights stored in %s, exported in float32 (exactly)", path, stored)
+        model.float()
+    return model.eval()
+
+
+def _warn_random_weights(path: Path, task: str, loading: Mapping[str, Any]) -> None:
+    """Weights the checkpoint lacks, which transformers initialised at random: a warning
+    naming them. A feature extractor's pooler is not among them: quantgate pools itself."""
+    random = [
+        str(k) for k in (*loading.get("missing_keys", ()), *loading.get("mismatched_keys", ()))
+        if not (task == FEATURE_EXTRACTION and str(k).startswith("pooler."))
+    ]  # fmt: skip
+    if random:
+        log.warning(
+            "%s: %d weight(s) of the model are not in the checkpoint (or not of its shape) "
+            "and are random: %s%s. Its outputs are not the trained model's; fine-tune it, or "
+            "export the checkpoint it was trained as",
+            path, len(random), ", ".join(random[:4]), ", ..." if len(random) > 4 else "",
+        )  # fmt: skip
+
+
+def _readable(path: Path, tokenizer, samples: Samples) -> Samples:
+    """``samples``, once the tokenizer is shown to read English. From a directory without its
+    files (vocab.txt, tokenizer.json, ...) transformers builds a tokenizer with no vocabulary,
+    which turns every word into the unknown token: validation would pass and serve garbage."""
+    if tokenizer.unk_token_id is None:
+        return samples
+    ids = samples.arrays["input_ids"]
+    real = np.arange(ids.shape[1]) < samples.lengths[:, None]  # (N, T): not padding
+    unknown = float((ids[real] == tokenizer.unk_token_id).mean())
+    if unknown > 0.5:
+        raise ModelLoadError(
+            f"{path}: its tokenizer reads {unknown:.0%} of English text's tokens as the unknown "
+            f"token {tokenizer.unk_token!r} (it has {len(tokenizer)} tokens): the directory "
+            "lacks the tokenizer's files (tokenizer.json, vocab.txt, ...). Copy them in beside "
+            "config.json."
+        )
+    return samples
+
+
+def _hf_positions(model: nn.Module, config) -> int:
+    """How many tokens the model has position embeddings for. RoBERTa and its kin (XLM-R,
+    CamemBERT, ...) number positions from ``padding_idx + 1``: of roberta-base's 514
+    embeddings, 512 are usable."""
+    base = getattr(model, "base_model", model)  # the encoder under a classification head
+    table = getattr(getattr(base, "embeddings", None), "position_embeddings", None)
+    if isinstance(table, nn.Embedding) and table.padding_idx is not None:
+        return table.num_embeddings - table.padding_idx - 1
+    return config.max_position_embeddings
+
+
+def _hf_max_seq_len(path: Path, config, tokenizer) -> int:
+    """The longest input the model is meant for: sentence-transformers' limit, else the model's."""
+    st = path / "sentence_bert_config.json"
+    if st.is_file() and (n := read_json(st, dict, SENTENCE_CONFIG).get("max_seq_length")):
+        return int(n)
+    limit = config.max_position_embeddings
+    if isinstance(tokenizer.model_max_length, int) and tokenizer.model_max_length < 1_000_000:
+        limit = min(limit, tokenizer.model_max_length)
+    return limit
+
+
+def _sentence_pooling(path: Path) -> dict[str, Any]:
+    """Pooling per the directory's sentence-transformers config (mean, no normalisation if none)."""
+    mode, normalize = "mean", False
+    modules = path / "modules.json"
+    if modules.is_file():
+        entries = read_json(modules, list, "sentence-transformers' list of modules")
+        normalize = any(e.get("type", "").endswith(".Normalize") for e in entries)
+        for e in entries:
+            cfg = path / e.get("path", "") / "config.json"
+            if e.get("type", "").endswith(".Pooling") and cfg.is_file():
+                mode = _pooling_mode(cfg)
+    return {"mode": mode, "normalize": normalize}
+
+
+def _pooling_mode(cfg: Path) -> str:
+    """The Pooling module's one mode, when SentenceEmbedder has it; else refuse, since
+    pooling another way would ship embeddings unlike the model's own."""
+    pooling = read_json(cfg, dict, SENTENCE_CONFIG)
+    modes = [
+        k.removeprefix("pooling_mode_")
+        for k, v in pooling.items()
+        if k.startswith("pooling_mode_") and v
+    ]
+    if not modes and isinstance(pooling.get("pooling_mode"), str):  # the one-string form
+        modes = [pooling["pooling_mode"]]
+    if not modes:
+        return "mean"  # sentence-transformers' default
+    if len(modes) != 1 or modes[0] not in POOLING_MODES:
+        raise ModelLoadError(
+            f"{cfg} pools with {' + '.join(modes)}; quantgate's sentence_embedding pools with "
+            "mean_tokens or cls_token alone, and any other pooling would not match the model. "
+            "Export it as a package.module:factory whose forward pools as the model does."
+        )
+    return POOLING_MODES[modes[0]]
+
+
+class SentenceEmbedder(nn.Module):
+    """A Hugging Face encoder plus sentence pooling: (last_hidden_state, sentence_embedding)."""
+
+    def __init__(self, model: nn.Module, mode: str = "mean", normalize: bool = False):
+        super().__init__()
+        if mode not in ("mean", "cls"):
+            raise ConfigError(f"unsupported pooling {mode!r}; expected 'mean' or 'cls'")
+        self.model, self.mode, self.normalize = model, mode, normalize
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        kw = {"attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kw["token_type_ids"] = token_type_ids
+        h = self.model(input_ids=input_ids, **kw).last_hidden_state  # (B, T, C)
+        if self.mode == "cls":
+            e = h[:, 0]  # (B, C)
+        else:
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            w = mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+            e = (h * w).sum(1) / w.sum(1).clamp(min=1e-9)  # (B, C)
+        if self.normalize:
+            e = e / e.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        return h, e
+
+
+def text_samples(tokenizer, inputs: Sequence[InputSpec], max_seq_len: int) -> Samples:
+    """Real English from CPython's pydoc topics: short sentences and long paragraphs."""
+    sentences, paragraphs = english_text()
+    # Short and long rows, so that validation sees every length up to max_seq_len.
+    texts = sentences[: N_TEXT_SAMPLES - 4] + paragraphs[:4]
+    enc = tokenizer(texts, truncation=True, max_length=max_seq_len)
+    rows = [enc[i.name] for i in inputs]
+    lengths = np.array([len(r) for r in rows[0]])
+    width = int(lengths.max())
+    arrays = {}
+    for spec, values in zip(inputs, rows, strict=True):
+        a = np.full((len(texts), width), spec.pad_value, dtype=np.int64)
+        for j, v in enumerate(values):
+            a[j, : len(v)] = v
+        arrays[spec.name] = a
+    return Samples(arrays, lengths, f"pydoc_data.topics: {len(texts)} texts, tokenized")
+
+
+def english_text() -> tuple[list[str], list[str]]:
+    """Deterministic real text: (sentences of 6-60 words, paragraphs of 250+ words)."""
+    from pydoc_data.topics import topics
+
+    sentences, paragraphs = [], []
+    for key in sorted(topics):
+        for para in topics[key].split("\n\n"):
+            flat = " ".join(para.split())
+            if len(flat.split()) >= 250 and not flat.startswith(("*", ">>>")):
+                paragraphs.append(flat)
+            for s in re.split(r"(?<=[.!?])\s+", flat):
+                if 6 <= len(s.split()) <= 60 and s[:1].isupper() and s.isascii():
+                    sentences.append(s)
+    # About 64 sentences spread over the whole corpus, then about 12 spread over their lengths.
+    spread = sorted(sentences[:: max(1, len(sentences) // 64)], key=len)
+    return spread[:: max(1, len(spread) // 12)], paragraphs
