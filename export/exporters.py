@@ -180,6 +180,12 @@ def _advice(e: BaseException) -> str:
     root = _root(e)
     text = ANSI.sub("", str(root))
     name = type(root).__name__
+    if isinstance(root, OSError) and root.errno is not None:  # the system's, not the model's
+        return (
+            f"Writing or reading the export's files failed ({root.strerror or root}): the "
+            "working directory is under $TMPDIR; check its filesystem (free space, a file size "
+            "limit: ulimit -f) or point TMPDIR elsewhere."
+        )
     if name == "UnsupportedOperatorError" or "No ONNX function found" in text:
         return (
             "An operator in forward has no ONNX translation: replace it with operators ONNX "

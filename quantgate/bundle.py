@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantgate.errors import BundleError
+from quantgate.errors import BundleError, BundleOutOfSpace
 from quantgate.fsutil import atomic_dir, resolve_target, target_problem
 
 MANIFEST = "manifest.json"
@@ -737,11 +737,12 @@ def staging(
         with atomic_dir(out) as tmp:
             yield tmp
     except OSError as e:
-        raise BundleError(_write_failure(Path(out), e)) from e
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        raise (BundleOutOfSpace if full else BundleError)(_write_failure(Path(out), e)) from e
 
 
 def _write_failure(out: Path, e: OSError) -> str:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         parent = resolve_target(out).parent
         try:
             free = f"; {shutil.disk_usage(parent).free / 1e6:.0f} MB free there now"
@@ -750,7 +751,8 @@ def _write_failure(out: Path, e: OSError) -> str:
         return (
             f"cannot write the bundle at {out}: {e.strerror or 'No space left on device'} on "
             f"the filesystem that holds {parent}{free}; nothing was changed at {out}. Free "
-            "some space there, or choose another --out."
+            "some space there (or raise the file size limit, ulimit -f), or write the bundle "
+            "elsewhere."
         )
     if e.errno in (errno.EXDEV, errno.EBUSY):  # the swap's rename
         return (

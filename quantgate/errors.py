@@ -114,6 +114,11 @@ class BundleError(QuantgateError):
     """A bundle that is missing, corrupt, tampered with, or refused (failed gates)."""
 
 
+class BundleOutOfSpace(BundleError, OutOfSpace):
+    """The bundle could not be written for want of room: a ``BundleError`` (nothing was
+    changed at ``--out``) with a full disk's exit code."""
+
+
 class ServeError(QuantgateError):
     """The server cannot start with the given configuration."""
 

@@ -200,7 +200,11 @@ def _lock(path: Path, out: Path) -> int:
         os.close(fd)  # its last holder removed it between the open and the lock: again
 
 
-_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
+_FULL = {
+    errno.ENOSPC: "No space left on device",
+    errno.EDQUOT: "Disk quota exceeded",
+    errno.EFBIG: "File too large",  # a size limit (ulimit -f), as full for this file
+}
 
 
 def disk_full(err: BaseException) -> bool:

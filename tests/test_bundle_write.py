@@ -16,7 +16,7 @@ import pytest
 
 from quantgate import bundle as qb
 from quantgate import fsutil
-from quantgate.errors import BundleError, Busy
+from quantgate.errors import BundleError, Busy, exit_code
 
 
 def write(out, text="one"):
@@ -33,8 +33,9 @@ def model_text(out) -> str:
 
 
 def test_a_full_disk_is_a_bundle_error_that_names_the_filesystem(tmp_path, monkeypatch):
-    """As `quantgate gate` meets it (its rewrite has no handler of its own): exit 2 with what to
-    do, the bundle as it was, no traceback."""
+    """As `quantgate gate` meets it (its rewrite has no handler of its own): exit 1, as the
+    docs give a full disk (it exited 2, a user's mistake), with what to do, the bundle as
+    it was, no traceback."""
     out = tmp_path / "b"
     write(out)
 
@@ -50,6 +51,7 @@ def test_a_full_disk_is_a_bundle_error_that_names_the_filesystem(tmp_path, monke
     assert f"No space left on device on the filesystem that holds {tmp_path}" in message
     assert "elsewhere.onnx" not in message  # not the file it was reading
     assert model_text(out) == "one" and [p.name for p in tmp_path.iterdir()] == ["b"]
+    assert exit_code(e.value) == 1
 
 
 def test_a_directory_rename_cannot_replace_is_named_with_what_to_do(tmp_path, monkeypatch):
@@ -395,3 +397,15 @@ def test_a_failed_write_leaves_no_folders_it_made_on_the_way(tmp_path):
     with fsutil.claimed(out, "an export", create=True):
         write(out)
     assert model_text(out) == "one"  # a write that succeeds keeps them
+
+
+def test_a_file_size_limit_is_a_full_disk_not_the_models_fault():
+    """ulimit -f: the export said 'OSError: File too large. The model's forward must be
+    traceable'; now it is a full disk (exit 1), and an exporter's OSError names the system."""
+    from quantgate.export.exporters import _advice
+
+    err = OSError(errno.EFBIG, "File too large")
+    assert fsutil.disk_full(err)
+    wrapped = RuntimeError("torch.onnx.export failed")
+    wrapped.__cause__ = err
+    assert "File too large" in _advice(wrapped) and "traceable" not in _advice(wrapped)
