@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from quantgate.bundle import sha256_file
 from quantgate.configs import suggest_fields
-from quantgate.errors import CheckpointError, ConfigError
-from quantgate.fsutil import atomic_dir, target_problem
+from quantgate.errors import CheckpointError, CheckpointOutOfSpace, ConfigError
+from quantgate.fsutil import atomic_dir, disk_full, target_problem
 from quantgate.model.data import (
     N_CLASSES,
     PAD_ID,
@@ -178,7 +178,7 @@ def train(
             }
             (tmp / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n")
     except OSError as e:
-        raise CheckpointError(
+        raise (CheckpointOutOfSpace if disk_full(e) else CheckpointError)(
             f"cannot write the checkpoint at {out}: {e.strerror or e} ({e.filename or out}). "
             "Check that --out's parent is a writable directory with room; nothing was changed."
         ) from e

@@ -119,6 +119,11 @@ class BundleOutOfSpace(BundleError, OutOfSpace):
     changed at ``--out``) with a full disk's exit code."""
 
 
+class CheckpointOutOfSpace(CheckpointError, OutOfSpace):
+    """The checkpoint could not be written for want of room (nothing was changed at
+    ``--out``): a full disk's exit code."""
+
+
 class ServeError(QuantgateError):
     """The server cannot start with the given configuration."""
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from quantgate.errors import CheckpointError
+from quantgate.errors import CheckpointError, exit_code
 from quantgate.model.data import N_CALIBRATION, N_TEST, load_digits_splits
 from quantgate.model.train import (
     CONFIG_FILE,
@@ -178,9 +178,10 @@ def test_a_failed_checkpoint_write_is_a_clear_error_and_leaves_nothing(tmp_path,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("quantgate.model.train.torch.save", disk_full)
-    with pytest.raises(CheckpointError, match="No space left on device.*nothing was changed"):
+    with pytest.raises(CheckpointError, match="No space left on device.*nothing was changed") as e:
         train(tmp_path / "ckpt", model_cfg=tiny_cfg(), cfg=QUICK)
     assert list(tmp_path.iterdir()) == []
+    assert exit_code(e.value) == 1  # a full disk, as the README's exit codes say
 
 
 def test_force_never_replaces_the_directory_training_runs_in(tmp_path, monkeypatch):
