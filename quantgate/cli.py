@@ -215,7 +215,9 @@ def train(
 _DEFAULT_EXPORT = ExportConfig()
 _DEFAULT_SERVE = ServeConfig(path=Path("."))
 # Gate thresholds shared by `export` and `gate`; None: the config file's, else GateConfig's.
-# The defaults are written into the help.
+# The defaults are written into the help, as export's QuantConfig ones are (--search-budget,
+# --max-candidates): reading them would import quantgate.quantize into every command, the
+# server's too. tests/test_cli.py checks them against the configs.
 _MaxDrop = Annotated[
     float | None,
     typer.Option(
@@ -832,7 +834,7 @@ def serve(
             metavar="PORT",
             help="gRPC port (Triton's is 8001); 0 picks a free one.",
         ),
-    ] = 8001,
+    ] = _DEFAULT_SERVE.port,
     device: Annotated[
         ServeDevice, typer.Option(help="auto: CUDA when onnxruntime has it, else the CPU.")
     ] = _DEFAULT_SERVE.device,
@@ -841,11 +843,11 @@ def serve(
         typer.Option(
             min=0, metavar="N", help="Which GPU, as CUDA numbers them (nvidia-smi lists them)."
         ),
-    ] = 0,
+    ] = _DEFAULT_SERVE.cuda_device_id,
     max_batch_size: Annotated[
         int,
         typer.Option(min=1, metavar="N", help="Largest batch per request and per formed batch."),
-    ] = 32,
+    ] = _DEFAULT_SERVE.max_batch_size,
     max_queue_delay_us: Annotated[
         int,
         typer.Option(
@@ -853,17 +855,17 @@ def serve(
             metavar="MICROSECONDS",
             help="How long a request may wait for others to batch with.",
         ),
-    ] = 0,
+    ] = _DEFAULT_SERVE.max_queue_delay_us,
     max_queue_size: Annotated[
         int,
         typer.Option(min=1, metavar="N", help="Waiting requests per model; beyond it UNAVAILABLE."),
-    ] = 256,
+    ] = _DEFAULT_SERVE.max_queue_size,
     dynamic_batching: Annotated[
         bool, typer.Option(help="Batch concurrent requests into one session.run.")
-    ] = True,
+    ] = _DEFAULT_SERVE.dynamic_batching,
     instances: Annotated[
         int, typer.Option(min=1, metavar="N", help="Batches run at once per model.")
-    ] = 1,
+    ] = _DEFAULT_SERVE.instances,
     threads: Annotated[
         int,
         typer.Option(
@@ -872,7 +874,7 @@ def serve(
             help="ONNX Runtime intra-op threads per session (0: its default, one per "
             "physical core).",
         ),
-    ] = 0,
+    ] = _DEFAULT_SERVE.intra_op_threads,
     max_request_bytes: Annotated[
         int,
         typer.Option(
@@ -902,14 +904,14 @@ def serve(
     precision: Annotated[
         Precision | None,
         typer.Option(help="Serve this variant instead of the fastest that passed."),
-    ] = None,
+    ] = _DEFAULT_SERVE.precision,
     allow_failed_gates: Annotated[
         bool,
         typer.Option(
             "--allow-failed-gates",
             help="Serve a bundle whose gates failed (never a failed variant unless --precision names it).",
         ),
-    ] = False,
+    ] = _DEFAULT_SERVE.allow_failed_gates,
     metrics_port: Annotated[
         int | None,
         typer.Option(
@@ -920,7 +922,7 @@ def serve(
             "there), and the probes /healthz and /readyz; other paths are 404. 0 picks a free "
             "port and prints it. Off unless given (Triton's is 8002).",
         ),
-    ] = None,
+    ] = _DEFAULT_SERVE.metrics_port,
     tls_cert: Annotated[
         Path | None, typer.Option(metavar="FILE", help="PEM server certificate (enables TLS).")
     ] = None,
@@ -942,7 +944,7 @@ def serve(
             "ServerLive/Ready and reflection stay open for probes). On the command line it "
             "shows in `ps`: prefer the variable or --auth-token-file.",
         ),
-    ] = None,
+    ] = _DEFAULT_SERVE.auth_token,
     auth_token_file: Annotated[
         Path | None,
         typer.Option(
@@ -951,7 +953,7 @@ def serve(
             "read again within a second of a change: rotate a token with no restart (add "
             "the new one, move the clients, remove the old), as a mounted Secret updates.",
         ),
-    ] = None,
+    ] = _DEFAULT_SERVE.auth_token_file,
     access_log: Annotated[
         bool,
         typer.Option(
@@ -962,7 +964,7 @@ def serve(
             "its requests and how many failed); with --log-format json the fields are keys. "
             "Off by default: the line costs a batch-1 request a few percent of its latency.",
         ),
-    ] = False,
+    ] = _DEFAULT_SERVE.access_log,
     log_format: Annotated[
         LogFormat,
         typer.Option(

@@ -32,8 +32,11 @@ def test_usage_errors_exit_2_with_the_reason(cli, args, message):
 
 def test_help_shows_the_gate_defaults(cli):
     """The help writes the defaults out (the flags' own default is None: the config file's
-    value, else GateConfig's); they must be GateConfig's."""
+    value, else GateConfig's or QuantConfig's); they must be theirs. Written, not read from
+    the configs: the CLI imports no quantgate.quantize module until a command needs one (the
+    server runs in the CLI's process)."""
     from quantgate.quantize.decide import GateConfig
+    from quantgate.quantize.search import QuantConfig
 
     d = GateConfig()
     r = cli("export", "--help")
@@ -47,6 +50,13 @@ def test_help_shows_the_gate_defaults(cli):
     ):
         help_of_flag = rf"{flag} [A-Z]+ (?:(?!--).)*?"  # up to the next option
         assert re.search(rf"{help_of_flag}\[default: {default:g}\]", text), (flag, text)
+    q = QuantConfig()
+    for flag, default in (
+        ("--search-budget", q.search_budget_s),
+        ("--max-candidates", q.max_candidates),
+    ):
+        help_of_flag = rf"{flag} [A-Z]+ (?:(?!--).)*?"
+        assert re.search(rf"{help_of_flag}\(default {default:g}\)", text), (flag, text)
     r = cli("gate", "--help")  # a re-gate keeps the bundle's thresholds
     text = " ".join(r.stdout.split())
     assert text.count("[default: the one the bundle was last gated with]") == 4, text
