@@ -481,8 +481,12 @@ def _print_export(bundle) -> None:
         out.print(f"  {line}", highlight=False)
     for output, diff in val["max_abs_diff"].items():
         out.print(f"  {output}: max abs diff {diff:.2e} over {len(val['cases'])} shapes")
-    fused = ", ".join(f"{k} {v}" for k, v in e["fusions"].items()) or "none"
-    out.print(f"  fusions: {fused}")
+    out.print(f"  fusions: {_fusions(e)}")
+
+
+def _fusions(export: dict) -> str:
+    """The fusions ONNX Runtime made, with their counts: "Attention 6, BiasGelu 6"."""
+    return ", ".join(f"{k} {v}" for k, v in export.get("fusions", {}).items()) or "none"
 
 
 @command()
@@ -663,6 +667,17 @@ def _named_by_flags(problems: tuple[tuple[str, str], ...], flags: dict, file: Pa
     return ConfigError(f"invalid gate config:\n{listed}", problems)
 
 
+def _gate_cells(g) -> tuple[str, str, str, str, str, bool]:
+    """A gate as `export`, `gate` and `inspect` print it: its label, value, interval ("" where
+    it has none), op and threshold, "pass" or "FAIL", and whether another sample could have
+    decided it the other way (``decide.uncertain``)."""
+    from quantgate.quantize.decide import uncertain
+
+    ci = f"[{g.ci[0]:.4g}, {g.ci[1]:.4g}]" if g.ci else ""
+    mark = "pass" if g.passed else "FAIL"
+    return g.label, f"{g.value:.4g}", ci, f"{g.op} {g.threshold:g}", mark, uncertain(g)
+
+
 def _bars(bar: Progress):
     """The library's on_progress (quantgate.progress) drawn as one bar per task."""
     tasks: dict[str, object] = {}
@@ -678,7 +693,6 @@ def _bars(bar: Progress):
 def _print_gates(path: Path) -> None:
     """The bundle's verdict and the gates of every variant but FP32, on stdout."""
     from quantgate.bundle import load
-    from quantgate.quantize.decide import uncertain
 
     try:
         m = load(path, verify=False).manifest
@@ -690,15 +704,11 @@ def _print_gates(path: Path) -> None:
             continue
         out.print(f"  {v.file} ({v.notes or v.precision}): {v.verdict}", highlight=False)
         for g in v.gates:
-            ci = f" [{g.ci[0]:.4g}, {g.ci[1]:.4g}]" if g.ci else ""
-            mark = "pass" if g.passed else "FAIL"
-            if uncertain(g):  # another sample could have decided it the other way
+            label, value, ci, bound, mark, unsure = _gate_cells(g)
+            if unsure:
                 mark += " (uncertain: its interval crosses the threshold)"
-            out.print(
-                f"    {g.label} {g.value:.4g}{ci} {g.op} {g.threshold:g}: {mark}",
-                highlight=False,
-                soft_wrap=True,
-            )
+            ci = f" {ci}" if ci else ""
+            out.print(f"    {label} {value}{ci} {bound}: {mark}", highlight=False, soft_wrap=True)
     out.print(f"  report: {path / 'report.md'}", highlight=False, soft_wrap=True)
 
 
@@ -714,7 +724,6 @@ def inspect(
 
     from quantgate.bundle import MANIFEST, check_files, is_bundle, load
     from quantgate.errors import BundleError
-    from quantgate.quantize.decide import uncertain
 
     if path.is_dir() and not is_bundle(path):
         inside = sorted(str(p.parent.relative_to(path)) for p in path.glob(f"*/**/{MANIFEST}"))
@@ -734,7 +743,7 @@ def inspect(
     m = b.manifest
     e = m.export
     try:
-        fused = ", ".join(f"{k} {v}" for k, v in e.get("fusions", {}).items()) or "none"
+        fused = _fusions(e)
         val = e.get("validation")
         if val:
             shapes = ", ".join(
@@ -798,14 +807,10 @@ def inspect(
     if gates:
         table = Table("variant", "gate", "value", "threshold", "", box=None)
         for precision, g in gates:
-            table.add_row(
-                precision,
-                g.label,
-                f"{g.value:.4g}",
-                f"{g.op} {g.threshold:g}",
-                ("[green]pass[/]" if g.passed else "[bold red]FAIL[/]")
-                + (" (uncertain)" if uncertain(g) else ""),
-            )
+            label, value, _, bound, mark, unsure = _gate_cells(g)
+            style = "green" if g.passed else "bold red"
+            unsure = " (uncertain)" if unsure else ""
+            table.add_row(precision, label, value, bound, f"[{style}]{mark}[/]{unsure}")
         out.print(table)
 
 
