@@ -200,7 +200,9 @@ def decide(
     verdict is within the measurement's uncertainty. ``valid`` False (non-finite outputs)
     fails it whatever the value."""
     bound = "upper" if op == "<=" else "lower"  # the bound on the failing side
-    by_bound = rule == "upper" and ci is not None
+    if rule == "upper" and ci is None:  # no evidence to pass on: not its value instead
+        return False, f"; its {bound} bound must be {op} the threshold, and it has no interval"
+    by_bound = rule == "upper"
     if by_bound:
         decisive, what = (ci[1] if op == "<=" else ci[0]), f"its {bound} bound"
     else:

@@ -1020,6 +1020,8 @@ def test_r_squared_has_no_interval_where_undefined_resamples_reach_its_tail():
     x[:3] = 1.0
     y = x + np.random.default_rng(0).normal(scale=1e-4, size=40)
     gate = r2_gate("r2", x, y, 0.99, GateConfig(), "a two-valued score")
-    assert gate.value > 0.99 and gate.ci is None
+    assert gate.value > 0.99 and gate.ci is None and gate.passed  # by its value
+    strict = r2_gate("r2", x, y, 0.99, GateConfig(ci_rule="upper"), "a two-valued score")
+    assert not strict.passed and "it has no interval" in strict.detail  # no bound to pass on
     many = np.arange(40.0)
     assert r2_gate("r2", many, many + 0.01, 0.99, GateConfig(), "a score").ci is not None
