@@ -590,6 +590,9 @@ def is_bundle(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+READ_ATTEMPTS = 3  # reads of a bundle that is replaced meanwhile (load), before giving up
+
+
 def load(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
     """Read a bundle's manifest; with ``verify``, check every file it lists (the variants,
     the tokenizer) against its sha256, all of them before saying what is wrong."""
@@ -608,6 +611,33 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
             f"cannot read the bundle {path}: this user may not list or open the directory. "
             "Make it readable (chmod a+rx), or run as a user who can read it."
         )
+    # An export replaces a bundle by renaming a new directory over it: read between the two,
+    # the manifest of one would meet the files of the other. Read again while it changes.
+    for _ in range(READ_ATTEMPTS):
+        before = _directory_identity(path)
+        try:
+            bundle = _read(path, verify)
+        except BundleError:
+            if _directory_identity(path) == before:
+                raise
+            continue  # replaced while it was read: what failed may be the old one's
+        if _directory_identity(path) == before:
+            return bundle
+    raise BundleError(
+        f"{path} was replaced {READ_ATTEMPTS} times while it was being read (an export writing "
+        "it again and again?). Read it once the writing stops."
+    )
+
+
+def _directory_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _read(path: Path, verify: bool) -> Bundle:
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise BundleError(

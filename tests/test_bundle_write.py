@@ -409,3 +409,29 @@ def test_a_file_size_limit_is_a_full_disk_not_the_models_fault():
     wrapped = RuntimeError("torch.onnx.export failed")
     wrapped.__cause__ = err
     assert "File too large" in _advice(wrapped) and "traceable" not in _advice(wrapped)
+
+
+def test_a_bundle_replaced_while_it_is_read_is_read_again(tmp_path, monkeypatch):
+    """A server starting (or `inspect`) while an export replaces the bundle read one's
+    manifest and the other's files, and called the bundle corrupt (1 load in 50,000 in a
+    loop beside three exports). It reads it again, and gets the new one whole."""
+    out = tmp_path / "b"
+    write(out, "one")
+    real, calls = qb.verify_files, []
+
+    def replaced_midway(path, manifest):
+        calls.append(path)
+        if len(calls) == 1:
+            write(out, "two")  # the export's rename lands between the manifest and the files
+            return ["variant fp32 file model.fp32.onnx: sha256 differs"]
+        return real(path, manifest)
+
+    monkeypatch.setattr(qb, "verify_files", replaced_midway)
+    b = qb.load(out)  # (write's own load is a call too)
+    assert b.manifest.variant("fp32").sha256 == qb.sha256_file(out / "model.fp32.onnx")
+    assert model_text(out) == "two"
+    (out / "model.fp32.onnx").write_text("tampered")  # not replaced: corrupt, said at once
+    before = len(calls)
+    with pytest.raises(BundleError, match="sha256"):
+        qb.load(out)
+    assert len(calls) == before + 1
