@@ -23,9 +23,6 @@ import torch.nn as nn
 
 from quantgate.errors import ConfigError, ModelLoadError
 from quantgate.model.loaders import (
-    CUSTOM,
-    HF_TASKS,
-    SEQUENCE_CLASSIFICATION,
     InputSpec,
     LoadedModel,
     Samples,
@@ -34,6 +31,7 @@ from quantgate.model.loaders import (
     did_you_mean,
     not_float32,
 )
+from quantgate.tasks import CUSTOM, HF_TASKS, SEQUENCE_CLASSIFICATION
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,6 @@ import torch.nn as nn
 
 from quantgate.errors import ConfigError, ModelLoadError
 from quantgate.model.loaders import (
-    FEATURE_EXTRACTION,
-    HF_TASKS,
-    SEQUENCE_CLASSIFICATION,
-    TOKEN_CLASSIFICATION,
     InputSpec,
     LoadedModel,
     Samples,
@@ -30,6 +26,12 @@ from quantgate.model.loaders import (
     hash_files,
     not_float32,
     read_json,
+)
+from quantgate.tasks import (
+    FEATURE_EXTRACTION,
+    HF_TASKS,
+    SEQUENCE_CLASSIFICATION,
+    TOKEN_CLASSIFICATION,
 )
 
 log = logging.getLogger(__name__)

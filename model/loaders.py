@@ -72,13 +72,11 @@ import torch.nn as nn
 from quantgate.bundle import model_identity
 from quantgate.configs import closest
 from quantgate.errors import ConfigError, ModelLoadError
-
-SEQUENCE_CLASSIFICATION = "sequence-classification"
-TOKEN_CLASSIFICATION = "token-classification"  # a class per token: tagging, NER
-FEATURE_EXTRACTION = "feature-extraction"
-CUSTOM = "custom"  # a factory model that is none of them: per-output gates only
-# A Hugging Face model is one of these; a factory's model may also be custom (or any other).
-HF_TASKS = (SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, FEATURE_EXTRACTION)
+from quantgate.tasks import (
+    FEATURE_EXTRACTION,
+    SEQUENCE_CLASSIFICATION,
+    TOKEN_CLASSIFICATION,
+)
 
 # What names a model: a path or a ``package.module:factory`` string (the command line's
 # MODEL), or from Python the module object or its factory function.

@@ -79,6 +79,7 @@ from quantgate.quantize.labels import (
     forms_problem,
     label_forms,
 )
+from quantgate.tasks import EMBEDDING_TASKS, TOKEN_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,6 @@ DEFAULT_BATCH = 16  # rows per feed; calibration statistics do not depend on it
 # the calibration rows (their extremes, or a percentile of them), and from a handful of rows
 # those ranges are noise, not the ranges of the data the model will serve.
 MIN_CALIBRATION_ROWS = 32
-EMBEDDING_TASKS = ("feature-extraction",)  # gated on agreement with FP32, not on labels
-TOKEN_TASKS = ("token-classification",)  # labels per token: (rows, sequence) arrays only
 TYPE_IDS = "token_type_ids"  # zeros where data leaves them out: one segment
 
 

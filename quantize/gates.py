@@ -51,7 +51,7 @@ import numpy as np
 from quantgate.bundle import CPU, GateResult
 from quantgate.errors import DataError, QuantizeError
 from quantgate.padding import right_pad
-from quantgate.quantize.data import EMBEDDING_TASKS, TOKEN_TASKS, DataSource
+from quantgate.quantize.data import DataSource
 from quantgate.quantize.decide import GateConfig, decide, interval_gate, mean_gate, tail_gate
 from quantgate.quantize.fidelity import Fidelity, mask_fits, r2_gate, row_cosine
 from quantgate.quantize.labels import NO_LABEL, one_based_hint
@@ -64,11 +64,11 @@ from quantgate.quantize.stats import (
     resamples,
 )
 from quantgate.sessions import session
+from quantgate.tasks import CLASSIFIER_TASKS, EMBEDDING_TASKS, TOKEN_TASKS
 
 log = logging.getLogger(__name__)
 
 NN_BLOCK = 1 << 22  # cosine similarities held at once for nearest neighbours (32 MB)
-CLASSIFIER_TASKS = ("sequence-classification",)
 # Fewest evaluation rows for the accuracy, top-1 and nearest-neighbour gates: below it one
 # row is over 3 points of accuracy, and with 2 rows each row's nearest is always the other.
 MIN_EVAL_ROWS = 30
