@@ -639,6 +639,11 @@ def _directory_identity(path: Path) -> tuple[int, int] | None:
 
 def _read(path: Path, verify: bool) -> Bundle:
     mpath = path / MANIFEST
+    if mpath.exists() and not mpath.is_file():
+        raise BundleError(
+            f"{mpath} is not a file (a directory?): a bundle's {MANIFEST} is a JSON file. "
+            f"{_RECREATE}"
+        )
     if not mpath.is_file():
         raise BundleError(
             f"{path} is not a bundle: it has no {MANIFEST}. Create one with `quantgate export`."

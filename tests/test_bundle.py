@@ -144,6 +144,9 @@ def test_not_a_bundle(tmp_path):
         qb.load(tmp_path / "nothing")
     with pytest.raises(BundleError, match="has no manifest.json"):
         qb.load(tmp_path)
+    (tmp_path / qb.MANIFEST).mkdir()  # there, but no file: not "it has none"
+    with pytest.raises(BundleError, match=r"manifest.json is not a file \(a directory\?\)"):
+        qb.load(tmp_path)
 
 
 def test_bundle_gets_the_mode_of_a_new_directory(tmp_path):
