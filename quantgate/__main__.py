@@ -1,3 +1,3 @@
-from quantgate.cli import main
+from quantgate.cli import run
 
-main()
+run()

@@ -1215,8 +1215,9 @@ def infer(
         spec = {t.name: t for t in metadata.inputs}
         tok, values, tagger = None, {}, False
         if texts:
-            from quantgate.quantize.data import TOKEN_TASKS, ModelInfo
+            from quantgate.quantize.data import ModelInfo
             from quantgate.quantize.text import tokenize, tokenizer_of
+            from quantgate.tasks import TOKEN_TASKS
 
             info = ModelInfo.from_manifest(bundle.manifest, bundle.path)
             tok = tokenizer_of(info)  # the bundle's: it reads --text, and a tagger's tags back
@@ -1288,7 +1289,7 @@ def _refuse_classes_of(task: str, bundle_dir: Path) -> None:
     largest scores over all its tokens (index token * classes + class, unnamed), and an
     embedding's the largest coordinates of its vectors. Refused, with what to ask instead."""
     from quantgate.errors import ConfigError
-    from quantgate.quantize.data import EMBEDDING_TASKS, TOKEN_TASKS
+    from quantgate.tasks import EMBEDDING_TASKS, TOKEN_TASKS
 
     if task in TOKEN_TASKS:
         raise ConfigError(
@@ -1424,8 +1425,27 @@ _EXTRAS = {
 }
 
 
+def run() -> None:
+    """The console script and ``python -m quantgate``: ``main``, with a Ctrl-C, SIGTERM or
+    SIGHUP that comes outside the command (while it prints its last lines, or while Python
+    shuts down) recorded rather than raised: Python's own handler raised KeyboardInterrupt
+    wherever it found the process, a traceback and exit 0 after a finished command. main
+    reports one that comes before it exits; a second one ends the process at once."""
+
+    def late(signum: int, _frame: object) -> None:
+        if late_signals:
+            os._exit(128 + signum)
+        late_signals.append(signum)
+        _interrupted.append(signal.Signals(signum))
+
+    late_signals: list[int] = []
+    signals.install(late)  # the command's own handlers (_ending_signals) come back to it
+    main()
+
+
 def main() -> None:
-    """Console entry point: run the app, turning quantgate's errors into exit codes."""
+    """Run the app, turning quantgate's errors into exit codes (``run`` is the console
+    script's entry: this one leaves the process's signal handlers as they were)."""
     if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
         # --help into a pipe or a log: whole lines of up to 120 columns, not a terminal's 80
         # (click would break "sequence-classification" at its hyphen).

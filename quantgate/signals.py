@@ -23,13 +23,21 @@ def handling(handler: Callable[[int, object], object]) -> Iterator[None]:
     A handler installed outside Python (``getsignal`` None) cannot be restored, and is left.
     Handlers go in one by one, so a signal meanwhile finds the rest as they were. Main
     thread only, as ``signal.signal``."""
-    previous = {}
+    previous: dict[int, object] = {}
     try:
-        for sig in ENDING:
-            current = signal.getsignal(sig)
-            if current is not None and (sig == signal.SIGTERM or current != signal.SIG_IGN):
-                previous[sig] = signal.signal(sig, handler)
+        install(handler, previous)
         yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def install(handler: Callable[[int, object], object], previous: dict | None = None) -> None:
+    """``handler`` for the ENDING signals, by ``handling``'s rule, for good (``handling``
+    restores them); the handlers it replaces go into ``previous``."""
+    for sig in ENDING:
+        current = signal.getsignal(sig)
+        if current is not None and (sig == signal.SIGTERM or current != signal.SIG_IGN):
+            old = signal.signal(sig, handler)
+            if previous is not None:
+                previous[sig] = old

@@ -423,3 +423,19 @@ def test_an_early_refusal_is_the_first_thing_a_log_shows(cli, tmp_path):
     assert r.code == 2 and r.stderr.startswith("error: no bundle at "), repr(r.stderr[:80])
     r = cli("export", "qg_no_such_module:make", "--no-quantize", "--out", tmp_path / "b")
     assert r.code == 2 and r.stderr.startswith("error: cannot import"), repr(r.stderr[:80])
+
+
+def test_a_ctrl_c_as_the_process_exits_is_no_traceback():
+    """A Ctrl-C just after a command finished met Python's own handler: KeyboardInterrupt in
+    the interpreter's shutdown, a traceback, and exit 0. The console script (run) records it:
+    the command's exit code, no traceback. (An atexit callback sends it, at the shutdown.)"""
+    code = (
+        "import atexit, os, signal, sys\n"
+        "import quantgate.cli as cli\n"
+        "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))\n"
+        "sys.argv = ['quantgate', '--version']\n"
+        "cli.run()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "quantgate" in r.stdout, r
+    assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr, r.stderr
