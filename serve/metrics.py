@@ -102,6 +102,13 @@ class Metrics:
             (*labels, "precision", "provider", "file"),
             registry=r,
         )
+        self.bundle_changed = prom.Gauge(
+            "quantgate_bundle_changed_on_disk",
+            "1 where the served model's bundle changed or went on disk since the server loaded "
+            "it (it still serves what it loaded: restart it to serve the new one), else 0",
+            labels,
+            registry=r,
+        )
 
     def serve_http(
         self, port: int, host: str = "0.0.0.0", ready: Callable[[], bool] | None = None

@@ -21,10 +21,12 @@ from quantgate import bundle as qb
 from quantgate import placement, workarounds
 from quantgate.bundle import CPU, CUDA
 from quantgate.errors import BadRequest, BundleError, InferenceFailed, ServeError
+from quantgate.serve import modelfile
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.dtypes import datatype
 from quantgate.serve.variants import choose_variant, provider_options, speed_gates_on, speedup
-from quantgate.tables import index_limits
+from quantgate.serve.watch import Served, bundle_stamp
+from quantgate.tables import index_limits as read_index_limits
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,8 @@ class Model:
         io_binding: bool = False,
         placement_report: placement.PlacementReport | None = None,
         version: str | None = None,
+        index_limits: dict[str, int] | None = None,
+        on_disk: tuple | None = None,
     ):
         self.name = name
         self.version = version or str(bundle.manifest.version)  # a repository's folder wins
@@ -105,12 +109,27 @@ class Model:
         # The longest sequence the model was exported for (its position table); None: unknown.
         self.max_sequence = bundle.manifest.max_seq_len
         # Inputs that index a table (token ids): input -> rows; values outside are refused.
-        self.index_limits = index_limits(bundle.path / variant.file)
+        # open_model reads them with the session (``Opened``), from the file it verified.
+        if index_limits is None:
+            index_limits = read_index_limits(bundle.path / variant.file)
+        self.index_limits = index_limits
         self._input = {t.name: t for t in self.inputs}
         self._output_names = tuple(t.name for t in self.outputs)
         self.labels = bundle.manifest.class_names  # for class_count requests
         self.io_binding = io_binding
         self.placement = placement_report  # where ORT put the nodes (CUDA only)
+        # The bundle on disk as it was before it was read (watch.bundle_stamp), to tell
+        # that it changed since (watch.BundleWatch)
+        self.on_disk = on_disk if on_disk is not None else bundle_stamp(bundle.path)
+
+    def served(self) -> Served:
+        """What watch.BundleWatch watches of this model's bundle."""
+        return Served(
+            self.bundle.path.absolute(),
+            (self.name, self.version),
+            f"{self.variant.file}, sha256 {self.variant.sha256[:12]}...",
+            self.on_disk,
+        )
 
     def _sequence_axis(self) -> str | None:
         """The symbolic name of axis 1 when requests can be padded along it.
@@ -335,6 +354,7 @@ def open_model(
 ) -> Model:
     """Load and verify one bundle, choose its variant, and open an ONNX Runtime session.
     ``name`` and ``version`` default to the manifest's (a repository passes its folders')."""
+    on_disk = bundle_stamp(path)  # before the read: a change during it is seen later
     bundle = qb.load(path, verify=True)  # every variant's sha256, not only the one served
     manifest = bundle.manifest
     if manifest.verdict != qb.PASS:
@@ -348,8 +368,8 @@ def open_model(
     variant = choose_variant(
         manifest, provider, precision=cfg.precision, allow_failed=cfg.allow_failed_gates
     )
-    session, report = _session(bundle.path / variant.file, cfg, provider, variant.precision)
-    got = session.get_providers()[0]
+    opened = _session(bundle, variant, cfg, provider)
+    got = opened.session.get_providers()[0]
     if got != provider:
         # onnxruntime-gpu lists CUDA even where its libraries (CUDA, cuDNN) or a GPU are
         # missing, and then silently builds a CPU session: say so, do not pretend.
@@ -362,18 +382,20 @@ def open_model(
             raise ServeError(why + ". Fix the CUDA install or use --device cpu.")
         log.warning("%s; serving on the CPU", why)
         return open_model(path, cfg, CPU, name=name, version=version)
-    variant, session, report = _placement_checked(bundle, cfg, provider, variant, session, report)
+    variant, opened = _placement_checked(bundle, cfg, provider, variant, opened)
     use_binding = cfg.io_binding == "on" or (cfg.io_binding == "auto" and provider == CUDA)
     model = Model(
         name or manifest.name,
         bundle,
         variant,
         provider,
-        session,
+        opened.session,
         cfg.max_batch_size,
         io_binding=use_binding,
-        placement_report=report,
+        placement_report=opened.report,
         version=version,
+        index_limits=opened.index_limits,
+        on_disk=on_disk,
     )
     log.info("loaded %s", model.describe())
     return model
@@ -403,13 +425,8 @@ def placement_refusal(
 
 
 def _placement_checked(
-    bundle: qb.Bundle,
-    cfg: ServeConfig,
-    provider: str,
-    variant: qb.Variant,
-    session: ort.InferenceSession,
-    report: placement.PlacementReport | None,
-) -> tuple[qb.Variant, ort.InferenceSession, placement.PlacementReport | None]:
+    bundle: qb.Bundle, cfg: ServeConfig, provider: str, variant: qb.Variant, opened: Opened
+) -> tuple[qb.Variant, Opened]:
     """What to serve: ``variant`` as opened, or FP32 opened instead where
     ``placement_refusal`` refuses the variant and ``--precision`` did not ask for it.
     Whatever is served and still falls back is logged.
@@ -417,16 +434,16 @@ def _placement_checked(
     FP32 is opened (a second session) only when the variant fails the strictest reading,
     to tell the variant's own fall-back from CPU nodes ORT places for FP32 as well.
     """
-    why = placement_refusal(variant, provider, report)
+    why = placement_refusal(variant, provider, opened.report)
     what = f"{variant.precision} ({variant.file}) on {provider}"
     unvouched = f"it falls back to the CPU and no speed gate on {provider} vouches for it"
     if why is not None and cfg.precision is not None:
         log.warning("serving %s as --precision asks, although %s: %s", what, unvouched, why)
-        return variant, session, report
+        return variant, opened
     if why is not None:
         fp32 = bundle.manifest.variant("fp32")
-        fp32_session, fp32_report = _session(bundle.path / fp32.file, cfg, provider, "fp32")
-        why = placement_refusal(variant, provider, report, fp32_report)
+        fp32_opened = _session(bundle, fp32, cfg, provider)
+        why = placement_refusal(variant, provider, opened.report, fp32_opened.report)
         if why is not None:
             log.warning(
                 "not serving %s: %s (%s); serving fp32 (%s) instead. Pass --precision %s to "
@@ -437,16 +454,50 @@ def _placement_checked(
                 fp32.file,
                 variant.precision,
             )
-            variant, session, report = fp32, fp32_session, fp32_report
+            variant, opened = fp32, fp32_opened
+    report = opened.report
     if report is not None and report.falls_back:
         log.warning("%s on %s: %s; expect it to be slow", variant.file, provider, report.reason())
-    return variant, session, report
+    return variant, opened
 
 
-def _session(
-    file: Path, cfg: ServeConfig, provider: str, precision: str
+@dataclass(frozen=True)
+class Opened:
+    """A variant's session, on CUDA where ORT placed its nodes (``quantgate.placement``),
+    and its index limits (``quantgate.tables.index_limits``), all of the file verified."""
+
+    session: ort.InferenceSession
+    report: placement.PlacementReport | None
+    index_limits: dict[str, int]
+
+
+def _session(bundle: qb.Bundle, variant: qb.Variant, cfg: ServeConfig, provider: str) -> Opened:
+    """``variant``'s session, built from the bytes whose sha256 was checked
+    (``modelfile.read_verified``): a bundle replaced since ``qb.load`` verified it is
+    refused, not served unchecked."""
+    file = bundle.path / variant.file
+    data, read = modelfile.read_verified(file, variant.sha256)
+    # A model whose weights are ONNX external data (files beside it, past protobuf's 2 GB)
+    # is opened by its path: ORT finds those files relative to the model's path, and from
+    # bytes it has no path (onnxruntime 1.20, which the server supports, has no option to
+    # name their folder). Its graph is checked as read (``unchanged`` below), its weight
+    # files only by qb.load's sha256.
+    source: bytes | str = str(file) if modelfile.uses_external_data(data) else data
+    del data  # one copy: ``source``, dropped with the session's own once it is built
+    session, report = _ort_session(source, file, cfg, provider, variant.precision)
+    modelfile.release(session)
+    del source
+    limits = read_index_limits(file)
+    # Both read by path what was checked as bytes (limits, and an external-data model)
+    modelfile.unchanged(file, read)
+    return Opened(session, report, limits)
+
+
+def _ort_session(
+    source: bytes | str, file: Path, cfg: ServeConfig, provider: str, precision: str
 ) -> tuple[ort.InferenceSession, placement.PlacementReport | None]:
-    """The session, and on CUDA where ORT placed the nodes (``quantgate.placement``)."""
+    """The session of ``source`` (the model's bytes, or its path), and on CUDA where ORT
+    placed the nodes (``quantgate.placement``); ``file`` names it in errors."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = cfg.intra_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -454,7 +505,7 @@ def _session(
     providers = provider_options(cfg, provider)
     if provider == CPU:
         try:
-            return ort.InferenceSession(str(file), options, providers=providers), None
+            return ort.InferenceSession(source, options, providers=providers), None
         except Exception as e:  # noqa: BLE001 - ORT raises its own types from C++
             raise BundleError(
                 f"ONNX Runtime cannot open {file} ({type(e).__name__}: {str(e).strip()}), though "
@@ -466,9 +517,7 @@ def _session(
         try:
             # enable_fallback=0: ORT would otherwise answer a CUDA provider that fails to
             # start (a wrong device id, say) with a CPU session and a line on stdout.
-            session = ort.InferenceSession(
-                str(file), options, providers=providers, enable_fallback=0
-            )
+            session = ort.InferenceSession(source, options, providers=providers, enable_fallback=0)
         except Exception as e:  # noqa: BLE001 - ORT raises its own types from C++
             raise ServeError(
                 f"the CUDA execution provider could not open {file.name} on device "

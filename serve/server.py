@@ -16,6 +16,7 @@ on 2 cores (docs/BENCHMARKS.md, "Serving" and "gRPC transport").
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -38,7 +39,7 @@ from grpc_reflection.v1alpha import reflection
 from quantgate import signals
 from quantgate.errors import DrainIncomplete, ServeError
 from quantgate.protos import grpc_service_pb2 as pb
-from quantgate.serve import auth, codec, tls
+from quantgate.serve import auth, codec, tls, watch
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.engine import Engine
 from quantgate.serve.repository import Repository, load_repository
@@ -498,6 +499,12 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
     prom.disable_created_metrics()
     _check_ports(cfg)
     engine = Engine(load_repository(cfg), cfg)
+    # Served as loaded: a bundle that changes on disk is said so once, not reloaded
+    changed = engine.metrics.bundle_changed
+    bundles = watch.BundleWatch(
+        (m.served() for m in engine.repository),
+        on_change=lambda model, is_changed: changed.labels(*model).set(int(is_changed)),
+    )
     if credentials is not None:  # when the served certificate expires, and after renewals
         expiry = engine.metrics.tls_expiry.labels(str(cfg.tls.cert))
         credentials.watch(lambda material: expiry.set(material.expires.timestamp()))
@@ -519,7 +526,7 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
     # SIGHUP too: the terminal that started the server closed. Its default would end the
     # process at once, admitted requests unanswered. A caller embedding run() gets its own
     # handlers back (signals.handling).
-    with signals.handling(on_signal):
+    with signals.handling(on_signal), contextlib.closing(bundles.start()):
         try:
             _start(cfg, server, port, engine, health_servicer, on_ready)
             while not stop.wait(0.5):  # a short wait: signal handlers run between waits

@@ -8,6 +8,9 @@ reads the files; what it returns is in force from then on. A load that fails kee
 was in force, is logged once for that state of the files, and is tried again every
 interval until it succeeds: some causes pass with time, the files untouched (a renewed
 certificate's start of validity arriving; permissions fixed, which changes no stamp).
+
+Bundles are not read again (``BundleWatch``): the server serves what it loaded at start,
+and says so once when a served bundle changes or goes on disk.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -37,8 +41,13 @@ def stamp(paths: Sequence[Path]) -> tuple:
         except OSError:
             out.append(None)
             continue
-        out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        out.append(file_stamp(st))
     return tuple(out)
+
+
+def file_stamp(st: os.stat_result) -> tuple[int, int, int]:
+    """``stamp``'s tuple for one file from its ``os.stat`` (or ``os.fstat``)."""
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 class Watched(Generic[T]):
@@ -96,3 +105,106 @@ class Watched(Generic[T]):
                 self.on_tick()
             except Exception:  # noqa: BLE001 - the watch must outlive a bug in one look
                 log.exception("reading %s again failed; %s", self.what, self.kept)
+
+
+MANIFEST = "manifest.json"
+
+
+def bundle_stamp(folder: Path) -> tuple:
+    """What tells a bundle folder's new version from the one loaded: the folder's own
+    (device, inode), which an export's rename into place changes (a symbolic link swapped to
+    another folder too: ``os.stat`` follows it), and manifest.json's ``stamp``, which a
+    manifest rewritten in place changes. None for either that cannot be seen (gone)."""
+    try:
+        st = os.stat(folder)
+        where = (st.st_dev, st.st_ino)
+    except OSError:
+        where = None
+    return (where, *stamp([folder / MANIFEST]))
+
+
+@dataclass
+class Served:
+    """A bundle as the server loaded it: ``what`` names the model and the copy served
+    ("model digits v1", "model.int8.onnx, sha256 3b35f566ab12..."), ``loaded`` is its
+    ``bundle_stamp`` taken before it was read, ``seen`` the stamp last looked at."""
+
+    path: Path
+    model: tuple[str, str]  # (name, version)
+    serving: str
+    loaded: tuple
+    seen: tuple | None = None
+
+    def __post_init__(self) -> None:
+        self.seen = self.loaded
+
+
+class BundleWatch:
+    """Served bundles that change on disk, looked at every ``interval`` seconds on one
+    daemon thread (a ``stat`` of each folder and manifest: off the request path, and off
+    the main thread, which must stay free to act on a signal).
+
+    The server is not reloaded: what it loaded at start is what it serves until it
+    restarts. A change is logged at WARNING once, when it is first seen (not at every
+    look), naming what is still served; a bundle that goes from disk is said so.
+    ``on_change((name, version), changed)`` is told of each change (``changed`` False
+    when the bundle is back as it was loaded), for the metric."""
+
+    def __init__(
+        self,
+        bundles: Iterable[Served],
+        *,
+        on_change: Callable[[tuple[str, str], bool], None] = lambda model, changed: None,
+        interval: float = INTERVAL_S,
+    ):
+        self.bundles, self.on_change, self.interval = tuple(bundles), on_change, interval
+        self._stop = threading.Event()
+
+    def start(self) -> BundleWatch:
+        if self.bundles:
+            threading.Thread(target=self._run, name="watch bundles", daemon=True).start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def check(self) -> list[Served]:
+        """Look at every bundle once; the ones whose state changed since the last look
+        (each logged). The thread calls it every interval; a test may call it directly."""
+        changed = []
+        for b in self.bundles:
+            now = bundle_stamp(b.path)
+            if now == b.seen:
+                continue
+            b.seen = now
+            changed.append(b)
+            name, version = b.model
+            where = f"bundle {b.path} (model {name} v{version})"
+            kept = f"still serving the copy loaded at start ({b.serving})"
+            if now == b.loaded:
+                log.info("%s is back on disk as it was loaded", where)
+            elif now[0] is None:
+                log.warning("%s is gone from disk: %s; a restart would not serve it", where, kept)
+            elif now[1] is None:
+                log.warning(
+                    "%s has no %s on disk any more: %s; a restart would not serve it",
+                    where,
+                    MANIFEST,
+                    kept,
+                )
+            else:
+                log.warning(
+                    "%s changed on disk since it was loaded: %s; restart the server to serve "
+                    "the new one",
+                    where,
+                    kept,
+                )
+            self.on_change(b.model, now != b.loaded)
+        return changed
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - the watch must outlive a bug in one look
+                log.exception("looking at the served bundles on disk failed")

@@ -1,0 +1,268 @@
+"""The bundle on disk against the copy served: the session is built from the bytes whose
+sha256 was checked (serve/modelfile.py), and a bundle that changes or goes while served is
+warned about once and served as loaded (watch.BundleWatch)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+
+import bundles
+import numpy as np
+import onnx
+import pytest
+import tritonclient.grpc as tc
+from conftest import ServerProcess
+from helpers import MODEL_FILE, Reference, batch, inputs, until
+from onnx import TensorProto, helper
+
+from quantgate import bundle as qb
+from quantgate.bundle import CPU
+from quantgate.errors import BundleError
+from quantgate.serve import modelfile, runtime
+from quantgate.serve.config import ServeConfig
+from quantgate.serve.watch import BundleWatch, Served, bundle_stamp
+
+CHANGED = "changed on disk since it was loaded"
+GONE = "is gone from disk"
+
+
+@pytest.fixture
+def sessions(monkeypatch) -> list:
+    """What each ONNX Runtime session of serve/runtime.py was built from, in order."""
+    built: list = []
+    real = runtime.ort.InferenceSession
+
+    def spy(source, *args, **kwargs):
+        built.append(source)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.ort, "InferenceSession", spy)
+    return built
+
+
+def _open(path: Path):
+    return runtime.open_model(path, ServeConfig(path=path), CPU)
+
+
+def test_the_session_is_built_from_the_bytes_whose_sha256_was_checked(tmp_path, sessions):
+    b = bundles.build(tmp_path / "b", "classifier")
+    sha = qb.load(b).manifest.variant("fp32").sha256
+    model = _open(b)
+    assert [type(s) for s in sessions] == [bytes]
+    assert hashlib.sha256(sessions[0]).hexdigest() == sha
+    # one copy: ONNX Runtime's Python session does not keep the file for the server's life
+    assert getattr(model.session, "_model_bytes", None) is None
+
+
+def test_a_bundle_replaced_after_its_hash_is_read_is_not_served(tmp_path, sessions, monkeypatch):
+    """A re-export renames a new folder into place: one that lands between the sha256 and
+    the session is refused (the session was built from the checked bytes; what reads the
+    file by path after, the vocabulary limits, would read the new one)."""
+    b = bundles.build(tmp_path / "b", "classifier")
+    new = bundles.build(tmp_path / "new", "classifier", seed=1)
+    sha = qb.load(b).manifest.variant("fp32").sha256
+    read = modelfile.read_verified
+
+    def read_then_replace(path, expected):
+        got = read(path, expected)
+        os.replace(b, tmp_path / "old")
+        os.replace(new, b)  # the new bundle, verified on its own, with another model
+        return got
+
+    monkeypatch.setattr(modelfile, "read_verified", read_then_replace)
+    with pytest.raises(BundleError, match="was replaced while the server loaded it"):
+        _open(b)
+    assert hashlib.sha256(sessions[0]).hexdigest() == sha  # the bytes checked, not the path
+    monkeypatch.undo()
+    assert _open(b).variant.sha256 != sha  # started again: the new one
+
+
+def test_a_file_changed_since_the_bundle_was_verified_is_refused(tmp_path):
+    b = bundles.build(tmp_path / "b", "classifier")
+    sha = qb.load(b).manifest.variant("fp32").sha256
+    (b / MODEL_FILE).write_bytes((b / MODEL_FILE).read_bytes() + b"\0")
+    with pytest.raises(BundleError, match=r"has sha256 \w{12}\.\.\., the manifest read expects"):
+        modelfile.read_verified(b / MODEL_FILE, sha)
+    with pytest.raises(BundleError, match="cannot read .* the bundle was changed or removed"):
+        modelfile.read_verified(b / "gone.onnx", sha)
+
+
+def test_a_model_with_external_data_is_opened_by_its_path(tmp_path, sessions):
+    """ONNX Runtime finds external weights beside the model's path, which bytes lack."""
+    b = bundles.build(tmp_path / "b", "encoder")
+    expected = Reference(b)
+    sessions.clear()
+    model = onnx.load(b / MODEL_FILE)
+    onnx.save_model(model, b / MODEL_FILE, save_as_external_data=True, location="weights.bin",
+                    size_threshold=0)  # fmt: skip
+    assert modelfile.uses_external_data((b / MODEL_FILE).read_bytes())
+    manifest = qb.load(b, verify=False).manifest
+    fp32 = dataclasses.replace(manifest.variants[0], sha256=qb.sha256_file(b / MODEL_FILE))
+    qb.write_manifest(
+        b,
+        dataclasses.replace(
+            manifest, variants=(fp32,), files={"weights.bin": qb.sha256_file(b / "weights.bin")}
+        ),
+    )
+    served = _open(b)
+    assert sessions == [str(b / MODEL_FILE)]
+    feeds = batch(np.random.default_rng(0), 2, 12)
+    (got,) = served.session.run(None, feeds)
+    np.testing.assert_allclose(got, expected(feeds), atol=1e-5)
+    assert served.index_limits == {"input_ids": bundles.VOCAB}
+
+
+def _tensor(name: str, external: bool) -> onnx.TensorProto:
+    t = helper.make_tensor(name, TensorProto.FLOAT, [2], [1.0, 2.0])
+    if external:
+        t.ClearField("float_data")
+        t.data_location = TensorProto.EXTERNAL
+        t.external_data.add(key="location", value="w.bin")
+    return t
+
+
+def _model(initializer: bool = False, in_subgraph: bool = False) -> bytes:
+    constant = helper.make_node("Constant", [], ["c"], value=_tensor("c", external=in_subgraph))
+    branch = helper.make_graph(
+        [constant], "then", [], [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])]
+    )
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch)],
+        "g",
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [_tensor("w", external=initializer)],
+    )
+    return helper.make_model(graph).SerializeToString()
+
+
+def test_external_data_is_found_in_initializers_and_in_subgraphs_attributes():
+    assert not modelfile.uses_external_data(_model())
+    assert modelfile.uses_external_data(_model(initializer=True))
+    assert modelfile.uses_external_data(_model(in_subgraph=True))
+    assert not modelfile.uses_external_data(b"not a model \xff\xff")  # ORT says what is wrong
+
+
+def test_the_field_numbers_walked_are_onnx_own():
+    def number(message, field: str) -> int:
+        return message.DESCRIPTOR.fields_by_name[field].number
+
+    names = {
+        modelfile._MODEL: (onnx.ModelProto, ("graph", "training_info", "functions")),
+        modelfile._TRAINING: (onnx.TrainingInfoProto, ("initialization", "algorithm")),
+        modelfile._GRAPH: (onnx.GraphProto, ("node", "initializer", "sparse_initializer")),
+        modelfile._NODE: (onnx.NodeProto, ("attribute",)),
+        modelfile._ATTRIBUTE: (
+            onnx.AttributeProto,
+            ("t", "g", "tensors", "graphs", "sparse_tensor", "sparse_tensors"),
+        ),
+        modelfile._FUNCTION: (onnx.FunctionProto, ("node", "attribute_proto")),
+        modelfile._SPARSE: (onnx.SparseTensorProto, ("values", "indices")),
+    }
+    kinds = {m.DESCRIPTOR.name: kind for kind, (m, _) in names.items()}
+    kinds["TensorProto"] = modelfile._TENSOR
+    for kind, (message, fields) in names.items():
+        holds = modelfile._HOLDS[kind]
+        assert sorted(holds) == sorted(number(message, f) for f in fields), message
+        for f in fields:
+            held = message.DESCRIPTOR.fields_by_name[f].message_type.name
+            assert holds[number(message, f)] == kinds[held], (message, f)
+    assert number(onnx.TensorProto, "external_data") == modelfile._EXTERNAL_DATA
+    assert number(onnx.TensorProto, "data_location") == modelfile._DATA_LOCATION
+    assert modelfile._EXTERNAL == TensorProto.EXTERNAL
+
+
+def test_a_change_on_disk_is_warned_about_once_per_change(tmp_path, caplog):
+    b = bundles.build(tmp_path / "b", "classifier")
+    changes: list = []
+    watch = BundleWatch(
+        [Served(b, ("tiny", "1"), "model.fp32.onnx, sha256 0123456789ab...", bundle_stamp(b))],
+        on_change=lambda model, changed: changes.append((model, changed)),
+    )
+
+    def looks(n: int = 3) -> str:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="quantgate.serve.watch"):
+            for _ in range(n):
+                watch.check()
+        return caplog.text
+
+    assert looks() == ""
+    bundles.build(b, "classifier", seed=1)  # a re-export: a new folder renamed into place
+    said = looks()
+    assert said.count(CHANGED) == 1 and "WARNING" in said, said
+    assert f"bundle {b} (model tiny v1) {CHANGED}: still serving the copy loaded at " in said
+    assert "(model.fp32.onnx, sha256 0123456789ab...); restart the server to serve" in said
+    manifest = b / "manifest.json"
+    time.sleep(0.01)
+    manifest.write_text(manifest.read_text())  # rewritten in place (its mtime)
+    assert looks().count(CHANGED) == 1
+    manifest.unlink()
+    assert looks().count("has no manifest.json on disk any more") == 1
+    shutil.rmtree(b)
+    said = looks()
+    assert said.count(GONE) == 1 and "a restart would not serve it" in said, said
+    assert changes == [(("tiny", "1"), True)] * 4
+
+
+def test_a_bundle_put_back_as_it_was_is_said_so(tmp_path, caplog):
+    b = bundles.build(tmp_path / "b", "classifier")
+    watch = BundleWatch([Served(b, ("tiny", "1"), "x", bundle_stamp(b))])
+    os.rename(b, tmp_path / "aside")
+    assert len(watch.check()) == 1
+    os.rename(tmp_path / "aside", b)
+    with caplog.at_level(logging.INFO, logger="quantgate.serve.watch"):
+        assert len(watch.check()) == 1 and not watch.check()
+    assert "is back on disk as it was loaded" in caplog.text
+
+
+def _changed_metric(srv: ServerProcess) -> str:
+    url = re.search(r"metrics on (http://\S+/metrics)", "".join(srv.stdout)).group(1)
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return re.search(r"^quantgate_bundle_changed_on_disk\{([^}]*)\} (\S+)$", text, re.M).group(0)
+
+
+def test_a_bundle_re_exported_while_served_is_warned_about_once_and_served_as_loaded(
+    tmp_path,
+):
+    b = bundles.build(tmp_path / "classifier", "classifier")
+    loaded = Reference(b)
+    sha = qb.load(b).manifest.variant("fp32").sha256
+    srv = ServerProcess(b, "--metrics-port", "0")
+    try:
+        feeds = batch(np.random.default_rng(0), 3, 12)
+
+        def answer() -> np.ndarray:
+            with tc.InferenceServerClient(srv.url) as c:
+                return c.infer("tiny-classifier", inputs(feeds)).as_numpy("logits")
+
+        metric = 'quantgate_bundle_changed_on_disk{model="tiny-classifier",version="1"}'
+        assert _changed_metric(srv) == f"{metric} 0.0"
+        bundles.build(b, "classifier", seed=1)  # the re-export, renamed into place
+        new = Reference(b)
+        until(lambda: CHANGED in srv.log)
+        time.sleep(2.5)  # more looks (one a second): no more lines
+        assert srv.log.count(CHANGED) == 1, srv.log
+        line = next(s for s in srv.stderr if CHANGED in s)
+        assert " WARNING quantgate.serve.watch: " in line, line
+        assert f"bundle {b} (model tiny-classifier v1)" in line, line
+        assert f"(model.fp32.onnx, sha256 {sha[:12]}...); restart the server to serve" in line
+        got = answer()
+        np.testing.assert_allclose(got, loaded(feeds), atol=1e-4)
+        assert not np.allclose(got, new(feeds), atol=1e-4)  # not the new one
+        assert _changed_metric(srv) == f"{metric} 1.0"
+        shutil.rmtree(b)
+        until(lambda: GONE in srv.log)
+        time.sleep(1.5)
+        assert srv.log.count(GONE) == 1 and srv.log.count(CHANGED) == 1, srv.log
+        np.testing.assert_allclose(answer(), loaded(feeds), atol=1e-4)
+    finally:
+        assert srv.terminate() == 0, srv.log
