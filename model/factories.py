@@ -29,7 +29,7 @@ from quantgate.model.loaders import (
     TupleOutputs,
     brief,
     did_you_mean,
-    not_float32,
+    half_precision,
 )
 from quantgate.tasks import CUSTOM, HF_TASKS, SEQUENCE_CLASSIFICATION
 
@@ -106,11 +106,11 @@ def _from_factory(
             "the batch, dim 1 the sequence) to trace and validate with"
         )
     arrays = _example_arrays(spec, example)
-    if stored := not_float32(module):  # your module: quantgate does not cast it for you
+    if stored := half_precision(module):  # your module: quantgate does not cast it for you
         raise ModelLoadError(
             f"{spec}: the module's weights are in {stored}; quantgate exports float32 (and "
-            "makes its FP16 and INT8 variants from it). Return `module.float()` (exact for "
-            "bfloat16 and float16 weights)."
+            "makes its FP16 and INT8 variants from it). Return `module.float()` from the "
+            "factory: float32 holds every bfloat16 and float16 value exactly."
         )
     module.eval()
     pads = _factory_attributes(spec, module, arrays)

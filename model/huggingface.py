@@ -23,8 +23,8 @@ from quantgate.model.loaders import (
     TupleOutputs,
     brief,
     did_you_mean,
+    half_precision,
     hash_files,
-    not_float32,
     read_json,
 )
 from quantgate.tasks import (
@@ -235,7 +235,7 @@ def _hf_model(path: Path, task: str) -> nn.Module:
         if bar:
             hf_logging.enable_progress_bar()
     _warn_random_weights(path, task, loading)
-    if stored := not_float32(model):  # transformers loads a checkpoint in the dtype it was saved
+    if stored := half_precision(model):  # transformers loads a checkpoint in the dtype it was saved
         log.info("%s: weights stored in %s, exported in float32 (exactly)", path, stored)
         model.float()
     return model.eval()

@@ -316,12 +316,18 @@ def did_you_mean(value: str, choices: Sequence[str]) -> str:
     return f" (did you mean {meant!r}?)" if meant else ""
 
 
-def not_float32(module: nn.Module) -> str:
-    """The floating dtypes other than float32 among ``module``'s weights, as text ("" if
-    none): quantgate's reference is float32, its FP16 and INT8 variants made from it."""
+HALF = (torch.bfloat16, torch.float16)
+
+
+def half_precision(module: nn.Module) -> str:
+    """The 16-bit float dtypes among ``module``'s weights and buffers, as text ("" if none):
+    quantgate's reference is float32, its FP16 and INT8 variants made from it, and float32
+    holds every bfloat16 and float16 value exactly. (A float64 buffer kept on purpose is
+    the module's own business.)"""
     tensors = (*module.parameters(), *module.buffers())
-    found = {str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()}
-    return ", ".join(sorted(found - {"float32"}))
+    return ", ".join(
+        sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.dtype in HALF})
+    )
 
 
 def read_json(path: Path, kind: type[dict] | type[list], what: str) -> Any:

@@ -127,6 +127,13 @@ def bfloat16_weights() -> nn.Module:
     return Pooler({"input_ids": _ids()}).to(torch.bfloat16)
 
 
+def float64_buffer() -> nn.Module:
+    """float32 weights and a float64 constant the module keeps on purpose: exported as ever."""
+    m = Pooler({"input_ids": _ids()})
+    m.register_buffer("scale", torch.tensor(0.5, dtype=torch.float64))
+    return m
+
+
 def bad_attributes() -> nn.Module:
     m = Pooler({"input_ids": _ids()})
     m.output_names, m.max_seq_len, m.pad_values = "logits", "64", {"input_ids": "x"}

@@ -245,6 +245,11 @@ def test_english_text_is_deterministic_and_varied():
     assert len(paragraphs) >= 4 and all(len(p.split()) >= 250 for p in paragraphs)
 
 
+def test_a_float64_buffer_is_the_modules_own_business():
+    """Only 16-bit weights are refused (float32 holds them exactly): a float64 buffer loads."""
+    assert load_model("qg_usermodels:float64_buffer").task == "custom"
+
+
 @pytest.mark.parametrize(
     ("factory", "messages"),
     [
