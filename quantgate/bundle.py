@@ -869,18 +869,28 @@ def _not_the_bundles(path: Path) -> list[str]:
     d = _quantgate_manifest(path)
     if d is None:
         return []
-    listed = {MANIFEST, REPORT, *d.get("files", {})}
-    listed |= {v["file"] for v in d.get("variants", ()) if isinstance(v, dict) and "file" in v}
+    files = d.get("files") if isinstance(d.get("files"), dict) else {}  # (a corrupt one: none)
+    variants = [v.get("file") for v in d["variants"] if isinstance(v, dict)]
+    listed = {MANIFEST, REPORT, *(f for f in (*files, *variants) if isinstance(f, str))}
     folders = {str(p) for f in listed for p in Path(f).parents if str(p) != "."}
     others = []
-    for root, dirs, files in os.walk(path):
+    for root, dirs, names in os.walk(path):
         rel = Path(root).relative_to(path)
         for name in sorted(dirs):
-            if str(rel / name) not in folders:
+            kept = str(rel / name) in folders
+            if not kept and os.listdir(Path(root) / name):  # an empty one loses nothing
                 others.append(f"{rel / name}/")
         dirs[:] = [d for d in dirs if str(rel / d) in folders]
-        others += [str(rel / f) for f in files if str(rel / f) not in listed]
+        others += [
+            str(rel / f) for f in names if str(rel / f) not in listed and not _system_litter(f)
+        ]
     return sorted(others)
+
+
+def _system_litter(name: str) -> bool:
+    """A file the system leaves in any folder a person looks at (Finder's .DS_Store, NFS's
+    .nfs* of a file still open): no one's work."""
+    return name in (".DS_Store", "Thumbs.db", "desktop.ini") or name.startswith((".nfs", "._"))
 
 
 def _recorded_model(bundle: Path) -> str | None:

@@ -8,10 +8,12 @@ import datetime
 import errno
 import fcntl
 import functools
+import hashlib
 import logging
 import os
 import shutil
 import signal
+import socket
 import stat
 import sys
 import tempfile
@@ -49,7 +51,7 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     tmp = None
     try:
         with _signals_held():  # a signal right after mkdtemp would leave it behind
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_owner()}-", dir=out.parent))
         # mkdtemp makes it 0700: give it the mode of the directory it replaces (a bundle kept
         # private stays private), else the mode mkdir would
         tmp.chmod(stat.S_IMODE(out.stat().st_mode) if out.is_dir() else 0o777 & ~_umask())
@@ -83,40 +85,55 @@ def remove_if_empty(folders: list[Path]) -> None:
 
 @contextlib.contextmanager
 def work_dir(prefix: str) -> Iterator[Path]:
-    """A temporary working directory under $TMPDIR, ``PREFIX<pid>-*``, removed after. The
-    ones of the same prefix left by processes that died (a SIGKILL, the OOM killer: no
-    cleanup runs) are removed first; a model's work can take gigabytes."""
+    """A temporary working directory under $TMPDIR, ``PREFIX<pid>-<host>-*``, removed after.
+    The ones of the same prefix left by this machine's processes that died (a SIGKILL, the
+    OOM killer: no cleanup runs) are removed first; a model's work can take gigabytes."""
     root = Path(tempfile.gettempdir())
     sweep_dead(root, prefix)
-    with tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{prefix}{_owner()}-") as tmp:
         yield Path(tmp)
 
 
 def sweep_dead(folder: Path, prefix: str) -> None:
-    """Remove the directories ``PREFIX<pid>-*`` in ``folder`` whose process is gone: what a
-    killed quantgate left (another process's, still running, is kept)."""
+    """Remove the directories ``PREFIX<pid>-<host>-*`` in ``folder`` that a process of this
+    machine (``<host>``: its name's hash) made and that process is gone: what a killed
+    quantgate left. A running process's is kept, and so is another machine's or
+    container's (its processes are not ours to see), where the folder is shared."""
+    host = _host_tag()
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return
     for entry in entries:
-        pid = entry.name.removeprefix(prefix).partition("-")[0]
-        mine = entry.name.startswith(prefix) and pid.isdigit()
-        if mine and not _alive(int(pid)) and entry.is_dir(follow_symlinks=False):
+        pid, _, rest = entry.name.removeprefix(prefix).partition("-")
+        ours = entry.name.startswith(prefix) and rest.startswith(f"{host}-")
+        if ours and _dead(pid) and entry.is_dir(follow_symlinks=False):
             log.info("removing %s, left by quantgate process %s, which died", entry.path, pid)
             _remove(Path(entry.path))
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _owner() -> str:
+    """``<pid>-<host>``: who makes a folder that ``sweep_dead`` may remove once they die."""
+    return f"{os.getpid()}-{_host_tag()}"
+
+
+@functools.cache
+def _host_tag() -> str:
+    """This machine (or container) as 8 hex digits: its host name's hash."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _dead(pid: str) -> bool:
+    """Whether process ``pid`` (digits) of this machine has ended; False when unsure."""
+    if not (pid.isdigit() and len(pid) <= 9) or int(pid) == os.getpid():
         return False
-    except OSError:  # another user's: alive
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
         return True
-    return True
+    except OSError:  # another user's, alive
+        return False
+    return False
 
 
 @contextlib.contextmanager
@@ -239,11 +256,34 @@ def _out_of_space(work: Path, err: BaseException, what: str) -> OutOfSpace:
         if temporary
         else "Give it a directory on a filesystem with room"
     )
+    cause = f"({type(err).__name__}: {str(err).splitlines()[0]})"
+    if _is_size_limit(err):
+        return OutOfSpace(
+            f"{what} failed: a file in its working directory {work} reached this process's "
+            f"file size limit ({_size_limit()}). Raise it (ulimit -f unlimited) "
+            f"and run again. {cause}"
+        )
     return OutOfSpace(
         f"{what} failed: the filesystem that holds its working directory {work} is full{free}. "
-        f"{where} (several times the size of the model) and run again. "
-        f"({type(err).__name__}: {str(err).splitlines()[0]})"
+        f"{where} (several times the size of the model) and run again. {cause}"
     )
+
+
+def _is_size_limit(err: BaseException | None) -> bool:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if (isinstance(err, OSError) and err.errno == errno.EFBIG) or "File too large" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _size_limit() -> str:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return "none" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
 
 
 def target_problem(

@@ -71,7 +71,7 @@ def build(
     """Export ``model_spec``, search INT8 recipes, gate them, and write the bundle at ``out``.
 
     The data are read and checked after the model loads, before the export: their rows,
-    evaluation rows that are calibration rows (``data.check_held_out``), and enough
+    evaluation rows that are calibration rows (``heldout.check_held_out``), and enough
     evaluation rows for the gates. Returns the bundle when every gate passed; otherwise
     writes it (INT8 marked failed) and raises ``GateFailed`` with the bundle's path.
     """

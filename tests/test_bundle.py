@@ -130,6 +130,15 @@ def test_files_added_to_a_bundle_are_not_lost_to_a_new_one_unless_forced(tmp_pat
     assert (b.path / "NOTES.md").read_text() == "why this model"
     write(b.path, force=True)
     assert not (b.path / "NOTES.md").exists() and qb.load(b.path).manifest.verdict == "pass"
+    (b.path / ".DS_Store").write_bytes(b"finder")  # the system's litter, an empty folder: no
+    (b.path / "empty").mkdir()  # one's work, and the next export goes through
+    write(b.path)
+    d = json.loads((b.path / qb.MANIFEST).read_text())
+    (b.path / "NOTES.md").write_text("x")
+    for files in (None, 3, {"a": "b"}):  # a damaged manifest: no traceback
+        (b.path / qb.MANIFEST).write_text(json.dumps({**d, "files": files}))
+        with pytest.raises(BundleError, match="NOTES.md"):
+            write(b.path)
 
 
 def test_corrupt_manifest_is_a_clear_error(tmp_path):

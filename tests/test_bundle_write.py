@@ -364,25 +364,28 @@ def test_what_a_killed_writer_left_beside_the_bundle_goes_with_the_next_write(tm
     stayed beside the bundle for good. The next write removes a dead process's, not a live
     one's (a write of another process working towards the same place)."""
     write(tmp_path / "b")
-    dead = tmp_path / f".b.tmp-{_dead_pid()}-x1y2z3"
-    alive = tmp_path / f".b.tmp-{os.getppid()}-a1b2c3"
-    for d in (dead, alive):
+    host, pid = fsutil._host_tag(), _dead_pid()
+    dead = tmp_path / f".b.tmp-{pid}-{host}-x1y2z3"
+    alive = tmp_path / f".b.tmp-{os.getppid()}-{host}-a1b2c3"
+    elsewhere = tmp_path / f".b.tmp-{pid}-0badc0de-q1"  # another machine's (a shared volume)
+    absurd = tmp_path / f".b.tmp-{'9' * 30}-{host}-q2"  # no pid: not read as one
+    for d in (dead, alive, elsewhere, absurd):
         d.mkdir()
         (d / "model.fp32.onnx").write_text("half")
     write(tmp_path / "b", "two")
-    assert not dead.exists() and alive.exists() and model_text(tmp_path / "b") == "two"
+    assert not dead.exists() and model_text(tmp_path / "b") == "two"
+    assert alive.exists() and elsewhere.exists() and absurd.exists()
 
 
 def test_a_work_folder_a_killed_process_left_in_tmpdir_is_removed(tmp_path, monkeypatch):
     """An export killed mid-search left gigabytes in $TMPDIR: the next one removes them."""
     monkeypatch.setattr(fsutil.tempfile, "tempdir", str(tmp_path))
-    dead, alive = (
-        tmp_path / f"quantgate-build-{_dead_pid()}-q",
-        tmp_path / f"quantgate-build-{os.getppid()}-r",
-    )
+    host = fsutil._host_tag()
+    dead = tmp_path / f"quantgate-build-{_dead_pid()}-{host}-q"
+    alive = tmp_path / f"quantgate-build-{os.getppid()}-{host}-r"
     dead.mkdir(), alive.mkdir()
     with fsutil.work_dir("quantgate-build-") as work:
-        assert work.name.startswith(f"quantgate-build-{os.getpid()}-") and work.is_dir()
+        assert work.name.startswith(f"quantgate-build-{os.getpid()}-{host}-") and work.is_dir()
     assert not work.exists() and not dead.exists() and alive.exists()
 
 
@@ -406,6 +409,8 @@ def test_a_file_size_limit_is_a_full_disk_not_the_models_fault():
 
     err = OSError(errno.EFBIG, "File too large")
     assert fsutil.disk_full(err)
+    with pytest.raises(fsutil.OutOfSpace, match=r"file size limit .*ulimit -f unlimited"):
+        fsutil.raise_if_full(err, Path("/tmp"), "the export")
     wrapped = RuntimeError("torch.onnx.export failed")
     wrapped.__cause__ = err
     assert "File too large" in _advice(wrapped) and "traceable" not in _advice(wrapped)
