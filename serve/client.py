@@ -116,11 +116,18 @@ class Client:
         try:
             return method(request, timeout=timeout or self._timeout, metadata=self._metadata)
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.UNAVAILABLE and (
-                failed := connection_failed(e.details() or "", self._url, tls=self._tls)
-            ):
-                raise failed from None
-            raise from_status(e.code(), e.details()) from None
+            details = e.details() or ""
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                if failed := connection_failed(details, self._url, tls=self._tls):
+                    raise failed from None
+                if WENT_AWAY.search(details):  # gRPC's words, not the server's
+                    raise Unavailable(
+                        f"the server at {self._url} went away before answering ({details}): "
+                        "it shut down (its --shutdown-grace ran out) or lost the connection. "
+                        "Inference has no side effects: send it again, to another replica or "
+                        "once this one is back."
+                    ) from None
+            raise from_status(e.code(), details) from None
 
     def live(self) -> bool:
         return self._call(self._stub.ServerLive, pb.ServerLiveRequest()).live
@@ -265,6 +272,11 @@ def _input_array(name: str, value: Any, datatype: str, rank: int) -> np.ndarray:
         return cast_exact(array, datatype)
     except ValueError as e:
         raise InputRefused(name, "inexact", str(e)) from e
+
+
+# What gRPC says of a call whose server stopped before it answered: cancelled at the end of
+# its grace, or a connection closed under it.
+WENT_AWAY = re.compile(r"Cancelling all calls|GOAWAY|Stream removed|Socket closed")
 
 
 def connection_failed(details: str, url: str, *, tls: bool) -> ConnectionFailed | None:

@@ -500,6 +500,24 @@ def test_a_grace_that_runs_out_is_logged_and_exits_1(tmp_path):
     assert "Traceback" not in srv.log and "stopped: every admitted" not in srv.log
 
 
+def test_a_client_whose_request_the_grace_cut_off_is_told_the_server_went_away(tmp_path):
+    """quantgate's client met gRPC's bare 'Cancelling all calls' (UNAVAILABLE): it says the
+    server went away before answering, and that the request may be sent again."""
+    srv = ServerProcess(_slow_bundle(tmp_path / "slow"), "--shutdown-grace", "0.5")
+    command = [sys.executable, "-m", "quantgate", "infer", "slow", "--url", srv.url,
+               "-i", f"input_ids=[[{10**7}]]", "--timeout", "60"]  # fmt: skip
+    client = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _running(srv, lambda: None)
+        assert srv.terminate() == 1, srv.log
+        _, err = client.communicate(timeout=60)
+    finally:
+        client.kill()
+    assert client.returncode == 2, err  # as every error a server answers
+    assert f"the server at {srv.url} went away before answering" in err, err
+    assert "send it again" in err and "Traceback" not in err, err
+
+
 def test_a_cancelled_stream_cancels_the_requests_it_queued(repo):
     """20 requests wait in the queue for company (a 30 s batching delay); the client cancels
     the stream: they leave the queue counted as failed, and none of them ever runs."""
