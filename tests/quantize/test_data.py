@@ -478,13 +478,7 @@ def test_left_padded_rows_are_warned_about(caplog):
 def test_token_labels_are_one_per_token_trimmed_with_their_batch(tmp_path):
     """A token classifier's .npz labels: (rows, sequence) class indices or -100, cut with
     the trailing padding of each batch; other shapes and values are refused by name."""
-    from quantgate.bundle import TensorSpec
-
-    axes = ("batch", "sequence")
-    info = ModelInfo(
-        (TensorSpec("input_ids", "int64", axes), TensorSpec("attention_mask", "int64", axes)),
-        "token-classification", 32, labels=("O", "B-PER", "I-PER"),
-    )  # fmt: skip
+    info = _tagger()
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 100, (40, 20))
     mask = np.ones_like(ids)
@@ -515,13 +509,7 @@ def test_token_labels_are_one_per_token_trimmed_with_their_batch(tmp_path):
 def test_an_iterable_s_token_labels_are_read_and_checked_per_item():
     """A token classifier's labels in an iterable's items are read as an .npz's are: (rows,
     sequence) per item, its own width; a wrong shape or class is refused by its item."""
-    from quantgate.bundle import TensorSpec
-
-    axes = ("batch", "sequence")
-    info = ModelInfo(
-        (TensorSpec("input_ids", "int64", axes), TensorSpec("attention_mask", "int64", axes)),
-        "token-classification", 32, labels=("O", "B-PER", "I-PER"),
-    )  # fmt: skip
+    info = _tagger()
     rng = np.random.default_rng(0)
     items = []
     for width in (6, 9):
@@ -581,3 +569,14 @@ def test_a_rows_label_is_not_cut_with_the_batchs_padding(tmp_path):
     batches = list(open_source(path, info, role="evaluation").batches())
     assert [len(b.labels) for b in batches] == [len(b.feeds["input_ids"]) for b in batches]
     assert sorted(np.concatenate([b.labels for b in batches]).tolist()) == sorted(labels.tolist())
+
+
+def _tagger() -> ModelInfo:
+    """A token classifier of 3 tags over (batch, sequence) ids and mask, 32 tokens at most."""
+    from quantgate.bundle import TensorSpec
+
+    axes = ("batch", "sequence")
+    return ModelInfo(
+        (TensorSpec("input_ids", "int64", axes), TensorSpec("attention_mask", "int64", axes)),
+        "token-classification", 32, labels=("O", "B-PER", "I-PER"),
+    )  # fmt: skip
