@@ -15,7 +15,9 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from enum import Enum
 from inspect import cleandoc
 from pathlib import Path
@@ -27,6 +29,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -71,9 +74,39 @@ def _console(stderr: bool = False) -> Console:
     """A terminal gets rich's wrapping at its width. A pipe or a CI log gets whole lines:
     rich would wrap them at 80 columns, mid-sentence, and break grep."""
     stream = sys.stderr if stderr else sys.stdout
+    file = None if stderr else _Stdout()
     if stream.isatty() or "COLUMNS" in os.environ:
-        return Console(stderr=stderr)
-    return Console(stderr=stderr, soft_wrap=True, width=200)
+        return Console(stderr=stderr, file=file)
+    return Console(stderr=stderr, file=file, soft_wrap=True, width=200)
+
+
+class _Stdout:
+    """sys.stdout (whichever it is when written to), where a reader that stopped reading is
+    no error: `quantgate gate ... | head -1` ended with a BrokenPipeError, exit 1, whatever
+    the gates said. The rest of the output goes nowhere, and the command keeps its exit
+    code."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stdout.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            self._closed()
+
+    @staticmethod
+    def _closed() -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # and so for Python's last flush at exit
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(sys.stdout, name)
 
 
 console = _console(stderr=True)
@@ -81,25 +114,62 @@ out = _console()
 
 
 class _Progress(Progress):
-    """Rich's live bars on a terminal. Elsewhere (a pipe, a CI log) rich prints them once, at
-    the end, whatever they hold: an empty line when no task began, a bar stopped at 0/7
-    before an early refusal's message. There they are printed at the end only where some
-    work was done."""
+    """Rich's live bars on a terminal. Elsewhere (a pipe, a CI log, with FORCE_COLOR or
+    not) one plain line per step a task finishes, with its time: a log that shows a long
+    export is alive (rich printed its bars once, at the end, after minutes of silence; under
+    FORCE_COLOR, every redraw). A step is done when its task moves on to another; each
+    task's last one is printed as it ends."""
+
+    def __init__(self, *columns, **kwargs) -> None:
+        super().__init__(*columns, **kwargs)
+        self._live = self.console.file.isatty()
+        self._steps: dict[TaskID, _Step] = {}
 
     def start(self) -> None:
-        if self.console.is_terminal:
+        if self._live:
             super().start()
 
     def stop(self) -> None:
-        if self.console.is_terminal:
+        if self._live:
             super().stop()
 
+    def update(self, task_id: TaskID, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        if self._live:
+            return
+        task = self._tasks[task_id]
+        status = task.fields.get("status", "")
+        step = self._steps.get(task_id)
+        if step is not None and step.status != status:
+            took = f" ({time.monotonic() - step.since:.1f} s)"
+            # the count the step brought it to, unless the next one counts afresh
+            done = task.completed if task.completed >= step.completed else step.completed
+            self._say(task.description, done, task.total, step.status + took)
+        if step is None or step.status != status:
+            step = self._steps[task_id] = _Step(status, time.monotonic())
+        step.completed = task.completed
+
+    def _say(self, what: str, completed: float, total: float | None, status: str) -> None:
+        where = f" {completed:g}/{total:g}" if total else ""
+        self.console.print(f"{what}{where}: {status}", highlight=False, markup=False)
+
     def __exit__(self, *exc) -> None:
-        if self.console.is_terminal:
+        if self._live:
             return super().__exit__(*exc)
-        if any(task.completed for task in self.tasks):
-            self.console.print(self.get_renderable())
+        for task_id, step in self._steps.items():  # where each task that did work ended
+            task = self._tasks[task_id]
+            if task.completed:
+                self._say(task.description, task.completed, task.total, step.status)
         return None
+
+
+@dataclass
+class _Step:
+    """The step a task is at, off a terminal: its status, since when, how far it got."""
+
+    status: str
+    since: float
+    completed: float = 0
 
 
 def progress() -> Progress:
@@ -671,10 +741,12 @@ def _gate_cells(g) -> tuple[str, str, str, str, str, bool]:
     """A gate as `export`, `gate` and `inspect` print it: its label, value, interval ("" where
     it has none), op and threshold, "pass" or "FAIL", and whether another sample could have
     decided it the other way (``decide.uncertain``)."""
-    from quantgate.quantize.decide import uncertain
+    from quantgate.quantize.decide import failed_by_bound, uncertain
 
     ci = f"[{g.ci[0]:.4g}, {g.ci[1]:.4g}]" if g.ci else ""
     mark = "pass" if g.passed else "FAIL"
+    if bound := failed_by_bound(g):  # "0 <= 0.02: FAIL" needs its reason
+        mark += f" (its {bound} is not {g.op} {g.threshold:g}: ci_rule upper)"
     return g.label, f"{g.value:.4g}", ci, f"{g.op} {g.threshold:g}", mark, uncertain(g)
 
 
@@ -702,7 +774,9 @@ def _print_gates(path: Path) -> None:
     for v in m.variants:
         if v.precision == "fp32":
             continue
-        out.print(f"  {v.file} ({v.notes or v.precision}): {v.verdict}", highlight=False)
+        out.print(
+            f"  {v.file} ({v.notes or v.precision}): {v.verdict}", highlight=False, soft_wrap=True
+        )
         for g in v.gates:
             label, value, ci, bound, mark, unsure = _gate_cells(g)
             if unsure:

@@ -175,6 +175,16 @@ def uncertain(gate: GateResult) -> bool:
     return gate.passed == _meets(gate.value, gate.op, gate.threshold)
 
 
+def failed_by_bound(gate: GateResult) -> str | None:
+    """Where ``gate`` failed on its interval's bound though its value passes (``ci_rule``
+    "upper"): that bound, as "upper bound 0.037" (its figure in the gate's terms); else
+    None. A reader who sees "0 <= 0.02: FAIL" needs it."""
+    if gate.passed or gate.ci is None or not _meets(gate.value, gate.op, gate.threshold):
+        return None
+    side, bound = ("upper", gate.ci[1]) if gate.op == "<=" else ("lower", gate.ci[0])
+    return None if _meets(bound, gate.op, gate.threshold) else f"{side} bound {bound:.4g}"
+
+
 def _meets(value: float, op: str, threshold: float) -> bool:
     """Whether ``value`` is on the passing side of ``threshold`` (``op`` "<=" or ">="), with
     1e-9 of slack for sums of floats; NaN never is."""
@@ -286,4 +296,12 @@ def tail_gate(
     )  # fmt: skip
 
 
-__all__ = ["GateConfig", "decide", "interval_gate", "mean_gate", "tail_gate", "uncertain"]
+__all__ = [
+    "GateConfig",
+    "decide",
+    "failed_by_bound",
+    "interval_gate",
+    "mean_gate",
+    "tail_gate",
+    "uncertain",
+]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from quantgate.bundle import PASS, Bundle, Manifest, load
 from quantgate.errors import GateFailed
 from quantgate.quantize.data import MIN_CALIBRATION_ROWS
+from quantgate.quantize.decide import failed_by_bound
 
 if TYPE_CHECKING:
     from quantgate.quantize.search import SearchResult
@@ -39,6 +40,11 @@ def failure_message(manifest: Manifest, where, search: SearchResult | None = Non
     lines = [
         f"{precision} {g.label} = {g.value:.4g}, required {g.op} {g.threshold:g}"
         + (f" (interval {g.ci[0]:.4g}..{g.ci[1]:.4g})" if g.ci else "")
+        + (
+            f": its {bound} is not, and ci_rule 'upper' decides by it (more rows narrow it)"
+            if (bound := failed_by_bound(g))
+            else ""
+        )
         for precision, g in bad
     ]
     int8 = [g for precision, g in bad if precision == "int8"]

@@ -439,3 +439,59 @@ def test_a_ctrl_c_as_the_process_exits_is_no_traceback():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "quantgate" in r.stdout, r
     assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr, r.stderr
+
+
+def test_off_a_terminal_each_finished_step_is_one_line():
+    """A CI log got nothing for minutes, then the bars once (or, under FORCE_COLOR, every
+    redraw): each step a task finishes is now a line, with how far it got and its time."""
+    import io
+
+    from rich.console import Console
+
+    from quantgate.cli import _Progress
+
+    log = io.StringIO()
+    with _Progress(console=Console(file=log, force_terminal=True)) as bar:  # FORCE_COLOR
+        search = bar.add_task("search", total=3, status="")
+        calib = bar.add_task("calibration", total=2, status="")
+        bar.update(search, completed=0, total=3, status="recipe-a")
+        bar.update(calib, completed=2, total=2, status="recipe-a")
+        bar.update(search, completed=1, total=3, status="recipe-b")
+        bar.update(calib, completed=1, total=2, status="recipe-b")  # counts afresh
+        bar.update(search, completed=3, total=3, status="done")
+    lines = log.getvalue().splitlines()
+    assert [re.sub(r" \(\d+\.\d s\)", "", line) for line in lines] == [
+        "search 1/3: recipe-a",
+        "calibration 2/2: recipe-a",
+        "search 3/3: recipe-b",
+        "search 3/3: done",
+        "calibration 1/2: recipe-b",
+    ], lines
+    assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
+
+
+def test_a_reader_that_stops_reading_keeps_the_commands_exit_code(tmp_path):
+    """`quantgate inspect ... | head -1`: the output's reader went away, and the command
+    exited 1 (a BrokenPipeError), whatever it had to say. It keeps its own exit code now."""
+    from quantgate import bundle as qb
+
+    _tiny_bundle(tmp_path / "b", (qb.GateResult("cosine", 1.0, 0.99, ">=", True),))
+    r = subprocess.run(
+        f"{sys.executable} -m quantgate inspect {tmp_path / 'b'} | true; exit ${{PIPESTATUS[0]}}",
+        shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_gate_failed_by_its_bound_says_so_where_its_value_passes(cli, tmp_path):
+    """Under ci_rule "upper", "cosine_tail 0 [0, 0.037] <= 0.02: FAIL" read as 0 <= 0.02
+    failing: the console and the error name the bound that failed it."""
+    from quantgate import bundle as qb
+    from quantgate.quantize.verdict import failure_message
+
+    g = qb.GateResult("cosine_tail", 0.0, 0.02, "<=", False, ci=(0.0, 0.03699))
+    _tiny_bundle(tmp_path / "b", (g,))
+    r = cli("inspect", tmp_path / "b")
+    assert "its upper bound 0.03699 is not <= 0.02: ci_rule upper" in r.stdout, r.stdout
+    message = failure_message(qb.load(tmp_path / "b").manifest, tmp_path / "b")
+    assert "its upper bound 0.03699 is not, and ci_rule 'upper' decides by it" in message
