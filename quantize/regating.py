@@ -4,9 +4,11 @@ after an ONNX Runtime upgrade), its manifest and report rewritten atomically.
 On the CPU, the INT8 variant's accuracy and speed gates replace those measured there
 before; on CUDA, every variant's gates there, by the build's rule (``cuda.gate_built``).
 A re-gate keeps the thresholds the bundle was last gated with (``recorded_gate_config``),
-warns about a looser one and names it in the report, refuses evaluation rows the
-calibration saw (``heldout.check_held_out``) and unlabelled rows for a bundle gated on
-labelled accuracy, and raises ``GateFailed`` (after rewriting) unless the bundle then passes.
+warns about a looser one and names it in the report, warns on every run whose settings are
+looser than the export's (``exported_gate_config``), refuses evaluation rows the
+calibration saw (``heldout.check_held_out``) and unlabelled rows for a bundle any gating of
+which was on labelled accuracy, and raises ``GateFailed`` (after rewriting) unless the
+bundle then passes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -57,8 +59,9 @@ from quantgate.quantize.gates import (
 from quantgate.quantize.heldout import Fingerprint, check_held_out
 from quantgate.quantize.labels import NO_LABEL
 from quantgate.quantize.search import QuantConfig
-from quantgate.quantize.speed import speed_gates
+from quantgate.quantize.speed import speed_gates, speed_shapes
 from quantgate.quantize.verdict import POLICY, passed_bundle
+from quantgate.tasks import CLASSIFIER_TASKS, TOKEN_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +82,11 @@ def regate(
     """Re-run a bundle's gates on ``gate_cfg.provider`` on ``evaluation``; rewrite its
     manifest and report atomically.
 
-    A bundle gated on labelled accuracy is refused unlabelled evaluation data (a DataError,
-    before anything is measured): the agreement gates that would stand in let far more rows
-    change, and a misnamed label key would turn a CI gate green. ``allow_unlabelled`` gates
-    it on agreement with FP32 knowingly.
+    A bundle gated on labelled accuracy (by its export, or by any re-gate it records) is
+    refused unlabelled evaluation data (a DataError, before anything is measured): the
+    agreement gates that would stand in let far more rows change, and a misnamed label key
+    would turn a CI gate green. ``allow_unlabelled`` gates it on agreement with FP32
+    knowingly, for this call only: the next without it is refused again.
 
     On the CPU: the INT8 variant's accuracy and speed gates, which replace its gates measured
     there; its gates on CUDA are kept. On CUDA: every variant's CUDA gates, by the build's rule
@@ -92,7 +96,8 @@ def regate(
     (``recorded_gate_config``); then a ``gate_file``'s (TOML or JSON, as ``--gate-config``
     reads it), then ``overrides`` (GateConfig fields; None leaves one as it is), then
     ``provider``. A re-gate keeps the bundle's thresholds unless told otherwise, and a
-    loosened threshold is warned about and named in the report. In
+    loosened threshold is warned about and named in the report; so, on every re-gate, is a
+    setting looser than the export's (``exported_gate_config``). In
     report.md the re-gate comes first, and the sections it replaces are kept, marked
     superseded (``report.regated``). Raises ``GateFailed`` (after rewriting) unless the
     bundle then passes: every gate of every variant.
@@ -131,13 +136,23 @@ def _regate(
     m = bundle.manifest
     on_cuda = gate_cfg.provider == CUDA
     _require_variants(m, on_cuda)  # before minutes of reading and measuring
-    changed = _changed_settings(recorded, gate_cfg) if recorded else None
+
+    def timed(cfg: GateConfig) -> int:  # the sequence length the speed gates time at
+        return speed_shapes(m.inputs, m.max_seq_len or cfg.seq_len, cfg)[0][1]
+
+    changed = _changed_settings(recorded, gate_cfg, timed_seq=timed) if recorded else None
     loosened = [text for text, looser in changed or () if looser]
     if loosened:
         log.warning(
             "re-gating with looser settings than the bundle was last gated with: %s",
             "; ".join(loosened),
         )
+    # and against the export's, on every run: a loosened threshold that a later plain re-gate
+    # keeps (it keeps the last gating's) is still named, not inherited in silence
+    exported = exported_gate_config(m)
+    beyond = _looser_than(exported, gate_cfg, timed) if exported else []
+    if unsaid := [text for text in beyond if text not in loosened]:
+        log.warning("re-gating with settings looser than the export's: %s", "; ".join(unsaid))
     info = with_graph_tables(ModelInfo.from_manifest(m, bundle.path), bundle.file("fp32"))
     fingerprint = Fingerprint.from_record(m.calibration)
     if fingerprint is None:  # a bundle from before its calibration rows were recorded
@@ -152,7 +167,7 @@ def _regate(
         _check_labels_kept(m, ev, where, allow=allow_unlabelled)
     emit = on_progress or no_progress
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    said = (_measured_on(ev), _settings_said(changed))
+    said = (_measured_on(ev), _settings_said(changed, beyond))
     record = {
         "at": when,
         "provider": gate_cfg.provider,
@@ -198,10 +213,11 @@ def _regate_int8(
 def _check_labels_kept(m: Manifest, ev: DataSource, where: str, *, allow: bool) -> None:
     """Refuse unlabelled ``ev`` for a bundle whose INT8 was gated on labelled accuracy,
     unless ``allow``: then say, as a warning, which gates stand in."""
-    drop = next((g for g in m.variant("int8").gates if g.name.endswith("accuracy_drop")), None)
+    drop = _labelled_accuracy(m)
     if ev.has_labels or drop is None:
         return
-    tokens = drop.name.startswith("token")
+    gate, threshold = drop
+    tokens = gate.startswith("token")
     agreement = "token_top1_agreement, token_kl" if tokens else "top1_agreement, kl"
     if allow:
         log.warning(
@@ -218,11 +234,54 @@ def _check_labels_kept(m: Manifest, ev: DataSource, where: str, *, allow: bool) 
     )
     raise DataError(
         f"{where} has no labels, but this bundle's INT8 was gated on labelled accuracy "
-        f"({drop.name} <= {drop.threshold:g} points). Without labels that gate would give "
+        f"({gate} <= {threshold:g} points). Without labels that gate would give "
         f"way to agreement with FP32 ({agreement}), which lets far more change: a CI gate "
         f"must not loosen because a label went missing. Label the rows ({how}), or pass "
         "--allow-unlabelled to gate on agreement knowingly."
     )
+
+
+def _labelled_accuracy(m: Manifest) -> tuple[str, float] | None:
+    """The labelled accuracy gate ``m``'s INT8 was last gated on (its name and threshold),
+    by any gating its manifest records, else None: its gates now; else the newest re-gate
+    on the CPU on labelled rows; else its export's (the shipped candidate's gates, else its
+    labelled evaluation rows).
+
+    Its gates now alone would not do: a re-gate with ``allow_unlabelled`` replaces the
+    accuracy gate with agreement ones, and the next re-gate would then take unlabelled rows
+    without being asked."""
+    drop = next((g for g in m.variant("int8").gates if g.name.endswith("accuracy_drop")), None)
+    if drop is not None:
+        return drop.name, drop.threshold
+    name = "token_accuracy_drop" if m.task in TOKEN_TASKS else "accuracy_drop"
+    labelled_task = m.task in (*CLASSIFIER_TASKS, *TOKEN_TASKS)
+
+    def gate(name: str, config: Any) -> tuple[str, float]:
+        limit = config.get("max_accuracy_drop") if isinstance(config, dict) else None
+        if not isinstance(limit, (int, float)) or isinstance(limit, bool):
+            limit = DEFAULT_GATES.max_accuracy_drop
+        return name, float(limit)
+
+    for r in reversed(m.extra.get("regates") or []):
+        if not isinstance(r, dict) or r.get("provider") == CUDA:  # CUDA's gates: fidelity only
+            continue
+        labelled = (r.get("evaluation") or {}).get("labels") is True
+        if labelled and labelled_task:
+            return gate(name, r.get("gate_config"))
+    quant = m.extra.get("quantization") or {}
+    if not isinstance(quant, dict):
+        return None
+    candidates = [c for c in quant.get("candidates") or [] if isinstance(c, dict)]
+    shipped = [c for c in candidates if c.get("name") == quant.get("shipped")] or candidates
+    for c in shipped:
+        accuracy = c.get("accuracy")
+        drops = [k for k in accuracy or {} if str(k).endswith("accuracy_drop")]
+        if isinstance(accuracy, dict) and drops:
+            return gate(drops[0], quant.get("gate_config"))
+    evaluated = ((m.calibration or {}).get("evaluation") or {}).get("labels") is True
+    if evaluated and labelled_task:
+        return gate(name, quant.get("gate_config"))
+    return None
 
 
 def _require_variants(m: Manifest, on_cuda: bool) -> None:
@@ -286,15 +345,25 @@ def recorded_gate_config(m: Manifest) -> GateConfig | None:
     records = [r.get("gate_config") for r in m.extra.get("regates", []) if isinstance(r, dict)]
     records.insert(0, (m.extra.get("quantization") or {}).get("gate_config"))
     latest = next((r for r in reversed(records) if isinstance(r, dict)), None)
-    if latest is None:
-        return None
+    where = "the newest under extra.regates, else extra.quantization"
+    return None if latest is None else _policy(m, latest, where)
+
+
+def exported_gate_config(m: Manifest) -> GateConfig | None:
+    """The gate policy ``m``'s bundle was exported with (its build's record, over the
+    defaults), which every re-gate is compared with; None where it recorded none."""
+    build = (m.extra.get("quantization") or {}).get("gate_config")
+    return _policy(m, build, "extra.quantization") if isinstance(build, dict) else None
+
+
+def _policy(m: Manifest, record: dict[str, Any], where: str) -> GateConfig:
     try:
-        return DEFAULT_GATES.with_overrides(**{k: latest[k] for k in POLICY if k in latest})
+        return DEFAULT_GATES.with_overrides(**{k: record[k] for k in POLICY if k in record})
     except (ConfigError, TypeError) as e:
         raise BundleError(
             f"the gate settings {m.name!r}'s manifest records are not valid ({e}): its "
-            "manifest.json was edited or damaged. Fix that gate_config (the newest under "
-            "extra.regates, else extra.quantization), or export the model again"
+            f"manifest.json was edited or damaged. Fix that gate_config ({where}), or export "
+            "the model again"
         ) from e
 
 
@@ -303,23 +372,54 @@ _MINIMUMS = ("min_speedup", "min_cosine", "tail_cosine", "min_top1_agreement")
 _MAXIMUMS = ("max_accuracy_drop", "max_kl", "max_tail_share")
 
 
-def _changed_settings(before: GateConfig, after: GateConfig) -> list[tuple[str, bool]]:
+def _changed_settings(
+    before: GateConfig, after: GateConfig, *, timed_seq: Callable[[GateConfig], int] | None = None
+) -> list[tuple[str, bool]]:
     """Each gate policy setting ``after`` changes, as ("name old -> new", looser): looser
     where it lets more through: a lower minimum, a higher maximum, the point estimate for
-    the bound, a served batch size no longer timed."""
+    the bound, a lower confidence where the bound decides (``ci_rule`` "upper", before and
+    after), a shape timed before and no longer: a served batch size dropped, or a different
+    sequence length, shorter or longer (``timed_seq``: the length a config times at, the
+    model's cap applied; without it, ``seq_len`` itself).
+
+    Under ``ci_rule`` "point" the confidence decides no verdict, and is said so; a
+    ``seq_len`` that still times the same shape (both at or above the model's longest) is
+    not looser, and is said so too."""
     changed = []
     for name in POLICY:
         old, new = getattr(before, name), getattr(after, name)
         if old == new:
             continue
+        text = f"{name} {old} -> {new}"
         looser = (
             (name in _MINIMUMS and new < old)
             or (name in _MAXIMUMS and new > old)
             or (name == "ci_rule" and new == "point")
             or (name == "batch_sizes" and not set(old) <= set(new))
         )
-        changed.append((f"{name} {old} -> {new}", looser))
+        if name == "confidence" and after.ci_rule == "point":
+            text += " (decides no verdict under ci_rule 'point')"
+        elif name == "confidence":
+            # a bound at a lower confidence sits nearer the estimate; from "point" to
+            # "upper", any bound is stricter than the estimate it replaces
+            looser = before.ci_rule == "upper" and new < old
+        elif name == "seq_len":
+            was, now = (timed_seq(before), timed_seq(after)) if timed_seq else (old, new)
+            # the shapes timed before are no longer timed, as with a dropped batch size:
+            # a speedup is no more assured at another length than at another batch size
+            looser = was != now
+            text += " (a different shape)" if looser else f" (timed at {now} either way)"
+        changed.append((text, looser))
     return changed
+
+
+def _looser_than(
+    before: GateConfig, after: GateConfig, timed_seq: Callable[[GateConfig], int] | None = None
+) -> list[str]:
+    """The settings of ``after`` looser than ``before``'s, as "name old -> new"."""
+    return [
+        text for text, looser in _changed_settings(before, after, timed_seq=timed_seq) if looser
+    ]
 
 
 def _int8_gates(
@@ -363,15 +463,20 @@ def _measured_on(ev: DataSource) -> str:
     return f"with onnxruntime {_ort_version()} on {ev.description} (sha256 `{ev.sha256[:12]}`)"
 
 
-def _settings_said(changed: list[tuple[str, bool]] | None) -> str:
-    """The sentence of a re-gate's section on the gate settings ``changed`` since the last
-    gating (None: the bundle recorded none)."""
+def _settings_said(changed: list[tuple[str, bool]] | None, beyond: Sequence[str] = ()) -> str:
+    """The sentences of a re-gate's section on the gate settings ``changed`` since the last
+    gating (None: the bundle recorded none), and on those ``beyond`` the export's: looser
+    than its settings, however many re-gates ago they were loosened."""
     if changed is None:
-        return "The bundle recorded no gate settings to compare these with."
-    if not changed:
-        return "Gate settings: those of the last gating."
-    said = (text + (" (looser)" if looser else "") for text, looser in changed)
-    return f"Gate settings changed since the last gating: {'; '.join(said)}."
+        said = "The bundle recorded no gate settings to compare these with."
+    elif not changed:
+        said = "Gate settings: those of the last gating."
+    else:
+        listed = (text + (" (looser)" if looser else "") for text, looser in changed)
+        said = f"Gate settings changed since the last gating: {'; '.join(listed)}."
+    if beyond:
+        said += f" Looser than the export's: {'; '.join(beyond)}."
+    return said
 
 
 def _ort_version() -> str:
@@ -380,4 +485,4 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
-__all__ = ["recorded_gate_config", "regate"]
+__all__ = ["exported_gate_config", "recorded_gate_config", "regate"]

@@ -1,0 +1,199 @@
+"""Re-gating's guards against a gate loosened without a word: the interval's confidence, the
+timed sequence length, the label protection and the export's own thresholds."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from qg_pipeline_helpers import rng_feeds, tiny_checkpoint  # noqa: E402
+
+from quantgate.bundle import GateResult, Manifest, Variant, load  # noqa: E402
+from quantgate.quantize.data import write_npz  # noqa: E402
+from quantgate.quantize.decide import GateConfig  # noqa: E402
+from quantgate.quantize.regating import _changed_settings, _labelled_accuracy  # noqa: E402
+
+
+@pytest.fixture
+def gate_file(tmp_path) -> Path:
+    f = tmp_path / "gates.toml"
+    f.write_text("iterations = 3\nwarmup = 1\nbatch_sizes = [1, 4]\nbootstrap = 200\n")
+    return f
+
+
+@pytest.fixture
+def bundle(cli, tmp_path, gate_file) -> Path:
+    """The tiny digits model exported and gated on its labelled test split: seconds."""
+    out = tmp_path / "b"
+    r = cli("export", tiny_checkpoint(), "--out", out, "--min-speedup", "0.01", "--samples", "32",
+            "--search-budget", "1", "--gate-config", gate_file)  # fmt: skip
+    assert r.code == 0, r.stderr
+    return out
+
+
+def newest(out: Path) -> str:
+    """The newest re-gate's paragraph in report.md."""
+    return load(out).report.read_text().split("## Re-gated", 2)[1].split("\n\n")[1]
+
+
+def test_a_lower_confidence_is_looser_only_where_the_bound_decides():
+    """Under "upper" the bound at 50% sits next to the estimate: a bundle that failed three
+    gates at 0.95 passed at 0.5. Under "point" the confidence decides no verdict."""
+    upper = GateConfig(ci_rule="upper")
+    assert _changed_settings(upper, GateConfig(ci_rule="upper", confidence=0.5)) == [
+        ("confidence 0.95 -> 0.5", True)
+    ]
+    assert _changed_settings(upper, GateConfig(ci_rule="upper", confidence=0.99)) == [
+        ("confidence 0.95 -> 0.99", False)
+    ]
+    assert _changed_settings(GateConfig(), GateConfig(confidence=0.5)) == [
+        ("confidence 0.95 -> 0.5 (decides no verdict under ci_rule 'point')", False)
+    ]
+    # to the point estimate: looser by the rule; the confidence then decides nothing
+    assert _changed_settings(upper, GateConfig(confidence=0.5)) == [
+        ("ci_rule upper -> point", True),
+        ("confidence 0.95 -> 0.5 (decides no verdict under ci_rule 'point')", False),
+    ]
+    # from the estimate to a bound, at any confidence: stricter
+    assert _changed_settings(GateConfig(), GateConfig(ci_rule="upper", confidence=0.5)) == [
+        ("ci_rule point -> upper", False),
+        ("confidence 0.95 -> 0.5", False),
+    ]
+
+
+def test_a_different_timed_sequence_length_is_a_different_shape():
+    """As with a dropped batch size, the shapes timed before are no longer timed, whichever
+    way the length moves; a length the model caps to the same shape changes nothing."""
+    assert _changed_settings(GateConfig(), GateConfig(seq_len=32)) == [
+        ("seq_len 128 -> 32 (a different shape)", True)
+    ]
+
+    def capped(cfg):  # a model of at most 64 tokens
+        return min(cfg.seq_len, 64)
+
+    assert _changed_settings(GateConfig(), GateConfig(seq_len=96), timed_seq=capped) == [
+        ("seq_len 128 -> 96 (timed at 64 either way)", False)
+    ]
+    assert _changed_settings(GateConfig(seq_len=32), GateConfig(seq_len=48), timed_seq=capped) == [
+        ("seq_len 32 -> 48 (a different shape)", True)
+    ]
+
+
+def _manifest(task="sequence-classification", gates=(), quantization=None, regates=(), ev=None):
+    int8 = Variant("model.int8.onnx", "int8", "0" * 64, gates=tuple(gates))
+    extra = {"quantization": quantization or {}, "regates": list(regates)}
+    calibration = {"samples": 32, "evaluation": ev} if ev is not None else None
+    return Manifest("m", task, (), (), (int8,), 17, {}, extra=extra, calibration=calibration)
+
+
+def test_the_label_protection_reads_every_gating_the_bundle_records():
+    """A re-gate with --allow-unlabelled leaves INT8 without its accuracy gate: the export's
+    record (or an earlier labelled re-gate) still says the bundle was gated on labels."""
+    drop = GateResult("accuracy_drop", 0.3, 0.5, "<=", True)
+    agreement = GateResult("top1_agreement", 0.99, 0.95, ">=", True)
+    build = {
+        "shipped": "static",
+        "gate_config": {"max_accuracy_drop": 0.7},
+        "candidates": [{"name": "static", "accuracy": {"accuracy_drop": 0.3}}],
+    }
+    assert _labelled_accuracy(_manifest(gates=[drop])) == ("accuracy_drop", 0.5)
+    assert _labelled_accuracy(_manifest(gates=[agreement], quantization=build)) == (
+        "accuracy_drop",
+        0.7,
+    )
+    unlabelled = {"provider": "CPUExecutionProvider", "evaluation": {"labels": False}}
+    labelled = {"provider": "CPUExecutionProvider", "evaluation": {"labels": True},
+                "gate_config": {"max_accuracy_drop": 2.0}}  # fmt: skip
+    on_cuda = {**labelled, "provider": "CUDAExecutionProvider"}  # CUDA gates no accuracy
+    # built without labels, re-gated with them once: that re-gate's threshold
+    assert _labelled_accuracy(_manifest(gates=[agreement], regates=[labelled, unlabelled])) == (
+        "accuracy_drop",
+        2.0,
+    )
+    assert _labelled_accuracy(_manifest(gates=[agreement], regates=[on_cuda, unlabelled])) is None
+    # an older build record without candidates: its labelled evaluation rows, by the task
+    tagger = _manifest("token-classification", [agreement], ev={"labels": True})
+    assert _labelled_accuracy(tagger) == ("token_accuracy_drop", 1.0)
+    assert _labelled_accuracy(_manifest("feature-extraction", ev={"labels": True})) is None
+    assert _labelled_accuracy(_manifest(gates=[agreement], ev={"labels": False})) is None
+
+
+def test_allow_unlabelled_is_asked_for_on_every_run(cli, bundle, tmp_path, gate_file, caplog):
+    """After one re-gate with --allow-unlabelled the same command without it is refused again:
+    the bundle was built on labelled accuracy, whatever its last gating measured."""
+    unlabelled = write_npz(tmp_path / "nolabels.npz", rng_feeds(50, seed=3))
+    args = ("--eval", unlabelled, "--gate-config", gate_file)
+    r = cli("gate", bundle, *args, "--allow-unlabelled")
+    assert r.code in (0, 3), r.stderr
+    gates = {g.name for g in load(bundle).manifest.variant("int8").gates}
+    assert "accuracy_drop" not in gates and "top1_agreement" in gates
+    before = (bundle / "manifest.json").read_bytes()
+    r = cli("gate", bundle, *args)
+    assert r.code == 2, r.stderr
+    said = " ".join(r.stderr.split())
+    assert "has no labels, but this bundle's INT8 was gated on labelled accuracy" in said, said
+    assert "(accuracy_drop <= 1 points)" in said
+    assert (bundle / "manifest.json").read_bytes() == before
+    # labelled rows bring the accuracy gate back
+    labelled = write_npz(tmp_path / "labels.npz", rng_feeds(50), labels=np.arange(50) % 10)
+    r = cli("gate", bundle, "--eval", labelled, "--gate-config", gate_file)
+    assert r.code in (0, 3), r.stderr
+    assert "accuracy_drop" in {g.name for g in load(bundle).manifest.variant("int8").gates}
+
+
+def test_settings_looser_than_the_exports_are_said_on_every_run(cli, bundle, gate_file, caplog):
+    """A loosened threshold is kept by the next plain re-gate (it keeps the last gating's):
+    that one, and every later one, still warns and says so in report.md."""
+    r = cli("gate", bundle, "--max-accuracy-drop", "5", "--gate-config", gate_file)
+    assert r.code == 0, r.stderr
+    assert "looser settings than the bundle was last gated with: max_accuracy_drop 1.0 -> 5.0" in (
+        caplog.text
+    )
+    assert "looser than the export's" not in caplog.text  # the same fact, said once
+    assert "max_accuracy_drop 1.0 -> 5.0 (looser)." in newest(bundle)
+    for _ in range(2):
+        caplog.clear()
+        r = cli("gate", bundle, "--gate-config", gate_file)
+        assert r.code == 0, r.stderr
+        said = "re-gating with settings looser than the export's: max_accuracy_drop 1.0 -> 5.0"
+        assert said in caplog.text
+        assert newest(bundle).endswith(
+            "Gate settings: those of the last gating. Looser than the export's: "
+            "max_accuracy_drop 1.0 -> 5.0."
+        ), newest(bundle)
+    # back to the export's threshold: tighter than the last gating, and nothing looser
+    caplog.clear()
+    r = cli("gate", bundle, "--max-accuracy-drop", "1", "--gate-config", gate_file)
+    assert "looser" not in caplog.text and "Looser" not in newest(bundle)
+    assert "max_accuracy_drop 5.0 -> 1.0." in newest(bundle)
+
+    # A shorter timed sequence: a different shape, looser as a dropped batch size is; a
+    # longer one than the model's 64 tokens times the same shape.
+    caplog.clear()
+    shorter = gate_file.parent / "short.toml"
+    shorter.write_text(gate_file.read_text() + "seq_len = 32\n")
+    cli("gate", bundle, "--gate-config", shorter)
+    assert "seq_len 128 -> 32 (a different shape) (looser)" in newest(bundle)
+    assert "looser than the export's: seq_len 128 -> 32 (a different shape)" not in caplog.text
+    assert "the bundle was last gated with: seq_len 128 -> 32 (a different shape)" in caplog.text
+    longer = gate_file.parent / "long.toml"
+    longer.write_text(gate_file.read_text() + "seq_len = 256\n")
+    cli("gate", bundle, "--gate-config", longer)
+    assert "seq_len 32 -> 256 (a different shape) (looser)" in newest(bundle)  # 32 -> 64
+    assert "Looser than the export's" not in newest(bundle)  # 128 and 256 both time 64
+
+    # Under "upper", a lower confidence is looser, and kept by the next plain re-gate.
+    caplog.clear()
+    upper = gate_file.parent / "upper.toml"
+    upper.write_text(gate_file.read_text() + 'ci_rule = "upper"\n')
+    cli("gate", bundle, "--gate-config", upper)
+    assert "looser" not in caplog.text  # a bound in place of the estimate: stricter
+    half = gate_file.parent / "half.toml"
+    half.write_text(gate_file.read_text() + "confidence = 0.5\n")
+    cli("gate", bundle, "--gate-config", half)
+    assert "confidence 0.95 -> 0.5 (looser)" in newest(bundle)
+    assert "last gated with: confidence 0.95 -> 0.5" in caplog.text
