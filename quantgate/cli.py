@@ -603,7 +603,8 @@ def gate(
             "--allow-unlabelled",
             help="Re-gate a bundle gated on labelled accuracy with evaluation data that has no "
             "labels, on agreement with FP32 (top-1, KL) instead. Without it such data is "
-            "refused (exit 2): a missing or misnamed label key must not loosen a CI gate.",
+            "refused (exit 2): a missing or misnamed label key must not loosen a CI gate. "
+            "For this run only: the next one without it is refused again.",
         ),
     ] = False,
 ) -> None:
@@ -613,7 +614,8 @@ def gate(
     with --device cuda, on a GPU host, every variant's gates on CUDA; the gates measured on the
     other provider are kept. The thresholds are the ones the bundle was last gated with (at
     export, or by the newest re-gate); a --gate-config file, then the flags, change them, and
-    a looser one is warned about and named in the report. Rewrites the manifest and
+    a looser one is warned about and named in the report, as is, on every run, any setting
+    looser than the export's. Rewrites the manifest and
     report.md atomically with the new gates. Exit 0: every gate passed; 3: a gate failed (the
     bundle is marked failed); 2: bad bundle or data, or CUDA asked for where there is none.
     """

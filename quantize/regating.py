@@ -429,7 +429,7 @@ def _int8_gates(
     measured on ``cfg.provider``."""
     m = bundle.manifest
     fp32, int8 = bundle.file("fp32"), bundle.file("int8")
-    emit("search", 0, 1, "evaluating FP32 and INT8")
+    emit("gate", 0, 1, "evaluating FP32 and INT8")
     reference = collect(fp32, ev, provider=cfg.provider, threads=cfg.threads)
     check_evaluation(reference, m.task)
     got = collect(int8, ev, provider=cfg.provider, threads=cfg.threads)
@@ -440,7 +440,7 @@ def _int8_gates(
     sample = next(ev.batches()).feeds
     max_seq = m.max_seq_len or cfg.seq_len
     speed = speed_gates(fp32, int8, m.inputs, max_seq, cfg, sample=sample, on_progress=emit)
-    emit("search", 1, 1, "done")
+    emit("gate", 1, 1, "done")
     return (*accuracy, *speed)
 
 
