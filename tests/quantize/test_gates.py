@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -1025,3 +1026,23 @@ def test_r_squared_has_no_interval_where_undefined_resamples_reach_its_tail():
     assert not strict.passed and "it has no interval" in strict.detail  # no bound to pass on
     many = np.arange(40.0)
     assert r2_gate("r2", many, many + 0.01, 0.99, GateConfig(), "a score").ci is not None
+
+
+def test_a_near_tie_between_two_neighbours_is_no_disagreement():
+    """Sentences with two near-duplicate neighbours: FP32 puts them 0.002 apart, and the
+    candidate's per-row error (cosine 0.9999 to FP32) turns which is nearest. That counted as
+    a disagreement and failed sound models on same-domain text; a swap between neighbours
+    FP32 puts far apart still does."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(20, 32))
+    x = np.concatenate([base, base + 0.05 * rng.normal(size=base.shape)])  # 40 rows, pairs
+    x = np.concatenate([x, base + 0.051 * rng.normal(size=base.shape)])  # a third, as near
+    y = x + 0.02 * rng.normal(size=x.shape)  # enough to swap near ties, not far neighbours
+    ref, cand = (Outputs(["sentence_embedding"], [{"sentence_embedding": v}], [None], rows=60)
+                 for v in (x, y))  # fmt: skip
+    gates = {g.name: g for g in accuracy_gates(ref, cand, "feature-extraction", GateConfig())}
+    nn = gates["nn_top1_agreement"]
+    ties = int(re.search(r"a near tie; (\d+) row", nn.detail).group(1))
+    assert nn.value == 1.0 and ties > 0, nn.detail  # agreeing, some only by a near tie
+    strict = accuracy_gates(ref, cand, "feature-extraction", GateConfig(min_cosine=0.99999))
+    assert {g.name: g for g in strict}["nn_top1_agreement"].value < 1  # no tie that close
