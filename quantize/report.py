@@ -12,7 +12,7 @@ from typing import Any
 
 from quantgate.bundle import CPU, CUDA, PASS, GateResult, Manifest, all_passed, speed_shape
 from quantgate.quantize.cuda import CudaGating
-from quantgate.quantize.decide import GateConfig, uncertain
+from quantgate.quantize.decide import GateConfig, failed_by_bound, uncertain
 from quantgate.quantize.fidelity import r2_threshold
 from quantgate.quantize.search import Candidate, SearchResult
 
@@ -176,9 +176,26 @@ def regate_section(
 
 
 def _regate_opening(heading: str, when: str, manifest: Manifest, what: str) -> list[str]:
-    """A re-gate section's heading and its paragraph: the bundle's verdict, then ``what``."""
+    """A re-gate section's heading and its paragraph: the bundle's verdict, the gates that
+    failed it, then ``what``."""
     verdict = "pass" if manifest.verdict == PASS else "FAIL"
-    return [f"{heading} {when}", "", f"{VERDICT}**{verdict}**. {what}", ""]
+    failed = failed_gates([(v.precision, g) for v in manifest.variants for g in v.gates])
+    return [f"{heading} {when}", "", f"{VERDICT}**{verdict}**.{failed} {what}", ""]
+
+
+def failed_gates(gates: Sequence[tuple[str, GateResult]]) -> str:
+    """ " Failed: int8 accuracy_drop 1.4 (must be <= 1); ...." for the gates of ``gates``
+    ((variant, gate) pairs; "" for the variant: the gate alone) that failed, "" where none
+    did: what a reviewer of the report needs first, before the tables."""
+    bad = []
+    for variant, g in gates:
+        if g.passed:
+            continue
+        bound = failed_by_bound(g)
+        why = f"its {bound} must be" if bound else "must be"
+        bad.append(f"{variant + ' ' if variant else ''}{g.label} {g.value:.4g} ({why} "
+                   f"{g.op} {g.threshold:g})")  # fmt: skip
+    return f" Failed: {'; '.join(bad)}." if bad else ""
 
 
 def _num(v: float) -> str:
@@ -199,7 +216,9 @@ def sections(
         HEADING,
         "",
         (
-            f"{VERDICT}**{'pass' if ok else 'FAIL'}**. "
+            f"{VERDICT}**{'pass' if ok else 'FAIL'}**."
+            + failed_gates([("", g) for g in shipped.gates])
+            + " "
             + (
                 f"Shipped `{shipped.name}`, the fastest (geometric mean of its speedups over the "
                 f"timed shapes) of {sum(c.passed for c in result.candidates)} candidate(s) that "

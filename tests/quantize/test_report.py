@@ -333,3 +333,20 @@ def test_the_thresholds_named_are_those_of_the_gates_measured():
     labelled = [GateResult("accuracy_drop", 0.3, 1.0, "<=", True)]
     assert thresholds(labelled, cfg) == "accuracy drop <= 1 points"
     assert "KL <= 0.05" in thresholds([], cfg) and "accuracy drop" in thresholds([], cfg)
+
+
+def test_a_failed_verdict_names_its_failed_gates_first():
+    """A reviewer read the verdict, then looked for the bold row in a 6-column table: the
+    verdict's paragraph names the gates that failed, and a bound that failed one."""
+    from quantgate.quantize.report import failed_gates
+
+    gates = [
+        ("int8", GateResult("accuracy_drop", 1.4, 1.0, "<=", False, ci=(0.5, 2.3))),
+        ("int8", GateResult("cosine_tail", 0.0, 0.02, "<=", False, ci=(0.0, 0.037))),
+        ("int8", GateResult("top1_agreement", 0.99, 0.95, ">=", True)),
+    ]
+    assert failed_gates(gates) == (
+        " Failed: int8 accuracy_drop 1.4 (must be <= 1); int8 cosine_tail 0 (its upper bound "
+        "0.037 must be <= 0.02)."
+    )
+    assert failed_gates(gates[2:]) == ""
