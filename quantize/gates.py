@@ -331,7 +331,8 @@ def check_evaluation(reference: Outputs, task: str) -> None:
         raise DataError(
             f"the evaluation data has {reference.rows} row(s); the accuracy, top-1 and "
             f"nearest-neighbour gates need at least {MIN_EVAL_ROWS} (here each row is "
-            f"{100 / reference.rows:.3g} points of accuracy). Pass --eval with more held-out rows "
+            f"{100 / reference.rows:.3g} points of {'agreement' if logits is None else 'accuracy'})."
+            " Pass --eval with more held-out rows "
             "(hundreds for a 1-point accuracy gate), or raise eval_samples (--gate-config)."
         )
 
@@ -393,7 +394,7 @@ def _accuracy_drop(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, la
         ci=ci,
         detail=(
             f"top-1 accuracy FP32 {a.mean():.2%} -> {label} {b.mean():.2%} on {len(y)} labelled "
-            f"rows; {flips[0]} rows newly wrong, {flips[1]} newly right; drop in points with a "
+            f"rows; {flips[0]} row(s) newly wrong, {flips[1]} newly right; drop in points with a "
             f"{cfg.confidence:.0%} paired score interval (Tango)"
             + rule
             + (

@@ -43,6 +43,7 @@ from quantgate.quantize.labels import (
     one_based_hint,
     quote,
 )
+from quantgate.tasks import EMBEDDING_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,8 @@ def _refusal(scan: _Scan, model: ModelInfo, where: str) -> DataError | None:
         f'an optional "label" (a class index, or one of the model\'s {len(model.labels)} '
         "class names)"
         if model.labels
+        else 'no "label" (an embedding is judged against FP32, not labels)'
+        if model.task in EMBEDDING_TASKS
         else 'an optional integer "label"'
     )
     return DataError(

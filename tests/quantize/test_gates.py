@@ -72,7 +72,8 @@ def test_an_unchanged_model_loses_nothing_on_rows_fp32_itself_ties():
     ref = Outputs(["logits"], [{"logits": x}], [None], labels=labels, rows=60)
     gates = {g.name: g for g in accuracy_gates(ref, ref, "sequence-classification", GateConfig())}
     assert (
-        gates["accuracy_drop"].value == 0 and "0 rows newly wrong" in gates["accuracy_drop"].detail
+        gates["accuracy_drop"].value == 0
+        and "0 row(s) newly wrong" in gates["accuracy_drop"].detail
     )
     unlabelled = Outputs(["logits"], [{"logits": x}], [None], rows=60)
     gates = {g.name: g for g in accuracy_gates(unlabelled, unlabelled, "sequence-classification",
