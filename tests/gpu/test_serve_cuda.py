@@ -151,13 +151,13 @@ def test_the_server_opens_fp32_instead_of_a_variant_that_falls_back(gpu_bundle, 
     it on a GPU where FP16 (accuracy-gated, no CUDA speed gate) fell back."""
     fp16_v = gpu_bundle.manifest.variant("fp16")
     cfg = ServeConfig(path=gpu_bundle.path, device="cuda")
-    session, report = runtime._session(gpu_bundle.path / fp16_v.file, cfg, CUDA, "fp16")
+    opened = runtime._session(gpu_bundle, fp16_v, cfg, CUDA)
+    report = opened.report
     assert report.falls_back and report.method == "ep-assignment"
     with caplog.at_level(logging.WARNING, logger="quantgate.serve.runtime"):
-        variant, served, served_report = runtime._placement_checked(
-            gpu_bundle, cfg, CUDA, fp16_v, session, report
-        )
-    assert variant.precision == "fp32" and served is not session
+        variant, served = runtime._placement_checked(gpu_bundle, cfg, CUDA, fp16_v, opened)
+    served_report = served.report
+    assert variant.precision == "fp32" and served.session is not opened.session
     assert served_report.provider == CUDA and served_report is not report
     [refusal] = [r.getMessage() for r in caplog.records if "not serving" in r.getMessage()]
     assert f"fp16 ({fp16_v.file}) on {CUDA}" in refusal and report.reason() in refusal
@@ -168,10 +168,8 @@ def test_the_server_opens_fp32_instead_of_a_variant_that_falls_back(gpu_bundle, 
     asked = ServeConfig(path=gpu_bundle.path, device="cuda", precision="fp16")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="quantgate.serve.runtime"):
-        variant, served, _ = runtime._placement_checked(
-            gpu_bundle, asked, CUDA, fp16_v, session, report
-        )
-    assert variant == fp16_v and served is session
+        variant, served = runtime._placement_checked(gpu_bundle, asked, CUDA, fp16_v, opened)
+    assert variant == fp16_v and served is opened
     assert "as --precision asks" in caplog.text and report.reason() in caplog.text
 
 
