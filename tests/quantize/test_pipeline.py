@@ -19,13 +19,6 @@ from quantgate.bundle import GateResult, load, write_manifest  # noqa: E402
 from quantgate.quantize.data import write_npz  # noqa: E402
 
 
-@pytest.fixture
-def gate_file(tmp_path) -> Path:
-    f = tmp_path / "gates.toml"
-    f.write_text("iterations = 3\nwarmup = 1\nbatch_sizes = [1, 4]\nbootstrap = 200\n")
-    return f
-
-
 def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(
     cli, tmp_path, gate_file, caplog
 ):

@@ -19,13 +19,6 @@ from quantgate.quantize.regating import _changed_settings, _labelled_accuracy  #
 
 
 @pytest.fixture
-def gate_file(tmp_path) -> Path:
-    f = tmp_path / "gates.toml"
-    f.write_text("iterations = 3\nwarmup = 1\nbatch_sizes = [1, 4]\nbootstrap = 200\n")
-    return f
-
-
-@pytest.fixture
 def bundle(cli, tmp_path, gate_file) -> Path:
     """The tiny digits model exported and gated on its labelled test split: seconds."""
     out = tmp_path / "b"
