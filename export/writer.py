@@ -27,6 +27,7 @@ from quantgate.bundle import (
     sha256_file,
     staging,
     verdict_of,
+    verdict_phrase,
     write_manifest,
 )
 from quantgate.errors import BundleError
@@ -262,7 +263,7 @@ def render_report(manifest: Manifest, sections: Sequence[str] = ()) -> str:
         "",
         f"Task **{manifest.task}**, exported from {manifest.source.get('kind')} "
         f"`{manifest.source.get('spec')}` with the {e.get('exporter')} exporter at opset "
-        f"{manifest.opset}. Verdict: **{manifest.verdict}**.",
+        f"{manifest.opset}. {verdict_phrase(manifest)}",
         "",
         "| tensor | dtype | dims |",
         "|---|---|---|",

@@ -903,6 +903,21 @@ def _recorded_model(bundle: Path) -> str | None:
     return found if isinstance(found, str) else None
 
 
+# The title block's verdict (``verdict_phrase``), as a re-gate finds it to set it anew.
+VERDICT_PHRASE = re.compile(r"Verdict: \*\*\w+\*\*(?: \(failed: [^)]*\))?\.")
+
+
+def verdict_phrase(manifest: Manifest) -> str:
+    """ "Verdict: **fail** (failed: int8 speedup_b1_s128)." for the title block of report.md:
+    the gates that failed the bundle, named before any table."""
+    failed = [
+        f"{v.precision} {g.label}" for v in manifest.variants for g in v.gates if not g.passed
+    ]
+    return f"Verdict: **{manifest.verdict}**" + (
+        f" (failed: {', '.join(failed)})." if failed else "."
+    )
+
+
 def write_manifest(directory: Path, manifest: Manifest) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
 

@@ -10,7 +10,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from quantgate.bundle import CPU, CUDA, PASS, GateResult, Manifest, all_passed, speed_shape
+from quantgate.bundle import (
+    CPU,
+    CUDA,
+    PASS,
+    VERDICT_PHRASE,
+    GateResult,
+    Manifest,
+    all_passed,
+    speed_shape,
+    verdict_phrase,
+)
 from quantgate.quantize.cuda import CudaGating
 from quantgate.quantize.decide import GateConfig, failed_by_bound, uncertain
 from quantgate.quantize.fidelity import r2_threshold
@@ -417,7 +427,7 @@ def regated(old: str, section: str, manifest: Manifest, when: str, *, provider: 
     """
     head, *rest = ("\n" + old).split("\n## ")  # "\n" first: a report may open with a section
     head = head.strip() or f"# {manifest.name}"
-    head = re.sub(r"Verdict: \*\*\w+\*\*\.", f"Verdict: **{manifest.verdict}**.", head, count=1)
+    head = VERDICT_PHRASE.sub(lambda _: verdict_phrase(manifest), head, count=1)
     decides = DECIDES_CUDA if provider == CUDA else DECIDES_INT8
     sections = []
     for body in rest:

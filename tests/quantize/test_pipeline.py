@@ -77,7 +77,8 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(
     assert r.code == 3 and load(out).manifest.verdict == "fail"
     assert "min_speedup 0.01 -> 100.0." in load(out).report.read_text()  # tighter: not looser
     report = load(out).report.read_text()
-    assert "Verdict: **fail**." in report.partition("\n## ")[0]
+    head = report.partition("\n## ")[0]  # the gates that failed it, named at the top
+    assert "Verdict: **fail** (failed: int8 speedup_b1_s64, int8 speedup_b4_s64)." in head, head
     assert "| model.int8.onnx | int8 | fail |" in report
     assert verdicts(report) == {"fail"}
     newest, older = report.split("## Re-gated")[1:]  # the newest first
