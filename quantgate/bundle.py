@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from quantgate.errors import BundleError, BundleOutOfSpace
-from quantgate.fsutil import atomic_dir, resolve_target, target_problem
+from quantgate.fsutil import atomic_dir, disk_full, resolve_target, target_problem
 
 MANIFEST = "manifest.json"
 REPORT = "report.md"
@@ -772,12 +772,12 @@ def staging(
         with atomic_dir(out) as tmp:
             yield tmp
     except OSError as e:
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        full = disk_full(e)
         raise (BundleOutOfSpace if full else BundleError)(_write_failure(Path(out), e)) from e
 
 
 def _write_failure(out: Path, e: OSError) -> str:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if disk_full(e):
         parent = resolve_target(out).parent
         try:
             free = f"; {shutil.disk_usage(parent).free / 1e6:.0f} MB free there now"

@@ -227,15 +227,20 @@ _FULL = {
 def disk_full(err: BaseException) -> bool:
     """Whether ``err``, or an exception it was raised from, says a filesystem is full: an
     OSError's errno, or the text a C++ library (ONNX Runtime, PyTorch) put in its message."""
+    return full_errno(err) is not None
+
+
+def full_errno(err: BaseException | None) -> int | None:
+    """Which of ``_FULL`` ``err``'s chain (it, and what it was raised from) says, else None."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, OSError) and err.errno in _FULL:
-            return True
-        if any(text in str(err) for text in _FULL.values()):
-            return True
+            return err.errno
+        if found := next((n for n, text in _FULL.items() if text in str(err)), None):
+            return found
         err = err.__cause__ or err.__context__
-    return False
+    return None
 
 
 def raise_if_full(err: BaseException, work: Path, what: str) -> None:
@@ -257,7 +262,7 @@ def _out_of_space(work: Path, err: BaseException, what: str) -> OutOfSpace:
         else "Give it a directory on a filesystem with room"
     )
     cause = f"({type(err).__name__}: {str(err).splitlines()[0]})"
-    if _is_size_limit(err):
+    if full_errno(err) == errno.EFBIG:
         return OutOfSpace(
             f"{what} failed: a file in its working directory {work} reached this process's "
             f"file size limit ({_size_limit()}). Raise it (ulimit -f unlimited) "
@@ -267,16 +272,6 @@ def _out_of_space(work: Path, err: BaseException, what: str) -> OutOfSpace:
         f"{what} failed: the filesystem that holds its working directory {work} is full{free}. "
         f"{where} (several times the size of the model) and run again. {cause}"
     )
-
-
-def _is_size_limit(err: BaseException | None) -> bool:
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if (isinstance(err, OSError) and err.errno == errno.EFBIG) or "File too large" in str(err):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
 
 
 def _size_limit() -> str:
