@@ -34,7 +34,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -655,9 +655,9 @@ def _read(path: Path, verify: bool) -> Bundle:
     return bundle
 
 
-def check_files(bundle: Bundle) -> None:
+def check_files(bundle: Bundle, *, hashed_when_read: Collection[str] = ()) -> None:
     """BundleError listing every file of ``bundle`` that fails its check (``verify_files``)."""
-    if problems := verify_files(bundle.path, bundle.manifest):
+    if problems := verify_files(bundle.path, bundle.manifest, hashed_when_read=hashed_when_read):
         raise BundleError(
             f"bundle {bundle.path}: {_listed(problems)}Restore the files from the original "
             "bundle, or re-create it with `quantgate export`."
@@ -699,14 +699,22 @@ def _read_json(mpath: Path) -> Any:
         raise BundleError(f"{mpath} is corrupt ({type(e).__name__}: {e}). {_RECREATE}") from e
 
 
-def verify_files(path: Path, manifest: Manifest) -> list[str]:
+def verify_files(
+    path: Path, manifest: Manifest, *, hashed_when_read: Collection[str] = ()
+) -> list[str]:
     """What is wrong with the files ``manifest`` lists in the bundle at ``path``: one line per
     file that is missing, not a regular file, outside the bundle (through a symbolic link),
-    unreadable, or changed; and any file added to a folder whose files it lists."""
+    unreadable, or changed; and any file added to a folder whose files it lists. The files
+    ``hashed_when_read`` are checked but for their sha256, which their reader checks of the
+    bytes it reads (the server's session: read once, hashed, built from those bytes)."""
     root = path.resolve()
     listed = [(f"variant {v.precision} file {v.file}", v.file, v.sha256) for v in manifest.variants]
     listed += [(f"file {name}", name, sha) for name, sha in manifest.files.items()]
-    problems = [p for what, name, sha in listed if (p := _file_problem(root, what, name, sha))]
+    problems = [
+        p
+        for what, name, sha in listed
+        if (p := _file_problem(root, what, name, None if name in hashed_when_read else sha))
+    ]
     folders = {Path(name).parent for name in manifest.files} - {Path(".")}
     for folder in sorted(folders):
         if (root / folder).is_dir() and (root / folder).resolve().is_relative_to(root):
@@ -720,7 +728,7 @@ def verify_files(path: Path, manifest: Manifest) -> list[str]:
     return problems
 
 
-def _file_problem(root: Path, what: str, name: str, sha256: str) -> str | None:
+def _file_problem(root: Path, what: str, name: str, sha256: str | None) -> str | None:
     f = root / name
     try:
         mode = f.lstat().st_mode
@@ -741,6 +749,8 @@ def _file_problem(root: Path, what: str, name: str, sha256: str) -> str | None:
     if not stat.S_ISREG(mode):
         kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
         return f"{what} is {kind}; expected a file"
+    if sha256 is None:  # hashed by its reader
+        return None
     try:
         digest = sha256_file(f)
     except OSError as e:

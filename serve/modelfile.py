@@ -36,9 +36,10 @@ def read_verified(path: Path, sha256: str) -> tuple[bytes, tuple[int, int, int]]
         ) from e
     if (digest := hashlib.sha256(data).hexdigest()) != sha256:
         raise BundleError(
-            f"{path} has sha256 {digest[:12]}..., the manifest read expects {sha256[:12]}...: "
-            "the bundle was replaced while the server started (a re-export?). Start it again "
-            "to serve the new one."
+            f"{path} has sha256 {digest[:12]}..., the manifest read expects {sha256[:12]}...: the "
+            "file was changed after export (restore it from the original bundle, or re-create "
+            "it with `quantgate export`), or the bundle was replaced while the server started "
+            "(a re-export: start it again to serve the new one)."
         )
     return data, file_stamp(st)
 

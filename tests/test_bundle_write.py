@@ -424,12 +424,12 @@ def test_a_bundle_replaced_while_it_is_read_is_read_again(tmp_path, monkeypatch)
     write(out, "one")
     real, calls = qb.verify_files, []
 
-    def replaced_midway(path, manifest):
+    def replaced_midway(path, manifest, **checks):
         calls.append(path)
         if len(calls) == 1:
             write(out, "two")  # the export's rename lands between the manifest and the files
             return ["variant fp32 file model.fp32.onnx: sha256 differs"]
-        return real(path, manifest)
+        return real(path, manifest, **checks)
 
     monkeypatch.setattr(qb, "verify_files", replaced_midway)
     b = qb.load(out)  # (write's own load is a call too)
