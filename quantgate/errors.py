@@ -87,6 +87,13 @@ class QuantizeError(QuantgateError):
     """Quantization itself failed (not a gate: the model could not be produced)."""
 
 
+class QuantizeFailed(QuantizeError):
+    """ONNX Runtime, or a converter, failed on a model quantgate made from input it accepted
+    (a crash running it, every recipe failing): the runtime's failure, not the input's."""
+
+    exit_code = 1  # not the user's input: nothing they pass would change it
+
+
 class GateFailed(QuantgateError):
     """At least one gate failed. The bundle and its report were still written."""
 

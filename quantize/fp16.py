@@ -40,7 +40,7 @@ import onnx
 
 from quantgate.bundle import CPU
 from quantgate.configs import check_fields, suggest_fields
-from quantgate.errors import QuantizeError
+from quantgate.errors import QuantizeError, QuantizeFailed
 from quantgate.quantize.fidelity import Fidelity
 from quantgate.sessions import session
 
@@ -93,7 +93,7 @@ def to_fp16(model: onnx.ModelProto | str | Path, cfg: Fp16Config | None = None) 
                 max_finite_val=cfg.max_finite_val,
             )
     except Exception as e:  # noqa: BLE001 - ORT's converter raises anything
-        raise QuantizeError(
+        raise QuantizeFailed(
             f"FP16 conversion failed: {type(e).__name__}: {e}. Keep the failing op types FP32 "
             "with Fp16Config(op_block_list=...), or ship the FP32 variant on CUDA."
         ) from e

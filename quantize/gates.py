@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from quantgate.bundle import CPU, GateResult
-from quantgate.errors import DataError, QuantizeError
+from quantgate.errors import DataError, QuantizeFailed
 from quantgate.padding import right_pad
 from quantgate.quantize.data import DataSource
 from quantgate.quantize.decide import GateConfig, decide, interval_gate, mean_gate, tail_gate
@@ -98,7 +98,7 @@ def collect(
 
     A batch ONNX Runtime refuses as an invalid argument is a DataError (the data does not fit
     the model); any other failure of the run (out of memory, a kernel's error) is the
-    runtime's, a QuantizeError naming the provider."""
+    runtime's, a QuantizeFailed naming the provider (exit 1)."""
     from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
     sess = session(model, provider, threads=threads)
@@ -113,7 +113,7 @@ def collect(
                 f"{Path(model).name} failed on a batch of {data.description}: {e}"
             ) from e
         except Exception as e:  # noqa: BLE001 - ORT's failures are its own exception types
-            raise QuantizeError(
+            raise QuantizeFailed(
                 f"ONNX Runtime failed running {Path(model).name} on {provider} (a batch of "
                 f"{data.description}): {e}"
             ) from e

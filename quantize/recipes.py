@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quantgate.errors import QuantgateError, QuantizeError
+from quantgate.errors import QuantgateError, QuantizeError, QuantizeFailed
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def quantize(
     except QuantgateError:  # DataError, QuantizeError: already say what to do
         raise
     except Exception as e:  # ORT/onnx raise many types; name the recipe and the cause
-        raise QuantizeError(
+        raise QuantizeFailed(
             f"recipe {recipe.name!r} failed on {src.name}: {type(e).__name__}: {e}"
         ) from e
     if not quantized:

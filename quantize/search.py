@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from quantgate.bundle import GateResult, TensorSpec, all_passed, speed_score
 from quantgate.configs import check_fields, suggest_fields
-from quantgate.errors import ConfigError, QuantizeError
+from quantgate.errors import ConfigError, QuantizeError, QuantizeFailed
 from quantgate.fsutil import raise_if_full
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.data import DataSource, counted
@@ -184,7 +184,7 @@ class SearchResult:
         # a winner beyond CONFIRMATIONS was never timed again: nothing vouches for its pass
         made = [c for c in made if not c.passed] or made
         if not made:
-            raise QuantizeError(
+            raise QuantizeFailed(
                 "no INT8 recipe produced a model:\n"
                 + "\n".join(f"  - {c.name}: {c.error}" for c in self.candidates)
             )

@@ -989,12 +989,13 @@ def test_the_output_named_logits_is_the_one_judged_as_logits():
 def test_a_runtime_failure_is_not_read_as_bad_data(tmp_path):
     """Feeds that passed check_feeds and still make ONNX Runtime fail: an invalid argument
     (a dtype the graph does not take) is the data's fault, a DataError; a kernel failing
-    (a Reshape that cannot be done) is the runtime's, a QuantizeError naming the provider."""
+    (a Reshape that cannot be done) is the runtime's, a QuantizeFailed naming the provider,
+    which exits 1 (not 2, "your input")."""
     import onnx
     from onnx import TensorProto
     from onnx import helper as oh
 
-    from quantgate.errors import QuantizeError
+    from quantgate.errors import QuantizeFailed, exit_code
 
     def model(dtype, path):
         x = oh.make_tensor_value_info("x", dtype, ["batch", "n"])
@@ -1008,8 +1009,14 @@ def test_a_runtime_failure_is_not_read_as_bad_data(tmp_path):
 
     info = ModelInfo((TensorSpec("x", "float32", ("batch", "n")),), "fill-mask", 0)
     data = open_source({"x": np.zeros((4, 5), np.float32)}, info, role="evaluation")
-    with pytest.raises(QuantizeError, match=r"ONNX Runtime failed running f\.onnx on CPU.*Reshape"):
+    with pytest.raises(
+        QuantizeFailed, match=r"ONNX Runtime failed running f\.onnx on CPU.*Reshape"
+    ) as e:
         collect(model(TensorProto.FLOAT, tmp_path / "f.onnx"), data)
+    assert exit_code(e.value) == 1
+    with pytest.raises(DataError) as bad:
+        collect(model(TensorProto.INT64, tmp_path / "i.onnx"), data)
+    assert exit_code(bad.value) == 2
     with pytest.raises(DataError, match=r"i\.onnx failed on a batch of .*INVALID_ARGUMENT"):
         collect(model(TensorProto.INT64, tmp_path / "i.onnx"), data)
 
