@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from quantgate import cpus
 from quantgate.bundle import TensorSpec
 from quantgate.errors import ExportError, ValidationError
 from quantgate.model.loaders import InputSpec, LoadedModel, Samples
@@ -370,6 +371,7 @@ def validate(
         # 4, fatal only: ORT's error lines are hidden too, since the ValidationError already
         # reports each failed run, with its shape.
         opts.log_severity_level = 4
+        opts.intra_op_num_threads = cpus.threads()
         sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         raise ValidationError(

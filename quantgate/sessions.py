@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from quantgate import workarounds
+from quantgate import cpus, workarounds
 from quantgate.bundle import CPU
 from quantgate.errors import ConfigError
 
@@ -29,7 +29,8 @@ def session(
     """An ONNX Runtime session for ``model`` (a path or an ``onnx.ModelProto``) on
     ``provider``, with the CPU provider behind any other.
 
-    ``threads``: intra-op threads (0: ORT's default, one per physical core). ``spin`` False
+    ``threads``: intra-op threads (0: ``quantgate.cpus.threads``, ORT's default, one per
+    physical core, unless a container's CPU quota is smaller). ``spin`` False
     keeps idle threads from spinning, for sessions timed in turn. ``precision`` is the
     variant's (``quantgate.workarounds``). ``optimize`` False runs the graph as written (no
     ORT rewrites: statistics of its own tensors). ``profile_prefix`` turns on ORT's profiler,
@@ -43,7 +44,7 @@ def session(
             f"(available: {', '.join(ort.get_available_providers())})"
         )
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = cpus.threads(threads)
     options.log_severity_level = 3
     if not spin:
         # Two sessions timed in turn: an idle one's spinning threads would steal the cores

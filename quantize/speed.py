@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from quantgate import cpus
 from quantgate.bundle import GateResult, TensorSpec, speed_gate_name
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.decide import GateConfig, decide
@@ -37,19 +38,19 @@ class TimingConditions:
     """The machine as a speed gate found it before timing, recorded beside the figure: the
     same two models timed on a loaded machine give another speedup."""
 
-    threads: int  # ONNX Runtime intra-op threads asked for; 0: its default
+    threads: int  # ONNX Runtime intra-op threads the sessions get; 0: its default
     cpus: int  # logical CPUs this process may use (what its load average is counted against)
     load: float | None  # 1-minute load average; None where the OS keeps none (Windows)
+    quota: float | None = None  # a container's CPU quota, in CPUs, where one is set
 
     @classmethod
     def now(cls, threads: int) -> TimingConditions:
+        """The conditions for sessions asked for ``threads`` (0: quantgate.cpus decides)."""
         try:
             load = os.getloadavg()[0]
         except (AttributeError, OSError):
             load = None
-        # the CPUs this process may run on (a container's share), where the OS says
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        return cls(threads=threads, cpus=cpus or os.cpu_count() or 1, load=load)
+        return cls(cpus.threads(threads), cpus.affinity(), load, cpus.quota())
 
     @property
     def busy(self) -> bool:
@@ -71,7 +72,8 @@ class TimingConditions:
             load = f"1-minute load average {self.load:.2f} before timing"
             if self.busy:
                 load += " (above the CPU count: timed on a busy machine, may not reproduce)"
-        return f"{threads}, {self.cpus} CPUs, {load}"
+        share = f"{self.cpus} CPUs" + (f" (a CPU quota of {self.quota:g})" if self.quota else "")
+        return f"{threads}, {share}, {load}"
 
 
 def speed_shapes(inputs: Sequence[TensorSpec], max_seq_len: int, cfg: GateConfig):

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from quantgate import bundle as qb
-from quantgate import placement, workarounds
+from quantgate import cpus, placement, workarounds
 from quantgate.bundle import CPU, CUDA
 from quantgate.errors import BadRequest, BundleError, InferenceFailed, ServeError
 from quantgate.serve import modelfile
@@ -501,7 +501,7 @@ def _ort_session(
     """The session of ``source`` (the model's bytes, or its path), and on CUDA where ORT
     placed the nodes (``quantgate.placement``); ``file`` names it in errors."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = cfg.intra_op_threads
+    options.intra_op_num_threads = cpus.threads(cfg.intra_op_threads)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     workarounds.apply(options, precision)
     providers = provider_options(cfg, provider)

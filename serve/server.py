@@ -36,7 +36,7 @@ import prometheus_client as prom
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from quantgate import signals
+from quantgate import cpus, signals
 from quantgate.errors import DrainIncomplete, ServeError
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.serve import auth, codec, tls, watch
@@ -479,7 +479,7 @@ def _settings(cfg: ServeConfig) -> str:
     )
     return (
         f"{security}, {authn}; {batching}, queue {cfg.max_queue_size}; {cfg.instances} "
-        f"instance(s) per model, ONNX Runtime threads: {cfg.intra_op_threads or 'default'}"
+        f"instance(s) per model, ONNX Runtime threads: {cpus.describe(cfg.intra_op_threads)}"
         + (f"; access log on (logger {access_log.name})" if cfg.access_log else "")
     )
 

@@ -1,0 +1,116 @@
+"""How many CPUs this process may use, and so how many intra-op threads ONNX Runtime gets.
+
+ONNX Runtime sizes its default thread pool to the machine's physical cores. It reads the
+process's affinity mask (``taskset``, a cpuset) but not a container's CPU quota: a pod
+limited to 2 CPUs (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``) on a 64-core host gets a
+32-thread pool, whose threads the kernel throttles in turn, and each request waits for the
+last of them. quantgate's sessions ask for ``threads()`` instead, which is ONNX Runtime's
+own default (0) wherever no quota is below the CPUs the process may run on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+CGROUP = Path("/sys/fs/cgroup")  # where the cgroup filesystems are mounted
+MEMBERSHIP = Path("/proc/self/cgroup")  # which group of each hierarchy this process is in
+
+
+def affinity() -> int:
+    """The logical CPUs this process may run on (its affinity mask, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def quota() -> float | None:
+    """The CPUs this process's cgroup may use per period (2.5 for ``250000 100000``), or
+    None where there is no quota or none can be read (not Linux, no cgroup filesystem).
+
+    cgroup v2's ``cpu.max`` of the process's own group and its parents (the smallest
+    counts: a pod's limit sits on the group above the container's); v1's
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` of its ``cpu`` controller."""
+    limits: list[float] = []
+    for group in _groups():
+        limits.extend(filter(None, (_v2(group / "cpu.max"), _v1(group))))
+    return min(limits, default=None)
+
+
+def threads(asked: int = 0) -> int:
+    """Intra-op threads for a session: ``asked`` where given (>0); else 0 (ONNX Runtime's
+    default) unless a CPU quota is below the CPUs this process may run on, where it is the
+    quota's whole CPUs (at least one)."""
+    if asked > 0:
+        return asked
+    limit = quota()
+    if limit is None or limit >= affinity():
+        return 0
+    return max(1, math.floor(limit))
+
+
+def describe(asked: int = 0) -> str:
+    """The threads ``threads`` gives and why, for a log line or a gate's detail."""
+    chosen = threads(asked)
+    if asked > 0:
+        return f"{asked} (asked for)"
+    if chosen:
+        return (
+            f"{chosen} (the CPU quota, {quota():g} CPU{'s' if quota() != 1 else ''}; ONNX "
+            "Runtime's default would size its pool to the host's cores, not to the quota)"
+        )
+    return "ONNX Runtime's default (one per physical core)"
+
+
+def _groups() -> list[Path]:
+    """The cgroup folders that limit this process: its own and every parent (v2), and the
+    ``cpu`` controller's folder of its group (v1)."""
+    root = CGROUP
+    try:
+        lines = MEMBERSHIP.read_text().splitlines()
+    except OSError:
+        return []
+    groups = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: the unified hierarchy
+            here = root / path.lstrip("/")
+            groups.extend([here, *[p for p in here.parents if p.is_relative_to(root)]])
+        elif "cpu" in controllers.split(","):  # v1, mounted as cpu,cpuacct or cpu
+            for mount in (root / controllers, root / "cpu", root / "cpu,cpuacct"):
+                if mount.is_dir():
+                    here = mount / path.lstrip("/")
+                    # inside a container the group's own path is often not mounted: its
+                    # controller's root folder is the container's group
+                    groups.append(here if here.is_dir() else mount)
+                    break
+    return groups
+
+
+def _v2(file: Path) -> float | None:
+    try:
+        limit, period = file.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else _ratio(limit, period)
+
+
+def _v1(group: Path) -> float | None:
+    try:
+        limit = (group / "cpu.cfs_quota_us").read_text().strip()
+        period = (group / "cpu.cfs_period_us").read_text().strip()
+    except OSError:
+        return None
+    return None if limit.startswith("-") else _ratio(limit, period)
+
+
+def _ratio(limit: str, period: str) -> float | None:
+    try:
+        value = int(limit) / int(period)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value if value > 0 else None
+
+
+__all__ = ["affinity", "describe", "quota", "threads"]
