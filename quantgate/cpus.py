@@ -1,11 +1,12 @@
 """How many CPUs this process may use, and so how many intra-op threads ONNX Runtime gets.
 
-ONNX Runtime sizes its default thread pool to the machine's physical cores. It reads the
-process's affinity mask (``taskset``, a cpuset) but not a container's CPU quota: a pod
-limited to 2 CPUs (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``) on a 64-core host gets a
-32-thread pool, whose threads the kernel throttles in turn, and each request waits for the
-last of them. quantgate's sessions ask for ``threads()`` instead, which is ONNX Runtime's
-own default (0) wherever no quota is below the CPUs the process may run on.
+ONNX Runtime (1.32) sizes its default thread pool to the host's physical cores, whatever
+share of them the process has: it reads neither a container's CPU quota (cgroup v2
+``cpu.max``, v1 ``cpu.cfs_quota_us``) nor its affinity mask (``taskset``, a cpuset; measured:
+a process on one CPU of two got a pool of 2). A pod limited to 2 CPUs on a 64-core host gets a
+32-thread pool whose threads the kernel throttles in turn, and each request waits for the
+last of them. quantgate's sessions ask for ``threads()`` instead: ONNX Runtime's own default
+(0) where the process may use the whole host, else the CPUs it may use.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup")  # where the cgroup filesystems are mounted
 MEMBERSHIP = Path("/proc/self/cgroup")  # which group of each hierarchy this process is in
+
+
+def host() -> int:
+    """The host's logical CPUs, what ONNX Runtime's default pool is sized by."""
+    return os.cpu_count() or 1
 
 
 def affinity() -> int:
@@ -38,16 +44,22 @@ def quota() -> float | None:
     return min(limits, default=None)
 
 
+ORT_THREADS = "ORT_INTRA_OP_NUM_THREADS"  # ONNX Runtime's own setting, read where we ask for 0
+
+
 def threads(asked: int = 0) -> int:
     """Intra-op threads for a session: ``asked`` where given (>0); else 0 (ONNX Runtime's
-    default) unless a CPU quota is below the CPUs this process may run on, where it is the
-    quota's whole CPUs (at least one)."""
+    default, or its ``ORT_INTRA_OP_NUM_THREADS`` where set) unless the process may use less
+    than the whole host: fewer CPUs in its affinity mask, or a smaller CPU quota. Then the
+    smaller of the two, whole CPUs, at least one."""
     if asked > 0:
         return asked
-    limit = quota()
-    if limit is None or limit >= affinity():
+    if os.environ.get(ORT_THREADS):
         return 0
-    return max(1, math.floor(limit))
+    share = min(affinity(), quota() or math.inf)
+    if share >= host():
+        return 0
+    return max(1, math.floor(share))
 
 
 def describe(asked: int = 0) -> str:
@@ -55,12 +67,20 @@ def describe(asked: int = 0) -> str:
     chosen = threads(asked)
     if asked > 0:
         return f"{asked} (asked for)"
+    if os.environ.get(ORT_THREADS) and not chosen:
+        return f"{ORT_THREADS}={os.environ[ORT_THREADS]} (from the environment)"
     if chosen:
-        return (
-            f"{chosen} (the CPU quota, {quota():g} CPU{'s' if quota() != 1 else ''}; ONNX "
-            "Runtime's default would size its pool to the host's cores, not to the quota)"
+        limit, mask = quota(), affinity()
+        why = (
+            f"the CPU quota, {limit:g} CPU{'s' if limit != 1 else ''}"
+            if limit is not None and limit < mask
+            else f"the {mask} CPU{'s' if mask != 1 else ''} this process may run on"
         )
-    return "ONNX Runtime's default (one per physical core)"
+        return (
+            f"{chosen} ({why} of the host's {host()}; ONNX Runtime's default would "
+            "size its pool to the host's cores)"
+        )
+    return f"ONNX Runtime's default (one per physical core of the host's {host()} CPUs)"
 
 
 def _groups() -> list[Path]:
@@ -113,4 +133,4 @@ def _ratio(limit: str, period: str) -> float | None:
     return value if value > 0 else None
 
 
-__all__ = ["affinity", "describe", "quota", "threads"]
+__all__ = ["affinity", "describe", "host", "quota", "threads"]

@@ -72,30 +72,88 @@ def test_no_cgroup_is_no_quota(tmp_path, monkeypatch):
     assert cpus.quota() is None
 
 
-def test_threads_follow_a_quota_below_the_cpus_and_nothing_else(tmp_path, monkeypatch):
-    """ONNX Runtime's default (0) unless a quota is below the CPUs the process may run on;
-    then its whole CPUs, at least one. Threads asked for are kept, quota or not."""
+def test_threads_follow_the_share_of_the_host_the_process_may_use(tmp_path, monkeypatch):
+    """ONNX Runtime's default (0) where the process may use the whole host; else the smaller
+    of its affinity mask and its quota, whole CPUs, at least one. Threads asked for are kept,
+    and so is ORT_INTRA_OP_NUM_THREADS, which ONNX Runtime reads where asked for 0."""
+    monkeypatch.delenv(cpus.ORT_THREADS, raising=False)
+    monkeypatch.setattr(cpus, "host", lambda: 64)
     monkeypatch.setattr(cpus, "affinity", lambda: 64)
     _tree(tmp_path, "0::/ctr\n", {"ctr/cpu.max": "max 100000\n"}, monkeypatch)
     assert cpus.threads() == 0
-    assert cpus.describe() == "ONNX Runtime's default (one per physical core)"
+    assert cpus.describe() == "ONNX Runtime's default (one per physical core of the host's 64 CPUs)"
     for limit, expected in (("250000", 2), ("50000", 1), ("6400000", 0), ("9600000", 0)):
         (tmp_path / "ctr/cpu.max").write_text(f"{limit} 100000\n")
         assert cpus.threads() == expected, limit
     (tmp_path / "ctr/cpu.max").write_text("250000 100000\n")
     assert cpus.threads(3) == 3
     assert cpus.describe(3) == "3 (asked for)"
-    assert cpus.describe().startswith("2 (the CPU quota, 2.5 CPUs;")
+    assert cpus.describe().startswith("2 (the CPU quota, 2.5 CPUs of the host's 64;")
+
+    monkeypatch.setattr(cpus, "affinity", lambda: 8)  # a cpuset of 8, as a static CPU manager
+    (tmp_path / "ctr/cpu.max").write_text("max 100000\n")
+    assert cpus.threads() == 8
+    assert cpus.describe().startswith("8 (the 8 CPUs this process may run on of the host's 64;")
+    (tmp_path / "ctr/cpu.max").write_text("400000 100000\n")
+    assert cpus.threads() == 4
+
+    monkeypatch.setenv(cpus.ORT_THREADS, "3")
+    assert cpus.threads() == 0
+    assert cpus.describe() == "ORT_INTRA_OP_NUM_THREADS=3 (from the environment)"
 
 
 def test_speed_gates_record_the_quota_and_the_threads_it_gave(tmp_path, monkeypatch):
     from quantgate.quantize.speed import TimingConditions
 
+    monkeypatch.delenv(cpus.ORT_THREADS, raising=False)
+    monkeypatch.setattr(cpus, "host", lambda: 64)
     monkeypatch.setattr(cpus, "affinity", lambda: 64)
     _tree(tmp_path, "0::/ctr\n", {"ctr/cpu.max": "200000 100000\n"}, monkeypatch)
     now = TimingConditions.now(0)
     assert (now.threads, now.quota) == (2, 2.0)
     assert now.describe().startswith("2 intra-op threads, 64 CPUs (a CPU quota of 2), ")
+
+
+_POOL = (
+    "import os, sys, onnxruntime as ort\n"
+    "from quantgate.sessions import session\n"
+    "from quantgate import cpus\n"
+    "from onnx import TensorProto, helper as oh\n"
+    "if len(sys.argv) > 1: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+    "x = oh.make_tensor_value_info('x', TensorProto.FLOAT, [1])\n"
+    "g = oh.make_graph([oh.make_node('Relu', ['x'], ['y'])], 'g', [x], "
+    "[oh.make_tensor_value_info('y', TensorProto.FLOAT, [1])])\n"
+    "m = oh.make_model(g, opset_imports=[oh.make_opsetid('', 17)])\n"
+    "def count(): return len(os.listdir('/proc/self/task'))\n"
+    "before = count(); ours = session(m); after_ours = count()\n"
+    "theirs = ort.InferenceSession(m.SerializeToString(), providers=['CPUExecutionProvider'])\n"
+    "print(cpus.threads(), after_ours - before, count() - after_ours)\n"
+)
+
+
+def _pool_threads(argv: list[str], env: dict | None = None) -> tuple[int, int, int]:
+    """(cpus.threads(), pool threads quantgate's session started, ORT's default's): ORT's
+    pool of N threads starts N - 1 of its own beside the caller's."""
+    env = {k: v for k, v in (env or os.environ).items() if k != cpus.ORT_THREADS}
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    chosen, ours, theirs = map(int, run.stdout.split())
+    return chosen, ours, theirs
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2
+    or (os.cpu_count() or 1) > len(os.sched_getaffinity(0)),
+    reason="needs a Linux process that may run on every CPU of the host, and 2 or more",
+)  # fmt: skip
+def test_a_real_affinity_mask_sizes_a_real_session():
+    """A process on one CPU of the host: quantgate's session starts no pool threads, where a
+    session of ORT's default starts them (it reads the host's cores, not the mask)."""
+    chosen, ours, theirs = _pool_threads([sys.executable, "-c", _POOL])  # the whole host
+    assert chosen == 0 and ours == theirs >= 1  # ORT's default, as a session of its own
+    chosen, ours, theirs = _pool_threads([sys.executable, "-c", _POOL, "pin"])
+    assert (chosen, ours) == (1, 0)
+    assert theirs >= 1
 
 
 def _writable_v1_cpu_cgroup() -> Path | None:
@@ -116,27 +174,9 @@ def test_a_real_quota_sizes_a_real_session(tmp_path):
     group.mkdir()
     try:
         (group / "cpu.cfs_quota_us").write_text("100000")
-        code = (
-            "import os, onnxruntime as ort\n"
-            "from quantgate.sessions import session\n"
-            "from quantgate import cpus\n"
-            "from onnx import TensorProto, helper as oh\n"
-            "x = oh.make_tensor_value_info('x', TensorProto.FLOAT, [1])\n"
-            "g = oh.make_graph([oh.make_node('Relu', ['x'], ['y'])], 'g', [x], "
-            "[oh.make_tensor_value_info('y', TensorProto.FLOAT, [1])])\n"
-            "m = oh.make_model(g, opset_imports=[oh.make_opsetid('', 17)])\n"
-            "def count(): return len(os.listdir('/proc/self/task'))\n"
-            "before = count(); ours = session(m); after_ours = count()\n"
-            "theirs = ort.InferenceSession(m.SerializeToString(), providers=['CPUExecutionProvider'])\n"
-            "print(cpus.quota(), cpus.threads(), after_ours - before, count() - after_ours)\n"
-        )
-        run = subprocess.run(
-            ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" -c "$1"', sys.executable, code],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert run.returncode == 0, run.stderr
-        quota, threads, ours, theirs = run.stdout.split()
-        assert (float(quota), int(threads), int(ours)) == (1.0, 1, 0)
-        assert int(theirs) >= 1  # ORT's default: one thread per physical core, the quota unseen
+        argv = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" -c "$1"']
+        chosen, ours, theirs = _pool_threads([*argv, sys.executable, _POOL])
+        assert (chosen, ours) == (1, 0)
+        assert theirs >= 1  # ORT's default: one thread per physical core, the quota unseen
     finally:
         group.rmdir()
