@@ -55,7 +55,7 @@ class ServeConfig:
     # Batches executing concurrently per model. 1 on CPU: ORT already uses every core
     # (intra-op threads) for one batch, and a second one only contends for them.
     instances: int = 1
-    intra_op_threads: int = 0  # 0: ORT's default (physical cores), or a smaller CPU quota
+    intra_op_threads: int = 0  # 0: ORT's default, or the CPUs a container has (quantgate.cpus)
     allow_failed_gates: bool = False  # serve a bundle whose verdict is fail (its FP32 variant)
     precision: str | None = None  # force a variant instead of the fastest that passed
     warmup: bool = True  # run each model at three shapes before reporting ready (Engine.warm_up)
