@@ -237,7 +237,7 @@ def test_text_without_the_hf_extra_names_the_extra_to_install(monkeypatch, tmp_p
     without transformers: the tokenizer lets its ModuleNotFoundError through (not "cannot
     load the model's tokenizer"), which main() maps to the extra to install, as above."""
 
-    from quantgate.cli import _EXTRAS
+    from quantgate.cli._exit import _EXTRAS
     from quantgate.quantize.text import _tokenizer
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # import: ModuleNotFoundError
@@ -273,7 +273,7 @@ def test_the_console_marks_a_gate_decided_inside_its_interval(cli, tmp_path, cap
     """nn_top1_agreement 0.95 >= 0.95 with [0.9275, 0.97]: a pass another sample of the rows
     could have turned; the console says so, and not of a clear pass."""
     from quantgate import bundle as qb
-    from quantgate.cli import _print_gates
+    from quantgate.cli._gates import _print_gates
 
     coin = qb.GateResult("nn_top1_agreement", 0.95, 0.95, ">=", True, ci=(0.9275, 0.97))
     clear = qb.GateResult("cosine", 0.998, 0.99, ">=", True, ci=(0.997, 0.999))
@@ -308,7 +308,7 @@ def _tiny_bundle(path, int8_gates):
 def test_a_gate_measured_on_cuda_is_named_so(cli, tmp_path, capsys):
     """INT8's cosine on the CPU and on CUDA have one name: the console and inspect say which."""
     from quantgate import bundle as qb
-    from quantgate.cli import _print_gates
+    from quantgate.cli._gates import _print_gates
 
     on_cpu = qb.GateResult("cosine:last_hidden_state", 0.9985, 0.99, ">=", True)
     on_cuda = qb.GateResult("cosine:last_hidden_state", 0.9981, 0.99, ">=", True, provider=qb.CUDA)
@@ -448,7 +448,7 @@ def test_off_a_terminal_each_finished_step_is_one_line():
 
     from rich.console import Console
 
-    from quantgate.cli import _Progress
+    from quantgate.cli._console import _Progress
 
     log = io.StringIO()
     with _Progress(console=Console(file=log, force_terminal=True)) as bar:  # FORCE_COLOR

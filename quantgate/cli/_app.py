@@ -1,0 +1,69 @@
+"""The typer app every command registers with (``command``), and its root options: -v and
+--version."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from inspect import cleandoc
+from typing import Annotated
+
+import typer
+
+from quantgate import __version__
+from quantgate.cli._console import out
+
+app = typer.Typer(
+    name="quantgate",
+    help=(
+        "Take a PyTorch transformer to production: export it to ONNX, quantize it to INT8 "
+        "with calibration data, prove the INT8 model is still accurate and really faster, "
+        "and serve it over gRPC (KServe v2 / Triton protocol) through ONNX Runtime."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def command(name: str | None = None):
+    """``app.command`` with the docstring's paragraphs as whole lines (a docstring's own line
+    breaks would break the help mid-sentence at any width but the source's), and the first
+    one whole in the command list."""
+
+    def register(fn):
+        paragraphs = [" ".join(p.split()) for p in cleandoc(fn.__doc__ or "").split("\n\n")]
+        # click's own short help stops at 45 characters, or at a full stop, even in "e.g."
+        return app.command(name, help="\n\n".join(paragraphs), short_help=paragraphs[0])(fn)
+
+    return register
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"quantgate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log what each stage does.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    ctx.obj = {"verbose": verbose}
+    if ctx.invoked_subcommand != "serve":  # the server sets up its own log (serve.logs)
+        logging.basicConfig(
+            level=logging.INFO if verbose else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )

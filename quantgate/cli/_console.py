@@ -1,0 +1,149 @@
+"""Where the commands print: ``out`` (stdout, the results) and ``console`` (stderr:
+progress, errors), in whole lines off a terminal; and ``progress``, the bars that draw the
+library's on_progress (``_bars``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A terminal gets rich's wrapping at its width. A pipe or a CI log gets whole lines:
+    rich would wrap them at 80 columns, mid-sentence, and break grep."""
+    stream = sys.stderr if stderr else sys.stdout
+    file = None if stderr else _Stdout()
+    if stream.isatty() or "COLUMNS" in os.environ:
+        return Console(stderr=stderr, file=file)
+    return Console(stderr=stderr, file=file, soft_wrap=True, width=200)
+
+
+class _Stdout:
+    """sys.stdout (whichever it is when written to), where a reader that stopped reading is
+    no error: `quantgate gate ... | head -1` ended with a BrokenPipeError, exit 1, whatever
+    the gates said. The rest of the output goes nowhere, and the command keeps its exit
+    code."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stdout.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            self._closed()
+
+    @staticmethod
+    def _closed() -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # and so for Python's last flush at exit
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(sys.stdout, name)
+
+
+console = _console(stderr=True)
+out = _console()
+
+
+class _Progress(Progress):
+    """Rich's live bars on a terminal. Elsewhere (a pipe, a CI log, with FORCE_COLOR or
+    not) one plain line per step a task finishes, with its time: a log that shows a long
+    export is alive (rich printed its bars once, at the end, after minutes of silence; under
+    FORCE_COLOR, every redraw). A step is done when its task moves on to another; each
+    task's last one is printed as it ends."""
+
+    def __init__(self, *columns, **kwargs) -> None:
+        super().__init__(*columns, **kwargs)
+        self._live = self.console.file.isatty()
+        self._steps: dict[TaskID, _Step] = {}
+
+    def start(self) -> None:
+        if self._live:
+            super().start()
+
+    def stop(self) -> None:
+        if self._live:
+            super().stop()
+
+    def update(self, task_id: TaskID, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        if self._live:
+            return
+        task = self._tasks[task_id]
+        status = task.fields.get("status", "")
+        step = self._steps.get(task_id)
+        if step is not None and step.status != status:
+            took = f" ({time.monotonic() - step.since:.1f} s)"
+            # the count the step brought it to, unless the next one counts afresh
+            done = task.completed if task.completed >= step.completed else step.completed
+            self._say(task.description, done, task.total, step.status + took)
+        if step is None or step.status != status:
+            step = self._steps[task_id] = _Step(status, time.monotonic())
+        step.completed = task.completed
+
+    def _say(self, what: str, completed: float, total: float | None, status: str) -> None:
+        where = f" {completed:g}/{total:g}" if total else ""
+        self.console.print(f"{what}{where}: {status}", highlight=False, markup=False)
+
+    def __exit__(self, *exc) -> None:
+        if self._live:
+            return super().__exit__(*exc)
+        for task_id, step in self._steps.items():  # where each task that did work ended
+            task = self._tasks[task_id]
+            if task.completed:
+                self._say(task.description, task.completed, task.total, step.status)
+        return None
+
+
+@dataclass
+class _Step:
+    """The step a task is at, off a terminal: its status, since when, how far it got."""
+
+    status: str
+    since: float
+    completed: float = 0
+
+
+def progress() -> Progress:
+    """A progress bar on stderr, so stdout stays clean for results."""
+    return _Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _bars(bar: Progress):
+    """The library's on_progress (quantgate.progress) drawn as one bar per task."""
+    tasks: dict[str, object] = {}
+
+    def on_progress(task: str, done: int, total: int | None, status: str) -> None:
+        if task not in tasks:
+            tasks[task] = bar.add_task(task, total=total, status="")
+        bar.update(tasks[task], completed=done, total=total, status=status)
+
+    return on_progress

@@ -1,0 +1,280 @@
+"""`quantgate export`: a model to ONNX, then to INT8 with its gates, written as a bundle;
+and the export record as the console prints it (`inspect` prints it too)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from quantgate.cli._app import command
+from quantgate.cli._console import _bars, out, progress
+from quantgate.cli._gates import (
+    _gate_config,
+    _gate_flags,
+    _GateFile,
+    _MaxDrop,
+    _MinCosine,
+    _MinSpeedup,
+    _MinTop1,
+    _print_gates,
+)
+from quantgate.errors import GateFailed
+from quantgate.export.config import ExportConfig, Exporter
+
+_DEFAULT_EXPORT = ExportConfig()
+
+
+@command("export")
+def export_command(
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL",
+            help="A checkpoint directory (`quantgate train`), a Hugging Face model directory, "
+            "or your own module's factory: package.module:factory or path/to/file.py:factory.",
+            show_default=False,
+        ),
+    ],
+    out_dir: Annotated[
+        Path,
+        typer.Option("--out", "-o", metavar="DIR", help="Bundle directory to write (atomically)."),
+    ],
+    task: Annotated[
+        str | None,
+        typer.Option(
+            metavar="TASK",
+            help="sequence-classification, token-classification or feature-extraction; "
+            "default: from the model.",
+        ),
+    ] = None,
+    exporter: Annotated[
+        Exporter, typer.Option(help="auto tries legacy, then dynamo.")
+    ] = _DEFAULT_EXPORT.exporter,
+    opset: Annotated[int, typer.Option(metavar="N", help="ONNX opset.")] = _DEFAULT_EXPORT.opset,
+    max_seq_len: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N", help="Longest sequence to export and validate; default: the model's."
+        ),
+    ] = None,
+    optimize: Annotated[
+        bool, typer.Option(help="Apply ONNX Runtime's transformer fusions (then validate again).")
+    ] = _DEFAULT_EXPORT.optimize,
+    atol: Annotated[
+        float, typer.Option(metavar="TOL", help="Absolute tolerance vs PyTorch.")
+    ] = _DEFAULT_EXPORT.atol,
+    rtol: Annotated[
+        float, typer.Option(metavar="TOL", help="Relative tolerance vs PyTorch.")
+    ] = _DEFAULT_EXPORT.rtol,
+    name: Annotated[
+        str | None,
+        typer.Option(metavar="NAME", help="Bundle name; default: the --out directory's name."),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace --out even if it is a directory that is not a bundle, or a bundle of "
+            "another model.",
+        ),
+    ] = False,
+    no_quantize: Annotated[
+        bool, typer.Option("--no-quantize", help="Stop after FP32: no INT8, no gates.")
+    ] = False,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE", help='Calibration data: .jsonl ({"text": ...} lines) or .npz of inputs.'
+        ),
+    ] = None,
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--eval",
+            metavar="FILE",
+            help="Held-out evaluation data (.jsonl with optional 'label', or .npz).",
+        ),
+    ] = None,
+    samples: Annotated[
+        int | None,
+        typer.Option(
+            min=1, metavar="N", help="Calibration rows to use (length-stratified); default: all."
+        ),
+    ] = None,
+    search_budget: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            help="Seconds for the INT8 recipe search (default 900): no candidate starts "
+            "after it (one already started finishes). How far the search gets then depends "
+            "on the machine's speed and load; for a search that does not, bound it with "
+            "--max-candidates and give it time.",
+            show_default=False,
+        ),
+    ] = None,
+    max_candidates: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            metavar="N",
+            help="Candidates the INT8 search may try (default 12), whatever the time they "
+            "take: a loaded machine tries as many as an idle one.",
+            show_default=False,
+        ),
+    ] = None,
+    recipe: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--recipe",
+            metavar="NAME",
+            help="Search only this INT8 recipe; repeat for several (default: every recipe "
+            "for this CPU, best first). A name not among them is refused with the list. "
+            "Static recipes (smooth-static-u8s8, ...) fix activation scales at calibration; "
+            "ORT's dynamic ones scale each batch, so a row's answer moves with its "
+            "batch-mates.",
+            show_default=False,
+        ),
+    ] = None,
+    fp16: Annotated[
+        bool | None,
+        typer.Option(
+            "--fp16/--no-fp16",
+            help="Also ship an FP16 variant for CUDA, gated on fidelity against FP32 "
+            "(default: yes).",
+            show_default=False,
+        ),
+    ] = None,
+    cuda_gates: Annotated[
+        bool | None,
+        typer.Option(
+            "--cuda-gates/--no-cuda-gates",
+            help="Where a CUDA GPU is present: time every variant on the CUDA provider "
+            "(FP16 must be 1.2x FP32 at batch 128 and not slower at batch 1; nodes that fall "
+            "back to the CPU fail it). INT8 slower on CUDA is marked not for CUDA (default: "
+            "yes).",
+            show_default=False,
+        ),
+    ] = None,
+    max_accuracy_drop: _MaxDrop = None,
+    min_speedup: _MinSpeedup = None,
+    min_cosine: _MinCosine = None,
+    min_top1: _MinTop1 = None,
+    gate_config: _GateFile = None,
+) -> None:
+    """Export MODEL, quantize it to INT8 with calibration data, gate it, write a bundle.
+
+    FP32: validated against PyTorch on real samples at several shapes (a mismatch exits 3
+    and leaves --out as it was), then fused. INT8: a recipe search keeps the fastest
+    candidate that passes the accuracy and speed gates. The bundle and report.md are
+    written in every case; a failed gate marks the INT8 variant failed and exits 3.
+    """
+    from quantgate.export import export
+
+    cfg = ExportConfig(
+        task=task,
+        exporter=exporter,
+        opset=opset,
+        max_seq_len=max_seq_len,
+        optimize=optimize,
+        atol=atol,
+        rtol=rtol,
+        name=name,
+    )
+    if no_quantize:
+        _refuse_unused_quantize_flags(
+            calibration=calibration, eval=eval_data, samples=samples,
+            search_budget=search_budget, max_candidates=max_candidates, recipe=recipe,
+            fp16=fp16, cuda_gates=cuda_gates, max_accuracy_drop=max_accuracy_drop,
+            min_speedup=min_speedup, min_cosine=min_cosine, min_top1=min_top1,
+            gate_config=gate_config,
+        )  # fmt: skip
+    else:
+        from quantgate.bundle import load as load_bundle
+        from quantgate.quantize.data import check_path
+        from quantgate.quantize.pipeline import build
+        from quantgate.quantize.search import QuantConfig
+
+        for flag, path in (("--calibration", calibration), ("--eval", eval_data)):
+            if path is not None:
+                check_path(path, flag)  # before minutes of export, not after
+        flags = _gate_flags(max_accuracy_drop, min_speedup, min_cosine, min_top1)
+        gates = _gate_config(gate_config, flags)
+        given = dict(
+            search_budget_s=search_budget,
+            max_candidates=max_candidates,
+            recipes=tuple(recipe) if recipe else None,
+            fp16=fp16,
+            cuda_gates=cuda_gates,
+        )
+        quant = QuantConfig(
+            calibration_samples=samples, **{k: v for k, v in given.items() if v is not None}
+        )
+        try:
+            with progress() as bar:
+                bundle = build(
+                    model,
+                    out_dir,
+                    export_cfg=cfg,
+                    quant_cfg=quant,
+                    gate_cfg=gates,
+                    calibration=calibration,
+                    evaluation=eval_data,
+                    force=force,
+                    on_progress=_bars(bar),
+                )
+        except GateFailed as failed:
+            _print_export(load_bundle(Path(failed.bundle_path or out_dir), verify=False))
+            _print_gates(Path(failed.bundle_path or out_dir))
+            raise
+        _print_export(bundle)
+        _print_gates(bundle.path)
+        return
+    with progress() as bar:
+        bundle = export(model, out_dir, cfg=cfg, force=force, on_progress=_bars(bar))
+    _print_export(bundle)
+
+
+def _refuse_unused_quantize_flags(**given) -> None:
+    """--no-quantize with flags of the INT8 step: refuse rather than silently ignore them."""
+    from quantgate.errors import ConfigError
+
+    flag = lambda k, v: ("--no-" if v is False else "--") + k.replace("_", "-")  # noqa: E731
+    if unused := [flag(k, v) for k, v in given.items() if v is not None]:
+        raise ConfigError(
+            f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} for quantization (INT8, "
+            "FP16) and its gates, which --no-quantize skips. Drop --no-quantize to run them, "
+            f"or drop {'that flag' if len(unused) == 1 else 'those flags'}."
+        )
+
+
+def _print_export(bundle) -> None:
+    e = bundle.manifest.export
+    val = e["validation"]
+    out.print(f"bundle {bundle.path} ({e['exporter']} exporter, opset {bundle.manifest.opset})")
+    for line in _export_notes(e):
+        out.print(f"  {line}", highlight=False)
+    for output, diff in val["max_abs_diff"].items():
+        out.print(f"  {output}: max abs diff {diff:.2e} over {len(val['cases'])} shapes")
+    out.print(f"  fusions: {_fusions(e)}")
+
+
+def _fusions(export: dict) -> str:
+    """The fusions ONNX Runtime made, with their counts: "Attention 6, BiasGelu 6"."""
+    return ", ".join(f"{k} {v}" for k, v in export.get("fusions", {}).items()) or "none"
+
+
+def _export_notes(export: dict) -> list[str]:
+    """The exporters ``--exporter auto`` tried before the one used, and why each failed; then
+    the values the legacy tracer fixed as constants in the user's code (``tracer_notes``)."""
+    return [
+        *(
+            f"the {exporter} exporter was passed over: {why}"
+            for exporter, _, why in (a.partition(": ") for a in export.get("attempts", ()))
+        ),
+        *(
+            f"the legacy tracer fixed a value computed from a tensor at {note}"
+            for note in export.get("tracer_notes", ())
+        ),
+    ]

@@ -1,0 +1,110 @@
+"""`quantgate gate`: a bundle's gates run again, on new data, on the CPU or on CUDA."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from quantgate.cli._app import command
+from quantgate.cli._console import _bars, progress
+from quantgate.cli._gates import (
+    _COSINE,
+    _TOP1,
+    _gate_flags,
+    _GateFile,
+    _kept,
+    _named_by_flags,
+    _print_gates,
+)
+from quantgate.errors import GateFailed
+
+
+class GateDevice(str, Enum):
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+@command()
+def gate(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="BUNDLE",
+            help="A bundle from `quantgate export`: with an INT8 variant to re-gate on the CPU, "
+            "with FP16 or INT8 on CUDA.",
+            show_default=False,
+        ),
+    ],
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--eval",
+            metavar="FILE",
+            help="Evaluation data (.jsonl or .npz); the built-in model's test split by default.",
+        ),
+    ] = None,
+    max_accuracy_drop: Annotated[
+        float | None, _kept("Accuracy gate: largest drop in points of the task metric", "POINTS")
+    ] = None,
+    min_speedup: Annotated[
+        float | None, _kept("Speed gate: INT8 vs FP32 at every shape", "RATIO")
+    ] = None,
+    min_cosine: Annotated[float | None, _kept(_COSINE, "COSINE")] = None,
+    min_top1: Annotated[float | None, _kept(_TOP1, "RATE")] = None,
+    gate_config: _GateFile = None,
+    device: Annotated[
+        GateDevice | None,
+        typer.Option(
+            help="cpu: the INT8 variant's accuracy and speed gates on the CPU provider. cuda: "
+            "every variant's gates on the CUDA provider, as a GPU host's export runs them: "
+            "FP16's decide whether it ships, INT8's only whether it runs on CUDA; needs a GPU "
+            "and the `gpu` extra. [default: cpu, or the --gate-config file's provider]",
+            show_default=False,
+        ),
+    ] = None,
+    allow_unlabelled: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unlabelled",
+            help="Re-gate a bundle gated on labelled accuracy with evaluation data that has no "
+            "labels, on agreement with FP32 (top-1, KL) instead. Without it such data is "
+            "refused (exit 2): a missing or misnamed label key must not loosen a CI gate. "
+            "For this run only: the next one without it is refused again.",
+        ),
+    ] = False,
+) -> None:
+    """Re-run a bundle's gates on new data (e.g. in CI after an ONNX Runtime upgrade).
+
+    On the CPU (the default) the INT8 variant's accuracy and speed gates are measured again;
+    with --device cuda, on a GPU host, every variant's gates on CUDA; the gates measured on the
+    other provider are kept. The thresholds are the ones the bundle was last gated with (at
+    export, or by the newest re-gate); a --gate-config file, then the flags, change them, and
+    a looser one is warned about and named in the report, as is, on every run, any setting
+    looser than the export's. Rewrites the manifest and
+    report.md atomically with the new gates. Exit 0: every gate passed; 3: a gate failed (the
+    bundle is marked failed); 2: bad bundle or data, or CUDA asked for where there is none.
+    """
+    from quantgate.bundle import CPU, CUDA
+    from quantgate.errors import ConfigError
+    from quantgate.quantize.regating import regate
+
+    flags = _gate_flags(max_accuracy_drop, min_speedup, min_cosine, min_top1)
+    provider = None if device is None else CUDA if device == GateDevice.CUDA else CPU
+    try:
+        with progress() as bar:
+            bundle = regate(
+                path, eval_data, gate_file=gate_config,
+                overrides={name: value for name, (_, value) in flags.items()},
+                provider=provider, on_progress=_bars(bar), allow_unlabelled=allow_unlabelled,
+            )  # fmt: skip
+    except GateFailed:
+        _print_gates(path)
+        raise
+    except ConfigError as e:
+        if not e.problems:
+            raise
+        raise _named_by_flags(e.problems, flags, gate_config) from e
+    _print_gates(bundle.path)

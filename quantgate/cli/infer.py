@@ -1,0 +1,333 @@
+"""`quantgate infer`: one request to a running server, from arrays or from text, and its
+answer printed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from quantgate.cli._app import command
+from quantgate.cli._console import out
+
+
+@command()
+def infer(
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="MODEL",
+            help="Model name, as ModelMetadata reports it; default: the name in --bundle's "
+            "manifest (a repository serves a model under its folder's name instead).",
+            show_default=False,
+        ),
+    ] = None,
+    inputs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--input",
+            "-i",
+            metavar="NAME=JSON",
+            help=(
+                "NAME=JSON, e.g. -i 'input_ids=[[5, 7, 9]]'. A missing attention_mask is all "
+                "ones, a missing token_type_ids all zeros."
+            ),
+        ),
+    ] = None,
+    texts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--text",
+            "-t",
+            metavar="TEXT",
+            help="Text to send instead of token ids, tokenized by --bundle's tokenizer; "
+            "repeat it for a batch.",
+        ),
+    ] = None,
+    bundle_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--bundle",
+            metavar="BUNDLE",
+            help="The bundle the server serves: its tokenizer reads --text, its name is "
+            "MODEL's default.",
+        ),
+    ] = None,
+    outputs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="NAME",
+            help="Ask only for this output (repeatable); default all.",
+        ),
+    ] = None,
+    classes: Annotated[
+        int,
+        typer.Option(
+            "--classes",
+            "-c",
+            min=0,
+            metavar="K",
+            help="Print each row's top K classes (score, index, class name) instead of the "
+            "tensor: Triton's classification extension, asked of every output printed.",
+        ),
+    ] = 0,
+    url: Annotated[
+        str, typer.Option(metavar="HOST:PORT", help="Server address.")
+    ] = "localhost:8001",
+    version: Annotated[
+        str, typer.Option(metavar="VERSION", help="Model version (default: the newest).")
+    ] = "",
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="QUANTGATE_AUTH_TOKEN", metavar="TOKEN", help="Bearer token."),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(metavar="SECONDS", help="Seconds before giving up.")
+    ] = 30.0,
+    tls: Annotated[
+        bool, typer.Option("--tls", help="Use TLS, trusting the system's CA certificates.")
+    ] = False,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, metavar="FILE", help="PEM CA that signed the server (TLS)."
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, metavar="FILE", help="PEM client certificate (mutual TLS)."
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, metavar="FILE", help="PEM private key for --tls-cert."
+        ),
+    ] = None,
+) -> None:
+    """Send one request to a running server and print the outputs.
+
+    Inputs are arrays (-i NAME=JSON), or text (-t TEXT --bundle BUNDLE) that the bundle's
+    own tokenizer turns into them.
+    """
+    import numpy as np
+
+    from quantgate.bundle import load
+    from quantgate.errors import (
+        BadRequest,
+        ConfigError,
+        ModelNotFound,
+        Unauthenticated,
+        Unavailable,
+    )
+    from quantgate.serve.client import (
+        Client,
+        ClientTLS,
+        ConnectionFailed,
+        InputRefused,
+        request_inputs,
+    )
+
+    if not inputs and not texts:
+        raise ConfigError(
+            "nothing to send: give -i NAME=JSON per input, or -t TEXT --bundle BUNDLE"
+        )
+    if texts and bundle_dir is None:
+        raise ConfigError("--text needs --bundle: the bundle whose tokenizer reads the text")
+    if model is None and bundle_dir is None:
+        raise ConfigError(
+            "which model? Give its name (MODEL, as the server serves it), or --bundle BUNDLE "
+            "for the name in the bundle's manifest"
+        )
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("mutual TLS needs both --tls-cert and --tls-key")
+    if timeout <= 0:
+        raise ConfigError(f"--timeout must be more than 0 seconds, got {timeout:g}")
+    secure = tls or tls_ca is not None or tls_cert is not None
+    client_tls = ClientTLS(tls_ca, tls_cert, tls_key) if secure else None
+    # verified: the tokenizer is the one the bundle was gated with
+    bundle = None if bundle_dir is None else load(bundle_dir, verify=bool(texts))
+    if classes and bundle is not None:
+        _refuse_classes_of(bundle.manifest.task, bundle_dir)
+    named = model or bundle.manifest.name
+    with Client(url, token=token, timeout=timeout, tls=client_tls) as client:
+        try:
+            metadata = client.metadata(named, version)
+        except ModelNotFound as e:
+            if model:
+                raise
+            raise ModelNotFound(
+                f"{e}. {named!r} is the name in {bundle_dir}'s manifest; a repository serves "
+                "each model under its folder's name: give that name as MODEL"
+            ) from e
+        except Unauthenticated as e:
+            raise Unauthenticated(
+                f"{e} (`quantgate infer` sends --token, or the QUANTGATE_AUTH_TOKEN variable)"
+            ) from e
+        except ConnectionFailed as e:
+            given = {"--tls": tls, "--tls-ca": tls_ca, "--tls-cert": tls_cert, "--tls-key": tls_key}
+            tls_flags = [flag for flag, value in given.items() if value]
+            raise Unavailable(_cannot_connect(e, tls_flags, tls_ca)) from e
+        spec = {t.name: t for t in metadata.inputs}
+        tok, values, tagger = None, {}, False
+        if texts:
+            from quantgate.quantize.data import ModelInfo
+            from quantgate.quantize.text import tokenize, tokenizer_of
+            from quantgate.tasks import TOKEN_TASKS
+
+            info = ModelInfo.from_manifest(bundle.manifest, bundle.path)
+            tok = tokenizer_of(info)  # the bundle's: it reads --text, and a tagger's tags back
+            values = tokenize(texts, info, tok)
+            tagger = info.task in TOKEN_TASKS
+        typed = {}  # each --input's JSON, by input name
+        for item in inputs or ():
+            name, sep, value = item.partition("=")
+            if not sep or name not in spec:
+                raise BadRequest(
+                    f"--input {item!r}: expected NAME=JSON with NAME one of {sorted(spec)}"
+                )
+            if name in values:
+                by = "--text gives it" if texts else "it is given twice"
+                raise BadRequest(f"--input {name}: {by}; give each input once")
+            typed[name] = value
+            values[name] = _json_input(name, value)
+        try:
+            feeds = request_inputs(metadata, values)
+        except InputRefused as e:
+            raise BadRequest(_refused(e, typed, spec)) from e
+        wanted = tuple(outputs or ())
+        if classes and not wanted:
+            wanted = tuple(t.name for t in metadata.outputs)
+        answer = client.infer(named, feeds, version=version, outputs=wanted, classes=classes)
+        for name, array in answer.items():
+            if array.dtype == object:  # top classes
+                _print_classes(name, array)
+                continue
+            if tagger and name == "logits" and array.ndim == 3:
+                _print_tags(texts, feeds, array, bundle.manifest.class_names, tok)
+                continue
+            out.print(f"{name} {list(array.shape)} {array.dtype}", highlight=False, soft_wrap=True)
+            out.print(
+                np.array2string(array, precision=4, threshold=64), highlight=False, soft_wrap=True
+            )
+
+
+def _cannot_connect(e, tls_flags: list[str], tls_ca: Path | None) -> str:
+    """The client's ConnectionFailed ``e`` with what to do in infer's flags (``tls_flags``:
+    the TLS flags given)."""
+    drop = " and ".join(
+        [", ".join(tls_flags[:-1]), *tls_flags[-1:]] if tls_flags[1:] else tls_flags
+    )
+    if not tls_flags:  # a TLS server closes a plaintext connection
+        closed = "If it serves TLS, pass --tls-ca CA.pem (or --tls for a certificate trusted here)."
+    elif "--tls-cert" not in tls_flags:  # as a mutual-TLS server closes one without a certificate
+        closed = "If it asks for a client certificate (mutual TLS), pass --tls-cert and --tls-key."
+    else:
+        closed = "See the server's log for why (a certificate its --tls-client-ca did not sign?)."
+    advice = {
+        "unresolved": "Check the host in --url.",
+        "untrusted": "Pass --tls-ca with the CA that signed the server's certificate (a "
+        "self-signed certificate is its own CA)"
+        + ("." if tls_ca is None else f"; {tls_ca} is not it."),
+        "hostname": "Give --url the name its certificate holds.",
+        "not_tls": f"Drop {drop} to connect in plaintext.",
+        "not_grpc": "Give --url the server's gRPC port.",
+        "closed": closed,
+    }.get(e.cause)
+    if advice is None:  # nothing answered: refused, or a cause gRPC did not say
+        advice = "Start a server with `quantgate serve BUNDLE`, or pass --url to reach another."
+    return f"{e.what}. {advice}"
+
+
+def _refuse_classes_of(task: str, bundle_dir: Path) -> None:
+    """--classes on a model whose rows are not one score per class: Triton's classification
+    reads everything after the batch axis as a row, so a tagger's "classes" would be the
+    largest scores over all its tokens (index token * classes + class, unnamed), and an
+    embedding's the largest coordinates of its vectors. Refused, with what to ask instead."""
+    from quantgate.errors import ConfigError
+    from quantgate.tasks import EMBEDDING_TASKS, TOKEN_TASKS
+
+    if task in TOKEN_TASKS:
+        raise ConfigError(
+            f"--classes: {bundle_dir} is a token classifier ({task}), whose logits are "
+            "(batch, sequence, classes). --classes reads everything after the batch axis as "
+            "one row (Triton's rule), so it would print the largest scores over all tokens, "
+            "indexed token * classes + class, without names. For each token's top class by "
+            "name, send text: -t TEXT --bundle BUNDLE; for the scores, drop --classes."
+        )
+    if task in EMBEDDING_TASKS:
+        raise ConfigError(
+            f"--classes: {bundle_dir} is an embedding model ({task}): it has no classes, and "
+            "--classes would print the largest coordinates of each row's flattened vectors. "
+            "Drop --classes to print its outputs."
+        )
+
+
+def _print_classes(name: str, strings) -> None:
+    """One line per row: its top classes, best first, from Triton's "score:index[:label]"."""
+    rows = strings.reshape(-1, strings.shape[-1]) if strings.ndim else strings.reshape(1, -1)
+    k = rows.shape[1]
+    out.print(
+        f"{name}: {f'top {k} classes' if k != 1 else 'top class'} of each row", highlight=False
+    )
+    for r, row in enumerate(rows):
+        items = []
+        for s in row:
+            score, index, *label = s.decode().split(":", 2)
+            named = f"{label[0]!r} ({index})" if label else index
+            items.append(f"{named} {float(score):.4f}")
+        out.print(f"  row {r}: " + ", ".join(items), highlight=False, soft_wrap=True)
+
+
+def _print_tags(texts: list[str], feeds: dict, logits, names: tuple[str, ...], tok) -> None:
+    """A token classifier's answer to text as a person reads it: each real token of each
+    text, its top class by name and its softmax probability; ``tok`` reads the ids back."""
+    import numpy as np
+
+    mask = feeds.get("attention_mask", np.ones_like(feeds["input_ids"])).astype(bool)
+    z = logits - logits.max(-1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    plain = {"highlight": False, "markup": False, "soft_wrap": True}  # "[CLS]", "[/b]" as typed
+    out.print(f"logits {list(logits.shape)}: each token's top class", **plain)
+    for text, ids, real, p in zip(texts, feeds["input_ids"], mask, probs, strict=True):
+        out.print(f"  {text!r}", **plain)
+        for token, row in zip(tok.convert_ids_to_tokens(ids[real].tolist()), p[real], strict=True):
+            top = int(row.argmax())
+            label = names[top] if top < len(names) else str(top)
+            out.print(f"    {token:<16} {label:<12} {row[top]:.3f}", **plain)
+
+
+def _json_input(name: str, text: str):
+    """One --input's JSON value (the client's ``request_inputs`` makes it an array)."""
+    import json
+
+    from quantgate.errors import BadRequest
+
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise BadRequest(f"--input {name}: not JSON ({e}); expected e.g. [[5, 7, 9]]") from e
+
+
+def _refused(e, typed: dict[str, str], spec: dict) -> str:
+    """The client's InputRefused ``e`` said of --input's flag (``typed``: each input's JSON
+    as given), with how to wrap one row as a batch of one."""
+    if e.cause == "unknown":  # --input's names are checked: one --text's tokenizer gives
+        return f"--text: {e}"
+    datatype = spec[e.name].datatype
+    if e.cause == "datatype":  # a BYTES input, given or to fill in
+        return f"input {e.name!r} is {datatype}, which `quantgate infer` cannot send"
+    text = typed.get(e.name)
+    if e.cause == "not_numbers" and text is not None:
+        return f"--input {e.name}: expected numbers that fit {datatype}, got {text}"
+    if e.cause == "rank" and text is not None:
+        wrapped = f"[{text.strip()}]"
+        wrapped = wrapped if len(wrapped) <= 40 else wrapped[:34] + " ... ]]"
+        return f"--input {e.name}: {e.what}; send one row as a batch of one: " + (
+            f"-i '{e.name}={wrapped}'"
+        )
+    return f"--input {e.name}: {e.what}"

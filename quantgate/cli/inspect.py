@@ -1,0 +1,151 @@
+"""`quantgate inspect`: a bundle's manifest as a readable summary, with what `serve` would
+pick from it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from quantgate.cli._app import command
+from quantgate.cli._console import out
+from quantgate.cli._gates import _gate_cells
+from quantgate.cli.export import _export_notes, _fusions
+
+
+@command()
+def inspect(
+    path: Annotated[
+        Path, typer.Argument(metavar="BUNDLE", help="A bundle directory.", show_default=False)
+    ],
+    verify: Annotated[bool, typer.Option(help="Check every variant's file and sha256.")] = True,
+) -> None:
+    """Print a readable summary of a bundle's manifest."""
+    from rich.table import Table
+
+    from quantgate.bundle import MANIFEST, check_files, is_bundle, load
+    from quantgate.errors import BundleError
+
+    if path.is_dir() and not is_bundle(path):
+        inside = sorted(str(p.parent.relative_to(path)) for p in path.glob(f"*/**/{MANIFEST}"))
+        if inside:  # a repository folder, or one model's version folders
+            raise BundleError(
+                f"{path} is not a bundle but holds bundles in {', '.join(inside[:6])}"
+                + (", ..." if len(inside) > 6 else "")
+                + f": inspect one ({path / inside[0]}), or see what each model would serve "
+                f"with `quantgate serve {path} --check`"
+            )
+    b = load(path, verify=False)  # a bundle that cannot be read is refused as it is
+    if verify:
+        try:
+            check_files(b)
+        except BundleError as e:  # a file that fails its check: the manifest itself reads
+            raise BundleError(f"{e} To read its manifest anyway, pass --no-verify.") from e
+    m = b.manifest
+    e = m.export
+    try:
+        fused = _fusions(e)
+        val = e.get("validation")
+        if val:
+            shapes = ", ".join(
+                f"{c['batch']}x{c['sequence']}" + ("p" if c["padded_rows"] else "")
+                for c in val["cases"]
+            )
+            diffs = ", ".join(f"{k} {d:.1e}" for k, d in val["max_abs_diff"].items())
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise BundleError(
+            f"{path / MANIFEST} has a malformed export record ({type(err).__name__}: {err}); "
+            "re-create the bundle with `quantgate export`."
+        ) from err
+    verdict = "[green]pass[/]" if m.verdict == "pass" else "[bold red]fail[/]"
+    out.print(f"[bold]{m.name}[/]  {m.task}  verdict {verdict}  created {m.created}")
+    out.print(
+        f"source: {m.source.get('kind')} {m.source.get('spec')} ({str(m.source.get('sha256'))[:12]})"
+    )
+    out.print("tools: " + ", ".join(f"{k} {v}" for k, v in m.tools.items()))
+    tensors = Table("", "name", "dtype", "dims", box=None, title_justify="left")
+    for kind, specs in (("in", m.inputs), ("out", m.outputs)):
+        for t in specs:
+            tensors.add_row(kind, t.name, t.dtype, "(" + ", ".join(map(str, t.dims)) + ")")
+    out.print(tensors)
+    variants = Table("file", "precision", "MB", "verdict", "gates", "providers", "recipe", box=None)
+    for v in m.variants:
+        size = (b.path / v.file).stat().st_size / 1e6 if (b.path / v.file).exists() else 0.0
+        passed = sum(g.passed for g in v.gates)
+        variants.add_row(
+            v.file,
+            v.precision,
+            f"{size:.1f}",
+            v.verdict,
+            f"{passed}/{len(v.gates)} passed",
+            ", ".join(v.providers),
+            # the candidate that shipped: smooth-static-u8s8+fp32x4 kept 4 nodes FP32
+            (v.recipe or {}).get("candidate") or (v.recipe or {}).get("name", ""),
+        )
+    out.print(variants)
+    out.print(_served(m), highlight=False, soft_wrap=True)
+    if m.files:
+        groups: dict[str, int] = {}
+        for name in m.files:
+            top, sep, _ = name.partition("/")
+            groups[top + sep] = groups.get(top + sep, 0) + 1
+        listed = ", ".join(f"{g} ({n} files)" if g.endswith("/") else g for g, n in groups.items())
+        out.print(
+            f"other files (sha256 in the manifest): {listed}", highlight=False, soft_wrap=True
+        )
+    if not b.report.is_file():
+        out.print(f"report: {b.report} is missing", highlight=False, soft_wrap=True)
+    if e:
+        out.print(
+            f"export: {e.get('exporter')} exporter, opset {m.opset}, max sequence {m.max_seq_len}"
+        )
+        for line in _export_notes(e):
+            out.print(line, highlight=False, soft_wrap=True)
+        out.print(f"fusions: {fused}")
+        if val:
+            out.print(f"validation: max abs diff {diffs} at shapes {shapes} (p: padded rows)")
+    gates = [(v.precision, g) for v in m.variants for g in v.gates]
+    if gates:
+        table = Table("variant", "gate", "value", "threshold", "", box=None)
+        for precision, g in gates:
+            label, value, _, bound, mark, unsure = _gate_cells(g)
+            style = "green" if g.passed else "bold red"
+            unsure = " (uncertain)" if unsure else ""
+            table.add_row(precision, label, value, bound, f"[{style}]{mark}[/]{unsure}")
+        out.print(table)
+
+
+def _served(m) -> str:
+    """Which variant `quantgate serve` would pick on each provider (serve.variants'
+    rule), or that it refuses the bundle."""
+    from quantgate.bundle import CPU, CUDA, PASS
+    from quantgate.errors import BundleError
+    from quantgate.serve.variants import choose_variant
+
+    picks = []
+    with _quiet("quantgate.serve.variants"):  # its reasons are for the server's log
+        for provider, name in ((CPU, "CPU"), (CUDA, "CUDA")):
+            try:
+                picks.append(
+                    f"{choose_variant(m, provider, allow_failed=True).precision} on {name}"
+                )
+            except BundleError:
+                picks.append(f"nothing on {name}")
+    picks = ", ".join(picks)
+    if m.verdict != PASS:
+        return f"serve: refuses it (a gate failed); with --allow-failed-gates: {picks}"
+    return f"serve picks: {picks}"
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    log = logging.getLogger(logger)
+    before = log.disabled
+    log.disabled = True
+    try:
+        yield
+    finally:
+        log.disabled = before
