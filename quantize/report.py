@@ -178,6 +178,11 @@ def regate_section(
     failing = [v.precision for v in manifest.variants if v is not int8 and not v.passed]
     if failing:
         what += f" Failed, and not re-gated here: {', '.join(failing)}."
+    if any(v.precision == "fp16" and v.passed for v in manifest.variants):
+        what += (
+            " The FP16 variant's gates (it is for CUDA) are kept as last measured, decided by "
+            "that gating's rule; `quantgate gate --device cuda` re-runs them on a GPU host."
+        )
     what += f" {settings}"
     if new:
         what += f" Gates its last gating did not measure: {', '.join(new)}."

@@ -198,6 +198,9 @@ def test_gate_with_an_eval_file_and_bad_input(cli, tmp_path, gate_file, caplog):
     assert r.code in (0, 3), r.stderr  # random pixels: the gate decides, either way it ran
     m = load(out).manifest
     assert m.extra["regates"][-1]["evaluation"]["samples"] == 50
+    if m.variant("fp16").passed:  # a CPU re-gate keeps FP16's gates, and says so
+        latest = load(out).report.read_text().split("## Re-gated")[1]
+        assert "The FP16 variant's gates (it is for CUDA) are kept as last measured" in latest
     assert "50 labelled rows" in next(
         g.detail for g in m.variant("int8").gates if g.name == "accuracy_drop"
     )
