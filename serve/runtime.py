@@ -8,9 +8,9 @@ This module never imports torch or quantgate.quantize: a serving host has neithe
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from quantgate import bundle as qb
-from quantgate import cpus, placement, workarounds
+from quantgate import cpus, fsutil, placement, workarounds
 from quantgate.bundle import CPU, CUDA
 from quantgate.errors import BadRequest, BundleError, InferenceFailed, ServeError
 from quantgate.serve import modelfile
@@ -514,16 +514,100 @@ def _ort_session(
                 "its sha256 is the manifest's: the bundle was written so. Re-create it with "
                 "`quantgate export`."
             ) from e
-    with tempfile.TemporaryDirectory(prefix="quantgate-serve-") as tmp:
-        placement.record(options, tmp)
+    with placement_folder() as tmp:
+        if tmp is not None:
+            placement.record(options, tmp)
         try:
             # enable_fallback=0: ORT would otherwise answer a CUDA provider that fails to
             # start (a wrong device id, say) with a CPU session and a line on stdout.
             session = ort.InferenceSession(source, options, providers=providers, enable_fallback=0)
         except Exception as e:  # noqa: BLE001 - ORT raises its own types from C++
-            raise ServeError(
-                f"the CUDA execution provider could not open {file.name} on device "
-                f"{cfg.cuda_device_id} ({type(e).__name__}: {str(e).strip()}). Check the "
-                "device id (nvidia-smi lists them) and the CUDA install, or use --device cpu."
-            ) from e
+            if tmp is None:
+                raise _cuda_failed(file, cfg, e) from e
+            # Writing the optimized copy fails the session too (a /tmp too small for it: ORT
+            # says only "SystemError : <errno>"): opened again without it, served unchecked
+            unrecorded = ort.SessionOptions()
+            unrecorded.intra_op_num_threads = options.intra_op_num_threads
+            unrecorded.graph_optimization_level = options.graph_optimization_level
+            workarounds.apply(unrecorded, precision)
+            try:
+                session = ort.InferenceSession(
+                    source, unrecorded, providers=providers, enable_fallback=0
+                )
+            except Exception:  # noqa: BLE001 - the first error is the one to tell
+                raise _cuda_failed(file, cfg, e) from e
+            try:
+                size = f" ({file.stat().st_size / 1e6:,.0f} MB)"
+            except OSError:
+                size = ""
+            log.warning(
+                "%s",
+                _unchecked(
+                    f"{file.name}'s nodes",
+                    f"it could not write it into {tmp} ({str(e).strip()})",
+                    f"the model{size}",
+                    "it is served",
+                ),
+            )
+            return session, None
+        if tmp is None:  # no folder for the optimized copy: nothing to read
+            return session, None
         return session, placement.read(session, options, provider)
+
+
+def _cuda_failed(file: Path, cfg: ServeConfig, e: Exception) -> ServeError:
+    return ServeError(
+        f"the CUDA execution provider could not open {file.name} on device "
+        f"{cfg.cuda_device_id} ({type(e).__name__}: {str(e).strip()}). Check the "
+        "device id (nvidia-smi lists them) and the CUDA install, or use --device cpu."
+    )
+
+
+PLACEMENT_PREFIX = "quantgate-serve-"  # the temporary folders of placement_folder
+_no_folder_said = False  # placement_folder's WARNING is logged once per process
+
+
+@contextlib.contextmanager
+def placement_folder() -> Iterator[Path | None]:
+    """A temporary folder (under $TMPDIR, else /tmp) for the CUDA placement check:
+    ``placement.record`` has ONNX Runtime write the graph it will run there, one copy of
+    the model, read once the session is built and removed with the folder. Folders
+    of the same prefix left by a server that was killed are removed first
+    (``fsutil.work_dir``).
+
+    None where no temporary folder can be made (a read-only root filesystem with no
+    writable /tmp: Python's "No usable temporary directory found"), after a WARNING (once
+    per process) that says so and what to do: models are then served without the check,
+    not refused."""
+    global _no_folder_said
+    stack = contextlib.ExitStack()
+    try:
+        folder: Path | None = stack.enter_context(fsutil.work_dir(PLACEMENT_PREFIX))
+    except OSError as e:
+        folder = None
+        if not _no_folder_said:
+            _no_folder_said = True
+            log.warning(
+                "%s",
+                _unchecked(
+                    "the models' nodes",
+                    f"no temporary folder can be made ({e})",
+                    "the largest model",
+                    "every model is served",
+                ),
+            )
+    with stack:
+        yield folder
+
+
+def _unchecked(what: str, why: str, copy: str, served: str) -> str:
+    """The WARNING of a model served on CUDA without the placement check: why, what it
+    risks, and what to do (``copy``: whose copy the folder must have room for)."""
+    return (
+        f"cannot check where ONNX Runtime places {what} on CUDA: the check reads the "
+        f"optimized copy of the model ONNX Runtime writes at start into a temporary folder, "
+        f"and {why}. Not refused: {served} without the check, so a variant that falls back "
+        "to the CPU, and is slow, may be served (docs/gpu.md). For the check, mount a "
+        f"writable /tmp (an emptyDir) with room for one copy of {copy}, or point TMPDIR at "
+        "a writable folder"
+    )

@@ -199,3 +199,86 @@ def test_cuda_options_reach_the_provider_and_bad_ones_are_refused(tmp_path):
         ServeConfig(path=tmp_path, arena_extend_strategy="grow")
     with pytest.raises(ConfigError, match="io_binding"):
         ServeConfig(path=tmp_path, io_binding="yes")
+
+
+@pytest.fixture
+def no_temp_folder(monkeypatch):
+    """$TMPDIR, /tmp and the rest of Python's candidates unusable, as on a read-only root
+    filesystem: ``tempfile.gettempdir`` raises what Python raises there."""
+    import tempfile
+
+    def none_usable():
+        raise FileNotFoundError(2, "No usable temporary directory found in ['/tmp', '/var/tmp']")
+
+    monkeypatch.setattr(tempfile, "gettempdir", none_usable)
+    monkeypatch.setattr(runtime, "_no_folder_said", False)
+
+
+def test_no_temporary_folder_serves_on_cuda_without_the_placement_check(
+    gpu_bundle, no_temp_folder, caplog
+):
+    """A read-only root filesystem with no writable /tmp: the CUDA session is built without
+    the optimized copy the placement check reads, with one WARNING that says why and what
+    to do, instead of failing the server's start. (This onnxruntime builds CPU sessions when
+    asked for CUDA, through the same code as a GPU's.)"""
+    fp16_v = gpu_bundle.manifest.variant("fp16")
+    cfg = ServeConfig(path=gpu_bundle.path, device="cuda")
+    with caplog.at_level(logging.WARNING, logger="quantgate.serve.runtime"):
+        opened = runtime._session(gpu_bundle, fp16_v, cfg, CUDA)
+        again = runtime._session(gpu_bundle, fp16_v, cfg, CUDA)  # another model: said once
+    assert opened.report is None and again.report is None
+    feed = ids_feed([i.name for i in opened.session.get_inputs()])
+    assert opened.session.run(None, feed)[0].shape[0] == 2  # a session that serves
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    said = warning.getMessage()
+    assert "No usable temporary directory found" in said, said
+    assert "every model is served without the check" in said, said
+    assert "mount a writable /tmp" in said and "TMPDIR" in said, said
+    # and the placement rules read no report as nothing to refuse
+    assert runtime.placement_refusal(fp16_v, CUDA, opened.report) is None
+
+
+def test_a_missing_tmpdir_is_no_temporary_folder(tmp_path, monkeypatch, caplog):
+    """TMPDIR naming a folder that does not exist (as Python has it once chosen)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    monkeypatch.setattr(runtime, "_no_folder_said", False)
+    with (
+        caplog.at_level(logging.WARNING, logger="quantgate.serve.runtime"),
+        runtime.placement_folder() as folder,
+    ):
+        assert folder is None
+    assert "no temporary folder can be made" in caplog.text, caplog.text
+
+
+def test_the_placement_folder_is_made_and_removed(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with runtime.placement_folder() as folder:
+        assert folder.is_dir() and folder.parent == tmp_path
+        assert folder.name.startswith(runtime.PLACEMENT_PREFIX)
+    assert not folder.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_optimized_copy_that_cannot_be_written_is_not_fatal(gpu_bundle, monkeypatch, caplog):
+    """A /tmp too small for the optimized copy (ORT fails the session with "SystemError :
+    <errno>", 2 for the missing folder here): the session is opened again without it, and
+    served unchecked, with a WARNING."""
+    from quantgate import placement
+
+    record = placement.record
+
+    def unwritable(options, folder):
+        record(options, folder)
+        options.optimized_model_filepath = str(folder / "missing" / "optimized.onnx")
+
+    monkeypatch.setattr(placement, "record", unwritable)
+    fp16_v = gpu_bundle.manifest.variant("fp16")
+    cfg = ServeConfig(path=gpu_bundle.path, device="cuda")
+    with caplog.at_level(logging.WARNING, logger="quantgate.serve.runtime"):
+        opened = runtime._session(gpu_bundle, fp16_v, cfg, CUDA)
+    assert opened.report is None
+    assert f"{fp16_v.file}'s nodes" in caplog.text and "could not write it into" in caplog.text
+    assert "it is served without the check" in caplog.text, caplog.text
