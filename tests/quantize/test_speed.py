@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from qg_pipeline_helpers import dynamic_int8, tiny_export  # noqa: E402
 
+from quantgate import cpus  # noqa: E402
 from quantgate.quantize.decide import GateConfig  # noqa: E402
 from quantgate.quantize.speed import TimingConditions, speed_gates, time_interleaved  # noqa: E402
 
@@ -54,8 +55,7 @@ def test_speed_gate_is_interleaved_per_shape(models):
         assert g.value > 0 and g.ci[0] <= g.value <= g.ci[1]
         assert g.provider == "CPUExecutionProvider" and "median of 6 interleaved" in g.detail
         assert (
-            "; timed with ONNX Runtime's default intra-op threads (one per physical core), "
-            f"{os.cpu_count()} CPUs, " in g.detail
+            f"; timed with {TimingConditions.now(0).describe().split(', 1-minute')[0]}" in g.detail
         )
         assert "1-minute load average " in g.detail or "no load average" in g.detail
     impossible = speed_gates(
@@ -68,6 +68,31 @@ def test_speed_gate_is_interleaved_per_shape(models):
     assert not impossible[0].passed
     assert "after 1 warm-up run each" in impossible[0].detail  # warmup 0 still runs one
     assert "; timed with 1 intra-op thread, " in impossible[0].detail
+
+
+def test_a_faster_candidate_gets_a_speedup_above_one_and_a_slower_one_below(models, tmp_path):
+    """The ratio's direction: FP32's time over the candidate's. The tiny transformer against
+    a model that only casts its input (tens of times faster on any machine, loaded or not),
+    one way round and the other."""
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as oh
+
+    result, _ = models
+    inputs = [
+        oh.make_tensor_value_info(t.name, TensorProto.INT64, list(t.dims)) for t in result.inputs
+    ]
+    out = oh.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    cast = oh.make_node("Cast", [result.inputs[0].name], ["y"], to=TensorProto.FLOAT)
+    graph = oh.make_graph([cast], "cast", inputs, [out])
+    trivial = tmp_path / "cast.onnx"
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]), trivial)
+    cfg = GateConfig(min_speedup=1.0, iterations=3, warmup=1, batch_sizes=(8,))
+
+    (faster,) = speed_gates(result.onnx, trivial, result.inputs, 64, cfg)
+    (slower,) = speed_gates(trivial, result.onnx, result.inputs, 64, cfg)
+    assert faster.value > 2 and faster.passed, faster.detail
+    assert slower.value < 0.5 and not slower.passed, slower.detail
 
 
 def test_timing_conditions_say_when_the_machine_was_busy():
@@ -84,6 +109,6 @@ def test_timing_conditions_say_when_the_machine_was_busy():
     assert not TimingConditions(1, 2, None).busy
     assert TimingConditions(1, 2, None).describe().endswith("no load average on this OS")
     now = TimingConditions.now(3)
-    assert now.threads == 3 and now.cpus == os.cpu_count()
+    assert now.threads == 3 and now.cpus == cpus.affinity()
     if hasattr(os, "getloadavg"):
         assert now.load is not None and now.load >= 0
