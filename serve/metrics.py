@@ -6,13 +6,16 @@ a batch ran. Batches run on the request threads, so the statistics take a lock.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import socket
+import socketserver
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import prometheus_client as prom
 
@@ -35,7 +38,7 @@ class Metrics:
         prom.ProcessCollector(registry=self.registry)
         prom.PlatformCollector(registry=self.registry)
         self.http_port: int | None = None  # where serve_http listens; None: not serving
-        self._httpd: WSGIServer | None = None
+        self._httpd: _HTTPServer | None = None
         labels = ("model", "version")
         r = self.registry
         self.requests = prom.Counter(
@@ -117,19 +120,26 @@ class Metrics:
         there), and with ``ready`` the probes ``/healthz`` and ``/readyz`` (``metrics_app``);
         any other path is 404. Returns the bound port (the free one chosen when ``port`` is
         0)."""
+        given = _hostport((host, port))
         try:
-            # prometheus_client's server (threads per scrape, no line per request, IPv4 or
-            # IPv6 as the address says), with /metrics only in place of its any-path app
-            httpd, _ = prom.start_http_server(port, addr=host, registry=self.registry)
+            binds = http_binds(host, port)
+        except OSError as e:  # socket.gaierror: a name that does not resolve
+            raise ServeError(
+                f"cannot serve metrics on {given}: --host {host} does not resolve to an "
+                f"address ({e.strerror or e}). Give a name or an address of this machine: "
+                "0.0.0.0 for every interface, 127.0.0.1 for local clients."
+            ) from e
+        [(family, address, dual)] = binds
+        try:
+            httpd = _HTTPServer(address, family, dual, metrics_app(self.registry, ready))
         except OSError as e:
             raise ServeError(
-                f"cannot serve metrics on {host}:{port}: {e.strerror or e}. "
-                "Choose another --metrics-port."
+                f"cannot serve metrics on {given}: {e.strerror or e}. "
+                "Choose another --metrics-port (0 picks a free one)."
             ) from e
-        httpd.set_app(metrics_app(self.registry, ready))
-        httpd.RequestHandlerClass = _bounded(httpd.RequestHandlerClass)
+        threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
         self._httpd = httpd
-        self.http_port = self._httpd.server_port
+        self.http_port = httpd.server_port
         return self.http_port
 
     def close_http(self) -> None:
@@ -141,31 +151,124 @@ class Metrics:
 
 
 METRICS_PATH = "/metrics"
-HTTP_CONNECTIONS = 32  # connections to the metrics port served at once; beyond, closed
+# Connections to the metrics port open at once. At the limit a new one is admitted by closing
+# the one that has waited longest without sending its request; only when every one is being
+# answered is the new one closed unanswered.
+HTTP_CONNECTIONS = 32
 
 
-def _bounded(handler: type) -> type:
-    """prometheus_client's request handler, bounded: each connection holds a thread and a
-    file descriptor, and idle ones kept them for ever (a thousand took the process's
-    descriptors, and gRPC's new connections with them). A connection that sends nothing
-    for HTTP_TIMEOUT_S is closed, quietly; beyond HTTP_CONNECTIONS at once, a new one is
-    closed unanswered."""
-    open_ = threading.BoundedSemaphore(HTTP_CONNECTIONS)
+def http_binds(host: str, port: int) -> list[tuple[socket.AddressFamily, tuple, bool]]:
+    """Where ``serve_http`` listens for ``host``: (family, address, dual-stack), the
+    host's first address. Raises socket.gaierror for a name that does not resolve."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = found[0]
+    return [(family, address, False)]
 
-    class Bounded(handler):
+
+def bind_socket(family: socket.AddressFamily, address: tuple, dual: bool) -> socket.socket:
+    """A TCP socket bound to ``address`` as the metrics server binds it (SO_REUSEADDR: a
+    connection left in TIME_WAIT does not hold the port), IPv6 taking IPv4 too when
+    ``dual`` (otherwise an IPv6 socket is as the system makes it). Not listening yet."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if dual:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _hostport(address: tuple) -> str:
+    host = address[0]
+    return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+
+
+class _HTTPServer(socketserver.ThreadingMixIn, WSGIServer):
+    """The metrics port: a thread per connection, one request per connection (wsgiref),
+    no line per request, at most HTTP_CONNECTIONS connections open.
+
+    Each open connection holds a thread and a file descriptor, so they are bounded; idle
+    ones once kept them for ever (a thousand took the process's descriptors, and gRPC's new
+    connections with them). A connection that sends nothing for HTTP_TIMEOUT_S is closed.
+    At the limit, a new connection is admitted by closing the one that has waited longest
+    for its request (as nginx and Apache reclaim idle keep-alive connections), so idle
+    connections, however many, cannot keep a kubelet's probe out; a connection whose request
+    has been read is answered, never closed for a newer one."""
+
+    daemon_threads = True
+    # socketserver's listen backlog is 5: a burst of connections beyond it waited for the
+    # kernel's SYN retransmit, a second
+    request_queue_size = 128
+
+    def __init__(self, address: tuple, family: socket.AddressFamily, dual: bool, app) -> None:
+        self.address_family = family  # read by TCPServer.__init__
+        self._dual = dual
+        self._lock = threading.Lock()
+        # open connections, oldest first -> True once its request is read (being answered)
+        self._open: dict[socket.socket, bool] = {}
+        super().__init__(address, _handler())
+        self.set_app(app)
+
+    def server_bind(self) -> None:
+        self.socket.close()
+        self.socket = bind_socket(self.address_family, self.server_address, self._dual)
+        self.server_address = self.socket.getsockname()
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = host, port  # not getfqdn: no DNS lookup
+        self.setup_environ()
+
+    def process_request(self, request, client_address) -> None:
+        with self._lock:
+            if len(self._open) >= HTTP_CONNECTIONS:
+                idle = next((c for c, answering in self._open.items() if not answering), None)
+                if idle is None:  # every one is being answered: this one is not
+                    socketserver.TCPServer.shutdown_request(self, request)
+                    return
+                del self._open[idle]
+                with contextlib.suppress(OSError):  # gone already
+                    idle.shutdown(socket.SHUT_RDWR)  # its thread, in recv, reads the end
+            self._open[request] = False
+        super().process_request(request, client_address)
+
+    def answering(self, request) -> bool:
+        """Mark ``request``'s connection as being answered: False when it was closed
+        meanwhile to admit a newer one (its request then goes unanswered)."""
+        with self._lock:
+            if request not in self._open:
+                return False
+            self._open[request] = True
+            return True
+
+    def shutdown_request(self, request) -> None:
+        with self._lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
+
+
+def _handler() -> type:
+    """wsgiref's request handler, silent (no line per request), with HTTP_TIMEOUT_S (read
+    when the server is made) on each connection's reads and writes."""
+
+    class Handler(WSGIRequestHandler):
         timeout = HTTP_TIMEOUT_S
 
         def handle(self) -> None:
-            if not open_.acquire(blocking=False):
-                return
             try:
                 super().handle()
             except OSError:  # timed out, or the client went: nothing to answer
                 self.close_connection = True
-            finally:
-                open_.release()
 
-    return Bounded
+        def parse_request(self) -> bool:
+            # the request line and headers are read: from here on it is answered
+            return super().parse_request() and self.server.answering(self.request)
+
+        def log_message(self, format, *args) -> None:  # noqa: A002 - the base's name
+            pass
+
+    return Handler
 
 
 def metrics_app(registry: prom.CollectorRegistry, ready: Callable[[], bool] | None = None):

@@ -136,3 +136,116 @@ def test_an_idle_connection_to_the_metrics_port_is_closed(monkeypatch, capfd):
     finally:
         metrics.close_http()
     assert "Traceback" not in capfd.readouterr().err
+
+
+def _held(port: int, n: int, request: bytes = b"") -> list:
+    """``n`` connections to the metrics port, each having sent ``request`` and nothing more
+    (idle, or a request begun and never finished), in the order they were opened."""
+    import socket
+
+    held = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if request:
+            s.sendall(request)
+        held.append(s)
+    return held
+
+
+def _closed_by_server(s) -> bool:
+    """Whether the server closed ``s``: an end of stream (or a reset) within 10 s."""
+    try:
+        return s.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:  # reset
+        return True
+
+
+def _kept(s) -> bool:
+    """Whether ``s`` is open now (nothing to read, no end of stream). The server closes a
+    connection for a newer one before it serves the newer one: once that is answered,
+    this tells at once."""
+    s.setblocking(False)
+    try:
+        return s.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        s.settimeout(10)
+
+
+def test_idle_connections_cannot_keep_a_probe_out(monkeypatch, capfd):
+    """The metrics port holds HTTP_CONNECTIONS connections at once. Idle ones filling it (a
+    client that connects and sends nothing, or half a request) once made every probe fail
+    (RemoteDisconnected) until they timed out, so anyone who reached the port could fail
+    the pod's liveness probe. A new connection now closes the one that has waited longest
+    for its request, and only it."""
+    from quantgate.serve import metrics as m
+    from quantgate.serve.metrics import HTTP_CONNECTIONS
+
+    monkeypatch.setattr(m, "HTTP_TIMEOUT_S", 120.0)  # none closed for being idle meanwhile
+    metrics = Metrics()
+    port = metrics.serve_http(0, "127.0.0.1", ready=lambda: True)
+    base = f"http://127.0.0.1:{port}"
+    held = _held(port, 2, b"GET /metr")  # half a request: still waiting for the rest
+    held += _held(port, HTTP_CONNECTIONS - 2)  # nothing sent
+    try:
+        for i, path in enumerate(("/healthz", "/readyz", "/metrics", "/healthz")):
+            assert _get(base + path)[0] == 200, path  # in place of the longest idle
+            assert _closed_by_server(held[i]), f"connection {i} was kept"
+            assert _kept(held[i + 1]), f"connection {i + 1} was closed"
+            held += _held(port, 1)  # the place the probe left, taken again
+        assert _get(base + "/healthz")[0] == 200
+        assert all(_kept(s) for s in held[5:]), "a newer idle one was closed"
+    finally:
+        for s in held:
+            s.close()
+        metrics.close_http()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_connection_being_answered_is_never_closed_for_a_newer_one(monkeypatch):
+    """A request read is answered, however many connections come after it; and when every
+    place holds a request being answered, a new connection is the one refused."""
+    from quantgate.serve import metrics as m
+    from quantgate.serve.metrics import HTTP_CONNECTIONS
+
+    monkeypatch.setattr(m, "HTTP_TIMEOUT_S", 120.0)
+
+    answering, release = threading.Semaphore(0), threading.Event()
+
+    def ready() -> bool:  # /readyz's answer waits here: its connection is being answered
+        answering.release()
+        return release.wait(30)
+
+    metrics = Metrics()
+    port = metrics.serve_http(0, "127.0.0.1", ready=ready)
+    readyz = b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
+    held: list = []
+    try:
+        [first] = held = _held(port, 1, readyz)
+        assert answering.acquire(timeout=10)
+        held += _held(port, HTTP_CONNECTIONS + 3)  # idle: the last 4 close the oldest 4
+        assert all(_closed_by_server(s) for s in held[1:5])
+        assert _kept(first) and all(_kept(s) for s in held[5:])
+        for s in held[1:]:
+            s.close()
+        busy = _held(port, HTTP_CONNECTIONS - 1, readyz)  # every other place answering
+        held += busy
+        for _ in busy:
+            assert answering.acquire(timeout=10)
+        [late] = _held(port, 1, readyz)
+        held.append(late)
+        assert _closed_by_server(late)  # unanswered: nothing it could close
+        release.set()
+        for s in (first, *busy):
+            s.settimeout(10)
+            assert s.recv(64).startswith(b"HTTP/1.0 200 OK"), "a request was not answered"
+    finally:
+        release.set()
+        for s in held:
+            s.close()
+        metrics.close_http()
