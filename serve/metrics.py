@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import socket
 import socketserver
 import threading
@@ -38,6 +39,8 @@ class Metrics:
         prom.ProcessCollector(registry=self.registry)
         prom.PlatformCollector(registry=self.registry)
         self.http_port: int | None = None  # where serve_http listens; None: not serving
+        self.http_address: str | None = None  # "host:port" it listens on ("[::]:9090")
+        self.http_families: str | None = None  # for 0.0.0.0: which families that takes
         self._httpd: _HTTPServer | None = None
         labels = ("model", "version")
         r = self.registry
@@ -119,7 +122,11 @@ class Metrics:
         """Serve the metrics over HTTP at ``/metrics`` (a daemon thread; ``/`` redirects
         there), and with ``ready`` the probes ``/healthz`` and ``/readyz`` (``metrics_app``);
         any other path is 404. Returns the bound port (the free one chosen when ``port`` is
-        0)."""
+        0).
+
+        ``host`` 0.0.0.0 (every address) listens on IPv4 and IPv6 both, as gRPC does on it
+        (``[::]`` with IPV6_V6ONLY off), and on IPv4 alone where the host has no IPv6;
+        ``http_address`` and ``http_families`` say which."""
         given = _hostport((host, port))
         try:
             binds = http_binds(host, port)
@@ -129,17 +136,36 @@ class Metrics:
                 f"address ({e.strerror or e}). Give a name or an address of this machine: "
                 "0.0.0.0 for every interface, 127.0.0.1 for local clients."
             ) from e
-        [(family, address, dual)] = binds
-        try:
-            httpd = _HTTPServer(address, family, dual, metrics_app(self.registry, ready))
-        except OSError as e:
+        last: OSError | None = None
+        for family, address, dual in binds:
+            try:
+                httpd = _HTTPServer(address, family, dual, metrics_app(self.registry, ready))
+            except OSError as e:
+                if e.errno not in NO_FAMILY:
+                    tried = f" (as {_hostport(address)}, IPv4 and IPv6)" if dual else ""
+                    raise ServeError(
+                        f"cannot serve metrics on {given}{tried}: {e.strerror or e}. "
+                        "Choose another --metrics-port (0 picks a free one)."
+                    ) from e
+                last = e  # this family is not on this host: try the next
+                continue
+            break
+        else:
             raise ServeError(
-                f"cannot serve metrics on {given}: {e.strerror or e}. "
-                "Choose another --metrics-port (0 picks a free one)."
-            ) from e
+                f"cannot serve metrics on {given}: {last.strerror or last}. Give --host an "
+                "address of this machine, or 0.0.0.0 for every interface."
+            ) from last
         threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
         self._httpd = httpd
         self.http_port = httpd.server_port
+        self.http_address = _hostport((address[0], self.http_port))
+        self.http_families = (
+            "every IPv4 and IPv6 address"
+            if dual
+            else "every IPv4 address; this host has no IPv6"
+            if host == ANY_IPV4
+            else None
+        )
         return self.http_port
 
     def close_http(self) -> None:
@@ -148,6 +174,7 @@ class Metrics:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd, self.http_port = None, None
+            self.http_address = self.http_families = None
 
 
 METRICS_PATH = "/metrics"
@@ -155,11 +182,24 @@ METRICS_PATH = "/metrics"
 # the one that has waited longest without sending its request; only when every one is being
 # answered is the new one closed unanswered.
 HTTP_CONNECTIONS = 32
+ANY_IPV4 = "0.0.0.0"
+# bind()'s answers where the address family is not on this host (a kernel without IPv6, or
+# IPv6 switched off): the next family is tried
+NO_FAMILY = frozenset({errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EADDRNOTAVAIL})
 
 
 def http_binds(host: str, port: int) -> list[tuple[socket.AddressFamily, tuple, bool]]:
-    """Where ``serve_http`` listens for ``host``: (family, address, dual-stack), the
-    host's first address. Raises socket.gaierror for a name that does not resolve."""
+    """Where ``serve_http`` listens for ``host``, in the order it tries: (family, address,
+    dual-stack). 0.0.0.0 is every address, as gRPC reads it: ``[::]`` taking IPv4 as well,
+    then 0.0.0.0 alone for a host without IPv6. Any other host is its first address, as
+    given (127.0.0.1 is IPv4 only, ``::`` what the system makes of it: IPv4 too on Linux
+    unless net.ipv6.bindv6only is set). Raises socket.gaierror for a name that
+    does not resolve."""
+    if host == ANY_IPV4:
+        binds = [(socket.AF_INET, (ANY_IPV4, port), False)]
+        if socket.has_ipv6:
+            binds.insert(0, (socket.AF_INET6, ("::", port, 0, 0), True))
+        return binds
     found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, address = found[0]
     return [(family, address, False)]

@@ -39,7 +39,7 @@ from grpc_reflection.v1alpha import reflection
 from quantgate import cpus, signals
 from quantgate.errors import DrainIncomplete, ServeError
 from quantgate.protos import grpc_service_pb2 as pb
-from quantgate.serve import auth, codec, tls, watch
+from quantgate.serve import auth, codec, metrics, tls, watch
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.engine import Engine
 from quantgate.serve.repository import Repository, load_repository
@@ -387,29 +387,38 @@ def _check_ports(cfg: ServeConfig) -> None:
     if problem := _bind_problem(cfg.host, cfg.port, "--port"):
         raise ServeError(f"cannot listen on {cfg.address()}: {problem}")
     if cfg.metrics_port and (
-        problem := _bind_problem(cfg.host, cfg.metrics_port, "--metrics-port")
+        problem := _bind_problem(cfg.host, cfg.metrics_port, "--metrics-port", http=True)
     ):
         raise ServeError(f"cannot serve metrics on {cfg.address(cfg.metrics_port)}: {problem}")
 
 
-def _bind_problem(host: str, port: int, flag: str) -> str | None:
+def _bind_problem(host: str, port: int, flag: str, *, http: bool = False) -> str | None:
     """Why a plain socket cannot listen on ``port`` (``flag``'s) at ``host``, in words that
-    say what to do; None where it can."""
+    say what to do; None where it can. ``http``: bound as the metrics server binds it
+    (``metrics.http_binds``: 0.0.0.0 is IPv6 and IPv4 both where the host has IPv6)."""
     try:
-        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        if http:
+            found = metrics.http_binds(host, port)
+        else:
+            found = [
+                (family, address, False)
+                for family, _, _, _, address in socket.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )
+            ]
     except socket.gaierror as e:
         return (
             f"--host {host} does not resolve to an address ({e.strerror}). Give a name or an "
             "address of this machine: 0.0.0.0 for every interface, 127.0.0.1 for local clients"
         )
-    for family, kind, proto, _, address in found:
+    for i, (family, address, dual) in enumerate(found):
         try:
-            with socket.socket(family, kind, proto) as probe:
-                # As gRPC and the metrics server bind: a connection of the last server left in
-                # TIME_WAIT does not take the port; a process listening on it does.
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(address)
+            # As gRPC and the metrics server bind: a connection of the last server left in
+            # TIME_WAIT does not take the port (SO_REUSEADDR); a process listening on it does.
+            metrics.bind_socket(family, address, dual).close()
         except OSError as e:
+            if http and e.errno in metrics.NO_FAMILY and i + 1 < len(found):
+                continue  # no IPv6 here: the metrics server takes IPv4 alone
             if e.errno == errno.EADDRINUSE:
                 return f"another process listens on it. Choose another {flag} (0 picks a free one)"
             if e.errno == errno.EADDRNOTAVAIL:
@@ -420,6 +429,8 @@ def _bind_problem(host: str, port: int, flag: str) -> str | None:
             if e.errno == errno.EACCES:
                 return f"ports below 1024 need root. Choose another {flag} (0 picks a free one)"
             return f"{e.strerror or e}"
+        if http:  # the first that binds is the one the metrics server takes
+            break
     return None
 
 
@@ -563,19 +574,34 @@ def _start(
 ) -> None:
     """Metrics, then the gRPC server, then the batchers; warm every model; report ready."""
     if cfg.metrics_port is not None:
-        metrics_port = engine.metrics.serve_http(
-            cfg.metrics_port, cfg.host, ready=lambda: engine.ready
+        http = engine.metrics
+        http.serve_http(cfg.metrics_port, cfg.host, ready=lambda: engine.ready)
+        log.info(
+            "Prometheus metrics on http://%s/metrics%s, and the probes /healthz, /readyz",
+            http.http_address,
+            f" ({http.http_families})" if http.http_families else "",
         )
-        log.info("Prometheus metrics on http://%s/metrics", cfg.address(metrics_port))
     server.start()
     engine.start()
     if cfg.warmup:
         engine.warm_up()
     engine.ready = True
     _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving on %s: %s", cfg.address(port), _settings(cfg))
+    log.info("serving on %s%s: %s", cfg.address(port), _grpc_families(cfg.host), _settings(cfg))
     if on_ready is not None:
         on_ready(port, engine)
+
+
+def _grpc_families(host: str) -> str:
+    """What gRPC listens on for ``host`` 0.0.0.0, which it reads as every address: IPv6 too
+    (``ss -ltn`` shows ``*:PORT``) where the host has IPv6. Nothing for any other host."""
+    if host != metrics.ANY_IPV4:
+        return ""
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+    except OSError:
+        return " (every IPv4 address; this host has no IPv6)"
+    return " (every IPv4 and IPv6 address)"
 
 
 def _drain(

@@ -249,3 +249,48 @@ def test_a_connection_being_answered_is_never_closed_for_a_newer_one(monkeypatch
         for s in held:
             s.close()
         metrics.close_http()
+
+
+def test_0000_listens_on_ipv6_too_and_falls_back_to_ipv4_without_it(monkeypatch):
+    """0.0.0.0, the default --host, is every address: IPv6 too, as gRPC reads it; a host
+    without IPv6 gets IPv4 alone, and the server says which it took."""
+    import errno
+    import socket
+
+    from quantgate.serve import metrics as m
+
+    metrics = Metrics()
+    metrics.serve_http(0, "0.0.0.0", ready=lambda: True)
+    try:
+        if socket.has_ipv6:
+            assert metrics.http_address.startswith("[::]:"), metrics.http_address
+            assert metrics.http_families == "every IPv4 and IPv6 address"
+        port = metrics.http_port
+        assert _get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+    finally:
+        metrics.close_http()
+
+    bind = m.bind_socket
+
+    def no_ipv6(family, address, dual):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return bind(family, address, dual)
+
+    monkeypatch.setattr(m, "bind_socket", no_ipv6)
+    metrics = Metrics()
+    metrics.serve_http(0, "0.0.0.0", ready=lambda: True)
+    try:
+        assert metrics.http_address == f"0.0.0.0:{metrics.http_port}"
+        assert metrics.http_families == "every IPv4 address; this host has no IPv6"
+        assert _get(f"http://127.0.0.1:{metrics.http_port}/healthz")[0] == 200
+    finally:
+        metrics.close_http()
+    # an explicit address keeps its meaning: IPv4 loopback only
+    metrics = Metrics()
+    metrics.serve_http(0, "127.0.0.1")
+    try:
+        assert metrics.http_address == f"127.0.0.1:{metrics.http_port}"
+        assert metrics.http_families is None
+    finally:
+        metrics.close_http()
