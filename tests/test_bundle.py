@@ -5,7 +5,12 @@ import errno
 import json
 import math
 import os
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -353,15 +358,43 @@ def test_an_unreadable_variant_is_a_bundle_error(tmp_path, monkeypatch, cli):
     assert "model.fp32.onnx cannot be read (Permission denied)" in " ".join(r.stderr.split())
 
 
+def _as_nobody(argv: list[str]) -> subprocess.CompletedProcess:
+    """``argv`` run as the unprivileged user 65534 (for root, who reads files whatever their
+    mode); a skip where that user cannot run this Python (a checkout under /root)."""
+
+    def drop() -> None:
+        os.setgid(65534)
+        os.setuid(65534)
+
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import quantgate"], preexec_fn=drop,
+                               capture_output=True, text=True)  # fmt: skip
+        failed = probe.stderr[-200:] if probe.returncode else ""
+    except OSError as e:  # the interpreter itself, not to be run by that user
+        failed = str(e)
+    if failed:
+        pytest.skip(f"user 65534 cannot run this Python and quantgate: {failed}")
+    return subprocess.run(argv, preexec_fn=drop, capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.parametrize("name", ["model.fp32.onnx", qb.MANIFEST])
-def test_unreadable_files_exit_2_naming_the_file(cli, tmp_path, name):
-    b = write(tmp_path / "b")
-    (b.path / name).chmod(0)
-    if os.access(b.path / name, os.R_OK):
-        pytest.skip("this user reads files whatever their mode (root)")
-    r = cli("inspect", b.path)
-    assert r.code == 2 and "Traceback" not in r.stderr
-    assert "Permission denied" in r.stderr and name in r.stderr
+def test_unreadable_files_exit_2_naming_the_file(cli, name):
+    """As root too: the command then runs as an unprivileged user, in a folder it may enter."""
+    top = Path(tempfile.mkdtemp(prefix="quantgate-test-"))
+    try:
+        top.chmod(0o755)
+        b = write(top / "b")
+        (b.path / name).chmod(0)
+        if os.access(b.path / name, os.R_OK):  # root
+            run = _as_nobody([sys.executable, "-m", "quantgate", "inspect", str(b.path)])
+            code, stderr = run.returncode, run.stderr
+        else:
+            r = cli("inspect", b.path)
+            code, stderr = r.code, r.stderr
+        assert code == 2 and "Traceback" not in stderr, stderr
+        assert "Permission denied" in stderr and name in stderr
+    finally:
+        shutil.rmtree(top)
 
 
 def test_inspect_of_a_manifest_with_a_wrong_type_exits_2(cli, tmp_path):
@@ -514,3 +547,14 @@ def test_pad_values_are_the_exports_record_else_an_older_bundles_pad_token_id(tm
     recorded = {"input_ids": 50256, "attention_mask": 0}
     newer = dataclasses.replace(older, export={"pad_values": recorded})
     assert newer.pad_values == recorded
+
+
+def test_a_variant_with_no_gate_has_no_evidence_and_fails(tmp_path):
+    """An INT8 or FP16 variant ships on its gates' evidence: with none it fails, where an
+    empty ``all(...)`` would pass it."""
+    from quantgate.export.writer import ExtraVariant
+
+    passed = qb.GateResult("cosine", 0.999, 0.99, ">=", True)
+    assert not qb.all_passed(()) and qb.verdict_of(()) == qb.FAIL
+    assert qb.verdict_of((passed,)) == qb.PASS
+    assert ExtraVariant(path=tmp_path / "m.onnx", precision="int8").verdict == qb.FAIL
