@@ -89,7 +89,7 @@ def test_missing_variant_is_named(tmp_path):
 def test_failure_inside_staging_leaves_the_previous_bundle_intact(tmp_path):
     out = tmp_path / "b"
     before = write(out).manifest.created
-    with pytest.raises(RuntimeError), qb.staging(out) as tmp:
+    with pytest.raises(RuntimeError, match="crash mid-write"), qb.staging(out) as tmp:
         (tmp / "model.fp32.onnx").write_bytes(b"half")
         raise RuntimeError("crash mid-write")
     assert qb.load(out).manifest.created == before

@@ -392,7 +392,10 @@ def test_a_work_folder_a_killed_process_left_in_tmpdir_is_removed(tmp_path, monk
 def test_a_failed_write_leaves_no_folders_it_made_on_the_way(tmp_path):
     """--out new/a/b/bundle, then a failure (a Ctrl-C): new/a/b/ stayed, empty."""
     out = tmp_path / "new" / "a" / "b" / "bundle"
-    with pytest.raises(RuntimeError), fsutil.claimed(out, "an export", create=True):
+    with (
+        pytest.raises(RuntimeError, match="^interrupted$"),
+        fsutil.claimed(out, "an export", create=True),
+    ):
         assert out.parent.is_dir()
         with fsutil.atomic_dir(out):
             raise RuntimeError("interrupted")

@@ -861,7 +861,7 @@ def test_gate_config_from_files_and_flags(tmp_path):
         ConfigError, match="a .yaml file; gate settings are read from .toml or .json"
     ):
         GateConfig.from_file(tmp_path / "gates.yaml")
-    with pytest.raises(ConfigError, match="min_speedup"):
+    with pytest.raises(ConfigError, match="min_speedup 0.0: expected a finite number > 0"):
         GateConfig(min_speedup=0)
     with pytest.raises(ConfigError, match="iterations 2: expected >= 3") as e:
         GateConfig(iterations=2, eval_samples=0)
