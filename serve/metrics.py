@@ -120,9 +120,9 @@ class Metrics:
         self, port: int, host: str = "0.0.0.0", ready: Callable[[], bool] | None = None
     ) -> int:
         """Serve the metrics over HTTP at ``/metrics`` (a daemon thread; ``/`` redirects
-        there), and with ``ready`` the probes ``/healthz`` and ``/readyz`` (``metrics_app``);
-        any other path is 404. Returns the bound port (the free one chosen when ``port`` is
-        0).
+        there), and with ``ready`` the probes ``/healthz``, ``/readyz`` and their KServe v2
+        twins (``metrics_app``); any other path is 404. Returns the bound port (the free one
+        chosen when ``port`` is 0).
 
         ``host`` 0.0.0.0 (every address) listens on IPv4 and IPv6 both, as gRPC does on it
         (``[::]`` with IPV6_V6ONLY off), and on IPv4 alone where the host has no IPv6;
@@ -311,6 +311,11 @@ def _handler() -> type:
     return Handler
 
 
+# The probes: quantgate's own paths, and KServe v2's (Triton's HTTP port), the same answers
+LIVE_PATHS = frozenset({"/healthz", "/v2/health/live"})
+READY_PATHS = frozenset({"/readyz", "/v2/health/ready"})
+
+
 def metrics_app(registry: prom.CollectorRegistry, ready: Callable[[], bool] | None = None):
     """prometheus_client's WSGI app (content negotiation, gzip, ``name[]`` filters) at
     /metrics only: on its own it answers the metrics at any path, so a typo in a scrape
@@ -319,7 +324,9 @@ def metrics_app(registry: prom.CollectorRegistry, ready: Callable[[], bool] | No
     With ``ready`` (the server's), the HTTP probes a kubelet can make where the gRPC port
     wants TLS or a client certificate: ``/healthz`` is 200 while the process serves HTTP
     (liveness), ``/readyz`` 200 when ``ready()`` (warmed up, not shutting down), else 503
-    (readiness). Every other path is 404 and says where the metrics are."""
+    (readiness). ``/v2/health/live`` and ``/v2/health/ready``, the KServe v2 HTTP paths
+    Triton serves (and probes copied from Triton's ask for), answer the same. Every other
+    path is 404 and says where the metrics are."""
     metrics = prom.make_wsgi_app(registry)
     text = ("Content-Type", "text/plain; charset=utf-8")
 
@@ -327,10 +334,10 @@ def metrics_app(registry: prom.CollectorRegistry, ready: Callable[[], bool] | No
         path = environ.get("PATH_INFO") or "/"
         if path == METRICS_PATH:
             return metrics(environ, start_response)
-        if ready is not None and path == "/healthz":
+        if ready is not None and path in LIVE_PATHS:
             start_response("200 OK", [text])
             return [b"alive\n"]
-        if ready is not None and path == "/readyz":
+        if ready is not None and path in READY_PATHS:
             if ready():
                 start_response("200 OK", [text])
                 return [b"ready\n"]

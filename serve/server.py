@@ -539,7 +539,7 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
     # handlers back (signals.handling).
     with signals.handling(on_signal), contextlib.closing(bundles.start()):
         try:
-            _start(cfg, server, port, engine, health_servicer, on_ready)
+            _start(cfg, server, port, engine, health_servicer, on_ready, stop)
             while not stop.wait(0.5):  # a short wait: signal handlers run between waits
                 pass
         except BaseException:  # failed while starting (a warm-up out of memory, on_ready):
@@ -571,13 +571,19 @@ def _start(
     engine: Engine,
     health_servicer: health.HealthServicer,
     on_ready: Callable[[int, Engine], None] | None,
+    stop: threading.Event,
 ) -> None:
-    """Metrics, then the gRPC server, then the batchers; warm every model; report ready."""
+    """Metrics, then the gRPC server, then the batchers; warm every model; report ready.
+    The HTTP readiness probes say not ready from the moment ``stop`` is set (the signal),
+    ahead of the drain's first step."""
     if cfg.metrics_port is not None:
         http = engine.metrics
-        http.serve_http(cfg.metrics_port, cfg.host, ready=lambda: engine.ready)
+        http.serve_http(
+            cfg.metrics_port, cfg.host, ready=lambda: engine.ready and not stop.is_set()
+        )
         log.info(
-            "Prometheus metrics on http://%s/metrics%s, and the probes /healthz, /readyz",
+            "Prometheus metrics on http://%s/metrics%s, and the probes /healthz, /readyz, "
+            "/v2/health/live, /v2/health/ready",
             http.http_address,
             f" ({http.http_families})" if http.http_families else "",
         )

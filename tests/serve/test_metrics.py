@@ -138,6 +138,35 @@ def test_an_idle_connection_to_the_metrics_port_is_closed(monkeypatch, capfd):
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_the_kserve_v2_health_paths_answer_as_healthz_and_readyz():
+    """/v2/health/live and /v2/health/ready, which Triton serves on its HTTP port and probes
+    copied from Triton ask for: the same answers as /healthz and /readyz, readiness included."""
+    metrics, ready = Metrics(), threading.Event()
+    port = metrics.serve_http(0, "127.0.0.1", ready=ready.is_set)
+    base = f"http://127.0.0.1:{port}"
+
+    def probes() -> dict[str, tuple[int, str]]:
+        paths = ("/healthz", "/v2/health/live", "/readyz", "/v2/health/ready")
+        return {p: _get(base + p)[::2] for p in paths}
+
+    alive, ok = (200, "alive\n"), (200, "ready\n")
+    not_ready = (503, "not ready: warming up or shutting down\n")
+    try:
+        assert probes() == {  # warming up
+            "/healthz": alive, "/v2/health/live": alive, "/readyz": not_ready,
+            "/v2/health/ready": not_ready,
+        }  # fmt: skip
+        ready.set()
+        assert probes() == {
+            "/healthz": alive, "/v2/health/live": alive, "/readyz": ok, "/v2/health/ready": ok,
+        }  # fmt: skip
+        ready.clear()  # draining
+        assert probes()["/v2/health/ready"] == not_ready
+        assert _get(base + "/v2/health")[0] == 404  # only the two paths
+    finally:
+        metrics.close_http()
+
+
 def _held(port: int, n: int, request: bytes = b"") -> list:
     """``n`` connections to the metrics port, each having sent ``request`` and nothing more
     (idle, or a request begun and never finished), in the order they were opened."""
@@ -193,7 +222,7 @@ def test_idle_connections_cannot_keep_a_probe_out(monkeypatch, capfd):
     held = _held(port, 2, b"GET /metr")  # half a request: still waiting for the rest
     held += _held(port, HTTP_CONNECTIONS - 2)  # nothing sent
     try:
-        for i, path in enumerate(("/healthz", "/readyz", "/metrics", "/healthz")):
+        for i, path in enumerate(("/healthz", "/readyz", "/v2/health/live", "/metrics")):
             assert _get(base + path)[0] == 200, path  # in place of the longest idle
             assert _closed_by_server(held[i]), f"connection {i} was kept"
             assert _kept(held[i + 1]), f"connection {i + 1} was closed"

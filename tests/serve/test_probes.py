@@ -1,16 +1,24 @@
-"""The metrics port's probes on a real server: where it listens by default."""
+"""The metrics port's probes on a real server: where it listens by default, and the KServe v2
+health paths following readiness through a warm-up and a drain as /readyz does."""
 
 from __future__ import annotations
 
 import re
+import signal
 import socket
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
+import numpy as np
 import tritonclient.grpc as tc
 from conftest import ServerProcess
+from helpers import inputs, spawn
 
-PROBES = ("/healthz", "/readyz")
+from quantgate import bundle as qb
+
+PROBES = ("/healthz", "/v2/health/live", "/readyz", "/v2/health/ready")
 
 
 def _status(url: str) -> int:
@@ -52,3 +60,124 @@ def test_the_default_host_answers_probes_on_ipv4_and_ipv6(repo):
             srv.log,
         ), srv.log
         assert re.search(rf"serving on 0\.0\.0\.0:{grpc_port} \(every IPv4 and IPv6", srv.log)
+
+
+def _slow_warm_up_bundle(out: Path) -> Path:
+    """A bundle whose model counts, one ONNX Loop step at a time, to its largest input id,
+    or to WARM_UP_STEPS when every id is 0: warm-up's zeros take about a second (three
+    runs), and input_ids=[[3 * 10**6]] seconds (it holds a drain open)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    axes = ["batch", "sequence"]
+    body = helper.make_graph(
+        [helper.make_node("Add", ["count_in", "one"], ["count_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "step",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("count_in", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("count_out", TensorProto.FLOAT, [])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMax", ["input_ids"], ["largest"], keepdims=0),
+         helper.make_node("Equal", ["largest", "zero_id"], ["zeros"]),
+         helper.make_node("Where", ["zeros", "warm_up_steps", "largest"], ["steps"]),
+         helper.make_node("Loop", ["steps", "true", "zero"], ["count"], body=body),
+         helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["mask", "count"], ["counted"])],
+        "slow_warm_up",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, axes)
+         for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("counted", TensorProto.FLOAT, axes)],
+        [helper.make_tensor("true", TensorProto.BOOL, [], [True]),
+         helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+         helper.make_tensor("zero_id", TensorProto.INT64, [], [0]),
+         helper.make_tensor("warm_up_steps", TensorProto.INT64, [], [400_000])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with qb.staging(out) as tmp:
+        onnx.save(model, tmp / "model.fp32.onnx")
+        spec = lambda n, dt: qb.TensorSpec(n, dt, tuple(axes))  # noqa: E731
+        qb.write_manifest(
+            tmp,
+            qb.Manifest(
+                name="slow",
+                task="feature-extraction",
+                inputs=(spec("input_ids", "int64"), spec("attention_mask", "int64")),
+                outputs=(spec("counted", "float32"),),
+                variants=(
+                    qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx")),
+                ),
+                opset=17,
+                source={"kind": "test"},
+            ),
+        )
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:  # bound, read back, released: a tiny race, fine in tests
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_kserve_v2_ready_follows_readiness_through_warm_up_and_drain(tmp_path):
+    """/v2/health/ready answers as /readyz does at every moment: 503 while the models warm
+    up (the metrics port is up before them), 200 once ready, 503 through the drain; the
+    liveness paths 200 throughout."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    starting = spawn(ServerProcess, _slow_warm_up_bundle(tmp_path / "slow"), "--metrics-port",
+                     str(port))  # fmt: skip
+
+    def probed() -> dict[str, int]:
+        return {path: _status(base + path) for path in PROBES}
+
+    warming = []  # what the probes said before the server said it was listening
+    deadline = time.monotonic() + 60
+    while not starting.done():
+        assert time.monotonic() < deadline, "the server did not start"
+        try:
+            warming.append(probed())
+        except urllib.error.URLError:  # the metrics port is not up yet
+            time.sleep(0.01)
+    srv, signalled = starting.result(), False
+    try:
+        assert "warm-up slow version 1" in srv.log
+        # each answer read apart: at the moment it turns ready, /readyz may have said 503 and
+        # /v2/health/ready then 200 (never the other way round), once
+        not_yet = [p for p in warming if p["/readyz"] == 503]
+        assert not_yet, f"no probe answered during the warm-up: {warming}"
+        for p in warming:
+            assert p["/healthz"] == p["/v2/health/live"] == 200, p
+        for p in not_yet[:-1]:
+            assert p["/v2/health/ready"] == 503, p
+        assert probed() == dict.fromkeys(PROBES, 200)
+
+        with tc.InferenceServerClient(srv.url) as c:
+            long = {"input_ids": np.array([[3 * 10**6]]), "attention_mask": np.array([[1]])}
+            c.async_infer("slow", inputs(long), callback=lambda result, error: None)
+            deadline = time.monotonic() + 30
+            while ": running a batch of" not in srv.log:  # the batcher's line (-v)
+                assert time.monotonic() < deadline and srv.proc.poll() is None, srv.log
+                time.sleep(0.01)
+            srv.proc.send_signal(signal.SIGTERM)
+            signalled = True
+            while "shutting down" not in srv.log:
+                assert time.monotonic() < deadline, srv.log
+                time.sleep(0.01)
+            draining = probed()  # the request still runs: the drain, and the port, go on
+            assert srv.proc.poll() is None, srv.log
+            assert draining == {
+                "/healthz": 200, "/v2/health/live": 200, "/readyz": 503, "/v2/health/ready": 503
+            }, draining  # fmt: skip
+    finally:
+        if srv.proc.poll() is None and not signalled:
+            srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.wait(60)
+    # the running request's client went with the channel: the drain ended there
+    assert srv.proc.returncode == 0, srv.log
