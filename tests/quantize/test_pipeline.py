@@ -611,7 +611,9 @@ def test_a_single_logit_is_gated_on_its_value_and_with_labels_as_a_binary_choice
     assert "top-1 accuracy FP32 50.00% -> INT8" in drop.detail and "r2" in gates
 
 
-def test_a_hugging_face_token_classifier_is_gated_per_token(cli, tmp_path, tiny_bert, caplog):
+def test_a_hugging_face_token_classifier_is_gated_per_token(
+    cli, tmp_path, tiny_bert, caplog, gate_file
+):
     """A NER model end to end: its head exported, its INT8 judged token by token against
     FP32 (labels ignored, with a word), and a dynamic recipe also on the tokens' batch
     consistency."""
@@ -622,7 +624,8 @@ def test_a_hugging_face_token_classifier_is_gated_per_token(cli, tmp_path, tiny_
     ev = write_jsonl(tmp_path / "ev.jsonl", english(40, source="pydoc"), labels=[1] * 40)
     out = tmp_path / "b"
     r = cli("export", ner, "--out", out, "--calibration", cal, "--eval", ev, "--no-fp16",
-            "--recipe", "ort-dynamic-per-channel", "--min-speedup", "0.01")  # fmt: skip
+            "--recipe", "ort-dynamic-per-channel", "--min-speedup", "0.01",
+            "--gate-config", gate_file)  # fmt: skip
     assert r.code in (0, 3), r.stderr
     m = load(out).manifest
     assert m.task == "token-classification" and [o.dims for o in m.outputs] == [
@@ -651,7 +654,8 @@ def test_a_hugging_face_token_classifier_is_gated_per_token(cli, tmp_path, tiny_
     )
     labelled = write_npz(tmp_path / "tags.npz", feeds, labels=tags)
     r = cli("export", ner, "--out", out, "--force", "--calibration", cal, "--eval", labelled,
-            "--no-fp16", "--max-candidates", "1", "--min-speedup", "0.01")  # fmt: skip
+            "--no-fp16", "--max-candidates", "1", "--min-speedup", "0.01",
+            "--gate-config", gate_file)  # fmt: skip
     assert r.code in (0, 3), r.stderr
     gates = {g.name: g for g in load(out).manifest.variant("int8").gates}
     labelled_tokens = int(((feeds["attention_mask"] == 1) & (tags >= 0)).sum())
