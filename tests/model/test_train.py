@@ -298,13 +298,6 @@ def test_checkpoint_whose_config_holds_a_float_size_is_corrupt(checkpoint, tmp_p
         load_checkpoint(bad)
 
 
-def test_cli_names_the_presets_for_an_unknown_one(cli, tmp_path):
-    r = cli("train", "--preset", "huge", "--out", tmp_path / "ckpt")
-    assert r.code == 2
-    assert "unknown preset 'huge'; choose one of ['base', 'small']" in " ".join(r.stderr.split())
-    assert not (tmp_path / "ckpt").exists()
-
-
 @pytest.mark.parametrize("epochs", [1, 2, 25])
 def test_every_run_warms_up_to_its_peak_rate_and_decays(epochs):
     """The warm-up is a fraction of the run: 50 of the default 500 steps, 2 of 20 in one epoch
