@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,6 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config):
+    """Signals the suite sends its subprocesses (servers, exports) reach them whatever the
+    shell left ignored: a background job (`make test &`) ignores SIGINT, `nohup` SIGHUP, and
+    a child inherits an ignored signal through exec. A handler set here is reset to the
+    default in each child instead."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, lambda *_: None)
 
 
 @dataclass
