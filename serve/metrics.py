@@ -96,6 +96,12 @@ class Metrics:
             "Calls refused for a missing or invalid bearer token (no model is read from them)",
             registry=r,
         )
+        self.overloaded = prom.Counter(
+            "quantgate_overloaded_calls",
+            "Calls refused UNAVAILABLE before they were read, as more calls were in flight "
+            "than the server's limit (twice its request threads): overload, retry with backoff",
+            registry=r,
+        )
         self.tls_expiry = prom.Gauge(  # a series only where TLS is on
             "quantgate_tls_cert_expiry_timestamp_seconds",
             "When the served TLS certificate chain's first certificate expires (Unix time)",

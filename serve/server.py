@@ -54,6 +54,9 @@ SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # Request threads beyond the queue: calls that wait in no queue (metadata, statistics,
 # health, reflection) and the runners of the batches.
 SPARE_THREADS = 16
+# gRPC's limit of calls in flight, as a multiple of Overload's: the room for refusals that
+# wait for the refusals' threads during a burst
+OVERLOAD_ROOM = 2
 
 
 class AccessLog(grpc.ServerInterceptor):
@@ -68,7 +71,8 @@ class AccessLog(grpc.ServerInterceptor):
     when it ends, with its requests and how many failed.
 
     Calls that end before any handler runs have no line: those gRPC refuses (an unknown
-    method, an oversized message, calls beyond the server's limit of concurrent RPCs), and
+    method, an oversized message, calls beyond its limit of concurrent RPCs, which is
+    twice the server's own: ``Overload`` logs the calls it refuses), and
     those cancelled or expired before a thread took them up; so has a stream cancelled
     before its first response (gRPC closes a generator that never started without running
     it).
@@ -201,6 +205,80 @@ class _Line:
         return f"{self.fields['method'].rpartition('/')[2]} {self.fields['code']}"
 
 
+class RequestThreads(futures.ThreadPoolExecutor):
+    """gRPC's request threads, counting the calls handed to them that have not finished
+    (running, or waiting for a thread): what gRPC's ``maximum_concurrent_rpcs`` counts of
+    them, read by ``Overload``."""
+
+    def __init__(self, threads: int) -> None:
+        super().__init__(threads, thread_name_prefix="grpc")
+        self._lock = threading.Lock()
+        self.in_flight = 0
+
+    def submit(self, fn, /, *args, **kwargs):
+        with self._lock:
+            self.in_flight += 1
+        try:
+            future = super().submit(fn, *args, **kwargs)
+        except BaseException:
+            self._finished()
+            raise
+        future.add_done_callback(self._finished)
+        return future
+
+    def _finished(self, _future=None) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+
+class Overload(grpc.ServerInterceptor):
+    """Beyond ``limit`` calls in flight on the request threads (running, or waiting for
+    one), a new call is answered UNAVAILABLE at once, as a full queue is (retryable, with
+    backoff), and counted (``on_refusal``), with an access-log line where ``access_log``.
+    gRPC's own limit (``maximum_concurrent_rpcs``) answers RESOURCE_EXHAUSTED instead, in
+    code of its own that runs before any handler or interceptor could count the call; it
+    stays, above this one, for refusals that cannot keep up with a burst.
+
+    A refusal reads nothing of its call (a stream handler that never reads: a client that
+    holds back its message cannot hold it up) and runs on threads of its own, so it waits
+    for no request thread."""
+
+    THREADS = 2  # the refusals' (each is some microseconds of Python)
+
+    def __init__(
+        self,
+        threads: RequestThreads,
+        limit: int,
+        on_refusal: Callable[[], None],
+        *,
+        access_log: bool = False,
+    ):
+        self.limit = limit
+        self._threads = threads
+        self._on_refusal = on_refusal
+        self._access_log = access_log
+        self._message = (
+            f"the server is overloaded: {limit} calls are in flight, its limit. Retry with "
+            "backoff, or add replicas"
+        )
+        self._pool = futures.ThreadPoolExecutor(self.THREADS, thread_name_prefix="overload")
+
+    def intercept_service(self, continuation, details):
+        if self._threads.in_flight < self.limit:
+            return continuation(details)
+        return self._refusal(details.method)
+
+    def _refusal(self, method: str) -> grpc.RpcMethodHandler:
+        def refuse(_requests, context):
+            self._on_refusal()
+            if self._access_log:
+                _log_call(method, None, context, CallRecord(), time.perf_counter(), "UNAVAILABLE")
+            context.abort(grpc.StatusCode.UNAVAILABLE, self._message)
+
+        refuse.experimental_thread_pool = self._pool  # gRPC runs it there, not on a request thread
+        return grpc.stream_stream_rpc_method_handler(refuse)
+
+
 class StreamLimit(grpc.ServerInterceptor):
     """Streaming calls open at once, capped: beyond, RESOURCE_EXHAUSTED. Each holds a
     request thread while it is open. ModelStreamInfer may take ``limit`` of them (half the
@@ -318,9 +396,11 @@ def create_server(
     Threads: one per unary request in flight and per open stream, from a pool as large as
     every model's queue plus spares, so that a full queue, not a lack of threads, is what
     refuses a request (UNAVAILABLE, at once); the requests of streams run on a second pool
-    of that size. Calls beyond twice the pool are refused by gRPC (RESOURCE_EXHAUSTED), and
-    inference streams beyond half of it, health and reflection streams beyond a quarter (64
-    at most), by the server (``StreamLimit``).
+    of that size. Calls beyond twice the pool in flight are refused UNAVAILABLE at once and
+    counted (``Overload``); beyond twice that again, by gRPC (RESOURCE_EXHAUSTED, counted
+    nowhere), should refusals not keep up. Inference streams beyond half the pool, health
+    and reflection streams beyond a quarter (64 at most), are refused RESOURCE_EXHAUSTED by
+    the server (``StreamLimit``).
     """
     options = [
         ("grpc.max_receive_message_length", cfg.max_request_bytes),
@@ -328,18 +408,22 @@ def create_server(
         ("grpc.so_reuseport", 0),  # a busy port is an error, not a silently shared one
     ]
     threads = cfg.max_queue_size * len(list(engine.repository)) + SPARE_THREADS
+    pool = RequestThreads(threads)
+    overload = Overload(pool, 2 * threads, engine.metrics.overloaded.inc, access_log=cfg.access_log)
     interceptors: list[grpc.ServerInterceptor] = [StreamLimit(threads // 2)]
     if tokens := tokens or auth.tokens(cfg):
         refused = engine.metrics.unauthenticated.inc
         interceptors.append(auth.BearerTokenAuth(SERVICE, tokens, refused))
     if cfg.access_log:  # outermost: it logs the calls the token check refuses, too
         interceptors.insert(0, AccessLog())
+    interceptors.insert(0, overload)  # before all: its refusal must stay as it is made
     server = grpc.server(
-        futures.ThreadPoolExecutor(threads, thread_name_prefix="grpc"),
+        pool,
         options=options,
         interceptors=interceptors,
-        # Calls waiting for a thread are bounded too: beyond, RESOURCE_EXHAUSTED at once.
-        maximum_concurrent_rpcs=2 * threads,
+        # Calls waiting for a thread are bounded too: beyond, UNAVAILABLE at once (Overload);
+        # and beyond what refusals can keep up with, RESOURCE_EXHAUSTED by gRPC.
+        maximum_concurrent_rpcs=OVERLOAD_ROOM * overload.limit,
     )
     _add_inference_service(InferenceServicer(engine, threads), server)
     health_servicer = health.HealthServicer()
