@@ -36,7 +36,8 @@ def serve(
         str,
         typer.Option(
             metavar="ADDRESS",
-            help="Address to listen on, for gRPC and the metrics port (:: for IPv6).",
+            help="Address to listen on, for gRPC and the metrics port: 0.0.0.0 is every "
+            "IPv4 and IPv6 address (where the host has IPv6), 127.0.0.1 local clients only.",
         ),
     ] = _DEFAULT_SERVE.host,
     port: Annotated[
@@ -184,7 +185,7 @@ def serve(
             help="The log on stderr: text (a UTC timestamp, level, logger and message per "
             "line) or json (one object per line: ts, level, logger, message, and a record's "
             "fields as keys, such as --access-log's), for a log pipeline. stdout's lines "
-            "(serving ..., listening on ...) stay text.",
+            "(serving ..., metrics on ..., listening on ...) stay text.",
         ),
     ] = LogFormat.TEXT,
     check: Annotated[
