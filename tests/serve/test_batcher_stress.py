@@ -103,10 +103,12 @@ def _hammer(repo, classifier, instances, delay_us, *, seed, close_after=None):
         instances=instances,
     )
     execute = b._execute
+    batch_rows: list[int] = []
 
     def recorded_execute(group):
         with lock:
             executed.extend(group)
+            batch_rows.append(sum(p.rows for p in group))
         execute(group)
 
     b._execute = recorded_execute
@@ -190,6 +192,8 @@ def _hammer(repo, classifier, instances, delay_us, *, seed, close_after=None):
                 np.testing.assert_allclose(outcome, reference(feeds), atol=1e-4, err_msg=where)
 
     assert peak[0] <= instances, f"{peak[0]} batches ran at once with {instances} slots"
+    # every request has 1 to 3 rows: none is larger than a batch, so no batch exceeds 8
+    assert max(batch_rows, default=0) <= 8, f"a batch of {max(batch_rows)} rows (max 8)"
     assert len(executed) == len({id(p) for p in executed}), "a request ran twice"
     assert close_after is not None or ended.get("plain:ok", 0) > 0, ended
     assert b.close(timeout=10), f"depth {b.depth}, slots taken {b._running}"
@@ -313,12 +317,76 @@ def test_a_failed_batch_is_not_rerun_for_a_client_that_went_away(classifier):
     assert b.close(timeout=5) and b._running == 0
 
 
-def test_a_request_larger_than_the_batch_size_runs_alone(classifier):
-    b = batcher(classifier, max_batch_size=2)
+def test_a_request_larger_than_the_batch_size_runs_alone(repo, classifier):
+    """Queued with requests of its bucket behind a running batch, a request of 3 rows
+    (batches of 2) runs in a batch of its own; the two after it share one."""
+    rows: list[int] = []
+    b = batcher(classifier, max_batch_size=2, on_batch=lambda n, timing: rows.append(n))
     rng = np.random.default_rng(13)
-    big = spawn(b.infer, batch(rng, 3, 4), 3)
-    assert big.result(10)[0]["logits"].shape == (3, 5)
+    started, release = hold_first_run(classifier)
+    busy = spawn(b.infer, batch(rng, 1, 4), 1)
+    assert started.wait(10)
+    big_feeds, small_feeds = batch(rng, 3, 4), [batch(rng, 1, 4) for _ in range(2)]
+    big = spawn(b.infer, big_feeds, 3)
+    until(lambda: b.depth == 1)
+    small = [spawn(b.infer, f, 1) for f in small_feeds]
+    until(lambda: b.depth == 3)
+    release.set()
+    reference = Reference(repo / "classifier")
+    for future, feeds in zip([big, *small], [big_feeds, *small_feeds], strict=True):
+        np.testing.assert_allclose(future.result(10)[0]["logits"], reference(feeds), atol=1e-4)
+    assert busy.result(10)[0]["logits"].shape == (1, 5)
+    assert rows == [1, 3, 2], rows  # the held one; the big one alone; the two small ones
     assert b.close(timeout=5)
+
+
+def test_no_batch_holds_more_rows_than_the_max_batch_size(classifier):
+    """Ten requests of one bucket queue behind a running batch: batches of 8, then 2."""
+    rows: list[int] = []
+    b = batcher(classifier, max_batch_size=8, on_batch=lambda n, timing: rows.append(n))
+    rng = np.random.default_rng(17)
+    started, release = hold_first_run(classifier)
+    busy = spawn(b.infer, batch(rng, 1, 4), 1)
+    assert started.wait(10)
+    queued = [spawn(b.infer, batch(rng, 1, 4), 1) for _ in range(10)]
+    until(lambda: b.depth == 10)
+    release.set()
+    for future in [busy, *queued]:
+        assert future.result(10)[0]["logits"].shape == (1, 5)
+    assert rows == [1, 8, 2], rows
+    assert b.close(timeout=5)
+
+
+def test_requests_whose_deadline_passed_hold_no_place_in_a_full_queue(classifier):
+    """The queue is full of requests whose deadline has passed, and whose threads have not
+    woken yet to drop them (a loaded machine; here each waits until let go): a new request
+    takes their place, and they are answered DeadlineExceeded."""
+    b = batcher(classifier, max_queue_size=2)
+    rng = np.random.default_rng(18)
+    started, release = hold_first_run(classifier)
+    busy = spawn(b.infer, batch(rng, 1, 4), 1)
+    assert started.wait(10)  # the only slot is taken: what comes next queues
+    wait, let_go = b._wait, threading.Event()
+
+    def asleep(me):
+        let_go.wait(10)
+        wait(me)
+
+    b._wait = asleep
+    expired = [spawn(b.infer, batch(rng, 1, 4), 1, timeout=0.01) for _ in range(2)]
+    until(lambda: b.depth == 2)
+    until(lambda: all(time.monotonic() >= p.deadline for p in list(b._queue)))
+    b._wait = wait
+    fresh = spawn(b.infer, batch(rng, 1, 4), 1)  # admitted, not refused "queue full"
+    until(lambda: b.depth == 1 or fresh.done())
+    let_go.set()
+    for future in expired:
+        with pytest.raises(DeadlineExceeded, match="deadline passed while queued"):
+            future.result(10)
+    release.set()
+    assert busy.result(10)[0]["logits"].shape == (1, 5)
+    assert fresh.result(10)[0]["logits"].shape == (1, 5)
+    assert b.close(timeout=5) and b.depth == 0 and b._running == 0
 
 
 def test_a_runner_whose_request_is_cancelled_while_it_gathers_passes_the_slot_on(classifier):
