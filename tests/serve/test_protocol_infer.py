@@ -182,6 +182,20 @@ def test_mixing_raw_and_typed_contents_names_the_typed_input(server):
     assert "'attention_mask'" in err.value.details() and "contents" in err.value.details()
 
 
+def test_an_input_named_twice_is_refused_by_name(server):
+    """Two tensors named input_ids: answering either would be a guess at what was meant."""
+    request = service_pb2.ModelInferRequest(model_name="classifier")
+    for name, values in (("input_ids", [3, 7, 5, 1]), ("attention_mask", [1, 1, 1, 1]),
+                         ("input_ids", [9, 2, 4, 6])):  # fmt: skip
+        request.inputs.add(name=name, datatype="INT64", shape=[1, 4])
+        request.raw_input_contents.append(np.array(values, dtype=np.int64).tobytes())
+    with grpc.insecure_channel(server.url) as channel, pytest.raises(grpc.RpcError) as err:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    details = err.value.details()
+    assert "input 'input_ids' appears twice" in details and "send it once" in details, details
+
+
 def test_statistics_count_each_success_and_failure(client):
     def counts() -> tuple[int, int]:
         s = client.get_inference_statistics("encoder").model_stats[0].inference_stats
