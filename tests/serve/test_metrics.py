@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from helpers import until
 
 from quantgate.serve.batcher import Timing
 from quantgate.serve.metrics import DURATIONS, Metrics, ModelStats
@@ -52,6 +53,63 @@ def test_a_snapshot_taken_while_requests_count_is_never_torn():
         stop.set()
         for w in workers:
             w.join()
+
+
+class _Watched:
+    """A lock that tells when a second thread finds it taken (``contended``)."""
+
+    def __init__(self) -> None:
+        self._lock, self.contended = threading.Lock(), threading.Event()
+
+    def __enter__(self):
+        if not self._lock.acquire(blocking=False):
+            self.contended.set()
+            self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+
+class _HeldTiming:
+    """A Timing whose queue_ns is read only once ``release`` is set: request_done stops
+    half-way through its counting (success counted, queue not yet), its lock held."""
+
+    input_ns = infer_ns = output_ns = 0
+
+    def __init__(self) -> None:
+        self.reading, self.release = threading.Event(), threading.Event()
+
+    @property
+    def queue_ns(self) -> int:
+        self.reading.set()
+        self.release.wait(10)
+        return 1
+
+
+def test_a_snapshot_waits_for_a_request_counted_half_way():
+    """Forced: a request is half counted when the snapshot is taken. The snapshot must
+    wait for the writer's lock and see the whole request, not success without queue."""
+    stats = ModelStats("m", "1", _lock=_Watched())
+    timing = _HeldTiming()
+    snap: list[ModelStats] = []
+    writer = threading.Thread(target=stats.request_done, args=(True, 1, 1, timing))
+    reader = threading.Thread(target=lambda: snap.append(stats.snapshot()))
+    writer.start()
+    try:
+        assert timing.reading.wait(10)
+        reader.start()
+        # the snapshot either waits for the lock, or ran through without taking it
+        until(lambda: stats._lock.contended.is_set() or snap)
+    finally:
+        timing.release.set()
+        writer.join(10)
+        if reader.ident is not None:  # started
+            reader.join(10)
+    s = snap[0]
+    assert (s.success.count, s.queue.count, s.inference_count) == (1, 1, 1), (
+        "a torn snapshot: the request's success without its queue time"
+    )
 
 
 def _get(url: str) -> tuple[int, dict, str]:
