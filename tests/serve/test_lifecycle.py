@@ -310,21 +310,28 @@ def _overflow(srv: ServerProcess, requests: list[dict], queued: int) -> list:
 
 
 def test_a_second_sigterm_does_not_wait_for_the_drain(tmp_path):
-    """A request that runs for seconds holds the drain open; the operator's second signal
-    ends the process then and there, with 128 + SIGTERM."""
+    """A request that would run for hours holds the drain open; the operator's second
+    signal ends the process then and there, with 128 + SIGTERM, the request unanswered."""
     srv = ServerProcess(_slow_bundle(tmp_path / "slow"))
-    feeds = {"input_ids": np.array([[10**7]]), "attention_mask": np.array([[1]])}
+    held: queue.Queue = queue.Queue()
     with tc.InferenceServerClient(srv.url) as c:
-        _running(srv, lambda: c.async_infer("slow", inputs(feeds), callback=lambda r, e: None))
+        _running(
+            srv,
+            lambda: c.async_infer(
+                "slow", inputs(ENDLESS), callback=lambda result, error: held.put((result, error))
+            ),
+        )
         srv.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         while not any("shutting down" in line for line in srv.stderr):
             assert time.monotonic() < deadline, srv.log
             time.sleep(0.05)
-        assert srv.proc.poll() is None, srv.log  # draining: the request still runs
+        assert srv.proc.poll() is None and held.empty(), srv.log  # draining: it still runs
         srv.proc.send_signal(signal.SIGTERM)
         code = srv.proc.wait(20)  # well inside the 25 s grace the drain may take
+        result, error = held.get(timeout=30)  # the connection ended with the process
     assert code == 128 + signal.SIGTERM, srv.log
+    assert result is None and error.status() == "StatusCode.UNAVAILABLE", error  # unanswered
     assert "second SIGTERM: exiting without finishing admitted requests" in srv.log
 
 
@@ -389,10 +396,17 @@ def test_a_request_timeout_that_passes_in_the_queue_answers_deadline_exceeded(tm
     try:
         slow = {"input_ids": np.array([[10**7]]), "attention_mask": np.array([[1]])}
         quick = {"input_ids": np.array([[1]]), "attention_mask": np.array([[1]])}
+        held: queue.Queue = queue.Queue()
         with tc.InferenceServerClient(srv.url) as c:
-            _running(srv, lambda: c.async_infer("slow", inputs(slow), callback=lambda r, e: None))
+            _running(
+                srv,
+                lambda: c.async_infer(
+                    "slow", inputs(slow), callback=lambda result, error: held.put(error)
+                ),
+            )
             with pytest.raises(InferenceServerException) as err:
                 c.infer("slow", inputs(quick), timeout=200_000)  # 0.2 s
+            assert held.empty()  # queued behind a request still running, not after it
         assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED", err.value
     finally:
         srv.terminate()
@@ -443,7 +457,10 @@ def test_a_deadline_the_client_ends_before_the_servers_clock_is_counted_as_one(t
             tc.InferenceServerClient(srv.url) as c,  # open: its call holds the model
             tc.InferenceServerClient(proxy.url) as late,
         ):
-            _running(srv, lambda: c.async_infer("slow", inputs(slow), callback=lambda *_: None))
+            _running(
+                srv,
+                lambda: c.async_infer("slow", inputs(slow), callback=lambda result, error: None),
+            )
             assert late.is_server_live()  # connected: what is held from here is the call
             proxy.late.set()
             threading.Timer(0.25, proxy.late.clear).start()  # the cancellation is not held
@@ -508,11 +525,18 @@ def test_a_grace_that_runs_out_is_logged_and_exits_1(tmp_path):
     """A request still running when --shutdown-grace ends is cut off: the operator is told
     so, in the log and by the exit code, never by a clean 0."""
     srv = ServerProcess(_slow_bundle(tmp_path / "slow"), "--shutdown-grace", "0.5")
-    feeds = {"input_ids": np.array([[10**7]]), "attention_mask": np.array([[1]])}
+    held: queue.Queue = queue.Queue()
     with tc.InferenceServerClient(srv.url) as c:
-        _running(srv, lambda: c.async_infer("slow", inputs(feeds), callback=lambda r, e: None))
+        _running(
+            srv,
+            lambda: c.async_infer(
+                "slow", inputs(ENDLESS), callback=lambda result, error: held.put((result, error))
+            ),
+        )
         code = srv.terminate()
+        result, error = held.get(timeout=30)
     assert code == 1, srv.log
+    assert result is None and error.status() == "StatusCode.UNAVAILABLE", error  # cut off
     assert (
         "the shutdown grace of 0.5s ran out with requests still queued or running (1 admitted "
         "request(s) cut off)"
