@@ -450,6 +450,11 @@ class _LateHeaders:
                 if outbound and self.late.is_set():
                     time.sleep(self.delay)
                 sink.sendall(chunk)
+        # one side closed: so does the other. A connection left open to the server held
+        # its stop at SIGTERM for 20 s, gRPC waiting for the client to close it.
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
 
 
 def test_a_deadline_the_client_ends_before_the_servers_clock_is_counted_as_one(tmp_path):
