@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pki
 import pytest
@@ -76,14 +76,23 @@ def test_a_retired_client_ca_beside_its_successor_is_only_warned_about(tmp_path,
         tls.read(only_retired)
 
 
-def test_a_renewal_not_valid_yet_is_taken_once_its_time_comes(tmp_path, caplog):
+def test_a_renewal_not_valid_yet_is_taken_once_its_time_comes(tmp_path, caplog, monkeypatch):
+    """The renewal starts 10 minutes from now (X.509 keeps whole seconds: a start seconds
+    away left a second's margin); the clock the TLS checks read is then moved past it."""
     ca = pki.authority()
     cfg = _files(tmp_path, ca, [pki.pem(ca[0])], valid_for=timedelta(days=30))
     creds = tls.Credentials(cfg)
     first = creds.material
-    pki.server_files(tmp_path, ca, valid_from=timedelta(seconds=2), valid_for=timedelta(days=90))
+    pki.server_files(tmp_path, ca, valid_from=timedelta(minutes=10), valid_for=timedelta(days=90))
     with caplog.at_level(logging.ERROR, logger="quantgate.serve.watch"):
         assert not creds.check()
     assert "is not valid before" in caplog.text and creds.material is first
-    time.sleep(2.5)  # its start of validity: the same files, taken now
-    assert creds.check() and creds.material.expires > first.expires
+    ahead = timedelta(minutes=11)
+
+    class Later(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) + ahead
+
+    monkeypatch.setattr(tls, "datetime", Later)  # its start of validity has come
+    assert creds.check() and creds.material.expires > first.expires  # the same files
