@@ -5,6 +5,7 @@ or bad flags with one message that names the culprit (exit 2, no traceback), and
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -31,6 +32,41 @@ def _quantgate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "quantgate", *args], capture_output=True, text=True, timeout=120
     )
+
+
+_MANY = """
+import contextlib, io, json, sys
+from quantgate.cli import main
+
+results = []
+for args in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = ["quantgate", *args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    results.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def _quantgate_many(*calls: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """Each ``quantgate ARGS...`` in ``calls``, in order, through the real entry point (exit
+    codes as the command gives them), in one subprocess: commands that read text import
+    transformers, seconds a process. Not in the test process: `quantgate infer` imports
+    quantgate.serve.client, whose protobuf symbols collide with tritonclient's."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MANY, json.dumps([list(c) for c in calls])],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return [
+        subprocess.CompletedProcess(c, code, out, err)
+        for c, (code, out, err) in zip(calls, json.loads(done.stdout), strict=True)
+    ]
 
 
 def test_a_repository_lists_every_model_folder_it_cannot_serve(repo, tmp_path):
@@ -505,27 +541,30 @@ def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path):
     want = tokenizer(texts, padding=True, return_tensors="np")
     echo = want["input_ids"] + 100 * want["attention_mask"]  # token_type_ids: all 0
     srv = ServerProcess(bundle)
+    refusals = (
+        (("-t", "a cat"), "--text needs --bundle"),
+        (("-t", "a cat", "--bundle", str(bundle), "-i", "input_ids=[[1]]"), "--text gives it"),
+        ((), "nothing to send"),
+    )
     try:
-        r = _quantgate("infer", "echo", "--url", srv.url, "-t", texts[0], "-t", texts[1],
-                       "--bundle", str(bundle), "-o", "echo")  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        assert r.stdout.startswith(f"echo {list(echo.shape)} float32"), r.stdout
-        got = re.findall(r"\d+", r.stdout.split("\n", 1)[1])
-        assert [int(v) for v in got] == echo.ravel().tolist(), r.stdout
-        # MODEL defaults to the bundle's name ("echo")
-        r = _quantgate("infer", "--url", srv.url, "-t", "a cat", "--bundle", str(bundle))
-        assert r.returncode == 0 and r.stdout.startswith("echo [1, 4] float32"), r.stderr
-        r = _quantgate("infer", "--url", srv.url, "-i", "input_ids=[[1]]")
-        assert r.returncode == 2 and "which model?" in r.stderr, r.stderr
-        for args, words in (
-            (("-t", "a cat"), "--text needs --bundle"),
-            (("-t", "a cat", "--bundle", str(bundle), "-i", "input_ids=[[1]]"), "--text gives it"),
-            ((), "nothing to send"),
-        ):
-            r = _quantgate("infer", "echo", "--url", srv.url, *args)
-            assert r.returncode == 2 and words in r.stderr, r.stderr
+        two, default, no_model, *refused = _quantgate_many(
+            ("infer", "echo", "--url", srv.url, "-t", texts[0], "-t", texts[1],
+             "--bundle", str(bundle), "-o", "echo"),
+            ("infer", "--url", srv.url, "-t", "a cat", "--bundle", str(bundle)),
+            ("infer", "--url", srv.url, "-i", "input_ids=[[1]]"),
+            *(("infer", "echo", "--url", srv.url, *args) for args, _ in refusals),
+        )  # fmt: skip
     finally:
         assert srv.terminate() == 0, srv.log
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.startswith(f"echo {list(echo.shape)} float32"), two.stdout
+    got = re.findall(r"\d+", two.stdout.split("\n", 1)[1])
+    assert [int(v) for v in got] == echo.ravel().tolist(), two.stdout
+    # MODEL defaults to the bundle's name ("echo")
+    assert default.returncode == 0 and default.stdout.startswith("echo [1, 4] float32"), default
+    assert no_model.returncode == 2 and "which model?" in no_model.stderr, no_model.stderr
+    for r, (_, words) in zip(refused, refusals, strict=True):
+        assert r.returncode == 2 and words in r.stderr, r.stderr
 
 
 def test_infer_reads_a_token_classifiers_answer_to_text_as_tags(tmp_path):
@@ -556,25 +595,25 @@ def test_infer_reads_a_token_classifiers_answer_to_text_as_tags(tmp_path):
     ids = tokenizer(["john lives here", "hi"])["input_ids"]
     srv = ServerProcess(out)
     try:
-        r = _quantgate("infer", "--url", srv.url, "-t", "john lives here", "-t", "hi",
-                       "--bundle", str(out))  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        lines = r.stdout.splitlines()
-        assert lines[0] == "logits [2, 5, 3]: each token's top class", r.stdout
-        rows = [line.split() for line in lines if line.startswith("    ")]
-        want = [
-            (token, ("O", "B-PER", "I-PER")[i % 3])
-            for row in ids
-            for token, i in zip(tokenizer.convert_ids_to_tokens(row), row, strict=True)
-        ]
-        assert [(t, label) for t, label, _ in rows] == want, r.stdout  # padding left out
-        assert {p for _, _, p in rows} == {f"{np.exp(4) / (np.exp(4) + 2):.3f}"}
-        r = _quantgate("infer", "--url", srv.url, "-t", "see [/note] [bold] here",
-                       "--bundle", str(out))  # fmt: skip
-        assert r.returncode == 0, r.stderr  # printed as typed, not read as Rich markup
-        assert "  'see [/note] [bold] here'" in r.stdout and "    [CLS] " in r.stdout
+        r, markup = _quantgate_many(
+            ("infer", "--url", srv.url, "-t", "john lives here", "-t", "hi", "--bundle", str(out)),
+            ("infer", "--url", srv.url, "-t", "see [/note] [bold] here", "--bundle", str(out)),
+        )
     finally:
         assert srv.terminate() == 0, srv.log
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "logits [2, 5, 3]: each token's top class", r.stdout
+    rows = [line.split() for line in lines if line.startswith("    ")]
+    want = [
+        (token, ("O", "B-PER", "I-PER")[i % 3])
+        for row in ids
+        for token, i in zip(tokenizer.convert_ids_to_tokens(row), row, strict=True)
+    ]
+    assert [(t, label) for t, label, _ in rows] == want, r.stdout  # padding left out
+    assert {p for _, _, p in rows} == {f"{np.exp(4) / (np.exp(4) + 2):.3f}"}
+    assert markup.returncode == 0, markup.stderr  # printed as typed, not read as Rich markup
+    assert "  'see [/note] [bold] here'" in markup.stdout and "    [CLS] " in markup.stdout
 
 
 @pytest.mark.skipif(
