@@ -64,6 +64,9 @@ OVERLOAD_ROOM = 2
 # in a millisecond); a fixed bound at its hard limit of 3,000 serves such bursts whole, and
 # bounds the memory as gRPC's default does (a call's first message, up to its window).
 PENDING_CALLS = 3000
+# Once every admitted request is answered, how long the drain waits for the calls that hold
+# none (a health Watch, a lingering connection) before it cuts them, within the grace.
+LINGER_S = 1.0
 
 
 class AccessLog(grpc.ServerInterceptor):
@@ -717,12 +720,22 @@ def _drain(
     stream's too), decides whether the admitted ones were answered a moment before gRPC's
     grace ends: once gRPC cancels the calls still running, their batches stop (their
     clients are gone) and the engine would look drained. Calls that hold no request (a
-    health Watch) may stay open for the rest of the grace; they are cut then, and are no
-    request cut off."""
+    health Watch) are cut LINGER_S after the last admitted request is answered (they held
+    the exit to the end of the grace: 25 s for an idle server with one Watch open), and are
+    no request cut off."""
     _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     grace = cfg.shutdown_grace_s
+    started = time.monotonic()
     stopped = server.stop(grace)  # GOAWAY now; what still runs at the grace is cancelled
     drained = engine.close(max(0.0, grace - min(0.5, grace / 10)))
+    if drained:
+        # Every admitted request answered: what gRPC still waits for holds none (a health
+        # Watch, as gRPC's client-side health checking keeps one open; a connection a client
+        # or proxy keeps after the GOAWAY), and would hold the exit to the end of the grace.
+        # A moment for calls refused meanwhile to be answered, then they are cut.
+        left = grace - (time.monotonic() - started)
+        if not stopped.wait(max(0.0, min(LINGER_S, left))):
+            server.stop(0)
     stopped.wait()
     # Requests answered in that last moment: drained after all, unless gRPC cut one off
     # (a cut-off request counts; a batch stopped for it leaves the engine looking empty).

@@ -915,3 +915,31 @@ def test_open_streams_are_capped_so_calls_and_probes_keep_their_threads(repo):
                 call.cancel()
     finally:
         assert srv.terminate() == 0, srv.log
+
+
+def test_an_idle_server_with_a_health_watch_open_stops_without_waiting_out_its_grace(repo):
+    """gRPC's client-side health checking keeps a Watch open on every server it balances
+    over. With every admitted request answered, the drain cuts such a call (and a connection
+    kept after the GOAWAY) a moment later: it held the exit to the end of the grace, 25 s for
+    an idle server by default. The Watch is told SERVING, then NOT_SERVING, then UNAVAILABLE:
+    its client moves on."""
+    srv = ServerProcess(repo / "classifier", "--shutdown-grace", "600")
+    channel = grpc.insecure_channel(srv.url)
+    statuses = queue.Queue()
+
+    def watch() -> None:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            for answer in stub.Watch(health_pb2.HealthCheckRequest(service="")):
+                statuses.put(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
+        except grpc.RpcError as e:
+            statuses.put(e.code().name)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        assert statuses.get(timeout=30) == "SERVING"
+        assert srv.terminate(timeout=120) == 0, srv.log  # its grace: 600 s
+        assert "stopped: every admitted request was answered" in srv.log
+        assert [statuses.get(timeout=30) for _ in range(2)] == ["NOT_SERVING", "UNAVAILABLE"]
+    finally:
+        channel.close()
