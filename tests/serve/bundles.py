@@ -158,3 +158,41 @@ def hand_built(
             ),
         )
     return out
+
+
+def counting(out: Path, warm_up_steps: int = 0) -> Path:
+    """Write a bundle at ``out`` whose model counts, one ONNX Loop step at a time, to its
+    largest input id: instant on warm-up's zeros, seconds for input_ids=[[10**7]] (it holds
+    a drain or a runner slot). With ``warm_up_steps``, ids all 0 count that many instead:
+    a warm-up that takes a while. Its output, ``counted``, is the count where the mask is 1."""
+    from onnx import TensorProto, helper
+
+    body = helper.make_graph(
+        [helper.make_node("Add", ["count_in", "one"], ["count_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "step",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("count_in", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("count_out", TensorProto.FLOAT, [])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
+    )  # fmt: skip
+    steps = [helper.make_node("ReduceMax", ["input_ids"], ["largest"], keepdims=0)]
+    consts = [helper.make_tensor("true", TensorProto.BOOL, [], [True]),
+              helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])]  # fmt: skip
+    if warm_up_steps:
+        steps += [helper.make_node("Equal", ["largest", "zero_id"], ["zeros"]),
+                  helper.make_node("Where", ["zeros", "warm_up_steps", "largest"], ["steps"])]  # fmt: skip
+        consts += [helper.make_tensor("zero_id", TensorProto.INT64, [], [0]),
+                   helper.make_tensor("warm_up_steps", TensorProto.INT64, [], [warm_up_steps])]  # fmt: skip
+    else:
+        steps.append(helper.make_node("Identity", ["largest"], ["steps"]))
+    nodes = [
+        *steps,
+        helper.make_node("Loop", ["steps", "true", "zero"], ["count"], body=body),
+        helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["mask", "count"], ["counted"]),
+    ]
+    return hand_built(out, nodes, "slow", inputs=("input_ids", "attention_mask"),
+                      output=("counted", ("batch", "sequence")), initializers=tuple(consts))  # fmt: skip

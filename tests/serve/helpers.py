@@ -3,6 +3,7 @@ in-process batcher tests share."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from concurrent.futures import Future
@@ -94,3 +95,13 @@ def spawn(fn, *args, thread_name: str | None = None, **kwargs) -> Future:
 
     threading.Thread(target=target, name=thread_name, daemon=True).start()
     return future
+
+
+def has_ipv6_loopback() -> bool:
+    """Whether this host can listen on ::1 (a container may have no IPv6 at all)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False

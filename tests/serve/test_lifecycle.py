@@ -13,24 +13,22 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from bundles import counting
 from conftest import ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import Reference, batch, inputs
 from tritonclient.utils import InferenceServerException
 
-from quantgate import bundle as qb
-
 ATOL = 1e-4
 
 
 def test_overload_answers_unavailable_at_once(tmp_path):
-    bundle = _slow_bundle(tmp_path / "slow")
+    bundle = counting(tmp_path / "slow")
     srv = ServerProcess(bundle, "--max-queue-size", "4", "--metrics-port", "0")
     try:
         reference = Reference(bundle)
@@ -204,58 +202,6 @@ def test_a_stream_that_keeps_sending_ends_at_sigterm_instead_of_holding_the_drai
     assert len(errors) <= 3, errors  # the stream's end, not an answer per request sent since
 
 
-def _slow_bundle(out: Path) -> Path:
-    """A bundle whose model counts to its largest input id, one ONNX Loop step at a time:
-    instant on warm-up's zeros, seconds for input_ids=[[10**7]]. It holds a drain open."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    axes = ["batch", "sequence"]
-    body = helper.make_graph(
-        [helper.make_node("Add", ["count_in", "one"], ["count_out"]),
-         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
-        "step",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("count_in", TensorProto.FLOAT, [])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("count_out", TensorProto.FLOAT, [])],
-        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
-    )  # fmt: skip
-    graph = helper.make_graph(
-        [helper.make_node("ReduceMax", ["input_ids"], ["steps"], keepdims=0),
-         helper.make_node("Loop", ["steps", "true", "zero"], ["count"], body=body),
-         helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),
-         helper.make_node("Mul", ["mask", "count"], ["counted"])],
-        "slow",
-        [helper.make_tensor_value_info(n, TensorProto.INT64, axes)
-         for n in ("input_ids", "attention_mask")],
-        [helper.make_tensor_value_info("counted", TensorProto.FLOAT, axes)],
-        [helper.make_tensor("true", TensorProto.BOOL, [], [True]),
-         helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    with qb.staging(out) as tmp:
-        onnx.save(model, tmp / "model.fp32.onnx")
-        spec = lambda n, dt: qb.TensorSpec(n, dt, tuple(axes))  # noqa: E731
-        qb.write_manifest(
-            tmp,
-            qb.Manifest(
-                name="slow",
-                task="feature-extraction",
-                inputs=(spec("input_ids", "int64"), spec("attention_mask", "int64")),
-                outputs=(spec("counted", "float32"),),
-                variants=(
-                    qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx")),
-                ),
-                opset=17,
-                source={"kind": "test"},
-            ),
-        )
-    return out
-
-
 RUNNING = ": running a batch of"  # the batcher's debug line (ServerProcess runs -v)
 
 
@@ -312,7 +258,7 @@ def _overflow(srv: ServerProcess, requests: list[dict], queued: int) -> list:
 def test_a_second_sigterm_does_not_wait_for_the_drain(tmp_path):
     """A request that would run for hours holds the drain open; the operator's second
     signal ends the process then and there, with 128 + SIGTERM, the request unanswered."""
-    srv = ServerProcess(_slow_bundle(tmp_path / "slow"))
+    srv = ServerProcess(counting(tmp_path / "slow"))
     held: queue.Queue = queue.Queue()
     with tc.InferenceServerClient(srv.url) as c:
         _running(
@@ -348,7 +294,7 @@ def test_clients_move_to_another_server_while_one_drains(tmp_path):
     never having run (grpc/grpc#41785), or refused by the engine (UNAVAILABLE). What the
     draining server must not do is refuse its share of the calls for the whole drain, as it
     did while the engine closed before gRPC stopped: hundreds here."""
-    bundle = _slow_bundle(tmp_path / "slow")
+    bundle = counting(tmp_path / "slow")
     draining = ServerProcess(bundle, "--instances", "2", "--shutdown-grace", "600")
     other = ServerProcess(bundle)
     long = {"input_ids": np.array([[3 * 10**6]]), "attention_mask": np.array([[1]])}
@@ -405,7 +351,7 @@ def test_clients_move_to_another_server_while_one_drains(tmp_path):
 def test_a_request_timeout_that_passes_in_the_queue_answers_deadline_exceeded(tmp_path):
     """Triton's request parameter `timeout` (microseconds) bounds the wait as a gRPC deadline
     does: queued behind a request that runs for seconds, the request is not run late."""
-    srv = ServerProcess(_slow_bundle(tmp_path / "slow"))
+    srv = ServerProcess(counting(tmp_path / "slow"))
     try:
         slow = {"input_ids": np.array([[10**7]]), "attention_mask": np.array([[1]])}
         quick = {"input_ids": np.array([[1]]), "attention_mask": np.array([[1]])}
@@ -462,7 +408,7 @@ def test_a_deadline_the_client_ends_before_the_servers_clock_is_counted_as_one(t
     the call before the server's own clock reaches it (5-15 ms before, 20 concurrent calls
     on 2 cores). That is a deadline, not a cancellation, in the access log and the metrics:
     a 1 ms slack counted a third of such deadlines as CANCELLED."""
-    srv = ServerProcess(_slow_bundle(tmp_path / "slow"), "--access-log")
+    srv = ServerProcess(counting(tmp_path / "slow"), "--access-log")
     proxy = _LateHeaders(int(srv.url.rsplit(":", 1)[1]), delay=0.025)
     slow = {"input_ids": np.array([[10**7]]), "attention_mask": np.array([[1]])}
     quick = {"input_ids": np.array([[1]]), "attention_mask": np.array([[1]])}
@@ -499,7 +445,7 @@ def test_a_run_whose_clients_all_gave_up_is_stopped_and_frees_the_model(tmp_path
     """A request that would run for hours (10**10 loop steps) whose client gives up: its run
     is stopped (ONNX Runtime's terminate flag), so the next request is answered instead of
     queueing behind work nobody will read."""
-    srv = ServerProcess(_slow_bundle(tmp_path / "slow"))
+    srv = ServerProcess(counting(tmp_path / "slow"))
     try:
         endless = {"input_ids": np.array([[10**10]]), "attention_mask": np.array([[1]])}
         quick = {"input_ids": np.array([[1]]), "attention_mask": np.array([[1]])}
@@ -542,7 +488,7 @@ def test_a_health_watch_held_open_through_the_drain_is_no_request_cut_off(repo):
 def test_a_grace_that_runs_out_is_logged_and_exits_1(tmp_path):
     """A request still running when --shutdown-grace ends is cut off: the operator is told
     so, in the log and by the exit code, never by a clean 0."""
-    srv = ServerProcess(_slow_bundle(tmp_path / "slow"), "--shutdown-grace", "0.5")
+    srv = ServerProcess(counting(tmp_path / "slow"), "--shutdown-grace", "0.5")
     held: queue.Queue = queue.Queue()
     with tc.InferenceServerClient(srv.url) as c:
         _running(
@@ -565,7 +511,7 @@ def test_a_grace_that_runs_out_is_logged_and_exits_1(tmp_path):
 def test_a_client_whose_request_the_grace_cut_off_is_told_the_server_went_away(tmp_path):
     """quantgate's client met gRPC's bare 'Cancelling all calls' (UNAVAILABLE): it says the
     server went away before answering, and that the request may be sent again."""
-    srv = ServerProcess(_slow_bundle(tmp_path / "slow"), "--shutdown-grace", "0.5")
+    srv = ServerProcess(counting(tmp_path / "slow"), "--shutdown-grace", "0.5")
     command = [sys.executable, "-m", "quantgate", "infer", "slow", "--url", srv.url,
                "-i", f"input_ids=[[{10**7}]]", "--timeout", "60"]  # fmt: skip
     client = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -771,7 +717,7 @@ def test_overload_memory_stays_bounded(tmp_path):
     """Wave after wave of overload: refused requests leave nothing behind in the server."""
     import psutil
 
-    srv = ServerProcess(_slow_bundle(tmp_path / "slow"), "--max-queue-size", "4")
+    srv = ServerProcess(counting(tmp_path / "slow"), "--max-queue-size", "4")
     try:
         server = psutil.Process(srv.proc.pid)
         rng = np.random.default_rng(2)

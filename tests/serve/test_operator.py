@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from bundles import LABELS, hand_built
 from conftest import ServerProcess
-from helpers import Reference
+from helpers import Reference, has_ipv6_loopback
 
 from quantgate import bundle as qb
 
@@ -759,16 +759,7 @@ def test_a_response_over_max_message_bytes_is_refused_with_what_to_do(repo):
         assert srv.terminate() == 0, srv.log
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this host has no IPv6 loopback")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="this host has no IPv6 loopback")
 def test_a_bare_ipv6_host_is_listened_on_and_printed_in_brackets(repo):
     """`--host ::1` as an operator types it: gRPC needs [::1]:port, and so does a client
     reading the address the server prints (the metrics URL too)."""

@@ -9,14 +9,12 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as tc
+from bundles import counting
 from conftest import ServerProcess
-from helpers import inputs, spawn
-
-from quantgate import bundle as qb
+from helpers import has_ipv6_loopback, inputs, spawn
 
 PROBES = ("/healthz", "/v2/health/live", "/readyz", "/v2/health/ready")
 
@@ -29,15 +27,6 @@ def _status(url: str) -> int:
         return e.code
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 def test_the_default_host_answers_probes_on_ipv4_and_ipv6(repo):
     """--host 0.0.0.0, the default (given here because ServerProcess passes 127.0.0.1):
     gRPC listens on every IPv4 and IPv6 address, and so does the metrics port, so an
@@ -46,7 +35,7 @@ def test_the_default_host_answers_probes_on_ipv4_and_ipv6(repo):
     try:
         port = re.search(r"metrics on http://\S+:(\d+)/metrics", "".join(srv.stdout)).group(1)
         grpc_port = srv.url.rpartition(":")[2]
-        hosts = ["127.0.0.1"] + (["[::1]"] if _has_ipv6_loopback() else [])
+        hosts = ["127.0.0.1"] + (["[::1]"] if has_ipv6_loopback() else [])
         for host in hosts:
             for path in PROBES:
                 assert _status(f"http://{host}:{port}{path}") == 200, (host, path)
@@ -62,63 +51,6 @@ def test_the_default_host_answers_probes_on_ipv4_and_ipv6(repo):
         assert re.search(rf"serving on 0\.0\.0\.0:{grpc_port} \(every IPv4 and IPv6", srv.log)
 
 
-def _slow_warm_up_bundle(out: Path) -> Path:
-    """A bundle whose model counts, one ONNX Loop step at a time, to its largest input id,
-    or to WARM_UP_STEPS when every id is 0: warm-up's zeros take about a second (three
-    runs), and input_ids=[[3 * 10**6]] seconds (it holds a drain open)."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    axes = ["batch", "sequence"]
-    body = helper.make_graph(
-        [helper.make_node("Add", ["count_in", "one"], ["count_out"]),
-         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
-        "step",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("count_in", TensorProto.FLOAT, [])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("count_out", TensorProto.FLOAT, [])],
-        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
-    )  # fmt: skip
-    graph = helper.make_graph(
-        [helper.make_node("ReduceMax", ["input_ids"], ["largest"], keepdims=0),
-         helper.make_node("Equal", ["largest", "zero_id"], ["zeros"]),
-         helper.make_node("Where", ["zeros", "warm_up_steps", "largest"], ["steps"]),
-         helper.make_node("Loop", ["steps", "true", "zero"], ["count"], body=body),
-         helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),
-         helper.make_node("Mul", ["mask", "count"], ["counted"])],
-        "slow_warm_up",
-        [helper.make_tensor_value_info(n, TensorProto.INT64, axes)
-         for n in ("input_ids", "attention_mask")],
-        [helper.make_tensor_value_info("counted", TensorProto.FLOAT, axes)],
-        [helper.make_tensor("true", TensorProto.BOOL, [], [True]),
-         helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
-         helper.make_tensor("zero_id", TensorProto.INT64, [], [0]),
-         helper.make_tensor("warm_up_steps", TensorProto.INT64, [], [400_000])],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    with qb.staging(out) as tmp:
-        onnx.save(model, tmp / "model.fp32.onnx")
-        spec = lambda n, dt: qb.TensorSpec(n, dt, tuple(axes))  # noqa: E731
-        qb.write_manifest(
-            tmp,
-            qb.Manifest(
-                name="slow",
-                task="feature-extraction",
-                inputs=(spec("input_ids", "int64"), spec("attention_mask", "int64")),
-                outputs=(spec("counted", "float32"),),
-                variants=(
-                    qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx")),
-                ),
-                opset=17,
-                source={"kind": "test"},
-            ),
-        )
-    return out
-
-
 def _free_port() -> int:
     with socket.socket() as s:  # bound, read back, released: a tiny race, fine in tests
         s.bind(("127.0.0.1", 0))
@@ -131,7 +63,7 @@ def test_kserve_v2_ready_follows_readiness_through_warm_up_and_drain(tmp_path):
     liveness paths 200 throughout."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    starting = spawn(ServerProcess, _slow_warm_up_bundle(tmp_path / "slow"), "--metrics-port",
+    starting = spawn(ServerProcess, counting(tmp_path / "slow", warm_up_steps=400_000), "--metrics-port",
                      str(port))  # fmt: skip
 
     def probed() -> dict[str, int]:
