@@ -124,13 +124,6 @@ def infer(
         Unauthenticated,
         Unavailable,
     )
-    from quantgate.serve.client import (
-        Client,
-        ClientTLS,
-        ConnectionFailed,
-        InputRefused,
-        request_inputs,
-    )
 
     if not inputs and not texts:
         raise ConfigError(
@@ -147,6 +140,15 @@ def infer(
         raise ConfigError("mutual TLS needs both --tls-cert and --tls-key")
     if timeout <= 0:
         raise ConfigError(f"--timeout must be more than 0 seconds, got {timeout:g}")
+    # gRPC and the wire format (about 0.6 s) once the command line is known to be usable
+    from quantgate.serve.client import (
+        Client,
+        ClientTLS,
+        ConnectionFailed,
+        InputRefused,
+        request_inputs,
+    )
+
     secure = tls or tls_ca is not None or tls_cert is not None
     client_tls = ClientTLS(tls_ca, tls_cert, tls_key) if secure else None
     # verified: the tokenizer is the one the bundle was gated with
