@@ -670,9 +670,10 @@ def _start(
     on_ready: Callable[[int, Engine], None] | None,
     stop: threading.Event,
 ) -> None:
-    """Metrics, then the gRPC server, then the batchers; warm every model; report ready.
-    The HTTP readiness probes say not ready from the moment ``stop`` is set (the signal),
-    ahead of the drain's first step."""
+    """Metrics, then the gRPC server, then the batchers; warm every model; report ready,
+    unless ``stop`` was set meanwhile (a signal during the warm-up: no SERVING, no ready
+    lines). The HTTP readiness probes say not ready from the moment ``stop`` is set, ahead
+    of the drain's first step."""
     if cfg.metrics_port is not None:
         http = engine.metrics
         http.serve_http(
@@ -688,6 +689,8 @@ def _start(
     engine.start()
     if cfg.warmup:
         engine.warm_up()
+    if stop.is_set():  # a signal during the warm-up: never said ready, drained at once
+        return
     engine.ready = True
     _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving on %s%s: %s", cfg.address(port), _grpc_families(cfg.host), _settings(cfg))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -113,3 +115,26 @@ def test_kserve_v2_ready_follows_readiness_through_warm_up_and_drain(tmp_path):
         srv.proc.wait(60)
     # the running request's client went with the channel: the drain ended there
     assert srv.proc.returncode == 0, srv.log
+
+
+def test_a_signal_during_the_warm_up_is_never_said_ready(tmp_path):
+    """SIGTERM while the models warm up: the server never turns SERVING, prints none of its
+    ready lines (a script waiting for `listening on` would take it as up), and drains at
+    once, exit 0."""
+    bundle = counting(tmp_path / "slow", warm_up_steps=400_000)  # three runs of ~0.3 s
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quantgate", "serve", str(bundle), "--port", "0", "--host",
+         "127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stderr:  # the first shape warmed: two more to go
+            if "warm-up slow" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out == "" and "serving on" not in err, (out, err)
+    assert "SIGTERM: shutting down" in err
