@@ -48,18 +48,47 @@ ORT_THREADS = "ORT_INTRA_OP_NUM_THREADS"  # ONNX Runtime's own setting, read whe
 
 
 def threads(asked: int = 0) -> int:
-    """Intra-op threads for a session: ``asked`` where given (>0); else 0 (ONNX Runtime's
-    default, or its ``ORT_INTRA_OP_NUM_THREADS`` where set) unless the process may use less
-    than the whole host: fewer CPUs in its affinity mask, or a smaller CPU quota. Then the
-    smaller of the two, whole CPUs, at least one."""
+    """Intra-op threads for a session: ``asked`` where given (>0), else a positive
+    ``ORT_INTRA_OP_NUM_THREADS``; else 0 (ONNX Runtime's default: the host's physical cores)
+    unless the process may use fewer CPUs than that: its affinity mask, or a smaller CPU
+    quota. Then the smaller of the two, whole CPUs, at least one."""
     if asked > 0:
         return asked
-    if os.environ.get(ORT_THREADS):
-        return 0
+    if from_env := _env_threads():
+        return from_env
     share = min(affinity(), quota() or math.inf)
-    if share >= host():
+    if share >= physical():
         return 0
     return max(1, math.floor(share))
+
+
+def physical() -> int:
+    """The host's physical cores, as ONNX Runtime counts them for its default pool: one per
+    (package, core) pair in sysfs; the logical CPUs where sysfs does not say."""
+    cores = set()
+    for topology in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
+        try:
+            package = (topology / "physical_package_id").read_text().strip()
+            cores.add((package, (topology / "core_id").read_text().strip()))
+        except OSError:
+            return host()
+    return len(cores) or host()
+
+
+def _env_threads() -> int:
+    """ONNX Runtime's ``ORT_INTRA_OP_NUM_THREADS``: 0 where unset or 0 (its default);
+    ConfigError for a value it would refuse, naming the variable."""
+    value = os.environ.get(ORT_THREADS, "").strip()
+    if not value:
+        return 0
+    if not value.isdigit():
+        from quantgate.errors import ConfigError
+
+        raise ConfigError(
+            f"{ORT_THREADS}={value!r}: expected a whole number of threads >= 0 (0: ONNX "
+            "Runtime's default). Set it so, or unset it"
+        )
+    return int(value)
 
 
 def describe(asked: int = 0) -> str:
@@ -67,8 +96,8 @@ def describe(asked: int = 0) -> str:
     chosen = threads(asked)
     if asked > 0:
         return f"{asked} (asked for)"
-    if os.environ.get(ORT_THREADS) and not chosen:
-        return f"{ORT_THREADS}={os.environ[ORT_THREADS]} (from the environment)"
+    if _env_threads():
+        return f"{chosen} ({ORT_THREADS} in the environment)"
     if chosen:
         limit, mask = quota(), affinity()
         why = (
@@ -80,31 +109,40 @@ def describe(asked: int = 0) -> str:
             f"{chosen} ({why} of the host's {host()}; ONNX Runtime's default would "
             "size its pool to the host's cores)"
         )
-    return f"ONNX Runtime's default (one per physical core of the host's {host()} CPUs)"
+    return (
+        f"ONNX Runtime's default (one per physical core: {physical()} of the host's {host()} CPUs)"
+    )
 
 
 def _groups() -> list[Path]:
-    """The cgroup folders that limit this process: its own and every parent (v2), and the
-    ``cpu`` controller's folder of its group (v1)."""
-    root = CGROUP
+    """The cgroup folders that limit this process: its own and every parent below the mount,
+    of the unified hierarchy (v2) and of the ``cpu`` controller's (v1). A line of
+    /proc/self/cgroup it cannot read, or a path that would leave the mount, counts for none."""
     try:
         lines = MEMBERSHIP.read_text().splitlines()
     except OSError:
         return []
     groups = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3 or ".." in Path(fields[2]).parts:
+            continue
+        _, controllers, path = fields
         if controllers == "":  # v2: the unified hierarchy
-            here = root / path.lstrip("/")
-            groups.extend([here, *[p for p in here.parents if p.is_relative_to(root)]])
+            mount = CGROUP
         elif "cpu" in controllers.split(","):  # v1, mounted as cpu,cpuacct or cpu
-            for mount in (root / controllers, root / "cpu", root / "cpu,cpuacct"):
-                if mount.is_dir():
-                    here = mount / path.lstrip("/")
-                    # inside a container the group's own path is often not mounted: its
-                    # controller's root folder is the container's group
-                    groups.append(here if here.is_dir() else mount)
-                    break
+            mounts = (CGROUP / controllers, CGROUP / "cpu", CGROUP / "cpu,cpuacct")
+            mount = next((m for m in mounts if m.is_dir()), None)
+            if mount is None:
+                continue
+        else:
+            continue
+        here = mount / path.lstrip("/")
+        # inside a container the group's own path is often not mounted (v1): the mount's
+        # root is the container's group, and the groups above are the host's
+        while not here.is_dir() and here != mount:
+            here = here.parent
+        groups.extend([here, *[p for p in here.parents if p.is_relative_to(mount)]])
     return groups
 
 

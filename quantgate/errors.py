@@ -89,9 +89,10 @@ class QuantizeError(QuantgateError):
 
 class QuantizeFailed(QuantizeError):
     """ONNX Runtime, or a converter, failed on a model quantgate made from input it accepted
-    (a crash running it, every recipe failing): the runtime's failure, not the input's."""
+    (a crash opening or running it, every recipe failing): the runtime's failure, not a
+    mistake in the input (other recipes, or a newer onnxruntime, may do better)."""
 
-    exit_code = 1  # not the user's input: nothing they pass would change it
+    exit_code = 1  # not bad usage or input
 
 
 class GateFailed(QuantgateError):

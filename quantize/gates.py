@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from quantgate.bundle import CPU, GateResult
-from quantgate.errors import DataError, QuantizeFailed
+from quantgate.errors import DataError, QuantgateError, QuantizeFailed
 from quantgate.padding import right_pad
 from quantgate.quantize.data import DataSource
 from quantgate.quantize.decide import GateConfig, decide, interval_gate, mean_gate, tail_gate
@@ -97,11 +97,18 @@ def collect(
     """Run ``model`` over every batch of ``data``; keep its float outputs and the labels.
 
     A batch ONNX Runtime refuses as an invalid argument is a DataError (the data does not fit
-    the model); any other failure of the run (out of memory, a kernel's error) is the
-    runtime's, a QuantizeFailed naming the provider (exit 1)."""
+    the model); any other failure of the run (out of memory, a kernel's error), or of
+    opening the session, is the runtime's, a QuantizeFailed naming the provider (exit 1)."""
     from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-    sess = session(model, provider, threads=threads)
+    try:
+        sess = session(model, provider, threads=threads)
+    except QuantgateError:  # a provider not available, a bad thread setting: said already
+        raise
+    except Exception as e:  # noqa: BLE001 - ORT's failures are its own exception types
+        raise QuantizeFailed(
+            f"ONNX Runtime cannot open {Path(model).name} on {provider}: {type(e).__name__}: {e}"
+        ) from e
     names = [o.name for o in sess.get_outputs()]
     out = Outputs(names)
     labels = []

@@ -72,7 +72,9 @@ class TimingConditions:
             load = f"1-minute load average {self.load:.2f} before timing"
             if self.busy:
                 load += " (above the CPU count: timed on a busy machine, may not reproduce)"
-        share = f"{self.cpus} CPUs" + (f" (a CPU quota of {self.quota:g})" if self.quota else "")
+        share = f"{self.cpus} CPU{'s' if self.cpus != 1 else ''}" + (
+            f" (a CPU quota of {self.quota:g})" if self.quota else ""
+        )
         return f"{threads}, {share}, {load}"
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from quantgate import cpus
+from quantgate.errors import ConfigError
 
 
 def _tree(tmp_path: Path, membership: str, files: dict[str, str], monkeypatch) -> None:
@@ -72,16 +73,28 @@ def test_no_cgroup_is_no_quota(tmp_path, monkeypatch):
     assert cpus.quota() is None
 
 
+def test_membership_lines_it_cannot_read_count_for_nothing(tmp_path, monkeypatch):
+    """A blank or malformed line, or a path that climbs out of the mount, is no group (and no
+    error: every session is opened through this)."""
+    mount = tmp_path / "fs"
+    _tree(mount, "\nnonsense\n0::/../../x\n0::/ctr\n",
+          {"ctr/cpu.max": "300000 100000\n", "../cpu.max": "10000 100000\n"}, monkeypatch)  # fmt: skip
+    assert cpus.quota() == 3.0
+
+
 def test_threads_follow_the_share_of_the_host_the_process_may_use(tmp_path, monkeypatch):
     """ONNX Runtime's default (0) where the process may use the whole host; else the smaller
     of its affinity mask and its quota, whole CPUs, at least one. Threads asked for are kept,
     and so is ORT_INTRA_OP_NUM_THREADS, which ONNX Runtime reads where asked for 0."""
     monkeypatch.delenv(cpus.ORT_THREADS, raising=False)
     monkeypatch.setattr(cpus, "host", lambda: 64)
+    monkeypatch.setattr(cpus, "physical", lambda: 64)
     monkeypatch.setattr(cpus, "affinity", lambda: 64)
     _tree(tmp_path, "0::/ctr\n", {"ctr/cpu.max": "max 100000\n"}, monkeypatch)
     assert cpus.threads() == 0
-    assert cpus.describe() == "ONNX Runtime's default (one per physical core of the host's 64 CPUs)"
+    assert cpus.describe() == (
+        "ONNX Runtime's default (one per physical core: 64 of the host's 64 CPUs)"
+    )
     for limit, expected in (("250000", 2), ("50000", 1), ("6400000", 0), ("9600000", 0)):
         (tmp_path / "ctr/cpu.max").write_text(f"{limit} 100000\n")
         assert cpus.threads() == expected, limit
@@ -97,16 +110,27 @@ def test_threads_follow_the_share_of_the_host_the_process_may_use(tmp_path, monk
     (tmp_path / "ctr/cpu.max").write_text("400000 100000\n")
     assert cpus.threads() == 4
 
+    (tmp_path / "ctr/cpu.max").write_text("max 100000\n")
+    monkeypatch.setattr(cpus, "physical", lambda: 32)  # two threads a core: ORT takes 32
+    monkeypatch.setattr(cpus, "affinity", lambda: 48)
+    assert cpus.threads() == 0  # 48 of 64 CPUs, more than ORT's own 32
+
     monkeypatch.setenv(cpus.ORT_THREADS, "3")
-    assert cpus.threads() == 0
-    assert cpus.describe() == "ORT_INTRA_OP_NUM_THREADS=3 (from the environment)"
+    assert cpus.threads() == 3
+    assert cpus.describe() == "3 (ORT_INTRA_OP_NUM_THREADS in the environment)"
+    monkeypatch.setenv(cpus.ORT_THREADS, "0")  # ONNX Runtime's default: as if unset
+    monkeypatch.setattr(cpus, "affinity", lambda: 8)
+    assert cpus.threads() == 8
+    monkeypatch.setenv(cpus.ORT_THREADS, "abc")
+    with pytest.raises(ConfigError, match="ORT_INTRA_OP_NUM_THREADS='abc': expected a whole"):
+        cpus.threads()
 
 
 def test_speed_gates_record_the_quota_and_the_threads_it_gave(tmp_path, monkeypatch):
     from quantgate.quantize.speed import TimingConditions
 
     monkeypatch.delenv(cpus.ORT_THREADS, raising=False)
-    monkeypatch.setattr(cpus, "host", lambda: 64)
+    monkeypatch.setattr(cpus, "physical", lambda: 64)
     monkeypatch.setattr(cpus, "affinity", lambda: 64)
     _tree(tmp_path, "0::/ctr\n", {"ctr/cpu.max": "200000 100000\n"}, monkeypatch)
     now = TimingConditions.now(0)

@@ -85,7 +85,8 @@ def gate(
     a looser one is warned about and named in the report, as is, on every run, any setting
     looser than the export's. Rewrites the manifest and
     report.md atomically with the new gates. Exit 0: every gate passed; 3: a gate failed (the
-    bundle is marked failed); 2: bad bundle or data, or CUDA asked for where there is none.
+    bundle is marked failed); 2: bad bundle or data, or CUDA asked for where there is none;
+    1: anything else (another process re-gating it, a full disk, ONNX Runtime failing).
     """
     from quantgate.bundle import CPU, CUDA
     from quantgate.errors import ConfigError

@@ -86,7 +86,8 @@ def serve(
             min=0,
             metavar="N",
             help="ONNX Runtime intra-op threads per session (0: its default, one per "
-            "physical core).",
+            "physical core, or the CPUs a container may use where fewer: its CPU quota, its "
+            "cpuset; ORT_INTRA_OP_NUM_THREADS where set).",
         ),
     ] = _DEFAULT_SERVE.intra_op_threads,
     max_request_bytes: Annotated[
@@ -133,8 +134,9 @@ def serve(
             max=65535,
             metavar="PORT",
             help="Serve Prometheus metrics over HTTP on this port, at /metrics (/ redirects "
-            "there), and the probes /healthz and /readyz; other paths are 404. 0 picks a free "
-            "port and prints it. Off unless given (Triton's is 8002).",
+            "there), and the probes /healthz and /readyz (and Triton's /v2/health/live and "
+            "/v2/health/ready); other paths are 404. 0 picks a free port and prints it. Off "
+            "unless given (Triton's is 8002).",
         ),
     ] = _DEFAULT_SERVE.metrics_port,
     tls_cert: Annotated[

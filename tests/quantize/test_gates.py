@@ -1017,6 +1017,12 @@ def test_a_runtime_failure_is_not_read_as_bad_data(tmp_path):
     with pytest.raises(DataError) as bad:
         collect(model(TensorProto.INT64, tmp_path / "i.onnx"), data)
     assert exit_code(bad.value) == 2
+    unknown = oh.make_graph([oh.make_node("NoSuchOp", ["x"], ["y"])], "g",
+                            [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+                            [oh.make_tensor_value_info("y", TensorProto.FLOAT, None)])  # fmt: skip
+    onnx.save(oh.make_model(unknown, opset_imports=[oh.make_opsetid("", 17)]), tmp_path / "u.onnx")
+    with pytest.raises(QuantizeFailed, match=r"ONNX Runtime cannot open u\.onnx on CPU.*NoSuchOp"):
+        collect(tmp_path / "u.onnx", data)  # not a traceback: the session's opening too
     with pytest.raises(DataError, match=r"i\.onnx failed on a batch of .*INVALID_ARGUMENT"):
         collect(model(TensorProto.INT64, tmp_path / "i.onnx"), data)
 
