@@ -178,6 +178,7 @@ class Metrics:
         """Stop serving the metrics over HTTP (nothing when serve_http was not called)."""
         if self._httpd is not None:
             self._httpd.shutdown()
+            self._httpd.close_connections()
             self._httpd.server_close()
             self._httpd, self.http_port = None, None
             self.http_address = self.http_families = None
@@ -288,10 +289,36 @@ class _HTTPServer(socketserver.ThreadingMixIn, WSGIServer):
             self._open[request] = True
             return True
 
+    def get_app(self):
+        """The app, releasing a connection's place once its answer is made, before it is
+        sent: the client that reads it and connects again finds the place free (one
+        request per connection: what is left of it is the write and the close)."""
+        app = super().get_app()
+
+        def answer(environ, start_response):
+            body = app(environ, start_response)
+            with self._lock:
+                self._open.pop(environ.get(CONNECTION), None)
+            return body
+
+        return answer
+
     def shutdown_request(self, request) -> None:
         with self._lock:
             self._open.pop(request, None)
         super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """End every connection still waiting for its request (their threads, in recv, read
+        the end): a closed metrics port leaves no connection open for HTTP_TIMEOUT_S."""
+        with self._lock:
+            waiting, self._open = list(self._open), {}
+        for connection in waiting:
+            with contextlib.suppress(OSError):  # gone already
+                connection.shutdown(socket.SHUT_RDWR)
+
+
+CONNECTION = "quantgate.connection"  # the WSGI environ's key for the request's socket
 
 
 def _handler() -> type:
@@ -306,6 +333,9 @@ def _handler() -> type:
                 super().handle()
             except OSError:  # timed out, or the client went: nothing to answer
                 self.close_connection = True
+
+        def get_environ(self) -> dict:
+            return {**super().get_environ(), CONNECTION: self.request}
 
         def parse_request(self) -> bool:
             # the request line and headers are read: from here on it is answered
@@ -337,6 +367,10 @@ def metrics_app(registry: prom.CollectorRegistry, ready: Callable[[], bool] | No
     text = ("Content-Type", "text/plain; charset=utf-8")
 
     def app(environ, start_response):
+        body = route(environ, start_response)
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else body  # headers only
+
+    def route(environ, start_response):
         path = environ.get("PATH_INFO") or "/"
         if path == METRICS_PATH:
             return metrics(environ, start_response)

@@ -381,3 +381,39 @@ def test_0000_listens_on_ipv6_too_and_falls_back_to_ipv4_without_it(monkeypatch)
         assert metrics.http_families is None
     finally:
         metrics.close_http()
+
+
+def test_a_head_request_gets_headers_only():
+    """HTTP forbids a body in the answer to HEAD (a probe or a curl -I may ask so)."""
+    import socket
+
+    metrics = Metrics()
+    port = metrics.serve_http(0, "127.0.0.1", ready=lambda: True)
+    try:
+        for method, status, body in (("HEAD", b"200", b""), ("GET", b"200", b"alive\n")):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(f"{method} /healthz HTTP/1.0\r\n\r\n".encode())
+                answer = b""
+                while chunk := s.recv(65536):
+                    answer += chunk
+            head, _, got = answer.partition(b"\r\n\r\n")
+            assert head.split()[1] == status and got == body, (method, answer)
+    finally:
+        metrics.close_http()
+
+
+def test_closing_the_port_ends_the_connections_waiting_on_it():
+    """An idle connection, or one halfway through its request, is ended when the metrics
+    port closes, not left open (a thread and a descriptor each) for HTTP_TIMEOUT_S."""
+    import socket
+
+    metrics = Metrics()
+    port = metrics.serve_http(0, "127.0.0.1", ready=lambda: True)
+    idle = socket.create_connection(("127.0.0.1", port), timeout=5)  # under HTTP_TIMEOUT_S
+    half = socket.create_connection(("127.0.0.1", port), timeout=5)
+    half.sendall(b"GET /heal")
+    until(lambda: len(metrics._httpd._open) == 2)  # both accepted
+    metrics.close_http()
+    for s in (idle, half):
+        with s:
+            assert s.recv(100) == b""  # the server's end: no answer, and not kept open
