@@ -11,8 +11,10 @@ last of them. quantgate's sessions ask for ``threads()`` instead: ONNX Runtime's
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup")  # where the cgroup filesystems are mounted
@@ -60,6 +62,23 @@ def threads(asked: int = 0) -> int:
     if share >= physical():
         return 0
     return max(1, math.floor(share))
+
+
+@contextlib.contextmanager
+def for_tools() -> Iterator[None]:
+    """ORT_INTRA_OP_NUM_THREADS set to ``threads()`` for the block, for the sessions ONNX
+    Runtime's own tools open with its default (its calibrator), where the process may use
+    fewer CPUs than that default takes; nothing changed where it may not, or where the
+    variable is set already."""
+    chosen = threads()
+    if not chosen or os.environ.get(ORT_THREADS):
+        yield
+        return
+    os.environ[ORT_THREADS] = str(chosen)
+    try:
+        yield
+    finally:
+        os.environ.pop(ORT_THREADS, None)
 
 
 def physical() -> int:
@@ -171,4 +190,4 @@ def _ratio(limit: str, period: str) -> float | None:
     return value if value > 0 else None
 
 
-__all__ = ["affinity", "describe", "host", "quota", "threads"]
+__all__ = ["affinity", "describe", "for_tools", "host", "physical", "quota", "threads"]

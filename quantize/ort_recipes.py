@@ -26,6 +26,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
+from quantgate import cpus
 from quantgate.errors import DataError, QuantizeError
 from quantgate.quantize import graph
 from quantgate.quantize.recipes import Calibration, Recipe
@@ -170,7 +171,7 @@ def _static(src: Path, recipe: Recipe, calibration: Calibration, out: Path, fmt)
         reader = _Reader(calibration, {i.name for i in model.graph.input})
         if len(reader) == 0:
             raise DataError("the calibration source yielded no feeds; give it at least one")
-        with _without_preprocess_advice():
+        with _without_preprocess_advice(), cpus.for_tools():  # its calibrator's session
             q.quantize_static(
                 str(model_path),
                 str(out),
