@@ -522,10 +522,11 @@ def _ort_session(
             # start (a wrong device id, say) with a CPU session and a line on stdout.
             session = ort.InferenceSession(source, options, providers=providers, enable_fallback=0)
         except Exception as e:  # noqa: BLE001 - ORT raises its own types from C++
-            if tmp is None:
-                raise _cuda_failed(file, cfg, e) from e
             # Writing the optimized copy fails the session too (a /tmp too small for it: ORT
-            # says only "SystemError : <errno>"): opened again without it, served unchecked
+            # says only "SystemError : <errno>"): opened again without it, served unchecked.
+            # Any other failure (a wrong device id) is told as it is, at the first attempt.
+            if tmp is None or not str(e).strip().startswith("SystemError"):
+                raise _cuda_failed(file, cfg, e) from e
             unrecorded = ort.SessionOptions()
             unrecorded.intra_op_num_threads = options.intra_op_num_threads
             unrecorded.graph_optimization_level = options.graph_optimization_level
