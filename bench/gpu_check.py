@@ -99,9 +99,13 @@ def host_facts() -> dict:
     """What a served round trip's cost on this host may depend on, read without privileges
     (a missing file is left out): the CPUs this process may use and their quota, the CPU,
     its frequency governor, the load, and gRPC's own settings."""
-    facts: dict = {"cpus": os.cpu_count()}
+    from quantgate import cpus
+
+    facts: dict = {"cpus": os.cpu_count(), "physical_cores": cpus.physical()}
     with contextlib.suppress(AttributeError, OSError):
         facts["cpus_usable"] = len(os.sched_getaffinity(0))
+    facts["cpu_quota"] = cpus.quota()  # v1 or v2, the group's and its parents'
+    facts["ort_threads"] = cpus.describe()  # what quantgate's sessions (and its server) took
     with contextlib.suppress(OSError):
         facts["load_1m"] = round(os.getloadavg()[0], 2)
     files = {

@@ -57,6 +57,7 @@ def test_gpu_check_quick_runs_on_cpu_without_quantgate_installed(tmp_path):
     assert report["serving"]["grpc_p50_ms"] > 0 and report["serving"]["in_process_p50_ms"] > 0
     # what a round trip's cost may depend on, for reading a GPU host's figures
     assert report["host"]["cpus"] == os.cpu_count() and "grpcio" in report["host"]
+    assert report["host"]["ort_threads"]  # the threads the served session took, and why
     md = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "CPU only" in md and "| ORT FP16 |" in md and "through gRPC" in md
     assert f"Host: cpus {os.cpu_count()}" in md
