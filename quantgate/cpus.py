@@ -22,7 +22,7 @@ MEMBERSHIP = Path("/proc/self/cgroup")  # which group of each hierarchy this pro
 
 
 def host() -> int:
-    """The host's logical CPUs, what ONNX Runtime's default pool is sized by."""
+    """The host's logical CPUs (its physical cores: ``physical``)."""
     return os.cpu_count() or 1
 
 
@@ -30,7 +30,7 @@ def affinity() -> int:
     """The logical CPUs this process may run on (its affinity mask, where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
+    return host()
 
 
 def quota() -> float | None:
