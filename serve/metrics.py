@@ -102,6 +102,18 @@ class Metrics:
             "than the server's limit (twice its request threads): overload, retry with backoff",
             registry=r,
         )
+        self.calls_in_flight = prom.Gauge(
+            "quantgate_calls_in_flight",
+            "Calls of any RPC on the request threads, running or waiting for one: at "
+            "quantgate_calls_in_flight_limit, new calls are refused (overload)",
+            registry=r,
+        )
+        self.calls_in_flight_limit = prom.Gauge(
+            "quantgate_calls_in_flight_limit",
+            "The calls in flight beyond which a new one is refused UNAVAILABLE (twice the "
+            "request threads)",
+            registry=r,
+        )
         self.tls_expiry = prom.Gauge(  # a series only where TLS is on
             "quantgate_tls_cert_expiry_timestamp_seconds",
             "When the served TLS certificate chain's first certificate expires (Unix time)",

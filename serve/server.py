@@ -423,6 +423,8 @@ def create_server(
     threads = cfg.max_queue_size * len(list(engine.repository)) + SPARE_THREADS
     pool = RequestThreads(threads)
     overload = Overload(pool, 2 * threads, engine.metrics.overloaded.inc, access_log=cfg.access_log)
+    engine.metrics.calls_in_flight.set_function(lambda: pool.in_flight)
+    engine.metrics.calls_in_flight_limit.set(overload.limit)
     interceptors: list[grpc.ServerInterceptor] = [StreamLimit(threads // 2)]
     if tokens := tokens or auth.tokens(cfg):
         refused = engine.metrics.unauthenticated.inc

@@ -17,10 +17,10 @@ QUEUE = 4  # --max-queue-size: request threads 4 x 1 model + 16 spare = 20, limi
 LIMIT = 2 * (QUEUE + 16)
 
 
-def _overloaded(srv: ServerProcess) -> float:
+def _metric(srv: ServerProcess, name: str) -> float:
     url = re.search(r"metrics on (http://\S+/metrics)", "".join(srv.stdout)).group(1)
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return float(re.search(r"^quantgate_overloaded_calls_total (\S+)$", text, re.M).group(1))
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
 
 def test_calls_beyond_the_limit_are_refused_unavailable_counted_and_logged(repo):
@@ -59,6 +59,9 @@ def test_calls_beyond_the_limit_are_refused_unavailable_counted_and_logged(repo)
         with pytest.raises(grpc.RpcError) as refused:
             channel.unary_unary(SERVICE + "ModelInfer")(b"", timeout=10)
         refusals.append(refused.value)
+        # the saturation an operator sees: at the limit (the scrape is HTTP, no call)
+        assert _metric(srv, "quantgate_calls_in_flight") == LIMIT
+        assert _metric(srv, "quantgate_calls_in_flight_limit") == LIMIT
         for e in refusals:
             assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
             assert e.details() == (
@@ -75,7 +78,7 @@ def test_calls_beyond_the_limit_are_refused_unavailable_counted_and_logged(repo)
             grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED
         }, ended  # fmt: skip
         assert live(b"", timeout=10) == b"\x08\x01"
-        assert _overloaded(srv) == len(refusals) + len(refused_held)
+        assert _metric(srv, "quantgate_overloaded_calls_total") == len(refusals) + len(refused_held)
     finally:
         release.set()
         channel.close()
