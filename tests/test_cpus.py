@@ -166,9 +166,10 @@ def _pool_threads(argv: list[str], env: dict | None = None) -> tuple[int, int, i
 
 
 @pytest.mark.skipif(
-    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2
+    not hasattr(os, "sched_setaffinity") or cpus.physical() < 2
     or (os.cpu_count() or 1) > len(os.sched_getaffinity(0)),
-    reason="needs a Linux process that may run on every CPU of the host, and 2 or more",
+    reason="needs a Linux process that may run on every CPU of a host of 2 or more physical "
+    "cores (ONNX Runtime's default pool is one thread per core)",
 )  # fmt: skip
 def test_a_real_affinity_mask_sizes_a_real_session():
     """A process on one CPU of the host: quantgate's session starts no pool threads, where a
@@ -183,12 +184,13 @@ def test_a_real_affinity_mask_sizes_a_real_session():
 def _writable_v1_cpu_cgroup() -> Path | None:
     root = Path("/sys/fs/cgroup/cpu")
     ok = (root / "cpu.cfs_quota_us").is_file() and os.access(root, os.W_OK)
-    return root if ok and len(os.sched_getaffinity(0)) >= 2 else None
+    return root if ok and cpus.physical() >= 2 and len(os.sched_getaffinity(0)) >= 2 else None
 
 
 @pytest.mark.skipif(
     _writable_v1_cpu_cgroup() is None,
-    reason="needs a writable cgroup v1 cpu controller (root) and 2 CPUs to make a real quota",
+    reason="needs a writable cgroup v1 cpu controller (root) and 2 physical cores, to make a "
+    "real quota below ONNX Runtime's default",
 )
 def test_a_real_quota_sizes_a_real_session(tmp_path):
     """In a real cgroup with a 1-CPU quota on a machine of 2 or more CPUs, quantgate's
