@@ -167,9 +167,9 @@ def _pool_threads(argv: list[str], env: dict | None = None) -> tuple[int, int, i
 
 @pytest.mark.skipif(
     not hasattr(os, "sched_setaffinity") or cpus.physical() < 2
-    or (os.cpu_count() or 1) > len(os.sched_getaffinity(0)),
-    reason="needs a Linux process that may run on every CPU of a host of 2 or more physical "
-    "cores (ONNX Runtime's default pool is one thread per core)",
+    or (os.cpu_count() or 1) > len(os.sched_getaffinity(0)) or cpus.threads() != 0,
+    reason="needs a Linux process that may use the whole of a host of 2 or more physical "
+    "cores (ONNX Runtime's default pool is one thread per core), no quota below it",
 )  # fmt: skip
 def test_a_real_affinity_mask_sizes_a_real_session():
     """A process on one CPU of the host: quantgate's session starts no pool threads, where a
