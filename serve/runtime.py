@@ -495,15 +495,22 @@ def _session(bundle: qb.Bundle, variant: qb.Variant, cfg: ServeConfig, provider:
     return Opened(session, report, limits)
 
 
+def _options(cfg: ServeConfig, precision: str) -> ort.SessionOptions:
+    """A served session's options: its threads (``quantgate.cpus``), every graph
+    optimization, and the precision's workarounds."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cpus.threads(cfg.intra_op_threads)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    workarounds.apply(options, precision)
+    return options
+
+
 def _ort_session(
     source: bytes | str, file: Path, cfg: ServeConfig, provider: str, precision: str
 ) -> tuple[ort.InferenceSession, placement.PlacementReport | None]:
     """The session of ``source`` (the model's bytes, or its path), and on CUDA where ORT
     placed the nodes (``quantgate.placement``); ``file`` names it in errors."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = cpus.threads(cfg.intra_op_threads)
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    workarounds.apply(options, precision)
+    options = _options(cfg, precision)
     providers = provider_options(cfg, provider)
     if provider == CPU:
         try:
@@ -527,13 +534,9 @@ def _ort_session(
             # Any other failure (a wrong device id) is told as it is, at the first attempt.
             if tmp is None or not str(e).strip().startswith("SystemError"):
                 raise _cuda_failed(file, cfg, e) from e
-            unrecorded = ort.SessionOptions()
-            unrecorded.intra_op_num_threads = options.intra_op_num_threads
-            unrecorded.graph_optimization_level = options.graph_optimization_level
-            workarounds.apply(unrecorded, precision)
             try:
                 session = ort.InferenceSession(
-                    source, unrecorded, providers=providers, enable_fallback=0
+                    source, _options(cfg, precision), providers=providers, enable_fallback=0
                 )
             except Exception:  # noqa: BLE001 - the first error is the one to tell
                 raise _cuda_failed(file, cfg, e) from e
