@@ -177,13 +177,7 @@ class Metrics:
         self._httpd = httpd
         self.http_port = httpd.server_port
         self.http_address = _hostport((address[0], self.http_port))
-        self.http_families = (
-            "every IPv4 and IPv6 address"
-            if dual
-            else "every IPv4 address; this host has no IPv6"
-            if host == ANY_IPV4
-            else None
-        )
+        self.http_families = DUAL_STACK if dual else IPV4_ONLY if host == ANY_IPV4 else None
         return self.http_port
 
     def close_http(self) -> None:
@@ -202,6 +196,9 @@ METRICS_PATH = "/metrics"
 # answered is the new one closed unanswered.
 HTTP_CONNECTIONS = 32
 ANY_IPV4 = "0.0.0.0"
+# what 0.0.0.0 listens on, as the log says it (the metrics port's and gRPC's)
+DUAL_STACK = "every IPv4 and IPv6 address"
+IPV4_ONLY = "every IPv4 address; this host has no IPv6"
 # bind()'s answers where the address family is not on this host (a kernel without IPv6, or
 # IPv6 switched off): the next family is tried
 NO_FAMILY = frozenset({errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EADDRNOTAVAIL})

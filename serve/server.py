@@ -708,8 +708,8 @@ def _grpc_families(host: str) -> str:
     try:
         socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
     except OSError:
-        return " (every IPv4 address; this host has no IPv6)"
-    return " (every IPv4 and IPv6 address)"
+        return f" ({metrics.IPV4_ONLY})"
+    return f" ({metrics.DUAL_STACK})"
 
 
 def _drain(
