@@ -108,13 +108,9 @@ def host_facts() -> dict:
     facts["ort_threads"] = cpus.describe()  # what quantgate's sessions (and its server) took
     with contextlib.suppress(OSError):
         facts["load_1m"] = round(os.getloadavg()[0], 2)
-    files = {
-        "cgroup_cpu_max": "/sys/fs/cgroup/cpu.max",  # "QUOTA PERIOD": a container's CPU share
-        "governor": "/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor",
-    }
-    for key, path in files.items():
-        with contextlib.suppress(OSError):
-            facts[key] = Path(path).read_text().strip()
+    with contextlib.suppress(OSError):
+        governor = Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
+        facts["governor"] = governor.read_text().strip()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -12,6 +12,7 @@ last of them. quantgate's sessions ask for ``threads()`` instead: ONNX Runtime's
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -81,9 +82,11 @@ def for_tools() -> Iterator[None]:
         os.environ.pop(ORT_THREADS, None)
 
 
+@functools.cache
 def physical() -> int:
     """The host's physical cores, as ONNX Runtime counts them for its default pool: one per
-    (package, core) pair in sysfs; the logical CPUs where sysfs does not say."""
+    (package, core) pair in sysfs; the logical CPUs where sysfs does not say. Read once:
+    every session asks (``threads``), and the host's cores do not change."""
     cores = set()
     for topology in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
         try:
@@ -112,9 +115,9 @@ def _env_threads() -> int:
 
 def describe(asked: int = 0) -> str:
     """The threads ``threads`` gives and why, for a log line or a gate's detail."""
-    chosen = threads(asked)
     if asked > 0:
         return f"{asked} (asked for)"
+    chosen = threads()
     if _env_threads():
         return f"{chosen} ({ORT_THREADS} in the environment)"
     if chosen:
