@@ -14,7 +14,7 @@ help:
 	@echo "make demo       train -> export -> quantize -> gate -> serve, on the built-in model"
 	@echo "make test       the full test suite, slow end-to-end runs included"
 	@echo "make test-fast  the test suite without the slow end-to-end runs"
-	@echo "make lint       ruff"
+	@echo "make lint       ruff, and mypy's type check"
 	@echo "make bench      benchmarks (side-by-side ratios; export, quantize and serve write their"
 	@echo "                tables into docs/BENCHMARKS.md, the others print theirs)"
 	@echo "make protos     regenerate the gRPC code from protos/*.proto"
@@ -59,6 +59,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python scripts/typecheck.py
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -79,6 +79,7 @@ def export_dynamo(
             dynamo=True,
             verbose=False,
         )
+        assert program is not None  # dynamo=True returns the program
         program.save(str(path))
     return ()  # torch.export refuses a data-dependent value (or keeps it symbolic)
 
@@ -164,8 +165,8 @@ def _library_dirs() -> set[Path]:
             dirs.add(Path(d).resolve())
     # quantgate's subpackages live in folders of their own (model/, export/, ...)
     for name, mod in list(sys.modules.items()):
-        if name.startswith("quantgate.") and getattr(mod, "__file__", None):
-            dirs.add(Path(mod.__file__).resolve().parent)
+        if name.startswith("quantgate.") and (file := getattr(mod, "__file__", None)):
+            dirs.add(Path(file).resolve().parent)
     return dirs
 
 

@@ -12,6 +12,7 @@ Two steps, kept apart so that quantization can run between them::
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import platform
 import time
@@ -258,7 +259,9 @@ def _export_one(
     cfg: ExportConfig,
     on_progress: ProgressFn,
 ) -> ExporterRun:
-    check = dict(inputs=model.input_names, outputs=model.outputs, atol=cfg.atol, rtol=cfg.rtol)
+    check = functools.partial(
+        validate, inputs=model.input_names, outputs=model.outputs, atol=cfg.atol, rtol=cfg.rtol
+    )
     raw = workdir / f"{exporter.value}-export.onnx"
     _stage(on_progress, f"exporting ({exporter.value})", 2)
     example = cases[1]  # the middle batch: neither dim is 1, which tracers would specialise
@@ -267,7 +270,7 @@ def _export_one(
     )
     _stage(on_progress, f"validating at {len(cases)} shapes", 3)
     with _explained(notes):
-        raw_report = validate(raw, cases, refs, **check)
+        raw_report = check(raw, cases, refs)
     if notes:  # validated, yet only at these shapes and rows: the user should know where
         log.warning(
             "%s It validated at %d shapes up to %d tokens, which is all that was checked.",
@@ -281,7 +284,7 @@ def _export_one(
     _stage(on_progress, "fusing (ONNX Runtime transformer optimizer)", 4)
     fusions = fuse(raw, fused_path, num_heads=model.num_heads, hidden_size=model.hidden_size)
     _stage(on_progress, "validating the fused graph", 5)
-    fused_report = validate(fused_path, cases, refs, **check)
+    fused_report = check(fused_path, cases, refs)
     return ExporterRun(fused_path, raw, fused_report, raw_report, fusions, notes)
 
 

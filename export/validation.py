@@ -404,7 +404,8 @@ def validate(
             not_run.append(case.name)
             first_node = first_node or _failing_node(str(e))
             continue
-        diffs, used = {}, {}
+        diffs: dict[str, float] = {}
+        used: dict[str, float] = {}
         for name, g, r in zip(outputs, got, ref, strict=True):
             if g.shape != r.shape:
                 failures.append(

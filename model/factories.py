@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -260,7 +260,7 @@ def _example_arrays(spec: str, example: Mapping[str, torch.Tensor]) -> dict[str,
     return arrays
 
 
-def _is_names(x: Any) -> bool:
+def _is_names(x: Any) -> TypeGuard[Sequence[str]]:
     """Whether ``x`` is a sequence of non-empty strings (class names), not a string."""
     return (
         isinstance(x, Sequence)

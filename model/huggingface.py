@@ -96,6 +96,8 @@ def load_huggingface(
         model.config.pad_token_id = pad_id
     inputs = tuple(InputSpec(n, "int64", pad_id if n == "input_ids" else 0) for n in names)
 
+    outputs: tuple[str, ...]
+    extra_task: dict[str, Any]
     if task in HF_HEADS:  # (batch, classes) logits, or (batch, sequence, classes)
         outputs = ("logits",)
         module = TupleOutputs(model, names, call=lambda m, **kw: m(**kw).logits)
@@ -205,7 +207,7 @@ def _hf_task(path: Path, archs: Sequence[str], task: str | None) -> str:
     return task
 
 
-def _hf_model(path: Path, task: str) -> nn.Module:
+def _hf_model(path: Path, task: str) -> Any:  # a transformers PreTrainedModel
     from transformers import (
         AutoModel,
         AutoModelForSequenceClassification,

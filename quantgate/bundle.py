@@ -297,6 +297,12 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _list(d: dict, key: str) -> list:
+    """``d[key]`` where it is a list, else [] (a damaged manifest: its checks say why)."""
+    x = d.get(key)
+    return x if isinstance(x, list) else []
+
+
 def _finite(x: Any) -> Any:
     """``x`` with every float that is not finite (NaN, infinity) as None: JSON has no
     token for them, and a manifest must parse outside Python too."""
@@ -458,7 +464,7 @@ def _variant(v: Any, where: str) -> list[str]:
     )
     if not isinstance(v, dict):
         return problems
-    gates = v.get("gates") if isinstance(v.get("gates"), list) else []
+    gates = _list(v, "gates")
     for i, g in enumerate(gates):
         name = g.get("name") if isinstance(g, dict) else None
         problems += _gate(g, f"{where}.gates[{i}]" + (f" ({name})" if name else ""))
@@ -510,9 +516,9 @@ def manifest_problems(d: dict[str, Any]) -> list[str]:
         },
     )
     for key in ("inputs", "outputs"):
-        for i, t in enumerate(d.get(key) if isinstance(d.get(key), list) else []):
+        for i, t in enumerate(_list(d, key)):
             problems += _tensor(t, f"{key}[{i}]")
-    variants = d.get("variants") if isinstance(d.get("variants"), list) else []
+    variants = _list(d, "variants")
     for i, v in enumerate(variants):
         label = v.get("precision") if isinstance(v, dict) else None
         problems += _variant(
@@ -520,7 +526,7 @@ def manifest_problems(d: dict[str, Any]) -> list[str]:
         )
     entries = [v for v in variants if isinstance(v, dict)]
     for key in ("precision", "file"):
-        seen = [v.get(key) for v in entries if isinstance(v.get(key), str)]
+        seen = [x for v in entries if isinstance(x := v.get(key), str)]
         if repeated := sorted({x for x in seen if seen.count(x) > 1}):
             problems.append(
                 f"variants: {key} {', '.join(map(repr, repeated))} appears more than once; "
@@ -718,9 +724,9 @@ def verify_files(
     folders = {Path(name).parent for name in manifest.files} - {Path(".")}
     for folder in sorted(folders):
         if (root / folder).is_dir() and (root / folder).resolve().is_relative_to(root):
-            for p in sorted((root / folder).rglob("*")):
-                name = p.relative_to(root).as_posix()
-                if not p.is_dir() and name not in manifest.files:
+            for found in sorted((root / folder).rglob("*")):
+                name = found.relative_to(root).as_posix()
+                if not found.is_dir() and name not in manifest.files:
                     problems.append(
                         f"{name} is not in the manifest: it was added after export, and "
                         f"{folder.as_posix()}/ is read as a whole"
@@ -879,9 +885,10 @@ def _not_the_bundles(path: Path) -> list[str]:
     d = _quantgate_manifest(path)
     if d is None:
         return []
-    files = d.get("files") if isinstance(d.get("files"), dict) else {}  # (a corrupt one: none)
+    files = d.get("files")
+    files = files if isinstance(files, dict) else {}  # (a corrupt one: none)
     variants = [v.get("file") for v in d["variants"] if isinstance(v, dict)]
-    listed = {MANIFEST, REPORT, *(f for f in (*files, *variants) if isinstance(f, str))}
+    listed = {MANIFEST, REPORT, *(f for f in [*files, *variants] if isinstance(f, str))}
     folders = {str(p) for f in listed for p in Path(f).parents if str(p) != "."}
     others = []
     for root, dirs, names in os.walk(path):

@@ -32,7 +32,7 @@ _MISMATCH = object()
 def check_fields(cfg: Any) -> None:
     """Raise one ConfigError naming every field of ``cfg`` whose value is not of its
     annotated type; convert in place (a frozen dataclass too) where nothing is lost."""
-    hints = _hints(type(cfg))
+    hints = _hints(type(cfg))  # type: ignore[arg-type]  # (mypy: a class is hashable)
     problems = []
     for field in dataclasses.fields(cfg):
         hint = hints[field.name]
@@ -51,7 +51,7 @@ def suggest_fields(cls: type) -> type:
     its fields is a TypeError naming the field it probably means, as a config file's unknown
     setting is: ``GateConfig(min_speedp=1.1)`` says "did you mean 'min_speedup'?", not
     Python's bare "unexpected keyword argument"."""
-    init = cls.__init__
+    init = cls.__init__  # type: ignore[misc]  # (mypy: a class's own __init__, replaced below)
     known = {f.name for f in dataclasses.fields(cls) if f.init}
 
     @functools.wraps(init)
@@ -60,7 +60,7 @@ def suggest_fields(cls: type) -> type:
             raise TypeError(unknown_fields(cls.__name__, unknown, known))
         init(self, *args, **kwargs)
 
-    cls.__init__ = __init__
+    cls.__init__ = __init__  # type: ignore[misc]
     return cls
 
 

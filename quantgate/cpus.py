@@ -154,9 +154,10 @@ def _groups() -> list[Path]:
             mount = CGROUP
         elif "cpu" in controllers.split(","):  # v1, mounted as cpu,cpuacct or cpu
             mounts = (CGROUP / controllers, CGROUP / "cpu", CGROUP / "cpu,cpuacct")
-            mount = next((m for m in mounts if m.is_dir()), None)
-            if mount is None:
+            found = next((m for m in mounts if m.is_dir()), None)
+            if found is None:
                 continue
+            mount = found
         else:
             continue
         here = mount / path.lstrip("/")

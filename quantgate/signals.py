@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import signal
 from collections.abc import Callable, Iterator
+from typing import Any
 
 ENDING = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
@@ -23,7 +24,7 @@ def handling(handler: Callable[[int, object], object]) -> Iterator[None]:
     A handler installed outside Python (``getsignal`` None) cannot be restored, and is left.
     Handlers go in one by one, so a signal meanwhile finds the rest as they were. Main
     thread only, as ``signal.signal``."""
-    previous: dict[int, object] = {}
+    previous: dict[int, Any] = {}  # what signal.signal returned: a handler, SIG_DFL, SIG_IGN
     try:
         install(handler, previous)
         yield

@@ -438,7 +438,8 @@ def check_not_calibration(spec: DataSpec | None, calibration: Mapping[str, Any] 
     sha256 the manifest records for the calibration file. For bundles whose calibration
     record has no ``Fingerprint`` of its rows (``check_held_out`` compares rows); bundles
     before the file's sha256 was recorded pass."""
-    recorded = (calibration or {}).get("file_sha256")
+    calibration = calibration or {}
+    recorded = calibration.get("file_sha256")
     if not isinstance(spec, (str, Path)) or not recorded:
         return
     if sha256_file(check_path(spec, "--eval")) == recorded:
@@ -476,7 +477,7 @@ def _trim(feeds: Feeds, model: ModelInfo) -> Feeds:
     mask = feeds.get("attention_mask")
     if mask is None or _fixed_seq(model) is not None or mask.ndim != 2:
         return feeds
-    width = int(mask.astype(bool).any(0).nonzero()[0].max(initial=0)) + 1
+    width = int(np.flatnonzero(mask.astype(bool).any(axis=0)).max(initial=0)) + 1
     return {k: (v[:, :width] if v.ndim >= 2 else v) for k, v in feeds.items()}
 
 
@@ -560,7 +561,7 @@ def _value_problems(name: str, a: np.ndarray, model: ModelInfo) -> list[str]:
                 f"{', '.join(map(str, found[:5]))}{', ...' if len(found) > 5 else ''} in "
                 f"{describe_rows(odd.any(1))}. Write 1 for every real token and 0 for padding."
             ]
-        empty = ~rows.any(1)
+        empty = ~np.any(rows, axis=1)
         if empty.any():
             return [
                 f"attention_mask: expected at least one 1 per row, found {describe_rows(empty)} of "
@@ -571,10 +572,10 @@ def _value_problems(name: str, a: np.ndarray, model: ModelInfo) -> list[str]:
     limit = model.id_limits.get(name)
     if name not in ID_INPUTS and limit is None:
         return []
-    bad = rows < 0
+    outside = rows < 0
     if limit:
-        bad |= rows >= limit
-    bad = bad.any(1)  # (N,)
+        outside |= rows >= limit
+    bad = np.any(outside, axis=1)  # (N,)
     if not bad.any():
         return []
     expected = f"ids 0..{limit - 1} (its embedding table has {limit} rows)" if limit else "ids >= 0"
@@ -881,7 +882,7 @@ def write_npz(
     arrays = dict(feeds)
     if labels is not None:
         arrays[LABELS] = np.asarray(labels, np.int64)
-    np.savez(path, **arrays)
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # (numpy: a name could be allow_pickle)
     return Path(path)
 
 

@@ -213,7 +213,7 @@ def decide(
     if rule == "upper" and ci is None:  # no evidence to pass on: not its value instead
         return False, f"; its {bound} bound must be {op} the threshold, and it has no interval"
     by_bound = rule == "upper"
-    if by_bound:
+    if ci is not None and by_bound:
         decisive, what = (ci[1] if op == "<=" else ci[0]), f"its {bound} bound"
     else:
         decisive, what = value, "the point estimate"
@@ -249,6 +249,7 @@ def mean_gate(
     ``valid`` False fails the gate whatever its value."""
     finite = np.isfinite(values)
     value = float(np.mean(values[finite])) if finite.any() else math.nan
+    ci: tuple[float, float] | None
     if values.dtype == bool and len(values):  # a share of rows: agreement
         ci = wilson(int(values.sum()), len(values), cfg.confidence)
         how = f"; {cfg.confidence:.0%} Wilson score interval over {len(values)} rows"

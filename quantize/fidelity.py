@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -27,12 +27,12 @@ from quantgate.quantize.stats import percentile_interval, r_squared, resamples
 def flat_rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """(B, rest): each batch item of output ``x`` flattened, its padded positions zeroed
     where ``mask`` (B, T) fits x's first two dims, so padding noise does not count."""
-    if mask_fits(x, mask):
+    if mask_fits(mask, x):
         x = np.where(mask.astype(bool)[(...,) + (None,) * (x.ndim - 2)], x, 0)
     return x.reshape(len(x), -1)
 
 
-def mask_fits(x: np.ndarray, mask: np.ndarray | None) -> bool:
+def mask_fits(mask: np.ndarray | None, x: np.ndarray) -> TypeGuard[np.ndarray]:
     """Whether ``mask`` (B, T) marks the positions of output ``x`` (B, T, ...)."""
     return mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape
 
@@ -268,7 +268,7 @@ class _Tally:
             raise QuantizeError(f"output {name!r}: FP32 shape {x.shape}, candidate {y.shape}")
         self.nonfinite += int((~np.isfinite(y)).sum())
         real = (
-            int(mask.astype(bool).sum()) * math.prod(x.shape[2:]) if mask_fits(x, mask) else x.size
+            int(mask.astype(bool).sum()) * math.prod(x.shape[2:]) if mask_fits(mask, x) else x.size
         )
         x, y = flat_rows(x, mask).astype(np.float64), flat_rows(y, mask).astype(np.float64)
         self.cosines.append(row_cosine(x, y))

@@ -382,6 +382,7 @@ def check_eval_rows(
 
 def _accuracy_drop(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, label: str):
     y = ref.labels
+    assert y is not None  # gated on labelled rows only
     x, z = _class_scores(ref, output), _class_scores(cand, output)
     broken = _broken(x, z)  # (N,) NaN/inf logits: argmax would pick a class anyway
     a = _hits(x, y)
@@ -520,9 +521,10 @@ def _token_pairs(ref: Outputs, cand: Outputs, output: str, *, labelled: bool = F
     start = 0
     for xb, yb, mask in zip(ref.batches, cand.batches, ref.masks, strict=True):
         x, y = xb[output], yb[output]  # (B, T, C)
-        real = mask.astype(bool) if mask_fits(x, mask) else np.ones(x.shape[:2], bool)
+        real = mask.astype(bool) if mask_fits(mask, x) else np.ones(x.shape[:2], bool)
         tags = None
         if labelled:  # (B, T), padded with NO_LABEL to the widest batch
+            assert ref.labels is not None
             tags = ref.labels[start : start + len(x), : x.shape[1]]
             real = real & (tags >= 0)
         start += len(x)
@@ -695,25 +697,25 @@ def batch_consistency(
     model of none of these kinds (nothing to judge it by)."""
     sess = session(model, cfg.provider, threads=cfg.threads)
     names = [o.name for o in sess.get_outputs()]
-    together, alone = Outputs(names), None
+    together, alone = Outputs(names), Outputs([])
     logits = tokens = judged = None
     for batch in data.batches():
         rows = _lone_requests(batch.feeds)
         feeds = right_pad(rows, data.pad_values)
-        wanted = names if alone is None else [judged]  # every output only until one is judged
+        wanted = names if judged is None else [judged]  # every output only until one is judged
         together.batches.append(dict(zip(wanted, sess.run(wanted, feeds), strict=True)))
         together.masks.append(feeds.get("attention_mask"))
         together.rows += len(rows)
-        if alone is None:  # the output judged, known from the first batch; alone, only it
+        if judged is None:  # the output judged, known from the first batch; alone, only it
             logits, tokens, judged = _judged(together, task)
             if judged is None:
                 return None
-            alone = Outputs([judged])
+            alone.names = [judged]
         for row in rows:
             alone.batches.append({judged: sess.run([judged], row)[0]})
             alone.masks.append(row.get("attention_mask"))
             alone.rows += 1
-    if alone is None:
+    if judged is None:  # no rows
         return None
     largest = max(len(b[judged]) for b in together.batches)
     detail = (
@@ -723,8 +725,8 @@ def batch_consistency(
     if tokens is not None:  # each token of a row alone against the same in the batch
         lone = (b[tokens][0] for b in alone.batches)  # (L, C): the row's real tokens
         pairs = []  # (the row in its batch, cut to its length; the row alone)
-        for batch in together.batches:
-            for x in batch[tokens]:
+        for outs in together.batches:
+            for x in outs[tokens]:
                 y = next(lone)
                 pairs.append((x[: len(y)], y))
         hits = np.array([_same_top(x, y).sum() for x, y in pairs])

@@ -113,9 +113,9 @@ def find_gemms(
             continue
         if n.op_type == "Attention":
             extra = [i for i in n.input[4:] if i]
-            attrs = {a.name for a in n.attribute} - _QATTENTION_ATTRS
-            if extra or attrs:
-                skipped[n.name] = f"QAttention has no support for {extra or sorted(attrs)}"
+            unsupported = {a.name for a in n.attribute} - _QATTENTION_ATTRS
+            if extra or unsupported:
+                skipped[n.name] = f"QAttention has no support for {extra or sorted(unsupported)}"
                 continue
         gemms.append(Gemm(n.name, n.op_type, n.input[0], name))
     unnamed = [g for g in gemms if not g.node]
@@ -155,8 +155,15 @@ class ChannelStats:
         self.count += rows.shape[0]
 
     @property
+    def range(self) -> tuple[np.ndarray, np.ndarray]:
+        """(min, max) per channel, once a row was seen (inputs never seen are refused first)."""
+        assert self.lo is not None and self.hi is not None
+        return self.lo, self.hi
+
+    @property
     def absmax(self) -> np.ndarray:
-        return np.maximum(np.abs(self.lo), np.abs(self.hi))
+        lo, hi = self.range
+        return np.maximum(np.abs(lo), np.abs(hi))
 
 
 def calibrate(
@@ -343,7 +350,7 @@ class _QuantizedInput:
 def _quantize_input(x: str, stats: ChannelStats, recipe: Recipe) -> _QuantizedInput:
     """``x`` divided by its smoothing scales (when the recipe smooths it), then quantized per
     tensor over the range that its channels' statistics give."""
-    p, lo, hi = _safe(x), stats.lo, stats.hi
+    p, (lo, hi) = _safe(x), stats.range
     nodes, inits = [], []
     s = _smoothing(stats, recipe)
     if s is not None:
@@ -387,11 +394,11 @@ def _replace_gemms(
     inits = [i for q in inputs.values() for i in q.initializers]
     for n in g.node:
         nodes += before.get(n.name, ())
-        t = by_node.get(n.name)
-        if t is None:
+        gemm = by_node.get(n.name)
+        if gemm is None:
             nodes.append(n)
             continue
-        integer, weight = _integer_gemm(n, t, inputs[t.x], weights[t.w], recipe)
+        integer, weight = _integer_gemm(n, gemm, inputs[gemm.x], weights[gemm.w], recipe)
         nodes.append(integer)
         inits += weight
     del g.node[:]

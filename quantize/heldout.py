@@ -92,7 +92,7 @@ class Fingerprint:
     @classmethod
     def from_record(cls, calibration: Mapping[str, Any] | None) -> Fingerprint | None:
         """The fingerprint a calibration record keeps; None for one without (older bundles)."""
-        r = (calibration or {}).get(FINGERPRINT)
+        r: Any = (calibration or {}).get(FINGERPRINT)
         try:
             raw = base64.b64decode(r["hashes"], validate=True)
             hashes = np.sort(np.frombuffer(raw, dtype=">u8").astype(np.uint64))

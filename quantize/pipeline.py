@@ -191,6 +191,7 @@ def _variants(
     on CUDA where a GPU is present (``quant_cfg.cuda_gates``)."""
     from quantgate.export import ExtraVariant
 
+    assert shipped.path is not None  # what ships was built
     int8 = ExtraVariant(
         path=shipped.path,
         precision="int8",

@@ -309,7 +309,7 @@ def candidates_table(result: SearchResult, shipped: Candidate, plot: str | None)
     acc_names = sorted({g.name for c in result.candidates for g in c.accuracy})
     speed_names = sorted(
         {g.name for c in result.candidates for g in c.speed},
-        key=speed_shape,
+        key=lambda name: speed_shape(name) or (0, 0),  # (every speed gate's name has one)
     )
     busy = [(i, c.timing) for i, c in enumerate(result.candidates) if c.timing and c.timing.busy]
     lines = [

@@ -42,7 +42,7 @@ def _z(confidence: float) -> float:
     return NormalDist().inv_cdf(0.5 + confidence / 2)
 
 
-def wilson(successes: int, n: int, confidence: float) -> tuple[float, float]:
+def wilson(successes: float, n: float, confidence: float) -> tuple[float, float]:
     """Wilson's score interval of a proportion. Unlike a bootstrap of 0/1 rows it does not
     collapse to a point when every row agrees: 30 of 30 gives a lower bound of 0.89, not 1."""
     if n == 0:

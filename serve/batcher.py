@@ -111,7 +111,8 @@ def bare(e: QuantgateError) -> QuantgateError:
     runner's frames, which hold the batch's requests, one of which holds ``e``: a cycle
     only the garbage collector would free, and with it every array of the batch. The
     exceptions it was raised from (ONNX Runtime's) hold those frames too."""
-    chain, seen = [e], set()
+    chain: list[BaseException | None] = [e]
+    seen = set()
     while chain:
         x = chain.pop()
         if x is None or id(x) in seen:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,7 @@ _CONTENTS = {
     "FP64": "fp64_contents",
 }
 # KServe v2 datatype -> (numpy dtype, Triton's model-config enum, typed contents field).
-DATATYPES: dict[str, tuple[np.dtype, int, str]] = {
+DATATYPES: dict[str, tuple[np.dtype, mc.DataType, str]] = {
     name: (dtype, mc.DataType.Value(f"TYPE_{name}"), _CONTENTS.get(name, ""))
     for name, dtype in NUMPY.items()
 }
@@ -45,7 +46,7 @@ DATATYPES: dict[str, tuple[np.dtype, int, str]] = {
 BYTES = "BYTES"
 
 
-def config_type(dtype: np.dtype) -> int:
+def config_type(dtype: np.dtype) -> mc.DataType:
     """Triton's model-config DataType enum value for a numpy dtype."""
     return DATATYPES[datatype(dtype)][1]
 
@@ -183,8 +184,8 @@ def classify(
         f"{text(v)}:{i}:{labels[i]}".encode() if named else f"{text(v)}:{i}".encode()
         for v, i in zip(values.ravel().tolist(), top.ravel().tolist(), strict=True)
     ]
-    strings = strings.reshape(top.shape)
-    return strings if batched and array.ndim else strings[0]
+    shaped = strings.reshape(top.shape)
+    return shaped if batched and array.ndim else shaped[0]
 
 
 def _largest_first(rows: np.ndarray) -> np.ndarray:
@@ -222,7 +223,7 @@ def request_timeout(request: pb.ModelInferRequest) -> float | None:
     timeout = None
     for key, p in request.parameters.items():
         kind = p.WhichOneof("parameter_choice")
-        value = getattr(p, kind) if kind else None
+        value: Any = getattr(p, kind) if kind else None
         if key.startswith("sequence_"):
             raise BadRequest(f"request parameter {key!r}: {_SEQUENCE}")
         if key == "timeout":
@@ -345,7 +346,7 @@ def encode_response(response: pb.ModelInferResponse, outputs: dict[str, np.ndarr
         if array.dtype == object:
             arrays.append(memoryview(encode_bytes(array)))
         else:
-            arrays.append(memoryview(np.ascontiguousarray(array).view(np.uint8).reshape(-1)))
+            arrays.append(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data)
     chunks = [response.SerializeToString()]
     for data in arrays:
         chunks += (_RAW_OUTPUT_TAG, _varint(data.nbytes), data)
@@ -359,7 +360,8 @@ def encode_bytes(array: np.ndarray) -> bytes:
 
 def decode_bytes(raw: bytes, shape: Sequence[int]) -> np.ndarray:
     """The elements of a BYTES tensor's raw contents, as an object array of ``bytes``."""
-    items, pos = [], 0
+    items: list[bytes] = []
+    pos = 0
     while pos < len(raw):
         n = int.from_bytes(raw[pos : pos + 4], "little")
         if pos + 4 + n > len(raw):  # n >= 0 (unsigned): also when under 4 bytes remain

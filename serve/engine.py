@@ -67,7 +67,8 @@ class Engine:
                 instances=self.cfg.instances,
                 on_batch=self._on_batch(m),
             )
-            self.metrics.queue_depth.labels(m.name, m.version).set_function(lambda b=b: b.depth)
+            depth = self.metrics.queue_depth.labels(m.name, m.version)
+            depth.set_function(lambda b=b: b.depth)  # type: ignore[misc]
 
     def warm_up(self) -> None:
         """Run every model at three shapes before reporting ready: one short row, one row
@@ -133,10 +134,8 @@ class Engine:
             raise Unavailable(WARMING_UP, "warming_up")
         rows = model.check(feeds, outputs)
         batcher = self._batchers[(model.name, model.version)]
-        outputs, timing = batcher.infer(
-            feeds, rows, outputs=outputs, timeout=timeout, caller=caller
-        )
-        return outputs, timing, rows
+        answer, timing = batcher.infer(feeds, rows, outputs=outputs, timeout=timeout, caller=caller)
+        return answer, timing, rows
 
     def finished(
         self,

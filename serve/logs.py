@@ -26,7 +26,7 @@ class LogFormat(str, Enum):
 
 
 class _UTC(logging.Formatter):
-    converter = time.gmtime
+    converter = time.gmtime  # type: ignore[assignment]  # (typeshed: gmtime is overloaded)
 
 
 # What every LogRecord has; anything else on a record came from `extra=` (the access log's).

@@ -168,7 +168,8 @@ class Metrics:
                 last = e  # this family is not on this host: try the next
                 continue
             break
-        else:
+        else:  # every family (http_binds gives one at least) is not on this host
+            assert last is not None
             raise ServeError(
                 f"cannot serve metrics on {given}: {last.strerror or last}. Give --host an "
                 "address of this machine, or 0.0.0.0 for every interface."
@@ -212,6 +213,7 @@ def http_binds(host: str, port: int) -> list[tuple[socket.AddressFamily, tuple, 
     unless net.ipv6.bindv6only is set). Raises socket.gaierror for a name that
     does not resolve."""
     if host == ANY_IPV4:
+        binds: list[tuple[socket.AddressFamily, tuple, bool]]
         binds = [(socket.AF_INET, (ANY_IPV4, port), False)]
         if socket.has_ipv6:
             binds.insert(0, (socket.AF_INET6, ("::", port, 0, 0), True))
@@ -221,7 +223,7 @@ def http_binds(host: str, port: int) -> list[tuple[socket.AddressFamily, tuple, 
     return [(family, address, False)]
 
 
-def bind_socket(family: socket.AddressFamily, address: tuple, dual: bool) -> socket.socket:
+def bind_socket(family: int, address: tuple, dual: bool) -> socket.socket:
     """A TCP socket bound to ``address`` as the metrics server binds it (SO_REUSEADDR: a
     connection left in TIME_WAIT does not hold the port), IPv6 taking IPv4 too when
     ``dual`` (otherwise an IPv6 socket is as the system makes it). Not listening yet."""
@@ -273,7 +275,7 @@ class _HTTPServer(socketserver.ThreadingMixIn, WSGIServer):
         self.socket = bind_socket(self.address_family, self.server_address, self._dual)
         self.server_address = self.socket.getsockname()
         host, port = self.server_address[:2]
-        self.server_name, self.server_port = host, port  # not getfqdn: no DNS lookup
+        self.server_name, self.server_port = str(host), port  # not getfqdn: no DNS lookup
         self.setup_environ()
 
     def process_request(self, request, client_address) -> None:
@@ -303,6 +305,7 @@ class _HTTPServer(socketserver.ThreadingMixIn, WSGIServer):
         sent: the client that reads it and connects again finds the place free (one
         request per connection: what is left of it is the write and the close)."""
         app = super().get_app()
+        assert app is not None  # set_app ran in __init__
 
         def answer(environ, start_response):
             body = app(environ, start_response)
@@ -336,6 +339,7 @@ def _handler() -> type:
 
     class Handler(WSGIRequestHandler):
         timeout = HTTP_TIMEOUT_S
+        server: _HTTPServer
 
         def handle(self) -> None:
             try:

@@ -177,9 +177,9 @@ class Model:
                 )
         sizes: dict[str, tuple[int, str]] = {}  # symbolic axis -> (size, first input with it)
         for name, array in feeds.items():
-            t = self._input.get(name)
-            if t is None:
-                continue
+            if name not in self._input:
+                continue  # unexpected: said above
+            t = self._input[name]
             if array.dtype != t.dtype:
                 problems.append(
                     f"input {name!r}: datatype {_dt(array.dtype)}, expected {_dt(t.dtype)}"
@@ -214,7 +214,8 @@ class Model:
                         problems.append(
                             f"input {name!r}: {want} is {got} but input {seen[1]!r} has {seen[0]}; they must match"
                         )
-        batch = sizes.get(self.inputs[0].axes[0], (1, ""))[0] if self.batched else 1
+        axis0 = self.inputs[0].axes[0]  # a name where the model is batched
+        batch = sizes.get(axis0, (1, ""))[0] if self.batched and isinstance(axis0, str) else 1
         if self.batched and batch > self.max_batch_size:
             problems.append(
                 f"batch size {batch} (input {self.inputs[0].name!r} dimension 0) exceeds the "

@@ -285,7 +285,8 @@ class Overload(grpc.ServerInterceptor):
                 _log_call(method, None, context, CallRecord(), time.perf_counter(), "UNAVAILABLE")
             context.abort(grpc.StatusCode.UNAVAILABLE, self._message)
 
-        refuse.experimental_thread_pool = self._pool  # gRPC runs it there, not on a request thread
+        # gRPC runs it there, not on a request thread
+        refuse.experimental_thread_pool = self._pool  # type: ignore[attr-defined]
         return grpc.stream_stream_rpc_method_handler(refuse)
 
 
@@ -348,7 +349,7 @@ def _asked(request, *names: str) -> str | None:
     """The first of the request's fields ``names`` that is set (the request is a message of
     any service, bytes, or a stream's iterator: None when it has none of them)."""
     for name in names:
-        if _has(type(request), name):  # a getattr that fails costs an exception
+        if _has(type(request), name):  # type: ignore[arg-type]  # (a getattr that fails costs an exception)
             value = getattr(request, name)
             if value and isinstance(value, str):
                 return _clip(value)
@@ -459,7 +460,7 @@ def create_server(
             if credentials is None:
                 credentials = tls.Credentials(cfg.tls)
                 credentials.watch()
-            port = server.add_secure_port(address, credentials.grpc())
+            port = server.add_secure_port(address, credentials.server_credentials())
     except RuntimeError as e:  # gRPC says only "Failed to bind"; its log above says why
         raise ServeError(_cannot_listen(cfg, address)) from e
     if port == 0:
@@ -616,7 +617,7 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
         on_change=lambda model, is_changed: changed.labels(*model).set(int(is_changed)),
     )
     if credentials is not None:  # when the served certificate expires, and after renewals
-        expiry = engine.metrics.tls_expiry.labels(str(cfg.tls.cert))
+        expiry = engine.metrics.tls_expiry.labels(str(credentials.tls.cert))
         credentials.watch(lambda material: expiry.set(material.expires.timestamp()))
     server, port, health_servicer = create_server(
         cfg, engine, credentials=credentials, tokens=tokens

@@ -300,7 +300,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         When the stream ends early, requests it queued and nobody will read are dropped.
         """
         caller = _caller(context)
-        answers: queue.SimpleQueue[Future | BaseException | None] = queue.SimpleQueue()
+        # a request's answer (or why it has none), _SHUTDOWN, or None: the stream ended
+        answers: queue.SimpleQueue[Future | BaseException | object | None] = queue.SimpleQueue()
         # Answers computed and not yet sent: a client that sends and never reads would
         # otherwise have the server hold every answer (3 GB in 34 s, in a review).
         unsent = threading.Semaphore(STREAM_WINDOW)

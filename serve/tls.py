@@ -78,7 +78,7 @@ def check_dates(
         if all(problems):
             raise ServeError(
                 f"--tls-client-ca {tls.client_ca}: no CA in it is within its dates "
-                f"({'; '.join(problems)}): every client certificate would be refused"
+                f"({'; '.join(p for p in problems if p)}): every client certificate would be refused"
             )
         for i, problem in enumerate(problems):
             _warn(f"--tls-client-ca {tls.client_ca}", cas, i, now, problem)
@@ -121,7 +121,7 @@ class Credentials:
         """Look at the files now (the watch's thread does every second)."""
         return self._watch.check()
 
-    def grpc(self) -> grpc.ServerCredentials:
+    def server_credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
             _configuration(self.material),
             self._fetch,
@@ -161,7 +161,7 @@ def _configuration(m: Material) -> grpc.ServerCertificateConfiguration:
     )
 
 
-def _certificates(flag: str, path: Path, pem: bytes) -> list:
+def _certificates(flag: str, path: Path | None, pem: bytes) -> list:
     from cryptography import x509
 
     try:

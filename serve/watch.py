@@ -34,7 +34,7 @@ INTERVAL_S = 1.0
 def stamp(paths: Sequence[Path]) -> tuple:
     """What tells a file's new version from its old one; None for one that cannot be seen
     (being replaced)."""
-    out = []
+    out: list[tuple[int, int, int] | None] = []
     for path in paths:
         try:
             st = os.stat(path)

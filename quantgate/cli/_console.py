@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import IO, cast
 
 from rich.console import Console
 from rich.progress import (
@@ -25,7 +26,7 @@ def _console(stderr: bool = False) -> Console:
     """A terminal gets rich's wrapping at its width. A pipe or a CI log gets whole lines:
     rich would wrap them at 80 columns, mid-sentence, and break grep."""
     stream = sys.stderr if stderr else sys.stdout
-    file = None if stderr else _Stdout()
+    file = None if stderr else cast(IO[str], _Stdout())  # sys.stdout's stand-in
     if stream.isatty() or "COLUMNS" in os.environ:
         return Console(stderr=stderr, file=file)
     return Console(stderr=stderr, file=file, soft_wrap=True, width=200)
@@ -139,7 +140,7 @@ def progress() -> Progress:
 
 def _bars(bar: Progress):
     """The library's on_progress (quantgate.progress) drawn as one bar per task."""
-    tasks: dict[str, object] = {}
+    tasks: dict[str, TaskID] = {}
 
     def on_progress(task: str, done: int, total: int | None, status: str) -> None:
         if task not in tasks:

@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.text import Text
@@ -21,8 +21,11 @@ from quantgate.cli._app import app
 from quantgate.cli._console import console
 from quantgate.errors import QuantgateError, exit_code
 
+if TYPE_CHECKING:
+    from click import ClickException
 
-def _usage_errors() -> tuple[type[Exception], ...]:
+
+def _usage_errors() -> tuple[type[ClickException], ...]:
     """Click's usage errors: from click itself, and from the copy newer typers vendor."""
     found = []
     for module in ("click.exceptions", "typer._click.exceptions"):
@@ -98,7 +101,8 @@ def main() -> None:
     if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
         # --help into a pipe or a log: whole lines of up to 120 columns, not a terminal's 80
         # (click would break "sequence-classification" at its hyphen).
-        app.info.context_settings |= {"terminal_width": 120, "max_content_width": 120}
+        wide = {"terminal_width": 120, "max_content_width": 120}
+        app.info.context_settings = {**(app.info.context_settings or {}), **wide}
     _interrupted.clear()  # main() may run more than once in a process (tests, a program)
     written = len(fsutil.replaced)
     try:
@@ -119,7 +123,7 @@ def _exit_for(e: BaseException) -> NoReturn:
     code for quantgate's errors and a user's mistakes; anything else is raised on."""
     if isinstance(e, _usage_errors()):  # a bad option or argument: click's message, exit 2
         if getattr(e, "option_name", None) in ("-v", "--verbose"):
-            e.message += " (it goes before the command: quantgate -v COMMAND ...)"
+            e.message += " (it goes before the command: quantgate -v COMMAND ...)"  # type: ignore[misc]
         e.show()
         sys.exit(e.exit_code)
     if isinstance(e, QuantgateError):

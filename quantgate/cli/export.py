@@ -4,7 +4,7 @@ and the export record as the console prints it (`inspect` prints it too)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -201,7 +201,7 @@ def export_command(
                 check_path(path, flag)  # before minutes of export, not after
         flags = _gate_flags(max_accuracy_drop, min_speedup, min_cosine, min_top1)
         gates = _gate_config(gate_config, flags)
-        given = dict(
+        given: dict[str, Any] = dict(
             search_budget_s=search_budget,
             max_candidates=max_candidates,
             recipes=tuple(recipe) if recipe else None,

@@ -3,6 +3,7 @@ answer printed."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated
 
@@ -154,8 +155,12 @@ def infer(
     # verified: the tokenizer is the one the bundle was gated with
     bundle = None if bundle_dir is None else load(bundle_dir, verify=bool(texts))
     if classes and bundle is not None:
-        _refuse_classes_of(bundle.manifest.task, bundle_dir)
-    named = model or bundle.manifest.name
+        _refuse_classes_of(bundle.manifest.task, bundle.path)
+    if model is not None:
+        named = model
+    else:  # the name in the bundle's manifest (one of the two is given: checked above)
+        assert bundle is not None
+        named = bundle.manifest.name
     with Client(url, token=token, timeout=timeout, tls=client_tls) as client:
         try:
             metadata = client.metadata(named, version)
@@ -175,16 +180,18 @@ def infer(
             tls_flags = [flag for flag, value in given.items() if value]
             raise Unavailable(_cannot_connect(e, tls_flags, tls_ca)) from e
         spec = {t.name: t for t in metadata.inputs}
-        tok, values, tagger = None, {}, False
+        tok, values, tags = None, {}, None  # tags: a token classifier's class names
         if texts:
             from quantgate.quantize.data import ModelInfo
             from quantgate.quantize.text import tokenize, tokenizer_of
             from quantgate.tasks import TOKEN_TASKS
 
+            assert bundle is not None  # --text needs --bundle (checked above)
             info = ModelInfo.from_manifest(bundle.manifest, bundle.path)
             tok = tokenizer_of(info)  # the bundle's: it reads --text, and a tagger's tags back
             values = tokenize(texts, info, tok)
-            tagger = info.task in TOKEN_TASKS
+            if info.task in TOKEN_TASKS:
+                tags = bundle.manifest.class_names
         typed = {}  # each --input's JSON, by input name
         for item in inputs or ():
             name, sep, value = item.partition("=")
@@ -209,8 +216,8 @@ def infer(
             if array.dtype == object:  # top classes
                 _print_classes(name, array)
                 continue
-            if tagger and name == "logits" and array.ndim == 3:
-                _print_tags(texts, feeds, array, bundle.manifest.class_names, tok)
+            if tags is not None and name == "logits" and array.ndim == 3:
+                _print_tags(texts or [], feeds, array, tags, tok)
                 continue
             out.print(f"{name} {list(array.shape)} {array.dtype}", highlight=False, soft_wrap=True)
             out.print(
@@ -293,14 +300,14 @@ def _print_tags(texts: list[str], feeds: dict, logits, names: tuple[str, ...], t
     mask = feeds.get("attention_mask", np.ones_like(feeds["input_ids"])).astype(bool)
     z = logits - logits.max(-1, keepdims=True)
     probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
-    plain = {"highlight": False, "markup": False, "soft_wrap": True}  # "[CLS]", "[/b]" as typed
-    out.print(f"logits {list(logits.shape)}: each token's top class", **plain)
+    say = functools.partial(out.print, highlight=False, markup=False, soft_wrap=True)  # "[CLS]"
+    say(f"logits {list(logits.shape)}: each token's top class")
     for text, ids, real, p in zip(texts, feeds["input_ids"], mask, probs, strict=True):
-        out.print(f"  {text!r}", **plain)
+        say(f"  {text!r}")
         for token, row in zip(tok.convert_ids_to_tokens(ids[real].tolist()), p[real], strict=True):
             top = int(row.argmax())
             label = names[top] if top < len(names) else str(top)
-            out.print(f"    {token:<16} {label:<12} {row[top]:.3f}", **plain)
+            say(f"    {token:<16} {label:<12} {row[top]:.3f}")
 
 
 def _json_input(name: str, text: str):

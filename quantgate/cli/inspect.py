@@ -45,10 +45,10 @@ def inspect(
         except BundleError as e:  # a file that fails its check: the manifest itself reads
             raise BundleError(f"{e} To read its manifest anyway, pass --no-verify.") from e
     m = b.manifest
-    e = m.export
+    export = m.export
     try:
-        fused = _fusions(e)
-        val = e.get("validation")
+        fused = _fusions(export)
+        val = export.get("validation")
         if val:
             shapes = ", ".join(
                 f"{c['batch']}x{c['sequence']}" + ("p" if c["padded_rows"] else "")
@@ -98,11 +98,12 @@ def inspect(
         )
     if not b.report.is_file():
         out.print(f"report: {b.report} is missing", highlight=False, soft_wrap=True)
-    if e:
+    if export:
         out.print(
-            f"export: {e.get('exporter')} exporter, opset {m.opset}, max sequence {m.max_seq_len}"
+            f"export: {export.get('exporter')} exporter, opset {m.opset}, "
+            f"max sequence {m.max_seq_len}"
         )
-        for line in _export_notes(e):
+        for line in _export_notes(export):
             out.print(line, highlight=False, soft_wrap=True)
         out.print(f"fusions: {fused}")
         if val:
@@ -113,8 +114,8 @@ def inspect(
         for precision, g in gates:
             label, value, _, bound, mark, unsure = _gate_cells(g)
             style = "green" if g.passed else "bold red"
-            unsure = " (uncertain)" if unsure else ""
-            table.add_row(precision, label, value, bound, f"[{style}]{mark}[/]{unsure}")
+            note = " (uncertain)" if unsure else ""
+            table.add_row(precision, label, value, bound, f"[{style}]{mark}[/]{note}")
         out.print(table)
 
 
@@ -134,10 +135,10 @@ def _served(m) -> str:
                 )
             except BundleError:
                 picks.append(f"nothing on {name}")
-    picks = ", ".join(picks)
+    chosen = ", ".join(picks)
     if m.verdict != PASS:
-        return f"serve: refuses it (a gate failed); with --allow-failed-gates: {picks}"
-    return f"serve picks: {picks}"
+        return f"serve: refuses it (a gate failed); with --allow-failed-gates: {chosen}"
+    return f"serve picks: {chosen}"
 
 
 @contextlib.contextmanager

@@ -16,10 +16,11 @@ from quantgate.serve.config import DEVICES, PRECISIONS, ServeConfig
 from quantgate.serve.logs import LogFormat, server_log
 
 # serve's choices, as ServeConfig names them (an Enum: --help lists them)
-ServeDevice = Enum("ServeDevice", {d.upper(): d for d in DEVICES}, type=str)
-Precision = Enum("Precision", {p.upper(): p for p in PRECISIONS}, type=str)
+ServeDevice = Enum("ServeDevice", {d.upper(): d for d in DEVICES}, type=str)  # type: ignore[misc]
+Precision = Enum("Precision", {p.upper(): p for p in PRECISIONS}, type=str)  # type: ignore[misc]
 
 _DEFAULT_SERVE = ServeConfig(path=Path("."))
+_DEFAULT_DEVICE = ServeDevice(_DEFAULT_SERVE.device)
 
 
 @command()
@@ -51,7 +52,7 @@ def serve(
     ] = _DEFAULT_SERVE.port,
     device: Annotated[
         ServeDevice, typer.Option(help="auto: CUDA when onnxruntime has it, else the CPU.")
-    ] = _DEFAULT_SERVE.device,
+    ] = _DEFAULT_DEVICE,
     cuda_device: Annotated[
         int,
         typer.Option(
@@ -119,7 +120,7 @@ def serve(
     precision: Annotated[
         Precision | None,
         typer.Option(help="Serve this variant instead of the fastest that passed."),
-    ] = _DEFAULT_SERVE.precision,
+    ] = None,  # ServeConfig's: the fastest that passed
     allow_failed_gates: Annotated[
         bool,
         typer.Option(
@@ -219,7 +220,7 @@ def serve(
         path=path,
         host=host,
         port=port,
-        device=ServeDevice(device).value,
+        device=device.value,
         max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us,
         max_queue_size=max_queue_size,
@@ -230,7 +231,7 @@ def serve(
         max_request_bytes=max_request_bytes,
         max_message_bytes=max_message_bytes,
         shutdown_grace_s=shutdown_grace,
-        precision=precision and Precision(precision).value,
+        precision=precision and precision.value,
         allow_failed_gates=allow_failed_gates,
         metrics_port=metrics_port,
         access_log=access_log,
