@@ -297,9 +297,34 @@ def tail_gate(
     )  # fmt: skip
 
 
+# How the gates measure and decide, by version. Every gating records the version it ran
+# under (``gate_definitions``, beside its gate_config), and a re-gate of a bundle gated under
+# an older one says what changed since: the same gate, threshold and data can decide
+# differently. Bump it, with what changed, when a gate's value or decision changes.
+GATE_DEFINITIONS = 2
+DEFINITION_CHANGES: dict[int, tuple[str, ...]] = {
+    2: (
+        "nn_top1_agreement counts a near tie as agreement (the candidate's nearest row is "
+        "one FP32 puts within 1 - min_cosine of its own)",
+        "a row that is zero (or negligible) under both models agrees in every cosine gate "
+        "(it scored 0)",
+        "under ci_rule 'upper' a gate with no interval fails (its value decided it)",
+        "R²'s resamples in which FP32 is constant count as the worst (they were dropped)",
+    ),
+}
+
+
+def definition_changes(since: int | None) -> list[str]:
+    """What changed in the gates' definitions after version ``since`` (None: a gating from
+    before versions were recorded, version 1)."""
+    return [c for v in range((since or 1) + 1, GATE_DEFINITIONS + 1) for c in DEFINITION_CHANGES[v]]
+
+
 __all__ = [
+    "GATE_DEFINITIONS",
     "GateConfig",
     "decide",
+    "definition_changes",
     "failed_by_bound",
     "interval_gate",
     "mean_gate",

@@ -33,7 +33,7 @@ from quantgate.quantize.data import (
     open_source,
     with_graph_tables,
 )
-from quantgate.quantize.decide import GateConfig
+from quantgate.quantize.decide import GATE_DEFINITIONS, GateConfig
 from quantgate.quantize.gates import check_eval_rows
 from quantgate.quantize.heldout import check_held_out
 from quantgate.quantize.search import (
@@ -306,6 +306,7 @@ def _summary(found: SearchResult, shipped, gate_cfg: GateConfig, plot) -> dict[s
         "search_seconds": round(found.seconds, 1),
         "budget_seconds": found.budget_s,
         "gate_config": dataclasses.asdict(gate_cfg),
+        "gate_definitions": GATE_DEFINITIONS,
         "plot": reports.PLOT if plot else None,
     }
 

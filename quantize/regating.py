@@ -5,7 +5,8 @@ On the CPU, the INT8 variant's accuracy and speed gates replace those measured t
 before; on CUDA, every variant's gates there, by the build's rule (``cuda.gate_built``).
 A re-gate keeps the thresholds the bundle was last gated with (``recorded_gate_config``),
 warns about a looser one and names it in the report, warns on every run whose settings are
-looser than the export's (``exported_gate_config``), refuses evaluation rows the
+looser than the export's (``exported_gate_config``), says which gates were redefined
+since the last gating (``recorded_definitions``), refuses evaluation rows the
 calibration saw (``heldout.check_held_out``) and unlabelled rows for a bundle any gating of
 which was on labelled accuracy, and raises ``GateFailed`` (after rewriting) unless the
 bundle then passes.
@@ -47,7 +48,7 @@ from quantgate.quantize.data import (
     open_source,
     with_graph_tables,
 )
-from quantgate.quantize.decide import GateConfig
+from quantgate.quantize.decide import GATE_DEFINITIONS, GateConfig, definition_changes
 from quantgate.quantize.fidelity import cosine_of_r2
 from quantgate.quantize.gates import (
     accuracy_gates,
@@ -153,6 +154,22 @@ def _regate(
     beyond = _looser_than(exported, gate_cfg, timed) if exported else []
     if unsaid := [text for text in beyond if text not in loosened]:
         log.warning("re-gating with settings looser than the export's: %s", "; ".join(unsaid))
+    # the same settings can decide otherwise where the gates were redefined since
+    since = recorded_definitions(m)
+    if redefined := definition_changes(since):
+        log.warning(
+            "the gates were redefined since this bundle was last gated (%s), so its verdict "
+            "can change with the same settings and data: %s",
+            _definitions_said(since),
+            "; ".join(redefined),
+        )
+    elif since is not None and since > GATE_DEFINITIONS:
+        log.warning(
+            "this bundle was last gated by a newer quantgate (gate definitions %d; this one's "
+            "are %d): its gates are measured again as this quantgate defines them",
+            since,
+            GATE_DEFINITIONS,
+        )
     info = with_graph_tables(ModelInfo.from_manifest(m, bundle.path), bundle.file("fp32"))
     fingerprint = Fingerprint.from_record(m.calibration)
     if fingerprint is None:  # a bundle from before its calibration rows were recorded
@@ -167,12 +184,13 @@ def _regate(
         _check_labels_kept(m, ev, where, allow=allow_unlabelled)
     emit = on_progress or no_progress
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    said = (_measured_on(ev), _settings_said(changed, beyond))
+    said = (_measured_on(ev), _settings_said(changed, beyond, since))
     record = {
         "at": when,
         "provider": gate_cfg.provider,
         "evaluation": ev.record(),
         "gate_config": dataclasses.asdict(gate_cfg),
+        "gate_definitions": GATE_DEFINITIONS,
     }
     if on_cuda:
         variants, gated = _regate_on_cuda(bundle, ev, gate_cfg, emit)
@@ -342,11 +360,23 @@ def recorded_gate_config(m: Manifest) -> GateConfig | None:
     """The gate policy (``POLICY``) ``m``'s bundle was last gated with, its newest re-gate's
     else its build's, over the defaults (a setting added since keeps its default); None
     where it recorded none (bundles from before the record)."""
-    records = [r.get("gate_config") for r in m.extra.get("regates", []) if isinstance(r, dict)]
-    records.insert(0, (m.extra.get("quantization") or {}).get("gate_config"))
-    latest = next((r for r in reversed(records) if isinstance(r, dict)), None)
+    latest = _last_gating(m)
     where = "the newest under extra.regates, else extra.quantization"
-    return None if latest is None else _policy(m, latest, where)
+    return None if latest is None else _policy(m, latest["gate_config"], where)
+
+
+def recorded_definitions(m: Manifest) -> int | None:
+    """The version of the gates' definitions (``GATE_DEFINITIONS``) ``m``'s bundle was last
+    gated under; None where that gating recorded none (before versions were recorded)."""
+    version = (_last_gating(m) or {}).get("gate_definitions")
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+def _last_gating(m: Manifest) -> dict[str, Any] | None:
+    """The record of the last gating with settings: the newest re-gate's, else the build's."""
+    records = [r for r in m.extra.get("regates", []) if isinstance(r, dict)]
+    records.insert(0, m.extra.get("quantization") or {})
+    return next((r for r in reversed(records) if isinstance(r.get("gate_config"), dict)), None)
 
 
 def exported_gate_config(m: Manifest) -> GateConfig | None:
@@ -463,10 +493,13 @@ def _measured_on(ev: DataSource) -> str:
     return f"with onnxruntime {_ort_version()} on {ev.description} (sha256 `{ev.sha256[:12]}`)"
 
 
-def _settings_said(changed: list[tuple[str, bool]] | None, beyond: Sequence[str] = ()) -> str:
+def _settings_said(
+    changed: list[tuple[str, bool]] | None, beyond: Sequence[str] = (), since: int | None = None
+) -> str:
     """The sentences of a re-gate's section on the gate settings ``changed`` since the last
-    gating (None: the bundle recorded none), and on those ``beyond`` the export's: looser
-    than its settings, however many re-gates ago they were loosened."""
+    gating (None: the bundle recorded none), on those ``beyond`` the export's: looser than
+    its settings, however many re-gates ago they were loosened; and on the gates' definitions
+    changed since version ``since``, the last gating's."""
     if changed is None:
         said = "The bundle recorded no gate settings to compare these with."
     elif not changed:
@@ -476,7 +509,17 @@ def _settings_said(changed: list[tuple[str, bool]] | None, beyond: Sequence[str]
         said = f"Gate settings changed since the last gating: {'; '.join(listed)}."
     if beyond:
         said += f" Looser than the export's: {'; '.join(beyond)}."
+    if redefined := definition_changes(since):
+        said += (
+            f" The gates were redefined since the last gating ({_definitions_said(since)}): "
+            f"{'; '.join(redefined)}."
+        )
     return said
+
+
+def _definitions_said(since: int | None) -> str:
+    under = "a version it did not record" if since is None else f"version {since}"
+    return f"under the gates' definitions {under}; this quantgate's are version {GATE_DEFINITIONS}"
 
 
 def _ort_version() -> str:
@@ -485,4 +528,4 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
-__all__ = ["exported_gate_config", "recorded_gate_config", "regate"]
+__all__ = ["exported_gate_config", "recorded_definitions", "recorded_gate_config", "regate"]

@@ -190,3 +190,57 @@ def test_settings_looser_than_the_exports_are_said_on_every_run(cli, bundle, gat
     cli("gate", bundle, "--gate-config", half)
     assert "confidence 0.95 -> 0.5 (looser)" in newest(bundle)
     assert "last gated with: confidence 0.95 -> 0.5" in caplog.text
+
+
+def test_a_regate_says_which_gates_were_redefined_since_the_last_gating(
+    cli, bundle, gate_file, caplog
+):
+    """The same gate, threshold and data can decide otherwise once quantgate redefines a
+    gate (a near tie counting as nearest-neighbour agreement turned a failed MiniLM re-gate
+    green): a re-gate of a bundle gated under older definitions says which changed, in the
+    log and in report.md, once; the gating it records carries this quantgate's version."""
+    import json
+
+    from quantgate.quantize.decide import DEFINITION_CHANGES, GATE_DEFINITIONS
+
+    path = bundle / "manifest.json"
+    build = json.loads(path.read_text())["extra"]["quantization"]
+    assert build["gate_definitions"] == GATE_DEFINITIONS  # what an export records
+    r = cli("gate", bundle, "--gate-config", gate_file)
+    assert r.code == 0, r.stderr
+    assert "redefined" not in caplog.text and "redefined" not in newest(bundle)
+
+    def last_gated_under(version: int | None) -> None:
+        d = json.loads(path.read_text())
+        last = d["extra"]["regates"][-1]
+        if version is None:  # a gating from before versions were recorded
+            del last["gate_definitions"]
+        else:
+            last["gate_definitions"] = version
+        path.write_text(json.dumps(d))
+
+    near_tie = DEFINITION_CHANGES[2][0]
+    for version, under in ((None, "a version it did not record"), (1, "version 1")):
+        last_gated_under(version)
+        caplog.clear()
+        r = cli("gate", bundle, "--gate-config", gate_file)
+        assert r.code == 0, r.stderr
+        said = f"the gates were redefined since this bundle was last gated (under the gates' definitions {under}; this quantgate's are version {GATE_DEFINITIONS})"
+        assert said in " ".join(caplog.text.split()), caplog.text
+        assert near_tie in caplog.text
+        assert (
+            f"The gates were redefined since the last gating (under the gates' definitions {under}"
+            in newest(bundle)
+        )
+        assert near_tie in newest(bundle)
+        recorded = json.loads(path.read_text())["extra"]["regates"][-1]
+        assert recorded["gate_definitions"] == GATE_DEFINITIONS
+    caplog.clear()  # said once: the re-gate after is under this version
+    r = cli("gate", bundle, "--gate-config", gate_file)
+    assert "redefined" not in caplog.text and "redefined" not in newest(bundle)
+    last_gated_under(GATE_DEFINITIONS + 1)  # a newer quantgate's gating
+    r = cli("gate", bundle, "--gate-config", gate_file)
+    assert r.code == 0, r.stderr
+    assert (
+        f"last gated by a newer quantgate (gate definitions {GATE_DEFINITIONS + 1}" in caplog.text
+    )
