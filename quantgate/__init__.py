@@ -7,7 +7,7 @@ The stages live in their own packages and data flows one way::
 
 import os
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # ONNX Runtime 1.32 on Linux records telemetry: a device id and an event database under
 # ~/.cache/Microsoft, a file in $TMPDIR, and an error line in the log where $HOME is

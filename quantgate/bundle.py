@@ -17,6 +17,18 @@ and ``load`` checks them.
 
 It is written atomically: everything goes to a temporary sibling directory which is then
 renamed into place, so a crash never leaves a half-written bundle where a good one was.
+
+The manifest's ``format_version`` (``FORMAT_VERSION``) tells a reader whether it can read a
+bundle right: every release refuses a higher number than its own ("manifest format N is
+newer than this quantgate understands"), and reads its own and every lower one. Raise it
+whenever an older release would misread a bundle this one writes (read a value wrong, or
+ignore a field or a gate that changes the answer), not merely when a field is added that
+it may safely ignore. Format 1: quantgate 0.1.0. Format 2 (0.2.0): a gate's ``value`` may
+be null (not measured); ``export.pad_values`` says what pads each input, where format 1's
+readers pad with 0 (wrong answers, silently, for a model whose pad token is not 0); and
+gates a format 1 re-gate would drop. Every manifest quantgate writes (a re-gate's of an
+older bundle too) is written in this format.
+
 This module depends on nothing but the standard library: the serving host reads bundles
 without torch or the quantization stack installed.
 """
@@ -44,7 +56,13 @@ from quantgate.fsutil import atomic_dir, disk_full, resolve_target, target_probl
 
 MANIFEST = "manifest.json"
 REPORT = "report.md"
-FORMAT_VERSION = 1
+PLOT = "candidates.png"  # quantize.report's PLOT: the recipe search's plot
+TOKENIZER_DIR = "tokenizer"  # export.writer's: a text model's tokenizer
+# The names quantgate writes in a bundle besides the variants: the bundle's own wherever
+# they are found, listed in its manifest or not (older manifests list neither the plot
+# nor the tokenizer).
+OWN_NAMES = (MANIFEST, REPORT, PLOT, TOKENIZER_DIR)
+FORMAT_VERSION = 2  # see the module's docstring: when to raise it, what each one means
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few kB; anything near this is not one
 
 PASS, FAIL = "pass", "fail"
@@ -237,11 +255,15 @@ class Manifest:
                 f"{source} is corrupt: expected a JSON object at the top, found {_found(d)}. "
                 + _RECREATE
             )
+        # First: a newer release's manifest may fail every check below, and is no corrupt one.
         fmt = d.get("format_version", FORMAT_VERSION)
         if _is_int(fmt) and fmt > FORMAT_VERSION:
+            tools = d.get("tools")
+            by = tools.get("quantgate") if isinstance(tools, dict) else None
             raise BundleError(
                 f"manifest format {fmt} is newer than this quantgate understands ({FORMAT_VERSION}); "
                 "upgrade quantgate"
+                + (f" (the bundle was written by quantgate {by})" if isinstance(by, str) else "")
             )
         if problems := manifest_problems(d):
             raise BundleError(f"{source} is corrupt: {_listed(problems)}{_RECREATE}")
@@ -838,12 +860,52 @@ def check_writable_target(out: Path, *, force: bool, inputs=(), carries_others=F
         )
     model = dict(inputs).get("model")
     if not force and model is not None and is_bundle(out):
-        recorded, given = _recorded_model(out), model_identity(model)
-        if recorded is not None and recorded != given:
-            raise BundleError(
-                f"{out} holds the bundle of another model ({recorded}); this export is of "
-                f"{given}. Choose another --out, or pass --force to replace that bundle."
-            )
+        problem = _another_models(out, _recorded(out), model_identity(model))
+        if problem:
+            raise BundleError(problem)
+
+
+def _another_models(out: Path, manifest: dict[str, Any] | None, given: str) -> str | None:
+    """Why exporting the model ``given`` (its ``model_identity``) may not replace the bundle
+    ``out`` (its parsed ``manifest``) without --force; None where it may.
+
+    The manifest's ``source.identity`` names the model. A bundle of quantgate 0.1.0 records
+    none, only the spec that export was given (``source.spec``): the same model where it
+    resolves to ``given``. A relative path resolves from the current directory, which may
+    not be the one that export ran in: then it is refused, and the message says so."""
+    source = manifest.get("source") if manifest is not None else None
+    if not isinstance(source, dict):
+        return None  # unreadable or corrupt: nothing to tell the models apart by
+    recorded = source.get("identity")
+    if isinstance(recorded, str):
+        if recorded == given:
+            return None
+        return (
+            f"{out} holds the bundle of another model ({recorded}); this export is of "
+            f"{given}. Choose another --out, or pass --force to replace that bundle."
+        )
+    spec = source.get("spec")
+    if isinstance(spec, str) and model_identity(spec) == given:
+        return None
+    tools = manifest.get("tools") if manifest is not None else None
+    by = tools.get("quantgate") if isinstance(tools, dict) else None
+    kind = source.get("kind")
+    what = f"a {kind} model" if isinstance(kind, str) else "a model"
+    if not isinstance(spec, str):
+        records = f"its manifest names no model ({what}, no spec)"
+    else:
+        head, colon, _ = spec.rpartition(":")
+        path = head if colon and head.endswith(".py") else None if colon else spec
+        relative = path is not None and not Path(path).expanduser().is_absolute()
+        records = f"its manifest records only the spec that export was given, {spec!r} ({what}"
+        records += ", a path relative to the directory it ran in)" if relative else ")"
+    return (
+        f"{out} holds a bundle made by an older quantgate"
+        + (f" ({by})" if isinstance(by, str) else "")
+        + f" that recorded no model identity: {records}; this export is of {given}. Choose "
+        "another --out, or pass --force to replace that bundle (once: the new one records "
+        "its model)."
+    )
 
 
 def model_identity(spec: Any) -> str:
@@ -880,20 +942,25 @@ def _quantgate_bundle(path: Path) -> bool:
 
 
 def _not_the_bundles(path: Path) -> list[str]:
-    """The files and folders in bundle ``path`` that its manifest does not list (sorted;
-    a folder once, with a slash); [] where ``path`` is no bundle."""
+    """The files and folders in bundle ``path`` that its manifest does not list and
+    quantgate does not write (``OWN_NAMES``) (sorted; a folder once, with a slash); []
+    where ``path`` is no bundle."""
     d = _quantgate_manifest(path)
     if d is None:
         return []
     files = d.get("files")
     files = files if isinstance(files, dict) else {}  # (a corrupt one: none)
     variants = [v.get("file") for v in d["variants"] if isinstance(v, dict)]
-    listed = {MANIFEST, REPORT, *(f for f in [*files, *variants] if isinstance(f, str))}
+    listed = {*OWN_NAMES, *(f for f in [*files, *variants] if isinstance(f, str))}
     folders = {str(p) for f in listed for p in Path(f).parents if str(p) != "."}
+    # An older manifest lists no file of the tokenizer: then all of it is the bundle's.
+    whole = set() if TOKENIZER_DIR in folders else {TOKENIZER_DIR}
     others = []
     for root, dirs, names in os.walk(path):
         rel = Path(root).relative_to(path)
         for name in sorted(dirs):
+            if str(rel / name) in whole:
+                continue
             kept = str(rel / name) in folders
             if not kept and os.listdir(Path(root) / name):  # an empty one loses nothing
                 others.append(f"{rel / name}/")
@@ -910,14 +977,13 @@ def _system_litter(name: str) -> bool:
     return name in (".DS_Store", "Thumbs.db", "desktop.ini") or name.startswith((".nfs", "._"))
 
 
-def _recorded_model(bundle: Path) -> str | None:
-    """The identity (``model_identity``) of the model a bundle was exported from, as its
-    manifest records it; None where it records none (bundles before it) or is unreadable."""
+def _recorded(bundle: Path) -> dict[str, Any] | None:
+    """The manifest of ``bundle`` as parsed JSON, where it is an object; else None."""
     try:
-        found = _read_json(bundle / MANIFEST).get("source", {}).get("identity")
-    except (BundleError, AttributeError):
+        found = _read_json(bundle / MANIFEST)
+    except BundleError:
         return None
-    return found if isinstance(found, str) else None
+    return found if isinstance(found, dict) else None
 
 
 # The title block's verdict (``verdict_phrase``), as a re-gate finds it to set it anew.
@@ -936,7 +1002,11 @@ def verdict_phrase(manifest: Manifest) -> str:
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
-    (directory / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    """Write ``manifest`` into ``directory`` in this quantgate's format (``FORMAT_VERSION``),
+    whichever it was read in: a re-gate of an older bundle writes what an older release
+    would misread too."""
+    now = dataclasses.replace(manifest, format_version=FORMAT_VERSION)
+    (directory / MANIFEST).write_text(json.dumps(now.to_dict(), indent=2) + "\n")
 
 
 def rewrite(bundle: Bundle, manifest: Manifest, report: str) -> None:
