@@ -860,7 +860,7 @@ def check_writable_target(out: Path, *, force: bool, inputs=(), carries_others=F
         )
     model = dict(inputs).get("model")
     if not force and model is not None and is_bundle(out):
-        problem = _another_models(out, _recorded(out), model_identity(model))
+        problem = _another_models(out, _quantgate_manifest(out), model_identity(model))
         if problem:
             raise BundleError(problem)
 
@@ -975,15 +975,6 @@ def _system_litter(name: str) -> bool:
     """A file the system leaves in any folder a person looks at (Finder's .DS_Store, NFS's
     .nfs* of a file still open): no one's work."""
     return name in (".DS_Store", "Thumbs.db", "desktop.ini") or name.startswith((".nfs", "._"))
-
-
-def _recorded(bundle: Path) -> dict[str, Any] | None:
-    """The manifest of ``bundle`` as parsed JSON, where it is an object; else None."""
-    try:
-        found = _read_json(bundle / MANIFEST)
-    except BundleError:
-        return None
-    return found if isinstance(found, dict) else None
 
 
 # The title block's verdict (``verdict_phrase``), as a re-gate finds it to set it anew.
