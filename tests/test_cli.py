@@ -443,7 +443,9 @@ def test_a_ctrl_c_as_the_process_exits_is_no_traceback():
 
 def test_off_a_terminal_each_finished_step_is_one_line():
     """A CI log got nothing for minutes, then the bars once (or, under FORCE_COLOR, every
-    redraw): each step a task finishes is now a line, with how far it got and its time."""
+    redraw): each step a task finishes is now a line, with how far it got and its time, in
+    the order they finished (a task's last step was said only when the bars closed, after
+    the steps of tasks that finished later)."""
     import io
 
     from rich.console import Console
@@ -458,14 +460,20 @@ def test_off_a_terminal_each_finished_step_is_one_line():
         bar.update(calib, completed=2, total=2, status="recipe-a")
         bar.update(search, completed=1, total=3, status="recipe-b")
         bar.update(calib, completed=1, total=2, status="recipe-b")  # counts afresh
+        timing = bar.add_task("timing", total=4, status="")
+        bar.update(timing, completed=1, total=4, status="b1")
+        bar.update(timing, completed=3, total=4, status="b32")
+        bar.update(timing, completed=4, total=4, status="b32")  # its last step ends here
         bar.update(search, completed=3, total=3, status="done")
     lines = log.getvalue().splitlines()
-    assert [re.sub(r" \(\d+\.\d s\)", "", line) for line in lines] == [
-        "search 1/3: recipe-a",
-        "calibration 2/2: recipe-a",
-        "search 3/3: recipe-b",
-        "search 3/3: done",
-        "calibration 1/2: recipe-b",
+    assert [re.sub(r" \(\d+\.\d s\)", " (time)", line) for line in lines] == [
+        "calibration 2/2: recipe-a",  # its total: said at once (no time: it began there)
+        "search 1/3: recipe-a (time)",
+        "timing 3/4: b1 (time)",
+        "timing 4/4: b32 (time)",  # said as it ends, not when the bars close
+        "search 3/3: recipe-b (time)",
+        "search 3/3: done",  # a marker: no time of its own
+        "calibration 1/2: recipe-b",  # still going at the end
     ], lines
     assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
 

@@ -69,8 +69,9 @@ class _Progress(Progress):
     """Rich's live bars on a terminal. Elsewhere (a pipe, a CI log, with FORCE_COLOR or
     not) one plain line per step a task finishes, with its time: a log that shows a long
     export is alive (rich printed its bars once, at the end, after minutes of silence; under
-    FORCE_COLOR, every redraw). A step is done when its task moves on to another; each
-    task's last one is printed as it ends."""
+    FORCE_COLOR, every redraw). A step is done when its task moves on to another or reaches
+    its total (then said at once: in the order things happened, with its time); one still
+    going when the bars close is said then."""
 
     def __init__(self, *columns, **kwargs) -> None:
         super().__init__(*columns, **kwargs)
@@ -92,14 +93,18 @@ class _Progress(Progress):
         task = self._tasks[task_id]
         status = task.fields.get("status", "")
         step = self._steps.get(task_id)
-        if step is not None and step.status != status:
-            took = f" ({time.monotonic() - step.since:.1f} s)"
+        if step is not None and step.status != status and not step.said:
             # the count the step brought it to, unless the next one counts afresh
             done = task.completed if task.completed >= step.completed else step.completed
-            self._say(task.description, done, task.total, step.status + took)
+            self._say(task.description, done, task.total, step.status + step.took())
         if step is None or step.status != status:
             step = self._steps[task_id] = _Step(status, time.monotonic())
+            # one that starts at the total ("done") ends as it starts: no time of its own
+            step.timed = not (task.total and task.completed >= task.total)
         step.completed = task.completed
+        if task.total and task.completed >= task.total and not step.said:
+            self._say(task.description, task.completed, task.total, step.status + step.took())
+            step.said = True
 
     def _say(self, what: str, completed: float, total: float | None, status: str) -> None:
         where = f" {completed:g}/{total:g}" if total else ""
@@ -108,9 +113,9 @@ class _Progress(Progress):
     def __exit__(self, *exc) -> None:
         if self._live:
             return super().__exit__(*exc)
-        for task_id, step in self._steps.items():  # where each task that did work ended
+        for task_id, step in self._steps.items():  # where each task still going ended
             task = self._tasks[task_id]
-            if task.completed:
+            if task.completed and not step.said:
                 self._say(task.description, task.completed, task.total, step.status)
         return None
 
@@ -122,6 +127,11 @@ class _Step:
     status: str
     since: float
     completed: float = 0
+    timed: bool = True  # False for a marker ("done"), whose time says nothing
+    said: bool = False
+
+    def took(self) -> str:
+        return f" ({time.monotonic() - self.since:.1f} s)" if self.timed else ""
 
 
 def progress() -> Progress:
