@@ -2,9 +2,11 @@
 plot and the tokenizer not listed) is read, replaced and re-gated right; a newer release's
 manifest is named as newer, not as corrupt."""
 
+import dataclasses
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,28 +15,15 @@ import quantgate
 from quantgate import bundle as qb
 from quantgate.errors import BundleError
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_bundle import make_manifest  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_bundle(out: Path) -> qb.Bundle:
     with qb.staging(out) as tmp:
-        (tmp / "model.fp32.onnx").write_bytes(b"fp32 model bytes")
-        v = qb.Variant(
-            file="model.fp32.onnx",
-            precision="fp32",
-            sha256=qb.sha256_file(tmp / "model.fp32.onnx"),
-            gates=(qb.GateResult("max_abs_diff", 1e-6, 1e-4, "<=", True),),
-        )
-        m = qb.Manifest(
-            name="m",
-            task="sequence-classification",
-            inputs=(qb.TensorSpec("input_ids", "int64", ("batch", "sequence")),),
-            outputs=(qb.TensorSpec("logits", "float32", ("batch", 10)),),
-            variants=(v,),
-            opset=18,
-            source={"kind": "checkpoint"},
-            tools={"quantgate": quantgate.__version__},
-        )
+        m = dataclasses.replace(make_manifest(tmp), tools={"quantgate": quantgate.__version__})
         qb.write_manifest(tmp, m)
         (tmp / qb.REPORT).write_text("report")
     return qb.load(out)
