@@ -105,3 +105,19 @@ except AttributeError as e:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "module 'quantgate.serve' has no attribute 'Nope'"
+
+
+@pytest.mark.slow
+def test_the_package_type_checks():
+    """mypy over the package as installed (scripts/typecheck.py, `make lint`): CI runs only
+    the tests, and a type error is a wrong call or an unchecked None waiting for its input.
+    About a minute cold (it reads torch's annotations), seconds with its cache."""
+    pytest.importorskip("mypy")
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "typecheck.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Success: no issues found" in r.stdout, r.stdout
