@@ -49,11 +49,23 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("quantgate.serve.access")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# The calls anyone may make, token or not: health (grpc.health.v1, and the protocol's
+# ServerLive and ServerReady) and reflection.
+OPEN_SERVICES = ("/grpc.health.", "/grpc.reflection.")
+_OPEN_METHODS = frozenset(f"/{SERVICE}/{m}" for m in auth.OPEN)
+
+
+def _open_call(method: str) -> bool:
+    return method.startswith(OPEN_SERVICES) or method in _OPEN_METHODS
 
 
 # Request threads beyond the queue: calls that wait in no queue (metadata, statistics,
 # health, reflection) and the runners of the batches.
 SPARE_THREADS = 16
+# Threads for the calls open to anyone (probes, reflection) beyond their streams' budget
+# (StreamLimit.open_limit), and for refusals (each some microseconds of Python).
+OPEN_SPARE_THREADS = 8
+REFUSAL_THREADS = 2
 # gRPC's limit of calls in flight, as a multiple of Overload's: the room for refusals that
 # wait for the refusals' threads during a burst
 OVERLOAD_ROOM = 2
@@ -130,7 +142,7 @@ class AccessLog(grpc.ServerInterceptor):
                 if handler.request_streaming
                 else grpc.unary_unary_rpc_method_handler
             )
-            return make(unary, **serde)
+            return make(_runs_as(behavior, unary), **serde)
 
         behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
@@ -152,7 +164,40 @@ class AccessLog(grpc.ServerInterceptor):
             if handler.request_streaming
             else grpc.unary_stream_rpc_method_handler
         )
-        return make(streaming, **serde)
+        return make(_runs_as(behavior, streaming), **serde)
+
+
+def _runs_as(behavior, wrapper):
+    """``wrapper`` of ``behavior`` run where gRPC would run ``behavior``: on its own pool
+    where it has one (a refusal's, which must not wait for a request thread)."""
+    if (pool := getattr(behavior, "experimental_thread_pool", None)) is not None:
+        wrapper.experimental_thread_pool = pool
+    return wrapper
+
+
+def _on_pool(handler: grpc.RpcMethodHandler, pool: futures.ThreadPoolExecutor):
+    """``handler`` with its behaviour run on ``pool`` instead of the request threads."""
+    name, make = _KINDS[handler.request_streaming, handler.response_streaming]
+    behavior = getattr(handler, name)
+
+    def run(request, context):
+        return behavior(request, context)
+
+    run.experimental_thread_pool = pool  # type: ignore[attr-defined]
+    return make(
+        run,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+# (request streaming, response streaming) -> the handler's behaviour, and its maker
+_KINDS = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
 
 
 def _logged(responses, method, request, context, record, start) -> Iterator:
@@ -220,8 +265,8 @@ class RequestThreads(futures.ThreadPoolExecutor):
     (running, or waiting for a thread): what gRPC's ``maximum_concurrent_rpcs`` counts of
     them, read by ``Overload``."""
 
-    def __init__(self, threads: int) -> None:
-        super().__init__(threads, thread_name_prefix="grpc")
+    def __init__(self, threads: int, name: str = "grpc") -> None:
+        super().__init__(threads, thread_name_prefix=name)
         self._lock = threading.Lock()
         self.in_flight = 0
 
@@ -250,10 +295,14 @@ class Overload(grpc.ServerInterceptor):
     stays, above this one, for refusals that cannot keep up with a burst.
 
     A refusal reads nothing of its call (a stream handler that never reads: a client that
-    holds back its message cannot hold it up) and runs on threads of its own, so it waits
-    for no request thread."""
+    holds back its message cannot hold it up) and runs on ``refusals``, so it waits for no
+    request thread.
 
-    THREADS = 2  # the refusals' (each is some microseconds of Python)
+    The calls open to anyone (``is_open``: probes and reflection, which need no token) run
+    on threads of their own, ``open_threads``, with a limit of their own (twice as many in
+    flight): a client without a token that holds such calls open, sending half a message,
+    holds those threads, never a request thread; and probes are answered while inference
+    is saturated."""
 
     def __init__(
         self,
@@ -261,32 +310,46 @@ class Overload(grpc.ServerInterceptor):
         limit: int,
         on_refusal: Callable[[], None],
         *,
+        refusals: futures.ThreadPoolExecutor,
+        open_threads: RequestThreads,
+        is_open: Callable[[str], bool],
         access_log: bool = False,
     ):
         self.limit = limit
         self._threads = threads
+        self._open = open_threads
+        self._open_limit = 2 * open_threads._max_workers
+        self._is_open = is_open
         self._on_refusal = on_refusal
         self._access_log = access_log
-        self._message = (
-            f"the server is overloaded: {limit} calls are in flight, its limit. Retry with "
-            "backoff, or add replicas"
-        )
-        self._pool = futures.ThreadPoolExecutor(self.THREADS, thread_name_prefix="overload")
+        self._refusals = refusals
 
     def intercept_service(self, continuation, details):
-        if self._threads.in_flight < self.limit:
-            return continuation(details)
-        return self._refusal(details.method)
+        if not self._is_open(details.method):
+            if self._threads.in_flight < self.limit:
+                return continuation(details)
+            return self._refusal(details.method, f"{self.limit} calls are")
+        if self._open.in_flight >= self._open_limit:
+            return self._refusal(
+                details.method, f"{self._open_limit} open calls (probes, reflection) are"
+            )
+        handler = continuation(details)
+        return None if handler is None else _on_pool(handler, self._open)
 
-    def _refusal(self, method: str) -> grpc.RpcMethodHandler:
+    def _refusal(self, method: str, calls: str) -> grpc.RpcMethodHandler:
+        message = (
+            f"the server is overloaded: {calls} in flight, its limit. Retry with backoff, or "
+            "add replicas"
+        )
+
         def refuse(_requests, context):
             self._on_refusal()
             if self._access_log:
                 _log_call(method, None, context, CallRecord(), time.perf_counter(), "UNAVAILABLE")
-            context.abort(grpc.StatusCode.UNAVAILABLE, self._message)
+            context.abort(grpc.StatusCode.UNAVAILABLE, message)
 
         # gRPC runs it there, not on a request thread
-        refuse.experimental_thread_pool = self._pool  # type: ignore[attr-defined]
+        refuse.experimental_thread_pool = self._refusals  # type: ignore[attr-defined]
         return grpc.stream_stream_rpc_method_handler(refuse)
 
 
@@ -298,18 +361,11 @@ class StreamLimit(grpc.ServerInterceptor):
     ``limit``, which cannot take the inference streams' places: a thousand idle Watch
     streams once took every thread."""
 
-    OPEN_SERVICES = ("/grpc.health.", "/grpc.reflection.")
     OPEN_LIMIT = 64
-    # (request streaming, response streaming) -> the handler's behaviour, and its maker
-    KINDS = {
-        (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-        (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-        (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    }
 
     def __init__(self, limit: int):
         self.limit = limit
-        open_limit = max(1, min(self.OPEN_LIMIT, limit // 2))
+        self.open_limit = open_limit = max(1, min(self.OPEN_LIMIT, limit // 2))
         self._budgets = {
             True: (threading.BoundedSemaphore(open_limit), open_limit),
             False: (threading.BoundedSemaphore(limit), limit),
@@ -319,8 +375,8 @@ class StreamLimit(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or not (handler.request_streaming or handler.response_streaming):
             return handler
-        name, make = self.KINDS[handler.request_streaming, handler.response_streaming]
-        budget = self._budgets[details.method.startswith(self.OPEN_SERVICES)]
+        name, make = _KINDS[handler.request_streaming, handler.response_streaming]
+        budget = self._budgets[details.method.startswith(OPEN_SERVICES)]
         return make(
             self._limited(getattr(handler, name), *budget),
             request_deserializer=handler.request_deserializer,
@@ -423,13 +479,21 @@ def create_server(
     ]
     threads = cfg.max_queue_size * len(list(engine.repository)) + SPARE_THREADS
     pool = RequestThreads(threads)
-    overload = Overload(pool, 2 * threads, engine.metrics.overloaded.inc, access_log=cfg.access_log)
+    streams = StreamLimit(threads // 2)
+    # probes' and reflection's calls: their streams' budget, and unary calls beside them
+    open_pool = RequestThreads(streams.open_limit + OPEN_SPARE_THREADS, "grpc-open")
+    refusals = futures.ThreadPoolExecutor(REFUSAL_THREADS, thread_name_prefix="refusal")
+    overload = Overload(
+        pool, 2 * threads, engine.metrics.overloaded.inc, refusals=refusals,
+        open_threads=open_pool, is_open=_open_call, access_log=cfg.access_log,
+    )  # fmt: skip
     engine.metrics.calls_in_flight.set_function(lambda: pool.in_flight)
     engine.metrics.calls_in_flight_limit.set(overload.limit)
-    interceptors: list[grpc.ServerInterceptor] = [StreamLimit(threads // 2)]
+    interceptors: list[grpc.ServerInterceptor] = [streams]
     if tokens := tokens or auth.tokens(cfg):
         refused = engine.metrics.unauthenticated.inc
-        interceptors.append(auth.BearerTokenAuth(SERVICE, tokens, refused))
+        # outside StreamLimit: a refused stream takes none of its places
+        interceptors.insert(0, auth.BearerTokenAuth(SERVICE, tokens, refused, refusals))
     if cfg.access_log:  # outermost: it logs the calls the token check refuses, too
         interceptors.insert(0, AccessLog())
     interceptors.insert(0, overload)  # before all: its refusal must stay as it is made

@@ -25,9 +25,10 @@ def _metric(srv: ServerProcess, name: str) -> float:
 
 def test_calls_beyond_the_limit_are_refused_unavailable_counted_and_logged(repo):
     """LIMIT calls held in flight (each a ModelInfer whose client holds back its message:
-    half wait for it on a request thread, half for a thread), then every new call, of any
-    RPC, is refused UNAVAILABLE at once, as a full queue is, and counted; once they end, the
-    server serves again. Counted by the server as the client saw them."""
+    half wait for it on a request thread, half for a thread), then every new call of the
+    inference service is refused UNAVAILABLE at once, as a full queue is, and counted, while
+    the probes, on threads of their own, are answered; once they end, the server serves
+    again. Counted by the server as the client saw them."""
     srv = ServerProcess(
         repo / "classifier", "--max-queue-size", str(QUEUE), "--metrics-port", "0", "--access-log"
     )
@@ -42,6 +43,7 @@ def test_calls_beyond_the_limit_are_refused_unavailable_counted_and_logged(repo)
     held = []
     try:
         live = channel.unary_unary(SERVICE + "ServerLive")  # bytes in, bytes out: no protos
+        metadata = channel.unary_unary(SERVICE + "ServerMetadata")
         infer = channel.stream_unary(SERVICE + "ModelInfer")
         assert live(b"", timeout=10) == b"\x08\x01"  # live: true
         held = [infer.future(held_back(), timeout=60) for _ in range(LIMIT)]
@@ -50,7 +52,7 @@ def test_calls_beyond_the_limit_are_refused_unavailable_counted_and_logged(repo)
         while not refusals:  # until the server has taken every held call up
             assert time.monotonic() < deadline, "no call was refused"
             try:
-                live(b"", timeout=2)
+                metadata(b"", timeout=2)
             except grpc.RpcError as e:
                 # one that came before the held calls were all in waits for a thread, in
                 # flight too, until its deadline
@@ -59,6 +61,7 @@ def test_calls_beyond_the_limit_are_refused_unavailable_counted_and_logged(repo)
         with pytest.raises(grpc.RpcError) as refused:
             channel.unary_unary(SERVICE + "ModelInfer")(b"", timeout=10)
         refusals.append(refused.value)
+        assert live(b"", timeout=10) == b"\x08\x01"  # a probe: on threads of its own
         # the saturation an operator sees: at the limit (the scrape is HTTP, no call)
         assert _metric(srv, "quantgate_calls_in_flight") == LIMIT
         assert _metric(srv, "quantgate_calls_in_flight_limit") == LIMIT
@@ -85,4 +88,56 @@ def test_calls_beyond_the_limit_are_refused_unavailable_counted_and_logged(repo)
         assert srv.terminate() == 0, srv.log
     lines = re.findall(r"quantgate\.serve\.access: method=(\S+) .*code=UNAVAILABLE", srv.log)
     assert lines.count(SERVICE + "ModelInfer") == 1 + len(refused_held), srv.log
-    assert lines.count(SERVICE + "ServerLive") == len(refusals) - 1, srv.log
+    assert lines.count(SERVICE + "ServerMetadata") == len(refusals) - 1, srv.log
+
+
+def _held_calls(channel, method: str, n: int, release: threading.Event, metadata=()):
+    """``n`` calls of ``method`` whose client sends half of them: no message, until
+    ``release`` (a stream into a unary method: the server waits for its one message)."""
+
+    def held_back():
+        release.wait(60)
+        return
+        yield
+
+    call = channel.stream_unary(SERVICE + method)
+    return [call.future(held_back(), timeout=60, metadata=metadata) for _ in range(n)]
+
+
+def test_calls_without_a_token_hold_no_request_thread(repo):
+    """With --token, a client without one sent calls and held back their messages: each
+    held a request thread until its message came (refused only then), so 544 of them on one
+    connection refused every authenticated call, and buffered up to 4 MB each. Now refused
+    at once, unread, on threads of their own; the open calls (probes), held the same way,
+    take threads of their own too, never the inference service's."""
+    srv = ServerProcess(
+        repo / "classifier", "--max-queue-size", str(QUEUE), "--metrics-port", "0",
+        "--auth-token", "s3cret",
+    )  # fmt: skip
+    release = threading.Event()
+    channel = grpc.insecure_channel(srv.url)
+    token = (("authorization", "Bearer s3cret"),)
+    try:
+        metadata = channel.unary_unary(SERVICE + "ServerMetadata")
+        # no token: refused at once, though the message never comes
+        refused = _held_calls(channel, "ModelInfer", 3 * LIMIT, release)
+        for call in refused:
+            e = call.exception(timeout=30)
+            assert e is not None and e.code() == grpc.StatusCode.UNAUTHENTICATED, e
+        assert _metric(srv, "quantgate_unauthenticated_requests_total") == 3 * LIMIT
+        # open calls held by a client without a token: on the open calls' threads
+        held = _held_calls(channel, "ServerLive", 3 * LIMIT, release)
+        deadline = time.monotonic() + 60
+        while not any(f.done() for f in held):  # beyond their limit: refused
+            assert time.monotonic() < deadline, "no held open call was refused"
+            time.sleep(0.05)
+        assert _metric(srv, "quantgate_calls_in_flight") == 0  # no request thread taken
+        assert metadata(b"", timeout=10, metadata=token)  # the inference service answers
+        with pytest.raises(grpc.RpcError) as e:  # a probe, held out by the held ones
+            channel.unary_unary(SERVICE + "ServerLive")(b"", timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "open calls (probes, reflection) are in flight, its limit" in e.value.details()
+    finally:
+        release.set()
+        channel.close()
+        assert srv.terminate() == 0, srv.log
