@@ -57,6 +57,18 @@ def describe_classes(names: tuple[str, ...]) -> str:
     return f"{span}: {', '.join(shown)}{more})"
 
 
+def label_count(names: tuple[str, ...]) -> int:
+    """How many class indices a label may take: the model's classes, and two for a single
+    logit (0 and 1: a binary classifier's, whose sign the gates score); 0 where it names
+    none (any index >= 0)."""
+    return max(len(names), 2) if names else 0
+
+
+def _classes_said(names: tuple[str, ...]) -> str:
+    single = " (a single logit: label 0 or 1, its sign)" if len(names) == 1 else ""
+    return describe_classes(names) + single
+
+
 def check_labels(labels: Any, n: int, names: tuple[str, ...], where: str) -> np.ndarray:
     """``labels`` as ``(n,)`` int64 class indices: integers inside the model's classes (>= 0
     where it names none), or its class ``names``, mapped to their indices; else a DataError
@@ -82,7 +94,7 @@ def check_labels(labels: Any, n: int, names: tuple[str, ...], where: str) -> np.
         )
     bad = labels < 0
     if names:
-        bad |= labels >= len(names)
+        bad |= labels >= label_count(names)
     elif labels.dtype.kind == "u":  # beyond int64: it would wrap around to a negative index
         bad |= labels > np.iinfo(np.int64).max
     if not bad.any():
@@ -93,11 +105,11 @@ def check_labels(labels: Any, n: int, names: tuple[str, ...], where: str) -> np.
             f"{where}: labels must be class indices 0, 1, ... (that fit int64); found others "
             f"in {found}. Number the classes from 0."
         )
-    n = len(names)
-    by_name = "" if names == tuple(map(str, range(n))) else " or one of its class names"
+    n = label_count(names)
+    by_name = "" if names == tuple(map(str, range(len(names)))) else " or one of its class names"
     raise DataError(
         f"{where}: labels outside the model's classes in {found}: the model has "
-        f"{describe_classes(names)}. Give each row a class index 0..{n - 1}{by_name}."
+        f"{_classes_said(names)}. Give each row a class index 0..{n - 1}{by_name}."
         + one_based_hint(int(labels.min()), int(labels.max()), n)
     )
 
@@ -148,8 +160,8 @@ def label_problem(label: Any, names: tuple[str, ...]) -> str | None:
                 f"{describe_classes(names)}"
             )
         return f'"label" must be an integer class index (0, 1, ...), got {label!r}'
-    if names and not 0 <= label < len(names):
-        return f"label {label}, but the model has {describe_classes(names)}"
+    if names and not 0 <= label < label_count(names):
+        return f"label {label}, but the model has {_classes_said(names)}"
     if not 0 <= label < 1 << 63:
         return f'"label" must be an integer class index (0, 1, ...), got {label!r}'
     return None

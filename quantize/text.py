@@ -38,6 +38,7 @@ from quantgate.quantize.data import (
 from quantgate.quantize.heldout import row_hash
 from quantgate.quantize.labels import (
     forms_problem,
+    label_count,
     label_problem,
     name_index,
     one_based_hint,
@@ -240,7 +241,7 @@ def _refusal(scan: _Scan, model: ModelInfo, where: str) -> DataError | None:
     body = [
         *(f"  - {p}" for p in scan.problems),
         *([f"  ... and {more} more bad line(s)"] if more else []),
-        *([one_based_hint(scan.lo, scan.hi, len(model.labels)).strip()] if model.labels else []),
+        *([one_based_hint(scan.lo, scan.hi, label_count(model.labels)).strip()] if model.labels else []),
         *([forms] if forms else []),
     ]
     optional = (

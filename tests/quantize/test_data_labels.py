@@ -46,6 +46,8 @@ def classifiers(tiny_bert, tmp_path_factory):
             root / "twice", BertForSequenceClassification, num_labels=3,
             id2label={0: "neg", 1: "pos", 2: "pos"},
         ),
+        # one logit: a reranker's, a binary head's (its sign), or a regression's
+        "single": tiny_bert(root / "single", BertForSequenceClassification, num_labels=1),
     }  # fmt: skip
     models = {name: load(path) for name, path in paths.items()}
     infos = {name: ModelInfo.from_model(m, input_specs(m)) for name, m in models.items()}
@@ -80,6 +82,31 @@ def test_jsonl_labels_outside_the_classes_are_named_by_line(classifiers, tmp_pat
     assert "line 17: label 5, but the model has 3 classes (0..2: neg, neu, pos)" in msg
     assert "line 23: label -1, but the model has 3 classes" in msg
     assert msg.count("- line ") == 2 and "1-based" not in msg
+
+
+def test_a_single_logit_takes_labels_0_and_1(classifiers, tmp_path):
+    """A one-logit classifier with 0/1 labels (a binary head, a reranker): the gates score
+    the logit's sign against them (docs/quantize.md), but reading the data refused label 1,
+    "the model has 1 class", in JSONL and .npz alike, with "a class index 0..0" to do."""
+    info = classifiers[0]["single"]
+    rows = [{"text": f"a short sentence number {i}", "label": i % 2} for i in range(40)]
+    assert labels_of(open_source(jsonl(tmp_path / "ok.jsonl", rows), info, role="evaluation")) == [
+        i % 2 for i in range(40)
+    ]
+    feeds = {k: v[:40] for k, v in rng_feeds(40).items()}
+    npz = write_npz(tmp_path / "ok.npz", feeds, labels=[i % 2 for i in range(40)])
+    assert labels_of(open_source(npz, info, role="evaluation")) == [i % 2 for i in range(40)]
+    rows[7]["label"] = 2
+    with pytest.raises(DataError) as e:
+        open_source(jsonl(tmp_path / "bad.jsonl", rows), info, role="evaluation")
+    assert (
+        "line 8: label 2, but the model has 1 class (0: LABEL_0) (a single logit: label 0 or 1, its sign)"
+        in str(e.value)
+    )
+    npz = write_npz(tmp_path / "bad.npz", feeds, labels=[2] + [0] * 39)
+    with pytest.raises(DataError) as e:
+        open_source(npz, info, role="evaluation")
+    assert "Give each row a class index 0..1" in " ".join(str(e.value).split())
 
 
 def test_one_based_jsonl_labels_are_listed_and_called_one_based(classifiers, tmp_path):
