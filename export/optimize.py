@@ -20,6 +20,12 @@ from quantgate.errors import ExportError
 
 log = logging.getLogger(__name__)
 
+
+class OptimizerFailed(ExportError):
+    """ONNX Runtime's transformer optimizer raised on a graph (its own bug: the export ships
+    the exporter's graph, unfused, instead)."""
+
+
 # The fusion families reported, and the fused op types that count for each. Other fused
 # ops (a plain LayerNormalization, say) still appear in the per-op counts.
 FUSION_FAMILIES: dict[str, tuple[str, ...]] = {
@@ -47,10 +53,13 @@ def fuse(src: Path, dst: Path, *, num_heads: int = 0, hidden_size: int = 0) -> d
             )
         stats = optimized.get_fused_operator_statistics()
         optimized.save_model_to_file(str(dst))
+    except (
+        OSError
+    ) as e:  # writing the fused graph: the machine's (a full disk), not the optimizer's
+        raise ExportError(f"ONNX Runtime's transformer optimizer failed on {src.name}: {e}") from e
     except Exception as e:  # noqa: BLE001
-        raise ExportError(
-            f"ONNX Runtime's transformer optimizer failed on {src.name}: {type(e).__name__}: {e}. "
-            "Export without it with --no-optimize."
+        raise OptimizerFailed(
+            f"ONNX Runtime's transformer optimizer failed on {src.name}: {type(e).__name__}: {e}"
         ) from e
     if chatter.getvalue().strip():
         log.info("optimizer said: %s", " ".join(chatter.getvalue().split()))

@@ -28,7 +28,7 @@ from quantgate.configs import require
 from quantgate.errors import ExportError, ValidationError
 from quantgate.export.config import ExportConfig, Exporter
 from quantgate.export.exporters import opset_of, to_onnx, tracer_advice
-from quantgate.export.optimize import fuse, fusion_summary
+from quantgate.export.optimize import OptimizerFailed, fuse, fusion_summary
 from quantgate.export.validation import (
     Case,
     TorchOutputs,
@@ -66,6 +66,7 @@ class ExporterRun:
     unfused_validation: ValidationReport  # of ``unfused_onnx``
     fusions: dict[str, int]  # fused op type -> count; empty when not optimized
     tracer_notes: tuple[str, ...] = ()  # constants the tracer fixed in the model's code
+    optimizer_failed: str | None = None  # why the graph ships unfused, where the optimizer fell
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class ExportResult:
     unfused_validation: ValidationReport  # of ``unfused_onnx``
     fusions: dict[str, int]  # fused op type -> count
     attempts: tuple[str, ...] = ()  # why earlier exporters were passed over (AUTO)
+    optimizer_failed: str | None = None  # why ``onnx`` is unfused though cfg.optimize
     # where the legacy tracer fixed values computed from tensors in the model's own code
     tracer_notes: tuple[str, ...] = ()
     tools: dict[str, str] = field(default_factory=dict)
@@ -143,6 +145,7 @@ class ExportResult:
             "unfused_validation": self.unfused_validation.to_dict(),
             "attempts": list(self.attempts),
             "tracer_notes": list(self.tracer_notes),
+            "optimizer_failed": self.optimizer_failed,
             "seconds": round(self.seconds, 1),
         }
 
@@ -237,6 +240,7 @@ def export_fp32(
             fusions=made.fusions,
             attempts=tuple(attempts),
             tracer_notes=made.tracer_notes,
+            optimizer_failed=made.optimizer_failed,
             tools=tool_versions(),
             seconds=time.perf_counter() - t0,
         )
@@ -282,7 +286,16 @@ def _export_one(
         return ExporterRun(raw, raw, raw_report, raw_report, {}, notes)
     fused_path = workdir / f"{exporter.value}-fused.onnx"
     _stage(on_progress, "fusing (ONNX Runtime transformer optimizer)", 4)
-    fusions = fuse(raw, fused_path, num_heads=model.num_heads, hidden_size=model.hidden_size)
+    try:
+        fusions = fuse(raw, fused_path, num_heads=model.num_heads, hidden_size=model.hidden_size)
+    except OptimizerFailed as e:  # a fusion is a speed-up: the exporter's graph, validated, ships
+        log.warning(
+            "%s. The bundle keeps %s's own graph, unfused (validated above): ONNX Runtime "
+            "runs it without its fused attention and layer-norm kernels.",
+            e,
+            exporter.value,
+        )
+        return ExporterRun(raw, raw, raw_report, raw_report, {}, notes, optimizer_failed=str(e))
     _stage(on_progress, "validating the fused graph", 5)
     fused_report = check(fused_path, cases, refs)
     return ExporterRun(fused_path, raw, fused_report, raw_report, fusions, notes)

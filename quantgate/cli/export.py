@@ -266,8 +266,10 @@ def _fusions(export: dict) -> str:
 
 
 def _export_notes(export: dict) -> list[str]:
-    """The exporters ``--exporter auto`` tried before the one used, and why each failed; then
-    the values the legacy tracer fixed as constants in the user's code (``tracer_notes``)."""
+    """The exporters ``--exporter auto`` tried before the one used, and why each failed; the
+    values the legacy tracer fixed as constants in the user's code (``tracer_notes``); and
+    why the graph is unfused where ONNX Runtime's optimizer failed on it."""
+    failed = export.get("optimizer_failed")
     return [
         *(
             f"the {exporter} exporter was passed over: {why}"
@@ -277,4 +279,5 @@ def _export_notes(export: dict) -> list[str]:
             f"the legacy tracer fixed a value computed from a tensor at {note}"
             for note in export.get("tracer_notes", ())
         ),
+        *([f"unfused: {failed}"] if failed else []),
     ]

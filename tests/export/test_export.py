@@ -384,6 +384,35 @@ def test_a_full_working_directory_is_named_and_no_other_exporter_is_tried(
     no_leftovers(tmp_path)
 
 
+def test_a_crash_in_onnx_runtime_s_optimizer_ships_the_unfused_graph(
+    cli, tiny_checkpoint, tmp_path, monkeypatch, caplog
+):
+    """ONNX Runtime's transformer optimizer raised IndexError on ModernBERT's dynamo graph
+    (its bug, fusion_skiplayernorm): the export exited 2, "bad usage or input", though the
+    exporter's own graph had validated. A fusion is a speed-up: the validated graph ships,
+    unfused, with a warning, and the manifest and `inspect` say why. (The crash is forced
+    here: which graphs crash it changes with ONNX Runtime's releases.)"""
+    from onnxruntime.transformers import optimizer
+
+    def crash(*args, **kwargs):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(optimizer, "optimize_model", crash)
+    out = tmp_path / "b"
+    r = cli("export", "--no-quantize", tiny_checkpoint, "--out", out)
+    assert r.code == 0, r.stderr
+    said = " ".join(caplog.text.split())
+    assert (
+        "transformer optimizer failed on legacy-export.onnx: IndexError: list index out of range. The bundle keeps legacy's own graph, unfused"
+        in said
+    ), said
+    export = qb.load(out).manifest.export
+    assert export["optimized"] is False and export["fusions"] == {}
+    assert export["optimizer_failed"].endswith("IndexError: list index out of range")
+    r = cli("inspect", out)
+    assert "unfused: ONNX Runtime's transformer optimizer failed" in r.stdout, r.stdout
+
+
 # -- slow: a hard kill, and the real all-MiniLM-L6-v2 -------------------------------------
 
 
