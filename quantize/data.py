@@ -499,12 +499,19 @@ def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -
         # one segment, as Hugging Face models default them (and as JSONL text and `quantgate
         # infer` fill them): a tokenizer asked for no token_type_ids gives an .npz without
         feeds = {**feeds, TYPE_IDS: np.zeros_like(np.asarray(feeds["input_ids"]))}
+    if TYPE_IDS in feeds and TYPE_IDS not in model.input_names and not np.any(feeds[TYPE_IDS]):
+        # ...and the reverse: a tokenizer that always makes them (DeBERTa-v2's) for a model
+        # without segments (type_vocab_size 0): all one segment, nothing to lose
+        log.info("%s: dropped %s, all 0: the model takes none", where, TYPE_IDS)
+        feeds = {k: v for k, v in feeds.items() if k != TYPE_IDS}
     missing = [n for n in model.input_names if n not in feeds]
     extra = [n for n in feeds if n not in model.input_names and n != LABELS]
     if missing:
         problems.append(f"missing input(s) {missing}")
     if extra:
         hint = f" (labels go in an array named {LABELS!r})" if "label" in extra else ""
+        if TYPE_IDS in extra:
+            hint += f" (the model has no {TYPE_IDS}, and these are not all 0: drop them)"
         problems.append(f"unknown input(s) {extra}{hint}")
     out: Feeds = {}
     batch = set()

@@ -580,3 +580,25 @@ def _tagger() -> ModelInfo:
         (TensorSpec("input_ids", "int64", axes), TensorSpec("attention_mask", "int64", axes)),
         "token-classification", 32, labels=("O", "B-PER", "I-PER"),
     )  # fmt: skip
+
+
+def test_token_type_ids_all_0_for_a_model_without_them_are_dropped(tmp_path, caplog):
+    """DeBERTa-v2's tokenizer makes token_type_ids though the model (type_vocab_size 0)
+    takes none: an .npz built by the docs' recipe was refused, "unknown input(s)". All 0
+    (one segment) they say nothing and are dropped; otherwise the message says to drop them."""
+    feeds = rng_feeds(40)  # the built-in digits model takes input_ids and attention_mask
+    ids = feeds["input_ids"]
+    path = write_npz(tmp_path / "ok.npz", {**feeds, "token_type_ids": np.zeros_like(ids)})
+    with caplog.at_level("INFO"):
+        src = open_source(path, DIGITS, role="calibration")
+        assert {name for b in src.batches() for name in b.feeds} == {"input_ids", "attention_mask"}
+    assert "dropped token_type_ids, all 0: the model takes none" in caplog.text
+    segments = np.zeros_like(ids)
+    segments[:, 32:] = 1  # two segments: an answer that would be lost
+    path = write_npz(tmp_path / "two.npz", {**feeds, "token_type_ids": segments})
+    with pytest.raises(DataError) as e:
+        open_source(path, DIGITS, role="calibration")
+    assert (
+        "unknown input(s) ['token_type_ids'] (the model has no token_type_ids, and these are not all 0: drop them)"
+        in str(e.value)
+    )
