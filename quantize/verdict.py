@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantgate.bundle import PASS, Bundle, Manifest, load
+from quantgate.bundle import PASS, Bundle, GateResult, Manifest, load
 from quantgate.errors import GateFailed
 from quantgate.quantize.data import MIN_CALIBRATION_ROWS
 from quantgate.quantize.decide import failed_by_bound
@@ -56,7 +56,7 @@ def failure_message(manifest: Manifest, where, search: SearchResult | None = Non
     )
     causes = [
         *(_did_not_hold(search) if int8 and search is not None else []),
-        *(_stopped_early(search) if int8 and search is not None else []),
+        *(_stopped_early(search) if _beatable(int8) and search is not None else []),
         *(_few_calibration_rows(manifest) if inaccurate else []),
         *(_longer_than_calibrated(manifest) if inaccurate else []),
         *_thresholds_origin(manifest),
@@ -83,6 +83,18 @@ def _did_not_hold(search: SearchResult) -> list[str]:
         )
         + ". Their speed is at the threshold, within this machine's noise."
     ]
+
+
+def _beatable(failed: list[GateResult]) -> bool:
+    """Whether another recipe could pass the INT8 gates that ``failed``: not where each
+    failed on its interval's bound alone at the best value its kind can take (no drop, full
+    agreement): there only more evaluation rows, which narrow the interval, can."""
+    return any(not _unbeatable(g) for g in failed)
+
+
+def _unbeatable(g: GateResult) -> bool:
+    best = g.value <= 0 if g.op == "<=" else g.value >= 1
+    return not g.is_speed and best and failed_by_bound(g) is not None
 
 
 def _stopped_early(search: SearchResult) -> list[str]:

@@ -350,3 +350,30 @@ def test_a_failed_verdict_names_its_failed_gates_first():
         "0.037 must be <= 0.02)."
     )
     assert failed_gates(gates[2:]) == ""
+
+
+def test_a_stopped_search_is_not_blamed_where_no_recipe_could_pass():
+    """An INT8 with no drop at all failed on its interval's bound (ci_rule 'upper', 150
+    rows): only more evaluation rows could pass it, yet the message said a recipe not tried
+    "may pass. Raise --max-candidates". It says so only where another recipe could do better."""
+    from quantgate.quantize.verdict import failure_message
+
+    def failed_with(gate: GateResult) -> str:
+        m = manifest("fail")
+        int8 = Variant("model.int8.onnx", "int8", "1" * 64, gates=(gate,), verdict="fail")
+        m = Manifest(**{**m.__dict__, "variants": (m.variants[0], int8)})
+        search = SearchResult((), None, 10.0, 120.0, max_candidates=2, skipped=("static-u8s8",),
+                              stopped="the limit of 2 candidate(s) was reached")  # fmt: skip
+        return " ".join(failure_message(m, "b", search).split())
+
+    no_drop = GateResult("accuracy_drop", 0.0, 2.0, "<=", False, ci=(-2.497, 2.497))
+    said = failed_with(no_drop)
+    assert (
+        "its upper bound 2.497 is not, and ci_rule 'upper' decides by it (more rows narrow it)"
+        in said
+    )
+    assert "The search stopped early" not in said, said
+    some_drop = GateResult("accuracy_drop", 1.3, 2.0, "<=", False, ci=(-0.4, 3.1))
+    assert "and one of them may pass. Raise --search-budget" in failed_with(some_drop)
+    too_slow = GateResult("speedup_b1_s64", 1.1, 1.2, ">=", False, ci=(1.0, 1.2))
+    assert "The search stopped early" in failed_with(too_slow)
