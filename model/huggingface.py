@@ -187,9 +187,14 @@ def _hf_task(path: Path, archs: Sequence[str], task: str | None) -> str:
     # in the config's order: its first architecture is the model's own
     heads = [t for a in archs for t, suffix in HF_HEADS.items() if a.endswith(suffix)]
     if task in HF_HEADS and task not in heads:
+        own = (
+            f"its own head is {heads[0]} (drop --task, or pass --task {heads[0]}), or "
+            if heads
+            else ""
+        )
         raise ConfigError(
             f"{path} has no {task} head (architectures: {archs}); exporting one would ship "
-            "random weights. Use --task feature-extraction, or fine-tune first."
+            f"random weights. Export {own}use --task feature-extraction, or fine-tune first."
         )
     other = [
         a for a in archs

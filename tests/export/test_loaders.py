@@ -90,6 +90,14 @@ def test_a_token_classifier_is_exported_with_its_head_and_other_heads_are_not_dr
     config["architectures"] = ["BertForTokenClassification", "BertForSequenceClassification"]
     (both / "config.json").write_text(json.dumps(config))
     assert load_model(both).task == "token-classification"  # the config's first, its own
+    # a head other than the one asked for: the message names it (it said only
+    # "feature-extraction, or fine-tune first")
+    with pytest.raises(ConfigError) as e:
+        load_model(ner, task="sequence-classification")
+    assert (
+        "its own head is token-classification (drop --task, or pass --task token-classification)"
+        in str(e.value)
+    )
     mlm = tiny_bert(tmp_path / "mlm", BertForMaskedLM)  # as bert-base-uncased: an encoder
     assert load_model(mlm).task == "feature-extraction"
     with pytest.raises(ConfigError, match="no token-classification head"):
