@@ -9,14 +9,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import logging
 import socket
 import socketserver
+import sys
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+from typing import IO, cast
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 import prometheus_client as prom
 
@@ -27,6 +30,11 @@ from quantgate.serve.batcher import Timing
 _LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
 HTTP_TIMEOUT_S = 10.0  # an idle connection to the metrics port is closed after it
+# A connection's answer, once made, is sent within this (one write: a scrape's answer goes in
+# milliseconds on any real network); a client that does not read it is cut
+HTTP_WRITE_TIMEOUT_S = 2.0
+
+_log = logging.getLogger(__name__)
 
 
 class Metrics:
@@ -196,6 +204,21 @@ METRICS_PATH = "/metrics"
 # the one that has waited longest without sending its request; only when every one is being
 # answered is the new one closed unanswered.
 HTTP_CONNECTIONS = 32
+# Connections whose answer is made and being written, beside those: a client that sends a
+# request and never reads the answer holds one for HTTP_WRITE_TIMEOUT_S at most, and one
+# more is cut, oldest first. So the port holds HTTP_CONNECTIONS + HTTP_SENDING connections
+# (a thread and a descriptor each) at most, however its clients behave.
+HTTP_SENDING = 32
+# The longest request line read (method, path and query): beyond, 414. A scrape's name[]
+# filters fit many times over; a 64 KB query made each /metrics parse 3,400 filters.
+HTTP_REQUEST_LINE = 4096
+# /metrics requests waiting for (or sharing) a render at once: beyond, 503 with Retry-After
+METRICS_WAITING = 8
+METRICS_WAIT_S = 5.0  # a /metrics request that waited this long for a render: 503
+# After a render of d seconds the next starts no sooner than METRICS_PACE * d later (at most
+# 1 s): a flood of /metrics spends at most 1 / (1 + METRICS_PACE) of the time rendering
+METRICS_PACE = 9.0
+ALLOWED_METHODS = ("GET", "HEAD")
 ANY_IPV4 = "0.0.0.0"
 # what 0.0.0.0 listens on, as the log says it (the metrics port's and gRPC's)
 DUAL_STACK = "every IPv4 and IPv6 address"
@@ -267,6 +290,8 @@ class _HTTPServer(socketserver.ThreadingMixIn, WSGIServer):
         self._lock = threading.Lock()
         # open connections, oldest first -> True once its request is read (being answered)
         self._open: dict[socket.socket, bool] = {}
+        # connections whose answer is made and being written, oldest first (HTTP_SENDING)
+        self._sending: dict[socket.socket, None] = {}
         super().__init__(address, _handler())
         self.set_app(app)
 
@@ -309,22 +334,43 @@ class _HTTPServer(socketserver.ThreadingMixIn, WSGIServer):
 
         def answer(environ, start_response):
             body = app(environ, start_response)
-            with self._lock:
-                self._open.pop(environ.get(CONNECTION), None)
+            self.sending(environ.get(CONNECTION))
             return body
 
         return answer
 
+    def sending(self, request) -> None:
+        """``request``'s answer is made: its place among HTTP_CONNECTIONS is free, and it
+        is written within HTTP_WRITE_TIMEOUT_S, as one of HTTP_SENDING connections at most:
+        beyond, the one written longest (to a client that does not read) is cut."""
+        if request is None:
+            return
+        cut = None
+        with self._lock:
+            self._open.pop(request, None)
+            with contextlib.suppress(OSError):  # closed meanwhile
+                request.settimeout(HTTP_WRITE_TIMEOUT_S)
+            if len(self._sending) >= HTTP_SENDING:
+                cut = next(iter(self._sending))
+                del self._sending[cut]
+            self._sending[request] = None
+        if cut is not None:
+            _log.debug("metrics port: an answer not read for a newer one's place was cut")
+            with contextlib.suppress(OSError):  # gone already
+                cut.shutdown(socket.SHUT_RDWR)  # its thread, in send, fails and ends
+
     def shutdown_request(self, request) -> None:
         with self._lock:
             self._open.pop(request, None)
+            self._sending.pop(request, None)
         super().shutdown_request(request)
 
     def close_connections(self) -> None:
         """End every connection still waiting for its request (their threads, in recv, read
-        the end): a closed metrics port leaves no connection open for HTTP_TIMEOUT_S."""
+        the end) or writing its answer: a closed metrics port leaves no connection open."""
         with self._lock:
-            waiting, self._open = list(self._open), {}
+            waiting, self._open = [*self._open, *self._sending], {}
+            self._sending = {}
         for connection in waiting:
             with contextlib.suppress(OSError):  # gone already
                 connection.shutdown(socket.SHUT_RDWR)
@@ -333,9 +379,31 @@ class _HTTPServer(socketserver.ThreadingMixIn, WSGIServer):
 CONNECTION = "quantgate.connection"  # the WSGI environ's key for the request's socket
 
 
+class _Answer(ServerHandler):
+    """wsgiref's answer to one request, whose errors go to quantgate's log, not stderr: a
+    write that timed out or a client that went is no error (DEBUG); the app's own is."""
+
+    environ: dict  # set by run (typeshed does not declare them)
+    headers_sent: bool
+
+    def handle_error(self) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # timed out, reset: nothing more to send it
+            _log.debug("metrics port: answer to %s not sent: %r", self.environ["PATH_INFO"], error)
+            return
+        _log.error("metrics port: answering %s failed", self.environ["PATH_INFO"], exc_info=True)
+        if not self.headers_sent:
+            self.result = self.error_output(self.environ, self.start_response)
+            self.finish_response()
+
+    def log_exception(self, exc_info) -> None:
+        pass  # handle_error logs it
+
+
 def _handler() -> type:
-    """wsgiref's request handler, silent (no line per request), with HTTP_TIMEOUT_S (read
-    when the server is made) on each connection's reads and writes."""
+    """wsgiref's request handler, silent (no line per request, no traceback), with
+    HTTP_TIMEOUT_S (read when the server is made) on each connection's reads, and
+    HTTP_WRITE_TIMEOUT_S on its answer's writes (_HTTPServer.sending)."""
 
     class Handler(WSGIRequestHandler):
         timeout = HTTP_TIMEOUT_S
@@ -343,9 +411,26 @@ def _handler() -> type:
 
         def handle(self) -> None:
             try:
-                super().handle()
-            except OSError:  # timed out, or the client went: nothing to answer
+                self.answer()
+            except OSError as e:  # timed out, or the client went: nothing to answer
+                _log.debug("metrics port: connection ended: %r", e)
                 self.close_connection = True
+
+        def answer(self) -> None:
+            # WSGIRequestHandler.handle, with HTTP_REQUEST_LINE and _Answer
+            self.raw_requestline = self.rfile.readline(HTTP_REQUEST_LINE + 1)
+            if len(self.raw_requestline) > HTTP_REQUEST_LINE:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(414, f"request line over {HTTP_REQUEST_LINE} bytes")
+                return
+            if not self.parse_request():  # an error was answered
+                return
+            wfile = cast(IO[bytes], self.wfile)  # a socket writer, as wsgiref passes it
+            answer = _Answer(
+                self.rfile, wfile, self.get_stderr(), self.get_environ(), multithread=False
+            )
+            answer.request_handler = self  # type: ignore[attr-defined]  # as wsgiref's
+            answer.run(self.server.get_app())
 
         def get_environ(self) -> dict:
             return {**super().get_environ(), CONNECTION: self.request}
@@ -375,36 +460,116 @@ def metrics_app(registry: prom.CollectorRegistry, ready: Callable[[], bool] | No
     (liveness), ``/readyz`` 200 when ``ready()`` (warmed up, not shutting down), else 503
     (readiness). ``/v2/health/live`` and ``/v2/health/ready``, the KServe v2 HTTP paths
     Triton serves (and probes copied from Triton's ask for), answer the same. Every other
-    path is 404 and says where the metrics are."""
-    metrics = prom.make_wsgi_app(registry)
+    path is 404 and says where the metrics are.
+
+    GET and HEAD only (HEAD: GET's headers, no body), on every path; any other method is
+    405. /metrics is rendered by _Renders: a flood of it shares renders and is paced."""
+    renders = _Renders(prom.make_wsgi_app(registry))
     text = ("Content-Type", "text/plain; charset=utf-8")
 
     def app(environ, start_response):
-        body = route(environ, start_response)
-        return [] if environ.get("REQUEST_METHOD") == "HEAD" else body  # headers only
+        method = environ.get("REQUEST_METHOD")
+        if method not in ALLOWED_METHODS:
+            allow = ", ".join(ALLOWED_METHODS)
+            start_response("405 Method Not Allowed", [("Allow", allow), text])
+            return [f"method {method} not allowed: {allow} only\n".encode()]
+        status, headers, body = route(environ)
+        start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        return [] if method == "HEAD" else [body]  # GET's headers, not its body
 
-    def route(environ, start_response):
+    def route(environ) -> tuple[str, list, bytes]:
         path = environ.get("PATH_INFO") or "/"
         if path == METRICS_PATH:
-            return metrics(environ, start_response)
+            answer = renders.answer(environ)
+            if answer is None:  # too many waiting, or waited too long
+                busy = [("Retry-After", "1"), text]
+                return "503 Service Unavailable", busy, b"busy: too many /metrics requests\n"
+            return answer
         if ready is not None and path in LIVE_PATHS:
-            start_response("200 OK", [text])
-            return [b"alive\n"]
+            return "200 OK", [text], b"alive\n"
         if ready is not None and path in READY_PATHS:
             if ready():
-                start_response("200 OK", [text])
-                return [b"ready\n"]
-            start_response("503 Service Unavailable", [text])
-            return [b"not ready: warming up or shutting down\n"]
+                return "200 OK", [text], b"ready\n"
+            return "503 Service Unavailable", [text], b"not ready: warming up or shutting down\n"
         if path == "/":
             query = environ.get("QUERY_STRING")
             where = METRICS_PATH + (f"?{query}" if query else "")
-            start_response("302 Found", [("Location", where), text])
-            return [f"quantgate's Prometheus metrics are at {METRICS_PATH}\n".encode()]
-        start_response("404 Not Found", [text])  # a new list: the server adds to it
-        return [f"not found: quantgate's Prometheus metrics are at {METRICS_PATH}\n".encode()]
+            body = f"quantgate's Prometheus metrics are at {METRICS_PATH}\n".encode()
+            return "302 Found", [("Location", where), text], body
+        body = f"not found: quantgate's Prometheus metrics are at {METRICS_PATH}\n".encode()
+        return "404 Not Found", [text], body  # a new list: the server adds to it
 
     return app
+
+
+class _Renders:
+    """/metrics answers, rendered by prometheus_client's app one at a time, shared and
+    paced, so that a flood of /metrics costs little more than one of /healthz (each render
+    holds the GIL for milliseconds: a flood of them once tripled gRPC's latency).
+
+    A request is answered by a render that began after it arrived (never an older answer:
+    a scrape after a change sees it), of the same Accept, Accept-Encoding and query: the
+    requests that arrive during a render share the next. After a render of d seconds the
+    next begins METRICS_PACE * d later at the soonest. At most METRICS_WAITING requests
+    wait at once, each METRICS_WAIT_S at most: beyond, ``answer`` is None (503)."""
+
+    KEPT = 16  # answers kept for requests still waiting for them
+
+    def __init__(self, app) -> None:
+        self._app = app
+        self._cond = threading.Condition()
+        self._rendering = False
+        self._next = 0.0  # time.monotonic() before which no render begins
+        self._waiting = 0
+        # (Accept, Accept-Encoding, query) -> (when its last render began, its answer)
+        self._done: OrderedDict[tuple, tuple[float, tuple[str, list, bytes]]] = OrderedDict()
+
+    def answer(self, environ) -> tuple[str, list, bytes] | None:
+        key = tuple(environ.get(k, "") for k in ("HTTP_ACCEPT", "HTTP_ACCEPT_ENCODING"))
+        key += (environ.get("QUERY_STRING", ""),)
+        arrived = time.monotonic()
+        deadline = arrived + METRICS_WAIT_S
+        with self._cond:
+            if self._waiting >= METRICS_WAITING:
+                return None
+            self._waiting += 1
+            try:
+                while True:
+                    done = self._done.get(key)
+                    if done is not None and done[0] >= arrived:
+                        return done[1]  # a render that began after it arrived
+                    now = time.monotonic()
+                    if now >= deadline:
+                        return None
+                    if not self._rendering and now >= self._next:
+                        self._rendering = True
+                        break
+                    wake = deadline if self._rendering else min(self._next, deadline)
+                    self._cond.wait(wake - now)
+            finally:
+                self._waiting -= 1
+        began = time.monotonic()
+        answer = None
+        try:
+            answer = self._render(environ)
+        finally:  # a render that raised lets the next waiter render
+            with self._cond:
+                ended = time.monotonic()
+                self._rendering = False
+                self._next = ended + min(1.0, METRICS_PACE * (ended - began))
+                if answer is not None:
+                    self._done[key] = (began, answer)
+                    self._done.move_to_end(key)
+                    while len(self._done) > self.KEPT:
+                        self._done.popitem(last=False)
+                self._cond.notify_all()
+        return answer
+
+    def _render(self, environ) -> tuple[str, list, bytes]:
+        got: list = []
+        get = {**environ, "REQUEST_METHOD": "GET"}  # HEAD: GET's headers (prometheus: 405)
+        body = b"".join(self._app(get, lambda status, headers: got.extend((status, headers))))
+        return got[0], list(got[1]), body
 
 
 @dataclass
