@@ -241,7 +241,11 @@ def _refusal(scan: _Scan, model: ModelInfo, where: str) -> DataError | None:
     body = [
         *(f"  - {p}" for p in scan.problems),
         *([f"  ... and {more} more bad line(s)"] if more else []),
-        *([one_based_hint(scan.lo, scan.hi, label_count(model.labels)).strip()] if model.labels else []),
+        *(
+            [one_based_hint(scan.lo, scan.hi, label_count(model.labels)).strip()]
+            if model.labels
+            else []
+        ),
         *([forms] if forms else []),
     ]
     optional = (
