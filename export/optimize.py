@@ -53,9 +53,8 @@ def fuse(src: Path, dst: Path, *, num_heads: int = 0, hidden_size: int = 0) -> d
             )
         stats = optimized.get_fused_operator_statistics()
         optimized.save_model_to_file(str(dst))
-    except (
-        OSError
-    ) as e:  # writing the fused graph: the machine's (a full disk), not the optimizer's
+    # writing the fused graph: the machine's failure (a full disk), not the optimizer's
+    except OSError as e:
         raise ExportError(f"ONNX Runtime's transformer optimizer failed on {src.name}: {e}") from e
     except Exception as e:  # noqa: BLE001
         raise OptimizerFailed(

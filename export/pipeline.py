@@ -213,17 +213,18 @@ def export_fp32(
     order = AUTO_ORDER if cfg.exporter is Exporter.AUTO else (cfg.exporter,)
     attempts: list[str] = []
     errors: list[ExportError] = []
-    for exporter in order:
-        try:
-            made = _export_one(model, workdir, exporter, cases, refs, outputs, cfg, on_progress)
-        except ExportError as e:  # ValidationError included: the next exporter may do better
-            # ...but not on a full disk: say so, and do not spend minutes
-            raise_if_full(e, workdir, f"the export ({exporter.value})")
-            log.info("%s exporter: %s", exporter.value, e)
-            # the whole reason, on one line: its first line alone may say only "names differ"
-            attempts.append(f"{exporter.value}: {_one_line(str(e), 400)}")
-            errors.append(e)
-            continue
+    # a validated graph ONNX Runtime's optimizer failed on: it ships, unfused, only where no
+    # later exporter's graph validates fused
+    unfused: tuple[Exporter, ExporterRun] | None = None
+
+    def result(exporter: Exporter, made: ExporterRun) -> ExportResult:
+        if made.optimizer_failed:
+            log.warning(
+                "%s. The bundle keeps %s's own graph, unfused (validated): ONNX Runtime runs "
+                "it without its fused attention and layer-norm kernels.",
+                made.optimizer_failed,
+                exporter.value,
+            )
         return ExportResult(
             model=model,
             onnx=made.onnx,
@@ -244,6 +245,26 @@ def export_fp32(
             tools=tool_versions(),
             seconds=time.perf_counter() - t0,
         )
+
+    for exporter in order:
+        try:
+            made = _export_one(model, workdir, exporter, cases, refs, outputs, cfg, on_progress)
+        except ExportError as e:  # ValidationError included: the next exporter may do better
+            # ...but not on a full disk: say so, and do not spend minutes
+            raise_if_full(e, workdir, f"the export ({exporter.value})")
+            log.info("%s exporter: %s", exporter.value, e)
+            # the whole reason, on one line: its first line alone may say only "names differ"
+            attempts.append(f"{exporter.value}: {_one_line(str(e), 400)}")
+            errors.append(e)
+            continue
+        if made.optimizer_failed:  # the next exporter's graph may fuse
+            unfused = unfused or (exporter, made)
+            continue
+        if unfused is not None:
+            attempts.append(f"{unfused[0].value}: {unfused[1].optimizer_failed}")
+        return result(exporter, made)
+    if unfused is not None:
+        return result(*unfused)
     raise _combine(errors, order)
 
 
@@ -288,13 +309,8 @@ def _export_one(
     _stage(on_progress, "fusing (ONNX Runtime transformer optimizer)", 4)
     try:
         fusions = fuse(raw, fused_path, num_heads=model.num_heads, hidden_size=model.hidden_size)
-    except OptimizerFailed as e:  # a fusion is a speed-up: the exporter's graph, validated, ships
-        log.warning(
-            "%s. The bundle keeps %s's own graph, unfused (validated above): ONNX Runtime "
-            "runs it without its fused attention and layer-norm kernels.",
-            e,
-            exporter.value,
-        )
+    except OptimizerFailed as e:  # a fusion is a speed-up: the exporter's graph is validated
+        log.info("%s exporter: %s", exporter.value, e)
         return ExporterRun(raw, raw, raw_report, raw_report, {}, notes, optimizer_failed=str(e))
     _stage(on_progress, "validating the fused graph", 5)
     fused_report = check(fused_path, cases, refs)

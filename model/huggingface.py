@@ -188,13 +188,13 @@ def _hf_task(path: Path, archs: Sequence[str], task: str | None) -> str:
     heads = [t for a in archs for t, suffix in HF_HEADS.items() if a.endswith(suffix)]
     if task in HF_HEADS and task not in heads:
         own = (
-            f"its own head is {heads[0]} (drop --task, or pass --task {heads[0]}), or "
+            f"Its own head is {heads[0]}: drop --task (or pass --task {heads[0]}), or use"
             if heads
-            else ""
+            else "Use"
         )
         raise ConfigError(
             f"{path} has no {task} head (architectures: {archs}); exporting one would ship "
-            f"random weights. Export {own}use --task feature-extraction, or fine-tune first."
+            f"random weights. {own} --task feature-extraction, or fine-tune first."
         )
     other = [
         a for a in archs

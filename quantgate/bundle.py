@@ -953,8 +953,9 @@ def _not_the_bundles(path: Path) -> list[str]:
     variants = [v.get("file") for v in d["variants"] if isinstance(v, dict)]
     listed = {*OWN_NAMES, *(f for f in [*files, *variants] if isinstance(f, str))}
     folders = {str(p) for f in listed for p in Path(f).parents if str(p) != "."}
-    # An older manifest lists no file of the tokenizer: then all of it is the bundle's.
-    whole = set() if TOKENIZER_DIR in folders else {TOKENIZER_DIR}
+    # A format 1 manifest listed no file of the tokenizer: then all of it is the bundle's.
+    old = d.get("format_version") == 1 and TOKENIZER_DIR not in folders
+    whole = {TOKENIZER_DIR} if old else set()
     others = []
     for root, dirs, names in os.walk(path):
         rel = Path(root).relative_to(path)

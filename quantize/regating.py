@@ -369,7 +369,8 @@ def recorded_definitions(m: Manifest) -> int | None:
     """The version of the gates' definitions (``GATE_DEFINITIONS``) ``m``'s bundle was last
     gated under; None where that gating recorded none (before versions were recorded)."""
     version = (_last_gating(m) or {}).get("gate_definitions")
-    return version if isinstance(version, int) and not isinstance(version, bool) else None
+    valid = isinstance(version, int) and not isinstance(version, bool) and version >= 1
+    return version if valid else None
 
 
 def _last_gating(m: Manifest) -> dict[str, Any] | None:

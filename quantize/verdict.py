@@ -86,15 +86,17 @@ def _did_not_hold(search: SearchResult) -> list[str]:
 
 
 def _beatable(failed: list[GateResult]) -> bool:
-    """Whether another recipe could pass the INT8 gates that ``failed``: not where each
-    failed on its interval's bound alone at the best value its kind can take (no drop, full
-    agreement): there only more evaluation rows, which narrow the interval, can."""
+    """Whether another recipe could pass the INT8 gates that ``failed``: not where each is
+    a share (an agreement) at 1, every row agreeing, failed on its interval's bound alone,
+    which then depends on the number of rows only: more evaluation rows can pass it. (Not a
+    drop at 0: its interval widens with the rows that flipped both ways, which another
+    recipe may flip fewer of.)"""
     return any(not _unbeatable(g) for g in failed)
 
 
 def _unbeatable(g: GateResult) -> bool:
-    best = g.value <= 0 if g.op == "<=" else g.value >= 1
-    return not g.is_speed and best and failed_by_bound(g) is not None
+    at_best = g.op == ">=" and g.value >= 1 and g.threshold <= 1
+    return not g.is_speed and at_best and failed_by_bound(g) is not None
 
 
 def _stopped_early(search: SearchResult) -> list[str]:

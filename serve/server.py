@@ -59,8 +59,8 @@ def _open_call(method: str) -> bool:
     return method.startswith(OPEN_SERVICES) or method in _OPEN_METHODS
 
 
-# Request threads beyond the queue: calls that wait in no queue (metadata, statistics,
-# health, reflection) and the runners of the batches.
+# Request threads beyond the queue: calls that wait in no queue (metadata, statistics) and
+# the runners of the batches. (Health and reflection run on threads of their own.)
 SPARE_THREADS = 16
 # Threads for the calls open to anyone (probes, reflection) beyond their streams' budget
 # (StreamLimit.open_limit), and for refusals (each some microseconds of Python).
@@ -312,13 +312,14 @@ class Overload(grpc.ServerInterceptor):
         *,
         refusals: futures.ThreadPoolExecutor,
         open_threads: RequestThreads,
+        open_limit: int,
         is_open: Callable[[str], bool],
         access_log: bool = False,
     ):
         self.limit = limit
         self._threads = threads
         self._open = open_threads
-        self._open_limit = 2 * open_threads._max_workers
+        self._open_limit = open_limit
         self._is_open = is_open
         self._on_refusal = on_refusal
         self._access_log = access_log
@@ -328,19 +329,21 @@ class Overload(grpc.ServerInterceptor):
         if not self._is_open(details.method):
             if self._threads.in_flight < self.limit:
                 return continuation(details)
-            return self._refusal(details.method, f"{self.limit} calls are")
+            return self._refusal(
+                details.method,
+                f"the server is overloaded: {self.limit} calls are in flight, its limit. Retry "
+                "with backoff, or add replicas",
+            )
         if self._open.in_flight >= self._open_limit:
             return self._refusal(
-                details.method, f"{self._open_limit} open calls (probes, reflection) are"
+                details.method,
+                f"the server is busy: {self._open_limit} calls to its health, liveness and "
+                "reflection methods are in flight, their limit. Retry with backoff",
             )
         handler = continuation(details)
         return None if handler is None else _on_pool(handler, self._open)
 
-    def _refusal(self, method: str, calls: str) -> grpc.RpcMethodHandler:
-        message = (
-            f"the server is overloaded: {calls} in flight, its limit. Retry with backoff, or "
-            "add replicas"
-        )
+    def _refusal(self, method: str, message: str) -> grpc.RpcMethodHandler:
 
         def refuse(_requests, context):
             self._on_refusal()
@@ -355,11 +358,11 @@ class Overload(grpc.ServerInterceptor):
 
 class StreamLimit(grpc.ServerInterceptor):
     """Streaming calls open at once, capped: beyond, RESOURCE_EXHAUSTED. Each holds a
-    request thread while it is open. ModelStreamInfer may take ``limit`` of them (half the
-    pool: unary calls and probes keep the rest). Health Watch and reflection need no token,
-    so they have a budget of their own, the smaller of ``OPEN_LIMIT`` and half of
-    ``limit``, which cannot take the inference streams' places: a thousand idle Watch
-    streams once took every thread."""
+    thread while it is open. ModelStreamInfer may take ``limit`` of them (half the request
+    threads: unary calls keep the rest). Health Watch and reflection need no token, so they
+    have a budget of their own, ``open_limit``, the smaller of ``OPEN_LIMIT`` and half of
+    ``limit``, on the open calls' threads (``Overload``): a thousand idle Watch streams
+    once took every thread."""
 
     OPEN_LIMIT = 64
 
@@ -467,7 +470,9 @@ def create_server(
     counted (``Overload``); beyond twice that again, by gRPC (RESOURCE_EXHAUSTED, counted
     nowhere), should refusals not keep up. Inference streams beyond half the pool, health
     and reflection streams beyond a quarter (64 at most), are refused RESOURCE_EXHAUSTED by
-    the server (``StreamLimit``).
+    the server (``StreamLimit``). The calls open to anyone (health, ServerLive/Ready,
+    reflection) run on threads of their own, their streams' budget plus OPEN_SPARE_THREADS,
+    refused beyond twice that in flight; refusals run on REFUSAL_THREADS of their own.
     """
     options = [
         ("grpc.max_receive_message_length", cfg.max_request_bytes),
@@ -481,11 +486,13 @@ def create_server(
     pool = RequestThreads(threads)
     streams = StreamLimit(threads // 2)
     # probes' and reflection's calls: their streams' budget, and unary calls beside them
-    open_pool = RequestThreads(streams.open_limit + OPEN_SPARE_THREADS, "grpc-open")
+    open_threads = streams.open_limit + OPEN_SPARE_THREADS
+    open_pool = RequestThreads(open_threads, "grpc-open")
     refusals = futures.ThreadPoolExecutor(REFUSAL_THREADS, thread_name_prefix="refusal")
     overload = Overload(
         pool, 2 * threads, engine.metrics.overloaded.inc, refusals=refusals,
-        open_threads=open_pool, is_open=_open_call, access_log=cfg.access_log,
+        open_threads=open_pool, open_limit=2 * open_threads, is_open=_open_call,
+        access_log=cfg.access_log,
     )  # fmt: skip
     engine.metrics.calls_in_flight.set_function(lambda: pool.in_flight)
     engine.metrics.calls_in_flight_limit.set(overload.limit)

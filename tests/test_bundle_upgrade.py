@@ -144,6 +144,12 @@ def test_the_files_quantgate_writes_are_the_bundle_s_where_an_older_manifest_omi
     (out / qb.MANIFEST).write_text(json.dumps(d))
     (out / "tokenizer" / "mine.txt").write_text("a person's")
     assert qb._not_the_bundles(out) == ["tokenizer/mine.txt"]
+    # a format 2 bundle lists its tokenizer: a tokenizer/ it does not list is someone's
+    fresh = tmp_path / "fresh"
+    make_bundle(fresh)
+    (fresh / "tokenizer").mkdir()
+    (fresh / "tokenizer" / "vocab.txt").write_text("a person's")
+    assert qb._not_the_bundles(fresh) == ["tokenizer/"]
 
 
 def test_new_bundles_are_format_2_and_format_1_ones_still_load(tmp_path):

@@ -390,9 +390,12 @@ def test_a_crash_in_onnx_runtime_s_optimizer_ships_the_unfused_graph(
     """ONNX Runtime's transformer optimizer raised IndexError on ModernBERT's dynamo graph
     (its bug, fusion_skiplayernorm): the export exited 2, "bad usage or input", though the
     exporter's own graph had validated. A fusion is a speed-up: the validated graph ships,
-    unfused, with a warning, and the manifest and `inspect` say why. (The crash is forced
-    here: which graphs crash it changes with ONNX Runtime's releases.)"""
+    unfused, with a warning, and the manifest and `inspect` say why; under --exporter auto,
+    where no later exporter's graph validates fused. (The crash is forced here: which graphs
+    crash it changes with ONNX Runtime's releases.)"""
     from onnxruntime.transformers import optimizer
+
+    real = optimizer.optimize_model
 
     def crash(*args, **kwargs):
         raise IndexError("list index out of range")
@@ -411,6 +414,23 @@ def test_a_crash_in_onnx_runtime_s_optimizer_ships_the_unfused_graph(
     assert export["optimizer_failed"].endswith("IndexError: list index out of range")
     r = cli("inspect", out)
     assert "unfused: ONNX Runtime's transformer optimizer failed" in r.stdout, r.stdout
+    # where the next exporter's graph fuses (--exporter auto), that one ships
+    calls = []
+
+    def crash_once(*args, **kwargs):
+        calls.append(1)
+        return crash() if len(calls) == 1 else real(*args, **kwargs)
+
+    monkeypatch.setattr(optimizer, "optimize_model", crash_once)
+    r = cli("export", "--no-quantize", tiny_checkpoint, "--out", tmp_path / "c")
+    assert r.code == 0, r.stderr
+    export = qb.load(tmp_path / "c").manifest.export
+    assert export["exporter"] == "dynamo" and export["optimized"] is True, export
+    assert export["optimizer_failed"] is None
+    assert export["attempts"] == [
+        "legacy: ONNX Runtime's transformer optimizer failed on legacy-export.onnx: "
+        "IndexError: list index out of range"
+    ]
 
 
 # -- slow: a hard kill, and the real all-MiniLM-L6-v2 -------------------------------------

@@ -220,7 +220,9 @@ def test_a_regate_says_which_gates_were_redefined_since_the_last_gating(
         path.write_text(json.dumps(d))
 
     near_tie = DEFINITION_CHANGES[2][0]
-    for version, under in ((None, "a version it did not record"), (1, "version 1")):
+    # -1: a damaged record, read as none (it was a KeyError, a traceback)
+    unrecorded = "a version it did not record"
+    for version, under in ((None, unrecorded), (1, "version 1"), (-1, unrecorded)):
         last_gated_under(version)
         caplog.clear()
         r = cli("gate", bundle, "--gate-config", gate_file)

@@ -353,9 +353,10 @@ def test_a_failed_verdict_names_its_failed_gates_first():
 
 
 def test_a_stopped_search_is_not_blamed_where_no_recipe_could_pass():
-    """An INT8 with no drop at all failed on its interval's bound (ci_rule 'upper', 150
-    rows): only more evaluation rows could pass it, yet the message said a recipe not tried
-    "may pass. Raise --max-candidates". It says so only where another recipe could do better."""
+    """Every row agreeing, a top-1 agreement failed on its interval's bound (ci_rule
+    'upper', few rows): only more evaluation rows can pass it, yet the message said a recipe
+    not tried "may pass. Raise --max-candidates". Said only where another could do better:
+    a drop of 0 still can (its interval widens with rows flipped both ways)."""
     from quantgate.quantize.verdict import failure_message
 
     def failed_with(gate: GateResult) -> str:
@@ -366,13 +367,16 @@ def test_a_stopped_search_is_not_blamed_where_no_recipe_could_pass():
                               stopped="the limit of 2 candidate(s) was reached")  # fmt: skip
         return " ".join(failure_message(m, "b", search).split())
 
-    no_drop = GateResult("accuracy_drop", 0.0, 2.0, "<=", False, ci=(-2.497, 2.497))
-    said = failed_with(no_drop)
+    all_agree = GateResult("top1_agreement", 1.0, 0.95, ">=", False, ci=(0.9, 1.0))
+    said = failed_with(all_agree)
     assert (
-        "its upper bound 2.497 is not, and ci_rule 'upper' decides by it (more rows narrow it)"
+        "its lower bound 0.9 is not, and ci_rule 'upper' decides by it (more rows narrow it)"
         in said
     )
     assert "The search stopped early" not in said, said
+    # 3 rows newly wrong and 3 newly right: a recipe that flips none has a narrower interval
+    no_net_drop = GateResult("accuracy_drop", 0.0, 2.0, "<=", False, ci=(-2.02, 2.02))
+    assert "and one of them may pass. Raise --search-budget" in failed_with(no_net_drop)
     some_drop = GateResult("accuracy_drop", 1.3, 2.0, "<=", False, ci=(-0.4, 3.1))
     assert "and one of them may pass. Raise --search-budget" in failed_with(some_drop)
     too_slow = GateResult("speedup_b1_s64", 1.1, 1.2, ">=", False, ci=(1.0, 1.2))

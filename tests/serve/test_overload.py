@@ -136,7 +136,10 @@ def test_calls_without_a_token_hold_no_request_thread(repo):
         with pytest.raises(grpc.RpcError) as e:  # a probe, held out by the held ones
             channel.unary_unary(SERVICE + "ServerLive")(b"", timeout=10)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "open calls (probes, reflection) are in flight, its limit" in e.value.details()
+        assert (
+            "calls to its health, liveness and reflection methods are in flight, their limit"
+            in (e.value.details())
+        )
     finally:
         release.set()
         channel.close()
