@@ -64,6 +64,13 @@ def label_count(names: tuple[str, ...]) -> int:
     return max(len(names), 2) if names else 0
 
 
+# A single logit's real-valued targets are a regression's: labels are for classes
+_REGRESSION = (
+    " A single logit with real-valued targets (a regression) is gated without labels, on its "
+    "R² against FP32: leave the labels out."
+)
+
+
 def _classes_said(names: tuple[str, ...]) -> str:
     single = " (a single logit: label 0 or 1, its sign)" if len(names) == 1 else ""
     return describe_classes(names) + single
@@ -85,6 +92,7 @@ def check_labels(labels: Any, n: int, names: tuple[str, ...], where: str) -> np.
         raise DataError(
             f"{where}: labels must be class indices (whole numbers); found others in "
             f"{describe_row_values(labels, odd)}. Give each row a whole class index (0, 1, ...)."
+            + (_REGRESSION if len(names) == 1 else "")
         )
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
         what = "class indices or class names" if names else "integers (class indices)"
@@ -157,7 +165,7 @@ def label_problem(label: Any, names: tuple[str, ...]) -> str | None:
         if names:
             return (
                 f'"label" must be a class index or name, got {label!r}; the model has '
-                f"{describe_classes(names)}"
+                f"{_classes_said(names)}" + (_REGRESSION if len(names) == 1 else "")
             )
         return f'"label" must be an integer class index (0, 1, ...), got {label!r}'
     if names and not 0 <= label < label_count(names):

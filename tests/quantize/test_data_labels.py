@@ -107,6 +107,16 @@ def test_a_single_logit_takes_labels_0_and_1(classifiers, tmp_path):
     with pytest.raises(DataError) as e:
         open_source(npz, info, role="evaluation")
     assert "Give each row a class index 0..1" in " ".join(str(e.value).split())
+    # real-valued targets: a regression's, gated without labels (R²); the message says so
+    rows[7]["label"] = 0.37
+    regression = "A single logit with real-valued targets (a regression) is gated without labels"
+    with pytest.raises(DataError) as e:
+        open_source(jsonl(tmp_path / "real.jsonl", rows), info, role="evaluation")
+    assert regression in " ".join(str(e.value).split())
+    npz = write_npz(tmp_path / "real.npz", {**feeds, "labels": np.linspace(0, 1, 40)})
+    with pytest.raises(DataError) as e:
+        open_source(npz, info, role="evaluation")
+    assert regression in " ".join(str(e.value).split())
 
 
 def test_one_based_jsonl_labels_are_listed_and_called_one_based(classifiers, tmp_path):
