@@ -10,6 +10,7 @@
     server.py      create_server(cfg, engine) and run(cfg): health, reflection, SIGTERM
     tls.py         TLS files checked before models load (pair, dates), read again on change
     auth.py        bearer tokens, from the flag or a file read again on change
+    refusals.py    calls answered with an error at once, unread, off the request threads
     metrics.py     Prometheus metrics, Triton statistics, the HTTP probes
     logs.py        the server's log on stderr: UTC text lines, or JSON lines
     client.py      a numpy-in, numpy-out client over our own stubs; request_inputs

@@ -21,6 +21,7 @@ import grpc
 
 from quantgate.errors import ConfigError
 from quantgate.serve.config import ServeConfig, token_problem
+from quantgate.serve.refusals import refusal
 from quantgate.serve.watch import Watched
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 # The service's calls that answer a yes/no about the server and carry no data: open to
 # probes.
 OPEN = ("ServerLive", "ServerReady")
+DENIED = "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
 
 
 def read_tokens(path: Path) -> tuple[bytes, ...]:
@@ -113,7 +115,7 @@ class BearerTokenAuth(grpc.ServerInterceptor):
         self._open = frozenset(self._prefix + m for m in OPEN)
         self._tokens = tokens
         self._on_refused = on_refused
-        self._denied = _denied(pool)
+        self._denied = refusal(grpc.StatusCode.UNAUTHENTICATED, DENIED, pool)
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
@@ -133,15 +135,3 @@ class BearerTokenAuth(grpc.ServerInterceptor):
             return handler
         self._on_refused()
         return self._denied
-
-
-def _denied(pool: futures.ThreadPoolExecutor) -> grpc.RpcMethodHandler:
-    """UNAUTHENTICATED at once, on ``pool``: a stream handler whatever the method, which
-    gRPC runs without waiting for a request it never reads (nor parses: no memory spent)."""
-    message = "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
-
-    def deny(_requests, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    deny.experimental_thread_pool = pool  # type: ignore[attr-defined]
-    return grpc.stream_stream_rpc_method_handler(deny)

@@ -42,6 +42,7 @@ from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.serve import auth, codec, metrics, tls, watch
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.engine import Engine
+from quantgate.serve.refusals import refusal
 from quantgate.serve.repository import Repository, load_repository
 from quantgate.serve.servicer import CALL, UNSUPPORTED, CallRecord, InferenceServicer, unsupported
 
@@ -344,16 +345,12 @@ class Overload(grpc.ServerInterceptor):
         return None if handler is None else _on_pool(handler, self._open)
 
     def _refusal(self, method: str, message: str) -> grpc.RpcMethodHandler:
-
-        def refuse(_requests, context):
+        def counted(context) -> None:
             self._on_refusal()
             if self._access_log:
                 _log_call(method, None, context, CallRecord(), time.perf_counter(), "UNAVAILABLE")
-            context.abort(grpc.StatusCode.UNAVAILABLE, message)
 
-        # gRPC runs it there, not on a request thread
-        refuse.experimental_thread_pool = self._refusals  # type: ignore[attr-defined]
-        return grpc.stream_stream_rpc_method_handler(refuse)
+        return refusal(grpc.StatusCode.UNAVAILABLE, message, self._refusals, counted)
 
 
 class StreamLimit(grpc.ServerInterceptor):
