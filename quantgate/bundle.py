@@ -894,8 +894,7 @@ def _another_models(out: Path, manifest: dict[str, Any] | None, given: str) -> s
     if not isinstance(spec, str):
         records = f"its manifest names no model ({what}, no spec)"
     else:
-        head, colon, _ = spec.rpartition(":")
-        path = head if colon and head.endswith(".py") else None if colon else spec
+        path = _spec_path(spec)
         relative = path is not None and not Path(path).expanduser().is_absolute()
         records = f"its manifest records only the spec that export was given, {spec!r} ({what}"
         records += ", a path relative to the directory it ran in)" if relative else ")"
@@ -918,9 +917,18 @@ def model_identity(spec: Any) -> str:
     text = os.fspath(spec)
     if Path(text).expanduser().exists():
         return str(Path(text).expanduser().resolve())
-    head, colon, name = text.rpartition(":")
-    if colon and head.endswith(".py"):
-        return f"{Path(head).expanduser().resolve()}:{name}"
+    path = _spec_path(text)
+    if path is not None and path != text:  # file.py:function
+        return f"{Path(path).expanduser().resolve()}:{text.rpartition(':')[2]}"
+    return text
+
+
+def _spec_path(text: str) -> str | None:
+    """The file or folder a model spec names: the spec itself, or the file of a
+    ``file.py:function``; None for a ``module:function``."""
+    head, colon, _ = text.rpartition(":")
+    if colon:
+        return head if head.endswith(".py") else None
     return text
 
 
