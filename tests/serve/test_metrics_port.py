@@ -21,10 +21,14 @@ class _Big(Collector):
         yield GaugeMetricFamily("t_big", "x" * 6_000_000, value=1)
 
 
-def _big(metrics: Metrics) -> None:
-    """/metrics far larger than the kernel buffers a connection (4 MB at most), rendered
-    in milliseconds (one series, its help text long)."""
+def _big() -> tuple[Metrics, int, int]:
+    """A metrics port whose /metrics is far larger than the kernel buffers a connection
+    (4 MB at most), rendered in milliseconds (one series, its help text long): the metrics,
+    the threads before it started, its port."""
+    metrics = Metrics()
     metrics.registry.register(_Big())
+    base = threading.active_count()
+    return metrics, base, metrics.serve_http(0, "127.0.0.1", ready=lambda: True)
 
 
 def _ask(port: int, request: bytes, rcvbuf: int | None = None) -> socket.socket:
@@ -75,10 +79,7 @@ def test_readers_that_never_read_hold_a_bounded_number_of_threads(monkeypatch, c
     monkeypatch.setattr(m, "METRICS_PACE", 0.0)
     monkeypatch.setattr(m, "HTTP_CONNECTIONS", 4)
     monkeypatch.setattr(m, "HTTP_SENDING", 4)
-    metrics = Metrics()
-    _big(metrics)
-    base = threading.active_count()
-    port = metrics.serve_http(0, "127.0.0.1", ready=lambda: True)
+    metrics, base, port = _big()
     bound = m.HTTP_CONNECTIONS + m.HTTP_SENDING + 1  # + the accepting thread
     held = []
     try:
@@ -102,10 +103,7 @@ def test_an_answer_not_read_is_cut_after_the_write_timeout(monkeypatch, capfd):
     HTTP_TIMEOUT_S; the timeout is no traceback on stderr (wsgiref printed one each)."""
     monkeypatch.setattr(m, "HTTP_TIMEOUT_S", 60.0)
     monkeypatch.setattr(m, "HTTP_WRITE_TIMEOUT_S", 0.5)
-    metrics = Metrics()
-    _big(metrics)
-    base = threading.active_count()
-    port = metrics.serve_http(0, "127.0.0.1", ready=lambda: True)
+    metrics, base, port = _big()
     try:
         with _ask(port, METRICS, rcvbuf=1024) as s:
             assert s.recv(1, socket.MSG_PEEK) == b"H"
