@@ -54,7 +54,7 @@ from quantgate.padding import right_pad
 from quantgate.quantize.data import DataSource
 from quantgate.quantize.decide import GateConfig, decide, interval_gate, mean_gate, tail_gate
 from quantgate.quantize.fidelity import Fidelity, mask_fits, r2_gate, row_cosine
-from quantgate.quantize.labels import NO_LABEL, one_based_hint
+from quantgate.quantize.labels import NO_LABEL, index_count, one_based_hint
 from quantgate.quantize.stats import (
     DESIGN_ROWS,
     clustered_paired_interval,
@@ -281,7 +281,7 @@ def check_label_range(reference: Outputs, task: str) -> None:
         return
     if reference.labels is None or logits is None:
         return
-    classes = max(reference.batches[0][logits].shape[-1], 2)  # one logit: a binary classifier
+    classes = index_count(reference.batches[0][logits].shape[-1])
     labels = reference.labels
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= classes:

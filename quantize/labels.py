@@ -57,11 +57,15 @@ def describe_classes(names: tuple[str, ...]) -> str:
     return f"{span}: {', '.join(shown)}{more})"
 
 
+def index_count(classes: int) -> int:
+    """How many class indices a label may take for a head of ``classes`` logits: one each,
+    and two for a single logit (0 and 1: a binary classifier's, whose sign the gates score)."""
+    return max(classes, 2)
+
+
 def label_count(names: tuple[str, ...]) -> int:
-    """How many class indices a label may take: the model's classes, and two for a single
-    logit (0 and 1: a binary classifier's, whose sign the gates score); 0 where it names
-    none (any index >= 0)."""
-    return max(len(names), 2) if names else 0
+    """``index_count`` for a model's class ``names``; 0 where it names none (any index >= 0)."""
+    return index_count(len(names)) if names else 0
 
 
 # A single logit's real-valued targets are a regression's: labels are for classes
