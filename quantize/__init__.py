@@ -1,7 +1,8 @@
 """INT8 (and FP16) from a validated FP32 export, shipped only on evidence.
 
 data.py         calibration and evaluation data, streamed (.npz, arrays, iterables, built-in)
-text.py         JSONL text and the model's tokenizer
+text.py         text files (JSONL, CSV, TSV, lines) and the model's tokenizer
+textfiles.py    those formats, read row by row with their byte offsets
 heldout.py      evaluation rows told from calibration rows by their token ids' hashes
 labels.py       what a label means: a class index or name, a tag per token; what is refused
 recipes.py      INT8 recipes as values; ``quantize(src, recipe, calibration, out)``

@@ -2,7 +2,7 @@
 
 A source is re-iterable: ``source.batches()`` starts over on every call and yields
 ``Batch(feeds, labels)`` of at most ``batch_size`` rows, so the search can calibrate and
-evaluate as often as it needs while memory stays bounded by one batch of a JSONL file (one
+evaluate as often as it needs while memory stays bounded by one batch of a text file (one
 item of an iterable; a ``.npz`` file's arrays, which numpy reads whole, during a pass), plus
 a few ints per sample: its length for length-stratified selection, its row hash. ``source()`` yields the
 feeds alone: the ``calibration`` callable that ``quantize.recipes.quantize`` takes.
@@ -12,15 +12,16 @@ Where the data comes from (``open_source``):
 - nothing, for the built-in digits model: its fixed calibration split (200 images) and its
   labelled test split (360 images), never trained on;
 - ``*.npz``: one ``(N, T)`` array per model input, optionally ``labels`` ``(N,)``;
-- ``*.jsonl``: one ``{"text": ..., "label": ...}`` object per line (``label`` optional),
-  tokenized with the model's own tokenizer, read line by line and tokenized batch by batch;
-  a file whose every line has the same wrong keys is told so once, not line by line
-  (``quantize.text``);
+- text, tokenized with the model's own tokenizer, read row by row and tokenized batch by
+  batch (``quantize.text``): ``*.jsonl``, one ``{"text": ..., "label": ...}`` object per
+  line (``label`` optional; a file whose every line has the same wrong keys is told so
+  once, not line by line); ``*.csv`` and ``*.tsv`` with a header naming a ``text`` column
+  (and optionally ``label``); ``*.txt``, one text per line (``quantize.textfiles``);
 - in the API, any iterable of feed dicts (each a batch; a ``"labels"`` entry is taken as
   labels), or a callable returning one.
 
 A token classifier's labels are one per token, (rows, sequence) arrays (``labels.
-check_token_labels``): an .npz, a dict or an iterable carries them; JSONL text cannot (its
+check_token_labels``): an .npz, a dict or an iterable carries them; a text file cannot (its
 labels are ignored, with a warning).
 
 ``samples`` caps how many rows are used. From a file or the built-in split the rows kept
@@ -79,6 +80,7 @@ from quantgate.quantize.labels import (
     forms_problem,
     label_forms,
 )
+from quantgate.quantize.textfiles import SUFFIXES as TEXT_SUFFIXES
 from quantgate.tasks import EMBEDDING_TASKS, TOKEN_TASKS
 
 log = logging.getLogger(__name__)
@@ -118,7 +120,7 @@ class ModelInfo:
     task: str
     max_seq_len: int
     builtin: bool = False  # the built-in digits classifier: its own splits are the default
-    tokenizer: str | None = None  # Hugging Face tokenizer directory, for JSONL text
+    tokenizer: str | None = None  # Hugging Face tokenizer directory, for text files
     pad_values: dict[str, int] = field(default_factory=dict)  # per input; default 0
     # per input: the rows of the embedding table its ids index (ids must be below it);
     # an input missing here is checked for negative ids only (see ID_INPUTS)
@@ -142,7 +144,7 @@ class ModelInfo:
     @property
     def reads_token_labels(self) -> bool:
         """Whether its gates read one label per token, (rows, sequence) arrays: a token
-        classifier's; JSONL text has no way to give them."""
+        classifier's; a text file has no way to give them."""
         return self.task in TOKEN_TASKS
 
     @property
@@ -227,7 +229,7 @@ class DataSource:
     lengths: tuple[int, int] = (0, 0)  # shortest and longest real length among the rows
     file_sha256: str | None = None  # of the whole file it reads, where it reads one
     total: int | None = None  # rows it could yield without the samples cap; None: not known
-    cut: int | None = None  # texts longer than the model's longest sequence, cut to it (JSONL)
+    cut: int | None = None  # texts longer than the model's longest sequence, cut to it (text)
     # rows that are also calibration rows (check_held_out); None: not compared
     in_calibration: int | None = None
     # (samples,) uint64: each row's row_hashes, in any order; None: not known
@@ -304,9 +306,10 @@ def open_source(
     elif spec is None:
         if not model.builtin:
             raise DataError(
-                f"no {role} data: {flag} PATH is required for this model (a .jsonl of "
-                '{"text": ..., "label": ...} lines, or a .npz with one array per input: '
-                f"{', '.join(model.input_names)}). Only the built-in digits model has its own."
+                f"no {role} data: {flag} PATH is required for this model (text: a .jsonl of "
+                '{"text": ..., "label": ...} lines, a .csv or .tsv with a "text" column, a .txt '
+                f"of lines; or a .npz with one array per input: {', '.join(model.input_names)}). "
+                "Only the built-in digits model has its own."
             )
         source = _builtin(model, role, samples, batch_size)
     elif isinstance(spec, (str, Path)):
@@ -314,9 +317,9 @@ def open_source(
         if path.suffix.lower() == ".npz":
             source = _npz(path, model, samples, batch_size, flag)
         else:
-            from quantgate.quantize.text import jsonl_source  # text imports this module
+            from quantgate.quantize.text import text_source  # text imports this module
 
-            source = jsonl_source(path, model, samples, batch_size, flag, role)
+            source = text_source(path, model, samples, batch_size, flag, role)
     elif isinstance(spec, Mapping):  # one dict of arrays, as a .npz holds them
         source = _in_memory(spec, model, samples, batch_size)
     else:
@@ -368,22 +371,21 @@ def _warn_few_calibration_rows(source: DataSource, samples: int | None, *, where
     )
 
 
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-
-
 def check_path(spec: str | Path, flag: str) -> Path:
     """The data file ``spec`` names, if it exists in a format this module reads; else a
     DataError for ``flag``. Cheap: the CLI calls it before minutes of export."""
     path = Path(spec).expanduser()
+    expected = "Expected text (.jsonl, .csv, .tsv, .txt) or arrays (.npz)."
     if path.is_dir():
-        raise DataError(f"{flag} {path}: is a directory. Expected a .jsonl or .npz file.")
+        raise DataError(f"{flag} {path}: is a directory. {expected}")
     if not path.is_file():
-        raise DataError(f"{flag} {path}: no such file. Expected a .jsonl or .npz file.")
+        raise DataError(f"{flag} {path}: no such file. {expected}")
     suffix = path.suffix.lower()
-    if suffix != ".npz" and suffix not in JSONL_SUFFIXES:
+    if suffix != ".npz" and suffix not in TEXT_SUFFIXES:
         raise DataError(
-            f"{flag} {path}: unknown format {suffix or '(no suffix)'}; expected .jsonl (text) "
-            "or .npz (arrays named after the model inputs)"
+            f"{flag} {path}: unknown format {suffix or '(no suffix)'}; expected .jsonl, .csv, "
+            ".tsv or .txt (text, tokenized with the model's tokenizer) or .npz (arrays named "
+            "after the model inputs)"
         )
     return path
 

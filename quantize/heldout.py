@@ -41,7 +41,7 @@ FINGERPRINT_ROWS = 4096
 
 def row_hash(ids: np.ndarray) -> int:
     """A row's hash (blake2b, 8 bytes) of its token ids without padding, as little-endian
-    int64 (``data.row_hashes`` and the JSONL scan pick them)."""
+    int64 (``data.row_hashes`` and the text scan pick them)."""
     return int.from_bytes(hashlib.blake2b(ids.tobytes(), digest_size=8).digest(), "little")
 
 

@@ -18,7 +18,7 @@ the digits '0'..'9'), empty where its export recorded none; every function here 
 A token classifier's labels are one class index per token, ``NO_LABEL`` where a position has
 none (``check_token_labels``).
 
-Arrays are checked a batch at a time (``check_labels``), JSONL a line at a time
+Arrays are checked a batch at a time (``check_labels``), text files a row at a time
 (``label_problem``, ``forms_problem`` once the whole file is read); both say what is wrong
 in the same words.
 """

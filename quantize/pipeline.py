@@ -242,8 +242,10 @@ def _require_data(model_spec, calibration, evaluation) -> None:
         factory_of(model_spec)  # imports it (as the export would first): ModelLoadError
     raise DataError(
         f"{' and '.join(f'{m} PATH' for m in missing)} required for this model: only the "
-        'built-in digits model has data of its own. Pass a .jsonl of {"text": ..., "label": ...} '
-        "lines (label optional) or a .npz with one array per model input (plus optional labels)."
+        'built-in digits model has data of its own. Pass text (a .jsonl of {"text": ..., '
+        '"label": ...} lines, a .csv or .tsv with "text" and "label" columns, label optional; '
+        "a .txt of one text per line) or a .npz with one array per model input (plus optional "
+        "labels)."
     )
 
 

@@ -246,9 +246,10 @@ def _check_labels_kept(m: Manifest, ev: DataSource, where: str, *, allow: bool) 
         return
     how = (
         f"token labels: a .npz array 'labels' of shape (rows, sequence), {NO_LABEL} where a "
-        "position has none; JSONL cannot carry them"
+        "position has none; text files cannot carry them"
         if tokens
-        else 'a "label" key on every JSONL line; a "labels" array in a .npz'
+        else 'a "label" key on every JSONL line, a "label" column in a CSV or TSV; a "labels" '
+        "array in a .npz"
     )
     raise DataError(
         f"{where} has no labels, but this bundle's INT8 was gated on labelled accuracy "

@@ -1,9 +1,10 @@
-"""Text data: JSONL files of ``{"text": ..., "label": ...}`` lines, and the model's tokenizer.
+"""Text data: files of texts (and labels) in the formats of ``quantize.textfiles``, JSONL
+``{"text": ..., "label": ...}`` lines among them, and the model's tokenizer.
 
-A JSONL file is read in two passes. The first (``_scan_jsonl``) parses and checks every
-line, tokenizes the good ones a few hundred at a time to learn their lengths and row
-hashes, and keeps only their byte offsets; a file with bad lines is refused once, listing
-the first ``MAX_PROBLEMS``, or in one sentence where every line is wrong the same way. The
+A text file is read in two passes. The first (``_scan``) reads and checks every row,
+tokenizes the good ones a few hundred at a time to learn their lengths and row hashes, and
+keeps only their byte offsets; a file with bad rows is refused once, listing the first
+``MAX_PROBLEMS``, or in one sentence where every JSONL line is wrong the same way. The
 second pass, on every ``batches()``, seeks to the rows selected and tokenizes a batch at a
 time, right-padded with the model's pad id, as the server pads requests.
 
@@ -12,7 +13,6 @@ time, right-padded with the model's pad id, as the server pads requests.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import logging
@@ -44,35 +44,39 @@ from quantgate.quantize.labels import (
     one_based_hint,
     quote,
 )
+from quantgate.quantize.textfiles import UNREADABLE, Delimited, TextFile, text_file
 from quantgate.tasks import EMBEDDING_TASKS
 
 log = logging.getLogger(__name__)
 
 
-def jsonl_source(
+def text_source(
     path: Path, model: ModelInfo, samples: int | None, batch_size: int, flag: str, role: str
 ):
+    """The rows of a text file (JSONL, CSV, TSV, plain lines: ``textfiles.text_file``)."""
+    fmt = text_file(path)
     if model.tokenizer is None:
         raise DataError(
-            f"{flag} {path}: JSONL text needs the model's tokenizer, and this model has none "
+            f"{flag} {path}: text needs the model's tokenizer, and this model has none "
             f"(it is not a Hugging Face model). Pass a .npz with arrays "
             f"{', '.join(model.input_names)} instead."
         )
     tok = tokenizer_of(model)
     limit = model.max_seq_len or None
     where = f"{flag} {path}"
-    scan = _scan_jsonl(path, tok, limit, model, where)
-    error = _refusal(scan, model, where)
+    scan = _scan(path, fmt, tok, limit, model, where)
+    error = _refusal(scan, fmt, model, where)
     if error is not None:
         raise error
     if not scan.offsets:
         found = "only blank lines" if path.stat().st_size else "an empty file"
+        if isinstance(fmt, Delimited) and fmt.header:
+            found = "a header and no rows"
         raise DataError(
-            f'{where}: expected one {{"text": ...}} JSON object per line, found {found}. '
-            "Write the texts into it, one object per line."
+            f"{where}: expected {fmt.words.expected}, found {found}. Write the texts into it."
         )
     if not scan.labelled and model.reads_row_labels:
-        _warn_unlabelled(scan, where)
+        _warn_unlabelled(scan, fmt, where)
     lengths = np.asarray(scan.lengths, dtype=np.int64)
     offsets = np.asarray(scan.offsets, dtype=np.int64)
     keep = stratified(lengths, samples)
@@ -101,8 +105,7 @@ def jsonl_source(
             for idx in chunks(keep, batch_size):
                 rows = []
                 for off in offsets[idx]:
-                    f.seek(int(off))
-                    rows.append(json.loads(f.readline()))
+                    rows.append(fmt.row_at(f, int(off)))
                 feeds = _encode(tok, [r["text"] for r in rows], model, limit)
                 labels = None
                 if labelled:  # a class name stands for its index
@@ -111,8 +114,11 @@ def jsonl_source(
 
     long = f"; {cut} longer than the model's {limit} tokens, cut to them" if cut else ""
     return DataSource(
-        description=f"{path.name}: {len(keep)} of {len(offsets)} texts (JSONL, model tokenizer{long})",
-        kind="jsonl",
+        description=(
+            f"{path.name}: {len(keep)} of {len(offsets)} texts "
+            f"({fmt.words.name}, model tokenizer{long})"
+        ),
+        kind=fmt.kind,
         file_sha256=digest,
         samples=len(keep),
         has_labels=labelled,
@@ -132,14 +138,14 @@ TOKEN_BATCH = 256  # texts tokenized at once to count their tokens
 
 @dataclass
 class _Scan:
-    """What the first pass over a JSONL file learns; none of its texts are kept."""
+    """What the first pass over a text file learns; none of its texts are kept."""
 
-    offsets: list[int] = field(default_factory=list)  # byte offset of each good line
+    offsets: list[int] = field(default_factory=list)  # byte offset of each good row
     lengths: list[int] = field(default_factory=list)  # its token count, at most the model's
     hashes: list[int] = field(default_factory=list)  # its row hash (row_hashes)
     cut: list[int] = field(default_factory=list)  # good rows longer than the model takes
-    lines: int = 0  # non-blank lines
-    bad: int = 0  # lines that are not a good row
+    lines: int = 0  # rows (non-blank lines of JSONL)
+    bad: int = 0  # rows that are not good
     problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS, described
     shapes: set[tuple[str, ...] | None] = field(default_factory=set)  # how (two are enough)
     labelled: bool | None = None  # whether the good lines have a "label"; None: no good line
@@ -148,13 +154,13 @@ class _Scan:
     hi: int = -1
     index_at: str | None = None  # the first integer label, and its line
     name_at: str | None = None  # the first string label, and its line
-    null_labels: int = 0  # lines whose "label" is null (read as unlabelled)
+    null_labels: int = 0  # rows whose "label" is null or empty (read as unlabelled)
     reads_row_labels: bool = True  # False: an embedding or token model's: labels not read
     ignored: int = 0  # lines whose label was not read for that
     unread: set[str] = field(default_factory=set)  # keys beside "text" and "label" there
 
     def add(self, lineno: int, row: Any, problem: str | None) -> bool:
-        """Take in one non-blank line (``_parse_line``'s answer); True for a good row."""
+        """Take in one row (as read, with what is wrong with it); True for a good row."""
         self.lines += 1
         label = row.get("label") if isinstance(row, dict) else None
         if label is not None and not self.reads_row_labels:
@@ -186,10 +192,10 @@ class _Scan:
         return True
 
 
-def _scan_jsonl(path: Path, tok, limit: int | None, model: ModelInfo, where: str) -> _Scan:
-    """Pass 1 over a JSONL file: every line parsed and checked; the byte offset, token count
-    and row hash of every good one, and which are cut at ``limit`` (tokenized only while no
-    line is bad: such a file is refused)."""
+def _scan(path: Path, fmt: TextFile, tok, limit: int | None, model: ModelInfo, where: str) -> _Scan:
+    """Pass 1 over a text file: every row read and checked; the byte offset, token count and
+    row hash of every good one, and which are cut at ``limit`` (tokenized only while no row
+    is bad: such a file is refused)."""
     scan = _Scan(reads_row_labels=model.reads_row_labels)
     texts: list[str] = []  # good lines waiting to be tokenized
     starts: list[int] = []  # and their offsets
@@ -210,14 +216,8 @@ def _scan_jsonl(path: Path, tok, limit: int | None, model: ModelInfo, where: str
         starts.clear()
 
     with open(path, "rb") as f:
-        pos = 0
-        for lineno, line in enumerate(f, 1):
-            start, pos = pos, pos + len(line)
-            if not line.strip():
-                continue
-            if not scan.lines:
-                _check_format(line, lineno, where)
-            row, problem = _parse_line(line, model)
+        for lineno, start, row, unreadable in fmt.rows(f, where):
+            problem = unreadable or _row_problem(row, model)
             if scan.add(lineno, row, problem) and not scan.bad:
                 texts.append(row["text"])
                 starts.append(start)
@@ -228,8 +228,8 @@ def _scan_jsonl(path: Path, tok, limit: int | None, model: ModelInfo, where: str
     return scan
 
 
-def _refusal(scan: _Scan, model: ModelInfo, where: str) -> DataError | None:
-    """The one DataError for a scanned JSONL file with bad lines, or whose labels are class
+def _refusal(scan: _Scan, fmt: TextFile, model: ModelInfo, where: str) -> DataError | None:
+    """The one DataError for a scanned text file with bad rows, or whose labels are class
     names that cannot stand for classes (``labels.forms_problem``); None for a good file."""
     forms = forms_problem(scan.index_at, scan.name_at, model.labels)
     if not scan.bad:
@@ -257,74 +257,52 @@ def _refusal(scan: _Scan, model: ModelInfo, where: str) -> DataError | None:
         else 'an optional integer "label"'
     )
     return DataError(
-        f'{where}: expected one JSON object per line with a non-blank string "text" and '
-        f"{optional}:\n" + "\n".join(part for part in body if part)
+        f"{where}: expected {fmt.words.expected}"
+        + (f" and {optional}" if fmt.labels else "")
+        + ":\n"
+        + "\n".join(part for part in body if part)
     )
 
 
-def _warn_unlabelled(scan: _Scan, where: str) -> None:
+def _warn_unlabelled(scan: _Scan, fmt: TextFile, where: str) -> None:
     """Warn where a file read as unlabelled looks as if it meant to have labels: a "label"
-    null on every line, or keys beside "text" that are not read (one may be the label)."""
+    null (or empty) in every row, or keys or columns beside "text" that are not read (one
+    may be the label)."""
+    key, empty = fmt.words.key, fmt.words.empty
     keys = ", ".join(f'"{k}"' for k in sorted(scan.unread))
     if scan.null_labels == scan.lines:
         log.warning(
-            '%s: "label" is null on every line, so the rows are read as unlabelled (the gates '
+            '%s: "label" is %s in every row, so the rows are read as unlabelled (the gates '
             "compare with FP32 only).%s",
             where,
-            f' Keys {keys} are not read: if one holds each row\'s class, put it in "label".'
+            empty,
+            f" {key.capitalize()}s {keys} are not read: if one holds each row's class, put "
+            'it in "label".'
             if keys
             else "",
         )
     elif keys:
         log.warning(
-            '%s: no line has a "label", so the rows are read as unlabelled; keys %s are not '
+            '%s: no row has a "label", so the rows are read as unlabelled; %ss %s are not '
             'read. If one of them holds each row\'s class, name it "label".',
             where,
+            key,
             keys,
         )
 
 
-def _check_format(line: bytes, lineno: int, where: str) -> None:
-    """DataError for a file that is JSON or text, but not UTF-8 JSON Lines: its first line of
-    text tells (every line would be reported bad, none of them saying why)."""
-    if line.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise DataError(
-            f"{where}: expected UTF-8 text, found UTF-16 (line {lineno} starts with its "
-            "byte-order mark). Save the file as UTF-8."
-        )
-    if line.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
-        raise DataError(
-            f'{where}: expected JSON Lines, one {{"text": ...}} object per line; found a '
-            f"JSON array (line {lineno} starts with '['). Write one object per line, for "
-            "example with: jq -c '.[]' IN.json > OUT.jsonl"
-        )
-
-
-def _parse_line(line: bytes, model: ModelInfo) -> tuple[Any, str | None]:
-    """A JSONL line's value (``UNREADABLE`` where it is not UTF-8 JSON) and what is wrong
-    with it as a row, or None: a non-blank string "text", a label that is a class of the
-    model (``labels.label_problem``)."""
-    try:
-        row = json.loads(line)
-    except UnicodeDecodeError as e:
-        return UNREADABLE, (
-            f"not UTF-8 (byte 0x{e.object[e.start]:02x} at column {e.start + 1}); save the "
-            "file as UTF-8"
-        )
-    except ValueError as e:
-        return UNREADABLE, f"not JSON ({e})"
+def _row_problem(row: Any, model: ModelInfo) -> str | None:
+    """What is wrong with a row read from a text file, or None: an object with a non-blank
+    string "text" and a label that is a class of the model (``labels.label_problem``)."""
     if not isinstance(row, dict):
-        return row, f'found {_json_kind(row)}, expected an object with a "text" key'
+        return f'found {_json_kind(row)}, expected an object with a "text" key'
     if "text" not in row:
-        return row, f'no "text" key (found {_keys(row) or "an empty object"})'
+        return f'no "text" key (found {_keys(row) or "an empty object"})'
     text = row["text"]
     if not isinstance(text, str) or not text.strip():
-        return row, f'no non-blank string "text" (found {json.dumps(text)[:60]})'
+        return f'no non-blank string "text" (found {json.dumps(text)[:60]})'
     label = row.get("label") if model.reads_row_labels else None
-    return row, None if label is None else label_problem(label, model.labels)
-
-
-UNREADABLE = object()  # a JSONL line that is not UTF-8 JSON
+    return None if label is None else label_problem(label, model.labels)
 
 
 def _shape(row: Any) -> tuple[str, ...] | None:
@@ -473,4 +451,4 @@ def _encode(tok, texts: list[str], model: ModelInfo, limit: int | None) -> Feeds
     return check_feeds(feeds, model, "tokenized text")
 
 
-__all__ = ["jsonl_source", "tokenize", "tokenizer_of"]
+__all__ = ["text_source", "tokenize", "tokenizer_of"]

@@ -86,7 +86,9 @@ def export_command(
     calibration: Annotated[
         Path | None,
         typer.Option(
-            metavar="FILE", help='Calibration data: .jsonl ({"text": ...} lines) or .npz of inputs.'
+            metavar="FILE",
+            help='Calibration data: text (.jsonl of {"text": ...} lines; .csv or .tsv with a '
+            '"text" column; .txt, a text per line) or a .npz of inputs.',
         ),
     ] = None,
     eval_data: Annotated[
@@ -94,7 +96,8 @@ def export_command(
         typer.Option(
             "--eval",
             metavar="FILE",
-            help="Held-out evaluation data (.jsonl with optional 'label', or .npz).",
+            help="Held-out evaluation data, as --calibration's, with an optional 'label' key "
+            "or column (.npz: a 'labels' array).",
         ),
     ] = None,
     samples: Annotated[

@@ -43,7 +43,8 @@ def gate(
         typer.Option(
             "--eval",
             metavar="FILE",
-            help="Evaluation data (.jsonl or .npz); the built-in model's test split by default.",
+            help="Evaluation data (.jsonl, .csv, .tsv, .txt or .npz, as export's --eval); the "
+            "built-in model's test split by default.",
         ),
     ] = None,
     max_accuracy_drop: Annotated[

@@ -152,7 +152,7 @@ def test_npz_round_trip_and_bad_arrays(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         open_source(tmp_path / "nope.npz", DIGITS, role="calibration")
     with pytest.raises(DataError, match="unknown format"):
-        open_source(good.with_suffix(".csv").write_text("x") and good.with_suffix(".csv"),
+        open_source(good.with_suffix(".parquet").write_text("x") and good.with_suffix(".parquet"),
                     DIGITS, role="calibration")  # fmt: skip
 
 
@@ -249,7 +249,7 @@ def test_calibration_memory_does_not_grow_with_samples(tmp_path):
 
 
 def test_more_bad_files_get_a_message_not_a_traceback(tmp_path):
-    with pytest.raises(DataError, match="is a directory. Expected a .jsonl or .npz file"):
+    with pytest.raises(DataError, match="is a directory. Expected text .* or arrays"):
         open_source(tmp_path, DIGITS, role="calibration")
     feeds = rng_feeds(4)
     np.savez(tmp_path / "obj.npz", input_ids=np.array([[1, 2], [3]], dtype=object),

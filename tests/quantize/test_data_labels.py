@@ -431,16 +431,16 @@ def test_null_labels_are_said_to_be_null_not_unread(classifiers, tmp_path, caplo
         return [r.getMessage() for r in caplog.records]
 
     (msg,) = warnings([{"text": f"sentence {i}", "label": None} for i in range(4)])
-    assert '"label" is null on every line, so the rows are read as unlabelled' in msg
+    assert '"label" is null in every row, so the rows are read as unlabelled' in msg
     assert "not read" not in msg
     (msg,) = warnings([{"text": f"sentence {i}", "label": None, "stars": 3} for i in range(4)])
-    assert '"label" is null on every line' in msg
+    assert '"label" is null in every row' in msg
     assert 'Keys "stars" are not read: if one holds each row\'s class, put it in "label".' in msg
     # Null on some lines, absent on others: the other keys are named, "label" is not.
     rows = [{"text": f"sentence {i}", "id": i, **({"label": None} if i % 2 else {})}
             for i in range(4)]  # fmt: skip
     (msg,) = warnings(rows)
-    assert 'no line has a "label"' in msg and 'keys "id" are not read' in msg
+    assert 'no row has a "label"' in msg and 'keys "id" are not read' in msg
 
 
 def test_whole_float_labels_are_their_integers_and_fractions_are_refused(classifiers, tmp_path):

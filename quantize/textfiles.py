@@ -1,0 +1,295 @@
+"""The text files data comes in: JSON Lines, CSV, TSV and plain lines, read row by row.
+
+Each format finds its rows in one pass (``rows``: every row with the line it starts on and
+its byte offset) and reads one row again from its offset (``row_at``), so ``quantize.text``
+keeps offsets, not texts, between its passes. A row is a dict: ``"text"``, ``"label"``
+where the file gives one, and whatever other keys or columns it has (named in a warning
+when no row has a label: one of them may be it).
+
+- ``.jsonl`` (``.json``, ``.ndjson``): one ``{"text": ..., "label": ...}`` object per line.
+- ``.csv``, ``.tsv``: a header row naming a ``text`` column and optionally a ``label``
+  column, then one row per text. A label cell that is a whole number is a class index, any
+  other a class name, an empty one no label. Both are read as pandas reads and writes them
+  (``read_csv``, ``to_csv``; RFC 4180's quoting): a field in double quotes may hold the
+  delimiter, doubled quotes and line breaks.
+- ``.txt``: one text per line, without labels.
+
+Every format is UTF-8 (a byte-order mark is skipped); blank lines are skipped.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from quantgate.errors import DataError
+
+# A row's first line (1-based), its byte offset, the row (a dict where it could be read),
+# and what is wrong with it as written (None: readable; the text and label are checked
+# by quantize.text).
+Found = tuple[int, int, Any, "str | None"]
+
+UNREADABLE = object()  # a JSONL line that is not UTF-8 JSON
+
+
+@dataclass(frozen=True)
+class Words:
+    """How messages speak of a format's rows."""
+
+    name: str  # "JSONL"
+    expected: str  # what a good row is, completing "expected ..."
+    key: str  # what holds a value: "key" (JSON) or "column"
+    empty: str  # a label given as nothing: "null" or "empty"
+
+
+class TextFile:
+    """One format. ``rows`` may raise DataError for the whole file (a CSV header without a
+    "text" column, a UTF-16 file); a bad row is yielded with its problem instead."""
+
+    kind = ""
+    words: Words
+    labels = True  # whether its rows can carry a label
+
+    def rows(self, f: BinaryIO, where: str) -> Iterator[Found]:
+        raise NotImplementedError
+
+    def row_at(self, f: BinaryIO, offset: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class JsonLines(TextFile):
+    kind = "jsonl"
+    words = Words("JSONL", 'one JSON object per line with a non-blank string "text"', "key", "null")
+
+    def rows(self, f: BinaryIO, where: str) -> Iterator[Found]:
+        first = True
+        for lineno, start, line in _lines(f):
+            if first:
+                _check_json_lines(line, lineno, where)
+                first = False
+            yield (lineno, start, *_parse_json(line))
+
+    def row_at(self, f: BinaryIO, offset: int) -> dict[str, Any]:
+        f.seek(offset)
+        return json.loads(f.readline())
+
+
+class PlainLines(TextFile):
+    kind = "txt"
+    words = Words("text lines", "one non-blank text per line", "key", "empty")
+    labels = False
+
+    def rows(self, f: BinaryIO, where: str) -> Iterator[Found]:
+        for lineno, start, line in _lines(f):
+            if lineno == 1:
+                _check_utf8_bom(line, lineno, where)
+            try:
+                yield lineno, start, {"text": _decode(line, start)}, None
+            except UnicodeDecodeError as e:
+                yield lineno, start, UNREADABLE, _not_utf8(e)
+
+    def row_at(self, f: BinaryIO, offset: int) -> dict[str, Any]:
+        f.seek(offset)
+        return {"text": _decode(f.readline(), offset)}
+
+
+class Delimited(TextFile):
+    """CSV or TSV: a header row, then one row per text. ``header`` is set by ``rows``."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.delimiter = "\t" if kind == "tsv" else ","
+        self.words = Words(
+            kind.upper(),
+            'a header row naming a "text" column, then one row per text with a non-blank "text"',
+            "column",
+            "empty",
+        )
+        self.header: list[str] = []
+
+    def rows(self, f: BinaryIO, where: str) -> Iterator[Found]:
+        lines = _Records(f, where)
+        reader = _read(csv.reader(lines, delimiter=self.delimiter), lines, where)
+        self.header = self._header(next(reader, []), where)
+        for fields in reader:
+            lineno, start = lines.start
+            if not any(field.strip() for field in fields):
+                continue  # a blank line
+            if len(fields) != len(self.header):
+                yield lineno, start, UNREADABLE, self._miscount(fields)
+                continue
+            yield lineno, start, self._row(fields), None
+
+    def row_at(self, f: BinaryIO, offset: int) -> dict[str, Any]:
+        f.seek(offset)
+        return self._row(next(csv.reader(_Records(f, "", offset), delimiter=self.delimiter)))
+
+    def _header(self, fields: list[str], where: str) -> list[str]:
+        names = [name.strip() for name in fields]
+        if "text" not in names:
+            found = ", ".join(json.dumps(n) for n in names[:8]) or "an empty first line"
+            raise DataError(
+                f'{where}: expected a header row naming a "text" column (the text to tokenize) '
+                f'and optionally a "label" column (its class); found {found}. Name the column '
+                'that holds the text "text" in the first line.'
+            )
+        if len(set(names)) < len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise DataError(f"{where}: the header names column(s) {', '.join(twice)} twice")
+        return names
+
+    def _miscount(self, fields: list[str]) -> str:
+        n = len(fields)
+        said = f"{n} field{'s' * (n != 1)}, but the header has {len(self.header)}"
+        if any("\n" in field for field in fields):  # the record ran on past its line
+            return f"{said}: is a quote opened here and never closed?"
+        return f"{said}: quote a field that holds a {'tab' if self.kind == 'tsv' else 'comma'}"
+
+    def _row(self, fields: list[str]) -> dict[str, Any]:
+        row: dict[str, Any] = dict(zip(self.header, fields, strict=True))
+        if "label" in row:
+            row["label"] = _cell_label(row["label"])
+        return row
+
+
+def _read(reader: Iterator[list[str]], lines: _Records, where: str) -> Iterator[list[str]]:
+    """csv.reader's records, each marked returned; its error (a field past csv's size limit,
+    as after a quote never closed) is a DataError naming the line the record began on."""
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(
+                f"{where}: line {lines.start[0]}: {e}; is a quote opened and never closed?"
+            ) from None
+        yield fields
+        lines.returned()
+
+
+def text_file(path: Path) -> TextFile:
+    """The format of ``path``, by its suffix (one of ``SUFFIXES``)."""
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return Delimited(suffix[1:])
+    return PlainLines() if suffix == ".txt" else JsonLines()
+
+
+SUFFIXES = (".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".txt")
+
+
+def _lines(f: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
+    """Each non-blank line of ``f`` (bytes), with its 1-based number and byte offset."""
+    pos = 0
+    for lineno, line in enumerate(f, 1):
+        start, pos = pos, pos + len(line)
+        if line.strip():
+            yield lineno, start, line
+
+
+class _Records:
+    """The lines of a binary file, decoded with their line breaks, for csv.reader (which
+    takes one line at a time, and only as many as its next record needs). ``start`` is the
+    number and offset of the line the last record began on; the caller says when a record
+    was returned (``returned``)."""
+
+    def __init__(self, f: BinaryIO, where: str, offset: int = 0):
+        self._f, self._where = f, where
+        self._lineno, self._pos = 0, offset
+        self._begins = True  # the next line taken begins a record
+        self.start = (0, offset)
+
+    def __iter__(self) -> _Records:
+        return self
+
+    def __next__(self) -> str:
+        line = self._f.readline()
+        if not line:
+            raise StopIteration
+        self._lineno += 1
+        if self._begins:
+            self.start, self._begins = (self._lineno, self._pos), False
+        start, self._pos = self._pos, self._pos + len(line)
+        if start == 0:
+            _check_utf8_bom(line, 1, self._where)
+        try:
+            return _decode(line, start, keep_break=True)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{self._where}: line {self._lineno}: {_not_utf8(e)}") from None
+
+    def returned(self) -> None:
+        self._begins = True
+
+
+def _decode(line: bytes, offset: int, keep_break: bool = False) -> str:
+    """A line as text, without its line break unless kept (and without a byte-order mark at
+    offset 0)."""
+    if offset == 0:
+        line = line.removeprefix(codecs.BOM_UTF8)
+    text = line.decode("utf-8")
+    return text if keep_break else text.rstrip("\r\n")
+
+
+def _cell_label(cell: str) -> int | str | None:
+    """A CSV/TSV label cell: a whole number is a class index, empty is no label, any other
+    text a class name (as written: names are matched exactly)."""
+    if not cell.strip():
+        return None
+    return int(cell) if re.fullmatch(r"\s*[+-]?\d+\s*", cell) else cell
+
+
+def _check_utf8_bom(line: bytes, lineno: int, where: str) -> None:
+    """DataError for a UTF-16 file: every line would be bad, none saying why."""
+    if line.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(
+            f"{where}: expected UTF-8 text, found UTF-16 (line {lineno} starts with its "
+            "byte-order mark). Save the file as UTF-8."
+        )
+
+
+def _check_json_lines(line: bytes, lineno: int, where: str) -> None:
+    """DataError for a file that is JSON or text, but not UTF-8 JSON Lines: its first line of
+    text tells (every line would be reported bad, none of them saying why)."""
+    _check_utf8_bom(line, lineno, where)
+    if line.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
+        raise DataError(
+            f'{where}: expected JSON Lines, one {{"text": ...}} object per line; found a '
+            f"JSON array (line {lineno} starts with '['). Write one object per line, for "
+            "example with: jq -c '.[]' IN.json > OUT.jsonl"
+        )
+
+
+def _parse_json(line: bytes) -> tuple[Any, str | None]:
+    """A JSONL line's value (``UNREADABLE`` where it is not UTF-8 JSON), and why, if so."""
+    try:
+        return json.loads(line), None
+    except UnicodeDecodeError as e:
+        return UNREADABLE, _not_utf8(e)
+    except ValueError as e:
+        return UNREADABLE, f"not JSON ({e})"
+
+
+def _not_utf8(e: UnicodeDecodeError) -> str:
+    return (
+        f"not UTF-8 (byte 0x{e.object[e.start]:02x} at column {e.start + 1}); save the file "
+        "as UTF-8"
+    )
+
+
+__all__ = [
+    "SUFFIXES",
+    "UNREADABLE",
+    "Delimited",
+    "JsonLines",
+    "PlainLines",
+    "TextFile",
+    "Words",
+    "text_file",
+]

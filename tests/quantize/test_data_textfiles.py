@@ -1,0 +1,141 @@
+"""Text in CSV, TSV and plain lines: the same rows as JSONL, and bad files told apart."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from qg_pipeline_helpers import english, minilm_info, write_jsonl  # noqa: E402
+
+from quantgate.errors import DataError  # noqa: E402
+from quantgate.quantize.data import open_source  # noqa: E402
+
+
+def read(source) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    batches = list(source.batches())
+    return [b.feeds["input_ids"] for b in batches], [b.labels for b in batches]
+
+
+def write_csv(path: Path, rows, delimiter=",", header=("text", "label")) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def test_csv_tsv_and_text_lines_read_as_the_same_jsonl(tmp_path):
+    """One set of texts in every format: the same token ids, labels, row hashes and picks
+    under a cap; CSV keeps commas, doubled quotes and a line break inside a quoted field,
+    and a row after it is found again by its offset."""
+    info = minilm_info("sequence-classification")
+    texts = [t.replace("\t", " ") for t in english(40)]
+    texts[3] = 'He said "stop", then, after a pause, "go".'
+    labels = [i % 2 for i in range(40)]
+    jsonl = write_jsonl(tmp_path / "t.jsonl", texts, labels=labels)
+    tsv = write_csv(tmp_path / "t.tsv", zip(texts, labels, strict=True), delimiter="\t")
+    txt = tmp_path / "t.txt"
+    txt.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    broken = [*texts[:5], "a line\nbroken inside its quotes", *texts[5:]]
+    with_break = write_jsonl(tmp_path / "b.jsonl", broken, labels=[0] * 5 + [1] + labels[5:])
+    csv_file = write_csv(tmp_path / "b.csv", zip(broken, [0] * 5 + [1] + labels[5:], strict=True))
+
+    want = open_source(jsonl, info, role="evaluation", batch_size=8)
+    for path, kind in ((tsv, "tsv"), (txt, "txt")):
+        got = open_source(path, info, role="evaluation", batch_size=8)
+        assert got.kind == kind and got.samples == 40
+        ids, got_labels = read(got)
+        want_ids, want_labels = read(want)
+        assert all(np.array_equal(a, b) for a, b in zip(ids, want_ids, strict=True))
+        assert np.array_equal(got.row_hashes, want.row_hashes)
+        if kind == "txt":
+            assert not got.has_labels and got_labels == [None] * len(ids)
+        else:
+            assert all(np.array_equal(a, b) for a, b in zip(got_labels, want_labels, strict=True))
+    for samples in (None, 7):
+        want = open_source(with_break, info, role="evaluation", samples=samples, batch_size=4)
+        got = open_source(csv_file, info, role="evaluation", samples=samples, batch_size=4)
+        assert got.kind == "csv" and got.samples == want.samples
+        assert np.array_equal(got.row_hashes, want.row_hashes)
+        for a, b in zip(read(got)[0] + read(got)[1], read(want)[0] + read(want)[1], strict=True):
+            assert np.array_equal(a, b)
+    assert "7 of 41 texts (CSV, model tokenizer" in got.description
+
+
+def test_csv_labels_are_indices_names_or_nothing(tmp_path, caplog):
+    info = minilm_info("sequence-classification")  # no class names: indices only
+    path = write_csv(tmp_path / "l.csv", [("a text", " 1 "), ("another", "0"), ("third", "+1")])
+    (batch,) = open_source(path, info, role="evaluation").batches()
+    assert sorted(batch.labels.tolist()) == [0, 1, 1]
+    write_csv(path, [("a text", "1"), ("another", "positive"), ("third", "1.5")])
+    with pytest.raises(DataError) as e:
+        open_source(path, info, role="evaluation")
+    assert 'line 3: label "positive" is a string' in str(e.value)
+    assert 'line 4: label "1.5" is a string' in str(e.value)
+    write_csv(path, [("a text", ""), ("another", "")], header=("text", "label"))
+    with caplog.at_level(logging.WARNING):
+        src = open_source(path, info, role="evaluation")
+    assert not src.has_labels and '"label" is empty in every row' in caplog.text
+    caplog.clear()
+    write_csv(path, [("a text", "1"), ("another", "0")], header=("text", "sentiment"))
+    with caplog.at_level(logging.WARNING):
+        open_source(path, info, role="evaluation")
+    assert 'columns "sentiment" are not read' in caplog.text
+
+
+CSV_REFUSED = {
+    "no text column": (b"sentence,label\nhello,1\n",
+                       'expected a header row naming a "text" column .* found "sentence", "label"'),
+    "empty": (b"", 'found an empty first line'),
+    "header only": (b"text,label\r\n", "found a header and no rows"),
+    "a column twice": (b"text,label,text\na,1,b\n", "names column.s. text twice"),
+    "a comma unquoted": (b"text,label\nfine,1\nhello, world,1\n",
+                         "line 3: 3 fields, but the header has 2: quote a field that holds a comma"),
+    "a quote never closed": (b'text,label\nfine,1\n"open,1\nnext,0\nlast,1\n',
+                             "line 3: 1 field, but the header has 2: is a quote opened here"),
+    "latin-1": ("text\ncafé\n".encode("latin-1"), "line 2: not UTF-8 .byte 0xe9"),
+    "utf-16": ("text\nhello\n".encode("utf-16"), "expected UTF-8 text, found UTF-16"),
+    "a blank text": (b"text,label\n\" \",1\n", 'line 2: no non-blank string "text"'),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CSV_REFUSED))
+def test_a_bad_csv_is_refused_with_its_line(tmp_path, case):
+    data, expected = CSV_REFUSED[case]
+    (tmp_path / "d.csv").write_bytes(data)
+    with pytest.raises(DataError, match=expected):
+        open_source(tmp_path / "d.csv", minilm_info("sequence-classification"), role="evaluation")
+
+
+def test_csv_with_a_bom_crlf_and_blank_lines_reads_as_written(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b'\xef\xbb\xbftext,label\r\n"first, line",0\r\n\r\nsecond,1\r\n')
+    src = open_source(path, minilm_info("sequence-classification"), role="evaluation")
+    (batch,) = src.batches()
+    assert src.samples == 2 and sorted(batch.labels.tolist()) == [0, 1]
+
+
+def test_tsv_is_read_as_pandas_writes_it_and_text_lines_take_no_labels(tmp_path):
+    """A TSV field with a tab, or starting with a quote, is quoted and its quotes doubled
+    (pandas' to_csv, csv.writer): read back as the text it was."""
+    info = minilm_info("sequence-classification")
+    texts = ['"quoted" words', "a\ttab inside", "plain"]
+    tsv = write_csv(tmp_path / "q.tsv", zip(texts, [1, 0, 1], strict=True), delimiter="\t")
+    assert tsv.read_text().splitlines()[1] == '"""quoted"" words"\t1'
+    quoted = write_jsonl(tmp_path / "q.jsonl", texts, labels=[1, 0, 1])
+    assert np.array_equal(
+        open_source(tsv, info, role="evaluation").row_hashes,
+        open_source(quoted, info, role="evaluation").row_hashes,
+    )
+    txt = tmp_path / "bad.txt"
+    txt.write_bytes("fine\n\n  \ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        open_source(txt, info, role="calibration")
+    assert "expected one non-blank text per line:\n  - line 4: not UTF-8" in str(e.value)
+    assert "label" not in str(e.value)
