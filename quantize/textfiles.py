@@ -35,7 +35,7 @@ from quantgate.errors import DataError
 # by quantize.text).
 Found = tuple[int, int, Any, "str | None"]
 
-UNREADABLE = object()  # a JSONL line that is not UTF-8 JSON
+UNREADABLE = object()  # a row that cannot be read: not UTF-8, not JSON, fields miscounted
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,13 @@ class PlainLines(TextFile):
     def rows(self, f: BinaryIO, where: str) -> Iterator[Found]:
         for lineno, start, line in _lines(f):
             if lineno == 1:
-                _check_utf8_bom(line, lineno, where)
+                _refuse_utf16(line, lineno, where)
             try:
-                yield lineno, start, {"text": _decode(line, start)}, None
+                text = _decode(line, start)
             except UnicodeDecodeError as e:
                 yield lineno, start, UNREADABLE, _not_utf8(e)
+                continue
+            yield lineno, start, {"text": text}, None
 
     def row_at(self, f: BinaryIO, offset: int) -> dict[str, Any]:
         f.seek(offset)
@@ -218,7 +220,7 @@ class _Records:
             self.start, self._begins = (self._lineno, self._pos), False
         start, self._pos = self._pos, self._pos + len(line)
         if start == 0:
-            _check_utf8_bom(line, 1, self._where)
+            _refuse_utf16(line, 1, self._where)
         try:
             return _decode(line, start, keep_break=True)
         except UnicodeDecodeError as e:
@@ -245,7 +247,7 @@ def _cell_label(cell: str) -> int | str | None:
     return int(cell) if re.fullmatch(r"\s*[+-]?\d+\s*", cell) else cell
 
 
-def _check_utf8_bom(line: bytes, lineno: int, where: str) -> None:
+def _refuse_utf16(line: bytes, lineno: int, where: str) -> None:
     """DataError for a UTF-16 file: every line would be bad, none saying why."""
     if line.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         raise DataError(
@@ -257,7 +259,7 @@ def _check_utf8_bom(line: bytes, lineno: int, where: str) -> None:
 def _check_json_lines(line: bytes, lineno: int, where: str) -> None:
     """DataError for a file that is JSON or text, but not UTF-8 JSON Lines: its first line of
     text tells (every line would be reported bad, none of them saying why)."""
-    _check_utf8_bom(line, lineno, where)
+    _refuse_utf16(line, lineno, where)
     if line.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
         raise DataError(
             f'{where}: expected JSON Lines, one {{"text": ...}} object per line; found a '
