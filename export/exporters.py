@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import io
 import linecache
 import logging
 import re
@@ -21,6 +20,7 @@ from quantgate.errors import ExportError
 from quantgate.export.config import Exporter
 from quantgate.export.validation import BATCH, SEQUENCE, Case, warnings_logged
 from quantgate.model.loaders import LoadedModel
+from quantgate.quiet import GLOBAL_STATE, stdout_captured
 
 log = logging.getLogger(__name__)
 
@@ -221,10 +221,12 @@ def _args(model: LoadedModel, example: Case) -> tuple[torch.Tensor, ...]:
 def _quiet() -> Iterator[list[warnings.WarningMessage]]:
     """Keep the exporters' own chatter (progress prints, tracer warnings) out of the CLI;
     yields the warnings caught, for ``tracer_notes``."""
-    # warnings_logged outermost: stdout is restored before the warnings are logged
+    # warnings_logged outermost: stdout is restored before the warnings are logged. Held
+    # throughout: torch's exporters keep process-global state (quantgate.quiet)
     with (
+        GLOBAL_STATE,
         warnings_logged("exporter warning", level=logging.DEBUG, logger=log) as caught,
-        contextlib.redirect_stdout(io.StringIO()),
+        stdout_captured(),
     ):
         yield caught
 

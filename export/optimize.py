@@ -9,14 +9,13 @@ The fused model is validated again by the caller.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 from pathlib import Path
 
 import onnx
 
 from quantgate.errors import ExportError
+from quantgate.quiet import stdout_captured
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +39,9 @@ def fuse(src: Path, dst: Path, *, num_heads: int = 0, hidden_size: int = 0) -> d
     """Write the fused graph of ``src`` to ``dst``; return fused op type -> count (non-zero)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    chatter = io.StringIO()
     try:
         # A ModelProto, not a path: the optimizer then writes no files of its own.
-        with contextlib.redirect_stdout(chatter):  # the optimizer print()s some diagnostics
+        with stdout_captured() as chatter:  # the optimizer print()s some diagnostics
             optimized = optimize_model(
                 onnx.load(str(src)),
                 model_type="bert",

@@ -22,6 +22,7 @@ from quantgate import cpus
 from quantgate.bundle import TensorSpec
 from quantgate.errors import ExportError, ValidationError
 from quantgate.model.loaders import InputSpec, LoadedModel, Samples
+from quantgate.quiet import warnings_caught
 
 log = logging.getLogger(__name__)
 
@@ -312,8 +313,7 @@ def warnings_logged(
 ) -> Iterator[list[warnings.WarningMessage]]:
     """Warnings raised inside, caught instead of printed and yielded; on a normal exit each
     first line is logged once, in order, as ``what: line`` at ``level`` (INFO is shown by -v)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings_caught() as caught:
         yield caught
     for text in dict.fromkeys(str(w.message).splitlines()[0] for w in caught):
         logger.log(level, "%s: %s", what, text)

@@ -11,7 +11,6 @@ import inspect
 import logging
 import os
 import sys
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +30,7 @@ from quantgate.model.loaders import (
     did_you_mean,
     half_precision,
 )
+from quantgate.quiet import warnings_caught
 from quantgate.tasks import CUSTOM, HF_TASKS, SEQUENCE_CLASSIFICATION
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,10 @@ def _from_factory(
     output_names = getattr(module, "output_names", None)
     wrapped = TupleOutputs(module, list(example), output_names).eval()
     if output_names is None:  # a dict's keys, else output, output_0, output_1, ...
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the model's own; export logs them (-v)
+        with (
+            torch.no_grad(),
+            warnings_caught(record=False),
+        ):  # the model's own: export logs them (-v)
             try:
                 out = module(**example)
             except Exception as e:  # noqa: BLE001

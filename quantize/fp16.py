@@ -24,8 +24,6 @@ This module imports onnx, onnxruntime and the gates' helpers only; never quantga
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 import signal
@@ -42,6 +40,7 @@ from quantgate.bundle import CPU
 from quantgate.configs import check_fields, suggest_fields
 from quantgate.errors import QuantizeError, QuantizeFailed
 from quantgate.quantize.fidelity import Fidelity
+from quantgate.quiet import stdout_captured
 from quantgate.sessions import session
 
 log = logging.getLogger(__name__)
@@ -80,10 +79,9 @@ def to_fp16(model: onnx.ModelProto | str | Path, cfg: Fp16Config | None = None) 
         raise QuantizeError(
             "the model already holds FP16 initializers; to_fp16 expects the FP32 export"
         )
-    chatter = io.StringIO()
     try:
         wrapped = OnnxModel(onnx.ModelProto.FromString(proto.SerializeToString()))  # a copy
-        with contextlib.redirect_stdout(chatter):
+        with stdout_captured() as chatter:
             wrapped.convert_float_to_float16(
                 use_symbolic_shape_infer=True,
                 keep_io_types=cfg.keep_io_types,

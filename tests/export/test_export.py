@@ -136,6 +136,29 @@ def test_a_module_object_or_its_factory_exports_from_python(tmp_path):
         load_model(42)
 
 
+def test_exports_in_threads_of_one_process_take_turns(tiny_checkpoint, tmp_path):
+    """torch's legacy exporter keeps process-global state, and capturing stdout swaps
+    sys.stdout: two exports at once failed one over to the dynamo exporter (another graph,
+    shipped) and left sys.stdout a StringIO. Each export now ships what it ships alone."""
+    import threading
+
+    stdout = sys.stdout
+    bundles: dict[int, qb.Bundle] = {}
+
+    def one(k: int) -> None:
+        bundles[k] = export(tiny_checkpoint, tmp_path / f"b{k}", cfg=ExportConfig())
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sys.stdout is stdout
+    records = [bundles[k].manifest.export for k in range(2)]
+    assert [r["exporter"] for r in records] == ["legacy", "legacy"], records
+    assert records[0]["fusions"] == records[1]["fusions"]
+
+
 def test_inspect_prints_a_readable_summary(cli, digits_bundle):
     r = cli("inspect", digits_bundle.path)
     assert r.code == 0, r.stderr

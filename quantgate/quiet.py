@@ -1,0 +1,36 @@
+"""Other libraries' output kept out of quantgate's, one thread at a time.
+
+``contextlib.redirect_stdout`` and ``warnings.catch_warnings`` swap process-wide state
+(``sys.stdout``, the warnings filters): two threads capturing at once restore each other's,
+which left ``sys.stdout`` a StringIO for good after two exports in threads of one process.
+Every such capture in quantgate holds ``GLOBAL_STATE``, and so does each run of torch's ONNX
+exporters, whose legacy tracer keeps process-global state (of two exports in threads, one
+failed with "GLOBALS.in_onnx_export must be True" and shipped the other exporter's graph).
+Exports in threads of one process therefore take turns there; in processes they run side by
+side. A reentrant lock: a capture may hold another inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import warnings
+from collections.abc import Iterator
+
+GLOBAL_STATE = threading.RLock()
+
+
+@contextlib.contextmanager
+def stdout_captured() -> Iterator[io.StringIO]:
+    """What is printed inside, captured instead of shown."""
+    with GLOBAL_STATE, contextlib.redirect_stdout(io.StringIO()) as out:
+        yield out
+
+
+@contextlib.contextmanager
+def warnings_caught(*, record: bool = True) -> Iterator[list[warnings.WarningMessage]]:
+    """Warnings raised inside, every one caught (recorded, or dropped) instead of shown."""
+    with GLOBAL_STATE, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always" if record else "ignore")
+        yield caught
