@@ -2,7 +2,7 @@
 
     cfg = ServeConfig(path=Path("bundles/digits"), port=0)
     engine = Engine(load_repository(cfg), cfg)
-    server, port, health = create_server(cfg, engine)
+    server, port, health, close_threads = create_server(cfg, engine)
 
 ``run(cfg)`` does all of it: load and verify the bundles, listen, warm up, report
 SERVING, and on SIGTERM or SIGINT stop accepting, finish every admitted request, and
@@ -30,9 +30,11 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from typing import NamedTuple
 
 import grpc
 import prometheus_client as prom
+import prometheus_client.metrics as prom_metrics
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -452,13 +454,14 @@ def create_server(
     *,
     credentials: tls.Credentials | None = None,
     tokens: auth.Tokens | None = None,
-) -> tuple[grpc.Server, int, health.HealthServicer]:
+) -> Built:
     """Build the server (not started) and bind its port. ``credentials`` and ``tokens``:
     the TLS ones and the bearer tokens already read from ``cfg`` (``run`` reads them before
     loading models), else read here.
 
-    Returns the server, the bound port (the free one chosen when ``cfg.port`` is 0) and
-    the health servicer, which reports NOT_SERVING until ``run`` marks it SERVING.
+    Returns the server, the bound port (the free one chosen when ``cfg.port`` is 0), the
+    health servicer, which reports NOT_SERVING until ``run`` marks it SERVING, and what
+    ends the server's thread pools once it has stopped (gRPC does not own them).
 
     Threads: one per unary request in flight and per open stream, from a pool as large as
     every model's queue plus spares, so that a full queue, not a lack of threads, is what
@@ -486,6 +489,12 @@ def create_server(
     open_threads = streams.open_limit + OPEN_SPARE_THREADS
     open_pool = RequestThreads(open_threads, "grpc-open")
     refusals = futures.ThreadPoolExecutor(REFUSAL_THREADS, thread_name_prefix="refusal")
+    servicer = InferenceServicer(engine, threads)
+
+    def close_threads() -> None:  # idle once the server has stopped: they end at once
+        for executor in (pool, open_pool, refusals, servicer.streams):
+            executor.shutdown(wait=False, cancel_futures=True)
+
     overload = Overload(
         pool, 2 * threads, engine.metrics.overloaded.inc, refusals=refusals,
         open_threads=open_pool, open_limit=2 * open_threads, is_open=_open_call,
@@ -509,7 +518,7 @@ def create_server(
         # and beyond what refusals can keep up with, RESOURCE_EXHAUSTED by gRPC.
         maximum_concurrent_rpcs=OVERLOAD_ROOM * overload.limit,
     )
-    _add_inference_service(InferenceServicer(engine, threads), server)
+    _add_inference_service(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -529,11 +538,23 @@ def create_server(
                 credentials = tls.Credentials(cfg.tls)
                 credentials.watch()
             port = server.add_secure_port(address, credentials.server_credentials())
-    except RuntimeError as e:  # gRPC says only "Failed to bind"; its log above says why
-        raise ServeError(_cannot_listen(cfg, address)) from e
-    if port == 0:
-        raise ServeError(_cannot_listen(cfg, address))
-    return server, port, health_servicer
+        if port == 0:
+            raise RuntimeError("no port bound")
+    except BaseException as e:
+        close_threads()
+        if isinstance(e, RuntimeError):  # gRPC says only "Failed to bind"; its log says why
+            raise ServeError(_cannot_listen(cfg, address)) from e
+        raise
+    return Built(server, port, health_servicer, close_threads)
+
+
+class Built(NamedTuple):
+    """``create_server``'s server, not started, and what goes with it."""
+
+    server: grpc.Server
+    port: int  # bound
+    health: health.HealthServicer
+    close_threads: Callable[[], None]  # ends the server's thread pools, once it has stopped
 
 
 def _cannot_listen(cfg: ServeConfig, address: str) -> str:
@@ -669,13 +690,36 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
 
     Raises DrainIncomplete when the grace ran out before every admitted request was
     answered: the operator learns that requests were cut off, from the log and the exit code.
+    What it started (threads, the port, the metrics port) is ended when it returns or raises.
     """
+    if threading.current_thread() is not threading.main_thread():
+        raise ServeError(
+            "run() serves until a signal asks it to stop, so it must be called from the main "
+            "thread (Python delivers signals there). Call it from the main thread, or run "
+            "`quantgate serve` in a subprocess."
+        )
+    with _without_created_series():
+        _run(cfg, on_ready)
+
+
+@contextlib.contextmanager
+def _without_created_series() -> Iterator[None]:
+    """The process's metrics without prometheus_client's `_created` timestamp per counter and
+    histogram (a second series each, read by nothing docs/serving.md's metrics are for) while
+    serving: a switch of the whole process, put back as it was for an embedding caller."""
+    was_on = getattr(prom_metrics, "_use_created", True)
+    prom.disable_created_metrics()
+    try:
+        yield
+    finally:
+        if was_on:
+            prom.enable_created_metrics()
+
+
+def _run(cfg: ServeConfig, on_ready: Callable[[int, Engine], None] | None) -> None:
     # A bad TLS file or a port in use is named before minutes of loading models.
     credentials = tls.Credentials(cfg.tls) if cfg.tls is not None else None
     tokens = auth.tokens(cfg)
-    # The process's metrics without prometheus_client's `_created` timestamp per counter and
-    # histogram (a second series each, read by nothing docs/serving.md's metrics are for).
-    prom.disable_created_metrics()
     _check_ports(cfg)
     engine = Engine(load_repository(cfg), cfg)
     # Served as loaded: a bundle that changes on disk is said so once, not reloaded
@@ -687,7 +731,7 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
     if credentials is not None:  # when the served certificate expires, and after renewals
         expiry = engine.metrics.tls_expiry.labels(str(credentials.tls.cert))
         credentials.watch(lambda material: expiry.set(material.expires.timestamp()))
-    server, port, health_servicer = create_server(
+    server, port, health_servicer, close_threads = create_server(
         cfg, engine, credentials=credentials, tokens=tokens
     )
     _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -705,7 +749,12 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
     # SIGHUP too: the terminal that started the server closed. Its default would end the
     # process at once, admitted requests unanswered. A caller embedding run() gets its own
     # handlers back (signals.handling).
-    with signals.handling(on_signal), contextlib.closing(bundles.start()):
+    with (
+        contextlib.ExitStack() as ended,
+        signals.handling(on_signal),
+        contextlib.closing(bundles.start()),
+    ):
+        ended.callback(close_threads)  # last: after the drain, or a failed start
         try:
             _start(cfg, server, port, engine, health_servicer, on_ready, stop)
             while not stop.wait(0.5):  # a short wait: signal handlers run between waits

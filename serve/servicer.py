@@ -194,7 +194,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         sends faster than they are answered waits, and gRPC's flow control slows its
         client."""
         self._engine = engine
-        self._streams = ThreadPoolExecutor(stream_threads, thread_name_prefix="stream")
+        self.streams = ThreadPoolExecutor(stream_threads, thread_name_prefix="stream")
         self._stream_slots = threading.BoundedSemaphore(stream_threads)
 
     def ServerLive(self, request, context):
@@ -330,7 +330,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         return
                     self._stream_slots.acquire()
                     # The stream's own deadline, if any, ends the whole call; requests get none.
-                    answer = self._streams.submit(
+                    answer = self.streams.submit(
                         self._infer, request, None, caller, record, codec.STREAM_FRAMING
                     )
                     answer.add_done_callback(lambda _: self._stream_slots.release())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import re
 import shutil
@@ -776,6 +777,80 @@ def test_a_failed_start_stops_listening_and_gives_the_signal_handlers_back(repo)
         "SIGINT handler restored: True",
         "SIGTERM handler restored: True",
     ], done.stderr
+
+
+_EMBEDDED = """
+import os, signal, socket, sys, threading
+from pathlib import Path
+import grpc
+import prometheus_client as prom
+from quantgate.errors import ServeError
+from quantgate.protos import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
+from quantgate.serve.config import ServeConfig
+from quantgate.serve.server import run
+
+cfg = ServeConfig(path=Path(sys.argv[1]), host="127.0.0.1", port=0, warmup=False)
+mine = prom.Counter("caller_requests", "the embedding program's own counter")
+
+def on_ready(port, engine):
+    def ask():
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(5):
+                stub.ServerLive(pb.ServerLiveRequest())
+    askers = [threading.Thread(target=ask) for _ in range(12)]
+    for t in askers:
+        t.start()
+    for t in askers:
+        t.join()
+    os.kill(os.getpid(), signal.SIGTERM)
+
+counts = []
+for _ in range(4):
+    run(cfg, on_ready=on_ready)
+    counts.append(threading.active_count())
+print("threads after each run:", counts)
+print("created series kept:", b"caller_requests_created" in prom.generate_latest())
+
+port = socket.socket()
+port.bind(("127.0.0.1", 0))
+free = port.getsockname()[1]
+port.close()
+errors = []
+def from_a_thread():
+    try:
+        run(ServeConfig(path=Path(sys.argv[1]), host="127.0.0.1", port=free, warmup=False))
+    except ServeError as e:
+        errors.append(str(e))
+t = threading.Thread(target=from_a_thread)
+t.start()
+t.join()
+print("from a thread:", "ServeError, main thread named" if errors and "main thread" in errors[0] else errors)
+with socket.socket() as probe:
+    print("port bound:", probe.connect_ex(("127.0.0.1", free)) == 0)
+"""
+
+
+def test_run_embedded_leaves_no_threads_and_no_switched_metrics_behind(repo):
+    """run() called again and again in one program (a test suite's, a notebook's): the
+    server's thread pools end with each run (they were kept: 13 more threads a run), the
+    caller's own prometheus counters keep their _created series, and a call from another
+    thread than the main one is a ServeError before any port is bound."""
+    done = subprocess.run(
+        [sys.executable, "-c", _EMBEDDED, str(repo / "classifier")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    counts = json.loads(lines[0].removeprefix("threads after each run: "))
+    assert counts[-1] <= counts[0] + 1, (counts, done.stderr[-2000:])
+    assert lines[1:] == [
+        "created series kept: True",
+        "from a thread: ServeError, main thread named",
+        "port bound: False",
+    ], done.stderr[-2000:]
 
 
 def test_a_stream_that_never_reads_its_answers_stops_being_read(repo):
