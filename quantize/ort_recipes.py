@@ -46,13 +46,21 @@ class _NoPreprocessAdvice(logging.Filter):
 
 @contextlib.contextmanager
 def _without_preprocess_advice() -> Iterator[None]:
-    """While ORT quantizes: its root-logger advice is filtered, and only then."""
+    """While ORT quantizes: its root-logger advice is filtered, and only then. ORT logs it
+    with ``logging.warning``, which configures the root logger (``basicConfig``: a stderr
+    handler) where it has no handler yet: a program embedding quantgate then found its own
+    ``basicConfig`` doing nothing. A handler that drops everything stands in meanwhile."""
     advice, root = _NoPreprocessAdvice(), logging.getLogger()
+    stand_in = logging.NullHandler() if not root.handlers else None
     root.addFilter(advice)
+    if stand_in is not None:
+        root.addHandler(stand_in)
     try:
         yield
     finally:
         root.removeFilter(advice)
+        if stand_in is not None:
+            root.removeHandler(stand_in)
 
 
 # Most feeds ORT's calibrator holds before it reduces them to running statistics.

@@ -668,3 +668,36 @@ def test_a_hugging_face_token_classifier_is_gated_per_token(
     assert r.code == 2 and "(token_accuracy_drop <= 1 points)" in said, said
     assert "agreement with FP32 (token_top1_agreement, token_kl)" in said
     assert "a .npz array 'labels' of shape (rows, sequence), -100 where" in said
+
+
+_EMBEDDED_BUILD = """
+import logging, sys
+from quantgate.errors import GateFailed
+from quantgate.quantize import QuantConfig, build
+try:  # a tiny model's INT8 is no faster: whether it passes is not the point here
+    build(sys.argv[1], sys.argv[2], quant_cfg=QuantConfig(recipes=("ort-dynamic-per-channel",),
+          fp16=False, calibration_samples=8))  # 8 rows: quantgate warns of so few
+except GateFailed:
+    pass
+print("root handlers:", logging.getLogger().handlers)
+logging.basicConfig(level=logging.INFO, format="APP %(message)s")
+logging.getLogger("app").info("the program's own line")
+"""
+
+
+def test_a_build_leaves_the_programs_logging_as_it_found_it(tmp_path):
+    """From Python, with logging not yet configured: ONNX Runtime's quantizer logged with
+    logging.warning, which gave the root logger a stderr handler, so the program's own
+    basicConfig did nothing afterwards; and quantgate's warnings went to logging's
+    last-resort stderr. The build prints nothing, and the program's logging is its own."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", _EMBEDDED_BUILD, str(tiny_checkpoint()), str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["root handlers: []"], done.stdout
+    assert done.stderr == "APP the program's own line\n"
