@@ -39,6 +39,9 @@ def fuse(src: Path, dst: Path, *, num_heads: int = 0, hidden_size: int = 0) -> d
     """Write the fused graph of ``src`` to ``dst``; return fused op type -> count (non-zero)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
+    # Weights past protobuf's 2 GB stay external data (in one file beside dst): the export
+    # kept them there, and the fused graph could not be serialized with them inside.
+    external = uses_external_data(src)
     try:
         # A ModelProto, not a path: the optimizer then writes no files of its own.
         with stdout_captured() as chatter:  # the optimizer print()s some diagnostics
@@ -50,7 +53,7 @@ def fuse(src: Path, dst: Path, *, num_heads: int = 0, hidden_size: int = 0) -> d
                 opt_level=0,
             )
         stats = optimized.get_fused_operator_statistics()
-        optimized.save_model_to_file(str(dst))
+        optimized.save_model_to_file(str(dst), use_external_data_format=external)
     # writing the fused graph: the machine's failure (a full disk), not the optimizer's
     except OSError as e:
         raise ExportError(f"ONNX Runtime's transformer optimizer failed on {src.name}: {e}") from e
@@ -63,6 +66,15 @@ def fuse(src: Path, dst: Path, *, num_heads: int = 0, hidden_size: int = 0) -> d
     fused = {op: int(n) for op, n in sorted(stats.items()) if n}
     log.info("fusions in %s: %s", dst.name, fused or "none")
     return fused
+
+
+def uses_external_data(model: Path) -> bool:
+    """Whether ``model`` keeps weights in files beside it (ONNX external data), as exporters
+    save a model past protobuf's 2 GB; read without loading them."""
+    from onnx.external_data_helper import uses_external_data as external
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    return any(external(t) for t in graph.initializer)
 
 
 def fusion_summary(fused: dict[str, int]) -> dict[str, int]:

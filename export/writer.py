@@ -311,7 +311,13 @@ def render_report(manifest: Manifest, sections: Sequence[str] = ()) -> str:
             "",
             f"ONNX Runtime transformer fusions: {fused}."
             + (f" Not fused: {', '.join(missing)}." if missing and e.get("optimized") else "")
-            + ("" if e.get("optimized") else " (optimization was off)"),
+            + (
+                ""
+                if e.get("optimized")
+                else f" The optimizer failed, so the graph ships unfused: {e['optimizer_failed']}"
+                if e.get("optimizer_failed")
+                else " (optimization was off)"
+            ),
             "",
         ]
     lines += [

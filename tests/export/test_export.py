@@ -437,6 +437,8 @@ def test_a_crash_in_onnx_runtime_s_optimizer_ships_the_unfused_graph(
     assert export["optimizer_failed"].endswith("IndexError: list index out of range")
     r = cli("inspect", out)
     assert "unfused: ONNX Runtime's transformer optimizer failed" in r.stdout, r.stdout
+    report = " ".join((out / "report.md").read_text().split())
+    assert "The optimizer failed, so the graph ships unfused: ONNX Runtime's" in report
     # where the next exporter's graph fuses (--exporter auto), that one ships
     calls = []
 
@@ -807,3 +809,27 @@ def test_a_tolerance_that_would_pass_anything_is_refused(
     assert r.code == 2
     assert "tolerances must be finite and >= 0" in r.stderr
     no_leftovers(tmp_path)
+
+
+def test_weights_kept_outside_the_graph_stay_outside_it_when_fused(digits_result, tmp_path):
+    """A model past protobuf's 2 GB comes out of its exporter with external data; the fused
+    graph could not be serialized with them inside, so the export shipped unfused, blaming
+    the optimizer. A small model saved the same way stands in for a large one."""
+    from quantgate.export.optimize import fuse, uses_external_data
+
+    raw = onnx.load(str(digits_result.unfused_onnx or digits_result.onnx))
+    split = tmp_path / "split" / "model.onnx"
+    split.parent.mkdir()
+    onnx.save_model(raw, str(split), save_as_external_data=True, location="weights.bin",
+                    size_threshold=0)  # fmt: skip
+    assert uses_external_data(split) and not uses_external_data(digits_result.onnx)
+    fused = fuse(split, tmp_path / "split" / "fused.onnx", num_heads=4, hidden_size=32)
+    assert fused and uses_external_data(tmp_path / "split" / "fused.onnx")
+    assert (tmp_path / "split" / "fused.onnx.data").is_file()
+    feeds = {
+        "input_ids": np.random.default_rng(0).integers(1, 17, (3, 64)),
+        "attention_mask": np.ones((3, 64), dtype=np.int64),
+    }
+    got = ort_session(tmp_path / "split" / "fused.onnx").run(None, feeds)
+    want = ort_session(digits_result.onnx).run(None, feeds)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-4)

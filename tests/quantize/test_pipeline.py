@@ -701,3 +701,18 @@ def test_a_build_leaves_the_programs_logging_as_it_found_it(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["root handlers: []"], done.stdout
     assert done.stderr == "APP the program's own line\n"
+
+
+def test_a_model_past_protobufs_limit_is_refused_before_its_export(tmp_path, monkeypatch):
+    """Weights past 2 GB: the INT8 recipes failed minutes in ("Failed to serialize proto")
+    and nothing was written. Refused once loaded, naming --no-quantize, which ships it in
+    FP32. The limit is lowered here to the tiny model's size: a real 2 GB model would take
+    the test minutes and gigabytes."""
+    from quantgate.errors import QuantizeError
+    from quantgate.quantize import build, pipeline
+
+    monkeypatch.setattr(pipeline, "PROTOBUF_LIMIT", 1000)
+    out = tmp_path / "b"
+    with pytest.raises(QuantizeError, match=r"past protobuf's 2 GB limit .* --no-quantize\.$"):
+        build(tiny_checkpoint(), out)
+    assert not out.exists()
