@@ -12,10 +12,11 @@ for the same model config, training config and data is reused instead of retrain
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -256,6 +257,16 @@ def is_checkpoint(path: Path) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def load_checkpoint(path: str | Path) -> tuple[EncoderClassifier, dict]:
     """Load a checkpoint directory written by ``train``; the model is in eval mode."""
     path = Path(path)
@@ -291,7 +302,11 @@ def load_checkpoint(path: str | Path) -> tuple[EncoderClassifier, dict]:
         )
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
-        model = EncoderClassifier(model_cfg)
+        # Made as the checkpoint was, whatever the caller set: float32, and its weights'
+        # random initialisation (overwritten at once) drawn without advancing the caller's
+        # global RNG.
+        with torch.random.fork_rng(devices=[]), _default_dtype(torch.float32):
+            model = EncoderClassifier(model_cfg)
         model.load_state_dict(state)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(

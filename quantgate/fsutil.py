@@ -200,10 +200,15 @@ def _lock(path: Path, out: Path) -> int:
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "no details"
             os.close(fd)
+            who = (
+                "another thread of this process"
+                if holder.startswith(f"pid {os.getpid()},")
+                else "another quantgate process"
+            )
             raise Busy(
-                f"{out} is being written by another quantgate process ({holder}). Wait for "
-                f"it to finish, or write somewhere else. (Its claim is the lock on {path}; "
-                "the lock goes with the process.)"
+                f"{out} is being written by {who} ({holder}). Wait for it to finish, or write "
+                f"somewhere else. (Its claim is the lock on {path}; the lock goes with the "
+                "process.)"
             ) from None
         except BaseException:
             os.close(fd)

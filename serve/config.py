@@ -134,10 +134,11 @@ class ServeConfig:
             )
         if self.io_binding not in IO_BINDING:
             raise ConfigError(f"io_binding must be one of {IO_BINDING}, got {self.io_binding!r}")
-        if self.cuda_device_id < 0 or self.gpu_mem_limit < 0:
-            raise ConfigError("cuda_device_id and gpu_mem_limit cannot be negative")
-        if self.max_queue_delay_us < 0 or self.port < 0 or self.intra_op_threads < 0:
-            raise ConfigError("max_queue_delay_us, port and intra_op_threads cannot be negative")
+        for name in (
+            "cuda_device_id", "gpu_mem_limit", "max_queue_delay_us", "port", "intra_op_threads"
+        ):  # fmt: skip
+            if (value := getattr(self, name)) < 0:
+                raise ConfigError(f"{name} cannot be negative, got {value}")
         if self.metrics_port and self.metrics_port == self.port:
             raise ConfigError(
                 f"--metrics-port {self.metrics_port} is the gRPC --port too; give the "

@@ -225,6 +225,26 @@ def test_train_leaves_the_callers_global_rng_alone(recorded):
     assert torch.equal(before, after)
 
 
+def test_loading_a_checkpoint_leaves_the_callers_rng_and_default_dtype_alone(recorded):
+    """A reused checkpoint (train() finding it there, an export reading it) drew its model's
+    throwaway initialisation from the caller's global RNG, and under the caller's default
+    dtype made a float64 model that no exporter validated."""
+    import torch
+
+    result, _, _, _ = recorded
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model, _ = load_checkpoint(result.checkpoint)
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(dtype)
+    assert torch.equal(before, torch.get_rng_state())
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 def test_history_is_each_epochs_mean_loss_over_every_image(recorded):
     result, steps, _, _ = recorded
     n = len(load_digits_splits()["train"])
