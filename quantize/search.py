@@ -234,11 +234,56 @@ def search(
     unfused: Path | None = None,
     on_progress: ProgressFn | None = None,
 ) -> SearchResult:
-    """Try recipes within the budget; return every candidate and the fastest that passed."""
+    """Try recipes within the budget; return every candidate and the fastest that passed.
+    An exception from ``on_progress`` (a caller cancelling) ends the search as it is: the
+    search catches a recipe's failures, not the caller's."""
+    emit = no_progress if on_progress is None else _guarded(on_progress)
+    try:
+        return _search(fp32, calibration, evaluation, task=task, inputs=inputs,
+                       max_seq_len=max_seq_len, workdir=workdir, quant_cfg=quant_cfg,
+                       gate_cfg=gate_cfg, unfused=unfused, emit=emit)  # fmt: skip
+    except _CallerRaised as e:
+        raise e.error from None
+
+
+def _guarded(report: ProgressFn) -> ProgressFn:
+    """``report``, its exceptions carried as ``_CallerRaised``."""
+
+    def emit(task: str, done: int, total: int | None, status: str) -> None:
+        try:
+            report(task, done, total, status)
+        except Exception as e:  # noqa: BLE001 - carried past the handlers of recipe failures
+            raise _CallerRaised(e) from e
+
+    return emit
+
+
+class _CallerRaised(BaseException):
+    """The caller's progress callback raised ``error``: a BaseException, so that no handler of
+    a recipe's failure (``except Exception``) takes it for one."""
+
+    def __init__(self, error: Exception):
+        super().__init__(error)
+        self.error = error
+
+
+def _search(
+    fp32: Path,
+    calibration: DataSource,
+    evaluation: DataSource,
+    *,
+    task: str,
+    inputs: Sequence[TensorSpec],
+    max_seq_len: int,
+    workdir: Path,
+    quant_cfg: QuantConfig | None,
+    gate_cfg: GateConfig | None,
+    unfused: Path | None,
+    emit: ProgressFn,
+) -> SearchResult:
     quant_cfg = quant_cfg or QuantConfig()
     gate_cfg = gate_cfg or GateConfig()
     t0 = time.monotonic()
-    emit = on_progress or no_progress
     reference = collect(fp32, evaluation, provider=gate_cfg.provider, threads=gate_cfg.threads)
     check_evaluation(reference, task)  # before minutes of quantization
     sample = next(evaluation.batches()).feeds
