@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from quantgate.errors import ConfigError
+from quantgate.errors import ConfigError, ConfigTypeError
 
 _MISMATCH = object()
 
@@ -48,16 +48,16 @@ def check_fields(cfg: Any) -> None:
 
 def suggest_fields(cls: type) -> type:
     """Decorate a config dataclass (above ``@dataclass``) so that a keyword that is none of
-    its fields is a TypeError naming the field it probably means, as a config file's unknown
-    setting is: ``GateConfig(min_speedp=1.1)`` says "did you mean 'min_speedup'?", not
-    Python's bare "unexpected keyword argument"."""
+    its fields is a ConfigTypeError (a TypeError too) naming the field it probably means, as
+    a config file's unknown setting is: ``GateConfig(min_speedp=1.1)`` says "did you mean
+    'min_speedup'?", not Python's bare "unexpected keyword argument"."""
     init = cls.__init__  # type: ignore[misc]  # (mypy: a class's own __init__, replaced below)
     known = {f.name for f in dataclasses.fields(cls) if f.init}
 
     @functools.wraps(init)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if unknown := sorted(kwargs.keys() - known):
-            raise TypeError(unknown_fields(cls.__name__, unknown, known))
+            raise ConfigTypeError(unknown_fields(cls.__name__, unknown, known))
         init(self, *args, **kwargs)
 
     cls.__init__ = __init__  # type: ignore[misc]
@@ -191,10 +191,10 @@ def _found(value: Any) -> str:
 
 
 def require(value: Any, kind: type, name: str) -> None:
-    """TypeError unless ``value`` is a ``kind`` (a config passed as a dict, say)."""
+    """ConfigTypeError unless ``value`` is a ``kind`` (a config passed as a dict, say)."""
     if not isinstance(value, kind):
         article = "an" if kind.__name__[0] in "AEIOU" else "a"
-        raise TypeError(
+        raise ConfigTypeError(
             f"{name}: expected {article} {kind.__name__}, found {type(value).__name__}; make one with "
             f"{kind.__name__}(...), e.g. {name}={kind.__name__}(**settings)"
         )

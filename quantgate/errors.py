@@ -55,6 +55,11 @@ class ConfigError(QuantgateError):
         self.problems = tuple(problems)
 
 
+class ConfigTypeError(ConfigError, TypeError):
+    """A config made with a keyword that is none of its fields, or another type where a config
+    is expected: a ConfigError, and the TypeError Python raises for those."""
+
+
 class CheckpointError(QuantgateError):
     """A checkpoint that is missing, unreadable, or inconsistent with its config."""
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantgate.errors import ConfigError
+from quantgate.errors import ConfigError, ConfigTypeError
 from quantgate.export import ExportConfig, Exporter
 from quantgate.quantize import GateConfig, QuantConfig
 from quantgate.serve import ServeConfig
@@ -100,8 +100,9 @@ def test_a_misspelt_field_is_answered_with_the_field_it_probably_means():
         def __post_init__(self):
             check_fields(self)
 
-    with pytest.raises(TypeError) as err:
+    with pytest.raises(ConfigTypeError) as err:  # a ConfigError, and the TypeError Python says
         Thresholds(min_speedp=1.1)
+    assert isinstance(err.value, TypeError) and isinstance(err.value, ConfigError)
     assert str(err.value) == (
         "Thresholds: unknown field 'min_speedp' (did you mean 'min_speedup'?); its fields: "
         "min_speedup, min_top1_agreement"
