@@ -56,6 +56,7 @@ exporters trace.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -128,6 +129,11 @@ class LoadedModel:
     @property
     def input_names(self) -> tuple[str, ...]:
         return tuple(i.name for i in self.inputs)
+
+    def released(self) -> LoadedModel:
+        """This description with an empty module in place of the model: what the stages after
+        the export read, without holding its weights."""
+        return dataclasses.replace(self, module=nn.Module())
 
     @property
     def source(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,6 +123,12 @@ def build(
                 cal.lengths[1],
             )
         result = _export(model, work, export_cfg, emit)
+        # PyTorch's part is done: what follows reads the ONNX files and the model's
+        # description. Its weights (a copy of the model's size) go, where nothing else holds
+        # the module (a caller's own object stays the caller's).
+        result = dataclasses.replace(result, model=result.model.released())
+        del model
+        gc.collect()
         exported = with_graph_tables(info, result.onnx)
         if exported is not info:  # table sizes the model did not say before its export
             check_ids(cal, exported, named("--calibration", calibration, cal))

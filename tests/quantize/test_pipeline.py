@@ -739,3 +739,38 @@ def test_an_exception_from_on_progress_ends_the_build_as_the_callers(tmp_path):
         build(tiny_checkpoint(), out, quant_cfg=QuantConfig(max_candidates=2, fp16=False),
               on_progress=cancel)  # fmt: skip
     assert seen.count("timing") == 1 and not out.exists()
+
+
+_MODULES_DURING_SEARCH = """
+import gc, sys
+from quantgate.errors import GateFailed
+from quantgate.model.transformer import EncoderClassifier
+from quantgate.quantize import QuantConfig, build
+
+counts = {}
+def count(task, done, total, status):
+    if task == "search" and task not in counts:
+        gc.collect()
+        counts[task] = sum(isinstance(o, EncoderClassifier) for o in gc.get_objects())
+    if task == "export" and task not in counts and done:
+        counts[task] = sum(isinstance(o, EncoderClassifier) for o in gc.get_objects())
+try:
+    build(sys.argv[1], sys.argv[2], quant_cfg=QuantConfig(max_candidates=1, fp16=False),
+          on_progress=count)
+except GateFailed:
+    pass
+print(counts)
+"""
+
+
+def test_the_pytorch_model_is_let_go_once_exported(tmp_path):
+    """The search and the bundle read ONNX files: the PyTorch model (a copy of the weights,
+    gigabytes for a large model) was held to the end of the build."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", _MODULES_DURING_SEARCH, str(tiny_checkpoint()), str(tmp_path / "b")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "{'export': 1, 'search': 0}", done.stdout
