@@ -14,6 +14,7 @@ from pathlib import Path
 
 import onnx
 
+from quantgate import onnxfiles
 from quantgate.errors import ExportError
 from quantgate.quiet import stdout_captured
 
@@ -41,7 +42,7 @@ def fuse(src: Path, dst: Path, *, num_heads: int = 0, hidden_size: int = 0) -> d
 
     # Weights past protobuf's 2 GB stay external data (in one file beside dst): the export
     # kept them there, and the fused graph could not be serialized with them inside.
-    external = uses_external_data(src)
+    external = onnxfiles.stored_outside(src)
     try:
         # A ModelProto, not a path: the optimizer then writes no files of its own.
         with stdout_captured() as chatter:  # the optimizer print()s some diagnostics
@@ -66,15 +67,6 @@ def fuse(src: Path, dst: Path, *, num_heads: int = 0, hidden_size: int = 0) -> d
     fused = {op: int(n) for op, n in sorted(stats.items()) if n}
     log.info("fusions in %s: %s", dst.name, fused or "none")
     return fused
-
-
-def uses_external_data(model: Path) -> bool:
-    """Whether ``model`` keeps weights in files beside it (ONNX external data), as exporters
-    save a model past protobuf's 2 GB; read without loading them."""
-    from onnx.external_data_helper import uses_external_data as external
-
-    graph = onnx.load(str(model), load_external_data=False).graph
-    return any(external(t) for t in graph.initializer)
 
 
 def fusion_summary(fused: dict[str, int]) -> dict[str, int]:

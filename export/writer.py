@@ -164,18 +164,9 @@ def _other_files(tmp: Path, skip: set[str]) -> dict[str, str]:
 def _copy_external_data(model: Path, tmp: Path, name: str) -> None:
     """Copy the files that hold ``model``'s weights outside it (ONNX external data, needed
     past 2 GB) into the bundle beside it, under the names the model refers to them by."""
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    from quantgate import onnxfiles
 
-    m = onnx.load(str(model), load_external_data=False)
-    locations = sorted(
-        {
-            ExternalDataInfo(t).location
-            for t in _tensors(m.graph, onnx.AttributeProto)
-            if uses_external_data(t)
-        }
-    )
-    for location in locations:
+    for location in onnxfiles.external_locations(model):
         inside = Path(location)
         if inside.is_absolute() or ".." in inside.parts or location in (MANIFEST, REPORT):
             raise BundleError(
@@ -198,23 +189,6 @@ def _copy_external_data(model: Path, tmp: Path, name: str) -> None:
             )
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)
-
-
-def _tensors(graph, attribute):
-    """Every tensor of an ONNX graph that can hold weights: initializers and tensor
-    attributes (Constant), subgraphs (If, Loop) included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == attribute.TENSOR:
-                yield a.t
-            elif a.type == attribute.TENSORS:
-                yield from a.tensors
-            elif a.type == attribute.GRAPH:
-                yield from _tensors(a.g, attribute)
-            elif a.type == attribute.GRAPHS:
-                for g in a.graphs:
-                    yield from _tensors(g, attribute)
 
 
 def _copy_verified(src: Path, dst: Path, sha256: str) -> Path:

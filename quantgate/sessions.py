@@ -8,10 +8,11 @@ other, as the server's sessions have it.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from quantgate import cpus, workarounds
+from quantgate import cpus, onnxfiles, workarounds
 from quantgate.bundle import CPU
 from quantgate.errors import ConfigError
 
@@ -27,7 +28,9 @@ def session(
     profile_prefix: str | None = None,
 ):
     """An ONNX Runtime session for ``model`` (a path or an ``onnx.ModelProto``) on
-    ``provider``, with the CPU provider behind any other.
+    ``provider``, with the CPU provider behind any other. A ModelProto past protobuf's 2 GB
+    is written to a temporary file with its weights beside it, which moves them out of it
+    (``quantgate.onnxfiles.save``): pass one that is not needed after.
 
     ``threads``: intra-op threads (0: ``quantgate.cpus.threads``, ORT's default, one per
     physical core, unless a container's CPU quota is smaller). ``spin`` False
@@ -57,8 +60,13 @@ def session(
         options.profile_file_prefix = profile_prefix
     workarounds.apply(options, precision)
     providers = [provider] if provider == CPU else [provider, CPU]
-    data = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
-    return ort.InferenceSession(data, options, providers=providers)
+    if isinstance(model, (str, Path)):
+        return ort.InferenceSession(str(model), options, providers=providers)
+    if onnxfiles.too_large(model):  # cannot be serialized: written beside its weights
+        with tempfile.TemporaryDirectory(prefix="quantgate-session-") as tmp:
+            path = onnxfiles.save(model, Path(tmp) / "model.onnx")
+            return ort.InferenceSession(str(path), options, providers=providers)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
 
 __all__ = ["session"]

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from quantgate import onnxfiles
 from quantgate.bundle import CPU
 from quantgate.configs import check_fields, suggest_fields
 from quantgate.errors import QuantizeError, QuantizeFailed
@@ -80,7 +81,9 @@ def to_fp16(model: onnx.ModelProto | str | Path, cfg: Fp16Config | None = None) 
             "the model already holds FP16 initializers; to_fp16 expects the FP32 export"
         )
     try:
-        wrapped = OnnxModel(onnx.ModelProto.FromString(proto.SerializeToString()))  # a copy
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)  # not through bytes: protobuf serializes none past 2 GB
+        wrapped = OnnxModel(copy)
         with stdout_captured() as chatter:
             wrapped.convert_float_to_float16(
                 use_symbolic_shape_infer=True,
@@ -124,10 +127,8 @@ def _fp32_compute_ops(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def save(model: onnx.ModelProto, path: str | Path) -> Path:
-    """Write ``model`` as one file (MiniLM FP16 is ~45 MB, far below protobuf's 2 GB)."""
-    path = Path(path)
-    onnx.save_model(model, str(path))
-    return path
+    """Write ``model`` (its weights beside it past protobuf's 2 GB: ``onnxfiles.save``)."""
+    return onnxfiles.save(model, path)
 
 
 def crash(

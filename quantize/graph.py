@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
 
+from quantgate import onnxfiles
 from quantgate.errors import DataError, QuantizeError
 from quantgate.quantize.recipes import Calibration, Recipe
 from quantgate.sessions import session
@@ -331,7 +332,7 @@ def build_integer_to_float(
     _drop_unused(model.graph, {t.w for t in todo})
     if not any(o.domain == MS for o in model.opset_import):
         model.opset_import.append(oh.make_opsetid(MS, 1))
-    onnx.save(model, str(out))
+    onnxfiles.save(model, out)
     return [t.node for t in todo], kept
 
 
@@ -458,6 +459,8 @@ def _drop_unused(g: onnx.GraphProto, candidates: set[str]) -> None:
         for n in dead:
             g.node.remove(n)
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    keep = [i for i in g.initializer if i.name in used or i.name not in candidates]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    # deleted in place: a kept tensor is not copied (protobuf copies one of 2 GB by bytes,
+    # which it cannot make)
+    for k in reversed(range(len(g.initializer))):
+        if g.initializer[k].name in candidates and g.initializer[k].name not in used:
+            del g.initializer[k]

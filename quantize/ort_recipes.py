@@ -26,7 +26,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from quantgate import cpus
+from quantgate import cpus, onnxfiles
 from quantgate.errors import DataError, QuantizeError
 from quantgate.quantize import graph
 from quantgate.quantize.recipes import Calibration, Recipe
@@ -145,9 +145,7 @@ def _smoothed(src: Path, recipe: Recipe, calibration: Calibration, work: Path) -
     gemms = [g for g in gemms if g.node not in recipe.keep_fp32]
     stats = graph.calibrate(model, [g.x for g in gemms], calibration)
     graph.apply_smoothing(model, gemms, stats, recipe.smooth_percentile)
-    dst = work / "smoothed.onnx"
-    onnx.save(model, str(dst))
-    return dst
+    return onnxfiles.save(model, work / "smoothed.onnx")
 
 
 def _which_quantized(src: onnx.ModelProto, out: Path, candidates: list[str]) -> list[str]:
@@ -184,6 +182,7 @@ def _static(src: Path, recipe: Recipe, calibration: Calibration, out: Path, fmt)
                 str(model_path),
                 str(out),
                 reader,
+                use_external_data_format=onnxfiles.stored_outside(model_path),
                 quant_format=fmt,
                 op_types_to_quantize=list(recipe.op_types),
                 per_channel=recipe.per_channel,
@@ -228,6 +227,7 @@ def quantize_dynamic(src: Path, recipe: Recipe, calibration: Calibration, out: P
             q.quantize_dynamic(
                 str(model_path),
                 str(out),
+                use_external_data_format=onnxfiles.stored_outside(model_path),
                 op_types_to_quantize=list(recipe.op_types),
                 per_channel=recipe.per_channel,
                 reduce_range=recipe.reduce_range,

@@ -99,7 +99,6 @@ def build(
     ):
         work = Path(tmp)
         model = _load(model_spec, export_cfg, emit)
-        _refuse_past_protobuf_limit(model)
         info = ModelInfo.from_model(model, input_specs(model))
         # the data are read and checked now, before minutes of export
         cal = open_source(
@@ -255,29 +254,6 @@ def _require_data(model_spec, calibration, evaluation) -> None:
         "a .txt of one text per line) or a .npz with one array per model input (plus optional "
         "labels)."
     )
-
-
-# Protobuf's limit on one message: an ONNX model with its weights inside it. An exporter
-# keeps a larger model's weights beside the graph (external data), and export and serve
-# follow; the INT8 recipes and the FP16 conversion hold the model in memory as one message.
-PROTOBUF_LIMIT = 2**31
-
-
-def _refuse_past_protobuf_limit(model: Any) -> None:
-    """QuantizeError, before the export, for a model whose weights cannot make an INT8 or
-    FP16 variant (they failed minutes later with protobuf's "Failed to serialize proto",
-    and nothing was written)."""
-    module = model.module
-    tensors = [*module.parameters(), *module.buffers()]  # shared weights once
-    weights = sum(t.numel() * t.element_size() for t in tensors)
-    if weights >= PROTOBUF_LIMIT:
-        raise QuantizeError(
-            f"{model.spec}: its weights are {weights / 1e9:.2f} GB, past protobuf's 2 GB limit "
-            "on one ONNX model. quantgate exports and serves such a model in FP32 (its "
-            "weights kept beside the graph as external data), but makes the INT8 and FP16 "
-            "variants of a model held whole in memory, which cannot hold these. Export it "
-            "with --no-quantize."
-        )
 
 
 def _fp16_variant(

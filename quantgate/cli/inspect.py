@@ -73,7 +73,7 @@ def inspect(
     out.print(tensors)
     variants = Table("file", "precision", "MB", "verdict", "gates", "providers", "recipe", box=None)
     for v in m.variants:
-        size = (b.path / v.file).stat().st_size / 1e6 if (b.path / v.file).exists() else 0.0
+        size = _size(b.path / v.file) / 1e6
         passed = sum(g.passed for g in v.gates)
         variants.add_row(
             v.file,
@@ -150,3 +150,18 @@ def _quiet(logger: str):
         yield
     finally:
         log.disabled = before
+
+
+def _size(model: Path) -> int:
+    """Bytes of the model at ``model`` with the weights it keeps beside it (0: missing)."""
+    from quantgate import onnxfiles
+
+    if not model.is_file():
+        return 0
+    try:
+        beside = onnxfiles.external_locations(model)
+    except Exception:  # noqa: BLE001 - not ONNX (a damaged file: --check says so): its own size
+        beside = []
+    return model.stat().st_size + sum(
+        (model.parent / f).stat().st_size for f in beside if (model.parent / f).is_file()
+    )

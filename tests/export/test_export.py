@@ -815,7 +815,8 @@ def test_weights_kept_outside_the_graph_stay_outside_it_when_fused(digits_result
     """A model past protobuf's 2 GB comes out of its exporter with external data; the fused
     graph could not be serialized with them inside, so the export shipped unfused, blaming
     the optimizer. A small model saved the same way stands in for a large one."""
-    from quantgate.export.optimize import fuse, uses_external_data
+    from quantgate.export.optimize import fuse
+    from quantgate.onnxfiles import stored_outside as uses_external_data
 
     raw = onnx.load(str(digits_result.unfused_onnx or digits_result.onnx))
     split = tmp_path / "split" / "model.onnx"

@@ -1,0 +1,85 @@
+"""ONNX models past protobuf's 2 GB: saved with their weights in a file beside them.
+
+Protobuf cannot serialize a message of 2 GB or more, and an ONNX model is one message with
+its weights inside. Past that, exporters keep the weights in files beside the graph (ONNX
+external data), and so must every model quantgate makes from such a model (its smoothed,
+INT8 and FP16 graphs) and every session it opens on one held in memory. ``save`` writes a
+model either way, as it must; ``stored_outside`` tells a file that keeps its weights beside
+it; ``too_large`` a model in memory that could not be written whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+# Weights past this many bytes make a model too large to serialize whole: protobuf's 2 GiB,
+# less a margin for the graph itself (its nodes, names and shapes).
+INLINE_LIMIT = 2**31 - 2**26
+
+
+def too_large(model: onnx.ModelProto) -> bool:
+    """Whether ``model``'s weights (its initializers, by their shapes and types: protobuf
+    cannot size one of 2 GB itself) pass INLINE_LIMIT."""
+    return sum(_nbytes(t) for t in model.graph.initializer) >= INLINE_LIMIT
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def stored_outside(path: str | Path) -> bool:
+    """Whether the model at ``path`` keeps weights in files beside it; read without them."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(uses_external_data(t) for t in graph.initializer)
+
+
+def external_locations(path: str | Path) -> list[str]:
+    """The files, relative to ``path``'s folder, that hold the weights of the model at
+    ``path`` outside it: in initializers and tensor attributes, subgraphs included."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return sorted({ExternalDataInfo(t).location for t in _tensors(graph) if uses_external_data(t)})
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of an ONNX graph that can hold weights: initializers and tensor
+    attributes (Constant), subgraphs (If, Loop) included."""
+    kinds = onnx.AttributeProto
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == kinds.TENSOR:
+                yield a.t
+            elif a.type == kinds.TENSORS:
+                yield from a.tensors
+            elif a.type == kinds.GRAPH:
+                yield from _tensors(a.g)
+            elif a.type == kinds.GRAPHS:
+                for g in a.graphs:
+                    yield from _tensors(g)
+
+
+def save(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Write ``model`` at ``path``: whole, or where ``too_large``, with its weights in one file
+    beside it, named ``path``'s name + ``.data`` (they then leave ``model`` in memory: ONNX
+    moves them out as it writes them)."""
+    path = Path(path)
+    if not too_large(model):
+        onnx.save_model(model, str(path))
+        return path
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to a data file that is there
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+        location=data.name, size_threshold=1024,
+    )  # fmt: skip
+    return path
+
+
+__all__ = ["INLINE_LIMIT", "external_locations", "save", "stored_outside", "too_large"]
