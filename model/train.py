@@ -37,6 +37,7 @@ from quantgate.model.data import (
     splits_hash,
 )
 from quantgate.model.transformer import EncoderClassifier, ModelConfig, preset
+from quantgate.quiet import GLOBAL_STATE
 
 log = logging.getLogger(__name__)
 
@@ -304,8 +305,8 @@ def load_checkpoint(path: str | Path) -> tuple[EncoderClassifier, dict]:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         # Made as the checkpoint was, whatever the caller set: float32, and its weights'
         # random initialisation (overwritten at once) drawn without advancing the caller's
-        # global RNG.
-        with torch.random.fork_rng(devices=[]), _default_dtype(torch.float32):
+        # global RNG; both process-wide, so one load at a time (quantgate.quiet).
+        with GLOBAL_STATE, torch.random.fork_rng(devices=[]), _default_dtype(torch.float32):
             model = EncoderClassifier(model_cfg)
         model.load_state_dict(state)
     except Exception as e:  # noqa: BLE001

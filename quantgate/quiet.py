@@ -7,18 +7,22 @@ Every such capture in quantgate holds ``GLOBAL_STATE``, and so does each run of 
 exporters, whose legacy tracer keeps process-global state (of two exports in threads, one
 failed with "GLOBALS.in_onnx_export must be True" and shipped the other exporter's graph).
 Exports in threads of one process therefore take turns there; in processes they run side by
-side. A reentrant lock: a capture may hold another inside it.
+side (forked while a thread holds the lock, a child gets it free). A reentrant lock: a
+capture may hold another inside it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import threading
 import warnings
 from collections.abc import Iterator
 
 GLOBAL_STATE = threading.RLock()
+# A child forked while a thread holds it would wait forever on a holder it does not have.
+os.register_at_fork(after_in_child=GLOBAL_STATE._at_fork_reinit)  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager

@@ -221,7 +221,7 @@ class DataSource:
     """A re-iterable stream of batches; ``source()`` yields feeds (a calibration reader)."""
 
     description: str  # for the report: what, from where, how many
-    kind: str  # "builtin" | "npz" | "jsonl" | "arrays" (one dict of them) | "iterable"
+    kind: str  # "builtin" | "npz" | "jsonl" | "csv" | "tsv" | "txt" | "arrays" | "iterable"
     samples: int  # rows it yields
     has_labels: bool
     sha256: str

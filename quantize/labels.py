@@ -352,6 +352,24 @@ def _duplicate_name(names: tuple[str, ...]) -> tuple[str, list[int]] | None:
     return name, [i for i, other in enumerate(names) if other == name]
 
 
+def number_cells_problem(names: tuple[str, ...]) -> str | None:
+    """Why whole-number label cells of a CSV or TSV (text, where 1 and "1" are one) cannot be
+    read for a model with class ``names``, or None: a class name is a number other than its
+    index (star ratings "1".."5" for classes 0..4), so a cell 1 could mean either class."""
+    number = _number_name(names)
+    if number is None:
+        return None
+    i, name = number
+    value = int(name)
+    other = f"class {value}" if 0 <= value < len(names) else "no class"
+    return (
+        f"the model's class names are numbers other than their indices: it has "
+        f"{describe_classes(names)}. A cell {name} could mean class {i} (the name) or "
+        f"{other} (the index), and a CSV or TSV cell cannot say which. Write the labels as "
+        f'JSONL: "label": "{name}" for the name, "label": {value} for the index.'
+    )
+
+
 def _number_name(names: tuple[str, ...]) -> tuple[int, str] | None:
     """The first class index whose name is a decimal number other than the index, and it."""
     for i, name in enumerate(names):

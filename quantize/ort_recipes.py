@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,18 +50,27 @@ def _without_preprocess_advice() -> Iterator[None]:
     """While ORT quantizes: its root-logger advice is filtered, and only then. ORT logs it
     with ``logging.warning``, which configures the root logger (``basicConfig``: a stderr
     handler) where it has no handler yet: a program embedding quantgate then found its own
-    ``basicConfig`` doing nothing. A handler that drops everything stands in meanwhile."""
+    ``basicConfig`` doing nothing. A handler that drops everything stands in meanwhile, from
+    the first of the builds quantizing at once in a process to the last."""
     advice, root = _NoPreprocessAdvice(), logging.getLogger()
-    stand_in = logging.NullHandler() if not root.handlers else None
     root.addFilter(advice)
-    if stand_in is not None:
-        root.addHandler(stand_in)
+    with _STAND_IN_LOCK:
+        _stand_in_users[0] += 1
+        if _stand_in_users[0] == 1 and not root.handlers:
+            root.addHandler(_STAND_IN)
     try:
         yield
     finally:
         root.removeFilter(advice)
-        if stand_in is not None:
-            root.removeHandler(stand_in)
+        with _STAND_IN_LOCK:
+            _stand_in_users[0] -= 1
+            if _stand_in_users[0] == 0:
+                root.removeHandler(_STAND_IN)
+
+
+_STAND_IN = logging.NullHandler()
+_STAND_IN_LOCK = threading.Lock()
+_stand_in_users = [0]  # quantizations under way
 
 
 # Most feeds ORT's calibrator holds before it reduces them to running statistics.

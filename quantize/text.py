@@ -41,6 +41,7 @@ from quantgate.quantize.labels import (
     label_count,
     label_problem,
     name_index,
+    number_cells_problem,
     one_based_hint,
     quote,
 )
@@ -77,6 +78,9 @@ def text_source(
         )
     if not scan.labelled and model.reads_row_labels:
         _warn_unlabelled(scan, fmt, where)
+    numbers = isinstance(fmt, Delimited) and scan.index_at is not None
+    if numbers and (problem := number_cells_problem(model.labels)):
+        raise DataError(f"{where}: labels such as {scan.index_at}: {problem}")
     lengths = np.asarray(scan.lengths, dtype=np.int64)
     offsets = np.asarray(scan.offsets, dtype=np.int64)
     keep = stratified(lengths, samples)

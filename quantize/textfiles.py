@@ -121,8 +121,8 @@ class Delimited(TextFile):
         self.header = self._header(next(reader, []), where)
         for fields in reader:
             lineno, start = lines.start
-            if not any(field.strip() for field in fields):
-                continue  # a blank line
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                continue  # a blank line (a row of blank fields is a row: its text is told blank)
             if len(fields) != len(self.header):
                 yield lineno, start, UNREADABLE, self._miscount(fields)
                 continue
@@ -141,9 +141,9 @@ class Delimited(TextFile):
                 f'and optionally a "label" column (its class); found {found}. Name the column '
                 'that holds the text "text" in the first line.'
             )
-        if len(set(names)) < len(names):
-            twice = sorted({n for n in names if names.count(n) > 1})
-            raise DataError(f"{where}: the header names column(s) {', '.join(twice)} twice")
+        for read in ("text", "label"):  # other columns are not read: alike or blank, no matter
+            if names.count(read) > 1:
+                raise DataError(f'{where}: the header names the column "{read}" twice')
         return names
 
     def _miscount(self, fields: list[str]) -> str:
@@ -169,9 +169,15 @@ def _read(reader: Iterator[list[str]], lines: _Records, where: str) -> Iterator[
         except StopIteration:
             return
         except csv.Error as e:
-            raise DataError(
-                f"{where}: line {lines.start[0]}: {e}; is a quote opened and never closed?"
-            ) from None
+            why = (
+                f"a field longer than {csv.field_size_limit()} characters, the csv module's "
+                "limit: a quote opened and never closed reads the rest of the file as one "
+                "field; a text that long is cut to the model's longest sequence anyway, so "
+                "shorten it (or write the texts as JSONL)"
+                if "field limit" in str(e)
+                else f"{e}; is a quote opened and never closed?"
+            )
+            raise DataError(f"{where}: line {lines.start[0]}: {why}") from None
         yield fields
         lines.returned()
 
@@ -240,11 +246,13 @@ def _decode(line: bytes, offset: int, keep_break: bool = False) -> str:
 
 
 def _cell_label(cell: str) -> int | str | None:
-    """A CSV/TSV label cell: a whole number is a class index, empty is no label, any other
-    text a class name (as written: names are matched exactly)."""
+    """A CSV/TSV label cell: a whole number is a class index (1.0 too, as pandas writes the
+    integers of a column with gaps), empty is no label, any other text a class name (as
+    written: names are matched exactly)."""
     if not cell.strip():
         return None
-    return int(cell) if re.fullmatch(r"\s*[+-]?\d+\s*", cell) else cell
+    whole = re.fullmatch(r"\s*([+-]?\d+)(\.0*)?\s*", cell)
+    return int(whole.group(1)) if whole else cell
 
 
 def _refuse_utf16(line: bytes, lineno: int, where: str) -> None:

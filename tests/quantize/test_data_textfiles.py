@@ -70,9 +70,11 @@ def test_csv_tsv_and_text_lines_read_as_the_same_jsonl(tmp_path):
 
 def test_csv_labels_are_indices_names_or_nothing(tmp_path, caplog):
     info = minilm_info("sequence-classification")  # no class names: indices only
-    path = write_csv(tmp_path / "l.csv", [("a text", " 1 "), ("another", "0"), ("third", "+1")])
+    path = write_csv(
+        tmp_path / "l.csv", [("a text", " 1 "), ("another", "0"), ("third", "+1"), ("4th", "1.0")]
+    )  # 1.0: pandas writes the integers of a column with gaps so
     (batch,) = open_source(path, info, role="evaluation").batches()
-    assert sorted(batch.labels.tolist()) == [0, 1, 1]
+    assert sorted(batch.labels.tolist()) == [0, 1, 1, 1]
     write_csv(path, [("a text", "1"), ("another", "positive"), ("third", "1.5")])
     with pytest.raises(DataError) as e:
         open_source(path, info, role="evaluation")
@@ -94,14 +96,16 @@ CSV_REFUSED = {
                        'expected a header row naming a "text" column .* found "sentence", "label"'),
     "empty": (b"", 'found an empty first line'),
     "header only": (b"text,label\r\n", "found a header and no rows"),
-    "a column twice": (b"text,label,text\na,1,b\n", "names column.s. text twice"),
+    "a column twice": (b"text,label,text\na,1,b\n", 'names the column "text" twice'),
+    "a blank text": (b'text,label\n" ",1\n', 'line 2: no non-blank string "text"'),
+    "a field past csv's limit": (b'text\n"' + b"x" * 140_000 + b'"\n',
+                                 "line 2: a field longer than 131072 characters"),
     "a comma unquoted": (b"text,label\nfine,1\nhello, world,1\n",
                          "line 3: 3 fields, but the header has 2: quote a field that holds a comma"),
     "a quote never closed": (b'text,label\nfine,1\n"open,1\nnext,0\nlast,1\n',
                              "line 3: 1 field, but the header has 2: is a quote opened here"),
     "latin-1": ("text\ncafé\n".encode("latin-1"), "line 2: not UTF-8 .byte 0xe9"),
     "utf-16": ("text\nhello\n".encode("utf-16"), "expected UTF-8 text, found UTF-16"),
-    "a blank text": (b"text,label\n\" \",1\n", 'line 2: no non-blank string "text"'),
 }  # fmt: skip
 
 
@@ -115,10 +119,37 @@ def test_a_bad_csv_is_refused_with_its_line(tmp_path, case):
 
 def test_csv_with_a_bom_crlf_and_blank_lines_reads_as_written(tmp_path):
     path = tmp_path / "excel.csv"
-    path.write_bytes(b'\xef\xbb\xbftext,label\r\n"first, line",0\r\n\r\nsecond,1\r\n')
+    path.write_bytes(
+        b'\xef\xbb\xbftext,label,,,note,note\r\n"first, line",0,,,a,b\r\n\r\n \r\n'
+        b"second,1,,,c,d\r\n"
+    )  # Excel's blank header cells, columns not read named alike: no matter
     src = open_source(path, minilm_info("sequence-classification"), role="evaluation")
     (batch,) = src.batches()
     assert src.samples == 2 and sorted(batch.labels.tolist()) == [0, 1]
+
+
+def test_number_cells_are_refused_where_class_names_are_other_numbers(tmp_path):
+    """Star ratings: class names "1".."5" for classes 0..4. JSONL tells 1 from "1"; a CSV cell
+    cannot, and read as indices "1", "3", "4" were classes 1, 3, 4 where the names mean 0, 2,
+    3: refused, saying how to write them."""
+    import dataclasses
+
+    stars = dataclasses.replace(
+        minilm_info("sequence-classification"), labels=("1", "2", "3", "4", "5")
+    )
+    path = write_csv(tmp_path / "s.csv", [("bad", "1"), ("fine", "3"), ("good", "4")])
+    with pytest.raises(DataError) as e:
+        open_source(path, stars, role="evaluation")
+    assert "labels such as 1 on line 2: the model's class names are numbers" in str(e.value)
+    assert '"label": "1" for the name, "label": 1 for the index' in str(e.value)
+    names = write_csv(tmp_path / "n.csv", [("bad", "one star")])  # not a number: a name
+    with pytest.raises(DataError, match='label "one star" is not one of the model'):
+        open_source(names, stars, role="evaluation")
+    plain = dataclasses.replace(stars, labels=("neg", "pos"))  # names that are no numbers
+    (batch,) = open_source(
+        write_csv(tmp_path / "p.csv", [("a", "1"), ("b", "pos")]), plain, role="evaluation"
+    ).batches()
+    assert sorted(batch.labels.tolist()) == [1, 1]
 
 
 def test_tsv_is_read_as_pandas_writes_it_and_text_lines_take_no_labels(tmp_path):

@@ -1,0 +1,69 @@
+"""Process-wide state swapped one holder at a time: the lock over captures and exporters, and
+the stand-in root handler while ONNX Runtime's quantizers run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+
+def test_a_child_forked_while_a_thread_holds_the_lock_gets_it_free():
+    """A child forked while a thread exports would wait forever for a holder it does not
+    have (fork is Linux's default start method)."""
+    import multiprocessing
+
+    from quantgate.quiet import GLOBAL_STATE
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with GLOBAL_STATE:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    child = multiprocessing.get_context("fork").Process(target=_take_the_lock)
+    child.start()
+    child.join(20)
+    try:
+        assert child.exitcode == 0, "the forked child waited on the lock"
+    finally:
+        if child.is_alive():
+            child.kill()
+        release.set()
+        holder.join()
+
+
+def _take_the_lock() -> None:
+    from quantgate.quiet import GLOBAL_STATE
+
+    with GLOBAL_STATE:
+        pass
+
+
+_OVERLAPPING = """
+import logging
+from quantgate.quantize.ort_recipes import _without_preprocess_advice
+
+first, second = _without_preprocess_advice(), _without_preprocess_advice()
+first.__enter__()
+second.__enter__()
+first.__exit__(None, None, None)
+logging.warning("ONNX Runtime warns while the second still quantizes")
+second.__exit__(None, None, None)
+print(logging.getLogger().handlers)
+"""
+
+
+def test_the_stand_in_root_handler_stays_until_the_last_quantization_ends():
+    """Two builds quantizing at once in threads: the first to finish took the stand-in away
+    while the second still ran, and ONNX Runtime's logging.warning then gave the root logger
+    a stderr handler (the program's own basicConfig did nothing after)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _OVERLAPPING], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout, done.stderr) == ("[]\n", "")
