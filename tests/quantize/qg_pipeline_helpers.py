@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -44,6 +46,7 @@ def tiny_export():
     from quantgate.export import export_fp32
 
     work = Path(tempfile.mkdtemp(prefix="qg-tiny-export-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # kept for the session only
     return export_fp32(tiny_checkpoint(), work)
 
 
