@@ -529,21 +529,10 @@ def create_server(
         ),
         server,
     )
-    address = cfg.address()
     try:
-        if cfg.tls is None:
-            port = server.add_insecure_port(address)
-        else:
-            if credentials is None:
-                credentials = tls.Credentials(cfg.tls)
-                credentials.watch()
-            port = server.add_secure_port(address, credentials.server_credentials())
-        if port == 0:
-            raise RuntimeError("no port bound")
-    except BaseException as e:
+        port = _bind(cfg, server, credentials)
+    except BaseException:  # nothing listens: the threads made for it go too
         close_threads()
-        if isinstance(e, RuntimeError):  # gRPC says only "Failed to bind"; its log says why
-            raise ServeError(_cannot_listen(cfg, address)) from e
         raise
     return Built(server, port, health_servicer, close_threads)
 
@@ -555,6 +544,24 @@ class Built(NamedTuple):
     port: int  # bound
     health: health.HealthServicer
     close_threads: Callable[[], None]  # ends the server's thread pools, once it has stopped
+
+
+def _bind(cfg: ServeConfig, server: grpc.Server, credentials: tls.Credentials | None) -> int:
+    """Bind ``server`` to ``cfg``'s address; the port bound (the free one chosen for port 0)."""
+    address = cfg.address()
+    try:
+        if cfg.tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            if credentials is None:
+                credentials = tls.Credentials(cfg.tls)
+                credentials.watch()
+            port = server.add_secure_port(address, credentials.server_credentials())
+    except RuntimeError as e:  # gRPC says only "Failed to bind"; its log above says why
+        raise ServeError(_cannot_listen(cfg, address)) from e
+    if port == 0:
+        raise ServeError(_cannot_listen(cfg, address))
+    return port
 
 
 def _cannot_listen(cfg: ServeConfig, address: str) -> str:
