@@ -21,13 +21,14 @@ FP32 records what it bought (accuracy) and what it cost (speedup).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec
 
 from quantgate.bundle import GateResult, TensorSpec, all_passed, speed_score
 from quantgate.configs import check_fields, suggest_fields
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # recipes import onnx; the search loads them when it runs
     from quantgate.quantize.recipes import Recipe
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
 
 
 @suggest_fields
@@ -220,30 +222,21 @@ class SearchResult:
         return costs
 
 
-def search(
-    fp32: Path,
-    calibration: DataSource,
-    evaluation: DataSource,
-    *,
-    task: str,
-    inputs: Sequence[TensorSpec],
-    max_seq_len: int,
-    workdir: Path,
-    quant_cfg: QuantConfig | None = None,
-    gate_cfg: GateConfig | None = None,
-    unfused: Path | None = None,
-    on_progress: ProgressFn | None = None,
-) -> SearchResult:
-    """Try recipes within the budget; return every candidate and the fastest that passed.
-    An exception from ``on_progress`` (a caller cancelling) ends the search as it is: the
-    search catches a recipe's failures, not the caller's."""
-    emit = no_progress if on_progress is None else _guarded(on_progress)
-    try:
-        return _search(fp32, calibration, evaluation, task=task, inputs=inputs,
-                       max_seq_len=max_seq_len, workdir=workdir, quant_cfg=quant_cfg,
-                       gate_cfg=gate_cfg, unfused=unfused, emit=emit)  # fmt: skip
-    except _CallerRaised as e:
-        raise e.error from None
+def _callers_exceptions_pass(search_fn: Callable[P, SearchResult]) -> Callable[P, SearchResult]:
+    """``search_fn`` with an exception from its ``on_progress`` (a caller cancelling) ending
+    it as it is: the search catches a recipe's failures, not the caller's. It travels past
+    those handlers as a BaseException (``_CallerRaised``) and is raised again as it was."""
+
+    @functools.wraps(search_fn)
+    def search(*args: P.args, **kwargs: P.kwargs) -> SearchResult:
+        if (report := kwargs.get("on_progress")) is not None:
+            kwargs["on_progress"] = _guarded(report)  # type: ignore[arg-type]
+        try:
+            return search_fn(*args, **kwargs)
+        except _CallerRaised as e:
+            raise e.error from None
+
+    return search
 
 
 def _guarded(report: ProgressFn) -> ProgressFn:
@@ -267,7 +260,8 @@ class _CallerRaised(BaseException):
         self.error = error
 
 
-def _search(
+@_callers_exceptions_pass
+def search(
     fp32: Path,
     calibration: DataSource,
     evaluation: DataSource,
@@ -276,11 +270,14 @@ def _search(
     inputs: Sequence[TensorSpec],
     max_seq_len: int,
     workdir: Path,
-    quant_cfg: QuantConfig | None,
-    gate_cfg: GateConfig | None,
-    unfused: Path | None,
-    emit: ProgressFn,
+    quant_cfg: QuantConfig | None = None,
+    gate_cfg: GateConfig | None = None,
+    unfused: Path | None = None,
+    on_progress: ProgressFn | None = None,
 ) -> SearchResult:
+    """Try recipes within the budget; return every candidate and the fastest that passed.
+    An exception from ``on_progress`` ends the search as the caller's."""
+    emit = on_progress or no_progress
     quant_cfg = quant_cfg or QuantConfig()
     gate_cfg = gate_cfg or GateConfig()
     t0 = time.monotonic()

@@ -776,3 +776,26 @@ def test_the_pytorch_model_is_let_go_once_exported(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "{'export': 1, 'search': 0}", done.stdout
+
+
+def test_an_exception_from_on_progress_ends_the_build_as_the_callers(tmp_path):
+    """A caller cancelling from its progress callback: the search took the exception for
+    each recipe's failure, went on, and ended in QuantizeFailed blaming ONNX Runtime ("the
+    INT8 model does not run"). The caller's own exception comes out, and nothing is written."""
+    from quantgate.quantize import QuantConfig, build
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def cancel(task: str, done: int, total: int | None, status: str) -> None:
+        seen.append(task)
+        if task == "timing":
+            raise Stop("cancelled by the caller")
+
+    out = tmp_path / "b"
+    with pytest.raises(Stop, match="cancelled by the caller"):
+        build(tiny_checkpoint(), out, quant_cfg=QuantConfig(max_candidates=2, fp16=False),
+              on_progress=cancel)  # fmt: skip
+    assert seen.count("timing") == 1 and not out.exists()
