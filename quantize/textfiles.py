@@ -8,10 +8,11 @@ when no row has a label: one of them may be it).
 
 - ``.jsonl`` (``.json``, ``.ndjson``): one ``{"text": ..., "label": ...}`` object per line.
 - ``.csv``, ``.tsv``: a header row naming a ``text`` column and optionally a ``label``
-  column, then one row per text. A label cell that is a whole number is a class index, any
-  other a class name, an empty one no label. Both are read as pandas reads and writes them
-  (``read_csv``, ``to_csv``; RFC 4180's quoting): a field in double quotes may hold the
-  delimiter, doubled quotes and line breaks.
+  column, then one row per text; other columns are not read. A label cell that is a whole
+  number (``1.0`` too) is a class index, any other a class name, an empty one no label
+  (``quantize.text`` refuses number cells where class names are other numbers). Both are
+  quoted as pandas writes them (``to_csv``; RFC 4180): a field in double quotes may hold
+  the delimiter, doubled quotes and line breaks.
 - ``.txt``: one text per line, without labels.
 
 Every format is UTF-8 (a byte-order mark is skipped); blank lines are skipped.
