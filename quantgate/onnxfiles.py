@@ -10,7 +10,7 @@ it; ``too_large`` a model in memory that could not be written whole.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,29 +30,45 @@ def too_large(model: onnx.ModelProto) -> bool:
 
 
 def _nbytes(tensor: onnx.TensorProto) -> int:
-    itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    """The bytes ``tensor`` holds, by its shape (strings by their lengths; a 4-bit type is
+    counted a byte an element, erring large)."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return sum(map(len, tensor.string_data))
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError):  # a type numpy has no size for: what it holds in bytes
+        return len(tensor.raw_data)
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
 def stored_outside(path: str | Path) -> bool:
     """Whether the model at ``path`` keeps weights in files beside it; read without them."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return any(uses_external_data(t) for t in graph.initializer)
+    return bool(external_locations(path))
 
 
 def external_locations(path: str | Path) -> list[str]:
     """The files, relative to ``path``'s folder, that hold the weights of the model at
-    ``path`` outside it: in initializers and tensor attributes, subgraphs included."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return sorted({ExternalDataInfo(t).location for t in _tensors(graph) if uses_external_data(t)})
+    ``path`` outside it: in initializers and tensor attributes, subgraphs and the model's
+    local functions included."""
+    model = onnx.load(str(path), load_external_data=False)
+    tensors = [*_tensors(model.graph)]
+    for function in model.functions:  # ONNX Runtime's quantizers move Constants' out too
+        tensors += _node_tensors(function.node)
+    return sorted({ExternalDataInfo(t).location for t in tensors if uses_external_data(t)})
 
 
 def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor of an ONNX graph that can hold weights: initializers and tensor
-    attributes (Constant), subgraphs (If, Loop) included."""
-    kinds = onnx.AttributeProto
+    """Every tensor of an ONNX graph that can hold weights: initializers (sparse ones too)
+    and tensor attributes (Constant), subgraphs (If, Loop) included."""
     yield from graph.initializer
-    for node in graph.node:
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
+    kinds = onnx.AttributeProto
+    for node in nodes:
         for a in node.attribute:
             if a.type == kinds.TENSOR:
                 yield a.t

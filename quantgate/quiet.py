@@ -21,8 +21,16 @@ import warnings
 from collections.abc import Iterator
 
 GLOBAL_STATE = threading.RLock()
-# A child forked while a thread holds it would wait forever on a holder it does not have.
-os.register_at_fork(after_in_child=GLOBAL_STATE._at_fork_reinit)  # type: ignore[attr-defined]
+
+
+def _after_fork_in_child() -> None:
+    """A child forked while another thread held the lock would wait forever on a holder it
+    does not have: the lock is made free. Forked by the holder, it keeps it, to release."""
+    if not GLOBAL_STATE._is_owned():  # type: ignore[attr-defined]
+        GLOBAL_STATE._at_fork_reinit()  # type: ignore[attr-defined]
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @contextlib.contextmanager

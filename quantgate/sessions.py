@@ -29,8 +29,7 @@ def session(
 ):
     """An ONNX Runtime session for ``model`` (a path or an ``onnx.ModelProto``) on
     ``provider``, with the CPU provider behind any other. A ModelProto past protobuf's 2 GB
-    is written to a temporary file with its weights beside it, which moves them out of it
-    (``quantgate.onnxfiles.save``): pass one that is not needed after.
+    is opened from a temporary file with its weights beside it (``quantgate.onnxfiles``).
 
     ``threads``: intra-op threads (0: ``quantgate.cpus.threads``, ORT's default, one per
     physical core, unless a container's CPU quota is smaller). ``spin`` False
@@ -40,6 +39,7 @@ def session(
     writing its JSON under that prefix (``session.end_profiling()`` names the file).
     """
     import onnxruntime as ort
+    from onnx import external_data_helper as onnx_external
 
     if provider not in ort.get_available_providers():
         raise ConfigError(
@@ -65,7 +65,10 @@ def session(
     if onnxfiles.too_large(model):  # cannot be serialized: written beside its weights
         with tempfile.TemporaryDirectory(prefix="quantgate-session-") as tmp:
             path = onnxfiles.save(model, Path(tmp) / "model.onnx")
-            return ort.InferenceSession(str(path), options, providers=providers)
+            try:  # ONNX Runtime reads the weights in: the file may go once it has
+                return ort.InferenceSession(str(path), options, providers=providers)
+            finally:  # and the caller's model gets them back
+                onnx_external.load_external_data_for_model(model, tmp)
     return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
 

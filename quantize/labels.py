@@ -352,15 +352,27 @@ def _duplicate_name(names: tuple[str, ...]) -> tuple[str, list[int]] | None:
     return name, [i for i, other in enumerate(names) if other == name]
 
 
+def cell_index(cell: str) -> int | None:
+    """The class index a CSV or TSV label cell writes, or None where it writes none: a whole
+    number in ASCII digits, ``1.0`` too (as pandas writes the integers of a column with
+    gaps); any other cell is a class name."""
+    whole = re.fullmatch(r"\s*([+-]?[0-9]+)(\.0*)?\s*", cell)
+    return int(whole.group(1)) if whole else None
+
+
 def number_cells_problem(names: tuple[str, ...]) -> str | None:
     """Why whole-number label cells of a CSV or TSV (text, where 1 and "1" are one) cannot be
-    read for a model with class ``names``, or None: a class name is a number other than its
-    index (star ratings "1".."5" for classes 0..4), so a cell 1 could mean either class."""
-    number = _number_name(names)
+    read for a model with class ``names``, or None: a class name reads as an index other than
+    its own (star ratings "1".."5" for classes 0..4; "1.0" of "0.0", "0.5", "1.0"), so a cell
+    could mean either class."""
+    number = next(
+        ((i, name) for i, name in enumerate(names) if cell_index(name) not in (None, i)), None
+    )
     if number is None:
         return None
     i, name = number
-    value = int(name)
+    value = cell_index(name)
+    assert value is not None
     other = f"class {value}" if 0 <= value < len(names) else "no class"
     return (
         f"the model's class names are numbers other than their indices: it has "

@@ -182,7 +182,7 @@ def _static(src: Path, recipe: Recipe, calibration: Calibration, out: Path, fmt)
     q = _ort()
     with tempfile.TemporaryDirectory(prefix="qg-quant-", dir=out.parent) as tmp:
         model_path = _smoothed(src, recipe, calibration, Path(tmp))
-        model = onnx.load(str(model_path))
+        model = onnx.load(str(model_path), load_external_data=False)  # its graph: no weights
         todo, kept = _eligible(model, recipe)
         reader = _Reader(calibration, {i.name for i in model.graph.input})
         if len(reader) == 0:
@@ -231,7 +231,7 @@ def quantize_dynamic(src: Path, recipe: Recipe, calibration: Calibration, out: P
         )
     with tempfile.TemporaryDirectory(prefix="qg-quant-", dir=out.parent) as tmp:
         model_path = _smoothed(src, recipe, calibration, Path(tmp))
-        model = onnx.load(str(model_path))
+        model = onnx.load(str(model_path), load_external_data=False)  # its graph: no weights
         todo, kept = _eligible(model, recipe)
         with _without_preprocess_advice():
             q.quantize_dynamic(

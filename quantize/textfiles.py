@@ -23,13 +23,13 @@ from __future__ import annotations
 import codecs
 import csv
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from quantgate.errors import DataError
+from quantgate.quantize.labels import cell_index
 
 # A row's first line (1-based), its byte offset, the row (a dict where it could be read),
 # and what is wrong with it as written (None: readable; the text and label are checked
@@ -252,8 +252,8 @@ def _cell_label(cell: str) -> int | str | None:
     written: names are matched exactly)."""
     if not cell.strip():
         return None
-    whole = re.fullmatch(r"\s*([+-]?\d+)(\.0*)?\s*", cell)
-    return int(whole.group(1)) if whole else cell
+    index = cell_index(cell)
+    return cell if index is None else index
 
 
 def _refuse_utf16(line: bytes, lineno: int, where: str) -> None:

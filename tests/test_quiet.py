@@ -37,6 +37,27 @@ def test_a_child_forked_while_a_thread_holds_the_lock_gets_it_free():
         holder.join()
 
 
+def test_a_child_forked_by_the_lock_holder_keeps_it_to_release():
+    """Forked inside a capture: the child leaves the capture, releasing the lock it was
+    forked holding (made free at the fork, the release raised RuntimeError)."""
+    import os
+
+    from quantgate.quiet import stdout_captured
+
+    pid = -1
+    try:
+        with stdout_captured():
+            pid = os.fork()  # the child goes on from here: out of the capture, releasing it
+    except BaseException:  # noqa: BLE001 - in the child: its exit code says it
+        if pid == 0:
+            os._exit(1)
+        raise
+    if pid == 0:
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def _take_the_lock() -> None:
     from quantgate.quiet import GLOBAL_STATE
 

@@ -145,6 +145,14 @@ def test_number_cells_are_refused_where_class_names_are_other_numbers(tmp_path):
     names = write_csv(tmp_path / "n.csv", [("bad", "one star")])  # not a number: a name
     with pytest.raises(DataError, match='label "one star" is not one of the model'):
         open_source(names, stars, role="evaluation")
+    decimals = dataclasses.replace(stars, labels=("0.0", "0.5", "1.0"))  # "1.0" reads as 1
+    with pytest.raises(DataError, match="A cell 1.0 could mean class 2 .the name. or class 1"):
+        open_source(write_csv(tmp_path / "d.csv", [("a", "0")]), decimals, role="evaluation")
+    arabic = dataclasses.replace(stars, labels=("١", "٢", "٣"))  # no ASCII digits: names
+    (batch,) = open_source(
+        write_csv(tmp_path / "a.csv", [("a", "٣"), ("b", "١")]), arabic, role="evaluation"
+    ).batches()
+    assert sorted(batch.labels.tolist()) == [0, 2]
     plain = dataclasses.replace(stars, labels=("neg", "pos"))  # names that are no numbers
     (batch,) = open_source(
         write_csv(tmp_path / "p.csv", [("a", "1"), ("b", "pos")]), plain, role="evaluation"

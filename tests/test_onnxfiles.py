@@ -1,0 +1,90 @@
+"""Models past protobuf's 2 GB: written with their weights beside them, found again, and
+opened from memory without losing them. Small models stand in, the limit lowered."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quantgate import onnxfiles
+from quantgate.sessions import session
+
+
+def _matmul(weights: np.ndarray) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, weights.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, weights.shape[1]])],
+        [numpy_helper.from_array(weights, "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_model_past_the_limit_is_saved_beside_its_weights_and_found_again(tmp_path, monkeypatch):
+    weights = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)
+    inline = onnxfiles.save(_matmul(weights), tmp_path / "inline.onnx")
+    assert not onnxfiles.stored_outside(inline) and onnxfiles.external_locations(inline) == []
+    monkeypatch.setattr(onnxfiles, "INLINE_LIMIT", 1000)
+    beside = onnxfiles.save(_matmul(weights), tmp_path / "big.onnx")
+    assert onnxfiles.external_locations(beside) == ["big.onnx.data"]
+    x = np.ones((1, 64), np.float32)
+    y = ort.InferenceSession(str(beside)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ weights)
+
+
+def test_a_session_on_a_model_in_memory_past_the_limit_leaves_it_whole(monkeypatch):
+    """The weights went into a temporary file for ONNX Runtime, and the caller's model kept
+    pointing at that file once it was deleted: a second session on it failed."""
+    monkeypatch.setattr(onnxfiles, "INLINE_LIMIT", 1000)
+    weights = np.full((64, 32), 0.5, np.float32)
+    model = _matmul(weights)
+    x = np.ones((1, 64), np.float32)
+    for _ in range(2):
+        np.testing.assert_allclose(session(model).run(None, {"x": x})[0], x @ weights)
+    assert numpy_helper.to_array(model.graph.initializer[0]).shape == (64, 32)
+
+
+def test_weights_a_local_function_keeps_beside_it_are_found(tmp_path):
+    """ONNX Runtime's quantizers save with convert_attribute=True, which moves a Constant's
+    tensor inside a model-local function out too: the bundle left its file behind, and the
+    variant could not be opened."""
+    k = helper.make_node(
+        "Constant", [], ["k"], value=numpy_helper.from_array(np.ones((64, 8), np.float32))
+    )
+    add = helper.make_node("Add", ["a", "k"], ["b"])
+    function = helper.make_function(
+        "local", "AddK", ["a"], ["b"], [k, add], [helper.make_opsetid("", 17)]
+    )
+    graph = helper.make_graph(
+        [helper.make_node("AddK", ["x"], ["y"], domain="local")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 8])],
+    )
+    model = helper.make_model(
+        graph,
+        functions=[function],
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+    )
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True,
+                    location="m.onnx.data", size_threshold=0, convert_attribute=True)  # fmt: skip
+    assert onnxfiles.external_locations(tmp_path / "m.onnx") == ["m.onnx.data"]
+    assert onnxfiles.stored_outside(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize(
+    ("tensor", "nbytes"),
+    [
+        (helper.make_tensor("s", TensorProto.STRING, [2], [b"abc", b"de"]), 5),
+        (numpy_helper.from_array(np.zeros((3, 4), np.float16)), 24),
+        (TensorProto(name="u", data_type=TensorProto.UNDEFINED, raw_data=b"xyz"), 3),
+    ],
+)
+def test_a_tensors_size_is_what_it_holds(tensor, nbytes):
+    """Strings by their lengths (not numpy's 8-byte objects); a type numpy cannot size (it
+    raised KeyError from every size check) by its bytes."""
+    assert onnxfiles._nbytes(tensor) == nbytes
