@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -763,19 +764,22 @@ def test_a_failed_start_stops_listening_and_gives_the_signal_handlers_back(repo)
     """run() embedded in a program: when starting fails after the port is bound (a warm-up
     out of memory, the caller's own on_ready hook), the error reaches the caller, nothing
     keeps listening, and the caller's signal handlers are back (Ctrl-C still interrupts)."""
-    done = subprocess.run(
-        [sys.executable, "-c", _FAILED_START, str(repo / "classifier")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [
+    assert _embedded(_FAILED_START, repo / "classifier") == [
         "raised: the caller's start-up hook failed",
         "listening: False",
         "SIGINT handler restored: True",
         "SIGTERM handler restored: True",
-    ], done.stderr
+    ]
+
+
+def _embedded(script: str, bundle: Path) -> list[str]:
+    """The lines ``script`` (a program embedding run(), given the bundle) prints; it must
+    exit 0."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(bundle)], capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
 
 
 _EMBEDDED = """
@@ -847,19 +851,12 @@ def test_run_embedded_leaves_no_threads_and_no_switched_metrics_behind(repo):
     13 more threads a run with it off, 50 threads after 7 runs with it on), the
     caller's own prometheus counters keep their _created series, and a call from another
     thread than the main one is a ServeError before any port is bound."""
-    done = subprocess.run(
-        [sys.executable, "-c", _EMBEDDED, str(repo / "classifier")],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [
+    assert _embedded(_EMBEDDED, repo / "classifier") == [
         "pool threads left after each run: [0, 0, 0]",
         "created series kept: True",
         "from a thread: ServeError, main thread named",
         "port bound: False",
-    ], done.stderr[-2000:]
+    ]
 
 
 def test_a_stream_that_never_reads_its_answers_stops_being_read(repo):
