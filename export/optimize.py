@@ -40,9 +40,6 @@ def fuse(src: Path, dst: Path, *, num_heads: int = 0, hidden_size: int = 0) -> d
     """Write the fused graph of ``src`` to ``dst``; return fused op type -> count (non-zero)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    # Weights past protobuf's 2 GB stay external data (in one file beside dst): the export
-    # kept them there, and the fused graph could not be serialized with them inside.
-    external = onnxfiles.stored_outside(src)
     try:
         # A ModelProto, not a path: the optimizer then writes no files of its own.
         with stdout_captured() as chatter:  # the optimizer print()s some diagnostics
@@ -54,6 +51,8 @@ def fuse(src: Path, dst: Path, *, num_heads: int = 0, hidden_size: int = 0) -> d
                 opt_level=0,
             )
         stats = optimized.get_fused_operator_statistics()
+        # past protobuf's 2 GB, its weights in a file beside it (onnxfiles)
+        external = onnxfiles.too_large(optimized.model)
         optimized.save_model_to_file(str(dst), use_external_data_format=external)
     # writing the fused graph: the machine's failure (a full disk), not the optimizer's
     except OSError as e:

@@ -4,8 +4,9 @@ Protobuf cannot serialize a message of 2 GB or more, and an ONNX model is one me
 its weights inside. Past that, exporters keep the weights in files beside the graph (ONNX
 external data), and so must every model quantgate makes from such a model (its smoothed,
 INT8 and FP16 graphs) and every session it opens on one held in memory. ``save`` writes a
-model either way, as it must; ``stored_outside`` tells a file that keeps its weights beside
-it; ``too_large`` a model in memory that could not be written whole.
+model either way, as it must; ``too_large`` tells a model that could not be written whole
+(read from its tensors' shapes: weights left beside a model loaded without them count);
+``external_locations`` the files a saved model keeps its weights in.
 """
 
 from __future__ import annotations
@@ -39,11 +40,6 @@ def _nbytes(tensor: onnx.TensorProto) -> int:
     except (KeyError, ValueError):  # a type numpy has no size for: what it holds in bytes
         return len(tensor.raw_data)
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-
-
-def stored_outside(path: str | Path) -> bool:
-    """Whether the model at ``path`` keeps weights in files beside it; read without them."""
-    return bool(external_locations(path))
 
 
 def external_locations(path: str | Path) -> list[str]:
@@ -98,4 +94,4 @@ def save(model: onnx.ModelProto, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["INLINE_LIMIT", "external_locations", "save", "stored_outside", "too_large"]
+__all__ = ["INLINE_LIMIT", "external_locations", "save", "too_large"]

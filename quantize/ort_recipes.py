@@ -182,7 +182,8 @@ def _static(src: Path, recipe: Recipe, calibration: Calibration, out: Path, fmt)
     q = _ort()
     with tempfile.TemporaryDirectory(prefix="qg-quant-", dir=out.parent) as tmp:
         model_path = _smoothed(src, recipe, calibration, Path(tmp))
-        model = onnx.load(str(model_path), load_external_data=False)  # its graph: no weights
+        # its graph and weights' shapes (all too_large reads), not weights beside it
+        model = onnx.load(str(model_path), load_external_data=False)
         todo, kept = _eligible(model, recipe)
         reader = _Reader(calibration, {i.name for i in model.graph.input})
         if len(reader) == 0:
@@ -192,7 +193,7 @@ def _static(src: Path, recipe: Recipe, calibration: Calibration, out: Path, fmt)
                 str(model_path),
                 str(out),
                 reader,
-                use_external_data_format=onnxfiles.stored_outside(model_path),
+                use_external_data_format=onnxfiles.too_large(model),
                 quant_format=fmt,
                 op_types_to_quantize=list(recipe.op_types),
                 per_channel=recipe.per_channel,
@@ -231,13 +232,13 @@ def quantize_dynamic(src: Path, recipe: Recipe, calibration: Calibration, out: P
         )
     with tempfile.TemporaryDirectory(prefix="qg-quant-", dir=out.parent) as tmp:
         model_path = _smoothed(src, recipe, calibration, Path(tmp))
-        model = onnx.load(str(model_path), load_external_data=False)  # its graph: no weights
+        model = onnx.load(str(model_path), load_external_data=False)  # as _static's
         todo, kept = _eligible(model, recipe)
         with _without_preprocess_advice():
             q.quantize_dynamic(
                 str(model_path),
                 str(out),
-                use_external_data_format=onnxfiles.stored_outside(model_path),
+                use_external_data_format=onnxfiles.too_large(model),
                 op_types_to_quantize=list(recipe.op_types),
                 per_channel=recipe.per_channel,
                 reduce_range=recipe.reduce_range,

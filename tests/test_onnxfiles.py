@@ -27,7 +27,7 @@ def _matmul(weights: np.ndarray) -> onnx.ModelProto:
 def test_a_model_past_the_limit_is_saved_beside_its_weights_and_found_again(tmp_path, monkeypatch):
     weights = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)
     inline = onnxfiles.save(_matmul(weights), tmp_path / "inline.onnx")
-    assert not onnxfiles.stored_outside(inline) and onnxfiles.external_locations(inline) == []
+    assert onnxfiles.external_locations(inline) == []
     monkeypatch.setattr(onnxfiles, "INLINE_LIMIT", 1000)
     beside = onnxfiles.save(_matmul(weights), tmp_path / "big.onnx")
     assert onnxfiles.external_locations(beside) == ["big.onnx.data"]
@@ -73,7 +73,6 @@ def test_weights_a_local_function_keeps_beside_it_are_found(tmp_path):
     onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True,
                     location="m.onnx.data", size_threshold=0, convert_attribute=True)  # fmt: skip
     assert onnxfiles.external_locations(tmp_path / "m.onnx") == ["m.onnx.data"]
-    assert onnxfiles.stored_outside(tmp_path / "m.onnx")
 
 
 @pytest.mark.parametrize(

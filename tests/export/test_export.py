@@ -811,12 +811,18 @@ def test_a_tolerance_that_would_pass_anything_is_refused(
     no_leftovers(tmp_path)
 
 
-def test_weights_kept_outside_the_graph_stay_outside_it_when_fused(digits_result, tmp_path):
+def test_weights_kept_outside_the_graph_stay_outside_it_when_fused(
+    digits_result, tmp_path, monkeypatch
+):
     """A model past protobuf's 2 GB comes out of its exporter with external data; the fused
     graph could not be serialized with them inside, so the export shipped unfused, blaming
-    the optimizer. A small model saved the same way stands in for a large one."""
+    the optimizer. A small model saved the same way stands in for a large one, the limit
+    lowered to nothing."""
+    from quantgate import onnxfiles
     from quantgate.export.optimize import fuse
-    from quantgate.onnxfiles import stored_outside as uses_external_data
+
+    def uses_external_data(model) -> bool:
+        return bool(onnxfiles.external_locations(model))
 
     raw = onnx.load(str(digits_result.unfused_onnx or digits_result.onnx))
     split = tmp_path / "split" / "model.onnx"
@@ -824,6 +830,7 @@ def test_weights_kept_outside_the_graph_stay_outside_it_when_fused(digits_result
     onnx.save_model(raw, str(split), save_as_external_data=True, location="weights.bin",
                     size_threshold=0)  # fmt: skip
     assert uses_external_data(split) and not uses_external_data(digits_result.onnx)
+    monkeypatch.setattr(onnxfiles, "INLINE_LIMIT", 0)
     fused = fuse(split, tmp_path / "split" / "fused.onnx", num_heads=4, hidden_size=32)
     assert fused and uses_external_data(tmp_path / "split" / "fused.onnx")
     assert (tmp_path / "split" / "fused.onnx.data").is_file()

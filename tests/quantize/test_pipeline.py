@@ -727,7 +727,7 @@ def test_a_model_past_protobufs_limit_is_quantized_with_its_weights_beside_it(
     feeds = {"input_ids": np.full((2, 64), 5), "attention_mask": np.ones((2, 64), np.int64)}
     fp32 = ort.InferenceSession(str(bundle.file("fp32"))).run(None, feeds)[0]
     for precision in ("int8", "fp16"):
-        assert onnxfiles.stored_outside(bundle.file(precision)), precision
+        assert onnxfiles.external_locations(bundle.file(precision)), precision
         got = ort.InferenceSession(str(bundle.file(precision))).run(None, feeds)[0]
         assert got.shape == fp32.shape and np.abs(got - fp32).max() < 0.5, precision
     weights = [f for f in bundle.manifest.files if f.endswith(".data")]
