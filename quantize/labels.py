@@ -198,9 +198,8 @@ def forms_problem(index_at: str | None, name_at: str | None, names: tuple[str, .
     number = _number_name(names) if index_at is not None else None
     if number is None:
         return None
-    i, name = number
-    value = int(name)
-    other = f"class {value}" if 0 <= value < n else "no class"
+    i, name, value = number
+    other = _class_said(value, n)
     return (
         f"labels are both class indices ({index_at}) and class names ({name_at}), and the "
         f"model's class names are numbers other than their indices: it has "
@@ -365,15 +364,11 @@ def number_cells_problem(names: tuple[str, ...]) -> str | None:
     read for a model with class ``names``, or None: a class name reads as an index other than
     its own (star ratings "1".."5" for classes 0..4; "1.0" of "0.0", "0.5", "1.0"), so a cell
     could mean either class."""
-    number = next(
-        ((i, name) for i, name in enumerate(names) if cell_index(name) not in (None, i)), None
-    )
+    number = _number_name(names)
     if number is None:
         return None
-    i, name = number
-    value = cell_index(name)
-    assert value is not None
-    other = f"class {value}" if 0 <= value < len(names) else "no class"
+    i, name, value = number
+    other = _class_said(value, len(names))
     return (
         f"the model's class names are numbers other than their indices: it has "
         f"{describe_classes(names)}. A cell {name} could mean class {i} (the name) or "
@@ -382,12 +377,17 @@ def number_cells_problem(names: tuple[str, ...]) -> str | None:
     )
 
 
-def _number_name(names: tuple[str, ...]) -> tuple[int, str] | None:
-    """The first class index whose name is a decimal number other than the index, and it."""
+def _number_name(names: tuple[str, ...]) -> tuple[int, str, int] | None:
+    """The first class whose name reads as another class index (``cell_index``): its index,
+    its name, and the index the name reads as."""
     for i, name in enumerate(names):
-        if re.fullmatch(r"-?[0-9]+", name) and int(name) != i:
-            return i, name
+        if (value := cell_index(name)) is not None and value != i:
+            return i, name, value
     return None
+
+
+def _class_said(index: int, n: int) -> str:
+    return f"class {index}" if 0 <= index < n else "no class"
 
 
 def _case_hint(labels: list[str], names: tuple[str, ...]) -> str:

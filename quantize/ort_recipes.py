@@ -54,23 +54,37 @@ def _without_preprocess_advice() -> Iterator[None]:
     the first of the builds quantizing at once in a process to the last."""
     advice, root = _NoPreprocessAdvice(), logging.getLogger()
     root.addFilter(advice)
-    with _STAND_IN_LOCK:
-        _stand_in_users[0] += 1
-        if _stand_in_users[0] == 1 and not root.handlers:
-            root.addHandler(_STAND_IN)
     try:
-        yield
+        with _STAND_IN:
+            yield
     finally:
         root.removeFilter(advice)
-        with _STAND_IN_LOCK:
-            _stand_in_users[0] -= 1
-            if _stand_in_users[0] == 0:
-                root.removeHandler(_STAND_IN)
 
 
-_STAND_IN = logging.NullHandler()
-_STAND_IN_LOCK = threading.Lock()
-_stand_in_users = [0]  # quantizations under way
+class _StandIn:
+    """A root handler that drops everything, there (where the root has none) from the first
+    of the quantizations running at once in a process to the last."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._handler = logging.NullHandler()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._users += 1
+            root = logging.getLogger()
+            if self._users == 1 and not root.handlers:
+                root.addHandler(self._handler)
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._lock:
+            self._users -= 1
+            if not self._users:
+                logging.getLogger().removeHandler(self._handler)
+
+
+_STAND_IN = _StandIn()
 
 
 # Most feeds ORT's calibrator holds before it reduces them to running statistics.

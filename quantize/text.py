@@ -45,7 +45,7 @@ from quantgate.quantize.labels import (
     one_based_hint,
     quote,
 )
-from quantgate.quantize.textfiles import UNREADABLE, Delimited, TextFile, text_file
+from quantgate.quantize.textfiles import UNREADABLE, TextFile, text_file
 from quantgate.tasks import EMBEDDING_TASKS
 
 log = logging.getLogger(__name__)
@@ -70,15 +70,13 @@ def text_source(
     if error is not None:
         raise error
     if not scan.offsets:
-        found = "only blank lines" if path.stat().st_size else "an empty file"
-        if isinstance(fmt, Delimited) and fmt.header:
-            found = "a header and no rows"
+        found = fmt.nothing_found(path.stat().st_size)
         raise DataError(
             f"{where}: expected {fmt.words.expected}, found {found}. Write the texts into it."
         )
     if not scan.labelled and model.reads_row_labels:
         _warn_unlabelled(scan, fmt, where)
-    numbers = isinstance(fmt, Delimited) and scan.index_at is not None
+    numbers = not fmt.typed_labels and scan.index_at is not None
     if numbers and (problem := number_cells_problem(model.labels)):
         raise DataError(f"{where}: labels such as {scan.index_at}: {problem}")
     lengths = np.asarray(scan.lengths, dtype=np.int64)

@@ -56,12 +56,17 @@ class TextFile:
     kind = ""
     words: Words
     labels = True  # whether its rows can carry a label
+    typed_labels = True  # whether a label says 1 from "1" (JSON does; a CSV cell is text)
 
     def rows(self, f: BinaryIO, where: str) -> Iterator[Found]:
         raise NotImplementedError
 
     def row_at(self, f: BinaryIO, offset: int) -> dict[str, Any]:
         raise NotImplementedError
+
+    def nothing_found(self, size: int) -> str:
+        """What a file of ``size`` bytes held, where ``rows`` found no row in it."""
+        return "only blank lines" if size else "an empty file"
 
 
 class JsonLines(TextFile):
@@ -105,6 +110,8 @@ class PlainLines(TextFile):
 class Delimited(TextFile):
     """CSV or TSV: a header row, then one row per text. ``header`` is set by ``rows``."""
 
+    typed_labels = False
+
     def __init__(self, kind: str):
         self.kind = kind
         self.delimiter = "\t" if kind == "tsv" else ","
@@ -132,6 +139,9 @@ class Delimited(TextFile):
     def row_at(self, f: BinaryIO, offset: int) -> dict[str, Any]:
         f.seek(offset)
         return self._row(next(csv.reader(_Records(f, "", offset), delimiter=self.delimiter)))
+
+    def nothing_found(self, size: int) -> str:
+        return "a header and no rows" if self.header else super().nothing_found(size)
 
     def _header(self, fields: list[str], where: str) -> list[str]:
         names = [name.strip() for name in fields]
