@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
-from quantgate.configs import check_fields, suggest_fields
+from quantgate.configs import check_fields, config_class
 from quantgate.errors import ConfigError
 
 
@@ -16,7 +16,7 @@ class Exporter(str, Enum):
     DYNAMO = "dynamo"  # torch.onnx.export(dynamo=True): torch.export + onnxscript
 
 
-@suggest_fields
+@config_class
 @dataclass(frozen=True)
 class ExportConfig:
     task: str | None = None  # None: from the model (HF architectures; the built-in classifies)

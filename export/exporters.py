@@ -20,7 +20,7 @@ from quantgate.errors import ExportError
 from quantgate.export.config import Exporter
 from quantgate.export.validation import BATCH, SEQUENCE, Case, warnings_logged
 from quantgate.model.loaders import LoadedModel
-from quantgate.quiet import GLOBAL_STATE, stdout_captured
+from quantgate.quiet import GLOBAL_STATE, logger_silenced, stdout_captured
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,13 @@ def export_dynamo(
     model: LoadedModel, path: Path, *, example: Case, outputs: Sequence[TensorSpec], opset: int
 ) -> tuple[str, ...]:
     """torch.export + onnxscript, with the axes declared as ``torch.export.Dim``."""
-    # torch logs a warning per torchvision op it cannot register; they are not ours to fix.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     batch = torch.export.Dim(BATCH)
     seq = torch.export.Dim(SEQUENCE, max=model.max_seq_len)
-    with _quiet():
+    with (
+        _quiet(),
+        # a warning per torchvision op torch cannot register: not ours to fix
+        logger_silenced("torch.onnx._internal.exporter._registration"),
+    ):
         program = torch.onnx.export(
             model.module,
             _args(model, example),

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from quantgate.bundle import sha256_file
-from quantgate.configs import suggest_fields
+from quantgate.configs import config_class
 from quantgate.errors import CheckpointError, CheckpointOutOfSpace, ConfigError
 from quantgate.fsutil import atomic_dir, disk_full, target_problem
 from quantgate.model.data import (
@@ -53,7 +53,7 @@ def digits_model_config(preset_name: str = "small") -> ModelConfig:
     )
 
 
-@suggest_fields
+@config_class
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 25  # the small preset: 95.6% test accuracy (artifacts/digits-small)

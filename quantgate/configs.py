@@ -12,10 +12,15 @@ numpy number (or 1-d array) where a Python number (or tuple) is.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import enum
 import functools
+import inspect
+import io
 import os
+import textwrap
+import tokenize
 import types
 import typing
 from numbers import Integral
@@ -46,11 +51,13 @@ def check_fields(cfg: Any) -> None:
         raise ConfigError(f"{type(cfg).__name__}: " + "; ".join(problems))
 
 
-def suggest_fields(cls: type) -> type:
+def config_class(cls: type) -> type:
     """Decorate a config dataclass (above ``@dataclass``) so that a keyword that is none of
     its fields is a ConfigTypeError (a TypeError too) naming the field it probably means, as
     a config file's unknown setting is: ``GateConfig(min_speedp=1.1)`` says "did you mean
-    'min_speedup'?", not Python's bare "unexpected keyword argument"."""
+    'min_speedup'?", not Python's bare "unexpected keyword argument". Its docstring gains
+    its fields, each with its type, its default and the comments beside it in the source,
+    for ``help()``."""
     init = cls.__init__  # type: ignore[misc]  # (mypy: a class's own __init__, replaced below)
     known = {f.name for f in dataclasses.fields(cls) if f.init}
 
@@ -61,7 +68,71 @@ def suggest_fields(cls: type) -> type:
         init(self, *args, **kwargs)
 
     cls.__init__ = __init__  # type: ignore[misc]
+    cls.__doc__ = _FieldsDoc(cls.__doc__ or "")  # type: ignore[assignment]
     return cls
+
+
+class _FieldsDoc:
+    """A config class's ``__doc__`` (``_with_fields``), made when first read (``help()``,
+    an IDE): reading the source as the class is made would cost every command's start."""
+
+    def __init__(self, doc: str):
+        self.doc, self.made = doc, ""
+
+    def __get__(self, instance: object, owner: type) -> str:
+        if not self.made:
+            self.made = _with_fields(owner, self.doc)
+        return self.made
+
+
+def _with_fields(cls: type, doc: str) -> str:
+    """``doc``, then a "Fields:" section: each field's type and default, then its
+    comments, those on the lines above it and the one after it."""
+    comments = _field_comments(cls)
+    if doc.startswith(f"{cls.__name__}("):  # dataclass's signature, where it had none
+        doc = ""
+    lines = [inspect.cleandoc(doc), ""] if doc else []
+    lines.append("Fields:")
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f" = {f.default!r}"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f" = {f.default_factory()!r}"
+        else:
+            default = ""
+        lines.append(f"    {f.name}: {f.type}{default}")
+        lines.extend(textwrap.wrap(comments.get(f.name, ""), 80, initial_indent=" " * 8,
+                                   subsequent_indent=" " * 8, break_on_hyphens=False))  # fmt: skip
+    return "\n".join(lines)
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Each field's comments in ``cls``'s source, joined; nothing where the source cannot
+    be read (an installation of compiled files only). A line of ``# --`` heads a section,
+    no field's."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments: dict[int, str] = {}  # line -> its comment's text
+    starts: set[int] = set()  # lines that hold nothing but a comment
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            if not tok.line[: tok.start[1]].strip():
+                starts.add(tok.start[0])
+    said: dict[str, str] = {}
+    for node in ast.parse(source).body[0].body:  # type: ignore[attr-defined]
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above: list[str] = []
+        line = node.lineno - 1
+        while line in starts and not comments[line].startswith("--"):
+            above.insert(0, comments[line])
+            line -= 1
+        after = [comments[node.end_lineno]] if node.end_lineno in comments else []
+        said[node.target.id] = " ".join(above + after)
+    return said
 
 
 def unknown_fields(owner: str, unknown: list[str], known: set[str]) -> str:

@@ -407,9 +407,20 @@ def _umask() -> int:
     return mask
 
 
-# Directories this process has replaced (atomic_dir's commit point passed), in order: a
-# command interrupted after one says that it holds the new content (quantgate.cli).
-replaced: list[Path] = []
+_recordings: list[list[Path]] = []  # recording()'s lists, open now
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Path]]:
+    """A list of the directories replaced (atomic_dir's commit point passed) in this process
+    while the block runs, in order: a command interrupted after one says that it holds the
+    new content (quantgate.cli). Nothing is kept outside such a block."""
+    replaced: list[Path] = []
+    _recordings.append(replaced)
+    try:
+        yield replaced
+    finally:
+        _recordings.remove(replaced)
 
 
 def _replace_dir(new: Path, out: Path) -> None:
@@ -418,7 +429,8 @@ def _replace_dir(new: Path, out: Path) -> None:
     ``out`` is never left missing, or with its old content only aside, by one."""
     with _signals_held():  # the old content goes too before a held signal ends the process
         old = _swap(new, out)
-        replaced.append(out)
+        for replaced in _recordings:
+            replaced.append(out)
         if old is not None:
             _remove(old)
 

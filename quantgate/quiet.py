@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import threading
 import warnings
@@ -46,3 +47,17 @@ def warnings_caught(*, record: bool = True) -> Iterator[list[warnings.WarningMes
     with GLOBAL_STATE, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always" if record else "ignore")
         yield caught
+
+
+@contextlib.contextmanager
+def logger_silenced(name: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Logger ``name`` shows only ``level`` and above inside; its own level after (the
+    caller's program may have set it)."""
+    logger = logging.getLogger(name)
+    with GLOBAL_STATE:
+        before = logger.level
+        logger.setLevel(level)
+        try:
+            yield
+        finally:
+            logger.setLevel(before)

@@ -33,7 +33,7 @@ import numpy as np
 
 from quantgate import placement
 from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, all_passed, speed_gate_name
-from quantgate.configs import check_fields, suggest_fields
+from quantgate.configs import check_fields, config_class
 from quantgate.progress import ProgressFn
 from quantgate.quantize.decide import GateConfig
 from quantgate.quantize.speed import speed_feeds, time_interleaved
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 NOT_FOR_CUDA = "not for CUDA: "  # opens the note that says why INT8 is not served on CUDA
 
 
-@suggest_fields
+@config_class
 @dataclass(frozen=True)
 class CudaGateConfig:
     throughput: tuple[int, int] = (128, 128)  # (batch, sequence)

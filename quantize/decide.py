@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 
 from quantgate.bundle import CPU, CUDA, GateResult
-from quantgate.configs import check_fields, closest, suggest_fields, wrong_types
+from quantgate.configs import check_fields, closest, config_class, wrong_types
 from quantgate.errors import ConfigError
 from quantgate.quantize.stats import bootstrap_mean, wilson
 
 
-@suggest_fields
+@config_class
 @dataclass(frozen=True)
 class GateConfig:
     max_accuracy_drop: float = 1.0  # points of the task metric (percent), FP32 -> candidate

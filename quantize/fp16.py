@@ -38,7 +38,7 @@ import onnx
 
 from quantgate import onnxfiles
 from quantgate.bundle import CPU
-from quantgate.configs import check_fields, suggest_fields
+from quantgate.configs import check_fields, config_class
 from quantgate.errors import QuantizeError, QuantizeFailed
 from quantgate.quantize.fidelity import Fidelity
 from quantgate.quiet import stdout_captured
@@ -47,7 +47,7 @@ from quantgate.sessions import session
 log = logging.getLogger(__name__)
 
 
-@suggest_fields
+@config_class
 @dataclass(frozen=True)
 class Fp16Config:
     # Op types kept FP32 on top of ORT's DEFAULT_OP_BLOCK_LIST. Empty by default. Measured on

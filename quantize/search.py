@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec
 
 from quantgate.bundle import GateResult, TensorSpec, all_passed, speed_score
-from quantgate.configs import check_fields, suggest_fields
+from quantgate.configs import check_fields, config_class
 from quantgate.errors import ConfigError, QuantizeError, QuantizeFailed
 from quantgate.fsutil import raise_if_full
 from quantgate.progress import ProgressFn, no_progress
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 
 
-@suggest_fields
+@config_class
 @dataclass(frozen=True)
 class QuantConfig:
     # Wall-clock seconds for the whole search (calibration, quantization, gates); checked

@@ -55,8 +55,8 @@ def read_tokens(path: Path) -> tuple[bytes, ...]:
 
 class TokenFile:
     """The tokens of a file, read again when it changes (``watch.Watched``); ``start()``
-    watches it. Calling it answers the tokens in force and touches no file: interceptors
-    run on gRPC's one dispatch thread."""
+    watches it, ``close()`` ends the watch. Calling it answers the tokens in force and
+    touches no file: interceptors run on gRPC's one dispatch thread."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -72,6 +72,9 @@ class TokenFile:
         self._watch.start()
         return self
 
+    def close(self) -> None:
+        self._watch.stop()
+
     def __call__(self) -> tuple[bytes, ...]:
         return self._watch.value
 
@@ -79,9 +82,16 @@ class TokenFile:
 Tokens = Callable[[], Sequence[bytes]]  # the tokens in force, asked on every call
 
 
+def close_tokens(tokens: Tokens | None) -> None:
+    """End the watch of ``tokens``' file, if they come from one (``tokens(cfg)``)."""
+    if isinstance(tokens, TokenFile):
+        tokens.close()
+
+
 def tokens(cfg: ServeConfig, *, watch: bool = True) -> Tokens | None:
     """The bearer tokens ``cfg`` requires (its token, or its token file's, read now and,
-    with ``watch``, again when it changes), or None: no authentication."""
+    with ``watch``, again when it changes until ``close_tokens``), or None: no
+    authentication."""
     if cfg.auth_token_file is not None:
         file = TokenFile(cfg.auth_token_file)
         return file.start() if watch else file

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantgate.configs import check_fields, suggest_fields
+from quantgate.configs import check_fields, config_class
 
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("fp32", "int8", "fp16")
@@ -24,7 +24,7 @@ def token_problem(token: str) -> str | None:
     return None
 
 
-@suggest_fields
+@config_class
 @dataclass(frozen=True)
 class TLSConfig:
     cert: Path  # PEM server certificate chain
@@ -35,7 +35,7 @@ class TLSConfig:
         check_fields(self)  # paths given as strings become Paths
 
 
-@suggest_fields
+@config_class
 @dataclass(frozen=True)
 class ServeConfig:
     path: Path  # one bundle, or a repository folder of bundles (see repository.load_repository)

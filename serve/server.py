@@ -457,11 +457,13 @@ def create_server(
 ) -> Built:
     """Build the server (not started) and bind its port. ``credentials`` and ``tokens``:
     the TLS ones and the bearer tokens already read from ``cfg`` (``run`` reads them before
-    loading models), else read here.
+    loading models, and watches their files), else read here and watched until
+    ``close_threads``.
 
     Returns the server, the bound port (the free one chosen when ``cfg.port`` is 0), the
     health servicer, which reports NOT_SERVING until ``run`` marks it SERVING, and what
-    ends the server's thread pools once it has stopped (gRPC does not own them).
+    ends the server's thread pools once it has stopped (gRPC does not own them), with the
+    watches it started.
 
     Threads: one per unary request in flight and per open stream, from a pool as large as
     every model's queue plus spares, so that a full queue, not a lack of threads, is what
@@ -482,6 +484,15 @@ def create_server(
         ("grpc.server.max_pending_requests", PENDING_CALLS),
         ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
     ]
+    # What the caller did not read, read here and watched until close_threads
+    made: list[Callable[[], None]] = []
+    if credentials is None and cfg.tls is not None:
+        credentials = tls.Credentials(cfg.tls)
+        credentials.watch()
+        made.append(credentials.close)
+    if tokens is None:
+        tokens = auth.tokens(cfg)
+        made.append(functools.partial(auth.close_tokens, tokens))
     threads = cfg.max_queue_size * len(list(engine.repository)) + SPARE_THREADS
     pool = RequestThreads(threads)
     streams = StreamLimit(threads // 2)
@@ -494,6 +505,8 @@ def create_server(
     def close_threads() -> None:  # idle once the server has stopped: they end at once
         for executor in (pool, open_pool, refusals, servicer.streams):
             executor.shutdown(wait=False, cancel_futures=True)
+        for close in made:
+            close()
 
     overload = Overload(
         pool, 2 * threads, engine.metrics.overloaded.inc, refusals=refusals,
@@ -503,7 +516,7 @@ def create_server(
     engine.metrics.calls_in_flight.set_function(lambda: pool.in_flight)
     engine.metrics.calls_in_flight_limit.set(overload.limit)
     interceptors: list[grpc.ServerInterceptor] = [streams]
-    if tokens := tokens or auth.tokens(cfg):
+    if tokens is not None:
         refused = engine.metrics.unauthenticated.inc
         # outside StreamLimit: a refused stream takes none of its places
         interceptors.insert(0, auth.BearerTokenAuth(SERVICE, tokens, refused, refusals))
@@ -547,15 +560,13 @@ class Built(NamedTuple):
 
 
 def _bind(cfg: ServeConfig, server: grpc.Server, credentials: tls.Credentials | None) -> int:
-    """Bind ``server`` to ``cfg``'s address; the port bound (the free one chosen for port 0)."""
+    """Bind ``server`` to ``cfg``'s address, over TLS with ``credentials``; the port bound
+    (the free one chosen for port 0)."""
     address = cfg.address()
     try:
-        if cfg.tls is None:
+        if credentials is None:
             port = server.add_insecure_port(address)
         else:
-            if credentials is None:
-                credentials = tls.Credentials(cfg.tls)
-                credentials.watch()
             port = server.add_secure_port(address, credentials.server_credentials())
     except RuntimeError as e:  # gRPC says only "Failed to bind"; its log above says why
         raise ServeError(_cannot_listen(cfg, address)) from e
@@ -726,7 +737,7 @@ def _without_created_series() -> Iterator[None]:
 def _run(cfg: ServeConfig, on_ready: Callable[[int, Engine], None] | None) -> None:
     # A bad TLS file or a port in use is named before minutes of loading models.
     credentials = tls.Credentials(cfg.tls) if cfg.tls is not None else None
-    tokens = auth.tokens(cfg)
+    tokens = auth.tokens(cfg, watch=False)  # watched from the start of serving, below
     _check_ports(cfg)
     engine = Engine(load_repository(cfg), cfg)
     # Served as loaded: a bundle that changes on disk is said so once, not reloaded
@@ -735,13 +746,6 @@ def _run(cfg: ServeConfig, on_ready: Callable[[int, Engine], None] | None) -> No
         (m.served() for m in engine.repository),
         on_change=lambda model, is_changed: changed.labels(*model).set(int(is_changed)),
     )
-    if credentials is not None:  # when the served certificate expires, and after renewals
-        expiry = engine.metrics.tls_expiry.labels(str(credentials.tls.cert))
-        credentials.watch(lambda material: expiry.set(material.expires.timestamp()))
-    server, port, health_servicer, close_threads = create_server(
-        cfg, engine, credentials=credentials, tokens=tokens
-    )
-    _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     stop = threading.Event()
     received: list[str] = []  # the signal that asked for the stop
 
@@ -753,15 +757,24 @@ def _run(cfg: ServeConfig, on_ready: Callable[[int, Engine], None] | None) -> No
         received.append(signal.Signals(signum).name)
         stop.set()
 
-    # SIGHUP too: the terminal that started the server closed. Its default would end the
-    # process at once, admitted requests unanswered. A caller embedding run() gets its own
-    # handlers back (signals.handling).
-    with (
-        contextlib.ExitStack() as ended,
-        signals.handling(on_signal),
-        contextlib.closing(bundles.start()),
-    ):
-        ended.callback(close_threads)  # last: after the drain, or a failed start
+    with contextlib.ExitStack() as ended:  # each ended in turn, the last first
+        # The files' watches end with the run (a program may call run() again and again)
+        if credentials is not None:  # when the served certificate expires, and after renewals
+            expiry = engine.metrics.tls_expiry.labels(str(credentials.tls.cert))
+            credentials.watch(lambda material: expiry.set(material.expires.timestamp()))
+            ended.callback(credentials.close)
+        if isinstance(tokens, auth.TokenFile):
+            ended.callback(tokens.start().close)
+        server, port, health_servicer, close_threads = create_server(
+            cfg, engine, credentials=credentials, tokens=tokens
+        )
+        ended.callback(close_threads)  # after the drain, or a failed start
+        _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # SIGHUP too: the terminal that started the server closed. Its default would end
+        # the process at once, admitted requests unanswered. A caller embedding run() gets
+        # its own handlers back (signals.handling).
+        ended.enter_context(signals.handling(on_signal))
+        ended.enter_context(contextlib.closing(bundles.start()))
         try:
             _start(cfg, server, port, engine, health_servicer, on_ready, stop)
             while not stop.wait(0.5):  # a short wait: signal handlers run between waits

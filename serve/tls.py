@@ -87,7 +87,7 @@ def check_dates(
 
 class Credentials:
     """gRPC server credentials over ``tls``'s files, read (and checked) now and, once
-    ``watch`` starts it, again when they change (``watch.Watched``): gRPC asks for them at
+    ``watch`` starts it (until ``close``), again when they change (``watch.Watched``): gRPC asks for them at
     each handshake and gets what the watch read last, without touching a file. The
     certificates' dates are checked again daily, for the warning before one expires."""
 
@@ -116,6 +116,10 @@ class Credentials:
         self._on_read = on_read
         on_read(self.material)
         self._watch.start()
+
+    def close(self) -> None:
+        """End the watch (its thread ends within a second)."""
+        self._watch.stop()
 
     def check(self) -> bool:
         """Look at the files now (the watch's thread does every second)."""

@@ -161,11 +161,14 @@ def test_a_signal_during_the_swap_waits_for_it(tmp_path, monkeypatch, sig, renam
         monkeypatch.setattr(os, "rename", signalled(os.rename))
     previous = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     try:
-        with pytest.raises(KeyboardInterrupt if sig == "SIGINT" else SystemExit):
+        with (
+            fsutil.recording() as replaced,
+            pytest.raises(KeyboardInterrupt if sig == "SIGINT" else SystemExit),
+        ):
             write(out, "two")
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert model_text(out) == "two" and fsutil.replaced[-1] == out
+    assert model_text(out) == "two" and replaced == [out]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 
@@ -211,6 +214,18 @@ def test_a_replaced_bundle_keeps_its_directory_mode(tmp_path):
         assert stat.S_IMODE(write(tmp_path / "new").path.stat().st_mode) == 0o755
     finally:
         os.umask(umask)
+
+
+def test_replaced_folders_are_recorded_only_while_someone_listens(tmp_path):
+    """The CLI records what a command replaced, to name it if interrupted after; a program
+    writing bundle after bundle keeps no list growing by one path a bundle."""
+    write(tmp_path / "before")
+    with fsutil.recording() as replaced, fsutil.recording() as inner:
+        write(tmp_path / "a")
+        write(tmp_path / "b")
+    write(tmp_path / "after")
+    assert replaced == inner == [tmp_path / "a", tmp_path / "b"]
+    assert fsutil._recordings == []
 
 
 def test_files_in_folders_are_on_disk_before_the_rename(tmp_path, monkeypatch):

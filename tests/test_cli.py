@@ -113,10 +113,9 @@ def test_a_signal_inherited_as_ignored_stays_ignored(cli, monkeypatch):
 def test_an_interrupt_after_the_bundle_was_replaced_says_so(cli, monkeypatch, tmp_path):
     from quantgate import fsutil
 
-    monkeypatch.setattr(fsutil, "replaced", [])
-
     def late(*args, **kwargs):  # after the swap, the new bundle in place
-        fsutil.replaced.append(tmp_path / "b")
+        with fsutil.atomic_dir(tmp_path / "b"):
+            pass
         raise KeyboardInterrupt
 
     monkeypatch.setattr("quantgate.bundle.load", late)

@@ -2,6 +2,7 @@
 a wrong type is named with its field at once, not met minutes later as a TypeError deep
 in the pipeline; conversions that lose nothing are made."""
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -83,15 +84,35 @@ def test_a_config_passed_as_a_dict_is_refused_with_how_to_make_one(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_help_on_a_config_tells_each_field_with_the_comments_beside_it():
+    """A library user's help(ServeConfig) showed the dataclass's signature and nothing of
+    what a field means, which lived only in source comments."""
+    import pydoc
+
+    from quantgate.serve.config import ServeConfig
+
+    assert "|  Fields:" in pydoc.render_doc(GateConfig, renderer=pydoc.plaintext)
+    gate = " ".join(inspect.getdoc(GateConfig).split())
+    assert "Fields: max_accuracy_drop: float = 1.0 points of the task metric (percent)" in gate
+    # the comment above a field, and one that spans lines
+    assert "ci_rule: str = 'point' Which value decides a gate with an interval:" in gate
+    assert "(upper for a drop or KL, lower for cosine or agreement). Speed gates" in gate
+    served = " ".join(inspect.getdoc(ServeConfig).split())
+    assert "cuda_device_id: int = 0 which GPU (as CUDA numbers them;" in served
+    assert "-- CUDA execution provider" not in served  # a section's heading, no field's
+    assert "tls: TLSConfig | None = None auth_token: str | None = None required as" in served
+    assert ServeConfig(path="b").__doc__ == ServeConfig.__doc__
+
+
 def test_a_misspelt_field_is_answered_with_the_field_it_probably_means():
-    """``suggest_fields`` on a config: a keyword that is no field names the closest one (or
+    """``config_class`` on a config: a keyword that is no field names the closest one (or
     the one it is a prefix of), as a config file's unknown setting does; the rest of the
     config is made and checked as before, and ``replace`` still works."""
     import dataclasses
 
-    from quantgate.configs import check_fields, suggest_fields
+    from quantgate.configs import check_fields, config_class
 
-    @suggest_fields
+    @config_class
     @dataclasses.dataclass(frozen=True)
     class Thresholds:
         min_speedup: float = 1.2

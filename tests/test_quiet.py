@@ -7,6 +7,8 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 
 def test_a_child_forked_while_a_thread_holds_the_lock_gets_it_free():
     """A child forked while a thread exports would wait forever for a holder it does not
@@ -88,3 +90,22 @@ def test_the_stand_in_root_handler_stays_until_the_last_quantization_ends():
     )
     assert done.returncode == 0, done.stderr
     assert (done.stdout, done.stderr) == ("[]\n", "")
+
+
+def test_a_logger_silenced_for_an_export_gets_the_programs_level_back():
+    """The dynamo exporter's registration warnings are silenced while it runs; a program
+    that set that logger's level (to debug torch) kept ERROR for good."""
+    import logging
+
+    from quantgate.quiet import logger_silenced
+
+    name = "torch.onnx._internal.exporter._registration"
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.DEBUG)
+    try:
+        with pytest.raises(RuntimeError), logger_silenced(name):
+            assert not logger.isEnabledFor(logging.WARNING)
+            raise RuntimeError("the export failed")
+        assert logger.level == logging.DEBUG
+    finally:
+        logger.setLevel(logging.NOTSET)

@@ -104,17 +104,17 @@ def main() -> None:
         wide = {"terminal_width": 120, "max_content_width": 120}
         app.info.context_settings = {**(app.info.context_settings or {}), **wide}
     _interrupted.clear()  # main() may run more than once in a process (tests, a program)
-    written = len(fsutil.replaced)
-    try:
-        with _ending_signals():
-            code = app(standalone_mode=False)  # a command's return value, or typer.Exit's code
-    except BaseException as e:
-        if _interrupted:  # raised because of the signal, whatever it interrupted (an import)
-            _exit_interrupted(fsutil.replaced[written:])
-        _exit_for(e)
-    if _interrupted or code == 130:  # typer turns a KeyboardInterrupt into exit code 130
-        _interrupted[:] = _interrupted or [signal.SIGINT]
-        _exit_interrupted(fsutil.replaced[written:])
+    with fsutil.recording() as replaced:
+        try:
+            with _ending_signals():
+                code = app(standalone_mode=False)  # a command's return, or typer.Exit's code
+        except BaseException as e:
+            if _interrupted:  # raised because of the signal, whatever it interrupted (an import)
+                _exit_interrupted(replaced)
+            _exit_for(e)
+        if _interrupted or code == 130:  # typer turns a KeyboardInterrupt into exit code 130
+            _interrupted[:] = _interrupted or [signal.SIGINT]
+            _exit_interrupted(replaced)
     sys.exit(code or 0)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pki
 import pytest
 import tritonclient.grpc as tc
 from bundles import counting
@@ -856,6 +857,66 @@ def test_run_embedded_leaves_no_threads_and_no_switched_metrics_behind(repo):
         "created series kept: True",
         "from a thread: ServeError, main thread named",
         "port bound: False",
+    ]
+
+
+_WATCHES = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from quantgate.serve.config import ServeConfig, TLSConfig
+from quantgate.serve.engine import Engine
+from quantgate.serve.repository import load_repository
+from quantgate.serve.server import create_server, run
+
+d = Path(sys.argv[2])
+cfg = ServeConfig(
+    path=Path(sys.argv[1]), host="127.0.0.1", port=0, warmup=False,
+    tls=TLSConfig(cert=d / "server.pem", key=d / "server.key"), auth_token_file=d / "tokens",
+)
+
+def watches():
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("watch "))
+
+def gone():
+    deadline = time.monotonic() + 5  # stopped, not joined: each ends within its second
+    while watches() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return watches()
+
+def started(port, engine):
+    print("while serving:", watches())
+    os.kill(os.getpid(), signal.SIGTERM)
+
+for _ in range(2):
+    run(cfg, on_ready=started)
+    print("after the run:", gone())
+built = create_server(cfg, Engine(load_repository(cfg), cfg))
+print("create_server:", watches())
+built.close_threads()
+print("after close_threads:", gone())
+"""
+
+
+def test_the_watches_of_tls_and_token_files_end_with_each_run(repo, tmp_path):
+    """run() embedded and called again: the threads watching the TLS files and the token
+    file ended with each run (they were kept for good, one more of each a run), and so do
+    those create_server starts when it reads the files itself."""
+    pki.server_files(tmp_path, pki.authority())
+    (tmp_path / "tokens").write_text("s3cret\n")
+    watching = "['watch --auth-token-file {}', 'watch the TLS files']".format(tmp_path / "tokens")
+    done = subprocess.run(
+        [sys.executable, "-c", _WATCHES, str(repo / "classifier"), str(tmp_path)],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    serving = watching.replace("', 'watch the", "', 'watch bundles', 'watch the")
+    assert done.stdout.splitlines() == [
+        f"while serving: {serving}",
+        "after the run: []",
+        f"while serving: {serving}",
+        "after the run: []",
+        f"create_server: {watching}",
+        "after close_threads: []",
     ]
 
 
