@@ -95,7 +95,7 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def host_facts() -> dict:
+def host_facts(provider: str) -> dict:
     """What a served round trip's cost on this host may depend on, read without privileges
     (a missing file is left out): the CPUs this process may use and their quota, the CPU,
     its frequency governor, the load, and gRPC's own settings."""
@@ -105,7 +105,8 @@ def host_facts() -> dict:
     with contextlib.suppress(AttributeError, OSError):
         facts["cpus_usable"] = len(os.sched_getaffinity(0))
     facts["cpu_quota"] = cpus.quota()  # v1 or v2, the group's and its parents'
-    facts["ort_threads"] = cpus.describe()  # what quantgate's sessions (and its server) took
+    # what quantgate's sessions (and its server) took on ``provider``
+    facts["ort_threads"] = cpus.describe(gpu=provider == CUDA)
     with contextlib.suppress(OSError):
         facts["load_1m"] = round(os.getloadavg()[0], 2)
     with contextlib.suppress(OSError):
@@ -785,7 +786,7 @@ def main() -> int:
         "quick": a.quick,
         "sizes": sizes,
         "quantgate": how,
-        "host": host_facts(),
+        "host": host_facts(provider),
     }
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
 

@@ -7,6 +7,10 @@ a process on one CPU of two got a pool of 2). A pod limited to 2 CPUs on a 64-co
 32-thread pool whose threads the kernel throttles in turn, and each request waits for the
 last of them. quantgate's sessions ask for ``threads()`` instead: ONNX Runtime's own default
 (0) where the process may use the whole host, else the CPUs it may use.
+
+A session on a GPU provider gets one thread. The graph runs on the GPU; the CPU's pool runs
+only what the GPU leaves it (shape arithmetic), and its threads spin after every run all
+the same (ONNX Runtime's default), a core each, beside the server's own threads.
 """
 
 from __future__ import annotations
@@ -50,15 +54,18 @@ def quota() -> float | None:
 ORT_THREADS = "ORT_INTRA_OP_NUM_THREADS"  # ONNX Runtime's own setting, read where we ask for 0
 
 
-def threads(asked: int = 0) -> int:
+def threads(asked: int = 0, *, gpu: bool = False) -> int:
     """Intra-op threads for a session: ``asked`` where given (>0), else a positive
-    ``ORT_INTRA_OP_NUM_THREADS``; else 0 (ONNX Runtime's default: the host's physical cores)
-    unless the process may use fewer CPUs than that: its affinity mask, or a smaller CPU
-    quota. Then the smaller of the two, whole CPUs, at least one."""
+    ``ORT_INTRA_OP_NUM_THREADS``; else 1 for a session on a GPU provider (``gpu``); else 0
+    (ONNX Runtime's default: the host's physical cores) unless the process may use fewer
+    CPUs than that: its affinity mask, or a smaller CPU quota. Then the smaller of the two,
+    whole CPUs, at least one."""
     if asked > 0:
         return asked
     if from_env := _env_threads():
         return from_env
+    if gpu:
+        return 1
     share = min(affinity(), quota() or math.inf)
     if share >= physical():
         return 0
@@ -113,13 +120,15 @@ def _env_threads() -> int:
     return int(value)
 
 
-def describe(asked: int = 0) -> str:
+def describe(asked: int = 0, *, gpu: bool = False) -> str:
     """The threads ``threads`` gives and why, for a log line or a gate's detail."""
     if asked > 0:
         return f"{asked} (asked for)"
-    chosen = threads()
+    chosen = threads(gpu=gpu)
     if _env_threads():
         return f"{chosen} ({ORT_THREADS} in the environment)"
+    if gpu:
+        return "1 (the graph runs on the GPU: more would only spin)"
     if chosen:
         limit, mask = quota(), affinity()
         why = (

@@ -32,7 +32,7 @@ def session(
     is opened from a temporary file with its weights beside it (``quantgate.onnxfiles``).
 
     ``threads``: intra-op threads (0: ``quantgate.cpus.threads``, ORT's default, one per
-    physical core, unless a container's CPU quota is smaller). ``spin`` False
+    physical core, unless a container's CPU quota is smaller; one on a GPU). ``spin`` False
     keeps idle threads from spinning, for sessions timed in turn. ``precision`` is the
     variant's (``quantgate.workarounds``). ``optimize`` False runs the graph as written (no
     ORT rewrites: statistics of its own tensors). ``profile_prefix`` turns on ORT's profiler,
@@ -47,7 +47,7 @@ def session(
             f"(available: {', '.join(ort.get_available_providers())})"
         )
     options = ort.SessionOptions()
-    options.intra_op_num_threads = cpus.threads(threads)
+    options.intra_op_num_threads = cpus.threads(threads, gpu=provider != CPU)
     options.log_severity_level = 3
     if not spin:
         # Two sessions timed in turn: an idle one's spinning threads would steal the cores

@@ -362,7 +362,7 @@ def _confirm(cand, fp32, inputs, max_seq_len, sample, gate_cfg, emit, workdir) -
     def on_timing(task: str, done: int, total: int | None, status: str) -> None:
         emit(task, done, total, f"{cand.name}: again, {status}")
 
-    timing = TimingConditions.now(gate_cfg.threads)
+    timing = TimingConditions.now(gate_cfg.threads, gate_cfg.provider)
     try:
         speed = speed_gates(
             fp32, cand.path, inputs, max_seq_len, gate_cfg,
@@ -439,7 +439,7 @@ def _try(
         consistency = (
             batch_consistency(qm.path, evaluation, task, gate_cfg) if method == "dynamic" else None
         )
-        timing = TimingConditions.now(gate_cfg.threads)
+        timing = TimingConditions.now(gate_cfg.threads, gate_cfg.provider)
         speed = speed_gates(
             fp32, qm.path, inputs, max_seq_len, gate_cfg,
             sample=sample, on_progress=on_timing, conditions=timing,

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from quantgate import cpus
-from quantgate.bundle import GateResult, TensorSpec, speed_gate_name
+from quantgate.bundle import CPU, GateResult, TensorSpec, speed_gate_name
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.decide import GateConfig, decide
 from quantgate.quantize.stats import median_coverage, median_interval
@@ -44,13 +44,15 @@ class TimingConditions:
     quota: float | None = None  # a container's CPU quota, in CPUs, where one is set
 
     @classmethod
-    def now(cls, threads: int) -> TimingConditions:
-        """The conditions for sessions asked for ``threads`` (0: quantgate.cpus decides)."""
+    def now(cls, threads: int, provider: str) -> TimingConditions:
+        """The conditions for sessions on ``provider`` asked for ``threads`` (0:
+        quantgate.cpus decides)."""
         try:
             load = os.getloadavg()[0]
         except (AttributeError, OSError):
             load = None
-        return cls(cpus.threads(threads), cpus.affinity(), load, cpus.quota())
+        chosen = cpus.threads(threads, gpu=provider != CPU)
+        return cls(chosen, cpus.affinity(), load, cpus.quota())
 
     @property
     def busy(self) -> bool:
@@ -157,7 +159,7 @@ def speed_gates(
     Each gate's detail records ``conditions``, the machine before timing (taken here when
     None). Progress is the "timing" task: a step per warm-up run and per timed pair.
     """
-    conditions = conditions or TimingConditions.now(cfg.threads)
+    conditions = conditions or TimingConditions.now(cfg.threads, cfg.provider)
     a = session(fp32, cfg.provider, threads=cfg.threads, spin=False)
     b = session(candidate, cfg.provider, threads=cfg.threads, spin=False)
     shapes = speed_shapes(inputs, max_seq_len, cfg)

@@ -496,11 +496,11 @@ def _session(bundle: qb.Bundle, variant: qb.Variant, cfg: ServeConfig, provider:
     return Opened(session, report, limits)
 
 
-def _options(cfg: ServeConfig, precision: str) -> ort.SessionOptions:
-    """A served session's options: its threads (``quantgate.cpus``), every graph
-    optimization, and the precision's workarounds."""
+def _options(cfg: ServeConfig, provider: str, precision: str) -> ort.SessionOptions:
+    """A served session's options: its threads (``quantgate.cpus``: one on CUDA), every
+    graph optimization, and the precision's workarounds."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = cpus.threads(cfg.intra_op_threads)
+    options.intra_op_num_threads = cpus.threads(cfg.intra_op_threads, gpu=provider != CPU)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     workarounds.apply(options, precision)
     return options
@@ -511,7 +511,7 @@ def _ort_session(
 ) -> tuple[ort.InferenceSession, placement.PlacementReport | None]:
     """The session of ``source`` (the model's bytes, or its path), and on CUDA where ORT
     placed the nodes (``quantgate.placement``); ``file`` names it in errors."""
-    options = _options(cfg, precision)
+    options = _options(cfg, provider, precision)
     providers = provider_options(cfg, provider)
     if provider == CPU:
         try:
@@ -537,7 +537,10 @@ def _ort_session(
                 raise _cuda_failed(file, cfg, e) from e
             try:
                 session = ort.InferenceSession(
-                    source, _options(cfg, precision), providers=providers, enable_fallback=0
+                    source,
+                    _options(cfg, provider, precision),
+                    providers=providers,
+                    enable_fallback=0,
                 )
             except Exception:  # noqa: BLE001 - the first error is the one to tell
                 raise _cuda_failed(file, cfg, e) from e

@@ -39,6 +39,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from quantgate import cpus, signals
+from quantgate.bundle import CPU
 from quantgate.errors import DrainIncomplete, ServeError
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.serve import auth, codec, metrics, tls, watch
@@ -680,7 +681,7 @@ def verify(cfg: ServeConfig) -> Repository:
     return load_repository(cfg)
 
 
-def _settings(cfg: ServeConfig) -> str:
+def _settings(cfg: ServeConfig, engine: Engine) -> str:
     """What an operator checks first in the log: security, batching, threads."""
     security = "plaintext" if cfg.tls is None else "mutual TLS" if cfg.tls.client_ca else "TLS"
     authn = (
@@ -695,9 +696,11 @@ def _settings(cfg: ServeConfig) -> str:
         if cfg.dynamic_batching
         else "no dynamic batching"
     )
+    gpu = any(m.provider != CPU for m in engine.repository)
     return (
         f"{security}, {authn}; {batching}, queue {cfg.max_queue_size}; {cfg.instances} "
-        f"instance(s) per model, ONNX Runtime threads: {cpus.describe(cfg.intra_op_threads)}"
+        f"instance(s) per model, ONNX Runtime threads: "
+        f"{cpus.describe(cfg.intra_op_threads, gpu=gpu)}"
         + (f"; access log on (logger {access_log.name})" if cfg.access_log else "")
     )
 
@@ -833,7 +836,9 @@ def _start(
         return
     engine.ready = True
     _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving on %s%s: %s", cfg.address(port), _grpc_families(cfg.host), _settings(cfg))
+    log.info(
+        "serving on %s%s: %s", cfg.address(port), _grpc_families(cfg.host), _settings(cfg, engine)
+    )
     if on_ready is not None:
         on_ready(port, engine)
 

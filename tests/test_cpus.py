@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from quantgate import cpus
+from quantgate.bundle import CPU
 from quantgate.errors import ConfigError
 
 
@@ -126,6 +127,19 @@ def test_threads_follow_the_share_of_the_host_the_process_may_use(tmp_path, monk
         cpus.threads()
 
 
+def test_a_session_on_a_gpu_gets_one_thread_unless_more_are_asked_for(monkeypatch):
+    """The graph runs on the GPU: a pool of the host's cores would only spin between runs,
+    beside the server's own threads. Threads asked for, or set in the environment, win."""
+    monkeypatch.delenv(cpus.ORT_THREADS, raising=False)
+    monkeypatch.setattr(cpus, "physical", lambda: 16)
+    monkeypatch.setattr(cpus, "affinity", lambda: 16)
+    assert (cpus.threads(gpu=True), cpus.threads()) == (1, 0)
+    assert cpus.describe(gpu=True) == "1 (the graph runs on the GPU: more would only spin)"
+    assert cpus.threads(4, gpu=True) == 4
+    monkeypatch.setenv(cpus.ORT_THREADS, "3")
+    assert cpus.threads(gpu=True) == 3
+
+
 def test_speed_gates_record_the_quota_and_the_threads_it_gave(tmp_path, monkeypatch):
     from quantgate.quantize.speed import TimingConditions
 
@@ -133,7 +147,7 @@ def test_speed_gates_record_the_quota_and_the_threads_it_gave(tmp_path, monkeypa
     monkeypatch.setattr(cpus, "physical", lambda: 64)
     monkeypatch.setattr(cpus, "affinity", lambda: 64)
     _tree(tmp_path, "0::/ctr\n", {"ctr/cpu.max": "200000 100000\n"}, monkeypatch)
-    now = TimingConditions.now(0)
+    now = TimingConditions.now(0, CPU)
     assert (now.threads, now.quota) == (2, 2.0)
     assert now.describe().startswith("2 intra-op threads, 64 CPUs (a CPU quota of 2), ")
 

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from qg_pipeline_helpers import dynamic_int8, tiny_export  # noqa: E402
 
 from quantgate import cpus  # noqa: E402
+from quantgate.bundle import CPU  # noqa: E402
 from quantgate.quantize.decide import GateConfig  # noqa: E402
 from quantgate.quantize.speed import TimingConditions, speed_gates, time_interleaved  # noqa: E402
 
@@ -55,7 +56,8 @@ def test_speed_gate_is_interleaved_per_shape(models):
         assert g.value > 0 and g.ci[0] <= g.value <= g.ci[1]
         assert g.provider == "CPUExecutionProvider" and "median of 6 interleaved" in g.detail
         assert (
-            f"; timed with {TimingConditions.now(0).describe().split(', 1-minute')[0]}" in g.detail
+            f"; timed with {TimingConditions.now(0, CPU).describe().split(', 1-minute')[0]}"
+            in g.detail
         )
         assert "1-minute load average " in g.detail or "no load average" in g.detail
     impossible = speed_gates(
@@ -108,7 +110,7 @@ def test_timing_conditions_say_when_the_machine_was_busy():
     )
     assert not TimingConditions(1, 2, None).busy
     assert TimingConditions(1, 2, None).describe().endswith("no load average on this OS")
-    now = TimingConditions.now(3)
+    now = TimingConditions.now(3, CPU)
     assert now.threads == 3 and now.cpus == cpus.affinity()
     if hasattr(os, "getloadavg"):
         assert now.load is not None and now.load >= 0
