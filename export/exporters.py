@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from quantgate import onnxfiles
 from quantgate.bundle import TensorSpec
 from quantgate.errors import ExportError
 from quantgate.export.config import Exporter
@@ -110,6 +111,7 @@ def to_onnx(
     try:
         notes = EXPORTERS[exporter](model, path, example=example, outputs=outputs, opset=opset)
         onnx.checker.check_model(str(path))
+        onnxfiles.gather(path)  # past 2 GB, torch wrote a file per weight
     except Exception as e:  # noqa: BLE001 - exporters raise anything from deep inside torch
         log.info("the %s exporter failed", exporter.value, exc_info=True)  # shown by -v
         raise ExportError(

@@ -94,4 +94,19 @@ def save(model: onnx.ModelProto, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["INLINE_LIMIT", "external_locations", "save", "too_large"]
+def gather(path: str | Path) -> None:
+    """Rewrite the model at ``path`` as ``save`` writes it where its weights lie in several
+    files beside it (torch's exporter writes one a tensor, named after it), and remove
+    those files: a bundle holds a model and at most one weights file."""
+    path = Path(path)
+    locations = external_locations(path)
+    if len(locations) < 2:
+        return
+    save(onnx.load(str(path)), path)  # the weights read into memory, then written out
+    kept = set(external_locations(path))
+    for location in locations:
+        if location not in kept:
+            (path.parent / location).unlink(missing_ok=True)
+
+
+__all__ = ["INLINE_LIMIT", "external_locations", "gather", "save", "too_large"]

@@ -36,6 +36,37 @@ def test_a_model_past_the_limit_is_saved_beside_its_weights_and_found_again(tmp_
     np.testing.assert_allclose(y, x @ weights)
 
 
+def test_weights_in_a_file_a_tensor_are_gathered_into_one(tmp_path, monkeypatch):
+    """torch's exporter writes a model past 2 GB with a file per weight, named after the
+    tensor (16 files beside the FP32 variant of a 2.27 GB BERT); the bundle gets one."""
+    monkeypatch.setattr(onnxfiles, "INLINE_LIMIT", 1000)
+    w1, w2 = np.full((64, 32), 0.5, np.float32), np.full((32, 8), 2.0, np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["h"]),
+            helper.make_node("MatMul", ["h", "W2"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
+        save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0,
+    )  # fmt: skip
+    assert onnxfiles.external_locations(path) == ["W1", "W2"]
+    onnxfiles.gather(path)
+    assert onnxfiles.external_locations(path) == ["model.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    x = np.ones((1, 64), np.float32)
+    y = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ w1 @ w2)
+    onnxfiles.gather(path)  # one file already: left as it is
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
 def test_a_session_on_a_model_in_memory_past_the_limit_leaves_it_whole(monkeypatch):
     """The weights went into a temporary file for ONNX Runtime, and the caller's model kept
     pointing at that file once it was deleted: a second session on it failed."""
