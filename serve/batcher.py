@@ -1,7 +1,9 @@
 """The dynamic batcher: many small requests in, one session.run per batch, results out.
 
 Requests wait in a bounded queue. A batch is the oldest request and the queued requests
-of its shape bucket, up to the max batch size (gathered for at most the max queue delay);
+of its shape bucket, up to the max batch size (gathered for at most the max queue delay,
+and sent at once when the next request would overfill it, or before the first deadline of
+its requests passes);
 it is padded to one sequence length with the attention mask set to 0 on the padding, run,
 and each request's rows and length are cut back out. Requests whose client gave up or
 whose deadline passed are dropped before they run, and a batch whose every client has gone
@@ -41,6 +43,11 @@ from quantgate.serve.runtime import MASK, Model
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16  # sequence lengths 1..16 share a bucket; then powers of two
+# A batch gathering company starts this long, and as long as batches have lately taken to
+# run, before the first of its requests' deadlines: company is not worth a request's answer
+# (a deadline shorter than the queue delay). The answer must still travel back, and the
+# server's clock started late: when it read the call's headers.
+START_BEFORE_DEADLINE_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,7 @@ class _Pending:
     key: tuple  # requests with equal keys can share a batch
     length: int  # sequence length (0 when the model is not padded)
     deadline: float | None  # time.monotonic() after which it must not start
+    timeout: float | None  # the seconds from its arrival that set ``deadline``
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     # Set under the batcher's lock; ``wake`` tells the waiting thread to look again.
     result: Any = None  # (outputs, Timing) or the exception to raise
@@ -165,6 +173,7 @@ class Batcher:
         # has gone, its run is told to stop (ONNX Runtime's terminate flag) instead of
         # holding a runner slot for answers nobody reads.
         self._runs: dict[int, tuple[list[_Pending], ort.RunOptions]] = {}
+        self._run_s = 0.0  # how long batches took lately: each new one weighs a quarter
 
     @property
     def depth(self) -> int:
@@ -245,12 +254,18 @@ class Batcher:
     ) -> _Pending:
         length = 0
         if self.model.sequence_axis is not None:
-            length = feeds[MASK].shape[1]
+            mask = feeds[MASK]
+            length = mask.shape[1]
             key: tuple = ("padded", bucket(length))
+            if not mask.any(axis=1).all():
+                # A row of padding alone attends evenly to every key, padding included:
+                # padded beside a longer request, its answer would change with that
+                # request's length. It shares a batch only where nothing is padded.
+                key = ("unpadded", length)
         else:
             key = tuple((name, a.shape[1:]) for name, a in sorted(feeds.items()))
         deadline = None if timeout is None else time.monotonic() + timeout
-        return _Pending(feeds, outputs, rows, key, length, deadline)
+        return _Pending(feeds, outputs, rows, key, length, deadline, timeout)
 
     def _admit(self, pending: _Pending) -> None:
         """Queue it, or raise Unavailable (call with the lock held)."""
@@ -286,7 +301,7 @@ class Batcher:
                         if timeout <= 0:
                             if me in self._queue:  # not started: drop it
                                 self._queue.remove(me)
-                                self._finish(me, self._expired())
+                                self._finish(me, self._expired(me))
                                 self._cv.notify_all()
                                 return
                             me.deadline = timeout = None  # started: wait it out
@@ -333,15 +348,20 @@ class Batcher:
             if pending.lead:  # its thread may be gathering company on the condition: free it
                 self._cv.notify_all()
 
-    def _expired(self) -> DeadlineExceeded:
-        return DeadlineExceeded(f"model {self.model.name!r}: deadline passed while queued")
+    def _expired(self, p: _Pending) -> DeadlineExceeded:
+        within = f" ({p.timeout * 1e3:.0f} ms from its arrival)" if p.timeout is not None else ""
+        return DeadlineExceeded(
+            f"model {self.model.name!r}: deadline passed while queued{within}, behind "
+            "earlier requests: give it a longer deadline (the client's, or the request's "
+            "`timeout` parameter), or the model more capacity (replicas, --instances)"
+        )
 
     def _drop_expired(self) -> None:
         now = time.monotonic()
         alive = []
         for p in self._queue:
             if p.deadline is not None and now >= p.deadline:
-                self._finish(p, self._expired())
+                self._finish(p, self._expired(p))
             else:
                 alive.append(p)
         self._queue = alive
@@ -372,33 +392,49 @@ class Batcher:
             self._running -= 1
             self._cv.notify_all()  # close() waits for the last slot
 
-    def _group(self) -> list[_Pending]:
+    def _group(self) -> tuple[list[_Pending], bool]:
+        """The next batch: the oldest request and the queued ones of its bucket that fit,
+        in order; and whether waiting may still add to it: not when it is full, nor when a
+        request of its bucket was left out for want of room (the batch is sent then, as
+        Triton's dynamic batcher sends one when the next request would not fit)."""
         head = self._queue[0]
         if not self._dynamic:
-            return [head]
-        group, rows = [head], head.rows  # a request larger than a batch runs alone
+            return [head], False
+        group, rows, left_out = [head], head.rows, False  # a request past a batch runs alone
         for p in self._queue[1:]:
-            if p.key == head.key and rows + p.rows <= self._max_rows:
+            if p.key != head.key:
+                continue
+            if rows + p.rows <= self._max_rows:
                 group.append(p)
                 rows += p.rows
-        return group
+            else:
+                left_out = True
+        return group, rows < self._max_rows and not left_out
 
     def _next_batch(self, me: _Pending) -> list[_Pending]:
         """Take the next group off the queue, waiting up to the max queue delay for more
-        requests of its bucket (lock held; the wait releases it). Empty: nothing queued,
-        or ``me`` was answered (cancelled, say) while it waited, and its thread is free to
-        go: the slot passes to a queued request's thread, which goes on gathering. The
-        wait also ends at ``me``'s deadline: no other thread watches it."""
+        requests of its bucket (lock held; the wait releases it), but not so long that the
+        batch would end past the first deadline of its requests (``START_BEFORE_DEADLINE_S``
+        and the time batches lately took to run, before it). Empty:
+        nothing queued, or ``me`` was answered (cancelled, say) while it waited, and its
+        thread is free to go: the slot passes to a queued request's thread, which goes on
+        gathering. The wait also ends at ``me``'s deadline, where ``me`` is not in the
+        group: no other thread watches it."""
         while True:
             self._drop_expired()
             if not self._queue or me.done:
                 return []
-            group = self._group()
-            full = sum(p.rows for p in group) >= self._max_rows
+            group, grows = self._group()
             wait_ns = self._queue[0].enqueued_ns + self._delay_ns - time.perf_counter_ns()
-            if not self._dynamic or full or wait_ns <= 0 or self._closing:
+            if not grows or wait_ns <= 0 or self._closing:
                 break
             wait_s, now = wait_ns / 1e9, time.monotonic()
+            due = min((p.deadline for p in group if p.deadline is not None), default=None)
+            if due is not None:
+                start_by = due - START_BEFORE_DEADLINE_S - self._run_s
+                if start_by <= now:
+                    break
+                wait_s = min(wait_s, start_by - now)
             if me.deadline is not None and me.deadline > now:  # passed: dropped, or started
                 wait_s = min(wait_s, me.deadline - now)
             self._cv.wait(wait_s)
@@ -479,6 +515,7 @@ class Batcher:
             )
             row += p.rows
         done = time.perf_counter_ns()
+        self._run_s += ((done - start) / 1e9 - self._run_s) / 4
         rows = sum(p.rows for p in group)
         timings = [
             Timing(start - p.enqueued_ns, assembled - start, ran - assembled, done - ran)

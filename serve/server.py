@@ -129,7 +129,7 @@ class AccessLog(grpc.ServerInterceptor):
             behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
 
             def unary(request, context):
-                record, start = CallRecord(), time.perf_counter()
+                record, start = _opened(context)
                 token = CALL.set(record)
                 code = None
                 try:
@@ -151,8 +151,7 @@ class AccessLog(grpc.ServerInterceptor):
         behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
         def streaming(request, context):
-            record, start = CallRecord(), time.perf_counter()
-            record.peer = urllib.parse.unquote(context.peer())
+            record, start = _opened(context)
             token = CALL.set(record)
             try:
                 responses = behavior(request, context)
@@ -169,6 +168,14 @@ class AccessLog(grpc.ServerInterceptor):
             else grpc.unary_stream_rpc_method_handler
         )
         return make(_runs_as(behavior, streaming), **serde)
+
+
+def _opened(context: grpc.ServicerContext) -> tuple[CallRecord, float]:
+    """A call's record, with its peer taken now (gRPC says "" once a call has ended: one
+    that passed its deadline while it ran), and its start."""
+    record = CallRecord()
+    record.peer = urllib.parse.unquote(context.peer())
+    return record, time.perf_counter()
 
 
 def _runs_as(behavior, wrapper):
@@ -238,8 +245,7 @@ def _log_call(method, request, context, record, start, code, *, stream=False) ->
         "code": code,
         "rows": record.rows,
         "latency_ms": latency_ms,
-        # taken at the start: a stream cancelled at the end may have none by then
-        "peer": record.peer or urllib.parse.unquote(context.peer()),
+        "peer": record.peer,  # taken at the start (_opened)
         "request_id": _asked(request, "id"),
     }
     if stream and method.endswith("/ModelStreamInfer"):
@@ -351,7 +357,7 @@ class Overload(grpc.ServerInterceptor):
         def counted(context) -> None:
             self._on_refusal()
             if self._access_log:
-                _log_call(method, None, context, CallRecord(), time.perf_counter(), "UNAVAILABLE")
+                _log_call(method, None, context, *_opened(context), "UNAVAILABLE")
 
         return refusal(grpc.StatusCode.UNAVAILABLE, message, self._refusals, counted)
 

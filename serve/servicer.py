@@ -77,7 +77,7 @@ class CallRecord:
         self.rows: int | None = None  # None: no request of the call ran to an answer
         self.code: str | None = None
         self.requests = self.failed = 0
-        self.peer: str | None = None  # a stream's, taken when it opens
+        self.peer: str | None = None  # the client's address, taken when the call opens
         self._lock = threading.Lock()
 
     def request(self, model: Model | None, code: str, rows: int) -> None:

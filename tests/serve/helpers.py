@@ -3,9 +3,11 @@ in-process batcher tests share."""
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
+import urllib.request
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -73,6 +75,14 @@ def hold_first_run(model) -> tuple[threading.Event, threading.Event]:
 
     model.run = held
     return started, release
+
+
+def queue_depth(srv) -> float:
+    """The quantgate_queue_depth of ``srv`` (a conftest.ServerProcess started with
+    --metrics-port 0), summed over its models."""
+    url = re.search(r"metrics on (http://\S+/metrics)", "".join(srv.stdout)).group(1)
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return sum(float(n) for n in re.findall(r"^quantgate_queue_depth\{[^}]*\} (\S+)$", text, re.M))
 
 
 def until(condition, timeout: float = 10.0) -> None:

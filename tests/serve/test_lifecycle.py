@@ -23,7 +23,7 @@ import tritonclient.grpc as tc
 from bundles import counting
 from conftest import ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import Reference, batch, inputs
+from helpers import Reference, batch, inputs, queue_depth
 from tritonclient.utils import InferenceServerException
 
 ATOL = 1e-4
@@ -93,10 +93,10 @@ def test_sigterm_finishes_admitted_requests_and_exits_0(repo):
                 inputs(feeds),
                 callback=lambda result, error, q=q: q.put((result, error)),
             )
-        _until(lambda: _queue_depth(srv) == 8, srv)  # admitted, waiting for company
+        _until(lambda: queue_depth(srv) == 8, srv)  # admitted, waiting for company
         load = threading.Thread(target=keep_sending)
         load.start()
-        _until(lambda: _queue_depth(srv) == 9, srv)  # and the load's first request
+        _until(lambda: queue_depth(srv) == 9, srv)  # and the load's first request
         code = srv.terminate()
         stop.set()
         load.join()
@@ -552,14 +552,14 @@ def test_a_cancelled_stream_cancels_the_requests_it_queued(repo):
                 ).model_stats[0]
 
             call = stub.ModelStreamInfer(requests())
-            _until(lambda: _queue_depth(srv) == 20, srv)
+            _until(lambda: queue_depth(srv) == 20, srv)
             call.cancel()
             hold.set()
             _until(lambda: stats().inference_stats.fail.count == 20, srv)
             final = stats()
         assert final.inference_stats.success.count == 0, final
         assert final.execution_count == 0, final  # no batch ran them, nor ever will
-        assert _queue_depth(srv) == 0
+        assert queue_depth(srv) == 0
     finally:
         assert srv.terminate() == 0, srv.log
 
@@ -582,13 +582,6 @@ def _until(check, srv: ServerProcess, timeout: float = 30) -> None:
     while not check():
         assert time.monotonic() < deadline, srv.log
         time.sleep(0.02)
-
-
-def _queue_depth(srv: ServerProcess) -> float:
-    """The server's quantgate_queue_depth, summed over its models (--metrics-port 0)."""
-    url = re.search(r"metrics on (http://\S+/metrics)", "".join(srv.stdout)).group(1)
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return sum(float(n) for n in re.findall(r"^quantgate_queue_depth\{[^}]*\} (\S+)$", text, re.M))
 
 
 def _openssl(*args: str) -> None:

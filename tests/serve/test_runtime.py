@@ -198,15 +198,15 @@ def test_a_queued_request_whose_caller_goes_is_dropped_and_its_thread_released(c
 
 
 def test_a_deadline_that_passes_in_the_queue_answers_deadline_exceeded(classifier):
-    b = batcher(classifier, max_queue_delay_us=500_000)
+    b = batcher(classifier)
     rng = np.random.default_rng(3)
     started, release = hold_first_run(classifier)
     with ThreadPoolExecutor(2) as pool:
-        busy = pool.submit(b.infer, batch(rng, 1, 4), 1)  # no deadline: waits 0.5 s, runs
-        late = pool.submit(b.infer, batch(rng, 1, 4), 1, timeout=0.05)
+        busy = pool.submit(b.infer, batch(rng, 1, 4), 1)  # runs, and holds the model
+        assert started.wait(10)
+        late = pool.submit(b.infer, batch(rng, 1, 4), 1, timeout=0.05)  # queued behind it
         with pytest.raises(DeadlineExceeded, match="deadline passed while queued"):
             late.result(10)
-        assert started.wait(10)
         release.set()
         assert busy.result(10)[0]["logits"].shape[0] == 1
     assert b.close(timeout=5)
