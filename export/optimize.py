@@ -9,6 +9,7 @@ The fused model is validated again by the caller.
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -63,6 +64,10 @@ def fuse(src: Path, dst: Path, *, num_heads: int = 0, hidden_size: int = 0) -> d
         ) from e
     if chatter.getvalue().strip():
         log.info("optimizer said: %s", " ".join(chatter.getvalue().split()))
+    # The optimizer's copies of the model (weights and all) sit in reference cycles: freed
+    # now, not under the validation that reads the fused graph next (+490 MB on MiniLM).
+    del optimized
+    gc.collect()
     fused = {op: int(n) for op, n in sorted(stats.items()) if n}
     log.info("fusions in %s: %s", dst.name, fused or "none")
     return fused

@@ -75,15 +75,17 @@ def to_fp16(model: onnx.ModelProto | str | Path, cfg: Fp16Config | None = None) 
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     cfg = cfg or Fp16Config()
-    proto = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
+    if isinstance(model, (str, Path)):
+        proto = onnx.load(str(model))  # this call's own: converted in place, not copied
+    else:  # the caller's stays as it is: copied, not through bytes (none past 2 GB)
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer):
         raise QuantizeError(
             "the model already holds FP16 initializers; to_fp16 expects the FP32 export"
         )
     try:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(proto)  # not through bytes: protobuf serializes none past 2 GB
-        wrapped = OnnxModel(copy)
+        wrapped = OnnxModel(proto)
         with stdout_captured() as chatter:
             wrapped.convert_float_to_float16(
                 use_symbolic_shape_infer=True,

@@ -346,6 +346,8 @@ def candidates_table(result: SearchResult, shipped: Candidate, plot: str | None)
         ]
         if c.error:
             verdict = f"error: {c.error.splitlines()[0][:80]}"
+        elif not c.speed:  # inaccurate, and its speed would have served nothing (search._try)
+            verdict = "fail (not timed: inaccurate, no refinement left to try, another passed)"
         else:
             verdict = "pass" if c.passed else "fail"
         mark = ""
@@ -383,7 +385,12 @@ def candidates_table(result: SearchResult, shipped: Candidate, plot: str | None)
             *(
                 f"| `{n.node}` | {n.sensitivity:.4g} | `{n.candidate}` | {n.accuracy_gate} "
                 f"{_num(n.accuracy_before)} -> {_num(n.accuracy_after)} | "
-                f"{n.speedup_before:.2f}x -> {n.speedup_after:.2f}x | {n.speedup_cost:+.3f}x |"
+                f"{n.speedup_before:.2f}x -> "
+                + (
+                    f"{n.speedup_after:.2f}x | {n.speedup_cost:+.3f}x |"
+                    if n.speedup_after is not None and n.speedup_cost is not None
+                    else "not timed | |"
+                )
                 for n in costs
             ),
             "",

@@ -8,7 +8,9 @@
    calibration rows), keep the worst ``sensitivity_top_k`` in FP32 and retry, up to
    ``max_keep_rounds`` rounds per recipe.
 4. Stop when the queue is empty, ``search_budget_s`` is spent or ``max_candidates`` have
-   run (the first candidate always runs). Among the candidates that pass every gate, the
+   run (the first candidate always runs). A candidate that fails accuracy when nothing is
+   left to refine it is not timed, once another has passed: its speed would serve nothing.
+   Among the candidates that pass every gate, the
    fastest (geometric mean of the speedups) is chosen, not the first. When none passes, the
    closest ships, marked failed (``SearchResult.best``).
 5. The chosen one is timed again (``_confirm``), apart from the search that picked it: the
@@ -144,15 +146,17 @@ class NodeCost:
     sensitivity: float
     candidate: str  # the candidate that first kept it
     speedup_before: float
-    speedup_after: float
+    speedup_after: float | None  # None: the round's candidate was not timed (_try)
     accuracy_gate: str
     accuracy_before: float
     accuracy_after: float
     nodes_in_round: int
 
     @property
-    def speedup_cost(self) -> float:
-        """Speedup lost by the round, split evenly over its nodes."""
+    def speedup_cost(self) -> float | None:
+        """Speedup lost by the round, split evenly over its nodes (None: not timed)."""
+        if self.speedup_after is None:
+            return None
         return (self.speedup_before - self.speedup_after) / max(self.nodes_in_round, 1)
 
 
@@ -212,7 +216,7 @@ class SearchResult:
                         sensitivity=score,
                         candidate=c.name,
                         speedup_before=parent.speedup,
-                        speedup_after=c.speedup,
+                        speedup_after=c.speedup if c.speed else None,
                         accuracy_gate=gate.name if gate else "",
                         accuracy_before=before,
                         accuracy_after=gate.value if gate else 0.0,
@@ -303,10 +307,18 @@ def search(
             break
         total = min(len(candidates) + len(queue) + 1, quant_cfg.max_candidates)
         emit("search", len(candidates), total, _name(recipe))
+
+        def worth_timing(rounds=rounds) -> bool:
+            """For a candidate that failed accuracy: its speed is wanted to refine it, or to
+            rank it against others where none has passed (``SearchResult.best``)."""
+            refinable = _refinable(rounds, len(candidates) + 1, quant_cfg, t0)
+            return refinable or not any(c.passed for c in candidates)
+
         cand, qmodel = _try(
             recipe, parent, added, fp32, unfused, calibration, evaluation, reference,
             task=task, inputs=inputs, max_seq_len=max_seq_len, sample=sample,
             workdir=workdir, index=len(candidates), gate_cfg=gate_cfg, emit=emit,
+            worth_timing=worth_timing,
         )  # fmt: skip
         candidates.append(cand)
         log.info(
@@ -315,7 +327,7 @@ def search(
             "pass" if cand.passed else "fail",
             ", ".join(f"{g.name} {g.value:.4g}" for g in cand.gates) or cand.error,
         )
-        if _worth_refining(cand, rounds, quant_cfg, gate_cfg):
+        if _refinable(rounds, len(candidates), quant_cfg, t0) and _worth_refining(cand, gate_cfg):
             nodes = _sensitive_nodes(fp32, qmodel, calibration, cand, quant_cfg)
             if nodes:
                 more = recipe.with_keep_fp32([n for n, _ in nodes])
@@ -408,8 +420,11 @@ def _name(recipe: Recipe) -> str:
 
 def _try(
     recipe, parent, added, fp32, unfused, calibration, evaluation, reference, *,
-    task, inputs, max_seq_len, sample, workdir, index, gate_cfg, emit,
+    task, inputs, max_seq_len, sample, workdir, index, gate_cfg, emit, worth_timing,
 ) -> tuple[Candidate, Any]:  # fmt: skip
+    """Quantize ``recipe`` and gate the candidate: accuracy, then speed, unless it failed
+    accuracy and ``worth_timing()`` says its speed would serve nothing (a fifth of an
+    export's time, on MiniLM, went to timing such a last try)."""
     from quantgate.quantize.recipes import quantize
 
     name = _name(recipe)
@@ -439,18 +454,23 @@ def _try(
         consistency = (
             batch_consistency(qm.path, evaluation, task, gate_cfg) if method == "dynamic" else None
         )
-        timing = TimingConditions.now(gate_cfg.threads, gate_cfg.provider)
-        speed = speed_gates(
-            fp32, qm.path, inputs, max_seq_len, gate_cfg,
-            sample=sample, on_progress=on_timing, conditions=timing,
-        )  # fmt: skip
     except Exception as e:  # noqa: BLE001 - ORT raises its own types; the search goes on
-        raise_if_full(e, workdir, f"gating INT8 recipe {name}")
-        msg = f"the INT8 model does not run in ONNX Runtime: {e}"
-        return _failed(name, recipe, method, parent, added, msg, time.monotonic() - t), None
+        return _did_not_run(e, name, recipe, method, parent, added, workdir, t), None
     accuracy = accuracy_gates(reference, got, task, gate_cfg)
     if consistency is not None:
         accuracy.append(consistency)
+    timing, speed = None, []
+    if all_passed(accuracy) or worth_timing():
+        timing = TimingConditions.now(gate_cfg.threads, gate_cfg.provider)
+        try:
+            speed = speed_gates(
+                fp32, qm.path, inputs, max_seq_len, gate_cfg,
+                sample=sample, on_progress=on_timing, conditions=timing,
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - ORT raises its own types; the search goes on
+            return _did_not_run(e, name, recipe, method, parent, added, workdir, t), None
+    else:
+        log.info("candidate %s failed accuracy and nothing can refine it: not timed", name)
     return (
         Candidate(
             name=name,
@@ -469,6 +489,14 @@ def _try(
     )
 
 
+def _did_not_run(e, name, recipe, method, parent, added, workdir, started) -> Candidate:
+    """The candidate whose gating failed in ONNX Runtime with ``e`` (a full disk ends the
+    search instead)."""
+    raise_if_full(e, workdir, f"gating INT8 recipe {name}")
+    msg = f"the INT8 model does not run in ONNX Runtime: {e}"
+    return _failed(name, recipe, method, parent, added, msg, time.monotonic() - started)
+
+
 def _failed(name, recipe, method, parent, added, error, seconds) -> Candidate:
     log.warning("recipe %s failed: %s", name, error)
     return Candidate(
@@ -484,9 +512,19 @@ def _failed(name, recipe, method, parent, added, error, seconds) -> Candidate:
     )
 
 
-def _worth_refining(c: Candidate, rounds: int, qc: QuantConfig, gc: GateConfig) -> bool:
+def _refinable(rounds: int, made: int, qc: QuantConfig, t0: float) -> bool:
+    """Whether a refinement of a candidate of round ``rounds``, ``made`` candidates made
+    with it, could still run: a round, a candidate and budget left."""
+    return (
+        rounds < qc.max_keep_rounds
+        and made < qc.max_candidates
+        and time.monotonic() - t0 <= qc.search_budget_s
+    )
+
+
+def _worth_refining(c: Candidate, gc: GateConfig) -> bool:
     """Inaccurate but fast: keeping a few nodes FP32 may save it. Slow: it cannot."""
-    if c.path is None or c.accurate or rounds >= qc.max_keep_rounds:
+    if c.path is None or c.accurate:
         return False
     return bool(c.speed) and c.slowest >= gc.min_speedup
 

@@ -27,6 +27,10 @@ def test_fp16_keeps_fp32_io_and_runs_on_the_cpu_provider(tiny_bert_export, feeds
         for a, b in zip(ref.run(None, feed), sess.run(None, feed), strict=True):
             assert b.dtype == np.float32 and b.shape == a.shape
             np.testing.assert_allclose(b, a, atol=5e-2, rtol=5e-2)
+    # given a model in memory, it converts a copy: the caller's stays FP32
+    mine = onnx.load(str(tiny_bert_export.onnx))
+    assert fp16.to_fp16(mine).graph.initializer[0].data_type == onnx.TensorProto.FLOAT16
+    assert not any(t.data_type == onnx.TensorProto.FLOAT16 for t in mine.graph.initializer)
 
 
 def test_fidelity_gates_pass_for_fp16_and_fail_for_a_damaged_model(tiny_bert_export, feeds):

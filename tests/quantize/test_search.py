@@ -119,6 +119,47 @@ def test_a_candidate_onnx_runtime_cannot_load_fails_and_the_search_goes_on(tmp_p
     assert good.name == sound and found.chosen.name == sound and found.chosen.passed
 
 
+def test_an_inaccurate_last_try_is_not_timed_once_another_passed(tmp_path, monkeypatch):
+    """Its speed would serve nothing: no refinement is left to try, and another candidate
+    passed (a fifth of MiniLM's export went to timing such a candidate)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from quantgate.quantize import recipes
+
+    good, bad = "ort-dynamic-per-channel-fused", "ort-dynamic-per-channel"
+    real = recipes.quantize
+
+    def quantize(fp32, recipe, calibration, out, **kw):
+        qm = real(fp32, recipe, calibration, out, **kw)
+        if recipe.name == bad:  # its answers scrambled: it fails accuracy
+            model = onnx.load(str(qm.path))
+            for t in model.graph.initializer:
+                w = numpy_helper.to_array(t)
+                if w.dtype == np.float32 and w.size > 1:
+                    rng = np.random.default_rng(0)
+                    t.CopyFrom(
+                        numpy_helper.from_array(rng.normal(0, 50, w.shape).astype(w.dtype), t.name)
+                    )
+            onnx.save(model, str(qm.path))
+        return qm
+
+    monkeypatch.setattr(recipes, "quantize", quantize)
+    found = run(tmp_path, GateConfig(min_speedup=0.01, **FAST),
+                QuantConfig(recipes=(good, bad), max_keep_rounds=0))  # fmt: skip
+    passed, untimed = found.candidates
+    assert (passed.name, untimed.name) == (good, bad)
+    assert passed.passed and passed.speed and found.chosen.name == good
+    assert not untimed.accurate and untimed.speed == () and untimed.timing is None
+    md = "\n".join(sections(found, found.best, GateConfig(), _data(), plot=None))
+    assert "fail (not timed: inaccurate, no refinement left to try, another passed)" in md
+    # where none has passed, the inaccurate are timed: the closest ships on its speed
+    alone = run(tmp_path / "alone", GateConfig(min_speedup=0.01, **FAST),
+                QuantConfig(recipes=(bad,), max_keep_rounds=0))  # fmt: skip
+    assert not alone.candidates[0].accurate and alone.candidates[0].speed
+
+
 def test_the_budget_stops_the_search(tmp_path):
     found = run(tmp_path, GateConfig(**FAST), QuantConfig(search_budget_s=0.001))
     assert len(found.candidates) == 1  # the first always runs
