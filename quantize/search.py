@@ -10,9 +10,9 @@
 4. Stop when the queue is empty, ``search_budget_s`` is spent or ``max_candidates`` have
    run (the first candidate always runs). A candidate that fails accuracy when nothing is
    left to refine it is not timed, once another has passed: its speed would serve nothing.
-   Among the candidates that pass every gate, the
-   fastest (geometric mean of the speedups) is chosen, not the first. When none passes, the
-   closest ships, marked failed (``SearchResult.best``).
+   Among the candidates that pass every gate, the fastest (geometric mean of the speedups)
+   is chosen, not the first. When none passes, the closest ships, marked failed
+   (``SearchResult.best``).
 5. The chosen one is timed again (``_confirm``), apart from the search that picked it: the
    fastest of several noisy measurements is optimistic. Its speed gates are that second
    measurement's; when they fail, the next fastest winner is timed again in turn.

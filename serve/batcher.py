@@ -414,11 +414,12 @@ class Batcher:
     def _next_batch(self, me: _Pending) -> list[_Pending]:
         """Take the next group off the queue, waiting up to the max queue delay for more
         requests of its bucket (lock held; the wait releases it), but not so long that the
-        batch would end past the first deadline of its requests (``START_BEFORE_DEADLINE_S``
-        and the time batches lately took to run, before it). Empty:
-        nothing queued, or ``me`` was answered (cancelled, say) while it waited, and its
-        thread is free to go: the slot passes to a queued request's thread, which goes on
-        gathering. The wait also ends at ``me``'s deadline, where ``me`` is not in the
+        batch would end past the first deadline of its requests (it starts
+        ``START_BEFORE_DEADLINE_S``, and the time batches lately took to run, before it).
+
+        Empty: nothing queued, or ``me`` was answered (cancelled, say) while it waited, and
+        its thread is free to go: the slot passes to a queued request's thread, which goes
+        on gathering. The wait also ends at ``me``'s deadline, where ``me`` is not in the
         group: no other thread watches it."""
         while True:
             self._drop_expired()
