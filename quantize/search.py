@@ -374,12 +374,8 @@ def _confirm(cand, fp32, inputs, max_seq_len, sample, gate_cfg, emit, workdir) -
     def on_timing(task: str, done: int, total: int | None, status: str) -> None:
         emit(task, done, total, f"{cand.name}: again, {status}")
 
-    timing = TimingConditions.now(gate_cfg.threads, gate_cfg.provider)
     try:
-        speed = speed_gates(
-            fp32, cand.path, inputs, max_seq_len, gate_cfg,
-            sample=sample, on_progress=on_timing, conditions=timing,
-        )  # fmt: skip
+        timing, speed = _timed(fp32, cand.path, inputs, max_seq_len, sample, gate_cfg, on_timing)
     except Exception as e:  # noqa: BLE001 - ORT raises its own types
         raise_if_full(e, workdir, f"timing INT8 recipe {cand.name} again")
         return replace(cand, error=f"timed again, the INT8 model did not run: {e}")
@@ -461,12 +457,8 @@ def _try(
         accuracy.append(consistency)
     timing, speed = None, []
     if all_passed(accuracy) or worth_timing():
-        timing = TimingConditions.now(gate_cfg.threads, gate_cfg.provider)
         try:
-            speed = speed_gates(
-                fp32, qm.path, inputs, max_seq_len, gate_cfg,
-                sample=sample, on_progress=on_timing, conditions=timing,
-            )  # fmt: skip
+            timing, speed = _timed(fp32, qm.path, inputs, max_seq_len, sample, gate_cfg, on_timing)
         except Exception as e:  # noqa: BLE001 - ORT raises its own types; the search goes on
             return _did_not_run(e, name, recipe, method, parent, added, workdir, t), None
     else:
@@ -487,6 +479,17 @@ def _try(
         ),
         qm,
     )
+
+
+def _timed(fp32, path, inputs, max_seq_len, sample, gate_cfg, on_timing):
+    """The speed gates of the INT8 model at ``path`` against ``fp32``, with the machine's
+    conditions they were timed under: (conditions, gates)."""
+    timing = TimingConditions.now(gate_cfg.threads, gate_cfg.provider)
+    speed = speed_gates(
+        fp32, path, inputs, max_seq_len, gate_cfg,
+        sample=sample, on_progress=on_timing, conditions=timing,
+    )  # fmt: skip
+    return timing, speed
 
 
 def _did_not_run(e, name, recipe, method, parent, added, workdir, started) -> Candidate:
