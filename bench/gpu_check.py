@@ -518,6 +518,14 @@ def perf_windows(client, url: str, model, feed: dict, rounds: int, seconds: floa
     }
 
 
+def quantgate_cli() -> list[str]:
+    """How to run `quantgate ARGS` for a server: the same interpreter and flags (-S: no
+    site, as in the bootstrap test), this script as the entry point so the server gets the
+    same import mapping."""
+    flags = ["-S"] if sys.flags.no_site else []
+    return [sys.executable, *flags, str(Path(__file__).resolve()), "--as-cli"]
+
+
 def serving(bundle: Path, provider: str, sizes) -> dict:
     """`quantgate serve` in a subprocess; batch 1 seq 128 through gRPC vs in-process."""
     from quantgate.serve.client import Client
@@ -525,13 +533,9 @@ def serving(bundle: Path, provider: str, sizes) -> dict:
     from quantgate.serve.runtime import open_model
 
     device = "cuda" if provider == CUDA else "cpu"
-    # The same interpreter and flags (-S: no site, as in the bootstrap test), this script as
-    # the entry point so the server gets the same import mapping: `quantgate ARGS`.
-    flags = ["-S"] if sys.flags.no_site else []
-    cli = [sys.executable, *flags, str(Path(__file__).resolve()), "--as-cli"]
     args = ["--device", device, "--allow-failed-gates"]
     log(f"starting: quantgate serve {bundle} {' '.join(args)}")
-    with Server(cli, bundle, *args) as server:
+    with Server(quantgate_cli(), bundle, *args) as server:
         served = server.serving[0] if server.serving else "?"
         cfg = ServeConfig(path=bundle, device=device, allow_failed_gates=True)
         model = open_model(bundle, cfg, provider)
@@ -582,6 +586,44 @@ def serving(bundle: Path, provider: str, sizes) -> dict:
             "server_mean_ms": server_ms,
             "perf_analyzer": pa,
         }
+
+
+def served_threads(bundle: Path, provider: str, sizes) -> dict:
+    """Two `quantgate serve` side by side, alike but for ONNX Runtime's CPU threads: the
+    default (one on CUDA: ``quantgate.cpus``) and the other (ONNX Runtime's own pool, one
+    per physical core, on CUDA; one thread on the CPU provider, where the pool is the
+    default). Batch 1 seq 128 from the Python client, the servers in turn."""
+    from quantgate import cpus
+    from quantgate.serve.client import Client
+
+    other = cpus.physical() if provider == CUDA else 1
+    cli = quantgate_cli()
+    args = ["--device", "cuda" if provider == CUDA else "cpu", "--allow-failed-gates"]
+    feed = bundle_feed(bundle, 1, 128)
+    with (
+        Server(cli, bundle, *args) as default,
+        Server(cli, bundle, *args, "--threads", str(other)) as threaded,
+        Client(default.url, timeout=30) as a,
+        Client(threaded.url, timeout=30) as b,
+    ):
+        for _ in range(20):
+            a.infer("minilm", feed)
+            b.infer("minilm", feed)
+        a_ms, b_ms = [], []
+        for _ in range(sizes["serve_requests"]):
+            for client, times in ((a, a_ms), (b, b_ms)):
+                t = time.perf_counter()
+                client.infer("minilm", feed)
+                times.append((time.perf_counter() - t) * 1e3)
+    med = statistics.median
+    return {
+        "default_threads": cpus.describe(gpu=provider == CUDA),
+        "other_threads": other,
+        "default_p50_ms": med(a_ms),
+        "other_p50_ms": med(b_ms),
+        "other_minus_default_ms": med(o - d for o, d in zip(b_ms, a_ms, strict=True)),
+        "requests": len(a_ms),
+    }
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -680,6 +722,16 @@ def table(r: dict) -> str:
                 f"less the server overhead), client send/recv {pa['client_send_ms']:.2f}/"
                 f"{pa['client_recv_ms']:.2f} ms, {pa['throughput']:.0f} inferences/s."
             )
+    th = r.get("served_threads")
+    if th and "error" in th:
+        lines.append(f"Served, CPU threads compared: {th['error']}")
+    elif th:
+        lines.append(
+            f"Served, two servers alike but for ONNX Runtime's CPU threads ({th['requests']} "
+            f"requests each, in turn): {th['default_threads']}: p50 {th['default_p50_ms']:.2f} "
+            f"ms; {th['other_threads']} thread(s): {th['other_p50_ms']:.2f} ms "
+            f"({th['other_minus_default_ms']:+.2f} ms, median of per-pair differences)."
+        )
     if host := r.get("host"):
         lines += ["", "Host: " + ", ".join(f"{k} {v}" for k, v in host.items() if v != "")]
     checks = []
@@ -826,6 +878,8 @@ def main() -> int:
         stage("headline", lambda: headline(bundle, provider, sizes))
         log("serving")
         stage("serving", lambda: serving(bundle, provider, sizes))
+        log("serving: the CPU threads a CUDA session gets, compared")
+        stage("served_threads", lambda: served_threads(bundle, provider, sizes))
     r["elapsed_s"] = time.perf_counter() - T0
     md = table(r)
     print(md)

@@ -58,7 +58,11 @@ def test_gpu_check_quick_runs_on_cpu_without_quantgate_installed(tmp_path):
     # what a round trip's cost may depend on, for reading a GPU host's figures
     assert report["host"]["cpus"] == os.cpu_count() and "grpcio" in report["host"]
     assert report["host"]["ort_threads"]  # the threads the served session took, and why
+    # two servers alike but for ONNX Runtime's CPU threads (on CUDA: one against the pool)
+    threads = report["served_threads"]
+    assert threads["other_threads"] == 1 and threads["default_p50_ms"] > 0, threads
     md = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "CPU only" in md and "| ORT FP16 |" in md and "through gRPC" in md
+    assert "two servers alike but for ONNX Runtime's CPU threads" in md
     assert f"Host: cpus {os.cpu_count()}" in md
     assert md.strip() in r.stdout
