@@ -111,13 +111,13 @@ def to_onnx(
     try:
         notes = EXPORTERS[exporter](model, path, example=example, outputs=outputs, opset=opset)
         onnx.checker.check_model(str(path))
-        onnxfiles.gather(path)  # past 2 GB, torch wrote a file per weight
     except Exception as e:  # noqa: BLE001 - exporters raise anything from deep inside torch
         log.info("the %s exporter failed", exporter.value, exc_info=True)  # shown by -v
         raise ExportError(
             f"the {exporter.value} exporter failed on {model.spec}: {_last_line(e)}. "
             f"{_advice(e)} Run `quantgate -v export ...` for the full trace."
         ) from e
+    onnxfiles.gather(path)  # past 2 GB, torch wrote a file per weight (a full disk: not its fault)
     return notes
 
 

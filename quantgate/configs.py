@@ -110,19 +110,20 @@ def _field_comments(cls: type) -> dict[str, str]:
     """Each field's comments in ``cls``'s source, joined; nothing where the source cannot
     be read (an installation of compiled files only). A line of ``# --`` heads a section,
     no field's."""
-    try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
     comments: dict[int, str] = {}  # line -> its comment's text
     starts: set[int] = set()  # lines that hold nothing but a comment
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = tok.string.lstrip("#").strip()
-            if not tok.line[: tok.start[1]].strip():
-                starts.add(tok.start[0])
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+                if not tok.line[: tok.start[1]].strip():
+                    starts.add(tok.start[0])
+        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError):  # help() must not fail
+        return {}
     said: dict[str, str] = {}
-    for node in ast.parse(source).body[0].body:  # type: ignore[attr-defined]
+    for node in body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
         above: list[str] = []

@@ -9,8 +9,10 @@ last of them. quantgate's sessions ask for ``threads()`` instead: ONNX Runtime's
 (0) where the process may use the whole host, else the CPUs it may use.
 
 A session on a GPU provider gets one thread. The graph runs on the GPU; the CPU's pool runs
-only what the GPU leaves it (shape arithmetic), and its threads spin after every run all
-the same (ONNX Runtime's default), a core each, beside the server's own threads.
+only what the GPU leaves it (shape arithmetic, for a variant that passed its CUDA gates),
+and its threads spin after every run all the same (ONNX Runtime's default), a core each,
+beside the server's own threads. A variant that falls back to the CPU runs its CPU nodes
+on that one thread too, unless more are asked for.
 """
 
 from __future__ import annotations

@@ -419,8 +419,8 @@ def recording() -> Iterator[list[Path]]:
     _recordings.append(replaced)
     try:
         yield replaced
-    finally:
-        _recordings.remove(replaced)
+    finally:  # this list, not an equal one (two recordings may hold the same paths)
+        _recordings[:] = [r for r in _recordings if r is not replaced]
 
 
 def _replace_dir(new: Path, out: Path) -> None:

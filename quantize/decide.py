@@ -57,7 +57,8 @@ class GateConfig:
     # Timed A/B pairs per shape (``pairs`` to time_interleaved); the gate takes their median
     # ratio. The name is the one gate-config files and manifests hold.
     iterations: int = 15
-    threads: int = 0  # ORT intra-op threads (0: its default, or the CPUs a container has: cpus)
+    # ORT intra-op threads (0: its default, or the CPUs a container has; one on CUDA: cpus)
+    threads: int = 0
     eval_samples: int | None = None  # cap on evaluation rows (length-stratified); None: all
     seed: int = 0  # bootstrap resampling
 

@@ -295,23 +295,21 @@ def search(
     skipped: list[str] = []
     stopped = ""
     while queue:
-        recipe, parent, added, rounds = queue.popleft()
-        elapsed = time.monotonic() - t0
-        if candidates and len(candidates) >= quant_cfg.max_candidates:
-            stopped = f"the limit of {quant_cfg.max_candidates} candidate(s) was reached"
-        elif candidates and elapsed > quant_cfg.search_budget_s:
-            stopped = f"the {quant_cfg.search_budget_s:g}s budget was spent"
+        if candidates and not stopped:  # the first candidate always runs
+            stopped = _out_of_room(len(candidates), quant_cfg, t0)
         if stopped:
-            skipped += [_name(recipe)] + [_name(r) for r, *_ in queue]
-            log.info("search stopped after %.0fs, %s; not tried: %s", elapsed, stopped, skipped)
+            skipped += [_name(r) for r, *_ in queue]
             break
+        recipe, parent, added, rounds = queue.popleft()
         total = min(len(candidates) + len(queue) + 1, quant_cfg.max_candidates)
         emit("search", len(candidates), total, _name(recipe))
 
         def worth_timing(rounds=rounds) -> bool:
             """For a candidate that failed accuracy: its speed is wanted to refine it, or to
             rank it against others where none has passed (``SearchResult.best``)."""
-            refinable = _refinable(rounds, len(candidates) + 1, quant_cfg, t0)
+            refinable = rounds < quant_cfg.max_keep_rounds and not _out_of_room(
+                len(candidates) + 1, quant_cfg, t0
+            )
             return refinable or not any(c.passed for c in candidates)
 
         cand, qmodel = _try(
@@ -327,11 +325,19 @@ def search(
             "pass" if cand.passed else "fail",
             ", ".join(f"{g.name} {g.value:.4g}" for g in cand.gates) or cand.error,
         )
-        if _refinable(rounds, len(candidates), quant_cfg, t0) and _worth_refining(cand, gate_cfg):
+        if rounds < quant_cfg.max_keep_rounds and _worth_refining(cand, gate_cfg):
+            # no room left for the retry: it is not worth its sensitivity scan, only a word
+            stopped = _out_of_room(len(candidates), quant_cfg, t0)
+            if stopped:
+                skipped.append(f"{cand.name} with its most sensitive nodes kept FP32")
+                continue
             nodes = _sensitive_nodes(fp32, qmodel, calibration, cand, quant_cfg)
             if nodes:
                 more = recipe.with_keep_fp32([n for n, _ in nodes])
                 queue.appendleft((more, cand.name, nodes, rounds + 1))
+    if stopped:
+        log.info("search stopped after %.0fs, %s; not tried: %s",
+                 time.monotonic() - t0, stopped, skipped)  # fmt: skip
     chosen, retimed = None, []
     winners = sorted((c for c in candidates if c.passed), key=lambda c: -c.speedup)
     for cand in winners[:CONFIRMATIONS]:
@@ -515,14 +521,14 @@ def _failed(name, recipe, method, parent, added, error, seconds) -> Candidate:
     )
 
 
-def _refinable(rounds: int, made: int, qc: QuantConfig, t0: float) -> bool:
-    """Whether a refinement of a candidate of round ``rounds``, ``made`` candidates made
-    with it, could still run: a round, a candidate and budget left."""
-    return (
-        rounds < qc.max_keep_rounds
-        and made < qc.max_candidates
-        and time.monotonic() - t0 <= qc.search_budget_s
-    )
+def _out_of_room(made: int, qc: QuantConfig, t0: float) -> str:
+    """Why the search, started at ``t0`` with ``made`` candidates made, may make no more;
+    "" while it may."""
+    if made >= qc.max_candidates:
+        return f"the limit of {qc.max_candidates} candidate(s) was reached"
+    if time.monotonic() - t0 > qc.search_budget_s:
+        return f"the {qc.search_budget_s:g}s budget was spent"
+    return ""
 
 
 def _worth_refining(c: Candidate, gc: GateConfig) -> bool:

@@ -82,15 +82,17 @@ class TokenFile:
 Tokens = Callable[[], Sequence[bytes]]  # the tokens in force, asked on every call
 
 
-def close_tokens(tokens: Tokens | None) -> None:
-    """End the watch of ``tokens``' file, if they come from one (``tokens(cfg)``)."""
+def watch_tokens(tokens: Tokens | None) -> Callable[[], None]:
+    """Start watching the file of ``tokens`` (``tokens(cfg, watch=False)``), if they come
+    from one; what ends the watch."""
     if isinstance(tokens, TokenFile):
-        tokens.close()
+        return tokens.start().close
+    return lambda: None
 
 
 def tokens(cfg: ServeConfig, *, watch: bool = True) -> Tokens | None:
     """The bearer tokens ``cfg`` requires (its token, or its token file's, read now and,
-    with ``watch``, again when it changes until ``close_tokens``), or None: no
+    with ``watch``, again when it changes until its ``close``), or None: no
     authentication."""
     if cfg.auth_token_file is not None:
         file = TokenFile(cfg.auth_token_file)

@@ -2,8 +2,8 @@
 
 Requests wait in a bounded queue. A batch is the oldest request and the queued requests
 of its shape bucket, up to the max batch size (gathered for at most the max queue delay,
-and sent at once when the next request would overfill it, or before the first deadline of
-its requests passes);
+and sent at once when the next request would overfill it, or in time for every queued
+request's deadline);
 it is padded to one sequence length with the attention mask set to 0 on the padding, run,
 and each request's rows and length are cut back out. Requests whose client gave up or
 whose deadline passed are dropped before they run, and a batch whose every client has gone
@@ -43,10 +43,9 @@ from quantgate.serve.runtime import MASK, Model
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16  # sequence lengths 1..16 share a bucket; then powers of two
-# A batch gathering company starts this long, and as long as batches have lately taken to
-# run, before the first of its requests' deadlines: company is not worth a request's answer
-# (a deadline shorter than the queue delay). The answer must still travel back, and the
-# server's clock started late: when it read the call's headers.
+# A batch gathering company starts in time for every queued request's deadline, and this
+# long before (Batcher._start_by): the answer must still travel back, and the server's
+# clock started late, when it read the call's headers.
 START_BEFORE_DEADLINE_S = 0.005
 
 
@@ -173,7 +172,9 @@ class Batcher:
         # has gone, its run is told to stop (ONNX Runtime's terminate flag) instead of
         # holding a runner slot for answers nobody reads.
         self._runs: dict[int, tuple[list[_Pending], ort.RunOptions]] = {}
-        self._run_s = 0.0  # how long batches took lately: each new one weighs a quarter
+        # How long batches took lately: each new one weighs a quarter. (Runners update it
+        # outside the lock: a lost update only delays the average.)
+        self._run_s = 0.0
 
     @property
     def depth(self) -> int:
@@ -353,7 +354,8 @@ class Batcher:
         return DeadlineExceeded(
             f"model {self.model.name!r}: deadline passed while queued{within}, behind "
             "earlier requests: give it a longer deadline (the client's, or the request's "
-            "`timeout` parameter), or the model more capacity (replicas, --instances)"
+            "`timeout` parameter), or the model more capacity (replicas, --instances, a "
+            "shorter --max-queue-delay-us)"
         )
 
     def _drop_expired(self) -> None:
@@ -413,9 +415,9 @@ class Batcher:
 
     def _next_batch(self, me: _Pending) -> list[_Pending]:
         """Take the next group off the queue, waiting up to the max queue delay for more
-        requests of its bucket (lock held; the wait releases it), but not so long that the
-        batch would end past the first deadline of its requests (it starts
-        ``START_BEFORE_DEADLINE_S``, and the time batches lately took to run, before it).
+        requests of its bucket (lock held; the wait releases it), but not so long that a
+        queued request would miss its deadline (``_start_by``): company is not worth an
+        answer, to a request of the group or one waiting behind it.
 
         Empty: nothing queued, or ``me`` was answered (cancelled, say) while it waited, and
         its thread is free to go: the slot passes to a queued request's thread, which goes
@@ -430,9 +432,8 @@ class Batcher:
             if not grows or wait_ns <= 0 or self._closing:
                 break
             wait_s, now = wait_ns / 1e9, time.monotonic()
-            due = min((p.deadline for p in group if p.deadline is not None), default=None)
-            if due is not None:
-                start_by = due - START_BEFORE_DEADLINE_S - self._run_s
+            start_by = self._start_by(group)
+            if start_by is not None:
                 if start_by <= now:
                     break
                 wait_s = min(wait_s, start_by - now)
@@ -442,6 +443,20 @@ class Batcher:
         chosen = set(map(id, group))
         self._queue = [p for p in self._queue if id(p) not in chosen]
         return group
+
+    def _start_by(self, group: list[_Pending]) -> float | None:
+        """When ``group``, gathering company, must start so that every queued request with a
+        deadline can still be answered by it: one of the group after this batch's run, any
+        other after this one and its own (they wait for this slot); None: no deadline.
+        ``START_BEFORE_DEADLINE_S`` more, for the answer's way back."""
+        ours = set(map(id, group))
+        runs = self._run_s
+        latest = [
+            p.deadline - (runs if id(p) in ours else 2 * runs)
+            for p in self._queue
+            if p.deadline is not None
+        ]
+        return min(latest) - START_BEFORE_DEADLINE_S if latest else None
 
     def _execute(self, group: list[_Pending]) -> None:
         """Run ``group`` (outside the lock) and answer each of its requests."""

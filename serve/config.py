@@ -47,7 +47,9 @@ class ServeConfig:
     dynamic_batching: bool = True
     # How long the batcher may hold the oldest request waiting for company. 0: never wait,
     # take what is already queued; under load requests pile up while the previous batch
-    # runs, so batches still form, and a lone request pays no delay.
+    # runs, so batches still form, and a lone request pays no delay. A batch is sent sooner
+    # when full, when the next request would overfill it, or in time for a queued
+    # request's deadline.
     max_queue_delay_us: int = 0
     # Requests admitted but not yet running; beyond it a request gets UNAVAILABLE at once,
     # so overload costs bounded memory and the client learns to back off.
@@ -55,7 +57,8 @@ class ServeConfig:
     # Batches executing concurrently per model. 1 on CPU: ORT already uses every core
     # (intra-op threads) for one batch, and a second one only contends for them.
     instances: int = 1
-    intra_op_threads: int = 0  # 0: ORT's default, or the CPUs a container has (quantgate.cpus)
+    # 0: ORT's default, or the CPUs a container has; one on CUDA (quantgate.cpus)
+    intra_op_threads: int = 0
     allow_failed_gates: bool = False  # serve a bundle whose verdict is fail (its FP32 variant)
     precision: str | None = None  # force a variant instead of the fastest that passed
     warmup: bool = True  # run each model at three shapes before reporting ready (Engine.warm_up)

@@ -460,7 +460,13 @@ def _placement_checked(
             variant, opened = fp32, fp32_opened
     report = opened.report
     if report is not None and report.falls_back:
-        log.warning("%s on %s: %s; expect it to be slow", variant.file, provider, report.reason())
+        threads = "" if cfg.intra_op_threads else (
+            " (its CPU nodes get one thread on CUDA: --threads N gives them more)"
+        )  # fmt: skip
+        log.warning(
+            "%s on %s: %s; expect it to be slow%s",
+            variant.file, provider, report.reason(), threads,
+        )  # fmt: skip
     return variant, opened
 
 

@@ -483,6 +483,38 @@ def create_server(
     reflection) run on threads of their own, their streams' budget plus OPEN_SPARE_THREADS,
     refused beyond twice that in flight; refusals run on REFUSAL_THREADS of their own.
     """
+    # What the caller did not read is read here, both before either watch starts
+    own_credentials = None
+    if credentials is None and cfg.tls is not None:
+        credentials = own_credentials = tls.Credentials(cfg.tls)
+    own_tokens = tokens is None
+    if own_tokens:
+        tokens = auth.tokens(cfg, watch=False)
+    # Everything that runs threads, ended by close_threads (the last made, the first ended),
+    # or at once should the server not be made
+    made = contextlib.ExitStack()
+    try:
+        if own_credentials is not None:
+            own_credentials.watch()
+            made.callback(own_credentials.close)
+        if own_tokens:
+            made.callback(auth.watch_tokens(tokens))
+        server, port, health_servicer = _built(cfg, engine, credentials, tokens, made)
+    except BaseException:  # nothing listens: the threads made for it go too
+        made.close()
+        raise
+    return Built(server, port, health_servicer, made.close)
+
+
+def _built(
+    cfg: ServeConfig,
+    engine: Engine,
+    credentials: tls.Credentials | None,
+    tokens: auth.Tokens | None,
+    made: contextlib.ExitStack,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """``create_server``'s server, bound, and its health servicer; each thread pool made
+    is shut down by ``made``."""
     options = [
         ("grpc.max_receive_message_length", cfg.max_request_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -491,15 +523,6 @@ def create_server(
         ("grpc.server.max_pending_requests", PENDING_CALLS),
         ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
     ]
-    # What the caller did not read, read here and watched until close_threads
-    made: list[Callable[[], None]] = []
-    if credentials is None and cfg.tls is not None:
-        credentials = tls.Credentials(cfg.tls)
-        credentials.watch()
-        made.append(credentials.close)
-    if tokens is None:
-        tokens = auth.tokens(cfg)
-        made.append(functools.partial(auth.close_tokens, tokens))
     threads = cfg.max_queue_size * len(list(engine.repository)) + SPARE_THREADS
     pool = RequestThreads(threads)
     streams = StreamLimit(threads // 2)
@@ -508,12 +531,9 @@ def create_server(
     open_pool = RequestThreads(open_threads, "grpc-open")
     refusals = futures.ThreadPoolExecutor(REFUSAL_THREADS, thread_name_prefix="refusal")
     servicer = InferenceServicer(engine, threads)
-
-    def close_threads() -> None:  # idle once the server has stopped: they end at once
-        for executor in (pool, open_pool, refusals, servicer.streams):
-            executor.shutdown(wait=False, cancel_futures=True)
-        for close in made:
-            close()
+    for executor in (pool, open_pool, refusals, servicer.streams):
+        # idle once the server has stopped: they end at once
+        made.callback(executor.shutdown, wait=False, cancel_futures=True)
 
     overload = Overload(
         pool, 2 * threads, engine.metrics.overloaded.inc, refusals=refusals,
@@ -549,12 +569,7 @@ def create_server(
         ),
         server,
     )
-    try:
-        port = _bind(cfg, server, credentials)
-    except BaseException:  # nothing listens: the threads made for it go too
-        close_threads()
-        raise
-    return Built(server, port, health_servicer, close_threads)
+    return server, _bind(cfg, server, credentials), health_servicer
 
 
 class Built(NamedTuple):
@@ -772,8 +787,7 @@ def _run(cfg: ServeConfig, on_ready: Callable[[int, Engine], None] | None) -> No
             expiry = engine.metrics.tls_expiry.labels(str(credentials.tls.cert))
             credentials.watch(lambda material: expiry.set(material.expires.timestamp()))
             ended.callback(credentials.close)
-        if isinstance(tokens, auth.TokenFile):
-            ended.callback(tokens.start().close)
+        ended.callback(auth.watch_tokens(tokens))
         server, port, health_servicer, close_threads = create_server(
             cfg, engine, credentials=credentials, tokens=tokens
         )

@@ -87,9 +87,10 @@ def check_dates(
 
 class Credentials:
     """gRPC server credentials over ``tls``'s files, read (and checked) now and, once
-    ``watch`` starts it (until ``close``), again when they change (``watch.Watched``): gRPC asks for them at
-    each handshake and gets what the watch read last, without touching a file. The
-    certificates' dates are checked again daily, for the warning before one expires."""
+    ``watch`` starts it (until ``close``), again when they change (``watch.Watched``):
+    gRPC asks for them at each handshake and gets what the watch read last, without
+    touching a file. The certificates' dates are checked again daily, for the warning
+    before one expires."""
 
     def __init__(self, tls: TLSConfig):
         self.tls = tls

@@ -88,7 +88,8 @@ def serve(
             metavar="N",
             help="ONNX Runtime intra-op threads per session (0: its default, one per "
             "physical core, or the CPUs a container may use where fewer: its CPU quota, its "
-            "cpuset; ORT_INTRA_OP_NUM_THREADS where set).",
+            "cpuset; one on CUDA, where the graph runs on the GPU; ORT_INTRA_OP_NUM_THREADS "
+            "where set).",
         ),
     ] = _DEFAULT_SERVE.intra_op_threads,
     max_request_bytes: Annotated[

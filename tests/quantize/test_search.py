@@ -74,8 +74,12 @@ def test_keeps_the_fastest_passing_candidate_not_the_first(tmp_path):
 def test_inaccurate_candidates_keep_sensitive_nodes_fp32_and_record_the_cost(tmp_path):
     # KL 0 cannot be met: every candidate fails accuracy, so each fast one gets FP32 rounds.
     strict = GateConfig(min_speedup=0.01, max_kl=0.0, min_top1_agreement=1.0, **FAST)
-    first = run(tmp_path, strict, QuantConfig(max_candidates=1))
+    first = run(tmp_path, strict, QuantConfig(max_candidates=1), labels=False)
     name = first.candidates[0].name
+    # the retry there was no room for is not scanned for, but said (the search stopped
+    # short: report.md and the failure's hint say so)
+    assert first.stopped == "the limit of 1 candidate(s) was reached"
+    assert first.skipped[0] == f"{name} with its most sensitive nodes kept FP32", first.skipped
     found = run(
         tmp_path, strict,
         QuantConfig(recipes=(name,), max_keep_rounds=2, sensitivity_top_k=2),

@@ -104,6 +104,25 @@ def test_a_lone_request_whose_deadline_comes_first_is_run_before_it(repo, classi
     assert b.close(timeout=5)
 
 
+@pytest.mark.parametrize("instances", [1, 2])
+def test_a_request_behind_a_batch_gathering_company_is_run_before_its_deadline(
+    repo, classifier, instances
+):
+    """A request of another length (another batch) queues behind one gathering company for
+    the queue delay; its deadline (0.2 s) comes first. The gathering batch is sent in time
+    for it to run, on an idle server; with two slots too (the second runner gathered the
+    same batch)."""
+    b = batcher(classifier, instances=instances, max_queue_delay_us=DELAY_US)
+    rng = np.random.default_rng(34)
+    head = spawn(b.infer, batch(rng, 1, 40), 1, thread_name="head")
+    until(lambda: b.depth == 1)
+    feeds = batch(rng, 1, 9)
+    outputs, _ = spawn(b.infer, feeds, 1, timeout=0.2, thread_name="soon").result(10)
+    np.testing.assert_allclose(outputs["logits"], Reference(repo / "classifier")(feeds), atol=1e-4)
+    assert head.result(10)[0]["logits"].shape == (1, 5)  # sent for it: not after 600 s
+    assert b.close(timeout=5)
+
+
 def test_a_batch_the_next_request_cannot_join_is_sent_at_once(classifier):
     """Batches of up to 8: 7 rows gather company, then 3 rows arrive, which cannot join.
     The 7 rows waited out the whole queue delay all the same; they run at once now (as

@@ -883,10 +883,16 @@ def started(port, engine):
 for _ in range(2):
     run(cfg, on_ready=started)
     print("after the run:", gone())
-built = create_server(cfg, Engine(load_repository(cfg), cfg))
+engine = Engine(load_repository(cfg), cfg)
+built = create_server(cfg, engine)
 print("create_server:", watches())
 built.close_threads()
 print("after close_threads:", gone())
+(d / "tokens").write_text("# no token")
+try:
+    create_server(cfg, engine)
+except Exception as e:  # the token file is read after the TLS files: their watch ends
+    print("failed:", type(e).__name__, gone())
 """
 
 
@@ -910,6 +916,7 @@ def test_the_watches_of_tls_and_token_files_end_with_each_run(repo, tmp_path):
         "after the run: []",
         f"create_server: {watching}",
         "after close_threads: []",
+        "failed: ConfigError []",
     ]
 
 
