@@ -159,6 +159,7 @@ class Unavailable(QuantgateError):
     """The server cannot take the request now; ``reason`` says why, for the metrics: one of
     ``REASONS``, or empty where a client decoded the status."""
 
+    exit_code = 1  # not the user's input: wait, and send it again
     REASONS = ("queue_full", "warming_up", "shutting_down")
 
     def __init__(self, message: str, reason: str = ""):
@@ -169,9 +170,13 @@ class Unavailable(QuantgateError):
 class DeadlineExceeded(QuantgateError):
     """The request's deadline passed before it could run."""
 
+    exit_code = 1  # not the user's input: a busy or slow server; send it again, or wait longer
+
 
 class Cancelled(QuantgateError):
     """The client went away before its request was answered."""
+
+    exit_code = 1
 
 
 class Unauthenticated(QuantgateError):
@@ -185,6 +190,8 @@ class ResponseTooLarge(QuantgateError):
 class InferenceFailed(QuantgateError):
     """ONNX Runtime failed on a request that passed validation, or the server met a bug
     answering it (answered ``logged``)."""
+
+    exit_code = 1  # the server's failure, not the request's
 
 
 def exit_code(err: BaseException) -> int:

@@ -359,9 +359,8 @@ def tokenize(texts: Sequence[str], model: ModelInfo, tokenizer: Any = None) -> F
     """``texts`` as one padded batch of the model's inputs, by the model's own tokenizer (as
     JSONL data is; ``tokenizer``, where the caller has loaded it), cut at its longest
     sequence: what a client sends the served model."""
+    _check_texts(texts)  # before the tokenizer loads: seconds, for transformers' import
     tok = tokenizer or tokenizer_of(model)
-    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-        raise DataError(f"expected one or more non-blank texts, found {list(texts)!r}")
     limit = model.max_seq_len or None
     if limit is not None:
         for i, n in enumerate(_token_counts(tok, list(texts), None), 1):
@@ -374,6 +373,28 @@ def tokenize(texts: Sequence[str], model: ModelInfo, tokenizer: Any = None) -> F
                     n - limit,
                 )
     return _encode(tok, list(texts), model, limit)
+
+
+def _check_texts(texts: Sequence[str]) -> None:
+    """Refuse no texts, a blank one, and one that is not UTF-8 (a shell hands Python the
+    bytes it was given: an ISO-8859-1 'é' arrives as a lone surrogate, which the tokenizer
+    fails on with a TypeError)."""
+    if not texts:
+        raise DataError("expected one or more texts to tokenize, found none")
+    for i, t in enumerate(texts, 1):
+        which = f"text {i} of {len(texts)}"
+        if not isinstance(t, str):
+            raise DataError(f"{which}: expected a string, found {type(t).__name__}")
+        if not t.strip():
+            raise DataError(f"{which} is blank ({t!r}): expected words to tokenize")
+        bad = next((j for j, c in enumerate(t) if 0xD800 <= ord(c) <= 0xDFFF), None)
+        if bad is not None:
+            c = ord(t[bad])
+            byte = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+            raise DataError(
+                f"{which} is not UTF-8 ({byte} at character {bad}): pass text encoded in UTF-8 "
+                "(iconv -f LATIN1 -t UTF-8 converts ISO-8859-1)"
+            )
 
 
 def tokenizer_of(model: ModelInfo):

@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from quantgate.errors import BadRequest, ConfigError, Unavailable
+from quantgate.errors import BadRequest, ConfigError, DeadlineExceeded, Unavailable
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.serve import codec
@@ -42,7 +42,13 @@ class ConnectionFailed(Unavailable):
     def __init__(self, message: str, cause: str, what: str):
         super().__init__(message)
         self.cause, self.what = cause, what
+        # Nothing listens there now: run it again later (1). Otherwise the address or the
+        # TLS flags given must change (2, bad input), as the message says.
+        self.exit_code = 1 if cause == "refused" else 2
 
+
+# gRPC's words for a request past the server's receive limit (sizes: the request's, the limit)
+TOO_LARGE_REQUEST = re.compile(r"Received message larger than max \((\d+) vs\. (\d+)\)")
 
 # What gRPC's details say when a channel cannot connect, by cause; the first that matches.
 CAUSES: dict[str, re.Pattern] = {
@@ -63,13 +69,62 @@ class ClientTLS:
     key: Path | None = None
 
 
-def _read(path: Path | None) -> bytes | None:
+def _read(path: Path | None, what: str, marker: bytes) -> bytes | None:
+    """The PEM file at ``path`` (None: none given), or a ConfigError naming it: gRPC takes
+    bad bytes without a word, then fails every call as though no server answered."""
     if path is None:
         return None
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read the TLS file {path}: {e.strerror or e}") from e
+    if marker not in data:
+        raise ConfigError(
+            f"the TLS {what} {path} is not PEM: it has no '{marker.decode()}' line. Pass a "
+            "PEM file (`openssl x509 -outform PEM` or `openssl pkey -outform PEM` converts DER)."
+        )
+    return data
+
+
+def _credentials(tls: ClientTLS) -> grpc.ChannelCredentials:
+    """``tls``'s files as gRPC's channel credentials, checked first: a certificate without
+    its key (or the reverse) made gRPC abort the whole process."""
+    if (tls.cert is None) != (tls.key is None):
+        given, missing = ("cert", "key") if tls.key is None else ("key", "cert")
+        raise ConfigError(
+            f"ClientTLS: a client {given} without its {missing}: mutual TLS needs both, the "
+            "certificate and its private key"
+        )
+    ca = _read(tls.ca, "CA certificate", b"-----BEGIN CERTIFICATE")
+    cert = _read(tls.cert, "certificate", b"-----BEGIN CERTIFICATE")
+    key = _read(tls.key, "key", b"PRIVATE KEY-----")
+    if cert is not None and key is not None:
+        _check_pair(tls, cert, key)
+    return grpc.ssl_channel_credentials(ca, key, cert)
+
+
+def _check_pair(tls: ClientTLS, cert: bytes, key: bytes) -> None:
+    """Refuse a key that is not the certificate's, or that is encrypted (gRPC takes no
+    password)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+        certificate = x509.load_pem_x509_certificates(cert)[0]
+    except TypeError:  # it wants a password
+        raise ConfigError(
+            f"the TLS key {tls.key} is encrypted, and gRPC takes no password: decrypt it "
+            f"(`openssl pkey -in {tls.key} -out plain.key`)"
+        ) from None
+    except ValueError as e:
+        raise ConfigError(f"cannot use the TLS key {tls.key} with {tls.cert}: {e}") from e
+    spki = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    if private.public_key().public_bytes(*spki) != certificate.public_key().public_bytes(*spki):
+        raise ConfigError(
+            f"the TLS key {tls.key} is not the private key of the certificate {tls.cert}: "
+            "pass the key the certificate was issued for"
+        )
 
 
 class Client:
@@ -96,8 +151,7 @@ class Client:
         if tls is None:
             self._channel = grpc.insecure_channel(url, options=options)
         else:
-            creds = grpc.ssl_channel_credentials(_read(tls.ca), _read(tls.key), _read(tls.cert))
-            self._channel = grpc.secure_channel(url, creds, options=options)
+            self._channel = grpc.secure_channel(url, _credentials(tls), options=options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._url, self._tls = url, tls is not None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -127,6 +181,22 @@ class Client:
                         "Inference has no side effects: send it again, to another replica or "
                         "once this one is back."
                     ) from None
+            # gRPC's own words, where no server answered in time (a server's say more)
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and details == "Deadline Exceeded":
+                raise DeadlineExceeded(
+                    f"no answer from {self._url} within the deadline of "
+                    f"{timeout or self._timeout:g} s: the server is busy or the request slow "
+                    "(give it longer: the call's timeout, `quantgate infer --timeout`), or what "
+                    "listens there does not answer gRPC"
+                ) from None
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and (
+                m := TOO_LARGE_REQUEST.search(details)
+            ):
+                raise BadRequest(
+                    f"the request is {int(m[1]):,} bytes, more than the server at {self._url} "
+                    f"takes ({int(m[2]):,} bytes, its --max-request-bytes): send fewer rows "
+                    "per request"
+                ) from None
             raise from_status(e.code(), details) from None
 
     def live(self) -> bool:

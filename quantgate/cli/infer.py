@@ -123,7 +123,6 @@ def infer(
         ConfigError,
         ModelNotFound,
         Unauthenticated,
-        Unavailable,
     )
 
     if not inputs and not texts:
@@ -178,7 +177,7 @@ def infer(
         except ConnectionFailed as e:
             given = {"--tls": tls, "--tls-ca": tls_ca, "--tls-cert": tls_cert, "--tls-key": tls_key}
             tls_flags = [flag for flag, value in given.items() if value]
-            raise Unavailable(_cannot_connect(e, tls_flags, tls_ca)) from e
+            raise ConnectionFailed(_cannot_connect(e, tls_flags, tls_ca), e.cause, e.what) from e
         spec = {t.name: t for t in metadata.inputs}
         tok, values, tags = None, {}, None  # tags: a token classifier's class names
         if texts:

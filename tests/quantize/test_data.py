@@ -449,6 +449,23 @@ def test_tokenize_says_when_a_text_is_cut_at_the_models_longest_sequence(caplog)
     )
 
 
+def test_tokenize_names_the_text_that_is_blank_or_not_utf8():
+    """`quantgate infer -t` hands on what the shell gave: ISO-8859-1 bytes arrive as lone
+    surrogates, which the tokenizer failed on with a TypeError (a traceback); a blank text
+    was told by listing every text."""
+    from quantgate.quantize.text import tokenize
+
+    info = minilm_info()
+    latin1 = b"caf\xe9".decode("utf-8", "surrogateescape")  # as sys.argv holds it
+    with pytest.raises(DataError, match=r"^text 2 of 2 is not UTF-8 \(byte 0xe9 at character 3\)"):
+        tokenize(["a cat", latin1], info)
+    with pytest.raises(DataError, match=r"^text 2 of 3 is blank \('   '\)"):
+        tokenize(["ok", "   ", "fine"], info)
+    with pytest.raises(DataError, match="found none"):
+        tokenize([], info)
+    assert tokenize(["café 😀 日本"], info)["input_ids"].shape[0] == 1  # UTF-8 is fine
+
+
 def test_a_source_knows_whether_its_samples_cap_left_rows_out():
     assert open_source(None, DIGITS, role="calibration", samples=50).capped
     assert not open_source(None, DIGITS, role="calibration").capped

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from bundles import LABELS, hand_built
+from bundles import LABELS, counting, hand_built
 from conftest import ServerProcess
 from helpers import Reference, has_ipv6_loopback
 
@@ -776,6 +776,103 @@ def test_a_bare_ipv6_host_is_listened_on_and_printed_in_brackets(repo):
         assert srv.terminate() == 0, srv.log
     # the access log's peer as it is written, not as gRPC escapes it (ipv6:%5B::1%5D:port)
     assert re.search(r"ServerReady .* peer=ipv6:\[::1\]:\d+ ", srv.log), srv.log
+
+
+_CLIENT_TLS = """
+import sys
+from pathlib import Path
+from quantgate.errors import ConfigError
+from quantgate.serve.client import Client, ClientTLS
+
+d = Path(sys.argv[1])
+cases = {
+    "cert without key": ClientTLS(cert=d / "mine/server.pem"),
+    "key without cert": ClientTLS(key=d / "mine/server.key"),
+    "a CA that is not PEM": ClientTLS(ca=d / "ca.der"),
+    "another's key": ClientTLS(cert=d / "mine/server.pem", key=d / "theirs/server.key"),
+}
+for name, tls in cases.items():
+    try:
+        Client("127.0.0.1:1", tls=tls).close()
+        print(name, "accepted")
+    except ConfigError as e:
+        print(name, "->", e)
+"""
+
+
+def test_the_client_refuses_tls_files_grpc_would_abort_on_or_misread(tmp_path):
+    """A client certificate without its key (or the reverse) made gRPC abort the process
+    (a failed check in its C core, exit 134); a CA file that is not PEM, or a key that is
+    not the certificate's, failed every call later as though no server answered."""
+    import pki
+
+    ca = pki.authority()
+    pki.server_files(tmp_path / "mine", ca)
+    pki.server_files(tmp_path / "theirs", ca)
+    (tmp_path / "ca.der").write_bytes(b"0\x82\x01\x0a not PEM")
+    done = subprocess.run(
+        [sys.executable, "-c", _CLIENT_TLS, str(tmp_path)], capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    said = dict(line.split(" -> ", 1) for line in done.stdout.splitlines())
+    assert said["cert without key"].startswith("ClientTLS: a client cert without its key")
+    assert said["key without cert"].startswith("ClientTLS: a client key without its cert")
+    assert said["a CA that is not PEM"].startswith(
+        f"the TLS CA certificate {tmp_path / 'ca.der'} is not PEM"
+    )
+    assert said["another's key"].startswith(
+        f"the TLS key {tmp_path / 'theirs/server.key'} is not the private key of the certificate"
+    )
+
+
+_CLIENT_ERRORS = """
+import sys
+import numpy as np
+from quantgate.errors import BadRequest, DeadlineExceeded, exit_code
+from quantgate.serve.client import Client
+
+slow = {"input_ids": np.array([[10**7]]), "attention_mask": np.array([[1]])}
+huge = {k: np.ones((1, 300_000), np.int64) for k in ("input_ids", "attention_mask")}
+with Client(sys.argv[1]) as c:
+    for name, feeds, timeout in (("slow", slow, 0.3), ("huge", huge, None)):
+        try:
+            c.infer("slow", feeds, timeout=timeout)
+            print(name, "answered")
+        except (BadRequest, DeadlineExceeded) as e:
+            print(name, "->", type(e).__name__, exit_code(e), e)
+"""
+
+
+def test_the_client_says_which_deadline_passed_and_which_request_was_too_large(tmp_path):
+    """gRPC's own words were passed on: "Deadline Exceeded" for a call no server answered
+    in time, and "Received message larger than max (8396869 vs. 4194304)" as a
+    ResponseTooLarge for a request past the server's limit. A deadline is not the user's
+    input: `infer` exits 1 (send it again), as it does where nothing listens."""
+    srv = ServerProcess(counting(tmp_path / "slow"))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _CLIENT_ERRORS, srv.url], capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+    finally:
+        srv.terminate()
+    assert done.returncode == 0, done.stderr
+    said = dict(line.split(" -> ", 1) for line in done.stdout.splitlines())
+    assert said["slow"].startswith(
+        f"DeadlineExceeded 1 no answer from {srv.url} within the deadline of 0.3 s: the server "
+        "is busy or the request slow (give it longer"
+    ), said
+    assert re.match(
+        rf"BadRequest 2 the request is 4,8\d\d,\d\d\d bytes, more than the server at {srv.url} "
+        r"takes \(4,194,304 bytes, its --max-request-bytes\): send fewer rows",
+        said["huge"],
+    ), said
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = _quantgate("infer", "m", "-i", "input_ids=[[1]]", "--url", f"127.0.0.1:{port}")
+    assert r.returncode == 1 and "refused" in r.stderr, r.stderr
 
 
 def test_infer_says_which_tls_or_port_mistake_kept_it_from_the_server(server, repo, tmp_path):
