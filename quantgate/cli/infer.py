@@ -109,6 +109,15 @@ def infer(
             exists=True, dir_okay=False, metavar="FILE", help="PEM private key for --tls-cert."
         ),
     ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the answer as one JSON object, every value of every output in full: "
+            '{"model": ..., "outputs": {NAME: {"datatype", "shape", "data"}}} '
+            '(top classes as Triton\'s "score:index:label" strings), for scripts and jq.',
+        ),
+    ] = False,
 ) -> None:
     """Send one request to a running server and print the outputs.
 
@@ -211,6 +220,9 @@ def infer(
         if classes and not wanted:
             wanted = tuple(t.name for t in metadata.outputs)
         answer = client.infer(named, feeds, version=version, outputs=wanted, classes=classes)
+        if as_json:
+            _print_json(named, answer)
+            return
         for name, array in answer.items():
             if array.dtype == object:  # top classes
                 _print_classes(name, array)
@@ -222,6 +234,30 @@ def infer(
             out.print(
                 np.array2string(array, precision=4, threshold=64), highlight=False, soft_wrap=True
             )
+
+
+def _print_json(model: str, answer: dict) -> None:
+    """``answer`` as one line of JSON on stdout, each value in full (float32 as the shortest
+    decimal that reads back to it)."""
+    import json
+    import sys
+
+    import numpy as np
+
+    from quantgate.serve.dtypes import datatype
+
+    outputs = {}
+    for name, array in answer.items():
+        if array.dtype == object:  # top classes: Triton's "score:index[:label]" bytes
+            data, kind = [s.decode() for s in array.ravel()], "BYTES"
+            data = np.array(data, dtype=object).reshape(array.shape).tolist()
+        else:
+            if array.dtype == np.float32:  # its shortest decimal, not float64's 17 digits
+                array = array.astype(str).astype(np.float64)  # the same float32 read back
+            data, kind = array.tolist(), datatype(answer[name].dtype)
+        outputs[name] = {"datatype": kind, "shape": list(array.shape), "data": data}
+    doc = {"model": model, "outputs": outputs}
+    sys.stdout.write(json.dumps(doc) + "\n")
 
 
 def _cannot_connect(e, tls_flags: list[str], tls_ca: Path | None) -> str:

@@ -875,6 +875,26 @@ def test_the_client_says_which_deadline_passed_and_which_request_was_too_large(t
     assert r.returncode == 1 and "refused" in r.stderr, r.stderr
 
 
+def test_infer_prints_every_value_as_json_for_scripts(server, repo):
+    """The table form rounds to 4 digits and elides past 64 values (6 of an embedding's
+    384): --json gives every value, float32 as the shortest decimal that reads back to it,
+    and top classes as Triton's strings."""
+    ids = [[3, 4, 5], [6, 7, 8]]
+    ask = ("infer", "classifier", "-i", f"input_ids={ids}", "--url", server.url, "--json")
+    r = _quantgate(*ask)
+    assert r.returncode == 0 and r.stdout.count("\n") == 1, (r.stdout, r.stderr)
+    got = json.loads(r.stdout)
+    logits = got["outputs"]["logits"]
+    assert got["model"] == "classifier" and logits["datatype"] == "FP32", got
+    assert logits["shape"] == [2, 5] and np.array(logits["data"]).shape == (2, 5)
+    feeds = {"input_ids": np.array(ids), "attention_mask": np.ones((2, 3), np.int64)}
+    np.testing.assert_allclose(np.float32(logits["data"]), Reference(repo / "classifier")(feeds),
+                               atol=1e-5)  # fmt: skip
+    top = json.loads(_quantgate(*ask, "-c", "2").stdout)["outputs"]["logits"]
+    assert top["datatype"] == "BYTES" and top["shape"] == [2, 2], top
+    assert all(len(s.split(":")) == 3 for row in top["data"] for s in row), top
+
+
 def test_infer_says_which_tls_or_port_mistake_kept_it_from_the_server(server, repo, tmp_path):
     """The server is up in every case: infer says what is wrong with the connection (a CA
     that did not sign its certificate, TLS asked of a plaintext server, no TLS asked of a
