@@ -127,6 +127,15 @@ def _check_pair(tls: ClientTLS, cert: bytes, key: bytes) -> None:
         )
 
 
+def _check_timeout(timeout: float | None) -> None:
+    """None (no deadline) or seconds > 0: gRPC reads 0 as no deadline and a negative one
+    as one already passed."""
+    if timeout is not None and not timeout > 0:
+        raise ConfigError(
+            f"timeout: expected seconds > 0 (or None, no deadline), found {timeout!r}"
+        )
+
+
 class Client:
     """A connection to a KServe v2 / Triton server (``url``: host:port). ``token`` is sent as
     ``authorization: Bearer TOKEN`` on every call; ``tls`` opens a TLS channel (mutual
@@ -147,6 +156,9 @@ class Client:
         Answers of any size are received (gRPC's own default stops at 4 MiB): the server's
         ``--max-message-bytes`` (64 MiB by default) is the limit, and a hidden-state output
         passes 4 MiB at 16 rows of 256 tokens. ``options`` can set a lower one."""
+        if not isinstance(url, str):
+            raise ConfigError(f"Client: url is HOST:PORT, a string; found {url!r}")
+        _check_timeout(timeout)
         options = list({RECEIVE_LIMIT: -1, **dict(options)}.items())
         if tls is None:
             self._channel = grpc.insecure_channel(url, options=options)
@@ -156,6 +168,7 @@ class Client:
         self._url, self._tls = url, tls is not None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout
+        self._closed = False
 
     def __enter__(self) -> Client:
         return self
@@ -164,9 +177,13 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
 
     def _call(self, method, request, timeout: float | None = None):
+        if self._closed:  # gRPC says only "Cannot invoke RPC on closed channel!"
+            raise ConfigError(f"this Client of {self._url} is closed: make another")
+        _check_timeout(timeout)
         try:
             return method(request, timeout=timeout or self._timeout, metadata=self._metadata)
         except grpc.RpcError as e:

@@ -31,8 +31,9 @@ def infer(
             "-i",
             metavar="NAME=JSON",
             help=(
-                "NAME=JSON, e.g. -i 'input_ids=[[5, 7, 9]]'. A missing attention_mask is all "
-                "ones, a missing token_type_ids all zeros."
+                "NAME=JSON, e.g. -i 'input_ids=[[5, 7, 9]]'; NAME=@FILE reads the JSON from "
+                "a file, NAME=- from standard input. A missing attention_mask is all ones, a "
+                "missing token_type_ids all zeros."
             ),
         ),
     ] = None,
@@ -169,6 +170,7 @@ def infer(
     else:  # the name in the bundle's manifest (one of the two is given: checked above)
         assert bundle is not None
         named = bundle.manifest.name
+    _check_url(url)
     with Client(url, token=token, timeout=timeout, tls=client_tls) as client:
         try:
             metadata = client.metadata(named, version)
@@ -345,16 +347,42 @@ def _print_tags(texts: list[str], feeds: dict, logits, names: tuple[str, ...], t
             say(f"    {token:<16} {label:<12} {row[top]:.3f}")
 
 
+def _check_url(url: str) -> None:
+    """--url is HOST:PORT: gRPC reads a URL's scheme as a host name, and a host alone as
+    port 443, each then told as "nothing listens there"."""
+    from quantgate.errors import ConfigError
+
+    if url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"--url {url}: expected HOST:PORT, without a scheme (gRPC, not HTTP): "
+            f"--url {url.split('://', 1)[1].rstrip('/')}"
+        )
+    if ":" not in url:  # (gRPC's own targets, unix:PATH and dns:///HOST:PORT, pass)
+        raise ConfigError(
+            f"--url {url}: expected HOST:PORT, e.g. {url}:8001 (Triton's gRPC port is 8001)"
+        )
+
+
 def _json_input(name: str, text: str):
-    """One --input's JSON value (the client's ``request_inputs`` makes it an array)."""
+    """One --input's JSON value (the client's ``request_inputs`` makes it an array): given
+    inline, or @FILE's (a shell caps one argument at 128 KiB), or - for standard input's."""
     import json
+    import sys
 
     from quantgate.errors import BadRequest
 
+    where = ""
+    if text == "-":
+        text, where = sys.stdin.read(), " (standard input)"
+    elif text.startswith("@"):
+        try:
+            text, where = Path(text[1:]).read_text(encoding="utf-8"), f" ({text[1:]})"
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadRequest(f"--input {name}: cannot read {text[1:]}: {e}") from e
     try:
         return json.loads(text)
     except ValueError as e:
-        raise BadRequest(f"--input {name}: not JSON ({e}); expected e.g. [[5, 7, 9]]") from e
+        raise BadRequest(f"--input {name}{where}: not JSON ({e}); expected e.g. [[5, 7, 9]]") from e
 
 
 def _refused(e, typed: dict[str, str], spec: dict) -> str:

@@ -829,7 +829,7 @@ def test_the_client_refuses_tls_files_grpc_would_abort_on_or_misread(tmp_path):
 _CLIENT_ERRORS = """
 import sys
 import numpy as np
-from quantgate.errors import BadRequest, DeadlineExceeded, exit_code
+from quantgate.errors import BadRequest, ConfigError, DeadlineExceeded, exit_code
 from quantgate.serve.client import Client
 
 slow = {"input_ids": np.array([[10**7]]), "attention_mask": np.array([[1]])}
@@ -841,6 +841,19 @@ with Client(sys.argv[1]) as c:
             print(name, "answered")
         except (BadRequest, DeadlineExceeded) as e:
             print(name, "->", type(e).__name__, exit_code(e), e)
+for name, make in (("timeout 0", lambda: Client(sys.argv[1], timeout=0)),
+                   ("url a number", lambda: Client(8001))):
+    try:
+        make()
+        print(name, "-> accepted")
+    except ConfigError as e:
+        print(name, "->", e)
+closed = Client(sys.argv[1])
+closed.close()
+try:
+    closed.live()
+except ConfigError as e:
+    print("closed ->", e)
 """
 
 
@@ -868,6 +881,9 @@ def test_the_client_says_which_deadline_passed_and_which_request_was_too_large(t
         r"takes \(4,194,304 bytes, its --max-request-bytes\): send fewer rows",
         said["huge"],
     ), said
+    assert said["timeout 0"].startswith("timeout: expected seconds > 0"), said
+    assert said["url a number"] == "Client: url is HOST:PORT, a string; found 8001", said
+    assert said["closed"] == f"this Client of {srv.url} is closed: make another", said
     with socket.socket() as s:  # a port where nothing listens
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -875,7 +891,7 @@ def test_the_client_says_which_deadline_passed_and_which_request_was_too_large(t
     assert r.returncode == 1 and "refused" in r.stderr, r.stderr
 
 
-def test_infer_prints_every_value_as_json_for_scripts(server, repo):
+def test_infer_prints_every_value_as_json_for_scripts(server, repo, tmp_path):
     """The table form rounds to 4 digits and elides past 64 values (6 of an embedding's
     384): --json gives every value, float32 as the shortest decimal that reads back to it,
     and top classes as Triton's strings."""
@@ -893,6 +909,21 @@ def test_infer_prints_every_value_as_json_for_scripts(server, repo):
     top = json.loads(_quantgate(*ask, "-c", "2").stdout)["outputs"]["logits"]
     assert top["datatype"] == "BYTES" and top["shape"] == [2, 2], top
     assert all(len(s.split(":")) == 3 for row in top["data"] for s in row), top
+    # the same input from a file (a shell caps one argument at 128 KiB), or standard input
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    from_file = _quantgate(*ask[:2], "-i", f"input_ids=@{tmp_path / 'ids.json'}", *ask[4:])
+    from_stdin = subprocess.run(
+        [sys.executable, "-m", "quantgate", *ask[:2], "-i", "input_ids=-", *ask[4:]],
+        input=json.dumps(ids), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert from_file.stdout == from_stdin.stdout == r.stdout, (from_file.stderr, from_stdin.stderr)
+    # an address gRPC would misread: told as the address, not as "nothing listens there"
+    for url, says in (
+        ("127.0.0.1", "e.g. 127.0.0.1:8001"),
+        (f"http://{server.url}", "without a scheme"),
+    ):
+        bad = _quantgate(*ask[:4], "--url", url)
+        assert bad.returncode == 2 and says in bad.stderr, bad.stderr
 
 
 def test_infer_says_which_tls_or_port_mistake_kept_it_from_the_server(server, repo, tmp_path):
