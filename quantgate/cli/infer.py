@@ -254,9 +254,10 @@ def _print_json(model: str, answer: dict) -> None:
             data, kind = [s.decode() for s in array.ravel()], "BYTES"
             data = np.array(data, dtype=object).reshape(array.shape).tolist()
         else:
+            kind = datatype(array.dtype)
             if array.dtype == np.float32:  # its shortest decimal, not float64's 17 digits
                 array = array.astype(str).astype(np.float64)  # the same float32 read back
-            data, kind = array.tolist(), datatype(answer[name].dtype)
+            data = array.tolist()
         outputs[name] = {"datatype": kind, "shape": list(array.shape), "data": data}
     doc = {"model": model, "outputs": outputs}
     sys.stdout.write(json.dumps(doc) + "\n")
