@@ -523,7 +523,7 @@ def test_a_client_whose_request_the_grace_cut_off_is_told_the_server_went_away(t
         _, err = client.communicate(timeout=60)
     finally:
         client.kill()
-    assert client.returncode == 2, err  # as every error a server answers
+    assert client.returncode == 1, err  # not the request's fault: send it again
     assert f"the server at {srv.url} went away before answering" in err, err
     assert "send it again" in err and "Traceback" not in err, err
 
