@@ -29,6 +29,7 @@ from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.serve import codec
 from quantgate.serve.dtypes import NUMPY, cast_exact
 from quantgate.serve.errors import from_status
+from quantgate.serve.tls import CERT, KEY, check_pair, read_pem
 
 RECEIVE_LIMIT = "grpc.max_receive_message_length"
 
@@ -69,62 +70,27 @@ class ClientTLS:
     key: Path | None = None
 
 
-def _read(path: Path | None, what: str, marker: bytes) -> bytes | None:
-    """The PEM file at ``path`` (None: none given), or a ConfigError naming it: gRPC takes
-    bad bytes without a word, then fails every call as though no server answered."""
-    if path is None:
-        return None
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read the TLS file {path}: {e.strerror or e}") from e
-    if marker not in data:
-        raise ConfigError(
-            f"the TLS {what} {path} is not PEM: it has no '{marker.decode()}' line. Pass a "
-            "PEM file (`openssl x509 -outform PEM` or `openssl pkey -outform PEM` converts DER)."
-        )
-    return data
-
-
 def _credentials(tls: ClientTLS) -> grpc.ChannelCredentials:
-    """``tls``'s files as gRPC's channel credentials, checked first: a certificate without
-    its key (or the reverse) made gRPC abort the whole process."""
+    """``tls``'s files as gRPC's channel credentials, checked first as the server checks its
+    own (``serve.tls``): a certificate without its key (or the reverse) made gRPC abort the
+    whole process, and bad bytes fail every call later as though no server answered."""
     if (tls.cert is None) != (tls.key is None):
         given, missing = ("cert", "key") if tls.key is None else ("key", "cert")
         raise ConfigError(
             f"ClientTLS: a client {given} without its {missing}: mutual TLS needs both, the "
             "certificate and its private key"
         )
-    ca = _read(tls.ca, "CA certificate", b"-----BEGIN CERTIFICATE")
-    cert = _read(tls.cert, "certificate", b"-----BEGIN CERTIFICATE")
-    key = _read(tls.key, "key", b"PRIVATE KEY-----")
-    if cert is not None and key is not None:
-        _check_pair(tls, cert, key)
+
+    def read(named: str, path: Path | None, marker: bytes) -> bytes | None:
+        return None if path is None else read_pem(named, Path(path), marker, ConfigError)
+
+    ca = read("the TLS CA certificate", tls.ca, CERT)
+    cert = read("the TLS certificate", tls.cert, CERT)
+    key = read("the TLS key", tls.key, KEY)
+    if cert is not None and key is not None and tls.key is not None:
+        check_pair(cert, key, cert=f"the certificate {tls.cert}", key=f"the TLS key {tls.key}",
+                   key_file=Path(tls.key), error=ConfigError)  # fmt: skip
     return grpc.ssl_channel_credentials(ca, key, cert)
-
-
-def _check_pair(tls: ClientTLS, cert: bytes, key: bytes) -> None:
-    """Refuse a key that is not the certificate's, or that is encrypted (gRPC takes no
-    password)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
-    try:
-        private = serialization.load_pem_private_key(key, password=None)
-        certificate = x509.load_pem_x509_certificates(cert)[0]
-    except TypeError:  # it wants a password
-        raise ConfigError(
-            f"the TLS key {tls.key} is encrypted, and gRPC takes no password: decrypt it "
-            f"(`openssl pkey -in {tls.key} -out plain.key`)"
-        ) from None
-    except ValueError as e:
-        raise ConfigError(f"cannot use the TLS key {tls.key} with {tls.cert}: {e}") from e
-    spki = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    if private.public_key().public_bytes(*spki) != certificate.public_key().public_bytes(*spki):
-        raise ConfigError(
-            f"the TLS key {tls.key} is not the private key of the certificate {tls.cert}: "
-            "pass the key the certificate was issued for"
-        )
 
 
 def _check_timeout(timeout: float | None) -> None:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 WARN_DAYS = 14  # a certificate that expires sooner is warned about at each read, and daily
 DAY_S = 86400.0
 CERT = b"-----BEGIN CERTIFICATE-----"
+KEY = b"PRIVATE KEY-----"  # of any kind: "BEGIN PRIVATE KEY", "BEGIN EC PRIVATE KEY", ...
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,12 @@ class Material:
 def read(tls: TLSConfig, now: datetime | None = None) -> Material:
     """The files of ``tls``, checked (module docstring); a ServeError names the file and
     what to do."""
-    cert = _read_pem("--tls-cert", tls.cert, CERT)
-    key = _read_pem("--tls-key", tls.key, b"PRIVATE KEY-----")
-    ca = _read_pem("--tls-client-ca", tls.client_ca, CERT) if tls.client_ca else None
+    cert = read_pem("--tls-cert", tls.cert, CERT)
+    key = read_pem("--tls-key", tls.key, KEY)
+    ca = read_pem("--tls-client-ca", tls.client_ca, CERT) if tls.client_ca else None
     expires = check_dates(tls, cert, ca, now)  # the certificates readable first
-    _check_pair(tls.cert, tls.key, cert, key)
+    check_pair(cert, key, cert=f"--tls-cert {tls.cert}", key=f"--tls-key {tls.key}",
+               key_file=tls.key)  # fmt: skip
     return Material(cert, key, ca, expires)
 
 
@@ -209,40 +211,45 @@ def _days(left: timedelta) -> str:
     return f"{days:.1f} days" if days >= 2 else f"{left.total_seconds() / 3600:.0f} hours"
 
 
-def _check_pair(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> None:
-    """Refuse a key that is not the certificate's, or is encrypted: judged on the bytes
-    read, which are what gRPC serves (a renewal landing between two reads of the files
-    would otherwise pass the check on files the served bytes are not)."""
+def check_pair(
+    cert_pem: bytes, key_pem: bytes, *, cert: str, key: str, key_file: Path, error=ServeError
+) -> None:
+    """Refuse a key that is not the certificate's, or is encrypted (gRPC takes no
+    password), as an ``error`` naming them as ``cert`` and ``key`` ("--tls-cert FILE", or a
+    client's words). Judged on the bytes read, which are what gRPC uses (a renewal landing
+    between two reads of the files would otherwise pass the check on files the used bytes
+    are not)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
     try:
         private = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:  # it wants a password
-        raise ServeError(
-            f"--tls-key {key} is encrypted, and gRPC takes no password: decrypt it "
-            f"(`openssl pkey -in {key} -out plain.key`) and keep that file readable only "
-            "by the server's user"
+        raise error(
+            f"{key} is encrypted, and gRPC takes no password: decrypt it "
+            f"(`openssl pkey -in {key_file} -out plain.key`) and keep that file readable only "
+            "by its user"
         ) from None
     except ValueError as e:
-        raise ServeError(f"cannot use --tls-key {key}: {e}") from e
+        raise error(f"cannot use {key}: {e}") from e
     spki = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     own = x509.load_pem_x509_certificates(cert_pem)[0].public_key().public_bytes(*spki)
     if private.public_key().public_bytes(*spki) != own:
-        raise ServeError(
-            f"--tls-key {key} is not the private key of --tls-cert {cert}: pass the key the "
-            "certificate was issued for"
+        raise error(
+            f"{key} is not the private key of {cert}: pass the key the certificate was issued for"
         )
 
 
-def _read_pem(flag: str, path: Path, marker: bytes) -> bytes:
+def read_pem(named: str, path: Path, marker: bytes, error=ServeError) -> bytes:
+    """The PEM file at ``path``, or an ``error`` naming it as ``named`` ("--tls-cert", or a
+    client's words): gRPC takes bad bytes without a word, then fails every handshake."""
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise ServeError(f"cannot read {flag} {path}: {e.strerror or e}") from e
+        raise error(f"cannot read {named} {path}: {e.strerror or e}") from e
     if marker not in data:
-        raise ServeError(
-            f"{flag} {path} is not PEM: it has no '{marker.decode()}' line. Pass a PEM file "
+        raise error(
+            f"{named} {path} is not PEM: it has no '{marker.decode()}' line. Pass a PEM file "
             "(`openssl x509 -outform PEM` or `openssl pkey -outform PEM` converts DER)."
         )
     return data
