@@ -629,6 +629,14 @@ def served_threads(bundle: Path, provider: str, sizes) -> dict:
 # -- report ---------------------------------------------------------------------------------
 
 
+def _measured(m: dict | None, failed: str, said) -> list[str]:
+    """The report's line for measurement ``m``: ``said(m)``, or ``failed: ERROR`` where it
+    failed; none where it was not made."""
+    if not m:
+        return []
+    return [f"{failed}: {m['error']}" if "error" in m else said(m)]
+
+
 def table(r: dict) -> str:
     sz = r["sizes"]
     big = f"b{sz['batch']}_s{sz['seq']}"
@@ -679,17 +687,17 @@ def table(r: dict) -> str:
             "|---|---|---|",
             *(f"| {k} | {ms:.2f} | {hl['fp16_speedup'][k]:.2f}x |" for k, ms in hl["ms"].items()),
         ]
-    g = r.get("cuda_graph")
-    if g:
+    if r.get("cuda_graph"):
         lines.append("")  # a line right under a table would render as one more row of it
-    if g and "error" in g:
-        lines.append(f"CUDA graph failed: {g['error']}")
-    elif g:
-        lines.append(
+    lines += _measured(
+        r.get("cuda_graph"),
+        "CUDA graph failed",
+        lambda g: (
             f"CUDA graph (ORT FP16, device IO, interleaved with the same without a graph, "
             f"{g['rounds']} rounds): {g['cuda_graph']:.2f} ms vs {g['no_graph']:.2f} ms, "
             f"graph / no graph {g['graph_speedup']:.2f}x faster (median of per-round ratios)."
-        )
+        ),
+    )
     s = r["serving"]
     lines.append("")
     if "error" in s:
@@ -707,13 +715,12 @@ def table(r: dict) -> str:
             f"a bare gRPC round trip (ServerLive) {s['bare_rpc_p50_ms']:.2f} ms; asking only for "
             f"{', '.join(s['small_output'])}: {s['grpc_small_output_p50_ms']:.2f} ms.",
         ]
-        pa = s.get("perf_analyzer") or {}
-        if "error" in pa:
-            lines.append(f"perf_analyzer: {pa['error']}")
-        elif pa:
-            lines.append(
-                f"perf_analyzer (C++ client, concurrency 1): p50 **{pa['p50_ms']:.2f} ms** vs "
-                f"in-process {pa['in_process_p50_ms']:.2f} ms (medians of {pa['rounds']} "
+        lines += _measured(
+            s.get("perf_analyzer"),
+            "perf_analyzer",
+            lambda pa: (
+                f"perf_analyzer (C++ client, concurrency 1): p50 **{pa['p50_ms']:.2f} "
+                f"ms** vs in-process {pa['in_process_p50_ms']:.2f} ms (medians of {pa['rounds']} "
                 f"alternating {pa['window_s']:g} s windows; {pa['overhead_ms']:+.2f} ms, the "
                 f"median of per-window differences). Means per window, medians: server queue "
                 f"{pa['server_queue_ms']:.2f} ms, compute {pa['server_compute_ms']:.2f} ms, "
@@ -721,17 +728,19 @@ def table(r: dict) -> str:
                 f"gRPC transport both ways {pa['transport_ms']:.2f} ms (Network+Server Send/Recv "
                 f"less the server overhead), client send/recv {pa['client_send_ms']:.2f}/"
                 f"{pa['client_recv_ms']:.2f} ms, {pa['throughput']:.0f} inferences/s."
-            )
-    th = r.get("served_threads")
-    if th and "error" in th:
-        lines.append(f"Served, CPU threads compared: {th['error']}")
-    elif th:
-        lines.append(
-            f"Served, two servers alike but for ONNX Runtime's CPU threads ({th['requests']} "
-            f"requests each, in turn): {th['default_threads']}: p50 {th['default_p50_ms']:.2f} "
-            f"ms; {th['other_threads']} thread(s): {th['other_p50_ms']:.2f} ms "
-            f"({th['other_minus_default_ms']:+.2f} ms, median of per-pair differences)."
+            ),
         )
+    lines += _measured(
+        r.get("served_threads"),
+        "Served, CPU threads compared",
+        lambda th: (
+            f"Served, two servers alike but for ONNX Runtime's CPU threads "
+            f"({th['requests']} requests each, in turn): {th['default_threads']}: p50 "
+            f"{th['default_p50_ms']:.2f} ms; {th['other_threads']} thread(s): "
+            f"{th['other_p50_ms']:.2f} ms ({th['other_minus_default_ms']:+.2f} ms, median of "
+            "per-pair differences)."
+        ),
+    )
     if host := r.get("host"):
         lines += ["", "Host: " + ", ".join(f"{k} {v}" for k, v in host.items() if v != "")]
     checks = []

@@ -77,6 +77,11 @@ def _node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]
                     yield from _tensors(g)
 
 
+def data_file(path: Path) -> Path:
+    """Where ``save`` writes the weights of a model it writes at ``path``, beside it."""
+    return path.with_name(path.name + ".data")
+
+
 def save(model: onnx.ModelProto, path: str | Path) -> Path:
     """Write ``model`` at ``path``: whole, or where ``too_large``, with its weights in one file
     beside it, named ``path``'s name + ``.data`` (they then leave ``model`` in memory: ONNX
@@ -85,7 +90,7 @@ def save(model: onnx.ModelProto, path: str | Path) -> Path:
     if not too_large(model):
         onnx.save_model(model, str(path))
         return path
-    data = path.with_name(path.name + ".data")
+    data = data_file(path)
     data.unlink(missing_ok=True)  # onnx appends to a data file that is there
     onnx.save_model(
         model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -103,9 +108,9 @@ def gather(path: str | Path) -> None:
     if len(locations) < 2:
         return
     save(onnx.load(str(path)), path)  # the weights read into memory, then written out
-    kept = set(external_locations(path))
+    written = data_file(path).name  # (none where the model now fits inline)
     for location in locations:
-        if location not in kept:
+        if location != written:
             (path.parent / location).unlink(missing_ok=True)
 
 

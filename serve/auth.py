@@ -83,20 +83,19 @@ Tokens = Callable[[], Sequence[bytes]]  # the tokens in force, asked on every ca
 
 
 def watch_tokens(tokens: Tokens | None) -> Callable[[], None]:
-    """Start watching the file of ``tokens`` (``tokens(cfg, watch=False)``), if they come
-    from one; what ends the watch."""
+    """Start watching the file of ``tokens`` (``tokens(cfg)``), if they come from one; what
+    ends the watch."""
     if isinstance(tokens, TokenFile):
         return tokens.start().close
     return lambda: None
 
 
-def tokens(cfg: ServeConfig, *, watch: bool = True) -> Tokens | None:
+def tokens(cfg: ServeConfig) -> Tokens | None:
     """The bearer tokens ``cfg`` requires (its token, or its token file's, read now and,
-    with ``watch``, again when it changes until its ``close``), or None: no
+    once ``watch_tokens`` starts it, again when the file changes), or None: no
     authentication."""
     if cfg.auth_token_file is not None:
-        file = TokenFile(cfg.auth_token_file)
-        return file.start() if watch else file
+        return TokenFile(cfg.auth_token_file)
     if cfg.auth_token:
         fixed = (cfg.auth_token.encode(),)
         return lambda: fixed

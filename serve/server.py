@@ -489,7 +489,7 @@ def create_server(
         credentials = own_credentials = tls.Credentials(cfg.tls)
     own_tokens = tokens is None
     if own_tokens:
-        tokens = auth.tokens(cfg, watch=False)
+        tokens = auth.tokens(cfg)
     # Everything that runs threads, ended by close_threads (the last made, the first ended),
     # or at once should the server not be made
     made = contextlib.ExitStack()
@@ -698,7 +698,7 @@ def verify(cfg: ServeConfig) -> Repository:
     with its TLS files read, but no port bound: a repository checked before a rollout."""
     if cfg.tls is not None:
         tls.read(cfg.tls)
-    auth.tokens(cfg, watch=False)
+    auth.tokens(cfg)
     return load_repository(cfg)
 
 
@@ -761,7 +761,7 @@ def _without_created_series() -> Iterator[None]:
 def _run(cfg: ServeConfig, on_ready: Callable[[int, Engine], None] | None) -> None:
     # A bad TLS file or a port in use is named before minutes of loading models.
     credentials = tls.Credentials(cfg.tls) if cfg.tls is not None else None
-    tokens = auth.tokens(cfg, watch=False)  # watched from the start of serving, below
+    tokens = auth.tokens(cfg)  # watched from the start of serving, below
     _check_ports(cfg)
     engine = Engine(load_repository(cfg), cfg)
     # Served as loaded: a bundle that changes on disk is said so once, not reloaded
