@@ -387,14 +387,15 @@ def _check_texts(texts: Sequence[str]) -> None:
             raise DataError(f"{which}: expected a string, found {type(t).__name__}")
         if not t.strip():
             raise DataError(f"{which} is blank ({t!r}): expected words to tokenize")
-        bad = next((j for j, c in enumerate(t) if 0xD800 <= ord(c) <= 0xDFFF), None)
-        if bad is not None:
-            c = ord(t[bad])
+        try:
+            t.encode()
+        except UnicodeEncodeError as e:  # a lone surrogate: a byte the shell could not decode
+            c = ord(t[e.start])
             byte = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
             raise DataError(
-                f"{which} is not UTF-8 ({byte} at character {bad}): pass text encoded in UTF-8 "
-                "(iconv -f LATIN1 -t UTF-8 converts ISO-8859-1)"
-            )
+                f"{which} is not UTF-8 ({byte} at character {e.start}): pass text encoded in "
+                "UTF-8 (iconv -f LATIN1 -t UTF-8 converts ISO-8859-1)"
+            ) from None
 
 
 def tokenizer_of(model: ModelInfo):
