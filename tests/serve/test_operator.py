@@ -832,7 +832,7 @@ import numpy as np
 from quantgate.errors import BadRequest, ConfigError, DeadlineExceeded, exit_code
 from quantgate.serve.client import Client
 
-slow = {"input_ids": np.array([[10**7]]), "attention_mask": np.array([[1]])}
+slow = {"input_ids": np.array([[10**10]]), "attention_mask": np.array([[1]])}
 huge = {k: np.ones((1, 300_000), np.int64) for k in ("input_ids", "attention_mask")}
 with Client(sys.argv[1]) as c:
     for name, feeds, timeout in (("slow", slow, 0.3), ("huge", huge, None)):
