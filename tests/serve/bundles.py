@@ -162,9 +162,9 @@ def hand_built(
 
 def counting(out: Path, warm_up_steps: int = 0) -> Path:
     """Write a bundle at ``out`` whose model counts, one ONNX Loop step at a time, to its
-    largest input id: instant on warm-up's zeros, about 0.5 s for input_ids=[[10**7]] on an
-    idle host, and until its client goes for [[10**10]] (its run is then stopped): it holds
-    a drain or a runner slot. With ``warm_up_steps``, ids all 0 count that many instead:
+    largest input id: instant on warm-up's zeros, seconds for input_ids=[[10**7]] (11.8 s
+    in-process on a busy 2-core host), and until its client goes for [[10**10]] (its run is
+    then stopped): it holds a drain or a runner slot. With ``warm_up_steps``, ids all 0 count that many instead:
     a warm-up that takes a while. Its output, ``counted``, is the count where the mask is 1."""
     from onnx import TensorProto, helper
 
