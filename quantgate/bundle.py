@@ -574,6 +574,10 @@ def manifest_problems(d: dict[str, Any]) -> list[str]:
             problems.append(
                 f"extra.huggingface.tokenizer: expected a folder path, found {_found(hf['tokenizer'])}"
             )
+        elif hf and hf.get("tokenizers") is not None:  # how to run the tokenizer: its module's
+            from quantgate.tokenizer import settings_problems
+
+            problems.extend(settings_problems(hf["tokenizers"]))
         if "regates" in extra and not isinstance(extra["regates"], list):
             problems.append(f"extra.regates: expected a list, found {_found(extra['regates'])}")
     stated = d.get("verdict")

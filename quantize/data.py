@@ -82,6 +82,7 @@ from quantgate.quantize.labels import (
 )
 from quantgate.quantize.textfiles import SUFFIXES as TEXT_SUFFIXES
 from quantgate.tasks import EMBEDDING_TASKS, TOKEN_TASKS
+from quantgate.tokenizer import Settings
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,9 @@ class ModelInfo:
     max_seq_len: int
     builtin: bool = False  # the built-in digits classifier: its own splits are the default
     tokenizer: str | None = None  # Hugging Face tokenizer directory, for text files
+    # how to run its tokenizer.json without transformers, where its export checked that
+    # this gives what transformers gives (quantgate.tokenizer.check); None: by transformers
+    tokenizer_settings: Settings | None = None
     pad_values: dict[str, int] = field(default_factory=dict)  # per input; default 0
     # per input: the rows of the embedding table its ids index (ids must be below it);
     # an input missing here is checked for negative ids only (see ID_INPUTS)
@@ -175,11 +179,13 @@ class ModelInfo:
     def _make(cls, inputs, task, max_seq_len, source, extra, pads, root=None) -> ModelInfo:
         extra = extra or {}
         hf = extra.get("huggingface") or {}
-        tokenizer, pads = hf.get("tokenizer"), dict(pads)
+        tokenizer, pads, settings = hf.get("tokenizer"), dict(pads), None
         limits = _id_limits(extra.get("model") or {}, {"input_ids": "vocab_size"})
         if tokenizer:
             if root is not None:  # a bundle's own copy is relative to it; older ones absolute
                 tokenizer = str(Path(root) / tokenizer)
+                if isinstance(checked := hf.get("tokenizers"), dict):  # verified with the bundle
+                    settings = Settings.from_dict(checked)
             # what the manifest records, else the model's config.json where the tokenizer
             # directory is the model's own (an export; bundles before they carried a copy)
             cfg = {**_hf_config(tokenizer), **{k: v for k, v in hf.items() if v is not None}}
@@ -191,6 +197,7 @@ class ModelInfo:
             max_seq_len=max_seq_len,
             builtin=(source or {}).get("kind") == "checkpoint",
             tokenizer=tokenizer,
+            tokenizer_settings=settings,
             pad_values=pads,
             id_limits=limits,
             labels=class_names(extra),

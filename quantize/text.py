@@ -47,6 +47,7 @@ from quantgate.quantize.labels import (
 )
 from quantgate.quantize.textfiles import UNREADABLE, TextFile, text_file
 from quantgate.tasks import EMBEDDING_TASKS
+from quantgate.tokenizer import Backend, Tokenizer, Transformers
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,9 @@ class _Scan:
         return True
 
 
-def _scan(path: Path, fmt: TextFile, tok, limit: int | None, model: ModelInfo, where: str) -> _Scan:
+def _scan(
+    path: Path, fmt: TextFile, tok: Tokenizer, limit: int | None, model: ModelInfo, where: str
+) -> _Scan:
     """Pass 1 over a text file: every row read and checked; the byte offset, token count and
     row hash of every good one, and which are cut at ``limit`` (tokenized only while no row
     is bad: such a file is refused)."""
@@ -203,10 +206,10 @@ def _scan(path: Path, fmt: TextFile, tok, limit: int | None, model: ModelInfo, w
     starts: list[int] = []  # and their offsets
 
     def count() -> None:
-        ids = _token_ids(tok, texts, limit)
+        ids = tok.ids(texts, limit)
         if limit is not None:  # a row of ``limit`` tokens may have been cut: count again
             full = [i for i, row in enumerate(ids) if len(row) == limit]
-            longer = _token_ids(tok, [texts[i] for i in full], limit + 1) if full else []
+            longer = tok.ids([texts[i] for i in full], limit + 1) if full else []
             first = len(scan.offsets)
             scan.cut.extend(
                 first + i for i, row in zip(full, longer, strict=True) if len(row) > limit
@@ -355,7 +358,7 @@ def _json_kind(value: Any) -> str:
     return "an array" if isinstance(value, list) else "a number"
 
 
-def tokenize(texts: Sequence[str], model: ModelInfo, tokenizer: Any = None) -> Feeds:
+def tokenize(texts: Sequence[str], model: ModelInfo, tokenizer: Tokenizer | None = None) -> Feeds:
     """``texts`` as one padded batch of the model's inputs, by the model's own tokenizer (as
     JSONL data is; ``tokenizer``, where the caller has loaded it), cut at its longest
     sequence: what a client sends the served model."""
@@ -398,22 +401,17 @@ def _check_texts(texts: Sequence[str]) -> None:
             ) from None
 
 
-def tokenizer_of(model: ModelInfo):
+def tokenizer_of(model: ModelInfo) -> Tokenizer:
     """The model's own tokenizer (a bundle's copy): text to token ids, and back. It pads
     with the model's pad id, as the server pads, also where the tokenizer names none of
-    its own (GPT-2's) or another than the model's config."""
+    its own (GPT-2's) or another than the model's config. A bundle whose export checked its
+    tokenizer.json against transformers runs it without transformers (``quantgate.tokenizer``)."""
     if model.tokenizer is None:
         raise DataError(
             "text needs the model's tokenizer, and this model has none (it is not a Hugging "
             f"Face model); send its inputs ({', '.join(model.input_names)}) as arrays instead"
         )
-    tok = _tokenizer(model.tokenizer)
-    if (pad := model.pad_values.get("input_ids")) is not None and tok.pad_token_id != pad:
-        tok.pad_token_id = int(pad)
-    return tok
-
-
-def _tokenizer(directory: str):
+    directory, pad = model.tokenizer, model.pad_values.get("input_ids")
     if not Path(directory).is_dir():  # a bundle moved to another machine: the export's path
         raise DataError(
             f"JSONL text needs the model's tokenizer, recorded at export as {directory}, which "
@@ -422,6 +420,17 @@ def _tokenizer(directory: str):
             "directory there, or pass a .npz of the tokenized inputs instead "
             "(quantgate.quantize.data.write_npz writes one)."
         )
+    if model.tokenizer_settings is not None and pad is not None:
+        try:
+            return Backend.load(directory, model.tokenizer_settings, pad)
+        except ImportError:
+            pass  # no `tokenizers`: transformers says so in its own words below
+        except Exception as e:  # noqa: BLE001 - any failure means the same to the user
+            raise DataError(f"cannot load the model's tokenizer from {directory}: {e}") from e
+    return Transformers(_transformers_tokenizer(directory), pad)
+
+
+def _transformers_tokenizer(directory: str):
     try:
         auto = _auto_tokenizer()
     except ImportError as e:
@@ -429,14 +438,9 @@ def _tokenizer(directory: str):
             raise  # the `hf` extra is not installed: the CLI says to install it
         raise DataError(f"cannot import transformers' tokenizers ({e}); check its install") from e
     try:
-        tok = auto.from_pretrained(directory, local_files_only=True)
+        return auto.from_pretrained(directory, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means the same to the user
         raise DataError(f"cannot load the model's tokenizer from {directory}: {e}") from e
-    tok.padding_side = "right"  # as the server pads requests, whatever the config says
-    # quantgate cuts texts at the model's max_seq_len itself, and says so in its own words:
-    # not transformers' warning of "indexing errors" against its own, other limit
-    tok.model_max_length = 1 << 62
-    return tok
 
 
 def _auto_tokenizer():
@@ -455,19 +459,12 @@ def _auto_tokenizer():
     return AutoTokenizer
 
 
-def _token_counts(tok, texts: list[str], limit: int | None) -> list[int]:
-    return [len(ids) for ids in _token_ids(tok, texts, limit)]
+def _token_counts(tok: Tokenizer, texts: list[str], limit: int | None) -> list[int]:
+    return [len(ids) for ids in tok.ids(texts, limit)]
 
 
-def _token_ids(tok, texts: list[str], limit: int | None) -> list[list[int]]:
-    """Each text's ``input_ids`` without padding, cut at ``limit`` tokens (None: not cut)."""
-    return tok(texts, truncation=limit is not None, max_length=limit)["input_ids"]
-
-
-def _encode(tok, texts: list[str], model: ModelInfo, limit: int | None) -> Feeds:
-    enc = tok(
-        texts, truncation=limit is not None, max_length=limit, padding=True, return_tensors="np"
-    )
+def _encode(tok: Tokenizer, texts: list[str], model: ModelInfo, limit: int | None) -> Feeds:
+    enc = tok.encode(texts, limit)
     feeds = {}
     for spec in model.inputs:
         if spec.name in enc:  # a token_type_ids left out is one segment: check_feeds adds it

@@ -280,6 +280,16 @@ def test_the_manifest_vouches_for_the_tokenizer_and_every_other_file(digits_resu
     assert files["candidates.png"] == qb.sha256_file(plot)
     assert not {qb.MANIFEST, qb.REPORT, "model.fp32.onnx"} & set(files)
     assert json.loads((b.path / qb.MANIFEST).read_text())["files"] == files
+    # its tokenizer.json tokenizes as transformers does: recorded, and then run without it
+    recorded = b.manifest.extra["huggingface"]["tokenizers"]
+    assert recorded == {"truncation_side": "right", "pad_type_id": 0,
+                        "split_special_tokens": False,
+                        "returns": ["token_type_ids", "attention_mask"]}  # fmt: skip
+    from quantgate.quantize.data import ModelInfo
+    from quantgate.quantize.text import tokenizer_of
+    from quantgate.tokenizer import Backend
+
+    assert isinstance(tokenizer_of(ModelInfo.from_manifest(b.manifest, b.path)), Backend)
 
     vocab = b.path / "tokenizer" / "tokenizer.json"
     vocab.write_text(vocab.read_text().replace('"hello"', '"hullo"'))

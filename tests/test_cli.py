@@ -237,11 +237,11 @@ def test_text_without_the_hf_extra_names_the_extra_to_install(monkeypatch, tmp_p
     load the model's tokenizer"), which main() maps to the extra to install, as above."""
 
     from quantgate.cli._exit import _EXTRAS
-    from quantgate.quantize.text import _tokenizer
+    from quantgate.quantize.text import _transformers_tokenizer
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # import: ModuleNotFoundError
     with pytest.raises(ModuleNotFoundError) as err:
-        _tokenizer(str(tmp_path))
+        _transformers_tokenizer(str(tmp_path))
     assert _EXTRAS[err.value.name] == "hf"
 
 

@@ -342,7 +342,7 @@ def _print_tags(texts: list[str], feeds: dict, logits, names: tuple[str, ...], t
     say(f"logits {list(logits.shape)}: each token's top class")
     for text, ids, real, p in zip(texts, feeds["input_ids"], mask, probs, strict=True):
         say(f"  {text!r}")
-        for token, row in zip(tok.convert_ids_to_tokens(ids[real].tolist()), p[real], strict=True):
+        for token, row in zip(tok.tokens(ids[real].tolist()), p[real], strict=True):
             top = int(row.argmax())
             label = names[top] if top < len(names) else str(top)
             say(f"    {token:<16} {label:<12} {row[top]:.3f}")

