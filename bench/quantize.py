@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import glob
-import hashlib
 import json
 import os
-import re
+import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -41,7 +39,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-from _common import BENCHMARKS, command_line, write_section  # noqa: E402
+from _common import BENCHMARKS, ROOT, command_line, write_section  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))  # calibration and evaluation text: text_data.py
+from text_data import license_sentences, pydoc_sentences  # noqa: E402
 
 from quantgate.bundle import CPU  # noqa: E402
 from quantgate.export import ExportConfig, export_fp32  # noqa: E402
@@ -72,35 +73,6 @@ INT8_GEMMS = ("MatMulIntegerToFloat", "QAttention")
 
 
 # ---------------------------------------------------------------------------- text
-def _sentences(text: str) -> list[str]:
-    text = re.sub(r"\s+", " ", text)
-    parts = re.split(r"(?<=[.!?])\s+(?=[A-Z\"'(])", text)
-    return [
-        p.strip()
-        for p in parts
-        if 40 <= len(p.strip()) <= 400 and sum(c.isalpha() for c in p) > 0.6 * len(p)
-    ]
-
-
-def _pick(sents: list[str], n: int) -> list[str]:
-    uniq = sorted(set(sents), key=lambda s: hashlib.md5(s.encode()).hexdigest())
-    return uniq[:n]
-
-
-def license_sentences(n: int) -> list[str]:
-    out = []
-    for f in sorted(glob.glob("/usr/share/common-licenses/*")):
-        if os.path.isfile(f):
-            out += _sentences(Path(f).read_text(encoding="utf-8", errors="ignore"))
-    return _pick(out, n)
-
-
-def pydoc_sentences(n: int) -> list[str]:
-    from pydoc_data import topics
-
-    return _pick([s for k in sorted(topics.topics) for s in _sentences(topics.topics[k])], n)
-
-
 class Encoder:
     def __init__(self, model_dir: str):
         from tokenizers import Tokenizer

@@ -38,7 +38,7 @@ from quantgate.fsutil import claimed
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize import cuda
 from quantgate.quantize import report as reports
-from quantgate.quantize.cuda import CPU, CUDA, CudaGating
+from quantgate.quantize.cuda import CUDA, CudaGating
 from quantgate.quantize.data import (
     DataSource,
     DataSpec,
@@ -315,7 +315,7 @@ def _require_variants(m: Manifest, on_cuda: bool) -> None:
         raise ConfigError(
             f"the gate settings ask for a re-gate on {CUDA}, but this onnxruntime has no "
             "working CUDA provider. Run it on a GPU host with the `gpu` extra installed "
-            f"(onnxruntime-gpu), or re-gate on the CPU (`--device cpu`; provider = {CPU!r} in "
+            f'(onnxruntime-gpu), or re-gate on the CPU (`--device cpu`; provider = "cpu" in '
             "a --gate-config file)."
         )
 

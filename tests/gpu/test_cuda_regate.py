@@ -146,7 +146,9 @@ def test_a_regate_on_cuda_without_cuda_is_refused_before_anything_is_measured(
     bundle, evaluation = built_on_a_gpu_host
     monkeypatch.setattr(cuda, "available", lambda: False)
     before = (bundle.path / "manifest.json").read_text()
-    with pytest.raises(ConfigError, match="no working CUDA provider.*re-gate on the CPU"):
+    with pytest.raises(ConfigError, match="no working CUDA provider.*re-gate on the CPU") as e:
         regating.regate(bundle.path, evaluation, GateConfig(provider=CUDA))
+    assert '(`--device cpu`; provider = "cpu" in a --gate-config file)' in str(e.value)
+    assert GateConfig(provider="cpu").provider == CPU  # the spelling it advises is taken
     assert (bundle.path / "manifest.json").read_text() == before
     assert json.loads(before)["variants"]

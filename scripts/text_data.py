@@ -1,0 +1,115 @@
+"""Calibration and evaluation text for a text model, from real English every machine has
+offline: two different sources, so that no evaluation row was seen in calibration.
+
+- calibration: Debian's license texts (/usr/share/common-licenses), or, where that folder
+  is missing (not Debian), the docstrings of Python's standard library;
+- evaluation: CPython's help topics (``pydoc_data.topics``).
+
+Sentences of 40-400 characters, mostly letters, each source's unique ones in a fixed
+pseudo-random order (the same files on every run). Written as JSONL, ``{"text": ...}``
+lines, which `quantgate export --calibration/--eval` and `quantgate gate --eval` read::
+
+    python scripts/text_data.py                       # calib.jsonl (160), heldout.jsonl (100)
+    python scripts/text_data.py --out data --calibration 256 --eval 200
+
+A classifier's evaluation data needs labels (``"label"``), which these texts do not have:
+bring your own labelled rows for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+LICENSES = "/usr/share/common-licenses"
+
+
+def sentences(text: str) -> list[str]:
+    """``text``'s sentences of 40-400 characters, at least 60% letters."""
+    text = re.sub(r"\s+", " ", text)
+    parts = re.split(r"(?<=[.!?])\s+(?=[A-Z\"'(])", text)
+    return [
+        p.strip()
+        for p in parts
+        if 40 <= len(p.strip()) <= 400 and sum(c.isalpha() for c in p) > 0.6 * len(p)
+    ]
+
+
+def _pick(found: list[str], n: int) -> list[str]:
+    """``n`` of the unique sentences, in an order fixed by their hashes."""
+    unique = sorted(set(found), key=lambda s: hashlib.md5(s.encode()).hexdigest())
+    return unique[:n]
+
+
+def license_sentences(n: int) -> list[str]:
+    found = []
+    for f in sorted(glob.glob(f"{LICENSES}/*")):
+        if os.path.isfile(f):
+            found += sentences(Path(f).read_text(encoding="utf-8", errors="ignore"))
+    return _pick(found, n)
+
+
+def docstring_sentences(n: int) -> list[str]:
+    """From the docstrings of some of Python's standard library modules and their members."""
+    import importlib
+    import inspect
+
+    found = []
+    for name in ("argparse", "collections", "email", "json", "logging", "pathlib", "zipfile"):
+        module = importlib.import_module(name)
+        for member in (module, *vars(module).values()):
+            if (inspect.ismodule(member) and member is not module) or not (
+                doc := inspect.getdoc(member)
+            ):
+                continue
+            found += sentences(doc)
+    return _pick(found, n)
+
+
+def pydoc_sentences(n: int) -> list[str]:
+    from pydoc_data import topics
+
+    return _pick([s for k in sorted(topics.topics) for s in sentences(topics.topics[k])], n)
+
+
+def calibration_sentences(n: int) -> tuple[list[str], str]:
+    """``n`` calibration sentences and where they came from."""
+    if os.path.isdir(LICENSES):
+        return license_sentences(n), f"Debian's license texts ({LICENSES})"
+    return docstring_sentences(n), "docstrings of Python's standard library"
+
+
+def write_jsonl(path: Path, texts: list[str]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("."), help="folder (default: here)")
+    parser.add_argument("--calibration", type=int, default=160, metavar="N", help="default 160")
+    parser.add_argument("--eval", type=int, default=100, metavar="N", help="default 100")
+    a = parser.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    calib, source = calibration_sentences(a.calibration)
+    heldout = pydoc_sentences(a.eval)
+    for path, texts, where, asked in (
+        (a.out / "calib.jsonl", calib, source, a.calibration),
+        (a.out / "heldout.jsonl", heldout, "Python's help topics (pydoc_data)", a.eval),
+    ):
+        write_jsonl(path, texts)
+        short = f" (of {asked} asked: all there are)" if len(texts) < asked else ""
+        print(f"{path}: {len(texts)} sentences{short} from {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
