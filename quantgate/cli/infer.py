@@ -4,6 +4,7 @@ answer printed."""
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -150,6 +151,10 @@ def infer(
         raise ConfigError("mutual TLS needs both --tls-cert and --tls-key")
     if timeout <= 0:
         raise ConfigError(f"--timeout must be more than 0 seconds, got {timeout:g}")
+    # gRPC's own log lines (a failed TLS handshake's, at INFO) would come before this
+    # command's error, which says what went wrong and what to do; GRPC_VERBOSITY=INFO
+    # brings them back. Set before gRPC starts, which reads it once.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     # gRPC and the wire format (about 0.6 s) once the command line is known to be usable
     from quantgate.serve.client import (
         Client,

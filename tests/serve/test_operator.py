@@ -959,7 +959,8 @@ def test_infer_says_which_tls_or_port_mistake_kept_it_from_the_server(server, re
     def error(*args: str) -> str:
         r = _quantgate(*ask, *args)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
-        (line,) = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+        line, *more = r.stderr.splitlines()  # no gRPC log line before it (its INFO lines)
+        assert line.startswith("error: ") and not more, r.stderr
         assert "no server is ready" not in line, line
         return line
 
