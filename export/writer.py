@@ -71,11 +71,16 @@ def _bundle_tokenizer(extra: dict[str, Any], tmp: Path, max_seq_len: int) -> dic
     from quantgate.tokenizer import check
 
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    if isinstance(pad := hf.get("pad_token_id"), int):  # it pads as the model and server do
+    pad = hf.get("pad_token_id") if isinstance(hf.get("pad_token_id"), int) else None
+    # It pads as the model and server do. Not where the pad id names an ordinary token (id 0,
+    # GPT-2's "!", for a model that names none): transformers reads a token the config names
+    # as special back as one, and would split text at every "!". quantgate pads with the
+    # manifest's pad id anyway.
+    if pad is not None and pad in tokenizer.all_special_ids:
         tokenizer.pad_token_id = pad
     tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
     hf = {**hf, "tokenizer": TOKENIZER_DIR}
-    if (settings := check(tokenizer, tmp / TOKENIZER_DIR, max_seq_len)) is not None:
+    if (settings := check(tokenizer, tmp / TOKENIZER_DIR, max_seq_len, pad)) is not None:
         hf["tokenizers"] = settings.to_dict()
     return {**extra, "huggingface": hf}
 

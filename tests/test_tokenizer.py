@@ -45,7 +45,7 @@ def test_minilms_tokenizer_json_alone_tokenizes_as_transformers(tmp_path):
     from transformers import AutoTokenizer
 
     tok = _saved(AutoTokenizer.from_pretrained(gt.MODEL_DIR), tmp_path)
-    settings = check(tok, tmp_path, 128)
+    settings = check(tok, tmp_path, 128, 0)
     assert settings == Settings("right", 0, False, ("token_type_ids", "attention_mask"))
     fast, slow = Backend.load(tmp_path, settings, 0), Transformers(tok, 0)
     for limit in (None, 128, 8):
@@ -135,7 +135,7 @@ def test_other_families_tokenize_alike_with_the_settings_transformers_applies(
     """The settings that change what comes out (which side a long text loses, whether text
     spelling a special token is that token, which inputs come back) are recorded and kept."""
     tok = _saved(_trained(kind, **options), tmp_path)
-    settings = check(tok, tmp_path, 16)
+    settings = check(tok, tmp_path, 16, tok.pad_token_id)
     assert settings is not None and settings.returns == returns
     assert settings.truncation_side == options.get("truncation_side", "right")
     assert settings.split_special_tokens == options.get("split_special_tokens", False)
@@ -160,12 +160,12 @@ def test_a_tokenizer_json_that_answers_otherwise_is_not_used(tmp_path, caplog):
     doc["normalizer"]["lowercase"] = False
     file.write_text(json.dumps(doc))
     with caplog.at_level(logging.INFO, logger="quantgate.tokenizer"):
-        assert check(tok, tmp_path, 128) is None
+        assert check(tok, tmp_path, 128, 0) is None
     assert "tokenizer.json alone differs from transformers on the probe texts as one batch" in (
         caplog.text
     )
     file.unlink()
-    assert check(tok, tmp_path, 128) is None  # no file: nothing to run without transformers
+    assert check(tok, tmp_path, 128, 0) is None  # no file: nothing to run without transformers
 
 
 def test_a_manifests_settings_are_checked_before_they_are_used():
@@ -182,3 +182,57 @@ def test_a_manifests_settings_are_checked_before_they_are_used():
         "attention_mask, found ['input_ids']",
     ]
     assert settings_problems([]) == ["extra.huggingface.tokenizers: expected an object, found list"]
+
+
+def _gpt2_like(out):
+    """A byte-level BPE tokenizer that names no pad token, whose id 0 is "!" (GPT-2's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet)
+    tok.train_from_iterator(["Hello world!! What a day!!! Wow! great, hello."] * 20, trainer)
+    tok.add_special_tokens(["<|endoftext|>"])
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+        model_input_names=["input_ids", "attention_mask"],
+    ).save_pretrained(out)  # fmt: skip
+    return out
+
+
+def test_a_pad_id_that_names_an_ordinary_token_leaves_the_bundles_tokenizer_as_it_was(
+    tmp_path, caplog
+):
+    """A model that names no pad is padded with id 0, GPT-2's "!". Saved as the bundle's
+    pad token, transformers read "!" back as a special token and split text at it
+    ("world!!" became "world", "!", "!"): the bundle answered otherwise than its gates had
+    measured. The pad is now not written into the tokenizer, and the check compares the
+    copy as transformers reads it back with the model's own."""
+    from transformers import AutoTokenizer
+
+    from quantgate.export.writer import _bundle_tokenizer
+
+    model = _gpt2_like(tmp_path / "model")
+    assert AutoTokenizer.from_pretrained(model).convert_ids_to_tokens(0) == "!"
+    extra = {"huggingface": {"tokenizer": str(model), "pad_token_id": 0}}
+    hf = _bundle_tokenizer(extra, tmp_path / "b", 16)["huggingface"]
+    texts = ["Hello world!!", "Wow!!! great"]
+    want = Transformers(AutoTokenizer.from_pretrained(model), 0).encode(texts, 16)
+    assert want["input_ids"][0].tolist() == [262, 282, 256, 0]  # "!!" one token; padded with 0
+    saved = tmp_path / "b" / "tokenizer"
+    read_back = Transformers(AutoTokenizer.from_pretrained(saved), 0).encode(texts, 16)
+    fast = Backend.load(saved, Settings.from_dict(hf["tokenizers"]), 0).encode(texts, 16)
+    for got in (read_back, fast):
+        assert got.keys() == want.keys()
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+
+    # a copy that names "!" as its pad (as bundles were written): warned about, not recorded
+    named = AutoTokenizer.from_pretrained(model)
+    named.pad_token_id = 0
+    named.save_pretrained(tmp_path / "named")
+    with caplog.at_level(logging.WARNING, logger="quantgate.tokenizer"):
+        assert check(named, tmp_path / "named", 16, 0) is None
+    assert "read back by transformers, tokenizes otherwise than the model's own" in caplog.text

@@ -96,6 +96,15 @@ def inspect(
         out.print(
             f"other files (sha256 in the manifest): {listed}", highlight=False, soft_wrap=True
         )
+    hf = m.extra.get("huggingface") or {}
+    if hf.get("tokenizer"):  # how text becomes its inputs: quantgate.tokenizer
+        how = (
+            "its tokenizer.json, by the tokenizers library (checked at export to answer as "
+            "transformers does)"
+            if hf.get("tokenizers")
+            else "transformers"
+        )
+        out.print(f"text is tokenized by {how}", highlight=False, soft_wrap=True)
     if not b.report.is_file():
         out.print(f"report: {b.report} is missing", highlight=False, soft_wrap=True)
     if export:

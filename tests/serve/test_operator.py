@@ -547,7 +547,7 @@ def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path, checked):
     m = qb.load(bundle).manifest
     hf = {"tokenizer": "tokenizer", "pad_token_id": 0, "vocab_size": 30522}
     if checked:
-        hf["tokenizers"] = check(tokenizer, bundle / "tokenizer", 128).to_dict()
+        hf["tokenizers"] = check(tokenizer, bundle / "tokenizer", 128, 0).to_dict()
     qb.write_manifest(bundle, dataclasses.replace(m, extra={"huggingface": hf}))
     texts = ["a cat", "the quick brown fox"]
     want = tokenizer(texts, padding=True, return_tensors="np")
