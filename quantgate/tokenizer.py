@@ -64,32 +64,39 @@ class Tokenizer(Protocol):
 
 
 class Transformers:
-    """transformers' tokenizer, right-padded with ``pad_id``, cut only where asked."""
+    """transformers' tokenizer, cut only where asked, right-padded with ``pad_id`` here
+    (not by transformers, which takes a pad id only as one of its tokens)."""
 
     def __init__(self, tok: Any, pad_id: int | None):
-        tok.padding_side = "right"  # as the server pads requests, whatever the config says
         # quantgate cuts texts at the model's max_seq_len itself, and says so in its own
         # words: not transformers' warning of "indexing errors" against its own, other limit
         tok.model_max_length = 1 << 62
-        if pad_id is not None and tok.pad_token_id != pad_id:
-            tok.pad_token_id = int(pad_id)
+        pad = pad_id if pad_id is not None else tok.pad_token_id or 0
+        self.pads = {"input_ids": int(pad), "token_type_ids": int(tok.pad_token_type_id)}
         self.tok = tok
 
     def ids(self, texts: Sequence[str], limit: int | None) -> list[list[int]]:
         return self.tok(list(texts), truncation=limit is not None, max_length=limit)["input_ids"]
 
     def encode(self, texts: Sequence[str], limit: int | None) -> dict[str, np.ndarray]:
-        enc = self.tok(
-            list(texts),
-            truncation=limit is not None,
-            max_length=limit,
-            padding=True,
-            return_tensors="np",
-        )
-        return {k: np.asarray(v, np.int64) for k, v in enc.items()}
+        enc = self.tok(list(texts), truncation=limit is not None, max_length=limit)
+        return _padded({k: enc[k] for k in ("input_ids", *OPTIONAL_INPUTS) if k in enc}, self.pads)
 
     def tokens(self, ids: Sequence[int]) -> list[str]:
         return self.tok.convert_ids_to_tokens(list(ids))
+
+
+def _padded(rows: Mapping[str, Sequence[Sequence[int]]], pads: Mapping[str, int]) -> dict:
+    """Each input's rows as one (rows, longest) int64 array, padded on the right with its
+    value in ``pads`` (an attention mask with 0), as transformers pads."""
+    width = max(len(r) for r in rows["input_ids"])
+    out = {}
+    for name, values in rows.items():
+        array = np.full((len(values), width), pads.get(name, 0), dtype=np.int64)
+        for row, v in zip(array, values, strict=True):
+            row[: len(v)] = v
+        out[name] = array
+    return out
 
 
 @dataclass(frozen=True)
@@ -177,22 +184,13 @@ class Backend:
 
     def encode(self, texts: Sequence[str], limit: int | None) -> dict[str, np.ndarray]:
         encodings = self._encodings(texts, limit)
-        width = max(len(e.ids) for e in encodings)
-        fields = {
-            "input_ids": ("ids", self.pad_id),
-            "token_type_ids": ("type_ids", self.settings.pad_type_id),
-            "attention_mask": ("attention_mask", 0),
-        }
-        out = {}
-        for name, (attr, pad) in fields.items():
-            if name != "input_ids" and name not in self.settings.returns:
-                continue
-            array = np.full((len(encodings), width), pad, dtype=np.int64)
-            for row, e in zip(array, encodings, strict=True):
-                values = getattr(e, attr)
-                row[: len(values)] = values
-            out[name] = array
-        return out
+        rows = {"input_ids": [e.ids for e in encodings]}
+        if "token_type_ids" in self.settings.returns:
+            rows["token_type_ids"] = [e.type_ids for e in encodings]
+        if "attention_mask" in self.settings.returns:
+            rows["attention_mask"] = [e.attention_mask for e in encodings]
+        pads = {"input_ids": self.pad_id, "token_type_ids": self.settings.pad_type_id}
+        return _padded(rows, pads)
 
     def tokens(self, ids: Sequence[int]) -> list[str]:
         return [self.backend.id_to_token(int(i)) for i in ids]

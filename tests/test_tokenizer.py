@@ -50,6 +50,9 @@ def test_minilms_tokenizer_json_alone_tokenizes_as_transformers(tmp_path):
     fast, slow = Backend.load(tmp_path, settings, 0), Transformers(tok, 0)
     for limit in (None, 128, 8):
         _same(fast, slow, list(UNSEEN), limit)
+    own = tok(list(UNSEEN), padding=True, return_tensors="np")  # transformers' own padding
+    padded = slow.encode(list(UNSEEN), None)
+    assert own.keys() == padded.keys() and all(np.array_equal(padded[k], own[k]) for k in own)
     # the saved file pads every text to 128 and cuts at 128: Backend does neither unasked
     saved = json.loads((tmp_path / "tokenizer.json").read_text())
     assert (
