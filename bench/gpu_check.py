@@ -8,7 +8,7 @@ One script, under 4 minutes on an H100/H200, that:
      so it falls back to the CPU; docs/gpu.md), gates them as `quantgate export` does
      where a GPU is present (fidelity vs FP32 on Python's help topics: FP16 on the
      provider, INT8 on the CPU; each variant timed in interleaved pairs with FP32; the
-     placement check: inputs copied from the host each run) and writes the bundle (--bundle
+     placement check: inputs bound on the device once) and writes the bundle (--bundle
      DIR; --reuse takes the one an earlier run wrote there, and its figures);
   2. a second opinion on placement: one profiled run of each variant, the provider ORT's
      profiler names for every node (quantgate.placement.from_profile);
@@ -448,7 +448,7 @@ def cuda_graph(bundle: Path, sizes) -> dict:
     IO (nothing copied between host and device per run), timed interleaved."""
     import onnxruntime as ort
 
-    from quantgate import workarounds
+    from quantgate import cpus, workarounds
     from quantgate.quantize.speed import time_interleaved
 
     b, s = sizes["batch"], sizes["seq"]
@@ -457,10 +457,16 @@ def cuda_graph(bundle: Path, sizes) -> dict:
     for name, graph in (("no_graph", "0"), ("cuda_graph", "1")):
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        # the CPU threads of every other CUDA session here (the headline's, the gates'): one,
+        # not spinning, so that these milliseconds compare with theirs
+        so.intra_op_num_threads = cpus.threads(gpu=True)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         workarounds.apply(so, "fp16")
         providers = [(CUDA, {"enable_cuda_graph": graph}), CPU]
-        # enable_fallback=0: a session CUDA refuses raises with ORT's reason, instead of
-        # being rebuilt on the CPU with the reason printed and lost
+        # enable_fallback=0: a session CUDA refuses (a graph it cannot capture) raises with
+        # ORT's reason, instead of being rebuilt on the CPU with the reason printed and lost;
+        # a CUDA provider that does not load at all still gives a CPU session, which
+        # device_io refuses
         sess = ort.InferenceSession(
             str(variant_file(bundle, "fp16")), so, providers=providers, enable_fallback=0
         )
@@ -652,8 +658,8 @@ def table(r: dict) -> str:
             else []
         ),
         "",
-        "The gates' timings (each variant interleaved with FP32, inputs copied from the host "
-        "each run, outputs on the device):",
+        "The gates' timings (each variant interleaved with FP32, inputs bound on the device once, "
+        "outputs left on the device):",
         "",
         f"| what | batch {sz['batch']} seq {sz['seq']} ms | vs ORT FP32 | batch 1 seq 128 ms "
         "| vs ORT FP32 | placement | profiler |",

@@ -292,7 +292,7 @@ def placement_gate(
     if baseline is not None:
         detail += f"; FP32 has {allowed} memcpy"
         if new_ops:
-            detail += f" and keeps {', '.join(new_ops)} on {report.provider}"
+            detail += f" and no {', '.join(new_ops)} on the CPU"
     return GateResult(
         name="placement",
         value=float(report.memcpy),

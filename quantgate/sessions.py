@@ -61,15 +61,30 @@ def session(
     workarounds.apply(options, precision)
     providers = [provider] if provider == CPU else [provider, CPU]
     if isinstance(model, (str, Path)):
-        return ort.InferenceSession(str(model), options, providers=providers)
+        return _on(provider, ort.InferenceSession(str(model), options, providers=providers))
     if onnxfiles.too_large(model):  # cannot be serialized: written beside its weights
         with tempfile.TemporaryDirectory(prefix="quantgate-session-") as tmp:
             path = onnxfiles.save(model, Path(tmp) / "model.onnx")
             try:  # ONNX Runtime reads the weights in: the file may go once it has
-                return ort.InferenceSession(str(path), options, providers=providers)
+                sess = ort.InferenceSession(str(path), options, providers=providers)
             finally:  # and the caller's model gets them back
                 onnx_external.load_external_data_for_model(model, tmp)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        return _on(provider, sess)
+    return _on(
+        provider, ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    )
+
+
+def _on(provider: str, sess):
+    """``sess``, refused where ONNX Runtime opened it on another provider than ``provider``:
+    a CUDA provider whose libraries do not load gives a CPU session without an error, and
+    its timings would be the CPU's, labelled CUDA's."""
+    if sess.get_providers()[0] != provider:
+        raise ConfigError(
+            f"ONNX Runtime opened the session on {sess.get_providers()[0]}, not on {provider}: "
+            f"its {provider} did not start (its log says why: missing CUDA or cuDNN libraries?)"
+        )
+    return sess
 
 
 __all__ = ["session"]

@@ -24,14 +24,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from quantgate import placement
+from quantgate import cpus, placement
 from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, all_passed, speed_gate_name
 from quantgate.configs import check_fields, config_class
 from quantgate.progress import ProgressFn
@@ -122,16 +122,26 @@ def measure(
     cfg: CudaGateConfig = CudaGateConfig(),
     *,
     provider: str = CUDA,
+    falling_back: Collection[str] = (),
 ) -> list[CudaTiming]:
     """Time every model in ``files`` (one must be "fp32") against FP32 at both shapes.
 
     Each variant is interleaved with FP32 alone, a pair at a time: in one loop over all of
     them, the variant after INT8 (whose ops ran on the CPU for half a second, the GPU idle
     and its clocks falling) would start every reversed round cold, and FP32 never would.
-    The shape's budget is shared among the pairs."""
+    The shape's budget is shared among the pairs. A variant in ``falling_back`` (nodes on the
+    CPU: dynamic INT8's) gets the CPU's threads for them, as ONNX Runtime would give it,
+    not a CUDA session's one: its slowness is measured as the one H200 run measured it, in
+    the seconds a run on one thread would multiply."""
     # Spin-free, as the CPU speed gates: timed in turn, one session's idle CPU threads (INT8's
     # ops that fall back to the CPU) would spin into the next one's run.
-    sessions = {k: session(p, provider, spin=False, precision=k) for k, p in files.items()}
+    cpu_threads = cpus.threads() or cpus.physical()
+    sessions = {
+        k: session(
+            p, provider, threads=cpu_threads if k in falling_back else 0, spin=False, precision=k
+        )
+        for k, p in files.items()
+    }
     others = [k for k in sessions if k != "fp32"] or ["fp32"]  # FP32 alone: timed alone
     out = []
     for shape in (cfg.throughput, cfg.latency):
@@ -217,9 +227,7 @@ def apply_gates(variant, gates: Sequence[GateResult], provider: str = CUDA):
             variant, gates=(*kept, *gates), providers=(*providers, CUDA), not_for=not_for,
             notes=notes,
         )  # fmt: skip
-    failed = "; ".join(
-        f"{g.name} {g.value:.2f} (needs {g.op} {g.threshold:g})" for g in gates if not g.passed
-    )
+    failed = "; ".join(_why_failed(gates))
     return dataclasses.replace(
         variant,
         gates=kept,
@@ -227,6 +235,23 @@ def apply_gates(variant, gates: Sequence[GateResult], provider: str = CUDA):
         not_for=(*not_for, CUDA),
         notes=(notes + "; " if notes else "") + f"{NOT_FOR_CUDA}{failed}",
     )
+
+
+def _why_failed(gates: Sequence[GateResult]) -> list[str]:
+    """Why a variant is not for CUDA, in the gates' words: its falling back to the CPU, and
+    each gate whose value missed its threshold (a speed gate failed only by the fall-back,
+    its speed enough, is not listed as slow)."""
+    failed = [g for g in gates if not g.passed]
+    out = [f"falls back to the CPU ({g.detail})" for g in failed if g.name == "placement"]
+    return out + [
+        f"{g.name} {g.value:.2f} (needs {g.op} {g.threshold:g})"
+        for g in failed
+        if g.name != "placement" and not (g.is_speed and _meets(g))  # failed by the fall-back
+    ]
+
+
+def _meets(g: GateResult) -> bool:
+    return g.value >= g.threshold if g.op == ">=" else g.value <= g.threshold
 
 
 def gate_variants(
@@ -245,7 +270,10 @@ def gate_variants(
     """
     files = {"fp32": fp32, **variants}
     where = {k: placement.check(p, provider, precision=k) for k, p in files.items()}
-    timings = measure(files, inputs, cfg, provider=provider)
+    falling_back = [
+        k for k in variants if not placement.placement_gate(where[k], baseline=where["fp32"]).passed
+    ]
+    timings = measure(files, inputs, cfg, provider=provider, falling_back=falling_back)
     result = {
         k: gates(k, timings, cfg, report=where[k], baseline=where["fp32"], provider=provider)
         for k in variants

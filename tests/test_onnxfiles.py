@@ -118,3 +118,22 @@ def test_a_tensors_size_is_what_it_holds(tensor, nbytes):
     """Strings by their lengths (not numpy's 8-byte objects); a type numpy cannot size (it
     raised KeyError from every size check) by its bytes."""
     assert onnxfiles._nbytes(tensor) == nbytes
+
+
+def test_a_session_onnx_runtime_opened_on_another_provider_than_asked_is_refused(monkeypatch):
+    """A CUDA provider whose libraries do not load gives a CPU session without an error: its
+    timings would be the CPU's, labelled CUDA's. Here ONNX Runtime's answer is stood in for
+    (no GPU provider can fail to load on this host): a session that says it runs on the CPU
+    when the Azure provider, which this onnxruntime has, was asked for."""
+    from quantgate.errors import ConfigError
+
+    class OnTheCpu(ort.InferenceSession):
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    model = _matmul(np.ones((4, 2), np.float32))
+    assert session(model, "AzureExecutionProvider").get_providers()[0] == "AzureExecutionProvider"
+    monkeypatch.setattr(ort, "InferenceSession", OnTheCpu)
+    with pytest.raises(ConfigError, match=r"opened the session on CPUExecutionProvider, not on Az"):
+        session(model, "AzureExecutionProvider")
+    assert session(model).get_providers() == ["CPUExecutionProvider"]  # what it asked for

@@ -65,6 +65,68 @@ def test_a_variant_that_falls_back_fails_every_speed_gate_whatever_it_measured()
     assert all("MatMulInteger x3" in g.detail for g in gates)
 
 
+def test_a_variant_that_falls_back_is_said_to_fall_back_and_not_to_be_slow_where_it_is_not(
+    tmp_path,
+):
+    """The placement gate fails every speed gate of a variant that falls back: the note
+    that marks it not for CUDA says it falls back, and lists as slow only what was slow
+    (it read "speedup 1.25 (needs >= 1.2); placement 0.00 (needs <= 0)")."""
+    fell = PlacementReport(cuda.CUDA, (cuda.CUDA, cuda.CPU), 40, 0, 0, 0, {"MatMulInteger": 3})
+    clean = PlacementReport(cuda.CUDA, (cuda.CUDA, cuda.CPU), 30, 0, 0, 0)
+    int8 = ExtraVariant(tmp_path / "m.onnx", "int8", providers=(cuda.CPU,))
+    fast = cuda.gates("int8", _int8_timing(3.0, 1.5), CFG, report=fell, baseline=clean)
+    where = {g.name: g for g in fast}["placement"]
+    assert where.detail.endswith("; FP32 has 0 memcpy and no MatMulInteger on the CPU")
+    note = cuda.apply_gates(int8, fast).notes
+    assert note.startswith("not for CUDA: falls back to the CPU (") and "MatMulInteger x3" in note
+    assert "speedup" not in note and "placement 0.00" not in note
+    slow = cuda.apply_gates(
+        int8, cuda.gates("int8", _int8_timing(0.5, 1.5), CFG, report=fell, baseline=clean)
+    )
+    assert "MatMulInteger on the CPU); speedup_b4_s16 0.50 (needs >= 1.2)" in slow.notes
+    assert "speedup_b1_s16" not in slow.notes
+
+
+def _int8_timing(throughput: float, latency: float) -> list[cuda.CudaTiming]:
+    return [
+        cuda.CudaTiming(
+            t.shape,
+            {"fp32": 2.0, "int8": t.ms["fp16"]},
+            {"fp32": 1.0, "int8": t.speedup["fp16"]},
+            9,
+        )
+        for t in timing(throughput, latency)
+    ]
+
+
+def test_a_variant_that_falls_back_is_timed_with_the_cpus_threads_for_its_cpu_nodes(
+    tiny_bert_export, tmp_path, monkeypatch
+):
+    """A CUDA session gets one CPU thread; dynamic INT8's CPU nodes on one thread made its
+    timing many times the seconds of the one H200 run (291 ms at batch 128 on 16 cores)."""
+    from quantgate import cpus
+
+    f16 = fp16.save(fp16.to_fp16(tiny_bert_export.onnx), tmp_path / "fp16.onnx")
+    fell = PlacementReport(cuda.CPU, (cuda.CPU,), 40, 0, 0, 0, {"MatMulInteger": 3})
+    clean = PlacementReport(cuda.CPU, (cuda.CPU,), 30, 0, 0, 0)
+    monkeypatch.setattr(
+        placement, "check", lambda path, provider, precision: fell if precision == "fp16" else clean
+    )
+    opened = {}
+
+    def spy(path, provider, **kw):
+        opened[kw["precision"]] = kw["threads"]
+        return real(path, provider, **kw)
+
+    real = cuda.session
+    monkeypatch.setattr(cuda, "session", spy)
+    gates, _, _ = cuda.gate_variants(
+        tiny_bert_export.onnx, {"fp16": f16}, tiny_bert_export.inputs, CFG, provider=cuda.CPU
+    )
+    assert opened == {"fp32": 0, "fp16": cpus.threads() or cpus.physical()}
+    assert not {g.name: g for g in gates["fp16"]}["placement"].passed
+
+
 def _gate(name: str, passed: bool) -> GateResult:
     return GateResult(name, 0.5 if not passed else 2.0, 1.2, ">=", passed, provider=cuda.CUDA)
 

@@ -139,7 +139,7 @@ def test_only_cpu_nodes_fp32_does_not_have_count_against_a_variant(gpu_bundle):
     assert placement_refusal(fp16_v, CUDA, shapes) is not None  # against a clean placement
     assert placement_refusal(fp16_v, CUDA, shapes, shapes) is None
     why = placement_refusal(fp16_v, CUDA, placed(Shape=1, Gather=2, Cast=4), shapes)
-    assert "keeps Cast on CUDAExecutionProvider" in why
+    assert "FP32 has 0 memcpy and no Cast on the CPU" in why
     assert placement_refusal(fp16_v, CUDA, placed(2, Shape=1), shapes) is not None
 
 
