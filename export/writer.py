@@ -80,7 +80,12 @@ def _bundle_tokenizer(extra: dict[str, Any], tmp: Path, max_seq_len: int) -> dic
         tokenizer.pad_token_id = pad
     tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
     hf = {**hf, "tokenizer": TOKENIZER_DIR}
-    if (settings := check(tokenizer, tmp / TOKENIZER_DIR, max_seq_len, pad)) is not None:
+    try:
+        settings = check(tokenizer, tmp / TOKENIZER_DIR, max_seq_len, pad)
+    except Exception as e:  # noqa: BLE001 - a faster way to read text, not the export's work
+        log.info("the tokenizer could not be checked (%s): its text is read by transformers", e)
+        settings = None
+    if settings is not None:
         hf["tokenizers"] = settings.to_dict()
     return {**extra, "huggingface": hf}
 

@@ -12,7 +12,8 @@ A session on a GPU provider gets one thread. The graph runs on the GPU; the CPU'
 only what the GPU leaves it (shape arithmetic, for a variant that passed its CUDA gates),
 and its threads spin after every run all the same (ONNX Runtime's default), a core each,
 beside the server's own threads. A variant that falls back to the CPU runs its CPU nodes
-on that one thread too, unless more are asked for.
+on that one thread too when served, unless more are asked for; the CUDA gates time it with
+the CPU's threads (``quantize.cuda.measure``).
 """
 
 from __future__ import annotations

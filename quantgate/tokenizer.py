@@ -16,6 +16,7 @@ every model directory, ``Transformers``.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,11 +44,16 @@ PROBES = (
     "URLs https://example.com/a?b=c&d=e#f, e-mail a.b@example.org, 3.14159, 1,000,000",
     "don't won't it's y'all ' \" `quotes` «guillemets» „Anführung“",
     "x",
-    " ".join(["tokenization"] * 300),
+    # long enough to be cut, and no two cuts alike: which side loses its tokens shows
+    " ".join(f"sentence {i} of a text that runs past the model's longest" for i in range(60)),
 )
+SHORT_CUT = 8  # the probes are also cut here: a model's own limit may exceed every probe
 
 
 class Tokenizer(Protocol):
+    """Text to a model's inputs. One may be shared between threads: a call sets the
+    truncation it needs under a lock."""
+
     def ids(self, texts: Sequence[str], limit: int | None) -> list[list[int]]:
         """Each text's token ids (special tokens included), cut at ``limit`` tokens (None:
         not cut), unpadded."""
@@ -68,18 +74,25 @@ class Transformers:
     (not by transformers, which takes a pad id only as one of its tokens)."""
 
     def __init__(self, tok: Any, pad_id: int | None):
-        # quantgate cuts texts at the model's max_seq_len itself, and says so in its own
-        # words: not transformers' warning of "indexing errors" against its own, other limit
-        tok.model_max_length = 1 << 62
         pad = pad_id if pad_id is not None else tok.pad_token_id or 0
         self.pads = {"input_ids": int(pad), "token_type_ids": int(tok.pad_token_type_id)}
         self.tok = tok
+        self._lock = threading.Lock()  # a call sets the tokenizer's truncation for itself
+
+    def _call(self, texts: Sequence[str], limit: int | None) -> Any:
+        # verbose=False: quantgate cuts texts at the model's max_seq_len itself, and says so
+        # in its own words, not in transformers' warning of "indexing errors" against its
+        # own, other limit
+        with self._lock:
+            return self.tok(
+                list(texts), truncation=limit is not None, max_length=limit, verbose=False
+            )
 
     def ids(self, texts: Sequence[str], limit: int | None) -> list[list[int]]:
-        return self.tok(list(texts), truncation=limit is not None, max_length=limit)["input_ids"]
+        return self._call(texts, limit)["input_ids"]
 
     def encode(self, texts: Sequence[str], limit: int | None) -> dict[str, np.ndarray]:
-        enc = self.tok(list(texts), truncation=limit is not None, max_length=limit)
+        enc = self._call(texts, limit)
         return _padded({k: enc[k] for k in ("input_ids", *OPTIONAL_INPUTS) if k in enc}, self.pads)
 
     def tokens(self, ids: Sequence[int]) -> list[str]:
@@ -163,6 +176,7 @@ class Backend:
         backend.no_truncation()
         backend.encode_special_tokens = settings.split_special_tokens
         self.backend, self.settings, self.pad_id = backend, settings, int(pad_id)
+        self._lock = threading.Lock()  # a call sets the pipeline's truncation for itself
 
     @classmethod
     def load(cls, directory: str | Path, settings: Settings, pad_id: int) -> Backend:
@@ -171,13 +185,15 @@ class Backend:
         return cls(Pipeline.from_file(str(Path(directory) / TOKENIZER_FILE)), settings, pad_id)
 
     def _encodings(self, texts: Sequence[str], limit: int | None) -> list[Any]:
-        if limit is None:
-            self.backend.no_truncation()
-        else:
-            self.backend.enable_truncation(
-                limit, stride=0, strategy="longest_first", direction=self.settings.truncation_side
-            )
-        return self.backend.encode_batch(list(texts), add_special_tokens=True)
+        with self._lock:
+            if limit is None:
+                self.backend.no_truncation()
+            else:
+                side = self.settings.truncation_side
+                self.backend.enable_truncation(
+                    limit, stride=0, strategy="longest_first", direction=side
+                )
+            return self.backend.encode_batch(list(texts), add_special_tokens=True)
 
     def ids(self, texts: Sequence[str], limit: int | None) -> list[list[int]]:
         return [e.ids for e in self._encodings(texts, limit)]
@@ -268,16 +284,16 @@ def _special_probes(*tokenizers: Any) -> list[str]:
 
 
 def _first_difference(
-    fast: Tokenizer, slow: Tokenizer, texts: list[str], max_seq_len: int | None
+    a: Tokenizer, b: Tokenizer, texts: list[str], max_seq_len: int | None
 ) -> str | None:
-    """Where ``fast`` and ``slow`` first answer otherwise: ``texts`` as one batch and each
-    alone, cut at ``max_seq_len`` and not; None where they never do."""
-    for limit in dict.fromkeys((None, max_seq_len or None)):
+    """Where ``a`` and ``b`` first answer otherwise: ``texts`` as one batch and each alone,
+    not cut, cut short (``SHORT_CUT``) and at ``max_seq_len``; None where they never do."""
+    for limit in dict.fromkeys((None, SHORT_CUT, max_seq_len or None)):
         batch = [(texts, "the probe texts as one batch")]
         for inputs, what in [*batch, *(([t], f"probe text {t[:40]!r}") for t in texts)]:
-            a, b = fast.encode(inputs, limit), slow.encode(inputs, limit)
-            same = a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-            if not same or fast.ids(inputs, limit) != slow.ids(inputs, limit):
+            x, y = a.encode(inputs, limit), b.encode(inputs, limit)
+            same = x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+            if not same or a.ids(inputs, limit) != b.ids(inputs, limit):
                 return f"{what} (cut at {limit})"
     return None
 

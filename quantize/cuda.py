@@ -130,9 +130,9 @@ def measure(
     them, the variant after INT8 (whose ops ran on the CPU for half a second, the GPU idle
     and its clocks falling) would start every reversed round cold, and FP32 never would.
     The shape's budget is shared among the pairs. A variant in ``falling_back`` (nodes on the
-    CPU: dynamic INT8's) gets the CPU's threads for them, as ONNX Runtime would give it,
-    not a CUDA session's one: its slowness is measured as the one H200 run measured it, in
-    the seconds a run on one thread would multiply."""
+    CPU: dynamic INT8's) gets the CPU's threads for those nodes, as ONNX Runtime's default
+    gives them (and the one H200 run had), not a CUDA session's one: on one thread each of
+    its runs would take several times as long, out of a GPU run's few minutes."""
     # Spin-free, as the CPU speed gates: timed in turn, one session's idle CPU threads (INT8's
     # ops that fall back to the CPU) would spin into the next one's run.
     cpu_threads = cpus.threads() or cpus.physical()

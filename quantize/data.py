@@ -122,9 +122,6 @@ class ModelInfo:
     max_seq_len: int
     builtin: bool = False  # the built-in digits classifier: its own splits are the default
     tokenizer: str | None = None  # Hugging Face tokenizer directory, for text files
-    # how to run its tokenizer.json without transformers, where its export checked that
-    # this gives what transformers gives (quantgate.tokenizer.check); None: by transformers
-    tokenizer_settings: Settings | None = None
     pad_values: dict[str, int] = field(default_factory=dict)  # per input; default 0
     # per input: the rows of the embedding table its ids index (ids must be below it);
     # an input missing here is checked for negative ids only (see ID_INPUTS)
@@ -133,6 +130,9 @@ class ModelInfo:
     # config's id2label, the digits '0'..'9'); labels are checked against them and string
     # labels mapped through them. Empty: none recorded (labels must be indices >= 0).
     labels: tuple[str, ...] = ()
+    # how to run its tokenizer.json without transformers, where its export checked that
+    # this gives what transformers gives (quantgate.tokenizer.check); None: by transformers
+    tokenizer_settings: Settings | None = None
 
     @property
     def input_names(self) -> tuple[str, ...]:

@@ -306,6 +306,13 @@ def _row_problem(row: Any, model: ModelInfo) -> str | None:
     text = row["text"]
     if not isinstance(text, str) or not text.strip():
         return f'no non-blank string "text" (found {json.dumps(text)[:60]})'
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:  # JSON's "\ud800": half a UTF-16 pair, no character
+        return (
+            f'"text" holds {json.dumps(text[e.start])}, half of a UTF-16 surrogate pair, at '
+            f"character {e.start}: no tokenizer reads it; write the character whole"
+        )
     label = row.get("label") if model.reads_row_labels else None
     return None if label is None else label_problem(label, model.labels)
 
@@ -364,6 +371,8 @@ def tokenize(texts: Sequence[str], model: ModelInfo, tokenizer: Tokenizer | None
     sequence: what a client sends the served model."""
     _check_texts(texts)  # before the tokenizer loads: seconds, for transformers' import
     tok = tokenizer or tokenizer_of(model)
+    if not isinstance(tok, (Backend, Transformers)):  # a transformers tokenizer, as before
+        tok = Transformers(tok, model.pad_values.get("input_ids", 0))
     limit = model.max_seq_len or None
     if limit is not None:
         for i, n in enumerate(_token_counts(tok, list(texts), None), 1):
@@ -411,7 +420,7 @@ def tokenizer_of(model: ModelInfo) -> Tokenizer:
             "text needs the model's tokenizer, and this model has none (it is not a Hugging "
             f"Face model); send its inputs ({', '.join(model.input_names)}) as arrays instead"
         )
-    directory, pad = model.tokenizer, model.pad_values.get("input_ids")
+    directory, pad = model.tokenizer, model.pad_values.get("input_ids", 0)  # 0: not recorded
     if not Path(directory).is_dir():  # a bundle moved to another machine: the export's path
         raise DataError(
             f"JSONL text needs the model's tokenizer, recorded at export as {directory}, which "
@@ -420,7 +429,7 @@ def tokenizer_of(model: ModelInfo) -> Tokenizer:
             "directory there, or pass a .npz of the tokenized inputs instead "
             "(quantgate.quantize.data.write_npz writes one)."
         )
-    if model.tokenizer_settings is not None and pad is not None:
+    if model.tokenizer_settings is not None:
         try:
             return Backend.load(directory, model.tokenizer_settings, pad)
         except ImportError:

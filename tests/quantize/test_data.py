@@ -466,6 +466,18 @@ def test_tokenize_names_the_text_that_is_blank_or_not_utf8():
     assert tokenize(["café 😀 日本"], info)["input_ids"].shape[0] == 1  # UTF-8 is fine
 
 
+def test_a_jsonl_row_with_half_a_surrogate_pair_is_named_not_a_traceback(tmp_path):
+    """JSON's "\\ud800" reads as a string Python cannot encode: the tokenizer failed on it
+    with a TypeError from inside the tokenizers library."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "bad \\ud800 half"}\n')
+    with pytest.raises(DataError) as e:
+        open_source(path, minilm_info(), role="evaluation")
+    assert 'line 2: "text" holds "\\ud800", half of a UTF-16 surrogate pair, at character 4' in str(
+        e.value
+    )
+
+
 def test_a_source_knows_whether_its_samples_cap_left_rows_out():
     assert open_source(None, DIGITS, role="calibration", samples=50).capped
     assert not open_source(None, DIGITS, role="calibration").capped

@@ -58,3 +58,14 @@ def test_without_debians_licenses_calibration_comes_from_python_docstrings(tmp_p
     assert source == "docstrings of Python's standard library" and len(texts) == 160
     assert not set(texts) & set(text_data.pydoc_sentences(1000))
     assert texts == text_data.calibration_sentences(160)[0]  # the same on every run
+
+
+def test_counts_below_one_are_refused(tmp_path):
+    """--eval -5 wrote all the sentences but five; --calibration 0 an empty file."""
+    for flag, value in (("--calibration", "0"), ("--eval", "-5")):
+        run = subprocess.run(
+            [sys.executable, str(SCRIPT), "--out", str(tmp_path / "never"), flag, value],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert run.returncode == 2 and "expected a number of sentences >= 1" in run.stderr
+        assert not (tmp_path / "never").exists()
