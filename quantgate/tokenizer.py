@@ -41,6 +41,7 @@ PROBES = (
     "emoji 😀👍🏽 🇫🇷 and symbols ©®™ €£¥ ½ ∑∫√ →",
     "decomposed e\u0301 and ligature \ufb01 and zero\u200bwidth",
     "[CLS] [SEP] [PAD] [MASK] [UNK] <s> </s> <pad> <unk> <mask> <|endoftext|>",
+    "--------------------- x |=====|=====| ***** ..... ____ ~~~ !!! ??? ### ===",
     "URLs https://example.com/a?b=c&d=e#f, e-mail a.b@example.org, 3.14159, 1,000,000",
     "don't won't it's y'all ' \" `quotes` «guillemets» „Anführung“",
     "x",
@@ -48,6 +49,13 @@ PROBES = (
     " ".join(f"sentence {i} of a text that runs past the model's longest" for i in range(60)),
 )
 SHORT_CUT = 8  # the probes are also cut here: a model's own limit may exceed every probe
+# Token models tokenizer.json alone runs as transformers does: none has scores to read. A
+# Unigram model (sentencepiece's: T5, ALBERT, XLM-R, DeBERTa-v2) is built by transformers
+# from scores Python reads exactly, and by the tokenizers library from scores it may read a
+# unit in the last place off (-3.2628101906413534 as -3.262810190641354); where two
+# segmentations of a text nearly tie, that picks the other (XLM-R's "---------------------"
+# came out as two pieces in the other order). Probes cannot find every near tie.
+EXACT_MODELS = ("WordPiece", "BPE", "WordLevel")
 
 
 class Tokenizer(Protocol):
@@ -184,6 +192,11 @@ class Backend:
 
         return cls(Pipeline.from_file(str(Path(directory) / TOKENIZER_FILE)), settings, pad_id)
 
+    @property
+    def model_kind(self) -> str:
+        """The pipeline's token model: "WordPiece", "BPE", "Unigram", "WordLevel"."""
+        return type(self.backend.model).__name__
+
     def _encodings(self, texts: Sequence[str], limit: int | None) -> list[Any]:
         with self._lock:
             if limit is None:
@@ -244,6 +257,14 @@ def check(
             "%s does not load alone (%s): the bundle's text is tokenized by transformers", path, e
         )
         return None
+    if (kind := fast.model_kind) not in EXACT_MODELS:
+        log.info(
+            "%s holds a %s model, whose scores the tokenizers library may read a unit in the "
+            "last place off: the bundle's text is tokenized by transformers",
+            path.name,
+            kind,
+        )
+        return None
     read, model = Transformers(saved, pad), Transformers(source, pad)
     texts = [*PROBES, *_special_probes(source, saved)]
     try:
@@ -298,4 +319,4 @@ def _first_difference(
     return None
 
 
-__all__ = ["PROBES", "Backend", "Settings", "Tokenizer", "Transformers", "check"]
+__all__ = ["EXACT_MODELS", "PROBES", "Backend", "Settings", "Tokenizer", "Transformers", "check"]

@@ -47,7 +47,7 @@ from quantgate.quantize.labels import (
 )
 from quantgate.quantize.textfiles import UNREADABLE, TextFile, text_file
 from quantgate.tasks import EMBEDDING_TASKS
-from quantgate.tokenizer import Backend, Tokenizer, Transformers
+from quantgate.tokenizer import EXACT_MODELS, Backend, Tokenizer, Transformers
 
 log = logging.getLogger(__name__)
 
@@ -431,11 +431,15 @@ def tokenizer_of(model: ModelInfo) -> Tokenizer:
         )
     if model.tokenizer_settings is not None:
         try:
-            return Backend.load(directory, model.tokenizer_settings, pad)
+            fast = Backend.load(directory, model.tokenizer_settings, pad)
         except ImportError:
-            pass  # no `tokenizers`: transformers says so in its own words below
+            fast = None  # no `tokenizers`: transformers says so in its own words below
         except Exception as e:  # noqa: BLE001 - any failure means the same to the user
             raise DataError(f"cannot load the model's tokenizer from {directory}: {e}") from e
+        # a record written before the check refused Unigram models (EXACT_MODELS) stands
+        # for nothing
+        if fast is not None and fast.model_kind in EXACT_MODELS:
+            return fast
     return Transformers(_transformers_tokenizer(directory), pad)
 
 
