@@ -8,9 +8,10 @@ special tokens) through the ``tokenizers`` library alone, in a tenth of a second
 few settings transformers applies around it at every call (``Settings``).
 
 A bundle uses ``Backend`` only where its export checked that it answers exactly as
-transformers does (``check``, on ``PROBES`` and the tokenizer's own special tokens) and
-recorded the settings in the manifest (``extra.huggingface.tokenizers``); else, and for
-every model directory, ``Transformers``.
+transformers does (``check``, on ``PROBES`` and the tokenizer's own special tokens), for a
+token model without scores (``EXACT_MODELS``: not sentencepiece's Unigram), and recorded the
+settings in the manifest (``extra.huggingface.tokenizers``); else, and for every model
+directory, ``Transformers``.
 """
 
 from __future__ import annotations
