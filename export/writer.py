@@ -56,19 +56,23 @@ class ExtraVariant:
         return verdict_of(self.gates)
 
 
-def _bundle_tokenizer(extra: dict[str, Any], tmp: Path, max_seq_len: int) -> dict[str, Any]:
+def _bundle_tokenizer(
+    extra: dict[str, Any], tmp: Path, max_seq_len: int
+) -> tuple[dict[str, Any], list[str]]:
     """Save a Hugging Face model's tokenizer into the bundle and point the manifest at it
     (relative to the bundle): text data then tokenizes wherever the bundle goes, as
     `quantgate gate BUNDLE --eval heldout.jsonl` in another machine's CI. Where its
     tokenizer.json alone tokenizes as transformers does, the manifest records how to run it
-    so (``quantgate.tokenizer.check``): `quantgate infer -t` then starts in a tenth of the time."""
+    so (``quantgate.tokenizer.check``): `quantgate infer -t` then starts in a tenth of the time.
+    Returns the manifest's ``extra`` and report.md's sections: one where transformers reads
+    the saved copy otherwise than the model's own tokenizer (``copy_differs``)."""
     hf = extra.get("huggingface") or {}
     source = hf.get("tokenizer")
     if not source or not Path(source).is_dir():
-        return extra
+        return extra, []
     from transformers import AutoTokenizer
 
-    from quantgate.tokenizer import check
+    from quantgate.tokenizer import check, copy_differs
 
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     pad = hf.get("pad_token_id") if isinstance(hf.get("pad_token_id"), int) else None
@@ -80,14 +84,26 @@ def _bundle_tokenizer(extra: dict[str, Any], tmp: Path, max_seq_len: int) -> dic
         tokenizer.pad_token_id = pad
     tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
     hf = {**hf, "tokenizer": TOKENIZER_DIR}
-    try:
-        settings = check(tokenizer, tmp / TOKENIZER_DIR, max_seq_len, pad)
-    except Exception as e:  # noqa: BLE001 - a faster way to read text, not the export's work
+    saved, differs, settings = tmp / TOKENIZER_DIR, None, None
+    try:  # checks of the copy: they say what they find, and never fail the export's work
+        differs = copy_differs(tokenizer, saved, max_seq_len, pad)
+        if differs is None:
+            settings = check(tokenizer, saved, max_seq_len, pad, copy_checked=True)
+    except Exception as e:  # noqa: BLE001
         log.info("the tokenizer could not be checked (%s): its text is read by transformers", e)
-        settings = None
     if settings is not None:
         hf["tokenizers"] = settings.to_dict()
-    return {**extra, "huggingface": hf}
+    sections = []
+    if differs is not None:
+        sections.append(
+            "## Tokenizer\n\n"
+            "The bundle's copy of the model's tokenizer, read back by transformers, tokenizes "
+            f"otherwise than the model's own on {differs}. The gates measured text as the "
+            "model's own tokenizer reads it; text sent with this bundle (`quantgate infer -t`, "
+            "`quantgate gate --eval`) is read by the copy. Tokenize such text with the model's "
+            "own tokenizer and send its arrays, or check the two on your own texts.\n"
+        )
+    return {**extra, "huggingface": hf}, sections
 
 
 def write_bundle(
@@ -138,7 +154,8 @@ def write_bundle(
             )
         for src, entry in zip((result.onnx, *(v.path for v in variants)), entries, strict=True):
             _copy_external_data(src, tmp, entry.file)
-        extra = _bundle_tokenizer(result.extra, tmp, result.max_seq_len)
+        extra, tokenizer_sections = _bundle_tokenizer(result.extra, tmp, result.max_seq_len)
+        report_sections = [*report_sections, *tokenizer_sections]
         taken = {MANIFEST, REPORT, *(e.file for e in entries)}
         for f in files:
             if Path(f).name in taken or (tmp / Path(f).name).exists():

@@ -227,7 +227,12 @@ class Backend:
 
 
 def check(
-    source: Any, directory: Path, max_seq_len: int | None, pad_id: int | None
+    source: Any,
+    directory: Path,
+    max_seq_len: int | None,
+    pad_id: int | None,
+    *,
+    copy_checked: bool = False,
 ) -> Settings | None:
     """The settings with which ``directory``'s tokenizer.json, run by ``Backend``, gives
     exactly what transformers gives (ids, token types, masks; cut at ``max_seq_len`` and
@@ -236,19 +241,15 @@ def check(
 
     ``source`` is the transformers tokenizer the export read text with (the model
     directory's), saved at ``directory``. Three answer each probe: ``Backend``, transformers
-    reading ``directory`` back (as a bundle without the record is read), and ``source``. A
-    saved copy that transformers reads otherwise than ``source`` (its config naming an
-    ordinary token as a special one, say) is warned about: the bundle does not tokenize as
-    its export did."""
+    reading ``directory`` back (as a bundle without the record is read), and ``source``
+    (``copy_differs``, unless ``copy_checked``: the caller asked it already)."""
     path = directory / TOKENIZER_FILE
     if not path.is_file() or not hasattr(source, "backend_tokenizer"):
         log.info(
             "the tokenizer has no %s: the bundle's text is tokenized by transformers", path.name
         )
         return None
-    from transformers import AutoTokenizer
-
-    saved = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    saved = _read_back(directory)
     settings = Settings.of(saved)
     pad = pad_id if pad_id is not None else (saved.pad_token_id or 0)
     try:
@@ -266,27 +267,13 @@ def check(
             kind,
         )
         return None
-    read, model = Transformers(saved, pad), Transformers(source, pad)
-    texts = [*PROBES, *_special_probes(source, saved)]
+    if not copy_checked and copy_differs(source, directory, max_seq_len, pad_id) is not None:
+        return None  # said by copy_differs
+    read = Transformers(saved, pad)
     try:
-        copied = _first_difference(read, model, texts, max_seq_len)
-        alone = None if copied else _first_difference(fast, read, texts, max_seq_len)
+        alone = _first_difference(fast, read, [*PROBES, *_special_probes(saved)], max_seq_len)
     except Exception as e:  # noqa: BLE001 - a probe one of them cannot take
-        log.info(
-            "the tokenizer could not be compared with transformers on the probes (%s: %s): "
-            "the bundle's text is tokenized by transformers",
-            type(e).__name__,
-            e,
-        )
-        return None
-    if copied is not None:
-        log.warning(
-            "the bundle's copy of the tokenizer, read back by transformers, tokenizes "
-            "otherwise than the model's own on %s: text sent with this bundle is not "
-            "tokenized as its gates' was",
-            copied,
-        )
-        return None
+        alone = f"the probes ({type(e).__name__}: {e})"
     if alone is not None:
         log.info(
             "%s alone differs from transformers on %s: the bundle's text is tokenized by "
@@ -296,6 +283,39 @@ def check(
         )
         return None
     return settings
+
+
+def copy_differs(
+    source: Any, directory: Path, max_seq_len: int | None, pad_id: int | None
+) -> str | None:
+    """Where transformers reads the copy of ``source`` saved at ``directory`` otherwise than
+    ``source`` itself (its config naming an ordinary token as a special one, say), warned
+    about: text sent with the bundle is not tokenized as its export's was. None: nowhere
+    (or the probes could not be compared)."""
+    saved = _read_back(directory)
+    pad = pad_id if pad_id is not None else (saved.pad_token_id or 0)
+    read, model = Transformers(saved, pad), Transformers(source, pad)
+    try:
+        differs = _first_difference(
+            read, model, [*PROBES, *_special_probes(source, saved)], max_seq_len
+        )
+    except Exception as e:  # noqa: BLE001 - a probe one of them cannot take
+        log.info("the tokenizer's copy could not be compared with it (%s: %s)", type(e).__name__, e)
+        return None
+    if differs is not None:
+        log.warning(
+            "the bundle's copy of the tokenizer, read back by transformers, tokenizes "
+            "otherwise than the model's own on %s: text sent with this bundle is not "
+            "tokenized as its gates' was",
+            differs,
+        )
+    return differs
+
+
+def _read_back(directory: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
 
 
 def _special_probes(*tokenizers: Any) -> list[str]:
@@ -320,4 +340,13 @@ def _first_difference(
     return None
 
 
-__all__ = ["EXACT_MODELS", "PROBES", "Backend", "Settings", "Tokenizer", "Transformers", "check"]
+__all__ = [
+    "EXACT_MODELS",
+    "PROBES",
+    "Backend",
+    "Settings",
+    "Tokenizer",
+    "Transformers",
+    "check",
+    "copy_differs",
+]

