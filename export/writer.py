@@ -65,17 +65,17 @@ def _bundle_tokenizer(
     tokenizer.json alone tokenizes as transformers does, the manifest records how to run it
     so (``quantgate.tokenizer.check``): `quantgate infer -t` then starts in a tenth of the time.
     Returns the manifest's ``extra`` and report.md's sections: one where transformers reads
-    the saved copy otherwise than the model's own tokenizer (``copy_differs``)."""
+    the saved copy otherwise than the model's own tokenizer (``quantgate.tokenizer.examine``)."""
     hf = extra.get("huggingface") or {}
     source = hf.get("tokenizer")
     if not source or not Path(source).is_dir():
         return extra, []
     from transformers import AutoTokenizer
 
-    from quantgate.tokenizer import check, copy_differs
+    from quantgate.tokenizer import Examined, examine
 
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    pad = hf.get("pad_token_id") if isinstance(hf.get("pad_token_id"), int) else None
+    pad = pad if isinstance(pad := hf.get("pad_token_id"), int) else None
     # It pads as the model and server do. Not where the pad id names an ordinary token (id 0,
     # GPT-2's "!", for a model that names none): transformers reads a token the config names
     # as special back as one, and would split text at every "!". quantgate pads with the
@@ -84,17 +84,15 @@ def _bundle_tokenizer(
         tokenizer.pad_token_id = pad
     tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
     hf = {**hf, "tokenizer": TOKENIZER_DIR}
-    saved, differs, settings = tmp / TOKENIZER_DIR, None, None
     try:  # checks of the copy: they say what they find, and never fail the export's work
-        differs = copy_differs(tokenizer, saved, max_seq_len, pad)
-        if differs is None:
-            settings = check(tokenizer, saved, max_seq_len, pad, copy_checked=True)
+        examined = examine(tokenizer, tmp / TOKENIZER_DIR, max_seq_len, pad)
     except Exception as e:  # noqa: BLE001
         log.info("the tokenizer could not be checked (%s): its text is read by transformers", e)
-    if settings is not None:
-        hf["tokenizers"] = settings.to_dict()
+        examined = Examined(None, None)
+    if examined.settings is not None:
+        hf["tokenizers"] = examined.settings.to_dict()
     sections = []
-    if differs is not None:
+    if (differs := examined.copy_differs) is not None:
         sections.append(
             "## Tokenizer\n\n"
             "The bundle's copy of the model's tokenizer, read back by transformers, tokenizes "

@@ -226,82 +226,41 @@ class Backend:
         return [self.backend.id_to_token(int(i)) for i in ids]
 
 
+@dataclass(frozen=True)
+class Examined:
+    """What the export learns of a tokenizer it saved into a bundle."""
+
+    settings: Settings | None  # the record: how to run tokenizer.json alone; None: not safe
+    copy_differs: str | None  # where transformers reads the copy otherwise than the model's
+
+
 def check(
-    source: Any,
-    directory: Path,
-    max_seq_len: int | None,
-    pad_id: int | None,
-    *,
-    copy_checked: bool = False,
-) -> Settings | None:
-    """The settings with which ``directory``'s tokenizer.json, run by ``Backend``, gives
-    exactly what transformers gives (ids, token types, masks; cut at ``max_seq_len`` and
-    not; one batch and each text alone; padded with ``pad_id``, the model's) on ``PROBES``
-    and the tokenizer's special tokens; None where it does not, or cannot be run so.
-
-    ``source`` is the transformers tokenizer the export read text with (the model
-    directory's), saved at ``directory``. Three answer each probe: ``Backend``, transformers
-    reading ``directory`` back (as a bundle without the record is read), and ``source``
-    (``copy_differs``, unless ``copy_checked``: the caller asked it already)."""
-    path = directory / TOKENIZER_FILE
-    if not path.is_file() or not hasattr(source, "backend_tokenizer"):
-        log.info(
-            "the tokenizer has no %s: the bundle's text is tokenized by transformers", path.name
-        )
-        return None
-    saved = _read_back(directory)
-    settings = Settings.of(saved)
-    pad = pad_id if pad_id is not None else (saved.pad_token_id or 0)
-    try:
-        fast = Backend.load(directory, settings, pad)
-    except Exception as e:  # noqa: BLE001 - a file tokenizers cannot read: use transformers
-        log.info(
-            "%s does not load alone (%s): the bundle's text is tokenized by transformers", path, e
-        )
-        return None
-    if (kind := fast.model_kind) not in EXACT_MODELS:
-        log.info(
-            "%s holds a %s model, whose scores the tokenizers library may read a unit in the "
-            "last place off: the bundle's text is tokenized by transformers",
-            path.name,
-            kind,
-        )
-        return None
-    if not copy_checked and copy_differs(source, directory, max_seq_len, pad_id) is not None:
-        return None  # said by copy_differs
-    read = Transformers(saved, pad)
-    try:
-        alone = _first_difference(fast, read, [*PROBES, *_special_probes(saved)], max_seq_len)
-    except Exception as e:  # noqa: BLE001 - a probe one of them cannot take
-        alone = f"the probes ({type(e).__name__}: {e})"
-    if alone is not None:
-        log.info(
-            "%s alone differs from transformers on %s: the bundle's text is tokenized by "
-            "transformers",
-            path.name,
-            alone,
-        )
-        return None
-    return settings
-
-
-def copy_differs(
     source: Any, directory: Path, max_seq_len: int | None, pad_id: int | None
-) -> str | None:
-    """Where transformers reads the copy of ``source`` saved at ``directory`` otherwise than
-    ``source`` itself (its config naming an ordinary token as a special one, say), warned
-    about: text sent with the bundle is not tokenized as its export's was. None: nowhere
-    (or the probes could not be compared)."""
+) -> Settings | None:
+    """``examine``'s settings: the record, or None."""
+    return examine(source, directory, max_seq_len, pad_id).settings
+
+
+def examine(source: Any, directory: Path, max_seq_len: int | None, pad_id: int | None) -> Examined:
+    """``source`` (the transformers tokenizer the export read text with: the model
+    directory's), saved at ``directory``, compared three ways on ``PROBES`` and the
+    tokenizers' special tokens (ids, token types, masks; one batch and each text alone; cut
+    and not; padded with ``pad_id``, the model's): ``source``, transformers reading the copy
+    back (as a bundle without the record is read), and its tokenizer.json run by ``Backend``.
+
+    A copy transformers reads otherwise than ``source`` (its config naming an ordinary token
+    as a special one, say) is warned about: text sent with the bundle is not tokenized as its
+    export's was. The settings with which ``Backend`` gives what transformers gives are the
+    record, where the pipeline's token model has no scores (``EXACT_MODELS``)."""
     saved = _read_back(directory)
     pad = pad_id if pad_id is not None else (saved.pad_token_id or 0)
-    read, model = Transformers(saved, pad), Transformers(source, pad)
+    read = Transformers(saved, pad)
+    texts = [*PROBES, *_special_probes(source, saved)]
     try:
-        differs = _first_difference(
-            read, model, [*PROBES, *_special_probes(source, saved)], max_seq_len
-        )
+        differs = _first_difference(read, Transformers(source, pad), texts, max_seq_len)
     except Exception as e:  # noqa: BLE001 - a probe one of them cannot take
         log.info("the tokenizer's copy could not be compared with it (%s: %s)", type(e).__name__, e)
-        return None
+        differs = None
     if differs is not None:
         log.warning(
             "the bundle's copy of the tokenizer, read back by transformers, tokenizes "
@@ -309,10 +268,41 @@ def copy_differs(
             "tokenized as its gates' was",
             differs,
         )
-    return differs
+        return Examined(None, differs)
+    return Examined(_alone(saved, read, directory, pad, texts, max_seq_len), None)
+
+
+def _alone(
+    saved: Any, read: Transformers, directory: Path, pad: int, texts: list[str], limit: int | None
+) -> Settings | None:
+    """The settings with which ``directory``'s tokenizer.json, run by ``Backend``, answers
+    ``texts`` as ``read`` (transformers, reading the copy) does; None where it does not, or
+    cannot be run so."""
+    path = directory / TOKENIZER_FILE
+    why = None
+    if not path.is_file() or not hasattr(saved, "backend_tokenizer"):
+        why = f"the tokenizer has no {path.name}"
+    else:
+        settings = Settings.of(saved)
+        try:
+            fast = Backend.load(directory, settings, pad)
+            if (kind := fast.model_kind) not in EXACT_MODELS:
+                why = (
+                    f"{path.name} holds a {kind} model, whose scores the tokenizers library "
+                    "may read a unit in the last place off"
+                )
+            elif (where := _first_difference(fast, read, texts, limit)) is not None:
+                why = f"{path.name} alone differs from transformers on {where}"
+        except Exception as e:  # noqa: BLE001 - a file or a probe tokenizers cannot take
+            why = f"{path.name} does not run alone ({type(e).__name__}: {e})"
+    if why is not None:
+        log.info("%s: the bundle's text is tokenized by transformers", why)
+        return None
+    return settings
 
 
 def _read_back(directory: Path) -> Any:
+    """The tokenizer saved at ``directory``, as transformers reads it."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
@@ -328,14 +318,15 @@ def _special_probes(*tokenizers: Any) -> list[str]:
 def _first_difference(
     a: Tokenizer, b: Tokenizer, texts: list[str], max_seq_len: int | None
 ) -> str | None:
-    """Where ``a`` and ``b`` first answer otherwise: ``texts`` as one batch and each alone,
-    not cut, cut short (``SHORT_CUT``) and at ``max_seq_len``; None where they never do."""
+    """Where ``a`` and ``b`` first answer otherwise: ``texts`` as one batch and each alone
+    (alone, unpadded: the arrays are the ids), not cut, cut short (``SHORT_CUT``) and at
+    ``max_seq_len``; None where they never do."""
     for limit in dict.fromkeys((None, SHORT_CUT, max_seq_len or None)):
         batch = [(texts, "the probe texts as one batch")]
         for inputs, what in [*batch, *(([t], f"probe text {t[:40]!r}") for t in texts)]:
             x, y = a.encode(inputs, limit), b.encode(inputs, limit)
             same = x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
-            if not same or a.ids(inputs, limit) != b.ids(inputs, limit):
+            if not same:
                 return f"{what} (cut at {limit})"
     return None
 
@@ -347,6 +338,7 @@ __all__ = [
     "Settings",
     "Tokenizer",
     "Transformers",
+    "Examined",
     "check",
-    "copy_differs",
+    "examine",
 ]

@@ -313,7 +313,8 @@ def test_a_tokenizer_copy_that_reads_text_otherwise_is_said_in_the_report(
     model = dataclasses.replace(
         digits_result.model, extra={"huggingface": {"tokenizer": str(gt.MODEL_DIR)}}
     )
-    monkeypatch.setattr(tokenizer, "copy_differs", lambda *a: "probe text 'a!!b' (cut at None)")
+    differs = tokenizer.Examined(None, "probe text 'a!!b' (cut at None)")
+    monkeypatch.setattr(tokenizer, "examine", lambda *a: differs)
     b = write_bundle(dataclasses.replace(digits_result, model=model), tmp_path / "b")
     assert "tokenizers" not in b.manifest.extra["huggingface"]
     report = b.report.read_text()
