@@ -50,6 +50,7 @@ from quantgate.quantize import recipes as R  # noqa: E402
 from quantgate.quantize.cpu import cpu_model, detect_features  # noqa: E402
 from quantgate.quantize.speed import time_interleaved  # noqa: E402
 from quantgate.sessions import session  # noqa: E402
+from quantgate.tokenizer import Backend, Settings  # noqa: E402
 
 SEQ = 128
 # quantize_static with ORT's own defaults (per_channel=False, S8S8, MinMax, QDQ); the
@@ -73,21 +74,6 @@ INT8_GEMMS = ("MatMulIntegerToFloat", "QAttention")
 
 
 # ---------------------------------------------------------------------------- text
-class Encoder:
-    def __init__(self, model_dir: str):
-        from tokenizers import Tokenizer
-
-        self.tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-        self.tok.enable_truncation(SEQ)
-
-    def __call__(self, sents: list[str]) -> dict[str, np.ndarray]:
-        self.tok.enable_padding()
-        enc = self.tok.encode_batch(sents)
-        ids = np.array([e.ids for e in enc], np.int64)
-        mask = np.array([e.attention_mask for e in enc], np.int64)
-        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-
-
 # ---------------------------------------------------------------------------- ORT
 def embed(sess, feeds: dict[str, np.ndarray]) -> np.ndarray:
     names = {i.name for i in sess.get_inputs()}
@@ -162,12 +148,12 @@ def main() -> None:
     work = Path(scratch.name)
     (work / "export").mkdir()
     res = export_fp32(gt.MODEL_DIR, work / "export", cfg=ExportConfig(task="feature-extraction"))
-    enc = Encoder(gt.MODEL_DIR)
+    tok = Backend.load(gt.MODEL_DIR, Settings(), pad_id=0)  # BERT's pipeline, cut at SEQ
     cal, ev = license_sentences(a.calib), pydoc_sentences(a.eval)
 
     def calibration():
         for i in range(0, len(cal), 8):
-            yield enc(cal[i : i + 8])
+            yield tok.encode(cal[i : i + 8], SEQ)
 
     models = {"ORT FP32 (fused export)": (res.onnx, None)}
     for label, recipe in ROWS:
@@ -185,7 +171,9 @@ def main() -> None:
     # would slow whichever session runs next (order reversal puts FP32 after itself).
     sessions = {k: session(p, CPU, threads=a.threads, spin=False) for k, (p, _) in models.items()}
     ref_key = next(iter(models))
-    embs = {k: np.concatenate([embed(s, enc([x])) for x in ev]) for k, s in sessions.items()}
+    embs = {
+        k: np.concatenate([embed(s, tok.encode([x], SEQ)) for x in ev]) for k, s in sessions.items()
+    }
     fid = {k: fidelity(embs[ref_key], e) for k, e in embs.items()}
 
     keys = list(models)
