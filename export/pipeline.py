@@ -51,9 +51,9 @@ AUTO_ORDER = (Exporter.LEGACY, Exporter.DYNAMO)
 DEFAULT_CONFIG = ExportConfig()
 TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "transformers", "numpy")
 
-# The steps the "export" task counts: load, run PyTorch, export, validate, fuse, validate the fused
-# graph, write (export_fp32 does the first six; writing the bundle is the seventh).
-EXPORT_STEPS = 7
+# The steps the "export" task counts (export_fp32's): load, run PyTorch, export, validate,
+# fuse, validate the fused graph. Writing the bundle is the "bundle" task (``writing``).
+EXPORT_STEPS = 6
 
 
 @dataclass(frozen=True)
@@ -175,10 +175,21 @@ def export(
         work_dir("quantgate-export-") as work,
     ):
         result = export_fp32(model_spec, Path(work), cfg=cfg, on_progress=on_progress)
-        _stage(on_progress, "writing the bundle", 6)
-        bundle = write_bundle(result, out, name=cfg.name, force=force)
-    _stage(on_progress, "done", EXPORT_STEPS)
+        _stage(on_progress, "validated", EXPORT_STEPS)
+        with writing(on_progress):
+            bundle = write_bundle(result, out, name=cfg.name, force=force)
     return bundle
+
+
+@contextlib.contextmanager
+def writing(on_progress: ProgressFn) -> Iterator[None]:
+    """The bundle's writing as the progress task "bundle" (its tokenizer checked, files
+    hashed, the directory swapped in): a step of its own, after the export's, or after a
+    search's."""
+    log.info("writing the bundle")
+    on_progress("bundle", 0, 1, "writing")
+    yield
+    on_progress("bundle", 1, 1, "written")
 
 
 def load(model_spec: ModelSpec, cfg: ExportConfig = DEFAULT_CONFIG) -> LoadedModel:

@@ -1,8 +1,8 @@
 """The progress callback of every stage a person waits on (export, calibration, search,
 timing, FP16, CUDA gates): ``on_progress(task, done, total, status)``.
 
-``task`` names a bar ("export", "calibration", "search", "timing", "fp16", "cuda", and
-a re-gate's "gate"),
+``task`` names a bar ("export", "calibration", "search", "timing", "fp16", "cuda",
+"bundle" (writing it), and a re-gate's "gate"),
 ``done`` of ``total`` steps (None: not known yet), ``status`` what it is doing now. The
 library reports; the CLI draws (one rich bar per task on a terminal, elsewhere a line per
 step finished).

@@ -77,6 +77,7 @@ def build(
     writes it (INT8 marked failed) and raises ``GateFailed`` with the bundle's path.
     """
     from quantgate.export import write_bundle
+    from quantgate.export.pipeline import writing
     from quantgate.export.validation import input_specs
 
     require(export_cfg, ExportConfig, "export_cfg")
@@ -153,17 +154,18 @@ def build(
         )
         variants, more = _variants(result, shipped, ev, work, quant_cfg, gate_cfg, emit)
         summary = _summary(found, shipped, gate_cfg, plot)
-        write_bundle(
-            _with_extra(result, quantization=summary),
-            out,
-            variants=variants,
-            calibration={**data["calibration"], "evaluation": data["evaluation"]},
-            report_sections=[*sections, *more],
-            files=[plot] if plot is not None else [],
-            name=export_cfg.name,
-            force=force,
-        )
-    return passed_bundle(out, found)
+        with writing(emit):
+            write_bundle(  # read back and every file verified
+                _with_extra(result, quantization=summary),
+                out,
+                variants=variants,
+                calibration={**data["calibration"], "evaluation": data["evaluation"]},
+                report_sections=[*sections, *more],
+                files=[plot] if plot is not None else [],
+                name=export_cfg.name,
+                force=force,
+            )
+    return passed_bundle(out, found, verify=False)
 
 
 def _load(model_spec: ModelSpec, cfg: ExportConfig, emit: ProgressFn) -> LoadedModel:

@@ -62,8 +62,17 @@ def _root(
 ) -> None:
     ctx.obj = {"verbose": verbose}
     if ctx.invoked_subcommand != "serve":  # the server sets up its own log (serve.logs)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.addFilter(_own_info)
         logging.basicConfig(
             level=logging.INFO if verbose else logging.WARNING,
             format="%(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
+            handlers=[handler],
         )
+
+
+def _own_info(record: logging.LogRecord) -> bool:
+    """-v logs quantgate's stages; other libraries, their warnings and worse only (ONNX
+    Runtime's optimizer logs every fusion, under bare names such as "fusion_base", and the
+    temporary paths it saves to)."""
+    return record.levelno >= logging.WARNING or record.name.partition(".")[0] == "quantgate"

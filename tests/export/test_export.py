@@ -66,11 +66,41 @@ def no_leftovers(parent: Path, *expected: str) -> None:
 # -- the three kinds of model ------------------------------------------------------------
 
 
+def test_verbose_logs_quantgates_stages_not_other_libraries_chatter(tiny_checkpoint, tmp_path):
+    """-v logged ONNX Runtime's optimizer too: every fusion, under bare logger names
+    ("fusion_base", "onnx_model"), and the temporary path it saved the fused graph to.
+    Other libraries now log their warnings only."""
+    out = tmp_path / "b"
+    r = subprocess.run(
+        [sys.executable, "-m", "quantgate", "-v", "export", "--no-quantize",
+         str(tiny_checkpoint), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    logged = [line.split()[1] for line in r.stderr.splitlines() if line.startswith("INFO ")]
+    assert "quantgate.export.optimize:" in logged and "quantgate.export.pipeline:" in logged
+    assert {name for name in logged if not name.startswith("quantgate.")} == set(), r.stderr
+
+
 def test_cli_exports_the_builtin_checkpoint(cli, tiny_checkpoint, tmp_path, private_tmp):
     out = tmp_path / "bundles" / "digits"
     r = cli("export", "--no-quantize", tiny_checkpoint, "--out", out)
     assert r.code == 0, r.stderr
     assert "max abs diff" in r.stdout and "SkipLayerNormalization" in r.stdout
+    # off a terminal, a line per step finished, counted without a jump; the bundle's writing
+    # a step of its own
+    steps = [re.sub(r" \(\d+\.\d s\)$", "", line) for line in r.stderr.splitlines()]
+    assert steps == [
+        "export 1/6: loading the model",
+        "export 2/6: running PyTorch on the samples",
+        "export 3/6: exporting (legacy)",
+        "export 4/6: validating at 5 shapes",
+        "export 5/6: fusing (ONNX Runtime transformer optimizer)",
+        "export 6/6: validating the fused graph",
+        "export 6/6: validated",
+        "bundle 1/1: writing",
+        "bundle 1/1: written",
+    ], r.stderr
 
     b = qb.load(out)  # verifies every file's sha256
     m = b.manifest
