@@ -51,7 +51,8 @@ PROBES = (
     " ".join(f"sentence {i} of a text that runs past the model's longest" for i in range(60)),
 )
 SHORT_CUT = 8  # the probes are also cut here: a model's own limit may exceed every probe
-# How a Unigram model's scores are read from tokenizer.json (``Settings.scores``).
+# How a Unigram model's scores are read from tokenizer.json (``Settings.scores``): as the
+# tokenizers library reads them, or as Python's json does.
 # transformers' sentencepiece classes (T5, ALBERT, XLM-R, DeBERTa-v2, ...) build the model from
 # scores Python's json reads exactly; the tokenizers library reads some a unit in the last
 # place off (-3.2628101906413534 as -3.262810190641354), and where two segmentations of a
@@ -329,12 +330,16 @@ def _same_pipeline(saved: Any, directory: Path, pad: int) -> Backend | str:
     two ways, ``SCORES``); else why not."""
     want = _pipeline(saved.backend_tokenizer)
     settings = Settings.of(saved)
-    tries = [Backend.load(directory, settings, pad)]
-    if tries[0].model_kind == "Unigram":
-        tries = [Backend.load(directory, replace(settings, scores=s), pad) for s in SCORES]
-    for candidate in tries:
-        if (have := _pipeline(candidate.backend)) == want:
-            return candidate
+    fast = Backend.load(directory, settings, pad)  # the file as the library reads it
+    unigram = fast.model_kind == "Unigram"
+    if unigram:
+        fast = Backend(fast.backend, replace(settings, scores="tokenizers"), pad)
+    if (have := _pipeline(fast.backend)) == want:
+        return fast
+    if unigram:  # a file of 250,000 pieces (XLM-R's) takes a second to read: once more only
+        fast = Backend.load(directory, replace(settings, scores="python"), pad)
+        if (have := _pipeline(fast.backend)) == want:
+            return fast
     parts = ", ".join(k for k in dict.fromkeys([*want, *have]) if want.get(k) != have.get(k))
     return f"{TOKENIZER_FILE} alone is not the pipeline transformers runs (they differ in: {parts})"
 

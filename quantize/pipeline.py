@@ -278,7 +278,8 @@ def _fp16_variant(
         return None, _fp16_left_out(str(e))
     if (crashed := fp16.crash(f16)) is not None:
         return None, _fp16_left_out(crashed)
-    fidelity = fp16.fidelity(fp32, f16, evaluation(), precision="fp16")
+    # the threads the search's FP32 reference and INT8 fidelity ran with
+    fidelity = fp16.fidelity(fp32, f16, evaluation(), precision="fp16", threads=gate_cfg.threads)
     variant = ExtraVariant(
         path=f16,
         precision="fp16",

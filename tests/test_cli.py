@@ -477,6 +477,33 @@ def test_off_a_terminal_each_finished_step_is_one_line():
     assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
 
 
+def test_off_a_terminal_a_task_of_many_steps_is_said_every_few_seconds(monkeypatch):
+    """Training's 500 steps, each with its loss, were 500 lines of a CI log: a task of more
+    than MANY_STEPS steps is said at most every MANY_EVERY_S seconds, and at its last step;
+    each line's time is of the steps since the line before it."""
+    import io
+
+    from rich.console import Console
+
+    from quantgate.cli import _console
+
+    clock = [0.0]
+    monkeypatch.setattr(_console.time, "monotonic", lambda: clock[0])
+    log = io.StringIO()
+    with _console._Progress(console=Console(file=log, force_terminal=True)) as bar:
+        training = bar.add_task("training", total=None, status="")
+        for step in range(1, 501):  # a step every 1/8 s
+            bar.update(training, completed=step, total=500, status=f"loss {3 - step / 250:.3f}")
+            clock[0] += 0.125
+    lines = log.getvalue().splitlines()
+    assert 12 <= len(lines) <= 14, lines  # 62.5 s of steps: a line every 5 s
+    assert lines[0] == "training 2/500: loss 2.996 (0.1 s)"  # the first step: at once
+    assert re.fullmatch(r"training 4\d/500: loss 2\.8\d\d \(5\.0 s\)", lines[1]), lines
+    assert lines[-1].startswith("training 500/500: loss 1.000")  # the last: at once
+    counts = [int(line.split()[1].split("/")[0]) for line in lines]
+    assert counts == sorted(counts)
+
+
 def test_a_reader_that_stops_reading_keeps_the_commands_exit_code(tmp_path):
     """`quantgate inspect ... | head -1`: the output's reader went away, and the command
     exited 1 (a BrokenPipeError), whatever it had to say. It keeps its own exit code now."""

@@ -77,6 +77,11 @@ class _Progress(Progress):
         super().__init__(*columns, **kwargs)
         self._live = self.console.file.isatty()
         self._steps: dict[TaskID, _Step] = {}
+        # a task of many steps (training's, each with its loss) is said at most every
+        # MANY_EVERY_S, and at its last: the line's time is then of the steps since the
+        # one said before it
+        self._said_at: dict[TaskID, float] = {}
+        self._unsaid_since: dict[TaskID, float] = {}
 
     def start(self) -> None:
         if self._live:
@@ -96,19 +101,31 @@ class _Progress(Progress):
         if step is not None and step.status != status and not step.said:
             # the count the step brought it to, unless the next one counts afresh
             done = task.completed if task.completed >= step.completed else step.completed
-            self._say(task.description, done, task.total, step.status + step.took())
+            many = bool(task.total and task.total > MANY_STEPS)
+            last = self._said_at.get(task_id)
+            if not many or last is None or time.monotonic() - last >= MANY_EVERY_S:
+                self._say(task_id, done, step)
         if step is None or step.status != status:
             step = self._steps[task_id] = _Step(status, time.monotonic())
             # one that starts at the total ("done") ends as it starts: no time of its own
             step.timed = not (task.total and task.completed >= task.total)
+            self._unsaid_since.setdefault(task_id, step.since)
         step.completed = task.completed
         if task.total and task.completed >= task.total and not step.said:
-            self._say(task.description, task.completed, task.total, step.status + step.took())
-            step.said = True
+            self._say(task_id, task.completed, step)
 
-    def _say(self, what: str, completed: float, total: float | None, status: str) -> None:
+    def _say(self, task_id: TaskID, completed: float, step: _Step, took: bool = True) -> None:
+        """A task's line: its step, how far it got, and the time since the first step the
+        task had not said yet."""
+        task, now = self._tasks[task_id], time.monotonic()
+        since = self._unsaid_since.pop(task_id, step.since)
+        took = took and step.timed
+        total = task.total
         where = f" {completed:g}/{total:g}" if total else ""
-        self.console.print(f"{what}{where}: {status}", highlight=False, markup=False)
+        status = step.status + (f" ({now - since:.1f} s)" if took else "")
+        self.console.print(f"{task.description}{where}: {status}", highlight=False, markup=False)
+        self._said_at[task_id] = now
+        step.said = True
 
     def __exit__(self, *exc) -> None:
         if self._live:
@@ -116,8 +133,14 @@ class _Progress(Progress):
         for task_id, step in self._steps.items():  # where each task still going ended
             task = self._tasks[task_id]
             if task.completed and not step.said:
-                self._say(task.description, task.completed, task.total, step.status)
+                self._say(task_id, task.completed, step, took=False)
         return None
+
+
+# Off a terminal, a task of more than MANY_STEPS steps says one at most every MANY_EVERY_S
+# seconds (training's 500 steps, a line each, filled a CI log).
+MANY_STEPS = 50
+MANY_EVERY_S = 5.0
 
 
 @dataclass
@@ -129,9 +152,6 @@ class _Step:
     completed: float = 0
     timed: bool = True  # False for a marker ("done"), whose time says nothing
     said: bool = False
-
-    def took(self) -> str:
-        return f" ({time.monotonic() - self.since:.1f} s)" if self.timed else ""
 
 
 def progress() -> Progress:
