@@ -80,16 +80,21 @@ def for_tools() -> Iterator[None]:
     """ORT_INTRA_OP_NUM_THREADS set to ``threads()`` for the block, for the sessions ONNX
     Runtime's own tools open with its default (its calibrator), where the process may use
     fewer CPUs than that default takes; nothing changed where it may not, or where the
-    variable is set already."""
+    variable is set already (to a number of threads: 0, ONNX Runtime's default, is given the
+    share, and back after)."""
     chosen = threads()
-    if not chosen or os.environ.get(ORT_THREADS):
+    if not chosen or _env_threads():
         yield
         return
+    before = os.environ.get(ORT_THREADS)
     os.environ[ORT_THREADS] = str(chosen)
     try:
         yield
     finally:
-        os.environ.pop(ORT_THREADS, None)
+        if before is None:
+            os.environ.pop(ORT_THREADS, None)
+        else:
+            os.environ[ORT_THREADS] = before
 
 
 @functools.cache

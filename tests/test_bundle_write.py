@@ -124,16 +124,23 @@ def test_the_bundle_is_never_missing_while_it_is_replaced(tmp_path, monkeypatch)
         pytest.skip("this filesystem cannot swap two directories in one step")
     out = tmp_path / "bundle"
     write(out)
-    seen = []
-    rename = os.rename
+    seen = []  # before and after each rename of either kind: is --out a bundle?
 
-    def watched(src, dst, *args, **kwargs):
-        rename(src, dst, *args, **kwargs)
-        seen.append(qb.is_bundle(out))
+    def watching(rename):
+        def watched(*args, **kwargs):
+            seen.append(qb.is_bundle(out))
+            try:
+                return rename(*args, **kwargs)
+            finally:
+                seen.append(qb.is_bundle(out))
 
-    monkeypatch.setattr(os, "rename", watched)
+        return watched
+
+    monkeypatch.setattr(os, "rename", watching(os.rename))
+    monkeypatch.setattr(fsutil, "_rename2", watching(fsutil._rename2))
     write(out, "two")
-    assert all(seen) and model_text(out) == "two"
+    assert seen and all(seen), seen  # the swap was watched, and --out was there throughout
+    assert model_text(out) == "two"
 
 
 @pytest.mark.parametrize("renameat2", [True, False], ids=["exchange", "aside-then-rename"])

@@ -225,17 +225,22 @@ def test_a_real_quota_sizes_a_real_session(tmp_path):
 def test_onnx_runtimes_own_tools_get_the_share_through_its_variable(monkeypatch):
     """ONNX Runtime's calibrator opens its session with the default threads: the block sets
     ORT_INTRA_OP_NUM_THREADS to the share, and takes it away after; it changes nothing where
-    there is no share to give, nor a value set already."""
+    there is no share to give, nor a number of threads set already. Set to 0 (ONNX Runtime's
+    default: every physical core), it left the calibrator all of them."""
     monkeypatch.delenv(cpus.ORT_THREADS, raising=False)
     monkeypatch.setattr(cpus, "threads", lambda: 2)
     with cpus.for_tools():
         assert os.environ[cpus.ORT_THREADS] == "2"
     assert cpus.ORT_THREADS not in os.environ
-    monkeypatch.setattr(cpus, "threads", lambda: 0)
+    monkeypatch.setenv(cpus.ORT_THREADS, "0")
     with cpus.for_tools():
-        assert cpus.ORT_THREADS not in os.environ
-    monkeypatch.setenv(cpus.ORT_THREADS, "5")
-    monkeypatch.setattr(cpus, "threads", lambda: 5)
+        assert os.environ[cpus.ORT_THREADS] == "2"
+    assert os.environ[cpus.ORT_THREADS] == "0"
+    monkeypatch.setenv(cpus.ORT_THREADS, "5")  # kept, not the share
     with cpus.for_tools():
         assert os.environ[cpus.ORT_THREADS] == "5"
     assert os.environ[cpus.ORT_THREADS] == "5"
+    monkeypatch.delenv(cpus.ORT_THREADS)
+    monkeypatch.setattr(cpus, "threads", lambda: 0)
+    with cpus.for_tools():
+        assert cpus.ORT_THREADS not in os.environ

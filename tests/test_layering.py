@@ -25,16 +25,32 @@ FORBIDDEN = {
 }
 
 
-def imported_modules(path: Path) -> set[str]:
+def package_of(path: Path) -> str:
+    """The package a file of this repository is in: serve/variants.py is in quantgate.serve
+    (the stage folders are installed as quantgate.*)."""
+    parts = path.resolve().relative_to(ROOT).parts[:-1]
+    return ".".join(parts if parts[:1] == ("quantgate",) else ("quantgate", *parts))
+
+
+def imported_modules(path: Path, package: str | None = None) -> set[str]:
+    """Every module ``path`` imports, anywhere in it (a function's imports too), by its
+    absolute name; a relative import is resolved against ``package`` (by default, the
+    file's own)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module
+            if node.level:  # `from ..quantize import decide` in quantgate.serve
+                base = (package or package_of(path)).split(".")
+                base = base[: len(base) - (node.level - 1)]
+                module = ".".join([*base, *([module] if module else [])])
+            assert module, ast.dump(node)
             # `from quantgate import quantize` imports quantgate.quantize: record both forms
-            names.add(node.module)
-            names.update(f"{node.module}.{a.name}" for a in node.names)
+            names.add(module)
+            names.update(f"{module}.{a.name}" for a in node.names)
     return names
 
 
@@ -72,14 +88,20 @@ def test_the_checker_sees_imports(tmp_path):
     f = tmp_path / "m.py"
     f.write_text(
         "import torch.nn\nfrom quantgate.model import train\nfrom quantgate import serve\n"
+        "def late():\n    from ..quantize import decide\n    from . import codec\n"
     )
-    assert imported_modules(f) == {
+    assert imported_modules(f, "quantgate.serve") == {
         "torch.nn",
         "quantgate.model",
         "quantgate.model.train",
         "quantgate",
         "quantgate.serve",
+        "quantgate.quantize",  # relative, inside a function: resolved, and seen
+        "quantgate.quantize.decide",
+        "quantgate.serve.codec",
     }
+    assert package_of(ROOT / "serve" / "variants.py") == "quantgate.serve"
+    assert package_of(ROOT / "quantgate" / "cli" / "serve.py") == "quantgate.cli"
 
 
 def test_each_stage_offers_its_entry_points_without_importing_them():

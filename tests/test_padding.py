@@ -47,9 +47,24 @@ def test_an_input_without_the_sequence_axis_is_stacked_as_it_is():
     assert batch["scale"].tolist() == [0.5, 2.0] and batch["input_ids"].shape == (2, 3)
 
 
-def test_the_caller_may_name_the_inputs_with_the_sequence_axis():
-    parts = [request([1, 2]), request([3, 4])]
-    assert right_pad(parts, sequence=("attention_mask",))["input_ids"].tolist() == [[1, 2], [3, 4]]
+def test_the_caller_may_name_the_inputs_with_the_sequence_axis(monkeypatch):
+    """The server's batcher knows every input of its model has the axis: named, the inputs
+    are padded or stacked as named, without the guess from their shapes (which, on valid
+    inputs, says the same: the guess is not made)."""
+    import quantgate.padding
+
+    def guessed(*args):
+        raise AssertionError("the inputs were named: nothing to guess")
+
+    monkeypatch.setattr(quantgate.padding, "_unpadded", guessed)
+    parts = [
+        request([1, 2], row=np.array([[0.5, 0.5, 0.5]])),
+        request([3, 4, 5], row=np.ones((1, 3))),
+    ]
+    batch = right_pad(parts, {"input_ids": 9}, sequence=("input_ids", "attention_mask"))
+    assert batch["input_ids"].tolist() == [[1, 2, 9], [3, 4, 5]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert batch["row"].tolist() == [[0.5, 0.5, 0.5], [1.0, 1.0, 1.0]]  # not named: stacked
 
 
 def test_without_a_mask_nothing_is_padded():

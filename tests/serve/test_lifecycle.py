@@ -956,7 +956,11 @@ def test_a_stream_that_never_reads_its_answers_stops_being_read(repo):
                 time.sleep(0.5)
                 counts.append(inferred(watcher))
                 assert len(counts) < 120, counts
-            assert 0 < counts[-1] < 3000, counts
+            # the window's 64 answers and what the sockets and HTTP/2 hold (318 in all here,
+            # about 5 MB of 16 KB answers), far from all 3000
+            assert 0 < counts[-1] < 1000, counts
+            time.sleep(2)  # stopped, not stalled: a loaded machine may pause for a second
+            assert inferred(watcher) == counts[-1], counts
             with tc.InferenceServerClient(srv.url) as c:  # the model serves others
                 c.infer("tiny-encoder", inputs(batch(np.random.default_rng(6), 1, 9)))
             call.cancel()
