@@ -71,7 +71,14 @@ def load_huggingface(
         raise ModelLoadError(f"cannot load the Hugging Face model at {path}: {brief(e)}") from e
     archs = config.architectures or []
     task = _hf_task(path, archs, task)
-    model = _hf_model(path, task)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(
+            f"{path} is an encoder-decoder model ({', '.join(archs) or config.model_type}): "
+            f"quantgate exports encoders ({', '.join(HF_TASKS)}), whose outputs the input "
+            "text alone decides. Save its encoder alone (T5's: T5EncoderModel.from_pretrained"
+            "(PATH).save_pretrained(OUT)) and export that directory."
+        )
+    model = _hf_model(path, task, archs)
     takes = inspect.signature(model.forward).parameters
     names = [n for n in HF_INPUTS if n in takes and n in tokenizer.model_input_names]
     if getattr(config, "type_vocab_size", None) == 0 and "token_type_ids" in names:
@@ -81,13 +88,22 @@ def load_huggingface(
             f"{path}: expected a text model taking input_ids; its forward takes {list(takes)[:6]}"
         )
     positions = _hf_positions(model, config)
-    limit = min(_hf_max_seq_len(path, config, tokenizer), positions)
-    if max_seq_len is not None and not 1 <= max_seq_len <= positions:
+    limit = _hf_max_seq_len(path, config, tokenizer)
+    if positions is not None:
+        limit = min(limit, positions) if limit is not None else positions
+    if max_seq_len is not None and not 1 <= max_seq_len <= (positions or max_seq_len):
         raise ConfigError(
             f"--max-seq-len {max_seq_len} is outside 1..{positions}, the positions the model "
             "has embeddings for"
         )
-    max_seq_len = max_seq_len or limit
+    if max_seq_len is None:
+        if limit is None:
+            raise ConfigError(
+                f"{path}: the model has no table of positions (relative attention, as T5's) "
+                "and its tokenizer names no longest input: pass --max-seq-len, the longest "
+                "sequence to export and serve (512 for T5's checkpoints)"
+            )
+        max_seq_len = limit
     vocab = model.get_input_embeddings().num_embeddings
     pad_id = _hf_pad_id(path, config, tokenizer, task, vocab)
     if getattr(model.config, "pad_token_id", None) is None:
@@ -212,7 +228,8 @@ def _hf_task(path: Path, archs: Sequence[str], task: str | None) -> str:
     return task
 
 
-def _hf_model(path: Path, task: str) -> Any:  # a transformers PreTrainedModel
+def _hf_model(path: Path, task: str, archs: Sequence[str]) -> Any:  # a PreTrainedModel
+    import transformers
     from transformers import (
         AutoModel,
         AutoModelForSequenceClassification,
@@ -224,6 +241,11 @@ def _hf_model(path: Path, task: str) -> Any:  # a transformers PreTrainedModel
         SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification,
         TOKEN_CLASSIFICATION: AutoModelForTokenClassification,
     }.get(task, AutoModel)
+    # A checkpoint saved as a base model other than AutoModel's for its type is loaded as
+    # itself: T5EncoderModel's, which AutoModel would load as T5Model, encoder and decoder.
+    own = archs[0] if archs and "For" not in archs[0] else None
+    if cls is AutoModel and own and isinstance(getattr(transformers, own, None), type):
+        cls = getattr(transformers, own)
     bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()  # its tqdm bar would tear through quantgate's own
     # Its load report (a table with terminal colour codes) lists the head a checkpoint has
@@ -283,26 +305,28 @@ def _readable(path: Path, tokenizer, samples: Samples) -> Samples:
     return samples
 
 
-def _hf_positions(model: nn.Module, config) -> int:
-    """How many tokens the model has position embeddings for. RoBERTa and its kin (XLM-R,
-    CamemBERT, ...) number positions from ``padding_idx + 1``: of roberta-base's 514
-    embeddings, 512 are usable."""
+def _hf_positions(model: nn.Module, config) -> int | None:
+    """How many tokens the model has position embeddings for; None for a model without a
+    table of them (T5's relative attention). RoBERTa and its kin (XLM-R, CamemBERT, ...)
+    number positions from ``padding_idx + 1``: of roberta-base's 514 embeddings, 512 are
+    usable."""
     base = getattr(model, "base_model", model)  # the encoder under a classification head
     table = getattr(getattr(base, "embeddings", None), "position_embeddings", None)
     if isinstance(table, nn.Embedding) and table.padding_idx is not None:
         return table.num_embeddings - table.padding_idx - 1
-    return config.max_position_embeddings
+    return getattr(config, "max_position_embeddings", None)
 
 
-def _hf_max_seq_len(path: Path, config, tokenizer) -> int:
-    """The longest input the model is meant for: sentence-transformers' limit, else the model's."""
+def _hf_max_seq_len(path: Path, config, tokenizer) -> int | None:
+    """The longest input the model is meant for: sentence-transformers' limit, else the
+    model's and its tokenizer's; None where neither names one."""
     st = path / "sentence_bert_config.json"
     if st.is_file() and (n := read_json(st, dict, SENTENCE_CONFIG).get("max_seq_length")):
         return int(n)
-    limit = config.max_position_embeddings
+    limits = [getattr(config, "max_position_embeddings", None)]
     if isinstance(tokenizer.model_max_length, int) and tokenizer.model_max_length < 1_000_000:
-        limit = min(limit, tokenizer.model_max_length)
-    return limit
+        limits.append(tokenizer.model_max_length)
+    return min((n for n in limits if n), default=None)
 
 
 def _sentence_pooling(path: Path) -> dict[str, Any]:

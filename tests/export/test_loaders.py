@@ -468,3 +468,46 @@ def test_weights_the_checkpoint_lacks_are_named_and_a_dropped_pooler_is_not(
         load_model(bare)  # says it classifies, and has no classifier's weights
     assert "2 weight(s) of the model are not in the checkpoint" in caplog.text, caplog.text
     assert "classifier." in caplog.text and "are random" in caplog.text
+
+
+def test_a_t5_encoder_is_exported_as_itself(tiny_bert, tmp_path, cli, caplog):
+    """A checkpoint saved as T5EncoderModel (sentence-T5's kind): AutoModel loaded it as
+    T5Model, decoder and all (its weights random), and the export then died in a traceback
+    on the missing max_position_embeddings (relative attention has no table of positions).
+    It loads as itself, cut at its tokenizer's limit or at --max-seq-len, and exports."""
+    from transformers import T5Config, T5EncoderModel
+
+    t5 = tiny_bert(
+        tmp_path / "t5", T5EncoderModel, T5Config,
+        max_position_embeddings=None, d_kv=8, d_ff=64, feed_forward_proj="gated-gelu",
+    )  # fmt: skip
+    m = load_model(t5)
+    assert type(m.module.inner.model).__name__ == "T5EncoderModel" and "random" not in caplog.text
+    assert (m.task, m.max_seq_len, [i.name for i in m.inputs]) == (
+        "feature-extraction",
+        512,
+        ["input_ids", "attention_mask"],
+    )  # MiniLM's tokenizer's limit; T5 takes no token types
+    assert load_model(t5, max_seq_len=4096).max_seq_len == 4096  # no table to run out of
+    r = cli("export", "--no-quantize", t5, "--out", tmp_path / "b", "--max-seq-len", "32")
+    assert r.code == 0, r.stderr
+    assert "sentence_embedding: max abs diff" in r.stdout
+
+    settings = t5 / "tokenizer_config.json"  # a tokenizer that names no longest input
+    settings.write_text(
+        json.dumps({k: v for k, v in json.loads(settings.read_text()).items()
+                    if k != "model_max_length"})
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="no table of positions .* pass --max-seq-len"):
+        load_model(t5)
+    assert load_model(t5, max_seq_len=64).max_seq_len == 64
+
+
+def test_an_encoder_decoder_model_is_refused_with_what_to_export_instead(tiny_bert, tmp_path):
+    from transformers import T5Config, T5Model
+
+    t5 = tiny_bert(tmp_path / "t5", T5Model, T5Config, max_position_embeddings=None, d_kv=8)
+    with pytest.raises(ModelLoadError) as e:
+        load_model(t5)
+    assert "is an encoder-decoder model (T5Model)" in str(e.value)
+    assert "T5EncoderModel.from_pretrained(PATH).save_pretrained(OUT)" in str(e.value)
