@@ -70,14 +70,14 @@ def load_huggingface(
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad directory
         raise ModelLoadError(f"cannot load the Hugging Face model at {path}: {brief(e)}") from e
     archs = config.architectures or []
-    task = _hf_task(path, archs, task)
-    if getattr(config, "is_encoder_decoder", False):
+    if getattr(config, "is_encoder_decoder", False):  # before _hf_task's advice on its head
         raise ModelLoadError(
             f"{path} is an encoder-decoder model ({', '.join(archs) or config.model_type}): "
             f"quantgate exports encoders ({', '.join(HF_TASKS)}), whose outputs the input "
             "text alone decides. Save its encoder alone (T5's: T5EncoderModel.from_pretrained"
             "(PATH).save_pretrained(OUT)) and export that directory."
         )
+    task = _hf_task(path, archs, task)
     model = _hf_model(path, task, archs)
     takes = inspect.signature(model.forward).parameters
     names = [n for n in HF_INPUTS if n in takes and n in tokenizer.model_input_names]

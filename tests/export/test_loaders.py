@@ -511,3 +511,9 @@ def test_an_encoder_decoder_model_is_refused_with_what_to_export_instead(tiny_be
         load_model(t5)
     assert "is an encoder-decoder model (T5Model)" in str(e.value)
     assert "T5EncoderModel.from_pretrained(PATH).save_pretrained(OUT)" in str(e.value)
+    config = json.loads((t5 / "config.json").read_text())  # with a head: not told to drop it
+    (t5 / "config.json").write_text(
+        json.dumps({**config, "architectures": ["T5ForConditionalGeneration"]})
+    )
+    with pytest.raises(ModelLoadError, match=r"is an encoder-decoder model \(T5ForCondit"):
+        load_model(t5)
