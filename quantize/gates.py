@@ -62,6 +62,7 @@ from quantgate.quantize.stats import (
     paired_interval,
     percentile_interval,
     resamples,
+    wilson,
 )
 from quantgate.sessions import session
 from quantgate.tasks import CLASSIFIER_TASKS, EMBEDDING_TASKS, TOKEN_TASKS
@@ -155,6 +156,8 @@ def accuracy_gates(
         gates = [_accuracy_drop(reference, candidate, logits, cfg, label)]
         if reference.batches[0][logits].shape[-1] == 1:  # a score's value, beyond its sign
             gates += _classifier_fidelity(reference, candidate, logits, cfg)
+        elif (why := labels_at_chance(reference, logits)) is not None:  # a blind accuracy gate
+            gates += _classifier_fidelity(reference, candidate, logits, cfg, labels_say=why)
     elif logits is not None:
         gates = _classifier_fidelity(reference, candidate, logits, cfg)
     elif tokens is not None and reference.labels is not None:
@@ -299,6 +302,34 @@ def check_label_range(reference: Outputs, task: str) -> None:
         )
 
 
+# How sure the data must make it that FP32's answers follow the labels at all.
+LABELS_MATCH_CONFIDENCE = 0.99
+
+
+def labels_at_chance(reference: Outputs, logits: str) -> str | None:
+    """Where FP32's own top classes agree with the labels no better than chance (the
+    agreement of answers unrelated to the labels, with these class shares), why, in words;
+    else None. Labels shuffled, or numbered in another order than the model's classes, or a
+    model not trained for them: the accuracy gate compares INT8 with FP32 on the labels, so
+    on such labels it passes any INT8 (random labels on the digits model put FP32 at 11.9%,
+    and passed an INT8 broken to 9%). Such rows are gated on agreement with FP32 as well."""
+    x, y = _class_scores(reference, logits), reference.labels
+    assert y is not None
+    n, classes = len(y), x.shape[-1]
+    hits = _hits(x, y)
+    predicted = np.bincount(x.argmax(-1), minlength=classes) / n
+    labelled = np.bincount(y, minlength=classes) / n
+    chance = float(predicted @ labelled)
+    low, high = wilson(int(hits.sum()), n, LABELS_MATCH_CONFIDENCE)
+    if low > chance:
+        return None
+    return (
+        f"FP32's own top class is the label on {hits.mean():.1%} of {n} rows "
+        f"({LABELS_MATCH_CONFIDENCE:.0%} interval {low:.1%}..{high:.1%}), no better than "
+        f"answers unrelated to the labels ({chance:.1%})"
+    )
+
+
 def _unscored_labels(reference: Outputs, task: str) -> None:
     """Labelled rows for a model no output of which is known to hold class scores. An
     embedding model is judged against FP32, and says so. A model of no known task with a
@@ -326,8 +357,9 @@ def _unscored_labels(reference: Outputs, task: str) -> None:
 
 def check_evaluation(reference: Outputs, task: str) -> None:
     """Raise DataError unless the evaluation rows can decide the gates: labels that are class
-    indices (``check_label_range``), and at least ``MIN_EVAL_ROWS`` rows for the accuracy,
-    top-1 and nearest-neighbour gates (a handful of rows passes them by chance)."""
+    indices (``check_label_range``), at least ``MIN_EVAL_ROWS`` rows for the accuracy, top-1
+    and nearest-neighbour gates (a handful of rows passes them by chance), and a classifier's
+    labels FP32's answers follow better than chance (else a warning: ``labels_at_chance``)."""
     check_label_range(reference, task)
     logits, tokens, judged = _judged(reference, task)
     if reference.labels is not None and logits is None and tokens is None:
@@ -341,6 +373,15 @@ def check_evaluation(reference: Outputs, task: str) -> None:
             f"{100 / reference.rows:.3g} points of {'agreement' if logits is None else 'accuracy'})."
             " Pass --eval with more held-out rows "
             "(hundreds for a 1-point accuracy gate), or raise eval_samples (--gate-config)."
+        )
+    labelled = logits if reference.labels is not None else None
+    if labelled is not None and (why := labels_at_chance(reference, labelled)) is not None:
+        log.warning(
+            "the labels do not follow the model's answers: %s. On them the accuracy gate "
+            "would pass any INT8, so INT8 is gated on agreement with FP32 as well (as on "
+            "unlabelled rows). Check that the labels are this data's (not shuffled) and "
+            "numbered in the order of the model's classes (its config's id2label)",
+            why,
         )
 
 
@@ -456,14 +497,23 @@ def _logit_change(x: np.ndarray, y: np.ndarray) -> float:
         return float(np.abs(np.where(x == y, 0, x.astype(np.float64) - y)).max())
 
 
-def _classifier_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
+def _classifier_fidelity(
+    ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, *, labels_say: str | None = None
+):
+    """Agreement with FP32: a score's r2, else top-1 agreement and KL, on unlabelled rows or
+    on labels the model's answers do not follow (``labels_say``: how far they do not)."""
     x, y = ref.stacked(output), cand.stacked(output)
     if x.shape[-1] == 1:  # a score (a reranker's, a regression's): its value is the answer
         where = f"{output} vs FP32 on {len(x)} rows"
         return [r2_gate("r2", x[:, 0], y[:, 0], cfg.min_cosine, cfg, where)]
     agree = _same_top(x, y)  # (N,)
     kl = _kl(x, y)  # (N,)
-    detail = f"{output} vs FP32 on {len(x)} unlabelled rows, max abs {_logit_change(x, y):.3g}"
+    rows = (
+        "unlabelled rows"
+        if labels_say is None
+        else f"rows whose labels it does not follow ({labels_say})"
+    )
+    detail = f"{output} vs FP32 on {len(x)} {rows}, max abs {_logit_change(x, y):.3g}"
     return [
         mean_gate("top1_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail,
                    valid=not _broken(x, y).any()),
@@ -784,4 +834,5 @@ __all__ = [
     "check_label_range",
     "collect",
     "counts_rows",
+    "labels_at_chance",
 ]
