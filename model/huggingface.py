@@ -43,6 +43,14 @@ HF_HEADS = {
     TOKEN_CLASSIFICATION: "ForTokenClassification",
 }
 PRETRAINING_HEADS = ("ForMaskedLM", "ForPreTraining", "ForCausalLM")
+
+
+def _has_head(architecture: str) -> bool:
+    """Whether a class name is a model with a head: ``...ForSequenceClassification``, not
+    ``RoFormerModel`` (whose "For" is its name's)."""
+    return re.search(r"For[A-Z]\w*$", architecture) is not None
+
+
 HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # in this order, when taken
 SENTENCE_CONFIG = "a sentence-transformers config"
 # sentence-transformers' Pooling modes (flag suffix, or the one-string form) -> SentenceEmbedder's
@@ -71,11 +79,28 @@ def load_huggingface(
         raise ModelLoadError(f"cannot load the Hugging Face model at {path}: {brief(e)}") from e
     archs = config.architectures or []
     if getattr(config, "is_encoder_decoder", False):  # before _hf_task's advice on its head
+        t5 = config.model_type in ("t5", "mt5", "umt5")
         raise ModelLoadError(
             f"{path} is an encoder-decoder model ({', '.join(archs) or config.model_type}): "
             f"quantgate exports encoders ({', '.join(HF_TASKS)}), whose outputs the input "
-            "text alone decides. Save its encoder alone (T5's: T5EncoderModel.from_pretrained"
-            "(PATH).save_pretrained(OUT)) and export that directory."
+            "text alone decides. "
+            + (
+                "Save its encoder alone (T5EncoderModel.from_pretrained(PATH).save_pretrained"
+                "(OUT)) and export that directory."
+                if t5
+                else "transformers saves no encoder of this family alone: export a factory "
+                "(package.module:factory, docs/export.md) that returns its encoder "
+                "(model.get_encoder()) with example_inputs."
+            )
+        )
+    if getattr(config, "attention_type", None) == "block_sparse":  # BigBird's
+        raise ConfigError(
+            f"{path} uses block-sparse attention, which transformers turns into full attention "
+            "for inputs too short for its blocks, for good: the export would trace full "
+            "attention and validate against it, and ship a graph that answers long inputs "
+            'otherwise than the model. Set "attention_type": "original_full" in its '
+            "config.json to export full attention (the same answers up to the block-sparse "
+            "length, more compute beyond)."
         )
     task = _hf_task(path, archs, task)
     model = _hf_model(path, task, archs)
@@ -96,6 +121,8 @@ def load_huggingface(
             f"--max-seq-len {max_seq_len} is outside 1..{positions}, the positions the model "
             "has embeddings for"
         )
+    if max_seq_len is None and limit is not None:
+        limit = _validated_length(path, limit, config.num_attention_heads)
     if max_seq_len is None:
         if limit is None:
             raise ConfigError(
@@ -214,7 +241,7 @@ def _hf_task(path: Path, archs: Sequence[str], task: str | None) -> str:
         )
     other = [
         a for a in archs
-        if "For" in a and not a.endswith((*HF_HEADS.values(), *PRETRAINING_HEADS))
+        if _has_head(a) and not a.endswith((*HF_HEADS.values(), *PRETRAINING_HEADS))
     ]  # fmt: skip
     if task is None and not heads and other:
         raise ConfigError(
@@ -223,7 +250,7 @@ def _hf_task(path: Path, archs: Sequence[str], task: str | None) -> str:
             "feature-extraction to export the encoder without it."
         )
     task = task or (heads[0] if heads else FEATURE_EXTRACTION)
-    if task == FEATURE_EXTRACTION and (dropped := [a for a in archs if "For" in a]):
+    if task == FEATURE_EXTRACTION and (dropped := [a for a in archs if _has_head(a)]):
         log.warning("%s: exporting the encoder of %s, without its head", path, dropped[0])
     return task
 
@@ -243,7 +270,7 @@ def _hf_model(path: Path, task: str, archs: Sequence[str]) -> Any:  # a PreTrain
     }.get(task, AutoModel)
     # A checkpoint saved as a base model other than AutoModel's for its type is loaded as
     # itself: T5EncoderModel's, which AutoModel would load as T5Model, encoder and decoder.
-    own = archs[0] if archs and "For" not in archs[0] else None
+    own = archs[0] if archs and not _has_head(archs[0]) else None
     if cls is AutoModel and own and isinstance(getattr(transformers, own, None), type):
         cls = getattr(transformers, own)
     bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
@@ -314,7 +341,31 @@ def _hf_positions(model: nn.Module, config) -> int | None:
     table = getattr(getattr(base, "embeddings", None), "position_embeddings", None)
     if isinstance(table, nn.Embedding) and table.padding_idx is not None:
         return table.num_embeddings - table.padding_idx - 1
-    return getattr(config, "max_position_embeddings", None)
+    n = getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None  # XLNet's -1: relative attention
+
+
+# Validation runs eager attention at the longest length: batch 2 x heads x T x T float32
+# scores at once (and a few times that at its peak). A default that asks more is halved.
+VALIDATION_SCORES_BYTES = 2**31
+
+
+def _validated_length(path: Path, limit: int, heads: int) -> int:
+    """``limit``, the longest input the model is made for, or, where validating at it would
+    take more than ``VALIDATION_SCORES_BYTES`` of attention scores (Qwen2's 32,768 tokens:
+    34 GB, which ended the export in an allocation error), the longest half of it, down to
+    512, that does not; said in a warning."""
+    length = limit
+    while length > 512 and 2 * heads * length * length * 4 > VALIDATION_SCORES_BYTES:
+        length //= 2
+    if length < limit:
+        log.warning(
+            "%s takes up to %d tokens; exported and validated for %d, where the attention "
+            "scores of validation take %.1f GB (at %d: %.0f GB). Pass --max-seq-len to choose "
+            "another length, with the memory for it",
+            path, limit, length, 8 * heads * length**2 / 1e9, limit, 8 * heads * limit**2 / 1e9,
+        )  # fmt: skip
+    return length
 
 
 def _hf_max_seq_len(path: Path, config, tokenizer) -> int | None:
@@ -323,10 +374,8 @@ def _hf_max_seq_len(path: Path, config, tokenizer) -> int | None:
     st = path / "sentence_bert_config.json"
     if st.is_file() and (n := read_json(st, dict, SENTENCE_CONFIG).get("max_seq_length")):
         return int(n)
-    limits = [getattr(config, "max_position_embeddings", None)]
-    if isinstance(tokenizer.model_max_length, int) and tokenizer.model_max_length < 1_000_000:
-        limits.append(tokenizer.model_max_length)
-    return min((n for n in limits if n), default=None)
+    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+    return min((n for n in limits if isinstance(n, int) and 0 < n < 1_000_000), default=None)
 
 
 def _sentence_pooling(path: Path) -> dict[str, Any]:

