@@ -183,6 +183,8 @@ def failed_by_bound(gate: GateResult) -> str | None:
     if gate.passed or gate.ci is None or not _meets(gate.value, gate.op, gate.threshold):
         return None
     side, bound = ("upper", gate.ci[1]) if gate.op == "<=" else ("lower", gate.ci[0])
+    if f"its {side} bound must be" not in gate.detail:  # decided otherwise (too few rows, ...)
+        return None
     return None if _meets(bound, gate.op, gate.threshold) else f"{side} bound {bound:.4g}"
 
 

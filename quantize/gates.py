@@ -374,6 +374,15 @@ def check_evaluation(reference: Outputs, task: str) -> None:
             " Pass --eval with more held-out rows "
             "(hundreds for a 1-point accuracy gate), or raise eval_samples (--gate-config)."
         )
+    if logits is None and tokens is None:  # an embedding: its nearest neighbours are gated
+        distinct = len(_distinct(_normalize(_pooled(reference, judged))))
+        if distinct < MIN_EVAL_ROWS:
+            raise DataError(
+                f"the evaluation data has {reference.rows} rows but only {distinct} distinct "
+                f"ones (FP32 answers the others alike: repeated texts); the nearest-neighbour "
+                f"gate needs at least {MIN_EVAL_ROWS} distinct rows, as a row's copy is always "
+                "its nearest. Pass --eval with more different held-out texts"
+            )
     labelled = logits if reference.labels is not None else None
     if labelled is not None and (why := labels_at_chance(reference, labelled)) is not None:
         log.warning(

@@ -523,7 +523,8 @@ def test_a_gate_failed_by_its_bound_says_so_where_its_value_passes(cli, tmp_path
     from quantgate import bundle as qb
     from quantgate.quantize.verdict import failure_message
 
-    g = qb.GateResult("cosine_tail", 0.0, 0.02, "<=", False, ci=(0.0, 0.03699))
+    rule = "; its upper bound must be <= the threshold: the point estimate passes, its upper bound does not"
+    g = qb.GateResult("cosine_tail", 0.0, 0.02, "<=", False, ci=(0.0, 0.03699), detail=rule)
     _tiny_bundle(tmp_path / "b", (g,))
     r = cli("inspect", tmp_path / "b")
     assert "its upper bound 0.03699 is not <= 0.02: ci_rule upper" in r.stdout, r.stdout

@@ -941,6 +941,17 @@ def test_non_finite_logits_fail_the_accuracy_gate_whatever_argmax_picks():
     assert gates["top1_agreement"].value == pytest.approx(0.9) and not gates["kl"].passed
 
 
+def test_repeated_rows_are_refused_before_anything_is_measured():
+    """100 copies of one text: the nearest-neighbour gate "failed" (exit 3, the bundle marked
+    failed) for a reason only report.md told; a data problem is refused as one, before any
+    candidate is measured."""
+    x = np.random.default_rng(1).normal(size=(4, 16)).astype(np.float32)
+    rows = np.repeat(x, 25, axis=0)  # 100 rows, 4 distinct
+    out = Outputs(["sentence_embedding"], [{"sentence_embedding": rows}], [None], rows=100)
+    with pytest.raises(DataError, match=r"has 100 rows but only 4 distinct ones.* at least 30"):
+        check_evaluation(out, "feature-extraction")
+
+
 def test_too_few_evaluation_rows_cannot_pass_the_gates():
     """With 2 rows each row's nearest other row is the other one: agreement 1.0 by design."""
     rng = np.random.default_rng(0)

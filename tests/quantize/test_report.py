@@ -342,7 +342,18 @@ def test_a_failed_verdict_names_its_failed_gates_first():
 
     gates = [
         ("int8", GateResult("accuracy_drop", 1.4, 1.0, "<=", False, ci=(0.5, 2.3))),
-        ("int8", GateResult("cosine_tail", 0.0, 0.02, "<=", False, ci=(0.0, 0.037))),
+        (
+            "int8",
+            GateResult(
+                "cosine_tail",
+                0.0,
+                0.02,
+                "<=",
+                False,
+                ci=(0.0, 0.037),
+                detail="; its upper bound must be <= the threshold",
+            ),
+        ),
         ("int8", GateResult("top1_agreement", 0.99, 0.95, ">=", True)),
     ]
     assert failed_gates(gates) == (
@@ -367,13 +378,22 @@ def test_a_stopped_search_is_not_blamed_where_no_recipe_could_pass():
                               stopped="the limit of 2 candidate(s) was reached")  # fmt: skip
         return " ".join(failure_message(m, "b", search).split())
 
-    all_agree = GateResult("top1_agreement", 1.0, 0.95, ">=", False, ci=(0.9, 1.0))
+    rule = "; its lower bound must be >= the threshold: the point estimate passes, its lower bound does not"
+    all_agree = GateResult("top1_agreement", 1.0, 0.95, ">=", False, ci=(0.9, 1.0), detail=rule)
     said = failed_with(all_agree)
     assert (
         "its lower bound 0.9 is not, and ci_rule 'upper' decides by it (more rows narrow it)"
         in said
     )
     assert "The search stopped early" not in said, said
+    # failed for another reason (too few distinct rows), under the point rule: the bound is
+    # not blamed (it was, naming a ci_rule the run did not use)
+    invalid = GateResult(
+        "nn_top1_agreement", 1.0, 0.95, ">=", False, ci=(0.9, 1.0),
+        detail="(12 distinct); fewer than the 30 distinct rows it needs; the point estimate "
+        "must be >= the threshold",
+    )  # fmt: skip
+    assert "ci_rule" not in failed_with(invalid)
     # 3 rows newly wrong and 3 newly right: a recipe that flips none has a narrower interval
     no_net_drop = GateResult("accuracy_drop", 0.0, 2.0, "<=", False, ci=(-2.02, 2.02))
     assert "and one of them may pass. Raise --search-budget" in failed_with(no_net_drop)
