@@ -108,6 +108,16 @@ def regate(
     """
     if gate_cfg is not None:
         require(gate_cfg, GateConfig, "gate_cfg")
+    # by its path from the root: the rewrite puts a new directory at that path, and a
+    # relative one (`quantgate gate .` from inside it) would then name the old one, removed
+    try:
+        bundle_path = Path(bundle_path).absolute()
+    except FileNotFoundError:  # the shell's directory was a bundle a rewrite replaced
+        raise BundleError(
+            f"{bundle_path} is relative to the current directory, which no longer exists (a "
+            "re-gate or export replaced the directory it was): cd into the bundle again "
+            '(cd "$PWD"), or pass its full path'
+        ) from None
     # held from the read of the settings to the rewrite: another re-gate in between would
     # have this one start from settings it then replaced
     with claimed(bundle_path, "a re-gate"):
@@ -180,11 +190,11 @@ def _regate(
         f"the data this bundle was calibrated on ({(m.calibration or {}).get('source')})"
     )
     ev = check_held_out(ev, fingerprint, where=where, calibrated_on=calibrated_on)
-    if not on_cuda:
-        _check_labels_kept(m, ev, where, allow=allow_unlabelled)
+    waived = None if on_cuda else _check_labels_kept(m, ev, where, allow=allow_unlabelled)
     emit = on_progress or no_progress
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    said = (_measured_on(ev), _settings_said(changed, beyond, since))
+    settings_said = _settings_said(changed, beyond, since)
+    said = (_measured_on(ev), f"{waived} {settings_said}" if waived else settings_said)
     record = {
         "at": when,
         "provider": gate_cfg.provider,
@@ -228,22 +238,27 @@ def _regate_int8(
     return _with_int8_gates(bundle.manifest.variants, (*measured, *kept)), bool(kept), new
 
 
-def _check_labels_kept(m: Manifest, ev: DataSource, where: str, *, allow: bool) -> None:
+def _check_labels_kept(m: Manifest, ev: DataSource, where: str, *, allow: bool) -> str | None:
     """Refuse unlabelled ``ev`` for a bundle whose INT8 was gated on labelled accuracy,
-    unless ``allow``: then say, as a warning, which gates stand in."""
+    unless ``allow``: then say, as a warning, which gates stand in, and return the sentence
+    that says so in report.md (the waiver is the run's, written down)."""
     drop = _labelled_accuracy(m)
     if ev.has_labels or drop is None:
-        return
+        return None
     gate, threshold = drop
     tokens = gate.startswith("token")
     agreement = "token_top1_agreement, token_kl" if tokens else "top1_agreement, kl"
     if allow:
         log.warning(
             "%s has no labels: gating INT8 on agreement with FP32 (%s) in place of its "
-            "labelled accuracy gate, as --allow-unlabelled asks",
-            where, agreement,
+            "labelled accuracy gate (%s <= %g points), as --allow-unlabelled asks",
+            where, agreement, gate, threshold,
         )  # fmt: skip
-        return
+        return (
+            f"Run with --allow-unlabelled: the evaluation rows have no labels, so INT8 was "
+            f"gated on agreement with FP32 ({agreement}) in place of its labelled accuracy "
+            f"gate ({gate} <= {threshold:g} points)."
+        )
     how = (
         f"token labels: a .npz array 'labels' of shape (rows, sequence), {NO_LABEL} where a "
         "position has none; text files cannot carry them"

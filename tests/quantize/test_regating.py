@@ -124,6 +124,12 @@ def test_allow_unlabelled_is_asked_for_on_every_run(cli, bundle, tmp_path, gate_
     assert r.code in (0, 3), r.stderr
     gates = {g.name for g in load(bundle).manifest.variant("int8").gates}
     assert "accuracy_drop" not in gates and "top1_agreement" in gates
+    # the waiver is written down, not only warned about
+    assert (
+        "Run with --allow-unlabelled: the evaluation rows have no labels, so INT8 was gated on "
+        "agreement with FP32 (top1_agreement, kl) in place of its labelled accuracy gate "
+        "(accuracy_drop <= 1 points)." in " ".join(newest(bundle).split())
+    )
     before = (bundle / "manifest.json").read_bytes()
     r = cli("gate", bundle, *args)
     assert r.code == 2, r.stderr
@@ -136,6 +142,21 @@ def test_allow_unlabelled_is_asked_for_on_every_run(cli, bundle, tmp_path, gate_
     r = cli("gate", bundle, "--eval", labelled, "--gate-config", gate_file)
     assert r.code in (0, 3), r.stderr
     assert "accuracy_drop" in {g.name for g in load(bundle).manifest.variant("int8").gates}
+
+
+def test_a_bundle_regated_from_inside_it_is_read_back(cli, bundle, gate_file, monkeypatch):
+    """`cd BUNDLE && quantgate gate .`: the rewrite puts a new directory at the bundle's path,
+    and "." still named the old one, removed: the bundle was rewritten, then the command
+    said ". is not a bundle" and exited 2 (2 as well where a gate had failed)."""
+    monkeypatch.chdir(bundle)
+    r = cli("gate", ".", "--gate-config", gate_file)
+    assert r.code == 0, r.stderr
+    assert "verdict pass" in r.stdout and "not a bundle" not in r.stderr
+    r = cli("gate", ".", "--gate-config", gate_file)  # "." is the directory removed
+    assert r.code == 2 and "no longer exists (a re-gate or export replaced" in r.stderr
+    monkeypatch.chdir(bundle)  # cd "$PWD"
+    r = cli("gate", ".", "--gate-config", gate_file, "--min-speedup", "1000")
+    assert r.code == 3, r.stderr
 
 
 def test_settings_looser_than_the_exports_are_said_on_every_run(cli, bundle, gate_file, caplog):
