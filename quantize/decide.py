@@ -96,6 +96,10 @@ class GateConfig:
             problems.append(("iterations", f"{self.iterations}: expected >= 3"))
         if self.warmup < 0:
             problems.append(("warmup", f"{self.warmup}: expected >= 0"))
+        if self.threads < 0:  # ONNX Runtime would refuse it at the first session, minutes on
+            problems.append(
+                ("threads", f"{self.threads}: expected >= 0 (0: ONNX Runtime's default)")
+            )
         if self.bootstrap < 100:
             problems.append(("bootstrap", f"{self.bootstrap}: expected >= 100"))
         if self.eval_samples is not None and self.eval_samples < 1:

@@ -981,6 +981,9 @@ def test_gate_config_refuses_settings_it_would_ignore_or_never_pass(tmp_path):
         GateConfig.from_file(tmp_path / "inf.toml")
     with pytest.raises(ConfigError, match="max_kl -0.1: expected a finite number >= 0"):
         GateConfig(max_kl=-0.1)
+    # ONNX Runtime refused -1 threads only at the first session it opened, after the data
+    with pytest.raises(ConfigError, match="threads -1: expected >= 0"):
+        GateConfig(threads=-1)
 
 
 def test_labels_an_embedding_cannot_use_are_warned_about_once_not_per_candidate(caplog):
