@@ -21,7 +21,7 @@ from quantgate.errors import ExportError
 from quantgate.export.config import Exporter
 from quantgate.export.validation import BATCH, SEQUENCE, Case, warnings_logged
 from quantgate.model.loaders import LoadedModel
-from quantgate.quiet import GLOBAL_STATE, logger_silenced, stdout_captured
+from quantgate.quiet import GLOBAL_STATE, logger_silenced, stderr_captured, stdout_captured
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +70,26 @@ def export_dynamo(
         _quiet(),
         # a warning per torchvision op torch cannot register: not ours to fix
         logger_silenced("torch.onnx._internal.exporter._registration"),
+        # a model it cannot trace (Longformer's): a warning, and the whole partial FX graph
+        # printed to stderr, 300 lines; the export says which exporter failed, and why
+        logger_silenced("torch.fx.experimental.symbolic_shapes"),
+        stderr_captured() as printed,
     ):
-        program = torch.onnx.export(
-            model.module,
-            _args(model, example),
-            input_names=list(model.input_names),
-            output_names=[o.name for o in outputs],
-            # One entry: TupleOutputs takes its inputs as *tensors, a single parameter.
-            dynamic_shapes=(tuple({0: batch, 1: seq} for _ in model.inputs),),
-            opset_version=max(opset, MIN_DYNAMO_OPSET),
-            dynamo=True,
-            verbose=False,
-        )
+        try:
+            program = torch.onnx.export(
+                model.module,
+                _args(model, example),
+                input_names=list(model.input_names),
+                output_names=[o.name for o in outputs],
+                # One entry: TupleOutputs takes its inputs as *tensors, a single parameter.
+                dynamic_shapes=(tuple({0: batch, 1: seq} for _ in model.inputs),),
+                opset_version=max(opset, MIN_DYNAMO_OPSET),
+                dynamo=True,
+                verbose=False,
+            )
+        finally:
+            if text := printed.getvalue().strip():
+                log.debug("the dynamo exporter printed to stderr:\n%s", text)
         assert program is not None  # dynamo=True returns the program
         program.save(str(path))
     return ()  # torch.export refuses a data-dependent value (or keeps it symbolic)

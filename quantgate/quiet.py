@@ -42,6 +42,14 @@ def stdout_captured() -> Iterator[io.StringIO]:
 
 
 @contextlib.contextmanager
+def stderr_captured() -> Iterator[io.StringIO]:
+    """What is written to ``sys.stderr`` inside, captured instead of shown (a handler that
+    holds the stream it was made with, as quantgate's log does, still writes there)."""
+    with GLOBAL_STATE, contextlib.redirect_stderr(io.StringIO()) as err:
+        yield err
+
+
+@contextlib.contextmanager
 def warnings_caught(*, record: bool = True) -> Iterator[list[warnings.WarningMessage]]:
     """Warnings raised inside, every one caught (recorded, or dropped) instead of shown."""
     with GLOBAL_STATE, warnings.catch_warnings(record=True) as caught:

@@ -109,3 +109,27 @@ def test_a_logger_silenced_for_an_export_gets_the_programs_level_back():
         assert logger.level == logging.DEBUG
     finally:
         logger.setLevel(logging.NOTSET)
+
+
+def test_what_a_library_prints_to_stderr_is_captured_and_quantgates_log_still_shows(capsys):
+    """torch.export prints a model's whole partial FX graph to sys.stderr when it cannot
+    trace it (Longformer's: 300 lines before the export's own message). Captured; a log
+    handler made before, holding the stream it was made with, still writes there."""
+    import io
+    import logging
+
+    from quantgate.quiet import stderr_captured
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    log = logging.getLogger("quantgate.test_quiet")
+    log.addHandler(handler)
+    try:
+        with stderr_captured() as printed:
+            print("def forward(self, arg0_1): ...", file=sys.stderr)
+            log.warning("quantgate's own line")
+    finally:
+        log.removeHandler(handler)
+    assert printed.getvalue() == "def forward(self, arg0_1): ...\n"
+    assert "def forward" not in capsys.readouterr().err
+    assert stream.getvalue() == "quantgate's own line\n"
