@@ -17,7 +17,7 @@ import onnx
 
 from quantgate import onnxfiles
 from quantgate.errors import ExportError
-from quantgate.quiet import stdout_captured
+from quantgate.quiet import logger_silenced, stdout_captured
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,13 @@ def fuse(src: Path, dst: Path, *, num_heads: int = 0, hidden_size: int = 0) -> d
 
     try:
         # A ModelProto, not a path: the optimizer then writes no files of its own.
-        with stdout_captured() as chatter:  # the optimizer print()s some diagnostics
+        with (
+            stdout_captured() as chatter,  # the optimizer print()s some diagnostics
+            # its shape inference, a warning per node it cannot bound (DeBERTa's relative
+            # positions: "Cannot determine if 128 - sequence < 0", a dozen times): the fused
+            # graph is validated against PyTorch after, which is what decides
+            logger_silenced("symbolic_shape_infer"),
+        ):
             optimized = optimize_model(
                 onnx.load(str(src)),
                 model_type="bert",

@@ -41,7 +41,7 @@ from quantgate.bundle import CPU
 from quantgate.configs import check_fields, config_class
 from quantgate.errors import QuantizeError, QuantizeFailed
 from quantgate.quantize.fidelity import Fidelity
-from quantgate.quiet import stdout_captured
+from quantgate.quiet import logger_silenced, stdout_captured
 from quantgate.sessions import session
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,9 @@ def to_fp16(model: onnx.ModelProto | str | Path, cfg: Fp16Config | None = None) 
         )
     try:
         wrapped = OnnxModel(proto)
-        with stdout_captured() as chatter:
+        # symbolic_shape_infer: a warning per node it cannot bound (DeBERTa's relative
+        # positions); the FP16 model is gated on its fidelity after, which is what decides
+        with stdout_captured() as chatter, logger_silenced("symbolic_shape_infer"):
             wrapped.convert_float_to_float16(
                 use_symbolic_shape_infer=True,
                 keep_io_types=cfg.keep_io_types,

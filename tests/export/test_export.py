@@ -871,3 +871,27 @@ def test_weights_kept_outside_the_graph_stay_outside_it_when_fused(
     got = ort_session(tmp_path / "split" / "fused.onnx").run(None, feeds)
     want = ort_session(digits_result.onnx).run(None, feeds)
     np.testing.assert_allclose(got[0], want[0], atol=1e-4)
+
+
+def test_onnx_runtimes_shape_inference_warnings_stay_out_of_the_output(
+    tiny_bert, tmp_path, cli, caplog
+):
+    """DeBERTa's relative positions: ONNX Runtime's optimizer and FP16 converter warned
+    "Cannot determine if 128 - sequence < 0" a dozen times each, about graphs quantgate then
+    validates against PyTorch (the fused one) or gates (FP16)."""
+    from transformers import DebertaConfig, DebertaModel
+
+    deberta = tiny_bert(
+        tmp_path / "deberta", DebertaModel, DebertaConfig,
+        relative_attention=True, pos_att_type=["c2p", "p2c"],
+    )  # fmt: skip
+    with caplog.at_level("WARNING"):  # in process, the log goes to pytest's handler
+        r = cli("export", "--no-quantize", deberta, "--out", tmp_path / "b")
+    assert r.code == 0, r.stderr
+    assert "Cannot determine" not in caplog.text + r.stderr
+
+    from quantgate.quantize import fp16
+
+    with caplog.at_level("WARNING"):
+        fp16.to_fp16(tmp_path / "b" / "model.fp32.onnx")
+    assert "Cannot determine" not in caplog.text
