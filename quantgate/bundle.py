@@ -46,13 +46,20 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from quantgate.errors import BundleError, BundleOutOfSpace
-from quantgate.fsutil import atomic_dir, disk_full, resolve_target, target_problem
+from quantgate.fsutil import (
+    atomic_dir,
+    disk_full,
+    is_mount_point,
+    resolve_target,
+    target_problem,
+)
 
 MANIFEST = "manifest.json"
 REPORT = "report.md"
@@ -845,14 +852,18 @@ def _write_failure(out: Path, e: OSError) -> str:
     )
 
 
-def check_writable_target(out: Path, *, force: bool, inputs=(), carries_others=False) -> None:
+def check_writable_target(
+    out: Path, *, force: bool, inputs=(), carries_others=False, mount_ok=False
+) -> None:
     """Refuse a path the bundle cannot be written to, one that is or holds the job's
     ``inputs`` ((what, path) pairs), and to overwrite something that is not a bundle, or a
     bundle with files of someone else's in it (unless the new bundle ``carries_others``, as
-    a re-gate does), unless forced. Call before heavy work."""
+    a re-gate does), unless forced; and a mount point, unless the caller writes into it in
+    place (``mount_ok``: a re-gate, ``rewrite``). Call before heavy work."""
     problem = target_problem(
-        out, force=force, is_ours=_quantgate_bundle, noun="bundle", inputs=inputs
-    )
+        out, force=force, is_ours=_quantgate_bundle, noun="bundle", inputs=inputs,
+        mount_ok=mount_ok,
+    )  # fmt: skip
     if problem:
         raise BundleError(problem)
     if not force and not carries_others and (others := _not_the_bundles(out)):
@@ -1009,17 +1020,50 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
     """Write ``manifest`` into ``directory`` in this quantgate's format (``FORMAT_VERSION``),
     whichever it was read in: a re-gate of an older bundle writes what an older release
     would misread too."""
+    (directory / MANIFEST).write_text(_manifest_text(manifest))
+
+
+def _manifest_text(manifest: Manifest) -> str:
     now = dataclasses.replace(manifest, format_version=FORMAT_VERSION)
-    (directory / MANIFEST).write_text(json.dumps(now.to_dict(), indent=2) + "\n")
+    return json.dumps(now.to_dict(), indent=2) + "\n"
 
 
 def rewrite(bundle: Bundle, manifest: Manifest, report: str) -> None:
     """Replace ``bundle``'s manifest and report.md atomically (``staging``), its other files
-    hard-linked into the new copy (copied where the filesystem cannot link)."""
+    hard-linked into the new copy (copied where the filesystem cannot link).
+
+    A bundle directory that is a mount point (a container's volume) cannot be replaced by a
+    rename: its report.md, then its manifest, are each replaced in place (a file renamed
+    over the old one), the manifest last, as what says what the bundle is."""
+    if is_mount_point(bundle.path):
+        for name, text in ((REPORT, report), (MANIFEST, _manifest_text(manifest))):
+            _replace_file(bundle.path / name, text)
+        return
     with staging(bundle.path, carries_others=True) as tmp:
         _link_all(bundle.path, tmp, skip={MANIFEST, REPORT})
         write_manifest(tmp, manifest)
         (tmp / REPORT).write_text(report)
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """``path`` replaced by a file holding ``text``, written beside it and renamed over it:
+    a reader finds the old file or the new one, whole."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        try:  # the old file's mode (mkstemp's is 0600)
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o644
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _link_all(src: Path, dst: Path, *, skip: set[str]) -> None:

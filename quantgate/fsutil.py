@@ -11,6 +11,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -293,6 +294,7 @@ def target_problem(
     is_ours: Callable[[Path], bool],
     noun: str,
     inputs: Iterable[tuple[str, Any]] = (),
+    mount_ok: bool = False,
 ) -> str | None:
     """Why ``out`` cannot take a new ``noun`` (a bundle, a checkpoint) written by ``atomic_dir``,
     else None. Cheap: callers check it before heavy work, and raise their own error type.
@@ -300,7 +302,8 @@ def target_problem(
     Refused: an ancestor we cannot write into, a file, the directory a person works in or one
     that holds the job's ``inputs`` ((what, path) pairs: the model, the data; even with
     ``force``), and an existing non-empty directory that ``is_ours`` does not recognise
-    unless ``force``."""
+    unless ``force``; a mount point, unless the caller writes into it in place
+    (``mount_ok``)."""
     try:
         os.stat(out)  # follows every link on the way: ELOOP for a loop anywhere in it
     except FileNotFoundError:
@@ -335,7 +338,7 @@ def target_problem(
         return f"--out {out} is a file; expected a directory for the {noun}. Choose another path."
     if not out.is_dir():
         return None
-    if os.path.ismount(out):
+    if not mount_ok and is_mount_point(out):
         return (
             f"--out {out} is a mount point (a volume, say): the {noun} is written beside it "
             "and renamed into place, which cannot replace a mount point. Write it into a "
@@ -360,6 +363,24 @@ def target_problem(
             "it. Choose another path, or pass --force to replace it."
         )
     return None
+
+
+def is_mount_point(path: Path) -> bool:
+    """Whether ``path`` is a mount point: another filesystem's root (``os.path.ismount``), or
+    a directory bind-mounted from the same filesystem, which ismount cannot tell (a
+    container's volume can be either); Linux's /proc/self/mountinfo lists both."""
+    if os.path.ismount(path):
+        return True
+    try:
+        table = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return False
+    real = os.path.realpath(path)
+    unescaped = functools.partial(re.sub, r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)))
+    return any(
+        len(fields) > 4 and unescaped(fields[4]) == real
+        for fields in (line.split(" ") for line in table.splitlines())
+    )
 
 
 def _holds_input(out: Path, inputs: Iterable[tuple[str, Any]]) -> str | None:

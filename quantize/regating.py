@@ -143,7 +143,7 @@ def _regate(
     allow_unlabelled: bool,
 ) -> Bundle:
     # read-only: refused before the measuring (a re-gate keeps the files it does not list)
-    check_writable_target(bundle.path, force=False, carries_others=True)
+    check_writable_target(bundle.path, force=False, carries_others=True, mount_ok=True)
     m = bundle.manifest
     on_cuda = gate_cfg.provider == CUDA
     _require_variants(m, on_cuda)  # before minutes of reading and measuring

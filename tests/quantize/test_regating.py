@@ -267,3 +267,35 @@ def test_a_regate_says_which_gates_were_redefined_since_the_last_gating(
     assert (
         f"last gated by a newer quantgate (gate definitions {GATE_DEFINITIONS + 1}" in caplog.text
     )
+
+
+def test_a_bundle_that_is_a_mount_point_is_regated_in_place(cli, bundle, gate_file, tmp_path):
+    """`docker -v ./bundle:/bundle`: a mount point cannot be replaced by a rename, and the
+    re-gate failed after all its measuring (a bind mount of the same filesystem is no mount
+    point to os.path.ismount). Its manifest and report.md are replaced in place, each whole,
+    the files keeping their modes; nothing is left beside them."""
+    import os
+    import stat
+    import subprocess
+
+    from quantgate.fsutil import is_mount_point
+
+    target = tmp_path / "mounted"
+    target.mkdir()
+    bound = subprocess.run(["mount", "--bind", str(bundle), str(target)], capture_output=True)
+    if bound.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {bound.stderr.decode().strip()}")
+    try:
+        assert not os.path.ismount(target) and is_mount_point(target)  # the same filesystem
+        os.chmod(target / "report.md", 0o640)
+        before = sorted(p.name for p in target.iterdir())
+        inode = os.stat(target / "model.int8.onnx").st_ino
+        r = cli("gate", target, "--gate-config", gate_file)
+        assert r.code == 0, r.stderr
+        assert sorted(p.name for p in target.iterdir()) == before
+        assert os.stat(target / "model.int8.onnx").st_ino == inode  # untouched, not copied
+        assert stat.S_IMODE(os.stat(target / "report.md").st_mode) == 0o640
+        assert "were re-run with onnxruntime" in newest(target)  # the new report
+        assert load(target).manifest.verdict == "pass"
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
