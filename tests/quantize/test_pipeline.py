@@ -217,7 +217,10 @@ def test_gate_with_an_eval_file_and_bad_input(cli, tmp_path, gate_file, caplog):
     assert "--allow-unlabelled" in said and (out / "manifest.json").read_bytes() == before
     r = cli("gate", out, "--eval", unlabelled, *args, "--allow-unlabelled")
     assert r.code in (0, 3), r.stderr
-    assert "in place of its labelled accuracy gate, as --allow-unlabelled asks" in caplog.text
+    assert (
+        "in place of its labelled accuracy gate (accuracy_drop <= 1 points), as --allow-unlabelled asks"
+        in caplog.text
+    )
     assert {"top1_agreement", "kl"} <= {g.name for g in load(out).manifest.variant("int8").gates}
 
     bad = tmp_path / "bad.npz"
