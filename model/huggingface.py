@@ -43,6 +43,7 @@ HF_HEADS = {
     TOKEN_CLASSIFICATION: "ForTokenClassification",
 }
 PRETRAINING_HEADS = ("ForMaskedLM", "ForPreTraining", "ForCausalLM")
+ENCODER_ONLY = "EncoderModel"  # T5EncoderModel, MT5EncoderModel, UMT5EncoderModel
 
 
 def _has_head(architecture: str) -> bool:
@@ -78,7 +79,10 @@ def load_huggingface(
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad directory
         raise ModelLoadError(f"cannot load the Hugging Face model at {path}: {brief(e)}") from e
     archs = config.architectures or []
-    if getattr(config, "is_encoder_decoder", False):  # before _hf_task's advice on its head
+    # A checkpoint saved as an encoder-decoder's encoder alone (T5EncoderModel, sentence-T5's
+    # kind) may still say is_encoder_decoder: transformers 4 saved its config so.
+    encoder_only = bool(archs) and archs[0].endswith(ENCODER_ONLY)
+    if getattr(config, "is_encoder_decoder", False) and not encoder_only:  # before _hf_task
         t5 = config.model_type in ("t5", "mt5", "umt5")
         raise ModelLoadError(
             f"{path} is an encoder-decoder model ({', '.join(archs) or config.model_type}): "
@@ -268,9 +272,11 @@ def _hf_model(path: Path, task: str, archs: Sequence[str]) -> Any:  # a PreTrain
         SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification,
         TOKEN_CLASSIFICATION: AutoModelForTokenClassification,
     }.get(task, AutoModel)
-    # A checkpoint saved as a base model other than AutoModel's for its type is loaded as
-    # itself: T5EncoderModel's, which AutoModel would load as T5Model, encoder and decoder.
-    own = archs[0] if archs and not _has_head(archs[0]) else None
+    # A checkpoint saved as an encoder-decoder's encoder alone is loaded as itself:
+    # T5EncoderModel's, which AutoModel would load as T5Model, encoder and decoder. (Not any
+    # class named by the checkpoint: GPT2LMHeadModel's or XLMWithLMHeadModel's would bring
+    # their LM heads; AutoModel loads their base models.)
+    own = archs[0] if archs and archs[0].endswith(ENCODER_ONLY) else None
     if cls is AutoModel and own and isinstance(getattr(transformers, own, None), type):
         cls = getattr(transformers, own)
     bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
@@ -351,12 +357,13 @@ VALIDATION_SCORES_BYTES = 2**31
 
 
 def _validated_length(path: Path, limit: int, heads: int) -> int:
-    """``limit``, the longest input the model is made for, or, where validating at it would
-    take more than ``VALIDATION_SCORES_BYTES`` of attention scores (Qwen2's 32,768 tokens:
-    34 GB, which ended the export in an allocation error), the longest half of it, down to
-    512, that does not; said in a warning."""
+    """``limit``, the longest input the model is made for, or, past 8,192 tokens where
+    validating at it would take more than ``VALIDATION_SCORES_BYTES`` of attention scores
+    (Qwen2's 32,768: 34 GB, which ended the export in an allocation error), the longest half
+    of it, not below 8,192, that does not; said in a warning. Encoders made for 8,192 or
+    fewer (ModernBERT, bge-m3) keep theirs: their server caps requests at it."""
     length = limit
-    while length > 512 and 2 * heads * length * length * 4 > VALIDATION_SCORES_BYTES:
+    while length > 8192 and 2 * heads * length * length * 4 > VALIDATION_SCORES_BYTES:
         length //= 2
     if length < limit:
         log.warning(

@@ -372,7 +372,9 @@ def is_mount_point(path: Path) -> bool:
     if os.path.ismount(path):
         return True
     try:
-        table = Path("/proc/self/mountinfo").read_text()
+        # undecodable bytes as os.path.realpath gives them: a mount of such a path anywhere
+        # must not break the check of every other
+        table = Path("/proc/self/mountinfo").read_text(errors="surrogateescape")
     except OSError:
         return False
     real = os.path.realpath(path)

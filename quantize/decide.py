@@ -96,10 +96,6 @@ class GateConfig:
             problems.append(("iterations", f"{self.iterations}: expected >= 3"))
         if self.warmup < 0:
             problems.append(("warmup", f"{self.warmup}: expected >= 0"))
-        if self.threads < 0:  # ONNX Runtime would refuse it at the first session, minutes on
-            problems.append(
-                ("threads", f"{self.threads}: expected >= 0 (0: ONNX Runtime's default)")
-            )
         if self.bootstrap < 100:
             problems.append(("bootstrap", f"{self.bootstrap}: expected >= 100"))
         if self.eval_samples is not None and self.eval_samples < 1:
@@ -308,7 +304,7 @@ def tail_gate(
 # under (``gate_definitions``, beside its gate_config), and a re-gate of a bundle gated under
 # an older one says what changed since: the same gate, threshold and data can decide
 # differently. Bump it, with what changed, when a gate's value or decision changes.
-GATE_DEFINITIONS = 2
+GATE_DEFINITIONS = 3
 DEFINITION_CHANGES: dict[int, tuple[str, ...]] = {
     2: (
         "nn_top1_agreement counts a near tie as agreement (the candidate's nearest row is "
@@ -317,6 +313,12 @@ DEFINITION_CHANGES: dict[int, tuple[str, ...]] = {
         "(it scored 0)",
         "under ci_rule 'upper' a gate with no interval fails (its value decided it)",
         "R²'s resamples in which FP32 is constant count as the worst (they were dropped)",
+    ),
+    3: (
+        "a classifier's labels that FP32's answers do not follow (no agreement beyond "
+        "chance, Cohen's kappa) add top1_agreement and kl to its accuracy gate",
+        "evaluation rows with fewer than 30 distinct embeddings are refused (the "
+        "nearest-neighbour gate failed on them)",
     ),
 }
 

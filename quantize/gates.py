@@ -62,7 +62,6 @@ from quantgate.quantize.stats import (
     paired_interval,
     percentile_interval,
     resamples,
-    wilson,
 )
 from quantgate.sessions import session
 from quantgate.tasks import CLASSIFIER_TASKS, EMBEDDING_TASKS, TOKEN_TASKS
@@ -307,27 +306,36 @@ LABELS_MATCH_CONFIDENCE = 0.99
 
 
 def labels_at_chance(reference: Outputs, logits: str) -> str | None:
-    """Where FP32's own top classes agree with the labels no better than chance (the
-    agreement of answers unrelated to the labels, with these class shares), why, in words;
-    else None. Labels shuffled, or numbered in another order than the model's classes, or a
-    model not trained for them: the accuracy gate compares INT8 with FP32 on the labels, so
-    on such labels it passes any INT8 (random labels on the digits model put FP32 at 11.9%,
-    and passed an INT8 broken to 9%). Such rows are gated on agreement with FP32 as well."""
+    """Where FP32's own top classes agree with the labels no better than chance, why, in
+    words; else None. Labels shuffled, numbered in another order than the model's classes,
+    or a model not trained for them: the accuracy gate compares INT8 with FP32 on the
+    labels, so on such labels it passes any INT8 (random labels on the digits model put FP32
+    at 11.9%, and passed an INT8 broken to 9%). Such rows are gated on agreement with FP32
+    as well. "Chance" is Cohen's kappa: the agreement beyond what the two class
+    distributions give unrelated answers, whose one-sided lower bound must be above 0; a
+    skewed set (98% one class) is judged by its few other rows, not by its accuracy."""
     x, y = _class_scores(reference, logits), reference.labels
     assert y is not None
     n, classes = len(y), x.shape[-1]
-    hits = _hits(x, y)
+    observed = float(_hits(x, y).mean())
     predicted = np.bincount(x.argmax(-1), minlength=classes) / n
     labelled = np.bincount(y, minlength=classes) / n
     chance = float(predicted @ labelled)
-    low, high = wilson(int(hits.sum()), n, LABELS_MATCH_CONFIDENCE)
-    if low > chance:
+    if chance >= 1 - 1e-12:  # one class labelled and predicted: nothing to tell them by
+        return None
+    kappa = (observed - chance) / (1 - chance)
+    se = math.sqrt(max(observed * (1 - observed), 1 / n) / n) / (1 - chance)
+    low = kappa - _Z_ONE_SIDED * se
+    if low > 0:
         return None
     return (
-        f"FP32's own top class is the label on {hits.mean():.1%} of {n} rows "
-        f"({LABELS_MATCH_CONFIDENCE:.0%} interval {low:.1%}..{high:.1%}), no better than "
-        f"answers unrelated to the labels ({chance:.1%})"
+        f"FP32's own top class is the label on {observed:.1%} of {n} rows, against "
+        f"{chance:.1%} for answers unrelated to the labels (Cohen's kappa {kappa:.3f}, its "
+        f"{LABELS_MATCH_CONFIDENCE:.0%} lower bound {low:.3f}: no agreement beyond chance)"
     )
+
+
+_Z_ONE_SIDED = 2.326  # the normal quantile of LABELS_MATCH_CONFIDENCE, one-sided
 
 
 def _unscored_labels(reference: Outputs, task: str) -> None:

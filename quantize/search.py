@@ -340,9 +340,11 @@ def search(
                  time.monotonic() - t0, stopped, skipped)  # fmt: skip
     chosen, retimed = None, []
     winners = sorted((c for c in candidates if c.passed), key=lambda c: -c.speedup)
+    # timing the winners again is one more step of the search, said with its time (the last
+    # candidate's time was charged with it)
+    steps = len(candidates) + (1 if winners else 0)
     for cand in winners[:CONFIRMATIONS]:
-        # a step of its own: the last candidate's time is not charged with this one's
-        emit("search", len(candidates), len(candidates), f"timing {cand.name} again")
+        emit("search", len(candidates), steps, f"timing {cand.name} again")
         retimed.append(_confirm(cand, fp32, inputs, max_seq_len, sample, gate_cfg, emit, workdir))
         if retimed[-1].passed:
             chosen = retimed[-1]
@@ -354,7 +356,7 @@ def search(
         done = f"done: {len(retimed)} passed in the search, none when timed again"
     else:
         done = "done: no candidate passed"
-    emit("search", len(candidates), len(candidates), done)
+    emit("search", steps, steps, done)
     return SearchResult(
         candidates=tuple(candidates),
         chosen=chosen,

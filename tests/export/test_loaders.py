@@ -501,6 +501,11 @@ def test_a_t5_encoder_is_exported_as_itself(tiny_bert, tmp_path, cli, caplog):
     with pytest.raises(ConfigError, match="no table of positions .* pass --max-seq-len"):
         load_model(t5)
     assert load_model(t5, max_seq_len=64).max_seq_len == 64
+    # published T5 encoders (sentence-t5, gtr-t5) were saved by transformers 4, whose config
+    # still says is_encoder_decoder: an encoder all the same
+    config = json.loads((t5 / "config.json").read_text())
+    (t5 / "config.json").write_text(json.dumps({**config, "is_encoder_decoder": True}))
+    assert type(load_model(t5, max_seq_len=64).module.inner.model).__name__ == "T5EncoderModel"
 
 
 def test_an_encoder_decoder_model_is_refused_with_what_to_export_instead(tiny_bert, tmp_path):
@@ -539,6 +544,8 @@ def test_families_a_sweep_found_load_as_what_they_are(tiny_bert, tmp_path, caplo
     from transformers import (
         BigBirdConfig,
         BigBirdModel,
+        GPT2Config,
+        GPT2LMHeadModel,
         LlamaConfig,
         LlamaModel,
         RoFormerConfig,
@@ -569,6 +576,11 @@ def test_families_a_sweep_found_load_as_what_they_are(tiny_bert, tmp_path, caplo
         assert load_model(path).max_seq_len == 8192  # 2 x 4 heads x 8192^2 x 4 bytes: 2.1 GB
     assert "takes up to 32768 tokens; exported and validated for 8192" in caplog.text
     assert load_model(path, max_seq_len=16384).max_seq_len == 16384  # asked for: as asked
+
+    # a base model named with its LM head is exported as the base model, not the head
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_embd=32, n_layer=1, n_head=4))
+    m = load_model(_with_minilms_tokenizer(tmp_path / "gpt2", gpt2), max_seq_len=32)
+    assert type(m.module.inner.model).__name__ == "GPT2Model"
 
     sparse = tiny_bert(tmp_path / "bigbird", BigBirdModel, BigBirdConfig,
                        attention_type="block_sparse", block_size=8)  # fmt: skip

@@ -45,11 +45,12 @@ def test_keeps_the_fastest_passing_candidate_not_the_first(tmp_path):
     said = [e for e in events if e[0] == "search"]
     assert said[-1][3] == f"done: {found.chosen.name} ships"
     n = len(found.candidates)
-    again = [(c.name, n, n) for c in found.retimed]
+    again = [(c.name, n, n + 1) for c in found.retimed]  # one more step, with its time
     assert [
         (e[3].removeprefix("timing ").removesuffix(" again"), e[1], e[2])
         for e in said[-1 - len(again) : -1]
     ] == again
+    assert said[-1][1:3] == (n + 1, n + 1)
     made = [c for c in found.candidates if c.path is not None]
     assert len(found.candidates) >= 3 and made
     winners = [c for c in found.candidates if c.passed]
