@@ -417,9 +417,8 @@ def check_eval_rows(
     embedding's outputs is gated on cosine alone, on any number of rows."""
     if not counts_rows(task, outputs) or ev.samples >= MIN_EVAL_ROWS:
         return
-    measure = (
-        "accuracy" if task in CLASSIFIER_TASKS else "agreement"
-    )  # an embedding's: its neighbours'
+    # a classifier's rows are points of accuracy; an embedding's, of its neighbours' agreement
+    measure = "accuracy" if task in CLASSIFIER_TASKS else "agreement"
     need = (
         f"the accuracy, top-1 and nearest-neighbour gates need at least {MIN_EVAL_ROWS} "
         f"evaluation rows (with {ev.samples}, each row is {100 / ev.samples:.3g} points of "
