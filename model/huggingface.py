@@ -329,13 +329,30 @@ def _readable(path: Path, tokenizer, samples: Samples) -> Samples:
     real = np.arange(ids.shape[1]) < samples.lengths[:, None]  # (N, T): not padding
     unknown = float((ids[real] == tokenizer.unk_token_id).mean())
     if unknown > 0.5:
-        raise ModelLoadError(
+        said = (
             f"{path}: its tokenizer reads {unknown:.0%} of English text's tokens as the unknown "
-            f"token {tokenizer.unk_token!r} (it has {len(tokenizer)} tokens): the directory "
-            "lacks the tokenizer's files (tokenizer.json, vocab.txt, ...). Copy them in beside "
-            "config.json."
+            f"token {tokenizer.unk_token!r} (it has {len(tokenizer)} tokens)"
+        )
+        if files := sorted(f for f in TOKENIZER_FILES if (path / f).is_file()):
+            # ESM's 33 amino acids: the files are there, and English is not its text
+            raise ModelLoadError(
+                f"{said}, from {', '.join(files)}: it is not made for English text (a protein "
+                "or character vocabulary, say), and quantgate validates a Hugging Face export "
+                "on English text it tokenizes. Export it as a factory (package.module:factory, "
+                "docs/export.md) whose example_inputs are real inputs of the model."
+            )
+        raise ModelLoadError(
+            f"{said}: the directory lacks the tokenizer's files (tokenizer.json, vocab.txt, "
+            "...). Copy them in beside config.json."
         )
     return samples
+
+
+# Files a Hugging Face tokenizer is read from (one of them, with its config)
+TOKENIZER_FILES = (
+    "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+    "tokenizer.model",
+)  # fmt: skip
 
 
 def _hf_positions(model: nn.Module, config) -> int | None:

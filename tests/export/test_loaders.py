@@ -354,6 +354,21 @@ def test_a_tokenizer_without_its_files_is_refused(tiny_bert, tmp_path):
         load_model(path)
 
 
+def test_a_tokenizer_not_made_for_english_is_told_to_export_a_factory(tiny_bert, tmp_path):
+    """ESM's 33-token amino-acid vocabulary reads English as unknown tokens: its files are
+    there, and the refusal said they were missing."""
+    from transformers import BertModel
+
+    path = tiny_bert(tmp_path / "protein", BertModel)
+    (path / "tokenizer.json").unlink()
+    amino = list("ACDEFGHIKLMNPQRSTVWY")  # the amino acids
+    (path / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *amino])
+    )
+    with pytest.raises(ModelLoadError, match=r"from vocab.txt: it is not made for English text"):
+        load_model(path)
+
+
 @pytest.mark.parametrize(
     ("pooling", "mode"),
     [
