@@ -1037,6 +1037,8 @@ def rewrite(bundle: Bundle, manifest: Manifest, report: str) -> None:
     over the old one), the manifest last, as what says what the bundle is."""
     if is_mount_point(bundle.path):
         for name, text in ((REPORT, report), (MANIFEST, _manifest_text(manifest))):
+            for stale in bundle.path.glob(f".{name}.*"):  # a rewrite killed mid-way (the
+                stale.unlink()  # caller holds the bundle: no other is under way)
             _replace_file(bundle.path / name, text)
         return
     with staging(bundle.path, carries_others=True) as tmp:

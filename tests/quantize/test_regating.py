@@ -289,6 +289,7 @@ def test_a_bundle_that_is_a_mount_point_is_regated_in_place(cli, bundle, gate_fi
         assert not os.path.ismount(target) and is_mount_point(target)  # the same filesystem
         os.chmod(target / "report.md", 0o640)
         before = sorted(p.name for p in target.iterdir())
+        (target / ".report.md.k1ll3d").write_text("half")  # an earlier rewrite, killed
         inode = os.stat(target / "model.int8.onnx").st_ino
         r = cli("gate", target, "--gate-config", gate_file)
         assert r.code == 0, r.stderr
