@@ -116,25 +116,21 @@ def load_huggingface(
         raise ModelLoadError(
             f"{path}: expected a text model taking input_ids; its forward takes {list(takes)[:6]}"
         )
-    positions = _hf_positions(model, config)
-    limit = _hf_max_seq_len(path, config, tokenizer)
-    if positions is not None:
-        limit = min(limit, positions) if limit is not None else positions
-    if max_seq_len is not None and not 1 <= max_seq_len <= (positions or max_seq_len):
+    positions = _hf_positions(model, config)  # None: relative attention, no table
+    if max_seq_len is not None and positions is not None and not 1 <= max_seq_len <= positions:
         raise ConfigError(
             f"--max-seq-len {max_seq_len} is outside 1..{positions}, the positions the model "
             "has embeddings for"
         )
-    if max_seq_len is None and limit is not None:
-        limit = _validated_length(path, limit, config.num_attention_heads)
     if max_seq_len is None:
-        if limit is None:
+        limits = [n for n in (_hf_max_seq_len(path, tokenizer), positions) if n is not None]
+        if not limits:
             raise ConfigError(
                 f"{path}: the model has no table of positions (relative attention, as T5's) "
                 "and its tokenizer names no longest input: pass --max-seq-len, the longest "
                 "sequence to export and serve (512 for T5's checkpoints)"
             )
-        max_seq_len = limit
+        max_seq_len = _validated_length(path, min(limits), config.num_attention_heads)
     vocab = model.get_input_embeddings().num_embeddings
     pad_id = _hf_pad_id(path, config, tokenizer, task, vocab)
     if getattr(model.config, "pad_token_id", None) is None:
@@ -392,14 +388,15 @@ def _validated_length(path: Path, limit: int, heads: int) -> int:
     return length
 
 
-def _hf_max_seq_len(path: Path, config, tokenizer) -> int | None:
-    """The longest input the model is meant for: sentence-transformers' limit, else the
-    model's and its tokenizer's; None where neither names one."""
+def _hf_max_seq_len(path: Path, tokenizer) -> int | None:
+    """The longest input the model is meant for, as its directory says besides its positions
+    (``_hf_positions`` bounds it): sentence-transformers' limit, else its tokenizer's; None
+    where neither names one."""
     st = path / "sentence_bert_config.json"
     if st.is_file() and (n := read_json(st, dict, SENTENCE_CONFIG).get("max_seq_length")):
         return int(n)
-    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
-    return min((n for n in limits if isinstance(n, int) and 0 < n < 1_000_000), default=None)
+    n = tokenizer.model_max_length  # transformers' stand-in for none: about 1e30
+    return n if isinstance(n, int) and 0 < n < 1_000_000 else None
 
 
 def _sentence_pooling(path: Path) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from quantgate import cpus, placement
 from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, all_passed, speed_gate_name
 from quantgate.configs import check_fields, config_class
 from quantgate.progress import ProgressFn
-from quantgate.quantize.decide import GateConfig
+from quantgate.quantize.decide import GateConfig, meets
 from quantgate.quantize.speed import speed_feeds, time_interleaved
 from quantgate.sessions import session
 
@@ -246,12 +246,9 @@ def _why_failed(gates: Sequence[GateResult]) -> list[str]:
     return out + [
         f"{g.name} {g.value:.2f} (needs {g.op} {g.threshold:g})"
         for g in failed
-        if g.name != "placement" and not (g.is_speed and _meets(g))  # failed by the fall-back
+        if g.name != "placement"
+        and not (g.is_speed and meets(g.value, g.op, g.threshold))  # failed by the fall-back
     ]
-
-
-def _meets(g: GateResult) -> bool:
-    return g.value >= g.threshold if g.op == ">=" else g.value <= g.threshold
 
 
 def gate_variants(

@@ -173,29 +173,29 @@ def uncertain(gate: GateResult) -> bool:
     with any confidence."""
     if gate.ci is None or not _straddles(gate.ci, gate.op, gate.threshold):
         return False
-    return gate.passed == _meets(gate.value, gate.op, gate.threshold)
+    return gate.passed == meets(gate.value, gate.op, gate.threshold)
 
 
 def failed_by_bound(gate: GateResult) -> str | None:
     """Where ``gate`` failed on its interval's bound though its value passes (``ci_rule``
     "upper"): that bound, as "upper bound 0.037" (its figure in the gate's terms); else
     None. A reader who sees "0 <= 0.02: FAIL" needs it."""
-    if gate.passed or gate.ci is None or not _meets(gate.value, gate.op, gate.threshold):
+    if gate.passed or gate.ci is None or not meets(gate.value, gate.op, gate.threshold):
         return None
     side, bound = ("upper", gate.ci[1]) if gate.op == "<=" else ("lower", gate.ci[0])
     if f"its {side} bound must be" not in gate.detail:  # decided otherwise (too few rows, ...)
         return None
-    return None if _meets(bound, gate.op, gate.threshold) else f"{side} bound {bound:.4g}"
+    return None if meets(bound, gate.op, gate.threshold) else f"{side} bound {bound:.4g}"
 
 
-def _meets(value: float, op: str, threshold: float) -> bool:
+def meets(value: float, op: str, threshold: float) -> bool:
     """Whether ``value`` is on the passing side of ``threshold`` (``op`` "<=" or ">="), with
     1e-9 of slack for sums of floats; NaN never is."""
     return value <= threshold + 1e-9 if op == "<=" else value >= threshold - 1e-9
 
 
 def _straddles(ci: tuple[float, float], op: str, threshold: float) -> bool:
-    return _meets(ci[0], op, threshold) != _meets(ci[1], op, threshold)
+    return meets(ci[0], op, threshold) != meets(ci[1], op, threshold)
 
 
 def decide(
@@ -220,7 +220,7 @@ def decide(
         decisive, what = (ci[1] if op == "<=" else ci[0]), f"its {bound} bound"
     else:
         decisive, what = value, "the point estimate"
-    passed = bool(valid and _meets(decisive, op, threshold))
+    passed = bool(valid and meets(decisive, op, threshold))
     words = f"; {what} must be {op} the threshold"
     if not valid or ci is None or not _straddles(ci, op, threshold):
         return passed, words
@@ -229,7 +229,7 @@ def decide(
             f": it {'passes' if passed else 'fails'} by less than its {confidence:.0%} "
             "interval, within the measurement's uncertainty"
         )
-    elif _meets(value, op, threshold):
+    elif meets(value, op, threshold):
         words += f": the point estimate passes, its {bound} bound does not"
     return passed, words
 
@@ -337,6 +337,7 @@ __all__ = [
     "failed_by_bound",
     "interval_gate",
     "mean_gate",
+    "meets",
     "tail_gate",
     "uncertain",
 ]
