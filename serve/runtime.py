@@ -20,7 +20,13 @@ import onnxruntime as ort
 from quantgate import bundle as qb
 from quantgate import cpus, fsutil, placement, workarounds
 from quantgate.bundle import CPU, CUDA
-from quantgate.errors import BadRequest, BundleError, InferenceFailed, ServeError
+from quantgate.errors import (
+    BadRequest,
+    BundleError,
+    InferenceFailed,
+    QuantgateError,
+    ServeError,
+)
 from quantgate.serve import modelfile
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.dtypes import datatype
@@ -122,13 +128,16 @@ class Model:
         # that it changed since (watch.BundleWatch)
         self.on_disk = on_disk if on_disk is not None else bundle_stamp(bundle.path)
 
-    def served(self) -> Served:
-        """What watch.BundleWatch watches of this model's bundle."""
+    def served(self, cfg: ServeConfig) -> Served:
+        """What watch.BundleWatch watches of this model's bundle; ``cfg`` is what a restart
+        would load it with."""
+        path = self.bundle.path.absolute()
         return Served(
-            self.bundle.path.absolute(),
+            path,
             (self.name, self.version),
             f"{self.variant.file}, sha256 {self.variant.sha256[:12]}...",
             self.on_disk,
+            outlook=lambda: restart_outlook(path, cfg, self.provider, self.variant),
         )
 
     def _sequence_axis(self) -> str | None:
@@ -402,6 +411,47 @@ def open_model(
     )
     log.info("loaded %s", model.describe())
     return model
+
+
+def restart_outlook(path: Path, cfg: ServeConfig, provider: str, served: qb.Variant) -> str:
+    """What a restart would serve of the bundle at ``path`` as it is on disk now, in words,
+    for the warning that it changed (watch.BundleWatch): the copy it would serve, whether
+    that is the one ``served`` now, or why it would be refused. Read from the manifest alone
+    (its files are hashed when a restart loads them); where ONNX Runtime would place the
+    nodes on CUDA is not known until then."""
+    try:
+        manifest = qb.load(path, verify=False).manifest
+    except QuantgateError as e:
+        return f"a restart would refuse it: {e}"
+    now = next(
+        (v for v in manifest.variants if (v.file, v.sha256) == (served.file, served.sha256)),
+        None,
+    )
+    failing = [v.precision for v in manifest.variants if not v.passed]
+    said = []
+    if now is not None and not now.passed:
+        said.append(
+            f"the copy served ({now.precision}) now fails its gates: see {path / qb.REPORT}"
+        )
+    if manifest.verdict != qb.PASS and not cfg.allow_failed_gates:
+        said.append(
+            f"a restart would refuse it (variants {failing} failed their gates; "
+            "--allow-failed-gates serves its passing variants)"
+        )
+        return "; ".join(said)
+    try:
+        v = choose_variant(
+            manifest,
+            provider,
+            precision=cfg.precision,
+            allow_failed=cfg.allow_failed_gates,
+            quiet=True,  # what the choice would log is for the restart to say
+        )
+    except QuantgateError as e:
+        return "; ".join([*said, f"a restart would refuse it: {e}"])
+    what = f"{v.file}, sha256 {v.sha256[:12]}..."
+    same = " (the copy served now)" if (v.file, v.sha256) == (served.file, served.sha256) else ""
+    return "; ".join([*said, f"a restart would serve {v.precision} ({what}){same}"])
 
 
 def placement_refusal(

@@ -767,7 +767,7 @@ def _run(cfg: ServeConfig, on_ready: Callable[[int, Engine], None] | None) -> No
     # Served as loaded: a bundle that changes on disk is said so once, not reloaded
     changed = engine.metrics.bundle_changed
     bundles = watch.BundleWatch(
-        (m.served() for m in engine.repository),
+        (m.served(cfg) for m in engine.repository),
         on_change=lambda model, is_changed: changed.labels(*model).set(int(is_changed)),
     )
     stop = threading.Event()

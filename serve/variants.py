@@ -81,11 +81,12 @@ def choose_variant(
     *,
     precision: str | None = None,
     allow_failed: bool = False,
+    quiet: bool = False,
 ) -> qb.Variant:
     """The fastest variant that passed its gates on ``provider`` (FP32 when none beats it).
 
     ``precision`` forces one variant; it must suit the provider, and must have passed its
-    gates unless ``allow_failed``.
+    gates unless ``allow_failed``. A variant passed over is logged, unless ``quiet``.
     """
     if precision is not None:
         v = manifest.variant(precision)
@@ -114,14 +115,15 @@ def choose_variant(
             # Its gates passed only because they were set below 1x (--min-speedup 0.5, say):
             # accurate enough, but FP32 is faster here, and faster is what it is for.
             slower.append(v)
-            log.warning(
-                "%s passed its gates but runs at %.3fx fp32 on %s (geometric mean of its "
-                "measured shapes); not serving it. Pass --precision %s to serve it anyway.",
-                v.precision,
-                score,
-                provider,
-                v.precision,
-            )
+            if not quiet:
+                log.warning(
+                    "%s passed its gates but runs at %.3fx fp32 on %s (geometric mean of its "
+                    "measured shapes); not serving it. Pass --precision %s to serve it anyway.",
+                    v.precision,
+                    score,
+                    provider,
+                    v.precision,
+                )
     if measured:
         # Passing its speed gates on this provider is the evidence, even where the slowest
         # shape only ties FP32 (a GPU at batch 1 is launch-bound: its gate asks >= 0.95x).
@@ -134,7 +136,7 @@ def choose_variant(
         # precision, accuracy gates passed, over FP32.
         return preferred[0]
     fp32 = [v for v in candidates if v.precision == "fp32"]
-    for v in candidates if fp32 else ():
+    for v in candidates if fp32 and not quiet else ():
         if v.precision != "fp32" and v not in slower:
             log.info(
                 "%s passed its gates but none timed it on %s, so nothing says it is faster "

@@ -10,7 +10,8 @@ interval until it succeeds: some causes pass with time, the files untouched (a r
 certificate's start of validity arriving; permissions fixed, which changes no stamp).
 
 Bundles are not read again (``BundleWatch``): the server serves what it loaded at start,
-and says so once when a served bundle changes or goes on disk.
+and says once when a served bundle changes or goes on disk, with what a restart would serve
+(a re-gate that failed the copy served says so).
 """
 
 from __future__ import annotations
@@ -125,15 +126,17 @@ def bundle_stamp(folder: Path) -> tuple:
 
 @dataclass
 class Served:
-    """A bundle as the server loaded it: ``what`` names the model and the copy served
-    ("model digits v1", "model.int8.onnx, sha256 3b35f566ab12..."), ``loaded`` is its
-    ``bundle_stamp`` taken before it was read, ``seen`` the stamp last looked at."""
+    """A bundle as the server loaded it: ``model`` names it and ``serving`` the copy served
+    ("model.int8.onnx, sha256 3b35f566ab12..."), ``loaded`` is its ``bundle_stamp`` taken
+    before it was read, ``seen`` the stamp last looked at. ``outlook()`` says what a restart
+    would serve of the bundle as it is on disk now (runtime.restart_outlook)."""
 
     path: Path
     model: tuple[str, str]  # (name, version)
     serving: str
     loaded: tuple
     seen: tuple | None = None
+    outlook: Callable[[], str] | None = None
 
     def __post_init__(self) -> None:
         self.seen = self.loaded
@@ -194,10 +197,10 @@ class BundleWatch:
                 )
             else:
                 log.warning(
-                    "%s changed on disk since it was loaded: %s; restart the server to serve "
-                    "the new one",
+                    "%s changed on disk since it was loaded: %s; %s",
                     where,
                     kept,
+                    b.outlook() if b.outlook else "restart the server to serve the new one",
                 )
             self.on_change(b.model, now != b.loaded)
         return changed

@@ -214,6 +214,67 @@ def test_a_change_on_disk_is_warned_about_once_per_change(tmp_path, caplog):
     assert changes == [(("tiny", "1"), True)] * 4
 
 
+def _gated_int8(b: Path, passed: bool) -> None:
+    """Give the bundle's INT8 the gates a re-gate writes: accurate and faster, or not."""
+    manifest = qb.load(b, verify=False).manifest
+    gates = (
+        qb.GateResult("accuracy_drop", 0.2 if passed else 3.0, 1.0, "<=", passed),
+        qb.GateResult("speedup_b1_s128", 1.8, 1.2, ">=", True, provider=CPU),
+    )
+    variants = tuple(
+        dataclasses.replace(v, gates=gates, verdict=qb.verdict_of(gates))
+        if v.precision == "int8"
+        else v
+        for v in manifest.variants
+    )
+    qb.write_manifest(b, dataclasses.replace(manifest, variants=variants))
+
+
+@pytest.mark.parametrize("allow_failed", [False, True])
+def test_a_re_gate_that_fails_the_copy_served_is_said_with_what_a_restart_would_serve(
+    tmp_path, caplog, allow_failed
+):
+    """The server keeps serving what it loaded; the warning says what a restart would do
+    with the bundle as re-gated: the copy served now failing is news to an operator."""
+    b = bundles.build(tmp_path / "b", "classifier", verdict=qb.FAIL)
+    _gated_int8(b, passed=True)
+    cfg = ServeConfig(path=b, allow_failed_gates=allow_failed)
+    model = runtime.open_model(b, cfg, CPU)
+    assert model.variant.precision == "int8"
+    watch = BundleWatch([model.served(cfg)])
+
+    def warned() -> str:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="quantgate.serve.watch"):
+            assert len(watch.check()) == 1
+        return caplog.text
+
+    _gated_int8(b, passed=False)  # re-gated on new data: INT8 now 3 points off
+    said = warned()
+    assert CHANGED in said and "(model.int8.onnx, sha256" in said
+    assert f"the copy served (int8) now fails its gates: see {b / 'report.md'}" in said
+    if allow_failed:
+        fp32 = qb.load(b, verify=False).manifest.variant("fp32").sha256[:12]
+        assert f"a restart would serve fp32 (model.fp32.onnx, sha256 {fp32}...)" in said, said
+    else:
+        assert "a restart would refuse it (variants ['int8'] failed their gates; " in said
+        assert "--allow-failed-gates serves its passing variants)" in said
+    _gated_int8(b, passed=True)  # and back
+    said = warned()
+    assert "now fails" not in said, said
+    assert "a restart would serve int8 (model.int8.onnx, sha256 " in said
+    assert said.rstrip().endswith("(the copy served now)"), said
+
+
+def test_a_restart_outlook_names_a_bundle_it_cannot_read(tmp_path):
+    b = bundles.build(tmp_path / "b", "classifier")
+    cfg = ServeConfig(path=b)
+    served = runtime.open_model(b, cfg, CPU).variant
+    (b / "manifest.json").write_text("{")
+    said = runtime.restart_outlook(b, cfg, CPU, served)
+    assert said.startswith("a restart would refuse it: ") and "manifest.json" in said, said
+
+
 def test_a_bundle_put_back_as_it_was_is_said_so(tmp_path, caplog):
     b = bundles.build(tmp_path / "b", "classifier")
     watch = BundleWatch([Served(b, ("tiny", "1"), "x", bundle_stamp(b))])
@@ -255,7 +316,9 @@ def test_a_bundle_re_exported_while_served_is_warned_about_once_and_served_as_lo
         line = next(s for s in srv.stderr if CHANGED in s)
         assert " WARNING quantgate.serve.watch: " in line, line
         assert f"bundle {b} (model tiny-classifier v1)" in line, line
-        assert f"(model.fp32.onnx, sha256 {sha[:12]}...); restart the server to serve" in line
+        newsha = qb.load(b).manifest.variant("fp32").sha256
+        assert f"(model.fp32.onnx, sha256 {sha[:12]}...); a restart would serve fp32 " in line
+        assert line.rstrip().endswith(f"(model.fp32.onnx, sha256 {newsha[:12]}...)"), line
         got = answer()
         np.testing.assert_allclose(got, loaded(feeds), atol=1e-4)
         assert not np.allclose(got, new(feeds), atol=1e-4)  # not the new one
