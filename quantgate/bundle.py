@@ -853,16 +853,23 @@ def _write_failure(out: Path, e: OSError) -> str:
 
 
 def check_writable_target(
-    out: Path, *, force: bool, inputs=(), carries_others=False, mount_ok=False
+    out: Path,
+    *,
+    force: bool,
+    inputs=(),
+    carries_others=False,
+    mount_ok=False,
+    elsewhere: str = "choose another --out",
 ) -> None:
     """Refuse a path the bundle cannot be written to, one that is or holds the job's
     ``inputs`` ((what, path) pairs), and to overwrite something that is not a bundle, or a
     bundle with files of someone else's in it (unless the new bundle ``carries_others``, as
     a re-gate does), unless forced; and a mount point, unless the caller writes into it in
-    place (``mount_ok``: a re-gate, ``rewrite``). Call before heavy work."""
+    place (``mount_ok``: a re-gate, ``rewrite``). ``elsewhere``: what to do instead where
+    ``out`` cannot be written (``target_problem``). Call before heavy work."""
     problem = target_problem(
         out, force=force, is_ours=_quantgate_bundle, noun="bundle", inputs=inputs,
-        mount_ok=mount_ok,
+        mount_ok=mount_ok, elsewhere=elsewhere,
     )  # fmt: skip
     if problem:
         raise BundleError(problem)

@@ -295,6 +295,7 @@ def target_problem(
     noun: str,
     inputs: Iterable[tuple[str, Any]] = (),
     mount_ok: bool = False,
+    elsewhere: str = "choose another --out",
 ) -> str | None:
     """Why ``out`` cannot take a new ``noun`` (a bundle, a checkpoint) written by ``atomic_dir``,
     else None. Cheap: callers check it before heavy work, and raise their own error type.
@@ -303,7 +304,8 @@ def target_problem(
     that holds the job's ``inputs`` ((what, path) pairs: the model, the data; even with
     ``force``), and an existing non-empty directory that ``is_ours`` does not recognise
     unless ``force``; a mount point, unless the caller writes into it in place
-    (``mount_ok``)."""
+    (``mount_ok``). ``elsewhere`` is the advice where ``out``'s place cannot be written:
+    what else to do (a re-gate has no --out)."""
     try:
         os.stat(out)  # follows every link on the way: ELOOP for a loop anywhere in it
     except FileNotFoundError:
@@ -328,17 +330,18 @@ def target_problem(
         return (
             f"cannot write the {noun} at {out}: {parent} is not a directory. Choose another --out."
         )
-    if not os.access(parent, os.W_OK | os.X_OK):
+    in_place = mount_ok and out.is_dir() and is_mount_point(out)  # written inside, not beside
+    if not in_place and not os.access(parent, os.W_OK | os.X_OK):
         return (
-            f"cannot write the {noun} at {out}: {parent} is not writable. Choose another --out, "
-            f"or make {parent} writable (the {noun} is written beside {out.name}, then renamed "
-            "into place)."
+            f"cannot write the {noun} at {out}: {parent} is not writable. Make {parent} "
+            f"writable (the {noun} is written beside {out.name}, then renamed into place), or "
+            f"{elsewhere}."
         )
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file; expected a directory for the {noun}. Choose another path."
     if not out.is_dir():
         return None
-    if not mount_ok and is_mount_point(out):
+    if not in_place and is_mount_point(out):
         return (
             f"--out {out} is a mount point (a volume, say): the {noun} is written beside it "
             "and renamed into place, which cannot replace a mount point. Write it into a "
@@ -348,7 +351,7 @@ def target_problem(
         return (
             f"{out} is read-only ({read_only}); writing the {noun} there would replace it "
             f"as a whole, so refusing. Make it writable (chmod u+w {out}) if it may change, "
-            f"or write the {noun} elsewhere."
+            f"or {elsewhere}."
         )
     if is_ours(out):
         return None

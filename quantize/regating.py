@@ -143,7 +143,16 @@ def _regate(
     allow_unlabelled: bool,
 ) -> Bundle:
     # read-only: refused before the measuring (a re-gate keeps the files it does not list)
-    check_writable_target(bundle.path, force=False, carries_others=True, mount_ok=True)
+    check_writable_target(
+        bundle.path,
+        force=False,
+        carries_others=True,
+        mount_ok=True,
+        elsewhere=(
+            "re-gate a copy of it in a place you can write "
+            f"(cp -r {bundle.path} COPY, then quantgate gate COPY)"
+        ),
+    )
     m = bundle.manifest
     on_cuda = gate_cfg.provider == CUDA
     _require_variants(m, on_cuda)  # before minutes of reading and measuring

@@ -159,6 +159,21 @@ def test_a_bundle_regated_from_inside_it_is_read_back(cli, bundle, gate_file, mo
     assert r.code == 3, r.stderr
 
 
+def test_a_read_only_bundle_is_refused_with_advice_for_a_re_gate(cli, bundle, gate_file):
+    """A re-gate has no --out: the advice for a bundle it may not rewrite is to gate a copy
+    (it said "Choose another --out", an export's words)."""
+    bundle.chmod(0o555)
+    try:
+        r = cli("gate", bundle, "--gate-config", gate_file)
+    finally:
+        bundle.chmod(0o755)
+    assert r.code == 2, r.stderr
+    said = " ".join(r.stderr.split())
+    assert f"{bundle} is read-only (mode 555)" in said, said
+    assert f"or re-gate a copy of it in a place you can write (cp -r {bundle} COPY, then " in said
+    assert "--out" not in said, said
+
+
 def test_settings_looser_than_the_exports_are_said_on_every_run(cli, bundle, gate_file, caplog):
     """A loosened threshold is kept by the next plain re-gate (it keeps the last gating's):
     that one, and every later one, still warns and says so in report.md."""
