@@ -161,10 +161,11 @@ def label_problem(label: Any, names: tuple[str, ...]) -> str | None:
         label = int(label)
     if isinstance(label, str):
         if not names:
-            return f"label {quote(label)} is a string, but {_NO_NAMES}"
+            return f"label {quote(label)} is a string, but {_NO_NAMES}" + _as_number(label, names)
         if label in names:
             return None
-        return _not_a_name(f"label {quote(label)}", [label], names)
+        hint = _as_number(label, names)
+        return _not_a_name(f"label {quote(label)}", [label], names) + ("." + hint if hint else "")
     if not isinstance(label, int) or isinstance(label, bool):
         if names:
             return (
@@ -333,6 +334,16 @@ def _not_a_name(found: str, labels: list[str], names: tuple[str, ...], verb: str
         f"{found} {verb} not one of the model's class names (matched exactly); it has "
         f"{describe_classes(names)}" + _case_hint(labels, names)
     )
+
+
+def _as_number(label: str, names: tuple[str, ...]) -> str:
+    """' For the class index 3, write "label": 3 ...' where a JSON string label reads as a
+    whole number that is a class index: JSON tells a name from an index by its type (a CSV
+    cell cannot, and is read as the index)."""
+    index = cell_index(label)
+    if index is None or index < 0 or (names and index >= label_count(names)):
+        return ""
+    return f' For the class index {index}, write "label": {index} (a JSON number, unquoted).'
 
 
 def _values(a: np.ndarray) -> str:

@@ -174,6 +174,13 @@ def test_string_labels_need_a_model_with_class_names(tmp_path):
     msg = str(e.value)
     assert 'line 2: label "neg" is a string, but labels must be integer class indices' in msg
     assert "carries no class names to map strings through" in msg
+    assert "write" not in msg.split("line 2:")[1], msg  # "neg" reads as no index
+    rows = [{"text": "a", "label": 0}, {"text": "b", "label": "1"}]  # a CSV's cell, quoted
+    with pytest.raises(DataError) as e:
+        open_source(jsonl(tmp_path / "ev.jsonl", rows), info, role="evaluation")
+    msg = " ".join(str(e.value).split())
+    assert 'line 2: label "1" is a string, but labels must be integer class indices' in msg
+    assert 'For the class index 1, write "label": 1 (a JSON number, unquoted).' in msg, msg
     ids = np.array([[101, 2000, 102]] * 3)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": 0 * ids}
     np.savez(tmp_path / "ev.npz", **feeds, labels=np.array(["neg", "pos", "neg"]))
