@@ -187,6 +187,30 @@ def test_the_pipeline_gates_fp16_fidelity_and_speed_on_the_gating_provider(
     assert "FP16 must be 1.2x FP32 at the throughput shape and at least 0.95x" in section[0]
 
 
+def test_the_cuda_throughput_gate_asks_the_gates_min_speedup(
+    tiny_bert_export, feeds, tmp_path, monkeypatch
+):
+    """--min-speedup reaches the CUDA gates (the throughput gate stayed at 1.2 whatever the
+    flag said); batch 1 keeps its "not slower"."""
+    from quantgate.quantize.cuda import gate_built
+    from quantgate.quantize.decide import GateConfig
+    from quantgate.quantize.search import QuantConfig
+
+    quick = functools.partial(cuda.CudaGateConfig, warmup=1, pairs=3, budget_s=0.1)
+    monkeypatch.setattr(cuda, "CudaGateConfig", quick)
+    f16 = fp16.save(fp16.to_fp16(tiny_bert_export.onnx), tmp_path / "fp16.onnx")
+    half = ExtraVariant(f16, "fp16", providers=(cuda.CUDA,))
+    (out,), section = gate_built(
+        tiny_bert_export, [half], lambda: iter(feeds), QuantConfig(), lambda *a: None,
+        gate_cfg=GateConfig(min_speedup=7.5), provider=cuda.CPU,
+    )  # fmt: skip
+    gates = {g.name: g for g in out.gates}
+    assert gates["speedup_b128_s128"].threshold == 7.5
+    assert gates["speedup_b1_s128"].threshold == 0.95
+    assert out.verdict == "fail"  # FP16 on a CPU is not 7.5x FP32
+    assert "FP16 must be 7.5x FP32 at the throughput shape" in section[0]
+
+
 def _dynamic_int8(fp32, out):
     """ORT's dynamic INT8 of ``fp32`` (the variant that falls back to the CPU on CUDA)."""
     import onnx
