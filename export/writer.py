@@ -20,6 +20,7 @@ from quantgate.bundle import (
     MANIFEST,
     PRECISIONS,
     REPORT,
+    TOKENIZER_DIR,
     Bundle,
     GateResult,
     Manifest,
@@ -36,7 +37,6 @@ from quantgate.export.pipeline import ExportResult
 log = logging.getLogger(__name__)
 
 FP32_FILE = "model.fp32.onnx"
-TOKENIZER_DIR = "tokenizer"  # a Hugging Face model's tokenizer, saved into the bundle
 
 
 @dataclass(frozen=True)

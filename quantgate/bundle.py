@@ -63,8 +63,8 @@ from quantgate.fsutil import (
 
 MANIFEST = "manifest.json"
 REPORT = "report.md"
-PLOT = "candidates.png"  # quantize.report's PLOT: the recipe search's plot
-TOKENIZER_DIR = "tokenizer"  # export.writer's: a text model's tokenizer
+PLOT = "candidates.png"  # the recipe search's plot (quantize.report)
+TOKENIZER_DIR = "tokenizer"  # a text model's tokenizer, saved by export.writer
 # The names quantgate writes in a bundle besides the variants: the bundle's own wherever
 # they are found, listed in its manifest or not (older manifests list neither the plot
 # nor the tokenizer).

@@ -14,6 +14,7 @@ from quantgate.bundle import (
     CPU,
     CUDA,
     PASS,
+    PLOT,
     VERDICT_PHRASE,
     GateResult,
     Manifest,
@@ -28,7 +29,6 @@ from quantgate.quantize.search import Candidate, SearchResult
 
 log = logging.getLogger(__name__)
 
-PLOT = "candidates.png"
 HEADING = "## INT8: gates and recipe search"
 REGATED = "## Re-gated"  # + when; the newest re-gate is the first section after the title
 REGATED_CUDA = "## Re-gated on CUDA"  # + when: a re-gate of every variant's CUDA gates

@@ -423,11 +423,12 @@ def tokenizer_of(model: ModelInfo) -> Tokenizer:
     directory, pad = model.tokenizer, model.pad_values.get("input_ids", 0)  # 0: not recorded
     if not Path(directory).is_dir():  # a bundle moved to another machine: the export's path
         raise DataError(
-            f"JSONL text needs the model's tokenizer, recorded at export as {directory}, which "
-            "is not a directory on this machine (bundles exported before they carried their "
+            f"text needs the model's tokenizer, recorded at export as {directory}, which is "
+            "not a directory on this machine (bundles exported before they carried their "
             "tokenizer point at the model's own directory). Re-export the bundle, put the model "
-            "directory there, or pass a .npz of the tokenized inputs instead "
-            "(quantgate.quantize.data.write_npz writes one)."
+            f"directory there, or give the tokenized inputs ({', '.join(model.input_names)}) "
+            "as arrays instead (a .npz for quantgate's data: quantgate.quantize.data.write_npz "
+            "writes one)."
         )
     if model.tokenizer_settings is not None:
         try:

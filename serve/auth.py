@@ -26,9 +26,19 @@ from quantgate.serve.watch import Watched
 
 log = logging.getLogger(__name__)
 
-# The service's calls that answer a yes/no about the server and carry no data: open to
-# probes.
+# The calls anyone may make, token or not (load balancers and probes carry none): health
+# checks (grpc.health.v1), reflection, and the inference service's calls that answer a
+# yes/no about the server and carry no data.
+OPEN_SERVICES = ("/grpc.health.", "/grpc.reflection.")
 OPEN = ("ServerLive", "ServerReady")
+
+
+def is_open(method: str, service: str) -> bool:
+    """Whether ``method`` ("/package.Service/Method") is open to anyone, ``service`` being the
+    inference service's full name: the one rule for the token check and the threads."""
+    return method.startswith(OPEN_SERVICES) or method in (f"/{service}/{m}" for m in OPEN)
+
+
 DENIED = "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
 
 
@@ -103,11 +113,9 @@ def tokens(cfg: ServeConfig) -> Tokens | None:
 
 
 class BearerTokenAuth(grpc.ServerInterceptor):
-    """Require ``authorization: Bearer <token>`` on ``service`` (the inference service's
-    full name), for any of the tokens ``tokens()`` gives; ``on_refused`` counts refusals.
-
-    Health checks (grpc.health.v1, and the protocol's ServerLive and ServerReady) and
-    reflection stay open: load balancers and probes carry no token.
+    """Require ``authorization: Bearer <token>`` on every call but the open ones
+    (``is_open``; ``service`` is the inference service's full name), for any of the tokens
+    ``tokens()`` gives; ``on_refused`` counts refusals.
 
     A refusal reads nothing of its call and runs on ``pool``, not on a request thread: a
     client without a token that sends half a message cannot hold one (it held one per call
@@ -122,19 +130,14 @@ class BearerTokenAuth(grpc.ServerInterceptor):
         on_refused: Callable[[], None],
         pool: futures.ThreadPoolExecutor,
     ):
-        self._prefix = f"/{service}/"
-        self._open = frozenset(self._prefix + m for m in OPEN)
+        self._service = service
         self._tokens = tokens
         self._on_refused = on_refused
         self._denied = refusal(grpc.StatusCode.UNAUTHENTICATED, DENIED, pool)
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
-        if (
-            handler is None
-            or not details.method.startswith(self._prefix)
-            or details.method in self._open
-        ):
+        if handler is None or is_open(details.method, self._service):
             return handler
         sent = [v for k, v in details.invocation_metadata or () if k == "authorization"]
         # one header: with two, a proxy that checked the first could disagree with this

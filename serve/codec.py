@@ -101,7 +101,7 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
                 )
             array = np.frombuffer(data, dtype=dtype)
         else:
-            array = _typed_contents(name, tensor, dtype, field, count)
+            array = _typed_contents(name, tensor, field, count)
         try:
             arrays[name] = array.reshape(shape)
         except ValueError as e:  # e.g. a zero-size shape whose other dims overflow
@@ -284,7 +284,6 @@ def _check_tensor_parameters(
 def _typed_contents(
     name: str,
     tensor: pb.ModelInferRequest.InferInputTensor,
-    dtype: np.dtype,
     field: str,
     count: int,
 ) -> np.ndarray:
@@ -313,10 +312,16 @@ def _typed_contents(
         raise BadRequest(f"input {name!r}: in contents.{field}, {e}") from e
 
 
-# Field numbers in grpc_service.proto: ModelInferResponse.raw_output_contents (bytes, 6) and
-# ModelStreamInferResponse.infer_response (message, 2); both length-delimited (wire type 2).
-_RAW_OUTPUT_TAG = bytes([6 << 3 | 2])
-_INFER_RESPONSE_TAG = bytes([2 << 3 | 2])
+def _tag(message, field: str) -> bytes:
+    """The wire tag of a length-delimited (wire type 2) ``field`` of ``message``, by the
+    field number grpc_service.proto gives it: one byte, for numbers below 16."""
+    number = message.DESCRIPTOR.fields_by_name[field].number
+    assert number < 16, (message.DESCRIPTOR.name, field, number)
+    return bytes([number << 3 | 2])
+
+
+_RAW_OUTPUT_TAG = _tag(pb.ModelInferResponse, "raw_output_contents")  # bytes, 6
+_INFER_RESPONSE_TAG = _tag(pb.ModelStreamInferResponse, "infer_response")  # message, 2
 
 
 def _varint(n: int) -> bytes:

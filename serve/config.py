@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantgate.bundle import PRECISIONS
 from quantgate.configs import check_fields, config_class
 
 DEVICES = ("auto", "cuda", "cpu")
-PRECISIONS = ("fp32", "int8", "fp16")
 ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
 CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 IO_BINDING = ("auto", "on", "off")

@@ -53,14 +53,11 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("quantgate.serve.access")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-# The calls anyone may make, token or not: health (grpc.health.v1, and the protocol's
-# ServerLive and ServerReady) and reflection.
-OPEN_SERVICES = ("/grpc.health.", "/grpc.reflection.")
-_OPEN_METHODS = frozenset(f"/{SERVICE}/{m}" for m in auth.OPEN)
 
 
 def _open_call(method: str) -> bool:
-    return method.startswith(OPEN_SERVICES) or method in _OPEN_METHODS
+    """Whether anyone may make the call, token or not (``auth.is_open``)."""
+    return auth.is_open(method, SERVICE)
 
 
 # Request threads beyond the queue: calls that wait in no queue (metadata, statistics) and
@@ -121,34 +118,21 @@ class AccessLog(grpc.ServerInterceptor):
         return wrapped
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        serde = dict(
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-        if not handler.response_streaming:
-            behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
+        name, make = _KINDS[handler.request_streaming, handler.response_streaming]
+        behavior = getattr(handler, name)
 
-            def unary(request, context):
-                record, start = _opened(context)
-                token = CALL.set(record)
-                code = None
-                try:
-                    return behavior(request, context)
-                except BaseException:
-                    code = "UNKNOWN"  # what gRPC answers for an exception without an abort
-                    raise
-                finally:
-                    CALL.reset(token)
-                    _log_call(method, request, context, record, start, code)
-
-            make = (
-                grpc.stream_unary_rpc_method_handler
-                if handler.request_streaming
-                else grpc.unary_unary_rpc_method_handler
-            )
-            return make(_runs_as(behavior, unary), **serde)
-
-        behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
+        def unary(request, context):
+            record, start = _opened(context)
+            token = CALL.set(record)
+            code = None
+            try:
+                return behavior(request, context)
+            except BaseException:
+                code = "UNKNOWN"  # what gRPC answers for an exception without an abort
+                raise
+            finally:
+                CALL.reset(token)
+                _log_call(method, request, context, record, start, code)
 
         def streaming(request, context):
             record, start = _opened(context)
@@ -162,12 +146,11 @@ class AccessLog(grpc.ServerInterceptor):
                 CALL.reset(token)
             return _logged(responses, method, request, context, record, start)
 
-        make = (
-            grpc.stream_stream_rpc_method_handler
-            if handler.request_streaming
-            else grpc.unary_stream_rpc_method_handler
+        return make(
+            _runs_as(behavior, streaming if handler.response_streaming else unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
         )
-        return make(_runs_as(behavior, streaming), **serde)
 
 
 def _opened(context: grpc.ServicerContext) -> tuple[CallRecord, float]:
@@ -385,7 +368,7 @@ class StreamLimit(grpc.ServerInterceptor):
         if handler is None or not (handler.request_streaming or handler.response_streaming):
             return handler
         name, make = _KINDS[handler.request_streaming, handler.response_streaming]
-        budget = self._budgets[details.method.startswith(OPEN_SERVICES)]
+        budget = self._budgets[_open_call(details.method)]
         return make(
             self._limited(getattr(handler, name), *budget),
             request_deserializer=handler.request_deserializer,

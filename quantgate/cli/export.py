@@ -193,50 +193,50 @@ def export_command(
             min_speedup=min_speedup, min_cosine=min_cosine, min_top1=min_top1,
             gate_config=gate_config,
         )  # fmt: skip
-    else:
-        from quantgate.bundle import load as load_bundle
-        from quantgate.quantize.data import check_path
-        from quantgate.quantize.pipeline import build
-        from quantgate.quantize.search import QuantConfig
-
-        for flag, path in (("--calibration", calibration), ("--eval", eval_data)):
-            if path is not None:
-                check_path(path, flag)  # before minutes of export, not after
-        flags = _gate_flags(max_accuracy_drop, min_speedup, min_cosine, min_top1)
-        gates = _gate_config(gate_config, flags)
-        given: dict[str, Any] = dict(
-            search_budget_s=search_budget,
-            max_candidates=max_candidates,
-            recipes=tuple(recipe) if recipe else None,
-            fp16=fp16,
-            cuda_gates=cuda_gates,
-        )
-        quant = QuantConfig(
-            calibration_samples=samples, **{k: v for k, v in given.items() if v is not None}
-        )
-        try:
-            with progress() as bar:
-                bundle = build(
-                    model,
-                    out_dir,
-                    export_cfg=cfg,
-                    quant_cfg=quant,
-                    gate_cfg=gates,
-                    calibration=calibration,
-                    evaluation=eval_data,
-                    force=force,
-                    on_progress=_bars(bar),
-                )
-        except GateFailed as failed:
-            _print_export(load_bundle(Path(failed.bundle_path or out_dir), verify=False))
-            _print_gates(Path(failed.bundle_path or out_dir))
-            raise
+        with progress() as bar:
+            bundle = export(model, out_dir, cfg=cfg, force=force, on_progress=_bars(bar))
         _print_export(bundle)
-        _print_gates(bundle.path)
         return
-    with progress() as bar:
-        bundle = export(model, out_dir, cfg=cfg, force=force, on_progress=_bars(bar))
+
+    from quantgate.bundle import load as load_bundle
+    from quantgate.quantize.data import check_path
+    from quantgate.quantize.pipeline import build
+    from quantgate.quantize.search import QuantConfig
+
+    for flag, path in (("--calibration", calibration), ("--eval", eval_data)):
+        if path is not None:
+            check_path(path, flag)  # before minutes of export, not after
+    flags = _gate_flags(max_accuracy_drop, min_speedup, min_cosine, min_top1)
+    gates = _gate_config(gate_config, flags)
+    given: dict[str, Any] = dict(
+        search_budget_s=search_budget,
+        max_candidates=max_candidates,
+        recipes=tuple(recipe) if recipe else None,
+        fp16=fp16,
+        cuda_gates=cuda_gates,
+    )
+    quant = QuantConfig(
+        calibration_samples=samples, **{k: v for k, v in given.items() if v is not None}
+    )
+    try:
+        with progress() as bar:
+            bundle = build(
+                model,
+                out_dir,
+                export_cfg=cfg,
+                quant_cfg=quant,
+                gate_cfg=gates,
+                calibration=calibration,
+                evaluation=eval_data,
+                force=force,
+                on_progress=_bars(bar),
+            )
+    except GateFailed as failed:
+        _print_export(load_bundle(Path(failed.bundle_path or out_dir), verify=False))
+        _print_gates(Path(failed.bundle_path or out_dir))
+        raise
     _print_export(bundle)
+    _print_gates(bundle.path)
 
 
 def _refuse_unused_quantize_flags(**given) -> None:
