@@ -37,9 +37,15 @@ from quantgate.configs import check_fields, config_class
 from quantgate.errors import ConfigError, QuantizeError, QuantizeFailed
 from quantgate.fsutil import raise_if_full
 from quantgate.progress import ProgressFn, no_progress
-from quantgate.quantize.data import DataSource, counted
+from quantgate.quantize.data import DataSource, Feeds, counted
 from quantgate.quantize.decide import GateConfig
-from quantgate.quantize.gates import accuracy_gates, batch_consistency, check_evaluation, collect
+from quantgate.quantize.gates import (
+    Outputs,
+    accuracy_gates,
+    batch_consistency,
+    check_evaluation,
+    collect,
+)
 from quantgate.quantize.speed import TimingConditions, speed_gates
 
 if TYPE_CHECKING:  # recipes import onnx; the search loads them when it runs
@@ -287,10 +293,12 @@ def search(
     t0 = time.monotonic()
     reference = collect(fp32, evaluation, provider=gate_cfg.provider, threads=gate_cfg.threads)
     check_evaluation(reference, task)  # before minutes of quantization
-    sample = next(evaluation.batches()).feeds
-    recipes = chosen_recipes(quant_cfg)
-    # (recipe, parent candidate, nodes added with their sensitivity, round)
-    queue: deque = deque((r, None, (), 0) for r in recipes)
+    work = _Work(
+        fp32=fp32, unfused=unfused, calibration=calibration, evaluation=evaluation,
+        reference=reference, task=task, inputs=inputs, max_seq_len=max_seq_len,
+        sample=next(evaluation.batches()).feeds, workdir=workdir, gate_cfg=gate_cfg, emit=emit,
+    )  # fmt: skip
+    queue = deque(_Attempt(r) for r in chosen_recipes(quant_cfg))
     candidates: list[Candidate] = []
     skipped: list[str] = []
     stopped = ""
@@ -298,26 +306,14 @@ def search(
         if candidates and not stopped:  # the first candidate always runs
             stopped = _out_of_room(len(candidates), quant_cfg, t0)
         if stopped:
-            skipped += [_name(r) for r, *_ in queue]
+            skipped += [a.name for a in queue]
             break
-        recipe, parent, added, rounds = queue.popleft()
+        attempt = queue.popleft()
         total = min(len(candidates) + len(queue) + 1, quant_cfg.max_candidates)
-        emit("search", len(candidates), total, _name(recipe))
-
-        def worth_timing(rounds=rounds) -> bool:
-            """For a candidate that failed accuracy: its speed is wanted to refine it, or to
-            rank it against others where none has passed (``SearchResult.best``)."""
-            refinable = rounds < quant_cfg.max_keep_rounds and not _out_of_room(
-                len(candidates) + 1, quant_cfg, t0
-            )
-            return refinable or not any(c.passed for c in candidates)
-
-        cand, qmodel = _try(
-            recipe, parent, added, fp32, unfused, calibration, evaluation, reference,
-            task=task, inputs=inputs, max_seq_len=max_seq_len, sample=sample,
-            workdir=workdir, index=len(candidates), gate_cfg=gate_cfg, emit=emit,
-            worth_timing=worth_timing,
-        )  # fmt: skip
+        emit("search", len(candidates), total, attempt.name)
+        refinable = attempt.round < quant_cfg.max_keep_rounds
+        worth_timing = functools.partial(_worth_timing, refinable, candidates, quant_cfg, t0)
+        cand, qmodel = _try(work, attempt, len(candidates), worth_timing)
         candidates.append(cand)
         log.info(
             "candidate %s: %s (%s)",
@@ -325,7 +321,7 @@ def search(
             "pass" if cand.passed else "fail",
             ", ".join(f"{g.name} {g.value:.4g}" for g in cand.gates) or cand.error,
         )
-        if rounds < quant_cfg.max_keep_rounds and _worth_refining(cand, gate_cfg):
+        if refinable and _worth_refining(cand, gate_cfg):
             # no room left for the retry: it is not worth its sensitivity scan, only a word
             stopped = _out_of_room(len(candidates), quant_cfg, t0)
             if stopped:
@@ -333,30 +329,12 @@ def search(
                 continue
             nodes = _sensitive_nodes(fp32, qmodel, calibration, cand, quant_cfg)
             if nodes:
-                more = recipe.with_keep_fp32([n for n, _ in nodes])
-                queue.appendleft((more, cand.name, nodes, rounds + 1))
+                more = attempt.recipe.with_keep_fp32([n for n, _ in nodes])
+                queue.appendleft(_Attempt(more, cand.name, nodes, attempt.round + 1))
     if stopped:
         log.info("search stopped after %.0fs, %s; not tried: %s",
                  time.monotonic() - t0, stopped, skipped)  # fmt: skip
-    chosen, retimed = None, []
-    winners = sorted((c for c in candidates if c.passed), key=lambda c: -c.speedup)
-    # timing the winners again is one more step of the search, said with its time (the last
-    # candidate's time was charged with it)
-    steps = len(candidates) + (1 if winners else 0)
-    for cand in winners[:CONFIRMATIONS]:
-        emit("search", len(candidates), steps, f"timing {cand.name} again")
-        retimed.append(_confirm(cand, fp32, inputs, max_seq_len, sample, gate_cfg, emit, workdir))
-        if retimed[-1].passed:
-            chosen = retimed[-1]
-            break
-    # the bars of the last candidate's calibration and timing stay; this one says who won
-    if chosen is not None:
-        done = f"done: {chosen.name} ships"
-    elif winners:
-        done = f"done: {len(retimed)} passed in the search, none when timed again"
-    else:
-        done = "done: no candidate passed"
-    emit("search", steps, steps, done)
+    chosen, retimed = _confirmed(work, candidates)
     return SearchResult(
         candidates=tuple(candidates),
         chosen=chosen,
@@ -369,12 +347,84 @@ def search(
     )
 
 
+@dataclass(frozen=True)
+class _Attempt:
+    """A recipe the search will try: a starting recipe, or one that refines the candidate
+    ``parent`` with the nodes ``added`` to FP32 (name, sensitivity) in its ``round``."""
+
+    recipe: Recipe
+    parent: str | None = None
+    added: tuple[tuple[str, float], ...] = ()
+    round: int = 0
+
+    @property
+    def name(self) -> str:
+        keep = self.recipe.keep_fp32
+        return self.recipe.name + (f"+fp32x{len(keep)}" if keep else "")
+
+
+@dataclass(frozen=True)
+class _Work:
+    """What every candidate of one search is made from and gated against."""
+
+    fp32: Path
+    unfused: Path | None  # the FP32 graph before fusion, for recipes that quantize it
+    calibration: DataSource
+    evaluation: DataSource
+    reference: Outputs  # FP32's outputs on ``evaluation``, computed once
+    task: str
+    inputs: Sequence[TensorSpec]
+    max_seq_len: int
+    sample: Feeds  # one evaluation batch: what the speed gates time
+    workdir: Path
+    gate_cfg: GateConfig
+    emit: ProgressFn
+
+    def timed(self, path: Path, on_timing: ProgressFn) -> tuple[TimingConditions, list[GateResult]]:
+        """The speed gates of the INT8 model at ``path`` against FP32, with the machine's
+        conditions they were timed under."""
+        timing = TimingConditions.now(self.gate_cfg.threads, self.gate_cfg.provider)
+        speed = speed_gates(
+            self.fp32, path, self.inputs, self.max_seq_len, self.gate_cfg,
+            sample=self.sample, on_progress=on_timing, conditions=timing,
+        )  # fmt: skip
+        return timing, speed
+
+
 # Winners timed again, at most, before the search gives up on shipping one: each is a
 # full speed measurement, after the search's budget was checked.
 CONFIRMATIONS = 3
 
 
-def _confirm(cand, fp32, inputs, max_seq_len, sample, gate_cfg, emit, workdir) -> Candidate:
+def _confirmed(
+    work: _Work, candidates: list[Candidate]
+) -> tuple[Candidate | None, list[Candidate]]:
+    """The candidate that ships, and the winners timed again to choose it: the fastest that
+    passed, timed again (``_confirm``); where that measurement fails its gates, the next
+    fastest, up to ``CONFIRMATIONS``. None where none holds."""
+    chosen, retimed = None, []
+    winners = sorted((c for c in candidates if c.passed), key=lambda c: -c.speedup)
+    # timing the winners again is one more step of the search, said with its time (the last
+    # candidate's time was charged with it)
+    steps = len(candidates) + (1 if winners else 0)
+    for cand in winners[:CONFIRMATIONS]:
+        work.emit("search", len(candidates), steps, f"timing {cand.name} again")
+        retimed.append(_confirm(work, cand))
+        if retimed[-1].passed:
+            chosen = retimed[-1]
+            break
+    # the bars of the last candidate's calibration and timing stay; this one says who won
+    if chosen is not None:
+        done = f"done: {chosen.name} ships"
+    elif winners:
+        done = f"done: {len(retimed)} passed in the search, none when timed again"
+    else:
+        done = "done: no candidate passed"
+    work.emit("search", steps, steps, done)
+    return chosen, retimed
+
+
+def _confirm(work: _Work, cand: Candidate) -> Candidate:
     """``cand`` with its speed gates timed again, after and apart from the search that chose
     it. The fastest of several noisy measurements overstates its candidate (six candidates
     of a true 1.25x: the fastest measured 1.32x on average, in a simulation of the speed
@@ -382,12 +432,13 @@ def _confirm(cand, fp32, inputs, max_seq_len, sample, gate_cfg, emit, workdir) -
     A failure to time it fails it, as in the search."""
 
     def on_timing(task: str, done: int, total: int | None, status: str) -> None:
-        emit(task, done, total, f"{cand.name}: again, {status}")
+        work.emit(task, done, total, f"{cand.name}: again, {status}")
 
+    assert cand.path is not None  # it passed
     try:
-        timing, speed = _timed(fp32, cand.path, inputs, max_seq_len, sample, gate_cfg, on_timing)
+        timing, speed = work.timed(cand.path, on_timing)
     except Exception as e:  # noqa: BLE001 - ORT raises its own types
-        raise_if_full(e, workdir, f"timing INT8 recipe {cand.name} again")
+        raise_if_full(e, work.workdir, f"timing INT8 recipe {cand.name} again")
         return replace(cand, error=f"timed again, the INT8 model did not run: {e}")
     searched = {g.name: g.value for g in cand.speed}
     speed = [
@@ -419,71 +470,71 @@ def chosen_recipes(quant_cfg: QuantConfig) -> list[Recipe]:
     return [r for r in recipes if r.name in quant_cfg.recipes]
 
 
-def _name(recipe: Recipe) -> str:
-    keep = recipe.keep_fp32
-    return recipe.name + (f"+fp32x{len(keep)}" if keep else "")
-
-
 def _try(
-    recipe, parent, added, fp32, unfused, calibration, evaluation, reference, *,
-    task, inputs, max_seq_len, sample, workdir, index, gate_cfg, emit, worth_timing,
-) -> tuple[Candidate, Any]:  # fmt: skip
-    """Quantize ``recipe`` and gate the candidate: accuracy, then speed, unless it failed
-    accuracy and ``worth_timing()`` says its speed would serve nothing (a fifth of an
-    export's time, on MiniLM, went to timing such a last try)."""
+    work: _Work, attempt: _Attempt, index: int, worth_timing: Callable[[], bool]
+) -> tuple[Candidate, Any]:
+    """Quantize ``attempt``'s recipe and gate the candidate: accuracy, then speed, unless it
+    failed accuracy and ``worth_timing()`` says its speed would serve nothing (a fifth of an
+    export's time, on MiniLM, went to timing such a last try). The candidate, and the
+    quantized model where there is one (its sensitivity refines it)."""
     from quantgate.quantize.recipes import quantize
 
-    name = _name(recipe)
-    method = recipe.method
-    out = workdir / f"candidate-{index:02d}.int8.onnx"
+    name, recipe, gate_cfg = attempt.name, attempt.recipe, work.gate_cfg
+    out = work.workdir / f"candidate-{index:02d}.int8.onnx"
 
     def on_rows(done: int) -> None:
-        emit("calibration", done, calibration.samples, name)
+        work.emit("calibration", done, work.calibration.samples, name)
 
     t = time.monotonic()
     try:
-        qm = quantize(fp32, recipe, counted(calibration, on_rows), out, unfused_model=unfused)
+        qm = quantize(
+            work.fp32, recipe, counted(work.calibration, on_rows), out, unfused_model=work.unfused
+        )
     except Exception as e:  # noqa: BLE001 - one recipe's crash must not end the search
-        raise_if_full(e, workdir, f"INT8 recipe {name}")  # ...but a full disk ends every one
-        if isinstance(e, QuantizeError):
-            return _failed(name, recipe, method, parent, added, str(e), time.monotonic() - t), None
-        log.exception("recipe %s crashed", name)
-        msg = f"{type(e).__name__}: {e}"
-        return _failed(name, recipe, method, parent, added, msg, time.monotonic() - t), None
+        raise_if_full(e, work.workdir, f"INT8 recipe {name}")  # ...but a full disk ends all
+        if not isinstance(e, QuantizeError):
+            log.exception("recipe %s crashed", name)
+        msg = str(e) if isinstance(e, QuantizeError) else f"{type(e).__name__}: {e}"
+        return _failed(attempt, msg, time.monotonic() - t), None
 
     def on_timing(task: str, done: int, total: int | None, status: str) -> None:
-        emit(task, done, total, f"{name}: {status}")
+        work.emit(task, done, total, f"{name}: {status}")
 
     try:  # FP32 ran on the same data: a failure here is the INT8 model's
-        got = collect(qm.path, evaluation, provider=gate_cfg.provider, threads=gate_cfg.threads)
+        got = collect(
+            qm.path, work.evaluation, provider=gate_cfg.provider, threads=gate_cfg.threads
+        )
         # Static recipes fix their scales at calibration: a row cannot move another's answer.
         consistency = (
-            batch_consistency(qm.path, evaluation, task, gate_cfg) if method == "dynamic" else None
+            batch_consistency(qm.path, work.evaluation, work.task, gate_cfg)
+            if recipe.method == "dynamic"
+            else None
         )
     except Exception as e:  # noqa: BLE001 - ORT raises its own types; the search goes on
-        return _did_not_run(e, name, recipe, method, parent, added, workdir, t), None
-    accuracy = accuracy_gates(reference, got, task, gate_cfg)
+        return _did_not_run(work, e, attempt, t), None
+    accuracy = accuracy_gates(work.reference, got, work.task, gate_cfg)
     if consistency is not None:
         accuracy.append(consistency)
-    timing, speed = None, []
+    timing: TimingConditions | None = None
+    speed: list[GateResult] = []
     if all_passed(accuracy) or worth_timing():
         try:
-            timing, speed = _timed(fp32, qm.path, inputs, max_seq_len, sample, gate_cfg, on_timing)
+            timing, speed = work.timed(qm.path, on_timing)
         except Exception as e:  # noqa: BLE001 - ORT raises its own types; the search goes on
-            return _did_not_run(e, name, recipe, method, parent, added, workdir, t), None
+            return _did_not_run(work, e, attempt, t), None
     else:
         log.info("candidate %s failed accuracy and nothing can refine it: not timed", name)
     return (
         Candidate(
             name=name,
             recipe=recipe.to_dict(),
-            method=method,
+            method=recipe.method,
             path=qm.path,
             accuracy=tuple(accuracy),
             speed=tuple(speed),
             kept_fp32=tuple(recipe.keep_fp32),
-            added_fp32=tuple(added),
-            parent=parent,
+            added_fp32=attempt.added,
+            parent=attempt.parent,
             quantize_s=qm.seconds,
             timing=timing,
         ),
@@ -491,38 +542,36 @@ def _try(
     )
 
 
-def _timed(fp32, path, inputs, max_seq_len, sample, gate_cfg, on_timing):
-    """The speed gates of the INT8 model at ``path`` against ``fp32``, with the machine's
-    conditions they were timed under: (conditions, gates)."""
-    timing = TimingConditions.now(gate_cfg.threads, gate_cfg.provider)
-    speed = speed_gates(
-        fp32, path, inputs, max_seq_len, gate_cfg,
-        sample=sample, on_progress=on_timing, conditions=timing,
-    )  # fmt: skip
-    return timing, speed
-
-
-def _did_not_run(e, name, recipe, method, parent, added, workdir, started) -> Candidate:
+def _did_not_run(work: _Work, e: Exception, attempt: _Attempt, started: float) -> Candidate:
     """The candidate whose gating failed in ONNX Runtime with ``e`` (a full disk ends the
     search instead)."""
-    raise_if_full(e, workdir, f"gating INT8 recipe {name}")
+    raise_if_full(e, work.workdir, f"gating INT8 recipe {attempt.name}")
     msg = f"the INT8 model does not run in ONNX Runtime: {e}"
-    return _failed(name, recipe, method, parent, added, msg, time.monotonic() - started)
+    return _failed(attempt, msg, time.monotonic() - started)
 
 
-def _failed(name, recipe, method, parent, added, error, seconds) -> Candidate:
-    log.warning("recipe %s failed: %s", name, error)
+def _failed(attempt: _Attempt, error: str, seconds: float) -> Candidate:
+    log.warning("recipe %s failed: %s", attempt.name, error)
+    recipe = attempt.recipe
     return Candidate(
-        name=name,
+        name=attempt.name,
         recipe=recipe.to_dict(),
-        method=method,
+        method=recipe.method,
         path=None,
         kept_fp32=recipe.keep_fp32,
-        added_fp32=tuple(added),
-        parent=parent,
+        added_fp32=attempt.added,
+        parent=attempt.parent,
         quantize_s=seconds,
         error=error,
     )
+
+
+def _worth_timing(refinable: bool, candidates: list[Candidate], qc: QuantConfig, t0: float) -> bool:
+    """For a candidate that failed accuracy, asked once it has: its speed is wanted to refine
+    it (in a ``refinable`` round, with room left for one more candidate), or to rank it
+    against the others where none has passed (``SearchResult.best``)."""
+    room = not _out_of_room(len(candidates) + 1, qc, t0)
+    return (refinable and room) or not any(c.passed for c in candidates)
 
 
 def _out_of_room(made: int, qc: QuantConfig, t0: float) -> str:

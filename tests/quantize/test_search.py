@@ -269,7 +269,7 @@ def test_winners_that_do_not_hold_when_timed_again_ship_nothing(tmp_path, monkey
 
     from quantgate.quantize import search as search_module
 
-    def slower(cand, *args):  # the second timing: just under the threshold
+    def slower(work, cand):  # the second timing: just under the threshold
         speed = tuple(replace(g, value=0.005, passed=False) for g in cand.speed)
         return replace(cand, speed=speed)
 
