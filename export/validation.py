@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from quantgate import cpus
-from quantgate.bundle import TensorSpec
+from quantgate.bundle import CPU, TensorSpec
 from quantgate.errors import ExportError, ValidationError
 from quantgate.model.loaders import InputSpec, LoadedModel, Samples
 from quantgate.quiet import warnings_caught
@@ -372,7 +372,7 @@ def validate(
         # reports each failed run, with its shape.
         opts.log_severity_level = 4
         opts.intra_op_num_threads = cpus.threads()
-        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(onnx_path), opts, providers=[CPU])
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         raise ValidationError(
             f"ONNX Runtime cannot load {onnx_path.name}", [f"{type(e).__name__}: {e}"]
