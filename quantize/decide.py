@@ -183,9 +183,15 @@ def failed_by_bound(gate: GateResult) -> str | None:
     if gate.passed or gate.ci is None or not meets(gate.value, gate.op, gate.threshold):
         return None
     side, bound = ("upper", gate.ci[1]) if gate.op == "<=" else ("lower", gate.ci[0])
-    if f"its {side} bound must be" not in gate.detail:  # decided otherwise (too few rows, ...)
+    if _by_bound(side) not in gate.detail:  # decided otherwise (too few rows, ...)
         return None
     return None if meets(bound, gate.op, gate.threshold) else f"{side} bound {bound:.4g}"
+
+
+def _by_bound(side: str) -> str:
+    """What a gate's detail says where its ``side`` ("upper", "lower") bound decided it
+    (``decide``): the words ``failed_by_bound`` reads back from a manifest."""
+    return f"its {side} bound must be"
 
 
 def meets(value: float, op: str, threshold: float) -> bool:
@@ -214,14 +220,14 @@ def decide(
     fails it whatever the value."""
     bound = "upper" if op == "<=" else "lower"  # the bound on the failing side
     if rule == "upper" and ci is None:  # no evidence to pass on: not its value instead
-        return False, f"; its {bound} bound must be {op} the threshold, and it has no interval"
+        return False, f"; {_by_bound(bound)} {op} the threshold, and it has no interval"
     by_bound = rule == "upper"
     if ci is not None and by_bound:
-        decisive, what = (ci[1] if op == "<=" else ci[0]), f"its {bound} bound"
+        decisive, words = (ci[1] if op == "<=" else ci[0]), f"; {_by_bound(bound)} {op}"
     else:
-        decisive, what = value, "the point estimate"
+        decisive, words = value, f"; the point estimate must be {op}"
     passed = bool(valid and meets(decisive, op, threshold))
-    words = f"; {what} must be {op} the threshold"
+    words += " the threshold"
     if not valid or ci is None or not _straddles(ci, op, threshold):
         return passed, words
     if not by_bound:
