@@ -272,12 +272,12 @@ def test_the_console_marks_a_gate_decided_inside_its_interval(cli, tmp_path, cap
     """nn_top1_agreement 0.95 >= 0.95 with [0.9275, 0.97]: a pass another sample of the rows
     could have turned; the console says so, and not of a clear pass."""
     from quantgate import bundle as qb
-    from quantgate.cli._gates import _print_gates
+    from quantgate.cli._gates import print_gates
 
     coin = qb.GateResult("nn_top1_agreement", 0.95, 0.95, ">=", True, ci=(0.9275, 0.97))
     clear = qb.GateResult("cosine", 0.998, 0.99, ">=", True, ci=(0.997, 0.999))
     _tiny_bundle(tmp_path / "b", (coin, clear))
-    _print_gates(tmp_path / "b")
+    print_gates(tmp_path / "b")
     lines = capsys.readouterr().out.splitlines()
     (coin_line,) = [line for line in lines if "nn_top1_agreement" in line]
     (clear_line,) = [line for line in lines if "cosine" in line]
@@ -307,12 +307,12 @@ def _tiny_bundle(path, int8_gates):
 def test_a_gate_measured_on_cuda_is_named_so(cli, tmp_path, capsys):
     """INT8's cosine on the CPU and on CUDA have one name: the console and inspect say which."""
     from quantgate import bundle as qb
-    from quantgate.cli._gates import _print_gates
+    from quantgate.cli._gates import print_gates
 
     on_cpu = qb.GateResult("cosine:last_hidden_state", 0.9985, 0.99, ">=", True)
     on_cuda = qb.GateResult("cosine:last_hidden_state", 0.9981, 0.99, ">=", True, provider=qb.CUDA)
     _tiny_bundle(tmp_path / "b", (on_cpu, on_cuda))
-    _print_gates(tmp_path / "b")
+    print_gates(tmp_path / "b")
     lines = [line.strip() for line in capsys.readouterr().out.splitlines() if "cosine" in line]
     assert lines == [
         "cosine:last_hidden_state 0.9985 >= 0.99: pass",

@@ -20,6 +20,7 @@ and what they share:
     _app.py      the typer app, its root options (-v, --version), the ``command`` decorator
     _console.py  stdout and stderr as the commands print to them; the progress bars
     _gates.py    the gate threshold flags of export and gate; the gates as they print them
+    _bundle.py   how a bundle was exported, as export and inspect print it
     _exit.py     main and run: the app run with signals handled, errors mapped to exit codes
 
 Importing this package imports no heavy library (torch, onnx, onnxruntime, transformers,

@@ -1,6 +1,6 @@
 """Where the commands print: ``out`` (stdout, the results) and ``console`` (stderr:
 progress, errors), in whole lines off a terminal; and ``progress``, the bars that draw the
-library's on_progress (``_bars``)."""
+library's on_progress (``bars``)."""
 
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def progress() -> Progress:
     )
 
 
-def _bars(bar: Progress):
+def bars(bar: Progress):
     """The library's on_progress (quantgate.progress) drawn as one bar per task."""
     tasks: dict[str, TaskID] = {}
 

@@ -1,5 +1,5 @@
 """What `export` and `gate` share: the gate threshold flags and the GateConfig they make,
-and the gates as the console prints them (`inspect`'s table prints ``_gate_cells`` too)."""
+and the gates as the console prints them (`inspect`'s table prints ``gate_cells`` too)."""
 
 from __future__ import annotations
 
@@ -15,39 +15,41 @@ from quantgate.errors import QuantgateError
 # The defaults are written into the help, as export's QuantConfig ones are (--search-budget,
 # --max-candidates): reading them would import quantgate.quantize into every command, the
 # server's too. tests/test_cli.py checks them against the configs.
-_MaxDrop = Annotated[
+MaxDrop = Annotated[
     float | None,
     typer.Option(
         metavar="POINTS",
         help="Accuracy gate: largest drop in points of the task metric [default: 1].",
     ),
 ]
-_MinSpeedup = Annotated[
+MinSpeedup = Annotated[
     float | None,
     typer.Option(metavar="RATIO", help="Speed gate: INT8 vs FP32 at every shape [default: 1.2]."),
 ]
-_COSINE = "Fidelity: mean cosine vs FP32 of an embedding and of every other float output"
-_TOP1 = "Fidelity: top-1 / nearest-neighbour / batch agreement with FP32"
-_MinCosine = Annotated[
-    float | None, typer.Option(metavar="COSINE", help=_COSINE + " [default: 0.99].")
+COSINE_HELP = "Fidelity: mean cosine vs FP32 of an embedding and of every other float output"
+TOP1_HELP = "Fidelity: top-1 / nearest-neighbour / batch agreement with FP32"
+MinCosine = Annotated[
+    float | None, typer.Option(metavar="COSINE", help=COSINE_HELP + " [default: 0.99].")
 ]
-_MinTop1 = Annotated[float | None, typer.Option(metavar="RATE", help=_TOP1 + " [default: 0.95].")]
+MinTop1 = Annotated[
+    float | None, typer.Option(metavar="RATE", help=TOP1_HELP + " [default: 0.95].")
+]
 
 
-def _kept(what: str, metavar: str):
+def kept_option(what: str, metavar: str):
     """A threshold flag of `quantgate gate`, whose default is the bundle's own."""
     return typer.Option(
         metavar=metavar, help=what + " [default: the one the bundle was last gated with]."
     )
 
 
-_GateFile = Annotated[
+GateFile = Annotated[
     Path | None,
     typer.Option(metavar="FILE", help="TOML or JSON file of gate settings (flags override it)."),
 ]
 
 
-def _gate_flags(max_accuracy_drop, min_speedup, min_cosine, min_top1) -> dict:
+def gate_flags(max_accuracy_drop, min_speedup, min_cosine, min_top1) -> dict:
     """{GateConfig field: (its flag, the value given or None)}."""
     return {
         "max_accuracy_drop": ("--max-accuracy-drop", max_accuracy_drop),
@@ -57,7 +59,7 @@ def _gate_flags(max_accuracy_drop, min_speedup, min_cosine, min_top1) -> dict:
     }
 
 
-def _gate_config(file, flags: dict):
+def read_gate_config(file, flags: dict):
     """The defaults, then the --gate-config file's settings, then the flags given."""
     from quantgate.errors import ConfigError
     from quantgate.quantize.decide import GateConfig
@@ -70,10 +72,10 @@ def _gate_config(file, flags: dict):
     except ConfigError as e:
         if not e.problems:
             raise
-        raise _named_by_flags(e.problems, flags, file) from e
+        raise named_by_flags(e.problems, flags, file) from e
 
 
-def _named_by_flags(problems: tuple[tuple[str, str], ...], flags: dict, file: Path | None):
+def named_by_flags(problems: tuple[tuple[str, str], ...], flags: dict, file: Path | None):
     """GateConfig's ConfigError for ``problems`` (its fields' refused values) with each
     value named by the flag the user typed, else by the --gate-config file that gave it, as
     the file's other errors are."""
@@ -96,7 +98,7 @@ def _named_by_flags(problems: tuple[tuple[str, str], ...], flags: dict, file: Pa
     return ConfigError(f"invalid gate config:\n{listed}", problems)
 
 
-def _gate_cells(g) -> tuple[str, str, str, str, str, bool]:
+def gate_cells(g) -> tuple[str, str, str, str, str, bool]:
     """A gate as `export`, `gate` and `inspect` print it: its label, value, interval ("" where
     it has none), op and threshold, "pass" or "FAIL", and whether another sample could have
     decided it the other way (``decide.uncertain``)."""
@@ -109,7 +111,7 @@ def _gate_cells(g) -> tuple[str, str, str, str, str, bool]:
     return g.label, f"{g.value:.4g}", ci, f"{g.op} {g.threshold:g}", mark, uncertain(g)
 
 
-def _print_gates(path: Path) -> None:
+def print_gates(path: Path) -> None:
     """The bundle's verdict and the gates of every variant but FP32, on stdout."""
     from quantgate.bundle import load
 
@@ -125,7 +127,7 @@ def _print_gates(path: Path) -> None:
             f"  {v.file} ({v.notes or v.precision}): {v.verdict}", highlight=False, soft_wrap=True
         )
         for g in v.gates:
-            label, value, ci, bound, mark, unsure = _gate_cells(g)
+            label, value, ci, bound, mark, unsure = gate_cells(g)
             if unsure:
                 mark += " (uncertain: its interval crosses the threshold)"
             ci = f" {ci}" if ci else ""

@@ -1,5 +1,4 @@
-"""`quantgate export`: a model to ONNX, then to INT8 with its gates, written as a bundle;
-and the export record as the console prints it (`inspect` prints it too)."""
+"""`quantgate export`: a model to ONNX, then to INT8 with its gates, written as a bundle."""
 
 from __future__ import annotations
 
@@ -9,16 +8,17 @@ from typing import Annotated, Any
 import typer
 
 from quantgate.cli._app import command
-from quantgate.cli._console import _bars, out, progress
+from quantgate.cli._bundle import export_notes, fusions
+from quantgate.cli._console import bars, out, progress
 from quantgate.cli._gates import (
-    _gate_config,
-    _gate_flags,
-    _GateFile,
-    _MaxDrop,
-    _MinCosine,
-    _MinSpeedup,
-    _MinTop1,
-    _print_gates,
+    GateFile,
+    MaxDrop,
+    MinCosine,
+    MinSpeedup,
+    MinTop1,
+    gate_flags,
+    print_gates,
+    read_gate_config,
 )
 from quantgate.errors import GateFailed
 from quantgate.export.config import ExportConfig, Exporter
@@ -160,11 +160,11 @@ def export_command(
             show_default=False,
         ),
     ] = None,
-    max_accuracy_drop: _MaxDrop = None,
-    min_speedup: _MinSpeedup = None,
-    min_cosine: _MinCosine = None,
-    min_top1: _MinTop1 = None,
-    gate_config: _GateFile = None,
+    max_accuracy_drop: MaxDrop = None,
+    min_speedup: MinSpeedup = None,
+    min_cosine: MinCosine = None,
+    min_top1: MinTop1 = None,
+    gate_config: GateFile = None,
 ) -> None:
     """Export MODEL, quantize it to INT8 with calibration data, gate it, write a bundle.
 
@@ -194,7 +194,7 @@ def export_command(
             gate_config=gate_config,
         )  # fmt: skip
         with progress() as bar:
-            bundle = export(model, out_dir, cfg=cfg, force=force, on_progress=_bars(bar))
+            bundle = export(model, out_dir, cfg=cfg, force=force, on_progress=bars(bar))
         _print_export(bundle)
         return
 
@@ -206,8 +206,8 @@ def export_command(
     for flag, path in (("--calibration", calibration), ("--eval", eval_data)):
         if path is not None:
             check_path(path, flag)  # before minutes of export, not after
-    flags = _gate_flags(max_accuracy_drop, min_speedup, min_cosine, min_top1)
-    gates = _gate_config(gate_config, flags)
+    flags = gate_flags(max_accuracy_drop, min_speedup, min_cosine, min_top1)
+    gates = read_gate_config(gate_config, flags)
     given: dict[str, Any] = dict(
         search_budget_s=search_budget,
         max_candidates=max_candidates,
@@ -229,14 +229,14 @@ def export_command(
                 calibration=calibration,
                 evaluation=eval_data,
                 force=force,
-                on_progress=_bars(bar),
+                on_progress=bars(bar),
             )
     except GateFailed as failed:
         _print_export(load_bundle(Path(failed.bundle_path or out_dir), verify=False))
-        _print_gates(Path(failed.bundle_path or out_dir))
+        print_gates(Path(failed.bundle_path or out_dir))
         raise
     _print_export(bundle)
-    _print_gates(bundle.path)
+    print_gates(bundle.path)
 
 
 def _refuse_unused_quantize_flags(**given) -> None:
@@ -256,31 +256,8 @@ def _print_export(bundle) -> None:
     e = bundle.manifest.export
     val = e["validation"]
     out.print(f"bundle {bundle.path} ({e['exporter']} exporter, opset {bundle.manifest.opset})")
-    for line in _export_notes(e):
+    for line in export_notes(e):
         out.print(f"  {line}", highlight=False)
     for output, diff in val["max_abs_diff"].items():
         out.print(f"  {output}: max abs diff {diff:.2e} over {len(val['cases'])} shapes")
-    out.print(f"  fusions: {_fusions(e)}")
-
-
-def _fusions(export: dict) -> str:
-    """The fusions ONNX Runtime made, with their counts: "Attention 6, BiasGelu 6"."""
-    return ", ".join(f"{k} {v}" for k, v in export.get("fusions", {}).items()) or "none"
-
-
-def _export_notes(export: dict) -> list[str]:
-    """The exporters ``--exporter auto`` tried before the one used, and why each failed; the
-    values the legacy tracer fixed as constants in the user's code (``tracer_notes``); and
-    why the graph is unfused where ONNX Runtime's optimizer failed on it."""
-    failed = export.get("optimizer_failed")
-    return [
-        *(
-            f"the {exporter} exporter was passed over: {why}"
-            for exporter, _, why in (a.partition(": ") for a in export.get("attempts", ()))
-        ),
-        *(
-            f"the legacy tracer fixed a value computed from a tensor at {note}"
-            for note in export.get("tracer_notes", ())
-        ),
-        *([f"unfused: {failed}"] if failed else []),
-    ]
+    out.print(f"  fusions: {fusions(e)}")

@@ -9,15 +9,15 @@ from typing import Annotated
 import typer
 
 from quantgate.cli._app import command
-from quantgate.cli._console import _bars, progress
+from quantgate.cli._console import bars, progress
 from quantgate.cli._gates import (
-    _COSINE,
-    _TOP1,
-    _gate_flags,
-    _GateFile,
-    _kept,
-    _named_by_flags,
-    _print_gates,
+    COSINE_HELP,
+    TOP1_HELP,
+    GateFile,
+    gate_flags,
+    kept_option,
+    named_by_flags,
+    print_gates,
 )
 from quantgate.errors import GateFailed
 
@@ -48,14 +48,15 @@ def gate(
         ),
     ] = None,
     max_accuracy_drop: Annotated[
-        float | None, _kept("Accuracy gate: largest drop in points of the task metric", "POINTS")
+        float | None,
+        kept_option("Accuracy gate: largest drop in points of the task metric", "POINTS"),
     ] = None,
     min_speedup: Annotated[
-        float | None, _kept("Speed gate: INT8 vs FP32 at every shape", "RATIO")
+        float | None, kept_option("Speed gate: INT8 vs FP32 at every shape", "RATIO")
     ] = None,
-    min_cosine: Annotated[float | None, _kept(_COSINE, "COSINE")] = None,
-    min_top1: Annotated[float | None, _kept(_TOP1, "RATE")] = None,
-    gate_config: _GateFile = None,
+    min_cosine: Annotated[float | None, kept_option(COSINE_HELP, "COSINE")] = None,
+    min_top1: Annotated[float | None, kept_option(TOP1_HELP, "RATE")] = None,
+    gate_config: GateFile = None,
     device: Annotated[
         GateDevice | None,
         typer.Option(
@@ -93,20 +94,20 @@ def gate(
     from quantgate.errors import ConfigError
     from quantgate.quantize.regating import regate
 
-    flags = _gate_flags(max_accuracy_drop, min_speedup, min_cosine, min_top1)
+    flags = gate_flags(max_accuracy_drop, min_speedup, min_cosine, min_top1)
     provider = None if device is None else CUDA if device == GateDevice.CUDA else CPU
     try:
         with progress() as bar:
             bundle = regate(
                 path, eval_data, gate_file=gate_config,
                 overrides={name: value for name, (_, value) in flags.items()},
-                provider=provider, on_progress=_bars(bar), allow_unlabelled=allow_unlabelled,
+                provider=provider, on_progress=bars(bar), allow_unlabelled=allow_unlabelled,
             )  # fmt: skip
     except GateFailed:
-        _print_gates(path)
+        print_gates(path)
         raise
     except ConfigError as e:
         if not e.problems:
             raise
-        raise _named_by_flags(e.problems, flags, gate_config) from e
-    _print_gates(bundle.path)
+        raise named_by_flags(e.problems, flags, gate_config) from e
+    print_gates(bundle.path)

@@ -11,9 +11,9 @@ from typing import Annotated
 import typer
 
 from quantgate.cli._app import command
+from quantgate.cli._bundle import export_notes, fusions
 from quantgate.cli._console import out
-from quantgate.cli._gates import _gate_cells
-from quantgate.cli.export import _export_notes, _fusions
+from quantgate.cli._gates import gate_cells
 
 
 @command()
@@ -47,7 +47,7 @@ def inspect(
     m = b.manifest
     export = m.export
     try:
-        fused = _fusions(export)
+        fused = fusions(export)
         val = export.get("validation")
         if val:
             shapes = ", ".join(
@@ -112,7 +112,7 @@ def inspect(
             f"export: {export.get('exporter')} exporter, opset {m.opset}, "
             f"max sequence {m.max_seq_len}"
         )
-        for line in _export_notes(export):
+        for line in export_notes(export):
             out.print(line, highlight=False, soft_wrap=True)
         out.print(f"fusions: {fused}")
         if val:
@@ -121,7 +121,7 @@ def inspect(
     if gates:
         table = Table("variant", "gate", "value", "threshold", "", box=None)
         for precision, g in gates:
-            label, value, _, bound, mark, unsure = _gate_cells(g)
+            label, value, _, bound, mark, unsure = gate_cells(g)
             style = "green" if g.passed else "bold red"
             note = " (uncertain)" if unsure else ""
             table.add_row(precision, label, value, bound, f"[{style}]{mark}[/]{note}")
