@@ -3,7 +3,7 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch is pinned in pyproject's `export` extra (a bare torch pulls a multi-GB CUDA build).
+# torch is pinned in pyproject's `export` extra (README, "Install": its CPU build).
 EXTRAS ?= cpu,export,hf,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -15,7 +15,7 @@ help:
 	@echo "make test       the full test suite, slow end-to-end runs included"
 	@echo "make test-fast  the test suite without the slow end-to-end runs"
 	@echo "make lint       ruff, and mypy's type check"
-	@echo "make bench      benchmarks (side-by-side ratios; export, quantize and serve write their"
+	@echo "make bench      benchmarks (side-by-side ratios; export, quantize, serve and access_log write their"
 	@echo "                tables into docs/BENCHMARKS.md, the others print theirs)"
 	@echo "make protos     regenerate the gRPC code from protos/*.proto"
 
@@ -67,7 +67,7 @@ format: $(STAMP)
 
 # gpu_check runs at full size only where there is an NVIDIA GPU; elsewhere its CPU check.
 bench: $(STAMP) perf-analyzer
-	set -e; for b in export quantize serve codec grpc_transport; do \
+	set -e; for b in export quantize serve access_log codec grpc_transport; do \
 	  echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py; done
 	$(BIN)/python bench/gpu_check.py $$(command -v nvidia-smi >/dev/null || echo --quick)
 

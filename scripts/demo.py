@@ -34,7 +34,7 @@ def step(title: str, *args: str, allowed: tuple[int, ...] = (0,)) -> int:
 
 
 def serve_and_query(*flags: str) -> None:
-    shown = " ".join((str(BUNDLE), "--port 0", *flags))
+    shown = " ".join((str(BUNDLE), "--host 127.0.0.1 --port 0", *flags))
     print(f"\n$ quantgate serve {shown}    # gRPC, KServe v2 / Triton protocol", flush=True)
     server = subprocess.Popen(
         [*QG, "serve", str(BUNDLE), "--host", "127.0.0.1", "--port", "0", *flags],
