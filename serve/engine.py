@@ -46,6 +46,7 @@ class Engine:
                 m.name, m.version, m.variant.precision, m.provider, m.variant.file
             ).set(1)
             self.metrics.bundle_changed.labels(m.name, m.version).set(0)
+            self.metrics.bundle_refused.labels(m.name, m.version).set(0)
             # Every model's series from the start, at 0: an idle model's rate() is 0, not
             # absent, and an alert on refusals has a series before the first one
             self.metrics.requests.labels(m.name, m.version, "OK")

@@ -141,6 +141,13 @@ class Metrics:
             labels,
             registry=r,
         )
+        self.bundle_refused = prom.Gauge(
+            "quantgate_bundle_refused_on_disk",
+            "1 where a restart would not serve the model's bundle as it is on disk now (gone, "
+            "a file changed, its gates failed: the server would not start with it), else 0",
+            labels,
+            registry=r,
+        )
 
     def serve_http(
         self, port: int, host: str = "0.0.0.0", ready: Callable[[], bool] | None = None

@@ -64,14 +64,14 @@ def load_repository(cfg: ServeConfig) -> Repository:
     Every model folder is opened, and every problem found (a bundle that fails to load, a
     folder that holds no bundle, a version folder that is not a number) is listed in one
     ServeError: a server never starts without a model its repository names. Folders whose
-    name starts with "." are skipped.
+    name starts with "." are skipped, and ``lost+found`` (the root of every ext4 volume).
     """
     root = Path(cfg.path)
     _check_root(root)  # before the provider is chosen (and logged): nothing to serve
     provider = choose_provider(cfg.device)
     if qb.is_bundle(root):
         return Repository([open_model(root, cfg, provider)])
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not _not_a_model(p.name))
     versions = [p.name for p in folders if p.name.isdigit() and qb.is_bundle(p)]
     if versions:  # served as a repository, its versions would become models named "1", "2"
         raise ServeError(
@@ -96,6 +96,12 @@ def load_repository(cfg: ServeConfig) -> Repository:
             f"or {root}/NAME/VERSION/manifest.json. Create one with `quantgate export`."
         )
     return Repository(models)
+
+
+def _not_a_model(folder: str) -> bool:
+    """Whether a repository's ``folder`` is skipped: hidden, or a filesystem's lost+found
+    (a volume mounted as the repository has one at its root)."""
+    return folder.startswith(".") or folder == "lost+found"
 
 
 def _check_root(root: Path) -> None:

@@ -31,7 +31,7 @@ from quantgate.serve import modelfile
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.dtypes import datatype
 from quantgate.serve.variants import choose_variant, provider_options, speed_gates_on, speedup
-from quantgate.serve.watch import Served, bundle_stamp
+from quantgate.serve.watch import Outlook, Served, bundle_stamp, stamp
 from quantgate.tables import index_limits as read_index_limits
 
 log = logging.getLogger(__name__)
@@ -124,20 +124,28 @@ class Model:
         self.labels = bundle.manifest.class_names  # for class_count requests
         self.io_binding = io_binding
         self.placement = placement_report  # where ORT put the nodes (CUDA only)
-        # The bundle on disk as it was before it was read (watch.bundle_stamp), to tell
-        # that it changed since (watch.BundleWatch)
-        self.on_disk = on_disk if on_disk is not None else bundle_stamp(bundle.path)
+        # The bundle on disk as it was before it was read (watch.bundle_stamp of the files
+        # its manifest lists), to tell that it changed since (watch.BundleWatch)
+        self.on_disk_files = listed_files(bundle.manifest)
+        self.on_disk = (
+            on_disk if on_disk is not None else bundle_stamp(bundle.path, self.on_disk_files)
+        )
 
     def served(self, cfg: ServeConfig) -> Served:
         """What watch.BundleWatch watches of this model's bundle; ``cfg`` is what a restart
-        would load it with."""
+        would load it with (a repository, where ``cfg.path`` is not this bundle)."""
         path = self.bundle.path.absolute()
+        m = self.bundle.manifest
+        in_repository = Path(cfg.path).resolve() != path.resolve()
         return Served(
             path,
             (self.name, self.version),
             f"{self.variant.file}, sha256 {self.variant.sha256[:12]}...",
             self.on_disk,
-            outlook=lambda: restart_outlook(path, cfg, self.provider, self.variant),
+            outlook=lambda: restart_outlook(
+                path, cfg, self.provider, self.variant, m, in_repository=in_repository
+            ),
+            files=self.on_disk_files,
         )
 
     def _sequence_axis(self) -> str | None:
@@ -367,6 +375,8 @@ def open_model(
     on_disk = bundle_stamp(path)  # before the read: a change during it is seen later
     bundle = qb.load(path, verify=False)
     manifest = bundle.manifest
+    # and the files it lists, before they are hashed
+    on_disk = (*on_disk, *stamp([path / f for f in listed_files(manifest)]))
     if manifest.verdict != qb.PASS:
         failed = [v.precision for v in manifest.variants if not v.passed]
         if not cfg.allow_failed_gates:
@@ -413,32 +423,59 @@ def open_model(
     return model
 
 
-def restart_outlook(path: Path, cfg: ServeConfig, provider: str, served: qb.Variant) -> str:
-    """What a restart would serve of the bundle at ``path`` as it is on disk now, in words,
-    for the warning that it changed (watch.BundleWatch): the copy it would serve, whether
-    that is the one ``served`` now, or why it would be refused. Read from the manifest alone
-    (its files are hashed when a restart loads them); where ONNX Runtime would place the
-    nodes on CUDA is not known until then."""
+def listed_files(manifest: qb.Manifest) -> tuple[str, ...]:
+    """The names of the files ``manifest`` lists (the variants', the tokenizer's, ...): what
+    a restart checks, and so what watch.BundleWatch looks at."""
+    return (*(v.file for v in manifest.variants), *manifest.files)
+
+
+def restart_outlook(
+    path: Path,
+    cfg: ServeConfig,
+    provider: str,
+    served: qb.Variant,
+    loaded: qb.Manifest,
+    *,
+    in_repository: bool = False,
+) -> Outlook:
+    """What a restart would do with the bundle at ``path`` as it is on disk now, for the
+    warning that it changed (watch.BundleWatch): the copy it would serve, whether that is the
+    one ``served`` now, or why it would be refused, and with it the whole repository where
+    the server serves one (it starts with every model folder or none). A bundle whose task,
+    inputs or outputs are not ``loaded``'s (the manifest served) is another model, said so.
+
+    Its files are hashed, as a restart checks them; where ONNX Runtime would place the
+    nodes on CUDA is not known until a restart opens it."""
+    whole = (
+        ", and with it the whole repository (the server starts with every model folder or none)"
+        if in_repository
+        else ""
+    )
     try:
-        manifest = qb.load(path, verify=False).manifest
+        manifest = qb.load(path).manifest
     except QuantgateError as e:
-        return f"a restart would refuse it: {e}"
+        return Outlook(f"a restart would refuse it{whole}: {e}", refused=True)
+    said = []
+    if changes := _interface_changes(loaded, manifest):
+        said.append(
+            f"it is not the model served ({'; '.join(changes)}): requests made for the one "
+            "served would be refused after a restart"
+        )
     now = next(
         (v for v in manifest.variants if (v.file, v.sha256) == (served.file, served.sha256)),
         None,
     )
-    failing = [v.precision for v in manifest.variants if not v.passed]
-    said = []
     if now is not None and not now.passed:
         said.append(
             f"the copy served ({now.precision}) now fails its gates: see {path / qb.REPORT}"
         )
     if manifest.verdict != qb.PASS and not cfg.allow_failed_gates:
+        failing = [v.precision for v in manifest.variants if not v.passed]
         said.append(
-            f"a restart would refuse it (variants {failing} failed their gates; "
+            f"a restart would refuse it{whole} (variants {failing} failed their gates; "
             "--allow-failed-gates serves its passing variants)"
         )
-        return "; ".join(said)
+        return Outlook("; ".join(said), refused=True)
     try:
         v = choose_variant(
             manifest,
@@ -448,10 +485,27 @@ def restart_outlook(path: Path, cfg: ServeConfig, provider: str, served: qb.Vari
             quiet=True,  # what the choice would log is for the restart to say
         )
     except QuantgateError as e:
-        return "; ".join([*said, f"a restart would refuse it: {e}"])
+        return Outlook("; ".join([*said, f"a restart would refuse it{whole}: {e}"]), refused=True)
     what = f"{v.file}, sha256 {v.sha256[:12]}..."
     same = " (the copy served now)" if (v.file, v.sha256) == (served.file, served.sha256) else ""
-    return "; ".join([*said, f"a restart would serve {v.precision} ({what}){same}"])
+    return Outlook("; ".join([*said, f"a restart would serve {v.precision} ({what}){same}"]))
+
+
+def _interface_changes(old: qb.Manifest, new: qb.Manifest) -> list[str]:
+    """How ``new`` differs from ``old`` as clients see a model: "task A -> B", "inputs
+    input_ids int64 (batch, sequence), ... -> ...", the same for outputs."""
+
+    def specs(tensors) -> str:
+        return ", ".join(f"{t.name} {t.dtype} ({', '.join(map(str, t.dims))})" for t in tensors)
+
+    changes = [f"task {old.task} -> {new.task}"] if old.task != new.task else []
+    for what, before, after in (
+        ("inputs", specs(old.inputs), specs(new.inputs)),
+        ("outputs", specs(old.outputs), specs(new.outputs)),
+    ):
+        if before != after:
+            changes.append(f"{what} {before} -> {after}")
+    return changes
 
 
 def placement_refusal(

@@ -748,11 +748,13 @@ def _run(cfg: ServeConfig, on_ready: Callable[[int, Engine], None] | None) -> No
     _check_ports(cfg)
     engine = Engine(load_repository(cfg), cfg)
     # Served as loaded: a bundle that changes on disk is said so once, not reloaded
-    changed = engine.metrics.bundle_changed
-    bundles = watch.BundleWatch(
-        (m.served(cfg) for m in engine.repository),
-        on_change=lambda model, is_changed: changed.labels(*model).set(int(is_changed)),
-    )
+    metrics = engine.metrics
+
+    def on_change(model: tuple[str, str], changed: bool, refused: bool) -> None:
+        metrics.bundle_changed.labels(*model).set(int(changed))
+        metrics.bundle_refused.labels(*model).set(int(refused))
+
+    bundles = watch.BundleWatch((m.served(cfg) for m in engine.repository), on_change=on_change)
     stop = threading.Event()
     received: list[str] = []  # the signal that asked for the stop
 

@@ -10,8 +10,8 @@ interval until it succeeds: some causes pass with time, the files untouched (a r
 certificate's start of validity arriving; permissions fixed, which changes no stamp).
 
 Bundles are not read again (``BundleWatch``): the server serves what it loaded at start,
-and says once when a served bundle changes or goes on disk, with what a restart would serve
-(a re-gate that failed the copy served says so).
+and says once when a served bundle changes or goes on disk, with what a restart would do
+(serve another copy, or refuse it: a re-gate that failed the copy served, a file changed).
 """
 
 from __future__ import annotations
@@ -111,32 +111,45 @@ class Watched(Generic[T]):
 MANIFEST = "manifest.json"
 
 
-def bundle_stamp(folder: Path) -> tuple:
+def bundle_stamp(folder: Path, files: Sequence[str] = ()) -> tuple:
     """What tells a bundle folder's new version from the one loaded: the folder's own
     (device, inode), which an export's rename into place changes (a symbolic link swapped to
-    another folder too: ``os.stat`` follows it), and manifest.json's ``stamp``, which a
-    manifest rewritten in place changes. None for either that cannot be seen (gone)."""
+    another folder too: ``os.stat`` follows it), manifest.json's ``stamp``, which a manifest
+    rewritten in place changes, and the ``stamp`` of each of its ``files`` (the names its
+    manifest lists, which a restart checks: one changed in place changes it). None for any
+    that cannot be seen (gone)."""
     try:
         st = os.stat(folder)
         where = (st.st_dev, st.st_ino)
     except OSError:
         where = None
-    return (where, *stamp([folder / MANIFEST]))
+    return (where, *stamp([folder / MANIFEST, *(folder / f for f in files)]))
+
+
+@dataclass(frozen=True)
+class Outlook:
+    """What a restart would do with a bundle as it is on disk: said in words, and whether it
+    would not serve it (``refused``: the server would not start, or not with this model)."""
+
+    said: str
+    refused: bool = False
 
 
 @dataclass
 class Served:
     """A bundle as the server loaded it: ``model`` names it and ``serving`` the copy served
-    ("model.int8.onnx, sha256 3b35f566ab12..."), ``loaded`` is its ``bundle_stamp`` taken
-    before it was read, ``seen`` the stamp last looked at. ``outlook()`` says what a restart
-    would serve of the bundle as it is on disk now (runtime.restart_outlook)."""
+    ("model.int8.onnx, sha256 3b35f566ab12..."), ``files`` the names its manifest lists,
+    ``loaded`` its ``bundle_stamp`` taken before they were read, ``seen`` the stamp last
+    looked at. ``outlook()`` says what a restart would do with the bundle as it is on disk
+    now (runtime.restart_outlook)."""
 
     path: Path
     model: tuple[str, str]  # (name, version)
     serving: str
     loaded: tuple
     seen: tuple | None = None
-    outlook: Callable[[], str] | None = None
+    outlook: Callable[[], Outlook] | None = None
+    files: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.seen = self.loaded
@@ -144,20 +157,21 @@ class Served:
 
 class BundleWatch:
     """Served bundles that change on disk, looked at every ``interval`` seconds on one
-    daemon thread (a ``stat`` of each folder and manifest: off the request path, and off
-    the main thread, which must stay free to act on a signal).
+    daemon thread (a ``stat`` of each folder, manifest and listed file: off the request
+    path, and off the main thread, which must stay free to act on a signal).
 
     The server is not reloaded: what it loaded at start is what it serves until it
     restarts. A change is logged at WARNING once, when it is first seen (not at every
-    look), naming what is still served; a bundle that goes from disk is said so.
-    ``on_change((name, version), changed)`` is told of each change (``changed`` False
-    when the bundle is back as it was loaded), for the metric."""
+    look), naming what is still served and what a restart would do (``Served.outlook``); a
+    bundle that goes from disk is said so. ``on_change((name, version), changed, refused)``
+    is told of each change, for the metrics: ``changed`` False when the bundle is back as
+    it was loaded, ``refused`` where a restart would not serve it."""
 
     def __init__(
         self,
         bundles: Iterable[Served],
         *,
-        on_change: Callable[[tuple[str, str], bool], None] = lambda model, changed: None,
+        on_change: Callable[[tuple[str, str], bool, bool], None] = lambda model, c, r: None,
         interval: float = INTERVAL_S,
     ):
         self.bundles, self.on_change, self.interval = tuple(bundles), on_change, interval
@@ -176,7 +190,7 @@ class BundleWatch:
         (each logged). The thread calls it every interval; a test may call it directly."""
         changed = []
         for b in self.bundles:
-            now = bundle_stamp(b.path)
+            now = bundle_stamp(b.path, b.files)
             if now == b.seen:
                 continue
             b.seen = now
@@ -184,8 +198,10 @@ class BundleWatch:
             name, version = b.model
             where = f"bundle {b.path} (model {name} v{version})"
             kept = f"still serving the copy loaded at start ({b.serving})"
+            refused = True
             if now == b.loaded:
                 log.info("%s is back on disk as it was loaded", where)
+                refused = False
             elif now[0] is None:
                 log.warning("%s is gone from disk: %s; a restart would not serve it", where, kept)
             elif now[1] is None:
@@ -196,13 +212,11 @@ class BundleWatch:
                     kept,
                 )
             else:
-                log.warning(
-                    "%s changed on disk since it was loaded: %s; %s",
-                    where,
-                    kept,
-                    b.outlook() if b.outlook else "restart the server to serve the new one",
-                )
-            self.on_change(b.model, now != b.loaded)
+                outlook = b.outlook() if b.outlook else Outlook("restart to serve the new one")
+                log.warning("%s changed on disk since it was loaded: %s; %s", where, kept,
+                            outlook.said)  # fmt: skip
+                refused = outlook.refused
+            self.on_change(b.model, now != b.loaded, refused)
         return changed
 
     def _run(self) -> None:

@@ -185,7 +185,7 @@ def test_a_change_on_disk_is_warned_about_once_per_change(tmp_path, caplog):
     changes: list = []
     watch = BundleWatch(
         [Served(b, ("tiny", "1"), "model.fp32.onnx, sha256 0123456789ab...", bundle_stamp(b))],
-        on_change=lambda model, changed: changes.append((model, changed)),
+        on_change=lambda model, changed, refused: changes.append((model, changed, refused)),
     )
 
     def looks(n: int = 3) -> str:
@@ -200,7 +200,7 @@ def test_a_change_on_disk_is_warned_about_once_per_change(tmp_path, caplog):
     said = looks()
     assert said.count(CHANGED) == 1 and "WARNING" in said, said
     assert f"bundle {b} (model tiny v1) {CHANGED}: still serving the copy loaded at " in said
-    assert "(model.fp32.onnx, sha256 0123456789ab...); restart the server to serve" in said
+    assert "(model.fp32.onnx, sha256 0123456789ab...); restart to serve the new one" in said
     manifest = b / "manifest.json"
     before = manifest.stat().st_mtime_ns
     manifest.write_text(manifest.read_text())  # rewritten in place: its mtime, one second on
@@ -211,7 +211,8 @@ def test_a_change_on_disk_is_warned_about_once_per_change(tmp_path, caplog):
     shutil.rmtree(b)
     said = looks()
     assert said.count(GONE) == 1 and "a restart would not serve it" in said, said
-    assert changes == [(("tiny", "1"), True)] * 4
+    # without an outlook, a change is not known to be refused; gone, it is
+    assert changes == [(("tiny", "1"), True, False)] * 2 + [(("tiny", "1"), True, True)] * 2
 
 
 def _gated_int8(b: Path, passed: bool) -> None:
@@ -269,10 +270,57 @@ def test_a_re_gate_that_fails_the_copy_served_is_said_with_what_a_restart_would_
 def test_a_restart_outlook_names_a_bundle_it_cannot_read(tmp_path):
     b = bundles.build(tmp_path / "b", "classifier")
     cfg = ServeConfig(path=b)
-    served = runtime.open_model(b, cfg, CPU).variant
+    model = runtime.open_model(b, cfg, CPU)
     (b / "manifest.json").write_text("{")
-    said = runtime.restart_outlook(b, cfg, CPU, served)
-    assert said.startswith("a restart would refuse it: ") and "manifest.json" in said, said
+    said = runtime.restart_outlook(b, cfg, CPU, model.variant, model.bundle.manifest)
+    assert said.refused and said.said.startswith("a restart would refuse it: "), said
+    assert "manifest.json" in said.said, said
+
+
+def test_a_served_file_changed_in_place_is_seen_and_refused_as_a_restart_would(tmp_path, caplog):
+    """A model file overwritten in place (its manifest untouched) went unseen, and the next
+    restart refused the bundle for its sha256: now it is said at once, the restart's refusal
+    with it, and in a repository, that the whole repository would not start."""
+    repo = tmp_path / "repo"
+    b = bundles.build(repo / "tiny", "classifier")
+    bundles.build(repo / "other", "classifier", seed=1)
+    cfg = ServeConfig(path=repo)
+    model = runtime.open_model(b, cfg, CPU, name="tiny")
+    seen: list = []
+    watch = BundleWatch(
+        [model.served(cfg)], on_change=lambda model, c, refused: seen.append((c, refused))
+    )
+    assert not watch.check()
+    data = (b / MODEL_FILE).read_bytes()
+    (b / MODEL_FILE).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, in place
+    with caplog.at_level(logging.WARNING, logger="quantgate.serve.watch"):
+        assert len(watch.check()) == 1
+    said = " ".join(caplog.text.split())
+    assert f"{CHANGED}: still serving the copy loaded at start" in said, said
+    assert "a restart would refuse it, and with it the whole repository (the server starts " in said
+    assert f"{MODEL_FILE} has sha256 " in said and "the file was changed after export" in said
+    assert seen == [(True, True)]
+    (b / MODEL_FILE).write_bytes(data)  # put back: its stamp differs, its bytes do not
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="quantgate.serve.watch"):
+        assert len(watch.check()) == 1
+    assert "(the copy served now)" in caplog.text and seen[-1] == (True, False), caplog.text
+
+
+def test_another_model_under_the_served_name_is_said_to_be_another(tmp_path, caplog):
+    b = bundles.build(tmp_path / "b", "classifier")
+    cfg = ServeConfig(path=b)
+    model = runtime.open_model(b, cfg, CPU)
+    watch = BundleWatch([model.served(cfg)])
+    bundles.build(b, "encoder")  # re-exported over it: hidden states, not logits
+    with caplog.at_level(logging.WARNING, logger="quantgate.serve.watch"):
+        assert len(watch.check()) == 1
+    said = " ".join(caplog.text.split())
+    assert (
+        "it is not the model served (task sequence-classification -> feature-extraction; " in said
+    )
+    assert "outputs logits float32 (batch, 5) -> last_hidden_state float32 (batch, " in said
+    assert "requests made for the one served would be refused after a restart" in said, said
 
 
 def test_a_bundle_put_back_as_it_was_is_said_so(tmp_path, caplog):
@@ -286,10 +334,11 @@ def test_a_bundle_put_back_as_it_was_is_said_so(tmp_path, caplog):
     assert "is back on disk as it was loaded" in caplog.text
 
 
-def _changed_metric(srv: ServerProcess) -> str:
+def _changed_metric(srv: ServerProcess, what: str = "changed") -> str:
     url = re.search(r"metrics on (http://\S+/metrics)", "".join(srv.stdout)).group(1)
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return re.search(r"^quantgate_bundle_changed_on_disk\{([^}]*)\} (\S+)$", text, re.M).group(0)
+    line = rf"^quantgate_bundle_{what}_on_disk\{{([^}}]*)\}} (\S+)$"
+    return re.search(line, text, re.M).group(0)
 
 
 def test_a_bundle_re_exported_while_served_is_warned_about_once_and_served_as_loaded(
@@ -323,10 +372,13 @@ def test_a_bundle_re_exported_while_served_is_warned_about_once_and_served_as_lo
         np.testing.assert_allclose(got, loaded(feeds), atol=1e-4)
         assert not np.allclose(got, new(feeds), atol=1e-4)  # not the new one
         assert _changed_metric(srv) == f"{metric} 1.0"
+        refused = metric.replace("changed", "refused")
+        assert _changed_metric(srv, "refused") == f"{refused} 0.0"  # a restart serves the new one
         shutil.rmtree(b)
         until(lambda: GONE in srv.log)
         time.sleep(1.5)
         assert srv.log.count(GONE) == 1 and srv.log.count(CHANGED) == 1, srv.log
+        assert _changed_metric(srv, "refused") == f"{refused} 1.0"
         np.testing.assert_allclose(answer(), loaded(feeds), atol=1e-4)
     finally:
         assert srv.terminate() == 0, srv.log

@@ -94,6 +94,7 @@ def test_a_repository_lists_every_model_folder_it_cannot_serve(repo, tmp_path):
     shutil.copytree(classifier, root / "mixed")  # a bundle that also holds a version folder
     shutil.copytree(encoder, root / "mixed" / "2")
     (root / ".cache").mkdir()  # hidden folders are not models
+    (root / "lost+found").mkdir()  # nor an ext4 volume's
 
     with pytest.raises(ServeError) as err:
         load_repository(ServeConfig(path=root, device="cpu"))
@@ -109,6 +110,7 @@ def test_a_repository_lists_every_model_folder_it_cannot_serve(repo, tmp_path):
         line = next((x for x in message.splitlines() if x.startswith(f"  - {folder}: ")), "")
         assert words in line, (folder, message)
     assert "good" not in message and ".cache" not in message, message
+    assert "lost+found" not in message, message
 
     for folder in expected:
         shutil.rmtree(root / folder)
