@@ -199,3 +199,11 @@ def exit_code(err: BaseException) -> int:
     if isinstance(err, QuantgateError):
         return err.exit_code
     return 1
+
+
+def quoted(value: str, limit: int = 64) -> str:
+    """A string from outside (a client's model name) as a message quotes it, ``repr``, cut
+    past ``limit`` characters: what follows it in the message (what to do) must not drown."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}...(+{len(value) - limit} chars)"

@@ -78,6 +78,12 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         name = tensor.name
         if name in arrays:
             raise BadRequest(f"input {name!r} appears twice in the request; send it once")
+        if tensor.datatype == "BYTES":  # text sent to a text model, most likely
+            raise BadRequest(
+                f"input {name!r}: BYTES (strings) are not taken: the server runs the model on "
+                "numeric tensors, a text model on token ids. Tokenize on the client: "
+                "`quantgate infer -t TEXT --bundle BUNDLE` does, with the bundle's tokenizer"
+            )
         if tensor.datatype not in DATATYPES:
             raise BadRequest(
                 f"input {name!r}: unsupported datatype {tensor.datatype!r}; "

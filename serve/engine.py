@@ -146,10 +146,17 @@ class Engine:
         timing: Timing | None = None,
         rows: int = 0,
         reason: str = "",
+        *,
+        asked: str = "",
     ) -> None:
         """Account for one answered request (success or not; ``reason``: why an UNAVAILABLE
-        one was refused)."""
-        name, version = (model.name, model.version) if model else ("", "")
+        one was refused). One without a ``model`` is counted under the name it ``asked``
+        for where the server serves a model of that name (a version it does not serve),
+        else under "": a client cannot grow the label set."""
+        if model is not None:
+            name, version = model.name, model.version
+        else:
+            name, version = (asked if asked in self.repository else ""), ""
         self.metrics.requests.labels(name, version, code).inc()
         if reason:
             self.metrics.refused.labels(name, version, reason).inc()

@@ -20,7 +20,7 @@ from quantgate.errors import (
     Unavailable,
 )
 
-__all__ = ["STATUS", "from_status", "status_of"]
+__all__ = ["STATUS", "from_status", "message_of", "status_of"]
 
 
 # An error's code is that of the nearest class in its MRO found here (status_of).
@@ -42,6 +42,22 @@ def status_of(err: QuantgateError) -> grpc.StatusCode:
         if cls in STATUS:
             return STATUS[cls]
     return grpc.StatusCode.INTERNAL
+
+
+# Characters of an error's message a status carries. gRPC sends it in the trailers,
+# percent-encoded (a non-ASCII character takes up to 9 bytes), which a client refuses past
+# its metadata limit (8 KB by default): a request naming a 20 kB model would get
+# RESOURCE_EXHAUSTED, which reads as retryable, instead of its NOT_FOUND.
+MESSAGE_LIMIT = 800
+
+
+def message_of(err: BaseException | str) -> str:
+    """``err``'s message (or a message) as a status carries it: cut past ``MESSAGE_LIMIT``
+    characters, its length said."""
+    text = str(err)
+    if len(text) <= MESSAGE_LIMIT:
+        return text
+    return f"{text[:MESSAGE_LIMIT]}... ({len(text) - MESSAGE_LIMIT} more characters)"
 
 
 def from_status(code: grpc.StatusCode, message: str) -> QuantgateError:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from quantgate import bundle as qb
-from quantgate.errors import ModelNotFound, QuantgateError, ServeError
+from quantgate.errors import ModelNotFound, QuantgateError, ServeError, quoted
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.runtime import Model, open_model
 from quantgate.serve.variants import choose_provider
@@ -32,15 +32,20 @@ class Repository:
         versions = self._models.get(name)
         if versions is None:
             raise ModelNotFound(
-                f"unknown model {name!r}; this server serves {sorted(self._models)}"
+                f"unknown model {quoted(name)}; this server serves {sorted(self._models)}"
             )
         if not version:
             return versions[max(versions, key=int)]
         if version not in versions:
             raise ModelNotFound(
-                f"model {name!r} has no version {version!r}; it has {sorted(versions, key=int)}"
+                f"model {name!r} has no version {quoted(version)}; it has "
+                f"{sorted(versions, key=int)}"
             )
         return versions[version]
+
+    def __contains__(self, name: object) -> bool:
+        """Whether a model of that name is served (at any version)."""
+        return name in self._models
 
     def versions(self, name: str) -> list[str]:
         return sorted(self._models[name], key=int)

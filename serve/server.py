@@ -60,6 +60,9 @@ def _open_call(method: str) -> bool:
     return auth.is_open(method, SERVICE)
 
 
+# A queue delay past this (microseconds) is said at start: a lone request waits it out.
+LONG_QUEUE_DELAY_US = 100_000
+
 # Request threads beyond the queue: calls that wait in no queue (metadata, statistics) and
 # the runners of the batches. (Health and reflection run on threads of their own.)
 SPARE_THREADS = 16
@@ -746,6 +749,13 @@ def _run(cfg: ServeConfig, on_ready: Callable[[int, Engine], None] | None) -> No
     credentials = tls.Credentials(cfg.tls) if cfg.tls is not None else None
     tokens = auth.tokens(cfg)  # watched from the start of serving, below
     _check_ports(cfg)
+    if cfg.max_queue_delay_us > LONG_QUEUE_DELAY_US:  # microseconds: a unit easily mistaken
+        log.warning(
+            "--max-queue-delay-us %d: a request alone in the queue waits %.3g s for others "
+            "before it runs (the flag is in microseconds: 5000 is 5 ms)",
+            cfg.max_queue_delay_us,
+            cfg.max_queue_delay_us / 1e6,
+        )
     engine = Engine(load_repository(cfg), cfg)
     # Served as loaded: a bundle that changes on disk is said so once, not reloaded
     metrics = engine.metrics

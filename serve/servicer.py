@@ -36,6 +36,7 @@ from quantgate.errors import (
     ModelNotFound,
     QuantgateError,
     ResponseTooLarge,
+    quoted,
 )
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
@@ -43,7 +44,7 @@ from quantgate.protos import model_config_pb2 as mc
 from quantgate.serve import codec
 from quantgate.serve.batcher import Caller, bare
 from quantgate.serve.engine import SHUTTING_DOWN, Engine
-from quantgate.serve.errors import status_of
+from quantgate.serve.errors import message_of, status_of
 from quantgate.serve.metrics import DURATIONS, ModelStats
 from quantgate.serve.runtime import Model
 
@@ -181,7 +182,7 @@ def _aborts(method):
         try:
             return method(self, request, context)
         except QuantgateError as e:
-            context.abort(status_of(e), str(e))
+            context.abort(status_of(e), message_of(e))
 
     return handler
 
@@ -262,7 +263,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.repository_name:
             context.abort(
                 grpc.StatusCode.UNIMPLEMENTED,
-                f"repository {request.repository_name!r}: this server serves one model "
+                f"repository {quoted(request.repository_name)}: this server serves one model "
                 "repository, which has no name; leave repository_name empty",
             )
         ready = self._engine.ready
@@ -278,7 +279,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         caller = _caller(context)
         response, err = self._infer(request, _time_left(context), caller, CALL.get())
         if err is not None and not isinstance(err, Cancelled):  # Cancelled: nobody listens
-            context.abort(status_of(err), str(err))
+            context.abort(status_of(err), message_of(err))
         return response
 
     def ModelStreamInfer(
@@ -348,14 +349,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if caller.gone:  # the call is over (cancelled, or ended by gRPC)
                     return
                 if isinstance(answer, QuantgateError):
-                    context.abort(status_of(answer), str(answer))
+                    context.abort(status_of(answer), message_of(answer))
                 raise answer
             response, err = answer.result()
             if err is None:
                 yield codec.stream_response(response)
             elif not isinstance(err, Cancelled):
                 yield pb.ModelStreamInferResponse(
-                    error_message=f"{status_of(err).name}: {err}",
+                    error_message=f"{status_of(err).name}: {message_of(err)}",
                     infer_response=pb.ModelInferResponse(id=response.id),
                 )
             del response, err, answer  # not held while the next one is awaited
@@ -418,24 +419,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # at most a quarter of a short deadline: cancelled at 10 of 20 ms is no deadline
             if timeout is not None and elapsed >= timeout - min(DEADLINE_SLACK_S, timeout / 4):
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
-            self._finished(record, model, code.name, elapsed)
+            self._finished(record, model, request.model_name, code.name, elapsed)
             return response, bare(e)  # held by a stream until sent: not its frames too
         except QuantgateError as e:
-            self._finished(record, model, status_of(e).name, time.perf_counter() - start,
+            self._finished(record, model, request.model_name, status_of(e).name, time.perf_counter() - start,
                            reason=getattr(e, "reason", ""))  # fmt: skip
             return response, bare(e)
         except Exception as e:  # a bug, not the client's fault: answer it, keep serving
             what = f"request {request.id!r} to model {request.model_name!r} failed"
             failed = InferenceFailed.logged(what, e, log, trace=True)
-            self._finished(record, model, "INTERNAL", time.perf_counter() - start)
+            self._finished(
+                record, model, request.model_name, "INTERNAL", time.perf_counter() - start
+            )
             return response, failed
-        self._finished(record, model, "OK", time.perf_counter() - start, timing, rows)
+        self._finished(
+            record, model, request.model_name, "OK", time.perf_counter() - start, timing, rows
+        )
         return encoded, None
 
     def _finished(
-        self, record: CallRecord | None, model, code, seconds, timing=None, rows=0, reason=""
+        self,
+        record: CallRecord | None,
+        model: Model | None,
+        asked: str,
+        code: str,
+        seconds: float,
+        timing=None,
+        rows=0,
+        reason="",
     ):
-        self._engine.finished(model, code, seconds, timing, rows, reason)
+        """Count one request; ``asked`` is the model it named (``model`` is None where it
+        names none served, or a version not served)."""
+        self._engine.finished(model, code, seconds, timing, rows, reason, asked=asked)
         if record is not None:
             record.request(model, code, rows)
 

@@ -73,6 +73,8 @@ def refused(r, *words):
 got = codec.decode_inputs(request("INT8", [1, 3], "int_contents", [-128, 0, 127]))["x"]
 assert got.dtype == np.int8 and got.tolist() == [[-128, 0, 127]]
 refused(request("UINT8", [1, 1], "uint_contents", [300]), "'x'", "300", "UINT8", "0..255")
+refused(request("BYTES", [1], "bytes_contents", [b"a sentence"]), "'x'", "BYTES (strings)",
+        "token ids", "quantgate infer -t TEXT --bundle BUNDLE")
 refused(request("INT8", [1, 1], "int_contents", [1000]), "'x'", "1000", "INT8")
 refused(request("FP16", [1, 2]), "'x'", "FP16", "raw_input_contents")
 refused(request("INT64", [0, 2**62], raw=b""), "'x'", str(2**62), "larger than any array")

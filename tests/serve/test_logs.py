@@ -180,6 +180,7 @@ def test_the_access_log_has_a_line_per_rpc_with_its_status_rows_and_latency(repo
     assert (ok["model"], ok["version"], ok["rows"]) == (MODEL, "1", 3), ok
     assert ok["request_id"] == 'a "b"\nmodel=x', ok
     assert ok["latency_ms"] >= 900, ok  # it waited --max-queue-delay-us for company
+    assert "--max-queue-delay-us 1000000: a request alone in the queue waits 1 s" in srv.log
     (missing,) = by_code["ModelInfer", "NOT_FOUND"]
     assert (missing["model"], missing["version"], missing["rows"]) == ("nope", None, None)
     (big,) = by_code["ModelInfer", "INVALID_ARGUMENT"]

@@ -279,6 +279,25 @@ def test_oversized_message_is_refused(server, client):
     assert client.is_server_live()
 
 
+def test_a_client_string_too_long_for_a_status_gets_its_own_code(server, client):
+    """A 20 kB model name, or input name, echoed whole into the error message, made the status
+    larger than a client's metadata limit: it got RESOURCE_EXHAUSTED (which reads as
+    retryable) in place of NOT_FOUND or INVALID_ARGUMENT."""
+    feeds = batch(np.random.default_rng(0), 1, 9)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("m" * 20_000, inputs(feeds))
+    assert err.value.status() == "StatusCode.NOT_FOUND", err.value
+    assert "...(+19936 chars); this server serves ['classifier'" in err.value.message()
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("classifier", inputs(feeds), model_version="9" * 20_000)
+    assert err.value.status() == "StatusCode.NOT_FOUND", err.value
+    odd = {**feeds, "é" * 20_000: feeds["input_ids"]}  # 9 bytes a character, percent-encoded
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("classifier", inputs(odd))
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT", err.value
+    assert err.value.message().endswith(" more characters)"), err.value.message()[-200:]
+
+
 def test_metrics_endpoint(tmp_path, repo):
     # A port for metrics: bind 0, read it back, release (tiny race, acceptable in tests).
     import socket
@@ -309,6 +328,10 @@ def test_metrics_endpoint(tmp_path, repo):
             for name in ("nope", "x" * 200):  # clients cannot grow the label set
                 with pytest.raises(InferenceServerException):
                     c.infer(name, inputs(batch(np.random.default_rng(3), 1, 9)))
+            for version in ("3", "x" * 200):  # a served model's, at no version it serves
+                with pytest.raises(InferenceServerException):
+                    c.infer("tiny-classifier", inputs(batch(np.random.default_rng(3), 1, 9)),
+                            model_version=version)  # fmt: skip
         labels = 'model="tiny-classifier",version="1"'
         expired = f'quantgate_requests_total{{code="DEADLINE_EXCEEDED",{labels}}} 1.0'
         text = ""
@@ -325,6 +348,8 @@ def test_metrics_endpoint(tmp_path, repo):
         assert f'quantgate_requests_total{{code="OK",{labels}}} 1.0' in text
         assert 'code="INVALID_ARGUMENT"' in text
         assert 'quantgate_requests_total{code="NOT_FOUND",model="",version=""} 2.0' in text, text
+        pinned = 'quantgate_requests_total{code="NOT_FOUND",model="tiny-classifier",version=""}'
+        assert f"{pinned} 2.0" in text, text
         assert "nope" not in text and "x" * 200 not in text
         assert f"quantgate_queue_depth{{{labels}}} 0.0" in text  # the expired one left
         assert "quantgate_batch_size_bucket" in text and "quantgate_request_seconds_bucket" in text
