@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,6 +171,25 @@ class Model:
         return self.sequence_axis is not None and self.sequence_axis in next(
             t.axes[1:2] for t in self.outputs if t.name == name
         )
+
+    def answer_sizes(self, feeds: Mapping[str, np.ndarray], outputs: Iterable[str]) -> dict:
+        """The bytes of each of ``outputs`` (its tensor) that a request of ``feeds`` would be
+        answered with, known before it runs from the sizes its inputs give the symbolic axes
+        (batch, sequence); an output with an axis they do not give is left out. For refusing
+        an answer too large to send before its work."""
+        size: dict[str, int] = {}
+        for t in self.inputs:
+            shape = getattr(feeds.get(t.name), "shape", None)
+            if shape is not None and len(shape) == len(t.axes):
+                size.update(
+                    (a, n) for a, n in zip(t.axes, shape, strict=True) if isinstance(a, str)
+                )
+        return {
+            t.name: int(np.prod([a if isinstance(a, int) else size[a] for a in t.axes],
+                                dtype=np.int64)) * t.dtype.itemsize
+            for t in self.outputs
+            if t.name in outputs and all(isinstance(a, int) or a in size for a in t.axes)
+        }  # fmt: skip
 
     def check(self, feeds: Mapping[str, np.ndarray], outputs: tuple[str, ...] = ()) -> int:
         """Validate a request against the model; return its batch size.

@@ -129,14 +129,19 @@ def _time_left(context: grpc.ServicerContext) -> float | None:
     return None if left is None or left > NO_DEADLINE_S else left
 
 
-def _too_large(size: int, limit: int, outputs: dict) -> ResponseTooLarge:
+def _too_large(size: int, limit: int, outputs: dict, *, at_least=False) -> ResponseTooLarge:
     """The error for an answer gRPC would refuse to send, with what to do: counted and
-    logged as RESOURCE_EXHAUSTED, and said in words gRPC's own refusal does not have."""
-    parts = ", ".join(f"{name} {a.nbytes:,}" for name, a in outputs.items())
+    logged as RESOURCE_EXHAUSTED, and said in words gRPC's own refusal does not have.
+    ``outputs``: name -> array, or its bytes; ``at_least``: known from the request's shapes
+    before it ran (``Model.answer_sizes``)."""
+    parts = ", ".join(
+        f"{name} {getattr(a, 'nbytes', a):,}" for name, a in outputs.items()
+    )  # fmt: skip
+    would = f"would be at least {size:,} bytes" if at_least else f"is {size:,} bytes"
     return ResponseTooLarge(
-        f"the response is {size:,} bytes, over the server's --max-message-bytes {limit:,} "
-        f"(outputs, in bytes: {parts}). Ask only for the outputs you need, send fewer rows "
-        "per request, or start the server with a larger --max-message-bytes"
+        f"the response {would}, over the server's --max-message-bytes {limit:,} (outputs, "
+        f"in bytes: {parts}). Ask only for the outputs you need, send fewer rows per "
+        "request, or start the server with a larger --max-message-bytes"
     )
 
 
@@ -394,6 +399,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 timeout = limit if timeout is None else min(timeout, limit)
             feeds = codec.decode_inputs(request)
             wanted = codec.requested_outputs(request)
+            limit = self._engine.cfg.max_message_bytes
+            tensors = [n for n, count in wanted.items() if not count] if wanted else [
+                t.name for t in model.outputs
+            ]  # fmt: skip
+            sizes = model.answer_sizes(feeds, tensors)
+            if sum(sizes.values()) > limit:  # refused before its work
+                raise _too_large(sum(sizes.values()), limit, sizes, at_least=True)
             outputs, timing, rows = self._engine.infer(
                 model, feeds, tuple(wanted), timeout=timeout, caller=caller
             )

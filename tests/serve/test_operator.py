@@ -766,10 +766,22 @@ def test_a_response_over_max_message_bytes_is_refused_with_what_to_do(repo):
             with pytest.raises(InferenceServerException) as err:
                 c.infer("tiny-encoder", inputs({"input_ids": ids, "attention_mask": ids}))
             assert "RESOURCE_EXHAUSTED" in err.value.status()
-            assert "over the server's --max-message-bytes 4,096" in err.value.message()
-            assert "last_hidden_state 8,192" in err.value.message()
-            stats = c.get_inference_statistics("tiny-encoder").model_stats[0].inference_stats
-            assert (stats.fail.count, stats.success.count) == (1, 0)
+            said = err.value.message()
+            # known from the request's shapes: refused before it runs (no batch ran)
+            assert (
+                "would be at least 8,192 bytes, over the server's --max-message-bytes 4,096" in said
+            )
+            assert "(outputs, in bytes: last_hidden_state 8,192)" in said, said
+            stats = c.get_inference_statistics("tiny-encoder").model_stats[0]
+            assert (stats.inference_stats.fail.count, stats.inference_stats.success.count) == (1, 0)
+            assert stats.execution_count == 0, stats
+            ids = np.ones((2, 16), dtype=np.int64)  # 4,096 bytes of tensors, and the message's
+            with pytest.raises(InferenceServerException) as err:  # own fields: refused after
+                c.infer("tiny-encoder", inputs({"input_ids": ids, "attention_mask": ids}))
+            said = err.value.message()
+            assert "the response is 4,1" in said and "last_hidden_state 4,096)" in said, said
+            ids = np.ones((1, 16), dtype=np.int64)  # 2 KB of hidden states: answered
+            c.infer("tiny-encoder", inputs({"input_ids": ids, "attention_mask": ids}))
     finally:
         assert srv.terminate() == 0, srv.log
 
