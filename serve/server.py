@@ -30,6 +30,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import NamedTuple
 
 import grpc
@@ -38,6 +39,7 @@ import prometheus_client.metrics as prom_metrics
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from quantgate import bundle as qb
 from quantgate import cpus, signals
 from quantgate.bundle import CPU
 from quantgate.errors import DrainIncomplete, ServeError
@@ -46,7 +48,7 @@ from quantgate.serve import auth, codec, metrics, tls, watch
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.engine import Engine
 from quantgate.serve.refusals import refusal
-from quantgate.serve.repository import Repository, load_repository
+from quantgate.serve.repository import Repository, load_repository, unserved_folders
 from quantgate.serve.servicer import CALL, UNSUPPORTED, CallRecord, InferenceServicer, unsupported
 
 log = logging.getLogger(__name__)
@@ -764,7 +766,17 @@ def _run(cfg: ServeConfig, on_ready: Callable[[int, Engine], None] | None) -> No
         metrics.bundle_changed.labels(*model).set(int(changed))
         metrics.bundle_refused.labels(*model).set(int(refused))
 
-    bundles = watch.BundleWatch((m.served(cfg) for m in engine.repository), on_change=on_change)
+    root = Path(cfg.path).absolute()
+    served = {(m.name, m.version) for m in engine.repository}
+    bundles = watch.BundleWatch(
+        (m.served(cfg) for m in engine.repository),
+        on_change=on_change,
+        repository=(
+            None
+            if qb.is_bundle(root)
+            else (root, functools.partial(unserved_folders, root, served))
+        ),
+    )
     stop = threading.Event()
     received: list[str] = []  # the signal that asked for the stop
 

@@ -173,12 +173,17 @@ class BundleWatch:
         *,
         on_change: Callable[[tuple[str, str], bool, bool], None] = lambda model, c, r: None,
         interval: float = INTERVAL_S,
+        repository: tuple[Path, Callable[[], list[str]]] | None = None,
     ):
         self.bundles, self.on_change, self.interval = tuple(bundles), on_change, interval
+        # A served repository's root, and what lists its folders the server does not serve
+        # (repository.unserved_folders): one added is said once, as a change is.
+        self.repository = repository
+        self._unserved: list[str] = []
         self._stop = threading.Event()
 
     def start(self) -> BundleWatch:
-        if self.bundles:
+        if self.bundles or self.repository:
             threading.Thread(target=self._run, name="watch bundles", daemon=True).start()
         return self
 
@@ -217,7 +222,27 @@ class BundleWatch:
                             outlook.said)  # fmt: skip
                 refused = outlook.refused
             self.on_change(b.model, now != b.loaded, refused)
+        if self.repository is not None:
+            self._look_at_repository(*self.repository)
         return changed
+
+    def _look_at_repository(self, root: Path, unserved: Callable[[], list[str]]) -> None:
+        """Say once when the repository at ``root`` holds folders the server does not serve
+        (``unserved()``: "bert", "minilm/2"), and once when it no longer does."""
+        now = unserved()
+        if now == self._unserved:
+            return
+        self._unserved = now
+        if now:
+            log.warning(
+                "repository %s holds folders not served: %s; a restart would serve them (and "
+                "not start if one of them cannot be served), and a request without a version "
+                "would go to its model's newest",
+                root,
+                ", ".join(now),
+            )
+        else:
+            log.info("repository %s holds only the folders served", root)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

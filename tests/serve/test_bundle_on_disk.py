@@ -382,3 +382,36 @@ def test_a_bundle_re_exported_while_served_is_warned_about_once_and_served_as_lo
         np.testing.assert_allclose(answer(), loaded(feeds), atol=1e-4)
     finally:
         assert srv.terminate() == 0, srv.log
+
+
+def test_a_folder_added_to_a_served_repository_is_said_once(tmp_path, caplog):
+    """A version folder copied in while the server runs (or a model folder) is what a restart
+    would serve, and requests without a version would move to it: said once, as a change is."""
+    from quantgate.serve.repository import load_repository, unserved_folders
+
+    repo = tmp_path / "repo"
+    bundles.build(repo / "tiny" / "1", "classifier")
+    served = {(m.name, m.version) for m in load_repository(ServeConfig(path=repo))}
+    assert served == {("tiny", "1")} and unserved_folders(repo, served) == []
+    watch = BundleWatch([], repository=(repo, lambda: unserved_folders(repo, served)))
+
+    def said() -> str:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="quantgate.serve.watch"):
+            for _ in range(3):
+                watch.check()
+        return caplog.text
+
+    assert said() == ""
+    bundles.build(repo / "tiny" / "2", "classifier", seed=1)
+    bundles.build(repo / "bert", "encoder")
+    (repo / "lost+found").mkdir()
+    (repo / ".staging").mkdir()
+    text = said()
+    assert text.count("holds folders not served") == 1, text
+    assert f"repository {repo} holds folders not served: bert, tiny/2; a restart would " in text
+    assert "a request without a version would go to its model's newest" in text
+    shutil.rmtree(repo / "tiny" / "2")
+    shutil.rmtree(repo / "bert")
+    assert said().count("holds only the folders served") == 1
+
