@@ -248,7 +248,8 @@ def quantize(
             f"{', '.join(recipe.op_types)} nodes with weights, and found "
             + (f"{len(kept)} it had to keep FP32" if kept else "none")
             + f" (the graph's most common ops: {', '.join(f'{k} {v}' for k, v in ops.most_common(6))}). "
-            "INT8 has nothing to gain on this model; export it with --no-quantize."
+            "This recipe has nothing to quantize here; where no recipe has (its weights are in "
+            "other ops), INT8 has nothing to gain: export the model with --no-quantize."
         )
     seconds = time.perf_counter() - t0
     log.info(

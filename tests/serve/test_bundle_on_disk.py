@@ -414,4 +414,3 @@ def test_a_folder_added_to_a_served_repository_is_said_once(tmp_path, caplog):
     shutil.rmtree(repo / "tiny" / "2")
     shutil.rmtree(repo / "bert")
     assert said().count("holds only the folders served") == 1
-
