@@ -26,6 +26,7 @@ import numpy as np
 from quantgate.errors import BadRequest, ConfigError, DeadlineExceeded, Unavailable
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
+from quantgate.protos import model_config_pb2 as mc
 from quantgate.serve import codec
 from quantgate.serve.dtypes import NUMPY, cast_exact
 from quantgate.serve.errors import from_status
@@ -197,6 +198,12 @@ class Client:
         """The model's inputs and outputs: names, datatypes, shapes (-1: any size)."""
         request = pb.ModelMetadataRequest(name=model, version=str(version))
         return self._call(self._stub.ModelMetadata, request)
+
+    def config(self, model: str, version: str | int = "") -> mc.ModelConfig:
+        """The model's configuration as Triton gives it; quantgate's ``parameters`` add its
+        task, the variant served (precision, file, sha256) and the execution provider."""
+        request = pb.ModelConfigRequest(name=model, version=str(version))
+        return self._call(self._stub.ModelConfig, request).config
 
     def infer(
         self,

@@ -499,6 +499,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ],
             default_model_filename=m.variant.file,
             parameters={
+                "task": mc.ModelParameter(string_value=m.bundle.manifest.task),
                 "precision": mc.ModelParameter(string_value=m.variant.precision),
                 "execution_provider": mc.ModelParameter(string_value=m.provider),
                 "variant_file": mc.ModelParameter(string_value=m.variant.file),

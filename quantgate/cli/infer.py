@@ -169,7 +169,7 @@ def infer(
     # verified: the tokenizer is the one the bundle was gated with
     bundle = None if bundle_dir is None else load(bundle_dir, verify=bool(texts))
     if classes and bundle is not None:
-        _refuse_classes_of(bundle.manifest.task, bundle.path)
+        _refuse_classes_of(bundle.manifest.task, str(bundle.path))
     if model is not None:
         named = model
     else:  # the name in the bundle's manifest (one of the two is given: checked above)
@@ -194,6 +194,9 @@ def infer(
             given = {"--tls": tls, "--tls-ca": tls_ca, "--tls-cert": tls_cert, "--tls-key": tls_key}
             tls_flags = [flag for flag, value in given.items() if value]
             raise ConnectionFailed(_cannot_connect(e, tls_flags, tls_ca), e.cause, e.what) from e
+        if classes and bundle is None:  # the server says the task
+            task = client.config(named, version).parameters["task"].string_value
+            _refuse_classes_of(task, f"model {named!r}")
         spec = {t.name: t for t in metadata.inputs}
         tok, values, tags = None, {}, None  # tags: a token classifier's class names
         if texts:
@@ -295,17 +298,19 @@ def _cannot_connect(e, tls_flags: list[str], tls_ca: Path | None) -> str:
     return f"{e.what}. {advice}"
 
 
-def _refuse_classes_of(task: str, bundle_dir: Path) -> None:
-    """--classes on a model whose rows are not one score per class: Triton's classification
-    reads everything after the batch axis as a row, so a tagger's "classes" would be the
-    largest scores over all its tokens (index token * classes + class, unnamed), and an
-    embedding's the largest coordinates of its vectors. Refused, with what to ask instead."""
+def _refuse_classes_of(task: str, what: str) -> None:
+    """--classes on a model (``what``: the bundle, or the model the server names) whose rows
+    are not one score per class: Triton's classification reads everything after the batch
+    axis as a row, so a tagger's "classes" would be the largest scores over all its tokens
+    (index token * classes + class, unnamed), and an embedding's the largest coordinates of
+    its vectors. Refused, with what to ask instead. An unknown task ("": an older server)
+    is let through."""
     from quantgate.errors import ConfigError
     from quantgate.tasks import EMBEDDING_TASKS, TOKEN_TASKS
 
     if task in TOKEN_TASKS:
         raise ConfigError(
-            f"--classes: {bundle_dir} is a token classifier ({task}), whose logits are "
+            f"--classes: {what} is a token classifier ({task}), whose logits are "
             "(batch, sequence, classes). --classes reads everything after the batch axis as "
             "one row (Triton's rule), so it would print the largest scores over all tokens, "
             "indexed token * classes + class, without names. For each token's top class by "
@@ -313,7 +318,7 @@ def _refuse_classes_of(task: str, bundle_dir: Path) -> None:
         )
     if task in EMBEDDING_TASKS:
         raise ConfigError(
-            f"--classes: {bundle_dir} is an embedding model ({task}): it has no classes, and "
+            f"--classes: {what} is an embedding model ({task}): it has no classes, and "
             "--classes would print the largest coordinates of each row's flattened vectors. "
             "Drop --classes to print its outputs."
         )

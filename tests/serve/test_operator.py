@@ -1053,3 +1053,22 @@ def test_infer_refuses_classes_of_a_model_whose_rows_are_not_classes(tmp_path, t
         assert "For each token's top class by name, send text: -t TEXT --bundle BUNDLE" in message
     else:
         assert "it has no classes" in message and "Drop --classes" in message, message
+
+
+def test_infer_refuses_classes_of_an_embedding_without_its_bundle(tmp_path):
+    """Without --bundle, the task comes from the server's ModelConfig (its "task"
+    parameter): an embedding's --classes was sent, and printed its largest coordinates."""
+    from onnx import helper
+
+    cast = helper.make_node("Cast", ["input_ids"], ["vectors"], to=1)  # (batch, sequence)
+    out = hand_built(tmp_path / "b", [cast], "b", output=("vectors", ("batch", "sequence")))
+    srv = ServerProcess(out)
+    try:
+        r = _quantgate("infer", "b", "--url", srv.url, "-i", "input_ids=[[1]]", "-c", "2")
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        message = " ".join(r.stderr.split())
+        assert message.startswith("error: --classes: model 'b' is an embedding model "), message
+        r = _quantgate("infer", "b", "--url", srv.url, "-i", "input_ids=[[1]]")
+        assert r.returncode == 0, (r.stdout, r.stderr)  # without --classes: its outputs
+    finally:
+        assert srv.terminate() == 0, srv.log

@@ -79,6 +79,7 @@ def test_health_serving_and_metadata(server, client):
     config = client.get_model_config("classifier").config
     assert config.max_batch_size == 32
     assert config.HasField("dynamic_batching")
+    assert config.parameters["task"].string_value == "sequence-classification"
     assert config.parameters["precision"].string_value == "fp32"
     assert config.parameters["execution_provider"].string_value == "CPUExecutionProvider"
     assert "max_sequence_length" not in config.parameters  # the tiny bundles record none
