@@ -11,6 +11,7 @@ read before stay in force.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 from collections.abc import Callable, Sequence
@@ -36,7 +37,12 @@ OPEN = ("ServerLive", "ServerReady")
 def is_open(method: str, service: str) -> bool:
     """Whether ``method`` ("/package.Service/Method") is open to anyone, ``service`` being the
     inference service's full name: the one rule for the token check and the threads."""
-    return method.startswith(OPEN_SERVICES) or method in (f"/{service}/{m}" for m in OPEN)
+    return method.startswith(OPEN_SERVICES) or method in _open_methods(service)
+
+
+@functools.cache
+def _open_methods(service: str) -> frozenset[str]:
+    return frozenset(f"/{service}/{m}" for m in OPEN)
 
 
 DENIED = "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from quantgate.errors import Unavailable
+from quantgate.errors import ResponseTooLarge, Unavailable
 from quantgate.serve.batcher import Batcher, Caller, Timing, bucket
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.metrics import Metrics, ModelStats
@@ -27,6 +27,22 @@ SHUTTING_DOWN = (
     "the server is shutting down and takes no new requests; send them to another instance "
     "(or retry once it has restarted)"
 )
+
+
+def too_large(size: int, limit: int, outputs: dict, *, at_least=False) -> ResponseTooLarge:
+    """The error for an answer gRPC would refuse to send, with what to do: counted and
+    logged as RESOURCE_EXHAUSTED, and said in words gRPC's own refusal does not have.
+    ``outputs``: name -> array, or its bytes; ``at_least``: known from the request's shapes
+    before it ran (``Model.answer_sizes``)."""
+    parts = ", ".join(
+        f"{name} {getattr(a, 'nbytes', a):,}" for name, a in outputs.items()
+    )  # fmt: skip
+    would = f"would be at least {size:,} bytes" if at_least else f"is {size:,} bytes"
+    return ResponseTooLarge(
+        f"the response {would}, over the server's --max-message-bytes {limit:,} (outputs, "
+        f"in bytes: {parts}). Ask only for the outputs you need, send fewer rows per "
+        "request, or start the server with a larger --max-message-bytes"
+    )
 
 
 class Engine:
@@ -123,17 +139,28 @@ class Engine:
         feeds: dict[str, np.ndarray],
         outputs: tuple[str, ...] = (),
         *,
+        tensors: tuple[str, ...] | None = None,
         timeout: float | None = None,
         caller: Caller | None = None,
     ) -> tuple[dict[str, np.ndarray], Timing, int]:
         """Validate, queue and run one request (blocking): its outputs, where its time
         went, and its batch size. Raises the serve errors (see servicer.py for their status
-        codes); Cancelled when ``caller`` goes away first."""
+        codes); Cancelled when ``caller`` goes away first.
+
+        ``tensors``: the outputs answered as tensors (None: every output), whose size the
+        request's shapes give: a valid request whose answer would not fit
+        ``--max-message-bytes`` is refused before it runs (ResponseTooLarge)."""
         if not self.ready:
             if self.closing.is_set():
                 raise Unavailable(SHUTTING_DOWN, "shutting_down")
             raise Unavailable(WARMING_UP, "warming_up")
         rows = model.check(feeds, outputs)
+        limit = self.cfg.max_message_bytes
+        sizes = model.answer_sizes(
+            feeds, [t.name for t in model.outputs] if tensors is None else tensors
+        )
+        if sum(sizes.values()) > limit:
+            raise too_large(sum(sizes.values()), limit, sizes, at_least=True)
         batcher = self._batchers[(model.name, model.version)]
         answer, timing = batcher.infer(feeds, rows, outputs=outputs, timeout=timeout, caller=caller)
         return answer, timing, rows

@@ -137,8 +137,14 @@ class Metrics:
         self.bundle_changed = prom.Gauge(
             "quantgate_bundle_changed_on_disk",
             "1 where the served model's bundle changed or went on disk since the server loaded "
-            "it (it still serves what it loaded: restart it to serve the new one), else 0",
+            "it (it still serves what it loaded), else 0",
             labels,
+            registry=r,
+        )
+        self.unserved_folders = prom.Gauge(
+            "quantgate_repository_unserved_folders",
+            "Folders of the served repository that the server does not serve (added since it "
+            "started: a restart would open each, and not start where one cannot be served)",
             registry=r,
         )
         self.bundle_refused = prom.Gauge(

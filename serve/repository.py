@@ -106,20 +106,21 @@ def load_repository(cfg: ServeConfig) -> Repository:
 def unserved_folders(root: Path, served: Collection[tuple[str, str]]) -> list[str]:
     """The folders of the repository at ``root`` that a restart would open and the server
     does not serve (``served``: (name, version) pairs): a model folder added ("bert"), or a
-    version folder ("minilm/2"), found as ``load_repository`` finds them, no bundle read.
-    A flat model folder's version is its manifest's, which watch.BundleWatch looks at."""
+    version folder ("minilm/2", also beside a model folder that is a bundle itself, which a
+    restart refuses), found as ``load_repository`` finds them, no bundle read. A flat model
+    folder's own version is its manifest's, which watch.BundleWatch looks at."""
     names = {name for name, _ in served}
     found = []
     try:
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and not _not_a_model(p.name)):
             if folder.name not in names:
                 found.append(folder.name)
-            elif not qb.is_bundle(folder):
-                found += [
-                    f"{folder.name}/{sub.name}"
-                    for sub in sorted(folder.iterdir())
-                    if sub.is_dir() and qb.is_bundle(sub) and (folder.name, sub.name) not in served
-                ]
+                continue
+            found += [
+                f"{folder.name}/{sub.name}"
+                for sub in sorted(folder.iterdir())
+                if sub.is_dir() and qb.is_bundle(sub) and (folder.name, sub.name) not in served
+            ]
     except OSError:  # a folder going while it is listed: the next look sees what stays
         return found
     return found

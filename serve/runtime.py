@@ -143,8 +143,17 @@ class Model:
             f"{self.variant.file}, sha256 {self.variant.sha256[:12]}...",
             self.on_disk,
             outlook=lambda: restart_outlook(
-                path, cfg, self.provider, self.variant, m, in_repository=in_repository
-            ),
+                path,
+                cfg,
+                self.provider,
+                self.variant,
+                m,
+                in_repository=in_repository,
+                served_as=(self.name, self.version),
+                # a single bundle is served by its manifest's name, a flat model folder's
+                # version is its manifest's (a version folder's is its own name)
+                from_manifest=(not in_repository, path.name != self.version),
+            ),  # fmt: skip
             files=self.on_disk_files,
         )
 
@@ -456,12 +465,16 @@ def restart_outlook(
     loaded: qb.Manifest,
     *,
     in_repository: bool = False,
+    served_as: tuple[str, str] | None = None,
+    from_manifest: tuple[bool, bool] = (False, False),
 ) -> Outlook:
     """What a restart would do with the bundle at ``path`` as it is on disk now, for the
     warning that it changed (watch.BundleWatch): the copy it would serve, whether that is the
     one ``served`` now, or why it would be refused, and with it the whole repository where
     the server serves one (it starts with every model folder or none). A bundle whose task,
-    inputs or outputs are not ``loaded``'s (the manifest served) is another model, said so.
+    inputs or outputs are not ``loaded``'s (the manifest served) is another model, said so;
+    so is a new name or version, where the served one (``served_as``) is the manifest's
+    (``from_manifest``: for the name, for the version).
 
     Its files are hashed, as a restart checks them; where ONNX Runtime would place the
     nodes on CUDA is not known until a restart opens it."""
@@ -475,6 +488,14 @@ def restart_outlook(
     except QuantgateError as e:
         return Outlook(f"a restart would refuse it{whole}: {e}", refused=True)
     said = []
+    if served_as is not None:
+        name = manifest.name if from_manifest[0] else served_as[0]
+        version = str(manifest.version) if from_manifest[1] else served_as[1]
+        if (name, version) != served_as:
+            said.append(
+                f"a restart would serve it as model {name} v{version}, not {served_as[0]} "
+                f"v{served_as[1]}: requests naming those would be refused"
+            )
     if changes := _interface_changes(loaded, manifest):
         said.append(
             f"it is not the model served ({'; '.join(changes)}): requests made for the one "

@@ -776,6 +776,7 @@ def _run(cfg: ServeConfig, on_ready: Callable[[int, Engine], None] | None) -> No
             if qb.is_bundle(root)
             else (root, functools.partial(unserved_folders, root, served))
         ),
+        on_unserved=metrics.unserved_folders.set,
     )
     stop = threading.Event()
     received: list[str] = []  # the signal that asked for the stop

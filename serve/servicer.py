@@ -35,7 +35,6 @@ from quantgate.errors import (
     InferenceFailed,
     ModelNotFound,
     QuantgateError,
-    ResponseTooLarge,
     quoted,
 )
 from quantgate.protos import grpc_service_pb2 as pb
@@ -43,7 +42,7 @@ from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.protos import model_config_pb2 as mc
 from quantgate.serve import codec
 from quantgate.serve.batcher import Caller, bare
-from quantgate.serve.engine import SHUTTING_DOWN, Engine
+from quantgate.serve.engine import SHUTTING_DOWN, Engine, too_large
 from quantgate.serve.errors import message_of, status_of
 from quantgate.serve.metrics import DURATIONS, ModelStats
 from quantgate.serve.runtime import Model
@@ -127,22 +126,6 @@ def _time_left(context: grpc.ServicerContext) -> float | None:
     """Seconds until the call's deadline; None when it has none."""
     left = context.time_remaining()
     return None if left is None or left > NO_DEADLINE_S else left
-
-
-def _too_large(size: int, limit: int, outputs: dict, *, at_least=False) -> ResponseTooLarge:
-    """The error for an answer gRPC would refuse to send, with what to do: counted and
-    logged as RESOURCE_EXHAUSTED, and said in words gRPC's own refusal does not have.
-    ``outputs``: name -> array, or its bytes; ``at_least``: known from the request's shapes
-    before it ran (``Model.answer_sizes``)."""
-    parts = ", ".join(
-        f"{name} {getattr(a, 'nbytes', a):,}" for name, a in outputs.items()
-    )  # fmt: skip
-    would = f"would be at least {size:,} bytes" if at_least else f"is {size:,} bytes"
-    return ResponseTooLarge(
-        f"the response {would}, over the server's --max-message-bytes {limit:,} (outputs, "
-        f"in bytes: {parts}). Ask only for the outputs you need, send fewer rows per "
-        "request, or start the server with a larger --max-message-bytes"
-    )
 
 
 PLATFORM = "onnxruntime_onnx"
@@ -399,15 +382,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 timeout = limit if timeout is None else min(timeout, limit)
             feeds = codec.decode_inputs(request)
             wanted = codec.requested_outputs(request)
-            limit = self._engine.cfg.max_message_bytes
-            tensors = [n for n, count in wanted.items() if not count] if wanted else [
-                t.name for t in model.outputs
-            ]  # fmt: skip
-            sizes = model.answer_sizes(feeds, tensors)
-            if sum(sizes.values()) > limit:  # refused before its work
-                raise _too_large(sum(sizes.values()), limit, sizes, at_least=True)
+            # the outputs answered as tensors (not top classes): their size is known before
+            tensors = tuple(n for n, count in wanted.items() if not count) if wanted else None
             outputs, timing, rows = self._engine.infer(
-                model, feeds, tuple(wanted), timeout=timeout, caller=caller
+                model, feeds, tuple(wanted), tensors=tensors, timeout=timeout, caller=caller
             )
             if any(wanted.values()):  # Triton's classification extension: top classes
                 outputs = {
@@ -423,7 +401,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             encoded = codec.encode_response(response, outputs)
             # ``framing``: what a stream wraps the answer in, which counts against the limit
             if len(encoded) + framing > self._engine.cfg.max_message_bytes:
-                raise _too_large(len(encoded), self._engine.cfg.max_message_bytes, outputs)
+                raise too_large(len(encoded), self._engine.cfg.max_message_bytes, outputs)
         except Cancelled as e:
             # gRPC ends a call both when the client gives up and at its deadline
             elapsed = time.perf_counter() - start

@@ -150,6 +150,7 @@ class Served:
     seen: tuple | None = None
     outlook: Callable[[], Outlook] | None = None
     files: tuple[str, ...] = ()
+    settling: tuple | None = None  # a new stamp seen once: said when the next look agrees
 
     def __post_init__(self) -> None:
         self.seen = self.loaded
@@ -161,11 +162,13 @@ class BundleWatch:
     path, and off the main thread, which must stay free to act on a signal).
 
     The server is not reloaded: what it loaded at start is what it serves until it
-    restarts. A change is logged at WARNING once, when it is first seen (not at every
-    look), naming what is still served and what a restart would do (``Served.outlook``); a
-    bundle that goes from disk is said so. ``on_change((name, version), changed, refused)``
-    is told of each change, for the metrics: ``changed`` False when the bundle is back as
-    it was loaded, ``refused`` where a restart would not serve it."""
+    restarts. A change is logged at WARNING once it has settled (two looks alike), not at
+    every look, naming what is still served and what a restart would do
+    (``Served.outlook``); a bundle that goes from disk is said so.
+    ``on_change((name, version), changed, refused)`` is told of each change, for the
+    metrics: ``changed`` False when the bundle is back as it was loaded, ``refused`` where
+    a restart would not serve it. A served repository's folders not served are said too
+    (``repository``; their count to ``on_unserved``)."""
 
     def __init__(
         self,
@@ -174,11 +177,12 @@ class BundleWatch:
         on_change: Callable[[tuple[str, str], bool, bool], None] = lambda model, c, r: None,
         interval: float = INTERVAL_S,
         repository: tuple[Path, Callable[[], list[str]]] | None = None,
+        on_unserved: Callable[[int], None] = lambda count: None,
     ):
         self.bundles, self.on_change, self.interval = tuple(bundles), on_change, interval
         # A served repository's root, and what lists its folders the server does not serve
         # (repository.unserved_folders): one added is said once, as a change is.
-        self.repository = repository
+        self.repository, self.on_unserved = repository, on_unserved
         self._unserved: list[str] = []
         self._stop = threading.Event()
 
@@ -191,55 +195,63 @@ class BundleWatch:
         self._stop.set()
 
     def check(self) -> list[Served]:
-        """Look at every bundle once; the ones whose state changed since the last look
-        (each logged). The thread calls it every interval; a test may call it directly."""
+        """Look at every bundle once; the ones whose state changed and settled since the last
+        look (each logged). A new state is acted on when the next look finds it again: a file
+        being written changes at every look, and is said (and hashed) once, when written.
+        The thread calls it every interval; a test may call it directly."""
         changed = []
         for b in self.bundles:
             now = bundle_stamp(b.path, b.files)
-            if now == b.seen:
+            if now == b.seen or now != b.settling:
+                b.settling = None if now == b.seen else now
                 continue
-            b.seen = now
+            b.seen, b.settling = now, None
             changed.append(b)
-            name, version = b.model
-            where = f"bundle {b.path} (model {name} v{version})"
-            kept = f"still serving the copy loaded at start ({b.serving})"
-            refused = True
-            if now == b.loaded:
-                log.info("%s is back on disk as it was loaded", where)
-                refused = False
-            elif now[0] is None:
-                log.warning("%s is gone from disk: %s; a restart would not serve it", where, kept)
-            elif now[1] is None:
-                log.warning(
-                    "%s has no %s on disk any more: %s; a restart would not serve it",
-                    where,
-                    MANIFEST,
-                    kept,
-                )
-            else:
-                outlook = b.outlook() if b.outlook else Outlook("restart to serve the new one")
-                log.warning("%s changed on disk since it was loaded: %s; %s", where, kept,
-                            outlook.said)  # fmt: skip
-                refused = outlook.refused
-            self.on_change(b.model, now != b.loaded, refused)
+            self.on_change(b.model, now != b.loaded, self._said(b, now))
         if self.repository is not None:
             self._look_at_repository(*self.repository)
         return changed
 
+    def _said(self, b: Served, now: tuple) -> bool:
+        """Log what became of ``b`` (its stamp ``now``), with what a restart would do;
+        whether a restart would not serve it."""
+        name, version = b.model
+        where = f"bundle {b.path} (model {name} v{version})"
+        kept = f"still serving the copy loaded at start ({b.serving})"
+        if now == b.loaded:
+            log.info("%s is back on disk as it was loaded", where)
+            return False
+        if now[0] is None:
+            log.warning("%s is gone from disk: %s; a restart would not serve it", where, kept)
+            return True
+        if now[1] is None:
+            log.warning("%s has no %s on disk any more: %s; a restart would not serve it",
+                        where, MANIFEST, kept)  # fmt: skip
+            return True
+        try:
+            outlook = b.outlook() if b.outlook else Outlook("restart to serve the new one")
+        except Exception as e:  # noqa: BLE001 - the change is said whatever the look found
+            outlook = Outlook(f"what a restart would do is not known: {e}", refused=True)
+        log.warning("%s changed on disk since it was loaded: %s; %s", where, kept, outlook.said)
+        return outlook.refused
+
     def _look_at_repository(self, root: Path, unserved: Callable[[], list[str]]) -> None:
         """Say once when the repository at ``root`` holds folders the server does not serve
-        (``unserved()``: "bert", "minilm/2"), and once when it no longer does."""
+        (``unserved()``: "bert", "minilm/2"), and once when it no longer does; the count is
+        ``on_unserved``'s, for the metric."""
         now = unserved()
         if now == self._unserved:
             return
         self._unserved = now
+        self.on_unserved(len(now))
         if now:
             log.warning(
-                "repository %s holds folders not served: %s; a restart would serve them (and "
-                "not start if one of them cannot be served), and a request without a version "
-                "would go to its model's newest",
+                "repository %s holds folders not served: %s; a restart would open each, and "
+                "not start where one cannot be served (`quantgate serve %s --check` tells); "
+                "a new version takes the requests that name none",
                 root,
                 ", ".join(now),
+                root,
             )
         else:
             log.info("repository %s holds only the folders served", root)

@@ -34,6 +34,12 @@ CHANGED = "changed on disk since it was loaded"
 GONE = "is gone from disk"
 
 
+def settled(watch: BundleWatch) -> list:
+    """Two looks: a change is said once the next look finds it again (settled)."""
+    assert watch.check() == [], "said at its first look"
+    return watch.check()
+
+
 @pytest.fixture
 def sessions(monkeypatch) -> list:
     """What each ONNX Runtime session of serve/runtime.py was built from, in order."""
@@ -247,7 +253,7 @@ def test_a_re_gate_that_fails_the_copy_served_is_said_with_what_a_restart_would_
     def warned() -> str:
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="quantgate.serve.watch"):
-            assert len(watch.check()) == 1
+            assert len(settled(watch)) == 1
         return caplog.text
 
     _gated_int8(b, passed=False)  # re-gated on new data: INT8 now 3 points off
@@ -294,7 +300,7 @@ def test_a_served_file_changed_in_place_is_seen_and_refused_as_a_restart_would(t
     data = (b / MODEL_FILE).read_bytes()
     (b / MODEL_FILE).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, in place
     with caplog.at_level(logging.WARNING, logger="quantgate.serve.watch"):
-        assert len(watch.check()) == 1
+        assert len(settled(watch)) == 1
     said = " ".join(caplog.text.split())
     assert f"{CHANGED}: still serving the copy loaded at start" in said, said
     assert "a restart would refuse it, and with it the whole repository (the server starts " in said
@@ -303,7 +309,7 @@ def test_a_served_file_changed_in_place_is_seen_and_refused_as_a_restart_would(t
     (b / MODEL_FILE).write_bytes(data)  # put back: its stamp differs, its bytes do not
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="quantgate.serve.watch"):
-        assert len(watch.check()) == 1
+        assert len(settled(watch)) == 1
     assert "(the copy served now)" in caplog.text and seen[-1] == (True, False), caplog.text
 
 
@@ -314,7 +320,7 @@ def test_another_model_under_the_served_name_is_said_to_be_another(tmp_path, cap
     watch = BundleWatch([model.served(cfg)])
     bundles.build(b, "encoder")  # re-exported over it: hidden states, not logits
     with caplog.at_level(logging.WARNING, logger="quantgate.serve.watch"):
-        assert len(watch.check()) == 1
+        assert len(settled(watch)) == 1
     said = " ".join(caplog.text.split())
     assert (
         "it is not the model served (task sequence-classification -> feature-extraction; " in said
@@ -327,10 +333,10 @@ def test_a_bundle_put_back_as_it_was_is_said_so(tmp_path, caplog):
     b = bundles.build(tmp_path / "b", "classifier")
     watch = BundleWatch([Served(b, ("tiny", "1"), "x", bundle_stamp(b))])
     os.rename(b, tmp_path / "aside")
-    assert len(watch.check()) == 1
+    assert len(settled(watch)) == 1
     os.rename(tmp_path / "aside", b)
     with caplog.at_level(logging.INFO, logger="quantgate.serve.watch"):
-        assert len(watch.check()) == 1 and not watch.check()
+        assert len(settled(watch)) == 1 and not watch.check()
     assert "is back on disk as it was loaded" in caplog.text
 
 
@@ -391,9 +397,13 @@ def test_a_folder_added_to_a_served_repository_is_said_once(tmp_path, caplog):
 
     repo = tmp_path / "repo"
     bundles.build(repo / "tiny" / "1", "classifier")
+    bundles.build(repo / "flat", "classifier")  # a model folder that is a bundle itself
     served = {(m.name, m.version) for m in load_repository(ServeConfig(path=repo))}
-    assert served == {("tiny", "1")} and unserved_folders(repo, served) == []
-    watch = BundleWatch([], repository=(repo, lambda: unserved_folders(repo, served)))
+    assert served == {("tiny", "1"), ("flat", "1")} and unserved_folders(repo, served) == []
+    counts: list = []
+    watch = BundleWatch(
+        [], repository=(repo, lambda: unserved_folders(repo, served)), on_unserved=counts.append
+    )
 
     def said() -> str:
         caplog.clear()
@@ -405,12 +415,65 @@ def test_a_folder_added_to_a_served_repository_is_said_once(tmp_path, caplog):
     assert said() == ""
     bundles.build(repo / "tiny" / "2", "classifier", seed=1)
     bundles.build(repo / "bert", "encoder")
+    bundles.build(repo / "flat" / "2", "classifier")  # which a restart refuses
     (repo / "lost+found").mkdir()
     (repo / ".staging").mkdir()
-    text = said()
+    text = " ".join(said().split())
     assert text.count("holds folders not served") == 1, text
-    assert f"repository {repo} holds folders not served: bert, tiny/2; a restart would " in text
-    assert "a request without a version would go to its model's newest" in text
-    shutil.rmtree(repo / "tiny" / "2")
-    shutil.rmtree(repo / "bert")
-    assert said().count("holds only the folders served") == 1
+    assert f"repository {repo} holds folders not served: bert, flat/2, tiny/2; a restart " in text
+    assert f"(`quantgate serve {repo} --check` tells); a new version takes the requests" in text
+    assert counts == [3]
+    for gone in ("tiny/2", "bert", "flat/2"):
+        shutil.rmtree(repo / gone)
+    assert said().count("holds only the folders served") == 1 and counts == [3, 0]
+
+
+def test_a_file_being_written_is_said_once_it_is_written(tmp_path, caplog):
+    """A served file rewritten in place changes at every look while it is written: it was
+    said (and the bundle hashed) at each, "refused" then "serves"; now once, when it
+    settles."""
+    b = bundles.build(tmp_path / "b", "classifier")
+    cfg = ServeConfig(path=b)
+    model = runtime.open_model(b, cfg, CPU)
+    refused: list = []
+    watch = BundleWatch([model.served(cfg)], on_change=lambda m, c, r: refused.append(r))
+    data = (b / MODEL_FILE).read_bytes()
+    with caplog.at_level(logging.WARNING, logger="quantgate.serve.watch"):
+        for end in range(1, 6):  # five looks, each finding more of the file written
+            (b / MODEL_FILE).write_bytes(data[: len(data) * end // 5])
+            watch.check()
+        assert caplog.text == "" and refused == []
+        assert len(watch.check()) == 1  # the same as the last look: written
+    assert caplog.text.count(CHANGED) == 1 and "(the copy served now)" in caplog.text
+    assert refused == [False]
+
+
+def test_an_outlook_that_fails_still_says_the_change(tmp_path, caplog):
+    b = bundles.build(tmp_path / "b", "classifier")
+
+    def broken():
+        raise PermissionError(13, "Permission denied", str(b / MODEL_FILE))
+
+    seen: list = []
+    served = Served(b, ("tiny", "1"), "x", bundle_stamp(b), outlook=broken)
+    watch = BundleWatch([served], on_change=lambda m, c, r: seen.append((c, r)))
+    bundles.build(b, "classifier", seed=1)
+    with caplog.at_level(logging.WARNING, logger="quantgate.serve.watch"):
+        assert len(settled(watch)) == 1
+    assert "what a restart would do is not known: [Errno 13] Permission denied" in caplog.text
+    assert seen == [(True, True)]
+
+
+def test_a_restart_that_would_serve_another_name_or_version_says_so(tmp_path, caplog):
+    """A single bundle is served by its manifest's name and version: a re-export under
+    another name moves it, and requests naming the old one would be refused."""
+    b = bundles.build(tmp_path / "b", "classifier")
+    cfg = ServeConfig(path=b)
+    model = runtime.open_model(b, cfg, CPU)
+    watch = BundleWatch([model.served(cfg)])
+    manifest = qb.load(b).manifest
+    qb.write_manifest(b, dataclasses.replace(manifest, name="renamed", version=2))
+    with caplog.at_level(logging.WARNING, logger="quantgate.serve.watch"):
+        assert len(settled(watch)) == 1
+    said = " ".join(caplog.text.split())
+    assert "a restart would serve it as model renamed v2, not tiny-classifier v1: " in said, said

@@ -775,6 +775,10 @@ def test_a_response_over_max_message_bytes_is_refused_with_what_to_do(repo):
             stats = c.get_inference_statistics("tiny-encoder").model_stats[0]
             assert (stats.inference_stats.fail.count, stats.inference_stats.success.count) == (1, 0)
             assert stats.execution_count == 0, stats
+            ids = np.ones((40, 16), dtype=np.int64)  # over --max-batch-size: that is said,
+            with pytest.raises(InferenceServerException) as err:  # not the answer's size
+                c.infer("tiny-encoder", inputs({"input_ids": ids, "attention_mask": ids}))
+            assert "INVALID_ARGUMENT" in err.value.status(), err.value
             ids = np.ones((2, 16), dtype=np.int64)  # 4,096 bytes of tensors, and the message's
             with pytest.raises(InferenceServerException) as err:  # own fields: refused after
                 c.infer("tiny-encoder", inputs({"input_ids": ids, "attention_mask": ids}))
