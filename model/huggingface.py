@@ -292,27 +292,36 @@ def _hf_model(path: Path, task: str, archs: Sequence[str]) -> Any:  # a PreTrain
         hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
-    _warn_random_weights(path, task, loading)
+    _refuse_random_weights(path, task, loading)
     if stored := half_precision(model):  # transformers loads a checkpoint in the dtype it was saved
         log.info("%s: weights stored in %s, exported in float32 (exactly)", path, stored)
         model.float()
     return model.eval()
 
 
-def _warn_random_weights(path: Path, task: str, loading: Mapping[str, Any]) -> None:
-    """Weights the checkpoint lacks, which transformers initialised at random: a warning
-    naming them. A feature extractor's pooler is not among them: quantgate pools itself."""
+def _refuse_random_weights(path: Path, task: str, loading: Mapping[str, Any]) -> None:
+    """Refuse a model with weights the checkpoint lacks, which transformers initialised at
+    random (a classifier's config over an encoder's checkpoint: its head): its outputs are
+    not the trained model's, and no gate can tell, since they compare INT8 with FP32. A
+    feature extractor's pooler is not among them: quantgate pools itself."""
     random = [
         str(k) for k in (*loading.get("missing_keys", ()), *loading.get("mismatched_keys", ()))
         if not (task == FEATURE_EXTRACTION and str(k).startswith("pooler."))
     ]  # fmt: skip
-    if random:
-        log.warning(
-            "%s: %d weight(s) of the model are not in the checkpoint (or not of its shape) "
-            "and are random: %s%s. Its outputs are not the trained model's; fine-tune it, or "
-            "export the checkpoint it was trained as",
-            path, len(random), ", ".join(random[:4]), ", ..." if len(random) > 4 else "",
-        )  # fmt: skip
+    if not random:
+        return
+    encoder = (
+        " For its encoder's outputs alone, pass --task feature-extraction."
+        if task != FEATURE_EXTRACTION
+        else ""
+    )
+    raise ModelLoadError(
+        f"{path}: {len(random)} weight(s) of the model are not in the checkpoint (or not of "
+        f"its shape) and would be random: {', '.join(random[:4])}"
+        f"{', ...' if len(random) > 4 else ''}. Its outputs would not be the trained model's, "
+        "and no gate can tell (they compare INT8 with FP32): fine-tune it, or export the "
+        f"checkpoint it was trained as.{encoder}"
+    )
 
 
 def _readable(path: Path, tokenizer, samples: Samples) -> Samples:
