@@ -337,6 +337,11 @@ def target_problem(
             f"writable (the {noun} is written beside {out.name}, then renamed into place), or "
             f"{elsewhere}."
         )
+    if not in_place and (failed := _cannot_create_in(parent)):
+        return (  # a permission check says yes where the filesystem says no (/proc, say)
+            f"cannot write the {noun} at {out}: a directory cannot be made in {parent} "
+            f"({failed}); {elsewhere}."
+        )
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file; expected a directory for the {noun}. Choose another path."
     if not out.is_dir():
@@ -365,6 +370,18 @@ def target_problem(
             f"--out {out} is an existing directory that is not a {noun}; refusing to replace "
             "it. Choose another path, or pass --force to replace it."
         )
+    return None
+
+
+def _cannot_create_in(parent: Path) -> str | None:
+    """Why no directory can be made in ``parent`` (a read-only or special filesystem, which
+    ``os.access`` does not tell root), found by making one and removing it; else None."""
+    try:
+        made = tempfile.mkdtemp(prefix=".quantgate-probe-", dir=parent)
+    except OSError as e:
+        return e.strerror or str(e)
+    with contextlib.suppress(OSError):
+        os.rmdir(made)
     return None
 
 

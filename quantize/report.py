@@ -485,7 +485,8 @@ def plot_candidates(result: SearchResult, shipped: Candidate, path: Path) -> Pat
     """Every candidate's accuracy gates against its speedup at its slowest shape (the one the
     speed gate fails on): a panel per gate with its threshold and each candidate's interval,
     so a candidate sits below (or above) the line of the gate it failed. Points are numbered
-    as in report.md's table of candidates; the shipped one is a star."""
+    as in report.md's table of candidates; the shipped one is a star. None where there is
+    nothing to plot, or no matplotlib (warned: the bundle ships without its plot)."""
     made = [
         (i, c)
         for i, c in enumerate(result.candidates)
@@ -495,7 +496,16 @@ def plot_candidates(result: SearchResult, shipped: Candidate, path: Path) -> Pat
         return None
     # A Figure of its own, not pyplot's: no backend switched, no figure left open, in the
     # caller's process (a notebook keeps its inline plots)
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:  # the plot is an illustration: the bundle ships without it
+        log.warning(
+            "no %s in the bundle: matplotlib cannot be imported (%s); it comes with the "
+            "`export` extra (pip install 'quantgate[export]')",
+            path.name,
+            e,
+        )
+        return None
 
     names = plotted_gates([c for _, c in made])
     fig = Figure(figsize=(6.4, 1.2 + 2.4 * len(names)), dpi=110)

@@ -84,6 +84,15 @@ def test_a_loop_of_symbolic_links_is_refused_as_out(tmp_path):
             qb.check_writable_target(out, force=False)
 
 
+def test_a_place_no_directory_can_be_made_in_is_refused_before_the_work(tmp_path):
+    """/proc (or a read-only filesystem) passes a permission check as root: the export ran
+    its whole search, then failed to write. A directory is made there and removed first."""
+    with pytest.raises(BundleError, match=r"a directory cannot be made in /proc \("):
+        qb.check_writable_target(Path("/proc/quantgate-bundle"), force=False)
+    qb.check_writable_target(tmp_path / "b", force=False)
+    assert list(tmp_path.iterdir()) == []  # the probe removed
+
+
 def test_a_read_only_bundle_is_left_as_it_is(tmp_path):
     """`chmod a-w bundle` says "do not change this": gate and export refuse, before any work."""
     out = tmp_path / "b"

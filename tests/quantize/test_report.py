@@ -309,6 +309,22 @@ def test_the_plot_has_a_panel_for_each_gate_a_candidate_failed_first(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
 
 
+def test_without_matplotlib_the_bundle_ships_without_its_plot(monkeypatch, caplog, tmp_path):
+    """The plot is an illustration: a missing matplotlib ended an export after all its work,
+    its bundle unwritten."""
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails, as when absent
+    cand = Candidate(
+        name="a", recipe={}, method="static", path=tmp_path / "a.onnx",
+        accuracy=(GateResult("accuracy_drop", 0.1, 1.0, "<=", True),),
+        speed=(GateResult("speedup_b1_s8", 1.5, 1.2, ">=", True),),
+    )  # fmt: skip
+    found = SearchResult((cand,), chosen=cand, seconds=1.0, budget_s=10.0)
+    with caplog.at_level("WARNING", logger="quantgate.quantize.report"):
+        assert plot_candidates(found, cand, tmp_path / "c.png") is None
+    assert "no c.png in the bundle: matplotlib cannot be imported" in caplog.text
+    assert not (tmp_path / "c.png").exists()
+
+
 def test_labels_of_points_that_would_overlap_are_joined():
     points = [(1.5, 0.96, "1"), (1.5, 0.96, "2"), (1.501, 0.9601, "4"), (2.0, 0.94, "0")]
     assert merged_labels(points, (1.0, 2.5), (0.93, 0.97)) == [
