@@ -119,14 +119,26 @@ def to_onnx(
     try:
         notes = EXPORTERS[exporter](model, path, example=example, outputs=outputs, opset=opset)
         onnx.checker.check_model(str(path))
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] in ("onnxscript", "onnx"):  # not the model's fault
+            raise ExportError(
+                f"the {exporter.value} exporter needs {e.name}, which is not installed: it "
+                "comes with the `export` extra (pip install 'quantgate[export]')"
+            ) from e
+        raise _failed(exporter, model, e) from e
     except Exception as e:  # noqa: BLE001 - exporters raise anything from deep inside torch
-        log.info("the %s exporter failed", exporter.value, exc_info=True)  # shown by -v
-        raise ExportError(
-            f"the {exporter.value} exporter failed on {model.spec}: {_last_line(e)}. "
-            f"{_advice(e)} Run `quantgate -v export ...` for the full trace."
-        ) from e
+        raise _failed(exporter, model, e) from e
     onnxfiles.gather(path)  # past 2 GB, torch wrote a file per weight (a full disk: not its fault)
     return notes
+
+
+def _failed(exporter: Exporter, model: LoadedModel, e: Exception) -> ExportError:
+    """The ``ExportError`` for an exporter's failure ``e``, with advice for its cause."""
+    log.info("the %s exporter failed", exporter.value, exc_info=e)  # shown by -v
+    return ExportError(
+        f"the {exporter.value} exporter failed on {model.spec}: {_last_line(e)}. "
+        f"{_advice(e)} Run `quantgate -v export ...` for the full trace."
+    )
 
 
 def tracer_notes(caught: Sequence[warnings.WarningMessage]) -> tuple[str, ...]:

@@ -82,6 +82,20 @@ def test_verbose_logs_quantgates_stages_not_other_libraries_chatter(tiny_checkpo
     assert {name for name in logged if not name.startswith("quantgate.")} == set(), r.stderr
 
 
+def test_a_missing_onnxscript_is_said_as_such_not_blamed_on_the_model(
+    cli, tiny_checkpoint, tmp_path, private_tmp, monkeypatch
+):
+    """The dynamo exporter without onnxscript said the model's forward must be traceable;
+    auto passes over it to the legacy exporter."""
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import fails, as when absent
+    out = tmp_path / "b"
+    r = cli("export", "--no-quantize", tiny_checkpoint, "--out", out, "--exporter", "dynamo")
+    said = " ".join(r.stderr.split())
+    assert r.code == 2 and "the dynamo exporter needs onnxscript, which is not installed" in said
+    assert "pip install 'quantgate[export]'" in said and "traceable" not in said, said
+    assert cli("export", "--no-quantize", tiny_checkpoint, "--out", out).code == 0
+
+
 def test_cli_exports_the_builtin_checkpoint(cli, tiny_checkpoint, tmp_path, private_tmp):
     out = tmp_path / "bundles" / "digits"
     r = cli("export", "--no-quantize", tiny_checkpoint, "--out", out)
