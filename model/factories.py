@@ -101,9 +101,12 @@ def _from_factory(
         or not example
         or not all(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in example.values())
     ):
+        found = _example_found(example)
         raise ModelLoadError(
-            f"{spec}: the module needs an `example_inputs` dict of tensors (a real batch, dim 0 "
-            "the batch, dim 1 the sequence) to trace and validate with"
+            f"{spec}: the torch.nn.Module the factory returns needs an attribute "
+            "`example_inputs`, a dict of input name -> tensor (a real batch: dim 0 the batch, "
+            f"dim 1 the sequence), to trace and validate with; it {found}. Set it on the "
+            'module before returning it: model.example_inputs = {"input_ids": ids, ...}'
         )
     arrays = _example_arrays(spec, example)
     if stored := half_precision(module):  # your module: quantgate does not cast it for you
@@ -240,6 +243,23 @@ def _import_file(spec: str, path: Path) -> ModuleType:
         del sys.modules[name]
         raise ModelLoadError(f"cannot load {path} for {spec}: {brief(e)}") from e
     return mod
+
+
+def _example_found(example: Any) -> str:
+    """What a module's ``example_inputs`` is, where it is not a dict of 2-D (or more)
+    tensors: "has none", "has an empty dict", "has input_ids of 1 dimension(s)", ..."""
+    if example is None:
+        return "has none"
+    if not isinstance(example, Mapping):
+        return f"has a {type(example).__name__}"
+    if not example:
+        return "has an empty dict"
+    for name, v in example.items():
+        if not isinstance(v, torch.Tensor):
+            return f"has {name} as a {type(v).__name__}"
+        if v.dim() < 2:
+            return f"has {name} of {v.dim()} dimension(s)"
+    return "has it otherwise"
 
 
 def _example_arrays(spec: str, example: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:

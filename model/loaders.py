@@ -207,6 +207,12 @@ def load_model(
             "or `path/to/file.py:factory`."
         )
     config = path / "config.json"
+    if path.is_file() and path.suffix == ".py":
+        raise ModelLoadError(
+            f"{text} is a Python file: name the function in it that returns the model, "
+            f"`{text}:FUNCTION` (a torch.nn.Module with an `example_inputs` dict; "
+            'docs/export.md, "Your own model").'
+        )
     if not path.is_dir() or not config.is_file():
         raise ModelLoadError(
             f"{text} is not a model directory: expected a directory with config.json "

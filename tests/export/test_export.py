@@ -243,7 +243,10 @@ def test_validation_covers_batch_sequence_and_padding(tiny_checkpoint):
         ("qg_usermodels:broken", "the factory raised RuntimeError: weights file tagger.bin"),
         ("qg_usermodels:not_a_module", "expected a torch.nn.Module"),
         ("qg_no_such_module:make", "cannot import 'qg_no_such_module'"),
-        ("qg_usermodels:no_inputs", "needs an `example_inputs` dict of tensors"),
+        (
+            "qg_usermodels:no_inputs",
+            "needs an attribute `example_inputs`, a dict of input name -> tensor",
+        ),
         ("qg_usermodels:non_tensor_output", "forward returned int among its outputs"),
         ("qg_usermodels:nan_output", "gives NaN in PyTorch"),
     ],

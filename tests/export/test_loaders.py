@@ -122,7 +122,9 @@ def test_factory_without_example_inputs_is_explained(tmp_path, monkeypatch):
         "import torch\ndef make():\n    return torch.nn.Linear(4, 2)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ModelLoadError, match="needs an `example_inputs` dict of tensors"):
+    with pytest.raises(
+        ModelLoadError, match="needs an attribute `example_inputs`, a dict of input name -> tensor"
+    ):
         load_model("qg_bare:make")
 
 
@@ -259,11 +261,32 @@ def test_a_float64_buffer_is_the_modules_own_business():
     assert load_model("qg_usermodels:float64_buffer").task == "custom"
 
 
+def test_a_python_file_without_its_function_is_told_to_name_it(tmp_path):
+    f = tmp_path / "mymodel.py"
+    f.write_text("def make():\n    return None\n")
+    with pytest.raises(ModelLoadError) as e:
+        load_model(str(f))
+    said = str(e.value)
+    assert (
+        f"{f} is a Python file: name the function in it that returns the model, `{f}:FUNCTION`"
+        in said
+    )
+
+
 @pytest.mark.parametrize(
     ("factory", "messages"),
     [
-        ("no_inputs", ["needs an `example_inputs` dict of tensors"]),
-        ("one_dim_inputs", ["needs an `example_inputs` dict of tensors"]),
+        (
+            "no_inputs",
+            [
+                "needs an attribute `example_inputs`, a dict of input name -> tensor",
+                "it has an empty dict. Set it on the module before returning it",
+            ],
+        ),
+        (
+            "one_dim_inputs",
+            ["needs an attribute `example_inputs`", "has input_ids of 1 dimension(s)"],
+        ),
         ("ragged_batch", ["example_inputs disagree on (batch, sequence)", "(3, 10)"]),
         ("bfloat16_inputs", ["dtype torch.bfloat16, which has no numpy equivalent"]),
         ("bfloat16_weights", ["weights are in bfloat16", "Return `module.float()`"]),
