@@ -211,7 +211,7 @@ def load_model(
         raise ModelLoadError(
             f"{text} is a Python file: name the function in it that returns the model, "
             f"`{text}:FUNCTION` (a torch.nn.Module with an `example_inputs` dict; "
-            'docs/export.md, "Your own model").'
+            'docs/export.md, "Factories").'
         )
     if not path.is_dir() or not config.is_file():
         raise ModelLoadError(
