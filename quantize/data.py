@@ -664,13 +664,18 @@ def _builtin(model: ModelInfo, role: str, samples: int | None, batch_size: int) 
 
 
 def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, flag: str):
+    expected = "expected what np.savez writes: one array per model input (and labels)"
+    if path.stat().st_size and not zipfile.is_zipfile(path):  # numpy calls it pickled data
+        raise DataError(
+            f"{flag} {path}: not a .npz file (no zip archive's directory at its end: not a "
+            f"zip, or cut short); {expected}"
+        )
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.files)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # EOFError: 0 bytes
         raise DataError(
-            f"{flag} {path}: not a readable .npz file ({type(e).__name__}: {e}); "
-            "expected what np.savez writes: one array per model input (and labels)"
+            f"{flag} {path}: not a readable .npz file ({type(e).__name__}: {e}); {expected}"
         ) from e
 
     def load() -> dict[str, np.ndarray]:

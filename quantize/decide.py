@@ -116,6 +116,11 @@ class GateConfig:
             import tomli as tomllib
         path = Path(path)
         kind = {".toml": "TOML", ".json": "JSON"}.get(path.suffix.lower())
+        if path.is_dir():
+            raise ConfigError(
+                f"--gate-config {path}: is a directory; gate settings are read from a .toml or "
+                ".json file (e.g. gates.toml holding `min_speedup = 1.3`)"
+            )
         if kind is None:
             raise ConfigError(
                 f"--gate-config {path}: a {path.suffix or 'suffix-less'} file; gate settings are "

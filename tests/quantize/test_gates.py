@@ -906,6 +906,11 @@ def test_gate_table_names_the_configured_confidence():
     assert "| 90% interval |" in rows[0] and "[0.0000, 0.6000]" in rows[2]
 
 
+def test_gate_config_from_a_directory_says_it_is_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"--gate-config .*: is a directory; gate settings"):
+        GateConfig.from_file(tmp_path)
+
+
 def test_gate_config_from_files_and_flags(tmp_path):
     (tmp_path / "g.toml").write_text("[gates]\nmax_accuracy_drop = 0.5\nbatch_sizes = [1, 4]\n")
     cfg = GateConfig.from_file(tmp_path / "g.toml", min_speedup=1.5, min_cosine=None)
