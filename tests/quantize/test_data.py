@@ -637,3 +637,16 @@ def test_token_type_ids_all_0_for_a_model_without_them_are_dropped(tmp_path, cap
         "unknown input(s) ['token_type_ids'] (the model has no token_type_ids, and these are not all 0: drop them)"
         in str(e.value)
     )
+
+
+def test_more_samples_than_the_calibration_data_has_are_said(caplog):
+    """--samples 5000 on 200 rows: every row is used, as asked; that it is not as many as
+    asked was said only in report.md."""
+    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+        source = open_source(None, DIGITS, role="calibration", samples=5000)
+    assert source.samples == 200
+    assert "--samples 5000, but the data has 200 row(s): all of them are used" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+        open_source(None, DIGITS, role="calibration", samples=100)
+    assert caplog.text == ""
