@@ -233,7 +233,9 @@ def test_per_tensor_and_reduce_range_weights(tmp_path):
     assert rel_err(run(src, feeds[0])[0], run(qm.path, feeds[0])[0]) < 0.1
 
 
-def test_a_graph_without_weight_gemms_says_int8_has_nothing_to_gain(tmp_path):
+def test_a_recipe_with_nothing_to_quantize_says_so_and_what_the_graph_holds(tmp_path):
+    """That is the recipe's lot, not the model's (SqueezeBERT's convolutions): another recipe
+    may have something to quantize."""
     from onnx import TensorProto
     from onnx import helper as oh
 
@@ -246,4 +248,5 @@ def test_a_graph_without_weight_gemms_says_int8_has_nothing_to_gain(tmp_path):
         quantize(src, SMOOTH_STATIC, lambda: iter(feeds), tmp_path / "int8.onnx")
     said = str(err.value)
     assert "quantizes MatMul, Attention, Gemm nodes with weights, and found none" in said, said
-    assert "most common ops: Relu 1" in said and "export it with --no-quantize" in said
+    assert "most common ops: Relu 1" in said and "export the model with --no-quantize" in said
+    assert "This recipe has nothing to quantize here; where no recipe has" in said, said

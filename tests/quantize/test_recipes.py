@@ -70,31 +70,6 @@ def test_unfused_recipe_needs_the_unfused_model(tmp_path):
         quantize(src, ORT_DYNAMIC, lambda: iter(mlp_feeds(2)), tmp_path / "q.onnx")
 
 
-def test_a_recipe_with_nothing_to_quantize_says_so_and_what_the_graph_holds(tmp_path):
-    """A model of convolutions only (SqueezeBERT's kind): a MatMul recipe quantizes nothing.
-    That is the recipe's lot, not the model's: another may have something to quantize."""
-    from onnx import TensorProto, numpy_helper
-    from onnx import helper as oh
-
-    w = numpy_helper.from_array(np.ones((4, 4, 1), np.float32), "w")
-    graph = oh.make_graph(
-        [oh.make_node("Conv", ["x", "w"], ["y"]), oh.make_node("Relu", ["y"], ["z"])],
-        "convs",
-        [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8])],
-        [oh.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 4, 8])],
-        [w],
-    )
-    src = tmp_path / "convs.onnx"
-    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]), src)
-    feeds = [{"x": np.ones((2, 4, 8), np.float32)}]
-    with pytest.raises(QuantizeError) as e:
-        quantize(src, ORT_DYNAMIC, lambda: iter(feeds), tmp_path / "q.onnx", unfused_model=src)
-    said = str(e.value)
-    assert f"recipe {ORT_DYNAMIC.name!r} quantized no node of convs.onnx: it quantizes " in said
-    assert "(the graph's most common ops: Conv 1, Relu 1)" in said, said
-    assert "This recipe has nothing to quantize here; where no recipe has" in said, said
-
-
 @pytest.mark.parametrize(
     "name", ["ort-static-qdq", "ort-static-qdq-u8s8", "qoperator", "smooth-qdq"]
 )
