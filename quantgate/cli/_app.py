@@ -20,6 +20,19 @@ app = typer.Typer(
         "with calibration data, prove the INT8 model is still accurate and really faster, "
         "and serve it over gRPC (KServe v2 / Triton protocol) through ONNX Runtime."
     ),
+    epilog=(
+        "\b\nThe built-in model, end to end (the README's tour):\n"
+        "  quantgate train\n"
+        "  quantgate export artifacts/digits-small --out bundles/digits\n"
+        "  quantgate inspect bundles/digits\n"
+        "  quantgate serve bundles/digits\n"
+        "\n\b\nYour own model (a Hugging Face directory, or path/to/file.py:FUNCTION),\n"
+        "with text to calibrate and gate on:\n"
+        "  quantgate export MODEL --out BUNDLE \\\n"
+        "      --calibration calib.jsonl --eval heldout.jsonl\n"
+        "\n\b\nExit codes: 0 success; 2 bad usage or input; 3 a gate failed (the bundle\n"
+        "and its report.md are written); 1 anything else."
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -88,7 +88,8 @@ def export_command(
         typer.Option(
             metavar="FILE",
             help='Calibration data: text (.jsonl of {"text": ...} lines; .csv or .tsv with a '
-            '"text" column; .txt, a text per line) or a .npz of inputs.',
+            '"text" column; .txt, a text per line) or a .npz of inputs. Required with --eval '
+            "unless MODEL is the built-in checkpoint, which has its own.",
         ),
     ] = None,
     eval_data: Annotated[
@@ -97,7 +98,8 @@ def export_command(
             "--eval",
             metavar="FILE",
             help="Held-out evaluation data, as --calibration's, with an optional 'label' key "
-            "or column (.npz: a 'labels' array).",
+            "or column (.npz: a 'labels' array); a classifier is gated on its labels. Never "
+            "the calibration rows (a tenth or more shared is refused).",
         ),
     ] = None,
     samples: Annotated[
