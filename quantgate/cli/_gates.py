@@ -132,4 +132,9 @@ def print_gates(path: Path) -> None:
                 mark += " (uncertain: its interval crosses the threshold)"
             ci = f" {ci}" if ci else ""
             out.print(f"    {label} {value}{ci} {bound}: {mark}", highlight=False, soft_wrap=True)
-    out.print(f"  report: {path / 'report.md'}", highlight=False, soft_wrap=True)
+    out.print(
+        f"  report: {path / 'report.md'} (how each gate was measured; what each means: "
+        'docs/quantize.md, "Gates")',
+        highlight=False,
+        soft_wrap=True,
+    )
