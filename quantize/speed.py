@@ -33,6 +33,10 @@ from quantgate.sessions import session
 MIN_SAMPLE_S = 0.03  # shortest timed sample; faster runs are repeated within one
 
 
+# What a speed gate's detail says where the machine was busy when it was timed
+BUSY = "timed on a busy machine, may not reproduce"
+
+
 @dataclass(frozen=True)
 class TimingConditions:
     """The machine as a speed gate found it before timing, recorded beside the figure: the
@@ -73,7 +77,7 @@ class TimingConditions:
             # to run than there were CPUs, whoever's they were.
             load = f"1-minute load average {self.load:.2f} before timing"
             if self.busy:
-                load += " (above the CPU count: timed on a busy machine, may not reproduce)"
+                load += f" (above the CPU count: {BUSY})"
         share = f"{self.cpus} CPU{'s' if self.cpus != 1 else ''}" + (
             f" (a CPU quota of {self.quota:g})" if self.quota else ""
         )

@@ -289,6 +289,23 @@ def test_the_console_marks_a_gate_decided_inside_its_interval(cli, tmp_path, cap
     assert rows["cosine"].rstrip().endswith("pass"), r.stdout
 
 
+def test_the_console_says_speed_timed_on_a_busy_machine(tmp_path, capsys):
+    """A speed verdict that flips between runs on a loaded machine: report.md said why, the
+    console did not."""
+    from quantgate import bundle as qb
+    from quantgate.cli._gates import print_gates
+    from quantgate.quantize.speed import TimingConditions
+
+    busy = TimingConditions(threads=0, cpus=2, load=3.5).describe()
+    quiet = TimingConditions(threads=0, cpus=2, load=0.4).describe()
+    for name, conditions in (("busy", busy), ("quiet", quiet)):
+        gate = qb.GateResult("speedup_b1_s64", 1.1, 1.2, ">=", False, detail=f"timed: {conditions}")
+        _tiny_bundle(tmp_path / name, (gate,))
+        print_gates(tmp_path / name)
+        said = capsys.readouterr().out
+        assert ("speed timed while the machine was busy" in said) == (name == "busy"), said
+
+
 def _tiny_bundle(path, int8_gates):
     """A bundle of two stand-in files whose INT8 variant has ``int8_gates``."""
     from quantgate import bundle as qb

@@ -114,6 +114,7 @@ def gate_cells(g) -> tuple[str, str, str, str, str, bool]:
 def print_gates(path: Path) -> None:
     """The bundle's verdict and the gates of every variant but FP32, on stdout."""
     from quantgate.bundle import load
+    from quantgate.quantize.speed import BUSY
 
     try:
         m = load(path, verify=False).manifest
@@ -132,6 +133,13 @@ def print_gates(path: Path) -> None:
                 mark += " (uncertain: its interval crosses the threshold)"
             ci = f" {ci}" if ci else ""
             out.print(f"    {label} {value}{ci} {bound}: {mark}", highlight=False, soft_wrap=True)
+        if any(g.is_speed and BUSY in g.detail for g in v.gates):
+            out.print(
+                "    (speed timed while the machine was busy, its load above its CPU count: "
+                "the speedups may not reproduce; time it again on a quiet one)",
+                highlight=False,
+                soft_wrap=True,
+            )
     out.print(
         f"  report: {path / 'report.md'} (how each gate was measured; what each means: "
         'docs/quantize.md, "Gates")',
