@@ -487,6 +487,7 @@ def restart_outlook(
         manifest = qb.load(path).manifest
     except QuantgateError as e:
         return Outlook(f"a restart would refuse it{whole}: {e}", refused=True)
+    files = listed_files(manifest)
     said = []
     if served_as is not None:
         name = manifest.name if from_manifest[0] else served_as[0]
@@ -515,7 +516,7 @@ def restart_outlook(
             f"a restart would refuse it{whole} (variants {failing} failed their gates; "
             "--allow-failed-gates serves its passing variants)"
         )
-        return Outlook("; ".join(said), refused=True)
+        return Outlook("; ".join(said), refused=True, files=files)
     try:
         v = choose_variant(
             manifest,
@@ -525,10 +526,12 @@ def restart_outlook(
             quiet=True,  # what the choice would log is for the restart to say
         )
     except QuantgateError as e:
-        return Outlook("; ".join([*said, f"a restart would refuse it{whole}: {e}"]), refused=True)
+        refusal = f"a restart would refuse it{whole}: {e}"
+        return Outlook("; ".join([*said, refusal]), refused=True, files=files)
     what = f"{v.file}, sha256 {v.sha256[:12]}..."
     same = " (the copy served now)" if (v.file, v.sha256) == (served.file, served.sha256) else ""
-    return Outlook("; ".join([*said, f"a restart would serve {v.precision} ({what}){same}"]))
+    served_now = f"a restart would serve {v.precision} ({what}){same}"
+    return Outlook("; ".join([*said, served_now]), files=files)
 
 
 def _interface_changes(old: qb.Manifest, new: qb.Manifest) -> list[str]:

@@ -129,19 +129,22 @@ def bundle_stamp(folder: Path, files: Sequence[str] = ()) -> tuple:
 @dataclass(frozen=True)
 class Outlook:
     """What a restart would do with a bundle as it is on disk: said in words, and whether it
-    would not serve it (``refused``: the server would not start, or not with this model)."""
+    would not serve it (``refused``: the server would not start, or not with this model);
+    ``files``, the names its manifest lists now, where it could be read."""
 
     said: str
     refused: bool = False
+    files: tuple[str, ...] | None = None
 
 
 @dataclass
 class Served:
     """A bundle as the server loaded it: ``model`` names it and ``serving`` the copy served
     ("model.int8.onnx, sha256 3b35f566ab12..."), ``files`` the names its manifest lists,
-    ``loaded`` its ``bundle_stamp`` taken before they were read, ``seen`` the stamp last
-    looked at. ``outlook()`` says what a restart would do with the bundle as it is on disk
-    now (runtime.restart_outlook)."""
+    ``loaded`` its ``bundle_stamp`` over them taken before they were read, ``seen`` the
+    stamp last looked at, over ``watching``: ``files``, then those of the manifest on disk
+    once it changed (a re-export that adds a file has it watched). ``outlook()`` says what
+    a restart would do with the bundle as it is on disk now (runtime.restart_outlook)."""
 
     path: Path
     model: tuple[str, str]  # (name, version)
@@ -151,9 +154,10 @@ class Served:
     outlook: Callable[[], Outlook] | None = None
     files: tuple[str, ...] = ()
     settling: tuple | None = None  # a new stamp seen once: said when the next look agrees
+    watching: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        self.seen = self.loaded
+        self.seen, self.watching = self.loaded, self.files
 
 
 class BundleWatch:
@@ -201,24 +205,26 @@ class BundleWatch:
         The thread calls it every interval; a test may call it directly."""
         changed = []
         for b in self.bundles:
-            now = bundle_stamp(b.path, b.files)
+            now = bundle_stamp(b.path, b.watching)
             if now == b.seen or now != b.settling:
                 b.settling = None if now == b.seen else now
                 continue
             b.seen, b.settling = now, None
             changed.append(b)
-            self.on_change(b.model, now != b.loaded, self._said(b, now))
+            back = bundle_stamp(b.path, b.files) == b.loaded  # over the files it loaded
+            self.on_change(b.model, not back, self._said(b, now, back))
         if self.repository is not None:
             self._look_at_repository(*self.repository)
         return changed
 
-    def _said(self, b: Served, now: tuple) -> bool:
-        """Log what became of ``b`` (its stamp ``now``), with what a restart would do;
-        whether a restart would not serve it."""
+    def _said(self, b: Served, now: tuple, back: bool) -> bool:
+        """Log what became of ``b`` (its stamp ``now``; ``back`` as it was loaded), with
+        what a restart would do; whether a restart would not serve it."""
         name, version = b.model
         where = f"bundle {b.path} (model {name} v{version})"
         kept = f"still serving the copy loaded at start ({b.serving})"
-        if now == b.loaded:
+        if back:
+            b.watching, b.seen = b.files, b.loaded
             log.info("%s is back on disk as it was loaded", where)
             return False
         if now[0] is None:
@@ -233,6 +239,9 @@ class BundleWatch:
         except Exception as e:  # noqa: BLE001 - the change is said whatever the look found
             outlook = Outlook(f"what a restart would do is not known: {e}", refused=True)
         log.warning("%s changed on disk since it was loaded: %s; %s", where, kept, outlook.said)
+        if outlook.files is not None and outlook.files != b.watching:
+            b.watching = outlook.files  # what a restart would check, from the next look
+            b.seen = bundle_stamp(b.path, b.watching)
         return outlook.refused
 
     def _look_at_repository(self, root: Path, unserved: Callable[[], list[str]]) -> None:

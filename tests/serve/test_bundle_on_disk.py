@@ -477,3 +477,24 @@ def test_a_restart_that_would_serve_another_name_or_version_says_so(tmp_path, ca
         assert len(settled(watch)) == 1
     said = " ".join(caplog.text.split())
     assert "a restart would serve it as model renamed v2, not tiny-classifier v1: " in said, said
+
+
+def test_a_file_a_new_manifest_lists_is_watched_from_then_on(tmp_path, caplog):
+    """The watch looked at the files the loaded manifest listed: a file a re-export added
+    (a tokenizer's) was then changed unseen, and the next restart refused the bundle."""
+    b = bundles.build(tmp_path / "b", "classifier")
+    cfg = ServeConfig(path=b)
+    model = runtime.open_model(b, cfg, CPU)
+    refused: list = []
+    watch = BundleWatch([model.served(cfg)], on_change=lambda m, c, r: refused.append(r))
+    (b / "vocab.txt").write_text("[PAD]\n")
+    manifest = qb.load(b).manifest
+    qb.write_manifest(
+        b, dataclasses.replace(manifest, files={"vocab.txt": qb.sha256_file(b / "vocab.txt")})
+    )
+    assert len(settled(watch)) == 1 and refused == [False]
+    (b / "vocab.txt").write_text("[UNK]\n")  # in place, the manifest untouched
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="quantgate.serve.watch"):
+        assert len(settled(watch)) == 1
+    assert "vocab.txt has sha256" in caplog.text and refused == [False, True], caplog.text
