@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 
-import onnxruntime as ort
-
 from quantgate import bundle as qb
 from quantgate.bundle import CPU, CUDA
 from quantgate.errors import BundleError, ServeError
@@ -25,6 +23,8 @@ PREFERRED = {CUDA: "fp16"}
 
 def choose_provider(device: str) -> str:
     """The execution provider for ``device`` ("auto", "cuda" or "cpu"), logged."""
+    import onnxruntime as ort  # here: choosing a variant (inspect) needs no onnxruntime
+
     available = ort.get_available_providers()
     if device == "cpu":
         return CPU
@@ -51,6 +51,8 @@ def choose_provider(device: str) -> str:
 def _preload_cuda_libraries() -> None:
     """onnxruntime-gpu >= 1.21 can load CUDA/cuDNN from the nvidia-* wheels (PyTorch's);
     without it the CUDA provider fails to load where those are not on the library path."""
+    import onnxruntime as ort
+
     preload = getattr(ort, "preload_dlls", None)
     if preload is not None:
         try:

@@ -306,6 +306,26 @@ def test_the_console_says_speed_timed_on_a_busy_machine(tmp_path, capsys):
         assert ("speed timed while the machine was busy" in said) == (name == "busy"), said
 
 
+def test_inspect_needs_no_onnxruntime(tmp_path):
+    """A manifest is JSON: inspect printed its tables, then failed for want of onnxruntime
+    (choosing the variant serve would pick imported it)."""
+    import subprocess
+    import sys
+
+    from quantgate import bundle as qb
+
+    gate = qb.GateResult("speedup_b1_s64", 1.5, 1.2, ">=", True, provider=qb.CPU)
+    _tiny_bundle(tmp_path / "b", (gate,))
+    code = (
+        "import sys; sys.modules['onnxruntime'] = None\n"
+        f"sys.argv = ['quantgate', 'inspect', {str(tmp_path / 'b')!r}]\n"
+        "from quantgate.cli import main; main()"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "serve picks: int8 on CPU" in " ".join(r.stdout.split()), r.stdout
+
+
 def _tiny_bundle(path, int8_gates):
     """A bundle of two stand-in files whose INT8 variant has ``int8_gates``."""
     from quantgate import bundle as qb

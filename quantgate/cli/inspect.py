@@ -3,8 +3,6 @@ pick from it."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -136,29 +134,16 @@ def _served(m) -> str:
     from quantgate.serve.variants import choose_variant
 
     picks = []
-    with _quiet("quantgate.serve.variants"):  # its reasons are for the server's log
-        for provider, name in ((CPU, "CPU"), (CUDA, "CUDA")):
-            try:
-                picks.append(
-                    f"{choose_variant(m, provider, allow_failed=True).precision} on {name}"
-                )
-            except BundleError:
-                picks.append(f"nothing on {name}")
+    for provider, name in ((CPU, "CPU"), (CUDA, "CUDA")):
+        try:  # quiet: its reasons are for the server's log
+            v = choose_variant(m, provider, allow_failed=True, quiet=True)
+            picks.append(f"{v.precision} on {name}")
+        except BundleError:
+            picks.append(f"nothing on {name}")
     chosen = ", ".join(picks)
     if m.verdict != PASS:
         return f"serve: refuses it (a gate failed); with --allow-failed-gates: {chosen}"
     return f"serve picks: {chosen}"
-
-
-@contextlib.contextmanager
-def _quiet(logger: str):
-    log = logging.getLogger(logger)
-    before = log.disabled
-    log.disabled = True
-    try:
-        yield
-    finally:
-        log.disabled = before
 
 
 def _size(model: Path) -> int:
