@@ -188,6 +188,7 @@ class BundleWatch:
         # (repository.unserved_folders): one added is said once, as a change is.
         self.repository, self.on_unserved = repository, on_unserved
         self._unserved: list[str] = []
+        self._unserved_settling: list[str] | None = None
         self._stop = threading.Event()
 
     def start(self) -> BundleWatch:
@@ -246,12 +247,14 @@ class BundleWatch:
 
     def _look_at_repository(self, root: Path, unserved: Callable[[], list[str]]) -> None:
         """Say once when the repository at ``root`` holds folders the server does not serve
-        (``unserved()``: "bert", "minilm/2"), and once when it no longer does; the count is
-        ``on_unserved``'s, for the metric."""
+        (``unserved()``: "bert", "minilm/2"), and once when it no longer does, each once two
+        looks agree (a folder being copied in grows); the count is ``on_unserved``'s, for
+        the metric."""
         now = unserved()
-        if now == self._unserved:
+        if now == self._unserved or now != self._unserved_settling:  # said once settled
+            self._unserved_settling = None if now == self._unserved else now
             return
-        self._unserved = now
+        self._unserved, self._unserved_settling = now, None
         self.on_unserved(len(now))
         if now:
             log.warning(
