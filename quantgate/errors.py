@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 _Error = TypeVar("_Error", bound="QuantgateError")
@@ -201,9 +201,15 @@ def exit_code(err: BaseException) -> int:
     return 1
 
 
+def clipped(text: str, limit: int, show: Callable[[str], str] = str) -> str:
+    """``text`` as ``show`` writes it, cut past ``limit`` characters with its length said
+    ("...(+19936 chars)"): a client's string in a message or a log line, whatever its size."""
+    if len(text) <= limit:
+        return show(text)
+    return f"{show(text[:limit])}...(+{len(text) - limit} chars)"
+
+
 def quoted(value: str, limit: int = 64) -> str:
     """A string from outside (a client's model name) as a message quotes it, ``repr``, cut
     past ``limit`` characters: what follows it in the message (what to do) must not drown."""
-    if len(value) <= limit:
-        return repr(value)
-    return f"{value[:limit]!r}...(+{len(value) - limit} chars)"
+    return clipped(value, limit, repr)

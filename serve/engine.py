@@ -156,9 +156,7 @@ class Engine:
             raise Unavailable(WARMING_UP, "warming_up")
         rows = model.check(feeds, outputs)
         limit = self.cfg.max_message_bytes
-        sizes = model.answer_sizes(
-            feeds, [t.name for t in model.outputs] if tensors is None else tensors
-        )
+        sizes = model.answer_sizes(feeds, tensors)
         if sum(sizes.values()) > limit:
             raise too_large(sum(sizes.values()), limit, sizes, at_least=True)
         batcher = self._batchers[(model.name, model.version)]

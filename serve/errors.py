@@ -18,6 +18,7 @@ from quantgate.errors import (
     ResponseTooLarge,
     Unauthenticated,
     Unavailable,
+    clipped,
 )
 
 __all__ = ["STATUS", "from_status", "message_of", "status_of"]
@@ -51,13 +52,9 @@ def status_of(err: QuantgateError) -> grpc.StatusCode:
 MESSAGE_LIMIT = 800
 
 
-def message_of(err: BaseException | str) -> str:
-    """``err``'s message (or a message) as a status carries it: cut past ``MESSAGE_LIMIT``
-    characters, its length said."""
-    text = str(err)
-    if len(text) <= MESSAGE_LIMIT:
-        return text
-    return f"{text[:MESSAGE_LIMIT]}... ({len(text) - MESSAGE_LIMIT} more characters)"
+def message_of(err: BaseException) -> str:
+    """``err``'s message as a status carries it: cut past ``MESSAGE_LIMIT`` characters."""
+    return clipped(str(err), MESSAGE_LIMIT)
 
 
 def from_status(code: grpc.StatusCode, message: str) -> QuantgateError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,7 +136,7 @@ class Model:
         would load it with (a repository, where ``cfg.path`` is not this bundle)."""
         path = self.bundle.path.absolute()
         m = self.bundle.manifest
-        in_repository = Path(cfg.path).resolve() != path.resolve()
+        in_repository = not qb.is_bundle(Path(cfg.path))  # load_repository's rule
         return Served(
             path,
             (self.name, self.version),
@@ -181,11 +181,13 @@ class Model:
             t.axes[1:2] for t in self.outputs if t.name == name
         )
 
-    def answer_sizes(self, feeds: Mapping[str, np.ndarray], outputs: Iterable[str]) -> dict:
-        """The bytes of each of ``outputs`` (its tensor) that a request of ``feeds`` would be
-        answered with, known before it runs from the sizes its inputs give the symbolic axes
-        (batch, sequence); an output with an axis they do not give is left out. For refusing
-        an answer too large to send before its work."""
+    def answer_sizes(
+        self, feeds: Mapping[str, np.ndarray], outputs: Collection[str] | None = None
+    ) -> dict:
+        """The bytes of each of ``outputs`` (its tensor; None: every output) that a request
+        of ``feeds`` would be answered with, known before it runs from the sizes its inputs
+        give the symbolic axes (batch, sequence); an output with an axis they do not give is
+        left out. For refusing an answer too large to send before its work."""
         size: dict[str, int] = {}
         for t in self.inputs:
             shape = getattr(feeds.get(t.name), "shape", None)
@@ -197,7 +199,8 @@ class Model:
             t.name: int(np.prod([a if isinstance(a, int) else size[a] for a in t.axes],
                                 dtype=np.int64)) * t.dtype.itemsize
             for t in self.outputs
-            if t.name in outputs and all(isinstance(a, int) or a in size for a in t.axes)
+            if (outputs is None or t.name in outputs)
+            and all(isinstance(a, int) or a in size for a in t.axes)
         }  # fmt: skip
 
     def check(self, feeds: Mapping[str, np.ndarray], outputs: tuple[str, ...] = ()) -> int:

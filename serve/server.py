@@ -42,7 +42,7 @@ from grpc_reflection.v1alpha import reflection
 from quantgate import bundle as qb
 from quantgate import cpus, signals
 from quantgate.bundle import CPU
-from quantgate.errors import DrainIncomplete, ServeError
+from quantgate.errors import DrainIncomplete, ServeError, clipped
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.serve import auth, codec, metrics, tls, watch
 from quantgate.serve.config import ServeConfig
@@ -415,9 +415,7 @@ CLIP = 256  # characters of a client's string the access log keeps
 def _clip(value: str) -> str:
     """A client's string as the access log writes it: a long one cut, its length said (an
     8 MB request id must not become an 8 MB log line)."""
-    if len(value) <= CLIP:
-        return value
-    return f"{value[:CLIP]}...(+{len(value) - CLIP} chars)"
+    return clipped(value, CLIP)
 
 
 @functools.cache
