@@ -324,10 +324,10 @@ def gate_every_variant(
     """Every variant in ``files`` (precision -> ONNX file) gated on ``provider``.
 
     Placement and speed against ``fp32`` (``gate_variants``, at sequence lengths capped
-    at what the model takes; at the throughput shape at least ``gate_cfg.min_speedup``); then the fidelity on ``evaluation`` there (CUDA's arithmetic,
-    not only FP16 storage as on the CPU): always for FP16, cosine >= ``fp16_min_cosine``, and
-    for INT8 only where it is fast enough to run there at all, cosine >=
-    ``gate_cfg.min_cosine``.
+    at what the model takes; at the throughput shape at least ``gate_cfg.min_speedup``);
+    then the fidelity on ``evaluation`` there (CUDA's arithmetic, not only FP16 storage as
+    on the CPU): always for FP16, cosine >= ``fp16_min_cosine``, and for INT8 only where it
+    is fast enough to run there at all, cosine >= ``gate_cfg.min_cosine``.
     """
     from quantgate.quantize import fp16
 

@@ -333,7 +333,12 @@ def open_source(
         source = _iterable(spec, model, samples, batch_size)
     if role == "calibration" and source.samples < MIN_CALIBRATION_ROWS:
         _warn_few_calibration_rows(source, samples, where=named(flag, spec, source))
-    elif role == "calibration" and samples is not None and (source.total or samples) < samples:
+    elif (
+        role == "calibration"
+        and samples is not None
+        and source.total is not None  # None: not read to its end, having rows enough
+        and source.total < samples
+    ):
         log.warning(  # not an error: every row is used, as asked; but not as many as asked
             "%s: --samples %d, but the data has %d row(s): all of them are used",
             named(flag, spec, source),
