@@ -129,12 +129,7 @@ def infer(
     import numpy as np
 
     from quantgate.bundle import load
-    from quantgate.errors import (
-        BadRequest,
-        ConfigError,
-        ModelNotFound,
-        Unauthenticated,
-    )
+    from quantgate.errors import BadRequest, ConfigError
 
     if not inputs and not texts:
         raise ConfigError(
@@ -156,15 +151,10 @@ def infer(
     # brings them back. Set before gRPC starts, which reads it once.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     # gRPC and the wire format (about 0.6 s) once the command line is known to be usable
-    from quantgate.serve.client import (
-        Client,
-        ClientTLS,
-        ConnectionFailed,
-        InputRefused,
-        request_inputs,
-    )
+    from quantgate.serve.client import Client, ClientTLS, InputRefused, request_inputs
 
     secure = tls or tls_ca is not None or tls_cert is not None
+    tls_flags = {"--tls": tls, "--tls-ca": tls_ca, "--tls-cert": tls_cert, "--tls-key": tls_key}
     client_tls = ClientTLS(tls_ca, tls_cert, tls_key) if secure else None
     # verified: the tokenizer is the one the bundle was gated with
     bundle = None if bundle_dir is None else load(bundle_dir, verify=bool(texts))
@@ -177,39 +167,17 @@ def infer(
         named = bundle.manifest.name
     _check_url(url)
     with Client(url, token=token, timeout=timeout, tls=client_tls) as client:
-        try:
-            metadata = client.metadata(named, version)
-        except ModelNotFound as e:
-            if model:
-                raise
-            raise ModelNotFound(
-                f"{e}. {named!r} is the name in {bundle_dir}'s manifest; a repository serves "
-                "each model under its folder's name: give that name as MODEL"
-            ) from e
-        except Unauthenticated as e:
-            raise Unauthenticated(
-                f"{e} (`quantgate infer` sends --token, or the QUANTGATE_AUTH_TOKEN variable)"
-            ) from e
-        except ConnectionFailed as e:
-            given = {"--tls": tls, "--tls-ca": tls_ca, "--tls-cert": tls_cert, "--tls-key": tls_key}
-            tls_flags = [flag for flag, value in given.items() if value]
-            raise ConnectionFailed(_cannot_connect(e, tls_flags, tls_ca), e.cause, e.what) from e
+        metadata = _metadata(
+            client, named, version, bundle_dir if model is None else None, tls_flags
+        )
         if classes and bundle is None:  # the server says the task
             task = client.config(named, version).parameters["task"].string_value
             _refuse_classes_of(task, f"model {named!r}")
         spec = {t.name: t for t in metadata.inputs}
         tok, values, tags = None, {}, None  # tags: a token classifier's class names
         if texts:
-            from quantgate.quantize.data import ModelInfo
-            from quantgate.quantize.text import tokenize, tokenizer_of
-            from quantgate.tasks import TOKEN_TASKS
-
             assert bundle is not None  # --text needs --bundle (checked above)
-            info = ModelInfo.from_manifest(bundle.manifest, bundle.path)
-            tok = tokenizer_of(info)  # the bundle's: it reads --text, and a tagger's tags back
-            values = tokenize(texts, info, tok)
-            if info.task in TOKEN_TASKS:
-                tags = bundle.manifest.class_names
+            tok, values, tags = _tokenized(texts, bundle)
         typed = {}  # each --input's JSON, by input name
         for item in inputs or ():
             name, sep, value = item.partition("=")
@@ -230,20 +198,57 @@ def infer(
         if classes and not wanted:
             wanted = tuple(t.name for t in metadata.outputs)
         answer = client.infer(named, feeds, version=version, outputs=wanted, classes=classes)
-        if as_json:
-            _print_json(named, answer)
-            return
-        for name, array in answer.items():
-            if array.dtype == object:  # top classes
-                _print_classes(name, array)
-                continue
-            if tags is not None and name == "logits" and array.ndim == 3:
-                _print_tags(texts or [], feeds, array, tags, tok)
-                continue
+    if as_json:
+        _print_json(named, answer)
+        return
+    for name, array in answer.items():
+        if array.dtype == object:  # top classes
+            _print_classes(name, array)
+        elif tags is not None and name == "logits" and array.ndim == 3:
+            _print_tags(texts or [], feeds, array, tags, tok)
+        else:
             out.print(f"{name} {list(array.shape)} {array.dtype}", highlight=False, soft_wrap=True)
             out.print(
                 np.array2string(array, precision=4, threshold=64), highlight=False, soft_wrap=True
             )
+
+
+def _metadata(client, named: str, version: str, manifest_of: Path | None, tls_flags: dict):
+    """The server's ModelMetadata of ``named``, its errors said in infer's flags:
+    ``manifest_of`` is the bundle whose manifest gave the name (None: MODEL gave it),
+    ``tls_flags`` each TLS flag's value."""
+    from quantgate.errors import ModelNotFound, Unauthenticated
+    from quantgate.serve.client import ConnectionFailed
+
+    try:
+        return client.metadata(named, version)
+    except ModelNotFound as e:
+        if manifest_of is None:
+            raise
+        raise ModelNotFound(
+            f"{e}. {named!r} is the name in {manifest_of}'s manifest; a repository serves "
+            "each model under its folder's name: give that name as MODEL"
+        ) from e
+    except Unauthenticated as e:
+        raise Unauthenticated(
+            f"{e} (`quantgate infer` sends --token, or the QUANTGATE_AUTH_TOKEN variable)"
+        ) from e
+    except ConnectionFailed as e:
+        raise ConnectionFailed(_cannot_connect(e, tls_flags), e.cause, e.what) from e
+
+
+def _tokenized(texts: list[str], bundle):
+    """--text read by ``bundle``'s tokenizer: the tokenizer (it reads a tagger's tokens
+    back), the inputs it gives, and a token classifier's class names (None for any other
+    task)."""
+    from quantgate.quantize.data import ModelInfo
+    from quantgate.quantize.text import tokenize, tokenizer_of
+    from quantgate.tasks import TOKEN_TASKS
+
+    info = ModelInfo.from_manifest(bundle.manifest, bundle.path)
+    tok = tokenizer_of(info)
+    tags = bundle.manifest.class_names if info.task in TOKEN_TASKS else None
+    return tok, tokenize(texts, info, tok), tags
 
 
 def _print_json(model: str, answer: dict) -> None:
@@ -271,9 +276,11 @@ def _print_json(model: str, answer: dict) -> None:
     sys.stdout.write(json.dumps(doc) + "\n")
 
 
-def _cannot_connect(e, tls_flags: list[str], tls_ca: Path | None) -> str:
-    """The client's ConnectionFailed ``e`` with what to do in infer's flags (``tls_flags``:
-    the TLS flags given)."""
+def _cannot_connect(e, tls_given: dict) -> str:
+    """The client's ConnectionFailed ``e`` with what to do in infer's flags (``tls_given``:
+    each TLS flag's value)."""
+    tls_ca = tls_given["--tls-ca"]
+    tls_flags = [flag for flag, value in tls_given.items() if value]  # those given
     drop = " and ".join(
         [", ".join(tls_flags[:-1]), *tls_flags[-1:]] if tls_flags[1:] else tls_flags
     )
