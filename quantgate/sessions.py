@@ -46,19 +46,12 @@ def session(
             f"execution provider {provider} is not available in this onnxruntime "
             f"(available: {', '.join(ort.get_available_providers())})"
         )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = cpus.threads(threads, gpu=provider != CPU)
-    options.log_severity_level = 3
-    if not spin:
-        # Two sessions timed in turn: an idle one's spinning threads would steal the cores
-        # from the one being timed, whichever came second.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = session_options(provider, threads=threads, spin=spin, precision=precision)
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
-    workarounds.apply(options, precision)
     providers = [provider] if provider == CPU else [provider, CPU]
     if isinstance(model, (str, Path)):
         return _on(provider, ort.InferenceSession(str(model), options, providers=providers))
@@ -75,6 +68,26 @@ def session(
     )
 
 
+def session_options(provider: str, *, threads: int = 0, spin: bool = True, precision: str):
+    """The options every session of a ``precision`` variant on ``provider`` starts from, the
+    server's and the gates' alike: its intra-op ``threads`` (``quantgate.cpus``: one on a
+    GPU), ONNX Runtime's errors only in the log (its warnings are about placement, which
+    quantgate says in its own words), every graph optimization, the precision's
+    workarounds, and where ``spin`` is False, idle threads that do not spin."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cpus.threads(threads, gpu=provider != CPU)
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spin:
+        # Two sessions timed in turn: an idle one's spinning threads would steal the cores
+        # from the one being timed, whichever came second.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    workarounds.apply(options, precision)
+    return options
+
+
 def _on(provider: str, sess):
     """``sess``, refused where ONNX Runtime opened it on another provider than ``provider``:
     a CUDA provider whose libraries do not load gives a CPU session without an error, and
@@ -87,4 +100,4 @@ def _on(provider: str, sess):
     return sess
 
 
-__all__ = ["session"]
+__all__ = ["session", "session_options"]

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from quantgate import bundle as qb
-from quantgate import cpus, fsutil, placement, workarounds
+from quantgate import fsutil, placement, sessions
 from quantgate.bundle import CPU, CUDA
 from quantgate.errors import (
     BadRequest,
@@ -653,16 +653,9 @@ def _session(bundle: qb.Bundle, variant: qb.Variant, cfg: ServeConfig, provider:
 
 
 def _options(cfg: ServeConfig, provider: str, precision: str) -> ort.SessionOptions:
-    """A served session's options: its threads (``quantgate.cpus``: one on CUDA), every
-    graph optimization, and the precision's workarounds."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = cpus.threads(cfg.intra_op_threads, gpu=provider != CPU)
-    # ONNX Runtime's warnings (nodes it placed on the CPU, the placement check's optimized
-    # copy) are the server's to say, in its own log lines: its errors only
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    workarounds.apply(options, precision)
-    return options
+    """A served session's options, those the gates timed the variant with
+    (``quantgate.sessions``) with the server's --threads."""
+    return sessions.session_options(provider, threads=cfg.intra_op_threads, precision=precision)
 
 
 def _ort_session(
