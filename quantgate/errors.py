@@ -160,7 +160,7 @@ class Unavailable(QuantgateError):
     ``REASONS``, or empty where a client decoded the status."""
 
     exit_code = 1  # not the user's input: wait, and send it again
-    REASONS = ("queue_full", "warming_up", "shutting_down")
+    REASONS = ("queue_full", "warming_up", "shutting_down", "timeout")
 
     def __init__(self, message: str, reason: str = ""):
         super().__init__(message)

@@ -352,9 +352,9 @@ class Batcher:
     def _expired(self, p: _Pending) -> DeadlineExceeded:
         within = f" ({p.timeout * 1e3:.0f} ms from its arrival)" if p.timeout is not None else ""
         return DeadlineExceeded(
-            f"model {self.model.name!r}: deadline passed while queued{within}: give it a "
-            "longer deadline (the client's, or the request's `timeout` parameter); where the "
-            "server is busy, the model more capacity (replicas, --instances)"
+            f"model {self.model.name!r}: deadline passed while queued{within}: give the call "
+            "a longer deadline; where the server is busy, the model more capacity (replicas, "
+            "--instances)"
         )
 
     def _drop_expired(self) -> None:

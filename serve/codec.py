@@ -392,14 +392,24 @@ def decode_bytes(raw: bytes, shape: Sequence[int]) -> np.ndarray:
     return array.reshape(tuple(shape))
 
 
+# Triton marks every answer in a stream with whether it is the request's last (a decoupled
+# model may send several); here each is, and a Triton client that reads until the flag
+# (``parameters["triton_final_response"].bool_param``) would otherwise wait forever. A
+# serialized map entry of ModelInferResponse.parameters, appended to a response's bytes:
+# protobuf reads a message's fields in any order, and the map's entries wherever they are.
+FINAL = {"triton_final_response": pb.InferParameter(bool_param=True)}
+_FINAL_ENTRY = pb.ModelInferResponse(parameters=FINAL).SerializeToString()
+
 # What stream_response adds to a response: its field's tag and length (a varint of at most
-# 5 bytes for any message gRPC sends).
-STREAM_FRAMING = len(_INFER_RESPONSE_TAG) + 5
+# 5 bytes for any message gRPC sends), and the final flag.
+STREAM_FRAMING = len(_INFER_RESPONSE_TAG) + 5 + len(_FINAL_ENTRY)
 
 
 def stream_response(infer_response: bytes) -> bytes:
-    """A serialized ModelStreamInferResponse carrying an already serialized response."""
-    return b"".join((_INFER_RESPONSE_TAG, _varint(len(infer_response)), infer_response))
+    """A serialized ModelStreamInferResponse carrying an already serialized response,
+    marked as the request's final answer."""
+    n = len(infer_response) + len(_FINAL_ENTRY)
+    return b"".join((_INFER_RESPONSE_TAG, _varint(n), infer_response, _FINAL_ENTRY))
 
 
 def serialize(message) -> bytes:

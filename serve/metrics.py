@@ -61,7 +61,8 @@ class Metrics:
         self.refused = prom.Counter(
             "quantgate_refused_requests",
             "Requests answered UNAVAILABLE before they ran, by reason: queue_full (back off "
-            "or add replicas), warming_up, shutting_down",
+            "or add replicas), warming_up, shutting_down, timeout (the request's own timeout "
+            "parameter ran out in the queue)",
             (*labels, "reason"),
             registry=r,
         )

@@ -6,7 +6,8 @@ rest. Status codes follow Triton's:
     malformed request, wrong name/dtype/shape/byte size, batch too large  INVALID_ARGUMENT
     unknown model or version                                              NOT_FOUND
     queue full, warming up, shutting down                                 UNAVAILABLE
-    deadline passed before the request ran                                DEADLINE_EXCEEDED
+    the request's own `timeout` parameter ran out before it ran           UNAVAILABLE
+    the call's deadline passed before the request ran                     DEADLINE_EXCEEDED
     client cancelled                                                      CANCELLED (by gRPC)
     request over --max-request-bytes (4 MiB)                              RESOURCE_EXHAUSTED (by gRPC)
     response over --max-message-bytes                                     RESOURCE_EXHAUSTED
@@ -32,9 +33,11 @@ from quantgate.bundle import CUDA
 from quantgate.errors import (
     BadRequest,
     Cancelled,
+    DeadlineExceeded,
     InferenceFailed,
     ModelNotFound,
     QuantgateError,
+    Unavailable,
     quoted,
 )
 from quantgate.protos import grpc_service_pb2 as pb
@@ -345,7 +348,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             elif not isinstance(err, Cancelled):
                 yield pb.ModelStreamInferResponse(
                     error_message=f"{status_of(err).name}: {message_of(err)}",
-                    infer_response=pb.ModelInferResponse(id=response.id),
+                    infer_response=pb.ModelInferResponse(id=response.id, parameters=codec.FINAL),
                 )
             del response, err, answer  # not held while the next one is awaited
             unsent.release()  # sent: room for one more
@@ -375,11 +378,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         start = time.perf_counter()
         response = pb.ModelInferResponse(id=request.id)
         model: Model | None = None
+        own = None  # the request's timeout parameter, in seconds, where it set the deadline
         try:
             model = self._engine.model(request.model_name, request.model_version)
             _within_the_model(request, model)
-            if (limit := codec.request_timeout(request)) is not None:
-                timeout = limit if timeout is None else min(timeout, limit)
+            # the request's own timeout, where it is sooner than the call's deadline
+            if (own := codec.request_timeout(request)) is not None and (
+                timeout is None or own < timeout
+            ):
+                timeout = own
+            else:
+                own = None
             feeds = codec.decode_inputs(request)
             wanted = codec.requested_outputs(request)
             # the outputs answered as tensors (not top classes): their size is known before
@@ -412,6 +421,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._finished(record, model, request.model_name, code.name, elapsed)
             return response, bare(e)  # held by a stream until sent: not its frames too
         except QuantgateError as e:
+            if isinstance(e, DeadlineExceeded) and own is not None and model is not None:
+                e = _timeout_expired(model.name, own)
             self._finished(record, model, request.model_name, status_of(e).name, time.perf_counter() - start,
                            reason=getattr(e, "reason", ""))  # fmt: skip
             return response, bare(e)
@@ -493,6 +504,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             config.dynamic_batching.max_queue_delay_microseconds = cfg.max_queue_delay_us
             config.dynamic_batching.default_queue_policy.max_queue_size = cfg.max_queue_size
         return config
+
+
+def _timeout_expired(model: str, timeout: float) -> Unavailable:
+    """A request to ``model`` whose own ``timeout`` parameter ran out while it was queued,
+    answered as Triton answers it: UNAVAILABLE "Request timeout expired", which a Triton
+    client may retry (a call's gRPC deadline stays DEADLINE_EXCEEDED: its client has given
+    up)."""
+    return Unavailable(
+        f"Request timeout expired: model {model!r}: its `timeout` parameter "
+        f"({timeout * 1e6:.0f} µs) ran out while it was queued; give it a longer timeout, or where the server is busy, "
+        "the model more capacity (replicas, --instances)",
+        reason="timeout",
+    )
 
 
 def _statistics(stats: ModelStats) -> pb.ModelStatistics:

@@ -382,7 +382,7 @@ def test_requests_whose_deadline_passed_hold_no_place_in_a_full_queue(classifier
     let_go.set()
     for future in expired:  # which deadline, and what to do: not read as the server's fault
         with pytest.raises(DeadlineExceeded, match=r"deadline passed while queued \(10 ms from "
-                           r"its arrival\): give it a longer deadline"):  # fmt: skip
+                           r"its arrival\): give the call a longer deadline"):  # fmt: skip
             future.result(10)
     release.set()
     assert busy.result(10)[0]["logits"].shape == (1, 5)

@@ -31,7 +31,10 @@ for t, raw in zip(got.outputs, got.raw_output_contents):
     array = np.frombuffer(raw, dtype=codec.DATATYPES[t.datatype][0]).reshape(tuple(t.shape))
     np.testing.assert_array_equal(array, cases[t.name])
 stream = pb.ModelStreamInferResponse.FromString(codec.stream_response(encoded))
+assert stream.infer_response.parameters["triton_final_response"].bool_param
+del stream.infer_response.parameters["triton_final_response"]
 assert stream.infer_response == want and not stream.error_message
+assert len(codec.stream_response(encoded)) <= len(encoded) + codec.STREAM_FRAMING
 assert codec.serialize(encoded) is encoded
 assert codec.serialize(want) == want.SerializeToString()
 print("ok")

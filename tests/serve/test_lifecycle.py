@@ -56,7 +56,12 @@ def test_overload_answers_unavailable_at_once(tmp_path):
                 r'^quantgate_refused_requests_total\{[^}]*reason="(\w+)"[^}]*\} (\S+)$', text, re.M
             )
         }
-        assert counted == {"queue_full": len(refused), "warming_up": 0, "shutting_down": 0}, text
+        assert counted == {
+            "queue_full": len(refused),
+            "warming_up": 0,
+            "shutting_down": 0,
+            "timeout": 0,
+        }, text
     finally:
         assert srv.terminate() == 0, srv.log
 
@@ -350,10 +355,12 @@ def test_clients_move_to_another_server_while_one_drains(tmp_path):
                 srv.terminate()
 
 
-def test_a_request_timeout_that_passes_in_the_queue_answers_deadline_exceeded(tmp_path):
-    """Triton's request parameter `timeout` (microseconds) bounds the wait as a gRPC deadline
-    does: queued behind a request that runs for seconds, the request is not run late."""
-    srv = ServerProcess(counting(tmp_path / "slow"))
+def test_a_request_timeout_that_passes_in_the_queue_answers_as_triton_does(tmp_path):
+    """Triton's request parameter `timeout` (microseconds) bounds the wait in the queue:
+    queued behind a request that runs for seconds, the request is not run late, and is
+    answered as Triton answers it, UNAVAILABLE "Request timeout expired" (a Triton client
+    may retry it). A call's own gRPC deadline, sooner, stays DEADLINE_EXCEEDED."""
+    srv = ServerProcess(counting(tmp_path / "slow"), "--metrics-port", "0")
     try:
         slow = {"input_ids": np.array([[10**10]]), "attention_mask": np.array([[1]])}
         quick = {"input_ids": np.array([[1]]), "attention_mask": np.array([[1]])}
@@ -365,10 +372,18 @@ def test_a_request_timeout_that_passes_in_the_queue_answers_deadline_exceeded(tm
                     "slow", inputs(slow), callback=lambda result, error: held.put(error)
                 ),
             )
-            with pytest.raises(InferenceServerException) as err:
+            with pytest.raises(InferenceServerException) as own:
                 c.infer("slow", inputs(quick), timeout=200_000)  # 0.2 s
+            with pytest.raises(InferenceServerException) as call:
+                c.infer("slow", inputs(quick), timeout=60_000_000, client_timeout=0.2)
             assert held.empty()  # queued behind a request still running, not after it
-        assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED", err.value
+        assert own.value.status() == "StatusCode.UNAVAILABLE", own.value
+        assert own.value.message().startswith("Request timeout expired: model 'slow'")
+        assert "(200000 µs)" in own.value.message(), own.value
+        assert call.value.status() == "StatusCode.DEADLINE_EXCEEDED", call.value
+        url = re.search(r"metrics on (http://\S+/metrics)", "".join(srv.stdout)).group(1)
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert 'reason="timeout",version="1"} 1.0' in text, text  # a busy model, counted
     finally:
         srv.terminate()
 

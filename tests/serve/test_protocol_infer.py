@@ -80,6 +80,28 @@ def test_a_bad_token_id_in_a_stream_is_answered_there_and_the_stream_goes_on(ser
     np.testing.assert_allclose(result.as_numpy("logits"), reference(good), atol=1e-4)
 
 
+def test_every_stream_answer_is_marked_final_as_triton_marks_it(server):
+    """Triton sets parameters["triton_final_response"] on each answer in a stream (true for
+    a model that answers a request once), errors too; clients read until it, and without
+    it wait forever."""
+    requests = []
+    for token in (5, -3):  # an answer, then an error
+        request = service_pb2.ModelInferRequest(model_name="classifier", id=f"t{token}")
+        for name, array in _ids(token).items():
+            request.inputs.add(name=name, datatype="INT64", shape=list(array.shape))
+            request.raw_input_contents.append(array.tobytes())
+        request.parameters["triton_enable_empty_final_response"].bool_param = True
+        requests.append(request)
+    with grpc.insecure_channel(server.url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        answers = list(stub.ModelStreamInfer(iter(requests), timeout=30))
+    assert [a.infer_response.id for a in answers] == ["t5", "t-3"], answers
+    assert not answers[0].error_message and answers[0].infer_response.outputs
+    assert "'input_ids'" in answers[1].error_message, answers[1]
+    for a in answers:
+        assert a.infer_response.parameters["triton_final_response"].bool_param, a
+
+
 def _classes(strings: np.ndarray) -> list[list[tuple[float, int, str]]]:
     """Triton's "value:index:label" strings, parsed."""
     parsed = [s.decode().split(":", 2) for s in strings.reshape(-1)]
