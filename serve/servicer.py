@@ -286,12 +286,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Requests run concurrently (so they can share batches); answers keep request order.
 
         A failed request is answered in the stream with ``error_message``, as Triton does,
-        and the stream stays open. A message that is no ModelInferRequest ends the call with
+        and the stream stays open; a stream opened with Triton's header ``triton_grpc_error:
+        true`` ends instead, with the error's status code. A message that is no ModelInferRequest ends the call with
         INVALID_ARGUMENT once the answers before it are sent (the server registers this
         method with serialized messages in, so that reading them is this reader's job).
         When the stream ends early, requests it queued and nobody will read are dropped.
         """
         caller = _caller(context)
+        status_codes = any(  # errors end the stream with their status (Triton's header)
+            key == "triton_grpc_error" and value.lower() == "true"
+            for key, value in context.invocation_metadata()
+        )
         # a request's answer (or why it has none), _SHUTDOWN, or None: the stream ended
         answers: queue.SimpleQueue[Future | BaseException | object | None] = queue.SimpleQueue()
         # Answers computed and not yet sent: a client that sends and never reads would
@@ -345,6 +350,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response, err = answer.result()
             if err is None:
                 yield codec.stream_response(response)
+            elif status_codes and not isinstance(err, Cancelled):
+                context.abort(status_of(err), message_of(err))
             elif not isinstance(err, Cancelled):
                 yield pb.ModelStreamInferResponse(
                     error_message=f"{status_of(err).name}: {message_of(err)}",

@@ -80,18 +80,40 @@ def test_a_bad_token_id_in_a_stream_is_answered_there_and_the_stream_goes_on(ser
     np.testing.assert_allclose(result.as_numpy("logits"), reference(good), atol=1e-4)
 
 
-def test_every_stream_answer_is_marked_final_as_triton_marks_it(server):
-    """Triton sets parameters["triton_final_response"] on each answer in a stream (true for
-    a model that answers a request once), errors too; clients read until it, and without
-    it wait forever."""
+def _stream_requests(*tokens: int) -> list:
     requests = []
-    for token in (5, -3):  # an answer, then an error
+    for token in tokens:
         request = service_pb2.ModelInferRequest(model_name="classifier", id=f"t{token}")
         for name, array in _ids(token).items():
             request.inputs.add(name=name, datatype="INT64", shape=list(array.shape))
             request.raw_input_contents.append(array.tobytes())
-        request.parameters["triton_enable_empty_final_response"].bool_param = True
         requests.append(request)
+    return requests
+
+
+def test_a_stream_opened_with_triton_grpc_error_ends_at_its_first_error(server):
+    """Triton's header ``triton_grpc_error: true``: the first failed request ends the
+    stream with its status code, after the answers before it."""
+    answers = []
+    with grpc.insecure_channel(server.url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        stream = stub.ModelStreamInfer(
+            iter(_stream_requests(5, -3, 7)), timeout=30, metadata=(("triton_grpc_error", "true"),)
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            answers.extend(stream)
+    assert [a.infer_response.id for a in answers] == ["t5"], answers
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert "'input_ids'" in err.value.details() and "INVALID_ARGUMENT:" not in err.value.details()
+
+
+def test_every_stream_answer_is_marked_final_as_triton_marks_it(server):
+    """Triton sets parameters["triton_final_response"] on each answer in a stream (true for
+    a model that answers a request once), errors too; clients read until it, and without
+    it wait forever."""
+    requests = _stream_requests(5, -3)  # an answer, then an error
+    for request in requests:
+        request.parameters["triton_enable_empty_final_response"].bool_param = True
     with grpc.insecure_channel(server.url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         answers = list(stub.ModelStreamInfer(iter(requests), timeout=30))
