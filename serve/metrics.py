@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import re
 import socket
 import socketserver
 import sys
@@ -23,7 +24,7 @@ from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 import prometheus_client as prom
 
-from quantgate.errors import ServeError
+from quantgate.errors import ServeError, quoted
 from quantgate.serve.batcher import Timing
 
 # Latency buckets in seconds: sub-millisecond overheads up to multi-second batches.
@@ -157,12 +158,16 @@ class Metrics:
         )
 
     def serve_http(
-        self, port: int, host: str = "0.0.0.0", ready: Callable[[], bool] | None = None
+        self,
+        port: int,
+        host: str = "0.0.0.0",
+        ready: Callable[[], bool] | None = None,
+        model_ready: Callable[[str, str], bool] | None = None,
     ) -> int:
         """Serve the metrics over HTTP at ``/metrics`` (a daemon thread; ``/`` redirects
         there), and with ``ready`` the probes ``/healthz``, ``/readyz`` and their KServe v2
-        twins (``metrics_app``); any other path is 404. Returns the bound port (the free one
-        chosen when ``port`` is 0).
+        twins, with ``model_ready`` KServe v2's of a model (``metrics_app``); any other path
+        is 404. Returns the bound port (the free one chosen when ``port`` is 0).
 
         ``host`` 0.0.0.0 (every address) listens on IPv4 and IPv6 both, as gRPC does on it
         (``[::]`` with IPV6_V6ONLY off), and on IPv4 alone where the host has no IPv6;
@@ -179,7 +184,9 @@ class Metrics:
         last: OSError | None = None
         for family, address, dual in binds:
             try:
-                httpd = _HTTPServer(address, family, dual, metrics_app(self.registry, ready))
+                httpd = _HTTPServer(
+                    address, family, dual, metrics_app(self.registry, ready, model_ready)
+                )
             except OSError as e:
                 if e.errno not in NO_FAMILY:
                     tried = f" (as {_hostport(address)}, IPv4 and IPv6)" if dual else ""
@@ -464,7 +471,15 @@ LIVE_PATHS = frozenset({"/healthz", "/v2/health/live"})
 READY_PATHS = frozenset({"/readyz", "/v2/health/ready"})
 
 
-def metrics_app(registry: prom.CollectorRegistry, ready: Callable[[], bool] | None = None):
+# KServe v2's model readiness: /v2/models/NAME/ready, /v2/models/NAME/versions/VERSION/ready
+MODEL_READY_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/ready")
+
+
+def metrics_app(
+    registry: prom.CollectorRegistry,
+    ready: Callable[[], bool] | None = None,
+    model_ready: Callable[[str, str], bool] | None = None,
+):
     """prometheus_client's WSGI app (content negotiation, gzip, ``name[]`` filters) at
     /metrics only: on its own it answers the metrics at any path, so a typo in a scrape
     config would look like success. ``/`` redirects to /metrics (scrapers follow redirects).
@@ -473,8 +488,10 @@ def metrics_app(registry: prom.CollectorRegistry, ready: Callable[[], bool] | No
     wants TLS or a client certificate: ``/healthz`` is 200 while the process serves HTTP
     (liveness), ``/readyz`` 200 when ``ready()`` (warmed up, not shutting down), else 503
     (readiness). ``/v2/health/live`` and ``/v2/health/ready``, the KServe v2 HTTP paths
-    Triton serves (and probes copied from Triton's ask for), answer the same. Every other
-    path is 404 and says where the metrics are.
+    Triton serves (and probes copied from Triton's ask for), answer the same. With
+    ``model_ready`` (name, version: "" for the newest), a model's KServe v2 readiness,
+    ``/v2/models/NAME[/versions/VERSION]/ready``: 200 when it is served and ready, else 400,
+    as Triton answers. Every other path is 404 and says where the metrics are.
 
     GET and HEAD only (HEAD: GET's headers, no body), on every path; any other method is
     405. /metrics is rendered by _Renders: a flood of it shares renders and is paced."""
@@ -505,6 +522,13 @@ def metrics_app(registry: prom.CollectorRegistry, ready: Callable[[], bool] | No
             if ready():
                 return "200 OK", [text], b"ready\n"
             return "503 Service Unavailable", [text], b"not ready: warming up or shutting down\n"
+        if model_ready is not None and (asked := MODEL_READY_PATH.fullmatch(path)):
+            name, version = asked[1], asked[2] or ""
+            if model_ready(name, version):
+                return "200 OK", [text], b"ready\n"
+            said = quoted(name) + (f" version {quoted(version)}" if version else "")
+            not_ready = f"not ready: model {said} is not served, or the server is not ready\n"
+            return "400 Bad Request", [text], not_ready.encode()
         if path == "/":
             query = environ.get("QUERY_STRING")
             where = METRICS_PATH + (f"?{query}" if query else "")

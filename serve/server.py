@@ -42,7 +42,7 @@ from grpc_reflection.v1alpha import reflection
 from quantgate import bundle as qb
 from quantgate import cpus, signals
 from quantgate.bundle import CPU
-from quantgate.errors import DrainIncomplete, ServeError, clipped
+from quantgate.errors import DrainIncomplete, ModelNotFound, ServeError, clipped
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.serve import auth, codec, metrics, tls, watch
 from quantgate.serve.config import ServeConfig
@@ -845,12 +845,21 @@ def _start(
     of the drain's first step."""
     if cfg.metrics_port is not None:
         http = engine.metrics
-        http.serve_http(
-            cfg.metrics_port, cfg.host, ready=lambda: engine.ready and not stop.is_set()
-        )
+
+        def ready() -> bool:
+            return engine.ready and not stop.is_set()
+
+        def model_ready(name: str, version: str) -> bool:
+            try:
+                engine.model(name, version)
+            except ModelNotFound:
+                return False
+            return ready()
+
+        http.serve_http(cfg.metrics_port, cfg.host, ready=ready, model_ready=model_ready)
         log.info(
             "Prometheus metrics on http://%s/metrics%s, and the probes /healthz, /readyz, "
-            "/v2/health/live, /v2/health/ready",
+            "/v2/health/live, /v2/health/ready, /v2/models/NAME/ready",
             http.http_address,
             f" ({http.http_families})" if http.http_families else "",
         )

@@ -19,6 +19,8 @@ from conftest import ServerProcess
 from helpers import has_ipv6_loopback, inputs, spawn
 
 PROBES = ("/healthz", "/v2/health/live", "/readyz", "/v2/health/ready")
+# KServe v2's model readiness, as Triton answers it: 200 ready, 400 otherwise
+MODEL_READY = "/v2/models/slow/ready"
 
 
 def _status(url: str) -> int:
@@ -62,14 +64,15 @@ def _free_port() -> int:
 def test_kserve_v2_ready_follows_readiness_through_warm_up_and_drain(tmp_path):
     """/v2/health/ready answers as /readyz does at every moment: 503 while the models warm
     up (the metrics port is up before them), 200 once ready, 503 through the drain; the
-    liveness paths 200 throughout."""
+    liveness paths 200 throughout. A model's /v2/models/NAME/ready follows them, 400 where
+    not ready, and is 400 for a model or version not served."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     starting = spawn(ServerProcess, counting(tmp_path / "slow", warm_up_steps=400_000), "--metrics-port",
                      str(port))  # fmt: skip
 
     def probed() -> dict[str, int]:
-        return {path: _status(base + path) for path in PROBES}
+        return {path: _status(base + path) for path in (*PROBES, MODEL_READY)}
 
     warming = []  # what the probes said before the server said it was listening
     deadline = time.monotonic() + 60
@@ -89,8 +92,14 @@ def test_kserve_v2_ready_follows_readiness_through_warm_up_and_drain(tmp_path):
         for p in warming:
             assert p["/healthz"] == p["/v2/health/live"] == 200, p
         for p in not_yet[:-1]:
-            assert p["/v2/health/ready"] == 503, p
-        assert probed() == dict.fromkeys(PROBES, 200)
+            assert p["/v2/health/ready"] == 503 and p[MODEL_READY] == 400, p
+        assert probed() == dict.fromkeys((*PROBES, MODEL_READY), 200)
+        for path, status in {
+            "/v2/models/slow/versions/1/ready": 200,
+            "/v2/models/slow/versions/2/ready": 400,
+            "/v2/models/other/ready": 400,
+        }.items():
+            assert _status(base + path) == status, path
 
         with tc.InferenceServerClient(srv.url) as c:
             long = {"input_ids": np.array([[3 * 10**6]]), "attention_mask": np.array([[1]])}
@@ -107,7 +116,8 @@ def test_kserve_v2_ready_follows_readiness_through_warm_up_and_drain(tmp_path):
             draining = probed()  # the request still runs: the drain, and the port, go on
             assert srv.proc.poll() is None, srv.log
             assert draining == {
-                "/healthz": 200, "/v2/health/live": 200, "/readyz": 503, "/v2/health/ready": 503
+                "/healthz": 200, "/v2/health/live": 200, "/readyz": 503, "/v2/health/ready": 503,
+                MODEL_READY: 400,
             }, draining  # fmt: skip
     finally:
         if srv.proc.poll() is None and not signalled:
