@@ -12,7 +12,23 @@ PY=${PY:-.venv/bin/python}
 TOOLS=.tools/perf_analyzer
 WRAPPER=.tools/bin/perf_analyzer
 
+# The tritonclient wheel puts its own perf_analyzer (and perf_client) into the venv's bin,
+# which does not run here (libb64 missing): point them at the wrapper, so that an
+# activated venv's `perf_analyzer` is the one that works.
+venv_copies() {
+    local bin
+    bin=$(dirname "$PY")
+    for name in perf_analyzer perf_client; do
+        if [[ -e $bin/$name ]] && ! "$bin/$name" --version >/dev/null 2>&1; then
+            rm -f "$bin/$name"
+            printf '#!/usr/bin/env bash\nexec "%s" "$@"\n' "$PWD/$WRAPPER" > "$bin/$name"
+            chmod +x "$bin/$name"
+        fi
+    done
+}
+
 if [[ -x $WRAPPER ]] && "$WRAPPER" --version >/dev/null 2>&1; then
+    venv_copies
     exit 0
 fi
 rm -rf "$TOOLS" && mkdir -p "$TOOLS/lib" "$TOOLS/bin" .tools/bin
@@ -50,4 +66,5 @@ LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$here/bin
 WRAP
 chmod +x "$WRAPPER"
 "$WRAPPER" --version >/dev/null 2>&1 || { echo "perf_analyzer installed but does not run; try: LD_DEBUG=libs $WRAPPER --version" >&2; exit 1; }
+venv_copies
 echo "perf_analyzer: ready at $WRAPPER" >&2
