@@ -79,8 +79,11 @@ def export_dynamo(
             program = torch.onnx.export(
                 model.module,
                 _args(model, example),
-                input_names=list(model.input_names),
-                output_names=[o.name for o in outputs],
+                # Placeholder names, the model's given once the graph is made: the
+                # exporter names its values after their ops ("embedding", "div"), and an
+                # output of such a name failed its SSA check (pytorch/pytorch#158094)
+                input_names=[f"{_PLACEHOLDER}in{i}" for i in range(len(model.input_names))],
+                output_names=[f"{_PLACEHOLDER}out{i}" for i in range(len(outputs))],
                 # One entry: TupleOutputs takes its inputs as *tensors, a single parameter.
                 dynamic_shapes=(tuple({0: batch, 1: seq} for _ in model.inputs),),
                 opset_version=max(opset, MIN_DYNAMO_OPSET),
@@ -91,8 +94,34 @@ def export_dynamo(
             if text := printed.getvalue().strip():
                 log.debug("the dynamo exporter printed to stderr:\n%s", text)
         assert program is not None  # dynamo=True returns the program
+        graph = program.model.graph
+        _name(graph, graph.inputs, model.input_names)
+        _name(graph, graph.outputs, [o.name for o in outputs])
         program.save(str(path))
     return ()  # torch.export refuses a data-dependent value (or keeps it symbolic)
+
+
+_PLACEHOLDER = "quantgate_placeholder_"
+
+
+def _name(graph, values: Sequence, names: Sequence[str]) -> None:
+    """Give ``values`` (a dynamo graph's inputs or outputs, ``onnx_ir`` values) their
+    ``names``, first renaming any other value of the graph, its subgraphs' included, that
+    holds one of them (``names`` unique: the model's inputs and outputs are checked so)."""
+    import onnx_ir as ir
+
+    others = [*graph.inputs, *graph.initializers.values()]
+    others += [v for node in ir.traversal.RecursiveGraphIterator(graph) for v in node.outputs]
+    taken = {v.name for v in others}
+    for value in others:
+        if value.name in names and not any(value is v for v in values):
+            n = 1
+            while f"{value.name}_{n}" in taken:
+                n += 1
+            value.name = f"{value.name}_{n}"
+            taken.add(value.name)
+    for value, name in zip(values, names, strict=True):
+        value.name = name
 
 
 EXPORTERS: dict[Exporter, Callable[..., tuple[str, ...]]] = {
@@ -120,7 +149,11 @@ def to_onnx(
         notes = EXPORTERS[exporter](model, path, example=example, outputs=outputs, opset=opset)
         onnx.checker.check_model(str(path))
     except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] in ("onnxscript", "onnx"):  # not the model's fault
+        if (e.name or "").split(".")[0] in (
+            "onnxscript",
+            "onnx",
+            "onnx_ir",
+        ):  # not the model's fault
             raise ExportError(
                 f"the {exporter.value} exporter needs {e.name}, which is not installed: it "
                 "comes with the `export` extra (pip install 'quantgate[export]')"

@@ -239,6 +239,19 @@ def dict_outputs() -> nn.Module:
     return Named({"input_ids": _ids()})
 
 
+def op_named_outputs() -> nn.Module:
+    """Outputs named as the dynamo exporter names its values after their ops: an
+    embedding, a division."""
+
+    class OpNamed(Pooler):
+        def forward(self, input_ids, attention_mask=None):
+            pooled = self.emb(input_ids).sum(1) / input_ids.shape[1]  # ops embedding, div
+            unit = pooled / pooled.norm(dim=-1, keepdim=True)
+            return {"embedding": unit, "div": pooled * 2, "logits": self.head(pooled)}
+
+    return OpNamed({"input_ids": _ids()})
+
+
 class TorchEncoder(nn.Module):
     """PyTorch's own nn.TransformerEncoder. The legacy (tracing) exporter bakes the example's
     sizes into its attention's Reshapes (the graph runs at the example's shape only); the

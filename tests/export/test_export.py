@@ -744,6 +744,24 @@ def test_validation_reaches_the_max_seq_len_a_factory_declares():
     assert padded["attention_mask"].sum(1).tolist() == [48, 36, 24, 12]
 
 
+def test_outputs_named_as_the_dynamo_exporter_names_its_ops_export_with_it(tmp_path):
+    """An output named "embedding" or "div" clashed with the dynamo exporter's own value
+    names, and the export failed its SSA check (pytorch/pytorch#158094), blamed on the
+    model's forward. The graph now has the model's names, and matches PyTorch."""
+    result = export_fp32(
+        "qg_usermodels:op_named_outputs", tmp_path / "b", cfg=ExportConfig(exporter="dynamo")
+    )
+    graph = onnx.load(str(result.onnx)).graph
+    assert [o.name for o in graph.output] == ["embedding", "div", "logits"]
+    assert [i.name for i in graph.input] == ["input_ids"]
+    ids = np.random.default_rng(0).integers(1, 40, (3, 7))
+    got = ort_session(result.onnx).run(None, {"input_ids": ids})
+    with torch.no_grad():
+        want = result.model.module(torch.from_numpy(ids))
+    for array, expected in zip(got, want, strict=True):  # in the outputs' order
+        np.testing.assert_allclose(array, expected.numpy(), atol=1e-5)
+
+
 def test_a_length_read_from_the_data_is_found_beyond_the_example_s_width(tmp_path):
     """int(mask.sum(1).max()) traces as the example's width: right up to the 10 tokens of
     the example, wrong from 11 to the 48 the model declares. Validating at 48 fails the
