@@ -567,3 +567,34 @@ def test_a_gate_failed_by_its_bound_says_so_where_its_value_passes(cli, tmp_path
     assert "its upper bound 0.03699 is not <= 0.02: ci_rule upper" in r.stdout, r.stdout
     message = failure_message(qb.load(tmp_path / "b").manifest, tmp_path / "b")
     assert "its upper bound 0.03699 is not, and ci_rule 'upper' decides by it" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "value", "advice"),
+    [
+        ("[5, 7]", [5, 7], "send one row as a batch of one: -i 'ids=[[5, 7]]'"),
+        ("@row.json", [5, 7], "send one row as a batch of one: wrap it in [ ]"),
+        ("-", [5, 7], "send one row as a batch of one: wrap it in [ ]"),
+    ],
+)
+def test_infer_offers_a_batch_of_one_for_a_row_of_the_input(text, value, advice):
+    from types import SimpleNamespace
+
+    from quantgate.cli.infer import _refused
+
+    spec = {"ids": SimpleNamespace(shape=[-1, -1], datatype="INT64")}
+    e = SimpleNamespace(name="ids", cause="rank", what="expected 2 dimensions, got 1")
+    assert _refused(e, {"ids": text}, spec, {"ids": value}).endswith(advice)
+
+
+def test_infer_offers_no_batch_of_one_where_the_value_is_no_row_of_the_input():
+    """Features of (batch, sequence, 3) given as [[1, 0, 0, 0]]: wrapped, the server would
+    refuse it too (its last dimension is 4); the message says what a row is instead."""
+    from types import SimpleNamespace
+
+    from quantgate.cli.infer import _refused
+
+    spec = {"features": SimpleNamespace(shape=[-1, -1, 3], datatype="FP32")}
+    e = SimpleNamespace(name="features", cause="rank", what="expected 3 dimensions, got 2")
+    said = _refused(e, {"features": "[[1, 0, 0, 0]]"}, spec, {"features": [[1, 0, 0, 0]]})
+    assert said == "--input features: expected 3 dimensions, got 2; a row of it is (N, 3)"

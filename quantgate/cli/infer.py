@@ -193,7 +193,7 @@ def infer(
         try:
             feeds = request_inputs(metadata, values)
         except InputRefused as e:
-            raise BadRequest(_refused(e, typed, spec)) from e
+            raise BadRequest(_refused(e, typed, spec, values)) from e
         wanted = tuple(outputs or ())
         if classes and not wanted:
             wanted = tuple(t.name for t in metadata.outputs)
@@ -403,9 +403,12 @@ def _json_input(name: str, text: str):
         raise BadRequest(f"--input {name}{where}: not JSON ({e}); expected e.g. [[5, 7, 9]]") from e
 
 
-def _refused(e, typed: dict[str, str], spec: dict) -> str:
+def _refused(e, typed: dict[str, str], spec: dict, values: dict) -> str:
     """The client's InputRefused ``e`` said of --input's flag (``typed``: each input's JSON
-    as given), with how to wrap one row as a batch of one."""
+    as given, ``values`` as read), with how to wrap one row as a batch of one where the
+    value is one row: its dimensions those of the input after the batch."""
+    import numpy as np
+
     if e.cause == "unknown":  # --input's names are checked: one --text's tokenizer gives
         return f"--text: {e}"
     datatype = spec[e.name].datatype
@@ -414,10 +417,18 @@ def _refused(e, typed: dict[str, str], spec: dict) -> str:
     text = typed.get(e.name)
     if e.cause == "not_numbers" and text is not None:
         return f"--input {e.name}: expected numbers that fit {datatype}, got {text}"
-    if e.cause == "rank" and text is not None:
-        wrapped = f"[{text.strip()}]"
-        wrapped = wrapped if len(wrapped) <= 40 else wrapped[:34] + " ... ]]"
-        return f"--input {e.name}: {e.what}; send one row as a batch of one: " + (
-            f"-i '{e.name}={wrapped}'"
-        )
-    return f"--input {e.name}: {e.what}"
+    if e.cause != "rank" or text is None:
+        return f"--input {e.name}: {e.what}"
+    row = list(spec[e.name].shape)[1:]  # -1: any size
+    try:
+        given = np.shape(values[e.name])
+    except ValueError:  # ragged
+        given = ()
+    if len(given) != len(row) or any(d not in (-1, g) for d, g in zip(row, given, strict=True)):
+        shape = ", ".join("N" if d == -1 else str(d) for d in row)
+        return f"--input {e.name}: {e.what}; a row of it is ({shape})"
+    if text.startswith(("@", "-")):  # from a file, or standard input
+        return f"--input {e.name}: {e.what}; send one row as a batch of one: wrap it in [ ]"
+    wrapped = f"[{text.strip()}]"
+    wrapped = wrapped if len(wrapped) <= 40 else wrapped[:34] + " ... ]]"
+    return f"--input {e.name}: {e.what}; send one row as a batch of one: -i '{e.name}={wrapped}'"
