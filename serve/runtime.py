@@ -417,7 +417,11 @@ def open_model(
             )
         log.warning("bundle %s failed its gates (variants %s); serving it as asked", path, failed)
     variant = choose_variant(
-        manifest, provider, precision=cfg.precision, allow_failed=cfg.allow_failed_gates
+        manifest,
+        provider,
+        precision=cfg.precision,
+        allow_failed=cfg.allow_failed_gates,
+        served_as=name,
     )
     # Every file's sha256 but the served one's, which _session checks of the bytes it reads
     qb.check_files(bundle, hashed_when_read={variant.file})

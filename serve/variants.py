@@ -84,12 +84,16 @@ def choose_variant(
     precision: str | None = None,
     allow_failed: bool = False,
     quiet: bool = False,
+    served_as: str | None = None,
 ) -> qb.Variant:
     """The fastest variant that passed its gates on ``provider`` (FP32 when none beats it).
 
     ``precision`` forces one variant; it must suit the provider, and must have passed its
-    gates unless ``allow_failed``. A variant passed over is logged, unless ``quiet``.
+    gates unless ``allow_failed``. A variant passed over is logged, unless ``quiet``, with
+    the model's name (``served_as``: the name it is served under, by default the
+    manifest's): a repository's start logs every model's choice.
     """
+    model = f"model {served_as or manifest.name!r}"
     if precision is not None:
         v = manifest.variant(precision)
         if not usable(v, provider):
@@ -119,8 +123,10 @@ def choose_variant(
             slower.append(v)
             if not quiet:
                 log.warning(
-                    "%s passed its gates but runs at %.3fx fp32 on %s (geometric mean of its "
-                    "measured shapes); not serving it. Pass --precision %s to serve it anyway.",
+                    "%s: %s passed its gates but runs at %.3fx fp32 on %s (geometric mean of "
+                    "its measured shapes); not serving it. Pass --precision %s to serve it "
+                    "anyway.",
+                    model,
                     v.precision,
                     score,
                     provider,
@@ -141,8 +147,9 @@ def choose_variant(
     for v in candidates if fp32 and not quiet else ():
         if v.precision != "fp32" and v not in slower:
             log.info(
-                "%s passed its gates but none timed it on %s, so nothing says it is faster "
-                "than fp32 here; serving fp32. Pass --precision %s to serve it anyway.",
+                "%s: %s passed its gates but none timed it on %s, so nothing says it is "
+                "faster than fp32 here; serving fp32. Pass --precision %s to serve it anyway.",
+                model,
                 v.precision,
                 provider,
                 v.precision,

@@ -63,8 +63,12 @@ def test_a_variant_whose_gates_were_set_below_1x_is_not_served_when_slower(caplo
     so FP32 is served (and FP16 measured slower on CUDA is not the CUDA default either)."""
     slow_int8 = _variant("int8", speedup=0.68, not_for=(CUDA,))
     assert choose_variant(_manifest(_variant("fp32"), slow_int8), CPU).precision == "fp32"
-    assert "int8 passed its gates but runs at 0.680x fp32 on CPUExecutionProvider" in caplog.text
+    said = "model 'm': int8 passed its gates but runs at 0.680x fp32 on CPUExecutionProvider"
+    assert said in caplog.text  # which model: a repository's start says every model's choice
     assert "--precision int8" in caplog.text
+    caplog.clear()
+    choose_variant(_manifest(_variant("fp32"), slow_int8), CPU, served_as="digits")
+    assert "model 'digits': int8 passed its gates but runs at 0.680x" in caplog.text
     slow_fp16 = _variant("fp16", providers=(CUDA,), speedup=0.9, provider=CUDA)
     assert choose_variant(_manifest(_variant("fp32"), slow_fp16), CUDA).precision == "fp32"
     assert (
@@ -83,7 +87,9 @@ def test_failed_or_unmeasured_variants_fall_back_to_fp32(caplog):
     assert (
         choose_variant(_manifest(_variant("fp32"), _variant("int8")), CPU).precision == "fp32"
     )  # no evidence: the operator is told why INT8 is not served, and how to serve it
-    assert "int8 passed its gates but none timed it on CPUExecutionProvider" in caplog.text
+    assert (
+        "model 'm': int8 passed its gates but none timed it on CPUExecutionProvider" in caplog.text
+    )
     assert "Pass --precision int8 to serve it anyway" in caplog.text
     with pytest.raises(BundleError, match="failed its gates"):
         choose_variant(
