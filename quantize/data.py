@@ -312,11 +312,22 @@ def open_source(
         source = spec
     elif spec is None:
         if not model.builtin:
+            arrays = f"a .npz with one array per input, named {' and '.join(model.input_names)}"
+            labels = (
+                ", and its labels as 'labels'"
+                if model.reads_row_labels or model.reads_token_labels
+                else ""
+            )
+            if model.tokenizer is None:  # text would be refused: it has no tokenizer to read it
+                what = f"{arrays}{labels}"
+            else:
+                what = (
+                    'text: a .jsonl of {"text": ..., "label": ...} lines, a .csv or .tsv with a '
+                    f'"text" column, a .txt of lines; or {arrays}{labels}'
+                )
             raise DataError(
-                f"no {role} data: {flag} PATH is required for this model (text: a .jsonl of "
-                '{"text": ..., "label": ...} lines, a .csv or .tsv with a "text" column, a .txt '
-                f"of lines; or a .npz with one array per input: {', '.join(model.input_names)}). "
-                "Only the built-in digits model has its own."
+                f"no {role} data: {flag} PATH is required for this model ({what}). Only the "
+                "built-in digits model has its own."
             )
         source = _builtin(model, role, samples, batch_size)
     elif isinstance(spec, (str, Path)):

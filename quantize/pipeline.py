@@ -249,12 +249,18 @@ def _require_data(model_spec, calibration, evaluation) -> None:
         return
     if kind == "factory" and isinstance(model_spec, str):
         factory_of(model_spec)  # imports it (as the export would first): ModelLoadError
+    arrays = "a .npz with one array per model input (plus optional labels)"
+    if kind == "factory":  # it has no tokenizer: text would be refused
+        what = f"Pass {arrays}, named as its forward's arguments."
+    else:
+        what = (
+            'Pass text (a .jsonl of {"text": ..., "label": ...} lines, a .csv or .tsv with '
+            '"text" and "label" columns, label optional; a .txt of one text per line) or '
+            f"{arrays}."
+        )
     raise DataError(
         f"{' and '.join(f'{m} PATH' for m in missing)} required for this model: only the "
-        'built-in digits model has data of its own. Pass text (a .jsonl of {"text": ..., '
-        '"label": ...} lines, a .csv or .tsv with "text" and "label" columns, label optional; '
-        "a .txt of one text per line) or a .npz with one array per model input (plus optional "
-        "labels)."
+        f"built-in digits model has data of its own. {what}"
     )
 
 

@@ -178,6 +178,17 @@ def test_export_asks_for_data_before_exporting_a_model_without_its_own(cli, tmp_
     assert "Traceback" not in r.stderr and not (tmp_path / "b").exists()
     r = cli("export", "--help")
     assert '{"text": ...}' in " ".join(r.stdout.split())  # JSON, not {'text'}
+    factory = tmp_path / "mine.py"  # no tokenizer: asked for arrays only
+    factory.write_text(
+        "import torch\n"
+        "def make():\n"
+        "    m = torch.nn.Embedding(10, 4)\n"
+        "    m.example_inputs = {'input_ids': torch.ones(2, 3, dtype=torch.long)}\n"
+        "    return m\n"
+    )
+    r = cli("export", f"{factory}:make", "--out", tmp_path / "b")
+    assert r.code == 2 and "named as its forward's arguments" in r.stderr, r.stderr
+    assert ".jsonl" not in r.stderr, r.stderr
 
 
 def test_inspect_a_bundle_whose_export_record_is_malformed_exits_2(cli, tmp_path):

@@ -650,3 +650,23 @@ def test_more_samples_than_the_calibration_data_has_are_said(caplog):
     with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
         open_source(None, DIGITS, role="calibration", samples=100)
     assert caplog.text == ""
+
+
+def test_missing_data_is_asked_for_in_the_formats_the_model_reads():
+    """A model without a tokenizer (a factory's) is asked for arrays only: text would be
+    refused; one with a tokenizer is offered text first."""
+    from quantgate.bundle import TensorSpec
+
+    inputs = (TensorSpec("input_ids", "int64", ("batch", "sequence")),
+              TensorSpec("attention_mask", "int64", ("batch", "sequence")))  # fmt: skip
+    bare = ModelInfo(inputs, "sequence-classification", 16)
+    with pytest.raises(DataError) as e:
+        open_source(None, bare, role="evaluation")
+    said = str(e.value)
+    assert "--eval PATH is required" in said and ".jsonl" not in said, said
+    assert "named input_ids and attention_mask, and its labels as 'labels'" in said, said
+    with pytest.raises(DataError) as e:
+        open_source(
+            None, ModelInfo(inputs, "feature-extraction", 16, tokenizer="tok"), role="calibration"
+        )
+    assert '.jsonl of {"text"' in str(e.value) and "'labels'" not in str(e.value), e.value
