@@ -609,3 +609,21 @@ def test_infer_offers_no_batch_of_one_where_the_value_is_no_row_of_the_input():
     e = SimpleNamespace(name="features", cause="rank", what="expected 3 dimensions, got 2")
     said = _refused(e, {"features": "[[1, 0, 0, 0]]"}, spec, {"features": [[1, 0, 0, 0]]})
     assert said == "--input features: expected 3 dimensions, got 2; a row of it is (N, 3)"
+
+
+def test_infer_classes_leaves_out_outputs_of_one_value_per_row():
+    """A predicted index or a score, (batch,), has no classes: Triton's rule would rank its
+    one value and print "index 0" as every row's class."""
+    from types import SimpleNamespace
+
+    from quantgate.cli.infer import _classified
+    from quantgate.errors import ConfigError
+
+    logits = SimpleNamespace(name="logits", shape=[-1, 10])
+    pred = SimpleNamespace(name="pred", shape=[-1])
+    assert _classified([logits, pred], ()) == ("logits",)
+    assert _classified([logits, pred], ("logits",)) == ("logits",)
+    with pytest.raises(ConfigError, match="output 'pred' is one value per row"):
+        _classified([logits, pred], ("pred",))
+    with pytest.raises(ConfigError, match=r"every output is one value per row \(pred\)"):
+        _classified([pred], ())

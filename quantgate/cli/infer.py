@@ -74,7 +74,8 @@ def infer(
             min=0,
             metavar="K",
             help="Print each row's top K classes (score, index, class name) instead of the "
-            "tensor: Triton's classification extension, asked of every output printed.",
+            "tensor: Triton's classification extension, asked of the --output given, else of "
+            "every output with a class axis (outputs of one value per row are left out).",
         ),
     ] = 0,
     url: Annotated[
@@ -195,8 +196,8 @@ def infer(
         except InputRefused as e:
             raise BadRequest(_refused(e, typed, spec, values)) from e
         wanted = tuple(outputs or ())
-        if classes and not wanted:
-            wanted = tuple(t.name for t in metadata.outputs)
+        if classes:
+            wanted = _classified(metadata.outputs, wanted)
         answer = client.infer(named, feeds, version=version, outputs=wanted, classes=classes)
     if as_json:
         _print_json(named, answer)
@@ -303,6 +304,29 @@ def _cannot_connect(e, tls_given: dict) -> str:
     if advice is None:  # nothing answered: refused, or a cause gRPC did not say
         advice = "Start a server with `quantgate serve BUNDLE`, or pass --url to reach another."
     return f"{e.what}. {advice}"
+
+
+def _classified(outputs, wanted: tuple[str, ...]) -> tuple[str, ...]:
+    """The outputs --classes asks the top classes of: those ``wanted`` (-o), else every
+    output with classes to rank, an axis after the batch's. An output of one value per row
+    (a predicted index, a score) has none: Triton's rule would rank that one value, always
+    "index 0"."""
+    from quantgate.errors import ConfigError
+
+    flat = [t.name for t in outputs if len(t.shape) < 2]
+    if named := [n for n in wanted if n in flat]:
+        raise ConfigError(
+            f"--classes: output {named[0]!r} is one value per row (shape (batch,)), with no "
+            "classes to rank; drop --classes, or ask it of another output"
+        )
+    if wanted:
+        return wanted
+    if not (ranked := tuple(t.name for t in outputs if t.name not in flat)):
+        raise ConfigError(
+            f"--classes: every output is one value per row ({', '.join(flat)}), with no "
+            "classes to rank; drop --classes"
+        )
+    return ranked
 
 
 def _refuse_classes_of(task: str, what: str) -> None:
