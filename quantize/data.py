@@ -221,6 +221,9 @@ class Batch:
     feeds: Feeds
     # (B,) int64 when the source has labels; a token classifier's (B, T), NO_LABEL where none
     labels: np.ndarray | None
+    # (B,) each row's index in the arrays it was read from, where they were read whole (a
+    # .npz's, a dict's, the digits'): a message names the row a user can find
+    rows: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -585,9 +588,12 @@ def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -
     return out
 
 
-def _value_problems(name: str, a: np.ndarray, model: ModelInfo) -> list[str]:
+def _value_problems(
+    name: str, a: np.ndarray, model: ModelInfo, indices: np.ndarray | None = None
+) -> list[str]:
     """What the model would run on without complaint and answer with garbage: an attention
-    mask that is not 0/1 or has no token in a row, an id outside its embedding table."""
+    mask that is not 0/1 or has no token in a row, an id outside its embedding table.
+    ``indices``: each row's index where it was read from (``Batch.rows``), for messages."""
     if a.ndim == 0 or a.size == 0 or not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
         return []
     rows = a.reshape(len(a), -1)  # (N, rest)
@@ -620,7 +626,7 @@ def _value_problems(name: str, a: np.ndarray, model: ModelInfo) -> list[str]:
     expected = f"ids 0..{limit - 1} (its embedding table has {limit} rows)" if limit else "ids >= 0"
     return [
         f"{name}: expected {expected}, found {rows.min()}..{rows.max()}, out of range in "
-        f"{describe_rows(bad)}. Tokenize with this model's own tokenizer."
+        f"{describe_rows(bad, indices)}. Tokenize with this model's own tokenizer."
     ]
 
 
@@ -643,12 +649,16 @@ def check_ids(source: DataSource, model: ModelInfo, where: str) -> None:
             p
             for name, a in batch.feeds.items()
             if name in model.id_limits
-            for p in _value_problems(name, a, model)
+            for p in _value_problems(name, a, model, batch.rows)
         ]
         if problems:
+            said = (
+                f", in its batch {n} (row indices within the batch)"
+                if batch.rows is None
+                else " (row indices as in its arrays, from 0)"
+            )
             raise DataError(
-                f"{where} does not fit the exported model, in its batch {n} (row indices "
-                "within the batch): " + "; ".join(problems)
+                f"{where} does not fit the exported model{said}: " + "; ".join(problems)
             )
 
 
@@ -671,7 +681,7 @@ def _builtin(model: ModelInfo, role: str, samples: int | None, batch_size: int) 
 
     def batches() -> Iterator[Batch]:
         for idx in chunks(keep, batch_size):
-            yield Batch({k: v[idx] for k, v in feeds.items()}, labels[idx])
+            yield Batch({k: v[idx] for k, v in feeds.items()}, labels[idx], idx)
 
     return DataSource(
         description=f"built-in digits {name} split ({len(keep)} of {len(labels)} images)",
@@ -785,7 +795,7 @@ def _whole(
             tags = None if labels is None else labels[idx]
             if tokens and tags is not None:  # a tag per token: cut with the batch's padding
                 tags = tags[:, : _token_rows(b, model)[1].shape[1]]
-            yield Batch(b, tags)
+            yield Batch(b, tags, idx)
 
     return DataSource(
         description=f"{name}: {len(keep)} of {n} rows ({kind})",

@@ -246,9 +246,12 @@ def describe_row_values(values: np.ndarray, bad: np.ndarray) -> str:
     return f"{len(idx)} row{'s' if len(idx) > 1 else ''} ({', '.join(shown)}{more})"
 
 
-def describe_rows(bad: np.ndarray) -> str:
-    """'3 rows (indices 3, 7, 11)' for a boolean row mask; the first five indices shown."""
+def describe_rows(bad: np.ndarray, rows: np.ndarray | None = None) -> str:
+    """'3 rows (indices 3, 7, 11)' for a boolean row mask; the first five indices shown.
+    ``rows``: each row's own index (its row in the file), where the mask's order is not it."""
     idx = np.flatnonzero(bad)
+    if rows is not None:
+        idx = np.sort(rows[idx])
     shown = ", ".join(map(str, idx[:5])) + (f", ... {len(idx) - 5} more" if len(idx) > 5 else "")
     return f"1 row (index {shown})" if len(idx) == 1 else f"{len(idx)} rows (indices {shown})"
 

@@ -569,8 +569,10 @@ def test_ids_outside_a_users_tables_are_refused_after_the_export_before_the_sear
             "--no-fp16", "--max-candidates", "1")  # fmt: skip
     said = " ".join(r.stderr.split())
     assert r.code == 2, r.stderr
-    assert "does not fit the exported model, in its batch" in said, said
+    # the row as the file holds it (row 7), not where the search's length order put it
+    assert "does not fit the exported model (row indices as in its arrays, from 0)" in said
     assert "input_ids: expected ids 0..39 (its embedding table has 40 rows), found 1..45" in said
+    assert "out of range in 1 row (index 7)" in said, said
     assert "search" not in said and not out.exists()
 
 
