@@ -182,6 +182,9 @@ def reference_outputs(model: LoadedModel, cases: Sequence[Case]) -> list[TorchOu
                     f"every batch size and sequence length up to {model.max_seq_len}, the "
                     "model's max_seq_len "
                     "(a factory's attribute, else its example's width; --max-seq-len lowers it)."
+                    " Dimension 1 of every input is read as the sequence: a model whose "
+                    "dimension 1 is of a fixed size (a fixed window, an image's channels) pads "
+                    "its input to that size inside forward, or is not one quantgate exports."
                 ) from e
             if len(out) != len(model.outputs):
                 raise ExportError(

@@ -852,6 +852,7 @@ def test_a_max_seq_len_the_model_cannot_take_is_refused(cli, tmp_path):
         in err
     )
     assert "up to 64, the model's max_seq_len" in err
+    assert "Dimension 1 of every input is read as the sequence" in err
     no_leftovers(tmp_path)
 
 
