@@ -49,6 +49,9 @@ def fuse(src: Path, dst: Path, *, num_heads: int = 0, hidden_size: int = 0) -> d
             # positions: "Cannot determine if 128 - sequence < 0", a dozen times): the fused
             # graph is validated against PyTorch after, which is what decides
             logger_silenced("symbolic_shape_infer"),
+            # a fusion that needs shapes it could not infer says so, once per attempt: the
+            # fusions made are in the export's record, the ones missing in its report
+            logger_silenced("fusion_skiplayernorm"),
         ):
             optimized = optimize_model(
                 onnx.load(str(src)),

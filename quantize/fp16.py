@@ -87,8 +87,14 @@ def to_fp16(model: onnx.ModelProto | str | Path, cfg: Fp16Config | None = None) 
     try:
         wrapped = OnnxModel(proto)
         # symbolic_shape_infer: a warning per node it cannot bound (DeBERTa's relative
-        # positions); the FP16 model is gated on its fidelity after, which is what decides
-        with stdout_captured() as chatter, logger_silenced("symbolic_shape_infer"):
+        # positions), and onnx_model's when it fails on the whole graph (a torch encoder's
+        # dynamo graph: "Please file an issue"); the FP16 model is gated on its fidelity
+        # after, which is what decides
+        with (
+            stdout_captured() as chatter,
+            logger_silenced("symbolic_shape_infer"),
+            logger_silenced("onnxruntime.transformers.onnx_model"),
+        ):
             wrapped.convert_float_to_float16(
                 use_symbolic_shape_infer=True,
                 keep_io_types=cfg.keep_io_types,

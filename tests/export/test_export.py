@@ -294,6 +294,8 @@ def test_torch_transformer_encoder_falls_back_to_dynamo_and_gets_its_fp16(tmp_pa
     assert re.search(r"the graph does not take those shapes \(its \w+ node '[^']+' failed first\)",
                      said), said  # fmt: skip
     assert "[E:onnxruntime" not in r.stderr
+    # ONNX Runtime's optimizer and FP16 converter on this graph: not the user's to act on
+    assert "WARNING" not in r.stderr and "Please file an issue" not in r.stderr, r.stderr
     m = qb.load(out).manifest
     assert m.export["attempts"][0].startswith("legacy: ")
     f16 = m.variant("fp16")
