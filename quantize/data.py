@@ -526,6 +526,24 @@ def _fixed_seq(model: ModelInfo) -> int | None:
 # -- checks --------------------------------------------------------------------------------
 
 
+def _without_padding_past(longest: int, feeds: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """``feeds`` cut to the model's ``longest`` sequence where the columns past it are
+    padding in every row (their attention_mask 0): arrays padded to a tokenizer's 512 for a
+    model of 128. A row with real tokens past it is left for the length check to refuse."""
+    mask = feeds.get("attention_mask")
+    if mask is None or not longest:
+        return feeds
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or mask.shape[1] <= longest or np.any(mask[:, longest:]):
+        return feeds
+    width = mask.shape[1]
+    log.info("%s: padded to %d, past the model's %d: padding cut", where, width, longest)
+    return {
+        k: v[:, :longest] if np.ndim(v) >= 2 and np.shape(v)[1] == width else v
+        for k, v in ((k, np.asarray(v)) for k, v in feeds.items())
+    }
+
+
 def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -> Feeds:
     """Names, then ranks and batch sizes, then sequence limits, then the values of masks and
     token ids; one DataError listing all."""
@@ -539,6 +557,7 @@ def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -
         # without segments (type_vocab_size 0): all one segment, nothing to lose
         log.info("%s: dropped %s, all 0: the model takes none", where, TYPE_IDS)
         feeds = {k: v for k, v in feeds.items() if k != TYPE_IDS}
+    feeds = _without_padding_past(model.max_seq_len, feeds, where)
     missing = [n for n in model.input_names if n not in feeds]
     extra = [n for n in feeds if n not in model.input_names and n != LABELS]
     if missing:
@@ -771,6 +790,8 @@ def _whole(
         n = len(next(iter(feeds.values())))
         if labels is not None and tokens:
             shape = _token_rows(feeds, model)[1].shape
+            if np.ndim(labels) == 2 and np.all(np.asarray(labels)[:, shape[1] :] == NO_LABEL):
+                labels = np.asarray(labels)[:, : shape[1]]  # as the padding was cut
             labels = check_token_labels(labels, shape, model.labels, where)
         elif labels is not None:
             labels = check_labels(labels, n, model.labels, where)

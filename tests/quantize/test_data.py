@@ -670,3 +670,24 @@ def test_missing_data_is_asked_for_in_the_formats_the_model_reads():
             None, ModelInfo(inputs, "feature-extraction", 16, tokenizer="tok"), role="calibration"
         )
     assert '.jsonl of {"text"' in str(e.value) and "'labels'" not in str(e.value), e.value
+
+
+def test_arrays_padded_past_the_models_longest_sequence_are_cut_to_it(tmp_path):
+    """A tokenizer's padding to 64 for a model of 32: the columns past 32 are padding in
+    every row, and are cut (a token classifier's labels too, -100 there). A real token
+    past 32 is refused as before."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 30, 40)
+    mask = (np.arange(64)[None] < lengths[:, None]).astype(np.int64)
+    ids = rng.integers(1, 50, (40, 64)) * mask
+    tags = np.where(mask == 1, rng.integers(0, 3, (40, 64)), -100)
+    path = write_npz(tmp_path / "wide.npz", {"input_ids": ids, "attention_mask": mask}, tags)
+    source = open_source(path, _tagger(), role="evaluation")
+    batches = list(source.batches())
+    assert sum(len(b.labels) for b in batches) == 40
+    for b in batches:
+        assert b.feeds["input_ids"].shape[1] <= 32 and b.labels.shape == b.feeds["input_ids"].shape
+    mask[5, 40] = 1  # a real token past the model's 32
+    path = write_npz(tmp_path / "long.npz", {"input_ids": ids, "attention_mask": mask}, tags)
+    with pytest.raises(DataError, match="sequence 64 is longer than the model's 32"):
+        open_source(path, _tagger(), role="evaluation")
