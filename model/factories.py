@@ -277,7 +277,9 @@ def _example_arrays(spec: str, example: Mapping[str, torch.Tensor]) -> dict[str,
     if len({s[:2] for s in shapes.values()}) != 1:
         raise ModelLoadError(
             f"{spec}: example_inputs disagree on (batch, sequence), dims 0 and 1: {shapes}. "
-            "Every input must be one batch of the same rows and tokens."
+            "Every input must be one batch of the same rows and tokens: a value per row (a "
+            "row's features, (batch, F)) goes in as one per token, repeated along the "
+            "sequence, (batch, sequence, F), and forward takes it from the first token."
         )
     return arrays
 

@@ -287,7 +287,14 @@ def test_a_python_file_without_its_function_is_told_to_name_it(tmp_path):
             "one_dim_inputs",
             ["needs an attribute `example_inputs`", "has input_ids of 1 dimension(s)"],
         ),
-        ("ragged_batch", ["example_inputs disagree on (batch, sequence)", "(3, 10)"]),
+        (
+            "ragged_batch",
+            [
+                "example_inputs disagree on (batch, sequence)",
+                "(3, 10)",
+                "repeated along the sequence",
+            ],
+        ),
         ("bfloat16_inputs", ["dtype torch.bfloat16, which has no numpy equivalent"]),
         ("bfloat16_weights", ["weights are in bfloat16", "Return `module.float()`"]),
         (
