@@ -202,7 +202,9 @@ def fidelity(
     mask: str | None = "attention_mask",
     threads: int = 0,
 ) -> Fidelity:
-    """Run ``reference`` and ``candidate`` on every feed and compare their float outputs.
+    """Run ``reference`` and ``candidate`` on every feed and compare their float outputs
+    (``outputs``, by default every float output: an integer one, a predicted class index,
+    has no cosine, and an R² of indices means nothing; the INT8 gates pass them over too).
 
     Rows are batch items, compared as ``Fidelity.measure`` does; ``mask`` names the feed
     (batch, sequence) whose padded positions do not count. The reference runs in FP32 on
@@ -211,7 +213,13 @@ def fidelity(
     """
     ref = session(reference, reference_provider, threads=threads)
     cand = session(candidate, provider, threads=threads, precision=precision)
-    names = list(outputs or [o.name for o in ref.get_outputs()])
+    floats = ("tensor(float)", "tensor(float16)", "tensor(double)")
+    names = list(outputs or [o.name for o in ref.get_outputs() if o.type in floats])
+    if not names:
+        raise QuantizeError(
+            "FP16's fidelity compares the model's float outputs, and it has none: "
+            + ", ".join(f"{o.name} {o.type}" for o in ref.get_outputs())
+        )
 
     def runs():
         for feed in feeds:
