@@ -133,9 +133,10 @@ def test_the_access_log_has_a_line_per_rpc_with_its_status_rows_and_latency(repo
                 "NOT_FOUND": dict(model_name="nope", inputs=ok_rows, headers=token),
                 "INVALID_ARGUMENT": dict(model_name=MODEL, inputs=too_many, headers=token),
                 "UNAUTHENTICATED": dict(model_name=MODEL, inputs=ok_rows),
-                "DEADLINE_EXCEEDED": dict(
-                    # the request's timeout (us): a client deadline could pass before a
-                    # handler runs on a loaded machine, and such a call has no line
+                "UNAVAILABLE": dict(
+                    # the request's timeout (us), run out in the queue, as Triton answers
+                    # it (a client deadline could pass before a handler runs on a loaded
+                    # machine, and such a call has no line)
                     model_name=MODEL,
                     inputs=ok_rows,
                     headers=token,
@@ -189,7 +190,7 @@ def test_the_access_log_has_a_line_per_rpc_with_its_status_rows_and_latency(repo
     # token spends no server memory parsing, and cannot write what it likes into the log
     (denied,) = by_code["ModelInfer", "UNAUTHENTICATED"]
     assert denied["model"] is None and denied["request_id"] is None, denied
-    (late,) = by_code["ModelInfer", "DEADLINE_EXCEEDED"]  # no abort: the servicer's code
+    (late,) = by_code["ModelInfer", "UNAVAILABLE"]  # no abort: the servicer's code
     assert late["rows"] is None and late["model"] == MODEL, late
     (stream,) = by_code["ModelStreamInfer", "OK"]
     assert (stream["requests"], stream["failed"], stream["rows"]) == (3, 1, 6), stream

@@ -325,7 +325,7 @@ def test_metrics_endpoint(tmp_path, repo):
                     # deadline passes before a thread takes it up is never counted
                     timeout=1,
                 )
-            assert "Deadline" in str(late.value) or "DEADLINE" in str(late.value), late.value
+            assert "Request timeout expired" in str(late.value), late.value  # as Triton
             for name in ("nope", "x" * 200):  # clients cannot grow the label set
                 with pytest.raises(InferenceServerException):
                     c.infer(name, inputs(batch(np.random.default_rng(3), 1, 9)))
@@ -334,7 +334,7 @@ def test_metrics_endpoint(tmp_path, repo):
                     c.infer("tiny-classifier", inputs(batch(np.random.default_rng(3), 1, 9)),
                             model_version=version)  # fmt: skip
         labels = 'model="tiny-classifier",version="1"'
-        expired = f'quantgate_requests_total{{code="DEADLINE_EXCEEDED",{labels}}} 1.0'
+        expired = f'quantgate_requests_total{{code="UNAVAILABLE",{labels}}} 1.0'
         text = ""
 
         def scraped() -> str:
@@ -347,6 +347,8 @@ def test_metrics_endpoint(tmp_path, repo):
         # its own clock says so, a moment later on a busy machine.
         until(scraped)
         assert f'quantgate_requests_total{{code="OK",{labels}}} 1.0' in text
+        refused = 'quantgate_refused_requests_total{model="tiny-classifier",reason="timeout",'
+        assert f'{refused}version="1"}} 1.0' in text, text  # a busy model, by its reason
         assert 'code="INVALID_ARGUMENT"' in text
         assert 'quantgate_requests_total{code="NOT_FOUND",model="",version=""} 2.0' in text, text
         pinned = 'quantgate_requests_total{code="NOT_FOUND",model="tiny-classifier",version=""}'
