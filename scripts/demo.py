@@ -27,7 +27,12 @@ GATE_FAILED = 3  # quantgate's exit code when a gate failed (the bundle is still
 
 def step(title: str, *args: str, allowed: tuple[int, ...] = (0,)) -> int:
     print(f"\n$ quantgate {' '.join(args)}    # {title}", flush=True)
-    code = subprocess.call([*QG, *args])
+    with subprocess.Popen([*QG, *args]) as command:
+        try:
+            code = command.wait()
+        except KeyboardInterrupt:  # it got Ctrl-C too: it cleans up, says so, and exits
+            command.wait()  # (subprocess.call would kill it a quarter of a second in)
+            raise
     if code not in allowed:
         sys.exit(f"demo: `quantgate {args[0]}` exited {code}")
     return code
@@ -41,6 +46,7 @@ def serve_and_query(*flags: str) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
+    stopping = False  # Ctrl-C reached the server too (one process group): it drains
     try:
         port = None
         deadline = time.monotonic() + 120
@@ -54,10 +60,14 @@ def serve_and_query(*flags: str) -> None:
         if port is None:
             sys.exit("demo: the server did not start")
         query(port)
+    except KeyboardInterrupt:
+        stopping = True  # a second signal would cut its drain short
+        raise
     finally:
-        server.send_signal(signal.SIGTERM)
+        if not stopping:
+            server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
-        print(f"server stopped on SIGTERM (exit {code})")
+        print(f"server stopped (exit {code})")
 
 
 def query(port: int) -> None:
@@ -105,4 +115,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the command running got it too, and said so
+        sys.exit(130)

@@ -55,7 +55,11 @@ chmod +x "$TOOLS/bin/perf_analyzer"
 echo "perf_analyzer: fetching Debian's libb64-0d" >&2
 # A fresh machine may have no package lists yet: update them once if the download fails.
 (cd "$tmp" && { apt-get download libb64-0d >/dev/null 2>&1 \
-    || { apt-get update -qq >/dev/null 2>&1 && apt-get download libb64-0d >/dev/null; }; })
+    || { apt-get update -qq >/dev/null 2>&1 && apt-get download libb64-0d >/dev/null; }; }) || {
+    echo "perf_analyzer: apt-get could not download libb64-0d (its error above). Where the" \
+        "package lists are empty, run \`sudo apt-get update\` first." >&2
+    exit 1
+}
 dpkg -x "$tmp"/libb64-0d_*.deb "$tmp/b64"
 cp -a "$tmp"/b64/usr/lib/*/libb64.so* "$TOOLS/lib/"
 
