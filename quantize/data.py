@@ -240,8 +240,9 @@ class DataSource:
     file_sha256: str | None = None  # of the whole file it reads, where it reads one
     total: int | None = None  # rows it could yield without the samples cap; None: not known
     cut: int | None = None  # texts longer than the model's longest sequence, cut to it (text)
-    # rows that are also calibration rows (check_held_out); None: not compared
+    # rows that were also calibration rows (check_held_out), left out; None: not compared
     in_calibration: int | None = None
+    repeated: int = 0  # rows that repeated an earlier row, left out (heldout.distinct_rows)
     # (samples,) uint64: each row's row_hashes, in any order; None: not known
     row_hashes: np.ndarray | None = field(default=None, repr=False, compare=False)
     labels_ignored: bool = False  # it had labels, which the model's gates do not read
@@ -278,6 +279,7 @@ class DataSource:
             **({"file_sha256": self.file_sha256} if self.file_sha256 else {}),
             **({"cut": self.cut} if self.cut is not None else {}),
             **({"in_calibration": self.in_calibration} if self.in_calibration is not None else {}),
+            **({"repeated": self.repeated} if self.repeated else {}),
             **({FINGERPRINT: prints.sample().record()} if prints is not None else {}),
         }
 
@@ -437,6 +439,66 @@ def row_hashes(feeds: Mapping[str, np.ndarray], model: ModelInfo) -> np.ndarray:
     dtype = "<i8" if np.issubdtype(rows.dtype, np.integer) else "<f8"
     hashes = (row_hash(row[keep].astype(dtype)) for row, keep in zip(rows, real, strict=True))
     return np.fromiter(hashes, dtype=np.uint64, count=len(rows))
+
+
+def whole_row_hashes(feeds: Mapping[str, np.ndarray], model: ModelInfo) -> np.ndarray:
+    """(N,) uint64: each row known by every input's values at its real tokens (padding
+    left out), and by its shape: two rows alike in their ids but not in another input (a
+    factory's features) differ here, as they do not in ``row_hashes``."""
+    real = _real_tokens(feeds, model)
+    hashes = []
+    for r in range(len(real)):
+        h = hashlib.blake2b(digest_size=8)
+        for name in sorted(feeds):
+            a = np.asarray(feeds[name])[r]
+            if a.ndim >= 1 and a.shape[0] == real.shape[1]:
+                a = a[real[r]]
+            h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        hashes.append(int.from_bytes(h.digest(), "little"))
+    return np.array(hashes, dtype=np.uint64)
+
+
+def without_rows(
+    source: DataSource,
+    model: ModelInfo,
+    *,
+    drop: np.ndarray | None = None,
+    repeats: bool = False,
+) -> DataSource:
+    """``source`` without the rows whose ``row_hashes`` are in ``drop`` (calibration rows),
+    and with ``repeats``, without every row that repeats an earlier one (``whole_row_hashes``
+    alike; the first is kept). Each pass yields the same rows in the same order; batches
+    keep their length order, cut to their longest row that remains. ``samples`` and
+    ``row_hashes`` are those of the rows kept (one pass over the source, here)."""
+    drop = np.asarray([] if drop is None else drop, dtype=np.uint64)
+    tokens = model.reads_token_labels
+
+    def batches() -> Iterator[Batch]:
+        seen: set[int] = set()
+        for b in source.batches():
+            keep = ~np.isin(row_hashes(b.feeds, model), drop)
+            if repeats:
+                for i, h in enumerate(whole_row_hashes(b.feeds, model).tolist()):
+                    keep[i] = keep[i] and h not in seen
+                    seen.add(h)
+            if keep.all():
+                yield b
+            elif keep.any():
+                feeds = _trim({k: v[keep] for k, v in b.feeds.items()}, model)
+                labels = None if b.labels is None else b.labels[keep]
+                if tokens and labels is not None:  # a tag per token: cut with the padding
+                    labels = labels[:, : _token_rows(feeds, model)[1].shape[1]]
+                yield Batch(feeds, labels, None if b.rows is None else b.rows[keep])
+
+    kept = np.concatenate(
+        [row_hashes(b.feeds, model) for b in batches()] or [np.zeros(0, np.uint64)]
+    )
+    digest = hashlib.sha256(source.sha256.encode())
+    digest.update(np.sort(drop).tobytes() + (b"distinct" if repeats else b""))
+    return dataclasses.replace(
+        source, samples=len(kept), row_hashes=kept, sha256=digest.hexdigest(), _batches=batches
+    )
 
 
 def _token_rows(feeds: Mapping[str, np.ndarray], model: ModelInfo) -> tuple[str, np.ndarray]:
@@ -967,6 +1029,8 @@ __all__ = [
     "ModelInfo",
     "check_feeds",
     "check_ids",
+    "whole_row_hashes",
+    "without_rows",
     "check_not_calibration",
     "check_path",
     "counted",

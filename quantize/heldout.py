@@ -23,7 +23,7 @@ from quantgate.errors import DataError
 from quantgate.quantize.stats import wilson
 
 if TYPE_CHECKING:
-    from quantgate.quantize.data import DataSource
+    from quantgate.quantize.data import DataSource, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +104,50 @@ class Fingerprint:
         return cls(hashes, rows)
 
 
+def distinct_rows(evaluation: DataSource, model: ModelInfo, *, where: str) -> DataSource:
+    """``evaluation`` with each row once: a row repeated (every input alike) would count as
+    more evidence than it is, narrowing the gates' intervals (a file repeated three times
+    passed a gate its rows failed). Warned about; unchanged where no two rows share their
+    token ids (``row_hashes``, known before any pass), or where those are not known."""
+    from quantgate.quantize.data import without_rows
+
+    hashes = evaluation.row_hashes
+    if hashes is None or len(np.unique(hashes)) == len(hashes):
+        return evaluation
+    distinct = without_rows(evaluation, model, repeats=True)
+    repeated = evaluation.samples - distinct.samples
+    if not repeated:  # alike in their ids, not in another input
+        return evaluation
+    log.warning(
+        "%s: %d of its %d rows repeat an earlier row; each row is gated once (%d rows): a "
+        "repeated row is no new evidence",
+        where,
+        repeated,
+        evaluation.samples,
+        distinct.samples,
+    )
+    return dataclasses.replace(
+        distinct,
+        repeated=repeated,
+        description=f"{evaluation.description}; {repeated} repeated rows left out",
+    )
+
+
 def check_held_out(
-    evaluation: DataSource, calibration: Fingerprint | None, *, where: str, calibrated_on: str
+    evaluation: DataSource,
+    calibration: Fingerprint | None,
+    *,
+    model: ModelInfo,
+    where: str,
+    calibrated_on: str,
 ) -> DataSource:
-    """``evaluation`` with the count of its rows that are also calibration rows (the same
-    ``row_hashes``) in its record and description: gates measured on rows the INT8 ranges
-    were fitted to would pass a model that fails on new data. DataError when they are
-    ``MAX_SHARED`` of its rows or more; a warning when fewer. ``where`` and ``calibrated_on``
-    name the two data for messages. Unchanged where either side's hashes are not known.
+    """``evaluation`` without its rows that are also calibration rows (the same
+    ``row_hashes``), their count in its record and description: gates measured on rows the
+    INT8 ranges were fitted to would pass a model that fails on new data. DataError when
+    they are ``MAX_SHARED`` of its rows or more (the files overlap: a mistake to fix); a
+    warning when fewer. ``where`` and ``calibrated_on`` name the two data for messages.
+    Unchanged where either side's hashes are not known. From a sample of the calibration
+    rows' hashes (a re-gate's), the rows it can tell are left out, the others stay.
     """
     if calibration is None or evaluation.row_hashes is None:
         return evaluation
@@ -134,9 +170,8 @@ def check_held_out(
     evident = share if calibration.complete else wilson(shared, told, 0.90)[0]
     n = evaluation.samples
     if calibration.complete:
-        counts, estimate = f"{shared} of {n} evaluation rows ({share:.0%})", shared
+        counts = f"{shared} of {n} evaluation rows ({share:.0%})"
     else:
-        estimate = round(share * n)
         counts = (
             f"about {share:.0%} of the {n} evaluation rows ({shared} of the {told} whose hash "
             f"falls in the sample of {len(calibration.hashes)} the bundle keeps of its "
@@ -153,17 +188,28 @@ def check_held_out(
             "export, one file can be split in two instead: for example 20% for --calibration, "
             "the rest for --eval)."
         )
+    from quantgate.quantize.data import without_rows
+
+    held_out = without_rows(evaluation, model, drop=calibration.hashes)
+    left_out = evaluation.samples - held_out.samples
     log.warning(
-        "%s. So few can be natural duplicates (short, common texts); the gates count them, "
-        "and the report says how many.",
+        "%s. So few can be natural duplicates (short, common texts); they are left out of the "
+        "gates, which measure the other %d rows, and the report says how many.",
         what,
+        held_out.samples,
     )
-    about = "" if calibration.complete else "about "
     return dataclasses.replace(
-        evaluation,
-        in_calibration=estimate,
-        description=f"{evaluation.description}; {about}{estimate} also calibration rows",
+        held_out,
+        in_calibration=left_out,
+        description=f"{evaluation.description}; {left_out} calibration rows left out",
     )
 
 
-__all__ = ["FINGERPRINT", "MAX_SHARED", "Fingerprint", "check_held_out", "row_hash"]
+__all__ = [
+    "FINGERPRINT",
+    "MAX_SHARED",
+    "Fingerprint",
+    "check_held_out",
+    "distinct_rows",
+    "row_hash",
+]

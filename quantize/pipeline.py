@@ -36,7 +36,7 @@ from quantgate.quantize.data import (
 )
 from quantgate.quantize.decide import GATE_DEFINITIONS, GateConfig
 from quantgate.quantize.gates import check_eval_rows
-from quantgate.quantize.heldout import check_held_out
+from quantgate.quantize.heldout import check_held_out, distinct_rows
 from quantgate.quantize.search import (
     Candidate,
     QuantConfig,
@@ -108,8 +108,9 @@ def build(
         ev = open_source(evaluation, info, role="evaluation", samples=gate_cfg.eval_samples)
         where = named("--eval", evaluation, ev)
         ev = check_held_out(
-            ev,
+            distinct_rows(ev, info, where=where),
             cal.fingerprint(),
+            model=info,
             where=where,
             calibrated_on=named("--calibration", calibration, cal),
         )

@@ -57,7 +57,7 @@ from quantgate.quantize.gates import (
     check_evaluation,
     collect,
 )
-from quantgate.quantize.heldout import Fingerprint, check_held_out
+from quantgate.quantize.heldout import Fingerprint, check_held_out, distinct_rows
 from quantgate.quantize.labels import NO_LABEL
 from quantgate.quantize.search import QuantConfig
 from quantgate.quantize.speed import speed_gates, speed_shapes
@@ -198,7 +198,8 @@ def _regate(
     calibrated_on = (
         f"the data this bundle was calibrated on ({(m.calibration or {}).get('source')})"
     )
-    ev = check_held_out(ev, fingerprint, where=where, calibrated_on=calibrated_on)
+    ev = distinct_rows(ev, info, where=where)
+    ev = check_held_out(ev, fingerprint, model=info, where=where, calibrated_on=calibrated_on)
     waived = None if on_cuda else _check_labels_kept(m, ev, where, allow=allow_unlabelled)
     emit = on_progress or no_progress
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -24,9 +24,13 @@ from quantgate.quantize.text import tokenize  # noqa: E402
 DIGITS = digits_info()
 
 
-def held_out(ev, cal, name="ev.jsonl"):
+def held_out(ev, cal, name="ev.jsonl", info=None):
     return check_held_out(
-        ev, cal.fingerprint(), where=f"--eval {name}", calibrated_on="--calibration cal.jsonl"
+        ev,
+        cal.fingerprint(),
+        model=info or minilm_info(),
+        where=f"--eval {name}",
+        calibrated_on="--calibration cal.jsonl",
     )
 
 
@@ -54,13 +58,20 @@ def test_calibration_rows_shuffled_or_respaced_are_not_held_out(tmp_path, caplog
         "The gates must measure rows the calibration did not see"
     )
 
-    # A few shared rows (natural duplicates in two samples of one corpus): warned, counted.
+    # A few shared rows (natural duplicates in two samples of one corpus): warned, and left
+    # out of the gates (counted in, they narrowed the interval with rows the ranges fit)
     few = write_jsonl(tmp_path / "few.jsonl", texts[:5] + texts[600:695])
     with caplog.at_level("WARNING", logger="quantgate.quantize.heldout"):
         ev = held_out(open_source(few, info, role="evaluation"), cal)
     assert "5 of 100 evaluation rows (5%) are also calibration rows" in caplog.text
+    assert "left out of the gates, which measure the other 95 rows" in caplog.text
     assert ev.in_calibration == 5 and ev.record()["in_calibration"] == 5
-    assert ev.description.endswith("; 5 also calibration rows")  # the report's data line
+    assert ev.description.endswith("; 5 calibration rows left out")  # the report's data line
+    gated = np.concatenate([b.feeds["input_ids"][:, 1] for b in ev.batches()])
+    assert ev.samples == 95 == len(gated) and len(set(ev.row_hashes.tolist())) == 95
+    assert not cal.fingerprint().shared(ev.row_hashes)[0]  # none of them calibration rows
+    again = np.concatenate([b.feeds["input_ids"][:, 1] for b in ev.batches()])
+    np.testing.assert_array_equal(again, gated)  # each pass, the same rows in the same order
 
     caplog.clear()
     apart = write_jsonl(tmp_path / "apart.jsonl", texts[300:700])
@@ -105,14 +116,19 @@ def test_a_manifest_keeps_a_few_kb_of_row_hashes_and_a_regate_estimates_from_the
     mixed = {k: np.concatenate([feeds[k][:300], new[k]]) for k in feeds}  # 30% calibration
     ev = open_source(write_npz(tmp_path / "ev.npz", mixed), DIGITS, role="evaluation")
     with pytest.raises(DataError) as e:
-        check_held_out(ev, prints, where="--eval ev.npz", calibrated_on="the bundle's data")
+        check_held_out(
+            ev, prints, model=DIGITS, where="--eval ev.npz", calibrated_on="the bundle's data"
+        )
     found = re.search(
         r"about (\d+)% of the 1000 evaluation rows \((\d+) of the (\d+) whose", str(e)
     )
     assert found and 20 <= int(found[1]) <= 40, str(e.value)
     assert "sample of 4096 the bundle keeps of its 5000 calibration rows" in str(e.value)
     apart = open_source(write_npz(tmp_path / "new.npz", new), DIGITS, role="evaluation")
-    assert check_held_out(apart, prints, where="x", calibrated_on="y").in_calibration == 0
+    assert (
+        check_held_out(apart, prints, model=DIGITS, where="x", calibrated_on="y").in_calibration
+        == 0
+    )
 
     # Up to 4096 rows the manifest keeps every hash, and the count is exact.
     small = open_source(write_npz(tmp_path / "s.npz", rng_feeds(100)), DIGITS, role="calibration")
@@ -142,7 +158,9 @@ def test_a_sampled_fingerprint_refuses_on_evidence_not_on_a_handful_of_rows(tmp_
         ):
             ev = dataclasses.replace(base, row_hashes=rows)
             try:
-                check_held_out(ev, prints, where="--eval e.npz", calibrated_on="the bundle's")
+                check_held_out(
+                    ev, prints, model=DIGITS, where="--eval e.npz", calibrated_on="the bundle's"
+                )
             except DataError:
                 refused[kind] += 1
     assert refused["natural"] <= 2, refused  # the bare share, without its bound, refused 4
@@ -263,3 +281,28 @@ def test_data_and_the_gates_batches_pad_with_the_models_pad_values(tmp_path):
     batch = right_pad(rows, source.pad_values)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_repeated_evaluation_rows_are_gated_once(tmp_path, caplog):
+    """The test split three times over counted as 3x the rows, and its narrower interval
+    passed a gate the split failed. Each row is gated once, with a warning."""
+    from quantgate.quantize.heldout import distinct_rows
+
+    feeds = rng_feeds(120, seed=3)
+    tripled = {k: np.concatenate([v, v[::-1], v]) for k, v in feeds.items()}
+    labels = np.arange(360) % 10
+    ev = open_source(write_npz(tmp_path / "ev.npz", tripled, labels), DIGITS, role="evaluation")
+    assert ev.samples == 360
+    with caplog.at_level("WARNING", logger="quantgate.quantize.heldout"):
+        once = distinct_rows(ev, DIGITS, where="--eval ev.npz")
+    assert (
+        "240 of its 360 rows repeat an earlier row; each row is gated once (120 rows)"
+        in caplog.text
+    )
+    assert once.samples == 120 and once.repeated == 240 and once.record()["repeated"] == 240
+    rows = np.concatenate([b.rows for b in once.batches()])
+    assert sorted(rows.tolist()) == list(range(120))  # the first of each: the file's rows 0..119
+    labelled = np.concatenate([b.labels for b in once.batches()])
+    assert sorted(labelled.tolist()) == sorted(labels[:120].tolist())
+    assert distinct_rows(open_source(write_npz(tmp_path / "one.npz", feeds), DIGITS,
+                                     role="evaluation"), DIGITS, where="x").repeated == 0  # fmt: skip
