@@ -238,6 +238,14 @@ def sections(
                 f"Shipped `{shipped.name}`, the fastest (geometric mean of its speedups over the "
                 f"timed shapes) of {sum(c.passed for c in result.candidates)} candidate(s) that "
                 "passed every gate, as timed again once chosen."
+                + (
+                    f" It was chosen among {len(result.candidates)} candidates on the same "
+                    "evaluation rows that gave its accuracy figures, which favours one that was "
+                    "lucky on them: re-gate it on rows the search did not see (`quantgate gate "
+                    "BUNDLE --eval OTHER`) for figures free of that choice."
+                    if len(result.candidates) > 1
+                    else ""
+                )
                 if ok
                 else (
                     f"{len(result.retimed)} candidate(s) passed every gate in the search, none "
