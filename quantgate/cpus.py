@@ -22,10 +22,13 @@ import contextlib
 import functools
 import math
 import os
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup")  # where the cgroup filesystems are mounted
+PROC_STAT = Path("/proc/stat")  # the machine's CPU time, every CPU and process (Linux)
 MEMBERSHIP = Path("/proc/self/cgroup")  # which group of each hierarchy this process is in
 
 
@@ -212,3 +215,39 @@ def _ratio(limit: str, period: str) -> float | None:
 
 
 __all__ = ["affinity", "describe", "for_tools", "host", "physical", "quota", "threads"]
+
+
+@dataclass(frozen=True)
+class CpuTime:
+    """The CPU time the whole machine and this process had spent at one moment, so that a
+    timing can tell what other processes took of the machine while it ran: its own work
+    (the threads of the sessions it times) is no contention, and a load average, which
+    counts it, cannot tell the two apart."""
+
+    wall: float  # time.monotonic()
+    machine: float | None  # busy CPU seconds of every CPU since boot (steal too); None: no /proc
+    own: float  # this process's user and system seconds, every thread's
+    cpus: int  # the CPUs /proc/stat counts
+
+    @classmethod
+    def now(cls) -> CpuTime:
+        machine, cpus = None, host()
+        try:
+            lines = PROC_STAT.read_text().splitlines()
+            # cpu user nice system idle iowait irq softirq steal ... in clock ticks
+            ticks = [int(x) for x in lines[0].split()[1:9]]
+            busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+            machine = busy / os.sysconf("SC_CLK_TCK")
+            cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+        except (OSError, ValueError, IndexError, AttributeError):
+            pass
+        t = os.times()
+        return cls(time.monotonic(), machine, t.user + t.system, max(cpus, 1))
+
+    def others_since(self, start: CpuTime) -> float | None:
+        """The share of the machine's CPUs (0..1) that other processes kept busy from
+        ``start`` until this moment; None where the OS does not say (no /proc/stat)."""
+        if self.machine is None or start.machine is None or self.wall <= start.wall:
+            return None
+        others = (self.machine - start.machine) - (self.own - start.own)
+        return min(max(others / ((self.wall - start.wall) * self.cpus), 0.0), 1.0)

@@ -26,6 +26,7 @@ from quantgate.quantize.cuda import CudaGating
 from quantgate.quantize.decide import GateConfig, failed_by_bound, uncertain
 from quantgate.quantize.fidelity import r2_threshold
 from quantgate.quantize.search import Candidate, SearchResult
+from quantgate.quantize.speed import TimingConditions
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +314,14 @@ def decision_rule(cfg: GateConfig) -> str:
     )
 
 
+def _busy(t: TimingConditions) -> str:
+    """What made a timing busy: other processes' share of the machine while it ran, or,
+    where that was not measured, the load average before it."""
+    if t.others is not None:
+        return f"other processes took {t.others:.0%} of the CPUs"
+    return f"load {t.load:.2f} on {t.cpus} CPUs"
+
+
 def candidates_table(result: SearchResult, shipped: Candidate, plot: str | None) -> list[str]:
     acc_names = sorted({g.name for c in result.candidates for g in c.accuracy})
     speed_names = sorted(
@@ -334,8 +343,8 @@ def candidates_table(result: SearchResult, shipped: Candidate, plot: str | None)
         )
         + ". Dynamic recipes quantize activations at run time (no calibration)."
         + (
-            " Timed on a busy machine (1-minute load average above the CPU count): "
-            + ", ".join(f"#{i} (load {t.load:.2f} on {t.cpus} CPUs)" for i, t in busy)
+            " Timed on a busy machine: "
+            + ", ".join(f"#{i} ({_busy(t)})" for i, t in busy)
             + "; their speedups may not reproduce."
             if busy
             else ""

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec
 
+from quantgate import cpus
 from quantgate.bundle import GateResult, TensorSpec, all_passed, speed_score
 from quantgate.configs import check_fields, config_class
 from quantgate.errors import ConfigError, QuantizeError, QuantizeFailed
@@ -384,11 +385,12 @@ class _Work:
         """The speed gates of the INT8 model at ``path`` against FP32, with the machine's
         conditions they were timed under."""
         timing = TimingConditions.now(self.gate_cfg.threads, self.gate_cfg.provider)
+        start = cpus.CpuTime.now()
         speed = speed_gates(
             self.fp32, path, self.inputs, self.max_seq_len, self.gate_cfg,
             sample=self.sample, on_progress=on_timing, conditions=timing,
         )  # fmt: skip
-        return timing, speed
+        return timing.measured(start), speed
 
 
 # Winners timed again, at most, before the search gives up on shipping one: each is a

@@ -6,12 +6,15 @@ benchmarks use too) so load changes hit both alike. The value is the median of t
 ratios t(FP32) / t(candidate), with the order-statistic interval of that median
 (``stats.median_interval``), decided by the median.
 
-Each gate's detail records the conditions it was timed under (``TimingConditions``): a
-figure from a busy machine need not reproduce.
+Each gate's detail records the conditions it was timed under (``TimingConditions``),
+among them the share of the machine other processes kept busy meanwhile: a figure from a
+busy machine need not reproduce. Its interval is this run's: the rounds of one run share
+the machine's state (its clocks, its other load), so another run can land outside it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -25,6 +28,7 @@ import numpy as np
 
 from quantgate import cpus
 from quantgate.bundle import CPU, GateResult, TensorSpec, speed_gate_name
+from quantgate.cpus import CpuTime
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.decide import GateConfig, decide
 from quantgate.quantize.stats import median_coverage, median_interval
@@ -35,17 +39,23 @@ MIN_SAMPLE_S = 0.03  # shortest timed sample; faster runs are repeated within on
 
 # What a speed gate's detail says where the machine was busy when it was timed
 BUSY = "timed on a busy machine, may not reproduce"
+# Other processes keeping more than this share of the machine's CPUs busy while a timing
+# ran make it busy: on 2 CPUs, one other process at full tilt (0.5) is; a shell's blips not
+OTHERS_BUSY = 0.25
 
 
 @dataclass(frozen=True)
 class TimingConditions:
-    """The machine as a speed gate found it before timing, recorded beside the figure: the
-    same two models timed on a loaded machine give another speedup."""
+    """The machine as a speed gate found it, recorded beside the figure: the same two
+    models timed on a loaded machine give another speedup."""
 
     threads: int  # ONNX Runtime intra-op threads the sessions get; 0: its default
     cpus: int  # logical CPUs this process may use (what its load average is counted against)
-    load: float | None  # 1-minute load average; None where the OS keeps none (Windows)
+    load: float | None  # 1-minute load average before timing; None where the OS keeps none
     quota: float | None = None  # a container's CPU quota, in CPUs, where one is set
+    # the share of the machine's CPUs other processes kept busy while it was timed
+    # (``cpus.CpuTime``); None: not measured (before timing, or no /proc/stat)
+    others: float | None = None
 
     @classmethod
     def now(cls, threads: int, provider: str) -> TimingConditions:
@@ -60,8 +70,16 @@ class TimingConditions:
 
     @property
     def busy(self) -> bool:
-        """More threads running or waiting to run, over the last minute, than CPUs."""
+        """Other processes kept more than ``OTHERS_BUSY`` of the machine's CPUs busy while it
+        was timed. Where that was not measured, the load average before timing was above the
+        CPU count (which counts this process's own work too, and so says less)."""
+        if self.others is not None:
+            return self.others > OTHERS_BUSY
         return self.load is not None and self.load > self.cpus
+
+    def measured(self, start: CpuTime) -> TimingConditions:
+        """These conditions with what other processes took of the machine since ``start``."""
+        return dataclasses.replace(self, others=CpuTime.now().others_since(start))
 
     def describe(self) -> str:
         threads = (
@@ -76,8 +94,13 @@ class TimingConditions:
             # timing), over when the timing starts; above the CPU count, more threads wanted
             # to run than there were CPUs, whoever's they were.
             load = f"1-minute load average {self.load:.2f} before timing"
-            if self.busy:
+            if self.busy and self.others is None:
                 load += f" (above the CPU count: {BUSY})"
+        if self.others is not None:
+            load += (
+                f"; other processes kept {self.others:.0%} of the machine's CPUs busy while "
+                "it was timed" + (f" ({BUSY})" if self.busy else "")
+            )
         share = f"{self.cpus} CPU{'s' if self.cpus != 1 else ''}" + (
             f" (a CPU quota of {self.quota:g})" if self.quota else ""
         )
@@ -196,6 +219,7 @@ def speed_gates(
         # Fast runs are repeated so that one sample spans >= MIN_SAMPLE_S: timer and
         # scheduler noise then stays small next to the work.
         reps = max(1, min(100, int(MIN_SAMPLE_S / max(*fastest.values(), 1e-6))))
+        start = CpuTime.now()
         ms = time_interleaved(
             runners,
             warmup=0,
@@ -203,6 +227,7 @@ def speed_gates(
             reps=reps,
             on_pair=functools.partial(tick, what),
         )
+        timed = conditions.measured(start)  # what others took of the machine meanwhile
         ratios = np.array(ms["fp32"]) / np.array(ms["candidate"])
         median = float(np.median(ratios))
         ci = median_interval(ratios, cfg.confidence)
@@ -223,10 +248,12 @@ def speed_gates(
                     f"candidate {np.median(ms['candidate']):.2f} ms "
                     f"at batch {batch} x sequence {seq}; median of {len(ratios)} interleaved "
                     f"pair ratios after {warmup} warm-up run{'s' if warmup > 1 else ''} each, "
-                    f"with its order-statistic interval (it holds the median "
-                    f"{median_coverage(len(ratios), cfg.confidence):.1%} of the time)"
+                    f"with its order-statistic interval (it would hold the median "
+                    f"{median_coverage(len(ratios), cfg.confidence):.1%} of the time were the "
+                    "pairs independent; they share this run's machine, and another run can "
+                    "land outside it)"
                     + (f", {reps} runs per sample" if reps > 1 else "")
-                    + f"; timed with {conditions.describe()}"
+                    + f"; timed with {timed.describe()}"
                     + rule
                 ),
             )

@@ -67,10 +67,13 @@ def test_keeps_the_fastest_passing_candidate_not_the_first(tmp_path):
         assert c.accuracy and {g.name for g in c.speed} == {"speedup_b1_s64", "speedup_b8_s64"}
         # and the machine its speed was timed on, in its speed gates and its summary
         assert c.timing is not None
-        assert all(f"timed with {c.timing.describe()}" in g.detail for g in c.speed)
+        # (each gate with what other processes took while its own shape was timed)
+        before = c.timing.describe().split("; other processes")[0]
+        assert all(f"timed with {before}; other processes kept " in g.detail for g in c.speed)
         recorded = c.to_dict()["timing"]
         machine = {"threads": cpus.threads(), "cpus": cpus.affinity(), "quota": cpus.quota()}
-        assert recorded == {**machine, "load": c.timing.load}
+        assert recorded == {**machine, "load": c.timing.load, "others": c.timing.others}
+        assert 0 <= c.timing.others <= 1
     assert {c.method for c in found.candidates} >= {"static", "dynamic"}
     # only dynamic recipes scale activations per batch: they alone are gated on it
     for c in made:
