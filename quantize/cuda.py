@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import statistics
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,8 +36,9 @@ from quantgate import cpus, placement
 from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, all_passed, speed_gate_name
 from quantgate.configs import check_fields, config_class
 from quantgate.progress import ProgressFn
-from quantgate.quantize.decide import GateConfig, meets
+from quantgate.quantize.decide import GateConfig, decide, meets
 from quantgate.quantize.speed import speed_feeds, time_interleaved
+from quantgate.quantize.stats import median_interval
 from quantgate.sessions import session
 
 if TYPE_CHECKING:
@@ -67,6 +68,9 @@ class CudaTiming:
     ms: dict[str, float]  # variant -> median ms (FP32: over all its pairs)
     speedup: dict[str, float]  # variant -> median of its per-pair FP32/variant ratios
     pairs: int  # the fewest pairs a variant was timed in
+    ratios: dict[str, tuple[float, ...]] = field(default_factory=dict)  # variant -> its pairs'
+    # variant -> FP32's median ms in the pairs it was timed with (FP32 beside that variant)
+    fp32_ms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,7 @@ def measure(
         feed = speed_feeds(inputs, *shape, sample=None)
         runners = {k: bound_runner(s, feed, provider) for k, s in sessions.items()}
         fp32_ms: list[float] = []
-        ms, speedup, pairs = {}, {"fp32": 1.0}, []
+        ms, speedup, pairs, ratios, beside = {}, {"fp32": 1.0}, [], {}, {}
         for k in others:
             t = time_interleaved(
                 {"fp32": runners["fp32"], k: runners[k]},  # one runner where k is FP32
@@ -159,7 +163,9 @@ def measure(
             )
             fp32_ms += t["fp32"]
             ms[k] = statistics.median(t[k])
-            speedup[k] = statistics.median(b / c for b, c in zip(t["fp32"], t[k], strict=True))
+            ratios[k] = tuple(b / c for b, c in zip(t["fp32"], t[k], strict=True))
+            speedup[k] = statistics.median(ratios[k])
+            beside[k] = statistics.median(t["fp32"])
             pairs.append(len(t[k]))
         out.append(
             CudaTiming(
@@ -167,6 +173,8 @@ def measure(
                 ms={"fp32": statistics.median(fp32_ms), **ms},
                 speedup=speedup,
                 pairs=min(pairs),
+                ratios=ratios,
+                fp32_ms=beside,
             )
         )
     return out
@@ -181,24 +189,33 @@ def gates(
     baseline: placement.PlacementReport | None = None,
     provider: str = CUDA,
 ) -> tuple[GateResult, ...]:
-    """The speed gates of variant ``name`` (and its placement gate when ``report`` is given)."""
+    """The speed gates of variant ``name`` (and its placement gate when ``report`` is given):
+    each the median of its per-pair ratios against FP32, decided by that median, with the
+    order-statistic interval the CPU's speed gates give (where its pairs are known)."""
     out = []
+    confidence = GateConfig().confidence
     for t in timings:
         latency = t.shape == cfg.latency
         threshold = cfg.min_latency_ratio if latency else cfg.min_speedup
         value = t.speedup[name]
+        ratios = np.array(t.ratios.get(name, ()))
+        ci = median_interval(ratios, confidence) if len(ratios) else None
+        passed, rule = decide(value, ci, threshold, ">=", rule="point", confidence=confidence)
         out.append(
             GateResult(
                 name=speed_gate_name(*t.shape),
                 value=value,
                 threshold=threshold,
                 op=">=",
-                passed=value >= threshold,
+                passed=passed,
+                ci=ci,
                 provider=provider,
                 detail=(
                     f"{'latency: not slower than FP32' if latency else 'throughput'}; "
-                    f"FP32 {t.ms['fp32']:.2f} ms, {name} {t.ms[name]:.2f} ms, "
-                    f"median of at least {t.pairs} pairs interleaved with FP32"
+                    f"FP32 {t.fp32_ms.get(name, t.ms['fp32']):.2f} ms, {name} "
+                    f"{t.ms[name]:.2f} ms (medians), median of "
+                    f"{len(ratios) or f'at least {t.pairs}'} pair ratios interleaved with FP32"
+                    + rule
                 ),
             )
         )

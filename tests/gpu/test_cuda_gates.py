@@ -38,6 +38,15 @@ def test_gate_variants_times_every_variant_at_both_shapes(tiny_bert_export, tmp_
     assert all(x.provider == cuda.CPU for x in g.values())
     assert g["placement"].passed and set(where) == {"fp32", "fp16"}
     assert all(r.memcpy == 0 for r in where.values())
+    for t, name in zip(timings, ("speedup_b4_s16", "speedup_b1_s16"), strict=True):
+        # an interval over its own pairs, as the CPU's speed gates have, and the FP32 time
+        # of those pairs (the FP32 median over every variant's pairs had the detail say
+        # FP16 was faster while its ratio said slower)
+        gate, ratios = g[name], t.ratios["fp16"]
+        assert len(ratios) == t.pairs and gate.value == t.speedup["fp16"]
+        assert gate.ci is not None and gate.ci[0] <= gate.value <= gate.ci[1], gate
+        assert f"FP32 {t.fp32_ms['fp16']:.2f} ms, fp16 {t.ms['fp16']:.2f} ms" in gate.detail
+        assert f"median of {len(ratios)} pair ratios" in gate.detail
 
 
 def test_latency_shape_asks_only_for_no_slowdown():
