@@ -41,14 +41,18 @@ if ! $(1) >/dev/null 2>&1; then \
 fi
 endef
 
-# A venv whose pip runs is kept; one without (killed while it was made) is made again.
+# A venv whose pip runs is kept; one without (killed while it was made) is made again in
+# place. A directory there that is no venv is refused, never removed.
 $(CREATED):
 	@if $(BIN)/python -m pip --version >/dev/null 2>&1; then touch $@; exit 0; fi; \
+	if [ -d $(VENV) ] && [ -n "$$(ls -A $(VENV))" ] && [ ! -f $(VENV)/pyvenv.cfg ]; then \
+	  echo "VENV=$(VENV) is a directory that is no virtual environment: give another VENV" >&2; \
+	  exit 1; fi; \
 	$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || { \
 	  echo "PY=$(PY) is not Python 3.10 or newer ($$($(PY) --version 2>&1)): give one, e.g. make PY=python3.11 ..." >&2; \
 	  exit 1; }; \
 	$(call debian,$(PY) -c "import ensurepip",python3-venv); \
-	set -ex; rm -rf $(VENV); $(PY) -m venv $(VENV); $(BIN)/pip install --quiet --upgrade pip; touch $@
+	set -ex; $(PY) -m venv $(VENV); $(BIN)/pip install --quiet --upgrade pip; touch $@
 
 # onnxruntime and onnxruntime-gpu are one module: the one EXTRAS does not name is removed.
 $(STAMP): pyproject.toml | $(CREATED)
@@ -56,6 +60,7 @@ $(STAMP): pyproject.toml | $(CREATED)
 	  echo "$(VENV) runs $$($(BIN)/python --version 2>&1); quantgate needs 3.10 or newer: rm -rf $(VENV), then make again with PY=python3.10 or newer" >&2; \
 	  exit 1; }
 	$(if $(TORCH_INDEX),$(BIN)/pip install --quiet "$$(grep -o 'torch==[0-9.]*' pyproject.toml)" --index-url $(TORCH_INDEX))
+	@rm -f $(VENV)/.installed-*  # another EXTRAS' stamp says nothing once this one installs
 	@$(BIN)/pip uninstall --quiet -y $(if $(findstring gpu,$(EXTRAS)),onnxruntime,onnxruntime-gpu) >/dev/null 2>&1 || true
 	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
