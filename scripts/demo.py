@@ -30,12 +30,29 @@ def step(title: str, *args: str, allowed: tuple[int, ...] = (0,)) -> int:
     with subprocess.Popen([*QG, *args]) as command:
         try:
             code = command.wait()
-        except KeyboardInterrupt:  # it got Ctrl-C too: it cleans up, says so, and exits
-            command.wait()  # (subprocess.call would kill it a quarter of a second in)
+        except KeyboardInterrupt:
+            stop(command)
             raise
     if code not in allowed:
         sys.exit(f"demo: `quantgate {args[0]}` exited {code}")
     return code
+
+
+def stop(child: subprocess.Popen) -> None:
+    """After Ctrl-C: ``child`` got it too (one process group), and cleans up, says so and
+    exits (subprocess.call would kill it a quarter of a second in); where only the demo was
+    signalled (`kill -INT`, an IDE's stop button), it is asked to stop, with SIGTERM."""
+    try:
+        child.wait(timeout=5)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    child.terminate()
+    try:
+        child.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 def serve_and_query(*flags: str) -> None:
@@ -46,7 +63,6 @@ def serve_and_query(*flags: str) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
-    stopping = False  # Ctrl-C reached the server too (one process group): it drains
     try:
         port = None
         deadline = time.monotonic() + 120
@@ -60,14 +76,12 @@ def serve_and_query(*flags: str) -> None:
         if port is None:
             sys.exit("demo: the server did not start")
         query(port)
-    except KeyboardInterrupt:
-        stopping = True  # a second signal would cut its drain short
+    except BaseException:  # Ctrl-C (a SIGTERM on top would cut its drain short), or a failure
+        stop(server)
         raise
-    finally:
-        if not stopping:
-            server.send_signal(signal.SIGTERM)
-        code = server.wait(timeout=60)
-        print(f"server stopped (exit {code})")
+    server.send_signal(signal.SIGTERM)
+    code = server.wait(timeout=60)
+    print(f"server stopped on SIGTERM (exit {code})")
 
 
 def query(port: int) -> None:
