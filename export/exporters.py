@@ -112,7 +112,7 @@ def _name(graph, values: Sequence, names: Sequence[str]) -> None:
 
     others = [*graph.inputs, *graph.initializers.values()]
     others += [v for node in ir.traversal.RecursiveGraphIterator(graph) for v in node.outputs]
-    taken = {v.name for v in others}
+    taken = {v.name for v in others} | set(names)  # a fresh name is none of these
     for value in others:
         if value.name in names and not any(value is v for v in values):
             n = 1

@@ -35,6 +35,7 @@ import numpy as np
 from quantgate import cpus, placement
 from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, all_passed, speed_gate_name
 from quantgate.configs import check_fields, config_class
+from quantgate.errors import QuantizeError
 from quantgate.progress import ProgressFn
 from quantgate.quantize.decide import GateConfig, decide, meets
 from quantgate.quantize.speed import speed_feeds, time_interleaved
@@ -360,7 +361,10 @@ def gate_every_variant(
     for k, file in files.items():
         if k != "fp16" and not all_passed(gates[k]):
             continue  # not for CUDA anyway: its accuracy there does not matter
-        fidelity = fp16.fidelity(fp32, file, evaluation(), provider=provider, precision=k)
+        try:
+            fidelity = fp16.fidelity(fp32, file, evaluation(), provider=provider, precision=k)
+        except QuantizeError:  # no float output to compare: its speed gates alone
+            continue
         threshold = fp16_min_cosine if k == "fp16" else gate_cfg.min_cosine
         gates[k] = (*fidelity.gates(min_cosine=threshold, cfg=gate_cfg), *gates[k])
     emit("cuda", 1, 1, "gated")

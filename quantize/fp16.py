@@ -204,7 +204,8 @@ def fidelity(
 ) -> Fidelity:
     """Run ``reference`` and ``candidate`` on every feed and compare their float outputs
     (``outputs``, by default every float output: an integer one, a predicted class index,
-    has no cosine, and an R² of indices means nothing; the INT8 gates pass them over too).
+    has no cosine, and an R² of indices means nothing). A QuantizeError where the model has
+    none: nothing FP16 changes to gate.
 
     Rows are batch items, compared as ``Fidelity.measure`` does; ``mask`` names the feed
     (batch, sequence) whose padded positions do not count. The reference runs in FP32 on
@@ -217,8 +218,9 @@ def fidelity(
     names = list(outputs or [o.name for o in ref.get_outputs() if o.type in floats])
     if not names:
         raise QuantizeError(
-            "FP16's fidelity compares the model's float outputs, and it has none: "
+            "its fidelity compares the model's float outputs, and it has none ("
             + ", ".join(f"{o.name} {o.type}" for o in ref.get_outputs())
+            + ")"
         )
 
     def runs():

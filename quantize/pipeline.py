@@ -272,9 +272,10 @@ def _fp16_variant(
     gated on fidelity against FP32 over the evaluation rows on the CPU provider
     (``cuda.gate_built`` measures it again on CUDA where a GPU is present).
 
-    An FP16 model that cannot be built, or that crashes ONNX Runtime, is left out (None):
-    it is an extra for CUDA, and the FP32 and INT8 variants measured before it are not lost
-    for it. The warning and the report say why; CUDA then serves FP32.
+    An FP16 model that cannot be built, that crashes ONNX Runtime, or that has no float
+    output to gate is left out (None): it is an extra for CUDA, and the FP32 and INT8
+    variants measured before it are not lost for it. The warning and the report say why;
+    CUDA then serves FP32.
     """
     from quantgate.export import ExtraVariant
     from quantgate.quantize import fp16
@@ -285,8 +286,12 @@ def _fp16_variant(
         return None, _fp16_left_out(str(e))
     if (crashed := fp16.crash(f16)) is not None:
         return None, _fp16_left_out(crashed)
-    # the threads the search's FP32 reference and INT8 fidelity ran with
-    fidelity = fp16.fidelity(fp32, f16, evaluation(), precision="fp16", threads=gate_cfg.threads)
+    try:  # the threads the search's FP32 reference and INT8 fidelity ran with
+        fidelity = fp16.fidelity(
+            fp32, f16, evaluation(), precision="fp16", threads=gate_cfg.threads
+        )
+    except QuantizeError as e:  # no float output: nothing FP16 changes to gate
+        return None, _fp16_left_out(str(e))
     variant = ExtraVariant(
         path=f16,
         precision="fp16",

@@ -247,7 +247,8 @@ def op_named_outputs() -> nn.Module:
         def forward(self, input_ids, attention_mask=None):
             pooled = self.emb(input_ids).sum(1) / input_ids.shape[1]  # ops embedding, div
             unit = pooled / pooled.norm(dim=-1, keepdim=True)
-            return {"embedding": unit, "div": pooled * 2, "logits": self.head(pooled)}
+            return {"embedding": unit, "embedding_1": unit * 3, "div": pooled * 2,
+                    "logits": self.head(pooled)}  # fmt: skip
 
     return OpNamed({"input_ids": _ids()})
 

@@ -749,12 +749,13 @@ def test_validation_reaches_the_max_seq_len_a_factory_declares():
 def test_outputs_named_as_the_dynamo_exporter_names_its_ops_export_with_it(tmp_path):
     """An output named "embedding" or "div" clashed with the dynamo exporter's own value
     names, and the export failed its SSA check (pytorch/pytorch#158094), blamed on the
-    model's forward. The graph now has the model's names, and matches PyTorch."""
+    model's forward. The graph now has the model's names (one of them what the exporter's
+    own value would be renamed to, "embedding_1"), and matches PyTorch."""
     result = export_fp32(
         "qg_usermodels:op_named_outputs", tmp_path / "b", cfg=ExportConfig(exporter="dynamo")
     )
     graph = onnx.load(str(result.onnx)).graph
-    assert [o.name for o in graph.output] == ["embedding", "div", "logits"]
+    assert [o.name for o in graph.output] == ["embedding", "embedding_1", "div", "logits"]
     assert [i.name for i in graph.input] == ["input_ids"]
     ids = np.random.default_rng(0).integers(1, 40, (3, 7))
     got = ort_session(result.onnx).run(None, {"input_ids": ids})

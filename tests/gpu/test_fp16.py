@@ -138,28 +138,48 @@ def test_an_fp16_variant_that_cannot_be_built_is_left_out_not_fatal(
     assert "--no-fp16" in caplog.text
 
 
-def test_fidelity_passes_over_integer_outputs(tmp_path):
-    """A predicted class index beside the logits (ArgMax, int64): FP16 was gated with an R²
-    of indices, which says nothing of a flipped class; only float outputs are compared, as
-    the INT8 gates compare them."""
+def _argmax_model(path, *, logits: bool = True):
+    """x (batch, 4) -> logits (batch, 3) and their ArgMax, pred (batch,) int64; without
+    ``logits``, pred alone."""
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(
         np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32), "w"
     )
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])][
+        : int(logits)
+    ] + [helper.make_tensor_value_info("pred", TensorProto.INT64, ["batch"])]
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["logits"]),
          helper.make_node("ArgMax", ["logits"], ["pred"], axis=1, keepdims=0)],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3]),
-         helper.make_tensor_value_info("pred", TensorProto.INT64, ["batch"])],
-        [w],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])], outputs, [w],
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
+    return path
+
+
+def test_fidelity_passes_over_integer_outputs(tmp_path):
+    """A predicted class index beside the logits (ArgMax, int64): FP16 was gated with an R²
+    of indices, which says nothing of a flipped class; only float outputs are compared."""
+    path = _argmax_model(tmp_path / "m.onnx")
     feeds = [{"x": np.random.default_rng(1).normal(size=(8, 4)).astype(np.float32)}]
     f = fp16.fidelity(path, path, feeds, precision="fp32", mask=None)
     assert set(f.cosine_mean) == {"logits"}
     assert [g.name for g in f.gates(min_cosine=0.99)] == ["cosine:logits", "cosine_tail:logits"]
+
+
+def test_an_fp16_variant_with_no_float_output_to_gate_is_left_out(tmp_path, caplog):
+    """A model whose one output is a class index: nothing FP16 changes can be compared, and
+    the export went down with it (exit 2, no bundle); FP16 is left out instead."""
+    from quantgate.quantize import pipeline
+
+    only = _argmax_model(tmp_path / "pred.onnx", logits=False)
+    feeds = [{"x": np.random.default_rng(1).normal(size=(8, 4)).astype(np.float32)}]
+    with pytest.raises(QuantizeError, match="float outputs, and it has none"):
+        fp16.fidelity(only, only, feeds, precision="fp32", mask=None)
+    variant, section = pipeline._fp16_variant(
+        only, lambda: iter(feeds), tmp_path, pipeline.QuantConfig()
+    )
+    assert variant is None and "Left out: its fidelity compares the model's float" in section
+    assert "the FP16 variant is left out of the bundle" in caplog.text
