@@ -219,35 +219,44 @@ __all__ = ["affinity", "describe", "for_tools", "host", "physical", "quota", "th
 
 @dataclass(frozen=True)
 class CpuTime:
-    """The CPU time the whole machine and this process had spent at one moment, so that a
-    timing can tell what other processes took of the machine while it ran: its own work
-    (the threads of the sessions it times) is no contention, and a load average, which
-    counts it, cannot tell the two apart."""
+    """The CPU time the CPUs this process may run on and the process itself had spent at one
+    moment, so that a timing can tell what other processes took of those CPUs while it ran:
+    its own work (the threads of the sessions it times) is no contention, and a load
+    average, which counts it, cannot tell the two apart. Only the CPUs it may run on count:
+    a process pinned to one CPU of two is slowed by work on that one, not on the other."""
 
     wall: float  # time.monotonic()
-    machine: float | None  # busy CPU seconds of every CPU since boot (steal too); None: no /proc
+    busy: float | None  # busy seconds of its CPUs since boot (steal too); None: no /proc/stat
     own: float  # this process's user and system seconds, every thread's
-    cpus: int  # the CPUs /proc/stat counts
+    cpus: int  # how many CPUs ``busy`` counts
 
     @classmethod
     def now(cls) -> CpuTime:
-        machine, cpus = None, host()
+        busy, counted = None, affinity()
         try:
-            lines = PROC_STAT.read_text().splitlines()
-            # cpu user nice system idle iowait irq softirq steal ... in clock ticks
-            ticks = [int(x) for x in lines[0].split()[1:9]]
-            busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
-            machine = busy / os.sysconf("SC_CLK_TCK")
-            cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+            mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+            total, counted = 0, 0
+            for line in PROC_STAT.read_text().splitlines():
+                name, *fields = line.split()
+                if not (name.startswith("cpu") and name[3:].isdigit()):
+                    continue
+                if mine is not None and int(name[3:]) not in mine:
+                    continue
+                # user nice system idle iowait irq softirq steal, in clock ticks
+                ticks = [int(x) for x in fields[:8]]
+                total += sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+                counted += 1
+            if counted:
+                busy = total / os.sysconf("SC_CLK_TCK")
         except (OSError, ValueError, IndexError, AttributeError):
-            pass
+            busy, counted = None, affinity()
         t = os.times()
-        return cls(time.monotonic(), machine, t.user + t.system, max(cpus, 1))
+        return cls(time.monotonic(), busy, t.user + t.system, max(counted, 1))
 
     def others_since(self, start: CpuTime) -> float | None:
-        """The share of the machine's CPUs (0..1) that other processes kept busy from
+        """The share (0..1) of this process's CPUs that other processes kept busy from
         ``start`` until this moment; None where the OS does not say (no /proc/stat)."""
-        if self.machine is None or start.machine is None or self.wall <= start.wall:
+        if self.busy is None or start.busy is None or self.wall <= start.wall:
             return None
-        others = (self.machine - start.machine) - (self.own - start.own)
+        others = (self.busy - start.busy) - (self.own - start.own)
         return min(max(others / ((self.wall - start.wall) * self.cpus), 0.0), 1.0)

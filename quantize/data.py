@@ -491,13 +491,24 @@ def without_rows(
                     labels = labels[:, : _token_rows(feeds, model)[1].shape[1]]
                 yield Batch(feeds, labels, None if b.rows is None else b.rows[keep])
 
-    kept = np.concatenate(
-        [row_hashes(b.feeds, model) for b in batches()] or [np.zeros(0, np.uint64)]
-    )
+    hashes, lengths = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
+    for b in batches():
+        hashes.append(row_hashes(b.feeds, model))
+        lengths.append(_real_tokens(b.feeds, model).sum(1))
+    kept, length = np.concatenate(hashes), np.concatenate(lengths)
+    dropped = source.samples - len(kept)
     digest = hashlib.sha256(source.sha256.encode())
     digest.update(np.sort(drop).tobytes() + (b"distinct" if repeats else b""))
     return dataclasses.replace(
-        source, samples=len(kept), row_hashes=kept, sha256=digest.hexdigest(), _batches=batches
+        source,
+        samples=len(kept),
+        row_hashes=kept,
+        sha256=digest.hexdigest(),
+        _batches=batches,
+        # what it could yield without the samples cap, less the rows left out (those the cap
+        # would have kept are not known: an estimate, where it capped)
+        total=None if source.total is None else source.total - dropped,
+        lengths=(int(length.min()), int(length.max())) if len(length) else (0, 0),
     )
 
 

@@ -424,16 +424,26 @@ def check_eval_rows(
         f"evaluation rows (with {ev.samples}, each row is {100 / ev.samples:.3g} points of "
         f"{measure})"
     )
+    left = [
+        f"{n} {what}"
+        for n, what in ((ev.repeated, "repeated"), (ev.in_calibration, "calibration"))
+        if n
+    ]
+    # rows that are no evidence (heldout): the rows to gate are fewer than the file's
+    dropped = f" once {' and '.join(left)} rows were left out" if left else ""
     capped = eval_samples is not None and ev.capped
-    if capped and (ev.total is None or ev.total >= MIN_EVAL_ROWS):
+    if capped and not left and (ev.total is None or ev.total >= MIN_EVAL_ROWS):
         of = f" of its {ev.total}" if ev.total is not None else ""
         raise DataError(
             f"eval_samples {eval_samples} (--gate-config) keeps {ev.samples}{of} rows of {where}; "
             f"{need}. Raise eval_samples to {MIN_EVAL_ROWS} or more, or leave it out to use "
             "every row."
         )
-    rows = ev.total if ev.total is not None else ev.samples
-    kept = f" (eval_samples {eval_samples} keeps {ev.samples})" if capped else ""
+    if left:
+        rows, kept = ev.samples, dropped
+    else:
+        rows = ev.total if ev.total is not None else ev.samples
+        kept = f" (eval_samples {eval_samples} keeps {ev.samples})" if capped else ""
     raise DataError(
         f"{where} has {rows} row(s){kept}; {need}. Pass more held-out rows (hundreds for a "
         "1-point accuracy gate)."

@@ -192,16 +192,24 @@ def check_held_out(
 
     held_out = without_rows(evaluation, model, drop=calibration.hashes)
     left_out = evaluation.samples - held_out.samples
+    # From a sample, only the rows whose hash falls in its range can be told: about as many
+    # again, in proportion, stay among the others
+    unseen = 0 if calibration.complete else max(round(share * n) - left_out, 0)
+    stay = f"; about {unseen} more it cannot tell stay in them" if unseen else ""
     log.warning(
-        "%s. So few can be natural duplicates (short, common texts); they are left out of the "
-        "gates, which measure the other %d rows, and the report says how many.",
+        "%s. So few can be natural duplicates (short, common texts); the %d it can tell are "
+        "left out of the gates, which measure the other %d rows%s, and the report says how "
+        "many.",
         what,
+        left_out,
         held_out.samples,
+        stay,
     )
+    about = f" (about {unseen} more not told)" if unseen else ""
     return dataclasses.replace(
         held_out,
         in_calibration=left_out,
-        description=f"{evaluation.description}; {left_out} calibration rows left out",
+        description=f"{evaluation.description}; {left_out} calibration rows left out{about}",
     )
 
 

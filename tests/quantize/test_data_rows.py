@@ -306,3 +306,46 @@ def test_repeated_evaluation_rows_are_gated_once(tmp_path, caplog):
     assert sorted(labelled.tolist()) == sorted(labels[:120].tolist())
     assert distinct_rows(open_source(write_npz(tmp_path / "one.npz", feeds), DIGITS,
                                      role="evaluation"), DIGITS, where="x").repeated == 0  # fmt: skip
+
+
+def test_too_few_rows_once_repeats_are_left_out_says_so(tmp_path):
+    """20 rows three times over: 20 rows to gate, and the message says why (it quoted the
+    file's 60 rows, and under an eval_samples cap asked to raise a cap of 50 to 30)."""
+    from quantgate.quantize.gates import check_eval_rows
+    from quantgate.quantize.heldout import distinct_rows
+
+    feeds = rng_feeds(20, seed=4)
+    tripled = {k: np.concatenate([v, v, v]) for k, v in feeds.items()}
+    path = write_npz(tmp_path / "ev.npz", tripled, np.arange(60) % 10)
+    for cap, repeated in ((None, 40), (50, 30)):  # the cap keeps 50 of the 60 first
+        ev = open_source(path, DIGITS, role="evaluation", samples=cap)
+        once = distinct_rows(ev, DIGITS, where="--eval ev.npz")
+        assert (once.samples, once.repeated) == (20, repeated)
+        assert once.lengths == ev.lengths  # the same rows, once each
+        with pytest.raises(DataError) as e:
+            check_eval_rows(once, DIGITS.task, ("logits",), cap, where="--eval ev.npz")
+        assert str(e.value).startswith(
+            f"--eval ev.npz has 20 row(s) once {repeated} repeated rows were left out; the "
+            "accuracy, top-1 and nearest-neighbour gates need at least 30"
+        ), e.value
+
+
+def test_a_sampled_fingerprint_says_how_many_calibration_rows_it_could_not_tell(tmp_path, caplog):
+    """5000 calibration rows, 4096 hashes kept: of 50 calibration rows among 1000, only those
+    whose hash falls in the sample's range are told and left out; the warning and the
+    report's data line say about how many stay."""
+    feeds = rng_feeds(5000, seed=1)
+    cal = open_source(write_npz(tmp_path / "cal.npz", feeds), DIGITS, role="calibration")
+    prints = Fingerprint.from_record(json.loads(json.dumps(cal.record(fingerprint=True))))
+    new = rng_feeds(950, seed=2)
+    mixed = {k: np.concatenate([feeds[k][:50], new[k]]) for k in feeds}
+    ev = open_source(write_npz(tmp_path / "ev.npz", mixed), DIGITS, role="evaluation")
+    with caplog.at_level("WARNING", logger="quantgate.quantize.heldout"):
+        held = check_held_out(ev, prints, model=DIGITS, where="--eval ev.npz", calibrated_on="c")
+    told = held.in_calibration
+    assert 0 < told < 50 and held.samples == 1000 - told
+    found = re.search(r"about (\d+) more it cannot tell stay in them", caplog.text)
+    assert found and told + int(found[1]) <= 80, caplog.text
+    assert held.description.endswith(
+        f"{told} calibration rows left out (about {found[1]} more not told)"
+    )
