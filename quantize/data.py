@@ -610,11 +610,22 @@ def _without_padding_past(longest: int, feeds: Mapping[str, Any], where: str) ->
     if mask.ndim != 2 or mask.shape[1] <= longest or np.any(mask[:, longest:]):
         return feeds
     width = mask.shape[1]
-    log.info("%s: padded to %d, past the model's %d: padding cut", where, width, longest)
+    log.debug("%s: padded to %d, past the model's %d: padding cut", where, width, longest)
     return {
         k: v[:, :longest] if np.ndim(v) >= 2 and np.shape(v)[1] == width else v
         for k, v in ((k, np.asarray(v)) for k, v in feeds.items())
     }
+
+
+def _cut_as(labels: Any, given: Mapping[str, Any], feeds: Feeds, model: ModelInfo) -> Any:
+    """A token classifier's ``labels``, as wide as the ``given`` arrays, cut as
+    ``check_feeds`` cut their padding past the model's longest sequence (``feeds``): the
+    positions cut are padding, whatever label they held."""
+    name, rows = _token_rows(feeds, model)
+    width = np.shape(given[name])[1] if name in given and np.ndim(given[name]) >= 2 else None
+    if np.ndim(labels) == 2 and width is not None and np.shape(labels)[1] == width > rows.shape[1]:
+        return np.asarray(labels)[:, : rows.shape[1]]
+    return labels
 
 
 def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -> Feeds:
@@ -863,8 +874,7 @@ def _whole(
         n = len(next(iter(feeds.values())))
         if labels is not None and tokens:
             shape = _token_rows(feeds, model)[1].shape
-            if np.ndim(labels) == 2 and np.all(np.asarray(labels)[:, shape[1] :] == NO_LABEL):
-                labels = np.asarray(labels)[:, : shape[1]]  # as the padding was cut
+            labels = _cut_as(labels, arrays, feeds, model)
             labels = check_token_labels(labels, shape, model.labels, where)
         elif labels is not None:
             labels = check_labels(labels, n, model.labels, where)
@@ -944,8 +954,9 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
                 labels = None
             elif tokens:
                 labels = check_token_labels(
-                    given, _token_rows(f, model)[1].shape, model.labels, where
-                )
+                    _cut_as(given, feeds, f, model), _token_rows(f, model)[1].shape,
+                    model.labels, where,
+                )  # fmt: skip
             else:  # class names become indices
                 labels = check_labels(given, n, model.labels, where)
             yield i, f, given, labels

@@ -687,6 +687,16 @@ def test_arrays_padded_past_the_models_longest_sequence_are_cut_to_it(tmp_path):
     assert sum(len(b.labels) for b in batches) == 40
     for b in batches:
         assert b.feeds["input_ids"].shape[1] <= 32 and b.labels.shape == b.feeds["input_ids"].shape
+    # labels 0 at the padding, not -100: the padding is cut whatever label it held; and a
+    # Python iterable of such batches, its labels in the feeds, is cut alike
+    zeros = np.where(mask == 1, tags, 0)
+    path = write_npz(tmp_path / "zeros.npz", {"input_ids": ids, "attention_mask": mask}, zeros)
+    assert open_source(path, _tagger(), role="evaluation").samples == 40
+    items = [{"input_ids": ids[:20], "attention_mask": mask[:20], "labels": tags[:20]},
+             {"input_ids": ids[20:], "attention_mask": mask[20:], "labels": tags[20:]}]  # fmt: skip
+    source = open_source(items, _tagger(), role="evaluation")
+    for b in source.batches():
+        assert b.feeds["input_ids"].shape[1] <= 32 and b.labels.shape == b.feeds["input_ids"].shape
     mask[5, 40] = 1  # a real token past the model's 32
     path = write_npz(tmp_path / "long.npz", {"input_ids": ids, "attention_mask": mask}, tags)
     with pytest.raises(DataError, match="sequence 64 is longer than the model's 32"):
