@@ -135,8 +135,8 @@ def print_gates(path: Path) -> None:
             out.print(f"    {label} {value}{ci} {bound}: {mark}", highlight=False, soft_wrap=True)
         if any(g.is_speed and BUSY in g.detail for g in v.gates):
             out.print(
-                "    (speed timed while the machine was busy, other processes taking its CPUs: "
-                "the speedups may not reproduce; time it again on a quiet one)",
+                "    (speed timed while the machine was busy, its detail says how: the "
+                "speedups may not reproduce; time it again on a quiet one)",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -136,8 +136,8 @@ def serve(
             max=65535,
             metavar="PORT",
             help="Serve Prometheus metrics over HTTP on this port, at /metrics (/ redirects "
-            "there), and the probes /healthz and /readyz (and Triton's /v2/health/live and "
-            "/v2/health/ready); other paths are 404. 0 picks a free port and prints it. Off "
+            "there), and the probes /healthz and /readyz (and Triton's /v2/health/live, "
+            "/v2/health/ready and /v2/models/NAME/ready); other paths are 404. 0 picks a free port and prints it. Off "
             "unless given (Triton's is 8002).",
         ),
     ] = _DEFAULT_SERVE.metrics_port,
