@@ -24,7 +24,7 @@ help:
 	@echo "                    their tables into docs/BENCHMARKS.md, the others print theirs)"
 	@echo "make protos         regenerate the gRPC code from protos/*.proto"
 	@echo "make perf-analyzer  Triton's perf_analyzer into .tools/ (make test and make bench get it)"
-	@echo "make clean          remove what the commands made, the venv and .tools/ aside"
+	@echo "make clean          delete artifacts/ and bundles/ (your own bundles there too) and caches; not .venv or .tools/"
 	@echo "Variables: PY=python3.11 (the venv's interpreter), TORCH_INDEX=URL (torch's CPU build),"
 	@echo "           EXTRAS=gpu,export,hf,dev (onnxruntime-gpu instead of onnxruntime)"
 

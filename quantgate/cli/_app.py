@@ -31,7 +31,8 @@ app = typer.Typer(
         "  quantgate export MODEL --out BUNDLE \\\n"
         "      --calibration calib.jsonl --eval heldout.jsonl\n"
         "\n\b\nExit codes: 0 success; 2 bad usage or input; 3 a gate failed (the bundle\n"
-        "and its report.md are written); 1 anything else."
+        "and its report.md are written, marked failed) or the export's validation did\n"
+        "(nothing is written); 1 anything else."
     ),
     no_args_is_help=True,
     add_completion=False,
