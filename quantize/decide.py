@@ -315,7 +315,7 @@ def tail_gate(
 # under (``gate_definitions``, beside its gate_config), and a re-gate of a bundle gated under
 # an older one says what changed since: the same gate, threshold and data can decide
 # differently. Bump it, with what changed, when a gate's value or decision changes.
-GATE_DEFINITIONS = 3
+GATE_DEFINITIONS = 4
 DEFINITION_CHANGES: dict[int, tuple[str, ...]] = {
     2: (
         "nn_top1_agreement counts a near tie as agreement (the candidate's nearest row is "
@@ -330,6 +330,12 @@ DEFINITION_CHANGES: dict[int, tuple[str, ...]] = {
         "chance, Cohen's kappa) add top1_agreement and kl to its accuracy gate",
         "evaluation rows with fewer than 30 distinct embeddings are refused (the "
         "nearest-neighbour gate failed on them)",
+    ),
+    4: (
+        "an integer output (a predicted class, ids) is gated on exact agreement with FP32, "
+        "agreement:<output> (it had an R² of its values, or no gate)",
+        "evaluation rows that are also calibration rows are left out of the gates (they were "
+        "counted), and a repeated row is gated once",
     ),
 }
 

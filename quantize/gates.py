@@ -62,6 +62,7 @@ from quantgate.quantize.stats import (
     paired_interval,
     percentile_interval,
     resamples,
+    wilson,
 )
 from quantgate.sessions import session
 from quantgate.tasks import CLASSIFIER_TASKS, EMBEDDING_TASKS, TOKEN_TASKS
@@ -168,7 +169,8 @@ def accuracy_gates(
     else:
         gates = []  # none of these kinds: every output on its cosine
     pooled = judged not in (logits, tokens)  # an embedding, compared mean-pooled
-    others = reference.names if judged is None else _unjudged(reference, judged, pooled=pooled)
+    others = _unjudged(reference, judged, pooled=pooled)
+    gates += [_integer_agreement(reference, candidate, n, cfg) for n in _integers(reference)]
     if others:
         # The embedding's threshold, cfg.min_cosine, for token states too (the INT8 gates on
         # CUDA already hold them to it). Measured on all-MiniLM-L6-v2, 200 pydoc sentences,
@@ -185,12 +187,36 @@ def accuracy_gates(
     return gates
 
 
-def _unjudged(ref: Outputs, judged: str, *, pooled: bool) -> list[str]:
-    """The float outputs besides ``judged``, which the gates of the model's kind compare as
-    served (logits, a 2-D embedding, a token classifier's per-token logits); a 3-D
-    ``last_hidden_state`` judged mean-pooled (``pooled``) is not what a client receives, so
-    its tokens are gated too. Integer outputs (ids, a predicted class) have no cosine to
-    gate."""
+def _integers(ref: Outputs) -> list[str]:
+    """The integer (and bool) outputs: a predicted class, ids."""
+    first = ref.batches[0]
+    return [
+        n for n in ref.names if np.issubdtype(first[n].dtype, np.integer) or first[n].dtype == bool
+    ]
+
+
+def _integer_agreement(ref: Outputs, cand: Outputs, name: str, cfg: GateConfig) -> GateResult:
+    """``agreement:<name>``: the share of rows whose integer output (a predicted class, ids)
+    the candidate gives exactly as FP32 does, with Wilson's interval, at least
+    ``min_top1_agreement``. A cosine or an R² of class indices would say how far 3 is from 7,
+    which means nothing."""
+    x, y = ref.stacked(name), cand.stacked(name)
+    same = (x.reshape(len(x), -1) == y.reshape(len(y), -1)).all(axis=1)
+    share = float(same.mean())
+    ci = wilson(float(same.sum()), len(same), cfg.confidence)
+    detail = (
+        f"vs FP32 on {len(same)} rows: rows whose {name} is exactly FP32's ({int(same.sum())}), "
+        f"with Wilson's {cfg.confidence:.0%} interval"
+    )
+    return interval_gate(f"agreement:{name}", share, ci, cfg.min_top1_agreement, ">=", cfg, detail)
+
+
+def _unjudged(ref: Outputs, judged: str | None, *, pooled: bool) -> list[str]:
+    """The float outputs besides ``judged`` (None: every float output), which the gates of
+    the model's kind compare as served (logits, a 2-D embedding, a token classifier's
+    per-token logits); a 3-D ``last_hidden_state`` judged mean-pooled (``pooled``) is not
+    what a client receives, so its tokens are gated too. Integer outputs (ids, a predicted
+    class) have no cosine: their gate is agreement (``_integer_agreement``)."""
     first = ref.batches[0]
     return [
         n

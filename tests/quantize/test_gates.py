@@ -526,7 +526,8 @@ def test_a_last_hidden_state_gated_mean_pooled_is_gated_per_token_too(embedder_o
 
 def test_a_classifiers_other_float_outputs_are_gated_on_cosine():
     """A classifier that also serves float states: its logits get the accuracy (or top-1 and
-    KL) gates, its other float outputs a cosine each; an integer output has no cosine."""
+    KL) gates, its other float outputs a cosine each; an integer output has no cosine, and
+    is gated on exact agreement."""
     rng = np.random.default_rng(0)
     y = np.arange(60) % 10
     x = rng.normal(size=(60, 10)).astype(np.float32)
@@ -538,7 +539,9 @@ def test_a_classifiers_other_float_outputs_are_gated_on_cosine():
     for labels, first in ((y, ["accuracy_drop"]), (None, ["top1_agreement", "kl"])):
         a = Outputs(names, [ref], [None], labels=labels, rows=60)
         gates = accuracy_gates(a, a, "sequence-classification", GateConfig())
-        assert [g.name for g in gates] == [*first, "cosine:hidden", "cosine_tail:hidden"]
+        assert [g.name for g in gates] == [
+            *first, "agreement:predicted", "cosine:hidden", "cosine_tail:hidden"
+        ]  # fmt: skip
         assert all(g.passed for g in gates)
         b = Outputs(names, [damaged], [None], labels=labels, rows=60)
         got = {g.name: g for g in accuracy_gates(a, b, "sequence-classification", GateConfig())}
@@ -1146,3 +1149,28 @@ def test_a_near_tie_between_two_neighbours_is_no_disagreement():
     assert nn.value == 1.0 and ties > 0, nn.detail  # agreeing, some only by a near tie
     strict = accuracy_gates(ref, cand, "feature-extraction", GateConfig(min_cosine=0.99999))
     assert {g.name: g for g in strict}["nn_top1_agreement"].value < 1  # no tie that close
+
+
+def test_an_integer_output_is_gated_on_exact_agreement_not_on_its_values():
+    """A predicted class index beside the logits: an R² (or a cosine) of indices says how
+    far 3 is from 7. Its gate is the share of rows FP32 and the candidate give the same
+    index, with Wilson's interval; the logits keep their own gates."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(100, 5)).astype(np.float32)
+    pred = logits.argmax(1)
+    moved = pred.copy()
+    moved[:8] = (moved[:8] + 1) % 5  # 8 rows of 100 predicted otherwise
+
+    def gates(p):
+        a = Outputs(["logits", "pred"], [{"logits": logits, "pred": pred}], [None], rows=100)
+        b = Outputs(["logits", "pred"], [{"logits": logits, "pred": p}], [None], rows=100)
+        return {g.name: g for g in accuracy_gates(a, b, "custom", GateConfig())}
+
+    same = gates(pred)
+    assert "r2:pred" not in same and "cosine:pred" not in same
+    assert same["agreement:pred"].value == 1 and same["agreement:pred"].passed
+    low, high = same["agreement:pred"].ci
+    assert 0.95 < low < 1 and high == pytest.approx(1)  # 100 of 100: Wilson's, not a point
+    worse = gates(moved)["agreement:pred"]
+    assert worse.value == pytest.approx(0.92) and not worse.passed  # under min_top1 0.95
+    assert "rows whose pred is exactly FP32's (92)" in worse.detail
