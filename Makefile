@@ -41,8 +41,9 @@ if ! $(1) >/dev/null 2>&1; then \
 fi
 endef
 
-# A venv whose pip runs is kept; one without (killed while it was made) is made again in
-# place. A directory there that is no venv is refused, never removed.
+# A venv whose pip runs is kept; one without (killed while it was made) is made again with
+# PY (`venv --clear` empties that venv alone). A directory there that is no venv is refused,
+# never emptied.
 $(CREATED):
 	@if $(BIN)/python -m pip --version >/dev/null 2>&1; then touch $@; exit 0; fi; \
 	if [ -d $(VENV) ] && [ -n "$$(ls -A $(VENV))" ] && [ ! -f $(VENV)/pyvenv.cfg ]; then \
@@ -52,7 +53,8 @@ $(CREATED):
 	  echo "PY=$(PY) is not Python 3.10 or newer ($$($(PY) --version 2>&1)): give one, e.g. make PY=python3.11 ..." >&2; \
 	  exit 1; }; \
 	$(call debian,$(PY) -c "import ensurepip",python3-venv); \
-	set -ex; $(PY) -m venv $(VENV); $(BIN)/pip install --quiet --upgrade pip; touch $@
+	set -ex; $(PY) -m venv $$([ -f $(VENV)/pyvenv.cfg ] && echo --clear) $(VENV); \
+	$(BIN)/pip install --quiet --upgrade pip; touch $@
 
 # onnxruntime and onnxruntime-gpu are one module: the one EXTRAS does not name is removed.
 $(STAMP): pyproject.toml | $(CREATED)

@@ -235,19 +235,21 @@ class CpuTime:
         busy, counted = None, affinity()
         try:
             mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-            total, counted = 0, 0
+            per_cpu: dict[str, int] = {}  # "cpu" (every CPU) and "cpu0", "cpu1", ...
             for line in PROC_STAT.read_text().splitlines():
                 name, *fields = line.split()
-                if not (name.startswith("cpu") and name[3:].isdigit()):
-                    continue
-                if mine is not None and int(name[3:]) not in mine:
-                    continue
-                # user nice system idle iowait irq softirq steal, in clock ticks
-                ticks = [int(x) for x in fields[:8]]
-                total += sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
-                counted += 1
-            if counted:
-                busy = total / os.sysconf("SC_CLK_TCK")
+                if name == "cpu" or (name.startswith("cpu") and name[3:].isdigit()):
+                    # user nice system idle iowait irq softirq steal, in clock ticks
+                    v = [int(x) for x in fields[:8]]
+                    per_cpu[name] = sum(v) - v[3] - v[4]  # all but idle and iowait
+            ours = [f"cpu{n}" for n in sorted(mine or ()) if f"cpu{n}" in per_cpu]
+            ticks: int | None = None
+            if mine is not None and len(ours) == len(mine):
+                ticks, counted = sum(per_cpu[c] for c in ours), len(ours)
+            elif "cpu" in per_cpu:  # numbered otherwise (a container's view): every CPU
+                ticks, counted = per_cpu["cpu"], sum(1 for c in per_cpu if c != "cpu")
+            if ticks is not None:
+                busy = ticks / os.sysconf("SC_CLK_TCK")
         except (OSError, ValueError, IndexError, AttributeError):
             busy, counted = None, affinity()
         t = os.times()

@@ -35,7 +35,6 @@ import numpy as np
 from quantgate import cpus, placement
 from quantgate.bundle import CPU, CUDA, GateResult, TensorSpec, all_passed, speed_gate_name
 from quantgate.configs import check_fields, config_class
-from quantgate.errors import QuantizeError
 from quantgate.progress import ProgressFn
 from quantgate.quantize.decide import GateConfig, decide, meets
 from quantgate.quantize.speed import speed_feeds, time_interleaved
@@ -363,7 +362,7 @@ def gate_every_variant(
             continue  # not for CUDA anyway: its accuracy there does not matter
         try:
             fidelity = fp16.fidelity(fp32, file, evaluation(), provider=provider, precision=k)
-        except QuantizeError:  # no float output to compare: its speed gates alone
+        except fp16.NoFloatOutput:  # nothing FP16 or INT8 changes to compare: speed alone
             continue
         threshold = fp16_min_cosine if k == "fp16" else gate_cfg.min_cosine
         gates[k] = (*fidelity.gates(min_cosine=threshold, cfg=gate_cfg), *gates[k])

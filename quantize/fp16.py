@@ -190,6 +190,10 @@ def crash(
     return None
 
 
+class NoFloatOutput(QuantizeError):
+    """The model has no float output for ``fidelity`` to compare."""
+
+
 def fidelity(
     reference: onnx.ModelProto | str | Path,
     candidate: onnx.ModelProto | str | Path,
@@ -217,7 +221,7 @@ def fidelity(
     floats = ("tensor(float)", "tensor(float16)", "tensor(double)")
     names = list(outputs or [o.name for o in ref.get_outputs() if o.type in floats])
     if not names:
-        raise QuantizeError(
+        raise NoFloatOutput(
             "its fidelity compares the model's float outputs, and it has none ("
             + ", ".join(f"{o.name} {o.type}" for o in ref.get_outputs())
             + ")"
@@ -232,4 +236,4 @@ def fidelity(
     return Fidelity.measure(runs(), names, provider=provider)
 
 
-__all__ = ["Fidelity", "Fp16Config", "crash", "fidelity", "save", "to_fp16"]
+__all__ = ["Fidelity", "Fp16Config", "NoFloatOutput", "crash", "fidelity", "save", "to_fp16"]

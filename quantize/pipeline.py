@@ -290,7 +290,7 @@ def _fp16_variant(
         fidelity = fp16.fidelity(
             fp32, f16, evaluation(), precision="fp16", threads=gate_cfg.threads
         )
-    except QuantizeError as e:  # no float output: nothing FP16 changes to gate
+    except fp16.NoFloatOutput as e:  # nothing FP16 changes to gate
         return None, _fp16_left_out(str(e))
     variant = ExtraVariant(
         path=f16,

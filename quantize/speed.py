@@ -39,7 +39,7 @@ MIN_SAMPLE_S = 0.03  # shortest timed sample; faster runs are repeated within on
 
 # What a speed gate's detail says where the machine was busy when it was timed
 BUSY = "timed on a busy machine, may not reproduce"
-# Other processes keeping more than this share of the machine's CPUs busy while a timing
+# Other processes keeping more than this share of its CPUs busy while a timing
 # ran make it busy: on 2 CPUs, one other process at full tilt (0.5) is; a shell's blips not
 OTHERS_BUSY = 0.25
 
@@ -53,7 +53,7 @@ class TimingConditions:
     cpus: int  # logical CPUs this process may use (what its load average is counted against)
     load: float | None  # 1-minute load average before timing; None where the OS keeps none
     quota: float | None = None  # a container's CPU quota, in CPUs, where one is set
-    # the share of the machine's CPUs other processes kept busy while it was timed
+    # the share of its CPUs other processes kept busy while it was timed
     # (``cpus.CpuTime``); None: not measured (before timing, or no /proc/stat)
     others: float | None = None
 
@@ -70,7 +70,7 @@ class TimingConditions:
 
     @property
     def busy(self) -> bool:
-        """Other processes kept more than ``OTHERS_BUSY`` of the machine's CPUs busy while it
+        """Other processes kept more than ``OTHERS_BUSY`` of its CPUs busy while it
         was timed. Where that was not measured, the load average before timing was above the
         CPU count (which counts this process's own work too, and so says less)."""
         if self.others is not None:
@@ -98,7 +98,7 @@ class TimingConditions:
                 load += f" (above the CPU count: {BUSY})"
         if self.others is not None:
             load += (
-                f"; other processes kept {self.others:.0%} of the machine's CPUs busy while "
+                f"; other processes kept {self.others:.0%} of its CPUs busy while "
                 "it was timed" + (f" ({BUSY})" if self.busy else "")
             )
         share = f"{self.cpus} CPU{'s' if self.cpus != 1 else ''}" + (

@@ -244,3 +244,25 @@ def test_onnx_runtimes_own_tools_get_the_share_through_its_variable(monkeypatch)
     monkeypatch.setattr(cpus, "threads", lambda: 0)
     with cpus.for_tools():
         assert cpus.ORT_THREADS not in os.environ
+
+
+def test_cpu_time_counts_the_cpus_this_process_may_run_on(tmp_path, monkeypatch):
+    """/proc/stat's busy ticks of the CPUs in the affinity mask; where its numbering is not
+    the mask's (a container's view of another host's CPUs), every CPU's."""
+    stat = tmp_path / "stat"
+    stat.write_text(
+        "cpu  300 0 100 1000 0 0 0 0 0 0\n"
+        "cpu0 200 0 100 400 0 0 0 0 0 0\n"
+        "cpu1 100 0 0 600 0 0 0 0 0 0\n"
+        "intr 12345\n"
+    )
+    monkeypatch.setattr(cpus, "PROC_STAT", stat)
+    tick = os.sysconf("SC_CLK_TCK")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    t = cpus.CpuTime.now()
+    assert (t.busy, t.cpus) == (300 / tick, 1)  # cpu0 alone: user 200 + system 100
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5})
+    t = cpus.CpuTime.now()
+    assert (t.busy, t.cpus) == (400 / tick, 2)  # the whole "cpu" line, over its 2 CPUs
+    monkeypatch.setattr(cpus, "PROC_STAT", tmp_path / "missing")
+    assert cpus.CpuTime.now().busy is None and cpus.CpuTime.now().others_since(t) is None

@@ -349,3 +349,26 @@ def test_a_sampled_fingerprint_says_how_many_calibration_rows_it_could_not_tell(
     assert held.description.endswith(
         f"{told} calibration rows left out (about {found[1]} more not told)"
     )
+
+
+def test_a_cap_that_keeps_too_few_distinct_rows_is_named(tmp_path):
+    """20 rows ten times over, then 100 others; eval_samples 32 keeps 32 rows, 27 of them
+    distinct: the cap is the cause (the file has 120 distinct rows), and the message says
+    so instead of asking for more data."""
+    from quantgate.quantize.gates import check_eval_rows
+    from quantgate.quantize.heldout import distinct_rows
+
+    feeds = rng_feeds(120, seed=5)
+    rows = {k: np.concatenate([np.tile(v[:20], (10, 1)), v[20:]]) for k, v in feeds.items()}
+    path = write_npz(tmp_path / "ev.npz", rows, np.arange(300) % 10)
+    once = distinct_rows(
+        open_source(path, DIGITS, role="evaluation", samples=32), DIGITS, where="x"
+    )
+    assert once.samples < 30 and once.repeated
+    with pytest.raises(DataError) as e:
+        check_eval_rows(once, DIGITS.task, ("logits",), 32, where="--eval ev.npz")
+    said = str(e.value)
+    assert said.startswith(
+        f"eval_samples 32 (--gate-config) keeps 32 rows of --eval ev.npz, {once.samples} once {once.repeated} repeated rows were left out"
+    ), said
+    assert "Raise eval_samples, or leave it out" in said

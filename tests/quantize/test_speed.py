@@ -114,12 +114,12 @@ def test_timing_conditions_say_when_the_machine_was_busy():
     # before (which counts this process's own work: above 2 on 2 CPUs in every run here)
     own_work = TimingConditions(threads=2, cpus=2, load=2.4, others=0.03)
     assert not own_work.busy and own_work.describe().endswith(
-        "1-minute load average 2.40 before timing; other processes kept 3% of the machine's "
-        "CPUs busy while it was timed"
+        "1-minute load average 2.40 before timing; other processes kept 3% of its CPUs busy "
+        "while it was timed"
     )
     shared = TimingConditions(threads=2, cpus=2, load=0.2, others=0.5)
     assert shared.busy and shared.describe().endswith(
-        "other processes kept 50% of the machine's CPUs busy while it was timed (timed on a "
+        "other processes kept 50% of its CPUs busy while it was timed (timed on a "
         "busy machine, may not reproduce)"
     )
     now = TimingConditions.now(3, CPU)
