@@ -465,11 +465,11 @@ def check_eval_rows(
             f"{need}. Raise eval_samples to {MIN_EVAL_ROWS} or more, or leave it out to use "
             "every row."
         )
-    if left and capped and ev.total is not None and ev.total >= MIN_EVAL_ROWS:
+    if left and capped:  # the cap, or the file: which rows the cap left are not known
         raise DataError(
             f"eval_samples {eval_samples} (--gate-config) keeps {eval_samples} rows of {where}, "
             f"{ev.samples}{dropped}; {need}. Raise eval_samples, or leave it out to use every "
-            f"row (about {ev.total} once those are left out)."
+            "row, where the file holds more; else pass more held-out rows."
         )
     if left:
         rows, kept = ev.samples, dropped
