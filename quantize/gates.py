@@ -199,9 +199,17 @@ def _integer_agreement(ref: Outputs, cand: Outputs, name: str, cfg: GateConfig) 
     """``agreement:<name>``: the share of rows whose integer output (a predicted class, ids)
     the candidate gives exactly as FP32 does, with Wilson's interval, at least
     ``min_top1_agreement``. A cosine or an R² of class indices would say how far 3 is from 7,
-    which means nothing."""
-    x, y = ref.stacked(name), cand.stacked(name)
-    same = (x.reshape(len(x), -1) == y.reshape(len(y), -1)).all(axis=1)
+    which means nothing. A per-token output (batch, sequence, ...) is compared at the row's
+    real tokens only: what a model makes of padding is no answer."""
+    rows = []
+    for a, b, mask in zip(ref.batches, cand.batches, ref.masks, strict=True):
+        x, y = a[name], b[name]
+        alike = x == y
+        if mask_fits(mask, x) or (mask is not None and x.ndim == 2 and x.shape == mask.shape):
+            pad = ~mask.astype(bool)
+            alike |= pad.reshape(pad.shape + (1,) * (x.ndim - 2))
+        rows.append(alike.reshape(len(x), -1).all(axis=1))
+    same = np.concatenate(rows)
     share = float(same.mean())
     ci = wilson(float(same.sum()), len(same), cfg.confidence)
     detail = (

@@ -1174,3 +1174,22 @@ def test_an_integer_output_is_gated_on_exact_agreement_not_on_its_values():
     worse = gates(moved)["agreement:pred"]
     assert worse.value == pytest.approx(0.92) and not worse.passed  # under min_top1 0.95
     assert "rows whose pred is exactly FP32's (92)" in worse.detail
+
+
+def test_a_per_token_integer_output_is_compared_at_real_tokens_only():
+    """A tagger's predicted tag per token: what FP32 and INT8 make of the padding differs,
+    and is no answer; only the real tokens count."""
+    rng = np.random.default_rng(2)
+    tags = rng.integers(0, 5, size=(40, 12))
+    mask = (np.arange(12)[None] < rng.integers(3, 12, 40)[:, None]).astype(np.int64)
+    noisy = np.where(mask == 1, tags, rng.integers(0, 5, size=tags.shape))  # padding differs
+
+    def agreement(y):
+        a = Outputs(["tags"], [{"tags": tags}], [mask], rows=40)
+        b = Outputs(["tags"], [{"tags": y}], [mask], rows=40)
+        return {g.name: g for g in accuracy_gates(a, b, "custom", GateConfig())}["agreement:tags"]
+
+    assert agreement(noisy).value == 1
+    moved = noisy.copy()
+    moved[0, 0] = (moved[0, 0] + 1) % 5  # a real token of one row
+    assert agreement(moved).value == pytest.approx(39 / 40)
