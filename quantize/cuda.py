@@ -57,6 +57,7 @@ class CudaGateConfig:
     warmup: int = 3
     pairs: int = 40  # at most, per variant and shape
     budget_s: float = 10.0  # per shape, shared by the variants; at least 3 pairs each
+    confidence: float = 0.95  # of each speed gate's interval (the gates' ``confidence``)
 
     def __post_init__(self):
         check_fields(self)
@@ -193,7 +194,7 @@ def gates(
     each the median of its per-pair ratios against FP32, decided by that median, with the
     order-statistic interval the CPU's speed gates give (where its pairs are known)."""
     out = []
-    confidence = GateConfig().confidence
+    confidence = cfg.confidence
     for t in timings:
         latency = t.shape == cfg.latency
         threshold = cfg.min_latency_ratio if latency else cfg.min_speedup
@@ -351,7 +352,7 @@ def gate_every_variant(
     emit("cuda", 0, 1, f"timing every variant on {provider}")
     # the throughput gate asks what the CPU's speed gates ask (--min-speedup); batch 1's stays
     # "not slower": a GPU at batch 1 is launch-bound and only ties FP32
-    default = CudaGateConfig(min_speedup=gate_cfg.min_speedup)
+    default = CudaGateConfig(min_speedup=gate_cfg.min_speedup, confidence=gate_cfg.confidence)
     seq = min(default.throughput[1], max_seq_len)
     timing = dataclasses.replace(
         default, throughput=(default.throughput[0], seq), latency=(default.latency[0], seq)

@@ -331,3 +331,19 @@ def test_a_second_cuda_gating_replaces_the_first_and_keeps_the_cpus(tmp_path):
     gated = cuda.apply_gates(f16, (_gate("speedup_b128_s128", False),))
     fast = (_gate("speedup_b128_s128", True),)
     assert cuda.apply_gates(gated, fast) == cuda.apply_gates(f16, fast)
+
+
+def test_a_cuda_speed_gates_interval_is_at_the_gates_confidence():
+    """The pairs' order-statistic interval, at the confidence the gates are configured with
+    (it was 95% whatever they said): a wider one at 99%."""
+    import dataclasses
+
+    ratios = tuple(1.0 + 0.01 * i for i in range(-10, 11))  # 21 pairs around 1.0
+    t = cuda.CudaTiming(
+        CFG.latency, {"fp32": 2.0, "fp16": 2.0}, {"fp32": 1.0, "fp16": 1.0}, 21,
+        ratios={"fp16": ratios}, fp32_ms={"fp16": 2.0},
+    )  # fmt: skip
+    (at95,) = cuda.gates("fp16", [t], CFG)
+    (at99,) = cuda.gates("fp16", [t], dataclasses.replace(CFG, confidence=0.99))
+    assert at95.ci is not None and at99.ci is not None
+    assert at99.ci[0] < at95.ci[0] <= 1.0 <= at95.ci[1] < at99.ci[1]
