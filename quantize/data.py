@@ -470,18 +470,28 @@ def without_rows(
     and with ``repeats``, without every row that repeats an earlier one (``whole_row_hashes``
     alike; the first is kept). Each pass yields the same rows in the same order; batches
     keep their length order, cut to their longest row that remains. ``samples`` and
-    ``row_hashes`` are those of the rows kept (one pass over the source, here)."""
+    ``row_hashes`` are those of the rows kept, read in one pass over the source, here;
+    later passes hash nothing again."""
     drop = np.asarray([] if drop is None else drop, dtype=np.uint64)
     tokens = model.reads_token_labels
+    # Which rows of each batch stay, decided once, here: every pass (the search makes one
+    # per candidate) takes the same batches from ``source`` and keeps the same rows
+    keeps: list[np.ndarray] = []
+    hashes, lengths = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
+    seen: set[int] = set()
+    for b in source.batches():
+        ids = row_hashes(b.feeds, model)
+        keep = ~np.isin(ids, drop)
+        if repeats:
+            for i, h in enumerate(whole_row_hashes(b.feeds, model).tolist()):
+                keep[i] = keep[i] and h not in seen
+                seen.add(h)
+        keeps.append(keep)
+        hashes.append(ids[keep])
+        lengths.append(_real_tokens(b.feeds, model).sum(1)[keep])
 
     def batches() -> Iterator[Batch]:
-        seen: set[int] = set()
-        for b in source.batches():
-            keep = ~np.isin(row_hashes(b.feeds, model), drop)
-            if repeats:
-                for i, h in enumerate(whole_row_hashes(b.feeds, model).tolist()):
-                    keep[i] = keep[i] and h not in seen
-                    seen.add(h)
+        for b, keep in zip(source.batches(), keeps, strict=True):
             if keep.all():
                 yield b
             elif keep.any():
@@ -491,10 +501,6 @@ def without_rows(
                     labels = labels[:, : _token_rows(feeds, model)[1].shape[1]]
                 yield Batch(feeds, labels, None if b.rows is None else b.rows[keep])
 
-    hashes, lengths = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
-    for b in batches():
-        hashes.append(row_hashes(b.feeds, model))
-        lengths.append(_real_tokens(b.feeds, model).sum(1))
     kept, length = np.concatenate(hashes), np.concatenate(lengths)
     dropped = source.samples - len(kept)
     digest = hashlib.sha256(source.sha256.encode())
