@@ -11,6 +11,7 @@ import collections
 import contextlib
 import csv
 import json
+import os
 import re
 import shlex
 import shutil
@@ -20,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,8 @@ class Server:
     that bootstraps the source tree first. Its output is drained on a thread after start-up
     (a full pipe would block the server); the last lines are kept for error messages.
     ``log``: a file for the server's stderr (its log) instead of that pipe, as an operator's
-    log would go: no thread of this process wakes up for each of its lines.
+    log would go: no thread of this process wakes up for each of its lines. ``cpus``: the
+    CPUs the server runs on (as ``taskset -c`` would pin it), every thread it makes.
     """
 
     def __init__(
@@ -124,12 +126,20 @@ class Server:
         *args: str,
         start_timeout: float = 120,
         log: Path | None = None,
+        cpus: Collection[int] | None = None,
     ):
         cmd = [*cli, "serve", str(bundle), "--host", "127.0.0.1", "--port", "0", *args]
         self.args = cmd[len(cli) :]
         self.log = log
         with open(log, "w") if log else contextlib.nullcontext(subprocess.STDOUT) as stderr:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                # in the child before exec: the mask passes to every thread it starts
+                preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
+            )
         self.lines: collections.deque[str] = collections.deque(maxlen=50)
         self.serving: list[str] = []  # the server's "serving ..." lines: what it chose
         self._up = threading.Event()

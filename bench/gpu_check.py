@@ -20,7 +20,9 @@ One script, under 4 minutes on an H100/H200, that:
   5. starts `quantgate serve` as a subprocess and compares batch-1, sequence-128 requests
      through gRPC with the same variant run in-process: the Python client
      (quantgate.serve.client) request by request in turn with in-process runs, and
-     perf_analyzer windows alternating with in-process windows;
+     perf_analyzer windows alternating with in-process windows; then two servers alike
+     but for ONNX Runtime's CPU threads, and three alike but for the CPUs they are pinned
+     to (none, one, two: what a bare gRPC round trip costs on a many-core host);
   6. prints one table naming the card and, when $OUT is set, writes gpu_check.json and
      gpu_check.md there.
 
@@ -632,6 +634,64 @@ def served_threads(bundle: Path, provider: str, sizes) -> dict:
     }
 
 
+def served_pinned(bundle: Path, provider: str, sizes) -> dict:
+    """Where a lone request's gRPC round trip goes on a many-core host: `quantgate serve`
+    unpinned, pinned to one CPU and to two (the last of this process's CPUs), side by side.
+    Per round, in turn: a request to each, an in-process run, and a bare round trip
+    (ServerLive) to each. Each server's gap is the median of its per-round differences from
+    the in-process run."""
+    from quantgate.serve.client import Client
+    from quantgate.serve.config import ServeConfig
+    from quantgate.serve.runtime import open_model
+
+    device = "cuda" if provider == CUDA else "cpu"
+    args = ["--device", device, "--allow-failed-gates"]
+    usable = sorted(os.sched_getaffinity(0))
+    pins = {"unpinned": None, "1 CPU": usable[-1:], "2 CPUs": usable[-2:]}
+    feed = bundle_feed(bundle, 1, 128)
+    cfg = ServeConfig(path=bundle, device=device, allow_failed_gates=True)
+    model = open_model(bundle, cfg, provider)
+    with contextlib.ExitStack() as stack:
+        clients = {}
+        for name, cpus in pins.items():
+            server = stack.enter_context(Server(quantgate_cli(), bundle, *args, cpus=cpus))
+            clients[name] = stack.enter_context(Client(server.url, timeout=30))
+        for _ in range(20):
+            model.run(feed)
+            for c in clients.values():
+                c.infer("minilm", feed)
+                c.live()
+        served = {n: [] for n in pins}
+        live = {n: [] for n in pins}
+        local = []
+        for _ in range(sizes["serve_requests"]):
+            for name, c in clients.items():
+                t = time.perf_counter()
+                c.infer("minilm", feed)
+                served[name].append((time.perf_counter() - t) * 1e3)
+            t = time.perf_counter()
+            model.run(feed)
+            local.append((time.perf_counter() - t) * 1e3)
+            for name, c in clients.items():
+                t = time.perf_counter()
+                c.live()
+                live[name].append((time.perf_counter() - t) * 1e3)
+    med = statistics.median
+    return {
+        "cpus": {n: c if c is None else list(c) for n, c in pins.items()},
+        "in_process_p50_ms": med(local),
+        "requests": len(local),
+        **{
+            name: {
+                "p50_ms": med(served[name]),
+                "gap_ms": med(g - i for g, i in zip(served[name], local, strict=True)),
+                "bare_rpc_p50_ms": med(live[name]),
+            }
+            for name in pins
+        },
+    }
+
+
 # -- report ---------------------------------------------------------------------------------
 
 
@@ -745,6 +805,21 @@ def table(r: dict) -> str:
             f"{th['default_p50_ms']:.2f} ms; {th['other_threads']} thread(s): "
             f"{th['other_p50_ms']:.2f} ms ({th['other_minus_default_ms']:+.2f} ms, median of "
             "per-pair differences)."
+        ),
+    )
+    lines += _measured(
+        r.get("served_pinned"),
+        "Served, pinned to CPUs",
+        lambda pn: (
+            f"Served, three servers side by side ({pn['requests']} rounds, in turn with an "
+            f"in-process run at {pn['in_process_p50_ms']:.2f} ms): "
+            + "; ".join(
+                f"{n}{'' if pn['cpus'][n] is None else ' ' + str(pn['cpus'][n])}: p50 "
+                f"{pn[n]['p50_ms']:.2f} ms ({pn[n]['gap_ms']:+.2f} ms), bare round trip "
+                f"{pn[n]['bare_rpc_p50_ms']:.2f} ms"
+                for n in pn["cpus"]
+            )
+            + " (gaps: medians of per-round differences from the in-process run)."
         ),
     )
     if host := r.get("host"):
@@ -895,6 +970,8 @@ def main() -> int:
         stage("serving", lambda: serving(bundle, provider, sizes))
         log("serving: the CPU threads a CUDA session gets, compared")
         stage("served_threads", lambda: served_threads(bundle, provider, sizes))
+        log("serving: the server pinned to one or two CPUs, and not")
+        stage("served_pinned", lambda: served_pinned(bundle, provider, sizes))
     r["elapsed_s"] = time.perf_counter() - T0
     md = table(r)
     print(md)

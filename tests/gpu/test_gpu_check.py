@@ -61,8 +61,14 @@ def test_gpu_check_quick_runs_on_cpu_without_quantgate_installed(tmp_path):
     # two servers alike but for ONNX Runtime's CPU threads (on CUDA: one against the pool)
     threads = report["served_threads"]
     assert threads["other_threads"] == 1 and threads["default_p50_ms"] > 0, threads
+    # three servers alike but for the CPUs they run on: pinned as asked, each measured
+    pinned = report["served_pinned"]
+    last = sorted(os.sched_getaffinity(0))
+    assert pinned["cpus"] == {"unpinned": None, "1 CPU": last[-1:], "2 CPUs": last[-2:]}
+    assert all(pinned[n]["bare_rpc_p50_ms"] > 0 for n in pinned["cpus"]), pinned
     md = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "CPU only" in md and "| ORT FP16 |" in md and "through gRPC" in md
     assert "two servers alike but for ONNX Runtime's CPU threads" in md
+    assert "three servers side by side" in md
     assert f"Host: cpus {os.cpu_count()}" in md
     assert md.strip() in r.stdout
