@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
+from quantgate.bundle import printable_name
 from quantgate.configs import check_fields, config_class
 from quantgate.errors import ConfigError
 
@@ -44,5 +45,10 @@ class ExportConfig:
             )
         if self.mid_batch < 2:
             raise ConfigError(f"mid_batch must be at least 2, got {self.mid_batch}")
+        if self.name is not None and not printable_name(self.name):
+            raise ConfigError(
+                f"name {self.name!r}: expected a non-empty name without control characters "
+                "(line breaks, escapes): it goes into log lines and metadata as it is"
+            )
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise ConfigError(f"max_seq_len must be positive, got {self.max_seq_len}")

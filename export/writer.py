@@ -25,6 +25,7 @@ from quantgate.bundle import (
     GateResult,
     Manifest,
     Variant,
+    printable_name,
     sha256_file,
     staging,
     verdict_of,
@@ -123,6 +124,12 @@ def write_bundle(
     out = Path(out)
     if not result.onnx.is_file():
         raise BundleError(f"{result.onnx} is gone; write_bundle needs the export's workdir")
+    name = name or out.absolute().name
+    if not printable_name(name):
+        raise BundleError(
+            f"bundle name {name!r} holds a control character (a line break, an escape), which "
+            "would reach log lines and terminals as it is: name it otherwise (--name)"
+        )
     seen = {"fp32"}
     for v in variants:
         if v.precision not in PRECISIONS or v.precision in seen:
@@ -162,7 +169,7 @@ def write_bundle(
                 )
             shutil.copyfile(f, tmp / Path(f).name)
         manifest = Manifest(
-            name=name or out.absolute().name,
+            name=name,
             task=result.task,
             inputs=result.inputs,
             outputs=result.outputs,

@@ -43,11 +43,13 @@ import hashlib
 import json
 import math
 import os
+import posixpath
 import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Collection, Iterator
+import unicodedata
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -392,6 +394,19 @@ def _kind(test: Callable[[Any], bool], expected: str) -> _Check:
 
 _TEXT = _kind(lambda x: isinstance(x, str), "a string")
 _NAME = _kind(lambda x: isinstance(x, str) and x.strip() != "", "a non-empty string")
+
+
+def printable_name(name: str) -> bool:
+    """Whether ``name`` may name a model: not blank, no control character (a line break, an
+    escape). The name goes into log lines, metadata and terminals as it is: one holding a
+    line break forged a `listening on` line that scripts read the port from."""
+    return name.strip() != "" and not any(unicodedata.category(c) == "Cc" for c in name)
+
+
+_MODEL_NAME = _kind(
+    lambda x: isinstance(x, str) and printable_name(x),
+    "a non-empty name without control characters (line breaks, escapes)",
+)
 _OBJECT = _kind(lambda x: isinstance(x, dict), "an object")
 _OBJECT_OR_NULL = _kind(lambda x: x is None or isinstance(x, dict), "an object or null")
 _NAMES = _kind(
@@ -511,6 +526,28 @@ def _variant(v: Any, where: str) -> list[str]:
     return problems
 
 
+def _tokenizer_problem(d: dict[str, Any], hf: dict[str, Any]) -> str | None:
+    """What is wrong with where a manifest says its tokenizer is: a bundle reads it from
+    its own folder, and from format 2 on, only files ``files`` hashes. A path out of the
+    bundle (``../x``, ``/x``) would tokenize with files no sha256 vouches for: another
+    vocabulary, other ids, for text that looks the same."""
+    tok = hf["tokenizer"]
+    if not _is_relative_path(tok.rstrip("/") if isinstance(tok, str) else tok):
+        return (
+            f"expected a folder of the bundle (a relative path, {TOKENIZER_DIR!r} as export "
+            f"writes it), found {_found(tok)}"
+        )
+    files = d.get("files")
+    hashed = isinstance(files, dict) and any(f.startswith(tok.rstrip("/") + "/") for f in files)
+    fmt = d.get("format_version", FORMAT_VERSION)
+    if _is_int(fmt) and fmt >= 2 and not hashed:
+        return (
+            f"{tok!r} has no file listed in files: its files are hashed there as export lists "
+            "them; export the model again"
+        )
+    return None
+
+
 def manifest_problems(d: dict[str, Any]) -> list[str]:
     """Every way ``d`` (a parsed manifest.json) differs from what ``write_manifest`` writes."""
     files = _kind(
@@ -521,7 +558,7 @@ def manifest_problems(d: dict[str, Any]) -> list[str]:
         d,
         "manifest",
         {
-            "name": _NAME,
+            "name": _MODEL_NAME,
             "task": _NAME,
             "inputs": _kind(lambda x: isinstance(x, list), "a list of tensors"),
             "outputs": _kind(lambda x: isinstance(x, list), "a list of tensors"),
@@ -577,10 +614,8 @@ def manifest_problems(d: dict[str, Any]) -> list[str]:
         hf = extra.get("huggingface")
         if hf is not None and not isinstance(hf, dict):
             problems.append(f"extra.huggingface: expected an object, found {_found(hf)}")
-        elif hf and hf.get("tokenizer") is not None and _NAME(hf["tokenizer"]):
-            problems.append(
-                f"extra.huggingface.tokenizer: expected a folder path, found {_found(hf['tokenizer'])}"
-            )
+        elif hf and hf.get("tokenizer") is not None and (said := _tokenizer_problem(d, hf)):
+            problems.append(f"extra.huggingface.tokenizer: {said}")
         elif hf and hf.get("tokenizers") is not None:  # how to run the tokenizer: its module's
             from quantgate.tokenizer import settings_problems
 
@@ -701,6 +736,21 @@ def check_files(bundle: Bundle, *, hashed_when_read: Collection[str] = ()) -> No
             f"bundle {bundle.path}: {_listed(problems)}Restore the files from the original "
             "bundle, or re-create it with `quantgate export`."
         )
+
+
+def unlisted_weights(manifest: Manifest, variant: Variant, locations: Iterable[str]) -> str | None:
+    """What is wrong where ``variant``'s model keeps weights in files (ONNX external data,
+    ``locations`` relative to the bundle) that the manifest does not list: no sha256
+    vouches for what would be read there; None where it lists them all."""
+    unlisted = sorted({posixpath.normpath(x) for x in locations} - set(manifest.files))
+    if not unlisted:
+        return None
+    return (
+        f"variant {variant.precision}'s {variant.file} keeps weights in "
+        f"{', '.join(unlisted)}, which the manifest does not list: no sha256 vouches for what "
+        "would be read there. Export the model again (export lists every file a model keeps "
+        "its weights in)."
+    )
 
 
 def _read_json(mpath: Path) -> Any:
@@ -1077,12 +1127,15 @@ def _replace_file(path: Path, text: str) -> None:
 
 def _link_all(src: Path, dst: Path, *, skip: set[str]) -> None:
     """Hard-link (or copy) everything in ``src`` into ``dst`` except the names in ``skip``;
-    folders (the tokenizer) are recreated and their files linked."""
+    folders (the tokenizer) are recreated and their files linked. A symbolic link stays a
+    link: what it points to outside the bundle is never copied into it."""
     for p in src.iterdir():
         if p.name in skip:
             continue
-        if p.is_dir():
-            shutil.copytree(p, dst / p.name, copy_function=_link_or_copy)
+        if p.is_symlink():
+            os.symlink(os.readlink(p), dst / p.name)
+        elif p.is_dir():
+            shutil.copytree(p, dst / p.name, symlinks=True, copy_function=_link_or_copy)
         elif p.is_file():
             _link_or_copy(p, dst / p.name)
 

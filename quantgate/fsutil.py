@@ -195,8 +195,22 @@ def _lock(path: Path, out: Path) -> int:
     """An open descriptor of ``path`` holding its exclusive lock, emptied for its holder's
     line; ``Busy`` where another process holds it."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
+            # never through a link: one planted there would have its target emptied
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise Busy(
+                f"{path} is a symbolic link, where quantgate keeps the lock that claims {out}. "
+                "quantgate writes no lock through a link: remove it (and find out who made it)."
+            ) from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise Busy(
+                    f"{path} is not a file, where quantgate keeps the lock that claims {out}: "
+                    "remove it."
+                )
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "no details"
@@ -215,7 +229,7 @@ def _lock(path: Path, out: Path) -> int:
             os.close(fd)
             raise
         try:
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
+            if os.path.samestat(os.fstat(fd), os.lstat(path)):
                 os.ftruncate(fd, 0)
                 return fd
         except FileNotFoundError:

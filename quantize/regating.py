@@ -22,6 +22,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from quantgate import onnxfiles
 from quantgate.bundle import (
     Bundle,
     GateResult,
@@ -31,6 +32,7 @@ from quantgate.bundle import (
     check_writable_target,
     load,
     rewrite,
+    unlisted_weights,
 )
 from quantgate.configs import require
 from quantgate.errors import BundleError, ConfigError, DataError
@@ -131,7 +133,17 @@ def regate(
         if provider is not None:
             settings = settings.with_overrides(provider=provider)
         check_files(bundle)  # every file's sha256
+        check_weights_listed(bundle)
         return _regate(bundle, evaluation, settings, recorded, on_progress, allow_unlabelled)
+
+
+def check_weights_listed(bundle: Bundle) -> None:
+    """BundleError where a variant keeps weights in a file the manifest does not list (and
+    so does not hash): the gates would measure what no sha256 vouches for."""
+    for v in bundle.manifest.variants:
+        locations = onnxfiles.external_locations(bundle.path / v.file)
+        if said := unlisted_weights(bundle.manifest, v, locations):
+            raise BundleError(f"bundle {bundle.path}: {said}")
 
 
 def _regate(

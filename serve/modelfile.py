@@ -87,8 +87,21 @@ def uses_external_data(data: bytes) -> bool:
     A walk of the protobuf wire format that steps over the tensors' values unread (no copy
     of the model, no parse of its weights: milliseconds). Bytes that are not a model answer
     False: ONNX Runtime then says what is wrong with them."""
+    return _external(data)[0]
+
+
+def external_locations(data: bytes) -> set[str]:
+    """The files the serialized ONNX model ``data`` keeps tensors' values in (each
+    ``external_data`` entry's ``location``, relative to the model's folder), as ONNX Runtime
+    would read them."""
+    return _external(data)[1]
+
+
+def _external(data: bytes) -> tuple[bool, set[str]]:
+    """(whether any tensor of ``data`` is external, the locations named): one walk."""
     buf = memoryview(data)
     todo = [(_MODEL, 0, len(buf))]
+    external, locations = False, set()
     try:
         while todo:
             kind, i, end = todo.pop()
@@ -99,11 +112,14 @@ def uses_external_data(data: bytes) -> bool:
                 if wire == 0:
                     value, i = _varint(buf, i)
                     if kind == _TENSOR and field == _DATA_LOCATION and value == _EXTERNAL:
-                        return True
+                        external = True
                 elif wire == 2:
                     size, i = _varint(buf, i)
                     if kind == _TENSOR and field == _EXTERNAL_DATA:
-                        return True
+                        external = True
+                        entry = _entry(buf[i : i + size])
+                        if entry.get("location") is not None:
+                            locations.add(entry["location"])
                     if field in holds:
                         todo.append((holds[field], i, i + size))
                     i += size
@@ -112,10 +128,26 @@ def uses_external_data(data: bytes) -> bool:
                 elif wire == 5:
                     i += 4
                 else:  # groups (3, 4): not in ONNX's messages
-                    return False
-    except IndexError:  # truncated
-        return False
-    return False
+                    return False, set()
+    except (IndexError, UnicodeDecodeError):  # truncated, or no model
+        return False, set()
+    return external, locations
+
+
+def _entry(buf: memoryview) -> dict[str, str]:
+    """A StringStringEntryProto (key = 1, value = 2) as {key: value}."""
+    got: dict[int, str] = {}
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        if key & 7 != 2:
+            raise IndexError  # not the entry's own wire types: no model
+        size, i = _varint(buf, i)
+        if i + size > len(buf):
+            raise IndexError
+        got[key >> 3] = bytes(buf[i : i + size]).decode()
+        i += size
+    return {got[1]: got.get(2, "")} if 1 in got else {}
 
 
 def _varint(buf: memoryview, i: int) -> tuple[int, int]:

@@ -211,6 +211,16 @@ def test_a_gate_value_that_is_not_a_number_is_a_clear_error(tmp_path):
         (lambda d: d.update(owner="me"), r"unknown field\(s\) 'owner'.*under extra"),
         (lambda d: d["inputs"][0].update(dims=5), r"inputs\[0\]\.dims: expected a list"),
         (lambda d: d.update(files={"../x": "0" * 64}), r"files: expected an object of paths"),
+        # a name goes into log lines as it is: a line break forged a "listening on" line
+        (
+            lambda d: d.update(name="m v1: fp32\nlistening on 127.0.0.1:1\nx"),
+            r"name: expected a non-empty name without control characters",
+        ),
+        (lambda d: d.update(name="m\x1b]0;title\x07"), "without control characters"),
+        # a tokenizer read from outside the bundle is one no sha256 vouches for
+        (lambda d: hf(d, "../../evil_tok"), r"tokenizer: expected a folder of the bundle"),
+        (lambda d: hf(d, "/etc/tok"), r"tokenizer: expected a folder of the bundle"),
+        (lambda d: hf(d, "tokenizer"), r"'tokenizer' has no file listed in files"),
     ],
 )
 def test_a_manifest_of_the_wrong_shape_is_a_clear_error(tmp_path, edit, message):
@@ -408,6 +418,11 @@ def test_inspect_of_a_manifest_with_a_wrong_type_exits_2(cli, tmp_path):
     assert "2 problems:" in r.stderr
 
 
+def hf(d: dict, tokenizer: str) -> None:
+    """Point manifest ``d`` at ``tokenizer``, as a Hugging Face export does."""
+    d.setdefault("extra", {}).setdefault("huggingface", {})["tokenizer"] = tokenizer
+
+
 def with_tokenizer(out):
     """A bundle whose manifest lists its tokenizer's files, as export writes them."""
     with qb.staging(out) as tmp:
@@ -438,6 +453,10 @@ def test_a_tampered_tokenizer_is_refused(tmp_path, tamper, message):
     """`quantgate gate` tokenizes its evaluation text with the bundle's tokenizer: a changed
     vocabulary would change every gate's input without a word."""
     b = with_tokenizer(tmp_path / "b")
+    d = json.loads((b.path / qb.MANIFEST).read_text())
+    hf(d, "tokenizer/")  # the bundle's own, its files listed: read
+    (b.path / qb.MANIFEST).write_text(json.dumps(d))
+    assert qb.load(b.path).manifest.extra["huggingface"]["tokenizer"] == "tokenizer/"
     tamper(b.path / "tokenizer")
     with pytest.raises(BundleError, match=message):
         qb.load(b.path)

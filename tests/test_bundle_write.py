@@ -232,6 +232,25 @@ def test_a_replaced_bundle_keeps_its_directory_mode(tmp_path):
         os.umask(umask)
 
 
+def test_a_rewrite_keeps_links_as_links_and_copies_nothing_from_outside(tmp_path):
+    """`quantgate gate` rewrites a bundle by linking its files into a new copy: a link in
+    it to a folder outside (a CI runner's ~/.ssh) was copied into the bundle, content and
+    all, to be published with it."""
+    secret = tmp_path / "secretdir"
+    secret.mkdir()
+    (secret / "id_rsa").write_text("key")
+    b = write(tmp_path / "b")
+    (b.path / "extra_dir").symlink_to(secret)
+    (b.path / "notes.txt").symlink_to(secret / "id_rsa")
+    (b.path / "tok").mkdir()
+    (b.path / "tok" / "inside").symlink_to("../model.fp32.onnx")  # relative, in the bundle
+    qb.rewrite(b, b.manifest, "# report\n")
+    for link, to in (("extra_dir", secret), ("notes.txt", secret / "id_rsa")):
+        assert (b.path / link).is_symlink() and (b.path / link).readlink() == to
+    assert (b.path / "tok" / "inside").is_symlink() and (b.path / "tok/inside").read_text() == "one"
+    assert (b.path / "report.md").read_text() == "# report\n"
+
+
 def test_replaced_folders_are_recorded_only_while_someone_listens(tmp_path):
     """The CLI records what a command replaced, to name it if interrupted after; a program
     writing bundle after bundle keeps no list growing by one path a bundle."""
@@ -409,6 +428,22 @@ def test_claims_nest_within_a_process(tmp_path):
         with pytest.raises(Busy):  # another thread of the process: another claim
             other.result(10)
     assert not (tmp_path / ".b.lock").exists()
+
+
+def test_a_link_planted_where_the_lock_goes_is_refused_and_its_target_kept(tmp_path):
+    """Lock files have predictable names: in a folder others may write, a link planted at
+    one had its target (any file the user may write) emptied and overwritten."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (tmp_path / ".b.lock").symlink_to(precious)
+    refused = pytest.raises(Busy, match=r"\.b\.lock is a symbolic link.*remove it")
+    with refused, fsutil.claimed(tmp_path / "b", "a re-gate"):
+        pass
+    assert precious.read_text() == "keep me" and (tmp_path / ".b.lock").is_symlink()
+    (tmp_path / ".b.lock").unlink()
+    os.mkfifo(tmp_path / ".b.lock")  # no file: no lock to take there, and nothing to wait on
+    with pytest.raises(Busy, match="is not a file"), fsutil.claimed(tmp_path / "b", "x"):
+        pass
 
 
 def test_a_claim_where_no_folder_exists_yet_goes_on_unclaimed(tmp_path):

@@ -315,3 +315,28 @@ def test_a_bundle_that_is_a_mount_point_is_regated_in_place(cli, bundle, gate_fi
         assert load(target).manifest.verdict == "pass"
     finally:
         subprocess.run(["umount", str(target)], check=True)
+
+
+def test_a_regate_refuses_weights_in_a_file_the_manifest_does_not_list(cli, bundle):
+    """External weights no sha256 vouches for would be gated as if they were the export's."""
+    import dataclasses
+
+    import onnx
+
+    from quantgate.bundle import sha256_file, write_manifest
+
+    m = load(bundle).manifest
+    fp32 = m.variant("fp32")
+    onnx.save_model(onnx.load(bundle / fp32.file), bundle / fp32.file, save_as_external_data=True,
+                    location="w.bin", size_threshold=0)  # fmt: skip
+    variants = tuple(
+        dataclasses.replace(v, sha256=sha256_file(bundle / v.file)) if v is fp32 else v
+        for v in m.variants
+    )
+    write_manifest(bundle, dataclasses.replace(m, variants=variants))
+    before = (bundle / "manifest.json").read_text()
+    r = cli("gate", bundle)
+    assert r.code == 2, r.stderr
+    assert "variant fp32's model.fp32.onnx keeps weights in w.bin, which the manifest does not " \
+           "list" in r.stderr  # fmt: skip
+    assert (bundle / "manifest.json").read_text() == before  # nothing rewritten

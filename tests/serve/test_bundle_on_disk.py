@@ -126,6 +126,22 @@ def test_a_model_with_external_data_is_opened_by_its_path(tmp_path, sessions):
     assert served.index_limits == {"input_ids": bundles.VOCAB}
 
 
+def test_weights_in_a_file_the_manifest_does_not_list_are_refused(tmp_path, sessions):
+    """External weights no sha256 vouches for: zeroed, they were served as if verified."""
+    b = bundles.build(tmp_path / "b", "encoder")
+    model = onnx.load(b / MODEL_FILE)
+    onnx.save_model(model, b / MODEL_FILE, save_as_external_data=True, location="./weights.bin",
+                    size_threshold=0)  # fmt: skip
+    assert modelfile.external_locations((b / MODEL_FILE).read_bytes()) == {"./weights.bin"}
+    manifest = qb.load(b, verify=False).manifest
+    fp32 = dataclasses.replace(manifest.variants[0], sha256=qb.sha256_file(b / MODEL_FILE))
+    qb.write_manifest(b, dataclasses.replace(manifest, variants=(fp32,), files={}))
+    with pytest.raises(BundleError, match=r"variant fp32's model\.fp32\.onnx keeps weights in "
+                       r"weights\.bin, which the manifest does not list"):  # fmt: skip
+        _open(b)
+    assert sessions == []  # refused before any session read them
+
+
 def _tensor(name: str, external: bool) -> onnx.TensorProto:
     t = helper.make_tensor(name, TensorProto.FLOAT, [2], [1.0, 2.0])
     if external:
@@ -155,6 +171,8 @@ def test_external_data_is_found_in_initializers_and_in_subgraphs_attributes():
     assert modelfile.uses_external_data(_model(initializer=True))
     assert modelfile.uses_external_data(_model(in_subgraph=True))
     assert not modelfile.uses_external_data(b"not a model \xff\xff")  # ORT says what is wrong
+    assert modelfile.external_locations(_model(in_subgraph=True)) == {"w.bin"}
+    assert modelfile.external_locations(_model()) == set()
 
 
 def test_the_field_numbers_walked_are_onnx_own():
