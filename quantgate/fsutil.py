@@ -244,6 +244,39 @@ _FULL = {
 }
 
 
+def others_may_write(path: Path) -> str | None:
+    """Who besides its owner may write the file at ``path`` (followed through links: a
+    mounted secret's), by its mode: "its group", "every user", or both; None where no one."""
+    mode = path.stat().st_mode
+    who = [
+        w for bit, w in ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "every user")) if mode & bit
+    ]
+    return " and ".join(who) or None
+
+
+def secret_file(flag: str, path: Path, *, secret: bool, error: type[Exception]) -> None:
+    """Refuse (``error``) a file the server trusts (a token file, a TLS key, a certificate)
+    that others may write: whoever can write it grants themselves access or serves their own
+    certificate, and the server reads it again when it changes. Where ``secret``, warn that
+    every user may read it. Called at each read, a reload's too."""
+    try:
+        mode = path.stat().st_mode
+        writers = others_may_write(path)
+    except OSError:
+        return  # the read that follows says why it cannot be read
+    if writers:
+        raise error(
+            f"{flag} {path} may be written by {writers} (mode {stat.S_IMODE(mode):04o}): whoever "
+            f"can write it could give themselves access. Make it writable by its owner alone: "
+            f"chmod go-w {path}"
+        )
+    if secret and mode & stat.S_IROTH:
+        log.warning(
+            "%s %s may be read by every user of this host (mode %04o): chmod o-r %s",
+            flag, path, stat.S_IMODE(mode), path,
+        )  # fmt: skip
+
+
 def disk_full(err: BaseException) -> bool:
     """Whether ``err``, or an exception it was raised from, says a filesystem is full: an
     OSError's errno, or the text a C++ library (ONNX Runtime, PyTorch) put in its message."""

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 
+from quantgate import fsutil
 from quantgate.errors import ConfigError
 from quantgate.serve.config import ServeConfig, token_problem
 from quantgate.serve.refusals import refusal
@@ -49,7 +50,9 @@ DENIED = "missing or invalid bearer token: send metadata 'authorization: Bearer 
 
 
 def read_tokens(path: Path) -> tuple[bytes, ...]:
-    """The tokens in the file at ``path``; a ConfigError when there is none or one is bad."""
+    """The tokens in the file at ``path``; a ConfigError when there is none or one is bad,
+    or when others may write the file (``fsutil.secret_file``)."""
+    fsutil.secret_file("--auth-token-file", path, secret=True, error=ConfigError)
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import grpc
 
+from quantgate import fsutil
 from quantgate.errors import ServeError
 from quantgate.serve.config import TLSConfig
 from quantgate.serve.watch import Watched
@@ -50,6 +51,13 @@ class Material:
 def read(tls: TLSConfig, now: datetime | None = None) -> Material:
     """The files of ``tls``, checked (module docstring); a ServeError names the file and
     what to do."""
+    for flag, path in (
+        ("--tls-cert", tls.cert),
+        ("--tls-key", tls.key),
+        ("--tls-client-ca", tls.client_ca),
+    ):
+        if path is not None:
+            fsutil.secret_file(flag, path, secret=flag == "--tls-key", error=ServeError)
     cert = read_pem("--tls-cert", tls.cert, CERT)
     key = read_pem("--tls-key", tls.key, KEY)
     ca = read_pem("--tls-client-ca", tls.client_ca, CERT) if tls.client_ca else None

@@ -72,6 +72,7 @@ def server_files(
             serialization.NoEncryption(),
         )
     )
+    key_file.chmod(0o600)  # as openssl and certbot leave a key: its owner's alone
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_file, key_file
 

@@ -424,6 +424,11 @@ def test_a_token_file_is_read_again_when_it_changes(repo, tmp_path):
         assert eventually(lambda: answers("new-token") and "holds no token" in srv.log), srv.log
         assert "the tokens read before stay in force" in srv.log
         assert answers("new-token") and not answers("old-token")
+        tokens.chmod(0o666)  # whoever may write it could give themselves a token
+        tokens.write_text("evil-token\nnew-token\n")
+        assert eventually(lambda: answers("new-token") and "may be written by" in srv.log), srv.log
+        assert not answers("evil-token")
+        tokens.chmod(0o600)
         from tritonclient.grpc import service_pb2, service_pb2_grpc
 
         with grpc.insecure_channel(srv.url) as channel:  # the header once, or refused
@@ -689,6 +694,15 @@ def test_serve_refuses_unusable_tokens_and_a_delay_with_no_batching(repo, tmp_pa
         "serve", str(repo / "classifier"), "--port", "0", "--auth-token-file", str(empty)
     )
     assert r.returncode == 2 and f"--auth-token-file {empty} holds no token" in r.stderr, r.stderr
+    shared = tmp_path / "shared-tokens"
+    shared.write_text("s3cret\n")
+    shared.chmod(0o646)
+    r = _quantgate(
+        "serve", str(repo / "classifier"), "--port", "0", "--auth-token-file", str(shared)
+    )
+    assert r.returncode == 2, r.stderr
+    assert f"--auth-token-file {shared} may be written by every user (mode 0646)" in r.stderr
+    assert f"chmod go-w {shared}" in r.stderr and "s3cret" not in r.stderr
     r = _quantgate("serve", str(repo / "classifier"), "--port", "0", "--auth-token-file",
                    str(empty), "--auth-token", "s3cret")  # fmt: skip
     assert r.returncode == 2 and "give one (the file can hold several" in r.stderr, r.stderr

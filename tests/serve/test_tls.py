@@ -47,6 +47,24 @@ def test_a_certificate_out_of_its_dates_is_refused_and_one_about_to_expire_warne
     assert re.search(r"--tls-cert \S+ expires on .* UTC, in 3.0 days: renew it", r.stderr), r.stderr
 
 
+def test_tls_files_others_may_write_are_refused_and_a_key_all_may_read_warned(repo, tmp_path):
+    """Whoever may write the key and certificate serves their own (the server reads them
+    again when they change); whoever may write the client CA signs their own clients."""
+    cert, key = pki.server_files(tmp_path / "tls", pki.authority())
+    key.chmod(0o644)
+    r = _check(repo, cert, key)
+    assert r.returncode == 0, r.stderr
+    assert f"--tls-key {key} may be read by every user of this host (mode 0644)" in r.stderr
+    key.chmod(0o666)
+    r = _check(repo, cert, key)
+    assert r.returncode == 2 and "ready to serve" not in r.stdout, r.stderr
+    assert f"--tls-key {key} may be written by its group and every user (mode 0666)" in r.stderr
+    key.chmod(0o600)
+    cert.chmod(0o664)
+    r = _check(repo, cert, key)
+    assert r.returncode == 2 and f"--tls-cert {cert} may be written by its group" in r.stderr
+
+
 def _health(url: str, root: bytes) -> int:
     """One health check over a new channel that trusts ``root``."""
     with grpc.secure_channel(url, grpc.ssl_channel_credentials(root)) as channel:
