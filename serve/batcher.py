@@ -83,6 +83,10 @@ class Caller:
         for hook in hooks:
             hook()
 
+    def at_end(self, hook: Callable[[], None]) -> bool:
+        """Run ``hook`` when the call ends; False (and no hook) where it has ended."""
+        return self._watch(-1, hook)  # no request's key: ids are positive
+
     def _watch(self, key: int, hook: Callable[[], None]) -> bool:
         """Run ``hook`` if the caller goes; False (and no hook) when it already has."""
         with self._lock:

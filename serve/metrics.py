@@ -114,7 +114,8 @@ class Metrics:
         )
         self.calls_in_flight = prom.Gauge(
             "quantgate_calls_in_flight",
-            "Calls of any RPC on the request threads, running or waiting for one: at "
+            "Calls of any RPC on the request threads, running or waiting for one, and "
+            "answers not yet taken by their clients: at "
             "quantgate_calls_in_flight_limit, new calls are refused (overload)",
             registry=r,
         )

@@ -285,8 +285,9 @@ class RequestThreads(futures.ThreadPoolExecutor):
 
 
 class Overload(grpc.ServerInterceptor):
-    """Beyond ``limit`` calls in flight on the request threads (running, or waiting for
-    one), a new call is answered UNAVAILABLE at once, as a full queue is (retryable, with
+    """Beyond ``limit`` calls in flight (on the request threads, running or waiting for
+    one, or answered and the answer not yet taken by the client: ``unsent``), a new call is
+    answered UNAVAILABLE at once, as a full queue is (retryable, with
     backoff), and counted (``on_refusal``), with an access-log line where ``access_log``.
     gRPC's own limit (``maximum_concurrent_rpcs``) answers RESOURCE_EXHAUSTED instead, in
     code of its own that runs before any handler or interceptor could count the call; it
@@ -312,9 +313,11 @@ class Overload(grpc.ServerInterceptor):
         open_threads: RequestThreads,
         open_limit: int,
         is_open: Callable[[str], bool],
+        unsent: Callable[[], int] = lambda: 0,
         access_log: bool = False,
     ):
         self.limit = limit
+        self.unsent = unsent
         self._threads = threads
         self._open = open_threads
         self._open_limit = open_limit
@@ -325,7 +328,7 @@ class Overload(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, details):
         if not self._is_open(details.method):
-            if self._threads.in_flight < self.limit:
+            if self.in_flight() < self.limit:
                 return continuation(details)
             return self._refusal(
                 details.method,
@@ -340,6 +343,10 @@ class Overload(grpc.ServerInterceptor):
             )
         handler = continuation(details)
         return None if handler is None else _on_pool(handler, self._open)
+
+    def in_flight(self) -> int:
+        """The calls this limit counts."""
+        return self._threads.in_flight + self.unsent()
 
     def _refusal(self, method: str, message: str) -> grpc.RpcMethodHandler:
         def counted(context) -> None:
@@ -524,9 +531,9 @@ def _built(
     overload = Overload(
         pool, 2 * threads, engine.metrics.overloaded.inc, refusals=refusals,
         open_threads=open_pool, open_limit=2 * open_threads, is_open=_open_call,
-        access_log=cfg.access_log,
+        unsent=lambda: servicer.unsent.count, access_log=cfg.access_log,
     )  # fmt: skip
-    engine.metrics.calls_in_flight.set_function(lambda: pool.in_flight)
+    engine.metrics.calls_in_flight.set_function(overload.in_flight)
     engine.metrics.calls_in_flight_limit.set(overload.limit)
     interceptors: list[grpc.ServerInterceptor] = [streams]
     if tokens is not None:

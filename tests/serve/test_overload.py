@@ -144,3 +144,45 @@ def test_calls_without_a_token_hold_no_request_thread(repo):
         release.set()
         channel.close()
         assert srv.terminate() == 0, srv.log
+
+
+def test_answers_a_client_never_reads_count_as_calls_in_flight(repo):
+    """gRPC holds an answer until the client's flow control lets it go, after the request
+    thread is free: a client that announced no window had the server hold answer after
+    answer (1 GB in a review), uncounted. Each is now a call in flight until taken: at the
+    limit, new calls are refused, and once the client goes they are released."""
+    from h2raw import Unread
+    from tritonclient.grpc import service_pb2 as pb
+
+    srv = ServerProcess(repo / "classifier", "--max-queue-size", str(QUEUE), "--metrics-port", "0")
+    ask = pb.ModelInferRequest(model_name="tiny-classifier")
+    for name, values in (("input_ids", [1, 2, 3]), ("attention_mask", [1, 1, 1])):
+        tensor = ask.inputs.add(name=name, datatype="INT64", shape=[1, 3])
+        tensor.contents.int64_contents.extend(values)
+    channel = grpc.insecure_channel(srv.url)
+    infer = channel.unary_unary(SERVICE + "ModelInfer")
+    unread = Unread("127.0.0.1", int(srv.url.rsplit(":", 1)[1]))
+    try:
+        assert infer(ask.SerializeToString(), timeout=10)  # answered: the request is good
+        deadline = time.monotonic() + 60
+        while _metric(srv, "quantgate_calls_in_flight") < LIMIT:  # some are refused queue_full
+            assert time.monotonic() < deadline, _metric(srv, "quantgate_calls_in_flight")
+            for _ in range(4):
+                unread.call(SERVICE + "ModelInfer", ask.SerializeToString())
+            time.sleep(0.1)
+        unread.call(SERVICE + "ModelInfer", ask.SerializeToString())  # refused: overloaded
+        with pytest.raises(grpc.RpcError) as refused:
+            infer(ask.SerializeToString(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "calls are in flight, its limit" in refused.value.details()
+        assert _metric(srv, "quantgate_overloaded_calls_total") >= 1
+        unread.close()  # the client goes: its answers with it
+        deadline = time.monotonic() + 60
+        while _metric(srv, "quantgate_calls_in_flight") > 0:
+            assert time.monotonic() < deadline, _metric(srv, "quantgate_calls_in_flight")
+            time.sleep(0.05)
+        assert infer(ask.SerializeToString(), timeout=10)
+    finally:
+        unread.close()
+        channel.close()
+        assert srv.terminate() == 0, srv.log
