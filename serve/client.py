@@ -28,6 +28,7 @@ from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.protos import model_config_pb2 as mc
 from quantgate.serve import codec
+from quantgate.serve.config import token_problem
 from quantgate.serve.dtypes import NUMPY, cast_exact
 from quantgate.serve.errors import from_status
 from quantgate.serve.tls import CERT, KEY, check_pair, read_pem
@@ -126,6 +127,11 @@ class Client:
         if not isinstance(url, str):
             raise ConfigError(f"Client: url is HOST:PORT, a string; found {url!r}")
         _check_timeout(timeout)
+        if token is not None and (problem := token_problem(token)):
+            raise ConfigError(  # gRPC's own "Invalid metadata" named nothing
+                f"Client: the token {problem}: a bearer token is printable ASCII without "
+                "spaces (a token read from a file keeps its line break: strip it)"
+            )
         options = list({RECEIVE_LIMIT: -1, **dict(options)}.items())
         if tls is None:
             self._channel = grpc.insecure_channel(url, options=options)

@@ -19,8 +19,8 @@ def token_problem(token: str) -> str | None:
     or None. Never the token itself: error output ends up in logs."""
     if not token:
         return "is empty"
-    if not token.isprintable() or " " in token:
-        return "has spaces or control characters"
+    if not (token.isascii() and token.isprintable()) or " " in token:
+        return "has spaces, control characters or characters outside ASCII"
     return None
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import ipaddress
 import json
 import logging
 import os
@@ -695,6 +696,16 @@ def verify(cfg: ServeConfig) -> Repository:
     return load_repository(cfg)
 
 
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is this machine alone (localhost, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
+
+
 def _settings(cfg: ServeConfig, engine: Engine) -> str:
     """What an operator checks first in the log: security, batching, threads."""
     security = "plaintext" if cfg.tls is None else "mutual TLS" if cfg.tls.client_ca else "TLS"
@@ -881,6 +892,13 @@ def _start(
     log.info(
         "serving on %s%s: %s", cfg.address(port), _grpc_families(cfg.host), _settings(cfg, engine)
     )
+    if cfg.tls is None and (cfg.auth_token or cfg.auth_token_file) and not _loopback(cfg.host):
+        log.warning(
+            "bearer tokens cross the network in plaintext on %s: whoever can see the traffic "
+            "can read them and use them. Serve over TLS (--tls-cert/--tls-key), or behind a "
+            "proxy that terminates it",
+            cfg.host,
+        )
     if on_ready is not None:
         on_ready(port, engine)
 

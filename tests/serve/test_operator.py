@@ -662,7 +662,7 @@ def test_infer_reaches_a_tls_server_with_its_ca(repo, tmp_path):
         assert srv.terminate() == 0, srv.log
 
 
-@pytest.mark.parametrize("token", ["", "s3cret\n", "two words"])
+@pytest.mark.parametrize("token", ["", "s3cret\n", "two words", "sécret"])
 def test_an_auth_token_no_client_could_send_is_refused_without_echoing_it(tmp_path, token):
     """An empty token would serve without auth, and one ending in a newline (read from a
     file) would refuse every call; the message must not print the secret."""
@@ -673,6 +673,15 @@ def test_an_auth_token_no_client_could_send_is_refused_without_echoing_it(tmp_pa
         ServeConfig(path=tmp_path, auth_token=token)
     assert not token.strip() or token.strip() not in str(err.value)
     assert ServeConfig(path=tmp_path, auth_token="s3cret").auth_token == "s3cret"
+
+
+@pytest.mark.parametrize("token", ["s3cret\n", "sécret"])
+def test_infer_with_a_token_no_client_could_send_says_so_exit_2(token):
+    """gRPC's own answer was a logged `Invalid metadata` line and exit 1 (retry may help)."""
+    r = _quantgate("infer", "m", "--url", "127.0.0.1:1", "-i", "x=[[1]]", "--token", token)
+    assert r.returncode == 2, r.stderr
+    assert "the token has spaces, control characters or characters outside ASCII" in r.stderr
+    assert "Invalid metadata" not in r.stderr and token.strip() not in r.stderr
 
 
 def test_serve_refuses_unusable_tokens_and_a_delay_with_no_batching(repo, tmp_path):
@@ -719,6 +728,14 @@ def test_infer_without_the_servers_token_says_how_to_send_one(repo):
         assert r.returncode == 0, r.stderr
     finally:
         assert srv.terminate() == 0, srv.log
+    assert "in plaintext" not in srv.log  # on 127.0.0.1 the token never leaves the host
+
+
+def test_a_token_served_in_plaintext_beyond_this_host_is_warned_about(repo):
+    srv = ServerProcess(repo / "classifier", "--auth-token", "s3cret", "--host", "0.0.0.0")
+    assert srv.terminate() == 0, srv.log
+    assert "bearer tokens cross the network in plaintext on 0.0.0.0" in srv.log, srv.log
+    assert "Serve over TLS (--tls-cert/--tls-key)" in srv.log and "s3cret" not in srv.log
 
 
 def test_a_served_variant_is_described_by_what_its_speed_gates_said(tmp_path):
