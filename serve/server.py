@@ -730,9 +730,21 @@ def _settings(cfg: ServeConfig, engine: Engine) -> str:
     )
 
 
-def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = None) -> None:
+class _SecondSignal(BaseException):
+    """A second stop signal, raised from its handler into the drain."""
+
+
+def run(
+    cfg: ServeConfig,
+    *,
+    on_ready: Callable[[int, Engine], None] | None = None,
+    exit_on_second_signal: bool = False,
+) -> None:
     """Serve until SIGTERM/SIGINT/SIGHUP, then drain gracefully and return (main thread only:
-    it installs the signal handlers). A second signal during the drain exits at once.
+    it installs the signal handlers). A second signal during the drain stops the server at
+    once, admitted requests unanswered, and raises DrainIncomplete; with
+    ``exit_on_second_signal`` (`quantgate serve`) the process exits ``128 + signal`` there
+    and then, as a server process is expected to.
 
     Raises DrainIncomplete when the grace ran out before every admitted request was
     answered: the operator learns that requests were cut off, from the log and the exit code.
@@ -745,7 +757,7 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[int, Engine], None] | None = No
             "`quantgate serve` in a subprocess."
         )
     with _without_created_series():
-        _run(cfg, on_ready)
+        _run(cfg, on_ready, exit_on_second_signal)
 
 
 @contextlib.contextmanager
@@ -762,7 +774,11 @@ def _without_created_series() -> Iterator[None]:
             prom.enable_created_metrics()
 
 
-def _run(cfg: ServeConfig, on_ready: Callable[[int, Engine], None] | None) -> None:
+def _run(
+    cfg: ServeConfig,
+    on_ready: Callable[[int, Engine], None] | None,
+    exit_on_second_signal: bool,
+) -> None:
     # A bad TLS file or a port in use is named before minutes of loading models.
     credentials = tls.Credentials(cfg.tls) if cfg.tls is not None else None
     tokens = auth.tokens(cfg)  # watched from the start of serving, below
@@ -799,9 +815,15 @@ def _run(cfg: ServeConfig, on_ready: Callable[[int, Engine], None] | None) -> No
 
     def on_signal(signum: int, _frame) -> None:
         if stop.is_set():  # the operator asked twice: do not wait for the drain
-            log.warning("second %s: exiting without finishing admitted requests",
-                        signal.Signals(signum).name)  # fmt: skip
-            os._exit(128 + signum)
+            name = signal.Signals(signum).name
+            if exit_on_second_signal:
+                log.warning("second %s: exiting without finishing admitted requests", name)
+                os._exit(128 + signum)
+            if received[1:]:
+                return  # stopping at once already
+            received.append(name)
+            log.warning("second %s: stopping without finishing admitted requests", name)
+            raise _SecondSignal(name)  # into the drain: run()'s caller gets it back
         received.append(signal.Signals(signum).name)
         stop.set()
 
@@ -826,17 +848,21 @@ def _run(cfg: ServeConfig, on_ready: Callable[[int, Engine], None] | None) -> No
             _start(cfg, server, port, engine, health_servicer, on_ready, stop)
             while not stop.wait(0.5):  # a short wait: signal handlers run between waits
                 pass
-        except BaseException:  # failed while starting (a warm-up out of memory, on_ready):
-            server.stop(0).wait()  # nothing keeps listening on the port
-            engine.close(0)
-            engine.metrics.close_http()
+            log.info(
+                "%s: shutting down: no new requests; finishing admitted ones (grace %gs)",
+                received[0],
+                cfg.shutdown_grace_s,
+            )
+            drained = _drain(cfg, server, engine, health_servicer)
+        except BaseException as e:  # failed while starting (a warm-up out of memory,
+            # on_ready), or a second signal: nothing keeps listening on the port
+            _stop_now(server, engine)
+            if isinstance(e, _SecondSignal):
+                raise DrainIncomplete(
+                    f"a second {e}: stopped without finishing admitted requests (those whose "
+                    "clients still waited were cancelled)"
+                ) from None
             raise
-        log.info(
-            "%s: shutting down: no new requests; finishing admitted ones (grace %gs)",
-            received[0],
-            cfg.shutdown_grace_s,
-        )
-        drained = _drain(cfg, server, engine, health_servicer)
     if not drained:
         cut = f" ({engine.cut_off} admitted request(s) cut off)" if engine.cut_off else ""
         raise DrainIncomplete(
@@ -846,6 +872,13 @@ def _run(cfg: ServeConfig, on_ready: Callable[[int, Engine], None] | None) -> No
             "period more than that)"
         )
     log.info("stopped: every admitted request was answered")
+
+
+def _stop_now(server: grpc.Server, engine: Engine) -> None:
+    """The server stopped with no grace: its calls cancelled, its models closed."""
+    server.stop(0).wait()
+    engine.close(0)
+    engine.metrics.close_http()
 
 
 def _start(

@@ -262,4 +262,4 @@ def serve(
         out.print(f"listening on {cfg.address(bound)}", highlight=False, soft_wrap=True)
 
     with server_log(verbose, log_format):
-        run(cfg, on_ready=ready)
+        run(cfg, on_ready=ready, exit_on_second_signal=True)

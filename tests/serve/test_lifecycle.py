@@ -794,6 +794,76 @@ def test_a_failed_start_stops_listening_and_gives_the_signal_handlers_back(repo)
     ]
 
 
+_SECOND_SIGNAL = """
+import logging, os, signal, socket, sys, threading
+from pathlib import Path
+import numpy as np
+from quantgate.errors import DrainIncomplete
+from quantgate.serve import Client
+from quantgate.serve.config import ServeConfig
+from quantgate.serve.server import run
+
+running = threading.Event()  # the batcher's debug line: the endless request runs
+class Running(logging.Handler):
+    def emit(self, record):
+        if "running a batch of" in record.getMessage():
+            running.set()
+logging.getLogger("quantgate.serve").addHandler(Running())
+logging.getLogger("quantgate.serve").setLevel(logging.DEBUG)
+
+def endless(port):
+    with Client(f"127.0.0.1:{port}", timeout=60) as c:
+        try:
+            c.infer("slow", {"input_ids": np.array([[10**10]]), "attention_mask": np.array([[1]])})
+        except Exception as e:
+            answers.append(type(e).__name__)
+
+def stop_twice():
+    running.wait(60)
+    os.kill(os.getpid(), signal.SIGTERM)  # the drain waits for the endless request
+    while not draining.is_set():
+        draining.wait(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+def on_ready(port, engine):
+    ready.append(port)
+    threading.Thread(target=endless, args=(port,), daemon=True).start()
+    threading.Thread(target=stop_twice, daemon=True).start()
+
+class Draining(logging.Handler):
+    def emit(self, record):
+        if "shutting down" in record.getMessage():
+            draining.set()
+draining = threading.Event()
+logging.getLogger("quantgate.serve").addHandler(Draining())
+ready, answers = [], []
+try:
+    run(ServeConfig(path=Path(sys.argv[1]), host="127.0.0.1", port=0, warmup=False),
+        on_ready=on_ready)
+    print("returned")
+except DrainIncomplete as e:
+    print("raised:", e)
+finally:
+    print("finally ran")
+with socket.socket() as probe:
+    print("listening:", probe.connect_ex(("127.0.0.1", ready[0])) == 0)
+print("SIGTERM handler restored:", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+"""
+
+
+def test_a_second_signal_to_an_embedded_server_raises_instead_of_exiting(tmp_path):
+    """run() in a program (a notebook, a test harness): the second signal stopped the
+    process then and there (os._exit), the caller's cleanup never ran. It now stops the
+    server at once and raises DrainIncomplete; `quantgate serve` still exits 128 + signal."""
+    assert _embedded(_SECOND_SIGNAL, counting(tmp_path / "slow")) == [
+        "raised: a second SIGTERM: stopped without finishing admitted requests (those whose "
+        "clients still waited were cancelled)",
+        "finally ran",
+        "listening: False",
+        "SIGTERM handler restored: True",
+    ]
+
+
 def _embedded(script: str, bundle: Path) -> list[str]:
     """The lines ``script`` (a program embedding run(), given the bundle) prints; it must
     exit 0."""
