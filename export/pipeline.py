@@ -156,17 +156,21 @@ def export(
     *,
     cfg: ExportConfig = DEFAULT_CONFIG,
     force: bool = False,
-    on_progress: ProgressFn = no_progress,
+    on_progress: ProgressFn | None = None,
 ) -> Bundle:
     """Export ``model_spec`` to a validated FP32 bundle at ``out`` (atomically).
 
     ``out`` may be missing, empty or a bundle of the same model; any other directory, or a
-    bundle of another model, is refused unless ``force``. On any failure ``out`` is left as
-    it was and no temporary files remain.
+    bundle of another model, is refused unless ``force``. "The same model" is where it comes
+    from (``bundle.model_identity``: a checkpoint's or factory file's resolved path, a
+    ``module:function``, a Python object's class), not its weights: a model trained again
+    replaces its bundle, and so does another object of the same class. On any failure
+    ``out`` is left as it was and no temporary files remain.
     """
     from quantgate.export.writer import write_bundle
 
     require(cfg, ExportConfig, "cfg")
+    on_progress = on_progress or no_progress
     out = Path(out).absolute()
     # before minutes of work, not after
     check_writable_target(out, force=force, inputs=[("model", model_spec)])
@@ -202,11 +206,12 @@ def export_fp32(
     workdir: Path,
     *,
     cfg: ExportConfig = DEFAULT_CONFIG,
-    on_progress: ProgressFn = no_progress,
+    on_progress: ProgressFn | None = None,
 ) -> ExportResult:
     """Load (unless ``model_spec`` is loaded already, by ``load``), export, validate, fuse and
     validate again; the files stay in ``workdir`` (created when missing)."""
     require(cfg, ExportConfig, "cfg")
+    on_progress = on_progress or no_progress
     t0 = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

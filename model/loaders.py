@@ -72,7 +72,7 @@ import torch.nn as nn
 
 from quantgate.bundle import model_identity
 from quantgate.configs import closest
-from quantgate.errors import ConfigError, ModelLoadError
+from quantgate.errors import ConfigError, ConfigTypeError, ModelLoadError
 from quantgate.tasks import (
     FEATURE_EXTRACTION,
     SEQUENCE_CLASSIFICATION,
@@ -186,7 +186,7 @@ def load_model(
     if isinstance(spec, nn.Module) or callable(spec):
         return load_object(spec, task=task, max_seq_len=max_seq_len)
     if not isinstance(spec, (str, os.PathLike)):
-        raise TypeError(
+        raise ConfigTypeError(
             f"model: expected a path, a 'package.module:factory' string, a torch.nn.Module or "
             f"a function that returns one, found {type(spec).__name__}"
         )

@@ -11,6 +11,7 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Callable, Mapping
+from types import ModuleType
 from typing import Any
 
 
@@ -34,6 +35,11 @@ def exports(package: str, where: Mapping[str, str]) -> tuple[Callable[[str], Any
         return getattr(importlib.import_module(f"{package}.{where[name]}"), name)
 
     def __dir__() -> list[str]:
-        return sorted({*vars(sys.modules[package]), *where})
+        """Its entry points, its modules imported so far and the dunders: not what it
+        imports to do this (``annotations``, ``TYPE_CHECKING``, ``exports``), which a
+        notebook's completion would offer."""
+        own = vars(sys.modules[package])
+        kept = {n for n, v in own.items() if n.startswith("__") or isinstance(v, ModuleType)}
+        return sorted({*kept, *where})
 
     return __getattr__, __dir__

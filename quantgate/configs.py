@@ -25,13 +25,14 @@ import types
 import typing
 from numbers import Integral
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from quantgate.errors import ConfigError, ConfigTypeError
 
 _MISMATCH = object()
+C = TypeVar("C")  # a config class, kept as it is decorated
 
 
 def check_fields(cfg: Any) -> None:
@@ -51,15 +52,15 @@ def check_fields(cfg: Any) -> None:
         raise ConfigError(f"{type(cfg).__name__}: " + "; ".join(problems))
 
 
-def config_class(cls: type) -> type:
+def config_class(cls: type[C]) -> type[C]:
     """Decorate a config dataclass (above ``@dataclass``) so that a keyword that is none of
     its fields is a ConfigTypeError (a TypeError too) naming the field it probably means, as
     a config file's unknown setting is: ``GateConfig(min_speedp=1.1)`` says "did you mean
     'min_speedup'?", not Python's bare "unexpected keyword argument". Its docstring gains
     its fields, each with its type, its default and the comments beside it in the source,
     for ``help()``."""
-    init = cls.__init__  # type: ignore[misc]  # (mypy: a class's own __init__, replaced below)
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    init = cls.__init__
+    known = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
 
     @functools.wraps(init)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -67,7 +68,7 @@ def config_class(cls: type) -> type:
             raise ConfigTypeError(unknown_fields(cls.__name__, unknown, known))
         init(self, *args, **kwargs)
 
-    cls.__init__ = __init__  # type: ignore[misc]
+    cls.__init__ = __init__  # type: ignore[method-assign]
     cls.__doc__ = _FieldsDoc(cls.__doc__ or "")  # type: ignore[assignment]
     return cls
 

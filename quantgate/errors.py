@@ -105,9 +105,12 @@ class GateFailed(QuantgateError):
 
     exit_code = 3
 
-    def __init__(self, message: str, bundle_path: str | None = None):
-        self.bundle_path = bundle_path
+    def __init__(self, message: str, bundle_path: str):
+        self.bundle_path = bundle_path  # where the failing bundle was written: qb.load it
         super().__init__(message)
+
+    def __reduce__(self):  # pickled whole (a worker process's failure sent to its parent)
+        return type(self), (str(self), self.bundle_path)
 
 
 class OutOfSpace(QuantgateError):

@@ -369,8 +369,14 @@ def open_source(
 
 
 def named(flag: str, spec: DataSpec | None, source: DataSource) -> str:
-    """How messages name the data: '--eval heldout.jsonl', else the source's description."""
-    return f"{flag} {spec}" if isinstance(spec, (str, Path)) else source.description
+    """How messages name the data: '--eval heldout.jsonl', else the data and the source's
+    description: 'the evaluation data (a dict: 200 rows (arrays))'."""
+    if isinstance(spec, (str, Path)):
+        return f"{flag} {spec}"
+    if spec is None or isinstance(spec, DataSource):  # the built-in split: it says what it is
+        return source.description
+    role = {"--eval": "evaluation", "--calibration": "calibration"}.get(flag, flag)
+    return f"the {role} data ({source.description})"
 
 
 def _warn_left_padding(rows: Batch, *, where: str) -> None:
@@ -908,7 +914,7 @@ def _whole(
             yield Batch(b, tags, idx)
 
     return DataSource(
-        description=f"{name}: {len(keep)} of {n} rows ({kind})",
+        description=f"{name}: {len(keep)}{'' if len(keep) == n else f' of {n}'} rows ({kind})",
         kind=kind,
         file_sha256=file_sha256,
         samples=len(keep),

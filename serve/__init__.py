@@ -34,6 +34,7 @@ _WHERE = {
     "Client": "client",
     "ClientTLS": "client",
     "ServeConfig": "config",
+    "TLSConfig": "config",
     "request_inputs": "client",
     "run": "server",
 }
@@ -41,6 +42,7 @@ __all__ = [
     "Client",
     "ClientTLS",
     "ServeConfig",
+    "TLSConfig",
     "request_inputs",
     "run",
 ]
@@ -48,5 +50,5 @@ __getattr__, __dir__ = exports(__name__, _WHERE)
 
 if TYPE_CHECKING:
     from quantgate.serve.client import Client, ClientTLS, request_inputs
-    from quantgate.serve.config import ServeConfig
+    from quantgate.serve.config import ServeConfig, TLSConfig
     from quantgate.serve.server import run

@@ -152,3 +152,12 @@ def test_every_stage_config_names_the_field_a_misspelt_keyword_means():
     ):
         with pytest.raises(TypeError, match=f"did you mean '{meant}'"):
             config(**wrong)
+
+
+def test_a_model_that_is_no_model_is_a_quantgate_error_and_a_type_error(tmp_path):
+    from quantgate.errors import ConfigTypeError
+    from quantgate.export import export
+
+    with pytest.raises(ConfigTypeError, match=r"model: expected a path, .* found int") as e:
+        export(42, tmp_path / "b", on_progress=None)  # None: no progress, as build takes it
+    assert isinstance(e.value, TypeError) and not (tmp_path / "b").exists()
