@@ -29,6 +29,7 @@ from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup")  # where the cgroup filesystems are mounted
 PROC_STAT = Path("/proc/stat")  # the machine's CPU time, every CPU and process (Linux)
+MIN_TICKS = 20  # clock ticks a window of others_since must span, across the CPUs
 MEMBERSHIP = Path("/proc/self/cgroup")  # which group of each hierarchy this process is in
 
 
@@ -257,8 +258,12 @@ class CpuTime:
 
     def others_since(self, start: CpuTime) -> float | None:
         """The share (0..1) of this process's CPUs that other processes kept busy from
-        ``start`` until this moment; None where the OS does not say (no /proc/stat)."""
+        ``start`` until this moment; None where the OS does not say (no /proc/stat), or
+        the window is too short for its clock ticks to say (under ``MIN_TICKS`` of them
+        across the CPUs: a tick either way is then a share of 5% or more)."""
         if self.busy is None or start.busy is None or self.wall <= start.wall:
+            return None
+        if (self.wall - start.wall) * self.cpus * os.sysconf("SC_CLK_TCK") < MIN_TICKS:
             return None
         others = (self.busy - start.busy) - (self.own - start.own)
         return min(max(others / ((self.wall - start.wall) * self.cpus), 0.0), 1.0)

@@ -180,6 +180,12 @@ class Batcher:
         # outside the lock: a lost update only delays the average.)
         self._run_s = 0.0
 
+    def expect_run_s(self, seconds: float) -> None:
+        """Take ``seconds`` as how long a batch runs, until batches say (the warm-up's
+        time: at 0, the first request with a deadline behind a batch gathering company was
+        started only ``START_BEFORE_DEADLINE_S`` before it, too late for any real run)."""
+        self._run_s = seconds
+
     @property
     def depth(self) -> int:
         """Requests waiting to run."""

@@ -61,7 +61,8 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     """
     raw = request.raw_input_contents
     for tensor in request.inputs:
-        _check_tensor_parameters(f"input {tensor.name!r}", tensor.parameters, {})
+        if tensor.parameters:  # (most requests have none: no call, no message made)
+            _check_tensor_parameters(f"input {tensor.name!r}", tensor.parameters, {})
         if raw and tensor.HasField("contents"):
             raise BadRequest(
                 f"input {tensor.name!r} has typed contents but the request also carries "
@@ -91,7 +92,7 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
             )
         dtype, _, field = DATATYPES[tensor.datatype]
         shape = tuple(tensor.shape)
-        if any(d < 0 for d in shape):
+        if shape and min(shape) < 0:
             raise BadRequest(
                 f"input {name!r}: shape {list(shape)} has a negative dimension; a request's "
                 "shape is that of the tensor it sends, each dimension 0 or more (-1 marks a "
@@ -132,25 +133,12 @@ def requested_outputs(request: pb.ModelInferRequest) -> dict[str, int]:
     """
     wanted: dict[str, int] = {}
     for output in request.outputs:
-        where = f"output {output.name!r}"
-        _check_tensor_parameters(where, output.parameters, _OUTPUT_PARAMETERS)
-        count = 0
-        if "classification" in output.parameters:
-            p = output.parameters["classification"]
-            if (
-                p.WhichOneof("parameter_choice") != "int64_param"
-                or not 1 <= p.int64_param <= MAX_CLASS_COUNT
-            ):
-                raise BadRequest(
-                    f"{where}: parameter 'classification' must be an int64 from 1 to "
-                    f"{MAX_CLASS_COUNT} (the number of classes to return), found "
-                    f"{str(p).strip() or 'nothing'}"
-                )
-            count = p.int64_param
+        count = _class_count(output) if output.parameters else 0  # most requests: none
         if wanted.setdefault(output.name, count) != count:
             raise BadRequest(
-                f"{where} is requested twice, as the tensor and as its top classes (or with "
-                "two class counts); one response holds it once: ask for it one way"
+                f"output {output.name!r} is requested twice, as the tensor and as its top "
+                "classes (or with two class counts); one response holds it once: ask for it "
+                "one way"
             )
     return wanted
 
@@ -265,6 +253,26 @@ USE_THE_MESSAGES = (
 _OUTPUT_PARAMETERS = {"classification": "the number of top classes to return"}
 # Said by HTTP clients of the protocol; over gRPC every tensor travels as bytes already.
 _IGNORED_TENSOR_PARAMETERS = ("binary_data",)
+
+
+def _class_count(output: pb.ModelInferRequest.InferRequestedOutputTensor) -> int:
+    """The classes an output's parameters ask for (0: the tensor itself), once they are
+    parameters the server honours."""
+    where = f"output {output.name!r}"
+    _check_tensor_parameters(where, output.parameters, _OUTPUT_PARAMETERS)
+    if "classification" not in output.parameters:
+        return 0
+    p = output.parameters["classification"]
+    if (
+        p.WhichOneof("parameter_choice") != "int64_param"
+        or not 1 <= p.int64_param <= MAX_CLASS_COUNT
+    ):
+        raise BadRequest(
+            f"{where}: parameter 'classification' must be an int64 from 1 to "
+            f"{MAX_CLASS_COUNT} (the number of classes to return), found "
+            f"{str(p).strip() or 'nothing'}"
+        )
+    return p.int64_param
 
 
 def _check_tensor_parameters(

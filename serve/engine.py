@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,9 @@ class Engine:
         models = list(repository)
         self.stats = {(m.name, m.version): ModelStats(m.name, m.version) for m in models}
         self._batchers: dict[tuple[str, str], Batcher] = {}
+        # each (name, version, code)'s series, looked up once: labels() takes a lock and
+        # builds a key on every call, on every request's path (the label set is bounded)
+        self._series: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         # Admitting requests: the server sets it once the models are warm; close() clears it.
         self.ready = False
         # Set by close(): the server is going away (not warming up); open streams end.
@@ -101,6 +105,9 @@ class Engine:
             for rows, length in shapes:
                 t0 = time.perf_counter()
                 m.run(m.example(rows, length))
+                # the last, a full batch where batches form: what a deadline must allow for
+                if batcher := self._batchers.get((m.name, m.version)):  # started
+                    batcher.expect_run_s(time.perf_counter() - t0)
                 log.info(
                     "warm-up %s version %s: batch %d, sequence %d in %.0f ms",
                     m.name,
@@ -182,7 +189,16 @@ class Engine:
             name, version = model.name, model.version
         else:
             name, version = (asked if asked in self.repository else ""), ""
-        self.metrics.requests.labels(name, version, code).inc()
+        series = self._series.get((name, version, code))
+        if series is None:
+            m = self.metrics
+            series = self._series[(name, version, code)] = (
+                m.requests.labels(name, version, code),
+                m.latency.labels(name, version),
+                m.queue.labels(name, version),
+            )
+        requests, latency, queue = series
+        requests.inc()
         if reason:
             self.metrics.refused.labels(name, version, reason).inc()
         if model is None:
@@ -190,9 +206,9 @@ class Engine:
         ok = code == "OK"
         self.stats[(name, version)].request_done(ok, int(seconds * 1e9), rows, timing)
         if ok:
-            self.metrics.latency.labels(name, version).observe(seconds)
+            latency.observe(seconds)
             if timing is not None:
-                self.metrics.queue.labels(name, version).observe(timing.queue_ns / 1e9)
+                queue.observe(timing.queue_ns / 1e9)
 
     def _on_batch(self, m: Model):
         stats = self.stats[(m.name, m.version)]

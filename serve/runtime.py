@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,8 +197,8 @@ class Model:
                     (a, n) for a, n in zip(t.axes, shape, strict=True) if isinstance(a, str)
                 )
         return {
-            t.name: int(np.prod([a if isinstance(a, int) else size[a] for a in t.axes],
-                                dtype=np.int64)) * t.dtype.itemsize
+            t.name: math.prod([a if isinstance(a, int) else size[a] for a in t.axes])
+            * t.dtype.itemsize
             for t in self.outputs
             if (outputs is None or t.name in outputs)
             and all(isinstance(a, int) or a in size for a in t.axes)
@@ -286,13 +287,15 @@ class Model:
                     f"has {rows} rows), found {low if low < 0 else high}; check that the "
                     "tokenizer is the model's"
                 )
-        elif name == MASK and array.ndim == 2 and np.issubdtype(array.dtype, np.integer):
+        elif (
+            name == MASK
+            and array.ndim == 2
+            and array.dtype.kind in "iu"
+            # one pass: read as unsigned, every value but 0 and 1 is above 1 (-1 too)
+            and (array.view(array.dtype.str.replace("i", "u")) > 1).any()
+        ):
             odd = (array != 0) & (array != 1)
-            if odd.any():
-                return (
-                    f"input {name!r}: values must be 0 (padding) or 1 (token), found "
-                    f"{array[odd][0]}"
-                )
+            return f"input {name!r}: values must be 0 (padding) or 1 (token), found {array[odd][0]}"
         return None
 
     def run(

@@ -266,3 +266,16 @@ def test_cpu_time_counts_the_cpus_this_process_may_run_on(tmp_path, monkeypatch)
     assert (t.busy, t.cpus) == (400 / tick, 2)  # the whole "cpu" line, over its 2 CPUs
     monkeypatch.setattr(cpus, "PROC_STAT", tmp_path / "missing")
     assert cpus.CpuTime.now().busy is None and cpus.CpuTime.now().others_since(t) is None
+
+
+def test_a_window_too_short_for_the_clock_ticks_says_nothing():
+    """/proc/stat counts in clock ticks (10 ms at 100 Hz): over a few milliseconds one tick
+    more or less is a share of 50%, not a measurement. Under MIN_TICKS across the CPUs,
+    others_since says it cannot tell."""
+    tick = os.sysconf("SC_CLK_TCK")
+    start = cpus.CpuTime(wall=0.0, busy=0.0, own=0.0, cpus=2)
+    short = (cpus.MIN_TICKS - 1) / tick / 2  # seconds of wall time, on 2 CPUs
+    assert cpus.CpuTime(wall=short, busy=short, own=0.0, cpus=2).others_since(start) is None
+    enough = cpus.MIN_TICKS / tick / 2
+    busy = cpus.CpuTime(wall=enough, busy=enough, own=0.0, cpus=2)  # one CPU of two busy
+    assert busy.others_since(start) == pytest.approx(0.5)

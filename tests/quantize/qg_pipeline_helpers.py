@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,20 +25,32 @@ def tiny_checkpoint() -> Path:
         vocab_size=VOCAB_SIZE, max_seq_len=SEQ_LEN, d_model=32, n_heads=4, n_layers=2,
         d_ff=64, dropout=0.0, n_classes=N_CLASSES,
     )  # fmt: skip
-    out = Path(tempfile.gettempdir()) / "quantgate-tests" / "digits-tiny"
+    out = _cache() / "digits-tiny"
     train(out, model_cfg=cfg, cfg=TrainConfig(epochs=1))  # reused when it already matches
     return out
 
 
 @functools.cache
 def digits_checkpoint() -> Path:
-    """The real built-in checkpoint (`quantgate train` defaults: 25 epochs, ~2 min once);
-    the same directory `make demo` uses, so it is trained at most once per machine."""
+    """The real built-in checkpoint (`quantgate train` defaults: 25 epochs, ~2 min once),
+    trained at most once per user and machine. Never the repository's artifacts/, where
+    `make demo` keeps it: a user's own checkpoint there (the base preset) would be trained
+    over."""
     from quantgate.model.train import TrainConfig, digits_model_config, train
 
-    out = ROOT / "artifacts" / "digits-small"
+    out = _cache() / "digits-small"
     train(out, model_cfg=digits_model_config("small"), cfg=TrainConfig())
     return out
+
+
+def _cache() -> Path:
+    """This user's folder for checkpoints kept between test runs (0700: not another
+    user's, which could put any checkpoint there)."""
+    folder = Path(tempfile.gettempdir()) / f"quantgate-tests-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.stat().st_uid != os.getuid() or folder.is_symlink():
+        raise RuntimeError(f"{folder} is not this user's own folder: remove it")
+    return folder
 
 
 @functools.cache
@@ -133,3 +146,12 @@ def minilm_info(task: str = "feature-extraction"):
         max_seq_len=128,
         tokenizer=str(gt.MODEL_DIR),
     )
+
+
+def verdict_code(out: Path) -> int:
+    """The exit code a command that wrote or re-gated the bundle at ``out`` must have given:
+    0 where it passes, 3 where it fails (a random model: the gates decide which, but the
+    code must say what the bundle says)."""
+    from quantgate.bundle import load
+
+    return 0 if load(out, verify=False).manifest.verdict == "pass" else 3

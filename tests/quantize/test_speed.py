@@ -135,7 +135,8 @@ def test_a_speed_gate_timed_while_other_processes_took_the_cpus_says_so():
     import time
 
     result = tiny_export()
-    cfg = GateConfig(batch_sizes=(1,), iterations=4, warmup=1)
+    # pairs enough for a window of clock ticks (/proc/stat's 10 ms): 4 pairs took 2 ms
+    cfg = GateConfig(batch_sizes=(1,), iterations=400, warmup=1)
     spin = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 60: pass"
     hogs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(cpus.host())]
     try:

@@ -519,3 +519,22 @@ def test_a_file_a_new_manifest_lists_is_watched_from_then_on(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="quantgate.serve.watch"):
         assert len(settled(watch)) == 1
     assert "vocab.txt has sha256" in caplog.text and refused == [False, True], caplog.text
+
+
+def test_a_served_repository_counts_the_folders_it_does_not_serve(tmp_path):
+    """The gauge an alert reads for folders a restart would serve, wired to the watch."""
+    repo = tmp_path / "repo"
+    bundles.build(repo / "tiny" / "1", "classifier")
+    srv = ServerProcess(repo, "--metrics-port", "0")
+    url = re.search(r"metrics on (http://\S+/metrics)", "".join(srv.stdout)).group(1)
+
+    def unserved() -> float:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        return float(re.search(r"^quantgate_repository_unserved_folders (\S+)$", text, re.M)[1])
+
+    try:
+        assert unserved() == 0
+        bundles.build(repo / "tiny" / "2", "classifier", seed=1)
+        until(lambda: unserved() == 1, timeout=30)
+    finally:
+        assert srv.terminate() == 0, srv.log

@@ -300,19 +300,15 @@ def test_a_client_string_too_long_for_a_status_gets_its_own_code(server, client)
 
 
 def test_metrics_endpoint(tmp_path, repo):
-    # A port for metrics: bind 0, read it back, release (tiny race, acceptable in tests).
-    import socket
-
     from conftest import ServerProcess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     # A request's timeout of 1 us passes before the batcher looks at it: expired, queued.
     srv = ServerProcess(
-        repo / "classifier", "--metrics-port", str(port), "--max-queue-delay-us", "300000"
+        repo / "classifier", "--metrics-port", "0", "--max-queue-delay-us", "300000"
     )
     try:
+        # the free port it chose, as it says it
+        port = int(re.search(r"metrics on http://127\.0\.0\.1:(\d+)/", "".join(srv.stdout))[1])
         with tc.InferenceServerClient(srv.url) as c:
             c.infer("tiny-classifier", inputs(batch(np.random.default_rng(3), 2, 9)))
             with pytest.raises(InferenceServerException):
@@ -356,6 +352,20 @@ def test_metrics_endpoint(tmp_path, repo):
         assert "nope" not in text and "x" * 200 not in text
         assert f"quantgate_queue_depth{{{labels}}} 0.0" in text  # the expired one left
         assert "quantgate_batch_size_bucket" in text and "quantgate_request_seconds_bucket" in text
+
+        def value(series: str) -> float:
+            found = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+            assert found, (series, text)
+            return float(found[1])
+
+        # the histograms an operator's latency panels read: the one request answered is in
+        # each, and its batch took time (a histogram never observed, or observed 0, is seen)
+        for histogram in ("request", "queue", "compute"):
+            assert value(f"quantgate_{histogram}_seconds_count{{{labels}}}") == 1.0, histogram
+        assert value(f"quantgate_compute_seconds_sum{{{labels}}}") > 0
+        assert value(f"quantgate_request_seconds_sum{{{labels}}}") >= value(
+            f"quantgate_queue_seconds_sum{{{labels}}}"
+        )
         assert 'precision="fp32",provider="CPUExecutionProvider"' in text
         # A second server cannot have the same metrics port: a clear error, no traceback.
         taken = subprocess.run(
