@@ -28,6 +28,7 @@ The entry points, loaded on first use::
     from quantgate.quantize import GateConfig, QuantConfig, build, regate
     bundle = build("artifacts/digits-small", "bundles/digits")   # export -> INT8 -> gates
     bundle = regate("bundles/digits", evaluation=rows)           # the gates again, on new data
+    feeds = text_inputs("bundles/minilm", ["a sentence"])        # text as the bundle's inputs
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ _WHERE = {
     "regate": "regating",
     "GateConfig": "decide",
     "QuantConfig": "search",
+    "text_inputs": "text",
 }
 __all__ = [
     "GateConfig",
     "QuantConfig",
     "build",
     "regate",
+    "text_inputs",
 ]
 __getattr__, __dir__ = exports(__name__, _WHERE)
 
@@ -55,3 +58,4 @@ if TYPE_CHECKING:
     from quantgate.quantize.pipeline import build
     from quantgate.quantize.regating import regate
     from quantgate.quantize.search import QuantConfig
+    from quantgate.quantize.text import text_inputs

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from quantgate.bundle import sha256_file
+from quantgate.bundle import Bundle, load, sha256_file
 from quantgate.errors import DataError
 from quantgate.quantize.data import (
     Batch,
@@ -387,6 +387,15 @@ def tokenize(texts: Sequence[str], model: ModelInfo, tokenizer: Tokenizer | None
     return _encode(tok, list(texts), model, limit)
 
 
+def text_inputs(bundle: Bundle | str | Path, texts: Sequence[str]) -> Feeds:
+    """``texts`` as one padded batch of ``bundle``'s inputs, by the tokenizer the bundle
+    carries (hashed with it): what ``Client.infer(name, text_inputs(bundle, texts))`` sends,
+    and what `quantgate infer -t TEXT --bundle` sends. A DataError where the bundle's model
+    takes no text (no tokenizer), or a text is blank or not UTF-8."""
+    b = bundle if isinstance(bundle, Bundle) else load(bundle)
+    return tokenize(texts, ModelInfo.from_manifest(b.manifest, b.path))
+
+
 def _check_texts(texts: Sequence[str]) -> None:
     """Refuse no texts, a blank one, and one that is not UTF-8 (a shell hands Python the
     bytes it was given: an ISO-8859-1 'é' arrives as a lone surrogate, which the tokenizer
@@ -484,4 +493,4 @@ def _encode(tok: Tokenizer, texts: list[str], model: ModelInfo, limit: int | Non
     return check_feeds(feeds, model, "tokenized text")
 
 
-__all__ = ["text_source", "tokenize", "tokenizer_of"]
+__all__ = ["text_inputs", "text_source", "tokenize", "tokenizer_of"]

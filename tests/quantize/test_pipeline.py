@@ -205,9 +205,8 @@ def test_gate_with_an_eval_file_and_bad_input(cli, tmp_path, gate_file, caplog):
     feeds = rng_feeds(50)
     ev = write_npz(tmp_path / "eval.npz", feeds, labels=np.arange(50) % 10)
     r = cli("gate", out, "--eval", ev, "--min-speedup", "0.01", "--gate-config", gate_file)
-    assert r.code == verdict_code(out), (
-        r.stderr
-    )  # random pixels: the gate decides, either way it ran
+    # random pixels: the gate decides, either way it ran
+    assert r.code == verdict_code(out), r.stderr
     m = load(out).manifest
     assert m.extra["regates"][-1]["evaluation"]["samples"] == 50
     if m.variant("fp16").passed:  # a CPU re-gate keeps FP16's gates, and says so
@@ -333,9 +332,8 @@ def test_evaluating_on_the_calibration_rows_is_refused_whatever_the_file(
     r = cli("export", tiny_checkpoint(), "--out", out, "--calibration", cal, "--eval", ev,
             "--samples", "32", "--no-fp16", "--min-speedup", "0.01", "--search-budget", "1",
             "--gate-config", gate_file)  # fmt: skip
-    assert r.code == verdict_code(out), (
-        r.stderr
-    )  # random pixels: the gate decides, either way it ran
+    # random pixels: the gate decides, either way it ran
+    assert r.code == verdict_code(out), r.stderr
     assert "2 of 60 evaluation rows (3%) are also calibration rows" in caplog.text
     m = load(out).manifest
     assert (
@@ -435,9 +433,8 @@ def test_a_bundle_carries_its_tokenizer_and_gates_text_wherever_it_goes(
     out = tmp_path / "built"
     r = cli("export", model, "--out", out, "--calibration", cal, "--eval", ev, "--no-fp16",
             "--min-speedup", "0.01", "--search-budget", "1", "--gate-config", gate_file)  # fmt: skip
-    assert r.code == verdict_code(out), (
-        r.stderr
-    )  # a random model: the gates decide, either way it ran
+    # a random model: the gates decide, either way it ran
+    assert r.code == verdict_code(out), r.stderr
     hf = load(out).manifest.extra["huggingface"]
     assert hf["tokenizer"] == "tokenizer" and hf["pad_token_id"] == 0
     assert (out / "tokenizer" / "tokenizer.json").is_file()
@@ -452,6 +449,14 @@ def test_a_bundle_carries_its_tokenizer_and_gates_text_wherever_it_goes(
     gated = m.extra["regates"][-1]["evaluation"]
     assert (gated["samples"], gated["in_calibration"]) == (39, 1), gated
     assert (moved / "tokenizer" / "tokenizer.json").is_file()  # kept by the re-gate's rewrite
+    # from Python, text as the moved bundle's inputs, by its own tokenizer
+    from quantgate.quantize import text_inputs
+
+    feeds = text_inputs(moved, ["hello world", "a somewhat longer line of text"])
+    assert set(feeds) == {i.name for i in m.inputs}
+    ids, mask = feeds["input_ids"], feeds["attention_mask"]
+    assert ids.shape == mask.shape and ids.shape[0] == 2 and ids[0, 0] == 101  # [CLS]
+    assert mask[0].sum() < mask[1].sum() == ids.shape[1]  # padded to the longer one
 
 
 def test_bad_rows_are_refused_before_the_model_is_exported(tmp_path):
