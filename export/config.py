@@ -45,7 +45,7 @@ class ExportConfig:
             )
         if self.mid_batch < 2:
             raise ConfigError(f"mid_batch must be at least 2, got {self.mid_batch}")
-        if self.name is not None and not printable_name(self.name):
+        if self.name and not printable_name(self.name):  # "": the --out folder's name
             raise ConfigError(
                 f"name {self.name!r}: expected a non-empty name without control characters "
                 "(line breaks, escapes): it goes into log lines and metadata as it is"

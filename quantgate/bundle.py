@@ -527,23 +527,18 @@ def _variant(v: Any, where: str) -> list[str]:
 
 
 def _tokenizer_problem(d: dict[str, Any], hf: dict[str, Any]) -> str | None:
-    """What is wrong with where a manifest says its tokenizer is: a bundle reads it from
-    its own folder, and from format 2 on, only files ``files`` hashes. A path out of the
-    bundle (``../x``, ``/x``) would tokenize with files no sha256 vouches for: another
-    vocabulary, other ids, for text that looks the same."""
+    """What is wrong with where a manifest says its tokenizer is. Export writes a folder of
+    the bundle ("tokenizer", its files hashed in ``files``); a bundle of 0.1.0 (and one a
+    re-gate of such a bundle wrote) may name the model's own directory, an absolute path,
+    or a tokenizer folder it did not hash. A path out of the bundle through ``..`` is
+    none of these: text would be read by files of another folder, refused."""
     tok = hf["tokenizer"]
-    if not _is_relative_path(tok.rstrip("/") if isinstance(tok, str) else tok):
+    if not isinstance(tok, str) or not tok.strip():
+        return f"expected a folder path, found {_found(tok)}"
+    if not os.path.isabs(tok) and ".." in Path(tok).parts:
         return (
-            f"expected a folder of the bundle (a relative path, {TOKENIZER_DIR!r} as export "
-            f"writes it), found {_found(tok)}"
-        )
-    files = d.get("files")
-    hashed = isinstance(files, dict) and any(f.startswith(tok.rstrip("/") + "/") for f in files)
-    fmt = d.get("format_version", FORMAT_VERSION)
-    if _is_int(fmt) and fmt >= 2 and not hashed:
-        return (
-            f"{tok!r} has no file listed in files: its files are hashed there as export lists "
-            "them; export the model again"
+            f"expected a folder of the bundle ({TOKENIZER_DIR!r}, as export writes it), "
+            f"found {_found(tok)}, which leads out of it"
         )
     return None
 

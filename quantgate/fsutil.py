@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from quantgate import signals
-from quantgate.errors import Busy, OutOfSpace
+from quantgate.errors import Busy, OutOfSpace, QuantgateError
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +201,13 @@ def _lock(path: Path, out: Path) -> int:
         except OSError as e:
             if e.errno != errno.ELOOP:
                 raise
-            raise Busy(
+            raise QuantgateError(  # no wait ends it (Busy's exit 1): exit 2, to act on
                 f"{path} is a symbolic link, where quantgate keeps the lock that claims {out}. "
                 "quantgate writes no lock through a link: remove it (and find out who made it)."
             ) from None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise Busy(
+                raise QuantgateError(
                     f"{path} is not a file, where quantgate keeps the lock that claims {out}: "
                     "remove it."
                 )
@@ -244,36 +244,36 @@ _FULL = {
 }
 
 
-def others_may_write(path: Path) -> str | None:
-    """Who besides its owner may write the file at ``path`` (followed through links: a
-    mounted secret's), by its mode: "its group", "every user", or both; None where no one."""
-    mode = path.stat().st_mode
-    who = [
-        w for bit, w in ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "every user")) if mode & bit
-    ]
-    return " and ".join(who) or None
-
-
 def secret_file(flag: str, path: Path, *, secret: bool, error: type[Exception]) -> None:
     """Refuse (``error``) a file the server trusts (a token file, a TLS key, a certificate)
-    that others may write: whoever can write it grants themselves access or serves their own
-    certificate, and the server reads it again when it changes. Where ``secret``, warn that
-    every user may read it. Called at each read, a reload's too."""
+    that every user may write: whoever can write it grants themselves access or serves
+    their own certificate, and the server reads it again when it changes. One its group
+    may write is warned about (Debian's users each have a group of their own, and a umask
+    of 002 makes every file so); so, where ``secret``, is one every user may read. A file on
+    a read-only filesystem no one may write, whatever its mode. Called at each read, a
+    reload's too."""
     try:
-        mode = path.stat().st_mode
-        writers = others_may_write(path)
+        st = path.stat()  # followed through links: a mounted Secret's
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except OSError:
         return  # the read that follows says why it cannot be read
-    if writers:
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & stat.S_IWOTH and not read_only:
         raise error(
-            f"{flag} {path} may be written by {writers} (mode {stat.S_IMODE(mode):04o}): whoever "
-            f"can write it could give themselves access. Make it writable by its owner alone: "
-            f"chmod go-w {path}"
+            f"{flag} {path} may be written by every user (mode {mode:04o}): whoever can write "
+            f"it could give themselves access. Make it writable by its owner alone: chmod "
+            f"go-w {path}"
         )
+    if mode & stat.S_IWGRP and not read_only:
+        log.warning(
+            "%s %s may be written by its group (mode %04o): everyone in it could give "
+            "themselves access; chmod g-w %s unless the group is its owner's alone",
+            flag, path, mode, path,
+        )  # fmt: skip
     if secret and mode & stat.S_IROTH:
         log.warning(
             "%s %s may be read by every user of this host (mode %04o): chmod o-r %s",
-            flag, path, stat.S_IMODE(mode), path,
+            flag, path, mode, path,
         )  # fmt: skip
 
 

@@ -54,7 +54,8 @@ class TimingConditions:
     load: float | None  # 1-minute load average before timing; None where the OS keeps none
     quota: float | None = None  # a container's CPU quota, in CPUs, where one is set
     # the share of its CPUs other processes kept busy while it was timed
-    # (``cpus.CpuTime``); None: not measured (before timing, or no /proc/stat)
+    # (``cpus.CpuTime``); None: not measured (before timing, no /proc/stat, or a timing too
+    # short for its clock ticks)
     others: float | None = None
 
     @classmethod

@@ -127,7 +127,7 @@ class Client:
         if not isinstance(url, str):
             raise ConfigError(f"Client: url is HOST:PORT, a string; found {url!r}")
         _check_timeout(timeout)
-        if token is not None and (problem := token_problem(token)):
+        if token and (problem := token_problem(token)):  # "" as None: no token, as before
             raise ConfigError(  # gRPC's own "Invalid metadata" named nothing
                 f"Client: the token {problem}: a bearer token is printable ASCII without "
                 "spaces (a token read from a file keeps its line break: strip it)"

@@ -54,9 +54,11 @@ class Engine:
         models = list(repository)
         self.stats = {(m.name, m.version): ModelStats(m.name, m.version) for m in models}
         self._batchers: dict[tuple[str, str], Batcher] = {}
-        # each (name, version, code)'s series, looked up once: labels() takes a lock and
-        # builds a key on every call, on every request's path (the label set is bounded)
-        self._series: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        # Each series looked up once: labels() takes a lock and builds a key on every call,
+        # on every request's path. Counters by (name, version, code), a bounded set; the
+        # histograms of each served model, made below.
+        self._counters: dict[tuple[str, str, str], Any] = {}
+        self._histograms: dict[tuple[str, str], tuple[Any, Any]] = {}
         # Admitting requests: the server sets it once the models are warm; close() clears it.
         self.ready = False
         # Set by close(): the server is going away (not warming up); open streams end.
@@ -70,8 +72,10 @@ class Engine:
             # Every model's series from the start, at 0: an idle model's rate() is 0, not
             # absent, and an alert on refusals has a series before the first one
             self.metrics.requests.labels(m.name, m.version, "OK")
-            for histogram in (self.metrics.latency, self.metrics.queue):
-                histogram.labels(m.name, m.version)
+            self._histograms[(m.name, m.version)] = (
+                self.metrics.latency.labels(m.name, m.version),
+                self.metrics.queue.labels(m.name, m.version),
+            )
             for reason in Unavailable.REASONS:
                 self.metrics.refused.labels(m.name, m.version, reason)
 
@@ -189,16 +193,12 @@ class Engine:
             name, version = model.name, model.version
         else:
             name, version = (asked if asked in self.repository else ""), ""
-        series = self._series.get((name, version, code))
-        if series is None:
-            m = self.metrics
-            series = self._series[(name, version, code)] = (
-                m.requests.labels(name, version, code),
-                m.latency.labels(name, version),
-                m.queue.labels(name, version),
+        counter = self._counters.get((name, version, code))
+        if counter is None:
+            counter = self._counters[(name, version, code)] = self.metrics.requests.labels(
+                name, version, code
             )
-        requests, latency, queue = series
-        requests.inc()
+        counter.inc()
         if reason:
             self.metrics.refused.labels(name, version, reason).inc()
         if model is None:
@@ -206,6 +206,7 @@ class Engine:
         ok = code == "OK"
         self.stats[(name, version)].request_done(ok, int(seconds * 1e9), rows, timing)
         if ok:
+            latency, queue = self._histograms[(name, version)]
             latency.observe(seconds)
             if timing is not None:
                 queue.observe(timing.queue_ns / 1e9)

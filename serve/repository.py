@@ -89,7 +89,7 @@ def load_repository(cfg: ServeConfig) -> Repository:
         try:
             models += _open_model_folder(folder, cfg, provider)
         except QuantgateError as e:
-            problems.append(f"{folder.name}: {e}")
+            problems.append(f"{shown(folder.name)}: {e}")
     if problems:
         raise ServeError(
             f"repository {root}: {len(problems)} of its model folders cannot be served; fix "
@@ -114,10 +114,10 @@ def unserved_folders(root: Path, served: Collection[tuple[str, str]]) -> list[st
     try:
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and not _not_a_model(p.name)):
             if folder.name not in names:
-                found.append(folder.name)
+                found.append(shown(folder.name))
                 continue
             found += [
-                f"{folder.name}/{sub.name}"
+                shown(f"{folder.name}/{sub.name}")
                 for sub in sorted(folder.iterdir())
                 if sub.is_dir() and qb.is_bundle(sub) and (folder.name, sub.name) not in served
             ]
@@ -148,8 +148,19 @@ def _check_root(root: Path) -> None:
         )
 
 
+def shown(name: str) -> str:
+    """A folder's name as a log line may hold it: as it is, or quoted and escaped where it
+    holds a control character (a line break would forge a line of its own)."""
+    return name if qb.printable_name(name) else repr(name)
+
+
 def _open_model_folder(folder: Path, cfg: ServeConfig, provider: str) -> list[Model]:
     """The versions of model ``folder.name``: the folder as a bundle, or its VERSION/ bundles."""
+    if not qb.printable_name(folder.name):
+        raise ServeError(
+            "a model folder's name is the name clients call the model by, and goes into log "
+            "lines as it is: rename it without control characters (line breaks, escapes)"
+        )
     subs = sorted(p for p in folder.iterdir() if p.is_dir() and qb.is_bundle(p))
     if qb.is_bundle(folder):
         if subs:

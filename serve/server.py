@@ -697,13 +697,16 @@ def verify(cfg: ServeConfig) -> Repository:
 
 
 def _loopback(host: str) -> bool:
-    """Whether ``host`` is this machine alone (localhost, 127.0.0.0/8, ::1)."""
-    if host == "localhost":
+    """Whether ``host`` is this machine alone (localhost, 127.0.0.0/8, ::1, and 127.0.0.1
+    written as IPv6)."""
+    if host.lower().rstrip(".") == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False  # a name: it may resolve anywhere
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _settings(cfg: ServeConfig, engine: Engine) -> str:
@@ -812,6 +815,7 @@ def _run(
     )
     stop = threading.Event()
     received: list[str] = []  # the signal that asked for the stop
+    drained: list[bool] = []  # the drain's answer, once it has one
 
     def on_signal(signum: int, _frame) -> None:
         if stop.is_set():  # the operator asked twice: do not wait for the drain
@@ -819,8 +823,8 @@ def _run(
             if exit_on_second_signal:
                 log.warning("second %s: exiting without finishing admitted requests", name)
                 os._exit(128 + signum)
-            if received[1:]:
-                return  # stopping at once already
+            if received[1:] or drained:
+                return  # stopping at once already, or the drain has ended: nothing to cut
             received.append(name)
             log.warning("second %s: stopping without finishing admitted requests", name)
             raise _SecondSignal(name)  # into the drain: run()'s caller gets it back
@@ -853,7 +857,7 @@ def _run(
                 received[0],
                 cfg.shutdown_grace_s,
             )
-            drained = _drain(cfg, server, engine, health_servicer)
+            drained.append(_drain(cfg, server, engine, health_servicer))
         except BaseException as e:  # failed while starting (a warm-up out of memory,
             # on_ready), or a second signal: nothing keeps listening on the port
             _stop_now(server, engine)
@@ -863,7 +867,7 @@ def _run(
                     "clients still waited were cancelled)"
                 ) from None
             raise
-    if not drained:
+    if not drained[0]:
         cut = f" ({engine.cut_off} admitted request(s) cut off)" if engine.cut_off else ""
         raise DrainIncomplete(
             f"the shutdown grace of {cfg.shutdown_grace_s:g}s ran out with requests still "

@@ -217,10 +217,14 @@ def test_a_gate_value_that_is_not_a_number_is_a_clear_error(tmp_path):
             r"name: expected a non-empty name without control characters",
         ),
         (lambda d: d.update(name="m\x1b]0;title\x07"), "without control characters"),
-        # a tokenizer read from outside the bundle is one no sha256 vouches for
-        (lambda d: hf(d, "../../evil_tok"), r"tokenizer: expected a folder of the bundle"),
-        (lambda d: hf(d, "/etc/tok"), r"tokenizer: expected a folder of the bundle"),
-        (lambda d: hf(d, "tokenizer"), r"'tokenizer' has no file listed in files"),
+        # a tokenizer read from another folder through ".." (no writer of bundles does that)
+        (
+            lambda d: hf(d, "../../evil_tok"),
+            r"tokenizer: expected a folder of the bundle .* "
+            r"which leads out of it",
+        ),  # fmt: skip
+        (lambda d: hf(d, "tokenizer/../../x"), r"which leads out of it"),
+        (lambda d: hf(d, 5), r"tokenizer: expected a folder path, found"),
     ],
 )
 def test_a_manifest_of_the_wrong_shape_is_a_clear_error(tmp_path, edit, message):
@@ -421,6 +425,20 @@ def test_inspect_of_a_manifest_with_a_wrong_type_exits_2(cli, tmp_path):
 def hf(d: dict, tokenizer: str) -> None:
     """Point manifest ``d`` at ``tokenizer``, as a Hugging Face export does."""
     d.setdefault("extra", {}).setdefault("huggingface", {})["tokenizer"] = tokenizer
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+@pytest.mark.parametrize("where", ["tokenizer", "./tokenizer", "/models/minilm"])
+def test_a_tokenizer_older_bundles_name_still_loads(tmp_path, fmt, where):
+    """0.1.0 named the model's own directory (absolute), and did not hash a tokenizer folder;
+    a re-gate by 0.2.0 rewrote such manifests as format 2, unchanged otherwise. They load,
+    as they did."""
+    b = write(tmp_path / "b")
+    d = json.loads((b.path / qb.MANIFEST).read_text())
+    hf(d, where)
+    d["format_version"] = fmt
+    (b.path / qb.MANIFEST).write_text(json.dumps(d))
+    assert qb.load(b.path).manifest.extra["huggingface"]["tokenizer"] == where
 
 
 def with_tokenizer(out):

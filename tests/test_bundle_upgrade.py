@@ -162,11 +162,14 @@ def test_new_bundles_are_format_2_and_format_1_ones_still_load(tmp_path):
     assert json.loads((out / qb.MANIFEST).read_text())["format_version"] == 2
     assert b.manifest.format_version == 2
     as_0_1_0(out, spec="ckpt")
+    d = json.loads((out / qb.MANIFEST).read_text())  # a text model's: its tokenizer unhashed
+    d["extra"] = {**d.get("extra", {}), "huggingface": {"tokenizer": "tokenizer"}}
+    (out / qb.MANIFEST).write_text(json.dumps(d))
     old = qb.load(out, verify=False)
     assert old.manifest.format_version == 1 and old.manifest.tools["quantgate"] == "0.1.0"
     assert old.manifest.variant("fp32").passed
     qb.rewrite(old, old.manifest, "report")
-    again = qb.load(out, verify=False)
+    again = qb.load(out)  # verified, as a server loads it
     assert json.loads((out / qb.MANIFEST).read_text())["format_version"] == 2
     assert again.manifest.format_version == 2 and (out / qb.PLOT).read_bytes() == b"png"
 

@@ -161,3 +161,7 @@ def test_a_model_that_is_no_model_is_a_quantgate_error_and_a_type_error(tmp_path
     with pytest.raises(ConfigTypeError, match=r"model: expected a path, .* found int") as e:
         export(42, tmp_path / "b", on_progress=None)  # None: no progress, as build takes it
     assert isinstance(e.value, TypeError) and not (tmp_path / "b").exists()
+
+
+def test_an_empty_name_is_the_out_folders_as_before():
+    assert ExportConfig(name="").name == ""

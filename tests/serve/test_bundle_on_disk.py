@@ -434,6 +434,7 @@ def test_a_folder_added_to_a_served_repository_is_said_once(tmp_path, caplog):
     bundles.build(repo / "tiny" / "2", "classifier", seed=1)
     bundles.build(repo / "bert", "encoder")
     bundles.build(repo / "flat" / "2", "classifier")  # which a restart refuses
+    (repo / "x\nlistening on :1").mkdir()  # said escaped: no line of its own
     (repo / "lost+found").mkdir()
     (repo / ".staging").mkdir()
     with caplog.at_level(logging.INFO, logger="quantgate.serve.watch"):
@@ -441,12 +442,15 @@ def test_a_folder_added_to_a_served_repository_is_said_once(tmp_path, caplog):
     assert "not served" not in caplog.text and counts == []
     text = " ".join(said().split())
     assert text.count("holds folders not served") == 1, text
-    assert f"repository {repo} holds folders not served: bert, flat/2, tiny/2; a restart " in text
+    assert (
+        f"repository {repo} holds folders not served: bert, flat/2, tiny/2, "
+        "'x\\nlistening on :1'; a restart " in text
+    ), text
     assert f"(`quantgate serve {repo} --check` tells); a new version takes the requests" in text
-    assert counts == [3]
-    for gone in ("tiny/2", "bert", "flat/2"):
+    assert counts == [4]
+    for gone in ("tiny/2", "bert", "flat/2", "x\nlistening on :1"):
         shutil.rmtree(repo / gone)
-    assert said().count("holds only the folders served") == 1 and counts == [3, 0]
+    assert said().count("holds only the folders served") == 1 and counts == [4, 0]
 
 
 def test_a_file_being_written_is_said_once_it_is_written(tmp_path, caplog):

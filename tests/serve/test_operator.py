@@ -93,6 +93,8 @@ def test_a_repository_lists_every_model_folder_it_cannot_serve(repo, tmp_path):
         f.write(b"\0")
     shutil.copytree(classifier, root / "mixed")  # a bundle that also holds a version folder
     shutil.copytree(encoder, root / "mixed" / "2")
+    forged = "ev\nlistening on 127.0.0.1:1"  # a name that would forge a line of the log
+    shutil.copytree(classifier, root / forged)
     (root / ".cache").mkdir()  # hidden folders are not models
     (root / "lost+found").mkdir()  # nor an ext4 volume's
 
@@ -104,15 +106,17 @@ def test_a_repository_lists_every_model_folder_it_cannot_serve(repo, tmp_path):
         "typo": "holds no bundle",
         "tampered": "the file was changed after export",
         "mixed": "is a bundle and also holds bundles in ['2']",
+        repr(forged): "rename it without control characters",
     }
-    assert "4 of its model folders cannot be served" in message, message
+    assert "5 of its model folders cannot be served" in message, message
+    assert "\nlistening on" not in message  # said escaped, on its line
     for folder, words in expected.items():
         line = next((x for x in message.splitlines() if x.startswith(f"  - {folder}: ")), "")
         assert words in line, (folder, message)
     assert "good" not in message and ".cache" not in message, message
     assert "lost+found" not in message, message
 
-    for folder in expected:
+    for folder in ("named", "typo", "tampered", "mixed", forged):
         shutil.rmtree(root / folder)
     assert [(m.name, m.version) for m in load_repository(ServeConfig(path=root))] == [("good", "1")]
 
@@ -682,6 +686,8 @@ def test_infer_with_a_token_no_client_could_send_says_so_exit_2(token):
     assert r.returncode == 2, r.stderr
     assert "the token has spaces, control characters or characters outside ASCII" in r.stderr
     assert "Invalid metadata" not in r.stderr and token.strip() not in r.stderr
+    r = _quantgate("infer", "m", "--url", "127.0.0.1:1", "-i", "x=[[1]]", "--token", "")
+    assert "the token" not in r.stderr and "nothing listens" in r.stderr, r.stderr  # "": none
 
 
 def test_serve_refuses_unusable_tokens_and_a_delay_with_no_batching(repo, tmp_path):

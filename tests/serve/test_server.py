@@ -350,6 +350,8 @@ def test_metrics_endpoint(tmp_path, repo):
         pinned = 'quantgate_requests_total{code="NOT_FOUND",model="tiny-classifier",version=""}'
         assert f"{pinned} 2.0" in text, text
         assert "nope" not in text and "x" * 200 not in text
+        # no latency series for a model not served (a dashboard by model would show "")
+        assert 'seconds_count{model="",version=""}' not in text, text
         assert f"quantgate_queue_depth{{{labels}}} 0.0" in text  # the expired one left
         assert "quantgate_batch_size_bucket" in text and "quantgate_request_seconds_bucket" in text
 
