@@ -526,7 +526,7 @@ def _variant(v: Any, where: str) -> list[str]:
     return problems
 
 
-def _tokenizer_problem(d: dict[str, Any], hf: dict[str, Any]) -> str | None:
+def _tokenizer_problem(hf: dict[str, Any]) -> str | None:
     """What is wrong with where a manifest says its tokenizer is. Export writes a folder of
     the bundle ("tokenizer", its files hashed in ``files``); a bundle of 0.1.0 (and one a
     re-gate of such a bundle wrote) may name the model's own directory, an absolute path,
@@ -609,7 +609,7 @@ def manifest_problems(d: dict[str, Any]) -> list[str]:
         hf = extra.get("huggingface")
         if hf is not None and not isinstance(hf, dict):
             problems.append(f"extra.huggingface: expected an object, found {_found(hf)}")
-        elif hf and hf.get("tokenizer") is not None and (said := _tokenizer_problem(d, hf)):
+        elif hf and hf.get("tokenizer") is not None and (said := _tokenizer_problem(hf)):
             problems.append(f"extra.huggingface.tokenizer: {said}")
         elif hf and hf.get("tokenizers") is not None:  # how to run the tokenizer: its module's
             from quantgate.tokenizer import settings_problems
