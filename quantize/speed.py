@@ -57,6 +57,7 @@ class TimingConditions:
     # (``cpus.CpuTime``); None: not measured (before timing, no /proc/stat, or a timing too
     # short for its clock ticks)
     others: float | None = None
+    timed_s: float | None = None  # how long the timing ran: where ``others`` is None, why
 
     @classmethod
     def now(cls, threads: int, provider: str) -> TimingConditions:
@@ -80,7 +81,10 @@ class TimingConditions:
 
     def measured(self, start: CpuTime) -> TimingConditions:
         """These conditions with what other processes took of the machine since ``start``."""
-        return dataclasses.replace(self, others=CpuTime.now().others_since(start))
+        now = CpuTime.now()
+        return dataclasses.replace(
+            self, others=now.others_since(start), timed_s=round(now.wall - start.wall, 4)
+        )
 
     def describe(self) -> str:
         threads = (
@@ -101,6 +105,11 @@ class TimingConditions:
             load += (
                 f"; other processes kept {self.others:.0%} of its CPUs busy while "
                 "it was timed" + (f" ({BUSY})" if self.busy else "")
+            )
+        elif self.timed_s is not None:  # measured, over too short a time to tell
+            load += (
+                f"; other processes: not told over {self.timed_s * 1e3:.0f} ms of timing "
+                "(under /proc/stat's clock ticks)"
             )
         share = f"{self.cpus} CPU{'s' if self.cpus != 1 else ''}" + (
             f" (a CPU quota of {self.quota:g})" if self.quota else ""
