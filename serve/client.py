@@ -14,6 +14,7 @@ tokenizer would add.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,13 @@ from typing import Any
 import grpc
 import numpy as np
 
-from quantgate.errors import BadRequest, ConfigError, DeadlineExceeded, Unavailable
+from quantgate.errors import (
+    BadRequest,
+    ConfigError,
+    DeadlineExceeded,
+    InferenceFailed,
+    Unavailable,
+)
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.protos import model_config_pb2 as mc
@@ -259,10 +266,7 @@ class Client:
             if classes:
                 output.parameters["classification"].int64_param = classes
         response = self._call(self._stub.ModelInfer, request, timeout)
-        return {
-            t.name: _decode(t, raw)
-            for t, raw in zip(response.outputs, response.raw_output_contents, strict=True)
-        }
+        return _outputs(response, self._url)
 
 
 class InputRefused(BadRequest):
@@ -402,9 +406,41 @@ def connection_failed(details: str, url: str, *, tls: bool) -> ConnectionFailed 
     return ConnectionFailed(f"{what}. {advice}", cause or "unknown", what)
 
 
-def _decode(tensor: pb.ModelInferResponse.InferOutputTensor, raw: bytes) -> np.ndarray:
+def _outputs(response: pb.ModelInferResponse, url: str) -> dict[str, np.ndarray]:
+    """The arrays of ``response``, in raw contents (as quantgate and Triton answer) or in
+    typed ``contents`` (as other KServe v2 servers may). An answer that does not hold what
+    it says (a shape its bytes do not fill, an unknown datatype, an output missing) is an
+    InferenceFailed naming it, never numpy's error from deep inside the decoding."""
+    raw, outputs = response.raw_output_contents, response.outputs
+    try:
+        if raw and len(raw) != len(outputs):
+            raise ValueError(f"{len(outputs)} outputs, but {len(raw)} raw_output_contents")
+        return {t.name: _decode(t, raw[i] if raw else None) for i, t in enumerate(outputs)}
+    except (ValueError, KeyError, BadRequest, InferenceFailed) as e:
+        said = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise InferenceFailed(
+            f"the answer of the server at {url} is malformed: {said}. It does not answer as "
+            "the KServe v2 protocol says: check what serves that port"
+        ) from None
+
+
+def _decode(tensor: pb.ModelInferResponse.InferOutputTensor, raw: bytes | None) -> np.ndarray:
+    """One output, from its raw bytes, or (None) from its typed contents."""
+    name, shape = tensor.name, tuple(tensor.shape)
+    if tensor.datatype not in codec.DATATYPES and tensor.datatype != codec.BYTES:
+        raise ValueError(f"output {name!r}: unknown datatype {tensor.datatype!r}")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"output {name!r}: shape {list(shape)} has a negative dimension")
+    if raw is None:  # typed contents: what a request's would be, with the same checks
+        dtype_field = codec.DATATYPES.get(tensor.datatype, (None, None, ""))[2]
+        values = codec.typed_contents(f"output {name!r}", tensor, dtype_field, math.prod(shape))
+        return values.reshape(shape)
     if tensor.datatype == codec.BYTES:
-        return codec.decode_bytes(raw, tensor.shape)
-    return np.frombuffer(raw, dtype=codec.DATATYPES[tensor.datatype][0]).reshape(
-        tuple(tensor.shape)
-    )
+        return codec.decode_bytes(raw, shape)
+    dtype = codec.DATATYPES[tensor.datatype][0]
+    if len(raw) != math.prod(shape) * dtype.itemsize:
+        raise ValueError(
+            f"output {name!r}: {tensor.datatype} of shape {list(shape)} needs "
+            f"{math.prod(shape) * dtype.itemsize} bytes, found {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)

@@ -108,7 +108,7 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
                 )
             array = np.frombuffer(data, dtype=dtype)
         else:
-            array = _typed_contents(name, tensor, field, count)
+            array = typed_contents(f"input {name!r}", tensor, field, count)
         try:
             arrays[name] = array.reshape(shape)
         except ValueError as e:  # e.g. a zero-size shape whose other dims overflow
@@ -295,35 +295,30 @@ def _check_tensor_parameters(
             )
 
 
-def _typed_contents(
-    name: str,
-    tensor: pb.ModelInferRequest.InferInputTensor,
-    field: str,
-    count: int,
-) -> np.ndarray:
-    """An input sent in ``contents`` (the typed repeated fields) instead of raw bytes."""
+def typed_contents(where: str, tensor, field: str, count: int) -> np.ndarray:
+    """A tensor sent in ``contents`` (the typed repeated fields) instead of raw bytes: an
+    input of a request, or an output of another server's answer (``where`` names it)."""
     if not field:
         raise BadRequest(
-            f"input {name!r}: {tensor.datatype} has no typed contents field; "
-            "send it in raw_input_contents"
+            f"{where}: {tensor.datatype} has no typed contents field; send it in raw_input_contents"
         )
     values = getattr(tensor.contents, field)
     others = [f.name for f, _ in tensor.contents.ListFields() if f.name != field]
     if others:
         raise BadRequest(
-            f"input {name!r}: values in contents.{others[0]}, but datatype "
+            f"{where}: values in contents.{others[0]}, but datatype "
             f"{tensor.datatype} travels in contents.{field}; send them there, or set the "
             "datatype that matches the values"
         )
     if len(values) != count:
         raise BadRequest(
-            f"input {name!r}: {len(values)} values in contents.{field}, "
+            f"{where}: {len(values)} values in contents.{field}, "
             f"expected {count} for {tensor.datatype} of shape {list(tensor.shape)}"
         )
     try:  # the wire type is wider: refuse, never wrap
         return cast_exact(np.asarray(values), tensor.datatype)
     except ValueError as e:
-        raise BadRequest(f"input {name!r}: in contents.{field}, {e}") from e
+        raise BadRequest(f"{where}: in contents.{field}, {e}") from e
 
 
 def _tag(message, field: str) -> bytes:

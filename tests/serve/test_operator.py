@@ -1113,3 +1113,68 @@ def test_infer_refuses_classes_of_an_embedding_without_its_bundle(tmp_path):
         assert r.returncode == 0, (r.stdout, r.stderr)  # without --classes: its outputs
     finally:
         assert srv.terminate() == 0, srv.log
+
+
+_ODD_SERVER = """
+import sys
+from concurrent import futures
+import grpc
+from quantgate.protos import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pbg
+
+class Odd(pbg.GRPCInferenceServiceServicer):  # a KServe v2 server that is not quantgate
+    def ModelMetadata(self, request, context):
+        m = pb.ModelMetadataResponse(name="m", versions=["1"], platform="onnxruntime_onnx")
+        m.inputs.add(name="x", datatype="INT64", shape=[-1, -1])
+        m.outputs.add(name="y", datatype="FP32", shape=[-1, 2])
+        return m
+
+    def ModelInfer(self, request, context):
+        # the request's width picks the answer
+        mode = {1: "shape", 2: "dtype", 3: "typed", 4: "short"}[request.inputs[0].shape[1]]
+        r = pb.ModelInferResponse(model_name="m", model_version="1")
+        y = r.outputs.add(name="y", datatype="FP32", shape=[1, 2])
+        if mode == "shape":
+            y.shape[:] = [1, 10**9]
+            r.raw_output_contents.append(b"\\0" * 8)
+        elif mode == "dtype":
+            y.datatype = "XYZ"
+            r.raw_output_contents.append(b"\\0" * 8)
+        elif mode == "typed":  # values in contents, as KServe v2 allows
+            y.contents.fp32_contents.extend([0.5, 1.5])
+        else:  # typed, but short
+            y.contents.fp32_contents.extend([0.5])
+        return r
+
+server = grpc.server(futures.ThreadPoolExecutor(2))
+pbg.add_GRPCInferenceServiceServicer_to_server(Odd(), server)
+print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+server.start()
+server.wait_for_termination()
+"""
+
+
+def test_infer_says_an_answer_that_does_not_hold_what_it_says_is_malformed():
+    """Another KServe v2 server's answer: a shape its bytes do not fill, an unknown datatype,
+    too few typed values, each a clear exit 1 (numpy's ValueError and a KeyError came out as
+    tracebacks); values in typed contents, which KServe v2 allows, are read."""
+    odd = subprocess.Popen([sys.executable, "-c", _ODD_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        url = f"127.0.0.1:{int(odd.stdout.readline())}"
+
+        def infer(width: int) -> subprocess.CompletedProcess:
+            return _quantgate("infer", "m", "--url", url, "-i", f"x=[[{', '.join(['1'] * width)}]]")
+
+        for width, said in (
+            (1, "output 'y': FP32 of shape [1, 1000000000] needs 4000000000 bytes, found 8"),
+            (2, "output 'y': unknown datatype 'XYZ'"),
+            (4, "output 'y': 1 values in contents.fp32_contents, expected 2"),
+        ):
+            r = infer(width)
+            assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+            assert f"the answer of the server at {url} is malformed: {said}" in r.stderr, r.stderr
+        r = infer(3)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("y [1, 2] float32"), r.stdout
+    finally:
+        odd.kill()
+        odd.wait()
