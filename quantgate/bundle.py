@@ -398,14 +398,19 @@ _NAME = _kind(lambda x: isinstance(x, str) and x.strip() != "", "a non-empty str
 
 def printable_name(name: str) -> bool:
     """Whether ``name`` may name a model: not blank, no control character (a line break, an
-    escape). The name goes into log lines, metadata and terminals as it is: one holding a
-    line break forged a `listening on` line that scripts read the port from."""
-    return name.strip() != "" and not any(unicodedata.category(c) == "Cc" for c in name)
+    escape), no invisible formatting (a right-to-left override, which shows a line's text in
+    another order) and no Unicode line separator. The name goes into log lines, metadata
+    and terminals as it is: one holding a line break forged a `listening on` line that
+    scripts read the port from."""
+    return name.strip() != "" and not any(unicodedata.category(c) in _UNPRINTABLE for c in name)
+
+
+_UNPRINTABLE = ("Cc", "Cf", "Zl", "Zp")  # control, format, line and paragraph separators
 
 
 _MODEL_NAME = _kind(
     lambda x: isinstance(x, str) and printable_name(x),
-    "a non-empty name without control characters (line breaks, escapes)",
+    "a non-empty name without control characters (line breaks, escapes, direction overrides)",
 )
 _OBJECT = _kind(lambda x: isinstance(x, dict), "an object")
 _OBJECT_OR_NULL = _kind(lambda x: x is None or isinstance(x, dict), "an object or null")
