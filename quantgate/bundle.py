@@ -1091,7 +1091,12 @@ def rewrite(bundle: Bundle, manifest: Manifest, report: str) -> None:
 
     A bundle directory that is a mount point (a container's volume) cannot be replaced by a
     rename: its report.md, then its manifest, are each replaced in place (a file renamed
-    over the old one), the manifest last, as what says what the bundle is."""
+    over the old one), the manifest last, as what says what the bundle is.
+
+    The manifest written is this release's format: a tokenizer folder of the bundle that
+    an older one left unlisted (0.1.0, and its bundles re-gated by 0.2.0) is listed, its
+    files hashed, as export lists them."""
+    manifest = _tokenizer_listed(bundle.path, manifest)
     if is_mount_point(bundle.path):
         for name, text in ((REPORT, report), (MANIFEST, _manifest_text(manifest))):
             for stale in bundle.path.glob(f".{name}.*"):  # a rewrite killed mid-way (the
@@ -1102,6 +1107,20 @@ def rewrite(bundle: Bundle, manifest: Manifest, report: str) -> None:
         _link_all(bundle.path, tmp, skip={MANIFEST, REPORT})
         write_manifest(tmp, manifest)
         (tmp / REPORT).write_text(report)
+
+
+def _tokenizer_listed(root: Path, manifest: Manifest) -> Manifest:
+    """``manifest`` with the files of its tokenizer folder in ``files`` (sha256 each), where
+    the folder is the bundle's own and none of them is listed yet; else as it is."""
+    tok = ((manifest.extra or {}).get("huggingface") or {}).get("tokenizer")
+    if not isinstance(tok, str) or os.path.isabs(tok) or ".." in Path(tok).parts:
+        return manifest
+    folder = Path(posixpath.normpath(tok))
+    if not (root / folder).is_dir() or any(folder in Path(f).parents for f in manifest.files):
+        return manifest
+    found = sorted(f for f in (root / folder).rglob("*") if f.is_file() and not f.is_symlink())
+    listed = {f.relative_to(root).as_posix(): sha256_file(f) for f in found}
+    return dataclasses.replace(manifest, files={**manifest.files, **listed})
 
 
 def _replace_file(path: Path, text: str) -> None:

@@ -172,6 +172,11 @@ def test_new_bundles_are_format_2_and_format_1_ones_still_load(tmp_path):
     again = qb.load(out)  # verified, as a server loads it
     assert json.loads((out / qb.MANIFEST).read_text())["format_version"] == 2
     assert again.manifest.format_version == 2 and (out / qb.PLOT).read_bytes() == b"png"
+    # its tokenizer now listed, as format 2 lists it: a change to it is told
+    assert "tokenizer/vocab.txt" in again.manifest.files
+    (out / "tokenizer" / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    with pytest.raises(BundleError, match=r"tokenizer/vocab\.txt has sha256"):
+        qb.load(out)
 
 
 def test_a_newer_release_s_manifest_is_named_newer_not_corrupt(tmp_path):
