@@ -48,7 +48,8 @@ class ExportConfig:
         if self.name and not printable_name(self.name):  # "": the --out folder's name
             raise ConfigError(
                 f"name {self.name!r}: expected a non-empty name without control characters "
-                "(line breaks, escapes): it goes into log lines and metadata as it is"
+                "(line breaks, escapes, direction overrides): it goes into log lines and "
+                "metadata as it is"
             )
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise ConfigError(f"max_seq_len must be positive, got {self.max_seq_len}")

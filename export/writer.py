@@ -127,8 +127,9 @@ def write_bundle(
     name = name or out.absolute().name
     if not printable_name(name):
         raise BundleError(
-            f"bundle name {name!r} holds a control character (a line break, an escape), which "
-            "would reach log lines and terminals as it is: name it otherwise (--name)"
+            f"bundle name {name!r} holds a control character, line break or direction "
+            "override, which would reach log lines and terminals as it is: name it otherwise "
+            "(--name)"
         )
     seen = {"fp32"}
     for v in variants:

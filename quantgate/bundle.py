@@ -402,10 +402,21 @@ def printable_name(name: str) -> bool:
     another order) and no Unicode line separator. The name goes into log lines, metadata
     and terminals as it is: one holding a line break forged a `listening on` line that
     scripts read the port from."""
-    return name.strip() != "" and not any(unicodedata.category(c) in _UNPRINTABLE for c in name)
+    return name.strip() != "" and unprintable(name) is None
 
 
-_UNPRINTABLE = ("Cc", "Cf", "Zl", "Zp")  # control, format, line and paragraph separators
+def unprintable(name: str) -> str | None:
+    """The first character of ``name`` that ``printable_name`` refuses, as U+XXXX; None."""
+    for c in name:
+        if c in _BIDI or unicodedata.category(c) in _UNPRINTABLE:
+            return f"U+{ord(c):04X}"
+    return None
+
+
+_UNPRINTABLE = ("Cc", "Zl", "Zp")  # control characters, line and paragraph separators
+# The formatting characters that reorder what a line shows (bidirectional embeddings,
+# overrides, isolates and marks): not the joiners that emoji and many scripts are written with
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 _MODEL_NAME = _kind(
@@ -1116,10 +1127,19 @@ def _tokenizer_listed(root: Path, manifest: Manifest) -> Manifest:
     if not isinstance(tok, str) or os.path.isabs(tok) or ".." in Path(tok).parts:
         return manifest
     folder = Path(posixpath.normpath(tok))
-    if not (root / folder).is_dir() or any(folder in Path(f).parents for f in manifest.files):
+    where = root / folder
+    if folder == Path(".") or where.is_symlink() or not where.is_dir():
+        return manifest  # the bundle itself, or a folder elsewhere: not the bundle's to list
+    if any(folder in Path(f).parents for f in manifest.files):
+        return manifest  # listed already
+    entries = sorted(where.rglob("*"))
+    names = [f.relative_to(root).as_posix() for f in entries if not f.is_dir() or f.is_symlink()]
+    # Listed whole or not at all: a folder whose files are listed may hold nothing else (a
+    # link, a fifo, a name a manifest cannot hold), or the bundle would no longer load
+    odd = any(f.is_symlink() or not (f.is_dir() or f.is_file()) for f in entries)
+    if odd or not all(_is_relative_path(n) for n in names):
         return manifest
-    found = sorted(f for f in (root / folder).rglob("*") if f.is_file() and not f.is_symlink())
-    listed = {f.relative_to(root).as_posix(): sha256_file(f) for f in found}
+    listed = {n: sha256_file(root / n) for n in names}
     return dataclasses.replace(manifest, files={**manifest.files, **listed})
 
 

@@ -608,10 +608,10 @@ def _fsync_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
             path = os.path.join(folder, name)
-            if os.path.islink(path):
-                continue
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                continue  # a link, or a fifo (whose open would wait for a writer): no data
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
             except PermissionError:  # linked in, not ours to read: its owner wrote it
                 continue
             try:

@@ -57,7 +57,8 @@ class TimingConditions:
     # (``cpus.CpuTime``); None: not measured (before timing, no /proc/stat, or a timing too
     # short for its clock ticks)
     others: float | None = None
-    timed_s: float | None = None  # how long the timing ran: where ``others`` is None, why
+    # how long the timing ran, where /proc/stat was read: where ``others`` is None, why
+    timed_s: float | None = None
 
     @classmethod
     def now(cls, threads: int, provider: str) -> TimingConditions:
@@ -82,9 +83,10 @@ class TimingConditions:
     def measured(self, start: CpuTime) -> TimingConditions:
         """These conditions with what other processes took of the machine since ``start``."""
         now = CpuTime.now()
-        return dataclasses.replace(
-            self, others=now.others_since(start), timed_s=round(now.wall - start.wall, 4)
-        )
+        # how long, where the ticks were read: what "not told" then means
+        told = now.busy is not None and start.busy is not None
+        timed_s = round(now.wall - start.wall, 4) if told else None
+        return dataclasses.replace(self, others=now.others_since(start), timed_s=timed_s)
 
     def describe(self) -> str:
         threads = (

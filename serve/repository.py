@@ -156,10 +156,11 @@ def shown(name: str) -> str:
 
 def _open_model_folder(folder: Path, cfg: ServeConfig, provider: str) -> list[Model]:
     """The versions of model ``folder.name``: the folder as a bundle, or its VERSION/ bundles."""
-    if not qb.printable_name(folder.name):
+    if bad := qb.unprintable(folder.name):
         raise ServeError(
             "a model folder's name is the name clients call the model by, and goes into log "
-            "lines as it is: rename it without control characters (line breaks, escapes)"
+            f"lines as it is: rename it without {bad} (control characters, line breaks and "
+            "direction overrides are refused)"
         )
     subs = sorted(p for p in folder.iterdir() if p.is_dir() and qb.is_bundle(p))
     if qb.is_bundle(folder):

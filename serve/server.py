@@ -820,11 +820,11 @@ def _run(
     def on_signal(signum: int, _frame) -> None:
         if stop.is_set():  # the operator asked twice: do not wait for the drain
             name = signal.Signals(signum).name
+            if received[1:] or drained:
+                return  # stopping at once already, or the drain has ended: nothing to cut
             if exit_on_second_signal:
                 log.warning("second %s: exiting without finishing admitted requests", name)
                 os._exit(128 + signum)
-            if received[1:] or drained:
-                return  # stopping at once already, or the drain has ended: nothing to cut
             received.append(name)
             log.warning("second %s: stopping without finishing admitted requests", name)
             raise _SecondSignal(name)  # into the drain: run()'s caller gets it back

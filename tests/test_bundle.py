@@ -597,3 +597,16 @@ def test_a_variant_with_no_gate_has_no_evidence_and_fails(tmp_path):
     assert not qb.all_passed(()) and qb.verdict_of(()) == qb.FAIL
     assert qb.verdict_of((passed,)) == qb.PASS
     assert ExtraVariant(path=tmp_path / "m.onnx", precision="int8").verdict == qb.FAIL
+
+
+@pytest.mark.parametrize(
+    "name", ["👩\u200d💻-coder", "می\u200cخواهم", "soft\u00adhyphen", "модель"]
+)
+def test_names_written_with_joiners_and_other_scripts_load(tmp_path, name):
+    """Emoji sequences and Persian are written with zero-width joiners: format characters
+    that reorder nothing, unlike the direction overrides refused with control characters."""
+    b = write(tmp_path / "b")
+    d = json.loads((b.path / qb.MANIFEST).read_text())
+    d["name"] = name
+    (b.path / qb.MANIFEST).write_text(json.dumps(d))
+    assert qb.load(b.path).manifest.name == name

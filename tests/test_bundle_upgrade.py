@@ -226,3 +226,37 @@ def test_export_over_a_0_1_0_bundle(cli, tmp_path, tiny_checkpoint):
     d = json.loads((out / qb.MANIFEST).read_text())
     assert d["format_version"] == 2 and d["tools"]["quantgate"] == "0.2.0"
     assert d["source"]["identity"] == str(tiny_checkpoint.resolve())
+
+
+@pytest.mark.parametrize(
+    "odd",
+    ["link inside", "link outside", "backslash name", "linked folder", "the bundle itself"],
+)
+def test_a_rewrite_lists_an_older_tokenizer_only_where_the_bundle_then_still_loads(tmp_path, odd):
+    """A folder whose files are listed may hold nothing else: a link in it, a name a
+    manifest cannot hold, would leave a re-gated bundle that no server loads. Such a
+    folder stays unlisted, as it was; the bundle its rewrite writes loads, verified."""
+    out = tmp_path / "bundle"
+    make_bundle(out)
+    as_0_1_0(out, spec="ckpt")
+    tok = out / "tokenizer"
+    tokenizer = "tokenizer"
+    if odd == "link inside":
+        (tok / "vocab.json").symlink_to("vocab.txt")
+    elif odd == "link outside":
+        (tmp_path / "elsewhere.txt").write_text("x")
+        (tok / "extra.txt").symlink_to(tmp_path / "elsewhere.txt")
+    elif odd == "backslash name":
+        (tok / "sub\\vocab.txt").write_text("[PAD]\n")  # a Windows zip's name
+    elif odd == "linked folder":
+        shutil.move(tok, tmp_path / "tok")
+        tok.symlink_to(tmp_path / "tok")
+    else:
+        tokenizer = "."
+    d = json.loads((out / qb.MANIFEST).read_text())
+    d["extra"] = {**d.get("extra", {}), "huggingface": {"tokenizer": tokenizer}}
+    (out / qb.MANIFEST).write_text(json.dumps(d))
+    old = qb.load(out)
+    qb.rewrite(old, old.manifest, "report")
+    again = qb.load(out)  # verified, as a server loads it
+    assert again.manifest.files == old.manifest.files  # left unlisted, as it was

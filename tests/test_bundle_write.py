@@ -545,3 +545,22 @@ def test_a_bundle_replaced_while_it_is_read_is_read_again(tmp_path, monkeypatch)
     with pytest.raises(BundleError, match="sha256"):
         qb.load(out)
     assert len(calls) == before + 1
+
+
+def test_a_fifo_in_a_bundle_does_not_hang_its_rewrite(tmp_path):
+    """Making a written folder durable opened every file in it, a fifo too, whose open
+    waits for a writer that never comes: the re-gate hung for good."""
+    import threading
+
+    b = write(tmp_path / "b")
+    (b.path / "notes").mkdir()  # a folder's files are linked in one by one, a fifo too
+    os.mkfifo(b.path / "notes" / "pipe")
+    done = threading.Event()
+
+    def rewrite():
+        qb.rewrite(b, b.manifest, "# report\n")
+        done.set()
+
+    threading.Thread(target=rewrite, daemon=True).start()
+    assert done.wait(15), "the rewrite hung on the fifo"
+    assert (b.path / "report.md").read_text() == "# report\n"

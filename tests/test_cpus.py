@@ -279,3 +279,19 @@ def test_a_window_too_short_for_the_clock_ticks_says_nothing():
     enough = cpus.MIN_TICKS / tick / 2
     busy = cpus.CpuTime(wall=enough, busy=enough, own=0.0, cpus=2)  # one CPU of two busy
     assert busy.others_since(start) == pytest.approx(0.5)
+
+
+def test_a_timing_with_no_proc_stat_blames_no_clock_ticks(tmp_path, monkeypatch):
+    """Where /proc/stat cannot be read (another OS), nothing is told of other processes, and
+    no reason about ticks is given for it; a short timing on Linux says why it tells none."""
+    from quantgate.quantize.speed import TimingConditions
+
+    conditions = TimingConditions.now(1, "CPUExecutionProvider")
+    short = conditions.measured(cpus.CpuTime.now())
+    assert short.others is None and short.timed_s is not None
+    assert "not told over" in short.describe()
+    monkeypatch.setattr(cpus, "PROC_STAT", tmp_path / "missing")
+    start = cpus.CpuTime.now()
+    none = conditions.measured(start)
+    assert none.others is None and none.timed_s is None
+    assert "other processes" not in none.describe()

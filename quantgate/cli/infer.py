@@ -203,8 +203,12 @@ def infer(
         _print_json(named, answer)
         return
     for name, array in answer.items():
-        if array.dtype == object:  # top classes
+        if array.dtype == object and classes:  # top classes, as asked for
             _print_classes(name, array)
+        elif array.dtype == object:  # another server's BYTES output: its strings
+            out.print(f"{name} {list(array.shape)} BYTES", highlight=False, soft_wrap=True)
+            text = np.vectorize(lambda b: b.decode(errors="backslashreplace"), otypes=[object])
+            out.print(str(text(array)), highlight=False, soft_wrap=True)
         elif tags is not None and name == "logits" and array.ndim == 3:
             _print_tags(texts or [], feeds, array, tags, tok)
         else:

@@ -106,7 +106,7 @@ def test_a_repository_lists_every_model_folder_it_cannot_serve(repo, tmp_path):
         "typo": "holds no bundle",
         "tampered": "the file was changed after export",
         "mixed": "is a bundle and also holds bundles in ['2']",
-        repr(forged): "rename it without control characters",
+        repr(forged): "rename it without U+000A (control characters",
     }
     assert "5 of its model folders cannot be served" in message, message
     assert "\nlistening on" not in message  # said escaped, on its line
@@ -1130,7 +1130,9 @@ class Odd(pbg.GRPCInferenceServiceServicer):  # a KServe v2 server that is not q
 
     def ModelInfer(self, request, context):
         # the request's width picks the answer
-        mode = {1: "shape", 2: "dtype", 3: "typed", 4: "short"}[request.inputs[0].shape[1]]
+        mode = {1: "shape", 2: "dtype", 3: "typed", 4: "short", 5: "bytes", 6: "fp16"}[
+            request.inputs[0].shape[1]
+        ]
         r = pb.ModelInferResponse(model_name="m", model_version="1")
         y = r.outputs.add(name="y", datatype="FP32", shape=[1, 2])
         if mode == "shape":
@@ -1141,6 +1143,11 @@ class Odd(pbg.GRPCInferenceServiceServicer):  # a KServe v2 server that is not q
             r.raw_output_contents.append(b"\\0" * 8)
         elif mode == "typed":  # values in contents, as KServe v2 allows
             y.contents.fp32_contents.extend([0.5, 1.5])
+        elif mode == "bytes":  # BYTES too
+            y.datatype = "BYTES"
+            y.contents.bytes_contents.extend([b"cat", b"dog"])
+        elif mode == "fp16":  # FP16 has no typed field: raw contents, or nothing
+            y.datatype = "FP16"
         else:  # typed, but short
             y.contents.fp32_contents.extend([0.5])
         return r
@@ -1168,6 +1175,7 @@ def test_infer_says_an_answer_that_does_not_hold_what_it_says_is_malformed():
             (1, "output 'y': FP32 of shape [1, 1000000000] needs 4000000000 bytes, found 8"),
             (2, "output 'y': unknown datatype 'XYZ'"),
             (4, "output 'y': 1 values in contents.fp32_contents, expected 2"),
+            (6, "output 'y': FP16 travels only in raw contents, and the answer has none"),
         ):
             r = infer(width)
             assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
@@ -1175,6 +1183,8 @@ def test_infer_says_an_answer_that_does_not_hold_what_it_says_is_malformed():
         r = infer(3)
         assert r.returncode == 0, r.stderr
         assert r.stdout.startswith("y [1, 2] float32"), r.stdout
+        r = infer(5)
+        assert r.returncode == 0 and "cat" in r.stdout and "dog" in r.stdout, (r.stdout, r.stderr)
     finally:
         odd.kill()
         odd.wait()
