@@ -408,15 +408,22 @@ def printable_name(name: str) -> bool:
 def unprintable(name: str) -> str | None:
     """The first character of ``name`` that ``printable_name`` refuses, as U+XXXX; None."""
     for c in name:
-        if c in _BIDI or unicodedata.category(c) in _UNPRINTABLE:
+        kind = unicodedata.category(c)
+        if kind in _UNPRINTABLE or (kind == "Cf" and c not in _JOINERS and not _tag(c)):
             return f"U+{ord(c):04X}"
     return None
 
 
-_UNPRINTABLE = ("Cc", "Zl", "Zp")  # control characters, line and paragraph separators
-# The formatting characters that reorder what a line shows (bidirectional embeddings,
-# overrides, isolates and marks): not the joiners that emoji and many scripts are written with
-_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Control characters, line and paragraph separators, and invisible formatting (direction
+# overrides and marks, which reorder what a line shows; a zero-width space, which makes two
+# names that look the same) but for what real names are written with: the joiners of emoji
+# and Persian, a soft hyphen, and the tags of a flag emoji
+_UNPRINTABLE = ("Cc", "Zl", "Zp")
+_JOINERS = frozenset("\u200c\u200d\u00ad")
+
+
+def _tag(c: str) -> bool:
+    return 0xE0020 <= ord(c) <= 0xE007F
 
 
 _MODEL_NAME = _kind(
@@ -1128,7 +1135,8 @@ def _tokenizer_listed(root: Path, manifest: Manifest) -> Manifest:
         return manifest
     folder = Path(posixpath.normpath(tok))
     where = root / folder
-    if folder == Path(".") or where.is_symlink() or not where.is_dir():
+    inside = where.resolve().is_relative_to(root.resolve()) and where.resolve() != root.resolve()
+    if folder == Path(".") or not inside or where.is_symlink() or not where.is_dir():
         return manifest  # the bundle itself, or a folder elsewhere: not the bundle's to list
     if any(folder in Path(f).parents for f in manifest.files):
         return manifest  # listed already

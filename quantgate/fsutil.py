@@ -608,12 +608,12 @@ def _fsync_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
             path = os.path.join(folder, name)
-            if not stat.S_ISREG(os.lstat(path).st_mode):
-                continue  # a link, or a fifo (whose open would wait for a writer): no data
             try:
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    continue  # a link, or a fifo (whose open would wait for a writer): no data
                 fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-            except PermissionError:  # linked in, not ours to read: its owner wrote it
-                continue
+            except (PermissionError, FileNotFoundError):  # linked in, not ours to read (its
+                continue  # owner wrote it), or gone
             try:
                 os.fsync(fd)
             finally:

@@ -74,10 +74,13 @@ class TimingConditions:
     @property
     def busy(self) -> bool:
         """Other processes kept more than ``OTHERS_BUSY`` of its CPUs busy while it
-        was timed. Where that was not measured, the load average before timing was above the
-        CPU count (which counts this process's own work too, and so says less)."""
+        was timed. Where the OS does not say (no /proc/stat), the load average before timing
+        was above the CPU count (which counts this process's own work too, and so says
+        less); where the timing was too short for its clock ticks, not busy: not told."""
         if self.others is not None:
             return self.others > OTHERS_BUSY
+        if self.timed_s is not None:  # /proc/stat read, over too short a timing: not told
+            return False  # (the load average, which counts our own work, says less still)
         return self.load is not None and self.load > self.cpus
 
     def measured(self, start: CpuTime) -> TimingConditions:

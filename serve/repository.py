@@ -156,11 +156,17 @@ def shown(name: str) -> str:
 
 def _open_model_folder(folder: Path, cfg: ServeConfig, provider: str) -> list[Model]:
     """The versions of model ``folder.name``: the folder as a bundle, or its VERSION/ bundles."""
-    if bad := qb.unprintable(folder.name):
+    if not qb.printable_name(folder.name):
+        bad = qb.unprintable(folder.name)
         raise ServeError(
             "a model folder's name is the name clients call the model by, and goes into log "
-            f"lines as it is: rename it without {bad} (control characters, line breaks and "
-            "direction overrides are refused)"
+            "lines as it is: "
+            + (
+                f"rename it without {bad} (control characters, line breaks and invisible "
+                "formatting are refused)"
+                if bad
+                else "give it a name that is not blank"
+            )
         )
     subs = sorted(p for p in folder.iterdir() if p.is_dir() and qb.is_bundle(p))
     if qb.is_bundle(folder):

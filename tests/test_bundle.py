@@ -219,6 +219,7 @@ def test_a_gate_value_that_is_not_a_number_is_a_clear_error(tmp_path):
         (lambda d: d.update(name="m\x1b]0;title\x07"), "without control characters"),
         (lambda d: d.update(name="evil\u202egpj.exe"), "without control characters"),
         (lambda d: d.update(name="a\u2028b"), "without control characters"),
+        (lambda d: d.update(name="digits\u200b"), "without control characters"),  # looks alike
         # a tokenizer read from another folder through ".." (no writer of bundles does that)
         (
             lambda d: hf(d, "../../evil_tok"),

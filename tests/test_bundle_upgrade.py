@@ -230,7 +230,14 @@ def test_export_over_a_0_1_0_bundle(cli, tmp_path, tiny_checkpoint):
 
 @pytest.mark.parametrize(
     "odd",
-    ["link inside", "link outside", "backslash name", "linked folder", "the bundle itself"],
+    [
+        "link inside",
+        "link outside",
+        "backslash name",
+        "linked folder",
+        "linked parent",
+        "the bundle itself",
+    ],
 )
 def test_a_rewrite_lists_an_older_tokenizer_only_where_the_bundle_then_still_loads(tmp_path, odd):
     """A folder whose files are listed may hold nothing else: a link in it, a name a
@@ -251,6 +258,11 @@ def test_a_rewrite_lists_an_older_tokenizer_only_where_the_bundle_then_still_loa
     elif odd == "linked folder":
         shutil.move(tok, tmp_path / "tok")
         tok.symlink_to(tmp_path / "tok")
+    elif odd == "linked parent":  # models -> a folder outside, the tokenizer in it
+        (tmp_path / "elsewhere").mkdir()
+        shutil.move(tok, tmp_path / "elsewhere" / "tok")
+        (out / "models").symlink_to(tmp_path / "elsewhere")
+        tokenizer = "models/tok"
     else:
         tokenizer = "."
     d = json.loads((out / qb.MANIFEST).read_text())

@@ -269,7 +269,8 @@ def _print_json(model: str, answer: dict) -> None:
     outputs = {}
     for name, array in answer.items():
         if array.dtype == object:  # top classes: Triton's "score:index[:label]" bytes
-            data, kind = [s.decode() for s in array.ravel()], "BYTES"
+            data = [s.decode(errors="backslashreplace") for s in array.ravel()]
+            kind = "BYTES"
             data = np.array(data, dtype=object).reshape(array.shape).tolist()
         else:
             kind = datatype(array.dtype)

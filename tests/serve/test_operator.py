@@ -95,6 +95,8 @@ def test_a_repository_lists_every_model_folder_it_cannot_serve(repo, tmp_path):
     shutil.copytree(encoder, root / "mixed" / "2")
     forged = "ev\nlistening on 127.0.0.1:1"  # a name that would forge a line of the log
     shutil.copytree(classifier, root / forged)
+    shutil.copytree(classifier, root / "good\u200b")  # looks like "good" in every log line
+    shutil.copytree(classifier, root / "\u3000")  # blank
     (root / ".cache").mkdir()  # hidden folders are not models
     (root / "lost+found").mkdir()  # nor an ext4 volume's
 
@@ -107,16 +109,18 @@ def test_a_repository_lists_every_model_folder_it_cannot_serve(repo, tmp_path):
         "tampered": "the file was changed after export",
         "mixed": "is a bundle and also holds bundles in ['2']",
         repr(forged): "rename it without U+000A (control characters",
+        repr("good\u200b"): "rename it without U+200B",
+        repr("\u3000"): "give it a name that is not blank",
     }
-    assert "5 of its model folders cannot be served" in message, message
+    assert "7 of its model folders cannot be served" in message, message
     assert "\nlistening on" not in message  # said escaped, on its line
     for folder, words in expected.items():
         line = next((x for x in message.splitlines() if x.startswith(f"  - {folder}: ")), "")
         assert words in line, (folder, message)
-    assert "good" not in message and ".cache" not in message, message
+    assert "  - good:" not in message and ".cache" not in message, message
     assert "lost+found" not in message, message
 
-    for folder in ("named", "typo", "tampered", "mixed", forged):
+    for folder in ("named", "typo", "tampered", "mixed", forged, "good\u200b", "\u3000"):
         shutil.rmtree(root / folder)
     assert [(m.name, m.version) for m in load_repository(ServeConfig(path=root))] == [("good", "1")]
 
@@ -1143,9 +1147,9 @@ class Odd(pbg.GRPCInferenceServiceServicer):  # a KServe v2 server that is not q
             r.raw_output_contents.append(b"\\0" * 8)
         elif mode == "typed":  # values in contents, as KServe v2 allows
             y.contents.fp32_contents.extend([0.5, 1.5])
-        elif mode == "bytes":  # BYTES too
+        elif mode == "bytes":  # BYTES too, one of them no UTF-8
             y.datatype = "BYTES"
-            y.contents.bytes_contents.extend([b"cat", b"dog"])
+            y.contents.bytes_contents.extend([b"cat", b"\\xff\\xfe"])
         elif mode == "fp16":  # FP16 has no typed field: raw contents, or nothing
             y.datatype = "FP16"
         else:  # typed, but short
@@ -1184,7 +1188,15 @@ def test_infer_says_an_answer_that_does_not_hold_what_it_says_is_malformed():
         assert r.returncode == 0, r.stderr
         assert r.stdout.startswith("y [1, 2] float32"), r.stdout
         r = infer(5)
-        assert r.returncode == 0 and "cat" in r.stdout and "dog" in r.stdout, (r.stdout, r.stderr)
+        assert r.returncode == 0 and "cat" in r.stdout and "\\\\xff" in r.stdout, (
+            r.stdout,
+            r.stderr,
+        )
+        r = _quantgate("infer", "m", "--url", url, "-i", "x=[[1, 1, 1, 1, 1]]", "--json")
+        assert r.returncode == 0 and '"data": [["cat", "\\\\xff\\\\xfe"]]' in r.stdout, (
+            r.stdout,
+            r.stderr,
+        )
     finally:
         odd.kill()
         odd.wait()
