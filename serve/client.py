@@ -433,14 +433,7 @@ def _decode(tensor: pb.ModelInferResponse.InferOutputTensor, raw: bytes | None) 
         raise ValueError(f"output {name!r}: shape {list(shape)} has a negative dimension")
     if raw is None and tensor.datatype == codec.BYTES:  # typed: contents.bytes_contents
         items = list(tensor.contents.bytes_contents)
-        if len(items) != math.prod(shape):
-            raise ValueError(
-                f"output {name!r}: {len(items)} values in contents.bytes_contents, expected "
-                f"{math.prod(shape)} for BYTES of shape {list(shape)}"
-            )
-        array = np.empty(len(items), dtype=object)
-        array[:] = items
-        return array.reshape(shape)
+        return codec.bytes_array(items, shape, f"output {name!r}: contents.bytes_contents")
     if raw is None:  # typed contents: what a request's would be, with the same checks
         dtype_field = codec.DATATYPES[tensor.datatype][2]
         if not dtype_field:

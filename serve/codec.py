@@ -385,10 +385,15 @@ def decode_bytes(raw: bytes, shape: Sequence[int]) -> np.ndarray:
             )
         items.append(raw[pos + 4 : pos + 4 + n])
         pos += 4 + n
+    return bytes_array(items, shape, "BYTES contents")
+
+
+def bytes_array(items: Sequence[bytes], shape: Sequence[int], where: str) -> np.ndarray:
+    """``items`` as an object array of ``shape``; InferenceFailed where they do not fill it
+    (``where`` names them)."""
     if len(items) != math.prod(shape):
         raise InferenceFailed(
-            f"BYTES contents hold {len(items)} elements, shape {list(shape)} needs "
-            f"{math.prod(shape)}"
+            f"{where} hold {len(items)} elements, shape {list(shape)} needs {math.prod(shape)}"
         )
     array = np.empty(len(items), dtype=object)
     array[:] = items
