@@ -1131,12 +1131,12 @@ def _tokenizer_listed(root: Path, manifest: Manifest) -> Manifest:
     """``manifest`` with the files of its tokenizer folder in ``files`` (sha256 each), where
     the folder is the bundle's own and none of them is listed yet; else as it is."""
     tok = ((manifest.extra or {}).get("huggingface") or {}).get("tokenizer")
-    if not isinstance(tok, str) or os.path.isabs(tok) or ".." in Path(tok).parts:
+    if not isinstance(tok, str):
         return manifest
-    folder = Path(posixpath.normpath(tok))
-    where = root / folder
-    inside = where.resolve().is_relative_to(root.resolve()) and where.resolve() != root.resolve()
-    if folder == Path(".") or not inside or where.is_symlink() or not where.is_dir():
+    folder, real = Path(posixpath.normpath(tok)), root.resolve()
+    where = root / folder  # (an absolute path or one out through "..": not inside, below)
+    inside = where.resolve().is_relative_to(real) and where.resolve() != real
+    if not inside or where.is_symlink() or not where.is_dir():
         return manifest  # the bundle itself, or a folder elsewhere: not the bundle's to list
     if any(folder in Path(f).parents for f in manifest.files):
         return manifest  # listed already

@@ -6,7 +6,7 @@ replaced in between (a re-export renames a new folder into place) be served unch
 ``read_verified`` reads the file into memory, hashes that copy and returns it with the
 file's stamp (``watch.file_stamp``); ``unchanged`` says whether the path still names that
 file, for what must still read it by path (``tables.index_limits``, and a model whose
-weights are ONNX external data: ``uses_external_data``).
+weights are ONNX external data: ``external_data``).
 
 This module never imports torch or quantgate.quantize: a serving host has neither.
 """
@@ -78,27 +78,16 @@ _HOLDS: dict[int, dict[int, int]] = {
 _EXTERNAL_DATA, _DATA_LOCATION, _EXTERNAL = 13, 14, 1  # TensorProto's fields; EXTERNAL
 
 
-def uses_external_data(data: bytes) -> bool:
+def external_data(data: bytes) -> tuple[bool, set[str]]:
     """Whether the serialized ONNX model ``data`` keeps any tensor's values in a file
     beside it (ONNX external data: a TensorProto with ``data_location`` EXTERNAL or
-    ``external_data`` entries), anywhere ONNX Runtime reads tensors from: initializers,
-    attributes, subgraphs, functions.
+    ``external_data`` entries), anywhere ONNX Runtime reads tensors from (initializers,
+    attributes, subgraphs, functions), and the files it names (each entry's ``location``,
+    relative to the model's folder).
 
     A walk of the protobuf wire format that steps over the tensors' values unread (no copy
     of the model, no parse of its weights: milliseconds). Bytes that are not a model answer
-    False: ONNX Runtime then says what is wrong with them."""
-    return _external(data)[0]
-
-
-def external_locations(data: bytes) -> set[str]:
-    """The files the serialized ONNX model ``data`` keeps tensors' values in (each
-    ``external_data`` entry's ``location``, relative to the model's folder), as ONNX Runtime
-    would read them."""
-    return _external(data)[1]
-
-
-def _external(data: bytes) -> tuple[bool, set[str]]:
-    """(whether any tensor of ``data`` is external, the locations named): one walk."""
+    (False, set()): ONNX Runtime then says what is wrong with them."""
     buf = memoryview(data)
     todo = [(_MODEL, 0, len(buf))]
     external, locations = False, set()

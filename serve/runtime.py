@@ -648,10 +648,8 @@ def _session(bundle: qb.Bundle, variant: qb.Variant, cfg: ServeConfig, provider:
     # bytes it has no path (onnxruntime 1.20, which the server supports, has no option to
     # name their folder). Its graph is checked as read (``unchanged`` below), its weight
     # files only by qb.load's sha256.
-    external = modelfile.uses_external_data(data)
-    if external and (said := qb.unlisted_weights(
-        bundle.manifest, variant, modelfile.external_locations(data)
-    )):  # fmt: skip
+    external, locations = modelfile.external_data(data)
+    if said := qb.unlisted_weights(bundle.manifest, variant, locations):
         raise BundleError(f"bundle {bundle.path}: {said}")
     source: bytes | str = str(file) if external else data
     del data  # one copy: ``source``, dropped with the session's own once it is built

@@ -109,7 +109,7 @@ def test_a_model_with_external_data_is_opened_by_its_path(tmp_path, sessions):
     model = onnx.load(b / MODEL_FILE)
     onnx.save_model(model, b / MODEL_FILE, save_as_external_data=True, location="weights.bin",
                     size_threshold=0)  # fmt: skip
-    assert modelfile.uses_external_data((b / MODEL_FILE).read_bytes())
+    assert modelfile.external_data((b / MODEL_FILE).read_bytes())[0]
     manifest = qb.load(b, verify=False).manifest
     fp32 = dataclasses.replace(manifest.variants[0], sha256=qb.sha256_file(b / MODEL_FILE))
     qb.write_manifest(
@@ -132,7 +132,7 @@ def test_weights_in_a_file_the_manifest_does_not_list_are_refused(tmp_path, sess
     model = onnx.load(b / MODEL_FILE)
     onnx.save_model(model, b / MODEL_FILE, save_as_external_data=True, location="./weights.bin",
                     size_threshold=0)  # fmt: skip
-    assert modelfile.external_locations((b / MODEL_FILE).read_bytes()) == {"./weights.bin"}
+    assert modelfile.external_data((b / MODEL_FILE).read_bytes())[1] == {"./weights.bin"}
     manifest = qb.load(b, verify=False).manifest
     fp32 = dataclasses.replace(manifest.variants[0], sha256=qb.sha256_file(b / MODEL_FILE))
     qb.write_manifest(b, dataclasses.replace(manifest, variants=(fp32,), files={}))
@@ -167,12 +167,12 @@ def _model(initializer: bool = False, in_subgraph: bool = False) -> bytes:
 
 
 def test_external_data_is_found_in_initializers_and_in_subgraphs_attributes():
-    assert not modelfile.uses_external_data(_model())
-    assert modelfile.uses_external_data(_model(initializer=True))
-    assert modelfile.uses_external_data(_model(in_subgraph=True))
-    assert not modelfile.uses_external_data(b"not a model \xff\xff")  # ORT says what is wrong
-    assert modelfile.external_locations(_model(in_subgraph=True)) == {"w.bin"}
-    assert modelfile.external_locations(_model()) == set()
+    assert not modelfile.external_data(_model())[0]
+    assert modelfile.external_data(_model(initializer=True))[0]
+    assert modelfile.external_data(_model(in_subgraph=True))[0]
+    assert not modelfile.external_data(b"not a model \xff\xff")[0]  # ORT says what is wrong
+    assert modelfile.external_data(_model(in_subgraph=True))[1] == {"w.bin"}
+    assert modelfile.external_data(_model())[1] == set()
 
 
 def test_the_field_numbers_walked_are_onnx_own():
