@@ -95,9 +95,10 @@ class Engine:
             depth = self.metrics.queue_depth.labels(m.name, m.version)
             depth.set_function(lambda b=b: b.depth)  # type: ignore[misc]
 
-    def warm_up(self) -> None:
+    def warm_up(self, stop: threading.Event | None = None) -> None:
         """Run every model at three shapes before reporting ready: one short row, one row
-        of the longest bucket (up to 128), and a full batch of short rows.
+        of the longest bucket (up to 128), and a full batch of short rows; no more runs
+        once ``stop`` is set (a server asked to stop during its warm-up never serves).
 
         ONNX Runtime allocates and plans on the first runs; a client should not pay for that.
         """
@@ -107,6 +108,9 @@ class Engine:
             if m.sequence_axis is not None:
                 shapes += [(1, longest), (m.max_batch_size, min(16, longest))]
             for rows, length in shapes:
+                if stop is not None and stop.is_set():
+                    log.info("warm-up stopped: the server is shutting down")
+                    return
                 t0 = time.perf_counter()
                 m.run(m.example(rows, length))
                 # the last, a full batch where batches form: what a deadline must allow for

@@ -22,6 +22,7 @@ import functools
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -734,7 +735,26 @@ def _settings(cfg: ServeConfig, engine: Engine) -> str:
 
 
 class _SecondSignal(BaseException):
-    """A second stop signal, raised from its handler into the drain."""
+    """A second stop signal: raised by the drain's waits (``_waited``), at a point of its
+    own, never from the signal handler into whatever the main thread was running (inside
+    gRPC's stop, that left gRPC's state half-changed, and its stop(0) then waited forever)."""
+
+
+# How often the drain's waits look whether a second signal asked to stop at once.
+HURRY_CHECK_S = 0.05
+
+
+def _waited(wait: Callable[[float], bool], seconds: float | None, hurry: threading.Event) -> bool:
+    """``wait(s)`` in slices of HURRY_CHECK_S until it returns True (True), ``seconds`` pass
+    (None: no limit; False), or ``hurry`` is set (raises _SecondSignal)."""
+    deadline = math.inf if seconds is None else time.monotonic() + seconds
+    while not hurry.is_set():
+        left = deadline - time.monotonic()
+        if wait(max(0.0, min(HURRY_CHECK_S, left))):
+            return True
+        if left <= HURRY_CHECK_S and not hurry.is_set():
+            return False
+    raise _SecondSignal
 
 
 def run(
@@ -745,7 +765,8 @@ def run(
 ) -> None:
     """Serve until SIGTERM/SIGINT/SIGHUP, then drain gracefully and return (main thread only:
     it installs the signal handlers). A second signal during the drain stops the server at
-    once, admitted requests unanswered, and raises DrainIncomplete; with
+    once (within HURRY_CHECK_S), admitted requests unanswered, and raises DrainIncomplete;
+    during the warm-up, it stops once the model run under way ends, and returns. With
     ``exit_on_second_signal`` (`quantgate serve`) the process exits ``128 + signal`` there
     and then, as a server process is expected to.
 
@@ -814,7 +835,8 @@ def _run(
         on_unserved=metrics.unserved_folders.set,
     )
     stop = threading.Event()
-    received: list[str] = []  # the signal that asked for the stop
+    hurry = threading.Event()  # a second signal: stop at once
+    received: list[str] = []  # the signals that asked for the stop
     drained: list[bool] = []  # the drain's answer, once it has one
 
     def on_signal(signum: int, _frame) -> None:
@@ -827,7 +849,8 @@ def _run(
                 os._exit(128 + signum)
             received.append(name)
             log.warning("second %s: stopping without finishing admitted requests", name)
-            raise _SecondSignal(name)  # into the drain: run()'s caller gets it back
+            hurry.set()  # the drain's next look stops the server: run()'s caller is told
+            return
         received.append(signal.Signals(signum).name)
         stop.set()
 
@@ -848,8 +871,9 @@ def _run(
         # its own handlers back (signals.handling).
         ended.enter_context(signals.handling(on_signal))
         ended.enter_context(contextlib.closing(bundles.start()))
+        said_ready = False
         try:
-            _start(cfg, server, port, engine, health_servicer, on_ready, stop)
+            said_ready = _start(cfg, server, port, engine, health_servicer, on_ready, stop)
             while not stop.wait(0.5):  # a short wait: signal handlers run between waits
                 pass
             log.info(
@@ -857,14 +881,17 @@ def _run(
                 received[0],
                 cfg.shutdown_grace_s,
             )
-            drained.append(_drain(cfg, server, engine, health_servicer))
+            drained.append(_drain(cfg, server, engine, health_servicer, hurry))
         except BaseException as e:  # failed while starting (a warm-up out of memory,
             # on_ready), or a second signal: nothing keeps listening on the port
             _stop_now(server, engine)
             if isinstance(e, _SecondSignal):
+                if not said_ready:  # stopped during the warm-up: no request was admitted
+                    log.info("stopped before serving: no request was admitted")
+                    return
                 raise DrainIncomplete(
-                    f"a second {e}: stopped without finishing admitted requests (those whose "
-                    "clients still waited were cancelled)"
+                    f"a second {received[1]}: stopped without finishing admitted requests "
+                    "(those whose clients still waited were cancelled)"
                 ) from None
             raise
     if not drained[0]:
@@ -893,11 +920,11 @@ def _start(
     health_servicer: health.HealthServicer,
     on_ready: Callable[[int, Engine], None] | None,
     stop: threading.Event,
-) -> None:
-    """Metrics, then the gRPC server, then the batchers; warm every model; report ready,
-    unless ``stop`` was set meanwhile (a signal during the warm-up: no SERVING, no ready
-    lines). The HTTP readiness probes say not ready from the moment ``stop`` is set, ahead
-    of the drain's first step."""
+) -> bool:
+    """Metrics, then the gRPC server, then the batchers; warm every model; report ready
+    (True), unless ``stop`` was set meanwhile (a signal during the warm-up: no SERVING, no
+    ready lines; False). The HTTP readiness probes say not ready from the moment ``stop`` is
+    set, ahead of the drain's first step."""
     if cfg.metrics_port is not None:
         http = engine.metrics
 
@@ -921,9 +948,9 @@ def _start(
     server.start()
     engine.start()
     if cfg.warmup:
-        engine.warm_up()
+        engine.warm_up(stop)
     if stop.is_set():  # a signal during the warm-up: never said ready, drained at once
-        return
+        return False
     engine.ready = True
     _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info(
@@ -938,6 +965,7 @@ def _start(
         )
     if on_ready is not None:
         on_ready(port, engine)
+    return True
 
 
 def _grpc_families(host: str) -> str:
@@ -953,7 +981,11 @@ def _grpc_families(host: str) -> str:
 
 
 def _drain(
-    cfg: ServeConfig, server: grpc.Server, engine: Engine, health_servicer: health.HealthServicer
+    cfg: ServeConfig,
+    server: grpc.Server,
+    engine: Engine,
+    health_servicer: health.HealthServicer,
+    hurry: threading.Event,
 ) -> bool:
     """Refuse new requests and answer the admitted ones within the grace; False when the
     grace ran out first.
@@ -967,21 +999,23 @@ def _drain(
     clients are gone) and the engine would look drained. Calls that hold no request (a
     health Watch) are cut LINGER_S after the last admitted request is answered (they held
     the exit to the end of the grace: 25 s for an idle server with one Watch open), and are
-    no request cut off."""
+    no request cut off.
+
+    Raises _SecondSignal as soon as ``hurry`` is set (within HURRY_CHECK_S)."""
     _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     grace = cfg.shutdown_grace_s
     started = time.monotonic()
     stopped = server.stop(grace)  # GOAWAY now; what still runs at the grace is cancelled
-    drained = engine.close(max(0.0, grace - min(0.5, grace / 10)))
+    drained = _waited(engine.close, max(0.0, grace - min(0.5, grace / 10)), hurry)
     if drained:
         # Every admitted request answered: what gRPC still waits for holds none (a health
         # Watch, as gRPC's client-side health checking keeps one open; a connection a client
         # or proxy keeps after the GOAWAY), and would hold the exit to the end of the grace.
         # A moment for calls refused meanwhile to be answered, then they are cut.
         left = grace - (time.monotonic() - started)
-        if not stopped.wait(max(0.0, min(LINGER_S, left))):
+        if not _waited(stopped.wait, max(0.0, min(LINGER_S, left)), hurry):
             server.stop(0)
-    stopped.wait()
+    _waited(stopped.wait, None, hurry)
     # Requests answered in that last moment: drained after all, unless gRPC cut one off
     # (a cut-off request counts; a batch stopped for it leaves the engine looking empty).
     drained = drained or (engine.cut_off == 0 and engine.close(0))

@@ -796,6 +796,7 @@ def test_a_failed_start_stops_listening_and_gives_the_signal_handlers_back(repo)
 
 _SECOND_SIGNAL = """
 import logging, os, signal, socket, sys, threading
+import grpc
 from pathlib import Path
 import numpy as np
 from quantgate.errors import DrainIncomplete
@@ -818,24 +819,34 @@ def endless(port):
         except Exception as e:
             answers.append(type(e).__name__)
 
-def stop_twice():
+def stop_once():
     running.wait(60)
     os.kill(os.getpid(), signal.SIGTERM)  # the drain waits for the endless request
-    while not draining.is_set():
-        draining.wait(0.05)
-    os.kill(os.getpid(), signal.SIGTERM)
+
+# gRPC's server, whose stop at the drain's start receives the second SIGTERM while it runs
+# (gRPC's Python holds its lock there): the handler used to raise into it
+class Server:
+    def __init__(self, server):
+        self._server = server
+    def __getattr__(self, name):
+        return getattr(self._server, name)
+    def stop(self, grace):
+        if grace and not stops:
+            stops.append("stop began")
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(3_000_000))  # Python work, as gRPC's stop does: handlers run in it
+            stops.append("stop ran to its end")
+        return self._server.stop(grace)
+
+make_server = grpc.server
+grpc.server = lambda *args, **kwargs: Server(make_server(*args, **kwargs))
 
 def on_ready(port, engine):
     ready.append(port)
     threading.Thread(target=endless, args=(port,), daemon=True).start()
-    threading.Thread(target=stop_twice, daemon=True).start()
+    threading.Thread(target=stop_once, daemon=True).start()
 
-class Draining(logging.Handler):
-    def emit(self, record):
-        if "shutting down" in record.getMessage():
-            draining.set()
-draining = threading.Event()
-logging.getLogger("quantgate.serve").addHandler(Draining())
+stops = []
 ready, answers = [], []
 try:
     run(ServeConfig(path=Path(sys.argv[1]), host="127.0.0.1", port=0, warmup=False),
@@ -845,6 +856,7 @@ except DrainIncomplete as e:
     print("raised:", e)
 finally:
     print("finally ran")
+print(*stops, sep=", ")
 with socket.socket() as probe:
     print("listening:", probe.connect_ex(("127.0.0.1", ready[0])) == 0)
 print("SIGTERM handler restored:", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
@@ -854,13 +866,58 @@ print("SIGTERM handler restored:", signal.getsignal(signal.SIGTERM) is signal.SI
 def test_a_second_signal_to_an_embedded_server_raises_instead_of_exiting(tmp_path):
     """run() in a program (a notebook, a test harness): the second signal stopped the
     process then and there (os._exit), the caller's cleanup never ran. It now stops the
-    server at once and raises DrainIncomplete; `quantgate serve` still exits 128 + signal."""
+    server at once and raises DrainIncomplete; `quantgate serve` still exits 128 + signal.
+
+    The second signal arrives while gRPC's stop runs, at the drain's start: its handler
+    raised into gRPC's Python there, which left gRPC's state half-changed (its serving
+    thread failed on a tag it no longer expected) and the stop that followed waited
+    forever. The handler now only says so; the drain's own waits stop the server."""
     assert _embedded(_SECOND_SIGNAL, counting(tmp_path / "slow")) == [
         "raised: a second SIGTERM: stopped without finishing admitted requests (those whose "
         "clients still waited were cancelled)",
         "finally ran",
+        "stop began, stop ran to its end",
         "listening: False",
         "SIGTERM handler restored: True",
+    ]
+
+
+_SIGNALS_IN_THE_WARM_UP = """
+import logging, os, signal, sys, threading
+from pathlib import Path
+from quantgate.serve.config import ServeConfig
+from quantgate.serve.server import run
+
+warmed = []
+class WarmUp(logging.Handler):
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("warm-up"):
+            warmed.append(message.split(":")[0])
+        if message.startswith("warm-up slow"):  # the first of its three runs ended
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+logging.getLogger("quantgate.serve").addHandler(WarmUp())
+logging.getLogger("quantgate.serve").setLevel(logging.INFO)
+try:
+    run(ServeConfig(path=Path(sys.argv[1]), host="127.0.0.1", port=0),
+        on_ready=lambda port, engine: print("ready"))
+    print("returned")
+finally:
+    print("finally ran")
+print(*warmed, sep=", ")
+"""
+
+
+def test_two_signals_during_the_warm_up_stop_it_and_return(tmp_path):
+    """Asked to stop during its warm-up, a server warms no further and never says ready;
+    asked twice, it stops as soon as the run under way ends, and returns: it had admitted
+    no request, so none was cut off (no DrainIncomplete)."""
+    bundle = counting(tmp_path / "slow", warm_up_steps=400_000)  # three runs of ~0.3 s
+    assert _embedded(_SIGNALS_IN_THE_WARM_UP, bundle) == [
+        "returned",
+        "finally ran",
+        "warm-up slow version 1, warm-up stopped",
     ]
 
 
