@@ -111,6 +111,8 @@ class Engine:
                 if stop is not None and stop.is_set():
                     log.info("warm-up stopped: the server is shutting down")
                     return
+                log.debug("warm-up %s version %s: running batch %d, sequence %d",
+                          m.name, m.version, rows, length)  # fmt: skip
                 t0 = time.perf_counter()
                 m.run(m.example(rows, length))
                 # the last, a full batch where batches form: what a deadline must allow for

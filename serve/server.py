@@ -752,7 +752,7 @@ def _waited(wait: Callable[[float], bool], seconds: float | None, hurry: threadi
         left = deadline - time.monotonic()
         if wait(max(0.0, min(HURRY_CHECK_S, left))):
             return True
-        if left <= HURRY_CHECK_S and not hurry.is_set():
+        if time.monotonic() >= deadline and not hurry.is_set():
             return False
     raise _SecondSignal
 
@@ -764,11 +764,12 @@ def run(
     exit_on_second_signal: bool = False,
 ) -> None:
     """Serve until SIGTERM/SIGINT/SIGHUP, then drain gracefully and return (main thread only:
-    it installs the signal handlers). A second signal during the drain stops the server at
-    once (within HURRY_CHECK_S), admitted requests unanswered, and raises DrainIncomplete;
-    during the warm-up, it stops once the model run under way ends, and returns. With
-    ``exit_on_second_signal`` (`quantgate serve`) the process exits ``128 + signal`` there
-    and then, as a server process is expected to.
+    it installs the signal handlers). A second signal stops the server at once, and raises
+    DrainIncomplete where admitted requests were left unanswered (it returns where none
+    were: during the warm-up, say, which ends after the model run under way); while
+    ``on_ready`` runs, the signal is raised into it. A third signal exits the process
+    (``128 + signal``), as the second does with ``exit_on_second_signal`` (`quantgate
+    serve`), as a server process is expected to.
 
     Raises DrainIncomplete when the grace ran out before every admitted request was
     answered: the operator learns that requests were cut off, from the log and the exit code.
@@ -836,23 +837,30 @@ def _run(
     )
     stop = threading.Event()
     hurry = threading.Event()  # a second signal: stop at once
+    in_caller = threading.Event()  # on_ready runs: the caller's code, which may be told at once
+    said_ready = threading.Event()  # the server said it was ready: it may have admitted requests
     received: list[str] = []  # the signals that asked for the stop
     drained: list[bool] = []  # the drain's answer, once it has one
 
     def on_signal(signum: int, _frame) -> None:
-        if stop.is_set():  # the operator asked twice: do not wait for the drain
-            name = signal.Signals(signum).name
-            if received[1:] or drained:
-                return  # stopping at once already, or the drain has ended: nothing to cut
-            if exit_on_second_signal:
-                log.warning("second %s: exiting without finishing admitted requests", name)
-                os._exit(128 + signum)
+        name = signal.Signals(signum).name
+        if not stop.is_set():
             received.append(name)
-            log.warning("second %s: stopping without finishing admitted requests", name)
-            hurry.set()  # the drain's next look stops the server: run()'s caller is told
+            stop.set()
             return
-        received.append(signal.Signals(signum).name)
-        stop.set()
+        # The operator asked again: do not wait for the drain
+        if drained:
+            return  # the drain has ended: nothing left to cut
+        if received[1:] or exit_on_second_signal:  # a third signal: stopping at once did not
+            # end it (the caller's on_ready ignored it, or a stop hangs): the last resort
+            log.warning("%s %s: exiting without finishing admitted requests",
+                        "second" if not received[1:] else "third", name)  # fmt: skip
+            os._exit(128 + signum)
+        received.append(name)
+        log.warning("second %s: stopping at once, without waiting for admitted requests", name)
+        hurry.set()  # the drain's next look stops the server: run()'s caller is told
+        if in_caller.is_set():  # raised into the caller's on_ready (as Ctrl-C raises into
+            raise _SecondSignal  # Python code), never into gRPC's or quantgate's own
 
     with contextlib.ExitStack() as ended:  # each ended in turn, the last first
         # The files' watches end with the run (a program may call run() again and again)
@@ -871,9 +879,9 @@ def _run(
         # its own handlers back (signals.handling).
         ended.enter_context(signals.handling(on_signal))
         ended.enter_context(contextlib.closing(bundles.start()))
-        said_ready = False
         try:
-            said_ready = _start(cfg, server, port, engine, health_servicer, on_ready, stop)
+            _start(cfg, server, port, engine, health_servicer, on_ready, stop,
+                   said_ready=said_ready, in_caller=in_caller)  # fmt: skip
             while not stop.wait(0.5):  # a short wait: signal handlers run between waits
                 pass
             log.info(
@@ -884,16 +892,20 @@ def _run(
             drained.append(_drain(cfg, server, engine, health_servicer, hurry))
         except BaseException as e:  # failed while starting (a warm-up out of memory,
             # on_ready), or a second signal: nothing keeps listening on the port
+            second = isinstance(e, _SecondSignal)
+            # Looked at before gRPC cancels its calls (their batches then stop, and the
+            # engine looks drained): a second signal that cuts nothing off is a stop, sooner
+            answered = second and engine.close(0) and engine.cut_off == 0
             _stop_now(server, engine)
-            if isinstance(e, _SecondSignal):
-                if not said_ready:  # stopped during the warm-up: no request was admitted
-                    log.info("stopped before serving: no request was admitted")
-                    return
+            if answered:
+                drained.append(True)
+            elif second:
                 raise DrainIncomplete(
                     f"a second {received[1]}: stopped without finishing admitted requests "
                     "(those whose clients still waited were cancelled)"
                 ) from None
-            raise
+            else:
+                raise
     if not drained[0]:
         cut = f" ({engine.cut_off} admitted request(s) cut off)" if engine.cut_off else ""
         raise DrainIncomplete(
@@ -902,7 +914,10 @@ def _run(
             "drain longer with --shutdown-grace (and the orchestrator's termination grace "
             "period more than that)"
         )
-    log.info("stopped: every admitted request was answered")
+    if said_ready.is_set():
+        log.info("stopped: every admitted request was answered")
+    else:
+        log.info("stopped before serving")
 
 
 def _stop_now(server: grpc.Server, engine: Engine) -> None:
@@ -920,11 +935,15 @@ def _start(
     health_servicer: health.HealthServicer,
     on_ready: Callable[[int, Engine], None] | None,
     stop: threading.Event,
-) -> bool:
-    """Metrics, then the gRPC server, then the batchers; warm every model; report ready
-    (True), unless ``stop`` was set meanwhile (a signal during the warm-up: no SERVING, no
-    ready lines; False). The HTTP readiness probes say not ready from the moment ``stop`` is
-    set, ahead of the drain's first step."""
+    *,
+    said_ready: threading.Event,
+    in_caller: threading.Event,
+) -> None:
+    """Metrics, then the gRPC server, then the batchers; warm every model; report ready,
+    unless ``stop`` was set meanwhile (a signal during the warm-up: no SERVING, no ready
+    lines). The HTTP readiness probes say not ready from the moment ``stop`` is set, ahead
+    of the drain's first step. ``said_ready`` is set once it reports ready, ``in_caller``
+    while ``on_ready`` runs."""
     if cfg.metrics_port is not None:
         http = engine.metrics
 
@@ -948,9 +967,10 @@ def _start(
     server.start()
     engine.start()
     if cfg.warmup:
-        engine.warm_up(stop)
+        _warm_up(engine, stop)
     if stop.is_set():  # a signal during the warm-up: never said ready, drained at once
-        return False
+        return
+    said_ready.set()
     engine.ready = True
     _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info(
@@ -964,8 +984,37 @@ def _start(
             cfg.host,
         )
     if on_ready is not None:
-        on_ready(port, engine)
-    return True
+        in_caller.set()
+        try:
+            on_ready(port, engine)
+        finally:
+            in_caller.clear()
+
+
+def _warm_up(engine: Engine, stop: threading.Event) -> None:
+    """``engine.warm_up`` on a thread of its own, the main thread waiting for it in short
+    slices: Python runs signal handlers on the main thread between its own steps, never
+    during a model run there, so a second signal, which `quantgate serve` exits on, waited
+    for the run under way (seconds, for a large model on a CPU). A stop asked for ends the
+    warm-up after that run."""
+    failed: list[BaseException] = []
+
+    def warm() -> None:
+        try:
+            engine.warm_up(stop)
+        except BaseException as e:  # out of memory, a model that fails: the start fails
+            failed.append(e)
+
+    thread = threading.Thread(target=warm, name="warm-up", daemon=True)
+    thread.start()
+    told = False
+    while thread.is_alive():
+        thread.join(HURRY_CHECK_S)
+        if stop.is_set() and not told and thread.is_alive():
+            log.info("asked to stop: the warm-up ends after the model run under way")
+            told = True
+    if failed:
+        raise failed[0]
 
 
 def _grpc_families(host: str) -> str:
