@@ -530,13 +530,14 @@ def test_off_a_terminal_a_task_of_many_steps_is_said_every_few_seconds(monkeypat
     than MANY_STEPS steps is said at most every MANY_EVERY_S seconds, and at its last step;
     each line's time is of the steps since the line before it."""
     import io
+    import types
 
     from rich.console import Console
 
     from quantgate.cli import _console
 
-    clock = [0.0]
-    monkeypatch.setattr(_console.time, "monotonic", lambda: clock[0])
+    clock = [0.0]  # _console's own clock: the process's time.monotonic stays as it is
+    monkeypatch.setattr(_console, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     log = io.StringIO()
     with _console._Progress(console=Console(file=log, force_terminal=True)) as bar:
         training = bar.add_task("training", total=None, status="")
