@@ -460,7 +460,7 @@ class Batcher:
         """When ``group``, gathering company, must start so that every queued request with a
         deadline can still be answered by it: one of the group after this batch's run, any
         other after this one and its own (they wait for this slot); None: no deadline.
-        ``START_BEFORE_DEADLINE_S`` more, for the answer's way back."""
+        ``START_BEFORE_DEADLINE_S`` more, for the answer's way back and a late wake-up."""
         ours = set(map(id, group))
         runs = self._run_s
         latest = [
