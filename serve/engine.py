@@ -109,7 +109,7 @@ class Engine:
                 shapes += [(1, longest), (m.max_batch_size, min(16, longest))]
             for rows, length in shapes:
                 if stop is not None and stop.is_set():
-                    log.info("warm-up stopped: the server is shutting down")
+                    log.debug("warm-up stopped: the server was asked to stop")
                     return
                 log.debug("warm-up %s version %s: running batch %d, sequence %d",
                           m.name, m.version, rows, length)  # fmt: skip

@@ -851,13 +851,15 @@ def _run(
         # The operator asked again: do not wait for the drain
         if drained:
             return  # the drain has ended: nothing left to cut
-        if received[1:] or exit_on_second_signal:  # a third signal: stopping at once did not
-            # end it (the caller's on_ready ignored it, or a stop hangs): the last resort
-            log.warning("%s %s: exiting without finishing admitted requests",
-                        "second" if not received[1:] else "third", name)  # fmt: skip
+        if exit_on_second_signal:
+            log.warning("second %s: exiting without finishing admitted requests", name)
+            os._exit(128 + signum)
+        if received[1:]:  # a third: stopping at once did not end it (the caller's on_ready
+            # ignored it, or a stop hangs): the last resort
+            log.warning("third %s: exiting the process now", name)
             os._exit(128 + signum)
         received.append(name)
-        log.warning("second %s: stopping at once, without waiting for admitted requests", name)
+        log.warning("second %s: stopping without waiting for the drain", name)
         hurry.set()  # the drain's next look stops the server: run()'s caller is told
         if in_caller.is_set():  # raised into the caller's on_ready (as Ctrl-C raises into
             raise _SecondSignal  # Python code), never into gRPC's or quantgate's own
@@ -884,18 +886,22 @@ def _run(
                    said_ready=said_ready, in_caller=in_caller)  # fmt: skip
             while not stop.wait(0.5):  # a short wait: signal handlers run between waits
                 pass
-            log.info(
-                "%s: shutting down: no new requests; finishing admitted ones (grace %gs)",
-                received[0],
-                cfg.shutdown_grace_s,
-            )
+            if not said_ready.is_set():
+                log.info("%s: stopping before serving", received[0])
+            elif not hurry.is_set():  # else the second signal's line says it
+                log.info(
+                    "%s: shutting down: no new requests; finishing admitted ones (grace %gs)",
+                    received[0],
+                    cfg.shutdown_grace_s,
+                )
             drained.append(_drain(cfg, server, engine, health_servicer, hurry))
         except BaseException as e:  # failed while starting (a warm-up out of memory,
             # on_ready), or a second signal: nothing keeps listening on the port
             second = isinstance(e, _SecondSignal)
             # Looked at before gRPC cancels its calls (their batches then stop, and the
             # engine looks drained): a second signal that cuts nothing off is a stop, sooner
-            answered = second and engine.close(0) and engine.cut_off == 0
+            # (a client that gave up on its own before, counted in cut_off, was not cut off)
+            answered = second and engine.close(0)
             _stop_now(server, engine)
             if answered:
                 drained.append(True)
@@ -917,7 +923,7 @@ def _run(
     if said_ready.is_set():
         log.info("stopped: every admitted request was answered")
     else:
-        log.info("stopped before serving")
+        log.info("stopped")
 
 
 def _stop_now(server: grpc.Server, engine: Engine) -> None:
@@ -998,21 +1004,29 @@ def _warm_up(engine: Engine, stop: threading.Event) -> None:
     for the run under way (seconds, for a large model on a CPU). A stop asked for ends the
     warm-up after that run."""
     failed: list[BaseException] = []
+    halt = threading.Event()  # ``stop``, or the main thread interrupted: no more runs
+    done = threading.Event()  # waited for, not the thread: an exception raised into
+    # Thread.join on Python 3.11 marks a running thread as ended (it releases the thread's
+    # own lock), and is_alive() is then False while it runs models on
 
     def warm() -> None:
         try:
-            engine.warm_up(stop)
+            engine.warm_up(halt)
         except BaseException as e:  # out of memory, a model that fails: the start fails
             failed.append(e)
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=warm, name="warm-up", daemon=True)
-    thread.start()
-    told = False
-    while thread.is_alive():
-        thread.join(HURRY_CHECK_S)
-        if stop.is_set() and not told and thread.is_alive():
-            log.info("asked to stop: the warm-up ends after the model run under way")
-            told = True
+    threading.Thread(target=warm, name="warm-up", daemon=True).start()
+    try:
+        while not done.wait(HURRY_CHECK_S):
+            if stop.is_set() and not halt.is_set():
+                halt.set()
+                log.info("asked to stop: the warm-up ends after the model run under way")
+    except BaseException:  # raised into the wait (an embedding caller's own signal handler,
+        halt.set()  # a timeout's alarm): the thread ends with its run, never after run()
+        done.wait()
+        raise
     if failed:
         raise failed[0]
 
