@@ -852,14 +852,20 @@ def _run(
         if drained:
             return  # the drain has ended: nothing left to cut
         if exit_on_second_signal:
-            log.warning("second %s: exiting without finishing admitted requests", name)
+            if said_ready.is_set():
+                log.warning("second %s: exiting without finishing admitted requests", name)
+            else:
+                log.warning("second %s: exiting now", name)
             os._exit(128 + signum)
         if received[1:]:  # a third: stopping at once did not end it (the caller's on_ready
             # ignored it, or a stop hangs): the last resort
             log.warning("third %s: exiting the process now", name)
             os._exit(128 + signum)
         received.append(name)
-        log.warning("second %s: stopping without waiting for the drain", name)
+        if said_ready.is_set():
+            log.warning("second %s: stopping without waiting for the drain", name)
+        else:  # the warm-up's run under way cannot be cut short
+            log.warning("second %s: stopping once the model run under way ends", name)
         hurry.set()  # the drain's next look stops the server: run()'s caller is told
         if in_caller.is_set():  # raised into the caller's on_ready (as Ctrl-C raises into
             raise _SecondSignal  # Python code), never into gRPC's or quantgate's own
@@ -1025,7 +1031,9 @@ def _warm_up(engine: Engine, stop: threading.Event) -> None:
                 log.info("asked to stop: the warm-up ends after the model run under way")
     except BaseException:  # raised into the wait (an embedding caller's own signal handler,
         halt.set()  # a timeout's alarm): the thread ends with its run, never after run()
-        done.wait()
+        while not done.is_set():
+            with contextlib.suppress(BaseException):  # another, raised into this wait: the
+                done.wait()  # first is the one told
         raise
     if failed:
         raise failed[0]
