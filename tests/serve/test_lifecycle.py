@@ -798,7 +798,19 @@ def test_a_failed_start_stops_listening_and_gives_the_signal_handlers_back(repo)
     ]
 
 
-_SECOND_SIGNAL = """
+# An embedded script's lines that set ``running`` once a batch runs (the batcher's debug line)
+_RUNNING = """
+running = threading.Event()
+class Running(logging.Handler):
+    def emit(self, record):
+        if "running a batch of" in record.getMessage():
+            running.set()
+logging.getLogger("quantgate.serve").addHandler(Running())
+logging.getLogger("quantgate.serve").setLevel(logging.DEBUG)
+"""
+
+_SECOND_SIGNAL = (
+    """
 import logging, os, signal, socket, sys, threading
 import grpc
 from pathlib import Path
@@ -808,14 +820,9 @@ from quantgate.serve import Client
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.server import run
 
-running = threading.Event()  # the batcher's debug line: the endless request runs
-class Running(logging.Handler):
-    def emit(self, record):
-        if "running a batch of" in record.getMessage():
-            running.set()
-logging.getLogger("quantgate.serve").addHandler(Running())
-logging.getLogger("quantgate.serve").setLevel(logging.DEBUG)
-
+"""
+    + _RUNNING
+    + """
 def endless(port):
     with Client(f"127.0.0.1:{port}", timeout=60) as c:
         try:
@@ -865,6 +872,7 @@ with socket.socket() as probe:
     print("listening:", probe.connect_ex(("127.0.0.1", ready[0])) == 0)
 print("SIGTERM handler restored:", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
 """
+)
 
 
 def test_a_second_signal_to_an_embedded_server_raises_instead_of_exiting(tmp_path):
@@ -926,7 +934,8 @@ def test_two_signals_during_the_warm_up_stop_it_and_return(tmp_path):
     assert warmed == "warmed, asked to stop, warmed", warmed
 
 
-_SIGNALS_IN_ON_READY = """
+_SIGNALS_IN_ON_READY = (
+    """
 import logging, os, signal, socket, sys, threading, time, urllib.error, urllib.request
 from pathlib import Path
 import numpy as np
@@ -936,14 +945,9 @@ from quantgate.serve.config import ServeConfig
 from quantgate.serve.server import run
 
 asks = sys.argv[2] == "asks"  # on_ready waits for an endless request, or for nothing
-running = threading.Event()  # the endless request runs, or on_ready blocks
-class Running(logging.Handler):
-    def emit(self, record):
-        if "running a batch of" in record.getMessage():
-            running.set()
-logging.getLogger("quantgate.serve").addHandler(Running())
-logging.getLogger("quantgate.serve").setLevel(logging.DEBUG)
-
+"""
+    + _RUNNING
+    + """
 def stop_twice(readyz):
     running.wait(60)
     os.kill(os.getpid(), signal.SIGTERM)
@@ -994,6 +998,7 @@ except DrainIncomplete as e:
 with socket.socket() as probe:
     print("listening:", probe.connect_ex(("127.0.0.1", ready[0])) == 0)
 """
+)
 
 
 @pytest.mark.parametrize("asks", [True, False], ids=["a-request-running", "nothing-admitted"])
