@@ -847,6 +847,8 @@ def _run(
         if not stop.is_set():
             received.append(name)
             stop.set()
+            if in_caller.is_set():  # the drain's line waits for on_ready: said now
+                log.info("%s: the server stops once on_ready returns", name)
             return
         # The operator asked again: do not wait for the drain
         if drained:

@@ -945,6 +945,12 @@ from quantgate.serve.config import ServeConfig
 from quantgate.serve.server import run
 
 asks = sys.argv[2] == "asks"  # on_ready waits for an endless request, or for nothing
+said = []  # the server's line for the first signal, which on_ready holds up
+class Said(logging.Handler):
+    def emit(self, record):
+        if "on_ready returns" in record.getMessage():
+            said.append(record.getMessage())
+logging.getLogger("quantgate.serve").addHandler(Said())
 """
     + _RUNNING
     + """
@@ -997,6 +1003,7 @@ except DrainIncomplete as e:
     print("raised:", e)
 with socket.socket() as probe:
     print("listening:", probe.connect_ex(("127.0.0.1", ready[0])) == 0)
+print(*said)
 """
 )
 
@@ -1014,7 +1021,7 @@ def test_a_second_signal_stops_a_server_whose_on_ready_blocks(tmp_path, asks):
         assert lines[1].startswith("raised: a second SIGTERM: stopped without finishing"), lines
     else:
         assert lines[1] == "returned", lines
-    assert lines[2:] == ["listening: False"], lines
+    assert lines[2:] == ["listening: False", "SIGTERM: the server stops once on_ready returns"]
 
 
 def test_a_second_signal_during_a_long_warm_up_exits_at_once(tmp_path):
