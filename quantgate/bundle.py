@@ -1135,7 +1135,8 @@ def _tokenizer_listed(root: Path, manifest: Manifest) -> Manifest:
         return manifest
     folder, real = Path(posixpath.normpath(tok)), root.resolve()
     where = root / folder  # (an absolute path or one out through "..": not inside, below)
-    inside = where.resolve().is_relative_to(real) and where.resolve() != real
+    resolved = where.resolve()
+    inside = resolved.is_relative_to(real) and resolved != real
     if not inside or where.is_symlink() or not where.is_dir():
         return manifest  # the bundle itself, or a folder elsewhere: not the bundle's to list
     if any(folder in Path(f).parents for f in manifest.files):

@@ -740,7 +740,8 @@ class _SecondSignal(BaseException):
     gRPC's stop, that left gRPC's state half-changed, and its stop(0) then waited forever)."""
 
 
-# How often the drain's waits look whether a second signal asked to stop at once.
+# How often the drain's waits look whether a second signal asked to stop at once, and the
+# main thread's wait for the warm-up lets a signal's handler run.
 HURRY_CHECK_S = 0.05
 
 
