@@ -882,15 +882,33 @@ def staging(
     temporary directory is removed and whatever was at ``out`` is untouched. ``out`` may be
     missing, empty, or an existing bundle; any other existing directory is refused unless
     ``force``, and so is a bundle holding files it does not list, unless the new one
-    ``carries_others``. A failure to write (a full disk, a permission) is a ``BundleError``.
+    ``carries_others``. A failure to write (a full disk, a permission) is a ``BundleError``,
+    and so is a file outside the staging directory the block cannot read, named as a read.
     """
     check_writable_target(Path(out).absolute(), force=force, carries_others=carries_others)
     try:
         with atomic_dir(out) as tmp:
-            yield tmp
+            try:
+                yield tmp
+            except OSError as e:
+                if _read_elsewhere(e, tmp):
+                    raise BundleError(
+                        f"cannot read {os.fsdecode(e.filename)}: {e.strerror or e}; the "
+                        f"bundle at {out} was not written (nothing was changed there). Check "
+                        "that the file exists and is readable, and run again."
+                    ) from e
+                raise
     except OSError as e:
         full = disk_full(e)
         raise (BundleOutOfSpace if full else BundleError)(_write_failure(Path(out), e)) from e
+
+
+def _read_elsewhere(e: OSError, staged: Path) -> bool:
+    """Whether the block's ``e`` is about a file outside the staging directory: an input it
+    read (a variant to copy, a tokenizer file), not the bundle being written."""
+    if e.filename is None or e.filename2 is not None or disk_full(e):
+        return False
+    return not Path(os.fsdecode(e.filename)).absolute().is_relative_to(staged.absolute())
 
 
 def _write_failure(out: Path, e: OSError) -> str:

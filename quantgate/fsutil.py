@@ -314,7 +314,7 @@ def _out_of_space(work: Path, err: BaseException, what: str) -> OutOfSpace:
         if temporary
         else "Give it a directory on a filesystem with room"
     )
-    cause = f"({type(err).__name__}: {str(err).splitlines()[0]})"
+    cause = f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]})"
     if full_errno(err) == errno.EFBIG:
         return OutOfSpace(
             f"{what} failed: a file in its working directory {work} reached this process's "

@@ -54,6 +54,22 @@ def test_a_full_disk_is_a_bundle_error_that_names_the_filesystem(tmp_path, monke
     assert exit_code(e.value) == 1
 
 
+def test_an_input_that_cannot_be_read_is_named_not_called_a_write_failure(tmp_path):
+    """A file the block reads (a variant to copy, gone) was reported as 'cannot write the
+    bundle ... check that the directory is writable': the advice pointed at the wrong
+    place. The read is named, and the bundle is as it was."""
+    out = tmp_path / "b"
+    write(out)
+    import shutil
+
+    with pytest.raises(BundleError) as e, qb.staging(out) as tmp:
+        shutil.copyfile(tmp_path / "gone.onnx", tmp / "model.int8.onnx")
+    message = str(e.value)
+    assert message.startswith(f"cannot read {tmp_path / 'gone.onnx'}: No such file")
+    assert "writable" not in message and "nothing was changed" in message
+    assert model_text(out) == "one" and [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
 def test_a_directory_rename_cannot_replace_is_named_with_what_to_do(tmp_path, monkeypatch):
     """A mount point is refused before any work; where the swap itself fails (overlayfs
     answers EXDEV for a directory of a container image's layer) the error says why, and the
@@ -519,6 +535,15 @@ def test_a_file_size_limit_is_a_full_disk_not_the_models_fault():
     wrapped = RuntimeError("torch.onnx.export failed")
     wrapped.__cause__ = err
     assert "File too large" in _advice(wrapped) and "traceable" not in _advice(wrapped)
+
+
+def test_a_full_disk_under_an_exception_without_a_message_is_still_out_of_space():
+    """A native library's exception with an empty message, raised from ENOSPC: the message
+    quoted its first line, and an empty one raised IndexError instead of OutOfSpace."""
+    wrapped = RuntimeError()
+    wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(fsutil.OutOfSpace, match=r"is full .*\(RuntimeError: \)"):
+        fsutil.raise_if_full(wrapped, Path("/tmp"), "the export")
 
 
 def test_a_bundle_replaced_while_it_is_read_is_read_again(tmp_path, monkeypatch):
