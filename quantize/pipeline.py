@@ -20,7 +20,7 @@ from quantgate.bundle import (
 from quantgate.configs import require
 from quantgate.errors import DataError, QuantizeError
 from quantgate.export.config import ExportConfig
-from quantgate.fsutil import claimed, work_dir
+from quantgate.fsutil import claimed, raise_if_full, work_dir
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize import cuda
 from quantgate.quantize import report as reports
@@ -282,16 +282,18 @@ def _fp16_variant(
 
     try:
         f16 = fp16.save(fp16.to_fp16(fp32), work / "model.fp16.onnx")
-    except QuantizeError as e:
-        return None, _fp16_left_out(str(e))
-    if (crashed := fp16.crash(f16)) is not None:
-        return None, _fp16_left_out(crashed)
-    try:  # the threads the search's FP32 reference and INT8 fidelity ran with
+        if (crashed := fp16.crash(f16)) is not None:
+            return None, _fp16_left_out(crashed)
+        # the threads the search's FP32 reference and INT8 fidelity ran with
         fidelity = fp16.fidelity(
             fp32, f16, evaluation(), precision="fp16", threads=gate_cfg.threads
         )
-    except fp16.NoFloatOutput as e:  # nothing FP16 changes to gate
+    except QuantizeError as e:  # the converter's refusal, or no float output to gate
         return None, _fp16_left_out(str(e))
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime refusing the FP16 graph, say
+        raise_if_full(e, work, "the FP16 variant")  # ...but a full disk ends the export
+        log.debug("the FP16 variant failed", exc_info=True)
+        return None, _fp16_left_out(f"{type(e).__name__}: {e}")
     variant = ExtraVariant(
         path=f16,
         precision="fp16",

@@ -183,3 +183,19 @@ def test_an_fp16_variant_with_no_float_output_to_gate_is_left_out(tmp_path, capl
     )
     assert variant is None and "Left out: its fidelity compares the model's float" in section
     assert "the FP16 variant is left out of the bundle" in caplog.text
+
+
+def test_an_fp16_variant_onnx_runtime_fails_on_is_left_out_not_fatal(tmp_path, caplog):
+    """An ONNX Runtime error in the FP16 step (here a feed its session refuses) ended the
+    export with a traceback after the whole INT8 search; FP16 is an extra for CUDA and is
+    left out with the error's words instead."""
+    from quantgate.quantize import pipeline
+
+    path = _argmax_model(tmp_path / "m.onnx")
+    feeds = [{"x": np.zeros((8, 5), np.float32)}]  # 5 features where the model takes 4
+    variant, section = pipeline._fp16_variant(
+        path, lambda: iter(feeds), tmp_path, pipeline.QuantConfig()
+    )
+    assert variant is None
+    assert "Left out: InvalidArgument: " in section and "Got: 5 Expected: 4" in section
+    assert "the FP16 variant is left out of the bundle" in caplog.text
