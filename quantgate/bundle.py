@@ -638,8 +638,14 @@ def manifest_problems(d: dict[str, Any]) -> list[str]:
             from quantgate.tokenizer import settings_problems
 
             problems.extend(settings_problems(hf["tokenizers"]))
-        if "regates" in extra and not isinstance(extra["regates"], list):
-            problems.append(f"extra.regates: expected a list, found {_found(extra['regates'])}")
+        regates = extra.get("regates", [])
+        if not isinstance(regates, list):
+            problems.append(f"extra.regates: expected a list, found {_found(regates)}")
+        elif bad := [i for i, r in enumerate(regates) if not isinstance(r, dict)]:
+            problems.append(
+                f"extra.regates[{bad[0]}]: expected an object (a re-gate's record), found "
+                f"{_found(regates[bad[0]])}"
+            )
     stated = d.get("verdict")
     if stated in (PASS, FAIL) and not problems:
         failed = [v["precision"] for v in entries if v.get("verdict", PASS) != PASS]

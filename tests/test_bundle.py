@@ -228,6 +228,12 @@ def test_a_gate_value_that_is_not_a_number_is_a_clear_error(tmp_path):
         ),  # fmt: skip
         (lambda d: hf(d, "tokenizer/../../x"), r"which leads out of it"),
         (lambda d: hf(d, 5), r"tokenizer: expected a folder path, found"),
+        # a failed gate's message reads the newest re-gate's record: a string crashed it
+        (
+            lambda d: d["extra"].update(regates=[{"verdict": "pass"}, "by hand"]),
+            r"extra\.regates\[1\]: expected an object \(a re-gate's record\), found the string",
+        ),
+        (lambda d: d["extra"].update(regates=None), r"extra\.regates: expected a list, found null"),
     ],
 )
 def test_a_manifest_of_the_wrong_shape_is_a_clear_error(tmp_path, edit, message):
