@@ -29,8 +29,10 @@ def datatype(dtype: np.dtype) -> str:
 
 
 def cast_exact(values: np.ndarray, name: str) -> np.ndarray:
-    """``values`` as KServe datatype ``name`` when every value survives the cast unchanged;
-    else ValueError naming the first that would not (never rounded, never wrapped)."""
+    """``values`` as KServe datatype ``name``, or ValueError naming the first value that
+    would not survive the cast: a whole-number datatype gets each value unchanged (never
+    rounded, never wrapped); a float one rounds to its precision, as any float input does,
+    but never turns a finite value into infinity (70000 as FP16)."""
     dtype = NUMPY[name]
     if dtype.kind in "iub" and values.dtype.kind in "iuf" and values.size:
         low, high = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
@@ -44,4 +46,13 @@ def cast_exact(values: np.ndarray, name: str) -> np.ndarray:
             first = lo if lo < low else hi if hi > high else None
         if first is not None:
             raise ValueError(f"{first} does not fit {name} ({low}..{high}, whole numbers)")
+    if dtype.kind == "f" and values.dtype.kind in "iuf" and values.size:
+        with np.errstate(over="ignore"):
+            cast = values.astype(dtype, copy=False)
+        if (overflow := np.isinf(cast) & np.isfinite(values)).any():
+            largest = np.finfo(dtype).max
+            raise ValueError(
+                f"{values[overflow].flat[0]} does not fit {name} (-{largest:g}..{largest:g})"
+            )
+        return cast
     return values.astype(dtype, copy=False)

@@ -157,3 +157,24 @@ def test_classification_strings_are_tritons_and_exact():
     out = subprocess.run([sys.executable, "-c", CLASSIFY], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_a_value_is_cast_to_a_datatype_only_where_it_survives():
+    """What `quantgate infer` sends a model: a whole number unchanged or refused; a float
+    rounded to the input's precision, but never a finite value turned into infinity (70000
+    as FP16 reached the model as inf, with a RuntimeWarning)."""
+    import numpy as np
+    import pytest
+
+    from quantgate.serve.dtypes import cast_exact  # numpy alone: no protos in this process
+
+    assert cast_exact(np.array([7.0, -3.0]), "INT64").tolist() == [7, -3]
+    with pytest.raises(ValueError, match=r"5\.5 does not fit INT64"):
+        cast_exact(np.array([5.5]), "INT64")
+    half = cast_exact(np.array([0.1, 65504.0, np.inf]), "FP16")
+    assert half.dtype == np.float16 and half.tolist() == [np.float16(0.1), 65504.0, np.inf]
+    with pytest.raises(ValueError, match=r"^70000\.0 does not fit FP16 \(-65504\.\.65504\)$"):
+        cast_exact(np.array([1.0, 70000.0]), "FP16")
+    with pytest.raises(ValueError, match=r"1e\+300 does not fit FP32"):
+        cast_exact(np.array([1e300]), "FP32")
+    assert cast_exact(np.array([2**24 + 1]), "FP32").tolist() == [2**24]  # rounded, as floats are
