@@ -290,7 +290,7 @@ class Manifest:
                 **{
                     **v,
                     "sha256": v["sha256"].lower(),
-                    "providers": tuple(v.get("providers", ())),
+                    "providers": tuple(v.get("providers", Variant.providers)),
                     "gates": tuple(gate(g) for g in v.get("gates", ())),
                     "not_for": tuple(v.get("not_for", ())),
                 }

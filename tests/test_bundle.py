@@ -65,6 +65,15 @@ def test_a_manifest_in_python_round_trips_through_to_dict(tmp_path):
         qb.Manifest.from_dict(d)
 
 
+def test_a_variant_without_providers_has_the_default_not_none(tmp_path):
+    """The schema lets a hand-written manifest leave out a variant's providers; it read as
+    no provider at all, and the variant could be served nowhere."""
+    d = make_manifest(tmp_path).to_dict()
+    del d["variants"][0]["providers"]
+    variant = qb.Manifest.from_dict(d).variant("fp32")
+    assert variant.providers == qb.Variant.providers == (qb.CPU,)
+
+
 def test_a_bundle_reads_in_one_line(tmp_path):
     b = write(tmp_path / "b")
     assert repr(b) == f"Bundle({str(b.path)!r}, name='m', verdict='pass', variants=[fp32:pass])"
