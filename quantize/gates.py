@@ -95,7 +95,8 @@ class Outputs:
 def collect(
     model: str | Path, data: DataSource, *, provider: str = CPU, threads: int = 0
 ) -> Outputs:
-    """Run ``model`` over every batch of ``data``; keep its float outputs and the labels.
+    """Run ``model`` over every batch of ``data``; keep its outputs (the integer ones too:
+    ``_integer_agreement`` gates a predicted class on agreement) and the labels.
 
     A batch ONNX Runtime refuses as an invalid argument is a DataError (the data does not fit
     the model); any other failure of the run (out of memory, a kernel's error), or of
@@ -779,10 +780,9 @@ def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfi
     )
     if len(dx) < MIN_EVAL_ROWS:  # a pair of rows is always each other's nearest
         among += f"; fewer than the {MIN_EVAL_ROWS} distinct rows it needs"
-    raw_x, raw_y = ref.stacked(output) if output == "sentence_embedding" else None, None
-    if raw_x is not None:
-        raw_y = cand.stacked(output)
-    err = f", max abs {np.abs(raw_x - raw_y).max():.3g}" if raw_x is not None else ""
+    err = ""
+    if output == "sentence_embedding":  # its values as the model gives them (not pooled)
+        err = f", max abs {np.abs(ref.stacked(output) - cand.stacked(output)).max():.3g}"
     # Labels, if the rows have any, score nothing here: an embedding is judged against FP32.
     rows = "unlabelled rows" if ref.labels is None else "rows (labels unused)"
     detail = f"{output} vs FP32 on {len(x)} {rows}{err}"
