@@ -79,9 +79,13 @@ class QuantConfig:
     def __post_init__(self):
         check_fields(self)  # types first: recipes="name" is one recipe, not its letters
         if not self.search_budget_s > 0:  # NaN too: no budget would ever run out
-            raise ConfigError(f"--search-budget must be > 0 seconds, got {self.search_budget_s}")
+            raise ConfigError(
+                f"search_budget_s (--search-budget) must be > 0 seconds, got {self.search_budget_s}"
+            )
         if self.calibration_samples is not None and self.calibration_samples < 1:
-            raise ConfigError(f"--samples must be >= 1, got {self.calibration_samples}")
+            raise ConfigError(
+                f"calibration_samples (--samples) must be >= 1, got {self.calibration_samples}"
+            )
         for name, value, least in (
             ("sensitivity_top_k", self.sensitivity_top_k, 1),
             ("max_candidates", self.max_candidates, 1),

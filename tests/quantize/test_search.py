@@ -230,9 +230,15 @@ def _data():
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (dict(search_budget_s=0), "--search-budget must be > 0 seconds, got 0"),
-        (dict(search_budget_s=float("nan")), "--search-budget must be > 0 seconds, got nan"),
-        (dict(calibration_samples=0), "--samples must be >= 1, got 0"),
+        (
+            dict(search_budget_s=0),
+            r"search_budget_s \(--search-budget\) must be > 0 seconds, got 0",
+        ),
+        (
+            dict(search_budget_s=float("nan")),
+            r"search_budget_s \(--search-budget\) must be > 0 seconds, got nan",
+        ),
+        (dict(calibration_samples=0), r"calibration_samples \(--samples\) must be >= 1, got 0"),
         (dict(max_candidates=0), "max_candidates must be >= 1, got 0"),
         (dict(max_keep_rounds=-1), "max_keep_rounds must be >= 0, got -1"),
     ],
