@@ -243,37 +243,58 @@ def speed_gates(
             on_pair=functools.partial(tick, what),
         )
         timed = conditions.measured(start)  # what others took of the machine meanwhile
-        ratios = np.array(ms["fp32"]) / np.array(ms["candidate"])
-        median = float(np.median(ratios))
-        ci = median_interval(ratios, cfg.confidence)
-        passed, rule = decide(
-            median, ci, cfg.min_speedup, ">=", rule="point", confidence=cfg.confidence
-        )
-        gates.append(
-            GateResult(
-                name=speed_gate_name(batch, seq),
-                value=median,
-                threshold=cfg.min_speedup,
-                op=">=",
-                passed=passed,
-                ci=ci,
-                provider=cfg.provider,
-                detail=(
-                    f"FP32 median {np.median(ms['fp32']):.2f} ms, "
-                    f"candidate {np.median(ms['candidate']):.2f} ms "
-                    f"at batch {batch} x sequence {seq}; median of {len(ratios)} interleaved "
-                    f"pair ratios after {warmup} warm-up run{'s' if warmup > 1 else ''} each, "
-                    f"with its order-statistic interval (it would hold the median "
-                    f"{median_coverage(len(ratios), cfg.confidence):.1%} of the time were the "
-                    "pairs independent; they share this run's machine, and another run can "
-                    "land outside it)"
-                    + (f", {reps} runs per sample" if reps > 1 else "")
-                    + f"; timed with {timed.describe()}"
-                    + rule
-                ),
-            )
-        )
+        gates.append(pair_gate(ms, batch, seq, cfg, warmup=warmup, reps=reps, timed=timed))
     return gates
 
 
-__all__ = ["TimingConditions", "speed_feeds", "speed_gates", "speed_shapes", "time_interleaved"]
+def pair_gate(
+    ms: Mapping[str, Sequence[float]],
+    batch: int,
+    seq: int,
+    cfg: GateConfig,
+    *,
+    warmup: int,
+    reps: int,
+    timed: TimingConditions,
+) -> GateResult:
+    """The ``speedup_b{batch}_s{seq}`` gate of interleaved timings ``ms`` (milliseconds per
+    run, ``"fp32"`` and ``"candidate"``, pair by pair): the median of the per-pair ratios,
+    with its order-statistic interval, decided by the median."""
+    ratios = np.array(ms["fp32"]) / np.array(ms["candidate"])
+    median = float(np.median(ratios))
+    ci = median_interval(ratios, cfg.confidence)
+    passed, rule = decide(
+        median, ci, cfg.min_speedup, ">=", rule="point", confidence=cfg.confidence
+    )
+    return GateResult(
+        name=speed_gate_name(batch, seq),
+        value=median,
+        threshold=cfg.min_speedup,
+        op=">=",
+        passed=passed,
+        ci=ci,
+        provider=cfg.provider,
+        detail=(
+            f"FP32 median {np.median(ms['fp32']):.2f} ms, "
+            f"candidate {np.median(ms['candidate']):.2f} ms "
+            f"at batch {batch} x sequence {seq}; median of {len(ratios)} interleaved "
+            f"pair ratios after {warmup} warm-up run{'s' if warmup > 1 else ''} each, "
+            f"with its order-statistic interval (it would hold the median "
+            f"{median_coverage(len(ratios), cfg.confidence):.1%} of the time were the "
+            "pairs independent; they share this run's machine, and another run can "
+            "land outside it)"
+            + (f", {reps} runs per sample" if reps > 1 else "")
+            + f"; timed with {timed.describe()}"
+            + rule
+        ),
+    )
+
+
+__all__ = [
+    "TimingConditions",
+    "pair_gate",
+    "speed_feeds",
+    "speed_gates",
+    "speed_shapes",
+    "time_interleaved",
+]

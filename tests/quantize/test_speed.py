@@ -16,7 +16,12 @@ from qg_pipeline_helpers import dynamic_int8, tiny_export  # noqa: E402
 from quantgate import cpus  # noqa: E402
 from quantgate.bundle import CPU  # noqa: E402
 from quantgate.quantize.decide import GateConfig  # noqa: E402
-from quantgate.quantize.speed import TimingConditions, speed_gates, time_interleaved  # noqa: E402
+from quantgate.quantize.speed import (  # noqa: E402
+    TimingConditions,
+    pair_gate,
+    speed_gates,
+    time_interleaved,
+)
 
 FAST = GateConfig(iterations=5, warmup=1, batch_sizes=(1, 8))
 
@@ -33,6 +38,28 @@ def test_time_interleaved_reverses_the_order_every_round():
     ms = time_interleaved(runners, warmup=1, pairs=4)
     assert "".join(calls) == "abc" + "abccbaabccba"
     assert {k: len(v) for k, v in ms.items()} == {"a": 4, "b": 4, "c": 4}
+
+
+def test_a_speed_gate_is_the_median_of_its_pair_ratios_not_of_its_times():
+    """Timings as time_interleaved gives them: each pair's ratio, then their median, which
+    decides (a slow spell in one pair moves it by one rank, not the figure)."""
+    # ratios 1, 1, 2, 2, 2, 3, 3, 9: their median 2, not their mean or the slow spell's 9
+    fp32 = [10, 10, 20, 20, 20, 30, 30, 90]
+    candidate = [10, 10, 10, 10, 10, 10, 10, 10]
+    timed = TimingConditions(threads=1, cpus=2, load=None)
+    cfg = GateConfig(min_speedup=2.5, confidence=0.9)
+    g = pair_gate({"fp32": fp32, "candidate": candidate}, 4, 16, cfg, warmup=2, reps=3, timed=timed)
+    assert g.name == "speedup_b4_s16" and g.value == 2.0 and not g.passed  # 2.0 < 2.5
+    assert g.ci is not None and g.ci[0] <= 2.0 <= g.ci[1] and g.ci[1] < 9  # not the max
+    assert "FP32 median 20.00 ms, candidate 10.00 ms at batch 4 x sequence 16" in g.detail
+    assert "median of 8 interleaved pair ratios after 2 warm-up runs each" in g.detail
+    assert ", 3 runs per sample; timed with 1 intra-op thread" in g.detail
+    # pair by pair: ratios 0.2, 2, 3, 4, 1.25 have the median 2, the times' medians 30 / 10
+    paired = pair_gate(
+        {"fp32": [10, 20, 30, 40, 50], "candidate": [50, 10, 10, 10, 40]}, 1, 16, cfg,
+        warmup=1, reps=1, timed=timed,
+    )  # fmt: skip
+    assert paired.value == 2.0 and "FP32 median 30.00 ms, candidate 10.00 ms" in paired.detail
 
 
 def test_speed_gate_is_interleaved_per_shape(models):
