@@ -126,7 +126,6 @@ class Fidelity:
         self,
         *,
         min_cosine: float,
-        max_abs: float | None = None,
         cfg: GateConfig | None = None,
     ) -> tuple[GateResult, ...]:
         """The accuracy gates of outputs without labels, ``cosine:<output>`` and
@@ -139,7 +138,8 @@ class Fidelity:
         ``min_cosine`` is the variant's threshold (``GateConfig.min_cosine`` for INT8's
         outputs, ``QuantConfig.fp16_min_cosine`` for FP16's): ``cfg``'s is not read. Their
         intervals over rows, and the rule that decides with them, are ``cfg``'s (the defaults
-        when None). ``max_abs_diff:<output>`` is gated too when ``max_abs`` is set.
+        when None). The max abs difference is told in the detail, not gated: its scale is the
+        output's own.
         """
         cfg = cfg or GateConfig()
         where = f"vs FP32 on {self.rows} rows" + (f", {self.provider}" if self.provider else "")
@@ -160,19 +160,6 @@ class Fidelity:
                                valid=not bad, provider=self.provider),
                     tail_gate(f"cosine_tail:{name}", cosines, cfg, where, provider=self.provider),
                 ]  # fmt: skip
-            if max_abs is not None:
-                diff = self.max_abs_diff[name]
-                gates.append(
-                    GateResult(
-                        name=f"max_abs_diff:{name}",
-                        value=diff,
-                        threshold=max_abs,
-                        op="<=",
-                        passed=bool(diff <= max_abs and not bad),
-                        provider=self.provider,
-                        detail=where,
-                    )
-                )
         return tuple(gates)
 
 
