@@ -38,17 +38,19 @@ from typing import NamedTuple
 import grpc
 import prometheus_client as prom
 import prometheus_client.metrics as prom_metrics
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from quantgate import bundle as qb
 from quantgate import cpus, signals
 from quantgate.bundle import CPU
-from quantgate.errors import DrainIncomplete, ModelNotFound, ServeError, clipped
+from quantgate.errors import BadRequest, DrainIncomplete, ModelNotFound, ServeError, clipped
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.serve import auth, codec, metrics, tls, watch
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.engine import Engine
+from quantgate.serve.errors import message_of, status_of
 from quantgate.serve.refusals import refusal
 from quantgate.serve.repository import Repository, load_repository, unserved_folders
 from quantgate.serve.servicer import CALL, UNSUPPORTED, CallRecord, InferenceServicer, unsupported
@@ -662,25 +664,41 @@ def _add_inference_service(servicer: InferenceServicer, server: grpc.Server) -> 
     """Register the service as the generated ``add_..._to_server`` does, but with a
     serializer that passes already serialized responses through (ModelInfer answers are
     written by ``codec.encode_response`` with a single copy of the output tensors), and
-    the stream's messages passed in serialized: the servicer reads them, so that one it
-    cannot read ends the stream after the answers before it, not before."""
+    requests passed in serialized: the stream's reader parses its messages, so that one it
+    cannot read ends the stream after the answers before it, not before; a unary call's is
+    parsed by ``_parsing``, so that it is a client's INVALID_ARGUMENT, not INTERNAL."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
     for method in service.methods:
         if method.client_streaming:
-            handler, deserializer = grpc.stream_stream_rpc_method_handler, None
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                getattr(servicer, method.name), response_serializer=codec.serialize
+            )
         else:
-            handler = grpc.unary_unary_rpc_method_handler
-            deserializer = getattr(pb, method.input_type.name).FromString
-        handlers[method.name] = handler(
-            getattr(servicer, method.name),
-            request_deserializer=deserializer,
-            response_serializer=codec.serialize,
-        )
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _parsing(getattr(servicer, method.name), getattr(pb, method.input_type.name)),
+                response_serializer=codec.serialize,
+            )
     for name in UNSUPPORTED:  # Triton's RPCs that protos/ leaves out: a reason, not "not found"
         handlers[name] = grpc.unary_unary_rpc_method_handler(unsupported(name))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def _parsing(method: Callable, message_type) -> Callable:
+    """``method`` answering a serialized request: one that is no ``message_type`` is the
+    client's INVALID_ARGUMENT, as on a stream. gRPC's own reader answered INTERNAL, which
+    the docs keep for a server's failure, and logged a traceback at ERROR per request."""
+
+    def handle(raw: bytes, context):
+        try:
+            request = message_type.FromString(raw)
+        except DecodeError as e:
+            err = BadRequest(f"the request is no {message_type.__name__}: {e}")
+            context.abort(status_of(err), message_of(err))
+        return method(request, context)
+
+    return handle
 
 
 def _set_health(servicer: health.HealthServicer, status) -> None:

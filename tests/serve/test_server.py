@@ -271,6 +271,28 @@ def test_an_unreadable_stream_message_ends_the_stream_at_once(server):
         assert c.is_server_live()
 
 
+def test_an_unreadable_request_is_the_clients_error_not_the_servers(server):
+    """Bytes that are no ModelInferRequest on a unary call: gRPC's own reader answered
+    INTERNAL (the server's failure, by the docs) and logged a traceback at ERROR for each;
+    it is INVALID_ARGUMENT, as on a stream, and the log stays quiet."""
+    with grpc.insecure_channel(server.url) as channel:
+        for method in ("ModelInfer", "ModelMetadata"):
+            call = channel.unary_unary(
+                f"/inference.GRPCInferenceService/{method}",
+                request_serializer=bytes,
+                response_deserializer=bytes,
+            )
+            with pytest.raises(grpc.RpcError) as err:
+                call(b"\xff\xff\xff", timeout=20)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert f"the request is no {method}Request: Error parsing message" in (
+                err.value.details()
+            )
+    with tc.InferenceServerClient(server.url) as c:
+        assert c.is_server_live()
+    assert "Traceback" not in server.log and "ERROR" not in server.log, server.log
+
+
 def test_oversized_message_is_refused(server, client):
     # 4 MiB default limit: a 300k-token request (4.8 MB) is refused by gRPC itself.
     ids = np.zeros((1, 300_000), dtype=np.int64)
