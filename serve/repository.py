@@ -11,10 +11,14 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from quantgate import bundle as qb
-from quantgate.errors import ModelNotFound, QuantgateError, ServeError, quoted
+from quantgate.errors import BadRequest, ModelNotFound, QuantgateError, ServeError, quoted
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.runtime import Model, open_model
 from quantgate.serve.variants import choose_provider
+
+# A version as a client may write it: Triton reads it with C's stol (spaces before it, a
+# plus sign, leading zeros), and refuses a negative one.
+VERSION = re.compile(r"\s*\+?(\d{1,18})")
 
 
 class Repository:
@@ -28,7 +32,9 @@ class Repository:
             self._models[m.name][m.version] = m
 
     def get(self, name: str, version: str = "") -> Model:
-        """The model ``name`` at ``version`` (empty: the newest). Raises ModelNotFound."""
+        """The model ``name`` at ``version`` (empty: the newest), read as a number as Triton
+        reads it ("01" is 1). Raises ModelNotFound, or BadRequest for a version that is no
+        number."""
         versions = self._models.get(name)
         if versions is None:
             raise ModelNotFound(
@@ -36,12 +42,17 @@ class Repository:
             )
         if not version:
             return versions[max(versions, key=int)]
-        if version not in versions:
+        if (number := VERSION.fullmatch(version)) is None:
+            raise BadRequest(
+                f"model {name!r}: version {quoted(version)} is no version number; a version "
+                "is a whole number (1, 2, ...), or empty for the newest"
+            )
+        if (found := versions.get(str(int(number[1])))) is None:
             raise ModelNotFound(
                 f"model {name!r} has no version {quoted(version)}; it has "
                 f"{sorted(versions, key=int)}"
             )
-        return versions[version]
+        return found
 
     def __contains__(self, name: object) -> bool:
         """Whether a model of that name is served (at any version)."""

@@ -986,7 +986,7 @@ def _start(
         def model_ready(name: str, version: str) -> bool:
             try:
                 engine.model(name, version)
-            except ModelNotFound:
+            except (ModelNotFound, BadRequest):  # 400 either way, as Triton's HTTP port
                 return False
             return ready()
 

@@ -219,6 +219,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self._engine.ready)
 
+    @_aborts  # a version that is no number: INVALID_ARGUMENT, as Triton answers it
     def ModelReady(self, request, context):
         try:
             self._engine.model(request.name, request.version)
@@ -237,7 +238,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=m.name,
-            versions=self._engine.repository.versions(m.name),
+            # the one asked for, else every version (Triton's answer)
+            versions=[m.version] if request.version else self._engine.repository.versions(m.name),
             platform=PLATFORM,
             inputs=[
                 tensor(name=t.name, datatype=codec.datatype(t.dtype), shape=t.shape)

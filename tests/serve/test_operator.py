@@ -165,6 +165,42 @@ def test_a_version_folder_names_the_version_as_in_triton(repo, tmp_path):
         load_repository(ServeConfig(path=root, device="cpu"))
 
 
+def test_a_version_is_read_as_a_number_as_triton_reads_it(repo, tmp_path):
+    """Triton reads a version with C's stol: "01" and " 2" are versions 1 and 2, and one
+    that is no number ("abc", "-1") is INVALID_ARGUMENT on every RPC, ModelReady's too;
+    they were NOT_FOUND, and "abc" ready false. ModelMetadata asked for one version lists
+    that one, as Triton's does (it listed them all)."""
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+
+    root = tmp_path / "repo"
+    for version in ("1", "2"):
+        shutil.copytree(repo / "encoder" / "1", root / "encoder" / version)
+    srv = ServerProcess(root, "--metrics-port", "0")
+    try:
+        with tc.InferenceServerClient(srv.url) as c:
+            for asked, served in (("01", "1"), (" 2", "2"), ("+1", "1"), ("", "2")):
+                meta = c.get_model_metadata("encoder", asked)
+                assert meta.versions == ([served] if asked else ["1", "2"]), (asked, meta)
+                assert c.is_model_ready("encoder", asked)
+            assert not c.is_model_ready("encoder", "3")
+            for bad in ("abc", "-1", "1.5", "2x"):
+                for call in (c.is_model_ready, c.get_model_metadata, c.get_model_config):
+                    with pytest.raises(InferenceServerException) as err:
+                        call("encoder", bad)
+                    assert err.value.status() == "StatusCode.INVALID_ARGUMENT", (bad, err.value)
+                    assert "is no version number" in err.value.message()
+        port = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/", "".join(srv.stdout))[1]
+        probe = f"http://127.0.0.1:{port}/v2/models/encoder/versions/%s/ready"
+        assert urllib.request.urlopen(probe % "01", timeout=10).status == 200
+        with pytest.raises(urllib.error.HTTPError) as err:  # not ready, as Triton's HTTP port
+            urllib.request.urlopen(probe % "abc", timeout=10)
+        assert err.value.code == 400
+    finally:
+        assert srv.terminate() == 0, srv.log
+    assert "Traceback" not in srv.log, srv.log
+
+
 def test_one_models_folder_is_not_taken_for_a_repository(repo):
     """`serve repo/encoder` (which holds 1/) would serve a model named "1": refused, with
     the path to serve instead."""

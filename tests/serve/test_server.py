@@ -313,7 +313,8 @@ def test_a_client_string_too_long_for_a_status_gets_its_own_code(server, client)
     assert "...(+19936 chars); this server serves ['classifier'" in err.value.message()
     with pytest.raises(InferenceServerException) as err:
         client.infer("classifier", inputs(feeds), model_version="9" * 20_000)
-    assert err.value.status() == "StatusCode.NOT_FOUND", err.value
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT", err.value  # beyond any int64
+    assert "...(+" in err.value.message() and "is no version number" in err.value.message()
     odd = {**feeds, "é" * 20_000: feeds["input_ids"]}  # 9 bytes a character, percent-encoded
     with pytest.raises(InferenceServerException) as err:
         client.infer("classifier", inputs(odd))
@@ -347,10 +348,12 @@ def test_metrics_endpoint(tmp_path, repo):
             for name in ("nope", "x" * 200):  # clients cannot grow the label set
                 with pytest.raises(InferenceServerException):
                     c.infer(name, inputs(batch(np.random.default_rng(3), 1, 9)))
-            for version in ("3", "x" * 200):  # a served model's, at no version it serves
-                with pytest.raises(InferenceServerException):
+            for version in ("3", "3" * 18, "x" * 200):  # a served model's, at no version
+                with pytest.raises(InferenceServerException) as err:
                     c.infer("tiny-classifier", inputs(batch(np.random.default_rng(3), 1, 9)),
                             model_version=version)  # fmt: skip
+                number = version != "x" * 200  # else no version number: INVALID_ARGUMENT
+                assert ("NOT_FOUND" if number else "INVALID_ARGUMENT") in err.value.status()
         labels = 'model="tiny-classifier",version="1"'
         expired = f'quantgate_requests_total{{code="UNAVAILABLE",{labels}}} 1.0'
         text = ""
