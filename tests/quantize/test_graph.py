@@ -177,6 +177,25 @@ def test_calibration_reads_each_feed_once_and_keeps_no_samples(tmp_path):
     assert stats["h"].lo.shape == (24,) and stats["h"].count == 30 * 2 * 6
 
 
+def test_calibration_leaves_padded_positions_out_of_every_tensor(tmp_path):
+    """A padded position's activations are whatever the model makes of padding: they set no
+    range. The mask is the feed's, matched to each tensor calibrate reads (an input, an
+    inner activation); with it dropped the ranges took in the padding's 1e4s."""
+    feeds = mlp_feeds(3)
+    mask = np.ones((2, 6), np.int64)
+    mask[1, 4:] = 0  # the second row's last two positions are padding
+    for f in feeds:
+        f["x"][1, 4:, :] = 1e4
+        f["attention_mask"] = mask
+    stats = graph.calibrate(
+        onnx.load(str(mlp(tmp_path / "m.onnx"))), ["x", "h"], lambda: iter(feeds)
+    )
+    real = np.concatenate([f["x"][mask.astype(bool)] for f in feeds])  # (rows, K)
+    np.testing.assert_array_equal(stats["x"].hi, real.max(0))
+    assert stats["h"].hi.max() < 1e3  # the padding's 1e4s through the up MatMul: far more
+    assert stats["x"].count == stats["h"].count == 3 * int(mask.sum())
+
+
 def test_keep_fp32_and_unknown_names(tmp_path):
     src = mlp(tmp_path / "mlp.onnx")
     feeds = mlp_feeds(4)
