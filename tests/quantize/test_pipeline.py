@@ -299,6 +299,27 @@ def test_fp16_variant_for_cuda_is_gated_on_fidelity(cli, tmp_path, gate_file):
     assert [v.precision for v in load(out).manifest.variants] == ["fp32", "int8"]
 
 
+def test_an_fp16_variant_below_its_fidelity_gate_fails_the_bundle(tmp_path):
+    """The refusing side of FP16's gate, in a whole build: every other FP16 test builds one
+    that passes, and a build that dropped FP16's failed gates passed them all. No FP16 model
+    has a cosine of exactly 1 to FP32."""
+    from quantgate.errors import GateFailed
+    from quantgate.quantize import QuantConfig, build
+    from quantgate.quantize.decide import GateConfig
+
+    out = tmp_path / "b"
+    quant = QuantConfig(recipes=("ort-dynamic-per-channel",), fp16_min_cosine=1.0)
+    gates = GateConfig(min_speedup=0.01, iterations=3, warmup=1, batch_sizes=(1,), bootstrap=200)
+    with pytest.raises(GateFailed) as err:
+        build(tiny_checkpoint(), out, quant_cfg=quant, gate_cfg=gates)
+    assert err.value.bundle_path == str(out)
+    m = load(out).manifest
+    assert m.verdict == "fail" and m.variant("int8").passed and not m.variant("fp16").passed
+    failed = [g for g in m.variant("fp16").gates if not g.passed]
+    assert [(g.name, g.threshold) for g in failed] == [("cosine:logits", 1.0)]
+    assert 0.999 < failed[0].value < 1.0
+
+
 def test_evaluating_on_the_calibration_rows_is_refused_whatever_the_file(
     cli, tmp_path, gate_file, caplog
 ):
