@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import hashlib
 import os
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ def tiny_checkpoint() -> Path:
         vocab_size=VOCAB_SIZE, max_seq_len=SEQ_LEN, d_model=32, n_heads=4, n_layers=2,
         d_ff=64, dropout=0.0, n_classes=N_CLASSES,
     )  # fmt: skip
-    out = _cache() / "digits-tiny"
+    out = _cache() / f"digits-tiny-{_code()}"
     train(out, model_cfg=cfg, cfg=TrainConfig(epochs=1))  # reused when it already matches
     return out
 
@@ -38,9 +39,20 @@ def digits_checkpoint() -> Path:
     over."""
     from quantgate.model.train import TrainConfig, digits_model_config, train
 
-    out = _cache() / "digits-small"
+    out = _cache() / f"digits-small-{_code()}"
     train(out, model_cfg=digits_model_config("small"), cfg=TrainConfig())
     return out
+
+
+@functools.cache
+def _code() -> str:
+    """A short hash of the code that makes the kept checkpoints: ``train`` reuses one whose
+    configs and data match, and a change to the model or its training would not retrain
+    it (a checkpoint of the old code tested as the new)."""
+    h = hashlib.sha256()
+    for name in ("transformer.py", "train.py", "data.py"):
+        h.update((ROOT / "model" / name).read_bytes())
+    return h.hexdigest()[:12]
 
 
 def _cache() -> Path:
