@@ -540,17 +540,56 @@ def test_off_a_terminal_a_task_of_many_steps_is_said_every_few_seconds(monkeypat
     monkeypatch.setattr(_console, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     log = io.StringIO()
     with _console._Progress(console=Console(file=log, force_terminal=True)) as bar:
-        training = bar.add_task("training", total=None, status="")
+        # as `quantgate train` adds it: a status is the loss of the step it comes with
+        training = bar.add_task("training", total=None, status="", result=True)
         for step in range(1, 501):  # a step every 1/8 s
             bar.update(training, completed=step, total=500, status=f"loss {3 - step / 250:.3f}")
             clock[0] += 0.125
     lines = log.getvalue().splitlines()
     assert 12 <= len(lines) <= 14, lines  # 62.5 s of steps: a line every 5 s
-    assert lines[0] == "training 2/500: loss 2.996 (0.1 s)"  # the first step: at once
+    # the first step: at once, with its own loss (it was said as step 2, and the last step
+    # twice: "500/500: loss 1.004", then "500/500: loss 1.000")
+    assert lines[0] == "training 1/500: loss 2.996 (0.0 s)"  # its time since the bar began
+    for line in lines:
+        step, loss = re.fullmatch(r"training (\d+)/500: loss (\S+)( \(\d+\.\d s\))?", line).group(
+            1, 2
+        )
+        assert float(loss) == round(3 - int(step) / 250, 3), line  # each count's own loss
     assert re.fullmatch(r"training 4\d/500: loss 2\.8\d\d \(5\.0 s\)", lines[1]), lines
     assert lines[-1].startswith("training 500/500: loss 1.000")  # the last: at once
     counts = [int(line.split()[1].split("/")[0]) for line in lines]
-    assert counts == sorted(counts)
+    assert counts == sorted(counts) and len(set(counts)) == len(counts)
+
+
+def test_off_a_terminal_a_step_that_goes_on_is_said_again_every_few_seconds(monkeypatch):
+    """The speed gates' timing at batch 32 was one step of 16 s, and a CI log said nothing
+    meanwhile: a step that goes on is said every STILL_EVERY_S as its count moves, each
+    line's time that since the line before."""
+    import io
+    import types
+
+    from rich.console import Console
+
+    from quantgate.cli import _console
+
+    clock = [0.0]
+    monkeypatch.setattr(_console, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    log = io.StringIO()
+    with _console._Progress(console=Console(file=log, force_terminal=True)) as bar:
+        timing = bar.add_task("timing", total=None, status="")
+        bar.update(timing, completed=1, total=30, status="b1")
+        clock[0] += 1
+        for done in range(2, 31):  # b32: 29 pairs, a pair a second
+            bar.update(timing, completed=done, total=30, status="b32")
+            clock[0] += 1
+    lines = [re.sub(r" \(\d+\.\d s\)", " (time)", x) for x in log.getvalue().splitlines()]
+    assert lines == [
+        "timing 2/30: b1 (time)",
+        "timing 12/30: b32 (time)",  # 10 s into b32: still going
+        "timing 22/30: b32 (time)",
+        "timing 30/30: b32 (time)",  # its end
+    ], lines
+    assert re.findall(r"\((\d+\.\d) s\)", log.getvalue()) == ["1.0", "10.0", "10.0", "8.0"]
 
 
 def test_a_reader_that_stops_reading_keeps_the_commands_exit_code(tmp_path):

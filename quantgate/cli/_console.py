@@ -71,7 +71,10 @@ class _Progress(Progress):
     export is alive (rich printed its bars once, at the end, after minutes of silence; under
     FORCE_COLOR, every redraw). A step is done when its task moves on to another or reaches
     its total (then said at once: in the order things happened, with its time); one still
-    going when the bars close is said then."""
+    going when the bars close is said then, and one that goes on is said every STILL_EVERY_S
+    as its count moves. A task added with the field ``result=True`` has statuses that are
+    the result of the count they come with (training's loss at its step), not the step
+    under way."""
 
     def __init__(self, *columns, **kwargs) -> None:
         super().__init__(*columns, **kwargs)
@@ -97,14 +100,23 @@ class _Progress(Progress):
             return
         task = self._tasks[task_id]
         status = task.fields.get("status", "")
+        many = bool(task.total and task.total > MANY_STEPS)
+        if task.fields.get("result"):
+            if status and "completed" in kwargs:
+                self._say_result(task_id, status, many)
+            return
         step = self._steps.get(task_id)
         if step is not None and step.status != status and not step.said:
             # the count the step brought it to, unless the next one counts afresh
             done = task.completed if task.completed >= step.completed else step.completed
-            many = bool(task.total and task.total > MANY_STEPS)
             last = self._said_at.get(task_id)
             if not many or last is None or time.monotonic() - last >= MANY_EVERY_S:
                 self._say(task_id, done, step)
+        elif step is not None and not step.said and not many:
+            # a step that goes on: a line every STILL_EVERY_S, so a log shows it is alive
+            quiet_since = max(self._said_at.get(task_id, step.since), step.since)
+            if time.monotonic() - quiet_since >= STILL_EVERY_S:
+                self._say(task_id, task.completed, step, final=False)
         if step is None or step.status != status:
             step = self._steps[task_id] = _Step(status, time.monotonic())
             # one that starts at the total ("done") ends as it starts: no time of its own
@@ -114,9 +126,30 @@ class _Progress(Progress):
         if task.total and task.completed >= task.total and not step.said:
             self._say(task_id, task.completed, step)
 
-    def _say(self, task_id: TaskID, completed: float, step: _Step, took: bool = True) -> None:
+    def add_task(self, *args, **kwargs) -> TaskID:
+        task_id = super().add_task(*args, **kwargs)
+        self._unsaid_since[task_id] = time.monotonic()  # a result task's first line's time
+        return task_id
+
+    def _say_result(self, task_id: TaskID, status: str, many: bool) -> None:
+        """A result task's line as its count comes (of many steps, at most every
+        MANY_EVERY_S, and its last), with the time since the line before it."""
+        task, now = self._tasks[task_id], time.monotonic()
+        last = self._said_at.get(task_id)
+        end = bool(task.total and task.completed >= task.total)
+        if many and not end and last is not None and now - last < MANY_EVERY_S:
+            return
+        since = self._unsaid_since.get(task_id, now)
+        where = f" {task.completed:g}/{task.total:g}" if task.total else ""
+        line = f"{task.description}{where}: {status} ({now - since:.1f} s)"
+        self.console.print(line, highlight=False, markup=False)
+        self._said_at[task_id] = self._unsaid_since[task_id] = now
+
+    def _say(
+        self, task_id: TaskID, completed: float, step: _Step, took: bool = True, final=True
+    ) -> None:
         """A task's line: its step, how far it got, and the time since the first step the
-        task had not said yet."""
+        task had not said yet (``final`` False: the step goes on, and is said again)."""
         task, now = self._tasks[task_id], time.monotonic()
         since = self._unsaid_since.pop(task_id, step.since)
         took = took and step.timed
@@ -125,7 +158,9 @@ class _Progress(Progress):
         status = step.status + (f" ({now - since:.1f} s)" if took else "")
         self.console.print(f"{task.description}{where}: {status}", highlight=False, markup=False)
         self._said_at[task_id] = now
-        step.said = True
+        step.said = final
+        if not final:  # its next line's time counts from this one
+            self._unsaid_since[task_id] = now
 
     def __exit__(self, *exc) -> None:
         if self._live:
@@ -141,6 +176,9 @@ class _Progress(Progress):
 # seconds (training's 500 steps, a line each, filled a CI log).
 MANY_STEPS = 50
 MANY_EVERY_S = 5.0
+# A step of fewer that goes on is said again every STILL_EVERY_S seconds, as its count moves
+# (the speed gates' timing at batch 32 was 16 s without a line).
+STILL_EVERY_S = 10.0
 
 
 @dataclass

@@ -57,7 +57,7 @@ def train(
     cfg = TrainConfig(epochs=epochs, seed=seed)
     model_cfg = digits_model_config(preset)  # an unknown preset is refused before any bar
     with progress() as bar:
-        task = bar.add_task("training", total=None, status="")
+        task = bar.add_task("training", total=None, status="", result=True)  # a step's loss
 
         def on_step(step: int, total: int, loss: float) -> None:
             bar.update(task, completed=step, total=total, status=f"loss {loss:.3f}")
