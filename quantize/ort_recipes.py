@@ -47,7 +47,8 @@ class _NoPreprocessAdvice(logging.Filter):
 
 @contextlib.contextmanager
 def _without_preprocess_advice() -> Iterator[None]:
-    """While ORT quantizes: its root-logger advice is filtered, and only then. ORT logs it
+    """While ORT quantizes: its root-logger advice is filtered, and its sessions' warnings
+    are not printed (``_StandIn``), and only then. ORT logs the advice
     with ``logging.warning``, which configures the root logger (``basicConfig``: a stderr
     handler) where it has no handler yet: a program embedding quantgate then found its own
     ``basicConfig`` doing nothing. A handler that drops everything stands in meanwhile, from
@@ -76,12 +77,27 @@ class _StandIn:
             root = logging.getLogger()
             if self._users == 1 and not root.handlers:
                 root.addHandler(self._handler)
+            if self._users == 1:  # the sessions ORT's calibrators open take its default
+                # severity: their warnings ("Removing initializer ... not used") went to the
+                # console in colour, among quantgate's lines. Errors still show.
+                _ort_logs(ERRORS_ONLY)
 
     def __exit__(self, *_exc: object) -> None:
         with self._lock:
             self._users -= 1
             if not self._users:
                 logging.getLogger().removeHandler(self._handler)
+                _ort_logs(ORT_DEFAULT)
+
+
+# ONNX Runtime's log severities: 2 (warnings) is its default, 3 errors only
+ORT_DEFAULT, ERRORS_ONLY = 2, 3
+
+
+def _ort_logs(severity: int) -> None:
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(severity)
 
 
 _STAND_IN = _StandIn()

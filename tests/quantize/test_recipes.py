@@ -186,3 +186,21 @@ def test_orts_preprocessing_advice_is_filtered_while_it_quantizes_and_only_then(
     advice = [r for r in caplog.records if str(r.msg).startswith("Please consider")]
     assert [str(r.msg) for r in advice] == ["Please consider this one: it is not ORT's"]
     assert logging.getLogger().filters == []
+
+
+def test_orts_calibration_session_warnings_stay_off_the_console(tmp_path, capfd):
+    """ORT's calibrator opens its own session, at ORT's default severity: an initializer no
+    node reads printed "[W:onnxruntime:...] Removing initializer ..." in colour among the
+    export's lines. Quiet while ORT quantizes; ORT's warnings show again after."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(mlp(tmp_path / "mlp.onnx")))
+    unused = onnx.numpy_helper.from_array(np.ones(3, np.float32), "nobody_reads_me")
+    model.graph.initializer.append(unused)
+    onnx.save(model, str(tmp_path / "unused.onnx"))
+    src = tmp_path / "unused.onnx"
+    quantize(src, ORT_STATIC_QDQ, lambda: iter(mlp_feeds(4)), tmp_path / "q.onnx",
+             unfused_model=src)  # fmt: skip
+    assert "Removing initializer" not in capfd.readouterr().err
+    ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])  # ORT's default again
+    assert "Removing initializer 'nobody_reads_me'" in capfd.readouterr().err
