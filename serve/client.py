@@ -297,8 +297,9 @@ def request_inputs(
 
     Raises ``InputRefused`` (a ``BadRequest``) for a name that is none of the model's
     inputs, a datatype this client cannot make (BYTES), rows of different lengths, values
-    that are not numbers or do not fit, and one row without its batch axis; other shapes
-    are the server's to check."""
+    that are not numbers (true/false but for a BOOL input) or do not fit, and a value of
+    another rank than the input's (one row without its batch axis); other shapes are the
+    server's to check."""
     spec = {t.name: t for t in metadata.inputs}
     feeds = {}
     for name, value in given.items():
@@ -334,7 +335,12 @@ def _input_array(name: str, value: Any, datatype: str, rank: int) -> np.ndarray:
         ) from e
     if array.dtype.kind not in "biuf":  # strings, nulls, integers beyond 64 bits
         raise InputRefused(name, "not_numbers", f"expected numbers that fit {datatype}")
-    if array.ndim == rank - 1 and rank > 1:  # one row without its batch
+    if datatype != "BOOL" and (array.dtype.kind == "b" or _holds_bool(value)):
+        # numpy makes [True, 1] the integers [1, 1]: a JSON true is no token id
+        raise InputRefused(
+            name, "not_numbers", f"expected numbers that fit {datatype}, not true/false"
+        )
+    if array.ndim != rank:  # one row without its batch, say, or a number alone
         raise InputRefused(
             name, "rank", f"expected {rank} dimensions, the first the batch, got {array.ndim}"
         )
@@ -342,6 +348,13 @@ def _input_array(name: str, value: Any, datatype: str, rank: int) -> np.ndarray:
         return cast_exact(array, datatype)
     except ValueError as e:
         raise InputRefused(name, "inexact", str(e)) from e
+
+
+def _holds_bool(value: Any) -> bool:
+    """Whether nested lists ``value`` hold a bool anywhere (an array says it by its dtype)."""
+    if isinstance(value, (list, tuple)):
+        return any(_holds_bool(v) for v in value)
+    return isinstance(value, (bool, np.bool_))
 
 
 # What gRPC says of a call whose server stopped before it answered: cancelled at the end of

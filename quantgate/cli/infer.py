@@ -453,8 +453,10 @@ def _refused(e, typed: dict[str, str], spec: dict, values: dict) -> str:
         given = np.shape(values[e.name])
     except ValueError:  # ragged
         given = ()
+    shape = ", ".join("N" if d == -1 else str(d) for d in row)
+    if 0 in given:  # [[]] would be refused next: a row holds values
+        return f"--input {e.name}: {e.what}; a row of it is ({shape}), with N at least 1"
     if len(given) != len(row) or any(d not in (-1, g) for d, g in zip(row, given, strict=True)):
-        shape = ", ".join("N" if d == -1 else str(d) for d in row)
         return f"--input {e.name}: {e.what}; a row of it is ({shape})"
     if text.startswith(("@", "-")):  # from a file, or standard input
         return f"--input {e.name}: {e.what}; send one row as a batch of one: wrap it in [ ]"

@@ -503,6 +503,12 @@ def test_a_token_file_is_read_again_when_it_changes(repo, tmp_path):
         (["input_ids=[[1]]", "input_ids=[[2, 3]]"], "--input input_ids: it is given twice"),
         (["token_ids=[[1]]"], "NAME one of ['attention_mask', 'input_ids']"),
         (["input_ids=[5, 7]"], "send one row as a batch of one: -i 'input_ids=[[5, 7]]'"),
+        (["input_ids=[[true, 1]]"], "expected numbers that fit INT64, got [[true, 1]]"),
+        # [[]] was offered, and refused next for its sequence of 0
+        (["input_ids=[]"], "got 1; a row of it is (N), with N at least 1"),
+        # past the client, the server blamed the attention_mask infer had filled in
+        (["input_ids=5"], "expected 2 dimensions, the first the batch, got 0; a row of it is (N)"),
+        (["input_ids=[[[5, 7, 9]]]"], "the first the batch, got 3; a row of it is (N)"),
     ],
 )
 def test_infer_refuses_inputs_it_would_change_or_cannot_read(server, given, words):
