@@ -178,6 +178,7 @@ def infer(
         tok, values, tags = None, {}, None  # tags: a token classifier's class names
         if texts:
             assert bundle is not None  # --text needs --bundle (checked above)
+            _check_served_from(bundle, named, metadata)
             tok, values, tags = _tokenized(texts, bundle)
         typed = {}  # each --input's JSON, by input name
         for item in inputs or ():
@@ -240,6 +241,22 @@ def _metadata(client, named: str, version: str, manifest_of: Path | None, tls_fl
         ) from e
     except ConnectionFailed as e:
         raise ConnectionFailed(_cannot_connect(e, tls_flags), e.cause, e.what) from e
+
+
+def _check_served_from(bundle, named: str, metadata) -> None:
+    """Refuse a --bundle whose tensors are not those of the model the server serves as
+    ``named``: its tokenizer (or its lack of one) would answer for another model."""
+    from quantgate.errors import BadRequest
+
+    m = bundle.manifest
+    ours = ([t.name for t in m.inputs], [t.name for t in m.outputs])
+    served = ([t.name for t in metadata.inputs], [t.name for t in metadata.outputs])
+    if sorted(ours[0]) != sorted(served[0]) or sorted(ours[1]) != sorted(served[1]):
+        raise BadRequest(
+            f"--bundle {bundle.path} is model {m.name!r} (inputs {ours[0]}, outputs "
+            f"{ours[1]}), not the one the server serves as {named!r} (inputs {served[0]}, "
+            f"outputs {served[1]}); give the bundle {named!r} is served from"
+        )
 
 
 def _tokenized(texts: list[str], bundle):

@@ -589,7 +589,7 @@ def test_infer_fills_attention_mask_and_token_type_ids_as_a_tokenizer_would(tmp_
 
 
 @pytest.mark.parametrize("checked", [False, True], ids=["transformers", "tokenizer.json"])
-def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path, checked):
+def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path, repo, checked):
     """`-t TEXT --bundle B`: the text becomes input_ids, attention_mask and token_type_ids as
     the bundle's tokenizer gives them (the echo model answers ids + 100 * mask); by
     transformers, or where the export checked its tokenizer.json, without importing it."""
@@ -614,6 +614,14 @@ def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path, checked):
         (("-t", "a cat"), "--text needs --bundle"),
         (("-t", "a cat", "--bundle", str(bundle), "-i", "input_ids=[[1]]"), "--text gives it"),
         ((), "nothing to send"),
+        # another model's bundle: it said this model had no tokenizer
+        (
+            ("-t", "a cat", "--bundle", str(repo / "classifier")),
+            "is model 'tiny-classifier' (inputs ['input_ids', 'attention_mask'], outputs "
+            "['logits']), not the one the server serves as 'echo' (inputs ['input_ids', "
+            "'attention_mask', 'token_type_ids'], outputs ['echo']); give the bundle 'echo' is "
+            "served from",
+        ),
     )
     try:
         two, default, no_model, *refused = _quantgate_many(
