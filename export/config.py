@@ -52,4 +52,6 @@ class ExportConfig:
                 "metadata as it is"
             )
         if self.max_seq_len is not None and self.max_seq_len < 1:
-            raise ConfigError(f"max_seq_len must be positive, got {self.max_seq_len}")
+            raise ConfigError(
+                f"max_seq_len (--max-seq-len) must be positive, got {self.max_seq_len}"
+            )

@@ -264,7 +264,8 @@ def load_builtin_checkpoint(
 
     if task not in (None, SEQUENCE_CLASSIFICATION):
         raise ConfigError(
-            f"the built-in checkpoint is a {SEQUENCE_CLASSIFICATION} model; --task {task} does not apply"
+            f"the built-in checkpoint is a {SEQUENCE_CLASSIFICATION} model; --task {task} "
+            f"does not apply: leave --task out (or give --task {SEQUENCE_CLASSIFICATION})"
         )
     model, info = load_checkpoint(path)
     cfg = model.cfg

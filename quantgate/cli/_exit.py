@@ -124,6 +124,8 @@ def _exit_for(e: BaseException) -> NoReturn:
     if isinstance(e, _usage_errors()):  # a bad option or argument: click's message, exit 2
         if getattr(e, "option_name", None) in ("-v", "--verbose"):
             e.message += " (it goes before the command: quantgate -v COMMAND ...)"  # type: ignore[misc]
+        # typer checks a choice with pydantic, whose words lead its message
+        e.message = e.message.replace("Value error, ", "")  # type: ignore[misc]
         e.show()
         sys.exit(e.exit_code)
     if isinstance(e, QuantgateError):
