@@ -387,8 +387,11 @@ class Model:
             return f"speedup {s:.2f}x vs fp32"
         failed = [g for g in speed_gates_on(self.variant, self.provider) if not g.passed]
         if failed:
-            worst = min(failed, key=lambda g: g.value)
-            return f"its speed gate failed here ({worst.name} {worst.value:.2f}x vs fp32)"
+            said = ", ".join(
+                f"{g.name} {g.value:.2f}x" for g in sorted(failed, key=lambda g: g.value)
+            )
+            gates = "gates" if len(failed) > 1 else "gate"
+            return f"its speed {gates} failed here ({said} vs fp32)"
         return "no speed gate measured on this provider"
 
 

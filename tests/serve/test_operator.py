@@ -816,6 +816,13 @@ def test_a_served_variant_is_described_by_what_its_speed_gates_said(tmp_path):
     assert "its speed gate failed here (speedup_b1_s64 0.93x vs fp32)" in (
         open_model(path, cfg, CPU).describe()
     )
+    # every failed one, slowest first (the worst alone was named)
+    slower = qb.GateResult("speedup_b32_s64", 0.81, 1.2, ">=", False)
+    int8 = dataclasses.replace(int8, gates=(slow, slower))
+    qb.write_manifest(path, dataclasses.replace(m, variants=(m.variant("fp32"), int8)))
+    assert "its speed gates failed here (speedup_b32_s64 0.81x, speedup_b1_s64 0.93x vs fp32)" in (
+        open_model(path, cfg, CPU).describe()
+    )
     cfg = dataclasses.replace(cfg, precision=None)
     assert "fp32 (model.fp32.onnx) on CPUExecutionProvider, the reference precision" in (
         open_model(path, cfg, CPU).describe()
