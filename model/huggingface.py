@@ -287,7 +287,14 @@ def _hf_model(path: Path, task: str, archs: Sequence[str]) -> Any:  # a PreTrain
             path, local_files_only=True, attn_implementation="eager", output_loading_info=True
         )
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"cannot load {path} for {task}: {brief(e)}") from e
+        weights = "Safetensor" in type(e).__name__ or "unpickl" in str(e).lower()
+        fix = (
+            "its weights file is cut short or corrupt: copy or save it again "
+            "(model.save_pretrained(path))"
+            if weights
+            else "check that it is a folder model.save_pretrained(path) wrote"
+        )
+        raise ModelLoadError(f"cannot load {path} for {task}: {brief(e)}; {fix}") from e
     finally:
         hf_logging.set_verbosity(verbosity)
         if bar:

@@ -149,6 +149,20 @@ def test_malformed_sentence_transformers_config_is_named(tiny_bert, tmp_path):
         load_model(path)
 
 
+def test_a_weights_file_cut_short_says_to_copy_it_again(tiny_bert, tmp_path):
+    """A download or copy cut short: safetensors' own words said what, not what to do."""
+    from transformers import BertModel
+
+    path = tiny_bert(tmp_path / "cut", BertModel)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelLoadError) as err:
+        load_model(path)
+    assert "SafetensorError" in str(err.value)
+    assert str(err.value).endswith("its weights file is cut short or corrupt: copy or save it "
+                                   "again (model.save_pretrained(path))")  # fmt: skip
+
+
 def test_roberta_positions_start_after_the_padding_index(tiny_bert, tmp_path):
     """RoBERTa numbers positions from padding_idx + 1: of 130 embeddings, 128 are usable.
     Taking all 130 failed validation at the longest case (index out of range in PyTorch)."""
