@@ -663,10 +663,10 @@ def _bind_problem(host: str, port: int, flag: str, *, http: bool = False) -> str
 def _add_inference_service(servicer: InferenceServicer, server: grpc.Server) -> None:
     """Register the service as the generated ``add_..._to_server`` does, but with a
     serializer that passes already serialized responses through (ModelInfer answers are
-    written by ``codec.encode_response`` with a single copy of the output tensors), and
-    requests passed in serialized: the stream's reader parses its messages, so that one it
-    cannot read ends the stream after the answers before it, not before; a unary call's is
-    parsed by ``_parsing``, so that it is a client's INVALID_ARGUMENT, not INTERNAL."""
+    written by ``codec.encode_response`` with a single copy of the output tensors), the
+    stream's messages passed in serialized (its reader parses them, so that one it cannot
+    read ends the stream after the answers before it, not before), and a unary request that
+    cannot be read answered INVALID_ARGUMENT (``_Unreadable``), not gRPC's INTERNAL."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
     for method in service.methods:
@@ -675,8 +675,10 @@ def _add_inference_service(servicer: InferenceServicer, server: grpc.Server) -> 
                 getattr(servicer, method.name), response_serializer=codec.serialize
             )
         else:
+            message_type = getattr(pb, method.input_type.name)
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _parsing(getattr(servicer, method.name), getattr(pb, method.input_type.name)),
+                _refusing_unreadable(getattr(servicer, method.name)),
+                request_deserializer=functools.partial(_Unreadable.parse, message_type),
                 response_serializer=codec.serialize,
             )
     for name in UNSUPPORTED:  # Triton's RPCs that protos/ leaves out: a reason, not "not found"
@@ -685,16 +687,29 @@ def _add_inference_service(servicer: InferenceServicer, server: grpc.Server) -> 
     server.add_registered_method_handlers(SERVICE, handlers)
 
 
-def _parsing(method: Callable, message_type) -> Callable:
-    """``method`` answering a serialized request: one that is no ``message_type`` is the
-    client's INVALID_ARGUMENT, as on a stream. gRPC's own reader answered INTERNAL, which
-    the docs keep for a server's failure, and logged a traceback at ERROR per request."""
+class _Unreadable(NamedTuple):
+    """A unary request that is no message of its type. gRPC's reader raising answered
+    INTERNAL, which the docs keep for a server's failure, and logged a traceback at ERROR
+    per request; read by ``parse``, which never raises, the request reaches the interceptors
+    (the access log reads its fields: none here) and ``_refusing_unreadable`` refuses it."""
 
-    def handle(raw: bytes, context):
+    message_type: str
+    error: str
+
+    @classmethod
+    def parse(cls, message_type, raw: bytes):
         try:
-            request = message_type.FromString(raw)
+            return message_type.FromString(raw)
         except DecodeError as e:
-            err = BadRequest(f"the request is no {message_type.__name__}: {e}")
+            return cls(message_type.__name__, str(e))
+
+
+def _refusing_unreadable(method: Callable) -> Callable:
+    """``method``, with an ``_Unreadable`` request answered INVALID_ARGUMENT."""
+
+    def handle(request, context):
+        if isinstance(request, _Unreadable):
+            err = BadRequest(f"the request is no {request.message_type}: {request.error}")
             context.abort(status_of(err), message_of(err))
         return method(request, context)
 
