@@ -569,8 +569,47 @@ def test_off_a_terminal_a_task_of_many_steps_is_said_every_few_seconds(monkeypat
 
 def test_off_a_terminal_a_step_that_goes_on_is_said_again_every_few_seconds(monkeypatch):
     """The speed gates' timing at batch 32 was one step of 16 s, and a CI log said nothing
-    meanwhile: a step that goes on is said every STILL_EVERY_S as its count moves, each
-    line's time that since the line before."""
+    meanwhile: a step that goes on is said every STILL_EVERY_S as its count moves, marked
+    "going on", each line's time that since the line before; in a task of many steps too
+    (three batch sizes: 57), and once at its end, even where the end falls due for both."""
+    import io
+    import types
+
+    from rich.console import Console
+
+    from quantgate.cli import _console
+
+    def lines_of(total: int) -> list[str]:
+        clock = [0.0]
+        monkeypatch.setattr(_console, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+        log = io.StringIO()
+        with _console._Progress(console=Console(file=log, force_terminal=True)) as bar:
+            timing = bar.add_task("timing", total=None, status="")
+            bar.update(timing, completed=1, total=total, status="b1")
+            clock[0] += 1
+            for done in range(2, total + 1):  # b32: a pair a second
+                bar.update(timing, completed=done, total=total, status="b32")
+                clock[0] += 1
+        return log.getvalue().splitlines()
+
+    assert lines_of(30) == [
+        "timing 2/30: b1 (1.0 s)",
+        "timing 12/30: b32 (10.0 s, going on)",
+        "timing 22/30: b32 (10.0 s, going on)",
+        "timing 30/30: b32 (8.0 s)",  # its end: the time since the line before
+    ]
+    assert lines_of(22)[-2:] == [
+        "timing 12/22: b32 (10.0 s, going on)",
+        "timing 22/22: b32 (10.0 s)",
+    ]
+    many = lines_of(70)
+    assert len(many) == 8 and many[1] == "timing 12/70: b32 (10.0 s, going on)", many
+    assert many[-1] == "timing 70/70: b32 (8.0 s)"
+
+
+def test_off_a_terminal_an_interrupted_training_says_its_last_loss(monkeypatch):
+    """A task of many steps says one every few seconds: the bars closing (Ctrl-C) said
+    nothing of the steps since, and the last loss was lost."""
     import io
     import types
 
@@ -582,20 +621,14 @@ def test_off_a_terminal_a_step_that_goes_on_is_said_again_every_few_seconds(monk
     monkeypatch.setattr(_console, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     log = io.StringIO()
     with _console._Progress(console=Console(file=log, force_terminal=True)) as bar:
-        timing = bar.add_task("timing", total=None, status="")
-        bar.update(timing, completed=1, total=30, status="b1")
-        clock[0] += 1
-        for done in range(2, 31):  # b32: 29 pairs, a pair a second
-            bar.update(timing, completed=done, total=30, status="b32")
-            clock[0] += 1
-    lines = [re.sub(r" \(\d+\.\d s\)", " (time)", x) for x in log.getvalue().splitlines()]
-    assert lines == [
-        "timing 2/30: b1 (time)",
-        "timing 12/30: b32 (time)",  # 10 s into b32: still going
-        "timing 22/30: b32 (time)",
-        "timing 30/30: b32 (time)",  # its end
-    ], lines
-    assert re.findall(r"\((\d+\.\d) s\)", log.getvalue()) == ["1.0", "10.0", "10.0", "8.0"]
+        training = bar.add_task("training", total=None, status="", result=True)
+        for step in range(1, 31):  # interrupted at 30 of 500
+            bar.update(training, completed=step, total=500, status=f"loss {step}")
+            clock[0] += 0.125
+    assert log.getvalue().splitlines() == [
+        "training 1/500: loss 1 (0.0 s)",
+        "training 30/500: loss 30 (3.8 s)",  # said as the bars close
+    ]
 
 
 def test_a_reader_that_stops_reading_keeps_the_commands_exit_code(tmp_path):

@@ -85,6 +85,7 @@ class _Progress(Progress):
         # one said before it
         self._said_at: dict[TaskID, float] = {}
         self._unsaid_since: dict[TaskID, float] = {}
+        self._result_unsaid: set[TaskID] = set()  # a result task's count not said yet
 
     def start(self) -> None:
         if self._live:
@@ -112,8 +113,11 @@ class _Progress(Progress):
             last = self._said_at.get(task_id)
             if not many or last is None or time.monotonic() - last >= MANY_EVERY_S:
                 self._say(task_id, done, step)
-        elif step is not None and not step.said and not many:
+        elif (
+            step is not None and not step.said and not (task.total and task.completed >= task.total)
+        ):
             # a step that goes on: a line every STILL_EVERY_S, so a log shows it is alive
+            # (at its total it is said below, as it ends)
             quiet_since = max(self._said_at.get(task_id, step.since), step.since)
             if time.monotonic() - quiet_since >= STILL_EVERY_S:
                 self._say(task_id, task.completed, step, final=False)
@@ -128,22 +132,26 @@ class _Progress(Progress):
 
     def add_task(self, *args, **kwargs) -> TaskID:
         task_id = super().add_task(*args, **kwargs)
-        self._unsaid_since[task_id] = time.monotonic()  # a result task's first line's time
+        if kwargs.get("result"):  # its first line's time: since the task began
+            self._unsaid_since[task_id] = time.monotonic()
         return task_id
 
-    def _say_result(self, task_id: TaskID, status: str, many: bool) -> None:
+    def _say_result(self, task_id: TaskID, status: str, many: bool, *, now=False) -> None:
         """A result task's line as its count comes (of many steps, at most every
-        MANY_EVERY_S, and its last), with the time since the line before it."""
-        task, now = self._tasks[task_id], time.monotonic()
+        MANY_EVERY_S, and its last; ``now``: whatever the time), with the time since the
+        line before it."""
+        task, at = self._tasks[task_id], time.monotonic()
         last = self._said_at.get(task_id)
         end = bool(task.total and task.completed >= task.total)
-        if many and not end and last is not None and now - last < MANY_EVERY_S:
+        if many and not (end or now) and last is not None and at - last < MANY_EVERY_S:
+            self._result_unsaid.add(task_id)  # said later, or when the bars close
             return
-        since = self._unsaid_since.get(task_id, now)
+        since = self._unsaid_since.get(task_id, at)
         where = f" {task.completed:g}/{task.total:g}" if task.total else ""
-        line = f"{task.description}{where}: {status} ({now - since:.1f} s)"
+        line = f"{task.description}{where}: {status} ({at - since:.1f} s)"
         self.console.print(line, highlight=False, markup=False)
-        self._said_at[task_id] = self._unsaid_since[task_id] = now
+        self._said_at[task_id] = self._unsaid_since[task_id] = at
+        self._result_unsaid.discard(task_id)
 
     def _say(
         self, task_id: TaskID, completed: float, step: _Step, took: bool = True, final=True
@@ -155,7 +163,8 @@ class _Progress(Progress):
         took = took and step.timed
         total = task.total
         where = f" {completed:g}/{total:g}" if total else ""
-        status = step.status + (f" ({now - since:.1f} s)" if took else "")
+        going = "" if final else ", going on"
+        status = step.status + (f" ({now - since:.1f} s{going})" if took else "")
         self.console.print(f"{task.description}{where}: {status}", highlight=False, markup=False)
         self._said_at[task_id] = now
         step.said = final
@@ -169,6 +178,9 @@ class _Progress(Progress):
             task = self._tasks[task_id]
             if task.completed and not step.said:
                 self._say(task_id, task.completed, step, took=False)
+        for task_id in sorted(self._result_unsaid):  # a result task's last count (interrupted)
+            status = self._tasks[task_id].fields.get("status", "")
+            self._say_result(task_id, status, many=True, now=True)
         return None
 
 
@@ -176,8 +188,8 @@ class _Progress(Progress):
 # seconds (training's 500 steps, a line each, filled a CI log).
 MANY_STEPS = 50
 MANY_EVERY_S = 5.0
-# A step of fewer that goes on is said again every STILL_EVERY_S seconds, as its count moves
-# (the speed gates' timing at batch 32 was 16 s without a line).
+# A step that goes on is said again every STILL_EVERY_S seconds as its count moves, marked
+# "going on" (the speed gates' timing at batch 32 was 16 s without a line).
 STILL_EVERY_S = 10.0
 
 
