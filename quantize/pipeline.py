@@ -290,9 +290,11 @@ def _fp16_variant(
         )
     except QuantizeError as e:  # the converter's refusal, or no float output to gate
         return None, _fp16_left_out(str(e))
-    except Exception as e:  # noqa: BLE001 - ONNX Runtime refusing the FP16 graph, say
-        raise_if_full(e, work, "the FP16 variant")  # ...but a full disk ends the export
-        log.debug("the FP16 variant failed", exc_info=True)
+    except Exception as e:
+        raise_if_full(e, work, "the FP16 variant")  # a full disk ends the export
+        if type(e).__module__.split(".")[0] not in ("onnx", "onnxruntime"):
+            raise  # the data's fault (a DataError), or quantgate's: not FP16's
+        log.debug("ONNX Runtime failed on the FP16 variant", exc_info=True)
         return None, _fp16_left_out(f"{type(e).__name__}: {e}")
     variant = ExtraVariant(
         path=f16,

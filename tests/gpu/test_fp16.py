@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from quantgate.errors import QuantizeError
+from quantgate.errors import DataError, QuantizeError
 from quantgate.quantize import fp16
 
 
@@ -199,3 +199,9 @@ def test_an_fp16_variant_onnx_runtime_fails_on_is_left_out_not_fatal(tmp_path, c
     assert variant is None
     assert "Left out: InvalidArgument: " in section and "Got: 5 Expected: 4" in section
     assert "the FP16 variant is left out of the bundle" in caplog.text
+
+    def unreadable():  # the data's fault, not FP16's: the export ends as it would anyway
+        raise DataError("evaluation file unreadable")
+
+    with pytest.raises(DataError, match="evaluation file unreadable"):
+        pipeline._fp16_variant(path, unreadable, tmp_path, pipeline.QuantConfig())
