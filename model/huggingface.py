@@ -287,7 +287,10 @@ def _hf_model(path: Path, task: str, archs: Sequence[str]) -> Any:  # a PreTrain
             path, local_files_only=True, attn_implementation="eager", output_loading_info=True
         )
     except Exception as e:  # noqa: BLE001
-        weights = "Safetensor" in type(e).__name__ or "unpickl" in str(e).lower()
+        said = str(e)
+        weights = ("Safetensor" in type(e).__name__ or "PytorchStreamReader" in said) and (
+            "Weights only load failed" not in said  # torch refusing a pickle: not cut short
+        )
         fix = (
             "its weights file is cut short or corrupt: copy or save it again "
             "(model.save_pretrained(path))"

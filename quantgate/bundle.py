@@ -912,8 +912,8 @@ def staging(
 def _read_elsewhere(e: OSError, staged: Path) -> bool:
     """Whether the block's ``e`` is about a file outside the staging directory: an input it
     read (a variant to copy, a tokenizer file), not the bundle being written."""
-    if e.filename is None or e.filename2 is not None or disk_full(e):
-        return False
+    if not isinstance(e.filename, (str, bytes)) or e.filename2 is not None or disk_full(e):
+        return False  # none, a descriptor (os.stat(fd)), or a rename's two: not a read
     return not Path(os.fsdecode(e.filename)).absolute().is_relative_to(staged.absolute())
 
 

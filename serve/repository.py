@@ -18,7 +18,7 @@ from quantgate.serve.variants import choose_provider
 
 # A version as a client may write it: Triton reads it with C's stol (spaces before it, a
 # plus sign, leading zeros), and refuses a negative one.
-VERSION = re.compile(r"\s*\+?(\d{1,18})")
+VERSION = re.compile(r"[ \t\n\v\f\r]*\+?0*([0-9]{1,18})")
 
 
 class Repository:

@@ -68,6 +68,8 @@ def test_an_input_that_cannot_be_read_is_named_not_called_a_write_failure(tmp_pa
     assert message.startswith(f"cannot read {tmp_path / 'gone.onnx'}: No such file")
     assert "writable" not in message and "nothing was changed" in message
     assert model_text(out) == "one" and [p.name for p in tmp_path.iterdir()] == ["b"]
+    with pytest.raises(BundleError, match="cannot write the bundle"), qb.staging(out):
+        os.stat(987_654)  # an OSError whose filename is a descriptor: no read to name
 
 
 def test_a_directory_rename_cannot_replace_is_named_with_what_to_do(tmp_path, monkeypatch):

@@ -160,7 +160,7 @@ for bad in ({"token_ids": [[1]]}, {"input_ids": [[5.5]]}, {"input_ids": [[1, 2],
         "ragged | input 'input_ids': its rows differ in length; the rows of a batch have one "
         "length (pad short rows with 0, and 0 in attention_mask)",
         "not_numbers | input 'input_ids': expected numbers that fit INT64",
-        "rank | input 'input_ids': expected 2 dimensions, the first the batch, got 1",
+        "rank | input 'input_ids': expected 2 dimensions, the first the batch, got 1 dimension",
         "not_numbers | input 'input_ids': expected numbers that fit INT64",
     ], run.stdout
 

@@ -150,7 +150,7 @@ def test_serve_check_says_what_each_model_would_serve_and_binds_nothing(repo, tm
 
 def test_a_version_folder_names_the_version_as_in_triton(repo, tmp_path):
     """Every bundle's manifest says version 1; copied in as minilm/2 it is version 2."""
-    from quantgate.errors import ServeError
+    from quantgate.errors import BadRequest, ServeError
     from quantgate.serve.config import ServeConfig
     from quantgate.serve.repository import load_repository
 
@@ -160,6 +160,11 @@ def test_a_version_folder_names_the_version_as_in_triton(repo, tmp_path):
     served = load_repository(ServeConfig(path=root, device="cpu"))
     assert sorted(m.version for m in served) == ["1", "2"]
     assert served.get("encoder").version == "2"  # no version asked: the newest
+    # as C's stol reads a version: ASCII digits after ASCII spaces, leading zeros any number
+    assert served.get("encoder", "0" * 19 + "1").version == "1"
+    for other in ("\u0661", "\uff11", "\xa01"):  # an Arabic-Indic 1, a full-width 1, NBSP
+        with pytest.raises(BadRequest, match="is no version number"):
+            served.get("encoder", other)
     shutil.copytree(repo / "encoder" / "1", root / "encoder" / "01")  # "1" a second time
     with pytest.raises(ServeError, match=r"\['01'\]: .* without leading zeros"):
         load_repository(ServeConfig(path=root, device="cpu"))
@@ -505,10 +510,13 @@ def test_a_token_file_is_read_again_when_it_changes(repo, tmp_path):
         (["input_ids=[5, 7]"], "send one row as a batch of one: -i 'input_ids=[[5, 7]]'"),
         (["input_ids=[[true, 1]]"], "expected numbers that fit INT64, got [[true, 1]]"),
         # [[]] was offered, and refused next for its sequence of 0
-        (["input_ids=[]"], "got 1; a row of it is (N), with N at least 1"),
+        (["input_ids=[]"], "got 1 dimension; a row of it is (N), with N at least 1"),
         # past the client, the server blamed the attention_mask infer had filled in
-        (["input_ids=5"], "expected 2 dimensions, the first the batch, got 0; a row of it is (N)"),
-        (["input_ids=[[[5, 7, 9]]]"], "the first the batch, got 3; a row of it is (N)"),
+        (
+            ["input_ids=5"],
+            "expected 2 dimensions, the first the batch, got 0 dimensions; a row of it is (N)",
+        ),
+        (["input_ids=[[[5, 7, 9]]]"], "the first the batch, got 3 dimensions; a row of it is (N)"),
     ],
 )
 def test_infer_refuses_inputs_it_would_change_or_cannot_read(server, given, words):
