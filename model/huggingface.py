@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -287,14 +288,10 @@ def _hf_model(path: Path, task: str, archs: Sequence[str]) -> Any:  # a PreTrain
             path, local_files_only=True, attn_implementation="eager", output_loading_info=True
         )
     except Exception as e:  # noqa: BLE001
-        said = str(e)
-        weights = ("Safetensor" in type(e).__name__ or "PytorchStreamReader" in said) and (
-            "Weights only load failed" not in said  # torch refusing a pickle: not cut short
-        )
         fix = (
             "its weights file is cut short or corrupt: copy or save it again "
             "(model.save_pretrained(path))"
-            if weights
+            if _weights_unreadable(e)
             else "check that it is a folder model.save_pretrained(path) wrote"
         )
         raise ModelLoadError(f"cannot load {path} for {task}: {brief(e)}; {fix}") from e
@@ -307,6 +304,19 @@ def _hf_model(path: Path, task: str, archs: Sequence[str]) -> Any:  # a PreTrain
         log.info("%s: weights stored in %s, exported in float32 (exactly)", path, stored)
         model.float()
     return model.eval()
+
+
+def _weights_unreadable(e: BaseException) -> bool:
+    """Whether ``from_pretrained`` failed reading the weights file itself: safetensors'
+    error, or one raised inside ``torch.load`` (a .bin cut short fails there as "Invalid
+    argument", "failed reading zip archive" or "unexpected EOF"), but not torch refusing a
+    pickle it will not run ("Weights only load failed"), which no copy mends."""
+    if "Weights only load failed" in str(e):
+        return False
+    if "Safetensor" in type(e).__name__:
+        return True
+    frames = traceback.extract_tb(e.__traceback__)
+    return any(Path(f.filename).parts[-2:] == ("torch", "serialization.py") for f in frames)
 
 
 def _refuse_random_weights(path: Path, task: str, loading: Mapping[str, Any]) -> None:

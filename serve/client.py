@@ -341,7 +341,11 @@ def _input_array(name: str, value: Any, datatype: str, rank: int) -> np.ndarray:
             name, "not_numbers", f"expected numbers that fit {datatype}, not true/false"
         )
     if array.ndim != rank:  # one row without its batch, say, or a number alone
-        expected = f"{rank} dimensions, the first the batch" if rank else "a single value"
+        expected = (
+            f"{rank} dimension{'' if rank == 1 else 's'}, the first the batch"
+            if rank
+            else "a single value"
+        )
         got = f"{array.ndim} dimension{'' if array.ndim == 1 else 's'}"
         raise InputRefused(name, "rank", f"expected {expected}, got {got}")
     try:

@@ -39,7 +39,7 @@ import grpc
 import prometheus_client as prom
 import prometheus_client.metrics as prom_metrics
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from quantgate import bundle as qb
@@ -557,7 +557,7 @@ def _built(
     )
     _add_inference_service(servicer, server)
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    _add_health_service(health_servicer, server)
     reflection.enable_server_reflection(
         (
             SERVICE,
@@ -685,6 +685,32 @@ def _add_inference_service(servicer: InferenceServicer, server: grpc.Server) -> 
         handlers[name] = grpc.unary_unary_rpc_method_handler(unsupported(name))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def _add_health_service(servicer: health.HealthServicer, server: grpc.Server) -> None:
+    """grpc_health's service as ``health_pb2_grpc.add_HealthServicer_to_server`` registers
+    it, but with its requests read as the inference service's are: bytes that are no
+    request are INVALID_ARGUMENT, not INTERNAL and a traceback at ERROR (the service needs
+    no token: anyone could fill the log)."""
+    service = health_pb2.DESCRIPTOR.services_by_name["Health"]
+    handlers = {}
+    for method in service.methods:
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            _refusing_unreadable(getattr(servicer, method.name)),
+            request_deserializer=functools.partial(
+                _Unreadable.parse, getattr(health_pb2, method.input_type.name)
+            ),
+            response_serializer=getattr(health_pb2, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 class _Unreadable(NamedTuple):

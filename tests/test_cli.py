@@ -606,6 +606,23 @@ def test_off_a_terminal_a_step_that_goes_on_is_said_again_every_few_seconds(monk
     assert len(many) == 8 and many[1] == "timing 12/70: b32 (10.0 s, going on)", many
     assert many[-1] == "timing 70/70: b32 (8.0 s)"
 
+    # a step that ends 2 s after its "going on" line in a task of many steps: its end is
+    # said (the line had counted towards the 5 s between a task's lines, and it was not)
+    clock = [0.0]
+    monkeypatch.setattr(_console, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    log = io.StringIO()
+    with _console._Progress(console=Console(file=log, force_terminal=True)) as bar:
+        timing = bar.add_task("timing", total=None, status="")
+        for done in range(1, 14):  # b1: 13 pairs a second apart, then b8
+            bar.update(timing, completed=done, total=70, status="b1")
+            clock[0] += 1
+        bar.update(timing, completed=14, total=70, status="b8")
+    assert log.getvalue().splitlines() == [
+        "timing 11/70: b1 (10.0 s, going on)",
+        "timing 14/70: b1 (3.0 s)",
+        "timing 14/70: b8",  # still going as the bars close
+    ]
+
 
 def test_off_a_terminal_an_interrupted_training_says_its_last_loss(monkeypatch):
     """A task of many steps says one every few seconds: the bars closing (Ctrl-C) said

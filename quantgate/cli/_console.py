@@ -86,6 +86,7 @@ class _Progress(Progress):
         self._said_at: dict[TaskID, float] = {}
         self._unsaid_since: dict[TaskID, float] = {}
         self._result_unsaid: set[TaskID] = set()  # a result task's count not said yet
+        self._going_at: dict[TaskID, float] = {}  # its last "going on" line
 
     def start(self) -> None:
         if self._live:
@@ -118,7 +119,11 @@ class _Progress(Progress):
         ):
             # a step that goes on: a line every STILL_EVERY_S, so a log shows it is alive
             # (at its total it is said below, as it ends)
-            quiet_since = max(self._said_at.get(task_id, step.since), step.since)
+            quiet_since = max(
+                self._said_at.get(task_id, step.since),
+                self._going_at.get(task_id, step.since),
+                step.since,
+            )
             if time.monotonic() - quiet_since >= STILL_EVERY_S:
                 self._say(task_id, task.completed, step, final=False)
         if step is None or step.status != status:
@@ -166,10 +171,11 @@ class _Progress(Progress):
         going = "" if final else ", going on"
         status = step.status + (f" ({now - since:.1f} s{going})" if took else "")
         self.console.print(f"{task.description}{where}: {status}", highlight=False, markup=False)
-        self._said_at[task_id] = now
         step.said = final
-        if not final:  # its next line's time counts from this one
-            self._unsaid_since[task_id] = now
+        if final:  # the many steps' throttle counts from step lines, not "going on" ones
+            self._said_at[task_id] = now
+        else:  # its next line's time counts from this one
+            self._going_at[task_id] = self._unsaid_since[task_id] = now
 
     def __exit__(self, *exc) -> None:
         if self._live:

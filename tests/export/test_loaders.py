@@ -151,7 +151,7 @@ def test_malformed_sentence_transformers_config_is_named(tiny_bert, tmp_path):
 
 def test_a_weights_file_cut_short_says_to_copy_it_again(tiny_bert, tmp_path):
     """A download or copy cut short: safetensors' own words said what, not what to do."""
-    from transformers import BertModel
+    from transformers import BertConfig, BertModel
 
     path = tiny_bert(tmp_path / "cut", BertModel)
     weights = path / "model.safetensors"
@@ -159,8 +159,16 @@ def test_a_weights_file_cut_short_says_to_copy_it_again(tiny_bert, tmp_path):
     with pytest.raises(ModelLoadError) as err:
         load_model(path)
     assert "SafetensorError" in str(err.value)
-    assert str(err.value).endswith("its weights file is cut short or corrupt: copy or save it "
-                                   "again (model.save_pretrained(path))")  # fmt: skip
+    advice = "its weights file is cut short or corrupt: copy or save it again"
+    assert str(err.value).endswith(f"{advice} (model.save_pretrained(path))")
+    # an older save's pytorch_model.bin, cut short: torch.load fails with "Invalid argument"
+    weights.unlink()
+    torch.save(BertModel(BertConfig.from_pretrained(path)).state_dict(), path / "pytorch_model.bin")
+    bin_file = path / "pytorch_model.bin"
+    bin_file.write_bytes(bin_file.read_bytes()[: bin_file.stat().st_size // 2])
+    with pytest.raises(ModelLoadError) as err:
+        load_model(path)
+    assert advice in str(err.value), err.value
 
 
 def test_roberta_positions_start_after_the_padding_index(tiny_bert, tmp_path):

@@ -276,18 +276,25 @@ def test_an_unreadable_request_is_the_clients_error_not_the_servers(server):
     INTERNAL (the server's failure, by the docs) and logged a traceback at ERROR for each;
     it is INVALID_ARGUMENT, as on a stream, and the log stays quiet."""
     with grpc.insecure_channel(server.url) as channel:
-        for method in ("ModelInfer", "ModelMetadata"):
-            call = channel.unary_unary(
-                f"/inference.GRPCInferenceService/{method}",
-                request_serializer=bytes,
-                response_deserializer=bytes,
+        for path, kind, message in (
+            ("/inference.GRPCInferenceService/ModelInfer", "unary_unary", "ModelInferRequest"),
+            (
+                "/inference.GRPCInferenceService/ModelMetadata",
+                "unary_unary",
+                "ModelMetadataRequest",
+            ),
+            # the health service needs no token: anyone could fill the log with tracebacks
+            ("/grpc.health.v1.Health/Check", "unary_unary", "HealthCheckRequest"),
+            ("/grpc.health.v1.Health/Watch", "unary_stream", "HealthCheckRequest"),
+        ):
+            call = getattr(channel, kind)(
+                path, request_serializer=bytes, response_deserializer=bytes
             )
             with pytest.raises(grpc.RpcError) as err:
-                call(b"\xff\xff\xff", timeout=20)
+                answer = call(b"\xff\xff\xff", timeout=20)
+                next(iter(answer)) if kind == "unary_stream" else None
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
-            assert f"the request is no {method}Request: Error parsing message" in (
-                err.value.details()
-            )
+            assert f"the request is no {message}: Error parsing message" in err.value.details()
     with tc.InferenceServerClient(server.url) as c:
         assert c.is_server_live()
     assert "Traceback" not in server.log and "ERROR" not in server.log, server.log
