@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from qg_pipeline_helpers import dynamic_int8, tiny_export  # noqa: E402
+from qg_pipeline_helpers import dynamic_int8  # noqa: E402
 from tinygraphs import SEQ, K, mlp, mlp_feeds  # noqa: E402
 
 from quantgate.bundle import GateResult, TensorSpec  # noqa: E402
@@ -32,13 +32,6 @@ from quantgate.quantize.report import gate_table  # noqa: E402
 from quantgate.quantize.stats import wilson  # noqa: E402
 
 FAST = GateConfig(iterations=5, warmup=1, batch_sizes=(1, 8))
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    result = tiny_export()
-    int8 = dynamic_int8(result.onnx, tmp_path_factory.mktemp("q") / "int8.onnx")
-    return result, int8
 
 
 def test_a_share_of_agreeing_rows_has_wilsons_interval():

@@ -8,10 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).parent))
-from qg_pipeline_helpers import dynamic_int8, tiny_export  # noqa: E402
+from qg_pipeline_helpers import tiny_export  # noqa: E402
 
 from quantgate import cpus  # noqa: E402
 from quantgate.bundle import CPU  # noqa: E402
@@ -24,12 +22,6 @@ from quantgate.quantize.speed import (  # noqa: E402
 )
 
 FAST = GateConfig(iterations=5, warmup=1, batch_sizes=(1, 8))
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    result = tiny_export()
-    return result, dynamic_int8(result.onnx, tmp_path_factory.mktemp("q") / "int8.onnx")
 
 
 def test_time_interleaved_reverses_the_order_every_round():

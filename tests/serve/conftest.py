@@ -137,3 +137,12 @@ def server(repo) -> Iterator[ServerProcess]:
     s = ServerProcess(repo, "--max-queue-delay-us", "2000")
     yield s
     assert s.terminate() == 0, s.log
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """tritonclient's gRPC client of the shared ``server``."""
+    import tritonclient.grpc as tc
+
+    with tc.InferenceServerClient(server.url) as c:
+        yield c

@@ -22,12 +22,6 @@ from quantgate.tables import index_limits
 INVALID = "StatusCode.INVALID_ARGUMENT"
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with tc.InferenceServerClient(server.url) as c:
-        yield c
-
-
 def _ids(value: int) -> dict[str, np.ndarray]:
     ids = np.array([[3, 7, value, 1]], dtype=np.int64)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}

@@ -6,15 +6,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-import tritonclient.grpc as tc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with tc.InferenceServerClient(server.url) as c:
-        yield c
 
 
 @pytest.mark.parametrize(

@@ -25,12 +25,6 @@ ATOL = 1e-4
 MODELS = {"classifier": ("classifier", "logits"), "encoder": ("encoder/1", "last_hidden_state")}
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with tc.InferenceServerClient(server.url) as c:
-        yield c
-
-
 @pytest.mark.parametrize("model", MODELS)
 def test_unary_equals_in_process(client, repo, model):
     folder, output = MODELS[model]
