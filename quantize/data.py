@@ -1031,19 +1031,23 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
     )
 
 
-def counted(source: DataSource, on_rows: Callable[[int], None]) -> Callable[[], Iterator[Feeds]]:
+class Counted:
     """``source`` as a calibration callable that reports rows as they are handed over (a
     reader that stops at the end of its range never asks past the last batch: counted after
-    it, that batch went unreported, and a bar stopped at 192 of 200)."""
+    it, that batch went unreported, and a bar stopped at 192 of 200). ``uncounted`` is the
+    source itself, for a pass that calibrates nothing (ORT's reader counts its feeds first:
+    reported, the bar ran to the end and began again)."""
 
-    def calibration() -> Iterator[Feeds]:
+    def __init__(self, source: DataSource, on_rows: Callable[[int], None]) -> None:
+        self.uncounted = source
+        self._on_rows = on_rows
+
+    def __call__(self) -> Iterator[Feeds]:
         done = 0
-        for feeds in source():
+        for feeds in self.uncounted():
             done += len(next(iter(feeds.values())))
-            on_rows(done)
+            self._on_rows(done)
             yield feeds
-
-    return calibration
 
 
 def write_npz(
@@ -1067,7 +1071,7 @@ __all__ = [
     "without_rows",
     "check_not_calibration",
     "check_path",
-    "counted",
+    "Counted",
     "open_source",
     "row_hashes",
     "stratified",

@@ -136,7 +136,8 @@ class _Reader:
     def __init__(self, calibration: Calibration, input_names: set[str]):
         self._calibration = calibration
         self._names = input_names
-        self._len = sum(1 for _ in calibration())
+        # a pass that only counts: not one a progress bar reports (data.Counted)
+        self._len = sum(1 for _ in getattr(calibration, "uncounted", calibration)())
         self._source: Iterator = iter(calibration())
         self._pos = 0  # feeds taken from self._source
         self._end = self._len

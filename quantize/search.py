@@ -38,7 +38,7 @@ from quantgate.configs import check_fields, config_class
 from quantgate.errors import ConfigError, QuantizeError, QuantizeFailed
 from quantgate.fsutil import raise_if_full
 from quantgate.progress import ProgressFn, no_progress
-from quantgate.quantize.data import DataSource, Feeds, counted
+from quantgate.quantize.data import Counted, DataSource, Feeds
 from quantgate.quantize.decide import GateConfig
 from quantgate.quantize.gates import (
     Outputs,
@@ -494,7 +494,7 @@ def _try(
     t = time.monotonic()
     try:
         qm = quantize(
-            work.fp32, recipe, counted(work.calibration, on_rows), out, unfused_model=work.unfused
+            work.fp32, recipe, Counted(work.calibration, on_rows), out, unfused_model=work.unfused
         )
     except Exception as e:  # noqa: BLE001 - one recipe's crash must not end the search
         raise_if_full(e, work.workdir, f"INT8 recipe {name}")  # ...but a full disk ends all

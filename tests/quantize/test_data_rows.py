@@ -244,11 +244,11 @@ def test_calibration_progress_counts_every_batch_a_reader_takes(tmp_path):
     batch is counted as it is handed over (a bar stopped at 192 of 200 before)."""
     import itertools
 
-    from quantgate.quantize.data import counted
+    from quantgate.quantize.data import Counted
 
     source = open_source(write_npz(tmp_path / "c.npz", rng_feeds(40)), DIGITS, role="calibration")
     seen = []
-    batches = list(itertools.islice(counted(source, seen.append)(), 3))  # 16 + 16 + 8 rows
+    batches = list(itertools.islice(Counted(source, seen.append)(), 3))  # 16 + 16 + 8 rows
     assert len(batches) == 3 and seen == [16, 32, 40]
 
 

@@ -117,6 +117,20 @@ def test_strided_calibration_reads_the_source_in_one_pass(tmp_path):
     assert reads == 2 * 61
 
 
+def test_the_calibration_bar_counts_the_pass_that_calibrates_once(tmp_path):
+    """ORT's reader counts the feeds in a pass of its own: reported, the calibration bar ran
+    to the end at once and began again. The bar reports the pass that calibrates."""
+    from quantgate.quantize.data import Counted
+
+    src = mlp(tmp_path / "mlp.onnx")
+    feeds = mlp_feeds(6)  # batches of 2 rows
+    said: list[int] = []
+    calibration = Counted(lambda: iter(feeds), said.append)  # type: ignore[arg-type]
+    r = dataclasses.replace(ORT_STATIC_QDQ, op_types=("MatMul",))
+    quantize(src, r, calibration, tmp_path / "q.onnx", unfused_model=src)
+    assert said == list(range(2, 13, 2)), said  # 12 rows, counted once
+
+
 MINILM_SLOW = pytest.mark.slow
 
 
