@@ -43,14 +43,14 @@ HF_HEADS = {
     SEQUENCE_CLASSIFICATION: "ForSequenceClassification",
     TOKEN_CLASSIFICATION: "ForTokenClassification",
 }
-PRETRAINING_HEADS = ("ForMaskedLM", "ForPreTraining", "ForCausalLM")
+PRETRAINING_HEADS = ("ForMaskedLM", "ForPreTraining", "ForCausalLM", "LMHeadModel")
 ENCODER_ONLY = "EncoderModel"  # T5EncoderModel, MT5EncoderModel, UMT5EncoderModel
 
 
 def _has_head(architecture: str) -> bool:
-    """Whether a class name is a model with a head: ``...ForSequenceClassification``, not
-    ``RoFormerModel`` (whose "For" is its name's)."""
-    return re.search(r"For[A-Z]\w*$", architecture) is not None
+    """Whether a class name is a model with a head: ``...ForSequenceClassification`` or
+    ``GPT2LMHeadModel``, not ``RoFormerModel`` (whose "For" is its name's)."""
+    return re.search(r"(For[A-Z]\w*|LMHeadModel)$", architecture) is not None
 
 
 HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # in this order, when taken
@@ -97,6 +97,14 @@ def load_huggingface(
                 "(package.module:factory, docs/export.md) that returns its encoder "
                 "(model.get_encoder()) with example_inputs."
             )
+        )
+    if config.model_type in ("longformer", "led"):  # LED: an encoder-decoder, refused above
+        raise ModelLoadError(
+            f"{path} is a Longformer: neither exporter traces its sliding-window attention "
+            "(the legacy exporter's graph reads positions past the model's table in ONNX "
+            "Runtime; the dynamo exporter stops at its data-dependent shapes), so quantgate "
+            "cannot export it. A full-attention encoder (BERT, RoBERTa) of the same size "
+            "exports; for inputs longer than 512 tokens, split them into windows."
         )
     if getattr(config, "attention_type", None) == "block_sparse":  # BigBird's
         raise ConfigError(
@@ -223,6 +231,11 @@ def _hf_pad_id(path: Path, config: Any, tokenizer: Any, task: str, vocab: int) -
     return pad
 
 
+def _a(word: str) -> str:
+    """``word`` after its indefinite article: "an AlbertForQuestionAnswering"."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
 def _hf_task(path: Path, archs: Sequence[str], task: str | None) -> str:
     """The task of the Hugging Face model at ``path``: ``task`` when given, else its head's
     (``HF_HEADS``), else feature-extraction. A head asked for and absent is refused (its
@@ -246,7 +259,7 @@ def _hf_task(path: Path, archs: Sequence[str], task: str | None) -> str:
     ]  # fmt: skip
     if task is None and not heads and other:
         raise ConfigError(
-            f"{path} is a {other[0]}: quantgate exports {', '.join(HF_TASKS)} models, and as "
+            f"{path} is {_a(other[0])}: quantgate exports {', '.join(HF_TASKS)} models, and as "
             "feature-extraction this head would be dropped, its outputs with it. Pass --task "
             "feature-extraction to export the encoder without it."
         )
