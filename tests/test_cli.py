@@ -723,3 +723,11 @@ def test_infer_classes_leaves_out_outputs_of_one_value_per_row():
         _classified([logits, pred], ("pred",))
     with pytest.raises(ConfigError, match=r"every output is one value per row \(pred\)"):
         _classified([pred], ())
+    # a regression's single score per row, (batch, 1): printed "'LABEL_0' (0)" for every row
+    score = SimpleNamespace(name="logits", shape=[-1, 1])
+    with pytest.raises(
+        ConfigError, match=r"output 'logits' is one value per row \(shape \[-1, 1\]\)"
+    ):
+        _classified([score], ("logits",))
+    with pytest.raises(ConfigError, match=r"every output is one value per row \(logits\)"):
+        _classified([score], ())

@@ -160,7 +160,7 @@ def infer(
     # verified: the tokenizer is the one the bundle was gated with
     bundle = None if bundle_dir is None else load(bundle_dir, verify=bool(texts))
     if classes and bundle is not None:
-        _refuse_classes_of(bundle.manifest.task, str(bundle.path))
+        _refuse_classes_of(bundle.manifest.task, str(bundle.path), texts=bool(texts))
     if model is not None:
         named = model
     else:  # the name in the bundle's manifest (one of the two is given: checked above)
@@ -335,10 +335,12 @@ def _classified(outputs, wanted: tuple[str, ...]) -> tuple[str, ...]:
     "index 0"."""
     from quantgate.errors import ConfigError
 
-    flat = [t.name for t in outputs if len(t.shape) < 2]
+    # (batch,) or (batch, 1): one value per row, a regression's score among them
+    flat = [t.name for t in outputs if len(t.shape) < 2 or list(t.shape[1:]) == [1]]
     if named := [n for n in wanted if n in flat]:
+        shape = next(list(t.shape) for t in outputs if t.name == named[0])
         raise ConfigError(
-            f"--classes: output {named[0]!r} is one value per row (shape (batch,)), with no "
+            f"--classes: output {named[0]!r} is one value per row (shape {shape}), with no "
             "classes to rank; drop --classes, or ask it of another output"
         )
     if wanted:
@@ -351,23 +353,28 @@ def _classified(outputs, wanted: tuple[str, ...]) -> tuple[str, ...]:
     return ranked
 
 
-def _refuse_classes_of(task: str, what: str) -> None:
+def _refuse_classes_of(task: str, what: str, *, texts: bool = False) -> None:
     """--classes on a model (``what``: the bundle, or the model the server names) whose rows
     are not one score per class: Triton's classification reads everything after the batch
     axis as a row, so a tagger's "classes" would be the largest scores over all its tokens
     (index token * classes + class, unnamed), and an embedding's the largest coordinates of
-    its vectors. Refused, with what to ask instead. An unknown task ("": an older server)
-    is let through."""
+    its vectors. Refused, with what to ask instead (``texts``: text was sent, which prints
+    each token's class). An unknown task ("": an older server) is let through."""
     from quantgate.errors import ConfigError
     from quantgate.tasks import EMBEDDING_TASKS, TOKEN_TASKS
 
     if task in TOKEN_TASKS:
+        instead = (
+            "Drop --classes: with text, each token's top class is printed by name."
+            if texts
+            else "For each token's top class by name, send text: -t TEXT --bundle BUNDLE; "
+            "for the scores, drop --classes."
+        )
         raise ConfigError(
             f"--classes: {what} is a token classifier ({task}), whose logits are "
             "(batch, sequence, classes). --classes reads everything after the batch axis as "
             "one row (Triton's rule), so it would print the largest scores over all tokens, "
-            "indexed token * classes + class, without names. For each token's top class by "
-            "name, send text: -t TEXT --bundle BUNDLE; for the scores, drop --classes."
+            f"indexed token * classes + class, without names. {instead}"
         )
     if task in EMBEDDING_TASKS:
         raise ConfigError(

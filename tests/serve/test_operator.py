@@ -1161,6 +1161,14 @@ def test_infer_refuses_classes_of_a_model_whose_rows_are_not_classes(tmp_path, t
     if task == "token-classification":
         assert "indexed token * classes + class, without names" in message, message
         assert "For each token's top class by name, send text: -t TEXT --bundle BUNDLE" in message
+        # text sent already: it was told to send text
+        from quantgate.cli.infer import _refuse_classes_of
+        from quantgate.errors import ConfigError
+
+        with pytest.raises(ConfigError) as err:
+            _refuse_classes_of(task, str(out), texts=True)
+        assert str(err.value).endswith("Drop --classes: with text, each token's top class is "
+                                       "printed by name.")  # fmt: skip
     else:
         assert "it has no classes" in message and "Drop --classes" in message, message
 
