@@ -180,9 +180,8 @@ def reference_outputs(model: LoadedModel, cases: Sequence[Case]) -> list[TorchOu
                     f"the model's forward failed in PyTorch on validation case {case.describe()}: "
                     f"{type(e).__name__}: {str(e).rstrip('.')}. Exported models must accept "
                     f"every batch size and sequence length up to {model.max_seq_len}, the "
-                    "model's max_seq_len "
-                    "(a factory's attribute, else its example's width; --max-seq-len lowers it)."
-                    " Dimension 1 of every input is read as the sequence: a model whose "
+                    f"model's max_seq_len ({_whence_max_seq_len(model.kind)}; --max-seq-len "
+                    "lowers it). Dimension 1 of every input is read as the sequence: a model whose "
                     "dimension 1 is of a fixed size (a fixed window, an image's channels) pads "
                     "its input to that size inside forward, or is not one quantgate exports."
                 ) from e
@@ -280,6 +279,14 @@ def check_padding(
             "does not read the attention mask. Fix the model; if the differences are float "
             "noise, loosen --atol/--rtol."
         )
+
+
+def _whence_max_seq_len(kind: str) -> str:
+    """Where a model of loader ``kind`` gets the longest sequence it is validated at."""
+    return {
+        "factory": "the factory's attribute, else its example's width",
+        "huggingface": "the fewer of its position embeddings and its tokenizer's longest input",
+    }.get(kind, "its checkpoint's config")
 
 
 def server_pads(inputs: Sequence[InputSpec], outputs: Sequence[TensorSpec]) -> bool:

@@ -854,9 +854,18 @@ def test_a_max_seq_len_the_model_cannot_take_is_refused(cli, tmp_path):
         "forward failed in PyTorch on validation case longest (batch 2, sequence 64): IndexError"
         in err
     )
-    assert "up to 64, the model's max_seq_len" in err
+    assert (
+        "up to 64, the model's max_seq_len (the factory's attribute, else its example's width; --max-seq-len lowers it)"
+        in err
+    )
     assert "Dimension 1 of every input is read as the sequence" in err
     no_leftovers(tmp_path)
+    # a Hugging Face model's comes from its positions and tokenizer, not from a factory
+    from quantgate.export.validation import _whence_max_seq_len
+
+    assert "tokenizer" in _whence_max_seq_len(
+        "huggingface"
+    ) and "factory" not in _whence_max_seq_len("huggingface")
 
 
 def test_an_operator_without_onnx_translation_is_named(cli, tmp_path):
