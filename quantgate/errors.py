@@ -92,6 +92,11 @@ class QuantizeError(QuantgateError):
     """Quantization itself failed (not a gate: the model could not be produced)."""
 
 
+class NothingToQuantize(QuantizeError):
+    """A recipe found no node of the kinds it quantizes: not applicable to this graph (a
+    search tries the others), rather than failed."""
+
+
 class QuantizeFailed(QuantizeError):
     """ONNX Runtime, or a converter, failed on a model quantgate made from input it accepted
     (a crash opening or running it, every recipe failing): the runtime's failure, not a

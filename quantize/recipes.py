@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quantgate.errors import QuantgateError, QuantizeError, QuantizeFailed
+from quantgate.errors import NothingToQuantize, QuantgateError, QuantizeError, QuantizeFailed
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,10 @@ def _builders() -> dict[str, Callable]:
     }
 
 
+def _counts(ops: collections.Counter) -> str:
+    return ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
+
+
 def quantize(
     fp32_model: Path,
     recipe: Recipe,
@@ -240,16 +244,23 @@ def quantize(
     if not quantized:
         import onnx
 
-        ops = collections.Counter(
-            n.op_type for n in onnx.load(str(src), load_external_data=False).graph.node
+        graph = onnx.load(str(src), load_external_data=False).graph
+        matrices = {i.name for i in graph.initializer if len(i.dims) >= 2}
+        ops = collections.Counter(n.op_type for n in graph.node)
+        weighted = collections.Counter(
+            n.op_type for n in graph.node if any(i in matrices for i in n.input)
         )
-        raise QuantizeError(
+        where = (
+            f"the graph's weight matrices are read by {_counts(weighted)}"
+            if weighted
+            else f"the graph's most common ops: {_counts(ops)}"
+        )
+        raise NothingToQuantize(
             f"recipe {recipe.name!r} quantized no node of {src.name}: it quantizes "
             f"{', '.join(recipe.op_types)} nodes with weights, and found "
             + (f"{len(kept)} it had to keep FP32" if kept else "none")
-            + f" (the graph's most common ops: {', '.join(f'{k} {v}' for k, v in ops.most_common(6))}). "
-            "This recipe has nothing to quantize here; where no recipe has (its weights are in "
-            "other ops), INT8 has nothing to gain: export the model with --no-quantize."
+            + f" ({where}). This recipe has nothing to quantize here; where no recipe has, "
+            "INT8 has nothing to gain: export the model with --no-quantize."
         )
     seconds = time.perf_counter() - t0
     log.info(

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec
 from quantgate import cpus
 from quantgate.bundle import GateResult, TensorSpec, all_passed, speed_score
 from quantgate.configs import check_fields, config_class
-from quantgate.errors import ConfigError, QuantizeError, QuantizeFailed
+from quantgate.errors import ConfigError, NothingToQuantize, QuantizeError, QuantizeFailed
 from quantgate.fsutil import raise_if_full
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize.data import Counted, DataSource, Feeds
@@ -501,7 +501,8 @@ def _try(
         if not isinstance(e, QuantizeError):
             log.exception("recipe %s crashed", name)
         msg = str(e) if isinstance(e, QuantizeError) else f"{type(e).__name__}: {e}"
-        return _failed(attempt, msg, time.monotonic() - t), None
+        quiet = isinstance(e, NothingToQuantize)  # not this graph's recipe: no alarm
+        return _failed(attempt, msg, time.monotonic() - t, quiet=quiet), None
 
     def on_timing(task: str, done: int, total: int | None, status: str) -> None:
         work.emit(task, done, total, f"{name}: {status}")
@@ -556,8 +557,10 @@ def _did_not_run(work: _Work, e: Exception, attempt: _Attempt, started: float) -
     return _failed(attempt, msg, time.monotonic() - started)
 
 
-def _failed(attempt: _Attempt, error: str, seconds: float) -> Candidate:
-    log.warning("recipe %s failed: %s", attempt.name, error)
+def _failed(attempt: _Attempt, error: str, seconds: float, *, quiet: bool = False) -> Candidate:
+    """The candidate of a recipe that produced no model to gate (``quiet``: one with
+    nothing to quantize in this graph, said at INFO: others may quantize it)."""
+    log.log(logging.INFO if quiet else logging.WARNING, "recipe %s failed: %s", attempt.name, error)
     recipe = attempt.recipe
     return Candidate(
         name=attempt.name,

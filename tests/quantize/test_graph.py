@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # tinygraphs.py, the shared tiny models
 from tinygraphs import attention, attention_feeds, mlp, mlp_feeds, rel_err, run
 
-from quantgate.errors import DataError, QuantizeError
+from quantgate.errors import DataError, NothingToQuantize, QuantizeError
 from quantgate.quantize import graph
 from quantgate.quantize.recipes import SMOOTH_STATIC, STATIC, quantize
 
@@ -269,3 +269,17 @@ def test_a_recipe_with_nothing_to_quantize_says_so_and_what_the_graph_holds(tmp_
     assert "quantizes MatMul, Attention, Gemm nodes with weights, and found none" in said, said
     assert "most common ops: Relu 1" in said and "export the model with --no-quantize" in said
     assert "This recipe has nothing to quantize here; where no recipe has" in said, said
+    assert isinstance(err.value, NothingToQuantize)  # a search says it at INFO, not WARNING
+
+    # weights a recipe of MatMuls does not read (GPT-2's Conv1D exports as Gemm): named,
+    # where "the graph's most common ops" listed Constant and Unsqueeze
+    w = onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    g = oh.make_graph(
+        [oh.make_node("Gemm", ["x", "w"], ["y"], name="fc")], "g", [io("x")], [io("y")], [w]
+    )
+    onnx.save(oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)]), str(src))
+    matmuls = dataclasses.replace(SMOOTH_STATIC, op_types=("MatMul",))
+    with pytest.raises(
+        NothingToQuantize, match=r"the graph's weight matrices are read by Gemm 1\)"
+    ):
+        quantize(src, matmuls, lambda: iter(feeds), tmp_path / "int8.onnx")
