@@ -207,9 +207,9 @@ def _hf_pad_id(path: Path, config: Any, tokenizer: Any, task: str, vocab: int) -
                 f"{path}: neither config.json nor the tokenizer names a padding token, and a "
                 "classifier's rows of different lengths are padded to be batched (a GPT-2 "
                 'style classifier finds each row\'s last token by it). Set "pad_token_id" in '
-                'config.json and "pad_token" in tokenizer_config.json to the same token (for '
-                "GPT-2 style models, the end-of-text token, as their classifiers are "
-                "fine-tuned with)."
+                'config.json, or "pad_token" in tokenizer_config.json (both, where you set '
+                "both, to the same token): for GPT-2 style models, the end-of-text token, as "
+                "their classifiers are fine-tuned with."
             )
         log.info("%s: no padding token named; rows are padded with id 0", path)
         tokenizer_pad = 0
