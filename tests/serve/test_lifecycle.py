@@ -440,9 +440,10 @@ def test_a_deadline_the_client_ends_before_the_servers_clock_is_counted_as_one(t
             tc.InferenceServerClient(srv.url) as c,  # open: its call holds the model
             tc.InferenceServerClient(proxy.url) as late,
         ):
-            # until its client goes: with 10**7 steps (seconds), the request behind it was
-            # once answered OK at 479 ms, before its deadline (why is not known: should it
-            # happen again, the failure says what the holder got and the server logged)
+            # until its client goes, which is after the server has said how the request
+            # behind it ended: closed at the late client's deadline, the holder freed the
+            # model within the late request's own time on the server's clock, and it was
+            # answered OK (at 479 and 481 ms: twice seen, in full runs of the suite)
             _running(
                 srv,
                 lambda: c.async_infer(
@@ -462,12 +463,12 @@ def test_a_deadline_the_client_ends_before_the_servers_clock_is_counted_as_one(t
                     f"answered at {time.monotonic() - t0:.3f} s while the model was held; the "
                     f"holder's answer: {list(held.queue) or 'none yet'}; server log:\n{srv.log}"
                 )
-        assert err.status() == "StatusCode.DEADLINE_EXCEEDED", err
-        deadline = time.monotonic() + 30
-        while not any("code=DEADLINE_EXCEEDED" in line or "code=CANCELLED" in line
-                      for line in access()):  # fmt: skip
-            assert time.monotonic() < deadline, srv.log
-            time.sleep(0.05)
+            assert err.status() == "StatusCode.DEADLINE_EXCEEDED", err
+            deadline = time.monotonic() + 30
+            while not any("code=DEADLINE_EXCEEDED" in line or "code=CANCELLED" in line
+                          for line in access()):  # fmt: skip
+                assert time.monotonic() < deadline, srv.log
+                time.sleep(0.05)
     finally:
         srv.terminate()
     assert any("code=DEADLINE_EXCEEDED" in line for line in access()), (
