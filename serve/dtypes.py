@@ -46,7 +46,8 @@ def cast_exact(values: np.ndarray, name: str) -> np.ndarray:
             first = lo if lo < low else hi if hi > high else None
         if first is not None:
             raise ValueError(f"{first} does not fit {name} ({low}..{high}, whole numbers)")
-    if dtype.kind == "f" and values.dtype.kind in "iuf" and values.size:
+    # (a safe cast, float32 into FP32 as the server's typed contents are, cannot overflow)
+    if dtype.kind == "f" and values.dtype.kind in "iuf" and not np.can_cast(values, dtype):
         with np.errstate(over="ignore"):
             cast = values.astype(dtype, copy=False)
         if (overflow := np.isinf(cast) & np.isfinite(values)).any():

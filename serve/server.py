@@ -675,11 +675,11 @@ def _add_inference_service(servicer: InferenceServicer, server: grpc.Server) -> 
                 getattr(servicer, method.name), response_serializer=codec.serialize
             )
         else:
-            message_type = getattr(pb, method.input_type.name)
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _refusing_unreadable(getattr(servicer, method.name)),
-                request_deserializer=functools.partial(_Unreadable.parse, message_type),
-                response_serializer=codec.serialize,
+            handlers[method.name] = _reading(
+                grpc.unary_unary_rpc_method_handler,
+                getattr(servicer, method.name),
+                getattr(pb, method.input_type.name),
+                codec.serialize,
             )
     for name in UNSUPPORTED:  # Triton's RPCs that protos/ leaves out: a reason, not "not found"
         handlers[name] = grpc.unary_unary_rpc_method_handler(unsupported(name))
@@ -700,12 +700,11 @@ def _add_health_service(servicer: health.HealthServicer, server: grpc.Server) ->
             if method.server_streaming
             else grpc.unary_unary_rpc_method_handler
         )
-        handlers[method.name] = make(
-            _refusing_unreadable(getattr(servicer, method.name)),
-            request_deserializer=functools.partial(
-                _Unreadable.parse, getattr(health_pb2, method.input_type.name)
-            ),
-            response_serializer=getattr(health_pb2, method.output_type.name).SerializeToString,
+        handlers[method.name] = _reading(
+            make,
+            getattr(servicer, method.name),
+            getattr(health_pb2, method.input_type.name),
+            getattr(health_pb2, method.output_type.name).SerializeToString,
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
@@ -717,7 +716,7 @@ class _Unreadable(NamedTuple):
     """A unary request that is no message of its type. gRPC's reader raising answered
     INTERNAL, which the docs keep for a server's failure, and logged a traceback at ERROR
     per request; read by ``parse``, which never raises, the request reaches the interceptors
-    (the access log reads its fields: none here) and ``_refusing_unreadable`` refuses it."""
+    (the access log reads its fields: none here) and ``_reading``'s handler refuses it."""
 
     message_type: str
     error: str
@@ -730,8 +729,9 @@ class _Unreadable(NamedTuple):
             return cls(message_type.__name__, str(e))
 
 
-def _refusing_unreadable(method: Callable) -> Callable:
-    """``method``, with an ``_Unreadable`` request answered INVALID_ARGUMENT."""
+def _reading(make: Callable, method: Callable, message_type, serialize: Callable):
+    """``make``'s handler (``grpc.unary_unary_rpc_method_handler``, say) of ``method``, its
+    requests read by ``_Unreadable.parse`` and an unreadable one answered INVALID_ARGUMENT."""
 
     def handle(request, context):
         if isinstance(request, _Unreadable):
@@ -739,7 +739,11 @@ def _refusing_unreadable(method: Callable) -> Callable:
             context.abort(status_of(err), message_of(err))
         return method(request, context)
 
-    return handle
+    return make(
+        handle,
+        request_deserializer=functools.partial(_Unreadable.parse, message_type),
+        response_serializer=serialize,
+    )
 
 
 def _set_health(servicer: health.HealthServicer, status) -> None:

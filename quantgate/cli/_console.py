@@ -86,7 +86,6 @@ class _Progress(Progress):
         self._said_at: dict[TaskID, float] = {}
         self._unsaid_since: dict[TaskID, float] = {}
         self._result_unsaid: set[TaskID] = set()  # a result task's count not said yet
-        self._going_at: dict[TaskID, float] = {}  # its last "going on" line
 
     def start(self) -> None:
         if self._live:
@@ -118,10 +117,11 @@ class _Progress(Progress):
             step is not None and not step.said and not (task.total and task.completed >= task.total)
         ):
             # a step that goes on: a line every STILL_EVERY_S, so a log shows it is alive
-            # (at its total it is said below, as it ends)
+            # (at its total it is said below, as it ends); a "going on" line moves
+            # _unsaid_since to itself
             quiet_since = max(
                 self._said_at.get(task_id, step.since),
-                self._going_at.get(task_id, step.since),
+                self._unsaid_since.get(task_id, step.since),
                 step.since,
             )
             if time.monotonic() - quiet_since >= STILL_EVERY_S:
@@ -174,8 +174,8 @@ class _Progress(Progress):
         step.said = final
         if final:  # the many steps' throttle counts from step lines, not "going on" ones
             self._said_at[task_id] = now
-        else:  # its next line's time counts from this one
-            self._going_at[task_id] = self._unsaid_since[task_id] = now
+        else:  # its next line's time, and the next "going on", count from this one
+            self._unsaid_since[task_id] = now
 
     def __exit__(self, *exc) -> None:
         if self._live:
