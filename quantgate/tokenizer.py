@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -76,8 +76,10 @@ class Tokenizer(Protocol):
         token_type_ids and attention_mask, (rows, longest) int64, padded on the right."""
         ...
 
-    def tokens(self, ids: Sequence[int]) -> list[str]:
-        """The tokens ``ids`` stand for."""
+    def pieces(self, texts: Sequence[str], limit: int | None) -> list[list[str]]:
+        """Each token of each text (as ``ids`` gives them) as a person reads it
+        (``_read_as_typed``): the characters of the text it stands for, not the vocabulary's
+        spelling (``##ing``, ``Ġin``, ``▁in``)."""
         ...
 
 
@@ -107,8 +109,31 @@ class Transformers:
         enc = self._call(texts, limit)
         return _padded({k: enc[k] for k in ("input_ids", *OPTIONAL_INPUTS) if k in enc}, self.pads)
 
-    def tokens(self, ids: Sequence[int]) -> list[str]:
-        return self.tok.convert_ids_to_tokens(list(ids))
+    def pieces(self, texts: Sequence[str], limit: int | None) -> list[list[str]]:
+        if not self.tok.is_fast:  # a slow tokenizer keeps no offsets: its own spelling
+            return [self.tok.convert_ids_to_tokens(ids) for ids in self.ids(texts, limit)]
+        with self._lock:
+            enc = self.tok(
+                list(texts), truncation=limit is not None, max_length=limit, verbose=False,
+                return_offsets_mapping=True, return_special_tokens_mask=True,
+            )  # fmt: skip
+        return [
+            _read_as_typed(
+                text,
+                self.tok.convert_ids_to_tokens(ids),
+                ids,
+                offsets,
+                special,
+                lambda i: self.tok.decode([i]),
+            )  # fmt: skip
+            for text, ids, offsets, special in zip(
+                texts,
+                enc["input_ids"],
+                enc["offset_mapping"],
+                enc["special_tokens_mask"],
+                strict=True,
+            )  # fmt: skip
+        ]
 
 
 def _padded(rows: Mapping[str, Sequence[Sequence[int]]], pads: Mapping[str, int]) -> dict:
@@ -252,8 +277,38 @@ class Backend:
         pads = {"input_ids": self.pad_id, "token_type_ids": self.settings.pad_type_id}
         return _padded(rows, pads)
 
-    def tokens(self, ids: Sequence[int]) -> list[str]:
-        return [self.backend.id_to_token(int(i)) for i in ids]
+    def pieces(self, texts: Sequence[str], limit: int | None) -> list[list[str]]:
+        def decode(i: int) -> str:
+            return self.backend.decode([i], skip_special_tokens=False)
+
+        return [
+            _read_as_typed(text, e.tokens, e.ids, e.offsets, e.special_tokens_mask, decode)
+            for text, e in zip(texts, self._encodings(texts, limit), strict=True)
+        ]
+
+
+def _read_as_typed(
+    text: str,
+    tokens: Sequence[str],
+    ids: Sequence[int],
+    offsets: Sequence[tuple[int, int]],
+    special: Sequence[int],
+    decode: Callable[[int], str],
+) -> list[str]:
+    """Each token as a person reads it: the characters of ``text`` it covers (its
+    ``offsets``), stripped; a special token (``[CLS]``, ``<s>``) as itself; one that stands
+    for whitespace alone (byte-level BPE's ``Ġ`` and ``Ċ``, SentencePiece's ``▁``, whose
+    offsets may cover the next character) as that whitespace, quoted. A character several
+    tokens spell (an emoji's bytes) is each's."""
+    read = []
+    for token, i, (start, end), is_special in zip(tokens, ids, offsets, special, strict=True):
+        if is_special:
+            read.append(token)
+        elif not (decoded := decode(i)).strip():  # "" alone: a leading space, decoders drop
+            read.append(repr(decoded or " "))
+        else:
+            read.append(text[start:end].strip() or repr(decoded))
+    return read
 
 
 @dataclass(frozen=True)

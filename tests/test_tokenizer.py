@@ -28,8 +28,7 @@ def _same(fast: Backend, slow: Transformers, texts, limit) -> None:
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert fast.ids(texts, limit) == slow.ids(texts, limit)
-    ids = a["input_ids"][0].tolist()
-    assert fast.tokens(ids) == slow.tokens(ids)
+    assert fast.pieces(texts, limit) == slow.pieces(texts, limit)
 
 
 def _saved(tok, out):
@@ -149,6 +148,31 @@ def test_other_families_tokenize_alike_with_the_settings_transformers_applies(
     if options:  # the setting matters on these texts: the defaults would answer otherwise
         default = Backend.load(tmp_path, Settings(returns=returns), pad)
         assert default.ids(list(UNSEEN), 5) != slow.ids(list(UNSEEN), 5)
+
+
+@pytest.mark.parametrize("kind", ["byte-level BPE", "unigram", "WordPiece"])
+def test_tokens_read_as_the_text_they_stand_for_not_as_the_vocabulary_spells_them(tmp_path, kind):
+    """What `quantgate infer` prints beside a tagger's classes: "é" and "🙂", not byte-level
+    BPE's "Ã©" and "ĠðŁ"; no "##", "Ġ" or "▁"; special tokens as themselves; whitespace
+    alone quoted. By the tokenizers library alone as by transformers, cut where asked."""
+    tok = _saved(_trained(kind), tmp_path)
+    settings = check(tok, tmp_path, 64, tok.pad_token_id)
+    assert settings is not None
+    fast, slow = Backend.load(tmp_path, settings, tok.pad_token_id), Transformers(tok, 0)
+    text = "Héllo wörld 🙂 playing\nnew  line"
+    for limit in (None, 6):
+        [read] = fast.pieces([text], limit)
+        assert [read] == slow.pieces([text], limit)
+        assert len(read) == len(fast.ids([text], limit)[0])
+        specials = set(tok.all_special_tokens)
+        words = [p for p in read if p not in specials]
+        assert words and all(p in text or p.startswith("'") for p in words), read
+        assert not any(mark in p for p in read for mark in ("##", "\u0120", "\u2581", "\u00c3"))
+    [whole] = fast.pieces([text], None)
+    assert "é" in "".join(whole) and "🙂" in whole, whole  # not "Ã©", "ĠðŁ" nor "[UNK]"
+    assert whole[-1] in specials  # "[SEP]", "</s>" as such
+    if kind != "WordPiece":  # it drops whitespace; the others keep it as tokens
+        assert "' '" in whole and "'\\n'" in whole, whole
 
 
 def test_a_tokenizer_json_that_answers_otherwise_is_not_used(tmp_path, caplog):
@@ -359,7 +383,7 @@ def test_a_unigram_tokenizer_runs_alone_with_its_scores_read_as_transformers_rea
     info = dataclasses.replace(minilm_info(), tokenizer=str(tmp_path), pad_values={"input_ids": 1})
     read = tokenizer_of(dataclasses.replace(info, tokenizer_settings=settings))
     assert isinstance(read, Backend) and read.ids([text], None) == [want]
-    assert read.tokens(want) == ["<s>", "\u2581-", "---------", "-----------", "\u2581x", "</s>"]
+    assert read.pieces([text], None) == [["<s>", "-", "---------", "-----------", "x", "</s>"]]
 
     older = dataclasses.replace(settings, scores=None)  # no way to read the scores said
     read = tokenizer_of(dataclasses.replace(info, tokenizer_settings=older))

@@ -175,11 +175,11 @@ def infer(
             task = client.config(named, version).parameters["task"].string_value
             _refuse_classes_of(task, f"model {named!r}")
         spec = {t.name: t for t in metadata.inputs}
-        tok, values, tags = None, {}, None  # tags: a token classifier's class names
+        values, tags = {}, None  # tags: a token classifier's class names, and tokens read
         if texts:
             assert bundle is not None  # --text needs --bundle (checked above)
             _check_served_from(bundle, named, metadata)
-            tok, values, tags = _tokenized(texts, bundle)
+            values, tags = _tokenized(texts, bundle)
         typed = {}  # each --input's JSON, by input name
         for item in inputs or ():
             name, sep, value = item.partition("=")
@@ -211,7 +211,7 @@ def infer(
             text = np.vectorize(lambda b: b.decode(errors="backslashreplace"), otypes=[object])
             out.print(str(text(array)), highlight=False, soft_wrap=True)
         elif tags is not None and name == "logits" and array.ndim == 3:
-            _print_tags(texts or [], feeds, array, tags, tok)
+            _print_tags(texts or [], feeds, array, *tags)
         else:
             out.print(f"{name} {list(array.shape)} {array.dtype}", highlight=False, soft_wrap=True)
             out.print(
@@ -260,8 +260,8 @@ def _check_served_from(bundle, named: str, metadata) -> None:
 
 
 def _tokenized(texts: list[str], bundle):
-    """--text read by ``bundle``'s tokenizer: the tokenizer (it reads a tagger's tokens
-    back), the inputs it gives, and a token classifier's class names (None for any other
+    """--text read by ``bundle``'s tokenizer: the inputs it gives, and for a token classifier
+    its class names and each text's tokens as read (``Tokenizer.pieces``; None for any other
     task)."""
     from quantgate.quantize.data import ModelInfo
     from quantgate.quantize.text import tokenize, tokenizer_of
@@ -269,8 +269,10 @@ def _tokenized(texts: list[str], bundle):
 
     info = ModelInfo.from_manifest(bundle.manifest, bundle.path)
     tok = tokenizer_of(info)
-    tags = bundle.manifest.class_names if info.task in TOKEN_TASKS else None
-    return tok, tokenize(texts, info, tok), tags
+    values = tokenize(texts, info, tok)
+    if info.task not in TOKEN_TASKS:
+        return values, None
+    return values, (bundle.manifest.class_names, tok.pieces(texts, info.max_seq_len or None))
 
 
 def _print_json(model: str, answer: dict) -> None:
@@ -400,9 +402,11 @@ def _print_classes(name: str, strings) -> None:
         out.print(f"  row {r}: " + ", ".join(items), highlight=False, soft_wrap=True)
 
 
-def _print_tags(texts: list[str], feeds: dict, logits, names: tuple[str, ...], tok) -> None:
+def _print_tags(
+    texts: list[str], feeds: dict, logits, names: tuple[str, ...], pieces: list[list[str]]
+) -> None:
     """A token classifier's answer to text as a person reads it: each real token of each
-    text, its top class by name and its softmax probability; ``tok`` reads the ids back."""
+    text (its ``pieces``), its top class by name and its softmax probability."""
     import numpy as np
 
     mask = feeds.get("attention_mask", np.ones_like(feeds["input_ids"])).astype(bool)
@@ -410,9 +414,9 @@ def _print_tags(texts: list[str], feeds: dict, logits, names: tuple[str, ...], t
     probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
     say = functools.partial(out.print, highlight=False, markup=False, soft_wrap=True)  # "[CLS]"
     say(f"logits {list(logits.shape)}: each token's top class")
-    for text, ids, real, p in zip(texts, feeds["input_ids"], mask, probs, strict=True):
+    for text, tokens, real, p in zip(texts, pieces, mask, probs, strict=True):
         say(f"  {text!r}")
-        for token, row in zip(tok.tokens(ids[real].tolist()), p[real], strict=True):
+        for token, row in zip(tokens, p[real], strict=True):
             top = int(row.argmax())
             label = names[top] if top < len(names) else str(top)
             say(f"    {token:<16} {label:<12} {row[top]:.3f}")

