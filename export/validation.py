@@ -22,11 +22,11 @@ from quantgate import cpus
 from quantgate.bundle import CPU, TensorSpec
 from quantgate.errors import ExportError, ValidationError
 from quantgate.model.loaders import InputSpec, LoadedModel, Samples
+from quantgate.padding import MASK, sequence_axis
 from quantgate.quiet import warnings_caught
 
 log = logging.getLogger(__name__)
 
-MASK = "attention_mask"  # the input that tells a row's tokens from its padding
 
 BATCH, SEQUENCE = "batch", "sequence"
 Feeds = dict[str, np.ndarray]
@@ -291,16 +291,11 @@ def _whence_max_seq_len(kind: str) -> str:
 
 def server_pads(inputs: Sequence[InputSpec], outputs: Sequence[TensorSpec]) -> bool:
     """Whether the server pads requests of different lengths into one batch, by its rule
-    (``serve.runtime.Model``): an attention mask, every input (batch, sequence), and every
-    output's variable axes the batch, and the sequence at axis 1 only (so that each
-    request's answer can be cut back to its length)."""
-    if MASK not in {i.name for i in inputs} or any(i.fixed_dims for i in inputs):
-        return False
-    return all(
-        isinstance(d, int) or (k == 1 and d == SEQUENCE)
-        for t in outputs
-        for k, d in enumerate(t.dims[1:], start=1)
-    )
+    (``padding.sequence_axis``)."""
+    axes: dict[str, tuple[int | str, ...]] = {
+        i.name: (BATCH, SEQUENCE, *i.fixed_dims) for i in inputs
+    }
+    return sequence_axis(axes, [t.dims for t in outputs]) is not None
 
 
 def _mask_unread(model: LoadedModel, cases: Sequence[Case], refs: Sequence[TorchOutputs]) -> bool:

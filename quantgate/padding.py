@@ -2,12 +2,14 @@
 
 One rule for the server's batcher (``serve.batcher``) and for the gate that measures what
 its batching does to a model's answers (``quantize.gates.batch_consistency``): a gate that
-padded otherwise would measure batches the server never makes.
+padded otherwise would measure batches the server never makes. And one rule for which
+models it pads (``sequence_axis``), for the server (``serve.runtime.Model``) and for the
+export's check that padding moves no answer (``export.validation``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from types import MappingProxyType
 
 import numpy as np
@@ -52,6 +54,27 @@ def right_pad(
     return batch
 
 
+def sequence_axis(
+    inputs: Mapping[str, Sequence[int | str]], outputs: Iterable[Sequence[int | str]]
+) -> str | None:
+    """The name of the axis along which the server pads requests of different lengths into
+    one batch, given each input's and output's axes (ints fixed, names variable); None where
+    it batches requests of the same length only. Padding needs an attention mask (then it
+    changes no answer), every input shaped (batch, sequence) with one name for the sequence,
+    and no variable output axis but the batch and that sequence at axis 1 (each request's
+    answer is cut back to its length there)."""
+    if MASK not in inputs:
+        return None
+    names = {axes[1] if len(axes) == 2 else None for axes in inputs.values()}
+    if len(names) != 1 or not isinstance(seq := names.pop(), str):
+        return None
+    for axes in outputs:
+        for i, axis in enumerate(axes[1:], start=1):
+            if isinstance(axis, str) and not (i == 1 and axis == seq):
+                return None  # a variable axis an answer could not be cut back along
+    return seq
+
+
 def _unpadded(name: str, first: np.ndarray, parts, spans) -> bool:
     """Whether input ``name`` has no sequence axis: no axis 1, or one that is not the mask's
     length in some part."""
@@ -60,4 +83,4 @@ def _unpadded(name: str, first: np.ndarray, parts, spans) -> bool:
     )
 
 
-__all__ = ["MASK", "right_pad"]
+__all__ = ["MASK", "right_pad", "sequence_axis"]

@@ -37,8 +37,8 @@ from quantgate.errors import (
     QuantgateError,
     Unavailable,
 )
-from quantgate.padding import right_pad
-from quantgate.serve.runtime import MASK, Model
+from quantgate.padding import MASK, right_pad
+from quantgate.serve.runtime import Model
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from quantgate.errors import (
     QuantgateError,
     ServeError,
 )
+from quantgate.padding import MASK, sequence_axis
 from quantgate.serve import modelfile
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.dtypes import datatype
@@ -37,7 +38,6 @@ from quantgate.tables import index_limits as read_index_limits
 
 log = logging.getLogger(__name__)
 
-MASK = "attention_mask"  # the input that tells padding from tokens
 
 _ORT_TYPES = {
     "tensor(bool)": np.dtype("bool"),
@@ -159,22 +159,11 @@ class Model:
         )
 
     def _sequence_axis(self) -> str | None:
-        """The symbolic name of axis 1 when requests can be padded along it.
-
-        That needs an attention mask (so padding changes nothing), every input shaped
-        (batch, sequence), and every output either without that axis or with it at 1
-        (so results can be cut back to each request's length); every other output axis fixed.
-        """
-        if not self.batched or MASK not in {t.name for t in self.inputs}:
+        """The symbolic name of axis 1 where requests of different lengths are padded along
+        it into one batch (``padding.sequence_axis``'s rule); None: a batch holds one length."""
+        if not self.batched:
             return None
-        names = {t.axes[1] if len(t.axes) == 2 else None for t in self.inputs}
-        if len(names) != 1 or not isinstance(seq := names.pop(), str):
-            return None
-        for t in self.outputs:
-            for i, axis in enumerate(t.axes[1:], start=1):
-                if isinstance(axis, str) and not (i == 1 and axis == seq):
-                    return None  # a variable axis we cannot cut back: batch same lengths only
-        return seq
+        return sequence_axis({t.name: t.axes for t in self.inputs}, [t.axes for t in self.outputs])
 
     def pads_output(self, name: str) -> bool:
         """Whether output ``name`` has the sequence axis (at 1) and must be cut after padding."""

@@ -70,3 +70,18 @@ def test_the_caller_may_name_the_inputs_with_the_sequence_axis(monkeypatch):
 def test_without_a_mask_nothing_is_padded():
     parts = [{"x": np.ones((1, 4))}, {"x": np.zeros((2, 4))}]
     assert right_pad(parts)["x"].shape == (3, 4)
+
+
+def test_which_models_are_padded_along_which_axis():
+    """One rule for the server and the export's padding check: a mask, every input (batch,
+    sequence) of one name, and no variable output axis but the batch and that sequence at 1."""
+    from quantgate.padding import sequence_axis
+
+    bert = {"input_ids": ("batch", "seq"), "attention_mask": ("batch", "seq")}
+    assert sequence_axis(bert, [("batch", "seq", 384), ("batch", 384)]) == "seq"
+    assert sequence_axis({"input_ids": ("batch", "seq")}, [("batch", 2)]) is None  # no mask
+    assert sequence_axis({**bert, "pixels": ("batch", "seq", 3)}, [("batch", 2)]) is None
+    assert sequence_axis({**bert, "input_ids": ("batch", "other")}, [("batch", 2)]) is None
+    assert sequence_axis({**bert, "input_ids": ("batch", 64)}, [("batch", 2)]) is None
+    assert sequence_axis(bert, [("batch", 384, "seq")]) is None  # not at axis 1
+    assert sequence_axis(bert, [("batch", "seq", "labels")]) is None  # another variable axis
