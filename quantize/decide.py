@@ -263,6 +263,8 @@ def mean_gate(
     ``valid`` False fails the gate whatever its value."""
     finite = np.isfinite(values)
     value = float(np.mean(values[finite])) if finite.any() else math.nan
+    if not finite.all():  # a mean of the others, failed whatever it is (``valid``)
+        detail += f"; {int((~finite).sum())} of {len(values)} rows not finite, left out of the mean"
     ci: tuple[float, float] | None
     if values.dtype == bool and len(values):  # a share of rows: agreement
         ci = wilson(int(values.sum()), len(values), cfg.confidence)
@@ -315,7 +317,7 @@ def tail_gate(
 # under (``gate_definitions``, beside its gate_config), and a re-gate of a bundle gated under
 # an older one says what changed since: the same gate, threshold and data can decide
 # differently. Bump it, with what changed, when a gate's value or decision changes.
-GATE_DEFINITIONS = 4
+GATE_DEFINITIONS = 5
 DEFINITION_CHANGES: dict[int, tuple[str, ...]] = {
     2: (
         "nn_top1_agreement counts a near tie as agreement (the candidate's nearest row is "
@@ -336,6 +338,10 @@ DEFINITION_CHANGES: dict[int, tuple[str, ...]] = {
         "agreement:<output> (it had an R² of its values, or no gate)",
         "evaluation rows that are also calibration rows are left out of the gates (they were "
         "counted), and a repeated row is gated once",
+    ),
+    5: (
+        "a classifier's evaluation rows all labelled one class add top1_agreement and kl to "
+        "its accuracy gate (an INT8 answering that class on every row passed)",
     ),
 }
 

@@ -341,8 +341,8 @@ LABELS_MATCH_CONFIDENCE = 0.99
 
 
 def labels_at_chance(reference: Outputs, logits: str) -> str | None:
-    """Where FP32's own top classes agree with the labels no better than chance, why, in
-    words; else None. Labels shuffled, numbered in another order than the model's classes,
+    """Where FP32's own top classes agree with the labels no better than chance, or every
+    row is labelled one class, why, in words; else None. Labels shuffled, numbered in another order than the model's classes,
     or a model not trained for them: the accuracy gate compares INT8 with FP32 on the
     labels, so on such labels it passes any INT8 (random labels on the digits model put FP32
     at 11.9%, and passed an INT8 broken to 9%). Such rows are gated on agreement with FP32
@@ -352,12 +352,13 @@ def labels_at_chance(reference: Outputs, logits: str) -> str | None:
     x, y = _class_scores(reference, logits), reference.labels
     assert y is not None
     n, classes = len(y), x.shape[-1]
+    if one_class(y):  # nothing to tell FP32's answers from chance by, nor INT8's from a
+        # constant answer: FP32 right on every row left an INT8 broken to one class passing
+        return f"every one of the {n} rows is labelled class {int(y[0])}"
     observed = float(_hits(x, y).mean())
     predicted = np.bincount(x.argmax(-1), minlength=classes) / n
     labelled = np.bincount(y, minlength=classes) / n
     chance = float(predicted @ labelled)
-    if chance >= 1 - 1e-12:  # one class labelled and predicted: nothing to tell them by
-        return None
     kappa = (observed - chance) / (1 - chance)
     se = math.sqrt(max(observed * (1 - observed), 1 / n) / n) / (1 - chance)
     low = kappa - _Z_ONE_SIDED * se
@@ -371,6 +372,11 @@ def labels_at_chance(reference: Outputs, logits: str) -> str | None:
 
 
 _Z_ONE_SIDED = 2.326  # the normal quantile of LABELS_MATCH_CONFIDENCE, one-sided
+
+
+def one_class(labels: np.ndarray) -> bool:
+    """Whether every row is labelled the same class."""
+    return bool(len(labels)) and bool((labels == labels.flat[0]).all())
 
 
 def _unscored_labels(reference: Outputs, task: str) -> None:
@@ -427,7 +433,17 @@ def check_evaluation(reference: Outputs, task: str) -> None:
                 "its nearest. Pass --eval with more different held-out texts"
             )
     labelled = logits if reference.labels is not None else None
-    if labelled is not None and (why := labels_at_chance(reference, labelled)) is not None:
+    if labelled is None or (why := labels_at_chance(reference, labelled)) is None:
+        return
+    assert reference.labels is not None
+    if one_class(reference.labels):
+        log.warning(
+            "%s: labels of one class cannot tell an INT8 that answers it on every row from "
+            "FP32, so INT8 is gated on agreement with FP32 as well (as on unlabelled rows). "
+            "Evaluate on rows of several classes",
+            why,
+        )
+    else:
         log.warning(
             "the labels do not follow the model's answers: %s. On them the accuracy gate "
             "would pass any INT8, so INT8 is gated on agreement with FP32 as well (as on "
@@ -571,24 +587,27 @@ def _classifier_fidelity(
     ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, *, labels_say: str | None = None
 ):
     """Agreement with FP32: a score's r2, else top-1 agreement and KL, on unlabelled rows or
-    on labels the model's answers do not follow (``labels_say``: how far they do not)."""
+    on labels that tell too little (``labels_say``: why; ``labels_at_chance``)."""
     x, y = ref.stacked(output), cand.stacked(output)
     if x.shape[-1] == 1:  # a score (a reranker's, a regression's): its value is the answer
         where = f"{output} vs FP32 on {len(x)} rows"
         return [r2_gate("r2", x[:, 0], y[:, 0], cfg.min_cosine, cfg, where)]
     agree = _same_top(x, y)  # (N,)
     kl = _kl(x, y)  # (N,)
+    broken = _broken(x, y)
     rows = (
         "unlabelled rows"
         if labels_say is None
-        else f"rows whose labels it does not follow ({labels_say})"
+        else f"rows whose labels tell too little ({labels_say})"
     )
     detail = f"{output} vs FP32 on {len(x)} {rows}, max abs {_logit_change(x, y):.3g}"
+    if broken.any():
+        detail += f"; {int(broken.sum())} rows with non-finite candidate scores (any fails)"
     return [
         mean_gate("top1_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail,
-                   valid=not _broken(x, y).any()),
+                   valid=not broken.any()),
         mean_gate("kl", kl, cfg.max_kl, "<=", cfg,
-                   detail + ", mean KL(FP32 || candidate) in nats",
+                   detail + "; mean KL(FP32 || candidate) in nats",
                    valid=bool(np.isfinite(kl).all())),
     ]  # fmt: skip
 

@@ -212,7 +212,7 @@ def test_labels_the_model_does_not_follow_do_not_blind_the_accuracy_gate(caplog)
     assert "the labels do not follow the model's answers: FP32's own top class is the label on" in (
         caplog.text
     )
-    assert "whose labels it does not follow" in blind["top1_agreement"].detail
+    assert "whose labels tell too little (FP32's own top class" in blind["top1_agreement"].detail
     assert gates(shuffled, x)["top1_agreement"].passed  # an INT8 that answers as FP32 passes
 
 
@@ -235,8 +235,27 @@ def test_a_trained_classifier_on_skewed_or_few_labels_is_not_taken_for_chance():
     rng = np.random.default_rng(0)
     shuffled = _scored(list(rng.integers(0, 2, 500)), [0] * 490 + [1] * 10)
     assert "no agreement beyond chance" in labels_at_chance(shuffled, "logits")
-    one_class = _scored([0] * 50, [0] * 50)  # nothing to tell the labels by: not flagged
-    assert labels_at_chance(one_class, "logits") is None
+
+
+def test_labels_of_one_class_do_not_blind_the_accuracy_gate(caplog):
+    """Every row labelled class 0 and FP32 right on all of them: an INT8 broken to answer 0
+    on every row has no drop. It passed on the accuracy gate alone, where FP32 wrong on two
+    rows (or no labels at all) had it gated on agreement with FP32 too, and failed: cleaner
+    labels made a weaker gate. Now one class is gated on agreement as well, and said so."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 5)).astype(np.float32)
+    x[:, 0] += 6  # FP32's top class is 0 on every row; the other scores still say something
+    collapsed = np.tile(np.array([10, 0, 0, 0, 0], np.float32), (200, 1))
+    ref = Outputs(["logits"], [{"logits": x}], [None], labels=np.zeros(200, int), rows=200)
+    cand = Outputs(["logits"], [{"logits": collapsed}], [None], rows=200)
+    with caplog.at_level(logging.WARNING, logger="quantgate.quantize.gates"):
+        check_evaluation(ref, "sequence-classification")
+    assert "every one of the 200 rows is labelled class 0: labels of one class" in caplog.text
+    assert "shuffled" not in caplog.text  # not the advice for labels the model does not follow
+    gates = {g.name: g for g in accuracy_gates(ref, cand, "sequence-classification", GateConfig())}
+    assert gates["accuracy_drop"].value == 0 and gates["accuracy_drop"].passed
+    assert not gates["kl"].passed and "labelled class 0" in gates["kl"].detail
+    assert labels_at_chance(_scored([0] * 50, [0] * 49 + [1]), "logits") is not None
 
 
 def test_classifier_fidelity_without_labels(models):
@@ -1186,3 +1205,18 @@ def test_a_per_token_integer_output_is_compared_at_real_tokens_only():
     moved = noisy.copy()
     moved[0, 0] = (moved[0, 0] + 1) % 5  # a real token of one row
     assert agreement(moved).value == pytest.approx(39 / 40)
+
+
+def test_a_candidate_with_a_nan_score_fails_its_agreement_gates_saying_why():
+    """One NaN among 200 rows: the KL's mean over the other rows was shown (0.0) beside a
+    FAIL whose detail said only "max abs nan"; the detail now names the rows."""
+    x = np.random.default_rng(1).normal(size=(200, 5)).astype(np.float32)
+    y = x.copy()
+    y[0, 0] = np.nan
+    ref = Outputs(["logits"], [{"logits": x}], [None], rows=200)
+    cand = Outputs(["logits"], [{"logits": y}], [None], rows=200)
+    gates = {g.name: g for g in accuracy_gates(ref, cand, "sequence-classification", GateConfig())}
+    assert not gates["top1_agreement"].passed and not gates["kl"].passed
+    for gate in gates.values():
+        assert "1 rows with non-finite candidate scores (any fails)" in gate.detail, gate.detail
+    assert "1 of 200 rows not finite, left out of the mean" in gates["kl"].detail
