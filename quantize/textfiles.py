@@ -12,7 +12,7 @@ when no row has a label: one of them may be it).
   number (``1.0`` too) is a class index, any other a class name, an empty one no label
   (``quantize.text`` refuses number cells where class names are other numbers). Both are
   quoted as pandas writes them (``to_csv``; RFC 4180): a field in double quotes may hold
-  the delimiter, doubled quotes and line breaks.
+  the delimiter, doubled quotes and line breaks, and ends at its closing quote.
 - ``.txt``: one text per line, without labels.
 
 Every format is UTF-8 (a byte-order mark is skipped); blank lines are skipped.
@@ -77,6 +77,7 @@ class JsonLines(TextFile):
         first = True
         for lineno, start, line in _lines(f):
             if first:
+                _check_first_line(line, lineno, where)
                 _check_json_lines(line, lineno, where)
                 first = False
             yield (lineno, start, *_parse_json(line))
@@ -92,9 +93,11 @@ class PlainLines(TextFile):
     labels = False
 
     def rows(self, f: BinaryIO, where: str) -> Iterator[Found]:
+        first = True
         for lineno, start, line in _lines(f):
-            if lineno == 1:
-                _refuse_utf16(line, lineno, where)
+            if first:
+                _check_first_line(line, lineno, where)
+                first = False
             try:
                 text = _decode(line, start)
             except UnicodeDecodeError as e:
@@ -125,8 +128,10 @@ class Delimited(TextFile):
 
     def rows(self, f: BinaryIO, where: str) -> Iterator[Found]:
         lines = _Records(f, where)
-        reader = _read(csv.reader(lines, delimiter=self.delimiter), lines, where)
-        self.header = self._header(next(reader, []), where)
+        # strict: a field that opens a quote ends where it closes (a stray quote ran the
+        # field on over the next lines, merging rows, and lost a label without a word)
+        reader = _read(csv.reader(lines, delimiter=self.delimiter, strict=True), lines, where)
+        self.header = self._header(next((r for r in reader if r), []), where)  # blank lines before
         for fields in reader:
             lineno, start = lines.start
             if not fields or (len(fields) == 1 and not fields[0].strip()):
@@ -138,7 +143,8 @@ class Delimited(TextFile):
 
     def row_at(self, f: BinaryIO, offset: int) -> dict[str, Any]:
         f.seek(offset)
-        return self._row(next(csv.reader(_Records(f, "", offset), delimiter=self.delimiter)))
+        records = _Records(f, "", offset)
+        return self._row(next(csv.reader(records, delimiter=self.delimiter, strict=True)))
 
     def nothing_found(self, size: int) -> str:
         return "a header and no rows" if self.header else super().nothing_found(size)
@@ -180,15 +186,27 @@ def _read(reader: Iterator[list[str]], lines: _Records, where: str) -> Iterator[
         except StopIteration:
             return
         except csv.Error as e:
-            why = (
-                f"a field longer than {csv.field_size_limit()} characters, the csv module's "
-                "limit: a quote opened and never closed reads the rest of the file as one "
-                "field; a text that long is cut to the model's longest sequence anyway, so "
-                "shorten it (or write the texts as JSONL)"
-                if "field limit" in str(e)
-                else f"{e}; is a quote opened and never closed?"
-            )
-            raise DataError(f"{where}: line {lines.start[0]}: {why}") from None
+            if "field limit" in str(e):
+                why = (
+                    f"a field longer than {csv.field_size_limit()} characters, the csv "
+                    "module's limit: a quote opened and never closed reads the rest of the "
+                    "file as one field; a text that long is cut to the model's longest "
+                    "sequence anyway, so shorten it (or write the texts as JSONL)"
+                )
+            elif "expected after" in str(e):  # strict: "',' expected after '\"'"
+                why = (
+                    f"a field that begins with a quote goes on after its closing quote "
+                    f"({e}). A field in quotes ends at the next lone quote: quote the whole "
+                    'field and double the quotes inside it ("He said ""hi"""), as '
+                    "spreadsheets and pandas save them"
+                )
+            elif "unexpected end of data" in str(e):
+                why = "a quote opened there never closes: close it, or double it if it is text"
+            else:
+                why = f"{e}; is a quote opened and never closed?"
+            at = lines.start[0]
+            upto = f" (the record runs on to line {lines.lineno})" if lines.lineno > at else ""
+            raise DataError(f"{where}: line {at}{upto}: {why}") from None
         yield fields
         lines.returned()
 
@@ -209,7 +227,7 @@ def _lines(f: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
     pos = 0
     for lineno, line in enumerate(f, 1):
         start, pos = pos, pos + len(line)
-        if line.strip():
+        if line.removeprefix(codecs.BOM_UTF8).strip():  # a mark alone is a blank line too
             yield lineno, start, line
 
 
@@ -221,7 +239,7 @@ class _Records:
 
     def __init__(self, f: BinaryIO, where: str, offset: int = 0):
         self._f, self._where = f, where
-        self._lineno, self._pos = 0, offset
+        self.lineno, self._pos = 0, offset  # the number of the line read last
         self._begins = True  # the next line taken begins a record
         self.start = (0, offset)
 
@@ -232,16 +250,16 @@ class _Records:
         line = self._f.readline()
         if not line:
             raise StopIteration
-        self._lineno += 1
+        self.lineno += 1
         if self._begins:
-            self.start, self._begins = (self._lineno, self._pos), False
+            self.start, self._begins = (self.lineno, self._pos), False
         start, self._pos = self._pos, self._pos + len(line)
         if start == 0:
-            _refuse_utf16(line, 1, self._where)
+            _check_first_line(line, 1, self._where)
         try:
             return _decode(line, start, keep_break=True)
         except UnicodeDecodeError as e:
-            raise DataError(f"{self._where}: line {self._lineno}: {_not_utf8(e)}") from None
+            raise DataError(f"{self._where}: line {self.lineno}: {_not_utf8(e)}") from None
 
     def returned(self) -> None:
         self._begins = True
@@ -266,19 +284,33 @@ def _cell_label(cell: str) -> int | str | None:
     return cell if index is None else index
 
 
-def _refuse_utf16(line: bytes, lineno: int, where: str) -> None:
-    """DataError for a UTF-16 file: every line would be bad, none saying why."""
+def _check_first_line(line: bytes, lineno: int, where: str) -> None:
+    """DataError for a file its first line of text shows is no UTF-8 text in lines: every
+    row would be bad (or all one row), none saying why. UTF-16 with its byte-order mark, or
+    without (NUL bytes: read as UTF-8, its ASCII passes and its other characters come out
+    as other tokens); line breaks that are carriage returns alone (old Macs', Excel's "CSV
+    (Macintosh)"), which make the file one line."""
     if line.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         raise DataError(
             f"{where}: expected UTF-8 text, found UTF-16 (line {lineno} starts with its "
             "byte-order mark). Save the file as UTF-8."
         )
+    if b"\0" in line:
+        raise DataError(
+            f"{where}: expected UTF-8 text, found NUL bytes on line {lineno} (UTF-16 without "
+            "a byte-order mark?). Save the file as UTF-8."
+        )
+    if b"\r" in line.rstrip(b"\r\n"):
+        raise DataError(
+            f"{where}: line {lineno} holds carriage returns (\\r) not followed by a line feed: "
+            'line breaks written as old Macs and Excel\'s "CSV (Macintosh)" write them, which '
+            "make the file one line. Convert them: tr '\\r' '\\n' < IN > OUT"
+        )
 
 
 def _check_json_lines(line: bytes, lineno: int, where: str) -> None:
-    """DataError for a file that is JSON or text, but not UTF-8 JSON Lines: its first line of
-    text tells (every line would be reported bad, none of them saying why)."""
-    _refuse_utf16(line, lineno, where)
+    """DataError for a file that is JSON, but not JSON Lines (its first line of text
+    tells)."""
     if line.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
         raise DataError(
             f'{where}: expected JSON Lines, one {{"text": ...}} object per line; found a '

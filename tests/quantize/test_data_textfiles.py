@@ -103,9 +103,19 @@ CSV_REFUSED = {
     "a comma unquoted": (b"text,label\nfine,1\nhello, world,1\n",
                          "line 3: 3 fields, but the header has 2: quote a field that holds a comma"),
     "a quote never closed": (b'text,label\nfine,1\n"open,1\nnext,0\nlast,1\n',
-                             "line 3: 1 field, but the header has 2: is a quote opened here"),
+                             r"line 3 \(the record runs on to line 5\): a quote opened there never closes"),
     "latin-1": ("text\ncafé\n".encode("latin-1"), "line 2: not UTF-8 .byte 0xe9"),
     "utf-16": ("text\nhello\n".encode("utf-16"), "expected UTF-8 text, found UTF-16"),
+    "utf-16 without its mark": ("text\nhello\n".encode("utf-16-le"),
+                                "found NUL bytes on line 1 .UTF-16 without a byte-order mark"),
+    # a stray quote ran the field on over the next line: one row of two, its label lost
+    "a stray quote": (b'text,label\nfine,1\n"Wow a film,1\nmeh" overall,0\nlast,1\n',
+                      r"line 3 \(the record runs on to line 4\): a field that begins with a "
+                      "quote goes on after its closing quote"),
+    "a quoted word first": (b'text,label\n"Wow" he said,1\n',
+                            'line 2: a field that begins with a quote goes on after'),
+    "carriage returns alone": (b"text,label\rfine,1\rgood,0\r",
+                               r"line 1 holds carriage returns .* tr '\\r' '\\n'"),
 }  # fmt: skip
 
 
@@ -126,6 +136,24 @@ def test_csv_with_a_bom_crlf_and_blank_lines_reads_as_written(tmp_path):
     src = open_source(path, minilm_info("sequence-classification"), role="evaluation")
     (batch,) = src.batches()
     assert src.samples == 2 and sorted(batch.labels.tolist()) == [0, 1]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".txt"])
+def test_a_byte_order_mark_on_a_blank_first_line_is_a_blank_line(tmp_path, suffix):
+    rows = {".csv": b"text\nhello\nworld\n", ".txt": b"hello\nworld\n"}
+    rows[".jsonl"] = b'{"text": "hello"}\n{"text": "world"}\n'
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf\r\n\n" + rows[suffix])
+    src = open_source(path, minilm_info(), role="calibration")
+    assert src.samples == 2
+
+
+def test_text_lines_with_carriage_returns_alone_are_refused_not_read_as_one(tmp_path):
+    """A .txt of old Mac line breaks was one calibration row, said only as too few rows."""
+    path = tmp_path / "mac.txt"
+    path.write_bytes(b"first text\rsecond text\rthird text\r")
+    with pytest.raises(DataError, match=r"line 1 holds carriage returns"):
+        open_source(path, minilm_info(), role="calibration")
 
 
 def test_number_cells_are_refused_where_class_names_are_other_numbers(tmp_path):
