@@ -133,6 +133,9 @@ class ModelInfo:
     # how to run its tokenizer.json without transformers, where its export checked that
     # this gives what transformers gives (quantgate.tokenizer.check); None: by transformers
     tokenizer_settings: Settings | None = None
+    # False: the data's labels are not read at all (calibration data's: only the inputs are,
+    # so a reused training file's unlabelled rows, or classes the model lacks, are no matter)
+    labels_read: bool = True
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -143,13 +146,13 @@ class ModelInfo:
         """Whether its gates read one label per row (a class index or name): a classifier's.
         A token classifier reads one per token (``reads_token_labels``); an embedding model
         is gated on its agreement with FP32 and reads none."""
-        return self.task not in (*EMBEDDING_TASKS, *TOKEN_TASKS)
+        return self.labels_read and self.task not in (*EMBEDDING_TASKS, *TOKEN_TASKS)
 
     @property
     def reads_token_labels(self) -> bool:
         """Whether its gates read one label per token, (rows, sequence) arrays: a token
         classifier's; a text file has no way to give them."""
-        return self.task in TOKEN_TASKS
+        return self.labels_read and self.task in TOKEN_TASKS
 
     @property
     def classes(self) -> str:
@@ -306,13 +309,15 @@ def open_source(
     built-in split) into a source.
 
     ``role`` is "calibration" or "evaluation": it names the flag in messages and picks the
-    built-in split ("calibration" or "test"). Fewer than ``MIN_CALIBRATION_ROWS`` calibration
-    rows are warned about.
+    built-in split ("calibration" or "test"). Calibration rows' labels are not read (nor
+    checked). Fewer than ``MIN_CALIBRATION_ROWS`` calibration rows are warned about.
     """
     if samples is not None and samples < 1:
         setting = "--samples" if role == "calibration" else "eval_samples (--gate-config)"
         raise DataError(f"{setting} must be at least 1, got {samples}")
     flag = "--calibration" if role == "calibration" else "--eval"
+    if role == "calibration":
+        model = dataclasses.replace(model, labels_read=False)
     if isinstance(spec, DataSource):
         source = spec
     elif spec is None:

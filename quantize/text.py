@@ -151,8 +151,11 @@ class _Scan:
     bad: int = 0  # rows that are not good
     problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS, described
     shapes: set[tuple[str, ...] | None] = field(default_factory=set)  # how (two are enough)
-    labelled: bool | None = None  # whether the good lines have a "label"; None: no good line
-    first: int = 0  # the line number of the first good line, which set ``labelled``
+    # the good rows without a "label" and with one: how many, and the first lines of each
+    # (a file must label every row or none; the fewer are the ones told wrong)
+    unlabelled_at: list[int] = field(default_factory=list)
+    labelled_at: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=lambda: [0, 0])  # [without, with]
     lo: int = 1 << 63  # the smallest and largest integer label
     hi: int = -1
     index_at: str | None = None  # the first integer label, and its line
@@ -173,12 +176,6 @@ class _Scan:
             self.index_at = self.index_at or f"{label} on line {lineno}"
         elif isinstance(label, str):
             self.name_at = self.name_at or f"{quote(label)} on line {lineno}"
-        if problem is None and self.labelled is not None and (label is not None) != self.labelled:
-            has, first = ("has a", "has none") if label is not None else ("has no", "has one")
-            problem = (
-                f'{has} "label", but line {self.first}, the first row, {first}: label every '
-                "line or none"
-            )
         if problem is not None:
             self.bad += 1
             if len(self.problems) < MAX_PROBLEMS:
@@ -186,13 +183,36 @@ class _Scan:
             if len(self.shapes) < 2:
                 self.shapes.add(_shape(row))
             return False
-        self.labelled = label is not None
-        self.first = self.first or lineno
-        if not self.labelled and self.reads_row_labels:
+        has = label is not None
+        self.counts[has] += 1
+        if len(at := (self.labelled_at if has else self.unlabelled_at)) < MAX_PROBLEMS:
+            at.append(lineno)
+        if not has and self.reads_row_labels:
             self.null_labels += "label" in row
             if len(self.unread) < MAX_PROBLEMS:  # one may be a misnamed label
                 self.unread.update(k for k in row if k not in ("text", "label"))
         return True
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the good rows have labels (all of them, or ``mixed`` says otherwise)."""
+        return self.counts[1] > 0
+
+    def mixed(self) -> None:
+        """Where some good rows have a "label" and others none, the fewer are bad rows."""
+        without, with_ = self.counts
+        if not (without and with_):
+            return
+        rows = without + with_
+        if without <= with_:
+            few, lines = without, self.unlabelled_at
+            said = f'has no "label", though {with_} of {rows} rows have one'
+        else:
+            few, lines = with_, self.labelled_at
+            said = f'has a "label", though {without} of {rows} rows have none'
+        self.bad += few
+        room = max(MAX_PROBLEMS - len(self.problems), 0)
+        self.problems += [f"line {n}: {said}: label every row or none" for n in lines[:room]]
 
 
 def _scan(
@@ -230,6 +250,7 @@ def _scan(
                     count()
     if texts and not scan.bad:
         count()
+    scan.mixed()
     return scan
 
 

@@ -86,7 +86,7 @@ def test_bad_jsonl_lists_every_bad_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\nnot json\n{"txt": "x"}\n{"text": "y", "label": "pos"}\n')
     with pytest.raises(DataError) as e:
-        open_source(path, info, role="calibration")
+        open_source(path, info, role="evaluation")
     msg = str(e.value)
     assert all(f"- line {i}:" in msg for i in (2, 3, 4)) and "- line 1:" not in msg
     assert "more bad line" not in msg
@@ -97,23 +97,35 @@ def test_bad_jsonl_lists_every_bad_line(tmp_path):
         open_source(write_jsonl(tmp_path / "ok.jsonl", ["a b c"]), DIGITS, role="calibration")
 
 
-def test_lines_labelled_unlike_the_first_row_say_so_against_it(tmp_path):
-    """Labels on some lines only: each line flagged says what it has and what the first row
-    has, so the lines it names are the ones that differ from line 1, whichever way."""
+def test_rows_labelled_unlike_most_are_the_ones_named(tmp_path):
+    """Labels on some rows only: the fewer are named, whichever way, and whichever row comes
+    first (one unlabelled first row had every other row of a file named as bad)."""
     info = minilm_info("sequence-classification")
     path = tmp_path / "partial.jsonl"
     path.write_text('{"text": "a"}\n{"text": "b", "label": 1}\n{"text": "c"}\n')
     with pytest.raises(DataError) as e:
         open_source(path, info, role="evaluation")
-    assert (
-        '- line 2: has a "label", but line 1, the first row, has none: label every line or none'
-        in (str(e.value))
-    )
-    assert "- line 3" not in str(e.value)
-    path.write_text('{"text": "a", "label": 1}\n{"text": "b"}\n')
-    with pytest.raises(
-        DataError, match='line 2: has no "label", but line 1, the first row, has one'
-    ):
+    said = '- line 2: has a "label", though 2 of 3 rows have none: label every row or none'
+    assert said in str(e.value) and "- line 3" not in str(e.value)
+    rows = ['{"text": "first"}', *(f'{{"text": "t{i}", "label": {i % 2}}}' for i in range(40))]
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError) as e:
+        open_source(path, info, role="evaluation")
+    assert '- line 1: has no "label", though 40 of 41 rows have one' in str(e.value)
+    assert "- line 2" not in str(e.value) and "more bad line" not in str(e.value)
+
+
+def test_calibration_rows_labels_are_not_read(tmp_path, caplog):
+    """A training file reused to calibrate: rows without labels, or of a class the model
+    lacks, were refused though calibration reads no label."""
+    info = minilm_info("sequence-classification")
+    rows = ['{"text": "a", "label": 1}', '{"text": "b"}', '{"text": "c", "label": "neutral"}']
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    src = open_source(path, info, role="calibration")
+    assert src.samples == 3 and not src.has_labels
+    assert all(b.labels is None for b in src.batches())
+    with pytest.raises(DataError, match="neutral"):
         open_source(path, info, role="evaluation")
 
 
@@ -142,7 +154,7 @@ def test_npz_round_trip_and_bad_arrays(tmp_path):
             arrays["labels"] = labels
         np.savez(tmp_path / name, **arrays)
         with pytest.raises(DataError, match=expected):
-            open_source(tmp_path / name, DIGITS, role="calibration")
+            open_source(tmp_path / name, DIGITS, role="evaluation")
     # not a zip; empty (an upload that failed; np.load raises EOFError, which the CLI took
     # for Ctrl-C); cut short
     # (numpy's own message for a file that is no zip is about unpickling it unsafely)
