@@ -424,14 +424,25 @@ def check_path(spec: str | Path, flag: str) -> Path:
     expected = "Expected text (.jsonl, .csv, .tsv, .txt) or arrays (.npz)."
     if path.is_dir():
         raise DataError(f"{flag} {path}: is a directory. {expected}")
+    if str(spec) == "-" or (path.exists() and not path.is_file()):  # stdin, a pipe, <(...)
+        raise DataError(
+            f"{flag} {spec}: a stream, not a file: the data is read more than once (a pass "
+            f"to check it, then one per use), so write it to a file and give its path. "
+            f"{expected}"
+        )
     if not path.is_file():
         raise DataError(f"{flag} {path}: no such file. {expected}")
     suffix = path.suffix.lower()
     if suffix != ".npz" and suffix not in TEXT_SUFFIXES:
+        hint = {
+            ".gz": f" Decompress it first (gunzip -k {path}).",
+            ".npy": " Save the arrays as a .npz, one per input: numpy.savez(PATH, input_ids=...,"
+            " attention_mask=...).",
+        }.get(suffix, "")
         raise DataError(
             f"{flag} {path}: unknown format {suffix or '(no suffix)'}; expected .jsonl, .csv, "
             ".tsv or .txt (text, tokenized with the model's tokenizer) or .npz (arrays named "
-            "after the model inputs)"
+            f"after the model inputs).{hint}"
         )
     return path
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -169,6 +170,14 @@ def test_npz_round_trip_and_bad_arrays(tmp_path):
         assert "pickle" not in str(e.value), e.value
     with pytest.raises(DataError, match="no such file"):
         open_source(tmp_path / "nope.npz", DIGITS, role="calibration")
+    with pytest.raises(DataError, match="-: a stream, not a file: .* write it to a file"):
+        open_source("-", DIGITS, role="calibration")  # was "no such file"
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(DataError, match="pipe.jsonl: a stream, not a file"):
+        open_source(tmp_path / "pipe.jsonl", DIGITS, role="calibration")
+    (tmp_path / "rows.jsonl.gz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"unknown format \.gz.*Decompress it first"):
+        open_source(tmp_path / "rows.jsonl.gz", DIGITS, role="calibration")
     with pytest.raises(DataError, match="unknown format"):
         open_source(good.with_suffix(".parquet").write_text("x") and good.with_suffix(".parquet"),
                     DIGITS, role="calibration")  # fmt: skip
