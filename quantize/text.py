@@ -67,6 +67,10 @@ def text_source(
     limit = model.max_seq_len or None
     where = f"{flag} {path}"
     scan = _scan(path, fmt, tok, limit, model, where)
+    numbers = not fmt.typed_labels and scan.index_at is not None
+    if numbers and (problem := number_cells_problem(model.labels)):  # before the lines that
+        # are out of range: star ratings 1..5 were told to renumber from 0, then refused again
+        raise DataError(f"{where}: labels such as {scan.index_at}: {problem}")
     error = _refusal(scan, fmt, model, where)
     if error is not None:
         raise error
@@ -77,9 +81,6 @@ def text_source(
         )
     if not scan.labelled and model.reads_row_labels:
         _warn_unlabelled(scan, fmt, where)
-    numbers = not fmt.typed_labels and scan.index_at is not None
-    if numbers and (problem := number_cells_problem(model.labels)):
-        raise DataError(f"{where}: labels such as {scan.index_at}: {problem}")
     lengths = np.asarray(scan.lengths, dtype=np.int64)
     offsets = np.asarray(scan.offsets, dtype=np.int64)
     keep = stratified(lengths, samples)

@@ -170,6 +170,10 @@ def test_number_cells_are_refused_where_class_names_are_other_numbers(tmp_path):
         open_source(path, stars, role="evaluation")
     assert "labels such as 1 on line 2: the model's class names are numbers" in str(e.value)
     assert '"label": "1" for the name, "label": 1 for the index' in str(e.value)
+    five = write_csv(tmp_path / "5.csv", [("bad", "1"), ("great", "5")])  # 5: no such index
+    with pytest.raises(DataError, match="the model's class names are numbers") as e:
+        open_source(five, stars, role="evaluation")  # was: renumber them from 0 (refused too)
+    assert "1-based" not in str(e.value)
     names = write_csv(tmp_path / "n.csv", [("bad", "one star")])  # not a number: a name
     with pytest.raises(DataError, match='label "one star" is not one of the model'):
         open_source(names, stars, role="evaluation")
