@@ -299,6 +299,15 @@ def test_repeated_evaluation_rows_are_gated_once(tmp_path, caplog):
         "240 of its 360 rows repeat an earlier row; each row is gated once (120 rows)"
         in caplog.text
     )
+    # the reversed copy's labels are others (row i is labelled i % 10, its copy (239 - i) % 10)
+    assert "; 120 of them carry another label than a copy before them" in caplog.text
+    caplog.clear()
+    same = np.concatenate([labels[:120]] * 3)
+    thrice = {k: np.concatenate([v, v, v]) for k, v in feeds.items()}
+    alike = open_source(write_npz(tmp_path / "a.npz", thrice, same), DIGITS, role="evaluation")
+    with caplog.at_level("WARNING", logger="quantgate.quantize.heldout"):
+        distinct_rows(alike, DIGITS, where="--eval a.npz")
+    assert "240 of its 360 rows repeat" in caplog.text and "another label" not in caplog.text
     assert once.samples == 120 and once.repeated == 240 and once.record()["repeated"] == 240
     rows = np.concatenate([b.rows for b in once.batches()])
     assert sorted(rows.tolist()) == list(range(120))  # the first of each: the file's rows 0..119
