@@ -384,11 +384,12 @@ def named(flag: str, spec: DataSpec | None, source: DataSource) -> str:
     return f"the {role} data ({source.description})"
 
 
-def _warn_left_padding(rows: Batch, *, where: str) -> None:
+def _warn_padding(rows: Batch, model: ModelInfo, *, where: str) -> None:
     """Warn when ``rows`` (an iterable's first item, an .npz file's arrays: as each source
-    reads them) are padded on the left (a mask of 0 before its 1s): the server pads requests
-    on the right, and export validation assumes it, so gates measured on left-padded rows
-    measure inputs the served model never sees."""
+    reads them) are padded otherwise than the server pads requests: on the left (a mask of
+    0 before its 1s), or a text model's pad tokens at a row's end marked as tokens (a mask
+    of 1 over them). Export validation assumes the server's padding, and gates measured on
+    such rows measure inputs the served model never sees."""
     mask = rows.feeds.get("attention_mask")
     if mask is None or mask.ndim != 2 or mask.shape[1] < 2:
         return
@@ -400,6 +401,20 @@ def _warn_left_padding(rows: Batch, *, where: str) -> None:
             "Pad on the right (a tokenizer's padding_side='right').",
             where,
             describe_rows(left),
+        )
+    ids, pad = rows.feeds.get("input_ids"), model.pad_values.get("input_ids", 0)  # as served
+    if model.tokenizer is None or ids is None or ids.shape != mask.shape:
+        return  # the pad id is a token of the text's only where a tokenizer names it
+    attended = (ids[:, -1] == pad) & (mask[:, -1] == 1) & (ids[:, 0] != pad)
+    if attended.any():
+        log.warning(
+            "%s: rows end in the pad token (id %d) with an attention_mask of 1 over it (%s): "
+            "padding marked as tokens, which the model attends to; quantgate's server pads "
+            "with a mask of 0 there. Set the mask to 0 on padding (as a tokenizer's "
+            "attention_mask does).",
+            where,
+            pad,
+            describe_rows(attended),
         )
 
 
@@ -915,7 +930,7 @@ def _whole(
     lengths = _real_tokens(feeds, model).sum(1)
     keep = stratified(lengths, samples)
     hashes = row_hashes({k: v[keep] for k, v in feeds.items()}, model)
-    _warn_left_padding(Batch(feeds, None), where=where)
+    _warn_padding(Batch(feeds, None), model, where=where)
     del feeds, labels  # not held between passes: each pass reads the arrays again, whole
     h = hashlib.sha256(digest.encode())
     h.update(keep.tobytes())
@@ -995,7 +1010,7 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
     forms: dict[str, str] = {}  # "indices"/"names": the first item with labels in that form
     for i, f, given, labels in items():
         if i == 0:  # JSONL is tokenized right-padded, the built-in split has no padding
-            _warn_left_padding(Batch(f, None), where="the data iterable")
+            _warn_padding(Batch(f, None), model, where="the data iterable")
         if given is not None and not tokens:
             for form in label_forms(given):
                 forms.setdefault(form, f"data item {i}")

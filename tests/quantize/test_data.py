@@ -531,6 +531,31 @@ def test_left_padded_rows_are_warned_about(caplog):
     assert "padded on the left" not in caplog.text
 
 
+def test_pad_tokens_marked_as_tokens_are_warned_about(tmp_path, caplog):
+    """An .npz of a text model's ids right-padded with [PAD] (0) under a mask of 1 was taken
+    without a word: the gates measured rows whose padding the model attends to."""
+    info = minilm_info("sequence-classification")
+    ids = np.array([[101, 2023, 102, 0, 0], [101, 2023, 2003, 2019, 102]] * 20)
+    mask = (ids > 0).astype(np.int64)
+    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+        open_source(write_npz(tmp_path / "ok.npz", {"input_ids": ids, "attention_mask": mask}),
+                    info, role="evaluation")  # fmt: skip
+    assert "padding marked as tokens" not in caplog.text
+    ones = np.ones_like(ids)
+    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+        open_source(write_npz(tmp_path / "pad.npz", {"input_ids": ids, "attention_mask": ones}),
+                    info, role="evaluation")  # fmt: skip
+    assert "rows end in the pad token (id 0) with an attention_mask of 1 over it (20 rows" in (
+        caplog.text
+    )
+    caplog.clear()  # the digits' 0 is a pixel, no pad token: not told
+    digits = rng_feeds(8)
+    digits["input_ids"][:, -1] = 0
+    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+        open_source([digits], DIGITS, role="evaluation")
+    assert "padding marked as tokens" not in caplog.text
+
+
 def test_token_labels_are_one_per_token_trimmed_with_their_batch(tmp_path):
     """A token classifier's .npz labels: (rows, sequence) class indices or -100, cut with
     the trailing padding of each batch; other shapes and values are refused by name."""
