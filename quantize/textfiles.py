@@ -155,13 +155,34 @@ class Delimited(TextFile):
             found = ", ".join(json.dumps(n) for n in names[:8]) or "an empty first line"
             raise DataError(
                 f'{where}: expected a header row naming a "text" column (the text to tokenize) '
-                f'and optionally a "label" column (its class); found {found}. Name the column '
-                'that holds the text "text" in the first line.'
+                f'and optionally a "label" column (its class); found {found}. '
+                + self._header_hint(names)
             )
         for read in ("text", "label"):  # other columns are not read: alike or blank, no matter
             if names.count(read) > 1:
                 raise DataError(f'{where}: the header names the column "{read}" twice')
         return names
+
+    def _header_hint(self, names: list[str]) -> str:
+        """What to do about a header without "text": mind its case, split it by this
+        format's delimiter, or name the text's column."""
+        lower = [n.lower() for n in names]
+        if "text" in lower:
+            return (
+                f'Column names are read as written: write "{names[lower.index("text")]}" as '
+                '"text" (and a label column as "label").'
+            )
+        mine = "tabs" if self.kind == "tsv" else "commas"
+        for sep, called in ((";", "semicolons"), (",", "commas"), ("\t", "tabs"), ("|", "bars")):
+            if sep != self.delimiter and len(names) == 1 and sep in names[0]:
+                suffix = {",": ".csv", "\t": ".tsv"}.get(sep)
+                how = (
+                    f"name the file *{suffix}"
+                    if suffix
+                    else f"write {mine} instead (pandas: to_csv(PATH, index=False))"
+                )
+                return f"The first line is split by {called}, not {mine}: {how}."
+        return 'Name the column that holds the text "text" in the first line.'
 
     def _miscount(self, fields: list[str]) -> str:
         n = len(fields)
