@@ -228,6 +228,10 @@ def _log_call(method, request, context, record, start, code, *, stream=False) ->
     status = context.code()
     if status is not None:
         code = status.name
+    elif code is None and stream and not context.is_active():  # ended by the client, or
+        # its deadline, while the stream waited for its next request (the servicer returns)
+        left = context.time_remaining()
+        code = "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
     elif code is None:
         code = (None if stream else record.code) or "OK"
     fields = {
