@@ -27,8 +27,12 @@ import prometheus_client as prom
 from quantgate.errors import ServeError, quoted
 from quantgate.serve.batcher import Timing
 
-# Latency buckets in seconds: sub-millisecond overheads up to multi-second batches.
-_LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+# Latency buckets in seconds: a small model's sub-millisecond run (the digits model's
+# requests fell in the first bucket at 0.5 ms) up to multi-second batches.
+_LATENCY = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+    5.0, 10.0,
+)  # fmt: skip
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
 HTTP_TIMEOUT_S = 10.0  # an idle connection to the metrics port is closed after it
 # A connection's answer, once made, is sent within this (one write: a scrape's answer goes in
@@ -53,6 +57,13 @@ class Metrics:
         self._httpd: _HTTPServer | None = None
         labels = ("model", "version")
         r = self.registry
+        from quantgate import __version__
+
+        prom.Info(
+            "quantgate_build",
+            "The quantgate release serving (which replicas run which)",
+            registry=r,
+        ).info({"version": __version__})
         self.requests = prom.Counter(
             "quantgate_requests",
             "Inference requests answered, by gRPC status code",
@@ -123,6 +134,26 @@ class Metrics:
             "quantgate_calls_in_flight_limit",
             "The calls in flight beyond which a new one is refused UNAVAILABLE (twice the "
             "request threads)",
+            registry=r,
+        )
+        self.streams_open = prom.Gauge(
+            "quantgate_streams_open",
+            "Streaming calls open, by kind: infer (ModelStreamInfer) or open (health Watch, "
+            "reflection: no token needed)",
+            ("kind",),
+            registry=r,
+        )
+        self.streams_open_limit = prom.Gauge(
+            "quantgate_streams_open_limit",
+            "The streaming calls of a kind that may be open at once: beyond, a new one is "
+            "refused RESOURCE_EXHAUSTED",
+            ("kind",),
+            registry=r,
+        )
+        self.streams_refused = prom.Counter(
+            "quantgate_refused_streams",
+            "Streaming calls refused RESOURCE_EXHAUSTED, as their kind's limit were open",
+            ("kind",),
             registry=r,
         )
         self.tls_expiry = prom.Gauge(  # a series only where TLS is on

@@ -371,16 +371,17 @@ class StreamLimit(grpc.ServerInterceptor):
     threads: unary calls keep the rest). Health Watch and reflection need no token, so they
     have a budget of their own, ``open_limit``, the smaller of ``OPEN_LIMIT`` and half of
     ``limit``, on the open calls' threads (``Overload``): a thousand idle Watch streams
-    once took every thread."""
+    once took every thread. With ``series``, each kind's open streams, limit and refusals
+    are its series (kind "infer" or "open")."""
 
     OPEN_LIMIT = 64
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, series: metrics.Metrics | None = None):
         self.limit = limit
         self.open_limit = open_limit = max(1, min(self.OPEN_LIMIT, limit // 2))
         self._budgets = {
-            True: (threading.BoundedSemaphore(open_limit), open_limit),
-            False: (threading.BoundedSemaphore(limit), limit),
+            is_open: _Places(kind, places, series)
+            for is_open, kind, places in ((True, "open", open_limit), (False, "infer", limit))
         }
 
     def intercept_service(self, continuation, details):
@@ -388,29 +389,51 @@ class StreamLimit(grpc.ServerInterceptor):
         if handler is None or not (handler.request_streaming or handler.response_streaming):
             return handler
         name, make = _KINDS[handler.request_streaming, handler.response_streaming]
-        budget = self._budgets[_open_call(details.method)]
         return make(
-            self._limited(getattr(handler, name), *budget),
+            self._budgets[_open_call(details.method)].held(getattr(handler, name)),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
-    @staticmethod
-    def _limited(behavior, places: threading.BoundedSemaphore, limit: int):
-        """``behavior`` holding one of ``places`` until its call ends."""
-        refusal = f"{limit} streams of this kind are open, the server's limit: close idle ones"
+
+class _Places:
+    """One kind of stream's places (``StreamLimit``): how many may be open, and which are."""
+
+    def __init__(self, kind: str, limit: int, series: metrics.Metrics | None):
+        self._free = threading.BoundedSemaphore(limit)
+        self._refusal = (
+            f"{limit} streams of this kind are open, the server's limit: close idle ones"
+        )
+        self._open = self._refused = None
+        if series is not None:
+            series.streams_open_limit.labels(kind).set(limit)
+            self._open = series.streams_open.labels(kind)
+            self._refused = series.streams_refused.labels(kind)
+            self._open.set(0)
+
+    def held(self, behavior):
+        """``behavior`` holding one of the places until its call ends."""
 
         def limited(request, context):
-            if not places.acquire(blocking=False):
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
-            if not context.add_callback(places.release):  # at the call's end, however
-                places.release()  # it ended already
+            if not self._free.acquire(blocking=False):
+                if self._refused is not None:
+                    self._refused.inc()
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._refusal)
+            if self._open is not None:
+                self._open.inc()
+            if not context.add_callback(self._release):  # at the call's end, however
+                self._release()  # it ended already
             return behavior(request, context)
 
         # No `experimental_non_blocking` copied from a health Watch: gRPC runs the wrapper
         # on a thread, as every stream here (run without one, a Watch refused here once
         # kept the server from stopping after its grace)
         return limited
+
+    def _release(self) -> None:
+        if self._open is not None:
+            self._open.dec()
+        self._free.release()
 
 
 def _asked(request, *names: str) -> str | None:
@@ -526,7 +549,7 @@ def _built(
     ]
     threads = cfg.max_queue_size * len(list(engine.repository)) + SPARE_THREADS
     pool = RequestThreads(threads)
-    streams = StreamLimit(threads // 2)
+    streams = StreamLimit(threads // 2, engine.metrics)
     # probes' and reflection's calls: their streams' budget, and unary calls beside them
     open_threads = streams.open_limit + OPEN_SPARE_THREADS
     open_pool = RequestThreads(open_threads, "grpc-open")

@@ -85,6 +85,20 @@ def queue_depth(srv) -> float:
     return sum(float(n) for n in re.findall(r"^quantgate_queue_depth\{[^}]*\} (\S+)$", text, re.M))
 
 
+def metric(srv, name: str, **labels: str) -> float:
+    """The sample ``name`` with ``labels`` of ``srv``'s metrics (a conftest.ServerProcess
+    started with --metrics-port 0), read by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = re.search(r"metrics on (http://\S+/metrics)", "".join(srv.stdout)).group(1)
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return sample.value
+    raise AssertionError(f"no sample {name} {labels} in:\n{text}")
+
+
 def until(condition, timeout: float = 10.0) -> None:
     """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

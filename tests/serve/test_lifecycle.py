@@ -23,7 +23,7 @@ import tritonclient.grpc as tc
 from bundles import counting
 from conftest import ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import Reference, batch, inputs, queue_depth
+from helpers import Reference, batch, inputs, metric, queue_depth
 from tritonclient.utils import InferenceServerException
 
 ATOL = 1e-4
@@ -1297,7 +1297,7 @@ def test_open_streams_are_capped_so_calls_and_probes_keep_their_threads(repo):
     from tritonclient.grpc import service_pb2_grpc
 
     # --max-queue-size 8: a pool of 8 + 16 threads: 12 inference streams, 6 health ones
-    srv = ServerProcess(repo / "classifier", "--max-queue-size", "8")
+    srv = ServerProcess(repo / "classifier", "--max-queue-size", "8", "--metrics-port", "0")
     try:
         with grpc.insecure_channel(srv.url) as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -1324,6 +1324,12 @@ def test_open_streams_are_capped_so_calls_and_probes_keep_their_threads(repo):
                 assert c.is_server_live()
                 c.infer("tiny-classifier", inputs(batch(np.random.default_rng(7), 1, 9)))
             assert health.Check(health_pb2.HealthCheckRequest()).status == 1  # SERVING
+            # each kind's places in the metrics: a full cap was seen in none of them (the
+            # calls in flight, 18 of 48, said a quarter full)
+            for kind, places in (("open", 6), ("infer", 12)):
+                assert metric(srv, "quantgate_streams_open", kind=kind) == places
+                assert metric(srv, "quantgate_streams_open_limit", kind=kind) == places
+                assert metric(srv, "quantgate_refused_streams_total", kind=kind) == 1
 
             watches[0].cancel()  # a closed stream frees its place
             deadline = time.monotonic() + 10

@@ -126,6 +126,21 @@ def _get(url: str) -> tuple[int, dict, str]:
         return e.code, dict(e.headers), e.read().decode()
 
 
+def test_the_release_and_sub_millisecond_latencies_are_in_the_metrics():
+    """Which replicas run which release (during a rollout); and a small model's requests,
+    all below the first bucket's 0.5 ms before, told apart."""
+    from prometheus_client import generate_latest
+
+    from quantgate import __version__
+
+    metrics = Metrics()
+    metrics.latency.labels("m", "1").observe(0.0002)
+    text = generate_latest(metrics.registry).decode()
+    assert f'quantgate_build_info{{version="{__version__}"}} 1.0' in text
+    assert 'quantgate_request_seconds_bucket{le="0.0001",model="m",version="1"} 0.0' in text
+    assert 'quantgate_request_seconds_bucket{le="0.00025",model="m",version="1"} 1.0' in text
+
+
 def test_the_metrics_port_answers_metrics_at_slash_metrics_only():
     """prometheus_client's own server answers the metrics at any path: a scrape config's
     typo, or a probe of /healthz, would look like success."""
