@@ -212,44 +212,6 @@ def serve(
     from quantgate.serve.config import ServeConfig, TLSConfig
     from quantgate.serve.server import run, verify
 
-    if (tls_cert is None) != (tls_key is None) or (tls_client_ca and not tls_cert):
-        raise ConfigError("TLS needs both --tls-cert and --tls-key (and them for --tls-client-ca)")
-    tls = TLSConfig(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None
-    if auth_token is None and os.environ.get("QUANTGATE_AUTH_TOKEN") == "":
-        auth_token = ""  # set but empty: refused below, not read as "no auth"
-    cfg = ServeConfig(
-        path=path,
-        host=host,
-        port=port,
-        device=device.value,
-        max_batch_size=max_batch_size,
-        max_queue_delay_us=max_queue_delay_us,
-        max_queue_size=max_queue_size,
-        dynamic_batching=dynamic_batching,
-        instances=instances,
-        intra_op_threads=threads,
-        cuda_device_id=cuda_device,
-        max_request_bytes=max_request_bytes,
-        max_message_bytes=max_message_bytes,
-        shutdown_grace_s=shutdown_grace,
-        precision=precision and precision.value,
-        allow_failed_gates=allow_failed_gates,
-        metrics_port=metrics_port,
-        access_log=access_log,
-        tls=tls,
-        auth_token=auth_token,
-        auth_token_file=auth_token_file,
-    )
-
-    verbose = (ctx.obj or {}).get("verbose", False)
-    if check:
-        with server_log(verbose, log_format):
-            repository = verify(cfg)
-        for m in repository:
-            out.print(f"would serve {m.describe()}", highlight=False, soft_wrap=True)
-        out.print(f"{path}: ready to serve", highlight=False, soft_wrap=True)
-        return
-
     def ready(bound: int, engine) -> None:
         for m in engine.repository:
             out.print(f"serving {m.describe()}", highlight=False, soft_wrap=True)
@@ -261,5 +223,42 @@ def serve(
             )
         out.print(f"listening on {cfg.address(bound)}", highlight=False, soft_wrap=True)
 
-    with server_log(verbose, log_format):
-        run(cfg, on_ready=ready, exit_on_second_signal=True)
+    verbose = (ctx.obj or {}).get("verbose", False)
+    with server_log(verbose, log_format):  # a refused setting is the log's line too (JSON)
+        if (tls_cert is None) != (tls_key is None) or (tls_client_ca and not tls_cert):
+            raise ConfigError(
+                "TLS needs both --tls-cert and --tls-key (and them for --tls-client-ca)"
+            )
+        tls = TLSConfig(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None
+        if auth_token is None and os.environ.get("QUANTGATE_AUTH_TOKEN") == "":
+            auth_token = ""  # set but empty: refused below, not read as "no auth"
+        cfg = ServeConfig(
+            path=path,
+            host=host,
+            port=port,
+            device=device.value,
+            max_batch_size=max_batch_size,
+            max_queue_delay_us=max_queue_delay_us,
+            max_queue_size=max_queue_size,
+            dynamic_batching=dynamic_batching,
+            instances=instances,
+            intra_op_threads=threads,
+            cuda_device_id=cuda_device,
+            max_request_bytes=max_request_bytes,
+            max_message_bytes=max_message_bytes,
+            shutdown_grace_s=shutdown_grace,
+            precision=precision and precision.value,
+            allow_failed_gates=allow_failed_gates,
+            metrics_port=metrics_port,
+            access_log=access_log,
+            tls=tls,
+            auth_token=auth_token,
+            auth_token_file=auth_token_file,
+        )
+        if not check:
+            run(cfg, on_ready=ready, exit_on_second_signal=True)
+            return
+        repository = verify(cfg)
+    for m in repository:
+        out.print(f"would serve {m.describe()}", highlight=False, soft_wrap=True)
+    out.print(f"{path}: ready to serve", highlight=False, soft_wrap=True)

@@ -88,17 +88,26 @@ def test_a_server_with_log_format_json_logs_only_json_lines(repo):
     assert any(m.startswith("listening on 127.0.0.1:") for m in srv.stdout), srv.stdout
 
 
-def test_the_error_that_stops_a_json_logging_server_is_a_json_line_too(tmp_path):
-    missing = tmp_path / "nothing-here"
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (("{missing}", "--port", "0"), "{missing}"),
+        # a setting refused before any bundle is read: it was a text line alone
+        (("{missing}", "--port", "18491", "--metrics-port", "18491"), "is the gRPC --port too"),
+        (("{missing}", "--tls-cert", "{missing}"), "TLS needs both --tls-cert and --tls-key"),
+    ],
+)
+def test_the_error_that_stops_a_json_logging_server_is_a_json_line_too(tmp_path, flags, said):
+    missing = str(tmp_path / "nothing-here")
     r = subprocess.run(
-        [sys.executable, "-m", "quantgate", "serve", str(missing), "--port", "0",
+        [sys.executable, "-m", "quantgate", "serve", *(f.format(missing=missing) for f in flags),
          "--log-format", "json"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 2, r.stderr
     json_lines = [line for line in r.stderr.splitlines() if line.startswith("{")]
     (error,) = [e for e in _json_lines("\n".join(json_lines)) if e["level"] == "ERROR"]
-    assert str(missing) in error["message"] and error["exit_code"] == 2, error
+    assert said.format(missing=missing) in error["message"] and error["exit_code"] == 2, error
     assert error["logger"] == "quantgate.serve", error
     assert f"error: {error['message']}" in r.stderr  # and the line for a person, as in text
 
