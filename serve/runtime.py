@@ -531,9 +531,12 @@ def restart_outlook(
         refusal = f"a restart would refuse it{whole}: {e}"
         return Outlook("; ".join([*said, refusal]), refused=True, files=files)
     what = f"{v.file}, sha256 {v.sha256[:12]}..."
-    same = " (the copy served now)" if (v.file, v.sha256) == (served.file, served.sha256) else ""
-    served_now = f"a restart would serve {v.precision} ({what}){same}"
-    return Outlook("; ".join([*said, served_now]), files=files)
+    this_copy = (v.file, v.sha256) == (served.file, served.sha256)
+    served_now = f"a restart would serve {v.precision} ({what})" + (
+        " (the copy served now)" if this_copy else ""
+    )
+    same = this_copy and not said and manifest == loaded  # hashed by qb.load: written anew
+    return Outlook("; ".join([*said, served_now]), files=files, same=same)
 
 
 def _interface_changes(old: qb.Manifest, new: qb.Manifest) -> list[str]:

@@ -135,6 +135,9 @@ class Outlook:
     said: str
     refused: bool = False
     files: tuple[str, ...] | None = None
+    # the bundle on disk is the one served, hashed: its manifest as loaded, and the copy a
+    # restart would serve is the one served (a folder copied anew, byte for byte)
+    same: bool = False
 
 
 @dataclass
@@ -213,37 +216,42 @@ class BundleWatch:
             b.seen, b.settling = now, None
             changed.append(b)
             back = bundle_stamp(b.path, b.files) == b.loaded  # over the files it loaded
-            self.on_change(b.model, not back, self._said(b, now, back))
+            self.on_change(b.model, *self._said(b, now, back))
         if self.repository is not None:
             self._look_at_repository(*self.repository)
         return changed
 
-    def _said(self, b: Served, now: tuple, back: bool) -> bool:
+    def _said(self, b: Served, now: tuple, back: bool) -> tuple[bool, bool]:
         """Log what became of ``b`` (its stamp ``now``; ``back`` as it was loaded), with
-        what a restart would do; whether a restart would not serve it."""
+        what a restart would do; whether it changed (its files hashed, where the stamp says
+        so: a copy of the same bytes has changed nothing), and whether a restart would not
+        serve it."""
         name, version = b.model
         where = f"bundle {b.path} (model {name} v{version})"
         kept = f"still serving the copy loaded at start ({b.serving})"
         if back:
             b.watching, b.seen = b.files, b.loaded
             log.info("%s is back on disk as it was loaded", where)
-            return False
+            return False, False
         if now[0] is None:
             log.warning("%s is gone from disk: %s; a restart would not serve it", where, kept)
-            return True
+            return True, True
         if now[1] is None:
             log.warning("%s has no %s on disk any more: %s; a restart would not serve it",
                         where, MANIFEST, kept)  # fmt: skip
-            return True
+            return True, True
         try:
             outlook = b.outlook() if b.outlook else Outlook("restart to serve the new one")
         except Exception as e:  # noqa: BLE001 - the change is said whatever the look found
             outlook = Outlook(f"what a restart would do is not known: {e}", refused=True)
-        log.warning("%s changed on disk since it was loaded: %s; %s", where, kept, outlook.said)
         if outlook.files is not None and outlook.files != b.watching:
             b.watching = outlook.files  # what a restart would check, from the next look
             b.seen = bundle_stamp(b.path, b.watching)
-        return outlook.refused
+        if outlook.same:
+            log.info("%s was written anew on disk, the same files as loaded (hashed)", where)
+            return False, False
+        log.warning("%s changed on disk since it was loaded: %s; %s", where, kept, outlook.said)
+        return True, outlook.refused
 
     def _look_at_repository(self, root: Path, unserved: Callable[[], list[str]]) -> None:
         """Say once when the repository at ``root`` holds folders the server does not serve

@@ -284,11 +284,37 @@ def test_a_re_gate_that_fails_the_copy_served_is_said_with_what_a_restart_would_
     else:
         assert "a restart would refuse it (variants ['int8'] failed their gates; " in said
         assert "--allow-failed-gates serves its passing variants)" in said
-    _gated_int8(b, passed=True)  # and back
-    said = warned()
-    assert "now fails" not in said, said
-    assert "a restart would serve int8 (model.int8.onnx, sha256 " in said
-    assert said.rstrip().endswith("(the copy served now)"), said
+    _gated_int8(b, passed=True)  # and back: the manifest loaded, written anew
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="quantgate.serve.watch"):
+        assert len(settled(watch)) == 1
+    assert "WARNING" not in caplog.text and "now fails" not in caplog.text, caplog.text
+    assert "was written anew on disk, the same files as loaded (hashed)" in caplog.text
+
+
+def test_a_bundle_copied_anew_byte_for_byte_is_no_change(tmp_path, caplog):
+    """The same release copied into place again (rsync, a volume remounted): a warning and
+    bundle_changed_on_disk stuck at 1, though the files hashed were the ones served."""
+    b = bundles.build(tmp_path / "b", "classifier")
+    cfg = ServeConfig(path=b)
+    model = runtime.open_model(b, cfg, CPU)
+    changes: list = []
+    watch = BundleWatch(
+        [model.served(cfg)],
+        on_change=lambda model, changed, refused: changes.append((changed, refused)),
+    )
+    copy = shutil.copytree(b, tmp_path / "copy", copy_function=shutil.copy)  # new mtimes
+    os.rename(b, tmp_path / "old")
+    os.rename(copy, b)
+    with caplog.at_level(logging.INFO, logger="quantgate.serve.watch"):
+        assert len(settled(watch)) == 1
+    assert "WARNING" not in caplog.text, caplog.text
+    assert "was written anew on disk, the same files as loaded (hashed)" in caplog.text
+    assert changes == [(False, False)]
+    bundles.build(b, "classifier", seed=1)  # another export: a change, as before
+    with caplog.at_level(logging.INFO, logger="quantgate.serve.watch"):
+        assert len(settled(watch)) == 1
+    assert CHANGED in caplog.text and changes[-1] == (True, False)
 
 
 def test_a_restart_outlook_names_a_bundle_it_cannot_read(tmp_path):
@@ -326,9 +352,10 @@ def test_a_served_file_changed_in_place_is_seen_and_refused_as_a_restart_would(t
     assert seen == [(True, True)]
     (b / MODEL_FILE).write_bytes(data)  # put back: its stamp differs, its bytes do not
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="quantgate.serve.watch"):
+    with caplog.at_level(logging.INFO, logger="quantgate.serve.watch"):
         assert len(settled(watch)) == 1
-    assert "(the copy served now)" in caplog.text and seen[-1] == (True, False), caplog.text
+    assert "the same files as loaded (hashed)" in caplog.text, caplog.text
+    assert "WARNING" not in caplog.text and seen[-1] == (False, False), caplog.text
 
 
 def test_another_model_under_the_served_name_is_said_to_be_another(tmp_path, caplog):
@@ -463,14 +490,15 @@ def test_a_file_being_written_is_said_once_it_is_written(tmp_path, caplog):
     refused: list = []
     watch = BundleWatch([model.served(cfg)], on_change=lambda m, c, r: refused.append(r))
     data = (b / MODEL_FILE).read_bytes()
-    with caplog.at_level(logging.WARNING, logger="quantgate.serve.watch"):
+    with caplog.at_level(logging.INFO, logger="quantgate.serve.watch"):
         for end in range(1, 6):  # five looks, each finding more of the file written
             (b / MODEL_FILE).write_bytes(data[: len(data) * end // 5])
             watch.check()
         assert caplog.text == "" and refused == []
         assert len(watch.check()) == 1  # the same as the last look: written
-    assert caplog.text.count(CHANGED) == 1 and "(the copy served now)" in caplog.text
-    assert refused == [False]
+    # the same bytes in the end: said once, as no change
+    assert caplog.text.count("was written anew on disk, the same files as loaded") == 1
+    assert CHANGED not in caplog.text and refused == [False]
 
 
 def test_an_outlook_that_fails_still_says_the_change(tmp_path, caplog):
