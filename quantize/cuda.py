@@ -38,7 +38,7 @@ from quantgate.configs import check_fields, config_class
 from quantgate.progress import ProgressFn
 from quantgate.quantize.decide import GateConfig, decide, meets
 from quantgate.quantize.speed import speed_feeds, time_interleaved
-from quantgate.quantize.stats import median_interval
+from quantgate.quantize.stats import median_coverage, median_interval
 from quantgate.sessions import session
 
 if TYPE_CHECKING:
@@ -201,7 +201,8 @@ def gates(
         value = t.speedup[name]
         ratios = np.array(t.ratios.get(name, ()))
         ci = median_interval(ratios, confidence) if len(ratios) else None
-        passed, rule = decide(value, ci, threshold, ">=", rule="point", confidence=confidence)
+        coverage = median_coverage(len(ratios), confidence) if len(ratios) else confidence
+        passed, rule = decide(value, ci, threshold, ">=", rule="point", confidence=coverage)
         out.append(
             GateResult(
                 name=speed_gate_name(*t.shape),
@@ -216,6 +217,12 @@ def gates(
                     f"FP32 {t.fp32_ms.get(name, t.ms['fp32']):.2f} ms, {name} "
                     f"{t.ms[name]:.2f} ms (medians), median of "
                     f"{len(ratios) or f'at least {t.pairs}'} pair ratios interleaved with FP32"
+                    + (
+                        f", with its order-statistic interval ({coverage:.1%} coverage were "
+                        "the pairs independent)"
+                        if ci is not None
+                        else ""
+                    )
                     + rule
                 ),
             )

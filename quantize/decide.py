@@ -342,6 +342,8 @@ DEFINITION_CHANGES: dict[int, tuple[str, ...]] = {
     5: (
         "a classifier's evaluation rows all labelled one class add top1_agreement and kl to "
         "its accuracy gate (an INT8 answering that class on every row passed)",
+        "a row negligible in FP32 alone (below 1e-6 of its median row norm) scores -1 in the "
+        "cosine gates, as its docstring said (it scored the cosine of float noise's direction)",
     ),
 }
 

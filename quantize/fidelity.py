@@ -53,8 +53,9 @@ def row_cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     sized = nx[np.isfinite(nx) & (nx > 0)]
     tiny = NEGLIGIBLE_NORM * float(np.median(sized)) if len(sized) else 0.0
     negligible = (nx <= tiny) & (ny <= tiny)
+    alone = (nx <= tiny) & ~negligible  # the candidate's direction is no FP32's
     with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where(negligible, 1.0, dot / (nx * ny))
+        cos = np.where(negligible, 1.0, np.where(alone, -1.0, dot / (nx * ny)))
     return np.nan_to_num(cos, nan=-1.0, posinf=-1.0, neginf=-1.0)
 
 

@@ -163,8 +163,9 @@ def time_interleaved(
     """Milliseconds per run of each runner, taken in turn after ``warmup`` runs each, the
     order reversed every round (A B C, C B A, ...) so that drift hits every runner alike.
 
-    Stops after ``pairs`` rounds, or once ``budget_s`` is spent (at least 3 rounds); a
-    sample is the mean of ``reps`` back-to-back runs.
+    Stops after ``pairs`` rounds, or once ``budget_s`` is spent after an even number of
+    them, at least 4 (each order as often: a round count left odd had FP32 first once more
+    than the candidate); a sample is the mean of ``reps`` back-to-back runs.
     """
     for fn in runners.values():
         for _ in range(warmup):
@@ -180,7 +181,7 @@ def time_interleaved(
             times[k].append((time.perf_counter() - t0) / reps * 1e3)
         if on_pair is not None:
             on_pair()
-        if i >= 2 and time.perf_counter() > end:
+        if i >= 3 and i % 2 == 1 and time.perf_counter() > end:
             break
     return times
 
@@ -263,9 +264,8 @@ def pair_gate(
     ratios = np.array(ms["fp32"]) / np.array(ms["candidate"])
     median = float(np.median(ratios))
     ci = median_interval(ratios, cfg.confidence)
-    passed, rule = decide(
-        median, ci, cfg.min_speedup, ">=", rule="point", confidence=cfg.confidence
-    )
+    coverage = median_coverage(len(ratios), cfg.confidence)
+    passed, rule = decide(median, ci, cfg.min_speedup, ">=", rule="point", confidence=coverage)
     return GateResult(
         name=speed_gate_name(batch, seq),
         value=median,
@@ -280,7 +280,7 @@ def pair_gate(
             f"at batch {batch} x sequence {seq}; median of {len(ratios)} interleaved "
             f"pair ratios after {warmup} warm-up run{'s' if warmup > 1 else ''} each, "
             f"with its order-statistic interval (it would hold the median "
-            f"{median_coverage(len(ratios), cfg.confidence):.1%} of the time were the "
+            f"{coverage:.1%} of the time were the "
             "pairs independent; they share this run's machine, and another run can "
             "land outside it)"
             + (f", {reps} runs per sample" if reps > 1 else "")

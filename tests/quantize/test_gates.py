@@ -384,6 +384,8 @@ def test_a_row_zero_in_fp32_and_the_candidate_agrees_in_every_cosine_gate():
     assert cos[7] == 1 and (cos > 0.9999).all()
     y[7] = x[0]
     assert row_cosine(x, y)[7] == -1  # FP32 has no direction here; the candidate has one
+    x[7] = 1e-9 * x[0]  # negligible, not 0, in FP32 alone: its direction is float noise
+    assert row_cosine(x, y)[7] == -1  # it scored the cosine of that noise: 1 here
 
 
 H = 16  # the tiny embedder's hidden size

@@ -32,6 +32,15 @@ def test_time_interleaved_reverses_the_order_every_round():
     assert {k: len(v) for k, v in ms.items()} == {"a": 4, "b": 4, "c": 4}
 
 
+def test_a_budget_stops_the_timing_after_an_even_number_of_rounds():
+    """Stopped by its budget, a timing had 3 rounds: FP32 went first twice, the candidate
+    once. Now each order as often, and at least 4 rounds."""
+    calls = []
+    runners = {k: functools.partial(calls.append, k) for k in "ab"}
+    ms = time_interleaved(runners, warmup=0, pairs=15, budget_s=0)
+    assert "".join(calls) == "abbaabba" and len(ms["a"]) == 4
+
+
 def test_a_speed_gate_is_the_median_of_its_pair_ratios_not_of_its_times():
     """Timings as time_interleaved gives them: each pair's ratio, then their median, which
     decides (a slow spell in one pair moves it by one rank, not the figure)."""
@@ -46,6 +55,8 @@ def test_a_speed_gate_is_the_median_of_its_pair_ratios_not_of_its_times():
     assert "FP32 median 20.00 ms, candidate 10.00 ms at batch 4 x sequence 16" in g.detail
     assert "median of 8 interleaved pair ratios after 2 warm-up runs each" in g.detail
     assert ", 3 runs per sample; timed with 1 intra-op thread" in g.detail
+    # the interval's words say its own coverage, not the configured 90%: 8 pairs' x(2)..x(7)
+    assert "it would hold the median 93.0% of the time" in g.detail
     # pair by pair: ratios 0.2, 2, 3, 4, 1.25 have the median 2, the times' medians 30 / 10
     paired = pair_gate(
         {"fp32": [10, 20, 30, 40, 50], "candidate": [50, 10, 10, 10, 40]}, 1, 16, cfg,
