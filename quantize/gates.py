@@ -765,9 +765,10 @@ def _nearest(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _neighbours_agree(x: np.ndarray, y: np.ndarray, *, tie: float) -> tuple[np.ndarray, int]:
-    """Per unit row of FP32's ``x``, whether the candidate's ``y`` finds it a nearest other
-    row that FP32 finds nearest too: FP32's own, or one FP32 puts within ``tie`` cosine of
+def neighbours_agree(x: np.ndarray, y: np.ndarray, *, tie: float) -> tuple[np.ndarray, int]:
+    """The nearest-neighbour gate's measure (the bench reports it too): per unit row of
+    FP32's ``x``, whether the candidate's ``y`` finds it a nearest other row that FP32 finds
+    nearest too: FP32's own, or one FP32 puts within ``tie`` cosine of
     it. Two neighbours that close are a near tie, which the candidate's allowed per-row
     error (the cosine gate's 1 - min_cosine) may turn either way: counting such a flip as a
     disagreement failed sound models on text with near-duplicate neighbours. Also how many
@@ -791,7 +792,7 @@ def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfi
     # for the same reason a row that is in the data twice counts once.
     distinct = _distinct(x)
     dx, dy = x[distinct], y[distinct]
-    nn_agree, ties = _neighbours_agree(dx, dy, tie=1 - cfg.min_cosine)  # (distinct,)
+    nn_agree, ties = neighbours_agree(dx, dy, tie=1 - cfg.min_cosine)  # (distinct,)
     among = f" ({len(dx)} distinct)" if len(dx) < len(x) else ""
     among += (
         f", the candidate's against FP32's: the same row, or one FP32 puts within "
@@ -923,4 +924,5 @@ __all__ = [
     "collect",
     "counts_rows",
     "labels_at_chance",
+    "neighbours_agree",
 ]
