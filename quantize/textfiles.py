@@ -298,11 +298,12 @@ def _decode(line: bytes, offset: int, keep_break: bool = False) -> str:
 def _cell_label(cell: str) -> int | str | None:
     """A CSV/TSV label cell: a whole number is a class index (1.0 too, as pandas writes the
     integers of a column with gaps), empty is no label, any other text a class name (as
-    written: names are matched exactly)."""
+    written but for the spaces around it, as `text, label` by hand puts them: names are
+    matched exactly)."""
     if not cell.strip():
         return None
     index = cell_index(cell)
-    return cell if index is None else index
+    return cell.strip() if index is None else index
 
 
 def _check_first_line(line: bytes, lineno: int, where: str) -> None:
@@ -331,7 +332,26 @@ def _check_first_line(line: bytes, lineno: int, where: str) -> None:
 
 def _check_json_lines(line: bytes, lineno: int, where: str) -> None:
     """DataError for a file that is JSON, but not JSON Lines (its first line of text
-    tells)."""
+    tells): an array, objects spread over lines, or the rows in a list under a key."""
+    if line.removeprefix(codecs.BOM_UTF8).strip() == b"{":
+        raise DataError(
+            f"{where}: expected JSON Lines, one object per line; found an object spread over "
+            f"lines (line {lineno} is '{{' alone). Write one object per line, for example "
+            "with: jq -c . IN.json > OUT.jsonl"
+        )
+    value, _ = _parse_json(line)
+    if isinstance(value, dict) and "text" not in value:
+        for key, rows in value.items():
+            if (
+                isinstance(rows, list)
+                and rows
+                and all(isinstance(r, dict) and "text" in r for r in rows[:10])
+            ):
+                raise DataError(
+                    f"{where}: expected JSON Lines, one object per line; found the rows in "
+                    f"the list under {json.dumps(key)} (line {lineno}). Write them one per "
+                    f"line, for example with: jq -c '.[{json.dumps(key)}][]' IN.json > OUT.jsonl"
+                )
     if line.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
         raise DataError(
             f'{where}: expected JSON Lines, one {{"text": ...}} object per line; found a '

@@ -160,6 +160,33 @@ def test_text_lines_with_carriage_returns_alone_are_refused_not_read_as_one(tmp_
         open_source(path, minilm_info(), role="calibration")
 
 
+def test_json_that_is_no_json_lines_is_told_how_to_become_it(tmp_path):
+    """Objects pretty-printed over lines got ten lines of "not JSON"; rows in a list under a
+    key got the advice to rename a key."""
+    info = minilm_info()
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text('{\n  "text": "a cat"\n}\n{\n  "text": "a dog"\n}\n')
+    with pytest.raises(DataError, match=r"an object spread over lines .*jq -c \. IN.json"):
+        open_source(pretty, info, role="calibration")
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text('{"version": 1, "data": [{"text": "a cat"}, {"text": "a dog"}]}\n')
+    with pytest.raises(DataError, match=r"""the list under "data" .*jq -c '\.\["data"\]\[\]'"""):
+        open_source(wrapped, info, role="calibration")
+
+
+def test_label_cells_are_read_without_the_spaces_around_them(tmp_path):
+    """`text, label` written by hand: " negative" was no class name, refused on every line."""
+    import dataclasses
+
+    info = dataclasses.replace(
+        minilm_info("sequence-classification"), labels=("negative", "positive")
+    )
+    path = tmp_path / "hand.csv"
+    path.write_text("text, label\ngood film, positive\nbad film, negative \n")
+    (batch,) = open_source(path, info, role="evaluation").batches()
+    assert sorted(batch.labels.tolist()) == [0, 1]
+
+
 def test_number_cells_are_refused_where_class_names_are_other_numbers(tmp_path):
     """Star ratings: class names "1".."5" for classes 0..4. JSONL tells 1 from "1"; a CSV cell
     cannot, and read as indices "1", "3", "4" were classes 1, 3, 4 where the names mean 0, 2,
