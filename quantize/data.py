@@ -675,10 +675,12 @@ def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -
     """Names, then ranks and batch sizes, then sequence limits, then the values of masks and
     token ids; one DataError listing all."""
     problems: list[str] = []
+    made = set()  # inputs filled in here: what is wrong with them is their source's
     if TYPE_IDS in model.input_names and TYPE_IDS not in feeds and "input_ids" in feeds:
         # one segment, as Hugging Face models default them (and as JSONL text and `quantgate
         # infer` fill them): a tokenizer asked for no token_type_ids gives an .npz without
         feeds = {**feeds, TYPE_IDS: np.zeros_like(np.asarray(feeds["input_ids"]))}
+        made.add(TYPE_IDS)
     if TYPE_IDS in feeds and TYPE_IDS not in model.input_names and not np.any(feeds[TYPE_IDS]):
         # ...and the reverse: a tokenizer that always makes them (DeBERTa-v2's) for a model
         # without segments (type_vocab_size 0): all one segment, nothing to lose
@@ -699,27 +701,29 @@ def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -
     for spec in model.inputs:
         if spec.name not in feeds:
             continue
+        # a problem of zeros made like input_ids is input_ids', said once, there
+        said = problems if spec.name not in made else []
         a = np.asarray(feeds[spec.name])
         if a.ndim != len(spec.dims):
-            problems.append(
+            said.append(
                 f"{spec.name}: rank {a.ndim} (shape {tuple(a.shape)}), expected "
                 f"{len(spec.dims)} dims ({', '.join(map(str, spec.dims))})"
             )
             continue
         for d, (got, want) in enumerate(zip(a.shape, spec.dims, strict=True)):
             if isinstance(want, int) and got != want:
-                problems.append(f"{spec.name}: dim {d} is {got}, the model needs {want}")
+                said.append(f"{spec.name}: dim {d} is {got}, the model needs {want}")
         if a.ndim >= 2 and model.max_seq_len and a.shape[1] > model.max_seq_len:
-            problems.append(
+            said.append(
                 f"{spec.name}: sequence {a.shape[1]} is longer than the model's {model.max_seq_len}"
             )
         want_dtype = np.dtype(spec.dtype)
         if a.dtype != want_dtype:
             if not np.can_cast(a.dtype, want_dtype, casting="same_kind"):
-                problems.append(f"{spec.name}: dtype {a.dtype}, expected {want_dtype}")
+                said.append(f"{spec.name}: dtype {a.dtype}, expected {want_dtype}")
                 continue
             a = a.astype(want_dtype)
-        problems.extend(_value_problems(spec.name, a, model))
+        said.extend(_value_problems(spec.name, a, model))
         batch.add(a.shape[0])
         out[spec.name] = a
     if len(batch) > 1:

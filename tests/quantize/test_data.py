@@ -531,6 +531,19 @@ def test_left_padded_rows_are_warned_about(caplog):
     assert "padded on the left" not in caplog.text
 
 
+def test_token_type_ids_filled_in_are_not_blamed_for_input_ids_faults(tmp_path):
+    """An .npz without token_type_ids: the zeros made like its input_ids were reported for
+    input_ids' own faults ("token_type_ids: dtype float32"), an array the user never gave."""
+    info = minilm_info("sequence-classification")
+    ids = np.array([[101, 2023, 102]] * 4)
+    mask = np.ones_like(ids)
+    for bad, said in ((ids.astype(np.float32) + 0.5, "dtype float32"), (ids[0], "rank 1")):
+        path = write_npz(tmp_path / "t.npz", {"input_ids": bad, "attention_mask": mask})
+        with pytest.raises(DataError, match=f"input_ids: {said}") as e:
+            open_source(path, info, role="evaluation")
+        assert "token_type_ids" not in str(e.value).split("):", 1)[1], e.value
+
+
 def test_pad_tokens_marked_as_tokens_are_warned_about(tmp_path, caplog):
     """An .npz of a text model's ids right-padded with [PAD] (0) under a mask of 1 was taken
     without a word: the gates measured rows whose padding the model attends to."""
