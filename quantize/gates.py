@@ -342,13 +342,15 @@ LABELS_MATCH_CONFIDENCE = 0.99
 
 def labels_at_chance(reference: Outputs, logits: str) -> str | None:
     """Where FP32's own top classes agree with the labels no better than chance, or every
-    row is labelled one class, why, in words; else None. Labels shuffled, numbered in another order than the model's classes,
-    or a model not trained for them: the accuracy gate compares INT8 with FP32 on the
-    labels, so on such labels it passes any INT8 (random labels on the digits model put FP32
-    at 11.9%, and passed an INT8 broken to 9%). Such rows are gated on agreement with FP32
-    as well. "Chance" is Cohen's kappa: the agreement beyond what the two class
-    distributions give unrelated answers, whose one-sided lower bound must be above 0; a
-    skewed set (98% one class) is judged by its few other rows, not by its accuracy."""
+    row is labelled one class, why, in words; else None. Labels shuffled, numbered in
+    another order than the model's classes, or a model not trained for them: the accuracy
+    gate compares INT8 with FP32 on the labels, so on such labels it passes any INT8
+    (random labels on the digits model put FP32 at 11.9%, and passed an INT8 broken to 9%).
+    Labels of one class cannot tell an INT8 that answers it everywhere from FP32. Such rows
+    are gated on agreement with FP32 as well. "Chance" is Cohen's kappa: the agreement
+    beyond what the two class distributions give unrelated answers, whose one-sided lower
+    bound must be above 0; a skewed set (98% one class) is judged by its few other rows,
+    not by its accuracy."""
     x, y = _class_scores(reference, logits), reference.labels
     assert y is not None
     n, classes = len(y), x.shape[-1]

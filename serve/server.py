@@ -907,61 +907,8 @@ def _run(
             cfg.max_queue_delay_us / 1e6,
         )
     engine = Engine(load_repository(cfg), cfg)
-    # Served as loaded: a bundle that changes on disk is said so once, not reloaded
-    metrics = engine.metrics
-
-    def on_change(model: tuple[str, str], changed: bool, refused: bool) -> None:
-        metrics.bundle_changed.labels(*model).set(int(changed))
-        metrics.bundle_refused.labels(*model).set(int(refused))
-
-    root = Path(cfg.path).absolute()
-    served = {(m.name, m.version) for m in engine.repository}
-    bundles = watch.BundleWatch(
-        (m.served(cfg) for m in engine.repository),
-        on_change=on_change,
-        repository=(
-            None
-            if qb.is_bundle(root)
-            else (root, functools.partial(unserved_folders, root, served))
-        ),
-        on_unserved=metrics.unserved_folders.set,
-    )
-    stop = threading.Event()
-    hurry = threading.Event()  # a second signal: stop at once
-    in_caller = threading.Event()  # on_ready runs: the caller's code, which may be told at once
-    said_ready = threading.Event()  # the server said it was ready: it may have admitted requests
-    received: list[str] = []  # the signals that asked for the stop
-    drained: list[bool] = []  # the drain's answer, once it has one
-
-    def on_signal(signum: int, _frame) -> None:
-        name = signal.Signals(signum).name
-        if not stop.is_set():
-            received.append(name)
-            stop.set()
-            if in_caller.is_set():  # the drain's line waits for on_ready: said now
-                log.info("%s: the server stops once on_ready returns", name)
-            return
-        # The operator asked again: do not wait for the drain
-        if drained:
-            return  # the drain has ended: nothing left to cut
-        if exit_on_second_signal:
-            if said_ready.is_set():
-                log.warning("second %s: exiting without finishing admitted requests", name)
-            else:
-                log.warning("second %s: exiting now", name)
-            os._exit(128 + signum)
-        if received[1:]:  # a third: stopping at once did not end it (the caller's on_ready
-            # ignored it, or a stop hangs): the last resort
-            log.warning("third %s: exiting the process now", name)
-            os._exit(128 + signum)
-        received.append(name)
-        if said_ready.is_set():
-            log.warning("second %s: stopping without waiting for the drain", name)
-        else:  # the warm-up's run under way cannot be cut short
-            log.warning("second %s: stopping once the model run under way ends", name)
-        hurry.set()  # the drain's next look stops the server: run()'s caller is told
-        if in_caller.is_set():  # raised into the caller's on_ready (as Ctrl-C raises into
-            raise _SecondSignal  # Python code), never into gRPC's or quantgate's own
+    bundles = _bundle_watch(cfg, engine)
+    stopping = _Stopping(exit_on_second_signal)
 
     with contextlib.ExitStack() as ended:  # each ended in turn, the last first
         # The files' watches end with the run (a program may call run() again and again)
@@ -978,22 +925,22 @@ def _run(
         # SIGHUP too: the terminal that started the server closed. Its default would end
         # the process at once, admitted requests unanswered. A caller embedding run() gets
         # its own handlers back (signals.handling).
-        ended.enter_context(signals.handling(on_signal))
+        ended.enter_context(signals.handling(stopping.on_signal))
         ended.enter_context(contextlib.closing(bundles.start()))
         try:
-            _start(cfg, server, port, engine, health_servicer, on_ready, stop,
-                   said_ready=said_ready, in_caller=in_caller)  # fmt: skip
-            while not stop.wait(0.5):  # a short wait: signal handlers run between waits
+            _start(cfg, server, port, engine, health_servicer, on_ready, stopping.stop,
+                   said_ready=stopping.said_ready, in_caller=stopping.in_caller)  # fmt: skip
+            while not stopping.stop.wait(0.5):  # a short wait: signal handlers run between waits
                 pass
-            if not said_ready.is_set():
-                log.info("%s: stopping before serving", received[0])
-            elif not hurry.is_set():  # else the second signal's line says it
+            if not stopping.said_ready.is_set():
+                log.info("%s: stopping before serving", stopping.received[0])
+            elif not stopping.hurry.is_set():  # else the second signal's line says it
                 log.info(
                     "%s: shutting down: no new requests; finishing admitted ones (grace %gs)",
-                    received[0],
+                    stopping.received[0],
                     cfg.shutdown_grace_s,
                 )
-            drained.append(_drain(cfg, server, engine, health_servicer, hurry))
+            stopping.drained.append(_drain(cfg, server, engine, health_servicer, stopping.hurry))
         except BaseException as e:  # failed while starting (a warm-up out of memory,
             # on_ready), or a second signal: nothing keeps listening on the port
             second = isinstance(e, _SecondSignal)
@@ -1003,15 +950,15 @@ def _run(
             answered = second and engine.close(0)
             _stop_now(server, engine)
             if answered:
-                drained.append(True)
+                stopping.drained.append(True)
             elif second:
                 raise DrainIncomplete(
-                    f"a second {received[1]}: stopped without finishing admitted requests "
+                    f"a second {stopping.received[1]}: stopped without finishing admitted requests "
                     "(those whose clients still waited were cancelled)"
                 ) from None
             else:
                 raise
-    if not drained[0]:
+    if not stopping.drained[0]:
         cut = f" ({engine.cut_off} admitted request(s) cut off)" if engine.cut_off else ""
         raise DrainIncomplete(
             f"the shutdown grace of {cfg.shutdown_grace_s:g}s ran out with requests still "
@@ -1019,10 +966,82 @@ def _run(
             "drain longer with --shutdown-grace (and the orchestrator's termination grace "
             "period more than that)"
         )
-    if said_ready.is_set():
+    if stopping.said_ready.is_set():
         log.info("stopped: every admitted request was answered")
     else:
         log.info("stopped")
+
+
+def _bundle_watch(cfg: ServeConfig, engine: Engine) -> watch.BundleWatch:
+    """The watch of the served bundles on disk, told into the metrics: served as loaded, a
+    bundle that changes is said so once, not reloaded; a repository's folders not served
+    are counted."""
+    metrics = engine.metrics
+
+    def on_change(model: tuple[str, str], changed: bool, refused: bool) -> None:
+        metrics.bundle_changed.labels(*model).set(int(changed))
+        metrics.bundle_refused.labels(*model).set(int(refused))
+
+    root = Path(cfg.path).absolute()
+    served = {(m.name, m.version) for m in engine.repository}
+    return watch.BundleWatch(
+        (m.served(cfg) for m in engine.repository),
+        on_change=on_change,
+        repository=(
+            None
+            if qb.is_bundle(root)
+            else (root, functools.partial(unserved_folders, root, served))
+        ),
+        on_unserved=metrics.unserved_folders.set,
+    )
+
+
+class _Stopping:
+    """What the stop signals (SIGTERM, SIGINT, SIGHUP) asked of a run, in ``on_signal``, its
+    handler. The first sets ``stop``: the drain. A second hurries it (``hurry``: stop without
+    waiting), raised into the caller's ``on_ready`` where that runs (``in_caller``), or with
+    ``exit_on_second_signal`` (the CLI) exits the process; a third exits it. ``received``
+    names them; ``drained`` holds the drain's answer once it has one; ``said_ready``: the
+    server said it was ready, so it may have admitted requests."""
+
+    def __init__(self, exit_on_second_signal: bool):
+        self.stop = threading.Event()
+        self.hurry = threading.Event()
+        self.in_caller = threading.Event()
+        self.said_ready = threading.Event()
+        self.received: list[str] = []
+        self.drained: list[bool] = []
+        self._exit = exit_on_second_signal
+
+    def on_signal(self, signum: int, _frame) -> None:
+        name = signal.Signals(signum).name
+        if not self.stop.is_set():
+            self.received.append(name)
+            self.stop.set()
+            if self.in_caller.is_set():  # the drain's line waits for on_ready: said now
+                log.info("%s: the server stops once on_ready returns", name)
+            return
+        # The operator asked again: do not wait for the drain
+        if self.drained:
+            return  # the drain has ended: nothing left to cut
+        if self._exit:
+            if self.said_ready.is_set():
+                log.warning("second %s: exiting without finishing admitted requests", name)
+            else:
+                log.warning("second %s: exiting now", name)
+            os._exit(128 + signum)
+        if self.received[1:]:  # a third: stopping at once did not end it (the caller's
+            # on_ready ignored it, or a stop hangs): the last resort
+            log.warning("third %s: exiting the process now", name)
+            os._exit(128 + signum)
+        self.received.append(name)
+        if self.said_ready.is_set():
+            log.warning("second %s: stopping without waiting for the drain", name)
+        else:  # the warm-up's run under way cannot be cut short
+            log.warning("second %s: stopping once the model run under way ends", name)
+        self.hurry.set()  # the drain's next look stops the server: run()'s caller is told
+        if self.in_caller.is_set():  # raised into the caller's on_ready (as Ctrl-C raises
+            raise _SecondSignal  # into Python code), never into gRPC's or quantgate's own
 
 
 def _stop_now(server: grpc.Server, engine: Engine) -> None:
