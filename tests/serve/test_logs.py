@@ -9,6 +9,7 @@ import queue
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -261,29 +262,32 @@ def test_a_call_that_passes_its_deadline_while_it_runs_keeps_its_peer(tmp_path):
     assert fields["peer"].startswith("ipv4:127.0.0.1:"), fields
 
 
-def test_a_stream_the_client_cancels_is_logged_cancelled(repo):
-    """The client cancels a stream between requests: the servicer's reader sees the call
-    gone and returns, and the line said code=OK (every one of 136 streams a reviewer
-    cancelled)."""
-    srv = ServerProcess(repo / "classifier", "--access-log")
-    rng = np.random.default_rng(0)
+def test_a_stream_the_client_cancels_is_logged_cancelled(tmp_path):
+    """The client cancels a stream whose request runs: its run is stopped, the servicer
+    finds nothing left to send and returns, and the line said code=OK (every one of 136
+    streams a reviewer cancelled) though gRPC sent the client no status. (A cancel that
+    reaches gRPC as the stream's end, after every answer was sent, is an OK the server
+    sent: which of the two comes first, there, is gRPC's.)"""
+    srv = ServerProcess(counting(tmp_path / "slow"), "--access-log")
+    endless = {"input_ids": np.array([[10**10]]), "attention_mask": np.array([[1]])}
     try:
         with tc.InferenceServerClient(srv.url) as c:
-            answers: queue.SimpleQueue = queue.SimpleQueue()
-            c.start_stream(callback=lambda result, error: answers.put(error))
-            c.async_stream_infer(MODEL, inputs(batch(rng, 2, 5)))
-            assert answers.get(timeout=30) is None
-            c.stop_stream(cancel_requests=True)
+            c.start_stream(callback=lambda result, error: None)
+            try:
+                c.async_stream_infer("slow", inputs(endless))  # counts until its client goes
+                time.sleep(2)  # read and running: it runs until the stream is cancelled
+            finally:
+                c.stop_stream(cancel_requests=True)
 
         def access() -> list[str]:
             return [line for line in srv.log.splitlines() if f" INFO {ACCESS}: " in line]
 
-        until(lambda: any("ModelStreamInfer" in line for line in access()), timeout=30)
+        until(lambda: any("ModelStreamInfer" in line for line in access()), timeout=60)
     finally:
         assert srv.terminate() == 0, srv.log
     (line,) = [line for line in access() if "ModelStreamInfer" in line]
     fields = _logfmt(line.partition(f" INFO {ACCESS}: ")[2])
-    assert (fields["code"], fields["requests"], fields["rows"]) == ("CANCELLED", "1", "2"), line
+    assert (fields["code"], fields["requests"]) == ("CANCELLED", "1"), line
 
 
 def test_without_access_log_no_rpc_is_logged(server):
