@@ -139,10 +139,10 @@ def distinct_rows(evaluation: DataSource, model: ModelInfo, *, where: str) -> Da
 
 
 def _relabelled(evaluation: DataSource, model: ModelInfo) -> int:
-    """How many rows repeat an earlier row's token ids with another label (one per row: a
-    token classifier's tags are not compared). A pass over the data, made only where rows
+    """How many rows repeat an earlier row (every input alike) with another label (one per
+    row: a token classifier's tags are not compared). A pass over the data, made only where rows
     repeat."""
-    from quantgate.quantize.data import row_hashes
+    from quantgate.quantize.data import whole_row_hashes
 
     if not evaluation.has_labels:
         return 0
@@ -151,7 +151,7 @@ def _relabelled(evaluation: DataSource, model: ModelInfo) -> int:
     for batch in evaluation.batches():
         if batch.labels is None or batch.labels.ndim != 1:
             return 0
-        hashes = row_hashes(batch.feeds, model).tolist()
+        hashes = whole_row_hashes(batch.feeds, model).tolist()  # repeats as without_rows tells
         for h, label in zip(hashes, batch.labels.tolist(), strict=True):
             relabelled += first.setdefault(h, label) != label
     return relabelled

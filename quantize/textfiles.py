@@ -128,9 +128,7 @@ class Delimited(TextFile):
 
     def rows(self, f: BinaryIO, where: str) -> Iterator[Found]:
         lines = _Records(f, where)
-        # strict: a field that opens a quote ends where it closes (a stray quote ran the
-        # field on over the next lines, merging rows, and lost a label without a word)
-        reader = _read(csv.reader(lines, delimiter=self.delimiter, strict=True), lines, where)
+        reader = _read(self._reader(lines), lines, where)
         self.header = self._header(next((r for r in reader if r), []), where)  # blank lines before
         for fields in reader:
             lineno, start = lines.start
@@ -143,8 +141,14 @@ class Delimited(TextFile):
 
     def row_at(self, f: BinaryIO, offset: int) -> dict[str, Any]:
         f.seek(offset)
-        records = _Records(f, "", offset)
-        return self._row(next(csv.reader(records, delimiter=self.delimiter, strict=True)))
+        return self._row(next(self._reader(_Records(f, "", offset))))
+
+    def _reader(self, lines: Iterator[str]) -> Iterator[list[str]]:
+        """csv's reader of these files. Strict: a field that opens a quote ends where it
+        closes (a stray quote ran the field on over the next lines, merging rows, and lost a
+        label without a word). Spaces after a delimiter skipped: `text, label` by hand, and
+        `a, "b, c"`, whose quote opens the field."""
+        return csv.reader(lines, delimiter=self.delimiter, strict=True, skipinitialspace=True)
 
     def nothing_found(self, size: int) -> str:
         return "a header and no rows" if self.header else super().nothing_found(size)

@@ -24,6 +24,7 @@ from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 import prometheus_client as prom
 
+from quantgate import __version__
 from quantgate.errors import ServeError, quoted
 from quantgate.serve.batcher import Timing
 
@@ -57,8 +58,6 @@ class Metrics:
         self._httpd: _HTTPServer | None = None
         labels = ("model", "version")
         r = self.registry
-        from quantgate import __version__
-
         prom.Info(
             "quantgate_build",
             "The quantgate release serving (which replicas run which)",

@@ -707,6 +707,22 @@ def test_infer_offers_no_batch_of_one_where_the_value_is_no_row_of_the_input():
     assert said == "--input features: expected 3 dimensions, got 2; a row of it is (N, 3)"
 
 
+def test_a_taggers_tokens_are_read_from_their_rows_first_positions(capsys):
+    """A tagger that takes no attention_mask, two texts of other lengths: each text's tokens
+    with the first positions of its row (zip(strict) raised on the shorter text, whose row
+    went on with padding)."""
+    import numpy as np
+
+    from quantgate.cli.infer import _print_tags
+
+    logits = np.zeros((2, 4, 2), np.float32)
+    logits[:, :, 1] = 5  # every position's top class is "B"
+    _print_tags(["a b", "a b c d"], logits, ("O", "B"), [["a", "b"], ["a", "b", "c", "d"]])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:4] == "    "]
+    assert [r[:2] for r in rows] == [["a", "B"], ["b", "B"], ["a", "B"], ["b", "B"],
+                                     ["c", "B"], ["d", "B"]]  # fmt: skip
+
+
 def test_infer_classes_leaves_out_outputs_of_one_value_per_row():
     """A predicted index or a score, (batch,), has no classes: Triton's rule would rank its
     one value and print "index 0" as every row's class."""

@@ -211,7 +211,7 @@ def infer(
             text = np.vectorize(lambda b: b.decode(errors="backslashreplace"), otypes=[object])
             out.print(str(text(array)), highlight=False, soft_wrap=True)
         elif tags is not None and name == "logits" and array.ndim == 3:
-            _print_tags(texts or [], feeds, array, *tags)
+            _print_tags(texts or [], array, *tags)
         else:
             out.print(f"{name} {list(array.shape)} {array.dtype}", highlight=False, soft_wrap=True)
             out.print(
@@ -402,21 +402,20 @@ def _print_classes(name: str, strings) -> None:
         out.print(f"  row {r}: " + ", ".join(items), highlight=False, soft_wrap=True)
 
 
-def _print_tags(
-    texts: list[str], feeds: dict, logits, names: tuple[str, ...], pieces: list[list[str]]
-) -> None:
+def _print_tags(texts: list[str], logits, names: tuple[str, ...], pieces: list[list[str]]) -> None:
     """A token classifier's answer to text as a person reads it: each real token of each
-    text (its ``pieces``), its top class by name and its softmax probability."""
+    text (its ``pieces``, the first positions of its row: texts are padded on the right,
+    and a model may take no attention mask to tell), its top class by name and its softmax
+    probability."""
     import numpy as np
 
-    mask = feeds.get("attention_mask", np.ones_like(feeds["input_ids"])).astype(bool)
     z = logits - logits.max(-1, keepdims=True)
     probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
     say = functools.partial(out.print, highlight=False, markup=False, soft_wrap=True)  # "[CLS]"
     say(f"logits {list(logits.shape)}: each token's top class")
-    for text, tokens, real, p in zip(texts, pieces, mask, probs, strict=True):
+    for text, tokens, p in zip(texts, pieces, probs, strict=True):
         say(f"  {text!r}")
-        for token, row in zip(tokens, p[real], strict=True):
+        for token, row in zip(tokens, p[: len(tokens)], strict=True):  # padded on the right
             top = int(row.argmax())
             label = names[top] if top < len(names) else str(top)
             say(f"    {token:<16} {label:<12} {row[top]:.3f}")

@@ -182,9 +182,11 @@ def test_label_cells_are_read_without_the_spaces_around_them(tmp_path):
         minilm_info("sequence-classification"), labels=("negative", "positive")
     )
     path = tmp_path / "hand.csv"
-    path.write_text("text, label\ngood film, positive\nbad film, negative \n")
+    path.write_text(
+        'text, label\ngood film, positive\nbad film, negative \n"a, quoted text", positive\n'
+    )  # the quote after ", " opens its field
     (batch,) = open_source(path, info, role="evaluation").batches()
-    assert sorted(batch.labels.tolist()) == [0, 1]
+    assert sorted(batch.labels.tolist()) == [0, 1, 1]
 
 
 def test_number_cells_are_refused_where_class_names_are_other_numbers(tmp_path):
