@@ -15,9 +15,14 @@ _Error = TypeVar("_Error", bound="QuantgateError")
 
 
 class QuantgateError(Exception):
-    """Base class: an error a user can act on (bad input, failed check, refused bundle)."""
+    """Base class: an error a user can act on (bad input, failed check, refused bundle).
+    Pickled whole, every attribute with it (a worker process's error sent to its parent),
+    whatever its class's __init__ takes."""
 
     exit_code = 2  # bad usage or bad input
+
+    def __reduce__(self):
+        return _restored, (type(self), self.args, self.__dict__)
 
     @classmethod
     def logged(
@@ -40,6 +45,16 @@ class QuantgateError(Exception):
             exc_info=err if trace else None,
         )  # fmt: skip
         return cls(f"{what} ({type(err).__name__}); the server's log has the details: error {ref}")
+
+
+def _restored(cls: type[QuantgateError], args: tuple, state: dict) -> QuantgateError:
+    """An error as pickled (``QuantgateError.__reduce__``): its args and attributes, set
+    without its __init__, whose parameters differ by class (ConnectionFailed's cause and
+    what could not be read back: a multiprocessing pool broke on the first one)."""
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class ConfigError(QuantgateError):
@@ -113,9 +128,6 @@ class GateFailed(QuantgateError):
     def __init__(self, message: str, bundle_path: str):
         self.bundle_path = bundle_path  # where the failing bundle was written: qb.load it
         super().__init__(message)
-
-    def __reduce__(self):  # pickled whole (a worker process's failure sent to its parent)
-        return type(self), (str(self), self.bundle_path)
 
 
 class OutOfSpace(QuantgateError):

@@ -853,9 +853,14 @@ def run(
     *,
     on_ready: Callable[[int, Engine], None] | None = None,
     exit_on_second_signal: bool = False,
+    stop: threading.Event | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT/SIGHUP, then drain gracefully and return (main thread only:
-    it installs the signal handlers). A second signal stops the server at once, and raises
+    """Serve until SIGTERM/SIGINT/SIGHUP, or ``stop`` is set, then drain gracefully and
+    return (main thread only: it installs the signal handlers). ``on_ready(port, engine)``
+    is called once the server serves, on this thread. ``stop``, an event of the caller's: set
+    (from any thread) it stops the server as a first signal does, and the server sets it
+    when a signal asks it to stop, so that a loop in ``on_ready`` can wait on it. A second
+    signal stops the server at once, and raises
     DrainIncomplete where admitted requests were left unanswered (it returns where none
     were: during the warm-up, say, which ends after the model run under way); while
     ``on_ready`` runs, the signal is raised into it. A third signal exits the process
@@ -873,7 +878,7 @@ def run(
             "`quantgate serve` in a subprocess."
         )
     with _without_created_series():
-        _run(cfg, on_ready, exit_on_second_signal)
+        _run(cfg, on_ready, exit_on_second_signal, stop or threading.Event())
 
 
 @contextlib.contextmanager
@@ -894,6 +899,7 @@ def _run(
     cfg: ServeConfig,
     on_ready: Callable[[int, Engine], None] | None,
     exit_on_second_signal: bool,
+    stop: threading.Event,
 ) -> None:
     # A bad TLS file or a port in use is named before minutes of loading models.
     credentials = tls.Credentials(cfg.tls) if cfg.tls is not None else None
@@ -908,7 +914,7 @@ def _run(
         )
     engine = Engine(load_repository(cfg), cfg)
     bundles = _bundle_watch(cfg, engine)
-    stopping = _Stopping(exit_on_second_signal)
+    stopping = _Stopping(exit_on_second_signal, stop)
 
     with contextlib.ExitStack() as ended:  # each ended in turn, the last first
         # The files' watches end with the run (a program may call run() again and again)
@@ -933,11 +939,11 @@ def _run(
             while not stopping.stop.wait(0.5):  # a short wait: signal handlers run between waits
                 pass
             if not stopping.said_ready.is_set():
-                log.info("%s: stopping before serving", stopping.received[0])
+                log.info("%s: stopping before serving", stopping.first)
             elif not stopping.hurry.is_set():  # else the second signal's line says it
                 log.info(
                     "%s: shutting down: no new requests; finishing admitted ones (grace %gs)",
-                    stopping.received[0],
+                    stopping.first,
                     cfg.shutdown_grace_s,
                 )
             stopping.drained.append(_drain(cfg, server, engine, health_servicer, stopping.hurry))
@@ -953,7 +959,7 @@ def _run(
                 stopping.drained.append(True)
             elif second:
                 raise DrainIncomplete(
-                    f"a second {stopping.received[1]}: stopped without finishing admitted requests "
+                    f"a second {stopping.received[-1]}: stopped without finishing admitted requests "
                     "(those whose clients still waited were cancelled)"
                 ) from None
             else:
@@ -1001,17 +1007,23 @@ class _Stopping:
     handler. The first sets ``stop``: the drain. A second hurries it (``hurry``: stop without
     waiting), raised into the caller's ``on_ready`` where that runs (``in_caller``), or with
     ``exit_on_second_signal`` (the CLI) exits the process; a third exits it. ``received``
-    names them; ``drained`` holds the drain's answer once it has one; ``said_ready``: the
-    server said it was ready, so it may have admitted requests."""
+    names them (``stop`` may be set by run()'s caller instead, as a first signal);
+    ``drained`` holds the drain's answer once it has one; ``said_ready``: the server said it
+    was ready, so it may have admitted requests."""
 
-    def __init__(self, exit_on_second_signal: bool):
-        self.stop = threading.Event()
+    def __init__(self, exit_on_second_signal: bool, stop: threading.Event):
+        self.stop = stop
         self.hurry = threading.Event()
         self.in_caller = threading.Event()
         self.said_ready = threading.Event()
         self.received: list[str] = []
         self.drained: list[bool] = []
         self._exit = exit_on_second_signal
+
+    @property
+    def first(self) -> str:
+        """What asked for the stop: the first signal's name, or the caller's ``stop``."""
+        return self.received[0] if self.received else "stop set by run()'s caller"
 
     def on_signal(self, signum: int, _frame) -> None:
         name = signal.Signals(signum).name

@@ -491,6 +491,9 @@ def test_tokenize_names_the_text_that_is_blank_or_not_utf8():
     with pytest.raises(DataError, match="found none"):
         tokenize([], info)
     assert tokenize(["café 😀 日本"], info)["input_ids"].shape[0] == 1  # UTF-8 is fine
+    # one string is a Sequence[str] too: it was a row per character
+    with pytest.raises(DataError, match=r"found one string \('a cat'\): give \[text\]"):
+        tokenize("a cat", info)
 
 
 def test_a_jsonl_row_with_half_a_surrogate_pair_is_named_not_a_traceback(tmp_path):

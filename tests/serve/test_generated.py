@@ -49,6 +49,16 @@ def test_server_imports_neither_torch_nor_model_nor_quantize_nor_tritonclient():
     assert out.stdout.strip() == "[]"
 
 
+def test_the_protos_say_in_words_that_tritonclients_came_first():
+    """Both register model_config.proto with protobuf: quantgate's client imported after
+    tritonclient failed with a TypeError 7.6 KB long, ending in "duplicate file name"."""
+    code = "import tritonclient.grpc\nimport quantgate.serve.client"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "ImportError: quantgate's KServe v2 protos cannot be" in r.stderr
+    assert "use quantgate.serve.Client or tritonclient in a process, not both" in r.stderr
+    assert len(r.stderr) < 2000, r.stderr
+
+
 def test_quantgate_client_and_infer_command(server, repo):
     """Our own client and `quantgate infer`, in a subprocess (their stubs and tritonclient's
     cannot share a process)."""

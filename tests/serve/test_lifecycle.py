@@ -1187,6 +1187,50 @@ def test_run_embedded_leaves_no_threads_and_no_switched_metrics_behind(repo):
     ]
 
 
+_STOP_EVENT = """
+import logging, os, signal, sys, threading
+from pathlib import Path
+from quantgate.serve.config import ServeConfig
+from quantgate.serve.server import run
+
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+cfg = ServeConfig(path=Path(sys.argv[1]), host="127.0.0.1", port=0, warmup=False)
+
+stop = threading.Event()  # set by another thread: the server stops as on SIGTERM
+threading.Timer(0.5, stop.set).start()
+run(cfg, stop=stop)
+print("returned after the caller's stop")
+
+told = threading.Event()  # set by the server at SIGTERM: on_ready's own loop learns of it
+def on_ready(port, engine):
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    while not told.wait(0.1):
+        pass
+    print("on_ready told of the signal:", told.is_set())
+run(cfg, on_ready=on_ready, stop=told)
+print("returned after SIGTERM")
+"""
+
+
+def test_an_embedded_run_stops_on_the_callers_event_and_sets_it_on_a_signal(repo):
+    """A program could stop an embedded run() only by signalling its own process, and an
+    on_ready that waits in a loop of its own never learned of the first SIGTERM (it held
+    the drain until a second signal was raised into it)."""
+    lines = _embedded(_STOP_EVENT, repo / "classifier")
+    said = [line for line in lines if line.startswith(("stop", "SIGTERM", "on_ready", "returned"))]
+    assert said == [
+        "stop set by run()'s caller: shutting down: no new requests; finishing admitted ones "
+        "(grace 25s)",
+        "stopped: every admitted request was answered",
+        "returned after the caller's stop",
+        "SIGTERM: the server stops once on_ready returns",
+        "on_ready told of the signal: True",
+        "SIGTERM: shutting down: no new requests; finishing admitted ones (grace 25s)",
+        "stopped: every admitted request was answered",
+        "returned after SIGTERM",
+    ], lines
+
+
 _WATCHES = """
 import os, signal, sys, threading, time
 from pathlib import Path
