@@ -102,26 +102,38 @@ class ValidationReport:
 
 
 def build_cases(model: LoadedModel, *, mid_batch: int = 8) -> list[Case]:
-    """Batch 1, a middle batch, the longest and the shortest sequence, and padded rows.
+    """Batch 1, a middle batch, the longest and the shortest sequence, lengths between
+    them, and padded rows.
 
     "Longest" is the model's ``max_seq_len``, the longest sequence the bundle says it takes.
     Samples narrower than that (a factory's ``example_inputs`` of 20 tokens for a model
     declaring 128) are stretched to it by repeating each row's real tokens
     (``stretch``): a graph that only holds up to the example's width (a length traced as
     a constant, a position table shorter than declared) would otherwise pass validation
-    and fail, or answer wrongly, in serving.
+    and fail, or answer wrongly, in serving. The lengths between (2, a quarter and a half
+    of the longest: ``_between``) find a branch on the sequence's length that the trace kept
+    one side of: a model pooling rows of more than 8 tokens one way and shorter ones
+    another agreed at lengths 1, 11 and 64, and was served wrong at 2 to 8.
     """
     s = model.samples
     longest = model.max_seq_len
     long = stretch(s, longest) if longest > s.width else s
     typical = int(np.clip(np.median(s.lengths), 1, min(longest, s.width)))
+    seen = {1, typical, longest}
+    spread = sorted(set(_between(longest)) - seen)
     return [
         _case("batch 1", s, model.inputs, batch=1, seq=typical),
         _case(f"batch {mid_batch}", s, model.inputs, batch=mid_batch, seq=typical),
         _case("longest", long, model.inputs, batch=2, seq=longest),
         _case("shortest", s, model.inputs, batch=2, seq=1),
+        *(_case(f"sequence {n}", long, model.inputs, batch=2, seq=n) for n in spread),
         _padded_case("padded", long, model.inputs, batch=4, seq=longest),
     ]
+
+
+def _between(longest: int) -> tuple[int, ...]:
+    """The lengths between the shortest and the longest that validation runs too."""
+    return tuple(n for n in (2, longest // 4, longest // 2) if 1 < n < longest)
 
 
 def stretch(samples: Samples, width: int) -> Samples:

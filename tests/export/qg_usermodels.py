@@ -343,6 +343,19 @@ def short_positions() -> nn.Module:
     return ShortPositions({"input_ids": _ids()})
 
 
+class BranchesOnLength(Pooler):
+    """Pools rows of more than 8 tokens by their mean, shorter ones by their first token: a
+    branch on the sequence's length that a trace keeps one side of."""
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.emb(input_ids)
+        return self.head(x.mean(1) if input_ids.shape[1] > 8 else x[:, 0])  # BRANCH
+
+
+def branches_on_length() -> nn.Module:
+    return BranchesOnLength({"input_ids": _ids(seq=12)})
+
+
 class NoOnnxOp(Pooler):
     """Uses an operator neither exporter translates (singular values)."""
 

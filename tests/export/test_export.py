@@ -108,7 +108,7 @@ def test_cli_exports_the_builtin_checkpoint(cli, tiny_checkpoint, tmp_path, priv
         "export 1/6: loading the model",
         "export 2/6: running PyTorch on the samples",
         "export 3/6: exporting (legacy)",
-        "export 4/6: validating at 5 shapes",
+        "export 4/6: validating at 8 shapes",
         "export 5/6: fusing (ONNX Runtime transformer optimizer)",
         "export 6/6: validating the fused graph",
         "export 6/6: validated",
@@ -223,6 +223,9 @@ def test_validation_covers_batch_sequence_and_padding(tiny_checkpoint):
         "batch 8": (8, 64),
         "longest": (2, 64),
         "shortest": (2, 1),
+        "sequence 2": (2, 2),
+        "sequence 16": (2, 16),
+        "sequence 32": (2, 32),
         "padded": (4, 64),
     }
     padded = cases["padded"].feeds
@@ -736,6 +739,9 @@ def test_validation_reaches_the_max_seq_len_a_factory_declares():
         "batch 8": (8, 20),
         "longest": (2, 48),
         "shortest": (2, 1),
+        "sequence 2": (2, 2),
+        "sequence 12": (2, 12),
+        "sequence 24": (2, 24),
         "padded": (4, 48),
     }
     ids = model.samples.arrays["input_ids"]
@@ -812,7 +818,7 @@ def test_what_the_tracer_fixed_is_warned_and_recorded_when_the_graph_validates(
     assert result.tracer_notes == (note,)
     assert result.export_record()["tracer_notes"] == [note]
     said = " ".join(caplog.text.split())
-    assert " ".join(note.split()) in said and "It validated at 5 shapes up to 10 tokens" in said
+    assert " ".join(note.split()) in said and "It validated at 7 shapes up to 10 tokens" in said
     report = write_bundle(result, tmp_path / "b").report.read_text()
     assert f"- {note}" in report
     shown = " ".join(cli("inspect", tmp_path / "b").stdout.split())
@@ -843,6 +849,17 @@ def test_a_branch_on_tensor_data_is_refused_naming_its_line(cli, tmp_path):
         f"decides something in Python from the values of a tensor (at qg_usermodels.py:{line}: `{code}`)"
         in err
     )
+    no_leftovers(tmp_path)
+
+
+def test_a_branch_on_the_sequences_length_is_found_between_the_lengths_validated(cli, tmp_path):
+    """Traced at 12 tokens, the graph always mean-pools: it agreed with PyTorch at lengths 1
+    (the first token is the mean), 12 and 12, shipped, and was served wrong at 2 to 8."""
+    r = cli("export", "--no-quantize", "qg_usermodels:branches_on_length", "--out", tmp_path / "b")
+    assert r.code == 3, r.stderr
+    err = " ".join(r.stderr.split())
+    assert "legacy: sequence 2 (batch 2, sequence 2): output differs" in err, err
+    assert "dynamo: sequence 2 (batch 2, sequence 2): output differs" in err, err
     no_leftovers(tmp_path)
 
 
