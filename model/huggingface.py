@@ -31,6 +31,7 @@ from quantgate.model.loaders import (
 from quantgate.tasks import (
     FEATURE_EXTRACTION,
     HF_TASKS,
+    MULTI_LABEL_CLASSIFICATION,
     SEQUENCE_CLASSIFICATION,
     TOKEN_CLASSIFICATION,
 )
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 # head (masked or causal LM) is left behind as feature-extraction asks, any other refused.
 HF_HEADS = {
     SEQUENCE_CLASSIFICATION: "ForSequenceClassification",
+    MULTI_LABEL_CLASSIFICATION: "ForSequenceClassification",  # its config's problem_type says
     TOKEN_CLASSIFICATION: "ForTokenClassification",
 }
 PRETRAINING_HEADS = ("ForMaskedLM", "ForPreTraining", "ForCausalLM", "LMHeadModel")
@@ -115,7 +117,7 @@ def load_huggingface(
             "config.json to export full attention (the same answers up to the block-sparse "
             "length, more compute beyond)."
         )
-    task = _hf_task(path, archs, task)
+    task = _hf_task(path, archs, task, multi_label=_multi_label(config))
     model = _hf_model(path, task, archs)
     takes = inspect.signature(model.forward).parameters
     names = [n for n in HF_INPUTS if n in takes and n in tokenizer.model_input_names]
@@ -202,7 +204,7 @@ def _hf_pad_id(path: Path, config: Any, tokenizer: Any, task: str, vocab: int) -
     if isinstance(model_pad, list):  # some configs list one per vocabulary
         model_pad = model_pad[0] if model_pad else None
     if model_pad is None and tokenizer_pad is None:
-        if task == SEQUENCE_CLASSIFICATION:
+        if task in (SEQUENCE_CLASSIFICATION, MULTI_LABEL_CLASSIFICATION):
             raise ModelLoadError(
                 f"{path}: neither config.json nor the tokenizer names a padding token, and a "
                 "classifier's rows of different lengths are padded to be batched (a GPT-2 "
@@ -236,13 +238,28 @@ def _a(word: str) -> str:
     return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
 
 
-def _hf_task(path: Path, archs: Sequence[str], task: str | None) -> str:
+def _multi_label(config: Any) -> bool:
+    """Whether a sequence classifier's labels are each on or off (a sigmoid per label, as
+    its config's problem_type says), not one class of them (a softmax)."""
+    return getattr(config, "problem_type", None) == "multi_label_classification"
+
+
+def _hf_task(path: Path, archs: Sequence[str], task: str | None, *, multi_label: bool) -> str:
     """The task of the Hugging Face model at ``path``: ``task`` when given, else its head's
-    (``HF_HEADS``), else feature-extraction. A head asked for and absent is refused (its
+    (``HF_HEADS``; a sequence classifier's is multi-label where its config says
+    ``multi_label``), else feature-extraction. A head asked for and absent is refused (its
     weights would be random), and so is a head quantgate does not export unless
     feature-extraction is asked for: it would be dropped without a word."""
     # in the config's order: its first architecture is the model's own
-    heads = [t for a in archs for t, suffix in HF_HEADS.items() if a.endswith(suffix)]
+    own = MULTI_LABEL_CLASSIFICATION if multi_label else SEQUENCE_CLASSIFICATION
+    heads = [
+        t
+        for a in archs
+        for t, suffix in HF_HEADS.items()
+        if a.endswith(suffix) and t in (own, TOKEN_CLASSIFICATION)
+    ]
+    if task in (SEQUENCE_CLASSIFICATION, MULTI_LABEL_CLASSIFICATION) and own in heads:
+        heads.append(task)  # either reading of the scores, where asked for
     if task in HF_HEADS and task not in heads:
         own = (
             f"Its own head is {heads[0]}: drop --task (or pass --task {heads[0]}), or use"
@@ -280,6 +297,7 @@ def _hf_model(path: Path, task: str, archs: Sequence[str]) -> Any:  # a PreTrain
 
     cls = {
         SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification,
+        MULTI_LABEL_CLASSIFICATION: AutoModelForSequenceClassification,
         TOKEN_CLASSIFICATION: AutoModelForTokenClassification,
     }.get(task, AutoModel)
     # A checkpoint saved as an encoder-decoder's encoder alone is loaded as itself:

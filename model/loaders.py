@@ -75,6 +75,7 @@ from quantgate.configs import closest
 from quantgate.errors import ConfigError, ConfigTypeError, ModelLoadError
 from quantgate.tasks import (
     FEATURE_EXTRACTION,
+    MULTI_LABEL_CLASSIFICATION,
     SEQUENCE_CLASSIFICATION,
     TOKEN_CLASSIFICATION,
 )
@@ -315,6 +316,9 @@ def hash_files(files: Sequence[Path], *, root: Path) -> str:
 _OTHER_NAMES = {
     "classification": SEQUENCE_CLASSIFICATION,
     "text-classification": SEQUENCE_CLASSIFICATION,
+    "multi-label": MULTI_LABEL_CLASSIFICATION,
+    "multilabel-classification": MULTI_LABEL_CLASSIFICATION,
+    "multi_label_classification": MULTI_LABEL_CLASSIFICATION,  # Hugging Face's problem_type
     "ner": TOKEN_CLASSIFICATION,
     "tagging": TOKEN_CLASSIFICATION,
     "embedding": FEATURE_EXTRACTION,

@@ -3,6 +3,8 @@ gates judge it (plain strings; the names Hugging Face's pipelines and Optimum us
 
 - ``sequence-classification``: one row of class scores per input row (``logits``), gated on
   accuracy with labels, else on agreement with FP32;
+- ``multi-label-classification``: one row of per-label scores (``logits``, each label on
+  where its score is above 0: a sigmoid's), gated on agreement with FP32's decisions;
 - ``token-classification``: a row of class scores per token, labels per token;
 - ``feature-extraction``: an embedding, gated on its cosine to FP32 and its neighbours;
 - ``custom``: a model of your own that is none of these: each output against FP32's.
@@ -11,12 +13,18 @@ gates judge it (plain strings; the names Hugging Face's pipelines and Optimum us
 from __future__ import annotations
 
 SEQUENCE_CLASSIFICATION = "sequence-classification"
+# A Hugging Face ...ForSequenceClassification whose config's problem_type says so; quantgate's
+# name (Hugging Face's pipelines call it text-classification, with a sigmoid)
+MULTI_LABEL_CLASSIFICATION = "multi-label-classification"
 TOKEN_CLASSIFICATION = "token-classification"  # a class per token: tagging, NER
 FEATURE_EXTRACTION = "feature-extraction"
 CUSTOM = "custom"  # a factory model that is none of them: per-output gates only
 
-CLASSIFIER_TASKS = (SEQUENCE_CLASSIFICATION,)
+CLASSIFIER_TASKS = (SEQUENCE_CLASSIFICATION,)  # one class per row: softmax scores, labels
+MULTI_LABEL_TASKS = (MULTI_LABEL_CLASSIFICATION,)  # labels on or off: gated against FP32
 TOKEN_TASKS = (TOKEN_CLASSIFICATION,)  # labels per token: (rows, sequence) arrays only
 EMBEDDING_TASKS = (FEATURE_EXTRACTION,)  # gated on agreement with FP32, not on labels
 # A Hugging Face model is one of these; a factory's model may also be custom (or any other).
-HF_TASKS = (SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, FEATURE_EXTRACTION)
+HF_TASKS = (
+    SEQUENCE_CLASSIFICATION, MULTI_LABEL_CLASSIFICATION, TOKEN_CLASSIFICATION, FEATURE_EXTRACTION
+)  # fmt: skip

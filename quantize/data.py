@@ -81,7 +81,7 @@ from quantgate.quantize.labels import (
     label_forms,
 )
 from quantgate.quantize.textfiles import SUFFIXES as TEXT_SUFFIXES
-from quantgate.tasks import EMBEDDING_TASKS, TOKEN_TASKS
+from quantgate.tasks import EMBEDDING_TASKS, MULTI_LABEL_TASKS, TOKEN_TASKS
 from quantgate.tokenizer import Settings
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,13 @@ def _ignored_labels(where: str, model: ModelInfo) -> None:
             "where a position has none, as Hugging Face's token-classification examples align "
             "them. Without them it is gated on its agreement with FP32 (per-token top-1, KL)",
             where, model.task, LABELS, NO_LABEL,
+        )  # fmt: skip
+        return
+    if model.task in MULTI_LABEL_TASKS:
+        log.warning(
+            "%s: labels ignored: a %s model is gated on its agreement with FP32's decisions "
+            "(each label on or off) and its scores' cosine, which need none",
+            where, model.task,
         )  # fmt: skip
         return
     log.warning(
@@ -145,8 +152,11 @@ class ModelInfo:
     def reads_row_labels(self) -> bool:
         """Whether its gates read one label per row (a class index or name): a classifier's.
         A token classifier reads one per token (``reads_token_labels``); an embedding model
-        is gated on its agreement with FP32 and reads none."""
-        return self.labels_read and self.task not in (*EMBEDDING_TASKS, *TOKEN_TASKS)
+        is gated on its agreement with FP32 and reads none, as a multi-label classifier
+        (whose rows would need a label set each)."""
+        return self.labels_read and self.task not in (
+            *EMBEDDING_TASKS, *TOKEN_TASKS, *MULTI_LABEL_TASKS
+        )  # fmt: skip
 
     @property
     def reads_token_labels(self) -> bool:

@@ -65,7 +65,7 @@ from quantgate.quantize.stats import (
     wilson,
 )
 from quantgate.sessions import session
-from quantgate.tasks import CLASSIFIER_TASKS, EMBEDDING_TASKS, TOKEN_TASKS
+from quantgate.tasks import CLASSIFIER_TASKS, EMBEDDING_TASKS, MULTI_LABEL_TASKS, TOKEN_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,8 @@ def accuracy_gates(
         gates = _token_fidelity(reference, candidate, tokens, cfg)
     elif judged is not None:
         gates = _embedding_fidelity(reference, candidate, judged, cfg)
+    elif (scores := _multi_label_scores(reference, task)) is not None:
+        gates = [_decision_agreement(reference, candidate, scores, cfg)]  # and their cosine
     else:
         gates = []  # none of these kinds: every output on its cosine
     pooled = judged not in (logits, tokens)  # an embedding, compared mean-pooled
@@ -247,13 +249,23 @@ def _judged(ref: Outputs, task: str) -> tuple[str | None, str | None, str | None
 def _logits_output(ref: Outputs, task: str) -> str | None:
     """The classifier output the top-1 and accuracy gates judge: the one named "logits" where
     there is one (a model returning an embedding first would otherwise have it scored as
-    logits), else a classifier's first 2-D float output."""
-    if task not in CLASSIFIER_TASKS and "logits" not in ref.names:
+    logits), else a classifier's first 2-D float output. None for a multi-label classifier,
+    whose scores are no softmax's (``_multi_label_scores``)."""
+    if task in MULTI_LABEL_TASKS or (task not in CLASSIFIER_TASKS and "logits" not in ref.names):
         return None
     scores = _float_outputs(ref, ndim=2)
     if "logits" in ref.names:
         return "logits" if "logits" in scores else None
     return next(iter(scores), None)
+
+
+def _multi_label_scores(ref: Outputs, task: str) -> str | None:
+    """A multi-label classifier's (batch, labels) scores: its output named "logits", else
+    its first such float output; None for other tasks."""
+    if task not in MULTI_LABEL_TASKS:
+        return None
+    scores = _float_outputs(ref, ndim=2)
+    return "logits" if "logits" in scores else next(iter(scores), None)
 
 
 def _float_outputs(ref: Outputs, *, ndim: int) -> list[str]:
@@ -296,7 +308,7 @@ def counts_rows(task: str, outputs: Iterable[str]) -> bool:
     (``check_evaluation`` decides on the outputs themselves)."""
     names = set(outputs)
     return (
-        task in (*CLASSIFIER_TASKS, *TOKEN_TASKS)
+        task in (*CLASSIFIER_TASKS, *TOKEN_TASKS, *MULTI_LABEL_TASKS)
         or "logits" in names
         or _embedding_name(task, names) is not None
     )
@@ -415,7 +427,7 @@ def check_evaluation(reference: Outputs, task: str) -> None:
     logits, tokens, judged = _judged(reference, task)
     if reference.labels is not None and logits is None and tokens is None:
         _unscored_labels(reference, task)
-    if judged is None:
+    if judged is None and _multi_label_scores(reference, task) is None:
         return  # per-output cosine: a measurement on any number of rows
     if reference.rows < MIN_EVAL_ROWS:
         raise DataError(
@@ -425,7 +437,8 @@ def check_evaluation(reference: Outputs, task: str) -> None:
             " Pass --eval with more held-out rows "
             "(hundreds for a 1-point accuracy gate), or raise eval_samples (--gate-config)."
         )
-    if logits is None and tokens is None:  # an embedding: its nearest neighbours are gated
+    if judged is not None and logits is None and tokens is None:  # an embedding: its
+        # nearest neighbours are gated
         distinct = len(_distinct(_normalize(_pooled(reference, judged))))
         if distinct < MIN_EVAL_ROWS:
             raise DataError(
@@ -612,6 +625,27 @@ def _classifier_fidelity(
                    detail + "; mean KL(FP32 || candidate) in nats",
                    valid=bool(np.isfinite(kl).all())),
     ]  # fmt: skip
+
+
+def _decision_agreement(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig) -> GateResult:
+    """``decision_agreement``: the share of rows whose labels are each on or off as FP32's
+    (on where its score is above 0: a sigmoid's 0.5), with Wilson's interval, at least
+    ``min_top1_agreement``. A softmax's top-1 agreement and KL cannot see these decisions:
+    scores all shifted down by one kept every row's top label and its softmax, and turned
+    off labels on 99% of rows. The scores' own cosine to FP32's is gated beside it."""
+    x, y = ref.stacked(output), cand.stacked(output)
+    broken = ~np.isfinite(y).all(-1)
+    same = ((x > 0) == (y > 0)).all(-1) & ~broken
+    detail = (
+        f"{output} vs FP32 on {len(x)} rows of {x.shape[-1]} labels: rows whose every label "
+        "is on or off as FP32's (a score above 0)"
+    )
+    if broken.any():
+        detail += f"; {int(broken.sum())} rows with non-finite candidate scores (any fails)"
+    return mean_gate(
+        "decision_agreement", same, cfg.min_top1_agreement, ">=", cfg, detail,
+        valid=not broken.any(),
+    )  # fmt: skip
 
 
 def _token_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
@@ -834,7 +868,7 @@ def batch_consistency(
     the server's batching changes its answers (on the built-in digits model: logits by up
     to 0.16, and the top class of 1 row in 360). Gated as top-1 agreement at
     ``min_top1_agreement`` for a classifier (R² for a single logit), per real token for a
-    token classifier, else the mean cosine of its embedding at ``min_cosine``; None for a
+    token classifier, each label's decision for a multi-label one, else the mean cosine of its embedding at ``min_cosine``; None for a
     model of none of these kinds (nothing to judge it by)."""
     sess = session(model, cfg.provider, threads=cfg.threads)
     names = [o.name for o in sess.get_outputs()]
@@ -849,6 +883,7 @@ def batch_consistency(
         together.rows += len(rows)
         if judged is None:  # the output judged, known from the first batch; alone, only it
             logits, tokens, judged = _judged(together, task)
+            judged = judged or _multi_label_scores(together, task)
             if judged is None:
                 return None
             alone.names = [judged]
@@ -889,6 +924,14 @@ def batch_consistency(
         return mean_gate(
             "batch_top1_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail,
             valid=not _broken(x, y).any(),
+        )  # fmt: skip
+    if task in MULTI_LABEL_TASKS:  # each label on or off as in the batch
+        x, y = together.stacked(judged), alone.stacked(judged)
+        broken = ~np.isfinite(x).all(-1) | ~np.isfinite(y).all(-1)
+        return mean_gate(
+            "batch_decision_agreement", ((x > 0) == (y > 0)).all(-1) & ~broken,
+            cfg.min_top1_agreement, ">=", cfg, detail + "; rows whose every label is on or off "
+            "alike", valid=not broken.any(),
         )  # fmt: skip
     x, y = _pooled(together, judged), _pooled(alone, judged)
     cos = row_cosine(x, y)

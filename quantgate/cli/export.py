@@ -45,8 +45,9 @@ def export_command(
         str | None,
         typer.Option(
             metavar="TASK",
-            help="sequence-classification, token-classification or feature-extraction; "
-            "default: from the model.",
+            help="feature-extraction, sequence-classification, multi-label-classification "
+            "(a sigmoid per label) or token-classification; default: the model's own (a "
+            "Hugging Face config's problem_type tells a multi-label one).",
         ),
     ] = None,
     exporter: Annotated[

@@ -57,6 +57,25 @@ def test_sequence_classification_is_inferred_from_the_architecture(tiny_bert_cla
     assert m.max_seq_len == 128
 
 
+def test_a_multi_label_classifier_is_told_by_its_configs_problem_type(tiny_bert, tmp_path):
+    """Hugging Face saves a sigmoid-per-label classifier as ...ForSequenceClassification with
+    problem_type multi_label_classification: gated as a softmax classifier, a shift of its
+    scores that turned labels off passed."""
+    from transformers import BertForSequenceClassification
+
+    tags = tiny_bert(tmp_path / "tags", BertForSequenceClassification, num_labels=4,
+                     problem_type="multi_label_classification")  # fmt: skip
+    m = load_model(tags)
+    assert m.task == "multi-label-classification" and m.outputs == ("logits",)
+    assert m.extra["labels"] == [f"LABEL_{i}" for i in range(4)]
+    as_asked = load_model(tags, task="sequence-classification")  # either reading, as asked
+    assert as_asked.task == "sequence-classification"
+    single = load_model(tiny_bert(tmp_path / "one", BertForSequenceClassification, num_labels=4))
+    assert single.task == "sequence-classification"
+    multi = load_model(tmp_path / "one", task="multi-label-classification")
+    assert multi.task == "multi-label-classification"
+
+
 def test_a_token_classifier_is_exported_with_its_head_and_other_heads_are_not_dropped(
     tiny_bert, tmp_path, caplog
 ):
@@ -401,19 +420,20 @@ def test_a_task_the_gates_do_not_know_is_kept_and_warned_about(caplog, minilm):
     assert model.task == "text-classification"
     assert (
         "task 'text-classification' is not one the gates know (sequence-classification, "
-        "token-classification, feature-extraction, custom): the model is gated as 'custom'"
-        in caplog.text
+        "multi-label-classification, token-classification, feature-extraction, custom): the "
+        "model is gated as 'custom'" in caplog.text
     )
     assert "(did you mean 'sequence-classification'?)" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="quantgate.model.factories"):
         assert load_model("qg_usermodels:named_classes").task == "sequence-classification"
     assert "gates know" not in caplog.text
-    with pytest.raises(ConfigError) as e:  # a Hugging Face model's task is one of three
+    with pytest.raises(ConfigError) as e:  # a Hugging Face model's task is one of four
         load_model(minilm, task="feature_extraction")
     assert str(e.value) == (
         "--task feature_extraction: a Hugging Face model is one of sequence-classification, "
-        "token-classification, feature-extraction (did you mean 'feature-extraction'?)"
+        "multi-label-classification, token-classification, feature-extraction (did you mean "
+        "'feature-extraction'?)"
     )
 
 

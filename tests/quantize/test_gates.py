@@ -1222,3 +1222,29 @@ def test_a_candidate_with_a_nan_score_fails_its_agreement_gates_saying_why():
     for gate in gates.values():
         assert "1 rows with non-finite candidate scores (any fails)" in gate.detail, gate.detail
     assert "1 of 200 rows not finite, left out of the mean" in gates["kl"].detail
+
+
+def test_a_multi_label_classifier_is_gated_on_its_decisions_and_its_scores_cosine():
+    """A sigmoid per label, judged as a softmax classifier: scores all shifted down by one
+    kept every row's top label and softmax (top-1 agreement 1, KL 0) and turned off labels
+    on most rows. Its decisions (a score above 0) and its scores' cosine are gated."""
+    x = np.random.default_rng(0).normal(size=(200, 5)).astype(np.float32)
+    ref = Outputs(["logits"], [{"logits": x}], [None], rows=200)
+    task = "multi-label-classification"
+
+    def gates(y):
+        cand = Outputs(["logits"], [{"logits": y}], [None], rows=200)
+        return {g.name: g for g in accuracy_gates(ref, cand, task, GateConfig())}
+
+    shifted = gates(x - 1)
+    assert set(shifted) == {"decision_agreement", "cosine:logits", "cosine_tail:logits"}
+    assert not shifted["decision_agreement"].passed and shifted["decision_agreement"].value < 0.5
+    assert "rows of 5 labels: rows whose every label is on or off as FP32's" in (
+        shifted["decision_agreement"].detail
+    )
+    scaled = gates(x * 1.5)  # every decision kept, the scores' direction too
+    assert all(g.passed for g in scaled.values()), scaled
+    softmax = {g.name: g for g in accuracy_gates(
+        ref, Outputs(["logits"], [{"logits": x - 1}], [None], rows=200),
+        "sequence-classification", GateConfig())}  # fmt: skip
+    assert softmax["top1_agreement"].passed and softmax["kl"].passed  # what it was judged by

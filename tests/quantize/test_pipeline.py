@@ -662,6 +662,34 @@ def test_a_single_logit_is_gated_on_its_value_and_with_labels_as_a_binary_choice
     assert "top-1 accuracy FP32 50.00% -> INT8" in drop.detail and "r2" in gates
 
 
+def test_a_hugging_face_multi_label_classifier_is_gated_on_its_decisions(
+    cli, tmp_path, tiny_bert, caplog, gate_file
+):
+    """A sigmoid-per-label classifier end to end: its task from its config, its INT8 judged
+    on FP32's decisions and its scores' cosine (labels ignored, with a word), and a dynamic
+    recipe also on its decisions' batch consistency."""
+    from transformers import BertForSequenceClassification
+
+    tags = tiny_bert(tmp_path / "tags", BertForSequenceClassification, num_labels=4,
+                     problem_type="multi_label_classification")  # fmt: skip
+    cal = write_jsonl(tmp_path / "cal.jsonl", english(64, source="licenses"))
+    ev = write_jsonl(tmp_path / "ev.jsonl", english(40, source="pydoc"), labels=[1] * 40)
+    out = tmp_path / "b"
+    r = cli("export", tags, "--out", out, "--calibration", cal, "--eval", ev, "--no-fp16",
+            "--recipe", "ort-dynamic-per-channel", "--min-speedup", "0.01",
+            "--gate-config", gate_file)  # fmt: skip
+    assert r.code == verdict_code(out), r.stderr
+    m = load(out).manifest
+    assert m.task == "multi-label-classification"
+    gates = {g.name: g for g in m.variant("int8").gates}
+    assert {"decision_agreement", "cosine:logits", "batch_decision_agreement"} <= set(gates)
+    assert not any(n.startswith(("top1_agreement", "kl", "accuracy")) for n in gates), gates
+    assert "rows of 4 labels" in gates["decision_agreement"].detail
+    assert "labels ignored: a multi-label-classification model is gated on its agreement" in (
+        caplog.text
+    )
+
+
 def test_a_hugging_face_token_classifier_is_gated_per_token(
     cli, tmp_path, tiny_bert, caplog, gate_file
 ):
