@@ -34,6 +34,7 @@ from quantgate.export.validation import (
     TorchOutputs,
     ValidationReport,
     build_cases,
+    check_class_names,
     check_padding,
     input_specs,
     output_specs,
@@ -224,6 +225,7 @@ def export_fp32(
     cases = tuple(build_cases(model, mid_batch=cfg.mid_batch))
     refs = tuple(reference_outputs(model, cases))
     outputs = output_specs(model.outputs, cases, refs)
+    check_class_names(model, outputs)
     check_padding(model, cases, refs, outputs, atol=cfg.atol, rtol=cfg.rtol)  # before any export
 
     order = AUTO_ORDER if cfg.exporter is Exporter.AUTO else (cfg.exporter,)

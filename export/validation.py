@@ -20,7 +20,7 @@ import numpy as np
 
 from quantgate import cpus
 from quantgate.bundle import CPU, TensorSpec
-from quantgate.errors import ExportError, ValidationError
+from quantgate.errors import ExportError, ModelLoadError, ValidationError
 from quantgate.model.loaders import InputSpec, LoadedModel, Samples
 from quantgate.padding import MASK, sequence_axis
 from quantgate.quiet import warnings_caught
@@ -308,6 +308,23 @@ def server_pads(inputs: Sequence[InputSpec], outputs: Sequence[TensorSpec]) -> b
         i.name: (BATCH, SEQUENCE, *i.fixed_dims) for i in inputs
     }
     return sequence_axis(axes, [t.dims for t in outputs]) is not None
+
+
+def check_class_names(model: LoadedModel, outputs: Sequence[TensorSpec]) -> None:
+    """Refuse class names that are not as many as the classes the model scores (its
+    ``logits``, else its first output, by its last axis; two for a single logit, a binary
+    classifier's): the server left them out of its answers without a word, and labels given
+    by name would stand for other classes."""
+    names = model.extra.get("labels") or ()
+    scores = next((t for t in outputs if t.name == "logits"), outputs[0] if outputs else None)
+    if not names or scores is None or not isinstance(classes := scores.dims[-1], int):
+        return
+    if classes == len(names) or (classes == 1 and len(names) == 2):
+        return
+    raise ModelLoadError(
+        f"{model.spec}: class_names has {len(names)} names, but the model scores {classes} "
+        f"classes ({scores.name} {list(scores.dims)}): name each class, by index, once"
+    )
 
 
 def _mask_unread(model: LoadedModel, cases: Sequence[Case], refs: Sequence[TorchOutputs]) -> bool:

@@ -108,6 +108,13 @@ def _from_factory(
             f"dim 1 the sequence), to trace and validate with; it {found}. Set it on the "
             'module before returning it: model.example_inputs = {"input_ids": ids, ...}'
         )
+    if where := _off_the_cpu(module, example):
+        raise ModelLoadError(
+            f"{spec}: {where}; quantgate runs the module on the CPU, in float32, to export and "
+            "validate it. Return it with real weights, on the CPU (module.cpu(), and the "
+            "example_inputs' tensors too; a module made on 'meta' needs load_state_dict(..., "
+            "assign=True) first)"
+        )
     arrays = _example_arrays(spec, example)
     if stored := half_precision(module):  # your module: quantgate does not cast it for you
         raise ModelLoadError(
@@ -260,6 +267,20 @@ def _example_found(example: Any) -> str:
         if v.dim() < 2:
             return f"has {name} of {v.dim()} dimension(s)"
     return "has it otherwise"
+
+
+def _off_the_cpu(module: nn.Module, example: Mapping[str, torch.Tensor]) -> str | None:
+    """Where the module's weights or example tensors are not on the CPU, said; else None. A
+    module on 'meta' has no values at all (hashing its weights raised NotImplementedError)."""
+    for kind, tensors in (
+        ("weights", dict(module.state_dict())),
+        ("example_inputs", dict(example)),
+    ):
+        if off := {n: t.device for n, t in tensors.items() if t.device.type != "cpu"}:
+            name, device = next(iter(off.items()))
+            more = f" and {len(off) - 1} more" if len(off) > 1 else ""
+            return f"its {kind} are on {device.type!r} ({name}{more})"
+    return None
 
 
 def _example_arrays(spec: str, example: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -356,6 +356,21 @@ def branches_on_length() -> nn.Module:
     return BranchesOnLength({"input_ids": _ids(seq=12)})
 
 
+def on_meta() -> nn.Module:
+    """Made on the 'meta' device, its weights never loaded: no values to export."""
+    with torch.device("meta"):
+        module = Pooler({})
+    module.example_inputs = {"input_ids": _ids()}
+    return module
+
+
+def misnamed_classes() -> nn.Module:
+    """Three class scores, two class names."""
+    module = Pooler({"input_ids": _ids()})
+    module.class_names = ("no", "yes")
+    return module
+
+
 class NoOnnxOp(Pooler):
     """Uses an operator neither exporter translates (singular values)."""
 
