@@ -220,7 +220,32 @@ def reference_outputs(model: LoadedModel, cases: Sequence[Case]) -> list[TorchOu
                     "and an export cannot be checked against NaN; fix the model first."
                 )
             refs.append(arrays)
+        _check_repeats(model, cases[0], refs[0])
     return refs
+
+
+def _check_repeats(model: LoadedModel, case: Case, ref: TorchOutputs) -> None:
+    """ExportError where PyTorch answers ``case`` otherwise a second time: no graph can
+    match a model that does not match itself (a ``F.dropout(x, p)`` left on, which
+    ``eval()`` does not turn off; a random draw in forward), and its mismatches were told
+    as the export's, or as its padding's."""
+    import torch
+
+    args = [torch.from_numpy(case.feeds[n]) for n in model.input_names]
+    again = tuple(t.detach().numpy() for t in model.module(*args))
+    moved = [  # beyond float error: a thread pool may sum in another order
+        name for name, a, b in zip(model.outputs, ref, again, strict=True)
+        if not (np.allclose(a, b, rtol=1e-5, atol=1e-6) if a.dtype.kind == "f"
+                else np.array_equal(a, b))
+    ]  # fmt: skip
+    if moved:
+        raise ExportError(
+            f"the model answers validation case {case.describe()} otherwise each time it runs "
+            f"in PyTorch ({', '.join(moved)} moved between two runs of the same input): it "
+            "draws at random in forward, with the module in eval mode. A dropout called as "
+            "F.dropout(x, p) stays on (pass training=self.training, or use nn.Dropout); no "
+            "exported graph can match a model that does not match itself."
+        )
 
 
 def check_padding(

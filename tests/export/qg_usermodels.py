@@ -356,6 +356,17 @@ def branches_on_length() -> nn.Module:
     return BranchesOnLength({"input_ids": _ids(seq=12)})
 
 
+class DropsOut(Pooler):
+    """F.dropout(x, p) defaults to training=True: eval() leaves it on."""
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(torch.nn.functional.dropout(self.emb(input_ids), 0.5).mean(1))
+
+
+def drops_out() -> nn.Module:
+    return DropsOut({"input_ids": _ids()})
+
+
 def on_meta() -> nn.Module:
     """Made on the 'meta' device, its weights never loaded: no values to export."""
     with torch.device("meta"):

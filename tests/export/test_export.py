@@ -864,13 +864,19 @@ def test_a_branch_on_the_sequences_length_is_found_between_the_lengths_validated
 
 
 def test_a_module_without_real_weights_or_with_other_class_names_is_refused(cli, tmp_path):
-    """A module made on 'meta' ended in a traceback (hashing its weights), exit 1; class
-    names fewer than the classes scored were taken, and the server dropped them."""
+    """A module made on 'meta' ended in a traceback (hashing its weights), exit 1; one that
+    draws at random in forward was told as both exporters' mismatches; class names fewer
+    than the classes scored were taken, and the server dropped them."""
     r = cli("export", "--no-quantize", "qg_usermodels:on_meta", "--out", tmp_path / "m")
     assert r.code == 2, r.stderr
     err = " ".join(r.stderr.split())
     assert "its weights are on 'meta' (emb.weight and 2 more); quantgate runs the module on" in err
     assert "load_state_dict(..., assign=True)" in err and "Traceback" not in r.stderr
+    r = cli("export", "--no-quantize", "qg_usermodels:drops_out", "--out", tmp_path / "d")
+    assert r.code == 2, r.stderr  # its mismatches were told as both exporters' (exit 3)
+    err = " ".join(r.stderr.split())
+    assert "otherwise each time it runs in PyTorch (output moved between two runs" in err, err
+    assert "F.dropout(x, p) stays on (pass training=self.training, or use nn.Dropout)" in err
     r = cli("export", "--no-quantize", "qg_usermodels:misnamed_classes", "--out", tmp_path / "c")
     assert r.code == 2, r.stderr
     assert "class_names has 2 names, but the model scores 3 classes (output ['batch', 3])" in (
