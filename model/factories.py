@@ -151,7 +151,7 @@ def _from_factory(
         lengths = np.full(len(first), width)
     output_names = getattr(module, "output_names", None)
     wrapped = TupleOutputs(module, list(example), output_names).eval()
-    if output_names is None:  # a dict's keys, else output, output_0, output_1, ...
+    if output_names is None:  # a dict's keys, a NamedTuple's fields, else output, output_0, ...
         with (
             torch.no_grad(),
             warnings_caught(record=False),
@@ -162,6 +162,8 @@ def _from_factory(
                 raise ModelLoadError(f"{spec}: forward(**example_inputs) raised {brief(e)}") from e
         if isinstance(out, Mapping) and all(isinstance(k, str) and k for k in out):
             output_names = list(out)
+        elif isinstance(out, tuple) and hasattr(out, "_fields"):  # a NamedTuple's fields
+            output_names = list(out._fields)
         else:
             n_out = len(wrapped(*example.values()))
             output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]

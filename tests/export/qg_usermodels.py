@@ -5,6 +5,8 @@ Each factory returns a torch.nn.Module carrying ``example_inputs``, as the loade
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -360,11 +362,26 @@ class DropsOut(Pooler):
     """F.dropout(x, p) defaults to training=True: eval() leaves it on."""
 
     def forward(self, input_ids, attention_mask=None):
-        return self.head(torch.nn.functional.dropout(self.emb(input_ids), 0.5).mean(1))
+        return self.head(F.dropout(self.emb(input_ids), 0.5).mean(1))
 
 
 def drops_out() -> nn.Module:
     return DropsOut({"input_ids": _ids()})
+
+
+class Scored(NamedTuple):
+    logits: torch.Tensor
+    pooled: torch.Tensor
+
+
+class ReturnsNamedTuple(Pooler):
+    def forward(self, input_ids, attention_mask=None):
+        pooled = self.emb(input_ids).mean(1)
+        return Scored(self.head(pooled), pooled)
+
+
+def returns_named_tuple() -> nn.Module:
+    return ReturnsNamedTuple({"input_ids": _ids()})
 
 
 def on_meta() -> nn.Module:

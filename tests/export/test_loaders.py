@@ -408,6 +408,8 @@ def test_a_factory_names_its_classes_as_a_hugging_face_config_does():
 
 def test_a_factory_s_outputs_are_named_by_its_dict_or_numbered():
     assert load_model("qg_usermodels:dict_outputs").outputs == ("logits", "probs")
+    # a NamedTuple's fields name its outputs (output_0 and output_1, before)
+    assert load_model("qg_usermodels:returns_named_tuple").outputs == ("logits", "pooled")
     assert load_model("qg_usermodels:non_tensor_output").outputs == ("output_0", "output_1")
     assert load_model("qg_usermodels:nan_output").outputs == ("output",)
 
