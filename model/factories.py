@@ -108,6 +108,13 @@ def _from_factory(
             f"dim 1 the sequence), to trace and validate with; it {found}. Set it on the "
             'module before returning it: model.example_inputs = {"input_ids": ids, ...}'
         )
+    if unknown := _not_taken(module, example):
+        raise ModelLoadError(
+            f"{spec}: example_inputs names {unknown}, which forward does not take (it takes "
+            f"{', '.join(inspect.signature(module.forward).parameters)}): the model is called "
+            "as forward(**example_inputs), and served by the same names. Name each input as "
+            "forward's parameter."
+        )
     if where := _off_the_cpu(module, example):
         raise ModelLoadError(
             f"{spec}: {where}; quantgate runs the module on the CPU, in float32, to export and "
@@ -269,6 +276,18 @@ def _example_found(example: Any) -> str:
         if v.dim() < 2:
             return f"has {name} of {v.dim()} dimension(s)"
     return "has it otherwise"
+
+
+def _not_taken(module: nn.Module, example: Mapping[str, torch.Tensor]) -> list[str]:
+    """The example's input names that ``forward`` has no parameter for (none where it takes
+    ``**kwargs``, or its signature cannot be read)."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # a builtin's, a compiled module's
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return [name for name in example if name not in params]
 
 
 def _off_the_cpu(module: nn.Module, example: Mapping[str, torch.Tensor]) -> str | None:

@@ -384,6 +384,19 @@ def returns_named_tuple() -> nn.Module:
     return ReturnsNamedTuple({"input_ids": _ids()})
 
 
+class TakesIdx(Pooler):
+    def forward(self, idx):
+        return self.head(self.emb(idx).mean(1))
+
+
+def takes_idx() -> nn.Module:
+    """forward(idx), its example named input_ids: the call raised TypeError, told wrapped in
+    advice about shapes and fixed windows."""
+    module = TakesIdx({"input_ids": _ids()})
+    module.output_names = ["logits"]
+    return module
+
+
 def on_meta() -> nn.Module:
     """Made on the 'meta' device, its weights never loaded: no values to export."""
     with torch.device("meta"):

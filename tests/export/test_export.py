@@ -872,6 +872,10 @@ def test_a_module_without_real_weights_or_with_other_class_names_is_refused(cli,
     err = " ".join(r.stderr.split())
     assert "its weights are on 'meta' (emb.weight and 2 more); quantgate runs the module on" in err
     assert "load_state_dict(..., assign=True)" in err and "Traceback" not in r.stderr
+    r = cli("export", "--no-quantize", "qg_usermodels:takes_idx", "--out", tmp_path / "i")
+    assert r.code == 2 and "example_inputs names ['input_ids'], which forward does not take " in (
+        " ".join(r.stderr.split())
+    ), r.stderr
     r = cli("export", "--no-quantize", "qg_usermodels:drops_out", "--out", tmp_path / "d")
     assert r.code == 2, r.stderr  # its mismatches were told as both exporters' (exit 3)
     err = " ".join(r.stderr.split())
