@@ -68,6 +68,12 @@ class GateConfig:
         spelled = {"cpu": CPU, "cuda": CUDA}.get(str(self.provider).lower(), self.provider)
         object.__setattr__(self, "provider", spelled)
         problems: list[tuple[str, str]] = []  # (field, what is wrong with its value)
+        if not self.provider.endswith("ExecutionProvider"):  # it was refused by the re-gate
+            problems.append((
+                "provider",
+                f"{self.provider!r}: expected 'cpu', 'cuda' or an ONNX Runtime provider's name "
+                f"({CPU}, {CUDA})",
+            ))  # fmt: skip
         if self.ci_rule not in ("point", "upper"):
             problems.append(("ci_rule", f"{self.ci_rule!r}: expected 'point' or 'upper'"))
         if not 0 < self.confidence < 1:

@@ -26,6 +26,7 @@ from quantgate.serve import ServeConfig
         (lambda: GateConfig(batch_sizes=(1.7,)), "found tuple (1.7,)"),  # not silently 1
         (lambda: GateConfig(min_speedup=True), "min_speedup: expected a number, found bool True"),
         (lambda: GateConfig(eval_samples="all"), "eval_samples: expected a whole number or None"),
+        (lambda: GateConfig(provider="tpu"), "provider 'tpu': expected 'cpu', 'cuda' or an ONNX Runtime"),  # at regate, before
         (lambda: QuantConfig(max_candidates=2.5), "QuantConfig: max_candidates: expected a whole number"),
         (lambda: QuantConfig(recipes=("a", 1)), "recipes: expected a tuple (or list) of strings"),
         (lambda: ServeConfig(path="b", port="8001"), "ServeConfig: port: expected a whole number"),
