@@ -869,7 +869,9 @@ def run(
 
     Raises DrainIncomplete when the grace ran out before every admitted request was
     answered: the operator learns that requests were cut off, from the log and the exit code.
-    What it started (threads, the port, the metrics port) is ended when it returns or raises.
+    What it started (the port, the metrics port, its threads) is ended when it returns or
+    raises: the ports closed, each thread told to end (gRPC's pool threads exit within a
+    moment after, without a join).
     """
     if threading.current_thread() is not threading.main_thread():
         raise ServeError(
