@@ -336,19 +336,19 @@ def server_pads(inputs: Sequence[InputSpec], outputs: Sequence[TensorSpec]) -> b
 
 
 def check_class_names(model: LoadedModel, outputs: Sequence[TensorSpec]) -> None:
-    """Refuse class names that are not as many as the classes the model scores (its
-    ``logits``, else its first output, by its last axis; two for a single logit, a binary
-    classifier's): the server left them out of its answers without a word, and labels given
-    by name would stand for other classes."""
+    """Refuse class names that are not as many as the classes any float output scores (by
+    its last axis; two for a single logit, a binary classifier's): the server left them out
+    of its answers without a word, and labels given by name would stand for other classes."""
     names = model.extra.get("labels") or ()
-    scores = next((t for t in outputs if t.name == "logits"), outputs[0] if outputs else None)
-    if not names or scores is None or not isinstance(classes := scores.dims[-1], int):
+    scored = [t for t in outputs if t.dtype.startswith("float") and isinstance(t.dims[-1], int)]
+    if not names or not scored:
         return
-    if classes == len(names) or (classes == 1 and len(names) == 2):
+    if any(t.dims[-1] == len(names) or (t.dims[-1] == 1 and len(names) == 2) for t in scored):
         return
+    shown = ", ".join(f"{t.name} {list(t.dims)}" for t in scored)
     raise ModelLoadError(
-        f"{model.spec}: class_names has {len(names)} names, but the model scores {classes} "
-        f"classes ({scores.name} {list(scores.dims)}): name each class, by index, once"
+        f"{model.spec}: class_names has {len(names)} names, but no output scores as many "
+        f"classes ({shown}): name each class, by index, once"
     )
 
 

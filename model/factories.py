@@ -110,8 +110,8 @@ def _from_factory(
         )
     if unknown := _not_taken(module, example):
         raise ModelLoadError(
-            f"{spec}: example_inputs names {unknown}, which forward does not take (it takes "
-            f"{', '.join(inspect.signature(module.forward).parameters)}): the model is called "
+            f"{spec}: example_inputs names {unknown}, which forward does not take (forward"
+            f"{inspect.signature(module.forward)}): the model is called "
             "as forward(**example_inputs), and served by the same names. Name each input as "
             "forward's parameter."
         )

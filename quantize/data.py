@@ -413,14 +413,14 @@ def _warn_padding(rows: Batch, model: ModelInfo, *, where: str) -> None:
             describe_rows(left),
         )
     ids, pad = rows.feeds.get("input_ids"), model.pad_values.get("input_ids", 0)  # as served
-    if model.tokenizer is None or ids is None or ids.shape != mask.shape or not mask.all():
+    if model.tokenizer is None or ids is None or ids.shape != mask.shape:
         return  # the pad id is a token of the text's only where a tokenizer names it
-    # Rows padded to the longest, under a mask of 1s: runs of the pad id at their ends, and
-    # none at the longest's. One pad id at a row's end may be a token (GPT-2 pads with its
-    # end-of-text, or with id 0, its "!")
-    trailing = np.argmax(np.flip(ids != pad, axis=1), axis=1)  # pad ids after the last token
+    # A run of pad ids at a row's end under a mask of 1s: padding attended. One pad id there
+    # may be a token (GPT-2 pads with its end-of-text, or with id 0, its "!")
+    padded = (ids == pad) & (mask == 1)
+    trailing = np.argmax(np.flip(~padded, axis=1), axis=1)  # such positions at the row's end
     attended = trailing >= 2
-    if attended.any() and trailing.min() == 0:
+    if attended.any():
         log.warning(
             "%s: rows end in the pad token (id %d) with an attention_mask of 1 over it (%s): "
             "padding marked as tokens, which the model attends to; quantgate's server pads "

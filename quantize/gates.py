@@ -165,10 +165,10 @@ def accuracy_gates(
         gates = [_token_accuracy_drop(reference, candidate, tokens, cfg, label)]
     elif tokens is not None:
         gates = _token_fidelity(reference, candidate, tokens, cfg)
-    elif judged is not None:
-        gates = _embedding_fidelity(reference, candidate, judged, cfg)
     elif (scores := _multi_label_scores(reference, task)) is not None:
         gates = [_decision_agreement(reference, candidate, scores, cfg)]  # and their cosine
+    elif judged is not None:
+        gates = _embedding_fidelity(reference, candidate, judged, cfg)
     else:
         gates = []  # none of these kinds: every output on its cosine
     pooled = judged not in (logits, tokens)  # an embedding, compared mean-pooled
@@ -257,6 +257,13 @@ def _logits_output(ref: Outputs, task: str) -> str | None:
     if "logits" in ref.names:
         return "logits" if "logits" in scores else None
     return next(iter(scores), None)
+
+
+def decision_cut(scores: np.ndarray) -> float:
+    """Where a multi-label classifier's label turns on: a logit above 0, or a probability
+    above 0.5 where its scores are all in [0, 1] (a forward that returns sigmoid's, whose
+    every label would be on above 0)."""
+    return 0.5 if bool(((scores >= 0) & (scores <= 1)).all()) else 0.0
 
 
 def _multi_label_scores(ref: Outputs, task: str) -> str | None:
@@ -634,11 +641,12 @@ def _decision_agreement(ref: Outputs, cand: Outputs, output: str, cfg: GateConfi
     scores all shifted down by one kept every row's top label and its softmax, and turned
     off labels on 99% of rows. The scores' own cosine to FP32's is gated beside it."""
     x, y = ref.stacked(output), cand.stacked(output)
+    cut = decision_cut(x)
     broken = ~np.isfinite(y).all(-1)
-    same = ((x > 0) == (y > 0)).all(-1) & ~broken
+    same = ((x > cut) == (y > cut)).all(-1) & ~broken
     detail = (
         f"{output} vs FP32 on {len(x)} rows of {x.shape[-1]} labels: rows whose every label "
-        "is on or off as FP32's (a score above 0)"
+        f"is on or off as FP32's (a score above {cut:g})"
     )
     if broken.any():
         detail += f"; {int(broken.sum())} rows with non-finite candidate scores (any fails)"
@@ -865,11 +873,12 @@ def batch_consistency(
     the server) against the same row in a batch of its evaluation batch's rows, padded on
     the right to the longest (as the server's batcher pads, whatever padding the data came
     with). Dynamic INT8 computes its activation scales from the whole batch at run time, so
-    the server's batching changes its answers (on the built-in digits model: logits by up
-    to 0.16, and the top class of 1 row in 360). Gated as top-1 agreement at
+    the server's batching changes its answers (on the built-in digits model: logits by up to
+    0.16, and the top class of 1 row in 360). Gated as top-1 agreement at
     ``min_top1_agreement`` for a classifier (R² for a single logit), per real token for a
-    token classifier, each label's decision for a multi-label one, else the mean cosine of its embedding at ``min_cosine``; None for a
-    model of none of these kinds (nothing to judge it by)."""
+    token classifier, each label's decision for a multi-label one, else the mean cosine of
+    its embedding at ``min_cosine``; None for a model of none of these kinds (nothing to
+    judge it by)."""
     sess = session(model, cfg.provider, threads=cfg.threads)
     names = [o.name for o in sess.get_outputs()]
     together, alone = Outputs(names), Outputs([])
@@ -883,7 +892,7 @@ def batch_consistency(
         together.rows += len(rows)
         if judged is None:  # the output judged, known from the first batch; alone, only it
             logits, tokens, judged = _judged(together, task)
-            judged = judged or _multi_label_scores(together, task)
+            judged = _multi_label_scores(together, task) or judged
             if judged is None:
                 return None
             alone.names = [judged]
@@ -928,8 +937,9 @@ def batch_consistency(
     if task in MULTI_LABEL_TASKS:  # each label on or off as in the batch
         x, y = together.stacked(judged), alone.stacked(judged)
         broken = ~np.isfinite(x).all(-1) | ~np.isfinite(y).all(-1)
+        cut = decision_cut(x)
         return mean_gate(
-            "batch_decision_agreement", ((x > 0) == (y > 0)).all(-1) & ~broken,
+            "batch_decision_agreement", ((x > cut) == (y > cut)).all(-1) & ~broken,
             cfg.min_top1_agreement, ">=", cfg, detail + "; rows whose every label is on or off "
             "alike", valid=not broken.any(),
         )  # fmt: skip

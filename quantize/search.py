@@ -330,8 +330,8 @@ def search(
             # no room left for the retry: it is not worth its sensitivity scan, only a word
             stopped = _out_of_room(len(candidates), quant_cfg, t0)
             if stopped:
-                more = "more of its" if attempt.round else "its"  # a retry's retry
-                skipped.append(f"{cand.name} with {more} most sensitive nodes kept FP32")
+                which = "more of its" if attempt.round else "its"  # a retry's retry
+                skipped.append(f"{cand.name} with {which} most sensitive nodes kept FP32")
                 continue
             nodes = _sensitive_nodes(fp32, qmodel, calibration, cand, quant_cfg)
             if nodes:

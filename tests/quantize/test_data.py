@@ -564,6 +564,13 @@ def test_pad_tokens_marked_as_tokens_are_warned_about(tmp_path, caplog):
     assert "rows end in the pad token (id 0) with an attention_mask of 1 over it (20 rows" in (
         caplog.text
     )
+    caplog.clear()  # padded to a fixed width, every row: told too
+    fixed = np.array([[101, 2023, 102, 0, 0], [101, 2003, 102, 0, 0]] * 20)
+    with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
+        open_source(write_npz(tmp_path / "f.npz", {"input_ids": fixed,
+                                                   "attention_mask": np.ones_like(fixed)}),
+                    info, role="evaluation")  # fmt: skip
+    assert "(40 rows" in caplog.text
     caplog.clear()  # a token that is the pad id at a row's end (GPT-2's "!", its EOS): not told
     ends = np.array([[101, 2023, 0], [101, 2003, 102]] * 20)
     with caplog.at_level("WARNING", logger="quantgate.quantize.data"):

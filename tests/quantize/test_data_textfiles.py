@@ -183,7 +183,7 @@ def test_label_cells_are_read_without_the_spaces_around_them(tmp_path):
     )
     path = tmp_path / "hand.csv"
     path.write_text(
-        'text, label\ngood film, positive\nbad film, negative \n"a, quoted text", positive\n'
+        'label, text\npositive, good film\nnegative , bad film\npositive, "a, quoted text"\n'
     )  # the quote after ", " opens its field
     (batch,) = open_source(path, info, role="evaluation").batches()
     assert sorted(batch.labels.tolist()) == [0, 1, 1]

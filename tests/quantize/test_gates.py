@@ -1248,3 +1248,10 @@ def test_a_multi_label_classifier_is_gated_on_its_decisions_and_its_scores_cosin
         ref, Outputs(["logits"], [{"logits": x - 1}], [None], rows=200),
         "sequence-classification", GateConfig())}  # fmt: skip
     assert softmax["top1_agreement"].passed and softmax["kl"].passed  # what it was judged by
+    # a forward that returns sigmoid's probabilities: a label is on above 0.5, not 0
+    p = 1 / (1 + np.exp(-x))
+    probs = Outputs(["probs"], [{"probs": p}], [None], rows=200)
+    moved = Outputs(["probs"], [{"probs": 1 / (1 + np.exp(-(x - 0.5)))}], [None], rows=200)
+    (decided, *_) = accuracy_gates(probs, moved, task, GateConfig())
+    assert decided.name == "decision_agreement" and not decided.passed, decided
+    assert "(a score above 0.5)" in decided.detail

@@ -1197,8 +1197,7 @@ logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
 cfg = ServeConfig(path=Path(sys.argv[1]), host="127.0.0.1", port=0, warmup=False)
 
 stop = threading.Event()  # set by another thread: the server stops as on SIGTERM
-threading.Timer(0.5, stop.set).start()
-run(cfg, stop=stop)
+run(cfg, stop=stop, on_ready=lambda port, engine: threading.Timer(0.5, stop.set).start())
 print("returned after the caller's stop")
 
 told = threading.Event()  # set by the server at SIGTERM: on_ready's own loop learns of it

@@ -9,7 +9,6 @@ import queue
 import re
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -275,7 +274,7 @@ def test_a_stream_the_client_cancels_is_logged_cancelled(tmp_path):
             c.start_stream(callback=lambda result, error: None)
             try:
                 c.async_stream_infer("slow", inputs(endless))  # counts until its client goes
-                time.sleep(2)  # read and running: it runs until the stream is cancelled
+                until(lambda: "slow: running a batch of 1" in srv.log, timeout=60)  # (-v)
             finally:
                 c.stop_stream(cancel_requests=True)
 
