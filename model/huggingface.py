@@ -251,15 +251,15 @@ def _hf_task(path: Path, archs: Sequence[str], task: str | None, *, multi_label:
     weights would be random), and so is a head quantgate does not export unless
     feature-extraction is asked for: it would be dropped without a word."""
     # in the config's order: its first architecture is the model's own
-    own = MULTI_LABEL_CLASSIFICATION if multi_label else SEQUENCE_CLASSIFICATION
+    scores = MULTI_LABEL_CLASSIFICATION if multi_label else SEQUENCE_CLASSIFICATION
     heads = [
         t
         for a in archs
         for t, suffix in HF_HEADS.items()
-        if a.endswith(suffix) and t in (own, TOKEN_CLASSIFICATION)
+        if a.endswith(suffix) and t in (scores, TOKEN_CLASSIFICATION)
     ]
-    if task in (SEQUENCE_CLASSIFICATION, MULTI_LABEL_CLASSIFICATION) and own in heads:
-        heads.append(task)  # either reading of the scores, where asked for
+    if task in (SEQUENCE_CLASSIFICATION, MULTI_LABEL_CLASSIFICATION) and scores in heads:
+        heads.append(task)  # either reading of a sequence classifier's scores, where asked
     if task in HF_HEADS and task not in heads:
         own = (
             f"Its own head is {heads[0]}: drop --task (or pass --task {heads[0]}), or use"

@@ -68,7 +68,7 @@ class GateConfig:
         spelled = {"cpu": CPU, "cuda": CUDA}.get(str(self.provider).lower(), self.provider)
         object.__setattr__(self, "provider", spelled)
         problems: list[tuple[str, str]] = []  # (field, what is wrong with its value)
-        if not self.provider.endswith("ExecutionProvider"):  # it was refused by the re-gate
+        if not self.provider.endswith("ExecutionProvider"):  # not only when a re-gate runs
             problems.append((
                 "provider",
                 f"{self.provider!r}: expected 'cpu', 'cuda' or an ONNX Runtime provider's name "

@@ -140,8 +140,8 @@ def distinct_rows(evaluation: DataSource, model: ModelInfo, *, where: str) -> Da
 
 def _relabelled(evaluation: DataSource, model: ModelInfo) -> int:
     """How many rows repeat an earlier row (every input alike) with another label (one per
-    row: a token classifier's tags are not compared). A pass over the data, made only where rows
-    repeat."""
+    row: a token classifier's tags are not compared). A pass over the data, made only where
+    rows repeat."""
     from quantgate.quantize.data import whole_row_hashes
 
     if not evaluation.has_labels:
