@@ -636,10 +636,11 @@ def _classifier_fidelity(
 
 def _decision_agreement(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig) -> GateResult:
     """``decision_agreement``: the share of rows whose labels are each on or off as FP32's
-    (on where its score is above 0: a sigmoid's 0.5), with Wilson's interval, at least
-    ``min_top1_agreement``. A softmax's top-1 agreement and KL cannot see these decisions:
-    scores all shifted down by one kept every row's top label and its softmax, and turned
-    off labels on 99% of rows. The scores' own cosine to FP32's is gated beside it."""
+    (on where its score is above ``decision_cut``: a logit's 0, a probability's 0.5), with
+    Wilson's interval, at least ``min_top1_agreement``. A softmax's top-1 agreement and KL
+    cannot see these decisions: scores all shifted down by one kept every row's top label
+    and its softmax, and turned off labels on 99% of rows. The scores' own cosine to FP32's
+    is gated beside it."""
     x, y = ref.stacked(output), cand.stacked(output)
     cut = decision_cut(x)
     broken = ~np.isfinite(y).all(-1)
@@ -934,7 +935,7 @@ def batch_consistency(
             "batch_top1_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail,
             valid=not _broken(x, y).any(),
         )  # fmt: skip
-    if task in MULTI_LABEL_TASKS:  # each label on or off as in the batch
+    if judged == _multi_label_scores(together, task):  # each label on or off as batched
         x, y = together.stacked(judged), alone.stacked(judged)
         broken = ~np.isfinite(x).all(-1) | ~np.isfinite(y).all(-1)
         cut = decision_cut(x)
