@@ -662,6 +662,20 @@ def test_a_single_logit_is_gated_on_its_value_and_with_labels_as_a_binary_choice
     assert "top-1 accuracy FP32 50.00% -> INT8" in drop.detail and "r2" in gates
 
 
+def _exported_with_a_dynamic_recipe(cli, model, tmp_path, gate_file):
+    """``model`` exported to tmp_path/b, calibrated on license text (tmp_path/cal.jsonl) and
+    gated on pydoc text labelled 1 (tmp_path/ev.jsonl: labels these models ignore), by a
+    dynamic recipe (so batch consistency is gated too): its manifest."""
+    cal = write_jsonl(tmp_path / "cal.jsonl", english(64, source="licenses"))
+    ev = write_jsonl(tmp_path / "ev.jsonl", english(40, source="pydoc"), labels=[1] * 40)
+    out = tmp_path / "b"
+    r = cli("export", model, "--out", out, "--calibration", cal, "--eval", ev, "--no-fp16",
+            "--recipe", "ort-dynamic-per-channel", "--min-speedup", "0.01",
+            "--gate-config", gate_file)  # fmt: skip
+    assert r.code == verdict_code(out), r.stderr
+    return load(out).manifest
+
+
 def test_a_hugging_face_multi_label_classifier_is_gated_on_its_decisions(
     cli, tmp_path, tiny_bert, caplog, gate_file
 ):
@@ -672,14 +686,7 @@ def test_a_hugging_face_multi_label_classifier_is_gated_on_its_decisions(
 
     tags = tiny_bert(tmp_path / "tags", BertForSequenceClassification, num_labels=4,
                      problem_type="multi_label_classification")  # fmt: skip
-    cal = write_jsonl(tmp_path / "cal.jsonl", english(64, source="licenses"))
-    ev = write_jsonl(tmp_path / "ev.jsonl", english(40, source="pydoc"), labels=[1] * 40)
-    out = tmp_path / "b"
-    r = cli("export", tags, "--out", out, "--calibration", cal, "--eval", ev, "--no-fp16",
-            "--recipe", "ort-dynamic-per-channel", "--min-speedup", "0.01",
-            "--gate-config", gate_file)  # fmt: skip
-    assert r.code == verdict_code(out), r.stderr
-    m = load(out).manifest
+    m = _exported_with_a_dynamic_recipe(cli, tags, tmp_path, gate_file)
     assert m.task == "multi-label-classification"
     gates = {g.name: g for g in m.variant("int8").gates}
     assert {"decision_agreement", "cosine:logits", "batch_decision_agreement"} <= set(gates)
@@ -699,14 +706,8 @@ def test_a_hugging_face_token_classifier_is_gated_per_token(
     from transformers import BertForTokenClassification
 
     ner = tiny_bert(tmp_path / "ner", BertForTokenClassification, num_labels=5)
-    cal = write_jsonl(tmp_path / "cal.jsonl", english(64, source="licenses"))
-    ev = write_jsonl(tmp_path / "ev.jsonl", english(40, source="pydoc"), labels=[1] * 40)
-    out = tmp_path / "b"
-    r = cli("export", ner, "--out", out, "--calibration", cal, "--eval", ev, "--no-fp16",
-            "--recipe", "ort-dynamic-per-channel", "--min-speedup", "0.01",
-            "--gate-config", gate_file)  # fmt: skip
-    assert r.code == verdict_code(out), r.stderr
-    m = load(out).manifest
+    m = _exported_with_a_dynamic_recipe(cli, ner, tmp_path, gate_file)
+    out, cal, ev = tmp_path / "b", tmp_path / "cal.jsonl", tmp_path / "ev.jsonl"  # its files
     assert m.task == "token-classification" and [o.dims for o in m.outputs] == [
         ("batch", "sequence", 5)
     ]
