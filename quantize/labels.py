@@ -80,6 +80,23 @@ def _classes_said(names: tuple[str, ...]) -> str:
     return describe_classes(names) + single
 
 
+def _reshaped(labels: np.ndarray, n: int) -> str:
+    """What would make ``labels`` one class index per row, where a usual slip made them
+    otherwise: a column (n, 1), booleans, a one-hot (n, classes) matrix."""
+    if labels.shape == (n, 1):
+        return ". Give them as one row's worth each: labels.ravel()"
+    if labels.dtype == bool and labels.shape == (n,):
+        return ". Give them as class indices: labels.astype(int)"
+    if labels.ndim == 2 and labels.shape[0] == n and np.isin(labels, (0, 1)).all():
+        if (labels.sum(1) == 1).all():
+            return ". One-hot rows: give each row's class index, labels.argmax(1)"
+        return (
+            ". Several classes on in a row: labels of a multi-label model, which are not read "
+            "(its gates compare it with FP32: leave them out)"
+        )
+    return ""
+
+
 def check_labels(labels: Any, n: int, names: tuple[str, ...], where: str) -> np.ndarray:
     """``labels`` as ``(n,)`` int64 class indices: integers inside the model's classes (>= 0
     where it names none), or its class ``names``, mapped to their indices; else a DataError
@@ -102,7 +119,7 @@ def check_labels(labels: Any, n: int, names: tuple[str, ...], where: str) -> np.
         what = "class indices or class names" if names else "integers (class indices)"
         raise DataError(
             f"{where}: labels must be {n} {what}, one per row; found shape {labels.shape} "
-            f"dtype {labels.dtype}"
+            f"dtype {labels.dtype}" + _reshaped(labels, n)
         )
     bad = labels < 0
     if names:

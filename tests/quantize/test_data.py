@@ -142,6 +142,9 @@ def test_npz_round_trip_and_bad_arrays(tmp_path):
         "long.npz": (rng_feeds(4, seq=80), None, "longer than the model's 64"),
         "float.npz": ({**feeds, "input_ids": feeds["input_ids"] + 0.5}, None, "dtype float64"),
         "labels.npz": (feeds, np.zeros(3), "labels must be 40 integers"),
+        "column.npz": (feeds, np.zeros((40, 1), np.int64), r"shape \(40, 1\).*labels\.ravel\(\)"),
+        "onehot.npz": (feeds, np.eye(10, dtype=np.int64)[np.arange(40) % 10], "labels.argmax"),
+        "bools.npz": (feeds, np.arange(40) % 2 == 0, r"dtype bool.*labels\.astype\(int\)"),
         "rows.npz": ({**feeds, "attention_mask": feeds["attention_mask"][:5]}, None, "disagree"),
         "label.npz": (
             {**feeds, "label": np.arange(40) % 10},
