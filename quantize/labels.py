@@ -91,8 +91,8 @@ def _reshaped(labels: np.ndarray, n: int) -> str:
         if (labels.sum(1) == 1).all():
             return ". One-hot rows: give each row's class index, labels.argmax(1)"
         return (
-            ". Several classes on in a row: labels of a multi-label model, which are not read "
-            "(its gates compare it with FP32: leave them out)"
+            ". Several classes on in a row are a multi-label model's labels: export it with "
+            "--task multi-label-classification (gated against FP32, it reads no labels)"
         )
     return ""
 
