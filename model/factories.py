@@ -153,6 +153,7 @@ def _from_factory(
             f"--max-seq-len {max_seq_len} is beyond {declared_max}, the module's own max_seq_len"
         )
     if "attention_mask" in arrays:
+        _check_mask(spec, arrays["attention_mask"])
         lengths = arrays["attention_mask"].reshape(len(first), -1).sum(1)
     else:
         lengths = np.full(len(first), width)
@@ -288,6 +289,27 @@ def _not_taken(module: nn.Module, example: Mapping[str, torch.Tensor]) -> list[s
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return []
     return [name for name in example if name not in params]
+
+
+def _check_mask(spec: str, mask: np.ndarray) -> None:
+    """ModelLoadError unless the example's attention_mask marks each row's tokens with 1s:
+    one that marks padding (True = pad, as nn.MultiheadAttention's key_padding_mask takes
+    it) read the example's full rows as 0 tokens, and validation failed in other words."""
+    rows = mask.reshape(len(mask), -1)
+    if np.isin(rows, (0, 1)).all() and rows.any(axis=1).all():
+        return
+    inverted = np.isin(rows, (0, 1)).all()  # 0s and 1s, and a row of 0s: full, if inverted
+    raise ModelLoadError(
+        f"{spec}: example_inputs['attention_mask'] must be 1 on each row's tokens and 0 on its "
+        f"padding, with a token in every row; found {np.unique(rows)[:6].tolist()} with "
+        f"{int((~rows.any(axis=1)).sum())} of {len(rows)} rows without a 1"
+        + (
+            ". Is it inverted (True = padding, as nn.MultiheadAttention's key_padding_mask "
+            "takes it)? Give attention_mask as 1 = token, and invert it inside forward"
+            if inverted
+            else ""
+        )
+    )
 
 
 def _off_the_cpu(module: nn.Module, example: Mapping[str, torch.Tensor]) -> str | None:

@@ -397,6 +397,12 @@ def takes_idx() -> nn.Module:
     return module
 
 
+def inverted_mask() -> nn.Module:
+    """True = padding, as nn.MultiheadAttention's key_padding_mask takes it: full rows of 0s."""
+    ids = _ids()
+    return Pooler({"input_ids": ids, "attention_mask": torch.zeros_like(ids, dtype=torch.bool)})
+
+
 def on_meta() -> nn.Module:
     """Made on the 'meta' device, its weights never loaded: no values to export."""
     with torch.device("meta"):

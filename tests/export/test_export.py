@@ -876,6 +876,9 @@ def test_a_module_without_real_weights_or_with_other_class_names_is_refused(cli,
     assert r.code == 2 and "example_inputs names ['input_ids'], which forward does not take " in (
         " ".join(r.stderr.split())
     ), r.stderr
+    r = cli("export", "--no-quantize", "qg_usermodels:inverted_mask", "--out", tmp_path / "v")
+    err = " ".join(r.stderr.split())
+    assert r.code == 2 and "with 4 of 4 rows without a 1. Is it inverted (True = padding" in err
     r = cli("export", "--no-quantize", "qg_usermodels:drops_out", "--out", tmp_path / "d")
     assert r.code == 2, r.stderr  # its mismatches were told as both exporters' (exit 3)
     err = " ".join(r.stderr.split())
