@@ -94,6 +94,7 @@ class Engine:
             )
             depth = self.metrics.queue_depth.labels(m.name, m.version)
             depth.set_function(lambda b=b: b.depth)  # type: ignore[misc]
+            self.metrics.queue_limit.labels(m.name, m.version).set(self.cfg.max_queue_size)
 
     def warm_up(self, stop: threading.Event | None = None) -> None:
         """Run every model at three shapes before reporting ready: one short row, one row

@@ -111,6 +111,19 @@ class Metrics:
             labels,
             registry=r,
         )
+        self.queue_limit = prom.Gauge(
+            "quantgate_queue_size_limit",
+            "The requests a model's queue admits (--max-queue-size): beyond, refused "
+            "UNAVAILABLE queue_full; quantgate_queue_depth against it is how full it is",
+            labels,
+            registry=r,
+        )
+        self.ready = prom.Gauge(
+            "quantgate_ready",
+            "1 while the server takes requests (warmed up, no stop asked), else 0: what "
+            "/readyz answers",
+            registry=r,
+        )
         self.unauthenticated = prom.Counter(
             "quantgate_unauthenticated_requests",
             "Calls refused for a missing or invalid bearer token (no model is read from them)",

@@ -1082,11 +1082,13 @@ def _start(
     lines). The HTTP readiness probes say not ready from the moment ``stop`` is set, ahead
     of the drain's first step. ``said_ready`` is set once it reports ready, ``in_caller``
     while ``on_ready`` runs."""
+
+    def ready() -> bool:
+        return engine.ready and not stop.is_set()
+
+    engine.metrics.ready.set_function(lambda: int(ready()))
     if cfg.metrics_port is not None:
         http = engine.metrics
-
-        def ready() -> bool:
-            return engine.ready and not stop.is_set()
 
         def model_ready(name: str, version: str) -> bool:
             try:

@@ -1373,6 +1373,8 @@ def test_open_streams_are_capped_so_calls_and_probes_keep_their_threads(repo):
                 assert metric(srv, "quantgate_streams_open", kind=kind) == places
                 assert metric(srv, "quantgate_streams_open_limit", kind=kind) == places
                 assert metric(srv, "quantgate_refused_streams_total", kind=kind) == 1
+            assert metric(srv, "quantgate_ready") == 1  # as /readyz says
+            assert metric(srv, "quantgate_queue_size_limit", model="tiny-classifier") == 8
 
             watches[0].cancel()  # a closed stream frees its place
             deadline = time.monotonic() + 10
