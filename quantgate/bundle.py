@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantgate.errors import BundleError, BundleOutOfSpace
+from quantgate.errors import BundleError, BundleOutOfSpace, ConfigTypeError
 from quantgate.fsutil import (
     atomic_dir,
     disk_full,
@@ -694,6 +694,10 @@ READ_ATTEMPTS = 3  # reads of a bundle that is replaced meanwhile (load), before
 def load(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
     """Read a bundle's manifest; with ``verify``, check every file it lists (the variants,
     the tokenizer) against its sha256, all of them before saying what is wrong."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigTypeError(
+            f"load: expected a bundle's path (a str or a Path), found {type(path).__name__}"
+        )
     path = Path(path)
     if not path.exists():
         raise BundleError(

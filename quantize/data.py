@@ -895,7 +895,7 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
 def _in_memory(arrays: Mapping[str, Any], model: ModelInfo, samples: int | None, batch_size: int):
     """One dict of arrays, every row at once: read as a .npz's arrays are (a cap on the rows
     keeps them length-stratified)."""
-    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    arrays = {k: _array(k, v) for k, v in arrays.items()}
     h = hashlib.sha256(b"arrays")
     for k in sorted(arrays):
         h.update(f"{k}:{arrays[k].dtype.str}:{arrays[k].shape}".encode())
@@ -904,6 +904,19 @@ def _in_memory(arrays: Mapping[str, Any], model: ModelInfo, samples: int | None,
         lambda: arrays, list(arrays), model, samples, batch_size, "data", h.hexdigest(),
         kind="arrays", name="a dict",
     )  # fmt: skip
+
+
+def _array(name: str, value: Any) -> np.ndarray:
+    """A dict's value as one array; DataError for rows of different lengths (Python lists
+    of token ids as a tokenizer gives them unpadded), which numpy cannot stack."""
+    try:
+        return np.asarray(value)
+    except ValueError:  # numpy: "inhomogeneous shape"
+        raise DataError(
+            f"the data's {name!r}: its rows are of different lengths, which make no array. "
+            "Pad them to one length, with an attention_mask of 0 there (a tokenizer's "
+            "padding=True, return_tensors='np')"
+        ) from None
 
 
 def _whole(

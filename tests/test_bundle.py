@@ -165,6 +165,10 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path):
 def test_not_a_bundle(tmp_path):
     with pytest.raises(BundleError, match="does not exist"):
         qb.load(tmp_path / "nothing")
+    from quantgate.errors import ConfigTypeError
+
+    with pytest.raises(ConfigTypeError, match="expected a bundle's path .* found int"):
+        qb.load(5)  # type: ignore[arg-type]  # Path(5): Python's own TypeError, before
     with pytest.raises(BundleError, match="has no manifest.json"):
         qb.load(tmp_path)
     (tmp_path / qb.MANIFEST).mkdir()  # there, but no file: not "it has none"

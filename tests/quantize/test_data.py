@@ -494,6 +494,9 @@ def test_tokenize_names_the_text_that_is_blank_or_not_utf8():
     with pytest.raises(DataError, match="found none"):
         tokenize([], info)
     assert tokenize(["café 😀 日本"], info)["input_ids"].shape[0] == 1  # UTF-8 is fine
+    # rows of token ids as a tokenizer gives them unpadded: numpy's ValueError, before
+    with pytest.raises(DataError, match="'input_ids': its rows are of different lengths"):
+        open_source({"input_ids": [[101, 2], [101, 2, 3]]}, info, role="evaluation")
     # one string is a Sequence[str] too: it was a row per character
     with pytest.raises(DataError, match=r"found one string \('a cat'\): give \[text\]"):
         tokenize("a cat", info)
