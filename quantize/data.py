@@ -256,6 +256,7 @@ class DataSource:
     # rows that were also calibration rows (check_held_out), left out; None: not compared
     in_calibration: int | None = None
     repeated: int = 0  # rows that repeated an earlier row, left out (heldout.distinct_rows)
+    relabelled: int = 0  # of those, rows labelled otherwise than the copy kept (without_rows)
     # (samples,) uint64: each row's row_hashes, in any order; None: not known
     row_hashes: np.ndarray | None = field(default=None, repr=False, compare=False)
     labels_ignored: bool = False  # it had labels, which the model's gates do not read
@@ -522,21 +523,29 @@ def without_rows(
     alike; the first is kept). Each pass yields the same rows in the same order; batches
     keep their length order, cut to their longest row that remains. ``samples`` and
     ``row_hashes`` are those of the rows kept, read in one pass over the source, here;
-    later passes hash nothing again."""
+    later passes hash nothing again. ``relabelled`` counts the repeats whose label (one per
+    row) is not the kept copy's."""
     drop = np.asarray([] if drop is None else drop, dtype=np.uint64)
     tokens = model.reads_token_labels
     # Which rows of each batch stay, decided once, here: every pass (the search makes one
     # per candidate) takes the same batches from ``source`` and keeps the same rows
     keeps: list[np.ndarray] = []
     hashes, lengths = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
-    seen: set[int] = set()
+    seen: dict[int, int | None] = {}  # each row seen, by whole_row_hashes: its label
+    relabelled = 0
     for b in source.batches():
         ids = row_hashes(b.feeds, model)
         keep = ~np.isin(ids, drop)
         if repeats:
-            for i, h in enumerate(whole_row_hashes(b.feeds, model).tolist()):
-                keep[i] = keep[i] and h not in seen
-                seen.add(h)
+            # one label a row (a tagger's are not compared), as it is read
+            labels = b.labels.tolist() if b.labels is not None and b.labels.ndim == 1 else None
+            rows = whole_row_hashes(b.feeds, model).tolist()
+            for i, (h, label) in enumerate(zip(rows, labels or [None] * len(rows), strict=True)):
+                if h in seen:
+                    keep[i] = False
+                    relabelled += seen[h] != label
+                else:
+                    seen[h] = label
         keeps.append(keep)
         hashes.append(ids[keep])
         lengths.append(_real_tokens(b.feeds, model).sum(1)[keep])
@@ -562,6 +571,7 @@ def without_rows(
         row_hashes=kept,
         sha256=digest.hexdigest(),
         _batches=batches,
+        relabelled=relabelled,
         # what it could yield without the samples cap, less the rows left out (those the cap
         # would have kept are not known: an estimate, where it capped)
         total=None if source.total is None else source.total - dropped,

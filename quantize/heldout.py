@@ -118,7 +118,7 @@ def distinct_rows(evaluation: DataSource, model: ModelInfo, *, where: str) -> Da
     repeated = evaluation.samples - distinct.samples
     if not repeated:  # alike in their ids, not in another input
         return evaluation
-    relabelled = _relabelled(evaluation, model)
+    relabelled = distinct.relabelled
     log.warning(
         "%s: %d of its %d rows repeat an earlier row; each row is gated once (%d rows): a "
         "repeated row is no new evidence%s",
@@ -136,25 +136,6 @@ def distinct_rows(evaluation: DataSource, model: ModelInfo, *, where: str) -> Da
         repeated=repeated,
         description=f"{evaluation.description}; {repeated} repeated rows left out",
     )
-
-
-def _relabelled(evaluation: DataSource, model: ModelInfo) -> int:
-    """How many rows repeat an earlier row (every input alike) with another label (one per
-    row: a token classifier's tags are not compared). A pass over the data, made only where
-    rows repeat."""
-    from quantgate.quantize.data import whole_row_hashes
-
-    if not evaluation.has_labels:
-        return 0
-    first: dict[int, int] = {}
-    relabelled = 0
-    for batch in evaluation.batches():
-        if batch.labels is None or batch.labels.ndim != 1:
-            return 0
-        hashes = whole_row_hashes(batch.feeds, model).tolist()  # repeats as without_rows tells
-        for h, label in zip(hashes, batch.labels.tolist(), strict=True):
-            relabelled += first.setdefault(h, label) != label
-    return relabelled
 
 
 def check_held_out(
