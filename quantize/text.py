@@ -419,8 +419,8 @@ def text_inputs(bundle: Bundle | str | Path, texts: Sequence[str]) -> Feeds:
 
 
 def _check_texts(texts: Sequence[str]) -> None:
-    """Refuse one string for a list of them, no texts, a blank one, and one that is not UTF-8 (a
-    shell hands Python the bytes it was given: an ISO-8859-1 'é' arrives as a lone
+    """Refuse one string for a list of them, no texts, a blank one, and one that is not
+    UTF-8 (a shell hands Python the bytes it was given: an ISO-8859-1 'é' arrives as a lone
     surrogate, which the tokenizer fails on with a TypeError)."""
     if isinstance(texts, str):  # a Sequence[str] too: it would be a row per character
         raise DataError(f"expected a list of texts, found one string ({texts[:40]!r}): give [text]")

@@ -75,12 +75,12 @@ class JsonLines(TextFile):
 
     def rows(self, f: BinaryIO, where: str) -> Iterator[Found]:
         first = True
-        for lineno, start, line in _lines(f):
+        for lineno, start, line in _lines(f, where):
+            value, problem = _parse_json(line)
             if first:
-                _check_first_line(line, lineno, where)
-                _check_json_lines(line, lineno, where)
+                _check_json_lines(line, value, lineno, where)
                 first = False
-            yield (lineno, start, *_parse_json(line))
+            yield lineno, start, value, problem
 
     def row_at(self, f: BinaryIO, offset: int) -> dict[str, Any]:
         f.seek(offset)
@@ -93,11 +93,7 @@ class PlainLines(TextFile):
     labels = False
 
     def rows(self, f: BinaryIO, where: str) -> Iterator[Found]:
-        first = True
-        for lineno, start, line in _lines(f):
-            if first:
-                _check_first_line(line, lineno, where)
-                first = False
+        for lineno, start, line in _lines(f, where):
             try:
                 text = _decode(line, start)
             except UnicodeDecodeError as e:
@@ -247,12 +243,16 @@ def text_file(path: Path) -> TextFile:
 SUFFIXES = (".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".txt")
 
 
-def _lines(f: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
-    """Each non-blank line of ``f`` (bytes), with its 1-based number and byte offset."""
-    pos = 0
+def _lines(f: BinaryIO, where: str) -> Iterator[tuple[int, int, bytes]]:
+    """Each non-blank line of ``f`` (bytes), with its 1-based number and byte offset; the
+    first is checked to be a line of UTF-8 text (``_check_first_line``)."""
+    pos, first = 0, True
     for lineno, line in enumerate(f, 1):
         start, pos = pos, pos + len(line)
         if line.removeprefix(codecs.BOM_UTF8).strip():  # a mark alone is a blank line too
+            if first:
+                _check_first_line(line, lineno, where)
+                first = False
             yield lineno, start, line
 
 
@@ -334,16 +334,16 @@ def _check_first_line(line: bytes, lineno: int, where: str) -> None:
         )
 
 
-def _check_json_lines(line: bytes, lineno: int, where: str) -> None:
-    """DataError for a file that is JSON, but not JSON Lines (its first line of text
-    tells): an array, objects spread over lines, or the rows in a list under a key."""
+def _check_json_lines(line: bytes, value: Any, lineno: int, where: str) -> None:
+    """DataError for a file that is JSON, but not JSON Lines (its first line of text, read
+    as ``value``, tells): an array, objects spread over lines, or the rows in a list under
+    a key."""
     if line.removeprefix(codecs.BOM_UTF8).strip() == b"{":
         raise DataError(
             f"{where}: expected JSON Lines, one object per line; found an object spread over "
             f"lines (line {lineno} is '{{' alone). Write one object per line, for example "
             "with: jq -c . IN.json > OUT.jsonl"
         )
-    value, _ = _parse_json(line)
     if isinstance(value, dict) and "text" not in value:
         for key, rows in value.items():
             if (
