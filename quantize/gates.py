@@ -642,19 +642,24 @@ def _decision_agreement(ref: Outputs, cand: Outputs, output: str, cfg: GateConfi
     and its softmax, and turned off labels on 99% of rows. The scores' own cosine to FP32's
     is gated beside it."""
     x, y = ref.stacked(output), cand.stacked(output)
-    cut = decision_cut(x)
-    broken = ~np.isfinite(y).all(-1)
-    same = ((x > cut) == (y > cut)).all(-1) & ~broken
+    broken = _broken(x, y)
     detail = (
         f"{output} vs FP32 on {len(x)} rows of {x.shape[-1]} labels: rows whose every label "
-        f"is on or off as FP32's (a score above {cut:g})"
+        f"is on or off as FP32's (a score above {decision_cut(x):g})"
     )
     if broken.any():
         detail += f"; {int(broken.sum())} rows with non-finite candidate scores (any fails)"
     return mean_gate(
-        "decision_agreement", same, cfg.min_top1_agreement, ">=", cfg, detail,
-        valid=not broken.any(),
+        "decision_agreement", _same_decisions(x, y), cfg.min_top1_agreement, ">=", cfg,
+        detail, valid=not broken.any(),
     )  # fmt: skip
+
+
+def _same_decisions(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(N,) rows whose every label ``y`` turns on or off as ``x`` does (at ``x``'s
+    ``decision_cut``); a row of ``y`` with a score that is not finite never (``_broken``)."""
+    cut = decision_cut(x)
+    return ((x > cut) == (y > cut)).all(-1) & ~_broken(x, y)
 
 
 def _token_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
@@ -937,12 +942,10 @@ def batch_consistency(
         )  # fmt: skip
     if judged == _multi_label_scores(together, task):  # each label on or off as batched
         x, y = together.stacked(judged), alone.stacked(judged)
-        broken = ~np.isfinite(x).all(-1) | ~np.isfinite(y).all(-1)
-        cut = decision_cut(x)
         return mean_gate(
-            "batch_decision_agreement", ((x > cut) == (y > cut)).all(-1) & ~broken,
-            cfg.min_top1_agreement, ">=", cfg, detail + "; rows whose every label is on or off "
-            "alike", valid=not broken.any(),
+            "batch_decision_agreement", _same_decisions(x, y), cfg.min_top1_agreement, ">=",
+            cfg, detail + "; rows whose every label is on or off alike",
+            valid=not _broken(x, y).any(),
         )  # fmt: skip
     x, y = _pooled(together, judged), _pooled(alone, judged)
     cos = row_cosine(x, y)
