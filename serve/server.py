@@ -371,12 +371,12 @@ class StreamLimit(grpc.ServerInterceptor):
     threads: unary calls keep the rest). Health Watch and reflection need no token, so they
     have a budget of their own, ``open_limit``, the smaller of ``OPEN_LIMIT`` and half of
     ``limit``, on the open calls' threads (``Overload``): a thousand idle Watch streams
-    once took every thread. With ``series``, each kind's open streams, limit and refusals
-    are its series (kind "infer" or "open")."""
+    once took every thread. Each kind's open streams, limit and refusals are ``series``
+    of its (kind "infer" or "open")."""
 
     OPEN_LIMIT = 64
 
-    def __init__(self, limit: int, series: metrics.Metrics | None = None):
+    def __init__(self, limit: int, series: metrics.Metrics):
         self.limit = limit
         self.open_limit = open_limit = max(1, min(self.OPEN_LIMIT, limit // 2))
         self._budgets = {
@@ -399,28 +399,23 @@ class StreamLimit(grpc.ServerInterceptor):
 class _Places:
     """One kind of stream's places (``StreamLimit``): how many may be open, and which are."""
 
-    def __init__(self, kind: str, limit: int, series: metrics.Metrics | None):
+    def __init__(self, kind: str, limit: int, series: metrics.Metrics):
         self._free = threading.BoundedSemaphore(limit)
         self._refusal = (
             f"{limit} streams of this kind are open, the server's limit: close idle ones"
         )
-        self._open = self._refused = None
-        if series is not None:
-            series.streams_open_limit.labels(kind).set(limit)
-            self._open = series.streams_open.labels(kind)
-            self._refused = series.streams_refused.labels(kind)
-            self._open.set(0)
+        series.streams_open_limit.labels(kind).set(limit)
+        self._open = series.streams_open.labels(kind)
+        self._refused = series.streams_refused.labels(kind)
 
     def held(self, behavior):
         """``behavior`` holding one of the places until its call ends."""
 
         def limited(request, context):
             if not self._free.acquire(blocking=False):
-                if self._refused is not None:
-                    self._refused.inc()
+                self._refused.inc()
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._refusal)
-            if self._open is not None:
-                self._open.inc()
+            self._open.inc()
             if not context.add_callback(self._release):  # at the call's end, however
                 self._release()  # it ended already
             return behavior(request, context)
@@ -431,8 +426,7 @@ class _Places:
         return limited
 
     def _release(self) -> None:
-        if self._open is not None:
-            self._open.dec()
+        self._open.dec()
         self._free.release()
 
 
