@@ -521,10 +521,17 @@ class SentenceEmbedder(nn.Module):
 
 
 def text_samples(tokenizer, inputs: Sequence[InputSpec], max_seq_len: int) -> Samples:
-    """Real English from CPython's pydoc topics: short sentences and long paragraphs."""
+    """Real English from CPython's pydoc topics: short sentences and long paragraphs. For a
+    model that takes token_type_ids, the first and third paragraphs follow a sentence as
+    pairs, a query and its passage: validation then sees the second segment's token type
+    (1), which a cross-encoder is served, in the longest and the padded cases."""
     sentences, paragraphs = english_text()
     # Short and long rows, so that validation sees every length up to max_seq_len.
-    texts = sentences[: N_TEXT_SAMPLES - 4] + paragraphs[:4]
+    texts: list = sentences[: N_TEXT_SAMPLES - 4] + paragraphs[:4]
+    pairs = "token_type_ids" in {i.name for i in inputs}
+    if pairs:
+        for k, row in ((0, N_TEXT_SAMPLES - 4), (1, N_TEXT_SAMPLES - 2)):
+            texts[row] = (sentences[k], texts[row])
     enc = tokenizer(texts, truncation=True, max_length=max_seq_len)
     rows = [enc[i.name] for i in inputs]
     lengths = np.array([len(r) for r in rows[0]])
@@ -535,7 +542,8 @@ def text_samples(tokenizer, inputs: Sequence[InputSpec], max_seq_len: int) -> Sa
         for j, v in enumerate(values):
             a[j, : len(v)] = v
         arrays[spec.name] = a
-    return Samples(arrays, lengths, f"pydoc_data.topics: {len(texts)} texts, tokenized")
+    paired = " (2 of them sentence and paragraph pairs)" if pairs else ""
+    return Samples(arrays, lengths, f"pydoc_data.topics: {len(texts)} texts{paired}, tokenized")
 
 
 def english_text() -> tuple[list[str], list[str]]:

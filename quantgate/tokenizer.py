@@ -7,11 +7,17 @@ the tokenizer's serialized pipeline (tokenizer.json: normalizer, pre-tokenizer, 
 special tokens) through the ``tokenizers`` library alone, in a tenth of a second, with the
 few settings transformers applies around it at every call (``Settings``).
 
+A text is a string, or a pair of them (``Text``): a cross-encoder's query and passage, a
+question and its context, an NLI premise and hypothesis, tokenized as one sequence with the
+tokenizer's separator between them (and token type 1 for the second, where the model
+takes token types), as transformers' ``tokenizer(text, text_pair)`` does.
+
 A bundle uses ``Backend`` only where its export proved that it answers exactly as
 transformers does (``check``): the pipeline ``Backend`` runs is, field by field and score by
-score, the one transformers runs, and the two answer alike on ``PROBES`` and the tokenizer's
-own special tokens with the recorded ``Settings``; the manifest keeps those
-(``extra.huggingface.tokenizers``). Else, and for every model directory, ``Transformers``.
+score, the one transformers runs, and the two answer alike on ``PROBES``, ``PAIR_PROBES``
+and the tokenizer's own special tokens with the recorded ``Settings``; the manifest keeps
+those (``extra.huggingface.tokenizers``). Else, and for every model directory,
+``Transformers``.
 """
 
 from __future__ import annotations
@@ -50,6 +56,14 @@ PROBES = (
     # long enough to be cut, and no two cuts alike: which side loses its tokens shows
     " ".join(f"sentence {i} of a text that runs past the model's longest" for i in range(60)),
 )
+# Pairs: a text cut by the longer of the two losing its tokens first (``longest_first``, as
+# transformers cuts pairs), a pair of one token each, and texts that spell special tokens.
+PAIR_PROBES = (
+    *zip(PROBES[0:12:2], PROBES[1:12:2], strict=True),
+    (PROBES[0], PROBES[-1]),
+    (PROBES[-1], PROBES[12]),
+    ("x", "y"),
+)
 SHORT_CUT = 8  # the probes are also cut here: a model's own limit may exceed every probe
 # How a Unigram model's scores are read from tokenizer.json (``Settings.scores``): as the
 # tokenizers library reads them, or as Python's json does.
@@ -61,22 +75,25 @@ SHORT_CUT = 8  # the probes are also cut here: a model's own limit may exceed ev
 # library does. No probe finds every near tie: the check compares the scores themselves.
 SCORES = ("tokenizers", "python")
 
+# A text, or a pair (text, text_pair) tokenized as one sequence: (question, context).
+Text = str | tuple[str, str]
+
 
 class Tokenizer(Protocol):
     """Text to a model's inputs. One may be shared between threads: a call sets the
     truncation it needs under a lock."""
 
-    def ids(self, texts: Sequence[str], limit: int | None) -> list[list[int]]:
+    def ids(self, texts: Sequence[Text], limit: int | None) -> list[list[int]]:
         """Each text's token ids (special tokens included), cut at ``limit`` tokens (None:
-        not cut), unpadded."""
+        not cut; a pair's longer text loses its tokens first), unpadded."""
         ...
 
-    def encode(self, texts: Sequence[str], limit: int | None) -> dict[str, np.ndarray]:
+    def encode(self, texts: Sequence[Text], limit: int | None) -> dict[str, np.ndarray]:
         """The texts as one batch: input_ids and, where the tokenizer returns them,
         token_type_ids and attention_mask, (rows, longest) int64, padded on the right."""
         ...
 
-    def pieces(self, texts: Sequence[str], limit: int | None) -> list[list[str]]:
+    def pieces(self, texts: Sequence[Text], limit: int | None) -> list[list[str]]:
         """Each token of each text (as ``ids`` gives them) as a person reads it
         (``_read_as_typed``): the characters of the text it stands for, not the vocabulary's
         spelling (``##ing``, ``Ġin``, ``▁in``)."""
@@ -93,7 +110,7 @@ class Transformers:
         self.tok = tok
         self._lock = threading.Lock()  # a call sets the tokenizer's truncation for itself
 
-    def _call(self, texts: Sequence[str], limit: int | None) -> Any:
+    def _call(self, texts: Sequence[Text], limit: int | None) -> Any:
         # verbose=False: quantgate cuts texts at the model's max_seq_len itself, and says so
         # in its own words, not in transformers' warning of "indexing errors" against its
         # own, other limit
@@ -102,14 +119,14 @@ class Transformers:
                 list(texts), truncation=limit is not None, max_length=limit, verbose=False
             )
 
-    def ids(self, texts: Sequence[str], limit: int | None) -> list[list[int]]:
+    def ids(self, texts: Sequence[Text], limit: int | None) -> list[list[int]]:
         return self._call(texts, limit)["input_ids"]
 
-    def encode(self, texts: Sequence[str], limit: int | None) -> dict[str, np.ndarray]:
+    def encode(self, texts: Sequence[Text], limit: int | None) -> dict[str, np.ndarray]:
         enc = self._call(texts, limit)
         return _padded({k: enc[k] for k in ("input_ids", *OPTIONAL_INPUTS) if k in enc}, self.pads)
 
-    def pieces(self, texts: Sequence[str], limit: int | None) -> list[list[str]]:
+    def pieces(self, texts: Sequence[Text], limit: int | None) -> list[list[str]]:
         if not self.tok.is_fast:  # a slow tokenizer keeps no offsets: its own spelling
             return [self.tok.convert_ids_to_tokens(ids) for ids in self.ids(texts, limit)]
         with self._lock:
@@ -124,14 +141,17 @@ class Transformers:
                 ids,
                 offsets,
                 special,
+                enc.sequence_ids(row),
                 lambda i: self.tok.decode([i]),
             )  # fmt: skip
-            for text, ids, offsets, special in zip(
-                texts,
-                enc["input_ids"],
-                enc["offset_mapping"],
-                enc["special_tokens_mask"],
-                strict=True,
+            for row, (text, ids, offsets, special) in enumerate(
+                zip(
+                    texts,
+                    enc["input_ids"],
+                    enc["offset_mapping"],
+                    enc["special_tokens_mask"],
+                    strict=True,
+                )
             )  # fmt: skip
         ]
 
@@ -253,7 +273,7 @@ class Backend:
         are read (a record from before Unigram models were recorded does not)."""
         return self.model_kind != "Unigram" or self.settings.scores in SCORES
 
-    def _encodings(self, texts: Sequence[str], limit: int | None) -> list[Any]:
+    def _encodings(self, texts: Sequence[Text], limit: int | None) -> list[Any]:
         with self._lock:
             if limit is None:
                 self.backend.no_truncation()
@@ -264,10 +284,10 @@ class Backend:
                 )
             return self.backend.encode_batch(list(texts), add_special_tokens=True)
 
-    def ids(self, texts: Sequence[str], limit: int | None) -> list[list[int]]:
+    def ids(self, texts: Sequence[Text], limit: int | None) -> list[list[int]]:
         return [e.ids for e in self._encodings(texts, limit)]
 
-    def encode(self, texts: Sequence[str], limit: int | None) -> dict[str, np.ndarray]:
+    def encode(self, texts: Sequence[Text], limit: int | None) -> dict[str, np.ndarray]:
         encodings = self._encodings(texts, limit)
         rows = {"input_ids": [e.ids for e in encodings]}
         if "token_type_ids" in self.settings.returns:
@@ -277,37 +297,43 @@ class Backend:
         pads = {"input_ids": self.pad_id, "token_type_ids": self.settings.pad_type_id}
         return _padded(rows, pads)
 
-    def pieces(self, texts: Sequence[str], limit: int | None) -> list[list[str]]:
+    def pieces(self, texts: Sequence[Text], limit: int | None) -> list[list[str]]:
         def decode(i: int) -> str:
             return self.backend.decode([i], skip_special_tokens=False)
 
         return [
-            _read_as_typed(text, e.tokens, e.ids, e.offsets, e.special_tokens_mask, decode)
+            _read_as_typed(
+                text, e.tokens, e.ids, e.offsets, e.special_tokens_mask, e.sequence_ids, decode
+            )
             for text, e in zip(texts, self._encodings(texts, limit), strict=True)
         ]
 
 
 def _read_as_typed(
-    text: str,
+    text: Text,
     tokens: Sequence[str],
     ids: Sequence[int],
     offsets: Sequence[tuple[int, int]],
     special: Sequence[int],
+    sequences: Sequence[int | None],
     decode: Callable[[int], str],
 ) -> list[str]:
     """Each token as a person reads it: the characters of ``text`` it covers (its
-    ``offsets``), stripped; a special token (``[CLS]``, ``<s>``) as itself; one that stands
-    for whitespace alone (byte-level BPE's ``Ġ`` and ``Ċ``, SentencePiece's ``▁``, whose
-    offsets may cover the next character) as that whitespace, quoted. A character several
-    tokens spell (an emoji's bytes) is each's."""
+    ``offsets``, in the text of a pair its ``sequences`` id names), stripped; a special token
+    (``[CLS]``, ``<s>``) as itself; one that stands for whitespace alone (byte-level BPE's
+    ``Ġ`` and ``Ċ``, SentencePiece's ``▁``, whose offsets may cover the next character) as
+    that whitespace, quoted. A character several tokens spell (an emoji's bytes) is each's."""
+    texts = (text,) if isinstance(text, str) else text
     read = []
-    for token, i, (start, end), is_special in zip(tokens, ids, offsets, special, strict=True):
-        if is_special:
+    for token, i, (start, end), is_special, seq in zip(
+        tokens, ids, offsets, special, sequences, strict=True
+    ):
+        if is_special or seq is None:
             read.append(token)
         elif not (decoded := decode(i)).strip():  # "" alone: a leading space, decoders drop
             read.append(repr(decoded or " "))
         else:
-            read.append(text[start:end].strip() or repr(decoded))
+            read.append(texts[seq][start:end].strip() or repr(decoded))
     return read
 
 
@@ -328,9 +354,9 @@ def check(
 
 def examine(source: Any, directory: Path, max_seq_len: int | None, pad_id: int | None) -> Examined:
     """``source`` (the transformers tokenizer the export read text with: the model
-    directory's), saved at ``directory``, compared three ways on ``PROBES`` and the
-    tokenizers' special tokens (ids, token types, masks; one batch and each text alone; cut
-    and not; padded with ``pad_id``, the model's): ``source``, transformers reading the copy
+    directory's), saved at ``directory``, compared three ways on ``PROBES``, ``PAIR_PROBES``
+    and the tokenizers' special tokens (ids, token types, masks; one batch and each text
+    alone; cut and not; padded with ``pad_id``, the model's): ``source``, transformers reading the copy
     back (as a bundle without the record is read), and its tokenizer.json run by ``Backend``.
 
     A copy transformers reads otherwise than ``source`` (its config naming an ordinary token
@@ -341,7 +367,7 @@ def examine(source: Any, directory: Path, max_seq_len: int | None, pad_id: int |
     saved = _read_back(directory)
     pad = pad_id if pad_id is not None else (saved.pad_token_id or 0)
     read = Transformers(saved, pad)
-    texts = [*PROBES, *_special_probes(source, saved)]
+    texts: list[Text] = [*PROBES, *PAIR_PROBES, *_special_probes(source, saved)]
     try:
         differs = _first_difference(read, Transformers(source, pad), texts, max_seq_len)
     except Exception as e:  # noqa: BLE001 - a probe one of them cannot take
@@ -359,7 +385,7 @@ def examine(source: Any, directory: Path, max_seq_len: int | None, pad_id: int |
 
 
 def _alone(
-    saved: Any, read: Transformers, directory: Path, pad: int, texts: list[str], limit: int | None
+    saved: Any, read: Transformers, directory: Path, pad: int, texts: list[Text], limit: int | None
 ) -> Settings | None:
     """The settings with which ``directory``'s tokenizer.json, run by ``Backend``, is the
     pipeline ``read`` (transformers, reading the copy) runs, and answers ``texts`` as it
@@ -424,14 +450,14 @@ def _special_probes(*tokenizers: Any) -> list[str]:
 
 
 def _first_difference(
-    a: Tokenizer, b: Tokenizer, texts: list[str], max_seq_len: int | None
+    a: Tokenizer, b: Tokenizer, texts: list[Text], max_seq_len: int | None
 ) -> str | None:
     """Where ``a`` and ``b`` first answer otherwise: ``texts`` as one batch and each alone
     (alone, unpadded: the arrays are the ids), not cut, cut short (``SHORT_CUT``) and at
     ``max_seq_len``; None where they never do."""
     for limit in dict.fromkeys((None, SHORT_CUT, max_seq_len or None)):
         batch = [(texts, "the probe texts as one batch")]
-        for inputs, what in [*batch, *(([t], f"probe text {t[:40]!r}") for t in texts)]:
+        for inputs, what in [*batch, *(([t], f"probe text {_shown(t, 40)}") for t in texts)]:
             x, y = a.encode(inputs, limit), b.encode(inputs, limit)
             same = x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
             if not same:
@@ -439,9 +465,18 @@ def _first_difference(
     return None
 
 
+def _shown(text: Text, width: int) -> str:
+    """A text, or a pair, as a message quotes it: its first ``width`` characters."""
+    if isinstance(text, str):
+        return repr(text[:width])
+    return " + ".join(repr(t[: width // 2]) for t in text)
+
+
 __all__ = [
     "SCORES",
+    "PAIR_PROBES",
     "PROBES",
+    "Text",
     "Backend",
     "Settings",
     "Tokenizer",

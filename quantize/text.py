@@ -1,5 +1,8 @@
 """Text data: files of texts (and labels) in the formats of ``quantize.textfiles``, JSONL
-``{"text": ..., "label": ...}`` lines among them, and the model's tokenizer.
+``{"text": ..., "label": ...}`` lines among them, and the model's tokenizer. A row with a
+``"text_pair"`` too is a pair, tokenized as one sequence (``quantgate.tokenizer.Text``):
+a cross-encoder's query and passage, an NLI premise and hypothesis. A file holds pairs on
+every row or on none.
 
 A text file is read in two passes. The first (``_scan``) reads and checks every row,
 tokenizes the good ones a few hundred at a time to learn their lengths and row hashes, and
@@ -45,9 +48,9 @@ from quantgate.quantize.labels import (
     one_based_hint,
     quote,
 )
-from quantgate.quantize.textfiles import UNREADABLE, TextFile, text_file
+from quantgate.quantize.textfiles import READ_KEYS, UNREADABLE, TextFile, text_file
 from quantgate.tasks import EMBEDDING_TASKS
-from quantgate.tokenizer import Backend, Tokenizer, Transformers
+from quantgate.tokenizer import Backend, Text, Tokenizer, Transformers
 
 log = logging.getLogger(__name__)
 
@@ -81,21 +84,30 @@ def text_source(
         )
     if not scan.labelled and model.reads_row_labels:
         _warn_unlabelled(scan, fmt, where)
+    if scan.null_pairs and not scan.paired:
+        log.warning(
+            '%s: "text_pair" is %s wherever it is given, so each row is read as one text',
+            where,
+            fmt.words.empty,
+        )
     lengths = np.asarray(scan.lengths, dtype=np.int64)
     offsets = np.asarray(scan.offsets, dtype=np.int64)
     keep = stratified(lengths, samples)
     cut = int(np.isin(keep, scan.cut).sum())
+    pairs = scan.paired
     if cut:
         log.warning(
-            "%s: %d of %d %s texts are longer than the model's %d tokens and are cut: %s only "
-            "their first %d tokens",
+            "%s: %d of %d %s %s are longer than the model's %d tokens and are cut: %s only %s",
             where,
             cut,
             len(keep),
             role,
+            "text pairs" if pairs else "texts",
             limit,
             "the gates see" if role == "evaluation" else "the calibration sees",
-            limit,
+            f"{limit} tokens of each (the longer text of a pair loses its last tokens first)"
+            if pairs
+            else f"their first {limit} tokens",
         )
     digest = sha256_file(path)
     h = hashlib.sha256(digest.encode())
@@ -110,7 +122,7 @@ def text_source(
                 rows = []
                 for off in offsets[idx]:
                     rows.append(fmt.row_at(f, int(off)))
-                feeds = _encode(tok, [r["text"] for r in rows], model, limit)
+                feeds = _encode(tok, [row_text(r) for r in rows], model, limit)
                 labels = None
                 if labelled:  # a class name stands for its index
                     labels = np.array([index.get(r["label"], r["label"]) for r in rows], np.int64)
@@ -119,7 +131,7 @@ def text_source(
     long = f"; {cut} longer than the model's {limit} tokens, cut to them" if cut else ""
     return DataSource(
         description=(
-            f"{path.name}: {len(keep)} of {len(offsets)} texts "
+            f"{path.name}: {len(keep)} of {len(offsets)} {'text pairs' if pairs else 'texts'} "
             f"({fmt.words.name}, model tokenizer{long})"
         ),
         kind=fmt.kind,
@@ -164,7 +176,13 @@ class _Scan:
     null_labels: int = 0  # rows whose "label" is null or empty (read as unlabelled)
     reads_row_labels: bool = True  # False: an embedding or token model's: labels not read
     ignored: int = 0  # lines whose label was not read for that
-    unread: set[str] = field(default_factory=set)  # keys beside "text" and "label" there
+    unread: set[str] = field(default_factory=set)  # keys beside READ_KEYS there
+    # the good rows without a "text_pair" and with one, as for labels; and those whose
+    # "text_pair" is null or empty (read as none)
+    unpaired_at: list[int] = field(default_factory=list)
+    paired_at: list[int] = field(default_factory=list)
+    pair_counts: list[int] = field(default_factory=lambda: [0, 0])  # [without, with]
+    null_pairs: int = 0
 
     def add(self, lineno: int, row: Any, problem: str | None) -> bool:
         """Take in one row (as read, with what is wrong with it); True for a good row."""
@@ -191,7 +209,12 @@ class _Scan:
         if not has and self.reads_row_labels:
             self.null_labels += "label" in row
             if len(self.unread) < MAX_PROBLEMS:  # one may be a misnamed label
-                self.unread.update(k for k in row if k not in ("text", "label"))
+                self.unread.update(k for k in row if k not in READ_KEYS)
+        paired = row.get("text_pair") is not None
+        self.pair_counts[paired] += 1
+        self.null_pairs += not paired and "text_pair" in row
+        if len(at := (self.paired_at if paired else self.unpaired_at)) < MAX_PROBLEMS:
+            at.append(lineno)
         return True
 
     @property
@@ -199,21 +222,41 @@ class _Scan:
         """Whether the good rows have labels (all of them, or ``mixed`` says otherwise)."""
         return self.counts[1] > 0
 
+    @property
+    def paired(self) -> bool:
+        """Whether the good rows are text pairs (all of them, or ``mixed`` says otherwise)."""
+        return self.pair_counts[1] > 0
+
     def mixed(self) -> None:
-        """Where some good rows have a "label" and others none, the fewer are bad rows."""
-        without, with_ = self.counts
+        """Where some good rows have a "label" (a "text_pair") and others none, the fewer are
+        bad rows."""
+        self._fewer(
+            self.counts, self.unlabelled_at, self.labelled_at, "label", "label every row or none"
+        )
+        self._fewer(
+            self.pair_counts,
+            self.unpaired_at,
+            self.paired_at,
+            "text_pair",
+            "a file holds pairs on every row or on none",
+        )
+
+    def _fewer(
+        self, counts: list[int], without_at: list[int], with_at: list[int], key: str, fix: str
+    ) -> None:
+        without, with_ = counts
         if not (without and with_):
             return
         rows = without + with_
         if without <= with_:
-            few, lines = without, self.unlabelled_at
-            said = f'has no "label", though {with_} of {rows} rows have one'
+            few, lines = without, without_at
+            said = f'has no "{key}", though {with_} of {rows} rows have one'
         else:
-            few, lines = with_, self.labelled_at
-            said = f'has a "label", though {without} of {rows} rows have none'
+            few, lines = with_, with_at
+            said = f'has a "{key}", though {without} of {rows} rows have none'
         self.bad += few
         room = max(MAX_PROBLEMS - len(self.problems), 0)
-        self.problems += [f"line {n}: {said}: label every row or none" for n in lines[:room]]
+        self.problems += [f"line {n}: {said}: {fix}" for n in lines[:room]]
 
 
 def _scan(
@@ -223,7 +266,7 @@ def _scan(
     row hash of every good one, and which are cut at ``limit`` (tokenized only while no row
     is bad: such a file is refused)."""
     scan = _Scan(reads_row_labels=model.reads_row_labels)
-    texts: list[str] = []  # good lines waiting to be tokenized
+    texts: list[Text] = []  # good lines waiting to be tokenized
     starts: list[int] = []  # and their offsets
 
     def count() -> None:
@@ -245,7 +288,7 @@ def _scan(
         for lineno, start, row, unreadable in fmt.rows(f, where):
             problem = unreadable or _row_problem(row, model)
             if scan.add(lineno, row, problem) and not scan.bad:
-                texts.append(row["text"])
+                texts.append(row_text(row))
                 starts.append(start)
                 if len(texts) == TOKEN_BATCH:
                     count()
@@ -320,23 +363,40 @@ def _warn_unlabelled(scan: _Scan, fmt: TextFile, where: str) -> None:
 
 def _row_problem(row: Any, model: ModelInfo) -> str | None:
     """What is wrong with a row read from a text file, or None: an object with a non-blank
-    string "text" and a label that is a class of the model (``labels.label_problem``)."""
+    string "text" (and "text_pair", where it has one) and a label that is a class of the
+    model (``labels.label_problem``)."""
     if not isinstance(row, dict):
         return f'found {_json_kind(row)}, expected an object with a "text" key'
     if "text" not in row:
         return f'no "text" key (found {_keys(row) or "an empty object"})'
-    text = row["text"]
+    for key in ("text", "text_pair"):
+        if (problem := _text_problem(row, key)) is not None:
+            return problem
+    label = row.get("label") if model.reads_row_labels else None
+    return None if label is None else label_problem(label, model.labels)
+
+
+def _text_problem(row: dict, key: str) -> str | None:
+    """What is wrong with a row's "text" (or its "text_pair", where not null), or None."""
+    text = row.get(key)
+    if key == "text_pair" and text is None:
+        return None
     if not isinstance(text, str) or not text.strip():
-        return f'no non-blank string "text" (found {json.dumps(text)[:60]})'
+        return f'no non-blank string "{key}" (found {json.dumps(text)[:60]})'
     try:
         text.encode()
     except UnicodeEncodeError as e:  # JSON's "\ud800": half a UTF-16 pair, no character
         return (
-            f'"text" holds {json.dumps(text[e.start])}, half of a UTF-16 surrogate pair, at '
+            f'"{key}" holds {json.dumps(text[e.start])}, half of a UTF-16 surrogate pair, at '
             f"character {e.start}: no tokenizer reads it; write the character whole"
         )
-    label = row.get("label") if model.reads_row_labels else None
-    return None if label is None else label_problem(label, model.labels)
+    return None
+
+
+def row_text(row: dict) -> Text:
+    """A good row's text: its "text", or ("text", "text_pair") where it has a pair."""
+    pair = row.get("text_pair")
+    return row["text"] if pair is None else (row["text"], pair)
 
 
 def _shape(row: Any) -> tuple[str, ...] | None:
@@ -364,10 +424,21 @@ def _same_on_every_line(shape: tuple[str, ...]) -> str:
     keys = shape[1:]
     found = f"found keys {_keys(keys)} on every line" if keys else "found {} on every line"
     texts = [k for k in keys if k not in ("label", "labels", "id", "idx")]
+    expected = (
+        f'{found}; expected "text" (the text to tokenize), optionally "text_pair" (its '
+        'second text, for a model that reads pairs) and "label" (its class). '
+    )
+    if len(texts) == 2:  # sentence1 and sentence2, question and context, query and passage
+        a, b = texts
+        label = ", label" if "label" in keys else ""
+        return (
+            f"{expected}Name the keys that hold the texts, for example with: "
+            f"jq -c '{{text: .{a}, text_pair: .{b}{label}}}' IN.jsonl > OUT.jsonl "
+            f'(a model that reads one text at a time takes "text" alone)'
+        )
     key = texts[0] if len(texts) == 1 else "KEY"
     return (
-        f'{found}; expected "text" (the text to tokenize) and optionally "label" (its class). '
-        f'Rename the key that holds the text to "text", for example with: '
+        f'{expected}Rename the key that holds the text to "text", for example with: '
         f"jq -c '.text = .{key} | del(.{key})' IN.jsonl > OUT.jsonl"
     )
 
@@ -387,10 +458,10 @@ def _json_kind(value: Any) -> str:
     return "an array" if isinstance(value, list) else "a number"
 
 
-def tokenize(texts: Sequence[str], model: ModelInfo, tokenizer: Tokenizer | None = None) -> Feeds:
-    """``texts`` as one padded batch of the model's inputs, by the model's own tokenizer (as
-    JSONL data is; ``tokenizer``, where the caller has loaded it), cut at its longest
-    sequence: what a client sends the served model."""
+def tokenize(texts: Sequence[Text], model: ModelInfo, tokenizer: Tokenizer | None = None) -> Feeds:
+    """``texts`` (strings, or (text, text_pair) pairs) as one padded batch of the model's
+    inputs, by the model's own tokenizer (as JSONL data is; ``tokenizer``, where the caller
+    has loaded it), cut at its longest sequence: what a client sends the served model."""
     _check_texts(texts)  # before the tokenizer loads: seconds, for transformers' import
     tok = tokenizer or tokenizer_of(model)
     if not isinstance(tok, (Backend, Transformers)):  # a transformers tokenizer, as before
@@ -399,8 +470,13 @@ def tokenize(texts: Sequence[str], model: ModelInfo, tokenizer: Tokenizer | None
     if limit is not None:
         for i, n in enumerate(_token_counts(tok, list(texts), None), 1):
             if n > limit:
+                which = (
+                    "the last %d are cut"
+                    if isinstance(texts[i - 1], str)
+                    else "%d are cut, the longer text's last tokens first"
+                )
                 log.warning(
-                    "text %d is %d tokens; the model reads at most %d, so the last %d are cut",
+                    "text %d is %d tokens; the model reads at most %d, so " + which,
                     i,
                     n,
                     limit,
@@ -409,38 +485,60 @@ def tokenize(texts: Sequence[str], model: ModelInfo, tokenizer: Tokenizer | None
     return _encode(tok, list(texts), model, limit)
 
 
-def text_inputs(bundle: Bundle | str | Path, texts: Sequence[str]) -> Feeds:
+def text_inputs(bundle: Bundle | str | Path, texts: Sequence[Text]) -> Feeds:
     """``texts`` as one padded batch of ``bundle``'s inputs, by the tokenizer the bundle
     carries (hashed with it): what ``Client.infer(name, text_inputs(bundle, texts))`` sends,
-    and what `quantgate infer -t TEXT --bundle` sends. A DataError where the bundle's model
-    takes no text (no tokenizer), or a text is blank or not UTF-8."""
+    and what `quantgate infer -t TEXT --bundle` sends. Each text is a string, or a pair
+    ``(text, text_pair)`` for a model that reads two (a cross-encoder's query and passage),
+    every row alike. A DataError where the bundle's model takes no text (no tokenizer), or a
+    text is blank or not UTF-8."""
     b = bundle if isinstance(bundle, Bundle) else load(bundle)
     return tokenize(texts, ModelInfo.from_manifest(b.manifest, b.path))
 
 
-def _check_texts(texts: Sequence[str]) -> None:
-    """Refuse one string for a list of them, no texts, a blank one, and one that is not
-    UTF-8 (a shell hands Python the bytes it was given: an ISO-8859-1 'é' arrives as a lone
-    surrogate, which the tokenizer fails on with a TypeError)."""
+def _check_texts(texts: Sequence[Text]) -> None:
+    """Refuse one string for a list of them, no texts, a blank one, one that is not UTF-8
+    (a shell hands Python the bytes it was given: an ISO-8859-1 'é' arrives as a lone
+    surrogate, which the tokenizer fails on with a TypeError), and pairs on some rows only."""
     if isinstance(texts, str):  # a Sequence[str] too: it would be a row per character
         raise DataError(f"expected a list of texts, found one string ({texts[:40]!r}): give [text]")
     if not texts:
         raise DataError("expected one or more texts to tokenize, found none")
     for i, t in enumerate(texts, 1):
         which = f"text {i} of {len(texts)}"
-        if not isinstance(t, str):
-            raise DataError(f"{which}: expected a string, found {type(t).__name__}")
-        if not t.strip():
-            raise DataError(f"{which} is blank ({t!r}): expected words to tokenize")
-        try:
-            t.encode()
-        except UnicodeEncodeError as e:  # a lone surrogate: a byte the shell could not decode
-            c = ord(t[e.start])
-            byte = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        if isinstance(t, tuple) and len(t) == 2:
+            _check_text(t[0], which + ", its first")
+            _check_text(t[1], which + ", its text_pair")
+        elif isinstance(t, (tuple, list)):
             raise DataError(
-                f"{which} is not UTF-8 ({byte} at character {e.start}): pass text encoded in "
-                "UTF-8 (iconv -f LATIN1 -t UTF-8 converts ISO-8859-1)"
-            ) from None
+                f"{which}: expected a string or a pair (text, text_pair), found a "
+                f"{type(t).__name__} of {len(t)}"
+            )
+        else:
+            _check_text(t, which)
+    pairs = [isinstance(t, tuple) for t in texts]
+    if any(pairs) and not all(pairs):
+        odd = pairs.index(not pairs[0]) + 1
+        raise DataError(
+            f"text 1 is {'a pair' if pairs[0] else 'one text'} and text {odd} is "
+            f"{'a pair' if pairs[odd - 1] else 'one text'}: give every row a text_pair or none"
+        )
+
+
+def _check_text(t: object, which: str) -> None:
+    if not isinstance(t, str):
+        raise DataError(f"{which}: expected a string, found {type(t).__name__}")
+    if not t.strip():
+        raise DataError(f"{which} is blank ({t!r}): expected words to tokenize")
+    try:
+        t.encode()
+    except UnicodeEncodeError as e:  # a lone surrogate: a byte the shell could not decode
+        c = ord(t[e.start])
+        byte = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        raise DataError(
+            f"{which} is not UTF-8 ({byte} at character {e.start}): pass text encoded in "
+            "UTF-8 (iconv -f LATIN1 -t UTF-8 converts ISO-8859-1)"
+        ) from None
 
 
 def tokenizer_of(model: ModelInfo) -> Tokenizer:
@@ -504,11 +602,11 @@ def _auto_tokenizer():
     return AutoTokenizer
 
 
-def _token_counts(tok: Tokenizer, texts: list[str], limit: int | None) -> list[int]:
+def _token_counts(tok: Tokenizer, texts: list[Text], limit: int | None) -> list[int]:
     return [len(ids) for ids in tok.ids(texts, limit)]
 
 
-def _encode(tok: Tokenizer, texts: list[str], model: ModelInfo, limit: int | None) -> Feeds:
+def _encode(tok: Tokenizer, texts: list[Text], model: ModelInfo, limit: int | None) -> Feeds:
     enc = tok.encode(texts, limit)
     feeds = {}
     for spec in model.inputs:

@@ -2,13 +2,16 @@
 
 Each format finds its rows in one pass (``rows``: every row with the line it starts on and
 its byte offset) and reads one row again from its offset (``row_at``), so ``quantize.text``
-keeps offsets, not texts, between its passes. A row is a dict: ``"text"``, ``"label"``
-where the file gives one, and whatever other keys or columns it has (named in a warning
-when no row has a label: one of them may be it).
+keeps offsets, not texts, between its passes. A row is a dict: ``"text"``, and
+``"text_pair"`` and ``"label"`` where the file gives them (``READ_KEYS``), and whatever
+other keys or columns it has (named in a warning when no row has a label: one of them may
+be it).
 
-- ``.jsonl`` (``.json``, ``.ndjson``): one ``{"text": ..., "label": ...}`` object per line.
-- ``.csv``, ``.tsv``: a header row naming a ``text`` column and optionally a ``label``
-  column, then one row per text; other columns are not read. A label cell that is a whole
+- ``.jsonl`` (``.json``, ``.ndjson``): one ``{"text": ..., "label": ...}`` object per line
+  (``"text_pair"`` too, for a model that reads pairs).
+- ``.csv``, ``.tsv``: a header row naming a ``text`` column and optionally ``text_pair``
+  and ``label`` columns, then one row per text; other columns are not read. An empty
+  ``text_pair`` cell is none. A label cell that is a whole
   number (``1.0`` too) is a class index, any other a class name, an empty one no label
   (``quantize.text`` refuses number cells where class names are other numbers). Both are
   quoted as pandas writes them (``to_csv``; RFC 4180): a field in double quotes may hold
@@ -37,6 +40,7 @@ from quantgate.quantize.labels import cell_index
 Found = tuple[int, int, Any, "str | None"]
 
 UNREADABLE = object()  # a row that cannot be read: not UTF-8, not JSON, fields miscounted
+READ_KEYS = ("text", "text_pair", "label")  # what a row's keys (a file's columns) may give
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,7 @@ class Delimited(TextFile):
                 f'and optionally a "label" column (its class); found {found}. '
                 + self._header_hint(names)
             )
-        for read in ("text", "label"):  # other columns are not read: alike or blank, no matter
+        for read in READ_KEYS:  # other columns are not read: alike or blank, no matter
             if names.count(read) > 1:
                 raise DataError(f'{where}: the header names the column "{read}" twice')
         return names
@@ -182,6 +186,13 @@ class Delimited(TextFile):
                     else f"write {mine} instead (pandas: to_csv(PATH, index=False))"
                 )
                 return f"The first line is split by {called}, not {mine}: {how}."
+        texts = [n for n in names if n not in ("label", "labels", "id", "idx", "")]
+        if len(texts) == 2:  # sentence1 and sentence2, query and passage
+            return (
+                f'Name the column that holds the text "text" in the first line; where '
+                f'"{texts[0]}" and "{texts[1]}" are a pair a model reads together, name them '
+                '"text" and "text_pair".'
+            )
         return 'Name the column that holds the text "text" in the first line.'
 
     def _miscount(self, fields: list[str]) -> str:
@@ -195,6 +206,8 @@ class Delimited(TextFile):
         row: dict[str, Any] = dict(zip(self.header, fields, strict=True))
         if "label" in row:
             row["label"] = _cell_label(row["label"])
+        if row.get("text_pair") == "":  # as an empty label cell is no label
+            row["text_pair"] = None
         return row
 
 

@@ -48,6 +48,18 @@ def infer(
             "repeat it for a batch.",
         ),
     ] = None,
+    text_pairs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--text-pair",
+            "-p",
+            metavar="TEXT",
+            help="The second text of a pair, for a model that reads two (a reranker's query "
+            "and passage, a question and its context, NLI's premise and hypothesis): once per "
+            "--text, in the same order; tokenized with it as one sequence, as "
+            "tokenizer(text, text_pair) does.",
+        ),
+    ] = None,
     bundle_dir: Annotated[
         Path | None,
         typer.Option(
@@ -138,6 +150,12 @@ def infer(
         )
     if texts and bundle_dir is None:
         raise ConfigError("--text needs --bundle: the bundle whose tokenizer reads the text")
+    if text_pairs and len(text_pairs) != len(texts or ()):
+        raise ConfigError(
+            f"--text-pair given {len(text_pairs)} time(s) for {len(texts or ())} --text: give "
+            "one --text-pair per --text, in the same order (each pair is one row)"
+        )
+    rows: list = list(zip(texts, text_pairs, strict=True)) if texts and text_pairs else texts or []
     if model is None and bundle_dir is None:
         raise ConfigError(
             "which model? Give its name (MODEL, as the server serves it), or --bundle BUNDLE "
@@ -179,7 +197,7 @@ def infer(
         if texts:
             assert bundle is not None  # --text needs --bundle (checked above)
             _check_served_from(bundle, named, metadata)
-            values, tags = _tokenized(texts, bundle)
+            values, tags = _tokenized(rows, bundle)
         typed = {}  # each --input's JSON, by input name
         for item in inputs or ():
             name, sep, value = item.partition("=")
@@ -211,7 +229,7 @@ def infer(
             text = np.vectorize(lambda b: b.decode(errors="backslashreplace"), otypes=[object])
             out.print(str(text(array)), highlight=False, soft_wrap=True)
         elif tags is not None and name == "logits" and array.ndim == 3:
-            _print_tags(texts or [], array, *tags)
+            _print_tags(rows, array, *tags)
         else:
             out.print(f"{name} {list(array.shape)} {array.dtype}", highlight=False, soft_wrap=True)
             out.print(
@@ -259,8 +277,8 @@ def _check_served_from(bundle, named: str, metadata) -> None:
         )
 
 
-def _tokenized(texts: list[str], bundle):
-    """--text read by ``bundle``'s tokenizer: the inputs it gives, and for a token classifier
+def _tokenized(texts: list, bundle):
+    """--text (with --text-pair: pairs) read by ``bundle``'s tokenizer: the inputs it gives, and for a token classifier
     its class names and each text's tokens as read (``Tokenizer.pieces``; None for any other
     task)."""
     from quantgate.quantize.data import ModelInfo
@@ -402,7 +420,7 @@ def _print_classes(name: str, strings) -> None:
         out.print(f"  row {r}: " + ", ".join(items), highlight=False, soft_wrap=True)
 
 
-def _print_tags(texts: list[str], logits, names: tuple[str, ...], pieces: list[list[str]]) -> None:
+def _print_tags(texts: list, logits, names: tuple[str, ...], pieces: list[list[str]]) -> None:
     """A token classifier's answer to text as a person reads it: each real token of each
     text (its ``pieces``, the first positions of its row: texts are padded on the right,
     and a model may take no attention mask to tell), its top class by name and its softmax
@@ -414,7 +432,7 @@ def _print_tags(texts: list[str], logits, names: tuple[str, ...], pieces: list[l
     say = functools.partial(out.print, highlight=False, markup=False, soft_wrap=True)  # "[CLS]"
     say(f"logits {list(logits.shape)}: each token's top class")
     for text, tokens, p in zip(texts, pieces, probs, strict=True):
-        say(f"  {text!r}")
+        say("  " + (repr(text) if isinstance(text, str) else " + ".join(map(repr, text))))
         for token, row in zip(tokens, p[: len(tokens)], strict=True):  # padded on the right
             top = int(row.argmax())
             label = names[top] if top < len(names) else str(top)

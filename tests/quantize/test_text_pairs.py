@@ -1,0 +1,178 @@
+"""Text pairs: a cross-encoder's query and passage, tokenized as one sequence with the
+second text of token type 1, from JSONL, CSV and Python, as transformers' tokenizer(text,
+text_pair) gives them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from qg_pipeline_helpers import english, minilm_info  # noqa: E402
+
+from quantgate.errors import DataError  # noqa: E402
+from quantgate.quantize.data import open_source  # noqa: E402
+from quantgate.quantize.text import tokenize  # noqa: E402
+
+
+def _pairs(n: int) -> tuple[list[str], list[str]]:
+    """n short queries and n passages: real English, the passages longer."""
+    texts = english(2 * n)
+    return [" ".join(t.split()[:4]) for t in texts[:n]], texts[n:]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _stacked(source) -> dict[str, list[list[int]]]:
+    """Every batch's rows, unpadded by the attention mask, by input name."""
+    rows: dict[str, list[list[int]]] = {}
+    for b in source.batches():
+        mask = b.feeds["attention_mask"].astype(bool)
+        for name, a in b.feeds.items():
+            rows.setdefault(name, []).extend(r[m].tolist() for r, m in zip(a, mask, strict=True))
+    return rows
+
+
+def _transformers(texts, pairs, limit):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_info().tokenizer)
+    enc = tok(texts, pairs, truncation=True, max_length=limit)
+    return {k: [list(r) for r in enc[k]] for k in ("input_ids", "token_type_ids")}
+
+
+def test_jsonl_and_csv_pairs_are_tokenized_as_transformers_tokenizes_pairs(tmp_path):
+    """Each row's text and text_pair as one sequence: [CLS] query [SEP] passage [SEP], the
+    passage of token type 1; cut where too long by the longer text first. CSV reads as the
+    same rows as JSONL, and the source says it holds pairs."""
+    info = minilm_info("sequence-classification")
+    queries, passages = _pairs(40)
+    passages[5] = " ".join([passages[5]] * 12)  # past the model's 128 tokens: cut
+    labels = [i % 2 for i in range(40)]
+    rows = [
+        {"text": q, "text_pair": p, "label": y}
+        for q, p, y in zip(queries, passages, labels, strict=True)
+    ]
+    jsonl = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with open(tmp_path / "pairs.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "text", "text_pair"])  # columns in any order
+        w.writerows([y, q, p] for q, p, y in zip(queries, passages, labels, strict=True))
+
+    want = _transformers(queries, passages, 128)
+    assert all(1 in types for types in want["token_type_ids"])
+    longer = sum(len(r) > 128 for r in _transformers(queries, passages, None)["input_ids"])
+    for path in (jsonl, tmp_path / "pairs.csv"):
+        source = open_source(path, info, role="evaluation", batch_size=8)
+        assert f"{path.name}: 40 of 40 text pairs (" in source.description
+        assert source.cut == longer >= 1 and source.has_labels
+        got = _stacked(source)  # in the source's order, not the file's
+        labels_read = np.concatenate([b.labels for b in source.batches()]).tolist()
+        read = zip(got["input_ids"], got["token_type_ids"], labels_read, strict=True)
+        tokenized = zip(want["input_ids"], want["token_type_ids"], labels, strict=True)
+        assert sorted(read) == sorted(tokenized)
+
+
+def test_pairs_on_some_rows_only_are_refused_naming_the_fewer(tmp_path):
+    """A pair file missing a text_pair on a row (a lost cell, a dropped key) would read that
+    row as one text, which a cross-encoder never sees served: refused, naming the rows unlike
+    the others."""
+    info = minilm_info()
+    queries, passages = _pairs(12)
+    rows = [{"text": q, "text_pair": p} for q, p in zip(queries, passages, strict=True)]
+    del rows[4]["text_pair"]
+    rows[7]["text_pair"] = None
+    with pytest.raises(DataError) as e:
+        open_source(_write_jsonl(tmp_path / "p.jsonl", rows), info, role="calibration")
+    said = str(e.value)
+    assert 'line 5: has no "text_pair", though 10 of 12 rows have one' in said, said
+    assert "line 8:" in said and "pairs on every row or on none" in said
+    assert "line 1:" not in said
+
+
+def test_a_blank_text_pair_is_refused_and_an_empty_pair_column_is_warned_about(tmp_path, caplog):
+    info = minilm_info()
+    queries, passages = _pairs(4)
+    rows = [{"text": q, "text_pair": p} for q, p in zip(queries, passages, strict=True)]
+    rows[2]["text_pair"] = "   "
+    with pytest.raises(DataError, match=r'line 3: no non-blank string "text_pair"'):
+        open_source(_write_jsonl(tmp_path / "p.jsonl", rows), info, role="calibration")
+    # a CSV's text_pair column left empty: each row is one text, said once
+    path = tmp_path / "p.csv"
+    path.write_text("text,text_pair\n" + "".join(f"{q},\n" for q in queries), encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        source = open_source(path, info, role="calibration")
+    assert "4 of 4 texts (" in source.description
+    assert '"text_pair" is empty wherever it is given, so each row is read as one text' in (
+        caplog.text
+    )
+
+
+def test_files_of_two_texts_under_other_names_are_told_to_name_them_text_and_text_pair(
+    tmp_path,
+):
+    """GLUE's sentence1/sentence2, a reranker's query/passage: the command that renames them."""
+    info = minilm_info("sequence-classification")
+    rows = [{"sentence1": "a b", "sentence2": "c d", "label": 1}] * 3
+    with pytest.raises(DataError) as e:
+        open_source(_write_jsonl(tmp_path / "glue.jsonl", rows), info, role="evaluation")
+    assert "jq -c '{text: .sentence1, text_pair: .sentence2, label}'" in str(e.value)
+    path = tmp_path / "glue.csv"
+    path.write_text("query,passage,label\na,b,1\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        open_source(path, info, role="evaluation")
+    assert (
+        'where "query" and "passage" are a pair a model reads together, name them "text" and'
+        in (str(e.value))
+    )
+
+
+def test_pairs_from_python_are_one_batch_and_mixed_or_malformed_rows_are_refused():
+    info = minilm_info()
+    queries, passages = _pairs(3)
+    feeds = tokenize(list(zip(queries, passages, strict=True)), info)
+    want = _transformers(queries, passages, 128)
+    mask = feeds["attention_mask"].astype(bool)
+    assert [r[m].tolist() for r, m in zip(feeds["input_ids"], mask, strict=True)] == (
+        want["input_ids"]
+    )
+    assert [r[m].tolist() for r, m in zip(feeds["token_type_ids"], mask, strict=True)] == (
+        want["token_type_ids"]
+    )
+    refusals = (
+        ([queries[0], (queries[1], passages[1])], "text 1 is one text and text 2 is a pair"),
+        ([("a", "b", "c")], "expected a string or a pair (text, text_pair), found a tuple of 3"),
+        ([("a", "")], "text 1 of 1, its text_pair is blank"),
+        ([("a", 5)], "text 1 of 1, its text_pair: expected a string, found int"),
+    )
+    for texts, said in refusals:
+        with pytest.raises(DataError) as e:
+            tokenize(texts, info)
+        assert said in str(e.value)
+
+
+def test_both_tokenizers_read_pairs_alike_and_spell_each_token_from_its_own_text():
+    """transformers' tokenizer and tokenizer.json alone (``Backend``) give a pair the same
+    arrays, cut or not, and each token of the second text is read from the second text."""
+    from transformers import AutoTokenizer
+
+    from quantgate.tokenizer import PAIR_PROBES, Backend, Settings, Transformers
+
+    directory = minilm_info().tokenizer
+    hf = AutoTokenizer.from_pretrained(directory)
+    a, b = Transformers(hf, 0), Backend.load(directory, Settings.of(hf), 0)
+    for limit in (None, 8, 64):
+        x, y = a.encode(list(PAIR_PROBES), limit), b.encode(list(PAIR_PROBES), limit)
+        assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+    pair = [("Zoë asks", "where is Zürich?")]
+    read = ["[CLS]", "Zoë", "asks", "[SEP]", "where", "is", "Zürich", "?", "[SEP]"]
+    assert a.pieces(pair, None) == [read] and b.pieces(pair, None) == [read]
