@@ -136,8 +136,8 @@ def infer(
 ) -> None:
     """Send one request to a running server and print the outputs.
 
-    Inputs are arrays (-i NAME=JSON), or text (-t TEXT --bundle BUNDLE) that the bundle's
-    own tokenizer turns into them.
+    Inputs are arrays (-i NAME=JSON), or text (-t TEXT --bundle BUNDLE; -t TEXT -p TEXT for
+    a pair) that the bundle's own tokenizer turns into them.
     """
     import numpy as np
 
