@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,13 @@ class ServeConfig:
     # SIGTERM: time admitted requests get to finish. Under Kubernetes' default termination
     # grace (30 s), so that a drain that takes it all still exits by itself, not by SIGKILL.
     shutdown_grace_s: float = 25.0
+    # A connection this old (gRPC jitters it by +-10%) is sent a GOAWAY: its client opens a
+    # new one for its next calls, while the calls in flight get shutdown_grace_s to finish
+    # (a drain's promise to an admitted request) before the old one is closed. An L4 load
+    # balancer or a Kubernetes Service balances connections, not calls: without it a
+    # long-lived client stays on the replica it first reached, and replicas added later get
+    # none of its calls. 0: off, connections live until their client closes them.
+    max_connection_age_s: float = 0.0
     # -- CUDA execution provider (ignored on the CPU) -------------------------------------
     cuda_device_id: int = 0  # which GPU (as CUDA numbers them; CUDA_VISIBLE_DEVICES applies)
     # Cap on ORT's CUDA memory arena per session, in bytes; 0: no cap (ORT's default). Set it
@@ -142,6 +150,11 @@ class ServeConfig:
         ):  # fmt: skip
             if (value := getattr(self, name)) < 0:
                 raise ConfigError(f"{name} cannot be negative, got {value}")
+        if not math.isfinite(self.max_connection_age_s) or self.max_connection_age_s < 0:
+            raise ConfigError(
+                "max_connection_age_s is the seconds after which a connection is renewed, 0 "
+                f"or more (0: off), got {self.max_connection_age_s}"
+            )
         if self.metrics_port and self.metrics_port == self.port:
             raise ConfigError(
                 f"--metrics-port {self.metrics_port} is the gRPC --port too; give the "

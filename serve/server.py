@@ -540,6 +540,7 @@ def _built(
         # calls arrived that the server has not yet taken up: a fixed bound, see PENDING_CALLS
         ("grpc.server.max_pending_requests", PENDING_CALLS),
         ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
+        *_connection_age(cfg),
     ]
     threads = cfg.max_queue_size * len(list(engine.repository)) + SPARE_THREADS
     pool = RequestThreads(threads)
@@ -588,6 +589,31 @@ def _built(
         server,
     )
     return server, _bind(cfg, server, credentials), health_servicer
+
+
+# gRPC reads its durations as milliseconds in a C int; its largest is "never"
+NEVER_MS = 2**31 - 1
+
+
+def _connection_age(cfg: ServeConfig) -> list[tuple[str, int]]:
+    """gRPC's options for ``cfg.max_connection_age_s`` (none when it is 0: off). gRPC sends
+    a connection that old a GOAWAY, so that its client opens its next calls on a new one
+    (through the load balancer: on any replica), then closes it once the grace has passed:
+    the shutdown grace, the time a drain gives an admitted request, so that aging a
+    connection cuts off no call that a drain would have let finish. gRPC's default grace,
+    none, would let an open stream hold the old connection, and its replica, for ever."""
+    if not cfg.max_connection_age_s:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", _ms(cfg.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", _ms(cfg.shutdown_grace_s)),
+    ]
+
+
+def _ms(seconds: float) -> int:
+    """``seconds`` as gRPC's milliseconds: rounded up (0.0004 s is no "at once"), and at most
+    NEVER_MS."""
+    return min(NEVER_MS, max(0, math.ceil(seconds * 1000)))
 
 
 class Built(NamedTuple):
@@ -815,6 +841,12 @@ def _settings(cfg: ServeConfig, engine: Engine) -> str:
         f"instance(s) per model, ONNX Runtime threads: "
         f"{cpus.describe(cfg.intra_op_threads, gpu=gpu)}"
         + (f"; access log on (logger {access_log.name})" if cfg.access_log else "")
+        + (
+            f"; connections renewed after {cfg.max_connection_age_s:g} s (+-10%), their calls "
+            f"in flight given {cfg.shutdown_grace_s:g} s"
+            if cfg.max_connection_age_s
+            else ""
+        )
     )
 
 

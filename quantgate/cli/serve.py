@@ -118,6 +118,22 @@ def serve(
             "grace (Kubernetes: terminationGracePeriodSeconds, 30 by default).",
         ),
     ] = _DEFAULT_SERVE.shutdown_grace_s,
+    max_connection_age: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            metavar="SECONDS",
+            help="Renew client connections this old (+-10%), behind an L4 load balancer or "
+            "a Kubernetes Service, which balance connections, not calls: without it a "
+            "long-lived client stays on the replica it first reached, and replicas added by a "
+            "scale-out get none of its calls. The server sends an HTTP/2 GOAWAY: the client "
+            "opens its next calls on a new connection (to any replica), and its calls in "
+            "flight get --shutdown-grace to finish on the old one, then closed (an open "
+            "ModelStreamInfer stream ends UNAVAILABLE: reopen it). A few minutes (300) is "
+            "usual; not needed behind a proxy that balances calls (Envoy, Istio, a gRPC "
+            "ingress). 0: off (the default).",
+        ),
+    ] = _DEFAULT_SERVE.max_connection_age_s,
     precision: Annotated[
         Precision | None,
         typer.Option(help="Serve this variant instead of the fastest that passed."),
@@ -247,6 +263,7 @@ def serve(
             max_request_bytes=max_request_bytes,
             max_message_bytes=max_message_bytes,
             shutdown_grace_s=shutdown_grace,
+            max_connection_age_s=max_connection_age,
             precision=precision and precision.value,
             allow_failed_gates=allow_failed_gates,
             metrics_port=metrics_port,

@@ -35,12 +35,15 @@ def _literal(name: str, value: str) -> bytes:
 class Unread:
     """One connection to ``host:port``; ``call(path, message)`` starts a unary call whose
     answer is never read. The server's SETTINGS and PINGs are acknowledged on a thread, as
-    a live client's are. ``close()`` drops the connection, which ends every call."""
+    a live client's are, and its GOAWAYs kept (``goaways``: each one's error code; ``goaway``
+    set at the first). ``close()`` drops the connection, which ends every call."""
 
     def __init__(self, host: str, port: int):
         self._sock = socket.create_connection((host, port), timeout=10)
         self._next = 1
         self._lock = threading.Lock()
+        self.goaway = threading.Event()
+        self.goaways: list[int] = []
         settings = struct.pack(">HI", INITIAL_WINDOW_SIZE, 0)
         self._send(PREFACE + _frame(SETTINGS, 0, 0, settings))
         threading.Thread(target=self._read, daemon=True).start()
@@ -84,6 +87,9 @@ class Unread:
                         self._send(_frame(SETTINGS, ACK, 0))
                     elif kind == PING and not flags & ACK:
                         self._send(_frame(PING, ACK, 0, payload))
+                    elif kind == GOAWAY:  # last stream id, error code, debug data
+                        self.goaways.append(int.from_bytes(payload[4:8], "big"))
+                        self.goaway.set()
         except OSError:
             pass  # closed
 
