@@ -180,6 +180,13 @@ class Metrics:
             (*labels, "precision", "provider", "file"),
             registry=r,
         )
+        self.load = prom.Gauge(
+            "quantgate_model_load_seconds",
+            "Seconds the model took to load: its bundle read and its sha256 checked, its "
+            "session built, and its warm-up runs (final once quantgate_ready is 1)",
+            labels,
+            registry=r,
+        )
         self.bundle_changed = prom.Gauge(
             "quantgate_bundle_changed_on_disk",
             "1 where the served model's bundle changed or went on disk since the server loaded "

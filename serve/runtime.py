@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,8 @@ class Model:
         self.on_disk = (
             on_disk if on_disk is not None else bundle_stamp(bundle.path, self.on_disk_files)
         )
+        # Seconds open_model took: the bundle read and verified (sha256), the session built
+        self.load_s = 0.0
 
     def served(self, cfg: ServeConfig) -> Served:
         """What watch.BundleWatch watches of this model's bundle; ``cfg`` is what a restart
@@ -397,7 +400,25 @@ def open_model(
     version: str | None = None,
 ) -> Model:
     """Load and verify one bundle, choose its variant, and open an ONNX Runtime session.
-    ``name`` and ``version`` default to the manifest's (a repository passes its folders')."""
+    ``name`` and ``version`` default to the manifest's (a repository passes its folders').
+    The time it took is the model's ``load_s``, and is logged with it: which model a slow
+    start spent its time on, before the warm-up (Engine.warm_up adds that)."""
+    started = time.perf_counter()
+    model = _open_model(path, cfg, provider, name=name, version=version)
+    model.load_s = time.perf_counter() - started
+    log.info("loaded %s in %.2f s", model.describe(), model.load_s)
+    return model
+
+
+def _open_model(
+    path: Path,
+    cfg: ServeConfig,
+    provider: str,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+) -> Model:
+    """``open_model``'s model, untimed."""
     on_disk = bundle_stamp(path)  # before the read: a change during it is seen later
     bundle = qb.load(path, verify=False)
     manifest = bundle.manifest
@@ -433,7 +454,7 @@ def open_model(
         if cfg.device == "cuda":
             raise ServeError(why + ". Fix the CUDA install or use --device cpu.")
         log.warning("%s; serving on the CPU", why)
-        return open_model(path, cfg, CPU, name=name, version=version)
+        return _open_model(path, cfg, CPU, name=name, version=version)
     variant, opened = _placement_checked(bundle, cfg, provider, variant, opened)
     use_binding = cfg.io_binding == "on" or (cfg.io_binding == "auto" and provider == CUDA)
     model = Model(
@@ -449,7 +470,6 @@ def open_model(
         index_limits=opened.index_limits,
         on_disk=on_disk,
     )
-    log.info("loaded %s", model.describe())
     return model
 
 
