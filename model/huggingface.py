@@ -32,6 +32,7 @@ from quantgate.tasks import (
     FEATURE_EXTRACTION,
     HF_TASKS,
     MULTI_LABEL_CLASSIFICATION,
+    QUESTION_ANSWERING,
     SEQUENCE_CLASSIFICATION,
     TOKEN_CLASSIFICATION,
 )
@@ -44,7 +45,9 @@ HF_HEADS = {
     SEQUENCE_CLASSIFICATION: "ForSequenceClassification",
     MULTI_LABEL_CLASSIFICATION: "ForSequenceClassification",  # its config's problem_type says
     TOKEN_CLASSIFICATION: "ForTokenClassification",
+    QUESTION_ANSWERING: "ForQuestionAnswering",
 }
+QA_OUTPUTS = ("start_logits", "end_logits")  # (batch, sequence) each: the answer span's ends
 PRETRAINING_HEADS = ("ForMaskedLM", "ForPreTraining", "ForCausalLM", "LMHeadModel")
 ENCODER_ONLY = "EncoderModel"  # T5EncoderModel, MT5EncoderModel, UMT5EncoderModel
 
@@ -152,7 +155,11 @@ def load_huggingface(
 
     outputs: tuple[str, ...]
     extra_task: dict[str, Any]
-    if task in HF_HEADS:  # (batch, classes) logits, or (batch, sequence, classes)
+    if task == QUESTION_ANSWERING:  # (batch, sequence) each
+        outputs = QA_OUTPUTS
+        module = TupleOutputs(model, names, QA_OUTPUTS)
+        extra_task = {}
+    elif task in HF_HEADS:  # (batch, classes) logits, or (batch, sequence, classes)
         outputs = ("logits",)
         module = TupleOutputs(model, names, call=lambda m, **kw: m(**kw).logits)
         extra_task = {"labels": [config.id2label[i] for i in sorted(config.id2label)]}
@@ -256,7 +263,7 @@ def _hf_task(path: Path, archs: Sequence[str], task: str | None, *, multi_label:
         t
         for a in archs
         for t, suffix in HF_HEADS.items()
-        if a.endswith(suffix) and t in (scores, TOKEN_CLASSIFICATION)
+        if a.endswith(suffix) and t in (scores, TOKEN_CLASSIFICATION, QUESTION_ANSWERING)
     ]
     if task in (SEQUENCE_CLASSIFICATION, MULTI_LABEL_CLASSIFICATION) and scores in heads:
         heads.append(task)  # either reading of a sequence classifier's scores, where asked
@@ -290,6 +297,7 @@ def _hf_model(path: Path, task: str, archs: Sequence[str]) -> Any:  # a PreTrain
     import transformers
     from transformers import (
         AutoModel,
+        AutoModelForQuestionAnswering,
         AutoModelForSequenceClassification,
         AutoModelForTokenClassification,
     )
@@ -299,6 +307,7 @@ def _hf_model(path: Path, task: str, archs: Sequence[str]) -> Any:  # a PreTrain
         SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification,
         MULTI_LABEL_CLASSIFICATION: AutoModelForSequenceClassification,
         TOKEN_CLASSIFICATION: AutoModelForTokenClassification,
+        QUESTION_ANSWERING: AutoModelForQuestionAnswering,
     }.get(task, AutoModel)
     # A checkpoint saved as an encoder-decoder's encoder alone is loaded as itself:
     # T5EncoderModel's, which AutoModel would load as T5Model, encoder and decoder. (Not any

@@ -76,6 +76,7 @@ from quantgate.errors import ConfigError, ConfigTypeError, ModelLoadError
 from quantgate.tasks import (
     FEATURE_EXTRACTION,
     MULTI_LABEL_CLASSIFICATION,
+    QUESTION_ANSWERING,
     SEQUENCE_CLASSIFICATION,
     TOKEN_CLASSIFICATION,
 )
@@ -321,6 +322,8 @@ _OTHER_NAMES = {
     "multi_label_classification": MULTI_LABEL_CLASSIFICATION,  # Hugging Face's problem_type
     "ner": TOKEN_CLASSIFICATION,
     "tagging": TOKEN_CLASSIFICATION,
+    "qa": QUESTION_ANSWERING,
+    "extractive-qa": QUESTION_ANSWERING,
     "embedding": FEATURE_EXTRACTION,
     "sentence-similarity": FEATURE_EXTRACTION,
 }

@@ -6,6 +6,9 @@ gates judge it (plain strings; the names Hugging Face's pipelines and Optimum us
 - ``multi-label-classification``: one row of per-label scores (``logits``, each label on
   where its score is above 0: a sigmoid's), gated on agreement with FP32's decisions;
 - ``token-classification``: a row of class scores per token, labels per token;
+- ``question-answering``: extractive, a question and its context read as a pair: a score
+  per token for the answer's start and one for its end (``start_logits``, ``end_logits``),
+  gated on agreement with FP32's answer span;
 - ``feature-extraction``: an embedding, gated on its cosine to FP32 and its neighbours;
 - ``custom``: a model of your own that is none of these: each output against FP32's.
 """
@@ -17,6 +20,7 @@ SEQUENCE_CLASSIFICATION = "sequence-classification"
 # name (Hugging Face's pipelines call it text-classification, with a sigmoid)
 MULTI_LABEL_CLASSIFICATION = "multi-label-classification"
 TOKEN_CLASSIFICATION = "token-classification"  # a class per token: tagging, NER
+QUESTION_ANSWERING = "question-answering"  # extractive: an answer span in the context
 FEATURE_EXTRACTION = "feature-extraction"
 CUSTOM = "custom"  # a factory model that is none of them: per-output gates only
 
@@ -24,7 +28,9 @@ CLASSIFIER_TASKS = (SEQUENCE_CLASSIFICATION,)  # one class per row: softmax scor
 MULTI_LABEL_TASKS = (MULTI_LABEL_CLASSIFICATION,)  # labels on or off: gated against FP32
 TOKEN_TASKS = (TOKEN_CLASSIFICATION,)  # labels per token: (rows, sequence) arrays only
 EMBEDDING_TASKS = (FEATURE_EXTRACTION,)  # gated on agreement with FP32, not on labels
+QA_TASKS = (QUESTION_ANSWERING,)  # (batch, sequence) start and end scores: gated against FP32
 # A Hugging Face model is one of these; a factory's model may also be custom (or any other).
 HF_TASKS = (
-    SEQUENCE_CLASSIFICATION, MULTI_LABEL_CLASSIFICATION, TOKEN_CLASSIFICATION, FEATURE_EXTRACTION
+    SEQUENCE_CLASSIFICATION, MULTI_LABEL_CLASSIFICATION, TOKEN_CLASSIFICATION,
+    QUESTION_ANSWERING, FEATURE_EXTRACTION,
 )  # fmt: skip

@@ -77,6 +77,9 @@ SCORES = ("tokenizers", "python")
 
 # A text, or a pair (text, text_pair) tokenized as one sequence: (question, context).
 Text = str | tuple[str, str]
+# Where a token stands in its row's text: (0 for the text, 1 for its pair, first character,
+# end character); None for a special token ([CLS], [SEP]), which stands for none.
+Place = tuple[int, int, int] | None
 
 
 class Tokenizer(Protocol):
@@ -97,6 +100,12 @@ class Tokenizer(Protocol):
         """Each token of each text (as ``ids`` gives them) as a person reads it
         (``_read_as_typed``): the characters of the text it stands for, not the vocabulary's
         spelling (``##ing``, ``Ġin``, ``▁in``)."""
+        ...
+
+    def places(self, texts: Sequence[Text], limit: int | None) -> list[list[Place]] | None:
+        """Where each token of each text (as ``ids`` gives them) stands in it (``Place``):
+        an extractive answer's characters. None where the tokenizer keeps no offsets (a
+        slow one's)."""
         ...
 
 
@@ -129,11 +138,7 @@ class Transformers:
     def pieces(self, texts: Sequence[Text], limit: int | None) -> list[list[str]]:
         if not self.tok.is_fast:  # a slow tokenizer keeps no offsets: its own spelling
             return [self.tok.convert_ids_to_tokens(ids) for ids in self.ids(texts, limit)]
-        with self._lock:
-            enc = self.tok(
-                list(texts), truncation=limit is not None, max_length=limit, verbose=False,
-                return_offsets_mapping=True, return_special_tokens_mask=True,
-            )  # fmt: skip
+        enc = self._offsets(texts, limit)
         return [
             _read_as_typed(
                 text,
@@ -154,6 +159,24 @@ class Transformers:
                 )
             )  # fmt: skip
         ]
+
+    def places(self, texts: Sequence[Text], limit: int | None) -> list[list[Place]] | None:
+        if not self.tok.is_fast:
+            return None
+        enc = self._offsets(texts, limit)
+        return [
+            _places(offsets, special, enc.sequence_ids(row))
+            for row, (offsets, special) in enumerate(
+                zip(enc["offset_mapping"], enc["special_tokens_mask"], strict=True)
+            )
+        ]
+
+    def _offsets(self, texts: Sequence[Text], limit: int | None) -> Any:
+        with self._lock:
+            return self.tok(
+                list(texts), truncation=limit is not None, max_length=limit, verbose=False,
+                return_offsets_mapping=True, return_special_tokens_mask=True,
+            )  # fmt: skip
 
 
 def _padded(rows: Mapping[str, Sequence[Sequence[int]]], pads: Mapping[str, int]) -> dict:
@@ -307,6 +330,21 @@ class Backend:
             )
             for text, e in zip(texts, self._encodings(texts, limit), strict=True)
         ]
+
+    def places(self, texts: Sequence[Text], limit: int | None) -> list[list[Place]] | None:
+        return [
+            _places(e.offsets, e.special_tokens_mask, e.sequence_ids)
+            for e in self._encodings(texts, limit)
+        ]
+
+
+def _places(
+    offsets: Sequence[tuple[int, int]], special: Sequence[int], sequences: Sequence[int | None]
+) -> list[Place]:
+    return [
+        None if is_special or seq is None else (seq, start, end)
+        for (start, end), is_special, seq in zip(offsets, special, sequences, strict=True)
+    ]
 
 
 def _read_as_typed(
@@ -476,6 +514,7 @@ __all__ = [
     "SCORES",
     "PAIR_PROBES",
     "PROBES",
+    "Place",
     "Text",
     "Backend",
     "Settings",

@@ -81,7 +81,7 @@ from quantgate.quantize.labels import (
     label_forms,
 )
 from quantgate.quantize.textfiles import SUFFIXES as TEXT_SUFFIXES
-from quantgate.tasks import EMBEDDING_TASKS, MULTI_LABEL_TASKS, TOKEN_TASKS
+from quantgate.tasks import EMBEDDING_TASKS, MULTI_LABEL_TASKS, QA_TASKS, TOKEN_TASKS
 from quantgate.tokenizer import Settings
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,13 @@ def _ignored_labels(where: str, model: ModelInfo) -> None:
         log.warning(
             "%s: labels ignored: a %s model is gated on its agreement with FP32's decisions "
             "(each label on or off) and its scores' cosine, which need none",
+            where, model.task,
+        )  # fmt: skip
+        return
+    if model.task in QA_TASKS:
+        log.warning(
+            "%s: labels ignored: a %s model is gated on its agreement with FP32's answer spans "
+            "and its start and end scores, which need none",
             where, model.task,
         )  # fmt: skip
         return
@@ -153,9 +160,10 @@ class ModelInfo:
         """Whether its gates read one label per row (a class index or name): a classifier's.
         A token classifier reads one per token (``reads_token_labels``); an embedding model
         is gated on its agreement with FP32 and reads none, as a multi-label classifier
-        (whose rows would need a label set each)."""
+        (whose rows would need a label set each) and a question-answering model (a span
+        each)."""
         return self.labels_read and self.task not in (
-            *EMBEDDING_TASKS, *TOKEN_TASKS, *MULTI_LABEL_TASKS
+            *EMBEDDING_TASKS, *TOKEN_TASKS, *MULTI_LABEL_TASKS, *QA_TASKS
         )  # fmt: skip
 
     @property

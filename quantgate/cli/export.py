@@ -46,8 +46,9 @@ def export_command(
         typer.Option(
             metavar="TASK",
             help="feature-extraction, sequence-classification, multi-label-classification "
-            "(a sigmoid per label) or token-classification; default: the model's own (a "
-            "Hugging Face config's problem_type tells a multi-label one).",
+            "(a sigmoid per label), token-classification or question-answering (extractive: "
+            "start and end scores per token); default: the model's own (a Hugging Face "
+            "config's problem_type tells a multi-label one).",
         ),
     ] = None,
     exporter: Annotated[

@@ -193,11 +193,13 @@ def infer(
             task = client.config(named, version).parameters["task"].string_value
             _refuse_classes_of(task, f"model {named!r}")
         spec = {t.name: t for t in metadata.inputs}
-        values, tags = {}, None  # tags: a token classifier's class names, and tokens read
+        # tags: a token classifier's class names and tokens read; places: a question
+        # answerer's tokens' places in the text (None: not read from text)
+        values, tags, places = {}, None, None
         if texts:
             assert bundle is not None  # --text needs --bundle (checked above)
             _check_served_from(bundle, named, metadata)
-            values, tags = _tokenized(rows, bundle)
+            values, tags, places = _tokenized(rows, bundle)
         typed = {}  # each --input's JSON, by input name
         for item in inputs or ():
             name, sep, value = item.partition("=")
@@ -221,6 +223,8 @@ def infer(
     if as_json:
         _print_json(named, answer)
         return
+    if places is not None and {"start_logits", "end_logits"} <= answer.keys():
+        _print_answers(rows, answer.pop("start_logits"), answer.pop("end_logits"), places)
     for name, array in answer.items():
         if array.dtype == object and classes:  # top classes, as asked for
             _print_classes(name, array)
@@ -278,19 +282,23 @@ def _check_served_from(bundle, named: str, metadata) -> None:
 
 
 def _tokenized(texts: list, bundle):
-    """--text (with --text-pair: pairs) read by ``bundle``'s tokenizer: the inputs it gives, and for a token classifier
-    its class names and each text's tokens as read (``Tokenizer.pieces``; None for any other
-    task)."""
+    """--text (with --text-pair: pairs) read by ``bundle``'s tokenizer: the inputs it gives,
+    for a token classifier its class names and each text's tokens as read
+    (``Tokenizer.pieces``), and for a question answerer where each token stands in the text
+    (``Tokenizer.places``); None for any other task."""
     from quantgate.quantize.data import ModelInfo
     from quantgate.quantize.text import tokenize, tokenizer_of
-    from quantgate.tasks import TOKEN_TASKS
+    from quantgate.tasks import QA_TASKS, TOKEN_TASKS
 
     info = ModelInfo.from_manifest(bundle.manifest, bundle.path)
     tok = tokenizer_of(info)
     values = tokenize(texts, info, tok)
-    if info.task not in TOKEN_TASKS:
-        return values, None
-    return values, (bundle.manifest.class_names, tok.pieces(texts, info.max_seq_len or None))
+    limit = info.max_seq_len or None
+    if info.task in TOKEN_TASKS:
+        return values, (bundle.manifest.class_names, tok.pieces(texts, limit)), None
+    if info.task in QA_TASKS:
+        return values, None, tok.places(texts, limit)
+    return values, None, None
 
 
 def _print_json(model: str, answer: dict) -> None:
@@ -381,7 +389,7 @@ def _refuse_classes_of(task: str, what: str, *, texts: bool = False) -> None:
     its vectors. Refused, with what to ask instead (``texts``: text was sent, which prints
     each token's class). An unknown task ("": an older server) is let through."""
     from quantgate.errors import ConfigError
-    from quantgate.tasks import EMBEDDING_TASKS, TOKEN_TASKS
+    from quantgate.tasks import EMBEDDING_TASKS, QA_TASKS, TOKEN_TASKS
 
     if task in TOKEN_TASKS:
         instead = (
@@ -395,6 +403,18 @@ def _refuse_classes_of(task: str, what: str, *, texts: bool = False) -> None:
             "(batch, sequence, classes). --classes reads everything after the batch axis as "
             "one row (Triton's rule), so it would print the largest scores over all tokens, "
             f"indexed token * classes + class, without names. {instead}"
+        )
+    if task in QA_TASKS:
+        instead = (
+            "Drop --classes: with text, each row's answer is printed."
+            if texts
+            else "For each row's answer, send text: -t QUESTION -p CONTEXT --bundle BUNDLE; for "
+            "the scores, drop --classes."
+        )
+        raise ConfigError(
+            f"--classes: {what} answers questions ({task}): its start_logits and end_logits "
+            "score each token as the answer's start and end, not classes; --classes would "
+            f"print the highest-scoring positions without their text. {instead}"
         )
     if task in EMBEDDING_TASKS:
         raise ConfigError(
@@ -437,6 +457,33 @@ def _print_tags(texts: list, logits, names: tuple[str, ...], pieces: list[list[s
             top = int(row.argmax())
             label = names[top] if top < len(names) else str(top)
             say(f"    {token:<16} {label:<12} {row[top]:.3f}")
+
+
+def _print_answers(texts: list, start, end, places: list) -> None:
+    """An extractive question answerer's answer to each (question, context) pair: the best
+    span of the context's tokens (``spans.best_spans``, as Hugging Face's pipeline picks
+    it), as the context spells it, and its probability. Without a pair, the span is taken
+    from the one text."""
+    import numpy as np
+
+    from quantgate.spans import best_spans, span_probability
+
+    say = functools.partial(out.print, highlight=False, markup=False, soft_wrap=True)
+    say(f"start_logits, end_logits {list(start.shape)}: each row's answer")
+    width = start.shape[1]
+    for r, (text, where) in enumerate(zip(texts, places, strict=True)):
+        context = 0 if isinstance(text, str) else 1  # the pair's second text: the context
+        allowed = np.zeros(width, bool)  # padded on the right: the row's tokens come first
+        allowed[: len(where)] = [p is not None and p[0] == context for p in where]
+        say("  " + (repr(text) if isinstance(text, str) else " + ".join(map(repr, text))))
+        first, last = best_spans(start[r : r + 1], end[r : r + 1], allowed[None])[0]
+        if first < 0:
+            say("    no answer (no token of the context, or scores that are not finite)")
+            continue
+        source = text if isinstance(text, str) else text[context]
+        answer = source[where[first][1] : where[last][2]]
+        p = span_probability(start[r], end[r], allowed, (first, last))
+        say(f"    {answer!r}  (tokens {first}..{last}, probability {p:.3f})")
 
 
 def _check_url(url: str) -> None:

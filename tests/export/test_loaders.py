@@ -87,6 +87,7 @@ def test_a_token_classifier_is_exported_with_its_head_and_other_heads_are_not_dr
     its tags gone and a random pooler in their place."""
     from transformers import (
         BertForMaskedLM,
+        BertForMultipleChoice,
         BertForQuestionAnswering,
         BertForTokenClassification,
         BertLMHeadModel,
@@ -102,17 +103,25 @@ def test_a_token_classifier_is_exported_with_its_head_and_other_heads_are_not_dr
         )
     assert logits.shape == (2, 12, 5)  # a class per token
 
-    qa = tiny_bert(tmp_path / "qa", BertForQuestionAnswering)
+    choice = tiny_bert(tmp_path / "choice", BertForMultipleChoice)
     with pytest.raises(
-        ConfigError, match="is a BertForQuestionAnswering: .* Pass --task feature-extraction"
+        ConfigError, match="is a BertForMultipleChoice: .* Pass --task feature-extraction"
     ):
-        load_model(qa)
+        load_model(choice)
     with caplog.at_level("INFO", logger="quantgate.model.huggingface"):
-        assert load_model(qa, task="feature-extraction").outputs == (
+        assert load_model(choice, task="feature-extraction").outputs == (
             "last_hidden_state",
             "sentence_embedding",
         )
-    assert "exporting the encoder of BertForQuestionAnswering, without its head" in caplog.text
+    assert "exporting the encoder of BertForMultipleChoice, without its head" in caplog.text
+    # extractive question answering: a start and an end score per token
+    qa = load_model(tiny_bert(tmp_path / "qa", BertForQuestionAnswering))
+    assert qa.task == "question-answering" and qa.outputs == ("start_logits", "end_logits")
+    with torch.no_grad():
+        start, end = qa.module(
+            *(torch.from_numpy(qa.samples.arrays[n][:2, :12]) for n in qa.input_names)
+        )
+    assert start.shape == end.shape == (2, 12) and not torch.equal(start, end)
     both = tiny_bert(tmp_path / "both", BertForTokenClassification, num_labels=5)
     config = json.loads((both / "config.json").read_text())
     config["architectures"] = ["BertForTokenClassification", "BertForSequenceClassification"]
