@@ -64,6 +64,9 @@ class ServeConfig:
     precision: str | None = None  # force a variant instead of the fastest that passed
     warmup: bool = True  # run each model at three shapes before reporting ready (Engine.warm_up)
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off
+    # The metrics port's own address (127.0.0.1: a sidecar's scrape only, gRPC on every
+    # address, or the reverse); None: host's. Refused without metrics_port, which it is for.
+    metrics_host: str | None = None
     # One INFO line per RPC to the logger quantgate.serve.access (server.AccessLog). Off:
     # no interceptor at all, so a request pays nothing for it.
     access_log: bool = False
@@ -111,15 +114,31 @@ class ServeConfig:
     def address(self, port: int | None = None) -> str:
         """``host:port`` (``port`` defaults to the configured one) as gRPC and URLs write
         it: an IPv6 address in brackets, ``[::1]:8001``."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port if port is None else port}"
+        return _hostport(self.host, self.port if port is None else port)
+
+    @property
+    def http_host(self) -> str:
+        """The address the metrics port listens on: metrics_host, else host."""
+        return self.host if self.metrics_host is None else self.metrics_host
+
+    @property
+    def http_host_flag(self) -> str:
+        """The flag that set ``http_host``, for the errors that name it."""
+        return "--host" if self.metrics_host is None else "--metrics-host"
+
+    def metrics_address(self, port: int) -> str:
+        """``http_host:port`` (``port``: the one the metrics port bound), written as
+        ``address`` writes it."""
+        return _hostport(self.http_host, port)
 
     def __post_init__(self):
         from quantgate.errors import ConfigError
 
         check_fields(self)  # types first: path="bundles/digits" becomes a Path
         # An IPv6 address is kept bare ("::1"); address() brackets it where a port follows.
-        object.__setattr__(self, "host", self.host.removeprefix("[").removesuffix("]"))
+        for name in ("host", "metrics_host"):
+            if (host := getattr(self, name)) is not None:
+                object.__setattr__(self, name, host.removeprefix("[").removesuffix("]"))
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -160,6 +179,16 @@ class ServeConfig:
                 f"--metrics-port {self.metrics_port} is the gRPC --port too; give the "
                 "metrics another port (or 0 for a free one)"
             )
+        if self.metrics_host == "":
+            raise ConfigError(
+                "--metrics-host is empty: give an address (0.0.0.0 for every interface, "
+                "127.0.0.1 for this machine alone), or leave it out to use --host's"
+            )
+        if self.metrics_host is not None and self.metrics_port is None:
+            raise ConfigError(
+                f"--metrics-host {self.metrics_host} says where the metrics port listens, and "
+                "there is none: give --metrics-port too (0 picks a free one)"
+            )
         if self.max_queue_delay_us and not self.dynamic_batching:
             raise ConfigError(
                 "--max-queue-delay-us waits to form batches; --no-dynamic-batching forms none"
@@ -176,3 +205,8 @@ class ServeConfig:
                 "--auth-token (or QUANTGATE_AUTH_TOKEN) and --auth-token-file both name the "
                 "token: give one (the file can hold several, one per line)"
             )
+
+
+def _hostport(host: str, port: int) -> str:
+    """``host:port`` as gRPC and URLs write it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

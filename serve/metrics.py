@@ -214,6 +214,8 @@ class Metrics:
         host: str = "0.0.0.0",
         ready: Callable[[], bool] | None = None,
         model_ready: Callable[[str, str], bool] | None = None,
+        *,
+        host_flag: str = "--host",
     ) -> int:
         """Serve the metrics over HTTP at ``/metrics`` (a daemon thread; ``/`` redirects
         there), and with ``ready`` the probes ``/healthz``, ``/readyz`` and their KServe v2
@@ -222,13 +224,14 @@ class Metrics:
 
         ``host`` 0.0.0.0 (every address) listens on IPv4 and IPv6 both, as gRPC does on it
         (``[::]`` with IPV6_V6ONLY off), and on IPv4 alone where the host has no IPv6;
-        ``http_address`` and ``http_families`` say which."""
+        ``http_address`` and ``http_families`` say which. ``host_flag``: the flag that
+        set ``host``, named by the errors."""
         given = _hostport((host, port))
         try:
             binds = http_binds(host, port)
         except OSError as e:  # socket.gaierror: a name that does not resolve
             raise ServeError(
-                f"cannot serve metrics on {given}: --host {host} does not resolve to an "
+                f"cannot serve metrics on {given}: {host_flag} {host} does not resolve to an "
                 f"address ({e.strerror or e}). Give a name or an address of this machine: "
                 "0.0.0.0 for every interface, 127.0.0.1 for local clients."
             ) from e
@@ -251,8 +254,8 @@ class Metrics:
         else:  # every family (http_binds gives one at least) is not on this host
             assert last is not None
             raise ServeError(
-                f"cannot serve metrics on {given}: {last.strerror or last}. Give --host an "
-                "address of this machine, or 0.0.0.0 for every interface."
+                f"cannot serve metrics on {given}: {last.strerror or last}. Give {host_flag} "
+                "an address of this machine, or 0.0.0.0 for every interface."
             ) from last
         threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
         self._httpd = httpd

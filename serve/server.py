@@ -654,21 +654,33 @@ def _cannot_listen(cfg: ServeConfig, address: str) -> str:
 
 
 def _check_ports(cfg: ServeConfig) -> None:
-    """Refuse a --host or --port (or --metrics-port) that cannot be listened on, with the one
-    reason, before the models load: gRPC's failed bind does not say which it was. The binds
-    themselves stay the authority: this probe only moves common mistakes earlier."""
+    """Refuse a --host or --port (or --metrics-host or --metrics-port) that cannot be
+    listened on, with the one reason, before the models load: gRPC's failed bind does not
+    say which it was. The binds themselves stay the authority: this probe only moves common
+    mistakes earlier. A --metrics-port of 0 is probed too, for its host."""
     if problem := _bind_problem(cfg.host, cfg.port, "--port"):
         raise ServeError(f"cannot listen on {cfg.address()}: {problem}")
-    if cfg.metrics_port and (
-        problem := _bind_problem(cfg.host, cfg.metrics_port, "--metrics-port", http=True)
+    if cfg.metrics_port is not None and (
+        problem := _bind_problem(
+            cfg.http_host,
+            cfg.metrics_port,
+            "--metrics-port",
+            http=True,
+            host_flag=cfg.http_host_flag,
+        )
     ):
-        raise ServeError(f"cannot serve metrics on {cfg.address(cfg.metrics_port)}: {problem}")
+        raise ServeError(
+            f"cannot serve metrics on {cfg.metrics_address(cfg.metrics_port)}: {problem}"
+        )
 
 
-def _bind_problem(host: str, port: int, flag: str, *, http: bool = False) -> str | None:
-    """Why a plain socket cannot listen on ``port`` (``flag``'s) at ``host``, in words that
-    say what to do; None where it can. ``http``: bound as the metrics server binds it
-    (``metrics.http_binds``: 0.0.0.0 is IPv6 and IPv4 both where the host has IPv6)."""
+def _bind_problem(
+    host: str, port: int, flag: str, *, http: bool = False, host_flag: str = "--host"
+) -> str | None:
+    """Why a plain socket cannot listen on ``port`` (``flag``'s) at ``host`` (``host_flag``'s),
+    in words that say what to do; None where it can. ``http``: bound as the metrics server
+    binds it (``metrics.http_binds``: 0.0.0.0 is IPv6 and IPv4 both where the host has
+    IPv6)."""
     try:
         if http:
             found = metrics.http_binds(host, port)
@@ -681,8 +693,9 @@ def _bind_problem(host: str, port: int, flag: str, *, http: bool = False) -> str
             ]
     except socket.gaierror as e:
         return (
-            f"--host {host} does not resolve to an address ({e.strerror}). Give a name or an "
-            "address of this machine: 0.0.0.0 for every interface, 127.0.0.1 for local clients"
+            f"{host_flag} {host} does not resolve to an address ({e.strerror}). Give a name or "
+            "an address of this machine: 0.0.0.0 for every interface, 127.0.0.1 for local "
+            "clients"
         )
     for i, (family, address, dual) in enumerate(found):
         try:
@@ -696,8 +709,8 @@ def _bind_problem(host: str, port: int, flag: str, *, http: bool = False) -> str
                 return f"another process listens on it. Choose another {flag} (0 picks a free one)"
             if e.errno == errno.EADDRNOTAVAIL:
                 return (
-                    f"--host {host} is not an address of this machine ({e.strerror}). Give one "
-                    "of its addresses, or 0.0.0.0 for every interface"
+                    f"{host_flag} {host} is not an address of this machine ({e.strerror}). "
+                    "Give one of its addresses, or 0.0.0.0 for every interface"
                 )
             if e.errno == errno.EACCES:
                 return f"ports below 1024 need root. Choose another {flag} (0 picks a free one)"
@@ -1123,7 +1136,8 @@ def _start(
                 return False
             return ready()
 
-        http.serve_http(cfg.metrics_port, cfg.host, ready=ready, model_ready=model_ready)
+        http.serve_http(cfg.metrics_port, cfg.http_host, ready=ready, model_ready=model_ready,
+                        host_flag=cfg.http_host_flag)  # fmt: skip
         log.info(
             "Prometheus metrics on http://%s/metrics%s, and the probes /healthz, /readyz, "
             "/v2/health/live, /v2/health/ready, /v2/models/NAME/ready",

@@ -37,8 +37,9 @@ def serve(
         str,
         typer.Option(
             metavar="ADDRESS",
-            help="Address to listen on, for gRPC and the metrics port: 0.0.0.0 is every "
-            "IPv4 and IPv6 address (where the host has IPv6), 127.0.0.1 local clients only.",
+            help="Address to listen on, for gRPC and the metrics port (unless "
+            "--metrics-host): 0.0.0.0 is every IPv4 and IPv6 address (where the host has "
+            "IPv6), 127.0.0.1 local clients only.",
         ),
     ] = _DEFAULT_SERVE.host,
     port: Annotated[
@@ -157,6 +158,17 @@ def serve(
             "unless given (Triton's is 8002).",
         ),
     ] = _DEFAULT_SERVE.metrics_port,
+    metrics_host: Annotated[
+        str | None,
+        typer.Option(
+            metavar="ADDRESS",
+            help="The metrics port's own address, as --host reads it (default: --host's): "
+            "127.0.0.1 keeps the metrics and HTTP probes to this machine (a sidecar's scrape) "
+            "while gRPC listens on every address, or 0.0.0.0 opens them while gRPC stays "
+            "local. A kubelet's HTTP probes come from outside the pod and cannot reach "
+            "127.0.0.1. Needs --metrics-port (refused without it).",
+        ),
+    ] = _DEFAULT_SERVE.metrics_host,
     tls_cert: Annotated[
         Path | None, typer.Option(metavar="FILE", help="PEM server certificate (enables TLS).")
     ] = None,
@@ -233,7 +245,7 @@ def serve(
             out.print(f"serving {m.describe()}", highlight=False, soft_wrap=True)
         if engine.metrics.http_port is not None:  # the free one chosen for --metrics-port 0
             out.print(
-                f"metrics on http://{cfg.address(engine.metrics.http_port)}/metrics",
+                f"metrics on http://{cfg.metrics_address(engine.metrics.http_port)}/metrics",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -267,6 +279,7 @@ def serve(
             precision=precision and precision.value,
             allow_failed_gates=allow_failed_gates,
             metrics_port=metrics_port,
+            metrics_host=metrics_host,
             access_log=access_log,
             tls=tls,
             auth_token=auth_token,
