@@ -59,6 +59,7 @@ class Engine:
         # histograms of each served model, made below.
         self._counters: dict[tuple[str, str, str], Any] = {}
         self._histograms: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._failed: dict[tuple[str, str, str], Any] = {}  # by (name, version, code)
         # Admitting requests: the server sets it once the models are warm; close() clears it.
         self.ready = False
         # Set by close(): the server is going away (not warming up); open streams end.
@@ -213,7 +214,8 @@ class Engine:
         """Account for one answered request (success or not; ``reason``: why an UNAVAILABLE
         one was refused). One without a ``model`` is counted under the name it ``asked``
         for where the server serves a model of that name (a version it does not serve),
-        else under "": a client cannot grow the label set."""
+        else under "": a client cannot grow the label set. Its ``seconds`` go to the
+        latency histogram of successes, or of failures by code, a served model's only."""
         if model is not None:
             name, version = model.name, model.version
         else:
@@ -235,6 +237,13 @@ class Engine:
             latency.observe(seconds)
             if timing is not None:
                 queue.observe(timing.queue_ns / 1e9)
+            return
+        failed = self._failed.get((name, version, code))
+        if failed is None:
+            failed = self._failed[(name, version, code)] = self.metrics.failed_latency.labels(
+                name, version, code
+            )
+        failed.observe(seconds)
 
     def _on_batch(self, m: Model):
         stats = self.stats[(m.name, m.version)]

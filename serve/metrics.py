@@ -84,6 +84,16 @@ class Metrics:
             buckets=_LATENCY,
             registry=r,
         )
+        # Apart from the successes' (whose labels stay as they are), by code: a refusal in
+        # microseconds and a DEADLINE_EXCEEDED after seconds in the queue are not one
+        # distribution, and the slow failures are those a user waited for.
+        self.failed_latency = prom.Histogram(
+            "quantgate_failed_request_seconds",
+            "Latency inside the server of the requests that failed, by gRPC status code",
+            (*labels, "code"),
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.queue = prom.Histogram(
             "quantgate_queue_seconds",
             "Time from admission to the start of its batch",
