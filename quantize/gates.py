@@ -7,6 +7,10 @@ proportions): it reflects the rows on which the two models disagree, not the dif
 the test set, and unlike a bootstrap of the rows it does not shrink to a point when few or
 no rows flip, where INT8 lives.
 
+Which gates a model gets is its ``Kind`` (a classifier, a multi-label or a token classifier,
+an embedding, or none of these), read once from FP32's outputs and the task together with the
+output its gates judge (``kind_of``); each kind's gates are in ``_KIND_GATES``.
+
 Without labels: fidelity against FP32 on the evaluation rows.
 
 - classifiers (``(batch, classes)`` logits): top-1 agreement and mean KL(FP32 || candidate)
@@ -42,8 +46,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -144,35 +149,50 @@ def collect(
 # -- accuracy ------------------------------------------------------------------------------
 
 
+class Kind(Enum):
+    """What the gates take a model for, which decides the gates it gets (``_KIND_GATES``)."""
+
+    CLASSIFIER = "classifier"  # (batch, classes) logits, or one score per row (batch, 1)
+    MULTI_LABEL = "multi-label classifier"  # (batch, labels) scores, each label on or off
+    TOKEN_CLASSIFIER = "token classifier"  # (batch, sequence, classes) logits
+    EMBEDDING = "embedding"  # sentence_embedding, or last_hidden_state mean-pooled
+    OTHER = "other"  # none of these: every float output on its cosine to FP32
+
+
+@dataclass(frozen=True)
+class Judged:
+    """A model's kind and the output its kind's gates judge (``kind_of``)."""
+
+    kind: Kind
+    output: str | None  # None for OTHER alone
+
+    def __post_init__(self):
+        assert (self.output is None) == (self.kind is Kind.OTHER), self
+
+
+def kind_of(reference: Outputs, task: str) -> Judged:
+    """The model's kind, read once from FP32's outputs and its task, with the output judged:
+    the first kind of ``_KINDS`` that finds its output, else OTHER."""
+    for kind, find in _KINDS:
+        if (output := find(reference, task)) is not None:
+            return Judged(kind, output)
+    return Judged(Kind.OTHER, None)
+
+
 def accuracy_gates(
     reference: Outputs, candidate: Outputs, task: str, cfg: GateConfig, *, label: str = "INT8"
 ) -> list[GateResult]:
-    """The accuracy gate with labels, else the fidelity gates for the model's kind; and a
-    ``cosine:<output>`` gate for every other float output (``_unjudged``): the server serves
-    them all. ``reference`` has passed ``check_evaluation`` (the caller's, once)."""
+    """The gates of the model's kind (``kind_of``, ``_KIND_GATES``): its accuracy with
+    labels, else its fidelity to FP32; and a ``cosine:<output>`` gate for every other float
+    output (``_unjudged``): the server serves them all. ``reference`` has passed
+    ``check_evaluation`` (the caller's, once)."""
     if reference.rows != candidate.rows:
         raise DataError(f"FP32 saw {reference.rows} rows, the candidate {candidate.rows}")
-    logits, tokens, judged = _judged(reference, task)
-    if logits is not None and reference.labels is not None:
-        gates = [_accuracy_drop(reference, candidate, logits, cfg, label)]
-        if reference.batches[0][logits].shape[-1] == 1:  # a score's value, beyond its sign
-            gates += _classifier_fidelity(reference, candidate, logits, cfg)
-        elif (why := labels_at_chance(reference, logits)) is not None:  # a blind accuracy gate
-            gates += _classifier_fidelity(reference, candidate, logits, cfg, labels_say=why)
-    elif logits is not None:
-        gates = _classifier_fidelity(reference, candidate, logits, cfg)
-    elif tokens is not None and reference.labels is not None:
-        gates = [_token_accuracy_drop(reference, candidate, tokens, cfg, label)]
-    elif tokens is not None:
-        gates = _token_fidelity(reference, candidate, tokens, cfg)
-    elif (scores := _multi_label_scores(reference, task)) is not None:
-        gates = [_decision_agreement(reference, candidate, scores, cfg)]  # and their cosine
-    elif judged is not None:
-        gates = _embedding_fidelity(reference, candidate, judged, cfg)
-    else:
-        gates = []  # none of these kinds: every output on its cosine
-    pooled = judged not in (logits, tokens)  # an embedding, compared mean-pooled
-    others = _unjudged(reference, judged, pooled=pooled)
+    judged = kind_of(reference, task)
+    gates: list[GateResult] = []  # OTHER judges no output: every output on its cosine
+    if judged.output is not None:
+        gates = _KIND_GATES[judged.kind](reference, candidate, judged.output, cfg, label)
+    others = _unjudged(reference, judged, task)
     gates += [_integer_agreement(reference, candidate, n, cfg) for n in _integers(reference)]
     if others:
         # The embedding's threshold, cfg.min_cosine, for token states too (the INT8 gates on
@@ -188,6 +208,32 @@ def accuracy_gates(
         fidelity = Fidelity.measure(batches, others)
         gates += fidelity.gates(min_cosine=cfg.min_cosine, cfg=cfg)
     return gates
+
+
+def _classifier_gates(
+    ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, label: str
+) -> list[GateResult]:
+    """With labels, the accuracy drop; and agreement with FP32 where the labels cannot tell
+    enough (``labels_at_chance``) or a single score's value matters beyond its sign. Without
+    labels, agreement with FP32 alone (``_classifier_fidelity``)."""
+    if ref.labels is None:
+        return _classifier_fidelity(ref, cand, output, cfg)
+    gates = [_accuracy_drop(ref, cand, output, cfg, label)]
+    if ref.batches[0][output].shape[-1] == 1:  # a score's value, beyond its sign
+        gates += _classifier_fidelity(ref, cand, output, cfg)
+    elif (why := labels_at_chance(ref, output)) is not None:  # a blind accuracy gate
+        gates += _classifier_fidelity(ref, cand, output, cfg, labels_say=why)
+    return gates
+
+
+def _token_classifier_gates(
+    ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, label: str
+) -> list[GateResult]:
+    """With token labels, the accuracy drop over the labelled tokens; without, agreement with
+    FP32 on every real token (``_token_fidelity``)."""
+    if ref.labels is None:
+        return _token_fidelity(ref, cand, output, cfg)
+    return [_token_accuracy_drop(ref, cand, output, cfg, label)]
 
 
 def _integers(ref: Outputs) -> list[str]:
@@ -222,28 +268,26 @@ def _integer_agreement(ref: Outputs, cand: Outputs, name: str, cfg: GateConfig) 
     return interval_gate(f"agreement:{name}", share, ci, cfg.min_top1_agreement, ">=", cfg, detail)
 
 
-def _unjudged(ref: Outputs, judged: str | None, *, pooled: bool) -> list[str]:
-    """The float outputs besides ``judged`` (None: every float output), which the gates of
-    the model's kind compare as served (logits, a 2-D embedding, a token classifier's
-    per-token logits); a 3-D ``last_hidden_state`` judged mean-pooled (``pooled``) is not
-    what a client receives, so its tokens are gated too. Integer outputs (ids, a predicted
-    class) have no cosine: their gate is agreement (``_integer_agreement``)."""
+def _unjudged(ref: Outputs, judged: Judged, task: str) -> list[str]:
+    """The float outputs the gates of the model's kind do not compare as served, which get a
+    cosine gate each: all but a classifier's logits, a token classifier's per-token logits
+    and a 2-D embedding. A 3-D ``last_hidden_state`` judged mean-pooled is not what a client
+    receives, so its tokens are gated too; a multi-label classifier's scores are, beside
+    their decisions. Integer outputs (ids, a predicted class) have no cosine: their gate is
+    agreement (``_integer_agreement``)."""
+    served = judged.output
+    if judged.kind is Kind.MULTI_LABEL:
+        # Its scores get a cosine gate; a sentence_embedding served beside them gets none at
+        # all. Gating it would add a gate: a change of the gates' definitions (decide.py).
+        served = _embedding_name(task, ref.names)
+    pooled = judged.kind in (Kind.EMBEDDING, Kind.MULTI_LABEL)
     first = ref.batches[0]
     return [
         n
         for n in ref.names
         if np.issubdtype(first[n].dtype, np.floating)
-        and (n != judged or (pooled and first[n].ndim > 2))
+        and (n != served or (pooled and first[n].ndim > 2))
     ]
-
-
-def _judged(ref: Outputs, task: str) -> tuple[str | None, str | None, str | None]:
-    """Which output the gates of the model's kind judge: (a classifier's logits, a token
-    classifier's per-token logits, the output judged: either of them, else the embedding),
-    each None where the model has none."""
-    logits = _logits_output(ref, task)
-    tokens = _token_logits(ref, task)
-    return logits, tokens, logits or tokens or _embedding_name(task, ref.names)
 
 
 def _logits_output(ref: Outputs, task: str) -> str | None:
@@ -309,6 +353,17 @@ def _embedding_name(task: str, names) -> str | None:
     return None
 
 
+# The kinds that judge an output, in the order they are tried: an output named "logits" is
+# a classifier's even where the task says tokens, and a multi-label classifier's scores come
+# before an embedding's (a sentence_embedding is 2-D, as scores are).
+_KINDS: tuple[tuple[Kind, Callable[[Outputs, str], str | None]], ...] = (
+    (Kind.CLASSIFIER, _logits_output),
+    (Kind.TOKEN_CLASSIFIER, _token_logits),
+    (Kind.MULTI_LABEL, _multi_label_scores),
+    (Kind.EMBEDDING, lambda ref, task: _embedding_name(task, ref.names)),
+)
+
+
 def counts_rows(task: str, outputs: Iterable[str]) -> bool:
     """Whether a model with these outputs gets the accuracy, top-1 or nearest-neighbour
     gates, which need ``MIN_EVAL_ROWS`` rows; known from the names before the export
@@ -322,29 +377,29 @@ def counts_rows(task: str, outputs: Iterable[str]) -> bool:
 
 
 def check_label_range(reference: Outputs, task: str) -> None:
-    """Raise DataError unless every label is a class index of the model's logits output
-    (1-based labels would score a broken model and pass it)."""
-    logits, tokens, _ = _judged(reference, task)
-    if reference.labels is not None and tokens is not None:
-        classes = reference.batches[0][tokens].shape[-1]
-        if reference.labels.max() >= classes:
-            raise DataError(
-                f"token labels must be class indices 0..{classes - 1} ({tokens} has {classes} "
-                f"classes) or {NO_LABEL}; found {int(reference.labels.max())}"
-            )
-        if reference.labels.max() < 0:
-            raise DataError(f"the evaluation rows label no token ({NO_LABEL} everywhere)")
-        return
-    if reference.labels is None or logits is None:
-        return
-    classes = index_count(reference.batches[0][logits].shape[-1])
-    labels = reference.labels
+    """Raise DataError unless every label is a class index of the output the model's kind
+    judges (1-based labels would score a broken model and pass it): a classifier's row
+    labels, a token classifier's token labels; the other kinds read none."""
+    _check_labels(reference, kind_of(reference, task))
+
+
+def _check_labels(reference: Outputs, judged: Judged) -> None:
+    """``check_label_range`` for a model whose kind is known."""
+    check = _LABEL_CHECKS.get(judged.kind)
+    if reference.labels is not None and check is not None and judged.output is not None:
+        check(reference.labels, judged.output, reference.batches[0][judged.output].shape[-1])
+
+
+def _check_class_labels(labels: np.ndarray, output: str, scores: int) -> None:
+    """A classifier's labels are class indices of its ``scores`` per row (a single score:
+    classes 0 and 1)."""
+    classes = index_count(scores)
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= classes:
         outside = labels[(labels < 0) | (labels >= classes)]
         values = ", ".join(map(str, sorted(set(outside.tolist()))[:8]))
         raise DataError(
-            f"labels must be class indices 0..{classes - 1} ({logits} has {classes} classes), "
+            f"labels must be class indices 0..{classes - 1} ({output} has {classes} classes), "
             f"found labels {lo}..{hi}: {len(outside)} of {len(labels)} rows out of range "
             f"(label {values})."
             + (
@@ -353,6 +408,25 @@ def check_label_range(reference: Outputs, task: str) -> None:
                 f"{classes - 1}, in the order of the model's classes."
             )
         )
+
+
+def _check_token_labels(labels: np.ndarray, output: str, classes: int) -> None:
+    """A token classifier's labels are class indices of its per-token scores, or
+    ``NO_LABEL``, and tag at least one token."""
+    if labels.max() >= classes:
+        raise DataError(
+            f"token labels must be class indices 0..{classes - 1} ({output} has {classes} "
+            f"classes) or {NO_LABEL}; found {int(labels.max())}"
+        )
+    if labels.max() < 0:
+        raise DataError(f"the evaluation rows label no token ({NO_LABEL} everywhere)")
+
+
+# The kinds whose gates read labels, each with how its labels are checked.
+_LABEL_CHECKS: dict[Kind, Callable[[np.ndarray, str, int], None]] = {
+    Kind.CLASSIFIER: _check_class_labels,
+    Kind.TOKEN_CLASSIFIER: _check_token_labels,
+}
 
 
 # How sure the data must make it that FP32's answers follow the labels at all.
@@ -430,23 +504,27 @@ def check_evaluation(reference: Outputs, task: str) -> None:
     indices (``check_label_range``), at least ``MIN_EVAL_ROWS`` rows for the accuracy, top-1
     and nearest-neighbour gates (a handful of rows passes them by chance), and a classifier's
     labels FP32's answers follow better than chance (else a warning: ``labels_at_chance``)."""
-    check_label_range(reference, task)
-    logits, tokens, judged = _judged(reference, task)
-    if reference.labels is not None and logits is None and tokens is None:
+    judged = kind_of(reference, task)
+    _check_labels(reference, judged)
+    labelled = judged.kind in (Kind.CLASSIFIER, Kind.TOKEN_CLASSIFIER)  # gates read labels
+    if reference.labels is not None and not labelled:
         _unscored_labels(reference, task)
-    if judged is None and _multi_label_scores(reference, task) is None:
+    if judged.kind is Kind.OTHER:
         return  # per-output cosine: a measurement on any number of rows
     if reference.rows < MIN_EVAL_ROWS:
+        measure = "accuracy" if judged.kind is Kind.CLASSIFIER else "agreement"
         raise DataError(
             f"the evaluation data has {reference.rows} row(s); the accuracy, top-1 and "
             f"nearest-neighbour gates need at least {MIN_EVAL_ROWS} (here each row is "
-            f"{100 / reference.rows:.3g} points of {'agreement' if logits is None else 'accuracy'})."
+            f"{100 / reference.rows:.3g} points of {measure})."
             " Pass --eval with more held-out rows "
             "(hundreds for a 1-point accuracy gate), or raise eval_samples (--gate-config)."
         )
-    if judged is not None and logits is None and tokens is None:  # an embedding: its
-        # nearest neighbours are gated
-        distinct = len(_distinct(_normalize(_pooled(reference, judged))))
+    embedding = _embedding_name(task, reference.names)
+    # An embedding's nearest neighbours are gated. A multi-label classifier's
+    # sentence_embedding is checked too, though it has no such gate (``_unjudged``).
+    if judged.kind in (Kind.EMBEDDING, Kind.MULTI_LABEL) and embedding is not None:
+        distinct = len(_distinct(_normalize(_pooled(reference, embedding))))
         if distinct < MIN_EVAL_ROWS:
             raise DataError(
                 f"the evaluation data has {reference.rows} rows but only {distinct} distinct "
@@ -454,10 +532,10 @@ def check_evaluation(reference: Outputs, task: str) -> None:
                 f"gate needs at least {MIN_EVAL_ROWS} distinct rows, as a row's copy is always "
                 "its nearest. Pass --eval with more different held-out texts"
             )
-    labelled = logits if reference.labels is not None else None
-    if labelled is None or (why := labels_at_chance(reference, labelled)) is None:
+    if reference.labels is None or judged.kind is not Kind.CLASSIFIER or judged.output is None:
         return
-    assert reference.labels is not None
+    if (why := labels_at_chance(reference, judged.output)) is None:
+        return
     if one_class(reference.labels):
         log.warning(
             "%s: labels of one class cannot tell an INT8 that answers it on every row from "
@@ -868,6 +946,17 @@ def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfi
     ]  # fmt: skip
 
 
+# The gates of each kind that judges an output: (FP32's outputs, the candidate's, the output
+# judged, cfg, the candidate's label in details) -> its gates, in order.
+_KIND_GATES: dict[Kind, Callable[[Outputs, Outputs, str, GateConfig, str], list[GateResult]]] = {
+    Kind.CLASSIFIER: _classifier_gates,
+    Kind.TOKEN_CLASSIFIER: _token_classifier_gates,
+    # read no labels; a multi-label classifier's scores get their cosine too (``_unjudged``)
+    Kind.MULTI_LABEL: lambda ref, cand, out, cfg, _: [_decision_agreement(ref, cand, out, cfg)],
+    Kind.EMBEDDING: lambda ref, cand, out, cfg, _: _embedding_fidelity(ref, cand, out, cfg),
+}
+
+
 # -- batch consistency ---------------------------------------------------------------------
 
 
@@ -888,7 +977,7 @@ def batch_consistency(
     sess = session(model, cfg.provider, threads=cfg.threads)
     names = [o.name for o in sess.get_outputs()]
     together, alone = Outputs(names), Outputs([])
-    logits = tokens = judged = None
+    kind, judged = Kind.OTHER, None
     for batch in data.batches():
         rows = _lone_requests(batch.feeds)
         feeds = right_pad(rows, data.pad_values)
@@ -897,10 +986,10 @@ def batch_consistency(
         together.masks.append(feeds.get("attention_mask"))
         together.rows += len(rows)
         if judged is None:  # the output judged, known from the first batch; alone, only it
-            logits, tokens, judged = _judged(together, task)
-            judged = _multi_label_scores(together, task) or judged
-            if judged is None:
+            found = kind_of(together, task)
+            if found.output is None:  # OTHER: nothing to judge it by
                 return None
+            kind, judged = found.kind, found.output
             alone.names = [judged]
         for row in rows:
             alone.batches.append({judged: sess.run([judged], row)[0]})
@@ -913,47 +1002,79 @@ def batch_consistency(
         f"{judged}: each of {alone.rows} rows run alone vs in a batch (of up to {largest}, "
         "right-padded as the server pads); dynamic quantization scales activations per batch"
     )
-    if tokens is not None:  # each token of a row alone against the same in the batch
-        lone = (b[tokens][0] for b in alone.batches)  # (L, C): the row's real tokens
-        pairs = []  # (the row in its batch, cut to its length; the row alone)
-        for outs in together.batches:
-            for x in outs[tokens]:
-                y = next(lone)
-                pairs.append((x[: len(y)], y))
-        hits = np.array([_same_top(x, y).sum() for x, y in pairs])
-        counts = np.array([len(y) for _, y in pairs])
-        ci, worth = clustered_share_interval(hits, counts, cfg.confidence)
-        return interval_gate(
-            "batch_token_top1_agreement", float(hits.sum() / max(counts.sum(), 1)), ci,
-            cfg.min_top1_agreement, ">=", cfg,
-            detail + f"; {int(counts.sum())} tokens, {cfg.confidence:.0%} Wilson score interval "
-            f"over {_worth(worth, counts)}",
-            valid=not any(_broken(x, y).any() for x, y in pairs),
-        )  # fmt: skip
-    if logits is not None:
-        x, y = together.stacked(logits), alone.stacked(logits)
-        if x.shape[-1] == 1:  # a score: its value, as the unlabelled gates judge it
-            return r2_gate("batch_r2", x[:, 0], y[:, 0], cfg.min_cosine, cfg, detail)
-        agree = _same_top(x, y)
-        detail += f"; max logit change {_logit_change(x, y):.3g}"
-        return mean_gate(
-            "batch_top1_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail,
-            valid=not _broken(x, y).any(),
-        )  # fmt: skip
-    if judged == _multi_label_scores(together, task):  # each label on or off as batched
-        x, y = together.stacked(judged), alone.stacked(judged)
-        return mean_gate(
-            "batch_decision_agreement", _same_decisions(x, y), cfg.min_top1_agreement, ">=",
-            cfg, detail + "; rows whose every label is on or off alike",
-            valid=not _broken(x, y).any(),
-        )  # fmt: skip
-    x, y = _pooled(together, judged), _pooled(alone, judged)
+    return _BATCH_GATES[kind](together, alone, judged, cfg, detail)
+
+
+def _batch_classifier(
+    together: Outputs, alone: Outputs, output: str, cfg: GateConfig, detail: str
+) -> GateResult:
+    """Top-1 agreement of each row alone with the same row batched; a single score's R²."""
+    x, y = together.stacked(output), alone.stacked(output)
+    if x.shape[-1] == 1:  # a score: its value, as the unlabelled gates judge it
+        return r2_gate("batch_r2", x[:, 0], y[:, 0], cfg.min_cosine, cfg, detail)
+    agree = _same_top(x, y)
+    detail += f"; max logit change {_logit_change(x, y):.3g}"
+    return mean_gate(
+        "batch_top1_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail,
+        valid=not _broken(x, y).any(),
+    )  # fmt: skip
+
+
+def _batch_token_classifier(
+    together: Outputs, alone: Outputs, output: str, cfg: GateConfig, detail: str
+) -> GateResult:
+    """Top-1 agreement of each token of a row alone with the same token batched."""
+    lone = (b[output][0] for b in alone.batches)  # (L, C): the row's real tokens
+    pairs = []  # (the row in its batch, cut to its length; the row alone)
+    for outs in together.batches:
+        for x in outs[output]:
+            y = next(lone)
+            pairs.append((x[: len(y)], y))
+    hits = np.array([_same_top(x, y).sum() for x, y in pairs])
+    counts = np.array([len(y) for _, y in pairs])
+    ci, worth = clustered_share_interval(hits, counts, cfg.confidence)
+    return interval_gate(
+        "batch_token_top1_agreement", float(hits.sum() / max(counts.sum(), 1)), ci,
+        cfg.min_top1_agreement, ">=", cfg,
+        detail + f"; {int(counts.sum())} tokens, {cfg.confidence:.0%} Wilson score interval "
+        f"over {_worth(worth, counts)}",
+        valid=not any(_broken(x, y).any() for x, y in pairs),
+    )  # fmt: skip
+
+
+def _batch_multi_label(
+    together: Outputs, alone: Outputs, output: str, cfg: GateConfig, detail: str
+) -> GateResult:
+    """Rows whose every label is on or off alone as batched."""
+    x, y = together.stacked(output), alone.stacked(output)
+    return mean_gate(
+        "batch_decision_agreement", _same_decisions(x, y), cfg.min_top1_agreement, ">=",
+        cfg, detail + "; rows whose every label is on or off alike",
+        valid=not _broken(x, y).any(),
+    )  # fmt: skip
+
+
+def _batch_embedding(
+    together: Outputs, alone: Outputs, output: str, cfg: GateConfig, detail: str
+) -> GateResult:
+    """The mean cosine of each row's embedding alone to the same row's batched."""
+    x, y = _pooled(together, output), _pooled(alone, output)
     cos = row_cosine(x, y)
     return mean_gate(
         "batch_cosine", cos, cfg.min_cosine, ">=", cfg,
         detail + f"; mean cosine per row (worst row {cos.min():.5f})",
         valid=bool(np.isfinite(x).all() and np.isfinite(y).all()),
     )  # fmt: skip
+
+
+# The batch gate of each kind that judges an output: (the rows batched, the rows alone, the
+# output, cfg, the detail) -> its gate.
+_BATCH_GATES: dict[Kind, Callable[[Outputs, Outputs, str, GateConfig, str], GateResult]] = {
+    Kind.CLASSIFIER: _batch_classifier,
+    Kind.TOKEN_CLASSIFIER: _batch_token_classifier,
+    Kind.MULTI_LABEL: _batch_multi_label,
+    Kind.EMBEDDING: _batch_embedding,
+}
 
 
 def _lone_requests(feeds: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
@@ -974,6 +1095,8 @@ def _lone_requests(feeds: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray
 
 
 __all__ = [
+    "Judged",
+    "Kind",
     "Outputs",
     "accuracy_gates",
     "batch_consistency",
@@ -982,6 +1105,7 @@ __all__ = [
     "check_label_range",
     "collect",
     "counts_rows",
+    "kind_of",
     "labels_at_chance",
     "neighbours_agree",
 ]

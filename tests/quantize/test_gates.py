@@ -21,11 +21,14 @@ from quantgate.quantize.data import ModelInfo, open_source  # noqa: E402
 from quantgate.quantize.decide import GateConfig, uncertain  # noqa: E402
 from quantgate.quantize.fidelity import Fidelity, r2_gate, row_cosine  # noqa: E402
 from quantgate.quantize.gates import (  # noqa: E402
+    Judged,
+    Kind,
     Outputs,
     accuracy_gates,
     batch_consistency,
     check_evaluation,
     collect,
+    kind_of,
     labels_at_chance,
 )
 from quantgate.quantize.report import gate_table  # noqa: E402
@@ -1087,6 +1090,87 @@ def test_the_output_named_logits_is_the_one_judged_as_logits():
     gates = {g.name: g for g in accuracy_gates(ref, cand, "sequence-classification", GateConfig())}
     assert not gates["top1_agreement"].passed and gates["top1_agreement"].value < 0.6
     assert gates["cosine:embedding"].passed
+
+
+_ROWS, _T = 40, 5
+_SHAPES = {"2d": (_ROWS, 3), "3d": (_ROWS, _T, 4), "emb": (_ROWS, 8), "lhs": (_ROWS, _T, 8)}
+
+
+@pytest.mark.parametrize(
+    ("task", "outputs", "kind", "judged"),
+    [
+        ("sequence-classification", {"emb": "emb", "logits": "2d"}, Kind.CLASSIFIER, "logits"),
+        ("sequence-classification", {"scores": "2d", "pooled": "emb"}, Kind.CLASSIFIER, "scores"),
+        ("custom", {"logits": "2d"}, Kind.CLASSIFIER, "logits"),  # named so, task or not
+        ("custom", {"logits": "3d"}, Kind.OTHER, None),  # no (batch, classes) logits
+        ("token-classification", {"hidden": "lhs", "logits": "3d"},
+         Kind.TOKEN_CLASSIFIER, "logits"),
+        ("token-classification", {"tags": "3d"}, Kind.TOKEN_CLASSIFIER, "tags"),
+        ("token-classification", {"tags": "3d", "logits": "2d"}, Kind.CLASSIFIER, "logits"),
+        ("multi-label-classification", {"sentence_embedding": "emb", "logits": "2d"},
+         Kind.MULTI_LABEL, "logits"),
+        ("feature-extraction", {"last_hidden_state": "lhs"}, Kind.EMBEDDING, "last_hidden_state"),
+        ("feature-extraction", {"last_hidden_state": "lhs", "sentence_embedding": "emb"},
+         Kind.EMBEDDING, "sentence_embedding"),
+        ("custom", {"sentence_embedding": "emb"}, Kind.EMBEDDING, "sentence_embedding"),
+        ("custom", {"last_hidden_state": "lhs"}, Kind.OTHER, None),  # tokens of what model?
+        ("feature-extraction", {"ids": "ids"}, Kind.OTHER, None),
+    ],
+)  # fmt: skip
+def test_a_models_kind_is_read_from_its_outputs_and_task(task, outputs, kind, judged):
+    """Which gates a model gets: its kind, and the output they judge."""
+    batch = {
+        name: np.zeros((_ROWS, _T), np.int64) if shape == "ids" else np.zeros(_SHAPES[shape])
+        for name, shape in outputs.items()
+    }
+    assert kind_of(Outputs(list(outputs), [batch], [None], rows=_ROWS), task) == Judged(
+        kind, judged
+    )
+
+
+def test_the_batch_gate_judges_the_output_the_accuracy_gates_judge(tmp_path):
+    """A model said to tag tokens whose 2-D output is named "logits" (beside a per-token
+    one) is judged as a classifier by its accuracy gates: its batch gate judges the same
+    logits, as a classifier's, not the per-token output it never ran alone."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input_ids"], ["f"], to=TensorProto.FLOAT),
+         helper.make_node("Slice", ["f", "zero", "three", "one"], ["logits"]),
+         helper.make_node("Unsqueeze", ["f", "two"], ["f3"]),
+         helper.make_node("Mul", ["f3", "w"], ["tags"])],
+        "two-kinds",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["B", "T"])
+         for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", 3]),
+         helper.make_tensor_value_info("tags", TensorProto.FLOAT, ["B", "T", 4])],
+        [helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+         helper.make_tensor("three", TensorProto.INT64, [1], [3]),
+         helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+         helper.make_tensor("two", TensorProto.INT64, [1], [2]),
+         helper.make_tensor("w", TensorProto.FLOAT, [1, 1, 4], [1, -1, 2, 0.5])],
+    )  # fmt: skip
+    path = tmp_path / "two-kinds.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    rng = np.random.default_rng(0)
+    rows = [
+        {"input_ids": rng.integers(1, 10, (8, 5)), "attention_mask": np.ones((8, 5), np.int64)}
+        for _ in range(4)
+    ]
+    task = "token-classification"
+    info = ModelInfo(
+        tuple(TensorSpec(n, "int64", ("B", "T")) for n in ("input_ids", "attention_mask")), task, 5
+    )
+    ev = open_source(rows, info, role="evaluation")
+    ref = collect(path, ev)
+    assert [g.name for g in accuracy_gates(ref, ref, task, GateConfig())][:2] == [
+        "top1_agreement",
+        "kl",
+    ]
+    gate = batch_consistency(path, ev, task, GateConfig())
+    assert gate.name == "batch_top1_agreement" and gate.detail.startswith("logits: ")
+    assert gate.value == 1.0 and gate.passed
 
 
 def test_a_runtime_failure_is_not_read_as_bad_data(tmp_path):
