@@ -32,6 +32,7 @@ from quantgate.tasks import (
     FEATURE_EXTRACTION,
     HF_TASKS,
     MULTI_LABEL_CLASSIFICATION,
+    QA_OUTPUTS,
     QUESTION_ANSWERING,
     SEQUENCE_CLASSIFICATION,
     TOKEN_CLASSIFICATION,
@@ -47,7 +48,6 @@ HF_HEADS = {
     TOKEN_CLASSIFICATION: "ForTokenClassification",
     QUESTION_ANSWERING: "ForQuestionAnswering",
 }
-QA_OUTPUTS = ("start_logits", "end_logits")  # (batch, sequence) each: the answer span's ends
 PRETRAINING_HEADS = ("ForMaskedLM", "ForPreTraining", "ForCausalLM", "LMHeadModel")
 ENCODER_ONLY = "EncoderModel"  # T5EncoderModel, MT5EncoderModel, UMT5EncoderModel
 

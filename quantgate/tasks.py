@@ -29,6 +29,7 @@ MULTI_LABEL_TASKS = (MULTI_LABEL_CLASSIFICATION,)  # labels on or off: gated aga
 TOKEN_TASKS = (TOKEN_CLASSIFICATION,)  # labels per token: (rows, sequence) arrays only
 EMBEDDING_TASKS = (FEATURE_EXTRACTION,)  # gated on agreement with FP32, not on labels
 QA_TASKS = (QUESTION_ANSWERING,)  # (batch, sequence) start and end scores: gated against FP32
+QA_OUTPUTS = ("start_logits", "end_logits")  # its outputs, Hugging Face's names: the span's ends
 # A Hugging Face model is one of these; a factory's model may also be custom (or any other).
 HF_TASKS = (
     SEQUENCE_CLASSIFICATION, MULTI_LABEL_CLASSIFICATION, TOKEN_CLASSIFICATION,

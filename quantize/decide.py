@@ -323,7 +323,7 @@ def tail_gate(
 # under (``gate_definitions``, beside its gate_config), and a re-gate of a bundle gated under
 # an older one says what changed since: the same gate, threshold and data can decide
 # differently. Bump it, with what changed, when a gate's value or decision changes.
-GATE_DEFINITIONS = 5
+GATE_DEFINITIONS = 6
 DEFINITION_CHANGES: dict[int, tuple[str, ...]] = {
     2: (
         "nn_top1_agreement counts a near tie as agreement (the candidate's nearest row is "
@@ -350,6 +350,13 @@ DEFINITION_CHANGES: dict[int, tuple[str, ...]] = {
         "its accuracy gate (an INT8 answering that class on every row passed)",
         "a row negligible in FP32 alone (below 1e-6 of its median row norm) scores -1 in the "
         "cosine gates, as its docstring said (it scored the cosine of float noise's direction)",
+    ),
+    6: (
+        "a question-answering model (start_logits and end_logits) is gated on its answer "
+        "spans' agreement with FP32, span_agreement and batch_span_agreement (it had their "
+        "cosine alone)",
+        "a multi-label classifier's sentence_embedding, served beside its scores, is gated on "
+        "its cosine (it had no gate), and its evaluation rows need no 30 distinct embeddings",
     ),
 }
 

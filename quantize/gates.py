@@ -56,7 +56,7 @@ import numpy as np
 from quantgate.bundle import CPU, GateResult
 from quantgate.errors import DataError, QuantgateError, QuantizeFailed
 from quantgate.padding import right_pad
-from quantgate.quantize.data import DataSource
+from quantgate.quantize.data import TYPE_IDS, DataSource
 from quantgate.quantize.decide import GateConfig, decide, interval_gate, mean_gate, tail_gate
 from quantgate.quantize.fidelity import Fidelity, mask_fits, r2_gate, row_cosine
 from quantgate.quantize.labels import NO_LABEL, index_count, one_based_hint
@@ -70,7 +70,15 @@ from quantgate.quantize.stats import (
     wilson,
 )
 from quantgate.sessions import session
-from quantgate.tasks import CLASSIFIER_TASKS, EMBEDDING_TASKS, MULTI_LABEL_TASKS, TOKEN_TASKS
+from quantgate.spans import MAX_ANSWER_TOKENS, best_spans
+from quantgate.tasks import (
+    CLASSIFIER_TASKS,
+    EMBEDDING_TASKS,
+    MULTI_LABEL_TASKS,
+    QA_OUTPUTS,
+    QA_TASKS,
+    TOKEN_TASKS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +100,9 @@ class Outputs:
     masks: list[np.ndarray | None] = field(default_factory=list)
     labels: np.ndarray | None = None
     rows: int = 0
+    # each batch's token_type_ids, where the model takes them: a question answerer's
+    # context is its second segment (``_answer_tokens``); empty: none kept
+    segments: list[np.ndarray | None] = field(default_factory=list)
 
     def stacked(self, name: str) -> np.ndarray:
         return np.concatenate([b[name] for b in self.batches])
@@ -133,6 +144,7 @@ def collect(
             ) from e
         out.batches.append({n: np.asarray(v) for n, v in zip(names, values, strict=True)})
         out.masks.append(batch.feeds.get("attention_mask"))
+        out.segments.append(batch.feeds.get(TYPE_IDS))
         if batch.labels is not None:
             labels.append(batch.labels)
         out.rows += len(values[0])
@@ -155,6 +167,7 @@ class Kind(Enum):
     CLASSIFIER = "classifier"  # (batch, classes) logits, or one score per row (batch, 1)
     MULTI_LABEL = "multi-label classifier"  # (batch, labels) scores, each label on or off
     TOKEN_CLASSIFIER = "token classifier"  # (batch, sequence, classes) logits
+    QUESTION_ANSWERER = "question answerer"  # start_logits and end_logits (batch, sequence)
     EMBEDDING = "embedding"  # sentence_embedding, or last_hidden_state mean-pooled
     OTHER = "other"  # none of these: every float output on its cosine to FP32
 
@@ -192,7 +205,7 @@ def accuracy_gates(
     gates: list[GateResult] = []  # OTHER judges no output: every output on its cosine
     if judged.output is not None:
         gates = _KIND_GATES[judged.kind](reference, candidate, judged.output, cfg, label)
-    others = _unjudged(reference, judged, task)
+    others = _unjudged(reference, judged)
     gates += [_integer_agreement(reference, candidate, n, cfg) for n in _integers(reference)]
     if others:
         # The embedding's threshold, cfg.min_cosine, for token states too (the INT8 gates on
@@ -268,19 +281,16 @@ def _integer_agreement(ref: Outputs, cand: Outputs, name: str, cfg: GateConfig) 
     return interval_gate(f"agreement:{name}", share, ci, cfg.min_top1_agreement, ">=", cfg, detail)
 
 
-def _unjudged(ref: Outputs, judged: Judged, task: str) -> list[str]:
+def _unjudged(ref: Outputs, judged: Judged) -> list[str]:
     """The float outputs the gates of the model's kind do not compare as served, which get a
     cosine gate each: all but a classifier's logits, a token classifier's per-token logits
     and a 2-D embedding. A 3-D ``last_hidden_state`` judged mean-pooled is not what a client
     receives, so its tokens are gated too; a multi-label classifier's scores are, beside
-    their decisions. Integer outputs (ids, a predicted class) have no cosine: their gate is
-    agreement (``_integer_agreement``)."""
-    served = judged.output
-    if judged.kind is Kind.MULTI_LABEL:
-        # Its scores get a cosine gate; a sentence_embedding served beside them gets none at
-        # all. Gating it would add a gate: a change of the gates' definitions (decide.py).
-        served = _embedding_name(task, ref.names)
-    pooled = judged.kind in (Kind.EMBEDDING, Kind.MULTI_LABEL)
+    their decisions, and a question answerer's start and end scores beside its spans.
+    Integer outputs (ids, a predicted class) have no cosine: their gate is agreement
+    (``_integer_agreement``)."""
+    served = None if judged.kind in (Kind.MULTI_LABEL, Kind.QUESTION_ANSWERER) else judged.output
+    pooled = judged.kind is Kind.EMBEDDING
     first = ref.batches[0]
     return [
         n
@@ -345,6 +355,18 @@ def _class_scores(out: Outputs, name: str) -> np.ndarray:
     return np.concatenate([np.zeros_like(x), x], axis=-1) if x.shape[-1] == 1 else x
 
 
+def _answer_starts(ref: Outputs, task: str) -> str | None:
+    """A question answerer's start scores, "start_logits", judged with its "end_logits":
+    both (batch, sequence) float outputs by those names (Hugging Face's); None for other
+    tasks, or where they are not so named."""
+    first = ref.batches[0]
+    found = all(
+        n in ref.names and first[n].ndim == 2 and np.issubdtype(first[n].dtype, np.floating)
+        for n in QA_OUTPUTS
+    )
+    return QA_OUTPUTS[0] if task in QA_TASKS and found else None
+
+
 def _embedding_name(task: str, names) -> str | None:
     if "sentence_embedding" in names:
         return "sentence_embedding"
@@ -360,6 +382,7 @@ _KINDS: tuple[tuple[Kind, Callable[[Outputs, str], str | None]], ...] = (
     (Kind.CLASSIFIER, _logits_output),
     (Kind.TOKEN_CLASSIFIER, _token_logits),
     (Kind.MULTI_LABEL, _multi_label_scores),
+    (Kind.QUESTION_ANSWERER, _answer_starts),
     (Kind.EMBEDDING, lambda ref, task: _embedding_name(task, ref.names)),
 )
 
@@ -370,7 +393,7 @@ def counts_rows(task: str, outputs: Iterable[str]) -> bool:
     (``check_evaluation`` decides on the outputs themselves)."""
     names = set(outputs)
     return (
-        task in (*CLASSIFIER_TASKS, *TOKEN_TASKS, *MULTI_LABEL_TASKS)
+        task in (*CLASSIFIER_TASKS, *TOKEN_TASKS, *MULTI_LABEL_TASKS, *QA_TASKS)
         or "logits" in names
         or _embedding_name(task, names) is not None
     )
@@ -521,9 +544,9 @@ def check_evaluation(reference: Outputs, task: str) -> None:
             "(hundreds for a 1-point accuracy gate), or raise eval_samples (--gate-config)."
         )
     embedding = _embedding_name(task, reference.names)
-    # An embedding's nearest neighbours are gated. A multi-label classifier's
-    # sentence_embedding is checked too, though it has no such gate (``_unjudged``).
-    if judged.kind in (Kind.EMBEDDING, Kind.MULTI_LABEL) and embedding is not None:
+    # An embedding's nearest neighbours are gated (a sentence_embedding beside another
+    # kind's output gets its cosine alone: ``_unjudged``).
+    if judged.kind is Kind.EMBEDDING and embedding is not None:
         distinct = len(_distinct(_normalize(_pooled(reference, embedding))))
         if distinct < MIN_EVAL_ROWS:
             raise DataError(
@@ -946,6 +969,52 @@ def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfi
     ]  # fmt: skip
 
 
+def _span_agreement(ref: Outputs, cand: Outputs, cfg: GateConfig) -> GateResult:
+    """``span_agreement``: the share of rows whose answer span is FP32's, with Wilson's
+    interval, at least ``min_top1_agreement``. The span is ``spans.best_spans``' over the
+    row's context (``_answer_tokens``): the answer `quantgate infer` prints. The start and
+    end scores' cosine to FP32's is gated beside it."""
+    same, broken = [], 0
+    start, end = QA_OUTPUTS
+    for a, b, mask, types in _span_batches(ref, cand):
+        context = _answer_tokens(a[start], mask, types)
+        x = best_spans(a[start], a[end], context)
+        y = best_spans(b[start], b[end], context)
+        same.append((x == y).all(1) & (y[:, 0] >= 0))
+        broken += int((y[:, 0] < 0).sum())
+    agree = np.concatenate(same)
+    detail = (
+        f"{' and '.join(QA_OUTPUTS)} vs FP32 on {len(agree)} rows: rows whose answer span is "
+        f"FP32's (of the context's tokens, the highest start + end score, start <= end, at "
+        f"most {MAX_ANSWER_TOKENS} tokens)"
+    )
+    if broken:
+        detail += f"; {broken} rows without an answer, their scores not finite (any fails)"
+    return mean_gate(
+        "span_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail, valid=not broken
+    )
+
+
+def _span_batches(ref: Outputs, cand: Outputs):
+    """Batch by batch: FP32's outputs, the candidate's, the mask and the token types."""
+    types = ref.segments or [None] * len(ref.batches)
+    return zip(ref.batches, cand.batches, ref.masks, types, strict=True)
+
+
+def _answer_tokens(
+    scores: np.ndarray, mask: np.ndarray | None, types: np.ndarray | None
+) -> np.ndarray:
+    """(N, T) the tokens a row's answer may span: its real tokens (the mask's), and of those
+    the context's, the second segment (token type 1), in a row that has one. A model
+    without token types (RoBERTa's) answers from any real token: the question's too, which
+    the gate then also holds to FP32's."""
+    real = mask.astype(bool) if mask_fits(mask, scores) else np.ones(scores.shape, bool)
+    if types is None or types.shape != scores.shape:
+        return real
+    context = real & (types == 1)
+    return np.where(context.any(1, keepdims=True), context, real)
+
+
 # The gates of each kind that judges an output: (FP32's outputs, the candidate's, the output
 # judged, cfg, the candidate's label in details) -> its gates, in order.
 _KIND_GATES: dict[Kind, Callable[[Outputs, Outputs, str, GateConfig, str], list[GateResult]]] = {
@@ -953,6 +1022,8 @@ _KIND_GATES: dict[Kind, Callable[[Outputs, Outputs, str, GateConfig, str], list[
     Kind.TOKEN_CLASSIFIER: _token_classifier_gates,
     # read no labels; a multi-label classifier's scores get their cosine too (``_unjudged``)
     Kind.MULTI_LABEL: lambda ref, cand, out, cfg, _: [_decision_agreement(ref, cand, out, cfg)],
+    # read no labels; its start and end scores get their cosine too (``_unjudged``)
+    Kind.QUESTION_ANSWERER: lambda ref, cand, out, cfg, _: [_span_agreement(ref, cand, cfg)],
     Kind.EMBEDDING: lambda ref, cand, out, cfg, _: _embedding_fidelity(ref, cand, out, cfg),
 }
 
@@ -971,9 +1042,9 @@ def batch_consistency(
     the server's batching changes its answers (on the built-in digits model: logits by up to
     0.16, and the top class of 1 row in 360). Gated as top-1 agreement at
     ``min_top1_agreement`` for a classifier (R² for a single logit), per real token for a
-    token classifier, each label's decision for a multi-label one, else the mean cosine of
-    its embedding at ``min_cosine``; None for a model of none of these kinds (nothing to
-    judge it by)."""
+    token classifier, each label's decision for a multi-label one, the answer span for a
+    question answerer, else the mean cosine of its embedding at ``min_cosine``; None for a
+    model of none of these kinds (nothing to judge it by)."""
     sess = session(model, cfg.provider, threads=cfg.threads)
     names = [o.name for o in sess.get_outputs()]
     together, alone = Outputs(names), Outputs([])
@@ -981,19 +1052,22 @@ def batch_consistency(
     for batch in data.batches():
         rows = _lone_requests(batch.feeds)
         feeds = right_pad(rows, data.pad_values)
-        wanted = names if judged is None else [judged]  # every output only until one is judged
+        wanted = names if judged is None else alone.names  # all until the judged are known
         together.batches.append(dict(zip(wanted, sess.run(wanted, feeds), strict=True)))
         together.masks.append(feeds.get("attention_mask"))
+        together.segments.append(feeds.get(TYPE_IDS))
         together.rows += len(rows)
         if judged is None:  # the output judged, known from the first batch; alone, only it
             found = kind_of(together, task)
             if found.output is None:  # OTHER: nothing to judge it by
                 return None
             kind, judged = found.kind, found.output
-            alone.names = [judged]
+            # a question answerer's span needs its end scores beside its start scores
+            alone.names = list(QA_OUTPUTS) if kind is Kind.QUESTION_ANSWERER else [judged]
         for row in rows:
-            alone.batches.append({judged: sess.run([judged], row)[0]})
+            alone.batches.append(dict(zip(alone.names, sess.run(alone.names, row), strict=True)))
             alone.masks.append(row.get("attention_mask"))
+            alone.segments.append(row.get(TYPE_IDS))
             alone.rows += 1
     if judged is None:  # no rows
         return None
@@ -1067,12 +1141,34 @@ def _batch_embedding(
     )  # fmt: skip
 
 
+def _batch_spans(
+    together: Outputs, alone: Outputs, output: str, cfg: GateConfig, detail: str
+) -> GateResult:
+    """Rows whose answer span alone is the one they get batched."""
+    start, end = QA_OUTPUTS
+    batched = [
+        best_spans(b[start], b[end], _answer_tokens(b[start], mask, types))
+        for b, _, mask, types in _span_batches(together, together)
+    ]
+    lone = [  # a row each, its real tokens alone
+        best_spans(b[start], b[end], _answer_tokens(b[start], None, types))
+        for b, types in zip(alone.batches, alone.segments, strict=True)
+    ]
+    x, y = np.concatenate(batched), np.concatenate(lone)
+    return mean_gate(
+        "batch_span_agreement", (x == y).all(1) & (y[:, 0] >= 0), cfg.min_top1_agreement,
+        ">=", cfg, detail + "; rows whose answer span is the same alone as batched",
+        valid=bool((y[:, 0] >= 0).all()),
+    )  # fmt: skip
+
+
 # The batch gate of each kind that judges an output: (the rows batched, the rows alone, the
 # output, cfg, the detail) -> its gate.
 _BATCH_GATES: dict[Kind, Callable[[Outputs, Outputs, str, GateConfig, str], GateResult]] = {
     Kind.CLASSIFIER: _batch_classifier,
     Kind.TOKEN_CLASSIFIER: _batch_token_classifier,
     Kind.MULTI_LABEL: _batch_multi_label,
+    Kind.QUESTION_ANSWERER: _batch_spans,
     Kind.EMBEDDING: _batch_embedding,
 }
 

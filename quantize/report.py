@@ -277,6 +277,9 @@ def sections(
     return ["\n".join(head), "\n".join(candidates_table(result, shipped, plot))]
 
 
+AGREEMENTS = ("top1_agreement", "decision_agreement", "span_agreement")
+
+
 def thresholds(gates: Sequence[GateResult], cfg: GateConfig) -> str:
     """The thresholds of the kinds of gate among ``gates`` (every kind where there is none:
     a candidate that did not run), so a reader looks for no gate that was not measured."""
@@ -291,7 +294,9 @@ def thresholds(gates: Sequence[GateResult], cfg: GateConfig) -> str:
          f"at most {cfg.max_tail_share:.0%} of rows with cosine < {cfg.tail_cosine:g}"),
         (any(n == "r2" or n.startswith(("r2:", "batch_r2")) for n in names),
          f"R² >= {r2_threshold(cfg.min_cosine):g} (one value per row)"),
-        (any(n.endswith("top1_agreement") for n in names),
+        # top-1's, and the other agreements held to its threshold: decisions, answer spans,
+        # an integer output's values
+        (any(n.endswith(AGREEMENTS) or n.startswith("agreement:") for n in names),
          f"top-1 agreement >= {cfg.min_top1_agreement:g}"),
         (bool(names & {"kl", "token_kl"}), f"KL <= {cfg.max_kl:g}"),
     ]  # fmt: skip

@@ -143,6 +143,7 @@ def infer(
 
     from quantgate.bundle import load
     from quantgate.errors import BadRequest, ConfigError
+    from quantgate.tasks import QA_OUTPUTS
 
     if not inputs and not texts:
         raise ConfigError(
@@ -223,8 +224,9 @@ def infer(
     if as_json:
         _print_json(named, answer)
         return
-    if places is not None and {"start_logits", "end_logits"} <= answer.keys():
-        _print_answers(rows, answer.pop("start_logits"), answer.pop("end_logits"), places)
+    if places is not None and set(QA_OUTPUTS) <= answer.keys():
+        start, end = (answer.pop(n) for n in QA_OUTPUTS)
+        _print_answers(rows, start, end, places)
     for name, array in answer.items():
         if array.dtype == object and classes:  # top classes, as asked for
             _print_classes(name, array)

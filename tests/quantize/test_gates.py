@@ -1093,7 +1093,10 @@ def test_the_output_named_logits_is_the_one_judged_as_logits():
 
 
 _ROWS, _T = 40, 5
-_SHAPES = {"2d": (_ROWS, 3), "3d": (_ROWS, _T, 4), "emb": (_ROWS, 8), "lhs": (_ROWS, _T, 8)}
+_SHAPES = {
+    "2d": (_ROWS, 3), "3d": (_ROWS, _T, 4), "emb": (_ROWS, 8), "lhs": (_ROWS, _T, 8),
+    "tokens": (_ROWS, _T),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -1114,6 +1117,10 @@ _SHAPES = {"2d": (_ROWS, 3), "3d": (_ROWS, _T, 4), "emb": (_ROWS, 8), "lhs": (_R
          Kind.EMBEDDING, "sentence_embedding"),
         ("custom", {"sentence_embedding": "emb"}, Kind.EMBEDDING, "sentence_embedding"),
         ("custom", {"last_hidden_state": "lhs"}, Kind.OTHER, None),  # tokens of what model?
+        ("question-answering", {"start_logits": "tokens", "end_logits": "tokens"},
+         Kind.QUESTION_ANSWERER, "start_logits"),
+        ("custom", {"start_logits": "tokens", "end_logits": "tokens"}, Kind.OTHER, None),
+        ("question-answering", {"start": "tokens", "end": "tokens"}, Kind.OTHER, None),
         ("feature-extraction", {"ids": "ids"}, Kind.OTHER, None),
     ],
 )  # fmt: skip
