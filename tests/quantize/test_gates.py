@@ -1346,3 +1346,21 @@ def test_a_multi_label_classifier_is_gated_on_its_decisions_and_its_scores_cosin
     (decided, *_) = accuracy_gates(probs, moved, task, GateConfig())
     assert decided.name == "decision_agreement" and not decided.passed, decided
     assert "(a score above 0.5)" in decided.detail
+
+
+def test_a_multi_label_classifiers_sentence_embedding_is_gated_beside_its_scores():
+    """Served beside its scores, a sentence_embedding had no gate at all (its embedding is no
+    nearest-neighbour task, and the scores took the cosine gate): it gets its own cosine,
+    and its rows need no 30 distinct embeddings."""
+    rng = np.random.default_rng(1)
+    scores, emb = rng.normal(size=(40, 5)), rng.normal(size=(40, 8))
+    emb[10:] = emb[0]  # 11 distinct rows: too few for a nearest-neighbour gate, none here
+    names = ["logits", "sentence_embedding"]
+    ref = Outputs(names, [{"logits": scores, "sentence_embedding": emb}], [None], rows=40)
+    check_evaluation(ref, "multi-label-classification")
+    broken = Outputs(names, [{"logits": scores, "sentence_embedding": -emb}], [None], rows=40)
+    gates = {
+        g.name: g for g in accuracy_gates(ref, broken, "multi-label-classification", GateConfig())
+    }
+    assert gates["decision_agreement"].passed and gates["cosine:logits"].passed
+    assert not gates["cosine:sentence_embedding"].passed
