@@ -37,6 +37,7 @@ from quantgate.tasks import (
     SEQUENCE_CLASSIFICATION,
     TOKEN_CLASSIFICATION,
 )
+from quantgate.tokenizer import Text
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ SENTENCE_CONFIG = "a sentence-transformers config"
 # sentence-transformers' Pooling modes (flag suffix, or the one-string form) -> SentenceEmbedder's
 POOLING_MODES = {"mean_tokens": "mean", "mean": "mean", "cls_token": "cls", "cls": "cls"}
 N_TEXT_SAMPLES = 16  # sentences and paragraphs tokenized for Hugging Face validation
+MIN_PAIR_LEN = 16  # the shortest sequence validated with pairs: room for both texts
 
 
 def load_huggingface(
@@ -176,7 +178,16 @@ def load_huggingface(
         outputs=outputs,
         task=task,
         max_seq_len=max_seq_len,
-        samples=_readable(path, tokenizer, text_samples(tokenizer, inputs, max_seq_len)),
+        samples=_readable(
+            path,
+            tokenizer,
+            text_samples(
+                tokenizer,
+                inputs,
+                max_seq_len,
+                pairs=(getattr(config, "type_vocab_size", 0) or 0) >= 2,
+            ),
+        ),
         sha256=hash_files(sorted(p for p in path.rglob("*") if p.is_file()), root=path),
         num_heads=config.num_attention_heads,
         hidden_size=config.hidden_size,
@@ -529,18 +540,23 @@ class SentenceEmbedder(nn.Module):
         return h, e
 
 
-def text_samples(tokenizer, inputs: Sequence[InputSpec], max_seq_len: int) -> Samples:
-    """Real English from CPython's pydoc topics: short sentences and long paragraphs. For a
-    model that takes token_type_ids, the first and third paragraphs follow a sentence as
-    pairs, a query and its passage: validation then sees the second segment's token type
-    (1), which a cross-encoder is served, in the longest and the padded cases."""
+def text_samples(
+    tokenizer, inputs: Sequence[InputSpec], max_seq_len: int, *, pairs: bool = False
+) -> Samples:
+    """Real English from CPython's pydoc topics: short sentences and long paragraphs. With
+    ``pairs`` (a model with a table of two or more token types), where the model takes
+    token_type_ids and its sequences have room for a pair, the first and third paragraphs
+    follow a sentence as pairs, a query and its passage: validation then sees the second
+    segment's token type (1), which a cross-encoder is served, in the longest and the padded
+    cases."""
     sentences, paragraphs = english_text()
     # Short and long rows, so that validation sees every length up to max_seq_len.
-    texts: list = sentences[: N_TEXT_SAMPLES - 4] + paragraphs[:4]
-    pairs = "token_type_ids" in {i.name for i in inputs}
+    texts: list[Text] = [*sentences[: N_TEXT_SAMPLES - 4], *paragraphs[:4]]
+    pairs = pairs and "token_type_ids" in {i.name for i in inputs} and max_seq_len >= MIN_PAIR_LEN
     if pairs:
-        for k, row in ((0, N_TEXT_SAMPLES - 4), (1, N_TEXT_SAMPLES - 2)):
-            texts[row] = (sentences[k], texts[row])
+        first_paragraph = N_TEXT_SAMPLES - 4
+        for sentence, row in ((0, first_paragraph), (1, first_paragraph + 2)):
+            texts[row] = (sentences[sentence], paragraphs[row - first_paragraph])
     enc = tokenizer(texts, truncation=True, max_length=max_seq_len)
     rows = [enc[i.name] for i in inputs]
     lengths = np.array([len(r) for r in rows[0]])

@@ -22,6 +22,7 @@ those (``extra.huggingface.tokenizers``). Else, and for every model directory,
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -58,10 +59,13 @@ PROBES = (
 )
 # Pairs: a text cut by the longer of the two losing its tokens first (``longest_first``, as
 # transformers cuts pairs), a pair of one token each, and texts that spell special tokens.
+# The long text is some 150 tokens, not PROBES' longest: the tokenizers library cuts a long
+# pair in time that grows with its length (tokenizers issue 2035), 0.5 s for that one.
+_LONG_PAIR = " ".join(f"pair {i} runs past the cut" for i in range(25))
 PAIR_PROBES = (
     *zip(PROBES[0:12:2], PROBES[1:12:2], strict=True),
-    (PROBES[0], PROBES[-1]),
-    (PROBES[-1], PROBES[12]),
+    (PROBES[0], _LONG_PAIR),
+    (_LONG_PAIR, PROBES[12]),
     ("x", "y"),
 )
 SHORT_CUT = 8  # the probes are also cut here: a model's own limit may exceed every probe
@@ -85,6 +89,11 @@ Place = tuple[int, int, int] | None
 class Tokenizer(Protocol):
     """Text to a model's inputs. One may be shared between threads: a call sets the
     truncation it needs under a lock."""
+
+    @property
+    def truncation_side(self) -> str:
+        """Where a text too long is cut: "right" (its last tokens go) or "left"."""
+        ...
 
     def ids(self, texts: Sequence[Text], limit: int | None) -> list[list[int]]:
         """Each text's token ids (special tokens included), cut at ``limit`` tokens (None:
@@ -118,6 +127,11 @@ class Transformers:
         self.pads = {"input_ids": int(pad), "token_type_ids": int(tok.pad_token_type_id)}
         self.tok = tok
         self._lock = threading.Lock()  # a call sets the tokenizer's truncation for itself
+        _quiet_pair_advice()
+
+    @property
+    def truncation_side(self) -> str:
+        return str(self.tok.truncation_side)
 
     def _call(self, texts: Sequence[Text], limit: int | None) -> Any:
         # verbose=False: quantgate cuts texts at the model's max_seq_len itself, and says so
@@ -177,6 +191,20 @@ class Transformers:
                 list(texts), truncation=limit is not None, max_length=limit, verbose=False,
                 return_offsets_mapping=True, return_special_tokens_mask=True,
             )  # fmt: skip
+
+
+class _PairAdvice(logging.Filter):
+    """Drops transformers' slow tokenizers' line for every pair they cut ("Be aware,
+    overflowing tokens are not returned ..."), advice about a setting quantgate does not use:
+    a line per pair, dozens per export."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Be aware, overflowing tokens are not returned")
+
+
+@functools.cache
+def _quiet_pair_advice() -> None:
+    logging.getLogger("transformers.tokenization_utils_base").addFilter(_PairAdvice())
 
 
 def _padded(rows: Mapping[str, Sequence[Sequence[int]]], pads: Mapping[str, int]) -> dict:
@@ -268,6 +296,10 @@ class Backend:
         backend.encode_special_tokens = settings.split_special_tokens
         self.backend, self.settings, self.pad_id = backend, settings, int(pad_id)
         self._lock = threading.Lock()  # a call sets the pipeline's truncation for itself
+
+    @property
+    def truncation_side(self) -> str:
+        return self.settings.truncation_side
 
     @classmethod
     def load(cls, directory: str | Path, settings: Settings, pad_id: int) -> Backend:
@@ -495,7 +527,7 @@ def _first_difference(
     ``max_seq_len``; None where they never do."""
     for limit in dict.fromkeys((None, SHORT_CUT, max_seq_len or None)):
         batch = [(texts, "the probe texts as one batch")]
-        for inputs, what in [*batch, *(([t], f"probe text {_shown(t, 40)}") for t in texts)]:
+        for inputs, what in [*batch, *(([t], f"probe text {quoted(t, 40)}") for t in texts)]:
             x, y = a.encode(inputs, limit), b.encode(inputs, limit)
             same = x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
             if not same:
@@ -503,11 +535,12 @@ def _first_difference(
     return None
 
 
-def _shown(text: Text, width: int) -> str:
-    """A text, or a pair, as a message quotes it: its first ``width`` characters."""
+def quoted(text: Text, width: int | None = None) -> str:
+    """A text, or a pair, as a message quotes it ('a' + 'b'): whole, or its first ``width``
+    characters."""
     if isinstance(text, str):
         return repr(text[:width])
-    return " + ".join(repr(t[: width // 2]) for t in text)
+    return " + ".join(repr(t[: None if width is None else width // 2]) for t in text)
 
 
 __all__ = [
@@ -523,4 +556,5 @@ __all__ = [
     "Examined",
     "check",
     "examine",
+    "quoted",
 ]

@@ -268,6 +268,8 @@ class DataSource:
     # (samples,) uint64: each row's row_hashes, in any order; None: not known
     row_hashes: np.ndarray | None = field(default=None, repr=False, compare=False)
     labels_ignored: bool = False  # it had labels, which the model's gates do not read
+    # a text file's rows are (text, text_pair) pairs; None: not text (arrays, a .npz)
+    text_pairs: bool | None = None
     # what fills a row past its real length, per input (the model's, as the server pads)
     pad_values: Mapping[str, int | float] = field(default_factory=dict, compare=False)
 
@@ -302,6 +304,7 @@ class DataSource:
             **({"cut": self.cut} if self.cut is not None else {}),
             **({"in_calibration": self.in_calibration} if self.in_calibration is not None else {}),
             **({"repeated": self.repeated} if self.repeated else {}),
+            **({"text_pairs": True} if self.text_pairs else {}),
             **({FINGERPRINT: prints.sample().record()} if prints is not None else {}),
         }
 
@@ -806,10 +809,47 @@ def _value_problems(
     if not bad.any():
         return []
     expected = f"ids 0..{limit - 1} (its embedding table has {limit} rows)" if limit else "ids >= 0"
+    fix = (
+        "The model has one token type: it reads no second segment, so give single texts, "
+        'not pairs ("text_pair")'
+        if name == TYPE_IDS and limit == 1
+        else "Tokenize with this model's own tokenizer"
+    )
     return [
         f"{name}: expected {expected}, found {rows.min()}..{rows.max()}, out of range in "
-        f"{describe_rows(bad, indices)}. Tokenize with this model's own tokenizer."
+        f"{describe_rows(bad, indices)}. {fix}."
     ]
+
+
+TEXT_KINDS = ("jsonl", "csv", "tsv", "txt")  # the kinds of source a text file makes
+
+
+def check_same_texts(
+    ev: DataSource, calibrated: DataSource | Mapping[str, Any] | None, where: str, other: str
+) -> None:
+    """Refuse evaluation text of the other form than the calibration text (``calibrated``:
+    its source, or the manifest's record of it): pairs (a cross-encoder's query and passage)
+    against single texts, or the reverse. The gates would judge inputs the model is never
+    served, or the calibration ranges would come from them. Arrays say no form: not
+    compared."""
+
+    def pairs(kind: Any, flag: Any) -> bool | None:
+        return bool(flag) if kind in TEXT_KINDS else None
+
+    ours = pairs(ev.kind, ev.text_pairs)
+    if isinstance(calibrated, DataSource):
+        theirs = pairs(calibrated.kind, calibrated.text_pairs)
+    else:
+        record = calibrated or {}
+        theirs = pairs(record.get("kind"), record.get("text_pairs"))
+    if ours is None or theirs is None or ours == theirs:
+        return
+    said = {True: 'text pairs (a "text_pair" beside each "text")', False: "single texts"}
+    raise DataError(
+        f"{where}: {said[ours]}, but {other} held {said[theirs]}: the gates would judge the "
+        "model on inputs of another form than it was calibrated on, and is served. Give both "
+        f"as {said[theirs]}" + ("" if theirs else ", or calibrate on pairs")
+    )
 
 
 def with_graph_tables(model: ModelInfo, onnx_file: Path) -> ModelInfo:

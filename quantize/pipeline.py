@@ -30,6 +30,7 @@ from quantgate.quantize.data import (
     DataSpec,
     ModelInfo,
     check_ids,
+    check_same_texts,
     named,
     open_source,
     with_graph_tables,
@@ -107,6 +108,7 @@ def build(
         )
         ev = open_source(evaluation, info, role="evaluation", samples=gate_cfg.eval_samples)
         where = named("--eval", evaluation, ev)
+        check_same_texts(ev, cal, where, named("--calibration", calibration, cal))
         ev = check_held_out(
             distinct_rows(ev, info, where=where),
             cal.fingerprint(),

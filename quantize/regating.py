@@ -46,6 +46,7 @@ from quantgate.quantize.data import (
     DataSpec,
     ModelInfo,
     check_not_calibration,
+    check_same_texts,
     named,
     open_source,
     with_graph_tables,
@@ -213,6 +214,7 @@ def _regate(
     calibrated_on = (
         f"the data this bundle was calibrated on ({(m.calibration or {}).get('source')})"
     )
+    check_same_texts(ev, m.calibration, where, calibrated_on)
     ev = distinct_rows(ev, info, where=where)
     ev = check_held_out(ev, fingerprint, model=info, where=where, calibrated_on=calibrated_on)
     waived = None if on_cuda else _check_labels_kept(m, ev, where, allow=allow_unlabelled)

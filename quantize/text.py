@@ -48,7 +48,15 @@ from quantgate.quantize.labels import (
     one_based_hint,
     quote,
 )
-from quantgate.quantize.textfiles import READ_KEYS, UNREADABLE, TextFile, text_file
+from quantgate.quantize.textfiles import (
+    NOT_TEXT,
+    READ_KEYS,
+    UNREADABLE,
+    TextFile,
+    as_pair,
+    pair_like,
+    text_file,
+)
 from quantgate.tasks import EMBEDDING_TASKS
 from quantgate.tokenizer import Backend, Text, Tokenizer, Transformers
 
@@ -90,12 +98,30 @@ def text_source(
             where,
             fmt.words.empty,
         )
+    elif scan.pair_like and not scan.paired:
+        log.warning(
+            '%s: no row has a "text_pair", so each row is read as one text; %s %s %s not '
+            "read. If it holds each row's second text (a passage, a hypothesis), name it "
+            '"text_pair".',
+            where,
+            fmt.words.key + "s" * (len(scan.pair_like) > 1),
+            _keys(sorted(scan.pair_like)),
+            "are" if len(scan.pair_like) > 1 else "is",
+        )
+    if scan.paired and model.task in EMBEDDING_TASKS:
+        log.warning(
+            "%s: text pairs for a %s model, which embeds one text at a time: each pair is "
+            "embedded as one sequence. A bi-encoder is served single texts: give those "
+            '(a "text" per row) unless this model was trained on pairs',
+            where,
+            model.task,
+        )
     lengths = np.asarray(scan.lengths, dtype=np.int64)
     offsets = np.asarray(scan.offsets, dtype=np.int64)
     keep = stratified(lengths, samples)
     cut = int(np.isin(keep, scan.cut).sum())
     pairs = scan.paired
-    if cut:
+    if cut and limit is not None:  # (texts are cut only where there is a limit)
         log.warning(
             "%s: %d of %d %s %s are longer than the model's %d tokens and are cut: %s only %s",
             where,
@@ -105,9 +131,7 @@ def text_source(
             "text pairs" if pairs else "texts",
             limit,
             "the gates see" if role == "evaluation" else "the calibration sees",
-            f"{limit} tokens of each (the longer text of a pair loses its last tokens first)"
-            if pairs
-            else f"their first {limit} tokens",
+            _kept_words(tok, limit, pair=pairs),
         )
     digest = sha256_file(path)
     h = hashlib.sha256(digest.encode())
@@ -145,6 +169,7 @@ def text_source(
         cut=cut,
         row_hashes=np.asarray(scan.hashes, dtype=np.uint64)[keep],
         labels_ignored=scan.ignored > 0,
+        text_pairs=pairs,
     )
 
 
@@ -183,6 +208,7 @@ class _Scan:
     paired_at: list[int] = field(default_factory=list)
     pair_counts: list[int] = field(default_factory=lambda: [0, 0])  # [without, with]
     null_pairs: int = 0
+    pair_like: set[str] = field(default_factory=set)  # unread keys that may be a text_pair
 
     def add(self, lineno: int, row: Any, problem: str | None) -> bool:
         """Take in one row (as read, with what is wrong with it); True for a good row."""
@@ -211,6 +237,8 @@ class _Scan:
             if len(self.unread) < MAX_PROBLEMS:  # one may be a misnamed label
                 self.unread.update(k for k in row if k not in READ_KEYS)
         paired = row.get("text_pair") is not None
+        if not paired and len(self.pair_like) < MAX_PROBLEMS:  # a text_pair under its own name
+            self.pair_like.update(k for k in row if k not in READ_KEYS and pair_like(k))
         self.pair_counts[paired] += 1
         self.null_pairs += not paired and "text_pair" in row
         if len(at := (self.paired_at if paired else self.unpaired_at)) < MAX_PROBLEMS:
@@ -381,6 +409,11 @@ def _text_problem(row: dict, key: str) -> str | None:
     text = row.get(key)
     if key == "text_pair" and text is None:
         return None
+    if key == "text" and isinstance(text, list) and len(text) == 2:
+        return (
+            f'"text" is a list of two ({json.dumps(text)[:60]}): for a pair, put the first in '
+            '"text" and the second in "text_pair"'
+        )
     if not isinstance(text, str) or not text.strip():
         return f'no non-blank string "{key}" (found {json.dumps(text)[:60]})'
     try:
@@ -423,18 +456,19 @@ def _same_on_every_line(shape: tuple[str, ...]) -> str:
         )
     keys = shape[1:]
     found = f"found keys {_keys(keys)} on every line" if keys else "found {} on every line"
-    texts = [k for k in keys if k not in ("label", "labels", "id", "idx")]
+    texts = [k for k in keys if k not in NOT_TEXT]
     expected = (
         f'{found}; expected "text" (the text to tokenize), optionally "text_pair" (its '
         'second text, for a model that reads pairs) and "label" (its class). '
     )
     if len(texts) == 2:  # sentence1 and sentence2, question and context, query and passage
-        a, b = texts
+        a, b = as_pair(*texts)
         label = ", label" if "label" in keys else ""
         return (
             f"{expected}Name the keys that hold the texts, for example with: "
             f"jq -c '{{text: .{a}, text_pair: .{b}{label}}}' IN.jsonl > OUT.jsonl "
-            f'(a model that reads one text at a time takes "text" alone)'
+            '(in that order: "text" is the one the model reads first, a query before its '
+            'passage; a model that reads one text at a time takes "text" alone)'
         )
     key = texts[0] if len(texts) == 1 else "KEY"
     return (
@@ -459,30 +493,42 @@ def _json_kind(value: Any) -> str:
 
 
 def tokenize(texts: Sequence[Text], model: ModelInfo, tokenizer: Tokenizer | None = None) -> Feeds:
-    """``texts`` (strings, or (text, text_pair) pairs) as one padded batch of the model's
-    inputs, by the model's own tokenizer (as JSONL data is; ``tokenizer``, where the caller
-    has loaded it), cut at its longest sequence: what a client sends the served model."""
-    _check_texts(texts)  # before the tokenizer loads: seconds, for transformers' import
+    """``texts`` (strings, or (text, text_pair) pairs: a list of two is one too, as JSON
+    gives it) as one padded batch of the model's inputs, by the model's own tokenizer (as
+    JSONL data is; ``tokenizer``, where the caller has loaded it), cut at its longest
+    sequence: what a client sends the served model."""
+    rows = _rows(texts)  # before the tokenizer loads: seconds, for transformers' import
     tok = tokenizer or tokenizer_of(model)
     if not isinstance(tok, (Backend, Transformers)):  # a transformers tokenizer, as before
         tok = Transformers(tok, model.pad_values.get("input_ids", 0))
     limit = model.max_seq_len or None
     if limit is not None:
-        for i, n in enumerate(_token_counts(tok, list(texts), None), 1):
+        for i, n in enumerate(_token_counts(tok, rows, None), 1):
             if n > limit:
-                which = (
-                    "the last %d are cut"
-                    if isinstance(texts[i - 1], str)
-                    else "%d are cut, the longer text's last tokens first"
-                )
                 log.warning(
-                    "text %d is %d tokens; the model reads at most %d, so " + which,
+                    "text %d is %d tokens; the model reads at most %d, so %s",
                     i,
                     n,
                     limit,
-                    n - limit,
+                    _cut_words(tok, n - limit, pair=isinstance(rows[i - 1], tuple)),
                 )
-    return _encode(tok, list(texts), model, limit)
+    return _encode(tok, rows, model, limit)
+
+
+def _kept_words(tok: Tokenizer, limit: int, *, pair: bool) -> str:
+    """Which ``limit`` tokens of a text (or a pair) too long the model reads, as ``tok`` cuts."""
+    if pair:
+        end = "first" if tok.truncation_side == "left" else "last"
+        return f"{limit} tokens of each (the longer text of a pair loses its {end} tokens first)"
+    return f"their {'last' if tok.truncation_side == 'left' else 'first'} {limit} tokens"
+
+
+def _cut_words(tok: Tokenizer, n: int, *, pair: bool) -> str:
+    """Which ``n`` tokens a text (or a pair) loses to the model's limit, as ``tok`` cuts."""
+    end = "first" if tok.truncation_side == "left" else "last"
+    if pair:
+        return f"{n} are cut, the longer text's {end} tokens first"
+    return f"the {end} {n} are cut"
 
 
 def text_inputs(bundle: Bundle | str | Path, texts: Sequence[Text]) -> Feeds:
@@ -496,19 +542,28 @@ def text_inputs(bundle: Bundle | str | Path, texts: Sequence[Text]) -> Feeds:
     return tokenize(texts, ModelInfo.from_manifest(b.manifest, b.path))
 
 
-def _check_texts(texts: Sequence[Text]) -> None:
-    """Refuse one string for a list of them, no texts, a blank one, one that is not UTF-8
-    (a shell hands Python the bytes it was given: an ISO-8859-1 'é' arrives as a lone
-    surrogate, which the tokenizer fails on with a TypeError), and pairs on some rows only."""
+def _rows(texts: Sequence[Text]) -> list[Text]:
+    """``texts`` as rows to tokenize, each a string or a (text, text_pair) tuple (a list of
+    two, as JSON and pandas give a pair, made one). Refused: one string or one pair for a
+    list of them, no texts, a blank one, one that is not UTF-8 (a shell hands Python the
+    bytes it was given: an ISO-8859-1 'é' arrives as a lone surrogate, which the tokenizer
+    fails on with a TypeError), and pairs on some rows only."""
     if isinstance(texts, str):  # a Sequence[str] too: it would be a row per character
         raise DataError(f"expected a list of texts, found one string ({texts[:40]!r}): give [text]")
+    if isinstance(texts, tuple) and len(texts) == 2 and all(isinstance(t, str) for t in texts):
+        raise DataError(  # each text would be a row of its own: two rows, no pair
+            f"expected a list of texts, found one tuple of two strings ({texts[0][:30]!r}, "
+            f"{texts[1][:30]!r}): for one pair, give [(text, text_pair)]; for two texts, a list"
+        )
     if not texts:
         raise DataError("expected one or more texts to tokenize, found none")
+    rows: list[Text] = []
     for i, t in enumerate(texts, 1):
         which = f"text {i} of {len(texts)}"
-        if isinstance(t, tuple) and len(t) == 2:
-            _check_text(t[0], which + ", its first")
+        if isinstance(t, (tuple, list)) and len(t) == 2:
+            _check_text(t[0], which + ", its text")
             _check_text(t[1], which + ", its text_pair")
+            rows.append((t[0], t[1]))
         elif isinstance(t, (tuple, list)):
             raise DataError(
                 f"{which}: expected a string or a pair (text, text_pair), found a "
@@ -516,16 +571,20 @@ def _check_texts(texts: Sequence[Text]) -> None:
             )
         else:
             _check_text(t, which)
-    pairs = [isinstance(t, tuple) for t in texts]
+            rows.append(t)
+    pairs = [isinstance(t, tuple) for t in rows]
     if any(pairs) and not all(pairs):
         odd = pairs.index(not pairs[0]) + 1
         raise DataError(
             f"text 1 is {'a pair' if pairs[0] else 'one text'} and text {odd} is "
             f"{'a pair' if pairs[odd - 1] else 'one text'}: give every row a text_pair or none"
         )
+    return rows
 
 
 def _check_text(t: object, which: str) -> None:
+    """Refuse a text (``which``, as a message names it) that is no string, is blank, or is
+    not UTF-8."""
     if not isinstance(t, str):
         raise DataError(f"{which}: expected a string, found {type(t).__name__}")
     if not t.strip():
@@ -608,6 +667,13 @@ def _token_counts(tok: Tokenizer, texts: list[Text], limit: int | None) -> list[
 
 def _encode(tok: Tokenizer, texts: list[Text], model: ModelInfo, limit: int | None) -> Feeds:
     enc = tok.encode(texts, limit)
+    longest = enc["input_ids"].shape[1]
+    if limit is not None and longest > limit and isinstance(texts[0], tuple):
+        raise DataError(  # the tokenizers library leaves such a pair uncut
+            f"a text pair of {longest} tokens cannot be cut to the model's {limit}: the special "
+            "tokens around two texts take most of that. Export with a --max-seq-len that leaves "
+            "room for both texts, or give single texts"
+        )
     feeds = {}
     for spec in model.inputs:
         if spec.name in enc:  # a token_type_ids left out is one segment: check_feeds adds it

@@ -41,6 +41,28 @@ Found = tuple[int, int, Any, "str | None"]
 
 UNREADABLE = object()  # a row that cannot be read: not UTF-8, not JSON, fields miscounted
 READ_KEYS = ("text", "text_pair", "label")  # what a row's keys (a file's columns) may give
+NOT_TEXT = ("label", "labels", "id", "idx")  # keys or columns that hold no text
+# Other datasets' names for a pair's first text and its second: a hint puts the first in
+# "text" (the order matters: a reranker reads its query first)
+FIRST_TEXTS = ("query", "question", "question1", "premise", "sentence1", "anchor", "text_a",
+               "text1", "q", "sentence")  # fmt: skip
+SECOND_TEXTS = ("pair", "text_b", "text2", "question2", "sentence2", "passage", "hypothesis",
+                "context", "document", "positive", "answer")  # fmt: skip
+
+
+def as_pair(a: str, b: str) -> tuple[str, str]:
+    """Two columns' names in the order "text" and "text_pair" take them: another dataset's
+    first text first (``FIRST_TEXTS``, ``SECOND_TEXTS``), else as the file has them."""
+    swap = b.lower() in FIRST_TEXTS or a.lower() in SECOND_TEXTS
+    return (
+        (b, a) if swap and not (a.lower() in FIRST_TEXTS and b.lower() in FIRST_TEXTS) else (a, b)
+    )
+
+
+def pair_like(key: str) -> bool:
+    """Whether an unread key or column may hold a pair's second text: "text_pair" in
+    another case, or another dataset's name for it."""
+    return key.lower() in (*SECOND_TEXTS, "text_pair", "textpair", "text-pair")
 
 
 @dataclass(frozen=True)
@@ -186,12 +208,14 @@ class Delimited(TextFile):
                     else f"write {mine} instead (pandas: to_csv(PATH, index=False))"
                 )
                 return f"The first line is split by {called}, not {mine}: {how}."
-        texts = [n for n in names if n not in ("label", "labels", "id", "idx", "")]
+        texts = [n for n in names if n not in (*NOT_TEXT, "")]
         if len(texts) == 2:  # sentence1 and sentence2, query and passage
+            first, second = as_pair(*texts)
             return (
                 f'Name the column that holds the text "text" in the first line; where '
-                f'"{texts[0]}" and "{texts[1]}" are a pair a model reads together, name them '
-                '"text" and "text_pair".'
+                f'"{first}" and "{second}" are a pair a model reads together, name "{first}" '
+                f'"text" and "{second}" "text_pair" (in that order: the text the model reads '
+                "first, a query before its passage)."
             )
         return 'Name the column that holds the text "text" in the first line.'
 

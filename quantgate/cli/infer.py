@@ -6,12 +6,15 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from quantgate.cli._app import command
 from quantgate.cli._console import out
+
+if TYPE_CHECKING:
+    from quantgate.tokenizer import Text
 
 
 @command()
@@ -145,6 +148,8 @@ def infer(
     from quantgate.errors import BadRequest, ConfigError
     from quantgate.tasks import QA_OUTPUTS
 
+    if text_pairs and not texts:
+        raise ConfigError("--text-pair needs --text: each pair is -t TEXT -p TEXT_PAIR")
     if not inputs and not texts:
         raise ConfigError(
             "nothing to send: give -i NAME=JSON per input, or -t TEXT --bundle BUNDLE"
@@ -156,7 +161,9 @@ def infer(
             f"--text-pair given {len(text_pairs)} time(s) for {len(texts or ())} --text: give "
             "one --text-pair per --text, in the same order (each pair is one row)"
         )
-    rows: list = list(zip(texts, text_pairs, strict=True)) if texts and text_pairs else texts or []
+    rows: list[Text] = list(texts or [])  # each -t, or with -p each pair
+    if texts and text_pairs:
+        rows = list(zip(texts, text_pairs, strict=True))
     if model is None and bundle_dir is None:
         raise ConfigError(
             "which model? Give its name (MODEL, as the server serves it), or --bundle BUNDLE "
@@ -283,7 +290,7 @@ def _check_served_from(bundle, named: str, metadata) -> None:
         )
 
 
-def _tokenized(texts: list, bundle):
+def _tokenized(texts: list[Text], bundle):
     """--text (with --text-pair: pairs) read by ``bundle``'s tokenizer: the inputs it gives,
     for a token classifier its class names and each text's tokens as read
     (``Tokenizer.pieces``), and for a question answerer where each token stands in the text
@@ -442,26 +449,28 @@ def _print_classes(name: str, strings) -> None:
         out.print(f"  row {r}: " + ", ".join(items), highlight=False, soft_wrap=True)
 
 
-def _print_tags(texts: list, logits, names: tuple[str, ...], pieces: list[list[str]]) -> None:
+def _print_tags(texts: list[Text], logits, names: tuple[str, ...], pieces: list[list[str]]) -> None:
     """A token classifier's answer to text as a person reads it: each real token of each
     text (its ``pieces``, the first positions of its row: texts are padded on the right,
     and a model may take no attention mask to tell), its top class by name and its softmax
     probability."""
     import numpy as np
 
+    from quantgate.tokenizer import quoted
+
     z = logits - logits.max(-1, keepdims=True)
     probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
     say = functools.partial(out.print, highlight=False, markup=False, soft_wrap=True)  # "[CLS]"
     say(f"logits {list(logits.shape)}: each token's top class")
     for text, tokens, p in zip(texts, pieces, probs, strict=True):
-        say("  " + (repr(text) if isinstance(text, str) else " + ".join(map(repr, text))))
+        say(f"  {quoted(text)}")
         for token, row in zip(tokens, p[: len(tokens)], strict=True):  # padded on the right
             top = int(row.argmax())
             label = names[top] if top < len(names) else str(top)
             say(f"    {token:<16} {label:<12} {row[top]:.3f}")
 
 
-def _print_answers(texts: list, start, end, places: list) -> None:
+def _print_answers(texts: list[Text], start, end, places: list) -> None:
     """An extractive question answerer's answer to each (question, context) pair: the best
     span of the context's tokens (``spans.best_spans``, as Hugging Face's pipeline picks
     it), as the context spells it, and its probability. Without a pair, the span is taken
@@ -469,6 +478,7 @@ def _print_answers(texts: list, start, end, places: list) -> None:
     import numpy as np
 
     from quantgate.spans import best_spans, span_probability
+    from quantgate.tokenizer import quoted
 
     say = functools.partial(out.print, highlight=False, markup=False, soft_wrap=True)
     say(f"start_logits, end_logits {list(start.shape)}: each row's answer")
@@ -477,7 +487,7 @@ def _print_answers(texts: list, start, end, places: list) -> None:
         context = 0 if isinstance(text, str) else 1  # the pair's second text: the context
         allowed = np.zeros(width, bool)  # padded on the right: the row's tokens come first
         allowed[: len(where)] = [p is not None and p[0] == context for p in where]
-        say("  " + (repr(text) if isinstance(text, str) else " + ".join(map(repr, text))))
+        say(f"  {quoted(text)}")
         first, last = best_spans(start[r : r + 1], end[r : r + 1], allowed[None])[0]
         if first < 0:
             say("    no answer (no token of the context, or scores that are not finite)")

@@ -54,6 +54,16 @@ def test_hugging_face_inputs_task_and_real_text_samples(minilm):
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(2))  # Normalize, per modules.json
 
 
+def test_a_model_of_one_token_type_is_validated_on_single_texts(tiny_bert, tmp_path):
+    """Validation's pairs (token type 1) would index past a table of one token type: such a
+    model is validated, and exported, on single texts, as before pairs."""
+    from transformers import BertForSequenceClassification
+
+    m = load_model(tiny_bert(tmp_path / "one", BertForSequenceClassification, type_vocab_size=1))
+    assert "token_type_ids" in m.input_names
+    assert not m.samples.arrays["token_type_ids"].any() and "pairs" not in m.samples.source
+
+
 def test_sequence_classification_is_inferred_from_the_architecture(tiny_bert_classifier):
     m = load_model(tiny_bert_classifier)
     assert m.task == "sequence-classification" and m.outputs == ("logits",)

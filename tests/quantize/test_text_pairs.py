@@ -120,20 +120,62 @@ def test_a_blank_text_pair_is_refused_and_an_empty_pair_column_is_warned_about(t
 def test_files_of_two_texts_under_other_names_are_told_to_name_them_text_and_text_pair(
     tmp_path,
 ):
-    """GLUE's sentence1/sentence2, a reranker's query/passage: the command that renames them."""
+    """GLUE's sentence1/sentence2, a reranker's query/passage: the command that renames them,
+    the first text first whatever order the file has them in (a reranker fed (passage,
+    query) reads them the wrong way round)."""
     info = minilm_info("sequence-classification")
     rows = [{"sentence1": "a b", "sentence2": "c d", "label": 1}] * 3
     with pytest.raises(DataError) as e:
         open_source(_write_jsonl(tmp_path / "glue.jsonl", rows), info, role="evaluation")
     assert "jq -c '{text: .sentence1, text_pair: .sentence2, label}'" in str(e.value)
+    rows = [{"passage": "a b", "query": "c d", "label": 1}] * 3
+    with pytest.raises(DataError) as e:
+        open_source(_write_jsonl(tmp_path / "msmarco.jsonl", rows), info, role="evaluation")
+    assert "jq -c '{text: .query, text_pair: .passage, label}'" in str(e.value)
+    assert '"text" is the one the model reads first' in str(e.value)
     path = tmp_path / "glue.csv"
-    path.write_text("query,passage,label\na,b,1\n", encoding="utf-8")
+    path.write_text("passage,query,label\na,b,1\n", encoding="utf-8")
     with pytest.raises(DataError) as e:
         open_source(path, info, role="evaluation")
-    assert (
-        'where "query" and "passage" are a pair a model reads together, name them "text" and'
-        in (str(e.value))
+    assert 'name "query" "text" and "passage" "text_pair" (in that order' in str(e.value)
+
+
+def test_a_pair_under_another_name_is_warned_about_labelled_or_not(tmp_path, caplog):
+    """A "passage" or a "Text_Pair" column beside "text" was read as nothing, without a
+    word where the rows had labels: the reranker calibrated and gated on queries alone."""
+    info = minilm_info("sequence-classification")
+    queries, passages = _pairs(4)
+    for key in ("passage", "Text_Pair"):
+        rows = [{"text": q, key: p, "label": 1} for q, p in zip(queries, passages, strict=True)]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            open_source(_write_jsonl(tmp_path / f"{key}.jsonl", rows), info, role="evaluation")
+        assert f'no row has a "text_pair", so each row is read as one text; key "{key}" is not' in (
+            caplog.text
+        )
+
+
+def test_calibration_and_evaluation_text_of_other_forms_are_refused(tmp_path):
+    """Pairs calibrated, single texts gated (or the reverse): the gates would judge inputs
+    the model is never served."""
+    from quantgate.quantize.data import check_same_texts
+
+    info = minilm_info()
+    queries, passages = _pairs(4)
+    pairs = _write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"text": q, "text_pair": p} for q, p in zip(queries, passages, strict=True)],
     )
+    singles = _write_jsonl(tmp_path / "s.jsonl", [{"text": q} for q in queries])
+    cal = open_source(pairs, info, role="calibration")
+    ev = open_source(singles, info, role="evaluation")
+    assert cal.record()["text_pairs"] is True and "text_pairs" not in ev.record()
+    with pytest.raises(DataError, match=r"single texts, but --calibration p.jsonl held text pairs"):
+        check_same_texts(ev, cal, "--eval s.jsonl", "--calibration p.jsonl")
+    with pytest.raises(DataError, match="text pairs .* but the bundle's calibration held single"):
+        check_same_texts(cal, {"kind": "jsonl"}, "--eval p.jsonl", "the bundle's calibration")
+    check_same_texts(cal, {"kind": "npz"}, "--eval p.jsonl", "arrays say no form")
+    check_same_texts(cal, cal.record(), "--eval p.jsonl", "the same form")
 
 
 def test_pairs_from_python_are_one_batch_and_mixed_or_malformed_rows_are_refused():
@@ -148,16 +190,50 @@ def test_pairs_from_python_are_one_batch_and_mixed_or_malformed_rows_are_refused
     assert [r[m].tolist() for r, m in zip(feeds["token_type_ids"], mask, strict=True)] == (
         want["token_type_ids"]
     )
+    as_lists = tokenize([[q, p] for q, p in zip(queries, passages, strict=True)], info)
+    assert all(np.array_equal(as_lists[k], feeds[k]) for k in feeds)  # JSON's pairs: lists
     refusals = (
         ([queries[0], (queries[1], passages[1])], "text 1 is one text and text 2 is a pair"),
         ([("a", "b", "c")], "expected a string or a pair (text, text_pair), found a tuple of 3"),
         ([("a", "")], "text 1 of 1, its text_pair is blank"),
+        ([("", "a")], "text 1 of 1, its text is blank"),
         ([("a", 5)], "text 1 of 1, its text_pair: expected a string, found int"),
+        (("a question", "its passage"), "for one pair, give [(text, text_pair)]"),
     )
     for texts, said in refusals:
         with pytest.raises(DataError) as e:
             tokenize(texts, info)
         assert said in str(e.value)
+
+
+def test_a_text_given_as_a_list_of_two_is_told_of_text_pair(tmp_path):
+    with pytest.raises(DataError, match='put the first in "text" and the second in "text_pair"'):
+        open_source(
+            _write_jsonl(tmp_path / "l.jsonl", [{"text": ["q", "p"]}]),
+            minilm_info(),
+            role="calibration",
+        )
+
+
+def test_what_is_cut_is_said_as_the_tokenizer_cuts_left_or_right(tmp_path, caplog):
+    """A tokenizer that cuts on the left keeps a text's last tokens: the warning said the
+    first were kept (and a pair's longer text its first)."""
+    from transformers import AutoTokenizer
+
+    from quantgate.quantize.text import tokenize as tokenize_with
+    from quantgate.tokenizer import Transformers
+
+    info = minilm_info()
+    hf = AutoTokenizer.from_pretrained(info.tokenizer, truncation_side="left")
+    long = " ".join(f"w{i}" for i in range(200))
+    with caplog.at_level(logging.WARNING, logger="quantgate.quantize.text"):
+        feeds = tokenize_with([long, "short"], info, Transformers(hf, 0))
+        tokenize_with([("q", long)], info, Transformers(hf, 0))
+    ids = feeds["input_ids"][0]
+    kept = hf.decode(ids, skip_special_tokens=True)
+    assert kept.endswith("w199") and "w0 " not in kept  # the last tokens kept
+    assert "so the first" in caplog.records[0].getMessage(), caplog.text
+    assert "the longer text's first tokens first" in caplog.records[1].getMessage()
 
 
 def test_both_tokenizers_read_pairs_alike_and_spell_each_token_from_its_own_text():

@@ -633,6 +633,7 @@ def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path, repo, chec
             "--text-pair given 2 time(s) for 1 --text",
         ),
         (("-t", "a cat", "-p", " ", "--bundle", str(bundle)), "its text_pair is blank"),
+        (("-p", "a cat", "--bundle", str(bundle)), "--text-pair needs --text"),
         # another model's bundle: it said this model had no tokenizer
         (
             ("-t", "a cat", "--bundle", str(repo / "classifier")),
