@@ -1148,7 +1148,7 @@ def _batch_spans(
     start, end = QA_OUTPUTS
     batched = [
         best_spans(b[start], b[end], _answer_tokens(b[start], mask, types))
-        for b, _, mask, types in _span_batches(together, together)
+        for b, mask, types in zip(together.batches, together.masks, together.segments, strict=True)
     ]
     lone = [  # a row each, its real tokens alone
         best_spans(b[start], b[end], _answer_tokens(b[start], None, types))

