@@ -164,7 +164,7 @@ def test_a_longformer_is_refused_before_any_export(tiny_bert, tmp_path):
     said it was not supported (docs/export.md lists it as refused)."""
     from transformers import (
         AlbertConfig,
-        AlbertForQuestionAnswering,
+        AlbertForMultipleChoice,
         LongformerConfig,
         LongformerModel,
     )
@@ -172,9 +172,9 @@ def test_a_longformer_is_refused_before_any_export(tiny_bert, tmp_path):
     path = tiny_bert(tmp_path / "lf", LongformerModel, LongformerConfig, attention_window=4)
     with pytest.raises(ModelLoadError, match="is a Longformer: neither exporter traces its"):
         load_model(path)
-    qa = tiny_bert(tmp_path / "qa", AlbertForQuestionAnswering, AlbertConfig, embedding_size=16)
-    with pytest.raises(ConfigError, match="is an AlbertForQuestionAnswering: "):
-        load_model(qa)
+    choice = tiny_bert(tmp_path / "mc", AlbertForMultipleChoice, AlbertConfig, embedding_size=16)
+    with pytest.raises(ConfigError, match="is an AlbertForMultipleChoice: "):  # "an", not "a"
+        load_model(choice)
 
 
 def test_a_classification_task_without_a_head_is_refused(minilm):
@@ -438,27 +438,27 @@ def test_a_factory_s_outputs_are_named_by_its_dict_or_numbered():
 
 
 def test_a_task_the_gates_do_not_know_is_kept_and_warned_about(caplog, minilm):
-    """A factory's task is free (question-answering would be recorded as such), but one the
-    gates do not know is said to be gated as custom, with the task it probably means."""
+    """A factory's task is free (fill-mask would be recorded as such), but one the gates do
+    not know is said to be gated as custom, with the task it probably means."""
     with caplog.at_level("WARNING", logger="quantgate.model.factories"):
         model = load_model("qg_usermodels:said_classification")
     assert model.task == "text-classification"
     assert (
         "task 'text-classification' is not one the gates know (sequence-classification, "
-        "multi-label-classification, token-classification, feature-extraction, custom): the "
-        "model is gated as 'custom'" in caplog.text
+        "multi-label-classification, token-classification, question-answering, "
+        "feature-extraction, custom): the model is gated as 'custom'" in caplog.text
     )
     assert "(did you mean 'sequence-classification'?)" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="quantgate.model.factories"):
         assert load_model("qg_usermodels:named_classes").task == "sequence-classification"
     assert "gates know" not in caplog.text
-    with pytest.raises(ConfigError) as e:  # a Hugging Face model's task is one of four
+    with pytest.raises(ConfigError) as e:  # a Hugging Face model's task is one of five
         load_model(minilm, task="feature_extraction")
     assert str(e.value) == (
         "--task feature_extraction: a Hugging Face model is one of sequence-classification, "
-        "multi-label-classification, token-classification, feature-extraction (did you mean "
-        "'feature-extraction'?)"
+        "multi-label-classification, token-classification, question-answering, "
+        "feature-extraction (did you mean 'feature-extraction'?)"
     )
 
 
