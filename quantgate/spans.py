@@ -3,7 +3,12 @@ pick, as Hugging Face's question-answering pipeline picks it.
 
 One rule for the gate that compares INT8's answers with FP32's
 (``quantize.gates``: ``span_agreement``) and for ``quantgate infer``, which prints the
-answer's text: a gate that picked spans otherwise would judge answers nobody is shown.
+answer's text: a gate that picked spans otherwise would judge answers nobody is shown. Both
+pick from the context's tokens: ``infer`` from the tokenizer's own account of them (the
+pair's second text, no special token); the gate, which sees arrays only, from the tokens
+of type 1 but the separator that ends the pair, the same tokens for BERT's family. A model
+without token types (RoBERTa's) gives the gate no context to read: it compares spans over
+every real token.
 """
 
 from __future__ import annotations

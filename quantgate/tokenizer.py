@@ -22,11 +22,11 @@ those (``extra.huggingface.tokenizers``). Else, and for every model directory,
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -127,7 +127,6 @@ class Transformers:
         self.pads = {"input_ids": int(pad), "token_type_ids": int(tok.pad_token_type_id)}
         self.tok = tok
         self._lock = threading.Lock()  # a call sets the tokenizer's truncation for itself
-        _quiet_pair_advice()
 
     @property
     def truncation_side(self) -> str:
@@ -137,7 +136,7 @@ class Transformers:
         # verbose=False: quantgate cuts texts at the model's max_seq_len itself, and says so
         # in its own words, not in transformers' warning of "indexing errors" against its
         # own, other limit
-        with self._lock:
+        with self._lock, _pair_advice_dropped():
             return self.tok(
                 list(texts), truncation=limit is not None, max_length=limit, verbose=False
             )
@@ -186,7 +185,7 @@ class Transformers:
         ]
 
     def _offsets(self, texts: Sequence[Text], limit: int | None) -> Any:
-        with self._lock:
+        with self._lock, _pair_advice_dropped():
             return self.tok(
                 list(texts), truncation=limit is not None, max_length=limit, verbose=False,
                 return_offsets_mapping=True, return_special_tokens_mask=True,
@@ -202,9 +201,23 @@ class _PairAdvice(logging.Filter):
         return not str(record.msg).startswith("Be aware, overflowing tokens are not returned")
 
 
-@functools.cache
-def _quiet_pair_advice() -> None:
-    logging.getLogger("transformers.tokenization_utils_base").addFilter(_PairAdvice())
+# where transformers logs it: 4.x's module, and 5.x's for its slow (Python) tokenizers
+_PAIR_ADVICE_LOGGERS = ("transformers.tokenization_utils_base", "transformers.tokenization_python")
+
+
+@contextlib.contextmanager
+def _pair_advice_dropped() -> Iterator[None]:
+    """``_PairAdvice`` on transformers' loggers for the while of one of quantgate's calls
+    (under its lock): a program's own tokenizer calls keep their lines."""
+    advice = _PairAdvice()
+    loggers = [logging.getLogger(name) for name in _PAIR_ADVICE_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(advice)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(advice)
 
 
 def _padded(rows: Mapping[str, Sequence[Sequence[int]]], pads: Mapping[str, int]) -> dict:

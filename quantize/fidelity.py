@@ -12,7 +12,7 @@ CUDA re-gates are all judged by it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
@@ -24,17 +24,23 @@ from quantgate.quantize.decide import GateConfig, interval_gate, mean_gate, tail
 from quantgate.quantize.stats import percentile_interval, r_squared, resamples
 
 
-def flat_rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+def flat_rows(x: np.ndarray, mask: np.ndarray | None, *, tokens: bool = False) -> np.ndarray:
     """(B, rest): each batch item of output ``x`` flattened, its padded positions zeroed
-    where ``mask`` (B, T) fits x's first two dims, so padding noise does not count."""
-    if mask_fits(mask, x):
+    where ``mask`` (B, T) fits x's first two dims (``mask_fits``), so padding noise does
+    not count."""
+    if mask_fits(mask, x, tokens=tokens):
         x = np.where(mask.astype(bool)[(...,) + (None,) * (x.ndim - 2)], x, 0)
     return x.reshape(len(x), -1)
 
 
-def mask_fits(mask: np.ndarray | None, x: np.ndarray) -> TypeGuard[np.ndarray]:
-    """Whether ``mask`` (B, T) marks the positions of output ``x`` (B, T, ...)."""
-    return mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape
+def mask_fits(
+    mask: np.ndarray | None, x: np.ndarray, *, tokens: bool = False
+) -> TypeGuard[np.ndarray]:
+    """Whether ``mask`` (B, T) marks the positions of output ``x`` (B, T, ...): one of three
+    or more dims, or of two where the output is known to score each token (``tokens``: a
+    question answerer's start and end scores). Another (B, n) output holds n values of a
+    row, not n tokens, even where n happens to be T."""
+    return mask is not None and x.ndim >= (2 if tokens else 3) and x.shape[:2] == mask.shape
 
 
 # A row whose norm is below this share of the typical (median) row's norm has no direction
@@ -93,9 +99,11 @@ class Fidelity:
         names: Sequence[str],
         *,
         provider: str | None = None,
+        tokens: Collection[str] = (),
     ) -> Fidelity:
         """Compare the outputs ``names`` over ``batches`` of (FP32 outputs, candidate outputs,
-        attention mask or None).
+        attention mask or None); ``tokens``: the (batch, sequence) outputs that score each
+        token, whose padded positions the mask zeroes too (``mask_fits``).
 
         Rows are batch items: an output (batch, ...) is flattened per item, its padded
         positions zeroed where the mask is (batch, sequence) and the output (batch, sequence,
@@ -107,7 +115,8 @@ class Fidelity:
         rows = 0
         for reference, candidate, mask in batches:
             for n in names:
-                seen[n].add(n, np.asarray(reference[n]), np.asarray(candidate[n]), mask)
+                x, y = np.asarray(reference[n]), np.asarray(candidate[n])
+                seen[n].add(n, x, y, mask, tokens=n in tokens)
             rows += len(reference[names[0]])
         if not rows:
             raise QuantizeError("fidelity needs at least one feed")
@@ -251,14 +260,18 @@ class _Tally:
         self.values = 0
         self.nonfinite = 0
 
-    def add(self, name: str, x: np.ndarray, y: np.ndarray, mask: np.ndarray | None) -> None:
+    def add(
+        self, name: str, x: np.ndarray, y: np.ndarray, mask: np.ndarray | None, *, tokens: bool
+    ) -> None:
         if x.shape != y.shape:
             raise QuantizeError(f"output {name!r}: FP32 shape {x.shape}, candidate {y.shape}")
         self.nonfinite += int((~np.isfinite(y)).sum())
-        real = (
-            int(mask.astype(bool).sum()) * math.prod(x.shape[2:]) if mask_fits(mask, x) else x.size
-        )
-        x, y = flat_rows(x, mask).astype(np.float64), flat_rows(y, mask).astype(np.float64)
+        if mask_fits(mask, x, tokens=tokens):
+            real = int(mask.astype(bool).sum()) * math.prod(x.shape[2:])
+        else:
+            real = x.size
+        x = flat_rows(x, mask, tokens=tokens).astype(np.float64)
+        y = flat_rows(y, mask, tokens=tokens).astype(np.float64)
         self.cosines.append(row_cosine(x, y))
         self.scalar &= x.shape[1] == 1  # one value per row
         if self.scalar:

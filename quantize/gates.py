@@ -8,7 +8,7 @@ the test set, and unlike a bootstrap of the rows it does not shrink to a point w
 no rows flip, where INT8 lives.
 
 Which gates a model gets is its ``Kind`` (a classifier, a multi-label or a token classifier,
-an embedding, or none of these), read once from FP32's outputs and the task together with the
+a question answerer, an embedding, or none of these), read once from FP32's outputs and the task together with the
 output its gates judge (``kind_of``); each kind's gates are in ``_KIND_GATES``.
 
 Without labels: fidelity against FP32 on the evaluation rows.
@@ -18,6 +18,10 @@ Without labels: fidelity against FP32 on the evaluation rows.
   head), its R² against FP32 (``r2_gate``);
 - token classifiers (``(batch, sequence, classes)``): top-1 agreement and KL per real
   token, pooled over the tokens, with intervals over rows (``_token_fidelity``);
+- multi-label classifiers: agreement with FP32's decisions, each label on or off
+  (``_decision_agreement``);
+- question answerers (``start_logits`` and ``end_logits``, ``(batch, sequence)``): the
+  share of rows whose answer span is FP32's (``_span_agreement``);
 - embeddings (``sentence_embedding``, or ``last_hidden_state`` mean-pooled over real
   tokens): mean cosine per row, the share of rows under ``tail_cosine`` (``decide.tail_gate``),
   and top-1 nearest-neighbour agreement: for every row, its nearest other row by cosine
@@ -46,7 +50,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -218,7 +222,9 @@ def accuracy_gates(
         # nearest-neighbour agreement (0.815-0.835) fails them anyway. So 0.99 fails no
         # candidate the sentence_embedding gates pass; no looser bound of its own is needed.
         batches = zip(reference.batches, candidate.batches, reference.masks, strict=True)
-        fidelity = Fidelity.measure(batches, others)
+        # a question answerer's scores are per token: compared over the real ones
+        tokens = QA_OUTPUTS if judged.kind is Kind.QUESTION_ANSWERER else ()
+        fidelity = Fidelity.measure(batches, others, tokens=tokens)
         gates += fidelity.gates(min_cosine=cfg.min_cosine, cfg=cfg)
     return gates
 
@@ -543,11 +549,10 @@ def check_evaluation(reference: Outputs, task: str) -> None:
             " Pass --eval with more held-out rows "
             "(hundreds for a 1-point accuracy gate), or raise eval_samples (--gate-config)."
         )
-    embedding = _embedding_name(task, reference.names)
     # An embedding's nearest neighbours are gated (a sentence_embedding beside another
     # kind's output gets its cosine alone: ``_unjudged``).
-    if judged.kind is Kind.EMBEDDING and embedding is not None:
-        distinct = len(_distinct(_normalize(_pooled(reference, embedding))))
+    if judged.kind is Kind.EMBEDDING and judged.output is not None:
+        distinct = len(_distinct(_normalize(_pooled(reference, judged.output))))
         if distinct < MIN_EVAL_ROWS:
             raise DataError(
                 f"the evaluation data has {reference.rows} rows but only {distinct} distinct "
@@ -995,7 +1000,11 @@ def _span_agreement(ref: Outputs, cand: Outputs, cfg: GateConfig) -> GateResult:
     )
 
 
-def _span_batches(ref: Outputs, cand: Outputs):
+def _span_batches(
+    ref: Outputs, cand: Outputs
+) -> Iterator[
+    tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray | None, np.ndarray | None]
+]:
     """Batch by batch: FP32's outputs, the candidate's, the mask and the token types."""
     types = ref.segments or [None] * len(ref.batches)
     return zip(ref.batches, cand.batches, ref.masks, types, strict=True)
@@ -1004,14 +1013,21 @@ def _span_batches(ref: Outputs, cand: Outputs):
 def _answer_tokens(
     scores: np.ndarray, mask: np.ndarray | None, types: np.ndarray | None
 ) -> np.ndarray:
-    """(N, T) the tokens a row's answer may span: its real tokens (the mask's), and of those
-    the context's, the second segment (token type 1), in a row that has one. A model
-    without token types (RoBERTa's) answers from any real token: the question's too, which
-    the gate then also holds to FP32's."""
-    real = mask.astype(bool) if mask_fits(mask, scores) else np.ones(scores.shape, bool)
+    """(N, T) the tokens a row's answer may span: its real tokens (the mask's), and of those,
+    in a row that has a second segment (token type 1), the context's: that segment but its
+    last token, the separator that ends the pair ([SEP], XLNet's <sep>), as `quantgate infer`
+    leaves special tokens out. A model without token types (RoBERTa's, DistilBERT's)
+    answers from any real token: the question's and the special tokens too, which the gate
+    then also holds to FP32's."""
+    if mask_fits(mask, scores, tokens=True):
+        real = mask.astype(bool)
+    else:
+        real = np.ones(scores.shape, bool)
     if types is None or types.shape != scores.shape:
         return real
     context = real & (types == 1)
+    last = context.shape[1] - 1 - np.argmax(context[:, ::-1], axis=1)  # (N,) its last token
+    context[np.arange(len(context)), last] = False
     return np.where(context.any(1, keepdims=True), context, real)
 
 
@@ -1057,7 +1073,8 @@ def batch_consistency(
         together.masks.append(feeds.get("attention_mask"))
         together.segments.append(feeds.get(TYPE_IDS))
         together.rows += len(rows)
-        if judged is None:  # the output judged, known from the first batch; alone, only it
+        if judged is None:  # the output judged, known from the first batch; alone, only
+            # it (and a question answerer's end scores with its start scores)
             found = kind_of(together, task)
             if found.output is None:  # OTHER: nothing to judge it by
                 return None

@@ -71,13 +71,20 @@ def test_scores_outside_the_context_move_no_answer_and_broken_scores_fail():
     padding = end.copy()
     padding[:, 11] = 50.0  # padding: no token
     assert _gates(_qa(question, padding, mask, types), ref)["span_agreement"].value == 1
+    separator = end.copy()
+    separator[:, 9] = 50.0  # the context's last token: the [SEP] that ends the pair
+    assert _gates(_qa(start, separator, mask, types), ref)["span_agreement"].value == 1
     broken = start.copy()
     broken[0, 5] = np.nan
     gate = _gates(_qa(broken, end, mask, types), ref)["span_agreement"]
     assert not gate.passed and "1 rows without an answer" in gate.detail
-    # without token types (RoBERTa's): any real token, the question's too
-    gate = _gates(_qa(question, end, mask, None), _qa(start, end, mask, None))["span_agreement"]
+    # without token types (RoBERTa's): any real token, the question's too, but no padding
+    plain = _qa(start, end, mask, None)
+    gate = _gates(_qa(question, end, mask, None), plain)["span_agreement"]
     assert gate.value == 0
+    gates = _gates(_qa(start, padding, mask, None), plain)
+    assert gates["span_agreement"].value == 1  # padding holds no answer
+    assert gates["cosine:end_logits"].value == 1  # nor counts in the scores' cosine
 
 
 @pytest.mark.slow

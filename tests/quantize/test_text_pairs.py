@@ -252,3 +252,35 @@ def test_both_tokenizers_read_pairs_alike_and_spell_each_token_from_its_own_text
     pair = [("Zoë asks", "where is Zürich?")]
     read = ["[CLS]", "Zoë", "asks", "[SEP]", "where", "is", "Zürich", "?", "[SEP]"]
     assert a.pieces(pair, None) == [read] and b.pieces(pair, None) == [read]
+
+
+def test_a_slow_tokenizers_line_per_cut_pair_is_dropped_from_quantgates_calls_only():
+    """transformers' Python tokenizers log "Be aware, overflowing tokens are not returned"
+    for each pair they cut: dozens of lines an export. Dropped while quantgate tokenizes,
+    kept for a program's own calls."""
+    try:
+        from transformers import BertTokenizerLegacy as Slow  # transformers 5's Python one
+    except ImportError:
+        from transformers import BertTokenizer as Slow  # 4.x's
+
+    from quantgate.tokenizer import Transformers
+
+    slow = Slow(str(Path(minilm_info().tokenizer) / "vocab.txt"))
+    assert not slow.is_fast
+    said: list[str] = []
+    keep = logging.Handler()
+    keep.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    loggers = [logging.getLogger(f"transformers.{m}") for m in ("tokenization_utils_base",
+                                                                 "tokenization_python")]  # fmt: skip
+    for logger in loggers:
+        logger.addHandler(keep)
+    try:
+        pairs = [("a b c d e f g h i j", "k l m n o p q r s t u v")]
+        feeds = Transformers(slow, 0).encode(pairs, 8)
+        assert feeds["input_ids"].shape == (1, 8)
+        assert not [s for s in said if "overflowing tokens" in s]
+        slow(pairs, truncation=True, max_length=8)  # the program's own call
+        assert [s for s in said if "overflowing tokens" in s]
+    finally:
+        for logger in loggers:
+            logger.removeHandler(keep)
