@@ -29,6 +29,7 @@ from quantgate.bundle import CPU, CUDA, GateResult
 from quantgate.configs import check_fields, closest, config_class, wrong_types
 from quantgate.errors import ConfigError
 from quantgate.quantize.stats import bootstrap_mean, wilson
+from quantgate.tasks import MULTI_LABEL_TASKS, QA_TASKS
 
 
 @config_class
@@ -324,47 +325,87 @@ def tail_gate(
 # an older one says what changed since: the same gate, threshold and data can decide
 # differently. Bump it, with what changed, when a gate's value or decision changes.
 GATE_DEFINITIONS = 6
-DEFINITION_CHANGES: dict[int, tuple[str, ...]] = {
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change of the gates' definitions: what changed, and the tasks whose gates it
+    changed (empty: every task's). A re-gate names only the changes to its bundle's task."""
+
+    what: str
+    tasks: tuple[str, ...] = ()
+
+
+DEFINITION_CHANGES: dict[int, tuple[Change, ...]] = {
     2: (
-        "nn_top1_agreement counts a near tie as agreement (the candidate's nearest row is "
-        "one FP32 puts within 1 - min_cosine of its own)",
-        "a row that is zero (or negligible) under both models agrees in every cosine gate "
-        "(it scored 0)",
-        "under ci_rule 'upper' a gate with no interval fails (its value decided it)",
-        "R²'s resamples in which FP32 is constant count as the worst (they were dropped)",
+        Change(
+            "nn_top1_agreement counts a near tie as agreement (the candidate's nearest row is "
+            "one FP32 puts within 1 - min_cosine of its own)"
+        ),
+        Change(
+            "a row that is zero (or negligible) under both models agrees in every cosine gate "
+            "(it scored 0)"
+        ),
+        Change("under ci_rule 'upper' a gate with no interval fails (its value decided it)"),
+        Change("R²'s resamples in which FP32 is constant count as the worst (they were dropped)"),
     ),
     3: (
-        "a classifier's labels that FP32's answers do not follow (no agreement beyond "
-        "chance, Cohen's kappa) add top1_agreement and kl to its accuracy gate",
-        "evaluation rows with fewer than 30 distinct embeddings are refused (the "
-        "nearest-neighbour gate failed on them)",
+        Change(
+            "a classifier's labels that FP32's answers do not follow (no agreement beyond "
+            "chance, Cohen's kappa) add top1_agreement and kl to its accuracy gate"
+        ),
+        Change(
+            "evaluation rows with fewer than 30 distinct embeddings are refused (the "
+            "nearest-neighbour gate failed on them)"
+        ),
     ),
     4: (
-        "an integer output (a predicted class, ids) is gated on exact agreement with FP32, "
-        "agreement:<output> (it had an R² of its values, or no gate)",
-        "evaluation rows that are also calibration rows are left out of the gates (they were "
-        "counted), and a repeated row is gated once",
+        Change(
+            "an integer output (a predicted class, ids) is gated on exact agreement with FP32, "
+            "agreement:<output> (it had an R² of its values, or no gate)"
+        ),
+        Change(
+            "evaluation rows that are also calibration rows are left out of the gates (they "
+            "were counted), and a repeated row is gated once"
+        ),
     ),
     5: (
-        "a classifier's evaluation rows all labelled one class add top1_agreement and kl to "
-        "its accuracy gate (an INT8 answering that class on every row passed)",
-        "a row negligible in FP32 alone (below 1e-6 of its median row norm) scores -1 in the "
-        "cosine gates, as its docstring said (it scored the cosine of float noise's direction)",
+        Change(
+            "a classifier's evaluation rows all labelled one class add top1_agreement and kl "
+            "to its accuracy gate (an INT8 answering that class on every row passed)"
+        ),
+        Change(
+            "a row negligible in FP32 alone (below 1e-6 of its median row norm) scores -1 in "
+            "the cosine gates, as its docstring said (it scored the cosine of float noise's "
+            "direction)"
+        ),
     ),
     6: (
-        "a question-answering model (start_logits and end_logits) is gated on its answer "
-        "spans' agreement with FP32, span_agreement and batch_span_agreement (it had their "
-        "cosine alone)",
-        "a multi-label classifier's sentence_embedding, served beside its scores, is gated on "
-        "its cosine (it had no gate), and its evaluation rows need no 30 distinct embeddings",
+        Change(
+            "a question-answering model (start_logits and end_logits) is gated on its answer "
+            "spans' agreement with FP32, span_agreement and batch_span_agreement, on at least "
+            "30 evaluation rows (it had the scores' cosine alone)",
+            tasks=QA_TASKS,
+        ),
+        Change(
+            "a multi-label classifier's sentence_embedding, served beside its scores, is gated "
+            "on its cosine (it had no gate), and its evaluation rows need no 30 distinct "
+            "embeddings",
+            tasks=MULTI_LABEL_TASKS,
+        ),
     ),
 }
 
 
-def definition_changes(since: int | None) -> list[str]:
+def definition_changes(since: int | None, task: str | None = None) -> list[str]:
     """What changed in the gates' definitions after version ``since`` (None: a gating from
-    before versions were recorded, version 1)."""
-    return [c for v in range((since or 1) + 1, GATE_DEFINITIONS + 1) for c in DEFINITION_CHANGES[v]]
+    before versions were recorded, version 1), for a model of ``task`` (None: any)."""
+    return [
+        c.what
+        for v in range((since or 1) + 1, GATE_DEFINITIONS + 1)
+        for c in DEFINITION_CHANGES[v]
+        if task is None or not c.tasks or task in c.tasks
+    ]
 
 
 __all__ = [

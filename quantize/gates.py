@@ -87,8 +87,9 @@ from quantgate.tasks import (
 log = logging.getLogger(__name__)
 
 NN_BLOCK = 1 << 22  # cosine similarities held at once for nearest neighbours (32 MB)
-# Fewest evaluation rows for the accuracy, top-1 and nearest-neighbour gates: below it one
-# row is over 3 points of accuracy, and with 2 rows each row's nearest is always the other.
+# Fewest evaluation rows for the accuracy and agreement gates (top-1, decisions, answer spans,
+# nearest neighbours): below it one row is over 3 points of accuracy, and with 2 rows each
+# row's nearest is always the other.
 MIN_EVAL_ROWS = 30
 
 
@@ -543,8 +544,8 @@ def check_evaluation(reference: Outputs, task: str) -> None:
     if reference.rows < MIN_EVAL_ROWS:
         measure = "accuracy" if judged.kind is Kind.CLASSIFIER else "agreement"
         raise DataError(
-            f"the evaluation data has {reference.rows} row(s); the accuracy, top-1 and "
-            f"nearest-neighbour gates need at least {MIN_EVAL_ROWS} (here each row is "
+            f"the evaluation data has {reference.rows} row(s); the accuracy and agreement "
+            f"gates (top-1, span, nearest-neighbour) need at least {MIN_EVAL_ROWS} (here each row is "
             f"{100 / reference.rows:.3g} points of {measure})."
             " Pass --eval with more held-out rows "
             "(hundreds for a 1-point accuracy gate), or raise eval_samples (--gate-config)."
@@ -599,8 +600,8 @@ def check_eval_rows(
     # a classifier's rows are points of accuracy; an embedding's, of its neighbours' agreement
     measure = "accuracy" if task in CLASSIFIER_TASKS else "agreement"
     need = (
-        f"the accuracy, top-1 and nearest-neighbour gates need at least {MIN_EVAL_ROWS} "
-        f"evaluation rows (with {ev.samples}, each row is {100 / ev.samples:.3g} points of "
+        f"the accuracy and agreement gates (top-1, span, nearest-neighbour) need at least "
+        f"{MIN_EVAL_ROWS} evaluation rows (with {ev.samples}, each row is {100 / ev.samples:.3g} points of "
         f"{measure})"
     )
     left = [

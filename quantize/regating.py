@@ -191,7 +191,7 @@ def _regate(
         log.warning("re-gating with settings looser than the export's: %s", "; ".join(unsaid))
     # the same settings can decide otherwise where the gates were redefined since
     since = recorded_definitions(m)
-    if redefined := definition_changes(since):
+    if redefined := definition_changes(since, m.task):
         log.warning(
             "the gates were redefined since this bundle was last gated (%s), so its verdict "
             "can change with the same settings and data: %s",
@@ -220,7 +220,7 @@ def _regate(
     waived = None if on_cuda else _check_labels_kept(m, ev, where, allow=allow_unlabelled)
     emit = on_progress or no_progress
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    settings_said = _settings_said(changed, beyond, since)
+    settings_said = _settings_said(changed, beyond, since, m.task)
     said = (_measured_on(ev), f"{waived} {settings_said}" if waived else settings_said)
     record = {
         "at": when,
@@ -538,12 +538,15 @@ def _measured_on(ev: DataSource) -> str:
 
 
 def _settings_said(
-    changed: list[tuple[str, bool]] | None, beyond: Sequence[str] = (), since: int | None = None
+    changed: list[tuple[str, bool]] | None,
+    beyond: Sequence[str] = (),
+    since: int | None = None,
+    task: str | None = None,
 ) -> str:
     """The sentences of a re-gate's section on the gate settings ``changed`` since the last
     gating (None: the bundle recorded none), on those ``beyond`` the export's: looser than
     its settings, however many re-gates ago they were loosened; and on the gates' definitions
-    changed since version ``since``, the last gating's."""
+    changed since version ``since``, the last gating's, for a model of ``task``."""
     if changed is None:
         said = "The bundle recorded no gate settings to compare these with."
     elif not changed:
@@ -553,7 +556,7 @@ def _settings_said(
         said = f"Gate settings changed since the last gating: {'; '.join(listed)}."
     if beyond:
         said += f" Looser than the export's: {'; '.join(beyond)}."
-    if redefined := definition_changes(since):
+    if redefined := definition_changes(since, task):
         said += (
             f" The gates were redefined since the last gating ({_definitions_said(since)}): "
             f"{'; '.join(redefined)}."

@@ -398,8 +398,8 @@ def test_too_few_evaluation_rows_are_refused_before_the_export_with_the_fix_that
         build(tiny_checkpoint(), tmp_path / "out", evaluation=small,
               on_progress=lambda *event: events.append(event))  # fmt: skip
     assert str(e.value) == (
-        f"--eval {small} has 20 row(s); the accuracy, top-1 and nearest-neighbour gates need at "
-        "least 30 evaluation rows (with 20, each row is 5 points of accuracy). Pass more "
+        f"--eval {small} has 20 row(s); the accuracy and agreement gates (top-1, span, "
+        "nearest-neighbour) need at least 30 evaluation rows (with 20, each row is 5 points of accuracy). Pass more "
         "held-out rows (hundreds for a 1-point accuracy gate)."
     )
     assert [status for task, _, _, status in events] == ["loading the model"]
@@ -408,7 +408,7 @@ def test_too_few_evaluation_rows_are_refused_before_the_export_with_the_fix_that
         build(tiny_checkpoint(), tmp_path / "out", evaluation=ev,
               gate_cfg=GateConfig(eval_samples=10))  # fmt: skip
     assert str(e.value).startswith(
-        f"eval_samples 10 (--gate-config) keeps 10 of its 60 rows of --eval {ev}; the accuracy, "
+        f"eval_samples 10 (--gate-config) keeps 10 of its 60 rows of --eval {ev}; the accuracy and "
     )
     assert str(e.value).endswith(
         "Raise eval_samples to 30 or more, or leave it out to use every row."

@@ -255,7 +255,7 @@ def test_a_regate_says_which_gates_were_redefined_since_the_last_gating(
             last["gate_definitions"] = version
         path.write_text(json.dumps(d))
 
-    near_tie = DEFINITION_CHANGES[2][0]
+    near_tie = DEFINITION_CHANGES[2][0].what
     # -1: a damaged record, read as none (it was a KeyError, a traceback)
     unrecorded = "a version it did not record"
     for version, under in ((None, unrecorded), (1, "version 1"), (-1, unrecorded)):
@@ -276,6 +276,10 @@ def test_a_regate_says_which_gates_were_redefined_since_the_last_gating(
     caplog.clear()  # said once: the re-gate after is under this version
     r = cli("gate", bundle, "--gate-config", gate_file)
     assert "redefined" not in caplog.text and "redefined" not in newest(bundle)
+    last_gated_under(5)  # version 6 changed question answerers' and multi-label gates only
+    caplog.clear()
+    r = cli("gate", bundle, "--gate-config", gate_file)
+    assert r.code == 0 and "redefined" not in caplog.text, caplog.text
     last_gated_under(GATE_DEFINITIONS + 1)  # a newer quantgate's gating
     r = cli("gate", bundle, "--gate-config", gate_file)
     assert r.code == 0, r.stderr
@@ -340,3 +344,13 @@ def test_a_regate_refuses_weights_in_a_file_the_manifest_does_not_list(cli, bund
     assert "variant fp32's model.fp32.onnx keeps weights in w.bin, which the manifest does not " \
            "list" in r.stderr  # fmt: skip
     assert (bundle / "manifest.json").read_text() == before  # nothing rewritten
+
+
+def test_a_definitions_change_is_said_of_the_tasks_it_changed():
+    from quantgate.quantize.decide import definition_changes
+
+    qa = definition_changes(5, "question-answering")
+    assert len(qa) == 1 and qa[0].startswith("a question-answering model")
+    assert definition_changes(5, "sequence-classification") == []
+    assert len(definition_changes(5)) == 2  # any task
+    assert definition_changes(4, "sequence-classification") == definition_changes(4)[:2]
