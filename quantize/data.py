@@ -845,10 +845,16 @@ def check_same_texts(
     if ours is None or theirs is None or ours == theirs:
         return
     said = {True: 'text pairs (a "text_pair" beside each "text")', False: "single texts"}
+    before = (
+        ' (a bundle exported before quantgate read "text_pair" was calibrated on each row\'s '
+        '"text" alone, a "text_pair" key ignored: re-export it to calibrate on the pairs)'
+        if ours and not isinstance(calibrated, DataSource)
+        else ""
+    )
     raise DataError(
-        f"{where}: {said[ours]}, but {other} held {said[theirs]}: the gates would judge the "
-        "model on inputs of another form than it was calibrated on, and is served. Give both "
-        f"as {said[theirs]}" + ("" if theirs else ", or calibrate on pairs")
+        f"{where}: {said[ours]}, but {other} held {said[theirs]}{before}: the gates would "
+        "judge the model on inputs of another form than it was calibrated on, and is served. "
+        f"Give both as {said[theirs]}" + ("" if theirs else ", or calibrate on pairs")
     )
 
 

@@ -422,7 +422,13 @@ def _check_labels(reference: Outputs, judged: Judged) -> None:
 
 def _check_class_labels(labels: np.ndarray, output: str, scores: int) -> None:
     """A classifier's labels are class indices of its ``scores`` per row (a single score:
-    classes 0 and 1)."""
+    classes 0 and 1), one per row: token labels (rows, sequence) are no row's class."""
+    if labels.ndim != 1:
+        raise DataError(
+            f"labels of shape {labels.shape}: one per token, but {output} is a classifier's "
+            f"(batch, classes) scores, one class per row. Give one label per row, or name the "
+            f"token classifier's per-token output logits"
+        )
     classes = index_count(scores)
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= classes:

@@ -1364,3 +1364,13 @@ def test_a_multi_label_classifiers_sentence_embedding_is_gated_beside_its_scores
     }
     assert gates["decision_agreement"].passed and gates["cosine:logits"].passed
     assert not gates["cosine:sentence_embedding"].passed
+
+
+def test_token_labels_for_a_model_judged_as_a_classifier_are_refused_as_such():
+    """A model said to tag tokens whose 2-D output is named "logits" is judged as a
+    classifier: labels per token were counted as rows out of range ("88 of 64 rows")."""
+    batch = {"logits": np.zeros((_ROWS, 3)), "tags": np.zeros((_ROWS, _T, 4))}
+    ref = Outputs(["logits", "tags"], [batch], [None], labels=np.zeros((_ROWS, _T), np.int64),
+                  rows=_ROWS)  # fmt: skip
+    with pytest.raises(DataError, match=r"labels of shape \(40, 5\): one per token, but logits"):
+        check_evaluation(ref, "token-classification")

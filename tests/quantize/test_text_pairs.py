@@ -174,6 +174,8 @@ def test_calibration_and_evaluation_text_of_other_forms_are_refused(tmp_path):
         check_same_texts(ev, cal, "--eval s.jsonl", "--calibration p.jsonl")
     with pytest.raises(DataError, match="text pairs .* but the bundle's calibration held single"):
         check_same_texts(cal, {"kind": "jsonl"}, "--eval p.jsonl", "the bundle's calibration")
+    with pytest.raises(DataError, match='exported before quantgate read "text_pair"'):
+        check_same_texts(cal, {"kind": "jsonl"}, "--eval p.jsonl", "an older bundle's")
     check_same_texts(cal, {"kind": "npz"}, "--eval p.jsonl", "arrays say no form")
     check_same_texts(cal, cal.record(), "--eval p.jsonl", "the same form")
 
