@@ -116,6 +116,27 @@ def test_a_stream_open_when_its_connection_ages_goes_on_within_the_grace(aging):
     assert "requests=2 failed=0" in aging.log[since:], aging.log[since:]
 
 
+def test_a_stream_still_open_when_the_grace_runs_out_is_ended(repo):
+    """The grace is --shutdown-grace, not gRPC's own (none: an open stream would hold the old
+    connection, and its replica, for ever): with a grace of 1 s, a stream kept open is
+    ended UNAVAILABLE some 2 s after it opened (the age, then the grace)."""
+    import tritonclient.grpc as tc
+
+    srv = ServerProcess(repo / "classifier", "--max-connection-age", AGE, "--shutdown-grace", "1")
+    try:
+        answers: queue.Queue = queue.Queue()
+        rng = np.random.default_rng(0)
+        with tc.InferenceServerClient(srv.url) as client:
+            client.start_stream(lambda result, error: answers.put(error))
+            client.async_stream_infer("tiny-classifier", inputs(batch(rng, 1, 8)))
+            assert answers.get(timeout=30) is None  # answered, and left open
+            ended = answers.get(timeout=30)  # no grace of its own: it never would be
+            assert "max connection age" in str(ended), ended
+            client.stop_stream()
+    finally:
+        assert srv.terminate() == 0, srv.log
+
+
 @pytest.mark.parametrize("age", [-1.0, math.nan, math.inf])
 def test_an_age_that_is_no_number_of_seconds_is_refused(age):
     with pytest.raises(ConfigError, match="max_connection_age_s is the seconds after which"):
