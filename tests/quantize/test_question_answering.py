@@ -117,3 +117,12 @@ def test_a_question_answering_export_gates_its_spans_alone_and_batched(tiny_bert
         assert name in gates, sorted(gates)
     assert "on 60 rows" in gates["span_agreement"]["detail"]
     assert gates["span_agreement"]["value"] >= 0.9, gates["span_agreement"]  # FP32's twin
+    # re-gated on the questions alone: not what it was calibrated on, nor is served
+    singles = tmp_path / "singles.jsonl"
+    singles.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[60:]))
+    regate = subprocess.run(
+        [sys.executable, "-m", "quantgate", "gate", str(tmp_path / "b"), "--eval", str(singles)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert regate.returncode == 2, regate.stderr
+    assert "single texts, but the data this bundle was calibrated on" in regate.stderr
