@@ -80,6 +80,7 @@ from quantgate.quantize.labels import (
     forms_problem,
     label_forms,
 )
+from quantgate.quantize.textfiles import KINDS as TEXT_KINDS
 from quantgate.quantize.textfiles import SUFFIXES as TEXT_SUFFIXES
 from quantgate.tasks import EMBEDDING_TASKS, MULTI_LABEL_TASKS, QA_TASKS, TOKEN_TASKS
 from quantgate.tokenizer import Settings
@@ -819,9 +820,6 @@ def _value_problems(
         f"{name}: expected {expected}, found {rows.min()}..{rows.max()}, out of range in "
         f"{describe_rows(bad, indices)}. {fix}."
     ]
-
-
-TEXT_KINDS = ("jsonl", "csv", "tsv", "txt")  # the kinds of source a text file makes
 
 
 def check_same_texts(

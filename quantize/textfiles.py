@@ -278,6 +278,7 @@ def text_file(path: Path) -> TextFile:
 
 
 SUFFIXES = (".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".txt")
+KINDS = ("jsonl", "csv", "tsv", "txt")  # each format's kind: a data source read from text
 
 
 def _lines(f: BinaryIO, where: str) -> Iterator[tuple[int, int, bytes]]:
