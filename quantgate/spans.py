@@ -4,16 +4,23 @@ pick, as Hugging Face's question-answering pipeline picks it.
 One rule for the gate that compares INT8's answers with FP32's
 (``quantize.gates``: ``span_agreement``) and for ``quantgate infer``, which prints the
 answer's text: a gate that picked spans otherwise would judge answers nobody is shown. Both
-pick from the context's tokens: ``infer`` from the tokenizer's own account of them (the
-pair's second text, no special token); the gate, which sees arrays only, from the tokens
-of type 1 but the separator that ends the pair, the same tokens for BERT's family. A model
-without token types (RoBERTa's) gives the gate no context to read: it compares spans over
-every real token.
+pick from the context's tokens as the tokenizer tells them (``context_mask``: the pair's
+second text, no special token). Tokenized arrays (a .npz) carry no such account: the gate
+then reads the context from the token types (type 1 but the separator that ends the pair,
+the same tokens for BERT's family), and a model without token types (RoBERTa's) from every
+real token, as its detail says.
+
+Every question gets a span, as Hugging Face's pipeline answers by default: no "no answer"
+(SQuAD 2.0's [CLS] span) is chosen or compared.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+
+from quantgate.tokenizer import Place
 
 # Hugging Face's run_qa.py example caps an answer at 30 tokens (its max_answer_length); its
 # pipeline at 15. The longer: a gate then also sees the long answers a client may allow.
@@ -44,6 +51,18 @@ def best_spans(
     return spans
 
 
+def context_mask(places: Sequence[Sequence[Place]], width: int) -> np.ndarray:
+    """(N, ``width``) bool: each row's context tokens by their ``places`` (one list a row, as
+    ``Tokenizer.places`` gives them, right-padded to ``width``): those of the pair's second
+    text, or of a single text where a row has no pair; no special token."""
+    mask = np.zeros((len(places), width), bool)
+    for row, where in enumerate(places):
+        texts = {p[0] for p in where if p is not None}
+        context = 1 if 1 in texts else 0
+        mask[row, : len(where)] = [p is not None and p[0] == context for p in where]
+    return mask
+
+
 def span_probability(start: np.ndarray, end: np.ndarray, allowed: np.ndarray, span) -> float:
     """The span's score as the pipeline reports it: the softmax probability of its first
     token as the start times that of its last as the end, each over the ``allowed`` tokens
@@ -58,4 +77,4 @@ def span_probability(start: np.ndarray, end: np.ndarray, allowed: np.ndarray, sp
     return softmax_at(start, first) * softmax_at(end, last)
 
 
-__all__ = ["MAX_ANSWER_TOKENS", "best_spans", "span_probability"]
+__all__ = ["MAX_ANSWER_TOKENS", "best_spans", "context_mask", "span_probability"]

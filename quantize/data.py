@@ -246,6 +246,10 @@ class Batch:
     # (B,) each row's index in the arrays it was read from, where they were read whole (a
     # .npz's, a dict's, the digits'): a message names the row a user can find
     rows: np.ndarray | None = None
+    # (B, T) bool, a question answerer's text pairs: the tokens of each row's context, as its
+    # tokenizer tells them (the pair's second text, no special token: spans.context_mask);
+    # None where not known (arrays, and other models)
+    context: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -569,9 +573,11 @@ def without_rows(
             elif keep.any():
                 feeds = _trim({k: v[keep] for k, v in b.feeds.items()}, model)
                 labels = None if b.labels is None else b.labels[keep]
+                width = _token_rows(feeds, model)[1].shape[1]
                 if tokens and labels is not None:  # a tag per token: cut with the padding
-                    labels = labels[:, : _token_rows(feeds, model)[1].shape[1]]
-                yield Batch(feeds, labels, None if b.rows is None else b.rows[keep])
+                    labels = labels[:, :width]
+                context = None if b.context is None else b.context[keep][:, :width]
+                yield Batch(feeds, labels, None if b.rows is None else b.rows[keep], context)
 
     kept, length = np.concatenate(hashes), np.concatenate(lengths)
     dropped = source.samples - len(kept)

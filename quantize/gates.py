@@ -60,7 +60,7 @@ import numpy as np
 from quantgate.bundle import CPU, GateResult
 from quantgate.errors import DataError, QuantgateError, QuantizeFailed
 from quantgate.padding import right_pad
-from quantgate.quantize.data import TYPE_IDS, DataSource
+from quantgate.quantize.data import TYPE_IDS, Batch, DataSource
 from quantgate.quantize.decide import GateConfig, decide, interval_gate, mean_gate, tail_gate
 from quantgate.quantize.fidelity import Fidelity, mask_fits, r2_gate, row_cosine
 from quantgate.quantize.labels import NO_LABEL, index_count, one_based_hint
@@ -105,9 +105,11 @@ class Outputs:
     masks: list[np.ndarray | None] = field(default_factory=list)
     labels: np.ndarray | None = None
     rows: int = 0
-    # each batch's token_type_ids, where the model takes them: a question answerer's
-    # context is its second segment (``_answer_tokens``); empty: none kept
+    # each batch's token_type_ids, where the model takes them, and a question answerer's
+    # context tokens, where its tokenizer told them (``Batch.context``): where its answers
+    # may be (``_answer_tokens``); empty: none kept
     segments: list[np.ndarray | None] = field(default_factory=list)
+    contexts: list[np.ndarray | None] = field(default_factory=list)
 
     def stacked(self, name: str) -> np.ndarray:
         return np.concatenate([b[name] for b in self.batches])
@@ -150,6 +152,7 @@ def collect(
         out.batches.append({n: np.asarray(v) for n, v in zip(names, values, strict=True)})
         out.masks.append(batch.feeds.get("attention_mask"))
         out.segments.append(batch.feeds.get(TYPE_IDS))
+        out.contexts.append(batch.context)
         if batch.labels is not None:
             labels.append(batch.labels)
         out.rows += len(values[0])
@@ -986,19 +989,20 @@ def _span_agreement(ref: Outputs, cand: Outputs, cfg: GateConfig) -> GateResult:
     interval, at least ``min_top1_agreement``. The span is ``spans.best_spans``' over the
     row's context (``_answer_tokens``): the answer `quantgate infer` prints. The start and
     end scores' cosine to FP32's is gated beside it."""
-    same, broken = [], 0
+    same, broken, read = [], 0, set()
     start, end = QA_OUTPUTS
-    for a, b, mask, types in _span_batches(ref, cand):
-        context = _answer_tokens(a[start], mask, types)
-        x = best_spans(a[start], a[end], context)
-        y = best_spans(b[start], b[end], context)
+    for a, b, mask, types, context in _span_batches(ref, cand):
+        allowed, how = _answer_tokens(a[start], mask, types, context)
+        x = best_spans(a[start], a[end], allowed)
+        y = best_spans(b[start], b[end], allowed)
         same.append((x == y).all(1) & (y[:, 0] >= 0))
         broken += int((y[:, 0] < 0).sum())
+        read.add(how)
     agree = np.concatenate(same)
     detail = (
         f"{' and '.join(QA_OUTPUTS)} vs FP32 on {len(agree)} rows: rows whose answer span is "
-        f"FP32's (of the context's tokens, the highest start + end score, start <= end, at "
-        f"most {MAX_ANSWER_TOKENS} tokens)"
+        f"FP32's (the highest start + end score, start <= end, at most {MAX_ANSWER_TOKENS} "
+        f"tokens, of {' / '.join(sorted(read))})"
     )
     if broken:
         detail += f"; {broken} rows without an answer, their scores not finite (any fails)"
@@ -1007,35 +1011,58 @@ def _span_agreement(ref: Outputs, cand: Outputs, cfg: GateConfig) -> GateResult:
     )
 
 
+_Maybe = np.ndarray | None  # a batch's mask, token types or context, where kept
+
+
 def _span_batches(
-    ref: Outputs, cand: Outputs
-) -> Iterator[
-    tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray | None, np.ndarray | None]
-]:
-    """Batch by batch: FP32's outputs, the candidate's, the mask and the token types."""
-    types = ref.segments or [None] * len(ref.batches)
-    return zip(ref.batches, cand.batches, ref.masks, types, strict=True)
+    out: Outputs, cand: Outputs | None = None
+) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray], _Maybe, _Maybe, _Maybe]]:
+    """Batch by batch: ``out``'s outputs, ``cand``'s (``out``'s again without one), and
+    ``out``'s mask, token types and context tokens (None where not kept)."""
+    n = len(out.batches)
+    return zip(
+        out.batches,
+        (cand or out).batches,
+        out.masks,
+        out.segments or [None] * n,
+        out.contexts or [None] * n,
+        strict=True,
+    )
+
+
+# What the context is read from, as a span gate's detail says it
+_FROM_TOKENIZER = "the context's tokens, as the tokenizer tells them"
+_FROM_TYPES = "the context's tokens, of token type 1"
+_FROM_REAL = "every real token (no token types or tokenizer's account tell the context)"
 
 
 def _answer_tokens(
-    scores: np.ndarray, mask: np.ndarray | None, types: np.ndarray | None
-) -> np.ndarray:
-    """(N, T) the tokens a row's answer may span: its real tokens (the mask's), and of those,
-    in a row that has a second segment (token type 1), the context's: that segment but its
-    last token, the separator that ends the pair ([SEP], XLNet's <sep>), as `quantgate infer`
-    leaves special tokens out. A model without token types (RoBERTa's, DistilBERT's)
-    answers from any real token: the question's and the special tokens too, which the gate
-    then also holds to FP32's."""
+    scores: np.ndarray,
+    mask: np.ndarray | None,
+    types: np.ndarray | None,
+    context: np.ndarray | None = None,
+) -> tuple[np.ndarray, str]:
+    """(N, T) the tokens a row's answer may span, and what told them: the ``context`` tokens
+    the tokenizer marked (text data: ``Batch.context``, `quantgate infer`'s rule); else, in
+    a row that has a second segment (token type 1), that segment but its last token, the
+    separator that ends the pair ([SEP], XLNet's <sep>): the same tokens for BERT's family;
+    else every real token (the mask's): the question's and the special tokens too, which the
+    gate then also holds to FP32's. Padding never."""
     if mask_fits(mask, scores, tokens=True):
         real = mask.astype(bool)
     else:
         real = np.ones(scores.shape, bool)
-    if types is None or types.shape != scores.shape:
-        return real
-    context = real & (types == 1)
-    last = context.shape[1] - 1 - np.argmax(context[:, ::-1], axis=1)  # (N,) its last token
-    context[np.arange(len(context)), last] = False
-    return np.where(context.any(1, keepdims=True), context, real)
+    if context is not None and context.shape == scores.shape:
+        chosen, how = real & context, _FROM_TOKENIZER
+    elif types is not None and types.shape == scores.shape:
+        chosen, how = real & (types == 1), _FROM_TYPES
+        last = chosen.shape[1] - 1 - np.argmax(chosen[:, ::-1], axis=1)  # (N,) its last token
+        chosen[np.arange(len(chosen)), last] = False
+    else:
+        return real, _FROM_REAL
+    if not chosen.any(1).all():
+        how += "; of every real token in a row without one"
+    return np.where(chosen.any(1, keepdims=True), chosen, real), how
 
 
 # The gates of each kind that judges an output: (FP32's outputs, the candidate's, the output
@@ -1075,10 +1102,12 @@ def batch_consistency(
     for batch in data.batches():
         rows = _lone_requests(batch.feeds)
         feeds = right_pad(rows, data.pad_values)
+        contexts = _lone_contexts(batch)  # a question answerer's, row by row
         wanted = names if judged is None else alone.names  # all until the judged are known
         together.batches.append(dict(zip(wanted, sess.run(wanted, feeds), strict=True)))
         together.masks.append(feeds.get("attention_mask"))
         together.segments.append(feeds.get(TYPE_IDS))
+        together.contexts.append(_padded_contexts(contexts, feeds))
         together.rows += len(rows)
         if judged is None:  # the output judged, known from the first batch; alone, only
             # it (and a question answerer's end scores with its start scores)
@@ -1088,17 +1117,19 @@ def batch_consistency(
             kind, judged = found.kind, found.output
             # a question answerer's span needs its end scores beside its start scores
             alone.names = list(QA_OUTPUTS) if kind is Kind.QUESTION_ANSWERER else [judged]
-        for row in rows:
+        for row, context in zip(rows, contexts, strict=True):
             alone.batches.append(dict(zip(alone.names, sess.run(alone.names, row), strict=True)))
             alone.masks.append(row.get("attention_mask"))
             alone.segments.append(row.get(TYPE_IDS))
+            alone.contexts.append(context)
             alone.rows += 1
     if judged is None:  # no rows
         return None
     largest = max(len(b[judged]) for b in together.batches)
     detail = (
-        f"{judged}: each of {alone.rows} rows run alone vs in a batch (of up to {largest}, "
-        "right-padded as the server pads); dynamic quantization scales activations per batch"
+        f"{' and '.join(alone.names)}: each of {alone.rows} rows run alone vs in a batch (of "
+        f"up to {largest}, right-padded as the server pads); dynamic quantization scales "
+        "activations per batch"
     )
     return _BATCH_GATES[kind](together, alone, judged, cfg, detail)
 
@@ -1171,12 +1202,12 @@ def _batch_spans(
     """Rows whose answer span alone is the one they get batched."""
     start, end = QA_OUTPUTS
     batched = [
-        best_spans(b[start], b[end], _answer_tokens(b[start], mask, types))
-        for b, mask, types in zip(together.batches, together.masks, together.segments, strict=True)
+        best_spans(b[start], b[end], _answer_tokens(b[start], mask, types, context)[0])
+        for b, _, mask, types, context in _span_batches(together)
     ]
     lone = [  # a row each, its real tokens alone
-        best_spans(b[start], b[end], _answer_tokens(b[start], None, types))
-        for b, types in zip(alone.batches, alone.segments, strict=True)
+        best_spans(b[start], b[end], _answer_tokens(b[start], None, types, context)[0])
+        for b, _, _, types, context in _span_batches(alone)
     ]
     x, y = np.concatenate(batched), np.concatenate(lone)
     return mean_gate(
@@ -1195,6 +1226,33 @@ _BATCH_GATES: dict[Kind, Callable[[Outputs, Outputs, str, GateConfig, str], Gate
     Kind.QUESTION_ANSWERER: _batch_spans,
     Kind.EMBEDDING: _batch_embedding,
 }
+
+
+def _lone_contexts(batch: Batch) -> list[np.ndarray | None]:
+    """Each row's context tokens (``Batch.context``) as its lone request has them: its real
+    tokens' (``_lone_requests``); None for each where the batch has none."""
+    rows = len(next(iter(batch.feeds.values())))
+    if batch.context is None:
+        return [None] * rows
+    mask = batch.feeds.get("attention_mask")
+    if mask is None:
+        return [batch.context[i : i + 1] for i in range(rows)]
+    return [batch.context[i : i + 1, mask[i].astype(bool)] for i in range(rows)]
+
+
+def _padded_contexts(
+    contexts: Sequence[np.ndarray | None], feeds: Mapping[str, np.ndarray]
+) -> np.ndarray | None:
+    """The rows' lone ``contexts`` as the batch ``feeds`` pads them: on the right."""
+    if any(c is None for c in contexts):
+        return None
+    width = max(c.shape[1] for c in contexts if c is not None)
+    width = feeds["attention_mask"].shape[1] if "attention_mask" in feeds else width
+    out = np.zeros((len(contexts), width), bool)
+    for row, c in enumerate(contexts):
+        if c is not None:
+            out[row, : c.shape[1]] = c[0]
+    return out
 
 
 def _lone_requests(feeds: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:

@@ -57,7 +57,8 @@ from quantgate.quantize.textfiles import (
     pair_like,
     text_file,
 )
-from quantgate.tasks import EMBEDDING_TASKS
+from quantgate.spans import context_mask
+from quantgate.tasks import EMBEDDING_TASKS, QA_TASKS
 from quantgate.tokenizer import Backend, Text, Tokenizer, Transformers
 
 log = logging.getLogger(__name__)
@@ -146,11 +147,12 @@ def text_source(
                 rows = []
                 for off in offsets[idx]:
                     rows.append(fmt.row_at(f, int(off)))
-                feeds = _encode(tok, [row_text(r) for r in rows], model, limit)
+                texts = [row_text(r) for r in rows]
+                feeds = _encode(tok, texts, model, limit)
                 labels = None
                 if labelled:  # a class name stands for its index
                     labels = np.array([index.get(r["label"], r["label"]) for r in rows], np.int64)
-                yield Batch(feeds, labels)
+                yield Batch(feeds, labels, context=_context(tok, texts, model, limit, feeds))
 
     long = f"; {cut} longer than the model's {limit} tokens, cut to them" if cut else ""
     return DataSource(
@@ -663,6 +665,18 @@ def _auto_tokenizer():
 
 def _token_counts(tok: Tokenizer, texts: list[Text], limit: int | None) -> list[int]:
     return [len(ids) for ids in tok.ids(texts, limit)]
+
+
+def _context(
+    tok: Tokenizer, texts: list[Text], model: ModelInfo, limit: int | None, feeds: Feeds
+) -> np.ndarray | None:
+    """A question answerer's context tokens in ``feeds`` (``spans.context_mask``), where its
+    answers may be, as ``quantgate infer`` reads them; None for other models, and where the
+    tokenizer keeps no offsets (a slow one)."""
+    if model.task not in QA_TASKS:
+        return None
+    places = tok.places(texts, limit)
+    return None if places is None else context_mask(places, feeds["input_ids"].shape[1])
 
 
 def _encode(tok: Tokenizer, texts: list[Text], model: ModelInfo, limit: int | None) -> Feeds:

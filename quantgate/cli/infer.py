@@ -472,29 +472,25 @@ def _print_tags(texts: list[Text], logits, names: tuple[str, ...], pieces: list[
 
 def _print_answers(texts: list[Text], start, end, places: list) -> None:
     """An extractive question answerer's answer to each (question, context) pair: the best
-    span of the context's tokens (``spans.best_spans``, as Hugging Face's pipeline picks
-    it), as the context spells it, and its probability. Without a pair, the span is taken
-    from the one text."""
-    import numpy as np
-
-    from quantgate.spans import best_spans, span_probability
+    span of the context's tokens (``spans.best_spans`` over ``spans.context_mask``, the
+    span_agreement gate's rule), as the context spells it, and its probability. Without a
+    pair, the span is taken from the one text."""
+    from quantgate.spans import best_spans, context_mask, span_probability
     from quantgate.tokenizer import quoted
 
     say = functools.partial(out.print, highlight=False, markup=False, soft_wrap=True)
     say(f"start_logits, end_logits {list(start.shape)}: each row's answer")
-    width = start.shape[1]
+    allowed = context_mask(places, start.shape[1])  # padded on the right: tokens come first
+    spans = best_spans(start, end, allowed)
     for r, (text, where) in enumerate(zip(texts, places, strict=True)):
-        context = 0 if isinstance(text, str) else 1  # the pair's second text: the context
-        allowed = np.zeros(width, bool)  # padded on the right: the row's tokens come first
-        allowed[: len(where)] = [p is not None and p[0] == context for p in where]
         say(f"  {quoted(text)}")
-        first, last = best_spans(start[r : r + 1], end[r : r + 1], allowed[None])[0]
+        first, last = spans[r]
         if first < 0:
             say("    no answer (no token of the context, or scores that are not finite)")
             continue
-        source = text if isinstance(text, str) else text[context]
+        source = text if isinstance(text, str) else text[1]
         answer = source[where[first][1] : where[last][2]]
-        p = span_probability(start[r], end[r], allowed, (first, last))
+        p = span_probability(start[r], end[r], allowed[r], (first, last))
         say(f"    {answer!r}  (tokens {first}..{last}, probability {p:.3f})")
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from qg_pipeline_helpers import english  # noqa: E402
+from qg_pipeline_helpers import english, minilm_info  # noqa: E402
 
 from quantgate.quantize.decide import GateConfig  # noqa: E402
 from quantgate.quantize.gates import Outputs, accuracy_gates  # noqa: E402
@@ -20,13 +20,14 @@ from quantgate.quantize.gates import Outputs, accuracy_gates  # noqa: E402
 ROWS, T = 40, 12
 
 
-def _qa(start, end, mask, types) -> Outputs:
+def _qa(start, end, mask, types, context=None) -> Outputs:
     return Outputs(
         ["start_logits", "end_logits"],
         [{"start_logits": start.astype(np.float32), "end_logits": end.astype(np.float32)}],
         [mask],
         rows=len(start),
         segments=[types],
+        contexts=[context],
     )
 
 
@@ -85,6 +86,32 @@ def test_scores_outside_the_context_move_no_answer_and_broken_scores_fail():
     gates = _gates(_qa(start, padding, mask, None), plain)
     assert gates["span_agreement"].value == 1  # padding holds no answer
     assert gates["cosine:end_logits"].value == 1  # nor counts in the scores' cosine
+    assert "of every real token (no token types" in gates["span_agreement"].detail
+    # the tokenizer's account of the context (text data), token types or none
+    context = (types == 1) & (np.arange(T) < 9)  # the context, its [SEP] left out
+    told = _qa(start, end, mask, None, context)
+    gate = _gates(_qa(question, end, mask, None, context), told)["span_agreement"]
+    assert gate.value == 1 and "as the tokenizer tells them" in gate.detail
+
+
+def test_text_pairs_carry_the_context_the_tokenizer_tells(tmp_path):
+    """A question answerer's text data marks each row's context tokens as `quantgate infer`
+    reads them (the pair's second text, no [SEP]), for the gate to pick spans from: token
+    types alone cannot tell them for a model without any (RoBERTa's)."""
+    from quantgate.quantize.data import open_source
+
+    rows = [
+        {"text": "who?", "text_pair": "Zoë lives in Zürich."},
+        {"text": "a b c d", "text_pair": "e"},
+    ]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (batch,) = open_source(path, minilm_info("question-answering"), role="evaluation").batches()
+    ids, types = batch.feeds["input_ids"], batch.feeds["token_type_ids"]
+    sep = 102  # [SEP]
+    want = (types == 1) & (ids != sep) & batch.feeds["attention_mask"].astype(bool)
+    assert batch.context is not None and np.array_equal(batch.context, want)
+    assert sorted(batch.context.sum(1).tolist()) == [1, 5]  # "e"; zoe lives in zurich .
 
 
 @pytest.mark.slow
