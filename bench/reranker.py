@@ -4,9 +4,10 @@ then exported, quantized and gated by `quantgate export` from pair data (``"text
 The task is a reranker's: does this passage answer this query? Queries are the help topics of
 CPython's ``pydoc_data.topics`` by name ("augassign" -> "augassign", "atom-identifiers" ->
 "atom identifiers"), passages their paragraphs of 20 words or more; each paragraph is paired
-with its own topic (label 1) and with another topic drawn at random (label 0). Paragraphs go
-to training, calibration or evaluation by their place in their topic (disjoint: the
-evaluation paragraphs are never trained on nor calibrated with).
+with its own topic (label 1) and with another topic drawn at random among those that do not
+hold it (label 0). Each distinct paragraph goes to training, calibration or evaluation by its
+place in its topic (disjoint: the help topics repeat some paragraphs word for word, and each
+is used once, so no evaluation passage is trained on or calibrated with).
 
 Fine-tuning: MiniLM's encoder with a fresh 2-class head (BertForSequenceClassification),
 AdamW, ``--steps`` steps of 16 pairs, sequences cut at 128 tokens, on the CPU. Then the
@@ -43,18 +44,28 @@ BATCH = 16
 
 def pairs(seed: int = 0) -> dict[str, list[dict]]:
     """{"train", "calibration", "evaluation"}: rows {"text", "text_pair", "label"}, each
-    paragraph once with its topic (1) and once with another (0)."""
+    paragraph once with its topic (1) and once with a topic that does not hold it (0). The
+    help topics repeat some paragraphs word for word: each paragraph is used once, under the
+    first topic that holds it, so no evaluation passage is trained on or calibrated with."""
     from pydoc_data.topics import topics
 
     rng = random.Random(seed)
     names = sorted(topics)
+    holders: dict[str, set[str]] = {}  # each paragraph: the topics that hold it
+    by_topic: dict[str, list[str]] = {name: [] for name in names}
+    for name in names:
+        for p in topics[name].split("\n\n"):
+            passage = " ".join(p.split())
+            if len(passage.split()) < 20:
+                continue
+            if passage not in holders:
+                by_topic[name].append(passage)
+            holders.setdefault(passage, set()).add(name)
     split: dict[str, list[dict]] = {"train": [], "calibration": [], "evaluation": []}
     for name in names:
-        paragraphs = [" ".join(p.split()) for p in topics[name].split("\n\n")]
-        paragraphs = [p for p in paragraphs if len(p.split()) >= 20]
-        for i, passage in enumerate(paragraphs):
+        for i, passage in enumerate(by_topic[name]):
             role = ("evaluation", "calibration", "train", "train", "train")[i % 5]
-            other = rng.choice([n for n in names if n != name])
+            other = rng.choice([n for n in names if n not in holders[passage]])
             for query, label in ((name, 1), (other, 0)):
                 split[role].append(
                     {"text": query.replace("-", " "), "text_pair": passage, "label": label}
