@@ -31,7 +31,7 @@ from quantgate.model.loaders import (
     half_precision,
 )
 from quantgate.quiet import warnings_caught
-from quantgate.tasks import CUSTOM, HF_TASKS, SEQUENCE_CLASSIFICATION
+from quantgate.tasks import CUSTOM, HF_TASKS, QA_OUTPUTS, QA_TASKS, SEQUENCE_CLASSIFICATION
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,14 @@ def _from_factory(
         or getattr(module, "task", None)
         or (SEQUENCE_CLASSIFICATION if getattr(module, "class_names", None) else CUSTOM)
     )
+    if task in QA_TASKS and not set(QA_OUTPUTS) <= set(output_names):
+        raise ConfigError(
+            f"{spec}: task {task!r}, but its outputs are {', '.join(output_names)}: a question "
+            f"answerer's gates pick answer spans from outputs named {' and '.join(QA_OUTPUTS)}, "
+            "each (batch, sequence), the scores of each token as the answer's first and last. "
+            "Name them so (the module's output_names), or say task = 'custom' to gate each "
+            "output against FP32's alone"
+        )
     if task not in FACTORY_TASKS:  # recorded as given (token-classification, say)
         log.warning(
             "%s: task %r is not one the gates know (%s): the model is gated as %r, each output "

@@ -1,5 +1,6 @@
 """Extractive question answering's answer: the span of tokens a model's start and end scores
-pick, as Hugging Face's question-answering pipeline picks it.
+pick, as Hugging Face's question-answering examples pick it (run_qa.py's postprocessing,
+searching every span rather than the 20 best starts and ends; no widening to whole words).
 
 One rule for the gate that compares INT8's answers with FP32's
 (``quantize.gates``: ``span_agreement``) and for ``quantgate infer``, which prints the

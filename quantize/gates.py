@@ -403,7 +403,8 @@ def counts_rows(task: str, outputs: Iterable[str]) -> bool:
     (``check_evaluation`` decides on the outputs themselves)."""
     names = set(outputs)
     return (
-        task in (*CLASSIFIER_TASKS, *TOKEN_TASKS, *MULTI_LABEL_TASKS, *QA_TASKS)
+        task in (*CLASSIFIER_TASKS, *TOKEN_TASKS, *MULTI_LABEL_TASKS)
+        or (task in QA_TASKS and set(QA_OUTPUTS) <= names)
         or "logits" in names
         or _embedding_name(task, names) is not None
     )

@@ -132,7 +132,15 @@ def text_source(
             "text pairs" if pairs else "texts",
             limit,
             "the gates see" if role == "evaluation" else "the calibration sees",
-            _kept_words(tok, limit, pair=pairs),
+            _kept_words(tok, limit, pair=pairs) + _qa_cut(model),
+        )
+    if model.task in QA_TASKS and not pairs:
+        log.warning(
+            "%s: single texts for a %s model, which reads a question and its context as one "
+            'pair: put each row\'s question in "text" and its context in "text_pair", as it '
+            "is served",
+            where,
+            model.task,
         )
     digest = sha256_file(path)
     h = hashlib.sha256(digest.encode())
@@ -508,13 +516,25 @@ def tokenize(texts: Sequence[Text], model: ModelInfo, tokenizer: Tokenizer | Non
         for i, n in enumerate(_token_counts(tok, rows, None), 1):
             if n > limit:
                 log.warning(
-                    "text %d is %d tokens; the model reads at most %d, so %s",
+                    "text %d is %d tokens; the model reads at most %d, so %s%s",
                     i,
                     n,
                     limit,
                     _cut_words(tok, n - limit, pair=isinstance(rows[i - 1], tuple)),
+                    _qa_cut(model),
                 )
     return _encode(tok, rows, model, limit)
+
+
+def _qa_cut(model: ModelInfo) -> str:
+    """What a cut means to a question answerer: its answer may have been in the part cut."""
+    if model.task not in QA_TASKS:
+        return ""
+    return (
+        "; an answer in the part cut cannot be found (quantgate reads each pair once, without "
+        "the overlapping windows, doc_stride, of Hugging Face's QA examples): keep contexts "
+        "within the model's length"
+    )
 
 
 def _kept_words(tok: Tokenizer, limit: int, *, pair: bool) -> str:

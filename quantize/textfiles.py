@@ -41,7 +41,8 @@ Found = tuple[int, int, Any, "str | None"]
 
 UNREADABLE = object()  # a row that cannot be read: not UTF-8, not JSON, fields miscounted
 READ_KEYS = ("text", "text_pair", "label")  # what a row's keys (a file's columns) may give
-NOT_TEXT = ("label", "labels", "id", "idx")  # keys or columns that hold no text
+# keys or columns that hold no text to tokenize (SQuAD's rows have "title" and "answers" too)
+NOT_TEXT = ("label", "labels", "id", "idx", "title", "answers")
 # Other datasets' names for a pair's first text and its second: a hint puts the first in
 # "text" (the order matters: a reranker reads its query first)
 FIRST_TEXTS = ("query", "question", "question1", "premise", "sentence1", "anchor", "text_a",

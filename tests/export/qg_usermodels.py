@@ -452,3 +452,29 @@ class Reranker(nn.Module):
 def reranker() -> nn.Module:
     torch.manual_seed(0)
     return Reranker()
+
+
+class SpanScorer(nn.Module):
+    """A question answerer's two scores per token, returned as a bare tuple (output_0,
+    output_1: no names its gates can read)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 2)
+        self.example_inputs = {"input_ids": _ids()}
+        self.task = "question-answering"
+
+    def forward(self, input_ids):
+        scores = self.emb(input_ids)  # (B, T, 2)
+        return scores[..., 0], scores[..., 1]
+
+
+def unnamed_spans() -> nn.Module:
+    torch.manual_seed(0)
+    return SpanScorer()
+
+
+def named_spans() -> nn.Module:
+    m = unnamed_spans()
+    m.output_names = ["start_logits", "end_logits"]
+    return m

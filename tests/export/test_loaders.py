@@ -462,6 +462,18 @@ def test_a_task_the_gates_do_not_know_is_kept_and_warned_about(caplog, minilm):
     )
 
 
+def test_a_question_answering_factory_names_its_start_and_end_scores():
+    """Outputs of other names had the span gates dropped without a word (cosine alone), yet
+    too few evaluation rows were refused for those gates."""
+    from quantgate.quantize.gates import counts_rows
+
+    with pytest.raises(ConfigError, match="outputs named start_logits and end_logits"):
+        load_model("qg_usermodels:unnamed_spans")
+    m = load_model("qg_usermodels:named_spans")
+    assert m.task == "question-answering" and m.outputs == ("start_logits", "end_logits")
+    assert counts_rows(m.task, m.outputs) and not counts_rows(m.task, ("output_0", "output_1"))
+
+
 def test_max_seq_len_beyond_the_factory_s_own_is_refused():
     with pytest.raises(ConfigError, match="beyond 48, the module's own max_seq_len"):
         load_model("qg_usermodels:tagger", max_seq_len=64)

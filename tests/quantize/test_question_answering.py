@@ -114,6 +114,30 @@ def test_text_pairs_carry_the_context_the_tokenizer_tells(tmp_path):
     assert sorted(batch.context.sum(1).tolist()) == [1, 5]  # "e"; zoe lives in zurich .
 
 
+def test_question_answering_data_is_told_what_a_question_answerer_reads(tmp_path, caplog):
+    """SQuAD's rows are told to become pairs (question first); single texts are warned
+    about; a context cut to the model's length is said to lose the answers in its cut part."""
+    import logging
+
+    from quantgate.errors import DataError
+    from quantgate.quantize.data import open_source
+    from quantgate.quantize.text import tokenize
+
+    info = minilm_info("question-answering")
+    squad = tmp_path / "squad.jsonl"
+    row = {"id": "1", "title": "T", "question": "q?", "context": "c.", "answers": {"text": []}}
+    squad.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"jq -c '\{text: .question, text_pair: .context\}'"):
+        open_source(squad, info, role="evaluation")
+    singles = tmp_path / "singles.jsonl"
+    singles.write_text("".join(json.dumps({"text": t}) + "\n" for t in english(3)))
+    with caplog.at_level(logging.WARNING):
+        open_source(singles, info, role="calibration")
+        tokenize([("who?", " ".join(["word"] * 300))], info)
+    assert "single texts for a question-answering model" in caplog.text
+    assert "an answer in the part cut cannot be found" in caplog.text
+
+
 @pytest.mark.slow
 def test_a_question_answering_export_gates_its_spans_alone_and_batched(tiny_bert, tmp_path):
     """`quantgate export` of a ...ForQuestionAnswering model with (question, context) pairs:
