@@ -12,8 +12,11 @@ A spec names one of three kinds of model:
     recognises. Inputs are inferred from the model's ``forward``: ``input_ids``,
     ``attention_mask`` and ``token_type_ids`` when it takes them. Tasks:
 
-    - ``sequence-classification``: outputs ``logits`` (batch, labels);
+    - ``sequence-classification`` (and ``multi-label-classification``): outputs
+      ``logits`` (batch, labels);
     - ``token-classification``: outputs ``logits`` (batch, sequence, labels);
+    - ``question-answering``: outputs ``start_logits`` and ``end_logits`` (batch,
+      sequence), extractive;
     - ``feature-extraction``: outputs ``last_hidden_state`` (batch, sequence, hidden) and
       ``sentence_embedding`` (batch, hidden), pooled over the real tokens as the
       directory's sentence-transformers config says (mask mean-pool by default, then L2

@@ -90,8 +90,9 @@ def export_command(
         typer.Option(
             metavar="FILE",
             help='Calibration data: text (.jsonl of {"text": ...} lines; .csv or .tsv with a '
-            '"text" column; .txt, a text per line) or a .npz of inputs. Required with --eval '
-            "unless MODEL is the built-in checkpoint, which has its own.",
+            '"text" column; .txt, a text per line; pairs, for a cross-encoder or a question '
+            'answerer, with a "text_pair" beside each "text") or a .npz of inputs. Required '
+            "with --eval unless MODEL is the built-in checkpoint, which has its own.",
         ),
     ] = None,
     eval_data: Annotated[
