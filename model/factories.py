@@ -177,6 +177,7 @@ def _from_factory(
             output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
     src = _source_file(type(module)) or (mod and _source_file(mod)) or ""
     # a module that names its classes says it is a classifier
+    custom = "--task custom" if task else "task = 'custom'"  # as the task was said
     task = (
         task
         or getattr(module, "task", None)
@@ -184,11 +185,11 @@ def _from_factory(
     )
     if task in QA_TASKS and not set(QA_OUTPUTS) <= set(output_names):
         raise ConfigError(
-            f"{spec}: task {task!r}, but its outputs are {', '.join(output_names)}: a question "
-            f"answerer's gates pick answer spans from outputs named {' and '.join(QA_OUTPUTS)}, "
-            "each (batch, sequence), the scores of each token as the answer's first and last. "
-            "Name them so (the module's output_names), or say task = 'custom' to gate each "
-            "output against FP32's alone"
+            f"{spec}: task {task!r}, but its outputs are named {', '.join(output_names)}: a "
+            f"question answerer's gates pick answer spans from outputs named "
+            f"{' and '.join(QA_OUTPUTS)}, each (batch, sequence), the scores of each token as "
+            f"the answer's first and last. Name them so (the module's output_names), or say "
+            f"{custom} to gate each output against FP32's alone"
         )
     if task not in FACTORY_TASKS:  # recorded as given (token-classification, say)
         log.warning(

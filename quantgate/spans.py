@@ -18,10 +18,11 @@ Every question gets a span, as Hugging Face's pipeline answers by default: no "n
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from quantgate.tokenizer import Place
+from quantgate.tokenizer import Place, Text
 
 # Hugging Face's run_qa.py example caps an answer at 30 tokens (its max_answer_length); its
 # pipeline at 15. The longer: a gate then also sees the long answers a client may allow.
@@ -52,14 +53,16 @@ def best_spans(
     return spans
 
 
-def context_mask(places: Sequence[Sequence[Place]], width: int) -> np.ndarray:
+def context_mask(
+    texts: Sequence[Text], places: Sequence[Sequence[Place]], width: int
+) -> np.ndarray:
     """(N, ``width``) bool: each row's context tokens by their ``places`` (one list a row, as
-    ``Tokenizer.places`` gives them, right-padded to ``width``): those of the pair's second
-    text, or of a single text where a row has no pair; no special token."""
+    ``Tokenizer.places`` gives them for ``texts``, right-padded to ``width``): those of a
+    pair's second text (none where it made no token: a context of zero-width characters has
+    no answer, not one in the question), or of a single text; no special token."""
     mask = np.zeros((len(places), width), bool)
-    for row, where in enumerate(places):
-        texts = {p[0] for p in where if p is not None}
-        context = 1 if 1 in texts else 0
+    for row, (text, where) in enumerate(zip(texts, places, strict=True)):
+        context = 0 if isinstance(text, str) else 1
         mask[row, : len(where)] = [p is not None and p[0] == context for p in where]
     return mask
 
@@ -78,4 +81,45 @@ def span_probability(start: np.ndarray, end: np.ndarray, allowed: np.ndarray, sp
     return softmax_at(start, first) * softmax_at(end, last)
 
 
-__all__ = ["MAX_ANSWER_TOKENS", "best_spans", "context_mask", "span_probability"]
+@dataclass(frozen=True)
+class Answer:
+    """An extractive answer: its text as the context spells it, its first and last token,
+    and its probability (``span_probability``)."""
+
+    text: str
+    first: int
+    last: int
+    probability: float
+
+
+def answers(
+    texts: Sequence[Text], start: np.ndarray, end: np.ndarray, places: Sequence[Sequence[Place]]
+) -> list[Answer | None]:
+    """Each row's answer to its (question, context) pair, from a question answerer's
+    ``start`` and ``end`` scores (N, T) for ``texts`` as its tokenizer placed their tokens
+    (``Tokenizer.places``): the best span of the context (``context_mask``, ``best_spans``),
+    as `quantgate infer` prints it. A row without a pair answers from its one text; None
+    for a row with no answer (no context token, or scores that are not finite)."""
+    allowed = context_mask(texts, places, start.shape[1])
+    found: list[Answer | None] = []
+    for row, (text, where, (first, last)) in enumerate(
+        zip(texts, places, best_spans(start, end, allowed), strict=True)
+    ):
+        if first < 0:
+            found.append(None)
+            continue
+        (_, begin, _), (_, _, stop) = where[first], where[last]  # context tokens: placed
+        source = text if isinstance(text, str) else text[1]
+        p = span_probability(start[row], end[row], allowed[row], (first, last))
+        found.append(Answer(source[begin:stop], int(first), int(last), p))
+    return found
+
+
+__all__ = [
+    "MAX_ANSWER_TOKENS",
+    "Answer",
+    "answers",
+    "best_spans",
+    "context_mask",
+    "span_probability",
+]

@@ -30,6 +30,15 @@ TOKEN_TASKS = (TOKEN_CLASSIFICATION,)  # labels per token: (rows, sequence) arra
 EMBEDDING_TASKS = (FEATURE_EXTRACTION,)  # gated on agreement with FP32, not on labels
 QA_TASKS = (QUESTION_ANSWERING,)  # (batch, sequence) start and end scores: gated against FP32
 QA_OUTPUTS = ("start_logits", "end_logits")  # its outputs, Hugging Face's names: the span's ends
+
+
+def token_scores(names) -> tuple[str, ...]:
+    """Of output ``names``, the (batch, sequence) ones that score each token: a question
+    answerer's start and end scores, both by Hugging Face's names (an output of two dims is
+    otherwise a row's values, not its tokens')."""
+    return QA_OUTPUTS if set(QA_OUTPUTS) <= set(names) else ()
+
+
 # A Hugging Face model is one of these; a factory's model may also be custom (or any other).
 HF_TASKS = (
     SEQUENCE_CLASSIFICATION, MULTI_LABEL_CLASSIFICATION, TOKEN_CLASSIFICATION,

@@ -439,8 +439,9 @@ def examine(source: Any, directory: Path, max_seq_len: int | None, pad_id: int |
     """``source`` (the transformers tokenizer the export read text with: the model
     directory's), saved at ``directory``, compared three ways on ``PROBES``, ``PAIR_PROBES``
     and the tokenizers' special tokens (ids, token types, masks; one batch and each text
-    alone; cut and not; padded with ``pad_id``, the model's): ``source``, transformers reading the copy
-    back (as a bundle without the record is read), and its tokenizer.json run by ``Backend``.
+    alone; cut and not; padded with ``pad_id``, the model's): ``source``, transformers
+    reading the copy back (as a bundle without the record is read), and its tokenizer.json
+    run by ``Backend``.
 
     A copy transformers reads otherwise than ``source`` (its config naming an ordinary token
     as a special one, say) is warned about: text sent with the bundle is not tokenized as its

@@ -12,7 +12,7 @@ CUDA re-gates are all judged by it.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
@@ -22,6 +22,7 @@ from quantgate.bundle import GateResult
 from quantgate.errors import QuantizeError
 from quantgate.quantize.decide import GateConfig, interval_gate, mean_gate, tail_gate
 from quantgate.quantize.stats import percentile_interval, r_squared, resamples
+from quantgate.tasks import token_scores
 
 
 def flat_rows(x: np.ndarray, mask: np.ndarray | None, *, tokens: bool = False) -> np.ndarray:
@@ -99,11 +100,11 @@ class Fidelity:
         names: Sequence[str],
         *,
         provider: str | None = None,
-        tokens: Collection[str] = (),
     ) -> Fidelity:
         """Compare the outputs ``names`` over ``batches`` of (FP32 outputs, candidate outputs,
-        attention mask or None); ``tokens``: the (batch, sequence) outputs that score each
-        token, whose padded positions the mask zeroes too (``mask_fits``).
+        attention mask or None). A question answerer's (batch, sequence) start and end
+        scores (``tasks.token_scores``) count per token too: the mask zeroes their padded
+        positions (``mask_fits``), for INT8, FP16 and CUDA alike.
 
         Rows are batch items: an output (batch, ...) is flattened per item, its padded
         positions zeroed where the mask is (batch, sequence) and the output (batch, sequence,
@@ -112,6 +113,7 @@ class Fidelity:
         times a mask of 0 is still NaN.
         """
         seen = {n: _Tally() for n in names}
+        tokens = token_scores(names)
         rows = 0
         for reference, candidate, mask in batches:
             for n in names:

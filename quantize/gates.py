@@ -8,8 +8,9 @@ the test set, and unlike a bootstrap of the rows it does not shrink to a point w
 no rows flip, where INT8 lives.
 
 Which gates a model gets is its ``Kind`` (a classifier, a multi-label or a token classifier,
-a question answerer, an embedding, or none of these), read once from FP32's outputs and the task together with the
-output its gates judge (``kind_of``); each kind's gates are in ``_KIND_GATES``.
+a question answerer, an embedding, or none of these), read once from FP32's outputs and the
+task together with the output its gates judge (``kind_of``); each kind's gates are in
+``_KIND_GATES``.
 
 Without labels: fidelity against FP32 on the evaluation rows.
 
@@ -226,9 +227,7 @@ def accuracy_gates(
         # nearest-neighbour agreement (0.815-0.835) fails them anyway. So 0.99 fails no
         # candidate the sentence_embedding gates pass; no looser bound of its own is needed.
         batches = zip(reference.batches, candidate.batches, reference.masks, strict=True)
-        # a question answerer's scores are per token: compared over the real ones
-        tokens = QA_OUTPUTS if judged.kind is Kind.QUESTION_ANSWERER else ()
-        fidelity = Fidelity.measure(batches, others, tokens=tokens)
+        fidelity = Fidelity.measure(batches, others)  # start and end scores: per real token
         gates += fidelity.gates(min_cosine=cfg.min_cosine, cfg=cfg)
     return gates
 
@@ -555,8 +554,8 @@ def check_evaluation(reference: Outputs, task: str) -> None:
         measure = "accuracy" if judged.kind is Kind.CLASSIFIER else "agreement"
         raise DataError(
             f"the evaluation data has {reference.rows} row(s); the accuracy and agreement "
-            f"gates (top-1, span, nearest-neighbour) need at least {MIN_EVAL_ROWS} (here each row is "
-            f"{100 / reference.rows:.3g} points of {measure})."
+            f"gates (top-1, decisions, spans, nearest neighbours) need at least "
+            f"{MIN_EVAL_ROWS} (here each row is {100 / reference.rows:.3g} points of {measure})."
             " Pass --eval with more held-out rows "
             "(hundreds for a 1-point accuracy gate), or raise eval_samples (--gate-config)."
         )
@@ -610,8 +609,9 @@ def check_eval_rows(
     # a classifier's rows are points of accuracy; an embedding's, of its neighbours' agreement
     measure = "accuracy" if task in CLASSIFIER_TASKS else "agreement"
     need = (
-        f"the accuracy and agreement gates (top-1, span, nearest-neighbour) need at least "
-        f"{MIN_EVAL_ROWS} evaluation rows (with {ev.samples}, each row is {100 / ev.samples:.3g} points of "
+        f"the accuracy and agreement gates (top-1, decisions, spans, nearest neighbours) need "
+        f"at least {MIN_EVAL_ROWS} evaluation rows (with {ev.samples}, each row is "
+        f"{100 / ev.samples:.3g} points of "
         f"{measure})"
     )
     left = [
@@ -1034,7 +1034,7 @@ def _span_batches(
 # What the context is read from, as a span gate's detail says it
 _FROM_TOKENIZER = "the context's tokens, as the tokenizer tells them"
 _FROM_TYPES = "the context's tokens, of token type 1"
-_FROM_REAL = "every real token (no token types or tokenizer's account tell the context)"
+_FROM_REAL = "every real token (neither token types nor the tokenizer tell the context)"
 
 
 def _answer_tokens(
@@ -1247,8 +1247,7 @@ def _padded_contexts(
     """The rows' lone ``contexts`` as the batch ``feeds`` pads them: on the right."""
     if any(c is None for c in contexts):
         return None
-    width = max(c.shape[1] for c in contexts if c is not None)
-    width = feeds["attention_mask"].shape[1] if "attention_mask" in feeds else width
+    width = next(iter(feeds.values())).shape[1]  # every feed is (rows, longest)
     out = np.zeros((len(contexts), width), bool)
     for row, c in enumerate(contexts):
         if c is not None:

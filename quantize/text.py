@@ -132,7 +132,7 @@ def text_source(
             "text pairs" if pairs else "texts",
             limit,
             "the gates see" if role == "evaluation" else "the calibration sees",
-            _kept_words(tok, limit, pair=pairs) + _qa_cut(model),
+            _kept_words(tok, limit, pair=pairs) + (_qa_cut(model) if role == "evaluation" else ""),
         )
     if model.task in QA_TASKS and not pairs:
         log.warning(
@@ -148,6 +148,7 @@ def text_source(
     h.update(f"{limit}".encode())  # not the tokenizer's path: the bundle moves with its copy
     index = name_index(model.labels)
     labelled = bool(scan.labelled)
+    gated = role == "evaluation"
 
     def batches() -> Iterator[Batch]:
         with open(path, "rb") as f:
@@ -160,7 +161,9 @@ def text_source(
                 labels = None
                 if labelled:  # a class name stands for its index
                     labels = np.array([index.get(r["label"], r["label"]) for r in rows], np.int64)
-                yield Batch(feeds, labels, context=_context(tok, texts, model, limit, feeds))
+                # the gates' answers' context; calibration reads the inputs alone
+                context = _context(tok, texts, model, limit, feeds) if gated else None
+                yield Batch(feeds, labels, context=context)
 
     long = f"; {cut} longer than the model's {limit} tokens, cut to them" if cut else ""
     return DataSource(
@@ -696,7 +699,7 @@ def _context(
     if model.task not in QA_TASKS:
         return None
     places = tok.places(texts, limit)
-    return None if places is None else context_mask(places, feeds["input_ids"].shape[1])
+    return None if places is None else context_mask(texts, places, feeds["input_ids"].shape[1])
 
 
 def _encode(tok: Tokenizer, texts: list[Text], model: ModelInfo, limit: int | None) -> Feeds:

@@ -53,3 +53,19 @@ def test_a_spans_probability_is_its_start_times_its_end_softmax_over_allowed_tok
     start, end = np.log(np.array([1.0, 2, 1, 100])), np.log(np.array([1.0, 1, 2, 100]))
     allowed = np.array([True, True, True, False])  # the 100s are not the context's
     assert np.isclose(span_probability(start, end, allowed, (1, 2)), 0.5 * 0.5)
+
+
+def test_a_pair_whose_context_made_no_token_has_no_answer_not_one_in_the_question():
+    """A context of zero-width characters passes the blank check and tokenizes to nothing:
+    the question's tokens were taken for the context, and a span of them sliced out of the
+    context's characters (an empty answer at probability 0.9)."""
+    from quantgate.spans import Answer, answers, context_mask
+
+    # [CLS] who ? [SEP] [SEP]: the pair's second text placed no token
+    places = [[None, (0, 0, 3), (0, 3, 4), None, None], [None, (0, 0, 1), None, (1, 0, 3), None]]
+    texts = [("who?", "\u200b\u00ad"), ("a", "Zoë")]
+    mask = context_mask(texts, places, 6)
+    assert mask.tolist() == [[False] * 6, [False, False, False, True, False, False]]
+    scores = np.zeros((2, 6))
+    scores[:, 1] = 5.0  # the question's first token scores highest
+    assert answers(texts, scores, scores, places) == [None, Answer("Zoë", 3, 3, 1.0)]

@@ -471,27 +471,22 @@ def _print_tags(texts: list[Text], logits, names: tuple[str, ...], pieces: list[
 
 
 def _print_answers(texts: list[Text], start, end, places: list) -> None:
-    """An extractive question answerer's answer to each (question, context) pair: the best
-    span of the context's tokens (``spans.best_spans`` over ``spans.context_mask``, the
-    span_agreement gate's rule), as the context spells it, and its probability. Without a
-    pair, the span is taken from the one text."""
-    from quantgate.spans import best_spans, context_mask, span_probability
+    """An extractive question answerer's answer to each (question, context) pair
+    (``spans.answers``, the span_agreement gate's rule) and its probability."""
+    from quantgate.spans import answers
     from quantgate.tokenizer import quoted
 
     say = functools.partial(out.print, highlight=False, markup=False, soft_wrap=True)
     say(f"start_logits, end_logits {list(start.shape)}: each row's answer")
-    allowed = context_mask(places, start.shape[1])  # padded on the right: tokens come first
-    spans = best_spans(start, end, allowed)
-    for r, (text, where) in enumerate(zip(texts, places, strict=True)):
+    for text, answer in zip(texts, answers(texts, start, end, places), strict=True):
         say(f"  {quoted(text)}")
-        first, last = spans[r]
-        if first < 0:
+        if answer is None:
             say("    no answer (no token of the context, or scores that are not finite)")
-            continue
-        source = text if isinstance(text, str) else text[1]
-        answer = source[where[first][1] : where[last][2]]
-        p = span_probability(start[r], end[r], allowed[r], (first, last))
-        say(f"    {answer!r}  (tokens {first}..{last}, probability {p:.3f})")
+        else:
+            say(
+                f"    {answer.text!r}  (tokens {answer.first}..{answer.last}, "
+                f"probability {answer.probability:.3f})"
+            )
 
 
 def _check_url(url: str) -> None:

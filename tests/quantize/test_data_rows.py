@@ -334,7 +334,7 @@ def test_too_few_rows_once_repeats_are_left_out_says_so(tmp_path):
         check_eval_rows(once, DIGITS.task, ("logits",), None, where="--eval ev.npz")
     assert str(e.value).startswith(
         "--eval ev.npz has 20 row(s) once 40 repeated rows were left out; the accuracy and "
-        "agreement gates (top-1, span, nearest-neighbour) need at least 30"
+        "agreement gates (top-1, decisions, spans, nearest neighbours) need at least 30"
     ), e.value
     # under a cap of 50 (it keeps 50 of the 60), both causes are said, neither asserted
     capped = distinct_rows(open_source(path, DIGITS, role="evaluation", samples=50), DIGITS,

@@ -398,8 +398,8 @@ def test_too_few_evaluation_rows_are_refused_before_the_export_with_the_fix_that
         build(tiny_checkpoint(), tmp_path / "out", evaluation=small,
               on_progress=lambda *event: events.append(event))  # fmt: skip
     assert str(e.value) == (
-        f"--eval {small} has 20 row(s); the accuracy and agreement gates (top-1, span, "
-        "nearest-neighbour) need at least 30 evaluation rows (with 20, each row is 5 points of accuracy). Pass more "
+        f"--eval {small} has 20 row(s); the accuracy and agreement gates (top-1, decisions, "
+        "spans, nearest neighbours) need at least 30 evaluation rows (with 20, each row is 5 points of accuracy). Pass more "
         "held-out rows (hundreds for a 1-point accuracy gate)."
     )
     assert [status for task, _, _, status in events] == ["loading the model"]

@@ -86,7 +86,10 @@ def test_scores_outside_the_context_move_no_answer_and_broken_scores_fail():
     gates = _gates(_qa(start, padding, mask, None), plain)
     assert gates["span_agreement"].value == 1  # padding holds no answer
     assert gates["cosine:end_logits"].value == 1  # nor counts in the scores' cosine
-    assert "of every real token (no token types" in gates["span_agreement"].detail
+    assert (
+        "of every real token (neither token types nor the tokenizer"
+        in gates["span_agreement"].detail
+    )
     # the tokenizer's account of the context (text data), token types or none
     context = (types == 1) & (np.arange(T) < 9)  # the context, its [SEP] left out
     told = _qa(start, end, mask, None, context)
