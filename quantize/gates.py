@@ -61,7 +61,7 @@ import numpy as np
 from quantgate.bundle import CPU, GateResult
 from quantgate.errors import DataError, QuantgateError, QuantizeFailed
 from quantgate.padding import right_pad
-from quantgate.quantize.data import TYPE_IDS, Batch, DataSource
+from quantgate.quantize.data import TYPE_IDS, DataSource
 from quantgate.quantize.decide import GateConfig, decide, interval_gate, mean_gate, tail_gate
 from quantgate.quantize.fidelity import Fidelity, mask_fits, r2_gate, row_cosine
 from quantgate.quantize.labels import NO_LABEL, index_count, one_based_hint
@@ -1101,14 +1101,19 @@ def batch_consistency(
     together, alone = Outputs(names), Outputs([])
     kind, judged = Kind.OTHER, None
     for batch in data.batches():
-        rows = _lone_requests(batch.feeds)
+        # a question answerer's context tokens ride with the inputs: cut to each row's real
+        # tokens and padded back as they are
+        rows = _lone_requests(
+            batch.feeds if batch.context is None else {**batch.feeds, _CONTEXT: batch.context}
+        )
         feeds = right_pad(rows, data.pad_values)
-        contexts = _lone_contexts(batch)  # a question answerer's, row by row
+        context = feeds.pop(_CONTEXT, None)
+        contexts = [row.pop(_CONTEXT, None) for row in rows]
         wanted = names if judged is None else alone.names  # all until the judged are known
         together.batches.append(dict(zip(wanted, sess.run(wanted, feeds), strict=True)))
         together.masks.append(feeds.get("attention_mask"))
         together.segments.append(feeds.get(TYPE_IDS))
-        together.contexts.append(_padded_contexts(contexts, feeds))
+        together.contexts.append(context)
         together.rows += len(rows)
         if judged is None:  # the output judged, known from the first batch; alone, only
             # it (and a question answerer's end scores with its start scores)
@@ -1229,30 +1234,7 @@ _BATCH_GATES: dict[Kind, Callable[[Outputs, Outputs, str, GateConfig, str], Gate
 }
 
 
-def _lone_contexts(batch: Batch) -> list[np.ndarray | None]:
-    """Each row's context tokens (``Batch.context``) as its lone request has them: its real
-    tokens' (``_lone_requests``); None for each where the batch has none."""
-    rows = len(next(iter(batch.feeds.values())))
-    if batch.context is None:
-        return [None] * rows
-    mask = batch.feeds.get("attention_mask")
-    if mask is None:
-        return [batch.context[i : i + 1] for i in range(rows)]
-    return [batch.context[i : i + 1, mask[i].astype(bool)] for i in range(rows)]
-
-
-def _padded_contexts(
-    contexts: Sequence[np.ndarray | None], feeds: Mapping[str, np.ndarray]
-) -> np.ndarray | None:
-    """The rows' lone ``contexts`` as the batch ``feeds`` pads them: on the right."""
-    if any(c is None for c in contexts):
-        return None
-    width = next(iter(feeds.values())).shape[1]  # every feed is (rows, longest)
-    out = np.zeros((len(contexts), width), bool)
-    for row, c in enumerate(contexts):
-        if c is not None:
-            out[row, : c.shape[1]] = c[0]
-    return out
+_CONTEXT = "quantgate.context"  # no input's name: Batch.context beside the feeds
 
 
 def _lone_requests(feeds: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:

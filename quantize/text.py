@@ -540,20 +540,25 @@ def _qa_cut(model: ModelInfo) -> str:
     )
 
 
+def _lost_end(tok: Tokenizer) -> str:
+    """The end of a text too long that ``tok`` cuts: its "last" tokens, or its "first"."""
+    return "first" if tok.truncation_side == "left" else "last"
+
+
 def _kept_words(tok: Tokenizer, limit: int, *, pair: bool) -> str:
     """Which ``limit`` tokens of a text (or a pair) too long the model reads, as ``tok`` cuts."""
+    lost = _lost_end(tok)
     if pair:
-        end = "first" if tok.truncation_side == "left" else "last"
-        return f"{limit} tokens of each (the longer text of a pair loses its {end} tokens first)"
-    return f"their {'last' if tok.truncation_side == 'left' else 'first'} {limit} tokens"
+        return f"{limit} tokens of each (the longer text of a pair loses its {lost} tokens first)"
+    return f"their {'first' if lost == 'last' else 'last'} {limit} tokens"
 
 
 def _cut_words(tok: Tokenizer, n: int, *, pair: bool) -> str:
     """Which ``n`` tokens a text (or a pair) loses to the model's limit, as ``tok`` cuts."""
-    end = "first" if tok.truncation_side == "left" else "last"
-    if pair:
-        return f"{n} are cut, the longer text's {end} tokens first"
-    return f"the {end} {n} are cut"
+    lost = _lost_end(tok)
+    return (
+        f"{n} are cut, the longer text's {lost} tokens first" if pair else f"the {lost} {n} are cut"
+    )
 
 
 def text_inputs(bundle: Bundle | str | Path, texts: Sequence[Text]) -> Feeds:
