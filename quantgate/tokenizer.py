@@ -185,7 +185,9 @@ class Transformers:
         ]
 
     def _offsets(self, texts: Sequence[Text], limit: int | None) -> Any:
-        with self._lock, _pair_advice_dropped():
+        """A fast tokenizer's encoding with offsets (a slow one keeps none, and alone logs
+        the advice ``_call`` drops)."""
+        with self._lock:
             return self.tok(
                 list(texts), truncation=limit is not None, max_length=limit, verbose=False,
                 return_offsets_mapping=True, return_special_tokens_mask=True,
