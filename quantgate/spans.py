@@ -11,6 +11,11 @@ then reads the context from the token types (type 1 but the separator that ends 
 the same tokens for BERT's family), and a model without token types (RoBERTa's) from every
 real token, as its detail says.
 
+A context longer than the model is read in overlapping windows (``tokenizer.Windows``, as
+run_qa.py's doc_stride): a pair's answer is its best-scoring window's (``best_windows``),
+and the gate compares answers as tokens of the whole context (``pair_spans``), so an
+answer found in two windows that overlap is one answer.
+
 Every question gets a span, as Hugging Face's pipeline answers by default: no "no answer"
 (SQuAD 2.0's [CLS] span) is chosen or compared.
 """
@@ -53,6 +58,43 @@ def best_spans(
     return spans
 
 
+def span_scores(start: np.ndarray, end: np.ndarray, spans: np.ndarray) -> np.ndarray:
+    """(N,) float64: each row's ``spans`` score, ``start[first] + end[last]`` (-inf for a row
+    without a span): what run_qa.py ranks one example's windows' answers by."""
+    rows = np.arange(len(spans))
+    first, last = np.maximum(spans, 0).T
+    scores = start[rows, first].astype(np.float64) + end[rows, last].astype(np.float64)
+    return np.where(spans[:, 0] >= 0, scores, -np.inf)
+
+
+def best_windows(pairs: np.ndarray, scores: np.ndarray, count: int | None = None) -> np.ndarray:
+    """(P,) for each pair 0..P-1 (``pairs``: (W,) each window's; P: ``count``, else the
+    last pair's), the window whose answer scores highest (the first of a tie); -1 for a pair
+    without a window."""
+    best = np.full(int(pairs.max(initial=-1)) + 1 if count is None else count, -1, np.int64)
+    top = np.full(len(best), -np.inf)
+    for window, (pair, score) in enumerate(zip(pairs.tolist(), scores.tolist(), strict=True)):
+        if best[pair] < 0 or score > top[pair]:
+            best[pair], top[pair] = window, score
+    return best
+
+
+def pair_spans(
+    spans: np.ndarray, scores: np.ndarray, allowed: np.ndarray, pairs: np.ndarray,
+    starts: np.ndarray,
+) -> np.ndarray:  # fmt: skip
+    """(P, 2): each pair's answer over its windows (``tokenizer.Windows``: ``pairs``,
+    ``starts``), the best-scoring window's span, as indices among the pair's whole context's
+    tokens: one answer found in two overlapping windows is one answer. ``spans``, ``scores``
+    and ``allowed`` (the context tokens) are each window's. (-1, -1) for a pair without."""
+    out = np.full((int(pairs.max(initial=-1)) + 1, 2), -1, np.int64)
+    for pair, window in enumerate(best_windows(pairs, scores)):
+        if window >= 0 and spans[window, 0] >= 0:
+            first_context = int(np.argmax(allowed[window]))  # the window's first context token
+            out[pair] = spans[window] - first_context + starts[window]
+    return out
+
+
 def context_mask(
     texts: Sequence[Text], places: Sequence[Sequence[Place]], width: int
 ) -> np.ndarray:
@@ -83,35 +125,47 @@ def span_probability(start: np.ndarray, end: np.ndarray, allowed: np.ndarray, sp
 
 @dataclass(frozen=True)
 class Answer:
-    """An extractive answer: its text as the context spells it, its first and last token,
-    and its probability (``span_probability``)."""
+    """An extractive answer: its text as the context spells it, the window it was read
+    from (a row of the scores), its first and last token there, and its probability
+    (``span_probability``, in that window)."""
 
     text: str
+    window: int
     first: int
     last: int
     probability: float
 
 
 def answers(
-    texts: Sequence[Text], start: np.ndarray, end: np.ndarray, places: Sequence[Sequence[Place]]
+    texts: Sequence[Text],
+    start: np.ndarray,
+    end: np.ndarray,
+    places: Sequence[Sequence[Place]],
+    pairs: np.ndarray | None = None,
 ) -> list[Answer | None]:
-    """Each row's answer to its (question, context) pair, from a question answerer's
-    ``start`` and ``end`` scores (N, T) for ``texts`` as its tokenizer placed their tokens
-    (``Tokenizer.places``): the best span of the context (``context_mask``, ``best_spans``),
-    as `quantgate infer` prints it. A row without a pair answers from its one text; None
-    for a row with no answer (no context token, or scores that are not finite)."""
-    allowed = context_mask(texts, places, start.shape[1])
+    """Each text's answer to its (question, context) pair, from a question answerer's
+    ``start`` and ``end`` scores (W, T) for the texts' windows as its tokenizer placed their
+    tokens (``Tokenizer.places``, or ``Windows.places``; ``pairs``: the text each window
+    reads, ``Windows.pairs``; None: a window a text): the best span of a window's context
+    (``context_mask``, ``best_spans``) in the window where it scores highest
+    (``best_windows``), as `quantgate infer` prints it. A row without a pair answers from
+    its one text; None for a text with no answer (no context token, or scores that are not
+    finite)."""
+    pairs = np.arange(len(texts)) if pairs is None else np.asarray(pairs, np.int64)
+    read = [texts[p] for p in pairs.tolist()]  # each window's text
+    allowed = context_mask(read, places, start.shape[1])
+    spans = best_spans(start, end, allowed)
+    best = best_windows(pairs, span_scores(start, end, spans), len(texts))
     found: list[Answer | None] = []
-    for row, (text, where, (first, last)) in enumerate(
-        zip(texts, places, best_spans(start, end, allowed), strict=True)
-    ):
-        if first < 0:
+    for text, window in zip(texts, best.tolist(), strict=True):
+        if window < 0 or spans[window, 0] < 0:
             found.append(None)
             continue
-        (_, begin, _), (_, _, stop) = where[first], where[last]  # context tokens: placed
+        first, last = spans[window]
+        (_, begin, _), (_, _, stop) = places[window][first], places[window][last]  # context's
         source = text if isinstance(text, str) else text[1]
-        p = span_probability(start[row], end[row], allowed[row], (first, last))
-        found.append(Answer(source[begin:stop], int(first), int(last), p))
+        p = span_probability(start[window], end[window], allowed[window], (first, last))
+        found.append(Answer(source[begin:stop], window, int(first), int(last), p))
     return found
 
 
@@ -120,6 +174,9 @@ __all__ = [
     "Answer",
     "answers",
     "best_spans",
+    "best_windows",
     "context_mask",
+    "pair_spans",
     "span_probability",
+    "span_scores",
 ]

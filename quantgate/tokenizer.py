@@ -117,6 +117,76 @@ class Tokenizer(Protocol):
         slow one's)."""
         ...
 
+    def windows(self, pairs: Sequence[tuple[str, str]], limit: int) -> Windows | None:
+        """``pairs`` (question, context) read in windows of at most ``limit`` tokens
+        (``Windows``): a pair that fits is one window, as ``encode`` reads it. None where the
+        tokenizer keeps no offsets (a slow one's)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Windows:
+    """(question, context) pairs read as Hugging Face's question answering reads a context
+    longer than the model (run_qa.py's and the pipeline's ``doc_stride``): each window holds
+    the whole question and a part of the context, the parts overlapping by a third of the
+    model's length (``window_overlap``), so an answer cut at one window's edge is whole in
+    the next. A pair that fits is one window, as ``Tokenizer.encode`` reads it."""
+
+    encoded: dict[str, np.ndarray]  # (W, T) as ``Tokenizer.encode`` gives them
+    pairs: np.ndarray  # (W,) int64: the pair each window reads, by its index in those given
+    # (W,) int64: the window's first context token's index among its pair's context tokens:
+    # the same answer in two overlapping windows is the same tokens of the context
+    starts: np.ndarray
+    places: list[list[Place]]  # each window's tokens' places in its pair's texts
+    cut: int = 0  # pairs whose question leaves no room for a window: cut, as ``encode`` cuts
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+def window_overlap(limit: int, room: int) -> int:
+    """Tokens two consecutive windows of a context share: a third of the model's ``limit``,
+    Hugging Face's default (doc_stride 128 of max_seq_len 384), and at most half the
+    ``room`` a window has for its context, so each window reads at least half a room of new
+    tokens."""
+    return min(limit // 3, room // 2)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One window as a tokenizer encoded it, whichever library did."""
+
+    inputs: dict[str, list[int]]
+    offsets: Sequence[tuple[int, int]]
+    special: Sequence[int]
+    sequences: Sequence[int | None]
+
+
+def _windowed(
+    read: Sequence[tuple[list[_Piece], int]], pads: Mapping[str, int], cut: int
+) -> Windows:
+    """``Windows`` of each pair's pieces, in order, and the overlap they were read with."""
+    rows: dict[str, list[list[int]]] = {}
+    pairs, starts, places = [], [], []
+    for pair, (pieces, overlap) in enumerate(read):
+        start = 0
+        for piece in pieces:
+            for name, values in piece.inputs.items():
+                rows.setdefault(name, []).append(values)
+            pairs.append(pair)
+            starts.append(start)
+            places.append(_places(piece.offsets, piece.special, piece.sequences))
+            start += sum(s == 1 for s in piece.sequences) - overlap
+    return Windows(
+        _padded(rows, pads), np.asarray(pairs, np.int64), np.asarray(starts, np.int64), places, cut
+    )
+
+
+def _room(sequences: Sequence[int | None], limit: int) -> int:
+    """The context tokens a window of ``limit`` tokens holds beside the question and the
+    special tokens of a pair whose whole encoding's ``sequences`` these are."""
+    return limit - sum(s != 1 for s in sequences)
+
 
 class Transformers:
     """transformers' tokenizer, cut only where asked, right-padded with ``pad_id`` here
@@ -192,6 +262,45 @@ class Transformers:
                 list(texts), truncation=limit is not None, max_length=limit, verbose=False,
                 return_offsets_mapping=True, return_special_tokens_mask=True,
             )  # fmt: skip
+
+    def windows(self, pairs: Sequence[tuple[str, str]], limit: int) -> Windows | None:
+        if not self.tok.is_fast:
+            return None
+        names = ("input_ids", *OPTIONAL_INPUTS)
+        read, cut = [], 0
+        with self._lock:
+            side = self.tok.truncation_side
+            try:
+                for q, c in pairs:
+                    whole = self.tok([q], [c], verbose=False)
+                    room = _room(whole.sequence_ids(0), limit)
+                    overlap = window_overlap(limit, room)
+                    fits = len(whole["input_ids"][0]) <= limit
+                    windowed = not fits and room >= 2
+                    if not windowed:  # one window; a question that fills it: cut as encode
+                        cut += not fits
+                        overlap = 0
+                    # windows read a context from its start; a cut is the tokenizer's own
+                    self.tok.truncation_side = "right" if windowed else side
+                    enc = self.tok(
+                        [q], [c], truncation="only_second" if windowed else not fits,
+                        max_length=limit, stride=overlap, return_overflowing_tokens=windowed,
+                        return_offsets_mapping=True, return_special_tokens_mask=True,
+                        verbose=False,
+                    )  # fmt: skip
+                    pieces = [
+                        _Piece(
+                            {n: enc[n][k] for n in names if n in enc},
+                            enc["offset_mapping"][k],
+                            enc["special_tokens_mask"][k],
+                            enc.sequence_ids(k),
+                        )
+                        for k in range(len(enc["input_ids"]))
+                    ]
+                    read.append((pieces, overlap))
+            finally:
+                self.tok.truncation_side = side
+        return _windowed(read, self.pads, cut)
 
 
 class _PairAdvice(logging.Filter):
@@ -384,6 +493,40 @@ class Backend:
             for e in self._encodings(texts, limit)
         ]
 
+    def windows(self, pairs: Sequence[tuple[str, str]], limit: int) -> Windows | None:
+        returns = ("input_ids", *self.settings.returns)
+        read, cut = [], 0
+        with self._lock:
+            self.backend.no_truncation()
+            wholes = self.backend.encode_batch(list(pairs), add_special_tokens=True)
+            for pair, whole in zip(pairs, wholes, strict=True):
+                room = _room(whole.sequence_ids, limit)
+                overlap = window_overlap(limit, room)
+                if len(whole.ids) <= limit:
+                    read.append(([_piece(whole, returns)], 0))
+                    continue
+                if room < 2:  # the question alone fills the window: cut as encode cuts
+                    cut += 1
+                    overlap, strategy = 0, "longest_first"
+                else:
+                    strategy = "only_second"
+                side = self.settings.truncation_side if strategy == "longest_first" else "right"
+                self.backend.enable_truncation(
+                    limit, stride=overlap, strategy=strategy, direction=side
+                )
+                first = self.backend.encode(*pair, add_special_tokens=True)
+                self.backend.no_truncation()
+                pieces = [first] if strategy == "longest_first" else [first, *first.overflowing]
+                read.append(([_piece(e, returns) for e in pieces], overlap))
+        pads = {"input_ids": self.pad_id, "token_type_ids": self.settings.pad_type_id}
+        return _windowed(read, pads, cut)
+
+
+def _piece(e: Any, returns: Sequence[str]) -> _Piece:
+    """A ``tokenizers`` encoding as a window: the inputs transformers returns for it."""
+    inputs = {"input_ids": e.ids, "token_type_ids": e.type_ids, "attention_mask": e.attention_mask}
+    return _Piece({n: inputs[n] for n in returns}, e.offsets, e.special_tokens_mask, e.sequence_ids)
+
 
 def _places(
     offsets: Sequence[tuple[int, int]], special: Sequence[int], sequences: Sequence[int | None]
@@ -569,8 +712,10 @@ __all__ = [
     "Settings",
     "Tokenizer",
     "Transformers",
+    "Windows",
     "Examined",
     "check",
     "examine",
     "quoted",
+    "window_overlap",
 ]

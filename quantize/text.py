@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ from quantgate.quantize.textfiles import (
 )
 from quantgate.spans import context_mask
 from quantgate.tasks import EMBEDDING_TASKS, QA_TASKS
-from quantgate.tokenizer import Backend, Text, Tokenizer, Transformers
+from quantgate.tokenizer import Backend, Text, Tokenizer, Transformers, Windows
 
 log = logging.getLogger(__name__)
 
@@ -511,9 +511,7 @@ def tokenize(texts: Sequence[Text], model: ModelInfo, tokenizer: Tokenizer | Non
     JSONL data is; ``tokenizer``, where the caller has loaded it), cut at its longest
     sequence: what a client sends the served model."""
     rows = _rows(texts)  # before the tokenizer loads: seconds, for transformers' import
-    tok = tokenizer or tokenizer_of(model)
-    if not isinstance(tok, (Backend, Transformers)):  # a transformers tokenizer, as before
-        tok = Transformers(tok, model.pad_values.get("input_ids", 0))
+    tok = _own(tokenizer, model)
     limit = model.max_seq_len or None
     if limit is not None:
         for i, n in enumerate(_token_counts(tok, rows, None), 1):
@@ -527,6 +525,44 @@ def tokenize(texts: Sequence[Text], model: ModelInfo, tokenizer: Tokenizer | Non
                     _qa_cut(model),
                 )
     return _encode(tok, rows, model, limit)
+
+
+def windows(
+    pairs: Sequence[Text], model: ModelInfo, tokenizer: Tokenizer | None = None
+) -> tuple[Feeds, Windows] | None:
+    """A question answerer's (question, context) ``pairs`` as the model's inputs, a context
+    longer than the model read in overlapping windows (``tokenizer.Windows``: a row per
+    window, ``Windows.pairs`` saying whose): what ``spans.answers`` reads each pair's answer
+    from. None where the tokenizer keeps no offsets (a slow one: ``tokenize`` cuts), or the
+    model has no longest sequence (nothing is cut)."""
+    rows = _rows(pairs)
+    limit = model.max_seq_len or None
+    tok = _own(tokenizer, model)
+    asked = [r for r in rows if isinstance(r, tuple)]
+    if limit is None or len(asked) != len(rows):  # single texts: nothing to window
+        return None
+    read = tok.windows(asked, limit)
+    if read is None:
+        return None
+    if read.cut:
+        log.warning(
+            "%d of %d questions leave no room for their context in the model's %d tokens, so %s%s",
+            read.cut,
+            len(rows),
+            limit,
+            _kept_words(tok, limit, pair=True),
+            _qa_cut(model),
+        )
+    return _feeds(read.encoded, model, "tokenized text"), read
+
+
+def _own(tokenizer: Any, model: ModelInfo) -> Tokenizer:
+    """``tokenizer``, where the caller has loaded one (a transformers tokenizer is wrapped,
+    as before), else the model's own."""
+    tok = tokenizer or tokenizer_of(model)
+    if not isinstance(tok, (Backend, Transformers)):
+        tok = Transformers(tok, model.pad_values.get("input_ids", 0))
+    return tok
 
 
 def _qa_cut(model: ModelInfo) -> str:
@@ -716,11 +752,16 @@ def _encode(tok: Tokenizer, texts: list[Text], model: ModelInfo, limit: int | No
             "tokens around two texts take most of that. Export with a --max-seq-len that leaves "
             "room for both texts, or give single texts"
         )
+    return _feeds(enc, model, "tokenized text")
+
+
+def _feeds(enc: Mapping[str, np.ndarray], model: ModelInfo, what: str) -> Feeds:
+    """A tokenizer's arrays as ``model``'s inputs, each of its dtype."""
     feeds = {}
     for spec in model.inputs:
         if spec.name in enc:  # a token_type_ids left out is one segment: check_feeds adds it
             feeds[spec.name] = enc[spec.name].astype(spec.dtype)
-    return check_feeds(feeds, model, "tokenized text")
+    return check_feeds(feeds, model, what)
 
 
-__all__ = ["text_inputs", "text_source", "tokenize", "tokenizer_of"]
+__all__ = ["text_inputs", "text_source", "tokenize", "tokenizer_of", "windows"]

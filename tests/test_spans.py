@@ -68,4 +68,47 @@ def test_a_pair_whose_context_made_no_token_has_no_answer_not_one_in_the_questio
     assert mask.tolist() == [[False] * 6, [False, False, False, True, False, False]]
     scores = np.zeros((2, 6))
     scores[:, 1] = 5.0  # the question's first token scores highest
-    assert answers(texts, scores, scores, places) == [None, Answer("Zoë", 3, 3, 1.0)]
+    assert answers(texts, scores, scores, places) == [None, Answer("Zoë", 1, 3, 3, 1.0)]
+
+
+def test_a_pairs_answer_is_its_best_scoring_windows_and_one_answer_in_two_windows_is_one():
+    """Windows of two pairs (0, 0, 0, 1): the answer of pair 0 is the window whose span scores
+    highest; as tokens of the whole context, the same tokens found in two windows that
+    overlap are the same answer, though their places in the windows differ."""
+    from quantgate.spans import best_windows, pair_spans, span_scores
+
+    # each window: [CLS] q [SEP] c c c [SEP]; windows 1 and 2 of pair 0 start 2 tokens apart
+    allowed = np.zeros((4, 8), bool)
+    allowed[:, 3:7] = True
+    start, end = np.zeros((4, 8)), np.zeros((4, 8))
+    start[1, 5], end[1, 6] = 3.0, 3.0  # window 1: context tokens 2..3 of it, score 6
+    start[2, 3], end[2, 4] = 2.0, 2.0  # window 2: the same context tokens (it starts 2 later)
+    start[3, 4], end[3, 4] = 1.0, 1.0
+    spans = best_spans(start, end, allowed)
+    scores = span_scores(start, end, spans)
+    pairs, starts = np.array([0, 0, 0, 1]), np.array([0, 0, 2, 0])
+    assert best_windows(pairs, scores).tolist() == [1, 3]
+    assert best_windows(pairs, scores, 3).tolist() == [1, 3, -1]  # a pair without a window
+    assert pair_spans(spans, scores, allowed, pairs, starts).tolist() == [[2, 3], [1, 1]]
+    moved = start.copy()
+    moved[1, 5] = 0.0  # window 1 loses its answer: window 2 has the same tokens
+    spans2 = best_spans(moved, end, allowed)
+    scores2 = span_scores(moved, end, spans2)
+    assert best_windows(pairs, scores2).tolist() == [2, 3]
+    assert pair_spans(spans2, scores2, allowed, pairs, starts).tolist() == [[2, 3], [1, 1]]
+
+
+def test_answers_read_each_texts_windows_and_name_the_window_found_in():
+    from quantgate.spans import Answer, answers
+
+    text = ("q?", "one two three four")
+    # two windows of the one pair: [CLS] q ? [SEP] <two context words> [SEP]
+    places = [
+        [None, (0, 0, 1), (0, 1, 2), None, (1, 0, 3), (1, 4, 7), None],
+        [None, (0, 0, 1), (0, 1, 2), None, (1, 4, 7), (1, 8, 13), None],
+    ]
+    start, end = np.zeros((2, 7)), np.zeros((2, 7))
+    start[1, 5], end[1, 5] = 4.0, 4.0  # "three", in the second window
+    (found,) = answers([text], start, end, places, np.array([0, 0]))
+    assert isinstance(found, Answer) and (found.text, found.window) == ("three", 1)
+    assert (found.first, found.last) == (5, 5)

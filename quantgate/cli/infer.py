@@ -202,7 +202,8 @@ def infer(
             _refuse_classes_of(task, f"model {named!r}")
         spec = {t.name: t for t in metadata.inputs}
         # tags: a token classifier's class names and tokens read; places: a question
-        # answerer's tokens' places in the text (None: not read from text)
+        # answerer's tokens' places in the text, and each row's text where a context was
+        # read in windows (None: not read from text)
         values, tags, places = {}, None, None
         if texts:
             assert bundle is not None  # --text needs --bundle (checked above)
@@ -227,13 +228,13 @@ def infer(
         wanted = tuple(outputs or ())
         if classes:
             wanted = _classified(metadata.outputs, wanted)
-        answer = client.infer(named, feeds, version=version, outputs=wanted, classes=classes)
+        answer = _infer(client, named, version, feeds, wanted, classes)
     if as_json:
         _print_json(named, answer)
         return
     if places is not None and set(QA_OUTPUTS) <= answer.keys():
         start, end = (answer.pop(n) for n in QA_OUTPUTS)
-        _print_answers(rows, start, end, places)
+        _print_answers(rows, start, end, *places)
     for name, array in answer.items():
         if array.dtype == object and classes:  # top classes, as asked for
             _print_classes(name, array)
@@ -248,6 +249,28 @@ def infer(
             out.print(
                 np.array2string(array, precision=4, threshold=64), highlight=False, soft_wrap=True
             )
+
+
+def _infer(client, named: str, version: str, feeds: dict, wanted: tuple, classes: int) -> dict:
+    """``client.infer``, in requests of at most the model's max batch size where the rows are
+    more (a long context's windows, many --text): the server refuses a larger one."""
+    import numpy as np
+
+    rows = len(next(iter(feeds.values()), ()))
+    largest = client.config(named, version).max_batch_size if rows > 1 else 0
+    if largest < 1 or rows <= largest:  # 0: not batched, the request is the whole input
+        return client.infer(named, feeds, version=version, outputs=wanted, classes=classes)
+    parts = [
+        client.infer(
+            named,
+            {k: v[i : i + largest] for k, v in feeds.items()},
+            version=version,
+            outputs=wanted,
+            classes=classes,
+        )  # fmt: skip
+        for i in range(0, rows, largest)
+    ]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 def _metadata(client, named: str, version: str, manifest_of: Path | None, tls_flags: dict):
@@ -294,19 +317,25 @@ def _tokenized(texts: list[Text], bundle):
     """--text (with --text-pair: pairs) read by ``bundle``'s tokenizer: the inputs it gives,
     for a token classifier its class names and each text's tokens as read
     (``Tokenizer.pieces``), and for a question answerer where each token stands in the text
-    (``Tokenizer.places``); None for any other task."""
+    (``Tokenizer.places``) and the text each row reads (a context longer than the model is
+    read in overlapping windows, a row each: ``tokenizer.Windows``); None for any other
+    task."""
     from quantgate.quantize.data import ModelInfo
-    from quantgate.quantize.text import tokenize, tokenizer_of
+    from quantgate.quantize.text import tokenize, tokenizer_of, windows
     from quantgate.tasks import QA_TASKS, TOKEN_TASKS
 
     info = ModelInfo.from_manifest(bundle.manifest, bundle.path)
     tok = tokenizer_of(info)
+    if info.task in QA_TASKS and (read := windows(texts, info, tok)) is not None:
+        values, w = read
+        return values, None, (w.places, w.pairs)
     values = tokenize(texts, info, tok)
     limit = info.max_seq_len or None
     if info.task in TOKEN_TASKS:
         return values, (bundle.manifest.class_names, tok.pieces(texts, limit)), None
     if info.task in QA_TASKS:
-        return values, None, tok.places(texts, limit)
+        places = tok.places(texts, limit)
+        return values, None, None if places is None else (places, None)
     return values, None, None
 
 
@@ -470,23 +499,29 @@ def _print_tags(texts: list[Text], logits, names: tuple[str, ...], pieces: list[
             say(f"    {token:<16} {label:<12} {row[top]:.3f}")
 
 
-def _print_answers(texts: list[Text], start, end, places: list) -> None:
+def _print_answers(texts: list[Text], start, end, places: list, pairs) -> None:
     """An extractive question answerer's answer to each (question, context) pair
-    (``spans.answers``, the span_agreement gate's rule) and its probability."""
+    (``spans.answers``, the span_agreement gate's rule) and its probability; the window it
+    was found in where a context was read in several (``pairs``: each row's text)."""
+    import numpy as np
+
     from quantgate.spans import answers
     from quantgate.tokenizer import quoted
 
     say = functools.partial(out.print, highlight=False, markup=False, soft_wrap=True)
     say(f"start_logits, end_logits {list(start.shape)}: each row's answer")
-    for text, answer in zip(texts, answers(texts, start, end, places), strict=True):
+    windows = np.bincount(pairs, minlength=len(texts)) if pairs is not None else None
+    found = answers(texts, start, end, places, pairs)
+    for row, (text, answer) in enumerate(zip(texts, found, strict=True)):
         say(f"  {quoted(text)}")
         if answer is None:
             say("    no answer (no token of the context, or scores that are not finite)")
-        else:
-            say(
-                f"    {answer.text!r}  (tokens {answer.first}..{answer.last}, "
-                f"probability {answer.probability:.3f})"
-            )
+            continue
+        where = f"tokens {answer.first}..{answer.last}"
+        if windows is not None and windows[row] > 1:
+            nth = answer.window - int(np.flatnonzero(pairs == row)[0]) + 1
+            where = f"window {nth} of {windows[row]}, {where}"
+        say(f"    {answer.text!r}  ({where}, probability {answer.probability:.3f})")
 
 
 def _check_url(url: str) -> None:

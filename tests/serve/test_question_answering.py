@@ -29,27 +29,44 @@ def _quantgate(*args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def _answer(model, question: str, context: str) -> str:
+def _answer(model, question: str, context: str, limit: int | None = None) -> str:
     """PyTorch's answer, by brute force: of every span of context tokens, start <= end and
     at most 30 tokens, the highest start + end logit (run_qa.py's postprocessing, without its
-    top-20 shortlists), as the context's characters."""
+    top-20 shortlists), as the context's characters; a context longer than ``limit`` tokens
+    read in transformers' own overlapping windows (return_overflowing_tokens, stride), the
+    answer the best-scoring window's."""
     import torch
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
+    from quantgate.tokenizer import window_overlap
+
     tok = AutoTokenizer.from_pretrained(model)
-    enc = tok(question, context, return_offsets_mapping=True, return_tensors="pt")
-    offsets = enc.pop("offset_mapping")[0].tolist()
+    cut = {}
+    if limit is not None:
+        room = limit - sum(s != 1 for s in tok(question, context).sequence_ids())
+        cut = dict(
+            truncation="only_second", max_length=limit, stride=window_overlap(limit, room),
+            return_overflowing_tokens=True, padding=True,
+        )  # fmt: skip
+    enc = tok([question], [context], return_offsets_mapping=True, return_tensors="pt", **cut)
+    offsets = enc.pop("offset_mapping").tolist()
+    enc.pop("overflow_to_sample_mapping", None)
     qa = AutoModelForQuestionAnswering.from_pretrained(model).eval()
     takes = inspect.signature(qa.forward).parameters  # DistilBERT's: no token_type_ids
     with torch.no_grad():
         out = qa(**{k: v for k, v in enc.items() if k in takes})
-    start, end = out.start_logits[0].tolist(), out.end_logits[0].tolist()
-    context_tokens = [i for i, s in enumerate(enc.sequence_ids(0)) if s == 1]
-    first, last = max(
-        ((a, b) for a in context_tokens for b in context_tokens if a <= b < a + 30),
-        key=lambda span: start[span[0]] + end[span[1]],
-    )
-    return context[offsets[first][0] : offsets[last][1]]
+    found = []  # (score, window, first, last)
+    logits = zip(out.start_logits.tolist(), out.end_logits.tolist(), strict=True)
+    for w, (start, end) in enumerate(logits):
+        context_tokens = [i for i, s in enumerate(enc.sequence_ids(w)) if s == 1]
+        found += [
+            (start[a] + end[b], w, a, b)
+            for a in context_tokens
+            for b in context_tokens
+            if a <= b < a + 30
+        ]
+    _, w, first, last = max(found, key=lambda f: f[0])
+    return context[offsets[w][first][0] : offsets[w][last][1]]
 
 
 @pytest.mark.slow
@@ -84,3 +101,46 @@ def test_infer_answers_as_the_question_answering_pipeline_does(tiny_bert, tmp_pa
     want = [_answer(model, q, c) for q, c in QUESTIONS]
     assert printed == want, r.stdout
     assert all(answer in context for answer, (_, context) in zip(printed, QUESTIONS, strict=True))
+
+
+# A context of some 200 tokens: read in overlapping windows of 32
+LONG = (
+    "Which city lies by the lake?",
+    " ".join(f"Part {i}: the village of Vaduz{i} lies high in the hills." for i in range(14))
+    + " The city by the lake is Zürich.",
+)
+
+
+@pytest.mark.slow
+def test_a_context_longer_than_the_model_is_answered_from_overlapping_windows(tiny_bert, tmp_path):
+    """A context past the model's length is read as run_qa.py and the pipeline read it:
+    windows holding the question and overlapping parts of the context, the answer the
+    best-scoring window's (the same span as transformers' own windows give PyTorch), not
+    one from a cut context; the windows are sent in requests the server takes (its max
+    batch size, 2 here, is fewer)."""
+    import transformers
+
+    model = tiny_bert(tmp_path / "qa", transformers.BertForQuestionAnswering)
+    exported = _quantgate(
+        "export", str(model), "--out", str(tmp_path / "b"), "--no-quantize", "--max-seq-len", "32"
+    )
+    assert exported.returncode == 0, exported.stderr
+    srv = ServerProcess(tmp_path / "b", "--max-batch-size", "2")
+    try:
+        q, c = LONG
+        short_q, short_c = QUESTIONS[0]
+        args = ["-t", q, "-p", c, "-t", short_q, "-p", short_c]
+        r = _quantgate("infer", "--url", srv.url, "--bundle", str(tmp_path / "b"), *args)
+    finally:
+        assert srv.terminate() == 0, srv.log
+    assert r.returncode == 0, r.stderr
+    assert "cut" not in r.stderr, r.stderr  # read whole, not cut
+    lines = r.stdout.splitlines()
+    long_line, short_line = lines[2], lines[4]
+    assert " (window " in long_line and " of " in long_line, r.stdout
+    windows = int(long_line.split(" of ")[-1].split(",")[0])
+    assert windows >= 6, r.stdout  # some 200 tokens, 32 a window
+    assert lines[0].startswith(f"start_logits, end_logits [{windows + 1}, 32]"), r.stdout
+    assert " (tokens " in short_line, r.stdout  # one window: no window said
+    printed = [ast.literal_eval(line.split("  (")[0].strip()) for line in (long_line, short_line)]
+    assert printed == [_answer(model, q, c, 32), _answer(model, short_q, short_c, 32)], r.stdout
