@@ -80,18 +80,18 @@ def best_windows(pairs: np.ndarray, scores: np.ndarray, count: int | None = None
 
 
 def pair_spans(
-    spans: np.ndarray, scores: np.ndarray, allowed: np.ndarray, pairs: np.ndarray,
-    starts: np.ndarray,
-) -> np.ndarray:  # fmt: skip
-    """(P, 2): each pair's answer over its windows (``tokenizer.Windows``: ``pairs``,
-    ``starts``), the best-scoring window's span, as indices among the pair's whole context's
-    tokens: one answer found in two overlapping windows is one answer. ``spans``, ``scores``
-    and ``allowed`` (the context tokens) are each window's. (-1, -1) for a pair without."""
+    spans: np.ndarray, scores: np.ndarray, pairs: np.ndarray, shifts: np.ndarray
+) -> np.ndarray:
+    """(P, 2): each pair's answer over its windows (``pairs``: (W,) each window's pair), the
+    best-scoring window's span, as indices among the pair's whole context's tokens: one
+    answer found in two overlapping windows is one answer. ``spans`` and ``scores`` are each
+    window's; ``shifts`` (W,) turn a window's token index into that index (its part's first
+    token among the context's, ``Windows.starts``, less where its part begins in it).
+    (-1, -1) for a pair without an answer."""
     out = np.full((int(pairs.max(initial=-1)) + 1, 2), -1, np.int64)
     for pair, window in enumerate(best_windows(pairs, scores)):
         if window >= 0 and spans[window, 0] >= 0:
-            first_context = int(np.argmax(allowed[window]))  # the window's first context token
-            out[pair] = spans[window] - first_context + starts[window]
+            out[pair] = spans[window] + shifts[window]
     return out
 
 

@@ -138,7 +138,9 @@ class Windows:
     # the same answer in two overlapping windows is the same tokens of the context
     starts: np.ndarray
     places: list[list[Place]]  # each window's tokens' places in its pair's texts
-    cut: int = 0  # pairs whose question leaves no room for a window: cut, as ``encode`` cuts
+    # the pairs (their indices) whose question leaves no room for a part of the context:
+    # one window each, cut as ``encode`` cuts
+    cut: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -163,7 +165,7 @@ class _Piece:
 
 
 def _windowed(
-    read: Sequence[tuple[list[_Piece], int]], pads: Mapping[str, int], cut: int
+    read: Sequence[tuple[list[_Piece], int]], pads: Mapping[str, int], cut: Sequence[int]
 ) -> Windows:
     """``Windows`` of each pair's pieces, in order, and the overlap they were read with."""
     rows: dict[str, list[list[int]]] = {}
@@ -178,7 +180,11 @@ def _windowed(
             places.append(_places(piece.offsets, piece.special, piece.sequences))
             start += sum(s == 1 for s in piece.sequences) - overlap
     return Windows(
-        _padded(rows, pads), np.asarray(pairs, np.int64), np.asarray(starts, np.int64), places, cut
+        _padded(rows, pads),
+        np.asarray(pairs, np.int64),
+        np.asarray(starts, np.int64),
+        places,
+        tuple(cut),
     )
 
 
@@ -267,18 +273,19 @@ class Transformers:
         if not self.tok.is_fast:
             return None
         names = ("input_ids", *OPTIONAL_INPUTS)
-        read, cut = [], 0
+        read: list[tuple[list[_Piece], int]] = []
+        cut: list[int] = []
         with self._lock:
             side = self.tok.truncation_side
             try:
-                for q, c in pairs:
+                for pair, (q, c) in enumerate(pairs):
                     whole = self.tok([q], [c], verbose=False)
                     room = _room(whole.sequence_ids(0), limit)
                     overlap = window_overlap(limit, room)
                     fits = len(whole["input_ids"][0]) <= limit
                     windowed = not fits and room >= 2
                     if not windowed:  # one window; a question that fills it: cut as encode
-                        cut += not fits
+                        cut += [] if fits else [pair]
                         overlap = 0
                     # windows read a context from its start; a cut is the tokenizer's own
                     self.tok.truncation_side = "right" if windowed else side
@@ -495,18 +502,19 @@ class Backend:
 
     def windows(self, pairs: Sequence[tuple[str, str]], limit: int) -> Windows | None:
         returns = ("input_ids", *self.settings.returns)
-        read, cut = [], 0
+        read: list[tuple[list[_Piece], int]] = []
+        cut: list[int] = []
         with self._lock:
             self.backend.no_truncation()
             wholes = self.backend.encode_batch(list(pairs), add_special_tokens=True)
-            for pair, whole in zip(pairs, wholes, strict=True):
+            for index, (pair, whole) in enumerate(zip(pairs, wholes, strict=True)):
                 room = _room(whole.sequence_ids, limit)
                 overlap = window_overlap(limit, room)
                 if len(whole.ids) <= limit:
                     read.append(([_piece(whole, returns)], 0))
                     continue
                 if room < 2:  # the question alone fills the window: cut as encode cuts
-                    cut += 1
+                    cut.append(index)
                     overlap, strategy = 0, "longest_first"
                 else:
                     strategy = "only_second"

@@ -29,6 +29,7 @@ The entry points, loaded on first use::
     bundle = build("artifacts/digits-small", "bundles/digits")   # export -> INT8 -> gates
     bundle = regate("bundles/digits", evaluation=rows)           # the gates again, on new data
     feeds = text_inputs("bundles/minilm", ["a sentence"])        # text as the bundle's inputs
+    feeds, windows = text_windows("bundles/qa", [(question, context)])  # a long context too
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ _WHERE = {
     "GateConfig": "decide",
     "QuantConfig": "search",
     "text_inputs": "text",
+    "text_windows": "text",
 }
 __all__ = [
     "GateConfig",
@@ -50,6 +52,7 @@ __all__ = [
     "build",
     "regate",
     "text_inputs",
+    "text_windows",
 ]
 __getattr__, __dir__ = exports(__name__, _WHERE)
 
@@ -58,4 +61,4 @@ if TYPE_CHECKING:
     from quantgate.quantize.pipeline import build
     from quantgate.quantize.regating import regate
     from quantgate.quantize.search import QuantConfig
-    from quantgate.quantize.text import text_inputs
+    from quantgate.quantize.text import text_inputs, text_windows

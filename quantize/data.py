@@ -250,6 +250,11 @@ class Batch:
     # tokenizer tells them (the pair's second text, no special token: spans.context_mask);
     # None where not known (arrays, and other models)
     context: np.ndarray | None = None
+    # (B, 2) int64, a question answerer's pairs read in windows (tokenizer.Windows), a row
+    # each: each row's pair (its number in the source) and its part of the context's first
+    # token (its index among the context's tokens), by which the gates read one answer a
+    # pair (spans.pair_spans); None where each row is a pair
+    windows: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -577,7 +582,9 @@ def without_rows(
                 if tokens and labels is not None:  # a tag per token: cut with the padding
                     labels = labels[:, :width]
                 context = None if b.context is None else b.context[keep][:, :width]
-                yield Batch(feeds, labels, None if b.rows is None else b.rows[keep], context)
+                windows = None if b.windows is None else b.windows[keep]
+                rows = None if b.rows is None else b.rows[keep]
+                yield Batch(feeds, labels, rows, context, windows)
 
     kept, length = np.concatenate(hashes), np.concatenate(lengths)
     dropped = source.samples - len(kept)

@@ -75,7 +75,7 @@ from quantgate.quantize.stats import (
     wilson,
 )
 from quantgate.sessions import session
-from quantgate.spans import MAX_ANSWER_TOKENS, best_spans
+from quantgate.spans import MAX_ANSWER_TOKENS, best_spans, pair_spans, span_scores
 from quantgate.tasks import (
     CLASSIFIER_TASKS,
     EMBEDDING_TASKS,
@@ -111,6 +111,8 @@ class Outputs:
     # may be (``_answer_tokens``); empty: none kept
     segments: list[np.ndarray | None] = field(default_factory=list)
     contexts: list[np.ndarray | None] = field(default_factory=list)
+    # each batch's ``Batch.windows``: a question answerer's pairs read in windows, a row each
+    windows: list[np.ndarray | None] = field(default_factory=list)
 
     def stacked(self, name: str) -> np.ndarray:
         return np.concatenate([b[name] for b in self.batches])
@@ -154,6 +156,7 @@ def collect(
         out.masks.append(batch.feeds.get("attention_mask"))
         out.segments.append(batch.feeds.get(TYPE_IDS))
         out.contexts.append(batch.context)
+        out.windows.append(batch.windows)
         if batch.labels is not None:
             labels.append(batch.labels)
         out.rows += len(values[0])
@@ -988,22 +991,36 @@ def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfi
 def _span_agreement(ref: Outputs, cand: Outputs, cfg: GateConfig) -> GateResult:
     """``span_agreement``: the share of rows whose answer span is FP32's, with Wilson's
     interval, at least ``min_top1_agreement``. The span is ``spans.best_spans``' over the
-    row's context (``_answer_tokens``): the answer `quantgate infer` prints. The start and
-    end scores' cosine to FP32's is gated beside it."""
-    same, broken, read = [], 0, set()
+    row's context (``_answer_tokens``): the answer `quantgate infer` prints. A pair read in
+    windows (``Batch.windows``) is one row, its answer its best-scoring window's, compared as
+    tokens of the whole context (``spans.pair_spans``). The start and end scores' cosine to
+    FP32's is gated beside it."""
+    same, read = [], set()
+    windowed: list[tuple[np.ndarray, ...]] = []  # (windows, shifts, x, x's scores, y, ...)
     start, end = QA_OUTPUTS
-    for a, b, mask, types, context in _span_batches(ref, cand):
+    for a, b, mask, types, context, windows in _span_batches(ref, cand):
         allowed, how = _answer_tokens(a[start], mask, types, context)
         x = best_spans(a[start], a[end], allowed)
         y = best_spans(b[start], b[end], allowed)
-        same.append((x == y).all(1) & (y[:, 0] >= 0))
-        broken += int((y[:, 0] < 0).sum())
         read.add(how)
-    agree = np.concatenate(same)
+        if windows is None:
+            same.append(np.stack([x, y]))
+            continue
+        shifts = windows[:, 1] - np.argmax(allowed, axis=1)  # window token -> context token
+        scores = (span_scores(a[start], a[end], x), span_scores(b[start], b[end], y))
+        windowed.append((windows[:, 0], shifts, x, scores[0], y, scores[1]))
+    if windowed:  # a pair's windows may be in several batches
+        w, shifts, x, sx, y, sy = (np.concatenate(c) for c in zip(*windowed, strict=True))
+        _, pair = np.unique(w, return_inverse=True)
+        same.append(np.stack([pair_spans(x, sx, pair, shifts), pair_spans(y, sy, pair, shifts)]))
+    x, y = np.concatenate(same, axis=1)
+    agree = (x == y).all(1) & (y[:, 0] >= 0)
+    broken = int((y[:, 0] < 0).sum())
+    rows = f"{len(agree)} {'pairs, their windows read as one' if windowed else 'rows'}"
     detail = (
-        f"{' and '.join(QA_OUTPUTS)} vs FP32 on {len(agree)} rows: rows whose answer span is "
-        f"FP32's (the highest start + end score, start <= end, at most {MAX_ANSWER_TOKENS} "
-        f"tokens, of {' / '.join(sorted(read))})"
+        f"{' and '.join(QA_OUTPUTS)} vs FP32 on {rows}: rows whose answer span is FP32's (the "
+        f"highest start + end score, start <= end, at most {MAX_ANSWER_TOKENS} tokens, of "
+        f"{' / '.join(sorted(read))})"
     )
     if broken:
         detail += f"; {broken} rows without an answer, their scores not finite (any fails)"
@@ -1017,9 +1034,9 @@ _Maybe = np.ndarray | None  # a batch's mask, token types or context, where kept
 
 def _span_batches(
     out: Outputs, cand: Outputs | None = None
-) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray], _Maybe, _Maybe, _Maybe]]:
+) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray], _Maybe, _Maybe, _Maybe, _Maybe]]:
     """Batch by batch: ``out``'s outputs, ``cand``'s (``out``'s again without one), and
-    ``out``'s mask, token types and context tokens (None where not kept)."""
+    ``out``'s mask, token types, context tokens and windows (None where not kept)."""
     n = len(out.batches)
     return zip(
         out.batches,
@@ -1027,6 +1044,7 @@ def _span_batches(
         out.masks,
         out.segments or [None] * n,
         out.contexts or [None] * n,
+        out.windows or [None] * n,
         strict=True,
     )
 
@@ -1209,11 +1227,11 @@ def _batch_spans(
     start, end = QA_OUTPUTS
     batched = [
         best_spans(b[start], b[end], _answer_tokens(b[start], mask, types, context)[0])
-        for b, _, mask, types, context in _span_batches(together)
+        for b, _, mask, types, context, _ in _span_batches(together)
     ]
     lone = [  # a row each, its real tokens alone
         best_spans(b[start], b[end], _answer_tokens(b[start], None, types, context)[0])
-        for b, _, _, types, context in _span_batches(alone)
+        for b, _, _, types, context, _ in _span_batches(alone)
     ]
     x, y = np.concatenate(batched), np.concatenate(lone)
     return mean_gate(

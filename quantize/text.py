@@ -122,17 +122,37 @@ def text_source(
     keep = stratified(lengths, samples)
     cut = int(np.isin(keep, scan.cut).sum())
     pairs = scan.paired
+    # rows that are windows, where a pair was read in more than one (a pair that fits, or a
+    # question that leaves no room, is one window: the row ``tokenize`` reads)
+    window_of = np.asarray(scan.window_of, np.int64) if any(scan.window_of) else None
+    pair_of = np.asarray(scan.pair_of, np.int64)
     if cut and limit is not None:  # (texts are cut only where there is a limit)
+        why = f"are longer than the model's {limit} tokens and are cut"
+        if window_of is not None:  # the rest of the long ones are read in windows
+            why = f"have a question that leaves its context no room in the model's {limit} tokens"
         log.warning(
-            "%s: %d of %d %s %s are longer than the model's %d tokens and are cut: %s only %s",
+            "%s: %d of %d %s %s %s: %s only %s",
             where,
             cut,
-            len(keep),
+            len(keep) if window_of is None else len(np.unique(pair_of[keep])),
             role,
             "text pairs" if pairs else "texts",
-            limit,
+            why,
             "the gates see" if role == "evaluation" else "the calibration sees",
             _kept_words(tok, limit, pair=pairs) + (_qa_cut(model) if role == "evaluation" else ""),
+        )
+    if window_of is not None and (window_of[keep] > 0).any():
+        kept = np.unique(pair_of[keep])
+        log.info(
+            "%s: %d of %d %s text pairs are longer than the model's %d tokens: each is read "
+            "in overlapping windows (a third of the model's length shared, as Hugging Face's "
+            "doc_stride), a row each, as `quantgate infer` reads them: %d rows",
+            where,
+            len(np.unique(pair_of[keep][window_of[keep] > 0])),
+            len(kept),
+            role,
+            limit,
+            len(keep),
         )
     if model.task in QA_TASKS and not pairs:
         log.warning(
@@ -157,18 +177,27 @@ def text_source(
                 for off in offsets[idx]:
                     rows.append(fmt.row_at(f, int(off)))
                 texts = [row_text(r) for r in rows]
-                feeds = _encode(tok, texts, model, limit)
+                windows = context = None
+                if window_of is not None:  # each row a window of its pair
+                    feeds, context, windows = _windows_at(
+                        tok, texts, window_of[idx], pair_of[idx], model, limit
+                    )
+                else:
+                    feeds = _encode(tok, texts, model, limit)
+                    context = _context(tok, texts, model, limit, feeds) if gated else None
                 labels = None
                 if labelled:  # a class name stands for its index
                     labels = np.array([index.get(r["label"], r["label"]) for r in rows], np.int64)
                 # the gates' answers' context; calibration reads the inputs alone
-                context = _context(tok, texts, model, limit, feeds) if gated else None
-                yield Batch(feeds, labels, context=context)
+                yield Batch(feeds, labels, context=context if gated else None, windows=windows)
 
     long = f"; {cut} longer than the model's {limit} tokens, cut to them" if cut else ""
+    what = "text pairs" if pairs else "texts"
+    if window_of is not None:
+        what = f"windows of {scan.pairs} text pairs"
     return DataSource(
         description=(
-            f"{path.name}: {len(keep)} of {len(offsets)} {'text pairs' if pairs else 'texts'} "
+            f"{path.name}: {len(keep)} of {len(offsets)} {what} "
             f"({fmt.words.name}, model tokenizer{long})"
         ),
         kind=fmt.kind,
@@ -198,6 +227,12 @@ class _Scan:
     lengths: list[int] = field(default_factory=list)  # its token count, at most the model's
     hashes: list[int] = field(default_factory=list)  # its row hash (row_hashes)
     cut: list[int] = field(default_factory=list)  # good rows longer than the model takes
+    # a question answerer's pairs past the model's length are read in windows
+    # (``tokenizer.Windows``), a row each: each row's window of its pair, and its pair (by
+    # its number among the good rows); empty where rows are not windows
+    window_of: list[int] = field(default_factory=list)
+    pair_of: list[int] = field(default_factory=list)
+    pairs: int = 0  # good rows read (pairs, where rows are windows)
     lines: int = 0  # rows (non-blank lines of JSONL)
     bad: int = 0  # rows that are not good
     problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS, described
@@ -311,6 +346,8 @@ def _scan(
     starts: list[int] = []  # and their offsets
 
     def count() -> None:
+        if (read := _windows_of(tok, texts, limit, model)) is not None:
+            return windowed(read)
         ids = tok.ids(texts, limit)
         if limit is not None:  # a row of ``limit`` tokens may have been cut: count again
             full = [i for i, row in enumerate(ids) if len(row) == limit]
@@ -322,6 +359,24 @@ def _scan(
         scan.lengths.extend(len(row) for row in ids)
         scan.hashes.extend(row_hash(np.asarray(row, dtype="<i8")) for row in ids)
         scan.offsets.extend(starts)
+        scan.pairs += len(texts)
+        texts.clear()
+        starts.clear()
+
+    def windowed(read: Windows) -> None:
+        """The windows of a batch of pairs, a row each."""
+        first = np.searchsorted(read.pairs, np.arange(len(texts)))  # each pair's first window
+        for w, pair in enumerate(read.pairs.tolist()):
+            n = len(read.places[w])  # the window's tokens
+            ids = read.encoded["input_ids"][w, :n].astype("<i8")
+            scan.lengths.append(n)
+            scan.hashes.append(row_hash(ids))
+            scan.offsets.append(starts[pair])
+            scan.window_of.append(w - int(first[pair]))
+            scan.pair_of.append(scan.pairs + pair)
+            if pair in read.cut:
+                scan.cut.append(len(scan.offsets) - 1)
+        scan.pairs += len(texts)
         texts.clear()
         starts.clear()
 
@@ -513,6 +568,12 @@ def tokenize(texts: Sequence[Text], model: ModelInfo, tokenizer: Tokenizer | Non
     rows = _rows(texts)  # before the tokenizer loads: seconds, for transformers' import
     tok = _own(tokenizer, model)
     limit = model.max_seq_len or None
+    hint = ""
+    if model.task in QA_TASKS:
+        hint = (
+            f"{_qa_cut(model)} (text_windows reads a long context in overlapping windows, as "
+            "`quantgate infer` does)"
+        )
     if limit is not None:
         for i, n in enumerate(_token_counts(tok, rows, None), 1):
             if n > limit:
@@ -522,7 +583,7 @@ def tokenize(texts: Sequence[Text], model: ModelInfo, tokenizer: Tokenizer | Non
                     n,
                     limit,
                     _cut_words(tok, n - limit, pair=isinstance(rows[i - 1], tuple)),
-                    _qa_cut(model),
+                    hint,
                 )
     return _encode(tok, rows, model, limit)
 
@@ -533,21 +594,22 @@ def windows(
     """A question answerer's (question, context) ``pairs`` as the model's inputs, a context
     longer than the model read in overlapping windows (``tokenizer.Windows``: a row per
     window, ``Windows.pairs`` saying whose): what ``spans.answers`` reads each pair's answer
-    from. None where the tokenizer keeps no offsets (a slow one: ``tokenize`` cuts), or the
-    model has no longest sequence (nothing is cut)."""
+    from. A model without a longest sequence reads each pair whole, in one window. None
+    where a text is not a pair, or the tokenizer keeps no offsets (a slow one:
+    ``tokenize`` cuts)."""
     rows = _rows(pairs)
-    limit = model.max_seq_len or None
     tok = _own(tokenizer, model)
     asked = [r for r in rows if isinstance(r, tuple)]
-    if limit is None or len(asked) != len(rows):  # single texts: nothing to window
+    if len(asked) != len(rows):  # single texts: nothing to window
         return None
+    limit = model.max_seq_len or max(_token_counts(tok, rows, None))
     read = tok.windows(asked, limit)
     if read is None:
         return None
     if read.cut:
         log.warning(
             "%d of %d questions leave no room for their context in the model's %d tokens, so %s%s",
-            read.cut,
+            len(read.cut),
             len(rows),
             limit,
             _kept_words(tok, limit, pair=True),
@@ -567,13 +629,7 @@ def _own(tokenizer: Any, model: ModelInfo) -> Tokenizer:
 
 def _qa_cut(model: ModelInfo) -> str:
     """What a cut means to a question answerer: its answer may have been in the part cut."""
-    if model.task not in QA_TASKS:
-        return ""
-    return (
-        "; an answer in the part cut cannot be found (quantgate reads each pair once, without "
-        "the overlapping windows, doc_stride, of Hugging Face's QA examples): keep contexts "
-        "within the model's length"
-    )
+    return "; an answer in the part cut cannot be found" if model.task in QA_TASKS else ""
 
 
 def _lost_end(tok: Tokenizer) -> str:
@@ -606,6 +662,28 @@ def text_inputs(bundle: Bundle | str | Path, texts: Sequence[Text]) -> Feeds:
     text is blank or not UTF-8."""
     b = bundle if isinstance(bundle, Bundle) else load(bundle)
     return tokenize(texts, ModelInfo.from_manifest(b.manifest, b.path))
+
+
+def text_windows(
+    bundle: Bundle | str | Path, pairs: Sequence[tuple[str, str]]
+) -> tuple[Feeds, Windows]:
+    """A question answerer's (question, context) ``pairs`` as ``bundle``'s inputs, a context
+    longer than the model read in overlapping windows, a row each (``tokenizer.Windows``):
+    what `quantgate infer -t Q -p C --bundle` sends. ``spans.answers(pairs, start, end,
+    w.places, w.pairs)`` reads each pair's answer from the scores the rows get. A DataError
+    where the bundle's tokenizer keeps no offsets (a slow one), or a text is not a pair."""
+    b = bundle if isinstance(bundle, Bundle) else load(bundle)
+    model = ModelInfo.from_manifest(b.manifest, b.path)
+    rows = _rows(pairs)
+    if not all(isinstance(r, tuple) for r in rows):
+        raise DataError("text_windows reads (question, context) pairs: give a pair a row")
+    read = windows(rows, model)
+    if read is None:
+        raise DataError(
+            f"{b.path}: its tokenizer keeps no offsets (a slow one), so its tokens' places in "
+            "the context are not known: export the model with its fast tokenizer"
+        )
+    return read
 
 
 def _rows(texts: Sequence[Text]) -> list[Text]:
@@ -727,6 +805,38 @@ def _auto_tokenizer():
     return AutoTokenizer
 
 
+def _windows_at(
+    tok: Tokenizer,
+    texts: list[Text],
+    nth: np.ndarray,
+    pairs: np.ndarray,
+    model: ModelInfo,
+    limit: int | None,
+) -> tuple[Feeds, np.ndarray, np.ndarray]:
+    """Rows that are windows (``_Scan.window_of``): window ``nth[i]`` of ``texts[i]``, its
+    pair. Their inputs, their context tokens (``spans.context_mask``) and ``Batch.windows``:
+    each row's pair (``pairs``) and its part of the context's first token."""
+    read = _windows_of(tok, texts, limit, model)
+    assert read is not None  # as the scan read them
+    chosen = np.searchsorted(read.pairs, np.arange(len(texts))) + nth
+    places = [read.places[w] for w in chosen]
+    width = max(len(p) for p in places)
+    feeds = _feeds({k: v[chosen, :width] for k, v in read.encoded.items()}, model, "text")
+    windows = np.stack([pairs, read.starts[chosen]], axis=1)
+    return feeds, context_mask(texts, places, width), windows
+
+
+def _windows_of(
+    tok: Tokenizer, texts: list[Text], limit: int | None, model: ModelInfo
+) -> Windows | None:
+    """A question answerer's pairs in windows (``Tokenizer.windows``): the rows its data is
+    read as; None for other models and texts, and where the tokenizer keeps no offsets."""
+    pairs = [t for t in texts if isinstance(t, tuple)]
+    if model.task not in QA_TASKS or limit is None or not pairs or len(pairs) != len(texts):
+        return None
+    return tok.windows(pairs, limit)
+
+
 def _token_counts(tok: Tokenizer, texts: list[Text], limit: int | None) -> list[int]:
     return [len(ids) for ids in tok.ids(texts, limit)]
 
@@ -764,4 +874,4 @@ def _feeds(enc: Mapping[str, np.ndarray], model: ModelInfo, what: str) -> Feeds:
     return check_feeds(feeds, model, what)
 
 
-__all__ = ["text_inputs", "text_source", "tokenize", "tokenizer_of", "windows"]
+__all__ = ["text_inputs", "text_source", "text_windows", "tokenize", "tokenizer_of", "windows"]

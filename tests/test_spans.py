@@ -89,13 +89,14 @@ def test_a_pairs_answer_is_its_best_scoring_windows_and_one_answer_in_two_window
     pairs, starts = np.array([0, 0, 0, 1]), np.array([0, 0, 2, 0])
     assert best_windows(pairs, scores).tolist() == [1, 3]
     assert best_windows(pairs, scores, 3).tolist() == [1, 3, -1]  # a pair without a window
-    assert pair_spans(spans, scores, allowed, pairs, starts).tolist() == [[2, 3], [1, 1]]
+    shifts = starts - 3  # each window's context begins at its token 3
+    assert pair_spans(spans, scores, pairs, shifts).tolist() == [[2, 3], [1, 1]]
     moved = start.copy()
     moved[1, 5] = 0.0  # window 1 loses its answer: window 2 has the same tokens
     spans2 = best_spans(moved, end, allowed)
     scores2 = span_scores(moved, end, spans2)
     assert best_windows(pairs, scores2).tolist() == [2, 3]
-    assert pair_spans(spans2, scores2, allowed, pairs, starts).tolist() == [[2, 3], [1, 1]]
+    assert pair_spans(spans2, scores2, pairs, shifts).tolist() == [[2, 3], [1, 1]]
 
 
 def test_answers_read_each_texts_windows_and_name_the_window_found_in():

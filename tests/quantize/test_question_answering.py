@@ -117,6 +117,82 @@ def test_text_pairs_carry_the_context_the_tokenizer_tells(tmp_path):
     assert sorted(batch.context.sum(1).tolist()) == [1, 5]  # "e"; zoe lives in zurich .
 
 
+def _long_pairs(tmp_path) -> Path:
+    """Three pairs: two contexts far past 32 tokens, one that fits."""
+    long = " ".join(f"Part {i}: the village of Vaduz lies high in the hills." for i in range(12))
+    rows = [
+        {"text": "Where is the village?", "text_pair": long},
+        {"text": "who?", "text_pair": "Zoë lives in Zürich."},
+        {"text": "Which part is high?", "text_pair": long + " The end."},
+    ]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_long_context_is_gated_in_the_windows_it_is_answered_from(tmp_path, caplog):
+    """Evaluation rows of a question answerer are the windows `quantgate infer` reads a long
+    context in (``tokenizer.Windows``), each marked with its pair and its part of the
+    context, a pair's windows in whatever batches their lengths put them; the span gate
+    reads one answer a pair, as tokens of the whole context: the same tokens found in
+    another window that overlaps are the same answer."""
+    import dataclasses
+    import logging
+
+    from quantgate.quantize.data import open_source
+
+    info = dataclasses.replace(minilm_info("question-answering"), max_seq_len=32)
+    with caplog.at_level(logging.INFO):
+        source = open_source(_long_pairs(tmp_path), info, role="evaluation", batch_size=4)
+    assert "2 of 3 evaluation text pairs are longer than the model's 32 tokens" in caplog.text
+    batches = list(source.batches())
+    assert all(b.windows is not None and b.context is not None for b in batches)
+    windows = np.concatenate([b.windows for b in batches])
+    assert len(batches) > 1 and source.samples == len(windows) > 3
+    assert sorted(set(windows[:, 0].tolist())) == [0, 1, 2] and "windows of 3 text pairs" in (
+        source.description
+    )
+    # FP32 answers pair 0 in its first window; INT8 the same context tokens in its second
+    ref_batches, cand_batches, contexts = [], [], []
+    where = {}  # (pair, start) -> (batch, row): each window's
+    for b in batches:
+        shape = b.feeds["input_ids"].shape
+        ref = {n: np.zeros(shape, np.float32) for n in ("start_logits", "end_logits")}
+        cand = {n: np.zeros(shape, np.float32) for n in ("start_logits", "end_logits")}
+        ref_batches.append(ref)
+        cand_batches.append(cand)
+        contexts.append(b.context)
+        for row, (pair, start) in enumerate(b.windows.tolist()):
+            where[pair, start] = (len(ref_batches) - 1, row)
+    starts = sorted(s for p, s in where if p == 0)  # pair 0's windows' parts
+    (b0, r0), (b1, r1) = where[0, starts[0]], where[0, starts[1]]
+    begin0 = int(np.argmax(batches[b0].context[r0]))  # the window's first context token
+    begin1 = int(np.argmax(batches[b1].context[r1]))
+    token = starts[1] + 2  # a context token both windows hold
+    ref_batches[b0]["start_logits"][r0, begin0 + token - starts[0]] = 9.0
+    ref_batches[b0]["end_logits"][r0, begin0 + token - starts[0]] = 9.0
+    cand_batches[b1]["start_logits"][r1, begin1 + token - starts[1]] = 9.0
+    cand_batches[b1]["end_logits"][r1, begin1 + token - starts[1]] = 9.0
+
+    def outputs(values) -> Outputs:
+        return Outputs(
+            ["start_logits", "end_logits"],
+            values,
+            [b.feeds["attention_mask"] for b in batches],
+            rows=len(windows),
+            segments=[b.feeds["token_type_ids"] for b in batches],
+            contexts=contexts,
+            windows=[b.windows for b in batches],
+        )
+
+    gate = _gates(outputs(cand_batches), outputs(ref_batches))["span_agreement"]
+    assert "on 3 pairs, their windows read as one" in gate.detail
+    assert gate.value == 1.0, gate.detail
+    moved = [{k: v.copy() for k, v in b.items()} for b in cand_batches]
+    moved[b1]["end_logits"][r1, begin1 + token - starts[1] + 1] = 9.5  # one token longer
+    assert _gates(outputs(moved), outputs(ref_batches))["span_agreement"].value == 2 / 3
+
+
 def test_question_answering_data_is_told_what_a_question_answerer_reads(tmp_path, caplog):
     """SQuAD's rows are told to become pairs (question first); single texts are warned
     about; a context cut to the model's length is said to lose the answers in its cut part."""
@@ -146,7 +222,8 @@ def test_a_question_answering_export_gates_its_spans_alone_and_batched(tiny_bert
     """`quantgate export` of a ...ForQuestionAnswering model with (question, context) pairs:
     gated on its answer spans against FP32's, and (dynamic INT8, whose scales follow the
     batch) alone against batched as served, and on its start and end scores' cosine; the
-    data's labels ignored with a warning."""
+    data's labels ignored with a warning. Its 24 tokens leave the longer contexts in
+    overlapping windows, read as windows through calibration and every gate."""
     from transformers import BertForQuestionAnswering
 
     model = tiny_bert(tmp_path / "qa", BertForQuestionAnswering)
@@ -157,7 +234,7 @@ def test_a_question_answering_export_gates_its_spans_alone_and_batched(tiny_bert
     run = subprocess.run(
         [sys.executable, "-m", "quantgate", "export", str(model), "--out", str(tmp_path / "b"),
          "--calibration", str(tmp_path / "calib.jsonl"), "--eval", str(tmp_path / "eval.jsonl"),
-         "--recipe", "ort-dynamic-per-channel"],
+         "--recipe", "ort-dynamic-per-channel", "--max-seq-len", "24"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert run.returncode in (0, 3), run.stderr  # 3: a random model's speed gate may fail
@@ -169,7 +246,9 @@ def test_a_question_answering_export_gates_its_spans_alone_and_batched(tiny_bert
     for name in ("span_agreement", "batch_span_agreement", "cosine:start_logits",
                  "cosine:end_logits"):  # fmt: skip
         assert name in gates, sorted(gates)
-    assert "on 60 rows" in gates["span_agreement"]["detail"]
+    assert "on 60 pairs, their windows read as one" in gates["span_agreement"]["detail"]
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "windows of 60 text pairs" in report  # evaluation and calibration alike
     assert gates["span_agreement"]["value"] >= 0.9, gates["span_agreement"]  # FP32's twin
     # re-gated on the questions alone: not what it was calibrated on, nor is served
     singles = tmp_path / "singles.jsonl"

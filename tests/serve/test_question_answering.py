@@ -144,3 +144,16 @@ def test_a_context_longer_than_the_model_is_answered_from_overlapping_windows(ti
     assert " (tokens " in short_line, r.stdout  # one window: no window said
     printed = [ast.literal_eval(line.split("  (")[0].strip()) for line in (long_line, short_line)]
     assert printed == [_answer(model, q, c, 32), _answer(model, short_q, short_c, 32)], r.stdout
+    # from Python, as docs/python.md says: text_windows, the model, spans.answers
+    import onnxruntime as ort
+
+    from quantgate.bundle import load
+    from quantgate.quantize import text_windows
+    from quantgate.spans import answers
+
+    feeds, w = text_windows(tmp_path / "b", [LONG, QUESTIONS[0]])
+    assert len(w) == windows + 1 and w.pairs.tolist() == [0] * windows + [1]
+    sess = ort.InferenceSession(str(load(tmp_path / "b").file("fp32")))
+    start, end = sess.run(["start_logits", "end_logits"], feeds)
+    found = answers([LONG, QUESTIONS[0]], start, end, w.places, w.pairs)
+    assert [a.text for a in found if a is not None] == printed
