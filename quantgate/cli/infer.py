@@ -133,7 +133,9 @@ def infer(
             "--json",
             help="Print the answer as one JSON object, every value of every output in full: "
             '{"model": ..., "outputs": {NAME: {"datatype", "shape", "data"}}} '
-            '(top classes as Triton\'s "score:index:label" strings), for scripts and jq.',
+            '(top classes as Triton\'s "score:index:label" strings), for scripts and jq; '
+            'a question answerer\'s adds "pairs": the --text each row read (a long context '
+            "is read in several windows, a row each).",
         ),
     ] = False,
 ) -> None:
@@ -229,8 +231,8 @@ def infer(
         if classes:
             wanted = _classified(metadata.outputs, wanted)
         answer = _infer(client, named, version, feeds, wanted, classes)
-    if as_json:
-        _print_json(named, answer)
+    if as_json:  # with each row's pair, where a long context was read in windows
+        _print_json(named, answer, None if places is None else places[1])
         return
     if places is not None and set(QA_OUTPUTS) <= answer.keys():
         start, end = (answer.pop(n) for n in QA_OUTPUTS)
@@ -339,9 +341,10 @@ def _tokenized(texts: list[Text], bundle):
     return values, None, None
 
 
-def _print_json(model: str, answer: dict) -> None:
+def _print_json(model: str, answer: dict, pairs=None) -> None:
     """``answer`` as one line of JSON on stdout, each value in full (float32 as the shortest
-    decimal that reads back to it)."""
+    decimal that reads back to it); ``"pairs"``, the --text each row read, where a question
+    answerer read a long context in windows, a row each (``pairs``)."""
     import json
     import sys
 
@@ -361,7 +364,9 @@ def _print_json(model: str, answer: dict) -> None:
                 array = array.astype(str).astype(np.float64)  # the same float32 read back
             data = array.tolist()
         outputs[name] = {"datatype": kind, "shape": list(array.shape), "data": data}
-    doc = {"model": model, "outputs": outputs}
+    doc: dict = {"model": model, "outputs": outputs}
+    if pairs is not None:
+        doc["pairs"] = pairs.tolist()
     sys.stdout.write(json.dumps(doc) + "\n")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -131,10 +132,12 @@ def test_a_context_longer_than_the_model_is_answered_from_overlapping_windows(ti
         short_q, short_c = QUESTIONS[0]
         args = ["-t", q, "-p", c, "-t", short_q, "-p", short_c]
         r = _quantgate("infer", "--url", srv.url, "--bundle", str(tmp_path / "b"), *args)
+        js = _quantgate("infer", "--url", srv.url, "--bundle", str(tmp_path / "b"), "--json", *args)
     finally:
         assert srv.terminate() == 0, srv.log
     assert r.returncode == 0, r.stderr
     assert "cut" not in r.stderr, r.stderr  # read whole, not cut
+    assert js.returncode == 0, js.stderr
     lines = r.stdout.splitlines()
     long_line, short_line = lines[2], lines[4]
     assert " (window " in long_line and " of " in long_line, r.stdout
@@ -153,6 +156,7 @@ def test_a_context_longer_than_the_model_is_answered_from_overlapping_windows(ti
 
     feeds, w = text_windows(tmp_path / "b", [LONG, QUESTIONS[0]])
     assert len(w) == windows + 1 and w.pairs.tolist() == [0] * windows + [1]
+    assert json.loads(js.stdout)["pairs"] == w.pairs.tolist()  # --json: each row's -t
     sess = ort.InferenceSession(str(load(tmp_path / "b").file("fp32")))
     start, end = sess.run(["start_logits", "end_logits"], feeds)
     found = answers([LONG, QUESTIONS[0]], start, end, w.places, w.pairs)
