@@ -324,7 +324,7 @@ def tail_gate(
 # under (``gate_definitions``, beside its gate_config), and a re-gate of a bundle gated under
 # an older one says what changed since: the same gate, threshold and data can decide
 # differently. Bump it, with what changed, when a gate's value or decision changes.
-GATE_DEFINITIONS = 6
+GATE_DEFINITIONS = 7
 
 
 @dataclass(frozen=True)
@@ -392,6 +392,14 @@ DEFINITION_CHANGES: dict[int, tuple[Change, ...]] = {
             "on its cosine (it had no gate), and its evaluation rows need no 30 distinct "
             "embeddings",
             tasks=MULTI_LABEL_TASKS,
+        ),
+    ),
+    7: (
+        Change(
+            "a question answerer's text pair longer than the model is read in overlapping "
+            "windows, a row each, and span_agreement reads one answer a pair, its best-scoring "
+            "window's (the pair was cut at the model's length)",
+            tasks=QA_TASKS,
         ),
     ),
 }

@@ -192,6 +192,8 @@ def text_source(
                 yield Batch(feeds, labels, context=context if gated else None, windows=windows)
 
     long = f"; {cut} longer than the model's {limit} tokens, cut to them" if cut else ""
+    if cut and window_of is not None:
+        long = f"; {cut} cut, their question leaving the context no room"
     what = "text pairs" if pairs else "texts"
     if window_of is not None:
         what = f"windows of {scan.pairs} text pairs"
