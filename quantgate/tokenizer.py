@@ -35,6 +35,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+DOC_STRIDE = 128  # the most tokens two windows of a long context share (window_overlap)
 TOKENIZER_FILE = "tokenizer.json"  # transformers' name for the serialized pipeline
 OPTIONAL_INPUTS = ("token_type_ids", "attention_mask")  # as input_ids, where returned
 
@@ -127,10 +128,11 @@ class Tokenizer(Protocol):
 @dataclass(frozen=True)
 class Windows:
     """(question, context) pairs read as Hugging Face's question answering reads a context
-    longer than the model (run_qa.py's and the pipeline's ``doc_stride``): each window holds
-    the whole question and a part of the context, the parts overlapping by a third of the
-    model's length (``window_overlap``), so an answer cut at one window's edge is whole in
-    the next. A pair that fits is one window, as ``Tokenizer.encode`` reads it."""
+    longer than the model (its ``doc_stride``): each window holds the whole question and a
+    part of the context, neighbouring parts overlapping (``window_overlap``), so an answer
+    cut at one window's edge is whole in the next. A pair that fits is one window, as
+    ``Tokenizer.encode`` reads it. The windows run from the context's start whichever side
+    the tokenizer cuts (transformers' own run from its end for a left-cutting one)."""
 
     encoded: dict[str, np.ndarray]  # (W, T) as ``Tokenizer.encode`` gives them
     pairs: np.ndarray  # (W,) int64: the pair each window reads, by its index in those given
@@ -147,11 +149,11 @@ class Windows:
 
 
 def window_overlap(limit: int, room: int) -> int:
-    """Tokens two consecutive windows of a context share: a third of the model's ``limit``,
-    Hugging Face's default (doc_stride 128 of max_seq_len 384), and at most half the
-    ``room`` a window has for its context, so each window reads at least half a room of new
-    tokens."""
-    return min(limit // 3, room // 2)
+    """Tokens two consecutive windows of a context share: the question-answering pipeline's
+    doc_stride for windows of ``limit`` tokens, half of them and at most 128 (run_qa.py's
+    default: 128 of 384), and at most half the ``room`` a window has for its context, so
+    each window reads at least half a room of new tokens."""
+    return min(limit // 2, DOC_STRIDE, room // 2)
 
 
 @dataclass(frozen=True)

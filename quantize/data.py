@@ -280,6 +280,9 @@ class DataSource:
     labels_ignored: bool = False  # it had labels, which the model's gates do not read
     # a text file's rows are (text, text_pair) pairs; None: not text (arrays, a .npz)
     text_pairs: bool | None = None
+    # a question answerer's pairs read in windows, a row each (Batch.windows): the pairs
+    # those rows read, what its span gate counts; None where each row is its own
+    pairs: int | None = None
     # what fills a row past its real length, per input (the model's, as the server pads)
     pad_values: Mapping[str, int | float] = field(default_factory=dict, compare=False)
 
@@ -315,6 +318,7 @@ class DataSource:
             **({"in_calibration": self.in_calibration} if self.in_calibration is not None else {}),
             **({"repeated": self.repeated} if self.repeated else {}),
             **({"text_pairs": True} if self.text_pairs else {}),
+            **({"pairs": self.pairs} if self.pairs is not None else {}),  # samples: windows
             **({FINGERPRINT: prints.sample().record()} if prints is not None else {}),
         }
 

@@ -541,6 +541,13 @@ def _unscored_labels(reference: Outputs, task: str) -> None:
     )
 
 
+def _gated_rows(out: Outputs) -> int:
+    """The rows a gate counts: a question answerer's pairs where its rows are their windows
+    (``Outputs.windows``: the span gate reads one answer a pair), else the rows."""
+    windows = [w[:, 0] for w in out.windows if w is not None]
+    return len(np.unique(np.concatenate(windows))) if windows else out.rows
+
+
 def check_evaluation(reference: Outputs, task: str) -> None:
     """Raise DataError unless the evaluation rows can decide the gates: labels that are class
     indices (``check_label_range``), at least ``MIN_EVAL_ROWS`` rows for the accuracy, top-1
@@ -553,12 +560,14 @@ def check_evaluation(reference: Outputs, task: str) -> None:
         _unscored_labels(reference, task)
     if judged.kind is Kind.OTHER:
         return  # per-output cosine: a measurement on any number of rows
-    if reference.rows < MIN_EVAL_ROWS:
+    rows = _gated_rows(reference)
+    if rows < MIN_EVAL_ROWS:
         measure = "accuracy" if judged.kind is Kind.CLASSIFIER else "agreement"
+        what = "row(s)" if rows == reference.rows else "question/context pair(s), read in windows,"
         raise DataError(
-            f"the evaluation data has {reference.rows} row(s); the accuracy and agreement "
+            f"the evaluation data has {rows} {what}; the accuracy and agreement "
             f"gates (top-1, decisions, spans, nearest neighbours) need at least "
-            f"{MIN_EVAL_ROWS} (here each row is {100 / reference.rows:.3g} points of {measure})."
+            f"{MIN_EVAL_ROWS} (here each is {100 / max(rows, 1):.3g} points of {measure})."
             " Pass --eval with more held-out rows "
             "(hundreds for a 1-point accuracy gate), or raise eval_samples (--gate-config)."
         )
@@ -607,7 +616,19 @@ def check_eval_rows(
     are opened, before minutes of export, and said with the advice that fits: a file too
     small, or an ``eval_samples`` cap too low. A model with neither a classifier's nor an
     embedding's outputs is gated on cosine alone, on any number of rows."""
-    if not counts_rows(task, outputs) or ev.samples >= MIN_EVAL_ROWS:
+    if not counts_rows(task, outputs):
+        return
+    if ev.pairs is not None:  # rows that are windows: the span gate counts their pairs
+        if ev.pairs < MIN_EVAL_ROWS:
+            raise DataError(
+                f"{where} has {ev.pairs} question/context pair(s) (read as {ev.samples} "
+                f"windows); the span gate reads one answer a pair and needs at least "
+                f"{MIN_EVAL_ROWS} pairs (with {ev.pairs}, each pair is "
+                f"{100 / max(ev.pairs, 1):.3g} points of agreement). Pass more held-out pairs"
+                + (", or raise eval_samples (--gate-config)" if eval_samples is not None else "")
+            )
+        return
+    if ev.samples >= MIN_EVAL_ROWS:
         return
     # a classifier's rows are points of accuracy; an embedding's, of its neighbours' agreement
     measure = "accuracy" if task in CLASSIFIER_TASKS else "agreement"
@@ -1009,13 +1030,15 @@ def _span_agreement(ref: Outputs, cand: Outputs, cfg: GateConfig) -> GateResult:
         shifts = windows[:, 1] - np.argmax(allowed, axis=1)  # window token -> context token
         scores = (span_scores(a[start], a[end], x), span_scores(b[start], b[end], y))
         windowed.append((windows[:, 0], shifts, x, scores[0], y, scores[1]))
+    broken = 0  # rows (windows) whose scores are not finite: another window may hide them
     if windowed:  # a pair's windows may be in several batches
         w, shifts, x, sx, y, sy = (np.concatenate(c) for c in zip(*windowed, strict=True))
+        broken = int((y[:, 0] < 0).sum())
         _, pair = np.unique(w, return_inverse=True)
         same.append(np.stack([pair_spans(x, sx, pair, shifts), pair_spans(y, sy, pair, shifts)]))
     x, y = np.concatenate(same, axis=1)
     agree = (x == y).all(1) & (y[:, 0] >= 0)
-    broken = int((y[:, 0] < 0).sum())
+    broken = broken if windowed else int((y[:, 0] < 0).sum())
     rows = f"{len(agree)} {'pairs, their windows read as one' if windowed else 'rows'}"
     detail = (
         f"{' and '.join(QA_OUTPUTS)} vs FP32 on {rows}: rows whose answer span is FP32's (the "
@@ -1023,7 +1046,8 @@ def _span_agreement(ref: Outputs, cand: Outputs, cfg: GateConfig) -> GateResult:
         f"{' / '.join(sorted(read))})"
     )
     if broken:
-        detail += f"; {broken} rows without an answer, their scores not finite (any fails)"
+        which = "windows" if windowed else "rows"
+        detail += f"; {broken} {which} without an answer, their scores not finite (any fails)"
     return mean_gate(
         "span_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail, valid=not broken
     )

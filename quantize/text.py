@@ -119,13 +119,18 @@ def text_source(
         )
     lengths = np.asarray(scan.lengths, dtype=np.int64)
     offsets = np.asarray(scan.offsets, dtype=np.int64)
-    keep = stratified(lengths, samples)
-    cut = int(np.isin(keep, scan.cut).sum())
-    pairs = scan.paired
     # rows that are windows, where a pair was read in more than one (a pair that fits, or a
     # question that leaves no room, is one window: the row ``tokenize`` reads)
     window_of = np.asarray(scan.window_of, np.int64) if any(scan.window_of) else None
     pair_of = np.asarray(scan.pair_of, np.int64)
+    if window_of is None:
+        keep = stratified(lengths, samples)
+    else:  # ``samples`` pairs, each with every window: its answer is its windows' best
+        kept_pairs = stratified(np.bincount(pair_of, weights=lengths).astype(np.int64), samples)
+        keep = stratified(lengths, None)  # every window, in length order: those of the pairs
+        keep = keep[np.isin(pair_of[keep], kept_pairs)]
+    cut = int(np.isin(keep, scan.cut).sum())
+    pairs = scan.paired
     if cut and limit is not None:  # (texts are cut only where there is a limit)
         why = f"are longer than the model's {limit} tokens and are cut"
         if window_of is not None:  # the rest of the long ones are read in windows
@@ -141,12 +146,12 @@ def text_source(
             "the gates see" if role == "evaluation" else "the calibration sees",
             _kept_words(tok, limit, pair=pairs) + (_qa_cut(model) if role == "evaluation" else ""),
         )
-    if window_of is not None and (window_of[keep] > 0).any():
+    if window_of is not None and (window_of[keep] > 0).any():  # (whole pairs are kept)
         kept = np.unique(pair_of[keep])
         log.info(
             "%s: %d of %d %s text pairs are longer than the model's %d tokens: each is read "
-            "in overlapping windows (a third of the model's length shared, as Hugging Face's "
-            "doc_stride), a row each, as `quantgate infer` reads them: %d rows",
+            "in overlapping windows (Hugging Face's doc_stride), a row each, as `quantgate "
+            "infer` reads them: %d rows",
             where,
             len(np.unique(pair_of[keep][window_of[keep] > 0])),
             len(kept),
@@ -214,6 +219,7 @@ def text_source(
         row_hashes=np.asarray(scan.hashes, dtype=np.uint64)[keep],
         labels_ignored=scan.ignored > 0,
         text_pairs=pairs,
+        pairs=None if window_of is None else len(np.unique(pair_of[keep])),
     )
 
 
@@ -570,22 +576,17 @@ def tokenize(texts: Sequence[Text], model: ModelInfo, tokenizer: Tokenizer | Non
     rows = _rows(texts)  # before the tokenizer loads: seconds, for transformers' import
     tok = _own(tokenizer, model)
     limit = model.max_seq_len or None
-    hint = ""
-    if model.task in QA_TASKS:
-        hint = (
-            f"{_qa_cut(model)} (text_windows reads a long context in overlapping windows, as "
-            "`quantgate infer` does)"
-        )
     if limit is not None:
         for i, n in enumerate(_token_counts(tok, rows, None), 1):
             if n > limit:
+                pair = isinstance(rows[i - 1], tuple)
                 log.warning(
                     "text %d is %d tokens; the model reads at most %d, so %s%s",
                     i,
                     n,
                     limit,
-                    _cut_words(tok, n - limit, pair=isinstance(rows[i - 1], tuple)),
-                    hint,
+                    _cut_words(tok, n - limit, pair=pair),
+                    _qa_cut(model) + (_WINDOWS_HINT if pair and model.task in QA_TASKS else ""),
                 )
     return _encode(tok, rows, model, limit)
 
@@ -610,7 +611,8 @@ def windows(
         return None
     if read.cut:
         log.warning(
-            "%d of %d questions leave no room for their context in the model's %d tokens, so %s%s",
+            "%d of %d questions leave their context no room in the model's %d tokens, so the "
+            "model reads %s%s",
             len(read.cut),
             len(rows),
             limit,
@@ -627,6 +629,13 @@ def _own(tokenizer: Any, model: ModelInfo) -> Tokenizer:
     if not isinstance(tok, (Backend, Transformers)):
         tok = Transformers(tok, model.pad_values.get("input_ids", 0))
     return tok
+
+
+# where a question answerer's pair is cut by ``tokenize``: what would read it whole
+_WINDOWS_HINT = (
+    " (text_windows reads a long context in overlapping windows, as `quantgate infer` does, "
+    "where the tokenizer keeps offsets: a fast one)"
+)
 
 
 def _qa_cut(model: ModelInfo) -> str:
@@ -816,11 +825,14 @@ def _windows_at(
     limit: int | None,
 ) -> tuple[Feeds, np.ndarray, np.ndarray]:
     """Rows that are windows (``_Scan.window_of``): window ``nth[i]`` of ``texts[i]``, its
-    pair. Their inputs, their context tokens (``spans.context_mask``) and ``Batch.windows``:
-    each row's pair (``pairs``) and its part of the context's first token."""
-    read = _windows_of(tok, texts, limit, model)
+    pair (``pairs[i]``, its number). Their inputs, their context tokens
+    (``spans.context_mask``) and ``Batch.windows``: each row's pair and its part of the
+    context's first token. Each pair is read once, however many of its windows the rows
+    are (a long context's full windows sort together)."""
+    distinct, first_row, row_pair = np.unique(pairs, return_index=True, return_inverse=True)
+    read = _windows_of(tok, [texts[i] for i in first_row], limit, model)
     assert read is not None  # as the scan read them
-    chosen = np.searchsorted(read.pairs, np.arange(len(texts))) + nth
+    chosen = np.searchsorted(read.pairs, np.arange(len(distinct)))[row_pair] + nth
     places = [read.places[w] for w in chosen]
     width = max(len(p) for p in places)
     feeds = _feeds({k: v[chosen, :width] for k, v in read.encoded.items()}, model, "text")

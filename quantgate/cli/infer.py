@@ -237,6 +237,13 @@ def infer(
     if places is not None and set(QA_OUTPUTS) <= answer.keys():
         start, end = (answer.pop(n) for n in QA_OUTPUTS)
         _print_answers(rows, start, end, *places)
+    elif places is not None and places[1] is not None and answer:  # a score alone (-o)
+        out.print(
+            f"rows: windows of the --text pairs {places[1].tolist()} (a long context is read "
+            "in several)",
+            highlight=False,
+            soft_wrap=True,
+        )
     for name, array in answer.items():
         if array.dtype == object and classes:  # top classes, as asked for
             _print_classes(name, array)

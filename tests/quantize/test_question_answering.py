@@ -191,6 +191,51 @@ def test_a_long_context_is_gated_in_the_windows_it_is_answered_from(tmp_path, ca
     moved = [{k: v.copy() for k, v in b.items()} for b in cand_batches]
     moved[b1]["end_logits"][r1, begin1 + token - starts[1] + 1] = 9.5  # one token longer
     assert _gates(outputs(moved), outputs(ref_batches))["span_agreement"].value == 2 / 3
+    # scores that are not finite in one window fail the gate, though another window answers
+    broken = [{k: v.copy() for k, v in b.items()} for b in cand_batches]
+    broken[b0]["start_logits"][r0] = np.nan
+    gate = _gates(outputs(broken), outputs(ref_batches))["span_agreement"]
+    assert not gate.passed and "1 windows without an answer" in gate.detail, gate.detail
+
+
+def test_a_long_contexts_pairs_are_kept_whole_and_counted_as_pairs(tmp_path, caplog):
+    """A cap on the rows keeps pairs, each with all its windows (an answer from some of them
+    is not the one infer gives); the gates' fewest rows are pairs, which the span gate
+    counts, not their windows; a pair cut in a library call is pointed to text_windows, a
+    single text (which cannot be windowed) is not."""
+    import dataclasses
+    import logging
+
+    from quantgate.errors import DataError
+    from quantgate.quantize.data import open_source
+    from quantgate.quantize.gates import check_eval_rows
+    from quantgate.quantize.text import tokenize
+
+    info = dataclasses.replace(minilm_info("question-answering"), max_seq_len=32)
+    path = _long_pairs(tmp_path)
+    every = open_source(path, info, role="evaluation")
+    by_pair: dict[int, set] = {}
+    for b in every.batches():
+        for pair, start in b.windows.tolist():
+            by_pair.setdefault(pair, set()).add(start)
+    capped = open_source(path, info, role="evaluation", samples=2)
+    kept: dict[int, set] = {}
+    for b in capped.batches():
+        for pair, start in b.windows.tolist():
+            kept.setdefault(pair, set()).add(start)
+    assert len(kept) == 2 and all(kept[p] == by_pair[p] for p in kept), (kept, by_pair)
+    assert capped.pairs == 2 and capped.samples == sum(len(s) for s in kept.values())
+    outputs = ("start_logits", "end_logits")
+    with pytest.raises(DataError, match=r"has 3 question/context pair\(s\) \(read as \d+ windows"):
+        check_eval_rows(every, "question-answering", outputs, None, where="--eval long.jsonl")
+    long = " ".join(["word"] * 40)
+    with caplog.at_level(logging.WARNING):
+        tokenize([("who?", long)], info)
+    assert "text_windows reads a long context" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        tokenize([long], info)
+    assert "cannot be found" in caplog.text and "text_windows" not in caplog.text
 
 
 def test_question_answering_data_is_told_what_a_question_answerer_reads(tmp_path, caplog):

@@ -133,6 +133,9 @@ def test_a_context_longer_than_the_model_is_answered_from_overlapping_windows(ti
         args = ["-t", q, "-p", c, "-t", short_q, "-p", short_c]
         r = _quantgate("infer", "--url", srv.url, "--bundle", str(tmp_path / "b"), *args)
         js = _quantgate("infer", "--url", srv.url, "--bundle", str(tmp_path / "b"), "--json", *args)
+        one = _quantgate(
+            "infer", "--url", srv.url, "--bundle", str(tmp_path / "b"), "-o", "start_logits", *args
+        )
     finally:
         assert srv.terminate() == 0, srv.log
     assert r.returncode == 0, r.stderr
@@ -157,6 +160,7 @@ def test_a_context_longer_than_the_model_is_answered_from_overlapping_windows(ti
     feeds, w = text_windows(tmp_path / "b", [LONG, QUESTIONS[0]])
     assert len(w) == windows + 1 and w.pairs.tolist() == [0] * windows + [1]
     assert json.loads(js.stdout)["pairs"] == w.pairs.tolist()  # --json: each row's -t
+    assert f"rows: windows of the --text pairs {w.pairs.tolist()}" in one.stdout, one.stdout
     sess = ort.InferenceSession(str(load(tmp_path / "b").file("fp32")))
     start, end = sess.run(["start_logits", "end_logits"], feeds)
     found = answers([LONG, QUESTIONS[0]], start, end, w.places, w.pairs)
