@@ -16,8 +16,10 @@ run_qa.py's doc_stride): a pair's answer is its best-scoring window's (``best_wi
 and the gate compares answers as tokens of the whole context (``pair_spans``), so an
 answer found in two windows that overlap is one answer.
 
-Every question gets a span, as Hugging Face's pipeline answers by default: no "no answer"
-(SQuAD 2.0's [CLS] span) is chosen or compared.
+Every question gets a span, as Hugging Face's pipeline answers by default; a SQuAD 2.0
+model's bundle (gate setting ``null_answer``) may answer none: where the score of the span
+at the first token ([CLS]), its lowest over a pair's windows, beats every span's, as
+run_qa.py's version_2 rule (``null_scores``, ``pair_spans``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from quantgate.tokenizer import Place, Text
 # Hugging Face's run_qa.py example caps an answer at 30 tokens (its max_answer_length); its
 # pipeline at 15. The longer: a gate then also sees the long answers a client may allow.
 MAX_ANSWER_TOKENS = 30
+# A pair's answer where no answer beats every span (``pair_spans``, with null scores): unlike
+# any span, and unlike (-1, -1), a pair without an answer at all (scores not finite)
+NO_ANSWER = (-2, -2)
 
 
 def best_spans(
@@ -79,18 +84,42 @@ def best_windows(pairs: np.ndarray, scores: np.ndarray, count: int | None = None
     return best
 
 
+def null_scores(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """(N,) float64: each row's score of no answer, SQuAD 2.0's: the span of its first token
+    ([CLS], where right-padded rows begin), ``start[:, 0] + end[:, 0]``."""
+    return start[:, 0].astype(np.float64) + end[:, 0].astype(np.float64)
+
+
+def lowest_nulls(pairs: np.ndarray, nulls: np.ndarray, count: int | None = None) -> np.ndarray:
+    """(P,) for each pair, its window whose null score is lowest (run_qa.py's
+    min_null_prediction: the window that most believes an answer is there); -1 for none."""
+    return best_windows(pairs, -nulls, count)
+
+
 def pair_spans(
-    spans: np.ndarray, scores: np.ndarray, pairs: np.ndarray, shifts: np.ndarray
+    spans: np.ndarray,
+    scores: np.ndarray,
+    pairs: np.ndarray,
+    shifts: np.ndarray,
+    nulls: np.ndarray | None = None,
 ) -> np.ndarray:
     """(P, 2): each pair's answer over its windows (``pairs``: (W,) each window's pair), the
     best-scoring window's span, as indices among the pair's whole context's tokens: one
     answer found in two overlapping windows is one answer. ``spans`` and ``scores`` are each
     window's; ``shifts`` (W,) turn a window's token index into that index (its part's first
     token among the context's, ``Windows.starts``, less where its part begins in it).
-    (-1, -1) for a pair without an answer."""
+    (-1, -1) for a pair without an answer; with ``nulls`` (each window's ``null_scores``: a
+    model that may answer none), ``NO_ANSWER`` where the pair's lowest beats its best span."""
     out = np.full((int(pairs.max(initial=-1)) + 1, 2), -1, np.int64)
-    for pair, window in enumerate(best_windows(pairs, scores)):
-        if window >= 0 and spans[window, 0] >= 0:
+    # each pair's lowest null score (-inf: none beats a span, the model answers every question)
+    lowest = np.full(len(out), -np.inf)
+    if nulls is not None:
+        found = lowest_nulls(pairs, nulls, len(out))
+        lowest[found >= 0] = nulls[found[found >= 0]]
+    for pair, window in enumerate(best_windows(pairs, scores, len(out))):
+        if window >= 0 and lowest[pair] > scores[window]:
+            out[pair] = NO_ANSWER
+        elif window >= 0 and spans[window, 0] >= 0:
             out[pair] = spans[window] + shifts[window]
     return out
 
@@ -127,7 +156,8 @@ def span_probability(start: np.ndarray, end: np.ndarray, allowed: np.ndarray, sp
 class Answer:
     """An extractive answer: its text as the context spells it, the window it was read
     from (a row of the scores), its first and last token there, and its probability
-    (``span_probability``, in that window)."""
+    (``span_probability``, in that window). No answer (``null_answer``): text "" at tokens
+    0..0, the first token's span."""
 
     text: str
     window: int
@@ -142,22 +172,36 @@ def answers(
     end: np.ndarray,
     places: Sequence[Sequence[Place]],
     pairs: np.ndarray | None = None,
+    *,
+    max_tokens: int = MAX_ANSWER_TOKENS,
+    null_answer: bool = False,
 ) -> list[Answer | None]:
     """Each text's answer to its (question, context) pair, from a question answerer's
     ``start`` and ``end`` scores (W, T) for the texts' windows as its tokenizer placed their
     tokens (``Tokenizer.places``, or ``Windows.places``; ``pairs``: the text each window
     reads, ``Windows.pairs``; None: a window a text): the best span of a window's context
-    (``context_mask``, ``best_spans``) in the window where it scores highest
-    (``best_windows``), as `quantgate infer` prints it. A row without a pair answers from
-    its one text; None for a text with no answer (no context token, or scores that are not
-    finite)."""
+    (``context_mask``, ``best_spans``, at most ``max_tokens``) in the window where it scores
+    highest (``best_windows``), as `quantgate infer` prints it. With ``null_answer`` (a SQuAD
+    2.0 model), no answer where the pair's lowest null score beats that span's: an
+    ``Answer`` of text "" at the first token, the window's probability of no answer. A row
+    without a pair answers from its one text; None for a text with no answer at all (no
+    context token, or scores that are not finite)."""
     pairs = np.arange(len(texts)) if pairs is None else np.asarray(pairs, np.int64)
     read = [texts[p] for p in pairs.tolist()]  # each window's text
     allowed = context_mask(read, places, start.shape[1])
-    spans = best_spans(start, end, allowed)
-    best = best_windows(pairs, span_scores(start, end, spans), len(texts))
+    spans = best_spans(start, end, allowed, max_tokens)
+    scores = span_scores(start, end, spans)
+    best = best_windows(pairs, scores, len(texts))
+    nulls = null_scores(start, end)
+    lowest = lowest_nulls(pairs, nulls, len(texts))
+    if null_answer:  # the pipeline's probabilities: over the context and the first token
+        allowed[:, 0] = True
     found: list[Answer | None] = []
-    for text, window in zip(texts, best.tolist(), strict=True):
+    for text, window, empty in zip(texts, best.tolist(), lowest.tolist(), strict=True):
+        if null_answer and empty >= 0 and nulls[empty] > scores[window]:
+            p = span_probability(start[empty], end[empty], allowed[empty], (0, 0))
+            found.append(Answer("", empty, 0, 0, p))
+            continue
         if window < 0 or spans[window, 0] < 0:
             found.append(None)
             continue
@@ -171,11 +215,14 @@ def answers(
 
 __all__ = [
     "MAX_ANSWER_TOKENS",
+    "NO_ANSWER",
     "Answer",
     "answers",
     "best_spans",
     "best_windows",
     "context_mask",
+    "lowest_nulls",
+    "null_scores",
     "pair_spans",
     "span_probability",
     "span_scores",

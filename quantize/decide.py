@@ -62,6 +62,12 @@ class GateConfig:
     threads: int = 0
     eval_samples: int | None = None  # cap on evaluation rows (length-stratified); None: all
     seed: int = 0  # bootstrap resampling
+    # How a question answerer's answer is read, by its span gates and by `quantgate infer`
+    # (quantgate.spans): an answer spans at most max_answer_tokens tokens (run_qa.py's 30);
+    # with null_answer (a SQuAD 2.0 model), a question may have none: where the score of the
+    # span at the first token ([CLS]) beats every span's, as run_qa.py's version_2 rule.
+    max_answer_tokens: int = 30
+    null_answer: bool = False
 
     def __post_init__(self):
         check_fields(self)  # types first: a list of batch sizes becomes a tuple, 1.7 is refused
@@ -105,6 +111,8 @@ class GateConfig:
             problems.append(("warmup", f"{self.warmup}: expected >= 0"))
         if self.bootstrap < 100:
             problems.append(("bootstrap", f"{self.bootstrap}: expected >= 100"))
+        if self.max_answer_tokens < 1:
+            problems.append(("max_answer_tokens", f"{self.max_answer_tokens}: expected >= 1"))
         if self.eval_samples is not None and self.eval_samples < 1:
             problems.append(("eval_samples", f"{self.eval_samples}: expected >= 1 (or unset: all)"))
         if problems:

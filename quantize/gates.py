@@ -75,7 +75,7 @@ from quantgate.quantize.stats import (
     wilson,
 )
 from quantgate.sessions import session
-from quantgate.spans import MAX_ANSWER_TOKENS, best_spans, pair_spans, span_scores
+from quantgate.spans import NO_ANSWER, best_spans, null_scores, pair_spans, span_scores
 from quantgate.tasks import (
     CLASSIFIER_TASKS,
     EMBEDDING_TASKS,
@@ -539,6 +539,25 @@ def _unscored_labels(reference: Outputs, task: str) -> None:
         "out to gate on agreement with FP32 (the one way for a bundle already exported, "
         "short of exporting it again)."
     )
+
+
+def warn_unread_answer_rule(task: str, cfg: GateConfig) -> None:
+    """Warn where ``cfg`` sets how a question answerer's answers are read (null_answer,
+    max_answer_tokens) for a model that is none: the setting changes nothing."""
+    default = GateConfig()
+    given = [
+        f"{name} {getattr(cfg, name)}"
+        for name in ("null_answer", "max_answer_tokens")
+        if getattr(cfg, name) != getattr(default, name)
+    ]
+    if given and task not in QA_TASKS:
+        log.warning(
+            "%s: how a question answerer's answers are read; this is a %s model, which has "
+            "none: %s nothing",
+            " and ".join(given),
+            task,
+            "they change" if len(given) > 1 else "it changes",
+        )
 
 
 def _gated_rows(out: Outputs) -> int:
@@ -1010,40 +1029,41 @@ def _embedding_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfi
 
 
 def _span_agreement(ref: Outputs, cand: Outputs, cfg: GateConfig) -> GateResult:
-    """``span_agreement``: the share of rows whose answer span is FP32's, with Wilson's
-    interval, at least ``min_top1_agreement``. The span is ``spans.best_spans``' over the
-    row's context (``_answer_tokens``): the answer `quantgate infer` prints. A pair read in
-    windows (``Batch.windows``) is one row, its answer its best-scoring window's, compared as
-    tokens of the whole context (``spans.pair_spans``). The start and end scores' cosine to
-    FP32's is gated beside it."""
-    same, read = [], set()
-    windowed: list[tuple[np.ndarray, ...]] = []  # (windows, shifts, x, x's scores, y, ...)
-    start, end = QA_OUTPUTS
+    """``span_agreement``: the share of rows whose answer is FP32's, with Wilson's interval,
+    at least ``min_top1_agreement``. The answer is ``spans.best_spans``' over the row's
+    context (``_answer_tokens``), or none where ``cfg.null_answer`` and its score beats the
+    span's: the answer `quantgate infer` prints. A pair read in windows (``Batch.windows``)
+    is one row, its answer its best-scoring window's, compared as tokens of the whole
+    context (``spans.pair_spans``). The start and end scores' cosine to FP32's is gated
+    beside it."""
+    same, read, broken = [], set(), 0
+    windowed: list[tuple[np.ndarray, ...]] = []  # (pairs, shifts, then x's and y's answers)
     for a, b, mask, types, context, windows in _span_batches(ref, cand):
-        allowed, how = _answer_tokens(a[start], mask, types, context)
-        x = best_spans(a[start], a[end], allowed)
-        y = best_spans(b[start], b[end], allowed)
+        allowed, how = _answer_tokens(a[QA_OUTPUTS[0]], mask, types, context)
+        x, y = _answers(a, allowed, cfg), _answers(b, allowed, cfg)
         read.add(how)
+        broken += int((y[0][:, 0] < 0).sum())  # a row's (a window's) scores not finite
         if windows is None:
-            same.append(np.stack([x, y]))
+            same.append(np.stack([_one_answer(*x, cfg), _one_answer(*y, cfg)]))
             continue
         shifts = windows[:, 1] - np.argmax(allowed, axis=1)  # window token -> context token
-        scores = (span_scores(a[start], a[end], x), span_scores(b[start], b[end], y))
-        windowed.append((windows[:, 0], shifts, x, scores[0], y, scores[1]))
-    broken = 0  # rows (windows) whose scores are not finite: another window may hide them
+        windowed.append((windows[:, 0], shifts, *x, *y))
     if windowed:  # a pair's windows may be in several batches
-        w, shifts, x, sx, y, sy = (np.concatenate(c) for c in zip(*windowed, strict=True))
-        broken = int((y[:, 0] < 0).sum())
+        w, shifts, *answers = (np.concatenate(c) for c in zip(*windowed, strict=True))
         _, pair = np.unique(w, return_inverse=True)
-        same.append(np.stack([pair_spans(x, sx, pair, shifts), pair_spans(y, sy, pair, shifts)]))
+        nulls = (answers[2], answers[5]) if cfg.null_answer else (None, None)
+        same.append(np.stack([
+            pair_spans(answers[0], answers[1], pair, shifts, nulls[0]),
+            pair_spans(answers[3], answers[4], pair, shifts, nulls[1]),
+        ]))  # fmt: skip
     x, y = np.concatenate(same, axis=1)
-    agree = (x == y).all(1) & (y[:, 0] >= 0)
-    broken = broken if windowed else int((y[:, 0] < 0).sum())
+    agree = (x == y).all(1) & (y[:, 0] != -1)
     rows = f"{len(agree)} {'pairs, their windows read as one' if windowed else 'rows'}"
+    null = "; or none, where the first token's span scores higher" if cfg.null_answer else ""
     detail = (
         f"{' and '.join(QA_OUTPUTS)} vs FP32 on {rows}: rows whose answer span is FP32's (the "
-        f"highest start + end score, start <= end, at most {MAX_ANSWER_TOKENS} tokens, of "
-        f"{' / '.join(sorted(read))})"
+        f"highest start + end score, start <= end, at most {cfg.max_answer_tokens} tokens, of "
+        f"{' / '.join(sorted(read))}{null})"
     )
     if broken:
         which = "windows" if windowed else "rows"
@@ -1051,6 +1071,26 @@ def _span_agreement(ref: Outputs, cand: Outputs, cfg: GateConfig) -> GateResult:
     return mean_gate(
         "span_agreement", agree, cfg.min_top1_agreement, ">=", cfg, detail, valid=not broken
     )
+
+
+def _answers(
+    scores: dict[str, np.ndarray], allowed: np.ndarray, cfg: GateConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A batch's best spans of the ``allowed`` tokens (at most ``cfg.max_answer_tokens``),
+    their scores, and each row's score of no answer (``spans.null_scores``)."""
+    start, end = (scores[n] for n in QA_OUTPUTS)
+    spans = best_spans(start, end, allowed, cfg.max_answer_tokens)
+    return spans, span_scores(start, end, spans), null_scores(start, end)
+
+
+def _one_answer(
+    spans: np.ndarray, scores: np.ndarray, nulls: np.ndarray, cfg: GateConfig
+) -> np.ndarray:
+    """Each row's answer, a row a pair: its span, or ``NO_ANSWER`` where ``cfg.null_answer``
+    and the row's null score beats its span's."""
+    if not cfg.null_answer:
+        return spans
+    return np.where((nulls > scores)[:, None], np.asarray(NO_ANSWER), spans)
 
 
 _Maybe = np.ndarray | None  # a batch's mask, token types or context, where kept
@@ -1247,21 +1287,20 @@ def _batch_embedding(
 def _batch_spans(
     together: Outputs, alone: Outputs, output: str, cfg: GateConfig, detail: str
 ) -> GateResult:
-    """Rows whose answer span alone is the one they get batched."""
-    start, end = QA_OUTPUTS
+    """Rows whose answer alone is the one they get batched (a window a row)."""
     batched = [
-        best_spans(b[start], b[end], _answer_tokens(b[start], mask, types, context)[0])
+        _one_answer(*_answers(b, _answer_tokens(b[output], mask, types, context)[0], cfg), cfg)
         for b, _, mask, types, context, _ in _span_batches(together)
     ]
     lone = [  # a row each, its real tokens alone
-        best_spans(b[start], b[end], _answer_tokens(b[start], None, types, context)[0])
+        _one_answer(*_answers(b, _answer_tokens(b[output], None, types, context)[0], cfg), cfg)
         for b, _, _, types, context, _ in _span_batches(alone)
     ]
     x, y = np.concatenate(batched), np.concatenate(lone)
     return mean_gate(
-        "batch_span_agreement", (x == y).all(1) & (y[:, 0] >= 0), cfg.min_top1_agreement,
+        "batch_span_agreement", (x == y).all(1) & (y[:, 0] != -1), cfg.min_top1_agreement,
         ">=", cfg, detail + "; rows whose answer span is the same alone as batched",
-        valid=bool((y[:, 0] >= 0).all()),
+        valid=bool((y[:, 0] != -1).all()),
     )  # fmt: skip
 
 
@@ -1310,4 +1349,5 @@ __all__ = [
     "kind_of",
     "labels_at_chance",
     "neighbours_agree",
+    "warn_unread_answer_rule",
 ]

@@ -59,6 +59,7 @@ from quantgate.quantize.gates import (
     check_eval_rows,
     check_evaluation,
     collect,
+    warn_unread_answer_rule,
 )
 from quantgate.quantize.heldout import Fingerprint, check_held_out, distinct_rows
 from quantgate.quantize.labels import NO_LABEL
@@ -235,6 +236,7 @@ def _regate(
         section = reports.cuda_regated(manifest, when, *said, gated, gate_cfg.confidence)
     else:
         check_eval_rows(ev, m.task, [o.name for o in m.outputs], gate_cfg.eval_samples, where=where)
+        warn_unread_answer_rule(m.task, gate_cfg)
         variants, kept, new = _regate_int8(bundle, ev, gate_cfg, emit)
         manifest = _recorded(m, variants, record)
         section = reports.regate_section(manifest, when, gate_cfg, *said, kept=kept, new=new)

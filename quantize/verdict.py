@@ -171,6 +171,8 @@ POLICY = (
     "confidence",
     "batch_sizes",
     "seq_len",
+    "max_answer_tokens",
+    "null_answer",
 )
 
 

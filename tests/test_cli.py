@@ -53,9 +53,11 @@ def test_help_shows_the_gate_defaults(cli):
         ("--min-speedup", d.min_speedup),
         ("--min-cosine", d.min_cosine),
         ("--min-top1", d.min_top1_agreement),
+        ("--max-answer-tokens", d.max_answer_tokens),
     ):
         help_of_flag = rf"{flag} [A-Z]+ (?:(?!--).)*?"  # up to the next option
         assert re.search(rf"{help_of_flag}\[default: {default:g}\]", text), (flag, text)
+    assert not d.null_answer and re.search(r"--no-null-answer (?:(?!--).)*?\[default: no\]", text)
     q = QuantConfig()
     for flag, default in (
         ("--search-budget", q.search_budget_s),
@@ -65,7 +67,7 @@ def test_help_shows_the_gate_defaults(cli):
         assert re.search(rf"{help_of_flag}\(default {default:g}\)", text), (flag, text)
     r = cli("gate", "--help")  # a re-gate keeps the bundle's thresholds
     text = " ".join(r.stdout.split())
-    assert text.count("[default: the one the bundle was last gated with]") == 4, text
+    assert text.count("[default: the one the bundle was last gated with]") == 5, text
 
 
 def test_ctrl_c_exits_130(cli, monkeypatch):

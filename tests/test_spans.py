@@ -113,3 +113,48 @@ def test_answers_read_each_texts_windows_and_name_the_window_found_in():
     (found,) = answers([text], start, end, places, np.array([0, 0]))
     assert isinstance(found, Answer) and (found.text, found.window) == ("three", 1)
     assert (found.first, found.last) == (5, 5)
+
+
+def test_a_null_answer_is_chosen_where_the_first_tokens_span_beats_every_span():
+    """SQuAD 2.0's rule (run_qa.py's version_2): no answer where the lowest null score of a
+    pair's windows beats its best span's; a model that answers every question never."""
+    from quantgate.spans import NO_ANSWER, Answer, answers, null_scores, pair_spans, span_scores
+
+    # [CLS] q [SEP] c c [SEP]: window 0 and 1 of pair 0, window 2 of pair 1
+    places = [[None, (0, 0, 1), None, (1, 0, 3), (1, 4, 7), None]] * 3
+    texts = [("q", "one two"), ("q", "one two")]
+    start, end = np.zeros((3, 6)), np.zeros((3, 6))
+    start[:, 3], end[:, 4] = 2.0, 2.0  # every window's span "one two" scores 4
+    start[0, 0], end[0, 0] = 3.0, 3.0  # window 0's null: 6, above pair 0's best span
+    start[1, 0], end[1, 0] = 1.0, 1.0  # window 1's null: 2, pair 0's lowest: below the span
+    start[2, 0], end[2, 0] = 3.0, 3.0  # pair 1's only window: null 6 beats its span
+    pairs = np.array([0, 0, 1])
+    allowed = np.zeros((3, 6), bool)
+    allowed[:, 3:5] = True
+    spans = best_spans(start, end, allowed)
+    scores, nulls = span_scores(start, end, spans), null_scores(start, end)
+    assert nulls.tolist() == [6.0, 2.0, 6.0]
+    got = pair_spans(spans, scores, pairs, np.zeros(3, np.int64), nulls)
+    assert got.tolist() == [[3, 4], list(NO_ANSWER)]
+    assert pair_spans(spans, scores, pairs, np.zeros(3, np.int64)).tolist() == [[3, 4], [3, 4]]
+    found = answers(texts, start, end, places, pairs, null_answer=True)
+    assert found[0] is not None and found[0].text == "one two"
+    assert isinstance(found[1], Answer) and (found[1].text, found[1].window) == ("", 2)
+    p = np.exp(3) / (np.exp(3) + np.exp(2) + 1)  # [CLS] against the context's two tokens
+    assert (found[1].first, found[1].last) == (0, 0) and np.isclose(found[1].probability, p * p)
+    assert [a.text for a in answers(texts, start, end, places, pairs) if a] == ["one two"] * 2
+    # the longest answer a setting allows
+    assert answers(texts, start, end, places, pairs, max_tokens=1)[0].text in ("one", "two")
+
+
+def test_infer_says_no_answer_where_the_null_answer_wins(capsys):
+    from quantgate.cli.infer import _print_answers
+
+    places = [[None, (0, 0, 1), None, (1, 0, 3), (1, 4, 7), None]]
+    start, end = np.zeros((1, 6)), np.zeros((1, 6))
+    start[0, 0], end[0, 0] = 5.0, 5.0
+    for null_answer, said in ((True, "no answer: the first token's span"), (False, "'one")):
+        _print_answers(
+            [("q", "one two")], start, end, places, None, max_tokens=30, null_answer=null_answer
+        )
+        assert said in capsys.readouterr().out

@@ -36,6 +36,23 @@ MinTop1 = Annotated[
 ]
 
 
+NULL_HELP = (
+    "A question answerer may answer nothing (a SQuAD 2.0 model): where the first token's span "
+    "([CLS]) scores above every span of the context, as run_qa.py's version_2 rule; its span "
+    "gates and `quantgate infer` read answers so"
+)
+MAX_TOKENS_HELP = "A question answerer's longest answer, in tokens, for its span gates and infer"
+NullAnswer = Annotated[
+    bool | None,
+    typer.Option(
+        "--null-answer/--no-null-answer", help=NULL_HELP + " [default: no].", show_default=False
+    ),
+]
+MaxAnswerTokens = Annotated[
+    int | None, typer.Option(metavar="N", help=MAX_TOKENS_HELP + " [default: 30].")
+]
+
+
 def kept_option(what: str, metavar: str):
     """A threshold flag of `quantgate gate`, whose default is the bundle's own."""
     return typer.Option(
@@ -49,13 +66,17 @@ GateFile = Annotated[
 ]
 
 
-def gate_flags(max_accuracy_drop, min_speedup, min_cosine, min_top1) -> dict:
+def gate_flags(
+    max_accuracy_drop, min_speedup, min_cosine, min_top1, null_answer=None, max_answer_tokens=None
+) -> dict:
     """{GateConfig field: (its flag, the value given or None)}."""
     return {
         "max_accuracy_drop": ("--max-accuracy-drop", max_accuracy_drop),
         "min_speedup": ("--min-speedup", min_speedup),
         "min_cosine": ("--min-cosine", min_cosine),
         "min_top1_agreement": ("--min-top1", min_top1),
+        "null_answer": ("--null-answer", null_answer),
+        "max_answer_tokens": ("--max-answer-tokens", max_answer_tokens),
     }
 
 

@@ -12,10 +12,12 @@ from quantgate.cli._bundle import export_notes, fusions
 from quantgate.cli._console import bars, out, progress
 from quantgate.cli._gates import (
     GateFile,
+    MaxAnswerTokens,
     MaxDrop,
     MinCosine,
     MinSpeedup,
     MinTop1,
+    NullAnswer,
     gate_flags,
     print_gates,
     read_gate_config,
@@ -169,6 +171,8 @@ def export_command(
     min_speedup: MinSpeedup = None,
     min_cosine: MinCosine = None,
     min_top1: MinTop1 = None,
+    null_answer: NullAnswer = None,
+    max_answer_tokens: MaxAnswerTokens = None,
     gate_config: GateFile = None,
 ) -> None:
     """Export MODEL, quantize it to INT8 with calibration data, gate it, write a bundle.
@@ -196,7 +200,7 @@ def export_command(
             search_budget=search_budget, max_candidates=max_candidates, recipe=recipe,
             fp16=fp16, cuda_gates=cuda_gates, max_accuracy_drop=max_accuracy_drop,
             min_speedup=min_speedup, min_cosine=min_cosine, min_top1=min_top1,
-            gate_config=gate_config,
+            null_answer=null_answer, max_answer_tokens=max_answer_tokens, gate_config=gate_config,
         )  # fmt: skip
         with progress() as bar:
             bundle = export(model, out_dir, cfg=cfg, force=force, on_progress=bars(bar))
@@ -211,7 +215,9 @@ def export_command(
     for flag, path in (("--calibration", calibration), ("--eval", eval_data)):
         if path is not None:
             check_path(path, flag)  # before minutes of export, not after
-    flags = gate_flags(max_accuracy_drop, min_speedup, min_cosine, min_top1)
+    flags = gate_flags(
+        max_accuracy_drop, min_speedup, min_cosine, min_top1, null_answer, max_answer_tokens
+    )
     gates = read_gate_config(gate_config, flags)
     given: dict[str, Any] = dict(
         search_budget_s=search_budget,

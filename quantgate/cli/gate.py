@@ -12,6 +12,8 @@ from quantgate.cli._app import command
 from quantgate.cli._console import bars, progress
 from quantgate.cli._gates import (
     COSINE_HELP,
+    MAX_TOKENS_HELP,
+    NULL_HELP,
     TOP1_HELP,
     GateFile,
     gate_flags,
@@ -56,6 +58,15 @@ def gate(
     ] = None,
     min_cosine: Annotated[float | None, kept_option(COSINE_HELP, "COSINE")] = None,
     min_top1: Annotated[float | None, kept_option(TOP1_HELP, "RATE")] = None,
+    null_answer: Annotated[
+        bool | None,
+        typer.Option(
+            "--null-answer/--no-null-answer",
+            help=NULL_HELP + " [default: the bundle's last gating's].",
+            show_default=False,
+        ),
+    ] = None,
+    max_answer_tokens: Annotated[int | None, kept_option(MAX_TOKENS_HELP, "N")] = None,
     gate_config: GateFile = None,
     device: Annotated[
         GateDevice | None,
@@ -94,7 +105,9 @@ def gate(
     from quantgate.errors import ConfigError
     from quantgate.quantize.regating import regate
 
-    flags = gate_flags(max_accuracy_drop, min_speedup, min_cosine, min_top1)
+    flags = gate_flags(
+        max_accuracy_drop, min_speedup, min_cosine, min_top1, null_answer, max_answer_tokens
+    )
     provider = None if device is None else CUDA if device == GateDevice.CUDA else CPU
     try:
         with progress() as bar:

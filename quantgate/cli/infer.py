@@ -236,7 +236,8 @@ def infer(
         return
     if places is not None and set(QA_OUTPUTS) <= answer.keys():
         start, end = (answer.pop(n) for n in QA_OUTPUTS)
-        _print_answers(rows, start, end, *places)
+        assert bundle is not None  # places come from text, which needs --bundle
+        _print_answers(rows, start, end, *places, **_answer_rule(bundle))
     elif places is not None and places[1] is not None and answer:  # a score alone (-o)
         out.print(
             f"rows: windows of the --text pairs {places[1].tolist()} (a long context is read "
@@ -511,7 +512,20 @@ def _print_tags(texts: list[Text], logits, names: tuple[str, ...], pieces: list[
             say(f"    {token:<16} {label:<12} {row[top]:.3f}")
 
 
-def _print_answers(texts: list[Text], start, end, places: list, pairs) -> None:
+def _answer_rule(bundle) -> dict:
+    """How ``bundle``'s gates read a question answerer's answers (the gate settings it was
+    last gated with: max_answer_tokens, null_answer), as ``spans.answers`` takes them: infer
+    prints the answers the gates judged."""
+    from quantgate.quantize.decide import GateConfig
+    from quantgate.quantize.regating import recorded_gate_config
+
+    cfg = recorded_gate_config(bundle.manifest) or GateConfig()
+    return {"max_tokens": cfg.max_answer_tokens, "null_answer": cfg.null_answer}
+
+
+def _print_answers(
+    texts: list[Text], start, end, places: list, pairs, *, max_tokens: int, null_answer: bool
+) -> None:
     """An extractive question answerer's answer to each (question, context) pair
     (``spans.answers``, the span_agreement gate's rule) and its probability; the window it
     was found in where a context was read in several (``pairs``: each row's text)."""
@@ -523,11 +537,19 @@ def _print_answers(texts: list[Text], start, end, places: list, pairs) -> None:
     say = functools.partial(out.print, highlight=False, markup=False, soft_wrap=True)
     say(f"start_logits, end_logits {list(start.shape)}: each row's answer")
     windows = np.bincount(pairs, minlength=len(texts)) if pairs is not None else None
-    found = answers(texts, start, end, places, pairs)
+    found = answers(
+        texts, start, end, places, pairs, max_tokens=max_tokens, null_answer=null_answer
+    )
     for row, (text, answer) in enumerate(zip(texts, found, strict=True)):
         say(f"  {quoted(text)}")
         if answer is None:
             say("    no answer (no token of the context, or scores that are not finite)")
+            continue
+        if answer.last == 0:  # the first token's span: no answer (null_answer)
+            say(
+                "    no answer: the first token's span scores above every span of the context "
+                f"(SQuAD 2.0's; null_answer), probability {answer.probability:.3f}"
+            )
             continue
         where = f"tokens {answer.first}..{answer.last}"
         if windows is not None and windows[row] > 1:

@@ -64,6 +64,25 @@ def test_span_agreement_counts_rows_whose_answer_in_the_context_is_fp32s():
     assert "rows whose answer span is FP32's" in gates["span_agreement"].detail
 
 
+def test_a_null_answer_is_an_answer_where_the_bundle_says_its_model_may_give_none():
+    """With null_answer (a SQuAD 2.0 model), an INT8 whose first token's span comes to beat
+    FP32's answer answers nothing there: a different answer. Without it, no answer is
+    read, and the spans agree as before; the answer's length is the setting's."""
+    start, end, mask, types = _rows()
+    ref = _qa(start, end, mask, types)
+    cls = start.copy(), end.copy()
+    cls[0][:8, 0] = cls[1][:8, 0] = 6.0  # 8 of 40 rows: [CLS] 12 against the span's 10
+    cand = _qa(*cls, mask, types)
+    null = GateConfig(null_answer=True)
+    gate = {g.name: g for g in accuracy_gates(ref, cand, "question-answering", null)}
+    assert gate["span_agreement"].value == pytest.approx(32 / 40)
+    assert "or none, where the first token's span scores higher" in gate["span_agreement"].detail
+    assert _gates(cand, ref)["span_agreement"].value == 1  # none read: the same spans
+    short = GateConfig(max_answer_tokens=1)  # FP32's answer, two tokens, no longer fits
+    gate = {g.name: g for g in accuracy_gates(ref, ref, "question-answering", short)}
+    assert gate["span_agreement"].value == 1 and "at most 1 tokens" in gate["span_agreement"].detail
+
+
 def test_scores_outside_the_context_move_no_answer_and_broken_scores_fail():
     start, end, mask, types = _rows()
     ref = _qa(start, end, mask, types)
@@ -304,3 +323,20 @@ def test_a_question_answering_export_gates_its_spans_alone_and_batched(tiny_bert
     )  # fmt: skip
     assert regate.returncode == 2, regate.stderr
     assert "single texts, but the data this bundle was calibrated on" in regate.stderr
+    # re-gated as a SQuAD 2.0 model's: the setting kept, and infer reads answers by it
+    nulled = subprocess.run(
+        [sys.executable, "-m", "quantgate", "gate", str(tmp_path / "b"), "--eval",
+         str(tmp_path / "eval.jsonl"), "--null-answer", "--max-answer-tokens", "12"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert nulled.returncode in (0, 3), nulled.stderr
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    kept = manifest["extra"]["regates"][-1]["gate_config"]
+    assert kept["null_answer"] is True and kept["max_answer_tokens"] == 12
+    int8 = next(v for v in manifest["variants"] if v["precision"] == "int8")
+    detail = next(g["detail"] for g in int8["gates"] if g["name"] == "span_agreement")
+    assert "at most 12 tokens" in detail and "or none, where the first token's" in detail
+    from quantgate.bundle import load
+    from quantgate.cli.infer import _answer_rule
+
+    assert _answer_rule(load(tmp_path / "b")) == {"max_tokens": 12, "null_answer": True}
