@@ -63,6 +63,16 @@ def infer(
             "tokenizer(text, text_pair) does.",
         ),
     ] = None,
+    null_answer: Annotated[
+        bool | None,
+        typer.Option(
+            "--null-answer/--no-null-answer",
+            help="A question answerer may answer nothing (a SQuAD 2.0 model): 'no answer' "
+            "where the first token's span scores above every span of the context. [default: "
+            "as the bundle was gated (its null_answer setting), else no]",
+            show_default=False,
+        ),
+    ] = None,
     bundle_dir: Annotated[
         Path | None,
         typer.Option(
@@ -148,8 +158,13 @@ def infer(
 
     from quantgate.bundle import load
     from quantgate.errors import BadRequest, ConfigError
-    from quantgate.tasks import QA_OUTPUTS
+    from quantgate.tasks import QA_OUTPUTS, QA_TASKS
 
+    if null_answer is not None and not text_pairs:
+        raise ConfigError(
+            "--null-answer reads a question answerer's answers to its questions: give each as "
+            "-t QUESTION -p CONTEXT --bundle BUNDLE"
+        )
     if text_pairs and not texts:
         raise ConfigError("--text-pair needs --text: each pair is -t TEXT -p TEXT_PAIR")
     if not inputs and not texts:
@@ -189,6 +204,11 @@ def infer(
     bundle = None if bundle_dir is None else load(bundle_dir, verify=bool(texts))
     if classes and bundle is not None:
         _refuse_classes_of(bundle.manifest.task, str(bundle.path), texts=bool(texts))
+    if null_answer is not None and bundle is not None and bundle.manifest.task not in QA_TASKS:
+        raise ConfigError(
+            f"--null-answer: {bundle.path} is a {bundle.manifest.task} model, which answers no "
+            "questions; drop --null-answer"
+        )
     if model is not None:
         named = model
     else:  # the name in the bundle's manifest (one of the two is given: checked above)
@@ -237,7 +257,10 @@ def infer(
     if places is not None and set(QA_OUTPUTS) <= answer.keys():
         start, end = (answer.pop(n) for n in QA_OUTPUTS)
         assert bundle is not None  # places come from text, which needs --bundle
-        _print_answers(rows, start, end, *places, **_answer_rule(bundle))
+        rule = _answer_rule(bundle)
+        if null_answer is not None:  # the flag's, over the bundle's
+            rule["null_answer"] = null_answer
+        _print_answers(rows, start, end, *places, **rule)
     elif places is not None and places[1] is not None and answer:  # a score alone (-o)
         out.print(
             f"rows: windows of the --text pairs {places[1].tolist()} (a long context is read "

@@ -30,12 +30,15 @@ def _quantgate(*args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def _answer(model, question: str, context: str, limit: int | None = None) -> str:
+def _answer(
+    model, question: str, context: str, limit: int | None = None, null: bool = False
+) -> str:
     """PyTorch's answer, by brute force: of every span of context tokens, start <= end and
     at most 30 tokens, the highest start + end logit (run_qa.py's postprocessing, without its
     top-20 shortlists), as the context's characters; a context longer than ``limit`` tokens
     read in transformers' own overlapping windows (return_overflowing_tokens, stride), the
-    answer the best-scoring window's."""
+    answer the best-scoring window's; with ``null``, "" where the [CLS] span's score, its
+    lowest over the windows, beats it (run_qa.py's version_2 rule)."""
     import torch
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
@@ -56,9 +59,10 @@ def _answer(model, question: str, context: str, limit: int | None = None) -> str
     takes = inspect.signature(qa.forward).parameters  # DistilBERT's: no token_type_ids
     with torch.no_grad():
         out = qa(**{k: v for k, v in enc.items() if k in takes})
-    found = []  # (score, window, first, last)
+    found, nulls = [], []  # (score, window, first, last); each window's [CLS] span's score
     logits = zip(out.start_logits.tolist(), out.end_logits.tolist(), strict=True)
     for w, (start, end) in enumerate(logits):
+        nulls.append(start[0] + end[0])
         context_tokens = [i for i, s in enumerate(enc.sequence_ids(w)) if s == 1]
         found += [
             (start[a] + end[b], w, a, b)
@@ -66,7 +70,9 @@ def _answer(model, question: str, context: str, limit: int | None = None) -> str
             for b in context_tokens
             if a <= b < a + 30
         ]
-    _, w, first, last = max(found, key=lambda f: f[0])
+    score, w, first, last = max(found, key=lambda f: f[0])
+    if null and min(nulls) > score:
+        return ""
     return context[offsets[w][first][0] : offsets[w][last][1]]
 
 
@@ -136,6 +142,9 @@ def test_a_context_longer_than_the_model_is_answered_from_overlapping_windows(ti
         one = _quantgate(
             "infer", "--url", srv.url, "--bundle", str(tmp_path / "b"), "-o", "start_logits", *args
         )
+        nulled = _quantgate(
+            "infer", "--url", srv.url, "--bundle", str(tmp_path / "b"), "--null-answer", *args
+        )
     finally:
         assert srv.terminate() == 0, srv.log
     assert r.returncode == 0, r.stderr
@@ -161,6 +170,18 @@ def test_a_context_longer_than_the_model_is_answered_from_overlapping_windows(ti
     assert len(w) == windows + 1 and w.pairs.tolist() == [0] * windows + [1]
     assert json.loads(js.stdout)["pairs"] == w.pairs.tolist()  # --json: each row's -t
     assert f"rows: windows of the --text pairs {w.pairs.tolist()}" in one.stdout, one.stdout
+    # --null-answer: no answer where the [CLS] span beats every span, as PyTorch's rule says
+    assert nulled.returncode == 0, nulled.stderr
+    said = [
+        ""
+        if "no answer: the first token's span" in line
+        else ast.literal_eval(line.split("  (")[0].strip())
+        for line in nulled.stdout.splitlines()[2::2]
+    ]
+    assert said == [
+        _answer(model, q, c, 32, null=True),
+        _answer(model, short_q, short_c, 32, null=True),
+    ]
     sess = ort.InferenceSession(str(load(tmp_path / "b").file("fp32")))
     start, end = sess.run(["start_logits", "end_logits"], feeds)
     found = answers([LONG, QUESTIONS[0]], start, end, w.places, w.pairs)
