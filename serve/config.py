@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,10 +175,15 @@ class ServeConfig:
                 "max_connection_age_s is the seconds after which a connection is renewed, 0 "
                 f"or more (0: off), got {self.max_connection_age_s}"
             )
-        if self.metrics_port and self.metrics_port == self.port:
+        if (
+            self.metrics_port
+            and self.metrics_port == self.port
+            and _may_share(self.host, self.http_host)
+        ):
+            at = "" if self.metrics_host is None else f" at {self.metrics_host} ({self.host}'s)"
             raise ConfigError(
-                f"--metrics-port {self.metrics_port} is the gRPC --port too; give the "
-                "metrics another port (or 0 for a free one)"
+                f"--metrics-port {self.metrics_port} is the gRPC --port too{at}; give the "
+                "metrics another port (or 0 for a free one), or another --metrics-host"
             )
         if self.metrics_host == "":
             raise ConfigError(
@@ -210,3 +216,14 @@ class ServeConfig:
 def _hostport(host: str, port: int) -> str:
     """``host:port`` as gRPC and URLs write it: an IPv6 address in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _may_share(a: str, b: str) -> bool:
+    """Whether listening on hosts ``a`` and ``b`` could take one address: the same host,
+    either every interface (0.0.0.0, ::), or a name (not resolved here: it may be either).
+    Two different addresses (127.0.0.1 and 10.0.0.5, 127.0.0.1 and ::1) share none."""
+    try:
+        x, y = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    except ValueError:
+        return True
+    return x == y or x.is_unspecified or y.is_unspecified

@@ -92,3 +92,26 @@ def test_metrics_host_is_read_as_host_is():
         ServeConfig(path="b", metrics_port=9090, metrics_host="")
     with pytest.raises(ConfigError, match="give --metrics-port too"):
         ServeConfig(path="b", metrics_host="127.0.0.1")
+
+
+def test_one_port_number_serves_both_on_two_addresses(repo):
+    """The gRPC and metrics ports may share a number on addresses that share nothing
+    (127.0.0.1 and 127.0.0.2, both this machine's loopback on Linux): refused only where
+    the two could take one address (the same host, or every interface, or a name)."""
+    for host, metrics in (("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("::", "::1"),
+                          ("localhost", "127.0.0.2")):  # fmt: skip
+        with pytest.raises(ConfigError, match="is the gRPC --port too"):
+            ServeConfig(path="b", host=host, port=8001, metrics_port=8001, metrics_host=metrics)
+    ServeConfig(path="b", host="127.0.0.1", port=8001, metrics_port=8001, metrics_host="::1")
+    with socket.socket() as s:  # a free port on 127.0.0.1; 127.0.0.2's is free with it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = ServerProcess(repo / "classifier", "--host", "127.0.0.1", "--port", str(port),
+                        "--metrics-host", "127.0.0.2", "--metrics-port", str(port))  # fmt: skip
+    try:
+        printed, metrics, _ = _ports(srv)
+        assert (printed, metrics) == ("127.0.0.2", port), srv.stdout
+        answer = urllib.request.urlopen(f"http://127.0.0.2:{port}/readyz", timeout=10)
+        assert answer.status == 200 and _connects("127.0.0.1", port)
+    finally:
+        assert srv.terminate() == 0, srv.log
