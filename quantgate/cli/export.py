@@ -110,7 +110,10 @@ def export_command(
     samples: Annotated[
         int | None,
         typer.Option(
-            min=1, metavar="N", help="Calibration rows to use (length-stratified); default: all."
+            min=1,
+            metavar="N",
+            help="Calibration rows to use (length-stratified; a question answerer's long "
+            "contexts: pairs, each with all its windows); default: all.",
         ),
     ] = None,
     search_budget: Annotated[
