@@ -109,18 +109,19 @@ def pair_spans(
     window's; ``shifts`` (W,) turn a window's token index into that index (its part's first
     token among the context's, ``Windows.starts``, less where its part begins in it).
     (-1, -1) for a pair without an answer; with ``nulls`` (each window's ``null_scores``: a
-    model that may answer none), ``NO_ANSWER`` where the pair's lowest beats its best span."""
+    model that may answer none), ``NO_ANSWER`` where the pair's lowest finite one beats its
+    best span."""
     out = np.full((int(pairs.max(initial=-1)) + 1, 2), -1, np.int64)
-    # each pair's lowest null score (-inf: none beats a span, the model answers every question)
-    lowest = np.full(len(out), -np.inf)
+    lowest = np.full(len(out), -np.inf)  # each pair's lowest null score (-inf: none beats)
     if nulls is not None:
-        found = lowest_nulls(pairs, nulls, len(out))
-        lowest[found >= 0] = nulls[found[found >= 0]]
+        finite = np.where(np.isfinite(nulls), nulls, np.inf)  # never the lowest
+        found = lowest_nulls(pairs, finite, len(out))
+        lowest[found >= 0] = finite[found[found >= 0]]
+        lowest[~np.isfinite(lowest)] = -np.inf  # none finite: no answer is not read
     for pair, window in enumerate(best_windows(pairs, scores, len(out))):
-        if window >= 0 and lowest[pair] > scores[window]:
-            out[pair] = NO_ANSWER
-        elif window >= 0 and spans[window, 0] >= 0:
-            out[pair] = spans[window] + shifts[window]
+        if window < 0 or spans[window, 0] < 0:  # no span: no answer at all
+            continue
+        out[pair] = NO_ANSWER if lowest[pair] > scores[window] else spans[window] + shifts[window]
     return out
 
 
@@ -193,17 +194,18 @@ def answers(
     scores = span_scores(start, end, spans)
     best = best_windows(pairs, scores, len(texts))
     nulls = null_scores(start, end)
+    nulls[~np.isfinite(nulls)] = np.inf  # not finite: never the lowest, never read (below)
     lowest = lowest_nulls(pairs, nulls, len(texts))
     if null_answer:  # the pipeline's probabilities: over the context and the first token
         allowed[:, 0] = True
     found: list[Answer | None] = []
     for text, window, empty in zip(texts, best.tolist(), lowest.tolist(), strict=True):
-        if null_answer and empty >= 0 and nulls[empty] > scores[window]:
-            p = span_probability(start[empty], end[empty], allowed[empty], (0, 0))
-            found.append(Answer("", empty, 0, 0, p))
-            continue
         if window < 0 or spans[window, 0] < 0:
             found.append(None)
+            continue
+        if null_answer and np.isfinite(nulls[empty]) and nulls[empty] > scores[window]:
+            p = span_probability(start[empty], end[empty], allowed[empty], (0, 0))
+            found.append(Answer("", empty, 0, 0, p))
             continue
         first, last = spans[window]
         (_, begin, _), (_, _, stop) = places[window][first], places[window][last]  # context's

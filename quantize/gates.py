@@ -52,7 +52,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
@@ -541,23 +541,23 @@ def _unscored_labels(reference: Outputs, task: str) -> None:
     )
 
 
-def warn_unread_answer_rule(task: str, cfg: GateConfig) -> None:
-    """Warn where ``cfg`` sets how a question answerer's answers are read (null_answer,
-    max_answer_tokens) for a model that is none: the setting changes nothing."""
+def unread_answer_rule(task: str, cfg: GateConfig) -> GateConfig:
+    """``cfg``, where its model answers no questions, without the settings that say how a
+    question answerer's answers are read (null_answer, max_answer_tokens): warned about, as
+    they change nothing, and not recorded (each later re-gate would keep and warn again)."""
+    names = ("null_answer", "max_answer_tokens")
     default = GateConfig()
-    given = [
-        f"{name} {getattr(cfg, name)}"
-        for name in ("null_answer", "max_answer_tokens")
-        if getattr(cfg, name) != getattr(default, name)
-    ]
-    if given and task not in QA_TASKS:
-        log.warning(
-            "%s: how a question answerer's answers are read; this is a %s model, which has "
-            "none: %s nothing",
-            " and ".join(given),
-            task,
-            "they change" if len(given) > 1 else "it changes",
-        )
+    given = [f"{n} {getattr(cfg, n)}" for n in names if getattr(cfg, n) != getattr(default, n)]
+    if not given or task in QA_TASKS:
+        return cfg
+    log.warning(
+        "%s: how a question answerer's answers are read; this is a %s model, which has none: "
+        "%s nothing",
+        " and ".join(given),
+        task,
+        "they change" if len(given) > 1 else "it changes",
+    )
+    return replace(cfg, **{n: getattr(default, n) for n in names})
 
 
 def _gated_rows(out: Outputs) -> int:
@@ -1042,7 +1042,7 @@ def _span_agreement(ref: Outputs, cand: Outputs, cfg: GateConfig) -> GateResult:
         allowed, how = _answer_tokens(a[QA_OUTPUTS[0]], mask, types, context)
         x, y = _answers(a, allowed, cfg), _answers(b, allowed, cfg)
         read.add(how)
-        broken += int((y[0][:, 0] < 0).sum())  # a row's (a window's) scores not finite
+        broken += int(_unread(*y, cfg).sum())  # a row's (a window's) scores not finite
         if windows is None:
             same.append(np.stack([_one_answer(*x, cfg), _one_answer(*y, cfg)]))
             continue
@@ -1087,10 +1087,17 @@ def _one_answer(
     spans: np.ndarray, scores: np.ndarray, nulls: np.ndarray, cfg: GateConfig
 ) -> np.ndarray:
     """Each row's answer, a row a pair: its span, or ``NO_ANSWER`` where ``cfg.null_answer``
-    and the row's null score beats its span's."""
+    and the row's null score beats its span's (a row without a span has no answer at all)."""
     if not cfg.null_answer:
         return spans
-    return np.where((nulls > scores)[:, None], np.asarray(NO_ANSWER), spans)
+    none = (spans[:, 0] >= 0) & (nulls > scores)  # (a null score not finite beats nothing)
+    return np.where(none[:, None], np.asarray(NO_ANSWER), spans)
+
+
+def _unread(spans: np.ndarray, scores: np.ndarray, nulls: np.ndarray, cfg: GateConfig):
+    """(N,) bool: rows whose answer cannot be read: no span (scores not finite), or, where
+    answers may be none (``cfg.null_answer``), a null score that is not finite."""
+    return (spans[:, 0] < 0) | (cfg.null_answer & ~np.isfinite(nulls))
 
 
 _Maybe = np.ndarray | None  # a batch's mask, token types or context, where kept
@@ -1289,18 +1296,20 @@ def _batch_spans(
 ) -> GateResult:
     """Rows whose answer alone is the one they get batched (a window a row)."""
     batched = [
-        _one_answer(*_answers(b, _answer_tokens(b[output], mask, types, context)[0], cfg), cfg)
+        _answers(b, _answer_tokens(b[output], mask, types, context)[0], cfg)
         for b, _, mask, types, context, _ in _span_batches(together)
     ]
     lone = [  # a row each, its real tokens alone
-        _one_answer(*_answers(b, _answer_tokens(b[output], None, types, context)[0], cfg), cfg)
+        _answers(b, _answer_tokens(b[output], None, types, context)[0], cfg)
         for b, _, _, types, context, _ in _span_batches(alone)
     ]
-    x, y = np.concatenate(batched), np.concatenate(lone)
+    x = np.concatenate([_one_answer(*a, cfg) for a in batched])
+    y = np.concatenate([_one_answer(*a, cfg) for a in lone])
+    broken = np.concatenate([_unread(*a, cfg) for a in lone])
     return mean_gate(
-        "batch_span_agreement", (x == y).all(1) & (y[:, 0] != -1), cfg.min_top1_agreement,
+        "batch_span_agreement", (x == y).all(1) & ~broken, cfg.min_top1_agreement,
         ">=", cfg, detail + "; rows whose answer span is the same alone as batched",
-        valid=bool((y[:, 0] != -1).all()),
+        valid=not broken.any(),
     )  # fmt: skip
 
 
@@ -1349,5 +1358,5 @@ __all__ = [
     "kind_of",
     "labels_at_chance",
     "neighbours_agree",
-    "warn_unread_answer_rule",
+    "unread_answer_rule",
 ]

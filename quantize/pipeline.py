@@ -36,7 +36,7 @@ from quantgate.quantize.data import (
     with_graph_tables,
 )
 from quantgate.quantize.decide import GATE_DEFINITIONS, GateConfig
-from quantgate.quantize.gates import check_eval_rows, warn_unread_answer_rule
+from quantgate.quantize.gates import check_eval_rows, unread_answer_rule
 from quantgate.quantize.heldout import check_held_out, distinct_rows
 from quantgate.quantize.search import (
     Candidate,
@@ -117,7 +117,7 @@ def build(
             calibrated_on=named("--calibration", calibration, cal),
         )
         check_eval_rows(ev, model.task, model.outputs, gate_cfg.eval_samples, where=where)
-        warn_unread_answer_rule(model.task, gate_cfg)
+        gate_cfg = unread_answer_rule(model.task, gate_cfg)
         if much_longer(cal.lengths[1], ev.lengths[1]):
             log.warning(
                 "the evaluation rows run to %d tokens, the calibration rows only to %d: INT8 "

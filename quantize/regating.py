@@ -59,7 +59,7 @@ from quantgate.quantize.gates import (
     check_eval_rows,
     check_evaluation,
     collect,
-    warn_unread_answer_rule,
+    unread_answer_rule,
 )
 from quantgate.quantize.heldout import Fingerprint, check_held_out, distinct_rows
 from quantgate.quantize.labels import NO_LABEL
@@ -134,6 +134,7 @@ def regate(
             settings = base.with_overrides(**overrides)
         if provider is not None:
             settings = settings.with_overrides(provider=provider)
+        settings = unread_answer_rule(bundle.manifest.task, settings)
         check_files(bundle)  # every file's sha256
         check_weights_listed(bundle)
         return _regate(bundle, evaluation, settings, recorded, on_progress, allow_unlabelled)
@@ -236,7 +237,6 @@ def _regate(
         section = reports.cuda_regated(manifest, when, *said, gated, gate_cfg.confidence)
     else:
         check_eval_rows(ev, m.task, [o.name for o in m.outputs], gate_cfg.eval_samples, where=where)
-        warn_unread_answer_rule(m.task, gate_cfg)
         variants, kept, new = _regate_int8(bundle, ev, gate_cfg, emit)
         manifest = _recorded(m, variants, record)
         section = reports.regate_section(manifest, when, gate_cfg, *said, kept=kept, new=new)
@@ -443,6 +443,9 @@ def _policy(m: Manifest, record: dict[str, Any], where: str) -> GateConfig:
         ) from e
 
 
+# How a question answerer's answers are read: any change judges other answers than before,
+# as loose as a dropped threshold (a span gate that failed can pass by reading shorter ones).
+_ANSWER_RULE = ("max_answer_tokens", "null_answer")
 # Thresholds and what makes them looser: a lower minimum, a higher maximum.
 _MINIMUMS = ("min_speedup", "min_cosine", "tail_cosine", "min_top1_agreement")
 _MAXIMUMS = ("max_accuracy_drop", "max_kl", "max_tail_share")
@@ -472,6 +475,8 @@ def _changed_settings(
             or (name in _MAXIMUMS and new > old)
             or (name == "ci_rule" and new == "point")
             or (name == "batch_sizes" and not set(old) <= set(new))
+            # answers read by another rule: the agreement measured is not the one before
+            or name in _ANSWER_RULE
         )
         if name == "confidence" and after.ci_rule == "point":
             text += " (decides no verdict under ci_rule 'point')"
@@ -479,6 +484,8 @@ def _changed_settings(
             # a bound at a lower confidence sits nearer the estimate; from "point" to
             # "upper", any bound is stricter than the estimate it replaces
             looser = before.ci_rule == "upper" and new < old
+        elif name in _ANSWER_RULE:
+            text += " (answers read by another rule)"
         elif name == "seq_len":
             was, now = (timed_seq(before), timed_seq(after)) if timed_seq else (old, new)
             # the shapes timed before are no longer timed, as with a dropped batch size:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from quantgate.bundle import PASS, Bundle, GateResult, Manifest, load
 from quantgate.errors import GateFailed
 from quantgate.quantize.data import MIN_CALIBRATION_ROWS
-from quantgate.quantize.decide import failed_by_bound
+from quantgate.quantize.decide import GateConfig, failed_by_bound
 
 if TYPE_CHECKING:
     from quantgate.quantize.search import SearchResult
@@ -137,8 +137,12 @@ def _thresholds_origin(manifest: Manifest) -> list[str]:
     regates = [r for r in manifest.extra.get("regates") or [] if isinstance(r, dict)]
     build = (manifest.extra.get("quantization") or {}).get("gate_config")
 
-    def policy(config: Any) -> dict:
-        return {k: config.get(k) for k in POLICY} if isinstance(config, dict) else {}
+    default = GateConfig()
+
+    def policy(config: Any) -> dict:  # a setting added since a record was written: its default
+        if not isinstance(config, dict):
+            return {}
+        return {k: config.get(k, getattr(default, k)) for k in POLICY}
 
     if not regates or policy(regates[-1].get("gate_config")) == policy(build):
         return []

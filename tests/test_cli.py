@@ -749,3 +749,16 @@ def test_infer_classes_leaves_out_outputs_of_one_value_per_row():
         _classified([score], ("logits",))
     with pytest.raises(ConfigError, match=r"every output is one value per row \(logits\)"):
         _classified([score], ())
+
+
+def test_infer_null_answer_is_refused_where_no_answer_is_printed(cli):
+    """--null-answer reads the answers infer prints: without -p, with --json, or with -o of
+    one score, there are none to read."""
+    base = ("infer", "m", "--bundle", "b", "--null-answer")
+    for args, says in (
+        (("-t", "q"), "give each as -t QUESTION -p CONTEXT"),
+        (("-t", "q", "-p", "c", "--json"), "--json prints the scores instead"),
+        (("-t", "q", "-p", "c", "-o", "start_logits"), "-o prints the scores instead"),
+    ):
+        r = cli(*base, *args)
+        assert r.code == 2 and says in " ".join(r.stderr.split()), r.stderr

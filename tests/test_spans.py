@@ -158,3 +158,23 @@ def test_infer_says_no_answer_where_the_null_answer_wins(capsys):
             [("q", "one two")], start, end, places, None, max_tokens=30, null_answer=null_answer
         )
         assert said in capsys.readouterr().out
+
+
+def test_scores_that_are_not_finite_are_never_read_as_no_answer():
+    """A window whose null score is not finite is not a pair's lowest, whichever window it
+    is; a window whose span scores are not finite has no answer, not "no answer"."""
+    from quantgate.spans import NO_ANSWER, answers, pair_spans
+
+    spans = np.array([[3, 4], [3, 4]])
+    scores = np.array([5.0, 5.0])
+    pairs, shifts = np.array([0, 0]), np.zeros(2, np.int64)
+    for nulls in ([np.nan, 9.0], [9.0, np.nan]):  # the finite 9 beats the span either way
+        assert pair_spans(spans, scores, pairs, shifts, np.array(nulls)).tolist() == [
+            list(NO_ANSWER)
+        ]
+    nan = np.array([np.nan, np.nan])
+    assert pair_spans(spans, scores, pairs, shifts, nan).tolist() == [[3, 4]]
+    places = [[None, (0, 0, 1), None, (1, 0, 3), (1, 4, 7), None]]
+    start, end = np.zeros((1, 6)), np.zeros((1, 6))
+    start[0, 3] = np.nan  # the context's scores are broken; [CLS]'s are fine
+    assert answers([("q", "one two")], start, end, places, null_answer=True) == [None]

@@ -165,6 +165,12 @@ def infer(
             "--null-answer reads a question answerer's answers to its questions: give each as "
             "-t QUESTION -p CONTEXT --bundle BUNDLE"
         )
+    scores_alone = outputs and not set(QA_OUTPUTS) <= set(outputs)  # no answer printed
+    if null_answer is not None and (as_json or scores_alone):
+        raise ConfigError(
+            f"--null-answer reads the answers infer prints; {'--json' if as_json else '-o'} "
+            "prints the scores instead: drop one of the two"
+        )
     if text_pairs and not texts:
         raise ConfigError("--text-pair needs --text: each pair is -t TEXT -p TEXT_PAIR")
     if not inputs and not texts:
@@ -261,7 +267,7 @@ def infer(
         if null_answer is not None:  # the flag's, over the bundle's
             rule["null_answer"] = null_answer
         _print_answers(rows, start, end, *places, **rule)
-    elif places is not None and places[1] is not None and answer:  # a score alone (-o)
+    elif places is not None and places[1] is not None and len(places[1]) > len(rows):  # -o
         out.print(
             f"rows: windows of the --text pairs {places[1].tolist()} (a long context is read "
             "in several)",

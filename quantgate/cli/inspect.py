@@ -12,6 +12,7 @@ from quantgate.cli._app import command
 from quantgate.cli._bundle import export_notes, fusions
 from quantgate.cli._console import out
 from quantgate.cli._gates import gate_cells
+from quantgate.tasks import QA_TASKS
 
 
 @command()
@@ -103,6 +104,8 @@ def inspect(
             else "transformers"
         )
         out.print(f"text is tokenized by {how}", highlight=False, soft_wrap=True)
+    if m.task in QA_TASKS:  # how its gates, and infer, read its answers
+        out.print(_answers_read(m), highlight=False, soft_wrap=True)
     if not b.report.is_file():
         out.print(f"report: {b.report} is missing", highlight=False, soft_wrap=True)
     if export:
@@ -124,6 +127,21 @@ def inspect(
             note = " (uncertain)" if unsure else ""
             table.add_row(precision, label, value, bound, f"[{style}]{mark}[/]{note}")
         out.print(table)
+
+
+def _answers_read(m) -> str:
+    """How a question answerer's answers are read (its last gating's settings): what its span
+    gates judged and `quantgate infer` prints."""
+    from quantgate.quantize.decide import GateConfig
+    from quantgate.quantize.regating import recorded_gate_config
+
+    cfg = recorded_gate_config(m)
+    if cfg is None:
+        cfg, since = GateConfig(), " (not gated: the defaults)"
+    else:
+        since = " (its last gating's settings)"
+    none = "or none (SQuAD 2.0: --null-answer)" if cfg.null_answer else "never none"
+    return f"answers: a span of at most {cfg.max_answer_tokens} tokens, {none}{since}"
 
 
 def _served(m) -> str:

@@ -78,6 +78,16 @@ def test_a_null_answer_is_an_answer_where_the_bundle_says_its_model_may_give_non
     assert gate["span_agreement"].value == pytest.approx(32 / 40)
     assert "or none, where the first token's span scores higher" in gate["span_agreement"].detail
     assert _gates(cand, ref)["span_agreement"].value == 1  # none read: the same spans
+    broken = start.copy()
+    broken[:2, 6] = np.nan  # 2 rows' context scores broken, their [CLS] span's fine
+    gate = {
+        g.name: g
+        for g in accuracy_gates(ref, _qa(broken, end, mask, types), "question-answering", null)
+    }
+    assert (
+        not gate["span_agreement"].passed
+        and "2 rows without an answer" in gate["span_agreement"].detail
+    )  # not read as "no answer"
     short = GateConfig(max_answer_tokens=1)  # FP32's answer, two tokens, no longer fits
     gate = {g.name: g for g in accuracy_gates(ref, ref, "question-answering", short)}
     assert gate["span_agreement"].value == 1 and "at most 1 tokens" in gate["span_agreement"].detail
@@ -340,3 +350,25 @@ def test_a_question_answering_export_gates_its_spans_alone_and_batched(tiny_bert
     from quantgate.cli.infer import _answer_rule
 
     assert _answer_rule(load(tmp_path / "b")) == {"max_tokens": 12, "null_answer": True}
+    shown = subprocess.run(
+        [sys.executable, "-m", "quantgate", "inspect", str(tmp_path / "b")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "answers: a span of at most 12 tokens, or none (SQuAD 2.0: --null-answer)" in (
+        " ".join(shown.stdout.split())
+    ), shown.stdout
+
+
+def test_how_answers_are_read_is_warned_about_and_not_kept_for_a_model_that_has_none(caplog):
+    import logging
+
+    from quantgate.quantize.gates import unread_answer_rule
+
+    given = GateConfig(null_answer=True, max_answer_tokens=5, min_top1_agreement=0.9)
+    with caplog.at_level(logging.WARNING):
+        kept = unread_answer_rule("sequence-classification", given)
+    assert "null_answer True and max_answer_tokens 5" in caplog.text and "change nothing" in (
+        caplog.text
+    )
+    assert (kept.null_answer, kept.max_answer_tokens, kept.min_top1_agreement) == (False, 30, 0.9)
+    assert unread_answer_rule("question-answering", given) is given

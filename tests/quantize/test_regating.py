@@ -355,3 +355,26 @@ def test_a_definitions_change_is_said_of_the_tasks_it_changed():
     assert definition_changes(5, "sequence-classification") == []
     assert len(definition_changes(5)) == 3  # any task
     assert definition_changes(4, "sequence-classification") == definition_changes(4)[:2]
+
+
+def test_reading_answers_otherwise_is_looser_and_a_setting_added_since_is_its_default():
+    """A re-gate that reads a question answerer's answers by another rule (shorter answers,
+    or none allowed) judges other answers: looser, as a dropped threshold (a span gate that
+    failed passed at max_answer_tokens 1). A build recorded before these settings existed
+    holds their defaults: a re-gate recording them set no thresholds."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from quantgate.quantize.verdict import _thresholds_origin
+
+    assert _changed_settings(GateConfig(), GateConfig(max_answer_tokens=1)) == [
+        ("max_answer_tokens 30 -> 1 (answers read by another rule)", True)
+    ]
+    assert _changed_settings(GateConfig(), GateConfig(null_answer=True)) == [
+        ("null_answer False -> True (answers read by another rule)", True)
+    ]
+    now = dataclasses.asdict(GateConfig(min_top1_agreement=0.999))
+    old = {k: v for k, v in now.items() if k not in ("null_answer", "max_answer_tokens")}
+    regates = [{"at": "t1", "gate_config": now}, {"at": "t2", "gate_config": now}]
+    bundle = SimpleNamespace(extra={"quantization": {"gate_config": old}, "regates": regates})
+    assert _thresholds_origin(bundle) == []  # the export's, as the build recorded them

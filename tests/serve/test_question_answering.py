@@ -42,14 +42,14 @@ def _answer(
     import torch
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-    from quantgate.tokenizer import window_overlap
-
     tok = AutoTokenizer.from_pretrained(model)
     cut = {}
     if limit is not None:
         room = limit - sum(s != 1 for s in tok(question, context).sequence_ids())
+        stride = min(limit // 2, 128)  # the question-answering pipeline's doc_stride
+        assert stride < room  # (these questions leave the context more room)
         cut = dict(
-            truncation="only_second", max_length=limit, stride=window_overlap(limit, room),
+            truncation="only_second", max_length=limit, stride=stride,
             return_overflowing_tokens=True, padding=True,
         )  # fmt: skip
     enc = tok([question], [context], return_offsets_mapping=True, return_tensors="pt", **cut)
