@@ -96,6 +96,31 @@ def lowest_nulls(pairs: np.ndarray, nulls: np.ndarray, count: int | None = None)
     return best_windows(pairs, -nulls, count)
 
 
+def choices(
+    pairs: np.ndarray,
+    spans: np.ndarray,
+    scores: np.ndarray,
+    nulls: np.ndarray | None = None,
+    count: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each pair's answer over its windows (``pairs``: (W,) each window's pair; ``spans``,
+    ``scores`` and ``nulls``, each window's), run_qa.py's rule: (P,) the window of its
+    best-scoring span, -1 where no window has one (scores not finite); and (P,) where
+    ``nulls`` are given (a model that may answer none), the window of its lowest finite
+    null score where that beats the span ("no answer"), else -1."""
+    best = best_windows(pairs, scores, count)
+    some = best >= 0  # a pair's windows all without a span (-inf) has none
+    best[some] = np.where(spans[best[some], 0] >= 0, best[some], -1)
+    none = np.full(len(best), -1, np.int64)
+    if nulls is not None:
+        finite = np.where(np.isfinite(nulls), nulls, np.inf)  # never the lowest
+        lowest = lowest_nulls(pairs, finite, len(best))
+        for pair, (window, empty) in enumerate(zip(best.tolist(), lowest.tolist(), strict=True)):
+            if window >= 0 and np.isfinite(finite[empty]) and finite[empty] > scores[window]:
+                none[pair] = empty
+    return best, none
+
+
 def pair_spans(
     spans: np.ndarray,
     scores: np.ndarray,
@@ -103,25 +128,17 @@ def pair_spans(
     shifts: np.ndarray,
     nulls: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(P, 2): each pair's answer over its windows (``pairs``: (W,) each window's pair), the
-    best-scoring window's span, as indices among the pair's whole context's tokens: one
-    answer found in two overlapping windows is one answer. ``spans`` and ``scores`` are each
-    window's; ``shifts`` (W,) turn a window's token index into that index (its part's first
-    token among the context's, ``Windows.starts``, less where its part begins in it).
-    (-1, -1) for a pair without an answer; with ``nulls`` (each window's ``null_scores``: a
-    model that may answer none), ``NO_ANSWER`` where the pair's lowest finite one beats its
-    best span."""
-    out = np.full((int(pairs.max(initial=-1)) + 1, 2), -1, np.int64)
-    lowest = np.full(len(out), -np.inf)  # each pair's lowest null score (-inf: none beats)
-    if nulls is not None:
-        finite = np.where(np.isfinite(nulls), nulls, np.inf)  # never the lowest
-        found = lowest_nulls(pairs, finite, len(out))
-        lowest[found >= 0] = finite[found[found >= 0]]
-        lowest[~np.isfinite(lowest)] = -np.inf  # none finite: no answer is not read
-    for pair, window in enumerate(best_windows(pairs, scores, len(out))):
-        if window < 0 or spans[window, 0] < 0:  # no span: no answer at all
-            continue
-        out[pair] = NO_ANSWER if lowest[pair] > scores[window] else spans[window] + shifts[window]
+    """(P, 2): each pair's answer over its windows (``choices``), the best-scoring window's
+    span as indices among the pair's whole context's tokens: one answer found in two
+    overlapping windows is one answer. ``shifts`` (W,) turn a window's token index into
+    that index (its part's first token among the context's, ``Windows.starts``, less where
+    its part begins in it). (-1, -1) for a pair without an answer; with ``nulls`` (a model
+    that may answer none), ``NO_ANSWER`` where no answer beats the span."""
+    best, none = choices(pairs, spans, scores, nulls)
+    out = np.full((len(best), 2), -1, np.int64)
+    found = best >= 0
+    out[found] = spans[best[found]] + shifts[best[found], None]
+    out[none >= 0] = NO_ANSWER
     return out
 
 
@@ -192,20 +209,18 @@ def answers(
     allowed = context_mask(read, places, start.shape[1])
     spans = best_spans(start, end, allowed, max_tokens)
     scores = span_scores(start, end, spans)
-    best = best_windows(pairs, scores, len(texts))
-    nulls = null_scores(start, end)
-    nulls[~np.isfinite(nulls)] = np.inf  # not finite: never the lowest, never read (below)
-    lowest = lowest_nulls(pairs, nulls, len(texts))
+    nulls = null_scores(start, end) if null_answer else None
+    best, none = choices(pairs, spans, scores, nulls, len(texts))
     if null_answer:  # the pipeline's probabilities: over the context and the first token
         allowed[:, 0] = True
     found: list[Answer | None] = []
-    for text, window, empty in zip(texts, best.tolist(), lowest.tolist(), strict=True):
-        if window < 0 or spans[window, 0] < 0:
-            found.append(None)
-            continue
-        if null_answer and np.isfinite(nulls[empty]) and nulls[empty] > scores[window]:
+    for text, window, empty in zip(texts, best.tolist(), none.tolist(), strict=True):
+        if empty >= 0:
             p = span_probability(start[empty], end[empty], allowed[empty], (0, 0))
             found.append(Answer("", empty, 0, 0, p))
+            continue
+        if window < 0:
+            found.append(None)
             continue
         first, last = spans[window]
         (_, begin, _), (_, _, stop) = places[window][first], places[window][last]  # context's
@@ -222,6 +237,7 @@ __all__ = [
     "answers",
     "best_spans",
     "best_windows",
+    "choices",
     "context_mask",
     "lowest_nulls",
     "null_scores",
