@@ -75,7 +75,7 @@ from quantgate.quantize.stats import (
     wilson,
 )
 from quantgate.sessions import session
-from quantgate.spans import NO_ANSWER, best_spans, null_scores, pair_spans, span_scores
+from quantgate.spans import best_spans, null_scores, pair_spans, span_scores
 from quantgate.tasks import (
     CLASSIFIER_TASKS,
     EMBEDDING_TASKS,
@@ -1036,27 +1036,27 @@ def _span_agreement(ref: Outputs, cand: Outputs, cfg: GateConfig) -> GateResult:
     is one row, its answer its best-scoring window's, compared as tokens of the whole
     context (``spans.pair_spans``). The start and end scores' cosine to FP32's is gated
     beside it."""
-    same, read, broken = [], set(), 0
-    windowed: list[tuple[np.ndarray, ...]] = []  # (pairs, shifts, then x's and y's answers)
+    read, broken, seen, windowed = set(), 0, 0, False
+    found: list[tuple[np.ndarray, ...]] = []  # (pairs, shifts, then x's and y's answers)
     for a, b, mask, types, context, windows in _span_batches(ref, cand):
         allowed, how = _answer_tokens(a[QA_OUTPUTS[0]], mask, types, context)
-        x, y = _answers(a, allowed, cfg), _answers(b, allowed, cfg)
+        ours, theirs = _answers(a, allowed, cfg), _answers(b, allowed, cfg)  # FP32's, the other's
         read.add(how)
-        broken += int(_unread(*y, cfg).sum())  # a row's (a window's) scores not finite
-        if windows is None:
-            same.append(np.stack([_one_answer(*x, cfg), _one_answer(*y, cfg)]))
-            continue
-        shifts = windows[:, 1] - np.argmax(allowed, axis=1)  # window token -> context token
-        windowed.append((windows[:, 0], shifts, *x, *y))
-    if windowed:  # a pair's windows may be in several batches
-        w, shifts, *answers = (np.concatenate(c) for c in zip(*windowed, strict=True))
-        _, pair = np.unique(w, return_inverse=True)
-        nulls = (answers[2], answers[5]) if cfg.null_answer else (None, None)
-        same.append(np.stack([
-            pair_spans(answers[0], answers[1], pair, shifts, nulls[0]),
-            pair_spans(answers[3], answers[4], pair, shifts, nulls[1]),
-        ]))  # fmt: skip
-    x, y = np.concatenate(same, axis=1)
+        broken += int(_unread(*theirs, cfg).sum())  # a row's (a window's) scores not finite
+        if windows is None:  # a row a pair
+            pairs, shifts = seen + np.arange(len(allowed)), np.zeros(len(allowed), np.int64)
+        else:  # a pair's windows, in whatever batches: its answer as context tokens
+            pairs, shifts = windows[:, 0], windows[:, 1] - np.argmax(allowed, axis=1)
+            windowed = True
+        seen += len(allowed)
+        found.append((pairs, shifts, *ours, *theirs))
+    w, shifts, *scored = (np.concatenate(c) for c in zip(*found, strict=True))
+    _, pair = np.unique(w, return_inverse=True)
+
+    def answer(spans: np.ndarray, scores: np.ndarray, nulls: np.ndarray) -> np.ndarray:
+        return pair_spans(spans, scores, pair, shifts, nulls if cfg.null_answer else None)
+
+    x, y = answer(*scored[:3]), answer(*scored[3:])
     agree = (x == y).all(1) & (y[:, 0] != -1)
     rows = f"{len(agree)} {'pairs, their windows read as one' if windowed else 'rows'}"
     null = "; or none, where the first token's span scores higher" if cfg.null_answer else ""
@@ -1083,15 +1083,11 @@ def _answers(
     return spans, span_scores(start, end, spans), null_scores(start, end)
 
 
-def _one_answer(
-    spans: np.ndarray, scores: np.ndarray, nulls: np.ndarray, cfg: GateConfig
-) -> np.ndarray:
-    """Each row's answer, a row a pair: its span, or ``NO_ANSWER`` where ``cfg.null_answer``
-    and the row's null score beats its span's (a row without a span has no answer at all)."""
-    if not cfg.null_answer:
-        return spans
-    none = (spans[:, 0] >= 0) & (nulls > scores)  # (a null score not finite beats nothing)
-    return np.where(none[:, None], np.asarray(NO_ANSWER), spans)
+def _row_answers(spans: np.ndarray, scores: np.ndarray, nulls: np.ndarray, cfg: GateConfig):
+    """(N, 2) each row's answer, a row a pair (``spans.pair_spans``): its span, or
+    ``NO_ANSWER`` where ``cfg.null_answer`` and its null score beats the span's."""
+    rows = np.arange(len(spans))
+    return pair_spans(spans, scores, rows, np.zeros_like(rows), nulls if cfg.null_answer else None)
 
 
 def _unread(spans: np.ndarray, scores: np.ndarray, nulls: np.ndarray, cfg: GateConfig):
@@ -1303,8 +1299,8 @@ def _batch_spans(
         _answers(b, _answer_tokens(b[output], None, types, context)[0], cfg)
         for b, _, _, types, context, _ in _span_batches(alone)
     ]
-    x = np.concatenate([_one_answer(*a, cfg) for a in batched])
-    y = np.concatenate([_one_answer(*a, cfg) for a in lone])
+    x = np.concatenate([_row_answers(*a, cfg) for a in batched])
+    y = np.concatenate([_row_answers(*a, cfg) for a in lone])
     broken = np.concatenate([_unread(*a, cfg) for a in lone])
     return mean_gate(
         "batch_span_agreement", (x == y).all(1) & ~broken, cfg.min_top1_agreement,
