@@ -20,7 +20,7 @@ help:
 	@echo "make test-fast      the test suite without the slow end-to-end runs"
 	@echo "make lint           ruff, and mypy's type check"
 	@echo "make format         ruff's formatting and fixes, in place"
-	@echo "make bench          benchmarks (side-by-side ratios; export, quantize, reranker, serve and access_log write"
+	@echo "make bench          benchmarks (side-by-side ratios; export, quantize, reranker, qa, serve and access_log write"
 	@echo "                    their tables into docs/BENCHMARKS.md, the others print theirs)"
 	@echo "make protos         regenerate the gRPC code from protos/*.proto"
 	@echo "make perf-analyzer  Triton's perf_analyzer into .tools/ (make test and make bench get it)"
@@ -95,7 +95,7 @@ format: $(STAMP)
 
 # gpu_check runs at full size only where there is an NVIDIA GPU; elsewhere its CPU check.
 bench: $(STAMP) perf-analyzer
-	set -e; for b in export quantize reranker serve access_log codec grpc_transport; do \
+	set -e; for b in export quantize reranker qa serve access_log codec grpc_transport; do \
 	  echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py; done
 	$(BIN)/python bench/gpu_check.py $$(command -v nvidia-smi >/dev/null || echo --quick)
 
