@@ -58,8 +58,7 @@ STEPS = 300
 BLANK = "____"
 CONTEXT_WORDS = (60, 160)  # a context: paragraphs of one topic, this many words
 QUESTION_WORDS = (8, 30)  # a question: a sentence of its context, this many words
-# and this many tokens at most ([CLS] and [SEP] counted), so that a window has room for
-# more context than its neighbour shares with it (64 tokens, quantgate's overlap at 128)
+# and this many tokens at most ([CLS] and [SEP] counted): a window of 128 is mostly context
 QUESTION_TOKENS = 40
 EVAL_PAIRS, CALIBRATION_PAIRS = 400, 200
 
