@@ -19,7 +19,7 @@ answer found in two windows that overlap is one answer.
 Every question gets a span, as Hugging Face's pipeline answers by default; a SQuAD 2.0
 model's bundle (gate setting ``null_answer``) may answer none: where the score of the span
 at the first token ([CLS]), its lowest over a pair's windows, beats every span's, as
-run_qa.py's version_2 rule (``null_scores``, ``pair_spans``).
+run_qa.py's version_2 rule (``null_scores``, ``pair_choices``).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def lowest_nulls(pairs: np.ndarray, nulls: np.ndarray, count: int | None = None)
     return best_windows(pairs, -nulls, count)
 
 
-def choices(
+def pair_choices(
     pairs: np.ndarray,
     spans: np.ndarray,
     scores: np.ndarray,
@@ -107,9 +107,9 @@ def choices(
     ``scores`` and ``nulls``, each window's), run_qa.py's rule: (P,) the window of its
     best-scoring span, -1 where no window has one (scores not finite); and (P,) where
     ``nulls`` are given (a model that may answer none), the window of its lowest finite
-    null score where that beats the span ("no answer"), else -1."""
+    null score where that beats the span ("no answer": it stands over the span), else -1."""
     best = best_windows(pairs, scores, count)
-    some = best >= 0  # a pair's windows all without a span (-inf) has none
+    some = best >= 0  # a pair with windows; none of them may have a span (-inf)
     best[some] = np.where(spans[best[some], 0] >= 0, best[some], -1)
     none = np.full(len(best), -1, np.int64)
     if nulls is not None:
@@ -128,13 +128,13 @@ def pair_spans(
     shifts: np.ndarray,
     nulls: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(P, 2): each pair's answer over its windows (``choices``), the best-scoring window's
+    """(P, 2): each pair's answer over its windows (``pair_choices``), the best-scoring window's
     span as indices among the pair's whole context's tokens: one answer found in two
     overlapping windows is one answer. ``shifts`` (W,) turn a window's token index into
     that index (its part's first token among the context's, ``Windows.starts``, less where
     its part begins in it). (-1, -1) for a pair without an answer; with ``nulls`` (a model
     that may answer none), ``NO_ANSWER`` where no answer beats the span."""
-    best, none = choices(pairs, spans, scores, nulls)
+    best, none = pair_choices(pairs, spans, scores, nulls)
     out = np.full((len(best), 2), -1, np.int64)
     found = best >= 0
     out[found] = spans[best[found]] + shifts[best[found], None]
@@ -183,6 +183,11 @@ class Answer:
     last: int
     probability: float
 
+    @property
+    def none(self) -> bool:
+        """Whether this is no answer (SQuAD 2.0's, ``null_answer``), not a span."""
+        return self.text == "" and self.first == self.last == 0
+
 
 def answers(
     texts: Sequence[Text],
@@ -200,7 +205,7 @@ def answers(
     reads, ``Windows.pairs``; None: a window a text): the best span of a window's context
     (``context_mask``, ``best_spans``, at most ``max_tokens``) in the window where it scores
     highest (``best_windows``), as `quantgate infer` prints it. With ``null_answer`` (a SQuAD
-    2.0 model), no answer where the pair's lowest null score beats that span's: an
+    2.0 model), no answer where the pair's lowest finite null score beats that span's: an
     ``Answer`` of text "" at the first token, the window's probability of no answer. A row
     without a pair answers from its one text; None for a text with no answer at all (no
     context token, or scores that are not finite)."""
@@ -210,7 +215,7 @@ def answers(
     spans = best_spans(start, end, allowed, max_tokens)
     scores = span_scores(start, end, spans)
     nulls = null_scores(start, end) if null_answer else None
-    best, none = choices(pairs, spans, scores, nulls, len(texts))
+    best, none = pair_choices(pairs, spans, scores, nulls, len(texts))
     if null_answer:  # the pipeline's probabilities: over the context and the first token
         allowed[:, 0] = True
     found: list[Answer | None] = []
@@ -237,7 +242,7 @@ __all__ = [
     "answers",
     "best_spans",
     "best_windows",
-    "choices",
+    "pair_choices",
     "context_mask",
     "lowest_nulls",
     "null_scores",

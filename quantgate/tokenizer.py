@@ -151,11 +151,12 @@ class Windows:
 def window_overlap(limit: int, room: int) -> int:
     """Tokens two consecutive windows of a context share: the question-answering pipeline's
     doc_stride for windows of ``limit`` tokens, half of them and at most 128 (run_qa.py's
-    default: 128 of 384), and at most half the ``room`` a window has for its context, so
-    each window reads at least half a room of new tokens. The pipeline's own, where a long
+    default: 128 of 384), where each window then reads at least a quarter of the ``room``
+    it has for the context anew; else half the room. The pipeline's own, where a long
     question leaves little more room than its stride, reads a token or two a window (a
     62-token question over 229 tokens of context: 165 windows of 128)."""
-    return min(limit // 2, DOC_STRIDE, room // 2)
+    stride = min(limit // 2, DOC_STRIDE)
+    return stride if room - stride >= max(room // 4, 1) else room // 2
 
 
 @dataclass(frozen=True)

@@ -1040,7 +1040,7 @@ def _span_agreement(ref: Outputs, cand: Outputs, cfg: GateConfig) -> GateResult:
     found: list[tuple[np.ndarray, ...]] = []  # (pairs, shifts, then x's and y's answers)
     for a, b, mask, types, context, windows in _span_batches(ref, cand):
         allowed, how = _answer_tokens(a[QA_OUTPUTS[0]], mask, types, context)
-        ours, theirs = _answers(a, allowed, cfg), _answers(b, allowed, cfg)  # FP32's, the other's
+        ours, theirs = _scored_spans(a, allowed, cfg), _scored_spans(b, allowed, cfg)
         read.add(how)
         broken += int(_unread(*theirs, cfg).sum())  # a row's (a window's) scores not finite
         if windows is None:  # a row a pair
@@ -1050,13 +1050,15 @@ def _span_agreement(ref: Outputs, cand: Outputs, cfg: GateConfig) -> GateResult:
             windowed = True
         seen += len(allowed)
         found.append((pairs, shifts, *ours, *theirs))
-    w, shifts, *scored = (np.concatenate(c) for c in zip(*found, strict=True))
-    _, pair = np.unique(w, return_inverse=True)
+    # (a source's rows are all windows or none: text_source windows all or no pairs)
+    pair_ids, shifts, *scored = (np.concatenate(c) for c in zip(*found, strict=True))
+    _, pair = np.unique(pair_ids, return_inverse=True)
+    fp32, other = scored[:3], scored[3:]  # each model's (spans, scores, null scores)
 
     def answer(spans: np.ndarray, scores: np.ndarray, nulls: np.ndarray) -> np.ndarray:
         return pair_spans(spans, scores, pair, shifts, nulls if cfg.null_answer else None)
 
-    x, y = answer(*scored[:3]), answer(*scored[3:])
+    x, y = answer(*fp32), answer(*other)
     agree = (x == y).all(1) & (y[:, 0] != -1)
     rows = f"{len(agree)} {'pairs, their windows read as one' if windowed else 'rows'}"
     null = "; or none, where the first token's span scores higher" if cfg.null_answer else ""
@@ -1073,7 +1075,7 @@ def _span_agreement(ref: Outputs, cand: Outputs, cfg: GateConfig) -> GateResult:
     )
 
 
-def _answers(
+def _scored_spans(
     scores: dict[str, np.ndarray], allowed: np.ndarray, cfg: GateConfig
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A batch's best spans of the ``allowed`` tokens (at most ``cfg.max_answer_tokens``),
@@ -1083,14 +1085,18 @@ def _answers(
     return spans, span_scores(start, end, spans), null_scores(start, end)
 
 
-def _row_answers(spans: np.ndarray, scores: np.ndarray, nulls: np.ndarray, cfg: GateConfig):
+def _row_answers(
+    spans: np.ndarray, scores: np.ndarray, nulls: np.ndarray, cfg: GateConfig
+) -> np.ndarray:
     """(N, 2) each row's answer, a row a pair (``spans.pair_spans``): its span, or
     ``NO_ANSWER`` where ``cfg.null_answer`` and its null score beats the span's."""
     rows = np.arange(len(spans))
     return pair_spans(spans, scores, rows, np.zeros_like(rows), nulls if cfg.null_answer else None)
 
 
-def _unread(spans: np.ndarray, scores: np.ndarray, nulls: np.ndarray, cfg: GateConfig):
+def _unread(
+    spans: np.ndarray, scores: np.ndarray, nulls: np.ndarray, cfg: GateConfig
+) -> np.ndarray:
     """(N,) bool: rows whose answer cannot be read: no span (scores not finite), or, where
     answers may be none (``cfg.null_answer``), a null score that is not finite."""
     return (spans[:, 0] < 0) | (cfg.null_answer & ~np.isfinite(nulls))
@@ -1292,16 +1298,19 @@ def _batch_spans(
 ) -> GateResult:
     """Rows whose answer alone is the one they get batched (a window a row)."""
     batched = [
-        _answers(b, _answer_tokens(b[output], mask, types, context)[0], cfg)
+        _scored_spans(b, _answer_tokens(b[output], mask, types, context)[0], cfg)
         for b, _, mask, types, context, _ in _span_batches(together)
     ]
     lone = [  # a row each, its real tokens alone
-        _answers(b, _answer_tokens(b[output], None, types, context)[0], cfg)
+        _scored_spans(b, _answer_tokens(b[output], None, types, context)[0], cfg)
         for b, _, _, types, context, _ in _span_batches(alone)
     ]
     x = np.concatenate([_row_answers(*a, cfg) for a in batched])
     y = np.concatenate([_row_answers(*a, cfg) for a in lone])
-    broken = np.concatenate([_unread(*a, cfg) for a in lone])
+    # a row whose answer cannot be read, batched or alone, agrees with nothing
+    broken = np.concatenate([_unread(*a, cfg) for a in lone]) | np.concatenate(
+        [_unread(*a, cfg) for a in batched]
+    )
     return mean_gate(
         "batch_span_agreement", (x == y).all(1) & ~broken, cfg.min_top1_agreement,
         ">=", cfg, detail + "; rows whose answer span is the same alone as batched",

@@ -574,7 +574,7 @@ def _print_answers(
         if answer is None:
             say("    no answer (no token of the context, or scores that are not finite)")
             continue
-        if answer.last == 0:  # the first token's span: no answer (null_answer)
+        if answer.none:  # the first token's span: SQuAD 2.0's no answer (null_answer)
             say(
                 "    no answer: the first token's span scores above every span of the context "
                 f"(SQuAD 2.0's; null_answer), probability {answer.probability:.3f}"
