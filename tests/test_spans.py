@@ -178,3 +178,11 @@ def test_scores_that_are_not_finite_are_never_read_as_no_answer():
     start, end = np.zeros((1, 6)), np.zeros((1, 6))
     start[0, 3] = np.nan  # the context's scores are broken; [CLS]'s are fine
     assert answers([("q", "one two")], start, end, places, null_answer=True) == [None]
+
+
+def test_no_answer_is_said_by_answer_none_and_a_span_at_token_0_is_not_it():
+    from quantgate.spans import Answer
+
+    assert Answer("", 0, 0, 0, 0.9).none
+    assert not Answer("Zoë", 0, 0, 0, 0.9).none  # a single text's first token, answered
+    assert not Answer("", 1, 3, 3, 0.9).none

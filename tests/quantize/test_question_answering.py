@@ -372,3 +372,20 @@ def test_how_answers_are_read_is_warned_about_and_not_kept_for_a_model_that_has_
     )
     assert (kept.null_answer, kept.max_answer_tokens, kept.min_top1_agreement) == (False, 30, 0.9)
     assert unread_answer_rule("question-answering", given) is given
+
+
+def test_a_batched_row_whose_answer_cannot_be_read_agrees_with_nothing():
+    """batch_span_agreement: a row whose scores batched are not finite (here its no-answer
+    score, where answers may be none) is a disagreement and the gate invalid, as a row alone
+    would be: it was counted as agreeing."""
+    from quantgate.quantize.gates import _batch_spans
+
+    start, end, mask, types = _rows()
+    alone = _qa(start, end, mask, types)
+    broken = start.copy()
+    broken[:3, 0] = np.inf  # 3 rows' [CLS] start score, batched
+    together = _qa(broken, end, mask, types)
+    gate = _batch_spans(together, alone, "start_logits", GateConfig(null_answer=True), "detail")
+    assert gate.value == pytest.approx(37 / 40) and not gate.passed, gate
+    fine = _batch_spans(alone, alone, "start_logits", GateConfig(null_answer=True), "detail")
+    assert fine.value == 1 and fine.passed
