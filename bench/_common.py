@@ -74,6 +74,23 @@ def write_section(name: str, text: str, *, heading: str, doc: Path = BENCHMARKS)
     tmp.replace(doc)
 
 
+def gates_table(manifest: dict) -> list[str]:
+    """Each variant's gates in a bundle's manifest, as a Markdown table's lines."""
+    lines = [
+        "| variant | gate | value | interval | threshold | result |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in manifest["variants"]:
+        for g in v.get("gates", []):
+            lo, hi = g.get("ci") or (None, None)
+            interval = "" if lo is None else f"[{lo:.4g}, {hi:.4g}]"
+            lines.append(
+                f"| {v['precision']} | {g['name']} | {g['value']:.4g} | {interval} | "
+                f"{g['op']} {g['threshold']:g} | {'pass' if g['passed'] else 'FAIL'} |"
+            )
+    return lines
+
+
 def command_line() -> str:
     """This run's command as typed, for the docs: interpreter and script relative to the
     repository where they lie in it, then the real arguments."""

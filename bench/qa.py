@@ -48,7 +48,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BENCHMARKS, command_line, write_section  # noqa: E402
+from _common import BENCHMARKS, command_line, gates_table, write_section  # noqa: E402
 
 MAX_TOKENS = 128
 STRIDE = 32  # training windows' overlap: a quarter of the window (run_qa.py's is a third)
@@ -422,19 +422,7 @@ def table(
     ]
     if span:
         lines += ["", f"quantgate's span gate: {span['detail']}"]
-    lines += [
-        "",
-        "| variant | gate | value | interval | threshold | result |",
-        "|---|---|---|---|---|---|",
-    ]
-    for v in manifest["variants"]:
-        for g in v.get("gates", []):
-            lo, hi = g.get("ci") or (None, None)
-            interval = "" if lo is None else f"[{lo:.4g}, {hi:.4g}]"
-            lines.append(
-                f"| {v['precision']} | {g['name']} | {g['value']:.4g} | {interval} | "
-                f"{g['op']} {g['threshold']:g} | {'pass' if g['passed'] else 'FAIL'} |"
-            )
+    lines += ["", *gates_table(manifest)]
     return "\n".join(lines)
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BENCHMARKS, command_line, write_section  # noqa: E402
+from _common import BENCHMARKS, command_line, gates_table, write_section  # noqa: E402
 
 MAX_TOKENS = 128
 BATCH = 16
@@ -178,17 +178,8 @@ def table(
         if int8 and int8.get("recipe")
         else "- No INT8 variant was written.",
         "",
-        "| variant | gate | value | interval | threshold | result |",
-        "|---|---|---|---|---|---|",
+        *gates_table(manifest),
     ]
-    for v in manifest["variants"]:
-        for g in v.get("gates", []):
-            lo, hi = g.get("ci") or (None, None)
-            interval = "" if lo is None else f"[{lo:.4g}, {hi:.4g}]"
-            lines.append(
-                f"| {v['precision']} | {g['name']} | {g['value']:.4g} | {interval} | "
-                f"{g['op']} {g['threshold']:g} | {'pass' if g['passed'] else 'FAIL'} |"
-            )
     return "\n".join(lines)
 
 
