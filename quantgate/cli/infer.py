@@ -306,7 +306,7 @@ def _infer(client, named: str, version: str, feeds: dict, wanted: tuple, classes
             version=version,
             outputs=wanted,
             classes=classes,
-        )  # fmt: skip
+        )
         for i in range(0, rows, largest)
     ]
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
