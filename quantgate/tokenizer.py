@@ -284,22 +284,24 @@ class Transformers:
             side = self.tok.truncation_side
             try:
                 for pair, (q, c) in enumerate(pairs):
-                    whole = self.tok([q], [c], verbose=False)
-                    room = _room(whole.sequence_ids(0), limit)
-                    overlap = window_overlap(limit, room)
-                    fits = len(whole["input_ids"][0]) <= limit
-                    windowed = not fits and room >= 2
-                    if not windowed:  # one window; a question that fills it: cut as encode
-                        cut += [] if fits else [pair]
-                        overlap = 0
-                    # windows read a context from its start; a cut is the tokenizer's own
-                    self.tok.truncation_side = "right" if windowed else side
-                    enc = self.tok(
-                        [q], [c], truncation="only_second" if windowed else not fits,
-                        max_length=limit, stride=overlap, return_overflowing_tokens=windowed,
-                        return_offsets_mapping=True, return_special_tokens_mask=True,
+                    enc = whole = self.tok(
+                        [q], [c], return_offsets_mapping=True, return_special_tokens_mask=True,
                         verbose=False,
                     )  # fmt: skip
+                    room = _room(whole.sequence_ids(0), limit)
+                    overlap = 0
+                    if len(whole["input_ids"][0]) > limit:  # else the pair is its one window
+                        windowed = room >= 2  # else its question fills it: cut as encode
+                        cut += [] if windowed else [pair]
+                        overlap = window_overlap(limit, room) if windowed else 0
+                        # windows read a context from its start; a cut is the tokenizer's own
+                        self.tok.truncation_side = "right" if windowed else side
+                        enc = self.tok(
+                            [q], [c], truncation="only_second" if windowed else True,
+                            max_length=limit, stride=overlap, return_overflowing_tokens=windowed,
+                            return_offsets_mapping=True, return_special_tokens_mask=True,
+                            verbose=False,
+                        )  # fmt: skip
                     pieces = [
                         _Piece(
                             {n: enc[n][k] for n in names if n in enc},
