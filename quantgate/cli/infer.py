@@ -545,10 +545,9 @@ def _answer_rule(bundle) -> dict:
     """How ``bundle``'s gates read a question answerer's answers (the gate settings it was
     last gated with: max_answer_tokens, null_answer), as ``spans.answers`` takes them: infer
     prints the answers the gates judged."""
-    from quantgate.quantize.decide import GateConfig
-    from quantgate.quantize.regating import recorded_gate_config
+    from quantgate.quantize.regating import DEFAULT_GATES, recorded_gate_config
 
-    cfg = recorded_gate_config(bundle.manifest) or GateConfig()
+    cfg = recorded_gate_config(bundle.manifest) or DEFAULT_GATES
     return {"max_tokens": cfg.max_answer_tokens, "null_answer": cfg.null_answer}
 
 

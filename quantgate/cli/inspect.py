@@ -132,12 +132,11 @@ def inspect(
 def _answers_read(m) -> str:
     """How a question answerer's answers are read (its last gating's settings): what its span
     gates judged and `quantgate infer` prints."""
-    from quantgate.quantize.decide import GateConfig
-    from quantgate.quantize.regating import recorded_gate_config
+    from quantgate.quantize.regating import DEFAULT_GATES, recorded_gate_config
 
     cfg = recorded_gate_config(m)
     if cfg is None:
-        cfg, since = GateConfig(), " (not gated: the defaults)"
+        cfg, since = DEFAULT_GATES, " (not gated: the defaults)"
     else:
         since = " (its last gating's settings)"
     none = "or none (SQuAD 2.0: --null-answer)" if cfg.null_answer else "never none"
