@@ -74,6 +74,26 @@ def write_section(name: str, text: str, *, heading: str, doc: Path = BENCHMARKS)
     tmp.replace(doc)
 
 
+def train(model, optimizer, steps: int, loss_at, schedule=None) -> list[float]:
+    """``steps`` optimizer steps of ``model`` (``loss_at(step)``: that step's loss tensor),
+    the learning rate stepped by ``schedule`` where given, the loss printed every 20 steps;
+    the model left in eval mode. Each step's loss."""
+    model.train()
+    losses = []
+    for step in range(steps):
+        loss = loss_at(step)
+        loss.backward()
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if step % 20 == 0 or step == steps - 1:
+            print(f"step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
+    model.eval()
+    return losses
+
+
 def gates_table(manifest: dict) -> list[str]:
     """Each variant's gates in a bundle's manifest, as a Markdown table's lines."""
     lines = [

@@ -48,7 +48,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BENCHMARKS, command_line, gates_table, write_section  # noqa: E402
+from _common import BENCHMARKS, command_line, gates_table, train, write_section  # noqa: E402
 
 MAX_TOKENS = 128
 STRIDE = 32  # training windows' overlap: a quarter of the window (run_qa.py's is a third)
@@ -246,19 +246,13 @@ def fine_tune(rows: list[dict], out: Path, steps: int, seed: int = 0) -> list[fl
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, (steps - s) / max(1, steps - warmup))
     )
-    model.train()
-    losses = []
-    for step in range(steps):
+
+    def loss_at(step: int):
         picked = order[[(step * BATCH + k) % len(order) for k in range(BATCH)]]
-        loss = model(**{k: v[picked] for k, v in feats.items()}).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-        if step % 20 == 0 or step == steps - 1:
-            print(f"step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
-    model.eval().save_pretrained(out)
+        return model(**{k: v[picked] for k, v in feats.items()}).loss
+
+    losses = train(model, optimizer, steps, loss_at, schedule)
+    model.save_pretrained(out)
     tok.save_pretrained(out)
     return losses
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BENCHMARKS, command_line, gates_table, write_section  # noqa: E402
+from _common import BENCHMARKS, command_line, gates_table, train, write_section  # noqa: E402
 
 MAX_TOKENS = 128
 BATCH = 16
@@ -90,22 +90,17 @@ def fine_tune(rows: list[dict], out: Path, steps: int, seed: int = 0) -> list[fl
         {"other": 0, "match": 1},
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
-    model.train()
-    losses = []
-    for step in range(steps):
+
+    def loss_at(step: int):
         batch = [rows[(step * BATCH + k) % len(rows)] for k in range(BATCH)]
         enc = tok(
             [r["text"] for r in batch], [r["text_pair"] for r in batch],
             truncation=True, max_length=MAX_TOKENS, padding=True, return_tensors="pt",
         )  # fmt: skip
-        loss = model(**enc, labels=torch.tensor([r["label"] for r in batch])).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-        if step % 20 == 0 or step == steps - 1:
-            print(f"step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
-    model.eval().save_pretrained(out)
+        return model(**enc, labels=torch.tensor([r["label"] for r in batch])).loss
+
+    losses = train(model, optimizer, steps, loss_at)
+    model.save_pretrained(out)
     tok.save_pretrained(out)
     return losses
 
