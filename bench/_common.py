@@ -94,6 +94,22 @@ def train(model, optimizer, steps: int, loss_at, schedule=None) -> list[float]:
     return losses
 
 
+def export(model: Path, out: Path, calibration: Path, evaluation: Path, *flags: str):
+    """`quantgate export MODEL --out OUT --calibration ... --eval ...`, as a user runs it:
+    the bundle's manifest, the command's exit code (3: a gate failed, which a table shows)
+    and its seconds. Any other failure ends the benchmark with its stderr."""
+    command = [
+        sys.executable, "-m", "quantgate", "export", str(model), "--out", str(out),
+        "--calibration", str(calibration), "--eval", str(evaluation), *flags,
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    run = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if run.returncode not in (0, 3):
+        sys.exit(f"quantgate export failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
+    return json.loads((out / "manifest.json").read_text()), run.returncode, seconds
+
+
 def gates_table(manifest: dict) -> list[str]:
     """Each variant's gates in a bundle's manifest, as a Markdown table's lines."""
     lines = [

@@ -40,7 +40,6 @@ import os
 import random
 import re
 import string
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BENCHMARKS, command_line, gates_table, train, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    BENCHMARKS,
+    command_line,
+    export,
+    gates_table,
+    train,
+    write_section,
+)
 
 MAX_TOKENS = 128
 STRIDE = 32  # training windows' overlap: a quarter of the window (run_qa.py's is a third)
@@ -350,19 +356,11 @@ def main() -> None:
         calib = write_jsonl(work / "calib.jsonl", split["calibration"])
         evaluation = write_jsonl(work / "eval.jsonl", split["evaluation"])
         bundle = work / "bundle"
-        export = [
-            sys.executable, "-m", "quantgate", "export", str(work / "qa"), "--out", str(bundle),
-            "--calibration", str(calib), "--eval", str(evaluation),
-            "--max-seq-len", str(MAX_TOKENS),
-        ]  # fmt: skip
-        t0 = time.perf_counter()
-        run = subprocess.run(export, capture_output=True, text=True)
-        export_s = time.perf_counter() - t0
-        if run.returncode not in (0, 3):  # 3: a gate failed, which the table shows
-            sys.exit(f"quantgate export failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
-        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest, code, export_s = export(
+            work / "qa", bundle, calib, evaluation, "--max-seq-len", str(MAX_TOKENS)
+        )
         task = read(bundle, split["evaluation"])
-        text = table(manifest, task, split, losses, run.returncode, trained_s, export_s, args.steps)
+        text = table(manifest, task, split, losses, code, trained_s, export_s, args.steps)
     print(text)
     if not args.no_write:
         write_section("qa", text, heading="A question answerer over long contexts", doc=args.doc)

@@ -28,7 +28,6 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BENCHMARKS, command_line, gates_table, train, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    BENCHMARKS,
+    command_line,
+    export,
+    gates_table,
+    train,
+    write_section,
+)
 
 MAX_TOKENS = 128
 BATCH = 16
@@ -130,18 +136,8 @@ def main() -> None:
         trained_s = time.perf_counter() - t0
         calib = write_jsonl(work / "calib.jsonl", split["calibration"], labels=False)
         evaluation = write_jsonl(work / "eval.jsonl", split["evaluation"])
-        bundle = work / "bundle"
-        export = [
-            sys.executable, "-m", "quantgate", "export", str(work / "reranker"),
-            "--out", str(bundle), "--calibration", str(calib), "--eval", str(evaluation),
-        ]  # fmt: skip
-        t0 = time.perf_counter()
-        run = subprocess.run(export, capture_output=True, text=True)
-        export_s = time.perf_counter() - t0
-        if run.returncode not in (0, 3):  # 3: a gate failed, which the table shows
-            sys.exit(f"quantgate export failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        text = table(manifest, split, losses, run.returncode, trained_s, export_s, args.steps)
+        manifest, code, export_s = export(work / "reranker", work / "bundle", calib, evaluation)
+        text = table(manifest, split, losses, code, trained_s, export_s, args.steps)
     print(text)
     if not args.no_write:
         write_section("reranker", text, heading="A reranker from text pairs", doc=args.doc)
