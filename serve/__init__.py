@@ -1,19 +1,20 @@
 """Serving: bundles over gRPC (KServe v2 / Triton protocol) through ONNX Runtime.
 
-    config.py      ServeConfig, every knob in one frozen value
-    variants.py    the execution provider, then the variant the bundle's gates vouch for there
-    runtime.py     Model: a verified bundle's variant in an ONNX Runtime session; request checks
-    repository.py  the served models by name and version, opened from one bundle or a folder
-    batcher.py     the dynamic batcher (bounded queue, length buckets, padding)
-    engine.py      models + batchers + warm-up + readiness + accounting
-    servicer.py    inference.GRPCInferenceService: protobuf <-> numpy, errors -> status codes
-    server.py      create_server(cfg, engine) and run(cfg): health, reflection, SIGTERM
-    tls.py         TLS files checked before models load (pair, dates), read again on change
-    auth.py        bearer tokens, from the flag or a file read again on change
-    refusals.py    calls answered with an error at once, unread, off the request threads
-    metrics.py     Prometheus metrics, Triton statistics, the HTTP probes
-    logs.py        the server's log on stderr: UTC text lines, or JSON lines
-    client.py      a numpy-in, numpy-out client over our own stubs; request_inputs
+    config.py        ServeConfig, every knob in one frozen value
+    variants.py      the execution provider, then the variant the bundle's gates vouch for there
+    runtime.py       Model: a verified bundle's variant in an ONNX Runtime session; request checks
+    repository.py    the served models by name and version, opened from one bundle or a folder
+    batcher.py       the dynamic batcher (bounded queue, length buckets, padding)
+    engine.py        models + batchers + warm-up + readiness + accounting
+    servicer.py      inference.GRPCInferenceService: protobuf <-> numpy, errors -> status codes
+    server.py        create_server(cfg, engine) and run(cfg): health, reflection, SIGTERM
+    interceptors.py  around every call: the access log, overload refusals, the stream limit
+    tls.py           TLS files checked before models load (pair, dates), read again on change
+    auth.py          bearer tokens, from the flag or a file read again on change
+    refusals.py      calls answered with an error at once, unread, off the request threads
+    metrics.py       Prometheus metrics, Triton statistics, the HTTP probes
+    logs.py          the server's log on stderr: UTC text lines, or JSON lines
+    client.py        a numpy-in, numpy-out client over our own stubs; request_inputs
 
 Importing this package imports nothing heavy; never torch or quantgate.model.
 

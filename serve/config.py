@@ -68,7 +68,7 @@ class ServeConfig:
     # The metrics port's own address (127.0.0.1: a sidecar's scrape only, gRPC on every
     # address, or the reverse); None: host's. Refused without metrics_port, which it is for.
     metrics_host: str | None = None
-    # One INFO line per RPC to the logger quantgate.serve.access (server.AccessLog). Off:
+    # One INFO line per RPC to the logger quantgate.serve.access (interceptors.AccessLog). Off:
     # no interceptor at all, so a request pays nothing for it.
     access_log: bool = False
     tls: TLSConfig | None = None

@@ -96,7 +96,7 @@ class CallRecord:
                 self.failed += 1
 
 
-# The call's record while its handler runs (server.AccessLog sets it); None: no access log.
+# The call's record while its handler runs (interceptors.AccessLog sets it); None: no access log.
 CALL: ContextVar[CallRecord | None] = ContextVar("quantgate_call", default=None)
 
 
