@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
-from quantgate.bundle import printable_name
 from quantgate.configs import check_fields, config_class
 from quantgate.errors import ConfigError
+from quantgate.schema import printable_name
 
 
 class Exporter(str, Enum):

@@ -18,14 +18,12 @@ from quantgate.bundle import (
     CPU,
     CUDA,
     MANIFEST,
-    PRECISIONS,
     REPORT,
     TOKENIZER_DIR,
     Bundle,
     GateResult,
     Manifest,
     Variant,
-    printable_name,
     sha256_file,
     staging,
     verdict_of,
@@ -34,6 +32,7 @@ from quantgate.bundle import (
 )
 from quantgate.errors import BundleError
 from quantgate.export.pipeline import ExportResult
+from quantgate.schema import PRECISIONS, printable_name
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ A bundle is a directory::
 
 The manifest lists every other file with its sha256 (the models in ``variants``; the
 tokenizer, external weights and the plot in ``files``; not report.md, which is for people),
-and ``load`` checks them.
+and ``load`` checks them. What each field of the manifest must be is ``schema``'s: a
+manifest is read only once ``schema.manifest_problems`` finds nothing wrong with it.
 
 It is written atomically: everything goes to a temporary sibling directory which is then
 renamed into place, so a crash never leaves a half-written bundle where a good one was.
@@ -48,8 +49,7 @@ import re
 import shutil
 import stat
 import tempfile
-import unicodedata
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,20 +62,27 @@ from quantgate.fsutil import (
     resolve_target,
     target_problem,
 )
+from quantgate.schema import (
+    FAIL,
+    MANIFEST,
+    PASS,
+    RECREATE,
+    REPORT,
+    TOKENIZER_DIR,
+    described,
+    is_int,
+    is_relative_path,
+    manifest_problems,
+    problem_list,
+)
 
-MANIFEST = "manifest.json"
-REPORT = "report.md"
 PLOT = "candidates.png"  # the recipe search's plot (quantize.report)
-TOKENIZER_DIR = "tokenizer"  # a text model's tokenizer, saved by export.writer
 # The names quantgate writes in a bundle besides the variants: the bundle's own wherever
 # they are found, listed in its manifest or not (older manifests list neither the plot
 # nor the tokenizer).
 OWN_NAMES = (MANIFEST, REPORT, PLOT, TOKENIZER_DIR)
 FORMAT_VERSION = 2  # see the module's docstring: when to raise it, what each one means
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few kB; anything near this is not one
-
-PASS, FAIL = "pass", "fail"
-PRECISIONS = ("fp32", "int8", "fp16")
 
 
 # The execution providers a variant is meant for (ONNX Runtime's names).
@@ -261,12 +268,12 @@ class Manifest:
         one ``BundleError`` listing every problem (``source`` names the file in it)."""
         if not isinstance(d, dict):
             raise BundleError(
-                f"{source} is corrupt: expected a JSON object at the top, found {_found(d)}. "
-                + _RECREATE
+                f"{source} is corrupt: expected a JSON object at the top, found {described(d)}. "
+                + RECREATE
             )
         # First: a newer release's manifest may fail every check below, and is no corrupt one.
         fmt = d.get("format_version", FORMAT_VERSION)
-        if _is_int(fmt) and fmt > FORMAT_VERSION:
+        if is_int(fmt) and fmt > FORMAT_VERSION:
             tools = d.get("tools")
             by = tools.get("quantgate") if isinstance(tools, dict) else None
             raise BundleError(
@@ -275,7 +282,7 @@ class Manifest:
                 + (f" (the bundle was written by quantgate {by})" if isinstance(by, str) else "")
             )
         if problems := manifest_problems(d):
-            raise BundleError(f"{source} is corrupt: {_listed(problems)}{_RECREATE}")
+            raise BundleError(f"{source} is corrupt: {problem_list(problems)}{RECREATE}")
 
         def spec(t: dict) -> TensorSpec:
             return TensorSpec(t["name"], t["dtype"], tuple(t["dims"]))
@@ -304,36 +311,6 @@ class Manifest:
         return cls(**d)
 
 
-_RECREATE = (
-    "Restore the manifest from the original bundle, or re-create the bundle with "
-    "`quantgate export`."
-)
-_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
-# numpy dtype names of ONNX tensor types a model may take or give
-_DTYPES = frozenset(
-    ("bool", "float16", "bfloat16", "float32", "float64")
-    + tuple(f"{sign}int{bits}" for sign in ("", "u") for bits in (8, 16, 32, 64))
-)
-_OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
-
-
-def _listed(problems: list[str]) -> str:
-    """One problem inline, several as a list; either way ready for the advice after it."""
-    if len(problems) == 1:
-        return problems[0] + ". "
-    return f"{len(problems)} problems:\n" + "".join(f"  - {p}\n" for p in problems)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _list(d: dict, key: str) -> list:
-    """``d[key]`` where it is a list, else [] (a damaged manifest: its checks say why)."""
-    x = d.get(key)
-    return x if isinstance(x, list) else []
-
-
 def _finite(x: Any) -> Any:
     """``x`` with every float that is not finite (NaN, infinity) as None: JSON has no
     token for them, and a manifest must parse outside Python too."""
@@ -344,318 +321,6 @@ def _finite(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_finite(v) for v in x]
     return x
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _found(x: Any) -> str:
-    """``x`` as a person reads it in an error message: its JSON kind, and short values."""
-    if x is None:
-        return "null"
-    if isinstance(x, bool):
-        return "true" if x else "false"
-    if _is_number(x):
-        return f"the number {x!r}"
-    if isinstance(x, str):
-        return f"the string {x[:60]!r}" + ("..." if len(x) > 60 else "")
-    if isinstance(x, list):
-        return "a list"
-    return "an object" if isinstance(x, dict) else f"a Python {type(x).__name__}, not JSON"
-
-
-def _is_name(x: Any) -> bool:
-    """A file name inside the bundle's own directory: no folder, no way out of it."""
-    return (
-        isinstance(x, str)
-        and x not in ("", ".", "..", MANIFEST, REPORT)
-        and "\x00" not in x
-        and "/" not in x
-        and "\\" not in x
-    )
-
-
-def _is_relative_path(x: Any) -> bool:
-    """A path inside the bundle, below its directory: "tokenizer/vocab.txt"."""
-    if not isinstance(x, str) or x in (MANIFEST, REPORT) or "\x00" in x or "\\" in x:
-        return False
-    parts = x.split("/")
-    return all(part not in ("", ".", "..") for part in parts)
-
-
-# A field's check: None when the value is right, else what was expected.
-_Check = Callable[[Any], "str | None"]
-
-
-def _kind(test: Callable[[Any], bool], expected: str) -> _Check:
-    return lambda x: None if test(x) else expected
-
-
-_TEXT = _kind(lambda x: isinstance(x, str), "a string")
-_NAME = _kind(lambda x: isinstance(x, str) and x.strip() != "", "a non-empty string")
-
-
-def printable_name(name: str) -> bool:
-    """Whether ``name`` may name a model: not blank, no control character (a line break, an
-    escape), no invisible formatting (a right-to-left override, which shows a line's text in
-    another order) and no Unicode line separator. The name goes into log lines, metadata
-    and terminals as it is: one holding a line break forged a `listening on` line that
-    scripts read the port from."""
-    return name.strip() != "" and unprintable(name) is None
-
-
-def unprintable(name: str) -> str | None:
-    """The first character of ``name`` that ``printable_name`` refuses, as U+XXXX; None."""
-    for c in name:
-        kind = unicodedata.category(c)
-        if kind in _UNPRINTABLE or (kind == "Cf" and c not in _JOINERS and not _tag(c)):
-            return f"U+{ord(c):04X}"
-    return None
-
-
-# Control characters, line and paragraph separators, and invisible formatting (direction
-# overrides and marks, which reorder what a line shows; a zero-width space, which makes two
-# names that look the same) but for what real names are written with: the joiners of emoji
-# and Persian, a soft hyphen, and the tags of a flag emoji
-_UNPRINTABLE = ("Cc", "Zl", "Zp")
-_JOINERS = frozenset("\u200c\u200d\u00ad")
-
-
-def _tag(c: str) -> bool:
-    return 0xE0020 <= ord(c) <= 0xE007F
-
-
-_MODEL_NAME = _kind(
-    lambda x: isinstance(x, str) and printable_name(x),
-    "a non-empty name without control characters (line breaks, escapes, direction overrides)",
-)
-_OBJECT = _kind(lambda x: isinstance(x, dict), "an object")
-_OBJECT_OR_NULL = _kind(lambda x: x is None or isinstance(x, dict), "an object or null")
-_NAMES = _kind(
-    lambda x: isinstance(x, list) and all(isinstance(s, str) and s for s in x),
-    "a list of non-empty strings",
-)
-_SHA = _kind(
-    lambda x: isinstance(x, str) and _SHA256.fullmatch(x) is not None,
-    "64 hexadecimal digits (a sha256)",
-)
-
-
-def _fields(
-    d: Any, where: str, required: dict[str, _Check], optional: dict[str, _Check]
-) -> list[str]:
-    """Problems with object ``d``: a missing or unknown field, or a value its check refuses."""
-    if not isinstance(d, dict):
-        return [f"{where}: expected an object, found {_found(d)}"]
-    problems = [f"{where}: the field {k!r} is missing" for k in required if k not in d]
-    unknown = sorted(set(d) - set(required) - set(optional))
-    if unknown:
-        problems.append(
-            f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; quantgate writes none "
-            "by that name (your own fields belong under extra)"
-        )
-    for k, check in {**required, **optional}.items():
-        if k in d and (expected := check(d[k])):
-            problems.append(f"{where}.{k}: expected {expected}, found {_found(d[k])}")
-    return problems
-
-
-def _tensor(t: Any, where: str) -> list[str]:
-    dims = _kind(
-        lambda x: (
-            isinstance(x, list)
-            and all((_is_int(n) and n >= 0) or (isinstance(n, str) and n) for n in x)
-        ),
-        "a list of sizes (whole numbers >= 0) and axis names",
-    )
-    dtype = _kind(lambda x: x in _DTYPES, f"a dtype name ({', '.join(sorted(_DTYPES))})")
-    return _fields(t, where, {"name": _NAME, "dtype": dtype, "dims": dims}, {})
-
-
-def _gate(g: Any, where: str) -> list[str]:
-    number = _kind(_is_number, "a number")
-    ci = _kind(
-        lambda x: x is None or (isinstance(x, list) and len(x) == 2 and all(map(_is_number, x))),
-        "null or [low, high], two numbers",
-    )
-    problems = _fields(
-        g,
-        where,
-        {
-            "name": _NAME,
-            "value": _kind(
-                lambda x: _is_number(x) or x is None, "a number (null: not measurable, failed)"
-            ),
-            "threshold": number,
-            "op": _kind(lambda x: x in _OPS, "'<=' or '>='"),
-            "passed": _kind(lambda x: isinstance(x, bool), "true or false"),
-        },
-        {
-            "ci": ci,
-            "provider": _kind(lambda x: x is None or isinstance(x, str), "a string or null"),
-            "detail": _TEXT,
-        },
-    )
-    if problems or not g["passed"]:
-        return problems
-    if g["value"] is None:
-        return [f"{where}: passed is true, but its value is null (not measurable)"]
-    # "passed" must follow from the numbers: a gate can fail with good numbers (a fallback,
-    # broken rows), never pass with bad ones. The slack covers rounding in the bootstrap.
-    value, threshold = g["value"], g["threshold"]
-    slack = 1e-6 * max(1.0, abs(threshold)) if math.isfinite(threshold) else 0.0
-    bound = threshold + slack if g["op"] == "<=" else threshold - slack
-    if not (math.isfinite(value) and _OPS[g["op"]](value, bound)):
-        return [f"{where}: passed is true, but its value {value!r} is not {g['op']} {threshold!r}"]
-    return []
-
-
-def _variant(v: Any, where: str) -> list[str]:
-    problems = _fields(
-        v,
-        where,
-        {
-            "file": _kind(_is_name, "a file name inside the bundle (no folder, not .. or /)"),
-            "precision": _kind(lambda x: x in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
-            "sha256": _SHA,
-        },
-        {
-            "providers": _NAMES,
-            "recipe": _OBJECT_OR_NULL,
-            "gates": _kind(lambda x: isinstance(x, list), "a list of gates"),
-            "verdict": _kind(lambda x: x in (PASS, FAIL), f"{PASS!r} or {FAIL!r}"),
-            "not_for": _NAMES,
-            "notes": _TEXT,
-        },
-    )
-    if not isinstance(v, dict):
-        return problems
-    gates = _list(v, "gates")
-    for i, g in enumerate(gates):
-        name = g.get("name") if isinstance(g, dict) else None
-        problems += _gate(g, f"{where}.gates[{i}]" + (f" ({name})" if name else ""))
-    failed = [g.get("name") for g in gates if isinstance(g, dict) and g.get("passed") is False]
-    if v.get("verdict", PASS) == PASS and failed:
-        problems.append(
-            f"{where}: verdict is 'pass', but its gate(s) {', '.join(map(str, failed))} failed; "
-            "a variant passes only when every gate passed"
-        )
-    elif v.get("verdict") == FAIL and gates and not failed:
-        problems.append(
-            f"{where}: verdict is 'fail', but every one of its {len(gates)} gate(s) passed; "
-            "a variant's verdict is its gates'"
-        )
-    return problems
-
-
-def _tokenizer_problem(hf: dict[str, Any]) -> str | None:
-    """What is wrong with where a manifest says its tokenizer is. Export writes a folder of
-    the bundle ("tokenizer", its files hashed in ``files``); a bundle of 0.1.0 (and one a
-    re-gate of such a bundle wrote) may name the model's own directory, an absolute path,
-    or a tokenizer folder it did not hash. A path out of the bundle through ``..`` is
-    none of these: text would be read by files of another folder, refused."""
-    tok = hf["tokenizer"]
-    if not isinstance(tok, str) or not tok.strip():
-        return f"expected a folder path, found {_found(tok)}"
-    if not os.path.isabs(tok) and ".." in Path(tok).parts:
-        return (
-            f"expected a folder of the bundle ({TOKENIZER_DIR!r}, as export writes it), "
-            f"found {_found(tok)}, which leads out of it"
-        )
-    return None
-
-
-def manifest_problems(d: dict[str, Any]) -> list[str]:
-    """Every way ``d`` (a parsed manifest.json) differs from what ``write_manifest`` writes."""
-    files = _kind(
-        lambda x: isinstance(x, dict) and all(map(_is_relative_path, x)),
-        "an object of paths inside the bundle (a/b.txt, no .. or leading /) to sha256s",
-    )
-    problems = _fields(
-        d,
-        "manifest",
-        {
-            "name": _MODEL_NAME,
-            "task": _NAME,
-            "inputs": _kind(lambda x: isinstance(x, list), "a list of tensors"),
-            "outputs": _kind(lambda x: isinstance(x, list), "a list of tensors"),
-            "variants": _kind(lambda x: isinstance(x, list) and x != [], "a non-empty list"),
-            "opset": _kind(lambda x: _is_int(x) and x >= 1, "a whole number >= 1"),
-            "source": _OBJECT,
-        },
-        {
-            "version": _kind(lambda x: _is_int(x) and x >= 1, "a whole number >= 1"),
-            "created": _TEXT,
-            "tools": _kind(
-                lambda x: isinstance(x, dict) and all(isinstance(v, str) for v in x.values()),
-                "an object of package names to version strings",
-            ),
-            "calibration": _OBJECT_OR_NULL,
-            "export": _OBJECT,
-            "extra": _OBJECT,
-            "files": files,
-            "format_version": _kind(lambda x: _is_int(x) and x >= 1, "a whole number >= 1"),
-            "verdict": _kind(lambda x: x in (PASS, FAIL), f"{PASS!r} or {FAIL!r}"),
-        },
-    )
-    for key in ("inputs", "outputs"):
-        for i, t in enumerate(_list(d, key)):
-            problems += _tensor(t, f"{key}[{i}]")
-    variants = _list(d, "variants")
-    for i, v in enumerate(variants):
-        label = v.get("precision") if isinstance(v, dict) else None
-        problems += _variant(
-            v, f"variants[{i}]" + (f" ({label})" if isinstance(label, str) else "")
-        )
-    entries = [v for v in variants if isinstance(v, dict)]
-    for key in ("precision", "file"):
-        seen = [x for v in entries if isinstance(x := v.get(key), str)]
-        if repeated := sorted({x for x in seen if seen.count(x) > 1}):
-            problems.append(
-                f"variants: {key} {', '.join(map(repr, repeated))} appears more than once; "
-                f"each variant has its own {key}"
-            )
-    if isinstance(d.get("files"), dict):
-        for path, sha in d["files"].items():
-            if expected := _SHA(sha):
-                problems.append(f"files[{path!r}]: expected {expected}, found {_found(sha)}")
-            if path in {v.get("file") for v in entries}:
-                problems.append(f"files[{path!r}]: is a variant's file; list it once, as a variant")
-    export, extra = d.get("export"), d.get("extra")
-    seq = export.get("max_seq_len") if isinstance(export, dict) else None
-    if seq is not None and not (_is_int(seq) and seq >= 1):
-        problems.append(
-            f"export.max_seq_len: expected a whole number >= 1 or null, found {_found(seq)}"
-        )
-    if isinstance(extra, dict):
-        hf = extra.get("huggingface")
-        if hf is not None and not isinstance(hf, dict):
-            problems.append(f"extra.huggingface: expected an object, found {_found(hf)}")
-        elif hf and hf.get("tokenizer") is not None and (said := _tokenizer_problem(hf)):
-            problems.append(f"extra.huggingface.tokenizer: {said}")
-        elif hf and hf.get("tokenizers") is not None:  # how to run the tokenizer: its module's
-            from quantgate.tokenizer import settings_problems
-
-            problems.extend(settings_problems(hf["tokenizers"]))
-        regates = extra.get("regates", [])
-        if not isinstance(regates, list):
-            problems.append(f"extra.regates: expected a list, found {_found(regates)}")
-        elif bad := [i for i, r in enumerate(regates) if not isinstance(r, dict)]:
-            problems.append(
-                f"extra.regates[{bad[0]}]: expected an object (a re-gate's record), found "
-                f"{_found(regates[bad[0]])}"
-            )
-    stated = d.get("verdict")
-    if stated in (PASS, FAIL) and not problems:
-        failed = [v["precision"] for v in entries if v.get("verdict", PASS) != PASS]
-        if (stated == PASS) != (not failed):
-            why = f"variant(s) {', '.join(failed)} failed" if failed else "every variant passed"
-            problems.append(
-                f"verdict is {stated!r}, but {why}; the bundle passes exactly when every "
-                "variant passed"
-            )
-    return problems
 
 
 @dataclass(frozen=True)
@@ -744,7 +409,7 @@ def _read(path: Path, verify: bool) -> Bundle:
     if mpath.exists() and not mpath.is_file():
         raise BundleError(
             f"{mpath} is not a file (a directory?): a bundle's {MANIFEST} is a JSON file. "
-            f"{_RECREATE}"
+            f"{RECREATE}"
         )
     if not mpath.is_file():
         raise BundleError(
@@ -761,7 +426,7 @@ def check_files(bundle: Bundle, *, hashed_when_read: Collection[str] = ()) -> No
     """BundleError listing every file of ``bundle`` that fails its check (``verify_files``)."""
     if problems := verify_files(bundle.path, bundle.manifest, hashed_when_read=hashed_when_read):
         raise BundleError(
-            f"bundle {bundle.path}: {_listed(problems)}Restore the files from the original "
+            f"bundle {bundle.path}: {problem_list(problems)}Restore the files from the original "
             "bundle, or re-create it with `quantgate export`."
         )
 
@@ -794,7 +459,7 @@ def _read_json(mpath: Path) -> Any:
     if len(data) > MAX_MANIFEST_BYTES:
         raise BundleError(
             f"{mpath} is over {MAX_MANIFEST_BYTES >> 20} MB: a manifest is a few kB, so this is "
-            f"not one written by quantgate. {_RECREATE}"
+            f"not one written by quantgate. {RECREATE}"
         )
 
     def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -810,10 +475,10 @@ def _read_json(mpath: Path) -> Any:
         return json.loads(data.decode("utf-8-sig"), object_pairs_hook=unique)
     except RecursionError as e:
         raise BundleError(
-            f"{mpath} is corrupt (nested too deeply to be a manifest). {_RECREATE}"
+            f"{mpath} is corrupt (nested too deeply to be a manifest). {RECREATE}"
         ) from e
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, repeated keys, huge ints
-        raise BundleError(f"{mpath} is corrupt ({type(e).__name__}: {e}). {_RECREATE}") from e
+        raise BundleError(f"{mpath} is corrupt ({type(e).__name__}: {e}). {RECREATE}") from e
 
 
 def verify_files(
@@ -1057,7 +722,7 @@ def _quantgate_manifest(path: Path) -> dict[str, Any] | None:
         d = _read_json(path / MANIFEST)
     except BundleError:
         return None
-    ours = isinstance(d, dict) and _is_int(d.get("format_version"))
+    ours = isinstance(d, dict) and is_int(d.get("format_version"))
     return d if ours and isinstance(d.get("variants"), list) else None
 
 
@@ -1174,7 +839,7 @@ def _tokenizer_listed(root: Path, manifest: Manifest) -> Manifest:
     # Listed whole or not at all: a folder whose files are listed may hold nothing else (a
     # link, a fifo, a name a manifest cannot hold), or the bundle would no longer load
     odd = any(f.is_symlink() or not (f.is_dir() or f.is_file()) for f in entries)
-    if odd or not all(_is_relative_path(n) for n in names):
+    if odd or not all(is_relative_path(n) for n in names):
         return manifest
     listed = {n: sha256_file(root / n) for n in names}
     return dataclasses.replace(manifest, files={**manifest.files, **listed})

@@ -7,8 +7,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantgate.bundle import PRECISIONS
 from quantgate.configs import check_fields, config_class
+from quantgate.schema import PRECISIONS
 
 DEVICES = ("auto", "cuda", "cpu")
 ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from quantgate import bundle as qb
 from quantgate.errors import BadRequest, ModelNotFound, QuantgateError, ServeError, quoted
+from quantgate.schema import printable_name, unprintable
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.runtime import Model, open_model
 from quantgate.serve.variants import choose_provider
@@ -162,13 +163,13 @@ def _check_root(root: Path) -> None:
 def shown(name: str) -> str:
     """A folder's name as a log line may hold it: as it is, or quoted and escaped where it
     holds a control character (a line break would forge a line of its own)."""
-    return name if qb.printable_name(name) else repr(name)
+    return name if printable_name(name) else repr(name)
 
 
 def _open_model_folder(folder: Path, cfg: ServeConfig, provider: str) -> list[Model]:
     """The versions of model ``folder.name``: the folder as a bundle, or its VERSION/ bundles."""
-    if not qb.printable_name(folder.name):
-        bad = qb.unprintable(folder.name)
+    if not printable_name(folder.name):
+        bad = unprintable(folder.name)
         raise ServeError(
             "a model folder's name is the name clients call the model by, and goes into log "
             "lines as it is: "
