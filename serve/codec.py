@@ -367,6 +367,14 @@ def encode_response(response: pb.ModelInferResponse, outputs: dict[str, np.ndarr
     return b"".join(chunks)
 
 
+def wire_sizes(outputs: dict[str, np.ndarray]) -> dict[str, int]:
+    """Each output's bytes in a response: a BYTES tensor's length-prefixed strings, not
+    its object array's pointers (Triton's classification answers)."""
+    return {
+        name: len(encode_bytes(a)) if a.dtype == object else a.nbytes for name, a in outputs.items()
+    }
+
+
 def encode_bytes(array: np.ndarray) -> bytes:
     """A BYTES tensor's raw contents: row-major, each element length-prefixed."""
     return b"".join(len(b).to_bytes(4, "little") + b for b in array.reshape(-1))

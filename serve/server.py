@@ -198,7 +198,7 @@ def _built(
         maximum_concurrent_rpcs=OVERLOAD_ROOM * overload.limit,
     )
     _add_inference_service(servicer, server)
-    health_servicer = health.HealthServicer()
+    health_servicer = Health()
     _add_health_service(health_servicer, server)
     reflection.enable_server_reflection(
         (
@@ -365,6 +365,30 @@ def _add_inference_service(servicer: InferenceServicer, server: grpc.Server) -> 
         handlers[name] = grpc.unary_unary_rpc_method_handler(unsupported(name))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
+
+
+class Health(health.HealthServicer):
+    """grpc_health's servicer, with List: grpc_health leaves it UNIMPLEMENTED, though the
+    service it registers (and so reflection) names it. List answers every service's
+    status as Check answers each; the server sets them all (``_set_health``), and never
+    calls ``enter_graceful_shutdown``, whose statuses would not be seen here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._listed: dict[str, int] = {}
+        self._listed_lock = threading.Lock()
+
+    def set(self, service: str, status) -> None:
+        super().set(service, status)
+        with self._listed_lock:  # not while holding the base's lock: no order to keep
+            self._listed[service] = status
+
+    def List(self, request, context):  # noqa: N802 (the RPC's name)
+        with self._listed_lock:
+            listed = dict(self._listed)
+        return health_pb2.HealthListResponse(
+            statuses={name: health_pb2.HealthCheckResponse(status=s) for name, s in listed.items()}
+        )
 
 
 def _add_health_service(servicer: health.HealthServicer, server: grpc.Server) -> None:

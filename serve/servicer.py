@@ -445,7 +445,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             encoded = codec.encode_response(response, outputs)
             # ``framing``: what a stream wraps the answer in, which counts against the limit
             if len(encoded) + framing > self._engine.cfg.max_message_bytes:
-                raise too_large(len(encoded), self._engine.cfg.max_message_bytes, outputs)
+                raise too_large(
+                    len(encoded), self._engine.cfg.max_message_bytes, codec.wire_sizes(outputs)
+                )
         except Cancelled as e:
             # gRPC ends a call both when the client gives up and at its deadline
             elapsed = time.perf_counter() - start

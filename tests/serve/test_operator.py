@@ -911,6 +911,18 @@ def test_a_response_over_max_message_bytes_is_refused_with_what_to_do(repo):
             assert "the response is 4,1" in said and "last_hidden_state 4,096)" in said, said
             ids = np.ones((1, 16), dtype=np.int64)  # 2 KB of hidden states: answered
             c.infer("tiny-encoder", inputs({"input_ids": ids, "attention_mask": ids}))
+            # top classes are strings: their size is known only once they are made, and it is
+            # what goes on the wire that is said (not the object array's 8-byte pointers)
+            ids = np.ones((2, 16), dtype=np.int64)  # a row's 512 values, each a string
+            top = [tc.InferRequestedOutput("last_hidden_state", class_count=512)]
+            with pytest.raises(InferenceServerException) as err:
+                c.infer(
+                    "tiny-encoder", inputs({"input_ids": ids, "attention_mask": ids}), outputs=top
+                )
+            said = err.value.message()
+            found = re.search(r"the response is ([\d,]+) bytes.*last_hidden_state ([\d,]+)\)", said)
+            whole, output = (int(x.replace(",", "")) for x in found.groups())
+            assert whole - 100 < output < whole, said  # the header's fields: tens of bytes
     finally:
         assert srv.terminate() == 0, srv.log
 

@@ -61,6 +61,11 @@ def test_health_serving_and_metadata(server, client):
         for service in ("", "inference.GRPCInferenceService"):
             status = stub.Check(health_pb2.HealthCheckRequest(service=service)).status
             assert status == health_pb2.HealthCheckResponse.SERVING
+        # List, which reflection names too: every service, as Check answers each
+        listed = stub.List(health_pb2.HealthListRequest()).statuses
+        assert {name: s.status for name, s in listed.items()} == dict.fromkeys(
+            ("", "inference.GRPCInferenceService"), health_pb2.HealthCheckResponse.SERVING
+        )
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("classifier") and not client.is_model_ready("nope")
     assert "statistics" in client.get_server_metadata().extensions
