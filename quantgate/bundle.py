@@ -634,7 +634,7 @@ def check_writable_target(
     )  # fmt: skip
     if problem:
         raise BundleError(problem)
-    if not force and not carries_others and (others := _not_the_bundles(out)):
+    if not force and not carries_others and (others := foreign_files(out)):
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise BundleError(
             f"--out {out} holds files that are not the bundle's ({shown}); the new bundle "
@@ -732,7 +732,7 @@ def _quantgate_bundle(path: Path) -> bool:
     return _quantgate_manifest(path) is not None
 
 
-def _not_the_bundles(path: Path) -> list[str]:
+def foreign_files(path: Path) -> list[str]:
     """The files and folders in bundle ``path`` that its manifest does not list and
     quantgate does not write (``OWN_NAMES``) (sorted; a folder once, with a slash); []
     where ``path`` is no bundle."""

@@ -104,6 +104,16 @@ def query(port: int) -> None:
     print(f"  top class  {' '.join(names)}    (class_count=1: {top[0].decode()!r}, ...)")
 
 
+def _replacing(bundle: Path) -> tuple[str, ...]:
+    """``--force`` where ``bundle`` is an earlier demo's and holds nothing else: a checkpoint
+    trained again is another model, whose export would refuse to replace it. A folder that
+    is no bundle, or holds files of yours beside one, is refused as the tour's export
+    refuses it, naming them."""
+    from quantgate import bundle as qb
+
+    return ("--force",) if qb.is_bundle(bundle) and not qb.foreign_files(bundle) else ()
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     step(
@@ -111,7 +121,7 @@ def main() -> None:
     )
     gates = step(
         "export, quantize and gate",
-        *("export", str(CHECKPOINT), "--out", str(BUNDLE), "--force"),
+        *("export", str(CHECKPOINT), "--out", str(BUNDLE), *_replacing(BUNDLE)),
         allowed=(0, GATE_FAILED),
     )
     step("what the bundle holds", "inspect", str(BUNDLE))

@@ -11,6 +11,7 @@ lines, which `quantgate export --calibration/--eval` and `quantgate gate --eval`
 
     python scripts/text_data.py                       # calib.jsonl (160), heldout.jsonl (100)
     python scripts/text_data.py --out data --calibration 256 --eval 200
+    python scripts/text_data.py --new 300             # and new-heldout.jsonl: 300 more
 
 A classifier's evaluation data needs labels (``"label"``), which these texts do not have:
 bring your own labelled rows for it.
@@ -104,16 +105,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("."), help="folder (default: here)")
     parser.add_argument("--calibration", type=_count, default=160, metavar="N", help="default 160")
     parser.add_argument("--eval", type=_count, default=100, metavar="N", help="default 100")
+    parser.add_argument(
+        "--new",
+        type=_count,
+        metavar="N",
+        help="also new-heldout.jsonl: N help-topic sentences after heldout.jsonl's, rows an "
+        "export evaluated on heldout.jsonl never saw (for `quantgate gate --eval`)",
+    )
     a = parser.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     calib, source = calibration_sentences(a.calibration)
-    heldout = pydoc_sentences(a.eval)
+    topics = pydoc_sentences(a.eval + (a.new or 0))
+    heldout, new = topics[: a.eval], topics[a.eval :]
     if not calib:
         parser.error(f"{source} gave no sentences: bring calibration text of your own")
-    for path, texts, where, asked in (
+    pydoc = "Python's help topics (pydoc_data)"
+    outputs = [
         (a.out / "calib.jsonl", calib, source, a.calibration),
-        (a.out / "heldout.jsonl", heldout, "Python's help topics (pydoc_data)", a.eval),
-    ):
+        (a.out / "heldout.jsonl", heldout, pydoc, a.eval),
+    ]
+    if a.new:
+        outputs.append((a.out / "new-heldout.jsonl", new, f"{pydoc}, after heldout.jsonl's", a.new))
+    for path, texts, where, asked in outputs:
         write_jsonl(path, texts)
         short = f" (of {asked} asked: all there are)" if len(texts) < asked else ""
         print(f"{path}: {len(texts)} sentences{short} from {where}")

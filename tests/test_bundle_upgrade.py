@@ -129,7 +129,7 @@ def test_the_files_quantgate_writes_are_the_bundle_s_where_an_older_manifest_omi
     out = tmp_path / "bundle"
     make_bundle(out)
     as_0_1_0(out, spec="ckpt")
-    assert qb._not_the_bundles(out) == []
+    assert qb.foreign_files(out) == []
     make_bundle(out)  # replaced without --force
     assert not (out / qb.PLOT).exists() and not (out / "tokenizer").exists()
 
@@ -143,13 +143,13 @@ def test_the_files_quantgate_writes_are_the_bundle_s_where_an_older_manifest_omi
     d["files"] = {"tokenizer/vocab.txt": qb.sha256_file(out / "tokenizer" / "vocab.txt")}
     (out / qb.MANIFEST).write_text(json.dumps(d))
     (out / "tokenizer" / "mine.txt").write_text("a person's")
-    assert qb._not_the_bundles(out) == ["tokenizer/mine.txt"]
+    assert qb.foreign_files(out) == ["tokenizer/mine.txt"]
     # a format 2 bundle lists its tokenizer: a tokenizer/ it does not list is someone's
     fresh = tmp_path / "fresh"
     make_bundle(fresh)
     (fresh / "tokenizer").mkdir()
     (fresh / "tokenizer" / "vocab.txt").write_text("a person's")
-    assert qb._not_the_bundles(fresh) == ["tokenizer/"]
+    assert qb.foreign_files(fresh) == ["tokenizer/"]
 
 
 def test_new_bundles_are_format_2_and_format_1_ones_still_load(tmp_path):

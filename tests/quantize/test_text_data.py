@@ -69,3 +69,22 @@ def test_counts_below_one_are_refused(tmp_path):
         )  # fmt: skip
         assert run.returncode == 2 and "expected a number of sentences >= 1" in run.stderr
         assert not (tmp_path / "never").exists()
+
+
+def test_new_writes_rows_heldout_does_not_have_and_leaves_heldout_as_it_was(tmp_path):
+    """`--new N`, the README's way to rows for a re-gate: N more help-topic sentences, none
+    of them heldout.jsonl's, which stays what an export evaluated on."""
+    runs = {}
+    for name, extra in (("plain", []), ("new", ["--new", "50"])):
+        run = subprocess.run(
+            [sys.executable, str(SCRIPT), "--out", str(tmp_path / name), "--eval", "40", *extra],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        runs[name] = run.stdout
+    heldout = _texts(tmp_path / "new" / "heldout.jsonl")
+    new = _texts(tmp_path / "new" / "new-heldout.jsonl")
+    assert heldout == _texts(tmp_path / "plain" / "heldout.jsonl")
+    assert len(new) == len(set(new)) == 50 and not set(new) & set(heldout)
+    assert not (tmp_path / "plain" / "new-heldout.jsonl").exists()
+    assert "new-heldout.jsonl: 50 sentences from Python's help topics" in runs["new"]
