@@ -352,9 +352,12 @@ class Model:
         return f"{_dt(t.dtype)} {list(t.axes)}"
 
     def describe(self) -> str:
+        return f"{self.name} v{self.version}: {self.serving()}"
+
+    def serving(self) -> str:
+        """What is served and why: the variant, the provider, its gates' speed, and notes."""
         return (
-            f"{self.name} v{self.version}: {self.variant.precision} ({self.variant.file}) on "
-            f"{self.provider}, {self._speed()}"
+            f"{self.variant.precision} ({self.variant.file}) on {self.provider}, {self._speed()}"
             + (f"; {self.placement.reason()}" if self.placement is not None else "")
             + self._batch_note()
         )
@@ -406,7 +409,9 @@ def open_model(
     started = time.perf_counter()
     model = _open_model(path, cfg, provider, name=name, version=version)
     model.load_s = time.perf_counter() - started
-    log.info("loaded %s in %.2f s", model.describe(), model.load_s)
+    log.info(
+        "loaded %s v%s in %.2f s: %s", model.name, model.version, model.load_s, model.serving()
+    )
     return model
 
 
