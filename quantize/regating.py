@@ -222,7 +222,8 @@ def _regate(
     waived = None if on_cuda else _check_labels_kept(m, ev, where, allow=allow_unlabelled)
     emit = on_progress or no_progress
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    settings_said = _settings_said(changed, beyond, since, m.task)
+    measured = _measured_otherwise(_last_gating(m), gate_cfg)
+    settings_said = _settings_said(changed, beyond, since, m.task, measured)
     said = (_measured_on(ev), f"{waived} {settings_said}" if waived else settings_said)
     record = {
         "at": when,
@@ -496,6 +497,22 @@ def _changed_settings(
     return changed
 
 
+# How a machine measures: a re-gate's own (verdict.POLICY), each said where it differs from
+# the last gating's, since a verdict measured on 4 timed pairs is thinner than one on 16.
+_MEASURING = ("provider", "threads", "warmup", "iterations", "bootstrap", "eval_samples", "seed")
+
+
+def _measured_otherwise(last: dict[str, Any] | None, after: GateConfig) -> list[str]:
+    """Each way ``after`` measures that ``last``, the last gating's record, did not:
+    "iterations 21 -> 3" (a setting it did not record, nothing)."""
+    before = (last or {}).get("gate_config") or {}
+    return [
+        f"{name} {before[name]} -> {getattr(after, name)}"
+        for name in _MEASURING
+        if name in before and before[name] != getattr(after, name)
+    ]
+
+
 def _looser_than(
     before: GateConfig, after: GateConfig, timed_seq: Callable[[GateConfig], int] | None = None
 ) -> list[str]:
@@ -551,18 +568,22 @@ def _settings_said(
     beyond: Sequence[str] = (),
     since: int | None = None,
     task: str | None = None,
+    measured: Sequence[str] = (),
 ) -> str:
     """The sentences of a re-gate's section on the gate settings ``changed`` since the last
     gating (None: the bundle recorded none), on those ``beyond`` the export's: looser than
-    its settings, however many re-gates ago they were loosened; and on the gates' definitions
-    changed since version ``since``, the last gating's, for a model of ``task``."""
+    its settings, however many re-gates ago they were loosened; on the gates' definitions
+    changed since version ``since``, the last gating's, for a model of ``task``; and on how
+    this gating ``measured`` otherwise than the last (``_measured_otherwise``)."""
     if changed is None:
         said = "The bundle recorded no gate settings to compare these with."
     elif not changed:
-        said = "Gate settings: those of the last gating."
+        said = "Thresholds and rules: those of the last gating."
     else:
         listed = (text + (" (looser)" if looser else "") for text, looser in changed)
-        said = f"Gate settings changed since the last gating: {'; '.join(listed)}."
+        said = f"Thresholds and rules changed since the last gating: {'; '.join(listed)}."
+    if measured:
+        said += f" Measured otherwise than the last gating: {'; '.join(measured)}."
     if beyond:
         said += f" Looser than the export's: {'; '.join(beyond)}."
     if redefined := definition_changes(since, task):

@@ -74,7 +74,7 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(
     # The loosened threshold is named; the settings are recorded for the next re-gate.
     newest = report.split("## Re-gated", 1)[1]
     assert (
-        "Gate settings changed since the last gating: min_speedup 100.0 -> 0.01 (looser)."
+        "Thresholds and rules changed since the last gating: min_speedup 100.0 -> 0.01 (looser)."
         in (newest.partition("\n## ")[0])
     )
     assert b.manifest.extra["regates"][-1]["gate_config"]["min_speedup"] == 0.01
@@ -103,7 +103,7 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(
     assert r.code == 3, r.stderr
     regated = load(out).manifest.extra["regates"][-1]
     assert regated["gate_config"]["min_speedup"] == 100 and regated["verdict"] == "fail"
-    assert "Gate settings: those of the last gating." in load(out).report.read_text()
+    assert "Thresholds and rules: those of the last gating." in load(out).report.read_text()
 
     # A gate the last gating did not measure (one a newer quantgate adds) is named: a failure
     # there would be new evidence, not a changed threshold.

@@ -191,9 +191,20 @@ def test_settings_looser_than_the_exports_are_said_on_every_run(cli, bundle, gat
         said = "re-gating with settings looser than the export's: max_accuracy_drop 1.0 -> 5.0"
         assert said in caplog.text
         assert newest(bundle).endswith(
-            "Gate settings: those of the last gating. Looser than the export's: "
+            "Thresholds and rules: those of the last gating. Looser than the export's: "
             "max_accuracy_drop 1.0 -> 5.0."
         ), newest(bundle)
+    # how the machine measures is the re-gate's own: neither looser nor kept, but said, for
+    # a verdict on fewer timed pairs is thinner than the last gating's
+    fewer = gate_file.parent / "fewer.toml"
+    fewer.write_text(gate_file.read_text().replace("iterations = 3", "iterations = 4"))
+    assert cli("gate", bundle, "--gate-config", fewer).code == 0
+    assert newest(bundle).endswith(
+        "Thresholds and rules: those of the last gating. Measured otherwise than the last "
+        "gating: iterations 3 -> 4. Looser than the export's: max_accuracy_drop 1.0 -> 5.0."
+    ), newest(bundle)
+    assert cli("gate", bundle, "--gate-config", gate_file).code == 0
+    assert "Measured otherwise than the last gating: iterations 4 -> 3." in newest(bundle)
     # back to the export's threshold: tighter than the last gating, and nothing looser
     caplog.clear()
     r = cli("gate", bundle, "--max-accuracy-drop", "1", "--gate-config", gate_file)

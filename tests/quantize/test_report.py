@@ -174,7 +174,7 @@ def test_a_cuda_regate_section_says_what_cudas_gates_decided_not_the_variants_ve
     """FP16 failed on the CPU at build time but passes every gate on CUDA: the section says
     it passed its CUDA gates (the bundle's verdict, above them, still says FAIL)."""
     section = cuda_regated(
-        manifest("fail"), FIRST, "on eval.npz", "Gate settings: those of the last gating.",
+        manifest("fail"), FIRST, "on eval.npz", "Thresholds and rules: those of the last gating.",
         cuda_gating(int8_passed=False), 0.95,
     )  # fmt: skip
     first = section.split("\n\n")[1]
