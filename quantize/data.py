@@ -868,7 +868,8 @@ def check_same_texts(
     )
     raise DataError(
         f"{where}: {said[ours]}, but {other} held {said[theirs]}{before}: the gates would "
-        "judge the model on inputs of another form than it was calibrated on, and is served. "
+        "judge the model on inputs of another form than the one it is calibrated on and served "
+        "with. "
         f"Give both as {said[theirs]}" + ("" if theirs else ", or calibrate on pairs")
     )
 

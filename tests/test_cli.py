@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -231,6 +232,24 @@ def test_an_unknown_preset_is_refused_before_training_starts(cli, tmp_path):
     r = cli("train", "--preset", "huge", "--out", tmp_path / "c")
     assert r.code == 2 and "unknown preset 'huge'; choose one of ['base', 'small']" in r.stderr
     assert "training" not in r.stderr and not (tmp_path / "c").exists()  # no bar drawn
+
+
+def test_train_writes_each_preset_to_its_own_folder_by_default(cli, monkeypatch, tmp_path):
+    """`train --preset base` without --out: artifacts/digits-base, never the small model's
+    folder, which the tour exports (training itself is the next tests'; here, where to)."""
+    import quantgate.model.train as training
+
+    written = []
+
+    def where(out, **_):
+        written.append(out)
+        raise SystemExit(9)  # and train nothing
+
+    monkeypatch.setattr(training, "train", where)
+    monkeypatch.chdir(tmp_path)
+    for preset in ("small", "base"):
+        assert cli("train", "--preset", preset).code == 9
+    assert written == [Path("artifacts/digits-small"), Path("artifacts/digits-base")]
 
 
 def test_a_missing_optional_extra_names_the_extra_to_install(cli, monkeypatch, tmp_path):

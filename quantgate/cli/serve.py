@@ -229,12 +229,12 @@ def serve(
         ),
     ] = False,
 ) -> None:
-    """Serve bundles over gRPC (KServe v2 / Triton protocol) until SIGTERM or Ctrl-C.
+    """Serve bundles over gRPC (KServe v2 / Triton protocol) until SIGTERM, SIGHUP or Ctrl-C.
 
     Verifies every bundle's hashes, refuses bundles whose gates failed, and serves per
     execution provider the fastest variant that passed. Health checks, reflection,
-    Prometheus metrics; SIGTERM finishes every admitted request, then exits 0 (1 when
-    --shutdown-grace runs out first).
+    Prometheus metrics; SIGTERM (SIGHUP, Ctrl-C) finishes every admitted request, then
+    exits 0 (1 when --shutdown-grace runs out first; a second signal exits at once).
     """
     from quantgate.errors import ConfigError
     from quantgate.serve.config import ServeConfig, TLSConfig

@@ -14,13 +14,15 @@ from quantgate.cli._console import out, progress
 @command()
 def train(
     out_dir: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--out",
             metavar="DIR",
-            help="Checkpoint directory to write (reused when it already matches).",
+            help="Checkpoint directory to write (reused when it already matches); default: "
+            "artifacts/digits-PRESET (artifacts/digits-small, which the README's tour exports).",
+            show_default=False,
         ),
-    ] = Path("artifacts/digits-small"),
+    ] = None,
     preset: Annotated[
         str,
         typer.Option(
@@ -56,6 +58,7 @@ def train(
 
     cfg = TrainConfig(epochs=epochs, seed=seed)
     model_cfg = digits_model_config(preset)  # an unknown preset is refused before any bar
+    out_dir = out_dir or Path(f"artifacts/digits-{preset}")  # a base model never in "small"
     with progress() as bar:
         task = bar.add_task("training", total=None, status="", result=True)  # a step's loss
 
