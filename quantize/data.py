@@ -60,6 +60,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import stat
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -477,16 +478,25 @@ def check_path(spec: str | Path, flag: str) -> Path:
     DataError for ``flag``. Cheap: the CLI calls it before minutes of export."""
     path = Path(spec).expanduser()
     expected = "Expected text (.jsonl, .csv, .tsv, .txt) or arrays (.npz)."
-    if path.is_dir():
-        raise DataError(f"{flag} {path}: is a directory. {expected}")
-    if str(spec) == "-" or (path.exists() and not path.is_file()):  # stdin, a pipe, <(...)
+    stream = DataError(
+        f"{flag} {spec}: a stream, not a file: the data is read more than once (a pass to "
+        f"check it, then one per use), so write it to a file and give its path. {expected}"
+    )
+    if str(spec) == "-":  # stdin
+        raise stream
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise DataError(f"{flag} {path}: no such file. {expected}") from None
+    except OSError as e:  # a folder on its path this user may not search, say
         raise DataError(
-            f"{flag} {spec}: a stream, not a file: the data is read more than once (a pass "
-            f"to check it, then one per use), so write it to a file and give its path. "
-            f"{expected}"
-        )
-    if not path.is_file():
-        raise DataError(f"{flag} {path}: no such file. {expected}")
+            f"{flag} {path}: cannot be read ({e.strerror}). Make it, and every folder above "
+            "it, readable by this user, or copy it to a folder this user can read"
+        ) from None
+    if stat.S_ISDIR(mode):
+        raise DataError(f"{flag} {path}: is a directory. {expected}")
+    if not stat.S_ISREG(mode):  # a pipe, <(...)
+        raise stream
     suffix = path.suffix.lower()
     if suffix != ".npz" and suffix not in TEXT_SUFFIXES:
         hint = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -276,6 +277,39 @@ def test_calibration_memory_does_not_grow_with_samples(tmp_path):
         peaks[got["samples"]] = got["peak_rss_mb"]
     print(f"peak RSS while calibrating: {peaks}")
     assert peaks[1000] - peaks[100] < 40, peaks  # MB; one batch at a time, not 1,000 rows
+
+
+def _without_root_override() -> list[str]:
+    """A command prefix under which file permissions hold: none for another user; for root,
+    ``setpriv`` dropping the capabilities that override them."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root, without setpriv to make permissions hold")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+
+
+def test_a_file_in_a_folder_that_may_not_be_searched_is_refused_not_a_traceback(tmp_path):
+    """Python's Path.is_dir() raises PermissionError (it ignores only "no such file"): the
+    export and the re-gate crashed with a traceback, exit 1, before the file was opened."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    write_npz(locked / "eval.npz", rng_feeds(4))
+    check = (
+        "from quantgate.errors import DataError\n"
+        "from quantgate.quantize.data import check_path\n"
+        f"try:\n    check_path({str(locked / 'eval.npz')!r}, '--eval')\n"
+        "except DataError as e:\n    print(e)\n"
+    )
+    locked.chmod(0)
+    try:
+        r = subprocess.run([*_without_root_override(), sys.executable, "-c", check],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    finally:
+        locked.chmod(0o755)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert f"--eval {locked / 'eval.npz'}: cannot be read (Permission denied)" in r.stdout, r.stdout
+    assert "every folder above it, readable by this user" in r.stdout
 
 
 def test_more_bad_files_get_a_message_not_a_traceback(tmp_path):
