@@ -572,6 +572,7 @@ def check_evaluation(reference: Outputs, task: str) -> None:
     indices (``check_label_range``), at least ``MIN_EVAL_ROWS`` rows for the accuracy, top-1
     and nearest-neighbour gates (a handful of rows passes them by chance), and a classifier's
     labels FP32's answers follow better than chance (else a warning: ``labels_at_chance``)."""
+    _check_fp32_answers(reference)
     judged = kind_of(reference, task)
     _check_labels(reference, judged)
     labelled = judged.kind in (Kind.CLASSIFIER, Kind.TOKEN_CLASSIFIER)  # gates read labels
@@ -620,6 +621,29 @@ def check_evaluation(reference: Outputs, task: str) -> None:
             "numbered in the order of the model's classes (its config's id2label)",
             why,
         )
+
+
+def _check_fp32_answers(reference: Outputs) -> None:
+    """Raise DataError where FP32 itself answers NaN on an evaluation row (at a real token):
+    no gate can compare a candidate with it there, and each would blame the candidate (an
+    identical model failed with "rows with non-finite candidate scores")."""
+    for name in reference.names:
+        rows = 0
+        for batch, mask in zip(reference.batches, reference.masks, strict=True):
+            a = np.atleast_1d(batch[name])
+            if a.dtype.kind != "f":
+                continue
+            nan = np.isnan(a)
+            if mask is not None and a.ndim >= 2 and a.shape[1] == mask.shape[1]:
+                nan &= mask.astype(bool).reshape(mask.shape + (1,) * (a.ndim - 2))
+            rows += int(nan.reshape(len(a), -1).any(1).sum())
+        if rows:
+            raise DataError(
+                f"FP32 itself answers NaN in {name!r} on {rows} of {reference.rows} evaluation "
+                "row(s): no gate can compare a candidate with it there. Check the model on "
+                "those inputs (an overflow, an input it was not made for), or leave them out "
+                "of --eval"
+            )
 
 
 def check_eval_rows(

@@ -1374,3 +1374,29 @@ def test_token_labels_for_a_model_judged_as_a_classifier_are_refused_as_such():
                   rows=_ROWS)  # fmt: skip
     with pytest.raises(DataError, match=r"labels of shape \(40, 5\): one per token, but logits"):
         check_evaluation(ref, "token-classification")
+
+
+def test_fp32s_own_nan_on_an_evaluation_row_is_refused_not_blamed_on_the_candidate():
+    """An identical candidate failed every gate, its detail saying the *candidate's* scores
+    were not finite, where FP32 itself answered NaN on a row. NaN at a padded token (mask 0),
+    which no gate reads, is not FP32's answer."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(40, 4)).astype(np.float32)
+    logits[3, 1] = np.nan
+    with pytest.raises(DataError, match=r"FP32 itself answers NaN in 'logits' on 1 of 40 "):
+        check_evaluation(Outputs(["logits"], [{"logits": logits}], [None], rows=40),
+                         "sequence-classification")  # fmt: skip
+    hidden = rng.normal(size=(40, 6, 8)).astype(np.float32)
+    mask = np.ones((40, 6), dtype=np.int64)
+    mask[:, 4:] = 0
+    hidden[:, 5] = np.nan  # padding only
+    check_evaluation(
+        Outputs(["last_hidden_state"], [{"last_hidden_state": hidden}], [mask], rows=40),
+        "feature-extraction",
+    )
+    hidden[7, 2, 0] = np.nan  # a real token
+    with pytest.raises(DataError, match="'last_hidden_state' on 1 of 40 evaluation row"):
+        check_evaluation(
+            Outputs(["last_hidden_state"], [{"last_hidden_state": hidden}], [mask], rows=40),
+            "feature-extraction",
+        )
