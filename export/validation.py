@@ -127,6 +127,8 @@ def build_cases(model: LoadedModel, *, mid_batch: int = 8) -> list[Case]:
         _case("longest", long, model.inputs, batch=2, seq=longest),
         _case("shortest", s, model.inputs, batch=2, seq=1),
         *(_case(f"sequence {n}", long, model.inputs, batch=2, seq=n) for n in spread),
+        # its 4 rows at the longest length bound validation's memory (huggingface's
+        # VALIDATION_ROWS sizes the default length by them)
         _padded_case("padded", long, model.inputs, batch=4, seq=longest),
     ]
 

@@ -444,26 +444,34 @@ def _hf_positions(model: nn.Module, config) -> int | None:
     return n if isinstance(n, int) and n > 0 else None  # XLNet's -1: relative attention
 
 
-# Validation runs eager attention at the longest length: batch 2 x heads x T x T float32
-# scores at once (and a few times that at its peak). A default that asks more is halved.
+# Validation runs eager attention at the longest length: rows x heads x T x T float32 scores
+# at once (and a few times that at its peak), at most VALIDATION_ROWS rows (export.validation's
+# padded case). A default that asks more is halved.
 VALIDATION_SCORES_BYTES = 2**31
+VALIDATION_ROWS = 4
+SHORTEST_DEFAULT = 512  # never halved below: BERT's own length
+
+
+def _scores_gb(heads: int, length: int) -> float:
+    return VALIDATION_ROWS * heads * length * length * 4 / 1e9
 
 
 def _validated_length(path: Path, limit: int, heads: int) -> int:
-    """``limit``, the longest input the model is made for, or, past 8,192 tokens where
-    validating at it would take more than ``VALIDATION_SCORES_BYTES`` of attention scores
-    (Qwen2's 32,768: 34 GB, which ended the export in an allocation error), the longest half
-    of it, not below 8,192, that does not; said in a warning. Encoders made for 8,192 or
-    fewer (ModernBERT, bge-m3) keep theirs: their server caps requests at it."""
+    """``limit``, the longest input the model is made for, or, where validating at it would
+    take more than ``VALIDATION_SCORES_BYTES`` of attention scores, the longest half of it
+    that does not (not below ``SHORTEST_DEFAULT``); said in a warning, since the server caps
+    requests at it. Qwen2's 32,768 took 34 GB and ended the export in an allocation error; a
+    4-head ModernBERT of 8,192 took 15.8 GB at its peak (a 12-head one would take about 3
+    times that)."""
     length = limit
-    while length > 8192 and 2 * heads * length * length * 4 > VALIDATION_SCORES_BYTES:
+    while length > SHORTEST_DEFAULT and _scores_gb(heads, length) * 1e9 > VALIDATION_SCORES_BYTES:
         length //= 2
     if length < limit:
         log.warning(
             "%s takes up to %d tokens; exported and validated for %d, where the attention "
-            "scores of validation take %.1f GB (at %d: %.0f GB). Pass --max-seq-len to choose "
-            "another length, with the memory for it",
-            path, limit, length, 8 * heads * length**2 / 1e9, limit, 8 * heads * limit**2 / 1e9,
+            "scores of validation take %.1f GB (at %d: %.0f GB, a few times that at the peak). "
+            "Pass --max-seq-len to choose another length, with the memory for it",
+            path, limit, length, _scores_gb(heads, length), limit, _scores_gb(heads, limit),
         )  # fmt: skip
     return length
 

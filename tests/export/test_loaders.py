@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from quantgate.errors import ConfigError, ModelLoadError
-from quantgate.model.huggingface import english_text
+from quantgate.export.validation import build_cases
+from quantgate.model.huggingface import VALIDATION_ROWS, english_text
 from quantgate.model.loaders import load_model, spec_kind
 
 
@@ -731,8 +732,10 @@ def test_families_a_sweep_found_load_as_what_they_are(tiny_bert, tmp_path, caplo
     settings.write_text(json.dumps({**json.loads(settings.read_text()), "model_max_length": 32768}))
     caplog.clear()
     with caplog.at_level("WARNING"):
-        assert load_model(path).max_seq_len == 8192  # 2 x 4 heads x 8192^2 x 4 bytes: 2.1 GB
-    assert "takes up to 32768 tokens; exported and validated for 8192" in caplog.text
+        assert load_model(path).max_seq_len == 4096  # 4 rows x 4 heads x 4096^2 x 4 B: 1.1 GB
+    assert "takes up to 32768 tokens; exported and validated for 4096" in caplog.text
+    cases = build_cases(load_model(path, max_seq_len=64))  # the rows at the longest length
+    assert max(c.batch for c in cases if c.sequence == 64) == VALIDATION_ROWS
     assert load_model(path, max_seq_len=16384).max_seq_len == 16384  # asked for: as asked
 
     # a base model named with its LM head is exported as the base model, not the head
