@@ -113,6 +113,13 @@ def load_huggingface(
             "cannot export it. A full-attention encoder (BERT, RoBERTa) of the same size "
             "exports; for inputs longer than 512 tokens, split them into windows."
         )
+    if config.model_type == "funnel":
+        raise ModelLoadError(
+            f"{path} is a Funnel Transformer: its pooling fails in PyTorch itself on inputs of "
+            "2 tokens or fewer (an index out of bounds), and a bundle's server takes any "
+            "length from 1, so quantgate cannot export it. A full-attention encoder (BERT, "
+            "ELECTRA) of the same size exports."
+        )
     if getattr(config, "attention_type", None) == "block_sparse":  # BigBird's
         raise ConfigError(
             f"{path} uses block-sparse attention, which transformers turns into full attention "

@@ -162,10 +162,12 @@ def test_a_token_classifier_is_exported_with_its_head_and_other_heads_are_not_dr
 
 def test_a_longformer_is_refused_before_any_export(tiny_bert, tmp_path):
     """It failed after both exporters, in ONNX Runtime's and torch's words, and nothing
-    said it was not supported (docs/export.md lists it as refused)."""
+    said it was not supported (docs/export.md lists it as refused); so did a Funnel."""
     from transformers import (
         AlbertConfig,
         AlbertForMultipleChoice,
+        FunnelConfig,
+        FunnelModel,
         LongformerConfig,
         LongformerModel,
     )
@@ -173,6 +175,16 @@ def test_a_longformer_is_refused_before_any_export(tiny_bert, tmp_path):
     path = tiny_bert(tmp_path / "lf", LongformerModel, LongformerConfig, attention_window=4)
     with pytest.raises(ModelLoadError, match="is a Longformer: neither exporter traces its"):
         load_model(path)
+    funnel = _with_minilms_tokenizer(
+        tmp_path / "fn",
+        FunnelModel(
+            FunnelConfig(
+                vocab_size=30522, d_model=32, n_head=4, d_head=8, d_inner=64, block_sizes=[1, 1]
+            )
+        ),
+    )
+    with pytest.raises(ModelLoadError, match="is a Funnel Transformer: its pooling fails in"):
+        load_model(funnel)  # was the generic "the model's forward failed ... index 4 is out of"
     choice = tiny_bert(tmp_path / "mc", AlbertForMultipleChoice, AlbertConfig, embedding_size=16)
     with pytest.raises(ConfigError, match="is an AlbertForMultipleChoice: "):  # "an", not "a"
         load_model(choice)
