@@ -783,7 +783,12 @@ def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -
         want_dtype = np.dtype(spec.dtype)
         if a.dtype != want_dtype:
             if not np.can_cast(a.dtype, want_dtype, casting="same_kind"):
-                said.append(f"{spec.name}: dtype {a.dtype}, expected {want_dtype}")
+                cast = (
+                    f" (whole numbers stored as floats? save {spec.name}.astype(np.{want_dtype}))"
+                    if a.dtype.kind == "f" and want_dtype.kind in "iu"
+                    else ""
+                )
+                said.append(f"{spec.name}: dtype {a.dtype}, expected {want_dtype}{cast}")
                 continue
             a = a.astype(want_dtype)
         said.extend(_value_problems(spec.name, a, model))

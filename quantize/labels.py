@@ -94,7 +94,20 @@ def _reshaped(labels: np.ndarray, n: int) -> str:
             ". Several classes on in a row are a multi-label model's labels: export it with "
             "--task multi-label-classification (gated against FP32, it reads no labels)"
         )
+    if labels.ndim == 1 and len(labels) != n:
+        return (
+            f". {len(labels)} labels for {n} rows: the labels belong to other rows (a subset, "
+            "or rows the data lost or gained since); save them with the rows they label"
+        )
     return ""
+
+
+def _json(value: Any) -> str:
+    """A label as its file wrote it: JSON's true, not Python's True."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def check_labels(labels: Any, n: int, names: tuple[str, ...], where: str) -> np.ndarray:
@@ -186,10 +199,10 @@ def label_problem(label: Any, names: tuple[str, ...]) -> str | None:
     if not isinstance(label, int) or isinstance(label, bool):
         if names:
             return (
-                f'"label" must be a class index or name, got {label!r}; the model has '
+                f'"label" must be a class index or name, got {_json(label)}; the model has '
                 f"{_classes_said(names)}" + (_REGRESSION if len(names) == 1 else "")
             )
-        return f'"label" must be an integer class index (0, 1, ...), got {label!r}'
+        return f'"label" must be an integer class index (0, 1, ...), got {_json(label)}'
     if names and not 0 <= label < label_count(names):
         return f"label {label}, but the model has {_classes_said(names)}"
     if not 0 <= label < 1 << 63:

@@ -426,7 +426,7 @@ def _refusal(scan: _Scan, fmt: TextFile, model: ModelInfo, where: str) -> DataEr
         f'an optional "label" (a class index, or one of the model\'s {len(model.labels)} '
         "class names)"
         if model.labels
-        else 'no "label" (an embedding is judged against FP32, not labels)'
+        else 'an optional "label" (not read: an embedding is judged against FP32)'
         if model.task in EMBEDDING_TASKS
         else 'an optional integer "label"'
     )

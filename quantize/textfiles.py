@@ -179,7 +179,7 @@ class Delimited(TextFile):
     def _header(self, fields: list[str], where: str) -> list[str]:
         names = [name.strip() for name in fields]
         if "text" not in names:
-            found = ", ".join(json.dumps(n) for n in names[:8]) or "an empty first line"
+            found = ", ".join(json.dumps(n) for n in names[:8]) or "an empty file"
             raise DataError(
                 f'{where}: expected a header row naming a "text" column (the text to tokenize) '
                 f'and optionally a "label" column (its class); found {found}. '
@@ -225,7 +225,10 @@ class Delimited(TextFile):
         said = f"{n} field{'s' * (n != 1)}, but the header has {len(self.header)}"
         if any("\n" in field for field in fields):  # the record ran on past its line
             return f"{said}: is a quote opened here and never closed?"
-        return f"{said}: quote a field that holds a {'tab' if self.kind == 'tsv' else 'comma'}"
+        sep = "tab" if self.kind == "tsv" else "comma"
+        if n > len(self.header) and not any(f.strip() for f in fields[len(self.header) :]):
+            return f"{said}, the extra ones empty: remove the {sep}s at the line's end"
+        return f"{said}: quote a field that holds a {sep}"
 
     def _row(self, fields: list[str]) -> dict[str, Any]:
         row: dict[str, Any] = dict(zip(self.header, fields, strict=True))
@@ -349,12 +352,30 @@ def _cell_label(cell: str) -> int | str | None:
     return cell.strip() if index is None else index
 
 
+# A compressed file's first bytes, and how to decompress it (its NUL bytes were said to be
+# UTF-16's, whatever the file's name)
+_COMPRESSED = (
+    (b"\x1f\x8b", "gzip-compressed", "gunzip -c FILE > OUT"),
+    (b"PK\x03\x04", "a zip archive (a .npz of arrays is one: name it .npz)", "unzip FILE"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "unxz -k FILE"),
+    (b"(\xb5/\xfd", "zstd-compressed", "unzstd FILE"),
+    (b"BZh", "bzip2-compressed", "bunzip2 -k FILE"),
+)
+
+
 def _check_first_line(line: bytes, lineno: int, where: str) -> None:
     """DataError for a file its first line of text shows is no UTF-8 text in lines: every
-    row would be bad (or all one row), none saying why. UTF-16 with its byte-order mark, or
-    without (NUL bytes: read as UTF-8, its ASCII passes and its other characters come out
-    as other tokens); line breaks that are carriage returns alone (old Macs', Excel's "CSV
-    (Macintosh)"), which make the file one line."""
+    row would be bad (or all one row), none saying why. A compressed file or a zip archive,
+    whatever its name says; UTF-16 with its byte-order mark, or without (NUL bytes: read as
+    UTF-8, its ASCII passes and its other characters come out as other tokens); line breaks
+    that are carriage returns alone (old Macs', Excel's "CSV (Macintosh)"), which make the
+    file one line."""
+    for magic, kind, how in _COMPRESSED if lineno == 1 else ():
+        if line.startswith(magic) and (magic != b"BZh" or line[3:4].isdigit()):
+            raise DataError(
+                f"{where}: expected UTF-8 text, found a file that is {kind}. Decompress it "
+                f"first ({how}) and give the text."
+            )
     if line.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         raise DataError(
             f"{where}: expected UTF-8 text, found UTF-16 (line {lineno} starts with its "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 import os
 import shutil
 import subprocess
@@ -312,6 +314,19 @@ def test_a_file_in_a_folder_that_may_not_be_searched_is_refused_not_a_traceback(
     assert "every folder above it, readable by this user" in r.stdout
 
 
+def test_npz_slips_are_refused_with_what_to_do(tmp_path):
+    """Whole-number ids stored as floats (pandas, a NaN once in a column) and labels of
+    another length than the rows: each refusal says what to do, not only what was found."""
+    feeds = rng_feeds(40)
+    floats = {**feeds, "input_ids": feeds["input_ids"].astype(np.float64)}
+    with pytest.raises(DataError, match=r"input_ids: dtype float64, expected int64 \(whole "
+                       r"numbers stored as floats\? save input_ids\.astype\(np\.int64\)\)"):  # fmt: skip
+        open_source(write_npz(tmp_path / "f.npz", floats), DIGITS, role="calibration")
+    short = {**feeds, "labels": np.zeros(10, dtype=np.int64)}
+    with pytest.raises(DataError, match="10 labels for 40 rows: the labels belong to other rows"):
+        open_source(write_npz(tmp_path / "l.npz", short), DIGITS, role="evaluation")
+
+
 def test_more_bad_files_get_a_message_not_a_traceback(tmp_path):
     with pytest.raises(DataError, match="is a directory. Expected text .* or arrays"):
         open_source(tmp_path, DIGITS, role="calibration")
@@ -470,6 +485,10 @@ NOT_JSON_LINES = {  # file name: its bytes, what the message says
     "latin1.jsonl": ('{"text": "a"}\n{"text": "café"}\n'.encode("latin-1"),
                      r"line 2: not UTF-8 \(byte 0xe9 at column 14\); save the file as UTF-8"),
     "blanktext.jsonl": (b'{"text": "a"}\n{"text": " \\t "}\n', "line 2: no non-blank string"),
+    # compressed under a text file's name: its NUL bytes were said to be UTF-16's
+    "gzip.jsonl": (gzip.compress(b'{"text": "a"}\n'),
+                   r"found a file that is gzip-compressed. Decompress it first \(gunzip -c"),
+    "xz.jsonl": (lzma.compress(b'{"text": "a"}\n'), r"xz-compressed. Decompress it first \(unxz"),
 }  # fmt: skip
 
 
@@ -494,7 +513,8 @@ def test_jsonl_with_a_bom_crlf_and_blank_lines_reads_as_written(tmp_path):
     with pytest.raises(DataError) as e:  # 1.0 is 1 (as pandas writes it); 1.5 is no index
         open_source(path, info, role="evaluation")
     assert 'line 1: "label" must be an integer class index (0, 1, ...), got 1.5' in str(e.value)
-    assert 'line 2: "label" must be an integer class index (0, 1, ...), got True' in str(e.value)
+    # as the file wrote it, JSON's true (Python's True, before)
+    assert 'line 2: "label" must be an integer class index (0, 1, ...), got true' in str(e.value)
 
 
 def test_tokenize_says_when_a_text_is_cut_at_the_models_longest_sequence(caplog):

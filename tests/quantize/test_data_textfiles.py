@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bz2
 import csv
 import logging
 import sys
@@ -94,7 +95,7 @@ def test_csv_labels_are_indices_names_or_nothing(tmp_path, caplog):
 CSV_REFUSED = {
     "no text column": (b"sentence,label\nhello,1\n",
                        'expected a header row naming a "text" column .* found "sentence", "label"'),
-    "empty": (b"", 'found an empty first line'),
+    "empty": (b"", 'found an empty file'),
     "a capital Text": (b"Text,Label\nhello,1\n",
                        'found "Text", "Label". Column names are read as written: write "Text"'),
     "semicolons": (b"text;label\nhello;1\n", "split by semicolons, not commas: write commas"),
@@ -106,6 +107,10 @@ CSV_REFUSED = {
                                  "line 2: a field longer than 131072 characters"),
     "a comma unquoted": (b"text,label\nfine,1\nhello, world,1\n",
                          "line 3: 3 fields, but the header has 2: quote a field that holds a comma"),
+    "a comma at each line's end": (b"text,label\nfine,1,\ngood,0,\n",
+                                   "line 2: 3 fields, but the header has 2, the extra ones empty: "
+                                   "remove the commas at the line's end"),
+    "bzip2 under .csv": (bz2.compress(b"text\nhello\n"), "bzip2-compressed. Decompress it first"),
     "a quote never closed": (b'text,label\nfine,1\n"open,1\nnext,0\nlast,1\n',
                              r"line 3 \(the record runs on to line 5\): a quote opened there never closes"),
     "latin-1": ("text\ncafé\n".encode("latin-1"), "line 2: not UTF-8 .byte 0xe9"),
