@@ -56,6 +56,7 @@ from typing import Any
 
 from quantgate.errors import BundleError, BundleOutOfSpace, ConfigTypeError
 from quantgate.fsutil import (
+    asides,
     atomic_dir,
     disk_full,
     is_mount_point,
@@ -365,9 +366,7 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
         )
     path = Path(path)
     if not path.exists():
-        raise BundleError(
-            f"no bundle at {path}: the directory does not exist. Create one with `quantgate export`."
-        )
+        raise BundleError(f"no bundle at {path}: the directory does not exist. " + _missing(path))
     if not path.is_dir():
         raise BundleError(
             f"{path} is a file, not a bundle: a bundle is a directory holding {MANIFEST}. "
@@ -402,6 +401,17 @@ def _directory_identity(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _missing(path: Path) -> str:
+    """What to do about a bundle that is not there: put back the one a killed quantgate left
+    aside while replacing it (``fsutil.asides``), else export one."""
+    if left := asides(path.absolute()):
+        return (
+            f"A quantgate process that died while replacing it left the bundle that was there "
+            f"at {left[0]}: move it back (mv {left[0]} {path}), or export to it or re-gate it: either puts it back first."
+        )
+    return "Create one with `quantgate export`."
 
 
 def _read(path: Path, verify: bool) -> Bundle:

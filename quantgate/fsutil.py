@@ -48,7 +48,9 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     """
     out = resolve_target(out)
     made = make_parents(out.parent)
+    restore_aside(out)
     sweep_dead(out.parent, f".{out.name}.tmp-")
+    sweep_dead(out.parent, aside_prefix(out))
     tmp = None
     try:
         with _signals_held():  # a signal right after mkdtemp would leave it behind
@@ -113,6 +115,43 @@ def sweep_dead(folder: Path, prefix: str) -> None:
             _remove(Path(entry.path))
 
 
+def aside_prefix(out: Path) -> str:
+    """The name's start of where ``_swap`` moves ``out``'s old content while it renames the
+    new content in, where the filesystem cannot swap them in one step (NFS, CIFS, FUSE)."""
+    return f".{out.name}.old-"
+
+
+def asides(out: Path) -> list[Path]:
+    """What processes of this machine that died while replacing ``out`` moved aside, and
+    left there (a SIGKILL between ``_swap``'s two renames), newest first."""
+    host, prefix = _host_tag(), aside_prefix(out)
+    try:
+        entries = list(os.scandir(out.parent))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        pid, _, rest = entry.name.removeprefix(prefix).partition("-")
+        ours = entry.name.startswith(prefix) and rest.startswith(f"{host}-")
+        if ours and _dead(pid) and entry.is_dir(follow_symlinks=False):
+            found.append(Path(entry.path))
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def restore_aside(out: Path) -> None:
+    """Put back at ``out`` the old content a process that died while replacing it left aside
+    (``asides``), where ``out`` is missing: that process never got its new content in place."""
+    if os.path.lexists(out) or not (left := asides(out)):
+        return
+    os.rename(left[0], out)
+    log.warning(
+        "restored %s from %s, where a quantgate process that died while replacing it had "
+        "moved it aside",
+        out,
+        left[0].name,
+    )
+
+
 def _owner() -> str:
     """``<pid>-<host>``: who makes a folder that ``sweep_dead`` may remove once they die."""
     return f"{os.getpid()}-{_host_tag()}"
@@ -172,6 +211,7 @@ def claimed(out: str | os.PathLike, what: str, *, create: bool = False) -> Itera
         since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         with contextlib.suppress(OSError):  # who holds it is a courtesy; the lock is the claim
             os.write(fd, f"pid {os.getpid()}, {what}, since {since}\n".encode())
+        restore_aside(out)  # before the work reads what is there (an export: its model)
         yield
     finally:
         held.discard(path)
@@ -538,7 +578,7 @@ def _swap(new: Path, out: Path) -> Path | None:
     if not out.exists():
         os.rename(new, out)
         return None
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    aside = Path(tempfile.mkdtemp(prefix=f"{aside_prefix(out)}{_owner()}-", dir=out.parent))
     aside.rmdir()
     os.rename(out, aside)
     try:

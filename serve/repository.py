@@ -12,6 +12,7 @@ from pathlib import Path
 
 from quantgate import bundle as qb
 from quantgate.errors import BadRequest, ModelNotFound, QuantgateError, ServeError, quoted
+from quantgate.fsutil import asides
 from quantgate.schema import printable_name, unprintable
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.runtime import Model, open_model
@@ -147,9 +148,15 @@ def _not_a_model(folder: str) -> bool:
 def _check_root(root: Path) -> None:
     """A ServeError, saying what to pass instead, where ``root`` is missing or a file."""
     if not root.exists():
+        left = asides(root.absolute())
         raise ServeError(
-            f"{root} does not exist; expected a bundle or a folder of bundles. Create a bundle "
-            "with `quantgate export`, or pass the path of one."
+            f"{root} does not exist; expected a bundle or a folder of bundles. "
+            + (
+                f"A quantgate process that died while replacing it left the bundle that was "
+                f"there at {left[0]}: move it back (mv {left[0]} {root})."
+                if left
+                else "Create a bundle with `quantgate export`, or pass the path of one."
+            )
         )
     if not root.is_dir():
         holder = next((p for p in root.parents if qb.is_bundle(p)), None)

@@ -591,3 +591,48 @@ def test_a_fifo_in_a_bundle_does_not_hang_its_rewrite(tmp_path):
     threading.Thread(target=rewrite, daemon=True).start()
     assert done.wait(15), "the rewrite hung on the fifo"
     assert (b.path / "report.md").read_text() == "# report\n"
+
+
+def test_a_kill_between_the_renames_aside_is_put_back_by_the_next_write(tmp_path, caplog):
+    """Where the filesystem cannot swap (NFS, CIFS, FUSE), the old content goes aside, then
+    the new in: a SIGKILL between the two left --out missing, the old bundle hidden for
+    good under a name nothing looked for, and the next export deleted the new one. The old
+    one is now put back by the next write, and said where it is until then."""
+    import textwrap
+
+    out = tmp_path / "bundle"
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from pathlib import Path
+        from quantgate import fsutil
+        out = Path({str(out)!r})
+        with fsutil.atomic_dir(out) as tmp:
+            (tmp / "f").write_text("old")
+        fsutil._rename2 = lambda *args: False  # no one-step exchange here
+        rename, calls = os.rename, []
+        def killed(*args):
+            calls.append(args)
+            if len(calls) == 2:  # out is aside, the new content not yet in
+                os.kill(os.getpid(), signal.SIGKILL)
+            return rename(*args)
+        os.rename = killed
+        with fsutil.atomic_dir(out) as tmp:
+            (tmp / "f").write_text("new")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == -9, r.stderr
+    assert not out.exists()
+    (left,) = fsutil.asides(out)
+    with pytest.raises(BundleError, match="died while replacing it left the bundle") as e:
+        qb.load(out)
+    assert f"move it back (mv {left} {out})" in str(e.value)
+    # put back as the next export or re-gate claims --out: before it reads what is there
+    with caplog.at_level("WARNING"), fsutil.claimed(out, "an export"):
+        assert (out / "f").read_text() == "old"
+        with fsutil.atomic_dir(out) as tmp:
+            (tmp / "f").write_text("newer")
+    assert f"restored {out} from {left.name}" in caplog.text
+    assert (out / "f").read_text() == "newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no .tmp- nor .old- left
