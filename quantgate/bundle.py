@@ -409,7 +409,8 @@ def _missing(path: Path) -> str:
     if left := asides(path.absolute()):
         return (
             f"A quantgate process that died while replacing it left the bundle that was there "
-            f"at {left[0]}: move it back (mv {left[0]} {path}), or export to it or re-gate it: either puts it back first."
+            f"at {left[0]}: move it back (mv {left[0]} {path}), or export to it or re-gate "
+            "it: either puts it back first."
         )
     return "Create one with `quantgate export`."
 
