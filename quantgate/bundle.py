@@ -60,6 +60,7 @@ from quantgate.fsutil import (
     atomic_dir,
     disk_full,
     is_mount_point,
+    replace_files,
     resolve_target,
     target_problem,
 )
@@ -812,18 +813,29 @@ def rewrite(bundle: Bundle, manifest: Manifest, report: str) -> None:
     hard-linked into the new copy (copied where the filesystem cannot link).
 
     A bundle directory that is a mount point (a container's volume) cannot be replaced by a
-    rename: its report.md, then its manifest, are each replaced in place (a file renamed
-    over the old one), the manifest last, as what says what the bundle is.
+    rename: its report.md and its manifest are each written beside the old one, then both
+    renamed over them, the manifest last, as one commit point (``fsutil.replace_files``: a
+    signal between the two would leave a report of a gating the manifest never got).
 
     The manifest written is this release's format: a tokenizer folder of the bundle that
     an older one left unlisted (0.1.0, and its bundles re-gated by 0.2.0) is listed, its
     files hashed, as export lists them."""
     manifest = _tokenizer_listed(bundle.path, manifest)
     if is_mount_point(bundle.path):
-        for name, text in ((REPORT, report), (MANIFEST, _manifest_text(manifest))):
+        texts = {REPORT: report, MANIFEST: _manifest_text(manifest)}
+        for name in texts:
             for stale in bundle.path.glob(f".{name}.*"):  # a rewrite killed mid-way (the
                 stale.unlink()  # caller holds the bundle: no other is under way)
-            _replace_file(bundle.path / name, text)
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for name, text in texts.items():
+                staged.append((_staged_file(bundle.path / name, text), bundle.path / name))
+            replace_files(staged, bundle.path)
+        except BaseException:
+            for tmp, _ in staged:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise
         return
     with staging(bundle.path, carries_others=True) as tmp:
         _link_all(bundle.path, tmp, skip={MANIFEST, REPORT})
@@ -856,9 +868,9 @@ def _tokenizer_listed(root: Path, manifest: Manifest) -> Manifest:
     return dataclasses.replace(manifest, files={**manifest.files, **listed})
 
 
-def _replace_file(path: Path, text: str) -> None:
-    """``path`` replaced by a file holding ``text``, written beside it and renamed over it:
-    a reader finds the old file or the new one, whole."""
+def _staged_file(path: Path, text: str) -> Path:
+    """A file beside ``path`` holding ``text``, on disk and with ``path``'s mode, to rename
+    over it: a reader then finds the old file or the new one, whole."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -870,11 +882,11 @@ def _replace_file(path: Path, text: str) -> None:
         except FileNotFoundError:
             mode = 0o644
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return Path(tmp)
 
 
 def _link_all(src: Path, dst: Path, *, skip: set[str]) -> None:

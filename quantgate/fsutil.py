@@ -553,6 +553,17 @@ def recording() -> Iterator[list[Path]]:
         _recordings[:] = [r for r in _recordings if r is not replaced]
 
 
+def replace_files(staged: Iterable[tuple[Path, Path]], recorded: Path) -> None:
+    """Rename each staged file over its target, in order, as one commit point: a Ctrl-C,
+    SIGTERM or SIGHUP waits until all are done (as ``_replace_dir``'s swap), and
+    ``recorded`` is then recorded as replaced (``recording``)."""
+    with _signals_held():
+        for tmp, path in staged:
+            os.replace(tmp, path)
+        for replaced in _recordings:
+            replaced.append(recorded)
+
+
 def _replace_dir(new: Path, out: Path) -> None:
     """Put directory ``new`` at ``out``, and remove what was there. The swap is the commit
     point: a Ctrl-C, SIGTERM or SIGHUP waits for it to finish (and is raised after it), so

@@ -636,3 +636,39 @@ def test_a_kill_between_the_renames_aside_is_put_back_by_the_next_write(tmp_path
     assert f"restored {out} from {left.name}" in caplog.text
     assert (out / "f").read_text() == "newer"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no .tmp- nor .old- left
+
+
+def test_a_signal_between_an_in_place_rewrites_two_files_waits_for_both(tmp_path, monkeypatch):
+    """A bundle that is a mount point is rewritten file by file: a SIGTERM between report.md
+    and manifest.json left a report of a gating the manifest never got ("Verdict: fail"
+    beside "pass"), and the command said nothing was written. Both are one commit point."""
+    import signal
+
+    out = tmp_path / "b"
+    bundle = write(out)
+    monkeypatch.setattr(qb, "is_mount_point", lambda path: Path(path) == out)
+    replace = os.replace
+
+    def signalled(*args):  # as if SIGTERM came once the first file was in place
+        replace(*args)
+        if not signalled.sent:
+            signalled.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signalled.sent = False
+    monkeypatch.setattr(os, "replace", signalled)
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    renamed = dataclasses.replace(bundle.manifest, name="renamed")
+    try:
+        with fsutil.recording() as replaced, pytest.raises(SystemExit):
+            qb.rewrite(bundle, renamed, "the new report\n")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert signalled.sent and replaced == [out]  # the CLI says the bundle holds the new content
+    assert (out / "report.md").read_text() == "the new report\n"
+    assert qb.load(out).manifest.name == "renamed"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "model.fp32.onnx",
+        "report.md",
+    ]
