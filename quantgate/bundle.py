@@ -59,6 +59,7 @@ from quantgate.fsutil import (
     asides,
     atomic_dir,
     disk_full,
+    gone_cwd,
     is_mount_point,
     replace_files,
     resolve_target,
@@ -365,6 +366,8 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
         raise ConfigTypeError(
             f"load: expected a bundle's path (a str or a Path), found {type(path).__name__}"
         )
+    if gone := gone_cwd(path):
+        raise BundleError(gone)
     path = Path(path)
     if not path.exists():
         raise BundleError(f"no bundle at {path}: the directory does not exist. " + _missing(path))

@@ -36,6 +36,23 @@ def resolve_target(out: str | os.PathLike) -> Path:
     return out.resolve() if out.is_symlink() else out  # (a loop: refused by target_problem)
 
 
+def gone_cwd(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read, where it is relative and the current directory is gone:
+    a shell inside a bundle that a re-gate or an export replaced sits in the removed copy,
+    where "." holds nothing (and a bundle there would be said not to be one)."""
+    if Path(path).is_absolute():
+        return None
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return (
+            f"{path} is relative to the current directory, which no longer exists (a re-gate "
+            'or export replaced the directory it was): cd into it again (cd "$PWD"), or pass '
+            "its full path"
+        )
+    return None
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``out``; on clean exit it replaces ``out``.

@@ -36,7 +36,7 @@ from quantgate.bundle import (
 )
 from quantgate.configs import require
 from quantgate.errors import BundleError, ConfigError, DataError
-from quantgate.fsutil import claimed
+from quantgate.fsutil import claimed, gone_cwd
 from quantgate.progress import ProgressFn, no_progress
 from quantgate.quantize import cuda
 from quantgate.quantize import report as reports
@@ -114,14 +114,9 @@ def regate(
         require(gate_cfg, GateConfig, "gate_cfg")
     # by its path from the root: the rewrite puts a new directory at that path, and a
     # relative one (`quantgate gate .` from inside it) would then name the old one, removed
-    try:
-        bundle_path = Path(bundle_path).absolute()
-    except FileNotFoundError:  # the shell's directory was a bundle a rewrite replaced
-        raise BundleError(
-            f"{bundle_path} is relative to the current directory, which no longer exists (a "
-            "re-gate or export replaced the directory it was): cd into the bundle again "
-            '(cd "$PWD"), or pass its full path'
-        ) from None
+    if gone := gone_cwd(bundle_path):  # the shell's directory was a bundle a rewrite replaced
+        raise BundleError(gone)
+    bundle_path = Path(bundle_path).absolute()
     # held from the read of the settings to the rewrite: another re-gate in between would
     # have this one start from settings it then replaced
     with claimed(bundle_path, "a re-gate"):

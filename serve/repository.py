@@ -12,7 +12,7 @@ from pathlib import Path
 
 from quantgate import bundle as qb
 from quantgate.errors import BadRequest, ModelNotFound, QuantgateError, ServeError, quoted
-from quantgate.fsutil import asides
+from quantgate.fsutil import asides, gone_cwd
 from quantgate.schema import printable_name, unprintable
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.runtime import Model, open_model
@@ -147,6 +147,8 @@ def _not_a_model(folder: str) -> bool:
 
 def _check_root(root: Path) -> None:
     """A ServeError, saying what to pass instead, where ``root`` is missing or a file."""
+    if gone := gone_cwd(root):
+        raise ServeError(gone)
     if not root.exists():
         left = asides(root.absolute())
         raise ServeError(

@@ -3,6 +3,7 @@ timed sequence length, the label protection and the export's own thresholds."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -154,6 +155,15 @@ def test_a_bundle_regated_from_inside_it_is_read_back(cli, bundle, gate_file, mo
     assert "verdict pass" in r.stdout and "not a bundle" not in r.stderr
     r = cli("gate", ".", "--gate-config", gate_file)  # "." is the directory removed
     assert r.code == 2 and "no longer exists (a re-gate or export replaced" in r.stderr
+    # inspect and serve said "not a bundle ... Create one with `quantgate export`" (serve in
+    # a process of its own, which inherits the removed directory: it loads the protocol's stubs)
+    r = cli("inspect", ".")
+    served = subprocess.run([sys.executable, "-m", "quantgate", "serve", ".", "--check"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    for code, said in ((r.code, r.stderr), (served.returncode, served.stderr)):
+        said = " ".join(said.split())
+        assert code == 2 and ". is relative to the current directory, which no longer" in said
+        assert 'cd into it again (cd "$PWD")' in said and "not a bundle" not in said
     monkeypatch.chdir(bundle)  # cd "$PWD"
     r = cli("gate", ".", "--gate-config", gate_file, "--min-speedup", "1000")
     assert r.code == 3, r.stderr
