@@ -63,6 +63,7 @@ from quantgate.fsutil import (
     is_mount_point,
     replace_files,
     resolve_target,
+    size_said,
     target_problem,
 )
 from quantgate.schema import (
@@ -564,7 +565,11 @@ def _file_problem(root: Path, what: str, name: str, sha256: str | None) -> str |
 
 @contextlib.contextmanager
 def staging(
-    out: str | os.PathLike, *, force: bool = False, carries_others: bool = False
+    out: str | os.PathLike,
+    *,
+    force: bool = False,
+    carries_others: bool = False,
+    elsewhere: str = "write the bundle elsewhere (another --out)",
 ) -> Iterator[Path]:
     """Stage a new bundle for ``out``; on clean exit it replaces ``out`` atomically.
 
@@ -573,7 +578,8 @@ def staging(
     missing, empty, or an existing bundle; any other existing directory is refused unless
     ``force``, and so is a bundle holding files it does not list, unless the new one
     ``carries_others``. A failure to write (a full disk, a permission) is a ``BundleError``,
-    and so is a file outside the staging directory the block cannot read, named as a read.
+    and so is a file outside the staging directory the block cannot read, named as a read;
+    ``elsewhere`` is what else to do where ``out`` has no room.
     """
     check_writable_target(Path(out).absolute(), force=force, carries_others=carries_others)
     try:
@@ -590,7 +596,9 @@ def staging(
                 raise
     except OSError as e:
         full = disk_full(e)
-        raise (BundleOutOfSpace if full else BundleError)(_write_failure(Path(out), e)) from e
+        raise (BundleOutOfSpace if full else BundleError)(
+            _write_failure(Path(out), e, elsewhere)
+        ) from e
 
 
 def _read_elsewhere(e: OSError, staged: Path) -> bool:
@@ -601,18 +609,24 @@ def _read_elsewhere(e: OSError, staged: Path) -> bool:
     return not Path(os.fsdecode(e.filename)).absolute().is_relative_to(staged.absolute())
 
 
-def _write_failure(out: Path, e: OSError) -> str:
+def _write_failure(out: Path, e: OSError, elsewhere: str) -> str:
     if disk_full(e):
         parent = resolve_target(out).parent
         try:
-            free = f"; {shutil.disk_usage(parent).free / 1e6:.0f} MB free there now"
+            free = f"; {size_said(shutil.disk_usage(parent).free)} free there now"
         except OSError:
             free = ""
+        old = _tree_size(out)
+        needs = (
+            f" The new bundle is written beside the old one ({size_said(old)}) until it "
+            "replaces it: it needs about as much room again."
+            if old
+            else ""
+        )
         return (
             f"cannot write the bundle at {out}: {e.strerror or 'No space left on device'} on "
-            f"the filesystem that holds {parent}{free}; nothing was changed at {out}. Free "
-            "some space there (or raise the file size limit, ulimit -f), or write the bundle "
-            "elsewhere."
+            f"the filesystem that holds {parent}{free}; nothing was changed at {out}.{needs} "
+            f"Free some space there (or raise the file size limit, ulimit -f), or {elsewhere}."
         )
     if e.errno in (errno.EXDEV, errno.EBUSY):  # the swap's rename
         return (
@@ -626,6 +640,16 @@ def _write_failure(out: Path, e: OSError) -> str:
         "that the directory is writable and the disk has room; nothing was changed at "
         f"{out}."
     )
+
+
+def _tree_size(path: Path) -> int:
+    """The bytes of the files under ``path`` (0 where there is none to read)."""
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
 
 
 def check_writable_target(
@@ -840,7 +864,11 @@ def rewrite(bundle: Bundle, manifest: Manifest, report: str) -> None:
                     os.unlink(tmp)
             raise
         return
-    with staging(bundle.path, carries_others=True) as tmp:
+    regate_copy = (
+        "re-gate a copy of it where there is room "
+        f"(cp -r {bundle.path} COPY, then quantgate gate COPY)"
+    )
+    with staging(bundle.path, carries_others=True, elsewhere=regate_copy) as tmp:
         _link_all(bundle.path, tmp, skip={MANIFEST, REPORT})
         write_manifest(tmp, manifest)
         (tmp / REPORT).write_text(report)

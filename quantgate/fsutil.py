@@ -362,7 +362,7 @@ def raise_if_full(err: BaseException, work: Path, what: str) -> None:
 
 def _out_of_space(work: Path, err: BaseException, what: str) -> OutOfSpace:
     try:
-        free = f" ({shutil.disk_usage(work).free / 1e6:.0f} MB free there now)"
+        free = f" ({size_said(shutil.disk_usage(work).free)} free there now)"
     except OSError:
         free = ""
     temporary = Path(work).resolve().is_relative_to(Path(tempfile.gettempdir()).resolve())
@@ -435,6 +435,11 @@ def target_problem(
             f"cannot write the {noun} at {out}: {parent} is not a directory. Choose another --out."
         )
     in_place = mount_ok and out.is_dir() and is_mount_point(out)  # written inside, not beside
+    if _on_read_only_filesystem(out if in_place else parent):  # no chmod makes it writable
+        return (
+            f"cannot write the {noun} at {out}: {parent} is on a read-only filesystem (mounted "
+            f"read-only); {elsewhere}."
+        )
     if not in_place and not os.access(parent, os.W_OK | os.X_OK):
         return (
             f"cannot write the {noun} at {out}: {parent} is not writable. Make {parent} "
@@ -537,6 +542,21 @@ def irreplaceable(out: Path) -> str | None:
     if target == Path(target.anchor):
         return "the root directory"
     return None
+
+
+def _on_read_only_filesystem(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def size_said(n: float) -> str:
+    """A number of bytes as a person reads it: "120 kB", "340 MB", "2.1 GB"."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2g} {unit}" if n < 10 * scale else f"{n / scale:.0f} {unit}"
+    return f"{n:.0f} bytes"
 
 
 def _read_only(out: Path) -> str | None:

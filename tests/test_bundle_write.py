@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -52,6 +53,19 @@ def test_a_full_disk_is_a_bundle_error_that_names_the_filesystem(tmp_path, monke
     assert "elsewhere.onnx" not in message  # not the file it was reading
     assert model_text(out) == "one" and [p.name for p in tmp_path.iterdir()] == ["b"]
     assert exit_code(e.value) == 1
+    # how much room: beside the old bundle, as much again; free space in a readable unit
+    # (120 kB was "0 MB"); a re-gate, which has no --out, is told to re-gate a copy
+    size = sum(f.stat().st_size for f in out.iterdir())
+    assert f"beside the old one ({fsutil.size_said(size)}) until it replaces it" in message
+    assert re.search(r"; \d[\d.]* (bytes|kB|MB|GB) free there now", message), message
+    assert "or write the bundle elsewhere (another --out)" in message
+    monkeypatch.setattr(qb, "write_manifest", full)
+    with pytest.raises(BundleError) as e:
+        qb.rewrite(qb.load(out), qb.load(out).manifest, "report")
+    assert "or re-gate a copy of it where there is room (cp -r" in " ".join(str(e.value).split())
+    assert [fsutil.size_said(n) for n in (0, 999, 120_000, 3_400_000, 2.1e9, 24e9)] == [
+        "0 bytes", "999 bytes", "120 kB", "3.4 MB", "2.1 GB", "24 GB"
+    ]  # fmt: skip
 
 
 def test_an_input_that_cannot_be_read_is_named_not_called_a_write_failure(tmp_path):
@@ -672,3 +686,23 @@ def test_a_signal_between_an_in_place_rewrites_two_files_waits_for_both(tmp_path
         "model.fp32.onnx",
         "report.md",
     ]
+
+
+def test_a_bundle_on_a_read_only_filesystem_is_refused_as_such(tmp_path):
+    """Its refusal said to make the folder writable, which no chmod does there."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(ro)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a filesystem here: {mounted.stderr.strip()}")
+    try:
+        write(ro / "b")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        with pytest.raises(BundleError) as e:
+            write(ro / "b", "two")
+        said = " ".join(str(e.value).split())
+        assert f"{ro} is on a read-only filesystem (mounted read-only)" in said, said
+        assert "writable" not in said and model_text(ro / "b") == "one"
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
