@@ -45,7 +45,7 @@ from quantgate.quantize.search import (
     chosen_recipes,
     search,
 )
-from quantgate.quantize.verdict import much_longer, passed_bundle
+from quantgate.quantize.verdict import manifest_at, much_longer, passed_bundle
 
 if TYPE_CHECKING:  # loaded when build runs: export's pipeline imports the model code (torch)
     from quantgate.export import ExportResult, ExtraVariant
@@ -158,6 +158,7 @@ def build(
         )
         variants, more = _variants(result, shipped, ev, work, quant_cfg, gate_cfg, emit)
         summary = _summary(found, shipped, gate_cfg, plot)
+        replaced = manifest_at(out)  # what a failed verdict would take the place of
         with writing(emit):
             write_bundle(  # read back and every file verified
                 _with_extra(result, quantization=summary),
@@ -169,7 +170,7 @@ def build(
                 name=export_cfg.name,
                 force=force,
             )
-    return passed_bundle(out, found, verify=False)
+    return passed_bundle(out, found, verify=False, replaced=replaced)
 
 
 def _load(model_spec: ModelSpec, cfg: ExportConfig, emit: ProgressFn) -> LoadedModel:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantgate.bundle import PASS, Bundle, GateResult, Manifest, load
-from quantgate.errors import GateFailed
+from quantgate.errors import GateFailed, QuantgateError
 from quantgate.quantize.data import MIN_CALIBRATION_ROWS
 from quantgate.quantize.decide import GateConfig, failed_by_bound
 
@@ -21,16 +21,36 @@ if TYPE_CHECKING:
     from quantgate.quantize.search import SearchResult
 
 
-def passed_bundle(path: Path, search: SearchResult | None = None, *, verify: bool = True) -> Bundle:
+def passed_bundle(
+    path: Path,
+    search: SearchResult | None = None,
+    *,
+    verify: bool = True,
+    replaced: Manifest | None = None,
+) -> Bundle:
     """The bundle written at ``path`` (its files verified unless ``verify`` is False: a
     re-gate verified them before it measured, and rewrote only the manifest and report);
     ``GateFailed`` unless every gate of every variant passed. ``search``: the recipe search
-    of a build, which the message names where it stopped early."""
+    of a build, which the message names where it stopped early; ``replaced``: the manifest
+    of the bundle the build replaced, which the message names where it had passed."""
     bundle = load(path, verify=verify)
     if bundle.manifest.verdict != PASS:
         message = failure_message(bundle.manifest, path, search)
+        if replaced is not None and replaced.verdict == PASS:
+            message += (
+                f"\nIt replaced the bundle there that had passed its gates (written "
+                f"{replaced.created or 'by an earlier export'}), which serve would have served."
+            )
         raise GateFailed(message, bundle_path=str(path))
     return bundle
+
+
+def manifest_at(path: Path) -> Manifest | None:
+    """The manifest of the bundle at ``path``, where one can be read; else None."""
+    try:
+        return load(path, verify=False).manifest
+    except QuantgateError:
+        return None
 
 
 def failure_message(manifest: Manifest, where, search: SearchResult | None = None) -> str:

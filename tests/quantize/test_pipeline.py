@@ -25,6 +25,19 @@ from quantgate.bundle import GateResult, load, write_manifest  # noqa: E402
 from quantgate.quantize.data import write_npz  # noqa: E402
 
 
+def test_a_failed_export_over_a_passing_bundle_says_it_replaced_it(cli, tmp_path, gate_file):
+    """A bundle that fails is written in every case, so a noisy speed gate on a busy CI
+    machine turned a bundle serve would serve into one it refuses, and said nothing of it."""
+    out = tmp_path / "b"
+    args = (tiny_checkpoint(), "--out", out, "--search-budget", "1", "--gate-config", gate_file)
+    assert cli("export", *args, "--min-speedup", "0.01").code == 0
+    created = load(out).manifest.created
+    r = cli("export", *args, "--min-speedup", "100")
+    assert r.code == 3 and load(out).manifest.verdict == "fail"
+    said = " ".join(r.stderr.split())
+    assert f"It replaced the bundle there that had passed its gates (written {created})" in said
+
+
 def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(
     cli, tmp_path, gate_file, caplog
 ):
@@ -38,6 +51,7 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(
     assert "The search stopped early: the 1s budget was spent, with " in stderr
     assert "Raise --search-budget (now 1s; this search took " in stderr
     assert "calibrated on only" not in stderr  # 200 rows, and only speed failed
+    assert "It replaced" not in stderr  # there was no bundle there
     b = load(out)  # written, and every hash verifies
     assert b.manifest.verdict == "fail"
     int8 = b.manifest.variant("int8")
