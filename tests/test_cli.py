@@ -490,6 +490,25 @@ def test_inspect_refusing_a_changed_file_says_how_to_read_the_manifest_anyway(cl
     assert r.code == 2 and "is a file, not a bundle" in r.stderr and "--no-verify" not in r.stderr
 
 
+def test_inspect_no_verify_says_which_file_is_missing_and_that_serve_refuses_it(cli, tmp_path):
+    """--no-verify reads the manifest of a bundle that lost a file; its table said 0.0 MB
+    and "serve picks" the variant, of a bundle serve refuses."""
+    _tiny_bundle(tmp_path / "b", ())
+    (tmp_path / "b" / "model.fp32.onnx").unlink()
+    r = cli("inspect", tmp_path / "b", "--no-verify")
+    assert r.code == 0, r.stderr
+    rows = {line.split()[0]: line.split()[:3] for line in r.stdout.splitlines() if line.strip()}
+    assert rows["model.fp32.onnx"] == ["model.fp32.onnx", "fp32", "missing"], r.stdout
+    assert rows["model.int8.onnx"] == ["model.int8.onnx", "int8", "0.0"], r.stdout
+    assert "serve picks" not in r.stdout, r.stdout
+    assert "serve: refuses it: model.fp32.onnx is missing (restore it" in r.stdout, r.stdout
+    assert "files not verified (--no-verify)" in r.stdout, r.stdout
+    (tmp_path / "b" / "model.fp32.onnx").write_bytes(b"model.fp32.onnx")  # as it was
+    r = cli("inspect", tmp_path / "b")
+    assert r.code == 0 and "serve picks: fp32 on CPU" in r.stdout, r.stderr
+    assert "not verified" not in r.stdout, r.stdout
+
+
 def test_an_early_refusal_is_the_first_thing_a_log_shows(cli, tmp_path):
     """Off a terminal, rich printed its bars at the end whatever they held: an empty line, or
     a bar at 0/7, before the refusal. Only bars of work done are printed now."""

@@ -70,14 +70,14 @@ def inspect(
         for t in specs:
             tensors.add_row(kind, t.name, t.dtype, "(" + ", ".join(map(str, t.dims)) + ")")
     out.print(tensors)
+    missing = _missing(b)
     variants = Table("file", "precision", "MB", "verdict", "gates", "providers", "recipe", box=None)
     for v in m.variants:
-        size = _size(b.path / v.file) / 1e6
         passed = sum(g.passed for g in v.gates)
         variants.add_row(
             v.file,
             v.precision,
-            f"{size:.1f}",
+            "missing" if v.file in missing else f"{_size(b.path / v.file) / 1e6:.1f}",
             v.verdict,
             f"{passed}/{len(v.gates)} passed",
             ", ".join(v.providers),
@@ -85,7 +85,13 @@ def inspect(
             (v.recipe or {}).get("candidate") or (v.recipe or {}).get("name", ""),
         )
     out.print(variants)
-    out.print(_served(m), highlight=False, soft_wrap=True)
+    out.print(_served(m, missing), highlight=False, soft_wrap=True)
+    if not verify:
+        out.print(
+            "files not verified (--no-verify): their sha256 were not checked; serve checks them",
+            highlight=False,
+            soft_wrap=True,
+        )
     if m.files:
         groups: dict[str, int] = {}
         for name in m.files:
@@ -143,13 +149,29 @@ def _answers_read(m) -> str:
     return f"answers: a span of at most {cfg.max_answer_tokens} tokens, {none}{since}"
 
 
-def _served(m) -> str:
+def _missing(b) -> list[str]:
+    """The files ``b``'s manifest lists (its variants', and the others) that are not there,
+    or not files: a check of names, not of sha256, that --no-verify still makes. Serve
+    refuses a bundle that lacks any of them, whichever variant it would pick."""
+    m = b.manifest
+    return [f for f in (*(v.file for v in m.variants), *m.files) if not (b.path / f).is_file()]
+
+
+def _served(m, missing: list[str]) -> str:
     """Which variant `quantgate serve` would pick on each provider (serve.variants'
-    rule), or that it refuses the bundle."""
+    rule), or that it refuses the bundle (``missing`` files, or a failed gate)."""
     from quantgate.bundle import CPU, CUDA, PASS
     from quantgate.errors import BundleError
     from quantgate.serve.variants import choose_variant
 
+    if missing:
+        gone = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        one = len(missing) == 1
+        return (
+            f"serve: refuses it: {gone} {'is' if one else 'are'} missing (restore "
+            f"{'it' if one else 'them'} from the original bundle, or re-create the bundle with "
+            "`quantgate export`)"
+        )
     picks = []
     for provider, name in ((CPU, "CPU"), (CUDA, "CUDA")):
         try:  # quiet: its reasons are for the server's log
