@@ -357,6 +357,15 @@ def is_bundle(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def held_bundles(path: str | os.PathLike) -> list[str]:
+    """The bundles in the folders of the directory ``path``, and in their folders, as paths
+    relative to it, sorted: what a repository holds (NAME/, NAME/VERSION/, as `quantgate
+    serve` reads one). Two levels, no deeper: a home directory is not walked whole."""
+    root = Path(path)
+    found = [*root.glob(f"*/{MANIFEST}"), *root.glob(f"*/*/{MANIFEST}")]
+    return sorted(m.parent.relative_to(root).as_posix() for m in found if m.is_file())
+
+
 READ_ATTEMPTS = 3  # reads of a bundle that is replaced meanwhile (load), before giving up
 
 
@@ -428,14 +437,26 @@ def _read(path: Path, verify: bool) -> Bundle:
             f"{RECREATE}"
         )
     if not mpath.is_file():
-        raise BundleError(
-            f"{path} is not a bundle: it has no {MANIFEST}. Create one with `quantgate export`."
-        )
+        raise BundleError(_not_a_bundle(path))
     manifest = Manifest.from_dict(_read_json(mpath), source=str(mpath))
     bundle = Bundle(path, manifest)
     if verify:
         check_files(bundle)
     return bundle
+
+
+def _not_a_bundle(path: Path) -> str:
+    """Why the directory ``path``, which has no manifest, is not a bundle, and what to pass
+    instead: one of the bundles it holds (a repository, or a model's version folders, given
+    where one of them was meant), else a bundle still to be exported."""
+    held = held_bundles(path)
+    if not held:
+        return f"{path} is not a bundle: it has no {MANIFEST}. Create one with `quantgate export`."
+    listed = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+    return (
+        f"{path} is not a bundle but holds bundles in {listed}: pass one of them "
+        f"({path / held[0]})."
+    )
 
 
 def check_files(bundle: Bundle, *, hashed_when_read: Collection[str] = ()) -> None:

@@ -176,6 +176,33 @@ def test_not_a_bundle(tmp_path):
         qb.load(tmp_path)
 
 
+def test_a_folder_of_bundles_is_told_by_the_bundles_it_holds(tmp_path):
+    """A repository (NAME/, NAME/VERSION/) passed where a bundle was meant: every command that
+    loads one (infer --bundle, gate, the library) names the bundles to pass instead, not
+    "Create one with `quantgate export`"."""
+    repo = tmp_path / "repo"
+    write(repo / "classifier")
+    write(repo / "encoder" / "1")
+    write(repo / "deep" / "a" / "b")  # deeper than a repository's layout: not looked for
+    with pytest.raises(BundleError) as e:
+        qb.load(repo)
+    assert str(e.value) == (
+        f"{repo} is not a bundle but holds bundles in classifier, encoder/1: pass one of them "
+        f"({repo / 'classifier'})."
+    )
+    with pytest.raises(BundleError) as e:
+        qb.load(repo / "encoder")  # one model's version folders
+    assert f"holds bundles in 1: pass one of them ({repo / 'encoder' / '1'})" in str(e.value)
+    many = tmp_path / "many"
+    for i in range(7):
+        write(many / f"m{i}")
+    with pytest.raises(BundleError, match=r"holds bundles in m0, m1, m2, m3, m4, m5, \.\.\.: "):
+        qb.load(many)
+    write(tmp_path / "far" / "a" / "b" / "c")
+    with pytest.raises(BundleError, match="has no manifest.json. Create one with"):
+        qb.load(tmp_path / "far")  # none within two levels
+
+
 def test_bundle_gets_the_mode_of_a_new_directory(tmp_path):
     umask = os.umask(0o027)
     try:

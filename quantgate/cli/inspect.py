@@ -25,19 +25,17 @@ def inspect(
     """Print a readable summary of a bundle's manifest."""
     from rich.table import Table
 
-    from quantgate.bundle import MANIFEST, check_files, is_bundle, load
+    from quantgate.bundle import MANIFEST, check_files, held_bundles, is_bundle, load
     from quantgate.errors import BundleError
 
-    if path.is_dir() and not is_bundle(path):
-        inside = sorted(str(p.parent.relative_to(path)) for p in path.glob(f"*/**/{MANIFEST}"))
-        if inside:  # a repository folder, or one model's version folders
+    try:
+        b = load(path, verify=False)  # a bundle that cannot be read is refused as it is
+    except BundleError as e:
+        if path.is_dir() and not is_bundle(path) and held_bundles(path):  # a repository
             raise BundleError(
-                f"{path} is not a bundle but holds bundles in {', '.join(inside[:6])}"
-                + (", ..." if len(inside) > 6 else "")
-                + f": inspect one ({path / inside[0]}), or see what each model would serve "
-                f"with `quantgate serve {path} --check`"
-            )
-    b = load(path, verify=False)  # a bundle that cannot be read is refused as it is
+                f"{e} To see what each model would serve: `quantgate serve {path} --check`."
+            ) from e
+        raise
     if verify:
         try:
             check_files(b)
