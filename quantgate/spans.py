@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from quantgate.errors import DataError
 from quantgate.tokenizer import Place, Text
 
 # Hugging Face's run_qa.py example caps an answer at 30 tokens (its max_answer_length); its
@@ -208,8 +209,10 @@ def answers(
     2.0 model), no answer where the pair's lowest finite null score beats that span's: an
     ``Answer`` of text "" at the first token, the window's probability of no answer. A row
     without a pair answers from its one text; None for a text with no answer at all (no
-    context token, or scores that are not finite)."""
-    pairs = np.arange(len(texts)) if pairs is None else np.asarray(pairs, np.int64)
+    context token, or scores that are not finite). A DataError where the arguments do not
+    belong together (``_windows_read``)."""
+    start, end = np.asarray(start), np.asarray(end)
+    pairs = _windows_read(texts, start, end, places, pairs)
     read = [texts[p] for p in pairs.tolist()]  # each window's text
     allowed = context_mask(read, places, start.shape[1])
     spans = best_spans(start, end, allowed, max_tokens)
@@ -233,6 +236,70 @@ def answers(
         p = span_probability(start[window], end[window], allowed[window], (first, last))
         found.append(Answer(source[begin:stop], window, int(first), int(last), p))
     return found
+
+
+def _windows_read(
+    texts: Sequence[Text],
+    start: np.ndarray,
+    end: np.ndarray,
+    places: Sequence[Sequence[Place]],
+    pairs: np.ndarray | None,
+) -> np.ndarray:
+    """(W,) the text each window reads, once ``answers``' arguments are found to belong
+    together: a row of scores for each window of ``places``, as wide as its tokens, and a
+    text for each. A DataError saying which does not fit, where numpy (or zip) would fail
+    on it with words of its own: the scores of windows sent in parts, joined wrongly, or
+    windows without the ``pairs`` that say whose they are."""
+    if start.ndim != 2 or start.shape != end.shape:
+        raise DataError(
+            f"answers: expected start and end scores of one shape (W, T), a row for each "
+            f"window and a column for each of its tokens; found start {start.shape}, end "
+            f"{end.shape}. Pass the model's start_logits and end_logits for the same rows"
+        )
+    windows = len(start)
+    if len(places) != windows:
+        raise DataError(
+            f"answers: expected a row of scores for each window of places (text_windows' "
+            f"w.places: {_count(len(places), 'window')}), found {_count(windows, 'row')}. Pass "
+            "every window's scores, in w.places' order (sent in parts: joined in order, "
+            "np.concatenate)"
+        )
+    if pairs is None:
+        if windows != len(texts):
+            raise DataError(
+                f"answers: without pairs, expected a window a text ({_count(len(texts), 'text')}"
+                f"), found {_count(windows, 'window')}. Pass text_windows' w.pairs, the text "
+                "each window reads"
+            )
+        return np.arange(windows)
+    pairs = np.asarray(pairs)
+    if pairs.shape != (windows,) or (windows and not np.issubdtype(pairs.dtype, np.integer)):
+        raise DataError(
+            f"answers: expected pairs to give the text of each window "
+            f"({_count(windows, 'window')}): (W,) whole numbers; found {pairs.dtype} of shape "
+            f"{pairs.shape}. Pass text_windows' w.pairs, made with these windows' w.places"
+        )
+    if windows and not 0 <= pairs.min() <= pairs.max() < len(texts):
+        bad = pairs[(pairs < 0) | (pairs >= len(texts))][0]
+        raise DataError(
+            f"answers: expected pairs to name texts 0..{len(texts) - 1} (of "
+            f"{_count(len(texts), 'text')}), found {bad}. "
+            "Pass the texts text_windows was given, with its w.pairs"
+        )
+    longest = max(range(windows), key=lambda w: len(places[w]), default=None)
+    if longest is not None and len(places[longest]) > start.shape[1]:
+        raise DataError(
+            f"answers: expected a column of scores for each token of a window, found "
+            f"{start.shape[1]} for window {longest}'s {len(places[longest])} tokens "
+            f"(w.places[{longest}]). Pass the scores the model gave the feeds text_windows "
+            "made with these w.places"
+        )
+    return pairs.astype(np.int64)
+
+
+def _count(n: int, thing: str) -> str:
+    """``n`` things, in words: "1 window", "2 windows"."""
+    return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
 __all__ = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from quantgate.spans import best_spans, span_probability
 
@@ -113,6 +114,46 @@ def test_answers_read_each_texts_windows_and_name_the_window_found_in():
     (found,) = answers([text], start, end, places, np.array([0, 0]))
     assert isinstance(found, Answer) and (found.text, found.window) == ("three", 1)
     assert (found.first, found.last) == (5, 5)
+
+
+def test_answers_refuse_arguments_that_do_not_belong_together_saying_which():
+    """Scores of windows sent in parts and joined wrongly, or windows without their pairs,
+    failed inside numpy or zip ("could not broadcast input array", "zip() argument 3 is
+    shorter"): a DataError says what was expected, naming text_windows' w.places, w.pairs."""
+    from quantgate.errors import DataError
+    from quantgate.spans import answers
+
+    text = ("q?", "one two three four")
+    places = [  # two windows of the one pair, 7 tokens each
+        [None, (0, 0, 1), (0, 1, 2), None, (1, 0, 3), (1, 4, 7), None],
+        [None, (0, 0, 1), (0, 1, 2), None, (1, 4, 7), (1, 8, 13), None],
+    ]
+    scores, pairs = np.zeros((2, 7)), np.array([0, 0])
+    for texts, args, message in (
+        ([text], (scores[:, :3], scores[:, :3], places, pairs),
+         r"a column of scores for each token of a window, found 3 for window 0's 7 tokens "
+         r"\(w.places\[0\]\)"),
+        ([text], (scores[:1], scores[:1], places, pairs),
+         r"for each window of places \(text_windows' w.places: 2 windows\), found 1 row\."),
+        ([text], (scores, scores[:, :6], places, pairs), r"found start \(2, 7\), end \(2, 6\)"),
+        ([text], (scores[0], scores[0], places, pairs), r"found start \(7,\), end \(7,\)"),
+        ([text], (scores, scores, places, None),
+         r"without pairs, expected a window a text \(1 text\), found 2 windows\. Pass "
+         r"text_windows' w.pairs"),
+        ([text, text], (scores[:1], scores[:1], places[:1], None),  # fewer rows than texts
+         r"expected a window a text \(2 texts\), found 1 window\."),
+        ([text], (scores, scores, places, pairs[:1]),
+         r"each window \(2 windows\): \(W,\) whole numbers; found int64 of shape \(1,\)"),
+        ([text], (scores, scores, places, np.array([0, 1])),
+         r"expected pairs to name texts 0..0 \(of 1 text\), found 1\."),
+    ):  # fmt: skip
+        with pytest.raises(DataError, match=message):
+            answers(texts, *args)
+    assert answers([text], scores, scores, places, pairs)[0] is not None  # as they belong
+    wider = np.zeros((2, 9))  # padded past the windows' tokens: read as it was
+    assert answers([text], wider, wider, places, [0, 0]) == answers(
+        [text], scores, scores, places, pairs
+    )
 
 
 def test_a_null_answer_is_chosen_where_the_first_tokens_span_beats_every_span():
