@@ -35,7 +35,7 @@ from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.protos import model_config_pb2 as mc
 from quantgate.serve import codec
-from quantgate.serve.config import token_problem
+from quantgate.serve.config import token_problem, url_problem
 from quantgate.serve.dtypes import NUMPY, cast_exact
 from quantgate.serve.errors import from_status
 from quantgate.serve.tls import CERT, KEY, check_pair, read_pem
@@ -102,13 +102,22 @@ def _credentials(tls: ClientTLS) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(ca, key, cert)
 
 
-def _check_timeout(timeout: float | None) -> None:
-    """None (no deadline) or seconds > 0: gRPC reads 0 as no deadline and a negative one
-    as one already passed."""
-    if timeout is not None and not timeout > 0:
+# The longest deadline gRPC sets: beyond (1e10 s), its deadline overflows into the past and
+# every call fails at once, "Deadline Exceeded".
+LONGEST_DEADLINE_S = 1e9
+
+
+def deadline(timeout: float | None) -> float | None:
+    """``timeout`` as a call's deadline: seconds > 0; None, infinity or more than
+    ``LONGEST_DEADLINE_S`` (about 31 years) for none. gRPC reads 0 as no deadline and a
+    negative one as one already passed: refused, as NaN is."""
+    if timeout is None or timeout > LONGEST_DEADLINE_S:  # math.inf too
+        return None
+    if not timeout > 0:
         raise ConfigError(
-            f"timeout: expected seconds > 0 (or None, no deadline), found {timeout!r}"
+            f"timeout: expected seconds > 0 (or None or math.inf, no deadline), found {timeout!r}"
         )
+    return timeout
 
 
 class Client:
@@ -133,7 +142,8 @@ class Client:
         passes 4 MiB at 16 rows of 256 tokens. ``options`` can set a lower one."""
         if not isinstance(url, str):
             raise ConfigError(f"Client: url is HOST:PORT, a string; found {url!r}")
-        _check_timeout(timeout)
+        if problem := url_problem(url):
+            raise ConfigError(f"Client: url {url!r}: {problem}")
         if token and (problem := token_problem(token)):  # "" as None: no token, as before
             raise ConfigError(  # gRPC's own "Invalid metadata" named nothing
                 f"Client: the token {problem}: a bearer token is printable ASCII without "
@@ -147,7 +157,7 @@ class Client:
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._url, self._tls = url, tls is not None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._timeout = timeout
+        self._timeout = deadline(timeout)
         self._closed = False
 
     def __enter__(self) -> Client:
@@ -163,9 +173,9 @@ class Client:
     def _call(self, method, request, timeout: float | None = None):
         if self._closed:  # gRPC says only "Cannot invoke RPC on closed channel!"
             raise ConfigError(f"this Client of {self._url} is closed: make another")
-        _check_timeout(timeout)
+        timeout = self._timeout if timeout is None else deadline(timeout)
         try:
-            return method(request, timeout=timeout or self._timeout, metadata=self._metadata)
+            return method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             details = e.details() or ""
             if e.code() == grpc.StatusCode.UNAVAILABLE:
@@ -182,7 +192,7 @@ class Client:
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and details == "Deadline Exceeded":
                 raise DeadlineExceeded(
                     f"no answer from {self._url} within the deadline of "
-                    f"{timeout or self._timeout:g} s: the server is busy or the request slow "
+                    f"{timeout:g} s: the server is busy or the request slow "
                     "(give it longer: the call's timeout, `quantgate infer --timeout`), or what "
                     "listens there does not answer gRPC"
                 ) from None
@@ -192,7 +202,7 @@ class Client:
                 raise BadRequest(
                     f"the request is {int(m[1]):,} bytes, more than the server at {self._url} "
                     f"takes ({int(m[2]):,} bytes, its --max-request-bytes): send fewer rows "
-                    "per request"
+                    "per request, or shorter ones"
                 ) from None
             raise from_status(e.code(), details) from None
 

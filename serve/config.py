@@ -26,6 +26,30 @@ def token_problem(token: str) -> str | None:
     return None
 
 
+def url_problem(url: str) -> str | None:
+    """What is wrong with ``url`` as a server's address, HOST:PORT (gRPC reads a URL's scheme
+    as a host name, a host alone as port 443, a port past 65535 as unreachable: each then
+    told as "nothing listens there"); None where it is right, or one of gRPC's own targets
+    (unix:PATH, dns:///HOST:PORT, ...)."""
+    if url.startswith(("http://", "https://")):
+        return (
+            "expected HOST:PORT, without a scheme (gRPC, not HTTP): "
+            f"{url.split('://', 1)[1].rstrip('/')}"
+        )
+    if url.startswith(("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:")):
+        return None
+    host, colon, port = url.rpartition(":")
+    if not colon:
+        return f"expected HOST:PORT, e.g. {url}:8001 (Triton's gRPC port is 8001)"
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return f"an IPv6 address goes in brackets: [{host}]:{port}"
+    if not host:
+        return f"no host: expected HOST:PORT, e.g. localhost:{port or 8001}"
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        return f"the port {port!r} is not a number from 1 to 65535"
+    return None
+
+
 @config_class
 @dataclass(frozen=True)
 class TLSConfig:

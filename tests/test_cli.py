@@ -364,8 +364,9 @@ def test_inspect_needs_no_onnxruntime(tmp_path):
     assert "serve picks: int8 on CPU" in " ".join(r.stdout.split()), r.stdout
 
 
-def _tiny_bundle(path, int8_gates):
-    """A bundle of two stand-in files whose INT8 variant has ``int8_gates``."""
+def _tiny_bundle(path, int8_gates=(), task="feature-extraction"):
+    """A bundle of ``task``, of two stand-in files whose INT8 variant has ``int8_gates``
+    (no model in them: what a command checks before it runs one)."""
     from quantgate import bundle as qb
 
     with qb.staging(path) as tmp:
@@ -376,7 +377,8 @@ def _tiny_bundle(path, int8_gates):
             qb.Variant("model.int8.onnx", "int8", qb.sha256_file(tmp / "model.int8.onnx"),
                        gates=int8_gates),
         )  # fmt: skip
-        qb.write_manifest(tmp, qb.Manifest("b", "feature-extraction", (), (), variants, 17, {}))
+        qb.write_manifest(tmp, qb.Manifest("b", task, (), (), variants, 17, {}))
+    return path
 
 
 def test_a_gate_measured_on_cuda_is_named_so(cli, tmp_path, capsys):
@@ -789,14 +791,60 @@ def test_infer_classes_leaves_out_outputs_of_one_value_per_row():
         _classified([score], ())
 
 
-def test_infer_null_answer_is_refused_where_no_answer_is_printed(cli):
+def test_infer_null_answer_is_refused_where_no_answer_is_printed(cli, tmp_path):
     """--null-answer reads the answers infer prints: without -p, with --json, or with -o of
-    one score, there are none to read."""
-    base = ("infer", "m", "--bundle", "b", "--null-answer")
-    for args, says in (
-        (("-t", "q"), "give each as -t QUESTION -p CONTEXT"),
-        (("-t", "q", "-p", "c", "--json"), "--json prints the scores instead"),
-        (("-t", "q", "-p", "c", "-o", "start_logits"), "-o prints the scores instead"),
+    one score, there are none to read; and a model that answers no questions has none, which
+    is said first (it was said only once --json was dropped)."""
+    qa = _tiny_bundle(tmp_path / "qa", task="question-answering")
+    classifier = _tiny_bundle(tmp_path / "cls", task="sequence-classification")
+    for bundle, args, says in (
+        (qa, ("-t", "q"), "give each as -t QUESTION -p CONTEXT"),
+        (qa, ("-t", "q", "-p", "c", "--json"), "--json prints the scores instead"),
+        (qa, ("-t", "q", "-p", "c", "-o", "start_logits"), "-o prints the scores instead"),
+        (classifier, ("-t", "q", "-p", "c", "--json"), "model, which answers no questions"),
     ):
-        r = cli(*base, *args)
+        r = cli("infer", "m", "--bundle", bundle, "--null-answer", *args)
         assert r.code == 2 and says in " ".join(r.stderr.split()), r.stderr
+
+
+def test_infer_refuses_what_it_cannot_send_before_it_connects(cli, tmp_path):
+    """Each said in infer's flags, exit 2, before any connection (--url 127.0.0.1:1 would
+    refuse one): a question without its context, a port out of range or a host without
+    brackets, NaN seconds, a token with a space, two inputs from one standard input, a
+    text file that is not there."""
+    qa = _tiny_bundle(tmp_path / "qa", task="question-answering")
+    for args, says in (
+        (("--bundle", qa, "-t", "Where?"), "answers questions from a context: give each as -t"),
+        (("-i", "x=[[1]]", "--url", "localhost:99999"), "port '99999' is not a number from 1 to"),
+        (("-i", "x=[[1]]", "--url", "localhost:abc"), "port 'abc' is not a number from 1 to 65535"),
+        (("-i", "x=[[1]]", "--url", ":8001"), "no host: expected HOST:PORT, e.g. localhost:8001"),
+        (("-i", "x=[[1]]", "--url", "::1:8001"), "an IPv6 address goes in brackets: [::1]:8001"),
+        (("-i", "x=[[1]]", "--timeout", "nan"), "--timeout must be more than 0 seconds (inf: no"),
+        (("-i", "x=[[1]]", "--token", "a b"), "--token (or QUANTGATE_AUTH_TOKEN): the token has"),
+        (("-i", "x=-", "-i", "y=-"), "standard input is read once, but --input x and --input y"),
+        (("--bundle", qa, "-t", "@nope.txt", "-p", "c"), "--text @nope.txt: cannot read nope.txt"),
+    ):
+        r = cli("infer", "m", "--url", "127.0.0.1:1", *args)
+        said = " ".join(r.stderr.split())
+        assert r.code == 2 and says in said, (args, r.stderr)
+        assert "connect" not in said, said
+
+
+def test_infer_json_writes_scores_that_are_not_numbers_as_null(capsys):
+    """JSON has no NaN: Python wrote NaN and Infinity, which strict parsers (JavaScript's,
+    Go's, jq's) refuse; an FP16 variant can overflow to infinity."""
+    import json
+
+    import numpy as np
+
+    from quantgate.cli.infer import _print_json
+
+    scores = np.array([[np.nan, np.inf, -np.inf, 1.5]], dtype=np.float32)
+    _print_json("m", {"logits": scores, "ids": np.array([[1, 2]])})
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    doc = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert doc["outputs"]["logits"]["data"] == [[None, None, None, 1.5]]
+    assert doc["outputs"]["ids"]["data"] == [[1, 2]]

@@ -4,6 +4,7 @@ answer printed."""
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -48,7 +49,8 @@ def infer(
             "-t",
             metavar="TEXT",
             help="Text to send instead of token ids, tokenized by --bundle's tokenizer; "
-            "repeat it for a batch.",
+            "repeat it for a batch. @FILE reads it from a file (UTF-8), - from standard "
+            "input; @@ starts a text with @.",
         ),
     ] = None,
     text_pairs: Annotated[
@@ -60,7 +62,7 @@ def infer(
             help="The second text of a pair, for a model that reads two (a reranker's query "
             "and passage, a question and its context, NLI's premise and hypothesis): once per "
             "--text, in the same order; tokenized with it as one sequence, as "
-            "tokenizer(text, text_pair) does.",
+            "tokenizer(text, text_pair) does. @FILE and - as for --text (a long context).",
         ),
     ] = None,
     null_answer: Annotated[
@@ -114,7 +116,8 @@ def infer(
         typer.Option(envvar="QUANTGATE_AUTH_TOKEN", metavar="TOKEN", help="Bearer token."),
     ] = None,
     timeout: Annotated[
-        float, typer.Option(metavar="SECONDS", help="Seconds before giving up.")
+        float,
+        typer.Option(metavar="SECONDS", help="Seconds before giving up; inf: no deadline."),
     ] = 30.0,
     tls: Annotated[
         bool, typer.Option("--tls", help="Use TLS, trusting the system's CA certificates.")
@@ -158,18 +161,13 @@ def infer(
 
     from quantgate.bundle import load
     from quantgate.errors import BadRequest, ConfigError
+    from quantgate.serve.config import token_problem, url_problem
     from quantgate.tasks import QA_OUTPUTS, QA_TASKS
 
     if null_answer is not None and not text_pairs:
         raise ConfigError(
             "--null-answer reads a question answerer's answers to its questions: give each as "
             "-t QUESTION -p CONTEXT --bundle BUNDLE"
-        )
-    scores_alone = outputs and not set(QA_OUTPUTS) <= set(outputs)  # no answer printed
-    if null_answer is not None and (as_json or scores_alone):
-        raise ConfigError(
-            f"--null-answer reads the answers infer prints; {'--json' if as_json else '-o'} "
-            "prints the scores instead: drop one of the two"
         )
     if text_pairs and not texts:
         raise ConfigError("--text-pair needs --text: each pair is -t TEXT -p TEXT_PAIR")
@@ -184,9 +182,6 @@ def infer(
             f"--text-pair given {len(text_pairs)} time(s) for {len(texts or ())} --text: give "
             "one --text-pair per --text, in the same order (each pair is one row)"
         )
-    rows: list[Text] = list(texts or [])  # each -t, or with -p each pair
-    if texts and text_pairs:
-        rows = list(zip(texts, text_pairs, strict=True))
     if model is None and bundle_dir is None:
         raise ConfigError(
             "which model? Give its name (MODEL, as the server serves it), or --bundle BUNDLE "
@@ -194,8 +189,31 @@ def infer(
         )
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("mutual TLS needs both --tls-cert and --tls-key")
-    if timeout <= 0:
-        raise ConfigError(f"--timeout must be more than 0 seconds, got {timeout:g}")
+    if not timeout > 0:  # NaN too
+        raise ConfigError(
+            f"--timeout must be more than 0 seconds (inf: no deadline), got {timeout:g}"
+        )
+    if token and (problem := token_problem(token)):
+        raise ConfigError(
+            f"--token (or QUANTGATE_AUTH_TOKEN): the token {problem}: a bearer token is "
+            "printable ASCII without spaces (a token read from a file keeps its line break: "
+            "strip it)"
+        )
+    if problem := url_problem(url):
+        raise ConfigError(f"--url {url}: {problem}")
+    stdin = [f"--input {i.partition('=')[0]}" for i in inputs or () if i.endswith("=-")]
+    stdin += [f"--text {t}" for t in texts or () if t == "-"]
+    stdin += [f"--text-pair {t}" for t in text_pairs or () if t == "-"]
+    if len(stdin) > 1:
+        raise ConfigError(
+            f"standard input is read once, but {' and '.join(stdin)} each ask for it: give one "
+            "of them as -, the others inline or as @FILE"
+        )
+    texts = [_text("--text", t) for t in texts or ()]
+    text_pairs = [_text("--text-pair", t) for t in text_pairs or ()]
+    rows: list[Text] = list(texts)  # each -t, or with -p each pair
+    if texts and text_pairs:
+        rows = list(zip(texts, text_pairs, strict=True))
     # gRPC's own log lines (a failed TLS handshake's, at INFO) would come before this
     # command's error, which says what went wrong and what to do; GRPC_VERBOSITY=INFO
     # brings them back. Set before gRPC starts, which reads it once.
@@ -215,19 +233,33 @@ def infer(
             f"--null-answer: {bundle.path} is a {bundle.manifest.task} model, which answers no "
             "questions; drop --null-answer"
         )
+    scores_alone = outputs and not set(QA_OUTPUTS) <= set(outputs)  # no answer printed
+    if null_answer is not None and (as_json or scores_alone):
+        raise ConfigError(
+            f"--null-answer reads the answers infer prints; {'--json' if as_json else '-o'} "
+            "prints the scores instead: drop one of the two"
+        )
+    if bundle is not None and bundle.manifest.task in QA_TASKS and texts and not text_pairs:
+        raise ConfigError(
+            f"{bundle.path} answers questions from a context: give each as -t QUESTION -p "
+            "CONTEXT (a question alone has no context to answer from)"
+        )
     if model is not None:
         named = model
     else:  # the name in the bundle's manifest (one of the two is given: checked above)
         assert bundle is not None
         named = bundle.manifest.name
-    _check_url(url)
     with Client(url, token=token, timeout=timeout, tls=client_tls) as client:
         metadata = _metadata(
             client, named, version, bundle_dir if model is None else None, tls_flags
         )
-        if classes and bundle is None:  # the server says the task
-            task = client.config(named, version).parameters["task"].string_value
-            _refuse_classes_of(task, f"model {named!r}")
+        served = client.config(named, version).parameters if classes or bundle else None
+        if bundle is not None:
+            assert served is not None
+            _check_served_from(bundle, named, metadata, served, texts=bool(texts))
+        if classes:  # the task the server says, whatever --bundle's is
+            assert served is not None
+            _refuse_classes_of(served["task"].string_value, f"model {named!r}")
         spec = {t.name: t for t in metadata.inputs}
         # tags: a token classifier's class names and tokens read; places: a question
         # answerer's tokens' places in the text, and each row's text where a context was
@@ -235,7 +267,6 @@ def infer(
         values, tags, places = {}, None, None
         if texts:
             assert bundle is not None  # --text needs --bundle (checked above)
-            _check_served_from(bundle, named, metadata)
             values, tags, places = _tokenized(rows, bundle)
         typed = {}  # each --input's JSON, by input name
         for item in inputs or ():
@@ -336,20 +367,36 @@ def _metadata(client, named: str, version: str, manifest_of: Path | None, tls_fl
         raise ConnectionFailed(_cannot_connect(e, tls_flags), e.cause, e.what) from e
 
 
-def _check_served_from(bundle, named: str, metadata) -> None:
-    """Refuse a --bundle whose tensors are not those of the model the server serves as
-    ``named``: its tokenizer (or its lack of one) would answer for another model."""
+def _check_served_from(bundle, named: str, metadata, served, *, texts: bool) -> None:
+    """Refuse a --bundle that is not the model the server serves as ``named``: other tensors,
+    another task (``served``: its ModelConfig's parameters), or, where its tokenizer reads
+    --text, none of its variants' files (a classifier with a token classifier's tensor
+    names: its tokenizer and its task would answer for another model)."""
     from quantgate.errors import BadRequest
 
     m = bundle.manifest
     ours = ([t.name for t in m.inputs], [t.name for t in m.outputs])
-    served = ([t.name for t in metadata.inputs], [t.name for t in metadata.outputs])
-    if sorted(ours[0]) != sorted(served[0]) or sorted(ours[1]) != sorted(served[1]):
-        raise BadRequest(
-            f"--bundle {bundle.path} is model {m.name!r} (inputs {ours[0]}, outputs "
-            f"{ours[1]}), not the one the server serves as {named!r} (inputs {served[0]}, "
-            f"outputs {served[1]}); give the bundle {named!r} is served from"
+    theirs = ([t.name for t in metadata.inputs], [t.name for t in metadata.outputs])
+    task = served["task"].string_value if "task" in served else None
+    sha = served["variant_sha256"].string_value if "variant_sha256" in served else None
+    if sorted(ours[0]) != sorted(theirs[0]) or sorted(ours[1]) != sorted(theirs[1]):
+        differs = (
+            f"inputs {ours[0]}, outputs {ours[1]}), not the one the server serves as {named!r} "
+            f"(inputs {theirs[0]}, outputs {theirs[1]})"
         )
+    elif task and task != m.task:
+        differs = f"a {m.task} model), not the {task} model the server serves as {named!r}"
+    elif texts and sha and sha not in {v.sha256 for v in m.variants}:
+        differs = (
+            f"none of whose files is the one the server serves as {named!r}: sha256 "
+            f"{sha[:12]}...); its tokenizer may read the text otherwise"
+        )
+    else:
+        return
+    raise BadRequest(
+        f"--bundle {bundle.path} is model {m.name!r} ({differs}; give the bundle {named!r} is "
+        "served from"
+    )
 
 
 def _tokenized(texts: list[Text], bundle):
@@ -399,12 +446,20 @@ def _print_json(model: str, answer: dict, pairs=None) -> None:
             kind = datatype(array.dtype)
             if array.dtype == np.float32:  # its shortest decimal, not float64's 17 digits
                 array = array.astype(str).astype(np.float64)  # the same float32 read back
-            data = array.tolist()
+            data = _finite(array.tolist()) if array.dtype.kind == "f" else array.tolist()
         outputs[name] = {"datatype": kind, "shape": list(array.shape), "data": data}
     doc: dict = {"model": model, "outputs": outputs}
     if pairs is not None:
         doc["pairs"] = pairs.tolist()
-    sys.stdout.write(json.dumps(doc) + "\n")
+    sys.stdout.write(json.dumps(doc, allow_nan=False) + "\n")
+
+
+def _finite(data):
+    """Nested lists of floats with NaN and infinities as None: JSON has no token for them
+    (Python writes NaN, which strict parsers refuse), null where a score is not a number."""
+    if isinstance(data, list):
+        return [_finite(x) for x in data]
+    return data if math.isfinite(data) else None
 
 
 def _cannot_connect(e, tls_given: dict) -> str:
@@ -586,20 +641,27 @@ def _print_answers(
         say(f"    {answer.text!r}  ({where}, probability {answer.probability:.3f})")
 
 
-def _check_url(url: str) -> None:
-    """--url is HOST:PORT: gRPC reads a URL's scheme as a host name, and a host alone as
-    port 443, each then told as "nothing listens there"."""
-    from quantgate.errors import ConfigError
+def _text(flag: str, value: str) -> str:
+    """A --text or --text-pair as given, or read: @FILE's (UTF-8; a shell caps one argument at
+    128 KiB, a long context passes it), - for standard input's; @@ for a text that starts
+    with @."""
+    import sys
 
-    if url.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"--url {url}: expected HOST:PORT, without a scheme (gRPC, not HTTP): "
-            f"--url {url.split('://', 1)[1].rstrip('/')}"
-        )
-    if ":" not in url:  # (gRPC's own targets, unix:PATH and dns:///HOST:PORT, pass)
-        raise ConfigError(
-            f"--url {url}: expected HOST:PORT, e.g. {url}:8001 (Triton's gRPC port is 8001)"
-        )
+    from quantgate.errors import BadRequest
+
+    if value == "-":
+        return sys.stdin.read()
+    if value.startswith("@@"):
+        return value[1:]
+    if value.startswith("@"):
+        try:
+            return Path(value[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadRequest(
+                f"{flag} {value}: cannot read {value[1:]} ({e}); for a text that starts with @, "
+                f"write @@ ({flag} @{value})"
+            ) from e
+    return value
 
 
 def _json_input(name: str, text: str):

@@ -555,6 +555,27 @@ def test_infer_with_a_bundles_name_a_repository_serves_under_another_says_so(ser
     assert "under its folder's name: give that name as MODEL" in r.stderr, r.stderr
 
 
+def test_infer_refuses_a_bundle_of_another_task_than_the_served_model(server, repo, tmp_path):
+    """--bundle was matched to the served model by its tensors' names alone: a token
+    classifier's bundle with a classifier's names was taken for it (its tokenizer, and the
+    --classes check, then answered for another model). The server's task says otherwise; and
+    --timeout inf is no deadline (it failed every call at once)."""
+    tagger = tmp_path / "tagger"
+    shutil.copytree(repo / "classifier", tagger)
+    manifest = json.loads((tagger / qb.MANIFEST).read_text())
+    (tagger / qb.MANIFEST).write_text(json.dumps({**manifest, "task": "token-classification"}))
+    ask = ("infer", "classifier", "--url", server.url, "-i", "input_ids=[[1, 2]]")
+    r = _quantgate(*ask, "--bundle", str(tagger))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    said = " ".join(r.stderr.split())
+    assert (
+        f"--bundle {tagger} is model 'tiny-classifier' (a token-classification model), not the "
+        "sequence-classification model the server serves as 'classifier'"
+    ) in said, said
+    r = _quantgate(*ask, "--bundle", str(repo / "classifier"), "--timeout", "inf")
+    assert r.returncode == 0, r.stderr
+
+
 BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -620,6 +641,8 @@ def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path, repo, chec
     want = tokenizer(texts, padding=True, return_tensors="np")
     echo = want["input_ids"] + 100 * want["attention_mask"]  # token_type_ids: all 0
     pairs = ["the quick brown fox", "b"]
+    context = tmp_path / "context.txt"  # a long context passes a shell's 128 KiB: @FILE
+    context.write_text(pairs[0])
     want = tokenizer(texts, pairs, padding=True, return_tensors="np")
     assert want["token_type_ids"].any()  # the second texts
     echo_pairs = want["input_ids"] + 100 * want["attention_mask"] + 1000 * want["token_type_ids"]
@@ -647,7 +670,7 @@ def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path, repo, chec
         two, paired, default, no_model, *refused = _quantgate_many(
             ("infer", "echo", "--url", srv.url, "-t", texts[0], "-t", texts[1],
              "--bundle", str(bundle), "-o", "echo"),
-            ("infer", "echo", "--url", srv.url, "-t", texts[0], "--text-pair", pairs[0],
+            ("infer", "echo", "--url", srv.url, "-t", texts[0], "--text-pair", f"@{context}",
              "-t", texts[1], "-p", pairs[1], "--bundle", str(bundle)),
             ("infer", "--url", srv.url, "-t", "a cat", "--bundle", str(bundle)),
             ("infer", "--url", srv.url, "-i", "input_ids=[[1]]"),
@@ -1009,8 +1032,17 @@ with Client(sys.argv[1]) as c:
             print(name, "answered")
         except (BadRequest, DeadlineExceeded) as e:
             print(name, "->", type(e).__name__, exit_code(e), e)
+fast = {"input_ids": np.array([[1]]), "attention_mask": np.array([[1]])}
+for name, timeout in (("inf", float("inf")), ("1e10", 1e10)):  # gRPC's deadline overflowed
+    with Client(sys.argv[1], timeout=timeout) as c:
+        c.infer("slow", fast)
+        c.infer("slow", fast, timeout=timeout)
+        print("timeout", name, "-> answered")
 for name, make in (("timeout 0", lambda: Client(sys.argv[1], timeout=0)),
-                   ("url a number", lambda: Client(8001))):
+                   ("timeout nan", lambda: Client(sys.argv[1], timeout=float("nan"))),
+                   ("url a number", lambda: Client(8001)),
+                   ("url without a port", lambda: Client("127.0.0.1")),
+                   ("url with a scheme", lambda: Client("http://127.0.0.1:8001"))):
     try:
         make()
         print(name, "-> accepted")
@@ -1050,7 +1082,12 @@ def test_the_client_says_which_deadline_passed_and_which_request_was_too_large(t
         said["huge"],
     ), said
     assert said["timeout 0"].startswith("timeout: expected seconds > 0"), said
+    assert said["timeout nan"].startswith("timeout: expected seconds > 0 (or None or math.inf")
+    assert said["timeout inf"] == said["timeout 1e10"] == "answered", said  # no deadline
     assert said["url a number"] == "Client: url is HOST:PORT, a string; found 8001", said
+    assert said["url without a port"].startswith("Client: url '127.0.0.1': expected HOST:PORT")
+    assert "without a scheme (gRPC, not HTTP): 127.0.0.1:8001" in said["url with a scheme"]
+    assert "send fewer rows per request, or shorter ones" in said["huge"], said
     assert said["closed"] == f"this Client of {srv.url} is closed: make another", said
     with socket.socket() as s:  # a port where nothing listens
         s.bind(("127.0.0.1", 0))
