@@ -591,6 +591,7 @@ def staging(
     force: bool = False,
     carries_others: bool = False,
     elsewhere: str = "write the bundle elsewhere (another --out)",
+    copies: bool = True,
 ) -> Iterator[Path]:
     """Stage a new bundle for ``out``; on clean exit it replaces ``out`` atomically.
 
@@ -600,7 +601,8 @@ def staging(
     ``force``, and so is a bundle holding files it does not list, unless the new one
     ``carries_others``. A failure to write (a full disk, a permission) is a ``BundleError``,
     and so is a file outside the staging directory the block cannot read, named as a read;
-    ``elsewhere`` is what else to do where ``out`` has no room.
+    ``elsewhere`` is what else to do where ``out`` has no room, and ``copies`` whether the
+    new bundle takes as much room as the old (False: its files are linked, as a re-gate's).
     """
     check_writable_target(Path(out).absolute(), force=force, carries_others=carries_others)
     try:
@@ -618,7 +620,7 @@ def staging(
     except OSError as e:
         full = disk_full(e)
         raise (BundleOutOfSpace if full else BundleError)(
-            _write_failure(Path(out), e, elsewhere)
+            _write_failure(Path(out), e, elsewhere, copies=copies)
         ) from e
 
 
@@ -630,14 +632,14 @@ def _read_elsewhere(e: OSError, staged: Path) -> bool:
     return not Path(os.fsdecode(e.filename)).absolute().is_relative_to(staged.absolute())
 
 
-def _write_failure(out: Path, e: OSError, elsewhere: str) -> str:
+def _write_failure(out: Path, e: OSError, elsewhere: str, *, copies: bool = True) -> str:
     if disk_full(e):
         parent = resolve_target(out).parent
         try:
             free = f"; {size_said(shutil.disk_usage(parent).free)} free there now"
         except OSError:
             free = ""
-        old = _tree_size(out)
+        old = _tree_size(out) if copies else 0  # a re-gate links the models: a new manifest
         needs = (
             f" The new bundle is written beside the old one ({size_said(old)}) until it "
             "replaces it: it needs about as much room again."
@@ -869,30 +871,40 @@ def rewrite(bundle: Bundle, manifest: Manifest, report: str) -> None:
     an older one left unlisted (0.1.0, and its bundles re-gated by 0.2.0) is listed, its
     files hashed, as export lists them."""
     manifest = _tokenizer_listed(bundle.path, manifest)
-    if is_mount_point(bundle.path):
-        texts = {REPORT: report, MANIFEST: _manifest_text(manifest)}
-        for name in texts:
-            for stale in bundle.path.glob(f".{name}.*"):  # a rewrite killed mid-way (the
-                stale.unlink()  # caller holds the bundle: no other is under way)
-        staged: list[tuple[Path, Path]] = []
-        try:
-            for name, text in texts.items():
-                staged.append((_staged_file(bundle.path / name, text), bundle.path / name))
-            replace_files(staged, bundle.path)
-        except BaseException:
-            for tmp, _ in staged:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-            raise
-        return
     regate_copy = (
         "re-gate a copy of it where there is room "
         f"(cp -r {bundle.path} COPY, then quantgate gate COPY)"
     )
-    with staging(bundle.path, carries_others=True, elsewhere=regate_copy) as tmp:
+    if is_mount_point(bundle.path):
+        try:
+            _rewrite_in_place(bundle.path, {REPORT: report, MANIFEST: _manifest_text(manifest)})
+        except OSError as e:
+            raise (BundleOutOfSpace if disk_full(e) else BundleError)(
+                _write_failure(bundle.path, e, regate_copy, copies=False)
+            ) from e
+        return
+    with staging(bundle.path, carries_others=True, elsewhere=regate_copy, copies=False) as tmp:
         _link_all(bundle.path, tmp, skip={MANIFEST, REPORT})
         write_manifest(tmp, manifest)
         (tmp / REPORT).write_text(report)
+
+
+def _rewrite_in_place(root: Path, texts: dict[str, str]) -> None:
+    """Each file of ``texts`` (name: text) written beside its old one in ``root``, then all
+    renamed over them, in order, as one commit point; nothing left beside them on failure."""
+    for name in texts:
+        for stale in root.glob(f".{name}.*"):  # a rewrite killed mid-way (the caller
+            stale.unlink()  # holds the bundle: no other is under way)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, text in texts.items():
+            staged.append((_staged_file(root / name, text), root / name))
+        replace_files(staged, root)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
 
 
 def _tokenizer_listed(root: Path, manifest: Manifest) -> Manifest:

@@ -62,7 +62,15 @@ def test_a_full_disk_is_a_bundle_error_that_names_the_filesystem(tmp_path, monke
     monkeypatch.setattr(qb, "write_manifest", full)
     with pytest.raises(BundleError) as e:
         qb.rewrite(qb.load(out), qb.load(out).manifest, "report")
-    assert "or re-gate a copy of it where there is room (cp -r" in " ".join(str(e.value).split())
+    said = " ".join(str(e.value).split())
+    assert "or re-gate a copy of it where there is room (cp -r" in said
+    assert "beside the old one" not in said  # a re-gate links the models: no room again
+    # a bundle that is a mount point is rewritten in place: the same message, not an OSError
+    monkeypatch.setattr(qb, "is_mount_point", lambda path: Path(path) == out)
+    monkeypatch.setattr(qb, "_staged_file", full)
+    with pytest.raises(qb.BundleOutOfSpace, match="No space left on device on the filesystem"):
+        qb.rewrite(qb.load(out), qb.load(out).manifest, "report")
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
     assert [fsutil.size_said(n) for n in (0, 999, 120_000, 3_400_000, 2.1e9, 24e9)] == [
         "0 bytes", "999 bytes", "120 kB", "3.4 MB", "2.1 GB", "24 GB"
     ]  # fmt: skip
