@@ -435,10 +435,11 @@ def target_problem(
             f"cannot write the {noun} at {out}: {parent} is not a directory. Choose another --out."
         )
     in_place = mount_ok and out.is_dir() and is_mount_point(out)  # written inside, not beside
-    if _on_read_only_filesystem(out if in_place else parent):  # no chmod makes it writable
+    written_in = out if in_place else parent
+    if _on_read_only_filesystem(written_in):  # no chmod makes it writable
         return (
-            f"cannot write the {noun} at {out}: {parent} is on a read-only filesystem (mounted "
-            f"read-only); {elsewhere}."
+            f"cannot write the {noun} at {out}: {written_in} is on a read-only filesystem "
+            f"(mounted read-only); {elsewhere}."
         )
     if not in_place and not os.access(parent, os.W_OK | os.X_OK):
         return (
@@ -552,11 +553,15 @@ def _on_read_only_filesystem(path: Path) -> bool:
 
 
 def size_said(n: float) -> str:
-    """A number of bytes as a person reads it: "120 kB", "340 MB", "2.1 GB"."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2g} {unit}" if n < 10 * scale else f"{n / scale:.0f} {unit}"
-    return f"{n:.0f} bytes"
+    """A number of bytes as a person reads it: "120 kB", "340 MB", "2.1 GB" (two digits
+    below 10, whole numbers above; 999,999 bytes is "1 MB", not "1000 kB")."""
+    if n < 1000:
+        return f"{n:.0f} bytes"
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        shown = float(f"{n / scale:.2g}") if n < 10 * scale else round(n / scale)
+        if shown >= 1:
+            return f"{shown:g} {unit}" if shown < 10 else f"{shown:.0f} {unit}"
+    raise AssertionError("unreachable: 1,000 bytes and more are at least 1 kB")
 
 
 def _read_only(out: Path) -> str | None:

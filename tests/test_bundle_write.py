@@ -71,9 +71,17 @@ def test_a_full_disk_is_a_bundle_error_that_names_the_filesystem(tmp_path, monke
     with pytest.raises(qb.BundleOutOfSpace, match="No space left on device on the filesystem"):
         qb.rewrite(qb.load(out), qb.load(out).manifest, "report")
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
-    assert [fsutil.size_said(n) for n in (0, 999, 120_000, 3_400_000, 2.1e9, 24e9)] == [
-        "0 bytes", "999 bytes", "120 kB", "3.4 MB", "2.1 GB", "24 GB"
-    ]  # fmt: skip
+    sizes = (0, 999, 120_000, 999_999, 3_400_000, 2.1e9, 24e9, 999_999_999)
+    assert [fsutil.size_said(n) for n in sizes] == [
+        "0 bytes",
+        "999 bytes",
+        "120 kB",
+        "1 MB",
+        "3.4 MB",
+        "2.1 GB",
+        "24 GB",
+        "1 GB",
+    ]  # fmt: skip (999,999 bytes was "1000 kB")
 
 
 def test_an_input_that_cannot_be_read_is_named_not_called_a_write_failure(tmp_path):
@@ -712,5 +720,15 @@ def test_a_bundle_on_a_read_only_filesystem_is_refused_as_such(tmp_path):
         said = " ".join(str(e.value).split())
         assert f"{ro} is on a read-only filesystem (mounted read-only)" in said, said
         assert "writable" not in said and model_text(ro / "b") == "one"
+        # a bundle that is the mount point, re-gated in place: the mount is named, not the
+        # writable folder above it
+        subprocess.run(["mount", "-o", "remount,rw", str(ro)], check=True)
+        for f in (ro / "b").iterdir():
+            f.rename(ro / f.name)
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        with pytest.raises(BundleError) as e:
+            qb.check_writable_target(ro, force=False, carries_others=True, mount_ok=True)
+        said = " ".join(str(e.value).split())
+        assert f"{ro} is on a read-only filesystem" in said and f"{tmp_path} is" not in said
     finally:
         subprocess.run(["umount", str(ro)], check=True)
