@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,28 +27,56 @@ def token_problem(token: str) -> str | None:
     return None
 
 
+# gRPC's own targets, which name a resolver and are no HOST:PORT (dns:///HOST:PORT,
+# xds:///SERVICE, unix:PATH, ...): passed to gRPC as they are
+GRPC_TARGETS = (
+    "unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:", "xds:", "google-c2p:",
+)  # fmt: skip
+# any URL's scheme, as RFC 3986 spells one (http://, grpc://, HTTPS://)
+_SCHEME = re.compile(r"[A-Za-z][\w+.-]*://")
+
+
 def url_problem(url: str) -> str | None:
     """What is wrong with ``url`` as a server's address, HOST:PORT (gRPC reads a URL's scheme
     as a host name, a host alone as port 443, a port past 65535 as unreachable: each then
     told as "nothing listens there"); None where it is right, or one of gRPC's own targets
-    (unix:PATH, dns:///HOST:PORT, ...)."""
-    if url.startswith(("http://", "https://")):
-        return (
-            "expected HOST:PORT, without a scheme (gRPC, not HTTP): "
-            f"{url.split('://', 1)[1].rstrip('/')}"
-        )
-    if url.startswith(("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:")):
+    (``GRPC_TARGETS``). The advice is the address to give instead: an IPv6 address in
+    brackets, and where no port is given, Triton's gRPC port."""
+    if url.startswith(GRPC_TARGETS):
         return None
+    if scheme := _SCHEME.match(url):
+        address = url[scheme.end() :].partition("/")[0] or "localhost"
+        if ":" not in address.rpartition("]")[2]:  # a host alone, or [ADDR]
+            address += ":8001"  # Triton's gRPC port
+        return f"expected HOST:PORT, without a scheme (gRPC takes an address, not a URL): {address}"
     host, colon, port = url.rpartition(":")
-    if not colon:
-        return f"expected HOST:PORT, e.g. {url}:8001 (Triton's gRPC port is 8001)"
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
-        return f"an IPv6 address goes in brackets: [{host}]:{port}"
+        if _ipv6(host) and _port(port):  # [ADDR]:PORT without its brackets
+            return f"an IPv6 address goes in brackets: [{host}]:{port}"
+        if _ipv6(bare := url.removeprefix("[").removesuffix("]")):  # no port
+            return f"expected [ADDR]:PORT, e.g. [{bare}]:8001 (Triton's gRPC port is 8001)"
+        return "expected HOST:PORT, a host name without ':' or an IPv6 address in brackets"
+    if not colon:
+        return f"expected HOST:PORT, e.g. {url or 'localhost'}:8001 (Triton's gRPC port is 8001)"
     if not host:
-        return f"no host: expected HOST:PORT, e.g. localhost:{port or 8001}"
-    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        return f"no host: expected HOST:PORT, e.g. localhost:{port if _port(port) else 8001}"
+    if not _port(port):
         return f"the port {port!r} is not a number from 1 to 65535"
     return None
+
+
+def _port(text: str) -> bool:
+    """Whether ``text`` is a TCP port, 1 to 65535 in ASCII digits (``str.isdigit`` takes
+    other scripts' digits too, which no resolver reads)."""
+    return text.isascii() and text.isdigit() and 1 <= int(text) <= 65535
+
+
+def _ipv6(text: str) -> bool:
+    """Whether ``text`` is an IPv6 address (a zone, ``fe80::1%eth0``, included)."""
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
 
 
 @config_class

@@ -819,6 +819,9 @@ def test_infer_refuses_what_it_cannot_send_before_it_connects(cli, tmp_path):
         (("-i", "x=[[1]]", "--url", "localhost:abc"), "port 'abc' is not a number from 1 to 65535"),
         (("-i", "x=[[1]]", "--url", ":8001"), "no host: expected HOST:PORT, e.g. localhost:8001"),
         (("-i", "x=[[1]]", "--url", "::1:8001"), "an IPv6 address goes in brackets: [::1]:8001"),
+        (("-i", "x=[[1]]", "--url", "::1"), "expected [ADDR]:PORT, e.g. [::1]:8001 (Triton's"),
+        (("-i", "x=[[1]]", "--url", "HTTP://h:8001/"), "without a scheme (gRPC takes an address"),
+        (("-i", "x=[[1]]", "--url", "localhost:\u0668\u0660\u0660\u0661"), "is not a number"),
         (("-i", "x=[[1]]", "--timeout", "nan"), "--timeout must be more than 0 seconds (inf: no"),
         (("-i", "x=[[1]]", "--token", "a b"), "--token (or QUANTGATE_AUTH_TOKEN): the token has"),
         (("-i", "x=-", "-i", "y=-"), "standard input is read once, but --input x and --input y"),
@@ -828,6 +831,29 @@ def test_infer_refuses_what_it_cannot_send_before_it_connects(cli, tmp_path):
         said = " ".join(r.stderr.split())
         assert r.code == 2 and says in said, (args, r.stderr)
         assert "connect" not in said, said
+
+
+def test_a_server_address_is_told_as_the_address_to_give_instead():
+    """`infer --url` and `Client(url)`: an IPv6 address was split at its last colon
+    ("[fe80:]:1") and a scheme other than http(s):// read as a host ("[grpc://h]:8001");
+    gRPC's own targets pass as they are."""
+    from quantgate.serve.config import url_problem
+
+    for url, says in (
+        ("::1", "expected [ADDR]:PORT, e.g. [::1]:8001"),
+        ("[::1]", "expected [ADDR]:PORT, e.g. [::1]:8001"),
+        ("fe80::1", "expected [ADDR]:PORT, e.g. [fe80::1]:8001"),
+        ("fe80::1:8001", "an IPv6 address goes in brackets: [fe80::1]:8001"),
+        ("grpc://h:8001", "without a scheme (gRPC takes an address, not a URL): h:8001"),
+        ("HTTPS://h/v2/models", "without a scheme (gRPC takes an address, not a URL): h:8001"),
+        ("grpc+tls://[::1]", "without a scheme (gRPC takes an address, not a URL): [::1]:8001"),
+        ("h:\u0668\u0660\u0660\u0661", "is not a number from 1 to 65535"),  # Arabic-Indic
+        ("h:0", "the port '0' is not a number from 1 to 65535"),
+        ("a:b:c", "expected HOST:PORT, a host name without ':' or an IPv6 address in"),
+    ):
+        assert says in (url_problem(url) or ""), (url, url_problem(url))
+    for url in ("[::1]:8001", "h:8001", "dns:///h:8001", "xds:///svc", "google-c2p:///svc"):
+        assert url_problem(url) is None, (url, url_problem(url))
 
 
 def test_infer_json_writes_scores_that_are_not_numbers_as_null(capsys):

@@ -1086,7 +1086,10 @@ def test_the_client_says_which_deadline_passed_and_which_request_was_too_large(t
     assert said["timeout inf"] == said["timeout 1e10"] == "answered", said  # no deadline
     assert said["url a number"] == "Client: url is HOST:PORT, a string; found 8001", said
     assert said["url without a port"].startswith("Client: url '127.0.0.1': expected HOST:PORT")
-    assert "without a scheme (gRPC, not HTTP): 127.0.0.1:8001" in said["url with a scheme"]
+    assert (
+        "without a scheme (gRPC takes an address, not a URL): 127.0.0.1:8001"
+        in said["url with a scheme"]
+    )
     assert "send fewer rows per request, or shorter ones" in said["huge"], said
     assert said["closed"] == f"this Client of {srv.url} is closed: make another", said
     with socket.socket() as s:  # a port where nothing listens
