@@ -420,7 +420,7 @@ def _directory_identity(path: Path) -> tuple[int, int] | None:
 def _missing(path: Path) -> str:
     """What to do about a bundle that is not there: put back the one a killed quantgate left
     aside while replacing it (``fsutil.asides``), else export one."""
-    if left := asides(path.absolute()):
+    if left := asides(resolve_target(path)):  # a link's target: where writes go
         return (
             f"A quantgate process that died while replacing it left the bundle that was there "
             f"at {left[0]}: move it back (mv {left[0]} {path}), or export to it or re-gate "

@@ -140,7 +140,10 @@ def aside_prefix(out: Path) -> str:
 
 def asides(out: Path) -> list[Path]:
     """What processes of this machine that died while replacing ``out`` moved aside, and
-    left there (a SIGKILL between ``_swap``'s two renames), newest first."""
+    left there (a SIGKILL between ``_swap``'s two renames), newest first. One that names
+    this process is a dead one's too: a container's quantgate is PID 1 again after a
+    restart, and this process moves one aside only within ``_swap``, which puts content at
+    ``out`` again before it returns (the caller's claim keeps other threads out)."""
     host, prefix = _host_tag(), aside_prefix(out)
     try:
         entries = list(os.scandir(out.parent))
@@ -150,7 +153,8 @@ def asides(out: Path) -> list[Path]:
     for entry in entries:
         pid, _, rest = entry.name.removeprefix(prefix).partition("-")
         ours = entry.name.startswith(prefix) and rest.startswith(f"{host}-")
-        if ours and _dead(pid) and entry.is_dir(follow_symlinks=False):
+        gone = pid == str(os.getpid()) or _dead(pid)
+        if ours and gone and entry.is_dir(follow_symlinks=False):
             found.append(Path(entry.path))
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 

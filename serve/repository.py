@@ -12,7 +12,7 @@ from pathlib import Path
 
 from quantgate import bundle as qb
 from quantgate.errors import BadRequest, ModelNotFound, QuantgateError, ServeError, quoted
-from quantgate.fsutil import asides, gone_cwd
+from quantgate.fsutil import asides, gone_cwd, resolve_target
 from quantgate.schema import printable_name, unprintable
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.runtime import Model, open_model
@@ -150,7 +150,7 @@ def _check_root(root: Path) -> None:
     if gone := gone_cwd(root):
         raise ServeError(gone)
     if not root.exists():
-        left = asides(root.absolute())
+        left = asides(resolve_target(root))  # a link's target: where writes go
         raise ServeError(
             f"{root} does not exist; expected a bundle or a folder of bundles. "
             + (

@@ -732,3 +732,22 @@ def test_a_bundle_on_a_read_only_filesystem_is_refused_as_such(tmp_path):
         assert f"{ro} is on a read-only filesystem" in said and f"{tmp_path} is" not in said
     finally:
         subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_an_aside_named_for_this_process_or_behind_a_link_is_found(tmp_path):
+    """A container's quantgate is PID 1 again after a restart: an aside its killed run left
+    names this process's id, and was taken for this process's own (never put back, never
+    named). And behind a link (current -> releases/v3), the aside is beside the target,
+    where the load looked for it beside the link."""
+    releases = tmp_path / "releases"
+    write(releases / "v3", "old")
+    aside = releases / f"{fsutil.aside_prefix(releases / 'v3')}{os.getpid()}-{fsutil._host_tag()}-x"
+    (releases / "v3").rename(aside)  # as a run of this pid left it, killed mid-swap
+    current = tmp_path / "current"
+    current.symlink_to(releases / "v3")
+    assert fsutil.asides(releases / "v3") == [aside]
+    with pytest.raises(BundleError, match=f"left the bundle that was there at {aside}"):
+        qb.load(current)
+    with fsutil.claimed(current, "an export"):
+        assert model_text(current) == "old"  # put back, through the link
+    assert sorted(p.name for p in releases.iterdir()) == ["v3"]
