@@ -360,10 +360,22 @@ def is_bundle(path: str | os.PathLike) -> bool:
 def held_bundles(path: str | os.PathLike) -> list[str]:
     """The bundles in the folders of the directory ``path``, and in their folders, as paths
     relative to it, sorted: what a repository holds (NAME/, NAME/VERSION/, as `quantgate
-    serve` reads one). Two levels, no deeper: a home directory is not walked whole."""
+    serve` reads one, skipping what it skips: ``skipped_folder``). Two levels, no deeper: a
+    home directory is not walked whole."""
     root = Path(path)
     found = [*root.glob(f"*/{MANIFEST}"), *root.glob(f"*/*/{MANIFEST}")]
-    return sorted(m.parent.relative_to(root).as_posix() for m in found if m.is_file())
+    return sorted(
+        m.parent.relative_to(root).as_posix()
+        for m in found
+        if m.is_file() and not any(map(skipped_folder, m.parent.relative_to(root).parts))
+    )
+
+
+def skipped_folder(name: str) -> bool:
+    """Whether a repository's folder ``name`` is no model's: hidden (a killed export's
+    ``.NAME.tmp-*`` copy among them), or a filesystem's lost+found (a volume mounted as the
+    repository has one at its root)."""
+    return name.startswith(".") or name == "lost+found"
 
 
 READ_ATTEMPTS = 3  # reads of a bundle that is replaced meanwhile (load), before giving up

@@ -89,7 +89,7 @@ def load_repository(cfg: ServeConfig) -> Repository:
     provider = choose_provider(cfg.device)
     if qb.is_bundle(root):
         return Repository([open_model(root, cfg, provider)])
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not _not_a_model(p.name))
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not qb.skipped_folder(p.name))
     versions = [p.name for p in folders if p.name.isdigit() and qb.is_bundle(p)]
     if versions:  # served as a repository, its versions would become models named "1", "2"
         raise ServeError(
@@ -125,7 +125,9 @@ def unserved_folders(root: Path, served: Collection[tuple[str, str]]) -> list[st
     names = {name for name, _ in served}
     found = []
     try:
-        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not _not_a_model(p.name)):
+        for folder in sorted(
+            p for p in root.iterdir() if p.is_dir() and not qb.skipped_folder(p.name)
+        ):
             if folder.name not in names:
                 found.append(shown(folder.name))
                 continue
@@ -137,12 +139,6 @@ def unserved_folders(root: Path, served: Collection[tuple[str, str]]) -> list[st
     except OSError:  # a folder going while it is listed: the next look sees what stays
         return found
     return found
-
-
-def _not_a_model(folder: str) -> bool:
-    """Whether a repository's ``folder`` is skipped: hidden, or a filesystem's lost+found
-    (a volume mounted as the repository has one at its root)."""
-    return folder.startswith(".") or folder == "lost+found"
 
 
 def _check_root(root: Path) -> None:

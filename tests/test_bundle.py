@@ -184,6 +184,8 @@ def test_a_folder_of_bundles_is_told_by_the_bundles_it_holds(tmp_path):
     write(repo / "classifier")
     write(repo / "encoder" / "1")
     write(repo / "deep" / "a" / "b")  # deeper than a repository's layout: not looked for
+    write(repo / ".classifier.tmp-4000000-deadbeef-x")  # a killed export's: serve skips it
+    write(repo / "lost+found" / "1")
     with pytest.raises(BundleError) as e:
         qb.load(repo)
     assert str(e.value) == (

@@ -73,18 +73,32 @@ def test_counts_below_one_are_refused(tmp_path):
 
 def test_new_writes_rows_heldout_does_not_have_and_leaves_heldout_as_it_was(tmp_path):
     """`--new N`, the README's way to rows for a re-gate: N more help-topic sentences, none
-    of them heldout.jsonl's, which stays what an export evaluated on."""
-    runs = {}
-    for name, extra in (("plain", []), ("new", ["--new", "50"])):
-        run = subprocess.run(
-            [sys.executable, str(SCRIPT), "--out", str(tmp_path / name), "--eval", "40", *extra],
+    of them those of the heldout.jsonl an export evaluated on, which stays as it was, as
+    does calib.jsonl. --new started after this run's --eval (100), not the 300 of the
+    README's `--eval 300`, and rewrote both files (heldout.jsonl to 100 rows)."""
+
+    def run(out: Path, *args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), "--out", str(out), *args],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
-        assert run.returncode == 0, run.stderr
-        runs[name] = run.stdout
-    heldout = _texts(tmp_path / "new" / "heldout.jsonl")
-    new = _texts(tmp_path / "new" / "new-heldout.jsonl")
-    assert heldout == _texts(tmp_path / "plain" / "heldout.jsonl")
-    assert len(new) == len(set(new)) == 50 and not set(new) & set(heldout)
-    assert not (tmp_path / "plain" / "new-heldout.jsonl").exists()
-    assert "new-heldout.jsonl: 50 sentences from Python's help topics" in runs["new"]
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    data = tmp_path / "data"
+    run(data, "--calibration", "20", "--eval", "300")  # the export's
+    before = {name: (data / name).read_bytes() for name in ("calib.jsonl", "heldout.jsonl")}
+    said = run(data, "--new", "50")
+    assert {name: (data / name).read_bytes() for name in before} == before
+    heldout, new = _texts(data / "heldout.jsonl"), _texts(data / "new-heldout.jsonl")
+    assert len(heldout) == 300 and len(new) == len(set(new)) == 50
+    assert not set(new) & set(heldout)
+    assert (
+        f"new-heldout.jsonl: 50 sentences from Python's help topics (pydoc_data), after the "
+        f"300 rows of {data / 'heldout.jsonl'}" in said
+    ), said
+    # no heldout.jsonl there: after those --eval would write, and nothing else written
+    said = run(tmp_path / "fresh", "--eval", "40", "--new", "50")
+    assert _texts(tmp_path / "fresh" / "new-heldout.jsonl") == heldout[40:90]
+    assert [p.name for p in (tmp_path / "fresh").iterdir()] == ["new-heldout.jsonl"]
+    assert "after the first 40 (--eval's: there is no" in said, said
