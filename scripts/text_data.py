@@ -11,7 +11,12 @@ lines, which `quantgate export --calibration/--eval` and `quantgate gate --eval`
 
     python scripts/text_data.py                       # calib.jsonl (160), heldout.jsonl (100)
     python scripts/text_data.py --out data --calibration 256 --eval 200
-    python scripts/text_data.py --new 300             # and new-heldout.jsonl: 300 more
+    python scripts/text_data.py --new 300             # new-heldout.jsonl alone: 300 others
+
+``--new N`` is for a re-gate (`quantgate gate --eval`) of a bundle exported with
+heldout.jsonl: it writes new-heldout.jsonl alone, the N help-topic sentences after those
+the folder's heldout.jsonl holds (after --eval's count where it has none), and leaves
+calib.jsonl and heldout.jsonl as they are.
 
 A classifier's evaluation data needs labels (``"label"``), which these texts do not have:
 bring your own labelled rows for it.
@@ -91,6 +96,23 @@ def write_jsonl(path: Path, texts: list[str]) -> None:
         f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
 
 
+def new_sentences(heldout: Path, eval_count: int, n: int) -> tuple[list[str], str]:
+    """``n`` help-topic sentences that an export evaluated on ``heldout`` never saw, and
+    where they start: after as many as ``heldout`` holds (it was written with some --eval),
+    none of its texts repeated; where there is no ``heldout``, after ``eval_count``, the
+    --eval of a run without --new. Raises ValueError for a ``heldout`` that is not JSONL."""
+    if heldout.is_file():
+        lines = heldout.read_text(encoding="utf-8").splitlines()
+        rows = [json.loads(line) for line in lines if line.strip()]
+        seen = {r.get("text") for r in rows if isinstance(r, dict)}
+        skip, after = len(rows), f"after the {len(rows)} rows of {heldout}"
+    else:
+        seen, skip = set(), eval_count
+        after = f"after the first {eval_count} (--eval's: there is no {heldout})"
+    topics = pydoc_sentences(skip + len(seen) + n)  # enough where some are heldout's
+    return [t for t in topics[skip:] if t not in seen][:n], after
+
+
 def _count(text: str) -> int:
     n = int(text)
     if n < 1:
@@ -109,23 +131,31 @@ def main(argv: list[str] | None = None) -> int:
         "--new",
         type=_count,
         metavar="N",
-        help="also new-heldout.jsonl: N help-topic sentences after heldout.jsonl's, rows an "
-        "export evaluated on heldout.jsonl never saw (for `quantgate gate --eval`)",
+        help="write only new-heldout.jsonl: N help-topic sentences after those --out's "
+        "heldout.jsonl holds (else after --eval's), rows an export evaluated on heldout.jsonl "
+        "never saw (for `quantgate gate --eval`); calib.jsonl and heldout.jsonl are left as "
+        "they are",
     )
     a = parser.parse_args(argv)
-    a.out.mkdir(parents=True, exist_ok=True)
-    calib, source = calibration_sentences(a.calibration)
-    topics = pydoc_sentences(a.eval + (a.new or 0))
-    heldout, new = topics[: a.eval], topics[a.eval :]
-    if not calib:
-        parser.error(f"{source} gave no sentences: bring calibration text of your own")
     pydoc = "Python's help topics (pydoc_data)"
-    outputs = [
-        (a.out / "calib.jsonl", calib, source, a.calibration),
-        (a.out / "heldout.jsonl", heldout, pydoc, a.eval),
-    ]
-    if a.new:
-        outputs.append((a.out / "new-heldout.jsonl", new, f"{pydoc}, after heldout.jsonl's", a.new))
+    if a.new:  # a re-gate's rows: the export's calib.jsonl and heldout.jsonl stay
+        try:
+            new, after = new_sentences(a.out / "heldout.jsonl", a.eval, a.new)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            parser.error(
+                f"{a.out / 'heldout.jsonl'}: cannot read its rows ({e}); --new writes the "
+                "sentences after them: give --out a folder whose heldout.jsonl this script wrote"
+            )
+        outputs = [(a.out / "new-heldout.jsonl", new, f"{pydoc}, {after}", a.new)]
+    else:
+        calib, source = calibration_sentences(a.calibration)
+        if not calib:
+            parser.error(f"{source} gave no sentences: bring calibration text of your own")
+        outputs = [
+            (a.out / "calib.jsonl", calib, source, a.calibration),
+            (a.out / "heldout.jsonl", pydoc_sentences(a.eval), pydoc, a.eval),
+        ]
+    a.out.mkdir(parents=True, exist_ok=True)
     for path, texts, where, asked in outputs:
         write_jsonl(path, texts)
         short = f" (of {asked} asked: all there are)" if len(texts) < asked else ""
