@@ -60,6 +60,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import stat
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -487,12 +488,19 @@ def check_path(spec: str | Path, flag: str) -> Path:
     try:
         mode = path.stat().st_mode
     except (FileNotFoundError, NotADirectoryError):
+        if path.is_symlink():  # it names what is not there
+            raise DataError(
+                f"{flag} {path}: a symbolic link to {os.readlink(path)}, which does not exist. "
+                f"{expected}"
+            ) from None
         raise DataError(f"{flag} {path}: no such file. {expected}") from None
-    except OSError as e:  # a folder on its path this user may not search, say
+    except PermissionError as e:  # a folder on its path this user may not search, say
         raise DataError(
             f"{flag} {path}: cannot be read ({e.strerror}). Make it, and every folder above "
             "it, readable by this user, or copy it to a folder this user can read"
         ) from None
+    except OSError as e:  # a loop of links, a name too long, a disk that fails
+        raise DataError(f"{flag} {path}: cannot be read ({e.strerror or e}). {expected}") from None
     if stat.S_ISDIR(mode):
         raise DataError(f"{flag} {path}: is a directory. {expected}")
     if not stat.S_ISREG(mode):  # a pipe, <(...)

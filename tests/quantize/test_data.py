@@ -330,6 +330,13 @@ def test_npz_slips_are_refused_with_what_to_do(tmp_path):
 def test_more_bad_files_get_a_message_not_a_traceback(tmp_path):
     with pytest.raises(DataError, match="is a directory. Expected text .* or arrays"):
         open_source(tmp_path, DIGITS, role="calibration")
+    (tmp_path / "loop.jsonl").symlink_to("loop.jsonl")  # not a permission: no chmod advice
+    with pytest.raises(DataError, match=r"loop.jsonl: cannot be read \(Too many levels of "
+                       r"symbolic links\)\. Expected text"):  # fmt: skip
+        open_source(tmp_path / "loop.jsonl", DIGITS, role="calibration")
+    (tmp_path / "gone.jsonl").symlink_to("moved/rows.jsonl")
+    with pytest.raises(DataError, match="gone.jsonl: a symbolic link to moved/rows.jsonl, which"):
+        open_source(tmp_path / "gone.jsonl", DIGITS, role="calibration")
     feeds = rng_feeds(4)
     np.savez(tmp_path / "obj.npz", input_ids=np.array([[1, 2], [3]], dtype=object),
              attention_mask=feeds["attention_mask"])  # fmt: skip
