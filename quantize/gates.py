@@ -624,26 +624,36 @@ def check_evaluation(reference: Outputs, task: str) -> None:
 
 
 def _check_fp32_answers(reference: Outputs) -> None:
-    """Raise DataError where FP32 itself answers NaN on an evaluation row (at a real token):
-    no gate can compare a candidate with it there, and each would blame the candidate (an
-    identical model failed with "rows with non-finite candidate scores")."""
+    """Raise DataError where FP32 itself answers NaN or +infinity on an evaluation row (at
+    a real token; -infinity is a masked score's, which the gates excuse where both models
+    give it): no gate can compare a candidate with it there, and each would blame the
+    candidate (an identical model failed with "rows with non-finite candidate scores")."""
     for name in reference.names:
         rows = 0
         for batch, mask in zip(reference.batches, reference.masks, strict=True):
             a = np.atleast_1d(batch[name])
             if a.dtype.kind != "f":
                 continue
-            nan = np.isnan(a)
-            if mask is not None and a.ndim >= 2 and a.shape[1] == mask.shape[1]:
-                nan &= mask.astype(bool).reshape(mask.shape + (1,) * (a.ndim - 2))
-            rows += int(nan.reshape(len(a), -1).any(1).sum())
+            bad = np.isnan(a) | np.isposinf(a)
+            if mask is not None and _per_token(name, a, mask):  # padding: no gate reads it
+                bad &= mask.astype(bool).reshape(mask.shape + (1,) * (a.ndim - 2))
+            rows += int(bad.reshape(len(a), -1).any(1).sum())
         if rows:
             raise DataError(
-                f"FP32 itself answers NaN in {name!r} on {rows} of {reference.rows} evaluation "
-                "row(s): no gate can compare a candidate with it there. Check the model on "
-                "those inputs (an overflow, an input it was not made for), or leave them out "
-                "of --eval"
+                f"FP32 itself answers NaN or infinity in {name!r} on {rows} of {reference.rows} "
+                "evaluation row(s): no gate can compare a candidate with it there. Check the "
+                "model on those inputs (an overflow, an input it was not made for), or leave "
+                "them out of --eval"
             )
+
+
+def _per_token(name: str, a: np.ndarray, mask: np.ndarray) -> bool:
+    """Whether output ``a`` holds a value per token (hidden states, a tagger's logits, a
+    question answerer's scores), not per row: a sentence embedding as wide as the batch is
+    long is still one row's."""
+    if a.ndim < 2 or a.shape[1] != mask.shape[1]:
+        return False
+    return a.ndim >= 3 or name in QA_OUTPUTS
 
 
 def check_eval_rows(

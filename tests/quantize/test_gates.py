@@ -1383,7 +1383,7 @@ def test_fp32s_own_nan_on_an_evaluation_row_is_refused_not_blamed_on_the_candida
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(40, 4)).astype(np.float32)
     logits[3, 1] = np.nan
-    with pytest.raises(DataError, match=r"FP32 itself answers NaN in 'logits' on 1 of 40 "):
+    with pytest.raises(DataError, match=r"FP32 itself answers NaN or infinity in 'logits' on 1 of 40 "):
         check_evaluation(Outputs(["logits"], [{"logits": logits}], [None], rows=40),
                          "sequence-classification")  # fmt: skip
     hidden = rng.normal(size=(40, 6, 8)).astype(np.float32)
@@ -1398,5 +1398,21 @@ def test_fp32s_own_nan_on_an_evaluation_row_is_refused_not_blamed_on_the_candida
     with pytest.raises(DataError, match="'last_hidden_state' on 1 of 40 evaluation row"):
         check_evaluation(
             Outputs(["last_hidden_state"], [{"last_hidden_state": hidden}], [mask], rows=40),
+            "feature-extraction",
+        )
+    # +infinity is no score either (-infinity is a masked one's); and a sentence embedding as
+    # wide as the batch is long holds no tokens to mask
+    logits[3, 1] = np.inf
+    with pytest.raises(DataError, match="NaN or infinity in 'logits' on 1 of 40"):
+        check_evaluation(Outputs(["logits"], [{"logits": logits}], [None], rows=40),
+                         "sequence-classification")  # fmt: skip
+    logits[3, 1] = -np.inf
+    check_evaluation(Outputs(["logits"], [{"logits": logits}], [None], rows=40),
+                     "sequence-classification")  # fmt: skip
+    pooled = rng.normal(size=(40, 6)).astype(np.float32)  # 6 wide, in a batch of 6 tokens
+    pooled[9, 5] = np.nan  # where the mask has padding
+    with pytest.raises(DataError, match="'sentence_embedding' on 1 of 40"):
+        check_evaluation(
+            Outputs(["sentence_embedding"], [{"sentence_embedding": pooled}], [mask], rows=40),
             "feature-extraction",
         )
