@@ -271,7 +271,7 @@ def _windows_read(
                 f"), found {_count(windows, 'window')}. Pass text_windows' w.pairs, the text "
                 "each window reads"
             )
-        return np.arange(windows)
+        pairs = np.arange(windows)
     pairs = np.asarray(pairs)
     if pairs.shape != (windows,) or (windows and not np.issubdtype(pairs.dtype, np.integer)):
         raise DataError(

@@ -146,6 +146,8 @@ def test_answers_refuse_arguments_that_do_not_belong_together_saying_which():
          r"each window \(2 windows\): \(W,\) whole numbers; found int64 of shape \(1,\)"),
         ([text], (scores, scores, places, np.array([0, 1])),
          r"expected pairs to name texts 0..0 \(of 1 text\), found 1\."),
+        ([text], (scores[:1, :3], scores[:1, :3], places[:1], None),  # no pairs: a window a text
+         r"found 3 for window 0's 7 tokens"),
     ):  # fmt: skip
         with pytest.raises(DataError, match=message):
             answers(texts, *args)
