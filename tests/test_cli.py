@@ -811,8 +811,11 @@ def test_infer_refuses_what_it_cannot_send_before_it_connects(cli, tmp_path):
     """Each said in infer's flags, exit 2, before any connection (--url 127.0.0.1:1 would
     refuse one): a question without its context, a port out of range or a host without
     brackets, NaN seconds, a token with a space, two inputs from one standard input, a
-    text file that is not there."""
+    text or an input file that is not there (the one said as the other), JSON cut short,
+    an input without its name or given twice: the inputs' JSON was read only once the
+    server had answered, behind "cannot connect"."""
     qa = _tiny_bundle(tmp_path / "qa", task="question-answering")
+    nope = tmp_path / "nope.json"
     for args, says in (
         (("--bundle", qa, "-t", "Where?"), "answers questions from a context: give each as -t"),
         (("-i", "x=[[1]]", "--url", "localhost:99999"), "port '99999' is not a number from 1 to"),
@@ -826,6 +829,10 @@ def test_infer_refuses_what_it_cannot_send_before_it_connects(cli, tmp_path):
         (("-i", "x=[[1]]", "--token", "a b"), "--token (or QUANTGATE_AUTH_TOKEN): the token has"),
         (("-i", "x=-", "-i", "y=-"), "standard input is read once, but --input x and --input y"),
         (("--bundle", qa, "-t", "@nope.txt", "-p", "c"), "--text @nope.txt: cannot read nope.txt"),
+        (("-i", f"x=@{nope}"), f"--input x=@{nope}: cannot read {nope} ([Errno 2] No such"),
+        (("-i", "x=[[1,2"), "--input x: not JSON (Expecting ',' delimiter: line 1 column 6"),
+        (("-i", "[[1]]"), "--input '[[1]]': expected NAME=JSON, e.g. -i 'input_ids=[[5, 7, 9]]'"),
+        (("-i", "x=[[1]]", "-i", "x=[[2]]"), "--input x: it is given twice; give each input once"),
     ):
         r = cli("infer", "m", "--url", "127.0.0.1:1", *args)
         said = " ".join(r.stderr.split())

@@ -209,6 +209,7 @@ def infer(
             f"standard input is read once, but {' and '.join(stdin)} each ask for it: give one "
             "of them as -, the others inline or as @FILE"
         )
+    given = _read_inputs(inputs or [])  # each -i's JSON, parsed: its names checked below
     texts = [_text("--text", t) for t in texts or ()]
     text_pairs = [_text("--text-pair", t) for t in text_pairs or ()]
     rows: list[Text] = list(texts)  # each -t, or with -p each pair
@@ -268,18 +269,16 @@ def infer(
         if texts:
             assert bundle is not None  # --text needs --bundle (checked above)
             values, tags, places = _tokenized(rows, bundle)
-        typed = {}  # each --input's JSON, by input name
-        for item in inputs or ():
-            name, sep, value = item.partition("=")
-            if not sep or name not in spec:
+        for name in given:
+            if name not in spec:
                 raise BadRequest(
-                    f"--input {item!r}: expected NAME=JSON with NAME one of {sorted(spec)}"
+                    f"--input {name}: model {named!r} has no such input: expected NAME=JSON "
+                    f"with NAME one of {sorted(spec)}"
                 )
             if name in values:
-                by = "--text gives it" if texts else "it is given twice"
-                raise BadRequest(f"--input {name}: {by}; give each input once")
-            typed[name] = value
-            values[name] = _json_input(name, value)
+                raise BadRequest(f"--input {name}: --text gives it; give each input once")
+        values.update({name: value for name, (_, value) in given.items()})
+        typed = {name: text for name, (text, _) in given.items()}  # as given, for errors
         try:
             feeds = request_inputs(metadata, values)
         except InputRefused as e:
@@ -641,45 +640,64 @@ def _print_answers(
         say(f"    {answer.text!r}  ({where}, probability {answer.probability:.3f})")
 
 
-def _text(flag: str, value: str) -> str:
-    """A --text or --text-pair as given, or read: @FILE's (UTF-8; a shell caps one argument at
-    128 KiB, a long context passes it), - for standard input's; @@ for a text that starts
-    with @."""
+def _read_inputs(inputs: list[str]) -> dict[str, tuple[str, object]]:
+    """Each --input NAME=JSON, by name: its JSON as given and its value, read and parsed
+    (``_json_input``). Read before connecting, so that a file that is not there or JSON cut
+    short is said as the input's, not hidden behind a server that cannot be reached; the
+    names are the model's to check, once the server has said them."""
+    from quantgate.errors import BadRequest
+
+    read: dict[str, tuple[str, object]] = {}
+    for item in inputs:
+        name, sep, text = item.partition("=")
+        if not (sep and name):
+            raise BadRequest(
+                f"--input {item!r}: expected NAME=JSON, e.g. -i 'input_ids=[[5, 7, 9]]'"
+            )
+        if name in read:
+            raise BadRequest(f"--input {name}: it is given twice; give each input once")
+        read[name] = (text, _json_input(name, text))
+    return read
+
+
+def _read(shown: str, value: str) -> tuple[str, str]:
+    """An argument's value as given, or read: @FILE's (UTF-8; a shell caps one argument at
+    128 KiB, which a long context or a large array passes), - for standard input's; @@ for
+    a value that starts with @. With where it came from, for errors: " (FILE)", " (standard
+    input)", "" where given inline. ``shown``: the argument as typed before the value
+    ("--text ", "--input NAME="), for a file that cannot be read."""
     import sys
 
     from quantgate.errors import BadRequest
 
     if value == "-":
-        return sys.stdin.read()
+        return sys.stdin.read(), " (standard input)"
     if value.startswith("@@"):
-        return value[1:]
+        return value[1:], ""
     if value.startswith("@"):
         try:
-            return Path(value[1:]).read_text(encoding="utf-8")
+            return Path(value[1:]).read_text(encoding="utf-8"), f" ({value[1:]})"
         except (OSError, UnicodeDecodeError) as e:
             raise BadRequest(
-                f"{flag} {value}: cannot read {value[1:]} ({e}); for a text that starts with @, "
-                f"write @@ ({flag} @{value})"
+                f"{shown}{value}: cannot read {value[1:]} ({e}); give a file that can be "
+                f"read, or @@ for a value that starts with @ ({shown}@{value})"
             ) from e
-    return value
+    return value, ""
+
+
+def _text(flag: str, value: str) -> str:
+    """A --text or --text-pair as given, or read (``_read``: @FILE, -, @@)."""
+    return _read(f"{flag} ", value)[0]
 
 
 def _json_input(name: str, text: str):
     """One --input's JSON value (the client's ``request_inputs`` makes it an array): given
-    inline, or @FILE's (a shell caps one argument at 128 KiB), or - for standard input's."""
+    inline, or read (``_read``: @FILE, -)."""
     import json
-    import sys
 
     from quantgate.errors import BadRequest
 
-    where = ""
-    if text == "-":
-        text, where = sys.stdin.read(), " (standard input)"
-    elif text.startswith("@"):
-        try:
-            text, where = Path(text[1:]).read_text(encoding="utf-8"), f" ({text[1:]})"
-        except (OSError, UnicodeDecodeError) as e:
-            raise BadRequest(f"--input {name}: cannot read {text[1:]}: {e}") from e
+    text, where = _read(f"--input {name}=", text)
     try:
         return json.loads(text)
     except ValueError as e:
