@@ -459,8 +459,8 @@ VALIDATION_ROWS = 4
 SHORTEST_DEFAULT = 512  # never halved below: BERT's own length
 
 
-def _scores_gb(heads: int, length: int) -> float:
-    return VALIDATION_ROWS * heads * length * length * 4 / 1e9
+def _scores_bytes(heads: int, length: int) -> int:
+    return VALIDATION_ROWS * heads * length * length * 4
 
 
 def _validated_length(path: Path, limit: int, heads: int) -> int:
@@ -471,14 +471,15 @@ def _validated_length(path: Path, limit: int, heads: int) -> int:
     4-head ModernBERT of 8,192 took 15.8 GB at its peak (a 12-head one would take about 3
     times that)."""
     length = limit
-    while length > SHORTEST_DEFAULT and _scores_gb(heads, length) * 1e9 > VALIDATION_SCORES_BYTES:
+    while length > SHORTEST_DEFAULT and _scores_bytes(heads, length) > VALIDATION_SCORES_BYTES:
         length //= 2
     if length < limit:
         log.warning(
             "%s takes up to %d tokens; exported and validated for %d, where the attention "
             "scores of validation take %.1f GB (at %d: %.0f GB, a few times that at the peak). "
             "Pass --max-seq-len to choose another length, with the memory for it",
-            path, limit, length, _scores_gb(heads, length), limit, _scores_gb(heads, limit),
+            path, limit, length, _scores_bytes(heads, length) / 1e9, limit,
+            _scores_bytes(heads, limit) / 1e9,
         )  # fmt: skip
     return length
 

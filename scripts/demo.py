@@ -105,10 +105,10 @@ def query(port: int) -> None:
 
 
 def _replacing(bundle: Path) -> tuple[str, ...]:
-    """``--force`` where ``bundle`` is an earlier demo's and holds nothing else: a checkpoint
-    trained again is another model, whose export would refuse to replace it. A folder that
-    is no bundle, or holds files of yours beside one, is refused as the tour's export
-    refuses it, naming them."""
+    """``--force`` where the demo's folder holds a bundle and nothing else (an earlier demo's,
+    as a rule: a checkpoint trained again is another model, whose export would refuse to
+    replace it). A folder that is no bundle, or holds files of yours beside one, is refused
+    as the tour's export refuses it, naming them."""
     from quantgate import bundle as qb
 
     return ("--force",) if qb.is_bundle(bundle) and not qb.foreign_files(bundle) else ()

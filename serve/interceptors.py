@@ -312,8 +312,8 @@ class StreamLimit(grpc.ServerInterceptor):
     threads: unary calls keep the rest). Health Watch and reflection need no token, so they
     have a budget of their own, ``open_limit``, the smaller of ``OPEN_LIMIT`` and half of
     ``limit``, on the open calls' threads (``Overload``): a thousand idle Watch streams
-    once took every thread. Each kind's open streams, limit and refusals are ``series``
-    of its (kind "infer" or "open")."""
+    once took every thread. ``is_open`` tells those calls by their method. Each kind's
+    open streams, limit and refusals are ``series`` of its (kind "infer" or "open")."""
 
     OPEN_LIMIT = 64
 
@@ -322,8 +322,8 @@ class StreamLimit(grpc.ServerInterceptor):
         self._is_open = is_open
         self.open_limit = open_limit = max(1, min(self.OPEN_LIMIT, limit // 2))
         self._budgets = {
-            is_open: _Places(kind, places, series)
-            for is_open, kind, places in ((True, "open", open_limit), (False, "infer", limit))
+            opened: _Places(kind, places, series)
+            for opened, kind, places in ((True, "open", open_limit), (False, "infer", limit))
         }
 
     def intercept_service(self, continuation, details):

@@ -375,7 +375,8 @@ class Health(health.HealthServicer):
 
     def __init__(self) -> None:
         super().__init__()
-        self._listed: dict[str, int] = {}
+        # as the base starts: the server as a whole SERVING, until set otherwise
+        self._listed: dict[str, int] = {"": health_pb2.HealthCheckResponse.SERVING}
         self._listed_lock = threading.Lock()
 
     def set(self, service: str, status) -> None:

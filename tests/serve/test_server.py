@@ -66,6 +66,14 @@ def test_health_serving_and_metadata(server, client):
         assert {name: s.status for name, s in listed.items()} == dict.fromkeys(
             ("", "inference.GRPCInferenceService"), health_pb2.HealthCheckResponse.SERVING
         )
+    # before any status is set, List says what Check says: the server SERVING (as gRPC's
+    # servicer starts); in a process of its own, as it loads the protocol's stubs
+    fresh = (
+        "from quantgate.serve.server import Health\n"
+        "print({k: v.status for k, v in Health().List(None, None).statuses.items()})"
+    )
+    said = subprocess.run([sys.executable, "-c", fresh], capture_output=True, text=True, timeout=60)
+    assert said.stdout.strip() == "{'': 1}", (said.stdout, said.stderr)  # 1: SERVING
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("classifier") and not client.is_model_ready("nope")
     assert "statistics" in client.get_server_metadata().extensions
