@@ -215,16 +215,6 @@ def infer(
     rows: list[Text] = list(texts)  # each -t, or with -p each pair
     if texts and text_pairs:
         rows = list(zip(texts, text_pairs, strict=True))
-    # gRPC's own log lines (a failed TLS handshake's, at INFO) would come before this
-    # command's error, which says what went wrong and what to do; GRPC_VERBOSITY=INFO
-    # brings them back. Set before gRPC starts, which reads it once.
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    # gRPC and the wire format (about 0.6 s) once the command line is known to be usable
-    from quantgate.serve.client import Client, ClientTLS, InputRefused, request_inputs
-
-    secure = tls or tls_ca is not None or tls_cert is not None
-    tls_flags = {"--tls": tls, "--tls-ca": tls_ca, "--tls-cert": tls_cert, "--tls-key": tls_key}
-    client_tls = ClientTLS(tls_ca, tls_cert, tls_key) if secure else None
     # verified: the tokenizer is the one the bundle was gated with
     bundle = None if bundle_dir is None else load(bundle_dir, verify=bool(texts))
     if classes and bundle is not None:
@@ -250,6 +240,16 @@ def infer(
     else:  # the name in the bundle's manifest (one of the two is given: checked above)
         assert bundle is not None
         named = bundle.manifest.name
+    # gRPC's own log lines (a failed TLS handshake's, at INFO) would come before this
+    # command's error, which says what went wrong and what to do; GRPC_VERBOSITY=INFO
+    # brings them back. Set before gRPC starts, which reads it once.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    # gRPC and the wire format (about 0.6 s) once the command line and the bundle are known to be usable
+    from quantgate.serve.client import Client, ClientTLS, InputRefused, request_inputs
+
+    secure = tls or tls_ca is not None or tls_cert is not None
+    tls_flags = {"--tls": tls, "--tls-ca": tls_ca, "--tls-cert": tls_cert, "--tls-key": tls_key}
+    client_tls = ClientTLS(tls_ca, tls_cert, tls_key) if secure else None
     with Client(url, token=token, timeout=timeout, tls=client_tls) as client:
         metadata = _metadata(
             client, named, version, bundle_dir if model is None else None, tls_flags
