@@ -34,8 +34,10 @@ from quantgate.export.validation import (
     TorchOutputs,
     ValidationReport,
     build_cases,
+    check_batched,
     check_class_names,
     check_padding,
+    check_rows_alone,
     input_specs,
     output_specs,
     reference_outputs,
@@ -225,6 +227,8 @@ def export_fp32(
     cases = tuple(build_cases(model, mid_batch=cfg.mid_batch))
     refs = tuple(reference_outputs(model, cases))
     outputs = output_specs(model.outputs, cases, refs)
+    check_batched(outputs)
+    check_rows_alone(model, cases, refs)
     check_class_names(model, outputs)
     check_padding(model, cases, refs, outputs, atol=cfg.atol, rtol=cfg.rtol)  # before any export
 

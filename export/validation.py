@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -190,6 +191,16 @@ def reference_outputs(model: LoadedModel, cases: Sequence[Case]) -> list[TorchOu
             try:
                 out = model.module(*args)
             except Exception as e:  # noqa: BLE001 - the user's forward may raise anything
+                if "more than 1 value per channel" in str(e):  # BatchNorm's, on one row
+                    raise ExportError(
+                        f"the model's forward failed in PyTorch on validation case "
+                        f"{case.describe()}: {type(e).__name__}: {str(e).rstrip('.')}. The "
+                        "server runs a lone request as a batch of one: batch statistics (a "
+                        "BatchNorm in training mode, or built with track_running_stats=False) "
+                        "cannot answer it, and would make each row's answer depend on its "
+                        "batch-mates. Put the module in eval mode with running statistics, or "
+                        "normalize each row alone (LayerNorm)."
+                    ) from e
                 raise ExportError(
                     f"the model's forward failed in PyTorch on validation case {case.describe()}: "
                     f"{type(e).__name__}: {str(e).rstrip('.')}. Exported models must accept "
@@ -248,6 +259,69 @@ def _check_repeats(model: LoadedModel, case: Case, ref: TorchOutputs) -> None:
             "F.dropout(x, p) stays on (pass training=self.training, or use nn.Dropout); no "
             "exported graph can match a model that does not match itself."
         )
+
+
+def check_rows_alone(
+    model: LoadedModel, cases: Sequence[Case], refs: Sequence[TorchOutputs]
+) -> None:
+    """ExportError where a row of the middle batch (``cases[1]``, rows of one width) is
+    answered otherwise alone than in its batch: the server batches requests of different
+    clients, and each would change the others' answers. Batch statistics do it (a BatchNorm
+    in training mode, or built with track_running_stats=False), and the padding check said
+    it was the padding. After ``check_batched``: a row is a slice of axis 0."""
+    import torch
+
+    case, ref = cases[1], refs[1]
+    moved: dict[str, float] = {}
+    for row in range(case.batch):
+        args = [torch.from_numpy(case.feeds[n][row : row + 1]) for n in model.input_names]
+        try:
+            with torch.no_grad(), warnings_logged("the model warned"):
+                alone = tuple(t.detach().numpy() for t in model.module(*args))
+        except Exception as e:  # noqa: BLE001 - the user's forward may raise anything
+            raise ExportError(
+                f"the model's forward failed in PyTorch on row {row} of validation case "
+                f"{case.describe()} run alone: {type(e).__name__}: {str(e).rstrip('.')}. The "
+                "server runs a lone request as a batch of one (a BatchNorm in training mode "
+                "fails so: it needs more than one row)"
+            ) from e
+        for name, a, r in zip(model.outputs, alone, ref, strict=True):
+            r = r[row : row + 1]
+            if a.shape != r.shape:
+                moved[name] = math.inf
+            elif a.dtype.kind == "f" and not np.allclose(a, r, rtol=1e-4, atol=1e-5):
+                moved[name] = max(moved.get(name, 0.0), float(np.abs(a - r).max()))
+            elif a.dtype.kind != "f" and not np.array_equal(a, r):
+                moved[name] = math.inf
+    if moved:
+        said = ", ".join(
+            f"{name} {'changes shape' if err == math.inf else f'by up to {err:.3g}'}"
+            for name, err in moved.items()
+        )
+        raise ExportError(
+            f"the model answers a row of validation case {case.describe()} otherwise alone "
+            f"than in its batch ({said}): a row's answer depends on the other rows of its "
+            "batch (batch statistics: a BatchNorm in training mode or built with "
+            "track_running_stats=False, a normalization over the batch axis). The server "
+            "batches requests of different clients, so each would change the others' "
+            "answers: compute each row's answer from that row alone."
+        )
+
+
+def check_batched(outputs: Sequence[TensorSpec]) -> None:
+    """ExportError for an output whose first axis is not the batch (a scalar, or a
+    sequence-first model's (sequence, ...)): the server stacks requests along axis 0 and
+    cuts each answer from it, and would hand back another row's values, or drop some."""
+    for t in outputs:
+        if not t.dims or t.dims[0] != BATCH:
+            shape = f"({', '.join(map(str, t.dims))})" if t.dims else "a scalar (rank 0)"
+            raise ExportError(
+                f"output {t.name} is {shape}: its first axis is not the batch (the inputs' "
+                "axis 0), and the server stacks requests along it and cuts each answer from "
+                "it. Return the batch first, one value per row at least ((batch,) or (batch, "
+                "1)); nn.TransformerEncoder and nn.MultiheadAttention take (sequence, batch, "
+                "...) unless built with batch_first=True: transpose inside forward."
+            )
 
 
 def check_padding(
@@ -342,7 +416,9 @@ def check_class_names(model: LoadedModel, outputs: Sequence[TensorSpec]) -> None
     its last axis; two for a single logit, a binary classifier's): the server left them out
     of its answers without a word, and labels given by name would stand for other classes."""
     names = model.extra.get("labels") or ()
-    scored = [t for t in outputs if t.dtype.startswith("float") and isinstance(t.dims[-1], int)]
+    scored = [
+        t for t in outputs if t.dtype.startswith("float") and t.dims and isinstance(t.dims[-1], int)
+    ]
     if not names or not scored:
         return
     if any(t.dims[-1] == len(names) or (t.dims[-1] == 1 and len(names) == 2) for t in scored):

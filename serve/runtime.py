@@ -103,11 +103,12 @@ class Model:
         self.session = session
         self.inputs = tuple(TensorInfo.from_ort(a) for a in session.get_inputs())
         self.outputs = tuple(TensorInfo.from_ort(a) for a in session.get_outputs())
-        # Batching needs a variable leading dimension on every tensor; without one each
-        # request is the whole input (Triton's max_batch_size 0).
-        self.batched = all(
-            isinstance(t.axes[0], str) for t in (*self.inputs, *self.outputs) if t.axes
-        )
+        # Batching needs one variable leading dimension on every tensor, the same one: the
+        # server stacks requests along it and cuts each answer from it. Without it each
+        # request is the whole input (Triton's max_batch_size 0): a sequence-first model's
+        # answer, (sequence, ...), was cut as if it were rows, dropping some.
+        leading = {t.axes[0] if t.axes else None for t in (*self.inputs, *self.outputs)}
+        self.batched = len(leading) == 1 and isinstance(next(iter(leading)), str)
         self.max_batch_size = max_batch_size if self.batched else 0
         self.sequence_axis = self._sequence_axis()
         # What fills a row past its length when requests are batched, per input, as the

@@ -369,6 +369,55 @@ def drops_out() -> nn.Module:
     return DropsOut({"input_ids": _ids()})
 
 
+class BatchStatistics(Pooler):
+    """A BatchNorm without running statistics normalizes by the batch in eval mode too: a
+    row's answer moves with its batch-mates."""
+
+    def __init__(self, example_inputs):
+        super().__init__(example_inputs)
+        self.norm = nn.BatchNorm1d(8, track_running_stats=False)
+
+    def forward(self, input_ids, attention_mask=None):  # over every token of the batch
+        return self.head(self.norm(self.emb(input_ids).transpose(1, 2)).mean(2))
+
+
+def batch_statistics() -> nn.Module:
+    return BatchStatistics({"input_ids": _ids()})
+
+
+class PooledBatchStatistics(BatchStatistics):
+    """The same over each row's pooled features: a lone row has one value per channel."""
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.norm(self.emb(input_ids).mean(1)))
+
+
+def pooled_batch_statistics() -> nn.Module:
+    return PooledBatchStatistics({"input_ids": _ids()})
+
+
+class SequenceFirst(Pooler):
+    """nn.TransformerEncoder's default layout: forward takes (sequence, batch) ids, so its
+    answer's first axis follows the inputs' axis 1."""
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.emb(input_ids).mean(0))
+
+
+def sequence_first() -> nn.Module:
+    return SequenceFirst({"input_ids": _ids(batch=10, seq=4)})
+
+
+class ScalarOut(Pooler):
+    def forward(self, input_ids, attention_mask=None):
+        logits = self.head(self.emb(input_ids).mean(1))
+        return {"logits": logits, "mean_logit": logits.mean()}
+
+
+def scalar_out() -> nn.Module:
+    return ScalarOut({"input_ids": _ids()})
+
+
 class Scored(NamedTuple):
     logits: torch.Tensor
     pooled: torch.Tensor

@@ -893,6 +893,26 @@ def test_a_module_without_real_weights_or_with_other_class_names_is_refused(cli,
     no_leftovers(tmp_path)
 
 
+def test_a_model_the_servers_batching_would_change_is_refused(cli, tmp_path):
+    """Each exported, validated and passed its gates, then served wrong answers: a row's
+    answer that moves with its batch-mates (batch statistics), an answer whose first axis is
+    the sequence (the server cut requests' answers from it, dropping rows), a scalar (a
+    traceback from the class-name check)."""
+    for factory, says in (
+        ("batch_statistics", "otherwise alone than in its batch (output by up to"),
+        ("batch_statistics", "(batch statistics: a BatchNorm in training mode or built with"),
+        ("pooled_batch_statistics", "case batch 1 (batch 1, sequence 10): ValueError: Expected"),
+        ("pooled_batch_statistics", "runs a lone request as a batch of one: batch statistics (a"),
+        ("sequence_first", "output output is (sequence, 3): its first axis is not the batch"),
+        ("sequence_first", "unless built with batch_first=True: transpose inside forward"),
+        ("scalar_out", "output mean_logit is a scalar (rank 0): its first axis is not the"),
+    ):
+        r = cli("export", "--no-quantize", f"qg_usermodels:{factory}", "--out", tmp_path / "b")
+        err = " ".join(r.stderr.split())
+        assert r.code == 2 and says in err and "Traceback" not in r.stderr, (factory, r.stderr)
+    no_leftovers(tmp_path)
+
+
 def test_a_max_seq_len_the_model_cannot_take_is_refused(cli, tmp_path):
     r = cli("export", "--no-quantize", "qg_usermodels:short_positions", "--out", tmp_path / "b")
     assert r.code == 2

@@ -78,6 +78,29 @@ def _no_mask_bundle(out, max_seq_len: int):
     return bundles.hand_built(out, [cast], "no-mask", max_seq_len=max_seq_len)
 
 
+def test_a_model_whose_answer_is_not_batch_first_is_served_unbatched(tmp_path):
+    """A sequence-first model's answer, (sequence, 3), was cut as if its first axis were the
+    requests' rows: rows dropped, two clients' answers mixed. Where the tensors do not share
+    one leading axis, each request is the whole input (Triton's max_batch_size 0)."""
+    from onnx import TensorProto, helper
+
+    nodes = [  # (batch, sequence) ids -> (sequence, 3): the mean over the batch, 3 times
+        helper.make_node("Cast", ["input_ids"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["f"], ["m"], axes=[0], keepdims=0),
+        helper.make_node("Unsqueeze", ["m", "one"], ["col"]),
+        helper.make_node("Concat", ["col", "col", "col"], ["scores"], axis=1),
+    ]
+    one = helper.make_tensor("one", TensorProto.INT64, [1], [1])
+    path = bundles.hand_built(tmp_path / "sf", nodes, "sf", output=("scores", ("sequence", 3)),
+                              initializers=(one,))  # fmt: skip
+    model = open_model(path, ServeConfig(path=path), CPU)
+    assert not model.batched and model.max_batch_size == 0
+    assert (
+        bundles.build(tmp_path / "c", "classifier")
+        and open_model(tmp_path / "c", ServeConfig(path=tmp_path / "c"), CPU).batched
+    )  # (batch, ...) in and out: batched, as before
+
+
 def test_onnx_runtime_rejecting_an_input_inside_the_graph_keeps_its_node_names_to_the_log(
     tmp_path, caplog
 ):
