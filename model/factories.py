@@ -27,8 +27,10 @@ from quantgate.model.loaders import (
     Samples,
     TupleOutputs,
     brief,
+    by_name,
     did_you_mean,
     half_precision,
+    unsupported_return,
 )
 from quantgate.quiet import warnings_caught
 from quantgate.tasks import CUSTOM, HF_TASKS, QA_OUTPUTS, QA_TASKS, SEQUENCE_CLASSIFICATION
@@ -157,24 +159,9 @@ def _from_factory(
         lengths = arrays["attention_mask"].reshape(len(first), -1).sum(1)
     else:
         lengths = np.full(len(first), width)
-    output_names = getattr(module, "output_names", None)
-    wrapped = TupleOutputs(module, list(example), output_names).eval()
-    if output_names is None:  # a dict's keys, a NamedTuple's fields, else output, output_0, ...
-        with (
-            torch.no_grad(),
-            warnings_caught(record=False),
-        ):  # the model's own: export logs them (-v)
-            try:
-                out = module(**example)
-            except Exception as e:  # noqa: BLE001
-                raise ModelLoadError(f"{spec}: forward(**example_inputs) raised {brief(e)}") from e
-        if isinstance(out, Mapping) and all(isinstance(k, str) and k for k in out):
-            output_names = list(out)
-        elif isinstance(out, tuple) and hasattr(out, "_fields"):  # a NamedTuple's fields
-            output_names = list(out._fields)
-        else:
-            n_out = len(wrapped(*example.values()))
-            output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    declared = getattr(module, "output_names", None)
+    output_names = _output_names(spec, module, example, declared)
+    wrapped = TupleOutputs(module, list(example), declared).eval()
     src = _source_file(type(module)) or (mod and _source_file(mod)) or ""
     # a module that names its classes says it is a classifier
     custom = "--task custom" if task else "task = 'custom'"  # as the task was said
@@ -212,6 +199,44 @@ def _from_factory(
         # as a Hugging Face config's id2label: labels by name, and the server's top classes
         extra={"labels": list(names)} if (names := getattr(module, "class_names", None)) else {},
     )
+
+
+def _output_names(
+    spec: str,
+    module: nn.Module,
+    example: Mapping[str, torch.Tensor],
+    declared: Sequence[str] | None,
+) -> list[str]:
+    """The names of forward's outputs: ``output_names`` where the module declares them, else
+    a dict's keys or a dataclass's or NamedTuple's fields, else ``output`` or ``output_0``,
+    ``output_1``, ... Forward runs once on the example for them, so that a return of another
+    form (a string, a set, an object) is refused here, as such, and not as a failure of
+    the model in validation."""
+    with (
+        torch.no_grad(),
+        warnings_caught(record=False),
+    ):  # the model's own: export logs them (-v)
+        try:
+            out = module(**example)
+        except Exception as e:  # noqa: BLE001
+            raise ModelLoadError(f"{spec}: forward(**example_inputs) raised {brief(e)}") from e
+    named = by_name(out)
+    if named is None and not isinstance(out, (torch.Tensor, tuple, list)):
+        raise ModelLoadError(f"{spec}: forward(**example_inputs) {unsupported_return(out)}")
+    if declared is not None:
+        if named is not None and (missing := [n for n in declared if n not in named]):
+            raise ModelLoadError(
+                f"{spec}: output_names names {', '.join(missing)}, which forward's "
+                f"{type(out).__name__} does not hold (it holds {', '.join(map(str, named))}): "
+                "output_names picks a dict's keys, or a dataclass's fields, by name"
+            )
+        return list(declared)
+    if named is not None and all(isinstance(k, str) and k for k in named):
+        return list(named)
+    if isinstance(out, tuple) and hasattr(out, "_fields"):  # a NamedTuple's fields
+        return list(out._fields)
+    n_out = 1 if isinstance(out, torch.Tensor) else len(named or out)
+    return ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
 
 
 def _import(spec: str) -> ModuleType:

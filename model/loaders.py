@@ -41,9 +41,9 @@ A spec names one of three kinds of model:
         pad_values: dict[str, int | float]       # optional: filler per input (default 0)
         num_heads: int; hidden_size: int         # optional: hints for attention fusion
 
-    ``forward(**example_inputs)`` returns a tensor, a tuple of tensors or a dict of
-    tensors. An input named ``attention_mask`` marks real tokens with 1. Samples: the
-    module's own ``example_inputs``.
+    ``forward(**example_inputs)`` returns a tensor, a tuple or list of tensors or a dict of
+    tensors (a dataclass's fields are a dict's keys). An input named ``attention_mask``
+    marks real tokens with 1. Samples: the module's own ``example_inputs``.
 
 From Python, the model object itself works the same way: such a ``torch.nn.Module`` (put in
 eval mode), or the factory function.
@@ -173,10 +173,33 @@ class TupleOutputs(nn.Module):
         out = self.call(self.inner, **kwargs) if self.call else self.inner(**kwargs)
         if isinstance(out, torch.Tensor):
             return (out,)
-        if isinstance(out, Mapping):
-            names = self.output_names or tuple(out)
-            return tuple(out[n] for n in names)
-        return tuple(out)
+        if (named := by_name(out)) is not None:
+            return tuple(named[n] for n in self.output_names or named)
+        if isinstance(out, (tuple, list)):  # a NamedTuple too: output_names rename its fields
+            return tuple(out)
+        raise ModelLoadError(f"the model's forward {unsupported_return(out)}")
+
+
+def by_name(out: Any) -> dict[str, Any] | None:
+    """A forward's outputs by name where its return is a dict (Hugging Face's ModelOutput is
+    one) or a dataclass instance, whose fields name them as a dict's keys would; else None.
+    ``output_names`` picks among these names."""
+    if isinstance(out, Mapping):
+        return dict(out)
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+    return None
+
+
+def unsupported_return(out: Any) -> str:
+    """What ``forward`` returned, said where it is none of the forms it may take."""
+    kind = type(out).__name__
+    shown = f" ({out!r:.40})" if isinstance(out, (str, bytes, int, float, bool)) else ""
+    return (
+        f"returned {kind}{shown}; expected a tensor, a tuple or list of tensors, or a dict of "
+        "tensors (a NamedTuple, a dataclass or a Hugging Face ModelOutput is taken as one). "
+        "Return the tensors the model computes in one of these forms."
+    )
 
 
 def load_model(

@@ -450,6 +450,130 @@ def test_a_factory_s_outputs_are_named_by_its_dict_or_numbered():
     assert load_model("qg_usermodels:nan_output").outputs == ("output",)
 
 
+RETURNS = """\
+import dataclasses
+import types
+
+import torch
+
+
+@dataclasses.dataclass
+class Scores:
+    logits: torch.Tensor
+    pooled: torch.Tensor
+
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(40, 8)
+        self.head = torch.nn.Linear(8, 3)
+        self.example_inputs = {"input_ids": torch.randint(1, 40, (2, 5))}
+
+    def scores(self, input_ids):
+        pooled = self.emb(input_ids).mean(1)
+        return self.head(pooled), pooled
+
+
+class ReturnsDataclass(Model):
+    def forward(self, input_ids):
+        return Scores(*self.scores(input_ids))
+
+
+class ReturnsText(Model):
+    def forward(self, input_ids):
+        return "logits"
+
+
+class ReturnsSet(Model):
+    def forward(self, input_ids):
+        return set(self.scores(input_ids))
+
+
+class ReturnsObject(Model):
+    def forward(self, input_ids):
+        logits, pooled = self.scores(input_ids)
+        return types.SimpleNamespace(logits=logits, pooled=pooled)
+
+
+def _make(cls, output_names=None):
+    torch.manual_seed(0)
+    m = cls()
+    if output_names:
+        m.output_names = output_names
+    return m
+
+
+def dataclass(): return _make(ReturnsDataclass)
+def dataclass_pooled(): return _make(ReturnsDataclass, ["pooled"])
+def dataclass_misnamed(): return _make(ReturnsDataclass, ["logits", "embedding"])
+def text(): return _make(ReturnsText)
+def text_named(): return _make(ReturnsText, ["logits"])
+def a_set(): return _make(ReturnsSet)
+def an_object(): return _make(ReturnsObject)
+def an_object_named(): return _make(ReturnsObject, ["logits", "pooled"])
+"""
+
+
+@pytest.fixture
+def returns(tmp_path, monkeypatch) -> Path:
+    """A factory file whose modules return their outputs in one form or another."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the file's directory goes on it
+    monkeypatch.delitem(sys.modules, "qg_returns", raising=False)
+    f = tmp_path / "qg_returns.py"
+    f.write_text(RETURNS)
+    return f
+
+
+def test_a_factory_returning_a_dataclass_is_exported_by_its_fields(returns, tmp_path, cli):
+    """A @dataclass of tensors, a common way to write a model's outputs, is a dict of its
+    fields ("TypeError: 'Scores' object is not iterable" and a traceback, before)."""
+    from quantgate.bundle import load
+
+    m = load_model(f"{returns}:dataclass")
+    assert m.outputs == ("logits", "pooled")
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with torch.no_grad():
+        logits, pooled = m.module(ids)
+        assert logits.shape == (2, 3) and pooled.shape == (2, 8)
+        # output_names picks fields by name, as a dict's keys
+        picked = load_model(f"{returns}:dataclass_pooled")
+        assert picked.outputs == ("pooled",)
+        torch.testing.assert_close(picked.module(ids), (pooled,))
+    with pytest.raises(ModelLoadError) as e:
+        load_model(f"{returns}:dataclass_misnamed")
+    assert (
+        "output_names names embedding, which forward's Scores does not hold (it holds "
+        "logits, pooled)"
+    ) in str(e.value)
+    r = cli("export", "--no-quantize", f"{returns}:dataclass", "--out", tmp_path / "b")
+    assert r.code == 0, r.stderr
+    assert [t.name for t in load(tmp_path / "b").manifest.outputs] == ["logits", "pooled"]
+
+
+@pytest.mark.parametrize(
+    ("factory", "returned"),
+    [
+        ("text", "str ('logits')"),
+        ("text_named", "str ('logits')"),  # the wrong form, named: told in validation
+        ("a_set", "set"),
+        ("an_object", "SimpleNamespace"),  # a TypeError traceback, before
+        ("an_object_named", "SimpleNamespace"),
+    ],
+)
+def test_a_forward_returning_no_form_of_tensors_is_refused_as_such(returns, factory, returned):
+    """Before, such a return failed (or was numbered, a string's characters as outputs) and
+    its named form was told as "the model's forward failed in PyTorch on validation case
+    ...", with advice about shapes and windows."""
+    with pytest.raises(ModelLoadError) as e:
+        load_model(f"{returns}:{factory}")
+    assert (
+        f"{returns}:{factory}: forward(**example_inputs) returned {returned}; expected a "
+        "tensor, a tuple or list of tensors, or a dict of tensors (a NamedTuple, a dataclass "
+        "or a Hugging Face ModelOutput is taken as one)"
+    ) in str(e.value)
+
+
 def test_a_task_the_gates_do_not_know_is_kept_and_warned_about(caplog, minilm):
     """A factory's task is free (fill-mask would be recorded as such), but one the gates do
     not know is said to be gated as custom, with the task it probably means."""
