@@ -55,8 +55,33 @@ def factory_of(spec: str) -> tuple[ModuleType, Callable[[], Any]]:
     mod = _import_file(spec, Path(mod_name)) if mod_name.endswith(".py") else _import(spec)
     factory = getattr(mod, func_name, None)
     if not callable(factory):
-        raise ModelLoadError(f"{spec}: module {mod_name!r} has no callable {func_name!r}")
+        if mod_name.endswith(".py"):
+            raise ModelLoadError(f"{spec}: module {mod_name!r} has no callable {func_name!r}")
+        raise ModelLoadError(
+            f"{spec}: module {mod_name!r} ({_file_of(mod)}) has no callable {func_name!r}"
+            + _not_the_local_file(mod, mod_name, func_name)
+        )
     return mod, factory
+
+
+def _file_of(mod: ModuleType) -> str:
+    return getattr(mod, "__file__", None) or "built into Python"
+
+
+def _not_the_local_file(mod: ModuleType, mod_name: str, func_name: str) -> str:
+    """Where ``package.module`` imported another module than the file of that name in the
+    current directory (the standard library's ``signal``, not ./signal.py), that advice:
+    name the file; else the empty string."""
+    local = Path(*mod_name.split(".")).with_suffix(".py")
+    file = getattr(mod, "__file__", None)
+    if not local.is_file() or (file and Path(file).resolve() == local.resolve()):
+        return ""
+    top = mod_name.split(".")[0]
+    whose = "the standard library's" if top in sys.stdlib_module_names else "another"
+    return (
+        f": {mod_name!r} is {whose} module, which the name finds before ./{local}. Name the "
+        f"file instead ({local}:{func_name}), or rename it"
+    )
 
 
 def load_object(
@@ -243,9 +268,11 @@ def _import(spec: str) -> ModuleType:
     """The module of ``package.module:factory``, imported by name."""
     mod_name = spec.rsplit(":", 1)[0]
     # `python -m quantgate` finds modules in the current directory, the console script would
-    # not: put it on sys.path, as uvicorn does for `uvicorn module:app`.
+    # not: put it on sys.path, as uvicorn does for `uvicorn module:app`, but last, so that a
+    # file there named as another module (./statistics.py) does not replace that module for
+    # the rest of the process (quantgate imports statistics itself).
     if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())
     try:
         return importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
@@ -263,9 +290,9 @@ def _import(spec: str) -> ModuleType:
 
 
 def _import_file(spec: str, path: Path) -> ModuleType:
-    """The module of ``path/to/file.py:factory``, loaded from that file under its own name
-    (a private one where another module has that name already); the file's directory goes
-    first on ``sys.path`` so that its own imports of the files beside it work."""
+    """The module of ``path/to/file.py:factory``, loaded from that file under its own name,
+    or under a private one where that name is another module's; the file's directory goes
+    on ``sys.path`` so that its own imports of the files beside it work."""
     path = path.expanduser()
     if not path.is_file():
         raise ModelLoadError(
@@ -275,14 +302,17 @@ def _import_file(spec: str, path: Path) -> ModuleType:
     path = path.resolve()
     name = path.stem if path.stem.isidentifier() else "quantgate_user_model"
     existing = sys.modules.get(name)
-    if existing is not None:
-        if Path(getattr(existing, "__file__", "") or "").resolve() == path:
-            return existing
+    if existing is not None and Path(getattr(existing, "__file__", "") or "").resolve() == path:
+        return existing
+    taken = _names_another_module(name, path)
+    if taken:
         name = f"quantgate_user_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
         if name in sys.modules:
             return sys.modules[name]
     if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))
+        # first, as `python file.py` has it; last where the file's name is another module's,
+        # so that `import statistics` still finds the standard library's for the process
+        sys.path.insert(len(sys.path) if taken else 0, str(path.parent))
     loader_spec = importlib.util.spec_from_file_location(name, path)
     if loader_spec is None or loader_spec.loader is None:
         raise ModelLoadError(f"cannot load {spec}: {path} is not a Python module")
@@ -294,6 +324,23 @@ def _import_file(spec: str, path: Path) -> ModuleType:
         del sys.modules[name]
         raise ModelLoadError(f"cannot load {path} for {spec}: {brief(e)}") from e
     return mod
+
+
+def _names_another_module(name: str, path: Path) -> bool:
+    """Whether importing ``name`` gives (or would give) a module other than the file
+    ``path``: one loaded already, one of the standard library, or one found on the Python
+    path, an installed package's, say. A user's file registered under that name replaced that
+    module for the whole process."""
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        return Path(getattr(loaded, "__file__", "") or "").resolve() != path
+    if name in sys.stdlib_module_names:
+        return True
+    try:
+        found = importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # a broken package of that name is another module too
+        return True
+    return found is not None and (found.origin is None or Path(found.origin).resolve() != path)
 
 
 def _example_found(example: Any) -> str:

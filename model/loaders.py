@@ -26,9 +26,11 @@ A spec names one of three kinds of model:
     CPython) tokenized with the model's own tokenizer.
 
 ``package.module:factory`` or ``path/to/file.py:factory``
-    Your own module, imported by name (from the current directory too) or loaded from its
-    file (whose directory then comes first on ``sys.path``, as ``python file.py`` would
-    have it). ``factory()`` is called with no arguments and returns a
+    Your own module, imported by name (from the current directory too, after the rest of
+    the path) or loaded from its file (whose directory then comes first on ``sys.path``, as
+    ``python file.py`` would have it; last, and the file loaded under a private name, where
+    its name is another module's: a ``statistics.py`` never replaces the standard library's
+    for the process). ``factory()`` is called with no arguments and returns a
     ``torch.nn.Module`` that also carries::
 
         example_inputs: dict[str, torch.Tensor]  # a real batch; dim 0 is the batch,

@@ -354,6 +354,73 @@ def test_a_factory_that_cannot_be_found_says_where_it_looked(tmp_path, monkeypat
     assert message in str(e.value)
 
 
+EMBEDDING = """\
+import torch
+
+
+def make():
+    m = torch.nn.Embedding(10, 4)
+    m.example_inputs = {"input": torch.tensor([[1, 2, 3], [4, 5, 6]])}
+    return m
+"""
+
+
+@pytest.fixture
+def unloaded(monkeypatch):
+    """Unload modules for one test, to see what importing them gives; each is put back as it
+    was after it."""
+
+    def unload(*names: str) -> None:
+        for name in names:
+            monkeypatch.setitem(sys.modules, name, sys.modules.get(name))
+            monkeypatch.delitem(sys.modules, name)
+
+    return unload
+
+
+def test_a_factory_file_named_as_another_module_leaves_it_to_the_process(
+    tmp_path, monkeypatch, unloaded
+):
+    """statistics.py:make was loaded as `statistics`, its directory first on sys.path: the
+    process's next `import statistics` (quantgate's own, for the CUDA gates' medians) gave
+    the user's file. So with a module found on the path (tests/export's qg_usermodels)."""
+    import importlib
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    unloaded("statistics", "qg_usermodels")
+    for name in ("statistics", "qg_usermodels"):
+        (tmp_path / f"{name}.py").write_text(EMBEDDING)
+        assert load_model(f"{tmp_path / name}.py:make").outputs == ("output",)
+        assert Path(importlib.import_module(name).__file__).parent != tmp_path, name
+    import statistics
+
+    assert statistics.median([3, 1, 2]) == 2
+
+
+def test_a_module_that_is_not_the_file_of_its_name_says_so(tmp_path, monkeypatch, unloaded):
+    """signal:make with a ./signal.py imports the standard library's signal: the message
+    said only "module 'signal' has no callable 'make'". statistics, not imported yet, was
+    the user's file, for the rest of the process too."""
+    import signal
+    import statistics
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    unloaded("statistics")
+    for mod in (signal, statistics):
+        name = mod.__name__
+        (tmp_path / f"{name}.py").write_text(EMBEDDING)
+        with pytest.raises(ModelLoadError) as e:
+            load_model(f"{name}:make")
+        assert str(e.value) == (
+            f"{name}:make: module {name!r} ({mod.__file__}) has no callable 'make': {name!r} "
+            f"is the standard library's module, which the name finds before ./{name}.py. Name "
+            f"the file instead ({name}.py:make), or rename it"
+        )
+        assert load_model(f"{name}.py:make").outputs == ("output",)  # as it says
+        assert sys.modules[name].__file__ == mod.__file__
+
+
 def test_english_text_is_deterministic_and_varied():
     a, b = english_text(), english_text()
     assert a == b
