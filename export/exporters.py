@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import linecache
 import logging
 import re
@@ -21,7 +22,13 @@ from quantgate.errors import ExportError
 from quantgate.export.config import Exporter
 from quantgate.export.validation import BATCH, SEQUENCE, Case, warnings_logged
 from quantgate.model.loaders import LoadedModel
-from quantgate.quiet import GLOBAL_STATE, logger_silenced, stderr_captured, stdout_captured
+from quantgate.quiet import (
+    GLOBAL_STATE,
+    logger_silenced,
+    native_stdout_captured,
+    stderr_captured,
+    stdout_captured,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +52,24 @@ def export_legacy(
     axes = {n: {0: BATCH, 1: SEQUENCE} for n in model.input_names}
     for spec in outputs:
         axes[spec.name] = {d: v for d, v in enumerate(spec.dims) if isinstance(v, str)}
-    with _quiet() as caught:
-        torch.onnx.export(
-            model.module,
-            _args(model, example),
-            str(path),
-            input_names=list(model.input_names),
-            output_names=[o.name for o in outputs],
-            dynamic_axes=axes,
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+    # its TorchScript graph, printed from C++ where it fails: 20-odd lines before the reason
+    printed = io.StringIO()
+    try:
+        with _quiet() as caught, native_stdout_captured() as printed:
+            torch.onnx.export(
+                model.module,
+                _args(model, example),
+                str(path),
+                input_names=list(model.input_names),
+                output_names=[o.name for o in outputs],
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    finally:  # filled once the capture has ended
+        if text := printed.getvalue().strip():
+            log.debug("the legacy exporter printed:\n%s", text)
     return tracer_notes(caught)
 
 

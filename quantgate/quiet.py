@@ -17,6 +17,8 @@ import contextlib
 import io
 import logging
 import os
+import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
@@ -32,6 +34,26 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@contextlib.contextmanager
+def native_stdout_captured() -> Iterator[io.StringIO]:
+    """What native code writes to the process's standard output (file descriptor 1) inside,
+    captured instead of shown: torch's legacy exporter prints its TorchScript graph there
+    when it fails, from C++, where ``sys.stdout`` cannot reach. The StringIO holds it once
+    the block has ended."""
+    captured = io.StringIO()
+    with GLOBAL_STATE, tempfile.TemporaryFile() as sink:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            sink.seek(0)
+            captured.write(sink.read().decode(errors="replace"))
 
 
 @contextlib.contextmanager

@@ -418,6 +418,19 @@ def scalar_out() -> nn.Module:
     return ScalarOut({"input_ids": _ids()})
 
 
+class Eigenvalues(Pooler):
+    """An op the legacy exporter has no ONNX form for: it fails, printing its TorchScript
+    graph from C++."""
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.emb(input_ids).mean(1)  # each row's: (batch, 8, 8) -> (batch, 8)
+        return torch.linalg.eigvalsh(x[:, :, None] @ x[:, None, :])
+
+
+def eigenvalues() -> nn.Module:
+    return Eigenvalues({"input_ids": _ids()})
+
+
 class Scored(NamedTuple):
     logits: torch.Tensor
     pooled: torch.Tensor

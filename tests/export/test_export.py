@@ -913,6 +913,19 @@ def test_a_model_the_servers_batching_would_change_is_refused(cli, tmp_path):
     no_leftovers(tmp_path)
 
 
+def test_the_legacy_exporters_graph_dump_is_kept_out_of_the_terminal(tmp_path):
+    """Where it fails, torch's legacy exporter prints its TorchScript graph from C++ (20-odd
+    lines of IR before quantgate's reason); it goes to the log at DEBUG, as the dynamo
+    exporter's printing does."""
+    factory = f"{Path(__file__).parent / 'qg_usermodels.py'}:eigenvalues"
+    args = ["export", "--no-quantize", factory, "--exporter", "legacy", "--out", tmp_path / "b"]
+    r = subprocess.run([sys.executable, "-m", "quantgate", *map(str, args)],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode != 0 and "error:" in r.stderr, r.stderr
+    assert "Torch IR graph" not in r.stdout + r.stderr, r.stdout
+    assert "operators ONNX has" in r.stderr  # the reason, said
+
+
 def test_a_max_seq_len_the_model_cannot_take_is_refused(cli, tmp_path):
     r = cli("export", "--no-quantize", "qg_usermodels:short_positions", "--out", tmp_path / "b")
     assert r.code == 2
