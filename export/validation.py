@@ -215,11 +215,21 @@ def reference_outputs(model: LoadedModel, cases: Sequence[Case]) -> list[TorchOu
                     f"the model returned {len(out)} outputs; expected {len(model.outputs)} "
                     f"({', '.join(model.outputs)})"
                 )
-            if kinds := [type(t).__name__ for t in out if not isinstance(t, torch.Tensor)]:
+            named = list(zip(model.outputs, out, strict=True))
+            if odd := [(n, type(t).__name__) for n, t in named if not isinstance(t, torch.Tensor)]:
+                tensors = [n for n, t in named if isinstance(t, torch.Tensor)]
                 raise ExportError(
-                    f"the model's forward returned {', '.join(kinds)} among its outputs; expected "
-                    "only tensors (a tensor, a tuple of tensors or a dict of tensors). Return "
-                    "Python values as tensors, or leave them out."
+                    "the model's forward returned "
+                    + ", ".join(f"{n!r} as {'None' if k == 'NoneType' else k}" for n, k in odd)
+                    + " among its outputs; expected only tensors (a tensor, a tuple of tensors "
+                    "or a dict of tensors). Return Python values as tensors, or leave them out"
+                    + (
+                        f" (where forward returns a dict or a dataclass, output_names = "
+                        f"{tensors!r} on the module keeps only those)"
+                        if tensors
+                        else ""
+                    )
+                    + "."
                 )
             arrays = tuple(t.detach().numpy() for t in out)
             if nan := [

@@ -188,6 +188,16 @@ def non_tensor_output() -> nn.Module:
     return ReturnsAnInt({"input_ids": _ids()})
 
 
+def none_loss() -> nn.Module:
+    """Hugging Face's style without labels: {"loss": None, "logits": ...}."""
+
+    class NoLoss(Pooler):
+        def forward(self, input_ids, attention_mask=None):
+            return {"loss": None, "logits": super().forward(input_ids)}
+
+    return NoLoss({"input_ids": _ids()})
+
+
 def unused_input() -> nn.Module:
     """Takes attention_mask but ignores it: both exporters drop it from the graph."""
     return Pooler({"input_ids": _ids(), "attention_mask": torch.ones(4, 10, dtype=torch.long)})

@@ -250,7 +250,14 @@ def test_validation_covers_batch_sequence_and_padding(tiny_checkpoint):
             "qg_usermodels:no_inputs",
             "needs an attribute `example_inputs`, a dict of input name -> tensor",
         ),
-        ("qg_usermodels:non_tensor_output", "forward returned int among its outputs"),
+        ("qg_usermodels:non_tensor_output", "forward returned 'output_1' as int among its"),
+        (  # the output named, and how to keep the others
+            "qg_usermodels:none_loss",
+            "forward returned 'loss' as None among its outputs; expected only tensors (a tensor, "
+            "a tuple of tensors or a dict of tensors). Return Python values as tensors, or leave "
+            "them out (where forward returns a dict or a dataclass, output_names = ['logits'] on "
+            "the module keeps only those).",
+        ),
         ("qg_usermodels:nan_output", "gives NaN in PyTorch"),
     ],
 )
