@@ -216,14 +216,17 @@ def tracer_notes(caught: Sequence[warnings.WarningMessage]) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def tracer_advice(notes: Sequence[str]) -> str:
-    """What the tracer's notes mean for a user, in one paragraph."""
+def tracer_advice(notes: Sequence[str], *, dynamo_untried: bool = True) -> str:
+    """What the tracer's notes mean for a user, in one paragraph; ``dynamo_untried``: the
+    dynamo exporter is still to suggest (it was not tried, nor is it next)."""
     return (
         "the legacy exporter's tracer fixed values computed from tensors as constants at "
         + "; ".join(notes)
         + ". The graph keeps what the example batch gave there (the branch it took, the "
-        "length it had). Where that depends on the data or the sequence length, compute it "
-        "with tensor operations (torch.where, a mask) instead, or export with --exporter dynamo."
+        "length it had): check that it depends on neither the data nor the sequence length "
+        "(unpacking an axis of a fixed size, q, k, v = qkv.unbind(0), depends on neither). "
+        "Where it does, compute it with tensor operations (torch.where, a mask) instead"
+        + (", or export with --exporter dynamo." if dynamo_untried else ".")
     )
 
 

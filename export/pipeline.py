@@ -316,7 +316,8 @@ def _export_one(
         model, raw, exporter=exporter, example=example, outputs=outputs, opset=cfg.opset
     )
     _stage(on_progress, f"validating at {len(cases)} shapes", 3)
-    with _explained(notes):
+    # under --exporter auto the dynamo exporter is tried next where this one fails
+    with _explained(notes, dynamo_next=cfg.exporter is Exporter.AUTO):
         raw_report = check(raw, cases, refs)
     if notes:  # validated, yet only at these shapes and rows: the user should know where
         log.warning(
@@ -340,9 +341,10 @@ def _export_one(
 
 
 @contextlib.contextmanager
-def _explained(notes: tuple[str, ...]) -> Iterator[None]:
+def _explained(notes: tuple[str, ...], *, dynamo_next: bool) -> Iterator[None]:
     """A validation failure of a graph whose tracer fixed Python values names those places
-    first: they are the likely cause (a branch or a length taken from the example batch)."""
+    first: they are the likely cause (a branch or a length taken from the example batch).
+    ``dynamo_next``: the dynamo exporter is tried next, and not to be suggested."""
     try:
         yield
     except ValidationError as e:
@@ -352,7 +354,7 @@ def _explained(notes: tuple[str, ...]) -> Iterator[None]:
         raise ValidationError(
             f"{first.rstrip('.')}. Likely cause: the tracer fixed values computed from "
             f"tensors at {notes[0]}",
-            [*e.failures, tracer_advice(notes)],
+            [*e.failures, tracer_advice(notes, dynamo_untried=not dynamo_next)],
         ) from e
 
 

@@ -791,6 +791,7 @@ def test_a_length_read_from_the_data_is_found_beyond_the_example_s_width(tmp_pat
         f"Likely cause: the tracer fixed values computed from tensors at qg_usermodels.py:{line} `{code}`"
         in first
     )
+    assert "or export with --exporter dynamo." in str(e.value)  # --exporter legacy: untried
 
     result = export_fp32("qg_usermodels:truncates", tmp_path / "a", cfg=ExportConfig())
     assert result.exporter.value == "dynamo"
@@ -856,6 +857,8 @@ def test_a_branch_on_tensor_data_is_refused_naming_its_line(cli, tmp_path):
         f"decides something in Python from the values of a tensor (at qg_usermodels.py:{line}: `{code}`)"
         in err
     )
+    # tried already: not suggested (it was, after the legacy graph's failure)
+    assert "or export with --exporter dynamo" not in err
     no_leftovers(tmp_path)
 
 
