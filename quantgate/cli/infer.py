@@ -37,8 +37,9 @@ def infer(
             metavar="NAME=JSON",
             help=(
                 "NAME=JSON, e.g. -i 'input_ids=[[5, 7, 9]]'; NAME=@FILE reads the JSON from "
-                "a file, NAME=- from standard input. A missing attention_mask is all ones, a "
-                "missing token_type_ids all zeros."
+                "a file, NAME=- from standard input. Given input_ids, a missing "
+                "attention_mask is all ones, a missing token_type_ids all zeros (as a "
+                "tokenizer gives them)."
             ),
         ),
     ] = None,
