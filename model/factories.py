@@ -29,6 +29,7 @@ from quantgate.model.loaders import (
     brief,
     by_name,
     did_you_mean,
+    double_precision,
     half_precision,
     unsupported_return,
 )
@@ -155,6 +156,12 @@ def _from_factory(
             f"{spec}: the module's weights are in {stored}; quantgate exports float32 (and "
             "makes its FP16 and INT8 variants from it). Return `module.float()` from the "
             "factory: float32 holds every bfloat16 and float16 value exactly."
+        )
+    if wide := double_precision(module, example):  # an "fp32" bundle INT8 finds nothing in
+        raise ModelLoadError(
+            f"{spec}: {wide}; quantgate exports float32 and makes its FP16 and INT8 variants "
+            "from it (ONNX Runtime quantizes float32 weights only). Return `module.float()` "
+            "from the factory, and float example_inputs as float32 (`x.float()`)."
         )
     module.eval()
     pads = _factory_attributes(spec, module, arrays)

@@ -370,12 +370,30 @@ HALF = (torch.bfloat16, torch.float16)
 def half_precision(module: nn.Module) -> str:
     """The 16-bit float dtypes among ``module``'s weights and buffers, as text ("" if none):
     quantgate's reference is float32, its FP16 and INT8 variants made from it, and float32
-    holds every bfloat16 and float16 value exactly. (A float64 buffer kept on purpose is
-    the module's own business.)"""
+    holds every bfloat16 and float16 value exactly. (Float64: ``double_precision``.)"""
     tensors = (*module.parameters(), *module.buffers())
     return ", ".join(
         sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.dtype in HALF})
     )
+
+
+def double_precision(module: nn.Module, example: Mapping[str, torch.Tensor]) -> str:
+    """What of ``module``'s parameters and ``example`` inputs is float64, said ("" if none).
+    Exported so, the model is float64 through and through, an "fp32" bundle that ONNX
+    Runtime's quantizer (float32 weights only) finds nothing to quantize in, with advice to
+    skip INT8. (A float64 buffer kept on purpose, a constant, is the module's own
+    business.)"""
+    weights = [n for n, p in module.named_parameters() if p.dtype == torch.float64]
+    inputs = [repr(n) for n, t in example.items() if t.dtype == torch.float64]
+    found = []
+    if weights:
+        more = f" and {len(weights) - 3} more" if len(weights) > 3 else ""
+        found.append(f"the module's weights ({', '.join(weights[:3])}{more})")
+    if inputs:
+        found.append(f"example_inputs {', '.join(inputs)}")
+    if not found:
+        return ""
+    return f"{' and '.join(found)} {'are' if weights or len(inputs) > 1 else 'is'} in float64"
 
 
 def read_json(path: Path, kind: type[dict] | type[list], what: str) -> Any:

@@ -435,6 +435,49 @@ def test_a_float64_buffer_is_the_modules_own_business():
     assert load_model("qg_usermodels:float64_buffer").task == "custom"
 
 
+class Scores(torch.nn.Module):
+    """Token ids, or features cast to the weights' dtype, to 3 scores."""
+
+    def __init__(self, example_inputs):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+        self.head = torch.nn.Linear(4, 3)
+        self.example_inputs = example_inputs
+
+    def forward(self, input_ids=None, features=None):
+        x = self.emb(input_ids) if features is None else features.to(self.head.weight.dtype)
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize(
+    ("weights", "inputs", "found"),
+    [
+        (torch.float64, "input_ids", "the module's weights (emb.weight, head.weight, head.bias) are"),
+        (torch.float32, "features", "example_inputs 'features' is"),
+        (torch.float64, "features", "weights (emb.weight, head.weight, head.bias) and "
+                                    "example_inputs 'features' are"),
+    ],
+)  # fmt: skip
+def test_a_float64_model_is_refused_up_front(weights, inputs, found):
+    """`module.double()` exported as "fp32" in float64, then INT8 quantized nothing (ONNX
+    Runtime's quantizer takes float32 weights) and said to export with --no-quantize."""
+    example = {
+        "input_ids": torch.tensor([[1, 2, 3], [4, 5, 6]]),
+        "features": torch.rand(2, 3, 4, dtype=torch.float64),
+    }
+    model = Scores({inputs: example[inputs]}).to(weights)
+    with pytest.raises(ModelLoadError) as e:
+        load_model(model)
+    said = str(e.value)
+    assert f"{found} in float64; quantgate exports float32" in said, said
+    assert said.endswith(
+        "Return `module.float()` from the factory, and float example_inputs as float32 "
+        "(`x.float()`)."
+    )
+    as_told = example[inputs].float() if inputs == "features" else example[inputs]
+    assert load_model(Scores({inputs: as_told}).float()).outputs == ("output",)
+
+
 def test_a_python_file_without_its_function_is_told_to_name_it(tmp_path):
     f = tmp_path / "mymodel.py"
     f.write_text("def make():\n    return None\n")
