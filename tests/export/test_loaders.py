@@ -1004,3 +1004,17 @@ def test_an_encoder_decoder_without_an_encoder_class_is_told_to_export_a_factory
     bart = tiny_bert(tmp_path / "bart", BartModel, BartConfig, encoder_layers=1, decoder_layers=1)
     with pytest.raises(ModelLoadError, match=r"encoder-decoder model \(BartModel\).* a factory"):
         load_model(bart)
+
+
+def test_a_checkpoint_saved_in_float64_is_exported_in_float32_and_said(tiny_bert, tmp_path, caplog):
+    """transformers loads a checkpoint in the dtype it was saved in: a float64 one exported as
+    an "fp32" bundle of float64, which ONNX Runtime's quantizer (float32 weights only) found
+    nothing in. Cast, as 16-bit ones are, and said: float64 rounds."""
+    from transformers import BertConfig, BertModel
+
+    path = tiny_bert(tmp_path / "f64", BertModel, BertConfig)
+    BertModel.from_pretrained(path).double().save_pretrained(path)
+    with caplog.at_level("WARNING"):
+        model = load_model(path)
+    assert {p.dtype for p in model.module.parameters()} == {torch.float32}
+    assert "weights stored in float64, exported in float32 (rounded" in caplog.text
