@@ -1383,7 +1383,9 @@ def test_fp32s_own_nan_on_an_evaluation_row_is_refused_not_blamed_on_the_candida
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(40, 4)).astype(np.float32)
     logits[3, 1] = np.nan
-    with pytest.raises(DataError, match=r"FP32 itself answers NaN or infinity in 'logits' on 1 of 40 "):
+    with pytest.raises(
+        DataError, match=r"FP32 itself answers NaN or infinity in 'logits' on 1 of 40 "
+    ):
         check_evaluation(Outputs(["logits"], [{"logits": logits}], [None], rows=40),
                          "sequence-classification")  # fmt: skip
     hidden = rng.normal(size=(40, 6, 8)).astype(np.float32)
