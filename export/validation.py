@@ -614,5 +614,22 @@ def _compare(
     return [
         f"{case.describe()}: {name} differs at {int(bad.sum())} of {bad.size} values; "
         f"max abs diff {diffs[name]:.3g} (at {list(map(int, where))}: ONNX Runtime "
-        f"{g[where]:.6g}, PyTorch {r[where]:.6g})"
+        f"{g[where]:.6g}, PyTorch {r[where]:.6g})" + _at_padding_only(case, bad)
     ]
+
+
+def _at_padding_only(case: Case, bad: np.ndarray) -> str:
+    """What to say where every value of an output that differs lies at a padded position
+    (the attention mask 0 there): the model's own answer there, PyTorch's fast path's."""
+    mask = case.feeds.get(MASK)
+    if mask is None or not case.padded_rows or bad.ndim < 2 or bad.shape[:2] != mask.shape:
+        return ""
+    real = mask.astype(bool).reshape(mask.shape + (1,) * (bad.ndim - 2))
+    if (bad & real).any():
+        return ""
+    return (
+        "; only at padded positions (attention_mask 0), which the server cuts from every "
+        "answer, but where the model answers otherwise in PyTorch than its graph does: "
+        "nn.TransformerEncoder's fast path (nested tensors) answers 0 there; build it with "
+        "enable_nested_tensor=False"
+    )

@@ -441,6 +441,30 @@ def eigenvalues() -> nn.Module:
     return Eigenvalues({"input_ids": _ids()})
 
 
+class MaskedTorchEncoder(nn.Module):
+    """nn.TransformerEncoder with its padding mask: in eval mode its fast path (nested
+    tensors) answers exactly 0 at padded positions, which no exported graph does."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1)
+        ids = _ids()
+        mask = torch.ones_like(ids)
+        mask[1:, 6:] = 0
+        self.example_inputs = {"input_ids": ids, "attention_mask": mask}
+        self.max_seq_len = 32
+
+    def forward(self, input_ids, attention_mask):
+        return self.enc(self.emb(input_ids), src_key_padding_mask=attention_mask == 0)
+
+
+def masked_torch_encoder() -> nn.Module:
+    torch.manual_seed(0)
+    return MaskedTorchEncoder().eval()
+
+
 class Scored(NamedTuple):
     logits: torch.Tensor
     pooled: torch.Tensor

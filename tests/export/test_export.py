@@ -936,6 +936,18 @@ def test_the_legacy_exporters_graph_dump_is_kept_out_of_the_terminal(tmp_path):
     assert "operators ONNX has" in r.stderr  # the reason, said
 
 
+def test_a_mismatch_at_padded_positions_only_says_so(tmp_path):
+    """nn.TransformerEncoder's fast path answers 0 at padded positions, which no graph does:
+    every mismatch there, and the message said nothing of it."""
+    with pytest.raises(ValidationError) as e:
+        export_fp32("qg_usermodels:masked_torch_encoder", tmp_path / "t",
+                    cfg=ExportConfig(exporter="dynamo", optimize=False))  # fmt: skip
+    said = " ".join(str(e.value).split())
+    assert "padded (batch 4, sequence 32, 3 rows padded): output differs at" in said, said
+    assert "; only at padded positions (attention_mask 0), which the server cuts" in said
+    assert "build it with enable_nested_tensor=False" in said
+
+
 def test_a_max_seq_len_the_model_cannot_take_is_refused(cli, tmp_path):
     r = cli("export", "--no-quantize", "qg_usermodels:short_positions", "--out", tmp_path / "b")
     assert r.code == 2
