@@ -57,12 +57,42 @@ def factory_of(spec: str) -> tuple[ModuleType, Callable[[], Any]]:
     factory = getattr(mod, func_name, None)
     if not callable(factory):
         if mod_name.endswith(".py"):
-            raise ModelLoadError(f"{spec}: module {mod_name!r} has no callable {func_name!r}")
+            raise ModelLoadError(
+                f"{spec}: module {mod_name!r} has no callable {func_name!r}"
+                + _meant(mod, func_name)
+            )
         raise ModelLoadError(
             f"{spec}: module {mod_name!r} ({_file_of(mod)}) has no callable {func_name!r}"
-            + _not_the_local_file(mod, mod_name, func_name)
+            + (_not_the_local_file(mod, mod_name, func_name) or _meant(mod, func_name))
+        )
+    if needs := [
+        name
+        for name, p in _parameters(factory).items()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]:
+        raise ModelLoadError(
+            f"{spec}: the factory takes arguments ({', '.join(needs)}), and quantgate calls it "
+            f"with none: give them defaults, or name a function that calls it with them "
+            f"(def make(): return {func_name}(...))"
         )
     return mod, factory
+
+
+def _parameters(factory: Callable) -> Mapping[str, inspect.Parameter]:
+    """``factory``'s parameters; none where Python cannot tell them (a builtin, a C type)."""
+    try:
+        return inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+def _meant(mod: ModuleType, func_name: str) -> str:
+    """The module's callable ``func_name`` is probably a misspelling of, said; else ""."""
+    from quantgate.configs import closest
+
+    names = {n for n, v in vars(mod).items() if callable(v) and not n.startswith("_")}
+    found = closest(func_name, names)
+    return f"; did you mean {found!r}?" if found else ""
 
 
 def _file_of(mod: ModuleType) -> str:

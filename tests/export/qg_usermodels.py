@@ -188,6 +188,10 @@ def non_tensor_output() -> nn.Module:
     return ReturnsAnInt({"input_ids": _ids()})
 
 
+def needs_arguments(vocab, width=8) -> nn.Module:
+    return Pooler({"input_ids": _ids()})
+
+
 def none_loss() -> nn.Module:
     """Hugging Face's style without labels: {"loss": None, "logits": ...}."""
 

@@ -251,6 +251,15 @@ def test_validation_covers_batch_sequence_and_padding(tiny_checkpoint):
             "needs an attribute `example_inputs`, a dict of input name -> tensor",
         ),
         ("qg_usermodels:non_tensor_output", "forward returned 'output_1' as int among its"),
+        (
+            "qg_usermodels:non_tensor_outptu",
+            "no callable 'non_tensor_outptu'; did you mean 'non_tensor_output'?",
+        ),  # fmt: skip
+        (
+            "qg_usermodels:needs_arguments",
+            "the factory takes arguments (vocab), and quantgate "
+            "calls it with none: give them defaults",
+        ),  # fmt: skip
         (  # the output named, and how to keep the others
             "qg_usermodels:none_loss",
             "forward returned 'loss' as None among its outputs; expected only tensors (a tensor, "
