@@ -274,4 +274,10 @@ def _print_export(bundle) -> None:
         out.print(f"  {line}", highlight=False)
     for output, diff in val["max_abs_diff"].items():
         out.print(f"  {output}: max abs diff {diff:.2e} over {len(val['cases'])} shapes")
+    if longest := bundle.manifest.max_seq_len:  # a factory's: its example's width, unless set
+        out.print(
+            f"  longest input: {longest} tokens (the server refuses longer; --max-seq-len, or "
+            "a factory's max_seq_len, sets it)",
+            highlight=False,
+        )
     out.print(f"  fusions: {fusions(e)}")

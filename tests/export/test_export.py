@@ -101,6 +101,8 @@ def test_cli_exports_the_builtin_checkpoint(cli, tiny_checkpoint, tmp_path, priv
     r = cli("export", "--no-quantize", tiny_checkpoint, "--out", out)
     assert r.code == 0, r.stderr
     assert "max abs diff" in r.stdout and "SkipLayerNormalization" in r.stdout
+    # what the server will refuse, said (a factory's was only in inspect: its example's width)
+    assert "  longest input: 64 tokens (the server refuses longer; --max-seq-len" in r.stdout
     # off a terminal, a line per step finished, counted without a jump; the bundle's writing
     # a step of its own
     steps = [re.sub(r" \(\d+\.\d s\)$", "", line) for line in r.stderr.splitlines()]
