@@ -11,7 +11,6 @@ import collections
 import contextlib
 import csv
 import json
-import os
 import re
 import shlex
 import shutil
@@ -160,6 +159,16 @@ def timed(fn, seconds: float, warmup: int = 5) -> list[float]:
 # -- a `quantgate serve` subprocess ---------------------------------------------------------
 
 
+# Runs a command on the CPUs its first argument names (as `taskset -c` would). Not a
+# preexec_fn: Python code in the forked child runs this process's at-fork handlers, and
+# gRPC's, with clients of other servers open, broke the child's start now and then
+# ("epoll_wait error: Bad file descriptor", the server gone).
+_PINNED = (
+    "import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); "
+    "os.execvp(sys.argv[2], sys.argv[2:])"
+)
+
+
 class Server:
     """`quantgate serve BUNDLE --host 127.0.0.1 --port 0 ARGS` in a subprocess, up once it
     prints the port it listens on; SIGTERM (then SIGKILL after 60 s) on exit.
@@ -184,15 +193,10 @@ class Server:
         cmd = [*cli, "serve", str(bundle), "--host", "127.0.0.1", "--port", "0", *args]
         self.args = cmd[len(cli) :]
         self.log = log
+        if cpus is not None:  # pinned before the server starts: every thread it makes too
+            cmd = [sys.executable, "-c", _PINNED, ",".join(map(str, cpus)), *cmd]
         with open(log, "w") if log else contextlib.nullcontext(subprocess.STDOUT) as stderr:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-                # in the child before exec: the mask passes to every thread it starts
-                preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
-            )
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
         self.lines: collections.deque[str] = collections.deque(maxlen=50)
         self.serving: list[str] = []  # the server's "serving ..." lines: what it chose
         self._up = threading.Event()
