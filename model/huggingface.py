@@ -24,6 +24,7 @@ from quantgate.model.loaders import (
     TupleOutputs,
     brief,
     did_you_mean,
+    double_precision,
     half_precision,
     hash_files,
     read_json,
@@ -361,7 +362,7 @@ def _hf_model(path: Path, task: str, archs: Sequence[str]) -> Any:  # a PreTrain
     if stored := half_precision(model):  # transformers loads a checkpoint in the dtype it was saved
         log.info("%s: weights stored in %s, exported in float32 (exactly)", path, stored)
         model.float()
-    elif any(w.dtype == torch.float64 for w in model.parameters()):
+    elif double_precision(model, {}):  # its weights
         log.warning(  # float32 is the reference: ONNX Runtime quantizes float32 weights only
             "%s: weights stored in float64, exported in float32 (rounded: validation compares "
             "with the float32 model)",

@@ -431,14 +431,20 @@ def _directory_identity(path: Path) -> tuple[int, int] | None:
 
 def _missing(path: Path) -> str:
     """What to do about a bundle that is not there: put back the one a killed quantgate left
-    aside while replacing it (``fsutil.asides``), else export one."""
+    aside (``left_aside``), else export one."""
+    return left_aside(path) or "Create one with `quantgate export`."
+
+
+def left_aside(path: Path) -> str | None:
+    """Where the bundle that was at ``path`` is, and how to put it back, where a quantgate
+    process died while replacing it and left it aside (``fsutil.asides``); else None."""
     if left := asides(resolve_target(path)):  # a link's target: where writes go
         return (
             f"A quantgate process that died while replacing it left the bundle that was there "
             f"at {left[0]}: move it back (mv {left[0]} {path}), or export to it or re-gate "
             "it: either puts it back first."
         )
-    return "Create one with `quantgate export`."
+    return None
 
 
 def _read(path: Path, verify: bool) -> Bundle:

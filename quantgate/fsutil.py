@@ -561,11 +561,12 @@ def size_said(n: float) -> str:
     below 10, whole numbers above; 999,999 bytes is "1 MB", not "1000 kB")."""
     if n < 1000:
         return f"{n:.0f} bytes"
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        shown = float(f"{n / scale:.2g}") if n < 10 * scale else round(n / scale)
-        if shown >= 1:
-            return f"{shown:g} {unit}" if shown < 10 else f"{shown:.0f} {unit}"
-    raise AssertionError("unreachable: 1,000 bytes and more are at least 1 kB")
+    in_ = lambda scale: float(f"{n / scale:.2g}") if n < 10 * scale else round(n / scale)  # noqa: E731
+    unit, shown = next(
+        ((u, v) for u, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)) if (v := in_(scale)) >= 1),
+        ("kB", in_(1e3)),  # 1,000 bytes and more are at least 1 kB
+    )
+    return f"{shown:g} {unit}" if shown < 10 else f"{shown:.0f} {unit}"
 
 
 def _read_only(out: Path) -> str | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from quantgate import bundle as qb
 from quantgate.errors import BadRequest, ModelNotFound, QuantgateError, ServeError, quoted
-from quantgate.fsutil import asides, gone_cwd, resolve_target
+from quantgate.fsutil import gone_cwd
 from quantgate.schema import printable_name, unprintable
 from quantgate.serve.config import ServeConfig
 from quantgate.serve.runtime import Model, open_model
@@ -146,14 +146,11 @@ def _check_root(root: Path) -> None:
     if gone := gone_cwd(root):
         raise ServeError(gone)
     if not root.exists():
-        left = asides(resolve_target(root))  # a link's target: where writes go
         raise ServeError(
             f"{root} does not exist; expected a bundle or a folder of bundles. "
             + (
-                f"A quantgate process that died while replacing it left the bundle that was "
-                f"there at {left[0]}: move it back (mv {left[0]} {root})."
-                if left
-                else "Create a bundle with `quantgate export`, or pass the path of one."
+                qb.left_aside(root)
+                or "Create a bundle with `quantgate export`, or pass the path of one."
             )
         )
     if not root.is_dir():

@@ -255,13 +255,13 @@ def infer(
         metadata = _metadata(
             client, named, version, bundle_dir if model is None else None, tls_flags
         )
-        served = client.config(named, version).parameters if classes or bundle else None
+        # ModelConfig, asked once and only where needed: --bundle and --classes check the
+        # served model, and more rows than its max batch size go in several requests
+        config = functools.cache(lambda: client.config(named, version))
         if bundle is not None:
-            assert served is not None
-            _check_served_from(bundle, named, metadata, served, texts=bool(texts))
+            _check_served_from(bundle, named, metadata, config().parameters, texts=bool(texts))
         if classes:  # the task the server says, whatever --bundle's is
-            assert served is not None
-            _refuse_classes_of(served["task"].string_value, f"model {named!r}")
+            _refuse_classes_of(config().parameters["task"].string_value, f"model {named!r}")
         spec = {t.name: t for t in metadata.inputs}
         # tags: a token classifier's class names and tokens read; places: a question
         # answerer's tokens' places in the text, and each row's text where a context was
@@ -287,7 +287,7 @@ def infer(
         wanted = tuple(outputs or ())
         if classes:
             wanted = _classified(metadata.outputs, wanted)
-        answer = _infer(client, named, version, feeds, wanted, classes)
+        answer = _infer(client, config, named, version, feeds, wanted, classes)
     if as_json:  # with each row's pair, where a long context was read in windows
         _print_json(named, answer, None if places is None else places[1])
         return
@@ -321,13 +321,16 @@ def infer(
             )
 
 
-def _infer(client, named: str, version: str, feeds: dict, wanted: tuple, classes: int) -> dict:
-    """``client.infer``, in requests of at most the model's max batch size where the rows are
-    more (a long context's windows, many --text): the server refuses a larger one."""
+def _infer(
+    client, config, named: str, version: str, feeds: dict, wanted: tuple, classes: int
+) -> dict:
+    """``client.infer``, in requests of at most the model's max batch size (``config()``, its
+    ModelConfig) where the rows are more (a long context's windows, many --text): the
+    server refuses a larger one."""
     import numpy as np
 
     rows = len(next(iter(feeds.values()), ()))
-    largest = client.config(named, version).max_batch_size if rows > 1 else 0
+    largest = config().max_batch_size if rows > 1 else 0
     if largest < 1 or rows <= largest:  # 0: not batched, the request is the whole input
         return client.infer(named, feeds, version=version, outputs=wanted, classes=classes)
     parts = [
