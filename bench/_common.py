@@ -7,6 +7,7 @@ maps the source tree to quantgate.*.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import csv
@@ -71,6 +72,20 @@ def write_section(name: str, text: str, *, heading: str, doc: Path = BENCHMARKS)
     tmp = doc.with_name(f".{doc.name}.tmp")
     tmp.write_text(body)
     tmp.replace(doc)
+
+
+def fine_tuning_args(doc: str, steps: int, batch: str) -> argparse.Namespace:
+    """The command line of a bench that fine-tunes MiniLM, then exports and measures it:
+    --steps (of ``batch``, "16 pairs"), --out to keep its files, --doc / --no-write."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--steps", type=int, default=steps, help=f"fine-tuning steps of {batch}")
+    ap.add_argument("--out", type=Path, help="keep the model, data and bundle here")
+    ap.add_argument("--doc", type=Path, default=BENCHMARKS)
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args()
+    if args.steps < 1:
+        ap.error(f"--steps: expected 1 or more, got {args.steps}")
+    return args
 
 
 def train(model, optimizer, steps: int, loss_at, schedule=None) -> list[float]:

