@@ -182,7 +182,6 @@ def export(
         work_dir("quantgate-export-") as work,
     ):
         result = export_fp32(model_spec, Path(work), cfg=cfg, on_progress=on_progress)
-        _stage(on_progress, "validated", EXPORT_STEPS)
         with writing(on_progress):
             bundle = write_bundle(result, out, name=cfg.name, force=force)
     return bundle
@@ -214,16 +213,16 @@ def export_fp32(
     """Load (unless ``model_spec`` is loaded already, by ``load``), export, validate, fuse and
     validate again; the files stay in ``workdir`` (created when missing)."""
     require(cfg, ExportConfig, "cfg")
-    on_progress = on_progress or no_progress
+    stage = _Steps(on_progress or no_progress)
     t0 = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if isinstance(model_spec, LoadedModel):
         model = model_spec
     else:
-        _stage(on_progress, "loading the model", 0)
+        stage("loading the model", 0)
         model = load(model_spec, cfg)
-    _stage(on_progress, "running PyTorch on the samples", 1)
+    stage("running PyTorch on the samples", 1)
     cases = tuple(build_cases(model, mid_batch=cfg.mid_batch))
     refs = tuple(reference_outputs(model, cases))
     outputs = output_specs(model.outputs, cases, refs)
@@ -270,7 +269,7 @@ def export_fp32(
 
     for exporter in order:
         try:
-            made = _export_one(model, workdir, exporter, cases, refs, outputs, cfg, on_progress)
+            made = _export_one(model, workdir, exporter, cases, refs, outputs, cfg, stage)
         except ExportError as e:  # ValidationError included: the next exporter may do better
             # ...but not on a full disk: say so, and do not spend minutes
             raise_if_full(e, workdir, f"the export ({exporter.value})")
@@ -284,8 +283,10 @@ def export_fp32(
             continue
         if unfused is not None:
             attempts.append(f"{unfused[0].value}: {unfused[1].optimizer_failed}")
+        stage("validated", EXPORT_STEPS)
         return result(exporter, made)
     if unfused is not None:
+        stage("validated", EXPORT_STEPS)
         return result(*unfused)
     raise _combine(errors, order)
 
@@ -304,18 +305,18 @@ def _export_one(
     refs: tuple[TorchOutputs, ...],
     outputs: tuple[TensorSpec, ...],
     cfg: ExportConfig,
-    on_progress: ProgressFn,
+    stage: _Steps,
 ) -> ExporterRun:
     check = functools.partial(
         validate, inputs=model.input_names, outputs=model.outputs, atol=cfg.atol, rtol=cfg.rtol
     )
     raw = workdir / f"{exporter.value}-export.onnx"
-    _stage(on_progress, f"exporting ({exporter.value})", 2)
+    stage(f"exporting ({exporter.value})", 2)
     example = cases[1]  # the middle batch: neither dim is 1, which tracers would specialise
     notes = to_onnx(
         model, raw, exporter=exporter, example=example, outputs=outputs, opset=cfg.opset
     )
-    _stage(on_progress, f"validating at {len(cases)} shapes", 3)
+    stage(f"validating at {len(cases)} shapes", 3)
     # under --exporter auto the dynamo exporter is tried next where this one fails
     with _explained(notes, dynamo_next=cfg.exporter is Exporter.AUTO):
         raw_report = check(raw, cases, refs)
@@ -329,13 +330,13 @@ def _export_one(
     if not cfg.optimize:
         return ExporterRun(raw, raw, raw_report, raw_report, {}, notes)
     fused_path = workdir / f"{exporter.value}-fused.onnx"
-    _stage(on_progress, "fusing (ONNX Runtime transformer optimizer)", 4)
+    stage("fusing (ONNX Runtime transformer optimizer)", 4)
     try:
         fusions = fuse(raw, fused_path, num_heads=model.num_heads, hidden_size=model.hidden_size)
     except OptimizerFailed as e:  # a fusion is a speed-up: the exporter's graph is validated
         log.info("%s exporter: %s", exporter.value, e)
         return ExporterRun(raw, raw, raw_report, raw_report, {}, notes, optimizer_failed=str(e))
-    _stage(on_progress, "validating the fused graph", 5)
+    stage("validating the fused graph", 5)
     fused_report = check(fused_path, cases, refs)
     return ExporterRun(fused_path, raw, fused_report, raw_report, fusions, notes)
 
@@ -350,9 +351,8 @@ def _explained(notes: tuple[str, ...], *, dynamo_next: bool) -> Iterator[None]:
     except ValidationError as e:
         if not notes:
             raise
-        first = str(e).splitlines()[0]
         raise ValidationError(
-            f"{first.rstrip('.')}. Likely cause: the tracer fixed values computed from "
+            f"{e.summary.rstrip('.')}. Likely cause: the tracer fixed values computed from "
             f"tensors at {notes[0]}",
             [*e.failures, tracer_advice(notes, dynamo_untried=not dynamo_next)],
         ) from e
@@ -362,10 +362,10 @@ def _combine(errors: list[ExportError], order: tuple[Exporter, ...]) -> ExportEr
     """One error for every exporter tried; a validation failure outranks an export failure."""
     if len(errors) == 1:
         return errors[0]
-    failures = [
+    failures = [  # each exporter's own summary, then its failures
         f"{exporter.value}: {line}"
         for exporter, e in zip(order, errors, strict=True)
-        for line in (getattr(e, "failures", None) or [str(e)])
+        for line in ([e.summary, *e.failures] if isinstance(e, ValidationError) else [str(e)])
     ]
     tried = ", ".join(e.value for e in order)
     if any(isinstance(e, ValidationError) for e in errors):
@@ -383,6 +383,21 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def _stage(on_progress: ProgressFn, what: str, done: int) -> None:
-    log.info("%s", what)
-    on_progress("export", done, EXPORT_STEPS, what)
+class _Steps:
+    """The "export" task's progress, ``stage(what, step)`` of EXPORT_STEPS, counted only
+    forward: an exporter tried after another failed goes through steps 3 to 6 again, and
+    these are counted as steps added to the total, not as the count going back."""
+
+    def __init__(self, on_progress: ProgressFn):
+        self._on_progress = on_progress
+        self._added = 0  # steps the failed exporters took
+        self._last = -1
+
+    def __call__(self, what: str, step: int) -> None:
+        done = step + self._added
+        if done <= self._last:
+            self._added += self._last + 1 - done
+            done = self._last + 1
+        self._last = done
+        log.info("%s", what)
+        self._on_progress("export", done, EXPORT_STEPS + self._added, what)

@@ -93,6 +93,7 @@ class ValidationError(ExportError):
     exit_code = 3
 
     def __init__(self, message: str, failures: list[str] | None = None):
+        self.summary = message  # what failed, without the list
         self.failures = list(failures or [])
         if self.failures:
             message = message + "\n" + "\n".join(f"  - {f}" for f in self.failures)

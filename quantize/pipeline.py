@@ -184,11 +184,8 @@ def _load(model_spec: ModelSpec, cfg: ExportConfig, emit: ProgressFn) -> LoadedM
 def _export(model: LoadedModel, work: Path, cfg: ExportConfig, emit: ProgressFn) -> ExportResult:
     """The validated FP32 export, its steps shown as the "export" task."""
     from quantgate.export import export_fp32
-    from quantgate.export.pipeline import EXPORT_STEPS
 
-    result = export_fp32(model, work, cfg=cfg, on_progress=emit)
-    emit("export", EXPORT_STEPS, EXPORT_STEPS, "validated")
-    return result
+    return export_fp32(model, work, cfg=cfg, on_progress=emit)
 
 
 def _variants(
