@@ -113,6 +113,9 @@ class Outputs:
     contexts: list[np.ndarray | None] = field(default_factory=list)
     # each batch's ``Batch.windows``: a question answerer's pairs read in windows, a row each
     windows: list[np.ndarray | None] = field(default_factory=list)
+    # each batch's ``Batch.rows``: its rows' indices in the arrays they were read from, where
+    # known (for messages: the gates' order is by length)
+    indices: list[np.ndarray | None] = field(default_factory=list)
 
     def stacked(self, name: str) -> np.ndarray:
         return np.concatenate([b[name] for b in self.batches])
@@ -157,6 +160,7 @@ def collect(
         out.segments.append(batch.feeds.get(TYPE_IDS))
         out.contexts.append(batch.context)
         out.windows.append(batch.windows)
+        out.indices.append(batch.rows)
         if batch.labels is not None:
             labels.append(batch.labels)
         out.rows += len(values[0])
@@ -628,20 +632,30 @@ def _check_fp32_answers(reference: Outputs) -> None:
     a real token; -infinity is a masked score's, which the gates excuse where both models
     give it): no gate can compare a candidate with it there, and each would blame the
     candidate (an identical model failed with "rows with non-finite candidate scores")."""
+    indices = reference.indices or [None] * len(reference.batches)
     for name in reference.names:
-        rows = 0
-        for batch, mask in zip(reference.batches, reference.masks, strict=True):
+        rows, named = 0, []
+        for batch, mask, index in zip(reference.batches, reference.masks, indices, strict=True):
             a = np.atleast_1d(batch[name])
             if a.dtype.kind != "f":
                 continue
             bad = np.isnan(a) | np.isposinf(a)
             if mask is not None and _per_token(name, a, mask):  # padding: no gate reads it
                 bad &= mask.astype(bool).reshape(mask.shape + (1,) * (a.ndim - 2))
-            rows += int(bad.reshape(len(a), -1).any(1).sum())
+            bad_rows = bad.reshape(len(a), -1).any(1)
+            rows += int(bad_rows.sum())
+            named.append(None if index is None else index[bad_rows])
         if rows:
+            which = f"{rows} of {reference.rows} evaluation row(s)"
+            if named and all(n is not None for n in named):  # read whole: rows a user can find
+                found = np.sort(np.concatenate(named))
+                which += (
+                    f" (indices as in its arrays, from 0: {', '.join(map(str, found[:5]))}"
+                    f"{f', ... {len(found) - 5} more' if len(found) > 5 else ''})"
+                )
             raise DataError(
-                f"FP32 itself answers NaN or infinity in {name!r} on {rows} of {reference.rows} "
-                "evaluation row(s): no gate can compare a candidate with it there. Check the "
+                f"FP32 itself answers NaN or infinity in {name!r} on {which}: no gate can "
+                "compare a candidate with it there. Check the "
                 "model on those inputs (an overflow, an input it was not made for), or leave "
                 "them out of --eval"
             )

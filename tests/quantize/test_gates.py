@@ -1411,6 +1411,15 @@ def test_fp32s_own_nan_on_an_evaluation_row_is_refused_not_blamed_on_the_candida
     logits[3, 1] = -np.inf
     check_evaluation(Outputs(["logits"], [{"logits": logits}], [None], rows=40),
                      "sequence-classification")  # fmt: skip
+    # rows read whole (an .npz) are named by their indices there, not by the gates' order
+    logits[[3, 25], 0] = np.nan
+    order = rng.permutation(40)
+    halves = [{"logits": logits[:20]}, {"logits": logits[20:]}]
+    named = Outputs(["logits"], halves, [None, None], rows=40, indices=[order[:20], order[20:]])
+    found = ", ".join(map(str, sorted([order[3], order[25]])))
+    with pytest.raises(DataError, match=rf"on 2 of 40 evaluation row\(s\) \(indices as in its "
+                       rf"arrays, from 0: {found}\)"):  # fmt: skip
+        check_evaluation(named, "sequence-classification")
     pooled = rng.normal(size=(40, 6)).astype(np.float32)  # 6 wide, in a batch of 6 tokens
     pooled[9, 5] = np.nan  # where the mask has padding
     with pytest.raises(DataError, match="'sentence_embedding' on 1 of 40"):
