@@ -634,7 +634,7 @@ def _check_fp32_answers(reference: Outputs) -> None:
     candidate (an identical model failed with "rows with non-finite candidate scores")."""
     indices = reference.indices or [None] * len(reference.batches)
     for name in reference.names:
-        rows, named = 0, []
+        rows, named, unknown = 0, [], False
         for batch, mask, index in zip(reference.batches, reference.masks, indices, strict=True):
             a = np.atleast_1d(batch[name])
             if a.dtype.kind != "f":
@@ -644,10 +644,13 @@ def _check_fp32_answers(reference: Outputs) -> None:
                 bad &= mask.astype(bool).reshape(mask.shape + (1,) * (a.ndim - 2))
             bad_rows = bad.reshape(len(a), -1).any(1)
             rows += int(bad_rows.sum())
-            named.append(None if index is None else index[bad_rows])
+            if index is None:
+                unknown = True
+            else:
+                named.append(index[bad_rows])
         if rows:
             which = f"{rows} of {reference.rows} evaluation row(s)"
-            if named and all(n is not None for n in named):  # read whole: rows a user can find
+            if named and not unknown:  # read whole: rows a user can find
                 found = np.sort(np.concatenate(named))
                 which += (
                     f" (indices as in its arrays, from 0: {', '.join(map(str, found[:5]))}"
