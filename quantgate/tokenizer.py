@@ -33,6 +33,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from quantgate.schema import described
+
 log = logging.getLogger(__name__)
 
 DOC_STRIDE = 128  # the most tokens two windows of a long context share (window_overlap)
@@ -403,24 +405,29 @@ def settings_problems(d: Any) -> list[str]:
     """What is wrong with a manifest's ``extra.huggingface.tokenizers`` (empty: nothing)."""
     where = "extra.huggingface.tokenizers"
     if not isinstance(d, dict):
-        return [f"{where}: expected an object, found {type(d).__name__}"]
+        return [f"{where}: expected an object, found {described(d)}"]
     expected = {
         "truncation_side": ("'left' or 'right'", lambda v: v in ("left", "right")),
         "pad_type_id": ("a whole number >= 0", lambda v: type(v) is int and v >= 0),
         "split_special_tokens": ("true or false", lambda v: isinstance(v, bool)),
-        "returns": (
-            f"a list of {', '.join(OPTIONAL_INPUTS)}",
-            lambda v: isinstance(v, list) and all(x in OPTIONAL_INPUTS for x in v),
-        ),
+        "returns": (f"a list of {', '.join(OPTIONAL_INPUTS)}", lambda v: isinstance(v, list)),
         "scores": (
             f"null or one of {', '.join(map(repr, SCORES))}",
             lambda v: v is None or v in SCORES,
         ),
     }
-    return [
-        f"{where}.{key}: expected {what}, found {d.get(key)!r}"
+    problems = [  # (only "scores" may be absent: its check takes None)
+        f"{where}: the field {key!r} is missing"
+        if key not in d
+        else f"{where}.{key}: expected {what}, found {described(d[key])}"
         for key, (what, ok) in expected.items()
         if not ok(d.get(key))
+    ]
+    returns = d.get("returns")
+    return problems + [  # each entry said, as "a list" alone would not say which is wrong
+        f"{where}.returns[{i}]: expected {' or '.join(OPTIONAL_INPUTS)}, found {described(x)}"
+        for i, x in enumerate(returns if isinstance(returns, list) else [])
+        if x not in OPTIONAL_INPUTS
     ]
 
 

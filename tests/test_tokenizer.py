@@ -272,15 +272,25 @@ def test_a_manifests_settings_are_checked_before_they_are_used():
     bad["scores"] = "rounded"
     del bad["split_special_tokens"]
     assert settings_problems(bad) == [
-        "extra.huggingface.tokenizers.truncation_side: expected 'left' or 'right', found 'up'",
-        "extra.huggingface.tokenizers.pad_type_id: expected a whole number >= 0, found -1",
-        "extra.huggingface.tokenizers.split_special_tokens: expected true or false, found None",
-        "extra.huggingface.tokenizers.returns: expected a list of token_type_ids, "
-        "attention_mask, found ['input_ids']",
+        "extra.huggingface.tokenizers.truncation_side: expected 'left' or 'right', found the "
+        "string 'up'",
+        "extra.huggingface.tokenizers.pad_type_id: expected a whole number >= 0, found the "
+        "number -1",
+        # a missing field said as schema says one, not as Python's None
+        "extra.huggingface.tokenizers: the field 'split_special_tokens' is missing",
         "extra.huggingface.tokenizers.scores: expected null or one of 'tokenizers', 'python', "
-        "found 'rounded'",
+        "found the string 'rounded'",
+        "extra.huggingface.tokenizers.returns[0]: expected token_type_ids or attention_mask, "
+        "found the string 'input_ids'",
     ]
-    assert settings_problems([]) == ["extra.huggingface.tokenizers: expected an object, found list"]
+    assert settings_problems([]) == [
+        "extra.huggingface.tokenizers: expected an object, found a list"  # schema.described's
+    ]
+    assert settings_problems({**good, "pad_type_id": None, "returns": {}}) == [
+        "extra.huggingface.tokenizers.pad_type_id: expected a whole number >= 0, found null",
+        "extra.huggingface.tokenizers.returns: expected a list of token_type_ids, "
+        "attention_mask, found an object",
+    ]
 
 
 def _gpt2_like(out):
