@@ -3,7 +3,7 @@
 Two steps, kept apart so that quantization can run between them::
 
     result = export_fp32(spec, workdir, cfg=cfg)      # files in workdir, nothing at --out
-    ... quantize / gate using result.onnx, result.cases, result.references ...
+    ... quantize and gate result.onnx (result.unfused_onnx, .inputs, .task) ...
     bundle = write_bundle(result, out, variants=[...]) # the only step that touches --out
 
 ``export(spec, out, cfg=cfg)`` runs both for an FP32-only bundle.

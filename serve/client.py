@@ -29,13 +29,14 @@ from quantgate.errors import (
     ConfigError,
     DeadlineExceeded,
     InferenceFailed,
+    QuantgateError,
     Unavailable,
 )
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import grpc_service_pb2_grpc as pb_grpc
 from quantgate.protos import model_config_pb2 as mc
 from quantgate.serve import codec
-from quantgate.serve.config import token_problem, url_problem
+from quantgate.serve.config import GRPC_TARGETS, token_problem, url_problem
 from quantgate.serve.dtypes import NUMPY, cast_exact
 from quantgate.serve.errors import from_status
 from quantgate.serve.tls import CERT, KEY, check_pair, read_pem
@@ -159,6 +160,7 @@ class Client:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = deadline(timeout)
         self._closed = False
+        self._max_batch_sizes: dict[tuple[str, str], int] = {}  # (model, version): Client.infer's
 
     def __enter__(self) -> Client:
         return self
@@ -244,8 +246,11 @@ class Client:
         ``classes`` > 0 asks for each named output's top classes instead of the tensor
         (Triton's classification extension): an array of ``b"value:index:label"`` strings.
 
-        The arrays returned are read-only views of the response's bytes (no copy);
-        ``.copy()`` one to change it in place.
+        Rows past the model's max batch size (its ``config``, asked once per model and
+        version) are sent in requests of that size, one after the other, each with the
+        call's deadline, and their answers joined. The arrays returned are read-only views
+        of the response's bytes (no copy) where one request was sent; ``.copy()`` one to
+        change it in place.
         """
         if not isinstance(inputs, Mapping):
             raise TypeError(
@@ -254,9 +259,49 @@ class Client:
             )
         if isinstance(outputs, str):
             outputs = (outputs,)
+        if classes and not outputs:
+            raise BadRequest("classes needs the outputs to classify: name them in outputs")
+        arrays = {name: np.asarray(value) for name, value in inputs.items()}
+        rows = {a.shape[0] if a.ndim else 0 for a in arrays.values()}
+        step = self._max_batch(model, version, rows.pop()) if len(rows) == 1 else 0
+        if not step:  # the server takes them whole, or says what is wrong with them
+            return self._infer(model, arrays, version, outputs, classes, timeout)
+        parts = [
+            self._infer(model, {k: a[i : i + step] for k, a in arrays.items()}, version,
+                        outputs, classes, timeout)
+            for i in range(0, len(next(iter(arrays.values()))), step)
+        ]  # fmt: skip
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def _max_batch(self, model: str, version: str | int, rows: int) -> int:
+        """The rows of one request where ``rows`` are more than ``model`` takes in one, else
+        0. Only then is its ModelConfig asked (kept for the next call); a server without
+        Triton's ModelConfig (another KServe v2 server's) is sent the rows whole."""
+        if rows <= 1:
+            return 0
+        key = (model, str(version))
+        if key not in self._max_batch_sizes:
+            try:
+                largest = self.config(model, version).max_batch_size
+            except QuantgateError as e:
+                if not str(e).startswith(grpc.StatusCode.UNIMPLEMENTED.name):
+                    raise
+                largest = 0
+            self._max_batch_sizes[key] = largest  # 0: not batched, a request is the input
+        largest = self._max_batch_sizes[key]
+        return largest if 0 < largest < rows else 0
+
+    def _infer(
+        self,
+        model: str,
+        arrays: Mapping[str, np.ndarray],
+        version: str | int,
+        outputs: Sequence[str],
+        classes: int,
+        timeout: float | None,
+    ) -> dict[str, np.ndarray]:
         request = pb.ModelInferRequest(model_name=model, model_version=str(version))
-        for name, value in inputs.items():
-            array = np.asarray(value)
+        for name, array in arrays.items():
             if array.dtype.byteorder == ">":  # (this package runs on little-endian hosts)
                 array = array.astype(array.dtype.newbyteorder("<"))  # the wire's order, exactly
             try:
@@ -269,8 +314,6 @@ class Client:
                 ) from None
             request.inputs.add(name=name, datatype=datatype, shape=array.shape)
             request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
-        if classes and not outputs:
-            raise BadRequest("classes needs the outputs to classify: name them in outputs")
         for name in outputs:
             output = request.outputs.add(name=name)
             if classes:
@@ -383,7 +426,7 @@ def connection_failed(details: str, url: str, *, tls: bool) -> ConnectionFailed 
     cause = next((c for c, pattern in CAUSES.items() if pattern.search(details)), None)
     if "failed to connect" not in details and cause in (None, "closed"):
         return None  # a connection lost mid-call (a server going away) is no TLS mistake
-    host = url.rsplit(":", 1)[0] if ":" in url else url
+    host = _host(url)
     verify = CAUSES["untrusted"].search(details)
     why = (verify.group(1) or "").strip() if verify else ""
     what, advice = {
@@ -431,6 +474,17 @@ def connection_failed(details: str, url: str, *, tls: bool) -> ConnectionFailed 
         ),
     }[cause]
     return ConnectionFailed(f"{what}. {advice}", cause or "unknown", what)
+
+
+def _host(url: str) -> str:
+    """The host name in ``url``: HOST:PORT's, or that of one of gRPC's own targets
+    (dns:///HOST:PORT, dns://RESOLVER/HOST:PORT, ipv4:ADDR:PORT)."""
+    target = url
+    if prefix := next((p for p in GRPC_TARGETS if url.startswith(p)), None):
+        target = url[len(prefix) :]
+        if target.startswith("//"):  # an authority: the resolver to ask, then the name
+            target = target[2:].partition("/")[2]
+    return target.rsplit(":", 1)[0] if ":" in target else target
 
 
 def _outputs(response: pb.ModelInferResponse, url: str) -> dict[str, np.ndarray]:

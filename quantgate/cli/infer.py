@@ -256,7 +256,7 @@ def infer(
             client, named, version, bundle_dir if model is None else None, tls_flags
         )
         # ModelConfig, asked once and only where needed: --bundle and --classes check the
-        # served model, and more rows than its max batch size go in several requests
+        # served model (more rows than its max batch size: Client.infer splits them)
         config = functools.cache(lambda: client.config(named, version))
         if bundle is not None:
             _check_served_from(bundle, named, metadata, config().parameters, texts=bool(texts))
@@ -287,7 +287,7 @@ def infer(
         wanted = tuple(outputs or ())
         if classes:
             wanted = _classified(metadata.outputs, wanted)
-        answer = _infer(client, config, named, version, feeds, wanted, classes)
+        answer = client.infer(named, feeds, version=version, outputs=wanted, classes=classes)
     if as_json:  # with each row's pair, where a long context was read in windows
         _print_json(named, answer, None if places is None else places[1])
         return
@@ -319,31 +319,6 @@ def infer(
             out.print(
                 np.array2string(array, precision=4, threshold=64), highlight=False, soft_wrap=True
             )
-
-
-def _infer(
-    client, config, named: str, version: str, feeds: dict, wanted: tuple, classes: int
-) -> dict:
-    """``client.infer``, in requests of at most the model's max batch size (``config()``, its
-    ModelConfig) where the rows are more (a long context's windows, many --text): the
-    server refuses a larger one."""
-    import numpy as np
-
-    rows = len(next(iter(feeds.values()), ()))
-    largest = config().max_batch_size if rows > 1 else 0
-    if largest < 1 or rows <= largest:  # 0: not batched, the request is the whole input
-        return client.infer(named, feeds, version=version, outputs=wanted, classes=classes)
-    parts = [
-        client.infer(
-            named,
-            {k: v[i : i + largest] for k, v in feeds.items()},
-            version=version,
-            outputs=wanted,
-            classes=classes,
-        )
-        for i in range(0, rows, largest)
-    ]
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 def _metadata(client, named: str, version: str, manifest_of: Path | None, tls_flags: dict):

@@ -64,7 +64,7 @@ def test_quantgate_client_and_infer_command(server, repo):
     cannot share a process)."""
     code = f"""
 import numpy as np, onnxruntime as ort
-from quantgate.serve.client import Client
+from quantgate.serve.client import Client, connection_failed
 from quantgate.errors import BadRequest, ModelNotFound
 ids = np.array([[3, 4, 5, 6]], dtype=np.int64); mask = np.ones_like(ids)
 ref = ort.InferenceSession({str(repo / "classifier" / "model.fp32.onnx")!r}).run(None, {{"input_ids": ids, "attention_mask": mask}})[0]
@@ -91,6 +91,16 @@ with Client({server.url!r}) as c:
         c.infer("classifier", [ids, mask])
     except TypeError as e:
         print("TypeError:", e)
+    # more rows than the server's max batch size (32): sent in parts, answered whole
+    many = np.random.default_rng(0).integers(3, 12, (70, 9))
+    feeds = {{"input_ids": many, "attention_mask": np.ones_like(many)}}
+    whole = ort.InferenceSession({str(repo / "classifier" / "model.fp32.onnx")!r}).run(None, feeds)[0]
+    assert c.config("classifier").max_batch_size == 32
+    np.testing.assert_allclose(c.infer("classifier", feeds)["logits"], whole, atol=1e-4)
+# the host a gRPC target names, in the message of a name that does not resolve
+said = connection_failed("failed to connect to all addresses; DNS resolution failed for x",
+                         "dns:///no-such.invalid:8001", tls=False)
+print("unresolved:", said)
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -99,6 +109,10 @@ print("ok")
     assert "ModelNotFound" in out.stdout and out.stdout.strip().endswith("ok")
     assert "client refused: input 'input_ids': numpy dtype complex64" in out.stdout, out.stdout
     assert "TypeError: inputs: expected a mapping of input name to array" in out.stdout
+    assert (
+        "unresolved: cannot connect to dns:///no-such.invalid:8001: the host no-such.invalid "
+        in out.stdout
+    )
 
     cli = subprocess.run(
         [
