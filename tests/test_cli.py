@@ -200,17 +200,37 @@ def test_export_asks_for_data_before_exporting_a_model_without_its_own(cli, tmp_
     assert ".jsonl" not in r.stderr, r.stderr
 
 
-def test_inspect_a_bundle_whose_export_record_is_malformed_exits_2(cli, tmp_path):
+def test_inspect_shows_a_bundle_whose_export_record_is_damaged_and_says_which(cli, tmp_path):
+    """The record of how a bundle was made is shown, not read by serve: a damaged one costs
+    its own line, said in the schema's words, not the summary (it exited 2 with a KeyError)."""
     from quantgate import bundle as qb
 
-    with qb.staging(tmp_path / "b") as tmp:
-        (tmp / "model.fp32.onnx").write_bytes(b"onnx")
-        variant = qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx"))
-        export = {"fusions": {}, "validation": {"cases": [{"batch": 1}], "max_abs_diff": {}}}
-        qb.write_manifest(tmp, qb.Manifest("b", "x", (), (), (variant,), 17, {}, export=export))
-    r = cli("inspect", tmp_path / "b")
-    assert r.code == 2 and "Traceback" not in r.stderr
-    assert "has a malformed export record (KeyError: 'sequence')" in " ".join(r.stderr.split())
+    def inspected(name: str, export: dict) -> str:
+        with qb.staging(tmp_path / name) as tmp:
+            (tmp / "model.fp32.onnx").write_bytes(b"onnx")
+            file = tmp / "model.fp32.onnx"
+            variant = qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(file))
+            manifest = qb.Manifest("b", "x", (), (), (variant,), 17, {}, export=export)
+            qb.write_manifest(tmp, manifest)
+        r = cli("inspect", tmp_path / name)
+        assert r.code == 0 and "Traceback" not in r.stderr, r.stderr
+        return " ".join(r.stdout.split())
+
+    text = inspected(
+        "b", {"fusions": {}, "validation": {"cases": [{"batch": 1}], "max_abs_diff": {}}}
+    )
+    assert (
+        "validation: not shown: export.validation.cases[0]: the field 'sequence' is missing" in text
+    )
+    assert "fusions: none" in text and "serve picks: fp32 on CPU" in text  # the rest is shown
+    text = inspected("c", {"fusions": [], "attempts": "legacy", "validation": {"cases": [{}]}})
+    assert "fusions: not shown: export.fusions: expected an object, found a list" in text
+    assert (
+        "export notes: not shown: export.attempts: expected a list of strings, found the string 'legacy'"
+        in text
+    )
+    assert "export.validation: the field 'max_abs_diff' is missing" in text
+    assert "Error" not in text  # no Python exception's name
 
 
 def test_no_quantize_refuses_the_flags_of_the_step_it_skips(cli, tmp_path):

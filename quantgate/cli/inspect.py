@@ -25,7 +25,7 @@ def inspect(
     """Print a readable summary of a bundle's manifest."""
     from rich.table import Table
 
-    from quantgate.bundle import MANIFEST, check_files, held_bundles, is_bundle, load
+    from quantgate.bundle import check_files, held_bundles, is_bundle, load
     from quantgate.errors import BundleError
 
     try:
@@ -43,20 +43,6 @@ def inspect(
             raise BundleError(f"{e} To read its manifest anyway, pass --no-verify.") from e
     m = b.manifest
     export = m.export
-    try:
-        fused = fusions(export)
-        val = export.get("validation")
-        if val:
-            shapes = ", ".join(
-                f"{c['batch']}x{c['sequence']}" + ("p" if c["padded_rows"] else "")
-                for c in val["cases"]
-            )
-            diffs = ", ".join(f"{k} {d:.1e}" for k, d in val["max_abs_diff"].items())
-    except (KeyError, TypeError, AttributeError, ValueError) as err:
-        raise BundleError(
-            f"{path / MANIFEST} has a malformed export record ({type(err).__name__}: {err}); "
-            "re-create the bundle with `quantgate export`."
-        ) from err
     verdict = "[green]pass[/]" if m.verdict == "pass" else "[bold red]fail[/]"
     out.print(f"[bold]{m.name}[/]  {m.task}  verdict {verdict}  created {m.created}")
     out.print(
@@ -117,11 +103,8 @@ def inspect(
             f"export: {export.get('exporter')} exporter, opset {m.opset}, "
             f"max sequence {m.max_seq_len}"
         )
-        for line in export_notes(export):
+        for line in _export_lines(export):
             out.print(line, highlight=False, soft_wrap=True)
-        out.print(f"fusions: {fused}")
-        if val:
-            out.print(f"validation: max abs diff {diffs} at shapes {shapes} (p: padded rows)")
     gates = [(v.precision, g) for v in m.variants for g in v.gates]
     if gates:
         table = Table("variant", "gate", "value", "threshold", "", box=None)
@@ -131,6 +114,74 @@ def inspect(
             note = " (uncertain)" if unsure else ""
             table.add_row(precision, label, value, bound, f"[{style}]{mark}[/]{note}")
         out.print(table)
+
+
+def _export_lines(export: dict) -> list[str]:
+    """How the bundle was made: the export's notes, its fusions and its validation; in place
+    of a record this cannot read, what is wrong with it, in the schema's words. The schema
+    checks only what serving reads, so serve loads a bundle whose record of its making is
+    damaged, and so the rest of it is shown here."""
+    from quantgate.schema import described
+
+    def unread(what: str, problem: str) -> str:
+        return f"{what}: not shown: {problem} (`quantgate export` writes it anew)"
+
+    strings = [
+        f"export.{k}: expected a list of strings, found {described(export[k])}"
+        for k in ("attempts", "tracer_notes")
+        if not _strings(export.get(k, []))
+    ]
+    lines = [unread("export notes", strings[0])] if strings else export_notes(export)
+    if isinstance(export.get("fusions", {}), dict):
+        lines.append(f"fusions: {fusions(export)}")
+    else:
+        found = described(export["fusions"])
+        lines.append(unread("fusions", f"export.fusions: expected an object, found {found}"))
+    val = export.get("validation")
+    if val and (problem := _validation_problem(val)):
+        lines.append(unread("validation", problem))
+    elif val:
+        shapes = ", ".join(
+            f"{c['batch']}x{c['sequence']}" + ("p" if c["padded_rows"] else "")
+            for c in val["cases"]
+        )
+        diffs = ", ".join(f"{k} {d:.1e}" for k, d in val["max_abs_diff"].items())
+        lines.append(f"validation: max abs diff {diffs} at shapes {shapes} (p: padded rows)")
+    return lines
+
+
+def _strings(x: object) -> bool:
+    return isinstance(x, list) and all(isinstance(s, str) for s in x)
+
+
+def _validation_problem(val: object) -> str | None:
+    """What keeps ``export.validation`` from being shown, as the schema says a problem; None."""
+    from quantgate.schema import described
+
+    where = "export.validation"
+    if not isinstance(val, dict):
+        return f"{where}: expected an object, found {described(val)}"
+    expected = {
+        "max_abs_diff": (
+            "an object of output names to numbers",
+            lambda x: (
+                isinstance(x, dict)
+                and all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in x.values())
+            ),
+        ),
+        "cases": ("a list of objects", lambda x: isinstance(x, list)),
+    }
+    for key, (what, ok) in expected.items():
+        if key not in val:
+            return f"{where}: the field {key!r} is missing"
+        if not ok(val[key]):
+            return f"{where}.{key}: expected {what}, found {described(val[key])}"
+    for i, case in enumerate(val["cases"]):
+        if not isinstance(case, dict):
+            return f"{where}.cases[{i}]: expected an object, found {described(case)}"
+        if gone := [k for k in ("batch", "sequence", "padded_rows") if k not in case]:
+            return f"{where}.cases[{i}]: the field {gone[0]!r} is missing"
+    return None
 
 
 def _answers_read(m) -> str:
