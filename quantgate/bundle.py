@@ -513,7 +513,7 @@ def _read_json(mpath: Path) -> Any:
         ) from e
     if len(data) > MAX_MANIFEST_BYTES:
         raise BundleError(
-            f"{mpath} is over {MAX_MANIFEST_BYTES >> 20} MB: a manifest is a few kB, so this is "
+            f"{mpath} is over {size_said(MAX_MANIFEST_BYTES)}: a manifest is a few kB, so this is "
             f"not one written by quantgate. {RECREATE}"
         )
 

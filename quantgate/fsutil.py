@@ -569,6 +569,15 @@ def size_said(n: float) -> str:
     return f"{shown:g} {unit}" if shown < 10 else f"{shown:.0f} {unit}"
 
 
+def size_with(path: Path, beside: Iterable[str]) -> int:
+    """Bytes of file ``path`` and of the files ``beside`` it (names relative to its folder)
+    that are there: a model with the weights ONNX keeps outside it. OSError where ``path``
+    cannot be read."""
+    return path.stat().st_size + sum(
+        (path.parent / f).stat().st_size for f in beside if (path.parent / f).is_file()
+    )
+
+
 def _read_only(out: Path) -> str | None:
     """How directory ``out`` says it must not change, else None: no write permission for this
     user, or none for anyone (which root, who may write anyway, is also held to)."""

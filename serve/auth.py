@@ -129,7 +129,7 @@ class BearerTokenAuth(grpc.ServerInterceptor):
     A refusal reads nothing of its call and runs on ``pool``, not on a request thread: a
     client without a token that sends half a message cannot hold one (it held one per call
     until its message came: 544 such calls on one connection refused every authenticated
-    call, and buffered up to the request limit each, 4 MB).
+    call, and buffered up to the request limit each, 4 MiB).
     """
 
     def __init__(

@@ -674,7 +674,7 @@ def _session(bundle: qb.Bundle, variant: qb.Variant, cfg: ServeConfig, provider:
         raise BundleError(f"bundle {bundle.path}: {said}")
     source: bytes | str = str(file) if external else data
     del data  # one copy: ``source``, dropped with the session's own once it is built
-    session, report = _ort_session(source, file, cfg, provider, variant.precision)
+    session, report = _ort_session(source, file, locations, cfg, provider, variant.precision)
     modelfile.release(session)
     del source
     limits = read_index_limits(file)
@@ -690,10 +690,16 @@ def _options(cfg: ServeConfig, provider: str, precision: str) -> ort.SessionOpti
 
 
 def _ort_session(
-    source: bytes | str, file: Path, cfg: ServeConfig, provider: str, precision: str
+    source: bytes | str,
+    file: Path,
+    weights: Collection[str],
+    cfg: ServeConfig,
+    provider: str,
+    precision: str,
 ) -> tuple[ort.InferenceSession, placement.PlacementReport | None]:
     """The session of ``source`` (the model's bytes, or its path), and on CUDA where ORT
-    placed the nodes (``quantgate.placement``); ``file`` names it in errors."""
+    placed the nodes (``quantgate.placement``); ``file`` names it in errors, and with the
+    files of its external ``weights`` is the model's size."""
     options = _options(cfg, provider, precision)
     providers = provider_options(cfg, provider)
     if provider == CPU:
@@ -729,7 +735,7 @@ def _ort_session(
             except Exception:  # noqa: BLE001 - the first error is the one to tell
                 raise _cuda_failed(file, cfg, e) from e
             try:
-                size = f" ({file.stat().st_size / 1e6:,.0f} MB)"
+                size = f" ({fsutil.size_said(fsutil.size_with(file, weights))})"
             except OSError:
                 size = ""
             log.warning(

@@ -363,7 +363,7 @@ def test_an_uppercase_sha256_is_the_same_hash(tmp_path):
         ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
         ('{"name": "a", "name": "b"}', "the key\\(s\\) 'name' appear twice"),
         ("[1, 2]", "expected a JSON object at the top, found a list"),
-        ('{"x": "' + "a" * (qb.MAX_MANIFEST_BYTES + 1) + '"}', "is over 16 MB"),
+        ('{"x": "' + "a" * (qb.MAX_MANIFEST_BYTES + 1) + '"}', "is over 17 MB"),
     ],
     ids=["deep", "repeated-key", "list", "huge"],
 )

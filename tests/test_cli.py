@@ -521,7 +521,7 @@ def test_inspect_no_verify_says_which_file_is_missing_and_that_serve_refuses_it(
     assert r.code == 0, r.stderr
     rows = {line.split()[0]: line.split()[:3] for line in r.stdout.splitlines() if line.strip()}
     assert rows["model.fp32.onnx"] == ["model.fp32.onnx", "fp32", "missing"], r.stdout
-    assert rows["model.int8.onnx"] == ["model.int8.onnx", "int8", "0.0"], r.stdout
+    assert rows["model.int8.onnx"] == ["model.int8.onnx", "int8", "15"], r.stdout  # 15 bytes
     assert "serve picks" not in r.stdout, r.stdout
     assert "serve: refuses it: model.fp32.onnx is missing (restore it" in r.stdout, r.stdout
     assert "files not verified (--no-verify)" in r.stdout, r.stdout
@@ -529,6 +529,35 @@ def test_inspect_no_verify_says_which_file_is_missing_and_that_serve_refuses_it(
     r = cli("inspect", tmp_path / "b")
     assert r.code == 0 and "serve picks: fp32 on CPU" in r.stdout, r.stderr
     assert "not verified" not in r.stdout, r.stdout
+
+
+def test_inspect_says_a_models_size_with_its_external_weights_as_sizes_are_said(cli, tmp_path):
+    """The size column counts the weights ONNX keeps beside the model, in fsutil.size_said's
+    units (it was a bare number under "MB")."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from quantgate import bundle as qb
+
+    w = numpy_helper.from_array(np.zeros((600, 500), np.float32), "w")  # 1.2 MB
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 600])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 500])],
+        [w],
+    )
+    with qb.staging(tmp_path / "b") as tmp:
+        onnx.save_model(helper.make_model(graph), str(tmp / "model.fp32.onnx"),
+                        save_as_external_data=True, location="weights.bin")  # fmt: skip
+        variant = qb.Variant("model.fp32.onnx", "fp32", qb.sha256_file(tmp / "model.fp32.onnx"))
+        files = {"weights.bin": qb.sha256_file(tmp / "weights.bin")}
+        qb.write_manifest(tmp, qb.Manifest("b", "x", (), (), (variant,), 17, {}, files=files))
+    r = cli("inspect", tmp_path / "b")
+    assert r.code == 0, r.stderr
+    (row,) = [line.split() for line in r.stdout.splitlines() if "model.fp32.onnx" in line]
+    assert row[:4] == ["model.fp32.onnx", "fp32", "1.2", "MB"], r.stdout
 
 
 def test_an_early_refusal_is_the_first_thing_a_log_shows(cli, tmp_path):

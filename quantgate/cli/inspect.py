@@ -12,6 +12,7 @@ from quantgate.cli._app import command
 from quantgate.cli._bundle import export_notes, fusions
 from quantgate.cli._console import out
 from quantgate.cli._gates import gate_cells
+from quantgate.fsutil import size_said, size_with
 from quantgate.tasks import QA_TASKS
 
 
@@ -55,13 +56,15 @@ def inspect(
             tensors.add_row(kind, t.name, t.dtype, "(" + ", ".join(map(str, t.dims)) + ")")
     out.print(tensors)
     missing = _missing(b)
-    variants = Table("file", "precision", "MB", "verdict", "gates", "providers", "recipe", box=None)
+    variants = Table(
+        "file", "precision", "size", "verdict", "gates", "providers", "recipe", box=None
+    )
     for v in m.variants:
         passed = sum(g.passed for g in v.gates)
         variants.add_row(
             v.file,
             v.precision,
-            "missing" if v.file in missing else f"{_size(b.path / v.file) / 1e6:.1f}",
+            "missing" if v.file in missing else size_said(_size(b.path / v.file)),
             v.verdict,
             f"{passed}/{len(v.gates)} passed",
             ", ".join(v.providers),
@@ -244,6 +247,4 @@ def _size(model: Path) -> int:
         beside = onnxfiles.external_locations(model)
     except Exception:  # noqa: BLE001 - not ONNX (a damaged file: --check says so): its own size
         beside = []
-    return model.stat().st_size + sum(
-        (model.parent / f).stat().st_size for f in beside if (model.parent / f).is_file()
-    )
+    return size_with(model, beside)
