@@ -108,6 +108,14 @@ def train(model, optimizer, steps: int, loss_at, schedule=None) -> list[float]:
     return losses
 
 
+def write_jsonl(path: Path, rows: list[dict], *, labels: bool) -> Path:
+    """Text pairs as quantgate reads them, one JSON object a line: ``text`` and
+    ``text_pair``, with each row's ``label`` where ``labels``."""
+    keep = ("text", "text_pair", "label") if labels else ("text", "text_pair")
+    path.write_text("".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in rows))
+    return path
+
+
 def export(model: Path, out: Path, calibration: Path, evaluation: Path, *flags: str):
     """`quantgate export MODEL --out OUT --calibration ... --eval ...`, as a user runs it:
     the bundle's manifest, the command's exit code (3: a gate failed, which a table shows)

@@ -34,7 +34,6 @@ The table is printed and written into docs/BENCHMARKS.md between the ``bench:qa`
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import random
 import re
@@ -52,6 +51,7 @@ from _common import (  # noqa: E402
     fine_tuning_args,
     gates_table,
     train,
+    write_jsonl,
     write_section,
 )
 
@@ -322,14 +322,6 @@ def read(bundle: Path, rows: list[dict]) -> dict:
     }
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    """The pairs as quantgate reads them: the question and its context, no answer."""
-    path.write_text(
-        "".join(json.dumps({"text": r["text"], "text_pair": r["text_pair"]}) + "\n" for r in rows)
-    )
-    return path
-
-
 def main() -> None:
     args = fine_tuning_args(__doc__, STEPS, "16 windows")
 
@@ -345,8 +337,9 @@ def main() -> None:
         t0 = time.perf_counter()
         losses = fine_tune(split["train"], work / "qa", args.steps)
         trained_s = time.perf_counter() - t0
-        calib = write_jsonl(work / "calib.jsonl", split["calibration"])
-        evaluation = write_jsonl(work / "eval.jsonl", split["evaluation"])
+        # the question and its context, no answer
+        calib = write_jsonl(work / "calib.jsonl", split["calibration"], labels=False)
+        evaluation = write_jsonl(work / "eval.jsonl", split["evaluation"], labels=False)
         bundle = work / "bundle"
         manifest, code, export_s = export(
             work / "qa", bundle, calib, evaluation, "--max-seq-len", str(MAX_TOKENS)

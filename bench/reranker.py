@@ -23,7 +23,6 @@ markers.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import random
 import re
@@ -40,6 +39,7 @@ from _common import (  # noqa: E402
     fine_tuning_args,
     gates_table,
     train,
+    write_jsonl,
     write_section,
 )
 
@@ -110,12 +110,6 @@ def fine_tune(rows: list[dict], out: Path, steps: int, seed: int = 0) -> list[fl
     return losses
 
 
-def write_jsonl(path: Path, rows: list[dict], *, labels: bool = True) -> Path:
-    keep = ("text", "text_pair", "label") if labels else ("text", "text_pair")
-    path.write_text("".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in rows))
-    return path
-
-
 def main() -> None:
     args = fine_tuning_args(__doc__, 240, "16 pairs")
 
@@ -127,7 +121,7 @@ def main() -> None:
         losses = fine_tune(split["train"], work / "reranker", args.steps)
         trained_s = time.perf_counter() - t0
         calib = write_jsonl(work / "calib.jsonl", split["calibration"], labels=False)
-        evaluation = write_jsonl(work / "eval.jsonl", split["evaluation"])
+        evaluation = write_jsonl(work / "eval.jsonl", split["evaluation"], labels=True)
         manifest, code, export_s = export(work / "reranker", work / "bundle", calib, evaluation)
         text = table(manifest, split, losses, code, trained_s, export_s, args.steps)
     print(text)
