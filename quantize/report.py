@@ -337,8 +337,8 @@ def candidates_table(result: SearchResult, shipped: Candidate, plot: str | None)
     lines = [
         "### Candidates tried",
         "",
-        f"{len(result.candidates)} candidate(s) in {result.seconds:.0f}s "
-        f"(budget {result.budget_s:.0f}s"
+        f"{len(result.candidates)} candidate(s) in {result.seconds:.0f} s "
+        f"(budget {result.budget_s:.0f} s"
         + (f", at most {result.max_candidates}" if result.max_candidates else "")
         + ")"
         + (

@@ -128,7 +128,7 @@ def _stopped_early(search: SearchResult) -> list[str]:
     raise_it = (
         f"--max-candidates (now {search.max_candidates})"
         if by_count
-        else f"--search-budget (now {search.budget_s:g}s; this search took {search.seconds:.0f}s)"
+        else f"--search-budget (now {search.budget_s:g} s; this search took {search.seconds:.0f} s)"
     )
     return [
         f"The search stopped early: {search.stopped}, with {len(search.skipped)} recipe(s) not "

@@ -272,6 +272,16 @@ def test_train_writes_each_preset_to_its_own_folder_by_default(cli, monkeypatch,
     assert written == [Path("artifacts/digits-small"), Path("artifacts/digits-base")]
 
 
+def test_train_says_how_long_it_took_as_durations_are_said(cli, monkeypatch, tmp_path):
+    """ "trained in 47 s", SI with the space, as the bars' "(3.0 s)" (it said "47s")."""
+    import quantgate.model.train as training
+
+    done = training.TrainResult(tmp_path / "c", test_accuracy=0.9, reused=False, seconds=47.2)
+    monkeypatch.setattr(training, "train", lambda out, **_: done)  # 50 s of real training
+    r = cli("train", "--out", tmp_path / "c")
+    assert r.code == 0 and f"checkpoint {tmp_path / 'c'} (trained in 47 s)" in r.stdout, r.stdout
+
+
 def test_a_missing_optional_extra_names_the_extra_to_install(cli, monkeypatch, tmp_path):
     """A serving host installs `cpu` alone: `quantgate train` there says what to install."""
 

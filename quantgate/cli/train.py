@@ -67,6 +67,6 @@ def train(
 
         result = train_model(out_dir, model_cfg=model_cfg, cfg=cfg, force=force, on_step=on_step)
         bar.update(task, visible=not result.reused)
-    how = "reused" if result.reused else f"trained in {result.seconds:.0f}s"
+    how = "reused" if result.reused else f"trained in {result.seconds:.0f} s"
     out.print(f"checkpoint {result.checkpoint} ({how})")
     out.print(f"test accuracy: {result.test_accuracy:.2%} on 360 held-out digits")

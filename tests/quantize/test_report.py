@@ -242,6 +242,7 @@ def test_a_failed_bundles_candidate_is_not_called_shipped():
     found = SearchResult((slow, close), chosen=None, seconds=60.0, budget_s=900.0)
     head, table = sections(found, found.best, GateConfig(), DATA, plot=None)
     assert found.best is close
+    assert "2 candidate(s) in 60 s (budget 900 s)" in table  # SI, as the console's "(13.7 s)"
     assert (
         "| 1 | `close` **(in the bundle, marked failed)** |" in table and "(shipped)" not in table
     )
@@ -417,3 +418,4 @@ def test_a_stopped_search_is_not_blamed_where_no_recipe_could_pass():
     assert "and one of them may pass. Raise --search-budget" in failed_with(some_drop)
     too_slow = GateResult("speedup_b1_s64", 1.1, 1.2, ">=", False, ci=(1.0, 1.2))
     assert "The search stopped early" in failed_with(too_slow)
+    assert "Raise --search-budget (now 120 s; this search took 10 s)" in failed_with(too_slow)
