@@ -7,7 +7,7 @@ import functools
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -158,10 +158,9 @@ def infer(
     Inputs are arrays (-i NAME=JSON), or text (-t TEXT --bundle BUNDLE; -t TEXT -p TEXT for
     a pair) that the bundle's own tokenizer turns into them.
     """
-    import numpy as np
 
     from quantgate.bundle import load
-    from quantgate.errors import BadRequest, ConfigError
+    from quantgate.errors import ConfigError
     from quantgate.serve.config import token_problem, url_problem
     from quantgate.tasks import QA_OUTPUTS, QA_TASKS
 
@@ -246,7 +245,7 @@ def infer(
     # brings them back. Set before gRPC starts, which reads it once.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     # gRPC and the wire format (about 0.6 s) once the command line and the bundle are known to be usable
-    from quantgate.serve.client import Client, ClientTLS, InputRefused, request_inputs
+    from quantgate.serve.client import Client, ClientTLS
 
     secure = tls or tls_ca is not None or tls_cert is not None
     tls_flags = {"--tls": tls, "--tls-ca": tls_ca, "--tls-cert": tls_cert, "--tls-key": tls_key}
@@ -262,41 +261,62 @@ def infer(
             _check_served_from(bundle, named, metadata, config().parameters, texts=bool(texts))
         if classes:  # the task the server says, whatever --bundle's is
             _refuse_classes_of(config().parameters["task"].string_value, f"model {named!r}")
-        spec = {t.name: t for t in metadata.inputs}
         # tags: a token classifier's class names and tokens read; places: a question
         # answerer's tokens' places in the text, and each row's text where a context was
         # read in windows (None: not read from text)
-        values, tags, places = {}, None, None
+        tags, places = None, None
+        values: dict[str, Any] = {}
         if texts:
             assert bundle is not None  # --text needs --bundle (checked above)
             values, tags, places = _tokenized(rows, bundle)
-        for name in given:
-            if name not in spec:
-                raise BadRequest(
-                    f"--input {name}: model {named!r} has no such input: expected NAME=JSON "
-                    f"with NAME one of {sorted(spec)}"
-                )
-            if name in values:
-                raise BadRequest(f"--input {name}: --text gives it; give each input once")
-        values.update({name: value for name, (_, value) in given.items()})
-        typed = {name: text for name, (text, _) in given.items()}  # as given, for errors
-        try:
-            feeds = request_inputs(metadata, values)
-        except InputRefused as e:
-            raise BadRequest(_refused(e, typed, spec, values)) from e
+        feeds = _feeds(metadata, named, values, given)
         wanted = tuple(outputs or ())
         if classes:
             wanted = _classified(metadata.outputs, wanted)
         answer = client.infer(named, feeds, version=version, outputs=wanted, classes=classes)
+    _print_answer(answer, named, rows, tags, places, classes=classes, as_json=as_json,
+                  rule=None if places is None else _answer_rule(bundle, null_answer))  # fmt: skip
+
+
+def _feeds(metadata, named: str, values: dict[str, Any], given: dict) -> dict:
+    """The request's arrays: the tokenizer's ``values`` and each -i's (``given``: name ->
+    (its text, its value)), in the datatypes of the model's inputs (``metadata``), with what
+    request_inputs adds; BadRequest where one is unknown, given twice, or cannot be sent."""
+    from quantgate.errors import BadRequest
+    from quantgate.serve.client import InputRefused, request_inputs
+
+    spec = {t.name: t for t in metadata.inputs}
+    for name in given:
+        if name not in spec:
+            raise BadRequest(
+                f"--input {name}: model {named!r} has no such input: expected NAME=JSON "
+                f"with NAME one of {sorted(spec)}"
+            )
+        if name in values:
+            raise BadRequest(f"--input {name}: --text gives it; give each input once")
+    values = {**values, **{name: value for name, (_, value) in given.items()}}
+    typed = {name: text for name, (text, _) in given.items()}  # as given, for errors
+    try:
+        return request_inputs(metadata, values)
+    except InputRefused as e:
+        raise BadRequest(_refused(e, typed, spec, values)) from e
+
+
+def _print_answer(answer: dict, named: str, rows: list, tags, places, *, classes: int,
+                  as_json: bool, rule: dict | None) -> None:  # fmt: skip
+    """``answer`` as infer prints it: JSON; a question answerer's answers (read by ``rule``,
+    as ``_answer_rule`` gives it) where text was asked with both its scores; a token
+    classifier's tags; top classes; else each output's array."""
+    import numpy as np
+
+    from quantgate.tasks import QA_OUTPUTS
+
     if as_json:  # with each row's pair, where a long context was read in windows
         _print_json(named, answer, None if places is None else places[1])
         return
     if places is not None and set(QA_OUTPUTS) <= answer.keys():
+        assert rule is not None  # given where places are
         start, end = (answer.pop(n) for n in QA_OUTPUTS)
-        assert bundle is not None  # places come from text, which needs --bundle
-        rule = _answer_rule(bundle)
-        if null_answer is not None:  # the flag's, over the bundle's
-            rule["null_answer"] = null_answer
         _print_answers(rows, start, end, *places, **rule)
     elif places is not None and places[1] is not None and len(places[1]) > len(rows):  # -o
         out.print(
@@ -575,14 +595,17 @@ def _print_tags(texts: list[Text], logits, names: tuple[str, ...], pieces: list[
             say(f"    {token:<16} {label:<12} {row[top]:.3f}")
 
 
-def _answer_rule(bundle) -> dict:
+def _answer_rule(bundle, null_answer: bool | None) -> dict:
     """How ``bundle``'s gates read a question answerer's answers (the gate settings it was
     last gated with: max_answer_tokens, null_answer), as ``spans.answers`` takes them: infer
-    prints the answers the gates judged."""
+    prints the answers the gates judged. ``null_answer``: --null-answer's, over the bundle's
+    (None: not given)."""
     from quantgate.quantize.regating import DEFAULT_GATES, recorded_gate_config
 
     cfg = recorded_gate_config(bundle.manifest) or DEFAULT_GATES
-    return {"max_tokens": cfg.max_answer_tokens, "null_answer": cfg.null_answer}
+    if null_answer is None:
+        null_answer = cfg.null_answer
+    return {"max_tokens": cfg.max_answer_tokens, "null_answer": null_answer}
 
 
 def _print_answers(
