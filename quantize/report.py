@@ -274,7 +274,7 @@ def sections(
     ]
     if shipped.timing is not None:
         head += [f"Speed timed with {shipped.timing.describe()}.", ""]
-    return ["\n".join(head), "\n".join(candidates_table(result, shipped, plot))]
+    return ["\n".join(head), "\n".join(search_sections(result, shipped, plot))]
 
 
 AGREEMENTS = ("top1_agreement", "decision_agreement", "span_agreement")
@@ -327,7 +327,10 @@ def _busy(t: TimingConditions) -> str:
     return f"load {t.load:.2f} on {t.cpus} CPUs"
 
 
-def candidates_table(result: SearchResult, shipped: Candidate, plot: str | None) -> list[str]:
+def search_sections(result: SearchResult, shipped: Candidate, plot: str | None) -> list[str]:
+    """The search's part of report.md, as lines: "Candidates tried" (what was tried and in
+    how long, then a table of every candidate's gates), the re-timing of the winner, "Nodes
+    kept in FP32" (each node's sensitivity and cost), and the plot at ``plot``."""
     acc_names = sorted({g.name for c in result.candidates for g in c.accuracy})
     speed_names = sorted(
         {g.name for c in result.candidates for g in c.speed},
