@@ -45,6 +45,12 @@ class Repository:
         if not version:
             return versions[max(versions, key=int)]
         if (number := VERSION.fullmatch(version)) is None:
+            digits = version.lstrip(" \t\n\v\f\r").removeprefix("+")
+            if digits.isascii() and digits.isdigit():  # a number, too long for int64
+                raise BadRequest(
+                    f"model {name!r}: version {quoted(version)} is out of range: a version "
+                    "number has at most 18 digits, or is empty for the newest"
+                )
             raise BadRequest(
                 f"model {name!r}: version {quoted(version)} is no version number; a version "
                 "is a whole number (1, 2, ...), or empty for the newest"

@@ -165,6 +165,8 @@ def test_a_version_folder_names_the_version_as_in_triton(repo, tmp_path):
     for other in ("\u0661", "\uff11", "\xa01"):  # an Arabic-Indic 1, a full-width 1, NBSP
         with pytest.raises(BadRequest, match="is no version number"):
             served.get("encoder", other)
+    with pytest.raises(BadRequest, match="is out of range: a version number has at most 18"):
+        served.get("encoder", "9" * 30)  # a number, said to be one
     shutil.copytree(repo / "encoder" / "1", root / "encoder" / "01")  # "1" a second time
     with pytest.raises(ServeError, match=r"\['01'\]: .* without leading zeros"):
         load_repository(ServeConfig(path=root, device="cpu"))
