@@ -88,11 +88,11 @@ def _parameters(factory: Callable) -> Mapping[str, inspect.Parameter]:
 
 def _meant(mod: ModuleType, func_name: str) -> str:
     """The module's callable ``func_name`` is probably a misspelling of, said; else ""."""
-    from quantgate.configs import closest
+    from quantgate.configs import did_you_mean
 
-    names = {n for n, v in vars(mod).items() if callable(v) and not n.startswith("_")}
-    found = closest(func_name, names)
-    return f"; did you mean {found!r}?" if found else ""
+    return did_you_mean(
+        func_name, (n for n, v in vars(mod).items() if callable(v) and not n.startswith("_"))
+    )
 
 
 def _file_of(mod: ModuleType) -> str:

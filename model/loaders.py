@@ -75,8 +75,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from quantgate import configs
 from quantgate.bundle import model_identity
-from quantgate.configs import closest
 from quantgate.errors import ConfigError, ConfigTypeError, ModelLoadError
 from quantgate.tasks import (
     FEATURE_EXTRACTION,
@@ -360,8 +360,7 @@ _OTHER_NAMES = {
 def did_you_mean(value: str, choices: Sequence[str]) -> str:
     """`` (did you mean 'x'?)`` for the choice ``value`` is another library's name for, or
     a misspelling of; else the empty string."""
-    meant = _OTHER_NAMES.get(value.lower()) or closest(value, set(choices))
-    return f" (did you mean {meant!r}?)" if meant else ""
+    return configs.did_you_mean(value, choices, _OTHER_NAMES.get(value.lower()))
 
 
 HALF = (torch.bfloat16, torch.float16)

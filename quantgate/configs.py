@@ -23,6 +23,7 @@ import textwrap
 import tokenize
 import types
 import typing
+from collections.abc import Iterable
 from numbers import Integral
 from pathlib import Path
 from typing import Any, TypeVar
@@ -137,16 +138,25 @@ def _field_comments(cls: type) -> dict[str, str]:
     return said
 
 
-def unknown_fields(owner: str, unknown: list[str], known: set[str]) -> str:
-    """'GateConfig: unknown field 'min_speedp' (did you mean 'min_speedup'?); its fields: ...'"""
-    named = [
-        f"{name!r}" + (f" (did you mean {close!r}?)" if (close := closest(name, known)) else "")
-        for name in unknown
-    ]
+def unknown_fields(
+    owner: str, unknown: list[str], known: set[str], *, where: str | None = None
+) -> str:
+    """'GateConfig: unknown field 'min_speedp' (did you mean 'min_speedup'?); its fields: ...';
+    with ``where`` (the file that gave them) leading: 'g.toml: unknown field ...; GateConfig's
+    fields: ...'."""
+    named = [f"{name!r}{did_you_mean(name, known)}" for name in unknown]
+    whose = "its" if where is None else f"{owner}'s"
     return (
-        f"{owner}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(named)}; its "
-        f"fields: {', '.join(sorted(known))}"
+        f"{where or owner}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(named)}; "
+        f"{whose} fields: {', '.join(sorted(known))}"
     )
+
+
+def did_you_mean(name: str, known: Iterable[str], meant: str | None = None) -> str:
+    """`` (did you mean 'x'?)`` for the known name ``name`` probably means: ``meant`` where
+    the caller knows it (another library's word for it), else ``closest``'s; else ""."""
+    meant = meant or closest(name, set(known))
+    return f" (did you mean {meant!r}?)" if meant else ""
 
 
 def closest(name: str, known: set[str]) -> str | None:

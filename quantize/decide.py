@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from quantgate.bundle import CPU, CUDA, GateResult
-from quantgate.configs import check_fields, closest, config_class, wrong_types
+from quantgate.configs import check_fields, config_class, unknown_fields, wrong_types
 from quantgate.errors import ConfigError
 from quantgate.quantize.stats import bootstrap_mean, wilson
 from quantgate.tasks import MULTI_LABEL_TASKS, QA_TASKS
@@ -133,44 +133,39 @@ class GateConfig:
         kind = {".toml": "TOML", ".json": "JSON"}.get(path.suffix.lower())
         if path.is_dir():
             raise ConfigError(
-                f"--gate-config {path}: is a directory; gate settings are read from a .toml or "
+                f"{path}: is a directory; gate settings are read from a .toml or "
                 ".json file (e.g. gates.toml holding `min_speedup = 1.3`)"
             )
         if kind is None:
             raise ConfigError(
-                f"--gate-config {path}: a {path.suffix or 'suffix-less'} file; gate settings are "
+                f"{path}: a {path.suffix or 'suffix-less'} file; gate settings are "
                 "read from .toml or .json (e.g. gates.toml holding `min_speedup = 1.3`)"
             )
         try:
             text = path.read_text()
             data = tomllib.loads(text) if kind == "TOML" else json.loads(text)
         except OSError as e:
-            raise ConfigError(f"--gate-config {path}: cannot read it ({e.strerror or e})") from e
+            raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from e
         except (ValueError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"--gate-config {path}: not valid {kind} ({e})") from e
+            raise ConfigError(f"{path}: not valid {kind} ({e})") from e
         if isinstance(data, dict) and "gates" in data:
             if len(data) > 1:  # one of the two would be silently ignored
                 raise ConfigError(
-                    f"--gate-config {path}: settings both in a [gates] table and outside it "
+                    f"{path}: settings both in a [gates] table and outside it "
                     f"({sorted(set(data) - {'gates'})}); put them all in one place"
                 )
             data = data["gates"]
         if not isinstance(data, dict):
-            raise ConfigError(f"--gate-config {path}: expected a table of gate settings")
+            raise ConfigError(f"{path}: expected a table of gate settings")
         known = {f.name for f in fields(cls)}
         problems = [
-            f"unknown setting {name!r}"
-            + (f" (did you mean {close!r}?)" if (close := closest(name, known)) else "")
-            for name in sorted(set(data) - known)
+            f"{name} = {data[name]!r}: expected {what}"
+            for name, what in wrong_types(cls, {k: v for k, v in data.items() if k in known})
         ]
-        if problems:
-            problems.append(f"known: {', '.join(sorted(known))}")
-        given = {k: v for k, v in data.items() if k in known}
-        problems += [
-            f"{name} = {data[name]!r}: expected {what}" for name, what in wrong_types(cls, given)
-        ]
-        if problems:
-            raise ConfigError(f"--gate-config {path}: " + "; ".join(problems))
+        if unknown := sorted(set(data) - known):  # said as GateConfig(min_speedp=...) says it
+            problems.insert(0, unknown_fields(cls.__name__, unknown, known, where=str(path)))
+        if problems:  # (the path leads: unknown_fields' own, else put here)
+            raise ConfigError(("" if unknown else f"{path}: ") + "; ".join(problems))
         merged = {
             **(asdict(base) if base is not None else {}),
             **data,
@@ -179,7 +174,7 @@ class GateConfig:
         try:
             return cls(**merged)
         except TypeError as e:
-            raise ConfigError(f"--gate-config {path}: {e}") from e
+            raise ConfigError(f"{path}: {e}") from e
 
     def with_overrides(self, **overrides: Any) -> GateConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})

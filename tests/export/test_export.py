@@ -258,7 +258,7 @@ def test_validation_covers_batch_sequence_and_padding(tiny_checkpoint):
         ("qg_usermodels:non_tensor_output", "forward returned 'output_1' as int among its"),
         (
             "qg_usermodels:non_tensor_outptu",
-            "no callable 'non_tensor_outptu'; did you mean 'non_tensor_output'?",
+            "no callable 'non_tensor_outptu' (did you mean 'non_tensor_output'?)",
         ),  # fmt: skip
         (
             "qg_usermodels:needs_arguments",
