@@ -270,17 +270,15 @@ def spec_kind(spec: ModelSpec) -> str | None:
     path = Path(text).expanduser()
     if not path.exists():
         return "factory" if FACTORY_SPEC.match(text) else None
+    from quantgate.model.train import is_checkpoint
+
+    if is_checkpoint(path):
+        return "checkpoint"
     try:
         info = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(info, dict):
-        return None
-    from quantgate.model.train import CHECKPOINT_FORMAT
-
-    if info.get("format") == CHECKPOINT_FORMAT:
-        return "checkpoint"
-    return "huggingface" if "model_type" in info else None
+    return "huggingface" if isinstance(info, dict) and "model_type" in info else None
 
 
 # -- the built-in checkpoint -------------------------------------------------------------
