@@ -778,8 +778,10 @@ def tokenizer_of(model: ModelInfo) -> Tokenizer:
     if model.tokenizer_settings is not None:
         try:
             fast = Backend.load(directory, model.tokenizer_settings, pad)
-        except ImportError:
-            fast = None  # no `tokenizers`: transformers says so in its own words below
+        except ModuleNotFoundError as e:
+            if e.name == "tokenizers":  # transformers' tokenizers need it too: say it is that
+                raise
+            fast = None
         except Exception as e:  # noqa: BLE001 - any failure means the same to the user
             raise DataError(f"cannot load the model's tokenizer from {directory}: {e}") from e
         if fast is not None and fast.proven:

@@ -492,3 +492,26 @@ def test_a_generic_unigram_tokenizer_reads_its_scores_as_the_tokenizers_library_
     settings = check(tok, tmp_path / "generic", 16, 1)
     assert settings is not None and settings.scores == "tokenizers"
     assert Backend.load(tmp_path / "generic", settings, 1).ids([text], None) == [want]
+
+
+def test_a_proven_tokenizer_without_the_tokenizers_library_names_that_library(monkeypatch):
+    """A bundle whose export proved its tokenizer.json needs only `tokenizers` for text (no
+    transformers): where it is missing, the command said transformers was."""
+    import dataclasses
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "quantize"))
+    from qg_pipeline_helpers import minilm_info
+    from transformers import AutoTokenizer
+
+    from quantgate.quantize.text import tokenizer_of
+
+    info = minilm_info()
+    settings = check(AutoTokenizer.from_pretrained(info.tokenizer), Path(info.tokenizer), 128, 0)
+    info = dataclasses.replace(info, tokenizer_settings=settings)
+    assert settings is not None and isinstance(tokenizer_of(info), Backend)
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import fails, as when absent
+    with pytest.raises(ModuleNotFoundError) as e:
+        tokenizer_of(info)
+    assert e.value.name == "tokenizers"
