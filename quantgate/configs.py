@@ -19,6 +19,7 @@ import functools
 import inspect
 import io
 import os
+import sys
 import textwrap
 import tokenize
 import types
@@ -26,9 +27,7 @@ import typing
 from collections.abc import Iterable
 from numbers import Integral
 from pathlib import Path
-from typing import Any, TypeVar
-
-import numpy as np
+from typing import Any, TypeVar, cast
 
 from quantgate.errors import ConfigError, ConfigTypeError
 
@@ -199,7 +198,7 @@ def _conform(value: Any, hint: Any) -> Any:
         many = len(args) == 2 and args[1] is Ellipsis  # tuple[int, ...]; else tuple[int, int]
         if many and args[0] is str and isinstance(value, str):
             return (value,)  # recipes="smooth-static-u8s8": one, not its letters
-        if isinstance(value, np.ndarray) and value.ndim == 1:
+        if isinstance(value, _numpy("ndarray")) and value.ndim == 1:
             value = value.tolist()
         if not isinstance(value, (tuple, list)) or (not many and len(value) != len(args)):
             return _MISMATCH
@@ -214,7 +213,7 @@ def _conform(value: Any, hint: Any) -> Any:
     if hint is type(None):
         return value if value is None else _MISMATCH
     if hint is bool:
-        if isinstance(value, np.bool_):
+        if isinstance(value, _numpy("bool_")):
             return bool(value)
         return value if isinstance(value, bool) else _MISMATCH
     if hint in (int, float):
@@ -236,16 +235,24 @@ def _conform(value: Any, hint: Any) -> Any:
     return value  # Any, a Mapping, a Callable: not checked here
 
 
+def _numpy(name: str) -> Any:
+    """numpy's type ``name`` as a tuple for isinstance, empty where numpy is not loaded: no
+    value is numpy's then, and importing it (a quarter of a second) would slow every
+    command's start, `--help`'s too."""
+    np = sys.modules.get("numpy")
+    return (getattr(np, name),) if np is not None else ()
+
+
 def _number(value: Any, hint: type) -> Any:
     """``value`` as a Python int or float, where nothing is lost: a whole number (numpy's
     too) for either, a float (numpy's too) for a float. Never a bool, which Python counts as
     an int but nobody means as a count or a threshold, nor a Fraction or a Decimal."""
-    if isinstance(value, (bool, np.bool_)):
+    if isinstance(value, (bool, *_numpy("bool_"))):
         return _MISMATCH
     if isinstance(value, Integral):
         return value if type(value) is hint else hint(value)
-    if hint is float and isinstance(value, (float, np.floating)):
-        return value if type(value) is float else float(value)
+    if hint is float and isinstance(value, (float, *_numpy("floating"))):
+        return value if type(value) is float else float(cast(float, value))
     return _MISMATCH
 
 

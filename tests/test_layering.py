@@ -143,3 +143,23 @@ def test_the_package_type_checks():
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Success: no issues found" in r.stdout, r.stdout
+
+
+def test_the_command_lines_help_loads_no_numpy_nor_model_libraries():
+    """`quantgate --help` (and every command's start) imported numpy for configs.py's
+    isinstance checks: 44% of the start-up's imports, for values that are numpy's only where
+    numpy is loaded already."""
+    code = """
+import sys
+from quantgate.cli import run
+sys.argv = ["quantgate", "--help"]
+try:
+    run()
+except SystemExit as e:
+    assert e.code == 0, e.code
+heavy = {"numpy", "onnx", "onnxruntime", "torch", "grpc", "transformers"}
+print(sorted({m.split(".")[0] for m in sys.modules} & heavy))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "[]", r.stdout[-300:]
