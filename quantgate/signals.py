@@ -33,6 +33,12 @@ def handling(handler: Callable[[int, object], object]) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def ignored() -> list[str]:
+    """The ENDING signals ignored now, by name: those ``handling`` left as it found them
+    (inherited as ignored)."""
+    return [signal.Signals(s).name for s in ENDING if signal.getsignal(s) == signal.SIG_IGN]
+
+
 def install(handler: Callable[[int, object], object], previous: dict | None = None) -> None:
     """``handler`` for the ENDING signals, by ``handling``'s rule, for good (``handling``
     restores them); the handlers it replaces go into ``previous``."""

@@ -505,6 +505,12 @@ def _settings(cfg: ServeConfig, engine: Engine) -> str:
             if cfg.max_connection_age_s
             else ""
         )
+        + (  # an operator's SIGHUP would otherwise meet silence
+            f"; {' and '.join(ignored)} ignored, inherited as ignored (nohup, a script's "
+            "background job): SIGTERM stops it"
+            if (ignored := signals.ignored())
+            else ""
+        )
     )
 
 
