@@ -562,7 +562,9 @@ def restart_outlook(
         " (the copy served now)" if this_copy else ""
     )
     same = this_copy and not said and manifest == loaded  # hashed by qb.load: written anew
-    return Outlook("; ".join([*said, served_now]), files=files, same=same)
+    return Outlook(
+        "; ".join([*said, served_now]), files=files, same=same, serves_it=this_copy and not said
+    )
 
 
 def _interface_changes(old: qb.Manifest, new: qb.Manifest) -> list[str]:

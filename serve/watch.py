@@ -138,6 +138,9 @@ class Outlook:
     # the bundle on disk is the one served, hashed: its manifest as loaded, and the copy a
     # restart would serve is the one served (a folder copied anew, byte for byte)
     same: bool = False
+    # a restart would serve the copy served, as served, with nothing else to say: the
+    # manifest changed otherwise (a passing re-gate), no news that needs an operator
+    serves_it: bool = False
 
 
 @dataclass
@@ -250,7 +253,13 @@ class BundleWatch:
         if outlook.same:
             log.info("%s was written anew on disk, the same files as loaded (hashed)", where)
             return False, False
-        log.warning("%s changed on disk since it was loaded: %s; %s", where, kept, outlook.said)
+        log.log(
+            logging.INFO if outlook.serves_it else logging.WARNING,
+            "%s changed on disk since it was loaded: %s; %s",
+            where,
+            kept,
+            outlook.said,
+        )
         return True, outlook.refused
 
     def _look_at_repository(self, root: Path, unserved: Callable[[], list[str]]) -> None:

@@ -239,11 +239,12 @@ def test_a_change_on_disk_is_warned_about_once_per_change(tmp_path, caplog):
     assert changes == [(("tiny", "1"), True, False)] * 2 + [(("tiny", "1"), True, True)] * 2
 
 
-def _gated_int8(b: Path, passed: bool) -> None:
-    """Give the bundle's INT8 the gates a re-gate writes: accurate and faster, or not."""
+def _gated_int8(b: Path, passed: bool, drop: float = 0.2) -> None:
+    """Give the bundle's INT8 the gates a re-gate writes: accurate (``drop`` points) and
+    faster, or not."""
     manifest = qb.load(b, verify=False).manifest
     gates = (
-        qb.GateResult("accuracy_drop", 0.2 if passed else 3.0, 1.0, "<=", passed),
+        qb.GateResult("accuracy_drop", drop if passed else 3.0, 1.0, "<=", passed),
         qb.GateResult("speedup_b1_s128", 1.8, 1.2, ">=", True, provider=CPU),
     )
     variants = tuple(
@@ -253,6 +254,27 @@ def _gated_int8(b: Path, passed: bool) -> None:
         for v in manifest.variants
     )
     qb.write_manifest(b, dataclasses.replace(manifest, variants=variants))
+
+
+def test_a_passing_re_gate_is_said_at_info_as_a_restart_would_serve_the_same(tmp_path, caplog):
+    """A re-gate that passes the copy served rewrites the manifest: a change (the metric is
+    1), said at INFO, as a restart would serve what is served now; a WARNING cried wolf."""
+    b = bundles.build(tmp_path / "b", "classifier", verdict=qb.FAIL)  # with an INT8
+    _gated_int8(b, passed=True)
+    cfg = ServeConfig(path=b)
+    model = runtime.open_model(b, cfg, CPU)
+    assert model.variant.precision == "int8"
+    changes: list = []
+    watch = BundleWatch(
+        [model.served(cfg)],
+        on_change=lambda model, changed, refused: changes.append((changed, refused)),
+    )
+    _gated_int8(b, passed=True, drop=0.4)  # re-gated on new data: still passing
+    with caplog.at_level(logging.INFO, logger="quantgate.serve.watch"):
+        assert len(settled(watch)) == 1
+    assert "WARNING" not in caplog.text and CHANGED in caplog.text, caplog.text
+    assert "a restart would serve int8 (model.int8.onnx, sha256 " in caplog.text
+    assert "(the copy served now)" in caplog.text and changes == [(True, False)]
 
 
 @pytest.mark.parametrize("allow_failed", [False, True])
