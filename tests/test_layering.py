@@ -67,6 +67,44 @@ def test_stage_imports_respect_the_data_flow(stage):
     assert not offenders, "\n".join(offenders)
 
 
+# where each installed package's files are (pyproject's package-dir)
+FOLDERS = {"quantgate": ROOT / "quantgate", "quantgate.model": ROOT / "model",
+           "quantgate.export": ROOT / "export", "quantgate.quantize": ROOT / "quantize",
+           "quantgate.serve": ROOT / "serve", "quantgate.protos": ROOT / "protos"}  # fmt: skip
+
+
+def file_of(module: str) -> Path | None:
+    """The file of this repository that is ``module`` (a package's __init__.py), if any."""
+    packages = [p for p in FOLDERS if module == p or module.startswith(p + ".")]
+    if not packages:
+        return None
+    package = max(packages, key=len)
+    base = FOLDERS[package].joinpath(*module[len(package) :].split(".")[1:])
+    return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
+
+
+def test_nothing_serve_imports_reaches_torch():
+    """The stage rule above reads serve/'s own files; a core module they import (schema,
+    fsutil, ...) that imported torch would pass it, and a serving host would need torch.
+    Every quantgate module reachable from serve/, through imports anywhere in each file."""
+    seen: set[Path] = set()
+    todo = sorted((ROOT / "serve").glob("*.py"))
+    reached: dict[str, Path] = {}
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        for name in imported_modules(f):
+            reached.setdefault(name, f)
+            if (g := file_of(name)) is not None and g not in seen:
+                todo.append(g)
+    assert ROOT / "quantgate" / "schema.py" in seen  # the walk leaves serve/
+    offenders = [f"{reached[n].relative_to(ROOT)} imports {n}" for n in sorted(reached)
+                 if n.split(".")[0] == "torch" or n.startswith(("quantgate.model", "quantgate.export"))]  # fmt: skip
+    assert not offenders, "\n".join(offenders)
+
+
 # Inside serve/, only the gRPC layer speaks protobuf: the engine, batcher, runtime and their
 # counters stay importable next to tritonclient, whose generated modules register the same
 # .proto file names (one process cannot hold both), so tests drive them in-process.
