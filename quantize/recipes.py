@@ -264,6 +264,6 @@ def quantize(
         )
     seconds = time.perf_counter() - t0
     log.info(
-        "%s: %d nodes INT8, %d kept FP32, %.1fs", recipe.name, len(quantized), len(kept), seconds
+        "%s: %d nodes INT8, %d kept FP32, %.1f s", recipe.name, len(quantized), len(kept), seconds
     )
     return QuantizedModel(out, recipe, tuple(quantized), tuple(kept), seconds, src)

@@ -634,7 +634,7 @@ def _run(
                 log.info("%s: stopping before serving", stopping.first)
             elif not stopping.hurry.is_set():  # else the second signal's line says it
                 log.info(
-                    "%s: shutting down: no new requests; finishing admitted ones (grace %gs)",
+                    "%s: shutting down: no new requests; finishing admitted ones (grace %g s)",
                     stopping.first,
                     cfg.shutdown_grace_s,
                 )
@@ -659,7 +659,7 @@ def _run(
     if not stopping.drained[0]:
         cut = f" ({engine.cut_off} admitted request(s) cut off)" if engine.cut_off else ""
         raise DrainIncomplete(
-            f"the shutdown grace of {cfg.shutdown_grace_s:g}s ran out with requests still "
+            f"the shutdown grace of {cfg.shutdown_grace_s:g} s ran out with requests still "
             f"queued or running{cut}: those whose clients still waited were cancelled. Give the "
             "drain longer with --shutdown-grace (and the orchestrator's termination grace "
             "period more than that)"

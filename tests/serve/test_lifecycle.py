@@ -537,7 +537,7 @@ def test_a_grace_that_runs_out_is_logged_and_exits_1(tmp_path):
     assert code == 1, srv.log
     assert result is None and error.status() == "StatusCode.UNAVAILABLE", error  # cut off
     assert (
-        "the shutdown grace of 0.5s ran out with requests still queued or running (1 admitted "
+        "the shutdown grace of 0.5 s ran out with requests still queued or running (1 admitted "
         "request(s) cut off)"
     ) in srv.log
     assert "Traceback" not in srv.log and "stopped: every admitted" not in srv.log
@@ -1219,12 +1219,12 @@ def test_an_embedded_run_stops_on_the_callers_event_and_sets_it_on_a_signal(repo
     said = [line for line in lines if line.startswith(("stop", "SIGTERM", "on_ready", "returned"))]
     assert said == [
         "stop set by run()'s caller: shutting down: no new requests; finishing admitted ones "
-        "(grace 25s)",
+        "(grace 25 s)",
         "stopped: every admitted request was answered",
         "returned after the caller's stop",
         "SIGTERM: the server stops once on_ready returns",
         "on_ready told of the signal: True",
-        "SIGTERM: shutting down: no new requests; finishing admitted ones (grace 25s)",
+        "SIGTERM: shutting down: no new requests; finishing admitted ones (grace 25 s)",
         "stopped: every admitted request was answered",
         "returned after SIGTERM",
     ], lines
