@@ -74,11 +74,11 @@ def failure_message(manifest: Manifest, where, search: SearchResult | None = Non
     inaccurate = calibrated and any(
         not g.is_speed and not g.name.startswith("batch_") for g in int8
     )
-    causes = [
+    causes = [  # the likelier first: a recipe not tried cannot mend a calibration's noise
         *(_did_not_hold(search) if int8 and search is not None else []),
-        *(_stopped_early(search) if _beatable(int8) and search is not None else []),
         *(_few_calibration_rows(manifest) if inaccurate else []),
         *(_longer_than_calibrated(manifest) if inaccurate else []),
+        *(_stopped_early(search) if _beatable(int8) and search is not None else []),
         *_thresholds_origin(manifest),
     ]
     return (
