@@ -761,7 +761,16 @@ def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -
     missing = [n for n in model.input_names if n not in feeds]
     extra = [n for n in feeds if n not in model.input_names and n != LABELS]
     if missing:
-        problems.append(f"missing input(s) {missing}")
+        hint = ""
+        if "attention_mask" in missing and "input_ids" in feeds:  # not made up: it may pad
+            pad = model.pad_values.get("input_ids")
+            how = f": (input_ids != {pad}).astype(np.int64), {pad} the pad id" if pad else ""
+            hint = (
+                " (attention_mask says which tokens are real, 1, and which are padding, 0; "
+                f"quantgate does not guess it: save it beside input_ids{how}; all 1 where no "
+                "row is padded)"
+            )
+        problems.append(f"missing input(s) {missing}{hint}")
     if extra:
         hint = f" (labels go in an array named {LABELS!r})" if "label" in extra else ""
         if TYPE_IDS in extra:

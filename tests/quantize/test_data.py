@@ -140,7 +140,11 @@ def test_npz_round_trip_and_bad_arrays(tmp_path):
     assert src.samples == 25 and src.has_labels and rows(src) == 25
 
     cases = {
-        "missing.npz": ({"input_ids": feeds["input_ids"]}, None, "missing input"),
+        "missing.npz": (
+            {"input_ids": feeds["input_ids"]},
+            None,
+            r"missing input\(s\) \[.attention_mask.\] \(attention_mask says which tokens are real",
+        ),
         "rank.npz": ({**feeds, "input_ids": feeds["input_ids"][:, :, None]}, None, "rank 3"),
         "long.npz": (rng_feeds(4, seq=80), None, "longer than the model's 64"),
         "float.npz": ({**feeds, "input_ids": feeds["input_ids"] + 0.5}, None, "dtype float64"),
