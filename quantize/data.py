@@ -764,7 +764,11 @@ def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -
         hint = ""
         if "attention_mask" in missing and "input_ids" in feeds:  # not made up: it may pad
             pad = model.pad_values.get("input_ids")
-            how = f": (input_ids != {pad}).astype(np.int64), {pad} the pad id" if pad else ""
+            how = (
+                f": (input_ids != {pad}).astype(np.int64), {pad} the pad id"
+                if pad is not None
+                else ""
+            )
             hint = (
                 " (attention_mask says which tokens are real, 1, and which are padding, 0; "
                 f"quantgate does not guess it: save it beside input_ids{how}; all 1 where no "
