@@ -57,6 +57,7 @@ was found, what to do.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 import logging
@@ -71,7 +72,7 @@ from typing import Any
 import numpy as np
 
 from quantgate.bundle import Manifest, TensorSpec, class_names, sha256_file
-from quantgate.errors import DataError
+from quantgate.errors import ConfigError, DataError
 from quantgate.quantize.heldout import FINGERPRINT, Fingerprint, row_hash
 from quantgate.quantize.labels import (
     NO_LABEL,
@@ -335,26 +336,48 @@ DataSpec = (
 )
 
 
+class Role(str, enum.Enum):
+    """What data is read for: it names the flag in messages and decides what is read of it."""
+
+    CALIBRATION = "calibration"  # activation ranges: labels not read
+    EVALUATION = "evaluation"  # the gates: labels read, the context of answers kept
+
+    @property
+    def flag(self) -> str:
+        return "--calibration" if self is Role.CALIBRATION else "--eval"
+
+    @property
+    def samples_setting(self) -> str:
+        """What caps its rows: a flag, or a gate setting."""
+        return "--samples" if self is Role.CALIBRATION else "eval_samples (--gate-config)"
+
+
 def open_source(
     spec: DataSpec | None,
     model: ModelInfo,
     *,
-    role: str,
+    role: Role | str,
     samples: int | None = None,
     batch_size: int = DEFAULT_BATCH,
 ) -> DataSource:
     """Resolve ``spec`` (a path, a dict of arrays, an iterable of them, or None for the
     built-in split) into a source.
 
-    ``role`` is "calibration" or "evaluation": it names the flag in messages and picks the
-    built-in split ("calibration" or "test"). Calibration rows' labels are not read (nor
-    checked). Fewer than ``MIN_CALIBRATION_ROWS`` calibration rows are warned about.
+    ``role`` (a ``Role``, or its value "calibration" or "evaluation") names the flag in
+    messages and picks the built-in split ("calibration" or "test"). Calibration rows'
+    labels are not read (nor checked). Fewer than ``MIN_CALIBRATION_ROWS`` calibration rows
+    are warned about.
     """
+    try:
+        role = Role(role)
+    except ValueError:
+        raise ConfigError(
+            f"open_source: role {role!r}: expected one of {', '.join(repr(r.value) for r in Role)}"
+        ) from None
     if samples is not None and samples < 1:
-        setting = "--samples" if role == "calibration" else "eval_samples (--gate-config)"
-        raise DataError(f"{setting} must be at least 1, got {samples}")
-    flag = "--calibration" if role == "calibration" else "--eval"
-    if role == "calibration":
+        raise DataError(f"{role.samples_setting} must be at least 1, got {samples}")
+    flag = role.flag
+    if role is Role.CALIBRATION:
         model = dataclasses.replace(model, labels_read=False)
     if isinstance(spec, DataSource):
         source = spec
@@ -374,7 +397,7 @@ def open_source(
                     f'"text" column, a .txt of lines; or {arrays}{labels}'
                 )
             raise DataError(
-                f"no {role} data: {flag} PATH is required for this model ({what}). Only the "
+                f"no {role.value} data: {flag} PATH is required for this model ({what}). Only the "
                 "built-in digits model has its own."
             )
         source = _builtin(model, role, samples, batch_size)
@@ -385,15 +408,15 @@ def open_source(
         else:
             from quantgate.quantize.text import text_source  # text imports this module
 
-            source = text_source(path, model, samples, batch_size, flag, role)
+            source = text_source(path, model, samples, batch_size, role)
     elif isinstance(spec, Mapping):  # one dict of arrays, as a .npz holds them
         source = _in_memory(spec, model, samples, batch_size)
     else:
         source = _iterable(spec, model, samples, batch_size)
-    if role == "calibration" and source.samples < MIN_CALIBRATION_ROWS:
+    if role is Role.CALIBRATION and source.samples < MIN_CALIBRATION_ROWS:
         _warn_few_calibration_rows(source, samples, where=named(flag, spec, source))
     elif (
-        role == "calibration"
+        role is Role.CALIBRATION
         and samples is not None
         and source.total is not None  # None: not read to its end, having rows enough
         and source.total < samples
@@ -404,7 +427,7 @@ def open_source(
             samples,
             source.total,
         )
-    if role == "evaluation" and source.labels_ignored:
+    if role is Role.EVALUATION and source.labels_ignored:
         _ignored_labels(named(flag, spec, source), model)
     if not isinstance(spec, DataSource):
         source = dataclasses.replace(source, pad_values=dict(model.pad_values))
@@ -418,7 +441,7 @@ def named(flag: str, spec: DataSpec | None, source: DataSource) -> str:
         return f"{flag} {spec}"
     if spec is None or isinstance(spec, DataSource):  # the built-in split: it says what it is
         return source.description
-    role = {"--eval": "evaluation", "--calibration": "calibration"}.get(flag, flag)
+    role = {r.flag: r.value for r in Role}.get(flag, flag)
     return f"the {role} data ({source.description})"
 
 
@@ -945,10 +968,10 @@ def check_ids(source: DataSource, model: ModelInfo, where: str) -> None:
 # -- sources -------------------------------------------------------------------------------
 
 
-def _builtin(model: ModelInfo, role: str, samples: int | None, batch_size: int) -> DataSource:
+def _builtin(model: ModelInfo, role: Role, samples: int | None, batch_size: int) -> DataSource:
     from quantgate.model.data import load_digits_splits
 
-    name = "calibration" if role == "calibration" else "test"
+    name = "calibration" if role is Role.CALIBRATION else "test"
     split = load_digits_splits()[name]
     feeds = check_feeds(split.feeds(), model, f"the digits {name} split")
     labels = split.labels

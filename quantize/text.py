@@ -34,6 +34,7 @@ from quantgate.quantize.data import (
     DataSource,
     Feeds,
     ModelInfo,
+    Role,
     check_feeds,
     chunks,
     stratified,
@@ -64,10 +65,10 @@ from quantgate.tokenizer import Backend, Text, Tokenizer, Transformers, Windows
 log = logging.getLogger(__name__)
 
 
-def text_source(
-    path: Path, model: ModelInfo, samples: int | None, batch_size: int, flag: str, role: str
-):
-    """The rows of a text file (JSONL, CSV, TSV, plain lines: ``textfiles.text_file``)."""
+def text_source(path: Path, model: ModelInfo, samples: int | None, batch_size: int, role: Role):
+    """The rows of a text file (JSONL, CSV, TSV, plain lines: ``textfiles.text_file``), read
+    for ``role``."""
+    flag = role.flag
     fmt = text_file(path)
     if model.tokenizer is None:
         raise DataError(
@@ -140,11 +141,12 @@ def text_source(
             where,
             cut,
             len(keep) if window_of is None else len(np.unique(pair_of[keep])),
-            role,
+            role.value,
             "text pairs" if pairs else "texts",
             why,
-            "the gates see" if role == "evaluation" else "the calibration sees",
-            _kept_words(tok, limit, pair=pairs) + (_qa_cut(model) if role == "evaluation" else ""),
+            "the gates see" if role is Role.EVALUATION else "the calibration sees",
+            _kept_words(tok, limit, pair=pairs)
+            + (_qa_cut(model) if role is Role.EVALUATION else ""),
         )
     if window_of is not None and (window_of[keep] > 0).any():  # (whole pairs are kept)
         kept = np.unique(pair_of[keep])
@@ -155,7 +157,7 @@ def text_source(
             where,
             len(np.unique(pair_of[keep][window_of[keep] > 0])),
             len(kept),
-            role,
+            role.value,
             limit,
             len(keep),
         )
@@ -173,7 +175,7 @@ def text_source(
     h.update(f"{limit}".encode())  # not the tokenizer's path: the bundle moves with its copy
     index = name_index(model.labels)
     labelled = bool(scan.labelled)
-    gated = role == "evaluation"
+    gated = role is Role.EVALUATION
 
     def batches() -> Iterator[Batch]:
         with open(path, "rb") as f:

@@ -595,7 +595,7 @@ def _print_tags(texts: list[Text], logits, names: tuple[str, ...], pieces: list[
             say(f"    {token:<16} {label:<12} {row[top]:.3f}")
 
 
-def _answer_rule(bundle, null_answer: bool | None) -> dict:
+def _answer_rule(bundle, null_answer: bool | None = None) -> dict:
     """How ``bundle``'s gates read a question answerer's answers (the gate settings it was
     last gated with: max_answer_tokens, null_answer), as ``spans.answers`` takes them: infer
     prints the answers the gates judged. ``null_answer``: --null-answer's, over the bundle's

@@ -76,7 +76,7 @@ def test_jsonl_is_tokenized_with_the_models_tokenizer(tmp_path):
     lens = [int(m.sum()) for b in batches for m in b.feeds["attention_mask"]]
     all_lens = sorted(
         int(m.sum())
-        for b in open_source(path, info, role="e").batches()
+        for b in open_source(path, info, role="evaluation").batches()
         for m in b.feeds["attention_mask"]
     )
     assert min(lens) == all_lens[0] and max(lens) == all_lens[-1]  # both ends covered
@@ -848,3 +848,15 @@ def test_arrays_padded_past_the_models_longest_sequence_are_cut_to_it(tmp_path):
     path = write_npz(tmp_path / "long.npz", {"input_ids": ids, "attention_mask": mask}, tags)
     with pytest.raises(DataError, match="sequence 64 is longer than the model's 32"):
         open_source(path, _tagger(), role="evaluation")
+
+
+def test_a_role_is_calibration_or_evaluation_and_nothing_else(tmp_path):
+    """role="eval" was read as neither: not calibration (labels read), not evaluation (no
+    answer context kept), with the messages of the one and the flags of the other."""
+    from quantgate.errors import ConfigError
+    from quantgate.quantize.data import Role
+
+    with pytest.raises(ConfigError, match="role 'eval': expected one of 'calibration', 'eval"):
+        open_source(None, DIGITS, role="eval")
+    assert open_source(None, DIGITS, role=Role.EVALUATION).has_labels
+    assert open_source(None, DIGITS, role="calibration").samples == 200  # its value, as before
