@@ -4,9 +4,9 @@
 2. Quantize, then gate each candidate: accuracy (or fidelity) on the evaluation data
    against FP32 outputs computed once, and speed against FP32 at the served shapes.
 3. When a candidate fails accuracy but is fast enough to be worth saving, ask
-   ``node_sensitivity`` which nodes lose most (FP32 vs INT8 intermediate outputs on
-   calibration rows), keep the worst ``sensitivity_top_k`` in FP32 and retry, up to
-   ``max_keep_rounds`` rounds per recipe.
+   ``node_sensitivity`` which nodes cost the outputs most (the INT8 graph with each node
+   alone back in FP32, on calibration rows), keep the ``sensitivity_top_k`` whose return
+   helps most in FP32 and retry, up to ``max_keep_rounds`` rounds per recipe.
 4. Stop when the queue is empty, ``search_budget_s`` is spent or ``max_candidates`` have
    run (the first candidate always runs). A candidate that fails accuracy when nothing is
    left to refine it is not timed, once another has passed: its speed would serve nothing.
