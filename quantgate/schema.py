@@ -154,13 +154,19 @@ _SHA = _kind(
 
 
 def _fields(
-    d: Any, where: str, required: dict[str, _Check], optional: dict[str, _Check]
+    d: Any,
+    where: str,
+    required: dict[str, _Check],
+    optional: dict[str, _Check],
+    *,
+    others: bool = False,
 ) -> list[str]:
-    """Problems with object ``d``: a missing or unknown field, or a value its check refuses."""
+    """Problems with object ``d``: a missing or unknown field (unless ``others`` may be
+    there), or a value its check refuses."""
     if not isinstance(d, dict):
         return [f"{where}: expected an object, found {described(d)}"]
     problems = [f"{where}: the field {k!r} is missing" for k in required if k not in d]
-    unknown = sorted(set(d) - set(required) - set(optional))
+    unknown = [] if others else sorted(set(d) - set(required) - set(optional))
     if unknown:
         problems.append(
             f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; quantgate writes none "
@@ -169,6 +175,24 @@ def _fields(
     for k, check in {**required, **optional}.items():
         if k in d and (expected := check(d[k])):
             problems.append(f"{where}.{k}: expected {expected}, found {described(d[k])}")
+    return problems
+
+
+def validation_problems(val: Any) -> list[str]:
+    """What keeps a manifest's ``export.validation`` (the export's checks, which serving does
+    not read, so ``manifest_problems`` does not check it) from being shown; [] where it can."""
+    where = "export.validation"
+    diffs = _kind(
+        lambda x: isinstance(x, dict) and all(_is_number(d) for d in x.values()),
+        "an object of output names to numbers",
+    )
+    cases = _kind(lambda x: isinstance(x, list), "a list of objects")
+    problems = _fields(val, where, {"max_abs_diff": diffs, "cases": cases}, {}, others=True)
+    if problems:
+        return problems
+    case = dict.fromkeys(("batch", "sequence", "padded_rows"), _kind(is_int, "a whole number"))
+    for i, c in enumerate(val["cases"]):
+        problems += _fields(c, f"{where}.cases[{i}]", case, {}, others=True)
     return problems
 
 

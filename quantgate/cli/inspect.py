@@ -124,7 +124,7 @@ def _export_lines(export: dict) -> list[str]:
     of a record this cannot read, what is wrong with it, in the schema's words. The schema
     checks only what serving reads, so serve loads a bundle whose record of its making is
     damaged, and so the rest of it is shown here."""
-    from quantgate.schema import described
+    from quantgate.schema import described, validation_problems
 
     def unread(what: str, problem: str) -> str:
         return f"{what}: not shown: {problem} (`quantgate export` writes it anew)"
@@ -141,8 +141,8 @@ def _export_lines(export: dict) -> list[str]:
         found = described(export["fusions"])
         lines.append(unread("fusions", f"export.fusions: expected an object, found {found}"))
     val = export.get("validation")
-    if val and (problem := _validation_problem(val)):
-        lines.append(unread("validation", problem))
+    if val and (problems := validation_problems(val)):
+        lines.append(unread("validation", problems[0]))
     elif val:
         shapes = ", ".join(
             f"{c['batch']}x{c['sequence']}" + ("p" if c["padded_rows"] else "")
@@ -155,36 +155,6 @@ def _export_lines(export: dict) -> list[str]:
 
 def _strings(x: object) -> bool:
     return isinstance(x, list) and all(isinstance(s, str) for s in x)
-
-
-def _validation_problem(val: object) -> str | None:
-    """What keeps ``export.validation`` from being shown, as the schema says a problem; None."""
-    from quantgate.schema import described
-
-    where = "export.validation"
-    if not isinstance(val, dict):
-        return f"{where}: expected an object, found {described(val)}"
-    expected = {
-        "max_abs_diff": (
-            "an object of output names to numbers",
-            lambda x: (
-                isinstance(x, dict)
-                and all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in x.values())
-            ),
-        ),
-        "cases": ("a list of objects", lambda x: isinstance(x, list)),
-    }
-    for key, (what, ok) in expected.items():
-        if key not in val:
-            return f"{where}: the field {key!r} is missing"
-        if not ok(val[key]):
-            return f"{where}.{key}: expected {what}, found {described(val[key])}"
-    for i, case in enumerate(val["cases"]):
-        if not isinstance(case, dict):
-            return f"{where}.cases[{i}]: expected an object, found {described(case)}"
-        if gone := [k for k in ("batch", "sequence", "padded_rows") if k not in case]:
-            return f"{where}.cases[{i}]: the field {gone[0]!r} is missing"
-    return None
 
 
 def _answers_read(m) -> str:
