@@ -262,14 +262,15 @@ class Client:
         if classes and not outputs:
             raise BadRequest("classes needs the outputs to classify: name them in outputs")
         arrays = {name: np.asarray(value) for name, value in inputs.items()}
-        rows = {a.shape[0] if a.ndim else 0 for a in arrays.values()}
-        step = self._max_batch(model, version, rows.pop()) if len(rows) == 1 else 0
+        lengths = {a.shape[0] if a.ndim else 0 for a in arrays.values()}
+        rows = lengths.pop() if len(lengths) == 1 else 0
+        step = self._max_batch(model, version, rows)
         if not step:  # the server takes them whole, or says what is wrong with them
             return self._infer(model, arrays, version, outputs, classes, timeout)
         parts = [
             self._infer(model, {k: a[i : i + step] for k, a in arrays.items()}, version,
                         outputs, classes, timeout)
-            for i in range(0, len(next(iter(arrays.values()))), step)
+            for i in range(0, rows, step)
         ]  # fmt: skip
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 

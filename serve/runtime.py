@@ -561,10 +561,9 @@ def restart_outlook(
     served_now = f"a restart would serve {v.precision} ({what})" + (
         " (the copy served now)" if this_copy else ""
     )
-    same = this_copy and not said and manifest == loaded  # hashed by qb.load: written anew
-    return Outlook(
-        "; ".join([*said, served_now]), files=files, same=same, serves_it=this_copy and not said
-    )
+    serves_it = this_copy and not said
+    same = serves_it and manifest == loaded  # hashed by qb.load: written anew
+    return Outlook("; ".join([*said, served_now]), files=files, same=same, serves_it=serves_it)
 
 
 def _interface_changes(old: qb.Manifest, new: qb.Manifest) -> list[str]:
