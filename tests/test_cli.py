@@ -492,6 +492,22 @@ def test_a_gate_config_files_bad_value_is_named_by_the_file(cli, tmp_path):
     ) in " ".join(r.stderr.split()), r.stderr
 
 
+def test_a_gate_config_file_that_cannot_be_read_is_named_by_its_flag(cli, tmp_path):
+    """The file's own faults (missing, not TOML) say which flag named it, as its refused
+    values do, in `gate` and in `export` (which refuses before it exports)."""
+    _tiny_bundle(tmp_path / "b", ())
+    bad = tmp_path / "gates.toml"
+    bad.write_text("min_speedup = \n")
+    r = cli("gate", tmp_path / "b", "--gate-config", bad)
+    said = " ".join(r.stderr.split())
+    assert r.code == 2 and f"error: --gate-config {bad}: not valid TOML (" in said, r.stderr
+    missing = tmp_path / "nowhere.toml"
+    r = cli("export", tmp_path / "ckpt", "--out", tmp_path / "o", "--gate-config", missing)
+    said = " ".join(r.stderr.split())
+    assert r.code == 2 and f"error: --gate-config {missing}: cannot read it (" in said, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_gate_config_error_lists_each_refused_field():
     """ConfigError.problems: (field, what is wrong), which the CLI names by flag or file."""
     from quantgate.errors import ConfigError

@@ -91,9 +91,20 @@ def read_gate_config(file, flags: dict):
             return GateConfig.from_file(file, **overrides)
         return GateConfig().with_overrides(**overrides)
     except ConfigError as e:
-        if not e.problems:
-            raise
-        raise named_by_flags(e.problems, flags, file) from e
+        raise gate_config_error(e, flags, file) from e
+
+
+def gate_config_error(e, flags: dict, file: Path | None):
+    """GateConfig's ConfigError ``e`` as the command line says it: refused values named by
+    their flags or the --gate-config file (``named_by_flags``), and the file's own faults (not
+    found, not TOML, unknown settings) by the flag that gave it."""
+    from quantgate.errors import ConfigError
+
+    if e.problems:
+        return named_by_flags(e.problems, flags, file)
+    if file is not None and str(e).startswith(str(file)):
+        return ConfigError(f"--gate-config {e}")
+    return ConfigError(str(e))
 
 
 def named_by_flags(problems: tuple[tuple[str, str], ...], flags: dict, file: Path | None):

@@ -16,9 +16,9 @@ from quantgate.cli._gates import (
     NULL_HELP,
     TOP1_HELP,
     GateFile,
+    gate_config_error,
     gate_flags,
     kept_option,
-    named_by_flags,
     print_gates,
 )
 from quantgate.errors import GateFailed
@@ -120,7 +120,5 @@ def gate(
         print_gates(path)
         raise
     except ConfigError as e:
-        if not e.problems:
-            raise
-        raise named_by_flags(e.problems, flags, gate_config) from e
+        raise gate_config_error(e, flags, gate_config) from e
     print_gates(bundle.path)
