@@ -813,16 +813,17 @@ def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -
         a = np.asarray(feeds[spec.name])
         if a.ndim != len(spec.dims):
             said.append(
-                f"{spec.name}: rank {a.ndim} (shape {tuple(a.shape)}), expected "
-                f"{len(spec.dims)} dims ({', '.join(map(str, spec.dims))})"
+                f"{spec.name}: shape {tuple(a.shape)}, expected {len(spec.dims)} dimensions "
+                f"({', '.join(map(str, spec.dims))})"
             )
             continue
         for d, (got, want) in enumerate(zip(a.shape, spec.dims, strict=True)):
             if isinstance(want, int) and got != want:
-                said.append(f"{spec.name}: dim {d} is {got}, the model needs {want}")
+                said.append(f"{spec.name}: dimension {d} is {got}, expected {want}")
         if a.ndim >= 2 and model.max_seq_len and a.shape[1] > model.max_seq_len:
             said.append(
-                f"{spec.name}: sequence {a.shape[1]} is longer than the model's {model.max_seq_len}"
+                f"{spec.name}: sequence length {a.shape[1]} exceeds the model's maximum "
+                f"{model.max_seq_len}; truncate the rows"
             )
         want_dtype = np.dtype(spec.dtype)
         if a.dtype != want_dtype:

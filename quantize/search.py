@@ -590,7 +590,7 @@ def _out_of_room(made: int, qc: QuantConfig, t0: float) -> str:
     if made >= qc.max_candidates:
         return f"the limit of {qc.max_candidates} candidate(s) was reached"
     if time.monotonic() - t0 > qc.search_budget_s:
-        return f"the {qc.search_budget_s:g}s budget was spent"
+        return f"the {qc.search_budget_s:g} s budget was spent"
     return ""
 
 

@@ -145,8 +145,12 @@ def test_npz_round_trip_and_bad_arrays(tmp_path):
             None,
             r"missing input\(s\) \[.attention_mask.\] \(attention_mask says which tokens are real",
         ),
-        "rank.npz": ({**feeds, "input_ids": feeds["input_ids"][:, :, None]}, None, "rank 3"),
-        "long.npz": (rng_feeds(4, seq=80), None, "longer than the model's 64"),
+        "rank.npz": (
+            {**feeds, "input_ids": feeds["input_ids"][:, :, None]},
+            None,
+            r", 1\), expected 2 dimensions",
+        ),
+        "long.npz": (rng_feeds(4, seq=80), None, "exceeds the model's maximum 64"),
         "float.npz": ({**feeds, "input_ids": feeds["input_ids"] + 0.5}, None, "dtype float64"),
         "labels.npz": (feeds, np.zeros(3), "labels must be 40 integers"),
         "column.npz": (feeds, np.zeros((40, 1), np.int64), r"shape \(40, 1\).*labels\.ravel\(\)"),
@@ -611,7 +615,10 @@ def test_token_type_ids_filled_in_are_not_blamed_for_input_ids_faults(tmp_path):
     info = minilm_info("sequence-classification")
     ids = np.array([[101, 2023, 102]] * 4)
     mask = np.ones_like(ids)
-    for bad, said in ((ids.astype(np.float32) + 0.5, "dtype float32"), (ids[0], "rank 1")):
+    for bad, said in (
+        (ids.astype(np.float32) + 0.5, "dtype float32"),
+        (ids[0], r"shape \(3,\), expected 2"),
+    ):
         path = write_npz(tmp_path / "t.npz", {"input_ids": bad, "attention_mask": mask})
         with pytest.raises(DataError, match=f"input_ids: {said}") as e:
             open_source(path, info, role="evaluation")
@@ -846,7 +853,9 @@ def test_arrays_padded_past_the_models_longest_sequence_are_cut_to_it(tmp_path):
         assert b.feeds["input_ids"].shape[1] <= 32 and b.labels.shape == b.feeds["input_ids"].shape
     mask[5, 40] = 1  # a real token past the model's 32
     path = write_npz(tmp_path / "long.npz", {"input_ids": ids, "attention_mask": mask}, tags)
-    with pytest.raises(DataError, match="sequence 64 is longer than the model's 32"):
+    with pytest.raises(
+        DataError, match="sequence length 64 exceeds the model's maximum 32; truncate"
+    ):
         open_source(path, _tagger(), role="evaluation")
 
 

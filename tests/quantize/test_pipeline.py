@@ -48,7 +48,7 @@ def test_impossible_threshold_exits_3_with_a_failed_bundle_and_report(
     assert "gate(s) failed" in r.stderr and "FAIL" in r.stdout
     # A search stopped by its budget is not a model that cannot be quantized: said, with the fix.
     stderr = " ".join(r.stderr.split())
-    assert "The search stopped early: the 1s budget was spent, with " in stderr
+    assert "The search stopped early: the 1 s budget was spent, with " in stderr
     assert "Raise --search-budget (now 1 s; this search took " in stderr
     assert "calibrated on only" not in stderr  # 200 rows, and only speed failed
     assert "It replaced" not in stderr  # there was no bundle there
