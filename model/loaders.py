@@ -69,7 +69,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -88,7 +88,7 @@ from quantgate.tasks import (
 
 # What names a model: a path or a ``package.module:factory`` string (the command line's
 # MODEL), or from Python the module object or its factory function.
-ModelSpec = str | os.PathLike | nn.Module | Callable[[], nn.Module]
+ModelSpec: TypeAlias = str | os.PathLike | nn.Module | Callable[[], nn.Module]
 
 # package.module:factory, or path/to/file.py:factory
 FACTORY_SPEC = re.compile(r"^(?:[A-Za-z_][\w.]*|.+\.py):[A-Za-z_]\w*$")
