@@ -550,7 +550,7 @@ def serving(bundle: Path, provider: str, sizes) -> dict:
         feed = bundle_feed(bundle, 1, 128)
         n = sizes["serve_requests"]
         with Client(server.url, timeout=30) as c:
-            for _ in range(20):
+            for _ in range(sizes["serve_warmup"]):
                 c.infer("minilm", feed)
                 model.run(feed)
             before = c.statistics("minilm")
@@ -614,7 +614,7 @@ def served_threads(bundle: Path, provider: str, sizes) -> dict:
         Client(default.url, timeout=30) as a,
         Client(threaded.url, timeout=30) as b,
     ):
-        for _ in range(20):
+        for _ in range(sizes["serve_warmup"]):
             a.infer("minilm", feed)
             b.infer("minilm", feed)
         a_ms, b_ms = [], []
@@ -656,7 +656,7 @@ def served_pinned(bundle: Path, provider: str, sizes) -> dict:
         for name, cpus in pins.items():
             server = stack.enter_context(Server(quantgate_cli(), bundle, *args, cpus=cpus))
             clients[name] = stack.enter_context(Client(server.url, timeout=30))
-        for _ in range(20):
+        for _ in range(sizes["serve_warmup"]):
             model.run(feed)
             for c in clients.values():
                 c.infer("minilm", feed)
@@ -894,16 +894,18 @@ def main() -> int:
     import onnxruntime as ort
 
     sizes = (
-        # fidelity_rows caps the help topics used (79 exist); pa_*: perf_analyzer windows
+        # fidelity_rows caps the help topics used (79 exist); serve_warmup: requests to each
+        # server before any is timed; pa_*: perf_analyzer windows
         dict(
             batch=8,
             seq=32,
             fidelity_rows=32,
             pairs=10,
             speed_budget_s=3,
-            serve_requests=30,
+            serve_warmup=5,
+            serve_requests=15,
             pa_rounds=3,
-            pa_window_s=1.0,
+            pa_window_s=0.5,
         )
         if a.quick
         else dict(
@@ -912,6 +914,7 @@ def main() -> int:
             fidelity_rows=128,
             pairs=60,
             speed_budget_s=12,
+            serve_warmup=20,
             serve_requests=200,
             pa_rounds=5,
             pa_window_s=2.0,
