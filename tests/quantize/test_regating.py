@@ -3,6 +3,7 @@ timed sequence length, the label protection and the export's own thresholds."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +20,22 @@ from quantgate.quantize.decide import GateConfig  # noqa: E402
 from quantgate.quantize.regating import _changed_settings, _labelled_accuracy  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """Where the module's first ``bundle`` exports; the others copy it."""
+    return tmp_path_factory.mktemp("regating") / "b"
+
+
 @pytest.fixture
-def bundle(cli, tmp_path, gate_file) -> Path:
-    """The tiny digits model exported and gated on its labelled test split: seconds."""
+def bundle(cli, tmp_path, gate_file, exported) -> Path:
+    """The tiny digits model exported and gated on its labelled test split (seconds, once a
+    module): each test re-gates a copy of its own."""
+    if not exported.exists():
+        r = cli("export", tiny_checkpoint(), "--out", exported, "--min-speedup", "0.01",
+                "--samples", "32", "--search-budget", "1", "--gate-config", gate_file)  # fmt: skip
+        assert r.code == 0, r.stderr
     out = tmp_path / "b"
-    r = cli("export", tiny_checkpoint(), "--out", out, "--min-speedup", "0.01", "--samples", "32",
-            "--search-budget", "1", "--gate-config", gate_file)  # fmt: skip
-    assert r.code == 0, r.stderr
+    shutil.copytree(exported, out, symlinks=True)
     return out
 
 
