@@ -115,6 +115,7 @@ class Engine:
                 shapes += [(1, longest), (m.max_batch_size, min(16, longest))]
             load = self.metrics.load.labels(m.name, m.version)
             warm_s = 0.0
+            full = None  # (sequence, seconds) of the full batch
             for rows, length in shapes:
                 if stop is not None and stop.is_set():
                     log.debug("warm-up stopped: the server was asked to stop")
@@ -129,6 +130,8 @@ class Engine:
                 # the last, a full batch where batches form: what a deadline must allow for
                 if batcher := self._batchers.get((m.name, m.version)):  # started
                     batcher.expect_run_s(run_s)
+                if rows == m.max_batch_size > 1:
+                    full = (length, run_s)
                 log.info(
                     "warm-up %s version %s: batch %d, sequence %d in %.0f ms",
                     m.name,
@@ -146,6 +149,34 @@ class Engine:
                 m.load_s,
                 warm_s,
             )
+            if full and self.cfg.dynamic_batching:
+                self._queue_past_grace(m, *full)
+
+    def _queue_past_grace(self, m: Model, length: int, batch_s: float) -> None:
+        """Warn where a full queue of full batches outlasts the shutdown grace even at the
+        warm-up's short rows (``length`` tokens, a batch in ``batch_s``): requests queued at a
+        stop would be cut off. A lower bound: longer rows take longer still."""
+        waves = -(-self.cfg.max_queue_size // self.cfg.instances)
+        least = waves * batch_s
+        if least <= self.cfg.shutdown_grace_s or not self.cfg.shutdown_grace_s:
+            return  # (a grace of 0 asks for no drain: nothing queued is waited for)
+        log.warning(
+            "%s version %s: a full queue (%d requests of %d rows) is at least %.3g s of work "
+            "(a batch of %d rows of sequence %d ran in %.3g ms, %d instance(s)), longer than "
+            "the shutdown grace of %g s: requests queued when the server is stopped may be cut "
+            "off. Lower --max-queue-size or raise --shutdown-grace (and the orchestrator's "
+            "termination grace with it)",
+            m.name,
+            m.version,
+            self.cfg.max_queue_size,
+            m.max_batch_size,
+            least,
+            m.max_batch_size,
+            length,
+            batch_s * 1e3,
+            self.cfg.instances,
+            self.cfg.shutdown_grace_s,
+        )
 
     def close(self, timeout: float | None = None) -> bool:
         """Stop admitting; wait until every admitted request is answered (False if

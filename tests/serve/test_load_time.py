@@ -63,3 +63,25 @@ def test_a_servers_metrics_have_each_models_load_time(repo):
             assert seconds > 0 and seconds == pytest.approx(said, abs=0.006), (name, seconds)
     finally:
         assert srv.terminate() == 0, srv.log
+
+
+def test_a_queue_longer_than_the_shutdown_grace_is_warned_about_at_the_warm_up(repo, caplog):
+    """A full queue of full batches that already outlasts the grace at the warm-up's short
+    rows: a stop would cut off requests it admitted. Said once the warm-up measured it, with
+    the figures and the two flags; at the defaults the tiny models' queue is a fraction of
+    a second, and nothing is said."""
+    model = open_model(repo / "classifier", ServeConfig(path=repo), CPU)
+    caplog.set_level(logging.WARNING, logger="quantgate.serve")
+    Engine(Repository([model]), ServeConfig(path=repo)).warm_up()
+    assert not [r for r in caplog.records if "full queue" in r.getMessage()]
+
+    cfg = ServeConfig(path=repo, shutdown_grace_s=0.001, max_queue_size=1000, instances=2)
+    Engine(Repository([model]), cfg).warm_up()
+    (said,) = [r.getMessage() for r in caplog.records if "full queue" in r.getMessage()]
+    found = re.search(r"a full queue \(1000 requests of 32 rows\) is at least (\S+) s of work \("
+                      r"a batch of 32 rows of sequence (\d+) ran in (\S+) ms, 2 instance\(s\)\), "
+                      r"longer than the shutdown grace of 0.001 s", said)  # fmt: skip
+    assert found, said
+    # 500 waves of a batch each (two instances): the bound is the batch's time times 500
+    assert float(found[1]) == pytest.approx(500 * float(found[3]) / 1e3, rel=0.01)
+    assert "Lower --max-queue-size or raise --shutdown-grace" in said
