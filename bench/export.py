@@ -103,14 +103,14 @@ def main() -> None:
         work = Path(tmp)
         t0 = time.perf_counter()
         ours = export_fp32(model_dir, work, cfg=ExportConfig())
-        print(f"quantgate export: {time.perf_counter() - t0:.0f}s, fusions {ours.fusions}")
+        print(f"quantgate export: {time.perf_counter() - t0:.0f} s, fusions {ours.fusions}")
         files = {"quantgate": ours.onnx}
         feeds1 = text_feeds(model_dir, 1)
         for name, dynamo in (("plain dynamo", True), ("plain legacy", False)):
             t0 = time.perf_counter()
             files[name] = work / f"{name.replace(' ', '-')}.onnx"
             plain_export(model_dir, files[name], dynamo=dynamo, feeds=feeds1)
-            print(f"{name} export: {time.perf_counter() - t0:.0f}s")
+            print(f"{name} export: {time.perf_counter() - t0:.0f} s")
         # spin=False, as in the speed gates: an idle session's spinning threads would slow
         # whichever session runs next.
         sessions = {name: session(f, CPU, threads=THREADS, spin=False) for name, f in files.items()}

@@ -171,7 +171,7 @@ def main() -> None:
             unfused_model=res.unfused_onnx,
         )
         models[label] = (qm.path, qm)
-        print(f"built {label}: {len(qm.quantized_nodes)} nodes INT8 in {qm.seconds:.0f}s")
+        print(f"built {label}: {len(qm.quantized_nodes)} nodes INT8 in {qm.seconds:.0f} s")
 
     # spin=False, as in the speed gates: timed in turn, an idle session's spinning threads
     # would slow whichever session runs next (order reversal puts FP32 after itself).

@@ -338,7 +338,7 @@ def search(
                 more = attempt.recipe.with_keep_fp32([n for n, _ in nodes])
                 queue.appendleft(_Attempt(more, cand.name, nodes, attempt.round + 1))
     if stopped:
-        log.info("search stopped after %.0fs, %s; not tried: %s",
+        log.info("search stopped after %.0f s, %s; not tried: %s",
                  time.monotonic() - t0, stopped, skipped)  # fmt: skip
     chosen, retimed = _confirmed(work, candidates)
     return SearchResult(

@@ -165,7 +165,7 @@ def node_sensitivity(
             del q.graph.initializer[len(q.graph.initializer) - added :]
             scores.append((name, base - _output_error(path, feeds, reference, floats)))
     log.info(
-        "sensitivity: %d node(s) on %d feed(s) in %.1fs; output error %.3g (1 - cosine)",
+        "sensitivity: %d node(s) on %d feed(s) in %.1f s; output error %.3g (1 - cosine)",
         len(scores), len(feeds), time.monotonic() - t0, base,
     )  # fmt: skip
     scores.sort(key=lambda kv: kv[1], reverse=True)
