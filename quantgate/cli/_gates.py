@@ -91,20 +91,23 @@ def read_gate_config(file, flags: dict):
             return GateConfig.from_file(file, **overrides)
         return GateConfig().with_overrides(**overrides)
     except ConfigError as e:
-        raise gate_config_error(e, flags, file) from e
+        if said := gate_config_error(e, flags, file):
+            raise said from e
+        raise
 
 
 def gate_config_error(e, flags: dict, file: Path | None):
     """GateConfig's ConfigError ``e`` as the command line says it: refused values named by
     their flags or the --gate-config file (``named_by_flags``), and the file's own faults (not
-    found, not TOML, unknown settings) by the flag that gave it."""
+    found, not TOML, unknown settings: GateConfig.from_file's, which start with its path) by
+    the flag that gave it. None where ``e`` says it already."""
     from quantgate.errors import ConfigError
 
     if e.problems:
         return named_by_flags(e.problems, flags, file)
     if file is not None and str(e).startswith(str(file)):
         return ConfigError(f"--gate-config {e}")
-    return ConfigError(str(e))
+    return None
 
 
 def named_by_flags(problems: tuple[tuple[str, str], ...], flags: dict, file: Path | None):

@@ -120,5 +120,7 @@ def gate(
         print_gates(path)
         raise
     except ConfigError as e:
-        raise gate_config_error(e, flags, gate_config) from e
+        if said := gate_config_error(e, flags, gate_config):
+            raise said from e
+        raise
     print_gates(bundle.path)
