@@ -171,7 +171,7 @@ except AttributeError as e:
 def test_the_package_type_checks():
     """mypy over the package as installed (scripts/typecheck.py, `make lint`): CI runs only
     the tests, and a type error is a wrong call or an unchecked None waiting for its input.
-    About 15 s cold on 2 CPUs (torch's and transformers' annotations are skipped), a second
+    About 17 s cold on 2 CPUs (torch's and transformers' annotations are skipped), a second
     with its cache."""
     pytest.importorskip("mypy")
     r = subprocess.run(
