@@ -46,8 +46,10 @@ def best_spans(
     """(N, 2): each row's best answer span, its first and last token: the highest
     ``start[first] + end[last]`` (a sum of logits: the product of the two softmax
     probabilities) with ``first <= last < first + max_tokens``, both ``allowed`` (a row's
-    real tokens; its context's, where known). (-1, -1) for a row with no allowed token or a
-    score at one that is not finite: it has no answer, and agrees with no other.
+    real tokens; its context's, where known). A score of -inf (a token the model masks)
+    never starts or ends the answer. (-1, -1) for a row with no allowed token, a NaN or
+    +inf score at one, or no span of finite score: it has no answer, and agrees with no
+    other.
 
     ``start``, ``end`` and ``allowed`` are (N, T). Row by row: (T, T) candidates at a time,
     1 MB at 512 tokens, whatever the batch."""
@@ -56,12 +58,19 @@ def best_spans(
     i = np.arange(t)
     valid = (i[None, :] >= i[:, None]) & (i[None, :] < i[:, None] + max_tokens)  # (T, T)
     for row, (s, e, ok) in enumerate(zip(start, end, allowed.astype(bool), strict=True)):
-        if not ok.any() or not (np.isfinite(s[ok]).all() and np.isfinite(e[ok]).all()):
+        if not ok.any() or _unreadable(s[ok]) or _unreadable(e[ok]):
             continue
         scores = s.astype(np.float64)[:, None] + e.astype(np.float64)[None, :]  # (first, last)
         scores[~(valid & ok[:, None] & ok[None, :])] = -np.inf
-        spans[row] = np.divmod(int(scores.argmax()), t)
+        best = int(scores.argmax())
+        if np.isfinite(scores.flat[best]):
+            spans[row] = np.divmod(best, t)
     return spans
+
+
+def _unreadable(scores: np.ndarray) -> bool:
+    """Whether any score is NaN or +inf: no span can be ranked by them (-inf only masks)."""
+    return bool(np.isnan(scores).any() or np.isposinf(scores).any())
 
 
 def span_scores(start: np.ndarray, end: np.ndarray, spans: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ from quantgate.bundle import CPU, CUDA, GateResult
 from quantgate.configs import check_fields, config_class, unknown_fields, wrong_types
 from quantgate.errors import ConfigError
 from quantgate.quantize.stats import bootstrap_mean, wilson
-from quantgate.tasks import MULTI_LABEL_TASKS, QA_TASKS
+from quantgate.tasks import MULTI_LABEL_TASKS, QA_TASKS, TOKEN_TASKS
 
 
 @config_class
@@ -327,7 +327,7 @@ def tail_gate(
 # under (``gate_definitions``, beside its gate_config), and a re-gate of a bundle gated under
 # an older one says what changed since: the same gate, threshold and data can decide
 # differently. Bump it, with what changed, when a gate's value or decision changes.
-GATE_DEFINITIONS = 7
+GATE_DEFINITIONS = 8
 
 
 @dataclass(frozen=True)
@@ -403,6 +403,34 @@ DEFINITION_CHANGES: dict[int, tuple[Change, ...]] = {
             "windows, a row each, and span_agreement reads one answer a pair, its best-scoring "
             "window's (the pair was cut at the model's length)",
             tasks=QA_TASKS,
+        ),
+    ),
+    8: (
+        Change(
+            "a token classifier's single logit per token is a binary tag, read as [0, logit], "
+            "with token labels 0 and 1 (taken as one class, every candidate agreed on every "
+            "token)",
+            tasks=TOKEN_TASKS,
+        ),
+        Change(
+            "token labels FP32's answers do not follow (no agreement beyond chance, Cohen's "
+            "kappa over the tokens' effective number, or every token one tag) add "
+            "token_top1_agreement and token_kl to the accuracy gate",
+            tasks=TOKEN_TASKS,
+        ),
+        Change(
+            "a score FP32 and the candidate both set to -inf (a masked token) is no fault in "
+            "the cosine and span gates (an identical model failed them)"
+        ),
+        Change(
+            "the cosine gates read a row as negligible against the median row norm of all the "
+            "rows, not of its batch's (the verdict moved with how the rows were batched)"
+        ),
+        Change(
+            "an integer output of shape (batch, n) is compared at every column, unless its "
+            "second axis is the sequence's (its graph says so, or its width follows the "
+            "batches' lengths): a row's top-k ids as many as a batch's tokens had their "
+            "columns past the row's length excused"
         ),
     ),
 }

@@ -54,9 +54,19 @@ def row_cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     where either is not finite. A row that is zero, or negligible, in both (below
     ``NEGLIGIBLE_NORM`` of FP32's median row norm) agrees: 1. One negligible in FP32 alone,
     where the candidate's is not, has no direction to agree with: -1."""
+    return _cosines(*_row_products(x, y))
+
+
+def _row_products(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(3, N): each row's norm in ``x``, in ``y``, and their dot product, in float64."""
     x, y = x.astype(np.float64), y.astype(np.float64)
-    nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
-    dot = (x * y).sum(axis=1)
+    return np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1), (x * y).sum(axis=1)
+
+
+def _cosines(nx: np.ndarray, ny: np.ndarray, dot: np.ndarray) -> np.ndarray:
+    """``row_cosine`` of rows given by their norms and dot products: the negligible norm
+    is read from all of them at once (the rows of every batch: a batch of short rows alone
+    would have its own, smaller, median)."""
     sized = nx[np.isfinite(nx) & (nx > 0)]
     tiny = NEGLIGIBLE_NORM * float(np.median(sized)) if len(sized) else 0.0
     negligible = (nx <= tiny) & (ny <= tiny)
@@ -109,8 +119,10 @@ class Fidelity:
         Rows are batch items: an output (batch, ...) is flattened per item, its padded
         positions zeroed where the mask is (batch, sequence) and the output (batch, sequence,
         ...), so padding noise does not count (``flat_rows``). NaN/inf are counted over the
-        whole candidate output, padding included: a client receives all of it, and a NaN
-        times a mask of 0 is still NaN.
+        whole candidate output, padding included (a NaN times a mask of 0 is still NaN), but
+        for a -inf where FP32 has one too: a masked score (a question's tokens, or padding,
+        set to -inf by the model) is no fault, and is left out of the row's cosine and
+        errors, as the classifier gates' ``_broken`` leaves it out.
         """
         seen = {n: _Tally() for n in names}
         tokens = token_scores(names)
@@ -128,7 +140,7 @@ class Fidelity:
             rows=rows,
             provider=provider,
             nonfinite={n: s.nonfinite for n, s in seen.items()},
-            cosines={n: np.concatenate(s.cosines) for n, s in seen.items()},
+            cosines={n: _cosines(*np.concatenate(s.products, 1)) for n, s in seen.items()},
             # one value per row in every batch (a (batch, sequence) output is not, even where a
             # batch holds one token)
             scalars={n: np.concatenate(s.scalars, 1) for n, s in seen.items() if s.scalar},
@@ -250,11 +262,12 @@ def r2_gate(
 
 
 class _Tally:
-    """One output compared batch by batch (``Fidelity.measure``): its row cosines, its
-    values where a row holds one, and its absolute errors and NaN/inf as running totals."""
+    """One output compared batch by batch (``Fidelity.measure``): what its row cosines are
+    made of, its values where a row holds one, and its absolute errors and NaN/inf as
+    running totals."""
 
     def __init__(self):
-        self.cosines: list[np.ndarray] = []  # (B,) per batch
+        self.products: list[np.ndarray] = []  # (3, B) per batch: ``_row_products``
         self.scalars: list[np.ndarray] = []  # (2, B) per batch: FP32's and the candidate's
         self.scalar = True  # whether every batch so far holds one value per row
         self.max_abs: list[float] = []  # per batch; NaN when a real value is NaN
@@ -267,14 +280,17 @@ class _Tally:
     ) -> None:
         if x.shape != y.shape:
             raise QuantizeError(f"output {name!r}: FP32 shape {x.shape}, candidate {y.shape}")
-        self.nonfinite += int((~np.isfinite(y)).sum())
+        masked = np.isneginf(x) & np.isneginf(y)  # a score both mask: no fault, no error
+        self.nonfinite += int((~np.isfinite(y) & ~masked).sum())
+        if masked.any():
+            x, y = np.where(masked, 0, x), np.where(masked, 0, y)
         if mask_fits(mask, x, tokens=tokens):
             real = int(mask.astype(bool).sum()) * math.prod(x.shape[2:])
         else:
             real = x.size
         x = flat_rows(x, mask, tokens=tokens).astype(np.float64)
         y = flat_rows(y, mask, tokens=tokens).astype(np.float64)
-        self.cosines.append(row_cosine(x, y))
+        self.products.append(np.stack(_row_products(x, y)))
         self.scalar &= x.shape[1] == 1  # one value per row
         if self.scalar:
             self.scalars.append(np.stack([x[:, 0], y[:, 0]]))

@@ -17,8 +17,9 @@ Without labels: fidelity against FP32 on the evaluation rows.
 - classifiers (``(batch, classes)`` logits): top-1 agreement and mean KL(FP32 || candidate)
   of the softmax distributions; a single logit (``(batch, 1)``: a reranker, a regression
   head), its R² against FP32 (``r2_gate``);
-- token classifiers (``(batch, sequence, classes)``): top-1 agreement and KL per real
-  token, pooled over the tokens, with intervals over rows (``_token_fidelity``);
+- token classifiers (``(batch, sequence, classes)``; a single logit per token read as
+  [0, logit], a binary tag): top-1 agreement and KL per real token, pooled over the
+  tokens, with intervals over rows (``_token_fidelity``);
 - multi-label classifiers: agreement with FP32's decisions, each label on or off
   (``_decision_agreement``);
 - question answerers (``start_logits`` and ``end_logits``, ``(batch, sequence)``): the
@@ -116,6 +117,9 @@ class Outputs:
     # each batch's ``Batch.rows``: its rows' indices in the arrays they were read from, where
     # known (for messages: the gates' order is by length)
     indices: list[np.ndarray | None] = field(default_factory=list)
+    # the outputs whose graph declares their second axis an input's sequence axis (the same
+    # symbolic dimension): values per token
+    along_sequence: frozenset[str] = frozenset()
 
     def stacked(self, name: str) -> np.ndarray:
         return np.concatenate([b[name] for b in self.batches])
@@ -141,7 +145,7 @@ def collect(
             f"ONNX Runtime cannot open {Path(model).name} on {provider}: {type(e).__name__}: {e}"
         ) from e
     names = [o.name for o in sess.get_outputs()]
-    out = Outputs(names)
+    out = Outputs(names, along_sequence=_along_sequence(sess))
     labels = []
     for batch in data.batches():
         try:
@@ -172,6 +176,15 @@ def collect(
                   for lab in labels]  # fmt: skip
     out.labels = np.concatenate(labels) if labels and data.has_labels else None
     return out
+
+
+def _along_sequence(sess) -> frozenset[str]:
+    """The outputs of ``sess`` whose second axis is, by name, an input's second (symbolic)
+    axis: the sequence's."""
+    axes = {
+        i.shape[1] for i in sess.get_inputs() if len(i.shape) >= 2 and isinstance(i.shape[1], str)
+    }
+    return frozenset(o.name for o in sess.get_outputs() if len(o.shape) >= 2 and o.shape[1] in axes)
 
 
 # -- accuracy ------------------------------------------------------------------------------
@@ -258,11 +271,15 @@ def _classifier_gates(
 def _token_classifier_gates(
     ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, label: str
 ) -> list[GateResult]:
-    """With token labels, the accuracy drop over the labelled tokens; without, agreement with
-    FP32 on every real token (``_token_fidelity``)."""
+    """With token labels, the accuracy drop over the labelled tokens, and agreement with
+    FP32 where the labels cannot tell enough (``token_labels_at_chance``); without,
+    agreement with FP32 on every real token (``_token_fidelity``)."""
     if ref.labels is None:
         return _token_fidelity(ref, cand, output, cfg)
-    return [_token_accuracy_drop(ref, cand, output, cfg, label)]
+    gates = [_token_accuracy_drop(ref, cand, output, cfg, label)]
+    if (why := token_labels_at_chance(ref, output)) is not None:  # a blind accuracy gate
+        gates += _token_fidelity(ref, cand, output, cfg, labels_say=why)
+    return gates
 
 
 def _integers(ref: Outputs) -> list[str]:
@@ -277,13 +294,14 @@ def _integer_agreement(ref: Outputs, cand: Outputs, name: str, cfg: GateConfig) 
     """``agreement:<name>``: the share of rows whose integer output (a predicted class, ids)
     the candidate gives exactly as FP32 does, with Wilson's interval, at least
     ``min_top1_agreement``. A cosine or an R² of class indices would say how far 3 is from 7,
-    which means nothing. A per-token output (batch, sequence, ...) is compared at the row's
+    which means nothing. A per-token output (``_integer_tokens``) is compared at the row's
     real tokens only: what a model makes of padding is no answer."""
     rows = []
+    tokens = _integer_tokens(ref, name)
     for a, b, mask in zip(ref.batches, cand.batches, ref.masks, strict=True):
         x, y = a[name], b[name]
         alike = x == y
-        if mask is not None and x.ndim >= 2 and x.shape[:2] == mask.shape:  # per token
+        if tokens and mask is not None:
             pad = ~mask.astype(bool)
             alike |= pad.reshape(pad.shape + (1,) * (x.ndim - 2))
         rows.append(alike.reshape(len(x), -1).all(axis=1))
@@ -295,6 +313,24 @@ def _integer_agreement(ref: Outputs, cand: Outputs, name: str, cfg: GateConfig) 
         f"with Wilson's {cfg.confidence:.0%} interval"
     )
     return interval_gate(f"agreement:{name}", share, ci, cfg.min_top1_agreement, ">=", cfg, detail)
+
+
+def _integer_tokens(ref: Outputs, name: str) -> bool:
+    """Whether integer output ``name`` holds a value per token (a tagger's predicted tags):
+    its second axis is the mask's sequence axis in every batch, and is so as a sequence
+    axis, not by the chance of one width: the output has three dims or more (``mask_fits``),
+    its graph says so (``Outputs.along_sequence``), or its width follows the batches'
+    padded lengths where they differ. A (batch, k) output (top-k ids) whose k a batch's
+    length happens to equal is a row's k values, every one compared."""
+    shapes = [
+        (a[name].shape, None if m is None else m.shape)
+        for a, m in zip(ref.batches, ref.masks, strict=True)
+    ]
+    if any(m is None or len(x) < 2 or x[:2] != m for x, m in shapes):
+        return False
+    if len(shapes[0][0]) >= 3 or name in ref.along_sequence:
+        return True
+    return len({m[1] for _, m in shapes if m is not None}) > 1
 
 
 def _unjudged(ref: Outputs, judged: Judged) -> list[str]:
@@ -364,10 +400,16 @@ def _token_logits(ref: Outputs, task: str) -> str | None:
 
 
 def _class_scores(out: Outputs, name: str) -> np.ndarray:
-    """(N, classes) class scores of output ``name``; a single logit per row, scored against
-    labels, is a binary classifier's: read as [0, logit], whose top class is 1 where the
-    logit is positive (taken as one class, every row would score class 0)."""
-    x = out.stacked(name)
+    """(N, classes) class scores of output ``name``, a single logit per row read as a
+    binary classifier's (``_as_classes``)."""
+    return _as_classes(out.stacked(name))
+
+
+def _as_classes(x: np.ndarray) -> np.ndarray:
+    """Class scores (..., classes); a single logit (..., 1) is a binary classifier's, read
+    as [0, logit]: its top class is 1 where the logit is positive, and its softmax is the
+    logit's sigmoid. Taken as one class, every row (every token of a tagger) would score
+    class 0, and top-1 agreement 1.0 with a KL of 0 would pass any INT8."""
     return np.concatenate([np.zeros_like(x), x], axis=-1) if x.shape[-1] == 1 else x
 
 
@@ -456,9 +498,10 @@ def _check_class_labels(labels: np.ndarray, output: str, scores: int) -> None:
         )
 
 
-def _check_token_labels(labels: np.ndarray, output: str, classes: int) -> None:
-    """A token classifier's labels are class indices of its per-token scores, or
-    ``NO_LABEL``, and tag at least one token."""
+def _check_token_labels(labels: np.ndarray, output: str, scores: int) -> None:
+    """A token classifier's labels are class indices of its per-token scores (a single
+    score: classes 0 and 1), or ``NO_LABEL``, and tag at least one token."""
+    classes = index_count(scores)
     if labels.max() >= classes:
         raise DataError(
             f"token labels must be class indices 0..{classes - 1} ({output} has {classes} "
@@ -490,23 +533,52 @@ def labels_at_chance(reference: Outputs, logits: str) -> str | None:
     beyond what the two class distributions give unrelated answers, whose one-sided lower
     bound must be above 0; a skewed set (98% one class) is judged by its few other rows,
     not by its accuracy."""
-    x, y = _class_scores(reference, logits), reference.labels
-    assert y is not None
+    assert reference.labels is not None
+    y = reference.labels
+    return _at_chance(_class_scores(reference, logits), y, len(y), "rows")
+
+
+def token_labels_at_chance(reference: Outputs, logits: str) -> str | None:
+    """``labels_at_chance`` for a token classifier, over its labelled real tokens: token
+    labels numbered in another order than the model's tags (its label2id) left an INT8
+    answering noise passing its accuracy gate. The kappa's bound counts the tokens as many
+    as they are worth (``stats.effective_tokens``): a sentence's tokens move together."""
+    scores, labels, hits, counts = [], [], [], []
+    for xt, _, tags, per_row in _token_pairs(reference, reference, logits, labelled=True):
+        assert tags is not None
+        scores.append(xt)
+        labels.append(tags)
+        hits.append(per_row(_hits(xt, tags)))
+        counts.append(per_row(np.ones(len(tags))))
+    y = np.concatenate(labels)
+    if not len(y):  # labels at padding only: the accuracy gate refuses them
+        return None
+    _, effective = clustered_share_interval(
+        np.concatenate(hits), np.concatenate(counts), LABELS_MATCH_CONFIDENCE
+    )
+    return _at_chance(np.concatenate(scores), y, effective, "labelled tokens")
+
+
+def _at_chance(x: np.ndarray, y: np.ndarray, effective: float, what: str) -> str | None:
+    """``labels_at_chance``'s test of FP32's (N, classes) scores ``x`` against labels ``y``
+    (N,), the N counting for ``effective`` independent ones; ``what`` names them."""
     n, classes = len(y), x.shape[-1]
     if one_class(y):  # nothing to tell FP32's answers from chance by, nor INT8's from a
         # constant answer: FP32 right on every row left an INT8 broken to one class passing
-        return f"every one of the {n} rows is labelled class {int(y[0])}"
+        return f"every one of the {n} {what} is labelled class {int(y[0])}"
     observed = float(_hits(x, y).mean())
     predicted = np.bincount(x.argmax(-1), minlength=classes) / n
     labelled = np.bincount(y, minlength=classes) / n
     chance = float(predicted @ labelled)
     kappa = (observed - chance) / (1 - chance)
-    se = math.sqrt(max(observed * (1 - observed), 1 / n) / n) / (1 - chance)
+    m = max(effective, 1.0)
+    se = math.sqrt(max(observed * (1 - observed), 1 / m) / m) / (1 - chance)
     low = kappa - _Z_ONE_SIDED * se
     if low > 0:
         return None
+    worth = "" if m == n else f" (worth {m:.0f} independent ones)"
     return (
-        f"FP32's own top class is the label on {observed:.1%} of {n} rows, against "
+        f"FP32's own top class is the label on {observed:.1%} of {n} {what}{worth}, against "
         f"{chance:.1%} for answers unrelated to the labels (Cohen's kappa {kappa:.3f}, its "
         f"{LABELS_MATCH_CONFIDENCE:.0%} lower bound {low:.3f}: no agreement beyond chance)"
     )
@@ -606,16 +678,19 @@ def check_evaluation(reference: Outputs, task: str) -> None:
                 f"gate needs at least {MIN_EVAL_ROWS} distinct rows, as a row's copy is always "
                 "its nearest. Pass --eval with more different held-out texts"
             )
-    if reference.labels is None or judged.kind is not Kind.CLASSIFIER or judged.output is None:
+    chance = _LABEL_CHANCE.get(judged.kind)
+    if reference.labels is None or chance is None or judged.output is None:
         return
-    if (why := labels_at_chance(reference, judged.output)) is None:
+    if (why := chance(reference, judged.output)) is None:
         return
-    if one_class(reference.labels):
+    unit = "row" if judged.kind is Kind.CLASSIFIER else "token"
+    if one_class(reference.labels[reference.labels != NO_LABEL]):
         log.warning(
-            "%s: labels of one class cannot tell an INT8 that answers it on every row from "
+            "%s: labels of one class cannot tell an INT8 that answers it on every %s from "
             "FP32, so INT8 is gated on agreement with FP32 as well (as on unlabelled rows). "
             "Evaluate on rows of several classes",
             why,
+            unit,
         )
     else:
         log.warning(
@@ -625,6 +700,14 @@ def check_evaluation(reference: Outputs, task: str) -> None:
             "numbered in the order of the model's classes (its config's id2label)",
             why,
         )
+
+
+# The kinds whose accuracy gate reads labels, each with the test of whether FP32 follows
+# them (``labels_at_chance``).
+_LABEL_CHANCE: dict[Kind, Callable[[Outputs, str], str | None]] = {
+    Kind.CLASSIFIER: lambda ref, out: labels_at_chance(ref, out),
+    Kind.TOKEN_CLASSIFIER: lambda ref, out: token_labels_at_chance(ref, out),
+}
 
 
 def _check_fp32_answers(reference: Outputs) -> None:
@@ -873,11 +956,14 @@ def _same_decisions(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return ((x > cut) == (y > cut)).all(-1) & ~_broken(x, y)
 
 
-def _token_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
+def _token_fidelity(
+    ref: Outputs, cand: Outputs, output: str, cfg: GateConfig, *, labels_say: str | None = None
+):
     """A token classifier against FP32 on every real token (the mask's, where the output
     has the data's sequence axis): the share whose top class agrees, and the mean KL(FP32 ||
     candidate), both pooled over the tokens, with intervals over the rows: a sentence's
-    tokens move together, so they are not as many independent samples."""
+    tokens move together, so they are not as many independent samples. On unlabelled rows,
+    or on labels that tell too little (``labels_say``: why; ``token_labels_at_chance``)."""
     hits, kls, counts, broken, change = [], [], [], False, 0.0
     for xt, yt, _, per_row in _token_pairs(ref, cand, output):
         hits.append(per_row(_same_top(xt, yt)))
@@ -886,9 +972,13 @@ def _token_fidelity(ref: Outputs, cand: Outputs, output: str, cfg: GateConfig):
         broken |= bool(_broken(xt, yt).any())
         change = max(change, _logit_change(xt, yt) if len(xt) else 0.0)
     h, k, n = np.concatenate(hits), np.concatenate(kls), np.concatenate(counts)
+    rows = (
+        "unlabelled rows"
+        if labels_say is None
+        else f"rows whose labels tell too little ({labels_say})"
+    )
     detail = (
-        f"{output} vs FP32 on {int(n.sum())} real tokens of {len(n)} unlabelled rows, max abs "
-        f"{change:.3g}"
+        f"{output} vs FP32 on {int(n.sum())} real tokens of {len(n)} {rows}, max abs {change:.3g}"
     )
     share = float(h.sum() / max(n.sum(), 1))
     agree_ci, rows_worth = clustered_share_interval(h, n, cfg.confidence)
@@ -930,7 +1020,12 @@ def _token_pairs(ref: Outputs, cand: Outputs, output: str, *, labelled: bool = F
         start += len(x)
         rows = np.repeat(np.arange(len(x)), real.sum(1))  # each token's row
         per_row = functools.partial(_row_sums, rows, len(x))
-        yield x[real], y[real], None if tags is None else tags[real], per_row
+        yield (
+            _as_classes(x[real]),
+            _as_classes(y[real]),
+            None if tags is None else tags[real],
+            per_row,
+        )
 
 
 def _row_sums(rows: np.ndarray, n: int, values: np.ndarray) -> np.ndarray:
@@ -1148,9 +1243,11 @@ def _row_answers(
 def _unread(
     spans: np.ndarray, scores: np.ndarray, nulls: np.ndarray, cfg: GateConfig
 ) -> np.ndarray:
-    """(N,) bool: rows whose answer cannot be read: no span (scores not finite), or, where
-    answers may be none (``cfg.null_answer``), a null score that is not finite."""
-    return (spans[:, 0] < 0) | (cfg.null_answer & ~np.isfinite(nulls))
+    """(N,) bool: rows whose answer cannot be read: no span (``spans.best_spans``: NaN or
+    +inf scores, or none finite), or, where answers may be none (``cfg.null_answer``), a
+    null score of NaN or +inf (one of -inf, a first token the model masks, is never the
+    answer)."""
+    return (spans[:, 0] < 0) | (cfg.null_answer & (np.isnan(nulls) | np.isposinf(nulls)))
 
 
 _Maybe = np.ndarray | None  # a batch's mask, token types or context, where kept
@@ -1307,6 +1404,7 @@ def _batch_token_classifier(
         for x in outs[output]:
             y = next(lone)
             pairs.append((x[: len(y)], y))
+    pairs = [(_as_classes(x), _as_classes(y)) for x, y in pairs]  # one logit: a binary tag
     hits = np.array([_same_top(x, y).sum() for x, y in pairs])
     counts = np.array([len(y) for _, y in pairs])
     ci, worth = clustered_share_interval(hits, counts, cfg.confidence)
@@ -1414,5 +1512,6 @@ __all__ = [
     "kind_of",
     "labels_at_chance",
     "neighbours_agree",
+    "token_labels_at_chance",
     "unread_answer_rule",
 ]

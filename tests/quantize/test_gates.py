@@ -30,6 +30,7 @@ from quantgate.quantize.gates import (  # noqa: E402
     collect,
     kind_of,
     labels_at_chance,
+    token_labels_at_chance,
 )
 from quantgate.quantize.report import gate_table  # noqa: E402
 from quantgate.quantize.stats import wilson  # noqa: E402
@@ -724,13 +725,19 @@ def test_a_token_classifier_with_token_labels_is_gated_on_its_accuracy_drop():
     def outputs(logits, labels=tags):
         return Outputs(["logits"], [{"logits": logits}], [mask], labels=labels, rows=40)
 
-    (drop,) = accuracy_gates(outputs(x), outputs(y), "token-classification", GateConfig())
+    got = {
+        g.name: g
+        for g in accuracy_gates(outputs(x), outputs(y), "token-classification", GateConfig())
+    }
+    # every labelled token is tag 0: agreement with FP32 is gated beside the accuracy
+    assert list(got) == ["token_accuracy_drop", "token_top1_agreement", "token_kl"]
+    drop = got["token_accuracy_drop"]
     assert drop.name == "token_accuracy_drop" and drop.op == "<="
     assert drop.value == pytest.approx(100 * 7 / (40 * 6))  # 240 labelled real tokens
     assert "240 labelled tokens of 40 rows, 7 tokens newly wrong, 0 newly right" in drop.detail
     assert drop.ci[0] < drop.value < drop.ci[1] and not drop.passed  # 2.9 points > 1
     assert "over 40 tokens' worth" in drop.detail  # 4 rows flipped: each row counts as one
-    (same,) = accuracy_gates(outputs(x), outputs(x), "token-classification", GateConfig())
+    same = accuracy_gates(outputs(x), outputs(x), "token-classification", GateConfig())[0]
     assert same.value == 0 and same.passed
     from quantgate.quantize.stats import clustered_paired_interval
 
@@ -1289,15 +1296,16 @@ def test_an_integer_output_is_gated_on_exact_agreement_not_on_its_values():
 
 
 def test_a_per_token_integer_output_is_compared_at_real_tokens_only():
-    """A tagger's predicted tag per token: what FP32 and INT8 make of the padding differs,
-    and is no answer; only the real tokens count."""
+    """A tagger's predicted tag per token (its graph names the sequence axis for its second,
+    as ``collect`` reads it): what FP32 and INT8 make of the padding differs, and is no
+    answer; only the real tokens count."""
     rng = np.random.default_rng(2)
     tags = rng.integers(0, 5, size=(40, 12))
     mask = (np.arange(12)[None] < rng.integers(3, 12, 40)[:, None]).astype(np.int64)
     noisy = np.where(mask == 1, tags, rng.integers(0, 5, size=tags.shape))  # padding differs
 
     def agreement(y):
-        a = Outputs(["tags"], [{"tags": tags}], [mask], rows=40)
+        a = Outputs(["tags"], [{"tags": tags}], [mask], rows=40, along_sequence=frozenset({"tags"}))
         b = Outputs(["tags"], [{"tags": y}], [mask], rows=40)
         return {g.name: g for g in accuracy_gates(a, b, "custom", GateConfig())}["agreement:tags"]
 
@@ -1305,6 +1313,32 @@ def test_a_per_token_integer_output_is_compared_at_real_tokens_only():
     moved = noisy.copy()
     moved[0, 0] = (moved[0, 0] + 1) % 5  # a real token of one row
     assert agreement(moved).value == pytest.approx(39 / 40)
+
+
+def test_a_rows_integer_values_as_many_as_its_tokens_are_all_compared():
+    """Top-k ids (batch, k) are a row's k values, whatever the batch's padded length: where
+    k happened to equal it, the ids at "padded" columns were excused, and an INT8 agreeing
+    on no row passed at 1.0. Only a width that follows the batches' lengths, or a graph that
+    says so, makes an output per token."""
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, 50, size=(40, 5))
+    other = ids.copy()
+    other[:, 4] += 1  # every row's last id moved
+    mask = np.ones((40, 5), np.int64)
+    mask[:, 3:] = 0  # padded to 5: 3 real tokens a row
+
+    def agreement(x, y, masks, **kw):
+        a = Outputs(["topk"], [{"topk": v} for v in x], masks, rows=40, **kw)
+        b = Outputs(["topk"], [{"topk": v} for v in y], masks, rows=40)
+        return {g.name: g for g in accuracy_gates(a, b, "custom", GateConfig())}["agreement:topk"]
+
+    assert agreement([ids], [other], [mask]).value == 0
+    two = [mask[:20], mask[20:, :4]]  # two batches padded to 5 and 4: k stays 5
+    assert agreement([ids[:20], ids[20:]], [other[:20], other[20:]], two).value == 0
+    # a tagger's tags follow the batches' lengths: per token, padding excused
+    tags = [ids[:20], ids[20:, :4]]
+    moved = [other[:20], other[20:, :4]]
+    assert agreement(tags, moved, two).value == 1
 
 
 def test_a_candidate_with_a_nan_score_fails_its_agreement_gates_saying_why():
@@ -1434,3 +1468,119 @@ def test_fp32s_own_nan_on_an_evaluation_row_is_refused_not_blamed_on_the_candida
             Outputs(["sentence_embedding"], [{"sentence_embedding": pooled}], [mask], rows=40),
             "feature-extraction",
         )
+
+
+def test_a_tagger_with_one_logit_per_token_is_gated_on_its_sign():
+    """A binary tagger's (batch, sequence, 1) logits, taken as one class, gave top-1
+    agreement 1.0 and KL 0 whatever INT8 did: every tag flipped passed. A token's single
+    logit is read as [0, logit], as a classifier's is: its tag is its sign, and its token
+    labels are 0 and 1."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(40, 12, 1)).astype(np.float32)
+    mask = np.ones((40, 12), np.int64)
+
+    def gates(y, labels=None):
+        ref = Outputs(["logits"], [{"logits": x}], [mask], labels=labels, rows=40)
+        cand = Outputs(["logits"], [{"logits": y}], [mask], rows=40)
+        check_evaluation(ref, "token-classification")
+        return {g.name: g for g in accuracy_gates(ref, cand, "token-classification", GateConfig())}
+
+    same = gates(x)
+    assert same["token_top1_agreement"].value == 1 and same["token_kl"].value == pytest.approx(0)
+    flipped = gates(-x)
+    assert flipped["token_top1_agreement"].value == 0 and not flipped["token_kl"].passed
+    tags = (x[..., 0] > 0).astype(np.int64)  # FP32 right on every token
+    drop = gates(-x, tags)["token_accuracy_drop"]
+    assert drop.value == pytest.approx(100) and not drop.passed
+    assert gates(x, tags)["token_accuracy_drop"].value == 0
+
+
+def test_token_labels_the_model_does_not_follow_do_not_blind_the_accuracy_gate(caplog):
+    """Token labels numbered in another order than the model's tags (its label2id), or all
+    one tag: FP32 is at chance on them, and an INT8 answering noise passed its accuracy
+    drop. Such tokens are gated on agreement with FP32 as well, with a warning; labels the
+    model follows are not."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(40, 10, 4)).astype(np.float32)
+    mask = np.ones((40, 10), np.int64)
+    mask[:, 8:] = 0
+    right = x.argmax(-1)
+    right[:5, 1] = (right[:5, 1] + 1) % 4  # a trained tagger: right on most tokens
+    right[mask == 0] = -100
+    noise = rng.normal(size=x.shape).astype(np.float32)
+
+    def gates(labels, candidate):
+        ref = Outputs(["logits"], [{"logits": x}], [mask], labels=labels, rows=40)
+        cand = Outputs(["logits"], [{"logits": candidate}], [mask], rows=40)
+        check_evaluation(ref, "token-classification")
+        return {g.name: g for g in accuracy_gates(ref, cand, "token-classification", GateConfig())}
+
+    with caplog.at_level(logging.WARNING, logger="quantgate.quantize.gates"):
+        followed = gates(right, noise)
+    assert set(followed) == {"token_accuracy_drop"} and not followed["token_accuracy_drop"].passed
+    assert "do not follow" not in caplog.text
+    renumbered = np.where(right >= 0, (right + 1) % 4, right)  # label2id off by one
+    with caplog.at_level(logging.WARNING, logger="quantgate.quantize.gates"):
+        blind = gates(renumbered, noise)
+    assert blind["token_accuracy_drop"].passed  # FP32 and the noise both at chance
+    assert not blind["token_top1_agreement"].passed and not blind["token_kl"].passed
+    assert "rows whose labels tell too little (FP32's own top class is the label on" in (
+        blind["token_top1_agreement"].detail
+    )
+    assert "the labels do not follow the model's answers" in caplog.text
+    assert "labelled tokens (worth" in caplog.text  # a sentence's tokens move together
+    assert gates(renumbered, x)["token_top1_agreement"].passed  # INT8 answering as FP32
+    one = np.where(right >= 0, 0, right)  # every labelled token tag 0
+    ref = Outputs(["logits"], [{"logits": x}], [mask], labels=one, rows=40)
+    assert token_labels_at_chance(ref, "logits").startswith(
+        "every one of the 320 labelled tokens is labelled class 0"
+    )
+    assert not gates(one, np.where(np.arange(4) == 0, 9, 0) + 0 * x)["token_top1_agreement"].passed
+
+
+def test_scores_both_models_mask_at_minus_infinity_are_no_fault():
+    """A question answerer whose head sets the question's tokens, or the padding, to -inf
+    (masked_fill): FP32's -inf is accepted, and an identical candidate failed its span gate
+    (no span read from a row holding -inf) and its cosine gates (-1 for the row, and every
+    -inf counted as a fault). A -inf both give is a masked score; one the candidate alone
+    gives is still a fault."""
+    rng = np.random.default_rng(7)
+    start, end = (rng.normal(size=(40, 16)).astype(np.float32) for _ in range(2))
+    mask = np.ones((40, 16), np.int64)
+    mask[:, 12:] = 0
+    for s in (start, end):
+        s[:, 1:4] = -np.inf  # the question's tokens
+        s[mask == 0] = -np.inf  # and the padding
+    names = ["start_logits", "end_logits"]
+
+    def gates(a, b):
+        ref = Outputs(names, [{"start_logits": start, "end_logits": end}], [mask], rows=40)
+        cand = Outputs(names, [{"start_logits": a, "end_logits": b}], [mask], rows=40)
+        check_evaluation(ref, "question-answering")
+        return {g.name: g for g in accuracy_gates(ref, cand, "question-answering", GateConfig())}
+
+    same = gates(start, end)
+    assert all(g.passed for g in same.values()), [g for g in same.values() if not g.passed]
+    assert same["span_agreement"].value == 1 and same["cosine:start_logits"].value == 1
+    alone = start.copy()
+    alone[0, 6] = -np.inf  # a context token only the candidate masks
+    moved = gates(alone, end)
+    assert not moved["cosine:start_logits"].passed
+    assert "1 non-finite values" in moved["cosine:start_logits"].detail
+
+
+def test_a_cosine_gate_does_not_depend_on_how_the_rows_were_batched():
+    """A row is negligible below 1e-6 of FP32's median row norm over all the rows: read per
+    batch, a batch of near-zero rows (an output a model zeroes for short inputs, batched by
+    length) had its own tiny median, and float noise's direction failed the gate."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(40, 8))
+    x[:10] *= 1e-9  # ten rows the model all but zeroes
+    y = x + rng.normal(size=x.shape) * 1e-12  # float noise
+    y[:10] = rng.normal(size=(10, 8)) * 1e-13
+
+    def cosine(cuts):
+        batches = [({"out": x[a:b]}, {"out": y[a:b]}, None) for a, b in cuts]
+        return Fidelity.measure(batches, ["out"]).cosine_mean["out"]
+
+    assert cosine([(0, 40)]) == cosine([(0, 10), (10, 40)]) == pytest.approx(1)

@@ -307,10 +307,14 @@ def test_a_regate_says_which_gates_were_redefined_since_the_last_gating(
     caplog.clear()  # said once: the re-gate after is under this version
     r = cli("gate", bundle, "--gate-config", gate_file)
     assert "redefined" not in caplog.text and "redefined" not in newest(bundle)
-    last_gated_under(5)  # version 6 changed question answerers' and multi-label gates only
+    last_gated_under(5)  # versions 6 and 7 changed question answerers' and multi-label gates
     caplog.clear()
     r = cli("gate", bundle, "--gate-config", gate_file)
-    assert r.code == 0 and "redefined" not in caplog.text, caplog.text
+    assert r.code == 0, r.stderr
+    said = " ".join(caplog.text.split())
+    assert "under the gates' definitions version 5" in said  # version 8's, every task's
+    assert "negligible against the median row norm" in said
+    assert "question" not in said and "multi-label" not in said, said  # not a classifier's
     last_gated_under(GATE_DEFINITIONS + 1)  # a newer quantgate's gating
     r = cli("gate", bundle, "--gate-config", gate_file)
     assert r.code == 0, r.stderr
@@ -381,11 +385,15 @@ def test_a_definitions_change_is_said_of_the_tasks_it_changed():
     from quantgate.quantize.decide import definition_changes
 
     qa = definition_changes(5, "question-answering")
-    assert len(qa) == 2 and qa[0].startswith("a question-answering model")
+    assert len(qa) == 5 and qa[0].startswith("a question-answering model")
     assert "overlapping windows" in qa[1]  # version 7's
-    assert definition_changes(5, "sequence-classification") == []
-    assert len(definition_changes(5)) == 3  # any task
-    assert definition_changes(4, "sequence-classification") == definition_changes(4)[:2]
+    anyone = definition_changes(7, "sequence-classification")  # version 8's for every task
+    assert len(anyone) == 3 and qa[2:] == anyone
+    assert definition_changes(5, "sequence-classification") == anyone
+    assert len(definition_changes(5)) == 3 + 5  # any task
+    assert definition_changes(4, "sequence-classification") == definition_changes(4)[:2] + anyone
+    tagger = definition_changes(7, "token-classification")
+    assert len(tagger) == 5 and tagger[0].startswith("a token classifier's single logit")
 
 
 def test_reading_answers_otherwise_is_looser_and_a_setting_added_since_is_its_default():
