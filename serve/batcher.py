@@ -563,6 +563,11 @@ class Batcher:
         return right_pad(feeds, self.model.pad_values, sequence=feeds[0])
 
     def _cut(self, name: str, out: np.ndarray, row: int, rows: int, length: int) -> np.ndarray:
+        """Request's rows ``row .. row + rows`` of output ``name``, cut back to its
+        ``length``. An unbatched model's answer is its lone request's, whole: its first axis
+        is no rows (cut there, a (3, 4) answer came back as its first row)."""
+        if not self.model.batched:
+            return out
         out = out[row : row + rows]
         if length and self.model.pads_output(name):
             out = out[:, :length]  # (b, T_padded, ...) -> (b, T, ...)

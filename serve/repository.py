@@ -19,8 +19,30 @@ from quantgate.serve.runtime import Model, open_model
 from quantgate.serve.variants import choose_provider
 
 # A version as a client may write it: Triton reads it with C's stol (spaces before it, a
-# plus sign, leading zeros), and refuses a negative one.
-VERSION = re.compile(r"[ \t\n\v\f\r]*\+?0*([0-9]{1,18})")
+# plus sign, leading zeros) into an int64, and refuses a negative one.
+VERSION = re.compile(r"[ \t\n\v\f\r]*\+?0*([0-9]{1,19})")
+MAX_VERSION = 2**63 - 1  # int64's, as Triton's
+
+
+def parse_version(version: str) -> str | None:
+    """A client's ``version`` as the number it names ("01" is "1"), None where empty (the
+    newest). Raises BadRequest for one that is no version number, whatever the model: as
+    Triton, which reads the version before it looks the model up."""
+    if not version:
+        return None
+    number = VERSION.fullmatch(version)
+    if number is not None and int(number[1]) <= MAX_VERSION:
+        return str(int(number[1]))
+    digits = version.lstrip(" \t\n\v\f\r").removeprefix("+")
+    if digits.isascii() and digits.isdigit():  # a number, too large for int64
+        raise BadRequest(
+            f"version {quoted(version)} is out of range: a version number is at most "
+            f"{MAX_VERSION}, or empty for the newest"
+        )
+    raise BadRequest(
+        f"version {quoted(version)} is no version number; a version is a whole number "
+        "(1, 2, ...), or empty for the newest"
+    )
 
 
 class Repository:
@@ -36,26 +58,19 @@ class Repository:
     def get(self, name: str, version: str = "") -> Model:
         """The model ``name`` at ``version`` (empty: the newest), read as a number as Triton
         reads it ("01" is 1). Raises ModelNotFound, or BadRequest for a version that is no
-        number."""
+        number (``parse_version``: whatever the name)."""
+        try:
+            number = parse_version(version)
+        except BadRequest as e:
+            raise BadRequest(f"model {quoted(name)}: {e}") from None
         versions = self._models.get(name)
         if versions is None:
             raise ModelNotFound(
                 f"unknown model {quoted(name)}; this server serves {sorted(self._models)}"
             )
-        if not version:
+        if number is None:
             return versions[max(versions, key=int)]
-        if (number := VERSION.fullmatch(version)) is None:
-            digits = version.lstrip(" \t\n\v\f\r").removeprefix("+")
-            if digits.isascii() and digits.isdigit():  # a number, too long for int64
-                raise BadRequest(
-                    f"model {name!r}: version {quoted(version)} is out of range: a version "
-                    "number has at most 18 digits, or is empty for the newest"
-                )
-            raise BadRequest(
-                f"model {name!r}: version {quoted(version)} is no version number; a version "
-                "is a whole number (1, 2, ...), or empty for the newest"
-            )
-        if (found := versions.get(str(int(number[1])))) is None:
+        if (found := versions.get(number)) is None:
             raise ModelNotFound(
                 f"model {name!r} has no version {quoted(version)}; it has "
                 f"{sorted(versions, key=int)}"
@@ -202,10 +217,15 @@ def _open_model_folder(folder: Path, cfg: ServeConfig, provider: str) -> list[Mo
             f"({folder}/1/{qb.MANIFEST})"
         )
     # a number as clients write it: "01" beside "1" would be two versions they cannot tell apart
-    misnamed = [p.name for p in subs if not re.fullmatch(r"[1-9][0-9]*", p.name)]
+    misnamed = [
+        p.name
+        for p in subs
+        if not re.fullmatch(r"[1-9][0-9]*", p.name) or int(p.name) > MAX_VERSION
+    ]
     if misnamed:
         raise ServeError(
             f"{folder} holds bundles in {misnamed}: version folders are named by their "
-            "version number, from 1 and without leading zeros (1, 2, ...); rename them"
+            f"version number, from 1 to {MAX_VERSION} and without leading zeros (1, 2, ...); "
+            "rename them"
         )
     return [open_model(sub, cfg, provider, name=folder.name, version=sub.name) for sub in subs]

@@ -48,6 +48,7 @@ from quantgate.serve.batcher import Caller, bare
 from quantgate.serve.engine import SHUTTING_DOWN, Engine, too_large
 from quantgate.serve.errors import message_of, status_of
 from quantgate.serve.metrics import DURATIONS, ModelStats
+from quantgate.serve.repository import parse_version
 from quantgate.serve.runtime import Model
 
 log = logging.getLogger(__name__)
@@ -267,7 +268,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     self._engine.model(m.name, v) for v in self._engine.repository.versions(m.name)
                 ]
             )
-        else:
+        else:  # every model's, as Triton's; a version that is no number is still refused
+            parse_version(request.version)
             models = list(self._engine.repository)
         return pb.ModelStatisticsResponse(
             model_stats=[_statistics(self._engine.stats[(m.name, m.version)]) for m in models]
@@ -539,7 +541,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             config.parameters["max_sequence_length"].string_value = str(m.max_sequence)
         if cfg.dynamic_batching and m.batched:
             config.dynamic_batching.max_queue_delay_microseconds = cfg.max_queue_delay_us
-            config.dynamic_batching.default_queue_policy.max_queue_size = cfg.max_queue_size
+            policy = config.dynamic_batching.default_queue_policy
+            policy.max_queue_size = cfg.max_queue_size
+            policy.allow_timeout_override = True  # a request's `timeout` is honoured
         return config
 
 

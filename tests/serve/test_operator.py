@@ -150,7 +150,7 @@ def test_serve_check_says_what_each_model_would_serve_and_binds_nothing(repo, tm
 
 def test_a_version_folder_names_the_version_as_in_triton(repo, tmp_path):
     """Every bundle's manifest says version 1; copied in as minilm/2 it is version 2."""
-    from quantgate.errors import BadRequest, ServeError
+    from quantgate.errors import BadRequest, ModelNotFound, ServeError
     from quantgate.serve.config import ServeConfig
     from quantgate.serve.repository import load_repository
 
@@ -165,8 +165,19 @@ def test_a_version_folder_names_the_version_as_in_triton(repo, tmp_path):
     for other in ("\u0661", "\uff11", "\xa01"):  # an Arabic-Indic 1, a full-width 1, NBSP
         with pytest.raises(BadRequest, match="is no version number"):
             served.get("encoder", other)
-    with pytest.raises(BadRequest, match="is out of range: a version number has at most 18"):
+    with pytest.raises(BadRequest, match="is out of range: a version number is at most 92233"):
         served.get("encoder", "9" * 30)  # a number, said to be one
+    with pytest.raises(ModelNotFound):  # int64's largest is a version, as Triton's
+        served.get("encoder", str(2**63 - 1))
+    with pytest.raises(BadRequest, match="is out of range"):
+        served.get("encoder", str(2**63))
+    # the version is read before the model is looked up, as Triton reads it
+    with pytest.raises(BadRequest, match="model 'nope': version 'abc' is no version number"):
+        served.get("nope", "abc")
+    shutil.copytree(repo / "encoder" / "1", root / "encoder" / str(2**63))  # beyond int64
+    with pytest.raises(ServeError, match=r"\['9223372036854775808'\]: .* from 1 to 92233"):
+        load_repository(ServeConfig(path=root, device="cpu"))  # served, no client could ask
+    shutil.rmtree(root / "encoder" / str(2**63))
     shutil.copytree(repo / "encoder" / "1", root / "encoder" / "01")  # "1" a second time
     with pytest.raises(ServeError, match=r"\['01'\]: .* without leading zeros"):
         load_repository(ServeConfig(path=root, device="cpu"))
@@ -197,6 +208,11 @@ def test_a_version_is_read_as_a_number_as_triton_reads_it(repo, tmp_path):
                         call("encoder", bad)
                     assert err.value.status() == "StatusCode.INVALID_ARGUMENT", (bad, err.value)
                     assert "is no version number" in err.value.message()
+            # read before the model is looked up, and where every model's are asked for
+            for call, name in ((c.is_model_ready, "nope"), (c.get_inference_statistics, "")):
+                with pytest.raises(InferenceServerException) as err:
+                    call(name, "abc")
+                assert err.value.status() == "StatusCode.INVALID_ARGUMENT", (name, err.value)
         port = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/", "".join(srv.stdout))[1]
         probe = f"http://127.0.0.1:{port}/v2/models/encoder/versions/%s/ready"
         assert urllib.request.urlopen(probe % "01", timeout=10).status == 200

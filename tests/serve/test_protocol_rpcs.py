@@ -41,6 +41,8 @@ def test_the_rpcs_it_serves_answer_as_triton_does(client):
         assert err.value.status() == "StatusCode.NOT_FOUND" and "'nope'" in err.value.message()
     config = client.get_model_config("encoder").config
     assert config.max_batch_size == 32 and config.HasField("dynamic_batching")
+    policy = config.dynamic_batching.default_queue_policy  # a request's `timeout` is honoured
+    assert policy.max_queue_size == 256 and policy.allow_timeout_override
     assert [list(t.dims) for t in config.input] == [[-1], [-1]]  # no batch dimension
     assert [list(t.dims) for t in config.output] == [[-1, 32]]
     listed = client.get_inference_statistics("").model_stats

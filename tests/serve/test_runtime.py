@@ -95,6 +95,10 @@ def test_a_model_whose_answer_is_not_batch_first_is_served_unbatched(tmp_path):
                               initializers=(one,))  # fmt: skip
     model = open_model(path, ServeConfig(path=path), CPU)
     assert not model.batched and model.max_batch_size == 0
+    ids = np.arange(10, dtype=np.int64).reshape(2, 5)  # sequence 5: its answer is (5, 3)
+    got, _ = batcher(model).infer({"input_ids": ids}, model.check({"input_ids": ids}))
+    assert got["scores"].shape == (5, 3)  # the whole answer (its first row alone, before)
+    np.testing.assert_allclose(got["scores"][:, 0], ids.mean(0))
     assert (
         bundles.build(tmp_path / "c", "classifier")
         and open_model(tmp_path / "c", ServeConfig(path=tmp_path / "c"), CPU).batched
