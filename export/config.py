@@ -51,6 +51,12 @@ class ExportConfig:
                 "(line breaks, escapes, direction overrides): it goes into log lines and "
                 "metadata as it is"
             )
+        if self.name and "/" in self.name:
+            raise ConfigError(
+                f"name {self.name!r}: a model's name is one path segment, without '/': "
+                "clients ask for it in URLs (/v2/models/NAME/ready) and a repository serves "
+                "it from a folder of that name. Name it otherwise (a-b, a.b)"
+            )
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise ConfigError(
                 f"max_seq_len (--max-seq-len) must be positive, got {self.max_seq_len}"

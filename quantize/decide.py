@@ -109,6 +109,10 @@ class GateConfig:
             problems.append(("iterations", f"{self.iterations}: expected >= 3"))
         if self.warmup < 0:
             problems.append(("warmup", f"{self.warmup}: expected >= 0"))
+        if self.threads < 0:
+            problems.append(
+                ("threads", f"{self.threads}: expected >= 0 (0: ONNX Runtime's default)")
+            )
         if self.bootstrap < 100:
             problems.append(("bootstrap", f"{self.bootstrap}: expected >= 100"))
         if self.max_answer_tokens < 1:
@@ -142,10 +146,15 @@ class GateConfig:
                 "read from .toml or .json (e.g. gates.toml holding `min_speedup = 1.3`)"
             )
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as Notepad saves
             data = tomllib.loads(text) if kind == "TOML" else json.loads(text)
         except OSError as e:
             raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                "save it as UTF-8"
+            ) from e
         except (ValueError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"{path}: not valid {kind} ({e})") from e
         if isinstance(data, dict) and "gates" in data:

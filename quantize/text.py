@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -494,6 +495,11 @@ def _text_problem(row: dict, key: str) -> str | None:
         )
     if not isinstance(text, str) or not text.strip():
         return f'no non-blank string "{key}" (found {json.dumps(text)[:60]})'
+    if all(c.isspace() or unicodedata.category(c) == "Cf" for c in text):
+        return (
+            f'"{key}" holds only spaces and invisible characters ({json.dumps(text)[:60]}): '
+            "no tokenizer makes a token of them"
+        )
     try:
         text.encode()
     except UnicodeEncodeError as e:  # JSON's "\ud800": half a UTF-16 pair, no character

@@ -40,6 +40,9 @@ from quantgate.quantize.labels import cell_index
 Found = tuple[int, int, Any, "str | None"]
 
 UNREADABLE = object()  # a row that cannot be read: not UTF-8, not JSON, fields miscounted
+# The longest line read (bytes). A text is cut to the model's longest sequence, a few thousand
+# characters at most; one line of 50 MB still cost 3 GB and minutes to tokenize, to 3 tokens.
+MAX_LINE_BYTES = 1 << 20
 READ_KEYS = ("text", "text_pair", "label")  # what a row's keys (a file's columns) may give
 # keys or columns that hold no text to tokenize (SQuAD's rows have "title" and "answers" too)
 NOT_TEXT = ("label", "labels", "id", "idx", "title", "answers")
@@ -291,6 +294,13 @@ def _lines(f: BinaryIO, where: str) -> Iterator[tuple[int, int, bytes]]:
     pos, first = 0, True
     for lineno, line in enumerate(f, 1):
         start, pos = pos, pos + len(line)
+        if len(line) > MAX_LINE_BYTES:
+            raise DataError(
+                f"{where}: line {lineno} is {len(line) / 2**20:.1f} MiB long; quantgate reads "
+                f"lines of at most {MAX_LINE_BYTES >> 20} MiB. A text is cut to the model's "
+                "longest sequence (a question answerer's context is read in windows of it): "
+                "shorten it, or split it into rows"
+            )
         if line.removeprefix(codecs.BOM_UTF8).strip():  # a mark alone is a blank line too
             if first:
                 _check_first_line(line, lineno, where)
@@ -425,13 +435,34 @@ def _check_json_lines(line: bytes, value: Any, lineno: int, where: str) -> None:
 
 
 def _parse_json(line: bytes) -> tuple[Any, str | None]:
-    """A JSONL line's value (``UNREADABLE`` where it is not UTF-8 JSON), and why, if so."""
+    """A JSONL line's value (``UNREADABLE`` where it is not UTF-8 JSON, or an object names a
+    key twice), and why, if so."""
     try:
-        return json.loads(line), None
+        return json.loads(line, object_pairs_hook=_unique_keys), None
     except UnicodeDecodeError as e:
         return UNREADABLE, _not_utf8(e)
+    except _RepeatedKey as e:
+        return UNREADABLE, str(e)
     except ValueError as e:
         return UNREADABLE, f"not JSON ({e})"
+
+
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's keys and values, refused where a key comes twice: JSON keeps the last
+    value, and a line whose "text" came twice lost its text to the second without a word."""
+    row: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in row:
+            raise _RepeatedKey(
+                f'the key "{key[:40]}" comes twice in one object (JSON would keep only its '
+                f"last value, {json.dumps(value)[:40]}); give each key once"
+            )
+        row[key] = value
+    return row
 
 
 def _not_utf8(e: UnicodeDecodeError) -> str:

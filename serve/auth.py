@@ -54,7 +54,7 @@ def read_tokens(path: Path) -> tuple[bytes, ...]:
     or when others may write the file (``fsutil.secret_file``)."""
     fsutil.secret_file("--auth-token-file", path, secret=True, error=ConfigError)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no token's
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--auth-token-file {path}: cannot read it ({e})") from e
     tokens = []

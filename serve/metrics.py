@@ -587,7 +587,7 @@ def metrics_app(
                 return "200 OK", [text], b"ready\n"
             return "503 Service Unavailable", [text], b"not ready: warming up or shutting down\n"
         if model_ready is not None and (asked := MODEL_READY_PATH.fullmatch(path)):
-            name, version = asked[1], asked[2] or ""
+            name, version = _wsgi_text(asked[1]), _wsgi_text(asked[2] or "")
             if model_ready(name, version):
                 return "200 OK", [text], b"ready\n"
             said = quoted(name) + (f" version {quoted(version)}" if version else "")
@@ -602,6 +602,16 @@ def metrics_app(
         return "404 Not Found", [text], body  # a new list: the server adds to it
 
     return app
+
+
+def _wsgi_text(segment: str) -> str:
+    """A path segment as its client wrote it: WSGI hands the path over percent-decoded and
+    read as latin-1, so a model named "ünï" (UTF-8 on the wire) arrived as "Ã¼nÃ¯" and its
+    probe answered not served. Bytes that are not UTF-8 stay as WSGI read them."""
+    try:
+        return segment.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return segment
 
 
 class _Renders:

@@ -21,6 +21,8 @@ from quantgate.serve import ServeConfig
         (lambda: ExportConfig(atol="1e-4"), "atol: expected a number, found str '1e-4'"),
         (lambda: ExportConfig(exporter="onnx"), "exporter: expected one of 'auto', 'legacy', 'dynamo'"),
         (lambda: ExportConfig(name="m\nlistening on :1"), r"name 'm\nlistening on :1': expected a non-empty name without control"),
+        # served, then no probe could ask for it: /v2/models/a/b/ready is 404
+        (lambda: ExportConfig(name="a/b"), "name 'a/b': a model's name is one path segment, without '/'"),
         (lambda: GateConfig(iterations=5.5), "GateConfig: iterations: expected a whole number, found float 5.5"),
         (lambda: GateConfig(batch_sizes=32), "batch_sizes: expected a tuple (or list) of whole numbers, found int 32"),
         (lambda: GateConfig(batch_sizes=(1.7,)), "found tuple (1.7,)"),  # not silently 1

@@ -679,7 +679,8 @@ def _read(shown: str, value: str) -> tuple[str, str]:
         return value[1:], ""
     if value.startswith("@"):
         try:
-            return Path(value[1:]).read_text(encoding="utf-8"), f" ({value[1:]})"
+            # a byte-order mark, as Windows editors save one, is no part of the value
+            return Path(value[1:]).read_text(encoding="utf-8-sig"), f" ({value[1:]})"
         except (OSError, UnicodeDecodeError) as e:
             raise BadRequest(
                 f"{shown}{value}: cannot read {value[1:]} ({e}); give a file that can be "

@@ -248,3 +248,33 @@ def test_tsv_is_read_as_pandas_writes_it_and_text_lines_take_no_labels(tmp_path)
         open_source(txt, info, role="calibration")
     assert "expected one non-blank text per line:\n  - line 4: not UTF-8" in str(e.value)
     assert "label" not in str(e.value)
+
+
+def test_a_jsonl_key_given_twice_is_refused_on_its_line(tmp_path):
+    """JSON keeps a repeated key's last value: every line {"text": SENTENCE, "text": "x"}
+    calibrated on "x", said only by failed gates."""
+    rows = [f'{{"text": "{t}"}}' for t in english(3, source="pydoc")]
+    rows[1] = '{"text": "a real sentence", "label": 0, "text": "x"}'
+    path = tmp_path / "twice.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r'line 2: the key "text" comes twice in one object'):
+        open_source(path, minilm_info(), role="calibration")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_a_line_of_megabytes_is_refused_before_it_is_tokenized(tmp_path, suffix):
+    """One 50 MB line took 3 GB and minutes to tokenize, into 3 tokens, without a word."""
+    long = "x" * (2 << 20)
+    line = f'{{"text": "{long}"}}' if suffix == ".jsonl" else long
+    path = tmp_path / f"long{suffix}"
+    path.write_text(f"{line}\n" if suffix == ".txt" else f'{{"text": "short"}}\n{line}\n')
+    where = 1 if suffix == ".txt" else 2
+    with pytest.raises(DataError, match=rf"line {where} is 2\.0 MiB long; .* at most 1 MiB"):
+        open_source(path, minilm_info(), role="calibration")
+
+
+def test_a_text_of_invisible_characters_is_refused_as_blank_ones_are(tmp_path):
+    """Zero-width spaces passed the non-blank check and made rows of no real token."""
+    path = write_jsonl(tmp_path / "ws.jsonl", ["ok", " \u200b\u2060 "])
+    with pytest.raises(DataError, match=r'line 2: "text" holds only spaces and invisible'):
+        open_source(path, minilm_info(), role="calibration")

@@ -1029,6 +1029,17 @@ def test_too_few_evaluation_rows_cannot_pass_the_gates():
 
 
 def test_gate_config_refuses_settings_it_would_ignore_or_never_pass(tmp_path):
+    # threads -1 ran on ONNX Runtime's default, and the manifest recorded -1 as the setting
+    with pytest.raises(ConfigError, match="threads -1: expected >= 0"):
+        GateConfig(threads=-1)
+    # a byte-order mark, as Windows editors save one: "Invalid statement (at line 1,
+    # column 1)" for a line reading min_speedup = 1.1, or "decode using utf-8-sig"
+    for suffix, text in ((".toml", "min_speedup = 1.1\r\n"), (".json", '{"min_speedup": 1.1}')):
+        (tmp_path / f"bom{suffix}").write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert GateConfig.from_file(tmp_path / f"bom{suffix}").min_speedup == 1.1
+    (tmp_path / "latin.toml").write_bytes("# caf\xe9\nmin_speedup = 1.1\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"not UTF-8 \(byte 0xe9 at offset 5\); save it as UTF-8"):
+        GateConfig.from_file(tmp_path / "latin.toml")
     (tmp_path / "mixed.toml").write_text("iterations = 3\n[gates]\nwarmup = 1\n")
     with pytest.raises(ConfigError, match=r"both in a \[gates\] table and outside it"):
         GateConfig.from_file(tmp_path / "mixed.toml")

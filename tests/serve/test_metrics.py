@@ -240,6 +240,26 @@ def test_the_kserve_v2_health_paths_answer_as_healthz_and_readyz():
         metrics.close_http()
 
 
+def test_a_models_ready_path_reads_its_name_as_utf_8():
+    """A repository folder named "ünï" is served, but WSGI hands the path over read as
+    latin-1: its probe asked for "Ã¼nÃ¯", and a kubelet never saw it ready."""
+    metrics, asked = Metrics(), []
+
+    def model_ready(name: str, version: str) -> bool:
+        asked.append((name, version))
+        return name == "ünï"
+
+    port = metrics.serve_http(0, "127.0.0.1", ready=lambda: True, model_ready=model_ready)
+    base = f"http://127.0.0.1:{port}/v2/models"
+    try:
+        assert _get(f"{base}/%C3%BCn%C3%AF/ready")[0] == 200
+        assert _get(f"{base}/%C3%BCn%C3%AF/versions/%C3%A9/ready")[0] == 200
+        assert _get(f"{base}/%FF/ready")[0] == 400  # not UTF-8: as it came, and not served
+        assert asked == [("ünï", ""), ("ünï", "é"), ("\xff", "")]
+    finally:
+        metrics.close_http()
+
+
 def _held(port: int, n: int, request: bytes = b"") -> list:
     """``n`` connections to the metrics port, each having sent ``request`` and nothing more
     (idle, or a request begun and never finished), in the order they were opened."""

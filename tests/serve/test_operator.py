@@ -460,6 +460,16 @@ def test_metrics_port_0_says_which_port_it_chose(repo):
         assert srv.terminate() == 0, srv.log
 
 
+def test_a_token_file_saved_with_a_byte_order_mark_reads_its_first_token(tmp_path):
+    """Notepad's UTF-8 starts with a byte-order mark: it is no part of the first token."""
+    from quantgate.serve.auth import read_tokens
+
+    path = tmp_path / "tokens"
+    path.write_bytes(b"\xef\xbb\xbffirst-token\r\nsecond-token\r\n")
+    path.chmod(0o600)
+    assert read_tokens(path) == (b"first-token", b"second-token")
+
+
 def test_a_token_file_is_read_again_when_it_changes(repo, tmp_path):
     """Any token of --auth-token-file is accepted, and the file is read again when it
     changes: a token rotates with no restart. A change to a file that cannot be used is
@@ -1158,7 +1168,9 @@ def test_infer_prints_every_value_as_json_for_scripts(server, repo, tmp_path):
     assert top["datatype"] == "BYTES" and top["shape"] == [2, 2], top
     assert all(len(s.split(":")) == 3 for row in top["data"] for s in row), top
     # the same input from a file (a shell caps one argument at 128 KiB), or standard input
-    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    # with a byte-order mark and Windows line ends, as Notepad saves it: "Unexpected UTF-8
+    # BOM (decode using utf-8-sig)" before
+    (tmp_path / "ids.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(ids).encode() + b"\r\n")
     from_file = _quantgate(*ask[:2], "-i", f"input_ids=@{tmp_path / 'ids.json'}", *ask[4:])
     from_stdin = subprocess.run(
         [sys.executable, "-m", "quantgate", *ask[:2], "-i", "input_ids=-", *ask[4:]],
