@@ -39,8 +39,15 @@ FUSION_FAMILIES: dict[str, tuple[str, ...]] = {
 
 def fuse(src: Path, dst: Path, *, num_heads: int = 0, hidden_size: int = 0) -> dict[str, int]:
     """Write the fused graph of ``src`` to ``dst``; return fused op type -> count (non-zero)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    options = FusionOptions("bert")
+    # The mask as given, 0s wherever they are. The optimizer's default turns it into a count
+    # per row (MaskIndexEnd), which attends to a row's first N positions: right for right
+    # padding alone. A row padded on the left (a tokenizer's padding_side="left") got
+    # embeddings at cosine 0.37 to PyTorch's on all-MiniLM-L6-v2.
+    options.use_raw_attention_mask(True)
     try:
         # A ModelProto, not a path: the optimizer then writes no files of its own.
         with (
@@ -58,6 +65,7 @@ def fuse(src: Path, dst: Path, *, num_heads: int = 0, hidden_size: int = 0) -> d
                 model_type="bert",
                 num_heads=num_heads,
                 hidden_size=hidden_size,
+                optimization_options=options,
                 opt_level=0,
             )
         stats = optimized.get_fused_operator_statistics()

@@ -510,11 +510,28 @@ def _sentence_pooling(path: Path) -> dict[str, Any]:
     if modules.is_file():
         entries = read_json(modules, list, "sentence-transformers' list of modules")
         normalize = any(e.get("type", "").endswith(".Normalize") for e in entries)
+        other = [
+            str(e.get("type"))
+            for e in entries[1:]  # the first is the transformer itself, whatever its class
+            if not str(e.get("type", "")).endswith(_SENTENCE_MODULES)
+        ]
+        if other:
+            raise ModelLoadError(
+                f"{modules} lists {', '.join(other)} after the transformer; quantgate's "
+                "sentence_embedding is the transformer's output pooled (and normalized) alone, "
+                "and without them would not be the model's embedding (a Dense layer changes "
+                "its size and values). Export it as a package.module:factory whose forward "
+                "runs every module."
+            )
         for e in entries:
             cfg = path / e.get("path", "") / "config.json"
             if e.get("type", "").endswith(".Pooling") and cfg.is_file():
                 mode = _pooling_mode(cfg)
     return {"mode": mode, "normalize": normalize}
+
+
+# The sentence-transformers modules SentenceEmbedder does as the model does, after its first.
+_SENTENCE_MODULES = (".Pooling", ".Normalize")
 
 
 def _pooling_mode(cfg: Path) -> str:

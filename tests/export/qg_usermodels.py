@@ -578,3 +578,27 @@ def named_spans() -> nn.Module:
     m = unnamed_spans()
     m.output_names = ["start_logits", "end_logits"]
     return m
+
+
+class MasksPaddingWithInfinity(nn.Module):
+    """Per-token scores, the padded positions -inf, in a branch the tracer keeps one side of:
+    the graph answers 0 there where PyTorch answers -inf."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(100, 16)
+        self.head = nn.Linear(16, 1)
+        ids = torch.randint(1, 100, (8, 16), generator=torch.Generator().manual_seed(1))
+        self.example_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        self.output_names = ["scores"]
+
+    def forward(self, input_ids, attention_mask):
+        s = self.head(self.embed(input_ids)).squeeze(-1) * attention_mask
+        if (attention_mask == 0).any():  # traced on all-1 masks: never taken in the graph
+            s = s.masked_fill(attention_mask == 0, float("-inf"))
+        return s
+
+
+def masks_padding_with_infinity() -> nn.Module:
+    torch.manual_seed(0)
+    return MasksPaddingWithInfinity().eval()

@@ -113,7 +113,7 @@ def test_cli_exports_the_builtin_checkpoint(cli, tiny_checkpoint, tmp_path, priv
         "export 1/6: loading the model",
         "export 2/6: running PyTorch on the samples",
         "export 3/6: exporting (legacy)",
-        "export 4/6: validating at 8 shapes",
+        "export 4/6: validating at 9 shapes",
         "export 5/6: fusing (ONNX Runtime transformer optimizer)",
         "export 6/6: validating the fused graph",
         "export 6/6: validated",
@@ -232,12 +232,18 @@ def test_validation_covers_batch_sequence_and_padding(tiny_checkpoint):
         "sequence 16": (2, 16),
         "sequence 32": (2, 32),
         "padded": (4, 64),
+        "padded on the left": (4, 64),
     }
     padded = cases["padded"].feeds
     lengths = padded["attention_mask"].sum(1)
     assert lengths[0] == 64 and (np.diff(lengths) < 0).all()  # 64, then shorter rows
     for row, n in enumerate(lengths):
         assert (padded["input_ids"][row, n:] == PAD_ID).all()
+    left = cases["padded on the left"]  # as a tokenizer with padding_side="left" pads
+    assert left.left and left.padded_rows == 3
+    for row, n in enumerate(left.feeds["attention_mask"].sum(1)):
+        assert (left.feeds["input_ids"][row, : 64 - n] == PAD_ID).all()
+        assert (left.feeds["input_ids"][row, 64 - n :] != PAD_ID).all()
         assert (padded["input_ids"][row, :n] != PAD_ID).all()  # real pixel tokens
 
 
@@ -605,20 +611,30 @@ def test_minilm_exports_fully_fused_and_matches_sentence_transformers(cli, tmp_p
     # Against an independent reference: sentence-transformers' recipe written out by hand.
     from transformers import AutoModel, AutoTokenizer
 
+    # Padded on the right, and on the left as a tokenizer with padding_side="left" pads: the
+    # fused attention took the mask for a count of leading tokens, and a row padded on the
+    # left came out at cosine 0.37.
     tok = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
-    enc = tok(
-        ["The quick brown fox jumps over the lazy dog.", "Export, then gate."],
-        padding=True,
-        return_tensors="np",
-    )
-    feeds = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
-    got = ort_session(out / "model.fp32.onnx").run(["sentence_embedding"], feeds)[0]
     hf = AutoModel.from_pretrained(gt.MODEL_DIR).eval()
-    with torch.no_grad():
-        h = hf(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state
-    w = torch.from_numpy(feeds["attention_mask"]).unsqueeze(-1).float()
-    want = torch.nn.functional.normalize((h * w).sum(1) / w.sum(1), dim=-1).numpy()
-    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+    session = ort_session(out / "model.fp32.onnx")
+    for side in ("right", "left"):
+        tok.padding_side = side
+        enc = tok(
+            ["The quick brown fox jumps over the lazy dog.", "Export, then gate."],
+            padding=True,
+            return_tensors="np",
+        )
+        feeds = {
+            k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")
+        }
+        assert feeds["attention_mask"][1, 0 if side == "left" else -1] == 0, side
+        got = session.run(["sentence_embedding"], feeds)[0]
+        with torch.no_grad():
+            h = hf(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state
+        w = torch.from_numpy(feeds["attention_mask"]).unsqueeze(-1).float()
+        want = torch.nn.functional.normalize((h * w).sum(1) / w.sum(1), dim=-1).numpy()
+        np.testing.assert_allclose(got, want, atol=TOL, rtol=0, err_msg=side)
+    assert any(c["case"] == "padded on the left" for c in m.export["validation"]["cases"])
     assert json.loads((out / qb.MANIFEST).read_text())["export"]["exporter"] == "legacy"
 
 
@@ -764,6 +780,7 @@ def test_validation_reaches_the_max_seq_len_a_factory_declares():
         "sequence 12": (2, 12),
         "sequence 24": (2, 24),
         "padded": (4, 48),
+        "padded on the left": (4, 20),
     }
     ids = model.samples.arrays["input_ids"]
     real = {tuple(row[:n]) for row, n in zip(ids, model.samples.lengths, strict=True)}
@@ -840,7 +857,7 @@ def test_what_the_tracer_fixed_is_warned_and_recorded_when_the_graph_validates(
     assert result.tracer_notes == (note,)
     assert result.export_record()["tracer_notes"] == [note]
     said = " ".join(caplog.text.split())
-    assert " ".join(note.split()) in said and "It validated at 7 shapes up to 10 tokens" in said
+    assert " ".join(note.split()) in said and "It validated at 8 shapes up to 10 tokens" in said
     report = write_bundle(result, tmp_path / "b").report.read_text()
     assert f"- {note}" in report
     shown = " ".join(cli("inspect", tmp_path / "b").stdout.split())
@@ -975,6 +992,17 @@ def test_a_mismatch_at_padded_positions_only_says_so(tmp_path):
     assert "padded (batch 4, sequence 32, 3 rows padded): output differs at" in said, said
     assert "; only at padded positions (attention_mask 0), which the server cuts" in said
     assert "build it with enable_nested_tensor=False" in said
+
+
+def test_an_infinity_must_be_pytorchs_exactly(tmp_path):
+    """atol + rtol * |inf| is inf: where PyTorch answered -inf, any value of the graph passed
+    (here 0, at every padded position), and the export then failed to print its own report."""
+    with pytest.raises(ValidationError) as e:
+        export_fp32("qg_usermodels:masks_padding_with_infinity", tmp_path / "t",
+                    cfg=ExportConfig(optimize=False))  # fmt: skip
+    said = " ".join(str(e.value).split())
+    assert "padded (batch 4, sequence 16, 3 rows padded): scores differs at" in said, said
+    assert "PyTorch -inf)" in said, said
 
 
 def test_a_max_seq_len_the_model_cannot_take_is_refused(cli, tmp_path):

@@ -234,6 +234,28 @@ def test_malformed_sentence_transformers_config_is_named(tiny_bert, tmp_path):
         load_model(path)
 
 
+def test_a_sentence_transformers_module_quantgate_would_leave_out_is_refused(tiny_bert, tmp_path):
+    """A Dense layer after the pooling (LaBSE's, distiluse's) was left out of the exported
+    sentence_embedding without a word: 32 values where the model gives 16."""
+    import json
+
+    from transformers import BertModel
+
+    path = tiny_bert(tmp_path / "st", BertModel)
+    entries = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+        {"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]  # fmt: skip
+    (path / "modules.json").write_text(json.dumps(entries))
+    with pytest.raises(ModelLoadError, match=r"lists sentence_transformers.models.Dense after the"):
+        load_model(path)
+    del entries[2]  # pooling and normalizing alone: as the model does
+    (path / "modules.json").write_text(json.dumps(entries))
+    assert load_model(path).outputs[-1] == "sentence_embedding"
+
+
 def test_a_weights_file_cut_short_says_to_copy_it_again(tiny_bert, tmp_path):
     """A download or copy cut short: safetensors' own words said what, not what to do."""
     from transformers import BertConfig, BertModel
