@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,15 +66,35 @@ class TensorInfo:
         return tuple(a if isinstance(a, int) else -1 for a in self.axes)
 
     @classmethod
-    def from_ort(cls, arg: ort.NodeArg) -> TensorInfo:
+    def from_ort(cls, arg: ort.NodeArg, declared: Sequence[int | str] = ()) -> TensorInfo:
+        """The tensor as ONNX Runtime reads it from the graph; a variable axis the graph
+        leaves unnamed takes its name from ``declared`` (the manifest's dims), else one of
+        its own (``unnamed``)."""
         if arg.type not in _ORT_TYPES:
             raise ServeError(
                 f"tensor {arg.name!r} has type {arg.type}, which the server cannot carry"
             )
         axes = tuple(
-            d if isinstance(d, int) and d > 0 else (d or f"dim{i}") for i, d in enumerate(arg.shape)
+            d
+            if isinstance(d, int) and d > 0
+            else (d or _declared(declared, i) or unnamed(arg.name, i))
+            for i, d in enumerate(arg.shape)
         )
         return cls(arg.name, _ORT_TYPES[arg.type], axes)
+
+
+def _declared(dims: Sequence[int | str], i: int) -> str | None:
+    """The manifest's name of axis ``i``, where it names one."""
+    name = dims[i] if i < len(dims) else None
+    return name if isinstance(name, str) and name else None
+
+
+def unnamed(tensor: str, i: int) -> str:
+    """A name for axis ``i`` of ``tensor``, which neither the graph nor the manifest names:
+    its own, equal to no other tensor's. Named by position alone ("dim0"), every tensor's
+    first axis was one: a sequence-first model was batched along its sequence, two clients'
+    tokens in one sequence, and a (batch, 8) output cut to a request's length."""
+    return f"{tensor}:{i}"
 
 
 class Model:
@@ -101,8 +121,13 @@ class Model:
         self.variant = variant
         self.provider = provider
         self.session = session
-        self.inputs = tuple(TensorInfo.from_ort(a) for a in session.get_inputs())
-        self.outputs = tuple(TensorInfo.from_ort(a) for a in session.get_outputs())
+        declared = {t.name: t.dims for t in (*bundle.manifest.inputs, *bundle.manifest.outputs)}
+        self.inputs = tuple(
+            TensorInfo.from_ort(a, declared.get(a.name, ())) for a in session.get_inputs()
+        )
+        self.outputs = tuple(
+            TensorInfo.from_ort(a, declared.get(a.name, ())) for a in session.get_outputs()
+        )
         # Batching needs one variable leading dimension on every tensor, the same one: the
         # server stacks requests along it and cuts each answer from it. Without it each
         # request is the whole input (Triton's max_batch_size 0): a sequence-first model's
@@ -347,6 +372,16 @@ class Model:
     @staticmethod
     def _names(tensors: tuple[TensorInfo, ...]) -> str:
         return ", ".join(repr(t.name) for t in tensors)
+
+    def labels_of(self, output: str) -> tuple[str, ...]:
+        """The class names of ``output``'s values, for its top classes: the model's, where the
+        output holds one value per class (its axes past the batch fixed, as many values as
+        names); none for another output, whatever a request's length (a per-token output
+        of a 4-token request named its positions as classes of a 4-class model)."""
+        tensor = next(t for t in self.outputs if t.name == output)
+        row = tensor.axes[1:] if self.batched else tensor.axes
+        fixed = all(isinstance(a, int) for a in row)
+        return tuple(self.labels) if fixed and math.prod(row) == len(self.labels) else ()
 
     @staticmethod
     def _describe(t: TensorInfo) -> str:

@@ -323,6 +323,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         When the stream ends early, requests it queued and nobody will read are dropped.
         """
         caller = _caller(context)
+        left = _time_left(context)  # the stream's deadline: it cuts off the requests running
+        ends = None if left is None else time.perf_counter() + left
         status_codes = any(  # errors end the stream with their status (Triton's header)
             key == "triton_grpc_error" and value.lower() == "true"
             for key, value in context.invocation_metadata()
@@ -356,9 +358,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         answers.put(BadRequest(f"stream message {n} is no ModelInferRequest: {e}"))
                         return
                     self._stream_slots.acquire()
-                    # The stream's own deadline, if any, ends the whole call; requests get none.
+                    # The stream's own deadline, if any, ends the whole call; requests get none
+                    # (it only tells a request cut off by it from one cancelled).
                     answer = self.streams.submit(
-                        self._infer, request, None, caller, record, codec.STREAM_FRAMING
+                        self._infer, request, None, caller, record, codec.STREAM_FRAMING, ends
                     )
                     answer.add_done_callback(lambda _: self._stream_slots.release())
                     answers.put(answer)
@@ -408,10 +411,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         caller: Caller,
         record: CallRecord | None = None,
         framing: int = 0,
+        call_ends: float | None = None,
     ) -> tuple[bytes, None] | tuple[pb.ModelInferResponse, QuantgateError]:
         """One request -> (the serialized response, None), or (a response carrying only the
         id, the error). Every request is counted once, however it ends (and noted in
-        ``record``, the access log's record of the call, when there is one)."""
+        ``record``, the access log's record of the call, when there is one). ``call_ends``:
+        a stream's deadline (``time.perf_counter()``), which ``timeout`` is not for its
+        requests: a request the stream's end cuts off then counts as DEADLINE_EXCEEDED."""
         start = time.perf_counter()
         response = pb.ModelInferResponse(id=request.id)
         model: Model | None = None
@@ -436,7 +442,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if any(wanted.values()):  # Triton's classification extension: top classes
                 outputs = {
                     name: codec.classify(
-                        name, a, wanted[name], batched=model.batched, labels=model.labels
+                        name, a, wanted[name], batched=model.batched, labels=model.labels_of(name)
                     )
                     if wanted.get(name)
                     else a
@@ -457,6 +463,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # at most a quarter of a short deadline: cancelled at 10 of 20 ms is no deadline
             if timeout is not None and elapsed >= timeout - min(DEADLINE_SLACK_S, timeout / 4):
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
+            elif call_ends is not None and time.perf_counter() >= call_ends - DEADLINE_SLACK_S:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED  # a stream's, which the call's end cut off
             self._finished(record, model, request.model_name, code.name, elapsed)
             return response, bare(e)  # held by a stream until sent: not its frames too
         except QuantgateError as e:

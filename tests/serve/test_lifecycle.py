@@ -476,6 +476,38 @@ def test_a_deadline_the_client_ends_before_the_servers_clock_is_counted_as_one(t
     )
 
 
+def test_requests_a_streams_deadline_cuts_off_are_counted_as_deadlines(tmp_path):
+    """A stream's deadline ends its requests as a unary call's deadline ends its own: they
+    were counted CANCELLED (the stream's requests have no deadline of their own), so an
+    alert on DEADLINE_EXCEEDED missed streaming clients whose deadlines were too short."""
+    srv = ServerProcess(counting(tmp_path / "slow"), "--metrics-port", "0")
+    quick = {"input_ids": np.array([[1]]), "attention_mask": np.array([[1]])}
+    ended: queue.Queue = queue.Queue()
+    try:
+        with tc.InferenceServerClient(srv.url) as c:
+            c.start_stream(callback=lambda result, error: ended.put(error), stream_timeout=1.0)
+            _running(srv, lambda: c.async_stream_infer("slow", inputs(ENDLESS)))
+            for _ in range(3):  # queued behind it
+                c.async_stream_infer("slow", inputs(quick))
+            err = ended.get(timeout=30)
+            assert err is not None and err.status() == "StatusCode.DEADLINE_EXCEEDED", err
+            c.stop_stream()
+
+        def count(code: str) -> float:
+            try:
+                return metric(srv, "quantgate_requests_total", model="slow", code=code)
+            except AssertionError:  # no such series yet
+                return 0.0
+
+        deadline = time.monotonic() + 30
+        while count("DEADLINE_EXCEEDED") < 4:  # the endless run stopped, its client gone
+            assert time.monotonic() < deadline, (count("CANCELLED"), srv.log)
+            time.sleep(0.1)
+        assert count("CANCELLED") == 0
+    finally:
+        srv.terminate()
+
+
 def test_a_run_whose_clients_all_gave_up_is_stopped_and_frees_the_model(tmp_path):
     """A request that would run for hours (10**10 loop steps) whose client gives up: its run
     is stopped (ONNX Runtime's terminate flag), so the next request is answered instead of

@@ -105,6 +105,67 @@ def test_a_model_whose_answer_is_not_batch_first_is_served_unbatched(tmp_path):
     )  # (batch, ...) in and out: batched, as before
 
 
+def test_axes_the_graph_leaves_unnamed_are_the_manifests_or_no_others(tmp_path):
+    """ONNX Runtime reads an unnamed dimension as None. Named by position alone ("dim1"),
+    every tensor's second axis was one sequence axis: a (batch, 8) output was cut to each
+    request's length. The manifest names the axes quantgate exported; an axis neither
+    names is its tensor's own, shared with no other."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [  # (batch, sequence) ids -> (batch, 8): each row's sum, 8 times
+        helper.make_node("Cast", ["input_ids"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["f", "one"], ["s"], keepdims=1),
+        # 8 computed from the data, so that ONNX Runtime cannot infer the width either
+        helper.make_node("ReduceMax", ["input_ids"], ["top"], keepdims=0),
+        helper.make_node("Mul", ["top", "zero"], ["nought"]),
+        helper.make_node("Add", ["nought", "eight"], ["width"]),
+        helper.make_node("Reshape", ["width", "one"], ["width1"]),
+        helper.make_node("Concat", ["one", "width1"], ["shape"], axis=0),
+        helper.make_node("Expand", ["s", "shape"], ["pooled"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "unnamed",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [None, None])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, [None, None])],
+        [helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+         helper.make_tensor("zero", TensorProto.INT64, [], [0]),
+         helper.make_tensor("eight", TensorProto.INT64, [], [8])],
+    )  # fmt: skip
+    path = tmp_path / "unnamed"
+    with qb.staging(path, force=True) as tmp:
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                  tmp / "model.fp32.onnx")  # fmt: skip
+        qb.write_manifest(tmp, qb.Manifest(
+            name="unnamed", task="feature-extraction",
+            inputs=(qb.TensorSpec("input_ids", "int64", ("batch", "sequence")),),
+            outputs=(qb.TensorSpec("pooled", "float32", ("batch", 8)),),
+            variants=(qb.Variant("model.fp32.onnx", "fp32",
+                                 qb.sha256_file(tmp / "model.fp32.onnx")),),
+            opset=17, source={"kind": "test"},
+        ))  # fmt: skip
+    model = open_model(path, ServeConfig(path=path), CPU)
+    assert model.batched and [t.axes for t in model.outputs] == [("batch", "pooled:1")]
+    ids = np.array([[1, 2, 3]], np.int64)
+    got, _ = batcher(model).infer({"input_ids": ids}, 1)
+    np.testing.assert_array_equal(got["pooled"], np.full((1, 8), 6.0))  # not cut to 3
+
+
+def test_class_names_go_to_an_output_of_one_value_per_class_alone(tmp_path):
+    """Top classes get the model's class names where the output scores its classes: a
+    per-token output of a 4-token request had its positions named as the 4 classes."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Cast", ["input_ids"], ["scores"], to=TensorProto.FLOAT)]
+    path = bundles.hand_built(tmp_path / "tok", nodes, "tok",
+                              extra={"labels": ["a", "b", "c", "d"]})  # fmt: skip
+    tokens = open_model(path, ServeConfig(path=path), CPU)
+    assert tokens.labels == ("a", "b", "c", "d") and tokens.labels_of("scores") == ()
+    bundles.build(tmp_path / "c", "classifier")
+    classifier = open_model(tmp_path / "c", ServeConfig(path=tmp_path / "c"), CPU)
+    assert classifier.labels_of("logits") == classifier.labels and classifier.labels
+
+
 def test_onnx_runtime_rejecting_an_input_inside_the_graph_keeps_its_node_names_to_the_log(
     tmp_path, caplog
 ):
