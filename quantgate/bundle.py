@@ -42,6 +42,7 @@ import datetime as _dt
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import posixpath
@@ -85,6 +86,8 @@ PLOT = "candidates.png"  # the recipe search's plot (quantize.report)
 # they are found, listed in its manifest or not (older manifests list neither the plot
 # nor the tokenizer).
 OWN_NAMES = (MANIFEST, REPORT, PLOT, TOKENIZER_DIR)
+
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # see the module's docstring: when to raise it, what each one means
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few kB; anything near this is not one
 
@@ -168,15 +171,16 @@ class Variant:
     providers: tuple[str, ...] = (CPU,)  # where it is meant to run
     recipe: dict[str, Any] | None = None  # quantization recipe, as a plain value
     gates: tuple[GateResult, ...] = ()
-    # "pass" or "fail": derived from the gates where there are any (verdict_of), so that a
-    # variant given new gates gets their verdict; an FP32 reference without gates (an older
-    # bundle's) passes by validation.
+    # "pass" or "fail": derived from the gates (verdict_of), so that a variant given new gates
+    # gets their verdict; an INT8 or FP16 variant without any fails (it ships on evidence:
+    # its gates deleted from a manifest, a failed one was served); an FP32 reference without
+    # gates (an older bundle's) passes by validation.
     verdict: str = PASS
     not_for: tuple[str, ...] = ()  # providers it must not be served on, e.g. INT8 on CUDA
     notes: str = ""
 
     def __post_init__(self) -> None:
-        if self.gates:
+        if self.gates or self.precision != "fp32":
             object.__setattr__(self, "verdict", verdict_of(self.gates))
 
     @property
@@ -947,6 +951,14 @@ def _tokenizer_listed(root: Path, manifest: Manifest) -> Manifest:
     if odd or not all(is_relative_path(n) for n in names):
         return manifest
     listed = {n: sha256_file(root / n) for n in names}
+    if manifest.format_version >= 2:  # its export listed them: unlisted since, by someone
+        log.warning(
+            "%s/ holds the bundle's tokenizer, but its manifest lists none of its files, as "
+            "an export of this format does: they are listed now, hashed as they are. If they "
+            "were changed (a tokenizer edited or swapped), its text reads as other tokens: "
+            "re-export the bundle",
+            folder.as_posix(),
+        )
     return dataclasses.replace(manifest, files={**manifest.files, **listed})
 
 

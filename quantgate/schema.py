@@ -276,6 +276,11 @@ def _variant(v: Any, where: str) -> list[str]:
             f"{where}: verdict is 'pass', but its gate(s) {', '.join(map(str, failed))} failed; "
             "a variant passes only when every gate passed"
         )
+    elif v.get("verdict", PASS) == PASS and not gates and v.get("precision") != "fp32":
+        problems.append(
+            f"{where}: verdict is 'pass', but it has no gates; an {v.get('precision')} variant "
+            "ships on the evidence of its gates, which export and gate always record"
+        )
     elif v.get("verdict") == FAIL and gates and not failed:
         problems.append(
             f"{where}: verdict is 'fail', but every one of its {len(gates)} gate(s) passed; "

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from quantgate import onnxfiles
+from quantgate import __version__, onnxfiles
 from quantgate.bundle import (
     Bundle,
     GateResult,
@@ -226,6 +226,8 @@ def _regate(
         "evaluation": ev.record(),
         "gate_config": dataclasses.asdict(gate_cfg),
         "gate_definitions": GATE_DEFINITIONS,
+        # what measured it: the manifest's own tools are the export's
+        "tools": {"quantgate": __version__, "onnxruntime": _ort_version()},
     }
     if on_cuda:
         variants, gated = _regate_on_cuda(bundle, ev, gate_cfg, emit)

@@ -3,6 +3,7 @@
 import dataclasses
 import errno
 import json
+import logging
 import math
 import os
 import shutil
@@ -646,6 +647,15 @@ def test_a_variant_with_no_gate_has_no_evidence_and_fails(tmp_path):
     assert not qb.all_passed(()) and qb.verdict_of(()) == qb.FAIL
     assert qb.verdict_of((passed,)) == qb.PASS
     assert ExtraVariant(path=tmp_path / "m.onnx", precision="int8").verdict == qb.FAIL
+    # nor in a manifest: its gates deleted, and verdicts set to pass, a failed INT8 was served
+    assert qb.Variant("model.int8.onnx", "int8", "0" * 64).verdict == qb.FAIL
+    d = make_manifest(tmp_path).to_dict()
+    d["variants"].append(
+        {"file": "model.int8.onnx", "precision": "int8", "sha256": "0" * 64, "gates": [],
+         "verdict": "pass"}
+    )  # fmt: skip
+    with pytest.raises(BundleError, match=r"variants\[1\].*verdict is 'pass', but it has no gates"):
+        qb.Manifest.from_dict(d)
 
 
 @pytest.mark.parametrize(
@@ -659,3 +669,26 @@ def test_names_written_with_joiners_and_other_scripts_load(tmp_path, name):
     d["name"] = name
     (b.path / qb.MANIFEST).write_text(json.dumps(d))
     assert qb.load(b.path).manifest.name == name
+
+
+def test_a_tokenizer_unlisted_since_its_export_is_listed_with_a_warning(tmp_path, caplog):
+    """A re-gate lists the files of a tokenizer folder its manifest does not (a bundle of
+    0.1.0 listed none). In a manifest of this format the export listed them: unlisted, then
+    swapped, a tokenizer was hashed as the bundle's own without a word."""
+    b = write(tmp_path / "b")
+    (b.path / "tokenizer").mkdir()
+    (b.path / "tokenizer" / "tokenizer.json").write_text("{}")
+    hf = {"huggingface": {"tokenizer": "tokenizer"}}
+    for fmt, warned in ((1, False), (2, True)):
+        m = dataclasses.replace(b.manifest, extra=hf, format_version=fmt)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="quantgate.bundle"):
+            qb.rewrite(b, m, "report")
+        assert list(qb.load(b.path).manifest.files) == ["tokenizer/tokenizer.json"]
+        assert (
+            "lists none of its files, as an export of this format does" in caplog.text
+        ) is warned
+        d = json.loads((b.path / qb.MANIFEST).read_text())
+        d["files"] = {}  # unlisted again, for the next round
+        (b.path / qb.MANIFEST).write_text(json.dumps(d))
+        b = qb.load(b.path)

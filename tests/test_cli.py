@@ -394,10 +394,14 @@ def test_inspect_needs_no_onnxruntime(tmp_path):
     assert "serve picks: int8 on CPU" in " ".join(r.stdout.split()), r.stdout
 
 
-def _tiny_bundle(path, int8_gates=(), task="feature-extraction"):
+def _tiny_bundle(path, int8_gates=None, task="feature-extraction"):
     """A bundle of ``task``, of two stand-in files whose INT8 variant has ``int8_gates``
-    (no model in them: what a command checks before it runs one)."""
+    (default: one passing cosine gate; no model in them: what a command checks before it
+    runs one)."""
     from quantgate import bundle as qb
+
+    if int8_gates is None:  # with no gate at all a variant fails: it has no evidence
+        int8_gates = (qb.GateResult("cosine", 0.998, 0.99, ">=", True),)
 
     with qb.staging(path) as tmp:
         for name in ("model.fp32.onnx", "model.int8.onnx"):
@@ -469,7 +473,7 @@ def test_a_bad_threshold_flag_is_named_by_the_flag(cli, tmp_path, tiny_checkpoin
 def test_a_gate_config_files_bad_value_is_named_by_the_file(cli, tmp_path):
     """A value GateConfig refuses is named by the --gate-config file that gave it, as the
     file's other errors are; a bad flag beside it is still named by the flag."""
-    _tiny_bundle(tmp_path / "b", ())
+    _tiny_bundle(tmp_path / "b")
     gates = tmp_path / "gates.json"
     gates.write_text('{"ci_rule": "upr"}')
     r = cli("gate", tmp_path / "b", "--gate-config", gates)
@@ -495,7 +499,7 @@ def test_a_gate_config_files_bad_value_is_named_by_the_file(cli, tmp_path):
 def test_a_gate_config_file_that_cannot_be_read_is_named_by_its_flag(cli, tmp_path):
     """The file's own faults (missing, not TOML) say which flag named it, as its refused
     values do, in `gate` and in `export` (which refuses before it exports)."""
-    _tiny_bundle(tmp_path / "b", ())
+    _tiny_bundle(tmp_path / "b")
     bad = tmp_path / "gates.toml"
     bad.write_text("min_speedup = \n")
     r = cli("gate", tmp_path / "b", "--gate-config", bad)
@@ -526,7 +530,7 @@ def test_a_gate_config_error_lists_each_refused_field():
 
 
 def test_inspect_refusing_a_changed_file_says_how_to_read_the_manifest_anyway(cli, tmp_path):
-    _tiny_bundle(tmp_path / "b", ())
+    _tiny_bundle(tmp_path / "b")
     (tmp_path / "b" / "model.int8.onnx").write_bytes(b"changed")
     r = cli("inspect", tmp_path / "b")
     message = " ".join(r.stderr.split())
@@ -541,7 +545,7 @@ def test_inspect_refusing_a_changed_file_says_how_to_read_the_manifest_anyway(cl
 def test_inspect_no_verify_says_which_file_is_missing_and_that_serve_refuses_it(cli, tmp_path):
     """--no-verify reads the manifest of a bundle that lost a file; its table said 0.0 MB
     and "serve picks" the variant, of a bundle serve refuses."""
-    _tiny_bundle(tmp_path / "b", ())
+    _tiny_bundle(tmp_path / "b")
     (tmp_path / "b" / "model.fp32.onnx").unlink()
     r = cli("inspect", tmp_path / "b", "--no-verify")
     assert r.code == 0, r.stderr

@@ -116,8 +116,10 @@ def gate(
                 overrides={name: value for name, (_, value) in flags.items()},
                 provider=provider, on_progress=bars(bar), allow_unlabelled=allow_unlabelled,
             )  # fmt: skip
-    except GateFailed:
-        print_gates(path)
+    except GateFailed as e:
+        # where it was written, absolute: `gate .` run inside the bundle has had its
+        # directory replaced under the shell, and "." is no longer it
+        print_gates(Path(e.bundle_path))
         raise
     except ConfigError as e:
         if said := gate_config_error(e, flags, gate_config):

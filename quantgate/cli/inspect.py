@@ -50,6 +50,15 @@ def inspect(
         f"source: {m.source.get('kind')} {m.source.get('spec')} ({str(m.source.get('sha256'))[:12]})"
     )
     out.print("tools: " + ", ".join(f"{k} {v}" for k, v in m.tools.items()))
+    regates = [r for r in m.extra.get("regates") or [] if isinstance(r, dict)]
+    if regates and isinstance(regates[-1].get("tools"), dict):  # what measured the gates last
+        last = regates[-1]
+        out.print(
+            f"last re-gated {last.get('at')} with "
+            + ", ".join(f"{k} {v}" for k, v in last["tools"].items()),
+            highlight=False,
+            soft_wrap=True,
+        )
     tensors = Table("", "name", "dtype", "dims", box=None, title_justify="left")
     for kind, specs in (("in", m.inputs), ("out", m.outputs)):
         for t in specs:

@@ -177,6 +177,12 @@ def test_a_bundle_regated_from_inside_it_is_read_back(cli, bundle, gate_file, mo
     monkeypatch.chdir(bundle)  # cd "$PWD"
     r = cli("gate", ".", "--gate-config", gate_file, "--min-speedup", "1000")
     assert r.code == 3, r.stderr
+    # its gates, read from where it was written ("." is the directory the rewrite replaced)
+    assert "verdict fail" in r.stdout and "speedup_b" in r.stdout, r.stdout
+    record = load(bundle).manifest.extra["regates"][-1]  # what measured it
+    assert set(record["tools"]) == {"quantgate", "onnxruntime"}, record
+    shown = cli("inspect", bundle).stdout
+    assert f"last re-gated {record['at']} with quantgate " in " ".join(shown.split()), shown
 
 
 def test_a_read_only_bundle_is_refused_with_advice_for_a_re_gate(cli, bundle, gate_file):

@@ -32,7 +32,9 @@ FIRST, SECOND = "2025-01-01T00:00:00+00:00", "2025-02-01T00:00:00+00:00"
 
 
 def manifest(int8: str) -> Manifest:
-    """A bundle named "digits" whose INT8 variant's verdict is ``int8``."""
+    """A bundle named "digits" whose INT8 variant's verdict is ``int8`` (its gate's)."""
+    drop = GateResult("accuracy_drop", 0.2 if int8 == "pass" else 3.0, 1.0, "<=", int8 == "pass")
+    fidelity = GateResult("cosine:logits", 0.9999, 0.999, ">=", True, provider=CUDA)
     return Manifest(
         name="digits",
         task="sequence-classification",
@@ -40,8 +42,8 @@ def manifest(int8: str) -> Manifest:
         outputs=(),
         variants=(
             Variant("model.onnx", "fp32", "0" * 64),
-            Variant("model.int8.onnx", "int8", "1" * 64, verdict=int8),
-            Variant("model.fp16.onnx", "fp16", "2" * 64, providers=(CUDA,)),
+            Variant("model.int8.onnx", "int8", "1" * 64, gates=(drop,)),
+            Variant("model.fp16.onnx", "fp16", "2" * 64, providers=(CUDA,), gates=(fidelity,)),
         ),
         opset=17,
         source={},
