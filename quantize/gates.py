@@ -705,8 +705,8 @@ def check_evaluation(reference: Outputs, task: str) -> None:
 # The kinds whose accuracy gate reads labels, each with the test of whether FP32 follows
 # them (``labels_at_chance``).
 _LABEL_CHANCE: dict[Kind, Callable[[Outputs, str], str | None]] = {
-    Kind.CLASSIFIER: lambda ref, out: labels_at_chance(ref, out),
-    Kind.TOKEN_CLASSIFIER: lambda ref, out: token_labels_at_chance(ref, out),
+    Kind.CLASSIFIER: labels_at_chance,
+    Kind.TOKEN_CLASSIFIER: token_labels_at_chance,
 }
 
 
