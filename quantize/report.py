@@ -236,9 +236,16 @@ def sections(
             + failed_gates([("", g) for g in shipped.gates])
             + " "
             + (
-                f"Shipped `{shipped.name}`, the fastest (geometric mean of its speedups over the "
-                f"timed shapes) of {sum(c.passed for c in result.candidates)} candidate(s) that "
-                "passed every gate, as timed again once chosen."
+                (
+                    f"Shipped `{shipped.name}`, the fastest (geometric mean of its speedups over "
+                    f"the timed shapes) of {sum(c.passed for c in result.candidates)} "
+                    "candidate(s) that passed every gate, as timed again once chosen."
+                    if len(result.retimed) <= 1
+                    else f"Shipped `{shipped.name}`, the fastest of the "
+                    f"{sum(c.passed for c in result.candidates)} candidate(s) that passed every "
+                    f"gate whose speed held when timed again ({len(result.retimed) - 1} faster "
+                    "did not hold)."
+                )
                 + (
                     f" It was chosen among {len(result.candidates)} candidates on the same "
                     "evaluation rows that gave its accuracy figures, which favours one that was "

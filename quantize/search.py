@@ -188,7 +188,8 @@ class SearchResult:
     def best(self) -> Candidate:
         """What to ship: the chosen one, else the closest to passing (for a failed bundle).
 
-        The closest passes the most accuracy gates, then is the fastest at its slowest shape.
+        The closest ran, then passes every accuracy gate, or fails the fewest, then is the
+        fastest at its slowest shape.
         Accuracy comes first because it is the model's own, while speed depends on the
         machine: a re-gate on faster hardware can pass an accurate candidate, never an
         inaccurate one. Speed goes by the slowest shape, not the geometric mean that ranks
@@ -205,7 +206,17 @@ class SearchResult:
                 "no INT8 recipe produced a model:\n"
                 + "\n".join(f"  - {c.name}: {c.error}" for c in self.candidates)
             )
-        return max(made, key=lambda c: (sum(g.passed for g in c.accuracy), c.slowest))
+        # one that did not run when timed again is behind every one that did; then the
+        # gates failed, not those passed: a dynamic recipe has one accuracy gate more
+        return max(
+            made,
+            key=lambda c: (
+                not c.error,
+                c.accurate,
+                -sum(not g.passed for g in c.accuracy),
+                c.slowest,
+            ),
+        )
 
     def node_costs(self) -> list[NodeCost]:
         by_name = {c.name: c for c in self.candidates}
@@ -446,10 +457,19 @@ def _confirm(work: _Work, cand: Candidate) -> Candidate:
         timing, speed = work.timed(cand.path, on_timing)
     except Exception as e:  # noqa: BLE001 - ORT raises its own types
         raise_if_full(e, work.workdir, f"timing INT8 recipe {cand.name} again")
-        return replace(cand, error=f"timed again, the INT8 model did not run: {e}")
+        why = f"timed again, the INT8 model did not run: {e}"
+        # its speed gates fail with it: kept as the search measured them, they passed, and a
+        # bundle shipping it as the closest to passing said pass
+        failed = tuple(
+            replace(
+                g, passed=False, detail=f"{why} (the search measured {g.value:.4g}): {g.detail}"
+            )
+            for g in cand.speed
+        )
+        return replace(cand, speed=failed, error=why)
     searched = {g.name: g.value for g in cand.speed}
     speed = [
-        replace(g, detail=f"timed again as the search's fastest winner (the search measured "
+        replace(g, detail=f"timed again as a winner of the search (the search measured "
                 f"{searched[g.name]:.4g}): {g.detail}")
         for g in speed
     ]  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def test_keeps_the_fastest_passing_candidate_not_the_first(tmp_path):
         c.name for c in sorted(winners, key=lambda c: -c.speedup)[: len(found.retimed)]
     ]
     assert all(not c.passed for c in found.retimed[:-1])
-    assert all("timed again as the search's fastest winner" in g.detail for g in found.chosen.speed)
+    assert all("timed again as a winner of the search" in g.detail for g in found.chosen.speed)
     assert not any("timed again" in g.detail for c in found.candidates for g in c.speed)
     for c in made:  # every candidate recorded with both kinds of gate
         assert c.accuracy and {g.name for g in c.speed} == {"speedup_b1_s64", "speedup_b8_s64"}
@@ -215,6 +216,15 @@ def test_the_closest_failed_candidate_is_accurate_first_then_fastest_at_its_slow
     assert best(inaccurate, uneven) is uneven  # accurate before fast
     slower = candidate("slower", 3.0, 1.0, 5.0)  # the higher geometric mean, the slower shape
     assert best(slower, inaccurate) is inaccurate
+    # a dynamic recipe has one accuracy gate more: failing one of two, it passed as many as
+    # an accurate static one, and went ahead of it by its speed
+    dynamic = candidate("dynamic", 0.0, 3.0, 3.0)
+    batch = GateResult("batch_top1_agreement", 0.5, 0.95, ">=", False)
+    dynamic = dataclasses.replace(dynamic, accuracy=(*dynamic.accuracy, batch))
+    assert best(dynamic, even) is even
+    # one that did not run when timed again ranks behind every one that ran
+    broke = dataclasses.replace(uneven, error="timed again, the INT8 model did not run: boom")
+    assert best(broke, inaccurate) is inaccurate
     found = SearchResult((inaccurate, uneven, even), chosen=None, seconds=1.0, budget_s=10.0)
     md = "\n".join(sections(found, found.best, GateConfig(), _data(), plot=None))
     assert "`even`, the closest, went into the bundle marked failed" in md
@@ -276,6 +286,28 @@ def test_a_full_working_directory_ends_the_search_at_once(tmp_path, monkeypatch)
     )
 
 
+def test_a_winner_that_does_not_run_when_timed_again_fails_its_speed_gates(tmp_path, monkeypatch):
+    """ONNX Runtime failing on the winner's second timing kept its search's passing speed
+    gates: shipped as the closest to passing, its variant said pass (exit 0) while the
+    report said it failed."""
+    from quantgate.quantize import search as search_module
+
+    real, timed = search_module._Work.timed, set()
+
+    def broken(self, path, on_timing):
+        if path in timed:  # its second timing, as the search's winner
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION")
+        timed.add(path)
+        return real(self, path, on_timing)
+
+    monkeypatch.setattr(search_module._Work, "timed", broken)
+    found = run(tmp_path, GateConfig(min_speedup=0.01, **FAST), QuantConfig(max_candidates=1))
+    assert found.chosen is None and found.retimed and not found.best.passed
+    shipped = found.best
+    assert shipped.speed and not any(g.passed for g in shipped.speed), shipped.speed
+    assert "timed again, the INT8 model did not run: [ONNXRuntimeError]" in shipped.speed[0].detail
+
+
 def test_winners_that_do_not_hold_when_timed_again_ship_nothing(tmp_path, monkeypatch):
     """Passed in the search, not when timed again: the speed sits at the threshold. At most
     CONFIRMATIONS winners are timed again; the bundle gets the closest as timed again,
@@ -300,3 +332,26 @@ def test_winners_that_do_not_hold_when_timed_again_ship_nothing(tmp_path, monkey
         "when timed again" in md
     )
     assert "did not hold" in md
+
+
+def test_a_second_winner_that_ships_is_not_called_the_fastest():
+    """The fastest winner did not hold when timed again, the second did and ships: the
+    report called it the fastest of the winners."""
+    from quantgate.bundle import GateResult
+    from quantgate.quantize.search import Candidate, SearchResult
+
+    def candidate(name, speedup):
+        accuracy = (GateResult("accuracy_drop", 0.0, 1.0, "<=", True),)
+        speed = (GateResult("speedup_b1_s64", speedup, 1.2, ">=", speedup >= 1.2),)
+        return Candidate(name, {}, "static", Path(name), accuracy=accuracy, speed=speed)
+
+    fast, second = candidate("fast", 1.5), candidate("second", 1.4)
+    fell = dataclasses.replace(fast, speed=candidate("fast", 1.1).speed)  # timed again
+    found = SearchResult(
+        (fast, second), chosen=second, seconds=1.0, budget_s=10.0, retimed=(fell, second)
+    )
+    md = " ".join("\n".join(sections(found, found.best, GateConfig(), _data(), plot=None)).split())
+    assert (
+        "Shipped `second`, the fastest of the 2 candidate(s) that passed every gate whose speed "
+        "held when timed again (1 faster did not hold)." in md
+    ), md
