@@ -17,6 +17,7 @@ import numpy as np
 from quantgate.errors import BadRequest, InferenceFailed
 from quantgate.protos import grpc_service_pb2 as pb
 from quantgate.protos import model_config_pb2 as mc
+from quantgate.serve.config import MAX_CLASS_COUNT
 from quantgate.serve.dtypes import NUMPY, cast_exact, datatype
 
 # The InferTensorContents field that carries each datatype in typed form (not raw).
@@ -117,11 +118,6 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
                 f"{e}); send the shape of the contents the request carries"
             ) from e
     return arrays
-
-
-# The most classes one output may be asked for: each is a string made in Python, and a
-# count of 2**62 had every value of a hidden-state output formatted (seconds per request).
-MAX_CLASS_COUNT = 1000
 
 
 def requested_outputs(request: pb.ModelInferRequest) -> dict[str, int]:

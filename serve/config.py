@@ -11,6 +11,10 @@ from pathlib import Path
 from quantgate.configs import check_fields, config_class
 from quantgate.schema import PRECISIONS
 
+# The most classes one output may be asked for: each is a string made in Python, and a
+# count of 2**62 had every value of a hidden-state output formatted (seconds per request).
+MAX_CLASS_COUNT = 1000
+
 DEVICES = ("auto", "cuda", "cpu")
 ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
 CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")

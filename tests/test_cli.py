@@ -960,3 +960,21 @@ def test_infer_json_writes_scores_that_are_not_numbers_as_null(capsys):
     doc = json.loads(capsys.readouterr().out, parse_constant=refuse)
     assert doc["outputs"]["logits"]["data"] == [[None, None, None, 1.5]]
     assert doc["outputs"]["ids"]["data"] == [[1, 2]]
+
+
+def test_a_text_read_from_a_file_or_standard_input_is_the_files_text(tmp_path, monkeypatch):
+    """A byte-order mark, and the line break that ends a file (echo's, an editor's), are no
+    part of the text: standard input kept the mark, and both kept the line break, which a
+    byte-level BPE tokenizer made a token of. A text given inline is sent as typed."""
+    import io
+
+    from quantgate.cli.infer import _text
+
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"\xef\xbb\xbfa cat\r\n")
+    assert _text("--text", f"@{path}") == "a cat"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\ufeffa cat\n"))
+    assert _text("--text", "-") == "a cat"
+    path.write_text("two\nlines\n\n")  # one line break ends the file; the text keeps its own
+    assert _text("--text-pair", f"@{path}") == "two\nlines\n"
+    assert _text("--text", "a cat\n") == "a cat\n"

@@ -69,7 +69,8 @@ def test_a_pair_whose_context_made_no_token_has_no_answer_not_one_in_the_questio
     assert mask.tolist() == [[False] * 6, [False, False, False, True, False, False]]
     scores = np.zeros((2, 6))
     scores[:, 1] = 5.0  # the question's first token scores highest
-    assert answers(texts, scores, scores, places) == [None, Answer("Zoë", 1, 3, 3, 1.0)]
+    # its probability over [CLS] and the one context token, both 0, as the pipeline's
+    assert answers(texts, scores, scores, places) == [None, Answer("Zoë", 1, 3, 3, 0.25)]
 
 
 def test_a_pairs_answer_is_its_best_scoring_windows_and_one_answer_in_two_windows_is_one():
@@ -188,6 +189,25 @@ def test_a_null_answer_is_chosen_where_the_first_tokens_span_beats_every_span():
     assert [a.text for a in answers(texts, start, end, places, pairs) if a] == ["one two"] * 2
     # the longest answer a setting allows
     assert answers(texts, start, end, places, pairs, max_tokens=1)[0].text in ("one", "two")
+
+
+def test_an_answers_probability_is_the_pipelines_over_the_context_and_its_first_token():
+    """transformers' question-answering pipeline leaves [CLS] in its softmax whether or not
+    no answer is allowed (its p_mask keeps it): over the context alone, a span it scores
+    0.041 was printed at 0.068."""
+    from transformers.pipelines.document_question_answering import select_starts_ends
+
+    from quantgate.spans import answers
+
+    places = [[None, (0, 0, 1), None, (1, 0, 3), (1, 4, 7), None]]  # [CLS] q [SEP] c c [SEP]
+    start = np.array([[1.5, 0.3, 0.0, 2.0, 0.5, 0.0]])
+    end = np.array([[1.0, 0.0, 0.0, 0.2, 1.8, 0.0]])
+    (found,) = answers([("q", "one two")], start, end, places)
+    assert found is not None and (found.first, found.last) == (3, 4)
+    p_mask = np.array([[0, 1, 1, 0, 0, 1]])  # the pipeline's: all but the context and [CLS]
+    starts, ends, scores, _ = select_starts_ends(start, end, p_mask, np.ones((1, 6), int))
+    assert (starts[0], ends[0]) == (3, 4)
+    assert np.isclose(found.probability, scores[0]), (found.probability, scores[0])
 
 
 def test_infer_says_no_answer_where_the_null_answer_wins(capsys):

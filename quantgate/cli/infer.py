@@ -13,6 +13,7 @@ import typer
 
 from quantgate.cli._app import command
 from quantgate.cli._console import out
+from quantgate.serve.config import MAX_CLASS_COUNT
 
 if TYPE_CHECKING:
     from quantgate.tokenizer import Text
@@ -50,8 +51,8 @@ def infer(
             "-t",
             metavar="TEXT",
             help="Text to send instead of token ids, tokenized by --bundle's tokenizer; "
-            "repeat it for a batch. @FILE reads it from a file (UTF-8), - from standard "
-            "input; @@ starts a text with @.",
+            "repeat it for a batch. @FILE reads it from a file (UTF-8, its last line break "
+            "left out), - from standard input; @@ starts a text with @.",
         ),
     ] = None,
     text_pairs: Annotated[
@@ -100,6 +101,7 @@ def infer(
             "--classes",
             "-c",
             min=0,
+            max=MAX_CLASS_COUNT,
             metavar="K",
             help="Print each row's top K classes (score, index, class name) instead of the "
             "tensor: Triton's classification extension, asked of the --output given, else of "
@@ -673,8 +675,8 @@ def _read(shown: str, value: str) -> tuple[str, str]:
 
     from quantgate.errors import BadRequest
 
-    if value == "-":
-        return sys.stdin.read(), " (standard input)"
+    if value == "-":  # a byte-order mark as a file's: no part of the value
+        return sys.stdin.read().removeprefix("\ufeff"), " (standard input)"
     if value.startswith("@@"):
         return value[1:], ""
     if value.startswith("@"):
@@ -690,8 +692,11 @@ def _read(shown: str, value: str) -> tuple[str, str]:
 
 
 def _text(flag: str, value: str) -> str:
-    """A --text or --text-pair as given, or read (``_read``: @FILE, -, @@)."""
-    return _read(f"{flag} ", value)[0]
+    """A --text or --text-pair as given, or read (``_read``: @FILE, -, @@). Read, the line
+    break that ends a file (echo's, an editor's) is no part of the text: a byte-level BPE or
+    SentencePiece tokenizer made a token of it, and the answer moved."""
+    text, where = _read(f"{flag} ", value)
+    return text.removesuffix("\n").removesuffix("\r") if where else text
 
 
 def _json_input(name: str, text: str):
