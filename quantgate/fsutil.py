@@ -305,6 +305,10 @@ _FULL = {
 }
 
 
+# The states of trusted files (path, inode, modification time, mode) warned about already.
+_SAID: set[tuple[str, int, int, int]] = set()
+
+
 def secret_file(flag: str, path: Path, *, secret: bool, error: type[Exception]) -> None:
     """Refuse (``error``) a file the server trusts (a token file, a TLS key, a certificate)
     that every user may write: whoever can write it grants themselves access or serves
@@ -312,19 +316,24 @@ def secret_file(flag: str, path: Path, *, secret: bool, error: type[Exception]) 
     may write is warned about (Debian's users each have a group of their own, and a umask
     of 002 makes every file so); so, where ``secret``, is one every user may read. A file on
     a read-only filesystem no one may write, whatever its mode. Called at each read, a
-    reload's too."""
+    reload's too: a warning is said once for each state of the file (a reload that keeps
+    failing is retried every second, and said the same warning each time)."""
     try:
         st = path.stat()  # followed through links: a mounted Secret's
         read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except OSError:
         return  # the read that follows says why it cannot be read
     mode = stat.S_IMODE(st.st_mode)
+    said = (str(path), st.st_ino, st.st_mtime_ns, mode) in _SAID
+    _SAID.add((str(path), st.st_ino, st.st_mtime_ns, mode))
     if mode & stat.S_IWOTH and not read_only:
         raise error(
             f"{flag} {path} may be written by every user (mode {mode:04o}): whoever can write "
             f"it could give themselves access. Make it writable by its owner alone: chmod "
             f"go-w {path}"
         )
+    if said:
+        return
     if mode & stat.S_IWGRP and not read_only:
         log.warning(
             "%s %s may be written by its group (mode %04o): everyone in it could give "

@@ -227,6 +227,11 @@ class ServeConfig:
         ):  # fmt: skip
             if (value := getattr(self, name)) < 0:
                 raise ConfigError(f"{name} cannot be negative, got {value}")
+        if not self.shutdown_grace_s >= 0:  # NaN too; inf is a grace with no end
+            raise ConfigError(
+                "shutdown_grace_s is the seconds admitted requests get to finish at shutdown, "
+                f"0 or more (inf: no limit), got {self.shutdown_grace_s}"
+            )
         if not math.isfinite(self.max_connection_age_s) or self.max_connection_age_s < 0:
             raise ConfigError(
                 "max_connection_age_s is the seconds after which a connection is renewed, 0 "

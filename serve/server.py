@@ -232,8 +232,8 @@ def _connection_age(cfg: ServeConfig) -> list[tuple[str, int]]:
 
 def _ms(seconds: float) -> int:
     """``seconds`` as gRPC's milliseconds: rounded up (0.0004 s is no "at once"), and at most
-    NEVER_MS."""
-    return min(NEVER_MS, max(0, math.ceil(seconds * 1000)))
+    NEVER_MS (``--shutdown-grace inf`` too: it overflowed an int, and the start crashed)."""
+    return NEVER_MS if seconds >= NEVER_MS / 1000 else max(0, math.ceil(seconds * 1000))
 
 
 class Built(NamedTuple):
@@ -895,7 +895,9 @@ def _drain(
     _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     grace = cfg.shutdown_grace_s
     started = time.monotonic()
-    stopped = server.stop(grace)  # GOAWAY now; what still runs at the grace is cancelled
+    # GOAWAY now; what still runs at the grace is cancelled (an endless grace as the longest
+    # wait a thread can make: gRPC's own thread failed waiting an infinity)
+    stopped = server.stop(min(grace, threading.TIMEOUT_MAX))
     drained = _waited(engine.close, max(0.0, grace - min(0.5, grace / 10)), hurry)
     if drained:
         # Every admitted request answered: what gRPC still waits for holds none (a health

@@ -144,6 +144,20 @@ def test_an_age_that_is_no_number_of_seconds_is_refused(age):
     assert ServeConfig(path="b").max_connection_age_s == 0  # off unless asked
 
 
+def test_a_grace_without_end_beside_a_connection_age_starts(repo):
+    """--shutdown-grace inf (a drain that waits for every request) is gRPC's grace for an
+    aged connection too: its milliseconds overflowed an int, and the start crashed with a
+    traceback (exit 1). A grace that is no number is refused."""
+    srv = ServerProcess(
+        repo / "classifier", "--max-connection-age", "300", "--shutdown-grace", "inf"
+    )
+    assert srv.terminate() == 0, srv.log
+    assert "Traceback" not in srv.log, srv.log
+    for grace in (-1.0, math.nan):
+        with pytest.raises(ConfigError, match="shutdown_grace_s is the seconds admitted"):
+            ServeConfig(path="b", shutdown_grace_s=grace)
+
+
 def test_the_cli_refuses_a_negative_age():
     r = subprocess.run(
         [sys.executable, "-m", "quantgate", "serve", "b", "--max-connection-age", "-1"],

@@ -470,6 +470,25 @@ def test_a_token_file_saved_with_a_byte_order_mark_reads_its_first_token(tmp_pat
     assert read_tokens(path) == (b"first-token", b"second-token")
 
 
+def test_a_trusted_files_warning_is_said_once_for_each_state_of_it(tmp_path, caplog):
+    """A reload that keeps failing is retried every second: a key its group may write was
+    warned about at each retry (6 times in 5 s), beside the one error."""
+    from quantgate import fsutil
+    from quantgate.errors import ConfigError
+
+    key = tmp_path / "key"
+    key.write_text("x")
+    key.chmod(0o660)
+    with caplog.at_level("WARNING", logger="quantgate.fsutil"):
+        for _ in range(3):
+            fsutil.secret_file("--tls-key", key, secret=True, error=ConfigError)
+        assert caplog.text.count("may be written by its group") == 1
+        key.chmod(0o664)  # another state: said again, with what it adds
+        fsutil.secret_file("--tls-key", key, secret=True, error=ConfigError)
+    assert caplog.text.count("may be written by its group") == 2
+    assert caplog.text.count("may be read by every user") == 1
+
+
 def test_a_token_file_is_read_again_when_it_changes(repo, tmp_path):
     """Any token of --auth-token-file is accepted, and the file is read again when it
     changes: a token rotates with no restart. A change to a file that cannot be used is
