@@ -597,6 +597,7 @@ def without_rows(
     # per candidate) takes the same batches from ``source`` and keeps the same rows
     keeps: list[np.ndarray] = []
     hashes, lengths = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
+    pairs: list[np.ndarray] = []  # a question answerer's: the pair of each window kept
     seen: dict[int, int | None] = {}  # each row seen, by whole_row_hashes: its label
     relabelled = 0
     for b in source.batches():
@@ -613,6 +614,8 @@ def without_rows(
                 else:
                     seen[h] = label
         keeps.append(keep)
+        if b.windows is not None:
+            pairs.append(b.windows[keep][:, 0])
         hashes.append(ids[keep])
         lengths.append(_real_tokens(b.feeds, model).sum(1)[keep])
 
@@ -642,6 +645,8 @@ def without_rows(
         sha256=digest.hexdigest(),
         _batches=batches,
         relabelled=relabelled,
+        # the pairs whose windows remain (32 pairs were still counted with 3 left out)
+        pairs=len(np.unique(np.concatenate(pairs))) if pairs else source.pairs,
         # what it could yield without the samples cap, less the rows left out (those the cap
         # would have kept are not known: an estimate, where it capped)
         total=None if source.total is None else source.total - dropped,
@@ -805,6 +810,7 @@ def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -
         problems.append(f"unknown input(s) {extra}{hint}")
     out: Feeds = {}
     batch = set()
+    axes: dict[str, dict[str, int]] = {}  # a named axis past the batch: its size per input
     for spec in model.inputs:
         if spec.name not in feeds:
             continue
@@ -820,6 +826,8 @@ def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -
         for d, (got, want) in enumerate(zip(a.shape, spec.dims, strict=True)):
             if isinstance(want, int) and got != want:
                 said.append(f"{spec.name}: dimension {d} is {got}, expected {want}")
+            elif isinstance(want, str) and d > 0:
+                axes.setdefault(want, {})[spec.name] = got
         if a.ndim >= 2 and model.max_seq_len and a.shape[1] > model.max_seq_len:
             said.append(
                 f"{spec.name}: sequence length {a.shape[1]} exceeds the model's maximum "
@@ -841,6 +849,16 @@ def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelInfo, where: str) -
         out[spec.name] = a
     if len(batch) > 1:
         problems.append(f"inputs disagree on the number of rows: {sorted(batch)}")
+    for axis, sizes in axes.items():
+        # input_ids (4, 8) beside an attention_mask (4, 5) ran on 5 tokens of each row
+        if len(set(sizes.values())) > 1:
+            told = ", ".join(f"{name} {size}" for name, size in sizes.items())
+            problems.append(
+                f"inputs disagree on their {axis} axis: {told}; a row's inputs describe the "
+                "same tokens: save them at one width"
+            )
+        elif 0 in sizes.values():
+            problems.append(f"{', '.join(sizes)}: a {axis} axis of 0: a row needs a token")
     if problems:
         raise DataError(
             f"{where} does not fit the model (inputs: "
@@ -1035,9 +1053,17 @@ def _npz(path: Path, model: ModelInfo, samples: int | None, batch_size: int, fla
 def _in_memory(arrays: Mapping[str, Any], model: ModelInfo, samples: int | None, batch_size: int):
     """One dict of arrays, every row at once: read as a .npz's arrays are (a cap on the rows
     keeps them length-stratified)."""
-    arrays = {k: _array(k, v) for k, v in arrays.items()}
+    # labels as given, to check_labels: a list mixing indices and names made one array of
+    # strings, its indices then read as names (1 as the class named "1", which is index 0)
+    arrays = {
+        k: v if k == LABELS and isinstance(v, (list, tuple)) else _array(k, v)
+        for k, v in arrays.items()
+    }
     h = hashlib.sha256(b"arrays")
     for k in sorted(arrays):
+        if isinstance(arrays[k], (list, tuple)):  # the labels, as given
+            h.update(f"{k}:{arrays[k]!r}".encode())
+            continue
         h.update(f"{k}:{arrays[k].dtype.str}:{arrays[k].shape}".encode())
         h.update(np.ascontiguousarray(arrays[k]).tobytes())
     return _whole(

@@ -114,6 +114,8 @@ def check_labels(labels: Any, n: int, names: tuple[str, ...], where: str) -> np.
     """``labels`` as ``(n,)`` int64 class indices: integers inside the model's classes (>= 0
     where it names none), or its class ``names``, mapped to their indices; else a DataError
     that names the rows."""
+    if isinstance(labels, np.ndarray) and labels.dtype == object and labels.ndim == 1:
+        labels = labels.tolist()  # pandas' column of class names: df["label"].to_numpy()
     if isinstance(labels, (list, tuple)) and len(label_forms(labels)) == 2:
         labels = _mixed_to_indices(labels, names, where)
     labels = np.asarray(labels)

@@ -501,3 +501,43 @@ def test_an_embedding_model_s_labels_are_ignored_whatever_their_form(classifiers
         with caplog.at_level("WARNING", logger="quantgate.quantize.data"):
             open_source(spec, info, role="calibration")  # labels never matter there
         assert "labels ignored" not in caplog.text, kind
+
+
+def _stars() -> ModelInfo:
+    """A classifier of star ratings: class 0 is named "1"."""
+    from quantgate.bundle import TensorSpec
+
+    spec = lambda name: TensorSpec(name, "int64", ("batch", "sequence"))  # noqa: E731
+    return ModelInfo(
+        inputs=(spec("input_ids"), spec("attention_mask")), task="sequence-classification",
+        max_seq_len=16, labels=("1", "2", "3", "4", "5"),
+    )  # fmt: skip
+
+
+def test_labels_in_a_dict_of_arrays_are_read_as_given_as_an_iterables_are():
+    """numpy made a list mixing indices and names one array of strings: [1, 2, 3, "5"] of
+    star ratings became classes 0, 1, 2, 4 (each index read as a name), where an iterable
+    of the same rows is refused. A pandas column of names (object dtype) is names."""
+    ids = np.arange(1, 33).reshape(4, 8)
+    mask = np.ones_like(ids)
+    for given in ([{"input_ids": ids, "attention_mask": mask, "labels": [1, 2, 3, "5"]}],
+                  {"input_ids": ids, "attention_mask": mask, "labels": [1, 2, 3, "5"]}):  # fmt: skip
+        with pytest.raises(DataError, match=r"labels are both class indices \(1 in row 0\)"):
+            open_source(given, _stars(), role="evaluation")
+    names = np.array(["5", "1", "2", "5"], dtype=object)  # df["label"].to_numpy()
+    src = open_source({"input_ids": ids, "attention_mask": mask, "labels": names}, _stars(),
+                      role="evaluation")  # fmt: skip
+    assert np.concatenate([b.labels for b in src.batches()]).tolist() == [4, 0, 1, 4]
+
+
+def test_inputs_of_other_widths_are_refused_not_cut():
+    """input_ids (4, 8) beside an attention_mask (4, 5) ran on 5 of each row's 8 tokens;
+    arrays of no column made rows of no token."""
+    ids = np.arange(1, 33).reshape(4, 8)
+    narrow = {"input_ids": ids, "attention_mask": np.ones((4, 5), np.int64)}
+    with pytest.raises(DataError, match="inputs disagree on their sequence axis: input_ids 8, "
+                       "attention_mask 5"):  # fmt: skip
+        open_source(narrow, _stars(), role="evaluation")
+    empty = {"input_ids": ids[:, :0], "attention_mask": np.ones((4, 0), np.int64)}
+    with pytest.raises(DataError, match="a sequence axis of 0: a row needs a token"):
+        open_source(empty, _stars(), role="evaluation")

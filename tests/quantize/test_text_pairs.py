@@ -286,3 +286,32 @@ def test_a_slow_tokenizers_line_per_cut_pair_is_dropped_from_quantgates_calls_on
     finally:
         for logger in loggers:
             logger.removeHandler(keep)
+
+
+def test_pairs_left_out_of_the_evaluation_are_not_counted_as_gated(tmp_path):
+    """A question answerer's pairs are read in windows, a row each: rows left out (they are
+    calibration rows) left the count of pairs as it was, so 29 pairs passed the 30 the span
+    gate needs, and the manifest recorded 32."""
+    from dataclasses import replace
+
+    from quantgate.quantize.gates import check_eval_rows
+    from quantgate.quantize.heldout import check_held_out, distinct_rows
+
+    info = replace(minilm_info("question-answering"), max_seq_len=64)
+    s = english(400)
+
+    def write(path, pairs):
+        path.write_text("".join(json.dumps({"text": q, "text_pair": c}) + "\n" for q, c in pairs))
+        return path
+
+    short = [(s[i], s[i + 1]) for i in range(0, 60, 2)]  # 30 pairs of one window each
+    long_ = [(s[i], " ".join(s[i + 1 : i + 8])) for i in range(100, 332, 8)]  # 29, in windows
+    cal = open_source(write(tmp_path / "cal.jsonl", short), info, role="calibration")
+    ev = open_source(write(tmp_path / "ev.jsonl", long_ + short[:3]), info, role="evaluation")
+    assert ev.pairs == 32
+    ev = check_held_out(distinct_rows(ev, info, where="ev"), cal.fingerprint(), model=info,
+                        where="ev", calibrated_on="cal")  # fmt: skip
+    left = {int(p) for b in ev.batches() for p in b.windows[:, 0]}
+    assert ev.pairs == len(left) == 29 and ev.record()["pairs"] == 29
+    with pytest.raises(DataError, match="29 question/context pair"):
+        check_eval_rows(ev, "question-answering", ("start_logits", "end_logits"), None, where="ev")
