@@ -1279,12 +1279,14 @@ class Counted:
 
 
 def write_npz(
-    path: str | Path, feeds: Mapping[str, np.ndarray], labels: Sequence[int] | None = None
+    path: str | Path, feeds: Mapping[str, np.ndarray], labels: Sequence[int | str] | None = None
 ):
-    """Write feeds (and labels) as an .npz that ``--calibration``/``--eval`` accept."""
+    """Write feeds (and labels: class indices, or class names) as an .npz that
+    ``--calibration``/``--eval`` accept; the reader checks the labels (cast to int64 here,
+    names failed with a traceback and 1.7 was written as 1)."""
     arrays = dict(feeds)
     if labels is not None:
-        arrays[LABELS] = np.asarray(labels, np.int64)
+        arrays[LABELS] = np.asarray(labels)
     np.savez(path, **arrays)  # type: ignore[arg-type]  # (numpy: a name could be allow_pickle)
     return Path(path)
 

@@ -541,3 +541,15 @@ def test_inputs_of_other_widths_are_refused_not_cut():
     empty = {"input_ids": ids[:, :0], "attention_mask": np.ones((4, 0), np.int64)}
     with pytest.raises(DataError, match="a sequence axis of 0: a row needs a token"):
         open_source(empty, _stars(), role="evaluation")
+
+
+def test_write_npz_writes_labels_as_given_for_the_reader_to_check(tmp_path):
+    """Class names failed with a traceback (cast to int64), and 1.7 was written as 1."""
+    ids = np.arange(1, 33).reshape(4, 8)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    named = write_npz(tmp_path / "named.npz", feeds, labels=["5", "1", "2", "5"])
+    src = open_source(named, _stars(), role="evaluation")
+    assert np.concatenate([b.labels for b in src.batches()]).tolist() == [4, 0, 1, 4]
+    odd = write_npz(tmp_path / "odd.npz", feeds, labels=[0, 1.7, 2, 3])
+    with pytest.raises(DataError, match="labels must be class indices \\(whole numbers\\)"):
+        open_source(odd, _stars(), role="evaluation")
