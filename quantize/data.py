@@ -1234,8 +1234,20 @@ def _iterable(spec, model: ModelInfo, samples: int | None, batch_size: int) -> D
 
     def batches() -> Iterator[Batch]:
         left = rows
-        for _, f, _, labels in items():
+        for i, f, _, labels in items():
             take = min(left, len(next(iter(f.values()))))
+            # every pass must yield the first pass's rows, in its order: FP32's outputs and a
+            # candidate's are compared row by row, and the calibration rows left out of the
+            # gates are known by their place (a shuffling DataLoader mixed them up silently)
+            if i >= len(hashes) or not np.array_equal(
+                row_hashes({k: v[:take] for k, v in f.items()}, model), hashes[i][:take]
+            ):
+                raise DataError(
+                    f"data item {i} holds other rows than when the data was first read: "
+                    "quantgate reads the data once for each model it gates, and compares them "
+                    "row by row. Pass rows that come in the same order every time (a list, "
+                    "or a DataLoader with shuffle=False)"
+                )
             for s in range(0, take, batch_size):
                 sl = slice(s, min(take, s + batch_size))
                 yield Batch(

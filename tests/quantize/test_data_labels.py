@@ -553,3 +553,19 @@ def test_write_npz_writes_labels_as_given_for_the_reader_to_check(tmp_path):
     odd = write_npz(tmp_path / "odd.npz", feeds, labels=[0, 1.7, 2, 3])
     with pytest.raises(DataError, match="labels must be class indices \\(whole numbers\\)"):
         open_source(odd, _stars(), role="evaluation")
+
+
+def test_an_iterable_whose_rows_change_between_passes_is_refused():
+    """A callable giving the rows in another order each pass (a DataLoader with shuffle) had
+    FP32's and a candidate's outputs compared across different rows, without a word."""
+    rng = np.random.default_rng(0)
+    ids = np.arange(1, 65).reshape(8, 8)
+    rows = [{"input_ids": ids[i : i + 1], "attention_mask": np.ones((1, 8), np.int64)}
+            for i in range(8)]  # fmt: skip
+    same = open_source(lambda: rows, _stars(), role="evaluation")
+    assert [b.feeds["input_ids"].tolist() for b in same.batches()] == [
+        b.feeds["input_ids"].tolist() for b in same.batches()
+    ]
+    shuffled = open_source(lambda: rng.permutation(rows), _stars(), role="evaluation")
+    with pytest.raises(DataError, match="holds other rows than when the data was first read"):
+        list(shuffled.batches())
