@@ -79,6 +79,7 @@ from quantgate.schema import (
     is_relative_path,
     manifest_problems,
     problem_list,
+    unique_keys,
 )
 
 PLOT = "candidates.png"  # the recipe search's plot (quantize.report)
@@ -521,17 +522,9 @@ def _read_json(mpath: Path) -> Any:
             f"not one written by quantgate. {RECREATE}"
         )
 
-    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        if repeated := sorted({k for k in keys if keys.count(k) > 1}):
-            raise ValueError(
-                f"the key(s) {', '.join(map(repr, repeated))} appear twice in one object"
-            )
-        return dict(pairs)
-
     try:
         # utf-8-sig: an editor that saves a byte-order mark has not changed the manifest
-        return json.loads(data.decode("utf-8-sig"), object_pairs_hook=unique)
+        return json.loads(data.decode("utf-8-sig"), object_pairs_hook=unique_keys)
     except RecursionError as e:
         raise BundleError(
             f"{mpath} is corrupt (nested too deeply to be a manifest). {RECREATE}"

@@ -61,6 +61,26 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+class RepeatedKeys(ValueError):
+    """A JSON object that names a key twice (``unique_keys``); ``keys``: those keys."""
+
+    def __init__(self, keys: list[str]):
+        self.keys = keys
+        super().__init__(f"the key(s) {', '.join(map(repr, keys))} appear twice in one object")
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' ``object_pairs_hook`` that refuses a key given twice (RepeatedKeys):
+    JSON keeps its last value, and the first is lost without a word."""
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for key, _ in pairs:
+        (repeated if key in seen else seen).add(key)
+    if repeated:
+        raise RepeatedKeys(sorted(repeated))
+    return dict(pairs)
+
+
 def described(x: Any) -> str:
     """``x`` as a person reads it in an error message: its JSON kind, and short values."""
     if x is None:

@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 
 from quantgate.errors import DataError
 from quantgate.quantize.labels import cell_index
+from quantgate.schema import RepeatedKeys, unique_keys
 
 # A row's first line (1-based), its byte offset, the row (a dict where it could be read),
 # and what is wrong with it as written (None: readable; the text and label are checked
@@ -438,31 +439,16 @@ def _parse_json(line: bytes) -> tuple[Any, str | None]:
     """A JSONL line's value (``UNREADABLE`` where it is not UTF-8 JSON, or an object names a
     key twice), and why, if so."""
     try:
-        return json.loads(line, object_pairs_hook=_unique_keys), None
+        return json.loads(line, object_pairs_hook=unique_keys), None
     except UnicodeDecodeError as e:
         return UNREADABLE, _not_utf8(e)
-    except _RepeatedKey as e:
-        return UNREADABLE, str(e)
+    except RepeatedKeys as e:  # JSON would keep the last value: a "text" given twice lost it
+        return (
+            UNREADABLE,
+            f'the key "{e.keys[0][:40]}" comes twice in one object; give each key once',
+        )
     except ValueError as e:
         return UNREADABLE, f"not JSON ({e})"
-
-
-class _RepeatedKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """An object's keys and values, refused where a key comes twice: JSON keeps the last
-    value, and a line whose "text" came twice lost its text to the second without a word."""
-    row: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in row:
-            raise _RepeatedKey(
-                f'the key "{key[:40]}" comes twice in one object (JSON would keep only its '
-                f"last value, {json.dumps(value)[:40]}); give each key once"
-            )
-        row[key] = value
-    return row
 
 
 def _not_utf8(e: UnicodeDecodeError) -> str:
