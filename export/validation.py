@@ -615,10 +615,9 @@ def _compare(
     if (nan_g != nan_r).any():
         return [f"{case.describe()}: {name} has NaN where PyTorch has none (or the reverse)"]
     # an infinity must be PyTorch's exactly: its tolerance, atol + rtol * inf, passed any value
-    infinite = np.isinf(g) | np.isinf(r)
-    with np.errstate(invalid="ignore"):  # inf - inf: the same infinity, told apart next
-        err = np.where(nan_r, 0.0, np.where(infinite, np.where(g == r, 0.0, np.inf), np.abs(g - r)))
-    tol = atol + rtol * np.abs(np.where(nan_r | infinite, 0.0, r))
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN where equal, which g == r zeroes
+        err = np.where(nan_r | (g == r), 0.0, np.abs(g - r))  # inf against anything else: inf
+    tol = atol + rtol * np.abs(np.where(nan_r | np.isinf(r), 0.0, r))
     with np.errstate(divide="ignore", invalid="ignore"):  # tol 0: exact match or infinitely off
         fraction = np.where(err == 0, 0.0, err / tol)
     diffs[name] = float(err.max()) if err.size else 0.0

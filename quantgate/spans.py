@@ -58,7 +58,7 @@ def best_spans(
     i = np.arange(t)
     valid = (i[None, :] >= i[:, None]) & (i[None, :] < i[:, None] + max_tokens)  # (T, T)
     for row, (s, e, ok) in enumerate(zip(start, end, allowed.astype(bool), strict=True)):
-        if not ok.any() or _unreadable(s[ok]) or _unreadable(e[ok]):
+        if not ok.any() or unreadable(s[ok]).any() or unreadable(e[ok]).any():
             continue
         scores = s.astype(np.float64)[:, None] + e.astype(np.float64)[None, :]  # (first, last)
         scores[~(valid & ok[:, None] & ok[None, :])] = -np.inf
@@ -68,9 +68,9 @@ def best_spans(
     return spans
 
 
-def _unreadable(scores: np.ndarray) -> bool:
-    """Whether any score is NaN or +inf: no span can be ranked by them (-inf only masks)."""
-    return bool(np.isnan(scores).any() or np.isposinf(scores).any())
+def unreadable(scores: np.ndarray) -> np.ndarray:
+    """Where a score is NaN or +inf: no answer can be ranked by it (-inf only masks)."""
+    return np.isnan(scores) | np.isposinf(scores)
 
 
 def span_scores(start: np.ndarray, end: np.ndarray, spans: np.ndarray) -> np.ndarray:
@@ -326,5 +326,6 @@ __all__ = [
     "null_scores",
     "pair_spans",
     "span_probability",
+    "unreadable",
     "span_scores",
 ]

@@ -76,7 +76,7 @@ from quantgate.quantize.stats import (
     wilson,
 )
 from quantgate.sessions import session
-from quantgate.spans import best_spans, null_scores, pair_spans, span_scores
+from quantgate.spans import best_spans, null_scores, pair_spans, span_scores, unreadable
 from quantgate.tasks import (
     CLASSIFIER_TASKS,
     EMBEDDING_TASKS,
@@ -1247,7 +1247,7 @@ def _unread(
     +inf scores, or none finite), or, where answers may be none (``cfg.null_answer``), a
     null score of NaN or +inf (one of -inf, a first token the model masks, is never the
     answer)."""
-    return (spans[:, 0] < 0) | (cfg.null_answer & (np.isnan(nulls) | np.isposinf(nulls)))
+    return (spans[:, 0] < 0) | (cfg.null_answer & unreadable(nulls))
 
 
 _Maybe = np.ndarray | None  # a batch's mask, token types or context, where kept
