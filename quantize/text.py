@@ -495,7 +495,7 @@ def _text_problem(row: dict, key: str) -> str | None:
         )
     if not isinstance(text, str) or not text.strip():
         return f'no non-blank string "{key}" (found {json.dumps(text)[:60]})'
-    if all(c.isspace() or unicodedata.category(c) == "Cf" for c in text):
+    if _invisible(text):
         return (
             f'"{key}" holds only spaces and invisible characters ({json.dumps(text)[:60]}): '
             "no tokenizer makes a token of them"
@@ -508,6 +508,12 @@ def _text_problem(row: dict, key: str) -> str | None:
             f"character {e.start}: no tokenizer reads it; write the character whole"
         )
     return None
+
+
+def _invisible(text: str) -> bool:
+    """Whether ``text`` is only spaces and invisible characters (zero-width spaces and
+    joiners, soft hyphens: Unicode's Cf), of which no tokenizer makes a token."""
+    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
 
 
 def row_text(row: dict) -> Text:
@@ -583,6 +589,7 @@ def tokenize(texts: Sequence[Text], model: ModelInfo, tokenizer: Tokenizer | Non
     sequence: what a client sends the served model."""
     rows = _rows(texts)  # before the tokenizer loads: seconds, for transformers' import
     tok = _own(tokenizer, model)
+    _refuse_tokenless(tok, rows)
     limit = model.max_seq_len or None
     if limit is not None:
         for i, n in enumerate(_token_counts(tok, rows, None), 1):
@@ -613,6 +620,7 @@ def windows(
     asked = [r for r in rows if isinstance(r, tuple)]
     if len(asked) != len(rows):  # single texts: nothing to window
         return None
+    _refuse_tokenless(tok, rows)
     limit = model.max_seq_len or max(_token_counts(tok, rows, None))
     read = tok.windows(asked, limit)
     if read is None:
@@ -745,6 +753,31 @@ def _rows(texts: Sequence[Text]) -> list[Text]:
     return rows
 
 
+PAIR = ("text", "text_pair")  # a pair's texts, as _rows names them
+
+
+def _refuse_tokenless(tok: Tokenizer, rows: list[Text]) -> None:
+    """Refuse a text of which ``tok`` makes no token, only the special ones an empty text
+    gets (a BERT tokenizer drops control characters and U+FFFD): the model would answer
+    for nothing, and say nothing of it. Each text of a pair is counted alone."""
+    texts: list[tuple[str, str]] = []  # (which, as _rows names it; the text)
+    for i, r in enumerate(rows, 1):
+        which = f"text {i} of {len(rows)}"
+        texts += (
+            [(f"{which}, its {k}", t) for k, t in zip(PAIR, r, strict=True)]
+            if isinstance(r, tuple)
+            else [(which, r)]
+        )
+    empty = len(tok.ids([""], None)[0])
+    for (which, t), n in zip(texts, _token_counts(tok, [t for _, t in texts], None), strict=True):
+        if n <= empty:
+            raise DataError(
+                f"{which} ({t[:40]!r}) makes no token: the model's tokenizer drops every "
+                "character of it, and the model would answer for an empty text; expected "
+                "words to tokenize"
+            )
+
+
 def _check_text(t: object, which: str) -> None:
     """Refuse a text (``which``, as a message names it) that is no string, is blank, or is
     not UTF-8."""
@@ -752,6 +785,11 @@ def _check_text(t: object, which: str) -> None:
         raise DataError(f"{which}: expected a string, found {type(t).__name__}")
     if not t.strip():
         raise DataError(f"{which} is blank ({t!r}): expected words to tokenize")
+    if _invisible(t):
+        raise DataError(
+            f"{which} holds only spaces and invisible characters ({t!r}): no tokenizer makes a "
+            "token of them; expected words to tokenize"
+        )
     try:
         t.encode()
     except UnicodeEncodeError as e:  # a lone surrogate: a byte the shell could not decode

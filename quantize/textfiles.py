@@ -173,9 +173,12 @@ class Delimited(TextFile):
     def _reader(self, lines: Iterator[str]) -> Iterator[list[str]]:
         """csv's reader of these files. Strict: a field that opens a quote ends where it
         closes (a stray quote ran the field on over the next lines, merging rows, and lost a
-        label without a word). Spaces after a delimiter skipped: `text, label` by hand, and
-        `a, "b, c"`, whose quote opens the field."""
-        return csv.reader(lines, delimiter=self.delimiter, strict=True, skipinitialspace=True)
+        label without a word). In CSV, spaces after a comma are skipped: `text, label` by
+        hand, and `a, "b, c"`, whose quote opens the field. In TSV they are the cell's (code
+        indented after a tab): a byte-level BPE tokenizer reads them, as it does a JSONL
+        row's."""
+        comma = self.delimiter == ","
+        return csv.reader(lines, delimiter=self.delimiter, strict=True, skipinitialspace=comma)
 
     def nothing_found(self, size: int) -> str:
         return "a header and no rows" if self.header else super().nothing_found(size)

@@ -978,3 +978,7 @@ def test_a_text_read_from_a_file_or_standard_input_is_the_files_text(tmp_path, m
     path.write_text("two\nlines\n\n")  # one line break ends the file; the text keeps its own
     assert _text("--text-pair", f"@{path}") == "two\nlines\n"
     assert _text("--text", "a cat\n") == "a cat\n"
+    # a Windows file's line breaks as written, as a JSONL row and standard input keep them
+    # (universal newlines made each "\r\n" and "\r" one "\n": other ids to a byte-level BPE)
+    path.write_bytes(b"line one\r\nline two\rthree\r\n")
+    assert _text("--text-pair", f"@{path}") == "line one\r\nline two\rthree"

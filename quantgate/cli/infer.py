@@ -681,8 +681,11 @@ def _read(shown: str, value: str) -> tuple[str, str]:
         return value[1:], ""
     if value.startswith("@"):
         try:
-            # a byte-order mark, as Windows editors save one, is no part of the value
-            return Path(value[1:]).read_text(encoding="utf-8-sig"), f" ({value[1:]})"
+            # a byte-order mark, as Windows editors save one, is no part of the value; line
+            # breaks as written ("\r\n" is two characters to a byte-level BPE tokenizer, as
+            # in a JSONL row and on standard input)
+            with open(value[1:], encoding="utf-8-sig", newline="") as f:
+                return f.read(), f" ({value[1:]})"
         except (OSError, UnicodeDecodeError) as e:
             raise BadRequest(
                 f"{shown}{value}: cannot read {value[1:]} ({e}); give a file that can be "

@@ -571,6 +571,25 @@ def test_tokenize_names_the_text_that_is_blank_or_not_utf8():
         tokenize("a cat", info)
 
 
+def test_tokenize_refuses_a_text_of_which_the_tokenizer_makes_no_token():
+    """`quantgate infer -t` sent a zero-width space, a bell or U+FFFD as [CLS] [SEP] alone,
+    and printed the model's answer for an empty text; a data file refused the first."""
+    from quantgate.quantize.text import tokenize, windows
+
+    info = minilm_info()
+    with pytest.raises(DataError, match=r"^text 2 of 2 holds only spaces and invisible"):
+        tokenize(["ok", " \u200b\u00ad"], info)
+    for text in ("\x07", "\ufffd\x1b"):  # BERT's tokenizer drops control characters
+        with pytest.raises(DataError, match=r"^text 1 of 1 \(.+\) makes no token: the model's"):
+            tokenize([text], info)
+    with pytest.raises(DataError, match=r"^text 2 of 2, its text_pair \('\\x07'\) makes no"):
+        tokenize([("a", "b"), ("a question", "\x07")], info)
+    qa = minilm_info("question-answering")
+    with pytest.raises(DataError, match=r"^text 1 of 1, its text \('\\x07'\) makes no token"):
+        windows([("\x07", "a context")], qa)
+    assert tokenize(["a\x07b"], info)["input_ids"].shape[0] == 1  # words around one are read
+
+
 def test_a_jsonl_row_with_half_a_surrogate_pair_is_named_not_a_traceback(tmp_path):
     """JSON's "\\ud800" reads as a string Python cannot encode: the tokenizer failed on it
     with a TypeError from inside the tokenizers library."""

@@ -278,3 +278,22 @@ def test_a_text_of_invisible_characters_is_refused_as_blank_ones_are(tmp_path):
     path = write_jsonl(tmp_path / "ws.jsonl", ["ok", " \u200b\u2060 "])
     with pytest.raises(DataError, match=r'line 2: "text" holds only spaces and invisible'):
         open_source(path, minilm_info(), role="calibration")
+
+
+def test_a_tsv_cell_keeps_the_spaces_after_its_tab(tmp_path):
+    """Indented code in a TSV lost its indent (csv's skipinitialspace): a byte-level BPE
+    tokenizer reads spaces, so calibration saw other ids than `quantgate infer -t` sends.
+    A CSV's spaces after a comma are still skipped (`text, label` by hand)."""
+    from quantgate.quantize.textfiles import text_file
+
+    tsv = tmp_path / "code.tsv"
+    tsv.write_bytes(b"text\tlabel\n    def f():\t1\n")
+    csv_file = tmp_path / "hand.csv"
+    csv_file.write_bytes(b'text,label\nhello, 1\n  "a, b", 0\n')
+    rows = {}
+    for path in (tsv, csv_file):
+        fmt = text_file(path)
+        with open(path, "rb") as f:
+            rows[path.suffix] = [row for _, _, row, problem in fmt.rows(f, str(path))]
+    assert rows[".tsv"] == [{"text": "    def f():", "label": 1}]
+    assert rows[".csv"] == [{"text": "hello", "label": 1}, {"text": "a, b", "label": 0}]
