@@ -350,8 +350,8 @@ def gate_every_variant(
 
     Placement and speed against ``fp32`` (``gate_variants``, at sequence lengths capped
     at what the model takes; at the throughput shape at least ``gate_cfg.min_speedup``);
-    then the fidelity on ``evaluation`` there (CUDA's arithmetic, not only FP16 storage as
-    on the CPU): always for FP16, cosine >= ``fp16_min_cosine``, and for INT8 only where it
+    then the fidelity on ``evaluation`` there (CUDA's FP16 arithmetic, which the CPU
+    provider computes in FP32 between Casts): always for FP16, cosine >= ``fp16_min_cosine``, and for INT8 only where it
     is fast enough to run there at all, cosine >= ``gate_cfg.min_cosine``.
     """
     from quantgate.quantize import fp16

@@ -10,14 +10,18 @@ EmbedLayerNormalization) through symbolic shape inference, and keeps:
   same tensors as for the FP32 variant, and the server needs no second codec;
 - the ops in ``Fp16Config.op_block_list`` FP32. ORT's default list (tree ensembles, TopK,
   Range, CumSum, Min/Max, ...) is always included; what to add for transformers is measured,
-  not assumed (see ``Fp16Config``).
+  not assumed (see ``Fp16Config``);
+- the nodes in ``Fp16Config.node_block_list`` FP32: ``out_of_range``'s, those whose values
+  FP16 may not hold, found on FP32's run.
 
 ``fidelity`` compares the converted model with FP32 on real feeds (max abs diff, mean and
 min cosine per row) so an accuracy gate can decide; its ``cosine:<output>`` gates are
 ``fidelity.Fidelity``'s, as the INT8 gates of that name are. The FP16 model also runs on the
-CPU provider: ORT inserts Casts around the ops that have no FP16 CPU kernel. On the CPU that
-measures the FP16 *storage* error (weights and activations rounded between ops), not CUDA's
-FP16 arithmetic, so the gate must be re-measured on CUDA where a GPU is present.
+CPU provider: ORT inserts Casts around the ops that have no FP16 CPU kernel, and removes the
+Casts between two of them, so a chain of such ops runs in FP32. On the CPU that measures the
+weights' rounding (and the inputs' and outputs'), not FP16 activations: an overflow there is
+not seen, which is why ``out_of_range`` looks for it on FP32's run, and why the gate is
+measured again on CUDA where a GPU is present.
 
 This module imports onnx, onnxruntime and the gates' helpers only; never quantgate.serve.
 """
@@ -47,6 +51,14 @@ from quantgate.sessions import session
 log = logging.getLogger(__name__)
 
 
+FP16_MAX = 65504.0  # FP16's largest finite value: past it, a value is inf
+# ``out_of_range`` keeps FP32 the nodes of a tensor whose FP32 values reach past this on the
+# rows it runs: an eighth of FP16's range, room for inputs those rows did not show. MiniLM's
+# largest activation is 192 (an FFN output), so nothing of it is kept.
+MAX_ACTIVATION = FP16_MAX / 8
+SCAN_ROWS = 256  # rows ``out_of_range`` runs, at most (batches of the feeds, whole)
+
+
 @config_class
 @dataclass(frozen=True)
 class Fp16Config:
@@ -59,11 +71,12 @@ class Fp16Config:
     # accumulate in FP32 inside the op, while blocking them costs two Casts per op (13 of them
     # in MiniLM) on the CUDA hot path. Add them here when a model's gate says otherwise.
     op_block_list: tuple[str, ...] = ()
-    node_block_list: tuple[str, ...] = ()  # node names kept FP32 (e.g. from a sensitivity scan)
+    # node names kept FP32: ``out_of_range``'s, where FP32's values leave FP16's range
+    node_block_list: tuple[str, ...] = ()
     keep_io_types: bool = True  # inputs/outputs stay FP32: the same wire format as FP32
     # FP16's largest finite value is 65504; ORT's converter clamps constants beyond these.
     min_positive_val: float = 5.96e-08
-    max_finite_val: float = 65504.0
+    max_finite_val: float = FP16_MAX
 
     def __post_init__(self):
         check_fields(self)
@@ -75,11 +88,7 @@ def to_fp16(model: onnx.ModelProto | str | Path, cfg: Fp16Config | None = None) 
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     cfg = cfg or Fp16Config()
-    if isinstance(model, (str, Path)):
-        proto = onnx.load(str(model))  # this call's own: converted in place, not copied
-    else:  # the caller's stays as it is: copied, not through bytes (none past 2 GB)
-        proto = onnx.ModelProto()
-        proto.CopyFrom(model)
+    proto = _own_copy(model)
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer):
         raise QuantizeError(
             "the model already holds FP16 initializers; to_fp16 expects the FP32 export"
@@ -106,7 +115,8 @@ def to_fp16(model: onnx.ModelProto | str | Path, cfg: Fp16Config | None = None) 
     except Exception as e:  # noqa: BLE001 - ORT's converter raises anything
         raise QuantizeFailed(
             f"FP16 conversion failed: {type(e).__name__}: {e}. Keep the failing op types FP32 "
-            "with Fp16Config(op_block_list=...), or ship the FP32 variant on CUDA."
+            "(QuantConfig(fp16_op_block_list=...) in Python), or pass --no-fp16: CUDA then "
+            "serves FP32."
         ) from e
     if chatter.getvalue().strip():
         log.info("float16 converter said: %s", " ".join(chatter.getvalue().split()))
@@ -118,6 +128,109 @@ def to_fp16(model: onnx.ModelProto | str | Path, cfg: Fp16Config | None = None) 
         ", ".join(f"{op} x{n}" for op, n in sorted(kept.items())) or "no compute op",
     )
     return converted
+
+
+def _own_copy(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
+    """``model`` loaded (a path), or copied (the caller's stays as it is; not through bytes:
+    none past 2 GB), its unnamed nodes named as ``out_of_range`` names them: the node block
+    list names nodes."""
+    if isinstance(model, (str, Path)):
+        proto = onnx.load(str(model))
+    else:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+    names = {n.name for n in proto.graph.node}
+    for i, node in enumerate(proto.graph.node):
+        if not node.name:
+            node.name = next(
+                name
+                for k in range(len(names) + 1)
+                if (name := f"{node.op_type}_{i}_{k}") not in names
+            )
+            names.add(node.name)
+    return proto
+
+
+@dataclass(frozen=True)
+class OutOfRange:
+    """Where an FP32 model's values leave what FP16 holds (``out_of_range``)."""
+
+    nodes: tuple[str, ...]  # the nodes to keep FP32 (``Fp16Config.node_block_list``)
+    tensors: dict[str, float]  # each tensor past the limit: its largest |value| seen
+    weights: dict[str, float]  # each initializer past FP16's largest value: its largest |value|
+    rows: int  # the rows run
+
+    def describe(self) -> str:
+        """One line for the log and the report ("" where nothing is past the limit)."""
+        if not self.nodes:
+            return ""
+        past = sorted({**self.tensors, **self.weights}.items(), key=lambda kv: -kv[1])
+        shown = ", ".join(f"{name} {value:.4g}" for name, value in past[:3])
+        more = f" and {len(past) - 3} more" if len(past) > 3 else ""
+        return (
+            f"{len(self.nodes)} node(s) kept FP32 for values FP16 may not hold (activations "
+            f"past {MAX_ACTIVATION:g}, an eighth of FP16's largest, on {self.rows} evaluation "
+            f"rows; weights past {FP16_MAX:g}): {shown}{more}"
+        )
+
+
+def out_of_range(
+    model: onnx.ModelProto | str | Path,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    limit: float = MAX_ACTIVATION,
+    rows: int = SCAN_ROWS,
+    threads: int = 0,
+) -> OutOfRange:
+    """The nodes of the FP32 ``model`` to keep FP32 in its FP16 variant: those that make or
+    read a tensor whose values reach past ``limit`` on ``feeds`` (their first ``rows``
+    rows, padding included: an inf there is NaN after attention), and those that read a
+    weight past FP16's largest value (the converter would clamp it to 65504).
+
+    Measured here because the CPU provider cannot show it: ONNX Runtime's CPU kernels for
+    most FP16 ops are FP32 ones between Casts, and it removes the Casts between two such
+    ops, so an FP16 model whose activations overflow on CUDA runs finite on the CPU. A
+    tensor kept FP32 from its maker to every reader never passes through FP16 (ORT's
+    converter removes the Cast pairs between kept nodes)."""
+    from onnx import helper as oh
+
+    proto = _own_copy(model)
+    graph = proto.graph
+    made = {o: n.name for n in graph.node for o in n.output if o}
+    read: dict[str, list[str]] = {}
+    for n in graph.node:
+        for i in n.input:
+            read.setdefault(i, []).append(n.name)
+    weights = {}
+    for t in graph.initializer:
+        a = onnx.numpy_helper.to_array(t) if t.data_type == onnx.TensorProto.FLOAT else None
+        if a is not None and a.size and (top := float(np.abs(a).max())) > FP16_MAX:
+            weights[t.name] = top
+    shown = {o.name for o in graph.output}
+    for name in made:  # every tensor a graph output, its type left to ONNX Runtime
+        if name not in shown:
+            graph.output.append(oh.make_empty_tensor_value_info(name))
+    sess = session(proto, threads=threads, optimize=False)  # the graph's own tensors
+    names = [o.name for o in sess.get_outputs()]
+    wanted = {i.name for i in sess.get_inputs()}
+    largest: dict[str, float] = {}
+    seen = 0
+    for feed in feeds:
+        feed = {k: v for k, v in feed.items() if k in wanted}
+        values = [*zip(names, sess.run(names, feed), strict=True), *feed.items()]
+        for name, x in values:
+            if x.dtype.kind == "f" and x.size:
+                with np.errstate(invalid="ignore"):
+                    top = float(np.nanmax(np.abs(x))) if not np.isnan(x).all() else 0.0
+                largest[name] = max(largest.get(name, 0.0), top)
+        seen += len(next(iter(feed.values())))
+        if seen >= rows:
+            break
+    tensors = {name: v for name, v in largest.items() if v > limit}
+    keep = {made[t] for t in tensors if t in made}
+    keep.update(n for t in (*tensors, *weights) for n in read.get(t, ()))
+    order = [n.name for n in graph.node if n.name in keep]  # the graph's order
+    return OutOfRange(tuple(order), tensors, weights, seen)
 
 
 def _fp32_compute_ops(model: onnx.ModelProto) -> dict[str, int]:
@@ -236,4 +349,14 @@ def fidelity(
     return Fidelity.measure(runs(), names, provider=provider)
 
 
-__all__ = ["Fidelity", "Fp16Config", "NoFloatOutput", "crash", "fidelity", "save", "to_fp16"]
+__all__ = [
+    "Fidelity",
+    "Fp16Config",
+    "NoFloatOutput",
+    "OutOfRange",
+    "crash",
+    "fidelity",
+    "out_of_range",
+    "save",
+    "to_fp16",
+]

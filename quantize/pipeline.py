@@ -282,7 +282,13 @@ def _fp16_variant(
     from quantgate.quantize import fp16
 
     try:
-        f16 = fp16.save(fp16.to_fp16(fp32), work / "model.fp16.onnx")
+        # where FP32's values pass what FP16 holds, FP32 kept: the CPU provider's FP16 run,
+        # below, is FP32 arithmetic between Casts, and would not see FP16 overflow
+        past = fp16.out_of_range(fp32, evaluation(), threads=gate_cfg.threads)
+        if past.nodes:
+            log.info("FP16: %s", past.describe())
+        keep = fp16.Fp16Config(op_block_list=cfg.fp16_op_block_list, node_block_list=past.nodes)
+        f16 = fp16.save(fp16.to_fp16(fp32, keep), work / "model.fp16.onnx")
         if (crashed := fp16.crash(f16)) is not None:
             return None, _fp16_left_out(crashed)
         # the threads the search's FP32 reference and INT8 fidelity ran with
@@ -302,10 +308,15 @@ def _fp16_variant(
         precision="fp16",
         gates=fidelity.gates(min_cosine=cfg.fp16_min_cosine, cfg=gate_cfg),
         providers=(CUDA,),
-        recipe={"kind": "fp16", "keep_io_types": True},
+        recipe={
+            "kind": "fp16",
+            "keep_io_types": True,
+            "op_block_list": list(keep.op_block_list),
+            "fp32_nodes": list(past.nodes),
+        },
         notes="for CUDA; accuracy gated on the CPU provider, speed on CUDA where a GPU is present",
     )
-    return variant, reports.fp16_section(variant.gates)
+    return variant, reports.fp16_section(variant.gates, kept=past.describe())
 
 
 def _fp16_left_out(why: str) -> str:

@@ -65,18 +65,23 @@ def gate_table(gates: Sequence[GateResult], confidence: float | None = None) -> 
     return lines
 
 
-def fp16_section(gates: Sequence[GateResult]) -> str:
-    """The FP16 variant's gates: fidelity against FP32 here; CUDA speed on a GPU host."""
+def fp16_section(gates: Sequence[GateResult], kept: str = "") -> str:
+    """The FP16 variant's gates: fidelity against FP32 here; CUDA speed on a GPU host.
+    ``kept``: the nodes kept FP32 where FP32's values leave FP16's range
+    (``fp16.OutOfRange.describe``), "" where none."""
     verdict = _verdict(gates)
     return "\n".join(
         [
             "## FP16 (for the CUDA execution provider)",
             "",
-            f"Verdict: {verdict}. FP32 inputs and outputs, weights and compute in FP16. "
-            "On CUDA the fast variant is FP16, not INT8. Its accuracy here is measured on the "
-            "CPU provider; where a GPU is present its accuracy and speed are gated on CUDA too "
-            "(the section on the CUDA execution provider); elsewhere `bench/gpu_check.py` "
-            "measures them on a GPU host.",
+            f"Verdict: {verdict}. FP32 inputs and outputs, weights and compute in FP16"
+            + (f"; {kept}" if kept else "")
+            + ". On CUDA the fast variant is FP16, not INT8. Its accuracy here is measured on "
+            "the CPU provider, whose FP16 kernels compute in FP32 between Casts: it measures "
+            "the weights' rounding, not FP16 arithmetic, and the values FP16 cannot hold were "
+            "found on FP32's run instead. Where a GPU is present its accuracy and speed are "
+            "gated on CUDA too (the section on the CUDA execution provider); elsewhere "
+            "`bench/gpu_check.py` measures them on a GPU host.",
             "",
             *gate_table(gates),
         ]

@@ -72,6 +72,9 @@ class QuantConfig:
     # docs/gpu.md), gated on fidelity against FP32 (and on CUDA speed where a GPU is present).
     fp16: bool = True
     fp16_min_cosine: float = 0.999  # mean per-row cosine of every output vs FP32
+    # op types the FP16 variant keeps FP32, beyond ORT's defaults and the nodes whose values
+    # leave FP16's range (``fp16.out_of_range``): where its gate names an op that FP16 hurts
+    fp16_op_block_list: tuple[str, ...] = ()
     # Where a CUDA GPU is present: placement and speed gates on the CUDA provider for every
     # variant (quantize/cuda.py); INT8 that is slower there is marked not for CUDA.
     cuda_gates: bool = True

@@ -205,3 +205,98 @@ def test_an_fp16_variant_onnx_runtime_fails_on_is_left_out_not_fatal(tmp_path, c
 
     with pytest.raises(DataError, match="evaluation file unreadable"):
         pipeline._fp16_variant(path, unreadable, tmp_path, pipeline.QuantConfig())
+
+
+def _chain(path, nodes, weights):
+    """x (batch, 8) -> ``nodes`` -> y (batch, 8), with float ``weights`` by name."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in weights.items()],
+    )  # fmt: skip
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path
+    )
+    return path
+
+
+def _as_cuda_stores_it(model: onnx.ModelProto, feed) -> np.ndarray:
+    """The FP16 model's output with every FP16 tensor held in FP16 between ops, as CUDA's
+    kernels hold it (onnx.reference: numpy's float16), not as the CPU provider runs it."""
+    from onnx.reference import ReferenceEvaluator
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    known = {i.name for i in m.graph.input} | {t.name for t in m.graph.initializer} | {""}
+    nodes, ordered = list(m.graph.node), []
+    while nodes:  # the converter appends its Casts: the reference wants producers first
+        node = next(n for n in nodes if all(i in known for i in n.input))
+        ordered.append(node)
+        known.update(node.output)
+        nodes.remove(node)
+    del m.graph.node[:]
+    m.graph.node.extend(ordered)
+    with np.errstate(all="ignore"):
+        return ReferenceEvaluator(m).run(None, feed)[0]
+
+
+def test_values_past_fp16s_range_keep_their_nodes_fp32(tmp_path):
+    """FP16 holds at most 65504. An activation past it is inf on CUDA, a weight past it is
+    clamped, yet the CPU provider's FP16 run is FP32 between Casts and saw neither: the
+    gate passed both at cosine 1.0. Their nodes are found on FP32's run and kept FP32."""
+    from onnx import helper
+
+    x = np.random.default_rng(0).uniform(-1, 1, (64, 8)).astype(np.float32)
+    exp = _chain(tmp_path / "exp.onnx", [  # exp(12x) reaches 1.6e5; its output, 160
+        helper.make_node("Mul", ["x", "s"], ["xs"], name="scale"),
+        helper.make_node("Exp", ["xs"], ["e"]),  # unnamed: named to be kept
+        helper.make_node("Mul", ["e", "k"], ["y"], name="shrink"),
+    ], {"s": 12.0, "k": 1e-3})  # fmt: skip
+    heavy = _chain(tmp_path / "w.onnx", [  # a weight of 1e5, an output under 100
+        helper.make_node("Mul", ["x", "w"], ["xw"], name="heavy"),
+        helper.make_node("Mul", ["xw", "k"], ["y"], name="light"),
+    ], {"w": np.full(8, 1e5), "k": 1e-3})  # fmt: skip
+    for path, kept in ((exp, ["Exp_1_0", "shrink"]), (heavy, ["heavy", "light"])):
+        want = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        plain = fp16.to_fp16(path)
+        on_cpu = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert np.isfinite(on_cpu.run(None, {"x": x})[0]).all()  # what the CPU gate saw
+        off = _as_cuda_stores_it(plain, {"x": x})
+        assert not np.isfinite(off).all() or np.median(np.abs(off / want)) < 0.7  # clamped
+        past = fp16.out_of_range(path, [{"x": x}])
+        assert list(past.nodes) == kept and past.rows == 64
+        assert "2 node(s) kept FP32 for values FP16 may not hold" in past.describe()
+        safe = fp16.to_fp16(path, fp16.Fp16Config(node_block_list=past.nodes))
+        np.testing.assert_allclose(_as_cuda_stores_it(safe, {"x": x}), want, rtol=1e-2)
+    assert set(fp16.out_of_range(exp, [{"x": x}]).tensors) == {"e"}
+    assert set(fp16.out_of_range(heavy, [{"x": x}]).weights) == {"w"}
+    assert fp16.out_of_range(heavy, [{"x": x * 1e-6}]).nodes == ("heavy",)  # its weight alone
+
+
+def test_the_fp16_variant_keeps_fp32_where_values_leave_fp16s_range(
+    tiny_bert_export, feeds, tmp_path
+):
+    """In the build: the nodes kept are in the variant's recipe and its report section; a
+    transformer's activations (MiniLM's largest: 192) keep none."""
+    from onnx import helper
+
+    from quantgate.quantize import pipeline
+
+    x = np.random.default_rng(0).uniform(-1, 1, (16, 8)).astype(np.float32)
+    path = _chain(tmp_path / "exp.onnx", [
+        helper.make_node("Mul", ["x", "s"], ["xs"], name="scale"),
+        helper.make_node("Exp", ["xs"], ["e"], name="exp"),
+        helper.make_node("Mul", ["e", "k"], ["y"], name="shrink"),
+    ], {"s": 12.0, "k": 1e-3})  # fmt: skip
+    variant, section = pipeline._fp16_variant(
+        path, lambda: iter([{"x": x}]), tmp_path, pipeline.QuantConfig()
+    )
+    assert variant.recipe["fp32_nodes"] == ["exp", "shrink"]
+    assert "2 node(s) kept FP32 for values FP16 may not hold" in section and "e 1." in section
+    (tmp_path / "bert").mkdir()
+    bert, section = pipeline._fp16_variant(
+        tiny_bert_export.onnx, lambda: iter(feeds), tmp_path / "bert", pipeline.QuantConfig()
+    )
+    assert bert.recipe["fp32_nodes"] == [] and "kept FP32" not in section
