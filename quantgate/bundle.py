@@ -336,6 +336,9 @@ def _finite(x: Any) -> Any:
 class Bundle:
     path: Path
     manifest: Manifest
+    # what ``load`` read: the directory (device, inode) and the manifest's sha256. A rewrite
+    # refuses a bundle no longer that one (another put in its place by `mv` meanwhile).
+    read_as: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
 
     def file(self, precision: str) -> Path:
         return self.path / self.manifest.variant(precision).file
@@ -419,11 +422,20 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
                 raise
             continue  # replaced while it was read: what failed may be the old one's
         if _directory_identity(path) == before:
-            return bundle
+            return dataclasses.replace(bundle, read_as=_read_as(path, before))
     raise BundleError(
         f"{path} was replaced {READ_ATTEMPTS} times while it was being read (an export writing "
         "it again and again?). Read it once the writing stops."
     )
+
+
+def _read_as(path: Path, directory: tuple[int, int] | None) -> tuple[Any, ...]:
+    """``Bundle.read_as``: the directory's identity and its manifest's sha256 (None where
+    it cannot be read)."""
+    try:
+        return directory, sha256_file(path / MANIFEST)
+    except OSError:
+        return directory, None
 
 
 def _directory_identity(path: Path) -> tuple[int, int] | None:
@@ -891,6 +903,7 @@ def rewrite(bundle: Bundle, manifest: Manifest, report: str) -> None:
         f"(cp -r {bundle.path} COPY, then quantgate gate COPY)"
     )
     if is_mount_point(bundle.path):
+        _still_as_read(bundle)
         try:
             _rewrite_in_place(bundle.path, {REPORT: report, MANIFEST: _manifest_text(manifest)})
         except OSError as e:
@@ -902,6 +915,24 @@ def rewrite(bundle: Bundle, manifest: Manifest, report: str) -> None:
         _link_all(bundle.path, tmp, skip={MANIFEST, REPORT})
         write_manifest(tmp, manifest)
         (tmp / REPORT).write_text(report)
+        for name in (MANIFEST, REPORT):  # a read-only manifest stays read-only
+            with contextlib.suppress(OSError):
+                (tmp / name).chmod(stat.S_IMODE((bundle.path / name).stat().st_mode))
+        _still_as_read(bundle)  # last, before the swap: minutes passed since the read
+
+
+def _still_as_read(bundle: Bundle) -> None:
+    """Refuse to rewrite a bundle that is no longer the one ``load`` read: another directory
+    moved to its path (a deployment's `mv`), or its manifest written meanwhile. Its files
+    would be linked under the manifest read before, which lists other hashes."""
+    if bundle.read_as is not None and _read_as(bundle.path, _directory_identity(bundle.path)) != (
+        bundle.read_as
+    ):
+        raise BundleError(
+            f"{bundle.path} was replaced or its manifest rewritten while it was re-gated: "
+            "the new gates are of the bundle that was there, so nothing was written. Gate "
+            "the bundle there now again."
+        )
 
 
 def _rewrite_in_place(root: Path, texts: dict[str, str]) -> None:

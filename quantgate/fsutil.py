@@ -103,13 +103,27 @@ def remove_if_empty(folders: list[Path]) -> None:
             return  # not empty (or not ours to remove): nor are the folders that hold it
 
 
+# the prefixes of quantgate's working directories under $TMPDIR (``work_dir``'s)
+WORK_PREFIXES = (
+    "quantgate-build-",  # quantgate export (quantize.pipeline)
+    "quantgate-export-",  # quantgate export --no-quantize (export.pipeline)
+    "quantgate-placement-",  # a variant's placement check (quantgate.placement)
+    "quantgate-serve-",  # the server's placement checks (serve.runtime)
+)
+
+
 @contextlib.contextmanager
 def work_dir(prefix: str) -> Iterator[Path]:
     """A temporary working directory under $TMPDIR, ``PREFIX<pid>-<host>-*``, removed after.
-    The ones of the same prefix left by this machine's processes that died (a SIGKILL, the
-    OOM killer: no cleanup runs) are removed first; a model's work can take gigabytes."""
+    The ones left by this machine's processes that died (a SIGKILL, the OOM killer: no
+    cleanup runs) are removed first, of every quantgate command (``WORK_PREFIXES``, of
+    which ``prefix`` is one): a model's work can take gigabytes, and a killed export is
+    not always followed by one of its kind."""
+    if prefix not in WORK_PREFIXES:
+        raise ValueError(f"{prefix!r} is not one of fsutil.WORK_PREFIXES: add it there")
     root = Path(tempfile.gettempdir())
-    sweep_dead(root, prefix)
+    for each in WORK_PREFIXES:
+        sweep_dead(root, each)
     with tempfile.TemporaryDirectory(prefix=f"{prefix}{_owner()}-") as tmp:
         yield Path(tmp)
 
@@ -532,13 +546,35 @@ def _holds_input(out: Path, inputs: Iterable[tuple[str, Any]]) -> str | None:
     """How directory ``out`` is, or holds, one of ``inputs`` (what, path); else None."""
     target = out.resolve()
     for what, path in inputs:
-        if path is None or not isinstance(path, (str, os.PathLike)) or not Path(path).exists():
-            continue  # not a path (a factory spec, arrays in memory), or not there
-        source = Path(path).resolve()
+        if not isinstance(path, (str, os.PathLike)) or (named := _named_file(path)) is None:
+            continue  # not a path (arrays in memory), or not there
+        source = named.resolve()
         if source == target:
             return f"is the {what}"
         if source.is_relative_to(target):
             return f"holds the {what} ({source})"
+    return None
+
+
+def _named_file(spec: str | os.PathLike) -> Path | None:
+    """The file or folder an input names, where it exists: a path, or a factory's file
+    (``path/to/file.py:function``; ``package.module:function`` as its import finds it in
+    the current directory or on the Python path, found without importing it)."""
+    if (path := Path(spec).expanduser()).exists():
+        return path
+    head, colon, _ = os.fspath(spec).rpartition(":")
+    if not colon or not head:
+        return None
+    if head.endswith(".py"):
+        return path if (path := Path(head).expanduser()).exists() else None
+    parts = head.split(".")
+    if not all(part.isidentifier() for part in parts):
+        return None
+    for root in (os.getcwd(), *sys.path):
+        module = Path(root or os.getcwd()).joinpath(*parts)
+        for file in (module.with_suffix(".py"), module / "__init__.py"):
+            if file.is_file():
+                return file
     return None
 
 

@@ -280,6 +280,36 @@ def test_a_replaced_bundle_keeps_its_directory_mode(tmp_path):
         os.umask(umask)
 
 
+def test_a_rewrite_refuses_a_bundle_replaced_since_it_was_read(tmp_path):
+    """A deployment's `mv new bundle` while `quantgate gate bundle` timed it: the re-gate
+    linked the new bundle's files under the old manifest (exit 0), and serve then refused
+    every file's sha256. The bundle there now is left as it is."""
+    b = write(tmp_path / "b", "one")
+    other = write(tmp_path / "other", "two")
+    os.rename(b.path, tmp_path / "old")
+    os.rename(other.path, b.path)
+    with pytest.raises(BundleError, match="was replaced or its manifest rewritten while it"):
+        qb.rewrite(b, b.manifest, "# report\n")
+    assert model_text(b.path) == "two" and qb.load(b.path).manifest == other.manifest
+    again = qb.load(b.path)
+    (b.path / "manifest.json").write_text((b.path / "manifest.json").read_text() + " ")
+    with pytest.raises(BundleError, match="was replaced or its manifest rewritten"):
+        qb.rewrite(again, again.manifest, "# report\n")
+
+
+def test_a_rewrite_keeps_the_modes_of_the_manifest_and_report(tmp_path):
+    """Read-only manifest.json and report.md came back 0644 from a re-gate."""
+    b = write(tmp_path / "b")
+    (b.path / "report.md").write_text("# the export's report\n")
+    for name in ("manifest.json", "report.md"):
+        (b.path / name).chmod(0o444)
+    qb.rewrite(qb.load(b.path), b.manifest, "# report\n")
+    assert [stat.S_IMODE((b.path / n).stat().st_mode) for n in ("manifest.json", "report.md")] == [
+        0o444,
+        0o444,
+    ]
+
+
 def test_a_rewrite_keeps_links_as_links_and_copies_nothing_from_outside(tmp_path):
     """`quantgate gate` rewrites a bundle by linking its files into a new copy: a link in
     it to a folder outside (a CI runner's ~/.ssh) was copied into the bundle, content and
@@ -533,10 +563,12 @@ def test_a_work_folder_a_killed_process_left_in_tmpdir_is_removed(tmp_path, monk
     host = fsutil._host_tag()
     dead = tmp_path / f"quantgate-build-{_dead_pid()}-{host}-q"
     alive = tmp_path / f"quantgate-build-{os.getppid()}-{host}-r"
-    dead.mkdir(), alive.mkdir()
+    # another command's, killed: an `export --no-quantize`'s was left by every later export
+    other = tmp_path / f"quantgate-export-{_dead_pid()}-{host}-s"
+    dead.mkdir(), alive.mkdir(), other.mkdir()
     with fsutil.work_dir("quantgate-build-") as work:
         assert work.name.startswith(f"quantgate-build-{os.getpid()}-{host}-") and work.is_dir()
-    assert not work.exists() and not dead.exists() and alive.exists()
+    assert not work.exists() and not dead.exists() and not other.exists() and alive.exists()
 
 
 def test_a_failed_write_leaves_no_folders_it_made_on_the_way(tmp_path):

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -613,6 +614,31 @@ def test_a_ctrl_c_as_the_process_exits_is_no_traceback():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "quantgate" in r.stdout, r
     assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr, r.stderr
+
+
+def test_a_signal_while_the_libraries_unload_keeps_the_exit_code(tmp_path):
+    """After the exit handlers, Python puts the default action back for handlers written in
+    Python, and torch and ONNX Runtime take a second or more to unload: a Ctrl-C then killed
+    the process, and CI read 130 for a gate's exit 3. (An object whose __del__ sleeps at the
+    interpreter's teardown stands in for those libraries.)"""
+    code = (
+        "import sys, time\n"
+        "from quantgate.cli import _exit\n"
+        "class Unloading:\n"
+        "    def __del__(self):\n"
+        "        print('unloading', flush=True)\n"
+        "        time.sleep(1.0)\n"
+        "def main():\n"
+        "    sys.modules['__main__'].kept = Unloading()\n"
+        "    sys.exit(3)\n"
+        "_exit.main = main\n"
+        "_exit.run()\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "unloading\n"
+    time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=60) == 3
 
 
 def test_off_a_terminal_each_finished_step_is_one_line():

@@ -4,6 +4,7 @@ also records a signal that comes after the command."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import os
@@ -92,7 +93,17 @@ def run() -> None:
 
     late_signals: list[int] = []
     signals.install(late)  # the command's own handlers (_ending_signals) come back to it
+    # Once the exit handlers (torch's, ONNX Runtime's) have run, Python's finalization puts
+    # the default action back for handlers written in Python, and unloading those libraries
+    # takes a second or more: a Ctrl-C then killed the process, its exit code (3: a gate
+    # failed) lost to 130. Registered first, this runs last: ignored from there on.
+    atexit.register(_ignore_ending_signals)
     main()
+
+
+def _ignore_ending_signals() -> None:
+    for sig in signals.ENDING:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def main() -> None:

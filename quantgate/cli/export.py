@@ -210,6 +210,7 @@ def export_command(
         _print_export(bundle)
         return
 
+    from quantgate.bundle import check_writable_target
     from quantgate.bundle import load as load_bundle
     from quantgate.quantize.data import check_path
     from quantgate.quantize.pipeline import build
@@ -222,6 +223,8 @@ def export_command(
         max_accuracy_drop, min_speedup, min_cosine, min_top1, null_answer, max_answer_tokens
     )
     gates = read_gate_config(gate_config, flags)
+    if gate_config is not None:  # read, not kept: the directory holding it stays too
+        check_writable_target(out_dir, force=force, inputs=[("gate config", gate_config)])
     given: dict[str, Any] = dict(
         search_budget_s=search_budget,
         max_candidates=max_candidates,

@@ -419,6 +419,35 @@ def test_out_that_is_or_holds_what_the_job_reads_is_refused_even_forced(
     assert sorted(p.name for p in model.iterdir()) == before
 
 
+def test_out_that_holds_a_factorys_file_or_the_gate_config_is_refused_even_forced(
+    cli, tiny_checkpoint, tmp_path, monkeypatch
+):
+    """A factory spec is no path that exists, and the gate config was read before the
+    check: `--out proj --force` deleted proj/mymodel.py (or proj/gates.toml), exit 0."""
+    from quantgate.bundle import check_writable_target
+    from quantgate.errors import BundleError
+
+    proj = tmp_path / "proj"
+    (proj / "pkg").mkdir(parents=True)
+    for f in (proj / "mymodel.py", proj / "pkg" / "__init__.py", proj / "pkg" / "m.py"):
+        f.write_text("def make_model(): ...\n")
+    monkeypatch.chdir(tmp_path)
+    for spec, file in (
+        (f"{proj}/mymodel.py:make_model", proj / "mymodel.py"),
+        ("proj.mymodel:make_model", proj / "mymodel.py"),  # found as its import finds it
+        ("proj.pkg:make_model", proj / "pkg" / "__init__.py"),
+        ("proj.pkg.m:make_model", proj / "pkg" / "m.py"),
+    ):
+        with pytest.raises(BundleError, match=rf"holds the model \({file}\).*even with --force"):
+            check_writable_target(proj, force=True, inputs=[("model", spec)])
+    check_writable_target(tmp_path / "new", force=True, inputs=[("model", "no.such:f")])
+    gates = proj / "gates.toml"
+    gates.write_text("min_speedup = 1.0\n")
+    r = cli("export", tiny_checkpoint, "--out", proj, "--gate-config", gates, "--force")
+    assert r.code == 2 and "holds the gate config" in " ".join(r.stderr.split())
+    assert sorted(p.name for p in proj.iterdir()) == ["gates.toml", "mymodel.py", "pkg"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
