@@ -72,8 +72,10 @@ class TrainConfig:
             for name, low in (("epochs", 1), ("batch_size", 1), ("threads", 1))
             if not _is_int(getattr(self, name)) or getattr(self, name) < low
         ]
-        if not _is_int(self.seed):
-            problems.append(f"seed must be an integer, got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            problems.append(  # torch seeds its generator with the low 32 bits: 2**32 is 0
+                f"seed must be an integer in [0, 2**32), got {self.seed!r}"
+            )
         if not _is_number(self.lr) or not self.lr > 0:
             problems.append(f"lr must be a number > 0, got {self.lr!r}")
         if not _is_number(self.warmup) or not 0 <= self.warmup < 1:

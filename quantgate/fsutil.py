@@ -591,7 +591,20 @@ def irreplaceable(out: Path) -> str | None:
         return "the home directory"
     if target == Path(target.anchor):
         return "the root directory"
+    if repository := _repository_in(target):
+        return f"a folder that holds a version-controlled one ({repository})"
     return None
+
+
+def _repository_in(folder: Path) -> Path | None:
+    """A Git, Mercurial or Subversion folder in ``folder`` or a folder directly inside it
+    (a project, or a folder of projects), else None: someone's work, not a job's output."""
+    marks = (".git", ".hg", ".svn")
+    try:
+        inside = [folder, *(p for p in folder.iterdir() if p.is_dir() and p.name not in marks)]
+    except OSError:
+        return None
+    return next((p / m for p in inside for m in marks if (p / m).exists()), None)
 
 
 def _on_read_only_filesystem(path: Path) -> bool:

@@ -11,6 +11,7 @@ Each step is the CLI itself, so what the demo shows is what a user gets.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -75,16 +76,23 @@ def serve_and_query(*flags: str) -> None:
                 break
         if port is None:
             sys.exit("demo: the server did not start")
-        query(port)
+        ask = query(port)
     except BaseException:  # Ctrl-C (a SIGTERM on top would cut its drain short), or a failure
         stop(server)
         raise
     server.send_signal(signal.SIGTERM)
     code = server.wait(timeout=60)
     print(f"server stopped on SIGTERM (exit {code})")
+    print(
+        "\nBy hand (. .venv/bin/activate first):\n"
+        f"  quantgate serve {' '.join((str(BUNDLE), *flags))}    # on :8001; Ctrl-C stops it\n"
+        f"  {ask}    # in another shell: a held-out digit's 64 pixel tokens, its top 3 classes"
+    )
 
 
-def query(port: int) -> None:
+def query(port: int) -> str:
+    """Send eight held-out digits to the server at ``port`` and print their classes; the
+    `quantgate infer` command that sends the first of them, for a person to run."""
     import numpy as np
 
     from quantgate.model.data import load_digits_splits
@@ -101,7 +109,12 @@ def query(port: int) -> None:
     assert [int(n) for n in names] == np.asarray(logits).argmax(-1).tolist()
     print("\n8 held-out digits through gRPC:")
     print(f"  label      {' '.join(str(x) for x in test.labels[rows])}")
-    print(f"  top class  {' '.join(names)}    (class_count=1: {top[0].decode()!r}, ...)")
+    print(
+        f"  top class  {' '.join(names)}    (Triton's classification extension, "
+        f"class_count=1: {top[0].decode()!r}, ... as score:index:class name)"
+    )
+    first = json.dumps(test.input_ids[:1].tolist())
+    return f"quantgate infer digits -i 'input_ids={first}' --classes 3"
 
 
 def _replacing(bundle: Path) -> tuple[str, ...]:

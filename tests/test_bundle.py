@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from quantgate import bundle as qb
-from quantgate.errors import BundleError
+from quantgate.errors import BundleError, QuantgateError
 
 
 def make_manifest(tmp, verdict="pass"):
@@ -308,6 +308,24 @@ def test_force_never_replaces_the_directory_a_person_is_working_in(tmp_path, mon
     (other / "x").write_text("x")
     qb.check_writable_target(other, force=True)  # elsewhere, --force is the user's call
     assert (work / "src" / "train.py").read_text() == "precious"
+
+
+def test_force_never_replaces_a_folder_that_holds_a_repository(tmp_path):
+    """`train --force` (to retrain) with a mistyped --out deleted a folder of projects, a Git
+    repository among them, without a word."""
+    from quantgate.model.train import TrainConfig, train
+
+    for inside in ("", "sub"):
+        folder = tmp_path / f"victim{inside}"
+        (folder / inside / ".git").mkdir(parents=True)
+        (folder / "notes.txt").write_text("important")
+        with pytest.raises(
+            BundleError, match=rf"holds a version-controlled one \(.*{inside}/?\.git\)"
+        ):
+            qb.check_writable_target(folder, force=True)
+        with pytest.raises(QuantgateError, match=r"version-controlled.*even with --force"):
+            train(folder, cfg=TrainConfig(epochs=1), force=True)
+        assert (folder / "notes.txt").read_text() == "important"
 
 
 @pytest.mark.parametrize(

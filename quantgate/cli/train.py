@@ -36,7 +36,8 @@ def train(
     seed: Annotated[
         int,
         typer.Option(
-            metavar="N", help="Seed for initialisation and batch order: same seed, same weights."
+            metavar="N",
+            help="Seed for initialisation and batch order, 0 to 2**32-1: same seed, same weights.",
         ),
     ] = 0,
     force: Annotated[

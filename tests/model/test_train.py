@@ -271,6 +271,10 @@ def test_checkpoint_round_trip_gives_the_trained_models_accuracy(checkpoint):
         (dict(batch_size=0, lr=-1.0), "batch_size must be an integer >= 1, got 0; lr must be"),
         (dict(warmup=1.0), r"warmup must be a fraction of the steps in \[0, 1\), got 1.0"),
         (dict(threads=0), "threads must be an integer >= 1, got 0"),
+        # torch seeds with the low 32 bits: 2**32 trained seed 0's weights as a new model,
+        # and 2**64 was a traceback
+        (dict(seed=2**32), r"seed must be an integer in \[0, 2\*\*32\), got 4294967296"),
+        (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*32\), got -1"),
     ],
 )
 def test_invalid_training_config_is_refused_listing_every_problem(changes, message):
