@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -536,6 +537,7 @@ def quantgate_cli() -> list[str]:
 
 def serving(bundle: Path, provider: str, sizes) -> dict:
     """`quantgate serve` in a subprocess; batch 1 seq 128 through gRPC vs in-process."""
+    from quantgate.quantize.speed import time_interleaved
     from quantgate.serve.client import Client
     from quantgate.serve.config import ServeConfig
     from quantgate.serve.runtime import open_model
@@ -554,21 +556,23 @@ def serving(bundle: Path, provider: str, sizes) -> dict:
                 c.infer("minilm", feed)
                 model.run(feed)
             before = c.statistics("minilm")
-            grpc_ms, local_ms, live_ms, small_ms = [], [], [], []
             small = tuple(o.name for o in model.outputs if o.name != "last_hidden_state")[:1]
-            for _ in range(n):  # interleaved: the same machine state for both
-                t = time.perf_counter()
-                c.infer("minilm", feed)
-                grpc_ms.append((time.perf_counter() - t) * 1e3)
-                t = time.perf_counter()
-                model.run(feed)
-                local_ms.append((time.perf_counter() - t) * 1e3)
-                t = time.perf_counter()
-                c.live()  # the bare gRPC round trip, no model
-                live_ms.append((time.perf_counter() - t) * 1e3)
-                t = time.perf_counter()
-                c.infer("minilm", feed, outputs=small)  # the 1.5 KB embedding, not 196 KB
-                small_ms.append((time.perf_counter() - t) * 1e3)
+            # interleaved, the order reversed every round: the same machine state for each,
+            # and none always runs right after the same other (a model run's threads spin)
+            ms = time_interleaved(
+                {
+                    "grpc": lambda: c.infer("minilm", feed),
+                    "local": lambda: model.run(feed),
+                    "live": c.live,  # the bare gRPC round trip, no model
+                    # the 1.5 KB embedding, not the 196 KB hidden states
+                    "small": lambda: c.infer("minilm", feed, outputs=small),
+                },
+                warmup=0,
+                pairs=n,
+            )
+            grpc_ms, local_ms, live_ms, small_ms = (
+                ms[k] for k in ("grpc", "local", "live", "small")
+            )
             server_ms = server_split(before, c.statistics("minilm"))
             # Windows, not single requests, alternate here: no switching between the two
             # processes' GPU contexts from one request to the next.
@@ -602,6 +606,7 @@ def served_threads(bundle: Path, provider: str, sizes) -> dict:
     per physical core, on CUDA; one thread on the CPU provider, where the pool is the
     default). Batch 1 seq 128 from the Python client, the servers in turn."""
     from quantgate import cpus
+    from quantgate.quantize.speed import time_interleaved
     from quantgate.serve.client import Client
 
     other = cpus.physical() if provider == CUDA else 1
@@ -614,15 +619,12 @@ def served_threads(bundle: Path, provider: str, sizes) -> dict:
         Client(default.url, timeout=30) as a,
         Client(threaded.url, timeout=30) as b,
     ):
-        for _ in range(sizes["serve_warmup"]):
-            a.infer("minilm", feed)
-            b.infer("minilm", feed)
-        a_ms, b_ms = [], []
-        for _ in range(sizes["serve_requests"]):
-            for client, times in ((a, a_ms), (b, b_ms)):
-                t = time.perf_counter()
-                client.infer("minilm", feed)
-                times.append((time.perf_counter() - t) * 1e3)
+        ms = time_interleaved(  # the order reversed every round
+            {"a": lambda: a.infer("minilm", feed), "b": lambda: b.infer("minilm", feed)},
+            warmup=sizes["serve_warmup"],
+            pairs=sizes["serve_requests"],
+        )
+        a_ms, b_ms = ms["a"], ms["b"]
     med = statistics.median
     return {
         "default_threads": cpus.describe(gpu=provider == CUDA),
@@ -638,8 +640,9 @@ def served_pinned(bundle: Path, provider: str, sizes) -> dict:
     """Where a lone request's gRPC round trip goes on a many-core host: `quantgate serve`
     unpinned, pinned to one CPU and to two (the last of this process's CPUs), side by side.
     Per round, in turn: a request to each, an in-process run, and a bare round trip
-    (ServerLive) to each. Each server's gap is the median of its per-round differences from
+    (ServerLive) to each, in the reverse order every other round. Each server's gap is the median of its per-round differences from
     the in-process run."""
+    from quantgate.quantize.speed import time_interleaved
     from quantgate.serve.client import Client
     from quantgate.serve.config import ServeConfig
     from quantgate.serve.runtime import open_model
@@ -661,21 +664,17 @@ def served_pinned(bundle: Path, provider: str, sizes) -> dict:
             for c in clients.values():
                 c.infer("minilm", feed)
                 c.live()
-        served = {n: [] for n in pins}
-        live = {n: [] for n in pins}
-        local = []
-        for _ in range(sizes["serve_requests"]):
-            for name, c in clients.items():
-                t = time.perf_counter()
-                c.infer("minilm", feed)
-                served[name].append((time.perf_counter() - t) * 1e3)
-            t = time.perf_counter()
-            model.run(feed)
-            local.append((time.perf_counter() - t) * 1e3)
-            for name, c in clients.items():
-                t = time.perf_counter()
-                c.live()
-                live[name].append((time.perf_counter() - t) * 1e3)
+        steps = {
+            **{
+                f"infer {n}": functools.partial(c.infer, "minilm", feed) for n, c in clients.items()
+            },
+            "local": functools.partial(model.run, feed),
+            **{f"live {n}": c.live for n, c in clients.items()},
+        }
+        ms = time_interleaved(steps, warmup=0, pairs=sizes["serve_requests"])  # order reversed
+        served = {n: ms[f"infer {n}"] for n in pins}
+        live = {n: ms[f"live {n}"] for n in pins}
+        local = ms["local"]
     med = statistics.median
     return {
         "cpus": {n: c if c is None else list(c) for n, c in pins.items()},

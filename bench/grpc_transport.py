@@ -27,9 +27,9 @@ Python sync stub quantgate.serve.client uses. Servers compared:
   for a lone request (its batcher runs a request that finds the model idle where it
   arrived).
 
-Requests alternate between the servers' rounds; medians of N each. The last column is the
-CPU time a ServerLive round trip costs the server's process and the client's, averaged over
-the calls: for the server, the nanoseconds on CPU of all its threads
+Requests go to the servers in turn, their order reversed every ten rounds; medians of N
+each. The last column is the CPU time a ServerLive round trip costs the server's process and
+the client's, averaged over the calls: for the server, the nanoseconds on CPU of all its threads
 (/proc/PID/task/*/schedstat), read just before and after the client's window; for the
 client, time.process_time() around the call alone. It tells work apart from waiting. With
 $OUT set it writes grpc_transport.md there.
@@ -238,7 +238,11 @@ def main() -> int:
     cpu = {(k, c): [0.0, 0.0] for k in kinds for c in calls}
     ran: list[float] = []
     for i in range(a.requests + 200):  # the first 200 are warm-up
-        for kind, stub in stubs.items():
+        # the servers in turn, the order reversed every other model-run round (those are
+        # the rounds divisible by 10): a server timed right after a model run shares the
+        # CPUs with that run's spinning threads, and it is not always the same one
+        order = list(stubs.items())
+        for kind, stub in order[:: -1 if i // 10 % 2 else 1]:
             if kind in MODEL_RUNS and i % 10:
                 continue  # a model run per request would make the whole bench 10x longer
             for call, fn in calls.items():

@@ -775,9 +775,12 @@ _EMBEDDED_BUILD = """
 import logging, sys
 from quantgate.errors import GateFailed
 from quantgate.quantize import QuantConfig, build
-try:  # a tiny model's INT8 is no faster: whether it passes is not the point here
+from quantgate.quantize.decide import GateConfig
+try:  # a tiny model's INT8 is no faster: whether it passes is not the point here (nor is
+    # its timing: a few pairs at one shape)
     build(sys.argv[1], sys.argv[2], quant_cfg=QuantConfig(recipes=("ort-dynamic-per-channel",),
-          fp16=False, calibration_samples=8))  # 8 rows: quantgate warns of so few
+          fp16=False, calibration_samples=8),  # 8 rows: quantgate warns of so few
+          gate_cfg=GateConfig(iterations=4, warmup=1, batch_sizes=(1,), bootstrap=200))
 except GateFailed:
     pass
 print("root handlers:", logging.getLogger().handlers)
