@@ -57,6 +57,9 @@ FP16_MAX = 65504.0  # FP16's largest finite value: past it, a value is inf
 # largest activation is 192 (an FFN output), so nothing of it is kept.
 MAX_ACTIVATION = FP16_MAX / 8
 SCAN_ROWS = 256  # rows ``out_of_range`` runs, at most (batches of the feeds, whole)
+# rows run at once: every tensor of the graph is an output then, and a large model's are
+# gigabytes at a batch of 32 (BERT-large's FFN, 32 x 512 x 4096 floats: 268 MB each, x 24)
+SCAN_BATCH = 4
 
 
 @config_class
@@ -213,17 +216,24 @@ def out_of_range(
     sess = session(proto, threads=threads, optimize=False)  # the graph's own tensors
     names = [o.name for o in sess.get_outputs()]
     wanted = {i.name for i in sess.get_inputs()}
+    # rows a few at a time where every input's first axis is free (not a fixed batch)
+    free = all(i.shape and not isinstance(i.shape[0], int) for i in sess.get_inputs())
     largest: dict[str, float] = {}
     seen = 0
-    for feed in feeds:
-        feed = {k: v for k, v in feed.items() if k in wanted}
-        values = [*zip(names, sess.run(names, feed), strict=True), *feed.items()]
-        for name, x in values:
-            if x.dtype.kind == "f" and x.size:
-                with np.errstate(invalid="ignore"):
-                    top = float(np.nanmax(np.abs(x))) if not np.isnan(x).all() else 0.0
-                largest[name] = max(largest.get(name, 0.0), top)
-        seen += len(next(iter(feed.values())))
+    for batch in feeds:
+        batch = {k: v for k, v in batch.items() if k in wanted}
+        n = len(next(iter(batch.values())))
+        step = SCAN_BATCH if free else n
+        for start in range(0, n, step):
+            feed = {k: v[start : start + step] for k, v in batch.items()}
+            values = [*zip(names, sess.run(names, feed), strict=True), *feed.items()]
+            for name, x in values:
+                if x.dtype.kind == "f" and x.size:
+                    with np.errstate(invalid="ignore"):
+                        top = float(np.nanmax(np.abs(x))) if not np.isnan(x).all() else 0.0
+                    largest[name] = max(largest.get(name, 0.0), top)
+            del values
+        seen += n
         if seen >= rows:
             break
     tensors = {name: v for name, v in largest.items() if v > limit}
