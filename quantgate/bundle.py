@@ -719,7 +719,7 @@ def check_writable_target(
     ``out`` cannot be written (``target_problem``). Call before heavy work."""
     problem = target_problem(
         out, force=force, is_ours=_quantgate_bundle, noun="bundle", inputs=inputs,
-        mount_ok=mount_ok, elsewhere=elsewhere,
+        mount_ok=mount_ok, elsewhere=elsewhere, carries_others=carries_others,
     )  # fmt: skip
     if problem:
         raise BundleError(problem)

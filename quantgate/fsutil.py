@@ -427,6 +427,7 @@ def target_problem(
     inputs: Iterable[tuple[str, Any]] = (),
     mount_ok: bool = False,
     elsewhere: str = "choose another --out",
+    carries_others: bool = False,
 ) -> str | None:
     """Why ``out`` cannot take a new ``noun`` (a bundle, a checkpoint) written by ``atomic_dir``,
     else None. Cheap: callers check it before heavy work, and raise their own error type.
@@ -494,6 +495,14 @@ def target_problem(
             f"{out} is read-only ({read_only}); writing the {noun} there would replace it "
             f"as a whole, so refusing. Make it writable (chmod u+w {out}) if it may change, "
             f"or {elsewhere}."
+        )
+    # a repository in it is someone's work, in a bundle too (its history, with --force),
+    # unless the new content carries the old along (a re-gate's)
+    if not carries_others and (repository := _repository_in(out)):
+        return (
+            f"--out {out} holds a version-controlled folder ({repository}); the {noun} "
+            f"replaces the directory at --out, so refusing (even with --force). Choose a new "
+            f"directory for the {noun}."
         )
     if is_ours(out):
         return None
@@ -570,12 +579,19 @@ def _named_file(spec: str | os.PathLike) -> Path | None:
     parts = head.split(".")
     if not all(part.isidentifier() for part in parts):
         return None
-    for root in (os.getcwd(), *sys.path):
-        module = Path(root or os.getcwd()).joinpath(*parts)
-        for file in (module.with_suffix(".py"), module / "__init__.py"):
+    # where the import looks, in its order: the Python path, then the current directory
+    # (``factories._import`` puts it last where the path does not hold it)
+    roots = [root or os.getcwd() for root in sys.path]
+    for root in [*roots, os.getcwd()]:
+        module = Path(root).joinpath(*parts)
+        for file in (module / "__init__.py", module.with_suffix(".py")):  # a package first
             if file.is_file():
                 return file
     return None
+
+
+def _real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
 
 
 def irreplaceable(out: Path) -> str | None:
@@ -591,8 +607,6 @@ def irreplaceable(out: Path) -> str | None:
         return "the home directory"
     if target == Path(target.anchor):
         return "the root directory"
-    if repository := _repository_in(target):
-        return f"a folder that holds a version-controlled one ({repository})"
     return None
 
 
@@ -600,8 +614,11 @@ def _repository_in(folder: Path) -> Path | None:
     """A Git, Mercurial or Subversion folder in ``folder`` or a folder directly inside it
     (a project, or a folder of projects), else None: someone's work, not a job's output."""
     marks = (".git", ".hg", ".svn")
-    try:
-        inside = [folder, *(p for p in folder.iterdir() if p.is_dir() and p.name not in marks)]
+    try:  # (a link to a checkout elsewhere is not: replacing the folder removes the link)
+        inside = [
+            folder,
+            *(p for p in folder.iterdir() if p.name not in marks and _real_dir(p)),
+        ]
     except OSError:
         return None
     return next((p / m for p in inside for m in marks if (p / m).exists()), None)

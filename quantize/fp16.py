@@ -162,19 +162,28 @@ class OutOfRange:
     tensors: dict[str, float]  # each tensor past the limit: its largest |value| seen
     weights: dict[str, float]  # each initializer past FP16's largest value: its largest |value|
     rows: int  # the rows run
+    # control-flow nodes (If, Loop, Scan): the tensors of their subgraphs are not measured
+    unmeasured: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        """One line for the log and the report ("" where nothing is past the limit)."""
-        if not self.nodes:
-            return ""
-        past = sorted({**self.tensors, **self.weights}.items(), key=lambda kv: -kv[1])
-        shown = ", ".join(f"{name} {value:.4g}" for name, value in past[:3])
-        more = f" and {len(past) - 3} more" if len(past) > 3 else ""
-        return (
-            f"{len(self.nodes)} node(s) kept FP32 for values FP16 may not hold (activations "
-            f"past {MAX_ACTIVATION:g}, an eighth of FP16's largest, on {self.rows} evaluation "
-            f"rows; weights past {FP16_MAX:g}): {shown}{more}"
-        )
+        """One line for the log and the report ("" where nothing is to be said)."""
+        said = []
+        if self.nodes:
+            past = sorted({**self.tensors, **self.weights}.items(), key=lambda kv: -kv[1])
+            shown = ", ".join(f"{name} {value:.4g}" for name, value in past[:3])
+            more = f" and {len(past) - 3} more" if len(past) > 3 else ""
+            said.append(
+                f"{len(self.nodes)} node(s) kept FP32 for values FP16 may not hold "
+                f"(activations past {MAX_ACTIVATION:g}, an eighth of FP16's largest, on "
+                f"{self.rows} evaluation rows; weights past {FP16_MAX:g}): {shown}{more}"
+            )
+        if self.unmeasured:
+            said.append(
+                f"the subgraphs of {len(self.unmeasured)} control-flow node(s) "
+                f"({', '.join(self.unmeasured[:3])}) were not measured: a value past FP16's "
+                "range inside them would not be seen here"
+            )
+        return "; ".join(said)
 
 
 def out_of_range(
@@ -204,10 +213,11 @@ def out_of_range(
     for n in graph.node:
         for i in n.input:
             read.setdefault(i, []).append(n.name)
+    inside = {n.name: _outer_reads(n) for n in graph.node if _subgraphs(n)}  # If, Loop, Scan
     weights = {}
     for t in graph.initializer:
         a = onnx.numpy_helper.to_array(t) if t.data_type == onnx.TensorProto.FLOAT else None
-        if a is not None and a.size and (top := float(np.abs(a).max())) > FP16_MAX:
+        if a is not None and (top := _largest(a)) is not None and top > FP16_MAX:
             weights[t.name] = top
     shown = {o.name for o in graph.output}
     for name in made:  # every tensor a graph output, its type left to ONNX Runtime
@@ -228,19 +238,57 @@ def out_of_range(
             feed = {k: v[start : start + step] for k, v in batch.items()}
             values = [*zip(names, sess.run(names, feed), strict=True), *feed.items()]
             for name, x in values:
-                if x.dtype.kind == "f" and x.size:
-                    with np.errstate(invalid="ignore"):
-                        top = float(np.nanmax(np.abs(x))) if not np.isnan(x).all() else 0.0
+                if isinstance(x, np.ndarray) and (top := _largest(x)) is not None:  # a tensor
                     largest[name] = max(largest.get(name, 0.0), top)
             del values
         seen += n
         if seen >= rows:
             break
     tensors = {name: v for name, v in largest.items() if v > limit}
+    for node, reads in inside.items():
+        if past := [t for t in (*tensors, *weights) if t in reads]:
+            raise QuantizeError(
+                f"{', '.join(past[:3])} hold values FP16 may not hold and are read inside the "
+                f"subgraph of {node}, which ONNX Runtime's converter cannot keep FP32"
+            )
     keep = {made[t] for t in tensors if t in made}
     keep.update(n for t in (*tensors, *weights) for n in read.get(t, ()))
     order = [n.name for n in graph.node if n.name in keep]  # the graph's order
-    return OutOfRange(tuple(order), tensors, weights, seen)
+    return OutOfRange(tuple(order), tensors, weights, seen, tuple(inside))
+
+
+# |values| from here on are float32's saturation, not magnitudes: an attention mask's fill
+# (torch.finfo(float32).min) and infinities, which FP16 holds as infinities, as they mean
+SATURATED = 1e38
+
+
+def _largest(x: np.ndarray) -> float | None:
+    """The largest |value| of a float array that is a magnitude (``SATURATED`` and NaN left
+    out), 0 where there is none; None for an array that is not float."""
+    if x.dtype.kind != "f":
+        return None
+    magnitudes = np.abs(x[np.isfinite(x)])
+    if np.finfo(x.dtype).max > SATURATED:  # (an FP16 array saturates at 65504 instead)
+        magnitudes = magnitudes[magnitudes < SATURATED]
+    return float(magnitudes.max()) if magnitudes.size else 0.0
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The subgraphs of a control-flow node (If's branches, Loop's and Scan's bodies)."""
+    return [g for a in node.attribute for g in (*([a.g] if a.HasField("g") else []), *a.graphs)]
+
+
+def _outer_reads(node: onnx.NodeProto) -> set[str]:
+    """The names the subgraphs of ``node`` (and theirs, to any depth) read from outside
+    them: tensors and weights of the graph around, which the node reads unlisted."""
+    reads: set[str] = set()
+    for g in _subgraphs(node):
+        own = {i.name for i in g.input} | {t.name for t in g.initializer}
+        own |= {o for n in g.node for o in n.output}
+        for n in g.node:
+            reads |= {i for i in n.input if i and i not in own}
+            reads |= _outer_reads(n) - own
+    return reads
 
 
 def _fp32_compute_ops(model: onnx.ModelProto) -> dict[str, int]:

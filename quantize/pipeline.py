@@ -285,8 +285,8 @@ def _fp16_variant(
         # where FP32's values pass what FP16 holds, FP32 kept: the CPU provider's FP16 run,
         # below, is FP32 arithmetic between Casts, and would not see FP16 overflow
         past = fp16.out_of_range(fp32, evaluation(), threads=gate_cfg.threads)
-        if past.nodes:
-            log.info("FP16: %s", past.describe())
+        if said := past.describe():
+            log.info("FP16: %s", said)
         keep = fp16.Fp16Config(op_block_list=cfg.fp16_op_block_list, node_block_list=past.nodes)
         f16 = fp16.save(fp16.to_fp16(fp32, keep), work / "model.fp16.onnx")
         if (crashed := fp16.crash(f16)) is not None:

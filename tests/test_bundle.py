@@ -320,12 +320,23 @@ def test_force_never_replaces_a_folder_that_holds_a_repository(tmp_path):
         (folder / inside / ".git").mkdir(parents=True)
         (folder / "notes.txt").write_text("important")
         with pytest.raises(
-            BundleError, match=rf"holds a version-controlled one \(.*{inside}/?\.git\)"
+            BundleError, match=rf"holds a version-controlled folder \(.*{inside}/?\.git\)"
         ):
             qb.check_writable_target(folder, force=True)
         with pytest.raises(QuantgateError, match=r"version-controlled.*even with --force"):
             train(folder, cfg=TrainConfig(epochs=1), force=True)
         assert (folder / "notes.txt").read_text() == "important"
+    # a bundle versioned in Git: export --force deleted its history; a re-gate keeps it
+    b = write(tmp_path / "versioned")
+    (b.path / ".git").mkdir()
+    with pytest.raises(BundleError, match="holds a version-controlled folder"):
+        qb.check_writable_target(b.path, force=True)
+    qb.check_writable_target(b.path, force=True, carries_others=True, mount_ok=True)
+    # a link to a checkout elsewhere: replacing the folder removes the link, not the checkout
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "checkout").symlink_to(tmp_path / "victim")
+    qb.check_writable_target(linked, force=True)
 
 
 @pytest.mark.parametrize(

@@ -641,6 +641,24 @@ def test_a_signal_while_the_libraries_unload_keeps_the_exit_code(tmp_path):
     assert p.wait(timeout=60) == 3
 
 
+def test_a_teardown_that_hangs_still_ends_though_signals_are_ignored():
+    """Ignoring the ending signals at the teardown made a process stuck there (an exit
+    handler waiting on a lock a stuck thread holds) deaf to SIGTERM and Ctrl-C for good: an
+    alarm ends it after TEARDOWN_S (1 s here)."""
+    code = (
+        "import atexit, sys, time\n"
+        "from quantgate.cli import _exit\n"
+        "atexit.register(lambda: time.sleep(3600))  # runs after run()'s own, as logging's\n"
+        "_exit.TEARDOWN_S = 1\n"
+        "_exit.main = lambda: print('done', flush=True)\n"
+        "_exit.run()\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "done\n"
+    p.send_signal(signal.SIGTERM)  # ignored there
+    assert p.wait(timeout=60) == -signal.SIGALRM
+
+
 def test_off_a_terminal_each_finished_step_is_one_line():
     """A CI log got nothing for minutes, then the bars once (or, under FORCE_COLOR, every
     redraw): each step a task finishes is now a line, with how far it got and its time, in

@@ -96,14 +96,21 @@ def run() -> None:
     # Once the exit handlers (torch's, ONNX Runtime's) have run, Python's finalization puts
     # the default action back for handlers written in Python, and unloading those libraries
     # takes a second or more: a Ctrl-C then killed the process, its exit code (3: a gate
-    # failed) lost to 130. Registered first, this runs last: ignored from there on.
+    # failed) lost to 130. Registered first, this runs last: ignored from there on, for
+    # TEARDOWN_S at most.
     atexit.register(_ignore_ending_signals)
     main()
+
+
+# seconds the process may take to end once ending signals are ignored: then SIGALRM's default
+# action ends it, so that a teardown that hangs (a lock a stuck thread holds) still ends
+TEARDOWN_S = 10
 
 
 def _ignore_ending_signals() -> None:
     for sig in signals.ENDING:
         signal.signal(sig, signal.SIG_IGN)
+    signal.alarm(TEARDOWN_S)
 
 
 def main() -> None:

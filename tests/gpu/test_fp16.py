@@ -300,3 +300,40 @@ def test_the_fp16_variant_keeps_fp32_where_values_leave_fp16s_range(
         tiny_bert_export.onnx, lambda: iter(feeds), tmp_path / "bert", pipeline.QuantConfig()
     )
     assert bert.recipe["fp32_nodes"] == [] and "kept FP32" not in section
+
+
+def test_a_mask_fill_is_no_overflow_and_control_flow_is_said_or_refused(tmp_path):
+    """An unfused BERT's mask fill (float32's lowest) kept its Add and Softmax FP32 in every
+    layer, for nothing: FP16 holds it as -inf, which is what it means. The subgraphs of an
+    If are not measured, which the report says; a value past FP16's range read inside one
+    cannot be kept FP32 by the converter, so FP16 is refused (left out), not shipped."""
+    from onnx import TensorProto, helper
+
+    x = np.random.default_rng(0).uniform(-1, 1, (16, 8)).astype(np.float32)
+    lowest = np.where(np.arange(8) < 4, 0.0, np.finfo(np.float32).min)
+    fill = _chain(
+        tmp_path / "fill.onnx", [helper.make_node("Add", ["x", "m"], ["y"])], {"m": lowest}
+    )
+    assert fp16.out_of_range(fill, [{"x": x}]).nodes == ()
+
+    def branch(name, a):
+        out = helper.make_tensor_value_info(f"{name}o", TensorProto.FLOAT, None)
+        return helper.make_graph([helper.make_node("Mul", [a, "k"], [f"{name}o"])], name, [], [out])
+
+    def with_if(read: str, path):
+        return _chain(path, [
+            helper.make_node("Mul", ["x", "s"], ["xs"], name="scale"),
+            helper.make_node("Exp", ["xs"], ["e"], name="exp"),
+            helper.make_node("ReduceSum", ["x"], ["sum"], keepdims=0),
+            helper.make_node("Greater", ["sum", "low"], ["c"]),
+            helper.make_node("If", ["c"], ["z"], then_branch=branch("t", read),
+                             else_branch=branch("f", read), name="branch"),
+            helper.make_node("Mul", ["e", "k"], ["ek"], name="shrink"),
+            helper.make_node("Add", ["z", "ek"], ["y"], name="add"),
+        ], {"s": 12.0, "k": 1e-3, "low": -1e3})  # fmt: skip
+
+    past = fp16.out_of_range(with_if("x", tmp_path / "if.onnx"), [{"x": x}])
+    assert past.nodes == ("exp", "shrink") and past.unmeasured == ("branch",)
+    assert "the subgraphs of 1 control-flow node(s) (branch) were not measured" in past.describe()
+    with pytest.raises(QuantizeError, match=r"e hold values .* inside the subgraph of branch"):
+        fp16.out_of_range(with_if("e", tmp_path / "if-e.onnx"), [{"x": x}])
