@@ -441,6 +441,14 @@ def test_out_that_holds_a_factorys_file_or_the_gate_config_is_refused_even_force
         with pytest.raises(BundleError, match=rf"holds the model \({file}\).*even with --force"):
             check_writable_target(proj, force=True, inputs=[("model", spec)])
     check_writable_target(tmp_path / "new", force=True, inputs=[("model", "no.such:f")])
+    # the module the import finds: one on the Python path before the current directory's
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "mymodel.py").write_text("def make_model(): ...\n")
+    (tmp_path / "mymodel.py").write_text("def make_model(): ...\n")
+    monkeypatch.syspath_prepend(str(lib))
+    with pytest.raises(BundleError, match=rf"holds the model \({lib / 'mymodel.py'}\)"):
+        check_writable_target(lib, force=True, inputs=[("model", "mymodel:make_model")])
     gates = proj / "gates.toml"
     gates.write_text("min_speedup = 1.0\n")
     r = cli("export", tiny_checkpoint, "--out", proj, "--gate-config", gates, "--force")
