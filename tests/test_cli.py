@@ -634,11 +634,17 @@ def test_a_signal_while_the_libraries_unload_keeps_the_exit_code(tmp_path):
         "_exit.main = main\n"
         "_exit.run()\n"
     )
+    assert _signalled_at_exit(code, "unloading", signal.SIGINT) == 3
+
+
+def _signalled_at_exit(code: str, said: str, sig: signal.Signals) -> int:
+    """The exit status of ``python -c code`` (which runs ``_exit.run``) sent ``sig`` 0.2 s
+    after it printed the line ``said``: once its command is over."""
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline() == "unloading\n"
+    assert p.stdout.readline() == f"{said}\n"
     time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
-    assert p.wait(timeout=60) == 3
+    p.send_signal(sig)
+    return p.wait(timeout=60)
 
 
 def test_a_teardown_that_hangs_still_ends_though_signals_are_ignored():
@@ -653,10 +659,7 @@ def test_a_teardown_that_hangs_still_ends_though_signals_are_ignored():
         "_exit.main = lambda: print('done', flush=True)\n"
         "_exit.run()\n"
     )
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline() == "done\n"
-    p.send_signal(signal.SIGTERM)  # ignored there
-    assert p.wait(timeout=60) == -signal.SIGALRM
+    assert _signalled_at_exit(code, "done", signal.SIGTERM) == -signal.SIGALRM  # SIGTERM ignored
 
 
 def test_off_a_terminal_each_finished_step_is_one_line():
