@@ -434,7 +434,9 @@ def target_problem(
 
     Refused: an ancestor we cannot write into, a file, the directory a person works in or one
     that holds the job's ``inputs`` ((what, path) pairs: the model, the data; even with
-    ``force``), and an existing non-empty directory that ``is_ours`` does not recognise
+    ``force``), one that holds a Git, Mercurial or Subversion folder (even with ``force``,
+    unless the new content ``carries_others`` along: a re-gate's), and an existing
+    non-empty directory that ``is_ours`` does not recognise
     unless ``force``; a mount point, unless the caller writes into it in place
     (``mount_ok``). ``elsewhere`` is the advice where ``out``'s place cannot be written:
     what else to do (a re-gate has no --out)."""
@@ -567,8 +569,8 @@ def _holds_input(out: Path, inputs: Iterable[tuple[str, Any]]) -> str | None:
 
 def _named_file(spec: str | os.PathLike) -> Path | None:
     """The file or folder an input names, where it exists: a path, or a factory's file
-    (``path/to/file.py:function``; ``package.module:function`` as its import finds it in
-    the current directory or on the Python path, found without importing it)."""
+    (``path/to/file.py:function``; ``package.module:function`` where its import finds it,
+    on the Python path, then in the current directory, found without importing it)."""
     if (path := Path(spec).expanduser()).exists():
         return path
     head, colon, _ = os.fspath(spec).rpartition(":")
