@@ -355,11 +355,24 @@ def _scan(
     scan = _Scan(reads_row_labels=model.reads_row_labels)
     texts: list[Text] = []  # good lines waiting to be tokenized
     starts: list[int] = []  # and their offsets
+    linenos: list[int] = []  # and their lines
+    empty = len(tok.ids([""], None)[0])  # the special tokens alone: a text of no token
 
     def count() -> None:
         if (read := _windows_of(tok, texts, limit, model)) is not None:
             return windowed(read)
         ids = tok.ids(texts, limit)
+        if tokenless := [i for i, row in enumerate(ids) if len(row) <= empty]:
+            # (control characters alone, U+FFFD: BERT's tokenizer drops them) a file that
+            # has one is refused, as `quantgate infer` refuses such a text
+            scan.bad += len(tokenless)
+            room = max(MAX_PROBLEMS - len(scan.problems), 0)
+            scan.problems += [
+                f"line {linenos[i]}: its text makes no token ({json.dumps(texts[i])[:40]}): the "
+                "model's tokenizer drops every character of it"
+                for i in tokenless[:room]
+            ]
+            return
         if limit is not None:  # a row of ``limit`` tokens may have been cut: count again
             full = [i for i, row in enumerate(ids) if len(row) == limit]
             longer = tok.ids([texts[i] for i in full], limit + 1) if full else []
@@ -373,6 +386,7 @@ def _scan(
         scan.pairs += len(texts)
         texts.clear()
         starts.clear()
+        linenos.clear()
 
     def windowed(read: Windows) -> None:
         """The windows of a batch of pairs, a row each."""
@@ -390,6 +404,7 @@ def _scan(
         scan.pairs += len(texts)
         texts.clear()
         starts.clear()
+        linenos.clear()
 
     with open(path, "rb") as f:
         for lineno, start, row, unreadable in fmt.rows(f, where):
@@ -397,6 +412,7 @@ def _scan(
             if scan.add(lineno, row, problem) and not scan.bad:
                 texts.append(row_text(row))
                 starts.append(start)
+                linenos.append(lineno)
                 if len(texts) == TOKEN_BATCH:
                     count()
     if texts and not scan.bad:

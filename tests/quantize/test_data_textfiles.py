@@ -278,6 +278,13 @@ def test_a_text_of_invisible_characters_is_refused_as_blank_ones_are(tmp_path):
     path = write_jsonl(tmp_path / "ws.jsonl", ["ok", " \u200b\u2060 "])
     with pytest.raises(DataError, match=r'line 2: "text" holds only spaces and invisible'):
         open_source(path, minilm_info(), role="calibration")
+    # control characters and U+FFFD alone: BERT's tokenizer drops them, [CLS] [SEP] was left
+    # (`quantgate infer` refuses such a text)
+    path = write_jsonl(tmp_path / "cc.jsonl", ["ok", "\x07\x1b", "fine", "\ufffd"])
+    with pytest.raises(DataError) as e:
+        open_source(path, minilm_info(), role="calibration")
+    assert 'line 2: its text makes no token ("\\u0007\\u001b")' in str(e.value)
+    assert "line 4: its text makes no token" in str(e.value)
 
 
 def test_a_tsv_cell_keeps_the_spaces_after_its_tab(tmp_path):
