@@ -65,6 +65,7 @@ from quantgate.fsutil import (
     replace_files,
     resolve_target,
     size_said,
+    spec_path,
     target_problem,
 )
 from quantgate.schema import (
@@ -766,7 +767,7 @@ def _another_models(out: Path, manifest: dict[str, Any] | None, given: str) -> s
     if not isinstance(spec, str):
         records = f"its manifest names no model ({what}, no spec)"
     else:
-        path = _spec_path(spec)
+        path = spec_path(spec)
         relative = path is not None and not Path(path).expanduser().is_absolute()
         records = f"its manifest records only the spec that export was given, {spec!r} ({what}"
         records += ", a path relative to the directory it ran in)" if relative else ")"
@@ -789,18 +790,9 @@ def model_identity(spec: Any) -> str:
     text = os.fspath(spec)
     if Path(text).expanduser().exists():
         return str(Path(text).expanduser().resolve())
-    path = _spec_path(text)
+    path = spec_path(text)
     if path is not None and path != text:  # file.py:function
         return f"{Path(path).expanduser().resolve()}:{text.rpartition(':')[2]}"
-    return text
-
-
-def _spec_path(text: str) -> str | None:
-    """The file or folder a model spec names: the spec itself, or the file of a
-    ``file.py:function``; None for a ``module:function``."""
-    head, colon, _ = text.rpartition(":")
-    if colon:
-        return head if head.endswith(".py") else None
     return text
 
 

@@ -567,18 +567,25 @@ def _holds_input(out: Path, inputs: Iterable[tuple[str, Any]]) -> str | None:
     return None
 
 
+def spec_path(text: str) -> str | None:
+    """The file or folder a model spec names: the spec itself, or the file of a
+    ``file.py:function``; None for a ``module:function``."""
+    head, colon, _ = text.rpartition(":")
+    if colon:
+        return head if head.endswith(".py") else None
+    return text
+
+
 def _named_file(spec: str | os.PathLike) -> Path | None:
     """The file or folder an input names, where it exists: a path, or a factory's file
     (``path/to/file.py:function``; ``package.module:function`` where its import finds it,
     on the Python path, then in the current directory, found without importing it)."""
     if (path := Path(spec).expanduser()).exists():
         return path
-    head, colon, _ = os.fspath(spec).rpartition(":")
-    if not colon or not head:
-        return None
-    if head.endswith(".py"):
-        return path if (path := Path(head).expanduser()).exists() else None
-    parts = head.split(".")
+    text = os.fspath(spec)
+    if (named := spec_path(text)) is not None:  # a path not there, or a file.py's
+        return path if (path := Path(named).expanduser()).exists() else None
+    parts = text.rpartition(":")[0].split(".")
     if not all(part.isidentifier() for part in parts):
         return None
     # where the import looks, in its order: the Python path, then the current directory

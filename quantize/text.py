@@ -605,10 +605,11 @@ def tokenize(texts: Sequence[Text], model: ModelInfo, tokenizer: Tokenizer | Non
     sequence: what a client sends the served model."""
     rows = _rows(texts)  # before the tokenizer loads: seconds, for transformers' import
     tok = _own(tokenizer, model)
-    _refuse_tokenless(tok, rows)
+    counts = _token_counts(tok, rows, None)
+    _refuse_tokenless(tok, rows, counts)
     limit = model.max_seq_len or None
     if limit is not None:
-        for i, n in enumerate(_token_counts(tok, rows, None), 1):
+        for i, n in enumerate(counts, 1):
             if n > limit:
                 pair = isinstance(rows[i - 1], tuple)
                 log.warning(
@@ -772,20 +773,26 @@ def _rows(texts: Sequence[Text]) -> list[Text]:
 PAIR = ("text", "text_pair")  # a pair's texts, as _rows names them
 
 
-def _refuse_tokenless(tok: Tokenizer, rows: list[Text]) -> None:
+def _refuse_tokenless(tok: Tokenizer, rows: list[Text], counts: list[int] | None = None) -> None:
     """Refuse a text of which ``tok`` makes no token, only the special ones an empty text
     gets (a BERT tokenizer drops control characters and U+FFFD): the model would answer
-    for nothing, and say nothing of it. Each text of a pair is counted alone."""
-    texts: list[tuple[str, str]] = []  # (which, as _rows names it; the text)
-    for i, r in enumerate(rows, 1):
-        which = f"text {i} of {len(rows)}"
-        texts += (
-            [(f"{which}, its {k}", t) for k, t in zip(PAIR, r, strict=True)]
-            if isinstance(r, tuple)
-            else [(which, r)]
-        )
+    for nothing, and say nothing of it. ``counts``: each row's tokens, where the caller has
+    them (a single text's are its own); each text of a pair is counted alone."""
+    said: list[tuple[str, str, int]] = []  # (which, as _rows names it; the text; its tokens)
+    alone: list[tuple[str, str]] = []  # the texts still to count
+    for i, r in enumerate(rows):
+        which = f"text {i + 1} of {len(rows)}"
+        if isinstance(r, tuple):
+            alone += [(f"{which}, its {k}", t) for k, t in zip(PAIR, r, strict=True)]
+        elif counts is not None:
+            said.append((which, r, counts[i]))
+        else:
+            alone.append((which, r))
+    if alone:
+        n_alone = _token_counts(tok, [t for _, t in alone], None)
+        said += [(w, t, n) for (w, t), n in zip(alone, n_alone, strict=True)]
     empty = len(tok.ids([""], None)[0])
-    for (which, t), n in zip(texts, _token_counts(tok, [t for _, t in texts], None), strict=True):
+    for which, t, n in said:
         if n <= empty:
             raise DataError(
                 f"{which} ({t[:40]!r}) makes no token: the model's tokenizer drops every "
